@@ -1,0 +1,277 @@
+"""The flat trial config: every key, its type, default and meaning - in one place.
+
+A *trial config* is a plain, flat, JSON-serialisable dict. It names the task, the optimizer,
+every MetaAdamW component and hyperparameter, the seed and the budget, so a result row always
+says exactly which components produced it. :func:`resolve_config` fills defaults in this order:
+
+1. :data:`COMMON_FIELDS` defaults (the paper's Table 1),
+2. the task's ``defaults`` (the paper's Table 4 task-optimal settings, training settings and
+   model keys such as ``d_model``),
+3. the task's ``embedded_defaults`` when ``data == "embedded"`` (smaller model, fewer epochs),
+4. the user's values,
+
+then validates the result: unknown keys, wrong types, values out of range and contradictory
+settings raise :class:`ConfigError` naming the key and the allowed values.
+
+This module is the single source of truth for hyperparameter names: the study-file parser, the
+trial runner, the optimizer builder and the results tables all read :data:`COMMON_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A trial config (or a study file) is invalid; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    type: type | tuple[type, ...]
+    default: Any
+    doc: str
+    choices: tuple | Callable[[], list[str]] | None = None  # a tuple, or a callable listing names
+    check: Callable[[Any], bool] | None = None
+    check_doc: str = ""
+    nullable: bool = False
+
+    def allowed(self) -> list | None:
+        if self.choices is None:
+            return None
+        return list(self.choices()) if callable(self.choices) else list(self.choices)
+
+
+def _registry_names(kind: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        import metaadamw
+
+        return {
+            "features": metaadamw.FEATURES,
+            "grouping": metaadamw.GROUPINGS,
+            "objective": metaadamw.OBJECTIVES,
+            "weighting": metaadamw.WEIGHTINGS,
+        }[kind].list()
+
+    return names
+
+
+def _task_names() -> list[str]:
+    from ablate.tasks import list_tasks
+
+    return list_tasks()
+
+
+_pos = (lambda v: v > 0, "> 0")
+_nonneg = (lambda v: v >= 0, ">= 0")
+_unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+_three = (
+    lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x >= 0 for x in v),
+    "a list of three non-negative numbers [gradient alignment, loss decrease, generalization gap]",
+)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _f(name, type_, default, doc, choices=None, check=None, nullable=False):
+    check_fn, check_doc = check if check else (None, "")
+    return Field(name, type_, default, doc, choices, check_fn, check_doc, nullable)
+
+
+#: Keys every trial config has. Task-specific keys (model sizes) come from the task's defaults.
+COMMON_FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in [
+        # identity and data
+        _f("task", str, None, "registered task name (see `ablate list`)", _task_names),
+        _f("data", str, "embedded", "'embedded' (small offline variant) or 'real' (the dataset on disk)", ("embedded", "real")),
+        _f("data_dir", str, None, "directory of the real dataset (else $ABLATE_DATA_DIR)", nullable=True),
+        _f("optimizer", str, "metaadamw", "'adamw' (torch.optim.AdamW reference arm) or 'metaadamw'", ("adamw", "metaadamw")),
+        _f("seed", int, 0, "seeds Python, NumPy, torch and the data order", check=_nonneg),
+        _f("device", str, "cpu", "'cpu', 'cuda' or 'auto'", ("cpu", "cuda", "auto")),
+        _f("num_threads", int, None, "torch intra-op threads (default: the CPUs the trial holds)", check=_pos, nullable=True),
+        # budget and training loop
+        _f("epochs", int, 10, "maximum number of epochs", check=_pos),
+        _f("max_steps", int, None, "stop after this many optimizer steps (None: no step budget)", check=_pos, nullable=True),
+        _f("batch_size", int, 64, "training batch size", check=_pos),
+        _f("eval_batch_size", int, None, "evaluation batch size (default: batch_size)", check=_pos, nullable=True),
+        _f("patience", int, 2, "early-stopping patience in epochs (0 disables early stopping)", check=_nonneg),
+        _f("min_delta", float, 1e-3, "minimum improvement of the primary metric that resets patience", check=_nonneg),
+        _f("warmup_epochs", int, 1, "epochs of plain training before meta-updates start", check=_nonneg),
+        _f("max_train_batches", int, None, "cap on training batches per epoch (None: the whole split)", check=_pos, nullable=True),
+        _f("grad_clip", float, None, "clip the gradient norm to this value (None: no clipping)", check=_pos, nullable=True),
+        # AdamW (paper Table 1)
+        _f("lr", float, 5e-4, "learning rate", check=_pos),
+        _f("weight_decay", float, 1e-2, "decoupled weight decay", check=_nonneg),
+        _f("beta1", float, 0.9, "first-moment decay", check=_unit),
+        _f("beta2", float, 0.999, "second-moment decay", check=_unit),
+        _f("eps", float, 1e-8, "AdamW epsilon", check=_pos),
+        # MetaAdamW
+        _f("alpha_range", float, 1.0, "range of the learning-rate multiplier alpha = 1 + range*(sigmoid - 0.5)", check=_nonneg),
+        _f("beta_range", float, 1.0, "range of the weight-decay multiplier beta", check=_nonneg),
+        _f("meta_every", int, 100, "K_meta: steps between meta-updates", check=_pos),
+        _f("meta_per_epoch", float, None, "meta-updates per epoch; when set, K_meta = steps_per_epoch / this (overrides meta_every)", check=_pos, nullable=True),
+        _f("meta_lr", float, 1e-4, "learning rate of the modulator's optimizer", check=_pos),
+        _f("meta_weight_decay", float, 0.0, "weight decay of the modulator's optimizer", check=_nonneg),
+        _f("meta_optimizer", str, "sgd", "the modulator's optimizer", ("sgd", "adam", "adamw")),
+        _f("grouping", str, "fine_grained", "grouping strategy (parameter groups = modulator tokens)", _registry_names("grouping")),
+        _f("features", str, "basic", "feature extractor", _registry_names("features")),
+        _f("time_step", bool, True, "add the normalised time step to the features"),
+        _f("second_moment", bool, True, "add the second-moment norm to the features"),
+        _f("gating", bool, False, "learnable sigmoid feature gates with an L1 sparsity penalty"),
+        _f("gate_l1", float, 1e-3, "L1 penalty weight of the feature gates", check=_nonneg),
+        _f("objective", str, "combined", "meta objective", _registry_names("objective")),
+        _f("weighting", str, "huw_priority", "how the objective terms are combined", _registry_names("weighting")),
+        _f("weighting_form", str, "regression", "uncertainty-weighting form", ("regression", "classification")),
+        _f("priorities", list, [1.0, 1.0, 1.0], "HUW priorities [gradient alignment, loss decrease, generalization gap]", check=_three),
+        _f("fixed_weights", list, [1.0, 1.0, 1.0], "weights of the 'fixed' weighting", check=_three),
+        _f("modulator_layers", int, 8, "Transformer encoder layers of the modulator", check=_pos),
+        _f("modulator_heads", int, 6, "attention heads of the modulator", check=_pos),
+        _f("modulator_ff", int, 16, "feed-forward width of the modulator", check=_pos),
+        _f("modulator_width", int, None, "model width (None: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
+        _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
+    ]
+}
+
+#: Keys that only matter for MetaAdamW (ignored, and left out of the identity, for AdamW trials).
+METAADAMW_KEYS = (
+    "alpha_range beta_range meta_every meta_per_epoch meta_lr meta_weight_decay meta_optimizer grouping "
+    "features time_step second_moment gating gate_l1 objective weighting weighting_form priorities "
+    "fixed_weights modulator_layers modulator_heads modulator_ff modulator_width refresh_every warmup_epochs"
+).split()
+
+#: Keys that do not change what a trial computes (left out of its identity).
+NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device")
+
+
+def _type_ok(field_type, value) -> bool:
+    if field_type is float:
+        return _is_number(value)
+    if field_type is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if field_type is bool:
+        return isinstance(value, bool)
+    if field_type is list:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, field_type)
+
+
+def _type_name(t) -> str:
+    return {float: "a number", int: "an integer", bool: "true/false", list: "a list", str: "a string"}.get(t, str(t))
+
+
+def task_fields(task_name: str) -> dict[str, Any]:
+    """Defaults of the task's own keys (everything in its defaults that is not a common key)."""
+    from ablate.tasks import get_task
+
+    spec = get_task(task_name)
+    return {k: v for k, v in {**spec.defaults, **spec.embedded_defaults}.items() if k not in COMMON_FIELDS}
+
+
+def validate_value(key: str, value: Any, where: str = "trial config") -> None:
+    field = COMMON_FIELDS.get(key)
+    if field is None:
+        return
+    if value is None:
+        if field.nullable:
+            return
+        raise ConfigError(f"{where}: {key} must not be null ({field.doc})")
+    if not _type_ok(field.type, value):
+        raise ConfigError(f"{where}: {key} must be {_type_name(field.type)}, got {value!r} ({field.doc})")
+    allowed = field.allowed()
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{where}: {key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+    if field.check is not None and not field.check(value):
+        raise ConfigError(f"{where}: {key}={value!r} must be {field.check_doc} ({field.doc})")
+
+
+def resolve_config(config: Mapping[str, Any], where: str = "trial config") -> dict[str, Any]:
+    """Fill defaults (common, task, embedded) and validate; returns a new flat dict."""
+    if "task" not in config or config["task"] is None:
+        raise ConfigError(f"{where}: 'task' is required; choose one of: {', '.join(_task_names())}")
+    validate_value("task", config["task"], where)
+    from ablate.tasks import get_task
+
+    spec = get_task(config["task"])
+    resolved = {k: f.default for k, f in COMMON_FIELDS.items()}
+    resolved.update(spec.defaults)
+    data = config.get("data", resolved["data"])
+    if data == "embedded":
+        resolved.update(spec.embedded_defaults)
+    known = set(resolved)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        task_keys = sorted(k for k in known if k not in COMMON_FIELDS)
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}. Common keys: {', '.join(COMMON_FIELDS)}; "
+            f"keys of task {config['task']!r}: {', '.join(task_keys) or '(none)'}"
+        )
+    resolved.update(config)
+    for key, value in resolved.items():
+        if key in COMMON_FIELDS:
+            validate_value(key, value, where)
+        elif key in spec.defaults or key in spec.embedded_defaults:
+            default = spec.embedded_defaults.get(key, spec.defaults.get(key))
+            if default is not None and value is not None and not _same_kind(default, value):
+                raise ConfigError(f"{where}: {key} must be like {default!r} (task {spec.name}), got {value!r}")
+    for key in ("priorities", "fixed_weights"):
+        resolved[key] = [float(x) for x in resolved[key]]
+    _check_contradictions(resolved, config, where)
+    return resolved
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return _is_number(value) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) -> None:
+    if "meta_every" in given and given.get("meta_per_epoch") is not None:
+        raise ConfigError(
+            f"{where}: meta_every={given['meta_every']} and meta_per_epoch={given['meta_per_epoch']} both set "
+            f"the meta-update frequency; give only one"
+        )
+    width = resolved.get("modulator_width")
+    if width is not None and width % resolved["modulator_heads"]:
+        raise ConfigError(
+            f"{where}: modulator_width={width} is not a multiple of modulator_heads={resolved['modulator_heads']}"
+        )
+    if resolved["data"] == "embedded" and given.get("data_dir"):
+        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real to use the files in it")
+
+
+def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that determines the result (used for the trial id)."""
+    ident = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    if ident.get("optimizer") == "adamw":
+        for k in METAADAMW_KEYS:
+            ident.pop(k, None)
+    return ident
+
+
+def trial_id(config: Mapping[str, Any]) -> str:
+    """A stable 12-hex-digit id derived from the trial's identity config."""
+    blob = json.dumps(identity_config(config), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def describe_fields() -> str:
+    """A human-readable table of every common key (used by `ablate list --keys`)."""
+    rows = []
+    for f in COMMON_FIELDS.values():
+        allowed = f.allowed()
+        extra = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
+        rows.append(f"{f.name:<18} {json.dumps(f.default):<18} {f.doc}{extra}")
+    return "\n".join(rows)

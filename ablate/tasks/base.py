@@ -1,0 +1,182 @@
+"""What a task is: data + model + loss + metrics, with the paper's defaults.
+
+A task is registered under a name with :func:`register_task`. Registration takes a *factory*
+``factory(config: dict) -> TaskInstance`` where ``config`` is the fully resolved, flat trial
+config (common defaults, then the task's own ``defaults``, then ``embedded_defaults`` when
+``config["data"] == "embedded"``, then the user's values). The factory reads what it needs from
+it (``data``, ``data_dir``, ``seed``, and its own model keys such as ``d_model``) and builds:
+
+* ``train`` / ``val`` / ``test`` map-style ``torch.utils.data.Dataset`` objects whose items
+  collate with the default collate function (or ``collate_fn``) into a *batch*;
+* ``model``: an ``nn.Module`` (on CPU; the trial runner moves it);
+* ``loss_fn(model, batch) -> scalar tensor`` - the training loss, also used by MetaAdamW's
+  meta-update, so it must be a pure function of the model and the batch;
+* ``evaluate(model, loader) -> dict[str, float]`` - every metric of ``metrics`` on a loader,
+  averaged over the whole split (not over batches);
+* ``reference``: metrics of a trivial reference on the same split and scaling (for ETT the
+  persistence forecast), so a user sees at once whether a model learned anything;
+* ``data_source``: where the data came from, e.g. ``"embedded:statsmodels-elnino"`` or
+  ``"real:/data/ETT-small/ETTh1.csv"`` - recorded with every result.
+
+Batches are moved to the trial's device by :func:`move_to_device` (tensors, and tuples / lists /
+dicts of tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from metaadamw.registry import Registry
+
+TASKS = Registry("task", "ablate.tasks", export_name="TASKS")
+
+#: Environment variable naming the directory that holds the real datasets.
+DATA_DIR_ENV = "ABLATE_DATA_DIR"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A real dataset is missing or malformed. The message says which files were expected
+    where, and how to obtain them."""
+
+
+@dataclasses.dataclass
+class Metric:
+    name: str
+    mode: str  # "min" or "max"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"metric {self.name!r}: mode must be 'min' or 'max', got {self.mode!r}")
+
+    def better(self, a: float, b: float, min_delta: float = 0.0) -> bool:
+        """True when ``a`` improves on ``b`` by more than ``min_delta``."""
+        return a < b - min_delta if self.mode == "min" else a > b + min_delta
+
+
+@dataclasses.dataclass
+class TaskInstance:
+    name: str
+    model: nn.Module
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module, Any], dict[str, float]]
+    data_source: str
+    test: torch.utils.data.Dataset | None = None
+    collate_fn: Callable | None = None
+    reference: dict[str, float] = dataclasses.field(default_factory=dict)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)  # vocab size, shapes, ...
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """A registered task: its factory, metrics and defaults."""
+
+    name: str
+    factory: Callable[[dict], TaskInstance]
+    metrics: tuple[Metric, ...]  # the first one is the primary (early stopping, reports)
+    defaults: dict[str, Any]  # paper settings: training, MetaAdamW (Table 4) and model keys
+    embedded_defaults: dict[str, Any]  # overrides for the small offline variant
+    description: str = ""
+
+    @property
+    def metric(self) -> Metric:
+        return self.metrics[0]
+
+    def build(self, config: Mapping[str, Any]) -> TaskInstance:
+        return self.factory(dict(config))
+
+
+def register_task(
+    name: str,
+    *,
+    metrics: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+    defaults: dict[str, Any],
+    embedded_defaults: dict[str, Any] | None = None,
+    description: str = "",
+    aliases: tuple[str, ...] = (),
+) -> Callable:
+    """Decorator registering a task factory ``factory(config) -> TaskInstance``."""
+
+    def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
+        spec = TaskSpec(
+            name=name,
+            factory=factory,
+            metrics=tuple(Metric(n, m) for n, m in metrics),
+            defaults=dict(defaults),
+            embedded_defaults=dict(embedded_defaults or {}),
+            description=description or (factory.__doc__ or "").strip().split("\n")[0],
+        )
+        TASKS.add(name, spec)
+        for alias in aliases:
+            TASKS.add(alias, dataclasses.replace(spec, name=alias))
+        return factory
+
+    return decorator
+
+
+def get_task(name: str) -> TaskSpec:
+    return TASKS.get(name)
+
+
+def list_tasks(pattern: str | None = None) -> list[str]:
+    return TASKS.list(pattern)
+
+
+def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Path:
+    """The directory holding a real dataset: ``config["data_dir"]``, else ``$ABLATE_DATA_DIR``.
+
+    ``subdir`` (e.g. ``"ETT-small"``) is appended when the directory does not already end in it,
+    so both ``/data`` and ``/data/ETT-small`` work.
+    """
+    raw = config.get("data_dir") or os.environ.get(DATA_DIR_ENV)
+    if not raw:
+        raise DatasetNotFoundError(
+            f"task {config.get('task')!r} with data='real' needs a data directory: pass data_dir "
+            f"(--set data_dir=/path, or data_dir: in the study file) or set ${DATA_DIR_ENV}; "
+            f"or use data='embedded' for the small offline variant"
+        )
+    root = Path(os.path.expanduser(str(raw)))
+    if subdir and root.name != subdir and (root / subdir).exists():
+        root = root / subdir
+    return root
+
+
+def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    """One canonical archive or file of a real dataset, fetched by ``ablate data download TASK``.
+
+    ``sha256`` (or, where only that is published, ``md5``) is verified before anything is
+    unpacked; ``extract`` unpacks a .tar.gz/.zip archive into the data directory.
+    """
+
+    url: str
+    filename: str
+    sha256: str | None = None
+    md5: str | None = None
+    extract: bool = False
+    subdir: str = ""  # where the file (or the archive's contents) goes under the data directory
+
+
+#: task name -> the downloads that make up its real dataset
+DOWNLOADS: dict[str, tuple[Download, ...]] = {}
+
+
+def register_download(task: str, *downloads: Download) -> None:
+    DOWNLOADS[task] = tuple(downloads)

@@ -1,0 +1,162 @@
+"""Name -> component registries.
+
+A registry is a plain dict behind a decorator (the shape of timm's ``_registry.py``)::
+
+    from metaadamw import FEATURES
+
+    @FEATURES.register("my_features")
+    class MyFeatures(FeatureExtractor):
+        ...
+
+    FEATURES.list()            # ['basic', 'basic_plus', ..., 'my_features']
+    FEATURES.list("norm_*")    # wildcard filter
+    FEATURES.get("my_feats")   # UnknownComponentError naming every registered feature extractor
+
+Registering a name twice is an error (pass ``override=True`` to replace on purpose).
+
+Third-party packages contribute components through package entry points: an entry point in
+the registry's group (for instance ``metaadamw.features``) names either a module, whose import
+registers its components, or an object, registered under the entry point's name::
+
+    [project.entry-points."metaadamw.features"]
+    my_pkg = "my_pkg.features"              # a module that uses @FEATURES.register
+    spectral = "my_pkg.features:Spectral"   # an object, registered as "spectral"
+
+Entry points are loaded lazily, the first time a registry is queried, so a Ray worker that has
+the package installed finds the components without any import in user code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+import types
+import warnings
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownComponentError(KeyError):
+    """Raised when a name is not registered. A KeyError, so ``except KeyError`` keeps working."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError would print the repr with quotes
+        return self.message
+
+
+class Registry:
+    """A named collection of components of one kind.
+
+    Args:
+        kind: what is registered, in words ("feature extractor"); used in error messages.
+        entry_point_group: the package entry-point group scanned for third-party components.
+        export_name: the name users import the registry by (used in error messages).
+    """
+
+    def __init__(self, kind: str, entry_point_group: str | None = None, export_name: str | None = None):
+        self.kind = kind
+        self.export_name = export_name or kind.upper().replace(" ", "_") + "S"
+        self.entry_point_group = entry_point_group
+        self._items: dict[str, Any] = {}
+        self._entry_points_loaded = entry_point_group is None
+
+    # -- registration -----------------------------------------------------------------------
+    def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
+        """Decorator registering a class or factory under ``name`` (default: its ``__name__``)."""
+
+        def decorator(obj: T) -> T:
+            self.add(name or obj.__name__, obj, override=override)
+            return obj
+
+        if callable(name) and not isinstance(name, str):  # used as a bare @register
+            obj, name = name, None
+            return decorator(obj)  # type: ignore[return-value]
+        return decorator
+
+    def add(self, name: str, obj: Any, *, override: bool = False) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        if name in self._items and not override and self._items[name] is not obj:
+            raise ValueError(
+                f"a {self.kind} named {name!r} is already registered ({_describe(self._items[name])}); "
+                f"choose another name or pass override=True"
+            )
+        self._items[name] = obj
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (mainly for tests)."""
+        self._items.pop(name, None)
+
+    # -- lookup -----------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        self._load_entry_points()
+        try:
+            return self._items[name]
+        except (KeyError, TypeError):
+            pass
+        close = [n for n in self._items if isinstance(name, str) and (name.lower() in n or n in name.lower())]
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownComponentError(
+            f"unknown {self.kind} {name!r}. Registered: {', '.join(self.list()) or '(none)'}.{hint} "
+            f"To add one, decorate it with @{self._decorator_name()}(\"{name}\") in a module you import "
+            f"(or expose it through the {self.entry_point_group!r} entry-point group)."
+        )
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Look ``name`` up and call it with the given arguments."""
+        return self.get(name)(*args, **kwargs)
+
+    def list(self, pattern: str | None = None) -> list[str]:
+        """Sorted registered names, optionally filtered by a shell-style wildcard pattern."""
+        self._load_entry_points()
+        names = sorted(self._items)
+        if pattern:
+            names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        return names
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(n, self._items[n]) for n in self.list()]
+
+    def __contains__(self, name: object) -> bool:
+        self._load_entry_points()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.list())
+
+    def __len__(self) -> int:
+        return len(self.list())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.list()})"
+
+    # -- entry points -----------------------------------------------------------------------
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            try:
+                obj = ep.load()
+            except Exception as exc:  # a broken plugin must not hide every other component
+                warnings.warn(
+                    f"could not load {self.kind} entry point {ep.name!r} ({ep.value}) from group "
+                    f"{self.entry_point_group!r}: {type(exc).__name__}: {exc}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            if not isinstance(obj, types.ModuleType):  # a module registers itself on import
+                self.add(ep.name, obj, override=True)
+
+    def _decorator_name(self) -> str:
+        return f"{self.export_name}.register"
+
+
+def _describe(obj: Any) -> str:
+    module = getattr(obj, "__module__", "?")
+    return f"{module}.{getattr(obj, '__qualname__', type(obj).__name__)}"
