@@ -1,0 +1,293 @@
+"""Feature extractors: per-tensor statistics -> one feature vector per parameter group.
+
+The optimizer computes, for every parameter tensor, the statistics an extractor asks for
+(:data:`TENSOR_STATS`) as length-N vectors on the parameters' device, without reading anything
+back to the host. An extractor turns them into a ``(groups, width)`` matrix - the modulator's
+tokens. Registered in :data:`metaadamw.FEATURES`:
+
+=================  ==========================================================================
+``basic``          group means of grad norm, first-moment norm, parameter norm, cos(grad, m)
+``basic_plus``     means and standard deviations over the group's tensors of the same
+``enhanced``       mean and variance of grad and momentum norms, grad and momentum sparsity,
+                   log parameter count, bias ratio, normalised layer depth, plus a learnable
+                   per-group embedding
+``norm_basic``     ``basic`` with every statistics column standardised across groups
+``norm_basic_plus`` ``basic_plus`` likewise
+=================  ==========================================================================
+
+Every extractor takes ``time_step`` (append the normalised step t / total_steps, or t/(t+1000)
+when the total is unknown) and ``second_moment`` (append the second-moment norm
+``||sqrt(v)||_2 = sqrt(sum v)``, the RMS-gradient estimate's norm).
+
+Writing your own::
+
+    from metaadamw import FEATURES
+    from metaadamw.features import FeatureExtractor
+
+    @FEATURES.register("grad_only")
+    class GradOnly(FeatureExtractor):
+        stats = ("grad_norm", "cos")            # what the optimizer must compute per tensor
+
+        def columns(self):                      # names of the statistics columns
+            return ["grad_norm", "cos"]
+
+        def statistics(self, stats):            # -> (groups, len(columns())) tensor
+            return self.group_mean(torch.stack([stats["grad_norm"], stats["cos"]], 1))
+
+The time step and second-moment columns are appended by the base class; the modulator's input
+width follows from ``width`` - nobody sets it by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metaadamw import FEATURES
+
+#: Per-tensor statistics the optimizer knows how to compute (each a length-N vector).
+TENSOR_STATS = (
+    "grad_norm",  # ||g||_2
+    "exp_avg_norm",  # ||m||_2 after this step's update
+    "param_norm",  # ||p||_2 at which g was computed
+    "cos",  # cos(g, m)
+    "v_norm",  # ||sqrt(v)||_2 = sqrt(sum v)
+    "grad_sparsity",  # fraction of exact zeros in g
+    "exp_avg_sparsity",  # fraction of exact zeros in m
+)
+
+
+@dataclasses.dataclass
+class GroupLayout:
+    """How the optimizer's N parameter tensors map onto G groups (the modulator's tokens)."""
+
+    names: list[str]  # G group names
+    tensor_group: Tensor  # (N,) long: group index of every tensor
+    numel: Tensor  # (N,) float: elements per tensor
+    is_bias: Tensor  # (N,) float 0/1
+    depth: Tensor  # (N,) float normalised layer depth in [0, 1]
+
+    def __post_init__(self) -> None:
+        n_groups, n = len(self.names), self.tensor_group.numel()
+        onehot = torch.zeros(n_groups, n, dtype=self.numel.dtype, device=self.numel.device)
+        onehot[self.tensor_group, torch.arange(n, device=self.numel.device)] = 1.0
+        self.counts = onehot.sum(1)
+        self.mean_matrix = onehot / self.counts.clamp_min(1).unsqueeze(1)  # (G, N) group averaging
+        self.onehot = onehot
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.names)
+
+    def to(self, device: torch.device | str) -> "GroupLayout":
+        return GroupLayout(
+            self.names, *(t.to(device) for t in (self.tensor_group, self.numel, self.is_bias, self.depth))
+        )
+
+
+def normalised_time(step: Tensor, total_steps: int | None) -> Tensor:
+    """t / total_steps clipped to 1 when the total is known, else t / (t + 1000) (in [0, 1))."""
+    if total_steps:
+        return (step / float(total_steps)).clamp(max=1.0)
+    return step / (step + 1000.0)
+
+
+class FeatureExtractor(nn.Module):
+    """Base class. Subclasses set ``stats`` and implement ``columns()`` and ``statistics()``.
+
+    Args:
+        layout: the group layout (names, per-tensor group index, sizes, depths).
+        time_step: append the normalised time step column.
+        second_moment: append the group mean of the second-moment norm.
+    """
+
+    #: per-tensor statistics this extractor reads (see TENSOR_STATS)
+    stats: tuple[str, ...] = ()
+
+    def __init__(self, layout: GroupLayout, *, time_step: bool = True, second_moment: bool = True):
+        super().__init__()
+        self.layout = layout
+        self.time_step = time_step
+        self.second_moment = second_moment
+        unknown = set(self.stats) - set(TENSOR_STATS)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.stats names unknown statistics {sorted(unknown)}; known: {TENSOR_STATS}")
+
+    # -- to implement -----------------------------------------------------------------------
+    def columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def statistics(self, stats: dict[str, Tensor]) -> Tensor:
+        """(groups, len(columns())) matrix of statistics columns."""
+        raise NotImplementedError
+
+    # -- provided ---------------------------------------------------------------------------
+    @property
+    def required_stats(self) -> frozenset[str]:
+        return frozenset(self.stats) | ({"v_norm"} if self.second_moment else set())
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = list(self.columns())
+        if self.second_moment:
+            names.append("v_norm")
+        if self.time_step:
+            names.append("time")
+        return names + [f"embedding_{i}" for i in range(self.embedding_width)]
+
+    @property
+    def embedding_width(self) -> int:
+        return 0
+
+    @property
+    def width(self) -> int:
+        return len(self.feature_names)
+
+    def group_mean(self, x: Tensor) -> Tensor:
+        """Mean over each group's tensors of per-tensor values ``x`` (N,) or (N, k)."""
+        return self.layout.mean_matrix @ x
+
+    def group_std(self, x: Tensor, mean: Tensor | None = None) -> Tensor:
+        """Population standard deviation over each group's tensors."""
+        mean = self.group_mean(x) if mean is None else mean
+        return (self.group_mean(x * x) - mean * mean).clamp_min(0).sqrt()
+
+    def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
+        cols = [self.statistics(stats)]
+        groups = cols[0].shape[0]
+        if self.second_moment:
+            cols.append(self.group_mean(stats["v_norm"]).unsqueeze(1))
+        if self.time_step:
+            cols.append(time.reshape(1, 1).expand(groups, 1).to(cols[0].dtype))
+        return torch.cat(cols, 1)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, columns={self.feature_names}"
+
+
+def _stack(stats: dict[str, Tensor], names: Sequence[str]) -> Tensor:
+    return torch.stack([stats[n] for n in names], 1)
+
+
+BASIC = ("grad_norm", "exp_avg_norm", "param_norm", "cos")
+
+
+@FEATURES.register("basic")
+class Basic(FeatureExtractor):
+    """Group means of gradient norm, first-moment norm, parameter norm and cos(grad, m)."""
+
+    stats = BASIC
+
+    def columns(self) -> list[str]:
+        return list(BASIC)
+
+    def statistics(self, stats: dict[str, Tensor]) -> Tensor:
+        return self.group_mean(_stack(stats, BASIC))
+
+
+@FEATURES.register("basic_plus")
+class BasicPlus(FeatureExtractor):
+    """Means and standard deviations over the group's tensors of the basic statistics (and of
+    the second-moment norm when it is on)."""
+
+    stats = BASIC
+
+    def _names(self) -> list[str]:
+        return list(BASIC) + (["v_norm"] if self.second_moment else [])
+
+    def columns(self) -> list[str]:
+        names = self._names()
+        # the v_norm mean is appended by the base class; its std sits with the other stds
+        return [f"{n}_mean" for n in BASIC] + [f"{n}_std" for n in names]
+
+    def statistics(self, stats: dict[str, Tensor]) -> Tensor:
+        x = _stack(stats, self._names())
+        mean = self.group_mean(x)
+        std = self.group_std(x, mean)
+        return torch.cat([mean[:, : len(BASIC)], std], 1)
+
+
+class _Normalised(FeatureExtractor):
+    """Standardises every statistics column across groups (zero mean, unit variance)."""
+
+    def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
+        feats = super().forward(stats, time)
+        n_stat = feats.shape[1] - (1 if self.time_step else 0)
+        x = feats[:, :n_stat]
+        x = (x - x.mean(0, keepdim=True)) / (x.std(0, unbiased=False, keepdim=True) + 1e-8)
+        return torch.cat([x, feats[:, n_stat:]], 1)
+
+
+@FEATURES.register("norm_basic")
+class NormBasic(_Normalised, Basic):
+    """``basic`` with cross-group standardisation of the statistics columns."""
+
+
+@FEATURES.register("norm_basic_plus")
+class NormBasicPlus(_Normalised, BasicPlus):
+    """``basic_plus`` with cross-group standardisation of the statistics columns."""
+
+
+@FEATURES.register("enhanced")
+class Enhanced(FeatureExtractor):
+    """Mean and variance of grad and momentum norms, grad and momentum sparsity, log parameter
+    count, bias ratio, normalised layer depth, and a learnable per-group embedding."""
+
+    stats = ("grad_norm", "exp_avg_norm", "grad_sparsity", "exp_avg_sparsity")
+
+    def __init__(self, layout: GroupLayout, *, time_step: bool = True, second_moment: bool = True, embedding_dim: int = 4):
+        super().__init__(layout, time_step=time_step, second_moment=second_moment)
+        self.embedding_dim = embedding_dim
+        self.embedding = nn.Parameter(torch.randn(layout.num_groups, embedding_dim, device=layout.numel.device) * 0.1)
+        counts = layout.onehot @ layout.numel
+        self.register_buffer("static", torch.stack([
+            torch.log1p(counts) / math.log(10.0),  # log10 parameter count
+            layout.mean_matrix @ layout.is_bias,  # share of bias tensors
+            layout.mean_matrix @ layout.depth,  # mean normalised depth
+        ], 1), persistent=False)
+
+    @property
+    def embedding_width(self) -> int:
+        return self.embedding_dim
+
+    def columns(self) -> list[str]:
+        return ["grad_norm_mean", "grad_norm_var", "exp_avg_norm_mean", "exp_avg_norm_var", "grad_sparsity",
+                "exp_avg_sparsity", "log10_numel", "bias_ratio", "depth"]
+
+    def statistics(self, stats: dict[str, Tensor]) -> Tensor:
+        norms = _stack(stats, ("grad_norm", "exp_avg_norm"))
+        mean = self.group_mean(norms)
+        var = self.group_std(norms, mean).square()
+        sparsity = self.group_mean(_stack(stats, ("grad_sparsity", "exp_avg_sparsity")))
+        return torch.cat([
+            torch.stack([mean[:, 0], var[:, 0], mean[:, 1], var[:, 1]], 1), sparsity, self.static.to(mean.dtype)
+        ], 1)
+
+    def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
+        feats = super().forward(stats, time)
+        return torch.cat([feats, self.embedding.to(feats.dtype)], 1)
+
+
+class FeatureGate(nn.Module):
+    """Learnable sigmoid gates on the feature columns, with an L1 sparsity penalty.
+
+    Gates start near 1 (logit 3 -> 0.95). ``penalty()`` = ``l1 * sum(sigmoid(logits))`` is added to
+    the meta-loss, so the gates are trained with the modulator by the meta-optimizer."""
+
+    def __init__(self, width: int, l1: float = 1e-3, init_logit: float = 3.0):
+        super().__init__()
+        self.l1 = l1
+        self.logits = nn.Parameter(torch.full((width,), float(init_logit)))
+
+    def gates(self) -> Tensor:
+        return torch.sigmoid(self.logits)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features * self.gates()
+
+    def penalty(self) -> Tensor:
+        return self.l1 * self.gates().sum()

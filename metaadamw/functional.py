@@ -1,0 +1,198 @@
+"""The maths of one MetaAdamW step, as two implementations with one signature.
+
+``single_tensor_*`` is the slow, readable reference: a Python loop over tensors that computes
+every statistic directly (``torch.dot`` for the cosine). ``foreach_*`` is the fast path used by
+default: ``torch._foreach_*`` kernels, three norm passes (gradient, first moment, parameter),
+and no extra pass for the multipliers:
+
+* the cosine and the first-moment norm come from two norms and the identity
+  ``||m_t||^2 = b1^2 ||m_{t-1}||^2 + 2 b1 (1 - b1) <g, m_{t-1}> + (1 - b1)^2 ||g||^2``, with
+  ``||m_{t-1}||^2`` carried from the previous step (computed directly when it was not);
+* the second-moment norm ``sqrt(sum v)`` is carried by ``sum v_t = b2 sum v_{t-1} + (1 - b2) ||g||^2``;
+* alpha and beta are folded into the scalars of the foreach ops AdamW runs anyway, as
+  per-bucket 0-dim tensors (a bucket = the tensors that share param_group, modulator group and
+  step count), so ``step()`` never reads a value back to the host.
+
+The update, for a tensor p of group g with bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t:
+
+    p <- p * (1 - lr * alpha_g * beta_g * wd) - lr * alpha_g / bc1 * m / (sqrt(v / bc2) + eps)
+
+With alpha = beta = 1 this is exactly torch.optim.AdamW's decoupled update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class Bucket:
+    """Tensors updated with the same scalars: one param_group, one modulator group, one step."""
+
+    group: int  # modulator group index
+    indices: list[int]  # positions in the optimizer's flat tensor order
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    lr: float
+    weight_decay: float
+    eps: float
+    beta1: float
+    beta2: float
+    step: int  # AdamW step count after this step's increment
+    param_group: int = 0
+
+    @property
+    def bias_correction1(self) -> float:
+        return 1.0 - self.beta1**self.step
+
+    @property
+    def bias_correction2(self) -> float:
+        return 1.0 - self.beta2**self.step
+
+
+# ---------------------------------------------------------------------------------------------
+# moments
+
+
+def single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float,
+                          beta2: float) -> None:
+    for g, m, v in zip(grads, exp_avgs, exp_avg_sqs):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+
+def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float,
+                    beta2: float) -> None:
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tensor statistics (see metaadamw.features.TENSOR_STATS)
+
+
+def _vector(values: list[Tensor]) -> Tensor:
+    """Stack 0-dim tensors into a float32 vector (one kernel when the dtypes agree)."""
+    if all(v.dtype == torch.float32 for v in values):
+        return torch.stack(values)
+    return torch.stack([v.float() for v in values])
+
+
+def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
+                        exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], params: list[Tensor],
+                        beta1: Tensor, beta2: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Every statistic computed directly from the tensors (the carried vectors are not used).
+
+    ``exp_avgs`` and ``exp_avg_sqs`` are the moments after this step's update, ``params`` the
+    parameters at which the gradients were taken. Returns ``(stats, ||m_t||^2, sum v_t)``."""
+    out: dict[str, Tensor] = {}
+    g_norm = _vector([g.float().norm() for g in grads])
+    m_norm = _vector([m.float().norm() for m in exp_avgs])
+    v_sum = _vector([v.float().sum() for v in exp_avg_sqs])
+    if "grad_norm" in needed:
+        out["grad_norm"] = g_norm
+    if "exp_avg_norm" in needed:
+        out["exp_avg_norm"] = m_norm
+    if "param_norm" in needed:
+        out["param_norm"] = _vector([p.float().norm() for p in params])
+    if "cos" in needed:
+        dots = _vector([torch.dot(g.float().flatten(), m.float().flatten()) for g, m in zip(grads, exp_avgs)])
+        out["cos"] = (dots / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
+    if "v_norm" in needed:
+        out["v_norm"] = v_sum.clamp_min(0).sqrt()
+    if "grad_sparsity" in needed:
+        out["grad_sparsity"] = _vector([(g == 0).float().mean() for g in grads])
+    if "exp_avg_sparsity" in needed:
+        out["exp_avg_sparsity"] = _vector([(m == 0).float().mean() for m in exp_avgs])
+    return out, m_norm * m_norm, v_sum
+
+
+def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
+                  exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, params: list[Tensor],
+                  beta1: Tensor, beta2: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Statistics from three foreach norms and two carried vectors.
+
+    Args:
+        m_norm_sq_old: ||m_{t-1}||^2 per tensor (carried from the previous step).
+        v_sum_old: sum(v_{t-1}) per tensor (carried).
+        exp_avgs: first moments after this step's update.
+        beta1, beta2: per-tensor decay rates (vectors).
+
+    Returns:
+        (stats, m_norm_sq, v_sum): the statistics and the new carried vectors.
+    """
+    out: dict[str, Tensor] = {}
+    g_norm = _vector(torch._foreach_norm(grads))
+    m_norm = _vector(torch._foreach_norm(exp_avgs))
+    g_sq, m_sq = g_norm * g_norm, m_norm * m_norm
+    v_sum = beta2 * v_sum_old + (1 - beta2) * g_sq
+    if "grad_norm" in needed:
+        out["grad_norm"] = g_norm
+    if "exp_avg_norm" in needed:
+        out["exp_avg_norm"] = m_norm
+    if "param_norm" in needed:
+        out["param_norm"] = _vector(torch._foreach_norm(params))
+    if "cos" in needed:
+        # <g, m_{t-1}> from the norm identity, then <g, m_t> = b1 <g, m_{t-1}> + (1 - b1) ||g||^2
+        dot_old = (m_sq - beta1 * beta1 * m_norm_sq_old - (1 - beta1) ** 2 * g_sq) / (2 * beta1 * (1 - beta1))
+        dot = beta1 * dot_old + (1 - beta1) * g_sq
+        out["cos"] = (dot / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
+    if "v_norm" in needed:
+        out["v_norm"] = v_sum.clamp_min(0).sqrt()
+    if "grad_sparsity" in needed:
+        out["grad_sparsity"] = 1 - _vector(torch._foreach_norm(grads, 0)) / _numel(grads)
+    if "exp_avg_sparsity" in needed:
+        out["exp_avg_sparsity"] = 1 - _vector(torch._foreach_norm(exp_avgs, 0)) / _numel(exp_avgs)
+    return out, m_sq, v_sum
+
+
+def _numel(tensors: list[Tensor]) -> Tensor:
+    return torch.tensor([float(t.numel()) for t in tensors], device=tensors[0].device)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter update
+
+
+def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
+    """The readable update: one tensor at a time, the formula as written in the docstring."""
+    for b in buckets:
+        a, w = alpha[b.group], beta[b.group]
+        for p, m, v in zip(b.params, b.exp_avgs, b.exp_avg_sqs):
+            denom = (v / b.bias_correction2).sqrt() + b.eps
+            p.mul_(1 - b.lr * a * w * b.weight_decay)
+            p.sub_((b.lr * a / b.bias_correction1) * m / denom)
+
+
+def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
+    """The fast update: AdamW's foreach passes with per-bucket tensor scalars.
+
+    ``denom = sqrt(v) * c + e`` with ``c = 1 / (sqrt(bc2) * s)``, ``e = eps / s`` and the signed
+    step ``s = -lr * alpha / bc1``, so that ``p += m / denom`` applies the whole step - the trick
+    torch's capturable Adam uses, with alpha folded in at no extra pass."""
+    if not buckets:
+        return
+    device, dtype = alpha.device, alpha.dtype
+    host = torch.tensor(
+        [[b.lr * b.weight_decay, b.lr / b.bias_correction1, math.sqrt(b.bias_correction2), b.eps] for b in buckets],
+        dtype=torch.float64,
+    ).to(device=device, dtype=dtype, non_blocking=True)
+    index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
+    a, w = alpha.index_select(0, index), beta.index_select(0, index)
+    decay = 1 - host[:, 0] * a * w
+    step = -host[:, 1] * a
+    scale = 1 / (host[:, 2] * step)
+    shift = host[:, 3] / step
+    scalars = torch.stack([decay, scale, shift]).unbind(1)
+    for b, (d, c, e) in zip(buckets, scalars):
+        denom = torch._foreach_sqrt(b.exp_avg_sqs)
+        torch._foreach_mul_(denom, c)
+        torch._foreach_add_(denom, e)
+        torch._foreach_mul_(b.params, d)
+        torch._foreach_addcdiv_(b.params, b.exp_avgs, denom)

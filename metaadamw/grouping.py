@@ -1,0 +1,139 @@
+"""Grouping strategies: which parameter tensors share one pair of multipliers (alpha_g, beta_g).
+
+Each group is one token of the modulator. A strategy is a callable registered in
+:data:`metaadamw.GROUPINGS`::
+
+    strategy(tensors: list[TensorInfo]) -> list[str]     # one group name per tensor
+
+Tensors with the same name form a group; groups are ordered by first appearance. Built in:
+
+* ``original`` - the optimizer's own ``param_groups`` (``"param_group_0"``, ...).
+* ``fine_grained`` - layer type (embedding / attention / feed_forward / norm / other) x depth
+  bucket (shallow / middle / deep, from the layer index in the parameter name) x bias or not,
+  e.g. ``"attention/middle/weight"``. Needs parameter names: pass ``model.named_parameters()``
+  or ``model=`` to the optimizer. When a model is given, the module type decides the layer type
+  (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` -> attention, normalisation layers ->
+  norm, ``nn.Linear`` -> feed_forward); otherwise the name does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from torch import nn
+
+from metaadamw import GROUPINGS
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """What a grouping strategy may know about one parameter tensor."""
+
+    index: int  # position in the optimizer's flat parameter order
+    param_group: int  # index of the optimizer param_group holding it
+    name: str | None  # dotted parameter name, when known
+    shape: tuple[int, ...]
+    module_type: type | None = None  # the nn.Module class owning it, when a model was given
+    depth: float | None = None  # normalised layer depth in [0, 1] (filled by assign_depths)
+
+
+LAYER_TYPES = ("embedding", "attention", "feed_forward", "norm", "other")
+DEPTH_BUCKETS = ("shallow", "middle", "deep")
+
+_NAME_RULES: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (kind, frozenset(words))
+    for kind, words in (
+    ("norm", ("norm", "ln", "layernorm", "batchnorm", "bn", "rmsnorm", "groupnorm", "ln1", "ln2", "ln_f")),
+    ("embedding", ("emb", "embed", "embedding", "embeddings", "wte", "wpe", "tok", "token", "pos", "position")),
+    ("attention", ("attn", "attention", "self_attn", "multihead_attn", "mha", "q_proj", "k_proj", "v_proj",
+                   "in_proj", "in_proj_weight", "in_proj_bias", "query", "key", "value", "qkv", "c_attn")),
+    ("feed_forward", ("mlp", "ffn", "ff", "fc", "fc1", "fc2", "linear1", "linear2", "feed_forward",
+                      "c_fc", "c_proj", "dense", "w1", "w2", "w3")),
+    )
+)
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+
+
+def layer_type(info: TensorInfo) -> str:
+    """embedding / attention / feed_forward / norm / other, from the module type or the name."""
+    t = info.module_type
+    if t is not None:
+        if issubclass(t, nn.Embedding):
+            return "embedding"
+        if issubclass(t, nn.MultiheadAttention):
+            return "attention"
+        if issubclass(t, _NORM_TYPES):
+            return "norm"
+    tokens = set(re.split(r"[._]", (info.name or "").lower()))
+    tokens |= {tok.rstrip("0123456789") for tok in tokens}
+    for kind, words in _NAME_RULES:
+        if tokens & words:
+            return kind
+    if t is not None and issubclass(t, nn.Linear):
+        return "feed_forward"
+    return "other"
+
+
+_INDEX_SEGMENT = re.compile(r"^(?:layers?|blocks?|stages?|h|levels?|res)?(\d+)$")
+
+
+def layer_index(name: str | None) -> int | None:
+    """The first layer index in a dotted name: ``layers.3.linear1.weight`` -> 3, ``layer2.0.conv1``
+    -> 2, ``h.11.attn`` -> 11; None when the name has no index (``conv1.weight`` has none: the
+    digit names a sibling, not a depth)."""
+    for segment in (name or "").lower().split("."):
+        m = _INDEX_SEGMENT.match(segment)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """Fill ``depth`` in [0, 1]: the layer index over the largest index; tensors without an
+    index are shallow when they come before every indexed tensor (embeddings), deep otherwise
+    (final norms, output heads)."""
+    indices = [layer_index(t.name) for t in tensors]
+    known = [i for i in indices if i is not None]
+    first_indexed = next((k for k, i in enumerate(indices) if i is not None), len(indices))
+    lo, hi = (min(known), max(known)) if known else (0, 0)
+    out = []
+    for k, (t, i) in enumerate(zip(tensors, indices)):
+        if i is None:
+            depth = 0.0 if k < first_indexed else 1.0
+        else:
+            depth = (i - lo) / (hi - lo) if hi > lo else 0.5
+        out.append(dataclasses.replace(t, depth=depth))
+    return out
+
+
+def depth_bucket(depth: float) -> str:
+    return DEPTH_BUCKETS[min(int(depth * 3), 2)]
+
+
+def is_bias(info: TensorInfo) -> bool:
+    name = (info.name or "").lower()
+    return name.endswith("bias") or (not info.name and len(info.shape) <= 1)
+
+
+@GROUPINGS.register("original")
+def original(tensors: list[TensorInfo]) -> list[str]:
+    """One group per optimizer param_group."""
+    return [f"param_group_{t.param_group}" for t in tensors]
+
+
+@GROUPINGS.register("fine_grained")
+def fine_grained(tensors: list[TensorInfo]) -> list[str]:
+    """Layer type x depth bucket x bias (the paper's fine-grained grouping)."""
+    missing = [t.index for t in tensors if not t.name]
+    if missing:
+        raise ValueError(
+            f"grouping='fine_grained' needs parameter names, but {len(missing)} parameter tensor(s) "
+            f"(positions {missing[:5]}{'...' if len(missing) > 5 else ''}) have none. Pass "
+            f"model.named_parameters() instead of model.parameters(), or pass model=your_model, "
+            f"or use grouping='original'"
+        )
+    tensors = assign_depths(tensors)
+    return [
+        f"{layer_type(t)}/{depth_bucket(t.depth)}/{'bias' if is_bias(t) else 'weight'}" for t in tensors
+    ]

@@ -1,0 +1,144 @@
+"""The modulator: features -> Transformer encoder over the groups -> per-group multipliers.
+
+Groups are the tokens. The encoder is the post-norm layer of ``nn.TransformerEncoderLayer``
+(self-attention, ReLU feed-forward, LayerNorm after each residual), written with batched tensor
+ops: an eager ``nn.TransformerEncoder`` spends most of its time in Python and per-op overhead
+at these sizes (width 6, a dozen tokens), and this one is evaluated at every optimizer step.
+
+As in the paper, the model width defaults to the feature width zero-padded up to a multiple of
+the head count (``padding`` says how many zero columns were added, and a warning says so when
+it is not zero); ``width=`` projects the features to a wider model first.
+
+Output head: ``[alpha_raw, beta_raw, lambda1_raw, lambda2_raw]`` per group, mapped to
+``alpha = 1 + alpha_range * (sigmoid(alpha_raw) - 0.5)`` (likewise beta) and
+``lambda = sigmoid(lambda_raw)``. The head starts at zero, so a fresh modulator gives
+alpha = beta = 1 exactly: MetaAdamW starts as AdamW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaadamw.features import FeatureExtractor, FeatureGate
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm Transformer encoder layer over one sequence of tokens (no batch dimension)."""
+
+    def __init__(self, width: int, heads: int, ff: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"model width {width} is not a multiple of heads={heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.linear1 = nn.Linear(width, ff)
+        self.linear2 = nn.Linear(ff, width)
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens, width = x.shape
+        qkv = self.in_proj(x).view(tokens, 3, self.heads, width // self.heads).permute(1, 2, 0, 3)
+        drop = self.dropout if self.training else 0.0
+        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], dropout_p=drop)  # (heads, tokens, dh)
+        att = att.transpose(0, 1).reshape(tokens, width)
+        x = self.norm1(x + F.dropout(self.out_proj(att), drop, self.training))
+        ff = self.linear2(F.dropout(F.relu(self.linear1(x)), drop, self.training))
+        return self.norm2(x + F.dropout(ff, drop, self.training))
+
+
+@dataclasses.dataclass
+class Multipliers:
+    """Per-group outputs of the modulator (each a (groups,) tensor)."""
+
+    alpha: Tensor  # learning-rate multiplier
+    beta: Tensor  # weight-decay multiplier
+    lambda1: Tensor  # weight of ||g'||^2 in the gradient-alignment objective
+    lambda2: Tensor  # weight of cos(g, g') in the gradient-alignment objective
+
+
+class Modulator(nn.Module):
+    """Feature extractor (+ optional gate) -> encoder -> head -> :class:`Multipliers`.
+
+    Every learnable meta-parameter except the weighting's log-variances lives here: encoder and
+    head weights, the feature gates and the extractor's own parameters (group embeddings).
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        *,
+        layers: int = 8,
+        heads: int = 6,
+        ff: int = 16,
+        width: int | None = None,
+        dropout: float = 0.0,
+        gating: bool = False,
+        gate_l1: float = 1e-3,
+        alpha_range: float = 1.0,
+        beta_range: float = 1.0,
+    ):
+        super().__init__()
+        self.extractor = extractor
+        self.in_width = extractor.width
+        self.alpha_range = float(alpha_range)
+        self.beta_range = float(beta_range)
+        self.gate = FeatureGate(self.in_width, gate_l1) if gating else None
+        if width is None:
+            self.width = math.ceil(self.in_width / heads) * heads
+            self.padding = self.width - self.in_width
+            self.input_proj = None
+            if self.padding:
+                warnings.warn(
+                    f"MetaAdamW modulator: the {self.in_width} features {extractor.feature_names} are zero-padded with "
+                    f"{self.padding} column(s) to width {self.width}, a multiple of modulator_heads={heads}. Choose "
+                    f"heads dividing {self.in_width}, or set modulator_width to project the features instead.",
+                    stacklevel=3,
+                )
+        else:
+            if width % heads:
+                raise ValueError(f"modulator_width={width} must be a multiple of modulator_heads={heads}")
+            self.width, self.padding = width, 0
+            self.input_proj = nn.Linear(self.in_width, width)
+        self.layers = nn.ModuleList(EncoderLayer(self.width, heads, ff, dropout) for _ in range(layers))
+        self.head = nn.Linear(self.width, 4)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def encode(self, features: Tensor) -> Tensor:
+        """(groups, in_width) features -> (groups, 4) raw outputs."""
+        x = self.gate(features) if self.gate is not None else features
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+        elif self.padding:
+            x = F.pad(x, (0, self.padding))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+    def forward(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
+        raw = self.encode(self.extractor(stats, time))
+        s = torch.sigmoid(raw)
+        return Multipliers(
+            alpha=1.0 + self.alpha_range * (s[:, 0] - 0.5),
+            beta=1.0 + self.beta_range * (s[:, 1] - 0.5),
+            lambda1=s[:, 2],
+            lambda2=s[:, 3],
+        )
+
+    def penalty(self) -> Tensor | None:
+        """Regularisers to add to the meta-loss (the gates' L1 penalty), or None."""
+        return self.gate.penalty() if self.gate is not None else None
+
+    def extra_repr(self) -> str:
+        how = f"projected {self.in_width}->{self.width}" if self.input_proj is not None else (
+            f"padded {self.in_width}+{self.padding}={self.width}")
+        return f"features={self.in_width} ({how}), layers={len(self.layers)}"

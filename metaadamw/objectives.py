@@ -1,0 +1,127 @@
+"""Meta objectives: what the meta-update trains the modulator to minimise.
+
+An objective is a callable registered in :data:`metaadamw.OBJECTIVES` that maps the quantities of
+one meta-update (:class:`MetaQuantities`) to named scalar *terms*. It declares the terms it
+produces, which of them can be negative (the weightings need to know), and whether it needs the
+second-order gradient g' (which costs a double backward) or the validation batch, so the
+meta-update computes nothing it does not use.
+
+Built in (theta' = one MetaAdamW step from theta with the current modulator, differentiable in
+alpha and beta):
+
+* ``gradient`` - gradient alignment: mean over groups of
+  ``lambda1_g * ||g'_g||^2 - lambda2_g * cos(g_g, g'_g)`` with g the batch-1 gradient at theta and
+  g' the batch-2 gradient at theta'.
+* ``loss_decrease`` - ``L_val(theta') - L_val(theta)`` on one validation batch.
+* ``gen_gap`` - ``|L_train(theta') - L_val(theta')|`` with L_train on batch 2. It is evaluated at
+  the hypothetical parameters, where the modulator has influence; at theta (as in the paper's
+  code) it would be a constant with no gradient for the modulator.
+* ``combined`` - all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from metaadamw import OBJECTIVES
+
+#: canonical order of the paper's three terms (priorities and fixed weights follow it)
+TERM_ORDER = ("gradient", "loss_decrease", "gen_gap")
+
+
+@dataclasses.dataclass
+class MetaQuantities:
+    """What one meta-update computed. Tensors that carry a graph back to the modulator are
+    marked; everything else is a constant."""
+
+    tensor_group: Tensor  # (N,) group index of every tensor
+    num_groups: int
+    grads: list[Tensor]  # g at theta on batch 1 (constants)
+    lambda1: Tensor  # (groups,) from the modulator (graph)
+    lambda2: Tensor  # (groups,) (graph)
+    grads_prime: list[Tensor] | None = None  # g' at theta' on batch 2 (graph; second order)
+    loss_train_prime: Tensor | None = None  # L(theta'; batch 2) (graph)
+    loss_val_prime: Tensor | None = None  # L(theta'; val batch) (graph)
+    loss_val: Tensor | None = None  # L(theta; val batch) (constant)
+
+
+class MetaObjective:
+    terms: tuple[str, ...] = ()
+    signed_terms: frozenset[str] = frozenset()  # terms that can be negative
+    second_order: bool = False  # needs g' with create_graph=True
+    needs_val: bool = False  # needs the validation batch
+
+    def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(terms={self.terms})"
+
+
+def _group_sums(values: list[Tensor], tensor_group: Tensor, num_groups: int) -> Tensor:
+    out = torch.zeros(num_groups, dtype=values[0].dtype, device=values[0].device)
+    return out.index_add(0, tensor_group, torch.stack(values))
+
+
+def gradient_alignment(q: MetaQuantities) -> Tensor:
+    g, gp = q.grads, q.grads_prime
+    sq_prime = _group_sums([(x * x).sum() for x in gp], q.tensor_group, q.num_groups)
+    sq = _group_sums([(x * x).sum() for x in g], q.tensor_group, q.num_groups)
+    dot = _group_sums([(a * b).sum() for a, b in zip(g, gp)], q.tensor_group, q.num_groups)
+    cos = dot / (sq.sqrt() * sq_prime.sqrt()).clamp_min(1e-12)
+    return (q.lambda1 * sq_prime - q.lambda2 * cos).mean()
+
+
+@OBJECTIVES.register("gradient")
+class GradientAlignment(MetaObjective):
+    """mean_g lambda1_g ||g'_g||^2 - lambda2_g cos(g_g, g'_g)."""
+
+    terms = ("gradient",)
+    signed_terms = frozenset({"gradient"})
+    second_order = True
+
+    def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
+        return {"gradient": gradient_alignment(q)}
+
+
+@OBJECTIVES.register("loss_decrease")
+class LossDecrease(MetaObjective):
+    """L_val(theta') - L_val(theta) on the same validation batch."""
+
+    terms = ("loss_decrease",)
+    signed_terms = frozenset({"loss_decrease"})
+    needs_val = True
+
+    def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
+        return {"loss_decrease": q.loss_val_prime - q.loss_val}
+
+
+@OBJECTIVES.register("gen_gap")
+class GeneralizationGap(MetaObjective):
+    """|L_train(theta'; batch 2) - L_val(theta'; val batch)|."""
+
+    terms = ("gen_gap",)
+    needs_val = True
+
+    def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
+        return {"gen_gap": (q.loss_train_prime - q.loss_val_prime).abs()}
+
+
+@OBJECTIVES.register("combined")
+class Combined(MetaObjective):
+    """All three terms of the paper, combined by the weighting."""
+
+    parts = (GradientAlignment(), LossDecrease(), GeneralizationGap())
+    terms = TERM_ORDER
+    signed_terms = frozenset({"gradient", "loss_decrease"})
+    second_order = True
+    needs_val = True
+
+    def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for part in self.parts:
+            out.update(part(q))
+        return out

@@ -1,0 +1,491 @@
+"""MetaAdamW: AdamW with per-group multipliers from a meta-trained self-attentive modulator."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
+from metaadamw import functional as F
+from metaadamw.features import GroupLayout, normalised_time
+from metaadamw.grouping import TensorInfo, assign_depths, is_bias
+from metaadamw.meta import MetaRecord, meta_update
+from metaadamw.modulator import Modulator, Multipliers
+from metaadamw.weighting import FORMS
+
+META_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+
+
+class MetaAdamW(torch.optim.Optimizer):
+    r"""AdamW whose per-group learning rate and weight decay are scaled by a learned modulator.
+
+    .. code-block:: text
+
+        input: params theta, lr, (b1, b2), eps, weight decay wd, groups G (grouping strategy),
+               modulator M (feature extractor -> Transformer encoder over groups -> head)
+        for t = 1, 2, ...:
+            g_t = grad of the loss                       (computed by the caller, as for AdamW)
+            m_t = b1 m_{t-1} + (1 - b1) g_t ;  v_t = b2 v_{t-1} + (1 - b2) g_t^2
+            x_G = features(g_t, m_t, v_t, theta_{t-1}, t)  for every group   (one token each)
+            alpha_G, beta_G = M(x_G)    alpha = 1 + alpha_range (sigmoid(.) - 1/2), likewise beta
+            theta_t = theta_{t-1} - lr alpha_g ( m_hat / (sqrt(v_hat) + eps) + beta_g wd theta_{t-1} )
+        every K steps the caller runs meta_step(model, loss_fn, batch1, batch2, val_batch):
+            g on batch1 at theta; theta' = one step as above (differentiable in alpha, beta);
+            g' on batch2 at theta'; objective terms (gradient alignment, loss decrease,
+            generalization gap) combined by a weighting; one step of the meta-optimizer on the
+            modulator's parameters; the model is left exactly as it was.
+
+    Args:
+        params: what ``torch.optim.AdamW`` accepts - an iterable of parameters, of param-group
+            dicts, or ``model.named_parameters()`` (names are needed by ``fine_grained``).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (defaults: the paper's Table 1).
+        alpha_range, beta_range: ranges of the multipliers; 0 turns the modulation off (exact
+            AdamW). In [0, 2], so that the multipliers stay positive.
+        features: registered feature extractor (``metaadamw.FEATURES``).
+        time_step, second_moment: add the normalised time step / second-moment norm features.
+        gating, gate_l1: learnable sigmoid feature gates and their L1 penalty weight.
+        grouping: registered grouping strategy (``metaadamw.GROUPINGS``).
+        model: the model, for parameter names and module types when ``params`` has no names.
+        modulator_layers, modulator_heads, modulator_ff: encoder depth, heads, feed-forward width.
+        modulator_width: model width; None = feature width zero-padded to a multiple of the heads.
+        modulator_dropout: dropout inside the encoder during meta-updates.
+        objective: registered meta objective (``metaadamw.OBJECTIVES``).
+        weighting, weighting_form: registered loss weighting and its HUW form
+            ('regression' or 'classification').
+        priorities: HUW priorities [gradient alignment, loss decrease, generalization gap].
+        fixed_weights: weights of the 'fixed' weighting, same order.
+        meta_lr, meta_weight_decay: the meta-optimizer's learning rate and weight decay.
+        meta_optimizer: 'sgd' (the paper's Algorithm 2), 'adam', 'adamw', or a callable
+            ``f(params, lr=..., weight_decay=...) -> torch.optim.Optimizer``.
+        refresh_every: recompute the multipliers every k steps (1 = every step, the paper).
+        total_steps: training length, used to normalise the time-step feature (else t/(t+1000)).
+        foreach: use the fast foreach implementation (default) or the readable single-tensor one.
+
+    Not supported (unlike AdamW): ``amsgrad``, ``maximize``, ``capturable``, ``fused``, sparse
+    gradients, complex parameters, and parameters spread over several devices.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        alpha_range: float = 1.0,
+        beta_range: float = 1.0,
+        features: str = "basic",
+        time_step: bool = True,
+        second_moment: bool = True,
+        gating: bool = False,
+        gate_l1: float = 1e-3,
+        grouping: str = "fine_grained",
+        model: nn.Module | None = None,
+        modulator_layers: int = 8,
+        modulator_heads: int = 6,
+        modulator_ff: int = 16,
+        modulator_width: int | None = None,
+        modulator_dropout: float = 0.0,
+        objective: str = "combined",
+        weighting: str = "huw_priority",
+        weighting_form: str = "regression",
+        priorities: Sequence[float] = (1.0, 1.0, 1.0),
+        fixed_weights: Sequence[float] | None = None,
+        meta_lr: float = 1e-4,
+        meta_weight_decay: float = 0.0,
+        meta_optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
+        refresh_every: int = 1,
+        total_steps: int | None = None,
+        foreach: bool | None = None,
+    ):
+        _check_adamw_args(lr, betas, eps, weight_decay)
+        _check(0.0 <= alpha_range <= 2.0, f"alpha_range must be in [0, 2] so that alpha stays positive, got {alpha_range}")
+        _check(0.0 <= beta_range <= 2.0, f"beta_range must be in [0, 2] so that beta stays positive, got {beta_range}")
+        for name, value in (("modulator_layers", modulator_layers), ("modulator_heads", modulator_heads),
+                            ("modulator_ff", modulator_ff), ("refresh_every", refresh_every)):
+            _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _check(modulator_width is None or (_is_int(modulator_width) and modulator_width >= 1),
+               f"modulator_width must be None or an integer >= 1, got {modulator_width!r}")
+        _check(total_steps is None or (_is_int(total_steps) and total_steps >= 1),
+               f"total_steps must be None or an integer >= 1, got {total_steps!r}")
+        _check(0.0 <= modulator_dropout < 1.0, f"modulator_dropout must be in [0, 1), got {modulator_dropout}")
+        _check(meta_lr > 0, f"meta_lr must be > 0, got {meta_lr}")
+        _check(meta_weight_decay >= 0, f"meta_weight_decay must be >= 0, got {meta_weight_decay}")
+        _check(gate_l1 >= 0, f"gate_l1 must be >= 0, got {gate_l1}")
+        _check(weighting_form in FORMS, f"weighting_form must be one of {FORMS}, got {weighting_form!r}")
+        for name, values in (("priorities", priorities), ("fixed_weights", fixed_weights)):
+            if values is not None:
+                ok = len(values) == 3 and all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
+                _check(ok, f"{name} must be three finite non-negative numbers [gradient alignment, loss decrease, "
+                           f"generalization gap], got {list(values)!r}")
+        _check(callable(meta_optimizer) or meta_optimizer in META_OPTIMIZERS,
+               f"meta_optimizer must be one of {sorted(META_OPTIMIZERS)} or a callable, got {meta_optimizer!r}")
+        feature_cls = FEATURES.get(features)
+        grouping_fn = GROUPINGS.get(grouping)
+        objective_obj = OBJECTIVES.create(objective)
+        weighting_cls = WEIGHTINGS.get(weighting)
+
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+        self.config = dict(
+            alpha_range=alpha_range, beta_range=beta_range, features=features, time_step=time_step,
+            second_moment=second_moment, gating=gating, gate_l1=gate_l1, grouping=grouping,
+            modulator_layers=modulator_layers, modulator_heads=modulator_heads, modulator_ff=modulator_ff,
+            modulator_width=modulator_width, modulator_dropout=modulator_dropout, objective=objective,
+            weighting=weighting, weighting_form=weighting_form, priorities=list(priorities),
+            fixed_weights=None if fixed_weights is None else list(fixed_weights), meta_lr=meta_lr,
+            meta_weight_decay=meta_weight_decay, refresh_every=refresh_every, total_steps=total_steps,
+        )
+        self.foreach = True if foreach is None else bool(foreach)
+        self.refresh_every = refresh_every
+        self.total_steps = total_steps
+
+        self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._check_params()
+        self.device = self._params[0].device
+        self.tensor_info = self._tensor_info(model)
+        group_of_tensor = grouping_fn(self.tensor_info)
+        self.group_names: list[str] = list(dict.fromkeys(group_of_tensor))
+        self._group_of = [self.group_names.index(n) for n in group_of_tensor]  # host copy: no reads in step()
+        self.layout = GroupLayout(
+            names=self.group_names,
+            tensor_group=torch.tensor(self._group_of, device=self.device),
+            numel=torch.tensor([float(p.numel()) for p in self._params], device=self.device),
+            is_bias=torch.tensor([float(is_bias(t)) for t in self.tensor_info], device=self.device),
+            depth=torch.tensor([t.depth for t in assign_depths(self.tensor_info)], device=self.device),
+        )
+        extractor = feature_cls(self.layout, time_step=time_step, second_moment=second_moment)
+        self.modulator = Modulator(
+            extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
+            dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,
+            beta_range=beta_range,
+        ).to(self.device)
+        self.objective = objective_obj
+        self.weighting = weighting_cls(
+            objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
+            form=weighting_form,
+        ).to(self.device)
+        make = META_OPTIMIZERS[meta_optimizer] if isinstance(meta_optimizer, str) else meta_optimizer
+        self.meta_optimizer = make(self.meta_parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+
+        n = len(self._params)
+        self._steps = [0] * n  # AdamW step count of every tensor
+        self.global_step = 0  # step() calls that updated at least one tensor
+        self.meta_updates = 0
+        self.meta_skipped = 0
+        self._time = torch.zeros((), device=self.device)
+        self._carry = {  # ||m_{t-1}||^2 and sum(v_{t-1}) per tensor, valid when computed last step
+            "exp_avg_norm_sq": torch.zeros(n, device=self.device),
+            "v_sum": torch.zeros(n, device=self.device),
+        }
+        self._carry_valid = True  # zero moments: the zero carry is exact
+        self._stats: dict[str, Tensor] = {}
+        self._multipliers: Multipliers | None = None
+        self._plan: _Plan | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # construction helpers
+
+    def _check_params(self) -> None:
+        devices = {p.device for p in self._params}
+        _check(len(devices) == 1, f"MetaAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
+        for p in self._params:
+            _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
+                                       "(torch.view_as_real) first")
+            _check(p.is_floating_point(), f"MetaAdamW can only optimize floating-point tensors, got {p.dtype}")
+
+    def _tensor_info(self, model: nn.Module | None) -> list[TensorInfo]:
+        by_id: dict[int, tuple[str, type]] = {}
+        if model is not None:
+            for mod_name, module in model.named_modules(remove_duplicate=False):
+                for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                    full = f"{mod_name}.{pname}" if mod_name else pname
+                    by_id.setdefault(id(p), (full, type(module)))
+        infos, i = [], 0
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                known = by_id.get(id(p))
+                infos.append(TensorInfo(
+                    index=i, param_group=gi, name=name or (known[0] if known else None), shape=tuple(p.shape),
+                    module_type=known[1] if known else None,
+                ))
+                i += 1
+        return infos
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        """Everything the meta-optimizer trains: the modulator (encoder, head, gates, group
+        embeddings) and the weighting's log-variances."""
+        return list(self.modulator.parameters()) + list(self.weighting.parameters())
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "layout"):  # called by a user after construction
+            raise RuntimeError(
+                "MetaAdamW cannot add parameter groups after construction: the groups are the modulator's "
+                "tokens. Create the optimizer with every param group instead."
+            )
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+
+    @property
+    def multipliers(self) -> Multipliers | None:
+        """The per-group multipliers used by the last step (None before the first step)."""
+        return self._multipliers
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One MetaAdamW step. Never reads a value back to the host."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for p in self._params]
+        active = tuple(g is not None for g in grads)
+        if not any(active):
+            return loss
+        plan = self._plan if self._plan is not None and self._plan.active == active else self._make_plan(active)
+        for i in plan.indices:
+            self._steps[i] += 1
+        for b in plan.buckets:
+            b.step = self._steps[b.indices[0]]
+            group = self.param_groups[b.param_group]
+            b.lr, b.weight_decay, b.eps = group["lr"], group["weight_decay"], group["eps"]
+        self.global_step += 1
+        self._time += 1
+        grads = [grads[i] for i in plan.indices] if not plan.all_active else grads
+        if plan.fresh:
+            _check(not any(g.is_sparse for g in grads), "MetaAdamW does not support sparse gradients")
+            plan.fresh = False
+
+        refresh = self._multipliers is None or (self.global_step - 1) % self.refresh_every == 0
+        moments = F.foreach_moments if self.foreach else F.single_tensor_moments
+        if refresh and self.foreach and not self._carry_valid:
+            self._recompute_carry(plan)
+        for pg, sl in plan.param_group_slices:
+            group = self.param_groups[pg]
+            moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], group["betas"][0], group["betas"][1])
+        if refresh:
+            self._update_stats(plan, grads)
+            self._multipliers = self.modulator(self._stats, normalised_time(self._time, self.total_steps))
+            self._carry_valid = True
+        else:
+            self._carry_valid = False
+        update = F.foreach_update if self.foreach else F.single_tensor_update
+        update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
+        return loss
+
+    def _update_stats(self, plan: "_Plan", grads: list[Tensor]) -> None:
+        stats_fn = F.foreach_stats if self.foreach else F.single_tensor_stats
+        carry = self._carry
+        idx = plan.index_tensor
+        m_sq_old = carry["exp_avg_norm_sq"] if idx is None else carry["exp_avg_norm_sq"][idx]
+        v_sum_old = carry["v_sum"] if idx is None else carry["v_sum"][idx]
+        stats, m_sq, v_sum = stats_fn(
+            self.modulator.extractor.required_stats, grads, m_sq_old, v_sum_old, plan.exp_avgs, plan.exp_avg_sqs,
+            plan.params, plan.beta1, plan.beta2,
+        )
+        if idx is None:
+            carry["exp_avg_norm_sq"], carry["v_sum"] = m_sq, v_sum
+            self._stats = stats
+            return
+        carry["exp_avg_norm_sq"] = carry["exp_avg_norm_sq"].index_copy(0, idx, m_sq)
+        carry["v_sum"] = carry["v_sum"].index_copy(0, idx, v_sum)
+        n = len(self._params)
+        self._stats = {
+            k: (self._stats[k] if k in self._stats else torch.zeros(n, device=self.device)).index_copy(0, idx, v)
+            for k, v in stats.items()
+        }
+
+    def _recompute_carry(self, plan: "_Plan") -> None:
+        """||m||^2 and sum(v) directly, when the previous step did not carry them."""
+        m_sq = F._vector(torch._foreach_norm(self._state_list("exp_avg"))) ** 2
+        v_sum = F._vector(torch._foreach_norm(self._state_list("exp_avg_sq"), 1))
+        self._carry = {"exp_avg_norm_sq": m_sq, "v_sum": v_sum}
+
+    def _state_list(self, key: str) -> list[Tensor]:
+        out = []
+        for p in self._params:
+            st = self.state[p]
+            if key not in st:
+                self._init_state(p)
+            out.append(st[key])
+        return out
+
+    def _init_state(self, p: Tensor) -> None:
+        st = self.state[p]
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _make_plan(self, active: tuple[bool, ...]) -> "_Plan":
+        """Group the active tensors into buckets (param_group x modulator group x step count)."""
+        indices = [i for i, a in enumerate(active) if a]
+        for i in indices:
+            if "exp_avg" not in self.state[self._params[i]]:
+                self._init_state(self._params[i])
+        group_of = self._group_of
+        pg_of = [t.param_group for t in self.tensor_info]
+        buckets: dict[tuple[int, int, int], F.Bucket] = {}
+        slices, start = [], 0
+        for pos, i in enumerate(indices):
+            if pos + 1 == len(indices) or pg_of[indices[pos + 1]] != pg_of[i]:
+                slices.append((pg_of[i], slice(start, pos + 1)))
+                start = pos + 1
+            p, st = self._params[i], self.state[self._params[i]]
+            group = self.param_groups[pg_of[i]]
+            key = (pg_of[i], group_of[i], self._steps[i])
+            if key not in buckets:
+                buckets[key] = F.Bucket(
+                    group=group_of[i], indices=[], params=[], exp_avgs=[], exp_avg_sqs=[], lr=group["lr"],
+                    weight_decay=group["weight_decay"], eps=group["eps"], beta1=group["betas"][0],
+                    beta2=group["betas"][1], step=self._steps[i], param_group=pg_of[i],
+                )
+            b = buckets[key]
+            b.indices.append(i)
+            b.params.append(p)
+            b.exp_avgs.append(st["exp_avg"])
+            b.exp_avg_sqs.append(st["exp_avg_sq"])
+        all_active = len(indices) == len(active)
+        betas = [self.param_groups[pg_of[i]]["betas"] for i in indices]
+        self._plan = _Plan(
+            active=active,
+            indices=indices,
+            all_active=all_active,
+            index_tensor=None if all_active else torch.tensor(indices, device=self.device),
+            params=[self._params[i] for i in indices],
+            exp_avgs=[self.state[self._params[i]]["exp_avg"] for i in indices],
+            exp_avg_sqs=[self.state[self._params[i]]["exp_avg_sq"] for i in indices],
+            param_group_slices=slices,
+            buckets=list(buckets.values()),
+            beta1=torch.tensor([b[0] for b in betas], device=self.device),
+            beta2=torch.tensor([b[1] for b in betas], device=self.device),
+        )
+        return self._plan
+
+    # ------------------------------------------------------------------------------------------
+    # the meta-update
+
+    def meta_step(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any, batch2: Any,
+                  val_batch: Any = None) -> MetaRecord:
+        """Train the modulator on one meta-update; the model is left exactly as it was.
+
+        ``loss_fn(model, batch)`` returns the scalar training loss of ``batch``. ``batch1`` gives
+        g at theta, ``batch2`` gives g' (and L_train) at theta', ``val_batch`` the validation
+        loss at theta and theta' (needed by loss_decrease, gen_gap and combined).
+        Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
+        """
+        if self.objective.needs_val and val_batch is None:
+            raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
+                             f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
+        record = meta_update(self, model, loss_fn, batch1, batch2, val_batch)
+        self.meta_updates += 1
+        self.meta_skipped += int(record.skipped)
+        return record
+
+    # ------------------------------------------------------------------------------------------
+    # checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        for p, steps in zip(self._params, self._steps):
+            if "exp_avg" in self.state[p]:
+                self.state[p]["step"] = steps
+        sd = super().state_dict()
+        sd["metaadamw"] = {
+            "group_names": list(self.group_names),
+            "modulator": self.modulator.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "carry": {k: v.clone() for k, v in self._carry.items()},
+            "carry_valid": self._carry_valid,
+            "stats": {k: v.clone() for k, v in self._stats.items()},
+            "multipliers": None if self._multipliers is None else dataclasses.asdict(self._multipliers),
+            "steps": list(self._steps),
+            "global_step": self.global_step,
+            "meta_updates": self.meta_updates,
+            "meta_skipped": self.meta_skipped,
+        }
+        return copy.deepcopy(sd)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
+        extra = state_dict.pop("metaadamw", None)
+        if extra is None:
+            raise ValueError("this state dict has no 'metaadamw' entry: it was not saved by MetaAdamW. To start "
+                             "from a torch.optim.AdamW checkpoint, load its moments by hand.")
+        if extra["group_names"] != self.group_names:
+            raise ValueError(f"the checkpoint's modulator groups {extra['group_names']} differ from this "
+                             f"optimizer's {self.group_names}: same model, same param groups and same grouping needed")
+        super().load_state_dict(state_dict)
+        for p in self._params:
+            self.state[p].pop("step", None)
+        self.modulator.load_state_dict(extra["modulator"])
+        self.weighting.load_state_dict(extra["weighting"])
+        self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
+        self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}
+        self._carry_valid = extra["carry_valid"]
+        self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
+        m = extra["multipliers"]
+        self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
+        self._steps = list(extra["steps"])
+        self.global_step = extra["global_step"]
+        self._time = torch.tensor(float(self.global_step), device=self.device)
+        self.meta_updates = extra["meta_updates"]
+        self.meta_skipped = extra["meta_skipped"]
+        self._plan = None
+
+    def __repr__(self) -> str:
+        groups = ", ".join(self.group_names[:6]) + (", ..." if len(self.group_names) > 6 else "")
+        return (f"MetaAdamW(lr={self.defaults['lr']}, betas={self.defaults['betas']}, eps={self.defaults['eps']}, "
+                f"weight_decay={self.defaults['weight_decay']}, groups={len(self.group_names)} [{groups}], "
+                f"features={self.config['features']} ({self.modulator.in_width} wide, padding "
+                f"{self.modulator.padding}, model width {self.modulator.width}), objective={self.config['objective']}, "
+                f"weighting={self.config['weighting']})")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The cached layout of one step for a given set of tensors with gradients."""
+
+    active: tuple[bool, ...]
+    indices: list[int]
+    all_active: bool
+    index_tensor: Tensor | None
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    param_group_slices: list[tuple[int, slice]]
+    buckets: list[F.Bucket]
+    beta1: Tensor
+    beta2: Tensor
+    fresh: bool = True  # not used by a step yet
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    _check(isinstance(lr, (int, float)) and lr >= 0, f"Invalid learning rate: lr={lr!r} (must be a number >= 0)")
+    _check(isinstance(eps, (int, float)) and eps >= 0, f"Invalid epsilon value: eps={eps!r} (must be >= 0)")
+    _check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        _check(isinstance(b, (int, float)) and 0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+    _check(isinstance(weight_decay, (int, float)) and weight_decay >= 0,
+           f"Invalid weight_decay value: {weight_decay!r} (must be >= 0)")
