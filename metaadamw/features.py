@@ -212,13 +212,18 @@ class BasicPlus(FeatureExtractor):
 
 
 class _Normalised(FeatureExtractor):
-    """Standardises every statistics column across groups (zero mean, unit variance)."""
+    """Standardises every statistics column across groups (zero mean, unit variance).
+
+    A column whose spread across groups is below 0.1% of its magnitude is treated as constant
+    (the denominator is ``std + 1e-3 * mean|x| + 1e-12``), so rounding noise in a column that is the
+    same for every group (cos = 1 at the first step, say) is not blown up to unit scale."""
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
         feats = super().forward(stats, time)
         n_stat = feats.shape[1] - (1 if self.time_step else 0)
         x = feats[:, :n_stat]
-        x = (x - x.mean(0, keepdim=True)) / (x.std(0, unbiased=False, keepdim=True) + 1e-8)
+        scale = x.std(0, unbiased=False, keepdim=True) + 1e-3 * x.abs().mean(0, keepdim=True) + 1e-12
+        x = (x - x.mean(0, keepdim=True)) / scale
         return torch.cat([x, feats[:, n_stat:]], 1)
 
 

@@ -173,26 +173,26 @@ def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> 
 def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
     """The fast update: AdamW's foreach passes with per-bucket tensor scalars.
 
-    ``denom = sqrt(v) * c + e`` with ``c = 1 / (sqrt(bc2) * s)``, ``e = eps / s`` and the signed
-    step ``s = -lr * alpha / bc1``, so that ``p += m / denom`` applies the whole step - the trick
-    torch's capturable Adam uses, with alpha folded in at no extra pass."""
+    ``denom = (sqrt(v) + eps * sqrt(bc2)) * c`` with ``c = 1 / (sqrt(bc2) * s)`` and the signed
+    step ``s = -lr * alpha / bc1``, so that ``p += m / denom`` applies the whole step (the trick of
+    torch's capturable Adam) and alpha is folded in at no extra pass. Tensor-valued scalars are
+    only ever multiplied (the foreach ``add``/``addcdiv`` overloads taking a tensor scalar read it
+    back to the host)."""
     if not buckets:
         return
     device, dtype = alpha.device, alpha.dtype
     host = torch.tensor(
-        [[b.lr * b.weight_decay, b.lr / b.bias_correction1, math.sqrt(b.bias_correction2), b.eps] for b in buckets],
+        [[b.lr * b.weight_decay, b.lr / b.bias_correction1, math.sqrt(b.bias_correction2)] for b in buckets],
         dtype=torch.float64,
     ).to(device=device, dtype=dtype, non_blocking=True)
     index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
     a, w = alpha.index_select(0, index), beta.index_select(0, index)
     decay = 1 - host[:, 0] * a * w
-    step = -host[:, 1] * a
-    scale = 1 / (host[:, 2] * step)
-    shift = host[:, 3] / step
-    scalars = torch.stack([decay, scale, shift]).unbind(1)
-    for b, (d, c, e) in zip(buckets, scalars):
+    scale = -1 / (host[:, 2] * host[:, 1] * a)
+    scalars = torch.stack([decay, scale]).unbind(1)
+    for b, (d, c) in zip(buckets, scalars):
         denom = torch._foreach_sqrt(b.exp_avg_sqs)
+        torch._foreach_add_(denom, b.eps * math.sqrt(b.bias_correction2))
         torch._foreach_mul_(denom, c)
-        torch._foreach_add_(denom, e)
         torch._foreach_mul_(b.params, d)
         torch._foreach_addcdiv_(b.params, b.exp_avgs, denom)

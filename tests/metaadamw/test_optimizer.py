@@ -1,0 +1,342 @@
+"""MetaAdamW's step(): AdamW equivalence, fast vs reference path, validation, no host syncs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from metaadamw import MetaAdamW
+from tests.metaadamw.helpers import TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches, small_kwargs
+
+
+def _layouts(model):
+    """Several param-group layouts of the same model (as named params, plain, decay/no-decay)."""
+    named = list(model.named_parameters())
+    decay = [(n, p) for n, p in named if p.ndim > 1]
+    no_decay = [(n, p) for n, p in named if p.ndim <= 1]
+    return {
+        "named": lambda: model.named_parameters(),
+        "plain": lambda: model.parameters(),
+        "decay_groups": lambda: [
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0, "lr": 3e-3},  # not in model order
+            {"params": [p for _, p in decay], "weight_decay": 0.1, "betas": (0.8, 0.99)},
+        ],
+    }
+
+
+def _train(model, opt, batches, steps, loss_fn=mse):
+    for t in range(steps):
+        opt.zero_grad()
+        loss_fn(model, batches[t % len(batches)]).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("layout", ["named", "plain", "decay_groups"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_zero_ranges_match_torch_adamw_over_50_steps(layout, foreach):
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    ref = torch.optim.AdamW(_layouts(ref_model)[layout](), lr=1e-2, weight_decay=0.05, foreach=True)
+    kw = small_kwargs(grouping="original") if layout == "plain" else small_kwargs()
+    opt = MetaAdamW(_layouts(model)[layout](), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                    foreach=foreach, model=model, **kw)
+    for t in range(50):
+        _train(ref_model, ref, batches[t % 4:], 1)
+        _train(model, opt, batches[t % 4:], 1)
+        for a, b in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_fresh_modulator_is_exactly_adamw_weight_decay_not_bias_corrected():
+    # the head starts at zero, so alpha = beta = 1 even with the default ranges; the decoupled
+    # weight decay must not be scaled by 1 / (1 - beta1^t) (a bug of the paper's code)
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.5)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.5, **small_kwargs())
+    _train(ref_model, ref, batches, 3)
+    _train(model, opt, batches, 3)
+    assert torch.equal(opt.multipliers.alpha, torch.ones_like(opt.multipliers.alpha))
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def _same_gradients(models, batch, loss_fn):
+    models[0].zero_grad()
+    loss_fn(models[0], batch).backward()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        b.grad = a.grad.clone()
+
+
+def _randomise_head(opt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        opt.modulator.head.weight.copy_(torch.randn(opt.modulator.head.weight.shape, generator=g))
+        opt.modulator.head.bias.copy_(torch.randn(4, generator=g))
+
+
+@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic"])
+def test_fast_path_agrees_with_single_tensor_reference_step_by_step(features):
+    batches = lm_batches()
+    models = [TinyTransformer(), TinyTransformer()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = []
+    for model, foreach in zip(models, (True, False)):
+        torch.manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = MetaAdamW(model.named_parameters(), lr=3e-3, foreach=foreach, features=features,
+                            modulator_heads=1, **small_kwargs())
+        _randomise_head(opt)
+        opts.append(opt)
+    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
+    for t in range(8):
+        # both paths get the very same gradients, so rounding differences cannot feed back through
+        # the model (Adam turns a numerically-zero gradient's rounding noise into a full step)
+        _same_gradients(models, batches[t % 3], lm_loss)
+        for opt in opts:
+            opt.step()
+        for k in opts[0]._stats:
+            torch.testing.assert_close(opts[0]._stats[k], opts[1]._stats[k], rtol=5e-5, atol=1e-6, msg=k)
+        # the encoder amplifies the statistics' last-digit differences (group stds of near-equal values)
+        torch.testing.assert_close(opts[0].multipliers.alpha, opts[1].multipliers.alpha, rtol=2e-4, atol=1e-5)
+        assert not torch.allclose(opts[0].multipliers.alpha, torch.ones(1)), "multipliers should not be trivial"
+        for a, b in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_multipliers_scale_the_update_per_group():
+    # alpha = 1 + range * (sigmoid(raw) - 0.5): check the update against the formula by hand
+    model = mlp(0, widths=(3, 2))
+    opt = MetaAdamW(model.named_parameters(), lr=0.1, weight_decay=0.3, alpha_range=1.0, beta_range=1.0,
+                    **small_kwargs())
+    with torch.no_grad():
+        opt.modulator.head.bias.copy_(torch.tensor([2.0, -1.0, 0.0, 0.0]))
+    before = [p.detach().clone() for p in model.parameters()]
+    mse(model, regression_batches(1, dim=3)[0]).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    alpha = 1 + (torch.sigmoid(torch.tensor(2.0)) - 0.5)
+    beta = 1 + (torch.sigmoid(torch.tensor(-1.0)) - 0.5)
+    for p0, g, p in zip(before, grads, model.parameters()):
+        m_hat, v_hat = g, g * g  # bias-corrected first step
+        expected = p0 - 0.1 * alpha * (m_hat / (v_hat.sqrt() + 1e-8) + beta * 0.3 * p0)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any op that reads a tensor value back to the host."""
+
+    FORBIDDEN = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "unique"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.FORBIDDEN:
+            raise AssertionError(f"step() read a value back to the host through aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    def forbid(name):
+        def fail(self, *a, **k):
+            raise AssertionError(f"step() called Tensor.{name}()")
+        return fail
+
+    for name in ("tolist", "item", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    with _NoHostReads():
+        yield
+
+
+def test_the_sync_detector_catches_reads(no_host_reads):
+    t = torch.ones(2)
+    for read in (lambda: t.sum().item(), lambda: t.tolist(), lambda: float(t[0]), lambda: bool(t[0] > 0),
+                 lambda: t.nonzero()):
+        with pytest.raises(AssertionError):
+            read()
+
+
+@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic_plus"])
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_step_never_reads_values_back_to_the_host(features, refresh_every, request):
+    model = TinyTransformer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MetaAdamW(model.named_parameters(), features=features, refresh_every=refresh_every, gating=True,
+                        modulator_heads=1, **small_kwargs())
+    batches = lm_batches()
+    grads = []
+    for b in batches:
+        model.zero_grad()
+        lm_loss(model, b).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    request.getfixturevalue("no_host_reads")
+    for t in range(6):  # includes the first step (plan and state creation) and refresh / reuse steps
+        for p, g in zip(model.parameters(), grads[t % 3]):
+            p.grad = g
+        opt.step()
+
+
+def test_refresh_every_reuses_multipliers_between_refreshes():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), refresh_every=3, **small_kwargs())
+    _randomise_head(opt)
+    seen = []
+    for t in range(6):
+        _train(model, opt, regression_batches()[t % 4:], 1)
+        seen.append(opt.multipliers.alpha.clone())
+    assert seen[0] is not seen[1] and torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert not torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[5])
+
+
+def test_reused_carry_matches_direct_statistics_after_skipped_refreshes():
+    # with refresh_every > 1 the carried ||m||^2 is recomputed directly: stats must match the reference
+    batches = lm_batches()
+    models = [TinyTransformer(), TinyTransformer()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MetaAdamW(m.named_parameters(), refresh_every=2, foreach=f, **small_kwargs())
+            for m, f in zip(models, (True, False))]
+    for t in range(7):
+        _same_gradients(models, batches[t % 3], lm_loss)
+        for opt in opts:
+            opt.step()
+        if t % 2 == 0:
+            for k in opts[0]._stats:
+                torch.testing.assert_close(opts[0]._stats[k], opts[1]._stats[k], rtol=2e-4, atol=1e-5)
+
+
+def test_parameters_without_gradients_are_left_alone():
+    model = mlp(0)
+    frozen_before = model[0].weight.detach().clone()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    for b in regression_batches():
+        opt.zero_grad()
+        mse(model, b).backward()
+        model[0].weight.grad = None
+        opt.step()
+    assert torch.equal(model[0].weight.detach(), frozen_before)
+    assert "exp_avg" not in opt.state[model[0].weight] or opt._steps[0] == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(betas=(0.9, 1.0)), "index 1: 1.0"),
+        (dict(eps=-1e-8), "eps=-1e-08"),
+        (dict(weight_decay=-0.1), "-0.1"),
+        (dict(alpha_range=3.0), "alpha_range must be in [0, 2]"),
+        (dict(beta_range=-1.0), "beta_range"),
+        (dict(modulator_layers=0), "modulator_layers must be an integer >= 1, got 0"),
+        (dict(modulator_heads=2.5), "modulator_heads must be an integer >= 1, got 2.5"),
+        (dict(modulator_width=7, modulator_heads=2), "modulator_width=7 must be a multiple of modulator_heads=2"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(meta_lr=0.0), "meta_lr must be > 0, got 0.0"),
+        (dict(priorities=[1, 2]), "priorities must be three"),
+        (dict(priorities=[1, -2, 3]), "[1, -2, 3]"),
+        (dict(weighting_form="ranking"), "'ranking'"),
+        (dict(meta_optimizer="lbfgs"), "'lbfgs'"),
+        (dict(features="basicc"), "unknown feature extractor 'basicc'. Registered: basic, basic_plus"),
+        (dict(grouping="coarse"), "Registered: fine_grained, original"),
+        (dict(objective="accuracy"), "unknown meta objective 'accuracy'"),
+        (dict(weighting="gradnorm"), "unknown loss weighting 'gradnorm'"),
+    ],
+)
+def test_every_argument_is_validated_with_a_message_naming_the_bad_value(kwargs, fragment):
+    model = mlp(0)
+    with pytest.raises((ValueError, KeyError)) as err:
+        MetaAdamW(model.named_parameters(), **kwargs)
+    assert fragment in str(err.value)
+
+
+def test_fine_grained_grouping_without_names_says_how_to_fix():
+    model = mlp(0)
+    with pytest.raises(ValueError, match="named_parameters"):
+        MetaAdamW(model.parameters())
+    opt = MetaAdamW(model.parameters(), model=model, **small_kwargs())  # names from model=
+    assert opt.group_names[0].startswith("feed_forward/")
+
+
+def test_fine_grained_groups_of_a_transformer():
+    model = TinyTransformer()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    names = set(opt.group_names)
+    assert {"embedding/shallow/weight", "attention/shallow/weight", "attention/deep/bias",
+            "feed_forward/deep/weight", "norm/deep/weight", "other/deep/weight"} <= names
+    assert all(n.split("/")[0] in {"embedding", "attention", "feed_forward", "norm", "other"} for n in names)
+
+
+def test_original_grouping_follows_param_groups():
+    model = mlp(0)
+    params = list(model.parameters())
+    opt = MetaAdamW([{"params": params[:2]}, {"params": params[2:]}], grouping="original", **small_kwargs())
+    assert opt.group_names == ["param_group_0", "param_group_1"]
+
+
+def test_feature_padding_is_visible():
+    model = mlp(0)
+    with pytest.warns(UserWarning, match="zero-padded with 2 column"):
+        opt = MetaAdamW(model.named_parameters(), modulator_heads=4, **small_kwargs())
+    assert opt.modulator.padding == 2 and opt.modulator.width == 8
+    assert "padding 2" in repr(opt)
+    opt = MetaAdamW(model.named_parameters(), modulator_heads=4, modulator_width=16, **small_kwargs())
+    assert opt.modulator.padding == 0 and opt.modulator.width == 16
+
+
+@pytest.mark.parametrize("features, second_moment, time_step, width", [
+    ("basic", True, True, 6), ("basic", False, False, 4), ("basic_plus", True, True, 11),
+    ("basic_plus", False, True, 9), ("enhanced", True, True, 15), ("norm_basic", True, True, 6),
+])
+def test_input_width_follows_from_the_extractor(features, second_moment, time_step, width):
+    model = mlp(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MetaAdamW(model.named_parameters(), features=features, second_moment=second_moment,
+                        time_step=time_step, modulator_heads=1, **small_kwargs())
+    assert opt.modulator.in_width == width == len(opt.modulator.extractor.feature_names)
+
+
+def test_add_param_group_after_construction_is_refused():
+    model = mlp(0)
+    opt = MetaAdamW(list(model.named_parameters())[:2], **small_kwargs())
+    with pytest.raises(RuntimeError, match="modulator's tokens"):
+        opt.add_param_group({"params": list(model.parameters())[2:]})
+
+
+def test_works_as_drop_in_with_closure_and_lr_scheduler():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), lr=0.05, **small_kwargs())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    batch = regression_batches(1)[0]
+    losses = []
+    for _ in range(5):
+        def closure():
+            opt.zero_grad()
+            loss = mse(model, batch)
+            loss.backward()
+            return loss
+        losses.append(float(opt.step(closure).detach()))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 32)
+    assert losses[-1] < losses[0]
+
+
+def test_deepcopy_and_repr():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    assert "groups=6" in repr(opt) and "features=basic (6 wide" in repr(opt)
+    copy.deepcopy(opt.state_dict())
+
+
+def test_step_on_a_model_with_mixed_dtypes_of_gradients():
+    model = nn.Linear(4, 2).double()
+    opt = MetaAdamW(model.named_parameters(), grouping="original", **small_kwargs())
+    model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert opt.multipliers.alpha.dtype == torch.float32 and model.weight.dtype == torch.float64
