@@ -1,0 +1,120 @@
+"""state_dict / load_state_dict: round trip, no aliasing, bit-identical resume."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import torch
+
+from metaadamw import MetaAdamW
+from tests.metaadamw.helpers import TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches, small_kwargs
+
+KW = small_kwargs(weighting="huw_priority", priorities=[2, 5, 1], gating=True, features="basic",
+                  meta_optimizer="adam")
+
+
+def _train(model, opt, batches, steps, start=0, meta_every=3, loss_fn=lm_loss):
+    for t in range(start, start + steps):
+        opt.zero_grad()
+        loss_fn(model, batches[t % len(batches)]).backward()
+        opt.step()
+        if (t + 1) % meta_every == 0:
+            opt.meta_step(model, loss_fn, batches[t % 3], batches[(t + 1) % 3], batches[(t + 2) % 3])
+
+
+def _save(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_resumed_training_is_bit_identical_to_uninterrupted_training():
+    batches = lm_batches()
+    torch.manual_seed(0)
+    model_a = TinyTransformer()
+    init = copy.deepcopy(model_a.state_dict())
+    opt_a = MetaAdamW(model_a.named_parameters(), **KW)
+    init_opt = copy.deepcopy(opt_a.state_dict())
+    _train(model_a, opt_a, batches, 7)
+    ckpt = _save({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+    _train(model_a, opt_a, batches, 8, start=7)
+
+    model_b = TinyTransformer()
+    model_b.load_state_dict(init)
+    opt_b = MetaAdamW(model_b.named_parameters(), **KW)
+    opt_b.load_state_dict(init_opt)
+    _train(model_b, opt_b, batches, 3)  # this optimizer has already stepped: loading replaces everything
+    model_b.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    _train(model_b, opt_b, batches, 8, start=7)
+
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt_a.meta_parameters(), opt_b.meta_parameters()):
+        assert torch.equal(a, b)
+    assert opt_a.global_step == opt_b.global_step == 15 and opt_a.meta_updates == opt_b.meta_updates
+
+
+def test_state_dict_round_trips_every_part():
+    batches = lm_batches()
+    model = TinyTransformer()
+    opt = MetaAdamW(model.named_parameters(), **KW)
+    _train(model, opt, batches, 6)
+    sd = opt.state_dict()
+    meta = sd["metaadamw"]
+    assert set(meta["weighting"]) == {"log_vars", "priorities"}
+    assert "gate.logits" in meta["modulator"] and meta["meta_optimizer"]["state"], "Adam moments of the modulator"
+    first = next(iter(sd["state"].values()))
+    assert first["step"] == 6 and {"exp_avg", "exp_avg_sq"} <= set(first)
+    other = MetaAdamW(TinyTransformer().named_parameters(), **KW)
+    other.load_state_dict(sd)
+    sd2 = other.state_dict()
+    for key in ("modulator", "weighting"):
+        for k, v in meta[key].items():
+            assert torch.equal(v, sd2["metaadamw"][key][k]), k
+    assert torch.equal(meta["carry"]["exp_avg_norm_sq"], sd2["metaadamw"]["carry"]["exp_avg_norm_sq"])
+
+
+def test_loading_never_mutates_or_aliases_the_callers_dict():
+    batches = regression_batches()
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **KW)
+    _train(model, opt, batches, 4, loss_fn=mse)
+    sd = opt.state_dict()
+    frozen = copy.deepcopy(sd)
+    model_t = mlp(1)
+    target = MetaAdamW(model_t.named_parameters(), **KW)
+    target.load_state_dict(sd)
+    _train(model_t, target, batches, 3, loss_fn=mse)  # steps update the loaded state in place
+    assert sd.keys() == frozen.keys() and "metaadamw" in sd
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    assert same(sd, frozen)
+
+
+def test_loading_a_checkpoint_of_another_layout_is_a_clear_error():
+    opt = MetaAdamW(mlp(0).named_parameters(), **KW)
+    other = MetaAdamW(TinyTransformer().named_parameters(), **KW)
+    try:
+        other.load_state_dict(opt.state_dict())
+    except ValueError as e:
+        assert "modulator groups" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+    plain = torch.optim.AdamW(mlp(0).parameters()).state_dict()
+    try:
+        opt.load_state_dict(plain)
+    except ValueError as e:
+        assert "not saved by MetaAdamW" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")

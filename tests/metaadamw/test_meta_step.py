@@ -1,0 +1,303 @@
+"""The meta-update: correctness properties the paper's public code gets wrong, each tested."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from metaadamw import OBJECTIVES, MetaAdamW
+from metaadamw.objectives import MetaObjective
+from metaadamw.weighting import LOG_VAR_BOUND, PriorityUncertainty
+from tests.metaadamw.helpers import (TinyConvNet, TinyTransformer, conv_batches, conv_loss, lm_batches, lm_loss, mlp,
+                                     mse, regression_batches, small_kwargs)
+
+
+def _step(model, opt, batch, loss_fn=mse):
+    opt.zero_grad()
+    loss_fn(model, batch).backward()
+    opt.step()
+
+
+def _snapshot(model):
+    return ([p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()])
+
+
+def _assert_same(model, snap):
+    params, buffers, grads = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p.detach(), q)
+    for b, c in zip(model.buffers(), buffers):
+        assert torch.equal(b, c)
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+
+
+def _meta_state(opt):
+    return [p.detach().clone() for p in opt.meta_parameters()]
+
+
+def _changed(before, opt):
+    return [not torch.equal(a, b.detach()) for a, b in zip(before, opt.meta_parameters())]
+
+
+def test_model_parameters_buffers_and_grads_are_exactly_as_before():
+    model = TinyConvNet().train()
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    batches = conv_batches()
+    _step(model, opt, batches[0], conv_loss)
+    conv_loss(model, batches[1]).backward()  # leave some .grad behind, as a user might
+    snap = _snapshot(model)
+    record = opt.meta_step(model, conv_loss, *batches)
+    _assert_same(model, snap)
+    assert not record.skipped and set(record.terms) == {"gradient", "loss_decrease", "gen_gap"}
+
+
+def test_meta_step_counts_forward_passes_and_uses_one_validation_batch():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    b1, b2, val = regression_batches(3)
+    seen = []
+
+    def counting_loss(m, batch):
+        seen.append(id(batch))
+        return mse(m, batch)
+
+    _step(model, opt, b1)
+    opt.meta_step(model, counting_loss, b1, b2, val)
+    assert len(seen) == 4, "batch1 at theta, batch2 at theta', val at theta' and at theta"
+    assert seen.count(id(val)) == 2 and seen.count(id(b1)) == 1 and seen.count(id(b2)) == 1
+
+
+def test_beta_receives_meta_gradient():
+    # the paper's code turns beta into a Python float: its head row would never move
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), weight_decay=0.5, objective="loss_decrease", weighting="sum",
+                    meta_lr=1.0, **small_kwargs())
+    _step(model, opt, regression_batches()[0])
+    w_before = opt.modulator.head.weight.detach().clone()
+    opt.meta_step(model, mse, *regression_batches(3))
+    moved = (opt.modulator.head.weight.detach() - w_before).abs().sum(1)
+    assert moved[0] > 0 and moved[1] > 0, f"alpha and beta rows must both move, moved {moved.tolist()}"
+
+
+def test_generalization_gap_trains_the_modulator_and_leaves_grad_alone():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), objective="gen_gap", weighting="sum", meta_lr=1.0, **small_kwargs())
+    _step(model, opt, regression_batches()[0])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = _meta_state(opt)
+    record = opt.meta_step(model, mse, *regression_batches(3))
+    assert record.terms["gen_gap"] > 0
+    assert any(_changed(before, opt)), "gen_gap must give the modulator a gradient"
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+
+
+def _recording_loss(store, marker):
+    def loss_fn(m, batch):
+        if batch is marker:
+            store.append([p.detach().clone() for p in m.parameters()])
+        return mse(m, batch)
+    return loss_fn
+
+
+@pytest.mark.parametrize("stepped", [False, True])
+def test_hypothetical_step_is_one_real_step_on_the_batch1_gradient(stepped):
+    # theta' must use the batch-1 gradient for the new moments (paper Algorithm 2), and must work
+    # before the first step() (empty state)
+    b0, b1, b2, val = regression_batches(4)
+    models = [mlp(0), mlp(0)]
+    opts = [MetaAdamW(m.named_parameters(), weight_decay=0.1, **small_kwargs()) for m in models]
+    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
+    with torch.no_grad():
+        for o in opts:
+            o.modulator.head.bias.copy_(torch.tensor([1.5, -2.0, 0.0, 0.0]))  # alpha, beta far from 1
+    if stepped:
+        for m, o in zip(models, opts):
+            _step(m, o, b0)
+    seen = []
+    opts[0].meta_step(models[0], _recording_loss(seen, b2), b1, b2, val)
+    _step(models[1], opts[1], b1)  # the real step the hypothetical one must equal
+    for hyp, real in zip(seen[0], models[1].parameters()):
+        torch.testing.assert_close(hyp, real.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_gates_are_trained():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), gating=True, gate_l1=0.1, meta_lr=0.5, **small_kwargs())
+    _step(model, opt, regression_batches()[0])
+    before = opt.modulator.gate.logits.detach().clone()
+    opt.meta_step(model, mse, *regression_batches(3))
+    assert not torch.equal(before, opt.modulator.gate.logits.detach())
+    assert opt.modulator.gate.logits in set(opt.meta_optimizer.param_groups[0]["params"])
+
+
+def test_enhanced_group_embeddings_are_trained():
+    model = mlp(0)
+    with pytest.warns(UserWarning):
+        opt = MetaAdamW(model.named_parameters(), features="enhanced", meta_lr=0.5, **small_kwargs())
+    _step(model, opt, regression_batches()[0])
+    before = opt.modulator.extractor.embedding.detach().clone()
+    opt.meta_step(model, mse, *regression_batches(3))
+    # the output head starts at zero (alpha = beta = 1), so the first update moves only the head
+    assert torch.equal(before, opt.modulator.extractor.embedding.detach())
+    opt.meta_step(model, mse, *regression_batches(3))
+    assert not torch.equal(before, opt.modulator.extractor.embedding.detach())
+
+
+def test_param_groups_out_of_model_order_and_before_first_step():
+    model = mlp(0)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n.endswith("bias")], "param_names": [n for n, _ in named if n.endswith("bias")],
+         "weight_decay": 0.0},
+        {"params": [p for n, p in named if n.endswith("weight")],
+         "param_names": [n for n, _ in named if n.endswith("weight")]},
+    ]
+    opt = MetaAdamW(groups, **small_kwargs())
+    record = opt.meta_step(model, mse, *regression_batches(3))  # before any step()
+    assert not record.skipped and len(record.alpha) == len(opt.group_names)
+    _step(model, opt, regression_batches()[0])
+    assert not opt.meta_step(model, mse, *regression_batches(3)).skipped
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_meta_step_through_nn_transformer_encoder_layers(mode):
+    # the fused CPU attention kernels cannot be double-differentiated; meta_step must still work
+    model = TinyTransformer(dropout=0.1)
+    getattr(model, mode)()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = lm_batches()
+    _step(model, opt, batches[0], lm_loss)
+    before = _meta_state(opt)
+    record = opt.meta_step(model, lm_loss, *batches)
+    assert not record.skipped and all(math.isfinite(v) for v in record.terms.values())
+    assert any(_changed(before, opt))
+    assert model.training == (mode == "train")
+
+
+def test_meta_step_on_an_lstm_uses_the_hypothetical_weights():
+    # nn.LSTM caches flat weights; the swapped-in theta' must really be used
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = MetaAdamW(model.named_parameters(), objective="loss_decrease", weighting="sum", meta_lr=1.0,
+                    **small_kwargs())
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(5, 6, 3, generator=g), torch.randn(5, 1, generator=g)) for _ in range(3)]
+    record = opt.meta_step(model, mse, *batches)
+    assert record.terms["loss_decrease"] != 0.0, "theta' must change the LSTM's output"
+
+
+@pytest.fixture
+def negative_objective():
+    @OBJECTIVES.register("test_always_negative")
+    class AlwaysNegative(MetaObjective):
+        terms = ("loss_decrease",)
+        signed_terms = frozenset({"loss_decrease"})
+        needs_val = True
+
+        def __call__(self, q):
+            return {"loss_decrease": q.loss_val_prime - q.loss_val - 1.0}
+
+    yield "test_always_negative"
+    OBJECTIVES.remove("test_always_negative")
+
+
+@pytest.mark.parametrize("form", ["regression", "classification"])
+def test_2000_meta_updates_with_a_persistently_negative_term_stay_finite_and_bounded(negative_objective, form):
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    opt = MetaAdamW(model.named_parameters(), grouping="original", objective=negative_objective,
+                    weighting="huw_priority", weighting_form=form, meta_lr=0.05, modulator_layers=1, modulator_ff=4,
+                    modulator_heads=1)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 2, generator=g), torch.randn(4, 1, generator=g)) for _ in range(3)]
+    for _ in range(2000):
+        record = opt.meta_step(model, mse, *batches)
+        assert record.terms["loss_decrease"] < 0
+    s = opt.weighting.log_vars.detach()
+    assert torch.isfinite(s).all() and s.abs().max() <= LOG_VAR_BOUND + 1.0
+    assert all(torch.isfinite(p).all() for p in opt.meta_parameters())
+    assert opt.meta_skipped == 0 and math.isfinite(record.meta_loss) and 0 < record.sigmas["loss_decrease"] < 1e3
+
+
+@pytest.mark.parametrize("form", ["regression", "classification"])
+def test_uncertainty_weighting_of_a_negative_term_has_a_finite_optimum(form):
+    w = PriorityUncertainty(("loss_decrease",), {"loss_decrease"}, priorities=[1, 2, 1], form=form)
+    sgd = torch.optim.SGD(w.parameters(), lr=0.5)
+    term = torch.tensor(-3.0)
+    for _ in range(2000):
+        sgd.zero_grad()
+        w({"loss_decrease": term})[0].backward()
+        sgd.step()
+    # optimum of exp(-s) softplus(L) + p s: s* = log(softplus(L) / p)
+    expected = math.log(math.log1p(math.exp(-3.0)) / 2.0)
+    assert w.log_vars.item() == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("form, scale", [("regression", 0.5), ("classification", 1.0)])
+def test_priority_weighting_formula(form, scale):
+    w = PriorityUncertainty(("gradient", "loss_decrease", "gen_gap"), (), priorities=[2, 5, 1], form=form)
+    with torch.no_grad():
+        w.log_vars.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    terms = {"gradient": torch.tensor(0.4), "loss_decrease": torch.tensor(0.7), "gen_gap": torch.tensor(0.2)}
+    loss, sigmas = w(terms)
+    s, p, L = [0.1, -0.2, 0.3], [2, 5, 1], [0.4, 0.7, 0.2]
+    expected = sum(scale * (math.exp(-si) * li + pi * si) for si, pi, li in zip(s, p, L))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert sigmas["gen_gap"].item() == pytest.approx(math.exp(0.15), rel=1e-6)
+
+
+def test_non_finite_meta_objective_is_skipped_and_counted():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), objective="loss_decrease", weighting="sum", **small_kwargs())
+    before = _meta_state(opt)
+    x, y = regression_batches(1)[0]
+    bad_val = (x, torch.full_like(y, float("nan")))
+    record = opt.meta_step(model, mse, (x, y), (x, y), bad_val)
+    assert record.skipped and opt.meta_skipped == 1 and opt.meta_updates == 1
+    assert not any(_changed(before, opt)) and all(torch.isfinite(p).all() for p in opt.meta_parameters())
+
+
+def test_missing_validation_batch_is_a_clear_error():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), objective="combined", **small_kwargs())
+    with pytest.raises(ValueError, match="needs a validation batch"):
+        opt.meta_step(model, mse, *regression_batches(2))
+    opt = MetaAdamW(model.named_parameters(), objective="gradient", **small_kwargs())
+    assert not opt.meta_step(model, mse, *regression_batches(2)).skipped
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_meta_optimizer_is_selectable(name):
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), meta_optimizer=name, **small_kwargs())
+    assert type(opt.meta_optimizer).__name__.lower() == name
+    opt.meta_step(model, mse, *regression_batches(3))
+
+
+def test_meta_training_lowers_the_meta_objective_on_a_fixed_problem():
+    # the modulator actually learns: on fixed batches the loss-decrease term falls over meta-updates
+    torch.manual_seed(0)
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, objective="loss_decrease", weighting="sum",
+                    meta_optimizer="adam", meta_lr=1e-2, **small_kwargs())
+    batches = regression_batches(3)
+    first = opt.meta_step(model, mse, *batches).terms["loss_decrease"]
+    for _ in range(60):
+        last = opt.meta_step(model, mse, *batches)
+    assert last.terms["loss_decrease"] < first - 1e-4
+    assert max(last.alpha) > 1.05, "a larger step helps on this problem, alpha should grow"

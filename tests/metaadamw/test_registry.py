@@ -1,0 +1,159 @@
+"""Registries, user extensions (decorator and entry points), and one smoke test per component."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import metaadamw
+from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS, MetaAdamW, Registry, UnknownComponentError
+from metaadamw.features import FeatureExtractor
+from tests.metaadamw.helpers import TinyConvNet, TinyTransformer, conv_batches, conv_loss, lm_batches, lm_loss, small_kwargs
+
+
+def test_registry_is_a_dict_behind_a_decorator():
+    reg = Registry("widget", export_name="WIDGETS")
+
+    @reg.register("a_one")
+    def a():
+        return 1
+
+    @reg.register
+    def b_two():
+        return 2
+
+    assert reg.list() == ["a_one", "b_two"] and reg.list("a_*") == ["a_one"]
+    assert reg.create("b_two") == 2 and "a_one" in reg and len(reg) == 2
+    with pytest.raises(ValueError, match="already registered"):
+        reg.add("a_one", lambda: 3)
+    reg.add("a_one", lambda: 3, override=True)
+    with pytest.raises(KeyError) as err:
+        reg.get("c_three")
+    assert isinstance(err.value, UnknownComponentError)
+    assert "unknown widget 'c_three'. Registered: a_one, b_two" in str(err.value)
+    assert "@WIDGETS.register(\"c_three\")" in str(err.value)
+
+
+def test_list_helpers_and_builtin_names():
+    assert metaadamw.list_features() == ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"]
+    assert metaadamw.list_features("norm_*") == ["norm_basic", "norm_basic_plus"]
+    assert metaadamw.list_groupings() == ["fine_grained", "original"]
+    assert metaadamw.list_objectives() == ["combined", "gen_gap", "gradient", "loss_decrease"]
+    assert metaadamw.list_weightings() == ["fixed", "huw", "huw_priority", "sum"]
+
+
+@pytest.fixture
+def custom_extractor():
+    @FEATURES.register("test_grad_only")
+    class GradOnly(FeatureExtractor):
+        stats = ("grad_norm", "cos")
+
+        def columns(self):
+            return ["grad_norm", "cos"]
+
+        def statistics(self, stats):
+            return self.group_mean(torch.stack([stats["grad_norm"], stats["cos"]], 1))
+
+    yield "test_grad_only"
+    FEATURES.remove("test_grad_only")
+
+
+def test_user_feature_extractor_end_to_end(custom_extractor):
+    model = TinyTransformer()
+    opt = MetaAdamW(model.named_parameters(), features=custom_extractor, second_moment=False, modulator_heads=3,
+                    **small_kwargs())
+    assert opt.modulator.extractor.feature_names == ["grad_norm", "cos", "time"] and opt.modulator.width == 3
+    batches = lm_batches()
+    lm_loss(model, batches[0]).backward()
+    opt.step()
+    assert not opt.meta_step(model, lm_loss, *batches).skipped
+
+
+def test_entry_points_contribute_components(tmp_path, monkeypatch):
+    pkg = tmp_path / "site"
+    (pkg / "my_plugin").mkdir(parents=True)
+    (pkg / "my_plugin" / "__init__.py").write_text(textwrap.dedent("""
+        import torch
+        from metaadamw.features import FeatureExtractor
+
+        class Constant(FeatureExtractor):
+            stats = ()
+            def columns(self):
+                return ["one"]
+            def statistics(self, stats):
+                return torch.ones(self.layout.num_groups, 1)
+    """))
+    dist = pkg / "my_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[metaadamw.features]\nconstant_feature = my_plugin:Constant\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    reg = Registry("feature extractor", "metaadamw.features")
+    assert "constant_feature" in reg.list()
+    monkeypatch.setattr(FEATURES, "_entry_points_loaded", False)
+    try:
+        assert "constant_feature" in FEATURES.list()
+    finally:
+        FEATURES.remove("constant_feature")
+        sys.modules.pop("my_plugin", None)
+
+
+def test_broken_entry_point_warns_and_hides_nothing(tmp_path, monkeypatch):
+    dist = tmp_path / "broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[metaadamw.groupings]\nbad = does_not_exist_mod:thing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("grouping strategy", "metaadamw.groupings")
+    reg.add("fine", object())
+    with pytest.warns(RuntimeWarning, match="could not load grouping strategy entry point 'bad'"):
+        assert reg.list() == ["fine"]
+
+
+# --- one shared smoke test for every registered component ------------------------------------
+
+def _smoke(model, loss_fn, batches, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MetaAdamW(model.named_parameters(), model=model, lr=1e-3, **small_kwargs(**kwargs))
+    before = [p.detach().clone() for p in model.parameters()]
+    for b in batches:
+        opt.zero_grad()
+        loss_fn(model, b).backward()
+        opt.step()
+    record = opt.meta_step(model, loss_fn, *batches[:3])
+    opt.meta_step(model, loss_fn, *batches[:3])
+    assert not record.skipped and math.isfinite(record.meta_loss)
+    assert all(0.5 <= a <= 1.5 for a in record.alpha + record.beta)
+    assert len(record.alpha) == len(opt.group_names) == opt.layout.num_groups
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in list(model.parameters()) + opt.meta_parameters())
+    return opt, record
+
+
+@pytest.mark.parametrize("features", FEATURES.list())
+@pytest.mark.parametrize("gating", [False, True])
+def test_every_feature_extractor(features, gating):
+    _smoke(TinyTransformer(), lm_loss, lm_batches(), features=features, gating=gating, modulator_heads=1)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS.list())
+def test_every_grouping(grouping):
+    opt, _ = _smoke(TinyConvNet(), conv_loss, conv_batches(), grouping=grouping)
+    assert len(set(opt.group_names)) == len(opt.group_names) >= 1
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES.list())
+@pytest.mark.parametrize("weighting", WEIGHTINGS.list())
+@pytest.mark.parametrize("form", ["regression", "classification"])
+def test_every_objective_and_weighting(objective, weighting, form):
+    opt, record = _smoke(TinyTransformer(), lm_loss, lm_batches(), objective=objective, weighting=weighting,
+                         weighting_form=form, fixed_weights=[0.5, 2.0, 1.0])
+    assert set(record.terms) == set(opt.objective.terms)
+    if weighting.startswith("huw"):
+        assert set(record.sigmas) == set(record.terms)
