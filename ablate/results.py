@@ -1,0 +1,167 @@
+"""Result storage: tidy Parquet tables under a study's output directory.
+
+Every finished trial writes its own three Parquet *parts*, atomically (write to a temporary
+file, then rename), the moment it finishes, so a crash never loses a finished trial and never
+leaves a truncated file::
+
+    OUT/parts/<trial_id>.trials.parquet      one row: the trial
+    OUT/parts/<trial_id>.history.parquet     one row per epoch
+    OUT/parts/<trial_id>.telemetry.parquet   one row per meta-update per modulator group
+
+:func:`load_results` concatenates the parts (a later part for the same trial id replaces an
+earlier one, so a retried trial appears exactly once) and :func:`consolidate` also writes the
+combined ``OUT/trials.parquet``, ``OUT/history.parquet`` and ``OUT/telemetry.parquet``.
+
+Columns
+-------
+trials (one row per trial):
+    trial_id, study, arm, axis, status ("ok" | "failed" | "diverged"), error (traceback or ""),
+    task, data, data_source, optimizer, seed, every other key of the resolved trial config (list
+    values stored as JSON strings, e.g. priorities "[1.0, 1.0, 1.0]"), metric (primary metric
+    name), mode ("min" | "max"), best_metric, best_epoch, epochs_run, steps, stop_reason
+    ("early_stopping" | "max_epochs" | "max_steps" | "diverged" | "failed"), time_total_s,
+    time_train_s, time_meta_s, time_eval_s, meta_updates, meta_skipped, best_<metric> for every
+    task metric, ref_<name> for every trivial reference (e.g. ref_persistence_mse),
+    test_<metric> where a test split was evaluated, finished_at (ISO time).
+history (one row per trial-epoch):
+    trial_id, epoch (1-based), step (optimizer steps so far), train_loss, val_<metric> for every
+    task metric, time_train_s, time_meta_s, time_eval_s (this epoch), wall_s (cumulative
+    train + meta + eval seconds at the end of the epoch), meta_updates (so far).
+telemetry (one row per meta-update per group):
+    trial_id, meta_update (0-based index within the trial), step, epoch, group (name),
+    group_index, alpha, beta, lambda1, lambda2, meta_loss, skipped (bool), and for each objective
+    term T: term_T (value) and sigma_T (the weighting's sigma, NaN when it has none), e.g.
+    term_gradient, term_loss_decrease, term_gen_gap, sigma_gradient, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+TABLES = ("trials", "history", "telemetry")
+PARTS_DIR = "parts"
+
+
+@dataclasses.dataclass
+class Results:
+    """The three tables of a study as pandas DataFrames."""
+
+    trials: pd.DataFrame
+    history: pd.DataFrame
+    telemetry: pd.DataFrame
+
+    def ok(self) -> "Results":
+        """Only the trials that finished with status 'ok' (and their history and telemetry)."""
+        ids = set(self.trials.loc[self.trials["status"] == "ok", "trial_id"]) if len(self.trials) else set()
+        return Results(
+            self.trials[self.trials["trial_id"].isin(ids)] if len(self.trials) else self.trials,
+            self.history[self.history["trial_id"].isin(ids)] if len(self.history) else self.history,
+            self.telemetry[self.telemetry["trial_id"].isin(ids)] if len(self.telemetry) else self.telemetry,
+        )
+
+
+def flatten_value(value: Any) -> Any:
+    """Store list/tuple/dict config values as JSON strings so every column has a scalar type."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return value
+
+
+def atomic_write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write ``df`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_trial(
+    out_dir: str | os.PathLike,
+    trial_row: Mapping[str, Any],
+    history_rows: Iterable[Mapping[str, Any]] = (),
+    telemetry_rows: Iterable[Mapping[str, Any]] = (),
+) -> None:
+    """Write one finished trial's three parts (telemetry and history first, the trial row last,
+    so a trial row on disk always has its history and telemetry beside it)."""
+    trial_id = trial_row["trial_id"]
+    parts = Path(out_dir) / PARTS_DIR
+    row = {k: flatten_value(v) for k, v in trial_row.items()}
+    for name, rows in (("telemetry", telemetry_rows), ("history", history_rows)):
+        df = pd.DataFrame([{**r, "trial_id": trial_id} for r in rows])
+        if df.empty:
+            df = pd.DataFrame({"trial_id": pd.Series([], dtype="string")})
+        atomic_write_parquet(df, parts / f"{trial_id}.{name}.parquet")
+    atomic_write_parquet(pd.DataFrame([row]), parts / f"{trial_id}.trials.parquet")
+
+
+def finished_trial_ids(out_dir: str | os.PathLike, statuses: tuple[str, ...] = ("ok", "diverged")) -> set[str]:
+    """Ids of the trials whose results are on disk with one of ``statuses``."""
+    trials = _read_parts(Path(out_dir), "trials")
+    if trials.empty:
+        return set()
+    return set(trials.loc[trials["status"].isin(statuses), "trial_id"])
+
+
+def _read_parts(out_dir: Path, table: str) -> pd.DataFrame:
+    files = sorted((out_dir / PARTS_DIR).glob(f"*.{table}.parquet"))
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except Exception as exc:  # never let one unreadable file hide every other result
+            raise RuntimeError(
+                f"could not read result part {f}: {type(exc).__name__}: {exc}. Parts are written "
+                f"atomically, so this file was damaged after it was written; delete it and rerun "
+                f"the study with --resume to recompute that trial"
+            ) from exc
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    if table == "trials":
+        if "finished_at" in df:
+            df = df.sort_values("finished_at", kind="stable")
+        df = df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+    return df
+
+
+def load_results(out_dir: str | os.PathLike) -> Results:
+    """Load a study's tables (from its parts, falling back to the consolidated files)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        raise FileNotFoundError(f"no results directory at {out_dir}; run `ablate run SPEC` first")
+    tables = {}
+    for name in TABLES:
+        df = _read_parts(out_dir, name)
+        if df.empty and (out_dir / f"{name}.parquet").exists():
+            df = pd.read_parquet(out_dir / f"{name}.parquet")
+        tables[name] = df
+    if tables["trials"].empty and not (out_dir / PARTS_DIR).exists():
+        raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet)")
+    ids = set(tables["trials"]["trial_id"]) if len(tables["trials"]) else set()
+    for name in ("history", "telemetry"):
+        df = tables[name]
+        if len(df) and "trial_id" in df:
+            tables[name] = df[df["trial_id"].isin(ids)].reset_index(drop=True)
+    return Results(**tables)
+
+
+def consolidate(out_dir: str | os.PathLike) -> Results:
+    """Write the combined tables next to the parts and return them."""
+    results = load_results(out_dir)
+    for name in TABLES:
+        atomic_write_parquet(getattr(results, name), Path(out_dir) / f"{name}.parquet")
+    return results
