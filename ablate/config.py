@@ -71,12 +71,13 @@ _pos = (lambda v: v > 0, "> 0")
 _nonneg = (lambda v: v >= 0, ">= 0")
 _unit = (lambda v: 0 <= v < 1, "in [0, 1)")
 _three = (
-    lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_number(x) and x >= 0 for x in v),
+    lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(is_number(x) and x >= 0 for x in v),
     "a list of three non-negative numbers [gradient alignment, loss decrease, generalization gap]",
 )
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -136,6 +137,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("modulator_heads", int, 6, "attention heads of the modulator", check=_pos),
         _f("modulator_ff", int, 16, "feed-forward width of the modulator", check=_pos),
         _f("modulator_width", int, None, "model width (None: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
+        _f("modulator_init", str, "zero", "modulator output head init: 'zero' (starts as exact AdamW) or 'default' (PyTorch's, as the paper's code)", ("zero", "default")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
     ]
 }
@@ -144,8 +146,12 @@ COMMON_FIELDS: dict[str, Field] = {
 METAADAMW_KEYS = (
     "alpha_range beta_range meta_every meta_per_epoch meta_lr meta_weight_decay meta_optimizer grouping "
     "features time_step second_moment gating gate_l1 objective weighting weighting_form priorities "
-    "fixed_weights modulator_layers modulator_heads modulator_ff modulator_width refresh_every warmup_epochs"
+    "fixed_weights modulator_layers modulator_heads modulator_ff modulator_width modulator_init refresh_every "
+    "warmup_epochs"
 ).split()
+
+#: Keys that set the same thing in two ways: giving one drops the other's default.
+ALTERNATIVE_KEYS = {"meta_every": "meta_per_epoch", "meta_per_epoch": "meta_every"}
 
 #: Keys that do not change what a trial computes (left out of its identity).
 NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device")
@@ -153,7 +159,7 @@ NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device")
 
 def _type_ok(field_type, value) -> bool:
     if field_type is float:
-        return _is_number(value)
+        return is_number(value)
     if field_type is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if field_type is bool:
@@ -223,6 +229,9 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config") -> di
                 raise ConfigError(f"{where}: {key} must be like {default!r} (task {spec.name}), got {value!r}")
     for key in ("priorities", "fixed_weights"):
         resolved[key] = [float(x) for x in resolved[key]]
+    for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial
+        if field.type is float and resolved[key] is not None:
+            resolved[key] = float(resolved[key])
     _check_contradictions(resolved, config, where)
     return resolved
 
@@ -231,14 +240,14 @@ def _same_kind(default: Any, value: Any) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, (int, float)):
-        return _is_number(value) and (isinstance(default, float) or isinstance(value, int))
+        return is_number(value) and (isinstance(default, float) or isinstance(value, int))
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
 
 
 def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) -> None:
-    if "meta_every" in given and given.get("meta_per_epoch") is not None:
+    if "meta_every" in given and given.get("meta_per_epoch") is not None:  # see ALTERNATIVE_KEYS
         raise ConfigError(
             f"{where}: meta_every={given['meta_every']} and meta_per_epoch={given['meta_per_epoch']} both set "
             f"the meta-update frequency; give only one"

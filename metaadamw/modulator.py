@@ -11,8 +11,11 @@ it is not zero); ``width=`` projects the features to a wider model first.
 
 Output head: ``[alpha_raw, beta_raw, lambda1_raw, lambda2_raw]`` per group, mapped to
 ``alpha = 1 + alpha_range * (sigmoid(alpha_raw) - 0.5)`` (likewise beta) and
-``lambda = sigmoid(lambda_raw)``. The head starts at zero, so a fresh modulator gives
-alpha = beta = 1 exactly: MetaAdamW starts as AdamW.
+``lambda = sigmoid(lambda_raw)``. By default the head starts at zero (``head_init="zero"``), so a
+fresh modulator gives alpha = beta = 1 exactly and MetaAdamW starts as AdamW; the first
+meta-update then trains the head alone (the layers below get gradient once the head is non-zero).
+``head_init="default"`` keeps PyTorch's default ``nn.Linear`` initialisation, as the paper's code
+does: every group then starts with a random multiplier of roughly 1 +- 0.2.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaadamw.features import FeatureExtractor, FeatureGate
+
+
+HEAD_INITS = ("zero", "default")
 
 
 class EncoderLayer(nn.Module):
@@ -85,8 +91,11 @@ class Modulator(nn.Module):
         gate_l1: float = 1e-3,
         alpha_range: float = 1.0,
         beta_range: float = 1.0,
+        head_init: str = "zero",
     ):
         super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"modulator head_init must be one of {HEAD_INITS}, got {head_init!r}")
         self.extractor = extractor
         self.in_width = extractor.width
         self.alpha_range = float(alpha_range)
@@ -110,8 +119,9 @@ class Modulator(nn.Module):
             self.input_proj = nn.Linear(self.in_width, width)
         self.layers = nn.ModuleList(EncoderLayer(self.width, heads, ff, dropout) for _ in range(layers))
         self.head = nn.Linear(self.width, 4)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if head_init == "zero":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def encode(self, features: Tensor) -> Tensor:
         """(groups, in_width) features -> (groups, 4) raw outputs."""

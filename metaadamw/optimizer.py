@@ -15,7 +15,7 @@ from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias
 from metaadamw.meta import MetaRecord, meta_update
-from metaadamw.modulator import Modulator, Multipliers
+from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.weighting import FORMS
 
 META_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -58,6 +58,9 @@ class MetaAdamW(torch.optim.Optimizer):
         modulator_layers, modulator_heads, modulator_ff: encoder depth, heads, feed-forward width.
         modulator_width: model width; None = feature width zero-padded to a multiple of the heads.
         modulator_dropout: dropout inside the encoder during meta-updates.
+        modulator_init: 'zero' (output head at zero: alpha = beta = 1 until the first meta-update,
+            i.e. exactly AdamW) or 'default' (PyTorch's init, as the paper's code: random
+            multipliers of about 1 +- 0.2 from the start).
         objective: registered meta objective (``metaadamw.OBJECTIVES``).
         weighting, weighting_form: registered loss weighting and its HUW form
             ('regression' or 'classification').
@@ -96,6 +99,7 @@ class MetaAdamW(torch.optim.Optimizer):
         modulator_ff: int = 16,
         modulator_width: int | None = None,
         modulator_dropout: float = 0.0,
+        modulator_init: str = "zero",
         objective: str = "combined",
         weighting: str = "huw_priority",
         weighting_form: str = "regression",
@@ -120,6 +124,7 @@ class MetaAdamW(torch.optim.Optimizer):
                f"total_steps must be None or an integer >= 1, got {total_steps!r}")
         _check(0.0 <= modulator_dropout < 1.0, f"modulator_dropout must be in [0, 1), got {modulator_dropout}")
         _check(meta_lr > 0, f"meta_lr must be > 0, got {meta_lr}")
+        _check(modulator_init in HEAD_INITS, f"modulator_init must be one of {HEAD_INITS}, got {modulator_init!r}")
         _check(meta_weight_decay >= 0, f"meta_weight_decay must be >= 0, got {meta_weight_decay}")
         _check(gate_l1 >= 0, f"gate_l1 must be >= 0, got {gate_l1}")
         _check(weighting_form in FORMS, f"weighting_form must be one of {FORMS}, got {weighting_form!r}")
@@ -142,7 +147,8 @@ class MetaAdamW(torch.optim.Optimizer):
             alpha_range=alpha_range, beta_range=beta_range, features=features, time_step=time_step,
             second_moment=second_moment, gating=gating, gate_l1=gate_l1, grouping=grouping,
             modulator_layers=modulator_layers, modulator_heads=modulator_heads, modulator_ff=modulator_ff,
-            modulator_width=modulator_width, modulator_dropout=modulator_dropout, objective=objective,
+            modulator_width=modulator_width, modulator_dropout=modulator_dropout, modulator_init=modulator_init,
+            objective=objective,
             weighting=weighting, weighting_form=weighting_form, priorities=list(priorities),
             fixed_weights=None if fixed_weights is None else list(fixed_weights), meta_lr=meta_lr,
             meta_weight_decay=meta_weight_decay, refresh_every=refresh_every, total_steps=total_steps,
@@ -169,7 +175,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.modulator = Modulator(
             extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
             dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,
-            beta_range=beta_range,
+            beta_range=beta_range, head_init=modulator_init,
         ).to(self.device)
         self.objective = objective_obj
         self.weighting = weighting_cls(

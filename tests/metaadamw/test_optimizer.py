@@ -340,3 +340,14 @@ def test_step_on_a_model_with_mixed_dtypes_of_gradients():
     model(torch.randn(3, 4, dtype=torch.float64)).sum().backward()
     opt.step()
     assert opt.multipliers.alpha.dtype == torch.float32 and model.weight.dtype == torch.float64
+
+
+def test_default_head_init_starts_with_random_multipliers_like_the_paper():
+    model = mlp(0)
+    torch.manual_seed(0)
+    opt = MetaAdamW(model.named_parameters(), modulator_init="default", **small_kwargs())
+    _train(model, opt, regression_batches(), 1)
+    alpha = opt.multipliers.alpha
+    assert (alpha - 1).abs().max() > 1e-3 and ((alpha > 0.5) & (alpha < 1.5)).all()
+    with pytest.raises(ValueError, match="modulator_init must be one of"):
+        MetaAdamW(model.named_parameters(), modulator_init="xavier")

@@ -1,0 +1,210 @@
+"""The ``ablate`` command line.
+
+    ablate list [--keys]                       registered tasks and components (and config keys)
+    ablate train --task etth1 --optimizer metaadamw --set key=value ...   one trial
+    ablate run SPEC [--dry-run] [--resume] [--address ADDR] [--storage PATH]   a study on Ray Tune
+    ablate tune SPEC [--trials N]              Optuna search of the HUW priorities
+    ablate report RESULTS_DIR [--out DIR]      Markdown/HTML report with figures
+    ablate data download TASK [--data-dir DIR] fetch a real dataset (needs the network)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: YAML scalars and lists (1e-3, true, [1, 2, 5], null), else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"ablate: --set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import metaadamw
+    from ablate.config import describe_fields
+    from ablate.tasks import TASKS
+
+    print("tasks:")
+    for name, spec in TASKS.items():
+        metrics = ", ".join(f"{m.name} ({m.mode})" for m in spec.metrics)
+        print(f"  {name:<10} {metrics:<32} {spec.description}")
+    for title, reg in (("feature extractors", metaadamw.FEATURES), ("groupings", metaadamw.GROUPINGS),
+                       ("meta objectives", metaadamw.OBJECTIVES), ("loss weightings", metaadamw.WEIGHTINGS)):
+        print(f"{title}: {', '.join(reg.list())}")
+    if args.keys:
+        print("\ntrial-config keys (ablate train --set KEY=VALUE, or in study files):")
+        print(describe_fields())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ablate.trial import Trial
+
+    config: dict[str, Any] = {"task": args.task, "optimizer": args.optimizer, "seed": args.seed}
+    if args.data:
+        config["data"] = args.data
+    if args.data_dir:
+        config["data_dir"] = args.data_dir
+    config.update(_parse_sets(args.set or []))
+    trial = Trial(config)
+    cfg = trial.config
+    print(f"trial {trial.trial_id}: task={cfg['task']} data={trial.task.data_source} optimizer={cfg['optimizer']} "
+          f"seed={cfg['seed']} epochs<={cfg['epochs']} steps/epoch={trial.steps_per_epoch}"
+          + (f" meta-update every {trial.meta_every} steps after {cfg['warmup_epochs']} warm-up epoch(s)"
+             if trial.is_meta else ""))
+    if trial.is_meta:
+        print(f"  {trial.optimizer!r}")
+    metric = trial.metric.name
+
+    def show(row: dict, _trial) -> None:
+        vals = " ".join(f"{k[4:]}={v:.6g}" for k, v in row.items() if k.startswith("val_"))
+        print(f"epoch {row['epoch']:>3}  step {row['step']:>6}  train_loss={row['train_loss']:.6g}  {vals}  "
+              f"({row['time_train_s']:.1f}s train, {row['time_meta_s']:.1f}s meta, {row['time_eval_s']:.1f}s eval)",
+              flush=True)
+        if args.checkpoint:
+            _trial.save(args.checkpoint)
+
+    if args.resume:
+        trial.load(args.resume)
+    result = trial.run(callback=show, progress=not args.no_progress)
+    row = result.row
+    print(f"\nstatus: {row['status']} ({row['stop_reason']})  best {metric}: {row['best_metric']:.6g} at epoch "
+          f"{row['best_epoch']}  epochs: {row['epochs_run']}  steps: {row['steps']}  total time: "
+          f"{row['time_total_s']:.1f}s (meta-updates {row['time_meta_s']:.1f}s, {row['meta_updates']} of them)")
+    refs = {k: v for k, v in row.items() if k.startswith("ref_")}
+    if refs:
+        print("trivial reference: " + ", ".join(f"{k[4:]}={v:.6g}" for k, v in refs.items()))
+    tests = {k: v for k, v in row.items() if k.startswith("test_")}
+    if tests:
+        print("test split (best weights): " + ", ".join(f"{k[5:]}={v:.6g}" for k, v in tests.items()))
+    if args.json:
+        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))}, default=str))
+    return 0 if row["status"] == "ok" else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from ablate.data import download
+
+    for path in download(args.task, args.data_dir):
+        print(f"ready: {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ablate.sweep import run_command
+
+    return run_command(args)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ablate.tune import tune_command
+
+    return tune_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ablate.report import report_command
+
+    path = report_command(args.results_dir, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ablate", description="MetaAdamW ablation studies on Ray Tune.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="registered tasks and components")
+    s.add_argument("--keys", action="store_true", help="also list every trial-config key")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("train", help="run one trial and print its metrics")
+    s.add_argument("--task", required=True)
+    s.add_argument("--optimizer", default="metaadamw", choices=["adamw", "metaadamw"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", choices=["embedded", "real"], help="embedded (default) or real")
+    s.add_argument("--data-dir", help="directory of the real dataset (else $ABLATE_DATA_DIR)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any trial-config key (repeatable)")
+    s.add_argument("--checkpoint", help="save a checkpoint to this file after every epoch")
+    s.add_argument("--resume", help="resume from a checkpoint file")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the result row as JSON at the end")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("run", help="run a study file on Ray Tune")
+    s.add_argument("spec")
+    s.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    s.add_argument("--out", default="results", help="parent directory of the study's results (default: results)")
+    s.add_argument("--address", help="join a running Ray cluster (e.g. 127.0.0.1:6379 or auto)")
+    s.add_argument("--storage", help="Ray Tune storage path or URI shared by every node")
+    s.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    s.add_argument("--extra-seeds", type=int, help="add N more seeds to the study")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities")
+    s.add_argument("spec")
+    s.add_argument("--trials", type=int, help="suggestions to evaluate (adds to a stored study)")
+    s.add_argument("--out", default="results", help="parent directory of the results (default: results)")
+    s.add_argument("--address", help="join a running Ray cluster")
+    s.add_argument("--storage", help="Ray Tune storage path or URI")
+    s.add_argument("--study-storage", help="Optuna storage: a journal file path or a database URL")
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("report", help="Markdown/HTML report with figures from stored results")
+    s.add_argument("results_dir")
+    s.add_argument("--out", help="output directory (default: RESULTS_DIR/report)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("data", help="datasets")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("download", help="download and verify a task's real dataset (needs the network)")
+    d.add_argument("task")
+    d.add_argument("--data-dir", help="where to put it (default: $ABLATE_DATA_DIR or ./data)")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors: one clear line, no traceback
+        from ablate.config import ConfigError
+        from ablate.tasks import DatasetNotFoundError
+        from metaadamw import UnknownComponentError
+
+        if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError)):
+            print(f"ablate: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

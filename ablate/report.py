@@ -1,0 +1,645 @@
+"""The study report: tables and figures from a results directory, as Markdown and HTML.
+
+:func:`write_report` loads a study's tables (:func:`ablate.results.load_results`), computes the
+statistics of :mod:`ablate.stats`, draws PNG figures into ``<out>/figures/`` and writes
+``report.md`` and a self-contained ``report.html`` (figures embedded) from one list of content
+blocks, so both say the same thing. Every ``plot_*`` function returns the path of the PNG it
+wrote, or None when the results hold nothing to draw.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ablate import stats  # noqa: E402
+from ablate.results import Results, load_results  # noqa: E402
+
+FORMATS = ("md", "html")
+FIGURES_DIR = "figures"
+TUNE_DIR = "tune"
+MISSING = "n/a"
+
+
+# -- content blocks -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Block:
+    """One piece of report content. ``kind`` is "heading" (text, level), "text", "warning",
+    "table" (a DataFrame of display strings) or "figure" (path, text = caption)."""
+
+    kind: str
+    text: str = ""
+    level: int = 2
+    table: pd.DataFrame | None = None
+    path: Path | None = None
+
+
+def _heading(text: str, level: int = 2) -> Block:
+    return Block("heading", text, level)
+
+
+def _text(text: str) -> Block:
+    return Block("text", text)
+
+
+def _table(df: pd.DataFrame) -> Block:
+    return Block("table", table=df)
+
+
+def _figure(path: Path | None, caption: str) -> list[Block]:
+    return [Block("figure", caption, path=path)] if path is not None else []
+
+
+# -- number formatting --------------------------------------------------------------------------
+def fmt_num(x: object, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits; NaN/None as "n/a"."""
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return MISSING
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{float(x):.{digits}g}"
+
+
+def fmt_pct(x: object) -> str:
+    """A fraction as a signed percentage (0.0426 -> "+4.26%")."""
+    if x is None or not np.isfinite(float(x)):
+        return MISSING
+    return f"{100 * float(x):+.2f}%"
+
+
+def fmt_ci(mean: float, lo: float, hi: float, pct: bool = False) -> str:
+    """``mean [lo, hi]``; just the mean when the interval is NaN (one seed)."""
+    f = fmt_pct if pct else fmt_num
+    if lo is None or np.isnan(lo):
+        return f(mean)
+    return f"{f(mean)} [{f(lo)}, {f(hi)}]"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value with three significant digits."""
+    return MISSING if p is None or np.isnan(p) else f"{p:.3g}"
+
+
+# -- display tables -----------------------------------------------------------------------------
+def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 as display strings: AdamW and MetaAdamW mean [95% CI], relative improvement
+    [95% CI], time change, p-values, pairs, significance and the trivial references."""
+    rows = []
+    for _, r in t2.iterrows():
+        row = {
+            "task": r["task"],
+            "metric": f"{r['metric']} ({r['mode']})",
+            "AdamW": fmt_ci(r["adamw_mean"], r["adamw_lo"], r["adamw_hi"]),
+            "MetaAdamW": fmt_ci(r["meta_mean"], r["meta_lo"], r["meta_hi"]),
+            "rel. improvement": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
+            "time change": fmt_pct(r["time_change"]),
+            "p (t)": fmt_p(r["p_t"]),
+            "p (sign-flip)": fmt_p(r["p_signflip"]),
+            "seeds (better)": f"{r['n_pairs']} ({r['n_better']})",
+            "not ok (AdamW/Meta)": f"{r['adamw_n_not_ok']}/{r['meta_n_not_ok']}",
+            "sig.": "*" if r["significant"] else "",
+        }
+        row.update({c: fmt_num(r[c]) for c in t2.columns if c.startswith("ref_")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
+    """Table 3 as display strings: each arm against the baseline, asterisk where significant."""
+    return pd.DataFrame([
+        {
+            "task": r["task"],
+            "axis": r["axis"],
+            "arm": r["arm"] + (" *" if r["significant"] else ""),
+            "arm mean": fmt_ci(r["arm_mean"], r["arm_lo"], r["arm_hi"]),
+            "baseline mean": fmt_num(r["baseline_mean"]),
+            "rel. change vs baseline": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
+            "p (t)": fmt_p(r["p_t"]),
+            "p (sign-flip)": fmt_p(r["p_signflip"]),
+            "seeds (better)": f"{r['n_pairs']} ({r['n_better']})",
+            "not ok": str(r["n_not_ok"]),
+        }
+        for _, r in t3.iterrows()
+    ])
+
+
+def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
+    """Factorial effects as display strings (estimates in % of the task mean, positive = better)."""
+    return pd.DataFrame([
+        {
+            "kind": r["kind"],
+            "term": r["term"],
+            "level": r["level"] + (" *" if r["significant"] else ""),
+            "effect [95% CI]": fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True),
+            "p": fmt_p(r["p_value"]),
+        }
+        for _, r in effects.iterrows()
+    ])
+
+
+def time_to_target_display(ttt: pd.DataFrame) -> pd.DataFrame:
+    """Time-to-target rows as display strings."""
+    return pd.DataFrame([
+        {
+            "task": r["task"],
+            "seed": str(r["seed"]),
+            "target (AdamW best)": fmt_num(r["target"]),
+            "MetaAdamW reaches it at": (
+                f"epoch {fmt_num(r['epoch'])}, step {fmt_num(r['step'], 8)}, {fmt_num(r['wall_s'])} s"
+                if r["reached"] else r["note"]
+            ),
+            "AdamW best at": (
+                f"epoch {fmt_num(r['ref_epoch'])}, step {fmt_num(r['ref_step'], 8)}, {fmt_num(r['ref_wall_s'])} s"
+                if np.isfinite(r["ref_wall_s"]) else MISSING
+            ),
+            "wall-time ratio": fmt_num(r["wall_ratio"], 3),
+        }
+        for _, r in ttt.iterrows()
+    ])
+
+
+def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
+    """Epochs, early stopping, total time and meta-update share per task and arm."""
+    return pd.DataFrame([
+        {
+            "task": r["task"],
+            "arm": r["arm"],
+            "ok / not ok": f"{r['n_ok']} / {r['n_not_ok']}",
+            "epochs run": fmt_ci(r["epochs_mean"], r["epochs_lo"], r["epochs_hi"]),
+            "stopped early": fmt_pct(r["early_stopped"]).lstrip("+"),
+            "total time (s)": fmt_num(r["time_total_mean_s"]),
+            "meta-update share": fmt_pct(r["meta_share"]).lstrip("+"),
+        }
+        for _, r in cost.iterrows()
+    ])
+
+
+def seeds_display(seeds: pd.DataFrame) -> pd.DataFrame:
+    """Task x arm grid of ok seeds ("n_ok" or "n_ok (+k not ok)")."""
+    if seeds.empty:
+        return seeds
+    cell = seeds["n_ok"].astype(str) + np.where(seeds["n_not_ok"] > 0, " (+" + seeds["n_not_ok"].astype(str) + " not ok)", "")
+    grid = seeds.assign(cell=cell).pivot(index="arm", columns="task", values="cell").fillna("0")
+    return grid.reset_index()
+
+
+# -- figures ------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", str(text)).strip("_") or "x"
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _arm_trials(results: Results, task: str, arm: str) -> pd.DataFrame:
+    arms = stats.explode_arms(results.ok().trials)
+    if arms.empty:
+        return arms
+    return arms[(arms["task"] == task) & (arms["arm"] == arm)]
+
+
+def plot_validation_curves(
+    results: Results, task: str, out_dir: Path, arms: Sequence[str] = (stats.ADAMW, stats.BASELINE)
+) -> Path | None:
+    """Validation primary metric vs epoch for one task: per arm the mean over ok seeds with a
+    min-max band (the paper's Figures 1-5). Seeds that stopped early leave the mean at later
+    epochs to the seeds still running."""
+    if results.history.empty:
+        return None
+    metric, mode = stats.task_metric(results.trials, task)
+    col = f"val_{metric}"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for arm in arms:
+        ids = _arm_trials(results, task, arm)["trial_id"]
+        h = results.history[results.history["trial_id"].isin(ids)]
+        if h.empty or col not in h:
+            continue
+        g = h.groupby("epoch")[col].agg(["mean", "min", "max"])
+        ax.plot(g.index, g["mean"], marker="o", label=f"{arm} (n={len(ids)})")
+        ax.fill_between(g.index, g["min"], g["max"], alpha=0.2)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="epoch", ylabel=f"validation {metric} ({mode} is better)", title=f"{task}: validation {metric}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    return _save(fig, out_dir / f"curves_{_slug(task)}.png")
+
+
+def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path) -> Path | None:
+    """Relative change vs baseline (%) of every non-factorial ablation arm of one task, with 95%
+    CI error bars; significant arms are marked with an asterisk."""
+    if t3.empty:
+        return None
+    rows = t3[(t3["task"] == task) & (t3["axis"] != "factorial")]
+    if rows.empty:
+        return None
+    mean = 100 * rows["rel_mean"].to_numpy(dtype=float)
+    err = 100 * np.abs(np.vstack([rows["rel_mean"] - rows["rel_lo"], rows["rel_hi"] - rows["rel_mean"]]).astype(float))
+    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
+    x = np.arange(len(rows))
+    ax.bar(x, mean, yerr=np.nan_to_num(err), capsize=4, color=["C2" if m >= 0 else "C3" for m in mean])
+    tops = np.nanmax(np.vstack([mean, mean + np.nan_to_num(err[1])]), axis=0)
+    for xi, top, sig in zip(x, tops, rows["significant"]):
+        if sig:
+            ax.annotate("*", (xi, top), ha="center", va="bottom", fontsize=16)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.15)
+    ax.set_xticks(x, rows["arm"], rotation=45, ha="right")
+    ax.set(ylabel="change vs baseline (%)", title=f"{task}: ablations (+ = better, * = significant)")
+    return _save(fig, out_dir / f"ablation_{_slug(task)}.png")
+
+
+def _telemetry_of(results: Results, task: str, arm: str) -> pd.DataFrame:
+    tel = results.ok().telemetry
+    if tel.empty or "trial_id" not in tel:
+        return pd.DataFrame()
+    return tel[tel["trial_id"].isin(_arm_trials(results, task, arm)["trial_id"])]
+
+
+def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats.BASELINE) -> Path | None:
+    """Per-group learning-rate (alpha) and weight-decay (beta) multipliers vs step for one arm,
+    averaged over its ok seeds at each meta-update, one line per parameter group."""
+    tel = _telemetry_of(results, task, arm)
+    if tel.empty or "alpha" not in tel:
+        return None
+    g = tel.groupby(["group", "meta_update"])[["step", "alpha", "beta"]].mean().reset_index()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for name, rows in g.groupby("group"):
+        for ax, col in zip(axes, ("alpha", "beta")):
+            ax.plot(rows["step"], rows[col], label=str(name))
+    for ax, col, what in zip(axes, ("alpha", "beta"), ("learning-rate", "weight-decay")):
+        ax.set(xlabel="step", ylabel=col, title=f"{what} multiplier {col}")
+    axes[1].legend(fontsize="small", title="group")
+    fig.suptitle(f"{task} / {arm}: mean over {tel['trial_id'].nunique()} seeds")
+    return _save(fig, out_dir / f"alpha_beta_{_slug(task)}_{_slug(arm)}.png")
+
+
+def plot_sigmas(results: Results, task: str, out_dir: Path, arm: str = stats.BASELINE) -> Path | None:
+    """The uncertainty weighting's sigma of each objective term over meta-updates (mean over
+    groups and ok seeds); None when the weighting has no sigmas."""
+    tel = _telemetry_of(results, task, arm)
+    cols = [c for c in tel.columns if c.startswith("sigma_")]
+    if tel.empty or not cols or tel[cols].isna().all().all():
+        return None
+    g = tel.groupby("meta_update")[cols].mean()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in cols:
+        if g[c].notna().any():
+            ax.plot(g.index, g[c], label=c.removeprefix("sigma_"))
+    ax.set(xlabel="meta-update", ylabel="sigma", title=f"{task} / {arm}: weighting sigmas")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    return _save(fig, out_dir / f"sigmas_{_slug(task)}_{_slug(arm)}.png")
+
+
+def plot_performance_profile(profile: pd.DataFrame, out_dir: Path) -> Path | None:
+    """rho(tau) step curves, one per arm."""
+    if profile.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in profile.columns:
+        ax.step(profile.index, profile[arm], where="post", label=arm)
+    ax.set(xlabel="tau (ratio to the best arm)", ylabel="share of tasks within tau", ylim=(-0.02, 1.02),
+           title="performance profiles")
+    ax.legend(fontsize="small")
+    return _save(fig, out_dir / "performance_profile.png")
+
+
+def plot_factorial_effects(effects: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Factorial main effects and interactions with 95% CI (in % of the task mean)."""
+    if effects.empty:
+        return None
+    labels = effects["term"] + ": " + effects["level"]
+    y = np.arange(len(effects))[::-1]
+    est = 100 * effects["estimate"].to_numpy(dtype=float)
+    err = 100 * np.abs(np.vstack([effects["estimate"] - effects["lo"], effects["hi"] - effects["estimate"]]).astype(float))
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(effects) + 1.5))
+    ax.errorbar(est, y, xerr=np.nan_to_num(err), fmt="o", capsize=3)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(y, labels)
+    ax.set(xlabel="effect (% of task mean, + = better)", title="factorial effects")
+    return _save(fig, out_dir / "factorial_effects.png")
+
+
+def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
+    """The priority study's objective value per Optuna trial and the best so far (the study's
+    ``direction`` column when present, else minimisation)."""
+    if history.empty or "value" not in history:
+        return None
+    h = history.sort_values("number")
+    maximize = "direction" in h and str(h["direction"].iloc[0]).lower().startswith("max")
+    best = (h["value"].cummax() if maximize else h["value"].cummin()).ffill()  # pruned trials: NaN
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(h["number"], h["value"], s=14, label="trial")
+    ax.plot(h["number"], best, color="C1", drawstyle="steps-post", label="best so far")
+    ax.set(xlabel="Optuna trial", ylabel=f"objective ({'maximised' if maximize else 'minimised'})",
+           title="priority study history")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend()
+    return _save(fig, out_dir / "tune_history.png")
+
+
+def plot_tune_importances(importances: pd.DataFrame, out_dir: Path) -> Path | None:
+    """Hyperparameter importances of the priority study as horizontal bars."""
+    if importances.empty or not {"param", "importance"} <= set(importances.columns):
+        return None
+    imp = importances.sort_values("importance")
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(imp) + 1.5))
+    ax.barh(imp["param"].astype(str), imp["importance"])
+    ax.set(xlabel="importance", title="priority study: parameter importances")
+    return _save(fig, out_dir / "tune_importances.png")
+
+
+# -- report sections ----------------------------------------------------------------------------
+def _intro(results: Results, results_dir: Path) -> list[Block]:
+    t = results.trials
+    studies = ", ".join(sorted(map(str, t["study"].dropna().unique()))) if "study" in t else "?"
+    arms = sorted(stats.explode_arms(t)["arm"].unique())
+    counts = stats.status_counts(results)
+    blocks = [
+        _heading(f"Ablation report: {studies}", 1),
+        _text(
+            f"This study compares MetaAdamW (arm 'baseline', the task-optimal settings) with AdamW "
+            f"(arm 'adamw') and ablates MetaAdamW's components (arms '<axis>=<level>', factorial "
+            f"cells 'factorial:...'), over paired seeds: matching seeds of one task share "
+            f"initialisation and data order. Results directory: {results_dir}. "
+            f"Tasks: {', '.join(sorted(t['task'].unique()))}. Arms: {', '.join(arms)}."
+        ),
+        _text(
+            f"Trials: {counts['total']} in all - {counts['ok']} ok, {counts['failed']} failed, "
+            f"{counts['diverged']} diverged. Only ok trials enter the statistics; every other trial "
+            f"is listed under 'Failed and diverged trials'."
+        ),
+    ]
+    if counts["total"] > counts["ok"]:
+        blocks.append(Block("warning", f"{counts['total'] - counts['ok']} trial(s) did not finish ok "
+                                       f"({counts['failed']} failed, {counts['diverged']} diverged); see the last section."))
+    if stats.uses_embedded_data(results):
+        blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
+                                       "paper's datasets, with smaller models and budgets. They exercise the "
+                                       "pipeline; they say nothing about the paper's claims."))
+    blocks += [_heading("Data sources", 3), _table(stats.data_sources(results)),
+               _heading("Ok seeds per arm", 3), _table(seeds_display(stats.seeds_per_arm(results)))]
+    return blocks
+
+
+_SIG_LEGEND = (
+    "Means with 95% t confidence intervals over ok seeds. Relative change is computed per seed "
+    "and signed so that positive = better ((ref - new)/|ref| for 'min' metrics, (new - ref)/|ref| "
+    "for 'max'). p-values are two-sided paired tests of the per-seed differences: a t-test and an "
+    "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). * marks p(sign-flip) < {alpha}; "
+    "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
+    "for 6). 'seeds (better)' is the number of pairs and how many of them favour the arm. "
+    "p-values are not corrected for multiple comparisons."
+)
+
+
+def _table2_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
+    t2 = stats.table2(results, alpha=alpha)
+    heading = _heading("MetaAdamW vs AdamW (Table 2 analogue)")
+    if not (t2["adamw_n"] + t2["meta_n"]).any():
+        return [heading, _text("No ok trial of the 'adamw' or 'baseline' arm: nothing to compare.")]
+    blocks = [heading, _table(table2_display(t2)),
+              _text(_SIG_LEGEND.format(alpha=alpha) + " Time change is MetaAdamW's total training time "
+                    "over the matched seeds relative to AdamW's; ref_* columns are trivial references.")]
+    for task in t2["task"]:
+        blocks += _figure(plot_validation_curves(results, task, fig_dir),
+                          f"{task}: validation metric per epoch, mean over seeds with min-max band")
+    return blocks
+
+
+def _table3_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
+    t3 = stats.table3(results, alpha=alpha)
+    if t3.empty:
+        return [_heading("Ablations (Table 3 analogue)"), _text("No ablation arms in this study.")]
+    blocks = [_heading("Ablations (Table 3 analogue)"), _table(table3_display(t3)),
+              _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
+                    "difference. " + _SIG_LEGEND.format(alpha=alpha))]
+    for task in sorted(t3["task"].unique()):
+        blocks += _figure(plot_ablation_bars(t3, task, fig_dir), f"{task}: ablation arms vs baseline, 95% CI")
+    return blocks
+
+
+def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
+    effects = stats.factorial_effects(results, alpha=alpha)
+    if effects.empty:
+        return []
+    return [
+        _heading("Factorial effects"),
+        _text("Least-squares fit on effect-coded factors of the per-task normalised metric "
+              "(sign * (m - task mean) / |task mean|, positive = better). Main effects are each "
+              "level's deviation from the grand mean; interactions are products of non-reference "
+              f"levels. * marks p < {alpha}. Observations: {int(effects['n'].iloc[0])}."),
+        _table(factorial_display(effects)),
+        *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
+    ]
+
+
+def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
+    ratios = stats.profile_ratios(results)
+    if ratios.empty:
+        return []
+    shown = ratios.map(lambda v: fmt_num(v, 4) if np.isfinite(v) else "inf").reset_index()
+    return [
+        _heading("Performance profiles"),
+        _text("Per task, each arm's mean best metric relative to the best arm's: arm/best for 'min' "
+              "metrics, best/arm for 'max' metrics (1 = best, larger = worse; inf = no ok trial). "
+              "rho(tau) is the share of tasks whose ratio is at most tau."),
+        _table(shown),
+        *_figure(plot_performance_profile(stats.performance_profile(results), fig_dir), "performance profiles"),
+    ]
+
+
+def _cost_section(results: Results) -> list[Block]:
+    ttt = stats.time_to_target(results)
+    blocks = [_heading("Cost")]
+    if len(ttt):
+        blocks += [_heading("Time to AdamW's best", 3),
+                   _text("Per seed, the first epoch at which MetaAdamW's validation metric reaches the best "
+                         "validation metric of AdamW's trial of the same seed; wall seconds are cumulative "
+                         "and include the meta-updates."),
+                   _table(time_to_target_display(ttt))]
+    blocks += [_heading("Epochs, early stopping and meta-update share", 3), _table(cost_display(stats.cost_table(results)))]
+    return blocks
+
+
+def _telemetry_section(results: Results, fig_dir: Path) -> list[Block]:
+    blocks = []
+    for task in sorted(results.trials["task"].unique()):
+        blocks += _figure(plot_alpha_beta(results, task, fig_dir), f"{task}: per-group alpha and beta (baseline arm)")
+        blocks += _figure(plot_sigmas(results, task, fig_dir), f"{task}: weighting sigmas (baseline arm)")
+    if not blocks:
+        return [_heading("Meta-parameter trajectories"), _text("No telemetry recorded for the baseline arm.")]
+    return [_heading("Meta-parameter trajectories"), *blocks]
+
+
+def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
+    tune = results_dir / TUNE_DIR
+    blocks = []
+    if (tune / "history.parquet").exists():
+        blocks += _figure(plot_tune_history(pd.read_parquet(tune / "history.parquet"), fig_dir), "priority study history")
+    if (tune / "importances.parquet").exists():
+        blocks += _figure(plot_tune_importances(pd.read_parquet(tune / "importances.parquet"), fig_dir),
+                          "priority study parameter importances")
+    return [_heading("Priority study (Optuna)"), *blocks] if blocks else []
+
+
+def _failed_section(results: Results) -> list[Block]:
+    failed = stats.failed_summary(results)
+    blocks = [_heading("Failed and diverged trials")]
+    if failed.empty:
+        return blocks + [_text("None: every trial finished ok.")]
+    counts = stats.status_counts(results)
+    return blocks + [
+        _text(f"{len(failed)} trial(s) are excluded from every statistic above ({counts['failed']} failed, "
+              f"{counts['diverged']} diverged). 'error' is the first line of the message (for a traceback, "
+              f"its final exception line)."),
+        _table(failed.astype(str)),
+    ]
+
+
+def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: float = stats.ALPHA,
+                 progress: Callable[[str], None] = lambda _: None) -> list[Block]:
+    """Every section of the report, in order, drawing figures into ``fig_dir`` on the way."""
+    blocks = _intro(results, results_dir)
+    steps = [
+        ("Table 2", lambda: _table2_section(results, fig_dir, alpha)),
+        ("Table 3", lambda: _table3_section(results, fig_dir, alpha)),
+        ("factorial effects", lambda: _factorial_section(results, fig_dir, alpha)),
+        ("performance profiles", lambda: _profile_section(results, fig_dir)),
+        ("cost", lambda: _cost_section(results)),
+        ("telemetry figures", lambda: _telemetry_section(results, fig_dir)),
+        ("priority study", lambda: _tune_section(results_dir, fig_dir)),
+        ("failed trials", lambda: _failed_section(results)),
+    ]
+    for name, make in steps:
+        progress(f"  {name}")
+        blocks += make()
+    return blocks
+
+
+# -- rendering ----------------------------------------------------------------------------------
+def _md_cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def df_to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (no index)."""
+    if df.empty:
+        return "_(no rows)_"
+    header = "| " + " | ".join(_md_cell(c) for c in df.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in df.columns) + " |"
+    body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def render_markdown(blocks: Sequence[Block], out_dir: Path) -> str:
+    """The report as Markdown; figures are linked relative to ``out_dir``."""
+    parts = []
+    for b in blocks:
+        if b.kind == "heading":
+            parts.append("#" * b.level + " " + b.text)
+        elif b.kind == "text":
+            parts.append(b.text)
+        elif b.kind == "warning":
+            parts.append(f"> **WARNING: {b.text}**")
+        elif b.kind == "table":
+            parts.append(df_to_markdown(b.table))
+        elif b.kind == "figure":
+            parts.append(f"![{b.text}]({b.path.relative_to(out_dir).as_posix()})\n\n*{b.text}*")
+    return "\n\n".join(parts) + "\n"
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+    "td,th{border:1px solid #bbb;padding:3px 6px;text-align:left}"
+    ".warning{background:#fdd;border:2px solid #c00;padding:0.7em;font-weight:bold}"
+    "img{max-width:100%}"
+)
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    """The report as one self-contained HTML page (figures embedded as base64 PNG)."""
+    parts = []
+    for b in blocks:
+        if b.kind == "heading":
+            parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif b.kind == "text":
+            parts.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "warning":
+            parts.append(f'<div class="warning">WARNING: {html.escape(b.text)}</div>')
+        elif b.kind == "table":
+            parts.append(b.table.to_html(index=False, escape=True, border=0) if len(b.table) else "<p><i>(no rows)</i></p>")
+        elif b.kind == "figure":
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.text)}">'
+                         f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+    body = "\n".join(parts)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def write_report(
+    results_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    formats: Sequence[str] = FORMATS,
+    alpha: float = stats.ALPHA,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Path:
+    """Write ``report.md`` and/or ``report.html`` and ``figures/*.png`` for a results directory.
+
+    ``out_dir`` defaults to ``<results_dir>/report``. Returns the path of the Markdown report
+    (the HTML one when only "html" is asked for). ``progress`` receives one line per step.
+    """
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"unknown report format(s) {unknown or list(formats)}; choose from {', '.join(FORMATS)}")
+    results_dir = Path(results_dir)
+    out = Path(out_dir) if out_dir is not None else results_dir / "report"
+    progress(f"loading results from {results_dir}")
+    results = load_results(results_dir)
+    if results.trials.empty:
+        raise ValueError(f"{results_dir} holds no trials yet; nothing to report")
+    fig_dir = out / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    progress("computing tables and drawing figures")
+    blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
+    written = {}
+    if "md" in formats:
+        written["md"] = out / "report.md"
+        written["md"].write_text(render_markdown(blocks, out), encoding="utf-8")
+    if "html" in formats:
+        written["html"] = out / "report.html"
+        written["html"].write_text(render_html(blocks, blocks[0].text), encoding="utf-8")
+    for path in written.values():
+        progress(f"wrote {path}")
+    return written.get("md", written.get("html"))
+
+
+def report_command(results_dir: str, out: str | None) -> Path:
+    """``ablate report RESULTS_DIR [--out OUT]``: write the report, printing progress lines."""
+    path = write_report(results_dir, out, progress=lambda line: print(line, flush=True))
+    print(f"report: {path}", flush=True)
+    return path

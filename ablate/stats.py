@@ -1,0 +1,632 @@
+"""Statistics on a study's result tables: confidence intervals, paired tests, the paper's
+tables, factorial effects, cost and performance profiles.
+
+Every function here is a pure function of DataFrames (or arrays) and returns a DataFrame or a
+dict; :mod:`ablate.report` renders them.
+
+Conventions
+-----------
+* Arms: a trial may serve several arms; the ``arms`` column holds a JSON list of them (the
+  ``arm`` column alone when ``arms`` is missing). :func:`explode_arms` gives one row per
+  (trial, arm). The AdamW reference arm is ``"adamw"``, the MetaAdamW baseline ``"baseline"``,
+  ablation arms ``"<axis>=<level>"`` and factorial cells ``"factorial:<axis>=<level>,..."``.
+* Pairing: trials of the same task and seed share initialisation and data order, so arms are
+  compared over matched seeds (paired differences).
+* Direction: ``mode`` is ``"min"`` or ``"max"``. A *relative change* of ``new`` against
+  ``ref`` is signed so that positive means better: ``(ref - new) / |ref|`` for "min" and
+  ``(new - ref) / |ref|`` for "max" (for positive metrics this is the paper's
+  ``(b_adamw - b_meta) / b_adamw``; ETTh1 MSE 0.006147 -> 0.005885 gives +4.26%).
+* Differences: paired differences are ``arm - reference`` in raw metric units; the p-values
+  (paired t-test and exact sign-flip permutation test, both two-sided) test them against 0.
+* Failed trials: only trials with ``status == "ok"`` enter statistics. Every table that
+  aggregates trials carries ``n_not_ok`` counts, and :func:`failed_summary` lists every trial
+  whose status is not "ok", so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from ablate.results import Results
+
+ADAMW = "adamw"
+BASELINE = "baseline"
+FACTORIAL_PREFIX = "factorial:"
+ALPHA = 0.05
+CONFIDENCE = 0.95
+#: largest number of pairs for which the sign-flip test enumerates all 2^n flips
+EXACT_SIGN_FLIP_MAX_N = 16
+#: random sign vectors drawn by the Monte Carlo sign-flip test (beyond EXACT_SIGN_FLIP_MAX_N)
+SIGN_FLIP_DRAWS = 20_000
+
+
+# -- elementary statistics --------------------------------------------------------------------
+def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str, float]:
+    """Mean and two-sided t confidence interval of ``values`` (NaNs ignored).
+
+    Returns ``{"mean", "lo", "hi", "sd", "n"}``; with one value the interval is NaN, with none
+    the mean is NaN too.
+    """
+    x = np.asarray(list(values), dtype=float)
+    x = x[~np.isnan(x)]
+    n = len(x)
+    mean = float(x.mean()) if n else np.nan
+    if n < 2:
+        return {"mean": mean, "lo": np.nan, "hi": np.nan, "sd": np.nan, "n": n}
+    sd = float(x.std(ddof=1))
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / np.sqrt(n)
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n}
+
+
+def paired_t_pvalue(diffs: Sequence[float]) -> float:
+    """Two-sided one-sample t-test of the paired differences against 0 (NaN for n < 2).
+
+    Identical non-zero differences give p = 0 (an infinite t), all-zero differences p = 1.
+    """
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    if n < 2:
+        return np.nan
+    mean, sd = d.mean(), d.std(ddof=1)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = mean / (sd / np.sqrt(n))
+    return float(2 * sps.t.sf(abs(t), n - 1))
+
+
+def sign_flip_pvalue(
+    diffs: Sequence[float],
+    *,
+    exact_max_n: int = EXACT_SIGN_FLIP_MAX_N,
+    draws: int = SIGN_FLIP_DRAWS,
+    seed: int = 0,
+) -> float:
+    """Two-sided sign-flip permutation p-value of the mean paired difference.
+
+    Under the null hypothesis each difference is equally likely to have either sign. The p-value
+    is the share of sign vectors whose |mean| is at least the observed |mean|: exact over all
+    2^n vectors for n <= ``exact_max_n``, otherwise Monte Carlo with ``draws`` vectors from a
+    fixed ``seed`` (reported as (1 + hits) / (1 + draws)). The smallest attainable exact value is
+    2 / 2^n, e.g. 2/64 = 0.03125 for 6 pairs and 0.0625 for 5. NaN for n = 0.
+    """
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    if n == 0:
+        return np.nan
+    observed = abs(d.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if n <= exact_max_n:
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+        return float(np.mean(np.abs(signs @ d / n) >= observed - tol))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(draws, n))
+    hits = int(np.sum(np.abs(signs @ d / n) >= observed - tol))
+    return (1 + hits) / (1 + draws)
+
+
+def relative_change(ref: Sequence[float] | float, new: Sequence[float] | float, mode: str) -> np.ndarray:
+    """Signed relative change of ``new`` against ``ref``; positive means ``new`` is better."""
+    ref, new = np.asarray(ref, dtype=float), np.asarray(new, dtype=float)
+    if mode == "min":
+        return (ref - new) / np.abs(ref)
+    if mode == "max":
+        return (new - ref) / np.abs(ref)
+    raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+
+
+def paired_comparison(
+    ref: Sequence[float], new: Sequence[float], mode: str, confidence: float = CONFIDENCE
+) -> dict[str, float]:
+    """Compare ``new`` with ``ref`` over matched pairs (equal-length arrays, same seed order).
+
+    Returns the mean paired difference ``new - ref`` and its CI (``diff_*``), the mean per-pair
+    relative change (positive = better, see :func:`relative_change`) and its CI (``rel_*``), the
+    paired t-test and sign-flip p-values, the number of pairs and how many pairs ``new`` wins.
+    """
+    ref, new = np.asarray(ref, dtype=float), np.asarray(new, dtype=float)
+    if ref.shape != new.shape:
+        raise ValueError(f"paired arrays differ in length: {len(ref)} vs {len(new)}")
+    diff, rel = new - ref, relative_change(ref, new, mode)
+    d, r = mean_ci(diff, confidence), mean_ci(rel, confidence)
+    return {
+        "diff_mean": d["mean"],
+        "diff_lo": d["lo"],
+        "diff_hi": d["hi"],
+        "rel_mean": r["mean"],
+        "rel_lo": r["lo"],
+        "rel_hi": r["hi"],
+        "p_t": paired_t_pvalue(diff),
+        "p_signflip": sign_flip_pvalue(diff),
+        "n_pairs": len(diff),
+        "n_better": int(np.sum(rel > 0)),
+    }
+
+
+# -- arms, statuses and the study's make-up -----------------------------------------------------
+def _arm_list(arms: object, arm: str) -> list[str]:
+    """The arms a trial serves: its ``arms`` JSON list (or list), else ``[arm]``."""
+    if isinstance(arms, str) and arms:
+        return list(json.loads(arms))
+    if isinstance(arms, (list, tuple, np.ndarray)):
+        return list(arms)
+    return [arm]
+
+
+#: columns the statistics read, with the value assumed where a trials table lacks them (a study
+#: whose every trial failed early may have written little more than ids, statuses and errors)
+EXPECTED_COLUMNS = {
+    "metric": "?", "mode": "min", "best_metric": np.nan, "best_epoch": np.nan, "epochs_run": np.nan,
+    "stop_reason": "", "time_total_s": np.nan, "time_meta_s": np.nan,
+}
+
+
+def explode_arms(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (trial, arm) from the ``arms`` JSON list (or ``arm`` when it is missing), with
+    every column of :data:`EXPECTED_COLUMNS` present."""
+    if trials.empty:
+        return trials.assign(arm=pd.Series(dtype=object))
+    out = trials.assign(**{c: v for c, v in EXPECTED_COLUMNS.items() if c not in trials})
+    listed = out["arms"] if "arms" in out else [None] * len(out)
+    out["arm"] = [_arm_list(a, arm) for a, arm in zip(listed, out["arm"])]
+    return out.explode("arm", ignore_index=True)
+
+
+def arm_axis(arm: str) -> str:
+    """The ablation axis an arm name belongs to ("factorial", "<axis>", or the arm itself)."""
+    if arm.startswith(FACTORIAL_PREFIX):
+        return "factorial"
+    return arm.split("=", 1)[0] if "=" in arm else arm
+
+
+def _ok(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[trials["status"] == "ok"] if len(trials) else trials
+
+
+def _not_ok(trials: pd.DataFrame) -> pd.DataFrame:
+    return trials[trials["status"] != "ok"] if len(trials) else trials
+
+
+def status_counts(results: Results) -> dict[str, int]:
+    """Number of trials per status, always with the keys "ok", "failed", "diverged" and "total"."""
+    counts = {"ok": 0, "failed": 0, "diverged": 0}
+    if len(results.trials):
+        counts.update({str(k): int(v) for k, v in results.trials["status"].value_counts().items()})
+    counts["total"] = int(len(results.trials))
+    return counts
+
+
+def seeds_per_arm(results: Results) -> pd.DataFrame:
+    """Per task and arm: ok seeds, trials that are not ok, and the ok seed list."""
+    arms = explode_arms(results.trials)
+    if arms.empty:
+        return pd.DataFrame(columns=["task", "arm", "n_ok", "n_not_ok", "seeds"])
+    rows = []
+    for (task, arm), g in arms.groupby(["task", "arm"], sort=True):
+        ok = _ok(g)
+        rows.append(
+            {
+                "task": task,
+                "arm": arm,
+                "n_ok": int(ok["seed"].nunique()),
+                "n_not_ok": int(len(_not_ok(g))),
+                "seeds": ",".join(str(s) for s in sorted(ok["seed"].unique())),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def data_sources(results: Results) -> pd.DataFrame:
+    """Per task, data kind and data source: the number of trials."""
+    t = results.trials
+    if t.empty:
+        return pd.DataFrame(columns=["task", "data", "data_source", "n_trials"])
+    cols = [c for c in ("task", "data", "data_source") if c in t]
+    out = t[cols].fillna("?").groupby(cols).size().rename("n_trials").reset_index()
+    for c in ("data", "data_source"):
+        if c not in out:
+            out[c] = "?"
+    return out[["task", "data", "data_source", "n_trials"]]
+
+
+def uses_embedded_data(results: Results) -> bool:
+    """True when any trial ran on the small embedded data instead of the real dataset."""
+    t = results.trials
+    if t.empty:
+        return False
+    data = t["data"].astype(str) if "data" in t else pd.Series("", index=t.index)
+    source = t["data_source"].astype(str) if "data_source" in t else pd.Series("", index=t.index)
+    return bool(((data == "embedded") | source.str.startswith("embedded")).any())
+
+
+def error_summary(text: object) -> str:
+    """The last non-empty line of a traceback (the exception), or the first line of a message."""
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+
+
+def failed_summary(results: Results) -> pd.DataFrame:
+    """Every trial whose status is not "ok": id, task, arms, seed, status, stop reason and the
+    error's first line (for a traceback, its final exception line)."""
+    cols = ["trial_id", "task", "arms", "seed", "status", "stop_reason", "error"]
+    bad = _not_ok(results.trials)
+    if bad.empty:
+        return pd.DataFrame(columns=cols)
+    rows = [
+        {
+            "trial_id": r["trial_id"],
+            "task": r.get("task"),
+            "arms": ", ".join(_arm_list(r.get("arms"), r["arm"])),
+            "seed": r.get("seed"),
+            "status": r["status"],
+            "stop_reason": r.get("stop_reason", ""),
+            "error": error_summary(r.get("error", "")),
+        }
+        for _, r in bad.iterrows()
+    ]
+    return pd.DataFrame(rows, columns=cols).sort_values(["task", "arms", "seed"], kind="stable").reset_index(drop=True)
+
+
+# -- paired tables ------------------------------------------------------------------------------
+def task_metric(trials: pd.DataFrame, task: str) -> tuple[str, str]:
+    """The primary metric name and its mode ("min" | "max") of a task (from its ok trials if any)."""
+    rows = trials[trials["task"] == task]
+    ok = _ok(rows)
+    src = ok if len(ok) else rows
+
+    def first(column: str) -> str:
+        values = src[column].dropna() if column in src else []
+        return str(values.iloc[0]) if len(values) else EXPECTED_COLUMNS[column]
+
+    return first("metric"), first("mode")
+
+
+def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> pd.Series:
+    """Ok trials' ``column`` per seed for one task and arm (duplicates of a seed are averaged)."""
+    g = arms[(arms["task"] == task) & (arms["arm"] == arm) & (arms["status"] == "ok")]
+    return g.groupby("seed")[column].mean()
+
+
+def _n_not_ok(arms: pd.DataFrame, task: str, arm: str) -> int:
+    return int(((arms["task"] == task) & (arms["arm"] == arm) & (arms["status"] != "ok")).sum())
+
+
+def _compare_arms(arms: pd.DataFrame, task: str, ref_arm: str, arm: str, mode: str, alpha: float) -> dict:
+    ref, new = _per_seed(arms, task, ref_arm), _per_seed(arms, task, arm)
+    seeds = ref.index.intersection(new.index).sort_values()
+    cmp = paired_comparison(ref.loc[seeds].to_numpy(), new.loc[seeds].to_numpy(), mode)
+    cmp["significant"] = bool(cmp["p_signflip"] < alpha)
+    return cmp
+
+
+def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """The paper's Table 2 with seeds: per task, AdamW ("adamw") vs the MetaAdamW "baseline".
+
+    Columns: task, metric, mode; adamw_* and meta_* (mean, lo, hi, n ok seeds, n_not_ok);
+    rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative improvement, positive = MetaAdamW
+    better); diff_* (paired difference meta - adamw); time_change (total training time of
+    MetaAdamW over the matched seeds relative to AdamW's); p_t, p_signflip, n_pairs, n_better and
+    ``significant`` (p_signflip < alpha); ref_<name> means of the trivial references when the
+    trials table has them.
+    """
+    trials = results.trials
+    if trials.empty:
+        return pd.DataFrame()
+    arms = explode_arms(trials)
+    ref_cols = [c for c in trials.columns if c.startswith("ref_")]
+    rows = []
+    for task in sorted(trials["task"].unique()):
+        metric, mode = task_metric(trials, task)
+        row: dict = {"task": task, "metric": metric, "mode": mode}
+        for prefix, arm in (("adamw", ADAMW), ("meta", BASELINE)):
+            ci = mean_ci(_per_seed(arms, task, arm), confidence)
+            row.update({f"{prefix}_{k}": ci[k] for k in ("mean", "lo", "hi", "n")})
+            row[f"{prefix}_n_not_ok"] = _n_not_ok(arms, task, arm)
+        row.update(_compare_arms(arms, task, ADAMW, BASELINE, mode, alpha))
+        row["time_change"] = _time_change(arms, task)
+        ok_task = _ok(trials[trials["task"] == task])
+        row.update({c: float(pd.to_numeric(ok_task[c], errors="coerce").mean()) for c in ref_cols})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _time_change(arms: pd.DataFrame, task: str) -> float:
+    """(MetaAdamW total time - AdamW total time) / AdamW total time over the matched ok seeds."""
+    a, m = _per_seed(arms, task, ADAMW, "time_total_s"), _per_seed(arms, task, BASELINE, "time_total_s")
+    seeds = a.index.intersection(m.index)
+    total_a = a.loc[seeds].sum()
+    return float((m.loc[seeds].sum() - total_a) / total_a) if len(seeds) and total_a > 0 else np.nan
+
+
+def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """The paper's Table 3 with seeds: per task, every arm other than "adamw" and "baseline"
+    against "baseline" over matched seeds.
+
+    Columns: task, axis, arm, metric, mode, arm_mean/lo/hi, baseline_mean, n_not_ok, rel_* (per
+    seed relative change vs baseline, positive = the arm is better), diff_*, p_t, p_signflip,
+    n_pairs, n_better, significant and ``mark`` ("*" where significant).
+    """
+    trials = results.trials
+    if trials.empty:
+        return pd.DataFrame()
+    arms = explode_arms(trials)
+    rows = []
+    for task in sorted(trials["task"].unique()):
+        metric, mode = task_metric(trials, task)
+        names = sorted(set(arms.loc[arms["task"] == task, "arm"]) - {ADAMW, BASELINE})
+        base = _per_seed(arms, task, BASELINE)
+        for arm in names:
+            ci = mean_ci(_per_seed(arms, task, arm), confidence)
+            row = {"task": task, "axis": arm_axis(arm), "arm": arm, "metric": metric, "mode": mode}
+            row.update({f"arm_{k}": ci[k] for k in ("mean", "lo", "hi")})
+            row["baseline_mean"] = float(base.mean()) if len(base) else np.nan
+            row["n_not_ok"] = _n_not_ok(arms, task, arm)
+            row.update(_compare_arms(arms, task, BASELINE, arm, mode, alpha))
+            row["mark"] = "*" if row["significant"] else ""
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# -- factorial studies --------------------------------------------------------------------------
+_LEVEL_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.]*=)")
+
+
+def parse_factorial_arm(arm: str) -> dict[str, str]:
+    """``"factorial:grouping=original,gating=true"`` -> ``{"grouping": "original", "gating": "true"}``.
+
+    Commas inside a level (e.g. ``priorities=[1, 3, 5]``) are kept: a new factor starts only at
+    a comma followed by ``name=``.
+    """
+    if not arm.startswith(FACTORIAL_PREFIX):
+        raise ValueError(f"{arm!r} is not a factorial cell (expected '{FACTORIAL_PREFIX}<axis>=<level>,...')")
+    body = arm[len(FACTORIAL_PREFIX):]
+    pairs = [p.split("=", 1) for p in _LEVEL_SPLIT.split(body) if p.strip()]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def factorial_frame(results: Results) -> pd.DataFrame:
+    """One row per ok trial and factorial cell: task, seed, one column per factor, the raw
+    best_metric and ``y``, the per-task normalised metric ``sign * (m - mean_task) / |mean_task|``
+    (sign +1 for "max", -1 for "min": positive = better, in units of the task's mean)."""
+    arms = explode_arms(_ok(results.trials))
+    if arms.empty:
+        return pd.DataFrame()
+    cells = arms[arms["arm"].astype(str).str.startswith(FACTORIAL_PREFIX)]
+    if cells.empty:
+        return pd.DataFrame()
+    levels = pd.DataFrame([parse_factorial_arm(a) for a in cells["arm"]], index=cells.index)
+    out = pd.concat([cells[["task", "seed", "arm", "mode", "best_metric"]], levels], axis=1)
+    task_mean = out.groupby("task")["best_metric"].transform("mean")
+    sign = np.where(out["mode"] == "max", 1.0, -1.0)
+    out["y"] = sign * (out["best_metric"] - task_mean) / task_mean.abs()
+    return out.reset_index(drop=True)
+
+
+def _effect_columns(levels: pd.Series) -> tuple[list[str], np.ndarray]:
+    """Sum-to-zero (effect) coding: one column per level but the last, which is coded -1."""
+    names = sorted(levels.astype(str).unique())
+    cols = np.zeros((len(levels), len(names) - 1))
+    for j, name in enumerate(names[:-1]):
+        cols[:, j] = np.where(levels == name, 1.0, np.where(levels == names[-1], -1.0, 0.0))
+    return names, cols
+
+
+def factorial_effects(
+    results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE
+) -> pd.DataFrame:
+    """Main effects and two-way interactions of a factorial study on the normalised metric.
+
+    Fits ``y ~ 1 + main effects + all two-way interactions`` by least squares on effect-coded
+    factors (see :func:`factorial_frame` for ``y``). A main-effect estimate is a level's
+    deviation from the grand mean (every level is listed; for a two-level factor the difference
+    between its levels is twice the estimate). An interaction estimate is the coefficient of the
+    product of two non-reference level columns (the last level of each factor, alphabetically,
+    is the reference). CIs and p-values use the residual variance with n - p degrees of freedom
+    (NaN when the design has no residual degrees of freedom). Returns an empty frame when the
+    study has no factorial cells.
+    """
+    frame = factorial_frame(results)
+    if frame.empty:
+        return pd.DataFrame()
+    factors = [c for c in frame.columns if c not in {"task", "seed", "arm", "mode", "best_metric", "y"}]
+    factors = [f for f in factors if frame[f].nunique() > 1]
+    columns, labels = [np.ones(len(frame))], [("intercept", "", "")]
+    coded = {}
+    for f in factors:
+        names, cols = _effect_columns(frame[f].astype(str))
+        coded[f] = (names, cols)
+        for j, name in enumerate(names[:-1]):
+            columns.append(cols[:, j])
+            labels.append(("main", f, name))
+    for f, g in itertools.combinations(factors, 2):
+        for (i, a), (j, b) in itertools.product(enumerate(coded[f][0][:-1]), enumerate(coded[g][0][:-1])):
+            columns.append(coded[f][1][:, i] * coded[g][1][:, j])
+            labels.append(("interaction", f"{f} x {g}", f"{a} x {b}"))
+    X, y = np.column_stack(columns), frame["y"].to_numpy(dtype=float)
+    beta, cov, dof = _least_squares(X, y)
+    rows = []
+    for f in factors:
+        names = coded[f][0]
+        idx = [k for k, lab in enumerate(labels) if lab[0] == "main" and lab[1] == f]
+        for j, name in enumerate(names):
+            c = np.zeros(len(beta))
+            if j < len(names) - 1:
+                c[idx[j]] = 1.0
+            else:
+                c[idx] = -1.0
+            rows.append(_contrast_row("main", f, name, c, beta, cov, dof, confidence))
+    for k, (kind, term, level) in enumerate(labels):
+        if kind == "interaction":
+            c = np.zeros(len(beta))
+            c[k] = 1.0
+            rows.append(_contrast_row(kind, term, level, c, beta, cov, dof, confidence))
+    out = pd.DataFrame(rows)
+    out["significant"] = out["p_value"] < alpha
+    out["n"] = len(frame)
+    return out
+
+
+def _least_squares(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """OLS coefficients, their covariance (NaN without residual degrees of freedom) and the dof."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    rank = np.linalg.matrix_rank(X)
+    dof = len(y) - rank
+    if dof <= 0:
+        return beta, np.full((len(beta), len(beta)), np.nan), dof
+    resid = y - X @ beta
+    sigma2 = float(resid @ resid) / dof
+    return beta, sigma2 * np.linalg.pinv(X.T @ X), dof
+
+
+def _contrast_row(kind, term, level, c, beta, cov, dof, confidence) -> dict:
+    est = float(c @ beta)
+    se = float(np.sqrt(c @ cov @ c)) if dof > 0 else np.nan
+    if dof > 0 and se > 0:
+        half = float(sps.t.ppf(0.5 + confidence / 2, dof)) * se
+        p = float(2 * sps.t.sf(abs(est) / se, dof))
+    else:
+        half, p = np.nan, np.nan
+    return {"kind": kind, "term": term, "level": level, "estimate": est, "se": se,
+            "lo": est - half, "hi": est + half, "p_value": p}
+
+
+# -- cost ---------------------------------------------------------------------------------------
+def _history_of(history: pd.DataFrame, trial_id: str) -> pd.DataFrame:
+    if history.empty or "trial_id" not in history:
+        return pd.DataFrame()
+    return history[history["trial_id"] == trial_id].sort_values("epoch")
+
+
+def _trial_per_seed(arms: pd.DataFrame, task: str, arm: str) -> dict:
+    g = arms[(arms["task"] == task) & (arms["arm"] == arm)]
+    return {seed: rows for seed, rows in g.groupby("seed")}
+
+
+def _reached(values: pd.Series, target: float, mode: str) -> pd.Series:
+    return values <= target if mode == "min" else values >= target
+
+
+def time_to_target(results: Results, *, arm: str = BASELINE, ref_arm: str = ADAMW) -> pd.DataFrame:
+    """Per task and seed: when ``arm`` first reaches ``ref_arm``'s best validation metric.
+
+    The target is the ``best_metric`` of the ``ref_arm`` trial of the same seed; the arm's
+    history column ``val_<metric>`` is scanned epoch by epoch. Columns: task, seed, metric,
+    target, reached, epoch, step, wall_s (cumulative seconds including meta-updates; NaN when not
+    reached), ref_epoch, ref_step, ref_wall_s (when ``ref_arm`` itself reached its best),
+    wall_ratio (wall_s / ref_wall_s) and note ("" | "not reached" | why the seed has no answer:
+    a trial that is not ok, missing, or without history).
+    """
+    trials, history = results.trials, results.history
+    if trials.empty:
+        return pd.DataFrame()
+    arms = explode_arms(trials)
+    rows = []
+    for task in sorted(trials["task"].unique()):
+        metric, mode = task_metric(trials, task)
+        refs, news = _trial_per_seed(arms, task, ref_arm), _trial_per_seed(arms, task, arm)
+        for seed in sorted(set(refs) | set(news)):
+            rows.append(_seed_time_to_target(task, seed, metric, mode, refs.get(seed), news.get(seed), history, arm, ref_arm))
+    return pd.DataFrame(rows)
+
+
+def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, arm, ref_arm) -> dict:
+    row = {"task": task, "seed": seed, "metric": metric, "target": np.nan, "reached": False,
+           "epoch": np.nan, "step": np.nan, "wall_s": np.nan, "ref_epoch": np.nan,
+           "ref_step": np.nan, "ref_wall_s": np.nan, "wall_ratio": np.nan, "note": ""}
+    for name, rows in ((ref_arm, ref_rows), (arm, new_rows)):
+        if rows is None:
+            row["note"] = f"no {name} trial"
+            return row
+        if not (rows["status"] == "ok").any():
+            row["note"] = f"{name} trial {rows['trial_id'].iloc[0]} is {rows['status'].iloc[0]}"
+            return row
+    ref, new = _ok(ref_rows).iloc[0], _ok(new_rows).iloc[0]
+    row["target"] = float(ref["best_metric"])
+    col = f"val_{metric}"
+    ref_hist, new_hist = _history_of(history, ref["trial_id"]), _history_of(history, new["trial_id"])
+    at_best = ref_hist[ref_hist["epoch"] == ref["best_epoch"]] if len(ref_hist) else ref_hist
+    if len(at_best):
+        row.update(ref_epoch=int(ref["best_epoch"]), ref_step=float(at_best["step"].iloc[0]),
+                   ref_wall_s=float(at_best["wall_s"].iloc[0]))
+    if new_hist.empty or col not in new_hist:
+        row["note"] = f"no history column {col} for trial {new['trial_id']}"
+        return row
+    hit = new_hist[_reached(new_hist[col], row["target"], mode)]
+    if hit.empty:
+        row["note"] = "not reached"
+        return row
+    first = hit.iloc[0]
+    row.update(reached=True, epoch=int(first["epoch"]), step=float(first["step"]), wall_s=float(first["wall_s"]))
+    row["wall_ratio"] = row["wall_s"] / row["ref_wall_s"] if row["ref_wall_s"] > 0 else np.nan
+    return row
+
+
+def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per task and arm: epochs until early stopping (mean and CI of ``epochs_run``), the share of
+    ok trials stopped early, mean total seconds, and the mean share of time spent in
+    meta-updates (``time_meta_s / time_total_s``); n_ok and n_not_ok count the trials."""
+    arms = explode_arms(results.trials)
+    if arms.empty:
+        return pd.DataFrame()
+    rows = []
+    for (task, arm), g in arms.groupby(["task", "arm"], sort=True):
+        ok = _ok(g)
+        ep = mean_ci(ok["epochs_run"], confidence)
+        total = pd.to_numeric(ok["time_total_s"], errors="coerce")
+        share = pd.to_numeric(ok["time_meta_s"], errors="coerce") / total.where(total > 0)
+        rows.append({
+            "task": task, "arm": arm, "n_ok": len(ok), "n_not_ok": len(_not_ok(g)),
+            "epochs_mean": ep["mean"], "epochs_lo": ep["lo"], "epochs_hi": ep["hi"],
+            "early_stopped": float((ok["stop_reason"] == "early_stopping").mean()) if len(ok) else np.nan,
+            "time_total_mean_s": float(total.mean()) if len(ok) else np.nan,
+            "meta_share": float(share.mean()) if len(ok) else np.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+# -- performance profiles -----------------------------------------------------------------------
+def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.DataFrame:
+    """Performance ratios (task x arm) of each arm's mean best metric (over ok seeds) to the best
+    arm's on that task: ``arm / best`` for "min" metrics and ``best / arm`` for "max" metrics, so
+    1 is the best arm and larger is worse either way. Metrics must be positive; an arm without
+    ok trials on a task, or with a non-positive metric, gets ``inf`` (never within any tau)."""
+    exploded = explode_arms(_ok(results.trials))
+    if exploded.empty:
+        return pd.DataFrame()
+    means = exploded.groupby(["task", "arm"])["best_metric"].mean().unstack("arm")
+    if arms is not None:
+        means = means.reindex(columns=list(arms))
+    ratios = {}
+    for task, row in means.iterrows():
+        vals = row.where(row > 0)
+        if task_metric(results.trials, task)[1] == "min":
+            ratios[task] = vals / vals.min()
+        else:
+            ratios[task] = vals.max() / vals
+    return pd.DataFrame(ratios).T.fillna(np.inf).rename_axis(index="task", columns="arm")
+
+
+def performance_profile(
+    results: Results, taus: Sequence[float] | None = None, arms: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """AlgoPerf-style performance profiles: rho_arm(tau) = share of tasks whose performance ratio
+    (:func:`profile_ratios`) is <= tau. Rows are taus (index ``tau``), columns arms. Default taus
+    run from 1 to a little beyond the largest finite ratio."""
+    ratios = profile_ratios(results, arms)
+    if ratios.empty:
+        return pd.DataFrame()
+    if taus is None:
+        finite = ratios.to_numpy()[np.isfinite(ratios.to_numpy())]
+        top = max(1.1, float(finite.max()) * 1.05) if finite.size else 1.1
+        taus = np.linspace(1.0, top, 200)
+    taus = np.asarray(taus, dtype=float)
+    data = {arm: [(ratios[arm] <= tau).mean() for tau in taus] for arm in ratios.columns}
+    return pd.DataFrame(data, index=pd.Index(taus, name="tau"))

@@ -1,0 +1,848 @@
+"""Study files: one YAML file describes a whole ablation study; this module reads, validates and
+expands it into trials.
+
+A study names its tasks, seeds, budget and *arms* (the format reference is
+``search_spaces/README.md``):
+
+* ``adamw`` - the AdamW reference arm (``adamw: true``, or a mapping of its own settings);
+* ``baseline`` - MetaAdamW with each task's defaults (the paper's Table 4) plus ``baseline:``;
+* ``<axis>=<level>`` - one-factor-at-a-time ablations, each one change from the baseline;
+* ``factorial:<axis>=<level>,...`` - the cells of a full or fractional factorial design.
+
+The trials are tasks x seeds x arms. A trial's config is ``{task, data, [data_dir], seed}``, then
+``budget``, then ``baseline`` (for the AdamW arm: ``optimizer: adamw`` and its settings), then
+``overrides[task]``, then the arm's own settings; later layers win. :func:`ablate.config.resolve_config`
+fills the defaults and validates the result, and :func:`ablate.config.trial_id` names it. Arms of
+one task that resolve to the same trial id (an ablation level equal to the baseline value, say)
+share one trial that records every arm name.
+
+:func:`load_study` raises :class:`StudyError` for every problem - malformed YAML, unknown keys,
+wrong types, unknown tasks or components, contradictions - before any trial runs, naming the file,
+the field path (``quick.yaml: ablations.features[1]``), the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+from importlib import import_module, invalidate_caches
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ablate.config import (
+    COMMON_FIELDS,
+    METAADAMW_KEYS,
+    ConfigError,
+    ALTERNATIVE_KEYS,
+    is_number,
+    identity_config,
+    resolve_config,
+    task_fields,
+    trial_id,
+    validate_value,
+)
+
+#: Top-level keys of a study file and what each holds (any other key is an error).
+STUDY_KEYS = {
+    "name": "the study's name ([A-Za-z0-9_-]+), also its output directory",
+    "description": "free text",
+    "data": "'embedded' (small offline variants) or 'real' (the datasets on disk)",
+    "data_dir": "directory of the real datasets (default: $ABLATE_DATA_DIR)",
+    "tasks": "a list of registered task names",
+    "seeds": "an integer N (seeds 0..N-1) or a list of distinct non-negative integers",
+    "budget": "trial-config settings applied to every trial, e.g. {epochs: 3}",
+    "resources": "per-trial resources {cpus: >0, gpus: >=0}",
+    "retries": "how many times a failed trial is retried (integer >= 0)",
+    "plugins": "modules imported before validation, e.g. [my_package.my_features]",
+    "baseline": "MetaAdamW settings of every MetaAdamW arm, on top of each task's defaults",
+    "adamw": "true/false, or a mapping of settings of the AdamW reference arm",
+    "overrides": "per-task settings applied to every arm of that task: {task: {key: value}}",
+    "ablations": "one-factor-at-a-time axes: {axis: [values]} or {axis: {level: {key: value}}}",
+    "factorial": "a factorial design: {axes: {...}, fraction: null|2|4|..., generators: [...]}",
+}
+REQUIRED_KEYS = ("name", "tasks", "seeds")
+
+FACTORIAL_KEYS = {
+    "axes": "the design's axes, written like ablation axes",
+    "fraction": "null (the full grid) or 2, 4, 8, ... (a 1/2, 1/4, ... fraction of two-level axes)",
+    "generators": "explicit 2^(k-p) generators such as ['C=AB'] (letters A, B, ... = axes in order)",
+}
+
+#: Per-trial resources and their defaults.
+RESOURCE_DEFAULTS = {"cpus": 1, "gpus": 0}
+
+#: Trial-config keys a study sets in one place only, and where.
+_RESERVED = {
+    "task": "list the tasks under tasks:",
+    "seed": "give the seeds under seeds:",
+    "data": "set the top-level data:",
+    "data_dir": "set the top-level data_dir:",
+    "optimizer": "the arm decides it (adamw: is the AdamW arm, every other arm is MetaAdamW)",
+}
+
+#: Keys that set the same quantity: a settings layer that sets one drops the other from the
+#: layers below it, so `meta_per_epoch` levels work on top of a task's `meta_every`.
+
+#: A study expanding to more trials than this is refused (split it into several studies).
+MAX_TRIALS = 20_000
+#: Largest number of generator combinations searched for an automatic fractional design.
+MAX_GENERATOR_SEARCH = 50_000
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+_LABEL_RE = re.compile(r"[A-Za-z0-9_.+-]+")
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_GENERATOR_RE = re.compile(r"([A-Z])=(-?)([A-Z]+)")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class StudyError(ConfigError):
+    """A study file is invalid; the message names the file, the field path, the value and the fix."""
+
+
+@dataclasses.dataclass
+class TrialSpec:
+    """One trial: a resolved flat config and the arm name(s) it stands for."""
+
+    trial_id: str
+    task: str
+    seed: int
+    arm: str  # the first arm that maps to this trial
+    arms: list[str]  # every arm that maps to it (identical configs are merged)
+    axis: str  # "" (adamw, baseline), the ablation axis, or "factorial"
+    config: dict[str, Any]  # the resolved flat trial config (JSON-serialisable)
+
+
+@dataclasses.dataclass
+class Study:
+    """A parsed, validated and expanded study file."""
+
+    name: str
+    description: str
+    path: Path | None
+    data: str
+    tasks: list[str]
+    seeds: list[int]
+    resources: dict[str, float]
+    retries: int
+    plugins: list[str]
+    trials: list[TrialSpec]
+    arm_axes: dict[str, str] = dataclasses.field(default_factory=dict)  # arm -> axis, in file order
+
+    def arms(self) -> list[str]:
+        """Every arm name in file order, including arms merged into another arm's trial."""
+        return list(self.arm_axes)
+
+
+@dataclasses.dataclass
+class _Arm:
+    name: str
+    axis: str
+    settings: dict[str, Any]
+    adamw: bool = False
+
+
+@dataclasses.dataclass
+class _Context:
+    """What the parsing steps share: the file name for messages and the settings read so far."""
+
+    source: str
+    data: str = "embedded"
+    data_dir: str | None = None
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    budget: dict[str, Any] = dataclasses.field(default_factory=dict)
+    baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def where(self, path: str) -> str:
+        return f"{self.source}: {path}" if path else self.source
+
+    def error(self, path: str, message: str) -> StudyError:
+        return StudyError(f"{self.where(path)}: {message}")
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+
+def load_study(path: str | os.PathLike, *, extra_seeds: int | list[int] | None = None) -> Study:
+    """Read, validate and expand a study file.
+
+    Plugins listed in the file are imported first (a module file or package next to the study
+    file is found there). ``extra_seeds`` adds seeds to the file's: an integer N adds the N seeds
+    after the largest one, a list adds those seeds.
+    """
+    path = Path(path)
+    mapping = _read_yaml(path)
+    study = parse_study(mapping, source=str(path), base_dir=path.parent, extra_seeds=extra_seeds)
+    study.path = path
+    return study
+
+
+def parse_study(
+    mapping: Any,
+    source: str = "<string>",
+    *,
+    base_dir: str | os.PathLike | None = None,
+    extra_seeds: int | list[int] | None = None,
+) -> Study:
+    """Validate and expand a study given as a mapping (the parsed YAML).
+
+    ``source`` names the file in messages; ``base_dir`` is where plugin modules next to the study
+    file are looked for and what a relative ``data_dir`` is relative to.
+    """
+    try:
+        return _parse(mapping, _Context(source), base_dir, extra_seeds)
+    except StudyError:
+        raise
+    except ConfigError as exc:  # from ablate.config, whose message already names the field
+        raise StudyError(str(exc)) from None
+
+
+def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = None, source: str = "<string>") -> None:
+    """Import plugin modules, which register their components (and tasks) on import.
+
+    When ``base_dir`` holds the plugin's module file or package, ``base_dir`` is put on
+    ``sys.path`` first. Call this on every worker before building a trial.
+    """
+    for i, name in enumerate(plugins):
+        top = name.split(".")[0]
+        if base_dir is not None and _holds_module(Path(base_dir), top):
+            directory = str(Path(base_dir).resolve())
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+                invalidate_caches()
+        try:
+            import_module(name)
+        except Exception as exc:
+            raise StudyError(
+                f"{source}: plugins[{i}]: cannot import plugin module {name!r}: {type(exc).__name__}: {exc}. "
+                f"Install it, put {top}.py next to the study file, or fix the error it raises"
+            ) from exc
+
+
+def format_trials(study: Study) -> str:
+    """The ``--dry-run`` listing: one line per trial (id, task, seed, arms, settings that differ
+    from the task's baseline trial), then the number of trials per arm and task."""
+    baselines = {(t.task, t.seed): t.config for t in study.trials if "baseline" in t.arms}
+    rows = [
+        [t.trial_id, t.task, f"seed={t.seed}", " = ".join(t.arms), _differences(t.config, baselines[t.task, t.seed])]
+        for t in study.trials
+    ]
+    lines = [f"study {study.name}: {len(study.trials)} trials", *_table(rows), "", *_summary(study)]
+    return "\n".join(lines)
+
+
+# -- reading the file -----------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys, reads 1e-3 as a number (YAML 1.1 reads it as a
+    string), and reports every bad scalar (an impossible date, say) as a YAML error with its mark."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"found duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r} as {node.tag}: {exc}", node.start_mark
+            ) from None
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML document of ``path``; every failure is a StudyError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{path}: cannot read the study file: {exc}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+        raise StudyError(f"{path}{at}: invalid YAML: {problem or exc}") from None
+    except RecursionError:
+        raise StudyError(f"{path}: invalid YAML: nested too deeply") from None
+
+
+def _check_plain(value: Any, ctx: _Context, path: str = "", _parents: tuple[int, ...] = ()) -> None:
+    """Refuse what YAML can produce but a study cannot use: dates, sets, binary, non-string keys
+    and structures that contain themselves (recursive aliases)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return
+    if id(value) in _parents:
+        raise ctx.error(path or "top level", "contains itself (a recursive YAML alias)")
+    parents = _parents + (id(value),)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, ctx, f"{path}[{i}]", parents)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ctx.error(path or "top level", f"key {key!r} ({type(key).__name__}) is not a string; quote it")
+            _check_plain(item, ctx, _join(path, key), parents)
+    else:
+        raise ctx.error(
+            path or "top level",
+            f"{_short(value)} is a {type(value).__name__}; use strings, numbers, booleans, lists and "
+            f"mappings only (quote dates and the like)",
+        )
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+
+def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extra_seeds: Any) -> Study:
+    """Validate every field in order, then expand the trials."""
+    _check_plain(mapping, ctx)
+    if not isinstance(mapping, dict):
+        raise ctx.error("", f"a study must be a mapping with at least {', '.join(REQUIRED_KEYS)}; got {_short(mapping)}")
+    _check_keys(ctx, mapping, STUDY_KEYS, "", REQUIRED_KEYS)
+    given = {k: v for k, v in mapping.items() if v is not None}  # a key left empty takes its default
+    plugins = _parse_plugins(ctx, given.get("plugins", []))
+    import_plugins(plugins, base_dir, ctx.source)
+    name = _parse_name(ctx, given["name"])
+    description = given.get("description", "")
+    if not isinstance(description, str):
+        raise ctx.error("description", f"must be a string, got {_short(description)}")
+    _parse_data(ctx, given.get("data", COMMON_FIELDS["data"].default), given.get("data_dir"), base_dir)
+    ctx.tasks = _parse_tasks(ctx, given["tasks"])
+    seeds = _parse_seeds(ctx, given["seeds"])
+    if extra_seeds is not None:
+        seeds += _parse_extra_seeds(ctx, extra_seeds, seeds)
+    resources = _parse_resources(ctx, given.get("resources", {}))
+    retries = given.get("retries", 0)
+    if not _is_int(retries) or retries < 0:
+        raise ctx.error("retries", f"must be an integer >= 0 (how often a failed trial is retried), got {_short(retries)}")
+    ctx.budget = _check_settings(ctx, given.get("budget"), "budget", ctx.tasks)
+    ctx.baseline = _check_settings(ctx, given.get("baseline"), "baseline", ctx.tasks)
+    ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
+    arms = _parse_adamw(ctx, given.get("adamw", True)) + [_Arm("baseline", "", {})]
+    arms += _parse_ablations(ctx, given.get("ablations", {}))
+    arms += _parse_factorial(ctx, given.get("factorial"))
+    total = len(ctx.tasks) * len(seeds) * len(arms)
+    if total > MAX_TRIALS:
+        raise ctx.error(
+            "", f"{len(ctx.tasks)} tasks x {len(seeds)} seeds x {len(arms)} arms = {total} trials, more than "
+            f"{MAX_TRIALS}; split the study"
+        )
+    return Study(
+        name=name,
+        description=description,
+        path=None,
+        data=ctx.data,
+        tasks=ctx.tasks,
+        seeds=seeds,
+        resources=resources,
+        retries=retries,
+        plugins=plugins,
+        trials=_expand(ctx, arms, seeds),
+        arm_axes={arm.name: arm.axis for arm in arms},
+    )
+
+
+def _check_keys(ctx: _Context, mapping: dict, allowed: dict[str, str], path: str, required: Iterable[str] = ()) -> None:
+    """Unknown keys (with a did-you-mean hint) and missing required keys are errors."""
+    for key in mapping:
+        if key not in allowed:
+            raise ctx.error(_join(path, key), f"unknown key{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
+    for key in required:
+        if mapping.get(key) is None:
+            raise ctx.error(_join(path, key), f"is required: {allowed[key]}")
+
+
+def _parse_plugins(ctx: _Context, plugins: Any) -> list[str]:
+    if not isinstance(plugins, list):
+        raise ctx.error("plugins", f"must be a list of module names, e.g. [my_package.my_features]; got {_short(plugins)}")
+    for i, name in enumerate(plugins):
+        if not isinstance(name, str) or not _MODULE_RE.fullmatch(name):
+            raise ctx.error(f"plugins[{i}]", f"{_short(name)} is not a module name like my_package.my_features")
+    return list(plugins)
+
+
+def _parse_name(ctx: _Context, name: Any) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ctx.error("name", f"must match [A-Za-z0-9_-]+ (it names the output directory); got {_short(name)}")
+    return name
+
+
+def _parse_data(ctx: _Context, data: Any, data_dir: Any, base_dir: str | os.PathLike | None) -> None:
+    """``data`` and ``data_dir``; a relative data_dir is relative to the study file."""
+    validate_value("data", data, ctx.where("data"))
+    ctx.data = data
+    validate_value("data_dir", data_dir, ctx.where("data_dir"))
+    if data_dir and data == "embedded":
+        raise ctx.error("data_dir", f"{data_dir!r} is given but data is 'embedded'; set data: real to use it, or remove data_dir")
+    if data_dir:
+        expanded = os.path.expanduser(data_dir)
+        ctx.data_dir = os.path.join(base_dir, expanded) if base_dir is not None and not os.path.isabs(expanded) else expanded
+
+
+def _parse_tasks(ctx: _Context, tasks: Any) -> list[str]:
+    if not isinstance(tasks, list) or not tasks:
+        raise ctx.error("tasks", f"must be a non-empty list of task names, e.g. [etth1, imdb]; got {_short(tasks)}")
+    for i, task in enumerate(tasks):
+        validate_value("task", task, ctx.where(f"tasks[{i}]"))
+        if task in tasks[:i]:
+            raise ctx.error(f"tasks[{i}]", f"{task!r} is listed twice")
+    return list(tasks)
+
+
+def _parse_seeds(ctx: _Context, seeds: Any) -> list[int]:
+    if _is_int(seeds):
+        if not 1 <= seeds <= MAX_TRIALS:
+            raise ctx.error("seeds", f"an integer N means seeds 0..N-1, so it must be in 1..{MAX_TRIALS}; got {seeds}")
+        return list(range(seeds))
+    if not isinstance(seeds, list) or not seeds:
+        raise ctx.error(
+            "seeds",
+            f"must be an integer N (seeds 0..N-1) or a non-empty list of distinct non-negative integers; "
+            f"got {_short(seeds)}",
+        )
+    _check_seed_list(ctx, seeds, "seeds", [])
+    return list(seeds)
+
+
+def _parse_extra_seeds(ctx: _Context, extra: Any, seeds: list[int]) -> list[int]:
+    """Seeds added on top of the file's: N more after the largest, or an explicit list."""
+    if _is_int(extra) and 1 <= extra <= MAX_TRIALS:
+        return list(range(max(seeds) + 1, max(seeds) + 1 + extra))
+    if isinstance(extra, (list, tuple)) and extra:
+        _check_seed_list(ctx, list(extra), "extra_seeds", seeds)
+        return list(extra)
+    raise ctx.error(
+        "extra_seeds", f"must be an integer N >= 1 (N more seeds) or a non-empty list of new seeds; got {_short(extra)}"
+    )
+
+
+def _check_seed_list(ctx: _Context, seeds: list, path: str, existing: list[int]) -> None:
+    for i, seed in enumerate(seeds):
+        validate_value("seed", seed, ctx.where(f"{path}[{i}]"))
+        if seed in seeds[:i] or seed in existing:
+            raise ctx.error(f"{path}[{i}]", f"seed {seed} is given twice")
+
+
+def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
+    if not isinstance(resources, dict):
+        raise ctx.error("resources", f"must be a mapping like {{cpus: 1, gpus: 0}}; got {_short(resources)}")
+    _check_keys(ctx, resources, {"cpus": "CPUs per trial (> 0)", "gpus": "GPUs per trial (>= 0, may be fractional)"}, "resources")
+    merged = {**RESOURCE_DEFAULTS, **resources}
+    if not is_number(merged["cpus"]) or merged["cpus"] <= 0:
+        raise ctx.error("resources.cpus", f"must be a number > 0, got {_short(merged['cpus'])}")
+    if not is_number(merged["gpus"]) or merged["gpus"] < 0:
+        raise ctx.error("resources.gpus", f"must be a number >= 0, got {_short(merged['gpus'])}")
+    return merged
+
+
+def _parse_overrides(ctx: _Context, overrides: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(overrides, dict):
+        raise ctx.error("overrides", f"must be a mapping {{task: {{key: value}}}}; got {_short(overrides)}")
+    for task in overrides:
+        if task not in ctx.tasks:
+            raise ctx.error(f"overrides.{task}", f"{task!r} is not one of this study's tasks ({', '.join(ctx.tasks)})")
+    return {task: _check_settings(ctx, settings, f"overrides.{task}", [task]) for task, settings in overrides.items()}
+
+
+def _parse_adamw(ctx: _Context, adamw: Any) -> list[_Arm]:
+    """The AdamW arm: none (false), with the budget only (true), or with its own settings."""
+    if adamw is False:
+        return []
+    if adamw is True:
+        return [_Arm("adamw", "", {}, adamw=True)]
+    if isinstance(adamw, dict):
+        return [_Arm("adamw", "", _check_settings(ctx, adamw, "adamw", ctx.tasks, adamw=True), adamw=True)]
+    raise ctx.error("adamw", f"must be true, false or a mapping of AdamW settings such as {{lr: 1.0e-3}}; got {_short(adamw)}")
+
+
+def _parse_ablations(ctx: _Context, ablations: Any) -> list[_Arm]:
+    if not isinstance(ablations, dict):
+        raise ctx.error(
+            "ablations", f"must be a mapping {{axis: [values]}} or {{axis: {{level: {{key: value}}}}}}; got {_short(ablations)}"
+        )
+    return [
+        _Arm(f"{axis}={label}", axis, settings)
+        for axis, levels in ablations.items()
+        for label, settings in _parse_levels(ctx, axis, levels, f"ablations.{axis}")
+    ]
+
+
+def _parse_levels(ctx: _Context, axis: str, levels: Any, path: str) -> list[tuple[str, dict[str, Any]]]:
+    """An axis's levels as (label, settings): a list of values of the config key ``axis``, or a
+    mapping of named levels to settings."""
+    if not _LABEL_RE.fullmatch(axis):
+        raise ctx.error(path, f"axis names must match {_LABEL_RE.pattern} (they become arm names)")
+    if isinstance(levels, dict) and levels:
+        for label in levels:
+            if not _LABEL_RE.fullmatch(label):
+                raise ctx.error(f"{path}.{label}", f"level names must match {_LABEL_RE.pattern} (they become arm names)")
+        return [(label, _check_settings(ctx, settings, f"{path}.{label}", ctx.tasks)) for label, settings in levels.items()]
+    if not isinstance(levels, list) or not levels:
+        raise ctx.error(
+            path, f"must be a non-empty list of values or a mapping {{level_name: {{key: value}}}}; got {_short(levels)}"
+        )
+    if axis not in COMMON_FIELDS and not any(axis in task_fields(t) for t in ctx.tasks):
+        raise ctx.error(
+            path,
+            f"{axis!r} is not a config key{_did_you_mean(axis, _known_keys(ctx.tasks))}, so its levels must be named: "
+            f"{axis}: {{level_name: {{key: value, ...}}, ...}}",
+        )
+    labelled = []
+    for i, value in enumerate(levels):
+        _check_value(ctx, axis, value, f"{path}[{i}]", ctx.tasks)
+        label = _label(value)
+        if value in levels[:i] or label in dict(labelled):
+            raise ctx.error(f"{path}[{i}]", f"level {label} is given twice")
+        labelled.append((label, {axis: value}))
+    return labelled
+
+
+def _parse_factorial(ctx: _Context, factorial: Any) -> list[_Arm]:
+    """The cells of a full or fractional factorial design, each an arm on top of the baseline."""
+    if factorial is None:
+        return []
+    if not isinstance(factorial, dict):
+        raise ctx.error(
+            "factorial", f"must be a mapping with axes: (and optionally fraction: or generators:); got {_short(factorial)}"
+        )
+    _check_keys(ctx, factorial, FACTORIAL_KEYS, "factorial", ("axes",))
+    axes = factorial["axes"]
+    if not isinstance(axes, dict) or not axes:
+        raise ctx.error("factorial.axes", f"must be a non-empty mapping {{axis: levels}}; got {_short(axes)}")
+    parsed = [(axis, _parse_levels(ctx, axis, levels, f"factorial.axes.{axis}")) for axis, levels in axes.items()]
+    _check_independent(ctx, parsed)
+    rows = _design(ctx, [(axis, len(levels)) for axis, levels in parsed], factorial.get("fraction"), factorial.get("generators"))
+    arms = []
+    for row in rows:
+        cell = [(axis, levels[i]) for (axis, levels), i in zip(parsed, row)]
+        name = "factorial:" + ",".join(f"{axis}={label}" for axis, (label, _) in cell)
+        arms.append(_Arm(name, "factorial", {k: v for _, (_, settings) in cell for k, v in settings.items()}))
+    return arms
+
+
+def _check_independent(ctx: _Context, parsed: list[tuple[str, list[tuple[str, dict]]]]) -> None:
+    """Two factorial axes must not set the same key (or the two meta-update frequency keys)."""
+    owner: dict[str, str] = {}
+    for axis, levels in parsed:
+        keys = {k for _, settings in levels for k in settings}
+        keys |= {ALTERNATIVE_KEYS[k] for k in keys if k in ALTERNATIVE_KEYS}
+        for key in sorted(keys):
+            if owner.setdefault(key, axis) != axis:
+                raise ctx.error(
+                    f"factorial.axes.{axis}",
+                    f"sets {key!r}, as axis {owner[key]!r} does; the axes of a design must be independent",
+                )
+
+
+# -- settings -------------------------------------------------------------------------------
+
+
+def _check_settings(ctx: _Context, settings: Any, path: str, tasks: list[str], *, adamw: bool = False) -> dict[str, Any]:
+    """Validate a mapping of trial-config settings that applies to ``tasks``; null means {}."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ctx.error(path, f"must be a mapping of config keys to values, e.g. {{epochs: 3}}; got {_short(settings)}")
+    for key, value in settings.items():
+        _check_value(ctx, key, value, f"{path}.{key}", tasks, adamw=adamw)
+    for task in tasks:  # contradictions within the mapping, against each task's defaults
+        resolve_config({"task": task, "data": ctx.data, **settings}, where=f"{ctx.where(path)} (task {task})")
+    return dict(settings)
+
+
+def _check_value(ctx: _Context, key: str, value: Any, path: str, tasks: list[str], *, adamw: bool = False) -> None:
+    """Validate one setting: a common key against its field, a task key against every task."""
+    if key in _RESERVED:
+        raise ctx.error(path, f"{key} cannot be set here; {_RESERVED[key]}")
+    if adamw and key in METAADAMW_KEYS:
+        raise ctx.error(
+            path, f"{key} is a MetaAdamW setting, which the AdamW arm does not use; set it in baseline: or an ablation"
+        )
+    if key in COMMON_FIELDS:
+        validate_value(key, value, ctx.where(path))
+    else:
+        _check_task_key(ctx, key, path, tasks)
+    for task in tasks:  # the value against each task's defaults (a task key's type, modulator_width vs heads)
+        resolve_config({"task": task, "data": ctx.data, key: value}, where=f"{ctx.where(path)} (task {task})")
+
+
+def _check_task_key(ctx: _Context, key: str, path: str, tasks: list[str]) -> None:
+    """A key that is not a common key must be a key of every task the setting applies to."""
+    owners = [t for t in tasks if key in task_fields(t)]
+    if not owners:
+        task_keys = "; ".join(f"keys of task {t}: {', '.join(sorted(task_fields(t))) or '(none)'}" for t in tasks)
+        raise ctx.error(
+            path,
+            f"unknown config key {key!r}{_did_you_mean(key, _known_keys(tasks))}. Common keys: "
+            f"{', '.join(k for k in COMMON_FIELDS if k not in _RESERVED)}; {task_keys}",
+        )
+    if len(owners) < len(tasks):
+        raise ctx.error(
+            path,
+            f"{key!r} is a key of task(s) {', '.join(owners)} only, but this applies to {', '.join(tasks)}; "
+            f"set it under overrides.<task> instead",
+        )
+
+
+def _known_keys(tasks: list[str]) -> list[str]:
+    return [*(k for k in COMMON_FIELDS if k not in _RESERVED), *sorted({k for t in tasks for k in task_fields(t)})]
+
+
+def _apply(config: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Put one settings layer on top of ``config`` (a frequency key replaces its alternative)."""
+    for key, value in layer.items():
+        if key in ALTERNATIVE_KEYS and value is not None:
+            config.pop(ALTERNATIVE_KEYS[key], None)
+        config[key] = value
+
+
+def _layers(ctx: _Context, arm: _Arm, task: str) -> list[dict[str, Any]]:
+    """The settings layers of one arm's trial on one task, lowest first."""
+    if arm.adamw:
+        layers = [ctx.budget, {"optimizer": "adamw", **arm.settings}, ctx.overrides.get(task, {})]
+        return [{k: v for k, v in layer.items() if k not in METAADAMW_KEYS} for layer in layers]
+    return [ctx.budget, ctx.baseline, ctx.overrides.get(task, {}), arm.settings]
+
+
+# -- expansion ------------------------------------------------------------------------------
+
+
+def _expand(ctx: _Context, arms: list[_Arm], seeds: list[int]) -> list[TrialSpec]:
+    """Tasks x seeds x arms, arms that resolve to the same trial merged into one trial."""
+    trials = []
+    for task in ctx.tasks:
+        groups = _resolve_arms(ctx, arms, task, seeds[0])
+        for seed in seeds:
+            for resolved, group in groups:
+                config = json.loads(json.dumps({**resolved, "seed": seed}))  # a private, JSON-safe copy
+                names = [arm.name for arm in group]
+                trials.append(TrialSpec(trial_id(config), task, seed, names[0], names, group[0].axis, config))
+    return trials
+
+
+def _resolve_arms(ctx: _Context, arms: list[_Arm], task: str, seed: int) -> list[tuple[dict[str, Any], list[_Arm]]]:
+    """Each distinct resolved config of ``task`` with the arms that produce it, in arm order.
+    (The seed is part of every config alike, so arms that merge for one seed merge for all.)"""
+    groups: dict[str, tuple[dict[str, Any], list[_Arm]]] = {}
+    for arm in arms:
+        config: dict[str, Any] = {"task": task, "data": ctx.data, "seed": seed}
+        if ctx.data_dir:
+            config["data_dir"] = ctx.data_dir
+        for layer in _layers(ctx, arm, task):
+            _apply(config, layer)
+        resolved = resolve_config(config, where=f"{ctx.source}: arm {arm.name!r} on task {task!r}")
+        groups.setdefault(trial_id(resolved), (resolved, []))[1].append(arm)
+    return list(groups.values())
+
+
+# -- factorial designs ----------------------------------------------------------------------
+
+
+def _design(ctx: _Context, axes: list[tuple[str, int]], fraction: Any, generators: Any) -> list[tuple[int, ...]]:
+    """The design's rows, each a tuple of level indices in axis order."""
+    if fraction is None and generators is None:
+        cells = math.prod(n for _, n in axes)
+        if cells > MAX_TRIALS:
+            raise ctx.error("factorial.axes", f"the full grid has {cells} cells, more than {MAX_TRIALS}; use a fraction")
+        return list(itertools.product(*(range(n) for _, n in axes)))
+    if fraction is not None and generators is not None:
+        raise ctx.error("factorial", "give fraction: or generators:, not both")
+    not_two = [f"{axis} ({n} levels)" for axis, n in axes if n != 2]
+    if not_two:
+        raise ctx.error(
+            "factorial.fraction" if generators is None else "factorial.generators",
+            f"a fractional design needs every axis to have exactly two levels; not so: {', '.join(not_two)}",
+        )
+    if len(axes) > len(_LETTERS):
+        raise ctx.error("factorial.axes", f"a fractional design takes at most {len(_LETTERS)} axes, got {len(axes)}")
+    names = [axis for axis, _ in axes]
+    if generators is None:
+        gens = _auto_generators(ctx, len(names), _parse_fraction(ctx, fraction, len(names)))
+    else:
+        gens = _parse_generators(ctx, generators, names)
+    return _fractional_rows(len(names), gens)
+
+
+def _parse_fraction(ctx: _Context, fraction: Any, k: int) -> int:
+    """``fraction: 2**p`` -> p."""
+    if not _is_int(fraction) or fraction < 2 or fraction & (fraction - 1):
+        raise ctx.error(
+            "factorial.fraction",
+            f"must be null (the full grid) or a power of two 2, 4, 8, ... (run 1/fraction of the grid); got {_short(fraction)}",
+        )
+    p = fraction.bit_length() - 1
+    largest = max((q for q in range(k) if 2 ** (k - q) >= k + 1), default=0)
+    if p > largest:
+        raise ctx.error(
+            "factorial.fraction",
+            f"{fraction} is too small a fraction for {k} two-level axes: some main effects would be confounded with "
+            f"each other; the largest fraction is {2 ** largest if largest else 'none (use the full grid)'}",
+        )
+    return p
+
+
+def _parse_generators(ctx: _Context, generators: Any, names: list[str]) -> list[tuple[int, int, int]]:
+    """Generators like 'C=AB' or 'D=-ABC' -> (generated axis index, word bitmask, sign)."""
+    letters = ", ".join(f"{_LETTERS[i]}={name}" for i, name in enumerate(names))
+    if not isinstance(generators, list) or not generators:
+        raise ctx.error("factorial.generators", f"must be a non-empty list like ['C=AB'] ({letters}); got {_short(generators)}")
+    gens = []
+    for i, text in enumerate(generators):
+        path = f"factorial.generators[{i}]"
+        match = _GENERATOR_RE.fullmatch(text.replace(" ", "")) if isinstance(text, str) else None
+        if match is None:
+            raise ctx.error(
+                path, f"{_short(text)} is not a generator like 'C=AB' or 'C=-AB' (an axis = a product of other axes; {letters})"
+            )
+        lhs, sign, rhs = match.groups()
+        for letter in lhs + rhs:
+            if _LETTERS.index(letter) >= len(names):
+                raise ctx.error(path, f"letter {letter} names no axis; the axes are {letters}")
+        if len(set(rhs)) != len(rhs) or len(rhs) < 2 or lhs in rhs:
+            raise ctx.error(
+                path, f"{text!r}: the right-hand side needs two or more distinct letters other than {lhs} ({letters})"
+            )
+        gens.append((_LETTERS.index(lhs), sum(1 << _LETTERS.index(c) for c in rhs), -1 if sign else 1))
+    generated = [g for g, _, _ in gens]
+    for i, (g, word, _) in enumerate(gens):
+        path = f"factorial.generators[{i}]"
+        if g in generated[:i]:
+            raise ctx.error(path, f"axis {_LETTERS[g]} is generated twice")
+        if any(word >> other & 1 for other in generated):
+            raise ctx.error(path, f"the right-hand side may only use axes that no generator defines ({letters})")
+        if word in [w for _, w, _ in gens[:i]]:
+            raise ctx.error(path, "two generators share a right-hand side, which confounds their axes with each other")
+    return gens
+
+
+def _auto_generators(ctx: _Context, k: int, p: int) -> list[tuple[int, int, int]]:
+    """Generators of a 2^(k-p) design of maximum resolution (then fewest shortest words): the
+    last p axes are products of the first k-p, chosen by exhaustive search."""
+    base = k - p
+    candidates = sorted((w for w in range(1, 1 << base) if w.bit_count() >= 2), key=lambda w: (-w.bit_count(), w))
+    if math.comb(len(candidates), p) > MAX_GENERATOR_SEARCH:
+        raise ctx.error(
+            "factorial.fraction",
+            f"too many axes for an automatic search; give generators: explicitly ({FACTORIAL_KEYS['generators']})",
+        )
+    best = max(itertools.combinations(candidates, p), key=lambda words: _aberration_score(words, base))
+    return [(base + j, word, 1) for j, word in enumerate(best)]
+
+
+def _aberration_score(words: tuple[int, ...], base: int) -> tuple[int, int]:
+    """(resolution, -number of words of that length) of the defining relation of generators
+    ``words`` (bitmasks over the base axes) for the axes base, base+1, ..."""
+    full = [word | 1 << (base + j) for j, word in enumerate(words)]
+    lengths = []
+    for r in range(1, len(full) + 1):
+        for subset in itertools.combinations(full, r):
+            product = 0
+            for word in subset:
+                product ^= word
+            lengths.append(product.bit_count())
+    resolution = min(lengths)
+    return resolution, -lengths.count(resolution)
+
+
+def _fractional_rows(k: int, gens: list[tuple[int, int, int]]) -> list[tuple[int, ...]]:
+    """The full grid of the base axes, each generated axis set to sign x product of its word
+    (levels coded -1 / +1 for the first / second level)."""
+    generated = {g for g, _, _ in gens}
+    base = [i for i in range(k) if i not in generated]
+    rows = []
+    for levels in itertools.product((0, 1), repeat=len(base)):
+        row = [0] * k
+        for i, level in zip(base, levels):
+            row[i] = level
+        for g, word, sign in gens:
+            code = sign * math.prod(1 if row[i] else -1 for i in range(k) if word >> i & 1)
+            row[g] = int(code > 0)
+        rows.append(tuple(row))
+    return rows
+
+
+# -- formatting -----------------------------------------------------------------------------
+
+
+def _differences(config: dict[str, Any], baseline: dict[str, Any]) -> str:
+    """``key=value`` for every identity setting (bar the seed) that differs from the baseline."""
+    ident, ref = identity_config(config), identity_config(baseline)
+    changed = [f"{k}={_label(v)}" for k, v in ident.items() if k != "seed" and ref.get(k, object()) != v]
+    return " ".join(changed) or "-"
+
+
+def _summary(study: Study) -> list[str]:
+    """Trials per arm (the first arm of each trial) and task, then the merged arms per task."""
+    rows = [["arm", *study.tasks, "total"]]
+    for arm in study.arms():
+        counts = [sum(t.arm == arm and t.task == task for t in study.trials) for task in study.tasks]
+        if any(counts):
+            rows.append([arm, *map(str, counts), str(sum(counts))])
+    lines = [f"trials per arm and task ({len(study.tasks)} tasks x {len(study.seeds)} seeds):", *_table(rows)]
+    for task in study.tasks:
+        merged = {" = ".join(t.arms) for t in study.trials if t.task == task and len(t.arms) > 1}
+        if merged:
+            lines.append(f"merged on {task} (same trial): {'; '.join(sorted(merged))}")
+    return lines
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+# -- small helpers --------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _label(value: Any) -> str:
+    """How a level value appears in an arm name: strings as they are, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _did_you_mean(key: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _holds_module(directory: Path, name: str) -> bool:
+    return (directory / f"{name}.py").is_file() or (directory / name / "__init__.py").is_file()

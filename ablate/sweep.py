@@ -1,0 +1,314 @@
+"""``ablate run SPEC``: execute a study's trials on Ray Tune and store every result.
+
+* Each trial is a Ray Tune trial of the function trainable :func:`trainable`, which runs
+  :class:`ablate.trial.Trial`, reports every epoch (``tune.report`` with a checkpoint), and
+  resumes from ``tune.get_checkpoint()`` when Ray restarts it (a lost node, a retry).
+* Results are written by the driver, from the trial's last report, the moment a trial finishes:
+  one atomic Parquet part per table per trial (:mod:`ablate.results`). A crash loses nothing that
+  finished.
+* Identity: a trial's id is derived from its full config. Running a study again - with more
+  seeds, tasks or arms - runs only the trials whose results are not on disk yet (Ray's own
+  experiment restore cannot extend a sweep). ``--resume`` additionally continues unfinished
+  trials from their last per-epoch checkpoint (``OUT/checkpoints/<trial_id>.pt``).
+* Local by default (Ray started in-process, as many CPUs as the machine has); ``--address``
+  joins a running cluster, ``--storage`` puts Ray's experiment (and its checkpoints) on shared
+  storage. Plugin modules of the study are shipped to every worker with Ray's runtime
+  environment (``py_modules``) and imported there before a trial is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ablate import results as store
+from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_study
+
+CHECKPOINT_FILE = "trial.pt"
+RESULT_KEY = "ablate_result"
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainable (runs in Ray workers)
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one :class:`ablate.trial.Trial`."""
+    import torch
+    from ray import tune
+
+    import_plugins(config["plugins"], config.get("plugin_dir"))
+    from ablate.trial import Trial
+
+    spec = config["trial"]
+    trial_config = dict(spec["config"])
+    if not trial_config.get("num_threads"):
+        trial_config["num_threads"] = max(1, int(config["cpus"]))
+    torch.set_num_threads(trial_config["num_threads"])
+    trial = Trial(trial_config)
+    stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            trial.load(Path(d) / CHECKPOINT_FILE)
+    elif config.get("resume") and stable is not None and stable.exists():
+        trial.load(stable)
+
+    def report(row: dict[str, Any], t: Trial) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            t.save(Path(d) / CHECKPOINT_FILE)
+            if stable is not None:
+                stable.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(d) / CHECKPOINT_FILE, stable.with_suffix(".tmp"))
+                os.replace(stable.with_suffix(".tmp"), stable)
+            tune.report(_flat_metrics(row), checkpoint=tune.Checkpoint.from_directory(d))
+
+    result = trial.run(callback=report)
+    payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry}
+    last = result.history[-1] if result.history else {"epoch": 0}
+    tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
+
+
+def _flat_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    out_dir: Path
+    ran: int
+    reused: int
+    failed: int
+    results: store.Results
+
+
+def _trial_row(spec: TrialSpec, study: Study, row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "trial_id": spec.trial_id, "study": study.name, "arm": spec.arm, "arms": json.dumps(spec.arms),
+            "axis": spec.axis}
+
+
+def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    return _trial_row(spec, study, {**spec.config, "status": "failed", "error": error, "stop_reason": "failed",
+                                    "best_metric": math.nan, "finished_at": now})
+
+
+def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int):
+    from ray import tune
+
+    class Recorder(tune.Callback):
+        """Writes each finished trial's results and prints progress with an estimate of time left."""
+
+        def __init__(self) -> None:
+            self.done = self.failed = 0
+            self.start = time.monotonic()
+            self.written: set[str] = set()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if RESULT_KEY not in result:
+                return
+            spec = by_id[trial.config["trial"]["trial_id"]]
+            payload = json.loads(result[RESULT_KEY])
+            row = {k: (math.nan if v is None else v) for k, v in payload["row"].items()}
+            store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
+            self.written.add(spec.trial_id)
+            self.done += 1
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: {row['status']} "
+                                   f"{row['metric']}={row['best_metric']:.5g}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            spec = by_id[trial.config["trial"]["trial_id"]]
+            error = _trial_error(trial)
+            store.write_trial(out_dir, _failed_row(spec, study, error))
+            self.failed += 1
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({error.strip().splitlines()[-1]})")
+
+        def _progress(self, trials, last: str) -> None:
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            finished = self.done + self.failed
+            elapsed = time.monotonic() - self.start
+            left = total - reused - finished
+            eta = f", about {_duration(elapsed / finished * left)} left" if finished and left else ""
+            print(f"[{reused + finished}/{total} done ({reused} reused), {running} running, {self.failed} failed"
+                  f"{eta}] {last}", flush=True)
+
+    return Recorder()
+
+
+def _trial_error(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()
+    err = trial.get_pickled_error() if hasattr(trial, "get_pickled_error") else None
+    return "".join(traceback.format_exception(err)) if err else "the trial failed without an error message"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _plugin_modules(study: Study) -> list[str]:
+    """Files or package directories of the study's plugins that sit next to the study file."""
+    if study.path is None:
+        return []
+    base = study.path.parent
+    found = []
+    for name in study.plugins:
+        top = name.split(".")[0]
+        for candidate in (base / f"{top}.py", base / top):
+            if candidate.exists():
+                found.append(str(candidate.resolve()))
+                break
+    return found
+
+
+def init_ray(study: Study, address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Start Ray in-process (or join ``address``) with the study's plugins in the runtime
+    environment. Returns True when this call started or joined Ray (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env: dict[str, Any] = {}
+    modules = _plugin_modules(study)
+    if modules:
+        runtime_env["py_modules"] = modules
+    data_dir = os.environ.get("ABLATE_DATA_DIR")
+    if data_dir:
+        runtime_env["env_vars"] = {"ABLATE_DATA_DIR": data_dir}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "include_dashboard": False,
+                              "log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
+    return True
+
+
+def run_study(
+    study: Study,
+    out_root: str | os.PathLike = "results",
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    storage: str | None = None,
+    max_concurrent: int | None = None,
+    num_cpus: int | None = None,
+) -> SweepOutcome:
+    """Run every trial of ``study`` whose result is not stored yet; return the study's tables."""
+    from ray import tune
+
+    out_dir = Path(out_root) / study.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if study.path is not None:
+        shutil.copyfile(study.path, out_dir / "study.yaml")
+    finished = store.finished_trial_ids(out_dir)
+    pending = [t for t in study.trials if t.trial_id not in finished]
+    reused = len(study.trials) - len(pending)
+    print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
+          f"-> {out_dir}", flush=True)
+    if not pending:
+        return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
+
+    # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = init_ray(study, address, num_cpus)
+    try:
+        by_id = {t.trial_id: t for t in pending}
+        recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused)
+        cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
+        space = {
+            "trial": tune.grid_search([dataclasses.asdict(t) for t in pending]),
+            "plugins": list(study.plugins),
+            "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
+            "checkpoint_dir": str((out_dir / "checkpoints").resolve()),
+            "resume": resume,
+            "cpus": cpus,
+        }
+        storage_path = storage or str((out_dir / "ray").resolve())
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(max_failures=study.retries),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[recorder],
+                verbose=0,
+            ),
+        )
+        tuner.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    results = store.consolidate(out_dir)
+    return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+
+def summary_table(results: store.Results) -> str:
+    """Per task and arm: mean best metric over seeds (ok trials), n, and the change vs baseline."""
+    import pandas as pd
+
+    from ablate.stats import explode_arms, relative_change
+
+    trials = results.trials
+    if trials.empty:
+        return "(no trials)"
+    arms = explode_arms(trials)
+    lines = []
+    for task, df in arms.groupby("task", sort=False):
+        metric, mode = df["metric"].iloc[0], df["mode"].iloc[0]
+        ok = df[df["status"] == "ok"]
+        means = ok.groupby("arm", sort=False)["best_metric"].agg(["mean", "count"])
+        base = means["mean"].get("baseline", math.nan)
+        lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better; "
+                     f"data: {', '.join(sorted(set(df['data_source'].dropna())))})")
+        lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
+        for arm in pd.unique(df["arm"]):
+            m = means.loc[arm] if arm in means.index else pd.Series({"mean": math.nan, "count": 0})
+            change = float(relative_change(base, m["mean"], mode)) if arm != "baseline" else math.nan
+            bad = int((df[df["arm"] == arm]["status"] != "ok").sum())
+            change_s = "" if math.isnan(change) else f"{change:+.2%}"
+            lines.append(f"  {arm:<34} {m['mean']:>12.6g} {int(m['count']):>3} {change_s:>12} {bad or '':>7}")
+    return "\n".join(lines)
+
+
+def run_command(args) -> int:
+    study = load_study(args.spec, extra_seeds=args.extra_seeds)
+    if args.dry_run:
+        print(format_trials(study))
+        return 0
+    outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
+                        max_concurrent=args.max_concurrent)
+    print(summary_table(outcome.results))
+    print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed; results in {outcome.out_dir} "
+          f"(load them with ablate.results.load_results, or run `ablate report {outcome.out_dir}`)")
+    return 1 if outcome.failed else 0

@@ -1,0 +1,346 @@
+"""The trial runner: one training loop for every task, optimizer and sweep.
+
+:class:`Trial` takes a flat trial config (see :mod:`ablate.config`), builds the task and the
+optimizer, and trains with early stopping, warm-up epochs before meta-updates, a meta-update
+every K steps, and an epoch and/or step budget. It records per-epoch history, per-meta-update
+telemetry and a final summary row, reports every epoch through a callback (so the same loop runs
+alone, in tests and inside Ray Tune) and can checkpoint and resume bit-identically on CPU.
+
+Reproducibility and pairing. The seed fixes Python's, NumPy's and torch's RNGs before the model
+is built, and the data order through a dedicated generator. Meta-updates draw their batches from
+their own generators and run under ``torch.random.fork_rng``, so an AdamW trial and a MetaAdamW
+trial with the same seed see the same initial weights, the same batches in the same order and the
+same dropout masks and augmentations: seeds are matched pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import io
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ablate.config import resolve_config, trial_id
+from ablate.optim import build_optimizer
+from ablate.tasks import get_task, move_to_device
+from metaadamw import MetaAdamW
+
+Callback = Callable[[dict, "Trial"], None]
+
+
+class TrialDiverged(RuntimeError):
+    """The model's loss became non-finite."""
+
+
+@dataclasses.dataclass
+class TrialResult:
+    row: dict[str, Any]  # one row of the trials table (without study / arm columns)
+    history: list[dict[str, Any]]
+    telemetry: list[dict[str, Any]]
+
+    @property
+    def best_metric(self) -> float:
+        return self.row["best_metric"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but CUDA is not available here; use device: cpu or auto")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trial:
+    """One training run. ``Trial(config).run()`` returns a :class:`TrialResult`."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = resolve_config(config)
+        self.trial_id = trial_id(self.config)
+        cfg = self.config
+        self.spec = get_task(cfg["task"])
+        if cfg["num_threads"]:
+            torch.set_num_threads(cfg["num_threads"])
+        self.device = _device(cfg["device"])
+        seed_everything(cfg["seed"])
+        self.task = self.spec.build(cfg)
+        self.model = self.task.model.to(self.device)
+        self.metric = self.spec.metric
+        self.min_delta = cfg["min_delta"]
+
+        self._gens = {name: torch.Generator().manual_seed(cfg["seed"] * 1000 + k)
+                      for k, name in enumerate(("train", "meta_train", "meta_val"))}
+        bs, ebs = cfg["batch_size"], cfg["eval_batch_size"] or cfg["batch_size"]
+        collate = self.task.collate_fn
+        self.train_loader = DataLoader(self.task.train, bs, shuffle=True, generator=self._gens["train"],
+                                       collate_fn=collate)
+        self.val_loader = DataLoader(self.task.val, ebs, shuffle=False, collate_fn=collate)
+        self.test_loader = DataLoader(self.task.test, ebs, collate_fn=collate) if self.task.test is not None else None
+        self._meta_loaders = {
+            "meta_train": DataLoader(self.task.train, bs, shuffle=True, generator=self._gens["meta_train"],
+                                     collate_fn=collate),
+            "meta_val": DataLoader(self.task.val, bs, shuffle=True, generator=self._gens["meta_val"],
+                                   collate_fn=collate),
+        }
+        self.steps_per_epoch = len(self.train_loader)
+        if cfg["max_train_batches"]:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg["max_train_batches"])
+        self.meta_every = (max(1, round(self.steps_per_epoch / cfg["meta_per_epoch"])) if cfg["meta_per_epoch"]
+                           else cfg["meta_every"])
+        total = self.steps_per_epoch * cfg["epochs"]
+        if cfg["max_steps"]:
+            total = min(total, cfg["max_steps"])
+        with torch.random.fork_rng(devices=[]):  # the modulator's init must not shift the training RNG stream
+            torch.manual_seed(cfg["seed"] + 7919)
+            self.optimizer = build_optimizer(cfg, self.model, total_steps=total)
+        self.is_meta = isinstance(self.optimizer, MetaAdamW)
+
+        # progress
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.telemetry: list[dict[str, Any]] = []
+        self.best_value = math.inf if self.metric.mode == "min" else -math.inf
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_epochs = 0
+        self.times = {"train": 0.0, "meta": 0.0, "eval": 0.0}
+        self.stop_reason = ""
+
+    # -----------------------------------------------------------------------------------------
+    def run(self, callback: Callback | None = None, progress: bool = False) -> TrialResult:
+        """Train until early stopping or the budget; ``callback(epoch_row, trial)`` after every epoch."""
+        cfg = self.config
+        status, error = "ok", ""
+        while not self.stop_reason:
+            if self.epoch >= cfg["epochs"]:
+                self.stop_reason = "max_epochs"
+                break
+            try:
+                row = self._epoch(progress)
+            except TrialDiverged as exc:
+                status, error, self.stop_reason = "diverged", str(exc), "diverged"
+                break
+            self.history.append(row)
+            self._early_stopping(row)
+            if callback is not None:
+                callback(row, self)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self._result(status, error)
+
+    def _epoch(self, progress: bool) -> dict[str, Any]:
+        cfg, dev = self.config, self.device
+        self.epoch += 1
+        self.model.train()
+        meta_on = self.is_meta and self.epoch > cfg["warmup_epochs"]
+        meta_iters = {k: iter(v) for k, v in self._meta_loaders.items()} if meta_on else {}
+        loss_sum = torch.zeros((), device=dev)
+        n_batches, t_meta, meta_before = 0, 0.0, len(self._meta_records)
+        t0 = time.perf_counter()
+        batches = _limit(self.train_loader, self.steps_per_epoch)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {self.epoch}", leave=False)
+        for batch in batches:
+            batch = move_to_device(batch, dev)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.task.loss_fn(self.model, batch)
+            loss.backward()
+            if cfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+            self.optimizer.step()
+            loss_sum += loss.detach()
+            n_batches += 1
+            self.step += 1
+            if meta_on and self.step % self.meta_every == 0:
+                tm = time.perf_counter()
+                self._meta_update(meta_iters)
+                t_meta += time.perf_counter() - tm
+            if cfg["max_steps"] and self.step >= cfg["max_steps"]:
+                self.stop_reason = "max_steps"
+                break
+        _sync(dev)
+        t_train = time.perf_counter() - t0 - t_meta
+        train_loss = float(loss_sum) / max(n_batches, 1)
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"training loss became {train_loss} in epoch {self.epoch} (step {self.step})")
+        te = time.perf_counter()
+        metrics = self.task.evaluate(self.model, _to_device(self.val_loader, dev))
+        t_eval = time.perf_counter() - te
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise TrialDiverged(f"validation metrics became non-finite in epoch {self.epoch}: {metrics}")
+        self.times["train"] += t_train
+        self.times["meta"] += t_meta
+        self.times["eval"] += t_eval
+        return {
+            "epoch": self.epoch, "step": self.step, "train_loss": train_loss,
+            **{f"val_{k}": float(v) for k, v in metrics.items()},
+            "time_train_s": t_train, "time_meta_s": t_meta, "time_eval_s": t_eval,
+            "wall_s": sum(self.times.values()), "meta_updates": len(self._meta_records),
+            "meta_updates_epoch": len(self._meta_records) - meta_before,
+        }
+
+    @property
+    def _meta_records(self) -> list[int]:
+        return sorted({r["meta_update"] for r in self.telemetry})
+
+    def _meta_update(self, iters: dict[str, Iterator]) -> None:
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            b1 = move_to_device(self._next(iters, "meta_train"), self.device)
+            b2 = move_to_device(self._next(iters, "meta_train"), self.device)
+            val = move_to_device(self._next(iters, "meta_val"), self.device)
+            record = self.optimizer.meta_step(self.model, self.task.loss_fn, b1, b2, val)
+        index = len(self._meta_records)
+        scalars = {"meta_loss": record.meta_loss, "skipped": record.skipped,
+                   **{f"term_{k}": v for k, v in record.terms.items()},
+                   **{f"sigma_{k}": record.sigmas.get(k, math.nan) for k in record.terms}}
+        for g, name in enumerate(record.groups):
+            self.telemetry.append({
+                "meta_update": index, "step": self.step, "epoch": self.epoch, "group": name, "group_index": g,
+                "alpha": record.alpha[g], "beta": record.beta[g], "lambda1": record.lambda1[g],
+                "lambda2": record.lambda2[g], **scalars,
+            })
+
+    def _next(self, iters: dict[str, Iterator], key: str) -> Any:
+        try:
+            return next(iters[key])
+        except StopIteration:
+            iters[key] = iter(self._meta_loaders[key])
+            return next(iters[key])
+
+    def _early_stopping(self, row: dict[str, Any]) -> None:
+        value = row[f"val_{self.metric.name}"]
+        if self.metric.better(value, self.best_value, self.min_delta if self.best_state is not None else 0.0):
+            self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+            if self.config["patience"] and self.bad_epochs >= self.config["patience"]:
+                self.stop_reason = "early_stopping"
+
+    def _result(self, status: str, error: str) -> TrialResult:
+        cfg = self.config
+        row: dict[str, Any] = {
+            "trial_id": self.trial_id, "status": status, "error": error, **cfg,
+            "data_source": self.task.data_source, "metric": self.metric.name, "mode": self.metric.mode,
+            "best_metric": self.best_value if self.best_state is not None else math.nan,
+            "best_epoch": self.best_epoch, "epochs_run": len(self.history), "steps": self.step,
+            "stop_reason": self.stop_reason, "time_total_s": sum(self.times.values()),
+            "time_train_s": self.times["train"], "time_meta_s": self.times["meta"], "time_eval_s": self.times["eval"],
+            "meta_every_steps": self.meta_every if self.is_meta else 0,
+            "meta_updates": len(self._meta_records),
+            "meta_skipped": getattr(self.optimizer, "meta_skipped", 0),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        best_row = next((h for h in self.history if h["epoch"] == self.best_epoch), None)
+        for m in self.spec.metrics:
+            row[f"best_{m.name}"] = best_row[f"val_{m.name}"] if best_row else math.nan
+        for k, v in self.task.reference.items():
+            row[f"ref_{k}"] = v
+        if self.test_loader is not None and status == "ok" and self.best_state is not None:
+            for k, v in self.task.evaluate(self.model, _to_device(self.test_loader, self.device)).items():
+                row[f"test_{k}"] = float(v)
+        return TrialResult(row, list(self.history), list(self.telemetry))
+
+    # -----------------------------------------------------------------------------------------
+    # checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where this trial stands (at an epoch boundary)."""
+        return copy.deepcopy({
+            "config": self.config, "trial_id": self.trial_id, "epoch": self.epoch, "step": self.step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "generators": {k: g.get_state() for k, g in self._gens.items()},
+            "history": self.history, "telemetry": self.telemetry, "best_value": self.best_value,
+            "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
+            "times": self.times, "stop_reason": self.stop_reason,
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["trial_id"] != self.trial_id:
+            raise ValueError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
+                             f"(their configs differ)")
+        state = copy.deepcopy(state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        for k, g in self._gens.items():
+            g.set_state(state["generators"][k])
+        for key in ("epoch", "step", "history", "telemetry", "best_value", "best_epoch", "best_state",
+                    "bad_epochs", "times", "stop_reason"):
+            setattr(self, key, state[key])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically to ``path`` (a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def run_trial(config: dict[str, Any], *, callback: Callback | None = None, resume: str | os.PathLike | None = None,
+              progress: bool = False) -> TrialResult:
+    """Build and run one trial (resuming from the checkpoint file ``resume`` when given)."""
+    trial = Trial(config)
+    if resume is not None:
+        trial.load(resume)
+    return trial.run(callback, progress=progress)
+
+
+def _limit(loader: DataLoader, n: int) -> Iterator:
+    for i, batch in enumerate(loader):
+        if i >= n:
+            return
+        yield batch
+
+
+def _to_device(loader: DataLoader, device: torch.device) -> Iterator:
+    """The loader with each batch moved to ``device`` (a re-iterable view for evaluate())."""
+    if device.type == "cpu":
+        return loader
+
+    class _Moved:
+        def __iter__(self):
+            return (move_to_device(b, device) for b in loader)
+
+        def __len__(self):
+            return len(loader)
+
+    return _Moved()

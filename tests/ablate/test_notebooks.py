@@ -1,0 +1,78 @@
+"""The analysis notebooks: stored without outputs, and analysis.ipynb runs on a results directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+KERNEL = "python3"
+
+
+def ensure_kernel() -> None:
+    """Make the python3 kernelspec available (installing ipykernel's for this interpreter if not)."""
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", KERNEL], check=True)
+
+
+def outputs_by_cell(nb) -> list[str]:
+    """Every code cell's outputs flattened to one string (stream text, text/plain, text/html, markdown)."""
+    texts = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        parts = []
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", ""))
+            data = out.get("data", {})
+            parts += [data.get(k, "") for k in ("text/plain", "text/html", "text/markdown")]
+            if "image/png" in data:
+                parts.append("<image/png>")
+        texts.append("\n".join(parts))
+    return texts
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_are_stored_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has stored outputs"
+
+
+def test_analysis_notebook_runs_on_a_results_dir(report_study, report_kit, monkeypatch):
+    ensure_kernel()
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(report_study))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    assert nb.cells[1].source.strip() == 'RESULTS_DIR = "results/quick"'
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = outputs_by_cell(nb)
+    everything = "\n".join(outputs)
+    assert "trials: 48 - 46 ok, 1 failed, 1 diverged" in everything
+    assert "EMBEDDED" in everything
+    assert "rel. improvement" in everything and "MetaAdamW" in everything  # Table 2
+    assert "rel. change vs baseline" in everything and "grouping=original *" in everything  # Table 3
+    assert "No factorial cells in this study." in everything
+    assert "not reached" in everything and "meta-update share" in everything  # cost
+    assert report_kit.FAILED_ID in everything and report_kit.DIVERGED_ID in everything
+    assert everything.count("<image/png>") >= 9
+    assert (report_study / "report" / "report.md").exists()
+
+
+def test_custom_feature_extractor_notebook_runs(tmp_path, monkeypatch):
+    ensure_kernel()
+    monkeypatch.setenv("ABLATE_NOTEBOOK_WORK_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "custom_feature_extractor.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    everything = "\n".join(outputs_by_cell(nb))
+    assert "'grad_stats'" in everything and "columns=['log_grad_norm', 'grad_to_param', 'cos'" in everything
+    assert "meta-update at step 20" in everything
+    assert "study custom_features: 9 trials" in everything and "features=grad_stats" in everything
+    assert (tmp_path / "grad_stats_features.py").exists() and (tmp_path / "custom_features.yaml").exists()

@@ -1,0 +1,159 @@
+"""ablate.report: the Markdown/HTML report and its figures on constructed studies."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ablate import report, stats
+from ablate.results import load_results, write_trial
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+    assert path is not None and path.exists(), f"figure {path} was not written"
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000, f"{path} is not a non-empty PNG"
+
+
+def write_tune(results_dir):
+    tune = results_dir / "tune"
+    tune.mkdir()
+    pd.DataFrame({"number": [0, 1, 2, 3], "value": [0.9, 0.7, 0.8, 0.6],
+                  "params_p_gradient": [1.0, 2.0, 3.0, 4.0], "params_p_loss_decrease": [5.0, 4.0, 3.0, 2.0]}
+                 ).to_parquet(tune / "history.parquet")
+    pd.DataFrame({"param": ["p_gradient", "p_loss_decrease"], "importance": [0.7, 0.3]}).to_parquet(tune / "importances.parquet")
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory, report_study_template):
+    """The constructed study with a priority-study summary, reported once for this module:
+    (results dir, output dir, Markdown text)."""
+    study = Path(shutil.copytree(report_study_template, tmp_path_factory.mktemp("full") / "study"))
+    write_tune(study)
+    out = study.parent / "out"
+    path = report.write_report(study, out)
+    assert path == out / "report.md"
+    return study, out, path.read_text()
+
+
+def test_full_report_writes_every_figure_and_both_formats(full_report):
+    _, out, md = full_report
+    assert (out / "report.html").stat().st_size > 0
+    expected = [f"{kind}_{task}.png" for kind in ("curves", "ablation") for task in ("etth1", "imdb")]
+    expected += [f"{kind}_{task}_baseline.png" for kind in ("alpha_beta", "sigmas") for task in ("etth1", "imdb")]
+    expected += ["performance_profile.png", "tune_history.png", "tune_importances.png"]
+    for name in expected:
+        assert_png(out / "figures" / name)
+        assert f"figures/{name}" in md
+
+
+def test_report_content(full_report):
+    md = full_report[2]
+    assert md.startswith("# Ablation report: report-test")
+    assert "48 in all - 46 ok, 1 failed, 1 diverged" in md
+    assert "EMBEDDED DATA" in md
+    for heading in ("Table 2 analogue", "Table 3 analogue", "Performance profiles", "Cost",
+                    "Priority study", "Failed and diverged trials"):
+        assert heading in md
+    assert "Factorial effects" not in md  # no factorial cells in this study
+    # the paired improvement on etth1 is significant, the imdb one is not
+    etth_line = next(ln for ln in md.splitlines() if ln.startswith("| etth1 | mse (min)"))
+    imdb_line = next(ln for ln in md.splitlines() if ln.startswith("| imdb | accuracy (max)"))
+    assert "| 0.0312 |" in etth_line and etth_line.rstrip().endswith("| * | 0.012 |")
+    assert "| * |" not in imdb_line
+    # Table 3: the significant arm carries an asterisk and the legend explains it
+    assert "| imdb | grouping | grouping=original * |" in md
+    assert "| etth1 | grouping | grouping=original |" in md
+    assert "* marks p(sign-flip) < 0.05" in md
+    assert "| imdb | 1 | 0.82 | not reached |" in md
+
+
+def test_failed_trials_are_listed_not_dropped(full_report, report_kit):
+    md = full_report[2]
+    failed_section = md.split("## Failed and diverged trials", 1)[1]
+    assert "2 trial(s) are excluded" in failed_section
+    assert f"| {report_kit.FAILED_ID} | etth1 | gating=true | 5 | failed | failed | RuntimeError: CUDA out of memory |" in failed_section
+    assert f"| {report_kit.DIVERGED_ID} | imdb | gating=true | 2 | diverged | diverged | loss is NaN at epoch 2 |" in failed_section
+    assert "| gating=true | 5 (+1 not ok) | 5 (+1 not ok) |" in md
+
+
+def test_html_is_self_contained(full_report):
+    page = (full_report[1] / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page
+    assert 'src="figures/' not in page
+    assert '<div class="warning">' in page and "RuntimeError: CUDA out of memory" in page
+
+
+def test_missing_optional_tables_do_not_crash(tmp_path, report_kit):
+    metrics = {"etth1": {arm: report_kit.REPORT_METRICS["etth1"][arm] for arm in ("adamw", "baseline")}}
+    report_kit.write_study(tmp_path / "s", metrics, telemetry=False)
+    md = report.write_report(tmp_path / "s").read_text()
+    assert "No telemetry recorded" in md and "Priority study" not in md
+    assert not list((tmp_path / "s" / "report" / "figures").glob("alpha_beta_*"))
+
+
+def write_small_study(out, report_kit):
+    """Two seeds of adamw and baseline on etth1, without history, telemetry or an arms column."""
+    for seed in range(2):
+        for arm, best in (("adamw", 0.010), ("baseline", 0.009)):
+            row = report_kit.trial_row("etth1", arm, seed, best + seed * 1e-4)
+            del row["arms"]  # older tables without the arms column: each trial serves its arm
+            write_trial(out, row)
+
+
+def test_trials_without_history_or_telemetry(tmp_path, report_kit):
+    write_small_study(tmp_path, report_kit)
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    assert "Table 2 analogue" in md and "No ablation arms" in md
+    assert not (tmp_path / "out" / "report.html").exists()
+    assert not list((tmp_path / "out" / "figures").glob("curves_*"))
+
+
+def test_factorial_section_and_figure(report_factorial_study):
+    md = report.write_report(report_factorial_study, formats=("html", "md")).read_text()
+    assert "## Factorial effects" in md and "| main | grouping | fine_grained * |" in md
+    assert_png(report_factorial_study / "report" / "figures" / "factorial_effects.png")
+
+
+def test_formats(tmp_path, report_kit):
+    write_small_study(tmp_path / "s", report_kit)
+    assert report.write_report(tmp_path / "s", tmp_path, formats=("html",)) == tmp_path / "report.html"
+    assert not (tmp_path / "report.md").exists()
+    with pytest.raises(ValueError, match="pdf"):
+        report.write_report(tmp_path / "s", tmp_path, formats=("pdf",))
+
+
+def test_figure_functions_return_the_path_they_wrote(report_study, tmp_path):
+    results = load_results(report_study)
+    assert_png(report.plot_validation_curves(results, "imdb", tmp_path, arms=["adamw", "baseline", "gating=true"]))
+    assert_png(report.plot_ablation_bars(stats.table3(results), "etth1", tmp_path))
+    assert_png(report.plot_alpha_beta(results, "etth1", tmp_path))
+    assert_png(report.plot_sigmas(results, "etth1", tmp_path))
+    assert report.plot_alpha_beta(results, "etth1", tmp_path, arm="adamw") is None  # AdamW has no telemetry
+
+
+def test_report_command_prints_progress(tmp_path, report_kit, capsys):
+    write_small_study(tmp_path, report_kit)
+    path = report.report_command(str(tmp_path), None)
+    printed = capsys.readouterr().out
+    assert path == tmp_path / "report" / "report.md" and path.exists()
+    assert f"loading results from {tmp_path}" in printed and f"report: {path}" in printed
+
+
+def test_markdown_table_escapes_pipes():
+    md = report.df_to_markdown(pd.DataFrame({"a": ["x|y"], "b": ["line\nbreak"]}))
+    assert md.splitlines() == ["| a | b |", "| --- | --- |", "| x\\|y | line break |"]
+
+
+def test_study_whose_every_trial_failed_still_reports_them(tmp_path):
+    for i, arm in enumerate(["adamw", "baseline"]):
+        write_trial(tmp_path, {"trial_id": f"dead{i}", "study": "broken", "arm": arm, "status": "failed",
+                               "task": "etth1", "seed": 0, "error": "DatasetNotFoundError: no ETTh1.csv"})
+    md = report.write_report(tmp_path).read_text()
+    assert "2 in all - 0 ok, 2 failed, 0 diverged" in md and "nothing to compare" in md
+    assert "| dead0 | etth1 | adamw | 0 | failed |" in md and "| dead1 | etth1 | baseline | 0 | failed |" in md

@@ -1,0 +1,287 @@
+"""ablate.stats against hand-computed values on constructed result tables."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from ablate import stats
+from ablate.results import Results, load_results, write_trial
+
+
+def hand_ci(values):
+    x = np.asarray(values, dtype=float)
+    half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return x.mean(), x.mean() - half, x.mean() + half
+
+
+def row_of(df, **where):
+    mask = np.ones(len(df), dtype=bool)
+    for k, v in where.items():
+        mask &= (df[k] == v).to_numpy()
+    assert mask.sum() == 1, f"expected one row for {where}, got {mask.sum()}"
+    return df[mask].iloc[0]
+
+
+# -- elementary statistics --------------------------------------------------------------------
+def test_mean_ci_matches_t_interval():
+    ci = stats.mean_ci([1.0, 2.0, 4.0, 7.0])
+    mean, lo, hi = hand_ci([1.0, 2.0, 4.0, 7.0])
+    assert ci["n"] == 4
+    assert ci["mean"] == pytest.approx(3.5)
+    assert (ci["lo"], ci["hi"]) == pytest.approx((lo, hi))
+
+
+def test_mean_ci_one_value_gives_nan_interval_and_none_gives_nan_mean():
+    one = stats.mean_ci([0.5])
+    assert one["mean"] == 0.5 and np.isnan(one["lo"]) and np.isnan(one["hi"]) and one["n"] == 1
+    assert np.isnan(stats.mean_ci([])["mean"])
+    assert stats.mean_ci([1.0, np.nan, 3.0])["n"] == 2
+
+
+@pytest.mark.parametrize(
+    "ref, new, mode, expected",
+    [
+        (0.006147, 0.005885, "min", 0.0426),  # paper Table 2, ETTh1 MSE
+        (120.47, 115.51, "min", 0.0412),  # WikiText-2 perplexity
+        (87.02, 88.05, "max", 0.0118),  # CIFAR-10 accuracy
+        (74.53, 82.79, "max", 0.1108),  # IMDB accuracy
+        (0.80, 0.84, "min", -0.05),  # worse on a min metric is negative
+        (0.80, 0.76, "max", -0.05),  # worse on a max metric is negative
+    ],
+)
+def test_relative_change_sign_convention(ref, new, mode, expected):
+    assert round(float(stats.relative_change(ref, new, mode)), 4) == pytest.approx(expected)
+
+
+def test_relative_change_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        stats.relative_change(1.0, 2.0, "lower")
+
+
+def test_sign_flip_consistent_improvement_over_six_seeds_is_two_of_64():
+    assert stats.sign_flip_pvalue([0.4, 0.3, 0.5, 0.2, 0.6, 0.1]) == pytest.approx(2 / 64)
+
+
+def test_sign_flip_exact_matches_enumeration_by_hand():
+    d = np.array([1.0, 2.0, -0.5, 0.7])
+    hits = sum(abs(np.mean(np.array(s) * d)) >= abs(d.mean()) - 1e-12 for s in itertools.product([-1, 1], repeat=4))
+    assert stats.sign_flip_pvalue(d) == pytest.approx(hits / 16)
+    assert stats.sign_flip_pvalue([0.0, 0.0, 0.0]) == 1.0
+    assert np.isnan(stats.sign_flip_pvalue([]))
+
+
+def test_sign_flip_monte_carlo_is_deterministic_and_close_to_exact():
+    d = np.random.default_rng(3).normal(0.3, 1.0, size=17)
+    exact = stats.sign_flip_pvalue(d, exact_max_n=17)
+    mc = stats.sign_flip_pvalue(d)
+    assert mc == stats.sign_flip_pvalue(d)
+    assert mc == pytest.approx(exact, abs=0.01)
+
+
+def test_paired_t_pvalue_matches_scipy():
+    a = np.array([0.80, 0.82, 0.81, 0.79, 0.83, 0.80])
+    b = np.array([0.81, 0.81, 0.83, 0.80, 0.82, 0.82])
+    assert stats.paired_t_pvalue(b - a) == pytest.approx(sps.ttest_rel(b, a).pvalue)
+    assert np.isnan(stats.paired_t_pvalue([0.1]))
+
+
+def test_paired_comparison_fields():
+    ref, new = np.array([1.0, 2.0, 4.0]), np.array([0.9, 2.2, 3.6])
+    cmp = stats.paired_comparison(ref, new, "min")
+    rel = (ref - new) / ref
+    assert cmp["diff_mean"] == pytest.approx(np.mean(new - ref))
+    assert (cmp["diff_lo"], cmp["diff_hi"]) == pytest.approx(hand_ci(new - ref)[1:])
+    assert (cmp["rel_mean"], cmp["rel_lo"], cmp["rel_hi"]) == pytest.approx(hand_ci(rel))
+    assert cmp["n_pairs"] == 3 and cmp["n_better"] == 2
+    with pytest.raises(ValueError, match="length"):
+        stats.paired_comparison([1.0], [1.0, 2.0], "min")
+
+
+# -- arms and failures --------------------------------------------------------------------------
+def test_explode_arms_uses_the_arms_list_and_falls_back_to_arm():
+    trials = pd.DataFrame({"trial_id": ["a", "b"], "arm": ["baseline", "adamw"],
+                           "arms": [json.dumps(["baseline", "grouping=fine_grained"]), None]})
+    out = stats.explode_arms(trials)
+    assert list(zip(out["trial_id"], out["arm"])) == [("a", "baseline"), ("a", "grouping=fine_grained"), ("b", "adamw")]
+    assert list(stats.explode_arms(trials.drop(columns="arms"))["arm"]) == ["baseline", "adamw"]
+
+
+def test_failed_trials_are_counted_and_listed(report_study, report_kit):
+    results = load_results(report_study)
+    assert stats.status_counts(results) == {"ok": 46, "failed": 1, "diverged": 1, "total": 48}
+    failed = stats.failed_summary(results)
+    assert set(failed["trial_id"]) == {report_kit.FAILED_ID, report_kit.DIVERGED_ID}
+    errors = dict(zip(failed["trial_id"], failed["error"]))
+    assert errors[report_kit.FAILED_ID] == "RuntimeError: CUDA out of memory"
+    assert errors[report_kit.DIVERGED_ID] == "loss is NaN at epoch 2"
+    seeds = stats.seeds_per_arm(results)
+    gating = row_of(seeds, task="etth1", arm="gating=true")
+    assert (gating["n_ok"], gating["n_not_ok"], gating["seeds"]) == (5, 1, "0,1,2,3,4")
+
+
+def test_embedded_data_is_detected(report_study):
+    results = load_results(report_study)
+    assert stats.uses_embedded_data(results)
+    real = Results(results.trials.assign(data="real", data_source="real:/data/x.csv"), results.history, results.telemetry)
+    assert not stats.uses_embedded_data(real)
+
+
+# -- Table 2 and Table 3 ------------------------------------------------------------------------
+def test_table2_numbers(report_study, report_kit):
+    t2 = stats.table2(load_results(report_study))
+    m = report_kit.REPORT_METRICS
+    etth = row_of(t2, task="etth1")
+    a, b = np.array(m["etth1"]["adamw"]), np.array(m["etth1"]["baseline"])
+    assert (etth["adamw_mean"], etth["adamw_lo"], etth["adamw_hi"]) == pytest.approx(hand_ci(a))
+    assert (etth["meta_mean"], etth["meta_lo"], etth["meta_hi"]) == pytest.approx(hand_ci(b))
+    assert (etth["rel_mean"], etth["rel_lo"], etth["rel_hi"]) == pytest.approx(hand_ci((a - b) / a))
+    assert etth["rel_mean"] > 0  # lower mse = better
+    assert etth["p_signflip"] == pytest.approx(2 / 64) and etth["significant"]
+    assert etth["p_t"] == pytest.approx(sps.ttest_rel(b, a).pvalue)
+    assert etth["n_pairs"] == 6 and etth["n_better"] == 6
+    assert etth["time_change"] == pytest.approx((36 - 30) / 30)
+    assert etth["ref_persistence_mse"] == pytest.approx(report_kit.PERSISTENCE_MSE)
+
+    imdb = row_of(t2, task="imdb")
+    a, b = np.array(m["imdb"]["adamw"]), np.array(m["imdb"]["baseline"])
+    assert imdb["rel_mean"] == pytest.approx(np.mean((b - a) / a))  # higher accuracy = better
+    assert imdb["p_t"] == pytest.approx(sps.ttest_rel(b, a).pvalue)
+    assert imdb["p_signflip"] > 0.05 and not imdb["significant"]
+    assert np.isnan(imdb["ref_persistence_mse"])
+
+
+def test_table2_alpha_is_configurable(report_study):
+    t2 = stats.table2(load_results(report_study), alpha=0.01)
+    assert not row_of(t2, task="etth1")["significant"]
+
+
+def test_table3_numbers_and_failed_seed_excluded(report_study, report_kit):
+    t3 = stats.table3(load_results(report_study))
+    m = report_kit.REPORT_METRICS
+    assert set(t3["arm"]) == {"gating=true", "grouping=original", "grouping=fine_grained"}
+
+    sig = row_of(t3, task="imdb", arm="grouping=original")
+    base, arm = np.array(m["imdb"]["baseline"]), np.array(m["imdb"]["grouping=original"])
+    assert (sig["rel_mean"], sig["rel_lo"], sig["rel_hi"]) == pytest.approx(hand_ci((arm - base) / base))
+    assert sig["p_signflip"] == pytest.approx(2 / 64) and sig["significant"] and sig["mark"] == "*"
+
+    mixed = row_of(t3, task="etth1", arm="grouping=original")
+    assert mixed["p_signflip"] > 0.05 and not mixed["significant"] and mixed["mark"] == ""
+
+    gating = row_of(t3, task="etth1", arm="gating=true")  # seed 5 failed: 5 pairs, min p = 2/32
+    assert gating["n_pairs"] == 5 and gating["n_not_ok"] == 1
+    assert gating["p_signflip"] == pytest.approx(2 / 32) and not gating["significant"]
+    base5, arm5 = np.array(m["etth1"]["baseline"][:5]), np.array(m["etth1"]["gating=true"][:5])
+    assert gating["rel_mean"] == pytest.approx(np.mean((base5 - arm5) / base5))
+
+    same = row_of(t3, task="etth1", arm="grouping=fine_grained")  # the baseline trials themselves
+    assert same["diff_mean"] == 0 and same["p_signflip"] == 1.0 and same["p_t"] == 1.0
+
+
+# -- factorial ----------------------------------------------------------------------------------
+def test_factorial_effects_match_cell_means(report_factorial_study, report_kit):
+    effects = stats.factorial_effects(load_results(report_factorial_study))
+    cells = {k: np.array(v) for k, v in report_kit.FACTORIAL_METRICS.items()}
+    task_mean = np.mean(np.concatenate(list(cells.values())))
+    y = {k: -(v - task_mean) / task_mean for k, v in cells.items()}  # min metric: lower = better
+    cell = {k: v.mean() for k, v in y.items()}
+    fine = (cell[("fine_grained", "false")] + cell[("fine_grained", "true")]) / 2
+    orig = (cell[("original", "false")] + cell[("original", "true")]) / 2
+    main = row_of(effects, kind="main", term="grouping", level="fine_grained")
+    assert main["estimate"] == pytest.approx((fine - orig) / 2)
+    assert row_of(effects, kind="main", term="grouping", level="original")["estimate"] == pytest.approx(-(fine - orig) / 2)
+    inter = row_of(effects, kind="interaction", term="grouping x gating")
+    expected = (cell[("fine_grained", "false")] - cell[("fine_grained", "true")]
+                - cell[("original", "false")] + cell[("original", "true")]) / 4
+    assert inter["estimate"] == pytest.approx(expected)
+    assert main["lo"] < main["estimate"] < main["hi"] and main["significant"]
+    assert (effects["n"] == 12).all()
+
+
+def test_parse_factorial_arm_keeps_commas_inside_levels():
+    arm = "factorial:priorities=[1.0, 3.0, 5.0],gating=true"
+    assert stats.parse_factorial_arm(arm) == {"priorities": "[1.0, 3.0, 5.0]", "gating": "true"}
+    with pytest.raises(ValueError, match="factorial"):
+        stats.parse_factorial_arm("grouping=original")
+
+
+def test_no_factorial_cells_gives_empty_effects(report_study):
+    assert stats.factorial_effects(load_results(report_study)).empty
+
+
+# -- cost ---------------------------------------------------------------------------------------
+def _write_cost_study(out, report_kit):
+    """etth1: seed 0 reaches AdamW's best at epoch 2, seed 1 never does, seed 2's MetaAdamW failed."""
+    def hist(vals, epoch_s):
+        return [{"epoch": e, "step": 100 * e, "val_mse": v, "wall_s": epoch_s * e} for e, v in enumerate(vals, 1)]
+
+    cases = {0: [0.0120, 0.0099, 0.0095], 1: [0.013, 0.012, 0.011], 2: [0.013, 0.012, 0.011]}
+    for seed, meta_vals in cases.items():
+        write_trial(out, report_kit.trial_row("etth1", "adamw", seed, 0.0100), hist([0.012, 0.0105, 0.0100], 10.0))
+        row = report_kit.trial_row("etth1", "baseline", seed, min(meta_vals))
+        if seed == 2:
+            row.update(status="failed", error="boom", trial_id="meta-failed")
+        write_trial(out, row, hist(meta_vals, 12.5))
+
+
+def test_time_to_target_reached_and_not_reached(tmp_path, report_kit):
+    _write_cost_study(tmp_path, report_kit)
+    ttt = stats.time_to_target(load_results(tmp_path)).set_index("seed")
+    hit = ttt.loc[0]
+    assert hit["reached"] and (hit["epoch"], hit["step"], hit["wall_s"]) == (2, 200, 25.0)
+    assert hit["target"] == pytest.approx(0.0100)
+    assert (hit["ref_epoch"], hit["ref_step"], hit["ref_wall_s"]) == (3, 300, 30.0)
+    assert hit["wall_ratio"] == pytest.approx(25.0 / 30.0)
+    miss = ttt.loc[1]
+    assert not miss["reached"] and np.isnan(miss["step"]) and np.isnan(miss["wall_s"]) and miss["note"] == "not reached"
+    failed = ttt.loc[2]
+    assert not failed["reached"] and "meta-failed" in failed["note"] and "failed" in failed["note"]
+
+
+def test_time_to_target_for_max_metric(report_study):
+    ttt = stats.time_to_target(load_results(report_study))
+    imdb = ttt[ttt["task"] == "imdb"].set_index("seed")
+    # seed 1: baseline 0.81 never reaches AdamW's 0.82; seed 0: baseline 0.81 reaches 0.80 at epoch 3
+    assert not imdb.loc[1, "reached"] and imdb.loc[1, "note"] == "not reached"
+    assert imdb.loc[0, "reached"] and imdb.loc[0, "epoch"] == 3 and imdb.loc[0, "wall_s"] == 36.0
+
+
+def test_cost_table(report_study):
+    cost = stats.cost_table(load_results(report_study))
+    base = row_of(cost, task="etth1", arm="baseline")
+    assert base["meta_share"] == pytest.approx(2.0 / 12.0)
+    assert base["epochs_mean"] == 3 and base["time_total_mean_s"] == 36.0 and base["early_stopped"] == 0.0
+    gating = row_of(cost, task="imdb", arm="gating=true")
+    assert (gating["n_ok"], gating["n_not_ok"]) == (5, 1)
+
+
+# -- performance profiles -----------------------------------------------------------------------
+def test_performance_profile_values(tmp_path, report_kit):
+    values = {("etth1", "adamw"): 1.0, ("etth1", "baseline"): 0.8, ("imdb", "adamw"): 0.9, ("imdb", "baseline"): 0.6}
+    for (task, arm), best in values.items():
+        write_trial(tmp_path, report_kit.trial_row(task, arm, 0, best))
+    row = report_kit.trial_row("imdb", "gating=true", 0, 0.95)
+    row.update(status="failed")
+    write_trial(tmp_path, row)
+    results = load_results(tmp_path)
+    ratios = stats.profile_ratios(results)
+    assert ratios.loc["etth1", "adamw"] == pytest.approx(1.25)  # min: arm / best
+    assert ratios.loc["imdb", "baseline"] == pytest.approx(1.5)  # max: best / arm
+    assert ratios.loc["etth1", "baseline"] == ratios.loc["imdb", "adamw"] == 1.0
+    assert "gating=true" not in ratios.columns  # its only trial failed: no ok result on any task
+    profile = stats.performance_profile(results, taus=[1.0, 1.25, 1.3, 1.5])
+    assert list(profile["adamw"]) == [0.5, 1.0, 1.0, 1.0]
+    assert list(profile["baseline"]) == [0.5, 0.5, 0.5, 1.0]
+
+
+def test_performance_profile_arm_without_ok_trials_is_never_within_tau(report_study):
+    results = load_results(report_study)
+    profile = stats.performance_profile(results, taus=[1.0, 10.0], arms=["adamw", "no_such_arm"])
+    assert list(profile["no_such_arm"]) == [0.0, 0.0]
+    assert profile.loc[10.0, "adamw"] == 1.0

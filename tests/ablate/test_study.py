@@ -1,0 +1,551 @@
+"""Study files: parsing, expansion into trials, merging, factorial designs and every validation
+error (ablate/study.py).
+
+Most tests run on two tiny stand-in tasks registered here (``tiny_ts``, ``tiny_cls``) so they do
+not depend on the real tasks; the shipped study files are parsed against the real registries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+import metaadamw
+from ablate.config import trial_id
+from ablate.study import Study, StudyError, format_trials, load_study, parse_study
+from ablate.tasks import TASKS, list_tasks, register_task
+
+SEARCH_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+PAPER_TASKS = ["etth1", "wikitext2", "multi30k", "cifar10", "imdb"]
+COMPONENTS = {
+    metaadamw.FEATURES: ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"],
+    metaadamw.GROUPINGS: ["original", "fine_grained"],
+    metaadamw.OBJECTIVES: ["gradient", "loss_decrease", "gen_gap", "combined"],
+    metaadamw.WEIGHTINGS: ["sum", "fixed", "huw", "huw_priority"],
+}
+TINY_TASKS = {
+    # a time-series-like task: gating on, its own K_meta and a model key
+    "tiny_ts": dict(defaults={"epochs": 4, "meta_every": 50, "gating": True, "d_model": 16}, embedded_defaults={"d_model": 8}),
+    # a classifier-like task: basic_plus features, its own priorities and a model key
+    "tiny_cls": dict(defaults={"features": "basic_plus", "priorities": [1, 3, 5], "hidden": 8}),
+}
+
+
+# -- registries ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def stand_in_components():
+    """Register a placeholder for every intended component name that is not registered yet."""
+    added = [(registry, name) for registry, names in COMPONENTS.items() for name in names if name not in registry]
+    for registry, name in added:
+        registry.add(name, object())
+    try:
+        yield
+    finally:
+        for registry, name in added:
+            registry.remove(name)
+
+
+@contextlib.contextmanager
+def stand_in_tasks(tasks: dict[str, dict]):
+    """Register each task (name -> register_task keyword arguments) that is not registered yet."""
+    added = [name for name in tasks if name not in list_tasks()]
+    for name in added:
+        register_task(name, metrics=[("loss", "min")], **tasks[name])(lambda config: None)
+    try:
+        yield
+    finally:
+        for name in added:
+            TASKS.remove(name)
+
+
+@pytest.fixture(autouse=True)
+def tiny_tasks():
+    with stand_in_components(), stand_in_tasks(TINY_TASKS):
+        yield
+
+
+def real_registries_or_skip() -> None:
+    missing = [t for t in PAPER_TASKS if t not in list_tasks()]
+    missing += [n for registry, names in COMPONENTS.items() for n in names if n not in registry]
+    if missing:
+        pytest.skip(f"the real tasks/components are not all registered yet (missing: {', '.join(missing)})")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+BASE = {"name": "t", "tasks": ["tiny_ts", "tiny_cls"], "seeds": 2}
+
+
+def write(tmp_path: Path, mapping_or_text, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    text = mapping_or_text if isinstance(mapping_or_text, str) else yaml.safe_dump(mapping_or_text, sort_keys=False)
+    path.write_text(text)
+    return path
+
+
+def load(tmp_path: Path, **fields) -> Study:
+    return load_study(write(tmp_path, {**BASE, **fields}))
+
+
+def error(tmp_path: Path, mapping_or_text) -> str:
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, mapping_or_text))
+    return str(info.value)
+
+
+def trial(study: Study, task: str, arm: str, seed: int = 0):
+    (found,) = [t for t in study.trials if t.task == task and t.seed == seed and arm in t.arms]
+    return found
+
+
+def check_invariants(study: Study) -> None:
+    """Every (task, seed) holds every arm exactly once; ids are unique and match the configs."""
+    ids = [t.trial_id for t in study.trials]
+    assert len(ids) == len(set(ids))
+    for t in study.trials:
+        assert t.trial_id == trial_id(t.config)
+        assert json.loads(json.dumps(t.config)) == t.config
+        assert (t.config["task"], t.config["seed"]) == (t.task, t.seed)
+        assert t.arm == t.arms[0]
+        assert t.axis == study.arm_axes[t.arm]
+    for task, seed in itertools.product(study.tasks, study.seeds):
+        arms = [a for t in study.trials if (t.task, t.seed) == (task, seed) for a in t.arms]
+        assert sorted(arms) == sorted(study.arms())
+
+
+# -- shipped study files -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["quick", "paper", "factorial"])
+def test_shipped_study_files_parse_with_the_real_registries(name):
+    real_registries_or_skip()
+    study = load_study(SEARCH_SPACES / f"{name}.yaml")
+    check_invariants(study)
+    assert study.name == name
+    assert study.tasks == (["etth1", "imdb"] if name == "factorial" else PAPER_TASKS)
+    assert format_trials(study).count("\n") > len(study.trials)
+
+
+def test_quick_study_is_small_and_embedded():
+    real_registries_or_skip()
+    study = load_study(SEARCH_SPACES / "quick.yaml")
+    assert study.data == "embedded" and study.seeds == [0, 1, 2]
+    assert study.arms() == ["adamw", "baseline", "grouping=original", "features=basic_plus", "objective=loss_decrease", "weighting=none"]
+    assert len(study.trials) <= 5 * 3 * 6
+    assert all(t.config["epochs"] == 3 for t in study.trials)
+
+
+def test_paper_study_covers_table_3():
+    real_registries_or_skip()
+    study = load_study(SEARCH_SPACES / "paper.yaml")
+    assert study.data == "real" and study.seeds == list(range(5))
+    axes = {axis for axis in study.arm_axes.values() if axis}
+    assert axes == {"grouping", "features", "objective", "weighting", "gating", "meta_per_epoch", "modulator_size"}
+    assert len(study.arms()) == 2 + 2 + 3 + 4 + 3 + 2 + 3 + 2
+    assert all(t.config["patience"] == 2 for t in study.trials)
+    large = trial(study, "etth1", "modulator_size=large").config
+    assert (large["modulator_layers"], large["modulator_ff"]) == (64, 64)
+
+
+def test_factorial_study_and_its_fractional_variant():
+    real_registries_or_skip()
+    mapping = yaml.safe_load((SEARCH_SPACES / "factorial.yaml").read_text())
+    full = parse_study(mapping)
+    assert sum(axis == "factorial" for axis in full.arm_axes.values()) == 8
+    for variant in ({"fraction": 2}, {"generators": ["C=AB"]}):
+        mapping["factorial"] = {"axes": mapping["factorial"]["axes"], **variant}
+        assert sum(axis == "factorial" for axis in parse_study(mapping).arm_axes.values()) == 4
+
+
+@pytest.mark.parametrize("name", ["quick", "paper", "factorial"])
+def test_shipped_study_files_have_the_documented_shape(name):
+    """With stand-ins for tasks not registered yet, so this runs before the real tasks exist."""
+    with stand_in_tasks({t: {"defaults": {}} for t in PAPER_TASKS}):
+        study = load_study(SEARCH_SPACES / f"{name}.yaml")
+    check_invariants(study)
+
+
+# -- expansion -----------------------------------------------------------------------------
+
+
+def test_trials_are_tasks_times_seeds_times_arms(tmp_path):
+    study = load(
+        tmp_path,
+        ablations={"grouping": ["original"], "objective": ["gradient", "gen_gap"], "size": {"big": {"modulator_layers": 16}}},
+    )
+    check_invariants(study)
+    assert study.arms() == ["adamw", "baseline", "grouping=original", "objective=gradient", "objective=gen_gap", "size=big"]
+    assert len(study.trials) == 2 * 2 * 6
+    assert [t.arm for t in study.trials[:6]] == study.arms()
+    assert [(t.task, t.seed) for t in study.trials[::6]] == [("tiny_ts", 0), ("tiny_ts", 1), ("tiny_cls", 0), ("tiny_cls", 1)]
+    assert trial(study, "tiny_ts", "size=big").axis == "size"
+    assert trial(study, "tiny_ts", "baseline").axis == trial(study, "tiny_ts", "adamw").axis == ""
+    assert trial(study, "tiny_ts", "size=big").config["modulator_layers"] == 16
+
+
+def test_trial_configs_layer_budget_baseline_and_arm(tmp_path):
+    study = load(tmp_path, budget={"epochs": 2, "batch_size": 8}, baseline={"gating": False}, ablations={"gating": [True]})
+    baseline, arm = trial(study, "tiny_ts", "baseline").config, trial(study, "tiny_ts", "gating=true").config
+    assert (baseline["epochs"], baseline["batch_size"], baseline["gating"], arm["gating"]) == (2, 8, False, True)
+    assert baseline["optimizer"] == "metaadamw" and baseline["data"] == "embedded"
+    assert baseline["d_model"] == 8  # the task's embedded default
+    assert trial(study, "tiny_ts", "adamw").config["epochs"] == 2  # the budget applies to AdamW too
+
+
+def test_a_level_equal_to_the_baseline_is_merged_into_its_trial(tmp_path):
+    study = load(tmp_path, ablations={"features": ["basic", "basic_plus"], "grouping": ["fine_grained"]})
+    check_invariants(study)
+    assert study.arms() == ["adamw", "baseline", "features=basic", "features=basic_plus", "grouping=fine_grained"]
+    ts_baseline = trial(study, "tiny_ts", "baseline")
+    assert ts_baseline.arms == ["baseline", "features=basic", "grouping=fine_grained"]
+    assert trial(study, "tiny_cls", "baseline").arms == ["baseline", "features=basic_plus", "grouping=fine_grained"]
+    assert len(study.trials) == 2 * 2 * 3
+    assert "merged on tiny_ts (same trial): baseline = features=basic = grouping=fine_grained" in format_trials(study)
+
+
+def test_named_levels_with_the_same_settings_are_merged(tmp_path):
+    study = load(tmp_path, ablations={"weighting": {"none": {"weighting": "sum"}, "plain": {"weighting": "sum"}}})
+    assert trial(study, "tiny_ts", "weighting=none").arms == ["weighting=none", "weighting=plain"]
+
+
+def test_overrides_apply_to_their_task_and_to_adamw_where_the_key_applies(tmp_path):
+    study = load(
+        tmp_path,
+        overrides={"tiny_ts": {"lr": 1e-3, "meta_every": 20}},
+        ablations={"meta_per_epoch": [2]},
+    )
+    assert trial(study, "tiny_ts", "baseline").config["meta_every"] == 20
+    assert trial(study, "tiny_ts", "baseline").config["lr"] == 1e-3
+    assert trial(study, "tiny_ts", "adamw").config["lr"] == 1e-3
+    assert trial(study, "tiny_cls", "baseline").config["lr"] == 5e-4
+    # an arm that sets the frequency per epoch replaces the override's K_meta instead of contradicting it
+    assert trial(study, "tiny_ts", "meta_per_epoch=2").config["meta_per_epoch"] == 2
+
+
+def test_adamw_arm_takes_a_dict_of_settings(tmp_path):
+    path = write(tmp_path, "name: t\ntasks: [tiny_ts]\nseeds: 1\nadamw: {lr: 1e-3, weight_decay: 0.1}\n")
+    config = trial(load_study(path), "tiny_ts", "adamw").config
+    assert config["optimizer"] == "adamw"
+    assert config["lr"] == 0.001 and isinstance(config["lr"], float)  # 1e-3 is a number, not YAML 1.1's string
+    assert config["weight_decay"] == 0.1
+
+
+def test_adamw_false_leaves_only_metaadamw_arms(tmp_path):
+    study = load(tmp_path, adamw=False)
+    assert study.arms() == ["baseline"]
+    assert {t.config["optimizer"] for t in study.trials} == {"metaadamw"}
+
+
+@pytest.mark.parametrize(
+    ("seeds", "extra", "expected"),
+    [(3, None, [0, 1, 2]), ([4, 9], None, [4, 9]), (2, 2, [0, 1, 2, 3]), ([5], [1, 2], [5, 1, 2])],
+)
+def test_seeds_int_list_and_extra_seeds(tmp_path, seeds, extra, expected):
+    study = load_study(write(tmp_path, {**BASE, "seeds": seeds}), extra_seeds=extra)
+    assert study.seeds == expected
+    assert sorted({t.seed for t in study.trials}) == sorted(expected)
+    assert len(study.trials) == 2 * len(expected) * 2
+
+
+def test_study_fields(tmp_path):
+    study = load(tmp_path, description="d", resources={"gpus": 0.5}, retries=2, data="real", data_dir="datasets")
+    assert (study.description, study.resources, study.retries) == ("d", {"cpus": 1, "gpus": 0.5}, 2)
+    assert study.path == tmp_path / "s.yaml"
+    # a relative data_dir is relative to the study file
+    assert trial(study, "tiny_ts", "baseline").config["data_dir"] == str(tmp_path / "datasets")
+    assert trial(study, "tiny_ts", "baseline").config["d_model"] == 16  # real data: no embedded defaults
+
+
+def test_empty_keys_take_their_defaults(tmp_path):
+    study = load_study(write(tmp_path, "name: t\ntasks: [tiny_ts]\nseeds: 1\nbudget:\noverrides:\nablations:\nadamw:\n"))
+    assert study.arms() == ["adamw", "baseline"]
+
+
+def test_format_trials_lists_every_trial_and_a_summary(tmp_path):
+    study = load(tmp_path, ablations={"features": ["enhanced"]})
+    text = format_trials(study)
+    for t in study.trials:
+        assert t.trial_id in text
+    assert re.search(r"tiny_ts\s+seed=1\s+adamw\s+optimizer=adamw", text)
+    assert re.search(r"tiny_cls\s+seed=0\s+features=enhanced\s+features=enhanced", text)
+    assert "trials per arm and task (2 tasks x 2 seeds)" in text
+    assert re.search(r"features=enhanced\s+2\s+2\s+4", text)
+
+
+# -- factorial designs ---------------------------------------------------------------------
+
+TWO_LEVEL_AXES = {
+    "grouping": ["original", "fine_grained"],
+    "gating": [False, True],
+    "objective": ["gradient", "combined"],
+    "features": ["basic", "enhanced"],
+    "time_step": [False, True],
+    "second_moment": [False, True],
+}
+
+
+def design(study: Study, axes: dict[str, list]) -> list[list[int]]:
+    """The factorial cells of one task and seed as rows of -1/+1 codes (first/second level)."""
+    cells = [t for t in study.trials if t.task == "tiny_ts" and t.seed == 0 and any(a.startswith("factorial:") for a in t.arms)]
+    return [[1 if t.config[axis] == levels[1] else -1 for axis, levels in axes.items()] for t in cells]
+
+
+def factorial_study(**factorial) -> Study:
+    return parse_study({**BASE, "tasks": ["tiny_ts"], "seeds": 1, "adamw": False, "factorial": factorial})
+
+
+def test_full_factorial_grid(tmp_path):
+    axes = dict(itertools.islice(TWO_LEVEL_AXES.items(), 3))
+    study = factorial_study(axes={**axes, "modulator_size": {"s": {"modulator_layers": 2}, "m": {}, "l": {"modulator_layers": 32}}})
+    cells = [a for a in study.arms() if a.startswith("factorial:")]
+    assert len(cells) == 2 * 2 * 2 * 3
+    assert cells[0] == "factorial:grouping=original,gating=false,objective=gradient,modulator_size=s"
+    check_invariants(study)
+    # the cell equal to tiny_ts's baseline (fine_grained, gating on, combined, its own size) is merged
+    assert trial(study, "tiny_ts", "baseline").arms == ["baseline", "factorial:grouping=fine_grained,gating=true,objective=combined,modulator_size=m"]
+
+
+@pytest.mark.parametrize(
+    "fractional",
+    [{"fraction": 2}, {"generators": ["C=AB"]}, {"generators": ["C = -AB"]}, {"generators": ["A=BC"]}],
+)
+def test_half_fraction_of_three_axes_is_balanced_and_orthogonal(fractional):
+    axes = dict(itertools.islice(TWO_LEVEL_AXES.items(), 3))
+    rows = design(factorial_study(axes=axes, **fractional), axes)
+    assert len(rows) == 4
+    assert_balanced_and_orthogonal(rows)
+
+
+def test_the_two_halves_make_the_full_grid():
+    axes = dict(itertools.islice(TWO_LEVEL_AXES.items(), 3))
+    halves = [design(factorial_study(axes=axes, generators=[g]), axes) for g in ("C=AB", "C=-AB")]
+    assert sorted(halves[0] + halves[1]) == sorted(map(list, itertools.product([-1, 1], repeat=3)))
+
+
+@pytest.mark.parametrize(("k", "fraction", "resolution"), [(4, 2, 4), (5, 2, 5), (5, 4, 3), (6, 4, 4), (6, 2, 6)])
+def test_automatic_fractions_have_the_best_resolution(k, fraction, resolution):
+    axes = dict(itertools.islice(TWO_LEVEL_AXES.items(), k))
+    rows = design(factorial_study(axes=axes, fraction=fraction), axes)
+    assert len(rows) == 2**k // fraction
+    assert_balanced_and_orthogonal(rows)
+    assert design_resolution(rows) == resolution
+
+
+def assert_balanced_and_orthogonal(rows: list[list[int]]) -> None:
+    """Each level of each axis equally often; each pair of axes sees its 4 combinations equally
+    often (so the main effects are orthogonal)."""
+    columns = list(zip(*rows))
+    for column in columns:
+        assert sum(column) == 0
+    for a, b in itertools.combinations(columns, 2):
+        pairs = list(zip(a, b))
+        assert all(pairs.count(combo) == len(rows) // 4 for combo in itertools.product([-1, 1], repeat=2))
+
+
+def design_resolution(rows: list[list[int]]) -> int:
+    """The length of the shortest word: the fewest columns whose product is constant."""
+    columns = list(zip(*rows))
+    for size in range(1, len(columns) + 1):
+        for subset in itertools.combinations(columns, size):
+            products = {math.prod(values) for values in zip(*subset)}
+            if len(products) == 1:
+                return size
+    return len(columns) + 1  # a full grid: no word at all
+
+
+# -- validation ----------------------------------------------------------------------------
+
+ERRORS = [
+    # (fields merged into BASE, substrings the message must contain)
+    ({"budgte": {}}, ["s.yaml: budgte", "did you mean 'budget'", "allowed keys: name, description"]),
+    ({"name": None}, ["s.yaml: name", "is required"]),
+    ({"name": "a b"}, ["s.yaml: name", "[A-Za-z0-9_-]+", "'a b'"]),
+    ({"description": 3}, ["description", "string"]),
+    ({"tasks": ["tiny_ts", "nope"]}, ["s.yaml: tasks[1]", "'nope'", "tiny_cls", "tiny_ts"]),
+    ({"tasks": []}, ["s.yaml: tasks", "non-empty"]),
+    ({"tasks": "tiny_ts"}, ["s.yaml: tasks", "list"]),
+    ({"tasks": ["tiny_ts", "tiny_ts"]}, ["tasks[1]", "twice"]),
+    ({"seeds": True}, ["s.yaml: seeds", "True", "integer N"]),
+    ({"seeds": 0}, ["s.yaml: seeds", "must be in 1.."]),
+    ({"seeds": []}, ["s.yaml: seeds", "non-empty list"]),
+    ({"seeds": [0, 1, 0]}, ["s.yaml: seeds[2]", "twice"]),
+    ({"seeds": [0, -1]}, ["s.yaml: seeds[1]", ">= 0"]),
+    ({"seeds": [0, 1.5]}, ["s.yaml: seeds[1]", "integer", "1.5"]),
+    ({"data": "cloud"}, ["s.yaml: data", "'cloud'", "embedded, real"]),
+    ({"data_dir": "/data"}, ["s.yaml: data_dir", "'embedded'", "data: real"]),
+    ({"budget": {"epochs": 2.5}}, ["s.yaml: budget.epochs", "integer", "2.5"]),
+    ({"budget": {"epochs": True}}, ["s.yaml: budget.epochs", "integer", "True"]),
+    ({"budget": {"epochs": -1}}, ["s.yaml: budget.epochs", "> 0"]),
+    ({"budget": {"epoch": 3}}, ["s.yaml: budget.epoch", "did you mean 'epochs'", "Common keys: device, num_threads, epochs", "keys of task tiny_ts: d_model"]),
+    ({"budget": {"d_model": 8}}, ["s.yaml: budget.d_model", "tiny_ts only", "overrides.<task>"]),
+    ({"budget": {"seed": 1}}, ["s.yaml: budget.seed", "seeds:"]),
+    ({"budget": {"optimizer": "adamw"}}, ["s.yaml: budget.optimizer", "adamw:"]),
+    ({"budget": {"meta_every": 5, "meta_per_epoch": 2}}, ["s.yaml: budget", "meta_every", "meta_per_epoch", "give only one"]),
+    ({"budget": [1]}, ["s.yaml: budget", "mapping"]),
+    ({"baseline": {"features": "fancy"}}, ["s.yaml: baseline.features", "'fancy'", "basic, basic_plus"]),
+    ({"resources": {"cpus": 0}}, ["s.yaml: resources.cpus", "> 0"]),
+    ({"resources": {"cpus": True}}, ["s.yaml: resources.cpus", "True"]),
+    ({"resources": {"gpus": -1}}, ["s.yaml: resources.gpus", ">= 0"]),
+    ({"resources": {"memory": 4}}, ["s.yaml: resources.memory", "unknown key", "cpus, gpus"]),
+    ({"retries": -1}, ["s.yaml: retries", ">= 0"]),
+    ({"retries": 1.5}, ["s.yaml: retries", "integer"]),
+    ({"plugins": "mod"}, ["s.yaml: plugins", "list of module names"]),
+    ({"plugins": ["not a module"]}, ["s.yaml: plugins[0]", "'not a module'"]),
+    ({"adamw": "yes"}, ["s.yaml: adamw", "true, false or a mapping"]),
+    ({"adamw": {"gating": True}}, ["s.yaml: adamw.gating", "MetaAdamW setting"]),
+    ({"adamw": {"lr": -1}}, ["s.yaml: adamw.lr", "> 0"]),
+    ({"overrides": {"other": {"lr": 1e-3}}}, ["s.yaml: overrides.other", "tiny_ts, tiny_cls"]),
+    ({"overrides": {"tiny_cls": {"d_model": 8}}}, ["s.yaml: overrides.tiny_cls.d_model", "unknown config key", "keys of task tiny_cls: hidden"]),
+    ({"overrides": {"tiny_ts": {"d_model": "wide"}}}, ["s.yaml: overrides.tiny_ts.d_model", "(task tiny_ts)", "'wide'"]),
+    ({"ablations": {"features": ["basic_plus", "fancy"]}}, ["s.yaml: ablations.features[1]", "'fancy'", "basic, basic_plus, enhanced"]),
+    ({"ablations": {"features": ["basic", "basic"]}}, ["s.yaml: ablations.features[1]", "twice"]),
+    ({"ablations": {"features": []}}, ["s.yaml: ablations.features", "non-empty"]),
+    ({"ablations": {"gating": [1]}}, ["s.yaml: ablations.gating[0]", "true/false"]),
+    ({"ablations": {"modulator_size": [8, 64]}}, ["s.yaml: ablations.modulator_size", "not a config key", "level_name"]),
+    ({"ablations": {"size": {"small": {"modulator_layer": 8}}}}, ["s.yaml: ablations.size.small.modulator_layer", "did you mean 'modulator_layers'"]),
+    ({"ablations": {"size": {"small": 8}}}, ["s.yaml: ablations.size.small", "mapping"]),
+    ({"ablations": {"size": {"a b": {}}}}, ["s.yaml: ablations.size.a b", "level names"]),
+    ({"ablations": {"freq": {"both": {"meta_every": 5, "meta_per_epoch": 2}}}}, ["s.yaml: ablations.freq.both", "give only one"]),
+    ({"ablations": {"priorities": [[1, 1]]}}, ["s.yaml: ablations.priorities[0]", "three non-negative numbers"]),
+    ({"factorial": {"fraction": 2}}, ["s.yaml: factorial.axes", "is required"]),
+    ({"factorial": {"axes": {}}}, ["s.yaml: factorial.axes", "non-empty"]),
+    ({"factorial": {"axes": {"gating": [False, True]}, "levels": 2}}, ["s.yaml: factorial.levels", "axes, fraction, generators"]),
+    (
+        {"factorial": {"axes": {"gating": [False, True], "features": ["basic", "basic_plus", "enhanced"]}, "fraction": 2}},
+        ["s.yaml: factorial.fraction", "exactly two levels", "features (3 levels)"],
+    ),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "fraction": 3}}, ["s.yaml: factorial.fraction", "power of two"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "fraction": 4}}, ["s.yaml: factorial.fraction", "largest fraction is 2"]),
+    (
+        {"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "fraction": 2, "generators": ["C=AB"]}},
+        ["s.yaml: factorial", "not both"],
+    ),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "generators": ["C=A"]}}, ["factorial.generators[0]", "two or more", "A=grouping, B=gating, C=objective"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "generators": ["D=AB"]}}, ["factorial.generators[0]", "letter D names no axis"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "generators": ["C=AB", "C=AB"]}}, ["factorial.generators[1]", "generated twice"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 4)), "generators": ["D=AB", "C=AD"]}}, ["factorial.generators[1]", "no generator defines"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 4)), "generators": ["CAB"]}}, ["factorial.generators[0]", "'CAB'", "like 'C=AB'"]),
+    (
+        {"factorial": {"axes": {"gating": [False, True], "gate": {"on": {"gating": True}, "off": {"gating": False}}}}},
+        ["s.yaml: factorial.axes.gate", "'gating'", "independent"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "expected"), ERRORS, ids=[str(i) for i in range(len(ERRORS))])
+def test_validation_errors_name_the_file_the_field_and_the_fix(tmp_path, fields, expected):
+    message = error(tmp_path, {key: value for key, value in {**BASE, **fields}.items()})
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_a_study_that_expands_too_far_is_refused(tmp_path):
+    message = error(tmp_path, {**BASE, "seeds": 20_000})
+    assert "s.yaml" in message and "trials, more than 20000" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: t\ntasks: [tiny_ts\nseeds: 1\n", r"s\.yaml:\d+:\d+: invalid YAML: .*"),
+        ("name: t\ntasks: [tiny_ts]\nname: u\nseeds: 1\n", r"s\.yaml:3:1: invalid YAML: .*duplicate key 'name'"),
+        ("name: t\n  tasks: x\n", r"s\.yaml:2:8: invalid YAML"),
+        ("name: t\ndescription: 2024-13-45\n", r"s\.yaml:2:14: invalid YAML: cannot read '2024-13-45'"),
+        ("", r"s\.yaml: a study must be a mapping"),
+        ("- name\n", r"s\.yaml: a study must be a mapping .* got \['name'\]"),
+        ("name: t\ntasks: [tiny_ts]\nseeds: 1\ndescription: 2024-01-01\n", r"s\.yaml: description: .*date.*quote"),
+        ("name: t\ntasks: [tiny_ts]\nseeds: 1\nablations: {1: [x]}\n", r"s\.yaml: ablations: key 1 \(int\) is not a string; quote it"),
+        ("a: &x [*x]\n", r"s\.yaml: a\[0\]: contains itself"),
+    ],
+)
+def test_yaml_problems_name_the_file_and_position(tmp_path, text, expected):
+    assert re.search(expected, error(tmp_path, text)), error(tmp_path, text)
+
+
+def test_a_missing_file_is_a_study_error(tmp_path):
+    with pytest.raises(StudyError, match="nope.yaml: cannot read the study file"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_parse_study_names_its_source():
+    with pytest.raises(StudyError, match=r"^<string>: seeds"):
+        parse_study({**BASE, "seeds": "three"})
+    with pytest.raises(StudyError, match=r"^cli: seeds"):
+        parse_study({**BASE, "seeds": "three"}, source="cli")
+
+
+@pytest.mark.parametrize(("extra", "expected"), [(0, "extra_seeds: must be an integer N >= 1"), ([1], "extra_seeds[0]: seed 1 is given twice"), ("x", "extra_seeds")])
+def test_bad_extra_seeds(tmp_path, extra, expected):
+    with pytest.raises(StudyError, match=re.escape(expected)):
+        load_study(write(tmp_path, BASE), extra_seeds=extra)
+
+
+def test_a_value_that_contradicts_a_task_default_names_the_field_and_the_task(tmp_path):
+    with stand_in_tasks({"tiny_heads": {"defaults": {"modulator_heads": 5}}}):
+        message = error(tmp_path, {**BASE, "tasks": ["tiny_ts", "tiny_heads"], "ablations": {"modulator_width": [12]}})
+    assert "s.yaml: ablations.modulator_width[0] (task tiny_heads)" in message and "multiple of modulator_heads=5" in message
+
+
+def test_layers_that_contradict_each_other_name_the_arm_and_the_task(tmp_path):
+    message = error(tmp_path, {**BASE, "budget": {"modulator_width": 12}, "ablations": {"heads": {"five": {"modulator_heads": 5}}}})
+    assert "s.yaml: arm 'heads=five' on task 'tiny_ts'" in message and "multiple of modulator_heads=5" in message
+
+
+# -- plugins -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_imports(monkeypatch):
+    """Restore sys.path and forget the test plugin modules afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name in [m for m in sys.modules if m.startswith("study_plugin_")]:
+        del sys.modules[name]
+
+
+def test_a_plugin_next_to_the_study_file_registers_a_feature_extractor(tmp_path, isolated_imports):
+    (tmp_path / "study_plugin_features.py").write_text(
+        "from metaadamw import FEATURES\n\nFEATURES.add('plugin_features', object())\n"
+    )
+    try:
+        study = load(tmp_path, plugins=["study_plugin_features"], ablations={"features": ["plugin_features"]})
+        assert study.plugins == ["study_plugin_features"]
+        assert trial(study, "tiny_ts", "features=plugin_features").config["features"] == "plugin_features"
+        assert str(tmp_path) in sys.path
+    finally:
+        metaadamw.FEATURES.remove("plugin_features")
+
+
+def test_a_plugin_package_next_to_the_study_file_is_found(tmp_path, isolated_imports):
+    package = tmp_path / "study_plugin_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "objectives.py").write_text("from metaadamw import OBJECTIVES\n\nOBJECTIVES.add('plugin_objective', object())\n")
+    try:
+        study = load(tmp_path, plugins=["study_plugin_pkg.objectives"], baseline={"objective": "plugin_objective"})
+        assert trial(study, "tiny_cls", "baseline").config["objective"] == "plugin_objective"
+    finally:
+        metaadamw.OBJECTIVES.remove("plugin_objective")
+
+
+def test_a_failing_plugin_names_the_module_and_the_exception(tmp_path, isolated_imports):
+    (tmp_path / "study_plugin_broken.py").write_text("raise RuntimeError('no GPU driver here')\n")
+    message = error(tmp_path, {**BASE, "plugins": ["study_plugin_broken"]})
+    assert "s.yaml: plugins[0]" in message
+    assert "'study_plugin_broken'" in message and "RuntimeError: no GPU driver here" in message
+
+
+def test_a_missing_plugin_names_the_module(tmp_path, isolated_imports):
+    message = error(tmp_path, {**BASE, "plugins": ["study_plugin_missing"]})
+    assert "plugins[0]" in message and "ModuleNotFoundError" in message and "study_plugin_missing.py next to the study file" in message

@@ -1,0 +1,307 @@
+"""The ETT forecasting tasks: CSV reading, splits, scaling, persistence, errors, embedded training."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
+
+from ablate.config import COMMON_FIELDS, ConfigError
+from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks import etth
+
+SHARED_DATA = (Path(__file__).parents[2] / ".." / "shared" / "data").resolve()
+HEADER = "date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT"
+# Persistence on the real ETTh1, 80/20 split of the windows, seq_len 96 (measured).
+ETTH1_PERSISTENCE = {"standard": (0.0054353268, 0.0504869516), "standard_full": (0.0058514313, 0.0523838452)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these small models train fastest so, even on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(task: str, **overrides) -> dict:
+    """A resolved trial config, filled in the order of ``ablate.config.resolve_config``."""
+    spec = get_task(task)
+    config = {name: field.default for name, field in COMMON_FIELDS.items()}
+    config.update(spec.defaults)
+    if overrides.get("data", config["data"]) == "embedded":
+        config.update(spec.embedded_defaults)
+    config.update(task=task, **overrides)
+    return config
+
+
+def write_ett_csv(path: Path, ot: np.ndarray, header: str = HEADER) -> np.ndarray:
+    """An ETT CSV with hourly dates; the load columns are 10 * OT + column index. Returns all 7 columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loads = ot[:, None] * 10 + np.arange(6)[None, :]
+    values = np.column_stack([loads, ot])
+    hours = np.arange(len(ot))
+    lines = [header] + [
+        f"2016-07-{1 + h // 24:02d} {h % 24:02d}:00:00," + ",".join(repr(float(v)) for v in row)
+        for h, row in zip(hours, values)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return values
+
+
+def real_config(tmp_path: Path, **overrides) -> dict:
+    return make_config("etth1", data="real", data_dir=str(tmp_path), seq_len=4, d_model=8, n_heads=2, n_layers=1, **overrides)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def test_read_ett_csv_returns_the_requested_columns(tmp_path):
+    ot = np.arange(10, dtype=float) * 0.5
+    values = write_ett_csv(tmp_path / "ETTh1.csv", ot)
+    np.testing.assert_array_equal(etth.read_ett_csv(tmp_path / "ETTh1.csv", ("OT",))[:, 0], ot)
+    np.testing.assert_array_equal(etth.read_ett_csv(tmp_path / "ETTh1.csv", etth.ETT_COLUMNS), values)
+
+
+def test_csv_missing_ot_column_is_reported(tmp_path):
+    path = tmp_path / "ETTh1.csv"
+    write_ett_csv(path, np.arange(10.0), header="date,HUFL,HULL,MUFL,MULL,LUFL,LULL,TEMP")
+    with pytest.raises(DatasetNotFoundError, match=r"lacks the column\(s\) OT") as info:
+        etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+    assert str(path) in str(info.value)
+
+
+def test_csv_with_non_numeric_value_is_reported(tmp_path):
+    path = tmp_path / "ETTh1.csv"
+    write_ett_csv(path, np.arange(10.0))
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4].rsplit(",", 1)[0] + ",n/a"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetNotFoundError, match=r"column OT has 1 empty or non-numeric value\(s\), the first on line 5: 'n/a'"):
+        etth.read_ett_csv(path, ("OT",))
+
+
+def test_empty_csv_is_reported(tmp_path):
+    (tmp_path / "ETTh1.csv").write_text("")
+    with pytest.raises(DatasetNotFoundError, match="not a readable ETT CSV"):
+        etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+
+
+def test_missing_file_names_the_expected_paths_and_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
+        etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+    message = str(info.value)
+    assert str(tmp_path / "ETTh1.csv") in message and str(tmp_path / "ETT-small" / "ETTh1.csv") in message
+    assert "ablate data download etth1" in message and etth.ETT_REPO in message
+
+
+def test_missing_directory_names_the_expected_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetNotFoundError, match=str(missing / "ETT-small" / "ETTm2.csv")):
+        get_task("ettm2").build(make_config("ettm2", data="real", data_dir=str(missing)))
+
+
+def test_no_data_directory_at_all(monkeypatch):
+    monkeypatch.delenv("ABLATE_DATA_DIR", raising=False)
+    with pytest.raises(DatasetNotFoundError, match="needs a data directory"):
+        get_task("etth1").build(make_config("etth1", data="real"))
+
+
+def test_too_short_file_is_reported(tmp_path):
+    write_ett_csv(tmp_path / "ETTh1.csv", np.arange(200.0))
+    with pytest.raises(DatasetNotFoundError, match=r"12/4/4 split needs 20 months of 720 steps \(14400 steps\)"):
+        etth.build_ett_task(real_config(tmp_path, split="12/4/4"), etth.VARIANTS[0])
+
+
+# -- splitting, scaling, windows ----------------------------------------------------------------
+
+
+def test_split_80_20_splits_the_windows_chronologically():
+    # 30 steps, seq_len 5: 25 windows, the first 20 train (targets 5..24), the last 5 validate.
+    assert etth.split_bounds(30, 5, "80/20", month=1) == {"train": (5, 25), "val": (25, 30)}
+
+
+def test_split_12_4_4_uses_months_of_the_file():
+    assert etth.VARIANTS[0].month == 720 and etth.VARIANTS[2].month == 2880
+    assert etth.split_bounds(17420, 96, "12/4/4", month=720) == {
+        "train": (96, 8640),
+        "val": (8640, 11520),
+        "test": (11520, 14400),
+    }
+    with pytest.raises(ValueError, match="needs 20 months"):
+        etth.split_bounds(14399, 96, "12/4/4", month=720)
+
+
+def test_scalers_fit_the_training_part_only():
+    values = np.array([[1.0], [2.0], [3.0], [100.0]])
+    shift, scale = etth.fit_scaler(values, 3, "standard")
+    assert shift[0] == pytest.approx(2.0) and scale[0] == pytest.approx(np.std([1.0, 2.0, 3.0]))
+    shift, scale = etth.fit_scaler(values, 3, "minmax")
+    assert (shift[0], scale[0]) == (1.0, 2.0)
+    shift, scale = etth.fit_scaler(values, 3, "standard_full")
+    assert shift[0] == pytest.approx(26.5)
+    _, scale = etth.fit_scaler(np.ones((4, 1)), 3, "standard")
+    assert scale[0] == 1.0  # constant column
+
+
+def test_persistence_by_hand():
+    target = np.array([0.0, 1.0, 3.0, 2.0, 2.0])
+    # targets 3, 4: errors 2 - 3 = -1 and 2 - 2 = 0
+    assert etth.persistence_metrics(target, 3, 5) == {"persistence_mse": 0.5, "persistence_mae": 0.5}
+
+
+def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
+    rng = np.random.default_rng(0)
+    ot = np.cumsum(rng.normal(size=30))
+    write_ett_csv(tmp_path / "ETT-small" / "ETTh1.csv", ot)
+    task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
+    assert task.data_source == f"real:{(tmp_path / 'ETT-small' / 'ETTh1.csv').resolve()}"
+    # 26 windows of 4 steps: 20 train (targets 4..23), 6 validate (targets 24..29)
+    assert (len(task.train), len(task.val), task.test) == (20, 6, None)
+    mean, std = ot[:24].mean(), ot[:24].std()
+    scaled = (ot - mean) / std
+    x, y = task.train[0]
+    assert x.shape == (4, 1) and y.shape == ()
+    np.testing.assert_allclose(x[:, 0].numpy(), scaled[:4], rtol=1e-5, atol=1e-6)
+    assert float(y) == pytest.approx(scaled[4], abs=1e-6)
+    x, y = task.val[0]  # the first validation window reads the last training steps
+    np.testing.assert_allclose(x[:, 0].numpy(), scaled[20:24], rtol=1e-5, atol=1e-6)
+    assert float(y) == pytest.approx(scaled[24], abs=1e-6)
+    error = scaled[24:30] - scaled[23:29]
+    assert task.reference["persistence_mse"] == pytest.approx(np.mean(error**2))
+    assert task.reference["persistence_mae"] == pytest.approx(np.mean(np.abs(error)))
+    with pytest.raises(IndexError):
+        task.val[6]
+
+
+def test_multivariate_inputs_end_with_ot(tmp_path):
+    values = write_ett_csv(tmp_path / "ETTh1.csv", np.linspace(0.0, 1.0, 30))
+    task = get_task("etth1").build(real_config(tmp_path, multivariate=True, scaling="standard"))
+    x, _ = task.train[0]
+    assert x.shape == (4, 7) and task.info["inputs"][-1] == "OT"
+    train_part = values[:24]
+    expected = (values[:4] - train_part.mean(axis=0)) / train_part.std(axis=0)
+    np.testing.assert_allclose(x.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert task.model(x[None]).shape == (1,)
+
+
+def test_split_12_4_4_on_a_fixture_with_a_test_set(tmp_path):
+    ot = np.sin(np.arange(14400) / 24.0) + np.arange(14400) / 1000.0
+    write_ett_csv(tmp_path / "ETTh1.csv", ot)
+    task = get_task("etth1").build(real_config(tmp_path, split="12/4/4", scaling="standard"))
+    assert (len(task.train), len(task.val), len(task.test)) == (8640 - 4, 2880, 2880)
+    assert task.info["target_shift"] == pytest.approx(ot[:8640].mean())
+    _, y = task.test[len(task.test) - 1]
+    assert float(y) == pytest.approx((ot[14399] - ot[:8640].mean()) / ot[:8640].std(), abs=1e-4)
+
+
+def test_unknown_split_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="split='70/30' is not allowed; choose one of: 80/20, 12/4/4"):
+        get_task("etth1").build(make_config("etth1", split="70/30"))
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+def test_the_four_variants_are_registered_with_the_paper_defaults():
+    for name in ("etth1", "etth2", "ettm1", "ettm2"):
+        spec = get_task(name)
+        assert [(m.name, m.mode) for m in spec.metrics] == [("mse", "min"), ("mae", "min")]
+        assert spec.defaults["meta_every"] == 217 and spec.defaults["gating"] is True
+        assert spec.defaults["seq_len"] == 96 and spec.defaults["d_model"] == 128
+        assert spec.defaults["scaling"] == "standard" and spec.embedded_defaults["scaling"] == "standard"
+        (download,) = DOWNLOADS[name]
+        assert download.url.startswith(etth.ETT_RAW_URL) and download.subdir == "ETT-small"
+        assert download.sha256 or download.md5
+
+
+# -- embedded variant, training and evaluation -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded_task():
+    torch.manual_seed(0)
+    return get_task("etth1").build(make_config("etth1"))
+
+
+def test_embedded_variant_is_the_statsmodels_elnino_series(embedded_task):
+    assert embedded_task.data_source == "embedded:statsmodels-elnino"
+    assert etth.load_embedded_series().shape == (732, 1)
+    assert (len(embedded_task.train), len(embedded_task.val)) == (566, 142)
+    assert embedded_task.reference["persistence_mse"] == pytest.approx(0.26526, abs=1e-4)
+    with pytest.raises(ConfigError, match="univariate"):
+        get_task("etth1").build(make_config("etth1", multivariate=True))
+
+
+def test_embedded_variant_trains_with_adamw():
+    torch.manual_seed(0)
+    task = get_task("etth1").build(make_config("etth1"))
+    train_loader = DataLoader(task.train, batch_size=16, shuffle=True)
+    val_loader = DataLoader(task.val, batch_size=64)
+    before = task.evaluate(task.model, val_loader)
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3, weight_decay=1e-2)
+    losses = []
+    for batch in train_loader:  # one epoch, 36 steps
+        loss = task.loss_fn(task.model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    after = task.evaluate(task.model, val_loader)
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    assert after["mse"] < 0.8 * before["mse"]
+
+
+def test_evaluate_averages_over_the_split_and_restores_the_mode(embedded_task):
+    model = embedded_task.model
+    model.train()
+    by_7 = embedded_task.evaluate(model, DataLoader(embedded_task.val, batch_size=7))
+    whole = embedded_task.evaluate(model, DataLoader(embedded_task.val, batch_size=len(embedded_task.val)))
+    assert set(by_7) == {"mse", "mae"} and model.training
+    assert by_7["mse"] == pytest.approx(whole["mse"], rel=1e-5) and by_7["mae"] == pytest.approx(whole["mae"], rel=1e-5)
+    model.eval()
+    embedded_task.evaluate(model, DataLoader(embedded_task.val, batch_size=64))
+    assert not model.training
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_loss_is_twice_differentiable(embedded_task, training):
+    embedded_task.model.train(training)
+    batch = next(iter(DataLoader(embedded_task.train, batch_size=8)))
+    params = [p for p in embedded_task.model.parameters() if p.requires_grad]
+    with sdpa_kernel(SDPBackend.MATH):  # as MetaAdamW's meta-update does
+        grads = torch.autograd.grad(embedded_task.loss_fn(embedded_task.model, batch), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), params, allow_unused=True)
+    assert any(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in second)
+
+
+# -- the real file (skipped where ../shared/data is absent) ----------------------------------------
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("scaling", ["standard", "standard_full"])
+def test_real_etth1_persistence(scaling):
+    """The paper's 0.005851 is the persistence MSE with the whole-series standardisation."""
+    if not (SHARED_DATA / "ETT-small" / "ETTh1.csv").is_file():
+        pytest.skip(f"no real ETTh1 under {SHARED_DATA}")
+    task = get_task("etth1").build(make_config("etth1", data="real", data_dir=str(SHARED_DATA), scaling=scaling))
+    assert (len(task.train), len(task.val)) == (13859, 3465)
+    mse, mae = ETTH1_PERSISTENCE[scaling]
+    assert task.reference["persistence_mse"] == pytest.approx(mse, rel=1e-6)
+    assert task.reference["persistence_mae"] == pytest.approx(mae, rel=1e-6)
+    if scaling == "standard_full":
+        assert round(task.reference["persistence_mse"], 6) == 0.005851
+
+
+@pytest.mark.realdata
+def test_real_etth1_checksum_matches_the_registered_download():
+    path = SHARED_DATA / "ETT-small" / "ETTh1.csv"
+    if not path.is_file():
+        pytest.skip(f"no real ETTh1 under {SHARED_DATA}")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == DOWNLOADS["etth1"][0].sha256

@@ -1,0 +1,121 @@
+"""The trial runner: reproducibility, pairing, checkpoint-resume, budgets, early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ablate.config import ConfigError
+from ablate.tasks import list_tasks
+from ablate.trial import Trial, run_trial
+
+FAST = {"task": "etth1", "epochs": 3, "max_train_batches": 8, "meta_every": 3, "warmup_epochs": 1, "seed": 0,
+        "num_threads": 1}
+TIMING = {"time_train_s", "time_meta_s", "time_eval_s", "wall_s", "time_total_s", "finished_at"}
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_same_seed_gives_identical_history_and_telemetry():
+    a, b = run_trial(FAST), run_trial(FAST)
+    assert _strip(a.history) == _strip(b.history) and a.telemetry == b.telemetry
+    assert a.row["best_metric"] == b.row["best_metric"]
+    c = run_trial({**FAST, "seed": 1})
+    assert _strip(c.history) != _strip(a.history)
+
+
+def test_adamw_and_metaadamw_trials_with_one_seed_are_paired():
+    # same initial weights, batches and dropout masks: identical during the warm-up epoch
+    meta = run_trial({**FAST, "epochs": 2})
+    adamw = run_trial({**FAST, "epochs": 2, "optimizer": "adamw"})
+    assert meta.history[0]["train_loss"] == adamw.history[0]["train_loss"]
+    assert meta.history[0]["val_mse"] == pytest.approx(adamw.history[0]["val_mse"], rel=1e-5)
+    assert meta.row["meta_updates"] > 0 and adamw.row["meta_updates"] == 0
+
+
+def test_checkpoint_resume_gives_the_same_result(tmp_path):
+    config = {**FAST, "epochs": 4, "patience": 0}
+    straight = run_trial(config)
+    saved = []
+
+    def save_after_two(row, trial):
+        if row["epoch"] == 2:
+            saved.append(trial.save(tmp_path / "ckpt.pt"))
+
+    run_trial(config, callback=save_after_two)
+    resumed = run_trial(config, resume=saved[0])
+    assert _strip(resumed.history) == _strip(straight.history)
+    assert resumed.telemetry == straight.telemetry
+    assert resumed.row["best_metric"] == straight.row["best_metric"]
+    assert resumed.row["steps"] == straight.row["steps"]
+
+
+def test_a_checkpoint_of_another_config_is_refused(tmp_path):
+    trial = Trial(FAST)
+    path = trial.save(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="configs differ"):
+        Trial({**FAST, "seed": 5}).load(path)
+
+
+def test_record_per_epoch_and_summary():
+    r = run_trial(FAST)
+    h = r.history
+    assert [row["epoch"] for row in h] == [1, 2, 3] and [row["step"] for row in h] == [8, 16, 24]
+    assert {"train_loss", "val_mse", "val_mae", "time_train_s", "time_meta_s", "time_eval_s", "wall_s"} <= set(h[0])
+    # meta-updates after the warm-up epoch, every 3rd step: steps 9, 12, ..., 24
+    assert h[0]["meta_updates"] == 0 and h[-1]["meta_updates"] == r.row["meta_updates"] == 6
+    assert h[-1]["wall_s"] == pytest.approx(r.row["time_total_s"])
+    assert r.row["data_source"].startswith("embedded:")
+    assert r.row["ref_persistence_mse"] > 0 and r.row["metric"] == "mse" and r.row["mode"] == "min"
+    best = min(h, key=lambda row: row["val_mse"])
+    assert r.row["best_metric"] == best["val_mse"] and r.row["best_epoch"] == best["epoch"]
+    groups = {t["group"] for t in r.telemetry}
+    assert len(r.telemetry) == r.row["meta_updates"] * len(groups)
+    t = r.telemetry[0]
+    assert {"alpha", "beta", "term_gradient", "sigma_loss_decrease", "meta_loss", "skipped"} <= set(t)
+
+
+def test_meta_per_epoch_sets_k():
+    without_k = {k: v for k, v in FAST.items() if k != "meta_every"}
+    assert Trial({**without_k, "meta_per_epoch": 2.0}).meta_every == 4  # 8 batches per epoch
+    with pytest.raises(ConfigError, match="both set"):
+        Trial({**FAST, "meta_per_epoch": 2.0})
+
+
+def test_max_steps_budget_and_early_stopping():
+    r = run_trial({**FAST, "max_steps": 10})
+    assert r.row["steps"] == 10 and r.row["stop_reason"] == "max_steps" and r.row["epochs_run"] == 2
+    r = run_trial({**FAST, "epochs": 30, "lr": 0.3, "patience": 1, "min_delta": 10.0})
+    assert r.row["stop_reason"] == "early_stopping" and r.row["epochs_run"] == 2
+
+
+def test_best_weights_are_restored():
+    trial = Trial({**FAST, "epochs": 5, "lr": 0.05, "patience": 0})
+    result = trial.run()
+    again = trial.task.evaluate(trial.model, trial.val_loader)
+    assert again["mse"] == pytest.approx(result.row["best_metric"], rel=1e-6)
+
+
+def test_diverging_loss_ends_the_trial_with_status_diverged():
+    r = run_trial({**FAST, "lr": 1e30, "optimizer": "adamw", "epochs": 5, "patience": 0})
+    assert r.row["status"] == "diverged" and r.row["stop_reason"] == "diverged"
+    assert "non-finite" in r.row["error"] or "became" in r.row["error"]
+    assert len(r.history) < 5
+
+
+@pytest.mark.parametrize("task", list_tasks())
+@pytest.mark.parametrize("optimizer", ["adamw", "metaadamw"])
+def test_every_embedded_task_learns_with_each_optimizer(task, optimizer):
+    torch.set_num_threads(1)
+    config = {"task": task, "optimizer": optimizer, "epochs": 3, "max_train_batches": 6, "meta_every": 2,
+              "warmup_epochs": 0, "patience": 0, "lr": 3e-3, "modulator_layers": 1, "num_threads": 1}
+    r = run_trial(config)
+    losses = [h["train_loss"] for h in r.history]
+    assert r.row["status"] == "ok" and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0], f"{task}/{optimizer}: training loss did not go down: {losses}"
+    if optimizer == "metaadamw":
+        assert r.row["meta_updates"] == 9 and r.row["meta_skipped"] == 0
