@@ -47,7 +47,7 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    import_plugins(config["plugins"], config.get("plugin_dir"))
+    _import_worker_plugins(config["plugins"], config.get("plugin_dir"))
     from ablate.trial import Trial
 
     spec = config["trial"]
@@ -77,6 +77,18 @@ def trainable(config: dict[str, Any]) -> None:
     payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
+
+
+def _import_worker_plugins(plugins: list[str], plugin_dir: str | None) -> None:
+    """Import the study's plugins in a worker: from the runtime environment Ray shipped them in
+    (``py_modules``) or an installed package; from the study's directory only as a fallback, which
+    works when Ray was started by someone else on a machine that sees that directory."""
+    try:
+        import_plugins(plugins)
+    except Exception:
+        if not plugin_dir:
+            raise
+        import_plugins(plugins, plugin_dir)
 
 
 def _flat_metrics(row: dict[str, Any]) -> dict[str, Any]:

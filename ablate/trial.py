@@ -127,6 +127,7 @@ class Trial:
         self.bad_epochs = 0
         self.times = {"train": 0.0, "meta": 0.0, "eval": 0.0}
         self.stop_reason = ""
+        self.resumed_from_epoch = 0  # the epoch of the checkpoint this run continued from
 
     # -----------------------------------------------------------------------------------------
     def run(self, callback: Callback | None = None, progress: bool = False) -> TrialResult:
@@ -254,6 +255,7 @@ class Trial:
             "meta_every_steps": self.meta_every if self.is_meta else 0,
             "meta_updates": len(self._meta_records),
             "meta_skipped": getattr(self.optimizer, "meta_skipped", 0),
+            "resumed_from_epoch": self.resumed_from_epoch,
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         best_row = next((h for h in self.history if h["epoch"] == self.best_epoch), None)
@@ -299,6 +301,7 @@ class Trial:
         for key in ("epoch", "step", "history", "telemetry", "best_value", "best_epoch", "best_state",
                     "bad_epochs", "times", "stop_reason"):
             setattr(self, key, state[key])
+        self.resumed_from_epoch = self.epoch
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the checkpoint atomically to ``path`` (a file)."""

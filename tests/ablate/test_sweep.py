@@ -1,0 +1,165 @@
+"""`ablate run` on real Ray Tune: a sweep, extending it, resuming a killed one, plugins in workers,
+and joining a Ray head started with `ray start --head`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ablate.results import load_results
+from ablate.study import load_study
+from ablate.sweep import run_study, summary_table
+
+pytestmark = pytest.mark.slow
+RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
+def _study(tmp_path: Path, name: str = "tiny", *, seeds: int = 2, epochs: int = 2, batches: int = 4,
+           ablation: str = "objective: [loss_decrease]", extra: str = "") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        tasks: [etth1]
+        seeds: {seeds}
+        budget: {{epochs: {epochs}, max_train_batches: {batches}, patience: 0}}
+        baseline: {{meta_every: 2, modulator_layers: 1}}
+        ablations:
+          {ablation}
+        {extra}
+        """))
+    return path
+
+
+def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, capsys):
+    out = tmp_path / "results"
+    study = load_study(_study(tmp_path))
+    first = run_study(study, out, num_cpus=2)
+    assert (first.ran, first.reused, first.failed) == (6, 0, 0)
+    res = load_results(out / "tiny")
+    t = res.trials
+    assert len(t) == 6 and set(t["status"]) == {"ok"} and t["trial_id"].is_unique
+    assert sorted(t["arm"].unique()) == ["adamw", "baseline", "objective=loss_decrease"]
+    assert set(t["data_source"]) == {"embedded:statsmodels-elnino"} and set(t["study"]) == {"tiny"}
+    assert len(res.history) == 6 * 2 and (res.history.groupby("trial_id").size() == 2).all()
+    meta = t[t["optimizer"] == "metaadamw"]
+    assert (meta["meta_updates"] == 2).all()  # after the warm-up epoch: steps 6 and 8
+    assert len(res.telemetry) == meta["meta_updates"].sum() * res.telemetry["group"].nunique()
+    assert (out / "tiny" / "trials.parquet").exists() and (out / "tiny" / "study.yaml").exists()
+    table = summary_table(res)
+    assert "objective=loss_decrease" in table and "vs baseline" in table and "lower is better" in table
+
+    extended = load_study(_study(tmp_path, seeds=3))
+    second = run_study(extended, out, num_cpus=2)
+    assert (second.ran, second.reused) == (3, 6), "only the new seed's trials run"
+    again = load_results(out / "tiny").trials
+    assert len(again) == 9 and again["trial_id"].is_unique
+    old = t.set_index("trial_id")["finished_at"]
+    assert (again.set_index("trial_id").loc[old.index, "finished_at"] == old).all(), "finished trials untouched"
+
+
+def _parts(out: Path) -> int:
+    return len(list((out / "parts").glob("*.trials.parquet"))) if (out / "parts").exists() else 0
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    spec = _study(tmp_path, "killed", seeds=3, epochs=3, batches=30)
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out), "--max-concurrent", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while _parts(out / "killed") < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        ckpts = out / "killed" / "checkpoints"
+        while time.monotonic() < deadline and proc.poll() is None and not _unfinished_checkpoint(out / "killed"):
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        proc.wait()
+    done_before = _parts(out / "killed")
+    assert 2 <= done_before < 9, proc.stdout.read().decode()[-3000:]
+    before = load_results(out / "killed").trials.set_index("trial_id")["finished_at"]
+    assert ckpts.exists()
+
+    result = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"{done_before} already done (reused), {9 - done_before} to run" in result.stdout
+    trials = load_results(out / "killed").trials
+    assert len(trials) == 9 and trials["trial_id"].is_unique and set(trials["status"]) == {"ok"}
+    assert (trials.set_index("trial_id").loc[before.index, "finished_at"] == before).all()
+    assert (trials["resumed_from_epoch"] > 0).any(), "the interrupted trial continues from its checkpoint"
+    history = load_results(out / "killed").history
+    assert all(list(e) == [1, 2, 3] for _, e in history.groupby("trial_id")["epoch"]), "no gaps, no duplicates"
+
+
+def _unfinished_checkpoint(out: Path) -> bool:
+    """A trial has a per-epoch checkpoint but no result yet."""
+    done = {p.name.split(".")[0] for p in (out / "parts").glob("*.trials.parquet")} if (out / "parts").exists() else set()
+    ckpts = {p.stem for p in (out / "checkpoints").glob("*.pt")} if (out / "checkpoints").exists() else set()
+    return bool(ckpts - done)
+
+
+def test_plugin_components_are_shipped_to_ray_workers(tmp_path):
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    log = tmp_path / "imports.log"
+    (study_dir / "my_plugin.py").write_text(textwrap.dedent(f"""\
+        import os
+        import torch
+        from metaadamw import FEATURES
+        from metaadamw.features import FeatureExtractor
+
+        with open({str(log)!r}, "a") as f:
+            f.write(os.path.abspath(__file__) + "\\n")
+
+        @FEATURES.register("plugin_grad_cos", override=True)
+        class GradCos(FeatureExtractor):
+            stats = ("grad_norm", "cos")
+
+            def columns(self):
+                return ["grad_norm", "cos"]
+
+            def statistics(self, stats):
+                return self.group_mean(torch.stack([stats["grad_norm"], stats["cos"]], 1))
+        """))
+    spec = _study(study_dir, "plugged", seeds=1, ablation="features: [plugin_grad_cos]",
+                  extra="plugins: [my_plugin]")
+    study = load_study(spec)
+    outcome = run_study(study, tmp_path / "results", num_cpus=2)
+    trials = load_results(outcome.out_dir).trials
+    row = trials[trials["arm"] == "features=plugin_grad_cos"].iloc[0]
+    assert row["status"] == "ok" and row["meta_updates"] > 0, row.get("error")
+    imports = log.read_text().splitlines()
+    assert any("runtime_resources" in line for line in imports), imports  # shipped by Ray, not found on disk
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sweep_joins_a_ray_head_started_with_ray_start(tmp_path):
+    port = _free_port()
+    started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        study = load_study(_study(tmp_path, "joined", seeds=1))
+        outcome = run_study(study, tmp_path / "results", address=f"127.0.0.1:{port}")
+        trials = load_results(outcome.out_dir).trials
+        assert outcome.ran == 3 and set(trials["status"]) == {"ok"}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
