@@ -117,7 +117,7 @@ COMMON_FIELDS: dict[str, Field] = {
         # MetaAdamW
         _f("alpha_range", float, 1.0, "range of the learning-rate multiplier alpha = 1 + range*(sigmoid - 0.5)", check=_nonneg),
         _f("beta_range", float, 1.0, "range of the weight-decay multiplier beta", check=_nonneg),
-        _f("meta_every", int, 100, "K_meta: steps between meta-updates", check=_pos),
+        _f("meta_every", int, 100, "K_meta: steps between meta-updates (null when meta_per_epoch sets it)", check=_pos, nullable=True),
         _f("meta_per_epoch", float, None, "meta-updates per epoch; when set, K_meta = steps_per_epoch / this (overrides meta_every)", check=_pos, nullable=True),
         _f("meta_lr", float, 1e-4, "learning rate of the modulator's optimizer", check=_pos),
         _f("meta_weight_decay", float, 0.0, "weight decay of the modulator's optimizer", check=_nonneg),
@@ -137,7 +137,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("modulator_heads", int, 6, "attention heads of the modulator", check=_pos),
         _f("modulator_ff", int, 16, "feed-forward width of the modulator", check=_pos),
         _f("modulator_width", int, None, "model width (None: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
-        _f("modulator_init", str, "zero", "modulator output head init: 'zero' (starts as exact AdamW) or 'default' (PyTorch's, as the paper's code)", ("zero", "default")),
+        _f("modulator_init", str, "default", "modulator output head init: 'default' (PyTorch's, as the paper's code: random multipliers ~1+-0.2) or 'zero' (starts as exact AdamW)", ("default", "zero")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
     ]
 }
@@ -233,6 +233,8 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config") -> di
         if field.type is float and resolved[key] is not None:
             resolved[key] = float(resolved[key])
     _check_contradictions(resolved, config, where)
+    if resolved["meta_per_epoch"] is not None:
+        resolved["meta_every"] = None  # set from the epoch length by the trial; keeps resolution idempotent
     return resolved
 
 
@@ -247,7 +249,7 @@ def _same_kind(default: Any, value: Any) -> bool:
 
 
 def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) -> None:
-    if "meta_every" in given and given.get("meta_per_epoch") is not None:  # see ALTERNATIVE_KEYS
+    if given.get("meta_every") is not None and given.get("meta_per_epoch") is not None:  # see ALTERNATIVE_KEYS
         raise ConfigError(
             f"{where}: meta_every={given['meta_every']} and meta_per_epoch={given['meta_per_epoch']} both set "
             f"the meta-update frequency; give only one"

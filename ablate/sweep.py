@@ -194,6 +194,16 @@ def _plugin_modules(study: Study) -> list[str]:
     return found
 
 
+def _worker_spec(spec: TrialSpec) -> dict[str, Any]:
+    """A trial spec for the workers: a relative data_dir (relative to the driver's working
+    directory) made absolute, since Ray Tune runs each trial in its own working directory.
+    data_dir is not part of a trial's identity, so its id stays the same."""
+    out = dataclasses.asdict(spec)
+    if out["config"].get("data_dir"):
+        out["config"]["data_dir"] = os.path.abspath(os.path.expanduser(out["config"]["data_dir"]))
+    return out
+
+
 def init_ray(study: Study, address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start Ray in-process (or join ``address``) with the study's plugins in the runtime
     environment. Returns True when this call started or joined Ray (and should shut it down)."""
@@ -207,7 +217,7 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
         runtime_env["py_modules"] = modules
     data_dir = os.environ.get("ABLATE_DATA_DIR")
     if data_dir:
-        runtime_env["env_vars"] = {"ABLATE_DATA_DIR": data_dir}
+        runtime_env["env_vars"] = {"ABLATE_DATA_DIR": os.path.abspath(os.path.expanduser(data_dir))}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "include_dashboard": False,
                               "log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
     if address:
@@ -215,6 +225,35 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
     return True
+
+
+def check_real_data(study: Study) -> None:
+    """Refuse, before Ray starts or anything is written, a study whose real-data trials of built-in
+    tasks have no data directory here: the loaders' own rule (``data_dir``, else ``$ABLATE_DATA_DIR``,
+    :func:`ablate.tasks.resolve_data_dir`) must name an existing directory. Only the directory is
+    checked (the files in it are read, and checked, by the trial); trials that name their data file
+    by an absolute path (imdb's ``csv_file``) and plugin tasks are left to their loaders."""
+    from ablate.tasks import DATA_DIR_ENV, DatasetNotFoundError, get_task, resolve_data_dir
+
+    checked: set[Path] = set()
+    for spec in study.trials:
+        cfg = spec.config
+        if cfg.get("data") != "real" or not get_task(spec.task).factory.__module__.startswith("ablate.tasks."):
+            continue
+        if any(k.endswith("_file") and isinstance(v, str) and os.path.isabs(os.path.expanduser(v))
+               for k, v in cfg.items()):
+            continue
+        root = resolve_data_dir(cfg)  # DatasetNotFoundError when neither data_dir nor $ABLATE_DATA_DIR is set
+        if root in checked:
+            continue
+        if not root.is_dir():
+            given = "data_dir" if cfg.get("data_dir") else f"${DATA_DIR_ENV}"
+            raise DatasetNotFoundError(
+                f"{study.name}: task {spec.task!r} has data: real, but its data directory {root} (from {given}) "
+                f"does not exist; fix data_dir, or fetch the dataset with `ablate data download {spec.task} "
+                f"--data-dir {root}`. Nothing was run."
+            )
+        checked.add(root)
 
 
 def run_study(
@@ -230,6 +269,8 @@ def run_study(
     """Run every trial of ``study`` whose result is not stored yet; return the study's tables."""
     from ray import tune
 
+    if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
+        check_real_data(study)
     out_dir = Path(out_root) / study.name
     out_dir.mkdir(parents=True, exist_ok=True)
     if study.path is not None:
@@ -250,7 +291,7 @@ def run_study(
         recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused)
         cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
         space = {
-            "trial": tune.grid_search([dataclasses.asdict(t) for t in pending]),
+            "trial": tune.grid_search([_worker_spec(t) for t in pending]),
             "plugins": list(study.plugins),
             "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
             "checkpoint_dir": str((out_dir / "checkpoints").resolve()),
@@ -297,12 +338,16 @@ def summary_table(results: store.Results) -> str:
     arms = explode_arms(trials)
     lines = []
     for task, df in arms.groupby("task", sort=False):
-        metric, mode = df["metric"].iloc[0], df["mode"].iloc[0]
+        known = df.dropna(subset=["mode"]) if "mode" in df else df.iloc[0:0]
+        if known.empty:
+            lines.append(f"\n{task}: every trial failed ({len(df)})")
+            continue
+        metric, mode = known["metric"].iloc[0], known["mode"].iloc[0]
         ok = df[df["status"] == "ok"]
         means = ok.groupby("arm", sort=False)["best_metric"].agg(["mean", "count"])
         base = means["mean"].get("baseline", math.nan)
         lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better; "
-                     f"data: {', '.join(sorted(set(df['data_source'].dropna())))})")
+                     f"data: {', '.join(sorted(set(df.get('data_source', pd.Series(dtype=object)).dropna())))})")
         lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
         for arm in pd.unique(df["arm"]):
             m = means.loc[arm] if arm in means.index else pd.Series({"mean": math.nan, "count": 0})

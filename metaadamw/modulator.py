@@ -11,11 +11,13 @@ it is not zero); ``width=`` projects the features to a wider model first.
 
 Output head: ``[alpha_raw, beta_raw, lambda1_raw, lambda2_raw]`` per group, mapped to
 ``alpha = 1 + alpha_range * (sigmoid(alpha_raw) - 0.5)`` (likewise beta) and
-``lambda = sigmoid(lambda_raw)``. By default the head starts at zero (``head_init="zero"``), so a
-fresh modulator gives alpha = beta = 1 exactly and MetaAdamW starts as AdamW; the first
-meta-update then trains the head alone (the layers below get gradient once the head is non-zero).
-``head_init="default"`` keeps PyTorch's default ``nn.Linear`` initialisation, as the paper's code
-does: every group then starts with a random multiplier of roughly 1 +- 0.2.
+``lambda = sigmoid(lambda_raw)``. By default (``head_init="default"``) the head keeps PyTorch's
+``nn.Linear`` initialisation, as the paper's code does: every group then starts with a random
+multiplier of roughly 1 +- 0.2, which the meta-updates adjust. ``head_init="zero"`` starts the head
+at zero, so a fresh modulator gives alpha = beta = 1 exactly and MetaAdamW starts as AdamW; the
+first meta-update then trains the head alone (the layers below get gradient once it is non-zero).
+Comparing the two separates what the learned modulation does from what random per-group
+multipliers do.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class Modulator(nn.Module):
         gate_l1: float = 1e-3,
         alpha_range: float = 1.0,
         beta_range: float = 1.0,
-        head_init: str = "zero",
+        head_init: str = "default",
     ):
         super().__init__()
         if head_init not in HEAD_INITS:

@@ -58,9 +58,9 @@ class MetaAdamW(torch.optim.Optimizer):
         modulator_layers, modulator_heads, modulator_ff: encoder depth, heads, feed-forward width.
         modulator_width: model width; None = feature width zero-padded to a multiple of the heads.
         modulator_dropout: dropout inside the encoder during meta-updates.
-        modulator_init: 'zero' (output head at zero: alpha = beta = 1 until the first meta-update,
-            i.e. exactly AdamW) or 'default' (PyTorch's init, as the paper's code: random
-            multipliers of about 1 +- 0.2 from the start).
+        modulator_init: 'default' (PyTorch's init of the output head, as the paper's code: random
+            multipliers of about 1 +- 0.2 from the start) or 'zero' (head at zero: alpha = beta = 1
+            until the first meta-update, i.e. exactly AdamW).
         objective: registered meta objective (``metaadamw.OBJECTIVES``).
         weighting, weighting_form: registered loss weighting and its HUW form
             ('regression' or 'classification').
@@ -99,7 +99,7 @@ class MetaAdamW(torch.optim.Optimizer):
         modulator_ff: int = 16,
         modulator_width: int | None = None,
         modulator_dropout: float = 0.0,
-        modulator_init: str = "zero",
+        modulator_init: str = "default",
         objective: str = "combined",
         weighting: str = "huw_priority",
         weighting_form: str = "regression",

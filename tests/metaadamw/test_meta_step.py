@@ -139,11 +139,12 @@ def test_feature_gates_are_trained():
 def test_enhanced_group_embeddings_are_trained():
     model = mlp(0)
     with pytest.warns(UserWarning):
-        opt = MetaAdamW(model.named_parameters(), features="enhanced", meta_lr=0.5, **small_kwargs())
+        opt = MetaAdamW(model.named_parameters(), features="enhanced", meta_lr=0.5, modulator_init="zero",
+                        **small_kwargs())
     _step(model, opt, regression_batches()[0])
     before = opt.modulator.extractor.embedding.detach().clone()
     opt.meta_step(model, mse, *regression_batches(3))
-    # the output head starts at zero (alpha = beta = 1), so the first update moves only the head
+    # a zero output head (alpha = beta = 1) passes no gradient down: the first update moves only the head
     assert torch.equal(before, opt.modulator.extractor.embedding.detach())
     opt.meta_step(model, mse, *regression_batches(3))
     assert not torch.equal(before, opt.modulator.extractor.embedding.detach())

@@ -1,0 +1,146 @@
+"""Tokenisation, vocabularies and small helpers shared by the text tasks (wikitext2, multi30k, imdb).
+
+* :func:`tokenize` - a simple, documented word tokeniser;
+* :class:`Vocab` - a token <-> id map built from the *training* split only, with a size cap, a
+  minimum frequency and the specials ``<pad>`` (id 0), ``<unk>`` (1), ``<bos>`` (2), ``<eos>`` (3);
+* :func:`read_lines` - UTF-8 text files, plain or gzip-compressed, as a list of lines;
+* :func:`dataset_error` - the :class:`DatasetNotFoundError` every text task raises for a missing or
+  malformed dataset (it names each expected file with its full path and how to obtain it);
+* :func:`evaluating` and :func:`model_device` - what every ``evaluate`` function needs;
+* :func:`unigram_cross_entropy` - the trivial reference of the language-modelling tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ablate.tasks.base import DatasetNotFoundError
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+#: The special tokens, in id order: every :class:`Vocab` starts with them.
+SPECIALS = (PAD, UNK, BOS, EOS)
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIALS))
+
+# A word is a run of letters/digits/underscores, optionally joined by apostrophes ("don't",
+# "it's" stay whole); every other non-space character is a token of its own.
+_TOKEN_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+
+
+def tokenize(text: str, lowercase: bool = True) -> list[str]:
+    """Split ``text`` into words and punctuation marks.
+
+    Words are maximal runs of Unicode letters, digits and underscores, with inner apostrophes
+    kept (``"don't"`` is one token); each other non-whitespace character (``.,!?()"-`` ...) is a
+    token of its own; whitespace only separates. With ``lowercase`` the text is lower-cased first.
+
+    >>> tokenize("A dog, isn't it? Ein Hund!")
+    ['a', 'dog', ',', "isn't", 'it', '?', 'ein', 'hund', '!']
+    """
+    if lowercase:
+        text = text.lower()
+    return _TOKEN_RE.findall(text)
+
+
+class Vocab:
+    """A token <-> id map whose first ids are :data:`SPECIALS` (``<pad>`` = 0, ``<unk>`` = 1,
+    ``<bos>`` = 2, ``<eos>`` = 3). Unknown tokens map to ``<unk>``."""
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def __init__(self, words: Sequence[str]):
+        """``words``: the regular tokens, most frequent first (the specials are prepended)."""
+        self.itos: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocabulary words must be unique")
+
+    @classmethod
+    def build(cls, sequences: Iterable[Sequence[str]], max_size: int | None = None, min_freq: int = 1) -> "Vocab":
+        """The vocabulary of tokenised ``sequences`` (pass the training split only).
+
+        Keeps the ``max_size`` most frequent regular tokens (ties broken alphabetically, so the
+        result does not depend on the input order) that occur at least ``min_freq`` times; the
+        specials come on top. Occurrences of a special in the text (WikiText's own ``<unk>``)
+        are not counted as words.
+        """
+        counts = Counter(tok for seq in sequences for tok in seq)
+        kept = (w for w, c in counts.items() if c >= min_freq and w not in SPECIALS)
+        ranked = sorted(kept, key=lambda w: (-counts[w], w))
+        return cls(ranked[:max_size] if max_size is not None else ranked)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, token: str) -> bool:
+        return token in self.stoi
+
+    def __getitem__(self, token: str) -> int:
+        return self.stoi.get(token, self.unk_id)
+
+    def encode(self, tokens: Iterable[str]) -> list[int]:
+        """Token ids; unknown tokens become ``<unk>``."""
+        unk = self.unk_id
+        return [self.stoi.get(t, unk) for t in tokens]
+
+    def decode(self, ids: Iterable[int], skip_specials: bool = False) -> list[str]:
+        """Tokens of ``ids``; with ``skip_specials`` ``<pad>``, ``<bos>`` and ``<eos>`` are dropped."""
+        drop = {self.pad_id, self.bos_id, self.eos_id} if skip_specials else set()
+        return [self.itos[i] for i in map(int, ids) if i not in drop]
+
+
+
+def read_lines(path: Path) -> list[str]:
+    """The lines (without line breaks) of a UTF-8 text file; ``*.gz`` files are decompressed.
+
+    Raises ``OSError`` / ``UnicodeDecodeError`` / ``EOFError`` for unreadable, non-UTF-8 or
+    truncated files; callers turn them into :func:`dataset_error`.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def dataset_error(task: str, problem: str, expected: Iterable[Path], source: str) -> DatasetNotFoundError:
+    """A :class:`DatasetNotFoundError` for ``task``: what is wrong, every expected file with its
+    full path, and how to obtain the data (``ablate data download TASK`` or ``source``)."""
+    files = "\n".join(f"  {p.expanduser().absolute()}" for p in expected)
+    return DatasetNotFoundError(
+        f"task {task!r}: {problem}.\nExpected files:\n{files}\n"
+        f"Obtain them with `ablate data download {task}` or from {source}; "
+        f"or use data='embedded' for the small offline variant."
+    )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode without gradients; the previous training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def unigram_cross_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
+    """Mean cross-entropy (nats per token) of ``eval_ids`` under the add-one smoothed unigram
+    model of ``train_ids`` over a vocabulary of ``vocab_size`` ids; ``exp`` of it is the
+    unigram perplexity."""
+    counts = torch.bincount(train_ids.flatten(), minlength=vocab_size).double() + 1.0
+    log_probs = counts.log() - math.log(counts.sum().item())
+    return float(-log_probs[eval_ids.flatten()].mean())

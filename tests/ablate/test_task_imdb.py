@@ -1,0 +1,294 @@
+"""imdb: the aclImdb tree and CSV files, the stratified split, generated reviews, the BiLSTM
+classifier, metrics and second-order gradients."""
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from ablate.config import resolve_config
+from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks.imdb import clean, generate_reviews, read_csv, stratified_split
+from ablate.tasks.models_text import BiLSTMClassifier, reverse_padded
+from ablate.tasks.text import PAD_ID, UNK_ID, Vocab, tokenize
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These small models train fastest on one thread (and the embedded budget is one core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(**overrides):
+    """The resolved trial config, as the trial runner passes it to the factory."""
+    return resolve_config({"task": "imdb", **overrides})
+
+
+TINY = dict(embed_dim=8, hidden_size=8, num_layers=2)
+
+TREE = {
+    ("train", "pos"): ["Great film!<br /><br />Loved it.", "A good movie.", "Superb acting.", "Nice.", "Fun, fun."],
+    ("train", "neg"): ["Awful.<br/>Boring plot.", "Bad movie.", "Terrible acting.", "Dull.", "Not fun."],
+    ("test", "pos"): ["Wonderful zebra!", "Good."],
+    ("test", "neg"): ["Awful zebra.", "Bad."],
+}
+
+
+def write_tree(root: Path) -> Path:
+    tree = root / "aclImdb"
+    for (split, label), texts in TREE.items():
+        folder = tree / split / label
+        folder.mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (folder / f"{i}_{7 + i}.txt").write_text(text, encoding="utf-8")
+    (tree / "train" / "unsup").mkdir()
+    (tree / "train" / "unsup" / "0_0.txt").write_text("unlabelled", encoding="utf-8")
+    return tree
+
+
+def test_registration():
+    spec = get_task("imdb")
+    assert [(m.name, m.mode) for m in spec.metrics] == [("accuracy", "max"), ("loss", "min")]
+    d = spec.defaults
+    assert (d["batch_size"], d["epochs"], d["meta_every"], d["modulator_layers"], d["modulator_ff"]) == (64, 15, 39, 64, 64)
+    assert (d["modulator_heads"], d["features"], d["gating"], d["priorities"]) == (11, "basic_plus", True, [1.0, 3.0, 5.0])
+    assert (d["embed_dim"], d["hidden_size"], d["num_layers"], d["vocab_size"], d["max_len"]) == (32, 64, 2, 25000, 256)
+    (download,) = DOWNLOADS["imdb"]
+    assert download.filename == "aclImdb_v1.tar.gz" and download.md5 == "7c2ac02c03563afcf9b574c7e56c153a"
+
+
+def test_clean_strips_line_breaks():
+    assert clean("a<br /><br />b<BR>c<br/>d") == "a  b c d"
+
+
+def test_stratified_split_is_deterministic_and_balanced():
+    reviews = [(f"r{i}", int(i < 30)) for i in range(100)]  # 30 positive, 70 negative
+    train, val = stratified_split(reviews, 0.2, seed=3)
+    assert len(val) == 20 and sum(y for _, y in val) == 6  # 20 % of each label
+    assert sorted(train + val) == sorted(reviews)
+    assert stratified_split(reviews, 0.2, seed=3) == (train, val)
+    assert stratified_split(reviews, 0.2, seed=4)[1] != val
+    assert [r for r in reviews if r in val] == val  # original order kept
+
+
+def encode_row(vocab: Vocab, text: str, max_len: int) -> list[int]:
+    ids = vocab.encode(tokenize(clean(text))[:max_len])
+    return ids + [PAD_ID] * (max_len - len(ids))
+
+
+def test_acl_tree_parsed_with_train_only_vocab(tmp_path):
+    write_tree(tmp_path / "imdb")
+    config = make_config(data="real", data_dir=str(tmp_path), max_len=4, split_seed=5, **TINY)
+    task = get_task("imdb").build(config)
+    assert task.info["reviews"] == {"train": 8, "val": 2, "test": 4}
+    assert task.data_source == f"real:{tmp_path / 'imdb' / 'aclImdb'}"
+    # files in sorted order, pos (label 1) before neg (label 0); 20 % of each label to validation
+    labelled = [(clean(t), 1) for t in TREE["train", "pos"]] + [(clean(t), 0) for t in TREE["train", "neg"]]
+    train, val = stratified_split(labelled, 0.2, seed=5)
+    vocab = Vocab.build([tokenize(text) for text, _ in train])
+    assert task.info["vocab_size"] == len(vocab)
+    assert task.train.ids.tolist() == [encode_row(vocab, text, 4) for text, _ in train]
+    assert task.train.labels.tolist() == [y for _, y in train]
+    assert task.val.ids.tolist() == [encode_row(vocab, text, 4) for text, _ in val]
+    assert sorted(task.val.labels.tolist()) == [0, 1]
+    # words seen only outside the training part are unknown
+    train_words = {tok for text, _ in train for tok in tokenize(text)}
+    for text, _ in val:
+        assert [vocab[t] == UNK_ID for t in tokenize(text)] == [t not in train_words for t in tokenize(text)]
+    assert task.test.labels.tolist() == [1, 1, 0, 0]
+    assert task.test.ids[0].tolist()[1] == UNK_ID  # "zebra" never occurs in training
+    assert task.test.ids[1].tolist()[2:] == [PAD_ID, PAD_ID]  # "good ." padded to max_len
+    # the majority class of the (balanced) training part decides ties for positive
+    assert task.reference == {"majority_accuracy": 0.5}
+
+
+def test_data_dir_may_name_the_tree_itself(tmp_path):
+    tree = write_tree(tmp_path)
+    task = get_task("imdb").build(make_config(data="real", data_dir=str(tree), **TINY))
+    assert task.data_source == f"real:{tree}"
+
+
+def test_missing_tree_names_the_expected_folders(tmp_path):
+    tree = write_tree(tmp_path / "imdb")
+    for f in (tree / "test" / "neg").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    msg = str(info.value)
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            assert str(tree / split / label / "*.txt") in msg
+    assert "ablate data download imdb" in msg and "csv_file" in msg
+
+
+CSV = """id,label,text
+1,1,"Great film!<br /><br />Loved it, truly."
+2,0,"Bad, ""very"" bad.
+Two lines."
+3,1,Good.
+4,0,Awful.
+5,1,Nice.
+6,0,Dull.
+7,1,Fun.
+8,0,Boring.
+9,1,Superb.
+10,0,Weak.
+"""
+
+
+def test_csv_split_80_20_stratified_by_split_seed(tmp_path):
+    (tmp_path / "imdb").mkdir()
+    path = tmp_path / "imdb" / "reviews.csv"
+    path.write_text(CSV, encoding="utf-8")
+    config = make_config(data="real", data_dir=str(tmp_path), csv_file="reviews.csv", max_len=6, **TINY)
+    task = get_task("imdb").build(config)
+    assert task.test is None and task.data_source == f"real:{path}"
+    assert task.info["reviews"] == {"train": 8, "val": 2}
+    assert sorted(task.val.labels.tolist()) == [0, 1]
+    # an absolute csv_file needs no data directory; the same seed gives the same split
+    again = get_task("imdb").build(make_config(data="real", csv_file=str(path), max_len=6, **TINY))
+    assert torch.equal(again.val.ids, task.val.ids) and torch.equal(again.train.ids, task.train.ids)
+    reviews = [
+        ("Great film!  Loved it, truly.", 1), ('Bad, "very" bad.\nTwo lines.', 0), ("Good.", 1), ("Awful.", 0),
+        ("Nice.", 1), ("Dull.", 0), ("Fun.", 1), ("Boring.", 0), ("Superb.", 1), ("Weak.", 0),
+    ]
+    train, val = stratified_split(reviews, 0.2, seed=config["split_seed"])
+    vocab = Vocab.build([tokenize(text) for text, _ in train])
+    assert task.val.ids.tolist() == [encode_row(vocab, text, 6) for text, _ in val]
+    assert [y for _, y in train] == task.train.labels.tolist()
+    # "<br />" became a space; the quoted two-line field is one review
+    assert read_csv(path) == reviews
+    other = get_task("imdb").build(make_config(data="real", csv_file=str(path), split_seed=2, max_len=6, **TINY))
+    assert other.info["reviews"] == {"train": 8, "val": 2}
+    train1, _ = stratified_split(reviews, 0.2, seed=2)
+    assert train1 != train
+    vocab1 = Vocab.build([tokenize(text) for text, _ in train1])
+    assert other.train.ids.tolist() == [encode_row(vocab1, text, 6) for text, _ in train1]
+
+
+def test_bad_csv_files(tmp_path):
+    path = tmp_path / "bad.csv"
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
+    path.write_text("id,review_text,stars\n1,Good,5\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError, match="text column"):
+        get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
+    path.write_text("sentiment,review\npositive,Good\nmaybe,Hm\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError, match="row 3"):
+        get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
+
+
+def test_bilstm_matches_a_packed_bidirectional_lstm():
+    torch.manual_seed(0)
+    model = BiLSTMClassifier(20, 6, 5, num_layers=2, dropout=0.0, pad_id=PAD_ID).eval()
+    reference = nn.LSTM(6, 5, num_layers=2, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for layer in range(2):
+            for suffix, lstm in (("", model.forward_lstms[layer]), ("_reverse", model.backward_lstms[layer])):
+                for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(reference, f"{kind}_l{layer}{suffix}").copy_(getattr(lstm, f"{kind}_l0"))
+        ids = torch.tensor([[5, 6, 7, 8, 9], [4, 3, PAD_ID, PAD_ID, PAD_ID], [7, 7, 7, 2, PAD_ID]])
+        lengths = (ids != PAD_ID).sum(1)
+        _, (h_n, _) = reference(pack_padded_sequence(model.embed(ids), lengths, batch_first=True, enforce_sorted=False))
+        expected = model.fc(torch.cat([h_n[-2], h_n[-1]], dim=1))
+        assert torch.allclose(model(ids), expected, atol=1e-6)
+        # trailing padding columns change nothing
+        padded = torch.cat([ids, torch.full((3, 4), PAD_ID)], dim=1)
+        assert torch.allclose(model(padded), expected, atol=1e-6)
+
+
+def test_reverse_padded():
+    x = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    lengths = torch.tensor([3, 2])
+    assert reverse_padded(x, lengths).tolist() == [[3, 2, 1, 0], [5, 4, 0, 0]]
+    x3 = torch.randn(2, 4, 3)
+    assert torch.equal(reverse_padded(reverse_padded(x3, lengths), lengths), x3)
+
+
+def test_generated_reviews_are_deterministic_and_need_word_order():
+    generate_reviews.cache_clear()
+    random.seed(0)
+    first = repr(generate_reviews(50, 9)).encode()
+    generate_reviews.cache_clear()
+    random.seed(1)
+    torch.manual_seed(1)
+    assert repr(generate_reviews(50, 9)).encode() == first
+    reviews = generate_reviews(400, 9)
+    labels = [y for _, y in reviews]
+    assert 0.4 < sum(labels) / len(labels) < 0.6
+    # sentiment words appear in reviews of both labels, often negated
+    with_good_words = [y for text, y in reviews if any(w in text.split() for w in ("good", "great", "excellent"))]
+    assert 0.3 < sum(with_good_words) / len(with_good_words) < 0.7
+    assert sum(" not " in text for text, _ in reviews) > 200
+
+
+def test_embedded_task_trains_with_adamw():
+    torch.manual_seed(0)
+    config = make_config()
+    task = get_task("imdb").build(config)
+    assert task.data_source == "embedded:generated-reviews-v1"
+    assert 0.4 < task.reference["majority_accuracy"] < 0.6
+    loader = torch.utils.data.DataLoader(task.train, batch_size=config["batch_size"], shuffle=True)
+    probe = next(iter(loader))
+    task.model.eval()
+    before = task.loss_fn(task.model, probe).item()
+    task.model.train()
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    for _ in range(40):
+        loss = task.loss_fn(task.model, probe)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    task.model.eval()
+    after = task.loss_fn(task.model, probe).item()
+    assert before == pytest.approx(math.log(2), abs=0.05) and after < before - 0.15
+
+
+def test_evaluate_accuracy_and_loss_over_the_whole_split():
+    torch.manual_seed(0)
+    task = get_task("imdb").build(make_config(**TINY))
+    subset = torch.utils.data.Subset(task.val, range(7))
+    metrics = task.evaluate(task.model, torch.utils.data.DataLoader(subset, batch_size=3))
+    assert task.model.training and set(metrics) == {"accuracy", "loss"}
+    task.model.eval()
+    with torch.no_grad():
+        ids = torch.stack([subset[i][0] for i in range(7)])
+        labels = torch.stack([subset[i][1] for i in range(7)])
+        logits = task.model(ids)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+
+
+def test_second_order_gradients():
+    torch.manual_seed(0)
+    task = get_task("imdb").build(make_config(**TINY))
+    batch = next(iter(torch.utils.data.DataLoader(task.train, batch_size=4)))
+    task.model.train()
+    params = list(task.model.parameters())
+    grads = torch.autograd.grad(task.loss_fn(task.model, batch), params, create_graph=True)
+    sum(g.pow(2).sum() for g in grads).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert sum(p.grad.abs().sum() for p in params) > 0
+
+
+@pytest.mark.realdata
+def test_real_csv():
+    path = SHARED / "imdb" / "text2vec_movie_review_5000.csv"
+    if not path.is_file():
+        pytest.skip("../shared/data/imdb is not available")
+    task = get_task("imdb").build(make_config(data="real", data_dir=str(SHARED), csv_file=path.name, **TINY))
+    assert task.info["reviews"] == {"train": 4000, "val": 1000}
+    assert task.info["vocab_size"] == 25000 + 4
+    assert task.test is None and task.data_source == f"real:{path}"
+    assert task.train.labels.float().mean().item() == pytest.approx(task.val.labels.float().mean().item(), abs=0.002)
+    assert 0.45 < task.reference["majority_accuracy"] < 0.55

@@ -1,0 +1,106 @@
+"""Tokeniser, vocabulary, file reading and evaluation helpers shared by the text tasks."""
+
+import gzip
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ablate.tasks import DatasetNotFoundError
+from ablate.tasks.models_text import double_differentiable
+from ablate.tasks.text import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    SPECIALS,
+    UNK_ID,
+    Vocab,
+    dataset_error,
+    evaluating,
+    model_device,
+    read_lines,
+    tokenize,
+    unigram_cross_entropy,
+)
+
+
+def test_tokenize_splits_punctuation_and_keeps_contractions():
+    assert tokenize("A dog, isn't it? (Yes!)") == ["a", "dog", ",", "isn't", "it", "?", "(", "yes", "!", ")"]
+    assert tokenize("Ein Mädchen läuft.") == ["ein", "mädchen", "läuft", "."]
+    assert tokenize("Hello  World", lowercase=False) == ["Hello", "World"]
+    assert tokenize("") == []
+    assert tokenize("1,000 @-@ e-mail") == ["1", ",", "000", "@", "-", "@", "e", "-", "mail"]
+
+
+def test_vocab_specials_ranking_and_cap():
+    train = [["b", "a", "c", "a"], ["b", "a", "d", "<unk>", "<eos>"]]
+    vocab = Vocab.build(train)
+    assert vocab.itos[:4] == list(SPECIALS) == ["<pad>", "<unk>", "<bos>", "<eos>"]
+    assert (vocab.pad_id, vocab.unk_id, vocab.bos_id, vocab.eos_id) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID) == (0, 1, 2, 3)
+    # by frequency, ties alphabetical; specials in the text are not words of their own
+    assert vocab.itos[4:] == ["a", "b", "c", "d"]
+    assert len(Vocab.build(train, max_size=2)) == 4 + 2
+    assert Vocab.build(train, max_size=2).itos[4:] == ["a", "b"]
+    assert Vocab.build(train, min_freq=2).itos[4:] == ["a", "b"]
+
+
+def test_vocab_encode_decode():
+    vocab = Vocab.build([["x", "y", "y"]])
+    assert vocab.encode(["y", "x", "zzz", "<eos>"]) == [4, 5, UNK_ID, EOS_ID]
+    assert vocab["zzz"] == UNK_ID and "zzz" not in vocab and "x" in vocab
+    assert vocab.decode([BOS_ID, 4, 5, EOS_ID, PAD_ID]) == ["<bos>", "y", "x", "<eos>", "<pad>"]
+    assert vocab.decode([BOS_ID, 4, 5, EOS_ID, PAD_ID], skip_specials=True) == ["y", "x"]
+    with pytest.raises(ValueError, match="unique"):
+        Vocab(["a", "a"])
+
+
+def test_read_lines_plain_and_gzip(tmp_path):
+    text = "erste Zeile\nzweite Zeile – ü\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    expected = ["erste Zeile", "zweite Zeile – ü"]
+    assert read_lines(tmp_path / "a.txt") == expected
+    assert read_lines(tmp_path / "a.txt.gz") == expected
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(UnicodeDecodeError):
+        read_lines(tmp_path / "bad.txt")
+
+
+def test_dataset_error_names_full_paths_and_how_to_get_them(tmp_path):
+    err = dataset_error("wikitext2", "missing files", [tmp_path / "x" / "a.tokens", Path("rel/b.tokens")], "https://example.org/x.zip")
+    assert isinstance(err, DatasetNotFoundError)
+    msg = str(err)
+    assert str(tmp_path / "x" / "a.tokens") in msg
+    assert str(Path("rel/b.tokens").absolute()) in msg
+    assert "ablate data download wikitext2" in msg and "https://example.org/x.zip" in msg
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluating_restores_mode_and_disables_grad(training):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train(training)
+    with evaluating(model):
+        assert not model.training and not model[1].training
+        assert not torch.is_grad_enabled()
+    assert model.training is training and model[1].training is training
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(nn.ReLU()) == torch.device("cpu")
+
+
+def test_unigram_cross_entropy_by_hand():
+    # train counts over a vocabulary of 4: [0, 2, 1, 0] + 1 -> [1, 3, 2, 1] / 7
+    train, evaluated = torch.tensor([1, 1, 2]), torch.tensor([1, 3])
+    expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
+    assert unigram_cross_entropy(train, evaluated, 4) == pytest.approx(expected)
+
+
+def test_double_differentiable_is_a_no_op_on_cpu():
+    cudnn = torch.backends.cudnn.enabled
+    with double_differentiable(torch.device("cpu")):
+        assert torch.backends.cudnn.enabled == cudnn
+        x = torch.ones(2, requires_grad=True)
+        (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), x)
+    assert torch.equal(gg, torch.full((2,), 6.0))
