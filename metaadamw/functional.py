@@ -116,7 +116,7 @@ def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_o
 def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
                   exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, params: list[Tensor],
                   beta1: Tensor, beta2: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Statistics from three foreach norms and two carried vectors.
+    """Statistics from one foreach norm call (gradient, first moment, parameter) and two carried vectors.
 
     Args:
         m_norm_sq_old: ||m_{t-1}||^2 per tensor (carried from the previous step).
@@ -128,16 +128,18 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
         (stats, m_norm_sq, v_sum): the statistics and the new carried vectors.
     """
     out: dict[str, Tensor] = {}
-    g_norm = _vector(torch._foreach_norm(grads))
-    m_norm = _vector(torch._foreach_norm(exp_avgs))
+    n = len(grads)
+    with_params = "param_norm" in needed
+    norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if with_params else [])))  # one call
+    g_norm, m_norm = norms[:n], norms[n:2 * n]
     g_sq, m_sq = g_norm * g_norm, m_norm * m_norm
     v_sum = beta2 * v_sum_old + (1 - beta2) * g_sq
     if "grad_norm" in needed:
         out["grad_norm"] = g_norm
     if "exp_avg_norm" in needed:
         out["exp_avg_norm"] = m_norm
-    if "param_norm" in needed:
-        out["param_norm"] = _vector(torch._foreach_norm(params))
+    if with_params:
+        out["param_norm"] = norms[2 * n:]
     if "cos" in needed:
         # <g, m_{t-1}> from the norm identity, then <g, m_t> = b1 <g, m_{t-1}> + (1 - b1) ||g||^2
         dot_old = (m_sq - beta1 * beta1 * m_norm_sq_old - (1 - beta1) ** 2 * g_sq) / (2 * beta1 * (1 - beta1))

@@ -132,10 +132,12 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         index = torch.tensor(group_idx, device=opt.device)
         a, w = mult.alpha.index_select(0, index), mult.beta.index_select(0, index)
         theta_prime = {}
-        for k, (i, p, m, v, grp) in enumerate(zip(active, theta, m_new, v_new, groups)):
-            denom = (v / bc2[k]).sqrt() + grp["eps"]
+        for k, (i, p, grp) in enumerate(zip(active, theta, groups)):
+            direction = m_new[k] / ((v_new[k] / bc2[k]).sqrt_() + grp["eps"])  # the Adam direction, a constant
+            m_new[k] = v_new[k] = None  # free the moments as we go: only theta' and its graph stay alive
             decay = 1 - grp["lr"] * grp["weight_decay"] * a[k] * w[k]
-            theta_prime[id(params[i])] = p * decay.to(p.dtype) - (grp["lr"] / bc1[k]) * a[k].to(p.dtype) * (m / denom)
+            theta_prime[id(params[i])] = p * decay.to(p.dtype) - (grp["lr"] / bc1[k]) * a[k].to(p.dtype) * direction
+        del m_new, v_new
 
         # 4. losses at theta' (and at theta for the validation reference)
         tp = [theta_prime[id(params[i])] for i in active]

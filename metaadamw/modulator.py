@@ -51,6 +51,11 @@ class EncoderLayer(nn.Module):
         self.linear1 = nn.Linear(width, ff)
         self.linear2 = nn.Linear(ff, width)
         self.norm2 = nn.LayerNorm(width)
+        # the parameters in the order infer() uses them (the objects stay the same: optimizers,
+        # load_state_dict and .to() update them in place), saving attribute look-ups per step
+        self._weights = (self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias,
+                         self.norm1.weight, self.norm1.bias, self.linear1.weight, self.linear1.bias,
+                         self.linear2.weight, self.linear2.bias, self.norm2.weight, self.norm2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         tokens, width = x.shape
@@ -61,6 +66,19 @@ class EncoderLayer(nn.Module):
         x = self.norm1(x + F.dropout(self.out_proj(att), drop, self.training))
         ff = self.linear2(F.dropout(F.relu(self.linear1(x)), drop, self.training))
         return self.norm2(x + F.dropout(ff, drop, self.training))
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The same layer without autograd or dropout, in as few tensor ops as possible: it runs at
+        every optimizer step, where per-op and per-module-call overhead dominate at these sizes."""
+        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._weights
+        tokens, width = x.shape
+        dh = width // self.heads
+        q, k, v = F.linear(x, w_in, b_in).view(tokens, 3, self.heads, dh).permute(1, 2, 0, 3).unbind(0)
+        att = torch.bmm(torch.bmm(q, k.transpose(1, 2)).mul_(dh**-0.5).softmax(-1), v)
+        att = att.transpose(0, 1).reshape(tokens, width)
+        x = F.layer_norm(F.linear(att, w_out, b_out).add_(x), (width,), n1_w, n1_b, self.norm1.eps)
+        ff = F.linear(F.linear(x, w1, b1).relu_(), w2, b2)
+        return F.layer_norm(ff.add_(x), (width,), n2_w, n2_b, self.norm2.eps)
 
 
 @dataclasses.dataclass
@@ -137,7 +155,23 @@ class Modulator(nn.Module):
         return self.head(x)
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
-        raw = self.encode(self.extractor(stats, time))
+        return self._multipliers(self.encode(self.extractor(stats, time)))
+
+    @torch.no_grad()
+    def infer(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
+        """``forward`` for the optimizer step: no autograd, no dropout, the lean layer path."""
+        x = self.extractor(stats, time)
+        if self.gate is not None:
+            x = self.gate(x)
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+        elif self.padding:
+            x = F.pad(x, (0, self.padding))
+        for layer in self.layers:
+            x = layer.infer(x)
+        return self._multipliers(F.linear(x, self.head.weight, self.head.bias))
+
+    def _multipliers(self, raw: Tensor) -> Multipliers:
         s = torch.sigmoid(raw)
         return Multipliers(
             alpha=1.0 + self.alpha_range * (s[:, 0] - 0.5),

@@ -177,6 +177,7 @@ class MetaAdamW(torch.optim.Optimizer):
             dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,
             beta_range=beta_range, head_init=modulator_init,
         ).to(self.device)
+        self.modulator.eval()  # train mode (dropout) only inside meta-updates
         self.objective = objective_obj
         self.weighting = weighting_cls(
             objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
@@ -285,7 +286,7 @@ class MetaAdamW(torch.optim.Optimizer):
             moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], group["betas"][0], group["betas"][1])
         if refresh:
             self._update_stats(plan, grads)
-            self._multipliers = self.modulator(self._stats, normalised_time(self._time, self.total_steps))
+            self._multipliers = self.modulator.infer(self._stats, normalised_time(self._time, self.total_steps))
             self._carry_valid = True
         else:
             self._carry_valid = False

@@ -352,3 +352,28 @@ def test_default_head_init_starts_with_random_multipliers_like_the_paper():
     assert (alpha - 1).abs().max() > 1e-3 and ((alpha > 0.5) & (alpha < 1.5)).all()
     with pytest.raises(ValueError, match="modulator_init must be one of"):
         MetaAdamW(model.named_parameters(), modulator_init="xavier")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(modulator_layers=3, modulator_heads=2),
+    dict(modulator_layers=2, modulator_heads=3, gating=True, features="basic_plus", modulator_width=12),
+    dict(modulator_layers=2, modulator_heads=4, modulator_dropout=0.5),
+])
+def test_lean_inference_path_equals_the_modulator_forward(kwargs):
+    model = TinyTransformer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MetaAdamW(model.named_parameters(), **kwargs)
+    _randomise_head(opt)
+    lm_loss(model, lm_batches()[0]).backward()
+    opt.step()
+    time = torch.tensor(0.3)
+    opt.modulator.eval()
+    with torch.no_grad():
+        ref = opt.modulator(opt._stats, time)
+    fast = opt.modulator.infer(opt._stats, time)
+    torch.testing.assert_close(fast.alpha, ref.alpha)
+    torch.testing.assert_close(fast.lambda2, ref.lambda2)
+    assert not opt.modulator.training, "dropout must not apply in step()"
+    again = opt.modulator.infer(opt._stats, time)
+    assert torch.equal(again.alpha, fast.alpha)
