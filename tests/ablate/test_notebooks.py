@@ -88,3 +88,10 @@ def test_custom_feature_extractor_notebook_runs(tmp_path, monkeypatch, kernel):
     trials = load_results(tmp_path / "results" / "custom_features").trials
     assert len(trials) == 6 and set(trials["status"]) == {"ok"}
     assert (tmp_path / "grad_stats_features.py").exists() and (tmp_path / "custom_features.yaml").exists()
+    # ... and the analysis notebook renders that real study's results
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path / "results" / "custom_features"))
+    analysis = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    NotebookClient(analysis, kernel_name=KERNEL, timeout=300,
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    rendered = "\n".join(outputs_by_cell(analysis))
+    assert "trials: 6 - 6 ok" in rendered and "features=grad_stats" in rendered and "EMBEDDED" in rendered
