@@ -1,0 +1,100 @@
+"""Sweep throughput and the framework's own cost per trial, on real Ray Tune.
+
+Runs the same fixed set of trials (embedded ETTh1, a fixed budget, 1 CPU per trial) twice in one
+process: one trial at a time, then two at a time, each into a fresh results directory, and prints
+
+* the speed-up of two concurrent 1-CPU trials over one at a time (target: >= 1.7x on 2 cores);
+* the framework's own cost per trial: the sweep's wall time minus the trials' own training,
+  meta-update and evaluation time (summed over the trials of the serial run), divided by the
+  number of trials - Ray scheduling, worker start-up, task building, checkpoints and result
+  writing (target: < 2 s).
+
+Ray is started once (2 CPUs) and shared by both runs, as in a real session, and warmed up by a
+small unmeasured sweep (worker processes started, torch imported). The last line is one JSON object with the figures.
+
+    python benchmarks/sweep_overhead.py            # 8 trials per run
+    python benchmarks/sweep_overhead.py --trials 4 # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+TARGET_SPEEDUP = 1.7
+TARGET_OVERHEAD_S = 2.0
+
+
+def _study_file(directory: Path, name: str, trials: int, batches: int) -> Path:
+    seeds = max(1, trials // 2)  # arms: adamw and baseline
+    path = directory / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        tasks: [etth1]
+        seeds: {seeds}
+        budget: {{epochs: 3, max_train_batches: {batches}, patience: 0}}
+        resources: {{cpus: 1, gpus: 0}}
+        baseline: {{meta_per_epoch: 2}}
+        """))
+    return path
+
+
+def _run(spec: Path, out: Path, concurrent: int) -> tuple[float, float, int]:
+    from ablate.study import load_study
+    from ablate.sweep import run_study
+
+    study = load_study(spec)
+    t0 = time.perf_counter()
+    outcome = run_study(study, out, max_concurrent=concurrent)
+    wall = time.perf_counter() - t0
+    trials = outcome.results.trials
+    assert (trials["status"] == "ok").all(), trials[["trial_id", "status", "error"]]
+    return wall, float(trials["time_total_s"].sum()), len(trials)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=8, help="trials per run (even; default 8)")
+    ap.add_argument("--batches", type=int, default=40, help="training batches per epoch (default 40)")
+    args = ap.parse_args()
+
+    import ray
+
+    from ablate.study import load_study
+    from ablate.sweep import init_ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        serial = _study_file(tmp, "serial", args.trials, args.batches)
+        parallel = _study_file(tmp, "parallel", args.trials, args.batches)
+        warmup = _study_file(tmp, "warmup", 2, 2)
+        init_ray(load_study(serial), num_cpus=2)
+        try:
+            _run(warmup, tmp / "out", concurrent=2)  # start the workers and import torch in them: not measured
+            wall_1, train_1, n_1 = _run(serial, tmp / "out", concurrent=1)
+            wall_2, train_2, n_2 = _run(parallel, tmp / "out", concurrent=2)
+        finally:
+            ray.shutdown()
+
+    speedup = wall_1 / wall_2
+    overhead = (wall_1 - train_1) / n_1
+    print()
+    print(f"{'run':<28}{'trials':>7}{'wall s':>9}{'trial time s':>14}{'framework s/trial':>19}")
+    print(f"{'one at a time':<28}{n_1:>7}{wall_1:>9.1f}{train_1:>14.1f}{overhead:>19.2f}")
+    print(f"{'two at a time (1 CPU each)':<28}{n_2:>7}{wall_2:>9.1f}{train_2:>14.1f}{(2 * wall_2 - train_2) / n_2:>19.2f}")
+    print(f"speed-up of two concurrent trials: {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: "
+          f"{'PASS' if speedup >= TARGET_SPEEDUP else 'MISS'})")
+    print(f"framework cost per trial: {overhead:.2f} s (target < {TARGET_OVERHEAD_S} s: "
+          f"{'PASS' if overhead < TARGET_OVERHEAD_S else 'MISS'})")
+    print(json.dumps({"trials": n_1, "serial_wall_s": round(wall_1, 2), "parallel_wall_s": round(wall_2, 2),
+                      "speedup": round(speedup, 3), "framework_s_per_trial": round(overhead, 3)}))
+
+
+if __name__ == "__main__":
+    main()
