@@ -61,8 +61,15 @@ def trainable(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             trial.load(Path(d) / CHECKPOINT_FILE)
-    elif config.get("resume") and stable is not None and stable.exists():
-        trial.load(stable)
+    # The stable checkpoint: with --resume, or when an earlier attempt of this very run wrote it (a
+    # retry after a lost node). It can be an epoch ahead of Ray's: Ray registers a reported
+    # checkpoint only when a later save() call on the trial's actor returns, which a dying node
+    # cuts off, so Ray may hand back the previous epoch's checkpoint, or none.
+    if stable is not None and stable.exists() and (
+            config.get("resume") or stable.stat().st_mtime >= config.get("started_at", math.inf)):
+        state = torch.load(stable, map_location="cpu", weights_only=False)
+        if state["epoch"] > trial.epoch:
+            trial.load_state_dict(state)
 
     def report(row: dict[str, Any], t: Trial) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -223,7 +230,8 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
+        # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
     return True
 
 
@@ -296,6 +304,7 @@ def run_study(
             "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
             "checkpoint_dir": str((out_dir / "checkpoints").resolve()),
             "resume": resume,
+            "started_at": time.time(),  # stable checkpoints written since then belong to this run
             "cpus": cpus,
         }
         storage_path = storage or str((out_dir / "ray").resolve())

@@ -1,0 +1,457 @@
+"""Fault tolerance of `ablate run` on real Ray machinery.
+
+1. Node loss: a three-node Ray cluster on one machine (``ray.cluster_utils.Cluster``: a head with
+   no CPUs, two one-CPU workers); a worker node is removed while trials run on it. Ray Tune
+   (``FailureConfig(max_failures=retries)``) retries the interrupted trial from its last
+   ``tune.report`` checkpoint on the other node; the study completes with every trial once.
+2. Divergence: NaN targets in some validation batches make meta-updates non-finite; those are
+   skipped (telemetry ``skipped``, row ``meta_skipped``) and the modulator stays finite and keeps
+   learning from the finite ones. A huge learning rate makes the model's loss overflow: that
+   trial ends ``diverged`` with the history it had, and the other trials of the study finish ok.
+3. Bad input: malformed YAML, unknown task / component, wrong types, contradictory settings, a
+   missing real-data directory and a plugin that fails to import are refused before Ray starts
+   (exit code 2, one line naming the problem, no results directory).
+4. Disk: a part write that fails half-way (disk full) or is killed half-way (the driver dies in
+   ``to_parquet``) leaves no truncated part; ``load_results`` and ``ablate report`` work on the
+   directory, and ``--resume`` completes the study with every trial exactly once.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ablate.results import PARTS_DIR, finished_trial_ids, load_results, write_trial
+from ablate.study import load_study
+from ablate.sweep import run_study
+
+pytestmark = pytest.mark.slow
+
+OBJECT_STORE = 80 * 1024**2  # per node; Ray's minimum is 75 MiB
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _done_ids(out: Path) -> set[str]:
+    parts = out / PARTS_DIR
+    return {p.name.split(".")[0] for p in parts.glob("*.trials.parquet")} if parts.exists() else set()
+
+
+def _unfinished_with_checkpoint(out: Path) -> set[str]:
+    """Trials that have a per-epoch checkpoint but no result yet (they are mid-way)."""
+    ckpts = out / "checkpoints"
+    return ({p.stem for p in ckpts.glob("*.pt")} if ckpts.exists() else set()) - _done_ids(out)
+
+
+def _checkpoint_epoch(out: Path, trial_id: str) -> int:
+    return int(torch.load(out / "checkpoints" / f"{trial_id}.pt", map_location="cpu", weights_only=False)["epoch"])
+
+
+def _assert_complete(out: Path, n_trials: int, epochs: int | None = None) -> pd.DataFrame:
+    """Every trial once, its history without gaps or duplicates, its telemetry contiguous; one
+    readable part per table per trial and no temporary file in parts/."""
+    res = load_results(out)
+    t = res.trials
+    assert len(t) == n_trials and t["trial_id"].is_unique, t[["trial_id", "status"]]
+    for name in ("trials", "history", "telemetry"):
+        files = sorted((out / PARTS_DIR).glob(f"*.{name}.parquet"))
+        assert len(files) == n_trials, (name, files)
+        for f in files:
+            pd.read_parquet(f)  # not truncated
+    assert not list((out / PARTS_DIR).glob("*.tmp")), "a temporary part was left behind"
+    epochs_of = res.history.groupby("trial_id")["epoch"].apply(list).to_dict() if len(res.history) else {}
+    for _, row in t.iterrows():
+        expected = list(range(1, (epochs or int(row["epochs_run"])) + 1))
+        assert epochs_of.get(row["trial_id"], []) == expected, (row["trial_id"], epochs_of.get(row["trial_id"]))
+        assert row["epochs_run"] == len(expected)
+        if row["meta_updates"]:
+            tel = res.telemetry[res.telemetry["trial_id"] == row["trial_id"]]
+            for _, g in tel.groupby("group"):
+                assert list(g["meta_update"]) == list(range(int(row["meta_updates"]))), "telemetry gap or duplicate"
+    return t
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. node loss
+
+
+def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    epochs = 6
+    spec = _write(tmp_path / "nodeloss.yaml", f"""\
+        name: nodeloss
+        tasks: [etth1]
+        seeds: 2
+        resources: {{cpus: 1}}
+        retries: 2
+        budget: {{epochs: {epochs}, max_train_batches: 12, patience: 0}}
+        baseline: {{meta_every: 4, modulator_layers: 1}}
+        """)
+    study = load_study(spec)
+    out = tmp_path / "results"
+    out_dir = out / "nodeloss"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": OBJECT_STORE})
+    try:
+        workers = [cluster.add_node(num_cpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
+        cluster.wait_for_nodes()
+        box: dict = {}
+
+        def drive() -> None:
+            try:
+                box["outcome"] = run_study(study, out, address=cluster.address)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+                box["error"] = exc
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        deadline = time.monotonic() + 300
+        # both one-CPU workers run a trial that has checkpointed at least one epoch
+        while len(_unfinished_with_checkpoint(out_dir)) < 2 and driver.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        interrupted = _unfinished_with_checkpoint(out_dir)
+        assert driver.is_alive() and len(interrupted) >= 2, f"no two trials mid-way to interrupt: {box}"
+        # at once: the trial that just checkpointed its first epoch may not have that checkpoint
+        # registered with Ray yet (Ray does so in a save() call after the report)
+        cluster.remove_node(workers[0])  # kills that node's raylet and the trial running on it
+        # the killed trial's newest checkpoint (its retry waits for the other node's CPU)
+        latest = {tid: _checkpoint_epoch(out_dir, tid) for tid in interrupted}
+        driver.join(600)
+        assert not driver.is_alive(), "the study did not finish after the node loss"
+    finally:
+        cluster.shutdown()
+    if "error" in box:
+        raise box["error"]
+    outcome = box["outcome"]
+    assert (outcome.ran, outcome.failed, outcome.reused) == (4, 0, 0)
+    trials = _assert_complete(out_dir, 4, epochs)
+    assert set(trials["status"]) == {"ok"}, trials[["trial_id", "status", "error"]]
+    resumed = trials[trials["resumed_from_epoch"] > 0]
+    assert len(resumed) >= 1, "the trial on the lost node was retried from scratch, not from its checkpoint"
+    assert set(resumed["trial_id"]) <= interrupted
+    for _, row in resumed.iterrows():  # from the newest checkpoint it had when its node died
+        assert latest[row["trial_id"]] <= row["resumed_from_epoch"] < epochs, (latest, row["resumed_from_epoch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. non-finite meta-updates and a diverging model
+
+NANVAL_PLUGIN = """\
+    '''A tiny regression task whose validation split has a NaN target every 21st example: a
+    meta-update's validation batch then often holds one (a non-finite meta-objective), while
+    the evaluation skips them (the metrics stay finite).'''
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import TensorDataset
+
+    from ablate.tasks import TaskInstance, register_task
+
+
+    def _data(n, seed, nan_every=0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 4, generator=g)
+        y = x @ torch.tensor([0.5, -1.0, 2.0, 0.3]) + 0.1 * torch.randn(n, generator=g)
+        if nan_every:
+            y[::nan_every] = float("nan")
+        return TensorDataset(x, y)
+
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return F.mse_loss(model(x).squeeze(-1), y)
+
+
+    def evaluate(model, loader):
+        model.eval()
+        se, n = 0.0, 0
+        with torch.no_grad():
+            for x, y in loader:
+                ok = torch.isfinite(y)
+                se += float((model(x).squeeze(-1)[ok] - y[ok]).pow(2).sum())
+                n += int(ok.sum())
+        model.train()
+        return {"mse": se / n}
+
+
+    @register_task("ft_nanval", metrics=[("mse", "min")],
+                   defaults={"epochs": 4, "batch_size": 16, "meta_every": 4, "modulator_layers": 1, "hidden": 16})
+    def ft_nanval(config):
+        '''Regression with NaN validation targets (fault-tolerance tests).'''
+        torch.manual_seed(config["seed"])
+        model = nn.Sequential(nn.Linear(4, config["hidden"]), nn.ReLU(), nn.Linear(config["hidden"], 1))
+        return TaskInstance(name="ft_nanval", model=model, train=_data(256, 1), val=_data(64, 2, nan_every=21),
+                            loss_fn=loss_fn, evaluate=evaluate, data_source="embedded:synthetic-nanval")
+    """
+
+
+def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop_the_study(tmp_path):
+    study_dir = tmp_path / "study"
+    _write(study_dir / "ft_nanval.py", NANVAL_PLUGIN)
+    # lr=300 with weight decay 1e-2: every AdamW step multiplies the weights by 1 - 300 * 1e-2 = -2,
+    # so the loss overflows in the second epoch; lr=1000 overflows in the first.
+    spec = _write(study_dir / "diverge.yaml", """\
+        name: diverge
+        tasks: [ft_nanval]
+        seeds: 1
+        plugins: [ft_nanval]
+        budget: {epochs: 4, patience: 0}
+        adamw: {lr: 300.0}
+        baseline: {meta_every: 4, modulator_layers: 1}
+        ablations:
+          objective: [loss_decrease]
+          lr: [1000.0]
+        """)
+    study = load_study(spec)
+    out = tmp_path / "results"
+    outcome = run_study(study, out, num_cpus=2)
+    assert (outcome.ran, outcome.failed) == (4, 0), "a diverged trial is a result, not a failure"
+    trials = _assert_complete(outcome.out_dir, 4).set_index("arm")
+    assert trials["status"].to_dict() == {"adamw": "diverged", "baseline": "ok", "objective=loss_decrease": "ok",
+                                          "lr=1000.0": "diverged"}
+    history = load_results(outcome.out_dir).history
+    for arm in ("adamw", "lr=1000.0"):
+        row = trials.loc[arm]
+        assert row["stop_reason"] == "diverged" and "became" in row["error"], row["error"]
+        assert (history["trial_id"] == row["trial_id"]).sum() == row["epochs_run"]
+    assert trials.loc["adamw", "epochs_run"] >= 1, "the history before the divergence is kept"
+    assert trials.loc["lr=1000.0", "epochs_run"] == 0
+
+    telemetry = load_results(outcome.out_dir).telemetry
+    for arm in ("baseline", "objective=loss_decrease"):
+        row = trials.loc[arm]
+        tel = telemetry[telemetry["trial_id"] == row["trial_id"]]
+        per_update = tel.groupby("meta_update").agg(skipped=("skipped", "first"), kinds=("skipped", "nunique"),
+                                                    loss=("meta_loss", "first"))
+        assert (per_update["kinds"] == 1).all(), "one meta-update is skipped for every group or for none"
+        skipped = per_update["skipped"].astype(bool)
+        assert len(per_update) == row["meta_updates"]
+        assert skipped.sum() == row["meta_skipped"], (skipped.sum(), row["meta_skipped"])
+        assert 0 < row["meta_skipped"] < row["meta_updates"], "some meta-updates skipped, some applied"
+        assert not np.isfinite(per_update.loc[skipped, "loss"]).all(), "the skipped ones had a non-finite meta-loss"
+        assert np.isfinite(per_update.loc[~skipped, "loss"]).all()
+        assert np.isfinite(tel[["alpha", "beta", "lambda1", "lambda2"]].to_numpy(float)).all()
+        assert math.isfinite(row["best_metric"])
+        # the modulator after the last epoch: finite, and trained by the finite meta-updates
+        state = torch.load(outcome.out_dir / "checkpoints" / f"{row['trial_id']}.pt", weights_only=False)
+        meta = state["optimizer"]["metaadamw"]
+        assert meta["meta_skipped"] == row["meta_skipped"]
+        tensors = {**meta["modulator"], **{f"w.{k}": v for k, v in meta["weighting"].items()}}
+        assert tensors and all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
+        from ablate.trial import Trial
+
+        fresh = Trial(state["config"]).optimizer.state_dict()["metaadamw"]["modulator"]
+        assert any(not torch.equal(fresh[k], v) for k, v in meta["modulator"].items()), "the modulator never learned"
+
+    # diverged trials are finished results: running the study again runs nothing
+    again = run_study(study, out, num_cpus=2)
+    assert (again.ran, again.reused) == (0, 4)
+    assert finished_trial_ids(outcome.out_dir) == set(trials["trial_id"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. bad input, refused before Ray starts
+
+BASE = "name: bad\ntasks: [etth1]\nseeds: 1\n"
+BAD_INPUTS = {
+    "malformed_yaml": ("name: bad\ntasks: [etth1\nseeds: 1\n", ["invalid YAML"]),
+    "unknown_task": ("name: bad\ntasks: [etth9]\nseeds: 1\n", ["tasks[0]", "etth9"]),
+    "unknown_component": (BASE + "ablations:\n  features: [no_such_features]\n", ["no_such_features"]),
+    "wrong_type_seeds": ("name: bad\ntasks: [etth1]\nseeds: two\n", ["seeds", "'two'"]),
+    "wrong_type_budget": (BASE + "budget: {epochs: three}\n", ["budget.epochs", "three"]),
+    "contradiction_frequency": (BASE + "baseline: {meta_every: 4, meta_per_epoch: 2}\n", ["meta_every", "meta_per_epoch"]),
+    "contradiction_data_dir": (BASE + "data_dir: /data\n", ["data_dir", "embedded"]),
+    "missing_data_dir": (BASE + "data: real\ndata_dir: {missing}\n", ["does not exist", "{missing}", "etth1"]),
+    "broken_plugin": (BASE + "plugins: [ft_broken_plugin]\n", ["ft_broken_plugin", "ft_no_such_dependency"]),
+}
+
+
+def _bad_study(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    text, expected = BAD_INPUTS[case]
+    missing = str(tmp_path / "no-such-data")
+    spec = _write(tmp_path / "study" / f"{case}.yaml", text.replace("{missing}", missing))
+    _write(tmp_path / "study" / "ft_broken_plugin.py", "import ft_no_such_dependency\n")
+    return spec, [e.replace("{missing}", missing) for e in expected]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_before_ray_starts(tmp_path, case, monkeypatch, capsys):
+    import ray
+
+    from ablate.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init was called for an invalid study")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    spec, expected = _bad_study(tmp_path, case)
+    out = tmp_path / "results"
+    rc = main(["run", str(spec), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("ablate: error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not out.exists(), "nothing may be written for a study that cannot run"
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("case", ["malformed_yaml", "missing_data_dir", "broken_plugin"])
+def test_ablate_run_exits_2_on_bad_input(tmp_path, case):
+    spec, expected = _bad_study(tmp_path, case)
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and all(text in result.stderr for text in expected), result.stderr
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. disk: writes that fail or are killed half-way
+
+
+def _half_written(original):
+    """A DataFrame.to_parquet that writes the first half of the file, then fails like a full disk."""
+
+    def to_parquet(self, path, *args, **kwargs):
+        import io
+
+        buf = io.BytesIO()
+        original(self, buf, *args, **kwargs)
+        data = buf.getvalue()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+
+    return to_parquet
+
+
+def test_a_part_write_that_fails_half_way_leaves_the_results_intact(tmp_path, report_kit, monkeypatch):
+    out = tmp_path / "study"
+    report_kit.write_study(out)
+    before = load_results(out)
+    existing = before.trials.iloc[0].to_dict()
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", _half_written(pd.DataFrame.to_parquet))
+    new_row = report_kit.trial_row("etth1", "baseline", 99, 0.01)
+    with pytest.raises(OSError, match="No space left"):
+        write_trial(out, new_row, report_kit.history_rows("etth1", "baseline", 0.01))
+    with pytest.raises(OSError, match="No space left"):  # rewriting a stored trial (a retried trial)
+        write_trial(out, {**existing, "best_metric": -1.0})
+    monkeypatch.undo()
+    assert not [p for p in (out / PARTS_DIR).iterdir() if not p.name.endswith(".parquet")], "temporary file left"
+    after = load_results(out)
+    assert len(after.trials) == len(before.trials) and new_row["trial_id"] not in set(after.trials["trial_id"])
+    pd.testing.assert_frame_equal(after.trials, before.trials)
+    pd.testing.assert_frame_equal(after.history, before.history)
+
+
+KILLER = """\
+    import io, os, sys
+    from pathlib import Path
+    import pandas as pd
+
+    KILL_AT = int(os.environ["FT_KILL_AT"])
+    original = pd.DataFrame.to_parquet
+    seen = [0]
+
+    def to_parquet(self, path, *args, **kwargs):
+        p = Path(str(path))
+        if p.parent.name == "parts" and ".trials.parquet." in p.name:
+            seen[0] += 1
+            if seen[0] == KILL_AT:  # the driver dies half-way through this trial's row
+                buf = io.BytesIO()
+                original(self, buf, *args, **kwargs)
+                data = buf.getvalue()
+                with open(p, "wb") as f:
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
+                os._exit(137)
+        return original(self, path, *args, **kwargs)
+
+    pd.DataFrame.to_parquet = to_parquet
+    from ablate.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+
+
+def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path):
+    from ablate.report import report_command
+
+    spec = _write(tmp_path / "killwrite.yaml", """\
+        name: killwrite
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 2, max_train_batches: 4, patience: 0}
+        baseline: {meta_every: 2, modulator_layers: 1}
+        ablations:
+          objective: [loss_decrease]
+        """)
+    killer = _write(tmp_path / "killer.py", KILLER)
+    out = tmp_path / "results"
+    out_dir = out / "killwrite"
+    args = ["run", str(spec), "--out", str(out), "--max-concurrent", "1"]
+    env = {**os.environ, "FT_KILL_AT": "2", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(killer), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        log = proc.communicate(timeout=400)[0].decode()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray processes the dead driver started
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 137, log[-3000:]
+    parts = out_dir / PARTS_DIR
+    leftovers = list(parts.glob(".*.trials.parquet.*.tmp"))
+    assert len(leftovers) == 1, sorted(p.name for p in parts.iterdir())  # the kill hit a write
+    with pytest.raises(Exception):
+        pd.read_parquet(leftovers[0])  # truncated, as a real kill leaves it
+    killed_id = leftovers[0].name.split(".")[1]
+    assert killed_id not in _done_ids(out_dir)
+
+    # the directory is usable as it is: one finished trial, the killed one absent
+    res = load_results(out_dir)
+    assert len(res.trials) == 1 and set(res.trials["status"]) == {"ok"}
+    assert set(res.history["trial_id"]) == set(res.trials["trial_id"]), "no history of an unfinished trial"
+    report = report_command(str(out_dir), str(tmp_path / "report"))
+    assert report.exists() and "killwrite" in report.read_text()
+
+    resumed = subprocess.run([sys.executable, "-m", "ablate.cli", *args, "--resume"], capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "1 already done (reused), 2 to run" in resumed.stdout
+    trials = load_results(out_dir).trials
+    assert len(trials) == 3 and trials["trial_id"].is_unique and set(trials["status"]) == {"ok"}
+    assert killed_id in set(trials["trial_id"])
+    history = load_results(out_dir).history
+    assert all(list(e) == [1, 2] for _, e in history.groupby("trial_id")["epoch"])
+    report_command(str(out_dir), str(tmp_path / "report2"))
