@@ -341,32 +341,44 @@ def plot_factorial_effects(effects: pd.DataFrame, out_dir: Path) -> Path | None:
     return _save(fig, out_dir / "factorial_effects.png")
 
 
+def _by_task(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One (task, rows) pair per task of a tune table (a table without a task column is one task)."""
+    if "task" not in df:
+        return [("", df)]
+    return [(str(task), rows) for task, rows in df.groupby("task", sort=True)]
+
+
 def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
-    """The priority study's objective value per Optuna trial and the best so far (the study's
-    ``direction`` column when present, else minimisation)."""
+    """Each task's priority study: the objective value per Optuna trial and the best so far (the
+    study's ``direction`` column when present, else minimisation), one panel per task."""
     if history.empty or "value" not in history:
         return None
-    h = history.sort_values("number")
-    maximize = "direction" in h and str(h["direction"].iloc[0]).lower().startswith("max")
-    best = (h["value"].cummax() if maximize else h["value"].cummin()).ffill()  # pruned trials: NaN
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(h["number"], h["value"], s=14, label="trial")
-    ax.plot(h["number"], best, color="C1", drawstyle="steps-post", label="best so far")
-    ax.set(xlabel="Optuna trial", ylabel=f"objective ({'maximised' if maximize else 'minimised'})",
-           title="priority study history")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
+    groups = _by_task(history)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    for ax, (task, h) in zip(axes[0], groups):
+        h = h.sort_values("number")
+        maximize = "direction" in h and str(h["direction"].iloc[0]).lower().startswith("max")
+        best = (h["value"].cummax() if maximize else h["value"].cummin()).ffill()  # pruned trials: NaN
+        ax.scatter(h["number"], h["value"], s=14, label="trial")
+        ax.plot(h["number"], best, color="C1", drawstyle="steps-post", label="best so far")
+        ax.set(xlabel="Optuna trial", ylabel=f"objective ({'maximised' if maximize else 'minimised'})",
+               title=f"priority study history{': ' + task if task else ''}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
     return _save(fig, out_dir / "tune_history.png")
 
 
 def plot_tune_importances(importances: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Hyperparameter importances of the priority study as horizontal bars."""
+    """Hyperparameter importances of each task's priority study as horizontal bars."""
     if importances.empty or not {"param", "importance"} <= set(importances.columns):
         return None
-    imp = importances.sort_values("importance")
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(imp) + 1.5))
-    ax.barh(imp["param"].astype(str), imp["importance"])
-    ax.set(xlabel="importance", title="priority study: parameter importances")
+    groups = _by_task(importances)
+    tallest = max(len(rows) for _, rows in groups)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 0.4 * tallest + 1.5), squeeze=False)
+    for ax, (task, imp) in zip(axes[0], groups):
+        imp = imp.sort_values("importance")
+        ax.barh(imp["param"].astype(str), imp["importance"])
+        ax.set(xlabel="importance", title=f"parameter importances{': ' + task if task else ''}")
     return _save(fig, out_dir / "tune_importances.png")
 
 

@@ -11,7 +11,8 @@ A study names its tasks, seeds, budget and *arms* (the format reference is
 
 The trials are tasks x seeds x arms. A trial's config is ``{task, data, [data_dir], seed}``, then
 ``budget``, then ``baseline`` (for the AdamW arm: ``optimizer: adamw`` and its settings), then
-``overrides[task]``, then the arm's own settings; later layers win. :func:`ablate.config.resolve_config`
+the task's entry of ``baseline.priorities_from`` (a ``best_priorities.yaml`` written by ``ablate
+tune``), then ``overrides[task]``, then the arm's own settings; later layers win. :func:`ablate.config.resolve_config`
 fills the defaults and validates the result, and :func:`ablate.config.trial_id` names it. Arms of
 one task that resolve to the same trial id (an ablation level equal to the baseline value, say)
 share one trial that records every arm name.
@@ -67,6 +68,7 @@ STUDY_KEYS = {
     "overrides": "per-task settings applied to every arm of that task: {task: {key: value}}",
     "ablations": "one-factor-at-a-time axes: {axis: [values]} or {axis: {level: {key: value}}}",
     "factorial": "a factorial design: {axes: {...}, fraction: null|2|4|..., generators: [...]}",
+    "tune": "settings of `ablate tune` (the Optuna search of the priorities); validated there, ignored by `ablate run`",
 }
 REQUIRED_KEYS = ("name", "tasks", "seeds")
 
@@ -159,6 +161,7 @@ class _Context:
     tasks: list[str] = dataclasses.field(default_factory=list)
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # baseline.priorities_from, per task
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def where(self, path: str) -> str:
@@ -343,7 +346,11 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     if not _is_int(retries) or retries < 0:
         raise ctx.error("retries", f"must be an integer >= 0 (how often a failed trial is retried), got {_short(retries)}")
     ctx.budget = _check_settings(ctx, given.get("budget"), "budget", ctx.tasks)
-    ctx.baseline = _check_settings(ctx, given.get("baseline"), "baseline", ctx.tasks)
+    baseline = given.get("baseline")
+    if isinstance(baseline, dict) and "priorities_from" in baseline:
+        baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
+        ctx.tuned = _parse_priorities_from(ctx, given["baseline"]["priorities_from"], base_dir, baseline)
+    ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
     ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
     arms = _parse_adamw(ctx, given.get("adamw", True)) + [_Arm("baseline", "", {})]
     arms += _parse_ablations(ctx, given.get("ablations", {}))
@@ -460,6 +467,56 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
     if not is_number(merged["gpus"]) or merged["gpus"] < 0:
         raise ctx.error("resources.gpus", f"must be a number >= 0, got {_short(merged['gpus'])}")
     return merged
+
+
+def _parse_priorities_from(
+    ctx: _Context, source: Any, base_dir: str | os.PathLike | None, baseline: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``baseline: {priorities_from: FILE}``: per-task settings from a YAML file written by ``ablate
+    tune`` (``best_priorities.yaml``): ``{task: [p1, p2, p3]}`` or ``{task: {priorities: [...],
+    meta_lr: ...}}``. A relative path is relative to the study file. Returns ``{task: settings}``."""
+    path_s = "baseline.priorities_from"
+    if not isinstance(source, str) or not source.strip() or "\0" in source:
+        raise ctx.error(
+            path_s, f"must be the path of a YAML file written by `ablate tune` (its best_priorities.yaml), "
+            f"relative to the study file; got {_short(source)}"
+        )
+    path = Path(os.path.expanduser(source))
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if not path.is_file():
+        raise ctx.error(
+            path_s, f"{str(path)!r} does not exist (a relative path is relative to the study file); run "
+            f"`ablate tune` first, which writes OUT/<name>/tune/best_priorities.yaml"
+        )
+    try:
+        data = _read_yaml(path)
+        _check_plain(data, _Context(str(path)))
+    except StudyError as exc:
+        raise ctx.error(path_s, str(exc)) from None
+    if not isinstance(data, dict):
+        raise ctx.error(path_s, f"{path} must map task names to priorities, e.g. {{etth1: [1.0, 2.0, 0.5]}}; got {_short(data)}")
+    tuned = {}
+    for task in ctx.tasks:
+        where = f"{path_s} ({path.name}).{task}"
+        if task not in data:
+            raise ctx.error(
+                path_s, f"{path} has no entry for task {task!r} (it has: {', '.join(map(str, data)) or 'none'}); "
+                f"tune that task too, or set its priorities under overrides.{task}"
+            )
+        entry = data[task]
+        if isinstance(entry, list):
+            entry = {"priorities": entry}
+        elif not isinstance(entry, dict):
+            raise ctx.error(
+                where, f"must be a list of three priorities or a mapping of settings such as "
+                f"{{priorities: [1, 2, 0.5], meta_lr: 1.0e-4}}; got {_short(entry)}"
+            )
+        for key in entry:
+            if key in baseline:
+                raise ctx.error(where, f"sets {key!r}, which baseline: sets too; keep one of them")
+        tuned[task] = _check_settings(ctx, entry, where, [task])
+    return tuned
 
 
 def _parse_overrides(ctx: _Context, overrides: Any) -> dict[str, dict[str, Any]]:
@@ -628,7 +685,7 @@ def _layers(ctx: _Context, arm: _Arm, task: str) -> list[dict[str, Any]]:
     if arm.adamw:
         layers = [ctx.budget, {"optimizer": "adamw", **arm.settings}, ctx.overrides.get(task, {})]
         return [{k: v for k, v in layer.items() if k not in METAADAMW_KEYS} for layer in layers]
-    return [ctx.budget, ctx.baseline, ctx.overrides.get(task, {}), arm.settings]
+    return [ctx.budget, ctx.baseline, ctx.tuned.get(task, {}), ctx.overrides.get(task, {}), arm.settings]
 
 
 # -- expansion ------------------------------------------------------------------------------

@@ -128,28 +128,41 @@ class Trial:
         self.times = {"train": 0.0, "meta": 0.0, "eval": 0.0}
         self.stop_reason = ""
         self.resumed_from_epoch = 0  # the epoch of the checkpoint this run continued from
+        self.error = ""
 
     # -----------------------------------------------------------------------------------------
     def run(self, callback: Callback | None = None, progress: bool = False) -> TrialResult:
         """Train until early stopping or the budget; ``callback(epoch_row, trial)`` after every epoch."""
-        cfg = self.config
-        status, error = "ok", ""
-        while not self.stop_reason:
-            if self.epoch >= cfg["epochs"]:
-                self.stop_reason = "max_epochs"
-                break
-            try:
-                row = self._epoch(progress)
-            except TrialDiverged as exc:
-                status, error, self.stop_reason = "diverged", str(exc), "diverged"
-                break
-            self.history.append(row)
-            self._early_stopping(row)
-            if callback is not None:
+        while not self.done:
+            row = self.run_epoch(progress)
+            if row is not None and callback is not None:
                 callback(row, self)
+        return self.finish()
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stop_reason)
+
+    def run_epoch(self, progress: bool = False) -> dict[str, Any] | None:
+        """One epoch and its early-stopping bookkeeping; returns its history row, or None when the
+        trial ended without one (budget exhausted, or the loss diverged)."""
+        if self.epoch >= self.config["epochs"]:
+            self.stop_reason = "max_epochs"
+            return None
+        try:
+            row = self._epoch(progress)
+        except TrialDiverged as exc:
+            self.error, self.stop_reason = str(exc), "diverged"
+            return None
+        self.history.append(row)
+        self._early_stopping(row)
+        return row
+
+    def finish(self) -> TrialResult:
+        """Restore the best weights and build the result (test metrics included)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        return self._result(status, error)
+        return self._result("diverged" if self.stop_reason == "diverged" else "ok", self.error)
 
     def _epoch(self, progress: bool) -> dict[str, Any]:
         cfg, dev = self.config, self.device
@@ -281,7 +294,7 @@ class Trial:
             "generators": {k: g.get_state() for k, g in self._gens.items()},
             "history": self.history, "telemetry": self.telemetry, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
-            "times": self.times, "stop_reason": self.stop_reason,
+            "times": self.times, "stop_reason": self.stop_reason, "error": self.error,
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -301,6 +314,7 @@ class Trial:
         for key in ("epoch", "step", "history", "telemetry", "best_value", "best_epoch", "best_state",
                     "bad_epochs", "times", "stop_reason"):
             setattr(self, key, state[key])
+        self.error = state.get("error", "")
         self.resumed_from_epoch = self.epoch
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -1,0 +1,1193 @@
+"""``ablate tune SPEC``: an Optuna search of MetaAdamW's uncertainty-weighting priorities (and,
+when the file asks, other numeric knobs), run through Ray Tune.
+
+The spec is a study file (``search_spaces/README.md``) plus a ``tune:`` section. Every *target*
+- each task, or with ``cross_task: true`` all tasks at once - has its own Optuna study, stored
+persistently, so running the command again *extends* the stored study by ``--trials`` more
+suggestions instead of starting over.
+
+How one suggestion is scored
+    Its values are applied to the study's baseline arm (``budget`` + ``baseline`` + the task's
+    ``overrides``) and trained for every seed of the study - all seeds in lockstep inside one
+    Ray trial: epoch 1 of every seed, report, epoch 2 of every seed, report, ... Each report
+    carries the *objective* so far: per seed the best validation value reached (the task's
+    primary metric, which is also what early stopping tracks), aggregated over the seeds by the
+    mean or the median. So the early-termination scheduler (ASHA on ``training_iteration`` =
+    epochs) sees one curve per suggestion, and the final report is the suggestion's score. ASHA's
+    grace period defaults to ``warmup_epochs + 1``: the warm-up epochs have no meta-updates, so
+    they train every suggestion identically. The direction comes from the task's metric mode. In cross-task mode each seed's best value is
+    turned into a relative improvement over the AdamW arm on the same task and seed (positive =
+    better; AdamW is run once through :func:`ablate.sweep.run_study` and cached under
+    ``OUT/<name>/tune/adamw_reference``), aggregated over seeds per task, then averaged over the
+    tasks, and maximised.
+
+Search machinery
+    Ray Tune's own :class:`ray.tune.search.optuna.OptunaSearch` with a persistent Optuna storage
+    (it calls ``optuna.create_study(storage=..., load_if_exists=True)`` and asks/tells through
+    the storage, so the study lives outside the process). Two of its behaviours are wrong for a
+    stored study and are corrected in the subclass :class:`StoredStudySearch`:
+
+    * a trial that the scheduler stops early is told ``COMPLETE`` with the value of the epoch it
+      was stopped at, which would put partial-budget values among the finished ones; here it is
+      told ``PRUNED`` (Optuna then records its last intermediate value, as its own pruners do),
+      and only a trial whose last report says it finished every seed is ``COMPLETE``;
+    * its ``save()`` pickles the whole study (storage included) into Ray's experiment
+      checkpoint; here the stored study *is* the state, so nothing else is saved.
+
+    It also records per-seed values and how the trial ended as Optuna user attributes, fails
+    (rather than leaves ``RUNNING`` forever) the trials of an interrupted run, and skips
+    non-finite intermediate values. Samplers are seeded *per trial* from ``(sampler_seed, trial
+    number)`` (:class:`PerTrialSeededSampler`), so a search is reproducible, an extension does not
+    replay the random start-up points of the first run, and two processes extending one study at
+    once do not propose the same points.
+
+Storage
+    ``tune.storage`` / ``--study-storage``: ``null`` = the journal file
+    ``OUT/<name>/tune/optuna.journal`` (one file, one study per target named ``<name>/<task>`` or
+    ``<name>/cross_task``; safe for several processes, also over NFS); a path = another journal
+    file; ``sqlite:///...``, ``postgresql://...`` = a database. Open it with
+    ``optuna-dashboard OUT/<name>/tune/optuna.journal`` (``pip install optuna-dashboard``) or
+    ``optuna.load_study(study_name="<name>/<task>", storage=ablate.tune.open_storage(path))``.
+    A stored study remembers what its values mean (the trial configs, seeds, aggregate); a spec
+    whose objective differs from the stored one is refused rather than mixed into it.
+
+Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation)
+    ``best_priorities.yaml`` - ``{task: [p1, p2, p3]}`` (or ``{task: {priorities: [...],
+    meta_lr: ...}}`` when other knobs are tuned), for ``baseline: {priorities_from: FILE}`` in a
+    study file; ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
+    state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
+    baseline``; ``importances.parquet`` - ``task, param, importance`` (fANOVA, complete trials).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import socket
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import optuna
+import yaml
+
+from ablate.config import (
+    ALTERNATIVE_KEYS,
+    COMMON_FIELDS,
+    METAADAMW_KEYS,
+    ConfigError,
+    identity_config,
+    is_number,
+    resolve_config,
+    validate_value,
+)
+from ablate.study import Study, StudyError, _read_yaml, parse_study
+
+#: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
+PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
+#: The metric every report carries (the objective so far) and the flag of a trial's last report.
+OBJECTIVE = "objective"
+FINAL = "final"
+JOURNAL_FILE = "optuna.journal"
+HEARTBEAT_S = 60.0  # a progress line about the running suggestions at most this often
+BEST_FILE = "best_priorities.yaml"
+CROSS_TASK = "cross_task"
+SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
+AGGREGATES = ("mean", "median")
+
+#: The keys of the ``tune:`` section, with what each holds.
+TUNE_KEYS = {
+    "trials": "suggestions per target (task, or the cross-task vector) per invocation, integer >= 0 (--trials overrides)",
+    "sampler": f"the Optuna sampler: {' | '.join(SAMPLERS)}",
+    "sampler_seed": "integer >= 0 (reproducible suggestions), or null",
+    "aggregate": f"how a suggestion's per-seed values are combined: {' | '.join(AGGREGATES)}",
+    "priorities": "the range of each of the three priorities {low, high, log}, or false to keep the baseline's",
+    "params": "other numeric config keys to search: {key: {low, high, log}}",
+    "scheduler": "early termination: {type: asha, grace_period: epochs >= 1, reduction_factor: > 1}, or none",
+    "cross_task": "true: one vector for every task, scored by the mean relative improvement over AdamW",
+    "storage": f"null (OUT/<name>/tune/{JOURNAL_FILE}), a journal file path (relative to this file) or a database URL",
+    "max_concurrent": "Ray trials (suggestions) running at once per target, integer >= 1",
+    "enqueue_baseline": "true: a new study first evaluates the baseline's own values (when inside the ranges)",
+}
+RANGE_KEYS = {"low": "the lower bound", "high": "the upper bound (> low)", "log": "true: search on a log scale (low > 0)"}
+SCHEDULER_KEYS = {
+    "type": "asha or none",
+    "grace_period": "epochs every suggestion runs before it may be stopped (integer > warmup_epochs; default warmup_epochs + 1)",
+    "reduction_factor": "ASHA keeps the best 1/reduction_factor at each rung (number > 1)",
+}
+DEFAULT_SCHEDULER = {"type": "asha", "grace_period": None, "reduction_factor": 2}  # None: warmup_epochs + 1
+
+#: Config keys that ``tune.params`` may search: the numeric MetaAdamW and AdamW hyperparameters.
+TUNABLE_KEYS = tuple(
+    k for k, f in COMMON_FIELDS.items()
+    if f.type in (int, float) and (k in METAADAMW_KEYS or k in ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip"))
+    and k not in ("modulator_heads", "modulator_width")  # constrained together (width % heads == 0)
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A numeric search range; ``integer`` ranges sample integers."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def distribution(self):
+        if self.integer:
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(float(self.low), float(self.high), log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        return is_number(value) and self.low <= value <= self.high and (not self.integer or float(value).is_integer())
+
+
+@dataclasses.dataclass
+class TuneSettings:
+    trials: int = 20
+    sampler: str = "tpe"
+    sampler_seed: int | None = 0
+    aggregate: str = "mean"
+    priorities: Range | None = Range(0.1, 10.0, True)
+    params: dict[str, Range] = dataclasses.field(default_factory=dict)
+    scheduler: dict[str, Any] | None = dataclasses.field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
+    cross_task: bool = False
+    storage: str | None = None  # as written in the file (a path is resolved against the spec's directory)
+    max_concurrent: int = 2
+    enqueue_baseline: bool = True
+
+    def space(self) -> dict[str, Range]:
+        """Optuna parameter name -> range, the priorities first."""
+        space = {p: self.priorities for p in PRIORITY_PARAMS} if self.priorities is not None else {}
+        return {**space, **self.params}
+
+
+@dataclasses.dataclass
+class Target:
+    """What one Optuna study optimises: a task, or every task together (cross-task)."""
+
+    key: str  # the task's name, or "cross_task"
+    study_name: str
+    direction: str  # "minimize" | "maximize"
+    description: str  # what a value is, for messages
+    members: list[dict[str, Any]]  # {"task", "seed", "config"}: the baseline trials a suggestion is applied to
+    modes: dict[str, str]  # task -> "min" | "max"
+    epochs: int  # the most epochs a member runs (ASHA's max_t)
+    references: dict[str, float] | None = None  # cross-task: "task/seed" -> AdamW's best value
+
+
+@dataclasses.dataclass
+class TuneSpec:
+    study: Study
+    settings: TuneSettings
+    path: Path | None
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.study.name
+
+    def baseline_trials(self, task: str) -> list[Any]:
+        return sorted((t for t in self.study.trials if t.task == task and "baseline" in t.arms), key=lambda t: t.seed)
+
+
+def load_tune_spec(path: str | os.PathLike, *, trials: int | None = None) -> TuneSpec:
+    """Read and validate a tune spec (a study file with a ``tune:`` section)."""
+    path = Path(path)
+    spec = parse_tune_spec(_read_yaml(path), str(path), base_dir=path.parent, trials=trials)
+    spec.path = path
+    spec.study.path = path
+    return spec
+
+
+def parse_tune_spec(mapping: Any, source: str = "<string>", *, base_dir: str | os.PathLike | None = None,
+                    trials: int | None = None) -> TuneSpec:
+    """Validate the study part (:func:`ablate.study.parse_study`) and the ``tune:`` section; every
+    problem is a :class:`StudyError` naming the file and the field path."""
+    if not isinstance(mapping, dict):
+        raise StudyError(f"{source}: a tune spec must be a mapping (a study file with a tune: section); got {mapping!r:.80}")
+    for key in ("ablations", "factorial"):
+        if mapping.get(key) is not None:
+            raise StudyError(
+                f"{source}: {key}: is not used by `ablate tune`, which searches the baseline arm; remove it "
+                f"(run the ablations with `ablate run`, e.g. with baseline: {{priorities_from: .../{BEST_FILE}}})"
+            )
+    study = parse_study(mapping, source, base_dir=base_dir)
+    settings = _parse_tune_section(mapping.get("tune"), source, trials)
+    _check_against_study(settings, study, source)
+    return TuneSpec(study, settings, None, source)
+
+
+def _err(source: str, path: str, message: str) -> StudyError:
+    return StudyError(f"{source}: tune.{path}: {message}" if path else f"{source}: tune: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_keys(source: str, mapping: dict, allowed: Mapping[str, str], path: str) -> None:
+    import difflib
+
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _err(source, f"{path}.{key}" if path else str(key),
+                       f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+
+
+def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSettings:
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise _err(source, "", f"must be a mapping of: {', '.join(TUNE_KEYS)}; got {section!r:.80}")
+    _check_keys(source, section, TUNE_KEYS, "")
+    given = {k: v for k, v in section.items() if v is not None or k in ("sampler_seed", "storage")}
+    s = TuneSettings()
+    if "trials" in given:
+        s.trials = _int_at_least(source, "trials", given["trials"], 0)
+    if trials is not None:
+        s.trials = _int_at_least(source, "trials (--trials)", trials, 0)
+    if "sampler" in given:
+        s.sampler = _choice(source, "sampler", given["sampler"], SAMPLERS)
+    if s.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise _err(source, "sampler", "cmaes needs the `cmaes` package (pip install cmaes); or choose one of: "
+                       + ", ".join(x for x in SAMPLERS if x != "cmaes")) from None
+    if "sampler_seed" in given and given["sampler_seed"] is not None:
+        s.sampler_seed = _int_at_least(source, "sampler_seed", given["sampler_seed"], 0)
+    elif "sampler_seed" in given:
+        s.sampler_seed = None
+    if "aggregate" in given:
+        s.aggregate = _choice(source, "aggregate", given["aggregate"], AGGREGATES)
+    if "priorities" in given:
+        pr = given["priorities"]
+        s.priorities = None if pr is False else _parse_range(source, "priorities", pr, float, minimum=0.0)
+    if "params" in given:
+        s.params = _parse_params(source, given["params"])
+    if s.priorities is None and not s.params:
+        raise _err(source, "priorities", "is false and params: is empty, so there is nothing to search")
+    if "scheduler" in given:
+        s.scheduler = _parse_scheduler(source, given["scheduler"])
+    if "cross_task" in given:
+        if not isinstance(given["cross_task"], bool):
+            raise _err(source, "cross_task", f"must be true or false, got {given['cross_task']!r:.80}")
+        s.cross_task = given["cross_task"]
+    if given.get("storage") is not None:
+        if not isinstance(given["storage"], str) or not given["storage"].strip() or "\0" in given["storage"]:
+            raise _err(source, "storage", f"must be null, a journal file path or a database URL; got {given['storage']!r:.80}")
+        s.storage = given["storage"]
+    if "max_concurrent" in given:
+        s.max_concurrent = _int_at_least(source, "max_concurrent", given["max_concurrent"], 1)
+    if "enqueue_baseline" in given:
+        if not isinstance(given["enqueue_baseline"], bool):
+            raise _err(source, "enqueue_baseline", f"must be true or false, got {given['enqueue_baseline']!r:.80}")
+        s.enqueue_baseline = given["enqueue_baseline"]
+    return s
+
+
+def _int_at_least(source: str, path: str, value: Any, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise _err(source, path, f"must be an integer >= {minimum}, got {value!r:.80}")
+    return value
+
+
+def _choice(source: str, path: str, value: Any, allowed: Iterable[str]) -> str:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise _err(source, path, f"{value!r:.80} is not allowed; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float | None = None,
+                 key: str | None = None) -> Range:
+    if not isinstance(spec, dict):
+        raise _err(source, path, f"must be a mapping {{low: ..., high: ..., log: true|false}}; got {spec!r:.80}")
+    _check_keys(source, spec, RANGE_KEYS, path)
+    for bound in ("low", "high"):
+        if bound not in spec or spec[bound] is None:
+            raise _err(source, f"{path}.{bound}", f"is required ({RANGE_KEYS[bound]})")
+        value = spec[bound]
+        if kind is int and not _is_int(value):
+            raise _err(source, f"{path}.{bound}", f"{key} is an integer key, so its bounds must be integers; got {value!r:.80}")
+        if not is_number(value):
+            raise _err(source, f"{path}.{bound}", f"must be a finite number, got {value!r:.80}")
+        if minimum is not None and value < minimum:
+            raise _err(source, f"{path}.{bound}", f"must be >= {minimum}, got {value!r}")
+        if key is not None:  # the bound itself must be a valid value of the config key
+            try:
+                validate_value(key, float(value) if kind is float else value, f"{source}: tune.{path}.{bound}")
+            except ConfigError as exc:
+                raise StudyError(str(exc)) from None
+    log = spec.get("log", False)
+    if log is None:
+        log = False
+    if not isinstance(log, bool):
+        raise _err(source, f"{path}.log", f"must be true or false, got {log!r:.80}")
+    low, high = spec["low"], spec["high"]
+    if low >= high:
+        raise _err(source, path, f"low ({low}) must be less than high ({high})")
+    if log and low <= 0:
+        raise _err(source, f"{path}.low", f"must be > 0 on a log scale (log: true), got {low}")
+    return Range(low, high, log, kind is int)
+
+
+def _parse_params(source: str, params: Any) -> dict[str, Range]:
+    if not isinstance(params, dict):
+        raise _err(source, "params", f"must be a mapping {{config_key: {{low, high, log}}}}; got {params!r:.80}")
+    out = {}
+    for key, spec in params.items():
+        if key == "priorities" or key in PRIORITY_PARAMS:
+            raise _err(source, f"params.{key}", "the priorities are searched by tune.priorities: {low, high, log}")
+        if key not in TUNABLE_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), TUNABLE_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _err(source, f"params.{key}", f"is not a numeric config key that can be searched{hint}; "
+                       f"choose from: {', '.join(TUNABLE_KEYS)}")
+        out[key] = _parse_range(source, f"params.{key}", spec, COMMON_FIELDS[key].type, key=key)
+    return out
+
+
+def _parse_scheduler(source: str, spec: Any) -> dict[str, Any] | None:
+    if spec is False or (isinstance(spec, str) and spec.lower() == "none"):
+        return None
+    if isinstance(spec, str) and spec.lower() == "asha":
+        return dict(DEFAULT_SCHEDULER)
+    if not isinstance(spec, dict):
+        raise _err(source, "scheduler", f"must be a mapping like {DEFAULT_SCHEDULER} or none; got {spec!r:.80}")
+    _check_keys(source, spec, SCHEDULER_KEYS, "scheduler")
+    kind = spec.get("type", "asha")
+    if kind is None or kind is False or (isinstance(kind, str) and kind.lower() == "none"):
+        if set(spec) - {"type"}:
+            raise _err(source, "scheduler", "type is none, so grace_period and reduction_factor have no effect; remove them")
+        return None
+    _choice(source, "scheduler.type", kind, ("asha", "none"))
+    out = dict(DEFAULT_SCHEDULER)
+    if spec.get("grace_period") is not None:
+        out["grace_period"] = _int_at_least(source, "scheduler.grace_period", spec["grace_period"], 1)
+    if spec.get("reduction_factor") is not None:
+        rf = spec["reduction_factor"]
+        if not is_number(rf) or rf <= 1:
+            raise _err(source, "scheduler.reduction_factor", f"must be a number > 1, got {rf!r:.80}")
+        out["reduction_factor"] = rf
+    return out
+
+
+def _check_against_study(s: TuneSettings, study: Study, source: str) -> None:
+    """The search against the study: priorities must matter, the ranges must give valid configs,
+    ASHA's grace period must fit the epochs, cross-task needs the AdamW arm."""
+    for task in study.tasks:
+        trials = [t for t in study.trials if t.task == task and "baseline" in t.arms]
+        config = trials[0].config
+        if s.priorities is not None and config["weighting"] != "huw_priority":
+            raise StudyError(
+                f"{source}: tune.priorities: the baseline of task {task!r} uses weighting={config['weighting']!r}, "
+                f"which ignores the priorities; set baseline: {{weighting: huw_priority}} or tune.priorities: false"
+            )
+        for corner in ("low", "high"):
+            settings = settings_from_params({p: getattr(r, corner) for p, r in s.space().items()})
+            try:
+                resolve_config(apply_settings(config, settings), where=f"{source}: tune ({corner} ends of the ranges, task {task})")
+            except ConfigError as exc:
+                raise exc if isinstance(exc, StudyError) else StudyError(str(exc)) from None
+        epochs = max(t.config["epochs"] for t in trials)
+        warmup = max(t.config["warmup_epochs"] for t in trials) if _meta_only(s) else 0
+        if epochs <= warmup:
+            raise StudyError(
+                f"{source}: budget.epochs: task {task!r} trains {epochs} epoch(s), all of them warm-up epochs "
+                f"(warmup_epochs={warmup}) without meta-updates, so no suggestion can change anything; "
+                f"give it more epochs or fewer warm-up epochs"
+            )
+        grace = s.scheduler and s.scheduler["grace_period"]
+        if grace and grace > epochs:
+            raise _err(source, "scheduler.grace_period",
+                       f"{grace} is more than the {epochs} epoch(s) of task {task!r}; lower it")
+        if grace and grace <= warmup:  # (warmup is 0 when an AdamW knob or warmup_epochs itself is searched)
+            raise _err(source, "scheduler.grace_period",
+                       f"{grace} is within the warm-up of task {task!r} (warmup_epochs={warmup}), whose epochs have no "
+                       f"meta-updates and so train every suggestion identically: ASHA would stop suggestions on ties. "
+                       f"Use at least {warmup + 1}, or leave it out (the default is warmup_epochs + 1)")
+    if s.cross_task and not any("adamw" in t.arms for t in study.trials):
+        raise _err(source, "cross_task", "scores against the AdamW arm, but the study has adamw: false; set adamw: true")
+
+
+# ---------------------------------------------------------------------------------------------
+# suggestions -> trial configs
+
+
+def settings_from_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Optuna parameters -> trial-config settings (``p_*`` -> ``priorities``)."""
+    out: dict[str, Any] = {}
+    if all(p in params for p in PRIORITY_PARAMS):
+        out["priorities"] = [float(params[p]) for p in PRIORITY_PARAMS]
+    for key, value in params.items():
+        if key not in PRIORITY_PARAMS:
+            out[key] = float(value) if COMMON_FIELDS[key].type is float else int(value)
+    return out
+
+
+def params_from_config(config: Mapping[str, Any], space: Mapping[str, Range]) -> dict[str, Any]:
+    """The values a resolved config has for the searched parameters (for enqueuing the baseline)."""
+    out = {}
+    for name in space:
+        if name in PRIORITY_PARAMS:
+            out[name] = config["priorities"][PRIORITY_PARAMS.index(name)]
+        else:
+            out[name] = config.get(name)
+    return out
+
+
+def apply_settings(config: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with ``settings`` on top; a frequency key drops its alternative."""
+    out = dict(config)
+    for key, value in settings.items():
+        if key in ALTERNATIVE_KEYS:
+            out.pop(ALTERNATIVE_KEYS[key], None)
+        out[key] = value
+    return out
+
+
+def score(values: list[float], members: list[dict[str, Any]], aggregate: str,
+          references: Mapping[str, float] | None = None, modes: Mapping[str, str] | None = None) -> float:
+    """The objective of one suggestion from each member's best value so far: aggregated over the
+    seeds; cross-task (``references`` given) each value is first a relative improvement over the
+    AdamW reference of its task and seed, and the per-task aggregates are averaged. NaN when a
+    member has no finite value."""
+    agg = statistics.fmean if aggregate == "mean" else statistics.median
+    if any(not math.isfinite(v) for v in values):
+        return math.nan
+    if references is None:
+        return float(agg(values))
+    per_task: dict[str, list[float]] = {}
+    for value, m in zip(values, members):
+        ref = references[f"{m['task']}/{m['seed']}"]
+        rel = (ref - value) / abs(ref) if modes[m["task"]] == "min" else (value - ref) / abs(ref)
+        per_task.setdefault(m["task"], []).append(rel)
+    return float(statistics.fmean(agg(v) for v in per_task.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainable (runs in Ray workers)
+
+
+def _advance(trial) -> dict[str, Any] | None:
+    """One epoch of an :class:`ablate.trial.Trial` (one pass of ``Trial.run``'s loop); None when the
+    trial has stopped (budget, early stopping, divergence)."""
+    return None if trial.done else trial.run_epoch()
+
+
+def _finished(trial) -> bool:
+    return bool(trial.stop_reason) or trial.epoch >= trial.config["epochs"]
+
+
+def _best_so_far(trial) -> float:
+    return float(trial.best_value) if trial.best_state is not None else math.nan
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: one suggestion, every member (task x seed) in lockstep."""
+    import torch
+    from ray import tune
+
+    from ablate.sweep import _import_worker_plugins
+
+    _import_worker_plugins(config["plugins"], config.get("plugin_dir"))
+    from ablate.trial import Trial
+
+    settings = settings_from_params({k: config[k] for k in config["param_names"]})
+    threads = max(1, int(config["cpus"]))
+    torch.set_num_threads(threads)
+    members = config["members"]
+    trials = []
+    for m in members:
+        cfg = apply_settings(m["config"], settings)
+        cfg["num_threads"] = cfg.get("num_threads") or threads
+        trials.append(Trial(cfg))
+    minimize = config["direction"] == "minimize"
+    start = time.monotonic()
+    for epoch in range(1, max(t.config["epochs"] for t in trials) + 1):
+        for t in trials:
+            _advance(t)
+        values = [_best_so_far(t) for t in trials]
+        value = score(values, members, config["aggregate"], config.get("references"), config["modes"])
+        done = all(_finished(t) for t in trials)
+        finite = value if math.isfinite(value) else (math.inf if minimize else -math.inf)
+        tune.report({
+            OBJECTIVE: finite, "objective_is_finite": math.isfinite(value), "epoch": epoch, FINAL: done,
+            "members_running": sum(not _finished(t) for t in trials), "wall_s": time.monotonic() - start,
+            "member_values": json.dumps([None if not math.isfinite(v) else v for v in values]),
+            "member_epochs": json.dumps([t.epoch for t in trials]),
+            "member_stops": json.dumps([t.stop_reason for t in trials]),
+        })
+        if done:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# samplers, storage, searcher
+
+
+def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of ``tune.sampler`` (TPE, random, CMA-ES, GP: seeded per trial;
+    QMC: one scrambled Sobol sequence indexed by the storage, the same in every process)."""
+    if kind == "qmc":
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=seed is not None, seed=seed)
+    return PerTrialSeededSampler(kind, seed)
+
+
+def _new_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    raise ValueError(f"unknown sampler {kind!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+def _trial_seed(seed: int, number: int) -> int:
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class PerTrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler of ``kind`` whose randomness is a function of ``(seed, trial number)``: each trial
+    gets a fresh inner sampler seeded from both (TPE, random, CMA-ES and GP keep their model in the
+    study, not in the object). Reproducible for a given history, and different in an extension of
+    the study and in concurrent processes (their trials have distinct numbers); a single fixed seed
+    would replay the same random start-up points in every invocation."""
+
+    def __init__(self, kind: str, seed: int | None) -> None:
+        self.kind, self.seed = kind, seed
+        self._inner = _new_sampler(kind, seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        pass  # the seed is derived from the trial number on purpose
+
+
+def storage_location(spec: TuneSpec, out_root: str | os.PathLike, override: str | None = None) -> str:
+    """The study storage: ``--study-storage`` (relative to the working directory), else
+    ``tune.storage`` (relative to the spec file), else the journal file under the output dir."""
+    if override:
+        return override if "://" in override else str(Path(os.path.expanduser(override)).resolve())
+    if spec.settings.storage:
+        raw = spec.settings.storage
+        if "://" in raw:
+            return raw
+        path = Path(os.path.expanduser(raw))
+        if not path.is_absolute() and spec.path is not None:
+            path = spec.path.parent / path
+        return str(path.resolve())
+    return str((Path(out_root) / spec.name / "tune" / JOURNAL_FILE).resolve())
+
+
+def open_storage(location: str):
+    """An Optuna storage for a journal file path or a database URL."""
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" in location:
+        return optuna.storages.RDBStorage(location)
+    Path(location).parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(location))
+
+
+def dashboard_command(location: str) -> str:
+    return f"optuna-dashboard {location}"
+
+
+@functools.cache
+def _searcher_class():
+    """:class:`StoredStudySearch` (built on first use: importing Ray is slow)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StoredStudySearch(OptunaSearch):
+        """:class:`OptunaSearch` on a stored study; see the module docstring for what differs."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.told: dict[str, tuple[int, str, float | None]] = {}  # ray trial id -> (number, state, value)
+            self._reported: dict[str, set[int]] = {}  # ray trial id -> epochs recorded as intermediate values
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+                self._report(trial_id, result)
+
+        def _report(self, trial_id: str, result: dict) -> None:
+            """Record the objective so far as the intermediate value of its epoch (once)."""
+            from ray.air.constants import TRAINING_ITERATION
+
+            step = result.get(TRAINING_ITERATION)
+            ot_trial = self._ot_trials[trial_id]
+            value = result.get(self.metric)
+            if step is None or value is None or not result.get("objective_is_finite", True):
+                return
+            if step not in self._reported.setdefault(trial_id, set()):
+                ot_trial.report(float(value), step)
+                self._reported[trial_id].add(step)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            from optuna.trial import TrialState
+
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            result = result or {}
+            value = result.get(self.metric)
+            if error:
+                state, values, ended = TrialState.FAIL, None, "error"
+            elif result.get(FINAL) and result.get("objective_is_finite", True) and value is not None:
+                state, values, ended = TrialState.COMPLETE, float(value), "complete"
+            elif result.get(FINAL):
+                state, values, ended = TrialState.FAIL, None, "no finite value (diverged)"
+            elif result:
+                state, values, ended = TrialState.PRUNED, None, f"stopped by the scheduler after epoch {result.get('epoch')}"
+            else:
+                state, values, ended = TrialState.FAIL, None, "never ran"
+            try:
+                if result:  # Ray does not pass the result that made the scheduler stop a trial to on_trial_result
+                    self._report(trial_id, result)
+                ot_trial.set_user_attr("ended", ended)
+                ot_trial.set_user_attr("ray_trial_id", trial_id)
+                ot_trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")  # which `ablate tune` ran it
+                if result:
+                    ot_trial.set_user_attr("epochs", int(result.get("epoch", 0)))
+                    ot_trial.set_user_attr("member_values", json.loads(result.get("member_values", "[]")))
+                    ot_trial.set_user_attr("member_stops", json.loads(result.get("member_stops", "[]")))
+                frozen = self._ot_study.tell(ot_trial, values, state=state)
+                self.told[trial_id] = (ot_trial.number, state.name, frozen.value)
+            except Exception as exc:  # a storage problem must not kill the other trials
+                import logging
+
+                logging.getLogger(__name__).warning("could not record trial %s in the study: %s", trial_id, exc)
+                self.told[trial_id] = (ot_trial.number, "FAIL", None)
+                return  # fail_unfinished() tries again at the end
+            self._completed_trials.add(trial_id)
+
+        def fail_unfinished(self) -> int:
+            """Tell FAIL for every trial this searcher asked for and never finished (an interrupted
+            run), so the stored study holds no trial RUNNING forever. Returns how many."""
+            from optuna.trial import TrialState
+
+            n = 0
+            for trial_id, ot_trial in self._ot_trials.items():
+                if trial_id in self._completed_trials:
+                    continue
+                try:
+                    ot_trial.set_user_attr("ended", "interrupted")
+                    self._ot_study.tell(ot_trial, None, state=TrialState.FAIL)
+                    n += 1
+                except Exception:
+                    pass
+                self._completed_trials.add(trial_id)
+            return n
+
+        def save(self, checkpoint_path: str) -> None:
+            import pickle
+
+            with open(checkpoint_path, "wb") as f:  # the stored study is the state; nothing else to keep
+                pickle.dump({"study_name": self._study_name}, f)
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+    return StoredStudySearch
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+@dataclasses.dataclass
+class TargetOutcome:
+    target: Target
+    ran: int
+    counts: dict[str, int]  # state name -> trials in the stored study
+    best_number: int | None
+    best_value: float | None
+    best_params: dict[str, Any] | None
+    baseline_value: float | None
+
+
+@dataclasses.dataclass
+class TuneOutcome:
+    out_dir: Path
+    storage: str
+    targets: list[TargetOutcome]
+    files: dict[str, Path]
+
+
+def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
+    """What a stored study's values mean; a spec whose record differs cannot extend the study."""
+    tuned = set(settings_from_params({p: 1 for p in spec.settings.space()}))
+    tuned |= {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+    members = [{"task": m["task"], "seed": m["seed"],
+                "config": {k: v for k, v in identity_config(m["config"]).items() if k not in tuned}}
+               for m in target.members]
+    record = {"members": members, "aggregate": spec.settings.aggregate, "cross_task": spec.settings.cross_task,
+              "direction": target.direction}
+    if spec.settings.cross_task:  # the AdamW reference is part of what a value means
+        record["reference"] = [{"task": t.task, "seed": t.seed, "config": identity_config(t.config)}
+                               for t in spec.study.trials if "adamw" in t.arms]
+    return record
+
+
+def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+    for key in ("aggregate", "cross_task", "direction"):
+        if stored.get(key) != wanted.get(key):
+            return f"{key}: stored {stored.get(key)!r}, now {wanted.get(key)!r}"
+    old = {(m["task"], m["seed"]): m["config"] for m in stored.get("members", [])}
+    new = {(m["task"], m["seed"]): m["config"] for m in wanted["members"]}
+    if set(old) != set(new):
+        return (f"tasks/seeds: stored {sorted(old)}, now {sorted(new)}")
+    for k in new:
+        diff = sorted(key for key in set(old[k]) | set(new[k]) if old[k].get(key) != new[k].get(key))
+        if diff:
+            return "settings " + ", ".join(f"{d} (stored {old[k].get(d)!r}, now {new[k].get(d)!r})" for d in diff[:5])
+    return "unknown"
+
+
+def open_target_study(target: Target, spec: TuneSpec, storage, sampler=None):
+    """Create or load the target's study; refuse one whose direction or objective differs."""
+    record = _objective_record(target, spec)
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction=target.direction,
+                                sampler=sampler, load_if_exists=True)
+    stored_direction = study.direction.name.lower()
+    if stored_direction != target.direction:
+        raise StudyError(
+            f"{spec.source}: the stored study {target.study_name!r} is to {stored_direction} but this spec's objective "
+            f"is to {target.direction}; use another name: or tune.storage"
+        )
+    stored = study.user_attrs.get("ablate_objective")
+    if stored is None:
+        study.set_user_attr("ablate_objective", record)
+        study.set_user_attr("description", target.description)
+    elif json.loads(json.dumps(stored)) != json.loads(json.dumps(record)):
+        raise StudyError(
+            f"{spec.source}: the stored study {target.study_name!r} scored suggestions differently, so its values cannot "
+            f"be mixed with this spec's ({_describe_difference(stored, record)}). Restore those settings, or start a "
+            f"new study: change name: or tune.storage (or --study-storage)"
+        )
+    return study
+
+
+def build_targets(spec: TuneSpec, references: Mapping[str, float] | None = None) -> list[Target]:
+    """The targets of the spec: one per task, or one cross-task target (``references`` needed)."""
+    study = spec.study
+    agg = spec.settings.aggregate
+    members_of = {task: [{"task": task, "seed": t.seed, "config": t.config} for t in spec.baseline_trials(task)]
+                  for task in study.tasks}
+    seeds = ", ".join(map(str, study.seeds))
+    if spec.settings.cross_task:
+        members = [m for task in study.tasks for m in members_of[task]]
+        modes = {m["task"]: _metric(m["task"]).mode for m in members}
+        return [Target(CROSS_TASK, f"{study.name}/{CROSS_TASK}", "maximize",
+                       f"mean over {', '.join(study.tasks)} of the {agg} over seeds {seeds} of the relative improvement "
+                       f"of the best validation metric over AdamW (+ = better)",
+                       members, modes, max(m["config"]["epochs"] for m in members), dict(references or {}))]
+    targets = []
+    for task in study.tasks:
+        metric = _metric(task)
+        members = members_of[task]
+        targets.append(Target(task, f"{study.name}/{task}", "minimize" if metric.mode == "min" else "maximize",
+                              f"{agg} over seeds {seeds} of the best validation {metric.name}",
+                              members, {task: metric.mode}, max(m["config"]["epochs"] for m in members)))
+    return targets
+
+
+def _metric(task: str):
+    from ablate.tasks import get_task
+
+    return get_task(task).metric
+
+
+class AdamWReferenceError(RuntimeError):
+    """The AdamW reference of the cross-task objective could not be computed."""
+
+
+def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_storage: str | None) -> dict[str, float]:
+    """Run (or reuse) the AdamW arm's trials once; ``"task/seed"`` -> AdamW's best value."""
+    from ablate.results import load_results
+    from ablate.sweep import run_study
+
+    adamw = [t for t in spec.study.trials if "adamw" in t.arms]
+    ref_study = dataclasses.replace(spec.study, name="adamw_reference", trials=adamw, arm_axes={"adamw": ""})
+    print(f"cross-task: AdamW reference ({len(adamw)} trials, run once and cached in {out_dir / 'adamw_reference'})",
+          flush=True)
+    run_study(ref_study, out_dir, address=address, storage=ray_storage, max_concurrent=spec.settings.max_concurrent)
+    trials = load_results(out_dir / "adamw_reference").trials
+    refs, missing = {}, []
+    for t in adamw:
+        row = trials[trials["trial_id"] == t.trial_id]
+        ok = row[row["status"] == "ok"]
+        value = float(ok["best_metric"].iloc[0]) if len(ok) else math.nan
+        if not math.isfinite(value) or value == 0:
+            missing.append(f"{t.task} seed {t.seed}")
+        refs[f"{t.task}/{t.seed}"] = value
+    if missing:
+        raise AdamWReferenceError(f"the AdamW reference has no usable value for {', '.join(missing)} (see "
+                           f"{out_dir / 'adamw_reference'}); fix or rerun it, then tune again")
+    return refs
+
+
+def _enqueue_baseline(study, target: Target, spec: TuneSpec) -> None:
+    space = spec.settings.space()
+    seen = []
+    for m in target.members:
+        params = params_from_config(m["config"], space)
+        if params in seen:
+            continue
+        seen.append(params)
+        inside = {k: v for k, v in params.items() if space[k].contains(v)}
+        if inside:
+            study.enqueue_trial(inside, user_attrs={"baseline": True}, skip_if_exists=True)
+
+
+def _format_params(params: Mapping[str, Any] | None) -> str:
+    if not params:
+        return "-"
+    settings = settings_from_params(params)
+    parts = []
+    for k, v in settings.items():
+        parts.append(f"{k}=[{', '.join(f'{x:.4g}' for x in v)}]" if isinstance(v, list) else f"{k}={v:.4g}")
+    return " ".join(parts)
+
+
+def _best(study):
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _progress_callback(target: Target, searcher, study, planned: int):
+    from ray import tune
+
+    from ablate.sweep import _duration, _trial_error
+
+    class Progress(tune.Callback):
+        """One line per finished suggestion (done / running, its value, the best so far), and a
+        line about the running ones at most every HEARTBEAT_S seconds."""
+
+        def __init__(self) -> None:
+            self.done = 0
+            self.start = self.last_beat = time.monotonic()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            now = time.monotonic()
+            if now - self.last_beat < HEARTBEAT_S:
+                return
+            self.last_beat = now
+            running = [t for t in trials if t.status == "RUNNING"]
+            epochs = ", ".join(f"epoch {t.last_result['epoch']}/{target.epochs} ({t.last_result[OBJECTIVE]:.4g})"
+                               if OBJECTIVE in (t.last_result or {}) else "starting" for t in running)
+            best = _best(study)
+            best_s = f"best #{best.number} {best.value:.6g}" if best else "no complete trial yet"
+            print(f"[{target.key}] {self.done}/{planned} done, {len(running)} running: {epochs or '-'} | {best_s} "
+                  f"({_duration(now - self.start)} so far)", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._line(trials, trial, "")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = _trial_error(trial).strip().splitlines()
+            self._line(trials, trial, f" ({error[-1] if error else 'error'})")
+
+        def _line(self, trials, trial, extra: str) -> None:
+            self.done += 1
+            running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)
+            number, state, value = searcher.told.get(trial.trial_id, (None, "?", None))
+            value_s = f"{value:.6g}" if value is not None else "-"
+            best = _best(study)
+            best_s = f"best #{best.number} {best.value:.6g} {_format_params(best.params)}" if best else "no complete trial yet"
+            elapsed = time.monotonic() - self.start
+            left = planned - self.done
+            eta = f", ~{_duration(elapsed / self.done * left)} left" if left > 0 else ""
+            print(f"[{target.key}] {self.done}/{planned} done, {running} running{eta} | #{number} {state.lower()} "
+                  f"{value_s}{extra} | {best_s}", flush=True)
+
+    return Progress()
+
+
+def _meta_only(s: TuneSettings) -> bool:
+    """Whether every searched knob acts through the meta-updates only (so the warm-up epochs, which
+    have none, train every suggestion identically)."""
+    return all(k in METAADAMW_KEYS for k in s.params) and "warmup_epochs" not in s.params
+
+
+def grace_default(target: Target, s: TuneSettings) -> int:
+    """ASHA's default grace period: the first epoch with meta-updates when the warm-up epochs
+    train every suggestion identically, else 1; capped at the target's epochs."""
+    warmup = max(m["config"]["warmup_epochs"] for m in target.members) if _meta_only(s) else 0
+    return min(target.epochs, 1 + warmup)
+
+
+def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: Path, ray_storage: str | None) -> int:
+    """Ask the target's study for ``trials`` more suggestions through Ray Tune."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = spec.settings
+    space = s.space()
+    sampler = make_sampler(s.sampler, s.sampler_seed)
+    study = open_target_study(target, spec, storage, sampler)
+    before = len(study.trials)
+    sched = s.scheduler and {**s.scheduler, "grace_period": s.scheduler["grace_period"] or grace_default(target, s)}
+    print(f"[{target.key}] study {target.study_name!r}: {before} stored trial(s); {trials} more suggestion(s) "
+          f"({s.sampler}, seed {s.sampler_seed}, {s.max_concurrent} at a time"
+          f"{', ASHA grace %d rf %g' % (sched['grace_period'], sched['reduction_factor']) if sched else ', no early stopping'}); "
+          f"{target.direction} {target.description}", flush=True)
+    if trials == 0:
+        return 0
+    if s.enqueue_baseline and not before:
+        _enqueue_baseline(study, target, spec)
+    searcher = _searcher_class()({name: r.distribution() for name, r in space.items()}, metric=OBJECTIVE,
+                                 mode="min" if target.direction == "minimize" else "max", sampler=sampler,
+                                 study_name=target.study_name, storage=storage)
+    scheduler = None
+    if sched:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=OBJECTIVE,
+                                  mode="min" if target.direction == "minimize" else "max", max_t=target.epochs,
+                                  grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
+    study_ = spec.study
+    cpus, gpus = study_.resources.get("cpus", 1), study_.resources.get("gpus", 0)
+    param_space = {
+        "members": target.members, "modes": target.modes, "aggregate": s.aggregate, "direction": target.direction,
+        "references": target.references, "param_names": list(space), "plugins": list(study_.plugins),
+        "plugin_dir": str(spec.path.parent.resolve()) if spec.path is not None else None, "cpus": cpus,
+    }
+    progress = _progress_callback(target, searcher, study, trials)
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    tuner = tune.Tuner(
+        tune.with_resources(tune_trainable, {"cpu": cpus, "gpu": gpus}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                                    max_concurrent_trials=s.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=f"{target.key}-{stamp}", storage_path=ray_storage or str((out_dir / "ray").resolve()),
+            failure_config=tune.FailureConfig(max_failures=study_.retries),
+            callbacks=[progress], verbose=0,
+        ),
+    )
+    try:
+        tuner.fit()
+    finally:
+        interrupted = searcher.fail_unfinished()
+        if interrupted:
+            print(f"[{target.key}] {interrupted} unfinished suggestion(s) marked FAIL in the stored study", flush=True)
+    return progress.done
+
+
+def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address: str | None = None,
+             ray_storage: str | None = None, study_storage: str | None = None,
+             num_cpus: int | None = None) -> TuneOutcome:
+    """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
+    outputs (best values, history, importances) from the stored studies."""
+    from ablate.sweep import init_ray
+
+    out_dir = Path(out_root) / spec.name / "tune"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    location = storage_location(spec, out_root, study_storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = open_storage(location)
+        if spec.path is not None:
+            (out_dir / "spec.yaml").write_text(spec.path.read_text())
+        ran: dict[str, int] = {}
+        targets = build_targets(spec)
+        for target in targets:  # a stored study that scores differently is refused before anything runs
+            open_target_study(target, spec, storage)
+        started = False
+        try:
+            if spec.settings.trials > 0:
+                started = init_ray(spec.study, address, num_cpus)
+            if spec.settings.cross_task and spec.settings.trials > 0:
+                references = adamw_references(spec, out_dir, address=address, ray_storage=ray_storage)
+                for target in targets:
+                    target.references = references
+            for target in targets:
+                ran[target.key] = _run_target(target, spec, storage, spec.settings.trials, out_dir, ray_storage)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
+        files = write_outputs(spec, storage, targets, out_dir, location)
+    return TuneOutcome(out_dir, location, outcomes, files)
+
+
+def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
+    study = optuna.load_study(study_name=target.study_name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    best = _best(study)
+    base = [t for t in trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"]
+    return TargetOutcome(target, ran, counts, best.number if best else None, best.value if best else None,
+                         dict(best.params) if best else None, base[0].value if base else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def study_history(study, target: Target):
+    """One row per trial of ``study`` (the report's ``history.parquet`` columns)."""
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else math.nan
+        rows.append({
+            "task": target.key, "study": target.study_name, "number": t.number,
+            "value": t.value if t.value is not None else math.nan, "state": t.state.name,
+            "direction": target.direction,
+            **{f"params_{k}": float(v) for k, v in t.params.items()},
+            "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete, "duration_s": duration,
+            "epochs": t.user_attrs.get("epochs", math.nan), "baseline": bool(t.user_attrs.get("baseline", False)),
+        })
+    return pd.DataFrame(rows)
+
+
+def study_importances(study, target: Target):
+    """fANOVA importances of the complete trials (empty when there are too few to tell)."""
+    import pandas as pd
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(complete) < 2:
+        return pd.DataFrame(columns=["task", "param", "importance"])
+    try:
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except Exception:  # too few distinct values, a single-point space, ...
+        return pd.DataFrame(columns=["task", "param", "importance"])
+    return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()])
+
+
+def best_settings(study) -> dict[str, Any] | None:
+    best = _best(study)
+    return settings_from_params(best.params) if best is not None else None
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
+
+
+def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path, location: str) -> dict[str, Path]:
+    """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
+    studies (written atomically: concurrent invocations leave a complete file)."""
+    import pandas as pd
+
+    from ablate.results import atomic_write_parquet
+
+    histories, importances, best = [], [], {}
+    for target in targets:
+        study = optuna.load_study(study_name=target.study_name, storage=storage)
+        histories.append(study_history(study, target))
+        importances.append(study_importances(study, target))
+        settings = best_settings(study)
+        if settings is None:
+            continue
+        tasks = spec.study.tasks if target.key == CROSS_TASK else [target.key]
+        for task in tasks:
+            entry = {k: _round(v) for k, v in settings.items()}
+            best[task] = entry["priorities"] if list(entry) == ["priorities"] else entry
+    files = {}
+    history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
+        pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction"])
+    atomic_write_parquet(history, out_dir / "history.parquet")
+    files["history"] = out_dir / "history.parquet"
+    imp = pd.concat([i for i in importances if len(i)], ignore_index=True) if any(len(i) for i in importances) else \
+        pd.DataFrame({"task": pd.Series(dtype=str), "param": pd.Series(dtype=str), "importance": pd.Series(dtype=float)})
+    atomic_write_parquet(imp, out_dir / "importances.parquet")
+    files["importances"] = out_dir / "importances.parquet"
+    if best:
+        header = (f"# Best values found by `ablate tune` for study {spec.name!r} "
+                  f"({'one vector for all tasks' if spec.settings.cross_task else 'per task'}), "
+                  f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.\n"
+                  f"# Stored study: {location}\n"
+                  f"# Use in a study file: baseline: {{priorities_from: <path to this file>}}\n"
+                  f"# priorities are [gradient alignment, loss decrease, generalization gap].\n")
+        text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
+        path = out_dir / BEST_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        files["best"] = path
+    return files
+
+
+def format_summary(outcome: TuneOutcome) -> str:
+    lines = []
+    for o in outcome.targets:
+        t = o.target
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(o.counts.items())) or "none"
+        lines.append(f"\n{t.key}: {t.direction} {t.description}")
+        lines.append(f"  stored study {t.study_name!r}: {sum(o.counts.values())} trials ({counts}); {o.ran} run now")
+        if o.best_number is None:
+            lines.append("  no complete trial yet")
+            continue
+        lines.append(f"  best: {o.best_value:.6g} (trial #{o.best_number})  {_format_params(o.best_params)}")
+        if o.baseline_value is not None:
+            lines.append(f"  the baseline's own values scored {o.baseline_value:.6g}")
+    files = outcome.files
+    lines.append("")
+    if "best" in files:
+        lines.append(f"best values: {files['best']}  (in a study file: baseline: {{priorities_from: {files['best']}}})")
+    lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
+    lines.append(f"study storage: {outcome.storage}; browse it with `{dashboard_command(outcome.storage)}` "
+                 f"(pip install optuna-dashboard); extend it with `ablate tune SPEC --trials N`")
+    return "\n".join(lines)
+
+
+def tune_command(args) -> int:
+    spec = load_tune_spec(args.spec, trials=args.trials)
+    try:
+        outcome = run_tune(spec, args.out, address=args.address, ray_storage=args.storage,
+                           study_storage=args.study_storage)
+    except AdamWReferenceError as exc:
+        print(f"ablate: error: {exc}", flush=True)
+        return 1
+    print(format_summary(outcome), flush=True)
+    return 0

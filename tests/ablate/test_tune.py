@@ -1,0 +1,545 @@
+"""`ablate tune`: an Optuna search of the priorities through Ray Tune (OptunaSearch + ASHA) on a
+persistent study - a real small study, extending it, reading it from another process, a synthetic
+objective with a known optimum, two processes extending one study at once, and the validation of
+the tune: section."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ablate.study import StudyError, load_study, parse_study
+from ablate.tune import (
+    BEST_FILE,
+    PRIORITY_PARAMS,
+    adamw_references,
+    build_targets,
+    grace_default,
+    load_tune_spec,
+    open_storage,
+    parse_tune_spec,
+    run_tune,
+    score,
+    storage_location,
+)
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+#: A task whose validation score is a known function of the priorities (no learning involved):
+#: the squared log-distance to OPTIMUM, plus 0.001 * seed so that the seeds differ.
+SYNTH_PLUGIN = '''
+import math
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ablate.tasks.base import TaskInstance, register_task
+
+OPTIMUM = (2.0, 0.5, 4.0)
+
+
+def objective(priorities, seed=0):
+    return sum((math.log(p) - math.log(o)) ** 2 for p, o in zip(priorities, OPTIMUM)) + 0.001 * seed
+
+
+@register_task("tune_synth", metrics=[("score", "min")],
+               defaults={"epochs": 1, "batch_size": 4, "patience": 0, "meta_every": 1000, "modulator_layers": 1,
+                         "warmup_epochs": 0, "grouping": "original"},
+               description="synthetic: the squared log-distance of the priorities to a known optimum")
+def build(config):
+    ds = TensorDataset(torch.zeros(4, 1), torch.zeros(4, 1))
+    value = objective(config["priorities"], config["seed"])
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean()
+
+    def evaluate(model, loader):
+        return {"score": value}
+
+    return TaskInstance(name="tune_synth", model=nn.Linear(1, 1), train=ds, val=ds, loss_fn=loss_fn, evaluate=evaluate,
+                        data_source="synthetic")
+'''
+OPTIMUM = (2.0, 0.5, 4.0)
+
+
+def _write(directory: Path, name: str, text: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _synth_spec(directory: Path, name: str, tune: str, epochs: int = 1) -> Path:
+    """A tune spec of the synthetic task (its plugin module next to it) with the given tune: body."""
+    (directory / "tune_synth.py").write_text(SYNTH_PLUGIN)
+    head = (f"name: {name}\ntasks: [tune_synth]\nseeds: 2\nplugins: [tune_synth]\nadamw: false\n"
+            f"budget: {{epochs: {epochs}}}\ntune:\n")
+    path = directory / f"{name}.yaml"
+    path.write_text(head + textwrap.indent(textwrap.dedent(tune), "  "))
+    return path
+
+
+def _load(location: str, study_name: str):
+    import optuna
+
+    return optuna.load_study(study_name=study_name, storage=open_storage(location))
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray for the whole module (tune reuses a running Ray; the subprocesses join it)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # address="local": a new instance even when a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+                 logging_level="warning", object_store_memory=256 * 1024**2)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+# -- (1)-(3) a real small study: run, extend, read from another process ---------------------
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory, ray_address):
+    """etth1, 2 seeds, 2 epochs of 3 batches, 4 suggestions (TPE + ASHA, one at a time: the
+    worker's imports are paid once)."""
+    root = tmp_path_factory.mktemp("tune_small")
+    spec_path = _write(root, "tiny_tune.yaml", """\
+        name: tiny_tune
+        tasks: [etth1]
+        seeds: 2
+        budget: {epochs: 2, max_train_batches: 3, patience: 0}
+        # meta-updates from the first step, with a fast modulator optimizer, so the priorities matter
+        baseline: {meta_every: 1, warmup_epochs: 0, modulator_layers: 1, meta_lr: 0.01, meta_optimizer: adam}
+        adamw: false
+        tune:
+          trials: 4
+          sampler: tpe
+          sampler_seed: 0
+          aggregate: mean
+          priorities: {low: 0.1, high: 10.0, log: true}
+          scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+          max_concurrent: 1
+        """)
+    out = root / "results"
+    outcome = run_tune(load_tune_spec(spec_path), out)
+    return spec_path, out, outcome
+
+
+def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study):
+    spec_path, out, outcome = small_study
+    tune_dir = out / "tiny_tune" / "tune"
+    location = str((tune_dir / "optuna.journal").resolve())
+    assert outcome.storage == location and Path(location).is_file()
+
+    study = _load(location, "tiny_tune/etth1")
+    assert study.direction.name == "MINIMIZE"  # etth1's mse
+    trials = study.trials
+    assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
+    states = {t.state.name for t in trials}
+    assert states <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states
+    assert trials[0].params == {p: 1.0 for p in PRIORITY_PARAMS}, "the baseline's own priorities come first"
+    assert trials[0].user_attrs["baseline"] is True
+    for t in trials:
+        assert set(t.params) == set(PRIORITY_PARAMS) and all(0.1 <= v <= 10.0 for v in t.params.values())
+        assert t.value is not None and t.value > 0 and math.isfinite(t.value)
+        assert 1 in t.intermediate_values, "every epoch's aggregate is reported to the study"
+        if t.state.name == "COMPLETE":
+            assert sorted(t.intermediate_values) == [1, 2] and t.user_attrs["epochs"] == 2
+            seeds = t.user_attrs["member_values"]
+            assert len(seeds) == 2 and t.value == pytest.approx(sum(seeds) / 2)
+            assert t.value == pytest.approx(t.intermediate_values[2])
+        else:
+            assert t.user_attrs["ended"].startswith("stopped by the scheduler")
+
+    best = yaml.safe_load((tune_dir / BEST_FILE).read_text())
+    assert list(best) == ["etth1"] and best["etth1"] == pytest.approx(
+        [study.best_params[p] for p in PRIORITY_PARAMS], rel=1e-5)
+
+    history = pd.read_parquet(tune_dir / "history.parquet")
+    assert {"number", "value", "direction", "state", "task"} <= set(history.columns)
+    assert {f"params_{p}" for p in PRIORITY_PARAMS} <= set(history.columns)
+    assert len(history) == 4 and set(history["direction"]) == {"minimize"} and set(history["task"]) == {"etth1"}
+    importances = pd.read_parquet(tune_dir / "importances.parquet")
+    assert {"param", "importance"} <= set(importances.columns)
+    if len(importances):  # fANOVA needs two complete trials
+        assert set(importances["param"]) == set(PRIORITY_PARAMS)
+
+    # a study file takes the best priorities as its baseline, relative to the study file
+    study_file = _write(out / "tiny_tune", "use_best.yaml", """\
+        name: use_best
+        tasks: [etth1]
+        seeds: 1
+        baseline: {priorities_from: tune/best_priorities.yaml}
+        """)
+    baseline = [t for t in load_study(study_file).trials if t.arm == "baseline"][0]
+    assert baseline.config["priorities"] == pytest.approx(best["etth1"])
+
+
+def test_extending_a_finished_study_adds_trials_to_the_same_stored_study(small_study, capsys):
+    spec_path, out, _ = small_study
+    location = str((out / "tiny_tune" / "tune" / "optuna.journal").resolve())
+    before = {t.number: (t.state, t.value, t.params) for t in _load(location, "tiny_tune/etth1").trials}
+    outcome = run_tune(load_tune_spec(spec_path, trials=2), out)
+    after = _load(location, "tiny_tune/etth1").trials
+    assert len(after) == len(before) + 2 and sorted(t.number for t in after) == list(range(len(after)))
+    for t in after[: len(before)]:
+        assert (t.state, t.value, t.params) == before[t.number], "earlier trials are kept as they were"
+    new_params = [tuple(t.params.values()) for t in after[len(before):]]
+    assert not set(new_params) & {tuple(v[2].values()) for v in before.values()}, "no start-up point is replayed"
+    assert outcome.targets[0].ran == 2 and sum(outcome.targets[0].counts.values()) == 6
+    printed = capsys.readouterr().out
+    assert "4 stored trial(s); 2 more suggestion(s)" in printed and "[etth1] 2/2 done" in printed
+    # --trials 0: no Ray, nothing asked; the outputs are rewritten from the stored study
+    (out / "tiny_tune" / "tune" / "history.parquet").unlink()
+    outcome = run_tune(load_tune_spec(spec_path, trials=0), out)
+    assert outcome.targets[0].ran == 0 and len(_load(location, "tiny_tune/etth1").trials) == 6
+    assert len(pd.read_parquet(out / "tiny_tune" / "tune" / "history.parquet")) == 6
+
+
+def test_a_spec_that_scores_differently_cannot_extend_the_stored_study(small_study):
+    spec_path, out, _ = small_study
+    changed = spec_path.with_name("changed.yaml")
+    changed.write_text(spec_path.read_text().replace("max_train_batches: 3", "max_train_batches: 4"))
+    with pytest.raises(StudyError, match=r"scored suggestions differently.*max_train_batches \(stored 3, now 4\)"):
+        run_tune(load_tune_spec(changed), out)
+    # the search space itself may change (narrower ranges, say): same objective, same study
+    narrower = spec_path.with_name("narrower.yaml")
+    narrower.write_text(spec_path.read_text().replace("high: 10.0", "high: 5.0"))
+    outcome = run_tune(load_tune_spec(narrower, trials=0), out)
+    assert sum(outcome.targets[0].counts.values()) >= 4
+
+
+def test_another_process_opens_the_stored_study(small_study):
+    _, out, _ = small_study
+    location = str((out / "tiny_tune" / "tune" / "optuna.journal").resolve())
+    code = textwrap.dedent(f"""\
+        import json, optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+        study = optuna.load_study(study_name="tiny_tune/etth1", storage=JournalStorage(JournalFileBackend({location!r})))
+        best = study.best_trial
+        print(json.dumps({{"n": len(study.trials), "best": best.number, "value": best.value, "params": best.params}}))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    study = _load(location, "tiny_tune/etth1")
+    assert seen["n"] == len(study.trials) >= 4
+    assert (seen["best"], seen["value"], seen["params"]) == (study.best_trial.number, study.best_value, study.best_params)
+
+
+# -- (4) a known optimum ---------------------------------------------------------------------
+
+
+def test_the_search_finds_a_known_optimum(tmp_path, ray_address):
+    """The synthetic task's score is a known function of the priorities; the same machinery
+    (sampler + Ray Tune + ASHA + journal storage) must land near its optimum."""
+    spec = _synth_spec(tmp_path, "synth", """\
+        trials: 16
+        sampler: gp
+        sampler_seed: 0
+        scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+        max_concurrent: 1
+        """)
+    outcome = run_tune(load_tune_spec(spec), tmp_path / "results")
+    study = _load(outcome.storage, "synth/tune_synth")
+    assert len(study.trials) == 16 and study.trials[0].user_attrs["baseline"]  # the baseline [1, 1, 1] comes first
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    best = [study.best_params[p] for p in PRIORITY_PARAMS]
+    for found, true in zip(best, OPTIMUM):
+        assert abs(math.log(found / true)) < math.log(1.3), f"best {best} is not near {OPTIMUM}"
+    assert study.best_value < 0.1 < study.trials[0].value  # far better than the baseline's [1, 1, 1]
+    written = yaml.safe_load((tmp_path / "results" / "synth" / "tune" / BEST_FILE).read_text())
+    assert written["tune_synth"] == pytest.approx(best, rel=1e-5)
+
+
+def test_asha_stops_poor_suggestions_and_the_study_records_them_as_pruned(tmp_path, ray_address):
+    """Two epochs: after epoch 1 ASHA (grace 1, rf 2) stops a suggestion worse than the ones
+    before it; the study records it PRUNED with its epoch-1 value, not as a finished trial."""
+    spec = _synth_spec(tmp_path, "asha", """\
+        trials: 4
+        sampler: random
+        sampler_seed: 0
+        scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+        max_concurrent: 1
+        """, epochs=2)
+    outcome = run_tune(load_tune_spec(spec), tmp_path / "results")
+    trials = _load(outcome.storage, "asha/tune_synth").trials
+    values = [t.intermediate_values[1] for t in trials]
+    states = [t.state.name for t in trials]
+    assert "PRUNED" in states and states[0] == "COMPLETE"
+    for t, value, state in zip(trials, values, states):
+        if state == "PRUNED":
+            assert value > min(values[: t.number]), "only a suggestion worse than an earlier one is stopped"
+            assert t.value == value and sorted(t.intermediate_values) == [1]
+            assert t.user_attrs["ended"] == "stopped by the scheduler after epoch 1"
+        else:
+            assert sorted(t.intermediate_values) == [1, 2] and t.value == value
+    history = pd.read_parquet(tmp_path / "results" / "asha" / "tune" / "history.parquet")
+    assert list(history["state"]) == states
+
+
+def test_cross_task_scores_relative_improvement_over_a_cached_adamw_reference(tmp_path, ray_address, capsys):
+    spec = _synth_spec(tmp_path, "xt", """\
+        trials: 3
+        sampler: random
+        sampler_seed: 1
+        cross_task: true
+        max_concurrent: 1
+        """)
+    text = spec.read_text().replace("adamw: false", "adamw: true")
+    spec.write_text(text)
+    out = tmp_path / "results"
+    outcome = run_tune(load_tune_spec(spec), out)
+    study = _load(outcome.storage, "xt/cross_task")
+    assert study.direction.name == "MAXIMIZE" and len(study.trials) == 3
+    # AdamW's priorities are the defaults [1, 1, 1], which is also the baseline trial: no improvement
+    assert study.trials[0].user_attrs["baseline"] and study.trials[0].value == pytest.approx(0.0, abs=1e-12)
+    synth = sys.modules["tune_synth"]
+    for t in study.trials[1:]:
+        p = [t.params[name] for name in PRIORITY_PARAMS]
+        refs = [synth.objective([1, 1, 1], seed) for seed in (0, 1)]
+        expected = sum((r - synth.objective(p, seed)) / r for seed, r in enumerate(refs)) / 2
+        assert t.value == pytest.approx(expected, rel=1e-6)
+    assert (out / "xt" / "tune" / "adamw_reference" / "trials.parquet").exists()
+    assert "tune_synth" in yaml.safe_load((out / "xt" / "tune" / BEST_FILE).read_text())
+    capsys.readouterr()
+    refs = adamw_references(load_tune_spec(spec), out / "xt" / "tune", address=None, ray_storage=None)
+    assert "2 already done (reused), 0 to run" in capsys.readouterr().out, "the AdamW reference is computed once"
+    assert refs == pytest.approx({"tune_synth/0": synth.objective([1, 1, 1], 0), "tune_synth/1": synth.objective([1, 1, 1], 1)})
+
+
+# -- (5) two processes extend one stored study at once -----------------------------------------
+
+
+def test_two_processes_extending_one_study_at_once_leave_it_complete(tmp_path, ray_address):
+    spec = _synth_spec(tmp_path, "shared", """\
+        trials: 3
+        sampler: tpe
+        sampler_seed: 0
+        max_concurrent: 1
+        """)
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ablate.cli", "tune", str(spec), "--out", str(out), "--address", ray_address]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    location = str((out / "shared" / "tune" / "optuna.journal").resolve())
+    study = _load(location, "shared/tune_synth")
+    trials = study.trials
+    # 3 suggestions per process; the first is the baseline's [1, 1, 1], enqueued by the process that found
+    # the study empty (both may have, when they start at the same moment)
+    assert len(trials) == 6 and sum(bool(t.user_attrs.get("baseline")) for t in trials) in (1, 2)
+    proposed = [tuple(t.params.values()) for t in trials if not t.user_attrs.get("baseline")]
+    assert len(set(proposed)) == len(proposed), "the two processes never propose the same point"
+    drivers = {}
+    for t in trials:
+        drivers.setdefault(t.user_attrs["driver"], []).append(t)
+    assert sorted(len(v) for v in drivers.values()) == [3, 3]
+    a, b = drivers.values()
+    assert min(t.datetime_start for t in a) < max(t.datetime_complete for t in b) and \
+        min(t.datetime_start for t in b) < max(t.datetime_complete for t in a), "the two runs overlapped in time"
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    assert all(t.value is not None and math.isfinite(t.value) for t in trials)
+    assert len({t.user_attrs["ray_trial_id"] for t in trials}) == len(trials)
+    # the outputs are complete files whichever process wrote them last
+    assert len(pd.read_parquet(out / "shared" / "tune" / "history.parquet")) >= 6
+    assert "tune_synth" in yaml.safe_load((out / "shared" / "tune" / BEST_FILE).read_text())
+
+
+# -- pieces without Ray --------------------------------------------------------------------------
+
+
+def test_score_aggregates_seeds_and_cross_task_relative_improvements():
+    members = [{"task": "a", "seed": 0}, {"task": "a", "seed": 1}, {"task": "b", "seed": 0}, {"task": "b", "seed": 1}]
+    assert score([1.0, 3.0], members[:2], "mean") == 2.0
+    assert score([1.0, 3.0, 10.0], members[:3], "median") == 3.0
+    assert math.isnan(score([1.0, math.nan], members[:2], "mean"))
+    refs = {"a/0": 2.0, "a/1": 2.0, "b/0": 0.5, "b/1": 0.5}
+    # a (min): 10% and 30% better -> 20%; b (max): 20% better and 0% -> 10%; mean over tasks 15%
+    value = score([1.8, 1.4, 0.6, 0.5], members, "mean", refs, {"a": "min", "b": "max"})
+    assert value == pytest.approx(0.15)
+
+
+def test_the_searcher_tells_pruned_failed_and_complete_trials_apart():
+    import optuna
+
+    from ablate.tune import OBJECTIVE, _searcher_class
+
+    storage = optuna.storages.InMemoryStorage()
+    space = {p: optuna.distributions.FloatDistribution(0.1, 10.0, log=True) for p in PRIORITY_PARAMS}
+    searcher = _searcher_class()(space, metric=OBJECTIVE, mode="min", study_name="s", storage=storage)
+    for trial_id in ("done", "stopped", "crashed", "diverged", "interrupted"):
+        assert set(searcher.suggest(trial_id)) == set(PRIORITY_PARAMS)
+    for trial_id in ("done", "stopped", "diverged"):
+        searcher.on_trial_result(trial_id, {OBJECTIVE: 2.0, "training_iteration": 1, "final": False})
+    searcher.on_trial_complete("done", {OBJECTIVE: 1.5, "training_iteration": 2, "final": True, "epoch": 2,
+                                        "member_values": "[1.0, 2.0]"})
+    searcher.on_trial_complete("stopped", {OBJECTIVE: 2.0, "training_iteration": 1, "final": False, "epoch": 1})
+    searcher.on_trial_complete("crashed", error=True)
+    searcher.on_trial_complete("diverged", {OBJECTIVE: math.inf, "objective_is_finite": False, "final": True})
+    assert searcher.fail_unfinished() == 1
+    study = optuna.load_study(study_name="s", storage=storage)
+    states = {t.user_attrs["ray_trial_id"] if "ray_trial_id" in t.user_attrs else "interrupted": (t.state.name, t.value)
+              for t in study.trials}
+    assert states == {"done": ("COMPLETE", 1.5), "stopped": ("PRUNED", 2.0), "crashed": ("FAIL", None),
+                      "diverged": ("FAIL", None), "interrupted": ("FAIL", None)}
+
+
+# -- (6) validation ------------------------------------------------------------------------------
+
+BASE = {"name": "t", "tasks": ["etth1"], "seeds": 2, "budget": {"epochs": 2}, "adamw": False}
+
+
+@pytest.mark.parametrize("tune, expected", [
+    ({"sampler": "annealing"}, ["s.yaml: tune.sampler", "'annealing' is not allowed", "tpe, random, cmaes, qmc, gp"]),
+    ({"trails": 3}, ["s.yaml: tune.trails", "did you mean 'trials'", "allowed keys: trials, sampler"]),
+    ({"trials": -1}, ["tune.trials", "integer >= 0"]),
+    ({"trials": 2.5}, ["tune.trials", "integer >= 0"]),
+    ({"aggregate": "max"}, ["tune.aggregate", "mean, median"]),
+    ({"priorities": {"low": 5, "high": 1}}, ["tune.priorities", "low (5) must be less than high (1)"]),
+    ({"priorities": {"low": 0, "high": 1, "log": True}}, ["tune.priorities.low", "> 0 on a log scale"]),
+    ({"priorities": {"low": -1, "high": 1}}, ["tune.priorities.low", ">= 0.0"]),
+    ({"priorities": {"low": 1, "high": 2, "step": 1}}, ["tune.priorities.step", "allowed keys: low, high, log"]),
+    ({"priorities": {"high": 2}}, ["tune.priorities.low", "is required"]),
+    ({"priorities": [0.1, 10]}, ["tune.priorities", "must be a mapping {low: ..., high: ..., log: true|false}"]),
+    ({"params": {"meta_lrr": {"low": 1e-5, "high": 1e-2}}}, ["tune.params.meta_lrr", "did you mean 'meta_lr'",
+                                                            "choose from:", "alpha_range"]),
+    ({"params": {"grouping": {"low": 1, "high": 2}}}, ["tune.params.grouping", "not a numeric config key"]),
+    ({"params": {"meta_lr": {"low": 1e-2, "high": 1e-5}}}, ["tune.params.meta_lr", "must be less than high"]),
+    ({"params": {"beta1": {"low": 0.5, "high": 1.5}}}, ["tune.params.beta1.high", "beta1=1.5", "in [0, 1)"]),
+    ({"params": {"modulator_layers": {"low": 1.5, "high": 4}}}, ["tune.params.modulator_layers.low", "integer key"]),
+    ({"scheduler": {"type": "hyperband"}}, ["tune.scheduler.type", "asha, none"]),
+    ({"scheduler": {"grace_period": 0}}, ["tune.scheduler.grace_period", "integer >= 1"]),
+    ({"scheduler": {"grace_period": 3}}, ["tune.scheduler.grace_period", "more than the 2 epoch(s) of task 'etth1'"]),
+    ({"scheduler": {"reduction_factor": 1}}, ["tune.scheduler.reduction_factor", "number > 1"]),
+    ({"scheduler": {"grace_period": 1}}, ["tune.scheduler.grace_period", "within the warm-up of task 'etth1'",
+                                          "Use at least 2"]),
+    ({"cross_task": "yes"}, ["tune.cross_task", "true or false"]),
+    ({"cross_task": True}, ["tune.cross_task", "adamw: false"]),
+    ({"max_concurrent": 0}, ["tune.max_concurrent", "integer >= 1"]),
+    ({"storage": 3}, ["tune.storage", "journal file path or a database URL"]),
+    ({"priorities": False}, ["tune.priorities", "nothing to search"]),
+    ("fast", ["s.yaml: tune:", "must be a mapping"]),
+])
+def test_tune_section_errors_name_the_file_field_and_allowed_values(tune, expected):
+    with pytest.raises(StudyError) as err:
+        parse_tune_spec({**BASE, "tune": tune}, "s.yaml")
+    for fragment in expected:
+        assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
+
+
+def test_a_tune_spec_refuses_settings_it_cannot_use():
+    with pytest.raises(StudyError, match=r"s.yaml: ablations: is not used by `ablate tune`"):
+        parse_tune_spec({**BASE, "ablations": {"gating": [True]}}, "s.yaml")
+    with pytest.raises(StudyError, match=r"weighting='sum', which ignores the priorities"):
+        parse_tune_spec({**BASE, "baseline": {"weighting": "sum"}}, "s.yaml")
+    with pytest.raises(StudyError, match=r"s.yaml: budget.epochs"):  # the study part is validated as a study
+        parse_tune_spec({**BASE, "budget": {"epochs": 0}}, "s.yaml")
+    with pytest.raises(StudyError, match=r"s.yaml: budget.epochs: task 'etth1' trains 1 epoch\(s\), all of them warm-up"):
+        parse_tune_spec({**BASE, "budget": {"epochs": 1}}, "s.yaml")
+    # searching an AdamW knob: the warm-up epochs differ between suggestions, so ASHA may start at 1
+    spec = parse_tune_spec({**BASE, "budget": {"epochs": 1}, "tune": {"priorities": False, "scheduler": {"grace_period": 1},
+                                                                       "params": {"lr": {"low": 1e-4, "high": 1e-2}}}}, "s.yaml")
+    assert grace_default(build_targets(spec)[0], spec.settings) == 1
+    # with priorities: false, other knobs alone may be searched
+    spec = parse_tune_spec({**BASE, "tune": {"priorities": False, "params": {"meta_lr": {"low": 1e-5, "high": 1e-3,
+                                                                                       "log": True}}}}, "s.yaml")
+    assert list(spec.settings.space()) == ["meta_lr"]
+
+
+def test_defaults_targets_and_storage_location(tmp_path):
+    spec = parse_tune_spec({**BASE, "tasks": ["etth1", "imdb"], "adamw": True}, "s.yaml")
+    s = spec.settings
+    assert (s.trials, s.sampler, s.aggregate, s.max_concurrent, s.cross_task) == (20, "tpe", "mean", 2, False)
+    assert s.scheduler == {"type": "asha", "grace_period": None, "reduction_factor": 2}
+    targets = build_targets(spec)
+    assert [grace_default(t, s) for t in targets] == [2, 2], "the first epoch after the warm-up epoch"
+    assert [(t.study_name, t.direction) for t in targets] == [("t/etth1", "minimize"), ("t/imdb", "maximize")]
+    assert [m["seed"] for m in targets[1].members] == [0, 1] and targets[1].members[0]["config"]["priorities"] == [1, 3, 5]
+    assert storage_location(spec, tmp_path) == str((tmp_path / "t" / "tune" / "optuna.journal").resolve())
+    assert storage_location(spec, tmp_path, "sqlite:///x.db") == "sqlite:///x.db"
+    cross = parse_tune_spec({**BASE, "tasks": ["etth1", "imdb"], "adamw": True, "tune": {"cross_task": True}}, "s.yaml")
+    (target,) = build_targets(cross, {"etth1/0": 1.0})
+    assert (target.study_name, target.direction, len(target.members)) == ("t/cross_task", "maximize", 4)
+
+
+def test_the_shipped_spec_is_valid():
+    spec = load_tune_spec(REPO / "search_spaces" / "tune_priorities.yaml")
+    assert spec.settings.trials == 20 and len(spec.study.tasks) >= 2 and len(spec.study.seeds) >= 2
+
+
+# -- baseline: {priorities_from: ...} ---------------------------------------------------------
+
+
+def test_priorities_from_sets_each_tasks_tuned_values(tmp_path):
+    _write(tmp_path / "tuned", BEST_FILE, """\
+        etth1: [2.0, 0.5, 4.0]
+        imdb: {priorities: [1.0, 2.0, 3.0], meta_lr: 0.001}
+        wikitext2: [9, 9, 9]
+        """)
+    path = _write(tmp_path, "s.yaml", """\
+        name: s
+        tasks: [etth1, imdb]
+        seeds: 1
+        baseline: {priorities_from: tuned/best_priorities.yaml, meta_per_epoch: 2}
+        overrides: {imdb: {meta_lr: 0.002}}
+        ablations: {priorities: [[1, 1, 1]]}
+        """)
+    trials = {(t.task, t.arm): t.config for t in load_study(path).trials}
+    assert trials["etth1", "baseline"]["priorities"] == [2.0, 0.5, 4.0]
+    assert trials["imdb", "baseline"]["priorities"] == [1.0, 2.0, 3.0]
+    assert trials["imdb", "baseline"]["meta_lr"] == 0.002, "overrides[task] still wins over the file"
+    assert trials["etth1", "priorities=[1, 1, 1]"]["priorities"] == [1.0, 1.0, 1.0], "an ablation level wins too"
+    assert trials["etth1", "adamw"]["priorities"] == [1.0, 1.0, 1.0], "the AdamW arm does not take the file's values"
+
+
+@pytest.mark.parametrize("file_text, baseline, expected", [
+    (None, "missing.yaml", ["s.yaml: baseline.priorities_from", "missing.yaml' does not exist", "ablate tune"]),
+    ("etth1: [1, 2, 3]\n", "best.yaml", ["s.yaml: baseline.priorities_from", "no entry for task 'imdb'",
+                                         "it has: etth1"]),
+    ("etth1: [1, 2]\nimdb: [1, 2, 3]\n", "best.yaml", ["baseline.priorities_from (best.yaml).etth1.priorities",
+                                                       "three non-negative numbers"]),
+    ("etth1: 3\nimdb: [1, 2, 3]\n", "best.yaml", ["(best.yaml).etth1", "list of three priorities or a mapping"]),
+    ("etth1: {fancy: 1}\nimdb: [1, 2, 3]\n", "best.yaml", ["(best.yaml).etth1.fancy", "unknown config key"]),
+    ("[1, 2, 3]\n", "best.yaml", ["must map task names to priorities"]),
+    ("etth1: [1, 2, 3\n", "best.yaml", ["best.yaml", "invalid YAML"]),
+    ("etth1: [1, 2, 3]\nimdb: [1, 2, 3]\n", 5, ["baseline.priorities_from", "must be the path of a YAML file"]),
+])
+def test_priorities_from_errors(tmp_path, file_text, baseline, expected):
+    if file_text is not None:
+        (tmp_path / "best.yaml").write_text(file_text)
+    mapping = {"name": "s", "tasks": ["etth1", "imdb"], "seeds": 1, "baseline": {"priorities_from": baseline}}
+    with pytest.raises(StudyError) as err:
+        parse_study(mapping, "s.yaml", base_dir=tmp_path)
+    for fragment in expected:
+        assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
+
+
+def test_priorities_from_and_priorities_in_baseline_conflict(tmp_path):
+    (tmp_path / "best.yaml").write_text("etth1: [1, 2, 3]\n")
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": 1,
+               "baseline": {"priorities_from": "best.yaml", "priorities": [1, 1, 1]}}
+    with pytest.raises(StudyError, match=r"sets 'priorities', which baseline: sets too"):
+        parse_study(mapping, "s.yaml", base_dir=tmp_path)
