@@ -11,8 +11,8 @@
                    ``ablate.tasks.models_text.MiniGPT`` ties the head to the embedding, so it is
                    not used here.
 * ``resnet18``   - ResNet-18 for 32x32 images (3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2],
-                   widths 64-512, BatchNorm): ``ablate.tasks.models_vision_ts.ResNet`` when it can
-                   be imported, else the identical local copy below.
+                   widths 64-512, BatchNorm): ``ablate.tasks.models_vision_ts.ResNet`` (the
+                   benchmarks need the ``ablate`` package installed, e.g. ``pip install -e .``).
 
 ``make_workload(name, seed)`` returns ``(model, loss_fn, make_batch, source)`` where
 ``loss_fn(model, batch)`` is a scalar training loss and ``make_batch(generator)`` a fresh batch
@@ -22,11 +22,13 @@ of the benchmark's size (MLP: 64 x 256; MiniGPT: 16 x 128 tokens; ResNet-18: 32 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ablate.tasks.models_vision_ts import ResNet
 
 VOCAB, BLOCK, D_MODEL, N_LAYERS, N_HEADS = 10_000, 128, 128, 2, 4
 
@@ -87,48 +89,9 @@ class MiniGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-class _BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class _ResNet(nn.Module):
-    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64, num_classes: int = 10):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        stages, c_in = [], width
-        for i, n_blocks in enumerate(blocks):
-            c_out = width * 2**i
-            for j in range(n_blocks):
-                stages.append(_BasicBlock(c_in, c_out, stride=2 if i > 0 and j == 0 else 1))
-                c_in = c_out
-        self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.stages(self.stem(x)).mean(dim=(2, 3)))
-
-
 def resnet18() -> tuple[nn.Module, str]:
     """ResNet-18 for 32x32 inputs and where it came from."""
-    try:
-        from ablate.tasks.models_vision_ts import ResNet
-
-        return ResNet(blocks=(2, 2, 2, 2), width=64, num_classes=10, in_channels=3), "ablate.tasks.models_vision_ts.ResNet"
-    except Exception:  # the ablate package is being edited concurrently: fall back to the copy above
-        return _ResNet(), "benchmarks._models._ResNet"
+    return ResNet(blocks=(2, 2, 2, 2), width=64, num_classes=10, in_channels=3), "ablate.tasks.models_vision_ts.ResNet"
 
 
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

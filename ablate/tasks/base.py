@@ -24,13 +24,15 @@ dicts of tensors).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from metaadamw.registry import Registry
 
@@ -156,6 +158,70 @@ def move_to_device(batch: Any, device: torch.device | str) -> Any:
     if isinstance(batch, dict):
         return {k: move_to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+# -- evaluation helpers shared by the tasks ----------------------------------------------------
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode without gradients; the previous training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+BatchSums = Callable[[nn.Module, Any], tuple[Mapping[str, Any], Any]]
+
+
+def evaluate_sums(model: nn.Module, loader: Iterable, batch_sums: BatchSums) -> tuple[dict[str, float], int]:
+    """Sums over a whole split, for ``evaluate`` functions that average over examples (not batches).
+
+    In :func:`evaluating` mode, every batch of ``loader`` is moved to the model's device and passed
+    to ``batch_sums(model, batch) -> (sums, count)``: a dict of per-batch sums (floats or scalar
+    tensors) and how many examples (or tokens) they are over. Returns the totals of each sum and
+    the total count; raises ``ValueError`` when the loader yields no examples.
+    """
+    device = model_device(model)
+    totals: dict[str, float] = {}
+    count = 0
+    with evaluating(model):
+        for batch in loader:
+            sums, n = batch_sums(model, move_to_device(batch, device))
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            count += int(n)
+    if count == 0:
+        raise ValueError("evaluate: the loader yielded no examples")
+    return totals, count
+
+
+def classifier_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the class logits ``model(inputs)`` on a batch ``(inputs, labels)``."""
+    inputs, labels = batch
+    return F.cross_entropy(model(inputs), labels)
+
+
+def _classifier_sums(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, int]:
+    inputs, labels = batch
+    logits = model(inputs)
+    correct = (logits.argmax(dim=1) == labels).sum()
+    return {"loss": F.cross_entropy(logits, labels, reduction="sum"), "correct": correct}, labels.numel()
+
+
+def evaluate_classifier(model: nn.Module, loader: Iterable) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over every example of the loader (batches ``(inputs, labels)``)."""
+    totals, count = evaluate_sums(model, loader, _classifier_sums)
+    return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
@@ -37,7 +36,8 @@ from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
     TaskInstance,
-    move_to_device,
+    classifier_loss,
+    evaluate_classifier,
     register_download,
     register_task,
     resolve_data_dir,
@@ -232,36 +232,6 @@ def majority_accuracy(train_labels: np.ndarray, val_labels: np.ndarray) -> float
     return float(np.mean(val_labels == majority))
 
 
-# -- loss and evaluation -----------------------------------------------------------------------
-
-
-def cross_entropy_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the classifier on a batch ``(images, labels)``."""
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
-
-
-def evaluate_classifier(model: nn.Module, loader) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over every example of the loader."""
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                images, labels = move_to_device(batch, device)
-                logits = model(images)
-                total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == labels).sum())
-                count += labels.numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate: the loader yielded no examples")
-    return {"accuracy": correct / count, "loss": total_loss / count}
-
-
 # -- the task ----------------------------------------------------------------------------------
 
 
@@ -289,7 +259,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
         model=model,
         train=ImageDataset(train_x, train_y, mean, std, crop_padding=config["crop_padding"], hflip=config["hflip"]),
         val=ImageDataset(val_x, val_y, mean, std),
-        loss_fn=cross_entropy_loss,
+        loss_fn=classifier_loss,
         evaluate=evaluate_classifier,
         data_source=source,
         reference={"majority_accuracy": majority_accuracy(train_y, val_y)},

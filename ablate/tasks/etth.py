@@ -48,7 +48,7 @@ from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
     TaskInstance,
-    move_to_device,
+    evaluate_sums,
     register_download,
     register_task,
     resolve_data_dir,
@@ -327,25 +327,16 @@ def mse_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torc
     return F.mse_loss(model(inputs), target)
 
 
+def _forecast_sums(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, int]:
+    inputs, target = batch
+    error = model(inputs) - target
+    return {"squared": error.pow(2).sum(), "absolute": error.abs().sum()}, error.numel()
+
+
 def evaluate_forecast(model: nn.Module, loader) -> dict[str, float]:
     """MSE and MAE over every window of the loader (sums over examples / count)."""
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    squared, absolute, count = 0.0, 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                inputs, target = move_to_device(batch, device)
-                error = model(inputs) - target
-                squared += float(error.pow(2).sum())
-                absolute += float(error.abs().sum())
-                count += error.numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate: the loader yielded no examples")
-    return {"mse": squared / count, "mae": absolute / count}
+    totals, count = evaluate_sums(model, loader, _forecast_sums)
+    return {"mse": totals["squared"] / count, "mae": totals["absolute"] / count}
 
 
 # -- the task ----------------------------------------------------------------------------------

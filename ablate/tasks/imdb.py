@@ -41,12 +41,11 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ablate.tasks.base import Download, TaskInstance, move_to_device, register_download, register_task, resolve_data_dir
+from ablate.tasks.base import Download, TaskInstance, register_download, register_task, resolve_data_dir
+from ablate.tasks.base import classifier_loss, evaluate_classifier  # shared with cifar10
 from ablate.tasks.models_text import BiLSTMClassifier
-from ablate.tasks.text import PAD_ID, Vocab, dataset_error, evaluating, model_device, tokenize
+from ablate.tasks.text import PAD_ID, Vocab, dataset_error, tokenize
 
 TASK = "imdb"
 SUBDIR = "imdb"
@@ -279,28 +278,8 @@ def embedded_splits() -> dict[str, list[Review]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Loss, evaluation, task
+# The task (loss and evaluation: the classifier helpers of ablate.tasks.base, shared with cifar10)
 # --------------------------------------------------------------------------------------------
-
-
-def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the class logits."""
-    ids, labels = batch
-    return F.cross_entropy(model(ids), labels)
-
-
-def evaluate(model: nn.Module, loader) -> dict[str, float]:
-    """Accuracy and mean cross-entropy over every review of the split."""
-    correct, total, count = 0, 0.0, 0
-    device = model_device(model)
-    with evaluating(model):
-        for batch in loader:
-            ids, labels = move_to_device(batch, device)
-            logits = model(ids)
-            total += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += int((logits.argmax(1) == labels).sum())
-            count += len(labels)
-    return {"accuracy": correct / count, "loss": total / count}
 
 
 @register_task(
@@ -338,8 +317,8 @@ def imdb(config: dict) -> TaskInstance:
         train=splits["train"],
         val=splits["val"],
         test=splits.get("test"),
-        loss_fn=loss_fn,
-        evaluate=evaluate,
+        loss_fn=classifier_loss,
+        evaluate=evaluate_classifier,
         data_source=source,
         reference={"majority_accuracy": sum(y == majority for y in labels["val"]) / len(labels["val"])},
         info={

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.tasks.base import Download, TaskInstance, move_to_device, register_download, register_task, resolve_data_dir
+from ablate.tasks.base import Download, TaskInstance, evaluate_sums, register_download, register_task, resolve_data_dir
 from ablate.tasks.models_text import Seq2SeqTransformer
 from ablate.tasks.text import (
     BOS_ID,
@@ -53,6 +53,7 @@ from ablate.tasks.text import (
     dataset_error,
     evaluating,
     model_device,
+    perplexity_metrics,
     read_lines,
     tokenize,
     unigram_cross_entropy,
@@ -317,17 +318,14 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return _nll(model, batch, "mean")
 
 
+def _nll_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+    return {"loss": _nll(model, batch, "sum")}, (batch[1][:, 1:] != PAD_ID).sum()
+
+
 def evaluate(model: nn.Module, loader) -> dict[str, float]:
     """Cross-entropy over every non-padding target token of the split (``loss``) and ``ppl``."""
-    total, count = 0.0, 0
-    device = model_device(model)
-    with evaluating(model):
-        for batch in loader:
-            batch = move_to_device(batch, device)
-            total += _nll(model, batch, "sum").item()
-            count += int((batch[1][:, 1:] != PAD_ID).sum())
-    loss = total / count
-    return {"ppl": math.exp(loss), "loss": loss}
+    totals, count = evaluate_sums(model, loader, _nll_sum)
+    return perplexity_metrics(totals["loss"] / count)
 
 
 def _ngrams(tokens: list, n: int) -> Counter:
@@ -427,6 +425,6 @@ def multi30k(config: dict) -> TaskInstance:
         loss_fn=loss_fn,
         evaluate=evaluate,
         data_source=source,
-        reference={"unigram_ppl": math.exp(unigram), "unigram_loss": unigram},
+        reference=perplexity_metrics(unigram, prefix="unigram_"),
         info={"vocab_size": len(vocab), "pairs": {split: len(d) for split, d in splits.items()}},
     )

@@ -6,24 +6,25 @@
 * :func:`read_lines` - UTF-8 text files, plain or gzip-compressed, as a list of lines;
 * :func:`dataset_error` - the :class:`DatasetNotFoundError` every text task raises for a missing or
   malformed dataset (it names each expected file with its full path and how to obtain it);
-* :func:`evaluating` and :func:`model_device` - what every ``evaluate`` function needs;
-* :func:`unigram_cross_entropy` - the trivial reference of the language-modelling tasks.
+* :func:`evaluating` and :func:`model_device` - what every ``evaluate`` function needs (defined
+  in :mod:`ablate.tasks.base`, with :func:`~ablate.tasks.base.evaluate_sums`; importable from here);
+* :func:`unigram_cross_entropy` - the trivial reference of the language-modelling tasks;
+* :func:`perplexity_metrics` - ``ppl`` and ``loss`` of a mean cross-entropy (metrics and reference
+  of the language-modelling tasks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
-from torch import nn
 
-from ablate.tasks.base import DatasetNotFoundError
+from ablate.tasks.base import DatasetNotFoundError, evaluating, model_device  # noqa: F401  (re-exported)
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 #: The special tokens, in id order: every :class:`Vocab` starts with them.
@@ -120,23 +121,6 @@ def dataset_error(task: str, problem: str, expected: Iterable[Path], source: str
     )
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode without gradients; the previous training mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def unigram_cross_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
     """Mean cross-entropy (nats per token) of ``eval_ids`` under the add-one smoothed unigram
     model of ``train_ids`` over a vocabulary of ``vocab_size`` ids; ``exp`` of it is the
@@ -144,3 +128,9 @@ def unigram_cross_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab
     counts = torch.bincount(train_ids.flatten(), minlength=vocab_size).double() + 1.0
     log_probs = counts.log() - math.log(counts.sum().item())
     return float(-log_probs[eval_ids.flatten()].mean())
+
+
+def perplexity_metrics(loss: float, prefix: str = "") -> dict[str, float]:
+    """``{prefix}ppl = exp(loss)`` and ``{prefix}loss`` for a mean cross-entropy ``loss`` in nats
+    per token (the metrics of the language-modelling tasks; ``prefix="unigram_"`` for their reference)."""
+    return {f"{prefix}ppl": math.exp(loss), f"{prefix}loss": loss}

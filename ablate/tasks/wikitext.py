@@ -37,16 +37,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import random
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.tasks.base import Download, TaskInstance, move_to_device, register_download, register_task, resolve_data_dir
+from ablate.tasks.base import Download, TaskInstance, evaluate_sums, register_download, register_task, resolve_data_dir
 from ablate.tasks.models_text import MiniGPT
-from ablate.tasks.text import EOS, Vocab, dataset_error, evaluating, model_device, read_lines, unigram_cross_entropy
+from ablate.tasks.text import EOS, Vocab, dataset_error, perplexity_metrics, read_lines, unigram_cross_entropy
 
 TASK = "wikitext2"
 SUBDIR = "wikitext-2"
@@ -273,18 +272,16 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+def _nll_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[dict, int]:
+    x, y = batch
+    logits = model(x)
+    return {"loss": F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")}, y.numel()
+
+
 def evaluate(model: nn.Module, loader) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the whole split (``loss``) and ``ppl = exp(loss)``."""
-    total, count = 0.0, 0
-    device = model_device(model)
-    with evaluating(model):
-        for batch in loader:
-            x, y = move_to_device(batch, device)
-            logits = model(x)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-            count += y.numel()
-    loss = total / count
-    return {"ppl": math.exp(loss), "loss": loss}
+    totals, count = evaluate_sums(model, loader, _nll_sum)
+    return perplexity_metrics(totals["loss"] / count)
 
 
 @register_task(
@@ -324,7 +321,7 @@ def wikitext2(config: dict) -> TaskInstance:
         loss_fn=loss_fn,
         evaluate=evaluate,
         data_source=source,
-        reference={"unigram_ppl": math.exp(unigram), "unigram_loss": unigram},
+        reference=perplexity_metrics(unigram, prefix="unigram_"),
         info={
             "vocab_size": len(vocab),
             "tokens": {split: len(t) for split, t in ids.items()},

@@ -1,4 +1,9 @@
-"""Constructed results directories for the statistics, report and notebook tests.
+"""Fixtures of the tests in tests/ablate.
+
+``one_thread`` (autouse) runs every test with one intra-op torch thread: the task tests' small
+models train fastest so, even on a busy machine (and the embedded budget is one core).
+
+The rest are constructed results directories for the statistics, report and notebook tests.
 
 ``report_study`` is a small paired study written with :func:`ablate.results.write_trial`:
 two tasks (etth1: mse, lower is better; imdb: accuracy, higher is better), six seeds, arms
@@ -16,8 +21,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ablate.results import write_trial
+
+# The task tests' shared assertions (assert_second_order_gradients) report like their own.
+pytest.register_assert_rewrite("tests.ablate.task_helpers")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for the test; the previous thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 SEEDS = list(range(6))
 TASKS = {"etth1": ("mse", "min"), "imdb": ("accuracy", "max")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from pathlib import Path
@@ -11,32 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ablate.config import COMMON_FIELDS
 from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks import cifar10
 from ablate.tasks.models_vision_ts import ResNet
-
-SHARED_DATA = (Path(__file__).parents[2] / ".." / "shared" / "data").resolve()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small models train fastest so, even on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_config(task: str, **overrides) -> dict:
-    """A resolved trial config, filled in the order of ``ablate.config.resolve_config``."""
-    spec = get_task(task)
-    config = {name: field.default for name, field in COMMON_FIELDS.items()}
-    config.update(spec.defaults)
-    if overrides.get("data", config["data"]) == "embedded":
-        config.update(spec.embedded_defaults)
-    config.update(task=task, **overrides)
-    return config
+from tests.ablate.task_helpers import SHARED_DATA, task_config, train_with_adamw
 
 
 def write_batch(path: Path, images: np.ndarray, labels: list[int]) -> None:
@@ -66,7 +45,7 @@ def write_cifar(root: Path, train_batches=("data_batch_1",), n: int = 6) -> dict
 
 
 def real_config(root: Path, **overrides) -> dict:
-    return make_config("cifar10", data="real", data_dir=str(root), width=4, blocks=[1, 1], **overrides)
+    return task_config("cifar10", data="real", data_dir=str(root), width=4, blocks=[1, 1], **overrides)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -210,7 +189,7 @@ def test_registration_and_download():
 @pytest.fixture(scope="module")
 def embedded_task():
     torch.manual_seed(0)
-    return get_task("cifar10").build(make_config("cifar10"))
+    return get_task("cifar10").build(task_config("cifar10"))
 
 
 def test_embedded_variant_is_a_fixed_stratified_digits_split(embedded_task):
@@ -219,25 +198,18 @@ def test_embedded_variant_is_a_fixed_stratified_digits_split(embedded_task):
     assert embedded_task.info["image_shape"] == [3, 16, 16]
     val_counts = np.bincount(embedded_task.val.labels.numpy(), minlength=10)
     assert val_counts.min() >= 35 and val_counts.max() <= 37  # stratified: about 36 per class
-    again = get_task("cifar10").build(make_config("cifar10", seed=5))
+    again = get_task("cifar10").build(task_config("cifar10", seed=5))
     assert torch.equal(again.val.images, embedded_task.val.images)
     assert embedded_task.reference["majority_accuracy"] == pytest.approx(36 / 360)
 
 
 def test_embedded_variant_trains_with_adamw():
     torch.manual_seed(0)
-    task = get_task("cifar10").build(make_config("cifar10"))
+    task = get_task("cifar10").build(task_config("cifar10"))
     loader = DataLoader(task.train, batch_size=64, shuffle=True)
     val_loader = DataLoader(task.val, batch_size=180)
     before = task.evaluate(task.model, val_loader)
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3, weight_decay=1e-2)
-    losses = []
-    for _, batch in zip(range(16), loader):
-        loss = task.loss_fn(task.model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_with_adamw(task, itertools.islice(loader, 16))
     after = task.evaluate(task.model, val_loader)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     assert after["loss"] < before["loss"] and after["accuracy"] > 2 * task.reference["majority_accuracy"]
@@ -268,7 +240,7 @@ def test_real_cifar_batches():
     root = SHARED_DATA / "cifar-10-batches-py"
     if not (root / "test_batch").is_file():
         pytest.skip(f"no CIFAR-10 batches under {root}")
-    task = get_task("cifar10").build(make_config("cifar10", data="real", data_dir=str(SHARED_DATA)))
+    task = get_task("cifar10").build(task_config("cifar10", data="real", data_dir=str(SHARED_DATA)))
     assert task.data_source == f"real:{root}"
     assert len(task.train) == 5000 * len(task.info["train_files"]) and len(task.val) == 2000
     assert 0.09 < task.reference["majority_accuracy"] < 0.12

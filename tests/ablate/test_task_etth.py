@@ -11,34 +11,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from ablate.config import COMMON_FIELDS, ConfigError
+from ablate.config import ConfigError
 from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks import etth
+from tests.ablate.task_helpers import SHARED_DATA, task_config, train_with_adamw
 
-SHARED_DATA = (Path(__file__).parents[2] / ".." / "shared" / "data").resolve()
 HEADER = "date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT"
 # Persistence on the real ETTh1, 80/20 split of the windows, seq_len 96 (measured).
 ETTH1_PERSISTENCE = {"standard": (0.0054353268, 0.0504869516), "standard_full": (0.0058514313, 0.0523838452)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these small models train fastest so, even on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_config(task: str, **overrides) -> dict:
-    """A resolved trial config, filled in the order of ``ablate.config.resolve_config``."""
-    spec = get_task(task)
-    config = {name: field.default for name, field in COMMON_FIELDS.items()}
-    config.update(spec.defaults)
-    if overrides.get("data", config["data"]) == "embedded":
-        config.update(spec.embedded_defaults)
-    config.update(task=task, **overrides)
-    return config
 
 
 def write_ett_csv(path: Path, ot: np.ndarray, header: str = HEADER) -> np.ndarray:
@@ -56,7 +36,7 @@ def write_ett_csv(path: Path, ot: np.ndarray, header: str = HEADER) -> np.ndarra
 
 
 def real_config(tmp_path: Path, **overrides) -> dict:
-    return make_config("etth1", data="real", data_dir=str(tmp_path), seq_len=4, d_model=8, n_heads=2, n_layers=1, **overrides)
+    return task_config("etth1", data="real", data_dir=str(tmp_path), seq_len=4, d_model=8, n_heads=2, n_layers=1, **overrides)
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -104,13 +84,13 @@ def test_missing_file_names_the_expected_paths_and_the_fix(tmp_path):
 def test_missing_directory_names_the_expected_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError, match=str(missing / "ETT-small" / "ETTm2.csv")):
-        get_task("ettm2").build(make_config("ettm2", data="real", data_dir=str(missing)))
+        get_task("ettm2").build(task_config("ettm2", data="real", data_dir=str(missing)))
 
 
 def test_no_data_directory_at_all(monkeypatch):
     monkeypatch.delenv("ABLATE_DATA_DIR", raising=False)
     with pytest.raises(DatasetNotFoundError, match="needs a data directory"):
-        get_task("etth1").build(make_config("etth1", data="real"))
+        get_task("etth1").build(task_config("etth1", data="real"))
 
 
 def test_too_short_file_is_reported(tmp_path):
@@ -203,7 +183,7 @@ def test_split_12_4_4_on_a_fixture_with_a_test_set(tmp_path):
 
 def test_unknown_split_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="split='70/30' is not allowed; choose one of: 80/20, 12/4/4"):
-        get_task("etth1").build(make_config("etth1", split="70/30"))
+        get_task("etth1").build(task_config("etth1", split="70/30"))
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -227,7 +207,7 @@ def test_the_four_variants_are_registered_with_the_paper_defaults():
 @pytest.fixture(scope="module")
 def embedded_task():
     torch.manual_seed(0)
-    return get_task("etth1").build(make_config("etth1"))
+    return get_task("etth1").build(task_config("etth1"))
 
 
 def test_embedded_variant_is_the_statsmodels_elnino_series(embedded_task):
@@ -236,23 +216,16 @@ def test_embedded_variant_is_the_statsmodels_elnino_series(embedded_task):
     assert (len(embedded_task.train), len(embedded_task.val)) == (566, 142)
     assert embedded_task.reference["persistence_mse"] == pytest.approx(0.26526, abs=1e-4)
     with pytest.raises(ConfigError, match="univariate"):
-        get_task("etth1").build(make_config("etth1", multivariate=True))
+        get_task("etth1").build(task_config("etth1", multivariate=True))
 
 
 def test_embedded_variant_trains_with_adamw():
     torch.manual_seed(0)
-    task = get_task("etth1").build(make_config("etth1"))
+    task = get_task("etth1").build(task_config("etth1"))
     train_loader = DataLoader(task.train, batch_size=16, shuffle=True)
     val_loader = DataLoader(task.val, batch_size=64)
     before = task.evaluate(task.model, val_loader)
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3, weight_decay=1e-2)
-    losses = []
-    for batch in train_loader:  # one epoch, 36 steps
-        loss = task.loss_fn(task.model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_with_adamw(task, train_loader)  # one epoch, 36 steps
     after = task.evaluate(task.model, val_loader)
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     assert after["mse"] < 0.8 * before["mse"]
@@ -290,7 +263,7 @@ def test_real_etth1_persistence(scaling):
     """The paper's 0.005851 is the persistence MSE with the whole-series standardisation."""
     if not (SHARED_DATA / "ETT-small" / "ETTh1.csv").is_file():
         pytest.skip(f"no real ETTh1 under {SHARED_DATA}")
-    task = get_task("etth1").build(make_config("etth1", data="real", data_dir=str(SHARED_DATA), scaling=scaling))
+    task = get_task("etth1").build(task_config("etth1", data="real", data_dir=str(SHARED_DATA), scaling=scaling))
     assert (len(task.train), len(task.val)) == (13859, 3465)
     mse, mae = ETTH1_PERSISTENCE[scaling]
     assert task.reference["persistence_mse"] == pytest.approx(mse, rel=1e-6)

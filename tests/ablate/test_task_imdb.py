@@ -1,6 +1,7 @@
 """imdb: the aclImdb tree and CSV files, the stratified split, generated reviews, the BiLSTM
 classifier, metrics and second-order gradients."""
 
+import functools
 import math
 import random
 from pathlib import Path
@@ -11,28 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from ablate.config import resolve_config
 from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks.imdb import clean, generate_reviews, read_csv, stratified_split
 from ablate.tasks.models_text import BiLSTMClassifier, reverse_padded
 from ablate.tasks.text import PAD_ID, UNK_ID, Vocab, tokenize
+from tests.ablate.task_helpers import SHARED_DATA, assert_second_order_gradients, task_config, train_with_adamw
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small models train fastest on one thread (and the embedded budget is one core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_config(**overrides):
-    """The resolved trial config, as the trial runner passes it to the factory."""
-    return resolve_config({"task": "imdb", **overrides})
-
+#: The resolved trial config of this task with the given overrides.
+make_config = functools.partial(task_config, "imdb")
 
 TINY = dict(embed_dim=8, hidden_size=8, num_layers=2)
 
@@ -242,13 +229,7 @@ def test_embedded_task_trains_with_adamw():
     probe = next(iter(loader))
     task.model.eval()
     before = task.loss_fn(task.model, probe).item()
-    task.model.train()
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    for _ in range(40):
-        loss = task.loss_fn(task.model, probe)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_with_adamw(task, [probe] * 40, config["lr"], config["weight_decay"])
     task.model.eval()
     after = task.loss_fn(task.model, probe).item()
     assert before == pytest.approx(math.log(2), abs=0.05) and after < before - 0.15
@@ -273,20 +254,15 @@ def test_second_order_gradients():
     torch.manual_seed(0)
     task = get_task("imdb").build(make_config(**TINY))
     batch = next(iter(torch.utils.data.DataLoader(task.train, batch_size=4)))
-    task.model.train()
-    params = list(task.model.parameters())
-    grads = torch.autograd.grad(task.loss_fn(task.model, batch), params, create_graph=True)
-    sum(g.pow(2).sum() for g in grads).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
-    assert sum(p.grad.abs().sum() for p in params) > 0
+    assert_second_order_gradients(task, batch)
 
 
 @pytest.mark.realdata
 def test_real_csv():
-    path = SHARED / "imdb" / "text2vec_movie_review_5000.csv"
+    path = SHARED_DATA / "imdb" / "text2vec_movie_review_5000.csv"
     if not path.is_file():
         pytest.skip("../shared/data/imdb is not available")
-    task = get_task("imdb").build(make_config(data="real", data_dir=str(SHARED), csv_file=path.name, **TINY))
+    task = get_task("imdb").build(make_config(data="real", data_dir=str(SHARED_DATA), csv_file=path.name, **TINY))
     assert task.info["reviews"] == {"train": 4000, "val": 1000}
     assert task.info["vocab_size"] == 25000 + 4
     assert task.test is None and task.data_source == f"real:{path}"

@@ -1,7 +1,9 @@
 """multi30k: raw Multi30k files, the shared vocabulary, the generated bilingual corpus, the
 Transformer encoder-decoder, token-weighted metrics and corpus BLEU."""
 
+import functools
 import gzip
+import itertools
 import math
 import random
 from pathlib import Path
@@ -11,27 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.config import resolve_config
 from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks.multi30k import TranslationPairs, bleu, collate, corpus_bleu, generate_pairs
 from ablate.tasks.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
+from tests.ablate.task_helpers import SHARED_DATA, assert_second_order_gradients, task_config, train_with_adamw
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small models train fastest on one thread (and the embedded budget is one core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_config(**overrides):
-    """The resolved trial config, as the trial runner passes it to the factory."""
-    return resolve_config({"task": "multi30k", **overrides})
-
+#: The resolved trial config of this task with the given overrides.
+make_config = functools.partial(task_config, "multi30k")
 
 TINY = dict(d_model=16, n_heads=2, n_encoder_layers=1, n_decoder_layers=1, dim_feedforward=32)
 
@@ -181,13 +169,7 @@ def test_embedded_task_trains_with_adamw():
     probe = collate([task.val[i] for i in range(32)])
     task.model.eval()
     before = task.loss_fn(task.model, probe).item()
-    task.model.train()
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    for _, batch in zip(range(15), loader):
-        loss = task.loss_fn(task.model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_with_adamw(task, itertools.islice(loader, 15), config["lr"], config["weight_decay"])
     task.model.eval()
     after = task.loss_fn(task.model, probe).item()
     assert before > 5.0 and after < before - 0.4
@@ -213,20 +195,15 @@ def test_second_order_gradients():
     torch.manual_seed(0)
     task = get_task("multi30k").build(make_config(**TINY))
     batch = collate([task.train[i] for i in range(4)])
-    task.model.train()
-    params = list(task.model.parameters())
-    grads = torch.autograd.grad(task.loss_fn(task.model, batch), params, create_graph=True)
-    sum(g.pow(2).sum() for g in grads).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
-    assert sum(p.grad.abs().sum() for p in params) > 0
+    assert_second_order_gradients(task, batch)
 
 
 @pytest.mark.realdata
 def test_real_multi30k():
-    folder = SHARED / "multi30k"
+    folder = SHARED_DATA / "multi30k"
     if not folder.is_dir():
         pytest.skip("../shared/data/multi30k is not available")
-    task = get_task("multi30k").build(make_config(data="real", data_dir=str(SHARED), **TINY))
+    task = get_task("multi30k").build(make_config(data="real", data_dir=str(SHARED_DATA), **TINY))
     assert task.info["pairs"] == {"train": 29000, "val": 1014, "test": 1000}
     assert task.info["vocab_size"] == 10000 + 4
     src, tgt = task.train[0]

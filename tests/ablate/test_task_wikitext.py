@@ -1,5 +1,7 @@
 """wikitext2: WikiText token files, blocks, the generated corpus, MiniGPT, loss and metrics."""
 
+import functools
+import itertools
 import math
 import random
 import shutil
@@ -9,26 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablate.config import resolve_config
 from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks.text import EOS_ID, UNK_ID
 from ablate.tasks.wikitext import LMBlocks, generate_corpus, lines_to_tokens
+from tests.ablate.task_helpers import SHARED_DATA, assert_second_order_gradients, task_config, train_with_adamw
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small models train fastest on one thread (and the embedded budget is one core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_config(**overrides):
-    """The resolved trial config, as the trial runner passes it to the factory."""
-    return resolve_config({"task": "wikitext2", **overrides})
+#: The resolved trial config of this task with the given overrides.
+make_config = functools.partial(task_config, "wikitext2")
 
 
 def write_wiki(root: Path, train: str, valid: str, test: str) -> Path:
@@ -144,13 +133,7 @@ def test_embedded_task_trains_with_adamw():
     task.model.eval()
     before = task.loss_fn(task.model, probe).item()
     assert before == pytest.approx(math.log(task.info["vocab_size"]), abs=0.3)  # near-uniform at init
-    task.model.train()
-    optimizer = torch.optim.AdamW(task.model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    for _, batch in zip(range(12), loader):
-        loss = task.loss_fn(task.model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_with_adamw(task, itertools.islice(loader, 12), config["lr"], config["weight_decay"])
     task.model.eval()
     after = task.loss_fn(task.model, probe).item()
     assert after < before - 0.4
@@ -180,22 +163,15 @@ def test_second_order_gradients():
     torch.manual_seed(0)
     task = get_task("wikitext2").build(make_config(block_size=16, d_model=32, n_heads=2, n_layers=1))
     batch = next(iter(torch.utils.data.DataLoader(task.train, batch_size=4)))
-    task.model.train()
-    params = [p for p in task.model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(task.loss_fn(task.model, batch), params, create_graph=True)
-    sum(g.pow(2).sum() for g in grads).backward()
-    second = [p.grad for p in params if p.grad is not None]
-    assert len(second) == len(params)
-    assert all(torch.isfinite(g).all() for g in second)
-    assert sum(g.abs().sum() for g in second) > 0
+    assert_second_order_gradients(task, batch)
 
 
 @pytest.mark.realdata
 def test_real_wikitext2_layout():
-    folder = SHARED / "wikitext-2"
+    folder = SHARED_DATA / "wikitext-2"
     if not (folder / "wiki.valid.tokens").is_file():
         pytest.skip("../shared/data/wikitext-2 is not available")
-    config = make_config(data="real", data_dir=str(SHARED))
+    config = make_config(data="real", data_dir=str(SHARED_DATA))
     if (folder / "wiki.train.tokens").is_file():
         assert get_task("wikitext2").build(config).info["vocab_size"] == 10000 + 4
         return
@@ -207,7 +183,7 @@ def test_real_wikitext2_layout():
 
 @pytest.mark.realdata
 def test_real_valid_file_through_the_real_parser(tmp_path):
-    folder = SHARED / "wikitext-2"
+    folder = SHARED_DATA / "wikitext-2"
     if not (folder / "wiki.valid.tokens").is_file() or not (folder / "wiki.test.tokens").is_file():
         pytest.skip("../shared/data/wikitext-2 is not available")
     target = tmp_path / "wikitext-2"
