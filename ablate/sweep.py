@@ -281,6 +281,8 @@ def run_study(
         check_real_data(study)
     out_dir = Path(out_root) / study.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (out_dir / store.PARTS_DIR).glob(".*.tmp"):  # a write cut off by a killed driver
+        stale.unlink(missing_ok=True)
     if study.path is not None:
         shutil.copyfile(study.path, out_dir / "study.yaml")
     finished = store.finished_trial_ids(out_dir)

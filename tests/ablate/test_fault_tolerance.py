@@ -452,6 +452,7 @@ def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path)
     trials = load_results(out_dir).trials
     assert len(trials) == 3 and trials["trial_id"].is_unique and set(trials["status"]) == {"ok"}
     assert killed_id in set(trials["trial_id"])
+    assert not list(parts.glob(".*.tmp")), "the next run removes the truncated temporary file"
     history = load_results(out_dir).history
     assert all(list(e) == [1, 2] for _, e in history.groupby("trial_id")["epoch"])
     report_command(str(out_dir), str(tmp_path / "report2"))
