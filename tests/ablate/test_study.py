@@ -144,7 +144,7 @@ def test_quick_study_is_small_and_embedded():
     assert study.arms() == ["adamw", "baseline", "grouping=original", "features=basic_plus", "objective=loss_decrease",
                             "weighting=none", "modulator_init=zero"]
     assert len(study.trials) == 5 * 3 * 7 - 3  # features=basic_plus is imdb's baseline
-    assert all(t.config["epochs"] == 3 for t in study.trials)
+    assert all(t.config["epochs"] == 4 for t in study.trials)
 
 
 def test_paper_study_covers_table_3():
