@@ -295,6 +295,9 @@ def run_study(
 
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # results are stored by the Recorder below: Ray's own per-result CSV/JSON/TensorBoard files
+    # would only cost the driver CPU time that the trials need on a small machine
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     started = init_ray(study, address, num_cpus)
     try:
         by_id = {t.trial_id: t for t in pending}
