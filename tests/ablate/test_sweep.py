@@ -19,6 +19,7 @@ import pytest
 from ablate.results import load_results
 from ablate.study import load_study
 from ablate.sweep import run_study, summary_table
+from metaadamw import FEATURES
 
 pytestmark = pytest.mark.slow
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -135,8 +136,12 @@ def test_plugin_components_are_shipped_to_ray_workers(tmp_path):
         """))
     spec = _study(study_dir, "plugged", seeds=1, ablation="features: [plugin_grad_cos]",
                   extra="plugins: [my_plugin]")
-    study = load_study(spec)
-    outcome = run_study(study, tmp_path / "results", num_cpus=2)
+    try:
+        study = load_study(spec)  # imports the plugin here too (validation needs its names)
+        outcome = run_study(study, tmp_path / "results", num_cpus=2)
+    finally:
+        FEATURES.remove("plugin_grad_cos")
+        sys.modules.pop("my_plugin", None)
     trials = load_results(outcome.out_dir).trials
     row = trials[trials["arm"] == "features=plugin_grad_cos"].iloc[0]
     assert row["status"] == "ok" and row["meta_updates"] > 0, row.get("error")
