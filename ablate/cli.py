@@ -128,8 +128,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ablate.report import report_command
 
-    path = report_command(args.results_dir, args.out)
-    print(f"report: {path}")
+    report_command(args.results_dir, args.out)  # prints its progress and the report's path
     return 0
 
 
