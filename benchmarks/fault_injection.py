@@ -39,31 +39,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
 
-import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.ablate
+from tests.ablate.fault_scenarios import OBJECT_STORE, checkpoint_epoch, done_ids, killer_script, nanval_plugin, write  # noqa: E402
 
 SCENARIOS = ("node_loss", "driver_sigkill", "divergence", "bad_inputs", "kill_during_write")
-OBJECT_STORE = 80 * 1024**2
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def _done_ids(out: Path) -> set[str]:
-    parts = out / "parts"
-    return {p.name.split(".")[0] for p in parts.glob("*.trials.parquet")} if parts.exists() else set()
 
 
 def _mid_way(out: Path) -> set[str]:
     ckpts = out / "checkpoints"
-    return ({p.stem for p in ckpts.glob("*.pt")} if ckpts.exists() else set()) - _done_ids(out)
+    return ({p.stem for p in ckpts.glob("*.pt")} if ckpts.exists() else set()) - done_ids(out)
 
 
 def _lost(out: Path, expected: int, statuses: set[str] = frozenset({"ok"}), epochs: int | None = None) -> dict:
@@ -83,12 +72,6 @@ def _lost(out: Path, expected: int, statuses: set[str] = frozenset({"ok"}), epoc
     return {"expected": expected, "recorded": int(t["trial_id"].nunique()) if len(t) else 0,
             "complete": good, "duplicates": int(duplicates), "part_files": part_files,
             "lost": max(expected - good, 0) + int(duplicates)}
-
-
-def _checkpoint_epoch(out: Path, trial_id: str) -> int:
-    import torch
-
-    return int(torch.load(out / "checkpoints" / f"{trial_id}.pt", map_location="cpu", weights_only=False)["epoch"])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -116,7 +99,7 @@ def node_loss(root: Path) -> dict:
     from ablate.sweep import run_study
 
     epochs = 6
-    spec = _write(root / "nodeloss.yaml", f"""\
+    spec = write(root / "nodeloss.yaml", f"""\
         name: nodeloss
         tasks: [etth1]
         seeds: 2
@@ -150,7 +133,7 @@ def node_loss(root: Path) -> dict:
         if driver.is_alive() and len(interrupted) >= 2:
             cluster.remove_node(workers[0])  # at once, while the newest checkpoint may be unregistered in Ray
             faults = 1
-        latest = {tid: _checkpoint_epoch(out_dir, tid) for tid in interrupted}
+        latest = {tid: checkpoint_epoch(out_dir, tid) for tid in interrupted}
         driver.join(600)
     finally:
         if ray.is_initialized():
@@ -174,7 +157,7 @@ def driver_sigkill(root: Path) -> dict:
     from ablate.results import load_results
 
     epochs = 3
-    spec = _write(root / "killed.yaml", f"""\
+    spec = write(root / "killed.yaml", f"""\
         name: killed
         tasks: [etth1]
         seeds: 2
@@ -190,7 +173,7 @@ def driver_sigkill(root: Path) -> dict:
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     try:
-        while len(_done_ids(out_dir)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        while len(done_ids(out_dir)) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         while time.monotonic() < deadline and proc.poll() is None and not _mid_way(out_dir):
             time.sleep(0.05)
@@ -211,50 +194,6 @@ def driver_sigkill(root: Path) -> dict:
             **lost, "lost": lost["lost"] + recomputed}
 
 
-NANVAL_PLUGIN = """\
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-    from torch.utils.data import TensorDataset
-
-    from ablate.tasks import TaskInstance, register_task
-
-
-    def _data(n, seed, nan_every=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 4, generator=g)
-        y = x @ torch.tensor([0.5, -1.0, 2.0, 0.3]) + 0.1 * torch.randn(n, generator=g)
-        if nan_every:
-            y[::nan_every] = float("nan")  # injected: a NaN target in about 44% of validation batches
-        return TensorDataset(x, y)
-
-
-    def loss_fn(model, batch):
-        x, y = batch
-        return F.mse_loss(model(x).squeeze(-1), y)
-
-
-    def evaluate(model, loader):
-        model.eval()
-        se, n = 0.0, 0
-        with torch.no_grad():
-            for x, y in loader:
-                ok = torch.isfinite(y)
-                se += float((model(x).squeeze(-1)[ok] - y[ok]).pow(2).sum())
-                n += int(ok.sum())
-        model.train()
-        return {"mse": se / n}
-
-
-    @register_task("fi_nanval", metrics=[("mse", "min")],
-                   defaults={"epochs": 4, "batch_size": 16, "meta_every": 4, "modulator_layers": 1, "hidden": 16})
-    def fi_nanval(config):
-        '''Regression with NaN validation targets (fault injection).'''
-        torch.manual_seed(config["seed"])
-        model = nn.Sequential(nn.Linear(4, config["hidden"]), nn.ReLU(), nn.Linear(config["hidden"], 1))
-        return TaskInstance(name="fi_nanval", model=model, train=_data(256, 1), val=_data(64, 2, nan_every=21),
-                            loss_fn=loss_fn, evaluate=evaluate, data_source="embedded:synthetic-nanval")
-    """
 
 
 def divergence(root: Path) -> dict:
@@ -266,8 +205,8 @@ def divergence(root: Path) -> dict:
     from ablate.sweep import run_study
 
     study_dir = root / "study"
-    _write(study_dir / "fi_nanval.py", NANVAL_PLUGIN)
-    spec = _write(study_dir / "diverge.yaml", """\
+    write(study_dir / "fi_nanval.py", nanval_plugin("fi_nanval"))
+    spec = write(study_dir / "diverge.yaml", """\
         name: diverge
         tasks: [fi_nanval]
         seeds: 1
@@ -319,12 +258,12 @@ def bad_inputs(root: Path) -> dict:
         "missing_data_dir": base + f"data: real\ndata_dir: {missing}\n",
         "broken_plugin": base + "plugins: [fi_broken_plugin]\n",
     }
-    _write(root / "fi_broken_plugin.py", "import fi_no_such_dependency\n")
+    write(root / "fi_broken_plugin.py", "import fi_no_such_dependency\n")
     # ray.init replaced by an exit with code 99: a study that got as far as starting Ray shows it
     wrapper = "import sys, ray; ray.init = lambda *a, **k: sys.exit(99); from ablate.cli import main; sys.exit(main(sys.argv[1:]))"
     details = {}
     for name, text in cases.items():
-        spec = _write(root / f"{name}.yaml", text)
+        spec = write(root / f"{name}.yaml", text)
         out = root / f"results-{name}"
         r = subprocess.run([sys.executable, "-c", wrapper, "run", str(spec), "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
@@ -336,41 +275,13 @@ def bad_inputs(root: Path) -> dict:
             "lost": len(cases) - refused}
 
 
-KILLER = """\
-    import io, os, sys
-    from pathlib import Path
-    import pandas as pd
-
-    KILL_AT = int(os.environ["FI_KILL_AT"])
-    original = pd.DataFrame.to_parquet
-    seen = [0]
-
-    def to_parquet(self, path, *args, **kwargs):
-        p = Path(str(path))
-        if p.parent.name == "parts" and ".trials.parquet." in p.name:
-            seen[0] += 1
-            if seen[0] == KILL_AT:
-                buf = io.BytesIO()
-                original(self, buf, *args, **kwargs)
-                data = buf.getvalue()
-                with open(p, "wb") as f:
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                os._exit(137)
-        return original(self, path, *args, **kwargs)
-
-    pd.DataFrame.to_parquet = to_parquet
-    from ablate.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
 
 
 def kill_during_write(root: Path) -> dict:
     from ablate.report import report_command
     from ablate.results import load_results
 
-    spec = _write(root / "killwrite.yaml", """\
+    spec = write(root / "killwrite.yaml", """\
         name: killwrite
         tasks: [etth1]
         seeds: 1
@@ -379,7 +290,7 @@ def kill_during_write(root: Path) -> dict:
         ablations:
           objective: [loss_decrease]
         """)
-    killer = _write(root / "killer.py", KILLER)
+    killer = write(root / "killer.py", killer_script("FI_KILL_AT"))
     out = root / "results"
     out_dir = out / "killwrite"
     args = ["run", str(spec), "--out", str(out), "--max-concurrent", "1"]

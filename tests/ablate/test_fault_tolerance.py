@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -37,31 +36,16 @@ import torch
 from ablate.results import PARTS_DIR, finished_trial_ids, load_results, write_trial
 from ablate.study import load_study
 from ablate.sweep import run_study
+from tests.ablate.fault_scenarios import OBJECT_STORE, checkpoint_epoch, done_ids, killer_script, nanval_plugin, write
 
 pytestmark = pytest.mark.slow
 
-OBJECT_STORE = 80 * 1024**2  # per node; Ray's minimum is 75 MiB
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def _done_ids(out: Path) -> set[str]:
-    parts = out / PARTS_DIR
-    return {p.name.split(".")[0] for p in parts.glob("*.trials.parquet")} if parts.exists() else set()
 
 
 def _unfinished_with_checkpoint(out: Path) -> set[str]:
     """Trials that have a per-epoch checkpoint but no result yet (they are mid-way)."""
     ckpts = out / "checkpoints"
-    return ({p.stem for p in ckpts.glob("*.pt")} if ckpts.exists() else set()) - _done_ids(out)
-
-
-def _checkpoint_epoch(out: Path, trial_id: str) -> int:
-    return int(torch.load(out / "checkpoints" / f"{trial_id}.pt", map_location="cpu", weights_only=False)["epoch"])
+    return ({p.stem for p in ckpts.glob("*.pt")} if ckpts.exists() else set()) - done_ids(out)
 
 
 def _assert_complete(out: Path, n_trials: int, epochs: int | None = None) -> pd.DataFrame:
@@ -105,7 +89,7 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
     from ray.cluster_utils import Cluster
 
     epochs = 6
-    spec = _write(tmp_path / "nodeloss.yaml", f"""\
+    spec = write(tmp_path / "nodeloss.yaml", f"""\
         name: nodeloss
         tasks: [etth1]
         seeds: 2
@@ -141,7 +125,7 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
         # registered with Ray yet (Ray does so in a save() call after the report)
         cluster.remove_node(workers[0])  # kills that node's raylet and the trial running on it
         # the killed trial's newest checkpoint (its retry waits for the other node's CPU)
-        latest = {tid: _checkpoint_epoch(out_dir, tid) for tid in interrupted}
+        latest = {tid: checkpoint_epoch(out_dir, tid) for tid in interrupted}
         driver.join(600)
         assert not driver.is_alive(), "the study did not finish after the node loss"
     finally:
@@ -162,61 +146,14 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
 # ---------------------------------------------------------------------------------------------
 # 2. non-finite meta-updates and a diverging model
 
-NANVAL_PLUGIN = """\
-    '''A tiny regression task whose validation split has a NaN target every 21st example: a
-    meta-update's validation batch then often holds one (a non-finite meta-objective), while
-    the evaluation skips them (the metrics stay finite).'''
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-    from torch.utils.data import TensorDataset
-
-    from ablate.tasks import TaskInstance, register_task
-
-
-    def _data(n, seed, nan_every=0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 4, generator=g)
-        y = x @ torch.tensor([0.5, -1.0, 2.0, 0.3]) + 0.1 * torch.randn(n, generator=g)
-        if nan_every:
-            y[::nan_every] = float("nan")
-        return TensorDataset(x, y)
-
-
-    def loss_fn(model, batch):
-        x, y = batch
-        return F.mse_loss(model(x).squeeze(-1), y)
-
-
-    def evaluate(model, loader):
-        model.eval()
-        se, n = 0.0, 0
-        with torch.no_grad():
-            for x, y in loader:
-                ok = torch.isfinite(y)
-                se += float((model(x).squeeze(-1)[ok] - y[ok]).pow(2).sum())
-                n += int(ok.sum())
-        model.train()
-        return {"mse": se / n}
-
-
-    @register_task("ft_nanval", metrics=[("mse", "min")],
-                   defaults={"epochs": 4, "batch_size": 16, "meta_every": 4, "modulator_layers": 1, "hidden": 16})
-    def ft_nanval(config):
-        '''Regression with NaN validation targets (fault-tolerance tests).'''
-        torch.manual_seed(config["seed"])
-        model = nn.Sequential(nn.Linear(4, config["hidden"]), nn.ReLU(), nn.Linear(config["hidden"], 1))
-        return TaskInstance(name="ft_nanval", model=model, train=_data(256, 1), val=_data(64, 2, nan_every=21),
-                            loss_fn=loss_fn, evaluate=evaluate, data_source="embedded:synthetic-nanval")
-    """
 
 
 def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop_the_study(tmp_path):
     study_dir = tmp_path / "study"
-    _write(study_dir / "ft_nanval.py", NANVAL_PLUGIN)
+    write(study_dir / "ft_nanval.py", nanval_plugin("ft_nanval"))
     # lr=300 with weight decay 1e-2: every AdamW step multiplies the weights by 1 - 300 * 1e-2 = -2,
     # so the loss overflows in the second epoch; lr=1000 overflows in the first.
-    spec = _write(study_dir / "diverge.yaml", """\
+    spec = write(study_dir / "diverge.yaml", """\
         name: diverge
         tasks: [ft_nanval]
         seeds: 1
@@ -295,8 +232,8 @@ BAD_INPUTS = {
 def _bad_study(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     text, expected = BAD_INPUTS[case]
     missing = str(tmp_path / "no-such-data")
-    spec = _write(tmp_path / "study" / f"{case}.yaml", text.replace("{missing}", missing))
-    _write(tmp_path / "study" / "ft_broken_plugin.py", "import ft_no_such_dependency\n")
+    spec = write(tmp_path / "study" / f"{case}.yaml", text.replace("{missing}", missing))
+    write(tmp_path / "study" / "ft_broken_plugin.py", "import ft_no_such_dependency\n")
     return spec, [e.replace("{missing}", missing) for e in expected]
 
 
@@ -372,40 +309,12 @@ def test_a_part_write_that_fails_half_way_leaves_the_results_intact(tmp_path, re
     pd.testing.assert_frame_equal(after.history, before.history)
 
 
-KILLER = """\
-    import io, os, sys
-    from pathlib import Path
-    import pandas as pd
-
-    KILL_AT = int(os.environ["FT_KILL_AT"])
-    original = pd.DataFrame.to_parquet
-    seen = [0]
-
-    def to_parquet(self, path, *args, **kwargs):
-        p = Path(str(path))
-        if p.parent.name == "parts" and ".trials.parquet." in p.name:
-            seen[0] += 1
-            if seen[0] == KILL_AT:  # the driver dies half-way through this trial's row
-                buf = io.BytesIO()
-                original(self, buf, *args, **kwargs)
-                data = buf.getvalue()
-                with open(p, "wb") as f:
-                    f.write(data[: len(data) // 2])
-                    f.flush()
-                    os.fsync(f.fileno())
-                os._exit(137)
-        return original(self, path, *args, **kwargs)
-
-    pd.DataFrame.to_parquet = to_parquet
-    from ablate.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
 
 
 def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path):
     from ablate.report import report_command
 
-    spec = _write(tmp_path / "killwrite.yaml", """\
+    spec = write(tmp_path / "killwrite.yaml", """\
         name: killwrite
         tasks: [etth1]
         seeds: 1
@@ -414,7 +323,7 @@ def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path)
         ablations:
           objective: [loss_decrease]
         """)
-    killer = _write(tmp_path / "killer.py", KILLER)
+    killer = write(tmp_path / "killer.py", killer_script("FT_KILL_AT"))
     out = tmp_path / "results"
     out_dir = out / "killwrite"
     args = ["run", str(spec), "--out", str(out), "--max-concurrent", "1"]
@@ -436,7 +345,7 @@ def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path)
     with pytest.raises(Exception):
         pd.read_parquet(leftovers[0])  # truncated, as a real kill leaves it
     killed_id = leftovers[0].name.split(".")[1]
-    assert killed_id not in _done_ids(out_dir)
+    assert killed_id not in done_ids(out_dir)
 
     # the directory is usable as it is: one finished trial, the killed one absent
     res = load_results(out_dir)
