@@ -121,7 +121,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         zeros = torch.zeros(len(active), device=opt.device)
         stats, _, _ = F.single_tensor_stats(opt.modulator.extractor.required_stats, g, zeros, zeros, m_new, v_new,
                                             theta, beta1, beta2)
-        stats = _full_stats(opt, stats, active)
+        stats = opt.full_stats(stats, None if len(active) == len(params) else torch.tensor(active, device=opt.device))
         time = normalised_time(opt._time + 1, opt.total_steps)
         was_training = opt.modulator.training
         opt.modulator.train()
@@ -183,17 +183,3 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
     for p in meta_params:
         p.grad = None
     return record
-
-
-def _full_stats(opt: "MetaAdamW", stats: dict[str, Tensor], active: list[int]) -> dict[str, Tensor]:
-    """Per-tensor statistics for all N tensors: the active ones computed now, the others from the
-    last step (or zero)."""
-    n = len(opt._params)
-    if len(active) == n:
-        return stats
-    index = torch.tensor(active, device=opt.device)
-    out = {}
-    for k, v in stats.items():
-        base = opt._stats[k] if k in opt._stats else torch.zeros(n, device=opt.device)
-        out[k] = base.index_copy(0, index, v)
-    return out

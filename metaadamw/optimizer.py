@@ -280,7 +280,7 @@ class MetaAdamW(torch.optim.Optimizer):
         refresh = self._multipliers is None or (self.global_step - 1) % self.refresh_every == 0
         moments = F.foreach_moments if self.foreach else F.single_tensor_moments
         if refresh and self.foreach and not self._carry_valid:
-            self._recompute_carry(plan)
+            self._recompute_carry()
         for pg, sl in plan.param_group_slices:
             group = self.param_groups[pg]
             moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], group["betas"][0], group["betas"][1])
@@ -310,13 +310,18 @@ class MetaAdamW(torch.optim.Optimizer):
             return
         carry["exp_avg_norm_sq"] = carry["exp_avg_norm_sq"].index_copy(0, idx, m_sq)
         carry["v_sum"] = carry["v_sum"].index_copy(0, idx, v_sum)
-        n = len(self._params)
-        self._stats = {
-            k: (self._stats[k] if k in self._stats else torch.zeros(n, device=self.device)).index_copy(0, idx, v)
-            for k, v in stats.items()
-        }
+        self._stats = self.full_stats(stats, idx)
 
-    def _recompute_carry(self, plan: "_Plan") -> None:
+    def full_stats(self, stats: dict[str, Tensor], index: Tensor | None) -> dict[str, Tensor]:
+        """Per-tensor statistics of all N tensors from those of the tensors at ``index`` (None: all of
+        them): the others keep their values of the last step (zero before they had one)."""
+        if index is None:
+            return stats
+        n = len(self._params)
+        return {k: (self._stats[k] if k in self._stats else torch.zeros(n, device=self.device)).index_copy(0, index, v)
+                for k, v in stats.items()}
+
+    def _recompute_carry(self) -> None:
         """||m||^2 and sum(v) directly, when the previous step did not carry them."""
         m_sq = F._vector(torch._foreach_norm(self._state_list("exp_avg"))) ** 2
         v_sum = F._vector(torch._foreach_norm(self._state_list("exp_avg_sq"), 1))
