@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import traceback

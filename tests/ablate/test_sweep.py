@@ -3,7 +3,6 @@ and joining a Ray head started with `ray start --head`."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
