@@ -2,7 +2,8 @@
 
 :class:`Trial` takes a flat trial config (see :mod:`ablate.config`), builds the task and the
 optimizer, and trains with early stopping, warm-up epochs before meta-updates, a meta-update
-every K steps, and an epoch and/or step budget. It records per-epoch history, per-meta-update
+every K steps (between the K-th step's backward pass and its ``step()``, reusing that gradient
+as the meta-update's batch-1 gradient), and an epoch and/or step budget. It records per-epoch history, per-meta-update
 telemetry and a final summary row, reports every epoch through a callback (so the same loop runs
 alone, in tests and inside Ray Tune) and can checkpoint and resume bit-identically on CPU.
 
@@ -185,14 +186,15 @@ class Trial:
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+            if meta_on and (self.step + 1) % self.meta_every == 0:
+                # before step(): the meta-update reuses this batch's gradient as its g (batch 1)
+                tm = time.perf_counter()
+                self._meta_update(meta_iters)
+                t_meta += time.perf_counter() - tm
             self.optimizer.step()
             loss_sum += loss.detach()
             n_batches += 1
             self.step += 1
-            if meta_on and self.step % self.meta_every == 0:
-                tm = time.perf_counter()
-                self._meta_update(meta_iters)
-                t_meta += time.perf_counter() - tm
             if cfg["max_steps"] and self.step >= cfg["max_steps"]:
                 self.stop_reason = "max_steps"
                 break
@@ -224,17 +226,17 @@ class Trial:
     def _meta_update(self, iters: dict[str, Iterator]) -> None:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            b1 = move_to_device(self._next(iters, "meta_train"), self.device)
             b2 = move_to_device(self._next(iters, "meta_train"), self.device)
             val = move_to_device(self._next(iters, "meta_val"), self.device)
-            record = self.optimizer.meta_step(self.model, self.task.loss_fn, b1, b2, val)
+            # batch 1 is the training batch just back-propagated: its gradient is in .grad
+            record = self.optimizer.meta_step(self.model, self.task.loss_fn, None, b2, val)
         index = len(self._meta_records)
         scalars = {"meta_loss": record.meta_loss, "skipped": record.skipped,
                    **{f"term_{k}": v for k, v in record.terms.items()},
                    **{f"sigma_{k}": record.sigmas.get(k, math.nan) for k in record.terms}}
         for g, name in enumerate(record.groups):
             self.telemetry.append({
-                "meta_update": index, "step": self.step, "epoch": self.epoch, "group": name, "group_index": g,
+                "meta_update": index, "step": self.step + 1, "epoch": self.epoch, "group": name, "group_index": g,
                 "alpha": record.alpha[g], "beta": record.beta[g], "lambda1": record.lambda1[g],
                 "lambda2": record.lambda2[g], **scalars,
             })

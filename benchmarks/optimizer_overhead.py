@@ -14,7 +14,8 @@
    MetaAdamW's extra time per tensor.
 3. One meta-update ``meta_step(model, loss_fn, b1, b2, val)`` against one training step
    ``zero_grad(); loss_fn(model, b).backward(); AdamW.step()`` (MLP: batch 64; MiniGPT: 16 x 128
-   tokens; ResNet-18: 32 x 3x32x32).
+   tokens; ResNet-18: 32 x 3x32x32), with the default finite-difference meta-gradient; the same
+   meta-update with ``meta_gradient="exact"`` (double backward) is printed beside it.
 4. Peak live tensor memory of the meta-update against the training step (``memory.py``), both
    counting the parameters, gradients, buffers and optimizer state alive during the call.
 5. Where the time goes: a timer breakdown of MetaAdamW.step() (moments / norms and statistics /
@@ -253,6 +254,20 @@ class MetaSetup:
         rec = self.meta_opt.meta_step(self.model, loss_fn or self.loss_fn, self.b1, self.b2, self.val)
         self.skipped += int(rec.skipped)
 
+    def reuse_meta_step(self) -> None:
+        """``meta_step(model, loss_fn, None, b2, val)``: g from the .grad of the training step's backward
+        pass (as ablate's trials call it), one forward and backward pass fewer."""
+        rec = self.meta_opt.meta_step(self.model, self.loss_fn, None, self.b2, self.val)
+        self.skipped += int(rec.skipped)
+
+    def exact_meta_step(self) -> None:
+        """The same meta-update with ``meta_gradient='exact'`` (double backward), for comparison."""
+        default, self.meta_opt.meta_gradient = self.meta_opt.meta_gradient, "exact"
+        try:
+            self.meta_step()
+        finally:
+            self.meta_opt.meta_gradient = default
+
     def train_step(self) -> None:
         self.adamw.zero_grad()
         self.loss_fn(self.twin, self.batch).backward()
@@ -271,8 +286,12 @@ def bench_meta(rounds: dict[str, int], warmup: bool) -> dict[str, dict[str, floa
         s = MetaSetup(name)
         if warmup:
             s.meta_step()
-        t = interleaved({"meta_step": s.meta_step, "train_step": s.train_step}, rounds[name])
+            s.exact_meta_step()
+        t = interleaved({"meta_step": s.meta_step, "train_step": s.train_step, "exact": s.exact_meta_step,
+                         "reuse": s.reuse_meta_step}, rounds[name])
         out[name] = {"meta_ms": med(t["meta_step"]) * 1e3, "train_ms": med(t["train_step"]) * 1e3,
+                     "exact_ratio": med(t["exact"]) / med(t["train_step"]),
+                     "reuse_ratio": med(t["reuse"]) / med(t["train_step"]),
                      "meta_faults": med(FAULTS["meta_step"]), "train_faults": med(FAULTS["train_step"]),
                      "ratio": med(t["meta_step"]) / med(t["train_step"]), "rounds": rounds[name],
                      "skipped": s.skipped}
@@ -331,9 +350,10 @@ def step_breakdown(name: str, steps: int) -> dict[str, float]:
     step() calls), with the AdamW step interleaved for reference."""
     meta, ref, _, _ = step_pair(name)
     tm = Timers()
-    saved = {k: getattr(MF, k) for k in ("foreach_moments", "foreach_stats", "foreach_update")}
+    saved = {k: getattr(MF, k) for k in ("foreach_moments_and_norms", "foreach_stats", "foreach_update")}
     mod = meta.modulator
-    labels = {"foreach_moments": "moments (lerp, mul, addcmul)", "foreach_stats": "norms + statistics",
+    labels = {"foreach_moments_and_norms": "moments + norms (lerp, mul, addcmul, norm)",
+              "foreach_stats": "statistics from the norms",
               "foreach_update": "update (sqrt, scale, addcdiv)"}
     per_step: dict[str, list[float]] = {}
     try:
@@ -366,22 +386,25 @@ def step_breakdown(name: str, steps: int) -> dict[str, float]:
 
 
 def meta_breakdown(name: str, reps: int) -> dict[str, float]:
-    """Median ms of each phase of meta_step(): the four loss evaluations, the three
-    torch.autograd.grad calls, the modulator and the rest."""
+    """Median ms of each phase of meta_step() (default finite-difference meta-gradient): the five
+    loss evaluations, the torch.autograd.grad calls, the modulator and the rest."""
     s = MetaSetup(name)
     tm = Timers()
-    loss_labels = ["fwd L(theta; b1)", "fwd L(theta'; b2) (graph)", "fwd L(theta'; val)", "fwd L(theta; val) (no grad)"]
-    grad_labels = ["grad g = dL/dtheta", "grad g' (create_graph)", "meta-grad (backward through g')"]
+    loss_labels = ["fwd L(theta; b1)", "fwd L(theta'; b2)", "fwd L(theta'; val)", "fwd L(theta; val) (no grad)",
+                   "fwd L(theta' + eps v; b2) (finite difference)"]
+    grad_labels = ["grad g = dL/dtheta", "grad g' = dL(theta'; b2)", "grad dL(theta'; val)",
+                   "grad of the meta-loss (objective, weighting, modulator)", "grad at theta' + eps v",
+                   "grad through theta' to alpha and beta", "grad through the modulator's encoder"]
     real_grad = torch.autograd.grad
     counters = {"loss": 0, "grad": 0}
 
     def loss_fn(model, batch):
-        label = loss_labels[min(counters["loss"], 3)]
+        label = loss_labels[min(counters["loss"], len(loss_labels) - 1)]
         counters["loss"] += 1
         return tm.wrap(label, s.loss_fn)(model, batch)
 
     def grad(*args, **kwargs):
-        label = grad_labels[min(counters["grad"], 2)]
+        label = grad_labels[min(counters["grad"], len(grad_labels) - 1)]
         counters["grad"] += 1
         return tm.wrap(label, real_grad)(*args, **kwargs)
 
@@ -440,6 +463,8 @@ def torch_profiles(row_limit: int = 15) -> None:
 
 
 def verdict(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return "(no target)"
     return f"<= {TARGETS[key]:g}  {'PASS' if value <= TARGETS[key] else 'MISS'}"
 
 
@@ -491,6 +516,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "meta_vs_train_step_mlp10": metas["mlp10"]["ratio"],
         "meta_vs_train_step_minigpt": metas["minigpt"]["ratio"],
         "meta_vs_train_step_resnet18": metas["resnet18"]["ratio"],
+        **{f"meta_vs_train_step_reuse_{n}": metas[n]["reuse_ratio"] for n in STEP_MODELS},
+        **{f"meta_vs_train_step_exact_{n}": metas[n]["exact_ratio"] for n in STEP_MODELS},
         "meta_peak_memory_ratio_minigpt": mem["minigpt"]["ratio"],
         "meta_peak_memory_ratio_resnet18": mem["resnet18"]["ratio"],
         "meta_peak_memory_ratio_mlp10": mem["mlp10"]["ratio"],
@@ -528,12 +555,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"(intercept difference): {per_tensor['extra_us_fixed']:.0f} us")
 
     print("\n3. meta-update vs one training step (forward + backward + AdamW step)")
-    print(f"{'model':<10}{'meta_step ms':>14}{'train step ms':>15}{'ratio':>8}{'rounds':>8}{'faults':>14}   target")
+    print(f"{'model':<10}{'meta_step ms':>14}{'train step ms':>15}{'ratio':>8}{'rounds':>8}{'faults':>14}   target"
+          f"{'exact ratio':>20}{'reuse ratio':>13}")
     for name in STEP_MODELS:
         r = metas[name]
         print(f"{name:<10}{r['meta_ms']:>14.1f}{r['train_ms']:>15.1f}{r['ratio']:>8.2f}{r['rounds']:>8}"
               f"{r['meta_faults']:>8.0f}/{r['train_faults']:<5.0f}   "
-              f"{verdict('meta_vs_train_step_' + name, r['ratio'])}" + (f"  ({r['skipped']} skipped)" if r["skipped"] else ""))
+              f"{verdict('meta_vs_train_step_' + name, r['ratio'])}{r['exact_ratio']:>12.2f}{r['reuse_ratio']:>13.2f}"
+              + (f"  ({r['skipped']} skipped)" if r["skipped"] else ""))
+    print("   (meta_gradient='finite_difference', the default; 'exact ratio': the same meta-update with "
+          "meta_gradient='exact', double backward;\n    'reuse ratio': meta_step(model, loss_fn, None, b2, val) taking "
+          "g from the training step's .grad, as ablate's trials run it; both for information)")
 
     print("\n4. peak live tensor memory (MB; baseline = params + grads + buffers + optimizer state at entry)")
     st = self_test
@@ -555,7 +587,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if breakdowns:
         print("\n5a. where MetaAdamW.step() time goes (median us per step; timers around the functions step() calls)")
-        keys = ["moments (lerp, mul, addcmul)", "norms + statistics", "feature extractor", "encoder + head",
+        keys = ["moments + norms (lerp, mul, addcmul, norm)", "statistics from the norms", "feature extractor",
+                "encoder + head",
                 "update (sqrt, scale, addcdiv)", "Python rest (plan, buckets, bookkeeping)", "MetaAdamW step total",
                 "AdamW step total"]
         print(f"{'part':<44}" + "".join(f"{n:>12}" for n in breakdowns))

@@ -11,7 +11,11 @@ and no extra pass for the multipliers:
 * the second-moment norm ``sqrt(sum v)`` is carried by ``sum v_t = b2 sum v_{t-1} + (1 - b2) ||g||^2``;
 * alpha and beta are folded into the scalars of the foreach ops AdamW runs anyway, as
   per-bucket 0-dim tensors (a bucket = the tensors that share param_group, modulator group and
-  step count), so ``step()`` never reads a value back to the host.
+  step count), so ``step()`` never reads a value back to the host;
+* on the CPU the tensors are processed in runs of about :data:`CPU_CHUNK_NUMEL` elements
+  (cache blocking): each run's moments, norms and update passes find their operands still in
+  cache, where one foreach pass over every tensor streams the whole model through memory once
+  per op. The norms are taken right after the moment update, while g and m are cached.
 
 The update, for a tensor p of group g with bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t:
 
@@ -27,6 +31,95 @@ import math
 
 import torch
 from torch import Tensor
+
+
+#: elements per run of tensors on the CPU (cache blocking). 2^17 float32 = 512 KiB per tensor
+#: list, so a run's parameters, moments and temporaries fit in a core's L2 / its share of L3.
+#: Larger tensors are cut into flat views of this size.
+CPU_CHUNK_NUMEL = 2**17
+
+
+def chunk_slices(numels: list[int], start: int, stop: int, limit: int | None) -> list[slice]:
+    """Split positions ``start:stop`` into consecutive runs of at most ``limit`` elements (each run
+    holds at least one tensor); ``limit=None`` gives one run."""
+    if limit is None:
+        return [slice(start, stop)]
+    out, begin, size = [], start, 0
+    for i in range(start, stop):
+        if size and size + numels[i] > limit:
+            out.append(slice(begin, i))
+            begin, size = i, 0
+        size += numels[i]
+    if begin < stop:
+        out.append(slice(begin, stop))
+    return out
+
+
+def can_split(*tensors: Tensor) -> bool:
+    """Whether these same-shape tensors can be cut into matching flat views (all contiguous)."""
+    return all(t.is_contiguous() for t in tensors)
+
+
+def split_views(t: Tensor, limit: int) -> list[Tensor]:
+    """Flat views of at most ``limit`` elements covering ``t`` (a copy when ``t`` is not contiguous,
+    which is only ever done for read-only gradients)."""
+    return list(t.reshape(-1).split(limit))
+
+
+class Blocking:
+    """Cache blocking of N tensors on the CPU: tensors of more than ``limit`` elements (with
+    contiguous parameter and moments) are cut into flat views ("pieces"), and the pieces are
+    grouped into runs of about ``limit`` elements within each param_group. Reductions over
+    pieces (norms) are combined back per tensor with :meth:`combine_norms`.
+
+    The views of parameters and moments are made once; the gradients' each step
+    (:meth:`pieces`). :meth:`valid` says whether the cut tensors still own the storage the views
+    were made of (``p.data = ...`` replaces it)."""
+
+    def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 slices: list[tuple[int, slice]], limit: int):
+        self.limit = limit
+        self.split = [k for k, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs))
+                      if p.numel() > limit and can_split(p, m, v)]
+        self._split_set = frozenset(self.split)
+        self._ptrs = [(t, t.data_ptr()) for k in self.split for t in (params[k], exp_avgs[k], exp_avg_sqs[k])]
+        self.params, self.exp_avgs, self.exp_avg_sqs = (self.pieces(x) for x in (params, exp_avgs, exp_avg_sqs))
+        owner = [k for k, p in enumerate(params) for _ in range(self._count(k, p))]
+        self.owner = torch.tensor(owner, device=params[0].device) if self.split else None
+        self.n = len(params)
+        starts = [0]
+        for k, p in enumerate(params):
+            starts.append(starts[-1] + self._count(k, p))
+        numels = [p.numel() for p in self.params]
+        #: (param_group, slice of pieces) in order
+        self.runs = [(pg, run) for pg, sl in slices
+                     for run in chunk_slices(numels, starts[sl.start], starts[sl.stop], limit)]
+
+    def _count(self, k: int, t: Tensor) -> int:
+        return -(-t.numel() // self.limit) if k in self._split_set else 1
+
+    def pieces(self, tensors: list[Tensor]) -> list[Tensor]:
+        if not self.split:
+            return tensors
+        out: list[Tensor] = []
+        for k, t in enumerate(tensors):
+            if k in self._split_set:
+                out += split_views(t, self.limit)
+            else:
+                out.append(t)
+        return out
+
+    def valid(self) -> bool:
+        return all(t.data_ptr() == ptr for t, ptr in self._ptrs)
+
+    def combine_norms(self, piece_norms: Tensor, blocks: int) -> Tensor:
+        """Per-piece norms of ``blocks`` consecutive lists (each over all pieces) -> per-tensor norms."""
+        if self.owner is None:
+            return piece_norms
+        p = self.owner.numel()
+        index = torch.cat([self.owner + b * self.n for b in range(blocks)]) if blocks > 1 else self.owner
+        sq = piece_norms[:blocks * p].square()
+        return torch.zeros(blocks * self.n, dtype=sq.dtype, device=sq.device).index_add_(0, index, sq).sqrt_()
 
 
 @dataclasses.dataclass
@@ -45,6 +138,21 @@ class Bucket:
     beta2: float
     step: int  # AdamW step count after this step's increment
     param_group: int = 0
+    runs: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = dataclasses.field(default_factory=list)
+
+    def split(self, limit: int | None) -> None:
+        """Cut the bucket into runs ``(params, exp_avgs, exp_avg_sqs)`` of about ``limit`` elements
+        for cache blocking (larger contiguous tensors as flat views); None: one run."""
+        if limit is None:
+            self.runs = [(self.params, self.exp_avgs, self.exp_avg_sqs)]
+            return
+        pieces: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+        for trio in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
+            cut = trio[0].numel() > limit and can_split(*trio)
+            for out, t in zip(pieces, trio):
+                out.extend(split_views(t, limit) if cut else [t])
+        numels = [t.numel() for t in pieces[0]]
+        self.runs = [tuple(x[sl] for x in pieces) for sl in chunk_slices(numels, 0, len(numels), limit)]
 
     @property
     def bias_correction1(self) -> float:
@@ -71,6 +179,28 @@ def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: li
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+
+def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: list[Tensor], exp_avgs: list[Tensor],
+                              exp_avg_sqs: list[Tensor], params: list[Tensor] | None,
+                              norms: bool) -> Tensor | None:
+    """The moment update run by run (``(positions, beta1, beta2)``), each run followed, when
+    ``norms``, by the norms of its g, new m and (unless ``params`` is None) parameters while they
+    are in cache. Returns the float32 vector ``[||g_i||..., ||m_i||..., ||p_i||...]`` (over the
+    given tensors or pieces) or None."""
+    g_out: list[Tensor] = []
+    m_out: list[Tensor] = []
+    p_out: list[Tensor] = []
+    for sl, beta1, beta2 in runs:
+        g, m = grads[sl], exp_avgs[sl]
+        foreach_moments(g, m, exp_avg_sqs[sl], beta1, beta2)
+        if norms:
+            k = len(g)
+            out = torch._foreach_norm(g + m + (params[sl] if params is not None else []))
+            g_out += out[:k]
+            m_out += out[k:2 * k]
+            p_out += out[2 * k:]
+    return _vector(g_out + m_out + p_out) if norms else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,14 +245,16 @@ def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_o
 
 def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
                   exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, params: list[Tensor],
-                  beta1: Tensor, beta2: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Statistics from one foreach norm call (gradient, first moment, parameter) and two carried vectors.
+                  beta1: Tensor, beta2: Tensor, norms: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Statistics from the norms of gradient, first moment and parameter and two carried vectors.
 
     Args:
         m_norm_sq_old: ||m_{t-1}||^2 per tensor (carried from the previous step).
         v_sum_old: sum(v_{t-1}) per tensor (carried).
         exp_avgs: first moments after this step's update.
         beta1, beta2: per-tensor decay rates (vectors).
+        norms: ``[||g||, ||m||, ||p|| (when param_norm is needed)]`` already computed (see
+            :func:`foreach_moments_and_norms`); None computes them here in one foreach call.
 
     Returns:
         (stats, m_norm_sq, v_sum): the statistics and the new carried vectors.
@@ -130,7 +262,8 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     out: dict[str, Tensor] = {}
     n = len(grads)
     with_params = "param_norm" in needed
-    norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if with_params else [])))  # one call
+    if norms is None:
+        norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if with_params else [])))  # one call
     g_norm, m_norm = norms[:n], norms[n:2 * n]
     g_sq, m_sq = g_norm * g_norm, m_norm * m_norm
     v_sum = beta2 * v_sum_old + (1 - beta2) * g_sq
@@ -193,8 +326,10 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
     scale = -1 / (host[:, 2] * host[:, 1] * a)
     scalars = torch.stack([decay, scale]).unbind(1)
     for b, (d, c) in zip(buckets, scalars):
-        denom = torch._foreach_sqrt(b.exp_avg_sqs)
-        torch._foreach_add_(denom, b.eps * math.sqrt(b.bias_correction2))
-        torch._foreach_mul_(denom, c)
-        torch._foreach_mul_(b.params, d)
-        torch._foreach_addcdiv_(b.params, b.exp_avgs, denom)
+        eps = b.eps * math.sqrt(b.bias_correction2)
+        for params, exp_avgs, exp_avg_sqs in b.runs or [(b.params, b.exp_avgs, b.exp_avg_sqs)]:
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_mul_(denom, c)
+            torch._foreach_mul_(params, d)
+            torch._foreach_addcdiv_(params, exp_avgs, denom)

@@ -37,6 +37,9 @@ from metaadamw.objectives import MetaQuantities
 if TYPE_CHECKING:
     from metaadamw.optimizer import MetaAdamW
 
+#: how the meta-gradient goes through g' (see the module docstring)
+META_GRADIENTS = ("finite_difference", "exact")
+
 
 @dataclasses.dataclass
 class MetaRecord:
@@ -87,20 +90,61 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
+class _RngReplay:
+    """Replays the random stream of a forward pass (dropout masks), so that the finite-difference
+    gradient is taken with the same masks as g'. ``replay()`` rewinds to the captured state;
+    ``resume()`` returns to where the stream was before the replay."""
+
+    def __init__(self, device: torch.device):
+        self._module = torch.get_device_module(device) if device.type != "cpu" else None
+        self._device = device
+        self._states = self._get()
+        self._after: tuple[Tensor, Tensor | None] | None = None
+
+    def _get(self) -> tuple[Tensor, Tensor | None]:
+        device_state = None
+        if self._module is not None and hasattr(self._module, "get_rng_state"):
+            device_state = self._module.get_rng_state(self._device)
+        return torch.get_rng_state(), device_state
+
+    def _set(self, states: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            self._module.set_rng_state(states[1], self._device)
+
+    def replay(self) -> None:
+        self._after = self._get()
+        self._set(self._states)
+
+    def resume(self) -> None:
+        assert self._after is not None
+        self._set(self._after)
+
+
 def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any,
                 batch2: Any, val_batch: Any) -> "MetaRecord":
     objective = opt.objective
+    exact = opt.meta_gradient == "exact"
+    need_train = objective.second_order or objective.needs_train_loss
     params = opt._params
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
-    with preserved_buffers(model), sdpa_kernel([SDPBackend.MATH]), torch.enable_grad():
-        # 1. g at theta on batch 1
-        loss1 = loss_fn(model, batch1)
-        grads = torch.autograd.grad(loss1, [params[i] for i in trainable], allow_unused=True)
+    with preserved_buffers(model), torch.enable_grad():
+        # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
+        if batch1 is None:
+            grads = [params[i].grad for i in trainable]
+            if all(gr is None for gr in grads):
+                raise ValueError("meta_step(batch1=None) takes g from the parameters' .grad, but no parameter has a "
+                                 "gradient: call it after loss.backward() and before step(), or pass batch1")
+        else:
+            loss1 = loss_fn(model, batch1)
+            grads = torch.autograd.grad(loss1, [params[i] for i in trainable], allow_unused=True)
+            del loss1
         active = [i for i, g in zip(trainable, grads) if g is not None]
         if not active:
             raise ValueError("meta_step: the loss on batch1 does not depend on any parameter of this optimizer "
                              "(is the model the one the optimizer was built for?)")
         g = [gr.detach() for gr in grads if gr is not None]
+        del grads
 
         # 2. hypothetical moments and features at theta
         theta = [params[i].detach() for i in active]
@@ -124,56 +168,104 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         stats = opt.full_stats(stats, None if len(active) == len(params) else torch.tensor(active, device=opt.device))
         time = normalised_time(opt._time + 1, opt.total_steps)
         was_training = opt.modulator.training
-        opt.modulator.train()
+        opt.modulator.set_training(True)
         mult = opt.modulator(stats, time)
+        # the meta-loss is differentiated in three stages that each traverse their graph once: down to
+        # the multipliers (cut here as leaves), through theta' to alpha and beta, then through the encoder
+        outputs = [mult.alpha, mult.beta, mult.lambda1, mult.lambda2]
+        alpha, beta, lambda1, lambda2 = cut = [x.detach().requires_grad_() for x in outputs]
 
         # 3. theta', differentiable in alpha and beta
         group_idx = [opt._group_of[i] for i in active]
         index = torch.tensor(group_idx, device=opt.device)
-        a, w = mult.alpha.index_select(0, index), mult.beta.index_select(0, index)
-        theta_prime = {}
-        for k, (i, p, grp) in enumerate(zip(active, theta, groups)):
+        a, w = alpha.index_select(0, index), beta.index_select(0, index)
+        theta_prime = []
+        for k, (p, grp) in enumerate(zip(theta, groups)):
             direction = m_new[k] / ((v_new[k] / bc2[k]).sqrt_() + grp["eps"])  # the Adam direction, a constant
             m_new[k] = v_new[k] = None  # free the moments as we go: only theta' and its graph stay alive
             decay = 1 - grp["lr"] * grp["weight_decay"] * a[k] * w[k]
-            theta_prime[id(params[i])] = p * decay.to(p.dtype) - (grp["lr"] / bc1[k]) * a[k].to(p.dtype) * direction
+            theta_prime.append(p * decay.to(p.dtype) - (grp["lr"] / bc1[k]) * a[k].to(p.dtype) * direction)
         del m_new, v_new
 
-        # 4. losses at theta' (and at theta for the validation reference)
-        tp = [theta_prime[id(params[i])] for i in active]
-        q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=mult.lambda1,
-                           lambda2=mult.lambda2)
-        with swapped_parameters(model, theta_prime):
-            if objective.second_order or "gen_gap" in objective.terms:
-                q.loss_train_prime = loss_fn(model, batch2)
-            if objective.second_order:
-                gp = torch.autograd.grad(q.loss_train_prime, tp, create_graph=True, allow_unused=True)
-                q.grads_prime = [x if x is not None else torch.zeros_like(p) for x, p in zip(gp, tp)]
+        # 4. losses at theta' (leaf tensors cut from the graph of step 3) and at theta
+        leaves = [t.detach().requires_grad_() for t in theta_prime]
+        swap = {id(params[i]): leaf for i, leaf in zip(active, leaves)}
+        q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
+                           lambda2=lambda2)
+        rng = None if exact or not objective.second_order else _RngReplay(opt.device)
+        g_prime = g_val = None
+        with swapped_parameters(model, swap):
+            if need_train:
+                # the fused CPU attention kernels cannot be differentiated twice: a double backward needs the math one
+                double = exact and objective.second_order
+                with sdpa_kernel([SDPBackend.MATH]) if double else contextlib.nullcontext():
+                    q.loss_train_prime = loss_fn(model, batch2)
+                if objective.second_order or not exact:
+                    g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact)
+                    q.grads_prime = g_prime
             if objective.needs_val:
                 q.loss_val_prime = loss_fn(model, val_batch)
+                if not exact:
+                    g_val = _grad(q.loss_val_prime, leaves)
         if objective.needs_val:
             with torch.no_grad():
                 q.loss_val = loss_fn(model, val_batch)
 
-        # 5. meta-loss and meta-gradients
+        # 5. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
+        # penalty), for the multipliers and for theta'
+        if not exact:  # the objective sees constants; theta' gets its gradient by the chain rule below
+            q.loss_train_prime = _leaf(q.loss_train_prime)
+            q.loss_val_prime = _leaf(q.loss_val_prime)
+            q.grads_prime = None if q.grads_prime is None else [_leaf(x) for x in q.grads_prime]
         terms = objective(q)
         loss, sigmas = opt.weighting(terms)
         penalty = opt.modulator.penalty()
         if penalty is not None:
             loss = loss + penalty
         meta_params = opt.meta_parameters()
-        meta_grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
-        opt.modulator.train(was_training)
+        n_meta = len(meta_params) + len(cut)
+        if exact:
+            out = _grad(loss, meta_params + cut + leaves, zero=False)
+            d_theta = [torch.zeros_like(x) if d is None else d for d, x in zip(out[n_meta:], leaves)]
+        else:
+            extra = [q.loss_train_prime, q.loss_val_prime] + (q.grads_prime or [])
+            present = [x for x in extra if x is not None]
+            out = _grad(loss, meta_params + cut + present, zero=False)
+            by_id = {id(x): d for x, d in zip(present, out[n_meta:])}
+            v = None if q.grads_prime is None else [
+                by_id[id(x)] if by_id.get(id(x)) is not None else torch.zeros_like(x) for x in q.grads_prime]
+            # free what is no longer needed before the finite-difference pass (peak memory): g, g_val
+            coefs = [by_id.get(id(x)) if x is not None else None for x in (q.loss_train_prime, q.loss_val_prime)]
+            del q, g, by_id, present, extra
+            d_theta = [torch.zeros_like(x) for x in leaves]
+            for coef, grad in zip(coefs, (g_prime, g_val)):
+                if coef is not None:
+                    torch._foreach_add_(d_theta, torch._foreach_mul(grad, coef.to(grad[0].dtype)))
+            del g_val
+            if v is not None:
+                torch._foreach_add_(d_theta, _hessian_vector_fd(model, loss_fn, batch2, active, params, leaves, g_prime,
+                                                                v, rng))
+            del v, g_prime
+        meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
+        # through theta' to alpha and beta, then once through the encoder
+        d_alpha, d_beta = _grad(theta_prime, [alpha, beta], grad_outputs=d_theta)
+        d_out[0] = d_alpha if d_out[0] is None else d_out[0] + d_alpha
+        d_out[1] = d_beta if d_out[1] is None else d_out[1] + d_beta
+        d_out = [torch.zeros_like(x) if d is None else d for d, x in zip(d_out, outputs)]
+        encoded = torch.autograd.grad(outputs, meta_params, grad_outputs=d_out, allow_unused=True)
+        meta_grads = [e if m is None else m if e is None else m + e for m, e in zip(meta_grads, encoded)]
+        opt.modulator.set_training(was_training)
 
     values = {k: float(v.detach()) for k, v in terms.items()}
     record = MetaRecord(
         step=opt.global_step, meta_loss=float(loss.detach()), terms=values,
         sigmas={k: float(v.detach()) for k, v in sigmas.items()},
-        groups=list(opt.group_names), alpha=mult.alpha.detach().tolist(), beta=mult.beta.detach().tolist(),
-        lambda1=mult.lambda1.detach().tolist(), lambda2=mult.lambda2.detach().tolist(),
+        groups=list(opt.group_names), alpha=alpha.tolist(), beta=beta.tolist(), lambda1=lambda1.tolist(),
+        lambda2=lambda2.tolist(),
     )
-    finite = math.isfinite(record.meta_loss) and all(
-        bool(torch.isfinite(gr).all()) for gr in meta_grads if gr is not None)
+    present_grads = [gr for gr in meta_grads if gr is not None]
+    finite = math.isfinite(record.meta_loss) and (
+        not present_grads or bool(torch.stack(torch._foreach_norm(present_grads)).isfinite().all()))
     if not finite:
         record.skipped, record.reason = True, "non-finite meta-loss or meta-gradient"
         return record
@@ -183,3 +275,43 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
     for p in meta_params:
         p.grad = None
     return record
+
+
+def _leaf(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.detach().requires_grad_()
+
+
+def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, **kwargs: Any) -> list[Tensor | None]:
+    """``torch.autograd.grad`` with unused inputs as zeros (``zero``) or None."""
+    out = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
+    if not zero:
+        return list(out)
+    return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]
+
+
+def _hessian_vector_fd(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch2: Any,
+                       active: list[int], params: list[Tensor], leaves: list[Tensor], g_prime: list[Tensor],
+                       v: list[Tensor], rng: "_RngReplay | None") -> list[Tensor]:
+    """H v for the Hessian H of L(.; batch 2) at theta', as ``(grad L(theta' + eps v) - g') / eps``.
+
+    ``eps = sqrt(machine epsilon) (1 + ||theta'||) / ||v||``, the usual step of matrix-free Newton
+    methods: it balances the difference's truncation error against float rounding. The forward
+    pass replays the random stream of the one that gave g' (same dropout masks). ``leaves``
+    (theta') are moved to theta' + eps v in place."""
+    dtype = leaves[0].dtype
+    v_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))))
+    if v_norm == 0.0 or not math.isfinite(v_norm):
+        return [torch.zeros_like(x) if v_norm == 0.0 else torch.full_like(x, math.nan) for x in v]
+    with torch.no_grad():
+        theta_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves))))
+        eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
+        torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
+    if rng is not None:
+        rng.replay()
+    with swapped_parameters(model, {id(params[i]): x for i, x in zip(active, leaves)}):
+        hv = _grad(loss_fn(model, batch2), leaves)
+    if rng is not None:
+        rng.resume()
+    torch._foreach_sub_(hv, g_prime)
+    torch._foreach_div_(hv, eps)
+    return hv

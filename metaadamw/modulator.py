@@ -35,6 +35,10 @@ from metaadamw.features import FeatureExtractor, FeatureGate
 
 HEAD_INITS = ("zero", "default")
 
+#: the fused post-norm encoder layer of ``nn.TransformerEncoderLayer``'s fast path (a private op
+#: that has kept its signature since torch 1.12); None falls back to the eager ops
+FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)
+
 
 class EncoderLayer(nn.Module):
     """Post-norm Transformer encoder layer over one sequence of tokens (no batch dimension)."""
@@ -68,8 +72,19 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + F.dropout(ff, drop, self.training))
 
     def infer(self, x: Tensor) -> Tensor:
-        """The same layer without autograd or dropout, in as few tensor ops as possible: it runs at
-        every optimizer step, where per-op and per-module-call overhead dominate at these sizes."""
+        """The same layer without autograd or dropout, as cheaply as possible: it runs at every
+        optimizer step, where per-op and per-module-call overhead dominate at these sizes. Uses
+        the fused kernel behind ``nn.TransformerEncoderLayer``'s inference fast path (one op per
+        layer, ~30% faster on the CPU) when this torch has it, else :meth:`infer_eager`."""
+        if FUSED_LAYER is None or x.device.type not in ("cpu", "cuda"):
+            return self.infer_eager(x)
+        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._weights
+        width = x.shape[1]
+        return FUSED_LAYER(x.unsqueeze(0), width, self.heads, w_in, b_in, w_out, b_out, False, False, self.norm1.eps,
+                           n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, None, None).squeeze(0)
+
+    def infer_eager(self, x: Tensor) -> Tensor:
+        """:meth:`infer` in a dozen eager tensor ops."""
         w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._weights
         tokens, width = x.shape
         dh = width // self.heads
@@ -142,6 +157,15 @@ class Modulator(nn.Module):
         if head_init == "zero":
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+
+    def set_training(self, mode: bool) -> None:
+        """``train(mode)`` without the recursive walk and ``__setattr__`` of every submodule (the
+        meta-update switches modes twice per call; ``train()`` costs ~0.4 ms on an 8-layer encoder)."""
+        modules = self.__dict__.get("_flat_modules")  # the modulator's modules are fixed at construction
+        if modules is None:
+            modules = self.__dict__["_flat_modules"] = list(self.modules())
+        for m in modules:
+            m.training = mode
 
     def encode(self, features: Tensor) -> Tensor:
         """(groups, in_width) features -> (groups, 4) raw outputs."""

@@ -51,7 +51,8 @@ class MetaQuantities:
 class MetaObjective:
     terms: tuple[str, ...] = ()
     signed_terms: frozenset[str] = frozenset()  # terms that can be negative
-    second_order: bool = False  # needs g' with create_graph=True
+    second_order: bool = False  # needs g' (whose meta-gradient takes a Hessian-vector product)
+    needs_train_loss: bool = False  # needs L_train(theta'; batch 2)
     needs_val: bool = False  # needs the validation batch
 
     def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
@@ -104,6 +105,7 @@ class GeneralizationGap(MetaObjective):
     """|L_train(theta'; batch 2) - L_val(theta'; val batch)|."""
 
     terms = ("gen_gap",)
+    needs_train_loss = True
     needs_val = True
 
     def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
@@ -118,6 +120,7 @@ class Combined(MetaObjective):
     terms = TERM_ORDER
     signed_terms = frozenset({"gradient", "loss_decrease"})
     second_order = True
+    needs_train_loss = True
     needs_val = True
 
     def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias
-from metaadamw.meta import MetaRecord, meta_update
+from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.weighting import FORMS
 
@@ -69,6 +69,10 @@ class MetaAdamW(torch.optim.Optimizer):
         meta_lr, meta_weight_decay: the meta-optimizer's learning rate and weight decay.
         meta_optimizer: 'sgd' (the paper's Algorithm 2), 'adam', 'adamw', or a callable
             ``f(params, lr=..., weight_decay=...) -> torch.optim.Optimizer``.
+        meta_gradient: how the meta-update differentiates through g' (the gradient-alignment
+            term): 'finite_difference' (default; the Hessian-vector product as a difference of two
+            first-order gradients, one extra forward and backward pass) or 'exact' (double
+            backward through the model, as the paper; about 1.4x the meta-update's time).
         refresh_every: recompute the multipliers every k steps (1 = every step, the paper).
         total_steps: training length, used to normalise the time-step feature (else t/(t+1000)).
         foreach: use the fast foreach implementation (default) or the readable single-tensor one.
@@ -108,6 +112,7 @@ class MetaAdamW(torch.optim.Optimizer):
         meta_lr: float = 1e-4,
         meta_weight_decay: float = 0.0,
         meta_optimizer: str | Callable[..., torch.optim.Optimizer] = "sgd",
+        meta_gradient: str = "finite_difference",
         refresh_every: int = 1,
         total_steps: int | None = None,
         foreach: bool | None = None,
@@ -124,6 +129,8 @@ class MetaAdamW(torch.optim.Optimizer):
                f"total_steps must be None or an integer >= 1, got {total_steps!r}")
         _check(0.0 <= modulator_dropout < 1.0, f"modulator_dropout must be in [0, 1), got {modulator_dropout}")
         _check(meta_lr > 0, f"meta_lr must be > 0, got {meta_lr}")
+        _check(meta_gradient in META_GRADIENTS,
+               f"meta_gradient must be one of {META_GRADIENTS}, got {meta_gradient!r}")
         _check(modulator_init in HEAD_INITS, f"modulator_init must be one of {HEAD_INITS}, got {modulator_init!r}")
         _check(meta_weight_decay >= 0, f"meta_weight_decay must be >= 0, got {meta_weight_decay}")
         _check(gate_l1 >= 0, f"gate_l1 must be >= 0, got {gate_l1}")
@@ -151,8 +158,10 @@ class MetaAdamW(torch.optim.Optimizer):
             objective=objective,
             weighting=weighting, weighting_form=weighting_form, priorities=list(priorities),
             fixed_weights=None if fixed_weights is None else list(fixed_weights), meta_lr=meta_lr,
-            meta_weight_decay=meta_weight_decay, refresh_every=refresh_every, total_steps=total_steps,
+            meta_weight_decay=meta_weight_decay, meta_gradient=meta_gradient, refresh_every=refresh_every,
+            total_steps=total_steps,
         )
+        self.meta_gradient = meta_gradient
         self.foreach = True if foreach is None else bool(foreach)
         self.refresh_every = refresh_every
         self.total_steps = total_steps
@@ -263,7 +272,9 @@ class MetaAdamW(torch.optim.Optimizer):
         active = tuple(g is not None for g in grads)
         if not any(active):
             return loss
-        plan = self._plan if self._plan is not None and self._plan.active == active else self._make_plan(active)
+        plan = self._plan
+        if plan is None or plan.active != active or (plan.blocking is not None and not plan.blocking.valid()):
+            plan = self._make_plan(active)
         for i in plan.indices:
             self._steps[i] += 1
         for b in plan.buckets:
@@ -278,14 +289,28 @@ class MetaAdamW(torch.optim.Optimizer):
             plan.fresh = False
 
         refresh = self._multipliers is None or (self.global_step - 1) % self.refresh_every == 0
-        moments = F.foreach_moments if self.foreach else F.single_tensor_moments
         if refresh and self.foreach and not self._carry_valid:
             self._recompute_carry()
-        for pg, sl in plan.param_group_slices:
-            group = self.param_groups[pg]
-            moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], group["betas"][0], group["betas"][1])
+        norms = None
+        if self.foreach:
+            groups, bl = self.param_groups, plan.blocking
+            with_params = "param_norm" in self.modulator.extractor.required_stats
+            if bl is None:
+                runs = [(sl, *groups[pg]["betas"]) for pg, sl in plan.param_group_slices]
+                norms = F.foreach_moments_and_norms(runs, grads, plan.exp_avgs, plan.exp_avg_sqs,
+                                                    plan.params if with_params else None, refresh)
+            else:  # cache blocking on the CPU: runs of pieces
+                runs = [(sl, *groups[pg]["betas"]) for pg, sl in bl.runs]
+                norms = F.foreach_moments_and_norms(runs, bl.pieces(grads), bl.exp_avgs, bl.exp_avg_sqs,
+                                                    bl.params if with_params else None, refresh)
+                if norms is not None:
+                    norms = bl.combine_norms(norms, 3 if with_params else 2)
+        else:
+            for pg, sl in plan.param_group_slices:
+                group = self.param_groups[pg]
+                F.single_tensor_moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], *group["betas"])
         if refresh:
-            self._update_stats(plan, grads)
+            self._update_stats(plan, grads, norms)
             self._multipliers = self.modulator.infer(self._stats, normalised_time(self._time, self.total_steps))
             self._carry_valid = True
         else:
@@ -294,16 +319,17 @@ class MetaAdamW(torch.optim.Optimizer):
         update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
         return loss
 
-    def _update_stats(self, plan: "_Plan", grads: list[Tensor]) -> None:
-        stats_fn = F.foreach_stats if self.foreach else F.single_tensor_stats
+    def _update_stats(self, plan: "_Plan", grads: list[Tensor], norms: Tensor | None) -> None:
         carry = self._carry
         idx = plan.index_tensor
         m_sq_old = carry["exp_avg_norm_sq"] if idx is None else carry["exp_avg_norm_sq"][idx]
         v_sum_old = carry["v_sum"] if idx is None else carry["v_sum"][idx]
-        stats, m_sq, v_sum = stats_fn(
-            self.modulator.extractor.required_stats, grads, m_sq_old, v_sum_old, plan.exp_avgs, plan.exp_avg_sqs,
-            plan.params, plan.beta1, plan.beta2,
-        )
+        args = (self.modulator.extractor.required_stats, grads, m_sq_old, v_sum_old, plan.exp_avgs, plan.exp_avg_sqs,
+                plan.params, plan.beta1, plan.beta2)
+        if self.foreach:
+            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms)
+        else:
+            stats, m_sq, v_sum = F.single_tensor_stats(*args)
         if idx is None:
             carry["exp_avg_norm_sq"], carry["v_sum"] = m_sq, v_sum
             self._stats = stats
@@ -371,15 +397,22 @@ class MetaAdamW(torch.optim.Optimizer):
             b.exp_avg_sqs.append(st["exp_avg_sq"])
         all_active = len(indices) == len(active)
         betas = [self.param_groups[pg_of[i]]["betas"] for i in indices]
+        limit = F.CPU_CHUNK_NUMEL if self.device.type == "cpu" else None  # cache blocking on the CPU only
+        for b in buckets.values():
+            b.split(limit)
+        params = [self._params[i] for i in indices]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         self._plan = _Plan(
             active=active,
             indices=indices,
             all_active=all_active,
             index_tensor=None if all_active else torch.tensor(indices, device=self.device),
-            params=[self._params[i] for i in indices],
-            exp_avgs=[self.state[self._params[i]]["exp_avg"] for i in indices],
-            exp_avg_sqs=[self.state[self._params[i]]["exp_avg_sq"] for i in indices],
+            params=params,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
             param_group_slices=slices,
+            blocking=None if limit is None else F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
             beta1=torch.tensor([b[0] for b in betas], device=self.device),
             beta2=torch.tensor([b[1] for b in betas], device=self.device),
@@ -396,6 +429,15 @@ class MetaAdamW(torch.optim.Optimizer):
         ``loss_fn(model, batch)`` returns the scalar training loss of ``batch``. ``batch1`` gives
         g at theta, ``batch2`` gives g' (and L_train) at theta', ``val_batch`` the validation
         loss at theta and theta' (needed by loss_decrease, gen_gap and combined).
+        ``batch1=None`` takes g from the parameters' ``.grad`` instead: call it right after the
+        training step's ``loss.backward()`` and before ``step()``, and the meta-update reuses that
+        gradient (one forward and backward pass fewer; ``.grad`` is left as it was)::
+
+            loss_fn(model, batch).backward()
+            if step % k == 0:
+                optimizer.meta_step(model, loss_fn, None, batch2, val_batch)
+            optimizer.step()
+
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
         if self.objective.needs_val and val_batch is None:
@@ -478,6 +520,7 @@ class _Plan:
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     param_group_slices: list[tuple[int, slice]]
+    blocking: F.Blocking | None  # cache blocking (CPU only)
     buckets: list[F.Bucket]
     beta1: Tensor
     beta2: Tensor

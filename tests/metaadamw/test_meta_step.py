@@ -56,9 +56,10 @@ def test_model_parameters_buffers_and_grads_are_exactly_as_before():
     assert not record.skipped and set(record.terms) == {"gradient", "loss_decrease", "gen_gap"}
 
 
-def test_meta_step_counts_forward_passes_and_uses_one_validation_batch():
+@pytest.mark.parametrize("meta_gradient", ["exact", "finite_difference"])
+def test_meta_step_counts_forward_passes_and_uses_one_validation_batch(meta_gradient):
     model = mlp(0)
-    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
     b1, b2, val = regression_batches(3)
     seen = []
 
@@ -68,8 +69,11 @@ def test_meta_step_counts_forward_passes_and_uses_one_validation_batch():
 
     _step(model, opt, b1)
     opt.meta_step(model, counting_loss, b1, b2, val)
-    assert len(seen) == 4, "batch1 at theta, batch2 at theta', val at theta' and at theta"
-    assert seen.count(id(val)) == 2 and seen.count(id(b1)) == 1 and seen.count(id(b2)) == 1
+    # batch1 at theta, batch2 at theta' (and at theta' + eps v for the finite difference),
+    # val at theta' and at theta
+    assert len(seen) == (4 if meta_gradient == "exact" else 5)
+    assert seen.count(id(val)) == 2 and seen.count(id(b1)) == 1
+    assert seen.count(id(b2)) == (1 if meta_gradient == "exact" else 2)
 
 
 def test_beta_receives_meta_gradient():
@@ -302,3 +306,86 @@ def test_meta_training_lowers_the_meta_objective_on_a_fixed_problem():
         last = opt.meta_step(model, mse, *batches)
     assert last.terms["loss_decrease"] < first - 1e-4
     assert max(last.alpha) > 1.05, "a larger step helps on this problem, alpha should grow"
+
+
+def _meta_gradient(make_model, loss_fn, batches, meta_gradient):
+    """The meta-gradient of one meta-update (as the change of the meta-parameters under SGD, lr 1)."""
+    torch.manual_seed(123)
+    model = make_model()
+    opt = MetaAdamW(model.named_parameters(), model=model, meta_gradient=meta_gradient, meta_lr=1.0,
+                    **small_kwargs(modulator_dropout=0.1))
+    torch.manual_seed(0)
+    _step(model, opt, batches[0], loss_fn)
+    before = _meta_state(opt)
+    torch.manual_seed(5)
+    assert not opt.meta_step(model, loss_fn, *batches).skipped
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, opt.meta_parameters())])
+
+
+@pytest.mark.parametrize("case", ["mlp", "batchnorm_train", "transformer_dropout_train", "transformer_eval"])
+def test_finite_difference_meta_gradient_matches_the_exact_double_backward(case):
+    # the default meta_gradient replaces the double backward by a difference of two gradients; with
+    # dropout it must replay the same masks (without the replay this case is ~10% off)
+    make_model, loss_fn, batches = {
+        "mlp": (lambda: mlp(0), mse, regression_batches(3)),
+        "batchnorm_train": (lambda: TinyConvNet().train(), conv_loss, conv_batches()),
+        "transformer_dropout_train": (lambda: TinyTransformer(dropout=0.1).train(), lm_loss, lm_batches()),
+        "transformer_eval": (lambda: TinyTransformer(dropout=0.1).eval(), lm_loss, lm_batches()),
+    }[case]
+    exact = _meta_gradient(make_model, loss_fn, batches, "exact")
+    approx = _meta_gradient(make_model, loss_fn, batches, "finite_difference")
+    assert exact.norm() > 1e-3
+    assert (exact - approx).norm() / exact.norm() < 5e-3
+
+
+def test_finite_difference_leaves_the_random_stream_where_the_exact_path_leaves_it():
+    # the replayed forward pass must not shift the random numbers the training loop draws next
+    draws = []
+    for meta_gradient in ("exact", "finite_difference"):
+        model = TinyTransformer(dropout=0.1).train()
+        opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+        torch.manual_seed(7)
+        opt.meta_step(model, lm_loss, *lm_batches())
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
+def test_unknown_meta_gradient_is_a_clear_error():
+    with pytest.raises(ValueError, match="meta_gradient must be one of"):
+        MetaAdamW(mlp(0).named_parameters(), meta_gradient="hessian", **small_kwargs())
+
+
+def test_batch1_none_reuses_the_gradient_in_grad_and_leaves_it_alone():
+    # meta_step(model, loss_fn, None, b2, val) after loss(b1).backward() is the same meta-update as
+    # meta_step(model, loss_fn, b1, b2, val), one forward and backward pass cheaper
+    b0, b1, b2, val = regression_batches(4)
+    changes, seen = [], []
+    for reuse in (False, True):
+        model = mlp(0)
+        torch.manual_seed(3)
+        opt = MetaAdamW(model.named_parameters(), meta_lr=1.0, **small_kwargs())
+        _step(model, opt, b0)
+        opt.zero_grad()
+        mse(model, b1).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        before = _meta_state(opt)
+        counted = []
+
+        def loss_fn(m, batch):
+            counted.append(id(batch))
+            return mse(m, batch)
+
+        opt.meta_step(model, loss_fn, None if reuse else b1, b2, val)
+        changes.append(torch.cat([(a - p.detach()).flatten() for a, p in zip(before, opt.meta_parameters())]))
+        seen.append(counted.count(id(b1)))
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert changes[0].abs().sum() > 0
+    torch.testing.assert_close(changes[1], changes[0], rtol=0, atol=0)
+    assert seen == [1, 0]
+
+
+def test_batch1_none_without_gradients_is_a_clear_error():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    with pytest.raises(ValueError, match=r"after loss.backward\(\) and before step\(\)"):
+        opt.meta_step(model, mse, None, *regression_batches(2))

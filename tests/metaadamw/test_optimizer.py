@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaadamw import MetaAdamW
+from metaadamw import functional as F
 from tests.metaadamw.helpers import TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches, small_kwargs
 
 
@@ -38,7 +39,11 @@ def _train(model, opt, batches, steps, loss_fn=mse):
 
 @pytest.mark.parametrize("layout", ["named", "plain", "decay_groups"])
 @pytest.mark.parametrize("foreach", [True, False])
-def test_zero_ranges_match_torch_adamw_over_50_steps(layout, foreach):
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_zero_ranges_match_torch_adamw_over_50_steps(layout, foreach, chunk, monkeypatch):
+    # chunk: cache blocking cut into runs of <= 40 elements (every tensor of this MLP is >= 16)
+    if chunk:
+        monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", chunk)
     batches = regression_batches()
     ref_model, model = mlp(0), mlp(0)
     ref = torch.optim.AdamW(_layouts(ref_model)[layout](), lr=1e-2, weight_decay=0.05, foreach=True)
@@ -80,8 +85,11 @@ def _randomise_head(opt, seed=0):
         opt.modulator.head.bias.copy_(torch.randn(4, generator=g))
 
 
-@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic"])
-def test_fast_path_agrees_with_single_tensor_reference_step_by_step(features):
+@pytest.mark.parametrize("features, chunk", [("basic", None), ("basic_plus", None), ("enhanced", None),
+                                            ("norm_basic", None), ("basic", 100), ("enhanced", 1)])
+def test_fast_path_agrees_with_single_tensor_reference_step_by_step(features, chunk, monkeypatch):
+    # chunk: the fast path's cache blocking cut into small runs (several per bucket, or one tensor each)
+    monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", chunk)
     batches = lm_batches()
     models = [TinyTransformer(), TinyTransformer()]
     models[1].load_state_dict(models[0].state_dict())
@@ -359,7 +367,14 @@ def test_default_head_init_starts_with_random_multipliers_like_the_paper():
     dict(modulator_layers=2, modulator_heads=3, gating=True, features="basic_plus", modulator_width=12),
     dict(modulator_layers=2, modulator_heads=4, modulator_dropout=0.5),
 ])
-def test_lean_inference_path_equals_the_modulator_forward(kwargs):
+@pytest.mark.parametrize("fused", [True, False])
+def test_lean_inference_path_equals_the_modulator_forward(kwargs, fused, monkeypatch):
+    from metaadamw import modulator
+
+    if fused:
+        assert modulator.FUSED_LAYER is not None, "this torch has no fused encoder layer"
+    else:
+        monkeypatch.setattr(modulator, "FUSED_LAYER", None)
     model = TinyTransformer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -377,3 +392,30 @@ def test_lean_inference_path_equals_the_modulator_forward(kwargs):
     assert not opt.modulator.training, "dropout must not apply in step()"
     again = opt.modulator.infer(opt._stats, time)
     assert torch.equal(again.alpha, fast.alpha)
+
+
+def test_chunk_slices_cut_runs_by_elements_and_keep_big_tensors_whole():
+    numels = [10, 30, 5, 100, 1, 1]
+    assert F.chunk_slices(numels, 0, 6, 40) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 6)]
+    assert F.chunk_slices(numels, 1, 4, None) == [slice(1, 4)]
+    assert F.chunk_slices(numels, 2, 2, 40) == []
+    runs = F.chunk_slices(numels, 0, 6, 1)
+    assert runs == [slice(i, i + 1) for i in range(6)]
+
+
+def test_cache_blocking_follows_parameters_whose_storage_was_replaced(monkeypatch):
+    # the step cuts large tensors into cached flat views; `p.data = ...` must not leave them stale
+    monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                    **small_kwargs())
+    for t in range(10):
+        if t == 5:
+            for p in model.parameters():
+                p.data = p.data.clone()
+        _train(ref_model, ref, batches[t % 4:], 1)
+        _train(model, opt, batches[t % 4:], 1)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
