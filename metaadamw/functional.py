@@ -38,6 +38,11 @@ from torch import Tensor
 #: Larger tensors are cut into flat views of this size.
 CPU_CHUNK_NUMEL = 2**17
 
+#: models with fewer elements than this are not blocked: their tensors stay in cache anyway, and
+#: more, smaller foreach calls would only add overhead (measured: ResNet-18's step 1.26x -> 1.09x
+#: AdamW's with blocking, a 10-tensor 330k-element MLP slightly slower)
+CPU_BLOCKING_MIN_NUMEL = 2**21
+
 
 def chunk_slices(numels: list[int], start: int, stop: int, limit: int | None) -> list[slice]:
     """Split positions ``start:stop`` into consecutive runs of at most ``limit`` elements (each run

@@ -397,10 +397,11 @@ class MetaAdamW(torch.optim.Optimizer):
             b.exp_avg_sqs.append(st["exp_avg_sq"])
         all_active = len(indices) == len(active)
         betas = [self.param_groups[pg_of[i]]["betas"] for i in indices]
-        limit = F.CPU_CHUNK_NUMEL if self.device.type == "cpu" else None  # cache blocking on the CPU only
+        params = [self._params[i] for i in indices]
+        blocked = self.device.type == "cpu" and sum(p.numel() for p in params) >= F.CPU_BLOCKING_MIN_NUMEL
+        limit = F.CPU_CHUNK_NUMEL if blocked else None  # cache blocking: on the CPU, for large models
         for b in buckets.values():
             b.split(limit)
-        params = [self._params[i] for i in indices]
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         self._plan = _Plan(

@@ -44,6 +44,7 @@ def test_zero_ranges_match_torch_adamw_over_50_steps(layout, foreach, chunk, mon
     # chunk: cache blocking cut into runs of <= 40 elements (every tensor of this MLP is >= 16)
     if chunk:
         monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", chunk)
+        monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
     batches = regression_batches()
     ref_model, model = mlp(0), mlp(0)
     ref = torch.optim.AdamW(_layouts(ref_model)[layout](), lr=1e-2, weight_decay=0.05, foreach=True)
@@ -90,6 +91,7 @@ def _randomise_head(opt, seed=0):
 def test_fast_path_agrees_with_single_tensor_reference_step_by_step(features, chunk, monkeypatch):
     # chunk: the fast path's cache blocking cut into small runs (several per bucket, or one tensor each)
     monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
     batches = lm_batches()
     models = [TinyTransformer(), TinyTransformer()]
     models[1].load_state_dict(models[0].state_dict())
@@ -406,6 +408,7 @@ def test_chunk_slices_cut_runs_by_elements_and_keep_big_tensors_whole():
 def test_cache_blocking_follows_parameters_whose_storage_was_replaced(monkeypatch):
     # the step cuts large tensors into cached flat views; `p.data = ...` must not leave them stale
     monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
+    monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
     batches = regression_batches()
     ref_model, model = mlp(0), mlp(0)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
@@ -419,3 +422,17 @@ def test_cache_blocking_follows_parameters_whose_storage_was_replaced(monkeypatc
         _train(model, opt, batches[t % 4:], 1)
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_cache_blocking_only_for_large_models_on_the_cpu(monkeypatch):
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    _train(model, opt, regression_batches(), 1)
+    assert opt._plan.blocking is None  # 401 elements: no blocking by default
+    monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
+    monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
+    opt._plan = None
+    _train(model, opt, regression_batches(), 1)
+    bl = opt._plan.blocking
+    assert bl is not None and bl.split == [0, 2]  # the two weights of more than 40 elements (96 and 256)
+    assert len(bl.params) == 3 + 7 + 4  # 96 -> 3 views, 256 -> 7, four tensors whole
