@@ -210,6 +210,17 @@ def _worker_spec(spec: TrialSpec) -> dict[str, Any]:
     return out
 
 
+def longest_first(trials: list[TrialSpec]) -> list[TrialSpec]:
+    """The trials in the order they are handed to Ray: the probably longest first (more epochs,
+    MetaAdamW before AdamW), otherwise as the study lists them. Concurrent slots then finish
+    together instead of one slot running a long trial alone at the end (longest-processing-time
+    scheduling; on the sweep benchmark's 8 short trials two slots otherwise ended 1.6 s apart)."""
+    def cost(t: TrialSpec) -> tuple[int, int]:
+        return -int(t.config.get("epochs") or 0), 0 if t.config.get("optimizer") == "metaadamw" else 1
+
+    return sorted(trials, key=cost)
+
+
 def init_ray(study: Study, address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start Ray in-process (or join ``address``) with the study's plugins in the runtime
     environment. Returns True when this call started or joined Ray (and should shut it down)."""
@@ -285,7 +296,7 @@ def run_study(
     if study.path is not None:
         shutil.copyfile(study.path, out_dir / "study.yaml")
     finished = store.finished_trial_ids(out_dir)
-    pending = [t for t in study.trials if t.trial_id not in finished]
+    pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
           f"-> {out_dir}", flush=True)

@@ -1,5 +1,6 @@
 """Fixtures of the tests in tests/ablate.
 
+``private_cache_dir`` (autouse, per session) points ``$ABLATE_CACHE_DIR`` at a temporary directory.
 ``one_thread`` (autouse) runs every test with one intra-op torch thread: the task tests' small
 models train fastest so, even on a busy machine (and the embedded budget is one core).
 
@@ -27,6 +28,16 @@ from ablate.results import write_trial
 
 # The task tests' shared assertions (assert_second_order_gradients) report like their own.
 pytest.register_assert_rewrite("tests.ablate.task_helpers")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_dir(tmp_path_factory):
+    """The tests' own ABLATE_CACHE_DIR (the embedded digits cache), inherited by Ray workers: the
+    tests leave nothing in the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ABLATE_CACHE_DIR", str(tmp_path_factory.mktemp("ablate-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(autouse=True)

@@ -167,3 +167,19 @@ def test_sweep_joins_a_ray_head_started_with_ray_start(tmp_path):
         assert outcome.ran == 3 and set(trials["status"]) == {"ok"}
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_trials_are_handed_to_ray_longest_first(tmp_path):
+    import dataclasses
+
+    from ablate.sweep import longest_first
+
+    study = load_study(_study(tmp_path, seeds=2))  # arms adamw, baseline, objective=loss_decrease
+    ordered = longest_first(study.trials)
+    assert sorted(t.trial_id for t in ordered) == sorted(t.trial_id for t in study.trials)
+    kinds = [t.config["optimizer"] for t in ordered]
+    assert kinds == ["metaadamw"] * 4 + ["adamw"] * 2, "MetaAdamW trials before AdamW trials"
+    meta = [t.trial_id for t in study.trials if t.config["optimizer"] == "metaadamw"]
+    assert [t.trial_id for t in ordered[:4]] == meta, "among equals the study's own order is kept"
+    longer = dataclasses.replace(study.trials[-1], config={**study.trials[-1].config, "epochs": 5})
+    assert longest_first([*study.trials[:-1], longer])[0] is longer, "more epochs first"

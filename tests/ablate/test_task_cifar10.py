@@ -249,3 +249,24 @@ def test_real_cifar_batches():
     task.model.eval()
     with torch.no_grad():
         assert task.model(images).shape == (2, 10)
+
+
+def test_embedded_digits_are_cached_and_rebuilt_when_the_cache_is_bad(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABLATE_CACHE_DIR", str(tmp_path))
+    path = cifar10.digits_cache_path()
+    assert path is not None and path.parent == tmp_path and not path.exists()
+    first = cifar10.load_digits_images()
+    assert path.is_file() and not list(tmp_path.glob(".*.tmp"))
+
+    def no_sklearn():
+        raise AssertionError("the cached arrays must be read without scikit-learn")
+
+    with monkeypatch.context() as m:
+        m.setattr(cifar10, "_digits_from_sklearn", no_sklearn)
+        cached = cifar10.load_digits_images()
+    for a, b in zip(first, cached):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    path.write_bytes(b"not an npz file")
+    rebuilt = cifar10.load_digits_images()
+    assert all(np.array_equal(a, b) for a, b in zip(first, rebuilt))
+    assert np.load(path)["train_x"].shape == first[0].shape
