@@ -138,6 +138,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("modulator_ff", int, 16, "feed-forward width of the modulator", check=_pos),
         _f("modulator_width", int, None, "model width (None: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
         _f("modulator_init", str, "default", "modulator output head init: 'default' (PyTorch's, as the paper's code: random multipliers ~1+-0.2) or 'zero' (starts as exact AdamW)", ("default", "zero")),
+        _f("meta_gradient", str, "finite_difference", "meta-gradient through g': 'finite_difference' (Hessian-vector product from two gradients) or 'exact' (double backward, as the paper)", ("finite_difference", "exact")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
     ]
 }
@@ -146,7 +147,7 @@ COMMON_FIELDS: dict[str, Field] = {
 METAADAMW_KEYS = (
     "alpha_range beta_range meta_every meta_per_epoch meta_lr meta_weight_decay meta_optimizer grouping "
     "features time_step second_moment gating gate_l1 objective weighting weighting_form priorities "
-    "fixed_weights modulator_layers modulator_heads modulator_ff modulator_width modulator_init refresh_every "
+    "fixed_weights modulator_layers modulator_heads modulator_ff modulator_width modulator_init meta_gradient refresh_every "
     "warmup_epochs"
 ).split()
 

@@ -14,7 +14,7 @@ METAADAMW_ARGS = (
     "alpha_range", "beta_range", "features", "time_step", "second_moment", "gating", "gate_l1", "grouping",
     "modulator_layers", "modulator_heads", "modulator_ff", "modulator_width", "modulator_init", "objective", "weighting",
     "weighting_form", "priorities", "fixed_weights", "meta_lr", "meta_weight_decay", "meta_optimizer",
-    "refresh_every",
+    "meta_gradient", "refresh_every",
 )
 
 
