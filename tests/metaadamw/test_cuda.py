@@ -27,3 +27,20 @@ def test_step_does_not_synchronise_under_cuda_sync_debug_mode(features):
         torch.cuda.set_sync_debug_mode("default")
     opt.meta_step(model, lm_loss, *batches)  # meta-updates may synchronise (they return floats)
     assert torch.isfinite(opt.multipliers.alpha).all()
+
+
+def test_finite_difference_meta_gradient_replays_the_cuda_dropout_masks():
+    # the extra forward pass must replay the CUDA generator (dropout on the GPU draws from it)
+    from tests.metaadamw.helpers import small_kwargs
+
+    changes = []
+    for meta_gradient in ("exact", "finite_difference"):
+        torch.manual_seed(123)
+        model = TinyTransformer(dropout=0.1).cuda().train()
+        opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, meta_lr=1.0, **small_kwargs())
+        batches = [tuple(t.cuda() for t in b) for b in lm_batches()]
+        torch.manual_seed(0)
+        before = [p.detach().clone() for p in opt.meta_parameters()]
+        assert not opt.meta_step(model, lm_loss, *batches).skipped
+        changes.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, opt.meta_parameters())]))
+    assert (changes[0] - changes[1]).norm() / changes[0].norm() < 5e-3
