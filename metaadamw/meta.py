@@ -1,19 +1,31 @@
 """The meta-update: train the modulator through one hypothetical MetaAdamW step.
 
-    1. g      = grad L(theta; batch1)                               (first order, a constant)
+    1. g      = grad L(theta; batch1)            (first order, a constant; or the caller's .grad)
     2. m', v' = AdamW moments updated with g; features at theta      (paper Algorithm 2)
     3. alpha, beta, lambda1, lambda2 = modulator(features)           (with a graph)
     4. theta' = theta - lr alpha (m'_hat / (sqrt(v'_hat) + eps) + beta wd theta)
-    5. L_train' = L(theta'; batch2), g' = grad of it (create_graph, only for the gradient term),
-       L_val' = L(theta'; val), L_val = L(theta; val)  (one validation batch for both terms)
+    5. L_train' = L(theta'; batch2) and g' = its gradient, L_val' = L(theta'; val) and its
+       gradient, L_val = L(theta; val)   (one validation batch for both terms)
     6. terms -> weighting -> meta-loss (+ gate penalty); one step of the meta-optimizer.
 
-Four forward passes (three with the gradient-alignment term's double backward). The model's
-parameters are never written: theta' lives in separate tensors swapped into the modules for
-the forward passes. Buffers (BatchNorm running statistics) are restored afterwards and ``.grad``
-is never touched, so the model is exactly as before the call. Attention is forced onto the math
-kernel of ``scaled_dot_product_attention`` during the meta-update, since the fused CPU kernels
-cannot be differentiated twice.
+The meta-gradient is taken in stages that each traverse their graph once: the meta-loss is
+differentiated with respect to its inputs (the multipliers, L_train', L_val', g' and the
+weighting's own parameters); the gradient with respect to theta' is assembled from those
+(``dL/dL_train' * g' + dL/dL_val' * grad L_val' + H v`` with ``v = dL/dg'`` and H the Hessian of
+L(.; batch2) at theta'); it goes back through theta' to alpha and beta, and then once through the
+encoder. H v is where the two ``meta_gradient`` modes differ:
+
+* ``"finite_difference"`` (default): ``(grad L(theta' + eps v; batch2) - g') / eps`` with the step
+  of matrix-free Newton methods, ``eps = sqrt(machine eps) (1 + ||theta'||) / ||v||``, the extra
+  forward pass replaying the random stream of the g' pass (same dropout masks). Five forward and
+  four backward passes (four and three when g comes from ``.grad``), no second-order graph.
+* ``"exact"``: g' is computed with ``create_graph=True`` and H v comes out of the double backward
+  (the paper). Four forward passes; the one that is differentiated twice runs with the math
+  kernel of ``scaled_dot_product_attention``, since the fused CPU kernels have no double backward.
+
+The model's parameters are never written: theta' lives in separate tensors swapped into the
+modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards
+and ``.grad`` is never touched, so the model is exactly as before the call.
 
 A meta-update whose meta-loss or meta-gradient is not finite is skipped (``record.skipped``,
 counted in ``optimizer.meta_skipped``): the modulator stays as it was.

@@ -2,9 +2,13 @@
 
 An objective is a callable registered in :data:`metaadamw.OBJECTIVES` that maps the quantities of
 one meta-update (:class:`MetaQuantities`) to named scalar *terms*. It declares the terms it
-produces, which of them can be negative (the weightings need to know), and whether it needs the
-second-order gradient g' (which costs a double backward) or the validation batch, so the
-meta-update computes nothing it does not use.
+produces, which of them can be negative (the weightings need to know), and whether it needs g'
+(whose meta-gradient takes a Hessian-vector product: see :mod:`metaadamw.meta`), the training
+loss at theta' or the validation batch, so the meta-update computes nothing it does not use.
+
+With the default ``meta_gradient="finite_difference"`` an objective receives L_train', L_val' and
+g' as leaf tensors (values, no graph back to the model): it may combine them in any
+differentiable way, and the meta-update carries their gradients back to theta' itself.
 
 Built in (theta' = one MetaAdamW step from theta with the current modulator, differentiable in
 alpha and beta):
