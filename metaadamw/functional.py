@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 
-#: elements per run of tensors on the CPU (cache blocking). 2^17 float32 = 512 KiB per tensor
-#: list, so a run's parameters, moments and temporaries fit in a core's L2 / its share of L3.
+#: elements per run of tensors on the CPU (cache blocking). 2^18 float32 = 1 MiB per tensor list,
+#: so a run's parameters, moments and temporaries stay in the last-level cache between passes
+#: (measured on ResNet-18's step: 2^15 1.37x AdamW's, 2^16 1.23x, 2^17 1.10x, 2^18-2^20 1.05x).
 #: Larger tensors are cut into flat views of this size.
-CPU_CHUNK_NUMEL = 2**17
+CPU_CHUNK_NUMEL = 2**18
 
 #: models with fewer elements than this are not blocked: their passes find the tensors in cache
 #: anyway, and more, smaller foreach calls only add overhead (measured on this machine, 32 MiB L3,
@@ -93,6 +94,7 @@ class Blocking:
         owner = [k for k, p in enumerate(params) for _ in range(self._count(k, p))]
         self.owner = torch.tensor(owner, device=params[0].device) if self.split else None
         self.n = len(params)
+        self._norm_index: dict[int, Tensor] = {}
         starts = [0]
         for k, p in enumerate(params):
             starts.append(starts[-1] + self._count(k, p))
@@ -123,7 +125,9 @@ class Blocking:
         if self.owner is None:
             return piece_norms
         p = self.owner.numel()
-        index = torch.cat([self.owner + b * self.n for b in range(blocks)]) if blocks > 1 else self.owner
+        index = self._norm_index.get(blocks)
+        if index is None:
+            index = self._norm_index[blocks] = torch.cat([self.owner + b * self.n for b in range(blocks)])
         sq = piece_norms[:blocks * p].square()
         return torch.zeros(blocks * self.n, dtype=sq.dtype, device=sq.device).index_add_(0, index, sq).sqrt_()
 
@@ -311,22 +315,25 @@ def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> 
             p.sub_((b.lr * a / b.bias_correction1) * m / denom)
 
 
-def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
+def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Tensor | None = None) -> None:
     """The fast update: AdamW's foreach passes with per-bucket tensor scalars.
 
     ``denom = (sqrt(v) + eps * sqrt(bc2)) * c`` with ``c = 1 / (sqrt(bc2) * s)`` and the signed
     step ``s = -lr * alpha / bc1``, so that ``p += m / denom`` applies the whole step (the trick of
     torch's capturable Adam) and alpha is folded in at no extra pass. Tensor-valued scalars are
     only ever multiplied (the foreach ``add``/``addcdiv`` overloads taking a tensor scalar read it
-    back to the host)."""
+    back to the host). ``index``: the buckets' modulator groups as a tensor (cached by the caller)."""
     if not buckets:
         return
     device, dtype = alpha.device, alpha.dtype
     host = torch.tensor(
         [[b.lr * b.weight_decay, b.lr / b.bias_correction1, math.sqrt(b.bias_correction2)] for b in buckets],
-        dtype=torch.float64,
-    ).to(device=device, dtype=dtype, non_blocking=True)
-    index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
+        dtype=dtype,
+    )
+    if device.type != "cpu":
+        host = host.to(device, non_blocking=True)
+    if index is None:
+        index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
     a, w = alpha.index_select(0, index), beta.index_select(0, index)
     decay = 1 - host[:, 0] * a * w
     scale = -1 / (host[:, 2] * host[:, 1] * a)

@@ -315,8 +315,10 @@ class MetaAdamW(torch.optim.Optimizer):
             self._carry_valid = True
         else:
             self._carry_valid = False
-        update = F.foreach_update if self.foreach else F.single_tensor_update
-        update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
+        if self.foreach:
+            F.foreach_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta, plan.bucket_groups)
+        else:
+            F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
         return loss
 
     def _update_stats(self, plan: "_Plan", grads: list[Tensor], norms: Tensor | None) -> None:
@@ -415,6 +417,7 @@ class MetaAdamW(torch.optim.Optimizer):
             param_group_slices=slices,
             blocking=None if limit is None else F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
+            bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
             beta1=torch.tensor([b[0] for b in betas], device=self.device),
             beta2=torch.tensor([b[1] for b in betas], device=self.device),
         )
@@ -523,6 +526,7 @@ class _Plan:
     param_group_slices: list[tuple[int, slice]]
     blocking: F.Blocking | None  # cache blocking (CPU only)
     buckets: list[F.Bucket]
+    bucket_groups: Tensor  # the buckets' modulator groups
     beta1: Tensor
     beta2: Tensor
     fresh: bool = True  # not used by a step yet
