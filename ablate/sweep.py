@@ -373,7 +373,8 @@ def summary_table(results: store.Results) -> str:
         lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better; "
                      f"data: {', '.join(sorted(set(df.get('data_source', pd.Series(dtype=object)).dropna())))})")
         lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
-        for arm in pd.unique(df["arm"]):
+        order = {"baseline": 0, "adamw": 2}  # then the ablations in the order they appear, AdamW last
+        for arm in sorted(pd.unique(df["arm"]), key=lambda a: order.get(a, 1)):
             m = means.loc[arm] if arm in means.index else pd.Series({"mean": math.nan, "count": 0})
             change = float(relative_change(base, m["mean"], mode)) if arm != "baseline" else math.nan
             bad = int((df[df["arm"] == arm]["status"] != "ok").sum())

@@ -57,6 +57,8 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     assert (out / "tiny" / "trials.parquet").exists() and (out / "tiny" / "study.yaml").exists()
     table = summary_table(res)
     assert "objective=loss_decrease" in table and "vs baseline" in table and "lower is better" in table
+    rows = [line.split()[0] for line in table.splitlines() if line.startswith("  ") and "vs baseline" not in line]
+    assert rows == ["baseline", "objective=loss_decrease", "adamw"], "baseline first, AdamW last, whatever finished first"
 
     extended = load_study(_study(tmp_path, seeds=3))
     second = run_study(extended, out, num_cpus=2)
