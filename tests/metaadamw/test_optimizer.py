@@ -436,3 +436,34 @@ def test_cache_blocking_only_for_large_models_on_the_cpu(monkeypatch):
     bl = opt._plan.blocking
     assert bl is not None and bl.split == [0, 2]  # the two weights of more than 40 elements (96 and 256)
     assert len(bl.params) == 3 + 7 + 4  # 96 -> 3 views, 256 -> 7, four tensors whole
+
+
+def test_cpu_square_root_shift_is_bit_identical_to_the_plain_update():
+    # the CPU update takes sqrt(2^26 v + 2^-100) (torch's sqrt is slow on zeros and tiny inputs);
+    # with powers of two folded into eps and the step it must give the very same parameters
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(4096, generator=g) * 10.0 ** torch.randint(-30, 2, (4096,), generator=g).float()
+    v[::3] = 0.0  # unused rows: v = 0 and m = 0
+    m = torch.randn(4096, generator=g) * v.sqrt()
+    p = torch.randn(4096, generator=g)
+    results = []
+    for shifted in (True, False):
+        bucket = F.Bucket(group=0, indices=[0], params=[p.clone()], exp_avgs=[m.clone()], exp_avg_sqs=[v.clone()],
+                          lr=1e-3, weight_decay=0.1, eps=1e-8, beta1=0.9, beta2=0.999, step=7)
+        bucket.split(None, [True])
+        if not shifted:
+            bucket.runs = [run[:3] + (None,) for run in bucket.runs]
+        assert (bucket.runs[0][3] is not None) == shifted
+        F.foreach_update([bucket], torch.tensor([1.3]), torch.tensor([0.8]))
+        results.append(bucket.params[0])
+    assert torch.equal(results[0], results[1])
+
+
+def test_the_square_root_shift_is_taken_for_embedding_tables_only():
+    model = TinyTransformer()
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    lm_loss(model, lm_batches()[0]).backward()
+    opt.step()
+    shifted = {opt.tensor_info[i].name: run[3] is not None
+               for b in opt._plan.buckets for run in b.runs for i in b.indices}
+    assert shifted["embedding.weight"] and not any(v for k, v in shifted.items() if k != "embedding.weight")
