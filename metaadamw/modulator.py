@@ -78,10 +78,13 @@ class EncoderLayer(nn.Module):
         op per layer, ~30% faster) when this torch has it, else :meth:`infer_eager`."""
         if FUSED_LAYER is None or x.device.type != "cpu":  # measured (and sync-free) on the CPU only
             return self.infer_eager(x)
+        return self.infer_fused(x.unsqueeze(0)).squeeze(0)
+
+    def infer_fused(self, x: Tensor) -> Tensor:
+        """:meth:`infer` of a ``(1, tokens, width)`` input with the fused kernel."""
         w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._weights
-        width = x.shape[1]
-        return FUSED_LAYER(x.unsqueeze(0), width, self.heads, w_in, b_in, w_out, b_out, False, False, self.norm1.eps,
-                           n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, None, None).squeeze(0)
+        return FUSED_LAYER(x, x.shape[2], self.heads, w_in, b_in, w_out, b_out, False, False, self.norm1.eps,
+                           n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, None, None)
 
     def infer_eager(self, x: Tensor) -> Tensor:
         """:meth:`infer` in a dozen eager tensor ops."""
@@ -191,9 +194,28 @@ class Modulator(nn.Module):
             x = self.input_proj(x)
         elif self.padding:
             x = F.pad(x, (0, self.padding))
-        for layer in self.layers:
-            x = layer.infer(x)
-        return self._multipliers(F.linear(x, self.head.weight, self.head.bias))
+        if FUSED_LAYER is not None and x.device.type == "cpu":  # the fused layers take (1, tokens, width)
+            x = x.unsqueeze(0)
+            for layer in self.layers:
+                x = layer.infer_fused(x)
+            x = x.squeeze(0)
+        else:
+            for layer in self.layers:
+                x = layer.infer(x)
+        raw = F.linear(x, self.head.weight, self.head.bias)
+        # _multipliers in one op: [alpha, beta, lambda1, lambda2] = sigmoid(raw) * scale + shift
+        scale, shift = self._affine(raw)
+        out = torch.addcmul(shift, torch.sigmoid(raw), scale)
+        return Multipliers(alpha=out[:, 0], beta=out[:, 1], lambda1=out[:, 2], lambda2=out[:, 3])
+
+    def _affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        cached = self.__dict__.get("_affine_cache")
+        if cached is None or cached[0].device != like.device or cached[0].dtype != like.dtype:
+            scale = torch.tensor([self.alpha_range, self.beta_range, 1.0, 1.0], dtype=like.dtype, device=like.device)
+            shift = torch.tensor([1.0 - self.alpha_range / 2, 1.0 - self.beta_range / 2, 0.0, 0.0], dtype=like.dtype,
+                                 device=like.device)
+            cached = self.__dict__["_affine_cache"] = (scale, shift)
+        return cached
 
     def _multipliers(self, raw: Tensor) -> Multipliers:
         s = torch.sigmoid(raw)
