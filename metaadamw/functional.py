@@ -262,9 +262,15 @@ def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_o
     return out, m_norm * m_norm, v_sum
 
 
+def stat_coefficients(beta1: Tensor, beta2: Tensor) -> dict[str, Tensor]:
+    """The per-tensor constants of :func:`foreach_stats`' identities (computed once per layout)."""
+    return {"1-b2": 1 - beta2, "A": 0.5 / (1 - beta1), "-B": -0.5 * beta1 * beta1 / (1 - beta1), "C": 0.5 * (1 - beta1)}
+
+
 def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
                   exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, params: list[Tensor],
-                  beta1: Tensor, beta2: Tensor, norms: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+                  beta1: Tensor, beta2: Tensor, norms: Tensor | None = None,
+                  coefs: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Statistics from the norms of gradient, first moment and parameter and two carried vectors.
 
     Args:
@@ -274,6 +280,7 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
         beta1, beta2: per-tensor decay rates (vectors).
         norms: ``[||g||, ||m||, ||p|| (when param_norm is needed)]`` already computed (see
             :func:`foreach_moments_and_norms`); None computes them here in one foreach call.
+        coefs: :func:`stat_coefficients` of beta1 and beta2, if the caller keeps them.
 
     Returns:
         (stats, m_norm_sq, v_sum): the statistics and the new carried vectors.
@@ -283,9 +290,10 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     with_params = "param_norm" in needed
     if norms is None:
         norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if with_params else [])))  # one call
+    c = stat_coefficients(beta1, beta2) if coefs is None else coefs
     g_norm, m_norm = norms[:n], norms[n:2 * n]
-    g_sq, m_sq = g_norm * g_norm, m_norm * m_norm
-    v_sum = beta2 * v_sum_old + (1 - beta2) * g_sq
+    g_sq, m_sq = g_norm.square(), m_norm.square()
+    v_sum = torch.addcmul(beta2 * v_sum_old, c["1-b2"], g_sq)
     if "grad_norm" in needed:
         out["grad_norm"] = g_norm
     if "exp_avg_norm" in needed:
@@ -293,9 +301,9 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     if with_params:
         out["param_norm"] = norms[2 * n:]
     if "cos" in needed:
-        # <g, m_{t-1}> from the norm identity, then <g, m_t> = b1 <g, m_{t-1}> + (1 - b1) ||g||^2
-        dot_old = (m_sq - beta1 * beta1 * m_norm_sq_old - (1 - beta1) ** 2 * g_sq) / (2 * beta1 * (1 - beta1))
-        dot = beta1 * dot_old + (1 - beta1) * g_sq
+        # <g, m_t> = b1 <g, m_{t-1}> + (1 - b1) ||g||^2 with <g, m_{t-1}> from the norm identity, i.e.
+        # <g, m_t> = (||m_t||^2 - b1^2 ||m_{t-1}||^2) / (2 (1 - b1)) + (1 - b1) / 2 ||g||^2
+        dot = torch.addcmul(torch.addcmul(c["A"] * m_sq, c["-B"], m_norm_sq_old), c["C"], g_sq)
         out["cos"] = (dot / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
     if "v_norm" in needed:
         out["v_norm"] = v_sum.clamp_min(0).sqrt()

@@ -329,7 +329,7 @@ class MetaAdamW(torch.optim.Optimizer):
         args = (self.modulator.extractor.required_stats, grads, m_sq_old, v_sum_old, plan.exp_avgs, plan.exp_avg_sqs,
                 plan.params, plan.beta1, plan.beta2)
         if self.foreach:
-            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms)
+            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms, coefs=plan.stat_coefs)
         else:
             stats, m_sq, v_sum = F.single_tensor_stats(*args)
         if idx is None:
@@ -406,6 +406,8 @@ class MetaAdamW(torch.optim.Optimizer):
             b.split(limit, [layer_type(self.tensor_info[i]) == "embedding" for i in b.indices])
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        beta1 = torch.tensor([b[0] for b in betas], device=self.device)
+        beta2 = torch.tensor([b[1] for b in betas], device=self.device)
         self._plan = _Plan(
             active=active,
             indices=indices,
@@ -418,8 +420,9 @@ class MetaAdamW(torch.optim.Optimizer):
             blocking=None if limit is None else F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
             bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
-            beta1=torch.tensor([b[0] for b in betas], device=self.device),
-            beta2=torch.tensor([b[1] for b in betas], device=self.device),
+            beta1=beta1,
+            beta2=beta2,
+            stat_coefs=F.stat_coefficients(beta1, beta2),
         )
         return self._plan
 
@@ -529,6 +532,7 @@ class _Plan:
     bucket_groups: Tensor  # the buckets' modulator groups
     beta1: Tensor
     beta2: Tensor
+    stat_coefs: dict[str, Tensor]
     fresh: bool = True  # not used by a step yet
 
 

@@ -467,3 +467,12 @@ def test_the_square_root_shift_is_taken_for_embedding_tables_only():
     shifted = {opt.tensor_info[i].name: run[3] is not None
                for b in opt._plan.buckets for run in b.runs for i in b.indices}
     assert shifted["embedding.weight"] and not any(v for k, v in shifted.items() if k != "embedding.weight")
+
+
+def test_cosine_statistic_is_finite_and_exact_with_beta1_zero():
+    # beta1 = 0 makes m = g: cos(g, m) = 1 (the carried-norm identity must not divide by beta1)
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), betas=(0.0, 0.999), **small_kwargs())
+    _train(model, opt, regression_batches(), 3)
+    torch.testing.assert_close(opt._stats["cos"], torch.ones_like(opt._stats["cos"]), rtol=0, atol=1e-5)
+    assert torch.isfinite(opt.multipliers.alpha).all()
