@@ -126,6 +126,12 @@ class FeatureExtractor(nn.Module):
         raise NotImplementedError
 
     # -- provided ---------------------------------------------------------------------------
+    def _num_columns(self) -> int:
+        n = self.__dict__.get("_n_columns")
+        if n is None:
+            n = self.__dict__["_n_columns"] = len(self.columns())
+        return n
+
     @property
     def required_stats(self) -> frozenset[str]:
         return frozenset(self.stats) | ({"v_norm"} if self.second_moment else set())
@@ -159,10 +165,11 @@ class FeatureExtractor(nn.Module):
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
         cols = [self.statistics(stats)]
         groups = cols[0].shape[0]
-        if self.second_moment:
+        # statistics() may end with the v_norm mean column itself (one matrix product instead of two)
+        if self.second_moment and cols[0].shape[1] == self._num_columns():
             cols.append(self.group_mean(stats["v_norm"]).unsqueeze(1))
         if self.time_step:
-            cols.append(time.reshape(1, 1).expand(groups, 1).to(cols[0].dtype))
+            cols.append(time.to(cols[0].dtype).expand(groups, 1))
         return torch.cat(cols, 1)
 
     def extra_repr(self) -> str:
@@ -186,7 +193,8 @@ class Basic(FeatureExtractor):
         return list(BASIC)
 
     def statistics(self, stats: dict[str, Tensor]) -> Tensor:
-        return self.group_mean(_stack(stats, BASIC))
+        # with the v_norm column in the same product (the base class then does not append it)
+        return self.group_mean(_stack(stats, BASIC + (("v_norm",) if self.second_moment else ())))
 
 
 @FEATURES.register("basic_plus")
