@@ -207,6 +207,11 @@ def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: lis
     ``norms``, by the norms of its g, new m and (unless ``params`` is None) parameters while they
     are in cache. Returns the float32 vector ``[||g_i||..., ||m_i||..., ||p_i||...]`` (over the
     given tensors or pieces) or None."""
+    if len(runs) == 1:  # one run: the norms come out of one call in the right order
+        sl, beta1, beta2 = runs[0]
+        g, m = grads[sl], exp_avgs[sl]
+        foreach_moments(g, m, exp_avg_sqs[sl], beta1, beta2)
+        return _vector(torch._foreach_norm(g + m + (params[sl] if params is not None else []))) if norms else None
     g_out: list[Tensor] = []
     m_out: list[Tensor] = []
     p_out: list[Tensor] = []
@@ -306,7 +311,7 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
         dot = torch.addcmul(torch.addcmul(c["A"] * m_sq, c["-B"], m_norm_sq_old), c["C"], g_sq)
         out["cos"] = (dot / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
     if "v_norm" in needed:
-        out["v_norm"] = v_sum.clamp_min(0).sqrt()
+        out["v_norm"] = v_sum.sqrt()  # b2 * (sum v_{t-1} >= 0) + (1 - b2) ||g||^2 >= 0
     if "grad_sparsity" in needed:
         out["grad_sparsity"] = 1 - _vector(torch._foreach_norm(grads, 0)) / _numel(grads)
     if "exp_avg_sparsity" in needed:
@@ -360,17 +365,20 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     if not buckets:
         return
     device, dtype = alpha.device, alpha.dtype
+    # host columns: lr * wd and -1 / (sqrt(bc2) * lr / bc1); then decay = 1 - lr wd alpha beta and
+    # scale = -1 / (sqrt(bc2) lr alpha / bc1) in three tensor ops
     host = torch.tensor(
-        [[b.lr * b.weight_decay, b.lr / b.bias_correction1, math.sqrt(b.bias_correction2)] for b in buckets],
+        [[b.lr * b.weight_decay, -1.0 / (math.sqrt(b.bias_correction2) * b.lr / b.bias_correction1)
+          if b.lr else -math.inf] for b in buckets],
         dtype=dtype,
     )
     if device.type != "cpu":
         host = host.to(device, non_blocking=True)
     if index is None:
         index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
-    a, w = alpha.index_select(0, index), beta.index_select(0, index)
-    decay = 1 - host[:, 0] * a * w
-    scale = -1 / (host[:, 2] * host[:, 1] * a)
+    a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index)  # (2, buckets)
+    decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
+    scale = host[:, 1] / a_aw[0]
     scalars = torch.stack([decay, scale]).unbind(1)
     root = 2.0 ** (SQRT_SHIFT // 2)
     for b, (d, c) in zip(buckets, scalars):
