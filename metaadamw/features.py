@@ -96,6 +96,13 @@ def normalised_time(step: Tensor, total_steps: int | None) -> Tensor:
     return step / (step + 1000.0)
 
 
+def normalised_time_value(step: int, total_steps: int | None) -> float:
+    """:func:`normalised_time` of a host step count, in Python (double precision)."""
+    if total_steps:
+        return min(step / total_steps, 1.0)
+    return step / (step + 1000.0)
+
+
 class FeatureExtractor(nn.Module):
     """Base class. Subclasses set ``stats`` and implement ``columns()`` and ``statistics()``.
 

@@ -379,7 +379,7 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index)  # (2, buckets)
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]
-    scalars = torch.stack([decay, scale]).unbind(1)
+    scalars = zip(decay.unbind(0), scale.unbind(0))  # 0-dim views, two ops for all the buckets
     root = 2.0 ** (SQRT_SHIFT // 2)
     for b, (d, c) in zip(buckets, scalars):
         eps = b.eps * math.sqrt(b.bias_correction2)

@@ -205,8 +205,8 @@ class Modulator(nn.Module):
         raw = F.linear(x, self.head.weight, self.head.bias)
         # _multipliers in one op: [alpha, beta, lambda1, lambda2] = sigmoid(raw) * scale + shift
         scale, shift = self._affine(raw)
-        out = torch.addcmul(shift, torch.sigmoid(raw), scale)
-        return Multipliers(alpha=out[:, 0], beta=out[:, 1], lambda1=out[:, 2], lambda2=out[:, 3])
+        alpha, beta, lambda1, lambda2 = torch.addcmul(shift, torch.sigmoid(raw), scale).unbind(1)
+        return Multipliers(alpha=alpha, beta=beta, lambda1=lambda1, lambda2=lambda2)
 
     def _affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
         cached = self.__dict__.get("_affine_cache")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import functional as F
-from metaadamw.features import GroupLayout, normalised_time
+from metaadamw.features import GroupLayout, normalised_time, normalised_time_value
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, layer_type
 from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
@@ -311,7 +311,11 @@ class MetaAdamW(torch.optim.Optimizer):
                 F.single_tensor_moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], *group["betas"])
         if refresh:
             self._update_stats(plan, grads, norms)
-            self._multipliers = self.modulator.infer(self._stats, normalised_time(self._time, self.total_steps))
+            if self.device.type == "cpu":  # the same value from the host's step count, in one op
+                time = torch.tensor(normalised_time_value(self.global_step, self.total_steps))
+            else:  # no host-to-device copy in step()
+                time = normalised_time(self._time, self.total_steps)
+            self._multipliers = self.modulator.infer(self._stats, time)
             self._carry_valid = True
         else:
             self._carry_valid = False
