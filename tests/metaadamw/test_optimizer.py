@@ -476,3 +476,29 @@ def test_cosine_statistic_is_finite_and_exact_with_beta1_zero():
     _train(model, opt, regression_batches(), 3)
     torch.testing.assert_close(opt._stats["cos"], torch.ones_like(opt._stats["cos"]), rtol=0, atol=1e-5)
     assert torch.isfinite(opt.multipliers.alpha).all()
+
+
+def test_cache_blocking_with_frozen_tensors_param_groups_and_skipped_refreshes(monkeypatch):
+    # blocked runs over a subset of tensors (one frozen), two param groups with their own betas,
+    # multipliers reused between refreshes: still exactly AdamW with zero ranges
+    monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
+    monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+
+    def groups(m):
+        named = list(m.named_parameters())
+        m[0].bias.requires_grad_(False)
+        return [{"params": [p for n, p in named if n.endswith("weight")], "param_names": [n for n, _ in named if n.endswith("weight")]},
+                {"params": [p for n, p in named if n.endswith("bias")], "param_names": [n for n, _ in named if n.endswith("bias")],
+                 "betas": (0.8, 0.99), "weight_decay": 0.0}]
+
+    ref = torch.optim.AdamW(groups(ref_model), lr=1e-2, weight_decay=0.05)
+    opt = MetaAdamW(groups(model), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0, refresh_every=3,
+                    **small_kwargs())
+    for t in range(12):
+        _train(ref_model, ref, batches[t % 4:], 1)
+        _train(model, opt, batches[t % 4:], 1)
+    assert opt._plan.blocking is not None and opt._plan.index_tensor is not None
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
