@@ -273,7 +273,9 @@ class MetaAdamW(torch.optim.Optimizer):
         if not any(active):
             return loss
         plan = self._plan
-        if plan is None or plan.active != active or (plan.blocking is not None and not plan.blocking.valid()):
+        betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
+        if (plan is None or plan.active != active or plan.betas != betas
+                or (plan.blocking is not None and not plan.blocking.valid())):
             plan = self._make_plan(active)
         for i in plan.indices:
             self._steps[i] += 1
@@ -414,6 +416,7 @@ class MetaAdamW(torch.optim.Optimizer):
         beta2 = torch.tensor([b[1] for b in betas], device=self.device)
         self._plan = _Plan(
             active=active,
+            betas=[g["betas"] for g in self.param_groups],
             indices=indices,
             all_active=all_active,
             index_tensor=None if all_active else torch.tensor(indices, device=self.device),
@@ -524,6 +527,7 @@ class _Plan:
     """The cached layout of one step for a given set of tensors with gradients."""
 
     active: tuple[bool, ...]
+    betas: list[Any]  # every param_group's betas when the plan was made
     indices: list[int]
     all_active: bool
     index_tensor: Tensor | None

@@ -502,3 +502,22 @@ def test_cache_blocking_with_frozen_tensors_param_groups_and_skipped_refreshes(m
     assert opt._plan.blocking is not None and opt._plan.index_tensor is not None
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_betas_changed_during_training_reach_the_statistics():
+    # a scheduler may change betas: the carried-norm identities must use the new ones
+    batches = lm_batches()
+    models = [TinyTransformer(), TinyTransformer()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MetaAdamW(m.named_parameters(), foreach=f, modulator_heads=1, **small_kwargs())
+            for m, f in zip(models, (True, False))]
+    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
+    for t in range(6):
+        if t == 3:
+            for opt in opts:
+                opt.param_groups[0]["betas"] = (0.5, 0.9)
+        _same_gradients(models, batches[t % 3], lm_loss)
+        for opt in opts:
+            opt.step()
+        torch.testing.assert_close(opts[0]._stats["cos"], opts[1]._stats["cos"], rtol=5e-5, atol=1e-5)
+        torch.testing.assert_close(opts[0]._stats["v_norm"], opts[1]._stats["v_norm"], rtol=5e-5, atol=1e-7)
