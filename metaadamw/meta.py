@@ -212,8 +212,9 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                 double = exact and objective.second_order
                 with sdpa_kernel([SDPBackend.MATH]) if double else contextlib.nullcontext():
                     q.loss_train_prime = loss_fn(model, batch2)
-                if objective.second_order or not exact:
+                if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
                     g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact)
+                if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
                 q.loss_val_prime = loss_fn(model, val_batch)
@@ -255,8 +256,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                     torch._foreach_add_(d_theta, torch._foreach_mul(grad, coef.to(grad[0].dtype)))
             del g_val
             if v is not None:
-                torch._foreach_add_(d_theta, _hessian_vector_fd(model, loss_fn, batch2, active, params, leaves, g_prime,
-                                                                v, rng))
+                torch._foreach_add_(d_theta, _hessian_vector_fd(model, loss_fn, batch2, swap, leaves, g_prime, v, rng))
             del v, g_prime
         meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
         # through theta' to alpha and beta, then once through the encoder
@@ -302,14 +302,14 @@ def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, **kwargs: Any
 
 
 def _hessian_vector_fd(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch2: Any,
-                       active: list[int], params: list[Tensor], leaves: list[Tensor], g_prime: list[Tensor],
-                       v: list[Tensor], rng: "_RngReplay | None") -> list[Tensor]:
+                       swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor], v: list[Tensor],
+                       rng: _RngReplay) -> list[Tensor]:
     """H v for the Hessian H of L(.; batch 2) at theta', as ``(grad L(theta' + eps v) - g') / eps``.
 
     ``eps = sqrt(machine epsilon) (1 + ||theta'||) / ||v||``, the usual step of matrix-free Newton
     methods: it balances the difference's truncation error against float rounding. The forward
     pass replays the random stream of the one that gave g' (same dropout masks). ``leaves``
-    (theta') are moved to theta' + eps v in place."""
+    (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place."""
     dtype = leaves[0].dtype
     v_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))))
     if v_norm == 0.0 or not math.isfinite(v_norm):
@@ -318,12 +318,10 @@ def _hessian_vector_fd(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Ten
         theta_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves))))
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
-    if rng is not None:
-        rng.replay()
-    with swapped_parameters(model, {id(params[i]): x for i, x in zip(active, leaves)}):
+    rng.replay()
+    with swapped_parameters(model, swap):
         hv = _grad(loss_fn(model, batch2), leaves)
-    if rng is not None:
-        rng.resume()
+    rng.resume()
     torch._foreach_sub_(hv, g_prime)
     torch._foreach_div_(hv, eps)
     return hv
