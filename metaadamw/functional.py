@@ -62,9 +62,12 @@ def chunk_slices(numels: list[int], start: int, stop: int, limit: int | None) ->
     return out
 
 
-def can_split(*tensors: Tensor) -> bool:
-    """Whether these same-shape tensors can be cut into matching flat views (all contiguous)."""
-    return all(t.is_contiguous() for t in tensors)
+def is_cut(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, limit: int | None) -> bool:
+    """Whether a parameter and its moments are cut into flat views of ``limit`` elements: larger
+    than that, and all contiguous (so that the views of the three match). One rule for
+    :class:`Blocking` and :meth:`Bucket.split`, whose views must cover the same tensors."""
+    return limit is not None and param.numel() > limit and all(
+        t.is_contiguous() for t in (param, exp_avg, exp_avg_sq))
 
 
 def split_views(t: Tensor, limit: int) -> list[Tensor]:
@@ -77,17 +80,17 @@ class Blocking:
     """Cache blocking of N tensors on the CPU: tensors of more than ``limit`` elements (with
     contiguous parameter and moments) are cut into flat views ("pieces"), and the pieces are
     grouped into runs of about ``limit`` elements within each param_group. Reductions over
-    pieces (norms) are combined back per tensor with :meth:`combine_norms`.
+    pieces (norms) are combined back per tensor with :meth:`combine_norms`. ``limit=None`` is no
+    blocking: the pieces are the tensors, one run per param_group.
 
     The views of parameters and moments are made once; the gradients' each step
     (:meth:`pieces`). :meth:`valid` says whether the cut tensors still own the storage the views
     were made of (``p.data = ...`` replaces it)."""
 
     def __init__(self, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 slices: list[tuple[int, slice]], limit: int):
+                 slices: list[tuple[int, slice]], limit: int | None):
         self.limit = limit
-        self.split = [k for k, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs))
-                      if p.numel() > limit and can_split(p, m, v)]
+        self.split = [k for k, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)) if is_cut(p, m, v, limit)]
         self._split_set = frozenset(self.split)
         self._ptrs = [(t, t.data_ptr()) for k in self.split for t in (params[k], exp_avgs[k], exp_avg_sqs[k])]
         self.params, self.exp_avgs, self.exp_avg_sqs = (self.pieces(x) for x in (params, exp_avgs, exp_avg_sqs))
@@ -160,7 +163,7 @@ class Bucket:
         flags = zero_rows or [False] * len(self.params)
         pieces: tuple[list[Tensor], list[Tensor], list[Tensor], list[bool]] = ([], [], [], [])
         for p, m, v, flag in zip(self.params, self.exp_avgs, self.exp_avg_sqs, flags):
-            cut = limit is not None and p.numel() > limit and can_split(p, m, v)
+            cut = is_cut(p, m, v, limit)
             for out, t in zip(pieces, (p, m, v)):
                 out.extend(split_views(t, limit) if cut else [t])
             pieces[3].extend([flag] * (len(pieces[0]) - len(pieces[3])))
@@ -207,11 +210,6 @@ def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: lis
     ``norms``, by the norms of its g, new m and (unless ``params`` is None) parameters while they
     are in cache. Returns the float32 vector ``[||g_i||..., ||m_i||..., ||p_i||...]`` (over the
     given tensors or pieces) or None."""
-    if len(runs) == 1:  # one run: the norms come out of one call in the right order
-        sl, beta1, beta2 = runs[0]
-        g, m = grads[sl], exp_avgs[sl]
-        foreach_moments(g, m, exp_avg_sqs[sl], beta1, beta2)
-        return _vector(torch._foreach_norm(g + m + (params[sl] if params is not None else []))) if norms else None
     g_out: list[Tensor] = []
     m_out: list[Tensor] = []
     p_out: list[Tensor] = []

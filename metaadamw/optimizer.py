@@ -274,8 +274,7 @@ class MetaAdamW(torch.optim.Optimizer):
             return loss
         plan = self._plan
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
-        if (plan is None or plan.active != active or plan.betas != betas
-                or (plan.blocking is not None and not plan.blocking.valid())):
+        if plan is None or plan.active != active or plan.betas != betas or not plan.blocking.valid():
             plan = self._make_plan(active)
         for i in plan.indices:
             self._steps[i] += 1
@@ -294,19 +293,14 @@ class MetaAdamW(torch.optim.Optimizer):
         if refresh and self.foreach and not self._carry_valid:
             self._recompute_carry()
         norms = None
-        if self.foreach:
+        if self.foreach:  # run by run (cache blocking on the CPU; else one run per param_group)
             groups, bl = self.param_groups, plan.blocking
             with_params = "param_norm" in self.modulator.extractor.required_stats
-            if bl is None:
-                runs = [(sl, *groups[pg]["betas"]) for pg, sl in plan.param_group_slices]
-                norms = F.foreach_moments_and_norms(runs, grads, plan.exp_avgs, plan.exp_avg_sqs,
-                                                    plan.params if with_params else None, refresh)
-            else:  # cache blocking on the CPU: runs of pieces
-                runs = [(sl, *groups[pg]["betas"]) for pg, sl in bl.runs]
-                norms = F.foreach_moments_and_norms(runs, bl.pieces(grads), bl.exp_avgs, bl.exp_avg_sqs,
-                                                    bl.params if with_params else None, refresh)
-                if norms is not None:
-                    norms = bl.combine_norms(norms, 3 if with_params else 2)
+            runs = [(sl, *groups[pg]["betas"]) for pg, sl in bl.runs]
+            norms = F.foreach_moments_and_norms(runs, bl.pieces(grads), bl.exp_avgs, bl.exp_avg_sqs,
+                                                bl.params if with_params else None, refresh)
+            if norms is not None:
+                norms = bl.combine_norms(norms, 3 if with_params else 2)
         else:
             for pg, sl in plan.param_group_slices:
                 group = self.param_groups[pg]
@@ -424,7 +418,7 @@ class MetaAdamW(torch.optim.Optimizer):
             exp_avgs=exp_avgs,
             exp_avg_sqs=exp_avg_sqs,
             param_group_slices=slices,
-            blocking=None if limit is None else F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
+            blocking=F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
             bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
             beta1=beta1,
@@ -535,7 +529,7 @@ class _Plan:
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     param_group_slices: list[tuple[int, slice]]
-    blocking: F.Blocking | None  # cache blocking (CPU only)
+    blocking: F.Blocking  # the runs of the moment pass (cache blocking on the CPU: limit set)
     buckets: list[F.Bucket]
     bucket_groups: Tensor  # the buckets' modulator groups
     beta1: Tensor

@@ -428,13 +428,15 @@ def test_cache_blocking_only_for_large_models_on_the_cpu(monkeypatch):
     model = mlp(0)
     opt = MetaAdamW(model.named_parameters(), **small_kwargs())
     _train(model, opt, regression_batches(), 1)
-    assert opt._plan.blocking is None  # 401 elements: no blocking by default
+    bl = opt._plan.blocking  # 401 elements: no blocking by default - the tensors whole, one run
+    assert bl.limit is None and bl.split == [] and bl.runs == [(0, slice(0, 6))]
+    assert all(a is b for a, b in zip(bl.params, opt._plan.params))
     monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
     monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
     opt._plan = None
     _train(model, opt, regression_batches(), 1)
     bl = opt._plan.blocking
-    assert bl is not None and bl.split == [0, 2]  # the two weights of more than 40 elements (96 and 256)
+    assert bl.limit == 40 and bl.split == [0, 2]  # the two weights of more than 40 elements (96 and 256)
     assert len(bl.params) == 3 + 7 + 4  # 96 -> 3 views, 256 -> 7, four tensors whole
 
 
@@ -499,7 +501,7 @@ def test_cache_blocking_with_frozen_tensors_param_groups_and_skipped_refreshes(m
     for t in range(12):
         _train(ref_model, ref, batches[t % 4:], 1)
         _train(model, opt, batches[t % 4:], 1)
-    assert opt._plan.blocking is not None and opt._plan.index_tensor is not None
+    assert opt._plan.blocking.limit == 40 and opt._plan.index_tensor is not None
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
 
