@@ -40,6 +40,11 @@ HEAD_INITS = ("zero", "default")
 FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)
 
 
+def uses_fused_layer(x: Tensor) -> bool:
+    """Whether inference runs the fused layer for ``x``: measured (and sync-free) on the CPU only."""
+    return FUSED_LAYER is not None and x.device.type == "cpu"
+
+
 class EncoderLayer(nn.Module):
     """Post-norm Transformer encoder layer over one sequence of tokens (no batch dimension)."""
 
@@ -76,7 +81,7 @@ class EncoderLayer(nn.Module):
         optimizer step, where per-op and per-module-call overhead dominate at these sizes. Uses
         the fused kernel behind ``nn.TransformerEncoderLayer``'s inference fast path on the CPU (one
         op per layer, ~30% faster) when this torch has it, else :meth:`infer_eager`."""
-        if FUSED_LAYER is None or x.device.type != "cpu":  # measured (and sync-free) on the CPU only
+        if not uses_fused_layer(x):
             return self.infer_eager(x)
         return self.infer_fused(x.unsqueeze(0)).squeeze(0)
 
@@ -194,7 +199,7 @@ class Modulator(nn.Module):
             x = self.input_proj(x)
         elif self.padding:
             x = F.pad(x, (0, self.padding))
-        if FUSED_LAYER is not None and x.device.type == "cpu":  # the fused layers take (1, tokens, width)
+        if uses_fused_layer(x):  # the fused layers take (1, tokens, width): one unsqueeze for all of them
             x = x.unsqueeze(0)
             for layer in self.layers:
                 x = layer.infer_fused(x)
@@ -202,13 +207,10 @@ class Modulator(nn.Module):
         else:
             for layer in self.layers:
                 x = layer.infer(x)
-        raw = F.linear(x, self.head.weight, self.head.bias)
-        # _multipliers in one op: [alpha, beta, lambda1, lambda2] = sigmoid(raw) * scale + shift
-        scale, shift = self._affine(raw)
-        alpha, beta, lambda1, lambda2 = torch.addcmul(shift, torch.sigmoid(raw), scale).unbind(1)
-        return Multipliers(alpha=alpha, beta=beta, lambda1=lambda1, lambda2=lambda2)
+        return self._multipliers(F.linear(x, self.head.weight, self.head.bias))
 
     def _affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of :meth:`_multipliers`, made once per device and dtype."""
         cached = self.__dict__.get("_affine_cache")
         if cached is None or cached[0].device != like.device or cached[0].dtype != like.dtype:
             scale = torch.tensor([self.alpha_range, self.beta_range, 1.0, 1.0], dtype=like.dtype, device=like.device)
@@ -218,13 +220,11 @@ class Modulator(nn.Module):
         return cached
 
     def _multipliers(self, raw: Tensor) -> Multipliers:
-        s = torch.sigmoid(raw)
-        return Multipliers(
-            alpha=1.0 + self.alpha_range * (s[:, 0] - 0.5),
-            beta=1.0 + self.beta_range * (s[:, 1] - 0.5),
-            lambda1=s[:, 2],
-            lambda2=s[:, 3],
-        )
+        """``alpha = 1 + alpha_range (sigmoid - 1/2)``, likewise beta, ``lambda = sigmoid``: in one
+        op, ``sigmoid(raw) * [alpha_range, beta_range, 1, 1] + [1 - alpha_range / 2, 1 - beta_range / 2, 0, 0]``."""
+        scale, shift = self._affine(raw)
+        alpha, beta, lambda1, lambda2 = torch.addcmul(shift, torch.sigmoid(raw), scale).unbind(1)
+        return Multipliers(alpha=alpha, beta=beta, lambda1=lambda1, lambda2=lambda2)
 
     def penalty(self) -> Tensor | None:
         """Regularisers to add to the meta-loss (the gates' L1 penalty), or None."""
