@@ -45,7 +45,10 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.ablate
-from tests.ablate.fault_scenarios import OBJECT_STORE, checkpoint_epoch, done_ids, killer_script, nanval_plugin, write  # noqa: E402
+from tests.ablate.fault_scenarios import (  # noqa: E402
+    OBJECT_STORE, checkpoint_epoch, divergence_study, done_ids, kill_during_write_study, killer_script, nanval_plugin,
+    node_loss_study, write,
+)
 
 SCENARIOS = ("node_loss", "driver_sigkill", "divergence", "bad_inputs", "kill_during_write")
 
@@ -99,15 +102,7 @@ def node_loss(root: Path) -> dict:
     from ablate.sweep import run_study
 
     epochs = 6
-    spec = write(root / "nodeloss.yaml", f"""\
-        name: nodeloss
-        tasks: [etth1]
-        seeds: 2
-        resources: {{cpus: 1}}
-        retries: 2
-        budget: {{epochs: {epochs}, max_train_batches: 12, patience: 0}}
-        baseline: {{meta_every: 4, modulator_layers: 1}}
-        """)
+    spec = node_loss_study(root / "nodeloss.yaml", epochs)
     study = load_study(spec)
     out = root / "results"
     out_dir = out / "nodeloss"
@@ -206,18 +201,7 @@ def divergence(root: Path) -> dict:
 
     study_dir = root / "study"
     write(study_dir / "fi_nanval.py", nanval_plugin("fi_nanval"))
-    spec = write(study_dir / "diverge.yaml", """\
-        name: diverge
-        tasks: [fi_nanval]
-        seeds: 1
-        plugins: [fi_nanval]
-        budget: {epochs: 4, patience: 0}
-        adamw: {lr: 300.0}
-        baseline: {meta_every: 4, modulator_layers: 1}
-        ablations:
-          objective: [loss_decrease]
-          lr: [1000.0]
-        """)
+    spec = divergence_study(study_dir / "diverge.yaml", "fi_nanval")
     study = load_study(spec)
     outcome = run_study(study, root / "results", num_cpus=2)
     res = load_results(outcome.out_dir)
@@ -281,15 +265,7 @@ def kill_during_write(root: Path) -> dict:
     from ablate.report import report_command
     from ablate.results import load_results
 
-    spec = write(root / "killwrite.yaml", """\
-        name: killwrite
-        tasks: [etth1]
-        seeds: 1
-        budget: {epochs: 2, max_train_batches: 4, patience: 0}
-        baseline: {meta_every: 2, modulator_layers: 1}
-        ablations:
-          objective: [loss_decrease]
-        """)
+    spec = kill_during_write_study(root / "killwrite.yaml")
     killer = write(root / "killer.py", killer_script("FI_KILL_AT"))
     out = root / "results"
     out_dir = out / "killwrite"

@@ -19,6 +19,50 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def node_loss_study(path: Path, epochs: int) -> Path:
+    """Two etth1 trials of ``epochs`` epochs on 1-CPU workers, two retries: one node is killed."""
+    return write(path, f"""\
+        name: nodeloss
+        tasks: [etth1]
+        seeds: 2
+        resources: {{cpus: 1}}
+        retries: 2
+        budget: {{epochs: {epochs}, max_train_batches: 12, patience: 0}}
+        baseline: {{meta_every: 4, modulator_layers: 1}}
+        """)
+
+
+def divergence_study(path: Path, task: str) -> Path:
+    """The NaN-validation task ``task`` (a plugin next to ``path``, see :func:`nanval_plugin`) with
+    arms that diverge: lr=300 with weight decay 1e-2 multiplies the weights by 1 - 300 * 1e-2 = -2 at
+    every AdamW step, so the loss overflows in the second epoch; lr=1000 overflows in the first."""
+    return write(path, f"""\
+        name: diverge
+        tasks: [{task}]
+        seeds: 1
+        plugins: [{task}]
+        budget: {{epochs: 4, patience: 0}}
+        adamw: {{lr: 300.0}}
+        baseline: {{meta_every: 4, modulator_layers: 1}}
+        ablations:
+          objective: [loss_decrease]
+          lr: [1000.0]
+        """)
+
+
+def kill_during_write_study(path: Path) -> Path:
+    """Three short etth1 trials, whose result writes a killer script interrupts."""
+    return write(path, """\
+        name: killwrite
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 2, max_train_batches: 4, patience: 0}
+        baseline: {meta_every: 2, modulator_layers: 1}
+        ablations:
+          objective: [loss_decrease]
+        """)
+
+
 def done_ids(out: Path) -> set[str]:
     """Ids of the trials whose row is on disk."""
     parts = out / PARTS_DIR

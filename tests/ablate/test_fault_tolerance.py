@@ -36,7 +36,10 @@ import torch
 from ablate.results import PARTS_DIR, finished_trial_ids, load_results, write_trial
 from ablate.study import load_study
 from ablate.sweep import run_study
-from tests.ablate.fault_scenarios import OBJECT_STORE, checkpoint_epoch, done_ids, killer_script, nanval_plugin, write
+from tests.ablate.fault_scenarios import (
+    OBJECT_STORE, checkpoint_epoch, divergence_study, done_ids, kill_during_write_study, killer_script, nanval_plugin,
+    node_loss_study, write,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,15 +92,7 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
     from ray.cluster_utils import Cluster
 
     epochs = 6
-    spec = write(tmp_path / "nodeloss.yaml", f"""\
-        name: nodeloss
-        tasks: [etth1]
-        seeds: 2
-        resources: {{cpus: 1}}
-        retries: 2
-        budget: {{epochs: {epochs}, max_train_batches: 12, patience: 0}}
-        baseline: {{meta_every: 4, modulator_layers: 1}}
-        """)
+    spec = node_loss_study(tmp_path / "nodeloss.yaml", epochs)
     study = load_study(spec)
     out = tmp_path / "results"
     out_dir = out / "nodeloss"
@@ -151,20 +146,7 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
 def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop_the_study(tmp_path):
     study_dir = tmp_path / "study"
     write(study_dir / "ft_nanval.py", nanval_plugin("ft_nanval"))
-    # lr=300 with weight decay 1e-2: every AdamW step multiplies the weights by 1 - 300 * 1e-2 = -2,
-    # so the loss overflows in the second epoch; lr=1000 overflows in the first.
-    spec = write(study_dir / "diverge.yaml", """\
-        name: diverge
-        tasks: [ft_nanval]
-        seeds: 1
-        plugins: [ft_nanval]
-        budget: {epochs: 4, patience: 0}
-        adamw: {lr: 300.0}
-        baseline: {meta_every: 4, modulator_layers: 1}
-        ablations:
-          objective: [loss_decrease]
-          lr: [1000.0]
-        """)
+    spec = divergence_study(study_dir / "diverge.yaml", "ft_nanval")
     study = load_study(spec)
     out = tmp_path / "results"
     outcome = run_study(study, out, num_cpus=2)
@@ -314,15 +296,7 @@ def test_a_part_write_that_fails_half_way_leaves_the_results_intact(tmp_path, re
 def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path):
     from ablate.report import report_command
 
-    spec = write(tmp_path / "killwrite.yaml", """\
-        name: killwrite
-        tasks: [etth1]
-        seeds: 1
-        budget: {epochs: 2, max_train_batches: 4, patience: 0}
-        baseline: {meta_every: 2, modulator_layers: 1}
-        ablations:
-          objective: [loss_decrease]
-        """)
+    spec = kill_during_write_study(tmp_path / "killwrite.yaml")
     killer = write(tmp_path / "killer.py", killer_script("FT_KILL_AT"))
     out = tmp_path / "results"
     out_dir = out / "killwrite"
