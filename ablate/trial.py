@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ablate.config import resolve_config, trial_id
+from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
 from ablate.tasks import get_task, move_to_device
 from metaadamw import MetaAdamW
@@ -321,14 +322,9 @@ class Trial:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the checkpoint atomically to ``path`` (a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_bytes(path, buf.getvalue())
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

@@ -88,6 +88,7 @@ from ablate.config import (
     resolve_config,
     validate_value,
 )
+from ablate.files import atomic_write_bytes
 from ablate.study import Study, StudyError, _read_yaml, parse_study
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
@@ -1150,11 +1151,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   f"# Use in a study file: baseline: {{priorities_from: <path to this file>}}\n"
                   f"# priorities are [gradient alignment, loss decrease, generalization gap].\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
-        path = out_dir / BEST_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        files["best"] = path
+        files["best"] = atomic_write_bytes(out_dir / BEST_FILE, text.encode("utf-8"))
     return files
 
 

@@ -24,6 +24,7 @@ flips (digits are not mirror-symmetric) and with a 2-pixel crop padding.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import pickle
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from ablate.files import atomic_write_bytes
 from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
@@ -180,12 +182,10 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
             pass
     arrays = _digits_from_sklearn()
     if path is not None:
+        buf = io.BytesIO()
+        np.savez(buf, train_x=arrays[0], train_y=arrays[1], val_x=arrays[2], val_y=arrays[3])
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, train_x=arrays[0], train_y=arrays[1], val_x=arrays[2], val_y=arrays[3])
-            os.replace(tmp, path)
+            atomic_write_bytes(path, buf.getvalue())
         except OSError:  # a read-only home: no cache, same arrays
             pass
     return arrays
