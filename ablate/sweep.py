@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate import results as store
+from ablate.files import atomic_write_bytes
 from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_study
 
 CHECKPOINT_FILE = "trial.pt"
@@ -74,9 +75,7 @@ def trainable(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             t.save(Path(d) / CHECKPOINT_FILE)
             if stable is not None:
-                stable.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(d) / CHECKPOINT_FILE, stable.with_suffix(".tmp"))
-                os.replace(stable.with_suffix(".tmp"), stable)
+                atomic_write_bytes(stable, (Path(d) / CHECKPOINT_FILE).read_bytes())
             tune.report(_flat_metrics(row), checkpoint=tune.Checkpoint.from_directory(d))
 
     result = trial.run(callback=report)
