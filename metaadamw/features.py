@@ -89,17 +89,12 @@ class GroupLayout:
         )
 
 
-def normalised_time(step: Tensor, total_steps: int | None) -> Tensor:
-    """t / total_steps clipped to 1 when the total is known, else t / (t + 1000) (in [0, 1))."""
+def normalised_time(step: Tensor | int, total_steps: int | None) -> Tensor | float:
+    """t / total_steps clipped to 1 when the total is known, else t / (t + 1000) (in [0, 1)); of a
+    tensor (on the device, no host copy) or of a host step count (a float)."""
     if total_steps:
-        return (step / float(total_steps)).clamp(max=1.0)
-    return step / (step + 1000.0)
-
-
-def normalised_time_value(step: int, total_steps: int | None) -> float:
-    """:func:`normalised_time` of a host step count, in Python (double precision)."""
-    if total_steps:
-        return min(step / total_steps, 1.0)
+        t = step / float(total_steps)
+        return t.clamp(max=1.0) if isinstance(t, Tensor) else min(t, 1.0)
     return step / (step + 1000.0)
 
 

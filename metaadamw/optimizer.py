@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import functional as F
-from metaadamw.features import GroupLayout, normalised_time, normalised_time_value
+from metaadamw.features import GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, layer_type
 from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
@@ -308,7 +308,7 @@ class MetaAdamW(torch.optim.Optimizer):
         if refresh:
             self._update_stats(plan, grads, norms)
             if self.device.type == "cpu":  # the same value from the host's step count, in one op
-                time = torch.tensor(normalised_time_value(self.global_step, self.total_steps))
+                time = torch.tensor(normalised_time(self.global_step, self.total_steps))
             else:  # no host-to-device copy in step()
                 time = normalised_time(self._time, self.total_steps)
             self._multipliers = self.modulator.infer(self._stats, time)
