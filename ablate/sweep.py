@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,18 @@ from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_s
 
 CHECKPOINT_FILE = "trial.pt"
 RESULT_KEY = "ablate_result"
+
+
+class _NoMetricFilesFilter(logging.Filter):
+    """Drops Ray Tune's end-of-run warning that trials have no result.json / progress.csv: a sweep
+    turns those files off on purpose (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``; its results are in
+    the Parquet tables), so the warning, with a FileNotFoundError per trial, would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to fetch metrics")
+
+
+_NO_METRIC_FILES = _NoMetricFilesFilter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +320,8 @@ def run_study(
     # results are stored by the Recorder below: Ray's own per-result CSV/JSON/TensorBoard files
     # would only cost the driver CPU time that the trials need on a small machine
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1":
+        logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
     started = init_ray(study, address, num_cpus)
     try:
         by_id = {t.trial_id: t for t in pending}

@@ -3,6 +3,7 @@ and joining a Ray head started with `ray start --head`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -40,10 +41,27 @@ def _study(tmp_path: Path, name: str = "tiny", *, seeds: int = 2, epochs: int = 
     return path
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, capsys):
     out = tmp_path / "results"
     study = load_study(_study(tmp_path))
-    first = run_study(study, out, num_cpus=2)
+    seen = _Records()
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    analysis_log.addHandler(seen)
+    try:
+        first = run_study(study, out, num_cpus=2)
+    finally:
+        analysis_log.removeHandler(seen)
+    assert not [m for m in seen.messages if "Failed to fetch metrics" in m], \
+        "Tune's warning about the result.json files a sweep turns off on purpose reaches the user"
     assert (first.ran, first.reused, first.failed) == (6, 0, 0)
     res = load_results(out / "tiny")
     t = res.trials
