@@ -20,8 +20,9 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
   forward pass replaying the random stream of the g' pass (same dropout masks). Five forward and
   four backward passes (four and three when g comes from ``.grad``), no second-order graph.
 * ``"exact"``: g' is computed with ``create_graph=True`` and H v comes out of the double backward
-  (the paper). Four forward passes; the one that is differentiated twice runs with the math
-  kernel of ``scaled_dot_product_attention``, since the fused CPU kernels have no double backward.
+  (the paper). Four forward passes; the one that is differentiated twice runs inside
+  :func:`twice_differentiable_kernels` (math attention; on CUDA, no cuDNN), since the fused
+  attention kernels and cuDNN's RNNs have no double backward. Models need no special code.
 
 The model's parameters are never written: theta' lives in separate tensors swapped into the
 modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards
@@ -88,6 +89,19 @@ def swapped_parameters(model: nn.Module, replacements: dict[int, Tensor]) -> Ite
     finally:
         for module, name, p in saved:
             module._parameters[name] = p
+
+
+@contextlib.contextmanager
+def twice_differentiable_kernels(device: torch.device) -> Iterator[None]:
+    """Kernels with a double backward, for the one forward pass that ``meta_gradient="exact"``
+    differentiates twice: the math implementation of ``scaled_dot_product_attention`` (the fused
+    CPU and CUDA kernels have no double backward) and, on CUDA, no cuDNN (its RNN kernels have
+    none either). Every other pass - training steps included - keeps the fast kernels."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if device.type == "cuda":
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        yield
 
 
 @contextlib.contextmanager
@@ -208,9 +222,8 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         g_prime = g_val = None
         with swapped_parameters(model, swap):
             if need_train:
-                # the fused CPU attention kernels cannot be differentiated twice: a double backward needs the math one
                 double = exact and objective.second_order
-                with sdpa_kernel([SDPBackend.MATH]) if double else contextlib.nullcontext():
+                with twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext():
                     q.loss_train_prime = loss_fn(model, batch2)
                 if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
                     g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact)

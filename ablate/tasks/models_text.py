@@ -1,36 +1,18 @@
 """The models of the text tasks: MiniGPT (wikitext2), a Transformer encoder-decoder (multi30k)
 and a bidirectional LSTM classifier (imdb).
 
-Every model is twice differentiable in training mode, because MetaAdamW's meta-update
-back-propagates through a gradient of the training loss:
-
-* attention comes from ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
-  (``batch_first=True``; encoders with ``enable_nested_tensor=False``), whose training path is
-  made of ordinary differentiable operations on the CPU;
-* on CUDA the fused kernels (flash / memory-efficient attention, cuDNN RNNs) have no double
-  backward, so the forward passes run inside :func:`double_differentiable`, which restricts
-  scaled-dot-product attention to its math implementation and switches cuDNN off.
+Every model is twice differentiable in training mode, as ``meta_gradient="exact"`` needs:
+attention comes from ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``
+(``batch_first=True``; encoders with ``enable_nested_tensor=False``), and the one pass that is
+differentiated twice runs inside :func:`metaadamw.meta.twice_differentiable_kernels` (math
+attention, no cuDNN on CUDA). Every other forward pass - training, evaluation and the default
+finite-difference meta-update - runs on the fast kernels (flash attention, cuDNN LSTMs).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-
-@contextlib.contextmanager
-def double_differentiable(device: torch.device) -> Iterator[None]:
-    """On CUDA: math attention and no cuDNN, so the forward can be back-propagated twice.
-    Elsewhere the default kernels already are, and nothing changes."""
-    if device.type != "cuda":
-        yield
-        return
-    with sdpa_kernel([SDPBackend.MATH]), torch.backends.cudnn.flags(enabled=False):
-        yield
 
 
 def causal_mask(length: int, device: torch.device) -> torch.Tensor:
@@ -76,8 +58,7 @@ class MiniGPT(nn.Module):
             raise ValueError(f"MiniGPT: sequence length {length} exceeds block_size {self.block_size}")
         pos = torch.arange(length, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        with double_differentiable(idx.device):
-            x = self.blocks(x, mask=causal_mask(length, idx.device), is_causal=True)
+        x = self.blocks(x, mask=causal_mask(length, idx.device), is_causal=True)
         return self.head(self.ln_f(x))
 
 
@@ -134,21 +115,19 @@ class Seq2SeqTransformer(nn.Module):
 
     def encode(self, src: torch.Tensor) -> torch.Tensor:
         """Encoder states ``(B, S, d_model)`` of the source ids."""
-        with double_differentiable(src.device):
-            return self.encoder(self._embed(src), src_key_padding_mask=src == self.pad_id)
+        return self.encoder(self._embed(src), src_key_padding_mask=src == self.pad_id)
 
     def decode(self, memory: torch.Tensor, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, T, V)`` for every prefix of ``tgt_in`` given the encoded ``src``."""
         length = tgt_in.shape[1]
-        with double_differentiable(tgt_in.device):
-            x = self.decoder(
-                self._embed(tgt_in),
-                memory,
-                tgt_mask=causal_mask(length, tgt_in.device),
-                tgt_is_causal=True,
-                tgt_key_padding_mask=tgt_in == self.pad_id,
-                memory_key_padding_mask=src == self.pad_id,
-            )
+        x = self.decoder(
+            self._embed(tgt_in),
+            memory,
+            tgt_mask=causal_mask(length, tgt_in.device),
+            tgt_is_causal=True,
+            tgt_key_padding_mask=tgt_in == self.pad_id,
+            memory_key_padding_mask=src == self.pad_id,
+        )
         return self.out(x)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -214,13 +193,12 @@ class BiLSTMClassifier(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         lengths = (ids != self.pad_id).sum(1).clamp(min=1)
         x = self.drop(self.embed(ids[:, : int(lengths.max())]))
-        with double_differentiable(ids.device):
-            for layer, (fwd_lstm, bwd_lstm) in enumerate(zip(self.forward_lstms, self.backward_lstms)):
-                if layer:
-                    x = self.drop(x)
-                fwd = fwd_lstm(x)[0]
-                bwd = reverse_padded(bwd_lstm(reverse_padded(x, lengths))[0], lengths)
-                x = torch.cat([fwd, bwd], dim=2)
+        for layer, (fwd_lstm, bwd_lstm) in enumerate(zip(self.forward_lstms, self.backward_lstms)):
+            if layer:
+                x = self.drop(x)
+            fwd = fwd_lstm(x)[0]
+            bwd = reverse_padded(bwd_lstm(reverse_padded(x, lengths))[0], lengths)
+            x = torch.cat([fwd, bwd], dim=2)
         last = (lengths - 1).view(-1, 1, 1).expand(-1, 1, fwd.shape[2])
         final = torch.cat([fwd.gather(1, last)[:, 0], bwd[:, 0]], dim=1)  # forward at the end, backward at the start
         return self.fc(self.drop(final))

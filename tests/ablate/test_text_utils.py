@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from ablate.tasks import DatasetNotFoundError
-from ablate.tasks.models_text import double_differentiable
 from ablate.tasks.text import (
     BOS_ID,
     EOS_ID,
@@ -94,13 +93,3 @@ def test_unigram_cross_entropy_by_hand():
     train, evaluated = torch.tensor([1, 1, 2]), torch.tensor([1, 3])
     expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
     assert unigram_cross_entropy(train, evaluated, 4) == pytest.approx(expected)
-
-
-def test_double_differentiable_is_a_no_op_on_cpu():
-    cudnn = torch.backends.cudnn.enabled
-    with double_differentiable(torch.device("cpu")):
-        assert torch.backends.cudnn.enabled == cudnn
-        x = torch.ones(2, requires_grad=True)
-        (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
-        (gg,) = torch.autograd.grad(g.sum(), x)
-    assert torch.equal(gg, torch.full((2,), 6.0))

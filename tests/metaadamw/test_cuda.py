@@ -44,3 +44,29 @@ def test_finite_difference_meta_gradient_replays_the_cuda_dropout_masks():
         assert not opt.meta_step(model, lm_loss, *batches).skipped
         changes.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, opt.meta_parameters())]))
     assert (changes[0] - changes[1]).norm() / changes[0].norm() < 5e-3
+
+
+def test_exact_meta_update_through_a_cudnn_lstm_and_training_keeps_cudnn():
+    # cuDNN's LSTM has no double backward: exact mode turns cuDNN off for that one pass only
+    from ablate.tasks.models_text import BiLSTMClassifier
+
+    torch.manual_seed(0)
+    model = BiLSTMClassifier(vocab_size=50, embed_dim=8, hidden_size=8, num_layers=1, num_classes=2,
+                             dropout=0.0, pad_id=0).cuda().train()
+    opt = MetaAdamW(model.named_parameters(), meta_gradient="exact", meta_lr=1.0, **_small())
+    batches = [(torch.randint(1, 50, (4, 12), device="cuda"), torch.randint(0, 2, (4,), device="cuda"))
+               for _ in range(3)]
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    loss_fn(model, batches[0]).backward()
+    opt.step()
+    assert not opt.meta_step(model, loss_fn, *batches).skipped
+    assert torch.backends.cudnn.enabled
+
+
+def _small():
+    from tests.metaadamw.helpers import small_kwargs
+
+    return small_kwargs()

@@ -350,6 +350,37 @@ def test_finite_difference_leaves_the_random_stream_where_the_exact_path_leaves_
     assert torch.equal(draws[0], draws[1])
 
 
+def _kernel_flags():
+    return (torch.backends.cudnn.enabled, torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_only_the_twice_differentiated_pass_gives_up_the_fused_kernels(device):
+    # exact mode: math attention (and no cuDNN on CUDA: its RNNs have no double backward) inside
+    # the context, the caller's kernel settings everywhere else (training steps keep flash / cuDNN)
+    from metaadamw.meta import twice_differentiable_kernels
+
+    outside = _kernel_flags()
+    assert outside[0] and outside[1], "torch's defaults: cuDNN and flash attention on"
+    with twice_differentiable_kernels(torch.device(device)):
+        cudnn, flash, efficient, math_ = _kernel_flags()
+        assert (flash, efficient, math_) == (False, False, True)
+        assert cudnn == (device == "cpu")
+    assert _kernel_flags() == outside
+
+
+def test_exact_meta_update_of_a_model_without_special_code_is_twice_differentiable():
+    # nn.TransformerEncoderLayer picks the fused attention kernel in training mode; the exact
+    # meta-update must still work with a model that does nothing about it (and leave it fast)
+    model = TinyTransformer(dropout=0.0).train()
+    opt = MetaAdamW(model.named_parameters(), meta_gradient="exact", **small_kwargs())
+    before = _meta_state(opt)
+    assert not opt.meta_step(model, lm_loss, *lm_batches()).skipped
+    assert any(_changed(before, opt))
+    assert _kernel_flags()[1], "flash attention is switched back on after the meta-update"
+
+
 def test_unknown_meta_gradient_is_a_clear_error():
     with pytest.raises(ValueError, match="meta_gradient must be one of"):
         MetaAdamW(mlp(0).named_parameters(), meta_gradient="hessian", **small_kwargs())
