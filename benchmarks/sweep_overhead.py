@@ -1,7 +1,7 @@
 """Sweep throughput and the framework's own cost per trial, on real Ray Tune.
 
-Runs the same fixed set of trials (embedded CIFAR-10, 3 whole epochs, 1 CPU per trial) twice in one
-process: one trial at a time, then two at a time, each into a fresh results directory, and prints
+Runs the same fixed set of trials (1 CPU each) twice in one process: one trial at a time, then two
+at a time, each into a fresh results directory, and prints
 
 * the speed-up of two concurrent 1-CPU trials over one at a time (target: >= 1.7x on 2 cores);
 * the framework's own cost per trial: the sweep's wall time minus the trials' own training,
@@ -9,11 +9,21 @@ process: one trial at a time, then two at a time, each into a fresh results dire
   number of trials - Ray scheduling, worker start-up, task building, checkpoints and result
   writing (target: < 2 s).
 
-Ray is started once (2 CPUs) and shared by both runs, as in a real session, and warmed up by a
-small unmeasured sweep (worker processes started, torch imported). The last line is one JSON object with the figures.
+The fixed set of trials (``--workload``):
 
-    python benchmarks/sweep_overhead.py            # 8 trials per run (about 2 minutes)
-    python benchmarks/sweep_overhead.py --trials 4 # quicker
+* ``main`` (default): the README's main job in miniature - the baseline (MetaAdamW) and AdamW
+  trials of ``search_spaces/quick.yaml`` on all five embedded tasks, with that file's budget,
+  for ``--seeds`` seeds (2: 20 trials of 1-8 s, about 2.5 minutes in all);
+* ``short``: embedded CIFAR-10 only, ``--epochs`` epochs (3: ~1.7 s a trial), ``--trials`` trials -
+  a stress case where the ~3.5 s start of each run's Ray Tune actors (paid once by both runs)
+  weighs against a few seconds of training.
+
+Ray is started once (2 CPUs) and shared by both runs, as in a real session, and warmed up by a
+small unmeasured sweep. The last line is one JSON object with the figures.
+
+    python benchmarks/sweep_overhead.py                            # the main job's trials
+    python benchmarks/sweep_overhead.py --workload short           # 8 trials of 3 epochs
+    python benchmarks/sweep_overhead.py --workload short --epochs 9
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from pathlib import Path
 
 TARGET_SPEEDUP = 1.7
 TARGET_OVERHEAD_S = 2.0
+QUICK = Path(__file__).resolve().parent.parent / "search_spaces" / "quick.yaml"
 
 
 def _study_file(directory: Path, name: str, trials: int, batches: int | None, task: str, epochs: int = 3) -> Path:
@@ -41,6 +52,20 @@ def _study_file(directory: Path, name: str, trials: int, batches: int | None, ta
         resources: {{cpus: 1, gpus: 0}}
         baseline: {{meta_per_epoch: 2}}
         """))
+    return path
+
+
+def _main_job_file(directory: Path, name: str, seeds: int) -> Path:
+    """The baseline and AdamW trials of ``search_spaces/quick.yaml`` (its tasks, data, budget and
+    baseline), for ``seeds`` seeds."""
+    import yaml
+
+    quick = yaml.safe_load(QUICK.read_text())
+    spec = {"name": name, "data": quick.get("data", "embedded"), "tasks": quick["tasks"], "seeds": seeds,
+            "budget": quick["budget"], "resources": {"cpus": 1, "gpus": 0}, "adamw": True,
+            "baseline": quick.get("baseline", {})}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
@@ -59,10 +84,15 @@ def _run(spec: Path, out: Path, concurrent: int) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=8, help="trials per run (even; default 8)")
-    ap.add_argument("--batches", type=int, default=None, help="cap on training batches per epoch (default: whole epochs)")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per trial (default 3)")
-    ap.add_argument("--task", default="cifar10", help="embedded task of the fixed trial set (default cifar10: ~3 s a trial)")
+    ap.add_argument("--workload", choices=("main", "short"), default="main",
+                    help="main (default): quick.yaml's baseline and AdamW trials on all five tasks; short: --trials "
+                         "trials of one task")
+    ap.add_argument("--seeds", type=int, default=2, help="main workload: seeds (2 trials per task and seed; default 2)")
+    ap.add_argument("--trials", type=int, default=8, help="short workload: trials per run (even; default 8)")
+    ap.add_argument("--batches", type=int, default=None, help="short workload: cap on training batches per epoch "
+                                                              "(default: whole epochs)")
+    ap.add_argument("--epochs", type=int, default=3, help="short workload: epochs per trial (default 3)")
+    ap.add_argument("--task", default="cifar10", help="short workload: the embedded task (default cifar10: ~1.7 s a trial)")
     args = ap.parse_args()
 
     import ray
@@ -73,9 +103,12 @@ def main() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        serial = _study_file(tmp, "serial", args.trials, args.batches, args.task, args.epochs)
-        parallel = _study_file(tmp, "parallel", args.trials, args.batches, args.task, args.epochs)
-        warmup = _study_file(tmp, "warmup", 2, 2, args.task)
+        if args.workload == "main":
+            serial, parallel = (_main_job_file(tmp, name, args.seeds) for name in ("serial", "parallel"))
+        else:
+            serial, parallel = (_study_file(tmp, name, args.trials, args.batches, args.task, args.epochs)
+                                for name in ("serial", "parallel"))
+        warmup = _study_file(tmp, "warmup", 2, 2, "cifar10")
         init_ray(load_study(serial), num_cpus=2)
         try:
             _run(warmup, tmp / "out", concurrent=2)  # start the workers and import torch in them: not measured
@@ -94,7 +127,7 @@ def main() -> None:
           f"{'PASS' if speedup >= TARGET_SPEEDUP else 'MISS'})")
     print(f"framework cost per trial: {overhead:.2f} s (target < {TARGET_OVERHEAD_S} s: "
           f"{'PASS' if overhead < TARGET_OVERHEAD_S else 'MISS'})")
-    print(json.dumps({"trials": n_1, "serial_wall_s": round(wall_1, 2), "parallel_wall_s": round(wall_2, 2),
+    print(json.dumps({"workload": args.workload, "trials": n_1, "serial_wall_s": round(wall_1, 2), "parallel_wall_s": round(wall_2, 2),
                       "speedup": round(speedup, 3), "framework_s_per_trial": round(overhead, 3)}))
 
 
