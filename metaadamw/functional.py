@@ -236,23 +236,30 @@ def _vector(values: list[Tensor]) -> Tensor:
     return torch.stack([v.float() for v in values])
 
 
-def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
-                        exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], params: list[Tensor],
-                        beta1: Tensor, beta2: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Every statistic computed directly from the tensors (the carried vectors are not used).
+def direct_stats(needed: frozenset[str], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 params: list[Tensor], foreach: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Every statistic computed directly from the tensors: ``(stats, ||m||, sum v)``.
 
     ``exp_avgs`` and ``exp_avg_sqs`` are the moments after this step's update, ``params`` the
-    parameters at which the gradients were taken. Returns ``(stats, ||m_t||^2, sum v_t)``."""
+    parameters at which the gradients were taken. ``foreach`` takes the norms with one
+    ``torch._foreach_norm`` call instead of one kernel per tensor."""
     out: dict[str, Tensor] = {}
-    g_norm = _vector([g.float().norm() for g in grads])
-    m_norm = _vector([m.float().norm() for m in exp_avgs])
-    v_sum = _vector([v.float().sum() for v in exp_avg_sqs])
+    p_norm = None
+    if foreach:
+        n = len(grads)
+        norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if "param_norm" in needed else [])))
+        g_norm, m_norm, p_norm = norms[:n], norms[n:2 * n], norms[2 * n:]
+        v_sum = _vector(torch._foreach_norm(exp_avg_sqs, 1))  # v >= 0: its L1 norm is its sum
+    else:
+        g_norm = _vector([g.float().norm() for g in grads])
+        m_norm = _vector([m.float().norm() for m in exp_avgs])
+        v_sum = _vector([v.float().sum() for v in exp_avg_sqs])
     if "grad_norm" in needed:
         out["grad_norm"] = g_norm
     if "exp_avg_norm" in needed:
         out["exp_avg_norm"] = m_norm
     if "param_norm" in needed:
-        out["param_norm"] = _vector([p.float().norm() for p in params])
+        out["param_norm"] = p_norm if p_norm is not None else _vector([p.float().norm() for p in params])
     if "cos" in needed:
         dots = _vector([torch.dot(g.float().flatten(), m.float().flatten()) for g, m in zip(grads, exp_avgs)])
         out["cos"] = (dots / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
@@ -262,6 +269,15 @@ def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_o
         out["grad_sparsity"] = _vector([(g == 0).float().mean() for g in grads])
     if "exp_avg_sparsity" in needed:
         out["exp_avg_sparsity"] = _vector([(m == 0).float().mean() for m in exp_avgs])
+    return out, m_norm, v_sum
+
+
+def single_tensor_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
+                        exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], params: list[Tensor],
+                        beta1: Tensor, beta2: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Every statistic computed directly from the tensors, one at a time (the carried vectors are
+    not used; the reference for :func:`foreach_stats`). Returns ``(stats, ||m_t||^2, sum v_t)``."""
+    out, m_norm, v_sum = direct_stats(needed, grads, exp_avgs, exp_avg_sqs, params)
     return out, m_norm * m_norm, v_sum
 
 

@@ -175,22 +175,8 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         # 2. hypothetical moments and features at theta
         theta = [params[i].detach() for i in active]
         groups = [opt.param_groups[opt.tensor_info[i].param_group] for i in active]
-        m_new, v_new, bc1, bc2 = [], [], [], []
-        for i, gi, grp in zip(active, g, groups):
-            st = opt.state[params[i]]
-            b1, b2 = grp["betas"]
-            m_old = st.get("exp_avg", torch.zeros_like(gi))
-            v_old = st.get("exp_avg_sq", torch.zeros_like(gi))
-            m_new.append(m_old.lerp(gi, 1 - b1))
-            v_new.append(v_old * b2 + (1 - b2) * gi * gi)
-            t = opt._steps[i] + 1
-            bc1.append(1 - b1**t)
-            bc2.append(1 - b2**t)
-        beta1 = torch.tensor([grp["betas"][0] for grp in groups], device=opt.device)
-        beta2 = torch.tensor([grp["betas"][1] for grp in groups], device=opt.device)
-        zeros = torch.zeros(len(active), device=opt.device)
-        stats, _, _ = F.single_tensor_stats(opt.modulator.extractor.required_stats, g, zeros, zeros, m_new, v_new,
-                                            theta, beta1, beta2)
+        m_new, v_new = _hypothetical_moments(opt, [params[i] for i in active], g, groups)
+        stats, _, _ = F.direct_stats(opt.modulator.extractor.required_stats, g, m_new, v_new, theta, foreach=True)
         stats = opt.full_stats(stats, None if len(active) == len(params) else torch.tensor(active, device=opt.device))
         time = normalised_time(opt._time + 1, opt.total_steps)
         was_training = opt.modulator.training
@@ -201,20 +187,30 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         outputs = [mult.alpha, mult.beta, mult.lambda1, mult.lambda2]
         alpha, beta, lambda1, lambda2 = cut = [x.detach().requires_grad_() for x in outputs]
 
-        # 3. theta', differentiable in alpha and beta
+        # 3. theta' = theta * decay - scale * direction, with per-tensor scalars decay and scale that
+        # carry the graph to alpha and beta (the tensors themselves need none: see _chain_to_multipliers)
         group_idx = [opt._group_of[i] for i in active]
         index = torch.tensor(group_idx, device=opt.device)
+        steps = [opt._steps[i] + 1 for i in active]
+        lr_wd = torch.tensor([grp["lr"] * grp["weight_decay"] for grp in groups], device=opt.device)
+        lr_bc1 = torch.tensor([grp["lr"] / (1 - grp["betas"][0] ** t) for grp, t in zip(groups, steps)],
+                              device=opt.device)
         a, w = alpha.index_select(0, index), beta.index_select(0, index)
-        theta_prime = []
-        for k, (p, grp) in enumerate(zip(theta, groups)):
-            direction = m_new[k] / ((v_new[k] / bc2[k]).sqrt_() + grp["eps"])  # the Adam direction, a constant
-            m_new[k] = v_new[k] = None  # free the moments as we go: only theta' and its graph stay alive
-            decay = 1 - grp["lr"] * grp["weight_decay"] * a[k] * w[k]
-            theta_prime.append(p * decay.to(p.dtype) - (grp["lr"] / bc1[k]) * a[k].to(p.dtype) * direction)
+        decay = 1 - lr_wd * a * w
+        scale = lr_bc1 * a
+        # the Adam direction m'_hat / (sqrt(v'_hat) + eps), a constant, made in place in the moments
+        torch._foreach_div_(v_new, [1 - grp["betas"][1] ** t for grp, t in zip(groups, steps)])
+        torch._foreach_sqrt_(v_new)
+        torch._foreach_add_(v_new, [grp["eps"] for grp in groups])
+        torch._foreach_div_(m_new, v_new)
+        direction = m_new
         del m_new, v_new
+        theta_prime = torch._foreach_mul(theta, decay.detach().tolist())
+        for tp, d, c in zip(theta_prime, direction, scale.detach().tolist()):
+            tp.add_(d, alpha=-c)
 
-        # 4. losses at theta' (leaf tensors cut from the graph of step 3) and at theta
-        leaves = [t.detach().requires_grad_() for t in theta_prime]
+        # 4. losses at theta' (leaf tensors: the graph to alpha and beta runs through decay and scale) and at theta
+        leaves = [t.requires_grad_() for t in theta_prime]
         swap = {id(params[i]): leaf for i, leaf in zip(active, leaves)}
         q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
                            lambda2=lambda2)
@@ -273,7 +269,8 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
             del v, g_prime
         meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
         # through theta' to alpha and beta, then once through the encoder
-        d_alpha, d_beta = _grad(theta_prime, [alpha, beta], grad_outputs=d_theta)
+        d_alpha, d_beta = _chain_to_multipliers(d_theta, theta, direction, decay, scale, [alpha, beta])
+        del direction, d_theta
         d_out[0] = d_alpha if d_out[0] is None else d_out[0] + d_alpha
         d_out[1] = d_beta if d_out[1] is None else d_out[1] + d_beta
         d_out = [torch.zeros_like(x) if d is None else d for d, x in zip(d_out, outputs)]
@@ -300,6 +297,41 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
     for p in meta_params:
         p.grad = None
     return record
+
+
+def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor],
+                          groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor]]:
+    """m' and v', the AdamW moments after one more step with gradients ``g`` (zero moments for
+    tensors that have not stepped yet), in one foreach pass per distinct ``betas``."""
+    m_new: list[Tensor] = [None] * len(g)  # type: ignore[list-item]
+    v_new: list[Tensor] = [None] * len(g)  # type: ignore[list-item]
+    by_betas: dict[tuple[float, float], list[int]] = {}
+    for k, grp in enumerate(groups):
+        by_betas.setdefault(tuple(grp["betas"]), []).append(k)
+    for (b1, b2), ks in by_betas.items():
+        states = [opt.state[params[k]] for k in ks]
+        gs = [g[k] for k in ks]
+        m = torch._foreach_lerp([st["exp_avg"] if "exp_avg" in st else torch.zeros_like(gk)
+                                 for st, gk in zip(states, gs)], gs, 1 - b1)
+        v = torch._foreach_mul([st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(gk)
+                                for st, gk in zip(states, gs)], b2)
+        torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
+        for j, k in enumerate(ks):
+            m_new[k], v_new[k] = m[j], v[j]
+    return m_new, v_new
+
+
+def _chain_to_multipliers(d_theta: list[Tensor], theta: list[Tensor], direction: list[Tensor], decay: Tensor,
+                          scale: Tensor, multipliers: list[Tensor]) -> list[Tensor]:
+    """The gradient for alpha and beta from that for theta'. ``theta'_k = theta_k decay_k - scale_k
+    direction_k`` is linear in the per-tensor scalars, so ``d decay_k = <d theta'_k, theta_k>`` and
+    ``d scale_k = -<d theta'_k, direction_k>``: two dot products per tensor and a backward pass
+    through the few scalar operations that made decay and scale, instead of one through every
+    element of theta'."""
+    dots = [torch.dot(d.flatten(), x.flatten()) for d, x in zip(d_theta + d_theta, theta + direction)]
+    n = len(theta)
+    d_decay, d_scale = torch.stack(dots[:n]).to(decay.dtype), -torch.stack(dots[n:]).to(scale.dtype)
+    return _grad([decay, scale], multipliers, grad_outputs=[d_decay, d_scale])
 
 
 def _leaf(x: Tensor | None) -> Tensor | None:

@@ -167,13 +167,14 @@ class Modulator(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def set_training(self, mode: bool) -> None:
-        """``train(mode)`` without the recursive walk and ``__setattr__`` of every submodule (the
-        meta-update switches modes twice per call; ``train()`` costs ~0.4 ms on an 8-layer encoder)."""
+        """``train(mode)`` without the recursive walk and ``nn.Module.__setattr__`` of every submodule
+        (the meta-update switches modes twice per call; ``train()`` costs ~0.4 ms on an 8-layer
+        encoder). ``training`` is a plain attribute, so ``object.__setattr__`` sets it the same way."""
         modules = self.__dict__.get("_flat_modules")  # the modulator's modules are fixed at construction
         if modules is None:
             modules = self.__dict__["_flat_modules"] = list(self.modules())
         for m in modules:
-            m.training = mode
+            object.__setattr__(m, "training", mode)
 
     def encode(self, features: Tensor) -> Tensor:
         """(groups, in_width) features -> (groups, 4) raw outputs."""

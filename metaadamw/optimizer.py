@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Iterable, Sequence
 
@@ -192,7 +193,10 @@ class MetaAdamW(torch.optim.Optimizer):
             objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
             form=weighting_form,
         ).to(self.device)
-        make = META_OPTIMIZERS[meta_optimizer] if isinstance(meta_optimizer, str) else meta_optimizer
+        if isinstance(meta_optimizer, str):  # the modulator has many small tensors: foreach also on the CPU
+            make = functools.partial(META_OPTIMIZERS[meta_optimizer], foreach=True)
+        else:
+            make = meta_optimizer
         self.meta_optimizer = make(self.meta_parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
 
         n = len(self._params)

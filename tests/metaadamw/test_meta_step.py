@@ -420,3 +420,48 @@ def test_batch1_none_without_gradients_is_a_clear_error():
     opt = MetaAdamW(model.named_parameters(), **small_kwargs())
     with pytest.raises(ValueError, match=r"after loss.backward\(\) and before step\(\)"):
         opt.meta_step(model, mse, None, *regression_batches(2))
+
+
+def test_chain_through_theta_prime_matches_autograd_through_every_element():
+    # theta' = theta * decay - scale * direction is linear in the per-tensor scalars: the meta-update
+    # takes d alpha, d beta from two dot products per tensor; autograd through theta' must agree
+    from metaadamw.meta import _chain_to_multipliers
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 3)]
+    theta = [torch.randn(s, generator=g) for s in shapes]
+    direction = [torch.randn(s, generator=g) for s in shapes]
+    d_theta = [torch.randn(s, generator=g) for s in shapes]
+    alpha = torch.tensor([1.3, 0.7], requires_grad=True)
+    beta = torch.tensor([0.9, 1.4], requires_grad=True)
+    index = torch.tensor([0, 1, 1])
+    a, w = alpha.index_select(0, index), beta.index_select(0, index)
+    decay = 1 - torch.tensor([1e-2, 2e-2, 3e-2]) * a * w
+    scale = torch.tensor([0.5, 0.25, 0.125]) * a
+    theta_prime = [p * decay[k] - scale[k] * d for k, (p, d) in enumerate(zip(theta, direction))]
+    want = torch.autograd.grad(theta_prime, [alpha, beta], grad_outputs=d_theta, retain_graph=True)
+    got = _chain_to_multipliers(d_theta, theta, direction, decay, scale, [alpha, beta])
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert want[1].abs().min() > 0, "beta gets a gradient through the weight decay"
+
+
+def test_direct_stats_with_foreach_norms_match_the_per_tensor_reference():
+    from metaadamw import functional as F
+    from metaadamw.features import TENSOR_STATS
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(7, 3), (11,), (4, 4)]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    grads[1][:5] = 0
+    m = [torch.randn(s, generator=g) for s in shapes]
+    v = [torch.rand(s, generator=g) for s in shapes]
+    p = [torch.randn(s, generator=g) for s in shapes]
+    needed = frozenset(TENSOR_STATS)
+    ref, m_ref, v_ref = F.direct_stats(needed, grads, m, v, p)
+    fast, m_fast, v_fast = F.direct_stats(needed, grads, m, v, p, foreach=True)
+    assert ref.keys() == fast.keys() == needed
+    for k in needed:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)
+    torch.testing.assert_close(m_fast, m_ref)
+    torch.testing.assert_close(v_fast, v_ref)
