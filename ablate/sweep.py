@@ -153,6 +153,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.done = self.failed = 0
             self.start = time.monotonic()
             self.written: set[str] = set()
+            self.eta = TimeLeft([spec.task for spec in by_id.values()])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if RESULT_KEY not in result:
@@ -163,6 +164,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
             self.done += 1
+            self.eta.finished(spec.task, row.get("time_total_s"))
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: {row['status']} "
                                    f"{row['metric']}={row['best_metric']:.5g}")
 
@@ -171,18 +173,52 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             error = _trial_error(trial)
             store.write_trial(out_dir, _failed_row(spec, study, error))
             self.failed += 1
+            self.eta.finished(spec.task, None)
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({error.strip().splitlines()[-1]})")
 
         def _progress(self, trials, last: str) -> None:
             running = sum(1 for t in trials if t.status == "RUNNING")
             finished = self.done + self.failed
-            elapsed = time.monotonic() - self.start
-            left = total - reused - finished
-            eta = f", about {_duration(elapsed / finished * left)} left" if finished and left else ""
+            seconds = self.eta.seconds_left(time.monotonic() - self.start)
+            eta = f", about {_duration(seconds)} left" if seconds is not None else ""
             print(f"[{reused + finished}/{total} done ({reused} reused), {running} running, {self.failed} failed"
                   f"{eta}] {last}", flush=True)
 
     return Recorder()
+
+
+class TimeLeft:
+    """The estimate of a sweep's time left: the trials still to run, each at the mean duration of
+    the finished trials of its task (of all finished trials, for a task with none yet), converted
+    to wall time by the run's own ratio of wall time to trial time so far (which takes in the
+    concurrent slots and the framework's cost). Tasks differ by 10x in trial length, so a plain
+    "elapsed / finished x left" is far off while the first, short, tasks finish."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.left: dict[str, int] = {}
+        for task in tasks:
+            self.left[task] = self.left.get(task, 0) + 1
+        self.durations: dict[str, list[float]] = {}
+        self.count = 0
+
+    def finished(self, task: str, seconds: float | None) -> None:
+        """One trial of ``task`` ended, after ``seconds`` of trial time (None: unknown, e.g. failed)."""
+        self.left[task] = max(0, self.left.get(task, 0) - 1)
+        self.count += 1
+        if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+            self.durations.setdefault(task, []).append(float(seconds))
+
+    def seconds_left(self, elapsed: float) -> float | None:
+        """Wall seconds left, or None when nothing is left or nothing is known yet."""
+        if not any(self.left.values()) or not self.count:
+            return None
+        known = [d for ds in self.durations.values() for d in ds]
+        if not known or sum(known) <= 0:
+            return elapsed / self.count * sum(self.left.values())
+        overall = sum(known) / len(known)
+        work_left = sum(n * (sum(self.durations[t]) / len(self.durations[t]) if self.durations.get(t) else overall)
+                        for t, n in self.left.items())
+        return work_left * elapsed / sum(known)
 
 
 def _trial_error(trial) -> str:

@@ -203,3 +203,21 @@ def test_trials_are_handed_to_ray_longest_first(tmp_path):
     assert [t.trial_id for t in ordered[:4]] == meta, "among equals the study's own order is kept"
     longer = dataclasses.replace(study.trials[-1], config={**study.trials[-1].config, "epochs": 5})
     assert longest_first([*study.trials[:-1], longer])[0] is longer, "more epochs first"
+
+
+def test_time_left_weighs_the_trials_still_to_run_by_their_tasks():
+    from ablate.sweep import TimeLeft
+
+    eta = TimeLeft(["short"] * 3 + ["long"] * 2)
+    assert eta.seconds_left(5.0) is None, "nothing finished: no estimate"
+    eta.finished("short", 1.0)
+    # no long trial finished yet: every trial left counts at the mean so far (1 s); wall/trial = 4/1
+    assert eta.seconds_left(4.0) == pytest.approx(4 * 1.0 * 4.0)
+    eta.finished("short", 3.0)
+    eta.finished("long", 10.0)
+    # left: one short (mean 2 s) and one long (10 s) = 12 s of trials; wall per trial second 7 / 14
+    assert eta.seconds_left(7.0) == pytest.approx(12.0 * 7.0 / 14.0)
+    eta.finished("long", None)  # a failed trial: no duration, but no longer left
+    assert eta.seconds_left(9.0) == pytest.approx(2.0 * 9.0 / 14.0)
+    eta.finished("short", 2.0)
+    assert eta.seconds_left(10.0) is None, "nothing left"
