@@ -229,6 +229,11 @@ def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: lis
 # per-tensor statistics (see metaadamw.features.TENSOR_STATS)
 
 
+def flat_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) over all elements in one kernel, without an elementwise temporary."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 def _vector(values: list[Tensor]) -> Tensor:
     """Stack 0-dim tensors into a float32 vector (one kernel when the dtypes agree)."""
     if all(v.dtype == torch.float32 for v in values):
@@ -261,14 +266,14 @@ def direct_stats(needed: frozenset[str], grads: list[Tensor], exp_avgs: list[Ten
     if "param_norm" in needed:
         out["param_norm"] = p_norm if p_norm is not None else _vector([p.float().norm() for p in params])
     if "cos" in needed:
-        dots = _vector([torch.dot(g.float().flatten(), m.float().flatten()) for g, m in zip(grads, exp_avgs)])
+        dots = _vector([flat_dot(g.float(), m.float()) for g, m in zip(grads, exp_avgs)])
         out["cos"] = (dots / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
     if "v_norm" in needed:
         out["v_norm"] = v_sum.clamp_min(0).sqrt()
     if "grad_sparsity" in needed:
-        out["grad_sparsity"] = _vector([(g == 0).float().mean() for g in grads])
+        out["grad_sparsity"] = _zero_fraction(grads, foreach)
     if "exp_avg_sparsity" in needed:
-        out["exp_avg_sparsity"] = _vector([(m == 0).float().mean() for m in exp_avgs])
+        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach)
     return out, m_norm, v_sum
 
 
@@ -327,10 +332,18 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     if "v_norm" in needed:
         out["v_norm"] = v_sum.sqrt()  # b2 * (sum v_{t-1} >= 0) + (1 - b2) ||g||^2 >= 0
     if "grad_sparsity" in needed:
-        out["grad_sparsity"] = 1 - _vector(torch._foreach_norm(grads, 0)) / _numel(grads)
+        out["grad_sparsity"] = _zero_fraction(grads, foreach=True)
     if "exp_avg_sparsity" in needed:
-        out["exp_avg_sparsity"] = 1 - _vector(torch._foreach_norm(exp_avgs, 0)) / _numel(exp_avgs)
+        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True)
     return out, m_sq, v_sum
+
+
+def _zero_fraction(tensors: list[Tensor], foreach: bool) -> Tensor:
+    """The fraction of exact zeros of each tensor: from one foreach count of the nonzeros (its L0
+    norm), or tensor by tensor."""
+    if foreach:
+        return 1 - _vector(torch._foreach_norm(tensors, 0)) / _numel(tensors)
+    return _vector([(t == 0).float().mean() for t in tensors])
 
 
 def _numel(tensors: list[Tensor]) -> Tensor:

@@ -328,7 +328,7 @@ def _chain_to_multipliers(d_theta: list[Tensor], theta: list[Tensor], direction:
     ``d scale_k = -<d theta'_k, direction_k>``: two dot products per tensor and a backward pass
     through the few scalar operations that made decay and scale, instead of one through every
     element of theta'."""
-    dots = [torch.dot(d.flatten(), x.flatten()) for d, x in zip(d_theta + d_theta, theta + direction)]
+    dots = [F.flat_dot(d, x) for d, x in zip(d_theta + d_theta, theta + direction)]
     n = len(theta)
     d_decay, d_scale = torch.stack(dots[:n]).to(decay.dtype), -torch.stack(dots[n:]).to(scale.dtype)
     return _grad([decay, scale], multipliers, grad_outputs=[d_decay, d_scale])

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from metaadamw import OBJECTIVES
+from metaadamw.functional import flat_dot
 
 #: canonical order of the paper's three terms (priorities and fixed weights follow it)
 TERM_ORDER = ("gradient", "loss_decrease", "gen_gap")
@@ -71,16 +72,11 @@ def _group_sums(values: list[Tensor], tensor_group: Tensor, num_groups: int) -> 
     return out.index_add(0, tensor_group, torch.stack(values))
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b) in one kernel, without an elementwise temporary."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
 def gradient_alignment(q: MetaQuantities) -> Tensor:
     g, gp = q.grads, q.grads_prime
-    sq_prime = _group_sums([_dot(x, x) for x in gp], q.tensor_group, q.num_groups)
-    sq = _group_sums([_dot(x, x) for x in g], q.tensor_group, q.num_groups)
-    dot = _group_sums([_dot(a, b) for a, b in zip(g, gp)], q.tensor_group, q.num_groups)
+    sq_prime = _group_sums([flat_dot(x, x) for x in gp], q.tensor_group, q.num_groups)
+    sq = _group_sums([flat_dot(x, x) for x in g], q.tensor_group, q.num_groups)
+    dot = _group_sums([flat_dot(a, b) for a, b in zip(g, gp)], q.tensor_group, q.num_groups)
     cos = dot / (sq.sqrt() * sq_prime.sqrt()).clamp_min(1e-12)
     return (q.lambda1 * sq_prime - q.lambda2 * cos).mean()
 
