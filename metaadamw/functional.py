@@ -234,6 +234,52 @@ def flat_dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
+class _SquaresAndDots(torch.autograd.Function):
+    """See :func:`squares_and_dots`."""
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        xs, cs = tensors[:n], tensors[n:]
+        ctx.n = n
+        ctx.save_for_backward(*tensors)
+        return stack_scalars([flat_dot(x, x) for x in xs]), stack_scalars([flat_dot(c, x) for c, x in zip(cs, xs)])
+
+    @staticmethod
+    def backward(ctx, d_sq: Tensor, d_dot: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        n = ctx.n
+        saved = ctx.saved_tensors
+        xs, cs = list(saved[:n]), list(saved[n:])
+        grads: list[Tensor | None] = [None] * (2 * n)
+        # per-tensor 0-dim scalars: foreach multiplies each tensor by its own, without a host read
+        dot_scalars = list(d_dot.unbind(0))
+        if any(ctx.needs_input_grad[1:n + 1]):  # d/dx_k = 2 d_sq_k x_k + d_dot_k c_k
+            gx = torch._foreach_mul(xs, list((2 * d_sq).unbind(0)))
+            torch._foreach_add_(gx, torch._foreach_mul(cs, dot_scalars))
+            grads[:n] = gx
+        if any(ctx.needs_input_grad[n + 1:]):  # d/dc_k = d_dot_k x_k
+            grads[n:] = torch._foreach_mul(xs, dot_scalars)
+        return (None, *grads)
+
+
+def squares_and_dots(xs: list[Tensor], cs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(||x_k||^2, <c_k, x_k>)`` for every pair of tensors, as two vectors, differentiable.
+
+    The same values as :func:`flat_dot` tensor by tensor, with a backward of three foreach passes
+    (``2 d_sq_k x_k + d_dot_k c_k``) instead of autograd's two full-size products, a sum and the
+    per-node overhead for every tensor: the gradient-alignment objective's backward took 1.3 ms of
+    a 10-tensor MLP's meta-update that way, two thirds of a training step."""
+    if len(xs) != len(cs):
+        raise ValueError(f"squares_and_dots needs pairs, got {len(xs)} and {len(cs)} tensors")
+    return _SquaresAndDots.apply(len(xs), *xs, *cs)
+
+
+def stack_scalars(values: list[Tensor]) -> Tensor:
+    """Stack 0-dim tensors into a vector of their dtype (float32 when the dtypes differ)."""
+    if len({v.dtype for v in values}) == 1:
+        return torch.stack(values)
+    return torch.stack([v.float() for v in values])
+
+
 def _vector(values: list[Tensor]) -> Tensor:
     """Stack 0-dim tensors into a float32 vector (one kernel when the dtypes agree)."""
     if all(v.dtype == torch.float32 for v in values):

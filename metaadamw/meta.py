@@ -259,13 +259,19 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
             # free what is no longer needed before the finite-difference pass (peak memory): g, g_val
             coefs = [by_id.get(id(x)) if x is not None else None for x in (q.loss_train_prime, q.loss_val_prime)]
             del q, g, by_id, present, extra
-            d_theta = [torch.zeros_like(x) for x in leaves]
+            # d_theta = c_train g' + c_val grad L_val' + H v, in one pass over theta' per term
+            d_theta = None
             for coef, grad in zip(coefs, (g_prime, g_val)):
                 if coef is not None:
-                    torch._foreach_add_(d_theta, torch._foreach_mul(grad, coef.to(grad[0].dtype)))
+                    if d_theta is None:
+                        d_theta = torch._foreach_mul(grad, float(coef))
+                    else:
+                        torch._foreach_add_(d_theta, grad, alpha=float(coef))
             del g_val
+            if d_theta is None:
+                d_theta = [torch.zeros_like(x) for x in leaves]
             if v is not None:
-                torch._foreach_add_(d_theta, _hessian_vector_fd(model, loss_fn, batch2, swap, leaves, g_prime, v, rng))
+                _add_hessian_vector_fd(d_theta, model, loss_fn, batch2, swap, leaves, g_prime, v, rng)
             del v, g_prime
         meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
         # through theta' to alpha and beta, then once through the encoder
@@ -346,27 +352,32 @@ def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, **kwargs: Any
     return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]
 
 
-def _hessian_vector_fd(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch2: Any,
-                       swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor], v: list[Tensor],
-                       rng: _RngReplay) -> list[Tensor]:
-    """H v for the Hessian H of L(.; batch 2) at theta', as ``(grad L(theta' + eps v) - g') / eps``.
+def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
+                           batch2: Any, swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor],
+                           v: list[Tensor], rng: _RngReplay) -> None:
+    """Add H v to ``out``, for the Hessian H of L(.; batch 2) at theta', as
+    ``(grad L(theta' + eps v) - g') / eps``.
 
     ``eps = sqrt(machine epsilon) (1 + ||theta'||) / ||v||``, the usual step of matrix-free Newton
     methods: it balances the difference's truncation error against float rounding. The forward
     pass replays the random stream of the one that gave g' (same dropout masks). ``leaves``
-    (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place."""
+    (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place. The
+    difference is taken first (exact for nearby gradients), then added with weight 1 / eps."""
     dtype = leaves[0].dtype
     v_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))))
-    if v_norm == 0.0 or not math.isfinite(v_norm):
-        return [torch.zeros_like(x) if v_norm == 0.0 else torch.full_like(x, math.nan) for x in v]
+    if v_norm == 0.0:
+        return
+    if not math.isfinite(v_norm):
+        for x in out:
+            x.fill_(math.nan)
+        return
     with torch.no_grad():
         theta_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves))))
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
     rng.replay()
     with swapped_parameters(model, swap):
-        hv = _grad(loss_fn(model, batch2), leaves)
+        diff = _grad(loss_fn(model, batch2), leaves)
     rng.resume()
-    torch._foreach_sub_(hv, g_prime)
-    torch._foreach_div_(hv, eps)
-    return hv
+    torch._foreach_sub_(diff, g_prime)
+    torch._foreach_add_(out, diff, alpha=1.0 / eps)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from metaadamw import OBJECTIVES
-from metaadamw.functional import flat_dot
+from metaadamw.functional import flat_dot, squares_and_dots, stack_scalars
 
 #: canonical order of the paper's three terms (priorities and fixed weights follow it)
 TERM_ORDER = ("gradient", "loss_decrease", "gen_gap")
@@ -67,16 +67,18 @@ class MetaObjective:
         return f"{type(self).__name__}(terms={self.terms})"
 
 
-def _group_sums(values: list[Tensor], tensor_group: Tensor, num_groups: int) -> Tensor:
-    out = torch.zeros(num_groups, dtype=values[0].dtype, device=values[0].device)
-    return out.index_add(0, tensor_group, torch.stack(values))
+def _group_sums(values: Tensor, tensor_group: Tensor, num_groups: int) -> Tensor:
+    """Per-tensor values (a vector) summed per group."""
+    out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    return out.index_add(0, tensor_group, values)
 
 
 def gradient_alignment(q: MetaQuantities) -> Tensor:
     g, gp = q.grads, q.grads_prime
-    sq_prime = _group_sums([flat_dot(x, x) for x in gp], q.tensor_group, q.num_groups)
-    sq = _group_sums([flat_dot(x, x) for x in g], q.tensor_group, q.num_groups)
-    dot = _group_sums([flat_dot(a, b) for a, b in zip(g, gp)], q.tensor_group, q.num_groups)
+    sq_prime, dot = squares_and_dots(gp, g)
+    sq_prime = _group_sums(sq_prime, q.tensor_group, q.num_groups)
+    dot = _group_sums(dot, q.tensor_group, q.num_groups)
+    sq = _group_sums(stack_scalars([flat_dot(x, x) for x in g]), q.tensor_group, q.num_groups)
     cos = dot / (sq.sqrt() * sq_prime.sqrt()).clamp_min(1e-12)
     return (q.lambda1 * sq_prime - q.lambda2 * cos).mean()
 
