@@ -282,9 +282,8 @@ def stack_scalars(values: list[Tensor]) -> Tensor:
 
 def _vector(values: list[Tensor]) -> Tensor:
     """Stack 0-dim tensors into a float32 vector (one kernel when the dtypes agree)."""
-    if all(v.dtype == torch.float32 for v in values):
-        return torch.stack(values)
-    return torch.stack([v.float() for v in values])
+    out = stack_scalars(values)
+    return out if out.dtype == torch.float32 else out.float()
 
 
 def direct_stats(needed: frozenset[str], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
