@@ -20,7 +20,8 @@
    counting the parameters, gradients, buffers and optimizer state alive during the call.
 5. Where the time goes: a timer breakdown of MetaAdamW.step() (moments / norms and statistics /
    feature extractor / modulator encoder / update / Python rest) and of meta_step() (each
-   forward pass and each autograd.grad call).
+   forward pass and each autograd.grad call; the passes through the model summed and divided by
+   the training step: what the ratio would be with nothing else in the meta-update).
 
 The two sides of every comparison run interleaved in one process, round by round (order
 alternating), so machine noise hits both; every figure is a median over the rounds. Times are
@@ -71,6 +72,8 @@ LR, WD = 5e-4, 1e-2  # MetaAdamW's defaults, given to AdamW too (the cost does n
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["cpu"]  # set by main()
 STEP_MODELS = ("mlp10", "minigpt", "resnet18")
+#: row of table 5b: the meta-update's forward and backward passes through the model, summed
+MODEL_PASSES = "the model's passes (5 forward, 4 backward), summed"
 TENSOR_COUNTS = (10, 50, 200, 800, 1600)
 TARGETS = {
     "step_ratio_mlp10": 2.0, "step_ratio_minigpt": 1.25, "step_ratio_resnet18": 1.25,
@@ -395,6 +398,7 @@ def meta_breakdown(name: str, reps: int) -> dict[str, float]:
     grad_labels = ["grad g = dL/dtheta", "grad g' = dL(theta'; b2)", "grad dL(theta'; val)",
                    "grad of the meta-loss (objective, weighting, modulator)", "grad at theta' + eps v",
                    "grad through theta' to alpha and beta", "grad through the modulator's encoder"]
+    model_grads = [grad_labels[i] for i in (0, 1, 2, 4)]  # the backward passes through the model
     real_grad = torch.autograd.grad
     counters = {"loss": 0, "grad": 0}
 
@@ -427,6 +431,7 @@ def meta_breakdown(name: str, reps: int) -> dict[str, float]:
                 train = clock() - t1
                 parts = dict(tm.acc)
                 parts["rest (moments, stats, theta', objective, buffers)"] = total - sum(parts.values())
+                parts[MODEL_PASSES] = sum(parts.get(k, 0.0) for k in loss_labels + model_grads)
                 parts["meta_step total"] = total
                 parts["training step (AdamW)"] = train
                 for k, v in parts.items():
@@ -598,9 +603,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print("\n5b. where meta_step() time goes (median ms)")
         keys = list(next(iter(meta_bds.values())).keys())
         print(f"{'phase':<52}" + "".join(f"{n:>12}" for n in meta_bds))
+        keys.remove(MODEL_PASSES)
         keys.sort(key=lambda k: k.startswith(("meta_step total", "training step")))
-        for k in keys:
+        for k in keys + [MODEL_PASSES]:
             print(f"{k:<52}" + "".join(f"{meta_bds[n].get(k, float('nan')):>12.1f}" for n in meta_bds))
+        print(f"{'   the same / training step (the ratio without overhead)':<52}"
+              + "".join(f"{meta_bds[n][MODEL_PASSES] / meta_bds[n]['training step (AdamW)']:>11.2f}x" for n in meta_bds))
 
     if args.profile:
         torch_profiles()
