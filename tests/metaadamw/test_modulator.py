@@ -90,3 +90,13 @@ def test_cached_weights_follow_replaced_parameters():
     assert all(w.dtype == torch.float64 for w in double._weights)
     assert {id(w) for w in double._weights} == {id(p) for p in double.parameters()}
     torch.testing.assert_close(double(x.double()), expected.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_weights_survive_deepcopy_and_pickling(tmp_path):
+    layer = EncoderLayer(6, 3, 16)
+    path = tmp_path / "layer.pt"
+    torch.save(layer, path)
+    for copied in (copy.deepcopy(layer), torch.load(path, weights_only=False)):
+        ids = [id(w) for w in copied._weights]
+        assert ids == [id(w) for w in copied._collect_weights()], "the copy's tuple must hold the copy's parameters"
+        assert not set(ids) & {id(w) for w in layer._weights}
