@@ -85,10 +85,11 @@ def trainable(config: dict[str, Any]) -> None:
             trial.load_state_dict(state)
 
     def report(row: dict[str, Any], t: Trial) -> None:
+        data = t.checkpoint_bytes()  # serialised once, for Ray's checkpoint and the stable copy
         with tempfile.TemporaryDirectory() as d:
-            t.save(Path(d) / CHECKPOINT_FILE)
+            atomic_write_bytes(Path(d) / CHECKPOINT_FILE, data)
             if stable is not None:
-                atomic_write_bytes(stable, (Path(d) / CHECKPOINT_FILE).read_bytes())
+                atomic_write_bytes(stable, data)
             tune.report(_flat_metrics(row), checkpoint=tune.Checkpoint.from_directory(d))
 
     result = trial.run(callback=report)

@@ -320,11 +320,15 @@ class Trial:
         self.error = state.get("error", "")
         self.resumed_from_epoch = self.epoch
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the checkpoint atomically to ``path`` (a file)."""
+    def checkpoint_bytes(self) -> bytes:
+        """The checkpoint (:meth:`state_dict`) serialised, as :meth:`save` writes it."""
         buf = io.BytesIO()
         torch.save(self.state_dict(), buf)
-        return atomic_write_bytes(path, buf.getvalue())
+        return buf.getvalue()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the checkpoint atomically to ``path`` (a file)."""
+        return atomic_write_bytes(path, self.checkpoint_bytes())
 
     def load(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

@@ -197,10 +197,18 @@ def single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_s
 
 
 def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float,
-                    beta2: float) -> None:
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+                    beta2: float, in_place: bool = True) -> tuple[list[Tensor], list[Tensor]]:
+    """AdamW's moment update, ``m <- lerp(m, g, 1 - b1)``, ``v <- b2 v + (1 - b2) g^2``: in place
+    (the step), or into new tensors (``in_place=False``: the meta-update's hypothetical step).
+    Returns the updated moments."""
+    if in_place:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+    else:
+        exp_avgs = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+        exp_avg_sqs = torch._foreach_mul(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    return exp_avgs, exp_avg_sqs
 
 
 def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: list[Tensor], exp_avgs: list[Tensor],

@@ -317,11 +317,9 @@ def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor
     for (b1, b2), ks in by_betas.items():
         states = [opt.state[params[k]] for k in ks]
         gs = [g[k] for k in ks]
-        m = torch._foreach_lerp([st["exp_avg"] if "exp_avg" in st else torch.zeros_like(gk)
-                                 for st, gk in zip(states, gs)], gs, 1 - b1)
-        v = torch._foreach_mul([st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(gk)
-                                for st, gk in zip(states, gs)], b2)
-        torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
+        old_m = [st["exp_avg"] if "exp_avg" in st else torch.zeros_like(gk) for st, gk in zip(states, gs)]
+        old_v = [st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(gk) for st, gk in zip(states, gs)]
+        m, v = F.foreach_moments(gs, old_m, old_v, b1, b2, in_place=False)
         for j, k in enumerate(ks):
             m_new[k], v_new[k] = m[j], v[j]
     return m_new, v_new
@@ -352,6 +350,11 @@ def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, **kwargs: Any
     return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]
 
 
+def _global_norm(tensors: list[Tensor]) -> float:
+    """The 2-norm of all the tensors' elements together, read back to the host."""
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
+
+
 def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
                            batch2: Any, swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor],
                            v: list[Tensor], rng: _RngReplay) -> None:
@@ -364,7 +367,7 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
     (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place. The
     difference is taken first (exact for nearby gradients), then added with weight 1 / eps."""
     dtype = leaves[0].dtype
-    v_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))))
+    v_norm = _global_norm(v)
     if v_norm == 0.0:
         return
     if not math.isfinite(v_norm):
@@ -372,7 +375,7 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
             x.fill_(math.nan)
         return
     with torch.no_grad():
-        theta_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(leaves))))
+        theta_norm = _global_norm(leaves)
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
     rng.replay()
