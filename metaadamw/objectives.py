@@ -79,8 +79,18 @@ def gradient_alignment(q: MetaQuantities) -> Tensor:
     sq_prime = _group_sums(sq_prime, q.tensor_group, q.num_groups)
     dot = _group_sums(dot, q.tensor_group, q.num_groups)
     sq = _group_sums(stack_scalars([flat_dot(x, x) for x in g]), q.tensor_group, q.num_groups)
-    cos = dot / (sq.sqrt() * sq_prime.sqrt()).clamp_min(1e-12)
-    return (q.lambda1 * sq_prime - q.lambda2 * cos).mean()
+    return (q.lambda1 * sq_prime - q.lambda2 * _cosine(dot, sq, sq_prime)).mean()
+
+
+def _cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
+    """``dot / (sqrt(sq_a) sqrt(sq_b))``, and 0 (with zero gradient) where either squared norm is 0:
+    a group whose gradient is exactly zero on a batch (a multi-task head, an unused branch) has no
+    direction. The masked entries never meet ``sqrt`` at 0, whose backward would be ``0 * inf = NaN``
+    and would make every meta-update of such a model non-finite, and so skipped."""
+    ok = (sq_a > 0) & (sq_b > 0)
+    one = torch.ones_like(sq_a)
+    denom = torch.where(ok, sq_a, one).sqrt() * torch.where(ok, sq_b, one).sqrt()
+    return torch.where(ok, dot / denom, torch.zeros_like(dot))
 
 
 @OBJECTIVES.register("gradient")

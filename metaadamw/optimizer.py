@@ -511,6 +511,24 @@ class MetaAdamW(torch.optim.Optimizer):
         self.meta_skipped = extra["meta_skipped"]
         self._plan = None
 
+    # ------------------------------------------------------------------------------------------
+    # copying and pickling
+
+    #: what torch.optim.Optimizer leaves out of its pickled state (hooks are not state; the plan
+    #: is a cache of views into the state and is rebuilt by the next step)
+    _NOT_PICKLED = ("_plan", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer keeps only defaults, state and param_groups, which is all AdamW has;
+        # MetaAdamW also needs its modulator, weighting, meta-optimizer, layout and counters
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # fresh hook dicts, as torch.optim does
+        self._plan = None
+
     def __repr__(self) -> str:
         groups = ", ".join(self.group_names[:6]) + (", ..." if len(self.group_names) > 6 else "")
         return (f"MetaAdamW(lr={self.defaults['lr']}, betas={self.defaults['betas']}, eps={self.defaults['eps']}, "

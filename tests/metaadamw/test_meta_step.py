@@ -338,6 +338,50 @@ def test_finite_difference_meta_gradient_matches_the_exact_double_backward(case)
     assert (exact - approx).norm() / exact.norm() < 5e-3
 
 
+def _two_head_meta_gradient(meta_gradient):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"trunk": nn.Linear(6, 8), "a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+
+    def loss_fn(m, batch):
+        x, y, head = batch
+        return ((m[head](torch.tanh(m["trunk"](x))) - y) ** 2).mean()
+
+    (x1, y1), (x2, y2), (x3, y3) = regression_batches(3)
+    b1, b2, val = (x1, y1, "a"), (x2, y2, "b"), (x3, y3, "b")
+    groups = [{"params": list(model[k].parameters())} for k in ("trunk", "a", "b")]
+    opt = MetaAdamW(groups, grouping="original", meta_gradient=meta_gradient, meta_lr=1.0, **small_kwargs())
+    _step(model, opt, b1, loss_fn)
+    before = _meta_state(opt)
+    rec = opt.meta_step(model, loss_fn, b1, b2, val)
+    return rec, torch.cat([(b - p.detach()).flatten() for b, p in zip(before, opt.meta_parameters())])
+
+
+def test_a_group_with_a_zero_gradient_on_batch2_keeps_the_meta_update_finite_in_both_modes():
+    # head "a" has a gradient on batch 1 and exactly none on batch 2 (a multi-task model): its
+    # cos(g, g') is 0 with no gradient. sqrt at 0 in the backward gave NaN, and the default
+    # finite-difference mode skipped every such meta-update while the exact mode did not.
+    rec_fd, fd = _two_head_meta_gradient("finite_difference")
+    rec_exact, exact = _two_head_meta_gradient("exact")
+    assert not rec_fd.skipped and not rec_exact.skipped
+    assert math.isfinite(rec_fd.terms["gradient"]) and fd.isfinite().all()
+    assert rec_fd.terms["gradient"] == pytest.approx(rec_exact.terms["gradient"], rel=1e-5)
+    assert exact.norm() > 1e-3 and (exact - fd).norm() / exact.norm() < 5e-3
+
+
+def test_cosine_of_a_zero_vector_is_zero_with_a_finite_gradient():
+    from metaadamw.objectives import _cosine
+
+    dot = torch.tensor([0.5, 0.0, 0.0], requires_grad=True)
+    sq_a = torch.tensor([1.0, 0.0, 2.0], requires_grad=True)
+    sq_b = torch.tensor([4.0, 3.0, 0.0], requires_grad=True)
+    cos = _cosine(dot, sq_a, sq_b)
+    assert cos.tolist() == [0.25, 0.0, 0.0]
+    cos.sum().backward()
+    for x in (dot, sq_a, sq_b):
+        assert x.grad.isfinite().all() and x.grad[1:].eq(0).all()
+    assert dot.grad[0] == pytest.approx(0.5) and sq_a.grad[0] == pytest.approx(-0.125)
+
+
 def test_finite_difference_leaves_the_random_stream_where_the_exact_path_leaves_it():
     # the replayed forward pass must not shift the random numbers the training loop draws next
     draws = []

@@ -345,6 +345,44 @@ def test_deepcopy_and_repr():
     copy.deepcopy(opt.state_dict())
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_or_pickled_optimizer_continues_exactly_like_the_original(how, tmp_path):
+    # torch.optim.Optimizer pickles only defaults, state and param_groups: MetaAdamW's modulator,
+    # weighting, meta-optimizer, layout and counters must travel too. Copied together with the model,
+    # the copy's parameters are the copied model's, and both continue bit-identically.
+    import pickle
+
+    batches = regression_batches()
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), meta_lr=1e-2, **small_kwargs())
+    _train(model, opt, batches, 3)
+    opt.meta_step(model, mse, batches[0], batches[1], batches[2])
+    opt.register_step_post_hook(lambda *args: None)  # hooks are not state (as in torch.optim): not copied
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    elif how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    else:
+        torch.save((model, opt), tmp_path / "both.pt")
+        model2, opt2 = torch.load(tmp_path / "both.pt", weights_only=False)
+    assert not opt2._optimizer_step_post_hooks and opt._optimizer_step_post_hooks
+    assert repr(opt2) == repr(opt)
+    assert opt2._params[0] is next(model2.parameters()) and opt2._params[0] is not opt._params[0]
+    meta_params2 = [p for g in opt2.meta_optimizer.param_groups for p in g["params"]]
+    assert meta_params2[0] is next(opt2.modulator.parameters())  # the copy's meta-optimizer trains the copy
+    for m, o in ((model, opt), (model2, opt2)):
+        torch.manual_seed(5)
+        rec = o.meta_step(m, mse, batches[1], batches[2], batches[3])
+        _train(m, o, batches, 4)
+        o.meta_step(m, mse, batches[0], batches[1], batches[2])
+        _train(m, o, batches, 2)
+        assert not rec.skipped
+    for a, b in zip(list(model.parameters()) + list(opt.modulator.parameters()),
+                    list(model2.parameters()) + list(opt2.modulator.parameters())):
+        assert torch.equal(a, b)
+    assert opt2.global_step == opt.global_step == 9 and opt2.meta_updates == opt.meta_updates == 3
+
+
 def test_step_on_a_model_with_mixed_dtypes_of_gradients():
     model = nn.Linear(4, 2).double()
     opt = MetaAdamW(model.named_parameters(), grouping="original", **small_kwargs())
