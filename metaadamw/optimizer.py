@@ -427,7 +427,7 @@ class MetaAdamW(torch.optim.Optimizer):
             bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
             beta1=beta1,
             beta2=beta2,
-            stat_coefs=F.stat_coefficients(beta1, beta2),
+            stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs)),
         )
         return self._plan
 
