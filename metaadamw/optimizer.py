@@ -354,19 +354,15 @@ class MetaAdamW(torch.optim.Optimizer):
                 for k, v in stats.items()}
 
     def _recompute_carry(self) -> None:
-        """||m||^2 and sum(v) directly, when the previous step did not carry them."""
-        m_sq = F._vector(torch._foreach_norm(self._state_list("exp_avg"))) ** 2
-        v_sum = F._vector(torch._foreach_norm(self._state_list("exp_avg_sq"), 1))
-        self._carry = {"exp_avg_norm_sq": m_sq, "v_sum": v_sum}
-
-    def _state_list(self, key: str) -> list[Tensor]:
-        out = []
-        for p in self._params:
-            st = self.state[p]
-            if key not in st:
-                self._init_state(p)
-            out.append(st[key])
-        return out
+        """||m||^2 and sum(v) directly, when the previous step did not carry them. Tensors without
+        moments yet count as zero (an empty stand-in: no moments are allocated for them, just as
+        AdamW allocates none for frozen parameters); no host-to-device copy."""
+        states = [self.state[p] for p in self._params]
+        empty = self._params[0].new_zeros(0)
+        m = [st["exp_avg"] if "exp_avg" in st else empty for st in states]
+        v = [st["exp_avg_sq"] if "exp_avg_sq" in st else empty for st in states]
+        self._carry = {"exp_avg_norm_sq": F._vector(torch._foreach_norm(m)) ** 2,
+                       "v_sum": F._vector(torch._foreach_norm(v, 1))}
 
     def _init_state(self, p: Tensor) -> None:
         st = self.state[p]

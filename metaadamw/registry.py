@@ -150,8 +150,18 @@ class Registry:
                     stacklevel=3,
                 )
                 continue
-            if not isinstance(obj, types.ModuleType):  # a module registers itself on import
-                self.add(ep.name, obj, override=True)
+            if isinstance(obj, types.ModuleType):  # a module registers itself on import
+                continue
+            existing = self._items.get(ep.name)
+            if existing is not None and existing is not obj:  # names are unique: the first registration stays
+                warnings.warn(
+                    f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "
+                    f"ignored: that name is already registered to {_describe(existing)}. Rename one of them.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
+            self.add(ep.name, obj)
 
     def _decorator_name(self) -> str:
         return f"{self.export_name}.register"

@@ -583,3 +583,23 @@ def test_fast_cos_feature_with_small_or_zero_gradients_is_never_worse_than_zero(
     assert ((fast - ref).abs() <= ref.abs() + 1e-3).all(), (fast, ref)
     if scale == 1.0:  # ||g|| ~ ||m||: the two paths agree
         torch.testing.assert_close(fast, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("refresh_every", [1, 3])
+def test_frozen_parameters_get_no_moments_whatever_refresh_every(refresh_every):
+    # AdamW allocates no state for parameters that never get a gradient (a frozen backbone passed in
+    # model.parameters()); neither may MetaAdamW, also on the steps that recompute the carried norms
+    model = mlp(0)
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    opt = MetaAdamW(model.named_parameters(), refresh_every=refresh_every, **small_kwargs())
+    twin = mlp(0)
+    twin[0].weight.requires_grad_(False)
+    ref = MetaAdamW(twin.named_parameters(), refresh_every=refresh_every, foreach=False, **small_kwargs())
+    ref.modulator.load_state_dict(opt.modulator.state_dict())
+    _train(model, opt, regression_batches(), 7)
+    _train(twin, ref, regression_batches(), 7)
+    with_moments = [p for p in model.parameters() if "exp_avg" in opt.state.get(p, {})]
+    assert all(p is not frozen for p in with_moments) and len(with_moments) == len(list(model.parameters())) - 1
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -105,6 +105,25 @@ def test_entry_points_contribute_components(tmp_path, monkeypatch):
         sys.modules.pop("entry_point_plugin", None)
 
 
+def test_an_entry_point_never_replaces_a_registered_name(tmp_path, monkeypatch):
+    # duplicate names are an error for decorators; an installed package's entry point with a name
+    # that is taken (a built-in, or the user's own registration) is ignored with a warning
+    (tmp_path / "shadow_plugin.py").write_text("class Shadow:\n    pass\n")
+    dist = tmp_path / "shadow_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shadow-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[metaadamw.features]\nbasic = shadow_plugin:Shadow\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("feature extractor", "metaadamw.features")
+    mine = object()
+    reg.add("basic", mine)
+    try:
+        with pytest.warns(RuntimeWarning, match="entry point 'basic'.*is ignored: that name is already registered"):
+            assert reg.get("basic") is mine
+    finally:
+        sys.modules.pop("shadow_plugin", None)
+
+
 def test_broken_entry_point_warns_and_hides_nothing(tmp_path, monkeypatch):
     dist = tmp_path / "broken-1.0.dist-info"
     dist.mkdir()
