@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -477,6 +478,8 @@ class MetaAdamW(torch.optim.Optimizer):
             "global_step": self.global_step,
             "meta_updates": self.meta_updates,
             "meta_skipped": self.meta_skipped,
+            "config": dict(self.config),
+            "meta_optimizer_class": type(self.meta_optimizer).__name__,
         }
         return copy.deepcopy(sd)
 
@@ -489,12 +492,14 @@ class MetaAdamW(torch.optim.Optimizer):
         if extra["group_names"] != self.group_names:
             raise ValueError(f"the checkpoint's modulator groups {extra['group_names']} differ from this "
                              f"optimizer's {self.group_names}: same model, same param groups and same grouping needed")
+        self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
         super().load_state_dict(state_dict)
         for p in self._params:
             self.state[p].pop("step", None)
         self.modulator.load_state_dict(extra["modulator"])
         self.weighting.load_state_dict(extra["weighting"])
         self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
+        self._adopt_loaded_settings(extra.get("config"))
         self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}
         self._carry_valid = extra["carry_valid"]
         self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
@@ -506,6 +511,54 @@ class MetaAdamW(torch.optim.Optimizer):
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
         self._plan = None
+
+    #: options that decide the shapes of the modulator, the weighting or the meta-optimizer's state
+    _STRUCTURAL_OPTIONS = ("features", "time_step", "second_moment", "gating", "modulator_layers", "modulator_heads",
+                           "modulator_ff", "modulator_width", "objective", "weighting")
+    #: options whose values a checkpoint carries in its state (the weighting's buffers, the
+    #: meta-optimizer's param_groups): loading takes the checkpoint's, as torch.optim does for lr
+    _LOADED_OPTIONS = ("priorities", "fixed_weights", "meta_lr", "meta_weight_decay")
+
+    def _check_loadable(self, extra: dict[str, Any]) -> None:
+        """Raise, naming every difference, if the checkpoint was saved by a MetaAdamW whose
+        modulator, weighting or meta-optimizer has other shapes or another kind than this one."""
+        problems = []
+        saved = extra.get("config") or {}  # checkpoints from before the config was saved have none
+        for key in self._STRUCTURAL_OPTIONS:
+            if key in saved and saved[key] != self.config[key]:
+                problems.append(f"{key}={saved[key]!r} (this optimizer: {self.config[key]!r})")
+        cls, mine = extra.get("meta_optimizer_class"), type(self.meta_optimizer).__name__
+        if cls is not None and cls != mine:
+            problems.append(f"meta_optimizer {cls} (this optimizer: {mine})")
+        for what, module in (("modulator", self.modulator), ("weighting", self.weighting)):
+            ours, theirs = module.state_dict(), extra[what]
+            diff = [f"missing {k}" for k in ours if k not in theirs] + [f"unexpected {k}" for k in theirs if k not in ours]
+            diff += [f"{k} {tuple(theirs[k].shape)} (this optimizer: {tuple(ours[k].shape)})" for k in ours
+                     if k in theirs and tuple(ours[k].shape) != tuple(theirs[k].shape)]
+            if diff and not problems:  # the options above already explain a difference
+                problems.append(f"the {what}'s tensors differ: " + ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""))
+        ours_keys = set(self.meta_optimizer.state_dict()["param_groups"][0]) - {"params"}
+        theirs_groups = extra["meta_optimizer"]["param_groups"]
+        theirs_keys = set(theirs_groups[0]) - {"params"} if theirs_groups else ours_keys
+        if ours_keys != theirs_keys and cls is None:
+            problems.append(f"the meta-optimizer's hyperparameters differ: {sorted(theirs_keys)} (this optimizer: "
+                            f"{sorted(ours_keys)})")
+        if problems:
+            raise ValueError(
+                "this checkpoint was saved by a MetaAdamW built with other options, and nothing was loaded: "
+                + "; ".join(problems) + ". Build the optimizer with the checkpoint's options "
+                "(state_dict['metaadamw']['config']) to load it.")
+
+    def _adopt_loaded_settings(self, saved: dict[str, Any] | None) -> None:
+        """After a load, ``config`` describes what was loaded (priorities, fixed weights and the
+        meta-optimizer's settings come from the checkpoint); say so when they differ."""
+        if not saved:
+            return
+        changed = {k: (self.config[k], saved[k]) for k in self._LOADED_OPTIONS if k in saved and saved[k] != self.config[k]}
+        if changed:
+            warnings.warn("MetaAdamW.load_state_dict: the checkpoint's settings replace the constructor's: " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
+            self.config.update({k: new for k, (_, new) in changed.items()})
 
     # ------------------------------------------------------------------------------------------
     # copying and pickling

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 
+import pytest
 import torch
 
 from metaadamw import MetaAdamW
@@ -118,3 +119,54 @@ def test_loading_a_checkpoint_of_another_layout_is_a_clear_error():
         assert "not saved by MetaAdamW" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def _stepped(**over):
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **{**KW, **over})
+    _train(model, opt, regression_batches(3), 3, loss_fn=mse)
+    return opt
+
+
+def _fresh_state(opt):
+    return (len([p for p in opt._params if "exp_avg" in opt.state.get(p, {})]), opt.global_step,
+            [t.clone() for t in opt.modulator.state_dict().values()])
+
+
+@pytest.mark.parametrize("over, names", [
+    ({"modulator_layers": 2}, ["modulator_layers=1 (this optimizer: 2)"]),
+    ({"features": "basic_plus"}, ["features='basic'"]),
+    ({"meta_optimizer": "sgd"}, ["meta_optimizer Adam (this optimizer: SGD)"]),
+    ({"weighting": "sum", "gating": False}, ["gating=True", "weighting='huw_priority'"]),
+])
+def test_loading_a_checkpoint_of_other_options_names_them_and_loads_nothing(over, names):
+    sd = _stepped().state_dict()
+    target = MetaAdamW(mlp(0).named_parameters(), **{**KW, **over})
+    before = _fresh_state(target)
+    with pytest.raises(ValueError, match="built with other options, and nothing was loaded") as info:
+        target.load_state_dict(sd)
+    for name in names:
+        assert name in str(info.value)
+    after = _fresh_state(target)
+    assert after[:2] == before[:2] == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
+
+
+def test_a_checkpoint_without_saved_options_is_checked_by_its_tensors():
+    sd = _stepped().state_dict()
+    del sd["metaadamw"]["config"], sd["metaadamw"]["meta_optimizer_class"]  # as saved by earlier versions
+    with pytest.raises(ValueError, match="the modulator's tensors differ"):
+        MetaAdamW(mlp(0).named_parameters(), **{**KW, "features": "basic_plus"}).load_state_dict(sd)
+    with pytest.raises(ValueError, match="the meta-optimizer's hyperparameters differ"):
+        MetaAdamW(mlp(0).named_parameters(), **{**KW, "meta_optimizer": "sgd"}).load_state_dict(sd)
+    MetaAdamW(mlp(0).named_parameters(), **KW).load_state_dict(sd)  # the same options load
+
+
+def test_loaded_priorities_and_meta_lr_show_in_config_with_a_warning():
+    sd = _stepped().state_dict()
+    target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "priorities": [1, 1, 1], "meta_lr": 0.5})
+    with pytest.warns(UserWarning, match=r"priorities \[1, 1, 1\] -> \[2, 5, 1\]"):
+        target.load_state_dict(sd)
+    assert target.config["priorities"] == [2, 5, 1] and target.config["meta_lr"] == KW.get("meta_lr", 1e-4)
+    assert target.weighting.priorities.tolist() == [2.0, 5.0, 1.0]
+    assert target.meta_optimizer.param_groups[0]["lr"] == target.config["meta_lr"]
