@@ -162,7 +162,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                 raise ValueError("meta_step(batch1=None) takes g from the parameters' .grad, but no parameter has a "
                                  "gradient: call it after loss.backward() and before step(), or pass batch1")
         else:
-            loss1 = loss_fn(model, batch1)
+            loss1 = _loss(loss_fn, model, batch1)
             grads = torch.autograd.grad(loss1, [params[i] for i in trainable], allow_unused=True)
             del loss1
         active = [i for i, g in zip(trainable, grads) if g is not None]
@@ -171,6 +171,9 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                              "(is the model the one the optimizer was built for?)")
         g = [gr.detach() for gr in grads if gr is not None]
         del grads
+        if any(x.is_sparse for x in g):
+            raise ValueError("meta_step: MetaAdamW does not support sparse gradients (nn.Embedding(sparse=True)?): "
+                             "use dense gradients")
 
         # 2. hypothetical moments and features at theta
         theta = [params[i].detach() for i in active]
@@ -179,8 +182,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         stats, _, _ = F.direct_stats(opt.modulator.extractor.required_stats, g, m_new, v_new, theta, foreach=True)
         stats = opt.full_stats(stats, None if len(active) == len(params) else torch.tensor(active, device=opt.device))
         time = normalised_time(opt._time + 1, opt.total_steps)
-        was_training = opt.modulator.training
-        opt.modulator.set_training(True)
+        opt.modulator.set_training(True)  # (MetaAdamW.meta_step restores the mode, also after an error)
         mult = opt.modulator(stats, time)
         # the meta-loss is differentiated in three stages that each traverse their graph once: down to
         # the multipliers (cut here as leaves), through theta' to alpha and beta, then through the encoder
@@ -220,18 +222,18 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
             if need_train:
                 double = exact and objective.second_order
                 with twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext():
-                    q.loss_train_prime = loss_fn(model, batch2)
+                    q.loss_train_prime = _loss(loss_fn, model, batch2)
                 if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
                     g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact)
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
-                q.loss_val_prime = loss_fn(model, val_batch)
+                q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 if not exact:
                     g_val = _grad(q.loss_val_prime, leaves)
         if objective.needs_val:
             with torch.no_grad():
-                q.loss_val = loss_fn(model, val_batch)
+                q.loss_val = _loss(loss_fn, model, val_batch)
 
         # 5. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
         # penalty), for the multipliers and for theta'
@@ -282,7 +284,6 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         d_out = [torch.zeros_like(x) if d is None else d for d, x in zip(d_out, outputs)]
         encoded = torch.autograd.grad(outputs, meta_params, grad_outputs=d_out, allow_unused=True)
         meta_grads = [e if m is None else m if e is None else m + e for m, e in zip(meta_grads, encoded)]
-        opt.modulator.set_training(was_training)
 
     values = {k: float(v.detach()) for k, v in terms.items()}
     record = MetaRecord(
@@ -338,6 +339,18 @@ def _chain_to_multipliers(d_theta: list[Tensor], theta: list[Tensor], direction:
     return _grad([decay, scale], multipliers, grad_outputs=[d_decay, d_scale])
 
 
+def _loss(loss_fn: Callable[[nn.Module, Any], Tensor], model: nn.Module, batch: Any) -> Tensor:
+    """``loss_fn(model, batch)``, checked to be a floating-point tensor of one element, as a 0-dim
+    tensor (a loss of shape (1,) is accepted, as ``backward()`` accepts it)."""
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        what = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
+                else f"a {type(loss).__name__}")
+        raise ValueError(f"meta_step: loss_fn(model, batch) must return the scalar loss of the batch (a floating-point "
+                         f"tensor of one element), got {what}: reduce it, e.g. with .mean()")
+    return loss.reshape(())
+
+
 def _leaf(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().requires_grad_()
 
@@ -379,8 +392,10 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
     rng.replay()
-    with swapped_parameters(model, swap):
-        diff = _grad(loss_fn(model, batch2), leaves)
-    rng.resume()
+    try:
+        with swapped_parameters(model, swap):
+            diff = _grad(_loss(loss_fn, model, batch2), leaves)
+    finally:
+        rng.resume()
     torch._foreach_sub_(diff, g_prime)
     torch._foreach_add_(out, diff, alpha=1.0 / eps)

@@ -452,7 +452,11 @@ class MetaAdamW(torch.optim.Optimizer):
         if self.objective.needs_val and val_batch is None:
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
-        record = meta_update(self, model, loss_fn, batch1, batch2, val_batch)
+        was_training = self.modulator.training
+        try:
+            record = meta_update(self, model, loss_fn, batch1, batch2, val_batch)
+        finally:
+            self.modulator.set_training(was_training)
         self.meta_updates += 1
         self.meta_skipped += int(record.skipped)
         return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -535,3 +536,49 @@ def test_squares_and_dots_match_autograd_through_per_tensor_dot_products():
     only_x = torch.autograd.grad(F.squares_and_dots(xs, consts)[1].sum(), xs)
     for x, c, d in zip(xs, consts, only_x):
         torch.testing.assert_close(d, c)
+
+
+def test_loss_fn_results_are_checked_and_a_one_element_loss_is_accepted():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(3)
+    _step(model, opt, batches[0])
+    rec = opt.meta_step(model, lambda m, b: mse(m, b).reshape(1), *batches)
+    assert not rec.skipped and math.isfinite(rec.meta_loss)
+    for bad, what in ((lambda m, b: (m(b[0]) - b[1]) ** 2, "float32 tensor of shape (16, 1)"),
+                      (lambda m, b: 1.0, "got a float")):
+        with pytest.raises(ValueError, match=rf"must return the scalar loss.*{re.escape(what)}"):
+            opt.meta_step(model, bad, *batches)
+
+
+def test_an_error_inside_loss_fn_leaves_the_modulator_mode_and_the_random_stream_alone():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(3)
+    _step(model, opt, batches[0])
+    calls = {"n": 0}
+
+    def failing(m, b):  # fails in the finite-difference pass (the 5th loss evaluation), after the replay
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("boom")
+        return mse(m, b) + 0.0 * torch.rand(())
+
+    torch.manual_seed(7)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.meta_step(model, failing, *batches)
+    after_error = torch.rand(3)
+    assert not opt.modulator.training and not opt.modulator.layers[0].training
+    calls["n"] = -100  # the same four draws without the failure
+    torch.manual_seed(7)
+    for _ in range(4):
+        failing(model, batches[0])
+    assert torch.equal(torch.rand(3), after_error)
+
+
+def test_sparse_gradients_in_meta_step_are_a_clear_error():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 1))
+    opt = MetaAdamW(model.named_parameters(), grouping="original", **small_kwargs())
+    batch = (torch.randint(0, 10, (5, 2)), torch.randn(5, 1))
+    with pytest.raises(ValueError, match="does not support sparse gradients"):
+        opt.meta_step(model, mse, batch, batch, batch)
