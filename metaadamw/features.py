@@ -257,7 +257,7 @@ class Enhanced(FeatureExtractor):
     def __init__(self, layout: GroupLayout, *, time_step: bool = True, second_moment: bool = True, embedding_dim: int = 4):
         super().__init__(layout, time_step=time_step, second_moment=second_moment)
         self.embedding_dim = embedding_dim
-        self.embedding = nn.Parameter(torch.randn(layout.num_groups, embedding_dim, device=layout.numel.device) * 0.1)
+        self.embedding = nn.Parameter(torch.randn(layout.num_groups, embedding_dim, dtype=torch.float32, device=layout.numel.device) * 0.1)
         counts = layout.onehot @ layout.numel
         self.register_buffer("static", torch.stack([
             torch.log1p(counts) / math.log(10.0),  # log10 parameter count
@@ -296,7 +296,7 @@ class FeatureGate(nn.Module):
     def __init__(self, width: int, l1: float = 1e-3, init_logit: float = 3.0):
         super().__init__()
         self.l1 = l1
-        self.logits = nn.Parameter(torch.full((width,), float(init_logit)))
+        self.logits = nn.Parameter(torch.full((width,), float(init_logit), dtype=torch.float32))
 
     def gates(self) -> Tensor:
         return torch.sigmoid(self.logits)

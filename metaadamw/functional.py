@@ -349,7 +349,7 @@ def cos_noise(exp_avgs: list[Tensor]) -> Tensor:
     """Per tensor, the relative noise of the cos identity of :func:`foreach_stats`: the machine
     epsilon of the first moment's dtype (bf16, fp16: measured up to 0.6 of it), at least
     :data:`COS_NOISE_FLOAT32`."""
-    return torch.tensor([max(torch.finfo(m.dtype).eps, COS_NOISE_FLOAT32) for m in exp_avgs],
+    return torch.tensor([max(torch.finfo(m.dtype).eps, COS_NOISE_FLOAT32) for m in exp_avgs], dtype=torch.float32,
                         device=exp_avgs[0].device if exp_avgs else None)
 
 
@@ -420,7 +420,7 @@ def _zero_fraction(tensors: list[Tensor], foreach: bool) -> Tensor:
 
 
 def _numel(tensors: list[Tensor]) -> Tensor:
-    return torch.tensor([float(t.numel()) for t in tensors], device=tensors[0].device)
+    return torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float32, device=tensors[0].device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,10 +428,13 @@ def _numel(tensors: list[Tensor]) -> Tensor:
 
 
 def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
-    """The readable update: one tensor at a time, the formula as written in the docstring."""
+    """The readable update: one tensor at a time, the formula as written in the docstring (its
+    scalars in float64 for float64 parameters, as AdamW's Python-float scalars are)."""
     for b in buckets:
-        a, w = alpha[b.group], beta[b.group]
         for p, m, v in zip(b.params, b.exp_avgs, b.exp_avg_sqs):
+            a, w = alpha[b.group], beta[b.group]
+            if p.dtype == torch.float64:
+                a, w = a.double(), w.double()
             denom = (v / b.bias_correction2).sqrt() + b.eps
             p.mul_(1 - b.lr * a * w * b.weight_decay)
             p.sub_((b.lr * a / b.bias_correction1) * m / denom)
@@ -442,7 +445,8 @@ SQRT_SHIFT = 26
 SQRT_FLOOR = 2.0**-100
 
 
-def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Tensor | None = None) -> None:
+def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Tensor | None = None,
+                   scalar_dtype: torch.dtype | None = None) -> None:
     """The fast update: AdamW's foreach passes with per-bucket tensor scalars.
 
     ``denom = (sqrt(v) + eps * sqrt(bc2)) * c`` with ``c = 1 / (sqrt(bc2) * s)`` and the signed
@@ -450,6 +454,8 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     torch's capturable Adam) and alpha is folded in at no extra pass. Tensor-valued scalars are
     only ever multiplied (the foreach ``add``/``addcdiv`` overloads taking a tensor scalar read it
     back to the host). ``index``: the buckets' modulator groups as a tensor (cached by the caller).
+    ``scalar_dtype``: the dtype the per-bucket scalars are computed in (default alpha's, float32);
+    float64 when there are float64 parameters, whose AdamW steps use Python-float scalars.
 
     Embedding tables in float32 on the CPU: torch's vectorised square root takes a slow path for
     zeros, infinities and inputs below about 1e-34 (5-12x slower per element), and the rows of
@@ -464,7 +470,7 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     denominators); on dense tensors, without zeros, the extra pass would cost ~6% of a step."""
     if not buckets:
         return
-    device, dtype = alpha.device, alpha.dtype
+    device, dtype = alpha.device, scalar_dtype or alpha.dtype
     # host columns: lr * wd and -1 / (sqrt(bc2) * lr / bc1); then decay = 1 - lr wd alpha beta and
     # scale = -1 / (sqrt(bc2) lr alpha / bc1) in three tensor ops
     host = torch.tensor(
@@ -476,7 +482,7 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
         host = host.to(device, non_blocking=True)
     if index is None:
         index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
-    a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index)  # (2, buckets)
+    a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index).to(dtype)  # (2, buckets)
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]
     scalars = zip(decay.unbind(0), scale.unbind(0))  # 0-dim views, two ops for all the buckets

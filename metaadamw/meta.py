@@ -194,9 +194,9 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         group_idx = [opt._group_of[i] for i in active]
         index = torch.tensor(group_idx, device=opt.device)
         steps = [opt._steps[i] + 1 for i in active]
-        lr_wd = torch.tensor([grp["lr"] * grp["weight_decay"] for grp in groups], device=opt.device)
+        lr_wd = torch.tensor([grp["lr"] * grp["weight_decay"] for grp in groups], dtype=torch.float32, device=opt.device)
         lr_bc1 = torch.tensor([grp["lr"] / (1 - grp["betas"][0] ** t) for grp, t in zip(groups, steps)],
-                              device=opt.device)
+                              dtype=torch.float32, device=opt.device)
         a, w = alpha.index_select(0, index), beta.index_select(0, index)
         decay = 1 - lr_wd * a * w
         scale = lr_bc1 * a

@@ -178,22 +178,23 @@ class MetaAdamW(torch.optim.Optimizer):
         self.layout = GroupLayout(
             names=self.group_names,
             tensor_group=torch.tensor(self._group_of, device=self.device),
-            numel=torch.tensor([float(p.numel()) for p in self._params], device=self.device),
-            is_bias=torch.tensor([float(is_bias(t)) for t in self.tensor_info], device=self.device),
-            depth=torch.tensor([t.depth for t in assign_depths(self.tensor_info)], device=self.device),
+            numel=torch.tensor([float(p.numel()) for p in self._params], dtype=torch.float32, device=self.device),
+            is_bias=torch.tensor([float(is_bias(t)) for t in self.tensor_info], dtype=torch.float32, device=self.device),
+            depth=torch.tensor([t.depth for t in assign_depths(self.tensor_info)], dtype=torch.float32,
+                               device=self.device),
         )
         extractor = feature_cls(self.layout, time_step=time_step, second_moment=second_moment)
         self.modulator = Modulator(
             extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
             dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,
             beta_range=beta_range, head_init=modulator_init,
-        ).to(self.device)
+        ).to(device=self.device, dtype=torch.float32)  # float32 whatever the default dtype, like the statistics
         self.modulator.eval()  # train mode (dropout) only inside meta-updates
         self.objective = objective_obj
         self.weighting = weighting_cls(
             objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
             form=weighting_form,
-        ).to(self.device)
+        ).to(device=self.device, dtype=torch.float32)
         if isinstance(meta_optimizer, str):  # the modulator has many small tensors: foreach also on the CPU
             make = functools.partial(META_OPTIMIZERS[meta_optimizer], foreach=True)
         else:
@@ -205,10 +206,10 @@ class MetaAdamW(torch.optim.Optimizer):
         self.global_step = 0  # step() calls that updated at least one tensor
         self.meta_updates = 0
         self.meta_skipped = 0
-        self._time = torch.zeros((), device=self.device)
+        self._time = torch.zeros((), dtype=torch.float32, device=self.device)
         self._carry = {  # ||m_{t-1}||^2 and sum(v_{t-1}) per tensor, valid when computed last step
-            "exp_avg_norm_sq": torch.zeros(n, device=self.device),
-            "v_sum": torch.zeros(n, device=self.device),
+            "exp_avg_norm_sq": torch.zeros(n, dtype=torch.float32, device=self.device),
+            "v_sum": torch.zeros(n, dtype=torch.float32, device=self.device),
         }
         self._carry_valid = True  # zero moments: the zero carry is exact
         self._stats: dict[str, Tensor] = {}
@@ -313,7 +314,7 @@ class MetaAdamW(torch.optim.Optimizer):
         if refresh:
             self._update_stats(plan, grads, norms)
             if self.device.type == "cpu":  # the same value from the host's step count, in one op
-                time = torch.tensor(normalised_time(self.global_step, self.total_steps))
+                time = torch.tensor(normalised_time(self.global_step, self.total_steps), dtype=torch.float32)
             else:  # no host-to-device copy in step()
                 time = normalised_time(self._time, self.total_steps)
             self._multipliers = self.modulator.infer(self._stats, time)
@@ -321,7 +322,8 @@ class MetaAdamW(torch.optim.Optimizer):
         else:
             self._carry_valid = False
         if self.foreach:
-            F.foreach_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta, plan.bucket_groups)
+            F.foreach_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta, plan.bucket_groups,
+                             plan.scalar_dtype)
         else:
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
         return loss
@@ -351,7 +353,7 @@ class MetaAdamW(torch.optim.Optimizer):
         if index is None:
             return stats
         n = len(self._params)
-        return {k: (self._stats[k] if k in self._stats else torch.zeros(n, device=self.device)).index_copy(0, index, v)
+        return {k: (self._stats[k] if k in self._stats else torch.zeros(n, dtype=torch.float32, device=self.device)).index_copy(0, index, v)
                 for k, v in stats.items()}
 
     def _recompute_carry(self) -> None:
@@ -407,8 +409,8 @@ class MetaAdamW(torch.optim.Optimizer):
             b.split(limit, [layer_type(self.tensor_info[i]) == "embedding" for i in b.indices])
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        beta1 = torch.tensor([b[0] for b in betas], device=self.device)
-        beta2 = torch.tensor([b[1] for b in betas], device=self.device)
+        beta1 = torch.tensor([b[0] for b in betas], dtype=torch.float32, device=self.device)
+        beta2 = torch.tensor([b[1] for b in betas], dtype=torch.float32, device=self.device)
         self._plan = _Plan(
             active=active,
             betas=[g["betas"] for g in self.param_groups],
@@ -425,6 +427,7 @@ class MetaAdamW(torch.optim.Optimizer):
             beta1=beta1,
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs)),
+            scalar_dtype=torch.float64 if any(p.dtype == torch.float64 for p in params) else None,
         )
         return self._plan
 
@@ -511,7 +514,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
         self._steps = list(extra["steps"])
         self.global_step = extra["global_step"]
-        self._time = torch.tensor(float(self.global_step), device=self.device)
+        self._time = torch.tensor(float(self.global_step), dtype=torch.float32, device=self.device)
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
         self._plan = None
@@ -610,6 +613,7 @@ class _Plan:
     beta1: Tensor
     beta2: Tensor
     stat_coefs: dict[str, Tensor]
+    scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
     fresh: bool = True  # not used by a step yet
 
 

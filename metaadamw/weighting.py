@@ -72,7 +72,7 @@ class Fixed(Weighting):
 
     def __init__(self, terms, signed_terms=(), *, priorities=None, weights=None, form="regression"):
         super().__init__(terms, signed_terms, form=form)
-        self.register_buffer("weights", torch.tensor(_by_term(weights, self.terms, "fixed_weights")))
+        self.register_buffer("weights", torch.tensor(_by_term(weights, self.terms, "fixed_weights"), dtype=torch.float32))
 
     def forward(self, terms):
         values = torch.stack([terms[t] for t in self.terms])
@@ -85,8 +85,8 @@ class PriorityUncertainty(Weighting):
 
     def __init__(self, terms, signed_terms=(), *, priorities=None, weights=None, form="regression"):
         super().__init__(terms, signed_terms, form=form)
-        self.register_buffer("priorities", torch.tensor(_by_term(priorities, self.terms, "priorities")))
-        self.log_vars = nn.Parameter(torch.zeros(len(self.terms)))
+        self.register_buffer("priorities", torch.tensor(_by_term(priorities, self.terms, "priorities"), dtype=torch.float32))
+        self.log_vars = nn.Parameter(torch.zeros(len(self.terms), dtype=torch.float32))
 
     def forward(self, terms):
         values = torch.stack([F.softplus(terms[t]) if t in self.signed_terms else terms[t] for t in self.terms])

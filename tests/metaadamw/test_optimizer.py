@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -603,3 +604,42 @@ def test_frozen_parameters_get_no_moments_whatever_refresh_every(refresh_every):
     assert all(p is not frozen for p in with_moments) and len(with_moments) == len(list(model.parameters())) - 1
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_zero_ranges_match_torch_adamw_in_float64(foreach):
+    # AdamW's scalars are Python floats: in float64 MetaAdamW's per-bucket scalars must not be
+    # rounded to float32 (that drifted by ~5e-6 relative over 300 steps)
+    batches = [tuple(t.double() for t in b) for b in regression_batches()]
+    ref_model, model = mlp(0).double(), mlp(0).double()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05, foreach=True)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                    foreach=foreach, **small_kwargs())
+    _train(ref_model, ref, batches, 300)
+    _train(model, opt, batches, 300)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-13)
+
+
+def test_a_float64_default_dtype_changes_nothing():
+    # the optimizer's own tensors (layout, statistics, modulator, weighting) are float32 whatever
+    # torch's default dtype; with a float64 default, step() and meta_step() crashed on a dtype mismatch
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                        features="enhanced", gating=True, **small_kwargs())
+        _train(model, opt, batches, 2)
+        rec = opt.meta_step(model, mse, *batches[:3])
+        _train(model, opt, batches, 2)
+    finally:
+        torch.set_default_dtype(previous)
+    _train(ref_model, ref, batches, 2)
+    _train(ref_model, ref, batches, 2)
+    assert opt.modulator.head.weight.dtype == torch.float32 and opt.weighting.log_vars.dtype == torch.float32
+    assert not rec.skipped and math.isfinite(rec.meta_loss)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
