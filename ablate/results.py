@@ -12,6 +12,13 @@ leaves a truncated file::
 earlier one, so a retried trial appears exactly once) and :func:`consolidate` also writes the
 combined ``OUT/trials.parquet``, ``OUT/history.parquet`` and ``OUT/telemetry.parquet``.
 
+``OUT/study_trials.json`` (:func:`write_manifest`, written by every ``ablate run``) lists the trials
+of the study as last run there, with their arm labels. A results directory outlives edits of its
+study file: trials of an earlier budget, of removed seeds or arms stay on disk (and are reused when
+the study asks for them again). :func:`load_results` keeps only the listed trials, labelled as the
+study labels them now (a renamed arm, or an arm merged with an existing trial, gets its row), and
+says how many stored trials it left out; ``all_trials=True`` loads everything on disk.
+
 Columns
 -------
 trials (one row per trial):
@@ -40,6 +47,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -47,6 +55,9 @@ import pandas as pd
 
 TABLES = ("trials", "history", "telemetry")
 PARTS_DIR = "parts"
+MANIFEST = "study_trials.json"
+#: the trial columns that depend on the study rather than on the trial's config
+LABEL_COLUMNS = ("study", "arm", "arms", "axis")
 
 
 @dataclasses.dataclass
@@ -107,6 +118,25 @@ def write_trial(
     atomic_write_parquet(pd.DataFrame([row]), parts / f"{trial_id}.trials.parquet")
 
 
+def write_manifest(out_dir: str | os.PathLike, study: str, labels: Mapping[str, Mapping[str, Any]]) -> None:
+    """Record the trials of ``study`` as run now: trial id -> its :data:`LABEL_COLUMNS` values."""
+    path = Path(out_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"study": study, "trials": {k: dict(v) for k, v in labels.items()}}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | None:
+    """Trial id -> labels of the study last run in ``out_dir`` (None for results written before
+    manifests existed, or by hand)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())["trials"]
+
+
 def finished_trial_ids(out_dir: str | os.PathLike, statuses: tuple[str, ...] = ("ok", "diverged")) -> set[str]:
     """Ids of the trials whose results are on disk with one of ``statuses``."""
     trials = _read_parts(Path(out_dir), "trials")
@@ -138,8 +168,10 @@ def _read_parts(out_dir: Path, table: str) -> pd.DataFrame:
     return df
 
 
-def load_results(out_dir: str | os.PathLike) -> Results:
-    """Load a study's tables (from its parts, falling back to the consolidated files)."""
+def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Results:
+    """Load a study's tables (from its parts, falling back to the consolidated files): the trials of
+    the study as last run in ``out_dir`` (see :data:`MANIFEST`), or every stored trial with
+    ``all_trials=True``."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         raise FileNotFoundError(f"no results directory at {out_dir}; run `ablate run SPEC` first")
@@ -151,12 +183,32 @@ def load_results(out_dir: str | os.PathLike) -> Results:
         tables[name] = df
     if tables["trials"].empty and not (out_dir / PARTS_DIR).exists():
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet)")
+    manifest = None if all_trials else read_manifest(out_dir)
+    if manifest is not None and len(tables["trials"]):
+        tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)
     ids = set(tables["trials"]["trial_id"]) if len(tables["trials"]) else set()
     for name in ("history", "telemetry"):
         df = tables[name]
         if len(df) and "trial_id" in df:
             tables[name] = df[df["trial_id"].isin(ids)].reset_index(drop=True)
     return Results(**tables)
+
+
+def _as_in_manifest(trials: pd.DataFrame, manifest: Mapping[str, Mapping[str, Any]], out_dir: Path) -> pd.DataFrame:
+    """The stored trials that belong to the study of the manifest, with its labels."""
+    keep = trials["trial_id"].isin(list(manifest))
+    left_out = int((~keep).sum())
+    if left_out:
+        warnings.warn(
+            f"{out_dir}: {left_out} stored trial(s) are not part of the study as last run there (another budget, "
+            f"seed, task or arm of an earlier version of the study file); they are left out. "
+            f"load_results({str(out_dir)!r}, all_trials=True) includes them.", stacklevel=3)
+    trials = trials[keep].reset_index(drop=True)
+    for col in LABEL_COLUMNS:
+        values = [manifest[t].get(col) for t in trials["trial_id"]]
+        if col in trials or any(v is not None for v in values):
+            trials[col] = values
+    return trials
 
 
 def consolidate(out_dir: str | os.PathLike) -> Results:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -290,8 +291,13 @@ def task_metric(trials: pd.DataFrame, task: str) -> tuple[str, str]:
 
 
 def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> pd.Series:
-    """Ok trials' ``column`` per seed for one task and arm (duplicates of a seed are averaged)."""
+    """Ok trials' ``column`` per seed for one task and arm (several trials of one seed - results
+    loaded with ``all_trials=True`` across versions of a study - are averaged, with a warning)."""
     g = arms[(arms["task"] == task) & (arms["arm"] == arm) & (arms["status"] == "ok")]
+    if g["seed"].duplicated().any():
+        warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
+                      f"their values are averaged per seed. Are results of different study versions mixed "
+                      f"(load_results(..., all_trials=True))?", stacklevel=3)
     return g.groupby("seed")[column].mean()
 
 

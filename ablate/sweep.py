@@ -131,11 +131,16 @@ class SweepOutcome:
     reused: int
     failed: int
     results: store.Results
+    unfinished: int = 0  # trials neither recorded nor failed: the run was interrupted (Ctrl-C)
+
+
+def _labels(spec: TrialSpec, study: Study) -> dict[str, Any]:
+    """The columns of a trial row that the study gives it (:data:`ablate.results.LABEL_COLUMNS`)."""
+    return {"study": study.name, "arm": spec.arm, "arms": json.dumps(spec.arms), "axis": spec.axis}
 
 
 def _trial_row(spec: TrialSpec, study: Study, row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "trial_id": spec.trial_id, "study": study.name, "arm": spec.arm, "arms": json.dumps(spec.arms),
-            "axis": spec.axis}
+    return {**row, "trial_id": spec.trial_id, **_labels(spec, study)}
 
 
 def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
@@ -154,6 +159,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.done = self.failed = 0
             self.start = time.monotonic()
             self.written: set[str] = set()
+            self.failed_ids: set[str] = set()
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -161,7 +167,8 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                 return
             spec = by_id[trial.config["trial"]["trial_id"]]
             payload = json.loads(result[RESULT_KEY])
-            row = {k: (math.nan if v is None else v) for k, v in payload["row"].items()}
+            # missing metrics as NaN; config values keep their None (a row must rebuild its config)
+            row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
             self.done += 1
@@ -174,6 +181,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             error = _trial_error(trial)
             store.write_trial(out_dir, _failed_row(spec, study, error))
             self.failed += 1
+            self.failed_ids.add(spec.trial_id)
             self.eta.finished(spec.task, None)
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({error.strip().splitlines()[-1]})")
 
@@ -323,6 +331,33 @@ def check_real_data(study: Study) -> None:
         checked.add(root)
 
 
+def check_resources(study: Study, address: str | None = None, num_cpus: int | None = None) -> None:
+    """Refuse, before Ray starts, resources that can never be met: a trial asking for more CPUs or
+    GPUs than this machine has (when Ray runs here; Ray would wait for them forever), and trials on
+    ``device: cuda`` without a GPU (Ray hides the GPUs from a trial that asked for none)."""
+    from ablate.config import ConfigError
+
+    cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
+    cuda = sorted({t.task for t in study.trials if t.config.get("device") == "cuda"})
+    if cuda and not gpus:
+        raise ConfigError(f"{study.name}: trials of {cuda} run on device: cuda, but resources.gpus is 0 (Ray hides the "
+                          f"GPUs from a trial that asks for none): set resources: {{gpus: 1}} (or a fraction)")
+    if address is not None:
+        return
+    have_cpus = num_cpus or os.cpu_count() or 1
+    if cpus > have_cpus:
+        raise ConfigError(f"{study.name}: each trial asks for resources.cpus={cpus:g}, but Ray runs here with {have_cpus} "
+                          f"CPU(s), so no trial could ever start: lower resources.cpus, or run on a cluster with --address")
+    if gpus:
+        import torch
+
+        have_gpus = torch.cuda.device_count()
+        if gpus > have_gpus:
+            raise ConfigError(f"{study.name}: each trial asks for resources.gpus={gpus:g}, but this machine has "
+                              f"{have_gpus} GPU(s), so no trial could ever start: set resources.gpus: 0 (and device: "
+                              f"cpu), or run on a cluster with GPUs (--address)")
+
+
 def run_study(
     study: Study,
     out_root: str | os.PathLike = "results",
@@ -336,6 +371,7 @@ def run_study(
     """Run every trial of ``study`` whose result is not stored yet; return the study's tables."""
     from ray import tune
 
+    check_resources(study, address, num_cpus)
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
         check_real_data(study)
     out_dir = Path(out_root) / study.name
@@ -344,6 +380,7 @@ def run_study(
         stale.unlink(missing_ok=True)
     if study.path is not None:
         shutil.copyfile(study.path, out_dir / "study.yaml")
+    store.write_manifest(out_dir, study.name, {t.trial_id: _labels(t, study) for t in study.trials})
     finished = store.finished_trial_ids(out_dir)
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
@@ -393,8 +430,18 @@ def run_study(
             import ray
 
             ray.shutdown()
-    results = store.consolidate(out_dir)
-    return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results)
+    unfinished = len(set(by_id) - recorder.written - recorder.failed_ids)
+    if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
+        print(f"\ninterrupted: {unfinished} trial(s) did not finish; continue them from their last checkpoint "
+              f"with `ablate run {study.path or 'SPEC'} --resume` (finished trials are kept and reused)", flush=True)
+    has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
+    if has_parts:
+        results = store.consolidate(out_dir)
+    else:  # interrupted before any trial finished
+        import pandas as pd
+
+        results = store.Results(*(pd.DataFrame() for _ in store.TABLES))
+    return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results, unfinished)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +460,7 @@ def summary_table(results: store.Results) -> str:
     arms = explode_arms(trials)
     lines = []
     for task, df in arms.groupby("task", sort=False):
-        known = df.dropna(subset=["mode"]) if "mode" in df else df.iloc[0:0]
+        known = df[df["status"] != "failed"]  # failed rows carry no metric (explode_arms fills their mode)
         if known.empty:
             lines.append(f"\n{task}: every trial failed ({len(df)})")
             continue
@@ -442,6 +489,8 @@ def run_command(args) -> int:
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent)
     print(summary_table(outcome.results))
-    print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed; results in {outcome.out_dir} "
+    print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"
+          + (f", {outcome.unfinished} interrupted (continue with --resume)" if outcome.unfinished else "")
+          + f"; results in {outcome.out_dir} "
           f"(load them with ablate.results.load_results, or run `ablate report {outcome.out_dir}`)")
-    return 1 if outcome.failed else 0
+    return 130 if outcome.unfinished else 1 if outcome.failed else 0

@@ -749,6 +749,7 @@ class TuneOutcome:
     storage: str
     targets: list[TargetOutcome]
     files: dict[str, Path]
+    interrupted: list[str] = dataclasses.field(default_factory=list)  # targets whose search was cut off
 
 
 def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
@@ -956,7 +957,8 @@ def grace_default(target: Target, s: TuneSettings) -> int:
     return min(target.epochs, 1 + warmup)
 
 
-def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: Path, ray_storage: str | None) -> int:
+def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: Path,
+                ray_storage: str | None) -> tuple[int, int]:
     """Ask the target's study for ``trials`` more suggestions through Ray Tune."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -1009,7 +1011,7 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         interrupted = searcher.fail_unfinished()
         if interrupted:
             print(f"[{target.key}] {interrupted} unfinished suggestion(s) marked FAIL in the stored study", flush=True)
-    return progress.done
+    return progress.done, interrupted
 
 
 def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address: str | None = None,
@@ -1017,7 +1019,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
              num_cpus: int | None = None) -> TuneOutcome:
     """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
     outputs (best values, history, importances) from the stored studies."""
-    from ablate.sweep import init_ray
+    from ablate.sweep import check_resources, init_ray
 
     out_dir = Path(out_root) / spec.name / "tune"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1030,19 +1032,25 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
         if spec.path is not None:
             (out_dir / "spec.yaml").write_text(spec.path.read_text())
         ran: dict[str, int] = {}
+        interrupted: list[str] = []
         targets = build_targets(spec)
         for target in targets:  # a stored study that scores differently is refused before anything runs
             open_target_study(target, spec, storage)
         started = False
         try:
             if spec.settings.trials > 0:
+                check_resources(spec.study, address, num_cpus)
                 started = init_ray(spec.study, address, num_cpus)
             if spec.settings.cross_task and spec.settings.trials > 0:
                 references = adamw_references(spec, out_dir, address=address, ray_storage=ray_storage)
                 for target in targets:
                     target.references = references
             for target in targets:
-                ran[target.key] = _run_target(target, spec, storage, spec.settings.trials, out_dir, ray_storage)
+                ran[target.key], unfinished = _run_target(target, spec, storage, spec.settings.trials, out_dir,
+                                                          ray_storage)
+                if unfinished:  # interrupted (Ray Tune catches Ctrl-C and returns): not the next target either
+                    interrupted.append(target.key)
+                    break
         finally:
             if started:
                 import ray
@@ -1050,7 +1058,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 ray.shutdown()
         outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
         files = write_outputs(spec, storage, targets, out_dir, location)
-    return TuneOutcome(out_dir, location, outcomes, files)
+    return TuneOutcome(out_dir, location, outcomes, files, interrupted)
 
 
 def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
@@ -1187,4 +1195,8 @@ def tune_command(args) -> int:
         print(f"ablate: error: {exc}", flush=True)
         return 1
     print(format_summary(outcome), flush=True)
+    if outcome.interrupted:
+        print(f"interrupted during {outcome.interrupted[0]}; the searches of the targets after it did not start. "
+              f"Extend the stored studies with `ablate tune {args.spec}` (finished suggestions are kept)", flush=True)
+        return 130
     return 0

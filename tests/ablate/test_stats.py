@@ -285,3 +285,25 @@ def test_performance_profile_arm_without_ok_trials_is_never_within_tau(report_st
     profile = stats.performance_profile(results, taus=[1.0, 10.0], arms=["adamw", "no_such_arm"])
     assert list(profile["no_such_arm"]) == [0.0, 0.0]
     assert profile.loc[10.0, "adamw"] == 1.0
+
+
+def test_a_study_manifest_scopes_the_loaded_results_and_relabels_them(tmp_path):
+    # a results directory outlives edits of its study file: only the trials of the study as last run
+    # there are loaded (labelled as it labels them now); all_trials=True loads everything
+    from ablate.results import write_manifest
+
+    for tid, arm, seed in (("a", "baseline", 0), ("b", "objective=gradient", 0), ("old", "baseline", 0)):
+        write_trial(tmp_path, {"trial_id": tid, "study": "s", "arm": arm, "arms": json.dumps([arm]), "axis": "",
+                               "status": "ok", "task": "etth1", "seed": seed, "metric": "mse", "mode": "min",
+                               "best_metric": 1.0, "finished_at": f"2026-01-01T00:00:0{seed}"},
+                    [{"epoch": 1, "train_loss": 1.0}])
+    write_manifest(tmp_path, "s", {"a": {"study": "s", "arm": "baseline", "arms": json.dumps(["baseline"]), "axis": ""},
+                                   "b": {"study": "s", "arm": "obj=grad", "arms": json.dumps(["obj=grad"]), "axis": "obj"}})
+    with pytest.warns(UserWarning, match="1 stored trial.s. are not part of the study"):
+        res = load_results(tmp_path)
+    assert sorted(res.trials["trial_id"]) == ["a", "b"] and sorted(res.history["trial_id"]) == ["a", "b"]
+    assert res.trials.set_index("trial_id").loc["b", "arm"] == "obj=grad"
+    everything = load_results(tmp_path, all_trials=True)
+    assert len(everything.trials) == 3
+    with pytest.warns(UserWarning, match="several trials share a seed"):
+        stats._per_seed(stats.explode_arms(everything.trials), "etth1", "baseline")

@@ -549,3 +549,21 @@ def test_a_failing_plugin_names_the_module_and_the_exception(tmp_path, isolated_
 def test_a_missing_plugin_names_the_module(tmp_path, isolated_imports):
     message = error(tmp_path, {**BASE, "plugins": ["study_plugin_missing"]})
     assert "plugins[0]" in message and "ModuleNotFoundError" in message and "study_plugin_missing.py next to the study file" in message
+
+
+@pytest.mark.parametrize("resources, budget, message", [
+    ("{cpus: 4096}", "{epochs: 1}", "resources.cpus=4096, but Ray runs here with"),
+    ("{cpus: 1, gpus: 4096}", "{epochs: 1}", "resources.gpus=4096, but this machine has"),
+    ("{cpus: 1, gpus: 0}", "{epochs: 1, device: cuda}", "run on device: cuda, but resources.gpus is 0"),
+])
+def test_resources_that_can_never_be_met_are_refused_before_ray_starts(tmp_path, resources, budget, message):
+    # Ray would wait forever for a CPU or GPU count this machine lacks (only logging a warning
+    # every minute), and hides GPUs from trials that ask for none
+    from ablate.config import ConfigError
+    from ablate.sweep import run_study
+
+    path = tmp_path / "res.yaml"
+    path.write_text(f"name: res\ntasks: [etth1]\nseeds: 1\nbudget: {budget}\nresources: {resources}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_study(load_study(path), tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "refused before anything is written"

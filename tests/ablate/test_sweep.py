@@ -86,6 +86,18 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     old = t.set_index("trial_id")["finished_at"]
     assert (again.set_index("trial_id").loc[old.index, "finished_at"] == old).all(), "finished trials untouched"
 
+    # back to 2 seeds, the ablation renamed (a named level: the same trials): nothing runs, and the
+    # results are the study's as it is now - its seeds, its arm names - not everything on disk
+    renamed = load_study(_study(tmp_path, ablation="obj: {ld: {objective: loss_decrease}}"))
+    third = run_study(renamed, out, num_cpus=2)
+    assert (third.ran, third.reused) == (0, 6)
+    with pytest.warns(UserWarning, match="3 stored trial.s. are not part of the study as last run there"):
+        now = load_results(out / "tiny").trials
+    assert len(now) == 6 and sorted(now["arm"].unique()) == ["adamw", "baseline", "obj=ld"]
+    assert sorted(now["seed"].unique()) == [0, 1]
+    assert "obj=ld" in summary_table(third.results) and "objective=loss_decrease" not in summary_table(third.results)
+    assert len(load_results(out / "tiny", all_trials=True).trials) == 9
+
 
 def _parts(out: Path) -> int:
     return len(list((out / "parts").glob("*.trials.parquet"))) if (out / "parts").exists() else 0
@@ -121,6 +133,31 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert (trials["resumed_from_epoch"] > 0).any(), "the interrupted trial continues from its checkpoint"
     history = load_results(out / "killed").history
     assert all(list(e) == [1, 2, 3] for _, e in history.groupby("trial_id")["epoch"]), "no gaps, no duplicates"
+
+
+def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path):
+    # Ray Tune catches SIGINT itself and returns from fit() as if the sweep were done: exit 0 and a
+    # table that looks complete. The driver must say which trials did not finish and how to go on.
+    spec = _study(tmp_path, "stopped", seeds=3, epochs=3, batches=30)
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out), "--max-concurrent", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while _parts(out / "stopped") < 1 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # to the driver, as Ctrl-C in its terminal
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = output.decode()
+    done = _parts(out / "stopped")
+    assert 1 <= done < 9, text[-3000:]
+    assert proc.returncode == 130, text[-3000:]
+    assert f"interrupted: {9 - done} trial(s) did not finish" in text and "--resume" in text
 
 
 def _unfinished_checkpoint(out: Path) -> bool:
