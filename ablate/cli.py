@@ -33,11 +33,19 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"ablate: --set expects key=value, got {item!r}")
+            print(f"ablate: error: --set expects key=value, got {item!r}", file=sys.stderr)
+            raise SystemExit(2)
         key, value = item.split("=", 1)
         out[key.strip()] = _parse_value(value.strip())
     return out
@@ -157,12 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run a study file on Ray Tune")
     s.add_argument("spec")
     s.add_argument("--dry-run", action="store_true", help="print the trials and exit")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    s.add_argument("--resume", action="store_true",
+                   help="also continue unfinished trials from their last per-epoch checkpoint (finished trials "
+                        "are reused either way)")
     s.add_argument("--out", default="results", help="parent directory of the study's results (default: results)")
     s.add_argument("--address", help="join a running Ray cluster (e.g. 127.0.0.1:6379 or auto)")
     s.add_argument("--storage", help="Ray Tune storage path or URI shared by every node")
-    s.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    s.add_argument("--max-concurrent", type=_positive_int, help="at most this many trials at once (>= 1)")
     s.add_argument("--extra-seeds", type=int, help="add N more seeds to the study")
+    s.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished trial's checkpoint (model, optimizer, best weights) in OUT/checkpoints/ "
+                        "(default: deleted once its results are stored)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities")
@@ -203,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ablate.tasks import DatasetNotFoundError
         from metaadamw import UnknownComponentError
 
-        if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError)):
+        from ablate.data import DownloadError
+
+        if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError)):
             print(f"ablate: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -17,6 +17,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from ablate.config import ConfigError
 from ablate.tasks import DATA_DIR_ENV, DOWNLOADS, Download, list_tasks
 
 
@@ -58,11 +59,15 @@ def unpack(archive: Path, dest: Path) -> None:
             t.extractall(dest, filter="data")
 
 
+class DownloadError(OSError):
+    """A dataset could not be fetched (no network, a server error)."""
+
+
 def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Download every file of ``task``'s real dataset into the data directory; returns the paths."""
     if task not in DOWNLOADS:
         known = sorted(DOWNLOADS)
-        raise ValueError(f"no download is registered for task {task!r}; tasks with downloads: "
+        raise ConfigError(f"no download is registered for task {task!r}; tasks with downloads: "
                          f"{', '.join(known) or '(none)'} (registered tasks: {', '.join(list_tasks())})")
     root = default_data_dir(data_dir)
     out = []
@@ -77,8 +82,12 @@ def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]
         print(f"downloading {item.url} ...", flush=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             tmp_file = Path(tmp) / item.filename
-            with urllib.request.urlopen(item.url, timeout=60) as r, open(tmp_file, "wb") as f:
-                shutil.copyfileobj(r, f)
+            try:
+                with urllib.request.urlopen(item.url, timeout=60) as r, open(tmp_file, "wb") as f:
+                    shutil.copyfileobj(r, f)
+            except OSError as exc:  # URLError, timeouts, refused connections
+                raise DownloadError(f"cannot download {item.url}: {getattr(exc, 'reason', exc)}; this needs the "
+                                    f"network (or copy the files into {dest} by hand)") from exc
             verify(tmp_file, item)
             if item.extract:
                 unpack(tmp_file, dest)

@@ -631,13 +631,29 @@ def write_report(
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
     progress(f"loading results from {results_dir}")
+    tune_only = (results_dir / TUNE_DIR / "history.parquet").exists() and not (
+        (results_dir / "parts").exists() or (results_dir / "trials.parquet").exists())
+    if tune_only:  # `ablate tune` alone: its history and importances
+        fig_dir = out / FIGURES_DIR
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        blocks = [_heading(f"Priority study: {results_dir.name}", 1),
+                  _text(f"Results directory {results_dir} holds an Optuna priority study (`ablate tune`) and no "
+                        f"study trials (`ablate run`)."), *_tune_section(results_dir, fig_dir)]
+        return _write(blocks, out, formats, progress)
     results = load_results(results_dir)
     if results.trials.empty:
-        raise ValueError(f"{results_dir} holds no trials yet; nothing to report")
+        from ablate.config import ConfigError
+
+        raise ConfigError(f"{results_dir} holds no trials yet; nothing to report (run the study first, or wait "
+                          f"for its first trial to finish)")
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     progress("computing tables and drawing figures")
     blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
+    return _write(blocks, out, formats, progress)
+
+
+def _write(blocks: list[Block], out: Path, formats: Sequence[str], progress: Callable[[str], None]) -> Path:
     written = {}
     if "md" in formats:
         written["md"] = out / "report.md"

@@ -51,6 +51,11 @@ class _NoMetricFilesFilter(logging.Filter):
 _NO_METRIC_FILES = _NoMetricFilesFilter()
 
 
+#: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once
+#: the trial's results are stored)
+CHECKPOINTS_DIR = "checkpoints"
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainable (runs in Ray workers)
 
@@ -149,7 +154,8 @@ def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
                                     "best_metric": math.nan, "finished_at": now})
 
 
-def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int):
+def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int,
+                    keep_checkpoints: bool = False):
     from ray import tune
 
     class Recorder(tune.Callback):
@@ -171,6 +177,8 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
+            if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
+                (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
             self.done += 1
             self.eta.finished(spec.task, row.get("time_total_s"))
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: {row['status']} "
@@ -367,8 +375,13 @@ def run_study(
     storage: str | None = None,
     max_concurrent: int | None = None,
     num_cpus: int | None = None,
+    keep_checkpoints: bool = False,
 ) -> SweepOutcome:
-    """Run every trial of ``study`` whose result is not stored yet; return the study's tables."""
+    """Run every trial of ``study`` whose result is not stored yet; return the study's tables.
+
+    A trial's checkpoint (``OUT/checkpoints/<trial_id>.pt``: model, optimizer, best weights) is
+    deleted once its results are stored, and Ray's copies of them once every trial is recorded,
+    unless ``keep_checkpoints``: on the paper's study they would take tens of GB."""
     from ray import tune
 
     check_resources(study, address, num_cpus)
@@ -399,24 +412,25 @@ def run_study(
     started = init_ray(study, address, num_cpus)
     try:
         by_id = {t.trial_id: t for t in pending}
-        recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused)
+        recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused, keep_checkpoints)
         cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
         space = {
             "trial": tune.grid_search([_worker_spec(t) for t in pending]),
             "plugins": list(study.plugins),
             "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
-            "checkpoint_dir": str((out_dir / "checkpoints").resolve()),
+            "checkpoint_dir": str((out_dir / CHECKPOINTS_DIR).resolve()),
             "resume": resume,
             "started_at": time.time(),  # stable checkpoints written since then belong to this run
             "cpus": cpus,
         }
         storage_path = storage or str((out_dir / "ray").resolve())
+        run_name = f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
             param_space=space,
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(
-                name=f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}",
+                name=run_name,
                 storage_path=storage_path,
                 failure_config=tune.FailureConfig(max_failures=study.retries),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -431,6 +445,8 @@ def run_study(
 
             ray.shutdown()
     unfinished = len(set(by_id) - recorder.written - recorder.failed_ids)
+    if not unfinished and storage is None and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
+        shutil.rmtree(Path(storage_path) / run_name, ignore_errors=True)
     if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
         print(f"\ninterrupted: {unfinished} trial(s) did not finish; continue them from their last checkpoint "
               f"with `ablate run {study.path or 'SPEC'} --resume` (finished trials are kept and reused)", flush=True)
@@ -487,7 +503,7 @@ def run_command(args) -> int:
         print(format_trials(study))
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
-                        max_concurrent=args.max_concurrent)
+                        max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints)
     print(summary_table(outcome.results))
     print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"
           + (f", {outcome.unfinished} interrupted (continue with --resume)" if outcome.unfinished else "")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ablate.config import resolve_config, trial_id
+from ablate.config import ConfigError, resolve_config, trial_id
 from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
 from ablate.tasks import get_task, move_to_device
@@ -302,7 +302,7 @@ class Trial:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["trial_id"] != self.trial_id:
-            raise ValueError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
+            raise ConfigError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
                              f"(their configs differ)")
         state = copy.deepcopy(state)
         self.model.load_state_dict(state["model"])
@@ -331,7 +331,15 @@ class Trial:
         return atomic_write_bytes(path, self.checkpoint_bytes())
 
     def load(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{path} is not a readable ablate trial checkpoint ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict) or "trial_id" not in state:
+            raise ConfigError(f"{path} is not an ablate trial checkpoint (no trial_id in it)")
+        self.load_state_dict(state)
 
 
 def run_trial(config: dict[str, Any], *, callback: Callback | None = None, resume: str | os.PathLike | None = None,

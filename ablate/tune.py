@@ -974,7 +974,7 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
           f"{', ASHA grace %d rf %g' % (sched['grace_period'], sched['reduction_factor']) if sched else ', no early stopping'}); "
           f"{target.direction} {target.description}", flush=True)
     if trials == 0:
-        return 0
+        return 0, 0
     if s.enqueue_baseline and not before:
         _enqueue_baseline(study, target, spec)
     searcher = _searcher_class()({name: r.distribution() for name, r in space.items()}, metric=OBJECTIVE,
@@ -1179,7 +1179,8 @@ def format_summary(outcome: TuneOutcome) -> str:
     files = outcome.files
     lines.append("")
     if "best" in files:
-        lines.append(f"best values: {files['best']}  (in a study file: baseline: {{priorities_from: {files['best']}}})")
+        lines.append(f"best values: {files['best']}  (in a study file: baseline: {{priorities_from: "
+                     f"{Path(files['best']).resolve()}}}; a relative path there is relative to the study file)")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
     lines.append(f"study storage: {outcome.storage}; browse it with `{dashboard_command(outcome.storage)}` "
                  f"(pip install optuna-dashboard); extend it with `ablate tune SPEC --trials N`")

@@ -114,7 +114,7 @@ def node_loss(root: Path) -> dict:
 
         def drive() -> None:
             try:
-                box["outcome"] = run_study(study, out, address=cluster.address)
+                box["outcome"] = run_study(study, out, address=cluster.address, keep_checkpoints=True)
             except BaseException as exc:  # noqa: BLE001
                 box["error"] = exc
 
@@ -203,7 +203,7 @@ def divergence(root: Path) -> dict:
     write(study_dir / "fi_nanval.py", nanval_plugin("fi_nanval"))
     spec = divergence_study(study_dir / "diverge.yaml", "fi_nanval")
     study = load_study(spec)
-    outcome = run_study(study, root / "results", num_cpus=2)
+    outcome = run_study(study, root / "results", num_cpus=2, keep_checkpoints=True)
     res = load_results(outcome.out_dir)
     t = res.trials.set_index("trial_id")
     diverged = t[t["status"] == "diverged"]

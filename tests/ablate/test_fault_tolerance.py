@@ -104,7 +104,7 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
 
         def drive() -> None:
             try:
-                box["outcome"] = run_study(study, out, address=cluster.address)
+                box["outcome"] = run_study(study, out, address=cluster.address, keep_checkpoints=True)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
                 box["error"] = exc
 
@@ -149,7 +149,7 @@ def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop
     spec = divergence_study(study_dir / "diverge.yaml", "ft_nanval")
     study = load_study(spec)
     out = tmp_path / "results"
-    outcome = run_study(study, out, num_cpus=2)
+    outcome = run_study(study, out, num_cpus=2, keep_checkpoints=True)
     assert (outcome.ran, outcome.failed) == (4, 0), "a diverged trial is a result, not a failure"
     trials = _assert_complete(outcome.out_dir, 4).set_index("arm")
     assert trials["status"].to_dict() == {"adamw": "diverged", "baseline": "ok", "objective=loss_decrease": "ok",
@@ -339,3 +339,37 @@ def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path)
     history = load_results(out_dir).history
     assert all(list(e) == [1, 2] for _, e in history.groupby("trial_id")["epoch"])
     report_command(str(out_dir), str(tmp_path / "report2"))
+
+
+def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    # an empty results directory, a checkpoint of another trial or not a checkpoint at all, an
+    # unknown dataset download, no network, and a malformed --set: one line, no traceback, exit 2
+    import urllib.request
+
+    from ablate.cli import main
+
+    (tmp_path / "empty" / "parts").mkdir(parents=True)
+    (tmp_path / "garbage.pt").write_text("garbage\n")
+    train = ["train", "--task", "etth1", "--set", "epochs=1", "--set", "max_train_batches=2"]
+    assert main([*train, "--checkpoint", str(tmp_path / "ck.pt")]) == 0
+    capsys.readouterr()
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    cases = [
+        (["report", str(tmp_path / "empty")], "holds no trials yet"),
+        (["train", "--task", "etth1", "--set", "epochs=2", "--resume", str(tmp_path / "ck.pt")], "cannot resume trial"),
+        ([*train, "--resume", str(tmp_path / "garbage.pt")], "is not a readable ablate trial checkpoint"),
+        (["data", "download", "nope"], "no download is registered for task 'nope'"),
+        (["data", "download", "etth1", "--data-dir", str(tmp_path / "data")], "this needs the network"),
+    ]
+    for argv, expected in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("ablate: error: ") and "Traceback" not in err, (argv, rc, err)
+        assert expected in err, (argv, err)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--task", "etth1", "--set", "bad"])
+    assert info.value.code == 2 and "--set expects key=value" in capsys.readouterr().err

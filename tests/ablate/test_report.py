@@ -157,3 +157,14 @@ def test_study_whose_every_trial_failed_still_reports_them(tmp_path):
     md = report.write_report(tmp_path).read_text()
     assert "2 in all - 0 ok, 2 failed, 0 diverged" in md and "nothing to compare" in md
     assert "| dead0 | etth1 | adamw | 0 | failed |" in md and "| dead1 | etth1 | baseline | 0 | failed |" in md
+
+
+def test_a_directory_of_ablate_tune_alone_gets_a_report_of_its_priority_study(tmp_path):
+    # `ablate tune` writes OUT/<name>/tune/ and no study trials; the docs promise that
+    # `ablate report OUT/<name>` plots its history and importances
+    write_tune(tmp_path)
+    path = report.write_report(tmp_path, tmp_path / "out")
+    md = path.read_text()
+    assert "Priority study" in md and "figures/tune_history.png" in md and "figures/tune_importances.png" in md
+    assert_png(tmp_path / "out" / "figures" / "tune_history.png")
+    assert (tmp_path / "out" / "report.html").stat().st_size > 0

@@ -73,6 +73,8 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     assert (meta["meta_updates"] == 2).all()  # after the warm-up epoch: steps 6 and 8
     assert len(res.telemetry) == meta["meta_updates"].sum() * res.telemetry["group"].nunique()
     assert (out / "tiny" / "trials.parquet").exists() and (out / "tiny" / "study.yaml").exists()
+    # the finished trials' checkpoints (kept only for --resume) and Ray's copies of them are gone
+    assert not list((out / "tiny" / "checkpoints").glob("*.pt")) and not list((out / "tiny" / "ray").glob("*"))
     table = summary_table(res)
     assert "objective=loss_decrease" in table and "vs baseline" in table and "lower is better" in table
     rows = [line.split()[0] for line in table.splitlines() if line.startswith("  ") and "vs baseline" not in line]
