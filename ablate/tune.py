@@ -873,9 +873,12 @@ def _enqueue_baseline(study, target: Target, spec: TuneSpec) -> None:
         if params in seen:
             continue
         seen.append(params)
-        inside = {k: v for k, v in params.items() if space[k].contains(v)}
-        if inside:
-            study.enqueue_trial(inside, user_attrs={"baseline": True}, skip_if_exists=True)
+        outside = sorted(k for k, v in params.items() if not space[k].contains(v))
+        if outside:  # a partial enqueue would be scored as "the baseline's own values" without being them
+            print(f"[{target.key}] the baseline's values are not all in the search space ({', '.join(outside)} "
+                  f"outside its range): not evaluated as a first suggestion", flush=True)
+            continue
+        study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
 
 
 def _format_params(params: Mapping[str, Any] | None) -> str:

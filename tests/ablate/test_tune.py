@@ -543,3 +543,33 @@ def test_priorities_from_and_priorities_in_baseline_conflict(tmp_path):
                "baseline": {"priorities_from": "best.yaml", "priorities": [1, 1, 1]}}
     with pytest.raises(StudyError, match=r"sets 'priorities', which baseline: sets too"):
         parse_study(mapping, "s.yaml", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("low, enqueued", [(0.5, [1.0, 3.0, 5.0]), (2.0, None)])
+def test_the_baseline_is_the_first_suggestion_only_when_all_its_values_are_searchable(tmp_path, low, enqueued, capsys):
+    # imdb's baseline priorities are [1, 3, 5]: with the range [2, 10] only 3 and 5 are inside, and a
+    # trial with those two and a sampled third was reported as "the baseline's own values"
+    import optuna
+
+    from ablate.tune import _enqueue_baseline
+
+    path = _write(tmp_path, "imdb_tune.yaml", f"""\
+        name: imdb_tune
+        tasks: [imdb]
+        seeds: 1
+        budget: {{epochs: 2}}
+        adamw: false
+        tune:
+          trials: 1
+          priorities: {{low: {low}, high: 10.0}}
+        """)
+    spec = load_tune_spec(path)
+    study = optuna.create_study()
+    _enqueue_baseline(study, build_targets(spec)[0], spec)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    if enqueued is None:
+        assert waiting == [] and "not all in the search space" in capsys.readouterr().out
+    else:
+        fixed = waiting[0].system_attrs["fixed_params"] if waiting else {}
+        assert len(waiting) == 1 and [fixed[k] for k in PRIORITY_PARAMS] == enqueued
+        assert waiting[0].user_attrs["baseline"] is True
