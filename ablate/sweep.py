@@ -311,32 +311,41 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
 
 
 def check_real_data(study: Study) -> None:
-    """Refuse, before Ray starts or anything is written, a study whose real-data trials of built-in
-    tasks have no data directory here: the loaders' own rule (``data_dir``, else ``$ABLATE_DATA_DIR``,
-    :func:`ablate.tasks.resolve_data_dir`) must name an existing directory. Only the directory is
-    checked (the files in it are read, and checked, by the trial); trials that name their data file
-    by an absolute path (imdb's ``csv_file``) and plugin tasks are left to their loaders."""
+    """Refuse, before Ray starts or anything is written, a study whose real-data trials have no data
+    here: the loaders' own rule (``data_dir``, else ``$ABLATE_DATA_DIR``,
+    :func:`ablate.tasks.resolve_data_dir`) must name an existing directory (built-in tasks), and the
+    files a task's ``locate`` names must exist (every task that has one: all built-in ones). The files
+    are not parsed here; the trial reads, and checks, them."""
     from ablate.tasks import DATA_DIR_ENV, DatasetNotFoundError, get_task, resolve_data_dir
 
     checked: set[Path] = set()
+    located: set[tuple[str, str]] = set()
     for spec in study.trials:
         cfg = spec.config
-        if cfg.get("data") != "real" or not get_task(spec.task).factory.__module__.startswith("ablate.tasks."):
+        if cfg.get("data") != "real":
             continue
-        if any(k.endswith("_file") and isinstance(v, str) and os.path.isabs(os.path.expanduser(v))
-               for k, v in cfg.items()):
-            continue
-        root = resolve_data_dir(cfg)  # DatasetNotFoundError when neither data_dir nor $ABLATE_DATA_DIR is set
-        if root in checked:
-            continue
-        if not root.is_dir():
-            given = "data_dir" if cfg.get("data_dir") else f"${DATA_DIR_ENV}"
-            raise DatasetNotFoundError(
-                f"{study.name}: task {spec.task!r} has data: real, but its data directory {root} (from {given}) "
-                f"does not exist; fix data_dir, or fetch the dataset with `ablate data download {spec.task} "
-                f"--data-dir {root}`. Nothing was run."
-            )
-        checked.add(root)
+        task = get_task(spec.task)
+        absolute_file = any(k.endswith("_file") and isinstance(v, str) and os.path.isabs(os.path.expanduser(v))
+                            for k, v in cfg.items())
+        if task.factory.__module__.startswith("ablate.tasks.") and not absolute_file:
+            root = resolve_data_dir(cfg)  # DatasetNotFoundError when neither data_dir nor $ABLATE_DATA_DIR is set
+            if root not in checked and not root.is_dir():
+                given = "data_dir" if cfg.get("data_dir") else f"${DATA_DIR_ENV}"
+                raise DatasetNotFoundError(
+                    f"{study.name}: task {spec.task!r} has data: real, but its data directory {root} (from {given}) "
+                    f"does not exist; fix data_dir, or fetch the dataset with `ablate data download {spec.task} "
+                    f"--data-dir {root}`. Nothing was run."
+                )
+            checked.add(root)
+        key = (spec.task, json.dumps([cfg.get("data_dir"), *[v for k, v in sorted(cfg.items()) if k.endswith("_file")]],
+                                     default=str))
+        if task.locate is not None and key not in located:
+            try:
+                task.locate(dict(cfg))
+            except DatasetNotFoundError as exc:
+                raise DatasetNotFoundError(f"{study.name}: task {spec.task!r} has data: real, but {exc} "
+                                           f"Nothing was run.") from exc
+            located.add(key)
 
 
 def check_resources(study: Study, address: str | None = None, num_cpus: int | None = None) -> None:

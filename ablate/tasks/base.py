@@ -86,6 +86,10 @@ class TaskSpec:
     defaults: dict[str, Any]  # paper settings: training, MetaAdamW (Table 4) and model keys
     embedded_defaults: dict[str, Any]  # overrides for the small offline variant
     description: str = ""
+    #: ``locate(config) -> paths`` of the real data files the task would read (no parsing), raising
+    #: DatasetNotFoundError naming the expected paths when one is missing: lets ``ablate run``
+    #: refuse a study before Ray starts instead of failing every trial in a worker. Optional.
+    locate: Callable[[dict], list[Path]] | None = None
 
     @property
     def metric(self) -> Metric:
@@ -103,8 +107,10 @@ def register_task(
     embedded_defaults: dict[str, Any] | None = None,
     description: str = "",
     aliases: tuple[str, ...] = (),
+    locate: Callable[[dict], list[Path]] | None = None,
 ) -> Callable:
-    """Decorator registering a task factory ``factory(config) -> TaskInstance``."""
+    """Decorator registering a task factory ``factory(config) -> TaskInstance`` (``locate``: see
+    :attr:`TaskSpec.locate`)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
         spec = TaskSpec(
@@ -114,6 +120,7 @@ def register_task(
             defaults=dict(defaults),
             embedded_defaults=dict(embedded_defaults or {}),
             description=description or (factory.__doc__ or "").strip().split("\n")[0],
+            locate=locate,
         )
         TASKS.add(name, spec)
         for alias in aliases:

@@ -150,9 +150,8 @@ def _missing_message(root: Path, what: str) -> str:
     )
 
 
-def load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Train images/labels (every existing data_batch_*), validation images/labels (test_batch),
-    and the names of the training files used."""
+def _batch_files(root: Path) -> list[str]:
+    """The training batches present in ``root`` (DatasetNotFoundError when none, or no test batch)."""
     if not root.is_dir():
         raise DatasetNotFoundError(_missing_message(root, f"the directory {root} does not exist"))
     train_files = [name for name in TRAIN_FILES if (root / name).is_file()]
@@ -160,6 +159,19 @@ def load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
         raise DatasetNotFoundError(_missing_message(root, f"no training batch data_batch_1..5 in {root}"))
     if not (root / TEST_FILE).is_file():
         raise DatasetNotFoundError(_missing_message(root, f"no {TEST_FILE} in {root}"))
+    return train_files
+
+
+def locate(config: dict) -> list[Path]:
+    """The real batch files (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
+    root = resolve_data_dir(config, CIFAR_SUBDIR)
+    return [root / name for name in [*_batch_files(root), TEST_FILE]]
+
+
+def load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Train images/labels (every existing data_batch_*), validation images/labels (test_batch),
+    and the names of the training files used."""
+    train_files = _batch_files(root)
     batches = [read_batch(root / name) for name in train_files]
     train_x = np.concatenate([x for x, _ in batches])
     train_y = np.concatenate([y for _, y in batches])
@@ -280,6 +292,7 @@ def majority_accuracy(train_labels: np.ndarray, val_labels: np.ndarray) -> float
     defaults=DEFAULTS,
     embedded_defaults=EMBEDDED_DEFAULTS,
     description="CIFAR-10 image classification with a ResNet-18",
+    locate=locate,
 )
 def build_cifar10_task(config: dict) -> TaskInstance:
     """Build the CIFAR-10 task (or its embedded digits variant) from a resolved trial config."""

@@ -415,6 +415,9 @@ def _register(variant: EttVariant) -> None:
     def factory(config: dict) -> TaskInstance:
         return build_ett_task(config, variant)
 
+    def locate(config: dict) -> list[Path]:
+        return [find_csv(resolve_data_dir(config, ETT_SUBDIR), variant)]
+
     factory.__doc__ = build_ett_task.__doc__
     register_task(
         variant.name,
@@ -422,6 +425,7 @@ def _register(variant: EttVariant) -> None:
         defaults=DEFAULTS,
         embedded_defaults=EMBEDDED_DEFAULTS,
         description=f"{variant.filename[:-4]}: next-step oil temperature forecasting with a Transformer encoder",
+        locate=locate,
     )(factory)
     register_download(variant.name, variant.download)
 

@@ -173,6 +173,22 @@ def _csv_path(config: dict) -> Path | None:
     return path if path.is_absolute() else resolve_data_dir(config, SUBDIR) / path
 
 
+def locate(config: dict) -> list[Path]:
+    """The CSV file, or the review folders of the aclImdb tree (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
+    path = _csv_path(config)
+    if path is not None:
+        if not path.is_file():
+            raise dataset_error(TASK, f"csv_file {path} does not exist", [path], SOURCE)
+        return [path]
+    root = resolve_data_dir(config, SUBDIR)
+    tree = root if root.name == TREE else root / TREE
+    dirs = _tree_dirs(tree)
+    for folder in dirs.values():
+        if not folder.is_dir() or next(folder.glob("*.txt"), None) is None:
+            raise dataset_error(TASK, f"no review files {folder}/*.txt", [d / "*.txt" for d in dirs.values()], SOURCE)
+    return list(dirs.values())
+
+
 def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     """Train/val(/test) reviews of the real data and the data-source string (module docstring)."""
     path = _csv_path(config)
@@ -296,6 +312,7 @@ def embedded_splits() -> dict[str, list[Review]]:
         epochs=4, batch_size=32, lr=1e-3, meta_every=47, modulator_layers=2, modulator_ff=16, modulator_heads=11,
         embed_dim=32, hidden_size=32, num_layers=2, vocab_size=2000, max_len=64,
     ),
+    locate=locate,
 )
 def imdb(config: dict) -> TaskInstance:
     """IMDB movie-review sentiment classification with a bidirectional LSTM (accuracy)."""

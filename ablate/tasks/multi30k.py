@@ -122,9 +122,8 @@ def _find(root: Path, name: str) -> Path | None:
     return next((p for p in (root / name, root / f"{name}.gz") if p.is_file()), None)
 
 
-def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
-    """Tokenised pairs of the real train/val/test files and the data-source string; raises
-    :class:`DatasetNotFoundError` when a file is missing, unreadable, empty or misaligned."""
+def _located(config: dict) -> tuple[list[Path], dict[str, Path]]:
+    """(expected paths, file name -> the existing plain or gzip file); DatasetNotFoundError if any is missing."""
     root = resolve_data_dir(config, SUBDIR)
     expected = [root / f"{stem}.{lang}" for stem in SPLIT_STEMS.values() for lang in LANGS]
     found = {p.name: _find(root, p.name) for p in expected}
@@ -136,6 +135,18 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
             expected,
             SOURCE,
         )
+    return expected, found  # type: ignore[return-value]
+
+
+def locate(config: dict) -> list[Path]:
+    """The real train/val/test files of both languages (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
+    return list(_located(config)[1].values())
+
+
+def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
+    """Tokenised pairs of the real train/val/test files and the data-source string; raises
+    :class:`DatasetNotFoundError` when a file is missing, unreadable, empty or misaligned."""
+    expected, found = _located(config)
     pairs, used = {}, []
     for split, stem in SPLIT_STEMS.items():
         paths = [found[f"{stem}.{lang}"] for lang in LANGS]
@@ -401,6 +412,7 @@ def _target_ids(dataset: TranslationPairs) -> torch.Tensor:
         d_model=64, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, dim_feedforward=128,
         dropout=0.1, vocab_size=1000, max_len=40,
     ),
+    locate=locate,
 )
 def multi30k(config: dict) -> TaskInstance:
     """Multi30k German->English translation with a Transformer encoder-decoder (perplexity)."""

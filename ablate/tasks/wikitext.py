@@ -36,6 +36,7 @@ from many tokens back.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import itertools
 import random
 
@@ -92,15 +93,21 @@ class LMBlocks(torch.utils.data.Dataset):
         return self.ids[start : start + self.block_size], self.ids[start + 1 : start + self.block_size + 1]
 
 
+def locate(config: dict) -> list[Path]:
+    """The real train/val/test files (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
+    root = resolve_data_dir(config, SUBDIR)
+    paths = [root / name for name in SPLIT_FILES.values()]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        names = ", ".join(str(p) for p in missing)
+        raise dataset_error(TASK, f"missing WikiText-2 file(s) {names}", paths, SOURCE)
+    return paths
+
+
 def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
     """The tokens of the real train/val/test files and the data-source string; raises
     :class:`DatasetNotFoundError` when a file is missing, unreadable or empty."""
-    root = resolve_data_dir(config, SUBDIR)
-    paths = {split: root / name for split, name in SPLIT_FILES.items()}
-    missing = [p for p in paths.values() if not p.is_file()]
-    if missing:
-        names = ", ".join(str(p) for p in missing)
-        raise dataset_error(TASK, f"missing WikiText-2 file(s) {names}", paths.values(), SOURCE)
+    paths = dict(zip(SPLIT_FILES, locate(config)))
     tokens = {}
     for split, path in paths.items():
         try:
@@ -297,6 +304,7 @@ def evaluate(model: nn.Module, loader) -> dict[str, float]:
         epochs=4, batch_size=32, meta_every=14, modulator_layers=2, modulator_ff=16, modulator_heads=6,
         d_model=64, n_layers=2, n_heads=4, dropout=0.1, block_size=64, vocab_size=500,
     ),
+    locate=locate,
 )
 def wikitext2(config: dict) -> TaskInstance:
     """WikiText-2 word-level language modelling with a MiniGPT (perplexity)."""

@@ -567,3 +567,46 @@ def test_resources_that_can_never_be_met_are_refused_before_ray_starts(tmp_path,
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_study(load_study(path), tmp_path / "out")
     assert not (tmp_path / "out").exists(), "refused before anything is written"
+
+
+def _write_real_data(task: str, root: Path) -> None:
+    """Each task's files in its canonical layout, from the task tests' own fixture writers."""
+    import numpy as np
+
+    if task == "etth1":
+        from tests.ablate.test_task_etth import write_ett_csv
+        write_ett_csv(root / "ETT-small" / "ETTh1.csv", np.arange(200.0))
+    elif task == "cifar10":
+        from tests.ablate.test_task_cifar10 import write_cifar
+        write_cifar(root)
+    elif task == "imdb":
+        from tests.ablate.test_task_imdb import write_tree
+        write_tree(root / "imdb")
+    elif task == "multi30k":
+        from tests.ablate.test_task_multi30k import write_files
+        write_files(root / "multi30k")
+    else:
+        from tests.ablate.test_task_wikitext import TEST, TRAIN, VALID, write_wiki
+        write_wiki(root, TRAIN, VALID, TEST)
+
+
+@pytest.mark.parametrize("task, expected", [("etth1", "ETTh1.csv"), ("cifar10", "data_batch_1..5"),
+                                            ("imdb", "review files"), ("multi30k", "train.de"),
+                                            ("wikitext2", "wiki.train.tokens")])
+def test_a_data_directory_without_a_tasks_files_is_refused_before_ray_starts(tmp_path, task, expected):
+    # every built-in task locates its files (without reading them) before any trial starts; a data
+    # directory holding only some datasets failed, and was retried, trial by trial inside Ray
+    from ablate.sweep import run_study
+    from ablate.tasks import DatasetNotFoundError, get_task
+
+    data = tmp_path / "data"
+    data.mkdir()
+    path = tmp_path / "real.yaml"
+    path.write_text(f"name: real\ntasks: [{task}]\nseeds: 1\nbudget: {{epochs: 2}}\ndata: real\ndata_dir: {data}\n")
+    study = load_study(path)
+    with pytest.raises(DatasetNotFoundError, match=rf"task '{task}' has data: real, but .*{re.escape(expected)}"):
+        run_study(study, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    _write_real_data(task, data)
+    files = get_task(task).locate(dict(study.trials[0].config))
+    assert files and all(p.exists() for p in files)
