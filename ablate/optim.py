@@ -24,4 +24,10 @@ def build_optimizer(config: Mapping[str, Any], model: nn.Module, total_steps: in
     if config["optimizer"] == "adamw":
         return torch.optim.AdamW(model.parameters(), foreach=True, **common)
     kwargs = {key: config[key] for key in METAADAMW_ARGS}
+    # a trial config always carries the task's priorities and fixed weights; MetaAdamW warns when a
+    # weighting that does not use them is given them, so they are passed only to the one that does
+    if kwargs["weighting"] != "huw_priority":
+        kwargs.pop("priorities")
+    if kwargs["weighting"] != "fixed":
+        kwargs["fixed_weights"] = None
     return MetaAdamW(model.named_parameters(), model=model, total_steps=total_steps, **common, **kwargs)

@@ -144,6 +144,12 @@ class MetaAdamW(torch.optim.Optimizer):
                            f"generalization gap], got {list(values)!r}")
         _check(callable(meta_optimizer) or meta_optimizer in META_OPTIMIZERS,
                f"meta_optimizer must be one of {sorted(META_OPTIMIZERS)} or a callable, got {meta_optimizer!r}")
+        if weighting != "fixed" and fixed_weights is not None:
+            warnings.warn(f"MetaAdamW: fixed_weights={list(fixed_weights)} is ignored: only weighting='fixed' uses it "
+                          f"(weighting={weighting!r})", stacklevel=2)
+        if weighting in ("sum", "fixed", "huw") and [float(p) for p in priorities] != [1.0, 1.0, 1.0]:
+            warnings.warn(f"MetaAdamW: priorities={list(priorities)} are ignored: only weighting='huw_priority' uses "
+                          f"them (weighting={weighting!r})", stacklevel=2)
         feature_cls = FEATURES.get(features)
         grouping_fn = GROUPINGS.get(grouping)
         objective_obj = OBJECTIVES.create(objective)
@@ -450,6 +456,9 @@ class MetaAdamW(torch.optim.Optimizer):
                 optimizer.meta_step(model, loss_fn, None, batch2, val_batch)
             optimizer.step()
 
+        With mixed precision and a ``GradScaler``, call ``scaler.unscale_(optimizer)`` before
+        ``meta_step(..., None, ...)``: ``.grad`` holds the scaled gradients until then.
+
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
         if self.objective.needs_val and val_batch is None:
@@ -468,11 +477,15 @@ class MetaAdamW(torch.optim.Optimizer):
     # checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        for p, steps in zip(self._params, self._steps):
-            if "exp_avg" in self.state[p]:
-                self.state[p]["step"] = steps
+        """Everything to continue exactly from here. As in torch.optim, the AdamW moments are the live
+        tensors (no copy: a checkpoint does not double the optimizer's memory; ``torch.save`` or
+        ``copy.deepcopy`` makes a snapshot); the rest is copied."""
         sd = super().state_dict()
-        sd["metaadamw"] = {
+        # per-parameter entries as new dicts with AdamW's "step" (the live state keeps the counts in
+        # self._steps); torch.optim numbers the parameters in param_groups order, as self._params
+        sd["state"] = {i: {**st, "step": self._steps[i]} if "exp_avg" in st else dict(st)
+                       for i, st in sd["state"].items()}
+        extra = {
             "group_names": list(self.group_names),
             "modulator": self.modulator.state_dict(),
             "weighting": self.weighting.state_dict(),
@@ -488,7 +501,8 @@ class MetaAdamW(torch.optim.Optimizer):
             "config": dict(self.config),
             "meta_optimizer_class": type(self.meta_optimizer).__name__,
         }
-        return copy.deepcopy(sd)
+        sd["metaadamw"] = copy.deepcopy(extra)
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors

@@ -105,16 +105,23 @@ def _parts(out: Path) -> int:
     return len(list((out / "parts").glob("*.trials.parquet"))) if (out / "parts").exists() else 0
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    spec = _study(tmp_path, "killed", seeds=3, epochs=3, batches=30)
-    out = tmp_path / "results"
+def _start_run(spec: Path, out: Path, done: int) -> tuple[subprocess.Popen, list[str], dict, float]:
+    """`ablate run SPEC` in its own session, one trial at a time, returned once ``done`` trials are
+    written (or it ended, or 240 s passed): (process, command, environment, deadline)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out), "--max-concurrent", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
+    while _parts(out / spec.stem) < done and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc, cmd, env, deadline
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    spec = _study(tmp_path, "killed", seeds=3, epochs=3, batches=30)
+    out = tmp_path / "results"
+    proc, cmd, env, deadline = _start_run(spec, out, done=2)
     try:
-        while _parts(out / "killed") < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         ckpts = out / "killed" / "checkpoints"
         while time.monotonic() < deadline and proc.poll() is None and not _unfinished_checkpoint(out / "killed"):
             time.sleep(0.1)
@@ -142,13 +149,8 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path):
     # table that looks complete. The driver must say which trials did not finish and how to go on.
     spec = _study(tmp_path, "stopped", seeds=3, epochs=3, batches=30)
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out), "--max-concurrent", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
+    proc, _, _, _ = _start_run(spec, out, done=1)
     try:
-        while _parts(out / "stopped") < 1 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)  # to the driver, as Ctrl-C in its terminal
         output, _ = proc.communicate(timeout=120)
     finally:

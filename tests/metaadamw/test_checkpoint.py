@@ -170,3 +170,17 @@ def test_loaded_priorities_and_meta_lr_show_in_config_with_a_warning():
     assert target.config["priorities"] == [2, 5, 1] and target.config["meta_lr"] == KW.get("meta_lr", 1e-4)
     assert target.weighting.priorities.tolist() == [2.0, 5.0, 1.0]
     assert target.meta_optimizer.param_groups[0]["lr"] == target.config["meta_lr"]
+
+
+def test_state_dict_returns_the_live_moments_and_leaves_the_live_state_alone():
+    # as torch.optim: no copy of the moments (a checkpoint would double the optimizer's memory), and
+    # no stale "step" written into the live state (it went out of date at the next step)
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **KW)
+    _train(model, opt, regression_batches(3), 3, loss_fn=mse)
+    sd = opt.state_dict()
+    first = next(iter(model.parameters()))
+    assert sd["state"][0]["exp_avg"] is opt.state[first]["exp_avg"] and sd["state"][0]["step"] == 3
+    assert all("step" not in st for st in opt.state.values())
+    _train(model, opt, regression_batches(3), 1, start=3, loss_fn=mse)
+    assert opt.state_dict()["state"][0]["step"] == 4 and sd["state"][0]["step"] == 3

@@ -643,3 +643,15 @@ def test_a_float64_default_dtype_changes_nothing():
     assert not rec.skipped and math.isfinite(rec.meta_loss)
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_options_the_chosen_weighting_ignores_are_named_in_a_warning():
+    model = mlp(0)
+    with pytest.warns(UserWarning, match=r"priorities=\[1, 3, 5\] are ignored: only weighting='huw_priority'"):
+        MetaAdamW(model.named_parameters(), weighting="huw", priorities=[1, 3, 5], **small_kwargs())
+    with pytest.warns(UserWarning, match=r"fixed_weights=\[1, 2, 3\] is ignored"):
+        MetaAdamW(model.named_parameters(), fixed_weights=[1, 2, 3], **small_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetaAdamW(model.named_parameters(), weighting="fixed", fixed_weights=[1, 2, 3], **small_kwargs())
+        MetaAdamW(model.named_parameters(), priorities=[1, 3, 5], **small_kwargs())
