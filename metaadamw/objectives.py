@@ -87,10 +87,9 @@ def _cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
     a group whose gradient is exactly zero on a batch (a multi-task head, an unused branch) has no
     direction. The masked entries never meet ``sqrt`` at 0, whose backward would be ``0 * inf = NaN``
     and would make every meta-update of such a model non-finite, and so skipped."""
-    ok = (sq_a > 0) & (sq_b > 0)
-    one = torch.ones_like(sq_a)
-    denom = torch.where(ok, sq_a, one).sqrt() * torch.where(ok, sq_b, one).sqrt()
-    return torch.where(ok, dot / denom, torch.zeros_like(dot))
+    ok = (sq_a * sq_b) > 0  # (only compared: an overflow to inf is still > 0)
+    denom = torch.where(ok, sq_a, 1.0).sqrt() * torch.where(ok, sq_b, 1.0).sqrt()
+    return torch.where(ok, dot / denom, 0.0)
 
 
 @OBJECTIVES.register("gradient")
