@@ -327,7 +327,10 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     """Validate every field in order, then expand the trials."""
     _check_plain(mapping, ctx)
     if not isinstance(mapping, dict):
-        raise ctx.error("", f"a study must be a mapping with at least {', '.join(REQUIRED_KEYS)}; got {_short(mapping)}")
+        hint = (" (study files are YAML, or JSON; this looks like TOML: write key: value)"
+                if isinstance(mapping, str) and " = " in mapping else "")
+        raise ctx.error("", f"a study must be a mapping with at least {', '.join(REQUIRED_KEYS)}; got "
+                            f"{_short(mapping)}{hint}")
     _check_keys(ctx, mapping, STUDY_KEYS, "", REQUIRED_KEYS)
     given = {k: v for k, v in mapping.items() if v is not None}  # a key left empty takes its default
     plugins = _parse_plugins(ctx, given.get("plugins", []))

@@ -348,6 +348,12 @@ def check_real_data(study: Study) -> None:
             located.add(key)
 
 
+def no_meta_updates(study: Study) -> int:
+    """How many MetaAdamW trials end within their warm-up epochs (so never meta-update)."""
+    return sum(1 for t in study.trials if t.config.get("optimizer") == "metaadamw"
+               and (t.config.get("epochs") or 0) <= (t.config.get("warmup_epochs") or 0))
+
+
 def check_resources(study: Study, address: str | None = None, num_cpus: int | None = None) -> None:
     """Refuse, before Ray starts, resources that can never be met: a trial asking for more CPUs or
     GPUs than this machine has (when Ray runs here; Ray would wait for them forever), and trials on
@@ -408,6 +414,10 @@ def run_study(
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
           f"-> {out_dir}", flush=True)
+    idle = no_meta_updates(study)
+    if idle:
+        print(f"note: {idle} MetaAdamW trial(s) train no more epochs than their warm-up (epochs <= warmup_epochs): "
+              f"they make no meta-update, so their modulator stays as initialised", flush=True)
     if not pending:
         return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
 
@@ -510,6 +520,9 @@ def run_command(args) -> int:
     study = load_study(args.spec, extra_seeds=args.extra_seeds)
     if args.dry_run:
         print(format_trials(study))
+        idle = no_meta_updates(study)
+        if idle:
+            print(f"note: {idle} MetaAdamW trial(s) train no more epochs than their warm-up: no meta-update")
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints)

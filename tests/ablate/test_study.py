@@ -610,3 +610,18 @@ def test_a_data_directory_without_a_tasks_files_is_refused_before_ray_starts(tmp
     _write_real_data(task, data)
     files = get_task(task).locate(dict(study.trials[0].config))
     assert files and all(p.exists() for p in files)
+
+
+def test_a_toml_file_gets_a_hint_and_idle_metaadamw_trials_are_counted(tmp_path):
+    from ablate.sweep import no_meta_updates
+
+    toml = tmp_path / "s.toml"
+    toml.write_text('name = "tiny"\ntasks = ["etth1"]\n')
+    with pytest.raises(StudyError, match="this looks like TOML"):
+        load_study(toml)
+    path = tmp_path / "idle.yaml"
+    path.write_text("name: idle\ntasks: [etth1]\nseeds: 2\nbudget: {epochs: 1}\n")  # warm-up is 1 epoch
+    study = load_study(path)
+    assert no_meta_updates(study) == 2 == sum(t.config["optimizer"] == "metaadamw" for t in study.trials)
+    path.write_text("name: idle\ntasks: [etth1]\nseeds: 2\nbudget: {epochs: 2}\n")
+    assert no_meta_updates(load_study(path)) == 0
