@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import yaml
@@ -201,8 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"ablate: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    saved_format = warnings.formatwarning
+    warnings.formatwarning = _warning_line  # one line, as the errors: no source file and line
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -222,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ablate: error: {exc}", file=sys.stderr)
             return 2
         raise
+    finally:
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":

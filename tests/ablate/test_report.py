@@ -168,3 +168,22 @@ def test_a_directory_of_ablate_tune_alone_gets_a_report_of_its_priority_study(tm
     assert "Priority study" in md and "figures/tune_history.png" in md and "figures/tune_importances.png" in md
     assert_png(tmp_path / "out" / "figures" / "tune_history.png")
     assert (tmp_path / "out" / "report.html").stat().st_size > 0
+
+
+def test_ablate_report_says_in_one_line_how_many_stored_trials_the_study_left_out(report_study):
+    # a study edited and run again leaves trials on disk that are not part of it any more
+    from ablate.results import write_manifest
+
+    trials = load_results(report_study).trials
+    keep = trials.iloc[1:]
+    write_manifest(report_study, "report-test", {r.trial_id: {"study": r.study, "arm": r.arm, "arms": r.arms,
+                                                             "axis": r.axis} for r in keep.itertuples()})
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "ablate.cli", "report", str(report_study), "--out",
+                           str(report_study / "r")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    err = done.stderr
+    assert "ablate: warning: " in err and "1 stored trial(s) are not part of the study" in err
+    assert "UserWarning" not in err and "results.py" not in err
