@@ -1037,6 +1037,13 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
         ran: dict[str, int] = {}
         interrupted: list[str] = []
         targets = build_targets(spec)
+        if spec.settings.trials == 0:  # only rewrite outputs: never create (and pin) a study that is not stored
+            stored = set(optuna.get_all_study_names(storage))
+            missing = [t.study_name for t in targets if t.study_name not in stored]
+            if missing:
+                raise StudyError(f"{spec.source}: --trials 0 only rewrites the outputs of stored studies, and "
+                                 f"{', '.join(map(repr, missing))} has none in {location}; run with --trials N to "
+                                 f"start it")
         for target in targets:  # a stored study that scores differently is refused before anything runs
             open_target_study(target, spec, storage)
         started = False

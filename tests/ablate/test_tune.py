@@ -573,3 +573,25 @@ def test_the_baseline_is_the_first_suggestion_only_when_all_its_values_are_searc
         fixed = waiting[0].system_attrs["fixed_params"] if waiting else {}
         assert len(waiting) == 1 and [fixed[k] for k in PRIORITY_PARAMS] == enqueued
         assert waiting[0].user_attrs["baseline"] is True
+
+
+def test_trials_0_without_a_stored_study_creates_nothing(tmp_path):
+    # --trials 0 rewrites the outputs of stored studies; it used to create the study and pin its
+    # objective record, so the real spec was refused afterwards as "scored differently"
+    import optuna
+
+    path = _write(tmp_path, "t0.yaml", """\
+        name: t0
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 2}
+        adamw: false
+        tune:
+          trials: 1
+          priorities: {low: 0.5, high: 10.0}
+        """)
+    spec = load_tune_spec(path, trials=0)
+    with pytest.raises(StudyError, match="--trials 0 only rewrites the outputs of stored studies"):
+        run_tune(spec, tmp_path / "out")
+    location = storage_location(spec, tmp_path / "out", None)
+    assert optuna.get_all_study_names(open_storage(location)) == []
