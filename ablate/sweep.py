@@ -73,7 +73,17 @@ def trainable(config: dict[str, Any]) -> None:
     if not trial_config.get("num_threads"):
         trial_config["num_threads"] = max(1, int(config["cpus"]))
     torch.set_num_threads(trial_config["num_threads"])
-    trial = Trial(trial_config)
+    from ablate.config import ConfigError
+    from ablate.tasks import DatasetNotFoundError
+
+    try:
+        trial = Trial(trial_config)
+    except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
+        row = {**spec["config"], "status": "failed", "error": traceback.format_exc(), "stop_reason": "failed",
+               "best_metric": None, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        payload = {"row": row, "history": [], "telemetry": []}  # recorded as failed at once: a retry would fail alike
+        tune.report({"done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
+        return
     stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
     restored = tune.get_checkpoint()
     if restored is not None:
@@ -176,6 +186,13 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             # missing metrics as NaN; config values keep their None (a row must rebuild its config)
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
+            if row["status"] == "failed":  # a deterministic failure the worker reported without raising
+                self.failed += 1
+                self.failed_ids.add(spec.trial_id)
+                self.eta.finished(spec.task, None)
+                self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED "
+                                       f"({row['error'].strip().splitlines()[-1]}; not retried)")
+                return
             self.written.add(spec.trial_id)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)

@@ -262,3 +262,32 @@ def test_time_left_weighs_the_trials_still_to_run_by_their_tasks():
     assert eta.seconds_left(9.0) == pytest.approx(2.0 * 9.0 / 14.0)
     eta.finished("short", 2.0)
     assert eta.seconds_left(10.0) is None, "nothing left"
+
+
+def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_path):
+    # on a cluster the driver cannot see the workers' files: a trial whose data is missing fails in
+    # its worker. That is deterministic, so it is recorded as failed at once, not retried `retries` times
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    log = tmp_path / "builds.log"
+    (study_dir / "nodata_plugin.py").write_text(textwrap.dedent(f"""\
+        from ablate.tasks.base import DatasetNotFoundError, register_task
+
+        @register_task("nodata_task", metrics=[("loss", "min")], defaults={{"epochs": 1, "grouping": "original"}})
+        def build(config):
+            with open({str(log)!r}, "a") as f:
+                f.write("built\\n")
+            raise DatasetNotFoundError("nodata_task: data.csv not found on this node")
+        """))
+    spec = study_dir / "nodata.yaml"
+    spec.write_text("name: nodata\ntasks: [nodata_task]\nseeds: 1\nadamw: false\nretries: 2\nplugins: [nodata_plugin]\n")
+    try:
+        outcome = run_study(load_study(spec), tmp_path / "results", num_cpus=2)
+    finally:
+        sys.modules.pop("nodata_plugin", None)
+        from ablate.tasks import TASKS
+        TASKS.remove("nodata_task")
+    assert (outcome.ran, outcome.failed, outcome.unfinished) == (1, 1, 0)
+    assert log.read_text().count("built") == 1, "built once: no retry"
+    row = load_results(outcome.out_dir).trials.iloc[0]
+    assert row["status"] == "failed" and "data.csv not found on this node" in row["error"]
