@@ -76,6 +76,14 @@ def test_user_feature_extractor_end_to_end(custom_extractor):
     assert not opt.meta_step(model, lm_loss, *batches).skipped
 
 
+def _fake_distribution(site, name: str, entry_points: str) -> None:
+    """An installed distribution ``name`` in ``site`` (a dist-info folder) with ``entry_points.txt``."""
+    dist = site / f"{name}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+
+
 def test_entry_points_contribute_components(tmp_path, monkeypatch):
     pkg = tmp_path / "site"
     (pkg / "entry_point_plugin").mkdir(parents=True)
@@ -90,10 +98,7 @@ def test_entry_points_contribute_components(tmp_path, monkeypatch):
             def statistics(self, stats):
                 return torch.ones(self.layout.num_groups, 1)
     """))
-    dist = pkg / "entry_point_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: entry-point-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[metaadamw.features]\nconstant_feature = entry_point_plugin:Constant\n")
+    _fake_distribution(pkg, "entry_point_plugin", "[metaadamw.features]\nconstant_feature = entry_point_plugin:Constant\n")
     monkeypatch.syspath_prepend(str(pkg))
     reg = Registry("feature extractor", "metaadamw.features")
     assert "constant_feature" in reg.list()
@@ -109,10 +114,7 @@ def test_an_entry_point_never_replaces_a_registered_name(tmp_path, monkeypatch):
     # duplicate names are an error for decorators; an installed package's entry point with a name
     # that is taken (a built-in, or the user's own registration) is ignored with a warning
     (tmp_path / "shadow_plugin.py").write_text("class Shadow:\n    pass\n")
-    dist = tmp_path / "shadow_plugin-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shadow-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[metaadamw.features]\nbasic = shadow_plugin:Shadow\n")
+    _fake_distribution(tmp_path, "shadow_plugin", "[metaadamw.features]\nbasic = shadow_plugin:Shadow\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry("feature extractor", "metaadamw.features")
     mine = object()
@@ -125,10 +127,7 @@ def test_an_entry_point_never_replaces_a_registered_name(tmp_path, monkeypatch):
 
 
 def test_broken_entry_point_warns_and_hides_nothing(tmp_path, monkeypatch):
-    dist = tmp_path / "broken-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[metaadamw.groupings]\nbad = does_not_exist_mod:thing\n")
+    _fake_distribution(tmp_path, "broken", "[metaadamw.groupings]\nbad = does_not_exist_mod:thing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     reg = Registry("grouping strategy", "metaadamw.groupings")
     reg.add("fine", object())
