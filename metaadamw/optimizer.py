@@ -505,11 +505,14 @@ class MetaAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a MetaAdamW checkpoint, or a ``torch.optim.AdamW`` one (switching an AdamW run to
+        MetaAdamW): its moments, step counts and per-group hyperparameters; the modulator and the
+        rest of the meta state stay as they are."""
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
         extra = state_dict.pop("metaadamw", None)
         if extra is None:
-            raise ValueError("this state dict has no 'metaadamw' entry: it was not saved by MetaAdamW. To start "
-                             "from a torch.optim.AdamW checkpoint, load its moments by hand.")
+            self._load_adamw_state_dict(state_dict)
+            return
         if extra["group_names"] != self.group_names:
             raise ValueError(f"the checkpoint's modulator groups {extra['group_names']} differ from this "
                              f"optimizer's {self.group_names}: same model, same param groups and same grouping needed")
@@ -531,6 +534,30 @@ class MetaAdamW(torch.optim.Optimizer):
         self._time = torch.tensor(float(self.global_step), dtype=torch.float32, device=self.device)
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
+        self._plan = None
+
+    def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("state", {})
+        if "param_groups" not in state_dict or not all(
+                isinstance(st, dict) and {"exp_avg", "exp_avg_sq", "step"} <= set(st) for st in states.values()):
+            raise ValueError("this state dict was saved neither by MetaAdamW (no 'metaadamw' entry) nor by "
+                             "torch.optim.AdamW (every parameter's state needs exp_avg, exp_avg_sq and step)")
+        unsupported = sorted({k for g in state_dict["param_groups"] for k in ("amsgrad", "maximize") if g.get(k)})
+        if unsupported:
+            raise ValueError(f"this AdamW checkpoint uses {', '.join(unsupported)}, which MetaAdamW does not support")
+        super().load_state_dict(state_dict)  # checks the param group sizes; moments and hyperparameters
+        steps = list(self._steps)
+        for i, p in enumerate(self._params):
+            st = self.state[p]
+            step = st.pop("step", None)
+            st.pop("max_exp_avg_sq", None)
+            if step is not None:
+                steps[i] = int(step.item() if isinstance(step, Tensor) else step)
+        self._steps = steps
+        self.global_step = max(steps, default=0)
+        self._time = torch.tensor(float(self.global_step), dtype=torch.float32, device=self.device)
+        self._carry_valid = False  # the carried norms of the moments: recomputed at the next refresh
+        self._multipliers = None  # the next step refreshes them
         self._plan = None
 
     #: options that decide the shapes of the modulator, the weighting or the meta-optimizer's state

@@ -112,13 +112,33 @@ def test_loading_a_checkpoint_of_another_layout_is_a_clear_error():
         assert "modulator groups" in str(e)
     else:
         raise AssertionError("expected a ValueError")
-    plain = torch.optim.AdamW(mlp(0).parameters()).state_dict()
-    try:
-        opt.load_state_dict(plain)
-    except ValueError as e:
-        assert "not saved by MetaAdamW" in str(e)
-    else:
-        raise AssertionError("expected a ValueError")
+    model = mlp(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, sgd, regression_batches(), 1, meta_every=10**9, loss_fn=mse)
+    with pytest.raises(ValueError, match="saved neither by MetaAdamW .* nor by torch.optim.AdamW"):
+        opt.load_state_dict(sgd.state_dict())
+    amsgrad = torch.optim.AdamW(model.parameters(), amsgrad=True)
+    _train(model, amsgrad, regression_batches(), 1, meta_every=10**9, loss_fn=mse)
+    with pytest.raises(ValueError, match="uses amsgrad, which MetaAdamW does not support"):
+        opt.load_state_dict(amsgrad.state_dict())
+
+
+def test_an_adamw_checkpoint_switches_a_run_to_metaadamw_with_its_moments_and_step_counts():
+    # with alpha_range = beta_range = 0 the switched run must continue exactly as AdamW would: the
+    # bias corrections continue from AdamW's step counts (loading the moments "by hand" restarted them)
+    batches = regression_batches()
+    model, twin = mlp(0), mlp(0)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    _train(model, adamw, batches, 5, meta_every=10**9, loss_fn=mse)
+    twin.load_state_dict(model.state_dict())
+    meta = MetaAdamW(twin.named_parameters(), lr=1.0, alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    meta.load_state_dict(adamw.state_dict())
+    assert meta.param_groups[0]["lr"] == 1e-2 and meta._steps == [5] * len(meta._steps) and meta.global_step == 5
+    _train(model, adamw, batches, 5, start=5, meta_every=10**9, loss_fn=mse)
+    _train(twin, meta, batches, 5, start=5, meta_every=10**9, loss_fn=mse)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert all("step" not in st for st in meta.state.values())
 
 
 def _stepped(**over):
