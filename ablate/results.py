@@ -53,6 +53,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
+from ablate.files import atomic_write_bytes
+
 TABLES = ("trials", "history", "telemetry")
 PARTS_DIR = "parts"
 MANIFEST = "study_trials.json"
@@ -120,12 +122,8 @@ def write_trial(
 
 def write_manifest(out_dir: str | os.PathLike, study: str, labels: Mapping[str, Mapping[str, Any]]) -> None:
     """Record the trials of ``study`` as run now: trial id -> its :data:`LABEL_COLUMNS` values."""
-    path = Path(out_dir) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"study": study, "trials": {k: dict(v) for k, v in labels.items()}}, f, indent=1)
-    os.replace(tmp, path)
+    manifest = {"study": study, "trials": {k: dict(v) for k, v in labels.items()}}
+    atomic_write_bytes(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | None:

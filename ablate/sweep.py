@@ -37,6 +37,7 @@ from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_s
 
 CHECKPOINT_FILE = "trial.pt"
 RESULT_KEY = "ablate_result"
+FAILED_KEY = "ablate_failed"  # a trial that failed deterministically, reported (not raised: no retry)
 
 
 class _NoMetricFilesFilter(logging.Filter):
@@ -79,10 +80,7 @@ def trainable(config: dict[str, Any]) -> None:
     try:
         trial = Trial(trial_config)
     except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
-        row = {**spec["config"], "status": "failed", "error": traceback.format_exc(), "stop_reason": "failed",
-               "best_metric": None, "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        payload = {"row": row, "history": [], "telemetry": []}  # recorded as failed at once: a retry would fail alike
-        tune.report({"done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
+        tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})  # a retry would fail alike
         return
     stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
     restored = tune.get_checkpoint()
@@ -172,43 +170,46 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
         """Writes each finished trial's results and prints progress with an estimate of time left."""
 
         def __init__(self) -> None:
-            self.done = self.failed = 0
             self.start = time.monotonic()
-            self.written: set[str] = set()
+            self.written: set[str] = set()  # trials recorded ok or diverged
             self.failed_ids: set[str] = set()
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
 
+        @property
+        def done(self) -> int:
+            return len(self.written)
+
+        @property
+        def failed(self) -> int:
+            return len(self.failed_ids)
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            spec = by_id[trial.config["trial"]["trial_id"]]
+            if FAILED_KEY in result:  # a deterministic failure the worker reported without raising
+                self._record_failure(trials, spec, result[FAILED_KEY], "; not retried")
+                return
             if RESULT_KEY not in result:
                 return
-            spec = by_id[trial.config["trial"]["trial_id"]]
             payload = json.loads(result[RESULT_KEY])
             # missing metrics as NaN; config values keep their None (a row must rebuild its config)
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
-            if row["status"] == "failed":  # a deterministic failure the worker reported without raising
-                self.failed += 1
-                self.failed_ids.add(spec.trial_id)
-                self.eta.finished(spec.task, None)
-                self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED "
-                                       f"({row['error'].strip().splitlines()[-1]}; not retried)")
-                return
             self.written.add(spec.trial_id)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
-            self.done += 1
             self.eta.finished(spec.task, row.get("time_total_s"))
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: {row['status']} "
                                    f"{row['metric']}={row['best_metric']:.5g}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            spec = by_id[trial.config["trial"]["trial_id"]]
-            error = _trial_error(trial)
+            self._record_failure(trials, by_id[trial.config["trial"]["trial_id"]], _trial_error(trial))
+
+        def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
             store.write_trial(out_dir, _failed_row(spec, study, error))
-            self.failed += 1
             self.failed_ids.add(spec.trial_id)
             self.eta.finished(spec.task, None)
-            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({error.strip().splitlines()[-1]})")
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED "
+                                   f"({error.strip().splitlines()[-1]}{note})")
 
         def _progress(self, trials, last: str) -> None:
             running = sum(1 for t in trials if t.status == "RUNNING")
@@ -371,6 +372,13 @@ def no_meta_updates(study: Study) -> int:
                and (t.config.get("epochs") or 0) <= (t.config.get("warmup_epochs") or 0))
 
 
+def _note_idle_trials(study: Study) -> None:
+    idle = no_meta_updates(study)
+    if idle:
+        print(f"note: {idle} MetaAdamW trial(s) train no more epochs than their warm-up (epochs <= warmup_epochs): "
+              f"they make no meta-update, so their modulator stays as initialised", flush=True)
+
+
 def check_resources(study: Study, address: str | None = None, num_cpus: int | None = None) -> None:
     """Refuse, before Ray starts, resources that can never be met: a trial asking for more CPUs or
     GPUs than this machine has (when Ray runs here; Ray would wait for them forever), and trials on
@@ -431,10 +439,7 @@ def run_study(
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
           f"-> {out_dir}", flush=True)
-    idle = no_meta_updates(study)
-    if idle:
-        print(f"note: {idle} MetaAdamW trial(s) train no more epochs than their warm-up (epochs <= warmup_epochs): "
-              f"they make no meta-update, so their modulator stays as initialised", flush=True)
+    _note_idle_trials(study)
     if not pending:
         return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
 
@@ -537,9 +542,7 @@ def run_command(args) -> int:
     study = load_study(args.spec, extra_seeds=args.extra_seeds)
     if args.dry_run:
         print(format_trials(study))
-        idle = no_meta_updates(study)
-        if idle:
-            print(f"note: {idle} MetaAdamW trial(s) train no more epochs than their warm-up: no meta-update")
+        _note_idle_trials(study)
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints)

@@ -196,6 +196,12 @@ def single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_s
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
 
+def check_dense(grads: list[Tensor]) -> None:
+    """Refuse sparse gradients (step() and meta_step() both need dense ones)."""
+    if any(g.is_sparse for g in grads):
+        raise ValueError("MetaAdamW does not support sparse gradients (nn.Embedding(sparse=True)?): use dense gradients")
+
+
 def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float,
                     beta2: float, in_place: bool = True) -> tuple[list[Tensor], list[Tensor]]:
     """AdamW's moment update, ``m <- lerp(m, g, 1 - b1)``, ``v <- b2 v + (1 - b2) g^2``: in place

@@ -171,9 +171,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                              "(is the model the one the optimizer was built for?)")
         g = [gr.detach() for gr in grads if gr is not None]
         del grads
-        if any(x.is_sparse for x in g):
-            raise ValueError("meta_step: MetaAdamW does not support sparse gradients (nn.Embedding(sparse=True)?): "
-                             "use dense gradients")
+        F.check_dense(g)
 
         # 2. hypothetical moments and features at theta
         theta = [params[i].detach() for i in active]

@@ -298,7 +298,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._time += 1
         grads = [grads[i] for i in plan.indices] if not plan.all_active else grads
         if plan.fresh:
-            _check(not any(g.is_sparse for g in grads), "MetaAdamW does not support sparse gradients")
+            F.check_dense(grads)
             plan.fresh = False
 
         refresh = self._multipliers is None or (self.global_step - 1) % self.refresh_every == 0
@@ -359,8 +359,8 @@ class MetaAdamW(torch.optim.Optimizer):
         if index is None:
             return stats
         n = len(self._params)
-        return {k: (self._stats[k] if k in self._stats else torch.zeros(n, dtype=torch.float32, device=self.device)).index_copy(0, index, v)
-                for k, v in stats.items()}
+        return {k: (self._stats[k] if k in self._stats else torch.zeros(n, dtype=torch.float32, device=self.device))
+                .index_copy(0, index, v) for k, v in stats.items()}
 
     def _recompute_carry(self) -> None:
         """||m||^2 and sum(v) directly, when the previous step did not carry them. Tensors without
@@ -529,12 +529,9 @@ class MetaAdamW(torch.optim.Optimizer):
         self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
         m = extra["multipliers"]
         self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
-        self._steps = list(extra["steps"])
-        self.global_step = extra["global_step"]
-        self._time = torch.tensor(float(self.global_step), dtype=torch.float32, device=self.device)
+        self._set_step_counts(list(extra["steps"]), extra["global_step"])
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
-        self._plan = None
 
     def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("state", {})
@@ -553,11 +550,15 @@ class MetaAdamW(torch.optim.Optimizer):
             st.pop("max_exp_avg_sq", None)
             if step is not None:
                 steps[i] = int(step.item() if isinstance(step, Tensor) else step)
-        self._steps = steps
-        self.global_step = max(steps, default=0)
-        self._time = torch.tensor(float(self.global_step), dtype=torch.float32, device=self.device)
+        self._set_step_counts(steps, max(steps, default=0))
         self._carry_valid = False  # the carried norms of the moments: recomputed at the next refresh
         self._multipliers = None  # the next step refreshes them
+
+    def _set_step_counts(self, steps: list[int], global_step: int) -> None:
+        """The loaded per-tensor AdamW step counts and step() count (the plan is rebuilt next step)."""
+        self._steps = steps
+        self.global_step = global_step
+        self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
         self._plan = None
 
     #: options that decide the shapes of the modulator, the weighting or the meta-optimizer's state

@@ -36,9 +36,9 @@ from many tokens back.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 import itertools
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
