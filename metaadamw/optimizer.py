@@ -329,7 +329,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self._carry_valid = False
         if self.foreach:
             F.foreach_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta, plan.bucket_groups,
-                             plan.scalar_dtype)
+                             plan.scalar_dtype, plan.merged)
         else:
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
         return loss
@@ -415,6 +415,7 @@ class MetaAdamW(torch.optim.Optimizer):
             b.split(limit, [layer_type(self.tensor_info[i]) == "embedding" for i in b.indices])
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
         beta1 = torch.tensor([b[0] for b in betas], dtype=torch.float32, device=self.device)
         beta2 = torch.tensor([b[1] for b in betas], dtype=torch.float32, device=self.device)
         self._plan = _Plan(
@@ -433,7 +434,8 @@ class MetaAdamW(torch.optim.Optimizer):
             beta1=beta1,
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs)),
-            scalar_dtype=torch.float64 if any(p.dtype == torch.float64 for p in params) else None,
+            scalar_dtype=scalar_dtype,
+            merged=F.merge_buckets(list(buckets.values()), scalar_dtype or torch.float32),
         )
         return self._plan
 
@@ -656,6 +658,7 @@ class _Plan:
     beta2: Tensor
     stat_coefs: dict[str, Tensor]
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
+    merged: list[F.MergedRun] | None  # the update's passes over all buckets at once (small models, CPU)
     fresh: bool = True  # not used by a step yet
 
 
