@@ -244,7 +244,9 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         penalty = opt.modulator.penalty()
         if penalty is not None:
             loss = loss + penalty
-        meta_params = opt.meta_parameters()
+        # what the meta-optimizer trains, as it holds them (a walk over the modulator's modules,
+        # meta_parameters(), costs ~70 us on the default 8-layer encoder)
+        meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
         n_meta = len(meta_params) + len(cut)
         if exact:
             out = _grad(loss, meta_params + cut + leaves, zero=False)
