@@ -510,7 +510,7 @@ def test_the_square_root_shift_is_taken_for_embedding_tables_only():
     assert shifted["embedding.weight"] and not any(v for k, v in shifted.items() if k != "embedding.weight")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_merged_update_is_bit_identical_to_the_per_bucket_update(monkeypatch, dtype):
     # small CPU models run each update pass over all buckets in one foreach call (per-tensor
     # scalars); it must give exactly the per-bucket update: two param groups (lr, eps), an
