@@ -174,7 +174,7 @@ class Bucket:
             params, exp_avgs, exp_avg_sqs, flagged = (x[sl] for x in pieces)
             mostly_zero_rows = 2 * sum(n for n, f in zip(numels[sl], flagged) if f) >= sum(numels[sl])
             scaled = mostly_zero_rows and all(v.device.type == "cpu" and v.dtype == torch.float32 for v in exp_avg_sqs)
-            floor = [torch.tensor(SQRT_FLOOR)] * len(exp_avg_sqs) if scaled else None
+            floor = [torch.tensor(SQRT_FLOOR, device=exp_avg_sqs[0].device)] * len(exp_avg_sqs) if scaled else None
             self.runs.append((params, exp_avgs, exp_avg_sqs, floor))
 
     @property
@@ -483,15 +483,16 @@ def merge_buckets(buckets: list[Bucket], dtype: torch.dtype) -> list[MergedRun] 
         run = b.runs[0]
         kinds.setdefault(run[3] is not None, []).append((k, run))
     merged = []
+    device = buckets[0].params[0].device  # explicit: a default device set by the user must not matter
     for floored, runs in kinds.items():
         owner = [k for k, run in runs for _ in run[0]]
-        decay = torch.zeros(len(owner), dtype=dtype)
-        scale = torch.zeros(len(owner), dtype=dtype)
+        decay = torch.zeros(len(owner), dtype=dtype, device=device)
+        scale = torch.zeros(len(owner), dtype=dtype, device=device)
         merged.append(MergedRun(
             params=[t for _, run in runs for t in run[0]], exp_avgs=[t for _, run in runs for t in run[1]],
             exp_avg_sqs=[t for _, run in runs for t in run[2]],
             floor=[t for _, run in runs for t in run[3]] if floored else None,
-            index=torch.tensor(owner), buckets=owner, decay=decay, scale=scale,
+            index=torch.tensor(owner, device=device), buckets=owner, decay=decay, scale=scale,
             decay_views=list(decay.unbind(0)), scale_views=list(scale.unbind(0))))
     return merged
 
@@ -529,12 +530,12 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     host = torch.tensor(
         [[b.lr * b.weight_decay, -1.0 / (math.sqrt(b.bias_correction2) * b.lr / b.bias_correction1)
           if b.lr else -math.inf] for b in buckets],
-        dtype=dtype,
+        dtype=dtype, device="cpu",
     )
     if device.type != "cpu":
         host = host.to(device, non_blocking=True)
     if index is None:
-        index = torch.tensor([b.group for b in buckets]).to(device, non_blocking=True)
+        index = torch.tensor([b.group for b in buckets], device="cpu").to(device, non_blocking=True)
     a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index).to(dtype)  # (2, buckets)
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]

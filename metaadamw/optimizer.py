@@ -320,7 +320,8 @@ class MetaAdamW(torch.optim.Optimizer):
         if refresh:
             self._update_stats(plan, grads, norms)
             if self.device.type == "cpu":  # the same value from the host's step count, in one op
-                time = torch.tensor(normalised_time(self.global_step, self.total_steps), dtype=torch.float32)
+                time = torch.tensor(normalised_time(self.global_step, self.total_steps), dtype=torch.float32,
+                                    device=self.device)
             else:  # no host-to-device copy in step()
                 time = normalised_time(self._time, self.total_steps)
             self._multipliers = self.modulator.infer(self._stats, time)

@@ -698,3 +698,23 @@ def test_options_the_chosen_weighting_ignores_are_named_in_a_warning():
         warnings.simplefilter("error")
         MetaAdamW(model.named_parameters(), weighting="fixed", fixed_weights=[1, 2, 3], **small_kwargs())
         MetaAdamW(model.named_parameters(), priorities=[1, 3, 5], **small_kwargs())
+
+
+def test_a_default_device_set_by_the_caller_does_not_move_the_optimizers_tensors():
+    # step() and meta_step() make their small tensors on the parameters' device, not on the default
+    # device (``torch.set_default_device`` / ``with torch.device(...)``): the same result either way
+    def run(default_device):
+        torch.manual_seed(0)
+        model = TinyTransformer()
+        opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+        batches = lm_batches(3)
+        with torch.device(default_device):
+            for t in range(3):
+                opt.zero_grad()
+                lm_loss(model, batches[t]).backward()
+                if t == 1:
+                    opt.meta_step(model, lm_loss, batches[0], batches[1], batches[2])
+                opt.step()
+        return [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in opt.meta_parameters()]
+    for a, b in zip(run("cpu"), run("meta")):
+        assert a.device.type == "cpu" and torch.equal(a, b)
