@@ -79,8 +79,10 @@ class MetaAdamW(torch.optim.Optimizer):
         total_steps: training length, used to normalise the time-step feature (else t/(t+1000)).
         foreach: use the fast foreach implementation (default) or the readable single-tensor one.
 
-    Not supported (unlike AdamW): ``amsgrad``, ``maximize``, ``capturable``, ``fused``, sparse
-    gradients, complex parameters, and parameters spread over several devices.
+    AdamW's own flags ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` and ``fused``
+    are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
+    spell them out work unchanged; other values are refused with an error that says why. Also
+    not supported: sparse gradients, complex parameters, and parameters spread over several devices.
     """
 
     def __init__(
@@ -90,7 +92,12 @@ class MetaAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         alpha_range: float = 1.0,
         beta_range: float = 1.0,
         features: str = "basic",
@@ -120,6 +127,8 @@ class MetaAdamW(torch.optim.Optimizer):
         foreach: bool | None = None,
     ):
         _check_adamw_args(lr, betas, eps, weight_decay)
+        _check_adamw_flags(amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable,
+                           fused=fused)
         _check(0.0 <= alpha_range <= 2.0, f"alpha_range must be in [0, 2] so that alpha stays positive, got {alpha_range}")
         _check(0.0 <= beta_range <= 2.0, f"beta_range must be in [0, 2] so that beta stays positive, got {beta_range}")
         for name, value in (("modulator_layers", modulator_layers), ("modulator_heads", modulator_heads),
@@ -670,6 +679,23 @@ def _is_int(v: Any) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+#: AdamW's flags MetaAdamW accepts only at their defaults, and why
+_ADAMW_FLAGS = {
+    "amsgrad": (False, "MetaAdamW modulates AdamW's update without AMSGrad's running maximum of the second moments"),
+    "maximize": (False, "minimise the negated objective instead (and give meta_step the same loss_fn)"),
+    "capturable": (False, "MetaAdamW's step() cannot be captured in a CUDA graph (it never reads values back "
+                          "to the host, but its layout follows which parameters have gradients)"),
+    "differentiable": (False, "MetaAdamW's step() runs without autograd (its meta_step() trains the modulator)"),
+    "fused": (None, "MetaAdamW's foreach implementation (the default, foreach=None) is its fast path"),
+}
+
+
+def _check_adamw_flags(**flags: Any) -> None:
+    for name, value in flags.items():
+        default, why = _ADAMW_FLAGS[name]
+        _check(not value, f"{name}={value!r} is not supported: {why}; leave {name}={default!r}")
 
 
 def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

@@ -718,3 +718,29 @@ def test_a_default_device_set_by_the_caller_does_not_move_the_optimizers_tensors
         return [p.detach().clone() for p in model.parameters()] + [p.detach().clone() for p in opt.meta_parameters()]
     for a, b in zip(run("cpu"), run("meta")):
         assert a.device.type == "cpu" and torch.equal(a, b)
+
+
+def test_accepts_every_argument_of_torch_adamw_by_the_same_name_and_kind():
+    # a drop-in replacement: AdamW call sites (positional amsgrad included) work unchanged
+    import inspect
+    ours = inspect.signature(MetaAdamW.__init__).parameters
+    for name, param in inspect.signature(torch.optim.AdamW.__init__).parameters.items():
+        assert name in ours, f"AdamW's {name} is not accepted"
+        assert ours[name].kind == param.kind, f"{name}: {ours[name].kind} here, {param.kind} in AdamW"
+    model = mlp(0)
+    args = dict(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+    opt = MetaAdamW(model.parameters(), 1e-2, (0.9, 0.999), 1e-8, 0.05, False, **args, grouping="original",
+                    alpha_range=0.0, beta_range=0.0)
+    ref_model = mlp(0)
+    ref = torch.optim.AdamW(ref_model.parameters(), 1e-2, (0.9, 0.999), 1e-8, 0.05, False, **args)
+    batches = regression_batches()
+    _train(model, opt, batches, 2)
+    _train(ref_model, ref, batches, 2)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize", "capturable", "differentiable", "fused"])
+def test_adamw_flags_other_than_their_defaults_are_refused_by_name(flag):
+    with pytest.raises(ValueError, match=f"{flag}=True is not supported: .*; leave {flag}="):
+        MetaAdamW(mlp(0).parameters(), grouping="original", **{flag: True})
