@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import normalised_time
 from metaadamw.objectives import MetaQuantities
@@ -292,6 +293,13 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         groups=list(opt.group_names), alpha=alpha.tolist(), beta=beta.tolist(), lambda1=lambda1.tolist(),
         lambda2=lambda2.tolist(),
     )
+    world = D.world_size(opt.sync_meta)
+    if world > 1:  # one modulator on every rank: the mean meta-gradient (NaN everywhere if a rank has none)
+        where = [k for k, gr in enumerate(meta_grads) if gr is not None]
+        if where:
+            averaged = D.average_([meta_grads[k] for k in where], world, poison=not math.isfinite(record.meta_loss))
+            for k, gr in zip(where, averaged):
+                meta_grads[k] = gr
     present_grads = [gr for gr in meta_grads if gr is not None]
     finite = math.isfinite(record.meta_loss) and (
         not present_grads or bool(torch.stack(torch._foreach_norm(present_grads)).isfinite().all()))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
+from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, layer_type
@@ -78,6 +79,11 @@ class MetaAdamW(torch.optim.Optimizer):
         refresh_every: recompute the multipliers every k steps (1 = every step, the paper).
         total_steps: training length, used to normalise the time-step feature (else t/(t+1000)).
         foreach: use the fast foreach implementation (default) or the readable single-tensor one.
+        sync_meta: under ``torch.distributed`` (a default process group of several ranks, e.g.
+            with DistributedDataParallel): every rank starts from rank 0's modulator and every
+            meta-update averages the meta-gradients over the ranks, so that the replicas keep
+            one modulator and get the same multipliers (see :mod:`metaadamw.distributed`). Make the
+            optimizer on every rank. False: each rank trains its own modulator.
 
     AdamW's own flags ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` and ``fused``
     are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
@@ -125,6 +131,7 @@ class MetaAdamW(torch.optim.Optimizer):
         refresh_every: int = 1,
         total_steps: int | None = None,
         foreach: bool | None = None,
+        sync_meta: bool = True,
     ):
         _check_adamw_args(lr, betas, eps, weight_decay)
         _check_adamw_flags(amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable,
@@ -215,6 +222,10 @@ class MetaAdamW(torch.optim.Optimizer):
         else:
             make = meta_optimizer
         self.meta_optimizer = make(self.meta_parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+        self.sync_meta = bool(sync_meta)
+        if D.world_size(self.sync_meta) > 1:  # every rank starts from rank 0's modulator and weighting
+            D.broadcast_([*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
+                          *self.weighting.buffers()])
 
         n = len(self._params)
         self._steps = [0] * n  # AdamW step count of every tensor
@@ -471,11 +482,16 @@ class MetaAdamW(torch.optim.Optimizer):
         With mixed precision and a ``GradScaler``, call ``scaler.unscale_(optimizer)`` before
         ``meta_step(..., None, ...)``: ``.grad`` holds the scaled gradients until then.
 
+        A ``DistributedDataParallel`` or ``DataParallel`` model is unwrapped (its ``module`` runs
+        the meta-update's passes, which must not fire DDP's gradient hooks); with ``sync_meta``
+        every rank calls ``meta_step`` (on its own batches) and the meta-gradients are averaged.
+
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
         if self.objective.needs_val and val_batch is None:
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
+        model = D.unwrap(model)
         was_training = self.modulator.training
         try:
             record = meta_update(self, model, loss_fn, batch1, batch2, val_batch)
@@ -637,6 +653,7 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
+        self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
         self._plan = None
 
     def __repr__(self) -> str:

@@ -1,0 +1,121 @@
+"""MetaAdamW under torch.distributed: two CPU ranks (gloo, a file store: no network) training a
+DistributedDataParallel model keep one modulator (rank 0's at the start, the mean meta-gradient
+at every meta-update), so the replicas stay identical."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from metaadamw import MetaAdamW
+from tests.metaadamw.helpers import mlp, mse, regression_batches, small_kwargs
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+META_LR = 0.05  # large enough for the meta-update to move the modulator visibly
+
+
+def _batches(rank: int):
+    """(training batch, batch 2, validation batch) of one rank: each rank its own."""
+    b = regression_batches(n=3 * WORLD, seed=1)
+    return b[3 * rank: 3 * rank + 3]
+
+
+def _make(seed: int, **kwargs):
+    torch.manual_seed(0)
+    model = mlp(0)
+    torch.manual_seed(seed)  # the modulator's initialisation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MetaAdamW(model.named_parameters(), model=model, meta_lr=META_LR, **small_kwargs(), **kwargs)
+    return model, opt
+
+
+def _worker(rank: int, store: str, out: str, sync: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        model, opt = _make(100 + rank, sync_meta=sync)  # every rank its own seed
+        start = [p.detach().clone() for p in opt.meta_parameters()]
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        train, b2, val = _batches(rank)
+        opt.zero_grad()
+        mse(ddp, train).backward()  # DDP averages the gradients
+        grads = [p.grad.clone() for p in model.parameters()]
+        record = opt.meta_step(ddp, mse, None, b2, val)  # each rank on its own batches
+        grads_kept = all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+        opt.step()
+        after_meta = [p.detach().clone() for p in opt.meta_parameters()]
+        opt.zero_grad()  # a second training step through DDP: its hooks must be intact
+        mse(ddp, val).backward()
+        opt.step()
+        torch.save({"start": start, "meta": after_meta, "model": [p.detach().clone() for p in model.parameters()],
+                    "skipped": record.skipped, "grads_kept": grads_kept}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, sync: bool) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), sync), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_ranks_keep_one_modulator_with_the_mean_meta_gradient(tmp_path):
+    ranks = _run(tmp_path, sync=True)
+    # the same start (rank 0's modulator, seed 100), the same meta-update, the same replicas
+    _, reference_opt = _make(100)
+    for a, b, c in zip(ranks[0]["start"], ranks[1]["start"], reference_opt.meta_parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for key in ("meta", "model"):
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            assert torch.equal(a, b), f"the ranks' {key} parameters differ"
+    assert not ranks[0]["skipped"]
+    assert all(r["grads_kept"] for r in ranks), "meta_step must leave the gradients DDP averaged as they were"
+    # the meta-update is SGD with the mean of the ranks' meta-gradients: the mean of the modulators
+    # that each rank's batches would have given alone (the gradient: DDP's mean over the ranks)
+    model, opt = _make(100)
+    grads = []
+    for r in range(WORLD):
+        model.zero_grad()
+        mse(model, _batches(r)[0]).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    alone = []
+    for r in range(WORLD):
+        m, o = copy.deepcopy((model, opt))
+        for p, *gs in zip(m.parameters(), *grads):
+            p.grad = sum(gs) / WORLD
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            o.meta_step(m, mse, None, *_batches(r)[1:])
+        alone.append([p.detach().clone() for p in o.meta_parameters()])
+    assert any(not torch.allclose(a, b) for a, b in zip(*alone)), "the ranks' batches must give different updates"
+    for got, a, b in zip(ranks[0]["meta"], *alone):
+        torch.testing.assert_close(got, (a + b) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_without_sync_each_rank_keeps_its_own_modulator(tmp_path):
+    ranks = _run(tmp_path, sync=False)
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["start"], ranks[1]["start"]))
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["model"], ranks[1]["model"])), \
+        "different modulators give the replicas different multipliers"
+
+
+def test_meta_step_runs_the_module_inside_a_data_parallel_wrapper():
+    # the hypothetical passes must not go through DDP's forward (buffer broadcasts, reducer hooks)
+    model, opt = _make(0)
+    wrapped = torch.nn.DataParallel(model)  # (on the CPU it just calls the module)
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(m)
+        return mse(m, batch)
+
+    mse(wrapped, _batches(0)[0]).backward()
+    opt.meta_step(wrapped, loss_fn, None, *_batches(0)[1:])
+    assert seen and all(m is model for m in seen)
