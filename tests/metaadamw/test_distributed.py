@@ -5,6 +5,8 @@ at every meta-update), so the replicas stay identical."""
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import warnings
 
 import pytest
@@ -38,7 +40,14 @@ def _make(seed: int, **kwargs):
     return model, opt
 
 
+def _loopback() -> str | None:
+    names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def _worker(rank: int, store: str, out: str, sync: bool) -> None:
+    if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         model, opt = _make(100 + rank, sync_meta=sync)  # every rank its own seed
