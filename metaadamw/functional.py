@@ -360,11 +360,16 @@ def cos_noise(exp_avgs: list[Tensor]) -> Tensor:
                         device=exp_avgs[0].device if exp_avgs else None)
 
 
-def stat_coefficients(beta1: Tensor, beta2: Tensor, noise: Tensor) -> dict[str, Tensor]:
-    """The per-tensor constants of :func:`foreach_stats`' identities (computed once per layout);
-    ``noise``: :func:`cos_noise`."""
+def stat_coefficients(beta1: Tensor, beta2: Tensor, noise: Tensor, numel: Tensor | None = None) -> dict[str, Tensor]:
+    """The per-tensor constants of :func:`foreach_stats` (computed once per layout: made from
+    host values, they would cost a blocking host-to-device copy in every CUDA step); ``noise``:
+    :func:`cos_noise`; ``numel``: the tensors' element counts (:func:`numel_vector`), for the
+    sparsity statistics."""
     a, b = 0.5 / (1 - beta1), 0.5 * beta1 * beta1 / (1 - beta1)
-    return {"1-b2": 1 - beta2, "A": a, "-B": -b, "C": 0.5 * (1 - beta1), "A noise": a * noise, "B noise": b * noise}
+    out = {"1-b2": 1 - beta2, "A": a, "-B": -b, "C": 0.5 * (1 - beta1), "A noise": a * noise, "B noise": b * noise}
+    if numel is not None:
+        out["numel"] = numel
+    return out
 
 
 def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Tensor, v_sum_old: Tensor,
@@ -412,21 +417,22 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     if "v_norm" in needed:
         out["v_norm"] = v_sum.sqrt()  # b2 * (sum v_{t-1} >= 0) + (1 - b2) ||g||^2 >= 0
     if "grad_sparsity" in needed:
-        out["grad_sparsity"] = _zero_fraction(grads, foreach=True)
+        out["grad_sparsity"] = _zero_fraction(grads, foreach=True, numel=c.get("numel"))
     if "exp_avg_sparsity" in needed:
-        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True)
+        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True, numel=c.get("numel"))
     return out, m_sq, v_sum
 
 
-def _zero_fraction(tensors: list[Tensor], foreach: bool) -> Tensor:
+def _zero_fraction(tensors: list[Tensor], foreach: bool, numel: Tensor | None = None) -> Tensor:
     """The fraction of exact zeros of each tensor: from one foreach count of the nonzeros (its L0
-    norm), or tensor by tensor."""
+    norm) and the element counts (``numel``, else made here), or tensor by tensor."""
     if foreach:
-        return 1 - _vector(torch._foreach_norm(tensors, 0)) / _numel(tensors)
+        return 1 - _vector(torch._foreach_norm(tensors, 0)) / (numel_vector(tensors) if numel is None else numel)
     return _vector([(t == 0).float().mean() for t in tensors])
 
 
-def _numel(tensors: list[Tensor]) -> Tensor:
+def numel_vector(tensors: list[Tensor]) -> Tensor:
+    """The tensors' element counts as a float32 vector on their device."""
     return torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float32, device=tensors[0].device)
 
 

@@ -341,7 +341,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self._update_stats(plan, grads, norms)
             if self.device.type == "cpu":  # the same value from the host's step count, in one op
                 time = torch.tensor(normalised_time(self.global_step, self.total_steps), dtype=torch.float32,
-                                    device=self.device)
+                                    device="cpu")
             else:  # no host-to-device copy in step()
                 time = normalised_time(self._time, self.total_steps)
             self._multipliers = self.modulator.infer(self._stats, time)
@@ -454,7 +454,7 @@ class MetaAdamW(torch.optim.Optimizer):
             bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
             beta1=beta1,
             beta2=beta2,
-            stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs)),
+            stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs), F.numel_vector(params)),
             scalar_dtype=scalar_dtype,
             merged=F.merge_buckets(list(buckets.values()), scalar_dtype or torch.float32),
         )
