@@ -11,8 +11,9 @@ a process group of more than one rank is initialised):
   buffer) before the meta-optimizer's step; a rank whose meta-loss is not finite contributes
   NaN, so that every rank skips that meta-update together.
 
-The meta-update's passes must not go through DDP's gradient hooks, so ``meta_step`` unwraps a
-``DistributedDataParallel`` or ``DataParallel`` model and runs its ``module``.
+``meta_step`` unwraps a ``DistributedDataParallel`` or ``DataParallel`` model and runs its
+``module``: the meta-update's hypothetical passes stay outside DDP's forward, which would
+broadcast the buffers and prepare its gradient reducer at each of them.
 """
 
 from __future__ import annotations

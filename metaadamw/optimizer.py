@@ -482,9 +482,10 @@ class MetaAdamW(torch.optim.Optimizer):
         With mixed precision and a ``GradScaler``, call ``scaler.unscale_(optimizer)`` before
         ``meta_step(..., None, ...)``: ``.grad`` holds the scaled gradients until then.
 
-        A ``DistributedDataParallel`` or ``DataParallel`` model is unwrapped (its ``module`` runs
-        the meta-update's passes, which must not fire DDP's gradient hooks); with ``sync_meta``
-        every rank calls ``meta_step`` (on its own batches) and the meta-gradients are averaged.
+        A ``DistributedDataParallel`` or ``DataParallel`` model is unwrapped: its ``module`` runs
+        the meta-update's passes, outside DDP's forward (no buffer broadcasts or reducer
+        bookkeeping for them); with ``sync_meta`` every rank calls ``meta_step`` (on its own
+        batches) and the meta-gradients are averaged.
 
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
