@@ -1,0 +1,52 @@
+"""The YAML examples of search_spaces/README.md parse as the format reference says they do."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from ablate.study import parse_study
+from ablate.tune import parse_tune_spec
+
+DOC = Path(__file__).resolve().parents[2] / "search_spaces" / "README.md"
+
+
+def _yaml_blocks() -> list:
+    blocks = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert len(blocks) == 4, "search_spaces/README.md's YAML examples changed: update this test"
+    return [yaml.safe_load(b) for b in blocks]
+
+
+def test_the_complete_example_is_a_valid_study(tmp_path):
+    example = _yaml_blocks()[0]
+    (tmp_path / "my_features.py").write_text("# the example's plugin module\n")
+    study = parse_study(example, "README example", base_dir=tmp_path)
+    assert study.name == "my_study" and sorted({t.task for t in study.trials}) == ["etth1", "imdb"]
+    assert sorted({t.seed for t in study.trials}) == [0, 1, 2]
+    arms = study.arms()
+    for arm in ("baseline", "adamw", "grouping=original", "features=basic_plus", "features=enhanced",
+                "weighting=none", "weighting=huw_priority_111", "modulator_size=small", "modulator_size=large"):
+        assert arm in arms, (arm, arms)
+    assert sum(a.startswith("factorial") or "gating=" in a for a in arms) == 4, arms  # the 2 x 2 grid
+
+
+def test_the_factorial_example_has_eight_cells():
+    factorial = _yaml_blocks()[1]
+    study = parse_study({"name": "f", "tasks": ["etth1"], "seeds": 1, **factorial}, "README factorial example")
+    cells = [a for a in study.arms() if a not in ("baseline", "adamw")]
+    assert len(cells) == 8, cells
+
+
+def test_the_tune_example_shows_the_defaults():
+    tune = _yaml_blocks()[2]
+    shown = parse_tune_spec({"name": "t", "tasks": ["etth1"], "seeds": 1, **tune}, "README tune example").settings
+    assert shown.trials == 20 and shown.sampler == "tpe" and shown.max_concurrent == 2
+    defaults = parse_tune_spec({"name": "t", "tasks": ["etth1"], "seeds": 1, "tune": {}}, "defaults").settings
+    for key in ("trials", "sampler", "sampler_seed", "aggregate", "cross_task", "max_concurrent", "enqueue_baseline",
+                "storage", "priorities"):
+        assert getattr(shown, key) == getattr(defaults, key), key  # "the values shown are the defaults"
+    # "except params, which defaults to {}, and the scheduler's grace_period" (warmup_epochs + 1)
+    assert shown.params and not defaults.params
+    assert {**shown.scheduler, "grace_period": None} == defaults.scheduler and defaults.scheduler["grace_period"] is None
