@@ -50,3 +50,44 @@ def test_the_tune_example_shows_the_defaults():
     # "except params, which defaults to {}, and the scheduler's grace_period" (warmup_epochs + 1)
     assert shown.params and not defaults.params
     assert {**shown.scheduler, "grace_period": None} == defaults.scheduler and defaults.scheduler["grace_period"] is None
+
+
+def _code_block_lines(text: str) -> list[str]:
+    """The lines inside the fenced code blocks of a Markdown text."""
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def _documented_commands() -> list[str]:
+    """The `ablate ...` command lines in the code blocks of the two READMEs (the commands meant to
+    be run as written; inline mentions in prose are names, and synopses with placeholders such as
+    SPEC or [--trials N] are not commands)."""
+    readme = DOC.parent.parent / "README.md"
+    commands = []
+    for text in (readme.read_text(), DOC.read_text()):
+        for line in _code_block_lines(text):
+            line = line.split("#")[0].strip()
+            if line.startswith("ablate ") and not re.search(r"\b[A-Z]{2,}\b|\[-|\.\.\.|<", line):
+                commands.append(line)
+    return sorted(set(commands))
+
+
+def test_every_documented_ablate_command_line_parses():
+    import shlex
+
+    from ablate.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 5, commands
+    parser = build_parser()
+    for command in commands:
+        args = shlex.split(command)[1:]
+        try:
+            parser.parse_args(args)
+        except SystemExit as exc:
+            raise AssertionError(f"the documented command does not parse: {command}") from exc
