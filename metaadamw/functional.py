@@ -11,8 +11,7 @@ and no extra pass for the multipliers:
 * the second-moment norm ``sqrt(sum v)`` is carried by ``sum v_t = b2 sum v_{t-1} + (1 - b2) ||g||^2``;
 * alpha and beta are folded into the scalars of the foreach ops AdamW runs anyway, as
   per-bucket 0-dim tensors (a bucket = the tensors that share param_group, modulator group and
-  step count), so ``step()`` never reads a value back to the host; small models on the CPU
-  gather them into per-tensor scalars and run each pass once over all buckets (:func:`merge_buckets`);
+  step count), so ``step()`` never reads a value back to the host;
 * on the CPU the tensors are processed in runs of about :data:`CPU_CHUNK_NUMEL` elements
   (cache blocking): each run's moments, norms and update passes find their operands still in
   cache, where one foreach pass over every tensor streams the whole model through memory once
@@ -458,53 +457,8 @@ SQRT_SHIFT = 26
 SQRT_FLOOR = 2.0**-100
 
 
-@dataclasses.dataclass
-class MergedRun:
-    """The tensors of several one-run buckets, updated by one foreach call per pass: the
-    per-bucket scalars are gathered into per-tensor buffers (``decay``, ``scale``) whose 0-dim
-    views (made once) are the foreach ops' tensor-list scalars. See :func:`merge_buckets`."""
-
-    params: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    floor: list[Tensor] | None  # as in Bucket.runs
-    index: Tensor  # the bucket of each tensor
-    buckets: list[int]  # the same, on the host (for eps)
-    decay: Tensor  # per-tensor buffers, refilled every step
-    scale: Tensor
-    decay_views: list[Tensor]
-    scale_views: list[Tensor]
-
-
-def merge_buckets(buckets: list[Bucket], dtype: torch.dtype) -> list[MergedRun] | None:
-    """The update's passes over all buckets at once, for small models on the CPU: one foreach call
-    per pass and kind of run (with or without the square-root floor) instead of one per bucket
-    (on the 10-tensor MLP: 6 buckets, 30 calls -> 5, 20-50 us of a 0.8-0.9 ms step). None where it does
-    not apply: buckets cut into several runs (cache blocking already makes the calls large) or
-    not on the CPU (CUDA's foreach kernels take tensor-list scalars only tensor by tensor)."""
-    if not buckets or any(len(b.runs) != 1 for b in buckets) or buckets[0].params[0].device.type != "cpu":
-        return None
-    kinds: dict[bool, list[tuple[int, tuple]]] = {}
-    for k, b in enumerate(buckets):
-        run = b.runs[0]
-        kinds.setdefault(run[3] is not None, []).append((k, run))
-    merged = []
-    device = buckets[0].params[0].device  # explicit: a default device set by the user must not matter
-    for floored, runs in kinds.items():
-        owner = [k for k, run in runs for _ in run[0]]
-        decay = torch.zeros(len(owner), dtype=dtype, device=device)
-        scale = torch.zeros(len(owner), dtype=dtype, device=device)
-        merged.append(MergedRun(
-            params=[t for _, run in runs for t in run[0]], exp_avgs=[t for _, run in runs for t in run[1]],
-            exp_avg_sqs=[t for _, run in runs for t in run[2]],
-            floor=[t for _, run in runs for t in run[3]] if floored else None,
-            index=torch.tensor(owner, device=device), buckets=owner, decay=decay, scale=scale,
-            decay_views=list(decay.unbind(0)), scale_views=list(scale.unbind(0))))
-    return merged
-
-
 def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Tensor | None = None,
-                   scalar_dtype: torch.dtype | None = None, merged: list[MergedRun] | None = None) -> None:
+                   scalar_dtype: torch.dtype | None = None) -> None:
     """The fast update: AdamW's foreach passes with per-bucket tensor scalars.
 
     ``denom = (sqrt(v) + eps * sqrt(bc2)) * c`` with ``c = 1 / (sqrt(bc2) * s)`` and the signed
@@ -514,8 +468,6 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     back to the host). ``index``: the buckets' modulator groups as a tensor (cached by the caller).
     ``scalar_dtype``: the dtype the per-bucket scalars are computed in (default alpha's, float32);
     float64 when there are float64 parameters, whose AdamW steps use Python-float scalars.
-    ``merged``: :func:`merge_buckets` of ``buckets`` (for scalars of this dtype), to run every
-    pass over all buckets in one call; the arithmetic is the same, tensor by tensor.
 
     Embedding tables in float32 on the CPU: torch's vectorised square root takes a slow path for
     zeros, infinities and inputs below about 1e-34 (5-12x slower per element), and the rows of
@@ -546,25 +498,6 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]
     root = 2.0 ** (SQRT_SHIFT // 2)
-    if merged is not None:
-        eps_of = [b.eps * math.sqrt(b.bias_correction2) for b in buckets]
-        same_eps = len(set(eps_of)) == 1  # (one step count and eps: one Python scalar for all)
-        for run in merged:
-            torch.index_select(decay, 0, run.index, out=run.decay)
-            torch.index_select(scale, 0, run.index, out=run.scale)
-            r = 1.0
-            if run.floor is None:
-                denom = torch._foreach_sqrt(run.exp_avg_sqs)
-            else:
-                r = root
-                run.scale.div_(root)
-                denom = torch._foreach_add(run.floor, run.exp_avg_sqs, alpha=2.0**SQRT_SHIFT)
-                torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps_of[0] * r if same_eps else [eps_of[k] * r for k in run.buckets])
-            torch._foreach_mul_(denom, run.scale_views)
-            torch._foreach_mul_(run.params, run.decay_views)
-            torch._foreach_addcdiv_(run.params, run.exp_avgs, denom)
-        return
     scalars = zip(decay.unbind(0), scale.unbind(0))  # 0-dim views, two ops for all the buckets
     for b, (d, c) in zip(buckets, scalars):
         eps = b.eps * math.sqrt(b.bias_correction2)

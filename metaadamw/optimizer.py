@@ -350,7 +350,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self._carry_valid = False
         if self.foreach:
             F.foreach_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta, plan.bucket_groups,
-                             plan.scalar_dtype, plan.merged)
+                             plan.scalar_dtype)
         else:
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
         return loss
@@ -456,7 +456,6 @@ class MetaAdamW(torch.optim.Optimizer):
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs), F.numel_vector(params)),
             scalar_dtype=scalar_dtype,
-            merged=F.merge_buckets(list(buckets.values()), scalar_dtype or torch.float32),
         )
         return self._plan
 
@@ -686,7 +685,6 @@ class _Plan:
     beta2: Tensor
     stat_coefs: dict[str, Tensor]
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
-    merged: list[F.MergedRun] | None  # the update's passes over all buckets at once (small models, CPU)
     fresh: bool = True  # not used by a step yet
 
 

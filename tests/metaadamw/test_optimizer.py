@@ -535,49 +535,6 @@ def test_the_square_root_shift_is_taken_for_embedding_tables_only():
     assert shifted["embedding.weight"] and not any(v for k, v in shifted.items() if k != "embedding.weight")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_merged_update_is_bit_identical_to_the_per_bucket_update(monkeypatch, dtype):
-    # small CPU models run each update pass over all buckets in one foreach call (per-tensor
-    # scalars); it must give exactly the per-bucket update: two param groups (lr, eps), an
-    # embedding table (square-root floor), a tensor that starts late (its own step count and eps)
-    def run(merge):
-        if not merge:
-            monkeypatch.setattr(F, "merge_buckets", lambda buckets, dtype: None)
-        torch.manual_seed(0)
-        model = TinyTransformer().to(dtype)
-        emb = [p for n, p in model.named_parameters() if n.startswith("embedding")]
-        rest = [p for n, p in model.named_parameters() if not n.startswith("embedding")]
-        opt = MetaAdamW([{"params": rest}, {"params": emb, "lr": 3e-3, "eps": 1e-6}], model=model,
-                        **small_kwargs(lr=1e-2, weight_decay=0.1))
-        late = rest[0]
-        merged = []
-        for t, batch in enumerate(lm_batches(6) * 2):
-            opt.zero_grad()
-            lm_loss(model, batch).backward()
-            if t < 3:
-                late.grad = None
-            opt.step()
-            merged.append(opt._plan.merged)
-        monkeypatch.undo()
-        return [p.detach().clone() for p in model.parameters()], merged
-    fast, merged = run(True)
-    slow, unmerged = run(False)
-    assert all(m is not None for m in merged) and all(m is None for m in unmerged)
-    floors = [r.floor is not None for r in merged[-1]]  # (the floor is for float32 only)
-    assert floors == ([False, True] if dtype == torch.float32 else [False])
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
-
-
-def test_no_merged_update_for_blocked_runs(monkeypatch):
-    monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
-    monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
-    model = mlp(0)
-    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
-    _train(model, opt, regression_batches(), 1)
-    assert opt._plan.merged is None
-
-
 def test_cosine_statistic_is_finite_and_exact_with_beta1_zero():
     # beta1 = 0 makes m = g: cos(g, m) = 1 (the carried-norm identity must not divide by beta1)
     model = mlp(0)
