@@ -134,7 +134,7 @@ class MetaAdamW(torch.optim.Optimizer):
         sync_meta: bool = True,
     ):
         _check_adamw_args(lr, betas, eps, weight_decay)
-        _check_adamw_flags(amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable,
+        _check_adamw_flags("", amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable,
                            fused=fused)
         _check(0.0 <= alpha_range <= 2.0, f"alpha_range must be in [0, 2] so that alpha stays positive, got {alpha_range}")
         _check(0.0 <= beta_range <= 2.0, f"beta_range must be in [0, 2] so that beta stays positive, got {beta_range}")
@@ -283,6 +283,9 @@ class MetaAdamW(torch.optim.Optimizer):
                 "MetaAdamW cannot add parameter groups after construction: the groups are the modulator's "
                 "tokens. Create the optimizer with every param group instead."
             )
+        # AdamW honours its flags per group too: here they are refused in a group as in the arguments
+        _check_adamw_flags(f"param group {len(self.param_groups)}: ",
+                           **{k: v for k, v in param_group.items() if k in _ADAMW_FLAGS})
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------------------------
@@ -708,10 +711,10 @@ _ADAMW_FLAGS = {
 }
 
 
-def _check_adamw_flags(**flags: Any) -> None:
+def _check_adamw_flags(where: str, **flags: Any) -> None:
     for name, value in flags.items():
         default, why = _ADAMW_FLAGS[name]
-        _check(not value, f"{name}={value!r} is not supported: {why}; leave {name}={default!r}")
+        _check(not value, f"{where}{name}={value!r} is not supported: {why}; leave {name}={default!r}")
 
 
 def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

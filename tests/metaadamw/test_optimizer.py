@@ -724,5 +724,11 @@ def test_accepts_every_argument_of_torch_adamw_by_the_same_name_and_kind():
 
 @pytest.mark.parametrize("flag", ["amsgrad", "maximize", "capturable", "differentiable", "fused"])
 def test_adamw_flags_other_than_their_defaults_are_refused_by_name(flag):
-    with pytest.raises(ValueError, match=f"{flag}=True is not supported: .*; leave {flag}="):
+    with pytest.raises(ValueError, match=f"^{flag}=True is not supported: .*; leave {flag}="):
         MetaAdamW(mlp(0).parameters(), grouping="original", **{flag: True})
+    # in a param group too (AdamW honours them per group): never silently ignored
+    model = mlp(0)
+    weights, biases = [p for p in model.parameters() if p.dim() > 1], [p for p in model.parameters() if p.dim() == 1]
+    with pytest.raises(ValueError, match=f"^param group 1: {flag}=True is not supported"):
+        MetaAdamW([{"params": weights}, {"params": biases, flag: True}], grouping="original")
+    MetaAdamW([{"params": weights}, {"params": biases, flag: False}], grouping="original")  # the default is fine
