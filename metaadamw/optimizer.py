@@ -309,8 +309,10 @@ class MetaAdamW(torch.optim.Optimizer):
             return loss
         plan = self._plan
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
-        if plan is None or plan.active != active or plan.betas != betas or not plan.blocking.valid():
+        if plan is None or plan.active != active or not plan.blocking.valid():
             plan = self._make_plan(active)
+        elif plan.betas != betas:
+            self._update_plan_betas(plan)
         for i in plan.indices:
             self._steps[i] += 1
         for b in plan.buckets:
@@ -440,8 +442,8 @@ class MetaAdamW(torch.optim.Optimizer):
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
-        beta1 = torch.tensor([b[0] for b in betas], dtype=torch.float32, device=self.device)
-        beta2 = torch.tensor([b[1] for b in betas], dtype=torch.float32, device=self.device)
+        beta1, beta2 = self._beta_vectors(betas)
+        noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
         self._plan = _Plan(
             active=active,
             betas=[g["betas"] for g in self.param_groups],
@@ -457,10 +459,32 @@ class MetaAdamW(torch.optim.Optimizer):
             bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
             beta1=beta1,
             beta2=beta2,
-            stat_coefs=F.stat_coefficients(beta1, beta2, F.cos_noise(exp_avgs), F.numel_vector(params)),
+            stat_coefs=F.stat_coefficients(beta1, beta2, noise, numel),
             scalar_dtype=scalar_dtype,
+            cos_noise=noise,
+            numel=numel,
         )
         return self._plan
+
+    def _beta_vectors(self, betas: list[tuple[float, float]]) -> tuple[Tensor, Tensor]:
+        """Per-tensor beta1 and beta2 vectors on the device, staged on the CPU and copied without
+        blocking (a scheduler may change the betas at every step)."""
+        host = torch.tensor([[b[0] for b in betas], [b[1] for b in betas]], dtype=torch.float32, device="cpu")
+        if self.device.type != "cpu":
+            host = host.to(self.device, non_blocking=True)
+        return host[0], host[1]
+
+    def _update_plan_betas(self, plan: "_Plan") -> None:
+        """New betas from a scheduler (OneCycleLR's momentum cycling changes beta1 at every step):
+        the buckets' bias corrections and the statistics' per-tensor constants, without
+        rebuilding the layout."""
+        groups = self.param_groups
+        for b in plan.buckets:
+            b.beta1, b.beta2 = groups[b.param_group]["betas"]
+        plan.beta1, plan.beta2 = self._beta_vectors([groups[self.tensor_info[i].param_group]["betas"]
+                                                     for i in plan.indices])
+        plan.stat_coefs = F.stat_coefficients(plan.beta1, plan.beta2, plan.cos_noise, plan.numel)
+        plan.betas = [g["betas"] for g in groups]
 
     # ------------------------------------------------------------------------------------------
     # the meta-update
@@ -688,6 +712,8 @@ class _Plan:
     beta2: Tensor
     stat_coefs: dict[str, Tensor]
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
+    cos_noise: Tensor  # per tensor, F.cos_noise
+    numel: Tensor  # per tensor, element counts
     fresh: bool = True  # not used by a step yet
 
 

@@ -732,3 +732,51 @@ def test_adamw_flags_other_than_their_defaults_are_refused_by_name(flag):
     with pytest.raises(ValueError, match=f"^param group 1: {flag}=True is not supported"):
         MetaAdamW([{"params": weights}, {"params": biases, flag: True}], grouping="original")
     MetaAdamW([{"params": weights}, {"params": biases, flag: False}], grouping="original")  # the default is fine
+
+
+def test_betas_changed_by_a_scheduler_every_step_keep_the_layout_and_match_adamw(monkeypatch):
+    # OneCycleLR cycles beta1 at every step: the step takes the new betas (bias corrections, the
+    # statistics' constants) without rebuilding its layout, and with zero ranges is still AdamW
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                    **small_kwargs())
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=40, cycle_momentum=True)
+                  for o in (ref, opt)]
+    builds, made = [], []
+    real_make, real_tensor = opt._make_plan, torch.tensor
+    monkeypatch.setattr(opt, "_make_plan", lambda active: builds.append(1) or real_make(active))
+    for t in range(30):
+        if t == 1:  # after the first step, only host staging tensors (no blocking copies on CUDA)
+            monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(k.get("device")) or real_tensor(*a, **k))
+        _train(ref_model, ref, batches[t % 4:], 1)
+        _train(model, opt, batches[t % 4:], 1)
+        for s in schedulers:
+            s.step()
+    monkeypatch.undo()
+    assert opt.param_groups[0]["betas"][0] != 0.95  # the scheduler did move beta1
+    assert len(builds) == 1, "the layout must not be rebuilt when only the betas change"
+    assert made and set(made) == {"cpu"}
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_statistics_follow_betas_changed_by_a_scheduler():
+    # the carried-norm identities use the step's beta1: under OneCycleLR's momentum cycling the fast
+    # statistics still match the reference path's direct ones
+    batches = lm_batches()
+    models = [TinyTransformer(), TinyTransformer()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MetaAdamW(m.named_parameters(), foreach=f, **small_kwargs()) for m, f in zip(models, (True, False))]
+    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=20, base_momentum=0.5,
+                                                      max_momentum=0.95) for o in opts]
+    for t in range(8):
+        _same_gradients(models, batches[t % 3], lm_loss)
+        for opt, sched in zip(opts, schedulers):
+            opt.step()
+            sched.step()
+        for k in opts[0]._stats:
+            torch.testing.assert_close(opts[0]._stats[k], opts[1]._stats[k], rtol=2e-4, atol=1e-5)
+    assert opts[0].param_groups[0]["betas"][0] < 0.9
