@@ -44,22 +44,47 @@ def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
                 t.copy_(part.view_as(t))
 
 
-def average_(tensors: list[Tensor], world: int, poison: bool = False) -> list[Tensor]:
-    """The mean over the ranks of each tensor (same shapes on every rank), by one all-reduce of
-    one flat buffer. ``poison``: this rank contributes NaN (its values are not usable), which
-    makes every rank's mean NaN."""
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+def check_same_layout(tensors: list[Tensor], what: str) -> None:
+    """Raise on every rank unless all ranks hold the same number of tensors with the same total
+    size (the collectives below assume it; a mismatch would otherwise hang or mix values)."""
+    mine = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], dtype=torch.float64,
+                        device=tensors[0].device if tensors else None)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise ValueError(f"MetaAdamW(sync_meta=True): the ranks built different {what} ({int(mine[0])} tensors, "
+                         f"{int(mine[1])} elements on rank {dist.get_rank()}; ranks range over {low.tolist()} .. "
+                         f"{high.tolist()}): give every rank the same model, param groups and options")
+
+
+def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison: bool = False) -> list[Tensor | None]:
+    """The mean over the ranks of each gradient (None: zeros of ``like``'s shape), by one
+    all-reduce of one flat buffer that also counts the ranks that had each gradient: one that
+    no rank had stays None. ``poison``: this rank contributes NaN (its values are not usable),
+    which makes every rank's mean NaN."""
+    device = like[0].device
+    flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, like)]
+                     + [torch.tensor([float(g is not None) for g in grads], dtype=like[0].dtype, device=device)])
     if poison:
-        flat.fill_(float("nan"))
+        flat[:-len(grads)].fill_(float("nan"))
     dist.all_reduce(flat)
-    flat.div_(world)
-    return [part.view_as(t) for t, part in zip(tensors, flat.split([t.numel() for t in tensors]))]
+    values, present = flat[:-len(grads)].div_(world), flat[-len(grads):]
+    out: list[Tensor | None] = []
+    for p, part, had in zip(like, values.split([p.numel() for p in like]), present.tolist()):
+        out.append(part.view_as(p) if had > 0 else None)
+    return out
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (else ``model``)."""
+    """The module inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (also one that
+    ``torch.compile`` wrapped in turn), else ``model``."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
-        model = model.module
-    return model
+    while True:
+        if isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), (DistributedDataParallel, DataParallel)):
+            model = model._orig_mod  # torch.compile(DDP(model))
+        else:
+            return model

@@ -295,11 +295,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
     )
     world = D.world_size(opt.sync_meta)
     if world > 1:  # one modulator on every rank: the mean meta-gradient (NaN everywhere if a rank has none)
-        where = [k for k, gr in enumerate(meta_grads) if gr is not None]
-        if where:
-            averaged = D.average_([meta_grads[k] for k in where], world, poison=not math.isfinite(record.meta_loss))
-            for k, gr in zip(where, averaged):
-                meta_grads[k] = gr
+        meta_grads = D.average_(meta_grads, meta_params, world, poison=not math.isfinite(record.meta_loss))
     present_grads = [gr for gr in meta_grads if gr is not None]
     finite = math.isfinite(record.meta_loss) and (
         not present_grads or bool(torch.stack(torch._foreach_norm(present_grads)).isfinite().all()))

@@ -224,8 +224,10 @@ class MetaAdamW(torch.optim.Optimizer):
         self.meta_optimizer = make(self.meta_parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
         self.sync_meta = bool(sync_meta)
         if D.world_size(self.sync_meta) > 1:  # every rank starts from rank 0's modulator and weighting
-            D.broadcast_([*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
-                          *self.weighting.buffers()])
+            meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
+                          *self.weighting.buffers()]
+            D.check_same_layout(meta_state, "modulators")
+            D.broadcast_(meta_state)
 
         n = len(self._params)
         self._steps = [0] * n  # AdamW step count of every tensor

@@ -5,6 +5,7 @@ at every meta-update), so the replicas stay identical."""
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import socket
 import warnings
@@ -36,7 +37,7 @@ def _make(seed: int, **kwargs):
     torch.manual_seed(seed)  # the modulator's initialisation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = MetaAdamW(model.named_parameters(), model=model, meta_lr=META_LR, **small_kwargs(), **kwargs)
+        opt = MetaAdamW(model.named_parameters(), model=model, meta_lr=META_LR, **small_kwargs(**kwargs))
     return model, opt
 
 
@@ -45,15 +46,28 @@ def _loopback() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
-def _worker(rank: int, store: str, out: str, sync: bool) -> None:
+def _worker(rank: int, store: str, out: str, scenario: str) -> None:
+    """One rank. ``scenario``: "sync" (the default), "nosync" (sync_meta=False), "poison" (rank 1's
+    validation targets are NaN: its meta-loss is not finite) or "mismatch" (rank 1 builds a deeper
+    modulator)."""
     if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
     try:
-        model, opt = _make(100 + rank, sync_meta=sync)  # every rank its own seed
+        kwargs = {"sync_meta": scenario != "nosync"}
+        if scenario == "mismatch" and rank == 1:
+            kwargs["modulator_layers"] = 2
+        try:
+            model, opt = _make(100 + rank, **kwargs)  # every rank its own seed
+        except ValueError as exc:
+            torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
+            return
         start = [p.detach().clone() for p in opt.meta_parameters()]
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         train, b2, val = _batches(rank)
+        if scenario == "poison" and rank == 1:
+            val = (val[0], torch.full_like(val[1], float("nan")))
         opt.zero_grad()
         mse(ddp, train).backward()  # DDP averages the gradients
         grads = [p.grad.clone() for p in model.parameters()]
@@ -62,7 +76,7 @@ def _worker(rank: int, store: str, out: str, sync: bool) -> None:
         opt.step()
         after_meta = [p.detach().clone() for p in opt.meta_parameters()]
         opt.zero_grad()  # a second training step through DDP: its hooks must be intact
-        mse(ddp, val).backward()
+        mse(ddp, train).backward()
         opt.step()
         torch.save({"start": start, "meta": after_meta, "model": [p.detach().clone() for p in model.parameters()],
                     "skipped": record.skipped, "grads_kept": grads_kept}, f"{out}/rank{rank}.pt")
@@ -70,13 +84,13 @@ def _worker(rank: int, store: str, out: str, sync: bool) -> None:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, sync: bool) -> list[dict]:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), sync), nprocs=WORLD, join=True)
+def _run(tmp_path, scenario: str) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), scenario), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
 def test_ranks_keep_one_modulator_with_the_mean_meta_gradient(tmp_path):
-    ranks = _run(tmp_path, sync=True)
+    ranks = _run(tmp_path, "sync")
     # the same start (rank 0's modulator, seed 100), the same meta-update, the same replicas
     _, reference_opt = _make(100)
     for a, b, c in zip(ranks[0]["start"], ranks[1]["start"], reference_opt.meta_parameters()):
@@ -109,7 +123,7 @@ def test_ranks_keep_one_modulator_with_the_mean_meta_gradient(tmp_path):
 
 
 def test_without_sync_each_rank_keeps_its_own_modulator(tmp_path):
-    ranks = _run(tmp_path, sync=False)
+    ranks = _run(tmp_path, "nosync")
     assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["start"], ranks[1]["start"]))
     assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["model"], ranks[1]["model"])), \
         "different modulators give the replicas different multipliers"
@@ -128,3 +142,19 @@ def test_meta_step_runs_the_module_inside_a_data_parallel_wrapper():
     mse(wrapped, _batches(0)[0]).backward()
     opt.meta_step(wrapped, loss_fn, None, *_batches(0)[1:])
     assert seen and all(m is model for m in seen)
+
+
+def test_a_rank_without_a_finite_meta_loss_makes_every_rank_skip(tmp_path):
+    ranks = _run(tmp_path, "poison")
+    assert all(r["skipped"] for r in ranks)
+    for r in ranks:  # the modulator as it started, on both ranks
+        for a, b in zip(r["start"], r["meta"]):
+            assert torch.equal(a, b)
+    for a, b in zip(ranks[0]["model"], ranks[1]["model"]):
+        assert torch.equal(a, b)
+
+
+def test_ranks_with_different_modulators_are_refused_on_every_rank(tmp_path):
+    ranks = _run(tmp_path, "mismatch")
+    for r in ranks:
+        assert "the ranks built different modulators" in r["error"] and "same model, param groups and options" in r["error"]
