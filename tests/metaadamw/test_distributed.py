@@ -81,6 +81,7 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         torch.save({"start": start, "meta": after_meta, "model": [p.detach().clone() for p in model.parameters()],
                     "skipped": record.skipped, "grads_kept": grads_kept}, f"{out}/rank{rank}.pt")
     finally:
+        dist.barrier()  # both ranks done with their collectives before the teardown (gloo aborts otherwise)
         dist.destroy_process_group()
 
 
