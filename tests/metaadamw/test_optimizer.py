@@ -571,17 +571,18 @@ def test_cache_blocking_with_frozen_tensors_param_groups_and_skipped_refreshes(m
 
 
 def test_betas_changed_during_training_reach_the_statistics():
-    # a scheduler may change betas: the carried-norm identities must use the new ones
+    # a scheduler may change betas, also at every step (OneCycleLR's momentum cycling): the
+    # carried-norm identities must use the new ones
     batches = lm_batches()
     models = [TinyTransformer(), TinyTransformer()]
     models[1].load_state_dict(models[0].state_dict())
     opts = [MetaAdamW(m.named_parameters(), foreach=f, modulator_heads=1, **small_kwargs())
             for m, f in zip(models, (True, False))]
     opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
-    for t in range(6):
-        if t == 3:
+    for t in range(9):
+        if t >= 3:  # once, then at every step
             for opt in opts:
-                opt.param_groups[0]["betas"] = (0.5, 0.9)
+                opt.param_groups[0]["betas"] = (0.5 + 0.05 * (t - 3), 0.9)
         _same_gradients(models, batches[t % 3], lm_loss)
         for opt in opts:
             opt.step()
@@ -760,23 +761,3 @@ def test_betas_changed_by_a_scheduler_every_step_keep_the_layout_and_match_adamw
     assert made and set(made) == {"cpu"}
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
-
-
-def test_statistics_follow_betas_changed_by_a_scheduler():
-    # the carried-norm identities use the step's beta1: under OneCycleLR's momentum cycling the fast
-    # statistics still match the reference path's direct ones
-    batches = lm_batches()
-    models = [TinyTransformer(), TinyTransformer()]
-    models[1].load_state_dict(models[0].state_dict())
-    opts = [MetaAdamW(m.named_parameters(), foreach=f, **small_kwargs()) for m, f in zip(models, (True, False))]
-    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
-    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-3, total_steps=20, base_momentum=0.5,
-                                                      max_momentum=0.95) for o in opts]
-    for t in range(8):
-        _same_gradients(models, batches[t % 3], lm_loss)
-        for opt, sched in zip(opts, schedulers):
-            opt.step()
-            sched.step()
-        for k in opts[0]._stats:
-            torch.testing.assert_close(opts[0]._stats[k], opts[1]._stats[k], rtol=2e-4, atol=1e-5)
-    assert opts[0].param_groups[0]["betas"][0] < 0.9
