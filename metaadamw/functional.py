@@ -46,6 +46,13 @@ CPU_CHUNK_NUMEL = 2**18
 CPU_BLOCKING_MIN_NUMEL = 2**21
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A tensor of host values on ``device``, made on the CPU and copied without blocking: on CUDA,
+    ``torch.tensor(values, device=cuda)`` is a blocking copy, i.e. a host synchronisation."""
+    host = torch.tensor(values, dtype=dtype, device="cpu")
+    return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
 def chunk_slices(numels: list[int], start: int, stop: int, limit: int | None) -> list[slice]:
     """Split positions ``start:stop`` into consecutive runs of at most ``limit`` elements (each run
     holds at least one tensor); ``limit=None`` gives one run."""
@@ -95,7 +102,7 @@ class Blocking:
         self._ptrs = [(t, t.data_ptr()) for k in self.split for t in (params[k], exp_avgs[k], exp_avg_sqs[k])]
         self.params, self.exp_avgs, self.exp_avg_sqs = (self.pieces(x) for x in (params, exp_avgs, exp_avg_sqs))
         owner = [k for k, p in enumerate(params) for _ in range(self._count(k, p))]
-        self.owner = torch.tensor(owner, device=params[0].device) if self.split else None
+        self.owner = to_device(owner, params[0].device) if self.split else None
         self.n = len(params)
         self._norm_index: dict[int, Tensor] = {}
         starts = [0]
@@ -173,7 +180,7 @@ class Bucket:
             params, exp_avgs, exp_avg_sqs, flagged = (x[sl] for x in pieces)
             mostly_zero_rows = 2 * sum(n for n, f in zip(numels[sl], flagged) if f) >= sum(numels[sl])
             scaled = mostly_zero_rows and all(v.device.type == "cpu" and v.dtype == torch.float32 for v in exp_avg_sqs)
-            floor = [torch.tensor(SQRT_FLOOR, device=exp_avg_sqs[0].device)] * len(exp_avg_sqs) if scaled else None
+            floor = [torch.tensor(SQRT_FLOOR, device="cpu")] * len(exp_avg_sqs) if scaled else None  # (CPU runs only)
             self.runs.append((params, exp_avgs, exp_avg_sqs, floor))
 
     @property
@@ -355,8 +362,8 @@ def cos_noise(exp_avgs: list[Tensor]) -> Tensor:
     """Per tensor, the relative noise of the cos identity of :func:`foreach_stats`: the machine
     epsilon of the first moment's dtype (bf16, fp16: measured up to 0.6 of it), at least
     :data:`COS_NOISE_FLOAT32`."""
-    return torch.tensor([max(torch.finfo(m.dtype).eps, COS_NOISE_FLOAT32) for m in exp_avgs], dtype=torch.float32,
-                        device=exp_avgs[0].device if exp_avgs else None)
+    return to_device([max(torch.finfo(m.dtype).eps, COS_NOISE_FLOAT32) for m in exp_avgs],
+                     exp_avgs[0].device if exp_avgs else torch.device("cpu"), torch.float32)
 
 
 def stat_coefficients(beta1: Tensor, beta2: Tensor, noise: Tensor, numel: Tensor | None = None) -> dict[str, Tensor]:
@@ -432,7 +439,7 @@ def _zero_fraction(tensors: list[Tensor], foreach: bool, numel: Tensor | None = 
 
 def numel_vector(tensors: list[Tensor]) -> Tensor:
     """The tensors' element counts as a float32 vector on their device."""
-    return torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float32, device=tensors[0].device)
+    return to_device([float(t.numel()) for t in tensors], tensors[0].device, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

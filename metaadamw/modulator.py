@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaadamw.features import FeatureExtractor, FeatureGate
+from metaadamw.functional import to_device
 
 
 HEAD_INITS = ("zero", "default")
@@ -239,9 +240,9 @@ class Modulator(nn.Module):
         """(scale, shift) of :meth:`_multipliers`, made once per device and dtype."""
         cached = self.__dict__.get("_affine_cache")
         if cached is None or cached[0].device != like.device or cached[0].dtype != like.dtype:
-            scale = torch.tensor([self.alpha_range, self.beta_range, 1.0, 1.0], dtype=like.dtype, device=like.device)
-            shift = torch.tensor([1.0 - self.alpha_range / 2, 1.0 - self.beta_range / 2, 0.0, 0.0], dtype=like.dtype,
-                                 device=like.device)
+            # made once, on the CPU and copied without blocking (the first step() runs this)
+            scale = to_device([self.alpha_range, self.beta_range, 1.0, 1.0], like.device, like.dtype)
+            shift = to_device([1.0 - self.alpha_range / 2, 1.0 - self.beta_range / 2, 0.0, 0.0], like.device, like.dtype)
             cached = self.__dict__["_affine_cache"] = (scale, shift)
         return cached
 

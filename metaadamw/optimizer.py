@@ -451,14 +451,14 @@ class MetaAdamW(torch.optim.Optimizer):
             betas=[g["betas"] for g in self.param_groups],
             indices=indices,
             all_active=all_active,
-            index_tensor=None if all_active else torch.tensor(indices, device=self.device),
+            index_tensor=None if all_active else F.to_device(indices, self.device),
             params=params,
             exp_avgs=exp_avgs,
             exp_avg_sqs=exp_avg_sqs,
             param_group_slices=slices,
             blocking=F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
-            bucket_groups=torch.tensor([b.group for b in buckets.values()], device=self.device),
+            bucket_groups=F.to_device([b.group for b in buckets.values()], self.device),
             beta1=beta1,
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, noise, numel),
@@ -471,10 +471,8 @@ class MetaAdamW(torch.optim.Optimizer):
     def _beta_vectors(self, betas: list[tuple[float, float]]) -> tuple[Tensor, Tensor]:
         """Per-tensor beta1 and beta2 vectors on the device, staged on the CPU and copied without
         blocking (a scheduler may change the betas at every step)."""
-        host = torch.tensor([[b[0] for b in betas], [b[1] for b in betas]], dtype=torch.float32, device="cpu")
-        if self.device.type != "cpu":
-            host = host.to(self.device, non_blocking=True)
-        return host[0], host[1]
+        both = F.to_device([[b[0] for b in betas], [b[1] for b in betas]], self.device, torch.float32)
+        return both[0], both[1]
 
     def _update_plan_betas(self, plan: "_Plan") -> None:
         """New betas from a scheduler (OneCycleLR's momentum cycling changes beta1 at every step):
