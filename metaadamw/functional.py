@@ -492,15 +492,13 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     device, dtype = alpha.device, scalar_dtype or alpha.dtype
     # host columns: lr * wd and -1 / (sqrt(bc2) * lr / bc1); then decay = 1 - lr wd alpha beta and
     # scale = -1 / (sqrt(bc2) lr alpha / bc1) in three tensor ops
-    host = torch.tensor(
+    host = to_device(
         [[b.lr * b.weight_decay, -1.0 / (math.sqrt(b.bias_correction2) * b.lr / b.bias_correction1)
           if b.lr else -math.inf] for b in buckets],
-        dtype=dtype, device="cpu",
+        device, dtype,
     )
-    if device.type != "cpu":
-        host = host.to(device, non_blocking=True)
     if index is None:
-        index = torch.tensor([b.group for b in buckets], device="cpu").to(device, non_blocking=True)
+        index = to_device([b.group for b in buckets], device)
     a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index).to(dtype)  # (2, buckets)
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]

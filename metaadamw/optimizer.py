@@ -435,7 +435,6 @@ class MetaAdamW(torch.optim.Optimizer):
             b.exp_avgs.append(st["exp_avg"])
             b.exp_avg_sqs.append(st["exp_avg_sq"])
         all_active = len(indices) == len(active)
-        betas = [self.param_groups[pg_of[i]]["betas"] for i in indices]
         params = [self._params[i] for i in indices]
         blocked = self.device.type == "cpu" and sum(p.numel() for p in params) >= F.CPU_BLOCKING_MIN_NUMEL
         limit = F.CPU_CHUNK_NUMEL if blocked else None  # cache blocking: on the CPU, for large models
@@ -444,7 +443,7 @@ class MetaAdamW(torch.optim.Optimizer):
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
-        beta1, beta2 = self._beta_vectors(betas)
+        beta1, beta2 = self._beta_vectors(indices)
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
         self._plan = _Plan(
             active=active,
@@ -468,9 +467,11 @@ class MetaAdamW(torch.optim.Optimizer):
         )
         return self._plan
 
-    def _beta_vectors(self, betas: list[tuple[float, float]]) -> tuple[Tensor, Tensor]:
-        """Per-tensor beta1 and beta2 vectors on the device, staged on the CPU and copied without
-        blocking (a scheduler may change the betas at every step)."""
+    def _beta_vectors(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """Beta1 and beta2 of the tensors at ``indices`` (their param groups' current values) as
+        vectors on the device, staged on the CPU and copied without blocking (a scheduler may
+        change the betas at every step)."""
+        betas = [self.param_groups[self.tensor_info[i].param_group]["betas"] for i in indices]
         both = F.to_device([[b[0] for b in betas], [b[1] for b in betas]], self.device, torch.float32)
         return both[0], both[1]
 
@@ -481,8 +482,7 @@ class MetaAdamW(torch.optim.Optimizer):
         groups = self.param_groups
         for b in plan.buckets:
             b.beta1, b.beta2 = groups[b.param_group]["betas"]
-        plan.beta1, plan.beta2 = self._beta_vectors([groups[self.tensor_info[i].param_group]["betas"]
-                                                     for i in plan.indices])
+        plan.beta1, plan.beta2 = self._beta_vectors(plan.indices)
         plan.stat_coefs = F.stat_coefficients(plan.beta1, plan.beta2, plan.cos_noise, plan.numel)
         plan.betas = [g["betas"] for g in groups]
 
