@@ -155,6 +155,8 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
     need_train = objective.second_order or objective.needs_train_loss
     params = opt._params
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    if not trainable:
+        raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to meta-train for")
     with preserved_buffers(model), torch.enable_grad():
         # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
         if batch1 is None:
@@ -164,12 +166,9 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                                  "gradient: call it after loss.backward() and before step(), or pass batch1")
         else:
             loss1 = _loss(loss_fn, model, batch1)
-            grads = torch.autograd.grad(loss1, [params[i] for i in trainable], allow_unused=True)
+            grads = _grad(loss1, [params[i] for i in trainable], zero=False, require="the loss on batch1")
             del loss1
         active = [i for i, g in zip(trainable, grads) if g is not None]
-        if not active:
-            raise ValueError("meta_step: the loss on batch1 does not depend on any parameter of this optimizer "
-                             "(is the model the one the optimizer was built for?)")
         g = [gr.detach() for gr in grads if gr is not None]
         del grads
         F.check_dense(g)
@@ -223,13 +222,14 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                 with twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext():
                     q.loss_train_prime = _loss(loss_fn, model, batch2)
                 if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
-                    g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact)
+                    g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact,
+                                    require="the loss on batch2 at the hypothetical parameters")
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
                 q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 if not exact:
-                    g_val = _grad(q.loss_val_prime, leaves)
+                    g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters")
         if objective.needs_val:
             with torch.no_grad():
                 q.loss_val = _loss(loss_fn, model, val_batch)
@@ -251,6 +251,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         n_meta = len(meta_params) + len(cut)
         if exact:
             out = _grad(loss, meta_params + cut + leaves, zero=False)
+            _check_reached(loss, out[n_meta:], "the meta-loss (the losses at the hypothetical parameters)")
             d_theta = [torch.zeros_like(x) if d is None else d for d, x in zip(out[n_meta:], leaves)]
         else:
             extra = [q.loss_train_prime, q.loss_val_prime] + (q.grads_prime or [])
@@ -359,9 +360,48 @@ def _leaf(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().requires_grad_()
 
 
-def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, **kwargs: Any) -> list[Tensor | None]:
-    """``torch.autograd.grad`` with unused inputs as zeros (``zero``) or None."""
+def _unreachable(what: str) -> str:
+    return (f"meta_step: {what} does not depend on any parameter of this optimizer through autograd. Is the model the "
+            "one the optimizer was built for? Does it run torch.utils.checkpoint with use_reentrant=True? That variant "
+            "cannot be differentiated by torch.autograd.grad, which the meta-update needs: pass use_reentrant=False. "
+            "Does the model keep its parameters outside its modules' attributes (in a cached list or tuple)? The "
+            "meta-update evaluates the model at hypothetical parameters by setting those attributes: read the "
+            "parameters from the module at each forward.")
+
+
+def _uses_reentrant_checkpoint(output: Tensor) -> bool:
+    """Whether ``output``'s autograd graph runs through ``torch.utils.checkpoint(use_reentrant=True)``."""
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _check_reached(output: Tensor, grads: list[Tensor | None] | tuple[Tensor | None, ...], what: str) -> None:
+    """Refuse gradients of ``output`` that reach no input, and - where some input is not reached
+    (which can be legitimate: a branch unused on this batch) - a graph through reentrant
+    checkpointing, which hides the parameters inside it from torch.autograd.grad."""
+    if all(d is None for d in grads):
+        raise ValueError(_unreachable(what))
+    if any(d is None for d in grads) and _uses_reentrant_checkpoint(output):
+        raise ValueError(f"meta_step: {what} runs through torch.utils.checkpoint with use_reentrant=True, which hides "
+                         "the parameters inside the checkpointed part from torch.autograd.grad (the meta-update's "
+                         "differentiation): pass use_reentrant=False")
+
+
+def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, require: str | None = None,
+          **kwargs: Any) -> list[Tensor | None]:
+    """``torch.autograd.grad`` with unused inputs as zeros (``zero``) or None. ``require``: what
+    ``output`` is, for the errors of :func:`_check_reached`."""
     out = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
+    if require is not None:
+        _check_reached(output, out, require)
     if not zero:
         return list(out)
     return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]
@@ -398,7 +438,7 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
     rng.replay()
     try:
         with swapped_parameters(model, swap):
-            diff = _grad(_loss(loss_fn, model, batch2), leaves)
+            diff = _grad(_loss(loss_fn, model, batch2), leaves, require="the loss on batch2 at the hypothetical parameters")
     finally:
         rng.resume()
     torch._foreach_sub_(diff, g_prime)

@@ -582,3 +582,74 @@ def test_sparse_gradients_in_meta_step_are_a_clear_error():
     batch = (torch.randint(0, 10, (5, 2)), torch.randn(5, 1))
     with pytest.raises(ValueError, match="does not support sparse gradients"):
         opt.meta_step(model, mse, batch, batch, batch)
+
+
+def _checkpointed_loss(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(model, batch):
+        x, y = batch
+        if reentrant:
+            x = x.requires_grad_()  # (the reentrant variant needs an input that requires grad)
+        h = checkpoint(model[:4], x, use_reentrant=reentrant)
+        return ((model[4](h) - y) ** 2).mean()
+    return loss
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_activation_checkpointing_gives_the_same_meta_update(meta_gradient):
+    # torch.utils.checkpoint(use_reentrant=False) recomputes the forward pass during the backward
+    # passes, some of which run outside the forward's context: the meta-update must not change
+    runs = []
+    for loss_fn in (mse, _checkpointed_loss(False)):
+        model = mlp(0, widths=(6, 16, 16, 16, 1))[:5]
+        opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, meta_lr=1e-2, **small_kwargs())
+        batches = regression_batches(4)
+        _step(model, opt, batches[0])
+        records = [opt.meta_step(model, loss_fn, *batches[1:]) for _ in range(2)]
+        runs.append((records[0].meta_loss, records[1].alpha, [p.detach().clone() for p in opt.meta_parameters()]))
+    (loss_a, alpha_a, meta_a), (loss_b, alpha_b, meta_b) = runs
+    assert loss_a == loss_b
+    assert alpha_a == pytest.approx(alpha_b, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(meta_a, meta_b))
+    assert not all(torch.equal(a, b) for a, b in zip(meta_a, _meta_state(
+        MetaAdamW(mlp(0, widths=(6, 16, 16, 16, 1))[:5].named_parameters(), **small_kwargs()))))
+
+
+@pytest.mark.parametrize("batch1_none", [False, True])
+def test_reentrant_checkpointing_is_a_clear_error_not_a_silent_zero_meta_gradient(batch1_none):
+    # the reentrant variant hides the parameters from torch.autograd.grad: every gradient would be
+    # None (with batch1=None only those at theta', which used to become silent zeros)
+    model = mlp(0, widths=(6, 16, 16, 16, 1))[:5]
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(4)
+    loss_fn = _checkpointed_loss(True)
+    opt.zero_grad()
+    loss_fn(model, batches[0]).backward()  # .backward() itself works with it
+    snap, before = _snapshot(model), _meta_state(opt)
+    with pytest.raises(ValueError, match="use_reentrant=False") as err:
+        opt.meta_step(model, loss_fn, None if batch1_none else batches[1], *batches[2:])
+    assert ("hypothetical parameters" in str(err.value)) == batch1_none
+    _assert_same(model, snap)
+    assert not any(_changed(before, opt))
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_model_that_caches_its_parameters_is_a_clear_error(meta_gradient):
+    # the meta-update swaps theta' into the modules' attributes; a model reading a cached copy of
+    # its weights would be evaluated at theta, and the meta-gradient through theta' would be zero
+    class Cached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 1)
+            self.cache = (self.lin.weight, self.lin.bias)
+
+        def forward(self, x):
+            return nn.functional.linear(x, *self.cache)
+
+    model = Cached()
+    opt = MetaAdamW(model.named_parameters(), grouping="original", meta_gradient=meta_gradient, **small_kwargs())
+    batches = regression_batches(4)
+    _step(model, opt, batches[0])
+    with pytest.raises(ValueError, match="cached list or tuple"):
+        opt.meta_step(model, mse, *batches[1:])
