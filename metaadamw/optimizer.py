@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -133,7 +134,7 @@ class MetaAdamW(torch.optim.Optimizer):
         foreach: bool | None = None,
         sync_meta: bool = True,
     ):
-        _check_adamw_args(lr, betas, eps, weight_decay)
+        lr, betas, eps, weight_decay = _check_adamw_args(lr, betas, eps, weight_decay)
         _check_adamw_flags("", amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable,
                            fused=fused)
         _check(0.0 <= alpha_range <= 2.0, f"alpha_range must be in [0, 2] so that alpha stays positive, got {alpha_range}")
@@ -285,9 +286,14 @@ class MetaAdamW(torch.optim.Optimizer):
                 "MetaAdamW cannot add parameter groups after construction: the groups are the modulator's "
                 "tokens. Create the optimizer with every param group instead."
             )
+        where = f"param group {len(self.param_groups)}: "
         # AdamW honours its flags per group too: here they are refused in a group as in the arguments
-        _check_adamw_flags(f"param group {len(self.param_groups)}: ",
-                           **{k: v for k, v in param_group.items() if k in _ADAMW_FLAGS})
+        _check_adamw_flags(where, **{k: v for k, v in param_group.items() if k in _ADAMW_FLAGS})
+        if isinstance(param_group, dict) and any(k in param_group for k in ("lr", "betas", "eps", "weight_decay")):
+            # the group's own hyperparameters, checked as the arguments are (AdamW checks only the defaults)
+            values = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
+            lr, betas, eps, weight_decay = _check_adamw_args(**values, where=where)
+            param_group = {**param_group, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------------------------------
@@ -743,11 +749,24 @@ def _check_adamw_flags(where: str, **flags: Any) -> None:
         _check(not value, f"{where}{name}={value!r} is not supported: {why}; leave {name}={default!r}")
 
 
-def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    _check(isinstance(lr, (int, float)) and lr >= 0, f"Invalid learning rate: lr={lr!r} (must be a number >= 0)")
-    _check(isinstance(eps, (int, float)) and eps >= 0, f"Invalid epsilon value: eps={eps!r} (must be >= 0)")
-    _check(isinstance(betas, (tuple, list)) and len(betas) == 2, f"betas must be a pair (beta1, beta2), got {betas!r}")
+def _real(value: Any) -> bool:
+    """A real number (numpy scalars included), not a bool or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
+                      where: str = "") -> tuple[float, tuple[float, float], float, float]:
+    """AdamW's checks (a number, >= 0; betas in [0, 1)), with the value named; returns the values
+    as Python floats (numpy scalars are accepted as AdamW accepts them)."""
+    if isinstance(lr, Tensor):
+        raise ValueError(f"{where}lr as a Tensor is not supported (nor is it by torch.optim.AdamW with foreach=True "
+                         f"and capturable=False): pass a float, e.g. lr={float(lr.detach().cpu())!r}")
+    _check(_real(lr) and lr >= 0, f"{where}Invalid learning rate: lr={lr!r} (must be a number >= 0)")
+    _check(_real(eps) and eps >= 0, f"{where}Invalid epsilon value: eps={eps!r} (must be >= 0)")
+    _check(isinstance(betas, (tuple, list)) and len(betas) == 2,
+           f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
-        _check(isinstance(b, (int, float)) and 0.0 <= b < 1.0, f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
-    _check(isinstance(weight_decay, (int, float)) and weight_decay >= 0,
-           f"Invalid weight_decay value: {weight_decay!r} (must be >= 0)")
+        _check(_real(b) and 0.0 <= b < 1.0, f"{where}Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+    _check(_real(weight_decay) and weight_decay >= 0,
+           f"{where}Invalid weight_decay value: {weight_decay!r} (must be >= 0)")
+    return float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)

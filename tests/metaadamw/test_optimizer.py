@@ -291,6 +291,44 @@ def test_every_argument_is_validated_with_a_message_naming_the_bad_value(kwargs,
     assert fragment in str(err.value)
 
 
+def test_numpy_scalars_are_accepted_as_adamw_accepts_them_and_stored_as_floats():
+    np = pytest.importorskip("numpy")
+    model = mlp(0)
+    params = list(model.named_parameters())
+    opt = MetaAdamW([{"params": params[:2], "lr": np.float32(2e-3), "betas": (np.float64(0.8), np.float32(0.99))},
+                     {"params": params[2:]}], lr=np.float32(1e-3), eps=np.float64(1e-8), weight_decay=np.int64(0),
+                    **small_kwargs())
+    first, second = opt.param_groups
+    assert first["lr"] == float(np.float32(2e-3)) and type(first["lr"]) is float
+    assert first["betas"] == (0.8, float(np.float32(0.99))) and all(type(b) is float for b in first["betas"])
+    assert second["lr"] == float(np.float32(1e-3)) and second["betas"] == (0.9, 0.999)
+    assert type(second["weight_decay"]) is float and type(second["eps"]) is float
+
+
+@pytest.mark.parametrize("group, fragment", [
+    ({"lr": -1.0}, "param group 1: Invalid learning rate: lr=-1.0"),
+    ({"lr": "0.1"}, "param group 1: Invalid learning rate: lr='0.1'"),
+    ({"betas": (0.9,)}, "param group 1: betas must be a pair"),
+    ({"eps": -1.0}, "param group 1: Invalid epsilon value"),
+    ({"weight_decay": None}, "param group 1: Invalid weight_decay value: None"),
+    ({"lr": torch.tensor(0.01)}, "param group 1: lr as a Tensor is not supported"),
+])
+def test_param_group_hyperparameters_are_validated_naming_the_group(group, fragment):
+    model = mlp(0)
+    params = list(model.named_parameters())
+    mine = {"params": params[2:], **group}
+    before = dict(mine)
+    with pytest.raises(ValueError) as err:
+        MetaAdamW([{"params": params[:2]}, mine], **small_kwargs())
+    assert fragment in str(err.value)
+    assert mine.keys() == before.keys()  # the caller's dict is not filled in
+
+
+def test_a_tensor_learning_rate_is_refused_with_the_float_to_use():
+    with pytest.raises(ValueError, match=r"lr as a Tensor is not supported .* lr=0\.01"):
+        MetaAdamW(mlp(0).named_parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
+
+
 def test_fine_grained_grouping_without_names_says_how_to_fix():
     model = mlp(0)
     with pytest.raises(ValueError, match="named_parameters"):
