@@ -137,8 +137,8 @@ class MetaAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay = _check_adamw_args(lr, betas, eps, weight_decay)
         _check_adamw_flags("", amsgrad=amsgrad, maximize=maximize, capturable=capturable, differentiable=differentiable,
                            fused=fused)
-        _check(0.0 <= alpha_range <= 2.0, f"alpha_range must be in [0, 2] so that alpha stays positive, got {alpha_range}")
-        _check(0.0 <= beta_range <= 2.0, f"beta_range must be in [0, 2] so that beta stays positive, got {beta_range}")
+        alpha_range = _number("alpha_range", alpha_range, 0.0, 2.0, "so that alpha stays positive")
+        beta_range = _number("beta_range", beta_range, 0.0, 2.0, "so that beta stays positive")
         for name, value in (("modulator_layers", modulator_layers), ("modulator_heads", modulator_heads),
                             ("modulator_ff", modulator_ff), ("refresh_every", refresh_every)):
             _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
@@ -146,19 +146,27 @@ class MetaAdamW(torch.optim.Optimizer):
                f"modulator_width must be None or an integer >= 1, got {modulator_width!r}")
         _check(total_steps is None or (_is_int(total_steps) and total_steps >= 1),
                f"total_steps must be None or an integer >= 1, got {total_steps!r}")
-        _check(0.0 <= modulator_dropout < 1.0, f"modulator_dropout must be in [0, 1), got {modulator_dropout}")
-        _check(meta_lr > 0, f"meta_lr must be > 0, got {meta_lr}")
+        modulator_dropout = _number("modulator_dropout", modulator_dropout, 0.0, 1.0, below_high=True)
+        meta_lr = _number("meta_lr", meta_lr, 0.0, math.inf, above_low=True)
         _check(meta_gradient in META_GRADIENTS,
                f"meta_gradient must be one of {META_GRADIENTS}, got {meta_gradient!r}")
         _check(modulator_init in HEAD_INITS, f"modulator_init must be one of {HEAD_INITS}, got {modulator_init!r}")
-        _check(meta_weight_decay >= 0, f"meta_weight_decay must be >= 0, got {meta_weight_decay}")
-        _check(gate_l1 >= 0, f"gate_l1 must be >= 0, got {gate_l1}")
+        meta_weight_decay = _number("meta_weight_decay", meta_weight_decay, 0.0, math.inf)
+        gate_l1 = _number("gate_l1", gate_l1, 0.0, math.inf)
         _check(weighting_form in FORMS, f"weighting_form must be one of {FORMS}, got {weighting_form!r}")
         for name, values in (("priorities", priorities), ("fixed_weights", fixed_weights)):
             if values is not None:
-                ok = len(values) == 3 and all(math.isfinite(float(v)) and float(v) >= 0 for v in values)
+                ok = (not isinstance(values, (str, bytes, dict)) and hasattr(values, "__len__") and len(values) == 3
+                      and all(_real(v) and math.isfinite(v) and v >= 0 for v in values))
                 _check(ok, f"{name} must be three finite non-negative numbers [gradient alignment, loss decrease, "
-                           f"generalization gap], got {list(values)!r}")
+                           f"generalization gap], got {values!r}")
+        for name, value in (("time_step", time_step), ("second_moment", second_moment), ("gating", gating),
+                            ("sync_meta", sync_meta)):
+            _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
+        _check(foreach is None or isinstance(foreach, bool), f"foreach must be None, True or False, got {foreach!r}")
+        _check(model is None or isinstance(model, nn.Module),
+               f"model must be the torch.nn.Module whose parameters these are (for their names), got a "
+               f"{type(model).__name__}")
         _check(callable(meta_optimizer) or meta_optimizer in META_OPTIMIZERS,
                f"meta_optimizer must be one of {sorted(META_OPTIMIZERS)} or a callable, got {meta_optimizer!r}")
         if weighting != "fixed" and fixed_weights is not None:
@@ -222,7 +230,18 @@ class MetaAdamW(torch.optim.Optimizer):
             make = functools.partial(META_OPTIMIZERS[meta_optimizer], foreach=True)
         else:
             make = meta_optimizer
-        self.meta_optimizer = make(self.meta_parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+        try:
+            self.meta_optimizer = make(self.meta_parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+        except TypeError as err:
+            if isinstance(meta_optimizer, str):
+                raise
+            raise ValueError(f"meta_optimizer={meta_optimizer!r} could not be called as f(params, lr=meta_lr, "
+                             f"weight_decay=meta_weight_decay) ({err}): give it those keyword arguments, e.g. "
+                             f"lambda params, lr, weight_decay: torch.optim.RMSprop(params, lr=lr)") from err
+        _check(isinstance(self.meta_optimizer, torch.optim.Optimizer),
+               f"meta_optimizer={meta_optimizer!r} returned a {type(self.meta_optimizer).__name__}, not a "
+               f"torch.optim.Optimizer: a callable meta_optimizer is called as f(params, lr=meta_lr, "
+               f"weight_decay=meta_weight_decay) and must return the optimizer of those parameters")
         self.sync_meta = bool(sync_meta)
         if D.world_size(self.sync_meta) > 1:  # every rank starts from rank 0's modulator and weighting
             meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
@@ -747,6 +766,17 @@ def _check_adamw_flags(where: str, **flags: Any) -> None:
     for name, value in flags.items():
         default, why = _ADAMW_FLAGS[name]
         _check(not value, f"{where}{name}={value!r} is not supported: {why}; leave {name}={default!r}")
+
+
+def _number(name: str, value: Any, low: float, high: float, why: str = "", above_low: bool = False,
+            below_high: bool = False) -> float:
+    """``value`` as a float, checked to be a real number in the interval (closed unless said)."""
+    ok = _real(value) and (low < value if above_low else low <= value) and (
+        value < high if below_high or high == math.inf else value <= high)
+    if not ok:
+        interval = f"{'(' if above_low else '['}{low:g}, {high:g}{')' if below_high or high == math.inf else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}{' ' + why if why else ''}, got {value!r}")
+    return float(value)
 
 
 def _real(value: Any) -> bool:
