@@ -13,20 +13,27 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced"])
 def test_step_does_not_synchronise_under_cuda_sync_debug_mode(features):
-    model = TinyTransformer().cuda()
-    opt = MetaAdamW(model.named_parameters(), features=features, modulator_heads=1, gating=True)
-    batches = [tuple(t.cuda() for t in b) for b in lm_batches()]
-    lm_loss(model, batches[0]).backward()
-    opt.step()  # the first step builds its plan (host-side lists only)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for b in batches:
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    opt.meta_step(model, lm_loss, *batches)  # meta-updates may synchronise (they return floats)
-    assert torch.isfinite(opt.multipliers.alpha).all()
+    # from the very first step (which builds the layout and allocates the moments), and in the
+    # steps after a meta-update (which recompute the carried norms), also while a scheduler cycles
+    # the betas (the plan's constants are updated in place) and with multipliers refreshed every k steps
+    for refresh_every in (1, 3):
+        model = TinyTransformer().cuda()
+        opt = MetaAdamW(model.named_parameters(), features=features, modulator_heads=1, gating=True,
+                        refresh_every=refresh_every)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=100)
+        batches = [tuple(t.cuda() for t in b) for b in lm_batches()]
+        lm_loss(model, batches[0]).backward()
+        torch.cuda.synchronize()
+        for round_ in range(2):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(4):
+                    opt.step()
+                    sched.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert not opt.meta_step(model, lm_loss, *batches).skipped  # meta-updates may synchronise (floats)
+        assert torch.isfinite(opt.multipliers.alpha).all()
 
 
 def test_finite_difference_meta_gradient_replays_the_cuda_dropout_masks():
