@@ -353,6 +353,10 @@ def _loss(loss_fn: Callable[[nn.Module, Any], Tensor], model: nn.Module, batch: 
                 else f"a {type(loss).__name__}")
         raise ValueError(f"meta_step: loss_fn(model, batch) must return the scalar loss of the batch (a floating-point "
                          f"tensor of one element), got {what}: reduce it, e.g. with .mean()")
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise ValueError("meta_step: loss_fn(model, batch) returned a loss that does not require grad (computed under "
+                         "torch.no_grad(), or detached, or .item() wrapped back in a tensor?): the meta-update "
+                         "differentiates it with respect to the parameters")
     return loss.reshape(())
 
 

@@ -540,6 +540,13 @@ class MetaAdamW(torch.optim.Optimizer):
 
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
+        if not isinstance(model, nn.Module) or not callable(loss_fn):
+            raise TypeError(f"meta_step(model, loss_fn, batch1, batch2, val_batch) takes the torch.nn.Module being "
+                            f"trained and a function loss_fn(model, batch) -> scalar loss; got model="
+                            f"{type(model).__name__}, loss_fn={type(loss_fn).__name__}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("meta_step cannot run under torch.inference_mode(): it differentiates the model's "
+                               "losses. Call it outside (under torch.no_grad() it works: it enables gradients itself)")
         if self.objective.needs_val and val_batch is None:
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
@@ -589,6 +596,7 @@ class MetaAdamW(torch.optim.Optimizer):
         MetaAdamW): its moments, step counts and per-group hyperparameters; the modulator and the
         rest of the meta state stay as they are."""
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
+        self._check_moment_shapes(state_dict)
         extra = state_dict.pop("metaadamw", None)
         if extra is None:
             self._load_adamw_state_dict(state_dict)
@@ -612,6 +620,29 @@ class MetaAdamW(torch.optim.Optimizer):
         self._set_step_counts(list(extra["steps"]), extra["global_step"])
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
+
+    def _check_moment_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything is loaded, moments whose shapes are not those of the parameters
+        they would belong to (a checkpoint of another model; torch.optim checks only the group sizes)."""
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups) or any(
+                len(a.get("params", ())) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
+            return  # torch.optim's own check names this
+        states, bad, i = state_dict.get("state", {}), [], 0
+        for saved, group in zip(saved_groups, self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                st = states.get(index)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    t = st.get(key) if isinstance(st, dict) else None
+                    if isinstance(t, Tensor) and tuple(t.shape) != tuple(p.shape):
+                        name = self.tensor_info[i].name or f"tensor {i}"
+                        bad.append(f"{name}: {key} {tuple(t.shape)}, parameter {tuple(p.shape)}")
+                        break
+                i += 1
+        if bad:
+            raise ValueError("the checkpoint's moments do not fit this optimizer's parameters, and nothing was loaded: "
+                             + "; ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+                             + ". Load the checkpoint of this model, with its parameters in the same order.")
 
     def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("state", {})

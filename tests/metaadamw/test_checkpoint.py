@@ -123,6 +123,25 @@ def test_loading_a_checkpoint_of_another_layout_is_a_clear_error():
         opt.load_state_dict(amsgrad.state_dict())
 
 
+@pytest.mark.parametrize("source", ["MetaAdamW", "AdamW"])
+def test_moments_of_another_models_shapes_are_refused_before_anything_loads(source):
+    # same layout (4 tensors, same groups) but other widths: torch.optim checks only the group sizes
+    batches = regression_batches()
+    small, wide = mlp(0, widths=(6, 16, 1)), mlp(0, widths=(6, 32, 1))
+    saved = (MetaAdamW(small.named_parameters(), **KW) if source == "MetaAdamW"
+             else torch.optim.AdamW(small.parameters()))
+    _train(small, saved, batches, 2, meta_every=10**9, loss_fn=mse)
+    opt = MetaAdamW(wide.named_parameters(), **KW)
+    _train(wide, opt, batches, 1, meta_every=10**9, loss_fn=mse)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"moments do not fit .* 0\.weight: exp_avg \(16, 6\), parameter \(32, 6\); "
+                                         r"0\.bias: exp_avg \(16,\), parameter \(32,\); 2\.weight"):
+        opt.load_state_dict(saved.state_dict())
+    after = opt.state_dict()
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(before["state"].values(), after["state"].values()))
+    assert opt._steps == [1, 1, 1, 1]
+
+
 def test_an_adamw_checkpoint_switches_a_run_to_metaadamw_with_its_moments_and_step_counts():
     # with alpha_range = beta_range = 0 the switched run must continue exactly as AdamW would: the
     # bias corrections continue from AdamW's step counts (loading the moments "by hand" restarted them)

@@ -653,3 +653,28 @@ def test_a_model_that_caches_its_parameters_is_a_clear_error(meta_gradient):
     _step(model, opt, batches[0])
     with pytest.raises(ValueError, match="cached list or tuple"):
         opt.meta_step(model, mse, *batches[1:])
+
+
+def test_misused_meta_step_arguments_and_contexts_are_clear_errors():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(4)
+    _step(model, opt, batches[0])
+    snap, before = _snapshot(model), _meta_state(opt)
+    with pytest.raises(TypeError, match="takes the torch.nn.Module being trained .* got model=function"):
+        opt.meta_step(mse, model, *batches[1:])
+    with pytest.raises(ValueError, match="does not require grad .* torch.no_grad"):
+        opt.meta_step(model, lambda m, b: mse(m, b).detach(), *batches[1:])
+
+    def under_no_grad(m, b):
+        with torch.no_grad():
+            return mse(m, b)
+    with pytest.raises(ValueError, match="does not require grad"):
+        opt.meta_step(model, under_no_grad, *batches[1:])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="cannot run under torch.inference_mode"):
+        opt.meta_step(model, mse, *batches[1:])
+    _assert_same(model, snap)
+    assert not any(_changed(before, opt)) and opt.meta_updates == 0
+    with torch.no_grad():  # it enables gradients itself
+        assert not opt.meta_step(model, mse, *batches[1:]).skipped
+    assert all(_changed(before, opt)[:1])
