@@ -820,8 +820,9 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
     """AdamW's checks (a number, >= 0; betas in [0, 1)), with the value named; returns the values
     as Python floats (numpy scalars are accepted as AdamW accepts them)."""
     if isinstance(lr, Tensor):
+        example = f", e.g. lr={float(lr.detach().cpu())!r}" if lr.numel() == 1 else ""
         raise ValueError(f"{where}lr as a Tensor is not supported (nor is it by torch.optim.AdamW with foreach=True "
-                         f"and capturable=False): pass a float, e.g. lr={float(lr.detach().cpu())!r}")
+                         f"and capturable=False): pass a float{example}")
     _check(_real(lr) and lr >= 0, f"{where}Invalid learning rate: lr={lr!r} (must be a number >= 0)")
     _check(_real(eps) and eps >= 0, f"{where}Invalid epsilon value: eps={eps!r} (must be >= 0)")
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2,
