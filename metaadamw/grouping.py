@@ -11,7 +11,9 @@ Tensors with the same name form a group; groups are ordered by first appearance.
 * ``fine_grained`` - layer type (embedding / attention / feed_forward / norm / other) x depth
   bucket (shallow / middle / deep, from the layer index in the parameter name) x bias or not,
   e.g. ``"attention/middle/weight"``. Needs parameter names: pass ``model.named_parameters()``
-  or ``model=`` to the optimizer. When a model is given, the module type decides the layer type
+  or ``model=`` to the optimizer (then the model's full names are used, also where param groups
+  hold names relative to a submodule, which repeat and carry no layer index: a warning says so
+  when they are all there is). When a model is given, the module type decides the layer type
   (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` -> attention, normalisation layers ->
   norm, ``nn.Linear`` -> feed_forward); otherwise the name does.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 from torch import nn
 
@@ -133,6 +136,16 @@ def fine_grained(tensors: list[TensorInfo]) -> list[str]:
             f"model.named_parameters() instead of model.parameters(), or pass model=your_model, "
             f"or use grouping='original'"
         )
+    seen: dict[str, int] = {}
+    for t in tensors:
+        seen[t.name] = seen.get(t.name, 0) + 1
+    repeated = [f"{name!r} x{n}" for name, n in seen.items() if n > 1]
+    if repeated:
+        warnings.warn(
+            f"grouping='fine_grained': parameter names repeat ({', '.join(repeated[:3])}"
+            f"{', ...' if len(repeated) > 3 else ''}), as named_parameters() of submodules gives them: the depth "
+            f"buckets come from the layer index in the full name. Pass model=your_model for full names.",
+            stacklevel=3)
     tensors = assign_depths(tensors)
     return [
         f"{layer_type(t)}/{depth_bucket(t.depth)}/{'bias' if is_bias(t) else 'weight'}" for t in tensors

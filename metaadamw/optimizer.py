@@ -287,8 +287,10 @@ class MetaAdamW(torch.optim.Optimizer):
             names = group.get("param_names") or [None] * len(group["params"])
             for p, name in zip(group["params"], names):
                 known = by_id.get(id(p))
+                # the model's full dotted name where it has one: names in a param group may be
+                # relative to a submodule (a group of model.encoder.named_parameters())
                 infos.append(TensorInfo(
-                    index=i, param_group=gi, name=name or (known[0] if known else None), shape=tuple(p.shape),
+                    index=i, param_group=gi, name=known[0] if known else name, shape=tuple(p.shape),
                     module_type=known[1] if known else None,
                 ))
                 i += 1

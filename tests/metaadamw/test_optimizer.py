@@ -354,6 +354,22 @@ def test_fine_grained_grouping_without_names_says_how_to_fix():
     assert opt.group_names[0].startswith("feed_forward/")
 
 
+def test_fine_grained_names_relative_to_submodules_take_the_models_full_names_or_warn():
+    # model[0].named_parameters() names its tensors 'weight' and 'bias': no layer index, no depth
+    model = mlp(0, widths=(6, 16, 16, 16, 1))
+    groups = [{"params": list(model[i].named_parameters())} for i in (0, 2, 4, 6)]
+    with pytest.warns(UserWarning, match=r"parameter names repeat \('weight' x4, 'bias' x4\).* model=your_model"):
+        relative = MetaAdamW(groups, **small_kwargs())
+    assert relative.group_names == ["other/shallow/weight", "other/shallow/bias"]  # every layer in one bucket
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        full = MetaAdamW(groups, model=model, **small_kwargs())
+    assert [t.name for t in full.tensor_info] == [n for n, _ in model.named_parameters()]
+    assert full.group_names == ["feed_forward/shallow/weight", "feed_forward/shallow/bias",
+                                "feed_forward/middle/weight", "feed_forward/middle/bias",
+                                "feed_forward/deep/weight", "feed_forward/deep/bias"]
+
+
 def test_fine_grained_groups_of_a_transformer():
     model = TinyTransformer()
     opt = MetaAdamW(model.named_parameters(), **small_kwargs())
