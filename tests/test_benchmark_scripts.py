@@ -4,6 +4,7 @@ GPU for a few minutes finds it working."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -35,3 +36,25 @@ def test_cuda_step_script_measures_on_the_cpu(cuda_step):
     meta = cuda_step.bench_meta("mlp10", cpu, reps=1)
     assert meta["meta_explicit_ratio"] > 1 and meta["meta_batch1_none_ratio"] > 1
     assert cuda_step.check_syncs("mlp10", cpu) == "n/a (CPU)"
+
+
+def test_cuda_step_script_reports_a_failing_part_and_runs_the_others(cuda_step, monkeypatch, capsys):
+    # a GPU session has minutes: one part that fails must not lose the others' figures
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available\nsecond line")
+
+    monkeypatch.setattr(cuda_step, "bench_step", broken)
+    monkeypatch.setattr(cuda_step, "MODELS", ("mlp10",))
+    monkeypatch.setattr(cuda_step, "bench_encoder", lambda device, reps: {
+        "eager_us": 1.0, "eager_ops": 184, "fused_us": 0.5, "fused_ops": 10, "fused_equals_eager": True,
+        "fused_syncs": "none"})
+    monkeypatch.setattr(cuda_step, "bench_meta", lambda name, device, reps: {
+        "train_step_ms": 1.0, "meta_explicit_ms": 6.0, "meta_batch1_none_ms": 5.0, "meta_explicit_ratio": 6.0,
+        "meta_batch1_none_ratio": 5.0})
+    result = cuda_step.main(["--device", "cpu", "--quick"])
+    captured = capsys.readouterr()
+    assert result["step"]["mlp10"] == {"error": "RuntimeError: no kernel image is available"}
+    assert result["encoder"]["fused_ops"] == 10 and result["meta"]["mlp10"]["meta_explicit_ratio"] == 6.0
+    assert result["syncs"]["mlp10"] == "n/a (CPU)"
+    assert json.loads(captured.out.strip().splitlines()[-1]) == result  # the last line is the JSON
+    assert "mlp10     FAILED RuntimeError: no kernel image is available" in captured.err
