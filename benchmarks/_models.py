@@ -17,11 +17,15 @@
 ``make_workload(name, seed)`` returns ``(model, loss_fn, make_batch, source)`` where
 ``loss_fn(model, batch)`` is a scalar training loss and ``make_batch(generator)`` a fresh batch
 of the benchmark's size (MLP: 64 x 256; MiniGPT: 16 x 128 tokens; ResNet-18: 32 x 3 x 32 x 32).
+
+``make_meta_adamw(model)`` is the MetaAdamW every benchmark measures (its defaults), and
+``LR, WD`` the hyperparameters the AdamW baselines get.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -29,8 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.tasks.models_vision_ts import ResNet
+from metaadamw import MetaAdamW
 
 VOCAB, BLOCK, D_MODEL, N_LAYERS, N_HEADS = 10_000, 128, 128, 2, 4
+LR, WD = 5e-4, 1e-2  # MetaAdamW's defaults, given to AdamW too (the cost does not depend on them)
+
+
+def make_meta_adamw(model: nn.Module, **kwargs: Any) -> MetaAdamW:
+    """The default MetaAdamW of ``model`` (its padding warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return MetaAdamW(model.named_parameters(), model=model, **kwargs)
 
 
 class MLP(nn.Module):

@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -41,10 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _models  # noqa: E402
 
-from metaadamw import MetaAdamW  # noqa: E402
-
 MODELS = ("mlp10", "minigpt", "resnet18")
-LR, WD = 5e-4, 1e-2
 
 
 def log(msg: str) -> None:
@@ -72,12 +68,6 @@ def timed(fn: Callable[[], Any], device: torch.device, k: int) -> float:
     return (time.perf_counter() - t0) / k
 
 
-def make_meta(model: torch.nn.Module, **kwargs: Any) -> MetaAdamW:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return MetaAdamW(model.named_parameters(), model=model, **kwargs)
-
-
 class Workload:
     """A model on the device with fixed gradients from one real backward pass, and its batches."""
 
@@ -103,7 +93,7 @@ def check_syncs(name: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "n/a (CPU)"
     w = Workload(name, device)
-    opt = make_meta(w.model)
+    opt = _models.make_meta_adamw(w.model)
     sync(device)
     try:
         for _ in range(2):
@@ -155,10 +145,11 @@ def launches_per_step(step: Callable[[], Any], device: torch.device, steps: int 
 
 def bench_step(name: str, device: torch.device, rounds: int, block_s: float) -> dict[str, Any]:
     w = Workload(name, device)
-    opts: dict[str, torch.optim.Optimizer] = {"MetaAdamW": make_meta(w.model)}
-    opts["AdamW foreach"] = torch.optim.AdamW(w.twin().parameters(), lr=LR, weight_decay=WD, foreach=True)
+    opts: dict[str, torch.optim.Optimizer] = {"MetaAdamW": _models.make_meta_adamw(w.model)}
+    hyper = dict(lr=_models.LR, weight_decay=_models.WD)
+    opts["AdamW foreach"] = torch.optim.AdamW(w.twin().parameters(), foreach=True, **hyper)
     if device.type == "cuda":
-        opts["AdamW fused"] = torch.optim.AdamW(w.twin().parameters(), lr=LR, weight_decay=WD, fused=True)
+        opts["AdamW fused"] = torch.optim.AdamW(w.twin().parameters(), fused=True, **hyper)
     for opt in opts.values():
         for _ in range(3):
             opt.step()
@@ -185,7 +176,7 @@ def bench_step(name: str, device: torch.device, rounds: int, block_s: float) -> 
 
 def bench_encoder(device: torch.device, reps: int) -> dict[str, Any]:
     w = Workload("minigpt", device)
-    opt = make_meta(w.model)
+    opt = _models.make_meta_adamw(w.model)
     opt.step()
     mod = opt.modulator
     x = torch.randn(len(opt.group_names), mod.width, device=device)
@@ -238,10 +229,10 @@ def bench_encoder(device: torch.device, reps: int) -> dict[str, Any]:
 def bench_meta(name: str, device: torch.device, reps: int) -> dict[str, Any]:
     w = Workload(name, device)
     model, loss_fn, (b1, b2, val, batch) = w.model, w.loss_fn, w.batches
-    opt = make_meta(model)
+    opt = _models.make_meta_adamw(model)
     opt.step()
     twin = w.twin()
-    adamw = torch.optim.AdamW(twin.parameters(), lr=LR, weight_decay=WD, foreach=True)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=_models.LR, weight_decay=_models.WD, foreach=True)
 
     def train_step() -> None:
         adamw.zero_grad()

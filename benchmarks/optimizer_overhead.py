@@ -48,7 +48,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from typing import Any, Callable
 
 import torch
@@ -70,7 +69,6 @@ from metaadamw import functional as MF  # noqa: E402
 # MetaAdamW's per bucket) are page-faulted in again on some steps and not on others, depending
 # on the order of the calls, and the ratios swing by +-30 % (measured: MiniGPT 0.8x - 1.25x, by block size).
 MALLOC_TUNABLES = "glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432"
-LR, WD = 5e-4, 1e-2  # MetaAdamW's defaults, given to AdamW too (the cost does not depend on them)
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["cpu"]  # set by main()
 STEP_MODELS = ("mlp10", "minigpt", "resnet18")
@@ -152,14 +150,8 @@ def line_fit(x: list[float], y: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
-def make_meta_adamw(model: torch.nn.Module, **kwargs: Any) -> MetaAdamW:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return MetaAdamW(model.named_parameters(), model=model, **kwargs)
-
-
 def make_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, foreach=True)
+    return torch.optim.AdamW(model.parameters(), lr=_models.LR, weight_decay=_models.WD, foreach=True)
 
 
 def step_pair(name: str, **meta_kwargs: Any) -> tuple[MetaAdamW, torch.optim.AdamW, torch.nn.Module, str]:
@@ -171,7 +163,7 @@ def step_pair(name: str, **meta_kwargs: Any) -> tuple[MetaAdamW, torch.optim.Ada
     twin = copy.deepcopy(model)
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.detach().clone()
-    meta, ref = make_meta_adamw(model, **meta_kwargs), make_adamw(twin)
+    meta, ref = _models.make_meta_adamw(model, **meta_kwargs), make_adamw(twin)
     for _ in range(3):
         meta.step()
         ref.step()
@@ -249,7 +241,7 @@ class MetaSetup:
         self.b1, self.b2, self.val, self.batch = (make_batch(g) for _ in range(4))
         self.loss_fn = loss_fn
         self.model, self.twin = model, copy.deepcopy(model)
-        self.meta_opt, self.adamw = make_meta_adamw(self.model), make_adamw(self.twin)
+        self.meta_opt, self.adamw = _models.make_meta_adamw(self.model), make_adamw(self.twin)
         loss_fn(self.model, self.batch).backward()
         self.meta_opt.step()
         self.train_step()

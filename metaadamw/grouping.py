@@ -20,6 +20,7 @@ Tensors with the same name form a group; groups are ordered by first appearance.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import warnings
@@ -136,10 +137,7 @@ def fine_grained(tensors: list[TensorInfo]) -> list[str]:
             f"model.named_parameters() instead of model.parameters(), or pass model=your_model, "
             f"or use grouping='original'"
         )
-    seen: dict[str, int] = {}
-    for t in tensors:
-        seen[t.name] = seen.get(t.name, 0) + 1
-    repeated = [f"{name!r} x{n}" for name, n in seen.items() if n > 1]
+    repeated = [f"{name!r} x{n}" for name, n in collections.Counter(t.name for t in tensors).items() if n > 1]
     if repeated:
         warnings.warn(
             f"grouping='fine_grained': parameter names repeat ({', '.join(repeated[:3])}"

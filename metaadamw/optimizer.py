@@ -307,10 +307,11 @@ class MetaAdamW(torch.optim.Optimizer):
                 "MetaAdamW cannot add parameter groups after construction: the groups are the modulator's "
                 "tokens. Create the optimizer with every param group instead."
             )
+        # (during construction torch.optim hands every group over as a dict)
         where = f"param group {len(self.param_groups)}: "
         # AdamW honours its flags per group too: here they are refused in a group as in the arguments
         _check_adamw_flags(where, **{k: v for k, v in param_group.items() if k in _ADAMW_FLAGS})
-        if isinstance(param_group, dict) and any(k in param_group for k in ("lr", "betas", "eps", "weight_decay")):
+        if any(k in param_group for k in ("lr", "betas", "eps", "weight_decay")):
             # the group's own hyperparameters, checked as the arguments are (AdamW checks only the defaults)
             values = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
             lr, betas, eps, weight_decay = _check_adamw_args(**values, where=where)
