@@ -128,6 +128,13 @@ class FeatureExtractor(nn.Module):
         raise NotImplementedError
 
     # -- provided ---------------------------------------------------------------------------
+    def set_layout(self, layout: GroupLayout) -> None:
+        """Take a new layout: the optimizer's param groups grew after construction
+        (``add_param_group``). An extractor that derives state from the layout in ``__init__`` (a
+        buffer per group, a parameter per group) overrides this to rebuild it, or raises
+        ``ValueError`` saying why it cannot follow; nothing has changed in the optimizer then."""
+        self.layout = layout
+
     def _num_columns(self) -> int:
         n = self.__dict__.get("_n_columns")
         if n is None:
@@ -258,12 +265,28 @@ class Enhanced(FeatureExtractor):
         super().__init__(layout, time_step=time_step, second_moment=second_moment)
         self.embedding_dim = embedding_dim
         self.embedding = nn.Parameter(torch.randn(layout.num_groups, embedding_dim, dtype=torch.float32, device=layout.numel.device) * 0.1)
+        self.register_buffer("static", self._static(layout), persistent=False)
+
+    @staticmethod
+    def _static(layout: GroupLayout) -> Tensor:
+        """The columns that depend on the layout alone."""
         counts = layout.onehot @ layout.numel
-        self.register_buffer("static", torch.stack([
+        return torch.stack([
             torch.log1p(counts) / math.log(10.0),  # log10 parameter count
             layout.mean_matrix @ layout.is_bias,  # share of bias tensors
             layout.mean_matrix @ layout.depth,  # mean normalised depth
-        ], 1), persistent=False)
+        ], 1)
+
+    def set_layout(self, layout: GroupLayout) -> None:
+        """New tensors that join the existing groups: the static columns are recomputed. A change
+        of the groups themselves is refused: the embedding is learned per group."""
+        if layout.names != self.layout.names:
+            raise ValueError(
+                f"features='enhanced' learns an embedding per modulator group, and the added tensors change the groups "
+                f"from {self.layout.names} to {layout.names}: create the optimizer with every param group (frozen "
+                f"parameters have no gradient and are not updated), or use another feature extractor")
+        super().set_layout(layout)
+        self.static = self._static(layout).to(self.static.device)
 
     @property
     def embedding_width(self) -> int:

@@ -8,6 +8,7 @@ import functools
 import math
 import numbers
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -58,7 +59,8 @@ class MetaAdamW(torch.optim.Optimizer):
         time_step, second_moment: add the normalised time step / second-moment norm features.
         gating, gate_l1: learnable sigmoid feature gates and their L1 penalty weight.
         grouping: registered grouping strategy (``metaadamw.GROUPINGS``).
-        model: the model, for parameter names and module types when ``params`` has no names.
+        model: the model, for parameter names and module types when ``params`` has no names
+            (held by a weak reference, also to name the tensors of groups added later).
         modulator_layers, modulator_heads, modulator_ff: encoder depth, heads, feed-forward width.
         modulator_width: model width; None = feature width zero-padded to a multiple of the heads.
         modulator_dropout: dropout inside the encoder during meta-updates.
@@ -176,7 +178,7 @@ class MetaAdamW(torch.optim.Optimizer):
             warnings.warn(f"MetaAdamW: priorities={list(priorities)} are ignored: only weighting='huw_priority' uses "
                           f"them (weighting={weighting!r})", stacklevel=2)
         feature_cls = FEATURES.get(features)
-        grouping_fn = GROUPINGS.get(grouping)
+        GROUPINGS.get(grouping)  # (an unknown name is refused here, before anything is built)
         objective_obj = OBJECTIVES.create(objective)
         weighting_cls = WEIGHTINGS.get(weighting)
 
@@ -200,20 +202,10 @@ class MetaAdamW(torch.optim.Optimizer):
         self.total_steps = total_steps
 
         self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._check_params()
+        self._check_params(self._params)
         self.device = self._params[0].device
-        self.tensor_info = self._tensor_info(model)
-        group_of_tensor = grouping_fn(self.tensor_info)
-        self.group_names: list[str] = list(dict.fromkeys(group_of_tensor))
-        self._group_of = [self.group_names.index(n) for n in group_of_tensor]  # host copy: no reads in step()
-        self.layout = GroupLayout(
-            names=self.group_names,
-            tensor_group=torch.tensor(self._group_of, device=self.device),
-            numel=torch.tensor([float(p.numel()) for p in self._params], dtype=torch.float32, device=self.device),
-            is_bias=torch.tensor([float(is_bias(t)) for t in self.tensor_info], dtype=torch.float32, device=self.device),
-            depth=torch.tensor([t.depth for t in assign_depths(self.tensor_info)], dtype=torch.float32,
-                               device=self.device),
-        )
+        self._model_ref = None if model is None else weakref.ref(model)
+        self.tensor_info, self.group_names, self._group_of, self.layout = self._grouped(self._params, model)
         extractor = feature_cls(self.layout, time_step=time_step, second_moment=second_moment)
         self.modulator = Modulator(
             extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
@@ -267,13 +259,30 @@ class MetaAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------
     # construction helpers
 
-    def _check_params(self) -> None:
-        devices = {p.device for p in self._params}
+    def _check_params(self, params: list[Tensor]) -> None:
+        devices = {p.device for p in params}
         _check(len(devices) == 1, f"MetaAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
-        for p in self._params:
+        for p in params:
             _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
                                        "(torch.view_as_real) first")
             _check(p.is_floating_point(), f"MetaAdamW can only optimize floating-point tensors, got {p.dtype}")
+
+    def _grouped(self, params: list[Tensor], model: nn.Module | None
+                 ) -> tuple[list[TensorInfo], list[str], list[int], GroupLayout]:
+        """The tensors' infos, the group names (in order of first appearance), every tensor's group
+        index (a host copy: step() reads nothing back) and the layout the extractor reads."""
+        infos = self._tensor_info(model)
+        group_of_tensor = GROUPINGS.get(self.config["grouping"])(infos)
+        names = list(dict.fromkeys(group_of_tensor))
+        group_of = [names.index(n) for n in group_of_tensor]
+        layout = GroupLayout(
+            names=names,
+            tensor_group=torch.tensor(group_of, device=self.device),
+            numel=torch.tensor([float(p.numel()) for p in params], dtype=torch.float32, device=self.device),
+            is_bias=torch.tensor([float(is_bias(t)) for t in infos], dtype=torch.float32, device=self.device),
+            depth=torch.tensor([t.depth for t in assign_depths(infos)], dtype=torch.float32, device=self.device),
+        )
+        return infos, names, group_of, layout
 
     def _tensor_info(self, model: nn.Module | None) -> list[TensorInfo]:
         by_id: dict[int, tuple[str, type]] = {}
@@ -302,11 +311,16 @@ class MetaAdamW(torch.optim.Optimizer):
         return list(self.modulator.parameters()) + list(self.weighting.parameters())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "layout"):  # called by a user after construction
-            raise RuntimeError(
-                "MetaAdamW cannot add parameter groups after construction: the groups are the modulator's "
-                "tokens. Create the optimizer with every param group instead."
-            )
+        """As ``torch.optim.Optimizer.add_param_group`` (e.g. layers unfrozen while fine-tuning), also
+        after construction: the new tensors join the modulator's groups as the grouping strategy
+        places them (new groups are new tokens), start with zero moments and step count, and the
+        next ``step()`` recomputes the multipliers. Names for ``fine_grained`` come from the group
+        (``named_parameters()``) or from the ``model=`` given at construction. Refused, leaving the
+        optimizer as it was, when the extractor cannot follow a change of the groups (``enhanced``
+        learns an embedding per group). To resume from a checkpoint, add the same groups in the same
+        order before ``load_state_dict``, as with any torch optimizer."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         # (during construction torch.optim hands every group over as a dict)
         where = f"param group {len(self.param_groups)}: "
         # AdamW honours its flags per group too: here they are refused in a group as in the arguments
@@ -316,7 +330,34 @@ class MetaAdamW(torch.optim.Optimizer):
             values = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
             lr, betas, eps, weight_decay = _check_adamw_args(**values, where=where)
             param_group = {**param_group, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        if not hasattr(self, "layout"):  # during construction
+            super().add_param_group(param_group)
+            return
+        n_before = len(self._params)
         super().add_param_group(param_group)
+        try:
+            self._adopt_added_tensors(n_before)
+        except BaseException:
+            self.param_groups.pop()  # as it was
+            raise
+
+    def _adopt_added_tensors(self, n_before: int) -> None:
+        """Regroup with the tensors of the param group just added (after ``n_before`` others)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._check_params(params)
+        model = self._model_ref() if self._model_ref is not None else None
+        infos, names, group_of, layout = self._grouped(params, model)
+        self.modulator.extractor.set_layout(layout)  # the last check: it may refuse
+        self._params, self.tensor_info, self.group_names, self._group_of, self.layout = (
+            params, infos, names, group_of, layout)
+        added = len(params) - n_before
+        self._steps += [0] * added
+        zeros = torch.zeros(added, dtype=torch.float32, device=self.device)
+        # zero moments: the carried norms of the new tensors are exactly zero; so are their last statistics
+        self._carry = {k: torch.cat([v, zeros]) for k, v in self._carry.items()}
+        self._stats = {k: torch.cat([v, zeros]) for k, v in self._stats.items()}
+        self._multipliers = None  # the groups may have changed: the next step recomputes them
+        self._plan = None
 
     # ------------------------------------------------------------------------------------------
     # the step
@@ -606,7 +647,8 @@ class MetaAdamW(torch.optim.Optimizer):
             return
         if extra["group_names"] != self.group_names:
             raise ValueError(f"the checkpoint's modulator groups {extra['group_names']} differ from this "
-                             f"optimizer's {self.group_names}: same model, same param groups and same grouping needed")
+                             f"optimizer's {self.group_names}: same model, same param groups (also those added with add_param_group, "
+                             f"in the same order) and same grouping needed")
         self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
         super().load_state_dict(state_dict)
         for p in self._params:
@@ -727,8 +769,9 @@ class MetaAdamW(torch.optim.Optimizer):
     # copying and pickling
 
     #: what torch.optim.Optimizer leaves out of its pickled state (hooks are not state; the plan
-    #: is a cache of views into the state and is rebuilt by the next step)
-    _NOT_PICKLED = ("_plan", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    #: is a cache of views into the state and is rebuilt by the next step; a copy has no model:
+    #: groups added to it later need names of their own)
+    _NOT_PICKLED = ("_plan", "_model_ref", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
@@ -741,6 +784,7 @@ class MetaAdamW(torch.optim.Optimizer):
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
         self._plan = None
+        self._model_ref = None
 
     def __repr__(self) -> str:
         groups = ", ".join(self.group_names[:6]) + (", ..." if len(self.group_names) > 6 else "")

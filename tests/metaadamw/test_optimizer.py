@@ -409,11 +409,145 @@ def test_input_width_follows_from_the_extractor(features, second_moment, time_st
     assert opt.modulator.in_width == width == len(opt.modulator.extractor.feature_names)
 
 
-def test_add_param_group_after_construction_is_refused():
+def _unfreeze_later(model, grouping, named):
+    """Param groups as gradual unfreezing makes them: the last layer first, the rest added later."""
+    first = list(model.named_parameters())[-2:] if named else list(model.parameters())[-2:]
+    rest = list(model.named_parameters())[:-2] if named else list(model.parameters())[:-2]
+    return first, {"params": rest, "lr": 3e-3, "weight_decay": 0.2}
+
+
+@pytest.mark.parametrize("grouping, named", [("original", False), ("fine_grained", True)])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_param_groups_added_after_construction_match_adamw_doing_the_same(grouping, named, foreach):
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    first, rest = _unfreeze_later(ref_model, grouping, named)
+    ref = torch.optim.AdamW(first, lr=1e-2, weight_decay=0.05, foreach=True)
+    first, added = _unfreeze_later(model, grouping, named)
+    opt = MetaAdamW(first, lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0, foreach=foreach,
+                    **small_kwargs(grouping=grouping))
+    _train(ref_model, ref, batches, 3)
+    _train(model, opt, batches, 3)
+    ref.add_param_group(rest)
+    opt.add_param_group(added)
+    # the groups are those of an optimizer made with both param groups at once
+    assert opt.group_names == MetaAdamW([{"params": first}, added], **small_kwargs(grouping=grouping)).group_names
+    assert len(opt.group_names) == (2 if grouping == "original" else 6)
+    _train(ref_model, ref, batches, 6)
+    _train(model, opt, batches, 6)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+    assert opt._steps == [9, 9] + [6] * 4  # (optimizer order) the added tensors count their own steps, as in AdamW
+
+
+def test_added_param_groups_join_the_modulator_the_meta_update_and_checkpoints():
+    batches = regression_batches()
+
+    def build(model):
+        first, added = _unfreeze_later(model, "fine_grained", named=False)
+        opt = MetaAdamW(first, model=model, **small_kwargs())  # names from model=, also for the added group
+        return opt, added
+
     model = mlp(0)
-    opt = MetaAdamW(list(model.named_parameters())[:2], **small_kwargs())
-    with pytest.raises(RuntimeError, match="modulator's tokens"):
-        opt.add_param_group({"params": list(model.parameters())[2:]})
+    opt, added = build(model)
+    _train(model, opt, batches, 2)
+    # fine_grained's depth buckets are relative to the optimizer's tensors: the one layer is "middle"
+    # alone and "deep" once the layers before it join
+    assert opt.group_names == ["feed_forward/middle/weight", "feed_forward/middle/bias"]
+    opt.add_param_group(added)
+    assert opt.group_names == ["feed_forward/deep/weight", "feed_forward/deep/bias", "feed_forward/shallow/weight",
+                               "feed_forward/shallow/bias", "feed_forward/middle/weight", "feed_forward/middle/bias"]
+    _train(model, opt, batches, 2)
+    assert opt.multipliers.alpha.shape == (6,)
+    record = opt.meta_step(model, mse, batches[0], batches[1], batches[2])
+    assert not record.skipped and len(record.alpha) == 6 and record.groups == opt.group_names
+    opt.zero_grad()
+    mse(model, batches[3]).backward()
+    record = opt.meta_step(model, mse, None, batches[1], batches[2])  # g from .grad, all six groups
+    assert not record.skipped and len(record.alpha) == 6
+    opt.step()
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+
+    twin = mlp(1)
+    twin.load_state_dict(saved_model)
+    twin_opt, twin_added = build(twin)
+    with pytest.raises(ValueError, match="also those added with add_param_group"):  # resuming needs the same groups
+        twin_opt.load_state_dict(saved)
+    twin_opt.add_param_group(twin_added)
+    twin_opt.load_state_dict(saved)
+    _train(model, opt, batches, 3)
+    _train(twin, twin_opt, batches, 3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("features", ["basic", "enhanced"])
+def test_added_tensors_that_join_existing_groups_keep_the_groups_and_refresh_the_multipliers(features):
+    model = mlp(0, widths=(6, 16, 16, 16, 1))  # layers 0, 2, 4 (shallow, middle, deep), then 6 (deep too)
+    named = list(model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (enhanced's padding)
+        opt = MetaAdamW(named[:6], model=model, refresh_every=100, features=features, **small_kwargs(modulator_heads=1))
+    _train(model, opt, regression_batches(), 2)
+    before = list(opt.group_names)
+    stale = opt.multipliers.alpha.clone()
+    opt.add_param_group({"params": named[6:]})
+    assert opt.group_names == before and opt._group_of == [0, 1, 2, 3, 4, 5, 4, 5]
+    assert opt.multipliers is None  # the next step recomputes them with the new tensors, whatever refresh_every
+    if features == "enhanced":  # its static columns follow: log10 of the element count of "deep/weight"
+        assert opt.modulator.extractor.static[4, 0].item() == pytest.approx(math.log10(1 + 16 * 16 + 16))
+    opt.zero_grad()
+    mse(model, regression_batches()[0]).backward()
+    for _, p in named[6:]:
+        p.grad = None  # a step in which the added tensors have no gradient yet: the others' statistics
+    opt.step()
+    assert opt._steps == [3] * 6 + [0] * 2 and "exp_avg" not in opt.state[named[6][1]]
+    assert opt.multipliers.alpha.shape == (6,) and not torch.equal(opt.multipliers.alpha, stale)
+    _train(model, opt, regression_batches(), 1)
+    assert opt._steps == [4] * 6 + [1] * 2
+
+
+def test_a_param_group_that_cannot_be_added_leaves_the_optimizer_as_it_was():
+    batches = regression_batches()
+    model = mlp(0)
+    named = list(model.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = MetaAdamW(named[:2], features="enhanced", model=model, **small_kwargs(modulator_heads=1))
+    _train(model, opt, batches, 2)
+    snapshot = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="learns an embedding per modulator group"):
+        opt.add_param_group({"params": named[2:4]})  # a new group: the embedding has no row for it
+    with pytest.raises(ValueError, match="one device"):
+        opt.add_param_group({"params": [("extra", nn.Parameter(torch.zeros(3, device="meta")))]})
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [("extra", nn.Parameter(torch.zeros(3, dtype=torch.complex64)))]})
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": named[2:4], "lr": -1.0})
+    assert len(opt.param_groups) == 1 and len(opt._params) == 2 and len(opt.group_names) == 2
+    after = opt.state_dict()
+    assert after["param_groups"] == snapshot["param_groups"] and after["metaadamw"]["steps"] == [2, 2]
+    assert after["metaadamw"]["group_names"] == snapshot["metaadamw"]["group_names"]
+    torch.testing.assert_close(after["state"], snapshot["state"])
+    torch.testing.assert_close(after["metaadamw"]["modulator"], snapshot["metaadamw"]["modulator"])
+    _train(model, opt, batches, 1)  # and it still steps
+    plain = MetaAdamW(list(model.parameters())[:2], grouping="fine_grained", model=model, **small_kwargs())
+    del model  # the weak reference to the model is gone: the added tensors have no names
+    with pytest.raises(ValueError, match="needs parameter names"):
+        plain.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    assert len(plain.param_groups) == 1
+
+
+def test_a_copy_of_the_optimizer_holds_no_model_and_takes_named_groups():
+    model = mlp(0)
+    opt = MetaAdamW(list(model.parameters())[:2], model=model, **small_kwargs())
+    copied = copy.deepcopy(opt)
+    with pytest.raises(ValueError, match="needs parameter names"):
+        copied.add_param_group({"params": list(model.parameters())[2:4]})
+    named = MetaAdamW(list(model.named_parameters())[:2], **small_kwargs())
+    named = copy.deepcopy(named)
+    named.add_param_group({"params": list(model.named_parameters())[2:4]})
+    assert named.group_names == ["other/shallow/weight", "other/shallow/bias", "other/deep/weight", "other/deep/bias"]
 
 
 def test_works_as_drop_in_with_closure_and_lr_scheduler():
