@@ -640,6 +640,9 @@ class MetaAdamW(torch.optim.Optimizer):
         MetaAdamW): its moments, step counts and per-group hyperparameters; the modulator and the
         rest of the meta state stay as they are."""
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
+        _check_state_keys(state_dict, "")
+        if isinstance(state_dict.get("metaadamw"), dict) and isinstance(state_dict["metaadamw"].get("meta_optimizer"), dict):
+            _check_state_keys(state_dict["metaadamw"]["meta_optimizer"], "the meta-optimizer's ")
         self._check_moment_shapes(state_dict)
         extra = state_dict.pop("metaadamw", None)
         if extra is None:
@@ -695,6 +698,13 @@ class MetaAdamW(torch.optim.Optimizer):
                 isinstance(st, dict) and {"exp_avg", "exp_avg_sq", "step"} <= set(st) for st in states.values()):
             raise ValueError("this state dict was saved neither by MetaAdamW (no 'metaadamw' entry) nor by "
                              "torch.optim.AdamW (every parameter's state needs exp_avg, exp_avg_sq and step)")
+        if not all(isinstance(g, dict) and "amsgrad" in g for g in state_dict["param_groups"]):
+            raise ValueError(
+                "this state dict has AdamW moments but neither MetaAdamW's meta state (no 'metaadamw' entry: the "
+                "modulator, its optimizer, the weighting) nor torch.optim.AdamW's param-group flags: it looks like a "
+                "MetaAdamW state dict that lost its meta state, as torch.distributed.checkpoint's "
+                "get_optimizer_state_dict() does (it keeps only 'state' and 'param_groups'). Nothing was loaded. Save "
+                "and load optimizer.state_dict() itself, with torch.save and torch.load")
         unsupported = sorted({k for g in state_dict["param_groups"] for k in ("amsgrad", "maximize") if g.get(k)})
         if unsupported:
             raise ValueError(f"this AdamW checkpoint uses {', '.join(unsupported)}, which MetaAdamW does not support")
@@ -818,6 +828,25 @@ class _Plan:
     cos_noise: Tensor  # per tensor, F.cos_noise
     numel: Tensor  # per tensor, element counts
     fresh: bool = True  # not used by a step yet
+
+
+def _check_state_keys(state_dict: dict[str, Any], what: str) -> None:
+    """Refuse per-parameter entries keyed by anything but the parameter indices of the saved
+    param_groups (torch.optim would keep them as junk and silently start those parameters'
+    state afresh): e.g. the string keys that torch.distributed.checkpoint.load leaves for the
+    non-tensor values of an integer-keyed dict."""
+    state, groups = state_dict.get("state"), state_dict.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return  # torch.optim's own checks name a malformed state dict
+    known = {i for g in groups if isinstance(g, dict) for i in g.get("params", ())}
+    bad = [k for k in state if k not in known]
+    if bad:
+        raise ValueError(
+            f"{what}state dict has per-parameter entries under {bad[:5]!r}{' ...' if len(bad) > 5 else ''}, which "
+            f"are not the parameters of its param_groups, and nothing was loaded. Was it loaded through "
+            f"torch.distributed.checkpoint.load? That turns the integer keys of non-tensor values into strings (and "
+            f"writes tensors in place, into the live moments that state_dict() returns). Save and load "
+            f"optimizer.state_dict() with torch.save and torch.load")
 
 
 def _is_int(v: Any) -> bool:

@@ -223,3 +223,54 @@ def test_state_dict_returns_the_live_moments_and_leaves_the_live_state_alone():
     assert all("step" not in st for st in opt.state.values())
     _train(model, opt, regression_batches(3), 1, start=3, loss_fn=mse)
     assert opt.state_dict()["state"][0]["step"] == 4 and sd["state"][0]["step"] == 3
+
+
+def test_state_dicts_that_lost_meta_state_in_torch_distributed_checkpoint_are_refused_loading_nothing(tmp_path):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    batches = lm_batches()
+
+    def make():
+        torch.manual_seed(0)
+        model = TinyTransformer()
+        return model, MetaAdamW(model.named_parameters(), **KW)
+
+    model, opt = make()
+    _train(model, opt, batches, 4)
+    other_model, other = make()
+    _train(other_model, other, batches, 1)
+    before = copy.deepcopy(other.state_dict())
+
+    def unchanged(moments=True):
+        after = other.state_dict()
+        assert all(isinstance(k, torch.Tensor) for k in other.state)
+        if moments:
+            torch.testing.assert_close(after["state"], before["state"])
+        torch.testing.assert_close(after["metaadamw"]["modulator"], before["metaadamw"]["modulator"])
+        assert after["metaadamw"]["steps"] == before["metaadamw"]["steps"]
+
+    # get_optimizer_state_dict keeps only "state" and "param_groups": loading it would silently
+    # start a fresh modulator with the saved moments
+    lost = get_optimizer_state_dict(model, opt)
+    assert "metaadamw" not in lost
+    with pytest.raises(ValueError, match="lost its meta state.*get_optimizer_state_dict"):
+        set_optimizer_state_dict(other_model, other, lost)
+    unchanged()
+    junk = copy.deepcopy(opt.state_dict())
+    junk["metaadamw"]["meta_optimizer"]["state"]["0"] = junk["metaadamw"]["meta_optimizer"]["state"].pop(0)
+    with pytest.raises(ValueError, match="the meta-optimizer's state dict has per-parameter entries under"):
+        other.load_state_dict(junk)
+    unchanged()
+    # dcp.save / dcp.load of state_dict() itself: the load leaves string-keyed copies of the integer
+    # keys of non-tensor values (step counts) and of entries the target lacks (the meta-optimizer's
+    # moments before its first meta-update), which torch.optim would keep as junk (and it has
+    # already written the moments into the live tensors that state_dict() returned)
+    dcp.save({"optim": opt.state_dict()}, checkpoint_id=str(tmp_path))
+    state = {"optim": other.state_dict()}
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match="not the parameters of its param_groups.*torch.save"):
+        other.load_state_dict(state["optim"])
+    unchanged(moments=False)
+    moments = [(st["exp_avg"], st["exp_avg_sq"]) for st in other.state_dict()["state"].values()]
+    torch.testing.assert_close(moments, [(st["exp_avg"], st["exp_avg_sq"]) for st in opt.state_dict()["state"].values()])
