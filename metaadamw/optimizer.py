@@ -641,8 +641,10 @@ class MetaAdamW(torch.optim.Optimizer):
         rest of the meta state stay as they are."""
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
         _check_state_keys(state_dict, "")
-        if isinstance(state_dict.get("metaadamw"), dict) and isinstance(state_dict["metaadamw"].get("meta_optimizer"), dict):
-            _check_state_keys(state_dict["metaadamw"]["meta_optimizer"], "the meta-optimizer's ")
+        saved_meta = state_dict.get("metaadamw")
+        meta_opt_state = saved_meta.get("meta_optimizer") if isinstance(saved_meta, dict) else None
+        if isinstance(meta_opt_state, dict):
+            _check_state_keys(meta_opt_state, "the meta-optimizer's ")
         self._check_moment_shapes(state_dict)
         extra = state_dict.pop("metaadamw", None)
         if extra is None:
@@ -650,8 +652,8 @@ class MetaAdamW(torch.optim.Optimizer):
             return
         if extra["group_names"] != self.group_names:
             raise ValueError(f"the checkpoint's modulator groups {extra['group_names']} differ from this "
-                             f"optimizer's {self.group_names}: same model, same param groups (also those added with add_param_group, "
-                             f"in the same order) and same grouping needed")
+                             f"optimizer's {self.group_names}: same model, same param groups (also those added "
+                             f"with add_param_group, in the same order) and same grouping needed")
         self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
         super().load_state_dict(state_dict)
         for p in self._params:
