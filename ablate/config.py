@@ -19,11 +19,13 @@ trial runner, the optimizer builder and the results tables all read :data:`COMMO
 
 from __future__ import annotations
 
+import difflib
+
 import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 
 class ConfigError(ValueError):
@@ -194,7 +196,9 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
         raise ConfigError(f"{where}: {key} must be {_type_name(field.type)}, got {value!r} ({field.doc})")
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
-        raise ConfigError(f"{where}: {key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
+        raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "
+                          f"{', '.join(map(str, allowed))}")
     if field.check is not None and not field.check(value):
         raise ConfigError(f"{where}: {key}={value!r} must be {field.check_doc} ({field.doc})")
 
@@ -216,8 +220,9 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config") -> di
     unknown = sorted(set(config) - known)
     if unknown:
         task_keys = sorted(k for k in known if k not in COMMON_FIELDS)
+        named = ", ".join(f"{k!r}{did_you_mean(k, sorted(known))}" for k in unknown)
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}. Common keys: {', '.join(COMMON_FIELDS)}; "
+            f"{where}: unknown key(s) {named}. Common keys: {', '.join(COMMON_FIELDS)}; "
             f"keys of task {config['task']!r}: {', '.join(task_keys) or '(none)'}"
         )
     resolved.update(config)
@@ -287,3 +292,9 @@ def describe_fields() -> str:
         extra = f" (one of: {', '.join(map(str, allowed))})" if allowed else ""
         rows.append(f"{f.name:<18} {json.dumps(f.default):<18} {f.doc}{extra}")
     return "\n".join(rows)
+
+
+def did_you_mean(key: Any, options: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the option closest to a misspelt ``key``, or ``""``."""
+    close = difflib.get_close_matches(str(key), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

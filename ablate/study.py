@@ -25,7 +25,6 @@ the field path (``quick.yaml: ablations.features[1]``), the bad value and the fi
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import math
@@ -39,6 +38,7 @@ from typing import Any, Iterable
 import yaml
 
 from ablate.config import (
+    did_you_mean,
     COMMON_FIELDS,
     METAADAMW_KEYS,
     ConfigError,
@@ -383,7 +383,7 @@ def _check_keys(ctx: _Context, mapping: dict, allowed: dict[str, str], path: str
     """Unknown keys (with a did-you-mean hint) and missing required keys are errors."""
     for key in mapping:
         if key not in allowed:
-            raise ctx.error(_join(path, key), f"unknown key{_did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
+            raise ctx.error(_join(path, key), f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
     for key in required:
         if mapping.get(key) is None:
             raise ctx.error(_join(path, key), f"is required: {allowed[key]}")
@@ -571,7 +571,7 @@ def _parse_levels(ctx: _Context, axis: str, levels: Any, path: str) -> list[tupl
     if axis not in COMMON_FIELDS and not any(axis in task_fields(t) for t in ctx.tasks):
         raise ctx.error(
             path,
-            f"{axis!r} is not a config key{_did_you_mean(axis, _known_keys(ctx.tasks))}, so its levels must be named: "
+            f"{axis!r} is not a config key{did_you_mean(axis, _known_keys(ctx.tasks))}, so its levels must be named: "
             f"{axis}: {{level_name: {{key: value, ...}}, ...}}",
         )
     labelled = []
@@ -660,7 +660,7 @@ def _check_task_key(ctx: _Context, key: str, path: str, tasks: list[str]) -> Non
         task_keys = "; ".join(f"keys of task {t}: {', '.join(sorted(task_fields(t))) or '(none)'}" for t in tasks)
         raise ctx.error(
             path,
-            f"unknown config key {key!r}{_did_you_mean(key, _known_keys(tasks))}. Common keys: "
+            f"unknown config key {key!r}{did_you_mean(key, _known_keys(tasks))}. Common keys: "
             f"{', '.join(k for k in COMMON_FIELDS if k not in _RESERVED)}; {task_keys}",
         )
     if len(owners) < len(tasks):
@@ -892,11 +892,6 @@ def _label(value: Any) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def _did_you_mean(key: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -79,6 +79,7 @@ import optuna
 import yaml
 
 from ablate.config import (
+    did_you_mean,
     ALTERNATIVE_KEYS,
     COMMON_FIELDS,
     METAADAMW_KEYS,
@@ -240,14 +241,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_keys(source: str, mapping: dict, allowed: Mapping[str, str], path: str) -> None:
-    import difflib
-
     for key in mapping:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _err(source, f"{path}.{key}" if path else str(key),
-                       f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+                       f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
 
 
 def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSettings:
@@ -311,7 +308,8 @@ def _int_at_least(source: str, path: str, value: Any, minimum: int) -> int:
 def _choice(source: str, path: str, value: Any, allowed: Iterable[str]) -> str:
     allowed = list(allowed)
     if value not in allowed:
-        raise _err(source, path, f"{value!r:.80} is not allowed; choose one of: {', '.join(allowed)}")
+        hint = did_you_mean(value, allowed) if isinstance(value, str) else ""
+        raise _err(source, path, f"{value!r:.80} is not allowed{hint}; choose one of: {', '.join(allowed)}")
     return value
 
 
@@ -356,11 +354,8 @@ def _parse_params(source: str, params: Any) -> dict[str, Range]:
         if key == "priorities" or key in PRIORITY_PARAMS:
             raise _err(source, f"params.{key}", "the priorities are searched by tune.priorities: {low, high, log}")
         if key not in TUNABLE_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(str(key), TUNABLE_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _err(source, f"params.{key}", f"is not a numeric config key that can be searched{hint}; "
+            raise _err(source, f"params.{key}", f"is not a numeric config key that can be searched"
+                       f"{did_you_mean(key, TUNABLE_KEYS)}; "
                        f"choose from: {', '.join(TUNABLE_KEYS)}")
         out[key] = _parse_range(source, f"params.{key}", spec, COMMON_FIELDS[key].type, key=key)
     return out

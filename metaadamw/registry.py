@@ -28,6 +28,7 @@ the package installed finds the components without any import in user code.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib.metadata
 import types
@@ -98,7 +99,10 @@ class Registry:
             return self._items[name]
         except (KeyError, TypeError):
             pass
-        close = [n for n in self._items if isinstance(name, str) and (name.lower() in n or n in name.lower())]
+        close = []
+        if isinstance(name, str):  # the closest spellings ("fine_graned"), then names containing or contained in it
+            close = difflib.get_close_matches(name.lower(), list(self._items), n=2)
+            close += [n for n in self._items if (name.lower() in n or n in name.lower()) and n not in close]
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownComponentError(
             f"unknown {self.kind} {name!r}. Registered: {', '.join(self.list()) or '(none)'}.{hint} "

@@ -37,6 +37,8 @@ def test_registry_is_a_dict_behind_a_decorator():
     assert isinstance(err.value, UnknownComponentError)
     assert "unknown widget 'c_three'. Registered: a_one, b_two" in str(err.value)
     assert "@WIDGETS.register(\"c_three\")" in str(err.value)
+    with pytest.raises(KeyError, match="Did you mean 'b_two'"):  # a misspelling
+        reg.get("b_tow")
 
 
 def test_list_helpers_and_builtin_names():
