@@ -193,7 +193,9 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
             return
         raise ConfigError(f"{where}: {key} must not be null ({field.doc})")
     if not _type_ok(field.type, value):
-        raise ConfigError(f"{where}: {key} must be {_type_name(field.type)}, got {value!r} ({field.doc})")
+        hint = (f" (write it as [{value}])" if field.type is list and isinstance(value, str) and "," in value
+                and not value.lstrip().startswith("[") else "")
+        raise ConfigError(f"{where}: {key} must be {_type_name(field.type)}, got {value!r}{hint} ({field.doc})")
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""

@@ -59,6 +59,7 @@ def test_equal_numbers_give_equal_ids_and_adamw_ignores_metaadamw_keys():
     ({"task": "etth1", "beta2": 1.0}, "beta2=1.0 must be in [0, 1)"),
     ({"task": "etth1", "features": "fancy"}, "features='fancy' is not allowed; choose one of: basic, basic_plus"),
     ({"task": "etth1", "priorities": [1, 2]}, "a list of three non-negative numbers"),
+    ({"task": "etth1", "priorities": "1,2,3"}, "priorities must be a list, got '1,2,3' (write it as [1,2,3])"),
     ({"task": "etth1", "modulator_width": 7, "modulator_heads": 2}, "not a multiple of modulator_heads=2"),
     ({"task": "etth1", "data_dir": "/x"}, "data_dir is given but data='embedded'"),
     ({"task": "etth1", "d_model": "big"}, "d_model must be like"),
