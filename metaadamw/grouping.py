@@ -15,7 +15,12 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   hold names relative to a submodule, which repeat and carry no layer index: a warning says so
   when they are all there is). When a model is given, the module type decides the layer type
   (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` -> attention, normalisation layers ->
-  norm, ``nn.Linear`` -> feed_forward); otherwise the name does.
+  norm, ``nn.Linear`` -> feed_forward); otherwise the name does. The depth is the layer index over
+  the largest index, and a tensor without an index is shallow before the first indexed one
+  (embeddings) and deep after it (final norms, heads): over the whole model's parameters in
+  registration order when a model is given, so that neither the param groups' order (decay /
+  no-decay groups) nor the subset the optimizer holds (layers unfrozen later) moves a tensor to
+  another bucket; else over the optimizer's tensors in its order.
 """
 
 from __future__ import annotations
@@ -96,7 +101,11 @@ def layer_index(name: str | None) -> int | None:
 def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
     """Fill ``depth`` in [0, 1]: the layer index over the largest index; tensors without an
     index are shallow when they come before every indexed tensor (embeddings), deep otherwise
-    (final norms, output heads)."""
+    (final norms, output heads). The order and the index range are those of ``tensors``. When
+    every tensor has a depth already (the optimizer fills them from the whole model when it is
+    given one: see :func:`model_depths`), they are kept."""
+    if tensors and all(t.depth is not None for t in tensors):
+        return list(tensors)
     indices = [layer_index(t.name) for t in tensors]
     known = [i for i in indices if i is not None]
     first_indexed = next((k for k, i in enumerate(indices) if i is not None), len(indices))
@@ -109,6 +118,17 @@ def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
             depth = (i - lo) / (hi - lo) if hi > lo else 0.5
         out.append(dataclasses.replace(t, depth=depth))
     return out
+
+
+def model_depths(model: nn.Module) -> dict[int, float]:
+    """``id(parameter) -> depth`` over all of ``model``'s parameters in registration order, by the
+    rule of :func:`assign_depths`: a tensor's depth then does not depend on which of the model's
+    parameters an optimizer holds, nor on the order of its param groups (decay / no-decay groups
+    put the final norm before the first layer; an optimizer of the head alone, whose layers are
+    added later, has no layer indices at first)."""
+    named = list(model.named_parameters())
+    infos = [TensorInfo(index=k, param_group=0, name=name, shape=tuple(p.shape)) for k, (name, p) in enumerate(named)]
+    return {id(p): t.depth for (_, p), t in zip(named, assign_depths(infos))}
 
 
 def depth_bucket(depth: float) -> str:

@@ -18,7 +18,7 @@ from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
-from metaadamw.grouping import TensorInfo, assign_depths, is_bias, layer_type
+from metaadamw.grouping import TensorInfo, assign_depths, is_bias, layer_type, model_depths
 from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.weighting import FORMS
@@ -286,11 +286,14 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def _tensor_info(self, model: nn.Module | None) -> list[TensorInfo]:
         by_id: dict[int, tuple[str, type]] = {}
+        depths: dict[int, float] = {}
         if model is not None:
             for mod_name, module in model.named_modules(remove_duplicate=False):
                 for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
                     full = f"{mod_name}.{pname}" if mod_name else pname
                     by_id.setdefault(id(p), (full, type(module)))
+            depths = model_depths(model)
+        in_model = all(id(p) in depths for g in self.param_groups for p in g["params"])
         infos, i = [], 0
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])
@@ -301,6 +304,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 infos.append(TensorInfo(
                     index=i, param_group=gi, name=known[0] if known else name, shape=tuple(p.shape),
                     module_type=known[1] if known else None,
+                    depth=depths[id(p)] if in_model else None,  # else: relative to the optimizer's tensors
                 ))
                 i += 1
         return infos
@@ -315,7 +319,8 @@ class MetaAdamW(torch.optim.Optimizer):
         after construction: the new tensors join the modulator's groups as the grouping strategy
         places them (new groups are new tokens), start with zero moments and step count, and the
         next ``step()`` recomputes the multipliers. Names for ``fine_grained`` come from the group
-        (``named_parameters()``) or from the ``model=`` given at construction. Refused, leaving the
+        (``named_parameters()``) or from the ``model=`` given at construction (with which the depth
+        buckets are the whole model's: existing tensors keep their groups). Refused, leaving the
         optimizer as it was, when the extractor cannot follow a change of the groups (``enhanced``
         learns an embedding per group). To resume from a checkpoint, add the same groups in the same
         order before ``load_state_dict``, as with any torch optimizer."""

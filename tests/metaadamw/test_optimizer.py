@@ -370,6 +370,27 @@ def test_fine_grained_names_relative_to_submodules_take_the_models_full_names_or
                                 "feed_forward/deep/weight", "feed_forward/deep/bias"]
 
 
+def test_fine_grained_depths_with_a_model_do_not_depend_on_the_param_groups():
+    model = TinyTransformer(layers=3)
+    named = list(model.named_parameters())
+    whole = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    expected = {n: whole.group_names[g] for (n, _), g in zip(named, whole._group_of)}
+    assert expected["embedding.weight"] == "embedding/shallow/weight" and expected["norm.weight"] == "norm/deep/weight"
+    no_decay = [p for _, p in named if p.ndim < 2]  # the final norm before the first layer
+    decay = [p for _, p in named if p.ndim >= 2][::-1]  # the embedding last
+    split = MetaAdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay}], model=model, **small_kwargs())
+    got = {info.name: split.group_names[g] for info, g in zip(split.tensor_info, split._group_of)}
+    assert got == expected
+    top = MetaAdamW([p for n, p in named if n.startswith(("encoder.layers.2", "norm", "head"))], model=model,
+                    **small_kwargs())  # the top of the model alone: deep, as in the whole model
+    assert {info.name: top.group_names[g] for info, g in zip(top.tensor_info, top._group_of)} == {
+        n: v for n, v in expected.items() if n.startswith(("encoder.layers.2", "norm", "head"))}
+    # without the model, depths are relative to the optimizer's tensors, in its order
+    relative = MetaAdamW([{"params": [(n, p) for n, p in named if p.ndim < 2]},
+                          {"params": [(n, p) for n, p in named if p.ndim >= 2][::-1]}], **small_kwargs())
+    assert "embedding/deep/weight" in relative.group_names
+
+
 def test_fine_grained_groups_of_a_transformer():
     model = TinyTransformer()
     opt = MetaAdamW(model.named_parameters(), **small_kwargs())
@@ -451,9 +472,9 @@ def test_added_param_groups_join_the_modulator_the_meta_update_and_checkpoints()
     model = mlp(0)
     opt, added = build(model)
     _train(model, opt, batches, 2)
-    # fine_grained's depth buckets are relative to the optimizer's tensors: the one layer is "middle"
-    # alone and "deep" once the layers before it join
-    assert opt.group_names == ["feed_forward/middle/weight", "feed_forward/middle/bias"]
+    # with model=, fine_grained's depths come from the whole model: the last layer is "deep" from the
+    # start, and stays in its groups when the layers before it join
+    assert opt.group_names == ["feed_forward/deep/weight", "feed_forward/deep/bias"]
     opt.add_param_group(added)
     assert opt.group_names == ["feed_forward/deep/weight", "feed_forward/deep/bias", "feed_forward/shallow/weight",
                                "feed_forward/shallow/bias", "feed_forward/middle/weight", "feed_forward/middle/bias"]
