@@ -79,6 +79,8 @@ def layer_type(info: TensorInfo) -> str:
     for kind, words in _NAME_RULES:
         if tokens & words:
             return kind
+    if any("attn" in tok or "attention" in tok for tok in tokens):  # T5's SelfAttention, EncDecAttention
+        return "attention"
     if t is not None and issubclass(t, nn.Linear):
         return "feed_forward"
     return "other"

@@ -400,6 +400,22 @@ def test_fine_grained_groups_of_a_transformer():
     assert all(n.split("/")[0] in {"embedding", "attention", "feed_forward", "norm", "other"} for n in names)
 
 
+@pytest.mark.parametrize("name, module_type, kind", [
+    ("encoder.block.0.layer.0.SelfAttention.q.weight", nn.Linear, "attention"),  # T5
+    ("decoder.block.1.layer.1.EncDecAttention.o.weight", nn.Linear, "attention"),
+    ("encoder.block.0.layer.1.DenseReluDense.wi.weight", nn.Linear, "feed_forward"),
+    ("model.layers.0.post_attention_layernorm.weight", None, "norm"),  # Llama: the norm rule comes first
+    ("layers.0.attention_norm.weight", None, "norm"),
+    ("transformer.h.0.attn.c_attn.weight", None, "attention"),  # GPT-2
+    ("model.embed_tokens.weight", nn.Embedding, "embedding"),
+    ("lm_head.weight", nn.Linear, "feed_forward"),
+    ("classifier.weight", None, "other"),
+])
+def test_layer_types_of_common_model_families(name, module_type, kind):
+    from metaadamw.grouping import TensorInfo, layer_type
+    assert layer_type(TensorInfo(index=0, param_group=0, name=name, shape=(4, 4), module_type=module_type)) == kind
+
+
 def test_original_grouping_follows_param_groups():
     model = mlp(0)
     params = list(model.parameters())
