@@ -44,7 +44,8 @@ class TensorInfo:
     name: str | None  # dotted parameter name, when known
     shape: tuple[int, ...]
     module_type: type | None = None  # the nn.Module class owning it, when a model was given
-    depth: float | None = None  # normalised layer depth in [0, 1] (filled by assign_depths)
+    depth: float | None = None  # normalised layer depth in [0, 1] (from the whole model when the
+    #                              optimizer is given one, else filled by assign_depths)
 
 
 LAYER_TYPES = ("embedding", "attention", "feed_forward", "norm", "other")
@@ -129,7 +130,8 @@ def model_depths(model: nn.Module) -> dict[int, float]:
     put the final norm before the first layer; an optimizer of the head alone, whose layers are
     added later, has no layer indices at first)."""
     named = list(model.named_parameters())
-    infos = [TensorInfo(index=k, param_group=0, name=name, shape=tuple(p.shape)) for k, (name, p) in enumerate(named)]
+    infos = [TensorInfo(index=k, param_group=0, name=name, shape=tuple(p.shape))
+             for k, (name, p) in enumerate(named)]
     return {id(p): t.depth for (_, p), t in zip(named, assign_depths(infos))}
 
 
