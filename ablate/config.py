@@ -19,9 +19,8 @@ trial runner, the optimizer builder and the results tables all read :data:`COMMO
 
 from __future__ import annotations
 
-import difflib
-
 import dataclasses
+import difflib
 import hashlib
 import json
 import math

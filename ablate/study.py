@@ -38,11 +38,11 @@ from typing import Any, Iterable
 import yaml
 
 from ablate.config import (
-    did_you_mean,
     COMMON_FIELDS,
     METAADAMW_KEYS,
     ConfigError,
     ALTERNATIVE_KEYS,
+    did_you_mean,
     is_number,
     identity_config,
     resolve_config,

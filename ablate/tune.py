@@ -79,11 +79,11 @@ import optuna
 import yaml
 
 from ablate.config import (
-    did_you_mean,
     ALTERNATIVE_KEYS,
     COMMON_FIELDS,
     METAADAMW_KEYS,
     ConfigError,
+    did_you_mean,
     identity_config,
     is_number,
     resolve_config,

@@ -123,16 +123,14 @@ def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
     return out
 
 
-def model_depths(model: nn.Module) -> dict[int, float]:
-    """``id(parameter) -> depth`` over all of ``model``'s parameters in registration order, by the
-    rule of :func:`assign_depths`: a tensor's depth then does not depend on which of the model's
-    parameters an optimizer holds, nor on the order of its param groups (decay / no-decay groups
-    put the final norm before the first layer; an optimizer of the head alone, whose layers are
-    added later, has no layer indices at first)."""
-    named = list(model.named_parameters())
-    infos = [TensorInfo(index=k, param_group=0, name=name, shape=tuple(p.shape))
-             for k, (name, p) in enumerate(named)]
-    return {id(p): t.depth for (_, p), t in zip(named, assign_depths(infos))}
+def model_depths(names: dict[int, str]) -> dict[int, float]:
+    """``id(parameter) -> depth`` of a model's parameters, given as ``id(parameter) -> full name`` in
+    registration order, by the rule of :func:`assign_depths`: a tensor's depth then does not depend
+    on which of the model's parameters an optimizer holds, nor on the order of its param groups
+    (decay / no-decay groups put the final norm before the first layer; an optimizer of the head
+    alone, whose layers are added later, has no layer indices at first)."""
+    infos = [TensorInfo(index=k, param_group=0, name=name, shape=()) for k, name in enumerate(names.values())]
+    return dict(zip(names, (t.depth for t in assign_depths(infos))))
 
 
 def depth_bucket(depth: float) -> str:

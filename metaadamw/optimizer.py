@@ -285,14 +285,14 @@ class MetaAdamW(torch.optim.Optimizer):
         return infos, names, group_of, layout
 
     def _tensor_info(self, model: nn.Module | None) -> list[TensorInfo]:
-        by_id: dict[int, tuple[str, type]] = {}
+        by_id: dict[int, tuple[str, type]] = {}  # in registration order: the first name of each parameter
         depths: dict[int, float] = {}
         if model is not None:
             for mod_name, module in model.named_modules(remove_duplicate=False):
                 for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
                     full = f"{mod_name}.{pname}" if mod_name else pname
                     by_id.setdefault(id(p), (full, type(module)))
-            depths = model_depths(model)
+            depths = model_depths({k: name for k, (name, _) in by_id.items()})
         in_model = all(id(p) in depths for g in self.param_groups for p in g["params"])
         infos, i = [], 0
         for gi, group in enumerate(self.param_groups):
@@ -645,13 +645,11 @@ class MetaAdamW(torch.optim.Optimizer):
         MetaAdamW): its moments, step counts and per-group hyperparameters; the modulator and the
         rest of the meta state stay as they are."""
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
-        _check_state_keys(state_dict, "")
-        saved_meta = state_dict.get("metaadamw")
-        meta_opt_state = saved_meta.get("meta_optimizer") if isinstance(saved_meta, dict) else None
-        if isinstance(meta_opt_state, dict):
-            _check_state_keys(meta_opt_state, "the meta-optimizer's ")
-        self._check_moment_shapes(state_dict)
         extra = state_dict.pop("metaadamw", None)
+        _check_state_keys(state_dict, "")
+        if isinstance(extra, dict) and isinstance(extra.get("meta_optimizer"), dict):
+            _check_state_keys(extra["meta_optimizer"], "the meta-optimizer's ")
+        self._check_moment_shapes(state_dict)
         if extra is None:
             self._load_adamw_state_dict(state_dict)
             return
