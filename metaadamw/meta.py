@@ -200,7 +200,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         scale = lr_bc1 * a
         # the Adam direction m'_hat / (sqrt(v'_hat) + eps), a constant, made in place in the moments
         torch._foreach_div_(v_new, [1 - grp["betas"][1] ** t for grp, t in zip(groups, steps)])
-        torch._foreach_sqrt_(v_new)
+        F.foreach_sqrt(v_new, inplace=True)
         torch._foreach_add_(v_new, [grp["eps"] for grp in groups])
         torch._foreach_div_(m_new, v_new)
         direction = m_new

@@ -18,7 +18,7 @@ from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
-from metaadamw.grouping import TensorInfo, assign_depths, is_bias, layer_type, model_depths
+from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
 from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.weighting import FORMS
@@ -513,7 +513,7 @@ class MetaAdamW(torch.optim.Optimizer):
         blocked = self.device.type == "cpu" and sum(p.numel() for p in params) >= F.CPU_BLOCKING_MIN_NUMEL
         limit = F.CPU_CHUNK_NUMEL if blocked else None  # cache blocking: on the CPU, for large models
         for b in buckets.values():
-            b.split(limit, [layer_type(self.tensor_info[i]) == "embedding" for i in b.indices])
+            b.split(limit)
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
