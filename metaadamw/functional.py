@@ -452,9 +452,14 @@ def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> 
             p.sub_((b.lr * a / b.bias_correction1) * m / denom)
 
 
+#: ``torch._foreach_rsqrt`` (torch 2.8 and later)
+FOREACH_RSQRT = hasattr(torch, "_foreach_rsqrt")
+
+
 def reciprocal_roots(tensors: list[Tensor]) -> bool:
     """Whether :func:`foreach_sqrt` takes the square roots of ``tensors`` as ``1 / rsqrt``."""
-    return bool(tensors) and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+    return FOREACH_RSQRT and bool(tensors) and all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
 def foreach_sqrt(tensors: list[Tensor], reciprocal: bool | None = None, inplace: bool = False) -> list[Tensor]:
@@ -470,7 +475,8 @@ def foreach_sqrt(tensors: list[Tensor], reciprocal: bool | None = None, inplace:
     98 / 128 us against 55 us). The result is 0 at 0 (rsqrt gives inf) and inf at inf, and
     elsewhere within two units in the last place of ``sqrt`` (a relative 1.3e-7 in float32; equal
     for three inputs in four): float rounding, as AdamW's own update has in every op.
-    Other devices take ``sqrt``: on CUDA it is a single memory-bound pass."""
+    Other devices take ``sqrt`` (on CUDA it is a single memory-bound pass), as does a torch older
+    than 2.8, which has no foreach ``rsqrt``."""
     if reciprocal is None:
         reciprocal = reciprocal_roots(tensors)
     if not reciprocal:
