@@ -5,7 +5,8 @@
     3. alpha, beta, lambda1, lambda2 = modulator(features)           (with a graph)
     4. theta' = theta - lr alpha (m'_hat / (sqrt(v'_hat) + eps) + beta wd theta)
     5. L_train' = L(theta'; batch2) and g' = its gradient, L_val' = L(theta'; val) and its
-       gradient, L_val = L(theta; val)   (one validation batch for both terms)
+       gradient, L_val = L(theta; val)   (one validation batch for both terms; each pass only
+       where the objective uses it: ``gen_gap`` has no L_val, ``loss_decrease`` no L_train')
     6. terms -> weighting -> meta-loss (+ gate penalty); one step of the meta-optimizer.
 
 The meta-gradient is taken in stages that each traverse their graph once: the meta-loss is
@@ -18,7 +19,8 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
 * ``"finite_difference"`` (default): ``(grad L(theta' + eps v; batch2) - g') / eps`` with the step
   of matrix-free Newton methods, ``eps = sqrt(machine eps) (1 + ||theta'||) / ||v||``, the extra
   forward pass replaying the random stream of the g' pass (same dropout masks). Five forward and
-  four backward passes (four and three when g comes from ``.grad``), no second-order graph.
+  four backward passes for ``combined`` (four and three when g comes from ``.grad``), no
+  second-order graph.
 * ``"exact"``: g' is computed with ``create_graph=True`` and H v comes out of the double backward
   (the paper). Four forward passes; the one that is differentiated twice runs inside
   :func:`twice_differentiable_kernels` (math attention; on CUDA, no cuDNN), since the fused
@@ -46,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import normalised_time
-from metaadamw.objectives import MetaQuantities
+from metaadamw.objectives import MetaQuantities, needs_val_at_theta
 
 if TYPE_CHECKING:
     from metaadamw.optimizer import MetaAdamW
@@ -230,7 +232,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
                 q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 if not exact:
                     g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters")
-        if objective.needs_val:
+        if needs_val_at_theta(objective):
             with torch.no_grad():
                 q.loss_val = _loss(loss_fn, model, val_batch)
 

@@ -59,12 +59,21 @@ class MetaObjective:
     second_order: bool = False  # needs g' (whose meta-gradient takes a Hessian-vector product)
     needs_train_loss: bool = False  # needs L_train(theta'; batch 2)
     needs_val: bool = False  # needs the validation batch
+    #: needs L(theta; val batch), a forward pass of its own; None: the same as ``needs_val`` (as
+    #: objectives written before this flag expect)
+    needs_val_at_theta: bool | None = None
 
     def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(terms={self.terms})"
+
+
+def needs_val_at_theta(objective: MetaObjective) -> bool:
+    """Whether the meta-update evaluates L(theta; val batch) for ``objective``."""
+    flag = getattr(objective, "needs_val_at_theta", None)
+    return objective.needs_val if flag is None else bool(flag)
 
 
 def _group_sums(values: Tensor, tensor_group: Tensor, num_groups: int) -> Tensor:
@@ -123,6 +132,7 @@ class GeneralizationGap(MetaObjective):
     terms = ("gen_gap",)
     needs_train_loss = True
     needs_val = True
+    needs_val_at_theta = False
 
     def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
         return {"gen_gap": (q.loss_train_prime - q.loss_val_prime).abs()}

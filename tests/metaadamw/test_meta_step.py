@@ -678,3 +678,43 @@ def test_misused_meta_step_arguments_and_contexts_are_clear_errors():
     with torch.no_grad():  # it enables gradients itself
         assert not opt.meta_step(model, mse, *batches[1:]).skipped
     assert all(_changed(before, opt)[:1])
+
+
+@pytest.mark.parametrize("objective, expected", [
+    ("combined", ["b1", "b2", "val", "val (no grad)", "b2"]),
+    ("gen_gap", ["b1", "b2", "val"]),
+    ("loss_decrease", ["b1", "val", "val (no grad)"]),
+    ("gradient", ["b1", "b2", "b2"]),
+])
+def test_each_objective_runs_only_the_loss_evaluations_it_uses(objective, expected):
+    # L(theta; val) is a forward pass of its own: gen_gap never reads it, so it must not run
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), objective=objective, **small_kwargs())
+    batches = regression_batches(3)
+    _step(model, opt, batches[0])
+    names = {id(b): name for b, name in zip(batches, ("b1", "b2", "val"))}
+    seen = []
+
+    def loss(m, b):
+        seen.append(names[id(b)] + ("" if torch.is_grad_enabled() else " (no grad)"))
+        return mse(m, b)
+
+    record = opt.meta_step(model, loss, *batches)
+    assert seen == expected
+    assert not record.skipped and set(record.terms) == set(opt.objective.terms)
+
+
+def test_objectives_written_before_needs_val_at_theta_still_get_the_validation_loss_at_theta(negative_objective):
+    from metaadamw.objectives import needs_val_at_theta
+
+    obj = OBJECTIVES.get(negative_objective)()
+    assert obj.needs_val_at_theta is None and needs_val_at_theta(obj)
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), objective=negative_objective, weighting="sum", **small_kwargs())
+    batches = regression_batches(3)
+    _step(model, opt, batches[0])
+    record = opt.meta_step(model, mse, *batches)  # q.loss_val would be None without the pass: a TypeError
+    with torch.no_grad():
+        val_at_theta = mse(model, batches[2]).item()
+    # L_val(theta') - L_val(theta) - 1, with theta' one small step from theta
+    assert abs(record.terms["loss_decrease"] + 1.0) < 0.01 * val_at_theta
