@@ -15,7 +15,9 @@ and no extra pass for the multipliers:
 * on the CPU the tensors are processed in runs of about :data:`CPU_CHUNK_NUMEL` elements
   (cache blocking): each run's moments, norms and update passes find their operands still in
   cache, where one foreach pass over every tensor streams the whole model through memory once
-  per op. The norms are taken right after the moment update, while g and m are cached.
+  per op. The norms are taken right after the moment update, while g and m are cached;
+* on the CPU the square roots of v are taken as ``1 / rsqrt(v)`` (:func:`foreach_sqrt`): torch's
+  CPU ``sqrt`` is slow on the zeros that unused embedding rows and dead units leave in v.
 
 The update, for a tensor p of group g with bias corrections bc1 = 1 - b1^t, bc2 = 1 - b2^t:
 
