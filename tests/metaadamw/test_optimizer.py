@@ -770,6 +770,8 @@ def test_cpu_square_roots_are_sqrt_to_two_units_in_the_last_place(dtype):
     # elsewhere, and when told so: torch.sqrt itself
     assert not F.reciprocal_roots([v.half()]) and not F.reciprocal_roots([])
     assert torch.equal(F.foreach_sqrt([v], reciprocal=False)[0], expected)
+    x = v.clone()
+    assert F.foreach_sqrt([x], reciprocal=False, inplace=True)[0] is x and torch.equal(x, expected)
 
 
 @pytest.mark.skipif(not F.FOREACH_RSQRT, reason="torch < 2.8 has no _foreach_rsqrt (sqrt is taken)")
