@@ -26,6 +26,8 @@ import json
 import math
 from typing import Any, Callable, Iterable, Mapping
 
+from ablate.allocator import CPU_MALLOC
+
 
 class ConfigError(ValueError):
     """A trial config (or a study file) is invalid; the message names the key and the fix."""
@@ -141,6 +143,8 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("modulator_init", str, "default", "modulator output head init: 'default' (PyTorch's, as the paper's code: random multipliers ~1+-0.2) or 'zero' (starts as exact AdamW)", ("default", "zero")),
         _f("meta_gradient", str, "finite_difference", "meta-gradient through g': 'finite_difference' (Hessian-vector product from two gradients) or 'exact' (double backward, as the paper)", ("finite_difference", "exact")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
+        # the trial's process
+        _f("cpu_malloc", str, "keep", "'keep': the trial's process takes large CPU blocks from the heap and keeps freed memory (glibc; no page faults on every step, a higher resident peak); 'system': the C library's defaults (see ablate.allocator)", CPU_MALLOC),
     ]
 }
 
@@ -156,7 +160,7 @@ METAADAMW_KEYS = (
 ALTERNATIVE_KEYS = {"meta_every": "meta_per_epoch", "meta_per_epoch": "meta_every"}
 
 #: Keys that do not change what a trial computes (left out of its identity).
-NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device")
+NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device", "cpu_malloc")
 
 
 def _type_ok(field_type, value) -> bool:

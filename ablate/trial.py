@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ablate.allocator import keep_freed_memory
 from ablate.config import ConfigError, resolve_config, trial_id
 from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
@@ -84,6 +85,8 @@ class Trial:
         self.spec = get_task(cfg["task"])
         if cfg["num_threads"]:
             torch.set_num_threads(cfg["num_threads"])
+        if cfg["cpu_malloc"] == "keep":
+            keep_freed_memory()
         self.device = _device(cfg["device"])
         seed_everything(cfg["seed"])
         self.task = self.spec.build(cfg)

@@ -1,0 +1,86 @@
+"""ablate.allocator: large CPU blocks from the heap, freed memory kept (glibc), and the trial key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import ablate.trial
+from ablate.config import ConfigError, resolve_config, trial_id
+from ablate.trial import Trial
+
+# a child process: minor page faults of touching a fresh 64 MiB tensor the second time, before
+# and after keep_freed_memory() (the first allocation after it grows the heap once)
+PROBE = textwrap.dedent("""
+    import json, resource, sys, torch
+    from ablate.allocator import keep_freed_memory
+
+    def faults_of_a_64_mib_step():
+        x = torch.empty(16 * 2**20)
+        x.fill_(1.0)
+        del x
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(16 * 2**20)
+        x.fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    system = faults_of_a_64_mib_step()
+    applied = keep_freed_memory()
+    kept = faults_of_a_64_mib_step()
+    print(json.dumps({"system": system, "applied": applied, "again": keep_freed_memory(), "kept": kept}))
+""")
+
+
+def _probe(env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _glibc() -> bool:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(ctypes.util.find_library("c")),
+                                                            "gnu_get_libc_version")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc only")
+def test_keeping_freed_memory_removes_the_page_faults_of_large_blocks():
+    r = _probe({})
+    pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert r["applied"] and r["again"]
+    assert r["system"] >= pages // 2  # glibc maps 64 MiB afresh each time: every page faults again
+    assert r["kept"] < pages // 20  # from the heap, already faulted in
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc only")
+def test_a_users_own_glibc_malloc_tunables_win():
+    r = _probe({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert not r["applied"]
+    assert r["kept"] >= 64 * 2**20 // os.sysconf("SC_PAGE_SIZE") // 2  # nothing changed
+
+
+def test_cpu_malloc_is_validated_and_not_part_of_the_trial_identity():
+    base = {"task": "etth1", "seed": 0}
+    assert resolve_config(base)["cpu_malloc"] == "keep"
+    assert trial_id(resolve_config({**base, "cpu_malloc": "system"})) == trial_id(resolve_config(base))
+    with pytest.raises(ConfigError, match=r"cpu_malloc='jemalloc' is not allowed; choose one of: keep, system"):
+        resolve_config({**base, "cpu_malloc": "jemalloc"})
+
+
+@pytest.mark.parametrize("setting, calls", [("keep", 1), ("system", 0)])
+def test_a_trial_applies_its_cpu_malloc_setting(monkeypatch, setting, calls):
+    seen = []
+    monkeypatch.setattr(ablate.trial, "keep_freed_memory", lambda: seen.append(1) or True)
+    Trial({"task": "etth1", "seed": 0, "epochs": 1, "max_train_batches": 2, "num_threads": 1, "cpu_malloc": setting})
+    assert len(seen) == calls
