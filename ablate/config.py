@@ -144,7 +144,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("meta_gradient", str, "finite_difference", "meta-gradient through g': 'finite_difference' (Hessian-vector product from two gradients) or 'exact' (double backward, as the paper)", ("finite_difference", "exact")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
         # the trial's process
-        _f("cpu_malloc", str, "keep", "'keep': the trial's process takes large CPU blocks from the heap and keeps freed memory (glibc; no page faults on every step, a higher resident peak); 'system': the C library's defaults (see ablate.allocator)", CPU_MALLOC),
+        _f("cpu_malloc", str, "system", "'system': the C library's defaults; 'keep': the trial's process takes large CPU blocks from the heap and keeps freed memory (glibc; no page faults on every step, faster CPU training of large models, more memory; see ablate.allocator)", CPU_MALLOC),
     ]
 }
 
