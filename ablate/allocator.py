@@ -38,6 +38,18 @@ CPU_MALLOC = ("keep", "system")
 _applied = False
 
 
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc (the one whose ``mallopt`` these settings are
+    for; musl has a ``mallopt`` that does nothing), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
 def keep_freed_memory() -> bool:
     """Serve large blocks from the heap and keep freed memory in this process (see the module
     docstring). Returns whether it is in effect; idempotent. A process cannot go back: glibc has
@@ -46,14 +58,8 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    # glibc only: musl has a mallopt that does nothing
-    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+    libc = glibc()
+    if libc is None or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

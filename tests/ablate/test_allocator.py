@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 import ablate.trial
+from ablate.allocator import glibc
 from ablate.config import ConfigError, resolve_config, trial_id
 from ablate.trial import Trial
 
@@ -47,18 +48,7 @@ def _probe(env_extra: dict[str, str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _glibc() -> bool:
-    import ctypes
-    import ctypes.util
-
-    try:
-        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(ctypes.util.find_library("c")),
-                                                            "gnu_get_libc_version")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="glibc only")
+@pytest.mark.skipif(glibc() is None, reason="glibc only")
 def test_keeping_freed_memory_removes_the_page_faults_of_large_blocks():
     r = _probe({})
     pages = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
@@ -67,7 +57,7 @@ def test_keeping_freed_memory_removes_the_page_faults_of_large_blocks():
     assert r["kept"] < pages // 4  # from the heap, already faulted in
 
 
-@pytest.mark.skipif(not _glibc(), reason="glibc only")
+@pytest.mark.skipif(glibc() is None, reason="glibc only")
 def test_a_users_own_glibc_malloc_tunables_win():
     r = _probe({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert not r["applied"]
