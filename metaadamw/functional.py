@@ -369,7 +369,7 @@ def stat_coefficients(beta1: Tensor, beta2: Tensor, noise: Tensor, numel: Tensor
     a, b = 0.5 / (1 - beta1), 0.5 * beta1 * beta1 / (1 - beta1)
     out = {"1-b2": 1 - beta2, "A": a, "-B": -b, "C": 0.5 * (1 - beta1), "A noise": a * noise, "B noise": b * noise}
     if numel is not None:
-        out["numel"] = numel
+        out["numel"], out["numel or 1"] = numel, numel.clamp_min(1)
     return out
 
 
@@ -418,18 +418,22 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     if "v_norm" in needed:
         out["v_norm"] = v_sum.sqrt()  # b2 * (sum v_{t-1} >= 0) + (1 - b2) ||g||^2 >= 0
     if "grad_sparsity" in needed:
-        out["grad_sparsity"] = _zero_fraction(grads, foreach=True, numel=c.get("numel"))
+        out["grad_sparsity"] = _zero_fraction(grads, foreach=True, coefs=c)
     if "exp_avg_sparsity" in needed:
-        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True, numel=c.get("numel"))
+        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True, coefs=c)
     return out, m_sq, v_sum
 
 
-def _zero_fraction(tensors: list[Tensor], foreach: bool, numel: Tensor | None = None) -> Tensor:
-    """The fraction of exact zeros of each tensor: from one foreach count of the nonzeros (its L0
-    norm) and the element counts (``numel``, else made here), or tensor by tensor."""
+def _zero_fraction(tensors: list[Tensor], foreach: bool, coefs: dict[str, Tensor] | None = None) -> Tensor:
+    """The fraction of exact zeros of each tensor (0 for an empty tensor, which has none): from one
+    foreach count of the nonzeros (its L0 norm) and the element counts (``coefs["numel"]`` and
+    ``coefs["numel or 1"]`` of :func:`stat_coefficients`, else made here), or tensor by tensor."""
     if foreach:
-        return 1 - _vector(torch._foreach_norm(tensors, 0)) / (numel_vector(tensors) if numel is None else numel)
-    return _vector([(t == 0).float().mean() for t in tensors])
+        if coefs is None or "numel" not in coefs:
+            numel = numel_vector(tensors)
+            coefs = {"numel": numel, "numel or 1": numel.clamp_min(1)}
+        return (coefs["numel"] - _vector(torch._foreach_norm(tensors, 0))) / coefs["numel or 1"]
+    return _vector([(t == 0).sum().float() / max(t.numel(), 1) for t in tensors])
 
 
 def numel_vector(tensors: list[Tensor]) -> Tensor:

@@ -138,8 +138,10 @@ def depth_bucket(depth: float) -> str:
 
 
 def is_bias(info: TensorInfo) -> bool:
-    name = (info.name or "").lower()
-    return name.endswith("bias") or (not info.name and len(info.shape) <= 1)
+    """A bias by its name (``fc.bias``, ``in_proj_bias``, the RNNs' ``bias_ih_l0``, ``bias_hh_l1_reverse``)
+    or, without a name, by its shape (at most one dimension)."""
+    leaf = (info.name or "").lower().rsplit(".", 1)[-1]
+    return leaf.endswith("bias") or leaf.startswith("bias") or (not info.name and len(info.shape) <= 1)
 
 
 @GROUPINGS.register("original")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -9,7 +11,7 @@ import math
 import numbers
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -206,18 +208,21 @@ class MetaAdamW(torch.optim.Optimizer):
         self.device = self._params[0].device
         self._model_ref = None if model is None else weakref.ref(model)
         self.tensor_info, self.group_names, self._group_of, self.layout = self._grouped(self._params, model)
-        extractor = feature_cls(self.layout, time_step=time_step, second_moment=second_moment)
-        self.modulator = Modulator(
-            extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
-            dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,
-            beta_range=beta_range, head_init=modulator_init,
-        ).to(device=self.device, dtype=torch.float32)  # float32 whatever the default dtype, like the statistics
-        self.modulator.eval()  # train mode (dropout) only inside meta-updates
-        self.objective = objective_obj
-        self.weighting = weighting_cls(
-            objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
-            form=weighting_form,
-        ).to(device=self.device, dtype=torch.float32)
+        # the initial modulator comes from a fork of the global random stream: torch.manual_seed fixes it,
+        # and the caller's stream (dropout masks, data order) is left as torch.optim leaves it
+        with _forked_rng(self.device):
+            extractor = feature_cls(self.layout, time_step=time_step, second_moment=second_moment)
+            self.modulator = Modulator(
+                extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
+                dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,
+                beta_range=beta_range, head_init=modulator_init,
+            ).to(device=self.device, dtype=torch.float32)  # float32 whatever the default dtype, like the statistics
+            self.modulator.eval()  # train mode (dropout) only inside meta-updates
+            self.objective = objective_obj
+            self.weighting = weighting_cls(
+                objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
+                form=weighting_form,
+            ).to(device=self.device, dtype=torch.float32)
         if isinstance(meta_optimizer, str):  # the modulator has many small tensors: foreach also on the CPU
             make = functools.partial(META_OPTIMIZERS[meta_optimizer], foreach=True)
         else:
@@ -260,6 +265,9 @@ class MetaAdamW(torch.optim.Optimizer):
     # construction helpers
 
     def _check_params(self, params: list[Tensor]) -> None:
+        _check(bool(params), "MetaAdamW got no parameters (its param groups are all empty): the modulator's groups come "
+                             "from the parameters, so build the optimizer once there are parameters to train (frozen "
+                             "ones may be included: they are not updated while they have no gradient)")
         devices = {p.device for p in params}
         _check(len(devices) == 1, f"MetaAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
         for p in params:
@@ -293,6 +301,11 @@ class MetaAdamW(torch.optim.Optimizer):
                     full = f"{mod_name}.{pname}" if mod_name else pname
                     by_id.setdefault(id(p), (full, type(module)))
             depths = model_depths({k: name for k, (name, _) in by_id.items()})
+            if not any(id(p) in by_id for g in self.param_groups for p in g["params"]):
+                raise ValueError(
+                    f"model= is a {type(model).__name__} that holds none of the optimizer's parameters (a copy of the "
+                    f"model, such as an EMA model, or another instance of it?): pass the module whose parameters "
+                    f"these are, or leave model= out")
         in_model = all(id(p) in depths for g in self.param_groups for p in g["params"])
         infos, i = [], 0
         for gi, group in enumerate(self.param_groups):
@@ -587,6 +600,10 @@ class MetaAdamW(torch.optim.Optimizer):
         bookkeeping for them); with ``sync_meta`` every rank calls ``meta_step`` (on its own
         batches) and the meta-gradients are averaged.
 
+        The passes draw their dropout masks from a fork of the global random streams (CPU and the
+        parameters' device), which the call leaves as it found them: adding meta-updates to a
+        training loop changes neither the masks nor anything else random in its training steps.
+
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
         if not isinstance(model, nn.Module) or not callable(loss_fn):
@@ -602,7 +619,8 @@ class MetaAdamW(torch.optim.Optimizer):
         model = D.unwrap(model)
         was_training = self.modulator.training
         try:
-            record = meta_update(self, model, loss_fn, batch1, batch2, val_batch)
+            with _forked_rng(self.device):  # the training steps' random stream is left as it was
+                record = meta_update(self, model, loss_fn, batch1, batch2, val_batch)
         finally:
             self.modulator.set_training(was_training)
         self.meta_updates += 1
@@ -615,8 +633,13 @@ class MetaAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Everything to continue exactly from here. As in torch.optim, the AdamW moments are the live
         tensors (no copy: a checkpoint does not double the optimizer's memory; ``torch.save`` or
-        ``copy.deepcopy`` makes a snapshot); the rest is copied."""
-        sd = super().state_dict()
+        ``copy.deepcopy`` makes a snapshot); the rest is copied. Hooks registered with
+        ``register_state_dict_pre_hook`` run first, and those of ``register_state_dict_post_hook`` see
+        (and may replace) the whole dict, meta state included."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        with self._base_class_hooks_off("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
+            sd = super().state_dict()
         # per-parameter entries as new dicts with AdamW's "step" (the live state keeps the counts in
         # self._steps); torch.optim numbers the parameters in param_groups order, as self._params
         sd["state"] = {i: {**st, "step": self._steps[i]} if "exp_avg" in st else dict(st)
@@ -638,13 +661,42 @@ class MetaAdamW(torch.optim.Optimizer):
             "meta_optimizer_class": type(self.meta_optimizer).__name__,
         }
         sd["metaadamw"] = copy.deepcopy(extra)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
+
+    @contextlib.contextmanager
+    def _base_class_hooks_off(self, *names: str) -> Iterator[None]:
+        """Run ``torch.optim.Optimizer``'s own (de)serialisation without the hooks ``names``: MetaAdamW
+        runs them itself, before and after the whole of its own work."""
+        saved = {name: getattr(self, name) for name in names}
+        for name in names:
+            setattr(self, name, collections.OrderedDict())
+        try:
+            yield
+        finally:
+            for name, hooks in saved.items():
+                setattr(self, name, hooks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a MetaAdamW checkpoint, or a ``torch.optim.AdamW`` one (switching an AdamW run to
         MetaAdamW): its moments, step counts and per-group hyperparameters; the modulator and the
-        rest of the meta state stay as they are."""
+        rest of the meta state stay as they are. Hooks registered with
+        ``register_load_state_dict_pre_hook`` see (and may replace) the dict before anything else is
+        done with it, and those of ``register_load_state_dict_post_hook`` run once all is loaded."""
         state_dict = copy.deepcopy(state_dict)  # never alias or mutate the caller's tensors
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        with self._base_class_hooks_off("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra = state_dict.pop("metaadamw", None)
         _check_state_keys(state_dict, "")
         if isinstance(extra, dict) and isinstance(extra.get("meta_optimizer"), dict):
@@ -714,7 +766,7 @@ class MetaAdamW(torch.optim.Optimizer):
         if unsupported:
             raise ValueError(f"this AdamW checkpoint uses {', '.join(unsupported)}, which MetaAdamW does not support")
         super().load_state_dict(state_dict)  # checks the param group sizes; moments and hyperparameters
-        steps = list(self._steps)
+        steps = [0] * len(self._params)  # a tensor without state in the checkpoint starts afresh, as its moments do
         for i, p in enumerate(self._params):
             st = self.state[p]
             step = st.pop("step", None)
@@ -723,6 +775,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 steps[i] = int(step.item() if isinstance(step, Tensor) else step)
         self._set_step_counts(steps, max(steps, default=0))
         self._carry_valid = False  # the carried norms of the moments: recomputed at the next refresh
+        self._stats = {}  # those of the moments before the load: gone (tensors without a gradient read zeros)
         self._multipliers = None  # the next step refreshes them
 
     def _set_step_counts(self, steps: list[int], global_step: int) -> None:
@@ -854,6 +907,14 @@ def _check_state_keys(state_dict: dict[str, Any], what: str) -> None:
             f"optimizer.state_dict() with torch.save and torch.load")
 
 
+def _forked_rng(device: torch.device) -> Any:
+    """``torch.random.fork_rng`` of the CPU generator and, for an accelerator, ``device``'s."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.get_device_module(device).current_device()
+    return torch.random.fork_rng(devices=[index], device_type=device.type)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -906,6 +967,12 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
                          f"and capturable=False): pass a float{example}")
     _check(_real(lr) and lr >= 0, f"{where}Invalid learning rate: lr={lr!r} (must be a number >= 0)")
     _check(_real(eps) and eps >= 0, f"{where}Invalid epsilon value: eps={eps!r} (must be >= 0)")
+    if isinstance(betas, Tensor) or (isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)):
+        raise ValueError(f"{where}betas as Tensors are not supported (nor are they by torch.optim.AdamW with foreach=True "
+                         f"and capturable=False): pass floats, e.g. "
+                         f"betas=(0.9, 0.999)")
+    if not isinstance(betas, (tuple, list, str, bytes, dict)) and hasattr(betas, "__len__") and hasattr(betas, "__iter__"):
+        betas = tuple(betas)  # a numpy array of two, as AdamW accepts
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2,
            f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):

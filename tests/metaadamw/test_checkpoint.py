@@ -160,6 +160,60 @@ def test_an_adamw_checkpoint_switches_a_run_to_metaadamw_with_its_moments_and_st
     assert all("step" not in st for st in meta.state.values())
 
 
+def test_an_adamw_checkpoint_loaded_after_steps_restarts_the_tensors_it_has_no_state_for():
+    # a tensor frozen in the AdamW run has no state in its checkpoint: its moments are dropped on
+    # load (torch.optim replaces all state), and so must be its step count (bias corrections)
+    batches = regression_batches()
+    model, used, fresh_model = mlp(0), mlp(0), mlp(0)
+    model[0].weight.requires_grad_(False)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, adamw, batches, 3, meta_every=10**9, loss_fn=mse)
+    model[0].weight.requires_grad_(True)
+    kw = dict(lr=1.0, alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    meta = MetaAdamW(used.named_parameters(), **kw)
+    _train(used, meta, batches, 5, meta_every=10**9, loss_fn=mse)  # steps 5 of its own before the load
+    fresh = MetaAdamW(fresh_model.named_parameters(), **kw)
+    for opt, net in ((meta, used), (fresh, fresh_model)):
+        net.load_state_dict(model.state_dict())
+        opt.load_state_dict(adamw.state_dict())
+        assert opt._steps == [0, 3, 3, 3, 3, 3]
+        assert not opt._stats
+    for opt, net in ((adamw, model), (meta, used), (fresh, fresh_model)):
+        _train(net, opt, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    for a, b, c in zip(model.parameters(), used.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, c)
+
+
+def test_state_dict_hooks_run_before_and_after_all_of_metaadamws_own_work():
+    """As in torch.optim: load pre-hooks see (and may replace) the dict first, load post-hooks
+    see the loaded optimizer, state_dict post-hooks see (and may replace) the whole dict."""
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **KW)
+    _train(model, opt, regression_batches(3), 4, loss_fn=mse)
+    seen = {}
+    opt.register_state_dict_pre_hook(lambda o: seen.setdefault("pre", o.global_step))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": sorted(sd)})
+    sd = opt.state_dict()
+    assert seen["pre"] == 4 and sd["note"] == ["metaadamw", "param_groups", "state"]
+    # a checkpoint whose parameter keys became strings, repaired by a load pre-hook
+    saved = {**sd, "state": {str(k): v for k, v in sd["state"].items()}}
+    saved.pop("note")
+    target = MetaAdamW(mlp(1).named_parameters(), **KW)
+
+    def repair(o, state_dict):
+        seen["keys"] = sorted(state_dict)
+        return {**state_dict, "state": {int(k): v for k, v in state_dict["state"].items()}}
+
+    target.register_load_state_dict_pre_hook(repair)
+    target.register_load_state_dict_post_hook(lambda o: seen.setdefault("post", (o.global_step, o.meta_updates)))
+    target.load_state_dict(saved)
+    assert seen["keys"] == ["metaadamw", "param_groups", "state"]
+    assert seen["post"] == (4, 1) and target.global_step == 4
+    for k, v in opt.modulator.state_dict().items():
+        assert torch.equal(target.modulator.state_dict()[k], v)
+
+
 def _stepped(**over):
     model = mlp(0)
     opt = MetaAdamW(model.named_parameters(), **{**KW, **over})

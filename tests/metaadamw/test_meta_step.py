@@ -568,12 +568,33 @@ def test_an_error_inside_loss_fn_leaves_the_modulator_mode_and_the_random_stream
     with pytest.raises(RuntimeError, match="boom"):
         opt.meta_step(model, failing, *batches)
     after_error = torch.rand(3)
+    assert calls["n"] == 5
     assert not opt.modulator.training and not opt.modulator.layers[0].training
-    calls["n"] = -100  # the same four draws without the failure
-    torch.manual_seed(7)
-    for _ in range(4):
-        failing(model, batches[0])
+    torch.manual_seed(7)  # the stream as meta_step found it: its draws (and the replay) were in a fork
     assert torch.equal(torch.rand(3), after_error)
+
+
+def test_meta_step_and_the_constructor_leave_the_global_random_stream_alone():
+    """As torch.optim's optimizers: a training loop draws the same dropout masks with and without
+    MetaAdamW's construction and meta-updates (which draw theirs from a fork)."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    batches = regression_batches(3)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    opt = MetaAdamW(model.named_parameters(), features="enhanced", **small_kwargs())  # (a random embedding)
+    assert torch.equal(torch.rand(4), expected)
+    _step(model, opt, batches[0])
+    torch.manual_seed(3)
+    record = opt.meta_step(model, mse, *batches)
+    assert not record.skipped
+    assert torch.equal(torch.rand(4), expected)
+    # the meta-update's own passes did draw masks: two meta-updates from different streams differ
+    torch.manual_seed(4)
+    other = opt.meta_step(model, mse, *batches)
+    torch.manual_seed(3)
+    again = opt.meta_step(model, mse, *batches)
+    assert other.terms != again.terms
 
 
 def test_sparse_gradients_in_meta_step_are_a_clear_error():

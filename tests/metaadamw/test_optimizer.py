@@ -341,6 +341,22 @@ def test_param_group_hyperparameters_are_validated_naming_the_group(group, fragm
     assert mine.keys() == before.keys()  # the caller's dict is not filled in
 
 
+def test_tensor_betas_are_refused_with_the_floats_to_use_and_a_numpy_pair_is_accepted():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match=r"betas as Tensors are not supported .* betas=\(0\.9, 0\.999\)"):
+        MetaAdamW(mlp(0).named_parameters(), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    opt = MetaAdamW(mlp(0).named_parameters(), betas=np.array([0.8, 0.99]), **small_kwargs())
+    assert opt.param_groups[0]["betas"] == (0.8, 0.99) and all(type(b) is float for b in opt.param_groups[0]["betas"])
+
+
+def test_no_parameters_and_a_model_holding_none_of_them_are_named_as_such():
+    with pytest.raises(ValueError, match="got no parameters"):
+        MetaAdamW([{"params": []}], grouping="original")
+    model = mlp(0)
+    with pytest.raises(ValueError, match="holds none of the optimizer's parameters"):
+        MetaAdamW(model.parameters(), model=copy.deepcopy(model))
+
+
 def test_a_tensor_learning_rate_is_refused_with_the_float_to_use():
     with pytest.raises(ValueError, match=r"lr as a Tensor is not supported .* lr=0\.01"):
         MetaAdamW(mlp(0).named_parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
@@ -414,6 +430,15 @@ def test_fine_grained_groups_of_a_transformer():
 def test_layer_types_of_common_model_families(name, module_type, kind):
     from metaadamw.grouping import TensorInfo, layer_type
     assert layer_type(TensorInfo(index=0, param_group=0, name=name, shape=(4, 4), module_type=module_type)) == kind
+
+
+def test_recurrent_biases_are_biases_in_fine_grained_groups():
+    model = nn.ModuleDict({"lstm": nn.LSTM(4, 8, num_layers=2, bidirectional=True), "fc": nn.Linear(16, 2)})
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    kinds = {info.name: opt.group_names[g].rsplit("/", 1)[1] for info, g in zip(opt.tensor_info, opt._group_of)}
+    assert {n for n, kind in kinds.items() if kind == "bias"} == {n for n in kinds if ".bias" in n}
+    assert kinds["lstm.bias_hh_l1_reverse"] == "bias" and kinds["lstm.weight_ih_l0"] == "weight"
+    assert opt.layout.is_bias.tolist() == [float(".bias" in n) for n in kinds]
 
 
 def test_original_grouping_follows_param_groups():
@@ -648,6 +673,34 @@ def test_a_copied_or_pickled_optimizer_continues_exactly_like_the_original(how, 
                     list(model2.parameters()) + list(opt2.modulator.parameters())):
         assert torch.equal(a, b)
     assert opt2.global_step == opt.global_step == 9 and opt2.meta_updates == opt.meta_updates == 3
+
+
+@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_an_empty_parameter_leaves_every_statistic_and_update_finite(features, foreach):
+    """An empty tensor (a zero-length prompt, a pruned layer) has no zeros: its sparsity is 0, not
+    0/0, which the encoder would have spread to every group's multipliers."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    model.register_parameter("prefix", nn.Parameter(torch.zeros(0, 6)))
+    opt = MetaAdamW(model.named_parameters(), features=features, foreach=foreach, **small_kwargs(modulator_heads=1))
+    batches = regression_batches(3)
+
+    def loss_fn(m, batch):
+        return mse(m, (torch.cat([m.prefix, batch[0]]), batch[1]))
+
+    for b in batches:
+        opt.zero_grad()
+        loss_fn(model, b).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.isfinite(opt.multipliers.alpha).all() and torch.isfinite(opt.multipliers.beta).all()
+    empty = [info.index for info in opt.tensor_info if info.name == "prefix"]
+    for key in ("grad_sparsity", "exp_avg_sparsity"):
+        if key in opt._stats:
+            assert opt._stats[key][empty].tolist() == [0.0]
+            assert ((opt._stats[key] >= 0) & (opt._stats[key] <= 1)).all()
+    record = opt.meta_step(model, loss_fn, *batches)
+    assert not record.skipped and all(math.isfinite(a) for a in record.alpha)
 
 
 def test_step_on_a_model_with_mixed_dtypes_of_gradients():
