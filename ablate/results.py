@@ -136,49 +136,115 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | Non
 
 
 def finished_trial_ids(out_dir: str | os.PathLike, statuses: tuple[str, ...] = ("ok", "diverged")) -> set[str]:
-    """Ids of the trials whose results are on disk with one of ``statuses``."""
-    trials = _read_parts(Path(out_dir), "trials")
+    """Ids of the trials whose results are on disk, complete and readable, with one of ``statuses``
+    (a trial with a damaged part that the combined tables cannot stand in for is not finished:
+    ``--resume`` recomputes it)."""
+    stored = _read_tables(Path(out_dir))
+    for trial_id, why in stored.damaged.items():
+        warnings.warn(f"{why}, and the combined tables do not hold its rows: trial {trial_id} counts as not finished "
+                      f"and is computed again", stacklevel=2)
+    trials = stored.tables["trials"]
     if trials.empty:
         return set()
     return set(trials.loc[trials["status"].isin(statuses), "trial_id"])
 
 
-def _read_parts(out_dir: Path, table: str) -> pd.DataFrame:
-    files = sorted((out_dir / PARTS_DIR).glob(f"*.{table}.parquet"))
-    frames = []
-    for f in files:
-        try:
-            frames.append(pd.read_parquet(f))
-        except Exception as exc:  # never let one unreadable file hide every other result
-            raise RuntimeError(
-                f"could not read result part {f}: {type(exc).__name__}: {exc}. Parts are written "
-                f"atomically, so this file was damaged after it was written; delete it and rerun "
-                f"the study with --resume to recompute that trial"
-            ) from exc
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
-    if table == "trials":
-        if "finished_at" in df:
-            df = df.sort_values("finished_at", kind="stable")
-        df = df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
-    return df
+@dataclasses.dataclass
+class _Stored:
+    """What :func:`_read_tables` found: the tables, the trials left out (trial id -> why) and the
+    parts that the combined tables stood in for ((table, trial id) -> their rows)."""
+
+    tables: dict[str, pd.DataFrame]
+    damaged: dict[str, str]
+    recovered: dict[tuple[str, str], pd.DataFrame]
+
+
+def _read_tables(out_dir: Path) -> _Stored:
+    """The three tables from the parts (each falling back to its combined file when it has no
+    parts), without the trials whose parts are damaged.
+
+    Parts are written atomically, history and telemetry before the trial row, so an unreadable
+    part, or a trial row without its history or telemetry part, was damaged afterwards (a disk
+    fault, a careless copy or clean-up). That trial's rows then come from the combined table that
+    the last ``ablate run`` wrote, where it has them (:func:`consolidate` rewrites the part from
+    them); otherwise the trial is left out of all three tables, as if it had not finished, so that
+    ``ablate run --resume`` computes it again. Nothing is deleted."""
+    parts = out_dir / PARTS_DIR
+    files = {table: sorted(parts.glob(f"*.{table}.parquet")) for table in TABLES}
+    finished = {f.name.split(".")[0] for f in files["trials"]}
+    tables: dict[str, pd.DataFrame] = {}
+    damaged: dict[str, str] = {}
+    recovered: dict[tuple[str, str], pd.DataFrame] = {}
+    for table in TABLES:
+        frames, unreadable = [], {}
+        for f in files[table]:
+            try:
+                frames.append(pd.read_parquet(f))
+            except Exception as exc:  # one unreadable file must not hide every other result
+                unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
+        if table != "trials":
+            for trial_id in sorted(finished - {f.name.split(".")[0] for f in files[table]}):
+                unreadable[trial_id] = f"result part {parts / f'{trial_id}.{table}.parquet'} is missing"
+        combined_path = out_dir / f"{table}.parquet"
+        combined = pd.DataFrame()
+        if combined_path.exists() and (unreadable or not frames):
+            try:
+                combined = pd.read_parquet(combined_path)
+            except Exception as exc:
+                if not frames and not unreadable:
+                    raise RuntimeError(f"could not read {combined_path} ({type(exc).__name__}: {exc}), and there are "
+                                       f"no result parts beside it to read instead") from exc
+        if not frames and not unreadable:
+            tables[table] = combined
+            continue
+        in_combined = set(combined["trial_id"]) if "trial_id" in combined else set()
+        for trial_id, why in unreadable.items():
+            # (a trial's history and telemetry may have no rows: then its trial row says it was combined)
+            if trial_id in in_combined or (table != "trials" and trial_id in _ids_in(out_dir / "trials.parquet")):
+                rows = combined[combined["trial_id"] == trial_id] if in_combined else pd.DataFrame()
+                frames.append(rows)
+                recovered[(table, trial_id)] = rows
+                warnings.warn(f"{why}: its rows come from {combined_path} instead (`ablate run` rewrites the part "
+                              f"from them)", stacklevel=3)
+            else:
+                damaged.setdefault(trial_id, why)
+        frames = [f for f in frames if len(f)]
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if table == "trials" and len(df):
+            if "finished_at" in df:
+                df = df.sort_values("finished_at", kind="stable")
+            df = df.drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+        tables[table] = df
+    if damaged:
+        for table, df in tables.items():
+            if len(df) and "trial_id" in df:
+                tables[table] = df[~df["trial_id"].isin(list(damaged))].reset_index(drop=True)
+    return _Stored(tables, damaged, {k: v for k, v in recovered.items() if k[1] not in damaged})
+
+
+def _ids_in(path: Path) -> set[str]:
+    """Trial ids of a combined table (empty when it is missing or unreadable)."""
+    try:
+        return set(pd.read_parquet(path, columns=["trial_id"])["trial_id"]) if path.exists() else set()
+    except Exception:
+        return set()
 
 
 def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Results:
     """Load a study's tables (from its parts, falling back to the consolidated files): the trials of
     the study as last run in ``out_dir`` (see :data:`MANIFEST`), or every stored trial with
-    ``all_trials=True``."""
+    ``all_trials=True``. A trial with an unreadable part is left out, with a warning, unless the
+    combined tables hold its rows (see :func:`_read_tables`)."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         raise FileNotFoundError(f"no results directory at {out_dir}; run `ablate run SPEC` first")
-    tables = {}
-    for name in TABLES:
-        df = _read_parts(out_dir, name)
-        if df.empty and (out_dir / f"{name}.parquet").exists():
-            df = pd.read_parquet(out_dir / f"{name}.parquet")
-        tables[name] = df
+    stored = _read_tables(out_dir)
+    tables, damaged = stored.tables, stored.damaged
+    if damaged:
+        warnings.warn(
+            f"{out_dir}: {len(damaged)} trial(s) left out, as not finished, because a result part is damaged and the "
+            f"combined tables do not hold its rows: " + "; ".join(f"{t}: {why}" for t, why in damaged.items())
+            + ". `ablate run SPEC --out ... --resume` computes them again.", stacklevel=2)
     if tables["trials"].empty and not (out_dir / PARTS_DIR).exists():
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet)")
     manifest = None if all_trials else read_manifest(out_dir)
@@ -211,6 +277,10 @@ def _as_in_manifest(trials: pd.DataFrame, manifest: Mapping[str, Mapping[str, An
 
 def consolidate(out_dir: str | os.PathLike) -> Results:
     """Write the combined tables next to the parts and return them."""
+    for (table, trial_id), rows in _read_tables(Path(out_dir)).recovered.items():  # damaged parts, repaired
+        if rows.empty:
+            rows = pd.DataFrame({"trial_id": pd.Series([], dtype="string")})
+        atomic_write_parquet(rows.reset_index(drop=True), Path(out_dir) / PARTS_DIR / f"{trial_id}.{table}.parquet")
     results = load_results(out_dir)
     for name in TABLES:
         atomic_write_parquet(getattr(results, name), Path(out_dir) / f"{name}.parquet")

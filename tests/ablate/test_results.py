@@ -1,0 +1,76 @@
+"""Result parts that were damaged after they were written: what the combined tables can restore is
+restored, and what they cannot is counted as not finished (``--resume`` computes it again); nothing
+already stored is lost on the way."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ablate.results import PARTS_DIR, consolidate, finished_trial_ids, load_results, write_manifest, write_trial
+
+
+def _study(out: Path) -> None:
+    """Two finished trials (three epochs of history and two meta-updates each), combined."""
+    for k, trial_id in enumerate(("aaaaaaaaaaaa", "bbbbbbbbbbbb")):
+        write_trial(out, {"trial_id": trial_id, "study": "s", "arm": f"arm{k}", "status": "ok", "best_metric": 0.5 + k,
+                          "finished_at": f"2026-11-30T10:0{k}:00"},
+                    history_rows=[{"epoch": e, "val_mse": 1.0 / e + k} for e in (1, 2, 3)],
+                    telemetry_rows=[{"meta_update": m, "alpha": 1.0 + m} for m in (0, 1)])
+    write_manifest(out, "s", {"aaaaaaaaaaaa": {"study": "s", "arm": "arm0"}, "bbbbbbbbbbbb": {"study": "s", "arm": "arm1"}})
+    consolidate(out)
+
+
+def _damage(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+@pytest.mark.parametrize("table, how", [("trials", "truncated"), ("history", "truncated"), ("telemetry", "truncated"),
+                                        ("history", "deleted"), ("telemetry", "deleted")])
+def test_a_damaged_part_is_restored_from_the_combined_tables_and_rewritten(tmp_path, table, how):
+    _study(tmp_path)
+    before = load_results(tmp_path)
+    part = tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet"
+    if how == "truncated":
+        _damage(part)
+    else:  # (without its trials part, a trial is one that did not finish)
+        part.unlink()
+    with pytest.warns(UserWarning, match=f"aaaaaaaaaaaa.{table}.parquet is (unreadable|missing).*rows come from"):
+        after = load_results(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        key = ["trial_id"] + (["epoch"] if name == "history" else ["meta_update"] if name == "telemetry" else [])
+        got = getattr(after, name).sort_values(key).reset_index(drop=True)
+        want = getattr(before, name).sort_values(key).reset_index(drop=True)
+        assert got[want.columns].equals(want), name
+    with pytest.warns(UserWarning, match="rows come from"):
+        assert finished_trial_ids(tmp_path) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}
+    with pytest.warns(UserWarning, match="rows come from"):
+        consolidate(tmp_path)  # rewrites the part from the combined rows, and keeps the combined rows
+    assert part.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # repaired: no warning any more
+        again = load_results(tmp_path)
+    assert len(again.history) == 6 and len(again.telemetry) == 4 and len(again.trials) == 2
+
+
+@pytest.mark.parametrize("table", ["trials", "history", "telemetry"])
+def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_keeps_the_others(tmp_path, table):
+    _study(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        (tmp_path / f"{name}.parquet").unlink()  # results copied without the combined tables
+    _damage(tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet")
+    with pytest.warns(UserWarning, match="aaaaaaaaaaaa.*computed again"):
+        assert finished_trial_ids(tmp_path) == {"bbbbbbbbbbbb"}
+    with pytest.warns(UserWarning, match="1 trial.*left out.*--resume"):
+        res = load_results(tmp_path)
+    assert list(res.trials["trial_id"]) == ["bbbbbbbbbbbb"]
+    assert set(res.history["trial_id"]) == {"bbbbbbbbbbbb"} and len(res.history) == 3
+    assert set(res.telemetry["trial_id"]) == {"bbbbbbbbbbbb"} and len(res.telemetry) == 2
+    # the trial, computed again, replaces the damaged part
+    write_trial(tmp_path, {"trial_id": "aaaaaaaaaaaa", "study": "s", "arm": "arm0", "status": "ok", "best_metric": 0.5,
+                           "finished_at": "2026-11-30T11:00:00"}, history_rows=[{"epoch": 1, "val_mse": 1.0}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(consolidate(tmp_path).trials) == 2
