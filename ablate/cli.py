@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -70,6 +71,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+#: trial-config keys that ``ablate train`` takes as options of their own, not through --set
+_TRAIN_FLAGS = {"task": "--task", "optimizer": "--optimizer", "seed": "--seed", "data": "--data",
+                "data_dir": "--data-dir"}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ablate.trial import Trial
 
@@ -78,7 +84,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         config["data"] = args.data
     if args.data_dir:
         config["data_dir"] = args.data_dir
-    config.update(_parse_sets(args.set or []))
+    sets = _parse_sets(args.set or [])
+    flagged = sorted(k for k in sets if k in _TRAIN_FLAGS)
+    if flagged:
+        print(f"ablate: error: --set {flagged[0]}=... would silently replace {_TRAIN_FLAGS[flagged[0]]}: give "
+              f"{_TRAIN_FLAGS[flagged[0]]} instead", file=sys.stderr)
+        return 2
+    config.update(sets)
     trial = Trial(config)
     cfg = trial.config
     print(f"trial {trial.trial_id}: task={cfg['task']} data={trial.task.data_source} optimizer={cfg['optimizer']} "
@@ -111,7 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if tests:
         print("test split (best weights): " + ", ".join(f"{k[5:]}={v:.6g}" for k, v in tests.items()))
     if args.json:
-        print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (list, dict))}, default=str))
+        # strict JSON: a diverged trial's NaN metrics are null, as in the sweep's results
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+                          if not isinstance(v, (list, dict))}, default=str, allow_nan=False))
     return 0 if row["status"] == "ok" else 1
 
 

@@ -33,6 +33,13 @@ class ConfigError(ValueError):
     """A trial config (or a study file) is invalid; the message names the key and the fix."""
 
 
+class CrossKeyError(ConfigError):
+    """A constraint between keys is broken (``d_model`` a multiple of ``n_heads``, ``seq_len`` within
+    the split). :func:`resolve_config` raises it for a complete trial config; the study file's
+    checks of one setting or one mapping alone (``cross_keys=False``) leave it to the trials'
+    configs, where the other key may come from another layer (the baseline, an override, an arm)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
     name: str
@@ -208,8 +215,10 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
         raise ConfigError(f"{where}: {key}={value!r} must be {field.check_doc} ({field.doc})")
 
 
-def resolve_config(config: Mapping[str, Any], where: str = "trial config") -> dict[str, Any]:
-    """Fill defaults (common, task, embedded) and validate; returns a new flat dict."""
+def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cross_keys: bool = True) -> dict[str, Any]:
+    """Fill defaults (common, task, embedded) and validate; returns a new flat dict.
+    ``cross_keys=False`` skips the constraints between keys (:class:`CrossKeyError`): for checking
+    part of a config, against defaults that another part may replace."""
     if "task" not in config or config["task"] is None:
         raise ConfigError(f"{where}: 'task' is required; choose one of: {', '.join(_task_names())}")
     validate_value("task", config["task"], where)
@@ -243,7 +252,16 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config") -> di
     for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial
         if field.type is float and resolved[key] is not None:
             resolved[key] = float(resolved[key])
-    _check_contradictions(resolved, config, where)
+    try:
+        _check_contradictions(resolved, config, where)
+        if spec.check is not None:  # the task's own keys: ranges, choices, constraints between them
+            try:
+                spec.check(dict(resolved))
+            except ValueError as exc:  # ConfigError included
+                raise (CrossKeyError if isinstance(exc, CrossKeyError) else ConfigError)(f"{where}: {exc}") from None
+    except CrossKeyError:
+        if cross_keys:
+            raise
     if resolved["meta_per_epoch"] is not None:
         resolved["meta_every"] = None  # set from the epoch length by the trial; keeps resolution idempotent
     return resolved
@@ -267,7 +285,7 @@ def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) 
         )
     width = resolved.get("modulator_width")
     if width is not None and width % resolved["modulator_heads"]:
-        raise ConfigError(
+        raise CrossKeyError(
             f"{where}: modulator_width={width} is not a multiple of modulator_heads={resolved['modulator_heads']}"
         )
     if resolved["data"] == "embedded" and given.get("data_dir"):

@@ -258,7 +258,7 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path) -> Path | Non
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
     x = np.arange(len(rows))
     ax.bar(x, mean, yerr=np.nan_to_num(err), capsize=4, color=["C2" if m >= 0 else "C3" for m in mean])
-    tops = np.nanmax(np.vstack([mean, mean + np.nan_to_num(err[1])]), axis=0)
+    tops = mean + np.nan_to_num(err[1])  # (the error bars are >= 0; NaN for an arm without ok trials)
     for xi, top, sig in zip(x, tops, rows["significant"]):
         if sig:
             ax.annotate("*", (xi, top), ha="center", va="bottom", fontsize=16)

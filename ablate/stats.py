@@ -607,9 +607,10 @@ def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.Da
     exploded = explode_arms(_ok(results.trials))
     if exploded.empty:
         return pd.DataFrame()
+    every = explode_arms(results.trials)  # arms and tasks without an ok trial stay, as inf
     means = exploded.groupby(["task", "arm"])["best_metric"].mean().unstack("arm")
-    if arms is not None:
-        means = means.reindex(columns=list(arms))
+    means = means.reindex(index=list(pd.unique(every["task"])),
+                          columns=list(arms) if arms is not None else list(pd.unique(every["arm"])))
     ratios = {}
     for task, row in means.iterrows():
         vals = row.where(row > 0)

@@ -633,7 +633,8 @@ def _check_settings(ctx: _Context, settings: Any, path: str, tasks: list[str], *
     for key, value in settings.items():
         _check_value(ctx, key, value, f"{path}.{key}", tasks, adamw=adamw)
     for task in tasks:  # contradictions within the mapping, against each task's defaults
-        resolve_config({"task": task, "data": ctx.data, **settings}, where=f"{ctx.where(path)} (task {task})")
+        resolve_config({"task": task, "data": ctx.data, **settings}, where=f"{ctx.where(path)} (task {task})",
+                       cross_keys=False)  # (another layer may set the other key: the trials' configs check them)
     return dict(settings)
 
 
@@ -649,8 +650,9 @@ def _check_value(ctx: _Context, key: str, value: Any, path: str, tasks: list[str
         validate_value(key, value, ctx.where(path))
     else:
         _check_task_key(ctx, key, path, tasks)
-    for task in tasks:  # the value against each task's defaults (a task key's type, modulator_width vs heads)
-        resolve_config({"task": task, "data": ctx.data, key: value}, where=f"{ctx.where(path)} (task {task})")
+    for task in tasks:  # the value against each task's defaults (a task key's type and range)
+        resolve_config({"task": task, "data": ctx.data, key: value}, where=f"{ctx.where(path)} (task {task})",
+                       cross_keys=False)
 
 
 def _check_task_key(ctx: _Context, key: str, path: str, tasks: list[str]) -> None:

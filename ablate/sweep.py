@@ -52,6 +52,26 @@ class _NoMetricFilesFilter(logging.Filter):
 _NO_METRIC_FILES = _NoMetricFilesFilter()
 
 
+class _NoRestoreHintFilter(logging.Filter):
+    """Drops Ray Tune's "Experiment has been interrupted ... Resume experiment with:
+    Tuner.restore(...)" warning: ``ablate`` continues an interrupted study with its own command
+    (which it prints), and an experiment restore cannot extend a sweep."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Experiment has been interrupted")
+
+
+_NO_RESTORE_HINT = _NoRestoreHintFilter()
+
+
+def ray_storage_path(storage: str | None) -> str | None:
+    """``--storage`` as Ray Tune needs it: a URI as given, a local path made absolute (Ray Tune
+    reads a relative path as a URI without a scheme, and fails once the sweep has started)."""
+    if storage is None or "://" in storage:
+        return storage
+    return str(Path(os.path.expanduser(storage)).resolve())
+
+
 #: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once
 #: the trial's results are stored)
 CHECKPOINTS_DIR = "checkpoints"
@@ -145,6 +165,7 @@ class SweepOutcome:
     failed: int
     results: store.Results
     unfinished: int = 0  # trials neither recorded nor failed: the run was interrupted (Ctrl-C)
+    unfinished_trials: list[str] = dataclasses.field(default_factory=list)  # "<id> (task, arm, seed N)"
 
 
 def _labels(spec: TrialSpec, study: Study) -> dict[str, Any]:
@@ -309,6 +330,7 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
     environment. Returns True when this call started or joined Ray (and should shut it down)."""
     import ray
 
+    logging.getLogger("ray.tune.tune").addFilter(_NO_RESTORE_HINT)
     if ray.is_initialized():
         return False
     runtime_env: dict[str, Any] = {}
@@ -424,6 +446,7 @@ def run_study(
     unless ``keep_checkpoints``: on the paper's study they would take tens of GB."""
     from ray import tune
 
+    storage = ray_storage_path(storage)
     check_resources(study, address, num_cpus)
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
         check_real_data(study)
@@ -441,6 +464,8 @@ def run_study(
           f"-> {out_dir}", flush=True)
     _note_idle_trials(study)
     if not pending:
+        if storage is None and not keep_checkpoints:
+            _remove_ray_copies(out_dir, study)
         return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
 
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
@@ -485,12 +510,14 @@ def run_study(
             import ray
 
             ray.shutdown()
-    unfinished = len(set(by_id) - recorder.written - recorder.failed_ids)
+    left = [t for t in pending if t.trial_id not in recorder.written | recorder.failed_ids]
+    unfinished = len(left)
     if not unfinished and storage is None and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
-        shutil.rmtree(Path(storage_path) / run_name, ignore_errors=True)
+        _remove_ray_copies(out_dir, study)
+    names = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in left]
     if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
-        print(f"\ninterrupted: {unfinished} trial(s) did not finish; continue them from their last checkpoint "
-              f"with `ablate run {study.path or 'SPEC'} --resume` (finished trials are kept and reused)", flush=True)
+        print(f"\ninterrupted: {unfinished} trial(s) did not finish: {'; '.join(names[:10])}"
+              f"{f'; and {unfinished - 10} more' if unfinished > 10 else ''}", flush=True)
     has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
     if has_parts:
         results = store.consolidate(out_dir)
@@ -498,7 +525,7 @@ def run_study(
         import pandas as pd
 
         results = store.Results(*(pd.DataFrame() for _ in store.TABLES))
-    return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results, unfinished)
+    return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results, unfinished, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +575,40 @@ def run_command(args) -> int:
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints)
     print(summary_table(outcome.results))
     print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"
-          + (f", {outcome.unfinished} interrupted (continue with --resume)" if outcome.unfinished else "")
+          + (f", {outcome.unfinished} interrupted" if outcome.unfinished else "")
           + f"; results in {outcome.out_dir} "
           f"(load them with ablate.results.load_results, or run `ablate report {outcome.out_dir}`)")
+    if outcome.unfinished:
+        print(f"continue the interrupted trials from their last checkpoint (finished trials are kept and reused) "
+              f"with:\n  {resume_command(args)}", flush=True)
     return 130 if outcome.unfinished else 1 if outcome.failed else 0
+
+
+def _remove_ray_copies(out_dir: Path, study: Study) -> None:
+    """Delete Ray Tune's experiment directories of ``study`` under ``OUT/ray`` - this run's and those
+    of earlier runs that were interrupted - once every trial is recorded: their checkpoints (one
+    per trial) would otherwise stay behind, and ``--resume`` reads the stable ones."""
+    for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
+        if run_dir.is_dir():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def resume_command(args) -> str:
+    """The ``ablate run`` (or ``ablate tune``) command line that continues the one of ``args``:
+    the same study file, output directory, storages, cluster and options."""
+    import shlex
+
+    words = ["ablate", args.command, args.spec]
+    for flag, value in (("--out", getattr(args, "out", None)), ("--storage", getattr(args, "storage", None)),
+                        ("--study-storage", getattr(args, "study_storage", None)),
+                        ("--address", getattr(args, "address", None)),
+                        ("--max-concurrent", getattr(args, "max_concurrent", None)),
+                        ("--extra-seeds", getattr(args, "extra_seeds", None)),
+                        ("--trials", getattr(args, "trials", None))):
+        if value is not None:
+            words += [flag, str(value)]
+    if getattr(args, "keep_checkpoints", False):
+        words.append("--keep-checkpoints")
+    if args.command == "run":
+        words.append("--resume")
+    return shlex.join(words)

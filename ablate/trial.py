@@ -66,7 +66,8 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but CUDA is not available here; use device: cpu or auto")
+        raise ConfigError("device='cuda' but CUDA is not available here (torch.cuda.is_available() is False): "
+                          "use device: cpu or auto")
     return torch.device(name)
 
 

@@ -615,10 +615,18 @@ def open_storage(location: str):
     """An Optuna storage for a journal file path or a database URL."""
     from optuna.storages.journal import JournalFileBackend
 
-    if "://" in location:
-        return optuna.storages.RDBStorage(location)
-    Path(location).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.JournalStorage(JournalFileBackend(location))
+    try:
+        if "://" in location:
+            return optuna.storages.RDBStorage(location)
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(location))
+    except Exception as exc:  # a bad URL, a missing database driver, an unwritable directory
+        detail = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
+        raise ConfigError(
+            f"the Optuna study storage {location!r} (--study-storage, or tune.storage in the study file) cannot be "
+            f"opened: {type(exc).__name__}{': ' + detail if detail else ''}. Give a journal file path in a writable "
+            f"directory, or a database URL that SQLAlchemy can open (sqlite:///path.db; other databases need their "
+            f"driver installed, e.g. pip install psycopg2-binary for postgresql://)") from exc
 
 
 def dashboard_command(location: str) -> str:
@@ -1017,8 +1025,9 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
              num_cpus: int | None = None) -> TuneOutcome:
     """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
     outputs (best values, history, importances) from the stored studies."""
-    from ablate.sweep import check_resources, init_ray
+    from ablate.sweep import check_resources, init_ray, ray_storage_path
 
+    ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
     out_dir.mkdir(parents=True, exist_ok=True)
     location = storage_location(spec, out_root, study_storage)
@@ -1202,7 +1211,9 @@ def tune_command(args) -> int:
         return 1
     print(format_summary(outcome), flush=True)
     if outcome.interrupted:
+        from ablate.sweep import resume_command
+
         print(f"interrupted during {outcome.interrupted[0]}; the searches of the targets after it did not start. "
-              f"Extend the stored studies with `ablate tune {args.spec}` (finished suggestions are kept)", flush=True)
+              f"Extend the stored studies (finished suggestions are kept) with:\n  {resume_command(args)}", flush=True)
         return 130
     return 0

@@ -20,6 +20,10 @@ it (``data``, ``data_dir``, ``seed``, and its own model keys such as ``d_model``
 
 Batches are moved to the trial's device by :func:`move_to_device` (tensors, and tuples / lists /
 dicts of tensors).
+
+A task may also register ``check(config)``, which range-checks its own keys in the resolved config
+(:attr:`TaskSpec.check`); :func:`check_int`, :func:`check_probability`, :func:`check_choice`,
+:func:`check_bool` and :func:`check_multiple` raise the one-line errors the built-in tasks use.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ablate.config import ConfigError, CrossKeyError, is_number
 from metaadamw.registry import Registry
 
 TASKS = Registry("task", "ablate.tasks", export_name="TASKS")
@@ -90,6 +95,13 @@ class TaskSpec:
     #: DatasetNotFoundError naming the expected paths when one is missing: lets ``ablate run``
     #: refuse a study before Ray starts instead of failing every trial in a worker. Optional.
     locate: Callable[[dict], list[Path]] | None = None
+    #: ``check(config)`` validates the task's own keys (model sizes, dropout, choices, and
+    #: constraints between keys such as ``d_model`` a multiple of ``n_heads``) in the fully resolved
+    #: config, raising ablate.config.ConfigError (or ValueError) with a one-line message that names
+    #: the key, the bad value and the allowed range or the fix: :func:`ablate.config.resolve_config`
+    #: calls it, so a bad value is refused before Ray starts (``ablate run``, ``ablate train``: exit
+    #: code 2) instead of failing every trial in a worker. Optional; see :func:`check_int` and friends.
+    check: Callable[[dict], None] | None = None
 
     @property
     def metric(self) -> Metric:
@@ -108,9 +120,10 @@ def register_task(
     description: str = "",
     aliases: tuple[str, ...] = (),
     locate: Callable[[dict], list[Path]] | None = None,
+    check: Callable[[dict], None] | None = None,
 ) -> Callable:
     """Decorator registering a task factory ``factory(config) -> TaskInstance`` (``locate``: see
-    :attr:`TaskSpec.locate`)."""
+    :attr:`TaskSpec.locate`; ``check``: see :attr:`TaskSpec.check`)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
         spec = TaskSpec(
@@ -121,6 +134,7 @@ def register_task(
             embedded_defaults=dict(embedded_defaults or {}),
             description=description or (factory.__doc__ or "").strip().split("\n")[0],
             locate=locate,
+            check=check,
         )
         TASKS.add(name, spec)
         for alias in aliases:
@@ -128,6 +142,51 @@ def register_task(
         return factory
 
     return decorator
+
+
+# -- checks of task keys, for TaskSpec.check -------------------------------------------------------
+#
+# Each raises ConfigError "TASK: KEY=VALUE must be ... (what the key is)" for config[key].
+
+
+def _bad(config: Mapping[str, Any], key: str, requirement: str, what: str = "") -> ConfigError:
+    return ConfigError(f"{config['task']}: {key}={config[key]!r} {requirement}" + (f" ({what})" if what else ""))
+
+
+def check_int(config: Mapping[str, Any], key: str, what: str = "", minimum: int | None = 1) -> None:
+    """``config[key]`` is an integer (not a bool) >= ``minimum`` (any integer for ``None``)."""
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        raise _bad(config, key, "must be an integer" + (f" >= {minimum}" if minimum is not None else ""), what)
+
+
+def check_probability(config: Mapping[str, Any], key: str, what: str = "dropout probability") -> None:
+    """``config[key]`` is a number in [0, 1)."""
+    value = config[key]
+    if not (is_number(value) and 0 <= value < 1):
+        raise _bad(config, key, "must be a number in [0, 1)", what)
+
+
+def check_choice(config: Mapping[str, Any], key: str, allowed: Iterable[str]) -> None:
+    """``config[key]`` is one of ``allowed``."""
+    allowed = tuple(allowed)
+    if config[key] not in allowed:
+        raise _bad(config, key, f"is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_bool(config: Mapping[str, Any], key: str, what: str = "") -> None:
+    """``config[key]`` is true or false."""
+    if not isinstance(config[key], bool):
+        raise _bad(config, key, "must be true or false", what)
+
+
+def check_multiple(config: Mapping[str, Any], key: str, of: str) -> None:
+    """``config[key]`` is a multiple of ``config[of]`` (both already checked to be positive integers)."""
+    if config[key] % config[of]:
+        raise CrossKeyError(
+            f"{config['task']}: {key}={config[key]} is not a multiple of {of}={config[of]}: "
+            f"choose {key} divisible by {of}"
+        )
 
 
 def get_task(name: str) -> TaskSpec:

@@ -35,11 +35,14 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from ablate.config import ConfigError
 from ablate.files import atomic_write_bytes
 from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
     TaskInstance,
+    check_bool,
+    check_int,
     classifier_loss,
     evaluate_classifier,
     register_download,
@@ -286,6 +289,19 @@ def majority_accuracy(train_labels: np.ndarray, val_labels: np.ndarray) -> float
 # -- the task ----------------------------------------------------------------------------------
 
 
+def check(config: dict) -> None:
+    """The task keys of a resolved config (:attr:`ablate.tasks.base.TaskSpec.check`)."""
+    check_int(config, "width", "channels of the first ResNet stage")
+    blocks = config["blocks"]
+    if not (isinstance(blocks, (list, tuple)) and blocks
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)):
+        raise ConfigError(
+            f"cifar10: blocks={blocks!r} must be a non-empty list of integers >= 1 (BasicBlocks per ResNet stage)"
+        )
+    check_int(config, "crop_padding", "zero padding of the random crop; 0: no crop", minimum=0)
+    check_bool(config, "hflip", "random horizontal flips")
+
+
 @register_task(
     "cifar10",
     metrics=[("accuracy", "max"), ("loss", "min")],
@@ -293,6 +309,7 @@ def majority_accuracy(train_labels: np.ndarray, val_labels: np.ndarray) -> float
     embedded_defaults=EMBEDDED_DEFAULTS,
     description="CIFAR-10 image classification with a ResNet-18",
     locate=locate,
+    check=check,
 )
 def build_cifar10_task(config: dict) -> TaskInstance:
     """Build the CIFAR-10 task (or its embedded digits variant) from a resolved trial config."""

@@ -43,11 +43,16 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ablate.config import ConfigError
+from ablate.config import ConfigError, CrossKeyError
 from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
     TaskInstance,
+    check_bool,
+    check_choice,
+    check_int,
+    check_multiple,
+    check_probability,
     evaluate_sums,
     register_download,
     register_task,
@@ -66,6 +71,7 @@ TRAIN_FRACTION = 0.8
 DAYS_PER_MONTH = 30
 EMBEDDED_SOURCE = "embedded:statsmodels-elnino"
 EMBEDDED_COLUMN = "sea_surface_temperature"
+EMBEDDED_STEPS = 732  # months in the El Nino series (len(load_embedded_series()), checked by the tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,12 +417,54 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
     )
 
 
+def max_seq_len(split: str, n_steps: int, month: int) -> int:
+    """The longest ``seq_len`` that :func:`split_bounds` accepts for a series of ``n_steps`` steps."""
+    return n_steps - 2 if split == "80/20" else 12 * month - 1
+
+
+def check_ett_config(config: dict, variant: EttVariant) -> None:
+    """The task keys of a resolved config (:attr:`ablate.tasks.base.TaskSpec.check`): the model's
+    sizes, dropout and choices, and ``seq_len`` against the split where the series length is known
+    without reading it (the embedded series; the 12 training months of a real 12/4/4 split)."""
+    check_int(config, "seq_len", "input window length in steps")
+    check_int(config, "d_model", "width of the Transformer")
+    check_int(config, "n_layers", "Transformer encoder layers")
+    check_int(config, "n_heads", "attention heads of the Transformer")
+    check_multiple(config, "d_model", "n_heads")
+    check_probability(config, "dropout")
+    check_choice(config, "pooling", POOLINGS)
+    check_choice(config, "split", SPLITS)
+    check_choice(config, "scaling", SCALINGS)
+    check_bool(config, "multivariate", "all seven ETT columns as input")
+    split, seq_len = config["split"], config["seq_len"]
+    if config["data"] == "embedded":
+        if config["multivariate"]:
+            raise ConfigError(
+                f"{variant.name}: multivariate=true needs the seven-column ETT file (data: real); "
+                f"the embedded El Nino series is univariate"
+            )
+        limit = max_seq_len(split, EMBEDDED_STEPS, EMBEDDED_STEPS // 20)
+        series = f"the embedded series has {EMBEDDED_STEPS} steps"
+    elif split == "12/4/4":
+        limit = max_seq_len(split, 20 * variant.month, variant.month)
+        series = f"its 12 training months are {12 * variant.month} steps"
+    else:
+        return  # the real series' length is known only once it is read
+    if seq_len > limit:
+        raise CrossKeyError(
+            f"{variant.name}: seq_len={seq_len} is too long for the {split} split ({series}): choose seq_len <= {limit}"
+        )
+
+
 def _register(variant: EttVariant) -> None:
     def factory(config: dict) -> TaskInstance:
         return build_ett_task(config, variant)
 
     def locate(config: dict) -> list[Path]:
         return [find_csv(resolve_data_dir(config, ETT_SUBDIR), variant)]
+
+    def check(config: dict) -> None:
+        check_ett_config(config, variant)
 
     factory.__doc__ = build_ett_task.__doc__
     register_task(
@@ -426,6 +474,7 @@ def _register(variant: EttVariant) -> None:
         embedded_defaults=EMBEDDED_DEFAULTS,
         description=f"{variant.filename[:-4]}: next-step oil temperature forecasting with a Transformer encoder",
         locate=locate,
+        check=check,
     )(factory)
     register_download(variant.name, variant.download)
 

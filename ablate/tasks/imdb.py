@@ -42,7 +42,16 @@ from pathlib import Path
 
 import torch
 
-from ablate.tasks.base import Download, TaskInstance, register_download, register_task, resolve_data_dir
+from ablate.config import ConfigError
+from ablate.tasks.base import (
+    Download,
+    TaskInstance,
+    check_int,
+    check_probability,
+    register_download,
+    register_task,
+    resolve_data_dir,
+)
 from ablate.tasks.base import classifier_loss, evaluate_classifier  # shared with cifar10
 from ablate.tasks.models_text import BiLSTMClassifier
 from ablate.tasks.text import PAD_ID, Vocab, dataset_error, tokenize
@@ -298,6 +307,19 @@ def embedded_splits() -> dict[str, list[Review]]:
 # --------------------------------------------------------------------------------------------
 
 
+def check(config: dict) -> None:
+    """The task keys of a resolved config (:attr:`ablate.tasks.base.TaskSpec.check`)."""
+    check_int(config, "embed_dim", "token embedding width")
+    check_int(config, "hidden_size", "LSTM hidden size per direction")
+    check_int(config, "num_layers", "bidirectional LSTM layers")
+    check_probability(config, "dropout")
+    check_int(config, "vocab_size", "most frequent training tokens kept, besides the specials")
+    check_int(config, "max_len", "tokens kept per review")
+    check_int(config, "split_seed", "seed of the train/validation split", minimum=None)
+    if config["csv_file"] is not None and not isinstance(config["csv_file"], str):
+        raise ConfigError(f"{TASK}: csv_file={config['csv_file']!r} must be a file name or null (the aclImdb tree)")
+
+
 @register_task(
     TASK,
     metrics=[("accuracy", "max"), ("loss", "min")],
@@ -313,6 +335,7 @@ def embedded_splits() -> dict[str, list[Review]]:
         embed_dim=32, hidden_size=32, num_layers=2, vocab_size=2000, max_len=64,
     ),
     locate=locate,
+    check=check,
 )
 def imdb(config: dict) -> TaskInstance:
     """IMDB movie-review sentiment classification with a bidirectional LSTM (accuracy)."""

@@ -43,7 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.tasks.base import Download, TaskInstance, evaluate_sums, register_download, register_task, resolve_data_dir
+from ablate.tasks.base import (
+    Download,
+    TaskInstance,
+    check_int,
+    check_multiple,
+    check_probability,
+    evaluate_sums,
+    register_download,
+    register_task,
+    resolve_data_dir,
+)
 from ablate.tasks.models_text import Seq2SeqTransformer
 from ablate.tasks.text import (
     BOS_ID,
@@ -397,6 +407,19 @@ def _target_ids(dataset: TranslationPairs) -> torch.Tensor:
     return torch.cat([tgt[1:] for _, tgt in dataset.items])
 
 
+def check(config: dict) -> None:
+    """The task keys of a resolved config (:attr:`ablate.tasks.base.TaskSpec.check`)."""
+    check_int(config, "d_model", "width of the Transformer")
+    check_int(config, "n_heads", "attention heads of the Transformer")
+    check_multiple(config, "d_model", "n_heads")
+    check_int(config, "n_encoder_layers", "encoder layers")
+    check_int(config, "n_decoder_layers", "decoder layers")
+    check_int(config, "dim_feedforward", "feed-forward width")
+    check_probability(config, "dropout")
+    check_int(config, "vocab_size", "most frequent training tokens kept, besides the specials")
+    check_int(config, "max_len", "tokens per sentence with <bos> and <eos>: room for at least one word", minimum=3)
+
+
 @register_task(
     TASK,
     metrics=[("ppl", "min"), ("loss", "min")],
@@ -413,6 +436,7 @@ def _target_ids(dataset: TranslationPairs) -> torch.Tensor:
         dropout=0.1, vocab_size=1000, max_len=40,
     ),
     locate=locate,
+    check=check,
 )
 def multi30k(config: dict) -> TaskInstance:
     """Multi30k German->English translation with a Transformer encoder-decoder (perplexity)."""

@@ -44,7 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.tasks.base import Download, TaskInstance, evaluate_sums, register_download, register_task, resolve_data_dir
+from ablate.config import ConfigError
+from ablate.tasks.base import (
+    Download,
+    TaskInstance,
+    check_int,
+    check_multiple,
+    check_probability,
+    evaluate_sums,
+    register_download,
+    register_task,
+    resolve_data_dir,
+)
 from ablate.tasks.models_text import MiniGPT
 from ablate.tasks.text import EOS, Vocab, dataset_error, perplexity_metrics, read_lines, unigram_cross_entropy
 
@@ -258,6 +269,8 @@ def generate_corpus(n_articles: int, seed: int) -> str:
 
 #: articles per split of the embedded variant, and each split's generator seed
 EMBEDDED_SPLITS = {"train": (420, 1), "val": (40, 2), "test": (40, 3)}
+#: tokens of the smallest embedded split (test; checked by the tests): a block needs block_size + 1
+EMBEDDED_MIN_TOKENS = 5373
 
 
 def embedded_splits() -> dict[str, list[str]]:
@@ -291,6 +304,23 @@ def evaluate(model: nn.Module, loader) -> dict[str, float]:
     return perplexity_metrics(totals["loss"] / count)
 
 
+def check(config: dict) -> None:
+    """The task keys of a resolved config (:attr:`ablate.tasks.base.TaskSpec.check`)."""
+    check_int(config, "d_model", "width of the MiniGPT")
+    check_int(config, "n_layers", "Transformer layers of the MiniGPT")
+    check_int(config, "n_heads", "attention heads of the MiniGPT")
+    check_multiple(config, "d_model", "n_heads")
+    check_probability(config, "dropout")
+    check_int(config, "block_size", "tokens per training block (the context length)")
+    check_int(config, "vocab_size", "most frequent training words kept, besides the specials")
+    limit = EMBEDDED_MIN_TOKENS - 1
+    if config["data"] == "embedded" and config["block_size"] > limit:  # the real files are checked when read
+        raise ConfigError(
+            f"{TASK}: block_size={config['block_size']} leaves the embedded test split ({EMBEDDED_MIN_TOKENS} tokens) "
+            f"without a block: choose block_size <= {limit}"
+        )
+
+
 @register_task(
     TASK,
     metrics=[("ppl", "min"), ("loss", "min")],
@@ -305,6 +335,7 @@ def evaluate(model: nn.Module, loader) -> dict[str, float]:
         d_model=64, n_layers=2, n_heads=4, dropout=0.1, block_size=64, vocab_size=500,
     ),
     locate=locate,
+    check=check,
 )
 def wikitext2(config: dict) -> TaskInstance:
     """WikiText-2 word-level language modelling with a MiniGPT (perplexity)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ablate.config import ConfigError, identity_config, resolve_config, trial_id
-from ablate.tasks import get_task
+from ablate.config import ConfigError, identity_config, resolve_config, task_fields, trial_id
+from ablate.tasks import TASKS, get_task, register_task
 
 
 @pytest.mark.parametrize("config", [
@@ -68,3 +68,148 @@ def test_bad_configs_name_the_key_and_the_fix(config, fragment):
     with pytest.raises(ConfigError) as err:
         resolve_config(config)
     assert fragment in str(err.value)
+
+
+# -- the tasks' own keys (TaskSpec.check) ---------------------------------------------------------
+
+ETT_TASKS = ("etth1", "etth2", "ettm1", "ettm2")
+BUILTIN_TASKS = (*ETT_TASKS, "wikitext2", "multi30k", "cifar10", "imdb")
+_POSITIVE = "must be an integer >= 1"
+_PROBABILITY = "must be a number in [0, 1)"
+# task -> (overrides, the key they break, what the message must say besides "key=value"); every
+# task key of every built-in task is in here (test_every_task_key_has_a_bad_value_case).
+_ETT_BAD = [
+    ({"seq_len": 0}, "seq_len", _POSITIVE),
+    ({"seq_len": None}, "seq_len", _POSITIVE),
+    ({"seq_len": 731}, "seq_len", "too long for the 80/20 split (the embedded series has 732 steps): choose seq_len <= 730"),
+    ({"seq_len": 432, "split": "12/4/4"}, "seq_len", "choose seq_len <= 431"),
+    ({"d_model": 0}, "d_model", _POSITIVE),
+    ({"d_model": 7}, "d_model", "is not a multiple of n_heads=4: choose d_model divisible by n_heads"),
+    ({"n_layers": 0}, "n_layers", _POSITIVE),
+    ({"n_heads": 0}, "n_heads", "must be an integer >= 1 (attention heads of the Transformer)"),
+    ({"n_heads": -2}, "n_heads", _POSITIVE),
+    ({"dropout": 2}, "dropout", _PROBABILITY),
+    ({"dropout": 1.0}, "dropout", _PROBABILITY),
+    ({"dropout": -0.1}, "dropout", _PROBABILITY),
+    ({"pooling": "max"}, "pooling", "is not allowed; choose one of: last, mean"),
+    ({"split": "70/30"}, "split", "is not allowed; choose one of: 80/20, 12/4/4"),
+    ({"scaling": "robust"}, "scaling", "is not allowed; choose one of: standard, standard_full, minmax"),
+    ({"multivariate": None}, "multivariate", "must be true or false"),
+]
+BAD_TASK_VALUES = {
+    **{task: _ETT_BAD for task in ETT_TASKS},
+    "wikitext2": [
+        ({"d_model": 0}, "d_model", _POSITIVE),
+        ({"d_model": 66}, "d_model", "is not a multiple of n_heads=4"),
+        ({"n_heads": 3}, "d_model", "is not a multiple of n_heads=3"),  # the embedded default d_model=64
+        ({"n_heads": 0}, "n_heads", _POSITIVE),
+        ({"n_layers": 0}, "n_layers", _POSITIVE),
+        ({"dropout": 1.5}, "dropout", _PROBABILITY),
+        ({"block_size": 0}, "block_size", _POSITIVE),
+        ({"block_size": 5373}, "block_size", "choose block_size <= 5372"),
+        ({"vocab_size": 0}, "vocab_size", _POSITIVE),
+    ],
+    "multi30k": [
+        ({"d_model": 0}, "d_model", _POSITIVE),
+        ({"d_model": 30}, "d_model", "is not a multiple of n_heads=4"),
+        ({"n_heads": 0}, "n_heads", _POSITIVE),
+        ({"n_encoder_layers": 0}, "n_encoder_layers", _POSITIVE),
+        ({"n_decoder_layers": 0}, "n_decoder_layers", _POSITIVE),
+        ({"dim_feedforward": 0}, "dim_feedforward", _POSITIVE),
+        ({"dropout": -1}, "dropout", _PROBABILITY),
+        ({"vocab_size": 0}, "vocab_size", _POSITIVE),
+        ({"max_len": 2}, "max_len", "must be an integer >= 3"),
+    ],
+    "cifar10": [
+        ({"width": 0}, "width", _POSITIVE),
+        ({"blocks": []}, "blocks", "must be a non-empty list of integers >= 1"),
+        ({"blocks": [2, 0]}, "blocks", "must be a non-empty list of integers >= 1"),
+        ({"blocks": [1, 1.5]}, "blocks", "must be a non-empty list of integers >= 1"),
+        ({"crop_padding": -1}, "crop_padding", "must be an integer >= 0"),
+        ({"hflip": None}, "hflip", "must be true or false"),
+    ],
+    "imdb": [
+        ({"embed_dim": 0}, "embed_dim", _POSITIVE),
+        ({"hidden_size": 0}, "hidden_size", _POSITIVE),
+        ({"num_layers": 0}, "num_layers", _POSITIVE),
+        ({"dropout": 1}, "dropout", _PROBABILITY),
+        ({"vocab_size": -5}, "vocab_size", _POSITIVE),
+        ({"max_len": 0}, "max_len", _POSITIVE),
+        ({"split_seed": None}, "split_seed", "must be an integer"),
+        ({"csv_file": 5}, "csv_file", "must be a file name or null"),
+    ],
+}
+
+
+@pytest.mark.parametrize("task, overrides, key, fragment", [
+    (task, overrides, key, fragment) for task, cases in BAD_TASK_VALUES.items() for overrides, key, fragment in cases
+])
+def test_task_keys_out_of_range_are_refused_naming_the_key_and_the_value(task, overrides, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        resolve_config({"task": task, **overrides}, where="s.yaml: overrides")
+    message = str(err.value)
+    value = overrides.get(key, resolve_config({"task": task})[key])  # n_heads=3 names the default d_model
+    assert message.startswith(f"s.yaml: overrides: {task}: ") and "\n" not in message, message
+    assert f"{key}={value!r}" in message and fragment in message, message
+
+
+def test_every_task_key_has_a_bad_value_case():
+    for task in BUILTIN_TASKS:
+        assert {key for _, key, _ in BAD_TASK_VALUES[task]} == set(task_fields(task)), task
+
+
+@pytest.mark.parametrize("task", BUILTIN_TASKS)
+@pytest.mark.parametrize("data", ["embedded", "real"])
+def test_builtin_defaults_pass_their_own_check(task, data):
+    spec = get_task(task)
+    assert spec.check is not None
+    resolved = resolve_config({"task": task, "data": data})
+    spec.check(resolved)  # raises on a default the task refuses
+    for key in task_fields(task):
+        expected = (spec.embedded_defaults if data == "embedded" else {}).get(key, spec.defaults.get(key))
+        assert resolved[key] == expected
+
+
+@pytest.mark.parametrize("task, overrides", [
+    ("etth1", {"seq_len": 730, "d_model": 6, "n_heads": 3, "n_layers": 1, "dropout": 0, "pooling": "mean"}),
+    ("ettm2", {"seq_len": 431, "split": "12/4/4", "scaling": "minmax"}),
+    ("etth1", {"data": "real", "seq_len": 5000, "multivariate": True}),  # the file's length is not known here
+    ("etth1", {"data": "real", "seq_len": 8639, "split": "12/4/4"}),
+    ("wikitext2", {"block_size": 5372, "vocab_size": 1, "d_model": 3, "n_heads": 3}),
+    ("wikitext2", {"data": "real", "block_size": 10000}),  # the real files are checked when read
+    ("multi30k", {"max_len": 3, "dim_feedforward": 1, "dropout": 0.0}),
+    ("cifar10", {"blocks": [1], "width": 1, "crop_padding": 0, "hflip": True}),
+    ("imdb", {"split_seed": -1, "csv_file": "reviews.csv", "data": "real", "max_len": 1}),
+])
+def test_task_keys_at_the_edge_of_their_range_pass(task, overrides):
+    resolved = resolve_config({"task": task, **overrides})
+    assert all(resolved[k] == v for k, v in overrides.items())
+
+
+def test_a_plugin_task_check_gets_the_resolved_config_and_its_errors_get_the_where_prefix():
+    seen = []
+
+    def check(config):
+        seen.append(dict(config))
+        if config["hidden"] > config["epochs"]:
+            raise ValueError(f"plug: hidden={config['hidden']} must be <= epochs={config['epochs']}")
+
+    register_task("plug_check", metrics=[("loss", "min")], defaults={"epochs": 3, "hidden": 2}, check=check)(lambda c: None)
+    try:
+        assert resolve_config({"task": "plug_check", "lr": 1})["hidden"] == 2
+        assert seen[-1]["lr"] == 1 and seen[-1]["epochs"] == 3 and seen[-1]["beta2"] == 0.999
+        with pytest.raises(ConfigError, match=r"^trial config: plug: hidden=4 must be <= epochs=3$"):
+            resolve_config({"task": "plug_check", "hidden": 4})
+    finally:
+        TASKS.remove("plug_check")
+
+
+def test_ablate_train_refuses_a_bad_task_key_with_one_line_and_exit_code_2(capsys):
+    from ablate.cli import main
+
+    assert main(["train", "--task", "etth1", "--set", "n_heads=0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "ablate: error: trial config: etth1: n_heads=0 must be an integer >= 1 (attention heads of the Transformer)\n"
+    )

@@ -364,7 +364,14 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         ([*train, "--resume", str(tmp_path / "garbage.pt")], "is not a readable ablate trial checkpoint"),
         (["data", "download", "nope"], "no download is registered for task 'nope'"),
         (["data", "download", "etth1", "--data-dir", str(tmp_path / "data")], "this needs the network"),
+        ([*train, "--set", "seed=5"], "--set seed=... would silently replace --seed: give --seed instead"),
+        ([*train, "--set", "task=cifar10"], "give --task instead"),
+        (["tune", "tune.yaml", "--study-storage", "foo://bar"], "the Optuna study storage 'foo://bar'"),
     ]
+    if not torch.cuda.is_available():
+        cases.append(([*train, "--set", "device=cuda"], "device='cuda' but CUDA is not available here"))
+    (tmp_path / "tune.yaml").write_text("name: t\ntasks: [etth1]\nseeds: 1\nbudget: {epochs: 3}\ntune: {trials: 1}\n")
+    monkeypatch.chdir(tmp_path)
     for argv, expected in cases:
         rc = main(argv)
         err = capsys.readouterr().err
@@ -373,3 +380,16 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as info:
         main(["train", "--task", "etth1", "--set", "bad"])
     assert info.value.code == 2 and "--set expects key=value" in capsys.readouterr().err
+
+
+def test_train_json_is_strict_json_with_null_for_a_diverged_trials_metrics(capsys):
+    import json
+
+    from ablate.cli import main
+
+    rc = main(["train", "--task", "etth1", "--no-progress", "--json", "--set", "epochs=1", "--set", "max_train_batches=3",
+               "--set", "lr=1e6", "--set", "num_threads=1"])
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # (json.loads refuses NaN? no: checked below)
+    assert rc == 1 and row["status"] == "diverged"
+    assert row["best_metric"] is None and row["best_mse"] is None
+    assert "NaN" not in json.dumps(row)

@@ -187,3 +187,19 @@ def test_ablate_report_says_in_one_line_how_many_stored_trials_the_study_left_ou
     err = done.stderr
     assert "ablate: warning: " in err and "1 stored trial(s) are not part of the study" in err
     assert "UserWarning" not in err and "results.py" not in err
+
+
+def test_an_arm_whose_every_trial_failed_stays_in_the_profile_and_draws_no_warning(tmp_path, report_kit):
+    import warnings
+
+    write_small_study(tmp_path, report_kit)
+    for seed in range(2):
+        row = report_kit.trial_row("etth1", "gating=true", seed, 1.0)
+        row.update(trial_id=f"diverged{seed}", arm="lr=1e6", arms='["lr=1e6"]', axis="lr", status="diverged",
+                   best_metric=float("nan"), stop_reason="diverged")
+        write_trial(tmp_path, row)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "All-NaN slice" came from the arm's bar in the ablation figure
+        md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    profile = md.split("Performance profile", 1)[1]
+    assert "lr=1e6" in profile and "inf" in profile

@@ -274,10 +274,12 @@ def test_performance_profile_values(tmp_path, report_kit):
     assert ratios.loc["etth1", "adamw"] == pytest.approx(1.25)  # min: arm / best
     assert ratios.loc["imdb", "baseline"] == pytest.approx(1.5)  # max: best / arm
     assert ratios.loc["etth1", "baseline"] == ratios.loc["imdb", "adamw"] == 1.0
-    assert "gating=true" not in ratios.columns  # its only trial failed: no ok result on any task
+    # its only trial failed: no ok result on any task, inf everywhere (never within any tau)
+    assert ratios["gating=true"].tolist() == [np.inf, np.inf]
     profile = stats.performance_profile(results, taus=[1.0, 1.25, 1.3, 1.5])
     assert list(profile["adamw"]) == [0.5, 1.0, 1.0, 1.0]
     assert list(profile["baseline"]) == [0.5, 0.5, 0.5, 1.0]
+    assert list(profile["gating=true"]) == [0.0, 0.0, 0.0, 0.0]
 
 
 def test_performance_profile_arm_without_ok_trials_is_never_within_tau(report_study):

@@ -494,7 +494,22 @@ def test_bad_extra_seeds(tmp_path, extra, expected):
 def test_a_value_that_contradicts_a_task_default_names_the_field_and_the_task(tmp_path):
     with stand_in_tasks({"tiny_heads": {"defaults": {"modulator_heads": 5}}}):
         message = error(tmp_path, {**BASE, "tasks": ["tiny_ts", "tiny_heads"], "ablations": {"modulator_width": [12]}})
-    assert "s.yaml: ablations.modulator_width[0] (task tiny_heads)" in message and "multiple of modulator_heads=5" in message
+    assert "s.yaml: arm 'modulator_width=12' on task 'tiny_heads'" in message
+    assert "modulator_width=12 is not a multiple of modulator_heads=5" in message
+
+
+def test_keys_constrained_together_may_come_from_different_layers(tmp_path):
+    # modulator_width must be a multiple of modulator_heads (and a task's d_model of its n_heads):
+    # a width set by an arm is checked against the heads of the trial's whole config, not the defaults
+    study = load(tmp_path, baseline={"modulator_heads": 5}, ablations={"modulator_width": [10, 20]})
+    assert {t.config["modulator_width"] for t in study.trials} == {None, 10, 20}
+    study = load(tmp_path, tasks=["etth1"], overrides={"etth1": {"d_model": 96, "n_heads": 3}})
+    assert {(t.config["d_model"], t.config["n_heads"]) for t in study.trials} == {(96, 3)}
+    study = load(tmp_path, tasks=["etth1"], baseline={"n_heads": 3}, overrides={"etth1": {"d_model": 96}})
+    assert {t.arm: (t.config["d_model"], t.config["n_heads"]) for t in study.trials} == {
+        "baseline": (96, 3), "adamw": (96, 4)}  # (the AdamW arm has no baseline settings)
+    message = error(tmp_path, {**BASE, "tasks": ["etth1"], "overrides": {"etth1": {"n_heads": 3}}})
+    assert "on task 'etth1': etth1: d_model=32 is not a multiple of n_heads=3: choose d_model divisible by n_heads" in message
 
 
 def test_layers_that_contradict_each_other_name_the_arm_and_the_task(tmp_path):

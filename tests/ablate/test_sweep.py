@@ -142,6 +142,8 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert (trials["resumed_from_epoch"] > 0).any(), "the interrupted trial continues from its checkpoint"
     history = load_results(out / "killed").history
     assert all(list(e) == [1, 2, 3] for _, e in history.groupby("trial_id")["epoch"]), "no gaps, no duplicates"
+    # every trial recorded: Ray's experiment directories are gone, the killed run's as well as this one's
+    assert not list((out / "killed" / "ray").glob("killed-*"))
 
 
 def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path):
@@ -161,7 +163,13 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path):
     done = _parts(out / "stopped")
     assert 1 <= done < 9, text[-3000:]
     assert proc.returncode == 130, text[-3000:]
-    assert f"interrupted: {9 - done} trial(s) did not finish" in text and "--resume" in text
+    assert f"interrupted: {9 - done} trial(s) did not finish: " in text
+    finished = {p.name.split(".")[0] for p in (out / "stopped" / "parts").glob("*.trials.parquet")}
+    named = text.split("did not finish: ", 1)[1].split("\n", 1)[0]
+    assert len(named.split("; ")) == 9 - done and not any(t in named for t in finished)
+    # the command that continues this run: the same output directory and options (not ./results)
+    assert f"ablate run {spec} --out {out} --max-concurrent 1 --resume" in text
+    assert "Tuner.restore" not in text  # Ray Tune's own hint, which cannot extend a sweep
 
 
 def _unfinished_checkpoint(out: Path) -> bool:

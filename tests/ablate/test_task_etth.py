@@ -118,6 +118,22 @@ def test_split_12_4_4_uses_months_of_the_file():
         etth.split_bounds(14399, 96, "12/4/4", month=720)
 
 
+@pytest.mark.parametrize("split, n_steps, month", [("80/20", 732, 36), ("12/4/4", 732, 36), ("12/4/4", 14400, 720)])
+def test_max_seq_len_is_the_longest_window_split_bounds_accepts(split, n_steps, month):
+    limit = etth.max_seq_len(split, n_steps, month)
+    etth.split_bounds(n_steps, limit, split, month)
+    with pytest.raises(ValueError):
+        etth.split_bounds(n_steps, limit + 1, split, month)
+
+
+def test_the_check_knows_the_length_of_the_embedded_series():
+    assert len(etth.load_embedded_series()) == etth.EMBEDDED_STEPS
+    task = get_task("etth1").build(task_config("etth1", seq_len=etth.max_seq_len("80/20", etth.EMBEDDED_STEPS, 0)))
+    assert (len(task.train), len(task.val)) == (1, 1)
+    with pytest.raises(ConfigError, match="seq_len=731 is too long"):
+        task_config("etth1", seq_len=731)
+
+
 def test_scalers_fit_the_training_part_only():
     values = np.array([[1.0], [2.0], [3.0], [100.0]])
     shift, scale = etth.fit_scaler(values, 3, "standard")

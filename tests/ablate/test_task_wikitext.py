@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks.text import EOS_ID, UNK_ID
-from ablate.tasks.wikitext import LMBlocks, generate_corpus, lines_to_tokens
+from ablate.config import ConfigError
+from ablate.tasks.wikitext import EMBEDDED_MIN_TOKENS, LMBlocks, embedded_splits, generate_corpus, lines_to_tokens
 from tests.ablate.task_helpers import SHARED_DATA, assert_second_order_gradients, task_config, train_with_adamw
 
 #: The resolved trial config of this task with the given overrides.
@@ -118,6 +119,14 @@ def test_embedded_corpus_is_deterministic_and_independent_of_global_rng():
     assert generate_corpus(5, 124).encode() != first
     lines = first.decode().splitlines()
     assert lines[0].startswith(" = ") and lines[0].endswith(" = ")  # an article title, WikiText style
+
+
+def test_the_check_knows_the_length_of_the_smallest_embedded_split():
+    assert min(len(tokens) for tokens in embedded_splits().values()) == EMBEDDED_MIN_TOKENS
+    assert len(LMBlocks(torch.arange(EMBEDDED_MIN_TOKENS), EMBEDDED_MIN_TOKENS - 1)) == 1
+    assert make_config(block_size=EMBEDDED_MIN_TOKENS - 1)["block_size"] == EMBEDDED_MIN_TOKENS - 1
+    with pytest.raises(ConfigError, match=f"block_size={EMBEDDED_MIN_TOKENS} leaves the embedded test split"):
+        make_config(block_size=EMBEDDED_MIN_TOKENS)
 
 
 def test_embedded_task_trains_with_adamw():
