@@ -73,26 +73,37 @@ def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]
     out = []
     for item in DOWNLOADS[task]:
         dest = root / item.subdir
+        created = [d for d in (dest, *dest.parents) if not d.exists()]  # removed again if nothing lands there
         dest.mkdir(parents=True, exist_ok=True)
-        final = dest / item.filename
-        if final.exists() and not item.extract:
-            verify(final, item)
-            out.append(final)
-            continue
-        print(f"downloading {item.url} ...", flush=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            tmp_file = Path(tmp) / item.filename
-            try:
-                with urllib.request.urlopen(item.url, timeout=60) as r, open(tmp_file, "wb") as f:
-                    shutil.copyfileobj(r, f)
-            except OSError as exc:  # URLError, timeouts, refused connections
-                raise DownloadError(f"cannot download {item.url}: {getattr(exc, 'reason', exc)}; this needs the "
-                                    f"network (or copy the files into {dest} by hand)") from exc
-            verify(tmp_file, item)
-            if item.extract:
-                unpack(tmp_file, dest)
-                out.append(dest)
-            else:
-                os.replace(tmp_file, final)
-                out.append(final)
+        try:
+            out.append(_download_one(item, root, dest))
+        except BaseException:
+            for d in created:  # innermost first; only if empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
     return out
+
+
+def _download_one(item: Download, root: Path, dest: Path) -> Path:
+    final = dest / item.filename
+    if final.exists() and not item.extract:
+        verify(final, item)
+        return final
+    print(f"downloading {item.url} ...", flush=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tmp_file = Path(tmp) / item.filename
+        try:
+            with urllib.request.urlopen(item.url, timeout=60) as r, open(tmp_file, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except OSError as exc:  # URLError, timeouts, refused connections
+            raise DownloadError(f"cannot download {item.url}: {getattr(exc, 'reason', exc)}; this needs the "
+                                f"network (or copy the files into {dest} by hand)") from exc
+        verify(tmp_file, item)
+        if item.extract:
+            unpack(tmp_file, dest)
+            return dest
+        os.replace(tmp_file, final)
+        return final

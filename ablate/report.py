@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import html
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -640,7 +641,11 @@ def write_report(
                   _text(f"Results directory {results_dir} holds an Optuna priority study (`ablate tune`) and no "
                         f"study trials (`ablate run`)."), *_tune_section(results_dir, fig_dir)]
         return _write(blocks, out, formats, progress)
-    results = load_results(results_dir)
+    with warnings.catch_warnings(record=True) as caught:  # (trials left out, damaged parts): also in the report
+        warnings.simplefilter("always")
+        results = load_results(results_dir)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if results.trials.empty:
         from ablate.config import ConfigError
 
@@ -650,6 +655,7 @@ def write_report(
     fig_dir.mkdir(parents=True, exist_ok=True)
     progress("computing tables and drawing figures")
     blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
+    blocks[1:1] = [Block("warning", f"Loading the results: {w.message}") for w in caught]
     return _write(blocks, out, formats, progress)
 
 

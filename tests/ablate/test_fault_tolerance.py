@@ -377,6 +377,7 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("ablate: error: ") and "Traceback" not in err, (argv, rc, err)
         assert expected in err, (argv, err)
+    assert not (tmp_path / "data").exists()  # the failed download leaves no empty folders behind
     with pytest.raises(SystemExit) as info:
         main(["train", "--task", "etth1", "--set", "bad"])
     assert info.value.code == 2 and "--set expects key=value" in capsys.readouterr().err

@@ -186,6 +186,8 @@ def test_ablate_report_says_in_one_line_how_many_stored_trials_the_study_left_ou
     assert done.returncode == 0, done.stderr[-2000:]
     err = done.stderr
     assert "ablate: warning: " in err and "1 stored trial(s) are not part of the study" in err
+    md = (report_study / "r" / "report.md").read_text()  # and the report says so too
+    assert "1 stored trial(s) are not part of the study" in md.split("\n## ", 1)[0]  # before the first section
     assert "UserWarning" not in err and "results.py" not in err
 
 
