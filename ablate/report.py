@@ -462,7 +462,9 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
         _text("Least-squares fit on effect-coded factors of the per-task normalised metric "
               "(sign * (m - task mean) / |task mean|, positive = better). Main effects are each "
               "level's deviation from the grand mean; interactions are products of non-reference "
-              f"levels. * marks p < {alpha}. Observations: {int(effects['n'].iloc[0])}."),
+              "levels. Each (task, seed) is a block with its own effect: the cells of a seed share its "
+              "initial weights and data order, so differences between seeds are not counted as noise. "
+              f"* marks p < {alpha}. Observations: {int(effects['n'].iloc[0])}."),
         _table(factorial_display(effects)),
         *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
     ]

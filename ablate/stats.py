@@ -435,9 +435,12 @@ def factorial_effects(
     deviation from the grand mean (every level is listed; for a two-level factor the difference
     between its levels is twice the estimate). An interaction estimate is the coefficient of the
     product of two non-reference level columns (the last level of each factor, alphabetically,
-    is the reference). CIs and p-values use the residual variance with n - p degrees of freedom
-    (NaN when the design has no residual degrees of freedom). Returns an empty frame when the
-    study has no factorial cells.
+    is the reference). Each (task, seed) is a block with an effect of its own: the cells of one
+    seed share its initial weights, data order and dropout masks (seeds are matched pairs), so
+    what all cells of a seed have in common is not counted as noise - as a paired comparison does
+    for two arms. CIs and p-values use the residual variance with n - p degrees of freedom (p
+    counting the block columns; NaN when the design has no residual degrees of freedom). Returns
+    an empty frame when the study has no factorial cells.
     """
     frame = factorial_frame(results)
     if frame.empty:
@@ -456,6 +459,10 @@ def factorial_effects(
         for (i, a), (j, b) in itertools.product(enumerate(coded[f][0][:-1]), enumerate(coded[g][0][:-1])):
             columns.append(coded[f][1][:, i] * coded[g][1][:, j])
             labels.append(("interaction", f"{f} x {g}", f"{a} x {b}"))
+    blocks = frame["task"].astype(str) + "\x00" + frame["seed"].astype(str)
+    for block in sorted(blocks.unique())[1:]:  # treatment-coded against the first block (the intercept's)
+        columns.append((blocks == block).to_numpy(dtype=float))
+        labels.append(("block", block, ""))
     X, y = np.column_stack(columns), frame["y"].to_numpy(dtype=float)
     beta, cov, dof = _least_squares(X, y)
     rows = []

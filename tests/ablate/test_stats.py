@@ -204,6 +204,24 @@ def test_factorial_effects_match_cell_means(report_factorial_study, report_kit):
     assert (effects["n"] == 12).all()
 
 
+def test_factorial_effects_take_seeds_as_matched_blocks(tmp_path, report_kit):
+    # every cell of a seed shares its initial weights and data order: a seed that is better or worse
+    # for every cell alike must not widen the effects' CIs (as a paired comparison ignores it)
+    offsets, noise = [0.0, 0.3, -0.2, 0.5], [0.002, -0.001, 0.0015, -0.002]
+    for seed, (offset, eps) in enumerate(zip(offsets, noise)):
+        for k, (grouping, gating) in enumerate([("fine_grained", "false"), ("fine_grained", "true"),
+                                                ("original", "false"), ("original", "true")]):
+            arm = f"factorial:grouping={grouping},gating={gating}"
+            best = 2.0 + offset - 0.1 * (grouping == "fine_grained") + eps * (-1) ** k
+            row = report_kit.trial_row("etth1", "baseline", seed, best)
+            row.update(trial_id=f"f{seed}{k}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            write_trial(tmp_path, row)
+    main = row_of(stats.factorial_effects(load_results(tmp_path)), kind="main", term="grouping", level="fine_grained")
+    mean = 2.0 + np.mean(offsets) - 0.05
+    assert main["estimate"] == pytest.approx(0.05 / mean)  # (lower is better: +, in units of the task's mean)
+    assert main["significant"] and main["hi"] - main["lo"] < 0.01  # seeds' offsets (0.7 apart) are not noise
+
+
 def test_parse_factorial_arm_keeps_commas_inside_levels():
     arm = "factorial:priorities=[1.0, 3.0, 5.0],gating=true"
     assert stats.parse_factorial_arm(arm) == {"priorities": "[1.0, 3.0, 5.0]", "gating": "true"}
