@@ -80,6 +80,7 @@ def _task_names() -> list[str]:
 _pos = (lambda v: v > 0, "> 0")
 _nonneg = (lambda v: v >= 0, ">= 0")
 _unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+_multiplier_range = (lambda v: 0 <= v <= 2, "in [0, 2], so that the multiplier stays positive")
 _three = (
     lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(is_number(x) and x >= 0 for x in v),
     "a list of three non-negative numbers [gradient alignment, loss decrease, generalization gap]",
@@ -125,8 +126,8 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("beta2", float, 0.999, "second-moment decay", check=_unit),
         _f("eps", float, 1e-8, "AdamW epsilon", check=_pos),
         # MetaAdamW
-        _f("alpha_range", float, 1.0, "range of the learning-rate multiplier alpha = 1 + range*(sigmoid - 0.5)", check=_nonneg),
-        _f("beta_range", float, 1.0, "range of the weight-decay multiplier beta", check=_nonneg),
+        _f("alpha_range", float, 1.0, "range of the learning-rate multiplier alpha = 1 + range*(sigmoid - 0.5)", check=_multiplier_range),
+        _f("beta_range", float, 1.0, "range of the weight-decay multiplier beta", check=_multiplier_range),
         _f("meta_every", int, 100, "K_meta: steps between meta-updates (null when meta_per_epoch sets it)", check=_pos, nullable=True),
         _f("meta_per_epoch", float, None, "meta-updates per epoch; when set, K_meta = steps_per_epoch / this (overrides meta_every)", check=_pos, nullable=True),
         _f("meta_lr", float, 1e-4, "learning rate of the modulator's optimizer", check=_pos),

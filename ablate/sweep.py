@@ -233,7 +233,10 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                                    f"({error.strip().splitlines()[-1]}{note})")
 
         def _progress(self, trials, last: str) -> None:
-            running = sum(1 for t in trials if t.status == "RUNNING")
+            # (Ray Tune marks the trial that just reported its result or error as finished only after
+            # these callbacks: a trial already recorded here is not running any more)
+            recorded = self.written | self.failed_ids
+            running = sum(1 for t in trials if t.status == "RUNNING" and _spec_id(t) not in recorded)
             finished = self.done + self.failed
             seconds = self.eta.seconds_left(time.monotonic() - self.start)
             eta = f", about {_duration(seconds)} left" if seconds is not None else ""
@@ -241,6 +244,12 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                   f"{eta}] {last}", flush=True)
 
     return Recorder()
+
+
+def _spec_id(trial: Any) -> str | None:
+    """The ablate trial id of a Ray Tune trial (None for one that is not an ablate trial)."""
+    spec = (getattr(trial, "config", None) or {}).get("trial")
+    return spec.get("trial_id") if isinstance(spec, dict) else None
 
 
 class TimeLeft:

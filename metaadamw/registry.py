@@ -58,10 +58,13 @@ class Registry:
         export_name: the name users import the registry by (used in error messages).
     """
 
-    def __init__(self, kind: str, entry_point_group: str | None = None, export_name: str | None = None):
+    def __init__(self, kind: str, entry_point_group: str | None = None, export_name: str | None = None,
+                 validate: Callable[[Any], str | None] | None = None):
         self.kind = kind
         self.export_name = export_name or kind.upper().replace(" ", "_") + "S"
         self.entry_point_group = entry_point_group
+        #: ``validate(obj)``: why an object named by an entry point cannot be registered (None: it can)
+        self.validate = validate
         self._items: dict[str, Any] = {}
         self._entry_points_loaded = entry_point_group is None
 
@@ -144,6 +147,7 @@ class Registry:
             return
         self._entry_points_loaded = True
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            before = self._items.get(ep.name)
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin must not hide every other component
@@ -157,6 +161,13 @@ class Registry:
             if isinstance(obj, types.ModuleType):  # a module registers itself on import
                 continue
             existing = self._items.get(ep.name)
+            if existing is not None and (before is None or getattr(existing, "factory", None) is obj):
+                continue  # its module registered it on import (a decorated object, e.g. ablate's @register_task)
+            problem = self.validate(obj) if self.validate is not None else None
+            if problem:
+                warnings.warn(f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "
+                              f"ignored: {problem}", RuntimeWarning, stacklevel=3)
+                continue
             if existing is not None and existing is not obj:  # names are unique: the first registration stays
                 warnings.warn(
                     f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "

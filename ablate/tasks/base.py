@@ -111,6 +111,18 @@ class TaskSpec:
         return self.factory(dict(config))
 
 
+def _entry_point_task(obj: Any) -> str | None:
+    """Why an object named by an ``ablate.tasks`` entry point is not a task (None: it is one)."""
+    if isinstance(obj, TaskSpec):
+        return None
+    return (f"it names a {type(obj).__name__} ({getattr(obj, '__qualname__', obj)!r}), not a task. Name the module "
+            f"that registers the task (\"my_pkg.tasks\"), or its factory decorated with @register_task(...), or a "
+            f"TaskSpec")
+
+
+TASKS.validate = _entry_point_task
+
+
 def register_task(
     name: str,
     *,

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -159,6 +160,16 @@ def trial_row(task: str, arm: str, seed: int, best: float) -> dict:
     if task == "etth1":
         row["ref_persistence_mse"] = PERSISTENCE_MSE
     return row
+
+
+def write_tune(results_dir):
+    """A priority study's stored outputs (``ablate tune``) under ``results_dir/tune``."""
+    tune = results_dir / "tune"
+    tune.mkdir()
+    pd.DataFrame({"number": [0, 1, 2, 3], "value": [0.9, 0.7, 0.8, 0.6],
+                  "params_p_gradient": [1.0, 2.0, 3.0, 4.0], "params_p_loss_decrease": [5.0, 4.0, 3.0, 2.0]}
+                 ).to_parquet(tune / "history.parquet")
+    pd.DataFrame({"param": ["p_gradient", "p_loss_decrease"], "importance": [0.7, 0.3]}).to_parquet(tune / "importances.parquet")
 
 
 @pytest.fixture

@@ -57,6 +57,8 @@ def test_equal_numbers_give_equal_ids_and_adamw_ignores_metaadamw_keys():
     ({"task": "etth1", "epochs": 2.5}, "epochs must be an integer, got 2.5"),
     ({"task": "etth1", "seed": True}, "seed must be an integer"),
     ({"task": "etth1", "beta2": 1.0}, "beta2=1.0 must be in [0, 1)"),
+    ({"task": "etth1", "alpha_range": 3.0}, "alpha_range=3.0 must be in [0, 2], so that the multiplier stays positive"),
+    ({"task": "etth1", "beta_range": -0.5}, "beta_range=-0.5 must be in [0, 2]"),
     ({"task": "etth1", "features": "fancy"}, "features='fancy' is not allowed; choose one of: basic, basic_plus"),
     ({"task": "etth1", "priorities": [1, 2]}, "a list of three non-negative numbers"),
     ({"task": "etth1", "priorities": "1,2,3"}, "priorities must be a list, got '1,2,3' (write it as [1,2,3])"),
@@ -68,6 +70,24 @@ def test_bad_configs_name_the_key_and_the_fix(config, fragment):
     with pytest.raises(ConfigError) as err:
         resolve_config(config)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["alpha_range", "beta_range"])
+def test_the_ranges_a_config_accepts_are_those_metaadamw_accepts(key):
+    import torch
+
+    from ablate.optim import build_optimizer
+    from metaadamw import MetaAdamW
+
+    model = torch.nn.Linear(3, 2)
+    for value in (0.0, 2.0):  # the edges: accepted by both
+        opt = build_optimizer(resolve_config({"task": "etth1", key: value}), model, total_steps=10)
+        assert isinstance(opt, MetaAdamW) and opt.config[key] == value
+    for value in (-0.01, 2.01):  # refused by both
+        with pytest.raises(ConfigError):
+            resolve_config({"task": "etth1", key: value})
+        with pytest.raises(ValueError, match=f"{key} must be a number in \\[0, 2\\]"):
+            MetaAdamW(model.parameters(), grouping="original", **{key: value})
 
 
 # -- the tasks' own keys (TaskSpec.check) ---------------------------------------------------------

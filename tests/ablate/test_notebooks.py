@@ -58,6 +58,7 @@ def test_notebooks_are_stored_without_outputs(path):
 
 
 def test_analysis_notebook_runs_on_a_results_dir(report_study, report_kit, monkeypatch, kernel):
+    report_kit.write_tune(report_study)  # with a priority study, as `ablate report` draws it
     monkeypatch.setenv("ABLATE_RESULTS_DIR", str(report_study))
     nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
     assert nb.cells[1].source.strip() == 'RESULTS_DIR = "results/quick"'
@@ -71,8 +72,10 @@ def test_analysis_notebook_runs_on_a_results_dir(report_study, report_kit, monke
     assert "No factorial cells in this study." in everything
     assert "not reached" in everything and "meta-update share" in everything  # cost
     assert report_kit.FAILED_ID in everything and report_kit.DIVERGED_ID in everything
-    assert everything.count("<image/png>") >= 9
+    assert everything.count("<image/png>") >= 11
     assert (report_study / "report" / "report.md").exists()
+    for name in ("tune_history.png", "tune_importances.png"):  # the figures of `ablate report`, all of them
+        assert (report_study / "report" / "figures" / name).stat().st_size > 0
 
 
 def test_custom_feature_extractor_notebook_runs(tmp_path, monkeypatch, kernel):

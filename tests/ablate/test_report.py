@@ -10,6 +10,7 @@ import pytest
 
 from ablate import report, stats
 from ablate.results import load_results, write_trial
+from tests.ablate.conftest import write_tune
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -18,15 +19,6 @@ def assert_png(path):
     assert path is not None and path.exists(), f"figure {path} was not written"
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000, f"{path} is not a non-empty PNG"
-
-
-def write_tune(results_dir):
-    tune = results_dir / "tune"
-    tune.mkdir()
-    pd.DataFrame({"number": [0, 1, 2, 3], "value": [0.9, 0.7, 0.8, 0.6],
-                  "params_p_gradient": [1.0, 2.0, 3.0, 4.0], "params_p_loss_decrease": [5.0, 4.0, 3.0, 2.0]}
-                 ).to_parquet(tune / "history.parquet")
-    pd.DataFrame({"param": ["p_gradient", "p_loss_decrease"], "importance": [0.7, 0.3]}).to_parquet(tune / "importances.parquet")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,53 @@
+"""Tasks from installed packages (the ``ablate.tasks`` entry-point group)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+from ablate.tasks import TASKS, TaskSpec
+
+
+def _fake_distribution(site, name: str, entry_points: str) -> None:
+    dist = site / f"{name}-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(entry_points)
+
+
+@pytest.fixture
+def task_packages(tmp_path, monkeypatch):
+    """Two installed packages: one names a factory decorated with @register_task (the object form
+    that works), the other a plain function (not a task)."""
+    (tmp_path / "decorated_tasks.py").write_text(textwrap.dedent("""
+        from ablate.tasks import register_task
+
+        @register_task("ep_decorated", metrics=[("loss", "min")], defaults={})
+        def build(config):
+            raise NotImplementedError
+    """))
+    (tmp_path / "plain_tasks.py").write_text("def build(config):\n    raise NotImplementedError\n")
+    _fake_distribution(tmp_path, "decorated_tasks", "[ablate.tasks]\nep_decorated = decorated_tasks:build\n")
+    _fake_distribution(tmp_path, "plain_tasks", "[ablate.tasks]\nep_plain = plain_tasks:build\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(TASKS, "_entry_points_loaded", False)
+    yield
+    for name in ("ep_decorated", "ep_plain"):
+        TASKS.remove(name)
+    for module in ("decorated_tasks", "plain_tasks"):
+        sys.modules.pop(module, None)
+
+
+def test_a_task_entry_point_names_a_decorated_factory_or_is_ignored_with_the_reason(task_packages):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = TASKS.list()
+    messages = [str(w.message) for w in caught]
+    assert "ep_decorated" in names and isinstance(TASKS.get("ep_decorated"), TaskSpec)
+    assert not [m for m in messages if "ep_decorated" in m]  # its module registered it: no "already registered"
+    assert "ep_plain" not in names  # a plain function is not a task: every command would crash on it
+    assert [m for m in messages if "entry point 'ep_plain'" in m and "is ignored: it names a function" in m
+            and "@register_task" in m]
