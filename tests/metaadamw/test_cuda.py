@@ -77,3 +77,20 @@ def _small():
     from tests.metaadamw.helpers import small_kwargs
 
     return small_kwargs()
+
+
+def test_construction_and_meta_step_leave_the_cuda_random_stream_alone():
+    # as on the CPU (test_meta_step): dropout on the GPU draws from the CUDA generator
+    from tests.metaadamw.helpers import small_kwargs
+
+    torch.manual_seed(5)
+    expected = torch.rand(4, device="cuda")
+    torch.manual_seed(5)
+    model = TinyTransformer(dropout=0.1).cuda().train()
+    after_model = torch.cuda.get_rng_state()
+    opt = MetaAdamW(model.named_parameters(), features="enhanced", **small_kwargs())
+    assert torch.equal(torch.cuda.get_rng_state(), after_model)
+    batches = [tuple(t.cuda() for t in b) for b in lm_batches()]
+    torch.manual_seed(5)
+    assert not opt.meta_step(model, lm_loss, *batches).skipped
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
