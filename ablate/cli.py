@@ -1,7 +1,7 @@
 """The ``ablate`` command line.
 
-    ablate list [--keys]                       registered tasks and components (and config keys)
-    ablate train --task etth1 --optimizer metaadamw --set key=value ...   one trial
+    ablate list [--keys] [--plugin MODULE]     registered tasks and components (and config keys)
+    ablate train --task etth1 --optimizer metaadamw --set key=value [--plugin MODULE] ...   one trial
     ablate run SPEC [--dry-run] [--resume] [--address ADDR] [--storage PATH]   a study on Ray Tune
     ablate tune SPEC [--trials N]              Optuna search of the HUW priorities
     ablate report RESULTS_DIR [--out DIR]      Markdown/HTML report with figures
@@ -58,6 +58,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ablate.config import describe_fields
     from ablate.tasks import TASKS
 
+    _import_cli_plugins(args)
+
     print("tasks:")
     for name, spec in TASKS.items():
         metrics = ", ".join(f"{m.name} ({m.mode})" for m in spec.metrics)
@@ -76,8 +78,20 @@ _TRAIN_FLAGS = {"task": "--task", "optimizer": "--optimizer", "seed": "--seed", 
                 "data_dir": "--data-dir"}
 
 
+def _import_cli_plugins(args: argparse.Namespace) -> None:
+    """``--plugin MODULE``: import modules that register components or tasks (as a study file's
+    ``plugins:`` list does), from the working directory or the installed packages."""
+    if getattr(args, "plugin", None):
+        from ablate.study import import_plugins
+
+        import_plugins(args.plugin, os.getcwd(), source="command line", where="--plugin",
+                       next_to="in the working directory")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ablate.trial import Trial
+
+    _import_cli_plugins(args)
 
     config: dict[str, Any] = {"task": args.task, "optimizer": args.optimizer, "seed": args.seed}
     if args.data:
@@ -162,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list", help="registered tasks and components")
     s.add_argument("--keys", action="store_true", help="also list every trial-config key")
+    s.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import a module that registers components or tasks first (repeatable)")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("train", help="run one trial and print its metrics")
@@ -175,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", help="resume from a checkpoint file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the result row as JSON at the end")
+    s.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import a module that registers components or tasks first, as a study file's plugins: "
+                        "list does (repeatable; modules in the working directory are found)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("run", help="run a study file on Ray Tune")

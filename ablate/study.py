@@ -208,11 +208,13 @@ def parse_study(
         raise StudyError(str(exc)) from None
 
 
-def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = None, source: str = "<string>") -> None:
+def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = None, source: str = "<string>",
+                   where: str = "plugins", next_to: str = "next to the study file") -> None:
     """Import plugin modules, which register their components (and tasks) on import.
 
     When ``base_dir`` holds the plugin's module file or package, ``base_dir`` is put on
-    ``sys.path`` first. Call this on every worker before building a trial.
+    ``sys.path`` first. Call this on every worker before building a trial. ``where`` and
+    ``next_to`` word the error: the study file's ``plugins`` list, or ``ablate``'s ``--plugin``.
     """
     for i, name in enumerate(plugins):
         top = name.split(".")[0]
@@ -225,8 +227,8 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
             import_module(name)
         except Exception as exc:
             raise StudyError(
-                f"{source}: plugins[{i}]: cannot import plugin module {name!r}: {type(exc).__name__}: {exc}. "
-                f"Install it, put {top}.py next to the study file, or fix the error it raises"
+                f"{source}: {where}[{i}]: cannot import plugin module {name!r}: {type(exc).__name__}: {exc}. "
+                f"Install it, put {top}.py {next_to}, or fix the error it raises"
             ) from exc
 
 

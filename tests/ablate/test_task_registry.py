@@ -51,3 +51,34 @@ def test_a_task_entry_point_names_a_decorated_factory_or_is_ignored_with_the_rea
     assert "ep_plain" not in names  # a plain function is not a task: every command would crash on it
     assert [m for m in messages if "entry point 'ep_plain'" in m and "is ignored: it names a function" in m
             and "@register_task" in m]
+
+
+def test_train_and_list_import_plugins_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from ablate.cli import main
+    from metaadamw import FEATURES
+
+    (tmp_path / "cli_plugin_feats.py").write_text(textwrap.dedent("""
+        from metaadamw import FEATURES
+        from metaadamw.features import Basic
+
+        @FEATURES.register("cli_plugin_features")
+        class CliPluginFeatures(Basic):
+            pass
+    """))
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--task", "etth1", "--no-progress", "--set", "epochs=1", "--set", "max_train_batches=2",
+             "--set", "features=cli_plugin_features", "--set", "num_threads=1"]
+    try:
+        assert main(train) == 2  # not registered without the plugin
+        assert "cli_plugin_features" in capsys.readouterr().err
+        assert main(["list", "--plugin", "cli_plugin_feats"]) == 0
+        assert "cli_plugin_features" in capsys.readouterr().out
+        assert main([*train, "--plugin", "cli_plugin_feats"]) == 0
+        assert "status: ok" in capsys.readouterr().out
+        assert main(["list", "--plugin", "no_such_plugin_mod"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ablate: error: command line: --plugin[0]: cannot import plugin module 'no_such_plugin_mod'")
+        assert "put no_such_plugin_mod.py in the working directory" in err
+    finally:
+        FEATURES.remove("cli_plugin_features")
+        sys.modules.pop("cli_plugin_feats", None)
