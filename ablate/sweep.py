@@ -352,7 +352,18 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
     kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "include_dashboard": False,
                               "log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            if not _authentication_failed(exc):
+                raise
+            from ablate.config import ConfigError
+
+            raise ConfigError(
+                f"--address {address}: the Ray cluster refused this machine's authentication. `ray start` turns on "
+                f"token authentication (Ray {ray.__version__}: when the head is not on localhost): run ablate with "
+                f"RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token copied from the "
+                f"head), or, on a trusted network, set RAY_AUTH_MODE=disabled for both `ray start` and ablate") from None
     else:
         # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
@@ -422,6 +433,7 @@ def check_resources(study: Study, address: str | None = None, num_cpus: int | No
         raise ConfigError(f"{study.name}: trials of {cuda} run on device: cuda, but resources.gpus is 0 (Ray hides the "
                           f"GPUs from a trial that asks for none): set resources: {{gpus: 1}} (or a fraction)")
     if address is not None:
+        check_reachable(address)
         return
     have_cpus = num_cpus or os.cpu_count() or 1
     if cpus > have_cpus:
@@ -435,6 +447,37 @@ def check_resources(study: Study, address: str | None = None, num_cpus: int | No
             raise ConfigError(f"{study.name}: each trial asks for resources.gpus={gpus:g}, but this machine has "
                               f"{have_gpus} GPU(s), so no trial could ever start: set resources.gpus: 0 (and device: "
                               f"cpu), or run on a cluster with GPUs (--address)")
+
+
+def _authentication_failed(exc: BaseException) -> bool:
+    """Whether ``ray.init``'s error comes from the cluster's token authentication."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if "AuthenticationError" in type(exc).__name__ or "InvalidAuthToken" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse, before Ray starts, a cluster address ``HOST:PORT`` that nothing answers on within
+    ``timeout_s`` (``ray.init`` would retry for minutes). ``auto`` and ``ray://`` client
+    addresses are left to Ray."""
+    import socket
+
+    from ablate.config import ConfigError
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"--address {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--address {address}: nothing answers there ({type(exc).__name__}: {exc}). Is the head started "
+            f"(`ray start --head --port {port}` on {host}), and is the port open from this machine?") from None
 
 
 def run_study(

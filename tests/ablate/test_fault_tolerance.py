@@ -367,6 +367,8 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         ([*train, "--set", "seed=5"], "--set seed=... would silently replace --seed: give --seed instead"),
         ([*train, "--set", "task=cifar10"], "give --task instead"),
         (["tune", "tune.yaml", "--study-storage", "foo://bar"], "the Optuna study storage 'foo://bar'"),
+        (["run", "tune.yaml", "--address", "127.0.0.1:1", "--out", str(tmp_path / "addr")],
+         "--address 127.0.0.1:1: nothing answers there"),  # (ray.init would retry for minutes)
     ]
     if not torch.cuda.is_available():
         cases.append(([*train, "--set", "device=cuda"], "device='cuda' but CUDA is not available here"))
@@ -378,6 +380,7 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         assert rc == 2 and err.startswith("ablate: error: ") and "Traceback" not in err, (argv, rc, err)
         assert expected in err, (argv, err)
     assert not (tmp_path / "data").exists()  # the failed download leaves no empty folders behind
+    assert not (tmp_path / "addr").exists()  # refused before anything is written
     with pytest.raises(SystemExit) as info:
         main(["train", "--task", "etth1", "--set", "bad"])
     assert info.value.code == 2 and "--set expects key=value" in capsys.readouterr().err

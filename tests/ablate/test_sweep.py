@@ -227,19 +227,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sweep_joins_a_ray_head_started_with_ray_start(tmp_path):
+def _ray_start(port: int, auth: str) -> subprocess.CompletedProcess:
+    """``ray start --head`` on ``port`` with ``RAY_AUTH_MODE=auth``. Ray 2.60 turns token
+    authentication on by itself when the machine's node IP is not localhost, so the mode is set
+    explicitly (with a token of the head's own, never written to the user's ~/.ray)."""
+    import secrets
+
+    env = {**os.environ, "RAY_AUTH_MODE": auth, **({"RAY_AUTH_TOKEN": secrets.token_hex(32)} if auth == "token" else {})}
+    return subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                           "--include-dashboard=false", "--disable-usage-stats"],
+                          capture_output=True, text=True, timeout=180, env=env)
+
+
+def _ablate_run(spec: Path, out: Path, address: str, **env: str) -> subprocess.CompletedProcess:
+    """``ablate run SPEC --address ADDRESS`` in a fresh driver process, as a user runs it (Ray's
+    driver state - the node IP it found - does not carry over from the in-process clusters of
+    the other tests)."""
+    return subprocess.run([sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out),
+                           "--address", address], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def test_joining_a_cluster_with_token_authentication_without_its_token_is_one_clear_error(tmp_path):
     port = _free_port()
-    started = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                              "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                             capture_output=True, text=True, timeout=180)
+    started = _ray_start(port, "token")
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        study = load_study(_study(tmp_path, "joined", seeds=1))
-        outcome = run_study(study, tmp_path / "results", address=f"127.0.0.1:{port}")
-        trials = load_results(outcome.out_dir).trials
-        assert outcome.ran == 3 and set(trials["status"]) == {"ok"}
+        done = _ablate_run(_study(tmp_path, "noauth", seeds=1), tmp_path / "results", f"127.0.0.1:{port}",
+                           RAY_AUTH_MODE="disabled")
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (f"ablate: error: --address 127.0.0.1:{port}: the Ray cluster refused this machine's authentication"
+            in done.stderr and "RAY_AUTH_MODE=token" in done.stderr), done.stderr[-2000:]
+
+
+def test_sweep_joins_a_ray_head_started_with_ray_start(tmp_path):
+    port = _free_port()
+    started = _ray_start(port, "disabled")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        done = _ablate_run(_study(tmp_path, "joined", seeds=1), tmp_path / "results", f"127.0.0.1:{port}",
+                           RAY_AUTH_MODE="disabled")  # (as the head: see _ray_start)
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    trials = load_results(tmp_path / "results" / "joined").trials
+    assert len(trials) == 3 and set(trials["status"]) == {"ok"}
 
 
 def test_trials_are_handed_to_ray_longest_first(tmp_path):
