@@ -175,6 +175,7 @@ def _read_tables(out_dir: Path) -> _Stored:
     tables: dict[str, pd.DataFrame] = {}
     damaged: dict[str, str] = {}
     recovered: dict[tuple[str, str], pd.DataFrame] = {}
+    combined_trials: set[str] | None = None  # trial ids of the combined trials table, read when needed
     for table in TABLES:
         frames, unreadable = [], {}
         for f in files[table]:
@@ -198,9 +199,11 @@ def _read_tables(out_dir: Path) -> _Stored:
             tables[table] = combined
             continue
         in_combined = set(combined["trial_id"]) if "trial_id" in combined else set()
+        if unreadable and table != "trials" and combined_trials is None:
+            combined_trials = _ids_in(out_dir / "trials.parquet")
         for trial_id, why in unreadable.items():
             # (a trial's history and telemetry may have no rows: then its trial row says it was combined)
-            if trial_id in in_combined or (table != "trials" and trial_id in _ids_in(out_dir / "trials.parquet")):
+            if trial_id in in_combined or (table != "trials" and trial_id in combined_trials):
                 rows = combined[combined["trial_id"] == trial_id] if in_combined else pd.DataFrame()
                 frames.append(rows)
                 recovered[(table, trial_id)] = rows
@@ -238,13 +241,17 @@ def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Res
     out_dir = Path(out_dir)
     if not out_dir.exists():
         raise FileNotFoundError(f"no results directory at {out_dir}; run `ablate run SPEC` first")
-    stored = _read_tables(out_dir)
+    return _results(out_dir, _read_tables(out_dir), all_trials)
+
+
+def _results(out_dir: Path, stored: _Stored, all_trials: bool = False) -> Results:
+    """:func:`load_results` of the tables :func:`_read_tables` read."""
     tables, damaged = stored.tables, stored.damaged
     if damaged:
         warnings.warn(
             f"{out_dir}: {len(damaged)} trial(s) left out, as not finished, because a result part is damaged and the "
             f"combined tables do not hold its rows: " + "; ".join(f"{t}: {why}" for t, why in damaged.items())
-            + ". `ablate run SPEC --out ... --resume` computes them again.", stacklevel=2)
+            + ". `ablate run SPEC --out ... --resume` computes them again.", stacklevel=3)
     if tables["trials"].empty and not (out_dir / PARTS_DIR).exists():
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet)")
     manifest = None if all_trials else read_manifest(out_dir)
@@ -277,11 +284,13 @@ def _as_in_manifest(trials: pd.DataFrame, manifest: Mapping[str, Mapping[str, An
 
 def consolidate(out_dir: str | os.PathLike) -> Results:
     """Write the combined tables next to the parts and return them."""
-    for (table, trial_id), rows in _read_tables(Path(out_dir)).recovered.items():  # damaged parts, repaired
+    out_dir = Path(out_dir)
+    stored = _read_tables(out_dir)  # (read once: the parts of every trial)
+    for (table, trial_id), rows in stored.recovered.items():  # damaged parts, repaired
         if rows.empty:
             rows = pd.DataFrame({"trial_id": pd.Series([], dtype="string")})
-        atomic_write_parquet(rows.reset_index(drop=True), Path(out_dir) / PARTS_DIR / f"{trial_id}.{table}.parquet")
-    results = load_results(out_dir)
+        atomic_write_parquet(rows.reset_index(drop=True), out_dir / PARTS_DIR / f"{trial_id}.{table}.parquet")
+    results = _results(out_dir, stored)
     for name in TABLES:
         atomic_write_parquet(getattr(results, name), Path(out_dir) / f"{name}.parquet")
     return results

@@ -9,13 +9,7 @@ import warnings
 import pytest
 
 from ablate.tasks import TASKS, TaskSpec
-
-
-def _fake_distribution(site, name: str, entry_points: str) -> None:
-    dist = site / f"{name}-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(entry_points)
+from tests.metaadamw.test_registry import _fake_distribution
 
 
 @pytest.fixture
