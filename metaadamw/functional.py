@@ -28,8 +28,10 @@ With alpha = beta = 1 this is exactly torch.optim.AdamW's decoupled update.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -46,6 +48,46 @@ CPU_CHUNK_NUMEL = 2**18
 #: step time against AdamW's: ResNet-18, 11M elements, 1.26x -> 1.03-1.11x with blocking; MiniGPT,
 #: 3M, 1.29-1.32x -> 1.26-1.31x; a 10-tensor MLP of 0.27M elements slightly slower)
 CPU_BLOCKING_MIN_NUMEL = 2**21
+
+
+def _autocast_on(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type``, None where it is off."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: the per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def autocast_states(device: torch.device) -> dict[str, torch.dtype]:
+    """The autocast regions the caller is in, on ``device``'s type and the CPU: type -> dtype."""
+    states = {}
+    for device_type in dict.fromkeys((device.type, "cpu")):
+        dtype = _autocast_on(device_type)
+        if dtype is not None:
+            states[device_type] = dtype
+    return states
+
+
+@contextlib.contextmanager
+def autocast(states: dict[str, torch.dtype], enabled: bool) -> Iterator[None]:
+    """Turn the autocast regions ``states`` (from :func:`autocast_states`) off, or on again
+    inside a region that turned them off. Nothing to enter (the common case) costs nothing.
+
+    The optimizer's own maths runs in full precision: the modulator, the group means (matrix
+    products) and the multipliers are float32 even when ``step()`` or ``meta_step()`` is called
+    inside ``torch.autocast`` - in bfloat16, 1 - lr * weight_decay rounds to 1 and the weight
+    decay is lost. The caller's loss function runs in the caller's autocast."""
+    if not states:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for device_type, dtype in states.items():
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        yield
 
 
 def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:

@@ -152,6 +152,22 @@ class _RngReplay:
 
 def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any,
                 batch2: Any, val_batch: Any) -> "MetaRecord":
+    """Called inside ``torch.autocast``: the loss function runs in the caller's autocast, the
+    meta-update's own maths (modulator, objective, weighting, chain rule) in full precision."""
+    states = F.autocast_states(opt.device)
+    if not states:
+        return _meta_update(opt, model, loss_fn, batch1, batch2, val_batch)
+
+    def caller_loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        with F.autocast(states, enabled=True):
+            return loss_fn(model, batch)
+
+    with F.autocast(states, enabled=False):
+        return _meta_update(opt, model, caller_loss_fn, batch1, batch2, val_batch)
+
+
+def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any,
+                 batch2: Any, val_batch: Any) -> "MetaRecord":
     objective = opt.objective
     exact = opt.meta_gradient == "exact"
     need_train = objective.second_order or objective.needs_train_loss
@@ -252,7 +268,14 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
         n_meta = len(meta_params) + len(cut)
         if exact:
-            out = _grad(loss, meta_params + cut + leaves, zero=False)
+            try:
+                out = _grad(loss, meta_params + cut + leaves, zero=False)
+            except RuntimeError as exc:
+                if "double backward" not in str(exc) and "donated buffer" not in str(exc):  # torch.compile'd models
+                    raise
+                raise RuntimeError(f"meta_gradient='exact' differentiates the loss twice, which this model cannot "
+                                   f"be ({exc}). Use meta_gradient='finite_difference' (the default), which needs "
+                                   f"first derivatives only - it works with torch.compile'd models.") from exc
             _check_reached(loss, out[n_meta:], "the meta-loss (the losses at the hypothetical parameters)")
             d_theta = [torch.zeros_like(x) if d is None else d for d, x in zip(out[n_meta:], leaves)]
         else:

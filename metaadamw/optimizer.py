@@ -193,8 +193,8 @@ class MetaAdamW(torch.optim.Optimizer):
             modulator_layers=modulator_layers, modulator_heads=modulator_heads, modulator_ff=modulator_ff,
             modulator_width=modulator_width, modulator_dropout=modulator_dropout, modulator_init=modulator_init,
             objective=objective,
-            weighting=weighting, weighting_form=weighting_form, priorities=list(priorities),
-            fixed_weights=None if fixed_weights is None else list(fixed_weights), meta_lr=meta_lr,
+            weighting=weighting, weighting_form=weighting_form, priorities=[float(x) for x in priorities],
+            fixed_weights=None if fixed_weights is None else [float(x) for x in fixed_weights], meta_lr=meta_lr,
             meta_weight_decay=meta_weight_decay, meta_gradient=meta_gradient, refresh_every=refresh_every,
             total_steps=total_steps,
         )
@@ -385,17 +385,32 @@ class MetaAdamW(torch.optim.Optimizer):
         """The per-group multipliers used by the last step (None before the first step)."""
         return self._multipliers
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One MetaAdamW step. Never reads a value back to the host."""
+        """One MetaAdamW step. Never reads a value back to the host.
+
+        Runs eagerly inside ``torch.compile``d code (a graph break): Dynamo drops assignments to
+        an optimizer's attributes, so a compiled step would lose its step count, multipliers and
+        statistics without an error. Runs in full precision inside ``torch.autocast`` (the
+        closure, if any, in the caller's autocast)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        states = F.autocast_states(self.device)
+        if states:
+            with F.autocast(states, enabled=False):
+                self._step()
+        else:
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         grads = [p.grad for p in self._params]
         active = tuple(g is not None for g in grads)
         if not any(active):
-            return loss
+            return
         plan = self._plan
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
         if plan is None or plan.active != active or not plan.blocking.valid():
@@ -447,7 +462,6 @@ class MetaAdamW(torch.optim.Optimizer):
                              plan.scalar_dtype)
         else:
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
-        return loss
 
     def _update_stats(self, plan: "_Plan", grads: list[Tensor], norms: Tensor | None) -> None:
         carry = self._carry

@@ -258,7 +258,7 @@ def test_a_checkpoint_without_saved_options_is_checked_by_its_tensors():
 def test_loaded_priorities_and_meta_lr_show_in_config_with_a_warning():
     sd = _stepped().state_dict()
     target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "priorities": [1, 1, 1], "meta_lr": 0.5})
-    with pytest.warns(UserWarning, match=r"priorities \[1, 1, 1\] -> \[2, 5, 1\]"):
+    with pytest.warns(UserWarning, match=r"priorities \[1.0, 1.0, 1.0\] -> \[2.0, 5.0, 1.0\]"):
         target.load_state_dict(sd)
     assert target.config["priorities"] == [2, 5, 1] and target.config["meta_lr"] == KW.get("meta_lr", 1e-4)
     assert target.weighting.priorities.tolist() == [2.0, 5.0, 1.0]

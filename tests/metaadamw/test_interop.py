@@ -1,0 +1,132 @@
+"""MetaAdamW inside the PyTorch machinery training code wraps it in: torch.compile, torch.autocast,
+checkpoints loaded with weights_only=True."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from metaadamw import MetaAdamW
+from tests.metaadamw.helpers import mlp, mse, regression_batches, small_kwargs
+
+
+def _train(opt, model, batches, step):
+    for batch in batches:
+        opt.zero_grad()
+        mse(model, batch).backward()
+        step()
+
+
+def test_a_compiled_step_keeps_the_optimizer_state_it_updates():
+    # Dynamo drops assignments to an optimizer's attributes: a compiled step lost global_step, the
+    # multipliers and the statistics without an error (refresh_every was ignored, the time feature
+    # stayed at step 0, a checkpoint recorded step 0). step() now runs eagerly inside compiled code.
+    torch._dynamo.reset()
+    batches = regression_batches(n=5)
+    runs = {}
+    for compiled in (False, True):
+        model = mlp()
+        opt = MetaAdamW(model.named_parameters(), lr=1e-2, refresh_every=3, **small_kwargs())
+        _train(opt, model, batches, torch.compile(opt.step, backend="eager") if compiled else opt.step)
+        runs[compiled] = (model, opt)
+    (eager_model, eager), (compiled_model, compiled) = runs[False], runs[True]
+    assert compiled.global_step == eager.global_step == 5 and compiled.state_dict()["metaadamw"]["global_step"] == 5
+    assert compiled.multipliers is not None and torch.equal(compiled.multipliers.alpha, eager.multipliers.alpha)
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_step_inside_autocast_keeps_full_precision():
+    # the modulator and the group means are matrix products, which autocast ran in bfloat16: the
+    # multipliers came out in bfloat16 and 1 - lr * weight_decay rounded to 1 (no weight decay)
+    batches = regression_batches(n=4)
+    models = {name: mlp() for name in ("adamw", "meta")}
+    adamw = torch.optim.AdamW(models["adamw"].parameters(), lr=1e-3, weight_decay=0.1)
+    meta = MetaAdamW(models["meta"].named_parameters(), lr=1e-3, weight_decay=0.1, alpha_range=0.0, beta_range=0.0,
+                     **small_kwargs())
+    for name, opt in (("adamw", adamw), ("meta", meta)):
+        for batch in batches:
+            opt.zero_grad()
+            mse(models[name], batch).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                opt.step()
+    assert meta.multipliers.alpha.dtype == torch.float32
+    for a, b in zip(models["meta"].parameters(), models["adamw"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # a first step with zero gradients is the weight decay alone: 1 - 1e-3 * 0.1, which bfloat16 rounds to 1
+    model = mlp()
+    meta = MetaAdamW(model.named_parameters(), lr=1e-3, weight_decay=0.1, alpha_range=0.0, beta_range=0.0,
+                     **small_kwargs())
+    before = model[0].weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        meta.step()
+    ratio = model[0].weight.detach() / before
+    assert float((ratio - (1 - 1e-4)).abs().max()) < 1e-6
+
+
+def test_meta_step_inside_autocast_runs_the_loss_in_it_and_its_own_maths_in_full_precision():
+    seen = []
+
+    def loss_fn(model, batch):  # the caller's loss: in the caller's autocast (here computed in float32 anyway)
+        seen.append(torch.is_autocast_enabled("cpu"))
+        with torch.autocast("cpu", enabled=False):
+            return mse(model, batch)
+
+    b1, b2, val = regression_batches(n=3, seed=5)
+    records, alphas = [], []
+    for autocast in (False, True):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = MetaAdamW(model.named_parameters(), lr=1e-2, **small_kwargs())
+        opt.zero_grad()
+        mse(model, b1).backward()
+        opt.step()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            records.append(opt.meta_step(model, loss_fn, b1, b2, val))
+        opt.step()
+        alphas.append(opt.multipliers.alpha)
+    assert seen[-1] and not seen[0]
+    assert records[1].meta_loss == records[0].meta_loss and records[1].alpha == records[0].alpha
+    assert torch.equal(alphas[0], alphas[1])  # the modulator after the meta-update: the same
+
+
+@pytest.mark.parametrize("priorities, fixed", [(np.array([1.0, 2.0, 0.5]), None),
+                                               ([np.float64(1.0), np.float64(2.0), np.float64(0.5)], None),
+                                               ((1.0, 1.0, 1.0), np.array([1.0, 0.5, 0.25]))])
+def test_numpy_priorities_and_weights_make_a_checkpoint_torch_load_reads_by_default(priorities, fixed):
+    # torch.load(weights_only=True), the default since torch 2.6, refused numpy scalars in the config
+    model = mlp()
+    weighting = "fixed" if fixed is not None else "huw_priority"
+    opt = MetaAdamW(model.named_parameters(), weighting=weighting, priorities=priorities, fixed_weights=fixed,
+                    **small_kwargs())
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    config = state["metaadamw"]["config"]
+    assert all(type(x) is float for x in config["priorities"] + (config["fixed_weights"] or []))
+    assert config["priorities"] == [float(x) for x in priorities]
+    MetaAdamW(mlp().named_parameters(), weighting=weighting, priorities=priorities, fixed_weights=fixed,
+              **small_kwargs()).load_state_dict(state)
+
+
+def test_exact_meta_gradient_on_a_compiled_model_says_to_use_finite_differences():
+    b1, b2, val = regression_batches(n=3)
+    for mode in ("finite_difference", "exact"):
+        torch._dynamo.reset()
+        model = mlp()
+        compiled = torch.compile(model, backend="aot_eager")
+        opt = MetaAdamW(model.named_parameters(), lr=1e-2, meta_gradient=mode, **small_kwargs())
+        opt.zero_grad()
+        mse(compiled, b1).backward()
+        opt.step()
+        if mode == "finite_difference":
+            assert not opt.meta_step(compiled, mse, b1, b2, val).skipped
+        else:
+            with pytest.raises(RuntimeError, match="meta_gradient='finite_difference' \\(the default\\)"):
+                opt.meta_step(compiled, mse, b1, b2, val)
