@@ -94,6 +94,12 @@ def fmt_p(p: float) -> str:
 
 
 # -- display tables -----------------------------------------------------------------------------
+def _seeds_cell(r: pd.Series, *unmatched: str) -> str:
+    """``pairs (better)``, plus the ok seeds left out of the means because the other arm has none."""
+    extra = sum(int(r[c]) for c in unmatched if c in r and pd.notna(r[c]))
+    return f"{r['n_pairs']} ({r['n_better']})" + (f"; {extra} unpaired left out" if extra else "")
+
+
 def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
     """Table 2 as display strings: AdamW and MetaAdamW mean [95% CI], relative improvement
     [95% CI], time change, p-values, pairs, significance and the trivial references."""
@@ -108,7 +114,8 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
             "time change": fmt_pct(r["time_change"]),
             "p (t)": fmt_p(r["p_t"]),
             "p (sign-flip)": fmt_p(r["p_signflip"]),
-            "seeds (better)": f"{r['n_pairs']} ({r['n_better']})",
+            "p (Holm)": fmt_p(r["p_holm"]),
+            "seeds (better)": _seeds_cell(r, "adamw_n_unmatched", "meta_n_unmatched"),
             "not ok (AdamW/Meta)": f"{r['adamw_n_not_ok']}/{r['meta_n_not_ok']}",
             "sig.": "*" if r["significant"] else "",
         }
@@ -118,22 +125,29 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
 
 
 def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
-    """Table 3 as display strings: each arm against the baseline, asterisk where significant."""
-    return pd.DataFrame([
-        {
-            "task": r["task"],
-            "axis": r["axis"],
-            "arm": r["arm"] + (" *" if r["significant"] else ""),
-            "arm mean": fmt_ci(r["arm_mean"], r["arm_lo"], r["arm_hi"]),
-            "baseline mean": fmt_num(r["baseline_mean"]),
-            "rel. change vs baseline": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
-            "p (t)": fmt_p(r["p_t"]),
-            "p (sign-flip)": fmt_p(r["p_signflip"]),
-            "seeds (better)": f"{r['n_pairs']} ({r['n_better']})",
-            "not ok": str(r["n_not_ok"]),
-        }
-        for _, r in t3.iterrows()
-    ])
+    """Table 3 as display strings: each arm against the baseline, asterisk where significant; an
+    arm that ran the baseline's own trials says so instead of showing a zero difference."""
+    rows = []
+    for _, r in t3.iterrows():
+        row = {"task": r["task"], "axis": r["axis"], "arm": r["arm"] + (" *" if r["significant"] else "")}
+        if r.get("same_as_baseline", False):
+            same = "= baseline (same trials)"
+            row.update({"arm mean": same, "baseline mean": fmt_num(r["baseline_mean"]), "rel. change vs baseline": same,
+                        "p (t)": MISSING, "p (sign-flip)": MISSING, "p (Holm)": MISSING,
+                        "seeds (better)": str(r["n_pairs"]), "not ok": str(r["n_not_ok"])})
+        else:
+            row.update({
+                "arm mean": fmt_ci(r["arm_mean"], r["arm_lo"], r["arm_hi"]),
+                "baseline mean": fmt_num(r["baseline_mean"]),
+                "rel. change vs baseline": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
+                "p (t)": fmt_p(r["p_t"]),
+                "p (sign-flip)": fmt_p(r["p_signflip"]),
+                "p (Holm)": fmt_p(r["p_holm"]),
+                "seeds (better)": _seeds_cell(r, "n_unmatched"),
+                "not ok": str(r["n_not_ok"]),
+            })
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
@@ -143,8 +157,11 @@ def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
             "kind": r["kind"],
             "term": r["term"],
             "level": r["level"] + (" *" if r["significant"] else ""),
-            "effect [95% CI]": fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True),
+            "effect [95% CI]": (fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True) if not r.get("aliased")
+                                else f"aliased with {r['aliased']}" if r["aliased"] != "not estimable"
+                                else "not estimable in this design"),
             "p": fmt_p(r["p_value"]),
+            "p (Holm)": fmt_p(r["p_holm"]),
         }
         for _, r in effects.iterrows()
     ])
@@ -349,6 +366,20 @@ def _by_task(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(str(task), rows) for task, rows in df.groupby("task", sort=True)]
 
 
+def _maximized(history: pd.DataFrame) -> bool:
+    return "direction" in history and str(history["direction"].iloc[0]).lower().startswith("max")
+
+
+def tune_best_so_far(history: pd.DataFrame) -> pd.Series:
+    """The best objective value so far of one priority study (rows in trial order), over its
+    finished (COMPLETE) suggestions only: a pruned one's value - its last intermediate value, as
+    Optuna stores it - is a partial-budget score and never the study's best."""
+    done = history["value"]
+    if "state" in history:
+        done = done.where(history["state"].astype(str).str.upper() == "COMPLETE")
+    return (done.cummax() if _maximized(history) else done.cummin()).ffill()
+
+
 def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
     """Each task's priority study: the objective value per Optuna trial and the best so far (the
     study's ``direction`` column when present, else minimisation), one panel per task."""
@@ -358,8 +389,8 @@ def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, (task, h) in zip(axes[0], groups):
         h = h.sort_values("number")
-        maximize = "direction" in h and str(h["direction"].iloc[0]).lower().startswith("max")
-        best = (h["value"].cummax() if maximize else h["value"].cummin()).ffill()  # pruned trials: NaN
+        maximize = _maximized(h)
+        best = tune_best_so_far(h)
         ax.scatter(h["number"], h["value"], s=14, label="trial")
         ax.plot(h["number"], best, color="C1", drawstyle="steps-post", label="best so far")
         ax.set(xlabel="Optuna trial", ylabel=f"objective ({'maximised' if maximize else 'minimised'})",
@@ -417,13 +448,15 @@ def _intro(results: Results, results_dir: Path) -> list[Block]:
 
 
 _SIG_LEGEND = (
-    "Means with 95% t confidence intervals over ok seeds. Relative change is computed per seed "
+    "Means with 95% t confidence intervals over the matched seeds (those both arms finished ok; "
+    "an ok seed the other arm lacks is left out of both means and counted as 'unpaired left out'). "
+    "Relative change is computed per seed "
     "and signed so that positive = better ((ref - new)/|ref| for 'min' metrics, (new - ref)/|ref| "
     "for 'max'). p-values are two-sided paired tests of the per-seed differences: a t-test and an "
-    "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). * marks p(sign-flip) < {alpha}; "
+    "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). p (Holm) is the sign-flip p "
+    "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha}; "
     "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
-    "for 6). 'seeds (better)' is the number of pairs and how many of them favour the arm. "
-    "p-values are not corrected for multiple comparisons."
+    "for 6), before the adjustment. 'seeds (better)' is the number of pairs and how many of them favour the arm."
 )
 
 
@@ -433,7 +466,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float) -> list[Block
     if not (t2["adamw_n"] + t2["meta_n"]).any():
         return [heading, _text("No ok trial of the 'adamw' or 'baseline' arm: nothing to compare.")]
     blocks = [heading, _table(table2_display(t2)),
-              _text(_SIG_LEGEND.format(alpha=alpha) + " Time change is MetaAdamW's total training time "
+              _text(_SIG_LEGEND.format(alpha=alpha, family="the tasks of this table") + " Time change is MetaAdamW's total training time "
                     "over the matched seeds relative to AdamW's; ref_* columns are trivial references.")]
     for task in t2["task"]:
         blocks += _figure(plot_validation_curves(results, task, fig_dir),
@@ -447,7 +480,8 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float) -> list[Block
         return [_heading("Ablations (Table 3 analogue)"), _text("No ablation arms in this study.")]
     blocks = [_heading("Ablations (Table 3 analogue)"), _table(table3_display(t3)),
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
-                    "difference. " + _SIG_LEGEND.format(alpha=alpha))]
+                    "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
+                    "ran it once for both. " + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task"))]
     for task in sorted(t3["task"].unique()):
         blocks += _figure(plot_ablation_bars(t3, task, fig_dir), f"{task}: ablation arms vs baseline, 95% CI")
     return blocks
@@ -464,7 +498,10 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               "level's deviation from the grand mean; interactions are products of non-reference "
               "levels. Each (task, seed) is a block with its own effect: the cells of a seed share its "
               "initial weights and data order, so differences between seeds are not counted as noise. "
-              f"* marks p < {alpha}. Observations: {int(effects['n'].iloc[0])}."),
+              "In a fractional design an interaction the design confounds with a main effect is not "
+              "fitted ('aliased with ...'): the main effects are estimated assuming it is negligible. "
+              f"p (Holm) adjusts p over the fitted effects; * marks p (Holm) < {alpha}. "
+              f"Observations: {int(effects['n'].iloc[0])}."),
         _table(factorial_display(effects)),
         *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
     ]
@@ -474,12 +511,16 @@ def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
     ratios = stats.profile_ratios(results)
     if ratios.empty:
         return []
-    shown = ratios.map(lambda v: fmt_num(v, 4) if np.isfinite(v) else "inf").reset_index()
+    # fixed decimals: with significant digits, 1.00036 would print as "1", the best arm's mark
+    shown = ratios.map(lambda v: f"{v:.4f}" if np.isfinite(v) else "inf").reset_index()
+    notes = stats.profile_notes(results)
     return [
         _heading("Performance profiles"),
         _text("Per task, each arm's mean best metric relative to the best arm's: arm/best for 'min' "
               "metrics, best/arm for 'max' metrics (1 = best, larger = worse; inf = no ok trial). "
-              "rho(tau) is the share of tasks whose ratio is at most tau."),
+              "Means are over the seeds every arm finished ok. "
+              "rho(tau) is the share of tasks whose ratio is at most tau."
+              + ("" if not notes else " " + "; ".join(notes) + ".")),
         _table(shown),
         *_figure(plot_performance_profile(stats.performance_profile(results), fig_dir), "performance profiles"),
     ]

@@ -18,7 +18,7 @@ Conventions
   ``(b_adamw - b_meta) / b_adamw``; ETTh1 MSE 0.006147 -> 0.005885 gives +4.26%).
 * Differences: paired differences are ``arm - reference`` in raw metric units; the p-values
   (paired t-test and exact sign-flip permutation test, both two-sided) test them against 0.
-* Failed trials: only trials with ``status == "ok"`` enter statistics. Every table that
+* Failed trials: only trials with ``status == "ok"`` (and a finite best metric) enter statistics. Every table that
   aggregates trials carries ``n_not_ok`` counts, and :func:`failed_summary` lists every trial
   whose status is not "ok", so nothing is dropped silently.
 """
@@ -73,7 +73,7 @@ def paired_t_pvalue(diffs: Sequence[float]) -> float:
     """
     d = np.asarray(diffs, dtype=float)
     n = len(d)
-    if n < 2:
+    if n < 2 or not np.isfinite(d).all():
         return np.nan
     mean, sd = d.mean(), d.std(ddof=1)
     if sd == 0:
@@ -95,11 +95,12 @@ def sign_flip_pvalue(
     is the share of sign vectors whose |mean| is at least the observed |mean|: exact over all
     2^n vectors for n <= ``exact_max_n``, otherwise Monte Carlo with ``draws`` vectors from a
     fixed ``seed`` (reported as (1 + hits) / (1 + draws)). The smallest attainable exact value is
-    2 / 2^n, e.g. 2/64 = 0.03125 for 6 pairs and 0.0625 for 5. NaN for n = 0.
+    2 / 2^n, e.g. 2/64 = 0.03125 for 6 pairs and 0.0625 for 5. NaN for n = 0 and for non-finite
+    differences (a NaN would otherwise compare as never reached and give p = 0).
     """
     d = np.asarray(diffs, dtype=float)
     n = len(d)
-    if n == 0:
+    if n == 0 or not np.isfinite(d).all():
         return np.nan
     observed = abs(d.mean())
     tol = 1e-12 * max(1.0, float(np.abs(d).max()))
@@ -110,6 +111,21 @@ def sign_flip_pvalue(
     signs = rng.choice(np.array([-1.0, 1.0]), size=(draws, n))
     hits = int(np.sum(np.abs(signs @ d / n) >= observed - tol))
     return (1 + hits) / (1 + draws)
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate;
+    valid under any dependence). NaNs stay NaN and are not counted in the family."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    m = len(idx)
+    if m == 0:
+        return out
+    order = idx[np.argsort(p[idx], kind="stable")]
+    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
 
 
 def relative_change(ref: Sequence[float] | float, new: Sequence[float] | float, mode: str) -> np.ndarray:
@@ -130,10 +146,13 @@ def paired_comparison(
     Returns the mean paired difference ``new - ref`` and its CI (``diff_*``), the mean per-pair
     relative change (positive = better, see :func:`relative_change`) and its CI (``rel_*``), the
     paired t-test and sign-flip p-values, the number of pairs and how many pairs ``new`` wins.
+    Pairs with a non-finite value are left out (and not counted).
     """
     ref, new = np.asarray(ref, dtype=float), np.asarray(new, dtype=float)
     if ref.shape != new.shape:
         raise ValueError(f"paired arrays differ in length: {len(ref)} vs {len(new)}")
+    keep = np.isfinite(ref) & np.isfinite(new)
+    ref, new = ref[keep], new[keep]
     diff, rel = new - ref, relative_change(ref, new, mode)
     d, r = mean_ci(diff, confidence), mean_ci(rel, confidence)
     return {
@@ -186,12 +205,20 @@ def arm_axis(arm: str) -> str:
     return arm.split("=", 1)[0] if "=" in arm else arm
 
 
+def _is_ok(trials: pd.DataFrame) -> pd.Series:
+    """Trials with status "ok" and a finite best metric (an "ok" trial with a NaN or inf metric -
+    hand-made or damaged tables - would otherwise poison means and tests)."""
+    metric = pd.to_numeric(trials["best_metric"], errors="coerce") if "best_metric" in trials else None
+    finite = np.isfinite(metric.to_numpy(dtype=float)) if metric is not None else True
+    return (trials["status"] == "ok") & finite
+
+
 def _ok(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[trials["status"] == "ok"] if len(trials) else trials
+    return trials[_is_ok(trials)] if len(trials) else trials
 
 
 def _not_ok(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[trials["status"] != "ok"] if len(trials) else trials
+    return trials[~_is_ok(trials)] if len(trials) else trials
 
 
 def status_counts(results: Results) -> dict[str, int]:
@@ -255,7 +282,7 @@ def error_summary(text: object) -> str:
 
 
 def failed_summary(results: Results) -> pd.DataFrame:
-    """Every trial whose status is not "ok": id, task, arms, seed, status, stop reason and the
+    """Every trial that is not ok (status not "ok", or a non-finite best metric): id, task, arms, seed, status, stop reason and the
     error's first line (for a traceback, its final exception line)."""
     cols = ["trial_id", "task", "arms", "seed", "status", "stop_reason", "error"]
     bad = _not_ok(results.trials)
@@ -269,7 +296,8 @@ def failed_summary(results: Results) -> pd.DataFrame:
             "seed": r.get("seed"),
             "status": r["status"],
             "stop_reason": r.get("stop_reason", ""),
-            "error": error_summary(r.get("error", "")),
+            "error": error_summary(r.get("error", "")) or (
+                f"best_metric is {r.get('best_metric')} (not finite)" if r["status"] == "ok" else ""),
         }
         for _, r in bad.iterrows()
     ]
@@ -293,7 +321,7 @@ def task_metric(trials: pd.DataFrame, task: str) -> tuple[str, str]:
 def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> pd.Series:
     """Ok trials' ``column`` per seed for one task and arm (several trials of one seed - results
     loaded with ``all_trials=True`` across versions of a study - are averaged, with a warning)."""
-    g = arms[(arms["task"] == task) & (arms["arm"] == arm) & (arms["status"] == "ok")]
+    g = arms[(arms["task"] == task) & (arms["arm"] == arm) & _is_ok(arms)]
     if g["seed"].duplicated().any():
         warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
                       f"their values are averaged per seed. Are results of different study versions mixed "
@@ -302,26 +330,46 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
 
 
 def _n_not_ok(arms: pd.DataFrame, task: str, arm: str) -> int:
-    return int(((arms["task"] == task) & (arms["arm"] == arm) & (arms["status"] != "ok")).sum())
+    return int(((arms["task"] == task) & (arms["arm"] == arm) & ~_is_ok(arms)).sum())
 
 
-def _compare_arms(arms: pd.DataFrame, task: str, ref_arm: str, arm: str, mode: str, alpha: float) -> dict:
+def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str) -> tuple[pd.Series, pd.Series, int, int]:
+    """Both arms' per-seed values over the seeds both finished ok (each arm's own ok seeds when
+    they share none: there is no comparison then), and how many ok seeds each arm has that the
+    other lacks (left out of its mean, so that the two means describe the same seeds)."""
     ref, new = _per_seed(arms, task, ref_arm), _per_seed(arms, task, arm)
     seeds = ref.index.intersection(new.index).sort_values()
-    cmp = paired_comparison(ref.loc[seeds].to_numpy(), new.loc[seeds].to_numpy(), mode)
-    cmp["significant"] = bool(cmp["p_signflip"] < alpha)
-    return cmp
+    if not len(seeds):
+        return ref, new, 0, 0
+    return ref.loc[seeds], new.loc[seeds], len(ref) - len(seeds), len(new) - len(seeds)
+
+
+def _compare(ref: pd.Series, new: pd.Series, mode: str) -> dict:
+    if not ref.index.equals(new.index):  # no matched seed
+        ref, new = ref.iloc[:0], new.iloc[:0]
+    return paired_comparison(ref.to_numpy(), new.to_numpy(), mode)
+
+
+def _holm_family(rows: list[dict], alpha: float) -> None:
+    """``p_holm`` (Holm-adjusted sign-flip p over ``rows``, one family) and ``significant``."""
+    adjusted = holm([r["p_signflip"] for r in rows])
+    for r, p in zip(rows, adjusted):
+        r["p_holm"] = float(p)
+        r["significant"] = bool(p < alpha)
 
 
 def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """The paper's Table 2 with seeds: per task, AdamW ("adamw") vs the MetaAdamW "baseline".
 
-    Columns: task, metric, mode; adamw_* and meta_* (mean, lo, hi, n ok seeds, n_not_ok);
-    rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative improvement, positive = MetaAdamW
-    better); diff_* (paired difference meta - adamw); time_change (total training time of
-    MetaAdamW over the matched seeds relative to AdamW's); p_t, p_signflip, n_pairs, n_better and
-    ``significant`` (p_signflip < alpha); ref_<name> means of the trivial references when the
-    trials table has them.
+    Columns: task, metric, mode; adamw_* and meta_* (mean, lo, hi and n over the matched seeds -
+    the seeds both arms finished ok, so that the two means describe the same seeds; each arm's own
+    ok seeds when they share none - plus n_unmatched, ok seeds left out because the other arm has
+    none there, and n_not_ok); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
+    improvement, positive = MetaAdamW better); diff_* (paired difference meta - adamw);
+    time_change (total training time of MetaAdamW over the matched seeds relative to AdamW's);
+    p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks), n_pairs,
+    n_better and ``significant`` (p_holm < alpha); ref_<name> means of the trivial references
+    when the trials table has them.
     """
     trials = results.trials
     if trials.empty:
@@ -332,15 +380,18 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     for task in sorted(trials["task"].unique()):
         metric, mode = task_metric(trials, task)
         row: dict = {"task": task, "metric": metric, "mode": mode}
-        for prefix, arm in (("adamw", ADAMW), ("meta", BASELINE)):
-            ci = mean_ci(_per_seed(arms, task, arm), confidence)
+        ref, new, ref_extra, new_extra = _matched(arms, task, ADAMW, BASELINE)
+        for prefix, arm, values, extra in (("adamw", ADAMW, ref, ref_extra), ("meta", BASELINE, new, new_extra)):
+            ci = mean_ci(values, confidence)
             row.update({f"{prefix}_{k}": ci[k] for k in ("mean", "lo", "hi", "n")})
+            row[f"{prefix}_n_unmatched"] = extra
             row[f"{prefix}_n_not_ok"] = _n_not_ok(arms, task, arm)
-        row.update(_compare_arms(arms, task, ADAMW, BASELINE, mode, alpha))
+        row.update(_compare(ref, new, mode))
         row["time_change"] = _time_change(arms, task)
         ok_task = _ok(trials[trials["task"] == task])
         row.update({c: float(pd.to_numeric(ok_task[c], errors="coerce").mean()) for c in ref_cols})
         rows.append(row)
+    _holm_family(rows, alpha)
     return pd.DataFrame(rows)
 
 
@@ -352,13 +403,25 @@ def _time_change(arms: pd.DataFrame, task: str) -> float:
     return float((m.loc[seeds].sum() - total_a) / total_a) if len(seeds) and total_a > 0 else np.nan
 
 
+def _same_trials(arms: pd.DataFrame, task: str, arm: str, other: str) -> bool:
+    """Whether ``arm`` is served by exactly ``other``'s trials on ``task`` (a study merges arms
+    whose configs are equal, e.g. an ablation level that is the baseline's own)."""
+    ids = arms.loc[(arms["task"] == task) & (arms["arm"] == arm), "trial_id"]
+    other_ids = arms.loc[(arms["task"] == task) & (arms["arm"] == other), "trial_id"]
+    return len(ids) > 0 and set(ids) == set(other_ids)
+
+
 def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """The paper's Table 3 with seeds: per task, every arm other than "adamw" and "baseline"
     against "baseline" over matched seeds.
 
-    Columns: task, axis, arm, metric, mode, arm_mean/lo/hi, baseline_mean, n_not_ok, rel_* (per
-    seed relative change vs baseline, positive = the arm is better), diff_*, p_t, p_signflip,
-    n_pairs, n_better, significant and ``mark`` ("*" where significant).
+    Columns: task, axis, arm, metric, mode, arm_mean/lo/hi and baseline_mean (over the matched
+    seeds, as in :func:`table2`), n_unmatched, n_not_ok, rel_* (per seed relative change vs
+    baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the arms
+    of the task), n_pairs, n_better, significant (p_holm < alpha), ``mark`` ("*" where
+    significant) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
+    the baseline's), so there is nothing to compare - its statistics are NaN and it is not
+    counted in the Holm family.
     """
     trials = results.trials
     if trials.empty:
@@ -368,16 +431,27 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     for task in sorted(trials["task"].unique()):
         metric, mode = task_metric(trials, task)
         names = sorted(set(arms.loc[arms["task"] == task, "arm"]) - {ADAMW, BASELINE})
-        base = _per_seed(arms, task, BASELINE)
+        task_rows = []
         for arm in names:
-            ci = mean_ci(_per_seed(arms, task, arm), confidence)
+            base, values, _, extra = _matched(arms, task, BASELINE, arm)
+            ci = mean_ci(values, confidence)
             row = {"task": task, "axis": arm_axis(arm), "arm": arm, "metric": metric, "mode": mode}
             row.update({f"arm_{k}": ci[k] for k in ("mean", "lo", "hi")})
             row["baseline_mean"] = float(base.mean()) if len(base) else np.nan
+            row["n_unmatched"] = extra
             row["n_not_ok"] = _n_not_ok(arms, task, arm)
-            row.update(_compare_arms(arms, task, BASELINE, arm, mode, alpha))
+            row["same_as_baseline"] = _same_trials(arms, task, arm, BASELINE)
+            cmp = _compare(base, values, mode)
+            if row["same_as_baseline"]:
+                cmp = {k: (np.nan if k not in ("n_pairs", "n_better") else v) for k, v in cmp.items()}
+            row.update(cmp)
+            task_rows.append(row)
+        _holm_family([r for r in task_rows if not r["same_as_baseline"]], alpha)
+        for row in task_rows:
+            row.setdefault("p_holm", np.nan)
+            row.setdefault("significant", False)
             row["mark"] = "*" if row["significant"] else ""
-            rows.append(row)
+        rows += task_rows
     return pd.DataFrame(rows)
 
 
@@ -430,17 +504,27 @@ def factorial_effects(
 ) -> pd.DataFrame:
     """Main effects and two-way interactions of a factorial study on the normalised metric.
 
-    Fits ``y ~ 1 + main effects + all two-way interactions`` by least squares on effect-coded
-    factors (see :func:`factorial_frame` for ``y``). A main-effect estimate is a level's
-    deviation from the grand mean (every level is listed; for a two-level factor the difference
-    between its levels is twice the estimate). An interaction estimate is the coefficient of the
-    product of two non-reference level columns (the last level of each factor, alphabetically,
-    is the reference). Each (task, seed) is a block with an effect of its own: the cells of one
-    seed share its initial weights, data order and dropout masks (seeds are matched pairs), so
-    what all cells of a seed have in common is not counted as noise - as a paired comparison does
-    for two arms. CIs and p-values use the residual variance with n - p degrees of freedom (p
-    counting the block columns; NaN when the design has no residual degrees of freedom). Returns
-    an empty frame when the study has no factorial cells.
+    Fits ``y ~ 1 + main effects + two-way interactions`` by least squares on effect-coded factors
+    (see :func:`factorial_frame` for ``y``). A main-effect estimate is a level's deviation from
+    the grand mean (every level is listed; for a two-level factor the difference between its
+    levels is twice the estimate). An interaction estimate is the coefficient of the product of
+    two non-reference level columns (the last level of each factor, alphabetically, is the
+    reference). Each (task, seed) is a block with an effect of its own: the cells of one seed
+    share its initial weights, data order and dropout masks (seeds are matched pairs), so what all
+    cells of a seed have in common is not counted as noise - as a paired comparison does for two
+    arms. CIs and p-values use the residual variance with n - rank degrees of freedom (NaN when
+    the design has no residual degrees of freedom).
+
+    Fractional designs: an interaction column that the design cannot tell apart from the columns
+    before it (main effects first: in the half fraction C = AB, the A x B interaction *is* C's
+    main effect) is left out of the fit, as resolution-III analyses do, and its row has a NaN
+    estimate and ``aliased`` naming what it is confounded with. Fitting it anyway would split
+    each main effect in half between the two names. A main-effect contrast the design cannot
+    estimate is NaN with ``aliased = "not estimable"``.
+
+    ``p_holm`` adjusts the p-values by Holm over the fit's estimable effects (a two-level
+    factor's two rows are one test) and ``significant`` is p_holm < alpha. Returns an empty frame
+    when the study has no factorial cells.
     """
     frame = factorial_frame(results)
     if frame.empty:
@@ -455,17 +539,26 @@ def factorial_effects(
         for j, name in enumerate(names[:-1]):
             columns.append(cols[:, j])
             labels.append(("main", f, name))
-    for f, g in itertools.combinations(factors, 2):
-        for (i, a), (j, b) in itertools.product(enumerate(coded[f][0][:-1]), enumerate(coded[g][0][:-1])):
-            columns.append(coded[f][1][:, i] * coded[g][1][:, j])
-            labels.append(("interaction", f"{f} x {g}", f"{a} x {b}"))
     blocks = frame["task"].astype(str) + "\x00" + frame["seed"].astype(str)
     for block in sorted(blocks.unique())[1:]:  # treatment-coded against the first block (the intercept's)
         columns.append((blocks == block).to_numpy(dtype=float))
         labels.append(("block", block, ""))
+    aliased: dict[tuple[str, str], str] = {}
+    rank = np.linalg.matrix_rank(np.column_stack(columns))
+    for f, g in itertools.combinations(factors, 2):
+        for (i, a), (j, b) in itertools.product(enumerate(coded[f][0][:-1]), enumerate(coded[g][0][:-1])):
+            col, label = coded[f][1][:, i] * coded[g][1][:, j], ("interaction", f"{f} x {g}", f"{a} x {b}")
+            grown = np.linalg.matrix_rank(np.column_stack(columns + [col]))
+            if grown > rank:
+                columns.append(col)
+                labels.append(label)
+                rank = grown
+            else:
+                aliased[label[1:]] = _alias_of(col, np.column_stack(columns), labels)
     X, y = np.column_stack(columns), frame["y"].to_numpy(dtype=float)
     beta, cov, dof = _least_squares(X, y)
-    rows = []
+    row_space = np.linalg.pinv(X) @ X  # c is estimable iff c @ row_space == c
+    rows, tests = [], []
     for f in factors:
         names = coded[f][0]
         idx = [k for k, lab in enumerate(labels) if lab[0] == "main" and lab[1] == f]
@@ -475,16 +568,43 @@ def factorial_effects(
                 c[idx[j]] = 1.0
             else:
                 c[idx] = -1.0
-            rows.append(_contrast_row("main", f, name, c, beta, cov, dof, confidence))
-    for k, (kind, term, level) in enumerate(labels):
-        if kind == "interaction":
-            c = np.zeros(len(beta))
-            c[k] = 1.0
-            rows.append(_contrast_row(kind, term, level, c, beta, cov, dof, confidence))
+            row = _contrast_row("main", f, name, c, beta, cov, dof, confidence)
+            row["aliased"] = ""
+            if not np.allclose(c @ row_space, c, atol=1e-8):
+                row.update(estimate=np.nan, se=np.nan, lo=np.nan, hi=np.nan, p_value=np.nan, aliased="not estimable")
+            rows.append(row)
+            tests.append(("main", f) if len(names) == 2 else ("main", f, name))
+    for f, g in itertools.combinations(factors, 2):
+        for a, b in itertools.product(coded[f][0][:-1], coded[g][0][:-1]):
+            key = (f"{f} x {g}", f"{a} x {b}")
+            if key in aliased:
+                rows.append({"kind": "interaction", "term": key[0], "level": key[1], "estimate": np.nan, "se": np.nan,
+                             "lo": np.nan, "hi": np.nan, "p_value": np.nan, "aliased": aliased[key]})
+            else:
+                c = np.zeros(len(beta))
+                c[labels.index(("interaction", *key))] = 1.0
+                rows.append({**_contrast_row("interaction", *key, c, beta, cov, dof, confidence), "aliased": ""})
+            tests.append(("interaction", *key))
     out = pd.DataFrame(rows)
-    out["significant"] = out["p_value"] < alpha
+    family = out.assign(test=tests).groupby("test", sort=False)["p_value"].first()
+    out["p_holm"] = pd.Series(tests).map(dict(zip(family.index, holm(family.to_numpy())))).to_numpy(dtype=float)
+    out["significant"] = out["p_holm"] < alpha
     out["n"] = len(frame)
     return out
+
+
+def _alias_of(col: np.ndarray, X: np.ndarray, labels: list[tuple[str, str, str]]) -> str:
+    """What a column the design cannot separate from ``X``'s columns is confounded with, e.g.
+    ``"-features=basic"`` (its least-squares expression in the effect columns; the intercept and
+    blocks are left out of the name)."""
+    coef, *_ = np.linalg.lstsq(X, col, rcond=None)
+    parts = []
+    for b, (kind, term, level) in zip(coef, labels):
+        if kind in ("main", "interaction") and abs(b) > 1e-8:
+            name = f"{term}={level}" if kind == "main" else f"{term} ({level})"
+            scale = "" if np.isclose(abs(b), 1.0) else f"{abs(b):.3g}*"
+            parts.append(f"{'-' if b < 0 else '+'}{scale}{name}")
+    return " ".join(parts).lstrip("+") or "the blocks"
 
 
 def _least_squares(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -558,8 +678,9 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
         if rows is None:
             row["note"] = f"no {name} trial"
             return row
-        if not (rows["status"] == "ok").any():
-            row["note"] = f"{name} trial {rows['trial_id'].iloc[0]} is {rows['status'].iloc[0]}"
+        if not _is_ok(rows).any():
+            status = rows["status"].iloc[0]
+            row["note"] = f"{name} trial {rows['trial_id'].iloc[0]} is {status if status != 'ok' else 'without a finite metric'}"
             return row
     ref, new = _ok(ref_rows).iloc[0], _ok(new_rows).iloc[0]
     row["target"] = float(ref["best_metric"])
@@ -606,26 +727,67 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
 
 
 # -- performance profiles -----------------------------------------------------------------------
+def _profile_plan(results: Results, arms: Sequence[str] | None) -> tuple[list[str], dict[str, list], list[str]]:
+    """The arms of a profile, the seeds each task's means are taken over and notes on what was
+    left out. A task enters only if every arm attempted it (a profile compares arms on a common
+    set of problems); its means are over the seeds every arm with an ok trial on it finished ok,
+    so that no arm's mean leaves out a hard seed another arm's includes."""
+    every = explode_arms(results.trials)
+    ok = explode_arms(_ok(results.trials))
+    names = list(arms) if arms is not None else list(pd.unique(every["arm"]))
+    unknown = [a for a in names if a not in set(every["arm"])]
+    if unknown:
+        raise ValueError(f"no trial of arm(s) {', '.join(map(repr, unknown))} in these results; their arms: "
+                         f"{', '.join(sorted(map(str, pd.unique(every['arm']))))}")
+    seeds, notes = {}, []
+    for task in pd.unique(every["task"]):
+        tried = set(every.loc[every["task"] == task, "arm"])
+        missing = [a for a in names if a not in tried]
+        if missing:
+            notes.append(f"{task}: left out (not run by {', '.join(missing)})")
+            continue
+        rows = ok[(ok["task"] == task) & ok["arm"].isin(names)]
+        by_arm = [set(rows.loc[rows["arm"] == a, "seed"]) for a in names]
+        common = set.intersection(*[s for s in by_arm if s]) if any(by_arm) else set()
+        if any(by_arm) and not common:
+            notes.append(f"{task}: left out (no seed was finished ok by every arm)")
+            continue
+        dropped = sorted(set.union(*by_arm) - common) if any(by_arm) else []
+        if dropped:
+            notes.append(f"{task}: means over seeds {', '.join(map(str, sorted(common)))} (seed(s) "
+                         f"{', '.join(map(str, dropped))} not finished ok by every arm)")
+        seeds[task] = sorted(common)
+    return names, seeds, notes
+
+
 def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.DataFrame:
-    """Performance ratios (task x arm) of each arm's mean best metric (over ok seeds) to the best
-    arm's on that task: ``arm / best`` for "min" metrics and ``best / arm`` for "max" metrics, so
-    1 is the best arm and larger is worse either way. Metrics must be positive; an arm without
-    ok trials on a task, or with a non-positive metric, gets ``inf`` (never within any tau)."""
-    exploded = explode_arms(_ok(results.trials))
-    if exploded.empty:
+    """Performance ratios (task x arm) of each arm's mean best metric to the best arm's on that
+    task: ``arm / best`` for "min" metrics and ``best / arm`` for "max" metrics, so 1 is the best
+    arm and larger is worse either way. Means are over the seeds that every arm with an ok trial
+    on the task finished ok (matched seeds, as in the paired tables); a task that some arm did
+    not run is left out (:func:`profile_notes` says which, and which seeds were dropped). Metrics
+    must be positive; an arm without an ok trial on a task, or with a non-positive metric, gets
+    ``inf`` (never within any tau)."""
+    if _ok(results.trials).empty:
         return pd.DataFrame()
-    every = explode_arms(results.trials)  # arms and tasks without an ok trial stay, as inf
-    means = exploded.groupby(["task", "arm"])["best_metric"].mean().unstack("arm")
-    means = means.reindex(index=list(pd.unique(every["task"])),
-                          columns=list(arms) if arms is not None else list(pd.unique(every["arm"])))
+    names, seeds, _ = _profile_plan(results, arms)
+    ok = explode_arms(_ok(results.trials))
     ratios = {}
-    for task, row in means.iterrows():
-        vals = row.where(row > 0)
-        if task_metric(results.trials, task)[1] == "min":
-            ratios[task] = vals / vals.min()
-        else:
-            ratios[task] = vals.max() / vals
-    return pd.DataFrame(ratios).T.fillna(np.inf).rename_axis(index="task", columns="arm")
+    for task, task_seeds in seeds.items():
+        rows = ok[(ok["task"] == task) & ok["seed"].isin(task_seeds)]
+        vals = rows.groupby("arm")["best_metric"].mean().reindex(names)
+        vals = vals.where(vals > 0)
+        ratios[task] = vals / vals.min() if task_metric(results.trials, task)[1] == "min" else vals.max() / vals
+    if not ratios:
+        return pd.DataFrame(columns=pd.Index(names, name="arm"), index=pd.Index([], name="task"), dtype=float)
+    return pd.DataFrame(ratios).T.reindex(columns=names).fillna(np.inf).rename_axis(index="task", columns="arm")
+
+
+def profile_notes(results: Results, arms: Sequence[str] | None = None) -> list[str]:
+    """What :func:`profile_ratios` left out: tasks not run by every arm, seeds not finished by every arm."""
+    if results.trials.empty:
+        return []
+    return _profile_plan(results, arms)[2]
 
 
 def performance_profile(

@@ -585,10 +585,11 @@ def run_study(
 
 
 def summary_table(results: store.Results) -> str:
-    """Per task and arm: mean best metric over seeds (ok trials), n, and the change vs baseline."""
+    """Per task and arm: mean best metric over seeds (ok trials), n, and the change vs baseline
+    (the mean per-seed relative change over the seeds both finished, as the report's tables)."""
     import pandas as pd
 
-    from ablate.stats import explode_arms, relative_change
+    from ablate.stats import _matched, explode_arms, relative_change
 
     trials = results.trials
     if trials.empty:
@@ -610,9 +611,15 @@ def summary_table(results: store.Results) -> str:
         order = {"baseline": 0, "adamw": 2}  # then the ablations in the order they appear, AdamW last
         for arm in sorted(pd.unique(df["arm"]), key=lambda a: order.get(a, 1)):
             m = means.loc[arm] if arm in means.index else pd.Series({"mean": math.nan, "count": 0})
-            change = float(relative_change(base, m["mean"], mode)) if arm != "baseline" else math.nan
+            change, pairs = math.nan, 0
+            if arm != "baseline" and not math.isnan(base):
+                ref, new, _, _ = _matched(arms, task, "baseline", arm)
+                pairs = len(new) if ref.index.equals(new.index) else 0
+                if pairs:
+                    change = float(relative_change(ref.to_numpy(), new.to_numpy(), mode).mean())
             bad = int((df[df["arm"] == arm]["status"] != "ok").sum())
-            change_s = "" if math.isnan(change) else f"{change:+.2%}"
+            change_s = "" if math.isnan(change) else f"{change:+.2%}" + (
+                f" ({pairs} paired)" if pairs != int(m["count"]) else "")
             lines.append(f"  {arm:<34} {m['mean']:>12.6g} {int(m['count']):>3} {change_s:>12} {bad or '':>7}")
     return "\n".join(lines)
 

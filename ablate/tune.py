@@ -494,6 +494,11 @@ def _finished(trial) -> bool:
 
 
 def _best_so_far(trial) -> float:
+    """A member's best validation value so far; NaN once it diverged (its best from before the
+    divergence is not a result: ``ablate run`` excludes such a trial as "diverged", and a
+    suggestion with a diverged member is told FAIL, never a candidate for the best priorities)."""
+    if trial.stop_reason == "diverged":
+        return math.nan
     return float(trial.best_value) if trial.best_state is not None else math.nan
 
 

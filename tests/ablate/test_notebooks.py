@@ -68,7 +68,8 @@ def test_analysis_notebook_runs_on_a_results_dir(report_study, report_kit, monke
     assert "trials: 48 - 46 ok, 1 failed, 1 diverged" in everything
     assert "EMBEDDED" in everything
     assert "rel. improvement" in everything and "MetaAdamW" in everything  # Table 2
-    assert "rel. change vs baseline" in everything and "grouping=original *" in everything  # Table 3
+    assert "rel. change vs baseline" in everything and "p (Holm)" in everything  # Table 3
+    assert "= baseline (same trials)" in everything  # grouping=fine_grained ran the baseline's own trials
     assert "No factorial cells in this study." in everything
     assert "not reached" in everything and "meta-update share" in everything  # cost
     assert report_kit.FAILED_ID in everything and report_kit.DIVERGED_ID in everything

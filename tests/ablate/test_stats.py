@@ -142,7 +142,9 @@ def test_table2_numbers(report_study, report_kit):
     assert (etth["meta_mean"], etth["meta_lo"], etth["meta_hi"]) == pytest.approx(hand_ci(b))
     assert (etth["rel_mean"], etth["rel_lo"], etth["rel_hi"]) == pytest.approx(hand_ci((a - b) / a))
     assert etth["rel_mean"] > 0  # lower mse = better
-    assert etth["p_signflip"] == pytest.approx(2 / 64) and etth["significant"]
+    assert etth["p_signflip"] == pytest.approx(2 / 64)
+    # Holm over the table's two tasks: the smaller p doubled, so 6 seeds are not enough at 0.05
+    assert etth["p_holm"] == pytest.approx(2 * 2 / 64) and not etth["significant"]
     assert etth["p_t"] == pytest.approx(sps.ttest_rel(b, a).pvalue)
     assert etth["n_pairs"] == 6 and etth["n_better"] == 6
     assert etth["time_change"] == pytest.approx((36 - 30) / 30)
@@ -153,12 +155,13 @@ def test_table2_numbers(report_study, report_kit):
     assert imdb["rel_mean"] == pytest.approx(np.mean((b - a) / a))  # higher accuracy = better
     assert imdb["p_t"] == pytest.approx(sps.ttest_rel(b, a).pvalue)
     assert imdb["p_signflip"] > 0.05 and not imdb["significant"]
+    assert imdb["p_holm"] == pytest.approx(max(imdb["p_signflip"], 2 * 2 / 64))
     assert np.isnan(imdb["ref_persistence_mse"])
 
 
 def test_table2_alpha_is_configurable(report_study):
-    t2 = stats.table2(load_results(report_study), alpha=0.01)
-    assert not row_of(t2, task="etth1")["significant"]
+    assert row_of(stats.table2(load_results(report_study), alpha=0.1), task="etth1")["significant"]
+    assert not row_of(stats.table2(load_results(report_study), alpha=0.05), task="etth1")["significant"]
 
 
 def test_table3_numbers_and_failed_seed_excluded(report_study, report_kit):
@@ -169,7 +172,11 @@ def test_table3_numbers_and_failed_seed_excluded(report_study, report_kit):
     sig = row_of(t3, task="imdb", arm="grouping=original")
     base, arm = np.array(m["imdb"]["baseline"]), np.array(m["imdb"]["grouping=original"])
     assert (sig["rel_mean"], sig["rel_lo"], sig["rel_hi"]) == pytest.approx(hand_ci((arm - base) / base))
-    assert sig["p_signflip"] == pytest.approx(2 / 64) and sig["significant"] and sig["mark"] == "*"
+    # Holm over the task's two arms that have trials of their own (not the baseline's own level)
+    assert sig["p_signflip"] == pytest.approx(2 / 64) and sig["p_holm"] == pytest.approx(2 * 2 / 64)
+    assert not sig["significant"] and sig["mark"] == ""
+    sig = row_of(stats.table3(load_results(report_study), alpha=0.1), task="imdb", arm="grouping=original")
+    assert sig["significant"] and sig["mark"] == "*"
 
     mixed = row_of(t3, task="etth1", arm="grouping=original")
     assert mixed["p_signflip"] > 0.05 and not mixed["significant"] and mixed["mark"] == ""
@@ -181,7 +188,9 @@ def test_table3_numbers_and_failed_seed_excluded(report_study, report_kit):
     assert gating["rel_mean"] == pytest.approx(np.mean((base5 - arm5) / base5))
 
     same = row_of(t3, task="etth1", arm="grouping=fine_grained")  # the baseline trials themselves
-    assert same["diff_mean"] == 0 and same["p_signflip"] == 1.0 and same["p_t"] == 1.0
+    assert same["same_as_baseline"] and same["n_pairs"] == 6
+    assert np.isnan(same["diff_mean"]) and np.isnan(same["p_signflip"]) and np.isnan(same["p_holm"])
+    assert not same["significant"] and not row_of(t3, task="etth1", arm="gating=true")["same_as_baseline"]
 
 
 # -- factorial ----------------------------------------------------------------------------------
@@ -284,9 +293,10 @@ def test_performance_profile_values(tmp_path, report_kit):
     values = {("etth1", "adamw"): 1.0, ("etth1", "baseline"): 0.8, ("imdb", "adamw"): 0.9, ("imdb", "baseline"): 0.6}
     for (task, arm), best in values.items():
         write_trial(tmp_path, report_kit.trial_row(task, arm, 0, best))
-    row = report_kit.trial_row("imdb", "gating=true", 0, 0.95)
-    row.update(status="failed")
-    write_trial(tmp_path, row)
+    for task in ("etth1", "imdb"):
+        row = report_kit.trial_row(task, "gating=true", 0, 0.95)
+        row.update(status="failed")
+        write_trial(tmp_path, row)
     results = load_results(tmp_path)
     ratios = stats.profile_ratios(results)
     assert ratios.loc["etth1", "adamw"] == pytest.approx(1.25)  # min: arm / best
@@ -300,11 +310,9 @@ def test_performance_profile_values(tmp_path, report_kit):
     assert list(profile["gating=true"]) == [0.0, 0.0, 0.0, 0.0]
 
 
-def test_performance_profile_arm_without_ok_trials_is_never_within_tau(report_study):
-    results = load_results(report_study)
-    profile = stats.performance_profile(results, taus=[1.0, 10.0], arms=["adamw", "no_such_arm"])
-    assert list(profile["no_such_arm"]) == [0.0, 0.0]
-    assert profile.loc[10.0, "adamw"] == 1.0
+def test_performance_profile_of_an_arm_that_never_ran_is_an_error(report_study):
+    with pytest.raises(ValueError, match="no trial of arm.s. 'no_such_arm'.*adamw, baseline"):
+        stats.performance_profile(load_results(report_study), arms=["adamw", "no_such_arm"])
 
 
 def test_a_study_manifest_scopes_the_loaded_results_and_relabels_them(tmp_path):
@@ -327,3 +335,95 @@ def test_a_study_manifest_scopes_the_loaded_results_and_relabels_them(tmp_path):
     assert len(everything.trials) == 3
     with pytest.warns(UserWarning, match="several trials share a seed"):
         stats._per_seed(stats.explode_arms(everything.trials), "etth1", "baseline")
+
+
+# -- matched seeds, non-finite metrics, multiple comparisons, aliasing -------------------------
+def _write(tmp_path, report_kit, task, arm, seed, best, *, status="ok", arms=None, trial_id=None):
+    row = report_kit.trial_row(task, "adamw" if arm == "adamw" else "gating=true", seed, best)
+    row.update(arm=arm, arms=json.dumps(arms or [arm]), status=status,
+               trial_id=trial_id or f"{task}-{arm}-{seed}".replace("=", "_"))
+    write_trial(tmp_path, row)
+
+
+def test_holm_adjustment_by_hand():
+    adjusted = stats.holm([0.01, 0.04, np.nan, 0.03])
+    assert adjusted[[0, 1, 3]] == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[2])
+    assert stats.holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])  # capped at 1, monotone
+    assert stats.holm([]).shape == (0,)
+
+
+def test_means_are_over_the_seeds_both_arms_finished(tmp_path, report_kit):
+    # MetaAdamW failed on its hardest seed (2): AdamW's mean must not include that seed either, or
+    # the table would put AdamW's mean of three seeds next to MetaAdamW's mean of two
+    adamw, meta = [1.0, 1.1, 2.0], [0.9, 1.0, None]
+    for seed in range(3):
+        _write(tmp_path, report_kit, "etth1", "adamw", seed, adamw[seed])
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, meta[seed] if meta[seed] else 0.5,
+               status="ok" if meta[seed] else "failed")
+    _write(tmp_path, report_kit, "etth1", "adamw", 3, 0.1)  # an extra seed of AdamW alone
+    row = row_of(stats.table2(load_results(tmp_path)), task="etth1")
+    assert row["adamw_mean"] == pytest.approx(1.05) and row["meta_mean"] == pytest.approx(0.95)
+    assert (row["adamw_n"], row["meta_n"], row["n_pairs"]) == (2, 2, 2)
+    assert (row["adamw_n_unmatched"], row["meta_n_unmatched"], row["meta_n_not_ok"]) == (2, 0, 1)
+    from ablate import report
+    assert report.table2_display(stats.table2(load_results(tmp_path)))["seeds (better)"].iloc[0] == "2 (2); 2 unpaired left out"
+
+
+def test_an_ok_trial_with_a_nan_metric_is_not_ok(tmp_path, report_kit):
+    diffs = [0.01, -0.01, 0.02]
+    for seed, d in enumerate(diffs):
+        _write(tmp_path, report_kit, "etth1", "adamw", seed, 1.0)
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, np.nan if seed == 2 else 1.0 + d)
+    results = load_results(tmp_path)
+    row = row_of(stats.table2(results), task="etth1")
+    assert row["n_pairs"] == 2 and row["meta_n_not_ok"] == 1 and row["p_signflip"] == pytest.approx(1.0)
+    assert not row["significant"]
+    seeds = stats.seeds_per_arm(results)
+    assert row_of(seeds, arm="baseline")["n_ok"] == 2 and row_of(seeds, arm="baseline")["n_not_ok"] == 1
+    failed = stats.failed_summary(results)
+    assert failed["error"].tolist() == ["best_metric is nan (not finite)"]
+    # the elementary tests never read a NaN as a (significant) difference
+    assert np.isnan(stats.sign_flip_pvalue([0.1, np.nan, 0.2])) and np.isnan(stats.paired_t_pvalue([0.1, np.inf]))
+    cmp = stats.paired_comparison([1.0, 1.0, np.nan], [1.1, 0.9, 1.0], "min")
+    assert cmp["n_pairs"] == 2 and cmp["p_signflip"] == 1.0
+
+
+def test_profile_takes_matched_seeds_and_leaves_out_tasks_not_every_arm_ran(tmp_path, report_kit):
+    # on etth1 the ablation arm failed on the hardest seed (2); compared on seeds 0-1 it is worse
+    for seed, (base, arm) in enumerate([(1.0, 1.03), (1.0, 1.03), (2.0, None)]):
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, base)
+        _write(tmp_path, report_kit, "etth1", "gating=true", seed, arm or 0.5, status="ok" if arm else "diverged")
+    _write(tmp_path, report_kit, "imdb", "baseline", 0, 0.8)  # the ablation arm never ran imdb
+    results = load_results(tmp_path)
+    ratios = stats.profile_ratios(results)
+    assert list(ratios.index) == ["etth1"]
+    assert ratios.loc["etth1", "baseline"] == 1.0 and ratios.loc["etth1", "gating=true"] == pytest.approx(1.03)
+    notes = stats.profile_notes(results)
+    assert "etth1: means over seeds 0, 1 (seed(s) 2 not finished ok by every arm)" in notes
+    assert "imdb: left out (not run by gating=true)" in notes
+
+
+def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_path, report_kit):
+    # 2^(3-1) with C = AB: each two-factor interaction is confounded with the third main effect;
+    # fitting it anyway would split every main effect in half between the two names
+    true = {"a": 0.02, "b": 0.01, "c": -0.015}
+    rng = np.random.default_rng(0)
+    cells = [(a, b, a * b) for a in (1, -1) for b in (1, -1)]
+    level = {1: "x", -1: "y"}  # "x" sorts first: its effect-coded column is +1
+    for seed in range(3):
+        for k, (a, b, c) in enumerate(cells):
+            y = true["a"] * a + true["b"] * b + true["c"] * c + rng.normal(0, 1e-4)
+            arm = f"factorial:a={level[a]},b={level[b]},c={level[c]}"
+            _write(tmp_path, report_kit, "etth1", arm, seed, 2.0 * (1 - y), trial_id=f"f{seed}{k}")
+    effects = stats.factorial_effects(load_results(tmp_path))
+    mean = np.mean([2.0 * (1 - (true["a"] * a + true["b"] * b + true["c"] * c)) for a, b, c in cells])
+    for name, effect in true.items():  # y normalised by the task mean (2.0 here, up to the noise)
+        est = row_of(effects, kind="main", term=name, level="x")
+        assert est["estimate"] == pytest.approx(effect * 2.0 / mean, abs=3e-4) and est["aliased"] == ""
+        assert est["significant"] and est["hi"] - est["lo"] < 1e-3
+    inter = effects[effects["kind"] == "interaction"].set_index("term")
+    assert inter["estimate"].isna().all() and not inter["significant"].any()
+    assert inter.loc["a x b", "aliased"] == "c=x" and inter.loc["a x c", "aliased"] == "b=x"
+    from ablate import report
+    shown = report.factorial_display(effects)
+    assert (shown.loc[shown["term"] == "a x b", "effect [95% CI]"] == "aliased with c=x").all()

@@ -3,6 +3,7 @@ and joining a Ray head started with `ray start --head`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -337,3 +338,18 @@ def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_
     assert log.read_text().count("built") == 1, "built once: no retry"
     row = load_results(outcome.out_dir).trials.iloc[0]
     assert row["status"] == "failed" and "data.csv not found on this node" in row["error"]
+
+
+def test_summary_table_compares_arms_on_the_seeds_both_finished(tmp_path, report_kit):
+    # the baseline failed on seed 2, where the arm did very well: "vs baseline" must not set the
+    # arm's three-seed mean against the baseline's two-seed mean (+24%), but compare seeds 0-1 (-10%)
+    from ablate.results import write_trial
+
+    for seed, (base, arm) in enumerate([(1.0, 1.1), (2.0, 2.2), (None, 0.1)]):
+        for name, value in (("baseline", base), ("gating=true", arm)):
+            row = report_kit.trial_row("etth1", "gating=true", seed, value if value is not None else 0.5)
+            row.update(trial_id=f"{name}-{seed}", arm=name, arms=json.dumps([name]),
+                       status="ok" if value is not None else "failed")
+            write_trial(tmp_path, row)
+    line = next(ln for ln in summary_table(load_results(tmp_path)).splitlines() if "gating=true" in ln)
+    assert line.split()[1:] == ["1.13333", "3", "-10.00%", "(2", "paired)"]

@@ -382,6 +382,30 @@ def test_score_aggregates_seeds_and_cross_task_relative_improvements():
     assert value == pytest.approx(0.15)
 
 
+def test_a_member_that_diverged_has_no_value_so_its_suggestion_fails():
+    # its best value from before the divergence is not a result (`ablate run` excludes such a
+    # trial as diverged): a finite score would let the suggestion become the best priorities
+    from types import SimpleNamespace
+
+    from ablate.tune import _best_so_far
+
+    ok = SimpleNamespace(stop_reason="", best_state={"w": 1}, best_value=0.05)
+    diverged = SimpleNamespace(stop_reason="diverged", best_state={"w": 1}, best_value=0.05)
+    assert _best_so_far(ok) == 0.05 and math.isnan(_best_so_far(diverged))
+    members = [{"task": "a", "seed": 0}, {"task": "a", "seed": 1}]
+    assert math.isnan(score([_best_so_far(ok), _best_so_far(diverged)], members, "mean"))
+
+
+def test_the_history_figure_best_so_far_counts_finished_suggestions_only():
+    from ablate.report import tune_best_so_far
+
+    # a pruned suggestion's value is its last intermediate (partial-budget) value, not a result
+    h = pd.DataFrame({"number": [0, 1, 2, 3], "value": [0.5, 0.3, 0.45, math.nan],
+                      "state": ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"], "direction": "minimize"})
+    assert tune_best_so_far(h).tolist() == [0.5, 0.5, 0.45, 0.45]
+    assert tune_best_so_far(h.assign(direction="maximize")).tolist() == [0.5, 0.5, 0.5, 0.5]
+
+
 def test_the_searcher_tells_pruned_failed_and_complete_trials_apart():
     import optuna
 
