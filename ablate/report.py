@@ -344,7 +344,10 @@ def plot_performance_profile(profile: pd.DataFrame, out_dir: Path) -> Path | Non
 
 
 def plot_factorial_effects(effects: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Factorial main effects and interactions with 95% CI (in % of the task mean)."""
+    """Factorial main effects and interactions with 95% CI (in % of the task mean); effects a
+    fractional design cannot estimate (aliased) are left out."""
+    if "aliased" in effects:
+        effects = effects[effects["aliased"].fillna("") == ""]
     if effects.empty:
         return None
     labels = effects["term"] + ": " + effects["level"]

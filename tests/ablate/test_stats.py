@@ -427,3 +427,4 @@ def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_pat
     from ablate import report
     shown = report.factorial_display(effects)
     assert (shown.loc[shown["term"] == "a x b", "effect [95% CI]"] == "aliased with c=x").all()
+    assert report.plot_factorial_effects(effects, tmp_path).stat().st_size > 0  # the estimable effects
