@@ -9,6 +9,7 @@ It needs the network, so it is not exercised by the test suite beyond the offlin
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -25,8 +26,14 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
 
 
-def verify(path: Path, item: Download) -> None:
-    """Raise ValueError when the file's checksum differs from the published one."""
+class DownloadError(OSError):
+    """A dataset could not be fetched, or what was fetched is not the published file (no network,
+    a server error, a checksum mismatch, an unsafe archive): one line for the user, exit 2."""
+
+
+def verify(path: Path, item: Download, *, fetched: bool = True) -> None:
+    """Raise :class:`DownloadError` when the file's checksum differs from the published one
+    (``fetched``: just downloaded; else a file already in the data directory)."""
     for algo in ("sha256", "md5"):
         expected = getattr(item, algo)
         if expected:
@@ -35,8 +42,12 @@ def verify(path: Path, item: Download) -> None:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
             if h.hexdigest() != expected.lower():
-                raise ValueError(f"{item.filename}: {algo} {h.hexdigest()} differs from the published {expected}; "
-                                 f"the download is corrupt or the file changed upstream - nothing was unpacked")
+                if not fetched:
+                    raise DownloadError(f"{path} exists but its {algo} {h.hexdigest()} differs from the published "
+                                        f"{expected} (a modified or partial copy?): move or delete it and rerun "
+                                        f"`ablate data download`, or keep it and skip the download")
+                raise DownloadError(f"{item.filename}: {algo} {h.hexdigest()} differs from the published {expected}; "
+                                    f"the download is corrupt or the file changed upstream - nothing was unpacked")
             return
 
 
@@ -45,7 +56,7 @@ def _safe_members(names: list[str], dest: Path) -> None:
     for name in names:
         target = (dest / name).resolve()
         if root != target and root not in target.parents:
-            raise ValueError(f"refusing to unpack {name!r}: it would land outside {dest}")
+            raise DownloadError(f"refusing to unpack {name!r}: it would land outside {dest} - nothing was unpacked")
 
 
 def unpack(archive: Path, dest: Path) -> None:
@@ -59,10 +70,6 @@ def unpack(archive: Path, dest: Path) -> None:
             t.extractall(dest, filter="data")
 
 
-class DownloadError(OSError):
-    """A dataset could not be fetched (no network, a server error)."""
-
-
 def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Download every file of ``task``'s real dataset into the data directory; returns the paths."""
     if task not in DOWNLOADS:
@@ -74,7 +81,11 @@ def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]
     for item in DOWNLOADS[task]:
         dest = root / item.subdir
         created = [d for d in (dest, *dest.parents) if not d.exists()]  # removed again if nothing lands there
-        dest.mkdir(parents=True, exist_ok=True)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a folder should be, no permission
+            raise DownloadError(f"cannot create the data directory {dest}: {exc.strerror or exc}; give --data-dir "
+                                f"a folder you can write to") from exc
         try:
             out.append(_download_one(item, root, dest))
         except BaseException:
@@ -90,7 +101,7 @@ def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]
 def _download_one(item: Download, root: Path, dest: Path) -> Path:
     final = dest / item.filename
     if final.exists() and not item.extract:
-        verify(final, item)
+        verify(final, item, fetched=False)
         return final
     print(f"downloading {item.url} ...", flush=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
@@ -98,9 +109,9 @@ def _download_one(item: Download, root: Path, dest: Path) -> Path:
         try:
             with urllib.request.urlopen(item.url, timeout=60) as r, open(tmp_file, "wb") as f:
                 shutil.copyfileobj(r, f)
-        except OSError as exc:  # URLError, timeouts, refused connections
-            raise DownloadError(f"cannot download {item.url}: {getattr(exc, 'reason', exc)}; this needs the "
-                                f"network (or copy the files into {dest} by hand)") from exc
+        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, refused or cut connections
+            raise DownloadError(f"cannot download {item.url}: {getattr(exc, 'reason', None) or exc!r}; this needs "
+                                f"the network (or copy the files into {dest} by hand)") from exc
         verify(tmp_file, item)
         if item.extract:
             unpack(tmp_file, dest)

@@ -219,7 +219,7 @@ def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Pa
     if not raw:
         raise DatasetNotFoundError(
             f"task {config.get('task')!r} with data='real' needs a data directory: pass data_dir "
-            f"(data_dir: in a study file, or --set data_dir=/path for ablate train) or set ${DATA_DIR_ENV}; "
+            f"(data_dir: in a study file, or --data-dir DIR for ablate train) or set ${DATA_DIR_ENV}; "
             f"or use data='embedded' for the small offline variant"
         )
     root = Path(os.path.expanduser(str(raw)))

@@ -193,7 +193,7 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
         try:
             with np.load(path) as cached:
                 return cached["train_x"], cached["train_y"], cached["val_x"], cached["val_y"]
-        except (OSError, ValueError, KeyError):  # unreadable or from another layout: rebuild it
+        except Exception:  # unreadable, truncated (BadZipFile, EOFError), another layout: rebuild it
             pass
     arrays = _digits_from_sklearn()
     if path is not None:

@@ -151,7 +151,7 @@ _LABELS = {"1": 1, "0": 0, "pos": 1, "neg": 0, "positive": 1, "negative": 0}
 def read_csv(path: Path) -> list[Review]:
     """Reviews of a CSV file with a text and a label column (see the module docstring)."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # (-sig: a spreadsheet's byte-order mark)
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise dataset_error(TASK, f"cannot read {path} as a UTF-8 CSV file ({exc})", [path], SOURCE) from exc
@@ -205,6 +205,12 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
         if not path.is_file():
             raise dataset_error(TASK, f"csv_file {path} does not exist", [path], SOURCE)
         train, val = stratified_split(read_csv(path), VAL_FRACTION, config["split_seed"])
+        for split, part in (("training", train), ("validation", val)):
+            if not part:
+                least = next(n for n in range(1, 100) if 0 < round(VAL_FRACTION * n) < n)
+                raise dataset_error(TASK, f"csv_file {path} holds too few reviews for a {split} split (the validation "
+                                          f"split is {VAL_FRACTION:.0%} of each label's reviews, rounded: give at "
+                                          f"least {least} reviews of each label)", [path], SOURCE)
         return {"train": train, "val": val}, f"real:{path}"
     root = resolve_data_dir(config, SUBDIR)
     tree = root if root.name == TREE else root / TREE
@@ -318,6 +324,9 @@ def check(config: dict) -> None:
     check_int(config, "split_seed", "seed of the train/validation split", minimum=None)
     if config["csv_file"] is not None and not isinstance(config["csv_file"], str):
         raise ConfigError(f"{TASK}: csv_file={config['csv_file']!r} must be a file name or null (the aclImdb tree)")
+    if config["csv_file"] is not None and config.get("data") == "embedded":
+        raise ConfigError(f"{TASK}: csv_file={config['csv_file']!r} is given but data='embedded', which would ignore "
+                          f"it: set data='real' (--data real) to train on the CSV, or drop csv_file")
 
 
 @register_task(

@@ -160,11 +160,13 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
     pairs, used = {}, []
     for split, stem in SPLIT_STEMS.items():
         paths = [found[f"{stem}.{lang}"] for lang in LANGS]
-        try:
-            src, tgt = (read_lines(p) for p in paths)
-        except (OSError, UnicodeDecodeError, EOFError) as exc:
-            problem = f"cannot read {paths[0]} / {paths[1]} as UTF-8 text ({exc})"
-            raise dataset_error(TASK, problem, expected, SOURCE) from exc
+        lines = []
+        for path in paths:
+            try:
+                lines.append(read_lines(path))
+            except (OSError, UnicodeDecodeError, EOFError) as exc:
+                raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", expected, SOURCE) from exc
+        src, tgt = lines
         if len(src) != len(tgt):
             raise dataset_error(
                 TASK, f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; the files must be line-aligned",

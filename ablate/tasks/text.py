@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -103,11 +104,14 @@ def read_lines(path: Path) -> list[str]:
     """The lines (without line breaks) of a UTF-8 text file; ``*.gz`` files are decompressed.
 
     Raises ``OSError`` / ``UnicodeDecodeError`` / ``EOFError`` for unreadable, non-UTF-8 or
-    truncated files; callers turn them into :func:`dataset_error`.
+    truncated files (corrupt compressed data too); callers turn them into :func:`dataset_error`.
     """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    except zlib.error as exc:  # damaged deflate data inside an intact gzip header
+        raise OSError(f"corrupt compressed data: {exc}") from exc
 
 
 def dataset_error(task: str, problem: str, expected: Iterable[Path], source: str) -> DatasetNotFoundError:

@@ -266,7 +266,9 @@ def test_embedded_digits_are_cached_and_rebuilt_when_the_cache_is_bad(tmp_path, 
         cached = cifar10.load_digits_images()
     for a, b in zip(first, cached):
         assert a.dtype == b.dtype and np.array_equal(a, b)
-    path.write_bytes(b"not an npz file")
-    rebuilt = cifar10.load_digits_images()
-    assert all(np.array_equal(a, b) for a, b in zip(first, rebuilt))
+    good = path.read_bytes()
+    for damaged in (b"not an npz file", good[: len(good) // 2], b""):  # foreign, truncated (BadZipFile), empty (EOFError)
+        path.write_bytes(damaged)
+        rebuilt = cifar10.load_digits_images()
+        assert all(np.array_equal(a, b) for a, b in zip(first, rebuilt))
     assert np.load(path)["train_x"].shape == first[0].shape

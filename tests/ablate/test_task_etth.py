@@ -89,8 +89,10 @@ def test_missing_directory_names_the_expected_path(tmp_path):
 
 def test_no_data_directory_at_all(monkeypatch):
     monkeypatch.delenv("ABLATE_DATA_DIR", raising=False)
-    with pytest.raises(DatasetNotFoundError, match="needs a data directory"):
+    with pytest.raises(DatasetNotFoundError, match="needs a data directory") as info:
         get_task("etth1").build(task_config("etth1", data="real"))
+    # the advice is what `ablate train` accepts (it refuses --set data_dir=... in favour of --data-dir)
+    assert "--data-dir DIR for ablate train" in str(info.value) and "--set data_dir" not in str(info.value)
 
 
 def test_too_short_file_is_reported(tmp_path):

@@ -173,6 +173,24 @@ def test_bad_csv_files(tmp_path):
     path.write_text("sentiment,review\npositive,Good\nmaybe,Hm\n", encoding="utf-8")
     with pytest.raises(DatasetNotFoundError, match="row 3"):
         get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
+    path.write_text("label,text\n1,good film\n1,great film\n0,bad film\n0,awful film\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError, match="too few reviews for a validation split.*at least 3 reviews of each"):
+        get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))  # (was ZeroDivisionError)
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("label,text\n1,great movie\n0,bad movie\n1,good\n0,awful\n1,fine fine\n0,poor poor\n",
+                    encoding="utf-8-sig")
+    assert read_csv(path)[:2] == [("great movie", 1), ("bad movie", 0)]
+
+
+def test_csv_file_with_embedded_data_is_refused():
+    from ablate.config import ConfigError
+    from ablate.tasks import get_task as task_spec
+
+    with pytest.raises(ConfigError, match="csv_file='x.csv' is given but data='embedded'"):
+        task_spec("imdb").check(make_config(data="embedded", csv_file="x.csv", **TINY))
 
 
 def test_bilstm_matches_a_packed_bidirectional_lstm():

@@ -98,6 +98,18 @@ def test_missing_and_misaligned_files(tmp_path):
         get_task("multi30k").build(make_config(data="real", data_dir=str(folder), **TINY))
 
 
+def test_corrupt_gzip_data_names_the_file(tmp_path):
+    # an intact gzip header over damaged deflate data raises zlib.error, not OSError: it escaped as a traceback
+    folder = write_files(tmp_path / "multi30k", gz={"val.de"})
+    blob = bytearray((folder / "val.de.gz").read_bytes())
+    blob[12:20] = b"\xff" * 8
+    (folder / "val.de.gz").write_bytes(bytes(blob))
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("multi30k").build(make_config(data="real", data_dir=str(folder), **TINY))
+    first = str(info.value).splitlines()[0]
+    assert f"cannot read {folder / 'val.de.gz'} as UTF-8 text" in first and "val.en" not in first
+
+
 def test_corpus_bleu_hand_computed():
     assert corpus_bleu([["a", "b", "c", "d"]], [["a", "b", "c", "d"]]) == pytest.approx(100.0)
     # p1..p4 = 4/5, 3/4, 2/3, 1/2; equal lengths
