@@ -4,7 +4,15 @@ Real data: the canonical python version of CIFAR-10 (Krizhevsky, 2009), the fold
 ``cifar-10-batches-py`` with ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``: pickled
 dicts whose ``b"data"`` is a uint8 array (N, 3072) - 1024 red, then green, then blue pixels of a
 32x32 image, row by row - and ``b"labels"`` a list of N class indices 0-9. The task trains on
-whichever ``data_batch_*`` files exist and validates on ``test_batch``, as the paper does.
+whichever ``data_batch_*`` files exist. Task key ``split``:
+
+* ``"holdout"`` (default): a fixed stratified 10% of the training images (seed 0, whatever the
+  trial's seed) is the validation split - early stopping, the best weights and MetaAdamW's
+  validation-loss objectives use it - and ``test_batch`` is the test split, evaluated once at the
+  best weights (``test_accuracy``): a held-out number neither optimizer has seen.
+* ``"paper"``: validate on ``test_batch`` and train on every training image, as the paper does.
+  Then model selection and the meta-objective see the test images, and the reported accuracy is
+  on the same images: use it to compare with the paper, not as a held-out result.
 Images are normalised per channel with the CIFAR-10 training mean/std; training images are
 augmented on the fly (random 32x32 crop of the zero-padded image, random horizontal flip) with
 torch's global RNG, so ``torch.manual_seed`` makes the augmentation reproducible.
@@ -42,6 +50,7 @@ from ablate.tasks.base import (
     Download,
     TaskInstance,
     check_bool,
+    check_choice,
     check_int,
     classifier_loss,
     evaluate_classifier,
@@ -54,6 +63,9 @@ from ablate.tasks.models_vision_ts import ResNet
 CIFAR_SUBDIR = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
+SPLITS = ("holdout", "paper")
+HOLDOUT_FRACTION = 0.1  # of each class's training images
+HOLDOUT_SEED = 0  # the split is fixed, whatever the trial's seed
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Per-channel mean and standard deviation of the 50,000 CIFAR-10 training images (in [0, 1]).
@@ -82,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
     "priorities": [5.0, 2.0, 1.0],
     "weighting_form": "classification",
     # task keys
+    "split": "holdout",
     "width": 64,
     "blocks": [2, 2, 2, 2],
     "crop_padding": 4,
@@ -172,14 +185,28 @@ def locate(config: dict) -> list[Path]:
 
 
 def load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Train images/labels (every existing data_batch_*), validation images/labels (test_batch),
-    and the names of the training files used."""
+    """Train images/labels (every existing data_batch_*), test images/labels (test_batch), and
+    the names of the training files used."""
     train_files = _batch_files(root)
     batches = [read_batch(root / name) for name in train_files]
     train_x = np.concatenate([x for x, _ in batches])
     train_y = np.concatenate([y for _, y in batches])
     val_x, val_y = read_batch(root / TEST_FILE)
     return train_x, train_y, val_x, val_y, train_files
+
+
+def holdout_split(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION,
+                  seed: int = HOLDOUT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the training and validation images: ``round(fraction * n)`` of each
+    class's n images, drawn with ``numpy.random.default_rng(seed)``, go to validation."""
+    rng = np.random.default_rng(seed)
+    val = []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        val.append(rng.permutation(idx)[: round(fraction * len(idx))])
+    val_idx = np.sort(np.concatenate(val)) if val else np.array([], dtype=int)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
 
 
 def load_digits_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -299,6 +326,7 @@ def check(config: dict) -> None:
             f"cifar10: blocks={blocks!r} must be a non-empty list of integers >= 1 (BasicBlocks per ResNet stage)"
         )
     check_int(config, "crop_padding", "zero padding of the random crop; 0: no crop", minimum=0)
+    check_choice(config, "split", SPLITS)
     check_bool(config, "hflip", "random horizontal flips")
 
 
@@ -316,18 +344,30 @@ def build_cifar10_task(config: dict) -> TaskInstance:
     if config["data"] == "embedded":
         train_x, train_y, val_x, val_y = load_digits_images()
         mean, std = channel_stats(train_x)
-        source, train_files = EMBEDDED_SOURCE, []
+        source, train_files, test = EMBEDDED_SOURCE, [], None
     else:
         root = resolve_data_dir(config, CIFAR_SUBDIR)
-        train_x, train_y, val_x, val_y, train_files = load_cifar10(root)
+        train_x, train_y, test_x, test_y, train_files = load_cifar10(root)
         mean, std = CIFAR_MEAN, CIFAR_STD
         source = f"real:{root.resolve()}"
+        if config["split"] == "paper":
+            val_x, val_y, test = test_x, test_y, None
+        else:
+            train_idx, val_idx = holdout_split(train_y)
+            if not len(val_idx) or not len(train_idx):
+                raise DatasetNotFoundError(_missing_message(
+                    root, f"{len(train_y)} training images are too few to hold out {HOLDOUT_FRACTION:.0%} of each "
+                          f"class for validation (or use split='paper')"))
+            val_x, val_y = train_x[val_idx], train_y[val_idx]
+            train_x, train_y = train_x[train_idx], train_y[train_idx]
+            test = ImageDataset(test_x, test_y, mean, std)
     model = ResNet(blocks=config["blocks"], width=config["width"], num_classes=NUM_CLASSES, in_channels=train_x.shape[1])
     return TaskInstance(
         name="cifar10",
         model=model,
         train=ImageDataset(train_x, train_y, mean, std, crop_padding=config["crop_padding"], hflip=config["hflip"]),
         val=ImageDataset(val_x, val_y, mean, std),
+        test=test,
         loss_fn=classifier_loss,
         evaluate=evaluate_classifier,
         data_source=source,
@@ -337,6 +377,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
             "image_shape": list(train_x.shape[1:]),
             "n_train": len(train_y),
             "n_val": len(val_y),
+            "n_test": 0 if test is None else len(test),
             "train_files": train_files,
         },
     )

@@ -147,6 +147,7 @@ BAD_TASK_VALUES = {
         ({"blocks": [1, 1.5]}, "blocks", "must be a non-empty list of integers >= 1"),
         ({"crop_padding": -1}, "crop_padding", "must be an integer >= 0"),
         ({"hflip": None}, "hflip", "must be true or false"),
+        ({"split": "test"}, "split", "choose one of: holdout, paper"),
     ],
     "imdb": [
         ({"embed_dim": 0}, "embed_dim", _POSITIVE),

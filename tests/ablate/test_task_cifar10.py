@@ -72,12 +72,12 @@ def test_loader_uses_the_training_batches_that_exist(tmp_path):
     assert val_y.tolist() == written["test_batch"][1]
 
 
-def test_task_on_a_fixture(tmp_path):
+def test_task_on_a_fixture_with_the_papers_split(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     written = write_cifar(root)
-    task = get_task("cifar10").build(real_config(tmp_path))  # data_dir is the parent folder
+    task = get_task("cifar10").build(real_config(tmp_path, split="paper"))  # data_dir is the parent folder
     assert task.data_source == f"real:{root.resolve()}"
-    assert (len(task.train), len(task.val)) == (6, 6)
+    assert (len(task.train), len(task.val)) == (6, 6) and task.test is None
     assert task.info["train_files"] == ["data_batch_1"] and task.info["image_shape"] == [3, 32, 32]
     image, label = task.val[2]
     expected = (torch.from_numpy(written["test_batch"][0][2]).float() / 255 - torch.tensor(cifar10.CIFAR_MEAN).view(3, 1, 1)) / torch.tensor(cifar10.CIFAR_STD).view(3, 1, 1)
@@ -87,6 +87,29 @@ def test_task_on_a_fixture(tmp_path):
     assert task.reference == {"majority_accuracy": 0.0}
     images, _ = next(iter(DataLoader(task.train, batch_size=6)))
     assert task.model(images).shape == (6, 10)
+
+
+def test_holdout_split_validates_on_training_images_and_tests_on_the_test_batch(tmp_path):
+    # the paper validates on test_batch, so early stopping and MetaAdamW's validation objectives
+    # saw the test images; the default holds out 10% of each class of the training images instead
+    root = tmp_path / "cifar-10-batches-py"
+    images, labels = fixture_images(40, 7), [i % 4 for i in range(40)]
+    write_batch(root / "data_batch_1", images, labels)
+    test_images = fixture_images(5, 8)
+    write_batch(root / "test_batch", test_images, [9, 8, 7, 6, 5])
+    task = get_task("cifar10").build(real_config(tmp_path))
+    assert (len(task.train), len(task.val), len(task.test)) == (36, 4, 5)
+    assert task.info["n_test"] == 5 and sorted(int(task.val[i][1]) for i in range(4)) == [0, 1, 2, 3]
+    train_idx, val_idx = cifar10.holdout_split(np.array(labels))
+    assert set(train_idx).isdisjoint(val_idx) and len(train_idx) + len(val_idx) == 40
+    assert np.array_equal(val_idx, cifar10.holdout_split(np.array(labels))[1])  # fixed, whatever the trial seed
+    mean, std = torch.tensor(cifar10.CIFAR_MEAN).view(3, 1, 1), torch.tensor(cifar10.CIFAR_STD).view(3, 1, 1)
+    torch.testing.assert_close(task.val[0][0], (torch.from_numpy(images[val_idx[0]]).float() / 255 - mean) / std)
+    torch.testing.assert_close(task.test[1][0], (torch.from_numpy(test_images[1]).float() / 255 - mean) / std)
+    assert int(task.test[1][1]) == 8
+    with pytest.raises(DatasetNotFoundError, match="too few to hold out 10% of each class"):
+        write_cifar(tmp_path / "small" / "cifar-10-batches-py")  # one image per class
+        get_task("cifar10").build(real_config(tmp_path / "small"))
 
 
 def test_missing_directory_is_reported(tmp_path):
@@ -143,7 +166,7 @@ def test_random_crop_is_a_window_of_the_zero_padded_image():
 
 def test_augmentation_is_reproducible_under_manual_seed(tmp_path):
     write_cifar(tmp_path)
-    task = get_task("cifar10").build(real_config(tmp_path))
+    task = get_task("cifar10").build(real_config(tmp_path, split="paper"))
     torch.manual_seed(3)
     first = [task.train[i][0] for i in range(6)]
     torch.manual_seed(3)
@@ -242,7 +265,8 @@ def test_real_cifar_batches():
         pytest.skip(f"no CIFAR-10 batches under {root}")
     task = get_task("cifar10").build(task_config("cifar10", data="real", data_dir=str(SHARED_DATA)))
     assert task.data_source == f"real:{root}"
-    assert len(task.train) == 5000 * len(task.info["train_files"]) and len(task.val) == 2000
+    n = 5000 * len(task.info["train_files"])  # 10% of each class held out (rounded per class)
+    assert len(task.train) + len(task.val) == n and abs(len(task.val) - n // 10) <= 5 and len(task.test) == 2000
     assert 0.09 < task.reference["majority_accuracy"] < 0.12
     images, labels = next(iter(DataLoader(task.val, batch_size=2)))
     assert images.shape == (2, 3, 32, 32) and abs(float(images.mean())) < 1.5
