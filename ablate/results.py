@@ -23,7 +23,8 @@ Columns
 -------
 trials (one row per trial):
     trial_id, study, arm, axis, status ("ok" | "failed" | "diverged"), error (traceback or ""),
-    task, data, data_source, optimizer, seed, every other key of the resolved trial config (list
+    task, data, data_source, data_fingerprint (real data: the name and size of each file read,
+    hashed; see :func:`ablate.tasks.data_fingerprint`), optimizer, seed, every other key of the resolved trial config (list
     values stored as JSON strings, e.g. priorities "[1.0, 1.0, 1.0]"), metric (primary metric
     name), mode ("min" | "max"), best_metric, best_epoch, epochs_run, steps, stop_reason
     ("early_stopping" | "max_epochs" | "max_steps" | "diverged" | "failed"), time_total_s,
@@ -139,14 +140,20 @@ def finished_trial_ids(out_dir: str | os.PathLike, statuses: tuple[str, ...] = (
     """Ids of the trials whose results are on disk, complete and readable, with one of ``statuses``
     (a trial with a damaged part that the combined tables cannot stand in for is not finished:
     ``--resume`` recomputes it)."""
+    trials = finished_trials(out_dir, statuses)
+    return set(trials["trial_id"]) if len(trials) else set()
+
+
+def finished_trials(out_dir: str | os.PathLike, statuses: tuple[str, ...] = ("ok", "diverged")) -> pd.DataFrame:
+    """The stored trial rows of :func:`finished_trial_ids`."""
     stored = _read_tables(Path(out_dir))
     for trial_id, why in stored.damaged.items():
         warnings.warn(f"{why}, and the combined tables do not hold its rows: trial {trial_id} counts as not finished "
-                      f"and is computed again", stacklevel=2)
+                      f"and is computed again", stacklevel=3)
     trials = stored.tables["trials"]
     if trials.empty:
-        return set()
-    return set(trials.loc[trials["status"].isin(statuses), "trial_id"])
+        return trials
+    return trials[trials["status"].isin(statuses)].reset_index(drop=True)
 
 
 @dataclasses.dataclass

@@ -408,6 +408,48 @@ def check_real_data(study: Study) -> None:
             located.add(key)
 
 
+def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
+    """Ids of the study's stored trials that were made on other real data than their data
+    directory holds now (:func:`ablate.tasks.data_fingerprint` differs: a file replaced by a
+    subset or a newer version; ``data_dir`` is not part of a trial's identity, so that moving
+    the data keeps its results). They run again; their result parts are first copied to
+    ``OUT/<study>/stale-data/<time>/``, so nothing is lost. Trials stored before fingerprints were recorded,
+    and data this machine cannot locate (``--address``: it may live on the workers only), are
+    not checked."""
+    from ablate.tasks import DatasetNotFoundError, data_fingerprint, get_task
+
+    if stored.empty or "data_fingerprint" not in stored:
+        return set()
+    recorded = {r.trial_id: r.data_fingerprint for r in stored.itertuples()
+                if isinstance(r.data_fingerprint, str) and r.data_fingerprint}
+    now: dict[str, str | None] = {}
+    stale: dict[str, list] = {}
+    for spec in study.trials:
+        if spec.trial_id not in recorded or spec.config.get("data") != "real":
+            continue
+        key = json.dumps([spec.task, *[v for k, v in sorted(spec.config.items()) if k == "data_dir" or k.endswith("_file")]],
+                         default=str)
+        if key not in now:
+            try:
+                now[key] = data_fingerprint(get_task(spec.task), spec.config)
+            except (DatasetNotFoundError, OSError):
+                now[key] = None
+        if now[key] is not None and now[key] != recorded[spec.trial_id]:
+            stale.setdefault(spec.task, []).append(spec.trial_id)
+    if not stale:
+        return set()
+    keep = out_dir / "stale-data" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    keep.mkdir(parents=True, exist_ok=True)
+    for ids in stale.values():
+        for trial_id in ids:
+            for part in (out_dir / store.PARTS_DIR).glob(f"{trial_id}.*.parquet"):
+                shutil.copy2(part, keep / part.name)
+    for task, ids in stale.items():
+        print(f"{task}: {len(ids)} stored trial(s) were made on other data files than its data directory holds now "
+              f"(a file's size differs); they run again. Their old results are kept in {keep}", flush=True)
+    return {t for ids in stale.values() for t in ids}
+
+
 def no_meta_updates(study: Study) -> int:
     """How many MetaAdamW trials end within their warm-up epochs (so never meta-update)."""
     return sum(1 for t in study.trials if t.config.get("optimizer") == "metaadamw"
@@ -509,7 +551,9 @@ def run_study(
     if study.path is not None:
         shutil.copyfile(study.path, out_dir / "study.yaml")
     store.write_manifest(out_dir, study.name, {t.trial_id: _labels(t, study) for t in study.trials})
-    finished = store.finished_trial_ids(out_dir)
+    stored = store.finished_trials(out_dir)
+    finished = set(stored["trial_id"]) if len(stored) else set()
+    finished -= set_aside_stale_data(study, out_dir, stored)
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "

@@ -35,7 +35,7 @@ from ablate.allocator import keep_freed_memory
 from ablate.config import ConfigError, resolve_config, trial_id
 from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
-from ablate.tasks import get_task, move_to_device
+from ablate.tasks import data_fingerprint, get_task, move_to_device
 from metaadamw import MetaAdamW
 
 Callback = Callable[[dict, "Trial"], None]
@@ -91,6 +91,7 @@ class Trial:
         self.device = _device(cfg["device"])
         seed_everything(cfg["seed"])
         self.task = self.spec.build(cfg)
+        self.data_fingerprint = data_fingerprint(self.spec, cfg)  # (the files exist: the task just read them)
         self.model = self.task.model.to(self.device)
         self.metric = self.spec.metric
         self.min_delta = cfg["min_delta"]
@@ -267,7 +268,8 @@ class Trial:
         cfg = self.config
         row: dict[str, Any] = {
             "trial_id": self.trial_id, "status": status, "error": error, **cfg,
-            "data_source": self.task.data_source, "metric": self.metric.name, "mode": self.metric.mode,
+            "data_source": self.task.data_source, "data_fingerprint": self.data_fingerprint,
+            "metric": self.metric.name, "mode": self.metric.mode,
             "best_metric": self.best_value if self.best_state is not None else math.nan,
             "best_epoch": self.best_epoch, "epochs_run": len(self.history), "steps": self.step,
             "stop_reason": self.stop_reason, "time_total_s": sum(self.times.values()),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -226,6 +227,25 @@ def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Pa
     if subdir and root.name != subdir and (root / subdir).exists():
         root = root / subdir
     return root
+
+
+def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:
+    """A cheap fingerprint of the real data a trial reads: the name and size of each file the task's
+    ``locate`` names (a folder: its file count and total size), hashed; "" for embedded data or a
+    task without ``locate``. It survives copying the data to another directory or machine and
+    changes when a file is replaced by another (a subset, a newer version): ``ablate run`` reruns
+    stored trials whose fingerprint differs instead of reusing results made on other data."""
+    if config.get("data") != "real" or spec.locate is None:
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted((Path(p) for p in spec.locate(dict(config))), key=lambda p: p.name):
+        if path.is_dir():
+            sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()]
+            count, total = len(sizes), sum(sizes)
+        else:
+            count, total = 1, path.stat().st_size
+        digest.update(f"{path.name}\0{count}\0{total}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def move_to_device(batch: Any, device: torch.device | str) -> Any:

@@ -353,3 +353,42 @@ def test_summary_table_compares_arms_on_the_seeds_both_finished(tmp_path, report
             write_trial(tmp_path, row)
     line = next(ln for ln in summary_table(load_results(tmp_path)).splitlines() if "gating=true" in ln)
     assert line.split()[1:] == ["1.13333", "3", "-10.00%", "(2", "paired)"]
+
+
+def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(tmp_path, capsys):
+    # data_dir is not part of a trial's identity (moving the data keeps its results), so replacing
+    # ETTh1.csv by a subset was silently answered with the results of the full file
+    from ablate.results import finished_trials, write_trial
+    from ablate.study import load_study
+    from ablate.sweep import set_aside_stale_data
+    from ablate.tasks import data_fingerprint, get_task
+
+    data = tmp_path / "data" / "ETT-small"
+    data.mkdir(parents=True)
+    (data / "ETTh1.csv").write_text("date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT\n" + "2016-07-01 00:00:00,1,1,1,1,1,1,1\n" * 50)
+    study = load_study(_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {tmp_path / 'data'}"))
+    out = tmp_path / "out"
+    now = data_fingerprint(get_task("etth1"), study.trials[0].config)
+    assert len(now) == 16
+    recorded = [now, "0" * 16, ""]  # the same data, other data, stored before fingerprints were kept
+    for spec, fingerprint in zip(study.trials, recorded):
+        write_trial(out, {"trial_id": spec.trial_id, "status": "ok", "task": "etth1", "seed": spec.seed,
+                          "best_metric": 1.0, "data_fingerprint": fingerprint}, [{"epoch": 1}])
+    stale = set_aside_stale_data(study, out, finished_trials(out))
+    assert stale == {study.trials[1].trial_id}
+    kept = list((out / "stale-data").iterdir())
+    assert len(kept) == 1 and sorted(p.name for p in kept[0].iterdir()) == sorted(
+        f"{study.trials[1].trial_id}.{t}.parquet" for t in ("history", "telemetry", "trials"))
+    assert "etth1: 1 stored trial(s) were made on other data files" in capsys.readouterr().out
+    # the file replaced by a subset: every fingerprinted trial runs again
+    (data / "ETTh1.csv").write_text("date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT\n" + "2016-07-01 00:00:00,1,1,1,1,1,1,1\n" * 20)
+    assert set_aside_stale_data(study, out, finished_trials(out)) == {t.trial_id for t in study.trials[:2]}
+    # the same files in another directory (copied to another machine): nothing to rerun
+    subset = data_fingerprint(get_task("etth1"), study.trials[0].config)
+    for spec in study.trials:
+        write_trial(out, {"trial_id": spec.trial_id, "status": "ok", "task": "etth1", "seed": spec.seed,
+                          "best_metric": 1.0, "data_fingerprint": subset})
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "data", moved)
+    study = load_study(_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {moved}"))
+    assert set_aside_stale_data(study, out, finished_trials(out)) == set()

@@ -119,3 +119,22 @@ def test_every_embedded_task_learns_with_each_optimizer(task, optimizer):
     assert losses[-1] < losses[0], f"{task}/{optimizer}: training loss did not go down: {losses}"
     if optimizer == "metaadamw":
         assert r.row["meta_updates"] == 9 and r.row["meta_skipped"] == 0
+
+
+def test_a_real_data_trial_records_the_fingerprint_of_its_files(tmp_path):
+    import numpy as np
+
+    from ablate.tasks import data_fingerprint, get_task
+    from tests.ablate.test_task_etth import write_ett_csv
+
+    write_ett_csv(tmp_path / "ETTh1.csv", np.sin(np.arange(200.0) / 5))
+    config = {"task": "etth1", "data": "real", "data_dir": str(tmp_path), "optimizer": "adamw", "seq_len": 4,
+              "d_model": 8, "n_heads": 2, "n_layers": 1, "epochs": 1, "max_train_batches": 2}
+    trial = Trial(config)
+    row = trial.run().row
+    assert row["data_fingerprint"] == data_fingerprint(get_task("etth1"), trial.config) and len(row["data_fingerprint"]) == 16
+    with open(tmp_path / "ETTh1.csv", "a") as f:  # another file (one more row): another fingerprint
+        f.write("2016-07-09 08:00:00,1,1,1,1,1,1,0.5\n")
+    assert data_fingerprint(get_task("etth1"), trial.config) != row["data_fingerprint"]
+    embedded = Trial({"task": "etth1", "optimizer": "adamw", "epochs": 1, "max_train_batches": 1}).run().row
+    assert embedded["data_fingerprint"] == ""
