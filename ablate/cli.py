@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -105,6 +106,21 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{_TRAIN_FLAGS[flagged[0]]} instead", file=sys.stderr)
         return 2
     config.update(sets)
+    if args.checkpoint:  # refused now, not after the first epoch's training
+        target = Path(args.checkpoint)
+        if target.is_dir():
+            print(f"ablate: error: --checkpoint {target} is a directory; give a file path, e.g. {target / 'trial.pt'}",
+                  file=sys.stderr)
+            return 2
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"ablate: error: --checkpoint {target}: cannot create its folder ({exc.strerror or exc})",
+                  file=sys.stderr)
+            return 2
+        if not os.access(target.parent, os.W_OK):
+            print(f"ablate: error: --checkpoint {target}: its folder {target.parent} is not writable", file=sys.stderr)
+            return 2
     trial = Trial(config)
     cfg = trial.config
     print(f"trial {trial.trial_id}: task={cfg['task']} data={trial.task.data_source} optimizer={cfg['optimizer']} "
@@ -130,6 +146,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\nstatus: {row['status']} ({row['stop_reason']})  best {metric}: {row['best_metric']:.6g} at epoch "
           f"{row['best_epoch']}  epochs: {row['epochs_run']}  steps: {row['steps']}  total time: "
           f"{row['time_total_s']:.1f}s (meta-updates {row['time_meta_s']:.1f}s, {row['meta_updates']} of them)")
+    if row.get("error"):
+        print(f"error: {row['error']}")
     refs = {k: v for k, v in row.items() if k.startswith("ref_")}
     if refs:
         print("trivial reference: " + ", ".join(f"{k[4:]}={v:.6g}" for k, v in refs.items()))
@@ -137,10 +155,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if tests:
         print("test split (best weights): " + ", ".join(f"{k[5:]}={v:.6g}" for k, v in tests.items()))
     if args.json:
-        # strict JSON: a diverged trial's NaN metrics are null, as in the sweep's results
-        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
-                          if not isinstance(v, (list, dict))}, default=str, allow_nan=False))
+        # strict JSON: a diverged trial's NaN metrics are null, as in the sweep's results; lists
+        # (priorities, blocks) and dicts as they are
+        print(json.dumps({k: _json_value(v) for k, v in row.items()}, default=str, allow_nan=False))
     return 0 if row["status"] == "ok" else 1
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` with every non-finite float (nested too) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
 
 
 def cmd_data(args: argparse.Namespace) -> int:

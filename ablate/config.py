@@ -253,16 +253,20 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
     for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial
         if field.type is float and resolved[key] is not None:
             resolved[key] = float(resolved[key])
+    deferred: CrossKeyError | None = None  # a broken constraint between keys, raised after every other check
     try:
         _check_contradictions(resolved, config, where)
-        if spec.check is not None:  # the task's own keys: ranges, choices, constraints between them
-            try:
-                spec.check(dict(resolved))
-            except ValueError as exc:  # ConfigError included
-                raise (CrossKeyError if isinstance(exc, CrossKeyError) else ConfigError)(f"{where}: {exc}") from None
-    except CrossKeyError:
-        if cross_keys:
-            raise
+    except CrossKeyError as exc:
+        deferred = exc
+    if spec.check is not None:  # the task's own keys: ranges, choices, constraints between them
+        try:
+            spec.check(dict(resolved))
+        except CrossKeyError as exc:
+            deferred = deferred or CrossKeyError(f"{where}: {exc}")
+        except ValueError as exc:  # ConfigError included
+            raise ConfigError(f"{where}: {exc}") from None
+    if deferred is not None and cross_keys:
+        raise deferred
     if resolved["meta_per_epoch"] is not None:
         resolved["meta_every"] = None  # set from the epoch length by the trial; keeps resolution idempotent
     return resolved
@@ -284,13 +288,17 @@ def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) 
             f"{where}: meta_every={given['meta_every']} and meta_per_epoch={given['meta_per_epoch']} both set "
             f"the meta-update frequency; give only one"
         )
+    if resolved["data"] == "embedded" and given.get("data_dir"):
+        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real to use the files in it")
+    # constraints between keys (CrossKeyError) last: a check of one layer of a study file skips them
+    if resolved["meta_every"] is None and resolved["meta_per_epoch"] is None and resolved["optimizer"] == "metaadamw":
+        raise CrossKeyError(f"{where}: meta_every is null but meta_per_epoch is not set: MetaAdamW needs one of them "
+                          f"(meta_every: steps between meta-updates, or meta_per_epoch: meta-updates per epoch)")
     width = resolved.get("modulator_width")
     if width is not None and width % resolved["modulator_heads"]:
         raise CrossKeyError(
             f"{where}: modulator_width={width} is not a multiple of modulator_heads={resolved['modulator_heads']}"
         )
-    if resolved["data"] == "embedded" and given.get("data_dir"):
-        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real to use the files in it")
 
 
 def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:

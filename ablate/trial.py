@@ -45,6 +45,10 @@ class TrialDiverged(RuntimeError):
     """The model's loss became non-finite."""
 
 
+#: on accelerators, steps between two host reads of the divergence flag (each read synchronises)
+DIVERGENCE_CHECK_STEPS = 20
+
+
 @dataclasses.dataclass
 class TrialResult:
     row: dict[str, Any]  # one row of the trials table (without study / arm columns)
@@ -178,6 +182,11 @@ class Trial:
         meta_on = self.is_meta and self.epoch > cfg["warmup_epochs"]
         meta_iters = {k: iter(v) for k, v in self._meta_loaders.items()} if meta_on else {}
         loss_sum = torch.zeros((), device=dev)
+        # the first step whose loss is not finite, and that loss: kept on the device (no host sync
+        # per step), read every DIVERGENCE_CHECK_STEPS steps (every step on the CPU, where reading
+        # is free), so a diverged trial stops within those steps, not at the end of the epoch
+        first_bad, bad_loss = torch.full((), -1, dtype=torch.long, device=dev), torch.zeros((), device=dev)
+        check_every = 1 if dev.type == "cpu" else DIVERGENCE_CHECK_STEPS
         n_batches, t_meta, meta_before = 0, 0.0, len(self._meta_records)
         t0 = time.perf_counter()
         batches = _limit(self.train_loader, self.steps_per_epoch)
@@ -198,14 +207,25 @@ class Trial:
                 self._meta_update(meta_iters)
                 t_meta += time.perf_counter() - tm
             self.optimizer.step()
-            loss_sum += loss.detach()
+            value = loss.detach()
+            loss_sum += value
+            newly = ~torch.isfinite(value) & (first_bad < 0)
+            first_bad.masked_fill_(newly, self.step + 1)
+            bad_loss = torch.where(newly, value.to(bad_loss.dtype), bad_loss)
             n_batches += 1
             self.step += 1
+            if self.step % check_every == 0 and int(first_bad) >= 0:
+                break
             if cfg["max_steps"] and self.step >= cfg["max_steps"]:
                 self.stop_reason = "max_steps"
                 break
         _sync(dev)
         t_train = time.perf_counter() - t0 - t_meta
+        if int(first_bad) >= 0:
+            self.times["train"] += t_train  # (the diverged epoch's time counts in the trial's totals)
+            self.times["meta"] += t_meta
+            raise TrialDiverged(f"training loss became {float(bad_loss)} at step {int(first_bad)} (epoch {self.epoch}); "
+                                f"stopped at step {self.step}")
         train_loss = float(loss_sum) / max(n_batches, 1)
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} in epoch {self.epoch} (step {self.step})")

@@ -366,6 +366,8 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         (["data", "download", "etth1", "--data-dir", str(tmp_path / "data")], "this needs the network"),
         ([*train, "--set", "seed=5"], "--set seed=... would silently replace --seed: give --seed instead"),
         ([*train, "--set", "task=cifar10"], "give --task instead"),
+        ([*train, "--checkpoint", str(tmp_path)], "is a directory; give a file path"),  # (before training)
+        ([*train, "--set", "meta_every=null"], "meta_every is null but meta_per_epoch is not set"),
         (["tune", "tune.yaml", "--study-storage", "foo://bar"], "the Optuna study storage 'foo://bar'"),
         (["run", "tune.yaml", "--address", "127.0.0.1:1", "--out", str(tmp_path / "addr")],
          "--address 127.0.0.1:1: nothing answers there"),  # (ray.init would retry for minutes)
@@ -393,7 +395,10 @@ def test_train_json_is_strict_json_with_null_for_a_diverged_trials_metrics(capsy
 
     rc = main(["train", "--task", "etth1", "--no-progress", "--json", "--set", "epochs=1", "--set", "max_train_batches=3",
                "--set", "lr=1e6", "--set", "num_threads=1"])
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # (json.loads refuses NaN? no: checked below)
+    out = capsys.readouterr().out
+    row = json.loads(out.strip().splitlines()[-1])  # (json.loads refuses NaN? no: checked below)
+    assert "\nerror: training loss became" in out  # the human-readable summary says why, too
     assert rc == 1 and row["status"] == "diverged"
     assert row["best_metric"] is None and row["best_mse"] is None
     assert "NaN" not in json.dumps(row)
+    assert row["priorities"] == [1.0, 1.0, 1.0] and "fixed_weights" in row  # list keys are kept (were dropped)

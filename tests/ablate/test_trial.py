@@ -138,3 +138,31 @@ def test_a_real_data_trial_records_the_fingerprint_of_its_files(tmp_path):
     assert data_fingerprint(get_task("etth1"), trial.config) != row["data_fingerprint"]
     embedded = Trial({"task": "etth1", "optimizer": "adamw", "epochs": 1, "max_train_batches": 1}).run().row
     assert embedded["data_fingerprint"] == ""
+
+
+def test_a_loss_that_becomes_inf_stops_the_trial_at_that_step():
+    # it was caught at the end of the epoch: 32 more steps (and meta-updates) on NaN weights, the
+    # error said "nan" at the epoch's last step, and the diverged epoch's time was dropped
+    trial = Trial({"task": "etth1", "optimizer": "metaadamw", "epochs": 4, "meta_every": 5})
+    loss_fn, calls = trial.task.loss_fn, []
+
+    def blows_up_at_step_40(model, batch):
+        loss = loss_fn(model, batch)
+        if model.training and torch.is_grad_enabled() and trial.step + 1 >= 40 and not calls:
+            calls.append(trial.step + 1)
+            return loss * float("inf")
+        return loss
+
+    trial.task.loss_fn = blows_up_at_step_40
+    row = trial.run().row
+    assert trial.steps_per_epoch < 40 < 2 * trial.steps_per_epoch  # (step 40 is inside epoch 2)
+    assert row["status"] == "diverged" and row["steps"] == 40 and row["epochs_run"] == 1
+    assert row["error"] == "training loss became inf at step 40 (epoch 2); stopped at step 40"
+    assert row["time_train_s"] > trial.history[0]["time_train_s"]  # epoch 1 and the part of epoch 2
+
+
+def test_meta_every_null_without_meta_per_epoch_is_a_config_error():
+    with pytest.raises(ConfigError, match="meta_every is null but meta_per_epoch is not set"):
+        Trial({"task": "etth1", "meta_every": None})
+    assert Trial({"task": "etth1", "meta_every": None, "meta_per_epoch": 2.0}).meta_every >= 1
+    assert Trial({"task": "etth1", "optimizer": "adamw", "meta_every": None}).config["meta_every"] is None
