@@ -203,8 +203,10 @@ class Trial:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
             if meta_on and (self.step + 1) % self.meta_every == 0:
                 # before step(): the meta-update reuses this batch's gradient as its g (batch 1)
+                _sync(dev)  # (on a GPU: the training backward's tail is training time, not meta time)
                 tm = time.perf_counter()
                 self._meta_update(meta_iters)
+                _sync(dev)
                 t_meta += time.perf_counter() - tm
             self.optimizer.step()
             value = loss.detach()
