@@ -167,9 +167,13 @@ class FeatureExtractor(nn.Module):
         return self.layout.mean_matrix @ x
 
     def group_std(self, x: Tensor, mean: Tensor | None = None) -> Tensor:
-        """Population standard deviation over each group's tensors."""
+        """Population standard deviation over each group's tensors, in two passes (the deviations
+        from the group mean, then their mean square): ``E[x^2] - E[x]^2`` loses every digit of a
+        spread below ~sqrt(float32 eps) |mean| - a 0 for a real spread, or rounding noise that
+        ``norm_basic_plus`` would standardise into unit-scale features."""
         mean = self.group_mean(x) if mean is None else mean
-        return (self.group_mean(x * x) - mean * mean).clamp_min(0).sqrt()
+        d = x - mean.index_select(0, self.layout.tensor_group)
+        return self.group_mean(d * d).sqrt()
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
         cols = [self.statistics(stats)]
@@ -233,15 +237,31 @@ class _Normalised(FeatureExtractor):
 
     A column whose spread across groups is below 0.1% of its magnitude is treated as constant
     (the denominator is ``std + 1e-3 * mean|x| + 1e-12``), so rounding noise in a column that is the
-    same for every group (cos = 1 at the first step, say) is not blown up to unit scale."""
+    same for every group (cos = 1 at the first step, say) is not blown up to unit scale. For a
+    standard-deviation column (``X_std``) the magnitude is that of its statistic (``X_mean`` or
+    ``X``), whichever is larger: a spread of 1e-5 in cos(g, m), whose values are near 1, is
+    rounding noise even though it is the whole of the ``cos_std`` column."""
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
         feats = super().forward(stats, time)
         n_stat = feats.shape[1] - (1 if self.time_step else 0)
         x = feats[:, :n_stat]
-        scale = x.std(0, unbiased=False, keepdim=True) + 1e-3 * x.abs().mean(0, keepdim=True) + 1e-12
+        magnitude = x.abs().mean(0, keepdim=True)
+        magnitude = torch.maximum(magnitude, magnitude[:, self._magnitude_columns(n_stat)])
+        scale = x.std(0, unbiased=False, keepdim=True) + 1e-3 * magnitude + 1e-12
         x = (x - x.mean(0, keepdim=True)) / scale
         return torch.cat([x, feats[:, n_stat:]], 1)
+
+    def _magnitude_columns(self, n_stat: int) -> list[int]:
+        """Per statistics column, the column whose magnitude bounds what counts as its noise: the
+        statistic's mean column for a ``X_std`` column, else itself."""
+        cached = getattr(self, "_magnitude_index", None)
+        if cached is None or len(cached) != n_stat:
+            names = self.feature_names[:n_stat]
+            cached = [next((names.index(c) for c in (f"{n[:-4]}_mean", n[:-4]) if n.endswith("_std") and c in names), j)
+                      for j, n in enumerate(names)]
+            self._magnitude_index = cached
+        return cached
 
 
 @FEATURES.register("norm_basic")

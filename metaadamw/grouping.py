@@ -75,7 +75,9 @@ def layer_type(info: TensorInfo) -> str:
             return "attention"
         if issubclass(t, _NORM_TYPES):
             return "norm"
-    tokens = set(re.split(r"[._]", (info.name or "").lower()))
+    name = (info.name or "").lower()
+    # whole dotted segments (q_proj, feed_forward, self_attn) and their underscore-separated words
+    tokens = set(name.split(".")) | set(re.split(r"[._]", name))
     tokens |= {tok.rstrip("0123456789") for tok in tokens}
     for kind, words in _NAME_RULES:
         if tokens & words:

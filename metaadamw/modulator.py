@@ -65,6 +65,11 @@ class EncoderLayer(nn.Module):
         self.linear1 = nn.Linear(width, ff)
         self.linear2 = nn.Linear(ff, width)
         self.norm2 = nn.LayerNorm(width)
+        # initialised as nn.TransformerEncoderLayer's attention (nn.MultiheadAttention): Xavier-uniform
+        # input projection, zero projection biases; the feed-forward and norm layers have their defaults
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
         self._weights = self._collect_weights()
         self.register_load_state_dict_post_hook(_recollect_weights)  # runs after the children have loaded
 

@@ -729,6 +729,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self.state[p].pop("step", None)
         self.modulator.load_state_dict(extra["modulator"])
         self.weighting.load_state_dict(extra["weighting"])
+        getattr(self.weighting, "project_", lambda: None)()  # (a checkpoint of a version that let s leave its bounds)
         self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
         self._adopt_loaded_settings(extra.get("config"))
         self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}

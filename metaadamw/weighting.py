@@ -17,7 +17,10 @@ term that can be negative (gradient alignment, loss decrease) would drive ``exp(
 infinity and its log-variance with it. So the uncertainty weightings apply HUW to
 ``softplus(L)`` for the terms an objective declares signed - a positive, monotone transform with
 the same minimisers - and keep ``s`` in ``[-LOG_VAR_BOUND, LOG_VAR_BOUND]`` (a term that reaches
-exactly zero would otherwise still push ``s`` to minus infinity). The sigmas reported are
+exactly zero would otherwise still push ``s`` to minus infinity) by projection: the meta-update
+clamps the stored ``s`` after each meta-optimizer step (:meth:`Weighting.project_`), so a bound
+``s`` still gets the gradient that brings it back when its term grows again (a clamp in the
+forward pass alone would give it zero gradient for good). The sigmas reported are
 ``exp(s / 2)``.
 """
 
@@ -57,6 +60,11 @@ class Weighting(nn.Module):
     def forward(self, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put the weighting's own parameters back into their feasible set (after a meta-optimizer
+        step); nothing to do by default."""
+
 
 @WEIGHTINGS.register("sum")
 class Sum(Weighting):
@@ -95,6 +103,10 @@ class PriorityUncertainty(Weighting):
         scale = 0.5 if self.form == "regression" else 1.0
         loss = (scale * (torch.exp(-s) * values + p * s)).sum()
         return loss, {t: torch.exp(0.5 * s[i]) for i, t in enumerate(self.terms)}
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        self.log_vars.clamp_(-LOG_VAR_BOUND, LOG_VAR_BOUND)
 
 
 @WEIGHTINGS.register("huw")

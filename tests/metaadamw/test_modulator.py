@@ -100,3 +100,38 @@ def test_cached_weights_survive_deepcopy_and_pickling(tmp_path):
         ids = [id(w) for w in copied._weights]
         assert ids == [id(w) for w in copied._collect_weights()], "the copy's tuple must hold the copy's parameters"
         assert not set(ids) & {id(w) for w in layer._weights}
+
+
+def test_encoder_layers_are_initialised_as_torchs_transformer_encoder_layer():
+    torch.manual_seed(0)
+    layer, reference = EncoderLayer(6, 2, 16), nn.TransformerEncoderLayer(6, 2, 16)
+    assert layer.in_proj.bias.abs().max() == 0 and layer.out_proj.bias.abs().max() == 0
+    xavier, kaiming = (6 / (6 + 18)) ** 0.5, 6 ** -0.5  # the Xavier bound of a 6 -> 18 projection, nn.Linear's
+    assert kaiming < layer.in_proj.weight.abs().max() <= xavier
+    assert reference.self_attn.in_proj_bias.abs().max() == 0  # (what it mirrors)
+
+
+def test_group_standard_deviations_keep_small_spreads_and_norm_features_ignore_rounding_noise():
+    from metaadamw import MetaAdamW
+    from metaadamw.features import FEATURES
+    from tests.metaadamw.helpers import mlp, mse, regression_batches, small_kwargs
+
+    # values near 1 with a spread of ~1e-4 (about 1,000 float32 ulps): E[x^2] - E[x]^2 lost it all (0 or noise)
+    model = mlp()
+    opt = MetaAdamW(model.named_parameters(), features="basic_plus", grouping="original", **small_kwargs())
+    extractor = opt.modulator.extractor
+    x = 1.0 + 1e-4 * torch.linspace(-1.0, 1.0, len(opt.tensor_info))
+    assert extractor.layout.num_groups == 1
+    exact = float(x.double().std(unbiased=False))  # (of the float32 values; one group of every tensor)
+    assert exact > 5e-5 and float(extractor.group_std(x)[0]) == pytest.approx(exact, rel=1e-3)
+    # norm_basic_plus at the first step: cos(g, m) = 1 for every tensor up to rounding, so the cos_std column
+    # is noise - standardised to ~0, not to +-1 as the noise alone would be
+    model = mlp()
+    opt = MetaAdamW(model.named_parameters(), features="norm_basic_plus", **small_kwargs())
+    assert FEATURES.get("norm_basic_plus") is type(opt.modulator.extractor)
+    opt.zero_grad()
+    mse(model, regression_batches(n=1)[0]).backward()
+    opt.step()
+    names = opt.modulator.extractor.feature_names
+    feats = opt.modulator.extractor(opt._stats, torch.tensor(0.0))
+    assert feats[:, names.index("cos_std")].abs().max() < 0.01

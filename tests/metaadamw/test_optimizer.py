@@ -441,6 +441,23 @@ def test_recurrent_biases_are_biases_in_fine_grained_groups():
     assert opt.layout.is_bias.tolist() == [float(".bias" in n) for n in kinds]
 
 
+def test_fine_grained_name_rules_with_underscores_match_whole_segments():
+    # names were split at "_" as well as ".", so feed_forward, q_proj, self_attn... never matched
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.feed_forward = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    model = nn.ModuleDict({"blocks": nn.ModuleList([Block(), Block()])})
+    for kwargs in ({}, {"model": model}):
+        params = model.named_parameters() if not kwargs else model.parameters()
+        opt = MetaAdamW(params, **kwargs, **small_kwargs())
+        kinds = {info.name: opt.group_names[g].split("/")[0] for info, g in zip(opt.tensor_info, opt._group_of)}
+        assert {kinds[f"blocks.{i}.{p}_proj.weight"] for i in (0, 1) for p in "qkv"} == {"attention"}, kwargs
+        assert kinds["blocks.1.feed_forward.2.bias"] == kinds["blocks.0.feed_forward.0.weight"] == "feed_forward"
+
+
 def test_original_grouping_follows_param_groups():
     model = mlp(0)
     params = list(model.parameters())
