@@ -143,7 +143,7 @@ def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
                 "p (t)": fmt_p(r["p_t"]),
                 "p (sign-flip)": fmt_p(r["p_signflip"]),
                 "p (Holm)": fmt_p(r["p_holm"]),
-                "seeds (better)": _seeds_cell(r, "n_unmatched"),
+                "seeds (better)": _seeds_cell(r, "n_unmatched", "baseline_n_unmatched"),
                 "not ok": str(r["n_not_ok"]),
             })
         rows.append(row)
@@ -156,7 +156,8 @@ def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
         {
             "kind": r["kind"],
             "term": r["term"],
-            "level": r["level"] + (" *" if r["significant"] else ""),
+            "level": r["level"] + (f" (+ {r['confounded']})" if r.get("confounded") else "")
+                     + (" *" if r["significant"] else ""),
             "effect [95% CI]": (fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True) if not r.get("aliased")
                                 else f"aliased with {r['aliased']}" if r["aliased"] != "not estimable"
                                 else "not estimable in this design"),
@@ -434,13 +435,14 @@ def _intro(results: Results, results_dir: Path) -> list[Block]:
         ),
         _text(
             f"Trials: {counts['total']} in all - {counts['ok']} ok, {counts['failed']} failed, "
-            f"{counts['diverged']} diverged. Only ok trials enter the statistics; every other trial "
-            f"is listed under 'Failed and diverged trials'."
+            f"{counts['diverged']} diverged{_no_metric(counts)}. Only ok trials enter the statistics; every other "
+            f"trial is listed under 'Failed and diverged trials'."
         ),
     ]
     if counts["total"] > counts["ok"]:
         blocks.append(Block("warning", f"{counts['total'] - counts['ok']} trial(s) did not finish ok "
-                                       f"({counts['failed']} failed, {counts['diverged']} diverged); see the last section."))
+                                       f"({counts['failed']} failed, {counts['diverged']} diverged{_no_metric(counts)}); "
+                                       f"see the last section."))
     if stats.uses_embedded_data(results):
         blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
                                        "paper's datasets, with smaller models and budgets. They exercise the "
@@ -461,6 +463,11 @@ _SIG_LEGEND = (
     "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
     "for 6), before the adjustment. 'seeds (better)' is the number of pairs and how many of them favour the arm."
 )
+
+
+def _no_metric(counts: dict[str, int]) -> str:
+    n = counts.get("no_metric", 0)
+    return f", {n} with status ok but no finite metric" if n else ""
 
 
 def _table2_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
@@ -502,7 +509,8 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               "levels. Each (task, seed) is a block with its own effect: the cells of a seed share its "
               "initial weights and data order, so differences between seeds are not counted as noise. "
               "In a fractional design an interaction the design confounds with a main effect is not "
-              "fitted ('aliased with ...'): the main effects are estimated assuming it is negligible. "
+              "fitted ('aliased with ...'): the main effects are estimated assuming it is negligible; a fitted "
+              "effect that stands for unfitted ones names them after '+' (its estimate is their sum). "
               f"p (Holm) adjusts p over the fitted effects; * marks p (Holm) < {alpha}. "
               f"Observations: {int(effects['n'].iloc[0])}."),
         _table(factorial_display(effects)),
@@ -571,7 +579,7 @@ def _failed_section(results: Results) -> list[Block]:
     counts = stats.status_counts(results)
     return blocks + [
         _text(f"{len(failed)} trial(s) are excluded from every statistic above ({counts['failed']} failed, "
-              f"{counts['diverged']} diverged). 'error' is the first line of the message (for a traceback, "
+              f"{counts['diverged']} diverged{_no_metric(counts)}). 'error' is the first line of the message (for a traceback, "
               f"its final exception line)."),
         _table(failed.astype(str)),
     ]

@@ -52,6 +52,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from ablate.files import atomic_write_bytes
@@ -72,8 +73,14 @@ class Results:
     telemetry: pd.DataFrame
 
     def ok(self) -> "Results":
-        """Only the trials that finished with status 'ok' (and their history and telemetry)."""
-        ids = set(self.trials.loc[self.trials["status"] == "ok", "trial_id"]) if len(self.trials) else set()
+        """Only the trials that finished with status 'ok' and a finite best metric (and their history
+        and telemetry), as the statistics count them."""
+        ids = set()
+        if len(self.trials):
+            ok = self.trials["status"] == "ok"
+            if "best_metric" in self.trials:
+                ok &= np.isfinite(pd.to_numeric(self.trials["best_metric"], errors="coerce").to_numpy(dtype=float))
+            ids = set(self.trials.loc[ok, "trial_id"])
         return Results(
             self.trials[self.trials["trial_id"].isin(ids)] if len(self.trials) else self.trials,
             self.history[self.history["trial_id"].isin(ids)] if len(self.history) else self.history,

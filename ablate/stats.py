@@ -222,11 +222,16 @@ def _not_ok(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def status_counts(results: Results) -> dict[str, int]:
-    """Number of trials per status, always with the keys "ok", "failed", "diverged" and "total"."""
-    counts = {"ok": 0, "failed": 0, "diverged": 0}
-    if len(results.trials):
-        counts.update({str(k): int(v) for k, v in results.trials["status"].value_counts().items()})
-    counts["total"] = int(len(results.trials))
+    """Number of trials per status, always with the keys "ok", "failed", "diverged", "no_metric"
+    (status "ok" but a non-finite best metric: not ok for the statistics, and not in "ok") and
+    "total"."""
+    counts = {"ok": 0, "failed": 0, "diverged": 0, "no_metric": 0}
+    trials = results.trials
+    if len(trials):
+        counts.update({str(k): int(v) for k, v in trials["status"].value_counts().items()})
+        counts["no_metric"] = int(((trials["status"] == "ok") & ~_is_ok(trials)).sum())
+        counts["ok"] -= counts["no_metric"]
+    counts["total"] = int(len(trials))
     return counts
 
 
@@ -416,7 +421,8 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     against "baseline" over matched seeds.
 
     Columns: task, axis, arm, metric, mode, arm_mean/lo/hi and baseline_mean (over the matched
-    seeds, as in :func:`table2`), n_unmatched, n_not_ok, rel_* (per seed relative change vs
+    seeds, as in :func:`table2`), n_unmatched and baseline_n_unmatched (ok seeds of the arm, of
+    the baseline, that the other lacks: left out of both means), n_not_ok, rel_* (per seed relative change vs
     baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the arms
     of the task), n_pairs, n_better, significant (p_holm < alpha), ``mark`` ("*" where
     significant) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
@@ -433,12 +439,12 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
         names = sorted(set(arms.loc[arms["task"] == task, "arm"]) - {ADAMW, BASELINE})
         task_rows = []
         for arm in names:
-            base, values, _, extra = _matched(arms, task, BASELINE, arm)
+            base, values, base_extra, extra = _matched(arms, task, BASELINE, arm)
             ci = mean_ci(values, confidence)
             row = {"task": task, "axis": arm_axis(arm), "arm": arm, "metric": metric, "mode": mode}
             row.update({f"arm_{k}": ci[k] for k in ("mean", "lo", "hi")})
             row["baseline_mean"] = float(base.mean()) if len(base) else np.nan
-            row["n_unmatched"] = extra
+            row["n_unmatched"], row["baseline_n_unmatched"] = extra, base_extra
             row["n_not_ok"] = _n_not_ok(arms, task, arm)
             row["same_as_baseline"] = _same_trials(arms, task, arm, BASELINE)
             cmp = _compare(base, values, mode)
@@ -520,7 +526,9 @@ def factorial_effects(
     main effect) is left out of the fit, as resolution-III analyses do, and its row has a NaN
     estimate and ``aliased`` naming what it is confounded with. Fitting it anyway would split
     each main effect in half between the two names. A main-effect contrast the design cannot
-    estimate is NaN with ``aliased = "not estimable"``.
+    estimate is NaN with ``aliased = "not estimable"``. A fitted effect that stands for unfitted
+    ones lists them in ``confounded`` (in 2^(4-1) with D = ABC, the A x B row's estimate is
+    A x B + C x D): its estimate is theirs as much as its own.
 
     ``p_holm`` adjusts the p-values by Holm over the fit's estimable effects (a two-level
     factor's two rows are one test) and ``significant`` is p_holm < alpha. Returns an empty frame
@@ -544,6 +552,7 @@ def factorial_effects(
         columns.append((blocks == block).to_numpy(dtype=float))
         labels.append(("block", block, ""))
     aliased: dict[tuple[str, str], str] = {}
+    confounded: dict[tuple[str, str], list[str]] = {}  # fitted term -> the unfitted ones it stands for
     rank = np.linalg.matrix_rank(np.column_stack(columns))
     for f, g in itertools.combinations(factors, 2):
         for (i, a), (j, b) in itertools.product(enumerate(coded[f][0][:-1]), enumerate(coded[g][0][:-1])):
@@ -554,7 +563,9 @@ def factorial_effects(
                 labels.append(label)
                 rank = grown
             else:
-                aliased[label[1:]] = _alias_of(col, np.column_stack(columns), labels)
+                aliased[label[1:]], partners = _alias_of(col, np.column_stack(columns), labels)
+                for partner in partners:
+                    confounded.setdefault(partner, []).append(f"{label[1]} ({label[2]})")
     X, y = np.column_stack(columns), frame["y"].to_numpy(dtype=float)
     beta, cov, dof = _least_squares(X, y)
     row_space = np.linalg.pinv(X) @ X  # c is estimable iff c @ row_space == c
@@ -570,6 +581,7 @@ def factorial_effects(
                 c[idx] = -1.0
             row = _contrast_row("main", f, name, c, beta, cov, dof, confidence)
             row["aliased"] = ""
+            row["confounded"] = ", ".join(confounded.get((f, names[0] if len(names) == 2 else name), []))
             if not np.allclose(c @ row_space, c, atol=1e-8):
                 row.update(estimate=np.nan, se=np.nan, lo=np.nan, hi=np.nan, p_value=np.nan, aliased="not estimable")
             rows.append(row)
@@ -579,11 +591,12 @@ def factorial_effects(
             key = (f"{f} x {g}", f"{a} x {b}")
             if key in aliased:
                 rows.append({"kind": "interaction", "term": key[0], "level": key[1], "estimate": np.nan, "se": np.nan,
-                             "lo": np.nan, "hi": np.nan, "p_value": np.nan, "aliased": aliased[key]})
+                             "lo": np.nan, "hi": np.nan, "p_value": np.nan, "aliased": aliased[key], "confounded": ""})
             else:
                 c = np.zeros(len(beta))
                 c[labels.index(("interaction", *key))] = 1.0
-                rows.append({**_contrast_row("interaction", *key, c, beta, cov, dof, confidence), "aliased": ""})
+                rows.append({**_contrast_row("interaction", *key, c, beta, cov, dof, confidence), "aliased": "",
+                             "confounded": ", ".join(confounded.get(key, []))})
             tests.append(("interaction", *key))
     out = pd.DataFrame(rows)
     family = out.assign(test=tests).groupby("test", sort=False)["p_value"].first()
@@ -593,18 +606,19 @@ def factorial_effects(
     return out
 
 
-def _alias_of(col: np.ndarray, X: np.ndarray, labels: list[tuple[str, str, str]]) -> str:
+def _alias_of(col: np.ndarray, X: np.ndarray, labels: list[tuple[str, str, str]]) -> tuple[str, list[tuple[str, str]]]:
     """What a column the design cannot separate from ``X``'s columns is confounded with, e.g.
     ``"-features=basic"`` (its least-squares expression in the effect columns; the intercept and
-    blocks are left out of the name)."""
+    blocks are left out of the name), and the (term, level) of those fitted effects."""
     coef, *_ = np.linalg.lstsq(X, col, rcond=None)
-    parts = []
+    parts, partners = [], []
     for b, (kind, term, level) in zip(coef, labels):
         if kind in ("main", "interaction") and abs(b) > 1e-8:
             name = f"{term}={level}" if kind == "main" else f"{term} ({level})"
             scale = "" if np.isclose(abs(b), 1.0) else f"{abs(b):.3g}*"
             parts.append(f"{'-' if b < 0 else '+'}{scale}{name}")
-    return " ".join(parts).lstrip("+") or "the blocks"
+            partners.append((term, level))
+    return " ".join(parts).lstrip("+") or "the blocks", partners
 
 
 def _least_squares(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -87,7 +87,7 @@ def trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     _import_worker_plugins(config["plugins"], config.get("plugin_dir"))
-    from ablate.trial import Trial
+    from ablate.trial import StaleCheckpoint, Trial
 
     spec = config["trial"]
     trial_config = dict(spec["config"])
@@ -106,7 +106,10 @@ def trainable(config: dict[str, Any]) -> None:
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            trial.load(Path(d) / CHECKPOINT_FILE)
+            try:
+                trial.load(Path(d) / CHECKPOINT_FILE)
+            except StaleCheckpoint as exc:  # (the data changed under a retried trial) start afresh
+                print(f"trial {trial.trial_id}: {exc}", flush=True)
     # The stable checkpoint: with --resume, or when an earlier attempt of this very run wrote it (a
     # retry after a lost node). It can be an epoch ahead of Ray's: Ray registers a reported
     # checkpoint only when a later save() call on the trial's actor returns, which a dying node
@@ -114,8 +117,11 @@ def trainable(config: dict[str, Any]) -> None:
     if stable is not None and stable.exists() and (
             config.get("resume") or stable.stat().st_mtime >= config.get("started_at", math.inf)):
         state = torch.load(stable, map_location="cpu", weights_only=False)
-        if state["epoch"] > trial.epoch:
+        if state["epoch"] > trial.epoch and trial.can_resume_from(state):  # (not one made on other data)
             trial.load_state_dict(state)
+        elif not trial.can_resume_from(state):
+            print(f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh",
+                  flush=True)
 
     def report(row: dict[str, Any], t: Trial) -> None:
         data = t.checkpoint_bytes()  # serialised once, for Ray's checkpoint and the stable copy
@@ -413,9 +419,11 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
     directory holds now (:func:`ablate.tasks.data_fingerprint` differs: a file replaced by a
     subset or a newer version; ``data_dir`` is not part of a trial's identity, so that moving
     the data keeps its results). They run again; their result parts are first copied to
-    ``OUT/<study>/stale-data/<time>/``, so nothing is lost. Trials stored before fingerprints were recorded,
-    and data this machine cannot locate (``--address``: it may live on the workers only), are
-    not checked."""
+    ``OUT/<study>/stale-data/<time>/`` (their rows of the three tables, and their checkpoints,
+    which a ``--resume`` must not continue), so nothing is lost. Trials stored before fingerprints
+    were recorded, and data this machine cannot locate (``--address``: it may live on the workers
+    only), are not checked. An unfinished trial's checkpoint records its fingerprint too: the
+    trial ignores it when the data changed (:meth:`ablate.trial.Trial.can_resume_from`)."""
     from ablate.tasks import DatasetNotFoundError, data_fingerprint, get_task
 
     if stored.empty or "data_fingerprint" not in stored:
@@ -427,8 +435,7 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
     for spec in study.trials:
         if spec.trial_id not in recorded or spec.config.get("data") != "real":
             continue
-        key = json.dumps([spec.task, *[v for k, v in sorted(spec.config.items()) if k == "data_dir" or k.endswith("_file")]],
-                         default=str)
+        key = json.dumps(sorted(spec.config.items()), default=str)  # (a task's locate may read any key)
         if key not in now:
             try:
                 now[key] = data_fingerprint(get_task(spec.task), spec.config)
@@ -440,14 +447,21 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
         return set()
     keep = out_dir / "stale-data" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     keep.mkdir(parents=True, exist_ok=True)
-    for ids in stale.values():
-        for trial_id in ids:
-            for part in (out_dir / store.PARTS_DIR).glob(f"{trial_id}.*.parquet"):
-                shutil.copy2(part, keep / part.name)
+    stale_ids = {t for task_ids in stale.values() for t in task_ids}
+    old = store.load_results(out_dir, all_trials=True)  # (parts, or the combined tables standing in for them)
+    for name in store.TABLES:
+        df = getattr(old, name)
+        if "trial_id" in df:
+            store.atomic_write_parquet(df[df["trial_id"].isin(list(stale_ids))].reset_index(drop=True),
+                                       keep / f"{name}.parquet")
+    for trial_id in stale_ids:  # a --resume must not continue a checkpoint made on the old data
+        ckpt = out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt"
+        if ckpt.exists():
+            shutil.move(str(ckpt), keep / ckpt.name)
     for task, ids in stale.items():
         print(f"{task}: {len(ids)} stored trial(s) were made on other data files than its data directory holds now "
               f"(a file's size differs); they run again. Their old results are kept in {keep}", flush=True)
-    return {t for ids in stale.values() for t in ids}
+    return stale_ids
 
 
 def no_meta_updates(study: Study) -> int:

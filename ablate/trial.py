@@ -41,6 +41,10 @@ from metaadamw import MetaAdamW
 Callback = Callable[[dict, "Trial"], None]
 
 
+class StaleCheckpoint(ConfigError):
+    """A checkpoint made on other data files than the trial reads now."""
+
+
 class TrialDiverged(RuntimeError):
     """The model's loss became non-finite."""
 
@@ -326,12 +330,17 @@ class Trial:
             "history": self.history, "telemetry": self.telemetry, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
             "times": self.times, "stop_reason": self.stop_reason, "error": self.error,
+            "data_fingerprint": self.data_fingerprint,
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["trial_id"] != self.trial_id:
             raise ConfigError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
                              f"(their configs differ)")
+        if not self.can_resume_from(state):
+            raise StaleCheckpoint(f"the checkpoint of trial {self.trial_id} was made on other data files than its data "
+                                  f"directory holds now (fingerprint {state['data_fingerprint']} then, "
+                                  f"{self.data_fingerprint} now): start the trial afresh instead")
         state = copy.deepcopy(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -347,6 +356,12 @@ class Trial:
             setattr(self, key, state[key])
         self.error = state.get("error", "")
         self.resumed_from_epoch = self.epoch
+
+    def can_resume_from(self, state: dict[str, Any]) -> bool:
+        """Whether a checkpoint was made on the data this trial reads (checkpoints written before
+        fingerprints were kept are taken on trust)."""
+        recorded = state.get("data_fingerprint")
+        return recorded is None or recorded == self.data_fingerprint
 
     def checkpoint_bytes(self) -> bytes:
         """The checkpoint (:meth:`state_dict`) serialised, as :meth:`save` writes it."""

@@ -99,13 +99,14 @@ NO_DIRECTION_EPS = 100.0
 def _cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
     """``dot / (sqrt(sq_a) sqrt(sq_b))`` per group, and 0 (with zero gradient) where either group's
     gradient has no direction: it is exactly zero on the batch (a multi-task head, an unused
-    branch), or it is rounding noise - below ``NO_DIRECTION_EPS`` machine epsilons of the whole
-    gradient's norm (a convolution's bias before BatchNorm, whose true gradient is 0). The cosine of
+    branch), or it is rounding noise - below ``NO_DIRECTION_EPS`` machine epsilons (of float32, or
+    of float64 for float64 gradients) of the whole gradient's norm (a convolution's bias before BatchNorm, whose true gradient is 0). The cosine of
     noise means nothing, and its derivative, of order 1 / ||g'_group||, would dominate the
     meta-gradient (1e9 in float32): the finite-difference Hessian-vector product would be noise,
     and the exact one garbage. The masked entries never meet ``sqrt`` at 0, whose backward would be
     ``0 * inf = NaN``."""
-    tiny = (NO_DIRECTION_EPS * torch.finfo(sq_a.dtype).eps) ** 2
+    # (float32's epsilon at most: bfloat16's would make the threshold 61% of the total, and no group passes)
+    tiny = (NO_DIRECTION_EPS * torch.finfo(torch.promote_types(sq_a.dtype, torch.float32)).eps) ** 2
     ok = (sq_a > tiny * sq_a.sum().detach()) & (sq_b > tiny * sq_b.sum().detach()) & ((sq_a * sq_b) > 0)
     denom = torch.where(ok, sq_a, 1.0).sqrt() * torch.where(ok, sq_b, 1.0).sqrt()
     return torch.where(ok, dot / denom, 0.0)

@@ -114,7 +114,7 @@ def test_explode_arms_uses_the_arms_list_and_falls_back_to_arm():
 
 def test_failed_trials_are_counted_and_listed(report_study, report_kit):
     results = load_results(report_study)
-    assert stats.status_counts(results) == {"ok": 46, "failed": 1, "diverged": 1, "total": 48}
+    assert stats.status_counts(results) == {"ok": 46, "failed": 1, "diverged": 1, "no_metric": 0, "total": 48}
     failed = stats.failed_summary(results)
     assert set(failed["trial_id"]) == {report_kit.FAILED_ID, report_kit.DIVERGED_ID}
     errors = dict(zip(failed["trial_id"], failed["error"]))
@@ -382,6 +382,9 @@ def test_an_ok_trial_with_a_nan_metric_is_not_ok(tmp_path, report_kit):
     assert row_of(seeds, arm="baseline")["n_ok"] == 2 and row_of(seeds, arm="baseline")["n_not_ok"] == 1
     failed = stats.failed_summary(results)
     assert failed["error"].tolist() == ["best_metric is nan (not finite)"]
+    counts = stats.status_counts(results)  # counted once, as not ok, everywhere
+    assert (counts["ok"], counts["no_metric"], counts["total"]) == (5, 1, 6)
+    assert len(results.ok().trials) == 5
     # the elementary tests never read a NaN as a (significant) difference
     assert np.isnan(stats.sign_flip_pvalue([0.1, np.nan, 0.2])) and np.isnan(stats.paired_t_pvalue([0.1, np.inf]))
     cmp = stats.paired_comparison([1.0, 1.0, np.nan], [1.1, 0.9, 1.0], "min")
@@ -424,7 +427,22 @@ def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_pat
     inter = effects[effects["kind"] == "interaction"].set_index("term")
     assert inter["estimate"].isna().all() and not inter["significant"].any()
     assert inter.loc["a x b", "aliased"] == "c=x" and inter.loc["a x c", "aliased"] == "b=x"
+    # and the fitted effect says what it stands for as well (its estimate is C + A x B)
+    assert row_of(effects, kind="main", term="c", level="y")["confounded"] == "a x b (x x x)"
     from ablate import report
     shown = report.factorial_display(effects)
     assert (shown.loc[shown["term"] == "a x b", "effect [95% CI]"] == "aliased with c=x").all()
     assert report.plot_factorial_effects(effects, tmp_path).stat().st_size > 0  # the estimable effects
+
+
+def test_table3_counts_the_baselines_unpaired_seeds_too(tmp_path, report_kit):
+    for seed in range(4):  # the baseline finished seeds 0-3, the arm only 0-1
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, 1.0 + seed)
+        if seed < 2:
+            _write(tmp_path, report_kit, "etth1", "gating=true", seed, 1.1 + seed)
+    t3 = stats.table3(load_results(tmp_path))
+    row = row_of(t3, arm="gating=true")
+    assert (row["n_pairs"], row["n_unmatched"], row["baseline_n_unmatched"]) == (2, 0, 2)
+    assert row["baseline_mean"] == pytest.approx(1.5)  # seeds 0-1 only
+    from ablate import report
+    assert report.table3_display(t3)["seeds (better)"].iloc[0] == "2 (0); 2 unpaired left out"

@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ablate.results import load_results
@@ -374,11 +375,15 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
     for spec, fingerprint in zip(study.trials, recorded):
         write_trial(out, {"trial_id": spec.trial_id, "status": "ok", "task": "etth1", "seed": spec.seed,
                           "best_metric": 1.0, "data_fingerprint": fingerprint}, [{"epoch": 1}])
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / f"{study.trials[1].trial_id}.pt").write_bytes(b"an old-data checkpoint")
     stale = set_aside_stale_data(study, out, finished_trials(out))
     assert stale == {study.trials[1].trial_id}
     kept = list((out / "stale-data").iterdir())
-    assert len(kept) == 1 and sorted(p.name for p in kept[0].iterdir()) == sorted(
-        f"{study.trials[1].trial_id}.{t}.parquet" for t in ("history", "telemetry", "trials"))
+    assert len(kept) == 1 and {"history.parquet", "trials.parquet", f"{study.trials[1].trial_id}.pt"} <= {
+        p.name for p in kept[0].iterdir()}  # (and telemetry.parquet, where the study has telemetry)
+    assert pd.read_parquet(kept[0] / "trials.parquet")["trial_id"].tolist() == [study.trials[1].trial_id]
+    assert not (out / "checkpoints" / f"{study.trials[1].trial_id}.pt").exists()  # (--resume must not continue it)
     assert "etth1: 1 stored trial(s) were made on other data files" in capsys.readouterr().out
     # the file replaced by a subset: every fingerprinted trial runs again
     (data / "ETTh1.csv").write_text("date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT\n" + "2016-07-01 00:00:00,1,1,1,1,1,1,1\n" * 20)

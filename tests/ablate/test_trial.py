@@ -136,6 +136,15 @@ def test_a_real_data_trial_records_the_fingerprint_of_its_files(tmp_path):
     with open(tmp_path / "ETTh1.csv", "a") as f:  # another file (one more row): another fingerprint
         f.write("2016-07-09 08:00:00,1,1,1,1,1,1,0.5\n")
     assert data_fingerprint(get_task("etth1"), trial.config) != row["data_fingerprint"]
+    # a checkpoint made on the old file cannot resume the trial on the new one (it would mix the two)
+    from ablate.trial import StaleCheckpoint
+
+    state = trial.state_dict()
+    again = Trial(config)
+    assert not again.can_resume_from(state)
+    with pytest.raises(StaleCheckpoint, match="made on other data files"):
+        again.load_state_dict(state)
+    assert again.can_resume_from({**state, "data_fingerprint": again.data_fingerprint})
     embedded = Trial({"task": "etth1", "optimizer": "adamw", "epochs": 1, "max_train_batches": 1}).run().row
     assert embedded["data_fingerprint"] == ""
 

@@ -777,3 +777,12 @@ def test_objectives_written_before_needs_val_at_theta_still_get_the_validation_l
         val_at_theta = mse(model, batches[2]).item()
     # L_val(theta') - L_val(theta) - 1, with theta' one small step from theta
     assert abs(record.terms["loss_decrease"] + 1.0) < 0.01 * val_at_theta
+
+
+def test_low_precision_groups_keep_their_cosine():
+    # with bfloat16's epsilon the no-direction threshold was 61% of the total: every cosine read 0
+    from metaadamw.objectives import _cosine
+
+    sq = torch.tensor([0.3, 0.5, 0.2], dtype=torch.bfloat16)
+    dot = torch.tensor([0.29, 0.4, 0.1], dtype=torch.bfloat16)
+    assert (_cosine(dot, sq, sq).float() > 0.4).all()
