@@ -75,17 +75,21 @@ class Results:
     def ok(self) -> "Results":
         """Only the trials that finished with status 'ok' and a finite best metric (and their history
         and telemetry), as the statistics count them."""
-        ids = set()
-        if len(self.trials):
-            ok = self.trials["status"] == "ok"
-            if "best_metric" in self.trials:
-                ok &= np.isfinite(pd.to_numeric(self.trials["best_metric"], errors="coerce").to_numpy(dtype=float))
-            ids = set(self.trials.loc[ok, "trial_id"])
+        ids = set(self.trials.loc[ok_mask(self.trials), "trial_id"]) if len(self.trials) else set()
         return Results(
             self.trials[self.trials["trial_id"].isin(ids)] if len(self.trials) else self.trials,
             self.history[self.history["trial_id"].isin(ids)] if len(self.history) else self.history,
             self.telemetry[self.telemetry["trial_id"].isin(ids)] if len(self.telemetry) else self.telemetry,
         )
+
+
+def ok_mask(trials: pd.DataFrame) -> pd.Series:
+    """Trials with status "ok" and a finite best metric (an "ok" trial with a NaN or inf metric -
+    hand-made or damaged tables - would otherwise poison means and tests)."""
+    ok = trials["status"] == "ok"
+    if "best_metric" in trials:
+        ok &= np.isfinite(pd.to_numeric(trials["best_metric"], errors="coerce").to_numpy(dtype=float))
+    return ok
 
 
 def flatten_value(value: Any) -> Any:

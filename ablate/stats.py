@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from ablate.results import Results
+from ablate.results import Results, ok_mask
 
 ADAMW = "adamw"
 BASELINE = "baseline"
@@ -205,20 +205,12 @@ def arm_axis(arm: str) -> str:
     return arm.split("=", 1)[0] if "=" in arm else arm
 
 
-def _is_ok(trials: pd.DataFrame) -> pd.Series:
-    """Trials with status "ok" and a finite best metric (an "ok" trial with a NaN or inf metric -
-    hand-made or damaged tables - would otherwise poison means and tests)."""
-    metric = pd.to_numeric(trials["best_metric"], errors="coerce") if "best_metric" in trials else None
-    finite = np.isfinite(metric.to_numpy(dtype=float)) if metric is not None else True
-    return (trials["status"] == "ok") & finite
-
-
 def _ok(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[_is_ok(trials)] if len(trials) else trials
+    return trials[ok_mask(trials)] if len(trials) else trials
 
 
 def _not_ok(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[~_is_ok(trials)] if len(trials) else trials
+    return trials[~ok_mask(trials)] if len(trials) else trials
 
 
 def status_counts(results: Results) -> dict[str, int]:
@@ -229,7 +221,7 @@ def status_counts(results: Results) -> dict[str, int]:
     trials = results.trials
     if len(trials):
         counts.update({str(k): int(v) for k, v in trials["status"].value_counts().items()})
-        counts["no_metric"] = int(((trials["status"] == "ok") & ~_is_ok(trials)).sum())
+        counts["no_metric"] = int(((trials["status"] == "ok") & ~ok_mask(trials)).sum())
         counts["ok"] -= counts["no_metric"]
     counts["total"] = int(len(trials))
     return counts
@@ -326,7 +318,7 @@ def task_metric(trials: pd.DataFrame, task: str) -> tuple[str, str]:
 def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> pd.Series:
     """Ok trials' ``column`` per seed for one task and arm (several trials of one seed - results
     loaded with ``all_trials=True`` across versions of a study - are averaged, with a warning)."""
-    g = arms[(arms["task"] == task) & (arms["arm"] == arm) & _is_ok(arms)]
+    g = arms[(arms["task"] == task) & (arms["arm"] == arm) & ok_mask(arms)]
     if g["seed"].duplicated().any():
         warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
                       f"their values are averaged per seed. Are results of different study versions mixed "
@@ -335,7 +327,7 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
 
 
 def _n_not_ok(arms: pd.DataFrame, task: str, arm: str) -> int:
-    return int(((arms["task"] == task) & (arms["arm"] == arm) & ~_is_ok(arms)).sum())
+    return int(((arms["task"] == task) & (arms["arm"] == arm) & ~ok_mask(arms)).sum())
 
 
 def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str) -> tuple[pd.Series, pd.Series, int, int]:
@@ -692,7 +684,7 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
         if rows is None:
             row["note"] = f"no {name} trial"
             return row
-        if not _is_ok(rows).any():
+        if not ok_mask(rows).any():
             status = rows["status"].iloc[0]
             row["note"] = f"{name} trial {rows['trial_id'].iloc[0]} is {status if status != 'ok' else 'without a finite metric'}"
             return row

@@ -117,11 +117,11 @@ def trainable(config: dict[str, Any]) -> None:
     if stable is not None and stable.exists() and (
             config.get("resume") or stable.stat().st_mtime >= config.get("started_at", math.inf)):
         state = torch.load(stable, map_location="cpu", weights_only=False)
-        if state["epoch"] > trial.epoch and trial.can_resume_from(state):  # (not one made on other data)
-            trial.load_state_dict(state)
-        elif not trial.can_resume_from(state):
+        if not trial.can_resume_from(state):  # (one made on other data)
             print(f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh",
                   flush=True)
+        elif state["epoch"] > trial.epoch:
+            trial.load_state_dict(state)
 
     def report(row: dict[str, Any], t: Trial) -> None:
         data = t.checkpoint_bytes()  # serialised once, for Ray's checkpoint and the stable copy

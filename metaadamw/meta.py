@@ -166,7 +166,7 @@ def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module
         return _meta_update(opt, model, caller_loss_fn, batch1, batch2, val_batch)
 
 
-def _project(opt: "MetaAdamW") -> None:
+def project_weighting(opt: "MetaAdamW") -> None:
     """The weighting's parameters back into their bounds (log-variances: see metaadamw.weighting)."""
     project = getattr(opt.weighting, "project_", None)  # (a user's weighting may have none)
     if project is not None:
@@ -175,7 +175,7 @@ def _project(opt: "MetaAdamW") -> None:
 
 def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any,
                  batch2: Any, val_batch: Any) -> "MetaRecord":
-    _project(opt)  # (set by hand, or loaded from an older checkpoint: a clamped s would get no gradient)
+    project_weighting(opt)  # (set by hand, or loaded from an older checkpoint: a clamped s would get no gradient)
     objective = opt.objective
     exact = opt.meta_gradient == "exact"
     need_train = objective.second_order or objective.needs_train_loss
@@ -339,7 +339,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     for p, gr in zip(meta_params, meta_grads):
         p.grad = gr
     opt.meta_optimizer.step()
-    _project(opt)
+    project_weighting(opt)
     for p in meta_params:
         p.grad = None
     return record

@@ -107,7 +107,7 @@ def _cosine(dot: Tensor, sq_a: Tensor, sq_b: Tensor) -> Tensor:
     ``0 * inf = NaN``."""
     # (float32's epsilon at most: bfloat16's would make the threshold 61% of the total, and no group passes)
     tiny = (NO_DIRECTION_EPS * torch.finfo(torch.promote_types(sq_a.dtype, torch.float32)).eps) ** 2
-    ok = (sq_a > tiny * sq_a.sum().detach()) & (sq_b > tiny * sq_b.sum().detach()) & ((sq_a * sq_b) > 0)
+    ok = (sq_a > tiny * sq_a.sum().detach()) & (sq_b > tiny * sq_b.sum().detach())  # (both > 0: exact zeros too)
     denom = torch.where(ok, sq_a, 1.0).sqrt() * torch.where(ok, sq_b, 1.0).sqrt()
     return torch.where(ok, dot / denom, 0.0)
 

@@ -21,7 +21,7 @@ from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
-from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update
+from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update, project_weighting
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.weighting import FORMS
 
@@ -734,7 +734,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self.state[p].pop("step", None)
         self.modulator.load_state_dict(extra["modulator"])
         self.weighting.load_state_dict(extra["weighting"])
-        getattr(self.weighting, "project_", lambda: None)()  # (a checkpoint of a version that let s leave its bounds)
+        project_weighting(self)  # (a checkpoint of a version that let s leave its bounds)
         self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
         self._adopt_loaded_settings(extra.get("config"))
         self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}
