@@ -241,38 +241,32 @@ def _ray_start(port: int, auth: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180, env=env)
 
 
-def _ablate_run(spec: Path, out: Path, address: str, **env: str) -> subprocess.CompletedProcess:
-    """``ablate run SPEC --address ADDRESS`` in a fresh driver process, as a user runs it (Ray's
-    driver state - the node IP it found - does not carry over from the in-process clusters of
-    the other tests)."""
-    return subprocess.run([sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out),
-                           "--address", address], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str) -> tuple[int, subprocess.CompletedProcess]:
+    """A ``ray start`` head with ``RAY_AUTH_MODE=head_auth`` (:func:`_ray_start`), then ``ablate run
+    SPEC --address`` to it with the auth mode disabled, in a fresh driver process, as a user runs it
+    (Ray's driver state - the node IP it found - does not carry over from the in-process clusters
+    of the other tests), then ``ray stop``: (the head's port, the run)."""
+    port = _free_port()
+    started = _ray_start(port, head_auth)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        return port, subprocess.run(
+            [sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out), "--address", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"})
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def test_joining_a_cluster_with_token_authentication_without_its_token_is_one_clear_error(tmp_path):
-    port = _free_port()
-    started = _ray_start(port, "token")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        done = _ablate_run(_study(tmp_path, "noauth", seeds=1), tmp_path / "results", f"127.0.0.1:{port}",
-                           RAY_AUTH_MODE="disabled")
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    port, done = _run_on_a_ray_head(_study(tmp_path, "noauth", seeds=1), tmp_path / "results", "token")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert (f"ablate: error: --address 127.0.0.1:{port}: the Ray cluster refused this machine's authentication"
             in done.stderr and "RAY_AUTH_MODE=token" in done.stderr), done.stderr[-2000:]
 
 
 def test_sweep_joins_a_ray_head_started_with_ray_start(tmp_path):
-    port = _free_port()
-    started = _ray_start(port, "disabled")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        done = _ablate_run(_study(tmp_path, "joined", seeds=1), tmp_path / "results", f"127.0.0.1:{port}",
-                           RAY_AUTH_MODE="disabled")  # (as the head: see _ray_start)
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+    _, done = _run_on_a_ray_head(_study(tmp_path, "joined", seeds=1), tmp_path / "results", "disabled")  # (as the driver)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     trials = load_results(tmp_path / "results" / "joined").trials
     assert len(trials) == 3 and set(trials["status"]) == {"ok"}
