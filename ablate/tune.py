@@ -34,9 +34,11 @@ Search machinery
     * its ``save()`` pickles the whole study (storage included) into Ray's experiment
       checkpoint; here the stored study *is* the state, so nothing else is saved.
 
-    It also records per-seed values and how the trial ended as Optuna user attributes, fails
-    (rather than leaves ``RUNNING`` forever) the trials of an interrupted run, and skips
-    non-finite intermediate values. Samplers are seeded *per trial* from ``(sampler_seed, trial
+    It also records per-seed values, which process asked for a trial (``driver``) and how the
+    trial ended as Optuna user attributes, fails (rather than leaves ``RUNNING`` forever) the
+    trials of an interrupted run - and, at the next run on the same machine, those of a killed one
+    (:func:`fail_orphans`) - and skips non-finite intermediate values; a suggestion with a
+    diverged member is ``FAIL``, also when the scheduler stopped it. Samplers are seeded *per trial* from ``(sampler_seed, trial
     number)`` (:class:`PerTrialSeededSampler`), so a search is reproducible, an extension does not
     replay the random start-up points of the first run, and two processes extending one study at
     once do not propose the same points.
@@ -67,6 +69,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import time
@@ -411,6 +414,12 @@ def _check_against_study(s: TuneSettings, study: Study, source: str) -> None:
                 f"(warmup_epochs={warmup}) without meta-updates, so no suggestion can change anything; "
                 f"give it more epochs or fewer warm-up epochs"
             )
+        searched = s.params.get("warmup_epochs")
+        if searched is not None and searched.high >= min(t.config["epochs"] for t in trials):
+            raise _err(source, "params.warmup_epochs",
+                       f"reaches {searched.high:g}, but task {task!r} trains "
+                       f"{min(t.config['epochs'] for t in trials)} epoch(s): suggestions that far up would have no "
+                       f"meta-update at all; keep high below the epochs")
         grace = s.scheduler and s.scheduler["grace_period"]
         if grace and grace > epochs:
             raise _err(source, "scheduler.grace_period",
@@ -638,6 +647,54 @@ def dashboard_command(location: str) -> str:
     return f"optuna-dashboard {location}"
 
 
+#: this process, as recorded on the trials it asks for (``host:pid``)
+DRIVER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def fail_orphans(study) -> tuple[int, int]:
+    """Tell FAIL for the study's RUNNING trials whose ``ablate tune`` process, on this machine, is
+    gone (killed with SIGKILL, out of memory, a crash): a journal storage has no heartbeat that
+    would. RUNNING trials of live processes, or of other machines, are left alone (another
+    process may be extending the study). Returns (failed, running elsewhere or unknown)."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    failed = unknown = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        driver = str(t.user_attrs.get("driver", ""))
+        name, _, pid = driver.rpartition(":")
+        if name != host or not pid.isdigit() or _process_alive(int(pid)) and int(pid) != os.getpid():
+            unknown += 1
+            continue
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: its process {driver} ended "
+                                               f"without recording it")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            failed += 1
+        except Exception:  # noqa: BLE001 - e.g. finished meanwhile by its process
+            unknown += 1
+    return failed, unknown
+
+
+def _no_value_reason(result: dict) -> str:
+    """How a suggestion whose objective is not finite ended, for its ``ended`` attribute."""
+    stops = json.loads(result.get("member_stops", "[]"))
+    diverged = sum(stop == "diverged" for stop in stops)
+    if diverged:
+        return f"no finite value: {diverged} of {len(stops)} member(s) diverged (epoch {result.get('epoch')})"
+    return f"no finite value (epoch {result.get('epoch')})"
+
+
 @functools.cache
 def _searcher_class():
     """:class:`StoredStudySearch` (built on first use: importing Ray is slow)."""
@@ -650,6 +707,16 @@ def _searcher_class():
             super().__init__(*args, **kwargs)
             self.told: dict[str, tuple[int, str, float | None]] = {}  # ray trial id -> (number, state, value)
             self._reported: dict[str, set[int]] = {}  # ray trial id -> epochs recorded as intermediate values
+
+        def suggest(self, trial_id: str):
+            new = trial_id not in self._ot_trials
+            params = super().suggest(trial_id)
+            if new and trial_id in self._ot_trials:  # which process runs it: see fail_orphans()
+                try:
+                    self._ot_trials[trial_id].set_user_attr("driver", DRIVER)
+                except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search
+                    pass
+            return params
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if trial_id in self._ot_trials and trial_id not in self._completed_trials:
@@ -678,10 +745,14 @@ def _searcher_class():
             value = result.get(self.metric)
             if error:
                 state, values, ended = TrialState.FAIL, None, "error"
-            elif result.get(FINAL) and result.get("objective_is_finite", True) and value is not None:
+            elif result and not result.get("objective_is_finite", True):
+                # a member diverged (its value is NaN for good) or none has a value: FAIL, also when the
+                # scheduler stopped it early (PRUNED would keep the value from before the divergence)
+                state, values, ended = TrialState.FAIL, None, _no_value_reason(result)
+            elif result.get(FINAL) and value is not None:
                 state, values, ended = TrialState.COMPLETE, float(value), "complete"
             elif result.get(FINAL):
-                state, values, ended = TrialState.FAIL, None, "no finite value (diverged)"
+                state, values, ended = TrialState.FAIL, None, "no value"
             elif result:
                 state, values, ended = TrialState.PRUNED, None, f"stopped by the scheduler after epoch {result.get('epoch')}"
             else:
@@ -691,7 +762,6 @@ def _searcher_class():
                     self._report(trial_id, result)
                 ot_trial.set_user_attr("ended", ended)
                 ot_trial.set_user_attr("ray_trial_id", trial_id)
-                ot_trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")  # which `ablate tune` ran it
                 if result:
                     ot_trial.set_user_attr("epochs", int(result.get("epoch", 0)))
                     ot_trial.set_user_attr("member_values", json.loads(result.get("member_values", "[]")))
@@ -749,6 +819,8 @@ class TargetOutcome:
     best_value: float | None
     best_params: dict[str, Any] | None
     baseline_value: float | None
+    #: cross-task with per-task baselines that differ: (tasks, state, value) of each one applied to every task
+    starting_points: list[tuple[list[str], str, float | None]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -790,27 +862,68 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
     return "unknown"
 
 
-def open_target_study(target: Target, spec: TuneSpec, storage, sampler=None):
-    """Create or load the target's study; refuse one whose direction or objective differs."""
+def _load_stored(target: Target, storage):
+    """The target's stored study, or None when the storage holds none (nothing is created)."""
+    try:
+        return optuna.load_study(study_name=target.study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
+    """Refuse a stored study whose direction, objective or parameter distributions differ from
+    this spec's. Returns whether the study's objective record must be (re)written: it has none,
+    or it differs but the study holds no trial yet (a start that failed before any suggestion
+    ran pins nothing)."""
     record = _objective_record(target, spec)
-    study = optuna.create_study(study_name=target.study_name, storage=storage, direction=target.direction,
-                                sampler=sampler, load_if_exists=True)
     stored_direction = study.direction.name.lower()
     if stored_direction != target.direction:
         raise StudyError(
             f"{spec.source}: the stored study {target.study_name!r} is to {stored_direction} but this spec's objective "
             f"is to {target.direction}; use another name: or tune.storage"
         )
+    trials = study.get_trials(deepcopy=False)
     stored = study.user_attrs.get("ablate_objective")
-    if stored is None:
-        study.set_user_attr("ablate_objective", record)
-        study.set_user_attr("description", target.description)
-    elif json.loads(json.dumps(stored)) != json.loads(json.dumps(record)):
+    if stored is None or not trials:
+        return stored is None or json.loads(json.dumps(stored)) != json.loads(json.dumps(record))
+    if json.loads(json.dumps(stored)) != json.loads(json.dumps(record)):
         raise StudyError(
             f"{spec.source}: the stored study {target.study_name!r} scored suggestions differently, so its values cannot "
             f"be mixed with this spec's ({_describe_difference(stored, record)}). Restore those settings, or start a "
             f"new study: change name: or tune.storage (or --study-storage)"
         )
+    space = {name: r.distribution() for name, r in spec.settings.space().items()}
+    for t in trials:  # Optuna refuses a parameter whose kind or log scale changed, mid-run
+        for name, dist in t.distributions.items():
+            if name in space:
+                try:
+                    optuna.distributions.check_distribution_compatibility(dist, space[name])
+                except ValueError:
+                    was = "log" if getattr(dist, "log", False) else "linear"
+                    raise StudyError(
+                        f"{spec.source}: tune: {name} is searched on a {'log' if getattr(space[name], 'log', False) else 'linear'} "
+                        f"scale ({type(space[name]).__name__}), but the stored study {target.study_name!r} searched it on a "
+                        f"{was} scale ({type(dist).__name__}, trial #{t.number}), which Optuna cannot mix in one study; "
+                        f"restore the {was} scale (its range may change), or start a new study: change name: or "
+                        f"tune.storage (or --study-storage)"
+                    ) from None
+    return False
+
+
+def check_target_study(target: Target, spec: TuneSpec, storage) -> None:
+    """Refuse, before anything runs, a stored study that this spec cannot extend (creates nothing)."""
+    study = _load_stored(target, storage)
+    if study is not None:
+        _check_stored(study, target, spec)
+
+
+def open_target_study(target: Target, spec: TuneSpec, storage, sampler=None):
+    """Create or load the target's study; refuse one whose direction or objective differs."""
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction=target.direction,
+                                sampler=sampler, load_if_exists=True)
+    if _check_stored(study, target, spec):
+        study.set_user_attr("ablate_objective", _objective_record(target, spec))
+        study.set_user_attr("description", target.description)
     return study
 
 
@@ -848,6 +961,10 @@ class AdamWReferenceError(RuntimeError):
     """The AdamW reference of the cross-task objective could not be computed."""
 
 
+class ReferenceInterrupted(RuntimeError):
+    """The AdamW reference run was interrupted (Ctrl-C): no suggestion ran."""
+
+
 def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_storage: str | None) -> dict[str, float]:
     """Run (or reuse) the AdamW arm's trials once; ``"task/seed"`` -> AdamW's best value."""
     from ablate.results import load_results
@@ -857,7 +974,10 @@ def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_
     ref_study = dataclasses.replace(spec.study, name="adamw_reference", trials=adamw, arm_axes={"adamw": ""})
     print(f"cross-task: AdamW reference ({len(adamw)} trials, run once and cached in {out_dir / 'adamw_reference'})",
           flush=True)
-    run_study(ref_study, out_dir, address=address, storage=ray_storage, max_concurrent=spec.settings.max_concurrent)
+    outcome = run_study(ref_study, out_dir, address=address, storage=ray_storage,
+                        max_concurrent=spec.settings.max_concurrent)
+    if outcome.unfinished:  # Ctrl-C: Ray Tune returned early (finished reference trials are stored and reused)
+        raise ReferenceInterrupted(f"{outcome.unfinished} of the AdamW reference's trials did not finish")
     trials = load_results(out_dir / "adamw_reference").trials
     refs, missing = {}, []
     for t in adamw:
@@ -873,20 +993,46 @@ def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_
     return refs
 
 
+def _baseline_evaluated(study) -> bool:
+    """Whether the study holds its baseline suggestion(s) evaluated, queued or running: a baseline
+    whose run was interrupted or crashed (FAIL other than by divergence) is enqueued again."""
+    for t in study.get_trials(deepcopy=False):
+        if "baseline_of" not in t.user_attrs and not t.user_attrs.get("baseline"):
+            continue
+        if t.state.name in ("COMPLETE", "PRUNED", "WAITING", "RUNNING"):
+            return True
+        if t.state.name == "FAIL" and str(t.user_attrs.get("ended", "")).startswith("no finite value"):
+            return True  # it diverged: another run would too
+    return False
+
+
 def _enqueue_baseline(study, target: Target, spec: TuneSpec) -> None:
+    """Queue the baseline's own values as the first suggestion(s). In cross-task mode, tasks whose
+    baselines differ each give a starting point (their values applied to every task), none of which
+    is the baseline itself: only one shared by every task is flagged ``baseline``."""
     space = spec.settings.space()
-    seen = []
+    vectors: list[tuple[dict[str, Any], list[str]]] = []
     for m in target.members:
         params = params_from_config(m["config"], space)
-        if params in seen:
-            continue
-        seen.append(params)
+        for seen, tasks in vectors:
+            if seen == params:
+                if m["task"] not in tasks:
+                    tasks.append(m["task"])
+                break
+        else:
+            vectors.append((params, [m["task"]]))
+    if len(vectors) > 1:
+        listed = "; ".join(f"{', '.join(tasks)}: {_format_params(p)}" for p, tasks in vectors)
+        print(f"[{target.key}] the tasks' baselines differ ({listed}): each is evaluated first, applied to every "
+              f"task, as a starting point", flush=True)
+    for params, tasks in vectors:
         outside = sorted(k for k, v in params.items() if not space[k].contains(v))
         if outside:  # a partial enqueue would be scored as "the baseline's own values" without being them
-            print(f"[{target.key}] the baseline's values are not all in the search space ({', '.join(outside)} "
+            whose = f" of {', '.join(tasks)}" if len(vectors) > 1 else ""
+            print(f"[{target.key}] the baseline's values{whose} are not all in the search space ({', '.join(outside)} "
                   f"outside its range): not evaluated as a first suggestion", flush=True)
             continue
-        study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=True)
+        study.enqueue_trial(params, user_attrs={"baseline": len(vectors) == 1, "baseline_of": tasks})
 
 
 def _format_params(params: Mapping[str, Any] | None) -> str:
@@ -916,7 +1062,7 @@ def _progress_callback(target: Target, searcher, study, planned: int):
         line about the running ones at most every HEARTBEAT_S seconds."""
 
         def __init__(self) -> None:
-            self.done = 0
+            self.done = self.errors = 0
             self.start = self.last_beat = time.monotonic()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -936,6 +1082,7 @@ def _progress_callback(target: Target, searcher, study, planned: int):
             self._line(trials, trial, "")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self.errors += 1
             error = _trial_error(trial).strip().splitlines()
             self._line(trials, trial, f" ({error[-1] if error else 'error'})")
 
@@ -978,6 +1125,13 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
     space = s.space()
     sampler = make_sampler(s.sampler, s.sampler_seed)
     study = open_target_study(target, spec, storage, sampler)
+    orphans, elsewhere = fail_orphans(study)
+    if orphans:
+        print(f"[{target.key}] {orphans} suggestion(s) left RUNNING by an `ablate tune` process of this machine that "
+              f"ended without recording them (killed?) marked FAIL in the stored study", flush=True)
+    if elsewhere:
+        print(f"[{target.key}] {elsewhere} suggestion(s) RUNNING in another process (or machine) are left as they are",
+              flush=True)
     before = len(study.trials)
     sched = s.scheduler and {**s.scheduler, "grace_period": s.scheduler["grace_period"] or grace_default(target, s)}
     print(f"[{target.key}] study {target.study_name!r}: {before} stored trial(s); {trials} more suggestion(s) "
@@ -986,7 +1140,7 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
           f"{target.direction} {target.description}", flush=True)
     if trials == 0:
         return 0, 0
-    if s.enqueue_baseline and not before:
+    if s.enqueue_baseline and not _baseline_evaluated(study):
         _enqueue_baseline(study, target, spec)
     searcher = _searcher_class()({name: r.distribution() for name, r in space.items()}, metric=OBJECTIVE,
                                  mode="min" if target.direction == "minimize" else "max", sampler=sampler,
@@ -1022,6 +1176,12 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         interrupted = searcher.fail_unfinished()
         if interrupted:
             print(f"[{target.key}] {interrupted} unfinished suggestion(s) marked FAIL in the stored study", flush=True)
+    if not interrupted and not progress.errors and ray_storage is None:
+        # every suggestion is in the stored study: Ray's experiment directories of this target (this run's and
+        # those of interrupted ones) hold nothing more; a run with errors keeps them for the tracebacks
+        for run_dir in (out_dir / "ray").glob(f"{target.key}-*"):
+            if run_dir.is_dir():
+                shutil.rmtree(run_dir, ignore_errors=True)
     return progress.done, interrupted
 
 
@@ -1054,7 +1214,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                                  f"{', '.join(map(repr, missing))} has none in {location}; run with --trials N to "
                                  f"start it")
         for target in targets:  # a stored study that scores differently is refused before anything runs
-            open_target_study(target, spec, storage)
+            check_target_study(target, spec, storage)
         started = False
         try:
             if spec.settings.trials > 0:
@@ -1088,8 +1248,12 @@ def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     best = _best(study)
     base = [t for t in trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"]
+    starts = {}
+    for t in trials:  # the latest evaluation of each starting point
+        if "baseline_of" in t.user_attrs and not t.user_attrs.get("baseline"):
+            starts[tuple(t.user_attrs["baseline_of"])] = (list(t.user_attrs["baseline_of"]), t.state.name, t.value)
     return TargetOutcome(target, ran, counts, best.number if best else None, best.value if best else None,
-                         dict(best.params) if best else None, base[0].value if base else None)
+                         dict(best.params) if best else None, base[0].value if base else None, list(starts.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1195,6 +1359,9 @@ def format_summary(outcome: TuneOutcome) -> str:
         lines.append(f"  best: {o.best_value:.6g} (trial #{o.best_number})  {_format_params(o.best_params)}")
         if o.baseline_value is not None:
             lines.append(f"  the baseline's own values scored {o.baseline_value:.6g}")
+        for tasks, state, value in o.starting_points:
+            scored = f"scored {value:.6g}" if state == "COMPLETE" else state.lower()
+            lines.append(f"  starting point: the baseline values of {', '.join(tasks)}, applied to every task, {scored}")
     files = outcome.files
     lines.append("")
     if "best" in files:
@@ -1214,11 +1381,23 @@ def tune_command(args) -> int:
     except AdamWReferenceError as exc:
         print(f"ablate: error: {exc}", flush=True)
         return 1
+    except ReferenceInterrupted as exc:
+        from ablate.sweep import resume_command
+
+        print(f"interrupted during the cross-task AdamW reference ({exc}); no suggestion ran. Continue (the "
+              f"finished reference trials are kept and reused) with:\n  {resume_command(args)}", flush=True)
+        return 130
     print(format_summary(outcome), flush=True)
     if outcome.interrupted:
         from ablate.sweep import resume_command
 
-        print(f"interrupted during {outcome.interrupted[0]}; the searches of the targets after it did not start. "
-              f"Extend the stored studies (finished suggestions are kept) with:\n  {resume_command(args)}", flush=True)
+        key = outcome.interrupted[0]
+        keys = [o.target.key for o in outcome.targets]
+        ran = {o.target.key: o.ran for o in outcome.targets}
+        after = keys[keys.index(key) + 1:]
+        print(f"interrupted during {key} after {ran[key]} of {spec.settings.trials} suggestion(s) (finished ones are "
+              f"kept in its stored study){'; the searches of ' + ', '.join(after) + ' did not start' if after else ''}. "
+              f"The same command continues, adding --trials suggestions to every target ({key} included):\n"
+              f"  {resume_command(args)}", flush=True)
         return 130
     return 0

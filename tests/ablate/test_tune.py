@@ -414,21 +414,28 @@ def test_the_searcher_tells_pruned_failed_and_complete_trials_apart():
     storage = optuna.storages.InMemoryStorage()
     space = {p: optuna.distributions.FloatDistribution(0.1, 10.0, log=True) for p in PRIORITY_PARAMS}
     searcher = _searcher_class()(space, metric=OBJECTIVE, mode="min", study_name="s", storage=storage)
-    for trial_id in ("done", "stopped", "crashed", "diverged", "interrupted"):
+    for trial_id in ("done", "stopped", "crashed", "diverged", "interrupted", "stopped after diverging"):
         assert set(searcher.suggest(trial_id)) == set(PRIORITY_PARAMS)
-    for trial_id in ("done", "stopped", "diverged"):
+    for trial_id in ("done", "stopped", "diverged", "stopped after diverging"):
         searcher.on_trial_result(trial_id, {OBJECTIVE: 2.0, "training_iteration": 1, "final": False})
     searcher.on_trial_complete("done", {OBJECTIVE: 1.5, "training_iteration": 2, "final": True, "epoch": 2,
                                         "member_values": "[1.0, 2.0]"})
     searcher.on_trial_complete("stopped", {OBJECTIVE: 2.0, "training_iteration": 1, "final": False, "epoch": 1})
     searcher.on_trial_complete("crashed", error=True)
     searcher.on_trial_complete("diverged", {OBJECTIVE: math.inf, "objective_is_finite": False, "final": True})
+    # ASHA stops a suggestion whose member diverged (its objective reads inf): FAIL, not PRUNED with the
+    # intermediate value from before the divergence
+    searcher.on_trial_complete("stopped after diverging", {
+        OBJECTIVE: math.inf, "objective_is_finite": False, "final": False, "training_iteration": 2, "epoch": 2,
+        "member_stops": '["", "diverged"]'})
     assert searcher.fail_unfinished() == 1
     study = optuna.load_study(study_name="s", storage=storage)
     states = {t.user_attrs["ray_trial_id"] if "ray_trial_id" in t.user_attrs else "interrupted": (t.state.name, t.value)
               for t in study.trials}
     assert states == {"done": ("COMPLETE", 1.5), "stopped": ("PRUNED", 2.0), "crashed": ("FAIL", None),
-                      "diverged": ("FAIL", None), "interrupted": ("FAIL", None)}
+                      "diverged": ("FAIL", None), "interrupted": ("FAIL", None), "stopped after diverging": ("FAIL", None)}
+    ended = {t.user_attrs.get("ray_trial_id"): t.user_attrs["ended"] for t in study.trials}
+    assert ended["stopped after diverging"] == "no finite value: 1 of 2 member(s) diverged (epoch 2)"
 
 
 # -- (6) validation ------------------------------------------------------------------------------
@@ -619,3 +626,219 @@ def test_trials_0_without_a_stored_study_creates_nothing(tmp_path):
         run_tune(spec, tmp_path / "out")
     location = storage_location(spec, tmp_path / "out", None)
     assert optuna.get_all_study_names(open_storage(location)) == []
+
+
+# -- (7) interrupted, killed and failed runs leave a study that the next run continues correctly -----
+
+
+def _tiny_spec(tmp_path: Path, name: str = "t1", epochs: int = 3, tasks: str = "[etth1]", extra: str = "") -> Path:
+    return _write(tmp_path, f"{name}.yaml", f"""\
+        name: {name}
+        tasks: {tasks}
+        seeds: 1
+        budget: {{epochs: {epochs}}}
+        adamw: {'true' if 'cross_task' in extra else 'false'}
+        tune:
+          trials: 1
+          priorities: {{low: 0.5, high: 10.0, log: true}}
+        """ + textwrap.indent(extra, "  "))
+
+
+def test_a_start_that_fails_before_any_suggestion_pins_nothing(tmp_path):
+    # every stored study used to be created and pinned to the spec before the resource check, so a
+    # start refused for its resources locked the (empty) study to that spec
+    import optuna
+
+    from ablate.tune import open_target_study
+
+    path = _tiny_spec(tmp_path)
+    path.write_text(path.read_text().replace("adamw: false", "adamw: false\nresources: {cpus: 4096}"))
+    from ablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match="resources.cpus=4096"):
+        run_tune(load_tune_spec(path), tmp_path / "out")
+    storage = open_storage(storage_location(load_tune_spec(path), tmp_path / "out", None))
+    assert optuna.get_all_study_names(storage) == []
+    # a study pinned by an older version, still without trials, takes the new spec; one with trials does not
+    spec3, spec4 = (load_tune_spec(_tiny_spec(tmp_path / f"e{e}", epochs=e)) for e in (3, 4))
+    target3, target4 = build_targets(spec3)[0], build_targets(spec4)[0]
+    open_target_study(target3, spec3, storage)
+    study = open_target_study(target4, spec4, storage)
+    assert study.user_attrs["ablate_objective"]["members"][0]["config"]["epochs"] == 4
+    study.add_trial(optuna.trial.create_trial(
+        params={p: 1.0 for p in PRIORITY_PARAMS}, value=0.5,
+        distributions={p: spec4.settings.priorities.distribution() for p in PRIORITY_PARAMS}))
+    with pytest.raises(StudyError, match=r"scored suggestions differently.*epochs \(stored 4, now 3\)"):
+        open_target_study(target3, spec3, storage)
+
+
+def test_a_range_whose_log_scale_changed_is_refused_before_anything_runs(tmp_path):
+    # Optuna refuses to mix log and linear scales of one parameter: it crashed mid-run, after Ray
+    # had started, and left a trial RUNNING in the study for good
+    import optuna
+
+    from ablate.tune import check_target_study, open_target_study
+
+    spec = load_tune_spec(_tiny_spec(tmp_path))
+    storage = open_storage(storage_location(spec, tmp_path / "out", None))
+    study = open_target_study(build_targets(spec)[0], spec, storage)
+    study.add_trial(optuna.trial.create_trial(
+        params={p: 2.0 for p in PRIORITY_PARAMS}, value=0.5,
+        distributions={p: spec.settings.priorities.distribution() for p in PRIORITY_PARAMS}))
+    linear_path = _tiny_spec(tmp_path / "lin")
+    linear_path.write_text(linear_path.read_text().replace("log: true", "log: false"))
+    linear = load_tune_spec(linear_path)
+    with pytest.raises(StudyError, match=r"p_\w+ is searched on a linear scale.*searched it on a log scale.*trial #0"):
+        check_target_study(build_targets(linear)[0], linear, storage)
+    narrower_path = _tiny_spec(tmp_path / "narrow")
+    narrower_path.write_text(narrower_path.read_text().replace("high: 10.0", "high: 4.0"))
+    narrower = load_tune_spec(narrower_path)  # a new range on the same scale is fine
+    check_target_study(build_targets(narrower)[0], narrower, storage)
+
+
+def test_suggestions_left_running_by_a_killed_process_of_this_machine_are_failed(tmp_path):
+    # a journal storage has no heartbeat: after kill -9 the trials stayed RUNNING forever
+    import socket
+
+    import optuna
+
+    from ablate.tune import fail_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "j.journal")), study_name="s")
+    drivers = {"dead": f"{socket.gethostname()}:{dead.pid}", "alive": f"{socket.gethostname()}:{os.getppid()}",
+               "elsewhere": "another-host:1", "unknown": None}
+    for label, driver in drivers.items():
+        trial = study.ask()
+        trial.set_user_attr("label", label)
+        if driver:
+            trial.set_user_attr("driver", driver)
+    assert fail_orphans(study) == (1, 3)
+    states = {t.user_attrs["label"]: (t.state.name, t.user_attrs.get("ended", "")) for t in study.get_trials()}
+    assert states["dead"][0] == "FAIL" and f"its process {drivers['dead']} ended" in states["dead"][1]
+    assert all(states[k] == ("RUNNING", "") for k in ("alive", "elsewhere", "unknown"))
+
+
+def test_the_searcher_records_which_process_asked_for_each_suggestion():
+    import optuna
+
+    from ablate.tune import DRIVER, OBJECTIVE, _searcher_class
+
+    storage = optuna.storages.InMemoryStorage()
+    space = {p: optuna.distributions.FloatDistribution(0.1, 10.0, log=True) for p in PRIORITY_PARAMS}
+    searcher = _searcher_class()(space, metric=OBJECTIVE, mode="min", study_name="s", storage=storage)
+    searcher.suggest("a")
+    running = optuna.load_study(study_name="s", storage=storage).trials[0]
+    assert running.state.name == "RUNNING" and running.user_attrs["driver"] == DRIVER == f"{os.uname().nodename}:{os.getpid()}"
+
+
+@pytest.mark.parametrize("state, ended, evaluated", [
+    ("COMPLETE", "complete", True), ("PRUNED", "stopped by the scheduler after epoch 2", True),
+    ("WAITING", None, True), ("FAIL", "no finite value: 1 of 2 member(s) diverged (epoch 2)", True),
+    ("FAIL", "error", False), ("FAIL", "interrupted", False), (None, None, False),
+])
+def test_a_baseline_that_was_interrupted_or_crashed_is_evaluated_again(state, ended, evaluated):
+    # it was enqueued only into an empty study: a Ctrl-C during the baseline (stored as FAIL) meant the
+    # baseline was never evaluated, against the promise that the best found is never worse than it
+    import optuna
+
+    from ablate.tune import _baseline_evaluated
+
+    study = optuna.create_study()
+    study.enqueue_trial({"p_gradient": 2.0}, user_attrs={"baseline": False, "baseline_of": ["imdb"]})  # (cross-task)
+    study.add_trial(optuna.trial.create_trial(params={"p_gradient": 3.0}, value=1.0, distributions={
+        "p_gradient": optuna.distributions.FloatDistribution(0.1, 10.0)}))  # an ordinary suggestion
+    if state is None:
+        study = optuna.create_study()
+    elif state != "WAITING":
+        trial = study.ask()  # the enqueued baseline
+        if ended:
+            trial.set_user_attr("ended", ended)
+        study.tell(trial, 1.0 if state == "COMPLETE" else None, state=getattr(optuna.trial.TrialState, state))
+    assert _baseline_evaluated(study) is evaluated
+
+
+def test_the_baseline_is_evaluated_by_the_run_after_one_that_lost_it(tmp_path, ray_address, capsys):
+    import optuna
+
+    from ablate.tune import open_target_study
+
+    spec_path = _synth_spec(tmp_path, "lost", """\
+        trials: 1
+        sampler: random
+        priorities: {low: 0.5, high: 10.0, log: true}
+        scheduler: none
+        max_concurrent: 1
+        """)
+    spec = load_tune_spec(spec_path)
+    out = tmp_path / "results"
+    storage = open_storage(storage_location(spec, out, None))
+    study = open_target_study(build_targets(spec)[0], spec, storage)
+    study.enqueue_trial({p: 1.0 for p in PRIORITY_PARAMS}, user_attrs={"baseline": True, "baseline_of": ["tune_synth"]})
+    lost = study.ask({p: spec.settings.priorities.distribution() for p in PRIORITY_PARAMS})
+    lost.set_user_attr("ended", "error")  # Ctrl-C killed its worker
+    study.tell(lost, None, state=optuna.trial.TrialState.FAIL)
+    outcome = run_tune(spec, out)
+    trials = _load(outcome.storage, "lost/tune_synth").trials
+    assert len(trials) == 2 and trials[1].state.name == "COMPLETE"
+    assert [trials[1].params[p] for p in PRIORITY_PARAMS] == [1.0, 1.0, 1.0] and trials[1].user_attrs["baseline"]
+    synth = sys.modules["tune_synth"]
+    assert outcome.targets[0].baseline_value == pytest.approx((synth.objective([1, 1, 1], 0) + synth.objective([1, 1, 1], 1)) / 2)
+    assert not list((out / "lost" / "tune" / "ray").glob("tune_synth-*")), "Ray's copies of a recorded run are deleted"
+
+
+def test_cross_task_baselines_that_differ_are_starting_points_not_the_baseline(tmp_path, capsys):
+    import optuna
+
+    from ablate.tune import _enqueue_baseline, _target_outcome, format_summary, TuneOutcome
+
+    spec = load_tune_spec(_tiny_spec(tmp_path, tasks="[etth1, imdb]", extra="cross_task: true\n"))
+    target = build_targets(spec, {"etth1/0": 1.0, "imdb/0": 1.0})[0]
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="maximize")
+    _enqueue_baseline(study, target, spec)
+    assert "the tasks' baselines differ (etth1: priorities=[1, 1, 1]; imdb: priorities=[1, 3, 5])" in capsys.readouterr().out
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(w.user_attrs["baseline"], w.user_attrs["baseline_of"], [w.system_attrs["fixed_params"][p] for p in PRIORITY_PARAMS])
+            for w in waiting] == [(False, ["etth1"], [1.0, 1.0, 1.0]), (False, ["imdb"], [1.0, 3.0, 5.0])]
+    for value in (0.02, -0.01):
+        study.tell(study.ask(), value)
+    outcome = _target_outcome(target, storage, 2)
+    assert outcome.baseline_value is None
+    text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"}))
+    assert "baseline's own values" not in text
+    assert "starting point: the baseline values of etth1, applied to every task, scored 0.02" in text
+    assert "starting point: the baseline values of imdb, applied to every task, scored -0.01" in text
+
+
+def test_searching_warmup_epochs_up_to_the_epochs_is_refused():
+    with pytest.raises(StudyError, match=r"tune.params.warmup_epochs: reaches 3, but task 'etth1' trains 3 epoch"):
+        parse_tune_spec({**BASE, "budget": {"epochs": 3}, "tune": {"params": {"warmup_epochs": {"low": 0, "high": 3}}}},
+                        "s.yaml")
+    spec = parse_tune_spec({**BASE, "budget": {"epochs": 3}, "tune": {"params": {"warmup_epochs": {"low": 0, "high": 2}}}},
+                           "s.yaml")
+    assert spec.settings.params["warmup_epochs"].high == 2
+
+
+def test_ctrl_c_during_the_cross_task_adamw_reference_exits_130_with_the_continue_command(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import ablate.sweep
+    import ablate.tune as tune_mod
+    from ablate.sweep import SweepOutcome
+
+    spec_path = _tiny_spec(tmp_path, tasks="[etth1]", extra="cross_task: true\n")
+    monkeypatch.setattr(ablate.sweep, "run_study", lambda study, out, **kw: SweepOutcome(out, 0, 0, 0, None, unfinished=1))
+    with pytest.raises(tune_mod.ReferenceInterrupted, match="1 of the AdamW reference's trials did not finish"):
+        adamw_references(load_tune_spec(spec_path), tmp_path / "out", address=None, ray_storage=None)
+
+    def interrupted(*args, **kwargs):
+        raise tune_mod.ReferenceInterrupted("1 of the AdamW reference's trials did not finish")
+
+    monkeypatch.setattr(tune_mod, "run_tune", interrupted)
+    args = argparse.Namespace(command="tune", spec=str(spec_path), out=str(tmp_path / "out"), trials=None, address=None,
+                              storage=None, study_storage=None)
+    assert tune_mod.tune_command(args) == 130
+    printed = capsys.readouterr().out
+    assert "interrupted during the cross-task AdamW reference" in printed and f"ablate tune {spec_path}" in printed
