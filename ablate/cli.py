@@ -60,6 +60,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ablate.tasks import TASKS
 
     _import_cli_plugins(args)
+    if args.task:
+        _print_task_defaults(args.task)
+        return 0
 
     print("tasks:")
     for name, spec in TASKS.items():
@@ -72,6 +75,25 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("\ntrial-config keys (ablate train --set KEY=VALUE, or in study files):")
         print(describe_fields())
     return 0
+
+
+def _print_task_defaults(task: str) -> None:
+    """``ablate list --task TASK``: the task's trial config on the real data (its paper settings,
+    Table 4) and on the embedded data, the values the task sets itself marked."""
+    from ablate.config import COMMON_FIELDS, resolve_config
+    from ablate.tasks import get_task
+
+    spec = get_task(task)
+    real, embedded = (resolve_config({"task": task, "data": data}) for data in ("real", "embedded"))
+    metrics = ", ".join(f"{m.name} ({m.mode})" for m in spec.metrics)
+    print(f"{task}: {spec.description}\nmetrics: {metrics} (the first is the primary one)\n")
+    print("trial config (* = set by the task, not the common default; override in a study file or with --set):")
+    keys = [k for k in real if k not in ("task", "data")]
+    width = max(map(len, keys))
+    print(f"    {'key':<{width}}  {'data: real':<24}  data: embedded")
+    for key in keys:
+        own = key not in COMMON_FIELDS or any(c[key] != COMMON_FIELDS[key].default for c in (real, embedded))
+        print(f"  {'*' if own else ' '} {key:<{width}}  {real[key]!r:<24}  {embedded[key]!r}")
 
 
 #: trial-config keys that ``ablate train`` takes as options of their own, not through --set
@@ -105,6 +127,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"ablate: error: --set {flagged[0]}=... would silently replace {_TRAIN_FLAGS[flagged[0]]}: give "
               f"{_TRAIN_FLAGS[flagged[0]]} instead", file=sys.stderr)
         return 2
+    if args.optimizer == "adamw":  # as a study's adamw: arm refuses them, rather than ignoring them
+        from ablate.config import METAADAMW_KEYS
+
+        unused = sorted(k for k in sets if k in METAADAMW_KEYS)
+        if unused:
+            print(f"ablate: error: --set {', '.join(unused)}: MetaAdamW setting(s), which --optimizer adamw does not "
+                  f"use; drop them, or train with --optimizer metaadamw", file=sys.stderr)
+            return 2
     config.update(sets)
     if args.checkpoint:  # refused now, not after the first epoch's training
         target = Path(args.checkpoint)
@@ -205,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list", help="registered tasks and components")
     s.add_argument("--keys", action="store_true", help="also list every trial-config key")
+    s.add_argument("--task", help="instead: TASK's trial config (its paper settings on real data, and on the "
+                                  "embedded data)")
     s.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import a module that registers components or tasks first (repeatable)")
     s.set_defaults(func=cmd_list)
@@ -237,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=_positive_int, help="at most this many trials at once (>= 1)")
     s.add_argument("--extra-seeds", type=int, help="add N more seeds to the study")
     s.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep each finished trial's checkpoint (model, optimizer, best weights) in OUT/checkpoints/ "
-                        "(default: deleted once its results are stored)")
+                   help="keep each finished trial's checkpoint (model, optimizer, best weights) in "
+                        "OUT/<study name>/checkpoints/ (default: deleted once its results are stored)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities")
@@ -287,6 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from ablate.data import DownloadError
 
+        if isinstance(exc, (NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)) and exc.filename:
+            # a path the user gave (--out on a file, a read-only folder): one line, not a traceback
+            hint = {NotADirectoryError: " (a file is in the way: --out and --storage take folders)",
+                    IsADirectoryError: " (a folder where a file is expected)"}.get(type(exc), "")
+            print(f"ablate: error: {exc.strerror or exc}: {exc.filename}{hint}", file=sys.stderr)
+            return 2
         if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError)):
             print(f"ablate: error: {exc}", file=sys.stderr)
             return 2

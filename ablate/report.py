@@ -156,7 +156,7 @@ def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
         {
             "kind": r["kind"],
             "term": r["term"],
-            "level": r["level"] + (f" (+ {r['confounded']})" if r.get("confounded") else "")
+            "level": r["level"] + (f" ({r['confounded']})" if r.get("confounded") else "")
                      + (" *" if r["significant"] else ""),
             "effect [95% CI]": (fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True) if not r.get("aliased")
                                 else f"aliased with {r['aliased']}" if r["aliased"] != "not estimable"
@@ -510,7 +510,8 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               "initial weights and data order, so differences between seeds are not counted as noise. "
               "In a fractional design an interaction the design confounds with a main effect is not "
               "fitted ('aliased with ...'): the main effects are estimated assuming it is negligible; a fitted "
-              "effect that stands for unfitted ones names them after '+' (its estimate is their sum). "
+              "effect that stands for unfitted ones names them with their signs, e.g. 'grouping=original (- A x B)' "
+              "(its estimate is its own effect plus that signed sum). "
               f"p (Holm) adjusts p over the fitted effects; * marks p (Holm) < {alpha}. "
               f"Observations: {int(effects['n'].iloc[0])}."),
         _table(factorial_display(effects)),

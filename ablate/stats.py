@@ -544,7 +544,7 @@ def factorial_effects(
         columns.append((blocks == block).to_numpy(dtype=float))
         labels.append(("block", block, ""))
     aliased: dict[tuple[str, str], str] = {}
-    confounded: dict[tuple[str, str], list[str]] = {}  # fitted term -> the unfitted ones it stands for
+    confounded: dict[tuple[str, str], list[tuple[float, str]]] = {}  # fitted term -> (coef, unfitted term) it stands for
     rank = np.linalg.matrix_rank(np.column_stack(columns))
     for f, g in itertools.combinations(factors, 2):
         for (i, a), (j, b) in itertools.product(enumerate(coded[f][0][:-1]), enumerate(coded[g][0][:-1])):
@@ -556,8 +556,8 @@ def factorial_effects(
                 rank = grown
             else:
                 aliased[label[1:]], partners = _alias_of(col, np.column_stack(columns), labels)
-                for partner in partners:
-                    confounded.setdefault(partner, []).append(f"{label[1]} ({label[2]})")
+                for term, level, coef in partners:
+                    confounded.setdefault((term, level), []).append((coef, f"{label[1]} ({label[2]})"))
     X, y = np.column_stack(columns), frame["y"].to_numpy(dtype=float)
     beta, cov, dof = _least_squares(X, y)
     row_space = np.linalg.pinv(X) @ X  # c is estimable iff c @ row_space == c
@@ -573,7 +573,9 @@ def factorial_effects(
                 c[idx] = -1.0
             row = _contrast_row("main", f, name, c, beta, cov, dof, confidence)
             row["aliased"] = ""
-            row["confounded"] = ", ".join(confounded.get((f, names[0] if len(names) == 2 else name), []))
+            # a two-level factor's second row is minus its first: what it stands for flips sign too
+            flip = -1.0 if len(names) == 2 and j == 1 else 1.0
+            row["confounded"] = _signed(confounded.get((f, names[0] if len(names) == 2 else name), []), flip)
             if not np.allclose(c @ row_space, c, atol=1e-8):
                 row.update(estimate=np.nan, se=np.nan, lo=np.nan, hi=np.nan, p_value=np.nan, aliased="not estimable")
             rows.append(row)
@@ -588,7 +590,7 @@ def factorial_effects(
                 c = np.zeros(len(beta))
                 c[labels.index(("interaction", *key))] = 1.0
                 rows.append({**_contrast_row("interaction", *key, c, beta, cov, dof, confidence), "aliased": "",
-                             "confounded": ", ".join(confounded.get(key, []))})
+                             "confounded": _signed(confounded.get(key, []))})
             tests.append(("interaction", *key))
     out = pd.DataFrame(rows)
     family = out.assign(test=tests).groupby("test", sort=False)["p_value"].first()
@@ -598,10 +600,19 @@ def factorial_effects(
     return out
 
 
-def _alias_of(col: np.ndarray, X: np.ndarray, labels: list[tuple[str, str, str]]) -> tuple[str, list[tuple[str, str]]]:
+def _signed(terms: list[tuple[float, str]], flip: float = 1.0) -> str:
+    """``[(coef, name), ...]`` as ``"+ name, - 0.5*name"``: what a fitted effect's estimate adds
+    to its own (``flip`` -1 for the second level of a two-level factor, minus the first)."""
+    return ", ".join(f"{'+' if c * flip > 0 else '-'} {'' if np.isclose(abs(c), 1.0) else f'{abs(c):.3g}*'}{name}"
+                     for c, name in terms)
+
+
+def _alias_of(col: np.ndarray, X: np.ndarray,
+              labels: list[tuple[str, str, str]]) -> tuple[str, list[tuple[str, str, float]]]:
     """What a column the design cannot separate from ``X``'s columns is confounded with, e.g.
     ``"-features=basic"`` (its least-squares expression in the effect columns; the intercept and
-    blocks are left out of the name), and the (term, level) of those fitted effects."""
+    blocks are left out of the name), and the (term, level, coefficient) of those fitted effects:
+    a fitted effect's estimate includes the coefficient times the unfitted column's effect."""
     coef, *_ = np.linalg.lstsq(X, col, rcond=None)
     parts, partners = [], []
     for b, (kind, term, level) in zip(coef, labels):
@@ -609,7 +620,7 @@ def _alias_of(col: np.ndarray, X: np.ndarray, labels: list[tuple[str, str, str]]
             name = f"{term}={level}" if kind == "main" else f"{term} ({level})"
             scale = "" if np.isclose(abs(b), 1.0) else f"{abs(b):.3g}*"
             parts.append(f"{'-' if b < 0 else '+'}{scale}{name}")
-            partners.append((term, level))
+            partners.append((term, level, float(b)))
     return " ".join(parts).lstrip("+") or "the blocks", partners
 
 

@@ -354,7 +354,8 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     baseline = given.get("baseline")
     if isinstance(baseline, dict) and "priorities_from" in baseline:
         baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
-        ctx.tuned = _parse_priorities_from(ctx, given["baseline"]["priorities_from"], base_dir, baseline)
+        ctx.tuned = _parse_priorities_from(ctx, given["baseline"]["priorities_from"], base_dir, baseline,
+                                           given.get("overrides"))
     ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
     ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
     arms = _parse_adamw(ctx, given.get("adamw", True)) + [_Arm("baseline", "", {})]
@@ -475,11 +476,13 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
 
 
 def _parse_priorities_from(
-    ctx: _Context, source: Any, base_dir: str | os.PathLike | None, baseline: dict[str, Any]
+    ctx: _Context, source: Any, base_dir: str | os.PathLike | None, baseline: dict[str, Any], overrides: Any = None
 ) -> dict[str, dict[str, Any]]:
     """``baseline: {priorities_from: FILE}``: per-task settings from a YAML file written by ``ablate
     tune`` (``best_priorities.yaml``): ``{task: [p1, p2, p3]}`` or ``{task: {priorities: [...],
-    meta_lr: ...}}``. A relative path is relative to the study file. Returns ``{task: settings}``."""
+    meta_lr: ...}}``. A relative path is relative to the study file. A task the file lacks needs
+    its priorities under ``overrides.<task>`` (which come after the file's settings anyway).
+    Returns ``{task: settings}``."""
     path_s = "baseline.priorities_from"
     if not isinstance(source, str) or not source.strip() or "\0" in source:
         raise ctx.error(
@@ -505,6 +508,8 @@ def _parse_priorities_from(
     for task in ctx.tasks:
         where = f"{path_s} ({path.name}).{task}"
         if task not in data:
+            if isinstance(overrides, dict) and isinstance(overrides.get(task), dict) and "priorities" in overrides[task]:
+                continue
             raise ctx.error(
                 path_s, f"{path} has no entry for task {task!r} (it has: {', '.join(map(str, data)) or 'none'}); "
                 f"tune that task too, or set its priorities under overrides.{task}"

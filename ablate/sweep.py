@@ -9,7 +9,7 @@
 * Identity: a trial's id is derived from its full config. Running a study again - with more
   seeds, tasks or arms - runs only the trials whose results are not on disk yet (Ray's own
   experiment restore cannot extend a sweep). ``--resume`` additionally continues unfinished
-  trials from their last per-epoch checkpoint (``OUT/checkpoints/<trial_id>.pt``).
+  trials from their last per-epoch checkpoint (``OUT/<name>/checkpoints/<trial_id>.pt``).
 * Local by default (Ray started in-process, as many CPUs as the machine has); ``--address``
   joins a running cluster, ``--storage`` puts Ray's experiment (and its checkpoints) on shared
   storage. Plugin modules of the study are shipped to every worker with Ray's runtime
@@ -549,7 +549,7 @@ def run_study(
 ) -> SweepOutcome:
     """Run every trial of ``study`` whose result is not stored yet; return the study's tables.
 
-    A trial's checkpoint (``OUT/checkpoints/<trial_id>.pt``: model, optimizer, best weights) is
+    A trial's checkpoint (``OUT/<name>/checkpoints/<trial_id>.pt``: model, optimizer, best weights) is
     deleted once its results are stored, and Ray's copies of them once every trial is recorded,
     unless ``keep_checkpoints``: on the paper's study they would take tens of GB."""
     from ray import tune
@@ -691,7 +691,10 @@ def run_command(args) -> int:
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints)
     print(summary_table(outcome.results))
+    trials = outcome.results.trials
+    diverged = int((trials["status"] == "diverged").sum()) if "status" in trials else 0
     print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"
+          + (f", {diverged} diverged (no result; in the table's 'not ok')" if diverged else "")
           + (f", {outcome.unfinished} interrupted" if outcome.unfinished else "")
           + f"; results in {outcome.out_dir} "
           f"(load them with ablate.results.load_results, or run `ablate report {outcome.out_dir}`)")

@@ -234,3 +234,14 @@ def test_ablate_train_refuses_a_bad_task_key_with_one_line_and_exit_code_2(capsy
     assert captured.err == (
         "ablate: error: trial config: etth1: n_heads=0 must be an integer >= 1 (attention heads of the Transformer)\n"
     )
+
+
+def test_ablate_train_refuses_metaadamw_settings_for_adamw_as_a_study_does(capsys):
+    from ablate.cli import main
+
+    assert main(["train", "--task", "etth1", "--optimizer", "adamw", "--set", "meta_lr=1e-3", "--set", "gating=true",
+                 "--set", "epochs=1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "ablate: error: --set gating, meta_lr: MetaAdamW setting(s), which --optimizer adamw does not use; drop them, "
+        "or train with --optimizer metaadamw\n")

@@ -143,7 +143,7 @@ def test_a_lost_node_s_trial_resumes_from_its_checkpoint_on_another_node(tmp_pat
 
 
 
-def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop_the_study(tmp_path):
+def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop_the_study(tmp_path, capsys):
     study_dir = tmp_path / "study"
     write(study_dir / "ft_nanval.py", nanval_plugin("ft_nanval"))
     spec = divergence_study(study_dir / "diverge.yaml", "ft_nanval")
@@ -188,9 +188,13 @@ def test_non_finite_meta_updates_are_skipped_and_a_diverging_trial_does_not_stop
         fresh = Trial(state["config"]).optimizer.state_dict()["metaadamw"]["modulator"]
         assert any(not torch.equal(fresh[k], v) for k, v in meta["modulator"].items()), "the modulator never learned"
 
-    # diverged trials are finished results: running the study again runs nothing
-    again = run_study(study, out, num_cpus=2)
-    assert (again.ran, again.reused) == (0, 4)
+    # diverged trials are finished results: running the study again runs nothing, and its summary counts them
+    from ablate.cli import main
+
+    capsys.readouterr()
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    assert "\n0 trials run, 4 reused, 0 failed, 2 diverged (no result; in the table's 'not ok'); results in" in \
+        capsys.readouterr().out
     assert finished_trial_ids(outcome.out_dir) == set(trials["trial_id"])
 
 
@@ -239,6 +243,23 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path, case, monkeypatch, cap
         assert text in err, (text, err)
     assert not out.exists(), "nothing may be written for a study that cannot run"
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}", "--trials", "0"]])
+def test_an_output_folder_that_is_a_file_is_one_line_and_exit_code_2(tmp_path, command, monkeypatch, capsys):
+    # NotADirectoryError came out as a traceback and exit code 1
+    import ray
+
+    from ablate.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ray.init called")))
+    spec = write(tmp_path / "tq.yaml", BASE + "tune: {trials: 1}\n")
+    in_the_way = write(tmp_path / "afile", "not a folder\n")
+    argv = [word.replace("{spec}", str(spec)) for word in command] + ["--out", str(in_the_way)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: error: Not a directory: " + str(in_the_way)) and err.count("\n") == 1, err
+    assert "a file is in the way" in err and in_the_way.read_text() == "not a folder\n"
 
 
 @pytest.mark.parametrize("case", ["malformed_yaml", "missing_data_dir", "broken_plugin"])

@@ -406,12 +406,13 @@ def test_profile_takes_matched_seeds_and_leaves_out_tasks_not_every_arm_ran(tmp_
     assert "imdb: left out (not run by gating=true)" in notes
 
 
-def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_path, report_kit):
-    # 2^(3-1) with C = AB: each two-factor interaction is confounded with the third main effect;
-    # fitting it anyway would split every main effect in half between the two names
+@pytest.mark.parametrize("sign", [1, -1])
+def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_path, report_kit, sign):
+    # 2^(3-1) with C = AB (or C = -AB): each two-factor interaction is confounded with the third main
+    # effect; fitting it anyway would split every main effect in half between the two names
     true = {"a": 0.02, "b": 0.01, "c": -0.015}
     rng = np.random.default_rng(0)
-    cells = [(a, b, a * b) for a in (1, -1) for b in (1, -1)]
+    cells = [(a, b, sign * a * b) for a in (1, -1) for b in (1, -1)]
     level = {1: "x", -1: "y"}  # "x" sorts first: its effect-coded column is +1
     for seed in range(3):
         for k, (a, b, c) in enumerate(cells):
@@ -426,12 +427,18 @@ def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_pat
         assert est["significant"] and est["hi"] - est["lo"] < 1e-3
     inter = effects[effects["kind"] == "interaction"].set_index("term")
     assert inter["estimate"].isna().all() and not inter["significant"].any()
-    assert inter.loc["a x b", "aliased"] == "c=x" and inter.loc["a x c", "aliased"] == "b=x"
-    # and the fitted effect says what it stands for as well (its estimate is C + A x B)
-    assert row_of(effects, kind="main", term="c", level="y")["confounded"] == "a x b (x x x)"
+    minus = "-" if sign < 0 else ""
+    assert inter.loc["a x b", "aliased"] == f"{minus}c=x" and inter.loc["a x c", "aliased"] == f"{minus}b=x"
+    # and the fitted effect says what it stands for as well: c=x's estimate is C + A x B, and c=y's,
+    # minus c=x's, is C_y - A x B (the sign used to be lost: both rows read "+ a x b")
+    plus, minus = ("+", "-") if sign > 0 else ("-", "+")
+    assert row_of(effects, kind="main", term="c", level="x")["confounded"] == f"{plus} a x b (x x x)"
+    assert row_of(effects, kind="main", term="c", level="y")["confounded"] == f"{minus} a x b (x x x)"
     from ablate import report
     shown = report.factorial_display(effects)
-    assert (shown.loc[shown["term"] == "a x b", "effect [95% CI]"] == "aliased with c=x").all()
+    assert set(shown.loc[shown["term"] == "c", "level"].str.replace(" *", "", regex=False)) == {
+        f"x ({plus} a x b (x x x))", f"y ({minus} a x b (x x x))"}
+    assert (shown.loc[shown["term"] == "a x b", "effect [95% CI]"] == f"aliased with {'-' if sign < 0 else ''}c=x").all()
     assert report.plot_factorial_effects(effects, tmp_path).stat().st_size > 0  # the estimable effects
 
 

@@ -154,8 +154,10 @@ def test_paper_study_covers_table_3():
     assert axes == {"grouping", "features", "objective", "weighting", "gating", "meta_per_epoch", "modulator_size"}
     assert len(study.arms()) == 2 + 2 + 3 + 4 + 3 + 2 + 3 + 2
     assert all(t.config["patience"] == 2 for t in study.trials)
-    large = trial(study, "etth1", "modulator_size=large").config
+    large = trial(study, "etth1", "modulator_size=layers64_ff64").config
     assert (large["modulator_layers"], large["modulator_ff"]) == (64, 64)
+    assert trial(study, "cifar10", "modulator_size=layers64_ff64") is trial(study, "cifar10", "baseline"), \
+        "Table 4's CIFAR-10 modulator is 64 x 64: that level is its baseline"
 
 
 def test_factorial_study_and_its_fractional_variant():

@@ -76,3 +76,19 @@ def test_train_and_list_import_plugins_from_the_command_line(tmp_path, monkeypat
     finally:
         FEATURES.remove("cli_plugin_features")
         sys.modules.pop("cli_plugin_feats", None)
+
+
+def test_list_task_shows_the_tasks_paper_settings_and_its_embedded_ones(capsys):
+    import re
+
+    from ablate.cli import main
+
+    assert main(["list", "--task", "multi30k"]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(2): (m.group(1) == "*", m.group(3), m.group(4))
+            for m in re.finditer(r"^  ([* ]) (\w+)\s+(\S+(?: \S+)*?)\s{2,}(\S.*)$", out, re.M)}
+    assert rows["meta_every"] == (True, "454", "24")  # Table 4's K_meta on the real data
+    assert rows["modulator_layers"] == (True, "128", "2") and rows["priorities"] == (True, "[2.0, 5.0, 1.0]", "[2.0, 5.0, 1.0]")
+    assert rows["lr"] == (False, "0.0005", "0.0005")  # the common default (Table 1)
+    assert out.startswith("multi30k: ") and "ppl (min)" in out
+    assert main(["list", "--task", "multi3Ok"]) == 2 and "unknown task 'multi3Ok'" in capsys.readouterr().err

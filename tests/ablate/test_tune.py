@@ -568,6 +568,18 @@ def test_priorities_from_errors(tmp_path, file_text, baseline, expected):
         assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
 
 
+def test_a_task_the_priorities_file_lacks_takes_its_priorities_from_overrides_as_the_error_advises(tmp_path):
+    (tmp_path / "best.yaml").write_text("etth1: [1, 2, 3]\n")
+    mapping = {"name": "s", "tasks": ["etth1", "imdb"], "seeds": 1, "baseline": {"priorities_from": "best.yaml"},
+               "overrides": {"imdb": {"priorities": [4, 5, 6]}}}
+    trials = {(t.task, t.arm): t.config for t in parse_study(mapping, "s.yaml", base_dir=tmp_path).trials}
+    assert trials["etth1", "baseline"]["priorities"] == [1.0, 2.0, 3.0]
+    assert trials["imdb", "baseline"]["priorities"] == [4.0, 5.0, 6.0]
+    mapping["overrides"] = {"imdb": {"meta_lr": 0.001}}  # no priorities: still the error
+    with pytest.raises(StudyError, match="no entry for task 'imdb'.*or set its priorities under overrides.imdb"):
+        parse_study(mapping, "s.yaml", base_dir=tmp_path)
+
+
 def test_priorities_from_and_priorities_in_baseline_conflict(tmp_path):
     (tmp_path / "best.yaml").write_text("etth1: [1, 2, 3]\n")
     mapping = {"name": "s", "tasks": ["etth1"], "seeds": 1,
