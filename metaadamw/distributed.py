@@ -6,7 +6,10 @@ identical. Two things keep the modulators identical (with ``sync_meta=True``, th
 a process group of more than one rank is initialised):
 
 * when the optimizer is made, every rank takes rank 0's modulator and weighting (as DDP takes
-  rank 0's model when it wraps it), whatever seed each rank used;
+  rank 0's model when it wraps it), whatever seed each rank used - or, for an optimizer made
+  before ``init_process_group``, at its first ``step()`` or ``meta_step`` (one that stepped
+  before is refused: its replicas may differ already). The ranks must optimise the same
+  tensors in the same groups: a difference is refused on every rank;
 * every meta-update averages the meta-gradients over the ranks (one all-reduce of one flat
   buffer) before the meta-optimizer's step; a rank whose meta-loss is not finite contributes
   NaN, so that every rank skips that meta-update together.
@@ -44,18 +47,22 @@ def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
                 t.copy_(part.view_as(t))
 
 
-def check_same_layout(tensors: list[Tensor], what: str) -> None:
+def check_same_layout(tensors: list[Tensor], what: str, optimized: list[int] = ()) -> None:
     """Raise on every rank unless all ranks hold the same number of tensors with the same total
-    size (the collectives below assume it; a mismatch would otherwise hang or mix values)."""
-    mine = torch.tensor([len(tensors), sum(t.numel() for t in tensors)], dtype=torch.float64,
+    size (the collectives below assume it; a mismatch would otherwise hang or mix values), and the
+    same ``optimized`` layout ([tensors, elements, groups] of the optimizer: a rank optimising
+    other parameters would average meta-gradients of other groups into one modulator)."""
+    mine = torch.tensor([len(tensors), sum(t.numel() for t in tensors), *optimized], dtype=torch.float64,
                         device=tensors[0].device if tensors else None)
     low, high = mine.clone(), mine.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
-        raise ValueError(f"MetaAdamW(sync_meta=True): the ranks built different {what} ({int(mine[0])} tensors, "
-                         f"{int(mine[1])} elements on rank {dist.get_rank()}; ranks range over {low.tolist()} .. "
-                         f"{high.tolist()}): give every rank the same model, param groups and options")
+        names = ["modulator tensors", "modulator elements", "optimized tensors", "optimized elements", "groups"]
+        differ = [f"{name} {int(mine[k])} on rank {dist.get_rank()}, {int(low[k])}..{int(high[k])} over the ranks"
+                  for k, name in enumerate(names[:len(mine)]) if low[k] != high[k]]
+        raise ValueError(f"MetaAdamW(sync_meta=True): the ranks built different {what} ({'; '.join(differ)}): give "
+                         f"every rank the same model, param groups and options")
 
 
 def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison: bool = False) -> list[Tensor | None]:

@@ -240,11 +240,8 @@ class MetaAdamW(torch.optim.Optimizer):
                f"torch.optim.Optimizer: a callable meta_optimizer is called as f(params, lr=meta_lr, "
                f"weight_decay=meta_weight_decay) and must return the optimizer of those parameters")
         self.sync_meta = bool(sync_meta)
-        if D.world_size(self.sync_meta) > 1:  # every rank starts from rank 0's modulator and weighting
-            meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
-                          *self.weighting.buffers()]
-            D.check_same_layout(meta_state, "modulators")
-            D.broadcast_(meta_state)
+        self._synced_world = 1  # the world size whose ranks hold rank 0's modulator (see _ensure_meta_synced)
+        self._ensure_meta_synced()
 
         n = len(self._params)
         self._steps = [0] * n  # AdamW step count of every tensor
@@ -512,8 +509,31 @@ class MetaAdamW(torch.optim.Optimizer):
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _ensure_meta_synced(self) -> None:
+        """Under ``torch.distributed`` with ``sync_meta``: every rank takes rank 0's modulator and
+        weighting, once - when the optimizer is made, or, when it was made before the process group
+        existed, at its first ``step()`` or ``meta_step``, whichever comes first (before any
+        multiplier is used). An optimizer that already stepped without the group cannot be brought
+        in line (its replicas may differ already): refused."""
+        world = D.world_size(self.sync_meta)
+        if world <= 1 or getattr(self, "_synced_world", 1) == world:
+            return
+        if getattr(self, "global_step", 0) or getattr(self, "meta_updates", 0):
+            raise RuntimeError(
+                f"MetaAdamW(sync_meta=True): this optimizer stepped before torch.distributed's process group of "
+                f"{world} ranks existed, each rank with its own modulator, so the ranks' multipliers - and their "
+                f"replicas - may already differ. Make the optimizer after init_process_group (or pass sync_meta=False "
+                f"to keep one modulator per rank)")
+        meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
+                      *self.weighting.buffers()]
+        layout = [len(self._params), sum(p.numel() for p in self._params), len(self.group_names)]
+        D.check_same_layout(meta_state, "modulators", layout)
+        D.broadcast_(meta_state)
+        self._synced_world = world
+
     def _make_plan(self, active: tuple[bool, ...]) -> "_Plan":
         """Group the active tensors into buckets (param_group x modulator group x step count)."""
+        self._ensure_meta_synced()  # (a made-before-the-process-group optimizer's first step: see there)
         indices = [i for i, a in enumerate(active) if a]
         for i in indices:
             if "exp_avg" not in self.state[self._params[i]]:
@@ -636,6 +656,7 @@ class MetaAdamW(torch.optim.Optimizer):
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
         model = D.unwrap(model)
+        self._ensure_meta_synced()
         was_training = self.modulator.training
         try:
             with _forked_rng(self.device):  # the training steps' random stream is left as it was

@@ -31,13 +31,14 @@ def _batches(rank: int):
     return b[3 * rank: 3 * rank + 3]
 
 
-def _make(seed: int, **kwargs):
+def _make(seed: int, subset: bool = False, **kwargs):
     torch.manual_seed(0)
     model = mlp(0)
     torch.manual_seed(seed)  # the modulator's initialisation
+    params = list(model.named_parameters())[:-1] if subset else model.named_parameters()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = MetaAdamW(model.named_parameters(), model=model, meta_lr=META_LR, **small_kwargs(**kwargs))
+        opt = MetaAdamW(params, model=model, meta_lr=META_LR, **small_kwargs(**kwargs))
     return model, opt
 
 
@@ -48,18 +49,26 @@ def _loopback() -> str | None:
 
 def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     """One rank. ``scenario``: "sync" (the default), "nosync" (sync_meta=False), "poison" (rank 1's
-    validation targets are NaN: its meta-loss is not finite) or "mismatch" (rank 1 builds a deeper
-    modulator)."""
+    validation targets are NaN: its meta-loss is not finite), "mismatch" (rank 1 builds a deeper
+    modulator), "subset" (rank 1 optimises one tensor fewer), "late" (the optimizer is made
+    before the process group) or "late_stepped" (made and stepped before it)."""
     if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
+    kwargs = {"sync_meta": scenario != "nosync"}
+    if scenario == "mismatch" and rank == 1:
+        kwargs["modulator_layers"] = 2
+    if scenario == "subset" and rank == 1:
+        kwargs["subset"] = True
+    early = _make(100 + rank, **kwargs) if scenario.startswith("late") else None
+    if scenario == "late_stepped":
+        mse(early[0], _batches(rank)[0]).backward()
+        early[1].step()
+        early[1].zero_grad()
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
     try:
-        kwargs = {"sync_meta": scenario != "nosync"}
-        if scenario == "mismatch" and rank == 1:
-            kwargs["modulator_layers"] = 2
         try:
-            model, opt = _make(100 + rank, **kwargs)  # every rank its own seed
+            model, opt = early or _make(100 + rank, **kwargs)  # every rank its own seed
         except ValueError as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
             return
@@ -71,7 +80,11 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         opt.zero_grad()
         mse(ddp, train).backward()  # DDP averages the gradients
         grads = [p.grad.clone() for p in model.parameters()]
-        record = opt.meta_step(ddp, mse, None, b2, val)  # each rank on its own batches
+        try:
+            record = opt.meta_step(ddp, mse, None, b2, val)  # each rank on its own batches
+        except RuntimeError as exc:
+            torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
+            return
         grads_kept = all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
         opt.step()
         after_meta = [p.detach().clone() for p in opt.meta_parameters()]
@@ -159,3 +172,30 @@ def test_ranks_with_different_modulators_are_refused_on_every_rank(tmp_path):
     ranks = _run(tmp_path, "mismatch")
     for r in ranks:
         assert "the ranks built different modulators" in r["error"] and "same model, param groups and options" in r["error"]
+
+
+def test_ranks_optimising_different_tensors_are_refused_on_every_rank(tmp_path):
+    # with the default features the modulators have the same size whatever the groups: the check used to
+    # pass, and the meta-gradients of different groups were averaged into one modulator
+    ranks = _run(tmp_path, "subset")
+    for r in ranks:
+        assert "the ranks built different modulators (optimized tensors" in r["error"], r["error"]
+
+
+def test_an_optimizer_made_before_the_process_group_takes_rank_0s_modulator_before_it_is_used(tmp_path):
+    # the broadcast was decided in __init__ only: made before init_process_group, the ranks kept
+    # different modulators (while meta_step averaged their meta-gradients), and the replicas drifted
+    (tmp_path / "late").mkdir()
+    (tmp_path / "sync").mkdir()
+    late = _run(tmp_path / "late", "late")
+    synced = _run(tmp_path / "sync", "sync")
+    for key in ("meta", "model"):
+        for a, b, c in zip(late[0][key], late[1][key], synced[0][key]):
+            assert torch.equal(a, b) and torch.equal(a, c), key
+
+
+def test_an_optimizer_that_stepped_before_the_process_group_is_refused(tmp_path):
+    ranks = _run(tmp_path, "late_stepped")
+    for r in ranks:
+        assert "stepped before torch.distributed's process group of 2 ranks existed" in r["error"], r["error"]
+        assert "Make the optimizer after init_process_group" in r["error"]
