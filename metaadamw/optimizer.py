@@ -241,6 +241,7 @@ class MetaAdamW(torch.optim.Optimizer):
                f"weight_decay=meta_weight_decay) and must return the optimizer of those parameters")
         self.sync_meta = bool(sync_meta)
         self._synced_world = 1  # the world size whose ranks hold rank 0's modulator (see _ensure_meta_synced)
+        self._unsynced_from = (0, 0)  # (global_step, meta_updates) when made, loaded or unpickled
         self._ensure_meta_synced()
 
         n = len(self._params)
@@ -513,12 +514,13 @@ class MetaAdamW(torch.optim.Optimizer):
         """Under ``torch.distributed`` with ``sync_meta``: every rank takes rank 0's modulator and
         weighting, once - when the optimizer is made, or, when it was made before the process group
         existed, at its first ``step()`` or ``meta_step``, whichever comes first (before any
-        multiplier is used). An optimizer that already stepped without the group cannot be brought
-        in line (its replicas may differ already): refused."""
+        multiplier is used). An optimizer that already stepped without the group (since it was made,
+        loaded or unpickled) cannot be brought in line (its replicas may differ already): refused."""
         world = D.world_size(self.sync_meta)
         if world <= 1 or getattr(self, "_synced_world", 1) == world:
             return
-        if getattr(self, "global_step", 0) or getattr(self, "meta_updates", 0):
+        counters = (getattr(self, "global_step", 0), getattr(self, "meta_updates", 0))
+        if counters != getattr(self, "_unsynced_from", (0, 0)):  # (a checkpoint loaded on every rank is fine)
             raise RuntimeError(
                 f"MetaAdamW(sync_meta=True): this optimizer stepped before torch.distributed's process group of "
                 f"{world} ranks existed, each rank with its own modulator, so the ranks' multipliers - and their "
@@ -766,6 +768,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._set_step_counts(list(extra["steps"]), extra["global_step"])
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
+        self._unsynced_from = (self.global_step, self.meta_updates)  # the same checkpoint on every rank
 
     def _check_moment_shapes(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything is loaded, moments whose shapes are not those of the parameters
@@ -892,6 +895,8 @@ class MetaAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
+        # an unpickled optimizer that never synced starts over from the pickle, as from a loaded checkpoint
+        self._unsynced_from = (self.__dict__.get("global_step", 0), self.__dict__.get("meta_updates", 0))
         self._plan = None
         self._model_ref = None
 

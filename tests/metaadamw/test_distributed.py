@@ -51,7 +51,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     """One rank. ``scenario``: "sync" (the default), "nosync" (sync_meta=False), "poison" (rank 1's
     validation targets are NaN: its meta-loss is not finite), "mismatch" (rank 1 builds a deeper
     modulator), "subset" (rank 1 optimises one tensor fewer), "late" (the optimizer is made
-    before the process group) or "late_stepped" (made and stepped before it)."""
+    before the process group), "late_stepped" (made and stepped before it) or "late_loaded" (made
+    and loaded from one checkpoint before it)."""
     if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
     kwargs = {"sync_meta": scenario != "nosync"}
@@ -60,10 +61,14 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     if scenario == "subset" and rank == 1:
         kwargs["subset"] = True
     early = _make(100 + rank, **kwargs) if scenario.startswith("late") else None
-    if scenario == "late_stepped":
-        mse(early[0], _batches(rank)[0]).backward()
-        early[1].step()
-        early[1].zero_grad()
+    if scenario in ("late_stepped", "late_loaded"):
+        stepped = early if scenario == "late_stepped" else _make(7)  # late_loaded: the same checkpoint on every rank
+        mse(stepped[0], _batches(0 if scenario == "late_loaded" else rank)[0]).backward()
+        stepped[1].step()
+        stepped[1].zero_grad()
+        if scenario == "late_loaded":
+            early[1].load_state_dict(stepped[1].state_dict())
+            early[0].load_state_dict(stepped[0].state_dict())
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
     try:
@@ -192,6 +197,15 @@ def test_an_optimizer_made_before_the_process_group_takes_rank_0s_modulator_befo
     for key in ("meta", "model"):
         for a, b, c in zip(late[0][key], late[1][key], synced[0][key]):
             assert torch.equal(a, b) and torch.equal(a, c), key
+
+
+def test_an_optimizer_that_loaded_a_checkpoint_before_the_process_group_is_not_refused(tmp_path):
+    # the refusal looked at the step counters, which load_state_dict restores: resuming crashed
+    ranks = _run(tmp_path, "late_loaded")
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    for key in ("meta", "model"):
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            assert torch.equal(a, b), key
 
 
 def test_an_optimizer_that_stepped_before_the_process_group_is_refused(tmp_path):
