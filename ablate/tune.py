@@ -647,38 +647,69 @@ def dashboard_command(location: str) -> str:
     return f"optuna-dashboard {location}"
 
 
-#: this process, as recorded on the trials it asks for (``host:pid``)
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux ``/proc``), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+#: this process, as recorded on the trials it asks for and the studies it pins: host and pid (the
+#: ``driver`` attribute, for people), and with the pid namespace and start time (``driver_id``), so that
+#: a later process can tell a dead driver from a live one, a reused pid, or another container's process
 DRIVER = f"{socket.gethostname()}:{os.getpid()}"
+DRIVER_ID = {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+             "start": _process_start(os.getpid())}
 
 
-def _process_alive(pid: int) -> bool:
+def _driver_state(driver_id: Any) -> str:
+    """"self", "alive", "dead", or "unknown" (another machine or pid namespace, or not recorded)."""
+    if not isinstance(driver_id, dict) or driver_id.get("host") != DRIVER_ID["host"]:
+        return "unknown"
+    if driver_id.get("pidns") != DRIVER_ID["pidns"]:
+        return "unknown"  # another container with this host name: its pids are not ours to look up
+    pid = driver_id.get("pid")
+    if not isinstance(pid, int):
+        return "unknown"
+    if pid == DRIVER_ID["pid"] and driver_id.get("start") == DRIVER_ID["start"]:
+        return "self"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return "dead"
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    start = _process_start(pid)
+    if start is not None and driver_id.get("start") is not None and start != driver_id["start"]:
+        return "dead"  # the pid was reused by a process that started later
+    return "alive"
 
 
 def fail_orphans(study) -> tuple[int, int]:
     """Tell FAIL for the study's RUNNING trials whose ``ablate tune`` process, on this machine, is
     gone (killed with SIGKILL, out of memory, a crash): a journal storage has no heartbeat that
-    would. RUNNING trials of live processes, or of other machines, are left alone (another
-    process may be extending the study). Returns (failed, running elsewhere or unknown)."""
+    would. RUNNING trials of live processes, of other machines or containers, or without a
+    recorded process, are left alone (another process may be extending the study). Returns
+    (failed, left alone)."""
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
     failed = unknown = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        driver = str(t.user_attrs.get("driver", ""))
-        name, _, pid = driver.rpartition(":")
-        if name != host or not pid.isdigit() or _process_alive(int(pid)) and int(pid) != os.getpid():
+        if _driver_state(t.user_attrs.get("driver_id")) != "dead":
             unknown += 1
             continue
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: its process {driver} ended "
-                                               f"without recording it")
+            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: its process "
+                                               f"{t.user_attrs.get('driver')} ended without recording it")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             failed += 1
         except Exception:  # noqa: BLE001 - e.g. finished meanwhile by its process
@@ -714,6 +745,7 @@ def _searcher_class():
             if new and trial_id in self._ot_trials:  # which process runs it: see fail_orphans()
                 try:
                     self._ot_trials[trial_id].set_user_attr("driver", DRIVER)
+                    self._ot_trials[trial_id].set_user_attr("driver_id", DRIVER_ID)
                 except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search
                     pass
             return params
@@ -873,8 +905,8 @@ def _load_stored(target: Target, storage):
 def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
     """Refuse a stored study whose direction, objective or parameter distributions differ from
     this spec's. Returns whether the study's objective record must be (re)written: it has none,
-    or it differs but the study holds no trial yet (a start that failed before any suggestion
-    ran pins nothing)."""
+    or it differs but the study holds no trial yet and the process that pinned it is gone (a
+    start that failed before any suggestion ran pins nothing)."""
     record = _objective_record(target, spec)
     stored_direction = study.direction.name.lower()
     if stored_direction != target.direction:
@@ -884,9 +916,12 @@ def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
         )
     trials = study.get_trials(deepcopy=False)
     stored = study.user_attrs.get("ablate_objective")
-    if stored is None or not trials:
-        return stored is None or json.loads(json.dumps(stored)) != json.loads(json.dumps(record))
-    if json.loads(json.dumps(stored)) != json.loads(json.dumps(record)):
+    if stored is None:
+        return True
+    differs = json.loads(json.dumps(stored)) != json.loads(json.dumps(record))
+    if differs and not trials and _pinner_gone(study):
+        return True  # pinned by a start that failed before any suggestion ran: nothing to mix with
+    if differs:
         raise StudyError(
             f"{spec.source}: the stored study {target.study_name!r} scored suggestions differently, so its values cannot "
             f"be mixed with this spec's ({_describe_difference(stored, record)}). Restore those settings, or start a "
@@ -910,6 +945,14 @@ def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
     return False
 
 
+def _pinner_gone(study) -> bool:
+    """Whether the process that pinned an empty study is gone (or is this one, or an older version
+    that recorded none), so that no search of its may still be starting: a live process, or one on
+    another machine or container (which cannot be checked), keeps the study as it pinned it."""
+    pinned_by = study.user_attrs.get("pinned_by")
+    return pinned_by is None or _driver_state(pinned_by) in ("dead", "self")
+
+
 def check_target_study(target: Target, spec: TuneSpec, storage) -> None:
     """Refuse, before anything runs, a stored study that this spec cannot extend (creates nothing)."""
     study = _load_stored(target, storage)
@@ -924,6 +967,7 @@ def open_target_study(target: Target, spec: TuneSpec, storage, sampler=None):
     if _check_stored(study, target, spec):
         study.set_user_attr("ablate_objective", _objective_record(target, spec))
         study.set_user_attr("description", target.description)
+        study.set_user_attr("pinned_by", DRIVER_ID)
     return study
 
 
@@ -993,23 +1037,29 @@ def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_
     return refs
 
 
-def _baseline_evaluated(study) -> bool:
-    """Whether the study holds its baseline suggestion(s) evaluated, queued or running: a baseline
-    whose run was interrupted or crashed (FAIL other than by divergence) is enqueued again."""
+def _baselines_evaluated(study) -> set[tuple[str, ...]]:
+    """The baseline suggestions the study holds evaluated, queued or running, by the tasks whose
+    values they are (``("*",)``: a baseline recorded without them, by an older version). One
+    whose run was interrupted or crashed (FAIL other than by divergence) is not among them, so
+    it is enqueued again."""
+    done = set()
     for t in study.get_trials(deepcopy=False):
         if "baseline_of" not in t.user_attrs and not t.user_attrs.get("baseline"):
             continue
-        if t.state.name in ("COMPLETE", "PRUNED", "WAITING", "RUNNING"):
-            return True
-        if t.state.name == "FAIL" and str(t.user_attrs.get("ended", "")).startswith("no finite value"):
-            return True  # it diverged: another run would too
-    return False
+        evaluated = t.state.name in ("COMPLETE", "PRUNED", "WAITING", "RUNNING") or (
+            t.state.name == "FAIL" and str(t.user_attrs.get("ended", "")).startswith("no finite value"))  # diverged
+        if evaluated:
+            done.add(tuple(t.user_attrs.get("baseline_of", ["*"])))
+    return done
 
 
-def _enqueue_baseline(study, target: Target, spec: TuneSpec) -> None:
-    """Queue the baseline's own values as the first suggestion(s). In cross-task mode, tasks whose
-    baselines differ each give a starting point (their values applied to every task), none of which
-    is the baseline itself: only one shared by every task is flagged ``baseline``."""
+def _enqueue_baseline(study, target: Target, spec: TuneSpec, done: set[tuple[str, ...]] = frozenset()) -> None:
+    """Queue the baseline's own values as the first suggestion(s), except those in ``done`` (see
+    :func:`_baselines_evaluated`). In cross-task mode, tasks whose baselines differ each give a
+    starting point (their values applied to every task), none of which is the baseline itself:
+    only one shared by every task is flagged ``baseline``."""
+    if ("*",) in done:
+        return
     space = spec.settings.space()
     vectors: list[tuple[dict[str, Any], list[str]]] = []
     for m in target.members:
@@ -1021,6 +1071,10 @@ def _enqueue_baseline(study, target: Target, spec: TuneSpec) -> None:
                 break
         else:
             vectors.append((params, [m["task"]]))
+    shared = len(vectors) == 1  # one vector for every task: the baseline itself
+    vectors = [(params, tasks) for params, tasks in vectors if tuple(tasks) not in done]
+    if not vectors:
+        return
     if len(vectors) > 1:
         listed = "; ".join(f"{', '.join(tasks)}: {_format_params(p)}" for p, tasks in vectors)
         print(f"[{target.key}] the tasks' baselines differ ({listed}): each is evaluated first, applied to every "
@@ -1032,7 +1086,7 @@ def _enqueue_baseline(study, target: Target, spec: TuneSpec) -> None:
             print(f"[{target.key}] the baseline's values{whose} are not all in the search space ({', '.join(outside)} "
                   f"outside its range): not evaluated as a first suggestion", flush=True)
             continue
-        study.enqueue_trial(params, user_attrs={"baseline": len(vectors) == 1, "baseline_of": tasks})
+        study.enqueue_trial(params, user_attrs={"baseline": shared, "baseline_of": tasks})
 
 
 def _format_params(params: Mapping[str, Any] | None) -> str:
@@ -1140,8 +1194,8 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
           f"{target.direction} {target.description}", flush=True)
     if trials == 0:
         return 0, 0
-    if s.enqueue_baseline and not _baseline_evaluated(study):
-        _enqueue_baseline(study, target, spec)
+    if s.enqueue_baseline:
+        _enqueue_baseline(study, target, spec, _baselines_evaluated(study))
     searcher = _searcher_class()({name: r.distribution() for name, r in space.items()}, metric=OBJECTIVE,
                                  mode="min" if target.direction == "minimize" else "max", sampler=sampler,
                                  study_name=target.study_name, storage=storage)
@@ -1158,14 +1212,14 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         "plugin_dir": str(spec.path.parent.resolve()) if spec.path is not None else None, "cpus": cpus,
     }
     progress = _progress_callback(target, searcher, study, trials)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    run_name = f"{target.key}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     tuner = tune.Tuner(
         tune.with_resources(tune_trainable, {"cpu": cpus, "gpu": gpus}),
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                                     max_concurrent_trials=s.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=f"{target.key}-{stamp}", storage_path=ray_storage or str((out_dir / "ray").resolve()),
+            name=run_name, storage_path=ray_storage or str((out_dir / "ray").resolve()),
             failure_config=tune.FailureConfig(max_failures=study_.retries),
             callbacks=[progress], verbose=0,
         ),
@@ -1176,12 +1230,11 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         interrupted = searcher.fail_unfinished()
         if interrupted:
             print(f"[{target.key}] {interrupted} unfinished suggestion(s) marked FAIL in the stored study", flush=True)
-    if not interrupted and not progress.errors and ray_storage is None:
-        # every suggestion is in the stored study: Ray's experiment directories of this target (this run's and
-        # those of interrupted ones) hold nothing more; a run with errors keeps them for the tracebacks
-        for run_dir in (out_dir / "ray").glob(f"{target.key}-*"):
-            if run_dir.is_dir():
-                shutil.rmtree(run_dir, ignore_errors=True)
+    if not progress.errors and ray_storage is None:
+        # every suggestion of this run is in the stored study (finished, or FAIL if cut off): its Ray experiment
+        # directory holds nothing more (a run with errors keeps it, for the tracebacks; another process's
+        # directories are its own business)
+        shutil.rmtree(out_dir / "ray" / run_name, ignore_errors=True)
     return progress.done, interrupted
 
 

@@ -684,6 +684,27 @@ def test_a_start_that_fails_before_any_suggestion_pins_nothing(tmp_path):
         open_target_study(target3, spec3, storage)
 
 
+def test_an_empty_study_pinned_by_a_live_process_is_not_repinned(tmp_path):
+    # another `ablate tune` may have pinned it and be starting Ray: re-pinning would mix two objectives
+    import optuna
+
+    from ablate.tune import DRIVER_ID, _process_start, open_target_study
+
+    spec3, spec4 = (load_tune_spec(_tiny_spec(tmp_path / f"e{e}", epochs=e)) for e in (3, 4))
+    storage = optuna.storages.InMemoryStorage()
+    study = open_target_study(build_targets(spec3)[0], spec3, storage)
+    parent = os.getppid()
+    study.set_user_attr("pinned_by", {**DRIVER_ID, "pid": parent, "start": _process_start(parent)})
+    with pytest.raises(StudyError, match=r"scored suggestions differently.*epochs \(stored 3, now 4\)"):
+        open_target_study(build_targets(spec4)[0], spec4, storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study.set_user_attr("pinned_by", {**DRIVER_ID, "pid": dead.pid, "start": None})
+    repinned = open_target_study(build_targets(spec4)[0], spec4, storage)
+    assert repinned.user_attrs["ablate_objective"]["members"][0]["config"]["epochs"] == 4
+    assert repinned.user_attrs["pinned_by"] == DRIVER_ID
+
+
 def test_a_range_whose_log_scale_changed_is_refused_before_anything_runs(tmp_path):
     # Optuna refuses to mix log and linear scales of one parameter: it crashed mid-run, after Ray
     # had started, and left a trial RUNNING in the study for good
@@ -710,26 +731,38 @@ def test_a_range_whose_log_scale_changed_is_refused_before_anything_runs(tmp_pat
 
 def test_suggestions_left_running_by_a_killed_process_of_this_machine_are_failed(tmp_path):
     # a journal storage has no heartbeat: after kill -9 the trials stayed RUNNING forever
-    import socket
-
     import optuna
 
-    from ablate.tune import fail_orphans
+    from ablate.tune import DRIVER_ID, _process_start, fail_orphans
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    parent = os.getppid()
+    here = {"host": DRIVER_ID["host"], "pidns": DRIVER_ID["pidns"]}
+    drivers = {
+        "dead": {**here, "pid": dead.pid, "start": None},
+        "alive": {**here, "pid": parent, "start": _process_start(parent)},
+        # the pid now belongs to a process that started later than the trial's driver: that one is gone
+        "reused pid": {**here, "pid": parent, "start": "1"},
+        # a container with the same host name: its pids are not this machine's to look up
+        "other pid namespace": {**here, "pid": dead.pid, "pidns": "pid:[1]", "start": None},
+        "elsewhere": {**here, "host": "another-host", "pid": dead.pid, "start": None},
+        "this process": dict(DRIVER_ID), "unknown": None,
+    }
     study = optuna.create_study(storage=open_storage(str(tmp_path / "j.journal")), study_name="s")
-    drivers = {"dead": f"{socket.gethostname()}:{dead.pid}", "alive": f"{socket.gethostname()}:{os.getppid()}",
-               "elsewhere": "another-host:1", "unknown": None}
     for label, driver in drivers.items():
         trial = study.ask()
         trial.set_user_attr("label", label)
         if driver:
-            trial.set_user_attr("driver", driver)
-    assert fail_orphans(study) == (1, 3)
+            trial.set_user_attr("driver", f"{driver['host']}:{driver['pid']}")
+            trial.set_user_attr("driver_id", driver)
+    assert fail_orphans(study) == (2, 5)
     states = {t.user_attrs["label"]: (t.state.name, t.user_attrs.get("ended", "")) for t in study.get_trials()}
-    assert states["dead"][0] == "FAIL" and f"its process {drivers['dead']} ended" in states["dead"][1]
-    assert all(states[k] == ("RUNNING", "") for k in ("alive", "elsewhere", "unknown"))
+    assert states["dead"] == ("FAIL", f"interrupted: its process {DRIVER_ID['host']}:{dead.pid} ended without "
+                                      f"recording it")
+    assert states["reused pid"][0] == "FAIL"
+    assert all(states[k] == ("RUNNING", "") for k in ("alive", "other pid namespace", "elsewhere", "this process",
+                                                       "unknown"))
 
 
 def test_the_searcher_records_which_process_asked_for_each_suggestion():
@@ -743,32 +776,58 @@ def test_the_searcher_records_which_process_asked_for_each_suggestion():
     searcher.suggest("a")
     running = optuna.load_study(study_name="s", storage=storage).trials[0]
     assert running.state.name == "RUNNING" and running.user_attrs["driver"] == DRIVER == f"{os.uname().nodename}:{os.getpid()}"
+    assert running.user_attrs["driver_id"]["pid"] == os.getpid() and running.user_attrs["driver_id"]["start"]
 
 
 @pytest.mark.parametrize("state, ended, evaluated", [
     ("COMPLETE", "complete", True), ("PRUNED", "stopped by the scheduler after epoch 2", True),
-    ("WAITING", None, True), ("FAIL", "no finite value: 1 of 2 member(s) diverged (epoch 2)", True),
-    ("FAIL", "error", False), ("FAIL", "interrupted", False), (None, None, False),
+    ("WAITING", None, True), ("RUNNING", None, True), ("FAIL", "no finite value: 1 of 2 member(s) diverged (epoch 2)", True),
+    ("FAIL", "error", False), ("FAIL", "interrupted", False),
 ])
 def test_a_baseline_that_was_interrupted_or_crashed_is_evaluated_again(state, ended, evaluated):
     # it was enqueued only into an empty study: a Ctrl-C during the baseline (stored as FAIL) meant the
     # baseline was never evaluated, against the promise that the best found is never worse than it
     import optuna
 
-    from ablate.tune import _baseline_evaluated
+    from ablate.tune import _baselines_evaluated
 
     study = optuna.create_study()
-    study.enqueue_trial({"p_gradient": 2.0}, user_attrs={"baseline": False, "baseline_of": ["imdb"]})  # (cross-task)
     study.add_trial(optuna.trial.create_trial(params={"p_gradient": 3.0}, value=1.0, distributions={
         "p_gradient": optuna.distributions.FloatDistribution(0.1, 10.0)}))  # an ordinary suggestion
-    if state is None:
-        study = optuna.create_study()
-    elif state != "WAITING":
+    study.enqueue_trial({"p_gradient": 2.0}, user_attrs={"baseline": True, "baseline_of": ["etth1"]})
+    if state != "WAITING":
         trial = study.ask()  # the enqueued baseline
         if ended:
             trial.set_user_attr("ended", ended)
-        study.tell(trial, 1.0 if state == "COMPLETE" else None, state=getattr(optuna.trial.TrialState, state))
-    assert _baseline_evaluated(study) is evaluated
+        if state != "RUNNING":
+            study.tell(trial, 1.0 if state == "COMPLETE" else None, state=getattr(optuna.trial.TrialState, state))
+    assert _baselines_evaluated(study) == ({("etth1",)} if evaluated else set())
+
+
+def test_each_cross_task_starting_point_is_evaluated_again_only_when_it_was_lost(tmp_path, capsys):
+    # one starting point completing used to hide another that was cut off
+    import optuna
+
+    from ablate.tune import _baselines_evaluated, _enqueue_baseline
+
+    spec = load_tune_spec(_tiny_spec(tmp_path, tasks="[etth1, imdb]", extra="cross_task: true\n"))
+    target = build_targets(spec, {"etth1/0": 1.0, "imdb/0": 1.0})[0]
+    study = optuna.create_study(direction="maximize")
+    _enqueue_baseline(study, target, spec)
+    first, second = study.ask(), study.ask()
+    study.tell(first, 0.01)
+    second.set_user_attr("ended", "interrupted")
+    study.tell(second, None, state=optuna.trial.TrialState.FAIL)
+    assert _baselines_evaluated(study) == {("etth1",)}
+    _enqueue_baseline(study, target, spec, _baselines_evaluated(study))
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [(w.user_attrs["baseline_of"], [w.system_attrs["fixed_params"][p] for p in PRIORITY_PARAMS])
+            for w in waiting] == [(["imdb"], [1.0, 3.0, 5.0])]
+    legacy = optuna.create_study()  # a baseline stored by an older version (no baseline_of): done for every task
+    legacy.enqueue_trial({"p_gradient": 1.0}, user_attrs={"baseline": True})
+    assert _baselines_evaluated(legacy) == {("*",)}
+    _enqueue_baseline(legacy, target, spec, {("*",)})
+    assert len(legacy.trials) == 1
 
 
 def test_the_baseline_is_evaluated_by_the_run_after_one_that_lost_it(tmp_path, ray_address, capsys):
@@ -791,13 +850,16 @@ def test_the_baseline_is_evaluated_by_the_run_after_one_that_lost_it(tmp_path, r
     lost = study.ask({p: spec.settings.priorities.distribution() for p in PRIORITY_PARAMS})
     lost.set_user_attr("ended", "error")  # Ctrl-C killed its worker
     study.tell(lost, None, state=optuna.trial.TrialState.FAIL)
+    foreign = out / "lost" / "tune" / "ray" / "tune_synth-20260101-000000-1"  # another process's run
+    foreign.mkdir(parents=True)
     outcome = run_tune(spec, out)
     trials = _load(outcome.storage, "lost/tune_synth").trials
     assert len(trials) == 2 and trials[1].state.name == "COMPLETE"
     assert [trials[1].params[p] for p in PRIORITY_PARAMS] == [1.0, 1.0, 1.0] and trials[1].user_attrs["baseline"]
     synth = sys.modules["tune_synth"]
     assert outcome.targets[0].baseline_value == pytest.approx((synth.objective([1, 1, 1], 0) + synth.objective([1, 1, 1], 1)) / 2)
-    assert not list((out / "lost" / "tune" / "ray").glob("tune_synth-*")), "Ray's copies of a recorded run are deleted"
+    assert list((out / "lost" / "tune" / "ray").glob("tune_synth-*")) == [foreign], \
+        "this run's Ray directory is deleted once it is recorded; another process's is left alone"
 
 
 def test_cross_task_baselines_that_differ_are_starting_points_not_the_baseline(tmp_path, capsys):
