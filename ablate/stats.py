@@ -600,11 +600,16 @@ def factorial_effects(
     return out
 
 
+def _signed_term(coef: float, name: str, sep: str = "") -> str:
+    """``coef * name`` as ``"+name"``, ``"-0.5*name"`` (``sep`` between the sign and the rest)."""
+    scale = "" if np.isclose(abs(coef), 1.0) else f"{abs(coef):.3g}*"
+    return f"{'-' if coef < 0 else '+'}{sep}{scale}{name}"
+
+
 def _signed(terms: list[tuple[float, str]], flip: float = 1.0) -> str:
     """``[(coef, name), ...]`` as ``"+ name, - 0.5*name"``: what a fitted effect's estimate adds
     to its own (``flip`` -1 for the second level of a two-level factor, minus the first)."""
-    return ", ".join(f"{'+' if c * flip > 0 else '-'} {'' if np.isclose(abs(c), 1.0) else f'{abs(c):.3g}*'}{name}"
-                     for c, name in terms)
+    return ", ".join(_signed_term(c * flip, name, " ") for c, name in terms)
 
 
 def _alias_of(col: np.ndarray, X: np.ndarray,
@@ -617,9 +622,7 @@ def _alias_of(col: np.ndarray, X: np.ndarray,
     parts, partners = [], []
     for b, (kind, term, level) in zip(coef, labels):
         if kind in ("main", "interaction") and abs(b) > 1e-8:
-            name = f"{term}={level}" if kind == "main" else f"{term} ({level})"
-            scale = "" if np.isclose(abs(b), 1.0) else f"{abs(b):.3g}*"
-            parts.append(f"{'-' if b < 0 else '+'}{scale}{name}")
+            parts.append(_signed_term(b, f"{term}={level}" if kind == "main" else f"{term} ({level})"))
             partners.append((term, level, float(b)))
     return " ".join(parts).lstrip("+") or "the blocks", partners
 

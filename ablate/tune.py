@@ -666,9 +666,9 @@ def _pid_namespace() -> str | None:
 #: this process, as recorded on the trials it asks for and the studies it pins: host and pid (the
 #: ``driver`` attribute, for people), and with the pid namespace and start time (``driver_id``), so that
 #: a later process can tell a dead driver from a live one, a reused pid, or another container's process
-DRIVER = f"{socket.gethostname()}:{os.getpid()}"
 DRIVER_ID = {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
              "start": _process_start(os.getpid())}
+DRIVER = f"{DRIVER_ID['host']}:{DRIVER_ID['pid']}"
 
 
 def _driver_state(driver_id: Any) -> str:

@@ -240,14 +240,14 @@ class MetaAdamW(torch.optim.Optimizer):
                f"torch.optim.Optimizer: a callable meta_optimizer is called as f(params, lr=meta_lr, "
                f"weight_decay=meta_weight_decay) and must return the optimizer of those parameters")
         self.sync_meta = bool(sync_meta)
-        self._synced_world = 1  # the world size whose ranks hold rank 0's modulator (see _ensure_meta_synced)
-        self._unsynced_from = (0, 0)  # (global_step, meta_updates) when made, loaded or unpickled
-        self._ensure_meta_synced()
 
         n = len(self._params)
         self._steps = [0] * n  # AdamW step count of every tensor
         self.global_step = 0  # step() calls that updated at least one tensor
         self.meta_updates = 0
+        self._synced_world = 1  # the world size whose ranks hold rank 0's modulator (see _ensure_meta_synced)
+        self._unsynced_from = (0, 0)  # (global_step, meta_updates) when made, loaded or unpickled
+        self._ensure_meta_synced()
         self.meta_skipped = 0
         self._time = torch.zeros((), dtype=torch.float32, device=self.device)
         self._carry = {  # ||m_{t-1}||^2 and sum(v_{t-1}) per tensor, valid when computed last step
@@ -517,10 +517,9 @@ class MetaAdamW(torch.optim.Optimizer):
         multiplier is used). An optimizer that already stepped without the group (since it was made,
         loaded or unpickled) cannot be brought in line (its replicas may differ already): refused."""
         world = D.world_size(self.sync_meta)
-        if world <= 1 or getattr(self, "_synced_world", 1) == world:
+        if world <= 1 or self._synced_world == world:
             return
-        counters = (getattr(self, "global_step", 0), getattr(self, "meta_updates", 0))
-        if counters != getattr(self, "_unsynced_from", (0, 0)):  # (a checkpoint loaded on every rank is fine)
+        if (self.global_step, self.meta_updates) != self._unsynced_from:  # (a checkpoint loaded on every rank is fine)
             raise RuntimeError(
                 f"MetaAdamW(sync_meta=True): this optimizer stepped before torch.distributed's process group of "
                 f"{world} ranks existed, each rank with its own modulator, so the ranks' multipliers - and their "
@@ -895,6 +894,7 @@ class MetaAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
+        self.__dict__.setdefault("_synced_world", 1)  # (pickled before the lazy sync existed)
         # an unpickled optimizer that never synced starts over from the pickle, as from a loaded checkpoint
         self._unsynced_from = (self.__dict__.get("global_step", 0), self.__dict__.get("meta_updates", 0))
         self._plan = None
