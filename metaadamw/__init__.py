@@ -11,10 +11,16 @@ Components are pluggable and registered by name: FEATURES, GROUPINGS, OBJECTIVES
 
 from metaadamw.registry import Registry, UnknownComponentError
 
-FEATURES = Registry("feature extractor", "metaadamw.features", export_name="FEATURES")
-GROUPINGS = Registry("grouping strategy", "metaadamw.groupings", export_name="GROUPINGS")
-OBJECTIVES = Registry("meta objective", "metaadamw.objectives", export_name="OBJECTIVES")
-WEIGHTINGS = Registry("loss weighting", "metaadamw.weightings", export_name="WEIGHTINGS")
+
+def _callable(obj: object) -> str | None:
+    """Why an entry point's object cannot be a component (None: it can)."""
+    return None if callable(obj) else f"it is a {type(obj).__name__}, not a class, function or callable object"
+
+
+FEATURES = Registry("feature extractor", "metaadamw.features", export_name="FEATURES", validate=_callable)
+GROUPINGS = Registry("grouping strategy", "metaadamw.groupings", export_name="GROUPINGS", validate=_callable)
+OBJECTIVES = Registry("meta objective", "metaadamw.objectives", export_name="OBJECTIVES", validate=_callable)
+WEIGHTINGS = Registry("loss weighting", "metaadamw.weightings", export_name="WEIGHTINGS", validate=_callable)
 
 # built-in components register themselves on import
 from metaadamw import features, grouping, objectives, weighting  # noqa: E402

@@ -9,7 +9,7 @@ tokens. Registered in :data:`metaadamw.FEATURES`:
 ``basic``          group means of grad norm, first-moment norm, parameter norm, cos(grad, m)
 ``basic_plus``     means and standard deviations over the group's tensors of the same
 ``enhanced``       mean and variance of grad and momentum norms, grad and momentum sparsity,
-                   log parameter count, bias ratio, normalised layer depth, plus a learnable
+                   log10(1 + parameter count), bias ratio, normalised layer depth, plus a learnable
                    per-group embedding
 ``norm_basic``     ``basic`` with every statistics column standardised across groups
 ``norm_basic_plus`` ``basic_plus`` likewise
@@ -177,9 +177,15 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
         cols = [self.statistics(stats)]
-        groups = cols[0].shape[0]
+        groups, n = self.layout.num_groups, self._num_columns()
+        shape = tuple(cols[0].shape) if isinstance(cols[0], Tensor) else None
+        if shape not in ((groups, n), (groups, n + 1) if self.second_moment else (groups, n)):
+            raise ValueError(
+                f"{type(self).__name__}.statistics() returned {'a tensor of shape ' + str(shape) if shape else type(cols[0]).__name__}; "
+                f"expected ({groups}, {n}): one row per group and one column per name in columns() {self.columns()}"
+                f"{f' (or {n + 1}, ending with the v_norm column)' if self.second_moment else ''}")
         # statistics() may end with the v_norm mean column itself (one matrix product instead of two)
-        if self.second_moment and cols[0].shape[1] == self._num_columns():
+        if self.second_moment and cols[0].shape[1] == n:
             cols.append(self.group_mean(stats["v_norm"]).unsqueeze(1))
         if self.time_step:
             cols.append(time.to(cols[0].dtype).expand(groups, 1))
@@ -276,8 +282,8 @@ class NormBasicPlus(_Normalised, BasicPlus):
 
 @FEATURES.register("enhanced")
 class Enhanced(FeatureExtractor):
-    """Mean and variance of grad and momentum norms, grad and momentum sparsity, log parameter
-    count, bias ratio, normalised layer depth, and a learnable per-group embedding."""
+    """Mean and variance of grad and momentum norms, grad and momentum sparsity,
+    log10(1 + parameter count), bias ratio, normalised layer depth, and a learnable per-group embedding."""
 
     stats = ("grad_norm", "exp_avg_norm", "grad_sparsity", "exp_avg_sparsity")
 
@@ -292,7 +298,7 @@ class Enhanced(FeatureExtractor):
         """The columns that depend on the layout alone."""
         counts = layout.onehot @ layout.numel
         return torch.stack([
-            torch.log1p(counts) / math.log(10.0),  # log10 parameter count
+            torch.log1p(counts) / math.log(10.0),  # log10(1 + parameter count)
             layout.mean_matrix @ layout.is_bias,  # share of bias tensors
             layout.mean_matrix @ layout.depth,  # mean normalised depth
         ], 1)

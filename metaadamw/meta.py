@@ -266,8 +266,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             q.loss_train_prime = _leaf(q.loss_train_prime)
             q.loss_val_prime = _leaf(q.loss_val_prime)
             q.grads_prime = None if q.grads_prime is None else [_leaf(x) for x in q.grads_prime]
-        terms = objective(q)
-        loss, sigmas = opt.weighting(terms)
+        terms = _checked_terms(objective(q), objective)
+        loss, sigmas = _checked_weighting(opt.weighting(terms), opt.weighting)
         penalty = opt.modulator.penalty()
         if penalty is not None:
             loss = loss + penalty
@@ -343,6 +343,43 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     for p in meta_params:
         p.grad = None
     return record
+
+
+def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
+    """An objective's result: a dict with a scalar tensor for each term it declares (and any others
+    it records)."""
+    name = type(objective).__name__
+    if not isinstance(terms, dict):
+        raise TypeError(f"objective {name} must return a dict of its terms {tuple(objective.terms)} -> scalar "
+                        f"tensors, got a {type(terms).__name__}")
+    missing = [t for t in objective.terms if t not in terms]
+    if missing:
+        raise ValueError(f"objective {name} declares the terms {tuple(objective.terms)} but returned "
+                         f"{tuple(terms)}, without {missing}: return every term it declares (the weighting reads "
+                         f"them; any others are only recorded)")
+    bad = [k for k, v in terms.items() if not isinstance(v, Tensor) or v.numel() != 1]
+    if bad:
+        raise ValueError(f"objective {name}: the terms {bad} are not scalar tensors (got "
+                         f"{', '.join(_shape_of(terms[k]) for k in bad)}): reduce each term to one value")
+    return {k: v.reshape(()) for k, v in terms.items()}
+
+
+def _checked_weighting(result: Any, weighting: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """A weighting's result: (meta-loss, sigma per term)."""
+    ok = (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Tensor)
+          and result[0].numel() == 1 and isinstance(result[1], dict))
+    if not ok:
+        raise TypeError(f"weighting {type(weighting).__name__} must return (meta-loss as a scalar tensor, dict of "
+                        f"sigma per term - empty if it has none), got {_shape_of(result)}")
+    return result[0].reshape(()), result[1]
+
+
+def _shape_of(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(_shape_of(v) for v in x)})"
+    return f"a {type(x).__name__}"
 
 
 def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor],

@@ -1,7 +1,8 @@
 """Meta objectives: what the meta-update trains the modulator to minimise.
 
-An objective is a callable registered in :data:`metaadamw.OBJECTIVES` that maps the quantities of
-one meta-update (:class:`MetaQuantities`) to named scalar *terms*. It declares the terms it
+An objective is a :class:`MetaObjective` (the class, or an instance of it, registered in
+:data:`metaadamw.OBJECTIVES`) whose call maps the quantities of one meta-update
+(:class:`MetaQuantities`) to named scalar *terms*. It declares the terms it
 produces, which of them can be negative (the weightings need to know), and whether it needs g'
 (whose meta-gradient takes a Hessian-vector product: see :mod:`metaadamw.meta`), the training
 loss at theta' or the validation batch, so the meta-update computes nothing it does not use.

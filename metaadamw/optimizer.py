@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -159,7 +160,7 @@ class MetaAdamW(torch.optim.Optimizer):
         gate_l1 = _number("gate_l1", gate_l1, 0.0, math.inf)
         _check(weighting_form in FORMS, f"weighting_form must be one of {FORMS}, got {weighting_form!r}")
         for name, values in (("priorities", priorities), ("fixed_weights", fixed_weights)):
-            if values is not None:
+            if values is not None or name == "priorities":  # (fixed_weights=None: the weighting has none)
                 ok = (not isinstance(values, (str, bytes, dict)) and hasattr(values, "__len__") and len(values) == 3
                       and all(_real(v) and math.isfinite(v) and v >= 0 for v in values))
                 _check(ok, f"{name} must be three finite non-negative numbers [gradient alignment, loss decrease, "
@@ -181,7 +182,7 @@ class MetaAdamW(torch.optim.Optimizer):
                           f"them (weighting={weighting!r})", stacklevel=2)
         feature_cls = FEATURES.get(features)
         GROUPINGS.get(grouping)  # (an unknown name is refused here, before anything is built)
-        objective_obj = OBJECTIVES.create(objective)
+        objective_obj = _make_objective(objective)
         weighting_cls = WEIGHTINGS.get(weighting)
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -278,7 +279,12 @@ class MetaAdamW(torch.optim.Optimizer):
         """The tensors' infos, the group names (in order of first appearance), every tensor's group
         index (a host copy: step() reads nothing back) and the layout the extractor reads."""
         infos = self._tensor_info(model)
-        group_of_tensor = GROUPINGS.get(self.config["grouping"])(infos)
+        grouping = self.config["grouping"]
+        group_of_tensor = GROUPINGS.get(grouping)(infos)
+        _check(isinstance(group_of_tensor, (list, tuple)) and len(group_of_tensor) == len(infos)
+               and all(isinstance(n, str) for n in group_of_tensor),
+               f"grouping {grouping!r} must return one group name (a str) per parameter tensor, {len(infos)} in "
+               f"all, got {_preview(group_of_tensor)}")
         names = list(dict.fromkeys(group_of_tensor))
         group_of = [names.index(n) for n in group_of_tensor]
         layout = GroupLayout(
@@ -298,13 +304,18 @@ class MetaAdamW(torch.optim.Optimizer):
                 for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
                     full = f"{mod_name}.{pname}" if mod_name else pname
                     by_id.setdefault(id(p), (full, type(module)))
-            depths = model_depths({k: name for k, (name, _) in by_id.items()})
             if not any(id(p) in by_id for g in self.param_groups for p in g["params"]):
                 raise ValueError(
                     f"model= is a {type(model).__name__} that holds none of the optimizer's parameters (a copy of the "
                     f"model, such as an EMA model, or another instance of it?): pass the module whose parameters "
                     f"these are, or leave model= out")
-        in_model = all(id(p) in depths for g in self.param_groups for p in g["params"])
+            # the model's parameters in registration order, then the optimizer's own (a learnable
+            # temperature, say) in its order: the model's tensors keep the depths the model gives them
+            order = {k: name for k, (name, _) in by_id.items()}
+            for group in self.param_groups:
+                for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"])):
+                    order.setdefault(id(p), name)
+            depths = model_depths(order)
         infos, i = [], 0
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])
@@ -315,7 +326,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 infos.append(TensorInfo(
                     index=i, param_group=gi, name=known[0] if known else name, shape=tuple(p.shape),
                     module_type=known[1] if known else None,
-                    depth=depths[id(p)] if in_model else None,  # else: relative to the optimizer's tensors
+                    depth=depths.get(id(p)),  # None without model=: relative to the optimizer's tensors
                 ))
                 i += 1
         return infos
@@ -963,6 +974,46 @@ def _forked_rng(device: torch.device) -> Any:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+_OBJECTIVE_ATTRIBUTES = ("terms", "signed_terms", "second_order", "needs_train_loss", "needs_val")
+
+
+def _make_objective(name: str) -> Any:
+    """The objective registered as ``name``: a class is instantiated, an object that declares its
+    terms (an instance) is used as it is, and anything else is a factory called with no arguments."""
+    registered = OBJECTIVES.get(name)
+    objective = registered
+    if isinstance(registered, type) or (not hasattr(registered, "terms") and _callable_without_arguments(registered)):
+        objective = registered()
+    terms = getattr(objective, "terms", None)
+    missing = [a for a in _OBJECTIVE_ATTRIBUTES if not hasattr(objective, a)]
+    ok = (callable(objective) and not missing and isinstance(terms, (tuple, list)) and len(terms) > 0
+          and all(isinstance(t, str) for t in terms))
+    why = (f"it lacks {', '.join(missing)}" if missing else
+           "it must be callable and declare its terms as a non-empty tuple of names")
+    _check(ok, f"objective {name!r} gave {objective!r}, which is not a meta objective: {why}. "
+               f"Subclass metaadamw.MetaObjective (which declares terms, signed_terms, second_order, "
+               f"needs_train_loss, needs_val) and register the class or an instance of it")
+    return objective
+
+
+def _callable_without_arguments(fn: Any) -> bool:
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): try it
+        return callable(fn)
+    return True
+
+
+def _preview(value: Any) -> str:
+    """A short description of what a user component returned, for error messages."""
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(repr(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        return f"a {type(value).__name__} of {len(value)} ({items})"
+    return repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
 
 
 def _check(ok: bool, message: str) -> None:

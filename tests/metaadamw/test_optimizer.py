@@ -441,6 +441,54 @@ def test_recurrent_biases_are_biases_in_fine_grained_groups():
     assert opt.layout.is_bias.tolist() == [float(".bias" in n) for n in kinds]
 
 
+def _buckets(opt):
+    return {info.name: opt.group_names[g].split("/")[1] for info, g in zip(opt.tensor_info, opt._group_of)}
+
+
+def test_fine_grained_depth_follows_on_where_another_container_numbers_its_layers_from_0():
+    # a VGG-style model: features.0-8, then classifier.0-4 (the head was bucketed with the stem)
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(*[nn.Linear(4, 4) if i % 2 == 0 else nn.ReLU() for i in range(9)]))
+    model.add_module("classifier", nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    for kwargs in ({"params": model.named_parameters()}, {"params": model.parameters(), "model": model}):
+        depth = _buckets(MetaAdamW(kwargs.pop("params"), **kwargs, **small_kwargs()))
+        assert depth["features.0.weight"] == "shallow" and depth["features.4.weight"] == "middle"
+        assert depth["classifier.0.weight"] == depth["classifier.2.bias"] == "deep"
+    # an encoder's blocks, then a decoder's: the decoder's first block is not the encoder's first
+    layer = dict(d_model=4, nhead=1, dim_feedforward=8, batch_first=True)
+    seq2seq = nn.ModuleDict({"encoder": nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), 3,
+                                                              enable_nested_tensor=False),
+                             "decoder": nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), 3)})
+    depth = _buckets(MetaAdamW(seq2seq.parameters(), model=seq2seq, **small_kwargs()))
+    assert depth["encoder.layers.0.linear1.weight"] == "shallow"
+    assert depth["encoder.layers.2.linear1.weight"] == depth["decoder.layers.0.linear1.weight"] == "middle"
+    assert depth["decoder.layers.2.linear1.weight"] == "deep"
+
+
+def test_fine_grained_depth_of_recurrent_layers_comes_from_their_names():
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "lstm": nn.LSTM(4, 4, num_layers=3, bidirectional=True),
+                           "fc": nn.Linear(8, 2)})
+    depth = _buckets(MetaAdamW(model.named_parameters(), **small_kwargs()))
+    assert depth["emb.weight"] == depth["lstm.weight_ih_l0"] == depth["lstm.bias_hh_l0_reverse"] == "shallow"
+    assert depth["lstm.weight_hh_l1"] == depth["lstm.weight_ih_l1_reverse"] == "middle"
+    assert depth["lstm.weight_ih_l2"] == depth["fc.weight"] == "deep"
+
+
+def test_a_tensor_that_model_does_not_hold_keeps_the_models_depths():
+    # fine-tuning the top two of three layers plus a learnable temperature the model does not own
+    model = TinyTransformer(layers=3)
+    whole = _buckets(MetaAdamW(model.named_parameters(), model=model, **small_kwargs()))
+    temperature = nn.Parameter(torch.ones(()))
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("encoder.layers.0")]
+    opt = MetaAdamW([{"params": named}, {"params": [("temperature", temperature)]}], model=model, **small_kwargs())
+    depth = _buckets(opt)
+    assert {n: d for n, d in depth.items() if n != "temperature"} == {n: whole[n] for n, _ in named}
+    assert depth["encoder.layers.1.linear1.weight"] == "middle" and depth["temperature"] == "deep"
+    # without a name, it cannot be grouped: the error says how to name it
+    with pytest.raises(ValueError, match=r"model= does not hold.*\(name, tensor\) pairs"):
+        MetaAdamW([{"params": [p for _, p in named]}, {"params": [temperature]}], model=model, **small_kwargs())
+
+
 def test_fine_grained_name_rules_with_underscores_match_whole_segments():
     # names were split at "_" as well as ".", so feed_forward, q_proj, self_attn... never matched
     class Block(nn.Module):

@@ -137,6 +137,122 @@ def test_broken_entry_point_warns_and_hides_nothing(tmp_path, monkeypatch):
         assert reg.list() == ["fine"]
 
 
+def test_an_entry_point_that_is_not_callable_is_ignored_with_the_reason(tmp_path, monkeypatch):
+    (tmp_path / "string_plugin.py").write_text("NOT_A_COMPONENT = 'basic'\n")
+    _fake_distribution(tmp_path, "string_plugin", "[metaadamw.objectives]\nstringy = string_plugin:NOT_A_COMPONENT\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(OBJECTIVES, "_entry_points_loaded", False)
+    try:
+        with pytest.warns(RuntimeWarning, match="entry point 'stringy'.*ignored: it is a str, not a class, function"):
+            assert "stringy" not in OBJECTIVES.list()
+    finally:
+        sys.modules.pop("string_plugin", None)
+
+
+class _Extra(metaadamw.MetaObjective):
+    """The loss decrease, plus a term returned as the test asks."""
+    terms = ("loss_decrease",)
+    signed_terms = frozenset(terms)
+    needs_val = True
+
+    def __init__(self, returned=None):
+        self.returned = returned
+
+    def __call__(self, q):
+        out = {"loss_decrease": q.loss_val_prime - q.loss_val}
+        return out if self.returned is None else self.returned(out, q)
+
+
+def _meta_step_with(objective=None, weighting="huw", grouping=None, features="basic"):
+    model = TinyTransformer()
+    kwargs = {} if grouping is None else {"grouping": grouping}
+    opt = MetaAdamW(model.named_parameters(), objective=objective or "combined", weighting=weighting,
+                    features=features, **small_kwargs(**kwargs))
+    batches = lm_batches()
+    lm_loss(model, batches[0]).backward()
+    opt.step()
+    return opt.meta_step(model, lm_loss, *batches)
+
+
+@pytest.mark.parametrize("returned, error", [
+    (lambda out, q: {"other": out["loss_decrease"]}, r"_Extra declares the terms \('loss_decrease',\).*without \['loss_decrease'\]"),
+    (lambda out, q: {"loss_decrease": q.loss_val_prime * torch.ones(3)}, r"terms \['loss_decrease'\] are not scalar tensors \(got a tensor of shape \(3,\)\)"),
+    (lambda out, q: [out["loss_decrease"]], r"must return a dict of its terms"),
+])
+def test_what_a_user_objective_returns_is_checked_naming_it(returned, error):
+    OBJECTIVES.add("test_extra", _Extra(returned))  # an instance is used as it is, not called to make one
+    try:
+        with pytest.raises((ValueError, TypeError), match=error):
+            _meta_step_with("test_extra")
+    finally:
+        OBJECTIVES.remove("test_extra")
+
+
+def test_objectives_register_as_classes_instances_or_factories_and_may_record_extra_terms():
+    extra = _Extra(lambda out, q: {**out, "val_prime": q.loss_val_prime})
+    for name, obj in (("test_cls", _Extra), ("test_inst", extra), ("test_factory", lambda: extra)):
+        OBJECTIVES.add(name, obj)
+        try:
+            record = _meta_step_with(name)
+        finally:
+            OBJECTIVES.remove(name)
+        assert list(record.sigmas) == ["loss_decrease"] and math.isfinite(record.terms["loss_decrease"])
+        assert ("val_prime" in record.terms) == (name != "test_cls")
+    OBJECTIVES.add("test_function", lambda q: {"x": q.loss_val})  # a bare function declares nothing
+    try:
+        with pytest.raises(ValueError, match=r"objective 'test_function' gave .* not a meta objective.*"
+                                             r"Subclass metaadamw.MetaObjective"):
+            _meta_step_with("test_function")
+    finally:
+        OBJECTIVES.remove("test_function")
+
+
+def test_what_a_user_weighting_or_grouping_returns_is_checked_naming_it():
+    class Bare(metaadamw.Weighting):
+        def forward(self, terms):
+            return torch.stack(list(terms.values())).sum()  # the loss alone, no sigmas
+
+    WEIGHTINGS.add("test_bare", Bare)
+    try:
+        with pytest.raises(TypeError, match=r"weighting Bare must return \(meta-loss .*\), got a tensor of shape \(\)"):
+            _meta_step_with(weighting="test_bare")
+    finally:
+        WEIGHTINGS.remove("test_bare")
+    for name, strategy, got in (("test_short", lambda infos: ["all"], r"a list of 1 \('all'\)"),
+                                ("test_ints", lambda infos: [0] * len(infos), r"a list of \d+ \(0, 0, 0, 0, ...\)")):
+        GROUPINGS.add(name, strategy)
+        try:
+            with pytest.raises(ValueError, match=rf"grouping '{name}' must return one group name \(a str\) per "
+                                                 rf"parameter tensor, \d+ in all, got {got}"):
+                _meta_step_with(grouping=name)
+        finally:
+            GROUPINGS.remove(name)
+
+
+def test_a_feature_extractor_whose_statistics_do_not_match_its_columns_is_named():
+    @FEATURES.register("test_off_by_one")
+    class OffByOne(FeatureExtractor):
+        stats = ("grad_norm",)
+
+        def columns(self):
+            return ["grad_norm", "twice"]
+
+        def statistics(self, stats):
+            return self.group_mean(stats["grad_norm"].unsqueeze(1))  # one column, not two
+
+    try:
+        with pytest.raises(ValueError, match=r"OffByOne.statistics\(\) returned a tensor of shape \(\d+, 1\); "
+                                             r"expected \(\d+, 2\).*\['grad_norm', 'twice'\] \(or 3, ending with the v_norm"):
+            _meta_step_with(features="test_off_by_one")
+    finally:
+        FEATURES.remove("test_off_by_one")
+
+
+def test_priorities_none_is_refused_naming_the_option():
+    with pytest.raises(ValueError, match=r"priorities must be three finite non-negative numbers.*got None"):
+        MetaAdamW(TinyTransformer().parameters(), grouping="original", priorities=None)
+
+
 # --- one shared smoke test for every registered component ------------------------------------
 
 def _smoke(model, loss_fn, batches, **kwargs):
