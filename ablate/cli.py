@@ -318,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metaadamw import UnknownComponentError
 
         from ablate.data import DownloadError
+        from ablate.results import ResultsError
 
         if isinstance(exc, (NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)) and exc.filename:
             # a path the user gave (--out on a file, a read-only folder): one line, not a traceback
@@ -325,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     IsADirectoryError: " (a folder where a file is expected)"}.get(type(exc), "")
             print(f"ablate: error: {exc.strerror or exc}: {exc.filename}{hint}", file=sys.stderr)
             return 2
-        if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError)):
+        if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError,
+                            ResultsError)):
             print(f"ablate: error: {exc}", file=sys.stderr)
             return 2
         raise

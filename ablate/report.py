@@ -264,7 +264,7 @@ def plot_validation_curves(
     return _save(fig, out_dir / f"curves_{_slug(task)}.png")
 
 
-def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path) -> Path | None:
+def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str = "") -> Path | None:
     """Relative change vs baseline (%) of every non-factorial ablation arm of one task, with 95%
     CI error bars; significant arms are marked with an asterisk."""
     if t3.empty:
@@ -284,8 +284,9 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path) -> Path | Non
     ax.axhline(0, color="black", linewidth=0.8)
     ax.margins(y=0.15)
     ax.set_xticks(x, rows["arm"], rotation=45, ha="right")
-    ax.set(ylabel="change vs baseline (%)", title=f"{task}: ablations (+ = better, * = significant)")
-    return _save(fig, out_dir / f"ablation_{_slug(task)}.png")
+    split = f", {rows['split'].iloc[0]} split" if "split" in rows else ""
+    ax.set(ylabel="change vs baseline (%)", title=f"{task}: ablations{split} (+ = better, * = significant)")
+    return _save(fig, out_dir / f"ablation_{_slug(task)}{suffix}.png")
 
 
 def _telemetry_of(results: Results, task: str, arm: str) -> pd.DataFrame:
@@ -470,31 +471,52 @@ def _no_metric(counts: dict[str, int]) -> str:
     return f", {n} with status ok but no finite metric" if n else ""
 
 
-def _table2_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
-    t2 = stats.table2(results, alpha=alpha)
-    heading = _heading("MetaAdamW vs AdamW (Table 2 analogue)")
-    if not (t2["adamw_n"] + t2["meta_n"]).any():
+_SPLIT_NOTE = {
+    "validation": "The metric is the best validation metric of each trial: the split that early stopping and "
+                  "MetaAdamW's meta-objectives saw.",
+    "test": "The metric is the held-out test metric at each trial's best weights (test_<metric>): a split that "
+            "neither early stopping nor the meta-objectives saw. Only the tasks whose split has a test part.",
+}
+
+
+def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
+    t2 = stats.table2(results, alpha=alpha, split=split)
+    heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
+    if t2.empty or not (t2["adamw_n"] + t2["meta_n"]).any():
         return [heading, _text("No ok trial of the 'adamw' or 'baseline' arm: nothing to compare.")]
     blocks = [heading, _table(table2_display(t2)),
-              _text(_SIG_LEGEND.format(alpha=alpha, family="the tasks of this table") + " Time change is MetaAdamW's total training time "
-                    "over the matched seeds relative to AdamW's; ref_* columns are trivial references.")]
-    for task in t2["task"]:
-        blocks += _figure(plot_validation_curves(results, task, fig_dir),
-                          f"{task}: validation metric per epoch, mean over seeds with min-max band")
+              _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
+                    + " Time change is MetaAdamW's total training time over the matched seeds relative to AdamW's"
+                    + ("; ref_* columns are trivial references." if split == "validation" else "."))]
+    if split == "validation":
+        for task in t2["task"]:
+            blocks += _figure(plot_validation_curves(results, task, fig_dir),
+                              f"{task}: validation metric per epoch, mean over seeds with min-max band")
     return blocks
 
 
-def _table3_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
-    t3 = stats.table3(results, alpha=alpha)
+def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
+    t3 = stats.table3(results, alpha=alpha, split=split)
+    heading = _heading(f"Ablations (Table 3 analogue, {split} split)")
     if t3.empty:
-        return [_heading("Ablations (Table 3 analogue)"), _text("No ablation arms in this study.")]
-    blocks = [_heading("Ablations (Table 3 analogue)"), _table(table3_display(t3)),
+        return [heading, _text("No ablation arms in this study.")] if split == "validation" else []
+    blocks = [heading, _table(table3_display(t3)),
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
-                    "ran it once for both. " + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task"))]
+                    "ran it once for both. " + _SPLIT_NOTE[split] + " "
+                    + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task"))]
     for task in sorted(t3["task"].unique()):
-        blocks += _figure(plot_ablation_bars(t3, task, fig_dir), f"{task}: ablation arms vs baseline, 95% CI")
+        caption = f"{task}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
+        blocks += _figure(plot_ablation_bars(t3, task, fig_dir, suffix="" if split == "validation" else "_test"),
+                          caption)
     return blocks
+
+
+def _test_split_sections(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
+    """Tables 2 and 3 again on the held-out test metric, where some task has a test split."""
+    if not stats.tasks_with_test_split(results):
+        return []
+    return _table2_section(results, fig_dir, alpha, "test") + _table3_section(results, fig_dir, alpha, "test")
 
 
 def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
@@ -593,6 +615,7 @@ def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: f
     steps = [
         ("Table 2", lambda: _table2_section(results, fig_dir, alpha)),
         ("Table 3", lambda: _table3_section(results, fig_dir, alpha)),
+        ("test split", lambda: _test_split_sections(results, fig_dir, alpha)),
         ("factorial effects", lambda: _factorial_section(results, fig_dir, alpha)),
         ("performance profiles", lambda: _profile_section(results, fig_dir)),
         ("cost", lambda: _cost_section(results)),

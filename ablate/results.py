@@ -44,6 +44,7 @@ telemetry (one row per meta-update per group):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -58,6 +59,11 @@ import pandas as pd
 from ablate.files import atomic_write_bytes
 
 TABLES = ("trials", "history", "telemetry")
+
+
+class ResultsError(RuntimeError):
+    """Stored results that cannot be read at all (the message names the file)."""
+
 PARTS_DIR = "parts"
 MANIFEST = "study_trials.json"
 #: the trial columns that depend on the study rather than on the trial's config
@@ -144,7 +150,16 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | Non
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())["trials"]
+    try:
+        trials = json.loads(path.read_text())["trials"]
+        if not isinstance(trials, dict) or not all(isinstance(v, dict) for v in trials.values()):
+            raise ValueError("'trials' is not a mapping of trial id -> labels")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"{path} is unreadable ({type(exc).__name__}: {exc}): every stored trial is loaded, those of "
+                      f"earlier versions of the study included, without the study's labels; the next "
+                      f"`ablate run` rewrites it", stacklevel=3)
+        return None
+    return trials
 
 
 def finished_trial_ids(out_dir: str | os.PathLike, statuses: tuple[str, ...] = ("ok", "diverged")) -> set[str]:
@@ -193,7 +208,7 @@ def _read_tables(out_dir: Path) -> _Stored:
     tables: dict[str, pd.DataFrame] = {}
     damaged: dict[str, str] = {}
     recovered: dict[tuple[str, str], pd.DataFrame] = {}
-    combined_trials: set[str] | None = None  # trial ids of the combined trials table, read when needed
+    combined_trials: set[str] = set()  # trial ids of the combined trials table
     for table in TABLES:
         frames, unreadable = [], {}
         for f in files[table]:
@@ -202,8 +217,12 @@ def _read_tables(out_dir: Path) -> _Stored:
             except Exception as exc:  # one unreadable file must not hide every other result
                 unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
         if table != "trials":
-            for trial_id in sorted(finished - {f.name.split(".")[0] for f in files[table]}):
-                unreadable[trial_id] = f"result part {parts / f'{trial_id}.{table}.parquet'} is missing"
+            expected = finished
+        else:  # a trial row is written last: a trial with other parts, or in the combined table, had one
+            combined_trials = _ids_in(out_dir / "trials.parquet")
+            expected = {f.name.split(".")[0] for t in TABLES for f in files[t]} | combined_trials
+        for trial_id in sorted(expected - {f.name.split(".")[0] for f in files[table]}):
+            unreadable[trial_id] = f"result part {parts / f'{trial_id}.{table}.parquet'} is missing"
         combined_path = out_dir / f"{table}.parquet"
         combined = pd.DataFrame()
         if combined_path.exists() and (unreadable or not frames):
@@ -211,14 +230,12 @@ def _read_tables(out_dir: Path) -> _Stored:
                 combined = pd.read_parquet(combined_path)
             except Exception as exc:
                 if not frames and not unreadable:
-                    raise RuntimeError(f"could not read {combined_path} ({type(exc).__name__}: {exc}), and there are "
+                    raise ResultsError(f"could not read {combined_path} ({type(exc).__name__}: {exc}), and there are "
                                        f"no result parts beside it to read instead") from exc
         if not frames and not unreadable:
             tables[table] = combined
             continue
         in_combined = set(combined["trial_id"]) if "trial_id" in combined else set()
-        if unreadable and table != "trials" and combined_trials is None:
-            combined_trials = _ids_in(out_dir / "trials.parquet")
         for trial_id, why in unreadable.items():
             # (a trial's history and telemetry may have no rows: then its trial row says it was combined)
             if trial_id in in_combined or (table != "trials" and trial_id in combined_trials):
@@ -262,8 +279,9 @@ def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Res
     return _results(out_dir, _read_tables(out_dir), all_trials)
 
 
-def _results(out_dir: Path, stored: _Stored, all_trials: bool = False) -> Results:
-    """:func:`load_results` of the tables :func:`_read_tables` read."""
+def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_missing: bool = True) -> Results:
+    """:func:`load_results` of the tables :func:`_read_tables` read. ``warn_missing``: warn about
+    the study's trials that have no stored result (``ablate run`` says which itself)."""
     tables, damaged = stored.tables, stored.damaged
     if damaged:
         warnings.warn(
@@ -275,6 +293,16 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False) -> Result
     manifest = None if all_trials else read_manifest(out_dir)
     if manifest is not None and len(tables["trials"]):
         tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)
+    if manifest is not None and warn_missing:
+        stored_ids = set(tables["trials"]["trial_id"]) if len(tables["trials"]) else set()
+        missing = collections.Counter(str(labels.get("arm")) for t, labels in manifest.items()
+                                      if t not in stored_ids and t not in damaged)  # (damaged: warned above)
+        if missing:
+            warnings.warn(
+                f"{out_dir}: {sum(missing.values())} of the study's {len(manifest)} trials have no stored result (not "
+                f"run yet, still running, or cut off; by arm: {', '.join(f'{a} {n}' for a, n in missing.items())}): "
+                f"the tables and figures leave them out. `ablate run SPEC --out {out_dir.parent} --resume` runs "
+                f"them.", stacklevel=3)
     ids = set(tables["trials"]["trial_id"]) if len(tables["trials"]) else set()
     for name in ("history", "telemetry"):
         df = tables[name]
@@ -308,7 +336,7 @@ def consolidate(out_dir: str | os.PathLike) -> Results:
         if rows.empty:
             rows = pd.DataFrame({"trial_id": pd.Series([], dtype="string")})
         atomic_write_parquet(rows.reset_index(drop=True), out_dir / PARTS_DIR / f"{trial_id}.{table}.parquet")
-    results = _results(out_dir, stored)
+    results = _results(out_dir, stored, warn_missing=False)
     for name in TABLES:
         atomic_write_parquet(getattr(results, name), Path(out_dir) / f"{name}.parquet")
     return results

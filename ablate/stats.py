@@ -253,7 +253,15 @@ def data_sources(results: Results) -> pd.DataFrame:
     if t.empty:
         return pd.DataFrame(columns=["task", "data", "data_source", "n_trials"])
     cols = [c for c in ("task", "data", "data_source") if c in t]
-    out = t[cols].fillna("?").groupby(cols).size().rename("n_trials").reset_index()
+    t = t[cols].copy()
+    if "data_source" in t:  # a trial that failed before loading its data has none: its task's, where it has one
+        known = t.dropna(subset=["data_source"]).groupby(cols[:-1])["data_source"].agg(lambda s: set(s))
+        for idx in t.index[t["data_source"].isna()]:
+            key = tuple(t.loc[idx, cols[:-1]]) if len(cols) > 2 else t.loc[idx, cols[0]]
+            sources = known.get(key, set())
+            if len(sources) == 1:
+                t.loc[idx, "data_source"] = next(iter(sources))
+    out = t.fillna("?").groupby(cols).size().rename("n_trials").reset_index()
     for c in ("data", "data_source"):
         if c not in out:
             out[c] = "?"
@@ -323,18 +331,20 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
         warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
                       f"their values are averaged per seed. Are results of different study versions mixed "
                       f"(load_results(..., all_trials=True))?", stacklevel=3)
-    return g.groupby("seed")[column].mean()
+    values = g.groupby("seed")[column].mean() if column in g else pd.Series(dtype=float)
+    return values if column == "best_metric" else values.dropna()  # (an ok trial always has its best metric)
 
 
 def _n_not_ok(arms: pd.DataFrame, task: str, arm: str) -> int:
     return int(((arms["task"] == task) & (arms["arm"] == arm) & ~ok_mask(arms)).sum())
 
 
-def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str) -> tuple[pd.Series, pd.Series, int, int]:
+def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str, column: str = "best_metric"
+             ) -> tuple[pd.Series, pd.Series, int, int]:
     """Both arms' per-seed values over the seeds both finished ok (each arm's own ok seeds when
     they share none: there is no comparison then), and how many ok seeds each arm has that the
     other lacks (left out of its mean, so that the two means describe the same seeds)."""
-    ref, new = _per_seed(arms, task, ref_arm), _per_seed(arms, task, arm)
+    ref, new = _per_seed(arms, task, ref_arm, column), _per_seed(arms, task, arm, column)
     seeds = ref.index.intersection(new.index).sort_values()
     if not len(seeds):
         return ref, new, 0, 0
@@ -355,10 +365,39 @@ def _holm_family(rows: list[dict], alpha: float) -> None:
         r["significant"] = bool(p < alpha)
 
 
-def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE) -> pd.DataFrame:
-    """The paper's Table 2 with seeds: per task, AdamW ("adamw") vs the MetaAdamW "baseline".
+#: which metric the paired tables compare: the best validation metric (what early stopping and the
+#: meta-objectives saw), or the held-out test metric at the best weights (``test_<metric>``, where
+#: the task's split has a test part: ETT's ``split: 12/4/4``, CIFAR-10's ``split: holdout``)
+SPLITS = ("validation", "test")
 
-    Columns: task, metric, mode; adamw_* and meta_* (mean, lo, hi and n over the matched seeds -
+
+def _metric_column(split: str, metric: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return "best_metric" if split == "validation" else f"test_{metric}"
+
+
+def tasks_with_test_split(results: Results) -> list[str]:
+    """The tasks whose ok trials carry a held-out test metric (``test_<metric>``)."""
+    trials = results.trials
+    if trials.empty or "task" not in trials:
+        return []
+    out = []
+    for task in sorted(trials["task"].unique()):
+        column = _metric_column("test", task_metric(trials, task)[0])
+        ok = _ok(trials[trials["task"] == task])
+        if column in ok and ok[column].notna().any():
+            out.append(task)
+    return out
+
+
+def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE,
+           split: str = "validation") -> pd.DataFrame:
+    """The paper's Table 2 with seeds: per task, AdamW ("adamw") vs the MetaAdamW "baseline", on
+    the best validation metric or (``split="test"``) on the held-out test metric at the best
+    weights, for the tasks that have one (:func:`tasks_with_test_split`).
+
+    Columns: task, split, metric (``test_<name>`` on the test split), mode; adamw_* and meta_* (mean, lo, hi and n over the matched seeds -
     the seeds both arms finished ok, so that the two means describe the same seeds; each arm's own
     ok seeds when they share none - plus n_unmatched, ok seeds left out because the other arm has
     none there, and n_not_ok); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
@@ -369,15 +408,17 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     when the trials table has them.
     """
     trials = results.trials
+    _metric_column(split, "")  # (an unknown split is refused before anything is computed)
     if trials.empty:
         return pd.DataFrame()
     arms = explode_arms(trials)
-    ref_cols = [c for c in trials.columns if c.startswith("ref_")]
+    ref_cols = [c for c in trials.columns if c.startswith("ref_")] if split == "validation" else []
     rows = []
-    for task in sorted(trials["task"].unique()):
+    for task in _split_tasks(results, split):
         metric, mode = task_metric(trials, task)
-        row: dict = {"task": task, "metric": metric, "mode": mode}
-        ref, new, ref_extra, new_extra = _matched(arms, task, ADAMW, BASELINE)
+        column = _metric_column(split, metric)
+        row: dict = {"task": task, "split": split, "metric": metric if split == "validation" else column, "mode": mode}
+        ref, new, ref_extra, new_extra = _matched(arms, task, ADAMW, BASELINE, column)
         for prefix, arm, values, extra in (("adamw", ADAMW, ref, ref_extra), ("meta", BASELINE, new, new_extra)):
             ci = mean_ci(values, confidence)
             row.update({f"{prefix}_{k}": ci[k] for k in ("mean", "lo", "hi", "n")})
@@ -408,11 +449,17 @@ def _same_trials(arms: pd.DataFrame, task: str, arm: str, other: str) -> bool:
     return len(ids) > 0 and set(ids) == set(other_ids)
 
 
-def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE) -> pd.DataFrame:
-    """The paper's Table 3 with seeds: per task, every arm other than "adamw" and "baseline"
-    against "baseline" over matched seeds.
+def _split_tasks(results: Results, split: str) -> list[str]:
+    return sorted(results.trials["task"].unique()) if split == "validation" else tasks_with_test_split(results)
 
-    Columns: task, axis, arm, metric, mode, arm_mean/lo/hi and baseline_mean (over the matched
+
+def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFIDENCE,
+           split: str = "validation") -> pd.DataFrame:
+    """The paper's Table 3 with seeds: per task, every arm other than "adamw" and "baseline"
+    against "baseline" over matched seeds, on the best validation metric or the held-out test
+    metric (``split``, as in :func:`table2`).
+
+    Columns: task, split, axis, arm, metric, mode, arm_mean/lo/hi and baseline_mean (over the matched
     seeds, as in :func:`table2`), n_unmatched and baseline_n_unmatched (ok seeds of the arm, of
     the baseline, that the other lacks: left out of both means), n_not_ok, rel_* (per seed relative change vs
     baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the arms
@@ -422,18 +469,21 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     counted in the Holm family.
     """
     trials = results.trials
+    _metric_column(split, "")
     if trials.empty:
         return pd.DataFrame()
     arms = explode_arms(trials)
     rows = []
-    for task in sorted(trials["task"].unique()):
+    for task in _split_tasks(results, split):
         metric, mode = task_metric(trials, task)
+        column = _metric_column(split, metric)
         names = sorted(set(arms.loc[arms["task"] == task, "arm"]) - {ADAMW, BASELINE})
         task_rows = []
         for arm in names:
-            base, values, base_extra, extra = _matched(arms, task, BASELINE, arm)
+            base, values, base_extra, extra = _matched(arms, task, BASELINE, arm, column)
             ci = mean_ci(values, confidence)
-            row = {"task": task, "axis": arm_axis(arm), "arm": arm, "metric": metric, "mode": mode}
+            row = {"task": task, "split": split, "axis": arm_axis(arm), "arm": arm,
+                   "metric": metric if split == "validation" else column, "mode": mode}
             row.update({f"arm_{k}": ci[k] for k in ("mean", "lo", "hi")})
             row["baseline_mean"] = float(base.mean()) if len(base) else np.nan
             row["n_unmatched"], row["baseline_n_unmatched"] = extra, base_extra
@@ -768,11 +818,14 @@ def _profile_plan(results: Results, arms: Sequence[str] | None) -> tuple[list[st
             continue
         rows = ok[(ok["task"] == task) & ok["arm"].isin(names)]
         by_arm = [set(rows.loc[rows["arm"] == a, "seed"]) for a in names]
-        common = set.intersection(*[s for s in by_arm if s]) if any(by_arm) else set()
-        if any(by_arm) and not common:
+        if not any(by_arm):
+            notes.append(f"{task}: left out (no arm finished a trial ok)")
+            continue
+        common = set.intersection(*[s for s in by_arm if s])
+        if not common:
             notes.append(f"{task}: left out (no seed was finished ok by every arm)")
             continue
-        dropped = sorted(set.union(*by_arm) - common) if any(by_arm) else []
+        dropped = sorted(set.union(*by_arm) - common)
         if dropped:
             notes.append(f"{task}: means over seeds {', '.join(map(str, sorted(common)))} (seed(s) "
                          f"{', '.join(map(str, dropped))} not finished ok by every arm)")

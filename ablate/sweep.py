@@ -184,9 +184,13 @@ def _trial_row(spec: TrialSpec, study: Study, row: dict[str, Any]) -> dict[str, 
 
 
 def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
+    from ablate.tasks import TASKS
+
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    return _trial_row(spec, study, {**spec.config, "status": "failed", "error": error, "stop_reason": "failed",
-                                    "best_metric": math.nan, "finished_at": now})
+    metric = TASKS.get(spec.task).metric if spec.task in TASKS else None  # (the reports read its direction)
+    known = {} if metric is None else {"metric": metric.name, "mode": metric.mode}
+    return _trial_row(spec, study, {**spec.config, **known, "status": "failed", "error": error,
+                                    "stop_reason": "failed", "best_metric": math.nan, "finished_at": now})
 
 
 def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int,

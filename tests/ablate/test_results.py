@@ -28,14 +28,14 @@ def _damage(path: Path) -> None:
 
 
 @pytest.mark.parametrize("table, how", [("trials", "truncated"), ("history", "truncated"), ("telemetry", "truncated"),
-                                        ("history", "deleted"), ("telemetry", "deleted")])
+                                        ("trials", "deleted"), ("history", "deleted"), ("telemetry", "deleted")])
 def test_a_damaged_part_is_restored_from_the_combined_tables_and_rewritten(tmp_path, table, how):
     _study(tmp_path)
     before = load_results(tmp_path)
     part = tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet"
     if how == "truncated":
         _damage(part)
-    else:  # (without its trials part, a trial is one that did not finish)
+    else:  # (the combined trials table, and the trial's other parts, say that it had finished)
         part.unlink()
     with pytest.warns(UserWarning, match=f"aaaaaaaaaaaa.{table}.parquet is (unreadable|missing).*rows come from"):
         after = load_results(tmp_path)
@@ -55,12 +55,14 @@ def test_a_damaged_part_is_restored_from_the_combined_tables_and_rewritten(tmp_p
     assert len(again.history) == 6 and len(again.telemetry) == 4 and len(again.trials) == 2
 
 
-@pytest.mark.parametrize("table", ["trials", "history", "telemetry"])
-def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_keeps_the_others(tmp_path, table):
+@pytest.mark.parametrize("table, how", [("trials", "truncated"), ("history", "truncated"), ("telemetry", "truncated"),
+                                        ("trials", "deleted")])
+def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_keeps_the_others(tmp_path, table, how):
     _study(tmp_path)
     for name in ("trials", "history", "telemetry"):
         (tmp_path / f"{name}.parquet").unlink()  # results copied without the combined tables
-    _damage(tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet")
+    part = tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet"
+    _damage(part) if how == "truncated" else part.unlink()
     with pytest.warns(UserWarning, match="aaaaaaaaaaaa.*computed again"):
         assert finished_trial_ids(tmp_path) == {"bbbbbbbbbbbb"}
     with pytest.warns(UserWarning, match="1 trial.*left out.*--resume"):
@@ -74,3 +76,35 @@ def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(consolidate(tmp_path).trials) == 2
+
+
+def test_a_report_on_a_study_with_trials_not_run_says_how_many_and_of_which_arms(tmp_path):
+    _study(tmp_path)
+    write_manifest(tmp_path, "s", {"aaaaaaaaaaaa": {"study": "s", "arm": "arm0"}, "bbbbbbbbbbbb": {"study": "s", "arm": "arm1"},
+                                   "cccccccccccc": {"study": "s", "arm": "arm1"}, "dddddddddddd": {"study": "s", "arm": "arm2"}})
+    with pytest.warns(UserWarning, match=r"2 of the study's 4 trials have no stored result .*by arm: arm1 1, arm2 1\).*"
+                                         r"--resume"):
+        assert len(load_results(tmp_path).trials) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # `ablate run` says which trials did not finish itself
+        consolidate(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["{bad", "", '{"study": "s", "trials": ["aaaaaaaaaaaa"]}'])
+def test_an_unreadable_manifest_loads_every_stored_trial_with_a_warning(tmp_path, content):
+    _study(tmp_path)
+    (tmp_path / "study_trials.json").write_text(content)
+    with pytest.warns(UserWarning, match=r"study_trials.json is unreadable .* every stored trial is loaded"):
+        assert sorted(load_results(tmp_path).trials["trial_id"]) == ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+
+
+def test_an_unreadable_combined_table_alone_is_one_line_and_exit_2(tmp_path, capsys):
+    from ablate.cli import main
+    from ablate.results import ResultsError
+
+    (tmp_path / "trials.parquet").write_text("garbage")
+    with pytest.raises(ResultsError, match=r"could not read .*trials.parquet .* no result parts"):
+        load_results(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: error: could not read") and "Traceback" not in err

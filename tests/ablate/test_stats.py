@@ -406,6 +406,65 @@ def test_profile_takes_matched_seeds_and_leaves_out_tasks_not_every_arm_ran(tmp_
     assert "imdb: left out (not run by gating=true)" in notes
 
 
+def test_a_task_no_arm_finished_ok_is_left_out_of_the_profile_with_a_note(tmp_path, report_kit):
+    for seed in range(2):
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, 1.0)
+        _write(tmp_path, report_kit, "etth1", "gating=true", seed, 1.1)
+        for arm in ("baseline", "gating=true"):  # every imdb trial failed: its rows would cap every rho at 1/2
+            _write(tmp_path, report_kit, "imdb", arm, seed, np.nan, status="failed")
+    results = load_results(tmp_path)
+    assert list(stats.profile_ratios(results).index) == ["etth1"]
+    assert "imdb: left out (no arm finished a trial ok)" in stats.profile_notes(results)
+    assert stats.performance_profile(results).max().to_dict() == {"baseline": 1.0, "gating=true": 1.0}
+
+
+def test_a_failed_trial_without_a_data_source_takes_its_tasks(tmp_path, report_kit):
+    for seed in range(3):
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, 1.0, status="failed" if seed == 2 else "ok")
+    row = report_kit.trial_row("etth1", "gating=true", 2, np.nan)  # (a trial failed before loading its data)
+    row.update(trial_id="failed-early", status="failed", data_source=None)
+    write_trial(tmp_path, row)
+    sources = stats.data_sources(load_results(tmp_path))
+    assert sources.to_dict("records") == [{"task": "etth1", "data": "embedded", "data_source": "embedded:synthetic-etth1",
+                                           "n_trials": 4}]
+
+
+def _write_test_split(tmp_path, report_kit, arm, seed, best, test):
+    row = report_kit.trial_row("etth1", "adamw" if arm == "adamw" else "gating=true", seed, best)
+    row.update(arm=arm, arms=json.dumps([arm]), trial_id=f"t-{arm}-{seed}".replace("=", "_"), test_mse=test)
+    write_trial(tmp_path, row)
+
+
+def test_the_paired_tables_on_the_held_out_test_split(tmp_path, report_kit):
+    # on validation MetaAdamW wins every seed; on the test split it loses every seed
+    for seed in range(3):
+        _write_test_split(tmp_path, report_kit, "adamw", seed, 1.0, 2.0)
+        _write_test_split(tmp_path, report_kit, "baseline", seed, 0.9, 2.2 + seed / 10)
+        _write_test_split(tmp_path, report_kit, "gating=true", seed, 0.8, np.nan if seed == 0 else 2.0)
+    _write(tmp_path, report_kit, "imdb", "adamw", 0, 0.8)  # a task without a test split
+    results = load_results(tmp_path)
+    assert stats.tasks_with_test_split(results) == ["etth1"]
+    val = row_of(stats.table2(results), task="etth1")
+    test = stats.table2(results, split="test")
+    assert list(test["task"]) == ["etth1"]
+    test = test.iloc[0]
+    assert (val["split"], val["metric"], val["rel_mean"] > 0) == ("validation", "mse", True)
+    assert (test["split"], test["metric"], test["mode"]) == ("test", "test_mse", "min")
+    assert test["adamw_mean"] == pytest.approx(2.0) and test["meta_mean"] == pytest.approx(2.3)
+    assert test["rel_mean"] == pytest.approx(np.mean([-(0.2 + s / 10) / 2.0 for s in range(3)]))
+    assert test["n_better"] == 0 and not any(c.startswith("ref_") for c in test.index)
+    arm = row_of(stats.table3(results, split="test"), task="etth1", arm="gating=true")
+    assert arm["n_pairs"] == 2 and arm["arm_mean"] == pytest.approx(2.0)  # (seed 0 has no test metric)
+    assert arm["baseline_mean"] == pytest.approx(np.mean([2.3, 2.4]))
+    from ablate import report
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    section = md.split("## MetaAdamW vs AdamW (Table 2 analogue, test split)", 1)[1].split("\n## ", 1)[0]
+    assert "| etth1 | test_mse (min) | 2 " in section and "imdb" not in section and "held-out test metric" in section
+    assert "## Ablations (Table 3 analogue, test split)" in md and "(Table 2 analogue, validation split)" in md
+    with pytest.raises(ValueError, match="split must be one of"):
+        stats.table2(results, split="train")
+
+
 @pytest.mark.parametrize("sign", [1, -1])
 def test_half_fraction_factorial_fits_main_effects_and_names_the_aliases(tmp_path, report_kit, sign):
     # 2^(3-1) with C = AB (or C = -AB): each two-factor interaction is confounded with the third main

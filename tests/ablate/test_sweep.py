@@ -315,7 +315,7 @@ def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_
     (study_dir / "nodata_plugin.py").write_text(textwrap.dedent(f"""\
         from ablate.tasks.base import DatasetNotFoundError, register_task
 
-        @register_task("nodata_task", metrics=[("loss", "min")], defaults={{"epochs": 1, "grouping": "original"}})
+        @register_task("nodata_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
         def build(config):
             with open({str(log)!r}, "a") as f:
                 f.write("built\\n")
@@ -333,6 +333,7 @@ def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_
     assert log.read_text().count("built") == 1, "built once: no retry"
     row = load_results(outcome.out_dir).trials.iloc[0]
     assert row["status"] == "failed" and "data.csv not found on this node" in row["error"]
+    assert (row["metric"], row["mode"]) == ("score", "max")  # the report's direction for a task whose every trial failed
 
 
 def test_summary_table_compares_arms_on_the_seeds_both_finished(tmp_path, report_kit):
