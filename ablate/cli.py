@@ -271,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's checkpoint (model, optimizer, best weights) in "
                         "OUT/<study name>/checkpoints/ (default: deleted once its results are stored)")
+    s.add_argument("--rerun", action="append", metavar="TASK|ARM|all",
+                   help="run these stored trials again (repeatable: a task, an arm, or all), e.g. after a fix to "
+                        "a plugin or to ablate itself: stored trials are reused by their configuration, which does "
+                        "not see code. Their current results are copied to OUT/<study name>/replaced/ first; a run "
+                        "cut off is continued by any later `ablate run` of the study")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities")

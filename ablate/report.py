@@ -444,6 +444,9 @@ def _intro(results: Results, results_dir: Path) -> list[Block]:
         blocks.append(Block("warning", f"{counts['total'] - counts['ok']} trial(s) did not finish ok "
                                        f"({counts['failed']} failed, {counts['diverged']} diverged{_no_metric(counts)}); "
                                        f"see the last section."))
+    idle = stats.without_meta_updates(results)
+    if len(idle):
+        blocks.append(Block("warning", stats.idle_note(idle)))
     if stats.uses_embedded_data(results):
         blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
                                        "paper's datasets, with smaller models and budgets. They exercise the "

@@ -227,6 +227,26 @@ def status_counts(results: Results) -> dict[str, int]:
     return counts
 
 
+def without_meta_updates(results: Results) -> pd.DataFrame:
+    """The ok MetaAdamW trials that made no meta-update (their budget ended before the first):
+    their modulator stayed as initialised, so they differ from AdamW by its initial multipliers
+    alone. Columns: task, arm, n."""
+    t = results.trials
+    if t.empty or "meta_updates" not in t or "optimizer" not in t:
+        return pd.DataFrame(columns=["task", "arm", "n"])
+    idle = t[ok_mask(t) & (t["optimizer"] == "metaadamw") & (pd.to_numeric(t["meta_updates"], errors="coerce") == 0)]
+    return idle.groupby(["task", "arm"], sort=True).size().rename("n").reset_index()
+
+
+def idle_note(idle: pd.DataFrame) -> str:
+    """What :func:`without_meta_updates` found, in words."""
+    where = ", ".join(f"{r.task} {r.arm}: {r.n}" for r in idle.itertuples())
+    return (f"{int(idle['n'].sum())} ok MetaAdamW trial(s) made no meta-update ({where}): their budget ended before "
+            f"the first (warmup_epochs, then one every meta_every steps or meta_per_epoch times per epoch), so their "
+            f"modulator stayed as initialised and they differ from AdamW and from each other by its initial "
+            f"multipliers alone. Give them more steps, fewer warm-up epochs or more frequent meta-updates.")
+
+
 def seeds_per_arm(results: Results) -> pd.DataFrame:
     """Per task and arm: ok seeds, trials that are not ok, and the ok seed list."""
     arms = explode_arms(results.trials)

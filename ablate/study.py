@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from importlib import import_module, invalidate_caches
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,6 +41,7 @@ import yaml
 from ablate.config import (
     COMMON_FIELDS,
     METAADAMW_KEYS,
+    NON_IDENTITY_KEYS,
     ConfigError,
     ALTERNATIVE_KEYS,
     did_you_mean,
@@ -359,6 +361,7 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
     ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
     arms = _parse_adamw(ctx, given.get("adamw", True)) + [_Arm("baseline", "", {})]
+    _warn_unpaired_baseline_keys(ctx, arms[0] if arms[0].adamw else None)
     arms += _parse_ablations(ctx, given.get("ablations", {}))
     arms += _parse_factorial(ctx, given.get("factorial"))
     total = len(ctx.tasks) * len(seeds) * len(arms)
@@ -547,6 +550,20 @@ def _parse_adamw(ctx: _Context, adamw: Any) -> list[_Arm]:
     if isinstance(adamw, dict):
         return [_Arm("adamw", "", _check_settings(ctx, adamw, "adamw", ctx.tasks, adamw=True), adamw=True)]
     raise ctx.error("adamw", f"must be true, false or a mapping of AdamW settings such as {{lr: 1.0e-3}}; got {_short(adamw)}")
+
+
+def _warn_unpaired_baseline_keys(ctx: _Context, adamw: _Arm | None) -> None:
+    """``baseline:`` holds MetaAdamW's settings, which the AdamW arm does not get: a model or budget
+    key there (and not under ``adamw:`` too) makes AdamW and MetaAdamW train different things,
+    where Table 2 pairs them."""
+    if adamw is None:
+        return
+    keys = [k for k in ctx.baseline if k not in METAADAMW_KEYS and k not in NON_IDENTITY_KEYS and k not in adamw.settings]
+    if keys:
+        warnings.warn(f"{ctx.where('baseline')}: sets {', '.join(keys)}, which AdamW's trials use as well but do not get "
+                      f"(baseline: holds MetaAdamW's settings), so AdamW and MetaAdamW no longer train the same model "
+                      f"and budget. Put what both should have under budget: (or overrides.<task>:); to keep a "
+                      f"difference on purpose, set the key under adamw: too, to AdamW's value", stacklevel=3)
 
 
 def _parse_ablations(ctx: _Context, ablations: Any) -> list[_Arm]:

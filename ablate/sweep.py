@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,11 +26,13 @@ import logging
 import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from ablate import results as store
 from ablate.files import atomic_write_bytes
@@ -194,7 +197,7 @@ def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
 
 
 def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int,
-                    keep_checkpoints: bool = False):
+                    keep_checkpoints: bool = False, reruns: set[str] | None = None):
     from ray import tune
 
     class Recorder(tune.Callback):
@@ -226,6 +229,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
+            self._rerun_done(spec.trial_id)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
             self.eta.finished(spec.task, row.get("time_total_s"))
@@ -238,9 +242,15 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
             store.write_trial(out_dir, _failed_row(spec, study, error))
             self.failed_ids.add(spec.trial_id)
+            self._rerun_done(spec.trial_id)
             self.eta.finished(spec.task, None)
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED "
                                    f"({error.strip().splitlines()[-1]}{note})")
+
+        def _rerun_done(self, trial_id: str) -> None:
+            if reruns and trial_id in reruns:  # computed again: a later run reuses it
+                reruns.discard(trial_id)
+                _write_reruns(out_dir, reruns)
 
         def _progress(self, trials, last: str) -> None:
             # (Ray Tune marks the trial that just reported its result or error as finished only after
@@ -374,10 +384,26 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
                 f"token authentication (Ray {ray.__version__}: when the head is not on localhost): run ablate with "
                 f"RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token copied from the "
                 f"head), or, on a trusted network, set RAY_AUTH_MODE=disabled for both `ray start` and ablate") from None
+        _warn_if_no_node_fits(study, address)
     else:
         # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
     return True
+
+
+def _warn_if_no_node_fits(study: Study, address: str) -> None:
+    """Say so when no node of the joined cluster has the CPUs or GPUs one trial asks for: Ray would
+    wait for such a node without end (an autoscaling cluster may add one, so this is no error)."""
+    import ray
+
+    want = {"CPU": study.resources.get("cpus", 1), "GPU": study.resources.get("gpus", 0)}
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    largest = {k: max((float(n.get(k, 0)) for n in nodes), default=0.0) for k in want}
+    short = [f"{want[k]:g} {k}s (the largest node has {largest[k]:g})" for k in want if want[k] > largest[k]]
+    if short:
+        print(f"ablate: warning: each trial asks for {' and '.join(short)}, which no node of the cluster at {address} "
+              f"has: no trial starts until such a node joins (an autoscaler may add one). Ctrl-C, then lower "
+              f"resources: in the study file, if none will.", file=sys.stderr, flush=True)
 
 
 def check_real_data(study: Study) -> None:
@@ -449,15 +475,8 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
             stale.setdefault(spec.task, []).append(spec.trial_id)
     if not stale:
         return set()
-    keep = out_dir / "stale-data" / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    keep.mkdir(parents=True, exist_ok=True)
     stale_ids = {t for task_ids in stale.values() for t in task_ids}
-    old = store.load_results(out_dir, all_trials=True)  # (parts, or the combined tables standing in for them)
-    for name in store.TABLES:
-        df = getattr(old, name)
-        if "trial_id" in df:
-            store.atomic_write_parquet(df[df["trial_id"].isin(list(stale_ids))].reset_index(drop=True),
-                                       keep / f"{name}.parquet")
+    keep = _copy_aside(out_dir, stale_ids, "stale-data")
     for trial_id in stale_ids:  # a --resume must not continue a checkpoint made on the old data
         ckpt = out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt"
         if ckpt.exists():
@@ -466,6 +485,60 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
         print(f"{task}: {len(ids)} stored trial(s) were made on other data files than its data directory holds now "
               f"(a file's size differs); they run again. Their old results are kept in {keep}", flush=True)
     return stale_ids
+
+
+def _copy_aside(out_dir: Path, ids: set[str], folder: str) -> Path:
+    """Copy the stored rows of the trials ``ids`` into ``OUT/<name>/<folder>/<now>/<table>.parquet``
+    before they are computed again: results already made are never lost."""
+    keep = out_dir / folder / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    keep.mkdir(parents=True, exist_ok=True)
+    old = store.load_results(out_dir, all_trials=True)  # (parts, or the combined tables standing in for them)
+    for name in store.TABLES:
+        df = getattr(old, name)
+        if "trial_id" in df:
+            store.atomic_write_parquet(df[df["trial_id"].isin(list(ids))].reset_index(drop=True), keep / f"{name}.parquet")
+    return keep
+
+
+#: trial ids an ``ablate run --rerun`` selected that have not been computed again yet (every later
+#: run of the study computes them, also one cut off and continued without --rerun)
+RERUN_FILE = "rerun.json"
+
+
+def rerun_selection(study: Study, selectors: Sequence[str]) -> set[str]:
+    """The trials of ``study`` that ``--rerun`` selects: every one for ``all``, else those whose
+    task, or one of whose arms, is named."""
+    from ablate.config import ConfigError
+
+    if "all" in selectors:
+        return {t.trial_id for t in study.trials}
+    names = {t.task for t in study.trials} | {a for t in study.trials for a in t.arms}
+    unknown = [s for s in selectors if s not in names]
+    if unknown:
+        raise ConfigError(f"--rerun {' '.join(unknown)}: not a task or arm of study {study.name}; its tasks and arms: "
+                          f"{', '.join(sorted(names))} (or all)")
+    return {t.trial_id for t in study.trials if t.task in selectors or any(a in selectors for a in t.arms)}
+
+
+def _pending_reruns(out_dir: Path) -> set[str]:
+    path = out_dir / RERUN_FILE
+    if not path.exists():
+        return set()
+    try:
+        return set(json.loads(path.read_text())["trials"])
+    except (ValueError, KeyError, TypeError) as exc:
+        from ablate.config import ConfigError
+
+        raise ConfigError(f"{path} is unreadable ({type(exc).__name__}: {exc}): it lists the trials an "
+                          f"`ablate run --rerun` has still to compute; run with --rerun again (it rewrites it)") from None
+
+
+def _write_reruns(out_dir: Path, ids: set[str]) -> None:
+    path = out_dir / RERUN_FILE
+    if ids:
+        atomic_write_bytes(path, json.dumps({"trials": sorted(ids)}, indent=1).encode())
+    else:
+        path.unlink(missing_ok=True)
 
 
 def no_meta_updates(study: Study) -> int:
@@ -550,36 +623,104 @@ def run_study(
     max_concurrent: int | None = None,
     num_cpus: int | None = None,
     keep_checkpoints: bool = False,
+    rerun: Sequence[str] | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``study`` whose result is not stored yet; return the study's tables.
 
     A trial's checkpoint (``OUT/<name>/checkpoints/<trial_id>.pt``: model, optimizer, best weights) is
     deleted once its results are stored, and Ray's copies of them once every trial is recorded,
-    unless ``keep_checkpoints``: on the paper's study they would take tens of GB."""
-    from ray import tune
-
+    unless ``keep_checkpoints``: on the paper's study they would take tens of GB. ``rerun``: run
+    these stored trials again (:func:`rerun_selection`; ``[]`` for all), as after a fix to code
+    that trial ids, which hash the configuration, cannot see. One run at a time writes into a
+    study's output folder: a second is refused (:class:`ablate.config.ConfigError`)."""
     storage = ray_storage_path(storage)
     check_resources(study, address, num_cpus)
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
         check_real_data(study)
     out_dir = Path(out_root) / study.name
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        return _run_study(study, out_dir, resume=resume, rerun=rerun, address=address, storage=storage,
+                          max_concurrent=max_concurrent, num_cpus=num_cpus, keep_checkpoints=keep_checkpoints)
+
+
+#: the lock file of a study's output directory, held by the ``ablate run`` writing into it
+LOCK_FILE = ".ablate-run.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold ``OUT/<name>/.ablate-run.lock`` while a run writes into ``out_dir``: a second run of the
+    same study into the same folder (a seed added from another terminal) is refused, not left to
+    delete the first one's live Ray directory and rewrite its manifest. A lock of the operating
+    system (``flock``): a killed run releases it; on a network file system that does not support
+    it, runs are not kept apart."""
+    from ablate.config import ConfigError
+
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows)
+        yield
+        return
+    path = out_dir / LOCK_FILE
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{out_dir} is in use by another `ablate run` of this study ({holder}): wait for it to "
+                              f"finish (it stores every trial it runs; a later run reuses them), or give this run "
+                              f"another --out") from None
+        except OSError:  # a file system without locks
+            yield
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str] | None, address: str | None,
+               storage: str | None, max_concurrent: int | None, num_cpus: int | None,
+               keep_checkpoints: bool) -> SweepOutcome:
+    from ray import tune
+
     for stale in (out_dir / store.PARTS_DIR).glob(".*.tmp"):  # a write cut off by a killed driver
         stale.unlink(missing_ok=True)
-    if study.path is not None:
-        shutil.copyfile(study.path, out_dir / "study.yaml")
+    copy = out_dir / "study.yaml"
+    if study.path is not None and not (copy.exists() and os.path.samefile(study.path, copy)):
+        shutil.copyfile(study.path, copy)
     store.write_manifest(out_dir, study.name, {t.trial_id: _labels(t, study) for t in study.trials})
     stored = store.finished_trials(out_dir)
     finished = set(stored["trial_id"]) if len(stored) else set()
     finished -= set_aside_stale_data(study, out_dir, stored)
+    reruns = _pending_reruns(out_dir)
+    earlier = len(reruns & finished)
+    if rerun:
+        again = rerun_selection(study, rerun) & finished - reruns
+        if again:
+            keep = _copy_aside(out_dir, again, "replaced")
+            print(f"--rerun: {len(again)} stored trial(s) run again (their current results are copied to {keep})",
+                  flush=True)
+            reruns |= again
+            _write_reruns(out_dir, reruns)
+    if earlier:
+        print(f"{earlier} trial(s) that an earlier `ablate run --rerun` selected and that were not computed again yet "
+              f"run again", flush=True)
+    finished -= reruns
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
           f"-> {out_dir}", flush=True)
     _note_idle_trials(study)
     if not pending:
-        if storage is None and not keep_checkpoints:
-            _remove_ray_copies(out_dir, study)
+        if not keep_checkpoints:
+            _clean_up(out_dir, study, storage, None)
         return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
 
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
@@ -592,7 +733,7 @@ def run_study(
     started = init_ray(study, address, num_cpus)
     try:
         by_id = {t.trial_id: t for t in pending}
-        recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused, keep_checkpoints)
+        recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused, keep_checkpoints, reruns)
         cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
         space = {
             "trial": tune.grid_search([_worker_spec(t) for t in pending]),
@@ -626,8 +767,8 @@ def run_study(
             ray.shutdown()
     left = [t for t in pending if t.trial_id not in recorder.written | recorder.failed_ids]
     unfinished = len(left)
-    if not unfinished and storage is None and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
-        _remove_ray_copies(out_dir, study)
+    if not unfinished and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
+        _clean_up(out_dir, study, storage, run_name)
     names = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in left]
     if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
         print(f"\ninterrupted: {unfinished} trial(s) did not finish: {'; '.join(names[:10])}"
@@ -651,7 +792,7 @@ def summary_table(results: store.Results) -> str:
     (the mean per-seed relative change over the seeds both finished, as the report's tables)."""
     import pandas as pd
 
-    from ablate.stats import _matched, explode_arms, relative_change
+    from ablate.stats import _matched, _same_trials, explode_arms, relative_change
 
     trials = results.trials
     if trials.empty:
@@ -674,6 +815,9 @@ def summary_table(results: store.Results) -> str:
         for arm in sorted(pd.unique(df["arm"]), key=lambda a: order.get(a, 1)):
             m = means.loc[arm] if arm in means.index else pd.Series({"mean": math.nan, "count": 0})
             change, pairs = math.nan, 0
+            if arm != "baseline" and _same_trials(arms, task, arm, "baseline"):
+                lines.append(f"  {arm:<34} = baseline (same trials)")
+                continue
             if arm != "baseline" and not math.isnan(base):
                 ref, new, _, _ = _matched(arms, task, "baseline", arm)
                 pairs = len(new) if ref.index.equals(new.index) else 0
@@ -693,8 +837,14 @@ def run_command(args) -> int:
         _note_idle_trials(study)
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
-                        max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints)
+                        max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints,
+                        rerun=getattr(args, "rerun", None))
     print(summary_table(outcome.results))
+    from ablate.stats import idle_note, without_meta_updates
+
+    idle = without_meta_updates(outcome.results)
+    if len(idle):
+        print(f"\nnote: {idle_note(idle)}", flush=True)
     trials = outcome.results.trials
     diverged = int((trials["status"] == "diverged").sum()) if "status" in trials else 0
     print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"
@@ -708,13 +858,34 @@ def run_command(args) -> int:
     return 130 if outcome.unfinished else 1 if outcome.failed else 0
 
 
-def _remove_ray_copies(out_dir: Path, study: Study) -> None:
-    """Delete Ray Tune's experiment directories of ``study`` under ``OUT/ray`` - this run's and those
-    of earlier runs that were interrupted - once every trial is recorded: their checkpoints (one
-    per trial) would otherwise stay behind, and ``--resume`` reads the stable ones."""
-    for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
-        if run_dir.is_dir():
-            shutil.rmtree(run_dir, ignore_errors=True)
+def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | None) -> None:
+    """Once every trial of ``study`` is recorded, delete the checkpoints nothing will read again
+    (each holds a model, its optimizer and its best weights: on ``paper.yaml``, tens of GB):
+
+    * Ray Tune's experiment directories of the study under ``OUT/ray`` - this run's and those of
+      earlier runs that were interrupted (the run holds the folder's lock: no other run of the
+      study is using them) - or, with a local ``--storage`` path, this run's directory there (a
+      URI's is left; its path is printed);
+    * stable checkpoints (``OUT/checkpoints``) of trials that are no longer in the study (cut off
+      before the study file was edited): its own trials' were deleted as each finished.
+    """
+    if storage is None:
+        for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
+            if run_dir.is_dir():
+                shutil.rmtree(run_dir, ignore_errors=True)
+    elif run_name is not None:
+        if "://" in storage and not storage.startswith("file://"):
+            print(f"note: Ray's copies of this run's checkpoints are left in {storage.rstrip('/')}/{run_name} "
+                  f"(--keep-checkpoints aside, delete them there once you no longer need them)", flush=True)
+        else:
+            shutil.rmtree(Path(storage.removeprefix("file://")) / run_name, ignore_errors=True)
+    ids = {t.trial_id for t in study.trials}
+    orphans = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    if orphans:
+        print(f"removed {len(orphans)} checkpoint(s) of trials no longer in the study (cut off before the study "
+              f"file changed) from {out_dir / CHECKPOINTS_DIR}", flush=True)
 
 
 def resume_command(args) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -512,3 +513,33 @@ def test_table3_counts_the_baselines_unpaired_seeds_too(tmp_path, report_kit):
     assert row["baseline_mean"] == pytest.approx(1.5)  # seeds 0-1 only
     from ablate import report
     assert report.table3_display(t3)["seeds (better)"].iloc[0] == "2 (0); 2 unpaired left out"
+
+
+def test_metaadamw_trials_without_a_meta_update_are_named_in_the_report_and_the_run_summary(tmp_path, report_kit):
+    for seed in range(2):
+        _write(tmp_path, report_kit, "etth1", "adamw", seed, 1.0)
+        for arm in ("baseline", "gating=true"):
+            row = report_kit.trial_row("etth1", arm, seed, 0.9)
+            row.update(arm=arm, arms=json.dumps([arm]), trial_id=f"{arm}-{seed}".replace("=", "_"),
+                       meta_updates=0 if arm == "baseline" or seed == 0 else 3)
+            write_trial(tmp_path, row)
+    results = load_results(tmp_path)
+    idle = stats.without_meta_updates(results)
+    assert idle.to_dict("records") == [{"task": "etth1", "arm": "baseline", "n": 2}, {"task": "etth1", "arm": "gating=true", "n": 1}]
+    note = stats.idle_note(idle)
+    assert note.startswith("3 ok MetaAdamW trial(s) made no meta-update (etth1 baseline: 2, etth1 gating=true: 1)")
+    from ablate import report
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    assert f"**WARNING: {note}**" in md
+    assert stats.without_meta_updates(Results(*(pd.DataFrame() for _ in range(3)))).empty
+
+
+def test_the_run_summary_shows_an_arm_served_by_the_baselines_trials_as_such(tmp_path, report_kit):
+    from ablate.sweep import summary_table
+
+    for seed in range(2):
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, 1.0 + seed, arms=["baseline", "gating=true"])
+        _write(tmp_path, report_kit, "etth1", "gating=false", seed, 1.1 + seed)
+    table = summary_table(load_results(tmp_path))
+    assert re.search(r"\n  gating=true += baseline \(same trials\)\n", table), table
+    assert "+0.00%" not in table and "-7.50%" in table  # (gating=false: -10% and -5% per seed)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -642,3 +643,15 @@ def test_a_toml_file_gets_a_hint_and_idle_metaadamw_trials_are_counted(tmp_path)
     assert no_meta_updates(study) == 2 == sum(t.config["optimizer"] == "metaadamw" for t in study.trials)
     path.write_text("name: idle\ntasks: [etth1]\nseeds: 2\nbudget: {epochs: 2}\n")
     assert no_meta_updates(load_study(path)) == 0
+
+
+def test_model_or_budget_keys_under_baseline_warn_that_adamw_does_not_get_them(tmp_path):
+    with pytest.warns(UserWarning, match=r"baseline: sets epochs, d_model, which AdamW's trials use as well but do not "
+                                         r"get .* Put what both should have under budget:"):
+        study = load(tmp_path, tasks=["tiny_ts"], baseline={"epochs": 2, "d_model": 4, "gating": False})
+    assert trial(study, "tiny_ts", "adamw").config["epochs"] == 4 and trial(study, "tiny_ts", "baseline").config["epochs"] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MetaAdamW keys; a difference set on purpose; no AdamW arm; budget:
+        load(tmp_path, tasks=["tiny_ts"], baseline={"gating": False, "epochs": 2}, adamw={"epochs": 3})
+        load(tmp_path, tasks=["tiny_ts"], baseline={"epochs": 2}, adamw=False)
+        load(tmp_path, tasks=["tiny_ts"], budget={"epochs": 2}, baseline={"meta_every": 5})

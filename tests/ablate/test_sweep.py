@@ -392,3 +392,71 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
     shutil.copytree(tmp_path / "data", moved)
     study = load_study(_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {moved}"))
     assert set_aside_stale_data(study, out, finished_trials(out)) == set()
+
+
+def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any_later_run(tmp_path, capsys):
+    # stored trials are reused by their configuration, which does not see a fix to a plugin or to
+    # ablate: --rerun computes them again; a rerun cut off is continued by the next plain run
+    from ablate.sweep import RERUN_FILE
+
+    spec = tmp_path / "one.yaml"
+    spec.write_text("name: one\ntasks: [etth1]\nseeds: 1\nadamw: false\n"
+                    "budget: {epochs: 1, max_train_batches: 2, patience: 0}\nbaseline: {modulator_layers: 1}\n")
+    out, shared = tmp_path / "results", tmp_path / "shared"
+    first = run_study(load_study(spec), out, num_cpus=1, storage=str(shared))
+    (trial_id,) = first.results.trials["trial_id"]
+    old = first.results.trials["finished_at"].iloc[0]
+    assert not any(shared.iterdir()), "Ray's copies of the checkpoints in --storage are deleted once all are recorded"
+    (out / "one" / "checkpoints" / "0123456789ab.pt").write_bytes(b"a trial cut off before the study file changed")
+    stored_copy = load_study(out / "one" / "study.yaml")  # (a study run from its stored copy: the same file)
+    again = run_study(stored_copy, out, num_cpus=1, rerun=["all"])
+    assert (again.ran, again.reused) == (1, 0)
+    new = again.results.trials
+    assert list(new["trial_id"]) == [trial_id] and new["finished_at"].iloc[0] > old
+    (replaced,) = (out / "one" / "replaced").iterdir()
+    assert list(pd.read_parquet(replaced / "trials.parquet")["finished_at"]) == [old]
+    assert len(pd.read_parquet(replaced / "history.parquet")) == 1  # (one epoch)
+    assert not (out / "one" / RERUN_FILE).exists() and not list((out / "one" / "checkpoints").iterdir())
+    assert "removed 1 checkpoint(s) of trials no longer in the study" in capsys.readouterr().out
+    # a --rerun cut off before the trial was computed again: the next run, without --rerun, computes it
+    (out / "one" / RERUN_FILE).write_text(json.dumps({"trials": [trial_id]}))
+    later = run_study(load_study(spec), out, num_cpus=1)
+    assert (later.ran, later.reused) == (1, 0) and not (out / "one" / RERUN_FILE).exists()
+    assert "1 trial(s) that an earlier `ablate run --rerun` selected" in capsys.readouterr().out
+    assert run_study(load_study(spec), out, num_cpus=1).reused == 1
+    from ablate.config import ConfigError
+    with pytest.raises(ConfigError, match=r"--rerun adamw: not a task or arm of study one; its tasks and arms: "
+                                          r"baseline, etth1 \(or all\)"):
+        run_study(load_study(spec), out, num_cpus=1, rerun=["adamw"])
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    from ablate.config import ConfigError
+    from ablate.sweep import _exclusive
+
+    spec = _study(tmp_path, seeds=1)
+    (tmp_path / "results" / "tiny").mkdir(parents=True)
+    with _exclusive(tmp_path / "results" / "tiny"):
+        with pytest.raises(ConfigError, match=rf"results/tiny is in use by another `ablate run` of this study \(pid "
+                                              rf"{os.getpid()} on .*\): wait for it .* or give this run another --out"):
+            run_study(load_study(spec), tmp_path / "results", num_cpus=1)
+    assert not (tmp_path / "results" / "tiny" / "study_trials.json").exists(), "refused before writing anything"
+    with _exclusive(tmp_path / "results" / "tiny"):  # released when the first run ends (or is killed)
+        pass
+
+
+def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from ablate.sweep import _warn_if_no_node_fits
+
+    study = load_study(_study(tmp_path, seeds=1, extra="resources: {cpus: 2}"))
+    nodes = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    _warn_if_no_node_fits(study, "10.0.0.1:6379")
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: warning: each trial asks for 2 CPUs (the largest node has 1), which no node of the "
+                          "cluster at 10.0.0.1:6379 has"), err
+    nodes.append({"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
+    _warn_if_no_node_fits(study, "10.0.0.1:6379")
+    assert capsys.readouterr().err == ""
