@@ -478,7 +478,8 @@ _SPLIT_NOTE = {
     "validation": "The metric is the best validation metric of each trial: the split that early stopping and "
                   "MetaAdamW's meta-objectives saw.",
     "test": "The metric is the held-out test metric at each trial's best weights (test_<metric>): a split that "
-            "neither early stopping nor the meta-objectives saw. Only the tasks whose split has a test part.",
+            "neither early stopping nor the meta-objectives saw. Only the tasks whose split has a test part; "
+            "'not ok' also counts ok trials without a test metric.",
 }
 
 

@@ -218,9 +218,13 @@ def _read_tables(out_dir: Path) -> _Stored:
                 unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
         if table != "trials":
             expected = finished
-        else:  # a trial row is written last: a trial with other parts, or in the combined table, had one
+        elif any(files.values()):  # a trial of the combined table had its part (results of parts, not of
+            # combined tables alone); a trial with other parts but no trial row was cut off before it
+            # finished (the row is written last): not finished, and not damaged either
             combined_trials = _ids_in(out_dir / "trials.parquet")
-            expected = {f.name.split(".")[0] for t in TABLES for f in files[t]} | combined_trials
+            expected = combined_trials
+        else:
+            expected = set()
         for trial_id in sorted(expected - {f.name.split(".")[0] for f in files[table]}):
             unreadable[trial_id] = f"result part {parts / f'{trial_id}.{table}.parquet'} is missing"
         combined_path = out_dir / f"{table}.parquet"
@@ -236,16 +240,24 @@ def _read_tables(out_dir: Path) -> _Stored:
             tables[table] = combined
             continue
         in_combined = set(combined["trial_id"]) if "trial_id" in combined else set()
+        restored = []
         for trial_id, why in unreadable.items():
             # (a trial's history and telemetry may have no rows: then its trial row says it was combined)
             if trial_id in in_combined or (table != "trials" and trial_id in combined_trials):
                 rows = combined[combined["trial_id"] == trial_id] if in_combined else pd.DataFrame()
                 frames.append(rows)
                 recovered[(table, trial_id)] = rows
-                warnings.warn(f"{why}: its rows come from {combined_path} instead (`ablate run` rewrites the part "
-                              f"from them)", stacklevel=3)
+                restored.append(why)
             else:
                 damaged.setdefault(trial_id, why)
+        if restored:  # (one warning per table: results copied without their parts/ miss them all)
+            what = restored[0] if len(restored) == 1 else (
+                f"{len(restored)} result parts of the {table} table are missing or unreadable ({'; '.join(restored[:3])}"
+                f"{'; ...' if len(restored) > 3 else ''})")
+            warnings.warn(f"{what}: {'its' if len(restored) == 1 else 'their'} rows come from {combined_path} instead "
+                          f"(`ablate run` rewrites the part{'s' if len(restored) > 1 else ''} from them)", stacklevel=3)
+        if table == "trials":  # a trial row restored from the combined table: its history and telemetry too
+            finished |= {tid for (t, tid) in recovered if t == "trials"}
         frames = [f for f in frames if len(f)]
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         if table == "trials" and len(df):

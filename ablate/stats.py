@@ -355,8 +355,11 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
     return values if column == "best_metric" else values.dropna()  # (an ok trial always has its best metric)
 
 
-def _n_not_ok(arms: pd.DataFrame, task: str, arm: str) -> int:
-    return int(((arms["task"] == task) & (arms["arm"] == arm) & ~ok_mask(arms)).sum())
+def _n_not_ok(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> int:
+    """Trials of ``arm`` on ``task`` that give no value of ``column``: not ok, or ok without it (a
+    test metric the trial's split has no test part for)."""
+    has = ok_mask(arms) & (arms[column].notna() if column in arms else False)
+    return int(((arms["task"] == task) & (arms["arm"] == arm) & ~has).sum())
 
 
 def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str, column: str = "best_metric"
@@ -420,7 +423,7 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     Columns: task, split, metric (``test_<name>`` on the test split), mode; adamw_* and meta_* (mean, lo, hi and n over the matched seeds -
     the seeds both arms finished ok, so that the two means describe the same seeds; each arm's own
     ok seeds when they share none - plus n_unmatched, ok seeds left out because the other arm has
-    none there, and n_not_ok); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
+    none there, and n_not_ok: trials not ok, or on the test split ok without a test metric); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
     improvement, positive = MetaAdamW better); diff_* (paired difference meta - adamw);
     time_change (total training time of MetaAdamW over the matched seeds relative to AdamW's);
     p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks), n_pairs,
@@ -443,9 +446,9 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
             ci = mean_ci(values, confidence)
             row.update({f"{prefix}_{k}": ci[k] for k in ("mean", "lo", "hi", "n")})
             row[f"{prefix}_n_unmatched"] = extra
-            row[f"{prefix}_n_not_ok"] = _n_not_ok(arms, task, arm)
+            row[f"{prefix}_n_not_ok"] = _n_not_ok(arms, task, arm, column)
         row.update(_compare(ref, new, mode))
-        row["time_change"] = _time_change(arms, task)
+        row["time_change"] = _time_change(arms, task, ref.index if ref.index.equals(new.index) else ref.index[:0])
         ok_task = _ok(trials[trials["task"] == task])
         row.update({c: float(pd.to_numeric(ok_task[c], errors="coerce").mean()) for c in ref_cols})
         rows.append(row)
@@ -453,10 +456,11 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     return pd.DataFrame(rows)
 
 
-def _time_change(arms: pd.DataFrame, task: str) -> float:
-    """(MetaAdamW total time - AdamW total time) / AdamW total time over the matched ok seeds."""
+def _time_change(arms: pd.DataFrame, task: str, seeds: pd.Index) -> float:
+    """(MetaAdamW total time - AdamW total time) / AdamW total time over the matched seeds ``seeds``
+    (those of the table's metric)."""
     a, m = _per_seed(arms, task, ADAMW, "time_total_s"), _per_seed(arms, task, BASELINE, "time_total_s")
-    seeds = a.index.intersection(m.index)
+    seeds = seeds.intersection(a.index).intersection(m.index)
     total_a = a.loc[seeds].sum()
     return float((m.loc[seeds].sum() - total_a) / total_a) if len(seeds) and total_a > 0 else np.nan
 
@@ -507,7 +511,7 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
             row.update({f"arm_{k}": ci[k] for k in ("mean", "lo", "hi")})
             row["baseline_mean"] = float(base.mean()) if len(base) else np.nan
             row["n_unmatched"], row["baseline_n_unmatched"] = extra, base_extra
-            row["n_not_ok"] = _n_not_ok(arms, task, arm)
+            row["n_not_ok"] = _n_not_ok(arms, task, arm, column)
             row["same_as_baseline"] = _same_trials(arms, task, arm, BASELINE)
             cmp = _compare(base, values, mode)
             if row["same_as_baseline"]:

@@ -800,7 +800,7 @@ def summary_table(results: store.Results) -> str:
     arms = explode_arms(trials)
     lines = []
     for task, df in arms.groupby("task", sort=False):
-        known = df[df["status"] != "failed"]  # failed rows carry no metric (explode_arms fills their mode)
+        known = df[df["status"] != "failed"]  # (failed rows of older runs carry no metric)
         if known.empty:
             lines.append(f"\n{task}: every trial failed ({len(df)})")
             continue

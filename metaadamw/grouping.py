@@ -15,17 +15,18 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   hold names relative to a submodule, which repeat and carry no layer index: a warning says so
   when they are all there is). When a model is given, the module type decides the layer type
   (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` -> attention, normalisation layers ->
-  norm, ``nn.Linear`` -> feed_forward); otherwise the name does. The depth is a tensor's layer
-  position over the last position, and a tensor without one is shallow before the first
-  positioned tensor (embeddings) and deep after it (final norms, heads). The position is the
-  layer index in the name (``layers.3``, ``h.11``, ``layer2``, an RNN's ``weight_ih_l1``); where
-  another container numbers its layers from 0 again (a VGG's ``features.28`` then
-  ``classifier.0``, an encoder's blocks then a decoder's), its positions follow on after those of
-  the containers met before it. Positions and order are those of the whole model's parameters in
-  registration order when a model is given (the optimizer's tensors that the model does not hold
-  follow them), so that neither the param groups' order (decay / no-decay groups) nor the subset
-  the optimizer holds (layers unfrozen later) moves a tensor to another bucket; else those of the
-  optimizer's tensors in its order.
+  norm, ``nn.Linear`` -> feed_forward); otherwise the name does. The depth is the layer index
+  in the name (``layers.3``, ``h.11``, ``layer2``, an RNN's ``weight_ih_l1``) over the largest
+  index, as the paper defines it, and a tensor without an index is shallow before the first
+  indexed one (embeddings) and deep after it (final norms, heads): over the whole model's
+  parameters in registration order when a model is given, so that neither the param groups'
+  order (decay / no-decay groups) nor the subset the optimizer holds (layers unfrozen later)
+  moves a tensor to another bucket (tensors the optimizer holds and the model does not take
+  depths among themselves); else over the optimizer's tensors in its order. The index is read
+  as it stands: parallel lists of one layer's parts (``attn_layers.3``, ``ffn_layers.3``) share
+  a depth, and so do containers that number their layers from 0 again (a VGG's ``classifier.0``
+  after its ``features.28``, a decoder's blocks after an encoder's). For such models, register a
+  strategy of your own (a function of the :class:`TensorInfo` list; see ``fine_grained``).
 """
 
 from __future__ import annotations
@@ -94,76 +95,48 @@ def layer_type(info: TensorInfo) -> str:
     return "other"
 
 
-_INDEX_SEGMENT = re.compile(r"^(layers?|blocks?|stages?|h|levels?|res)?(\d+)$")
+_INDEX_SEGMENT = re.compile(r"^(?:layers?|blocks?|stages?|h|levels?|res)?(\d+)$")
 _RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_l(\d+)(?:_reverse)?$")  # nn.LSTM / GRU / RNN
-
-
-def _located(name: str | None) -> tuple[str, int] | None:
-    """``(container, layer index)`` of a dotted name: ``encoder.layers.3.linear1.weight`` ->
-    ``("encoder.layers", 3)``, ``layer2.0.conv1.weight`` -> ``("layer", 2)``,
-    ``lstm.weight_hh_l1_reverse`` -> ``("lstm", 1)``; None when the name has no index
-    (``conv1.weight`` has none: the digit names a sibling, not a depth)."""
-    segments = (name or "").lower().split(".")
-    for k, segment in enumerate(segments):
-        m = _INDEX_SEGMENT.match(segment)
-        if m:
-            return ".".join(segments[:k] + ([m.group(1)] if m.group(1) else [])), int(m.group(2))
-    m = _RNN_LAYER.match(segments[-1])
-    return (".".join(segments[:-1]), int(m.group(1))) if m else None
 
 
 def layer_index(name: str | None) -> int | None:
     """The first layer index in a dotted name: ``layers.3.linear1.weight`` -> 3, ``layer2.0.conv1``
-    -> 2, ``h.11.attn`` -> 11, ``lstm.weight_ih_l1`` -> 1; None when the name has no index."""
-    located = _located(name)
-    return None if located is None else located[1]
-
-
-def layer_positions(names: list[str | None]) -> list[int | None]:
-    """Every name's layer position along the model: its layer index, counted on from the end of the
-    containers met before its own (``features.0``-``features.28`` then ``classifier.0``-``classifier.6``
-    give 0-28 and 29-35). Each container's indices are taken from its lowest one."""
-    located = [_located(n) for n in names]
-    low: dict[str, int] = {}
-    high: dict[str, int] = {}
-    for loc in located:
-        if loc is not None:
-            key, i = loc
-            low[key], high[key] = min(low.get(key, i), i), max(high.get(key, i), i)
-    base: dict[str, int] = {}
-    end = 0
-    for loc in located:  # containers in order of first appearance
-        if loc is not None and loc[0] not in base:
-            base[loc[0]] = end
-            end += high[loc[0]] - low[loc[0]] + 1
-    return [None if loc is None else base[loc[0]] + loc[1] - low[loc[0]] for loc in located]
+    -> 2, ``h.11.attn`` -> 11, an RNN's ``lstm.weight_ih_l1`` -> 1; None when the name has no
+    index (``conv1.weight`` has none: the digit names a sibling, not a depth)."""
+    segments = (name or "").lower().split(".")
+    for segment in segments:
+        m = _INDEX_SEGMENT.match(segment)
+        if m:
+            return int(m.group(1))
+    m = _RNN_LAYER.match(segments[-1])
+    return int(m.group(1)) if m else None
 
 
 def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
-    """Fill ``depth`` in [0, 1]: the layer position (:func:`layer_positions`) over the last one;
-    tensors without a position are shallow when they come before every positioned tensor
-    (embeddings), deep otherwise (final norms, output heads). The order and the positions are
-    those of ``tensors``. When every tensor has a depth already (the optimizer fills them from the
-    whole model when it is given one: see :func:`model_depths`), they are kept."""
+    """Fill ``depth`` in [0, 1]: the layer index over the largest index; tensors without an
+    index are shallow when they come before every indexed tensor (embeddings), deep otherwise
+    (final norms, output heads). The order and the index range are those of ``tensors``. When
+    every tensor has a depth already (the optimizer fills them from the whole model when it is
+    given one: see :func:`model_depths`), they are kept."""
     if tensors and all(t.depth is not None for t in tensors):
         return list(tensors)
-    positions = layer_positions([t.name for t in tensors])
-    known = [i for i in positions if i is not None]
-    first = next((k for k, i in enumerate(positions) if i is not None), len(positions))
-    last = max(known) if known else 0
+    indices = [layer_index(t.name) for t in tensors]
+    known = [i for i in indices if i is not None]
+    first_indexed = next((k for k, i in enumerate(indices) if i is not None), len(indices))
+    lo, hi = (min(known), max(known)) if known else (0, 0)
     out = []
-    for k, (t, i) in enumerate(zip(tensors, positions)):
+    for k, (t, i) in enumerate(zip(tensors, indices)):
         if i is None:
-            depth = 0.0 if k < first else 1.0
+            depth = 0.0 if k < first_indexed else 1.0
         else:
-            depth = i / last if last > 0 else 0.5
+            depth = (i - lo) / (hi - lo) if hi > lo else 0.5
         out.append(dataclasses.replace(t, depth=depth))
     return out
 
 
 def model_depths(names: dict[int, str | None]) -> dict[int, float]:
     """``id(parameter) -> depth`` of a model's parameters, given as ``id(parameter) -> full name`` in
-    registration order (then the optimizer's tensors that the model does not hold), by the rule of :func:`assign_depths`: a tensor's depth then does not depend
+    registration order, by the rule of :func:`assign_depths`: a tensor's depth then does not depend
     on which of the model's parameters an optimizer holds, nor on the order of its param groups
     (decay / no-decay groups put the final norm before the first layer; an optimizer of the head
     alone, whose layers are added later, has no layer indices at first)."""

@@ -309,13 +309,16 @@ class MetaAdamW(torch.optim.Optimizer):
                     f"model= is a {type(model).__name__} that holds none of the optimizer's parameters (a copy of the "
                     f"model, such as an EMA model, or another instance of it?): pass the module whose parameters "
                     f"these are, or leave model= out")
-            # the model's parameters in registration order, then the optimizer's own (a learnable
-            # temperature, say) in its order: the model's tensors keep the depths the model gives them
-            order = {k: name for k, (name, _) in by_id.items()}
+            # the model's parameters in registration order; the optimizer's tensors that the model does
+            # not hold (a learnable temperature, a separate head) among themselves, in its order, so
+            # that they cannot move the model's tensors to other buckets
+            depths = model_depths({k: name for k, (name, _) in by_id.items()})
+            extra = {}
             for group in self.param_groups:
                 for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"])):
-                    order.setdefault(id(p), name)
-            depths = model_depths(order)
+                    if id(p) not in by_id:
+                        extra[id(p)] = name
+            depths.update(model_depths(extra) if extra else {})
         infos, i = [], 0
         for gi, group in enumerate(self.param_groups):
             names = group.get("param_names") or [None] * len(group["params"])

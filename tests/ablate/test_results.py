@@ -4,6 +4,7 @@ already stored is lost on the way."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -55,14 +56,12 @@ def test_a_damaged_part_is_restored_from_the_combined_tables_and_rewritten(tmp_p
     assert len(again.history) == 6 and len(again.telemetry) == 4 and len(again.trials) == 2
 
 
-@pytest.mark.parametrize("table, how", [("trials", "truncated"), ("history", "truncated"), ("telemetry", "truncated"),
-                                        ("trials", "deleted")])
-def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_keeps_the_others(tmp_path, table, how):
+@pytest.mark.parametrize("table", ["trials", "history", "telemetry"])
+def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_keeps_the_others(tmp_path, table):
     _study(tmp_path)
     for name in ("trials", "history", "telemetry"):
         (tmp_path / f"{name}.parquet").unlink()  # results copied without the combined tables
-    part = tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet"
-    _damage(part) if how == "truncated" else part.unlink()
+    _damage(tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet")
     with pytest.warns(UserWarning, match="aaaaaaaaaaaa.*computed again"):
         assert finished_trial_ids(tmp_path) == {"bbbbbbbbbbbb"}
     with pytest.warns(UserWarning, match="1 trial.*left out.*--resume"):
@@ -108,3 +107,42 @@ def test_an_unreadable_combined_table_alone_is_one_line_and_exit_2(tmp_path, cap
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ablate: error: could not read") and "Traceback" not in err
+
+
+def test_a_trial_cut_off_before_its_trial_row_is_not_run_not_damaged(tmp_path):
+    # a driver killed between writing a trial's history and telemetry parts and its trial row
+    # (written last): the trial did not finish, and no part of it is damaged
+    _study(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        (tmp_path / f"{name}.parquet").unlink()  # (killed before any combined table was written)
+    (tmp_path / PARTS_DIR / "aaaaaaaaaaaa.trials.parquet").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert finished_trial_ids(tmp_path) == {"bbbbbbbbbbbb"}
+    with pytest.warns(UserWarning) as caught:
+        res = load_results(tmp_path)
+    assert [str(w.message) for w in caught if "damaged" in str(w.message)] == []
+    assert any("1 of the study's 2 trials have no stored result" in str(w.message) for w in caught)
+    assert list(res.trials["trial_id"]) == ["bbbbbbbbbbbb"] and set(res.history["trial_id"]) == {"bbbbbbbbbbbb"}
+
+
+def test_results_of_combined_tables_alone_load_quietly_and_parts_added_beside_them_keep_them(tmp_path):
+    _study(tmp_path)
+    shutil.rmtree(tmp_path / PARTS_DIR)  # results copied without their parts/
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_results(tmp_path).trials) == 2
+        consolidate(tmp_path)
+        assert len(load_results(tmp_path).history) == 6
+    # a new trial's parts beside them (an extra seed run into the copy): the combined rows are kept,
+    # with one warning per table, and the next consolidate writes their parts
+    write_trial(tmp_path, {"trial_id": "cccccccccccc", "study": "s", "arm": "arm0", "status": "ok", "best_metric": 0.1,
+                           "finished_at": "2026-11-30T12:00:00"}, history_rows=[{"epoch": 1, "val_mse": 1.0}])
+    with pytest.warns(UserWarning, match=r"2 result parts of the trials table are missing .*: their rows come from"):
+        res = load_results(tmp_path, all_trials=True)
+    assert sorted(res.trials["trial_id"]) == ["aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"] and len(res.history) == 7
+    with pytest.warns(UserWarning, match="rows come from"):
+        consolidate(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_results(tmp_path, all_trials=True).history) == 7

@@ -454,8 +454,10 @@ def test_the_paired_tables_on_the_held_out_test_split(tmp_path, report_kit):
     assert test["adamw_mean"] == pytest.approx(2.0) and test["meta_mean"] == pytest.approx(2.3)
     assert test["rel_mean"] == pytest.approx(np.mean([-(0.2 + s / 10) / 2.0 for s in range(3)]))
     assert test["n_better"] == 0 and not any(c.startswith("ref_") for c in test.index)
+    assert (test["adamw_n_not_ok"], test["meta_n_not_ok"], val["meta_n_not_ok"]) == (0, 0, 0)
     arm = row_of(stats.table3(results, split="test"), task="etth1", arm="gating=true")
     assert arm["n_pairs"] == 2 and arm["arm_mean"] == pytest.approx(2.0)  # (seed 0 has no test metric)
+    assert arm["n_not_ok"] == 1 and row_of(stats.table3(results), task="etth1", arm="gating=true")["n_not_ok"] == 0
     assert arm["baseline_mean"] == pytest.approx(np.mean([2.3, 2.4]))
     from ablate import report
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()

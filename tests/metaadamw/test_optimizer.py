@@ -445,24 +445,29 @@ def _buckets(opt):
     return {info.name: opt.group_names[g].split("/")[1] for info, g in zip(opt.tensor_info, opt._group_of)}
 
 
-def test_fine_grained_depth_follows_on_where_another_container_numbers_its_layers_from_0():
-    # a VGG-style model: features.0-8, then classifier.0-4 (the head was bucketed with the stem)
-    model = nn.Sequential()
-    model.add_module("features", nn.Sequential(*[nn.Linear(4, 4) if i % 2 == 0 else nn.ReLU() for i in range(9)]))
-    model.add_module("classifier", nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+def test_fine_grained_depth_is_the_layer_index_in_the_name_also_across_parallel_lists():
+    # one layer's parts kept in parallel lists (a bidirectional stack of LSTMs, attn/ffn/norm lists):
+    # the i-th entries of every list are one layer, at one depth (counting the lists one after the
+    # other put the first backward LSTM deep, and a numbered stem before the trunk pushed the trunk deep)
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+            self.forward_lstms = nn.ModuleList(nn.LSTM(4, 4) for _ in range(3))
+            self.backward_lstms = nn.ModuleList(nn.LSTM(4, 4) for _ in range(3))
+            self.attn_layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.norm_layers = nn.ModuleList(nn.LayerNorm(4) for _ in range(3))
+            self.head = nn.Linear(4, 2)
+
+    model = Stacked()
     for kwargs in ({"params": model.named_parameters()}, {"params": model.parameters(), "model": model}):
         depth = _buckets(MetaAdamW(kwargs.pop("params"), **kwargs, **small_kwargs()))
-        assert depth["features.0.weight"] == "shallow" and depth["features.4.weight"] == "middle"
-        assert depth["classifier.0.weight"] == depth["classifier.2.bias"] == "deep"
-    # an encoder's blocks, then a decoder's: the decoder's first block is not the encoder's first
-    layer = dict(d_model=4, nhead=1, dim_feedforward=8, batch_first=True)
-    seq2seq = nn.ModuleDict({"encoder": nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), 3,
-                                                              enable_nested_tensor=False),
-                             "decoder": nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), 3)})
-    depth = _buckets(MetaAdamW(seq2seq.parameters(), model=seq2seq, **small_kwargs()))
-    assert depth["encoder.layers.0.linear1.weight"] == "shallow"
-    assert depth["encoder.layers.2.linear1.weight"] == depth["decoder.layers.0.linear1.weight"] == "middle"
-    assert depth["decoder.layers.2.linear1.weight"] == "deep"
+        for i, bucket in enumerate(("shallow", "middle", "deep")):
+            assert {depth[f"{lst}.{i}.{leaf}"] for lst, leaf in (
+                ("forward_lstms", "weight_ih_l0"), ("backward_lstms", "bias_hh_l0"), ("attn_layers", "weight"),
+                ("norm_layers", "weight"))} == {bucket}, i
+        assert depth["stem.0.weight"] == "shallow" and depth["stem.2.weight"] == "deep"  # (the index as it stands)
+        assert depth["head.weight"] == "deep"
 
 
 def test_fine_grained_depth_of_recurrent_layers_comes_from_their_names():
@@ -474,16 +479,21 @@ def test_fine_grained_depth_of_recurrent_layers_comes_from_their_names():
     assert depth["lstm.weight_ih_l2"] == depth["fc.weight"] == "deep"
 
 
-def test_a_tensor_that_model_does_not_hold_keeps_the_models_depths():
-    # fine-tuning the top two of three layers plus a learnable temperature the model does not own
+def test_tensors_that_model_does_not_hold_keep_the_models_depths():
+    # fine-tuning the top two of three layers, plus a learnable temperature and a separate head
+    # whose names carry layer indices of their own (0-4), none of them in model=
     model = TinyTransformer(layers=3)
     whole = _buckets(MetaAdamW(model.named_parameters(), model=model, **small_kwargs()))
     temperature = nn.Parameter(torch.ones(()))
+    head = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("encoder.layers.0")]
-    opt = MetaAdamW([{"params": named}, {"params": [("temperature", temperature)]}], model=model, **small_kwargs())
+    opt = MetaAdamW([{"params": named}, {"params": [("temperature", temperature), *head.named_parameters()]}],
+                    model=model, **small_kwargs())
     depth = _buckets(opt)
-    assert {n: d for n, d in depth.items() if n != "temperature"} == {n: whole[n] for n, _ in named}
-    assert depth["encoder.layers.1.linear1.weight"] == "middle" and depth["temperature"] == "deep"
+    assert {n: d for n, d in depth.items() if n in dict(named)} == {n: whole[n] for n, _ in named}
+    assert depth["encoder.layers.1.linear1.weight"] == "middle"
+    assert (depth["temperature"], depth["0.weight"], depth["2.bias"], depth["4.weight"]) == (
+        "shallow", "shallow", "middle", "deep")  # (among themselves: the temperature comes before any index)
     # without a name, it cannot be grouped: the error says how to name it
     with pytest.raises(ValueError, match=r"model= does not hold.*\(name, tensor\) pairs"):
         MetaAdamW([{"params": [p for _, p in named]}, {"params": [temperature]}], model=model, **small_kwargs())
