@@ -270,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--extra-seeds", type=int, help="add N more seeds to the study")
     s.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's checkpoint (model, optimizer, best weights) in "
-                        "OUT/<study name>/checkpoints/ (default: deleted once its results are stored)")
+                        "OUT/<study name>/checkpoints/, and Ray's copies of them (default: a trial's is deleted once "
+                        "its results are stored, Ray's in OUT/<study name>/ray/ or in a local --storage path once "
+                        "every trial is recorded)")
     s.add_argument("--rerun", action="append", metavar="TASK|ARM|all",
                    help="run these stored trials again (repeatable: a task, an arm, or all), e.g. after a fix to "
                         "a plugin or to ablate itself: stored trials are reused by their configuration, which does "

@@ -66,6 +66,9 @@ class ResultsError(RuntimeError):
 
 PARTS_DIR = "parts"
 MANIFEST = "study_trials.json"
+#: the trials an ``ablate run --rerun`` selected that are not computed again yet, and when it began:
+#: ``{"started": ISO time, "trials": [trial ids]}`` (every later run of the study computes them)
+RERUN_FILE = "rerun.json"
 #: the trial columns that depend on the study rather than on the trial's config
 LABEL_COLUMNS = ("study", "arm", "arms", "axis")
 
@@ -160,6 +163,28 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | Non
                       f"`ablate run` rewrites it", stacklevel=3)
         return None
     return trials
+
+
+def pending_reruns(out_dir: str | os.PathLike) -> tuple[set[str], str | None]:
+    """The trial ids of :data:`RERUN_FILE` and the time the rerun began (none: ``set(), None``)."""
+    path = Path(out_dir) / RERUN_FILE
+    if not path.exists():
+        return set(), None
+    try:
+        data = json.loads(path.read_text())
+        return set(data["trials"]), data.get("started")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ResultsError(f"{path} is unreadable ({type(exc).__name__}: {exc}): it lists the trials an `ablate run "
+                           f"--rerun` has still to compute. Delete it and run the --rerun again") from None
+
+
+def write_reruns(out_dir: str | os.PathLike, ids: set[str], started: str | None) -> None:
+    """Record the trials still to be computed again (none left: the file is removed)."""
+    path = Path(out_dir) / RERUN_FILE
+    if ids:
+        atomic_write_bytes(path, json.dumps({"started": started, "trials": sorted(ids)}, indent=1).encode())
+    else:
+        path.unlink(missing_ok=True)
 
 
 def finished_trial_ids(out_dir: str | os.PathLike, statuses: tuple[str, ...] = ("ok", "diverged")) -> set[str]:
@@ -309,6 +334,15 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
         stored_ids = set(tables["trials"]["trial_id"]) if len(tables["trials"]) else set()
         missing = collections.Counter(str(labels.get("arm")) for t, labels in manifest.items()
                                       if t not in stored_ids and t not in damaged)  # (damaged: warned above)
+        try:
+            stale = pending_reruns(out_dir)[0] & stored_ids
+        except ResultsError as exc:
+            warnings.warn(str(exc), stacklevel=3)
+            stale = set()
+        if stale:
+            warnings.warn(f"{out_dir}: {len(stale)} trial(s) hold results from before an `ablate run --rerun` that is not "
+                          f"complete (their ids are in {RERUN_FILE}): the next `ablate run` of the study computes them "
+                          f"again", stacklevel=3)
         if missing:
             warnings.warn(
                 f"{out_dir}: {sum(missing.values())} of the study's {len(manifest)} trials have no stored result (not "

@@ -197,7 +197,7 @@ def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
 
 
 def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int,
-                    keep_checkpoints: bool = False, reruns: set[str] | None = None):
+                    keep_checkpoints: bool = False, reruns: _Reruns | None = None):
     from ray import tune
 
     class Recorder(tune.Callback):
@@ -248,9 +248,8 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                                    f"({error.strip().splitlines()[-1]}{note})")
 
         def _rerun_done(self, trial_id: str) -> None:
-            if reruns and trial_id in reruns:  # computed again: a later run reuses it
-                reruns.discard(trial_id)
-                _write_reruns(out_dir, reruns)
+            if reruns is not None:
+                reruns.done(out_dir, trial_id)
 
         def _progress(self, trials, last: str) -> None:
             # (Ray Tune marks the trial that just reported its result or error as finished only after
@@ -500,11 +499,6 @@ def _copy_aside(out_dir: Path, ids: set[str], folder: str) -> Path:
     return keep
 
 
-#: trial ids an ``ablate run --rerun`` selected that have not been computed again yet (every later
-#: run of the study computes them, also one cut off and continued without --rerun)
-RERUN_FILE = "rerun.json"
-
-
 def rerun_selection(study: Study, selectors: Sequence[str]) -> set[str]:
     """The trials of ``study`` that ``--rerun`` selects: every one for ``all``, else those whose
     task, or one of whose arms, is named."""
@@ -520,25 +514,58 @@ def rerun_selection(study: Study, selectors: Sequence[str]) -> set[str]:
     return {t.trial_id for t in study.trials if t.task in selectors or any(a in selectors for a in t.arms)}
 
 
-def _pending_reruns(out_dir: Path) -> set[str]:
-    path = out_dir / RERUN_FILE
-    if not path.exists():
-        return set()
-    try:
-        return set(json.loads(path.read_text())["trials"])
-    except (ValueError, KeyError, TypeError) as exc:
-        from ablate.config import ConfigError
+@dataclasses.dataclass
+class _Reruns:
+    """The trials an ``ablate run --rerun`` has still to compute again, and when it began."""
 
-        raise ConfigError(f"{path} is unreadable ({type(exc).__name__}: {exc}): it lists the trials an "
-                          f"`ablate run --rerun` has still to compute; run with --rerun again (it rewrites it)") from None
+    ids: set[str]
+    started: str | None
+
+    def done(self, out_dir: Path, trial_id: str) -> None:
+        if trial_id in self.ids:  # computed again: a later run reuses it
+            self.ids.discard(trial_id)
+            store.write_reruns(out_dir, self.ids, self.started)
 
 
-def _write_reruns(out_dir: Path, ids: set[str]) -> None:
-    path = out_dir / RERUN_FILE
-    if ids:
-        atomic_write_bytes(path, json.dumps({"trials": sorted(ids)}, indent=1).encode())
-    else:
-        path.unlink(missing_ok=True)
+def _start_reruns(study: Study, out_dir: Path, selectors: Sequence[str] | None, stored: Any,
+                  finished: set[str]) -> _Reruns:
+    """The trials to compute again: those a rerun cut off left (:data:`ablate.results.RERUN_FILE`)
+    and, with ``--rerun``, the stored trials it selects - bar those that an incomplete rerun of
+    them has computed again already (the same command given again after Ctrl-C continues it). The
+    selected trials' rows are copied to ``replaced/<time>/`` and their checkpoints moved there (a
+    ``--resume`` must not continue a checkpoint of the code being replaced)."""
+    import pandas as pd
+
+    ids, started = store.pending_reruns(out_dir)
+    study_ids = {t.trial_id for t in study.trials}
+    earlier = len(ids & finished & study_ids)
+    if selectors:
+        selected = rerun_selection(study, selectors) & finished
+        fresh: set[str] = set()
+        if started is not None and len(stored) and "finished_at" in stored:
+            when = pd.to_datetime(stored["finished_at"], utc=True, errors="coerce")
+            fresh = set(stored.loc[when >= pd.Timestamp(started), "trial_id"])
+        skipped = (selected & fresh) - ids
+        if skipped:
+            print(f"--rerun: {len(skipped)} of the selected trial(s) were computed again by the rerun begun {started}, "
+                  f"which is not complete yet: not again (to start over, delete {out_dir / store.RERUN_FILE} first)",
+                  flush=True)
+        again = selected - ids - fresh
+        if again:
+            keep = _copy_aside(out_dir, again, "replaced")
+            for trial_id in again:
+                ckpt = out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt"
+                if ckpt.exists():
+                    shutil.move(str(ckpt), keep / ckpt.name)
+            print(f"--rerun: {len(again)} stored trial(s) run again (their current results are copied to {keep})",
+                  flush=True)
+            started = started or datetime.datetime.now(datetime.timezone.utc).isoformat()
+            ids |= again
+            store.write_reruns(out_dir, ids, started)
+    if earlier:
+        print(f"{earlier} trial(s) that an earlier `ablate run --rerun` selected and that were not computed again yet "
+              f"run again", flush=True)
+    return _Reruns(ids, started)
 
 
 def no_meta_updates(study: Study) -> int:
@@ -624,22 +651,24 @@ def run_study(
     num_cpus: int | None = None,
     keep_checkpoints: bool = False,
     rerun: Sequence[str] | None = None,
+    wait_for_folder: bool = False,
 ) -> SweepOutcome:
     """Run every trial of ``study`` whose result is not stored yet; return the study's tables.
 
     A trial's checkpoint (``OUT/<name>/checkpoints/<trial_id>.pt``: model, optimizer, best weights) is
     deleted once its results are stored, and Ray's copies of them once every trial is recorded,
     unless ``keep_checkpoints``: on the paper's study they would take tens of GB. ``rerun``: run
-    these stored trials again (:func:`rerun_selection`; ``[]`` for all), as after a fix to code
-    that trial ids, which hash the configuration, cannot see. One run at a time writes into a
-    study's output folder: a second is refused (:class:`ablate.config.ConfigError`)."""
+    these stored trials again (selectors of :func:`rerun_selection`: tasks, arms, or ``["all"]``),
+    as after a fix to code that trial ids, which hash the configuration, cannot see. One run at a
+    time writes into a study's output folder: a second is refused (:class:`ablate.config.ConfigError`),
+    or waits for the first with ``wait_for_folder``."""
     storage = ray_storage_path(storage)
     check_resources(study, address, num_cpus)
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
         check_real_data(study)
     out_dir = Path(out_root) / study.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
+    with _exclusive(out_dir, wait=wait_for_folder):
         return _run_study(study, out_dir, resume=resume, rerun=rerun, address=address, storage=storage,
                           max_concurrent=max_concurrent, num_cpus=num_cpus, keep_checkpoints=keep_checkpoints)
 
@@ -649,12 +678,13 @@ LOCK_FILE = ".ablate-run.lock"
 
 
 @contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
+def _exclusive(out_dir: Path, wait: bool = False) -> Iterator[None]:
     """Hold ``OUT/<name>/.ablate-run.lock`` while a run writes into ``out_dir``: a second run of the
     same study into the same folder (a seed added from another terminal) is refused, not left to
-    delete the first one's live Ray directory and rewrite its manifest. A lock of the operating
-    system (``flock``): a killed run releases it; on a network file system that does not support
-    it, runs are not kept apart."""
+    delete the first one's live Ray directory and rewrite its manifest; with ``wait`` (``ablate
+    tune``'s AdamW reference, which two tuning processes may want at once) it waits for the first
+    instead, then reuses what that stored. A lock of the operating system (``flock``): a killed run
+    releases it; on a file system that does not support it, runs are not kept apart."""
     from ablate.config import ConfigError
 
     try:
@@ -669,16 +699,21 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise ConfigError(f"{out_dir} is in use by another `ablate run` of this study ({holder}): wait for it to "
-                              f"finish (it stores every trial it runs; a later run reuses them), or give this run "
-                              f"another --out") from None
+            if not wait:
+                raise ConfigError(f"{out_dir} is in use by another run of this study ({holder}): wait for it to finish "
+                                  f"(it stores every trial it runs; a later run reuses them), or give this run "
+                                  f"another --out") from None
+            print(f"waiting for {out_dir}, in use by {holder}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         except OSError:  # a file system without locks
             yield
             return
         try:
             f.seek(0)
             f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
+            command = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:2]) if sys.argv and sys.argv[0] else "python"
+            f.write(f"`{command}`, pid {os.getpid()} on {socket.gethostname()}, "
+                    f"started {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
             f.flush()
             yield
         finally:
@@ -699,20 +734,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     stored = store.finished_trials(out_dir)
     finished = set(stored["trial_id"]) if len(stored) else set()
     finished -= set_aside_stale_data(study, out_dir, stored)
-    reruns = _pending_reruns(out_dir)
-    earlier = len(reruns & finished)
-    if rerun:
-        again = rerun_selection(study, rerun) & finished - reruns
-        if again:
-            keep = _copy_aside(out_dir, again, "replaced")
-            print(f"--rerun: {len(again)} stored trial(s) run again (their current results are copied to {keep})",
-                  flush=True)
-            reruns |= again
-            _write_reruns(out_dir, reruns)
-    if earlier:
-        print(f"{earlier} trial(s) that an earlier `ablate run --rerun` selected and that were not computed again yet "
-              f"run again", flush=True)
-    finished -= reruns
+    reruns = _start_reruns(study, out_dir, rerun, stored, finished)
+    finished -= reruns.ids
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
@@ -859,33 +882,31 @@ def run_command(args) -> int:
 
 
 def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | None) -> None:
-    """Once every trial of ``study`` is recorded, delete the checkpoints nothing will read again
-    (each holds a model, its optimizer and its best weights: on ``paper.yaml``, tens of GB):
-
-    * Ray Tune's experiment directories of the study under ``OUT/ray`` - this run's and those of
-      earlier runs that were interrupted (the run holds the folder's lock: no other run of the
-      study is using them) - or, with a local ``--storage`` path, this run's directory there (a
-      URI's is left; its path is printed);
-    * stable checkpoints (``OUT/checkpoints``) of trials that are no longer in the study (cut off
-      before the study file was edited): its own trials' were deleted as each finished.
-    """
+    """Once every trial of ``study`` is recorded, delete Ray Tune's copies of the checkpoints
+    (each holds a model, its optimizer and its best weights: on ``paper.yaml``, tens of GB;
+    ``--resume`` reads the stable ones): the study's experiment directories under ``OUT/ray`` - this
+    run's and those of earlier runs that were interrupted (the run holds the folder's lock: no
+    other run of the study is using them) - or, with a local ``--storage`` path, this run's
+    directory there (a URI's is left; its path is printed). Stable checkpoints of trials that are
+    not in the study as run now (extra seeds, a study file edited since they were cut off) are
+    kept - a run of the study that has them continues them - and listed."""
     if storage is None:
         for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
             if run_dir.is_dir():
                 shutil.rmtree(run_dir, ignore_errors=True)
     elif run_name is not None:
         if "://" in storage and not storage.startswith("file://"):
-            print(f"note: Ray's copies of this run's checkpoints are left in {storage.rstrip('/')}/{run_name} "
-                  f"(--keep-checkpoints aside, delete them there once you no longer need them)", flush=True)
+            print(f"note: Ray's copies of this run's checkpoints stay in {storage.rstrip('/')}/{run_name}: delete them "
+                  f"there (`ablate run --resume` reads the copies in {out_dir / CHECKPOINTS_DIR})", flush=True)
         else:
             shutil.rmtree(Path(storage.removeprefix("file://")) / run_name, ignore_errors=True)
     ids = {t.trial_id for t in study.trials}
-    orphans = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
-    for p in orphans:
-        p.unlink(missing_ok=True)
-    if orphans:
-        print(f"removed {len(orphans)} checkpoint(s) of trials no longer in the study (cut off before the study "
-              f"file changed) from {out_dir / CHECKPOINTS_DIR}", flush=True)
+    others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
+    if others:
+        size = sum(p.stat().st_size for p in others) / 2**20
+        print(f"note: {len(others)} checkpoint(s) of trials that are not in the study as run now (extra seeds, or a "
+              f"study file edited since they were cut off) stay in {out_dir / CHECKPOINTS_DIR} ({size:.0f} MiB): a "
+              f"run of the study that has them continues them with --resume; delete them if none will", flush=True)
 
 
 def resume_command(args) -> str:

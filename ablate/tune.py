@@ -1019,7 +1019,7 @@ def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_
     print(f"cross-task: AdamW reference ({len(adamw)} trials, run once and cached in {out_dir / 'adamw_reference'})",
           flush=True)
     outcome = run_study(ref_study, out_dir, address=address, storage=ray_storage,
-                        max_concurrent=spec.settings.max_concurrent)
+                        max_concurrent=spec.settings.max_concurrent, wait_for_folder=True)
     if outcome.unfinished:  # Ctrl-C: Ray Tune returned early (finished reference trials are stored and reused)
         raise ReferenceInterrupted(f"{outcome.unfinished} of the AdamW reference's trials did not finish")
     trials = load_results(out_dir / "adamw_reference").trials

@@ -397,37 +397,50 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
 def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any_later_run(tmp_path, capsys):
     # stored trials are reused by their configuration, which does not see a fix to a plugin or to
     # ablate: --rerun computes them again; a rerun cut off is continued by the next plain run
-    from ablate.sweep import RERUN_FILE
+    from ablate.results import RERUN_FILE
 
-    spec = tmp_path / "one.yaml"
-    spec.write_text("name: one\ntasks: [etth1]\nseeds: 1\nadamw: false\n"
+    spec = tmp_path / "two.yaml"
+    spec.write_text("name: two\ntasks: [etth1]\nseeds: 1\n"
                     "budget: {epochs: 1, max_train_batches: 2, patience: 0}\nbaseline: {modulator_layers: 1}\n")
-    out, shared = tmp_path / "results", tmp_path / "shared"
-    first = run_study(load_study(spec), out, num_cpus=1, storage=str(shared))
-    (trial_id,) = first.results.trials["trial_id"]
-    old = first.results.trials["finished_at"].iloc[0]
-    assert not any(shared.iterdir()), "Ray's copies of the checkpoints in --storage are deleted once all are recorded"
-    (out / "one" / "checkpoints" / "0123456789ab.pt").write_bytes(b"a trial cut off before the study file changed")
-    stored_copy = load_study(out / "one" / "study.yaml")  # (a study run from its stored copy: the same file)
-    again = run_study(stored_copy, out, num_cpus=1, rerun=["all"])
-    assert (again.ran, again.reused) == (1, 0)
+    out, shared, study_dir = tmp_path / "results", tmp_path / "shared", tmp_path / "results" / "two"
+    first = run_study(load_study(spec), out, num_cpus=1, storage=str(shared), keep_checkpoints=True)
+    ids = dict(zip(first.results.trials["arm"], first.results.trials["trial_id"]))
+    old = dict(zip(first.results.trials["trial_id"], first.results.trials["finished_at"]))
+    assert len(list((study_dir / "checkpoints").iterdir())) == 2  # (kept)
+    # --rerun with --resume and kept checkpoints: computed from the start, not continued from the old code's checkpoint
+    stored_copy = load_study(study_dir / "study.yaml")  # (a study run from its stored copy: the same file)
+    again = run_study(stored_copy, out, num_cpus=1, rerun=["all"], resume=True, storage=str(shared))
+    assert (again.ran, again.reused) == (2, 0)
     new = again.results.trials
-    assert list(new["trial_id"]) == [trial_id] and new["finished_at"].iloc[0] > old
-    (replaced,) = (out / "one" / "replaced").iterdir()
-    assert list(pd.read_parquet(replaced / "trials.parquet")["finished_at"]) == [old]
-    assert len(pd.read_parquet(replaced / "history.parquet")) == 1  # (one epoch)
-    assert not (out / "one" / RERUN_FILE).exists() and not list((out / "one" / "checkpoints").iterdir())
-    assert "removed 1 checkpoint(s) of trials no longer in the study" in capsys.readouterr().out
-    # a --rerun cut off before the trial was computed again: the next run, without --rerun, computes it
-    (out / "one" / RERUN_FILE).write_text(json.dumps({"trials": [trial_id]}))
-    later = run_study(load_study(spec), out, num_cpus=1)
-    assert (later.ran, later.reused) == (1, 0) and not (out / "one" / RERUN_FILE).exists()
-    assert "1 trial(s) that an earlier `ablate run --rerun` selected" in capsys.readouterr().out
-    assert run_study(load_study(spec), out, num_cpus=1).reused == 1
+    assert list(new["resumed_from_epoch"]) == [0, 0] and all(new["finished_at"] > new["trial_id"].map(old))
+    # Ray's copies in a local --storage: this run's are deleted once all are recorded (the first run's were kept)
+    assert len(list(shared.iterdir())) == 1
+    (replaced,) = (study_dir / "replaced").iterdir()
+    assert dict(pd.read_parquet(replaced / "trials.parquet")[["trial_id", "finished_at"]].values) == old
+    assert len(pd.read_parquet(replaced / "history.parquet")) == 2  # (one epoch each)
+    assert sorted(p.name for p in replaced.glob("*.pt")) == sorted(f"{t}.pt" for t in old)  # moved aside
+    assert not (study_dir / RERUN_FILE).exists()
+    # a --rerun cut off after AdamW's trial was computed again: the same command given again continues it
+    began = min(old.values())
+    (study_dir / RERUN_FILE).write_text(json.dumps({"started": began, "trials": [ids["baseline"], "0123456789ab"]}))
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"1 trial\(s\) hold results from before an `ablate run --rerun` that is not "
+                                         r"complete"):
+        load_results(study_dir)
+    (study_dir / "checkpoints" / "0123456789ab.pt").write_bytes(b"a trial of an extra seed, cut off")
+    later = run_study(load_study(spec), out, num_cpus=1, rerun=["all"])
+    printed = capsys.readouterr().out
+    assert (later.ran, later.reused) == (1, 1)
+    assert json.loads((study_dir / RERUN_FILE).read_text())["trials"] == ["0123456789ab"]  # (kept for a study that has it)
+    assert "--rerun: 1 of the selected trial(s) were computed again by the rerun begun" in printed
+    assert "1 trial(s) that an earlier `ablate run --rerun` selected" in printed  # (the stale id is not counted)
+    assert "note: 1 checkpoint(s) of trials that are not in the study as run now" in printed
+    assert (study_dir / "checkpoints" / "0123456789ab.pt").exists(), "kept: a run with the extra seed continues it"
+    assert run_study(load_study(spec), out, num_cpus=1).reused == 2
     from ablate.config import ConfigError
-    with pytest.raises(ConfigError, match=r"--rerun adamw: not a task or arm of study one; its tasks and arms: "
-                                          r"baseline, etth1 \(or all\)"):
-        run_study(load_study(spec), out, num_cpus=1, rerun=["adamw"])
+    with pytest.raises(ConfigError, match=r"--rerun lr=1: not a task or arm of study two; its tasks and arms: "
+                                          r"adamw, baseline, etth1 \(or all\)"):
+        run_study(load_study(spec), out, num_cpus=1, rerun=["lr=1"])
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
@@ -437,12 +450,27 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(t
     spec = _study(tmp_path, seeds=1)
     (tmp_path / "results" / "tiny").mkdir(parents=True)
     with _exclusive(tmp_path / "results" / "tiny"):
-        with pytest.raises(ConfigError, match=rf"results/tiny is in use by another `ablate run` of this study \(pid "
+        with pytest.raises(ConfigError, match=rf"results/tiny is in use by another run of this study \(`.*`, pid "
                                               rf"{os.getpid()} on .*\): wait for it .* or give this run another --out"):
             run_study(load_study(spec), tmp_path / "results", num_cpus=1)
     assert not (tmp_path / "results" / "tiny" / "study_trials.json").exists(), "refused before writing anything"
     with _exclusive(tmp_path / "results" / "tiny"):  # released when the first run ends (or is killed)
         pass
+    # `ablate tune`'s AdamW reference waits for the run that holds the folder instead
+    import threading
+
+    got = threading.Event()
+
+    def second():
+        with _exclusive(tmp_path / "results" / "tiny", wait=True):
+            got.set()
+
+    with _exclusive(tmp_path / "results" / "tiny"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not got.wait(0.5), "it waits while the first holds the folder"
+    waiter.join(10)
+    assert got.is_set()
 
 
 def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monkeypatch, capsys):
