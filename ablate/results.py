@@ -66,8 +66,8 @@ class ResultsError(RuntimeError):
 
 PARTS_DIR = "parts"
 MANIFEST = "study_trials.json"
-#: the trials an ``ablate run --rerun`` selected that are not computed again yet, and when it began:
-#: ``{"started": ISO time, "trials": [trial ids]}`` (every later run of the study computes them)
+#: the trials an ``ablate run --rerun`` selected that are not computed again yet, and those it has:
+#: ``{"trials": [trial ids], "done": [trial ids]}`` (every later run of the study computes the first)
 RERUN_FILE = "rerun.json"
 #: the trial columns that depend on the study rather than on the trial's config
 LABEL_COLUMNS = ("study", "arm", "arms", "axis")
@@ -165,24 +165,25 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]] | Non
     return trials
 
 
-def pending_reruns(out_dir: str | os.PathLike) -> tuple[set[str], str | None]:
-    """The trial ids of :data:`RERUN_FILE` and the time the rerun began (none: ``set(), None``)."""
+def pending_reruns(out_dir: str | os.PathLike) -> tuple[set[str], set[str]]:
+    """The trial ids of :data:`RERUN_FILE`: still to compute again, and computed again already."""
     path = Path(out_dir) / RERUN_FILE
     if not path.exists():
-        return set(), None
+        return set(), set()
     try:
         data = json.loads(path.read_text())
-        return set(data["trials"]), data.get("started")
+        return set(data["trials"]), set(data.get("done", []))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise ResultsError(f"{path} is unreadable ({type(exc).__name__}: {exc}): it lists the trials an `ablate run "
                            f"--rerun` has still to compute. Delete it and run the --rerun again") from None
 
 
-def write_reruns(out_dir: str | os.PathLike, ids: set[str], started: str | None) -> None:
-    """Record the trials still to be computed again (none left: the file is removed)."""
+def write_reruns(out_dir: str | os.PathLike, ids: set[str], done: set[str]) -> None:
+    """Record the trials still to be computed again, and those that were (none left: the file is
+    removed)."""
     path = Path(out_dir) / RERUN_FILE
     if ids:
-        atomic_write_bytes(path, json.dumps({"started": started, "trials": sorted(ids)}, indent=1).encode())
+        atomic_write_bytes(path, json.dumps({"trials": sorted(ids), "done": sorted(done)}, indent=1).encode())
     else:
         path.unlink(missing_ok=True)
 

@@ -249,7 +249,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
 
         def _rerun_done(self, trial_id: str) -> None:
             if reruns is not None:
-                reruns.done(out_dir, trial_id)
+                reruns.finished(out_dir, trial_id)
 
         def _progress(self, trials, last: str) -> None:
             # (Ray Tune marks the trial that just reported its result or error as finished only after
@@ -516,56 +516,52 @@ def rerun_selection(study: Study, selectors: Sequence[str]) -> set[str]:
 
 @dataclasses.dataclass
 class _Reruns:
-    """The trials an ``ablate run --rerun`` has still to compute again, and when it began."""
+    """The trials an ``ablate run --rerun`` has still to compute again, and those it has."""
 
     ids: set[str]
-    started: str | None
+    done: set[str]
 
-    def done(self, out_dir: Path, trial_id: str) -> None:
+    def finished(self, out_dir: Path, trial_id: str) -> None:
         if trial_id in self.ids:  # computed again: a later run reuses it
             self.ids.discard(trial_id)
-            store.write_reruns(out_dir, self.ids, self.started)
+            self.done.add(trial_id)
+            store.write_reruns(out_dir, self.ids, self.done)
 
 
-def _start_reruns(study: Study, out_dir: Path, selectors: Sequence[str] | None, stored: Any,
-                  finished: set[str]) -> _Reruns:
+def _start_reruns(study: Study, out_dir: Path, selectors: Sequence[str] | None, finished: set[str]) -> _Reruns:
     """The trials to compute again: those a rerun cut off left (:data:`ablate.results.RERUN_FILE`)
-    and, with ``--rerun``, the stored trials it selects - bar those that an incomplete rerun of
-    them has computed again already (the same command given again after Ctrl-C continues it). The
-    selected trials' rows are copied to ``replaced/<time>/`` and their checkpoints moved there (a
-    ``--resume`` must not continue a checkpoint of the code being replaced)."""
-    import pandas as pd
-
-    ids, started = store.pending_reruns(out_dir)
+    and, with ``--rerun``, every trial of the study it selects - bar those that an incomplete rerun
+    of this study has computed again already (the same command given again after Ctrl-C continues
+    it). The selected trials' stored rows are copied to ``replaced/<time>/`` and their checkpoints
+    moved there: a ``--resume`` must not continue a checkpoint of the code being replaced."""
+    ids, done = store.pending_reruns(out_dir)
     study_ids = {t.trial_id for t in study.trials}
     earlier = len(ids & finished & study_ids)
+    if not ids & study_ids:  # no rerun of this study is under way: what one did before is history
+        done = set()
     if selectors:
-        selected = rerun_selection(study, selectors) & finished
-        fresh: set[str] = set()
-        if started is not None and len(stored) and "finished_at" in stored:
-            when = pd.to_datetime(stored["finished_at"], utc=True, errors="coerce")
-            fresh = set(stored.loc[when >= pd.Timestamp(started), "trial_id"])
-        skipped = (selected & fresh) - ids
+        selected = rerun_selection(study, selectors)
+        skipped = selected & done
         if skipped:
-            print(f"--rerun: {len(skipped)} of the selected trial(s) were computed again by the rerun begun {started}, "
-                  f"which is not complete yet: not again (to start over, delete {out_dir / store.RERUN_FILE} first)",
+            print(f"--rerun: {len(skipped)} of the selected trial(s) were computed again by an earlier --rerun that is "
+                  f"not complete yet: not again (to start over, delete {out_dir / store.RERUN_FILE} first)", flush=True)
+        again = selected - ids - done
+        checkpoints = [out_dir / CHECKPOINTS_DIR / f"{t}.pt" for t in sorted(again)]
+        checkpoints = [c for c in checkpoints if c.exists()]
+        if again & finished or checkpoints:
+            keep = _copy_aside(out_dir, again & finished, "replaced")
+            for ckpt in checkpoints:
+                shutil.move(str(ckpt), keep / ckpt.name)
+            print(f"--rerun: {len(again & finished)} stored trial(s) run again (their current results are copied to "
+                  f"{keep}){f'; {len(checkpoints)} checkpoint(s) of the code before moved there too' if checkpoints else ''}",
                   flush=True)
-        again = selected - ids - fresh
         if again:
-            keep = _copy_aside(out_dir, again, "replaced")
-            for trial_id in again:
-                ckpt = out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt"
-                if ckpt.exists():
-                    shutil.move(str(ckpt), keep / ckpt.name)
-            print(f"--rerun: {len(again)} stored trial(s) run again (their current results are copied to {keep})",
-                  flush=True)
-            started = started or datetime.datetime.now(datetime.timezone.utc).isoformat()
             ids |= again
-            store.write_reruns(out_dir, ids, started)
+            store.write_reruns(out_dir, ids, done)
     if earlier:
         print(f"{earlier} trial(s) that an earlier `ablate run --rerun` selected and that were not computed again yet "
               f"run again", flush=True)
-    return _Reruns(ids, started)
+    return _Reruns(ids, done)
 
 
 def no_meta_updates(study: Study) -> int:
@@ -734,7 +730,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     stored = store.finished_trials(out_dir)
     finished = set(stored["trial_id"]) if len(stored) else set()
     finished -= set_aside_stale_data(study, out_dir, stored)
-    reruns = _start_reruns(study, out_dir, rerun, stored, finished)
+    reruns = _start_reruns(study, out_dir, rerun, finished)
     finished -= reruns.ids
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)

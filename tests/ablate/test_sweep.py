@@ -421,8 +421,7 @@ def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any
     assert sorted(p.name for p in replaced.glob("*.pt")) == sorted(f"{t}.pt" for t in old)  # moved aside
     assert not (study_dir / RERUN_FILE).exists()
     # a --rerun cut off after AdamW's trial was computed again: the same command given again continues it
-    began = min(old.values())
-    (study_dir / RERUN_FILE).write_text(json.dumps({"started": began, "trials": [ids["baseline"], "0123456789ab"]}))
+    (study_dir / RERUN_FILE).write_text(json.dumps({"trials": [ids["baseline"], "0123456789ab"], "done": [ids["adamw"]]}))
     capsys.readouterr()
     with pytest.warns(UserWarning, match=r"1 trial\(s\) hold results from before an `ablate run --rerun` that is not "
                                          r"complete"):
@@ -431,11 +430,22 @@ def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any
     later = run_study(load_study(spec), out, num_cpus=1, rerun=["all"])
     printed = capsys.readouterr().out
     assert (later.ran, later.reused) == (1, 1)
-    assert json.loads((study_dir / RERUN_FILE).read_text())["trials"] == ["0123456789ab"]  # (kept for a study that has it)
-    assert "--rerun: 1 of the selected trial(s) were computed again by the rerun begun" in printed
+    assert json.loads((study_dir / RERUN_FILE).read_text()) == {  # (the extra seed's id: kept for a study that has it)
+        "trials": ["0123456789ab"], "done": sorted(ids.values())}
+    assert "--rerun: 1 of the selected trial(s) were computed again by an earlier --rerun" in printed
     assert "1 trial(s) that an earlier `ablate run --rerun` selected" in printed  # (the stale id is not counted)
     assert "note: 1 checkpoint(s) of trials that are not in the study as run now" in printed
     assert (study_dir / "checkpoints" / "0123456789ab.pt").exists(), "kept: a run with the extra seed continues it"
+    # that rerun is complete for this study: a later --rerun (after another fix) computes everything it selects, and
+    # a checkpoint of a trial cut off before it is moved aside, not continued by --resume
+    (study_dir / "parts" / f"{ids['adamw']}.trials.parquet").unlink()
+    for name in ("trials", "history", "telemetry"):
+        (study_dir / f"{name}.parquet").unlink()
+    (study_dir / "checkpoints" / f"{ids['adamw']}.pt").write_bytes(b"the old code's checkpoint")
+    fixed = run_study(load_study(spec), out, num_cpus=1, rerun=["all"], resume=True)
+    assert (fixed.ran, fixed.reused, fixed.failed) == (2, 0, 0)
+    assert list(fixed.results.trials["resumed_from_epoch"]) == [0, 0]
+    assert "1 checkpoint(s) of the code before moved there too" in capsys.readouterr().out
     assert run_study(load_study(spec), out, num_cpus=1).reused == 2
     from ablate.config import ConfigError
     with pytest.raises(ConfigError, match=r"--rerun lr=1: not a task or arm of study two; its tasks and arms: "
