@@ -275,12 +275,8 @@ def data_sources(results: Results) -> pd.DataFrame:
     cols = [c for c in ("task", "data", "data_source") if c in t]
     t = t[cols].copy()
     if "data_source" in t:  # a trial that failed before loading its data has none: its task's, where it has one
-        known = t.dropna(subset=["data_source"]).groupby(cols[:-1])["data_source"].agg(lambda s: set(s))
-        for idx in t.index[t["data_source"].isna()]:
-            key = tuple(t.loc[idx, cols[:-1]]) if len(cols) > 2 else t.loc[idx, cols[0]]
-            sources = known.get(key, set())
-            if len(sources) == 1:
-                t.loc[idx, "data_source"] = next(iter(sources))
+        only = t.groupby(cols[:-1])["data_source"].transform(lambda s: s.dropna().iloc[0] if s.nunique() == 1 else None)
+        t["data_source"] = t["data_source"].fillna(only)
     out = t.fillna("?").groupby(cols).size().rename("n_trials").reset_index()
     for c in ("data", "data_source"):
         if c not in out:

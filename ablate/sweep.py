@@ -475,20 +475,23 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
     if not stale:
         return set()
     stale_ids = {t for task_ids in stale.values() for t in task_ids}
-    keep = _copy_aside(out_dir, stale_ids, "stale-data")
-    for trial_id in stale_ids:  # a --resume must not continue a checkpoint made on the old data
-        ckpt = out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt"
-        if ckpt.exists():
-            shutil.move(str(ckpt), keep / ckpt.name)
+    # (a --resume must not continue a checkpoint made on the old data)
+    keep = _copy_aside(out_dir, stale_ids, "stale-data", _checkpoints_of(out_dir, stale_ids))
     for task, ids in stale.items():
         print(f"{task}: {len(ids)} stored trial(s) were made on other data files than its data directory holds now "
               f"(a file's size differs); they run again. Their old results are kept in {keep}", flush=True)
     return stale_ids
 
 
-def _copy_aside(out_dir: Path, ids: set[str], folder: str) -> Path:
+def _checkpoints_of(out_dir: Path, ids: set[str]) -> list[Path]:
+    """The stable checkpoints (``OUT/<name>/checkpoints``) of the trials ``ids`` that exist."""
+    return [c for c in (out_dir / CHECKPOINTS_DIR / f"{t}.pt" for t in sorted(ids)) if c.exists()]
+
+
+def _copy_aside(out_dir: Path, ids: set[str], folder: str, checkpoints: Sequence[Path] = ()) -> Path:
     """Copy the stored rows of the trials ``ids`` into ``OUT/<name>/<folder>/<now>/<table>.parquet``
-    before they are computed again: results already made are never lost."""
+    before they are computed again (results already made are never lost), and move ``checkpoints``
+    there (a ``--resume`` must not continue them)."""
     keep = out_dir / folder / f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
     keep.mkdir(parents=True, exist_ok=True)
     old = store.load_results(out_dir, all_trials=True)  # (parts, or the combined tables standing in for them)
@@ -496,6 +499,8 @@ def _copy_aside(out_dir: Path, ids: set[str], folder: str) -> Path:
         df = getattr(old, name)
         if "trial_id" in df:
             store.atomic_write_parquet(df[df["trial_id"].isin(list(ids))].reset_index(drop=True), keep / f"{name}.parquet")
+    for ckpt in checkpoints:
+        shutil.move(str(ckpt), keep / ckpt.name)
     return keep
 
 
@@ -546,12 +551,9 @@ def _start_reruns(study: Study, out_dir: Path, selectors: Sequence[str] | None, 
             print(f"--rerun: {len(skipped)} of the selected trial(s) were computed again by an earlier --rerun that is "
                   f"not complete yet: not again (to start over, delete {out_dir / store.RERUN_FILE} first)", flush=True)
         again = selected - ids - done
-        checkpoints = [out_dir / CHECKPOINTS_DIR / f"{t}.pt" for t in sorted(again)]
-        checkpoints = [c for c in checkpoints if c.exists()]
+        checkpoints = _checkpoints_of(out_dir, again)
         if again & finished or checkpoints:
-            keep = _copy_aside(out_dir, again & finished, "replaced")
-            for ckpt in checkpoints:
-                shutil.move(str(ckpt), keep / ckpt.name)
+            keep = _copy_aside(out_dir, again & finished, "replaced", checkpoints)
             print(f"--rerun: {len(again & finished)} stored trial(s) run again (their current results are copied to "
                   f"{keep}){f'; {len(checkpoints)} checkpoint(s) of the code before moved there too' if checkpoints else ''}",
                   flush=True)

@@ -360,7 +360,7 @@ def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
     bad = [k for k, v in terms.items() if not isinstance(v, Tensor) or v.numel() != 1]
     if bad:
         raise ValueError(f"objective {name}: the terms {bad} are not scalar tensors (got "
-                         f"{', '.join(_shape_of(terms[k]) for k in bad)}): reduce each term to one value")
+                         f"{', '.join(described(terms[k]) for k in bad)}): reduce each term to one value")
     return {k: v.reshape(()) for k, v in terms.items()}
 
 
@@ -370,16 +370,20 @@ def _checked_weighting(result: Any, weighting: Any) -> tuple[Tensor, dict[str, T
           and result[0].numel() == 1 and isinstance(result[1], dict))
     if not ok:
         raise TypeError(f"weighting {type(weighting).__name__} must return (meta-loss as a scalar tensor, dict of "
-                        f"sigma per term - empty if it has none), got {_shape_of(result)}")
+                        f"sigma per term - empty if it has none), got {described(result)}")
     return result[0].reshape(()), result[1]
 
 
-def _shape_of(x: Any) -> str:
+def described(x: Any, top: bool = True) -> str:
+    """What a user component returned, in a few words for an error message: a tensor's shape, a
+    list's or tuple's length and first items, else the value itself when short."""
     if isinstance(x, Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
-    if isinstance(x, tuple):
-        return f"a tuple of {len(x)} ({', '.join(_shape_of(v) for v in x)})"
-    return f"a {type(x).__name__}"
+    if isinstance(x, (list, tuple)):
+        items = ", ".join(described(v, top=False) for v in x[:4]) + (", ..." if len(x) > 4 else "")
+        return f"a {type(x).__name__} of {len(x)} ({items})"
+    text = repr(x)
+    return text if len(text) <= 80 and not isinstance(x, dict) else f"a {type(x).__name__}"
 
 
 def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor],

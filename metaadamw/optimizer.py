@@ -22,7 +22,7 @@ from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
-from metaadamw.meta import META_GRADIENTS, MetaRecord, meta_update, project_weighting
+from metaadamw.meta import META_GRADIENTS, MetaRecord, described, meta_update, project_weighting
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.weighting import FORMS
 
@@ -284,7 +284,7 @@ class MetaAdamW(torch.optim.Optimizer):
         _check(isinstance(group_of_tensor, (list, tuple)) and len(group_of_tensor) == len(infos)
                and all(isinstance(n, str) for n in group_of_tensor),
                f"grouping {grouping!r} must return one group name (a str) per parameter tensor, {len(infos)} in "
-               f"all, got {_preview(group_of_tensor)}")
+               f"all, got {described(group_of_tensor)}")
         names = list(dict.fromkeys(group_of_tensor))
         group_of = [names.index(n) for n in group_of_tensor]
         layout = GroupLayout(
@@ -297,6 +297,8 @@ class MetaAdamW(torch.optim.Optimizer):
         return infos, names, group_of, layout
 
     def _tensor_info(self, model: nn.Module | None) -> list[TensorInfo]:
+        held = [(gi, p, name) for gi, group in enumerate(self.param_groups)
+                for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"]))]
         by_id: dict[int, tuple[str, type]] = {}  # in registration order: the first name of each parameter
         depths: dict[int, float] = {}
         if model is not None:
@@ -304,7 +306,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
                     full = f"{mod_name}.{pname}" if mod_name else pname
                     by_id.setdefault(id(p), (full, type(module)))
-            if not any(id(p) in by_id for g in self.param_groups for p in g["params"]):
+            if not any(id(p) in by_id for _, p, _ in held):
                 raise ValueError(
                     f"model= is a {type(model).__name__} that holds none of the optimizer's parameters (a copy of the "
                     f"model, such as an EMA model, or another instance of it?): pass the module whose parameters "
@@ -313,25 +315,17 @@ class MetaAdamW(torch.optim.Optimizer):
             # not hold (a learnable temperature, a separate head) among themselves, in its order, so
             # that they cannot move the model's tensors to other buckets
             depths = model_depths({k: name for k, (name, _) in by_id.items()})
-            extra = {}
-            for group in self.param_groups:
-                for p, name in zip(group["params"], group.get("param_names") or [None] * len(group["params"])):
-                    if id(p) not in by_id:
-                        extra[id(p)] = name
-            depths.update(model_depths(extra) if extra else {})
-        infos, i = [], 0
-        for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
-                known = by_id.get(id(p))
-                # the model's full dotted name where it has one: names in a param group may be
-                # relative to a submodule (a group of model.encoder.named_parameters())
-                infos.append(TensorInfo(
-                    index=i, param_group=gi, name=known[0] if known else name, shape=tuple(p.shape),
-                    module_type=known[1] if known else None,
-                    depth=depths.get(id(p)),  # None without model=: relative to the optimizer's tensors
-                ))
-                i += 1
+            depths.update(model_depths({id(p): name for _, p, name in held if id(p) not in by_id}))
+        infos = []
+        for i, (gi, p, name) in enumerate(held):
+            known = by_id.get(id(p))
+            # the model's full dotted name where it has one: names in a param group may be
+            # relative to a submodule (a group of model.encoder.named_parameters())
+            infos.append(TensorInfo(
+                index=i, param_group=gi, name=known[0] if known else name, shape=tuple(p.shape),
+                module_type=known[1] if known else None,
+                depth=depths.get(id(p)),  # None without model=: relative to the optimizer's tensors
+            ))
         return infos
 
     def meta_parameters(self) -> list[nn.Parameter]:
@@ -1009,14 +1003,6 @@ def _callable_without_arguments(fn: Any) -> bool:
     except ValueError:  # no signature to read (a builtin): try it
         return callable(fn)
     return True
-
-
-def _preview(value: Any) -> str:
-    """A short description of what a user component returned, for error messages."""
-    if isinstance(value, (list, tuple)):
-        items = ", ".join(repr(v) for v in value[:4]) + (", ..." if len(value) > 4 else "")
-        return f"a {type(value).__name__} of {len(value)} ({items})"
-    return repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
 
 
 def _check(ok: bool, message: str) -> None:
