@@ -145,17 +145,25 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as file:
             batch = _BatchUnpickler(file, encoding="bytes").load()
     except Exception as error:  # any corruption: truncated file, wrong format, foreign objects
-        raise DatasetNotFoundError(f"{path} is not a readable CIFAR-10 python batch: {error}") from error
+        raise _damaged(path, f"is not a readable CIFAR-10 python batch: {str(error).rstrip('. ')}") from error
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DatasetNotFoundError(f"{path} is not a CIFAR-10 python batch: expected a dict with keys b'data' and b'labels'")
+        raise _damaged(path, "is not a CIFAR-10 python batch: expected a dict with keys b'data' and b'labels'")
     data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
     n_pixels = int(np.prod(IMAGE_SHAPE))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != n_pixels:
-        raise DatasetNotFoundError(f"{path}: b'data' must be a uint8 array (N, {n_pixels}), got {data.dtype} {data.shape}")
+        raise _damaged(path, f"has no valid b'data': it must be a uint8 array (N, {n_pixels}), got {data.dtype} {data.shape}")
     integral = labels.shape == (len(data),) and np.issubdtype(labels.dtype, np.integer)
     if not integral or (labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES)):
-        raise DatasetNotFoundError(f"{path}: b'labels' must hold {len(data)} class indices in 0-{NUM_CLASSES - 1}")
+        raise _damaged(path, f"has no valid b'labels': they must be {len(data)} class indices in 0-{NUM_CLASSES - 1}")
     return data.reshape(-1, *IMAGE_SHAPE), labels.astype(np.int64)
+
+
+def _damaged(path: Path, problem: str) -> DatasetNotFoundError:
+    """The error for a batch file that is there but unreadable: what is wrong, and how to replace it."""
+    return DatasetNotFoundError(
+        f"cifar10: {path} {problem}. Replace the batches: `ablate data download cifar10` fetches them again, or "
+        f"download {CIFAR_URL} and unpack it into the data directory"
+    )
 
 
 def _missing_message(root: Path, what: str) -> str:

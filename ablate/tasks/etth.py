@@ -187,8 +187,10 @@ def find_csv(root: Path, variant: EttVariant) -> Path:
 def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
     """The given columns of an ETT CSV as a float64 array (steps, len(columns)).
 
-    Raises :class:`DatasetNotFoundError` when the file cannot be parsed, lacks a column, or has
-    an empty or non-numeric value.
+    Raises :class:`DatasetNotFoundError` when the file cannot be parsed, lacks a column, has an
+    empty or non-numeric value, or (when it has the ``date`` column, as ETT files do) its rows are
+    not in time order: the splits are chronological, and a file in another order would train on
+    the newest months and validate on the oldest without a word.
     """
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -211,7 +213,27 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
                 f"line {row + 2}: {frame[column].iloc[row]!r}"
             )
         values[:, j] = parsed.to_numpy(dtype=float)
+    if "date" in frame.columns:
+        _check_time_order(path, frame["date"])
     return values
+
+
+def _check_time_order(path: Path, dates: pd.Series) -> None:
+    """:class:`DatasetNotFoundError` unless ``dates`` are readable timestamps, strictly increasing."""
+    stamps = pd.to_datetime(dates.str.strip(), errors="coerce", format="mixed")
+    bad = np.flatnonzero(stamps.isna().to_numpy())
+    if bad.size:
+        raise DatasetNotFoundError(f"{path}: column date has {bad.size} empty or unreadable timestamp(s), the first on "
+                                   f"line {bad[0] + 2}: {dates.iloc[bad[0]]!r}")
+    later = stamps.to_numpy()
+    back = np.flatnonzero(later[1:] <= later[:-1])
+    if back.size:
+        row = back[0] + 1
+        raise DatasetNotFoundError(
+            f"{path}: the rows are not in time order: line {row + 2} ({dates.iloc[row].strip()}) does not come after "
+            f"line {row + 1} ({dates.iloc[row - 1].strip()}); the splits are chronological, so sort the file by "
+            f"date (and drop repeated timestamps)"
+        )
 
 
 def load_embedded_series() -> np.ndarray:
@@ -367,7 +389,12 @@ def _load_values(config: dict, variant: EttVariant, columns: tuple[str, ...]) ->
         # 20 "months" span the series, so 12/4/4 is a 60/20/20 split of it.
         return values, EMBEDDED_SOURCE, len(values) // 20, [EMBEDDED_COLUMN]
     path = find_csv(resolve_data_dir(config, ETT_SUBDIR), variant)
-    return read_ett_csv(path, columns), f"real:{path.resolve()}", variant.month, list(columns)
+    try:
+        values = read_ett_csv(path, columns)
+    except DatasetNotFoundError as error:
+        problem = str(error).rstrip(". \n")
+        raise DatasetNotFoundError(f"{problem}. If the file is damaged, {_how_to_get(variant)}") from error
+    return values, f"real:{path.resolve()}", variant.month, list(columns)
 
 
 def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:

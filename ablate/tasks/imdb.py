@@ -11,7 +11,8 @@ Real data (``data="real"``), in ``<data_dir>/imdb`` (or ``data_dir`` itself), on
   ``text2vec_movie_review_5000.csv`` (columns id,label,text). It is split 80/20 into train and
   validation, stratified by label and shuffled with ``split_seed``; there is no test split.
 
-HTML line breaks (``<br />``) are replaced by spaces, the text is tokenised with
+HTML line breaks (``<br />``) are replaced by spaces and backslash-escaped quotes (``\\"``, as in
+the text2vec CSV, whose reviews keep the escapes of the Kaggle release) by plain quotes; the text is tokenised with
 :func:`ablate.tasks.text.tokenize` (lower-cased, punctuation split), the vocabulary holds the
 ``vocab_size`` most frequent tokens of the *training* split, and each review is truncated to its
 first ``max_len`` tokens and right-padded to ``max_len``. Batches are ``(ids, labels)``.
@@ -44,6 +45,7 @@ import torch
 
 from ablate.config import ConfigError
 from ablate.tasks.base import (
+    DatasetNotFoundError,
     Download,
     TaskInstance,
     check_int,
@@ -85,8 +87,9 @@ _BREAK_RE = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 def clean(text: str) -> str:
-    """The review text with HTML line breaks (``<br />``) replaced by spaces."""
-    return _BREAK_RE.sub(" ", text)
+    """The review text with HTML line breaks (``<br />``) replaced by spaces and backslash-escaped
+    quotes (``\\"``, ``\\'``) unescaped (otherwise the backslash would be one of the commonest tokens)."""
+    return _BREAK_RE.sub(" ", text).replace('\\"', '"').replace("\\'", "'")
 
 
 class EncodedReviews(torch.utils.data.Dataset):
@@ -152,26 +155,35 @@ def read_csv(path: Path) -> list[Review]:
     """Reviews of a CSV file with a text and a label column (see the module docstring)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # (-sig: a spreadsheet's byte-order mark)
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise dataset_error(TASK, f"cannot read {path} as a UTF-8 CSV file ({exc})", [path], SOURCE) from exc
-    columns = rows[0].keys() if rows else []
+        raise _csv_error(f"cannot read {path} as a UTF-8 CSV file ({exc})", path) from exc
     text_col = next((c for c in _TEXT_COLUMNS if c in columns), None)
     label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)
     if text_col is None or label_col is None:
-        raise dataset_error(
-            TASK, f"{path} needs a header with a text column ({' or '.join(_TEXT_COLUMNS)}) and a label column "
-            f"({' or '.join(_LABEL_COLUMNS)}) and at least one row; found columns {list(columns)}", [path], SOURCE,
-        )
+        raise _csv_error(f"{path} needs a header with a text column ({' or '.join(_TEXT_COLUMNS)}) and a label "
+                         f"column ({' or '.join(_LABEL_COLUMNS)}); found columns {list(columns)}", path)
+    if not rows:
+        raise _csv_error(f"{path} has a header but no reviews", path)
     reviews = []
     for line, row in enumerate(rows, start=2):
         label = _LABELS.get(str(row[label_col]).strip().lower())
         if label is None:
-            raise dataset_error(
-                TASK, f"{path} row {line}: label {row[label_col]!r} is not one of {', '.join(_LABELS)}", [path], SOURCE
-            )
+            raise _csv_error(f"{path} line {line}: label {row[label_col]!r} is not one of {', '.join(_LABELS)}", path)
         reviews.append((clean(row[text_col] or ""), label))
     return reviews
+
+
+def _csv_error(problem: str, path: Path) -> DatasetNotFoundError:
+    """The error for a ``csv_file`` that is missing or malformed: ``ablate data download imdb``
+    fetches the aclImdb tree, not a CSV, so the advice is about the file and the option."""
+    return DatasetNotFoundError(
+        f"task {TASK!r}: {problem}.\nThe task key csv_file names a UTF-8 CSV file with a header and one review a "
+        f"row: a text column ({' or '.join(_TEXT_COLUMNS)}) and a label column ({' or '.join(_LABEL_COLUMNS)}: "
+        f"{', '.join(_LABELS)}). Fix the file or the csv_file path ({path}); or leave csv_file unset to read the "
+        f"aclImdb folder (`ablate data download imdb`), or use data='embedded' for the small offline variant."
+    )
 
 
 def _csv_path(config: dict) -> Path | None:
@@ -187,7 +199,7 @@ def locate(config: dict) -> list[Path]:
     path = _csv_path(config)
     if path is not None:
         if not path.is_file():
-            raise dataset_error(TASK, f"csv_file {path} does not exist", [path], SOURCE)
+            raise _csv_error(f"csv_file {path} does not exist", path)
         return [path]
     root = resolve_data_dir(config, SUBDIR)
     tree = root if root.name == TREE else root / TREE
@@ -203,14 +215,14 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     path = _csv_path(config)
     if path is not None:
         if not path.is_file():
-            raise dataset_error(TASK, f"csv_file {path} does not exist", [path], SOURCE)
+            raise _csv_error(f"csv_file {path} does not exist", path)
         train, val = stratified_split(read_csv(path), VAL_FRACTION, config["split_seed"])
         for split, part in (("training", train), ("validation", val)):
             if not part:
                 least = next(n for n in range(1, 100) if 0 < round(VAL_FRACTION * n) < n)
-                raise dataset_error(TASK, f"csv_file {path} holds too few reviews for a {split} split (the validation "
-                                          f"split is {VAL_FRACTION:.0%} of each label's reviews, rounded: give at "
-                                          f"least {least} reviews of each label)", [path], SOURCE)
+                raise _csv_error(f"csv_file {path} holds too few reviews for a {split} split (the validation split "
+                                 f"is {VAL_FRACTION:.0%} of each label's reviews, rounded: give at least {least} "
+                                 f"reviews of each label)", path)
         return {"train": train, "val": val}, f"real:{path}"
     root = resolve_data_dir(config, SUBDIR)
     tree = root if root.name == TREE else root / TREE

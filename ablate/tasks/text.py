@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import math
 import re
+import unicodedata
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -32,24 +33,41 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIALS = (PAD, UNK, BOS, EOS)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(SPECIALS))
 
-# A word is a run of letters/digits/underscores, optionally joined by apostrophes ("don't",
-# "it's" stay whole); every other non-space character is a token of its own.
-_TOKEN_RE = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
+
+def _combining_marks() -> str:
+    """A regex class body of the combining marks (Unicode categories Mn, Mc, Me) of the Basic
+    Multilingual Plane: accents that NFC cannot compose (the dot of ``"İ".lower()``) and the vowel
+    signs of Indic scripts belong to the letter before them, which ``\\w`` alone does not know."""
+    marks = [c for c in range(0x10000) if unicodedata.category(chr(c)).startswith("M")]
+    ranges, start = [], marks[0]
+    for prev, cur in zip(marks, marks[1:] + [None]):
+        if cur != prev + 1:
+            ranges.append(f"\\u{start:04x}" + (f"-\\u{prev:04x}" if prev != start else ""))
+            start = cur
+    return "".join(ranges)
+
+
+# A word is a run of letters/digits/underscores (each with its combining marks), optionally joined
+# by apostrophes ("don't", "it's" stay whole); every other non-space character is a token of its own.
+_WORD = rf"\w[{_combining_marks()}]*"
+_TOKEN_RE = re.compile(rf"(?:{_WORD})+(?:'(?:{_WORD})+)*|[^\w\s]")
 
 
 def tokenize(text: str, lowercase: bool = True) -> list[str]:
     """Split ``text`` into words and punctuation marks.
 
-    Words are maximal runs of Unicode letters, digits and underscores, with inner apostrophes
-    kept (``"don't"`` is one token); each other non-whitespace character (``.,!?()"-`` ...) is a
-    token of its own; whitespace only separates. With ``lowercase`` the text is lower-cased first.
+    The text is first put in Unicode normal form NFC (a decomposed ``"é"`` becomes one
+    character) and, with ``lowercase``, lower-cased. Words are maximal runs of Unicode letters,
+    digits and underscores with their combining marks, with inner apostrophes kept (``"don't"``
+    is one token); each other non-whitespace character (``.,!?()"-`` ...) is a token of its own;
+    whitespace only separates.
 
     >>> tokenize("A dog, isn't it? Ein Hund!")
     ['a', 'dog', ',', "isn't", 'it', '?', 'ein', 'hund', '!']
     """
     if lowercase:
         text = text.lower()
-    return _TOKEN_RE.findall(text)
+    return _TOKEN_RE.findall(unicodedata.normalize("NFC", text))
 
 
 class Vocab:
@@ -103,15 +121,20 @@ class Vocab:
 def read_lines(path: Path) -> list[str]:
     """The lines (without line breaks) of a UTF-8 text file; ``*.gz`` files are decompressed.
 
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` only (not at the other characters that
+    ``str.splitlines`` breaks at, such as U+2028 or a form feed inside a sentence: parallel files
+    like Multi30k's are aligned line by line, and an extra break would shift every later pair).
+
     Raises ``OSError`` / ``UnicodeDecodeError`` / ``EOFError`` for unreadable, non-UTF-8 or
     truncated files (corrupt compressed data too); callers turn them into :func:`dataset_error`.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            return f.read().splitlines()
+            lines = f.read().split("\n")  # (text mode has turned \r\n and \r into \n)
     except zlib.error as exc:  # damaged deflate data inside an intact gzip header
         raise OSError(f"corrupt compressed data: {exc}") from exc
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def dataset_error(task: str, problem: str, expected: Iterable[Path], source: str) -> DatasetNotFoundError:

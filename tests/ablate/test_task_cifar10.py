@@ -137,10 +137,11 @@ def test_missing_test_batch_is_reported(tmp_path):
 def test_malformed_batches_are_reported(tmp_path):
     path = tmp_path / "data_batch_1"
     path.write_bytes(b"not a pickle")
-    with pytest.raises(DatasetNotFoundError, match=f"{path} is not a readable CIFAR-10 python batch"):
+    with pytest.raises(DatasetNotFoundError, match=f"{path} is not a readable CIFAR-10 python batch") as info:
         cifar10.read_batch(path)
+    assert "`ablate data download cifar10` fetches them again" in str(info.value)
     write_batch(path, np.zeros((2, 100), dtype=np.uint8), [0, 1])
-    with pytest.raises(DatasetNotFoundError, match=r"b'data' must be a uint8 array \(N, 3072\)"):
+    with pytest.raises(DatasetNotFoundError, match=r"no valid b'data': it must be a uint8 array \(N, 3072\)"):
         cifar10.read_batch(path)
     write_batch(path, fixture_images(2, 0), [0, 10])
     with pytest.raises(DatasetNotFoundError, match="class indices in 0-9"):

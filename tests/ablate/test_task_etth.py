@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,11 +27,8 @@ def write_ett_csv(path: Path, ot: np.ndarray, header: str = HEADER) -> np.ndarra
     path.parent.mkdir(parents=True, exist_ok=True)
     loads = ot[:, None] * 10 + np.arange(6)[None, :]
     values = np.column_stack([loads, ot])
-    hours = np.arange(len(ot))
-    lines = [header] + [
-        f"2016-07-{1 + h // 24:02d} {h % 24:02d}:00:00," + ",".join(repr(float(v)) for v in row)
-        for h, row in zip(hours, values)
-    ]
+    hours = pd.date_range("2016-07-01", periods=len(ot), freq="h")
+    lines = [header] + [f"{h:%Y-%m-%d %H:%M:%S}," + ",".join(repr(float(v)) for v in row) for h, row in zip(hours, values)]
     path.write_text("\n".join(lines) + "\n")
     return values
 
@@ -65,6 +63,34 @@ def test_csv_with_non_numeric_value_is_reported(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DatasetNotFoundError, match=r"column OT has 1 empty or non-numeric value\(s\), the first on line 5: 'n/a'"):
         etth.read_ett_csv(path, ("OT",))
+
+
+def test_a_bad_value_met_in_a_sweep_names_the_fix(tmp_path):
+    path = tmp_path / "ETTh1.csv"
+    write_ett_csv(path, np.arange(10.0))
+    path.write_text(path.read_text().replace(",9.0\n", ",\n"))
+    with pytest.raises(DatasetNotFoundError, match=r"column OT .* line 11: ''\. If the file is damaged, get it with "
+                                                   r"`ablate data download etth1`"):
+        etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+
+
+def test_rows_out_of_time_order_are_refused(tmp_path):
+    # the splits are chronological: a reversed or shuffled file would train on the newest months
+    path = tmp_path / "ETTh1.csv"
+    write_ett_csv(path, np.arange(10.0))
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + lines[:0:-1]) + "\n")  # header, then the rows newest first
+    with pytest.raises(DatasetNotFoundError, match=r"not in time order: line 3 \(2016-07-01 08:00:00\) does not come "
+                                                   r"after line 2 \(2016-07-01 09:00:00\).*sort the file by date"):
+        etth.read_ett_csv(path, ("OT",))
+    path.write_text("\n".join(lines[:4] + lines[3:]) + "\n")  # a repeated hour
+    with pytest.raises(DatasetNotFoundError, match="line 5 .* does not come after line 4"):
+        etth.read_ett_csv(path, ("OT",))
+    path.write_text("\n".join(lines[:3] + ["yesterday" + lines[3][19:]] + lines[4:]) + "\n")
+    with pytest.raises(DatasetNotFoundError, match="column date has 1 empty or unreadable timestamp.*line 4: 'yesterday'"):
+        etth.read_ett_csv(path, ("OT",))
+    path.write_text("\n".join(lines) + "\n")
+    assert etth.read_ett_csv(path, ("OT",))[:, 0].tolist() == list(np.arange(10.0))
 
 
 def test_empty_csv_is_reported(tmp_path):

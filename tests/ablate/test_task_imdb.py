@@ -171,11 +171,36 @@ def test_bad_csv_files(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="text column"):
         get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
     path.write_text("sentiment,review\npositive,Good\nmaybe,Hm\n", encoding="utf-8")
-    with pytest.raises(DatasetNotFoundError, match="row 3"):
+    with pytest.raises(DatasetNotFoundError, match="line 3: label 'maybe'"):
         get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
     path.write_text("label,text\n1,good film\n1,great film\n0,bad film\n0,awful film\n", encoding="utf-8")
     with pytest.raises(DatasetNotFoundError, match="too few reviews for a validation split.*at least 3 reviews of each"):
         get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))  # (was ZeroDivisionError)
+
+
+def test_csv_errors_advise_on_the_csv_file(tmp_path):
+    # `ablate data download imdb` fetches the aclImdb tree, not a CSV: it is not the fix for a bad csv_file
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError, match="has a header but no reviews") as info:
+        get_task("imdb").build(make_config(data="real", csv_file=str(path), **TINY))
+    assert "Fix the file or the csv_file path" in str(info.value) and "Obtain them with" not in str(info.value)
+    path.write_text("id,stars\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError, match=r"found columns \['id', 'stars'\]"):
+        read_csv(path)
+
+
+def test_escaped_quotes_are_unescaped():
+    # the text2vec CSV keeps the Kaggle release's \" escapes: the backslash must not become a token
+    assert read_csv_text('label,text\n1,"\\""Great\\"" fun, isn\\\'t it"\n') == [('"Great" fun, isn\'t it', 1)]
+
+
+def read_csv_text(text: str) -> list:
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "r.csv"
+        path.write_text(text, encoding="utf-8")
+        return read_csv(path)
 
 
 def test_a_csv_with_a_byte_order_mark_reads(tmp_path):

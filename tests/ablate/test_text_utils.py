@@ -33,6 +33,15 @@ def test_tokenize_splits_punctuation_and_keeps_contractions():
     assert tokenize("1,000 @-@ e-mail") == ["1", ",", "000", "@", "-", "@", "e", "-", "mail"]
 
 
+def test_tokenize_keeps_combining_marks_with_their_letter():
+    import unicodedata
+    text = "Ein Café in İzmir; नमस्ते"
+    expected = ["ein", "café", "in", "i̇zmir", ";", "नमस्ते"]
+    assert tokenize(text) == expected
+    assert tokenize(unicodedata.normalize("NFD", text)) == expected  # decomposed accents: the same tokens
+    assert tokenize("\u0301a") == ["\u0301", "a"]  # a mark with no letter before it is a token of its own
+
+
 def test_vocab_specials_ranking_and_cap():
     train = [["b", "a", "c", "a"], ["b", "a", "d", "<unk>", "<eos>"]]
     vocab = Vocab.build(train)
@@ -66,6 +75,18 @@ def test_read_lines_plain_and_gzip(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(UnicodeDecodeError):
         read_lines(tmp_path / "bad.txt")
+
+
+def test_read_lines_breaks_at_line_ends_only(tmp_path):
+    # U+2028, U+0085, form feed and the like inside a sentence must not split it: Multi30k's
+    # .de and .en files are aligned line by line, and one extra break shifts every later pair
+    path = tmp_path / "a.txt"
+    path.write_bytes("a\u2028b\r\nc\x0cd\x85e\rlast".encode("utf-8"))
+    assert read_lines(path) == ["a\u2028b", "c\x0cd\x85e", "last"]
+    path.write_bytes(b"one\n\ntwo\n")
+    assert read_lines(path) == ["one", "", "two"]
+    path.write_bytes(b"")
+    assert read_lines(path) == []
 
 
 def test_dataset_error_names_full_paths_and_how_to_get_them(tmp_path):
