@@ -417,11 +417,25 @@ class MetaAdamW(torch.optim.Optimizer):
             self._step()
         return loss
 
+    def _check_tensors_unchanged(self) -> None:
+        """Refuse tensors put into ``param_groups[i]["params"]`` by hand: MetaAdamW groups, names
+        and tracks its tensors when they are given (``torch.optim.AdamW`` would step them, so silently
+        leaving them untrained is no option). One length per group: no cost worth measuring."""
+        held = sum(len(g["params"]) for g in self.param_groups)
+        if held != len(self._params):
+            raise RuntimeError(
+                f"the optimizer's param_groups now hold {held} tensors, but MetaAdamW was given {len(self._params)}: "
+                f"tensors were added to or removed from param_groups[i]['params'] by hand. Add tensors with "
+                f"optimizer.add_param_group({{'params': ...}}) (which groups them for the modulator and starts their "
+                f"moments), or build a new optimizer")
+
     def _step(self) -> None:
+        self._check_tensors_unchanged()
         grads = [p.grad for p in self._params]
         active = tuple(g is not None for g in grads)
         if not any(active):
             return
+        F.check_dense([g for g in grads if g is not None])  # every step: a host attribute per tensor, no sync
         plan = self._plan
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
         if plan is None or plan.active != active or not plan.blocking.valid():
@@ -437,9 +451,6 @@ class MetaAdamW(torch.optim.Optimizer):
         self.global_step += 1
         self._time += 1
         grads = [grads[i] for i in plan.indices] if not plan.all_active else grads
-        if plan.fresh:
-            F.check_dense(grads)
-            plan.fresh = False
 
         refresh = self._multipliers is None or (self.global_step - 1) % self.refresh_every == 0
         if refresh and self.foreach and not self._carry_valid:
@@ -664,6 +675,7 @@ class MetaAdamW(torch.optim.Optimizer):
         if self.objective.needs_val and val_batch is None:
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
+        self._check_tensors_unchanged()
         model = D.unwrap(model)
         self._ensure_meta_synced()
         was_training = self.modulator.training
@@ -816,7 +828,19 @@ class MetaAdamW(torch.optim.Optimizer):
         unsupported = sorted({k for g in state_dict["param_groups"] for k in ("amsgrad", "maximize") if g.get(k)})
         if unsupported:
             raise ValueError(f"this AdamW checkpoint uses {', '.join(unsupported)}, which MetaAdamW does not support")
+        coupled = [i for i, g in enumerate(state_dict["param_groups"])
+                   if g.get("decoupled_weight_decay") is False and g.get("weight_decay", 0)]
+        if coupled:
+            wd = state_dict["param_groups"][coupled[0]]["weight_decay"]
+            raise ValueError(
+                f"this is a torch.optim.Adam checkpoint with weight_decay={wd} in param group(s) {coupled}: Adam adds "
+                f"it to the gradient as an L2 penalty, while MetaAdamW (like AdamW) decays the weights directly, so "
+                f"the same number means another rule. Nothing was loaded. To switch anyway, set those groups' "
+                f"weight_decay in the dict to the decoupled value you want and their decoupled_weight_decay to True")
         super().load_state_dict(state_dict)  # checks the param group sizes; moments and hyperparameters
+        for group in self.param_groups:  # torch.optim's flags (at their defaults, or refused above) are not MetaAdamW's
+            for key in (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay"):
+                group.pop(key, None)
         steps = [0] * len(self._params)  # a tensor without state in the checkpoint starts afresh, as its moments do
         for i, p in enumerate(self._params):
             st = self.state[p]
@@ -836,9 +860,14 @@ class MetaAdamW(torch.optim.Optimizer):
         self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
         self._plan = None
 
-    #: options that decide the shapes of the modulator, the weighting or the meta-optimizer's state
+    #: options that decide the shapes of the modulator, the weighting or the meta-optimizer's state,
+    #: or what the trained modulator's outputs mean (the multipliers' ranges, the weighting's form)
     _STRUCTURAL_OPTIONS = ("features", "time_step", "second_moment", "gating", "modulator_layers", "modulator_heads",
-                           "modulator_ff", "modulator_width", "objective", "weighting")
+                           "modulator_ff", "modulator_width", "objective", "weighting", "alpha_range", "beta_range",
+                           "weighting_form")
+    #: options of how the run goes on, which a resumed run may change (training longer, another
+    #: meta-gradient): the constructor's values are kept, with a warning naming each difference
+    _RUN_OPTIONS = ("meta_gradient", "refresh_every", "total_steps", "modulator_dropout", "gate_l1")
     #: options whose values a checkpoint carries in its state (the weighting's buffers, the
     #: meta-optimizer's param_groups): loading takes the checkpoint's, as torch.optim does for lr
     _LOADED_OPTIONS = ("priorities", "fixed_weights", "meta_lr", "meta_weight_decay")
@@ -883,6 +912,11 @@ class MetaAdamW(torch.optim.Optimizer):
             warnings.warn("MetaAdamW.load_state_dict: the checkpoint's settings replace the constructor's: " + ", ".join(
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
             self.config.update({k: new for k, (_, new) in changed.items()})
+        kept = {k: (saved[k], self.config[k]) for k in self._RUN_OPTIONS if k in saved and saved[k] != self.config[k]}
+        if kept:
+            warnings.warn("MetaAdamW.load_state_dict: this run goes on with the constructor's settings, not the "
+                          "checkpoint's (so it does not continue exactly as the saved run would have): " + ", ".join(
+                              f"{k} {old!r} -> {new!r}" for k, (old, new) in kept.items()), stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # copying and pickling
@@ -897,7 +931,10 @@ class MetaAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer keeps only defaults, state and param_groups, which is all AdamW has;
         # MetaAdamW also needs its modulator, weighting, meta-optimizer, layout and counters
-        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+        # (an instance attribute that shadows a method is a wrapper put there by someone else: an LR
+        # scheduler wraps step(); torch.optim does not pickle it, and a copy of it would step the original)
+        return {k: v for k, v in self.__dict__.items()
+                if k not in self._NOT_PICKLED and not callable(getattr(type(self), k, None))}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
@@ -939,7 +976,6 @@ class _Plan:
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
     cos_noise: Tensor  # per tensor, F.cos_noise
     numel: Tensor  # per tensor, element counts
-    fresh: bool = True  # not used by a step yet
 
 
 def _check_state_keys(state_dict: dict[str, Any], what: str) -> None:

@@ -231,6 +231,10 @@ def _fresh_state(opt):
     ({"features": "basic_plus"}, ["features='basic'"]),
     ({"meta_optimizer": "sgd"}, ["meta_optimizer Adam (this optimizer: SGD)"]),
     ({"weighting": "sum", "gating": False}, ["gating=True", "weighting='huw_priority'"]),
+    # the multipliers' ranges and the weighting's form give the trained modulator its meaning (an
+    # AdamW-equivalent run, alpha_range = beta_range = 0, resumed as a modulated one without a word)
+    ({"alpha_range": 0.0, "beta_range": 0.5}, ["alpha_range=1.0 (this optimizer: 0.0)", "beta_range=1.0"]),
+    ({"weighting_form": "classification"}, ["weighting_form='regression' (this optimizer: 'classification')"]),
 ])
 def test_loading_a_checkpoint_of_other_options_names_them_and_loads_nothing(over, names):
     sd = _stepped().state_dict()
@@ -263,6 +267,36 @@ def test_loaded_priorities_and_meta_lr_show_in_config_with_a_warning():
     assert target.config["priorities"] == [2, 5, 1] and target.config["meta_lr"] == KW.get("meta_lr", 1e-4)
     assert target.weighting.priorities.tolist() == [2.0, 5.0, 1.0]
     assert target.meta_optimizer.param_groups[0]["lr"] == target.config["meta_lr"]
+
+
+def test_run_options_that_differ_from_the_checkpoints_are_kept_with_a_warning():
+    sd = _stepped().state_dict()
+    target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "refresh_every": 3, "total_steps": 500,
+                                                     "meta_gradient": "exact"})
+    with pytest.warns(UserWarning, match=r"constructor's settings, not the checkpoint's .*: meta_gradient "
+                                         r"'finite_difference' -> 'exact', refresh_every 1 -> 3, total_steps None -> 500"):
+        target.load_state_dict(sd)
+    assert (target.refresh_every, target.total_steps, target.meta_gradient) == (3, 500, "exact")
+    assert target.global_step == sd["metaadamw"]["global_step"] > 0  # (and the rest loaded)
+
+
+def test_a_torch_adam_checkpoint_with_l2_weight_decay_is_refused():
+    # torch.optim.Adam's weight_decay is an L2 term in the gradient, not AdamW's decoupled decay
+    model = mlp(0)
+    for wd, refused in ((0.1, True), (0.0, False)):
+        adam = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=wd)
+        _train(model, adam, regression_batches(), 2, meta_every=10**9, loss_fn=mse)
+        meta = MetaAdamW(mlp(0).named_parameters(), **small_kwargs())
+        if refused:
+            with pytest.raises(ValueError, match=r"torch.optim.Adam checkpoint with weight_decay=0.1 .* L2 penalty.*"
+                                                 r"Nothing was loaded"):
+                meta.load_state_dict(adam.state_dict())
+            assert meta.global_step == 0
+        else:
+            meta.load_state_dict(adam.state_dict())
+            assert meta.global_step == 2
+            # torch.optim's own flags do not become MetaAdamW's (they were saved again and again)
+            assert set(meta.param_groups[0]) == {"params", "param_names", "lr", "betas", "eps", "weight_decay"}
 
 
 def test_state_dict_returns_the_live_moments_and_leaves_the_live_state_alone():

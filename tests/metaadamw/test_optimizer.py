@@ -750,6 +750,55 @@ def test_a_copied_or_pickled_optimizer_continues_exactly_like_the_original(how, 
     assert opt2.global_step == opt.global_step == 9 and opt2.meta_updates == opt.meta_updates == 3
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_made_after_an_lr_scheduler_steps_itself(how, tmp_path):
+    # a scheduler wraps the optimizer's step() in an instance attribute; copied along, the copy's
+    # step() stepped the original's parameters (and pickling failed), where torch.optim drops it
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, **small_kwargs())
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    assert "step" in vars(opt)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        torch.save((model, opt), tmp_path / "both.pt")
+        model2, opt2 = torch.load(tmp_path / "both.pt", weights_only=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model2, opt2, regression_batches(), 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the original is untouched
+    assert not all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))  # the copy trained
+
+
+def test_tensors_put_into_a_param_group_by_hand_are_refused_not_left_untrained():
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    _train(model, opt, regression_batches(), 1)
+    extra = nn.Parameter(torch.ones(3))
+    opt.param_groups[0]["params"].append(extra)
+    extra.grad = torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"hold 7 tensors, but MetaAdamW was given 6: .*add_param_group"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.meta_step(model, mse, *regression_batches()[:3])
+    opt.param_groups[0]["params"].pop()
+    _train(model, opt, regression_batches(), 1)  # as given: it steps again
+    assert opt.global_step == 2
+
+
+def test_a_sparse_gradient_after_dense_steps_is_a_clear_error_that_counts_no_step():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 1))
+    opt = MetaAdamW(model.named_parameters(), grouping="original", **small_kwargs())
+    batch = (torch.randint(0, 10, (5, 2)), torch.randn(5, 1))
+    mse(model, batch).backward()
+    opt.step()
+    model[0].sparse = True  # (the same tensors, now with a sparse gradient: the step plan is not new)
+    opt.zero_grad()
+    mse(model, batch).backward()
+    with pytest.raises(ValueError, match="does not support sparse gradients"):
+        opt.step()
+    assert opt.global_step == 1 and opt._steps == [1, 1, 1]
+
+
 @pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic"])
 @pytest.mark.parametrize("foreach", [True, False])
 def test_an_empty_parameter_leaves_every_statistic_and_update_finite(features, foreach):
