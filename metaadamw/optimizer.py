@@ -8,8 +8,10 @@ import copy
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import numbers
+import operator
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -418,16 +420,18 @@ class MetaAdamW(torch.optim.Optimizer):
         return loss
 
     def _check_tensors_unchanged(self) -> None:
-        """Refuse tensors put into ``param_groups[i]["params"]`` by hand: MetaAdamW groups, names
-        and tracks its tensors when they are given (``torch.optim.AdamW`` would step them, so silently
-        leaving them untrained is no option). One length per group: no cost worth measuring."""
-        held = sum(len(g["params"]) for g in self.param_groups)
-        if held != len(self._params):
+        """Refuse tensors put into (or replaced in) ``param_groups[i]["params"]`` by hand: MetaAdamW
+        groups, names and tracks its tensors when they are given (``torch.optim.AdamW`` would step
+        them, so silently leaving them untrained is no option). One identity test per tensor, on
+        the host: about as cheap as reading the tensors' ``.grad``."""
+        held = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        if sum(len(g["params"]) for g in self.param_groups) != len(self._params) or not all(
+                map(operator.is_, held, self._params)):
             raise RuntimeError(
-                f"the optimizer's param_groups now hold {held} tensors, but MetaAdamW was given {len(self._params)}: "
-                f"tensors were added to or removed from param_groups[i]['params'] by hand. Add tensors with "
-                f"optimizer.add_param_group({{'params': ...}}) (which groups them for the modulator and starts their "
-                f"moments), or build a new optimizer")
+                "the tensors in the optimizer's param_groups are no longer those MetaAdamW was given: tensors were "
+                "added to, removed from or replaced in param_groups[i]['params'] by hand. Add tensors with "
+                "optimizer.add_param_group({'params': ...}) (which groups them for the modulator and starts their "
+                "moments), or build a new optimizer")
 
     def _step(self) -> None:
         self._check_tensors_unchanged()
@@ -697,6 +701,7 @@ class MetaAdamW(torch.optim.Optimizer):
         ``copy.deepcopy`` makes a snapshot); the rest is copied. Hooks registered with
         ``register_state_dict_pre_hook`` run first, and those of ``register_state_dict_post_hook`` see
         (and may replace) the whole dict, meta state included."""
+        self._check_tensors_unchanged()  # (else torch.optim's indexing fails with a bare KeyError)
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         with self._base_class_hooks_off("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks"):
@@ -772,6 +777,7 @@ class MetaAdamW(torch.optim.Optimizer):
                              f"with add_param_group, in the same order) and same grouping needed")
         self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
         super().load_state_dict(state_dict)
+        self._drop_torch_flags()  # (a checkpoint of an earlier version that kept an AdamW checkpoint's)
         for p in self._params:
             self.state[p].pop("step", None)
         self.modulator.load_state_dict(extra["modulator"])
@@ -838,9 +844,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 f"the same number means another rule. Nothing was loaded. To switch anyway, set those groups' "
                 f"weight_decay in the dict to the decoupled value you want and their decoupled_weight_decay to True")
         super().load_state_dict(state_dict)  # checks the param group sizes; moments and hyperparameters
-        for group in self.param_groups:  # torch.optim's flags (at their defaults, or refused above) are not MetaAdamW's
-            for key in (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay"):
-                group.pop(key, None)
+        self._drop_torch_flags()
         steps = [0] * len(self._params)  # a tensor without state in the checkpoint starts afresh, as its moments do
         for i, p in enumerate(self._params):
             st = self.state[p]
@@ -852,6 +856,13 @@ class MetaAdamW(torch.optim.Optimizer):
         self._carry_valid = False  # the carried norms of the moments: recomputed at the next refresh
         self._stats = {}  # those of the moments before the load: gone (tensors without a gradient read zeros)
         self._multipliers = None  # the next step refreshes them
+
+    def _drop_torch_flags(self) -> None:
+        """Remove torch.optim.AdamW's own flags from the param groups (a loaded AdamW checkpoint
+        brings them, at their defaults or refused): they are not MetaAdamW's options."""
+        for group in self.param_groups:
+            for key in (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay"):
+                group.pop(key, None)
 
     def _set_step_counts(self, steps: list[int], global_step: int) -> None:
         """The loaded per-tensor AdamW step counts and step() count (the plan is rebuilt next step)."""
@@ -938,6 +949,7 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
+        self._drop_torch_flags()  # (pickled by an earlier version after loading an AdamW checkpoint)
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
         self.__dict__.setdefault("_synced_world", 1)  # (pickled before the lazy sync existed)
         # an unpickled optimizer that never synced starts over from the pickle, as from a loaded checkpoint

@@ -4,7 +4,8 @@ Real data: the ETT-small CSV files of the ETDataset (Zhou et al., Informer, AAAI
 years of one electricity transformer, hourly (ETTh*) or every 15 minutes (ETTm*), with the header
 ``date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT``. The task predicts the next oil temperature (OT) from
 the previous ``seq_len`` values (univariate, as in the paper); ``multivariate: true`` feeds all
-seven columns as input and still predicts OT.
+seven columns as input and still predicts OT. The rows must be in time order: a file whose ISO 8601
+``date`` stamps go back in time is refused (other date formats are not checked, with a warning).
 
 Splits (task key ``split``), both chronological, in terms of the *target* index of each window
 (a window's input is the ``seq_len`` steps before its target, so validation inputs may reach back
@@ -33,6 +34,7 @@ windows, d_model 32) trains an epoch in a fraction of a second on one CPU core.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +190,9 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
     """The given columns of an ETT CSV as a float64 array (steps, len(columns)).
 
     Raises :class:`DatasetNotFoundError` when the file cannot be parsed, lacks a column, has an
-    empty or non-numeric value, or (when it has the ``date`` column, as ETT files do) its rows are
-    not in time order: the splits are chronological, and a file in another order would train on
-    the newest months and validate on the oldest without a word.
+    empty or non-numeric value, or (when it has the ``date`` column, as ETT files do) its rows go
+    back in time: the splits are chronological, and a file in another order would train on the
+    newest months and validate on the oldest without a word (see :func:`_check_time_order`).
     """
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -219,21 +221,35 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
 
 
 def _check_time_order(path: Path, dates: pd.Series) -> None:
-    """:class:`DatasetNotFoundError` unless ``dates`` are readable timestamps, strictly increasing."""
-    stamps = pd.to_datetime(dates.str.strip(), errors="coerce", format="mixed")
-    bad = np.flatnonzero(stamps.isna().to_numpy())
+    """:class:`DatasetNotFoundError` if the ISO 8601 timestamps of ``dates`` go back in time.
+
+    Only ISO 8601 stamps (ETT's own ``2016-07-01 00:00:00``; offsets are compared in UTC) are
+    checked: other formats (day-first dates of a spreadsheet, step numbers) cannot be ordered
+    reliably, so they get a warning and the file is read in its row order. A repeated stamp (a
+    local clock's autumn change) gets a warning, not an error."""
+    try:
+        stamps = pd.to_datetime(dates.str.strip(), format="ISO8601", utc=True, errors="coerce")
+    except (ValueError, TypeError, OverflowError):
+        stamps = None
+    bad = np.flatnonzero(stamps.isna().to_numpy()) if stamps is not None else np.array([0])
     if bad.size:
-        raise DatasetNotFoundError(f"{path}: column date has {bad.size} empty or unreadable timestamp(s), the first on "
-                                   f"line {bad[0] + 2}: {dates.iloc[bad[0]]!r}")
+        warnings.warn(f"{path}: the time order of the rows is not checked: column date is not ISO 8601 throughout "
+                      f"(line {bad[0] + 2}: {dates.iloc[bad[0]]!r}); the splits are chronological and take the rows "
+                      f"in file order", stacklevel=4)
+        return
     later = stamps.to_numpy()
-    back = np.flatnonzero(later[1:] <= later[:-1])
+    back = np.flatnonzero(later[1:] < later[:-1])
     if back.size:
         row = back[0] + 1
         raise DatasetNotFoundError(
-            f"{path}: the rows are not in time order: line {row + 2} ({dates.iloc[row].strip()}) does not come after "
-            f"line {row + 1} ({dates.iloc[row - 1].strip()}); the splits are chronological, so sort the file by "
-            f"date (and drop repeated timestamps)"
+            f"{path}: the rows are not in time order: line {row + 2} ({dates.iloc[row].strip()}) comes before "
+            f"line {row + 1} ({dates.iloc[row - 1].strip()}); the splits are chronological, so sort the file by date"
         )
+    same = np.flatnonzero(later[1:] == later[:-1])
+    if same.size:
+        row = same[0] + 1
+        warnings.warn(f"{path}: {same.size} row(s) repeat the timestamp of the row before, the first on line "
+                      f"{row + 2} ({dates.iloc[row].strip()})", stacklevel=4)
 
 
 def load_embedded_series() -> np.ndarray:
@@ -393,7 +409,8 @@ def _load_values(config: dict, variant: EttVariant, columns: tuple[str, ...]) ->
         values = read_ett_csv(path, columns)
     except DatasetNotFoundError as error:
         problem = str(error).rstrip(". \n")
-        raise DatasetNotFoundError(f"{problem}. If the file is damaged, {_how_to_get(variant)}") from error
+        raise DatasetNotFoundError(f"{problem}. If the file is damaged, move or delete it, then "
+                                   f"{_how_to_get(variant)}") from error
     return values, f"real:{path.resolve()}", variant.month, list(columns)
 
 

@@ -69,8 +69,8 @@ def test_a_bad_value_met_in_a_sweep_names_the_fix(tmp_path):
     path = tmp_path / "ETTh1.csv"
     write_ett_csv(path, np.arange(10.0))
     path.write_text(path.read_text().replace(",9.0\n", ",\n"))
-    with pytest.raises(DatasetNotFoundError, match=r"column OT .* line 11: ''\. If the file is damaged, get it with "
-                                                   r"`ablate data download etth1`"):
+    with pytest.raises(DatasetNotFoundError, match=r"column OT .* line 11: ''\. If the file is damaged, move or delete it, "
+                                                   r"then get it with `ablate data download etth1`"):
         etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
 
 
@@ -80,15 +80,22 @@ def test_rows_out_of_time_order_are_refused(tmp_path):
     write_ett_csv(path, np.arange(10.0))
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:1] + lines[:0:-1]) + "\n")  # header, then the rows newest first
-    with pytest.raises(DatasetNotFoundError, match=r"not in time order: line 3 \(2016-07-01 08:00:00\) does not come "
-                                                   r"after line 2 \(2016-07-01 09:00:00\).*sort the file by date"):
+    with pytest.raises(DatasetNotFoundError, match=r"not in time order: line 3 \(2016-07-01 08:00:00\) comes before "
+                                                   r"line 2 \(2016-07-01 09:00:00\).*sort the file by date"):
         etth.read_ett_csv(path, ("OT",))
-    path.write_text("\n".join(lines[:4] + lines[3:]) + "\n")  # a repeated hour
-    with pytest.raises(DatasetNotFoundError, match="line 5 .* does not come after line 4"):
-        etth.read_ett_csv(path, ("OT",))
-    path.write_text("\n".join(lines[:3] + ["yesterday" + lines[3][19:]] + lines[4:]) + "\n")
-    with pytest.raises(DatasetNotFoundError, match="column date has 1 empty or unreadable timestamp.*line 4: 'yesterday'"):
-        etth.read_ett_csv(path, ("OT",))
+    # a repeated hour (a local clock's autumn change) is only a warning, as are stamps that cannot be
+    # ordered reliably (day-first dates of a spreadsheet, step numbers): the rows are taken in file order
+    path.write_text("\n".join(lines[:4] + lines[3:]) + "\n")
+    with pytest.warns(UserWarning, match=r"1 row\(s\) repeat the timestamp of the row before, the first on line 5"):
+        assert len(etth.read_ett_csv(path, ("OT",))) == 11
+    day_first = [lines[0]] + [f"{i + 1:02d}/07/2016 00:00," + line.split(",", 1)[1] for i, line in enumerate(lines[1:])]
+    path.write_text("\n".join(day_first) + "\n")
+    with pytest.warns(UserWarning, match="time order of the rows is not checked: column date is not ISO 8601"):
+        assert etth.read_ett_csv(path, ("OT",))[:, 0].tolist() == list(np.arange(10.0))
+    # ISO stamps with UTC offsets that change (daylight saving) are compared in UTC
+    iso = [lines[0], "2016-10-30T01:30:00+02:00,1,1,1,1,1,1,1", "2016-10-30T01:00:00+01:00,1,1,1,1,1,1,2"]
+    path.write_text("\n".join(iso) + "\n")
+    assert etth.read_ett_csv(path, ("OT",))[:, 0].tolist() == [1.0, 2.0]
     path.write_text("\n".join(lines) + "\n")
     assert etth.read_ett_csv(path, ("OT",))[:, 0].tolist() == list(np.arange(10.0))
 

@@ -295,7 +295,12 @@ def test_a_torch_adam_checkpoint_with_l2_weight_decay_is_refused():
         else:
             meta.load_state_dict(adam.state_dict())
             assert meta.global_step == 2
-            # torch.optim's own flags do not become MetaAdamW's (they were saved again and again)
+            # torch.optim's own flags do not become MetaAdamW's (they were saved again and again), nor
+            # stay in a MetaAdamW checkpoint of an earlier version that kept them
+            assert set(meta.param_groups[0]) == {"params", "param_names", "lr", "betas", "eps", "weight_decay"}
+            old = meta.state_dict()
+            old["param_groups"][0].update(amsgrad=False, foreach=None, decoupled_weight_decay=True)
+            meta.load_state_dict(old)
             assert set(meta.param_groups[0]) == {"params", "param_names", "lr", "betas", "eps", "weight_decay"}
 
 

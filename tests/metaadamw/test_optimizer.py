@@ -776,13 +776,21 @@ def test_tensors_put_into_a_param_group_by_hand_are_refused_not_left_untrained()
     extra = nn.Parameter(torch.ones(3))
     opt.param_groups[0]["params"].append(extra)
     extra.grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"hold 7 tensors, but MetaAdamW was given 6: .*add_param_group"):
+    with pytest.raises(RuntimeError, match=r"no longer those MetaAdamW was given: .*add_param_group"):
         opt.step()
     with pytest.raises(RuntimeError, match="add_param_group"):
         opt.meta_step(model, mse, *regression_batches()[:3])
     opt.param_groups[0]["params"].pop()
     _train(model, opt, regression_batches(), 1)  # as given: it steps again
     assert opt.global_step == 2
+    # a tensor replaced by another (same count): the new one would never be stepped
+    first = opt.param_groups[0]["params"][0]
+    opt.param_groups[0]["params"][0] = nn.Parameter(first.detach().clone())
+    for call in (opt.step, opt.state_dict):  # (state_dict failed with a bare KeyError from torch.optim)
+        with pytest.raises(RuntimeError, match="replaced in param_groups"):
+            call()
+    opt.param_groups[0]["params"][0] = first
+    opt.state_dict()
 
 
 def test_a_sparse_gradient_after_dense_steps_is_a_clear_error_that_counts_no_step():
