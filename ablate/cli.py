@@ -2,8 +2,11 @@
 
     ablate list [--keys] [--plugin MODULE]     registered tasks and components (and config keys)
     ablate train --task etth1 --optimizer metaadamw --set key=value [--plugin MODULE] ...   one trial
-    ablate run SPEC [--dry-run] [--resume] [--address ADDR] [--storage PATH]   a study on Ray Tune
-    ablate tune SPEC [--trials N]              Optuna search of the HUW priorities
+          [--checkpoint FILE] [--resume FILE] [--json] [--no-progress]
+    ablate run SPEC [--dry-run] [--resume] [--rerun TASK|ARM|all] [--address ADDR] [--storage PATH] ...
+                                               a study on Ray Tune
+    ablate tune SPEC [--trials N] [--study-storage PATH|URL] [--address ADDR] [--storage PATH]
+                                               Optuna search of the HUW priorities
     ablate report RESULTS_DIR [--out DIR]      Markdown/HTML report with figures
     ablate data download TASK [--data-dir DIR] fetch a real dataset (needs the network)
 """
@@ -282,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities")
     s.add_argument("spec")
-    s.add_argument("--trials", type=int, help="suggestions to evaluate (adds to a stored study)")
+    s.add_argument("--trials", type=int, help="suggestions to evaluate for each target, i.e. each task (or the one "
+                                              "cross-task target); they add to its stored study")
     s.add_argument("--out", default="results", help="parent directory of the results (default: results)")
     s.add_argument("--address", help="join a running Ray cluster")
     s.add_argument("--storage", help="Ray Tune storage path or URI")

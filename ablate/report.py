@@ -65,19 +65,21 @@ def _figure(path: Path | None, caption: str) -> list[Block]:
 
 # -- number formatting --------------------------------------------------------------------------
 def fmt_num(x: object, digits: int = 4) -> str:
-    """A number with ``digits`` significant digits; NaN/None as "n/a"."""
+    """A number with ``digits`` significant digits; NaN/None as "n/a" (and no "-0")."""
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return MISSING
     if isinstance(x, (int, np.integer)):
         return str(int(x))
-    return f"{float(x):.{digits}g}"
+    text = f"{float(x):.{digits}g}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def fmt_pct(x: object) -> str:
     """A fraction as a signed percentage (0.0426 -> "+4.26%")."""
     if x is None or not np.isfinite(float(x)):
         return MISSING
-    return f"{100 * float(x):+.2f}%"
+    text = f"{100 * float(x):+.2f}%"
+    return "+0.00%" if text == "-0.00%" else text
 
 
 def fmt_ci(mean: float, lo: float, hi: float, pct: bool = False) -> str:
@@ -88,9 +90,16 @@ def fmt_ci(mean: float, lo: float, hi: float, pct: bool = False) -> str:
     return f"{f(mean)} [{f(lo)}, {f(hi)}]"
 
 
-def fmt_p(p: float) -> str:
-    """A p-value with three significant digits."""
-    return MISSING if p is None or np.isnan(p) else f"{p:.3g}"
+def fmt_p(p: float, alpha: float = stats.ALPHA) -> str:
+    """A p-value with three significant digits, or more where three would round it onto
+    ``alpha`` (0.049957 is "0.04996", not "0.05" next to a significance mark)."""
+    if p is None or np.isnan(p):
+        return MISSING
+    for digits in range(3, 8):
+        text = f"{p:.{digits}g}"
+        if (float(text) < alpha) == (p < alpha):
+            return text
+    return f"{p:.8g}"
 
 
 # -- display tables -----------------------------------------------------------------------------
@@ -195,7 +204,8 @@ def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
         {
             "task": r["task"],
             "arm": r["arm"],
-            "ok / not ok": f"{r['n_ok']} / {r['n_not_ok']}",
+            "ok / not ok": f"{r['n_ok']} / {r['n_not_ok']}" + (
+                f"; {int(r['n_unmatched'])} unpaired left out" if r.get("n_unmatched", 0) else ""),
             "epochs run": fmt_ci(r["epochs_mean"], r["epochs_lo"], r["epochs_hi"]),
             "stopped early": fmt_pct(r["early_stopped"]).lstrip("+"),
             "total time (s)": fmt_num(r["time_total_mean_s"]),
@@ -396,7 +406,11 @@ def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
         h = h.sort_values("number")
         maximize = _maximized(h)
         best = tune_best_so_far(h)
-        ax.scatter(h["number"], h["value"], s=14, label="trial")
+        pruned = h["state"].astype(str).str.upper() == "PRUNED" if "state" in h else pd.Series(False, index=h.index)
+        ax.scatter(h["number"][~pruned], h["value"][~pruned], s=14, label="trial")
+        if pruned.any():  # (a partial-budget value: not comparable with the finished ones)
+            ax.scatter(h["number"][pruned], h["value"][pruned], s=14, facecolors="none", edgecolors="C0",
+                       label="stopped early (value at that epoch)")
         ax.plot(h["number"], best, color="C1", drawstyle="steps-post", label="best so far")
         ax.set(xlabel="Optuna trial", ylabel=f"objective ({'maximised' if maximize else 'minimised'})",
                title=f"priority study history{': ' + task if task else ''}")
@@ -545,12 +559,25 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
     ]
 
 
+def _ratio_cell(v: float) -> str:
+    """A profile ratio with four decimals ("1.0000" for the best arm), or as many more as it takes
+    for another arm's ratio not to read as the best's (1.00004 is "1.00004", not "1.0000")."""
+    if not np.isfinite(v):
+        return "inf"
+    if abs(v - 1) < 1e-12:  # the best arm (up to the rounding of its own division)
+        return "1.0000"
+    for decimals in range(4, 12):
+        text = f"{v:.{decimals}f}"
+        if float(text) != 1:
+            return text
+    return repr(float(v))
+
+
 def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
     ratios = stats.profile_ratios(results)
     if ratios.empty:
         return []
-    # fixed decimals: with significant digits, 1.00036 would print as "1", the best arm's mark
-    shown = ratios.map(lambda v: f"{v:.4f}" if np.isfinite(v) else "inf").reset_index()
+    shown = ratios.map(_ratio_cell).reset_index()
     notes = stats.profile_notes(results)
     return [
         _heading("Performance profiles"),
@@ -587,11 +614,42 @@ def _telemetry_section(results: Results, fig_dir: Path) -> list[Block]:
     return [_heading("Meta-parameter trajectories"), *blocks]
 
 
+def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per task of a priority study's history: how many suggestions ended in each state, and the
+    best finished value (trial number and value); and every suggestion that did not finish, with
+    why (its ``ended`` record: diverged, stopped by the scheduler, the error, interrupted)."""
+    if history.empty or not {"state", "value"} <= set(history.columns):  # (a history written by other code)
+        return pd.DataFrame(), pd.DataFrame()
+    rows = []
+    for task, h in _by_task(history):
+        states = h["state"].astype(str).str.upper()
+        row = {"task": task, "suggestions": len(h)}
+        for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING"):
+            row[state.lower() if state != "PRUNED" else "stopped early"] = int((states == state).sum())
+        done = h[states == "COMPLETE"].dropna(subset=["value"])
+        if len(done):
+            best = done.loc[done["value"].idxmax() if _maximized(h) else done["value"].idxmin()]
+            row["best"] = f"{best['value']:.6g} (#{int(best['number'])})"
+        else:
+            row["best"] = "none finished"
+        rows.append(row)
+    unfinished = history[history["state"].astype(str).str.upper() != "COMPLETE"]
+    cols = [c for c in ("task", "number", "state", "ended", "epochs") if c in unfinished]
+    return pd.DataFrame(rows), unfinished[cols].sort_values(cols[:2]).reset_index(drop=True)
+
+
 def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
     tune = results_dir / TUNE_DIR
     blocks = []
     if (tune / "history.parquet").exists():
-        blocks += _figure(plot_tune_history(pd.read_parquet(tune / "history.parquet"), fig_dir), "priority study history")
+        history = pd.read_parquet(tune / "history.parquet")
+        counts, unfinished = tune_states(history)
+        if len(counts):
+            blocks += [_table(counts)]
+        if len(unfinished):
+            blocks += [_text("Suggestions that did not finish (never candidates for the best values):"),
+                       _table(unfinished)]
+        blocks += _figure(plot_tune_history(history, fig_dir), "priority study history")
     if (tune / "importances.parquet").exists():
         blocks += _figure(plot_tune_importances(pd.read_parquet(tune / "importances.parquet"), fig_dir),
                           "priority study parameter importances")

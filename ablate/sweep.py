@@ -72,7 +72,13 @@ def ray_storage_path(storage: str | None) -> str | None:
     reads a relative path as a URI without a scheme, and fails once the sweep has started)."""
     if storage is None or "://" in storage:
         return storage
-    return str(Path(os.path.expanduser(storage)).resolve())
+    from ablate.config import ConfigError
+
+    path = Path(os.path.expanduser(storage)).resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--storage {storage}: {path} is a file; --storage takes a folder (or a URI such as "
+                          f"s3://bucket/path) for Ray Tune's experiment state. Nothing was run.")
+    return str(path)
 
 
 #: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once

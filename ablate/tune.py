@@ -72,6 +72,7 @@ import os
 import shutil
 import socket
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -361,6 +362,10 @@ def _parse_params(source: str, params: Any) -> dict[str, Range]:
                        f"{did_you_mean(key, TUNABLE_KEYS)}; "
                        f"choose from: {', '.join(TUNABLE_KEYS)}")
         out[key] = _parse_range(source, f"params.{key}", spec, COMMON_FIELDS[key].type, key=key)
+        other = ALTERNATIVE_KEYS.get(key)
+        if other in out:  # (a suggestion would set both: one of them silently unused, and the best values refused)
+            raise _err(source, f"params.{key}", f"and params.{other} both set the meta-update frequency; search one "
+                                                f"of them")
     return out
 
 
@@ -737,6 +742,8 @@ def _searcher_class():
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.told: dict[str, tuple[int, str, float | None]] = {}  # ray trial id -> (number, state, value)
+            #: ray trial id -> Ray's Trial (set by the progress callback): the error of a crashed one
+            self.ray_trials: dict[str, Any] = {}
             self._reported: dict[str, set[int]] = {}  # ray trial id -> epochs recorded as intermediate values
 
         def suggest(self, trial_id: str):
@@ -775,8 +782,8 @@ def _searcher_class():
             ot_trial = self._ot_trials[trial_id]
             result = result or {}
             value = result.get(self.metric)
-            if error:
-                state, values, ended = TrialState.FAIL, None, "error"
+            if error:  # (Ray has recorded the error in its Trial before it calls this)
+                state, values, ended = TrialState.FAIL, None, _error_reason(self.ray_trials.get(trial_id))
             elif result and not result.get("objective_is_finite", True):
                 # a member diverged (its value is NaN for good) or none has a value: FAIL, also when the
                 # scheduler stopped it early (PRUNED would keep the value from before the divergence)
@@ -1099,6 +1106,19 @@ def _format_params(params: Mapping[str, Any] | None) -> str:
     return " ".join(parts)
 
 
+def _error_reason(trial) -> str:
+    """``"error: <the exception's last line>"`` of a crashed Ray trial (``"error"`` without one)."""
+    if trial is None:
+        return "error"
+    from ablate.sweep import _trial_error
+
+    try:
+        lines = _trial_error(trial).strip().splitlines()
+    except Exception:  # (an unreadable error file must not lose the trial's record)
+        return "error"
+    return f"error: {lines[-1][:300]}" if lines else "error"
+
+
 def _best(study):
     try:
         return study.best_trial
@@ -1118,6 +1138,9 @@ def _progress_callback(target: Target, searcher, study, planned: int):
         def __init__(self) -> None:
             self.done = self.errors = 0
             self.start = self.last_beat = time.monotonic()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            searcher.ray_trials[trial.trial_id] = trial
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             now = time.monotonic()
@@ -1243,7 +1266,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
              num_cpus: int | None = None) -> TuneOutcome:
     """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
     outputs (best values, history, importances) from the stored studies."""
-    from ablate.sweep import check_resources, init_ray, ray_storage_path
+    from ablate.sweep import check_real_data, check_resources, init_ray, ray_storage_path
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
@@ -1254,8 +1277,6 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = open_storage(location)
-        if spec.path is not None:
-            (out_dir / "spec.yaml").write_text(spec.path.read_text())
         ran: dict[str, int] = {}
         interrupted: list[str] = []
         targets = build_targets(spec)
@@ -1268,10 +1289,15 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                                  f"start it")
         for target in targets:  # a stored study that scores differently is refused before anything runs
             check_target_study(target, spec, storage)
+        if spec.settings.trials > 0:
+            check_resources(spec.study, address, num_cpus)
+            if address is None:  # trials run on this machine: missing data is an error now, not in every suggestion
+                check_real_data(spec.study)
+        if spec.path is not None:  # (the spec as run: written once it is accepted)
+            atomic_write_bytes(out_dir / "spec.yaml", spec.path.read_bytes())
         started = False
         try:
             if spec.settings.trials > 0:
-                check_resources(spec.study, address, num_cpus)
                 started = init_ray(spec.study, address, num_cpus)
             if spec.settings.cross_task and spec.settings.trials > 0:
                 references = adamw_references(spec, out_dir, address=address, ray_storage=ray_storage)
@@ -1294,7 +1320,9 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
 
 def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
-    study = optuna.load_study(study_name=target.study_name, storage=storage)
+    study = _load_stored(target, storage)
+    if study is None:  # a first run interrupted before this target's search started
+        return TargetOutcome(target, ran, {}, None, None, None, None)
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
     for t in trials:
@@ -1327,6 +1355,7 @@ def study_history(study, target: Target):
             **{f"params_{k}": float(v) for k, v in t.params.items()},
             "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete, "duration_s": duration,
             "epochs": t.user_attrs.get("epochs", math.nan), "baseline": bool(t.user_attrs.get("baseline", False)),
+            "ended": str(t.user_attrs.get("ended", "running" if t.state.name == "RUNNING" else "")),
         })
     return pd.DataFrame(rows)
 
@@ -1368,7 +1397,9 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
 
     histories, importances, best = [], [], {}
     for target in targets:
-        study = optuna.load_study(study_name=target.study_name, storage=storage)
+        study = _load_stored(target, storage)
+        if study is None:  # (not started yet)
+            continue
         histories.append(study_history(study, target))
         importances.append(study_importances(study, target))
         settings = best_settings(study)
@@ -1407,7 +1438,7 @@ def format_summary(outcome: TuneOutcome) -> str:
         lines.append(f"\n{t.key}: {t.direction} {t.description}")
         lines.append(f"  stored study {t.study_name!r}: {sum(o.counts.values())} trials ({counts}); {o.ran} run now")
         if o.best_number is None:
-            lines.append("  no complete trial yet")
+            lines.append("  no complete trial yet" if o.counts else "  its search has not started")
             continue
         lines.append(f"  best: {o.best_value:.6g} (trial #{o.best_number})  {_format_params(o.best_params)}")
         if o.baseline_value is not None:
@@ -1432,7 +1463,7 @@ def tune_command(args) -> int:
         outcome = run_tune(spec, args.out, address=args.address, ray_storage=args.storage,
                            study_storage=args.study_storage)
     except AdamWReferenceError as exc:
-        print(f"ablate: error: {exc}", flush=True)
+        print(f"ablate: error: {exc}", file=sys.stderr, flush=True)
         return 1
     except ReferenceInterrupted as exc:
         from ablate.sweep import resume_command
@@ -1453,4 +1484,9 @@ def tune_command(args) -> int:
               f"The same command continues, adding --trials suggestions to every target ({key} included):\n"
               f"  {resume_command(args)}", flush=True)
         return 130
+    empty = [o.target.key for o in outcome.targets if o.best_number is None]
+    if empty:  # (as `ablate run` returns 1 when trials failed: `ablate tune ... && ablate run ...` must stop)
+        print(f"ablate: error: no suggestion of {', '.join(empty)} has finished (see the states above), so there are "
+              f"no best values for {'it' if len(empty) == 1 else 'them'}", file=sys.stderr, flush=True)
+        return 1
     return 0

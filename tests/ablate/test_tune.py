@@ -473,6 +473,9 @@ BASE = {"name": "t", "tasks": ["etth1"], "seeds": 2, "budget": {"epochs": 2}, "a
     ({"storage": 3}, ["tune.storage", "journal file path or a database URL"]),
     ({"priorities": False}, ["tune.priorities", "nothing to search"]),
     ("fast", ["s.yaml: tune:", "must be a mapping"]),
+    # alternatives: a suggestion would set both, one silently unused, and `ablate run` refuses the best values
+    ({"params": {"meta_every": {"low": 2, "high": 8}, "meta_per_epoch": {"low": 1.0, "high": 4.0}}},
+     ["tune.params.meta_per_epoch", "and params.meta_every both set the meta-update frequency; search one"]),
 ])
 def test_tune_section_errors_name_the_file_field_and_allowed_values(tune, expected):
     with pytest.raises(StudyError) as err:
@@ -916,3 +919,145 @@ def test_ctrl_c_during_the_cross_task_adamw_reference_exits_130_with_the_continu
     assert tune_mod.tune_command(args) == 130
     printed = capsys.readouterr().out
     assert "interrupted during the cross-task AdamW reference" in printed and f"ablate tune {spec_path}" in printed
+
+
+# -- (8) a run interrupted before some targets started, refused runs, failed searches, reports ---------
+
+
+def _no_ray(monkeypatch):
+    import ablate.sweep
+
+    monkeypatch.setattr(ablate.sweep, "check_resources", lambda *a, **k: None)
+    monkeypatch.setattr(ablate.sweep, "init_ray", lambda *a, **k: False)
+
+
+def _tune_args(spec_path: Path, out: Path):
+    import argparse
+
+    return argparse.Namespace(command="tune", spec=str(spec_path), out=str(out), trials=None, address=None,
+                              storage=None, study_storage=None)
+
+
+def test_ctrl_c_in_the_first_target_of_a_first_run_names_the_targets_that_did_not_start(tmp_path, monkeypatch, capsys):
+    # the second target's stored study did not exist yet: summarising it raised KeyError (exit 1, a traceback)
+    import ablate.tune as tune_mod
+
+    _no_ray(monkeypatch)
+
+    def first_interrupted(target, spec, storage, trials, out_dir, ray_storage):
+        tune_mod.open_target_study(target, spec, storage)
+        return 0, 1  # no suggestion finished, one cut off
+
+    monkeypatch.setattr(tune_mod, "_run_target", first_interrupted)
+    spec_path = _tiny_spec(tmp_path, tasks="[etth1, imdb]")
+    assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
+    printed = capsys.readouterr().out
+    assert "imdb: minimize" not in printed and "its search has not started" in printed
+    assert "interrupted during etth1 after 0 of 1 suggestion(s)" in printed and "the searches of imdb did not start" in printed
+    assert (tmp_path / "out" / "t1" / "tune" / "history.parquet").exists()
+
+
+def test_a_search_with_no_finished_suggestion_exits_1(tmp_path, monkeypatch, capsys):
+    # `ablate tune ... && ablate run ...` must stop when there are no best values to run with
+    import ablate.tune as tune_mod
+
+    _no_ray(monkeypatch)
+
+    def all_failed(target, spec, storage, trials, out_dir, ray_storage):
+        import optuna
+
+        study = tune_mod.open_target_study(target, spec, storage)
+        trial = study.ask()
+        trial.set_user_attr("ended", "no finite value: 1 of 1 member(s) diverged (epoch 1)")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return 1, 0
+
+    monkeypatch.setattr(tune_mod, "_run_target", all_failed)
+    assert tune_mod.tune_command(_tune_args(_tiny_spec(tmp_path), tmp_path / "out")) == 1
+    captured = capsys.readouterr()
+    assert "1 trials (1 fail)" in captured.out
+    assert "ablate: error: no suggestion of etth1 has finished" in captured.err
+    assert not (tmp_path / "out" / "t1" / "tune" / BEST_FILE).exists()
+    # the report lists the failed suggestion and why, instead of an empty plot
+    from ablate.report import write_report
+
+    report = write_report(tmp_path / "out" / "t1", formats=("md",)).read_text()
+    assert "none finished" in report and "no finite value: 1 of 1 member(s) diverged (epoch 1)" in report
+
+
+def test_the_adamw_reference_error_goes_to_stderr(tmp_path, monkeypatch, capsys):
+    import ablate.tune as tune_mod
+
+    def failing(*args, **kwargs):
+        raise tune_mod.AdamWReferenceError("the AdamW reference of etth1 failed")
+
+    monkeypatch.setattr(tune_mod, "run_tune", failing)
+    assert tune_mod.tune_command(_tune_args(_tiny_spec(tmp_path), tmp_path / "out")) == 1
+    captured = capsys.readouterr()
+    assert "ablate: error: the AdamW reference of etth1 failed" in captured.err and "ablate: error" not in captured.out
+
+
+def test_missing_real_data_and_a_refused_spec_stop_before_ray_and_keep_the_stored_spec(tmp_path, monkeypatch):
+    import ablate.sweep
+    from ablate.config import ConfigError
+    from ablate.tasks import DatasetNotFoundError
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(ablate.sweep, "init_ray", no_ray)
+    real = _tiny_spec(tmp_path / "real", extra="")
+    real.write_text(real.read_text().replace("adamw: false", f"adamw: false\ndata: real\ndata_dir: {tmp_path / 'none'}"))
+    with pytest.raises(DatasetNotFoundError, match="data directory .*none .*does not exist"):
+        run_tune(load_tune_spec(real), tmp_path / "out")
+    stored = tmp_path / "out" / "t1" / "tune" / "spec.yaml"
+    assert not stored.exists()  # (written once the spec is accepted)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text("the spec as run before")
+    refused = _tiny_spec(tmp_path / "big")
+    refused.write_text(refused.read_text().replace("adamw: false", "adamw: false\nresources: {cpus: 4096}"))
+    with pytest.raises(ConfigError, match="resources.cpus=4096"):
+        run_tune(load_tune_spec(refused), tmp_path / "out")
+    assert stored.read_text() == "the spec as run before"
+
+
+def test_storage_on_a_file_is_a_clear_error(tmp_path):
+    from ablate.config import ConfigError
+    from ablate.sweep import ray_storage_path
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; --storage takes a folder"):
+        ray_storage_path(str(tmp_path / "afile"))
+    assert ray_storage_path(str(tmp_path / "new")) == str((tmp_path / "new").resolve())
+    assert ray_storage_path("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_a_crashed_suggestion_records_its_error_and_the_report_tables_count_states(tmp_path):
+    import optuna
+
+    from ablate.report import tune_states
+    from ablate.tune import OBJECTIVE, _searcher_class
+
+    storage = optuna.storages.InMemoryStorage()
+    space = {p: optuna.distributions.FloatDistribution(0.1, 10.0, log=True) for p in PRIORITY_PARAMS}
+    searcher = _searcher_class()(space, metric=OBJECTIVE, mode="min", study_name="s", storage=storage)
+    for trial_id in ("done", "crashed", "stopped"):
+        searcher.suggest(trial_id)
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nValueError: a member's config is broken\n")
+    searcher.ray_trials["crashed"] = type("RayTrial", (), {"error_file": str(error_file)})()
+    searcher.on_trial_complete("crashed", error=True)
+    searcher.on_trial_complete("done", {OBJECTIVE: 1.5, "training_iteration": 2, "final": True, "epoch": 2})
+    searcher.on_trial_complete("stopped", {OBJECTIVE: 2.0, "training_iteration": 1, "final": False, "epoch": 1})
+    study = optuna.load_study(study_name="s", storage=storage)
+    ended = {t.user_attrs["ray_trial_id"]: t.user_attrs["ended"] for t in study.trials}
+    assert ended["crashed"] == "error: ValueError: a member's config is broken"
+    rows = [{"task": "etth1", "number": t.number, "value": t.value if t.value is not None else math.nan,
+             "state": t.state.name, "direction": "minimize", "ended": t.user_attrs["ended"], "epochs": 1}
+            for t in study.trials]
+    counts, unfinished = tune_states(pd.DataFrame(rows))
+    assert counts.to_dict("records") == [{"task": "etth1", "suggestions": 3, "complete": 1, "stopped early": 1,
+                                          "fail": 1, "running": 0, "best": "1.5 (#0)"}]
+    assert unfinished["state"].tolist() == ["FAIL", "PRUNED"]
+    assert unfinished["ended"].tolist() == ["error: ValueError: a member's config is broken",
+                                            "stopped by the scheduler after epoch 1"]
