@@ -360,13 +360,12 @@ def _n_not_ok(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
 
 def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str, column: str = "best_metric"
              ) -> tuple[pd.Series, pd.Series, int, int]:
-    """Both arms' per-seed values over the seeds both finished ok (each arm's own ok seeds when
-    they share none: there is no comparison then), and how many ok seeds each arm has that the
-    other lacks (left out of its mean, so that the two means describe the same seeds)."""
+    """Both arms' per-seed values over the seeds both finished ok, and how many ok seeds each arm
+    has that the other lacks (left out of its mean, so that the two means describe the same
+    seeds). When they share no seed, both are empty and every ok seed is left out: means over
+    different seeds would read as a comparison."""
     ref, new = _per_seed(arms, task, ref_arm, column), _per_seed(arms, task, arm, column)
     seeds = ref.index.intersection(new.index).sort_values()
-    if not len(seeds):
-        return ref, new, 0, 0
     return ref.loc[seeds], new.loc[seeds], len(ref) - len(seeds), len(new) - len(seeds)
 
 
@@ -417,8 +416,8 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     weights, for the tasks that have one (:func:`tasks_with_test_split`).
 
     Columns: task, split, metric (``test_<name>`` on the test split), mode; adamw_* and meta_* (mean, lo, hi and n over the matched seeds -
-    the seeds both arms finished ok, so that the two means describe the same seeds; each arm's own
-    ok seeds when they share none - plus n_unmatched, ok seeds left out because the other arm has
+    the seeds both arms finished ok, so that the two means describe the same seeds; NaN when they
+    share none - plus n_unmatched, ok seeds left out because the other arm has
     none there, and n_not_ok: trials not ok, or on the test split ok without a test metric); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
     improvement, positive = MetaAdamW better); diff_* (paired difference meta - adamw);
     time_change (total training time of MetaAdamW over the matched seeds relative to AdamW's);
@@ -796,18 +795,28 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
 def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per task and arm: epochs until early stopping (mean and CI of ``epochs_run``), the share of
     ok trials stopped early, mean total seconds, and the mean share of time spent in
-    meta-updates (``time_meta_s / time_total_s``); n_ok and n_not_ok count the trials."""
+    meta-updates (``time_meta_s / time_total_s``); n_ok and n_not_ok count the trials.
+
+    As the other tables, the means are over matched seeds: those every arm of the task with an
+    ok trial finished ok (an arm that failed its longest seed would otherwise look fast);
+    n_unmatched counts an arm's ok trials left out for that (all of them when the arms share no seed)."""
     arms = explode_arms(results.trials)
     if arms.empty:
         return pd.DataFrame()
+    ok_all = explode_arms(_ok(results.trials))
+    common: dict = {}
+    for task, g in ok_all.groupby("task", sort=False):
+        seed_sets = [set(s) for _, s in g.groupby("arm", sort=False)["seed"]]
+        common[task] = set.intersection(*seed_sets) if seed_sets else set()
     rows = []
     for (task, arm), g in arms.groupby(["task", "arm"], sort=True):
-        ok = _ok(g)
+        own = _ok(g)
+        ok = own[own["seed"].isin(common.get(task, set()))]
         ep = mean_ci(ok["epochs_run"], confidence)
         total = pd.to_numeric(ok["time_total_s"], errors="coerce")
         share = pd.to_numeric(ok["time_meta_s"], errors="coerce") / total.where(total > 0)
         rows.append({
-            "task": task, "arm": arm, "n_ok": len(ok), "n_not_ok": len(_not_ok(g)),
+            "task": task, "arm": arm, "n_ok": len(own), "n_not_ok": len(_not_ok(g)), "n_unmatched": len(own) - len(ok),
             "epochs_mean": ep["mean"], "epochs_lo": ep["lo"], "epochs_hi": ep["hi"],
             "early_stopped": float((ok["stop_reason"] == "early_stopping").mean()) if len(ok) else np.nan,
             "time_total_mean_s": float(total.mean()) if len(ok) else np.nan,

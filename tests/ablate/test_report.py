@@ -200,3 +200,15 @@ def test_an_arm_whose_every_trial_failed_stays_in_the_profile_and_draws_no_warni
         md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
     profile = md.split("Performance profile", 1)[1]
     assert "lr=1e6" in profile and "inf" in profile
+
+
+def test_numbers_near_a_threshold_or_zero_are_not_rounded_onto_it():
+    # p = 0.049957 (the exact sign-flip p of 16 pairs) printed as "0.05" next to a "*" for p < 0.05
+    assert report.fmt_p(0.049957) == "0.04996" and report.fmt_p(0.050004) == "0.05"
+    assert report.fmt_p(0.03125) == "0.0312" and report.fmt_p(float("nan")) == "n/a"
+    assert report.fmt_p(0.0506) == "0.0506"
+    # a profile ratio of another arm must not read as 1, the best arm's mark
+    assert report._ratio_cell(1.0) == report._ratio_cell(1.0000000000000002) == "1.0000"
+    assert report._ratio_cell(1.00004) == "1.00004"
+    assert report._ratio_cell(1.03) == "1.0300" and report._ratio_cell(float("inf")) == "inf"
+    assert report.fmt_num(-0.0) == "0" and report.fmt_num(-1e-9, 3) == "-1e-09" and report.fmt_pct(-1e-7) == "+0.00%"

@@ -545,3 +545,42 @@ def test_the_run_summary_shows_an_arm_served_by_the_baselines_trials_as_such(tmp
     table = summary_table(load_results(tmp_path))
     assert re.search(r"\n  gating=true += baseline \(same trials\)\n", table), table
     assert "+0.00%" not in table and "-7.50%" in table  # (gating=false: -10% and -5% per seed)
+
+
+def test_cost_means_are_over_the_seeds_every_arm_finished_ok(tmp_path, report_kit):
+    # MetaAdamW is 10% slower on every seed but failed its longest one: over its own ok seeds it
+    # looked 45% faster than AdamW, contradicting Table 2's time change
+    for seed, seconds in enumerate([100.0, 100.0, 400.0]):
+        for arm, factor, status in (("adamw", 1.0, "ok"), ("baseline", 1.1, "failed" if seed == 2 else "ok")):
+            row = report_kit.trial_row("etth1", "adamw" if arm == "adamw" else "gating=true", seed, 1.0)
+            row.update(arm=arm, arms=json.dumps([arm]), status=status, trial_id=f"c-{arm}-{seed}",
+                       time_total_s=seconds * factor, epochs_run=5 + seed * 5)
+            write_trial(tmp_path, row)
+    results = load_results(tmp_path)
+    cost = stats.cost_table(results).set_index("arm")
+    assert cost.loc["adamw", "time_total_mean_s"] == pytest.approx(100.0)
+    assert cost.loc["baseline", "time_total_mean_s"] == pytest.approx(110.0)
+    assert cost.loc["adamw", "epochs_mean"] == pytest.approx(7.5) and cost.loc["baseline", "epochs_mean"] == pytest.approx(7.5)
+    assert (cost.loc["adamw", "n_ok"], cost.loc["adamw", "n_unmatched"]) == (3, 1)
+    assert (cost.loc["baseline", "n_ok"], cost.loc["baseline", "n_not_ok"], cost.loc["baseline", "n_unmatched"]) == (2, 1, 0)
+    assert stats.table2(results).iloc[0]["time_change"] == pytest.approx(0.1)
+    from ablate.report import cost_display
+
+    assert cost_display(stats.cost_table(results)).set_index("arm").loc["adamw", "ok / not ok"] == \
+        "3 / 0; 1 unpaired left out"
+
+
+def test_arms_without_a_shared_seed_show_no_means_as_if_matched(tmp_path, report_kit):
+    # AdamW finished seeds 0-1 only, MetaAdamW seeds 2-3 only: their means describe different seeds
+    for seed, (a, m) in enumerate([(1.0, None), (1.1, None), (None, 0.5), (None, 0.6)]):
+        _write(tmp_path, report_kit, "etth1", "adamw", seed, a if a is not None else 0.0,
+               status="ok" if a is not None else "failed")
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, m if m is not None else 0.0,
+               status="ok" if m is not None else "failed")
+    row = stats.table2(load_results(tmp_path)).iloc[0]
+    assert np.isnan(row["adamw_mean"]) and np.isnan(row["meta_mean"]) and row["n_pairs"] == 0
+    assert (row["adamw_n_unmatched"], row["meta_n_unmatched"]) == (2, 2)
+    from ablate.report import table2_display
+
+    shown = table2_display(stats.table2(load_results(tmp_path))).iloc[0]
+    assert shown["AdamW"] == shown["MetaAdamW"] == "n/a" and shown["seeds (better)"] == "0 (0); 4 unpaired left out"
