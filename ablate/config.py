@@ -148,7 +148,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("modulator_heads", int, 6, "attention heads of the modulator", check=_pos),
         _f("modulator_ff", int, 16, "feed-forward width of the modulator", check=_pos),
         _f("modulator_width", int, None, "model width (None: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
-        _f("modulator_init", str, "default", "modulator output head init: 'default' (PyTorch's, as the paper's code: random multipliers ~1+-0.2) or 'zero' (starts as exact AdamW)", ("default", "zero")),
+        _f("modulator_init", str, "default", "modulator output head init: 'default' (PyTorch's, as the paper's code: random multipliers ~1+-0.2) or 'zero' (starts as AdamW, up to float rounding, until the first meta-update)", ("default", "zero")),
         _f("meta_gradient", str, "finite_difference", "meta-gradient through g': 'finite_difference' (Hessian-vector product from two gradients) or 'exact' (double backward, as the paper)", ("finite_difference", "exact")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
         # the trial's process

@@ -99,7 +99,7 @@ def fmt_p(p: float, alpha: float = stats.ALPHA) -> str:
         text = f"{p:.{digits}g}"
         if (float(text) < alpha) == (p < alpha):
             return text
-    return f"{p:.8g}"
+    return repr(float(p))
 
 
 # -- display tables -----------------------------------------------------------------------------
@@ -500,7 +500,7 @@ _SPLIT_NOTE = {
 def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
     t2 = stats.table2(results, alpha=alpha, split=split)
     heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
-    if t2.empty or not (t2["adamw_n"] + t2["meta_n"]).any():
+    if t2.empty or not (t2["adamw_n"] + t2["meta_n"] + t2["adamw_n_unmatched"] + t2["meta_n_unmatched"]).any():
         return [heading, _text("No ok trial of the 'adamw' or 'baseline' arm: nothing to compare.")]
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
@@ -600,7 +600,10 @@ def _cost_section(results: Results) -> list[Block]:
                          "validation metric of AdamW's trial of the same seed; wall seconds are cumulative "
                          "and include the meta-updates."),
                    _table(time_to_target_display(ttt))]
-    blocks += [_heading("Epochs, early stopping and meta-update share", 3), _table(cost_display(stats.cost_table(results)))]
+    blocks += [_heading("Epochs, early stopping and meta-update share", 3), _table(cost_display(stats.cost_table(results))),
+               _text("Means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the baseline both "
+                     "finished ok, the baseline over those it and AdamW both finished ok; 'unpaired left out' counts "
+                     "an arm's ok trials outside those seeds.")]
     return blocks
 
 

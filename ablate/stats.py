@@ -797,21 +797,23 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
     ok trials stopped early, mean total seconds, and the mean share of time spent in
     meta-updates (``time_meta_s / time_total_s``); n_ok and n_not_ok count the trials.
 
-    As the other tables, the means are over matched seeds: those every arm of the task with an
-    ok trial finished ok (an arm that failed its longest seed would otherwise look fast);
-    n_unmatched counts an arm's ok trials left out for that (all of them when the arms share no seed)."""
+    The means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the baseline
+    both finished ok, the baseline over those it and AdamW both finished ok (an arm that failed
+    its longest seed would otherwise look fast); n_unmatched counts an arm's ok trials left out
+    for that (all of them when it shares no seed). A task without those arms takes each arm's own."""
     arms = explode_arms(results.trials)
     if arms.empty:
         return pd.DataFrame()
-    ok_all = explode_arms(_ok(results.trials))
-    common: dict = {}
-    for task, g in ok_all.groupby("task", sort=False):
-        seed_sets = [set(s) for _, s in g.groupby("arm", sort=False)["seed"]]
-        common[task] = set.intersection(*seed_sets) if seed_sets else set()
+    ok_seeds = {key: set(g["seed"]) for key, g in explode_arms(_ok(results.trials)).groupby(["task", "arm"], sort=False)}
+    present = set(zip(arms["task"], arms["arm"]))
     rows = []
     for (task, arm), g in arms.groupby(["task", "arm"], sort=True):
         own = _ok(g)
-        ok = own[own["seed"].isin(common.get(task, set()))]
+        partner = ADAMW if arm == BASELINE else BASELINE
+        if (task, partner) in present:
+            ok = own[own["seed"].isin(ok_seeds.get((task, partner), set()))]
+        else:  # (no baseline, or no AdamW arm, in this study)
+            ok = own
         ep = mean_ci(ok["epochs_run"], confidence)
         total = pd.to_numeric(ok["time_total_s"], errors="coerce")
         share = pd.to_numeric(ok["time_meta_s"], errors="coerce") / total.where(total > 0)

@@ -885,17 +885,22 @@ def _differences(config: dict[str, Any], baseline: dict[str, Any]) -> str:
 
 
 def _summary(study: Study) -> list[str]:
-    """Trials per arm (the first arm of each trial) and task, then the merged arms per task."""
+    """Trials per arm and task (a trial that serves several merged arms counts in each), then the
+    merged arms per task."""
     rows = [["arm", *study.tasks, "total"]]
     for arm in study.arms():
-        counts = [sum(t.arm == arm and t.task == task for t in study.trials) for task in study.tasks]
+        counts = [sum(arm in t.arms and t.task == task for t in study.trials) for task in study.tasks]
         if any(counts):
             rows.append([arm, *map(str, counts), str(sum(counts))])
     lines = [f"trials per arm and task ({len(study.tasks)} tasks x {len(study.seeds)} seeds):", *_table(rows)]
+    merged_any = False
     for task in study.tasks:
         merged = {" = ".join(t.arms) for t in study.trials if t.task == task and len(t.arms) > 1}
         if merged:
+            merged_any = True
             lines.append(f"merged on {task} (same trial): {'; '.join(sorted(merged))}")
+    if merged_any:
+        lines.append(f"(a merged trial counts in each of its arms above: {len(study.trials)} distinct trials)")
     return lines
 
 

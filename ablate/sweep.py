@@ -75,8 +75,9 @@ def ray_storage_path(storage: str | None) -> str | None:
     from ablate.config import ConfigError
 
     path = Path(os.path.expanduser(storage)).resolve()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--storage {storage}: {path} is a file; --storage takes a folder (or a URI such as "
+    existing = next(p for p in (path, *path.parents) if p.exists())  # (the root always exists)
+    if not existing.is_dir():
+        raise ConfigError(f"--storage {storage}: {existing} is a file; --storage takes a folder (or a URI such as "
                           f"s3://bucket/path) for Ray Tune's experiment state. Nothing was run.")
     return str(path)
 

@@ -14,7 +14,7 @@ from metaadamw.registry import Registry, UnknownComponentError
 
 def _callable(obj: object) -> str | None:
     """Why an entry point's object cannot be a component (None: it can)."""
-    return None if callable(obj) else f"it is a {type(obj).__name__}, not a class, function or callable object"
+    return None if callable(obj) else f"it is of type {type(obj).__name__}, not a class, function or callable object"
 
 
 FEATURES = Registry("feature extractor", "metaadamw.features", export_name="FEATURES", validate=_callable)

@@ -763,6 +763,7 @@ class MetaAdamW(torch.optim.Optimizer):
             post_hook(self)
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_tensors_unchanged()  # (torch.optim would give the moments to a tensor put in by hand)
         extra = state_dict.pop("metaadamw", None)
         _check_state_keys(state_dict, "")
         if isinstance(extra, dict) and isinstance(extra.get("meta_optimizer"), dict):

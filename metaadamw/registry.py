@@ -63,8 +63,12 @@ class Registry:
         self.kind = kind
         self.export_name = export_name or kind.upper().replace(" ", "_") + "S"
         self.entry_point_group = entry_point_group
-        #: ``validate(obj)``: why an object named by an entry point cannot be registered (None: it can)
+        #: ``validate(obj)``: why an object cannot be registered (None: it can); checked for every
+        #: registration, entry points included
         self.validate = validate
+        #: how to register one, in the unknown-name error (``{name}`` is filled in); default
+        #: ``@EXPORT_NAME.register("{name}")``
+        self.register_hint: str | None = None
         self._items: dict[str, Any] = {}
         self._entry_points_loaded = entry_point_group is None
 
@@ -84,6 +88,9 @@ class Registry:
     def add(self, name: str, obj: Any, *, override: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        problem = self.validate(obj) if self.validate is not None else None
+        if problem:
+            raise TypeError(f"cannot register {name!r} as a {self.kind}: {problem}")
         if name in self._items and not override and self._items[name] is not obj:
             raise ValueError(
                 f"a {self.kind} named {name!r} is already registered ({_describe(self._items[name])}); "
@@ -109,7 +116,7 @@ class Registry:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownComponentError(
             f"unknown {self.kind} {name!r}. Registered: {', '.join(self.list()) or '(none)'}.{hint} "
-            f"To add one, decorate it with @{self._decorator_name()}(\"{name}\") in a module you import "
+            f"To add one, decorate it with {self._decorator_name(name)} in a module you import "
             f"(or expose it through the {self.entry_point_group!r} entry-point group)."
         )
 
@@ -178,8 +185,10 @@ class Registry:
                 continue
             self.add(ep.name, obj)
 
-    def _decorator_name(self) -> str:
-        return f"{self.export_name}.register"
+    def _decorator_name(self, name: str) -> str:
+        if self.register_hint is not None:
+            return self.register_hint.format(name=name)
+        return f"@{self.export_name}.register(\"{name}\")"
 
 
 def _describe(obj: Any) -> str:

@@ -116,12 +116,14 @@ def _entry_point_task(obj: Any) -> str | None:
     """Why an object named by an ``ablate.tasks`` entry point is not a task (None: it is one)."""
     if isinstance(obj, TaskSpec):
         return None
-    return (f"it names a {type(obj).__name__} ({getattr(obj, '__qualname__', obj)!r}), not a task. Name the module "
-            f"that registers the task (\"my_pkg.tasks\"), or its factory decorated with @register_task(...), or a "
-            f"TaskSpec")
+    return (f"it is a {type(obj).__name__} ({getattr(obj, '__qualname__', obj)!r}), not a task: decorate the task's "
+            f"factory with @register_task(name, metrics=..., defaults=...) from ablate.tasks, which registers a "
+            f"TaskSpec (an entry point may also name the module that does so, \"my_pkg.tasks\")")
 
 
 TASKS.validate = _entry_point_task
+TASKS.register_hint = '@register_task("{name}", metrics=[("<metric>", "min" or "max")], defaults={{...}}) (from ablate.tasks)'
+
 
 
 def register_task(

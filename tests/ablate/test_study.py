@@ -48,7 +48,7 @@ def stand_in_components():
     """Register a placeholder for every intended component name that is not registered yet."""
     added = [(registry, name) for registry, names in COMPONENTS.items() for name in names if name not in registry]
     for registry, name in added:
-        registry.add(name, object())
+        registry.add(name, type(f"StandIn_{name}", (), {}))  # (a class: components are callable)
     try:
         yield
     finally:
@@ -214,7 +214,11 @@ def test_a_level_equal_to_the_baseline_is_merged_into_its_trial(tmp_path):
     assert ts_baseline.arms == ["baseline", "features=basic", "grouping=fine_grained"]
     assert trial(study, "tiny_cls", "baseline").arms == ["baseline", "features=basic_plus", "grouping=fine_grained"]
     assert len(study.trials) == 2 * 2 * 3
-    assert "merged on tiny_ts (same trial): baseline = features=basic = grouping=fine_grained" in format_trials(study)
+    text = format_trials(study)
+    assert "merged on tiny_ts (same trial): baseline = features=basic = grouping=fine_grained" in text
+    # every arm gets its row, merged trials counted in each of their arms (they had 0 or no row)
+    assert re.search(r"\ngrouping=fine_grained\s+2\s+2\s+4\n", text) and re.search(r"\nfeatures=basic\s+2\s+2\s+4\n", text)
+    assert "(a merged trial counts in each of its arms above: 12 distinct trials)" in text
 
 
 def test_named_levels_with_the_same_settings_are_merged(tmp_path):
@@ -534,7 +538,7 @@ def isolated_imports(monkeypatch):
 
 def test_a_plugin_next_to_the_study_file_registers_a_feature_extractor(tmp_path, isolated_imports):
     (tmp_path / "study_plugin_features.py").write_text(
-        "from metaadamw import FEATURES\n\nFEATURES.add('plugin_features', object())\n"
+        "from metaadamw import FEATURES\n\nFEATURES.add('plugin_features', type('PluginFeatures', (), {}))\n"
     )
     try:
         study = load(tmp_path, plugins=["study_plugin_features"], ablations={"features": ["plugin_features"]})
@@ -549,7 +553,7 @@ def test_a_plugin_package_next_to_the_study_file_is_found(tmp_path, isolated_imp
     package = tmp_path / "study_plugin_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "objectives.py").write_text("from metaadamw import OBJECTIVES\n\nOBJECTIVES.add('plugin_objective', object())\n")
+    (package / "objectives.py").write_text("from metaadamw import OBJECTIVES\n\nOBJECTIVES.add('plugin_objective', type('PluginObjective', (), {}))\n")
     try:
         study = load(tmp_path, plugins=["study_plugin_pkg.objectives"], baseline={"objective": "plugin_objective"})
         assert trial(study, "tiny_cls", "baseline").config["objective"] == "plugin_objective"

@@ -92,6 +92,13 @@ def test_rows_out_of_time_order_are_refused(tmp_path):
     path.write_text("\n".join(day_first) + "\n")
     with pytest.warns(UserWarning, match="time order of the rows is not checked: column date is not ISO 8601"):
         assert etth.read_ett_csv(path, ("OT",))[:, 0].tolist() == list(np.arange(10.0))
+    # one unreadable stamp among ISO ones does not switch the check off for the others
+    blank = [lines[0]] + [("" if i == 3 else line.split(",", 1)[0]) + "," + line.split(",", 1)[1]
+                          for i, line in enumerate(lines[:0:-1])]
+    path.write_text("\n".join(blank) + "\n")
+    with pytest.warns(UserWarning, match=r"1 empty or unreadable stamp\(s\), the first on line 5"):
+        with pytest.raises(DatasetNotFoundError, match="not in time order: line 3"):
+            etth.read_ett_csv(path, ("OT",))
     # ISO stamps with UTC offsets that change (daylight saving) are compared in UTC
     iso = [lines[0], "2016-10-30T01:30:00+02:00,1,1,1,1,1,1,1", "2016-10-30T01:00:00+01:00,1,1,1,1,1,1,2"]
     path.write_text("\n".join(iso) + "\n")

@@ -43,7 +43,7 @@ def test_a_task_entry_point_names_a_decorated_factory_or_is_ignored_with_the_rea
     assert "ep_decorated" in names and isinstance(TASKS.get("ep_decorated"), TaskSpec)
     assert not [m for m in messages if "ep_decorated" in m]  # its module registered it: no "already registered"
     assert "ep_plain" not in names  # a plain function is not a task: every command would crash on it
-    assert [m for m in messages if "entry point 'ep_plain'" in m and "is ignored: it names a function" in m
+    assert [m for m in messages if "entry point 'ep_plain'" in m and "is ignored: it is a function" in m
             and "@register_task" in m]
 
 
@@ -92,3 +92,20 @@ def test_list_task_shows_the_tasks_paper_settings_and_its_embedded_ones(capsys):
     assert rows["lr"] == (False, "0.0005", "0.0005")  # the common default (Table 1)
     assert out.startswith("multi30k: ") and "ppl (min)" in out
     assert main(["list", "--task", "multi3Ok"]) == 2 and "unknown task 'multi3Ok'" in capsys.readouterr().err
+
+
+def test_registering_a_plain_function_as_a_task_is_refused_with_the_decorator_to_use():
+    # the unknown-task error said "@TASKS.register(...)", and following it registered a function
+    # that crashed `ablate list` later with AttributeError
+    from ablate.tasks import get_task
+    from metaadamw import UnknownComponentError
+
+    with pytest.raises(UnknownComponentError, match=r'decorate it with @register_task\("nope", metrics=\[') as info:
+        get_task("nope")
+    assert "TASKS.register" not in str(info.value)
+    with pytest.raises(TypeError, match=r"cannot register 'mytask' as a task: it is a function \('.*build'\), not a "
+                                        r"task: decorate the task's factory with @register_task"):
+        @TASKS.register("mytask")
+        def build(config):
+            raise NotImplementedError
+    assert "mytask" not in TASKS.list()

@@ -1028,6 +1028,8 @@ def test_storage_on_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file; --storage takes a folder"):
         ray_storage_path(str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match="afile is a file; --storage takes a folder"):
+        ray_storage_path(str(tmp_path / "afile" / "sub"))  # (a file in the way higher up)
     assert ray_storage_path(str(tmp_path / "new")) == str((tmp_path / "new").resolve())
     assert ray_storage_path("s3://bucket/x") == "s3://bucket/x"
 
@@ -1045,7 +1047,14 @@ def test_a_crashed_suggestion_records_its_error_and_the_report_tables_count_stat
         searcher.suggest(trial_id)
     error_file = tmp_path / "error.txt"
     error_file.write_text("Traceback (most recent call last):\n  ...\nValueError: a member's config is broken\n")
-    searcher.ray_trials["crashed"] = type("RayTrial", (), {"error_file": str(error_file)})()
+    from ablate.tune import _progress_callback
+
+    # the progress callback hands Ray's Trial to the searcher when it starts (Ray records a crash's
+    # error in it before it tells the searcher)
+    ray_trial = type("RayTrial", (), {"error_file": str(error_file), "trial_id": "crashed"})()
+    progress = _progress_callback(build_targets(parse_tune_spec(BASE, "s.yaml"))[0], searcher, None, 3)
+    progress.on_trial_start(iteration=1, trials=[ray_trial], trial=ray_trial)
+    assert searcher.ray_trials == {"crashed": ray_trial}
     searcher.on_trial_complete("crashed", error=True)
     searcher.on_trial_complete("done", {OBJECTIVE: 1.5, "training_iteration": 2, "final": True, "epoch": 2})
     searcher.on_trial_complete("stopped", {OBJECTIVE: 2.0, "training_iteration": 1, "final": False, "epoch": 1})

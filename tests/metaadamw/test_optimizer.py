@@ -750,6 +750,17 @@ def test_a_copied_or_pickled_optimizer_continues_exactly_like_the_original(how, 
     assert opt2.global_step == opt.global_step == 9 and opt2.meta_updates == opt.meta_updates == 3
 
 
+def test_an_optimizer_pickled_with_torch_optims_flags_in_its_groups_loses_them():
+    # an earlier version kept an AdamW checkpoint's flags (amsgrad, foreach, ...) in param_groups,
+    # and pickled them with the optimizer: unpickling drops them, as loading a checkpoint does
+    import pickle
+
+    opt = MetaAdamW(mlp(0).named_parameters(), **small_kwargs())
+    opt.param_groups[0].update(amsgrad=False, foreach=None, decoupled_weight_decay=True, fused=None)
+    again = pickle.loads(pickle.dumps(opt))
+    assert set(again.param_groups[0]) == {"params", "param_names", "lr", "betas", "eps", "weight_decay"}
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_a_copy_made_after_an_lr_scheduler_steps_itself(how, tmp_path):
     # a scheduler wraps the optimizer's step() in an instance attribute; copied along, the copy's
@@ -785,12 +796,15 @@ def test_tensors_put_into_a_param_group_by_hand_are_refused_not_left_untrained()
     assert opt.global_step == 2
     # a tensor replaced by another (same count): the new one would never be stepped
     first = opt.param_groups[0]["params"][0]
+    saved = opt.state_dict()
     opt.param_groups[0]["params"][0] = nn.Parameter(first.detach().clone())
-    for call in (opt.step, opt.state_dict):  # (state_dict failed with a bare KeyError from torch.optim)
+    for call in (opt.step, opt.state_dict, lambda: opt.load_state_dict(saved)):
+        # (state_dict failed with a bare KeyError; load_state_dict gave the moments to the stranger)
         with pytest.raises(RuntimeError, match="replaced in param_groups"):
             call()
     opt.param_groups[0]["params"][0] = first
     opt.state_dict()
+    assert "exp_avg" in opt.state[first]
 
 
 def test_a_sparse_gradient_after_dense_steps_is_a_clear_error_that_counts_no_step():

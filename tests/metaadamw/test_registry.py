@@ -143,7 +143,7 @@ def test_an_entry_point_that_is_not_callable_is_ignored_with_the_reason(tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(OBJECTIVES, "_entry_points_loaded", False)
     try:
-        with pytest.warns(RuntimeWarning, match="entry point 'stringy'.*ignored: it is a str, not a class, function"):
+        with pytest.warns(RuntimeWarning, match="entry point 'stringy'.*ignored: it is of type str, not a class, function"):
             assert "stringy" not in OBJECTIVES.list()
     finally:
         sys.modules.pop("string_plugin", None)
@@ -295,3 +295,11 @@ def test_every_objective_and_weighting(objective, weighting, form):
     assert set(record.terms) == set(opt.objective.terms)
     if weighting.startswith("huw"):
         assert set(record.sigmas) == set(record.terms)
+
+
+def test_a_non_callable_component_is_refused_when_registered():
+    from metaadamw import FEATURES
+
+    with pytest.raises(TypeError, match="cannot register 'three' as a feature extractor: it is of type int"):
+        FEATURES.add("three", 3)
+    assert "three" not in FEATURES.list()
