@@ -500,8 +500,12 @@ _SPLIT_NOTE = {
 def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
     t2 = stats.table2(results, alpha=alpha, split=split)
     heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
-    if t2.empty or not (t2["adamw_n"] + t2["meta_n"] + t2["adamw_n_unmatched"] + t2["meta_n_unmatched"]).any():
-        return [heading, _text("No ok trial of the 'adamw' or 'baseline' arm: nothing to compare.")]
+    both = (((t2["adamw_n"] + t2["adamw_n_unmatched"]) > 0) & ((t2["meta_n"] + t2["meta_n_unmatched"]) > 0)
+            if len(t2) else pd.Series(dtype=bool))
+    if t2.empty or not both.any():
+        return [heading, _text("No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing "
+                               "to compare.")]
+    t2 = t2[both.to_numpy()]  # (a task one of the two never finished ok has nothing to compare)
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
                     + " Time change is MetaAdamW's total training time over the matched seeds relative to AdamW's"

@@ -809,7 +809,8 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
     rows = []
     for (task, arm), g in arms.groupby(["task", "arm"], sort=True):
         own = _ok(g)
-        partner = ADAMW if arm == BASELINE else BASELINE
+        same = arm == BASELINE or _same_trials(arms, task, arm, BASELINE)  # (an arm served by the baseline's trials)
+        partner = ADAMW if same else BASELINE
         if (task, partner) in present:
             ok = own[own["seed"].isin(ok_seeds.get((task, partner), set()))]
         else:  # (no baseline, or no AdamW arm, in this study)

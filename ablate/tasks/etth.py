@@ -236,10 +236,10 @@ def _check_time_order(path: Path, dates: pd.Series) -> None:
     bad = np.flatnonzero(stamps.isna().to_numpy())
     if bad.size:
         where = f"line {bad[0] + 2}: {dates.iloc[bad[0]]!r}"
-        if bad.size > len(dates) // 10:
-            warnings.warn(f"{path}: the time order of the rows is not checked: column date is not ISO 8601 ("
-                          f"{bad.size} of {len(dates)} stamps, the first on {where}); the splits are chronological "
-                          f"and take the rows in file order", stacklevel=4)
+        if 2 * bad.size > len(dates):
+            warnings.warn(f"{path}: the time order of the rows is not checked: column date is mostly not ISO 8601 ("
+                          f"{bad.size} of {len(dates)} stamps are not, the first on {where}); the splits are "
+                          f"chronological and take the rows in file order", stacklevel=4)
             return
         warnings.warn(f"{path}: column date has {bad.size} empty or unreadable stamp(s), the first on {where}; the "
                       f"order of the others is checked", stacklevel=4)

@@ -564,6 +564,10 @@ def test_cost_means_pair_each_arm_with_the_baseline_as_the_tables_do(tmp_path, r
     assert (cost.loc["adamw", "n_ok"], cost.loc["adamw", "n_unmatched"]) == (3, 1)
     assert (cost.loc["baseline", "n_ok"], cost.loc["baseline", "n_not_ok"], cost.loc["baseline", "n_unmatched"]) == (2, 1, 0)
     assert stats.table2(results).iloc[0]["time_change"] == pytest.approx(0.1)
+    from ablate.report import cost_display
+
+    assert cost_display(stats.cost_table(results)).set_index("arm").loc["adamw", "ok / not ok"] == \
+        "3 / 0; 1 unpaired left out"
     # an ablation arm that failed other seeds leaves AdamW's and the baseline's means alone
     for seed, status in enumerate(["ok", "failed", "ok"]):
         row = report_kit.trial_row("etth1", "gating=true", seed, 1.0)
@@ -573,10 +577,29 @@ def test_cost_means_pair_each_arm_with_the_baseline_as_the_tables_do(tmp_path, r
     assert cost.loc["adamw", "time_total_mean_s"] == pytest.approx(150.0)
     assert cost.loc["baseline", "time_total_mean_s"] == pytest.approx(165.0)
     assert (cost.loc["gating=true", "time_total_mean_s"], cost.loc["gating=true", "n_unmatched"]) == (50.0, 1)
-    from ablate.report import cost_display
 
-    assert cost_display(stats.cost_table(results)).set_index("arm").loc["adamw", "ok / not ok"] == \
-        "3 / 0; 1 unpaired left out"
+
+def test_an_arm_served_by_the_baselines_trials_has_the_baselines_cost_row(tmp_path, report_kit):
+    for seed, seconds in enumerate([100.0, 200.0, 400.0]):
+        _write(tmp_path, report_kit, "etth1", "adamw", seed, 1.0, status="failed" if seed == 2 else "ok")
+        row = report_kit.trial_row("etth1", "gating=true", seed, 1.0)
+        row.update(arm="baseline", arms=json.dumps(["baseline", "features=basic"]), trial_id=f"m-{seed}",
+                   time_total_s=seconds)
+        write_trial(tmp_path, row)
+    cost = stats.cost_table(load_results(tmp_path)).set_index("arm")
+    columns = ["time_total_mean_s", "epochs_mean", "n_ok", "n_unmatched"]
+    assert cost.loc["features=basic", columns].tolist() == cost.loc["baseline", columns].tolist() == [150.0, 3.0, 3, 1]
+
+
+def test_the_table2_section_of_a_study_without_adamw_says_so(tmp_path, report_kit):
+    from ablate.report import write_report
+
+    for seed in range(2):
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, 1.0)
+        _write(tmp_path, report_kit, "etth1", "gating=true", seed, 1.1)
+    text = write_report(tmp_path, formats=("md",)).read_text()
+    assert "No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing to compare." in text
+    assert "| etth1 | mse (min) | n/a" not in text  # (no Table 2 row of n/a means)
 
 
 def test_arms_without_a_shared_seed_show_no_means_as_if_matched(tmp_path, report_kit):
