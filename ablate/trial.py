@@ -20,10 +20,12 @@ import copy
 import dataclasses
 import datetime
 import io
+import itertools
 import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -121,8 +123,13 @@ class Trial:
         self.steps_per_epoch = len(self.train_loader)
         if cfg["max_train_batches"]:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg["max_train_batches"])
-        self.meta_every = (max(1, round(self.steps_per_epoch / cfg["meta_per_epoch"])) if cfg["meta_per_epoch"]
-                           else cfg["meta_every"])
+        per_epoch = cfg["meta_per_epoch"]
+        #: meta-updates at given positions in each epoch (meta_per_epoch >= 1), else every K steps
+        self.meta_in_epoch = bool(per_epoch) and per_epoch >= 1
+        if self.meta_in_epoch and per_epoch > self.steps_per_epoch:
+            warnings.warn(f"meta_per_epoch={per_epoch:g} is more than the {self.steps_per_epoch} steps of an epoch: "
+                          f"one meta-update per step ({self.steps_per_epoch} per epoch)", stacklevel=2)
+        self.meta_every = (max(1, round(self.steps_per_epoch / per_epoch)) if per_epoch else cfg["meta_every"])
         total = self.steps_per_epoch * cfg["epochs"]
         if cfg["max_steps"]:
             total = min(total, cfg["max_steps"])
@@ -191,7 +198,7 @@ class Trial:
         # is free), so a diverged trial stops within those steps, not at the end of the epoch
         first_bad, bad_loss = torch.full((), -1, dtype=torch.long, device=dev), torch.zeros((), device=dev)
         check_every = 1 if dev.type == "cpu" else DIVERGENCE_CHECK_STEPS
-        n_batches, t_meta, meta_before = 0, 0.0, len(self._meta_records)
+        n_batches, t_meta, meta_before = 0, 0.0, self.meta_updates
         t0 = time.perf_counter()
         batches = _limit(self.train_loader, self.steps_per_epoch)
         if progress:
@@ -205,7 +212,7 @@ class Trial:
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
-            if meta_on and (self.step + 1) % self.meta_every == 0:
+            if meta_on and self._meta_due(n_batches):
                 # before step(): the meta-update reuses this batch's gradient as its g (batch 1)
                 _sync(dev)  # (on a GPU: the training backward's tail is training time, not meta time)
                 tm = time.perf_counter()
@@ -227,9 +234,9 @@ class Trial:
                 break
         _sync(dev)
         t_train = time.perf_counter() - t0 - t_meta
+        self.times["train"] += t_train  # (also a diverged epoch's time counts in the trial's totals)
+        self.times["meta"] += t_meta
         if int(first_bad) >= 0:
-            self.times["train"] += t_train  # (the diverged epoch's time counts in the trial's totals)
-            self.times["meta"] += t_meta
             raise TrialDiverged(f"training loss became {float(bad_loss)} at step {int(first_bad)} (epoch {self.epoch}); "
                                 f"stopped at step {self.step}")
         train_loss = float(loss_sum) / max(n_batches, 1)
@@ -238,22 +245,31 @@ class Trial:
         te = time.perf_counter()
         metrics = self.task.evaluate(self.model, _to_device(self.val_loader, dev))
         t_eval = time.perf_counter() - te
+        self.times["eval"] += t_eval
         if not all(math.isfinite(v) for v in metrics.values()):
             raise TrialDiverged(f"validation metrics became non-finite in epoch {self.epoch}: {metrics}")
-        self.times["train"] += t_train
-        self.times["meta"] += t_meta
-        self.times["eval"] += t_eval
         return {
             "epoch": self.epoch, "step": self.step, "train_loss": train_loss,
             **{f"val_{k}": float(v) for k, v in metrics.items()},
             "time_train_s": t_train, "time_meta_s": t_meta, "time_eval_s": t_eval,
-            "wall_s": sum(self.times.values()), "meta_updates": len(self._meta_records),
-            "meta_updates_epoch": len(self._meta_records) - meta_before,
+            "wall_s": sum(self.times.values()), "meta_updates": self.meta_updates,
+            "meta_updates_epoch": self.meta_updates - meta_before,
         }
 
+    def _meta_due(self, i: int) -> bool:
+        """Whether the ``i``-th step of this epoch (from 0) ends with a meta-update: with
+        ``meta_per_epoch`` >= 1 at evenly spread positions in every epoch (exactly that many per
+        epoch, rounded down when it is not whole: 2 in 5 steps at steps 3 and 5), else every
+        ``meta_every`` steps of the whole run (``meta_per_epoch`` < 1: once every few epochs)."""
+        if self.meta_in_epoch:
+            per, n = min(self.config["meta_per_epoch"], self.steps_per_epoch), self.steps_per_epoch
+            return math.floor((i + 1) * per / n) > math.floor(i * per / n)
+        return (self.step + 1) % self.meta_every == 0
+
     @property
-    def _meta_records(self) -> list[int]:
-        return sorted({r["meta_update"] for r in self.telemetry})
+    def meta_updates(self) -> int:
+        """Meta-updates made so far (their telemetry rows are numbered 0, 1, ...)."""
+        return self.telemetry[-1]["meta_update"] + 1 if self.telemetry else 0
 
     def _meta_update(self, iters: dict[str, Iterator]) -> None:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -262,7 +278,7 @@ class Trial:
             val = move_to_device(self._next(iters, "meta_val"), self.device)
             # batch 1 is the training batch just back-propagated: its gradient is in .grad
             record = self.optimizer.meta_step(self.model, self.task.loss_fn, None, b2, val)
-        index = len(self._meta_records)
+        index = self.meta_updates
         scalars = {"meta_loss": record.meta_loss, "skipped": record.skipped,
                    **{f"term_{k}": v for k, v in record.terms.items()},
                    **{f"sigma_{k}": record.sigmas.get(k, math.nan) for k in record.terms}}
@@ -285,9 +301,9 @@ class Trial:
         if self.metric.better(value, self.best_value, self.min_delta if self.best_state is not None else 0.0):
             self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        else:
-            self.bad_epochs += 1
-            if self.config["patience"] and self.bad_epochs >= self.config["patience"]:
+        elif self.epoch > self.config["warmup_epochs"]:  # (warm-up epochs do not use up the patience: a
+            self.bad_epochs += 1                        # MetaAdamW trial could stop before any meta-update)
+            if self.config["patience"] and self.bad_epochs >= self.config["patience"] and self.stop_reason != "max_steps":
                 self.stop_reason = "early_stopping"
 
     def _result(self, status: str, error: str) -> TrialResult:
@@ -301,7 +317,7 @@ class Trial:
             "stop_reason": self.stop_reason, "time_total_s": sum(self.times.values()),
             "time_train_s": self.times["train"], "time_meta_s": self.times["meta"], "time_eval_s": self.times["eval"],
             "meta_every_steps": self.meta_every if self.is_meta else 0,
-            "meta_updates": len(self._meta_records),
+            "meta_updates": self.meta_updates,
             "meta_skipped": getattr(self.optimizer, "meta_skipped", 0),
             "resumed_from_epoch": self.resumed_from_epoch,
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -395,10 +411,8 @@ def run_trial(config: dict[str, Any], *, callback: Callback | None = None, resum
 
 
 def _limit(loader: DataLoader, n: int) -> Iterator:
-    for i, batch in enumerate(loader):
-        if i >= n:
-            return
-        yield batch
+    """The first ``n`` batches (without loading, and augmenting, an n+1-th to find the end)."""
+    return itertools.islice(loader, n)
 
 
 def _to_device(loader: DataLoader, device: torch.device) -> Iterator:

@@ -86,6 +86,53 @@ def test_meta_per_epoch_sets_k():
         Trial({**FAST, "meta_per_epoch": 2.0})
 
 
+@pytest.mark.parametrize("steps, per_epoch, expected", [
+    (8, 2.0, [0, 2, 2, 2]), (5, 2.0, [0, 2, 2, 2]), (5, 3.0, [0, 3, 3, 3]), (5, 10.0, [0, 5, 5, 5]),
+    (8, 0.5, [0, 1, 0, 1]),  # (below 1: every 16 steps of the run, at steps 16 and 32)
+])
+def test_meta_per_epoch_gives_that_many_meta_updates_in_every_epoch(steps, per_epoch, expected):
+    # K = round(steps / per_epoch) on the global step count drifted: 5 steps and 2 per epoch gave
+    # 0, 3, 2, 3, 2; 5 steps and 3 per epoch gave 2.5 on average
+    without_k = {k: v for k, v in FAST.items() if k != "meta_every"}
+    config = {**without_k, "epochs": 4, "max_train_batches": steps, "meta_per_epoch": per_epoch, "patience": 0,
+              "modulator_layers": 1}
+    if per_epoch > steps:
+        with pytest.warns(UserWarning, match=f"meta_per_epoch=10 is more than the {steps} steps of an epoch"):
+            result = run_trial(config)
+    else:
+        result = run_trial(config)
+    assert [h["meta_updates_epoch"] for h in result.history] == expected
+    assert result.row["meta_updates"] == sum(expected) == len({r["meta_update"] for r in result.telemetry})
+    if per_epoch == 2.0 and steps == 5:  # evenly spread: at the 3rd and 5th step of each epoch
+        assert sorted({r["step"] for r in result.telemetry}) == [8, 10, 13, 15, 18, 20]
+
+
+def test_warm_up_epochs_do_not_use_up_the_patience():
+    # 3 warm-up epochs and patience 2: early stopping ended the trial in the warm-up, before any
+    # meta-update, with status ok
+    r = run_trial({**FAST, "epochs": 6, "warmup_epochs": 3, "patience": 2, "min_delta": 10.0, "meta_every": 1})
+    assert r.row["stop_reason"] == "early_stopping" and r.row["epochs_run"] == 5 and r.row["meta_updates"] > 0
+
+
+def test_the_step_budget_keeps_its_stop_reason_when_patience_runs_out_at_the_same_epoch():
+    r = run_trial({**FAST, "epochs": 5, "max_steps": 16, "patience": 1, "min_delta": 10.0, "warmup_epochs": 0})
+    assert (r.row["steps"], r.row["stop_reason"]) == (16, "max_steps")
+
+
+def test_max_train_batches_loads_no_extra_batch():
+    trial = Trial({**FAST, "epochs": 1, "max_train_batches": 3})
+    loaded = []
+    dataset = trial.train_loader.dataset
+    original = type(dataset).__getitem__
+    type(dataset).__getitem__ = lambda self, i: (loaded.append(i), original(self, i))[1]
+    try:
+        trial.run()
+    finally:
+        type(dataset).__getitem__ = original
+    # three training batches (the class is shared with the validation set, evaluated once)
+    assert len(loaded) == 3 * trial.train_loader.batch_size + len(trial.val_loader.dataset)
+
+
 def test_max_steps_budget_and_early_stopping():
     r = run_trial({**FAST, "max_steps": 10})
     assert r.row["steps"] == 10 and r.row["stop_reason"] == "max_steps" and r.row["epochs_run"] == 2
@@ -175,3 +222,18 @@ def test_meta_every_null_without_meta_per_epoch_is_a_config_error():
         Trial({"task": "etth1", "meta_every": None})
     assert Trial({"task": "etth1", "meta_every": None, "meta_per_epoch": 2.0}).meta_every >= 1
     assert Trial({"task": "etth1", "optimizer": "adamw", "meta_every": None}).config["meta_every"] is None
+
+
+def test_an_epoch_whose_validation_diverged_still_counts_its_time():
+    trial = Trial({**FAST, "epochs": 4, "patience": 0})
+    evaluate, calls = trial.task.evaluate, []
+
+    def nan_in_epoch_2(model, loader):
+        calls.append(1)
+        return evaluate(model, loader) if len(calls) < 2 else {"mse": math.nan, "mae": math.nan}
+
+    trial.task.evaluate = nan_in_epoch_2
+    result = trial.run()
+    assert result.row["status"] == "diverged" and len(result.history) == 1
+    for part in ("train", "eval"):  # (epoch 2's training and evaluation time were dropped)
+        assert result.row[f"time_{part}_s"] > result.history[0][f"time_{part}_s"]
