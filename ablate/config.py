@@ -114,7 +114,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("max_steps", int, None, "stop after this many optimizer steps (None: no step budget)", check=_pos, nullable=True),
         _f("batch_size", int, 64, "training batch size", check=_pos),
         _f("eval_batch_size", int, None, "evaluation batch size (default: batch_size)", check=_pos, nullable=True),
-        _f("patience", int, 2, "early-stopping patience in epochs after the warm-up epochs (0 disables early stopping)", check=_nonneg),
+        _f("patience", int, 2, "early-stopping patience in epochs, warm-up epochs included (0 disables early stopping)", check=_nonneg),
         _f("min_delta", float, 1e-3, "minimum improvement of the primary metric that resets patience", check=_nonneg),
         _f("warmup_epochs", int, 1, "epochs of plain training before meta-updates start", check=_nonneg),
         _f("max_train_batches", int, None, "cap on training batches per epoch (None: the whole split)", check=_pos, nullable=True),

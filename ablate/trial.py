@@ -126,7 +126,7 @@ class Trial:
         per_epoch = cfg["meta_per_epoch"]
         #: meta-updates at given positions in each epoch (meta_per_epoch >= 1), else every K steps
         self.meta_in_epoch = bool(per_epoch) and per_epoch >= 1
-        if self.meta_in_epoch and per_epoch > self.steps_per_epoch:
+        if self.meta_in_epoch and per_epoch > self.steps_per_epoch and cfg["optimizer"] == "metaadamw":
             warnings.warn(f"meta_per_epoch={per_epoch:g} is more than the {self.steps_per_epoch} steps of an epoch: "
                           f"one meta-update per step ({self.steps_per_epoch} per epoch)", stacklevel=2)
         self.meta_every = (max(1, round(self.steps_per_epoch / per_epoch)) if per_epoch else cfg["meta_every"])
@@ -301,8 +301,9 @@ class Trial:
         if self.metric.better(value, self.best_value, self.min_delta if self.best_state is not None else 0.0):
             self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        elif self.epoch > self.config["warmup_epochs"]:  # (warm-up epochs do not use up the patience: a
-            self.bad_epochs += 1                        # MetaAdamW trial could stop before any meta-update)
+        else:  # (every epoch counts, warm-up included, for AdamW and MetaAdamW alike: the arms get one
+            # rule; a MetaAdamW trial stopped before its first meta-update is named by the run and the report)
+            self.bad_epochs += 1
             if self.config["patience"] and self.bad_epochs >= self.config["patience"] and self.stop_reason != "max_steps":
                 self.stop_reason = "early_stopping"
 

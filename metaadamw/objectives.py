@@ -16,7 +16,8 @@ alpha and beta):
 
 * ``gradient`` - gradient alignment: mean over groups of
   ``lambda1_g * ||g'_g||^2 - lambda2_g * cos(g_g, g'_g)`` with g the batch-1 gradient at theta and
-  g' the batch-2 gradient at theta'.
+  g' the batch-2 gradient at theta' (over the groups that have a gradient: a group whose tensors
+  are all frozen takes no part).
 * ``loss_decrease`` - ``L_val(theta') - L_val(theta)`` on one validation batch.
 * ``gen_gap`` - ``|L_train(theta') - L_val(theta')|`` with L_train on batch 2. It is evaluated at
   the hypothetical parameters, where the modulator has influence; at theta (as in the paper's
@@ -89,7 +90,12 @@ def gradient_alignment(q: MetaQuantities) -> Tensor:
     sq_prime = _group_sums(sq_prime, q.tensor_group, q.num_groups)
     dot = _group_sums(dot, q.tensor_group, q.num_groups)
     sq = _group_sums(stack_scalars([flat_dot(x, x) for x in g]), q.tensor_group, q.num_groups)
-    return (q.lambda1 * sq_prime - q.lambda2 * _cosine(dot, sq, sq_prime)).mean()
+    per_group = q.lambda1 * sq_prime - q.lambda2 * _cosine(dot, sq, sq_prime)
+    # the mean over the groups that take part (a group whose tensors are all frozen, or have no
+    # gradient this time, adds 0 and would shrink the term against the others)
+    taking_part = torch.zeros(q.num_groups, dtype=per_group.dtype, device=per_group.device).index_fill_(
+        0, q.tensor_group, 1.0)
+    return (per_group * taking_part).sum() / taking_part.sum().clamp(min=1.0)
 
 
 #: a group whose gradient norm is below this many machine epsilons of the whole gradient's norm

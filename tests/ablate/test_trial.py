@@ -105,13 +105,20 @@ def test_meta_per_epoch_gives_that_many_meta_updates_in_every_epoch(steps, per_e
     assert result.row["meta_updates"] == sum(expected) == len({r["meta_update"] for r in result.telemetry})
     if per_epoch == 2.0 and steps == 5:  # evenly spread: at the 3rd and 5th step of each epoch
         assert sorted({r["step"] for r in result.telemetry}) == [8, 10, 13, 15, 18, 20]
+    if per_epoch > steps:  # (an AdamW trial ignores meta_per_epoch: no warning about it)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            Trial({**config, "optimizer": "adamw"})
 
 
-def test_warm_up_epochs_do_not_use_up_the_patience():
-    # 3 warm-up epochs and patience 2: early stopping ended the trial in the warm-up, before any
-    # meta-update, with status ok
-    r = run_trial({**FAST, "epochs": 6, "warmup_epochs": 3, "patience": 2, "min_delta": 10.0, "meta_every": 1})
-    assert r.row["stop_reason"] == "early_stopping" and r.row["epochs_run"] == 5 and r.row["meta_updates"] > 0
+def test_warm_up_epochs_count_for_the_patience_of_both_arms_and_an_idle_trial_says_so():
+    # one early-stopping rule for AdamW and MetaAdamW (AdamW's trials do not even get warmup_epochs);
+    # a MetaAdamW trial stopped in its warm-up made no meta-update, which its row shows
+    config = {**FAST, "epochs": 6, "warmup_epochs": 3, "patience": 2, "min_delta": 10.0, "meta_every": 1}
+    meta, adamw = run_trial(config), run_trial({**config, "optimizer": "adamw", "warmup_epochs": 1})
+    assert meta.row["epochs_run"] == adamw.row["epochs_run"] == 3 and meta.row["meta_updates"] == 0
 
 
 def test_the_step_budget_keeps_its_stop_reason_when_patience_runs_out_at_the_same_epoch():

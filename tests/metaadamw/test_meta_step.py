@@ -786,3 +786,16 @@ def test_low_precision_groups_keep_their_cosine():
     sq = torch.tensor([0.3, 0.5, 0.2], dtype=torch.bfloat16)
     dot = torch.tensor([0.29, 0.4, 0.1], dtype=torch.bfloat16)
     assert (_cosine(dot, sq, sq).float() > 0.4).all()
+
+
+def test_gradient_alignment_is_the_mean_over_the_groups_that_have_a_gradient():
+    # a group whose tensors are all frozen added 0 to the mean and shrank the term against the others
+    from metaadamw.objectives import MetaQuantities, gradient_alignment
+
+    g = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    gp = [torch.tensor([2.0, 0.0]), torch.tensor([0.0, -1.0])]
+    lam1, lam2 = torch.tensor([0.5, 0.25, 0.9]), torch.tensor([1.0, 0.5, 0.7])
+    # by hand: group 0: 0.5 * 4 - 1 * cos = 2 - 1 = 1; group 2: 0.9 * 1 - 0.7 * (-1) = 1.6; group 1 frozen
+    q = MetaQuantities(tensor_group=torch.tensor([0, 2]), num_groups=3, grads=g, lambda1=lam1, lambda2=lam2,
+                       grads_prime=gp)
+    assert float(gradient_alignment(q)) == pytest.approx((1.0 + 1.6) / 2)
