@@ -29,7 +29,7 @@ def _parse_value(text: str) -> Any:
     """A --set value: YAML scalars and lists (1e-3, true, [1, 2, 5], null), else the string."""
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError):  # (PyYAML raises ValueError for "\U01000000")
         return text
     if isinstance(value, str):
         try:

@@ -298,6 +298,8 @@ def _read_yaml(path: Path) -> Any:
         raise StudyError(f"{path}{at}: invalid YAML: {problem or exc}") from None
     except RecursionError:
         raise StudyError(f"{path}: invalid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # PyYAML's scanner: an escape beyond Unicode ("\U01000000")
+        raise StudyError(f"{path}: invalid YAML: {exc}") from None
 
 
 def _check_plain(value: Any, ctx: _Context, path: str = "", _parents: tuple[int, ...] = ()) -> None:

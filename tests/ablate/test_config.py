@@ -245,3 +245,11 @@ def test_ablate_train_refuses_metaadamw_settings_for_adamw_as_a_study_does(capsy
     assert captured.out == "" and captured.err == (
         "ablate: error: --set gating, meta_lr: MetaAdamW setting(s), which --optimizer adamw does not use; drop them, "
         "or train with --optimizer metaadamw\n")
+
+
+def test_a_set_value_yaml_cannot_read_is_kept_as_text_and_named(capsys):
+    # PyYAML raises a bare ValueError for an escape beyond Unicode: it was a traceback
+    from ablate.cli import main
+
+    assert main(["train", "--task", "etth1", "--set", 'lr="\\U01000000"', "--set", "epochs=1"]) == 2
+    assert "lr must be a number, got '\"\\\\U01000000\"'" in capsys.readouterr().err

@@ -155,6 +155,13 @@ def test_random_and_damaged_yaml_text(study_file, text):
     parses_or_study_error(load_study, study_file)
 
 
+def test_an_escape_beyond_unicode_is_a_study_error(study_file):
+    # found by the fuzz test below: PyYAML's scanner raises a bare ValueError from chr() for it
+    study_file.write_text('0:\n"\\U01000000', encoding="utf-8")
+    with pytest.raises(StudyError, match="invalid YAML: chr"):
+        load_study(study_file)
+
+
 @FUZZ
 @given(st.binary(max_size=200))
 def test_random_bytes(study_file, blob):
