@@ -804,7 +804,7 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
     arms = explode_arms(results.trials)
     if arms.empty:
         return pd.DataFrame()
-    ok_seeds = {key: set(g["seed"]) for key, g in explode_arms(_ok(results.trials)).groupby(["task", "arm"], sort=False)}
+    ok_seeds = {key: set(g["seed"]) for key, g in _ok(arms).groupby(["task", "arm"], sort=False)}
     present = set(zip(arms["task"], arms["arm"]))
     rows = []
     for (task, arm), g in arms.groupby(["task", "arm"], sort=True):

@@ -240,9 +240,9 @@ def single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_s
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
 
-def check_dense(grads: list[Tensor]) -> None:
-    """Refuse sparse gradients (step() and meta_step() both need dense ones)."""
-    if any(g.is_sparse for g in grads):
+def check_dense(grads: list[Tensor | None]) -> None:
+    """Refuse sparse gradients (step() and meta_step() both need dense ones); None (no gradient) passes."""
+    if any(g is not None and g.is_sparse for g in grads):
         raise ValueError("MetaAdamW does not support sparse gradients (nn.Embedding(sparse=True)?): use dense gradients")
 
 

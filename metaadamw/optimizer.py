@@ -439,7 +439,7 @@ class MetaAdamW(torch.optim.Optimizer):
         active = tuple(g is not None for g in grads)
         if not any(active):
             return
-        F.check_dense([g for g in grads if g is not None])  # every step: a host attribute per tensor, no sync
+        F.check_dense(grads)  # every step: a host attribute per tensor, no sync
         plan = self._plan
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
         if plan is None or plan.active != active or not plan.blocking.valid():

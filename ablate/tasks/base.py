@@ -112,8 +112,9 @@ class TaskSpec:
         return self.factory(dict(config))
 
 
-def _entry_point_task(obj: Any) -> str | None:
-    """Why an object named by an ``ablate.tasks`` entry point is not a task (None: it is one)."""
+def _not_a_task(obj: Any) -> str | None:
+    """Why an object cannot be registered as a task (None: it can), with ``TASKS.register`` or
+    through an ``ablate.tasks`` entry point."""
     if isinstance(obj, TaskSpec):
         return None
     return (f"it is a {type(obj).__name__} ({getattr(obj, '__qualname__', obj)!r}), not a task: decorate the task's "
@@ -121,9 +122,8 @@ def _entry_point_task(obj: Any) -> str | None:
             f"TaskSpec (an entry point may also name the module that does so, \"my_pkg.tasks\")")
 
 
-TASKS.validate = _entry_point_task
+TASKS.validate = _not_a_task
 TASKS.register_hint = '@register_task("{name}", metrics=[("<metric>", "min" or "max")], defaults={{...}}) (from ablate.tasks)'
-
 
 
 def register_task(
