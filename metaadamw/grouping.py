@@ -14,9 +14,14 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   or ``model=`` to the optimizer (then the model's full names are used, also where param groups
   hold names relative to a submodule, which repeat and carry no layer index: a warning says so
   when they are all there is). When a model is given, the module type decides the layer type
-  (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` -> attention, normalisation layers ->
-  norm, ``nn.Linear`` -> feed_forward); otherwise the name does. The depth is the layer index
-  in the name (``layers.3``, ``h.11``, ``layer2``, an RNN's ``weight_ih_l1``) over the largest
+  (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` and its ``out_proj`` -> attention,
+  normalisation layers -> norm, ``nn.Linear`` -> feed_forward; a parametrized tensor, such as
+  weight_norm's ``fc.parametrizations.weight.original0``, counts as its layer's, named
+  ``fc.weight_original0``); otherwise the name does (common words such as ``pos``, ``token`` or
+  ``value`` only where they name the layer: ``cls_token``, ``attention.self.query``, not
+  ``pos_ffn``). The depth is the layer index in the name (``layers.3``, ``h.11``, ``layer2``,
+  ``encoder_layer_3``, ``denseblock2``, an RNN's ``weight_ih_l1``; a prefix that every name shares,
+  such as the ``0.`` of ``nn.Sequential(model)``, is skipped) over the largest
   index, as the paper defines it, and a tensor without an index is shallow before the first
   indexed one (embeddings) and deep after it (final norms, heads): over the whole model's
   parameters in registration order when a model is given, so that neither the param groups'
@@ -68,7 +73,9 @@ _NAME_RULES: tuple[tuple[str, frozenset[str]], ...] = tuple(
                       "c_fc", "c_proj", "dense", "w1", "w2", "w3")),
     )
 )
-_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+_WEAK_WORDS = frozenset(("pos", "tok", "token", "position", "query", "key", "value"))
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
+               *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
 
 
 def layer_type(info: TensorInfo) -> str:
@@ -82,9 +89,15 @@ def layer_type(info: TensorInfo) -> str:
         if issubclass(t, _NORM_TYPES):
             return "norm"
     name = (info.name or "").lower()
+    segments = name.split(".")
     # whole dotted segments (q_proj, feed_forward, self_attn) and their underscore-separated words
-    tokens = set(name.split(".")) | set(re.split(r"[._]", name))
+    tokens = set(segments) | set(re.split(r"[._]", name))
     tokens |= {tok.rstrip("0123456789") for tok in tokens}
+    # words too common to decide alone: the embedding words only in the parameter's own name
+    # (a raw cls_token, pos_embed) or as a whole segment, and so query / key / value (BERT's
+    # attention.self.query): pos_ffn, token_mixer, value_head are not embeddings or attention
+    leaf_words = set(segments[-1].split("_"))
+    tokens -= {w for w in tokens & _WEAK_WORDS if w not in segments and w not in leaf_words}
     for kind, words in _NAME_RULES:
         if tokens & words:
             return kind
@@ -95,19 +108,22 @@ def layer_type(info: TensorInfo) -> str:
     return "other"
 
 
-_INDEX_SEGMENT = re.compile(r"^(?:layers?|blocks?|stages?|h|levels?|res)?(\d+)$")
+_INDEX_SEGMENT = re.compile(r"^(?:layers?|blocks?|stages?|h|levels?|res)?(\d+)$"
+                            # torchvision's encoder_layer_3, DenseNet's denseblock2, layer_3
+                            r"|^[a-z]*_?(?:layers?|blocks?|stages?)_?(\d+)$")
 _RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_l(\d+)(?:_reverse)?$")  # nn.LSTM / GRU / RNN
 
 
 def layer_index(name: str | None) -> int | None:
     """The first layer index in a dotted name: ``layers.3.linear1.weight`` -> 3, ``layer2.0.conv1``
-    -> 2, ``h.11.attn`` -> 11, an RNN's ``lstm.weight_ih_l1`` -> 1; None when the name has no
-    index (``conv1.weight`` has none: the digit names a sibling, not a depth)."""
+    -> 2, ``h.11.attn`` -> 11, ``encoder.layers.encoder_layer_3.mlp.0`` -> 3, an RNN's
+    ``lstm.weight_ih_l1`` -> 1; None when the name has no index (``conv1.weight`` has none: the
+    digit names a sibling, not a depth)."""
     segments = (name or "").lower().split(".")
     for segment in segments:
         m = _INDEX_SEGMENT.match(segment)
         if m:
-            return int(m.group(1))
+            return int(m.group(1) or m.group(2))
     m = _RNN_LAYER.match(segments[-1])
     return int(m.group(1)) if m else None
 
@@ -120,7 +136,7 @@ def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
     given one: see :func:`model_depths`), they are kept."""
     if tensors and all(t.depth is not None for t in tensors):
         return list(tensors)
-    indices = [layer_index(t.name) for t in tensors]
+    indices = [layer_index(name) for name in _without_common_prefix([t.name for t in tensors])]
     known = [i for i in indices if i is not None]
     first_indexed = next((k for k, i in enumerate(indices) if i is not None), len(indices))
     lo, hi = (min(known), max(known)) if known else (0, 0)
@@ -132,6 +148,25 @@ def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
             depth = (i - lo) / (hi - lo) if hi > lo else 0.5
         out.append(dataclasses.replace(t, depth=depth))
     return out
+
+
+def _without_common_prefix(names: list[str | None]) -> list[str | None]:
+    """The names without the dotted segments that all of them begin with, where layer indices
+    remain after it: a model wrapped in a container (``nn.Sequential(model)``: every name begins
+    with ``0.``) keeps its own layers' depths. A prefix that holds the only index (one layer's
+    tensors, ``layers.0.*``) is kept."""
+    if len(names) < 2 or any(n is None for n in names):
+        return names
+    split = [n.split(".") for n in names]
+    common = 0
+    for parts in zip(*(s[:-1] for s in split)):
+        if len(set(parts)) > 1:
+            break
+        common += 1
+    if common == 0:
+        return names
+    stripped = [".".join(s[common:]) for s in split]
+    return stripped if any(layer_index(n) is not None for n in stripped) else names
 
 
 def model_depths(names: dict[int, str | None]) -> dict[int, float]:

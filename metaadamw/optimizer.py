@@ -12,6 +12,7 @@ import itertools
 import math
 import numbers
 import operator
+import re
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -269,6 +270,10 @@ class MetaAdamW(torch.optim.Optimizer):
         _check(bool(params), "MetaAdamW got no parameters (its param groups are all empty): the modulator's groups come "
                              "from the parameters, so build the optimizer once there are parameters to train (frozen "
                              "ones may be included: they are not updated while they have no gradient)")
+        _check(len({id(p) for p in params}) == len(params),
+               "a parameter tensor appears more than once in the optimizer's param groups (e.g. from "
+               "named_parameters(remove_duplicate=False) with tied weights): give each tensor once, as torch.optim "
+               "will require (AdamW would step it twice per step)")
         devices = {p.device for p in params}
         _check(len(devices) == 1, f"MetaAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
         for p in params:
@@ -304,10 +309,11 @@ class MetaAdamW(torch.optim.Optimizer):
         by_id: dict[int, tuple[str, type]] = {}  # in registration order: the first name of each parameter
         depths: dict[int, float] = {}
         if model is not None:
+            types: dict[str, type] = {}
             for mod_name, module in model.named_modules(remove_duplicate=False):
+                types.setdefault(mod_name, type(module))
                 for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
-                    full = f"{mod_name}.{pname}" if mod_name else pname
-                    by_id.setdefault(id(p), (full, type(module)))
+                    by_id.setdefault(id(p), _grouping_name(mod_name, pname, types))
             if not any(id(p) in by_id for _, p, _ in held):
                 raise ValueError(
                     f"model= is a {type(model).__name__} that holds none of the optimizer's parameters (a copy of the "
@@ -324,7 +330,7 @@ class MetaAdamW(torch.optim.Optimizer):
             # the model's full dotted name where it has one: names in a param group may be
             # relative to a submodule (a group of model.encoder.named_parameters())
             infos.append(TensorInfo(
-                index=i, param_group=gi, name=known[0] if known else name, shape=tuple(p.shape),
+                index=i, param_group=gi, name=known[0] if known else _unparametrized(name), shape=tuple(p.shape),
                 module_type=known[1] if known else None,
                 depth=depths.get(id(p)),  # None without model=: relative to the optimizer's tensors
             ))
@@ -355,7 +361,8 @@ class MetaAdamW(torch.optim.Optimizer):
             # the group's own hyperparameters, checked as the arguments are (AdamW checks only the defaults)
             values = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
             lr, betas, eps, weight_decay = _check_adamw_args(**values, where=where)
-            param_group = {**param_group, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+            # in the caller's dict, as torch.optim keeps it: a script that edits its group dicts reaches the optimizer
+            param_group.update(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if not hasattr(self, "layout"):  # during construction
             super().add_param_group(param_group)
             return
@@ -444,6 +451,9 @@ class MetaAdamW(torch.optim.Optimizer):
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
         if plan is None or plan.active != active or not plan.blocking.valid():
             plan = self._make_plan(active)
+        elif not self._plan_state_current(plan):
+            self._carry_valid = False  # the moments' norms carried from the last step are not those of the state
+            plan = self._make_plan(active)
         elif plan.betas != betas:
             self._update_plan_betas(plan)
         for i in plan.indices:
@@ -488,6 +498,18 @@ class MetaAdamW(torch.optim.Optimizer):
                              plan.scalar_dtype)
         else:
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
+
+    def _plan_state_current(self, plan: "_Plan") -> bool:
+        """Whether ``self.state`` still holds the moments the plan steps: as ``torch.optim.AdamW``
+        reads its state at every step, a state reset by the caller (``optimizer.state.clear()``, a
+        new ``optimizer.state``, ``del optimizer.state[p]``, a replaced ``exp_avg``) takes effect
+        at the next step, instead of the plan stepping tensors that no checkpoint saves. Identity
+        tests on the host, about 0.2 us per tensor (AdamW looks up its state per tensor too)."""
+        state = self.state
+        return (state is plan.state and all(map(operator.is_, map(state.get, plan.params), plan.state_dicts))
+                and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg")), plan.exp_avgs))
+                and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg_sq")),
+                            plan.exp_avg_sqs)))
 
     def _update_stats(self, plan: "_Plan", grads: list[Tensor], norms: Tensor | None) -> None:
         carry = self._carry
@@ -562,6 +584,7 @@ class MetaAdamW(torch.optim.Optimizer):
         for i in indices:
             if "exp_avg" not in self.state[self._params[i]]:
                 self._init_state(self._params[i])
+                self._steps[i] = 0  # fresh moments count from step 0 (also after the caller reset the state)
         group_of = self._group_of
         pg_of = [t.param_group for t in self.tensor_info]
         buckets: dict[tuple[int, int, int], F.Bucket] = {}
@@ -597,6 +620,8 @@ class MetaAdamW(torch.optim.Optimizer):
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
         self._plan = _Plan(
             active=active,
+            state=self.state,
+            state_dicts=[self.state[p] for p in params],
             betas=[g["betas"] for g in self.param_groups],
             indices=indices,
             all_active=all_active,
@@ -680,6 +705,9 @@ class MetaAdamW(torch.optim.Optimizer):
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
         self._check_tensors_unchanged()
+        for i, p in enumerate(self._params):  # moments the caller reset count from step 0, as in step()
+            if self._steps[i] and "exp_avg" not in self.state.get(p, ()):
+                self._steps[i] = 0
         model = D.unwrap(model)
         self._ensure_meta_synced()
         was_training = self.modulator.training
@@ -967,11 +995,41 @@ class MetaAdamW(torch.optim.Optimizer):
                 f"weighting={self.config['weighting']})")
 
 
+_PARAMETRIZED = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)$")
+
+
+def _unparametrized(name: str | None) -> str | None:
+    """A parametrized tensor's name as :func:`_grouping_name` gives it, from the name alone."""
+    if name is None or ".parametrizations." not in f".{name}":
+        return name
+    module_name, _, param_name = name.rpartition(".")
+    return _grouping_name(module_name, param_name, {})[0]
+
+
+def _grouping_name(module_name: str, param_name: str, types: dict[str, type]) -> tuple[str, type]:
+    """A parameter's full name and the type of the layer that owns it, as grouping strategies
+    should see them: a tensor of an ``nn.MultiheadAttention`` (also its ``out_proj``, a Linear)
+    belongs to the attention; a parametrized tensor (``torch.nn.utils.parametrize``, weight_norm:
+    ``fc.parametrizations.weight.original0``) to its layer, named ``fc.weight_original0``. ``types``
+    holds the module types seen so far (``named_modules`` lists the parents first)."""
+    m = _PARAMETRIZED.match(module_name)
+    if m:
+        module_name = m.group(1) or ""
+        param_name = m.group(2) + ("" if param_name == "original" else "_" + param_name)
+    owner = types.get(module_name, nn.Module)
+    parts = module_name.split(".") if module_name else []
+    if any(issubclass(types.get(".".join(parts[:k]), nn.Module), nn.MultiheadAttention) for k in range(len(parts))):
+        owner = nn.MultiheadAttention
+    return (f"{module_name}.{param_name}" if module_name else param_name), owner
+
+
 @dataclasses.dataclass
 class _Plan:
     """The cached layout of one step for a given set of tensors with gradients."""
 
     active: tuple[bool, ...]
+    state: Any  # the optimizer's state mapping when the plan was made, and the planned tensors' entries
+    state_dicts: list[dict[str, Any]]
     betas: list[Any]  # every param_group's betas when the plan was made
     indices: list[int]
     all_active: bool

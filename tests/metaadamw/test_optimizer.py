@@ -426,6 +426,17 @@ def test_fine_grained_groups_of_a_transformer():
     ("model.embed_tokens.weight", nn.Embedding, "embedding"),
     ("lm_head.weight", nn.Linear, "feed_forward"),
     ("classifier.weight", None, "other"),
+    # common words decide only where they name the layer: a position-wise FFN, a MetaFormer token
+    # mixer, DeBERTa's relative-position projection and an actor-critic value head were embeddings
+    # and attention
+    ("layer_stack.0.pos_ffn.w_1.weight", None, "feed_forward"),
+    ("stages.0.blocks.0.token_mixer.qkv.weight", None, "attention"),
+    ("encoder.layer.0.attention.self.pos_proj.weight", None, "attention"),
+    ("value_head.weight", nn.Linear, "feed_forward"),
+    ("encoder.layer.0.attention.self.query.weight", None, "attention"),  # BERT: a whole segment
+    ("cls_token", None, "embedding"),  # raw parameters (timm)
+    ("pos_embed", None, "embedding"),
+    ("layers.0.pre.weight", getattr(nn, "RMSNorm", nn.LayerNorm), "norm"),
 ])
 def test_layer_types_of_common_model_families(name, module_type, kind):
     from metaadamw.grouping import TensorInfo, layer_type
@@ -468,6 +479,69 @@ def test_fine_grained_depth_is_the_layer_index_in_the_name_also_across_parallel_
                 ("norm_layers", "weight"))} == {bucket}, i
         assert depth["stem.0.weight"] == "shallow" and depth["stem.2.weight"] == "deep"  # (the index as it stands)
         assert depth["head.weight"] == "deep"
+
+
+@pytest.mark.parametrize("name, index", [
+    ("encoder.layers.encoder_layer_7.mlp.3.weight", 7),  # torchvision's ViT: not the MLP's own index
+    ("features.denseblock3.denselayer12.conv1.weight", 3),  # torchvision's DenseNet
+    ("blocks_4.attn.weight", 4), ("stage_2.conv.weight", 2),
+    ("ln_1.weight", None), ("fc2.weight", None), ("features.transition1.conv.weight", None),
+])
+def test_layer_indices_in_prefixed_and_underscored_names(name, index):
+    from metaadamw.grouping import layer_index
+    assert layer_index(name) == index
+
+
+def test_a_model_wrapped_in_a_container_keeps_its_depths():
+    # nn.Sequential(model): every name begins with "0.", which was read as every tensor's layer index
+    model = TinyTransformer(layers=3)
+    bare = _buckets(MetaAdamW(model.named_parameters(), **small_kwargs()))
+    wrapped = nn.Sequential(model)
+    for kwargs in ({"params": wrapped.named_parameters()}, {"params": wrapped.parameters(), "model": wrapped}):
+        depth = _buckets(MetaAdamW(kwargs.pop("params"), **kwargs, **small_kwargs()))
+        assert {n.removeprefix("0."): d for n, d in depth.items()} == bare
+    assert set(bare.values()) == {"shallow", "middle", "deep"}
+    # one layer's tensors alone keep their one index (middle), not an index of their own parts
+    layer = {n: p for n, p in model.named_parameters() if n.startswith("encoder.layers.1.")}
+    assert set(_buckets(MetaAdamW(layer.items(), **small_kwargs())).values()) == {"middle"}
+
+
+def test_attention_projections_and_parametrized_tensors_belong_to_their_layer():
+    # nn.MultiheadAttention's out_proj is a Linear: under an attribute name without "attn" it was
+    # feed_forward; a parametrized tensor (weight_norm, register_parametrization) lives in a
+    # ParametrizationList as "<layer>.parametrizations.<name>.original0": it lost its layer's type
+    # and, for a bias, its bias flag
+    class Clamp(nn.Module):
+        def forward(self, x):
+            return x.clamp(-1, 1)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"emb": nn.Embedding(10, 4), "layers": nn.ModuleList(nn.ModuleDict({
+            "cross": nn.MultiheadAttention(4, 2), "ffn": nn.Linear(4, 4), "norm": nn.LayerNorm(4)}) for _ in range(3)),
+            "head": nn.Linear(4, 2)})
+
+    plain, parametrized = build(), build()
+    for block in parametrized["layers"]:
+        torch.nn.utils.parametrizations.weight_norm(block["ffn"])
+        torch.nn.utils.parametrize.register_parametrization(block["ffn"], "bias", Clamp())
+    torch.nn.utils.parametrizations.weight_norm(parametrized["head"])
+    groups = {}
+    for key, model in (("plain", plain), ("parametrized", parametrized)):
+        for how in ("model", "names"):
+            opt = MetaAdamW(model.parameters(), model=model, **small_kwargs()) if how == "model" else MetaAdamW(
+                model.named_parameters(), **small_kwargs())
+            groups[key, how] = {info.name: opt.group_names[g] for info, g in zip(opt.tensor_info, opt._group_of)}
+    assert groups["plain", "model"]["layers.0.cross.out_proj.weight"] == "attention/shallow/weight"
+    assert groups["plain", "model"]["layers.2.cross.out_proj.bias"] == "attention/deep/bias"
+    for how in ("model", "names"):
+        par = groups["parametrized", how]
+        assert par["layers.1.ffn.bias"] == groups["plain", how]["layers.1.ffn.bias"]
+        assert par["layers.1.ffn.bias"].endswith("/middle/bias")
+        assert par["layers.1.ffn.weight_original0"] == par["layers.1.ffn.weight_original1"] == (
+            groups["plain", how]["layers.1.ffn.weight"])
+        assert par["head.weight_original1"] == groups["plain", how]["head.weight"]
+    assert groups["parametrized", "model"]["head.weight_original1"] == "feed_forward/deep/weight"
 
 
 def test_fine_grained_depth_of_recurrent_layers_comes_from_their_names():
@@ -778,6 +852,70 @@ def test_a_copy_made_after_an_lr_scheduler_steps_itself(how, tmp_path):
     _train(model2, opt2, regression_batches(), 1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the original is untouched
     assert not all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))  # the copy trained
+
+
+def _clear(model, opt):
+    opt.state.clear()
+
+
+def _new_state(model, opt):
+    opt.state = type(opt.state)(dict)
+
+
+def _delete_one(model, opt):
+    del opt.state[model[0].weight]
+
+
+def _replace_moments(model, opt):
+    for p in model.parameters():
+        opt.state[p]["exp_avg"] = torch.zeros_like(p)
+        opt.state[p]["exp_avg_sq"] = torch.full_like(p, 1e-4)
+
+
+@pytest.mark.parametrize("reset", [_clear, _new_state, _delete_one, _replace_moments])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_a_state_reset_by_the_caller_takes_effect_as_in_adamw(reset, foreach):
+    # torch.optim.AdamW reads its state at every step; MetaAdamW's cached step plan kept stepping
+    # the old moments, and the checkpoints saved from self.state held none or stale ones
+    batches = regression_batches()
+    models = {k: mlp(0) for k in ("adamw", "meta")}
+    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-2, foreach=foreach),
+            "meta": MetaAdamW(models["meta"].named_parameters(), lr=1e-2, alpha_range=0.0, beta_range=0.0,
+                              foreach=foreach, **small_kwargs())}
+    for k in opts:
+        _train(models[k], opts[k], batches, 3)
+        reset(models[k], opts[k])
+        _train(models[k], opts[k], batches, 3)
+    for a, b in zip(models["meta"].parameters(), models["adamw"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    saved, reference = opts["meta"].state_dict()["state"], opts["adamw"].state_dict()["state"]
+    assert sorted(saved) == sorted(reference)
+    for i in reference:
+        assert saved[i]["step"] == int(reference[i]["step"])
+        torch.testing.assert_close(saved[i]["exp_avg"], reference[i]["exp_avg"], rtol=1e-5, atol=1e-7)
+    # the moments stepped are the ones in the state: a checkpoint resumes the run exactly
+    model2 = mlp(1)
+    model2.load_state_dict(models["meta"].state_dict())
+    opt2 = MetaAdamW(model2.named_parameters(), lr=1e-2, alpha_range=0.0, beta_range=0.0, foreach=foreach,
+                     **small_kwargs())
+    opt2.load_state_dict(copy.deepcopy(opts["meta"].state_dict()))
+    _train(models["meta"], opts["meta"], batches, 2)
+    _train(model2, opt2, batches, 2)
+    for a, b in zip(models["meta"].parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_tensor_given_twice_is_refused_and_group_dicts_stay_the_callers():
+    model = mlp(0)
+    weight = model[0].weight
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="more than once"):
+        MetaAdamW([("a", weight), ("b", weight)], grouping="original", **small_kwargs())
+    # as in torch.optim, param_groups holds the caller's dicts: a script that edits them reaches the optimizer
+    groups = [{"params": [weight], "lr": 0.01}, {"params": [model[0].bias]}]
+    opt = MetaAdamW(groups, lr=0.1, grouping="original", **small_kwargs())
+    assert opt.param_groups[0] is groups[0] and opt.param_groups[1] is groups[1]
+    groups[0]["lr"] = 0.04
+    assert opt.param_groups[0]["lr"] == 0.04
 
 
 def test_tensors_put_into_a_param_group_by_hand_are_refused_not_left_untrained():
