@@ -280,7 +280,7 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
     if t3.empty:
         return None
     rows = t3[(t3["task"] == task) & (t3["axis"] != "factorial")]
-    if rows.empty:
+    if rows.empty or rows["rel_mean"].isna().all():  # (no arm has a comparison: no chart that reads as "no change")
         return None
     mean = 100 * rows["rel_mean"].to_numpy(dtype=float)
     err = 100 * np.abs(np.vstack([rows["rel_mean"] - rows["rel_lo"], rows["rel_hi"] - rows["rel_mean"]]).astype(float))
@@ -288,14 +288,17 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
     x = np.arange(len(rows))
     ax.bar(x, mean, yerr=np.nan_to_num(err), capsize=4, color=["C2" if m >= 0 else "C3" for m in mean])
     tops = mean + np.nan_to_num(err[1])  # (the error bars are >= 0; NaN for an arm without ok trials)
-    for xi, top, sig in zip(x, tops, rows["significant"]):
+    for xi, top, sig, m in zip(x, tops, rows["significant"], mean):
         if sig:
             ax.annotate("*", (xi, top), ha="center", va="bottom", fontsize=16)
+        if not np.isfinite(m):  # (no matched ok seeds, or the baseline's own trials): not a zero change
+            ax.annotate("n/a", (xi, 0), ha="center", va="bottom", fontsize=9, color="0.4")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.margins(y=0.15)
     ax.set_xticks(x, rows["arm"], rotation=45, ha="right")
     split = f", {rows['split'].iloc[0]} split" if "split" in rows else ""
-    ax.set(ylabel="change vs baseline (%)", title=f"{task}: ablations{split} (+ = better, * = significant)")
+    ax.set_ylabel("change vs baseline (%)")
+    ax.set_title(f"{task}: ablations{split}\n(+ = better, * = significant)", fontsize="medium")
     return _save(fig, out_dir / f"ablation_{_slug(task)}{suffix}.png")
 
 
@@ -313,13 +316,15 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
     if tel.empty or "alpha" not in tel:
         return None
     g = tel.groupby(["group", "meta_update"])[["step", "alpha", "beta"]].mean().reset_index()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for name, rows in g.groupby("group"):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharex=True)
+    for k, (name, rows) in enumerate(g.groupby("group")):
+        # 20 colours, then line styles: every group told apart (fine_grained gives up to 30 groups)
+        style = {"color": plt.get_cmap("tab20")(k % 20), "linestyle": ("-", "--", ":")[k // 20 % 3]}
         for ax, col in zip(axes, ("alpha", "beta")):
-            ax.plot(rows["step"], rows[col], label=str(name))
+            ax.plot(rows["step"], rows[col], label=str(name), **style)
     for ax, col, what in zip(axes, ("alpha", "beta"), ("learning-rate", "weight-decay")):
         ax.set(xlabel="step", ylabel=col, title=f"{what} multiplier {col}")
-    axes[1].legend(fontsize="small", title="group")
+    axes[1].legend(fontsize="small", title="group", loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes
     fig.suptitle(f"{task} / {arm}: mean over {tel['trial_id'].nunique()} seeds")
     return _save(fig, out_dir / f"alpha_beta_{_slug(task)}_{_slug(arm)}.png")
 
@@ -347,8 +352,10 @@ def plot_performance_profile(profile: pd.DataFrame, out_dir: Path) -> Path | Non
     if profile.empty:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in profile.columns:
-        ax.step(profile.index, profile[arm], where="post", label=arm)
+    n = len(profile.columns)
+    for k, arm in enumerate(profile.columns):  # styles, markers and narrowing widths: coinciding arms stay visible
+        ax.step(profile.index, profile[arm], where="post", label=arm, linestyle=("-", "--", "-.", ":")[k % 4],
+                marker="osD^v<>"[k % 7], markersize=4, markevery=(3 * k % 25, 25), linewidth=1 + 2.5 * (n - 1 - k) / max(n - 1, 1), alpha=0.85)
     ax.set(xlabel="tau (ratio to the best arm)", ylabel="share of tasks within tau", ylim=(-0.02, 1.02),
            title="performance profiles")
     ax.legend(fontsize="small")
@@ -502,14 +509,19 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
     both = (((t2["adamw_n"] + t2["adamw_n_unmatched"]) > 0) & ((t2["meta_n"] + t2["meta_n_unmatched"]) > 0)
             if len(t2) else pd.Series(dtype=bool))
+    # a task one of the two never finished ok has nothing to compare: named, with its counts
+    left_out = "".join(
+        f" Left out: {r['task']} (ok / not ok trials: AdamW {r['adamw_n'] + r['adamw_n_unmatched']} / "
+        f"{r['adamw_n_not_ok']}, MetaAdamW {r['meta_n'] + r['meta_n_unmatched']} / {r['meta_n_not_ok']})."
+        for _, r in t2[~both.to_numpy()].iterrows()) if len(t2) else ""
     if t2.empty or not both.any():
         return [heading, _text("No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing "
-                               "to compare.")]
-    t2 = t2[both.to_numpy()]  # (a task one of the two never finished ok has nothing to compare)
+                               "to compare." + left_out)]
+    t2 = t2[both.to_numpy()]
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
                     + " Time change is MetaAdamW's total training time over the matched seeds relative to AdamW's"
-                    + ("; ref_* columns are trivial references." if split == "validation" else "."))]
+                    + ("; ref_* columns are trivial references." if split == "validation" else ".") + left_out)]
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
@@ -579,10 +591,10 @@ def _ratio_cell(v: float) -> str:
 
 def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
     ratios = stats.profile_ratios(results)
-    if ratios.empty:
-        return []
-    shown = ratios.map(_ratio_cell).reset_index()
     notes = stats.profile_notes(results)
+    if ratios.empty:  # (every task left out: say why)
+        return [_heading("Performance profiles"), _text("No task to profile: " + "; ".join(notes) + ".")] if notes else []
+    shown = ratios.map(_ratio_cell).reset_index()
     return [
         _heading("Performance profiles"),
         _text("Per task, each arm's mean best metric relative to the best arm's: arm/best for 'min' "
@@ -773,6 +785,8 @@ def write_report(
     ``out_dir`` defaults to ``<results_dir>/report``. Returns the path of the Markdown report
     (the HTML one when only "html" is asked for). ``progress`` receives one line per step.
     """
+    if isinstance(formats, str):  # formats="md"
+        formats = [formats]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise ValueError(f"unknown report format(s) {unknown or list(formats)}; choose from {', '.join(FORMATS)}")
@@ -801,8 +815,21 @@ def write_report(
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     progress("computing tables and drawing figures")
-    blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
-    blocks[1:1] = [Block("warning", f"Loading the results: {w.message}") for w in caught]
+    with warnings.catch_warnings(record=True) as computing:  # (duplicate seeds averaged, ...): also in the report
+        warnings.simplefilter("always")
+        blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
+    ours = str(Path(__file__).parent)
+    computed = {}  # the statistics' own warnings, once each (not matplotlib's, such as a missing glyph)
+    seen = set()
+    for w in computing:
+        if (str(w.message), w.category) in seen:
+            continue
+        seen.add((str(w.message), w.category))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if w.filename.startswith(ours):
+            computed.setdefault(str(w.message), None)
+    blocks[1:1] = ([Block("warning", f"Loading the results: {w.message}") for w in caught]
+                   + [Block("warning", message) for message in computed])
     return _write(blocks, out, formats, progress)
 
 

@@ -103,7 +103,7 @@ def sign_flip_pvalue(
     if n == 0 or not np.isfinite(d).all():
         return np.nan
     observed = abs(d.mean())
-    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    tol = 1e-12 * float(np.abs(d).max())  # rounding of the sums, relative: metrics of any scale (MSE 1e-11)
     if n <= exact_max_n:
         signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
         return float(np.mean(np.abs(signs @ d / n) >= observed - tol))

@@ -212,3 +212,40 @@ def test_numbers_near_a_threshold_or_zero_are_not_rounded_onto_it():
     assert report._ratio_cell(1.00004) == "1.00004"
     assert report._ratio_cell(1.03) == "1.0300" and report._ratio_cell(float("inf")) == "inf"
     assert report.fmt_num(-0.0) == "0" and report.fmt_num(-1e-9, 3) == "-1e-09" and report.fmt_pct(-1e-7) == "+0.00%"
+
+
+def test_tasks_and_sections_left_out_are_named_and_statistics_warnings_reach_the_report(tmp_path, report_kit):
+    # Table 2 dropped a task one arm never finished ok without a word, the profile section vanished
+    # when every task was left out, and a warning of the statistics (seeds averaged) went to stderr only
+    write_small_study(tmp_path, report_kit)
+    for seed in range(2):
+        for arm in ("adamw", "baseline"):
+            row = report_kit.trial_row("imdb", arm, seed, 0.5)
+            if arm == "baseline":
+                row.update(status="failed", error="RuntimeError: boom", stop_reason="failed", best_metric=float("nan"))
+            write_trial(tmp_path, row)
+        # a second baseline trial per etth1 seed (another version of the study): averaged, with a warning
+        row = report_kit.trial_row("etth1", "baseline", seed, 0.0085)
+        row["trial_id"] += "-again"
+        write_trial(tmp_path, row)
+    with pytest.warns(UserWarning, match="several trials share a seed"):
+        md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    table2 = md.split("Table 2 analogue", 1)[1].split("\n## ", 1)[0]
+    assert "| etth1 |" in table2 and "| imdb |" not in table2
+    assert "Left out: imdb (ok / not ok trials: AdamW 2 / 0, MetaAdamW 0 / 2)." in table2
+    assert md.count("several trials share a seed") == 1 and "> **WARNING: etth1, arm baseline: several" in md
+
+    # no seed that every arm finished ok: the profile section says so instead of vanishing
+    only = tmp_path / "uneven"
+    for arm, seeds in (("adamw", (0, 1)), ("baseline", (2, 3))):
+        for seed in seeds:
+            write_trial(only, report_kit.trial_row("etth1", arm, seed, 0.01))
+    md = report.write_report(only, only / "out", formats=("md",)).read_text()
+    assert "## Performance profiles\n\nNo task to profile: etth1: left out (no seed was finished ok by every arm)." in md
+
+
+def test_an_ablation_chart_with_no_comparison_is_not_drawn():
+    t3 = pd.DataFrame({"task": ["etth1"] * 2, "axis": ["gating", "lr"], "arm": ["gating=true", "lr=1"],
+                       "rel_mean": [float("nan")] * 2, "rel_lo": [float("nan")] * 2, "rel_hi": [float("nan")] * 2,
+                       "significant": [False, False]})
+    assert report.plot_ablation_bars(t3, "etth1", Path("/nonexistent")) is None  # (it would read as "no change")

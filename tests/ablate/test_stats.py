@@ -69,6 +69,14 @@ def test_sign_flip_consistent_improvement_over_six_seeds_is_two_of_64():
     assert stats.sign_flip_pvalue([0.4, 0.3, 0.5, 0.2, 0.6, 0.1]) == pytest.approx(2 / 64)
 
 
+@pytest.mark.parametrize("scale", [1e3, 1.0, 1e-9, 1e-12])
+def test_sign_flip_pvalue_does_not_depend_on_the_metrics_units(scale):
+    # the tie tolerance was absolute below 1: an MSE of 1e-11 better on every seed got p = 1
+    d = scale * np.array([0.4, 0.3, 0.5, 0.2, 0.6, 0.1, 0.35, 0.45])
+    assert stats.sign_flip_pvalue(d) == pytest.approx(2 / 256)
+    assert stats.sign_flip_pvalue(d, exact_max_n=4) == stats.sign_flip_pvalue(d / scale, exact_max_n=4)
+
+
 def test_sign_flip_exact_matches_enumeration_by_hand():
     d = np.array([1.0, 2.0, -0.5, 0.7])
     hits = sum(abs(np.mean(np.array(s) * d)) >= abs(d.mean()) - 1e-12 for s in itertools.product([-1, 1], repeat=4))
