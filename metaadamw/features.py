@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from metaadamw import FEATURES
+from metaadamw.functional import to_device
 
 #: Per-tensor statistics the optimizer knows how to compute (each a length-N vector).
 TENSOR_STATS = (
@@ -78,6 +79,23 @@ class GroupLayout:
         self.counts = onehot.sum(1)
         self.mean_matrix = onehot / self.counts.clamp_min(1).unsqueeze(1)  # (G, N) group averaging
         self.onehot = onehot
+        self._group_of = self.tensor_group.tolist()  # (made with the optimizer: never in step())
+        self.live_mean = self.mean_matrix  # the statistics' group averaging: see set_live
+        self.all_groups_live, self.group_live = True, torch.ones_like(self.counts)
+
+    def set_live(self, live: Sequence[bool]) -> None:
+        """Average the statistics over the tensors ``live`` marks (N host flags): those that have
+        had a gradient. A frozen tensor has no statistics (zeros stand in), so that counting it would
+        pull its group's means toward 0; a group with no live tensor averages to 0 and is marked in
+        ``group_live`` (the cross-group standardisation of ``norm_*`` leaves it out). The static
+        columns (sizes, bias share, depth) keep ``mean_matrix``, over all of a group's tensors.
+        Copies to the device without blocking."""
+        device, dtype = self.onehot.device, self.onehot.dtype
+        weights = self.onehot * to_device([float(x) for x in live], device, dtype)
+        self.live_mean = weights / weights.sum(1, keepdim=True).clamp_min(1)
+        groups = {g for g, x in zip(self._group_of, live) if x}
+        self.all_groups_live = len(groups) == len(self.names)
+        self.group_live = to_device([float(g in groups) for g in range(len(self.names))], device, dtype)
 
     @property
     def num_groups(self) -> int:
@@ -163,8 +181,9 @@ class FeatureExtractor(nn.Module):
         return len(self.feature_names)
 
     def group_mean(self, x: Tensor) -> Tensor:
-        """Mean over each group's tensors of per-tensor values ``x`` (N,) or (N, k)."""
-        return self.layout.mean_matrix @ x
+        """Mean over each group's tensors of per-tensor values ``x`` (N,) or (N, k): over those that
+        have had a gradient (:meth:`GroupLayout.set_live`)."""
+        return self.layout.live_mean @ x
 
     def group_std(self, x: Tensor, mean: Tensor | None = None) -> Tensor:
         """Population standard deviation over each group's tensors, in two passes (the deviations
@@ -239,7 +258,8 @@ class BasicPlus(FeatureExtractor):
 
 
 class _Normalised(FeatureExtractor):
-    """Standardises every statistics column across groups (zero mean, unit variance).
+    """Standardises every statistics column across groups (zero mean, unit variance): across the
+    groups that have statistics (a group of frozen tensors alone reads 0).
 
     A column whose spread across groups is below 0.1% of its magnitude is treated as constant
     (the denominator is ``std + 1e-3 * mean|x| + 1e-12``), so rounding noise in a column that is the
@@ -252,10 +272,19 @@ class _Normalised(FeatureExtractor):
         feats = super().forward(stats, time)
         n_stat = feats.shape[1] - (1 if self.time_step else 0)
         x = feats[:, :n_stat]
-        magnitude = x.abs().mean(0, keepdim=True)
+        if self.layout.all_groups_live:
+            magnitude = x.abs().mean(0, keepdim=True)
+            mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True)
+        else:  # over the groups that have statistics (not those of frozen tensors alone, which read 0 after)
+            w = self.layout.group_live.unsqueeze(1)
+            n = w.sum().clamp_min(1)
+            magnitude = (w * x.abs()).sum(0, keepdim=True) / n
+            mean = (w * x).sum(0, keepdim=True) / n
+            std = ((w * (x - mean) ** 2).sum(0, keepdim=True) / n).sqrt()
+            x = x * w + mean * (1 - w)
         magnitude = torch.maximum(magnitude, magnitude[:, self._magnitude_columns(n_stat)])
-        scale = x.std(0, unbiased=False, keepdim=True) + 1e-3 * magnitude + 1e-12
-        x = (x - x.mean(0, keepdim=True)) / scale
+        scale = std + 1e-3 * magnitude + 1e-12
+        x = (x - mean) / scale
         return torch.cat([x, feats[:, n_stat:]], 1)
 
     def _magnitude_columns(self, n_stat: int) -> list[int]:

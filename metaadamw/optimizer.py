@@ -262,6 +262,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._stats: dict[str, Tensor] = {}
         self._multipliers: Multipliers | None = None
         self._plan: _Plan | None = None
+        self._live: tuple[bool, ...] | None = None  # the tensors the features average over (_set_live)
 
     # ------------------------------------------------------------------------------------------
     # construction helpers
@@ -391,6 +392,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._stats = {k: torch.cat([v, zeros]) for k, v in self._stats.items()}
         self._multipliers = None  # the groups may have changed: the next step recomputes them
         self._plan = None
+        self._live = None  # (the features' live tensors: recomputed with the plan)
 
     # ------------------------------------------------------------------------------------------
     # the step
@@ -585,6 +587,7 @@ class MetaAdamW(torch.optim.Optimizer):
             if "exp_avg" not in self.state[self._params[i]]:
                 self._init_state(self._params[i])
                 self._steps[i] = 0  # fresh moments count from step 0 (also after the caller reset the state)
+        self._set_live()
         group_of = self._group_of
         pg_of = [t.param_group for t in self.tensor_info]
         buckets: dict[tuple[int, int, int], F.Bucket] = {}
@@ -641,6 +644,19 @@ class MetaAdamW(torch.optim.Optimizer):
             numel=numel,
         )
         return self._plan
+
+    def _set_live(self, also: Sequence[int] = ()) -> None:
+        """The features average the statistics over the tensors that have moments (and those at
+        ``also``: the meta-update's, before their first step); frozen tensors are left out. Host
+        bookkeeping and, when the set changes, one copy to the device (no sync)."""
+        live = [False] * len(self._params) if not self.state else [
+            "exp_avg" in self.state.get(p, ()) for p in self._params]
+        for i in also:
+            live[i] = True
+        live = tuple(live)
+        if live != self._live:
+            self.modulator.extractor.layout.set_live(live)
+            self._live = live
 
     def _beta_vectors(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         """Beta1 and beta2 of the tensors at ``indices`` (their param groups' current values) as
@@ -899,6 +915,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.global_step = global_step
         self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
         self._plan = None
+        self._live = None  # (the features' live tensors: recomputed with the plan)
 
     #: options that decide the shapes of the modulator, the weighting or the meta-optimizer's state,
     #: or what the trained modulator's outputs mean (the multipliers' ranges, the weighting's form)
@@ -984,6 +1001,7 @@ class MetaAdamW(torch.optim.Optimizer):
         # an unpickled optimizer that never synced starts over from the pickle, as from a loaded checkpoint
         self._unsynced_from = (self.__dict__.get("global_step", 0), self.__dict__.get("meta_updates", 0))
         self._plan = None
+        self._live = None  # (the features' live tensors: recomputed with the plan)
         self._model_ref = None
 
     def __repr__(self) -> str:

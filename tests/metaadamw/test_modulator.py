@@ -135,3 +135,57 @@ def test_group_standard_deviations_keep_small_spreads_and_norm_features_ignore_r
     names = opt.modulator.extractor.feature_names
     feats = opt.modulator.extractor(opt._stats, torch.tensor(0.0))
     assert feats[:, names.index("cos_std")].abs().max() < 0.01
+
+
+def test_frozen_tensors_are_left_out_of_the_features():
+    # a frozen tensor has no statistics (zeros stood in): counted in its group's means, it pulled
+    # them toward 0 (a group of a trained and a frozen weight showed half the parameter norm), and
+    # a group of frozen tensors alone was an outlier of norm_*'s cross-group standardisation
+    from metaadamw import MetaAdamW
+    from tests.metaadamw.helpers import mlp, mse, regression_batches, small_kwargs
+
+    batches = regression_batches()
+    features = {}
+    for frozen in (False, True):
+        model = mlp()
+        model[0].weight.requires_grad_(not frozen)  # frozen: the first layer's weight joins its bias' group
+        params = [("first", [model[0].bias] + ([model[0].weight] if frozen else [])), ("rest", list(model[2:].parameters()))]
+        opt = MetaAdamW([{"params": p} for _, p in params], features="basic", grouping="original", **small_kwargs())
+        for batch in batches:
+            opt.zero_grad()
+            mse(model, batch).backward()
+            opt.step()
+        features[frozen] = opt.modulator.extractor(opt._stats, torch.tensor(0.5))
+    torch.testing.assert_close(features[True], features[False])  # as if the frozen weight were not there
+
+    # norm_basic: a group of frozen tensors alone reads 0 and leaves the others' standardisation as it was
+    model = mlp()
+    frozen = [model[0].weight, model[0].bias]
+    for p in frozen:
+        p.requires_grad_(False)
+    groups = [{"params": frozen}, {"params": list(model[2].parameters())}, {"params": list(model[4].parameters())}]
+    opt = MetaAdamW(groups, features="norm_basic", grouping="original", **small_kwargs())
+    mse(model, batches[0]).backward()
+    opt.step()
+    names = opt.modulator.extractor.feature_names
+    feats = opt.modulator.extractor(opt._stats, torch.tensor(0.5))
+    stat = [j for j, n in enumerate(names) if n != "time"]
+    assert torch.equal(feats[0, stat], torch.zeros(len(stat)))
+    live = feats[1:, stat]
+    assert live.abs().max() > 0.5 and torch.allclose(live.mean(0), torch.zeros(len(stat)), atol=1e-5)
+
+    # a meta-update averages over the tensors with a gradient there, also one unfrozen since the last
+    # step (it has no moments yet); step() then averages over the tensors with moments again
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    opt = MetaAdamW(model.named_parameters(), features="basic", grouping="original", **small_kwargs())
+    mse(model, batches[0]).backward()
+    opt.step()
+    model[0].weight.requires_grad_(True)
+    seen = []
+    opt.modulator.extractor.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    opt.meta_step(model, mse, batches[0], batches[1], batches[2])
+    param_norm = torch.stack([p.detach().norm() for p in model.parameters()]).mean()
+    assert float(seen[0][0, opt.modulator.extractor.feature_names.index("param_norm")]) == pytest.approx(
+        float(param_norm), rel=1e-5)
+    assert opt._live == (False,) + (True,) * (len(opt.tensor_info) - 1)
