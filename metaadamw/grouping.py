@@ -109,8 +109,8 @@ def layer_type(info: TensorInfo) -> str:
 
 
 _INDEX_SEGMENT = re.compile(r"^(?:layers?|blocks?|stages?|h|levels?|res)?(\d+)$"
-                            # torchvision's encoder_layer_3, DenseNet's denseblock2, layer_3
-                            r"|^[a-z]*_?(?:layers?|blocks?|stages?)_?(\d+)$")
+                            # torchvision's encoder_layer_3, DenseNet's denseblock2 / transition2, layer_3
+                            r"|^[a-z]*_?(?:layers?|blocks?|stages?|transition)_?(\d+)$")
 _RNN_LAYER = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_l(\d+)(?:_reverse)?$")  # nn.LSTM / GRU / RNN
 
 

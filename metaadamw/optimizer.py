@@ -451,10 +451,10 @@ class MetaAdamW(torch.optim.Optimizer):
         F.check_dense(grads)  # every step: a host attribute per tensor, no sync
         plan = self._plan
         betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
-        if plan is None or plan.active != active or not plan.blocking.valid():
-            plan = self._make_plan(active)
-        elif not self._plan_state_current(plan):
+        if plan is not None and not self._plan_state_current(plan):
             self._carry_valid = False  # the moments' norms carried from the last step are not those of the state
+            plan = None
+        if plan is None or plan.active != active or not plan.blocking.valid():
             plan = self._make_plan(active)
         elif plan.betas != betas:
             self._update_plan_betas(plan)
@@ -545,7 +545,7 @@ class MetaAdamW(torch.optim.Optimizer):
         """||m||^2 and sum(v) directly, when the previous step did not carry them. Tensors without
         moments yet count as zero (an empty stand-in: no moments are allocated for them, just as
         AdamW allocates none for frozen parameters); no host-to-device copy."""
-        states = [self.state[p] for p in self._params]
+        states = [self.state.get(p, {}) for p in self._params]  # (no empty entries for tensors without state)
         empty = self._params[0].new_zeros(0)
         m = [st["exp_avg"] if "exp_avg" in st else empty for st in states]
         v = [st["exp_avg_sq"] if "exp_avg_sq" in st else empty for st in states]
@@ -586,7 +586,8 @@ class MetaAdamW(torch.optim.Optimizer):
         for i in indices:
             if "exp_avg" not in self.state[self._params[i]]:
                 self._init_state(self._params[i])
-                self._steps[i] = 0  # fresh moments count from step 0 (also after the caller reset the state)
+                if self._steps[i]:  # the caller reset the state: fresh moments count from step 0, their norms from 0
+                    self._steps[i], self._carry_valid = 0, False
         self._set_live()
         group_of = self._group_of
         pg_of = [t.param_group for t in self.tensor_info]
@@ -723,7 +724,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._check_tensors_unchanged()
         for i, p in enumerate(self._params):  # moments the caller reset count from step 0, as in step()
             if self._steps[i] and "exp_avg" not in self.state.get(p, ()):
-                self._steps[i] = 0
+                self._steps[i], self._carry_valid = 0, False
         model = D.unwrap(model)
         self._ensure_meta_synced()
         was_training = self.modulator.training

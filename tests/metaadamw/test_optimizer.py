@@ -485,7 +485,8 @@ def test_fine_grained_depth_is_the_layer_index_in_the_name_also_across_parallel_
     ("encoder.layers.encoder_layer_7.mlp.3.weight", 7),  # torchvision's ViT: not the MLP's own index
     ("features.denseblock3.denselayer12.conv1.weight", 3),  # torchvision's DenseNet
     ("blocks_4.attn.weight", 4), ("stage_2.conv.weight", 2),
-    ("ln_1.weight", None), ("fc2.weight", None), ("features.transition1.conv.weight", None),
+    ("features.transition1.conv.weight", 1),  # (between denseblock1 and denseblock2)
+    ("ln_1.weight", None), ("fc2.weight", None), ("layer_norm1.weight", None), ("block1_conv1.weight", None),
 ])
 def test_layer_indices_in_prefixed_and_underscored_names(name, index):
     from metaadamw.grouping import layer_index
@@ -903,6 +904,29 @@ def test_a_state_reset_by_the_caller_takes_effect_as_in_adamw(reset, foreach):
     _train(model2, opt2, batches, 2)
     for a, b in zip(models["meta"].parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("also", ["other_tensors_with_gradients", "meta_step_first"])
+def test_the_statistics_follow_a_state_reset_also_when_the_plan_changes_for_another_reason(also):
+    # a reset on a step whose set of tensors with gradients changed too kept the carried norms of
+    # the old moments: the v_norm feature stayed wrong for ~1 / (1 - beta2) steps
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, **small_kwargs())
+    batches = regression_batches()
+    _train(model, opt, batches, 5)
+    opt.state.clear()
+    if also == "meta_step_first":
+        opt.meta_step(model, mse, batches[0], batches[1], batches[2])
+    for t in range(3):
+        opt.zero_grad()
+        mse(model, batches[t % len(batches)]).backward()
+        if t == 0 and also == "other_tensors_with_gradients":
+            model[-1].weight.grad = None
+        opt.step()
+        has = [p in opt.state for p in opt._params]  # (a tensor without moments is left out of the features)
+        assert list(opt._live) == has and (t > 0 or also != "other_tensors_with_gradients" or not all(has))
+        true = torch.stack([opt.state[p]["exp_avg_sq"].sum().sqrt() for p, h in zip(opt._params, has) if h])
+        torch.testing.assert_close(opt._stats["v_norm"][torch.tensor(has)], true, rtol=1e-4, atol=1e-9)
 
 
 def test_a_tensor_given_twice_is_refused_and_group_dicts_stay_the_callers():
