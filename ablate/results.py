@@ -48,7 +48,6 @@ import collections
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -56,13 +55,14 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from ablate.files import atomic_write_bytes
+from ablate.files import atomic_write, atomic_write_bytes
 
 TABLES = ("trials", "history", "telemetry")
 
 
 class ResultsError(RuntimeError):
-    """Stored results that cannot be read at all (the message names the file)."""
+    """Stored results that cannot be read at all, or results that cannot be stored (the message names
+    the file, or the trial, and the fix)."""
 
 PARTS_DIR = "parts"
 MANIFEST = "study_trials.json"
@@ -110,16 +110,7 @@ def flatten_value(value: Any) -> Any:
 
 def atomic_write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write ``df`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def write_trial(
@@ -254,28 +245,30 @@ def _read_tables(out_dir: Path) -> _Stored:
         for trial_id in sorted(expected - {f.name.split(".")[0] for f in files[table]}):
             unreadable[trial_id] = f"result part {parts / f'{trial_id}.{table}.parquet'} is missing"
         combined_path = out_dir / f"{table}.parquet"
-        combined = pd.DataFrame()
+        combined, combined_read, combined_error = pd.DataFrame(), False, ""
         if combined_path.exists() and (unreadable or not frames):
             try:
-                combined = pd.read_parquet(combined_path)
+                combined, combined_read = pd.read_parquet(combined_path), True
             except Exception as exc:
                 if not frames and not unreadable:
                     raise ResultsError(f"could not read {combined_path} ({type(exc).__name__}: {exc}), and there are "
                                        f"no result parts beside it to read instead") from exc
+                combined_error = f", and {combined_path} is unreadable too ({type(exc).__name__}: {exc})"
         if not frames and not unreadable:
             tables[table] = combined
             continue
         in_combined = set(combined["trial_id"]) if "trial_id" in combined else set()
         restored = []
         for trial_id, why in unreadable.items():
-            # (a trial's history and telemetry may have no rows: then its trial row says it was combined)
-            if trial_id in in_combined or (table != "trials" and trial_id in combined_trials):
+            # (a trial's history and telemetry may have no rows: then its trial row says it was combined,
+            # provided this table's combined file was read: else its rows are lost, not absent)
+            if trial_id in in_combined or (combined_read and table != "trials" and trial_id in combined_trials):
                 rows = combined[combined["trial_id"] == trial_id] if in_combined else pd.DataFrame()
                 frames.append(rows)
                 recovered[(table, trial_id)] = rows
                 restored.append(why)
             else:
-                damaged.setdefault(trial_id, why)
+                damaged.setdefault(trial_id, why + combined_error)
         if restored:  # (one warning per table: results copied without their parts/ miss them all)
             what = restored[0] if len(restored) == 1 else (
                 f"{len(restored)} result parts of the {table} table are missing or unreadable ({'; '.join(restored[:3])}"

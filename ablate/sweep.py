@@ -126,11 +126,8 @@ def trainable(config: dict[str, Any]) -> None:
     # cuts off, so Ray may hand back the previous epoch's checkpoint, or none.
     if stable is not None and stable.exists() and (
             config.get("resume") or stable.stat().st_mtime >= config.get("started_at", math.inf)):
-        state = torch.load(stable, map_location="cpu", weights_only=False)
-        if not trial.can_resume_from(state):  # (one made on other data)
-            print(f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh",
-                  flush=True)
-        elif state["epoch"] > trial.epoch:
+        state = _stable_checkpoint(trial, stable)
+        if state is not None and state["epoch"] > trial.epoch:
             trial.load_state_dict(state)
 
     def report(row: dict[str, Any], t: Trial) -> None:
@@ -145,6 +142,29 @@ def trainable(config: dict[str, Any]) -> None:
     payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
+
+
+def _stable_checkpoint(trial: Any, stable: Path) -> dict[str, Any] | None:
+    """The trial's stable checkpoint, or None - saying why - when it was made on other data, or is
+    unreadable (damaged on disk, a copy cut short: it is moved aside to ``<id>.pt.unreadable``, or
+    every ``--resume`` would fail alike). ``trial``: the :class:`ablate.trial.Trial` to resume."""
+    import torch
+
+    try:
+        state = torch.load(stable, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("not a trial checkpoint")
+    except Exception as exc:
+        aside = stable.with_name(f"{stable.name}.unreadable")
+        os.replace(stable, aside)
+        print(f"trial {trial.trial_id}: its checkpoint {stable} is unreadable ({type(exc).__name__}: {exc}); "
+              f"moved to {aside.name}, starting afresh", flush=True)
+        return None
+    if not trial.can_resume_from(state):
+        print(f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh",
+              flush=True)
+        return None
+    return state
 
 
 def _import_worker_plugins(plugins: list[str], plugin_dir: str | None) -> None:
@@ -214,11 +234,19 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.start = time.monotonic()
             self.written: set[str] = set()  # trials recorded ok or diverged
             self.failed_ids: set[str] = set()
+            self.write_error: tuple[TrialSpec, OSError] | None = None
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
 
         @property
         def done(self) -> int:
             return len(self.written)
+
+        def _store(self, spec: TrialSpec, row: dict, history=(), telemetry=()) -> None:
+            try:
+                store.write_trial(out_dir, row, history, telemetry)
+            except OSError as exc:  # (disk full, a folder made read-only): the run stops; see _run_study
+                self.write_error = (spec, exc)
+                raise
 
         @property
         def failed(self) -> int:
@@ -234,7 +262,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             payload = json.loads(result[RESULT_KEY])
             # missing metrics as NaN; config values keep their None (a row must rebuild its config)
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
-            store.write_trial(out_dir, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
+            self._store(spec, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
             self._rerun_done(spec.trial_id)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
@@ -247,7 +275,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self._record_failure(trials, by_id[trial.config["trial"]["trial_id"]], _trial_error(trial))
 
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
-            store.write_trial(out_dir, _failed_row(spec, study, error))
+            self._store(spec, _failed_row(spec, study, error))
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec.trial_id)
             self.eta.finished(spec.task, None)
@@ -730,8 +758,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                keep_checkpoints: bool) -> SweepOutcome:
     from ray import tune
 
-    for stale in (out_dir / store.PARTS_DIR).glob(".*.tmp"):  # a write cut off by a killed driver
-        stale.unlink(missing_ok=True)
+    for folder in (out_dir / store.PARTS_DIR, out_dir / CHECKPOINTS_DIR, out_dir):  # writes cut off by a kill
+        for stale in folder.glob(".*.tmp"):  # (the folder's lock: no other run of the study is writing)
+            stale.unlink(missing_ok=True)
     copy = out_dir / "study.yaml"
     if study.path is not None and not (copy.exists() and os.path.samefile(study.path, copy)):
         shutil.copyfile(study.path, copy)
@@ -741,6 +770,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     finished -= set_aside_stale_data(study, out_dir, stored)
     reruns = _start_reruns(study, out_dir, rerun, finished)
     finished -= reruns.ids
+    if not keep_checkpoints:  # (a driver killed between storing a trial and deleting its checkpoint left it)
+        for trial_id in finished:
+            (out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt").unlink(missing_ok=True)
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
@@ -787,7 +819,16 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                 verbose=0,
             ),
         )
-        tuner.fit()
+        try:
+            tuner.fit()
+        except Exception:  # (Ray wraps the callback's error in a TuneError of some 80 lines)
+            if recorder.write_error is None:
+                raise
+            spec, exc = recorder.write_error
+            raise store.ResultsError(
+                f"could not store the results of trial {spec.trial_id} ({spec.task}, seed {spec.seed}) in {out_dir} "
+                f"({type(exc).__name__}: {exc}), so the run stopped; the results stored before are kept. Free space "
+                f"or make the folder writable, then run the same command with --resume") from None
     finally:
         if started:
             import ray

@@ -158,6 +158,35 @@ _KILLER = """\
     """
 
 
+_DISK_FULL = """\
+    import errno, os, sys
+    from pathlib import Path
+    import pandas as pd
+
+    FULL_AT = int(os.environ["{env}"])
+    original = pd.DataFrame.to_parquet
+    seen = [0]
+
+    def to_parquet(self, path, *args, **kwargs):
+        p = Path(str(path))
+        if p.parent.name == "parts" and ".trials.parquet." in p.name:
+            seen[0] += 1
+            if seen[0] == FULL_AT:  # the disk is full when this trial's row is written
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(p))
+        return original(self, path, *args, **kwargs)
+
+    pd.DataFrame.to_parquet = to_parquet
+    from ablate.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+
+
+def disk_full_script(env: str) -> str:
+    """Source of a wrapper around ``ablate.cli`` whose N-th trial row write fails as on a full disk,
+    N read from the environment variable ``env``."""
+    return _DISK_FULL.format(env=env)
+
+
 def killer_script(env: str) -> str:
     """Source of a wrapper around ``ablate.cli`` that dies (exit 137) half-way through writing the
     N-th trial row, N read from the environment variable ``env``."""

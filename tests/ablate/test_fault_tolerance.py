@@ -37,8 +37,8 @@ from ablate.results import PARTS_DIR, finished_trial_ids, load_results, write_tr
 from ablate.study import load_study
 from ablate.sweep import run_study
 from tests.ablate.fault_scenarios import (
-    OBJECT_STORE, checkpoint_epoch, divergence_study, done_ids, kill_during_write_study, killer_script, nanval_plugin,
-    node_loss_study, write,
+    OBJECT_STORE, checkpoint_epoch, disk_full_script, divergence_study, done_ids, kill_during_write_study,
+    killer_script, nanval_plugin, node_loss_study, write,
 )
 
 pytestmark = pytest.mark.slow
@@ -360,6 +360,27 @@ def test_a_driver_killed_while_writing_a_result_loses_nothing_finished(tmp_path)
     history = load_results(out_dir).history
     assert all(list(e) == [1, 2] for _, e in history.groupby("trial_id")["epoch"])
     report_command(str(out_dir), str(tmp_path / "report2"))
+
+
+def test_a_full_disk_while_storing_a_trial_stops_the_run_in_one_line_and_resume_completes_it(tmp_path):
+    # the write error surfaced as Ray's TuneError traceback of some 80 lines, without the way on
+    spec = kill_during_write_study(tmp_path / "killwrite.yaml")
+    wrapper = write(tmp_path / "diskfull.py", disk_full_script("FT_DISKFULL_AT"))
+    out = tmp_path / "results"
+    args = ["run", str(spec), "--out", str(out), "--max-concurrent", "1"]
+    result = subprocess.run([sys.executable, str(wrapper), *args], env={**os.environ, "FT_DISKFULL_AT": "2"},
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("ablate: error:")]
+    assert len(error) == 1 and "could not store the results of trial" in error[0] and "No space left" in error[0]
+    assert error[0].endswith("then run the same command with --resume")
+    assert len(done_ids(out / "killwrite")) == 1
+    resumed = subprocess.run([sys.executable, "-m", "ablate.cli", *args, "--resume"], capture_output=True,
+                             text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "1 already done (reused), 2 to run" in resumed.stdout
+    assert len(load_results(out / "killwrite").trials) == 3
 
 
 def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):

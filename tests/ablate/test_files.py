@@ -29,3 +29,22 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path, m
         files.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask):
+    # tempfile.mkstemp makes 0600 files and the rename kept that: every result file, checkpoint and
+    # table was unreadable to colleagues sharing the results directory
+    import pandas as pd
+
+    from ablate.results import atomic_write_parquet
+
+    old = os.umask(umask)
+    try:
+        files.atomic_write_bytes(tmp_path / "a.json", b"{}")
+        atomic_write_parquet(pd.DataFrame({"x": [1]}), tmp_path / "b.parquet")
+        (tmp_path / "c.txt").write_text("plain")  # what open() gives
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o666 & ~umask, "b.parquet": 0o666 & ~umask, "c.txt": 0o666 & ~umask}

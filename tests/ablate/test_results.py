@@ -77,6 +77,23 @@ def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_
         assert len(consolidate(tmp_path).trials) == 2
 
 
+@pytest.mark.parametrize("table", ["history", "telemetry"])
+@pytest.mark.parametrize("how", ["unreadable", "missing"])
+def test_a_damaged_part_whose_combined_table_is_lost_too_is_computed_again_not_emptied(tmp_path, table, how):
+    # the combined trials table listed the trial, which was taken to mean that the combined history
+    # held all its rows (maybe none): with that file unreadable or gone the trial was reused with no
+    # history, and the next `ablate run` wrote the empty part, making the loss permanent
+    _study(tmp_path)
+    combined = tmp_path / f"{table}.parquet"
+    _damage(combined) if how == "unreadable" else combined.unlink()
+    _damage(tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet")
+    message = "aaaaaaaaaaaa.*" + (f"{table}.parquet is unreadable too.*" if how == "unreadable" else "") + "computed again"
+    with pytest.warns(UserWarning, match=message):
+        assert finished_trial_ids(tmp_path) == {"bbbbbbbbbbbb"}
+    with pytest.warns(UserWarning, match="1 trial.*left out"):
+        assert list(load_results(tmp_path).trials["trial_id"]) == ["bbbbbbbbbbbb"]
+
+
 def test_a_report_on_a_study_with_trials_not_run_says_how_many_and_of_which_arms(tmp_path):
     _study(tmp_path)
     write_manifest(tmp_path, "s", {"aaaaaaaaaaaa": {"study": "s", "arm": "arm0"}, "bbbbbbbbbbbb": {"study": "s", "arm": "arm1"},

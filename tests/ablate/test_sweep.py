@@ -96,9 +96,18 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
 
     # back to 2 seeds, the ablation renamed (a named level: the same trials): nothing runs, and the
     # results are the study's as it is now - its seeds, its arm names - not everything on disk
+    # what a killed driver or worker can leave: a stored trial's checkpoint (killed between storing
+    # the trial and deleting it) and temporaries of cut-off writes; a checkpoint of a trial not in
+    # the study as run now is another study version's, kept for a run that continues it
+    stored_id, leftovers = t["trial_id"].iloc[0], [out / "tiny" / ".trials.parquet.x1.tmp"]
+    leftovers += [out / "tiny" / "checkpoints" / name for name in (f"{stored_id}.pt", f".{stored_id}.pt.x2.tmp")]
+    other = out / "tiny" / "checkpoints" / "0123456789ab.pt"
+    for path in [*leftovers, other]:
+        path.write_bytes(b"left over")
     renamed = load_study(_study(tmp_path, ablation="obj: {ld: {objective: loss_decrease}}"))
     third = run_study(renamed, out, num_cpus=2)
     assert (third.ran, third.reused) == (0, 6)
+    assert not [p for p in leftovers if p.exists()] and other.exists()
     with pytest.warns(UserWarning, match="3 stored trial.s. are not part of the study as last run there"):
         now = load_results(out / "tiny").trials
     assert len(now) == 6 and sorted(now["arm"].unique()) == ["adamw", "baseline", "obj=ld"]

@@ -244,3 +244,22 @@ def test_an_epoch_whose_validation_diverged_still_counts_its_time():
     assert result.row["status"] == "diverged" and len(result.history) == 1
     for part in ("train", "eval"):  # (epoch 2's training and evaluation time were dropped)
         assert result.row[f"time_{part}_s"] > result.history[0][f"time_{part}_s"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02 cut short", None])
+def test_a_damaged_stable_checkpoint_is_moved_aside_and_the_trial_starts_afresh(tmp_path, capsys, content):
+    # torch.load's error failed the trial on every --resume, without naming the file
+    from ablate.sweep import _stable_checkpoint
+
+    trial = Trial(FAST)
+    stable = tmp_path / f"{trial.trial_id}.pt"
+    good = trial.save(stable).read_bytes()
+    if content is None:
+        torch.save({"not": "a trial checkpoint"}, stable)
+    else:
+        stable.write_bytes(content)
+    assert _stable_checkpoint(trial, stable) is None
+    assert not stable.exists() and (tmp_path / f"{trial.trial_id}.pt.unreadable").exists()
+    assert f"its checkpoint {stable} is unreadable" in capsys.readouterr().out
+    stable.write_bytes(good)
+    assert _stable_checkpoint(trial, stable)["epoch"] == trial.epoch
