@@ -79,21 +79,28 @@ class GroupLayout:
         self.counts = onehot.sum(1)
         self.mean_matrix = onehot / self.counts.clamp_min(1).unsqueeze(1)  # (G, N) group averaging
         self.onehot = onehot
-        self._group_of = self.tensor_group.tolist()  # (made with the optimizer: never in step())
+        self._all_live()
+
+    def _all_live(self) -> None:
         self.live_mean = self.mean_matrix  # the statistics' group averaging: see set_live
         self.all_groups_live, self.group_live = True, torch.ones_like(self.counts)
 
-    def set_live(self, live: Sequence[bool]) -> None:
+    def __setstate__(self, state: dict) -> None:  # (a layout pickled before set_live existed: every tensor live)
+        self.__dict__.update(state)
+        if "live_mean" not in state:
+            self._all_live()
+
+    def set_live(self, live: Sequence[bool], group_of: Sequence[int]) -> None:
         """Average the statistics over the tensors ``live`` marks (N host flags): those that have
         had a gradient. A frozen tensor has no statistics (zeros stand in), so that counting it would
         pull its group's means toward 0; a group with no live tensor averages to 0 and is marked in
         ``group_live`` (the cross-group standardisation of ``norm_*`` leaves it out). The static
         columns (sizes, bias share, depth) keep ``mean_matrix``, over all of a group's tensors.
-        Copies to the device without blocking."""
+        ``group_of``: every tensor's group index, on the host. Copies to the device without blocking."""
         device, dtype = self.onehot.device, self.onehot.dtype
         weights = self.onehot * to_device([float(x) for x in live], device, dtype)
         self.live_mean = weights / weights.sum(1, keepdim=True).clamp_min(1)
-        groups = {g for g, x in zip(self._group_of, live) if x}
+        groups = {g for g, x in zip(group_of, live) if x}
         self.all_groups_live = len(groups) == len(self.names)
         self.group_live = to_device([float(g in groups) for g in range(len(self.names))], device, dtype)
 

@@ -208,8 +208,10 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         time = normalised_time(opt._time + 1, opt.total_steps)
         opt.modulator.set_training(True)  # (MetaAdamW.meta_step restores the mode, also after an error)
         opt._set_live(active)  # the features average over the tensors with a gradient here too (before their first step)
-        mult = opt.modulator(stats, time)
-        opt._set_live()
+        try:
+            mult = opt.modulator(stats, time)
+        finally:
+            opt._set_live()
         # the meta-loss is differentiated in three stages that each traverse their graph once: down to
         # the multipliers (cut here as leaves), through theta' to alpha and beta, then through the encoder
         outputs = [mult.alpha, mult.beta, mult.lambda1, mult.lambda2]

@@ -260,6 +260,8 @@ class MetaAdamW(torch.optim.Optimizer):
         }
         self._carry_valid = True  # zero moments: the zero carry is exact
         self._stats: dict[str, Tensor] = {}
+        self._has_stats = [False] * n  # per tensor: _stats holds its statistics (not zeros standing in)
+        self._carried: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # the moments the carry describes
         self._multipliers: Multipliers | None = None
         self._plan: _Plan | None = None
         self._live: tuple[bool, ...] | None = None  # the tensors the features average over (_set_live)
@@ -390,6 +392,7 @@ class MetaAdamW(torch.optim.Optimizer):
         # zero moments: the carried norms of the new tensors are exactly zero; so are their last statistics
         self._carry = {k: torch.cat([v, zeros]) for k, v in self._carry.items()}
         self._stats = {k: torch.cat([v, zeros]) for k, v in self._stats.items()}
+        self._has_stats += [False] * added
         self._multipliers = None  # the groups may have changed: the next step recomputes them
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
@@ -508,7 +511,8 @@ class MetaAdamW(torch.optim.Optimizer):
         at the next step, instead of the plan stepping tensors that no checkpoint saves. Identity
         tests on the host, about 0.2 us per tensor (AdamW looks up its state per tensor too)."""
         state = self.state
-        return (state is plan.state and all(map(operator.is_, map(state.get, plan.params), plan.state_dicts))
+        return (state is plan.state and len(state) == plan.state_len
+                and all(map(operator.is_, map(state.get, plan.params), plan.state_dicts))
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg")), plan.exp_avgs))
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg_sq")),
                             plan.exp_avg_sqs)))
@@ -527,10 +531,16 @@ class MetaAdamW(torch.optim.Optimizer):
         if idx is None:
             carry["exp_avg_norm_sq"], carry["v_sum"] = m_sq, v_sum
             self._stats = stats
-            return
-        carry["exp_avg_norm_sq"] = carry["exp_avg_norm_sq"].index_copy(0, idx, m_sq)
-        carry["v_sum"] = carry["v_sum"].index_copy(0, idx, v_sum)
-        self._stats = self.full_stats(stats, idx)
+        else:
+            carry["exp_avg_norm_sq"] = carry["exp_avg_norm_sq"].index_copy(0, idx, m_sq)
+            carry["v_sum"] = carry["v_sum"].index_copy(0, idx, v_sum)
+            self._stats = self.full_stats(stats, idx)
+        if not plan.has_stats:  # once per plan: its tensors have statistics now (and so count in the features)
+            plan.has_stats = True
+            if not all(self._has_stats[i] for i in plan.indices):
+                for i in plan.indices:
+                    self._has_stats[i] = True
+                self._set_live()
 
     def full_stats(self, stats: dict[str, Tensor], index: Tensor | None) -> dict[str, Tensor]:
         """Per-tensor statistics of all N tensors from those of the tensors at ``index`` (None: all of
@@ -583,11 +593,17 @@ class MetaAdamW(torch.optim.Optimizer):
         """Group the active tensors into buckets (param_group x modulator group x step count)."""
         self._ensure_meta_synced()  # (a made-before-the-process-group optimizer's first step: see there)
         indices = [i for i, a in enumerate(active) if a]
+        carried = self._carried
         for i in indices:
-            if "exp_avg" not in self.state[self._params[i]]:
+            st = self.state[self._params[i]]
+            if "exp_avg" not in st:
                 self._init_state(self._params[i])
                 if self._steps[i]:  # the caller reset the state: fresh moments count from step 0, their norms from 0
                     self._steps[i], self._carry_valid = 0, False
+            m, v, refs = st["exp_avg"], st["exp_avg_sq"], carried.get(i)
+            if refs is not None and (refs[0]() is not m or refs[1]() is not v):
+                self._carry_valid = False  # moments the caller replaced while the tensor had no gradient
+            carried[i] = (weakref.ref(m), weakref.ref(v))
         self._set_live()
         group_of = self._group_of
         pg_of = [t.param_group for t in self.tensor_info]
@@ -626,6 +642,7 @@ class MetaAdamW(torch.optim.Optimizer):
             active=active,
             state=self.state,
             state_dicts=[self.state[p] for p in params],
+            state_len=len(self.state),
             betas=[g["betas"] for g in self.param_groups],
             indices=indices,
             all_active=all_active,
@@ -647,16 +664,17 @@ class MetaAdamW(torch.optim.Optimizer):
         return self._plan
 
     def _set_live(self, also: Sequence[int] = ()) -> None:
-        """The features average the statistics over the tensors that have moments (and those at
-        ``also``: the meta-update's, before their first step); frozen tensors are left out. Host
-        bookkeeping and, when the set changes, one copy to the device (no sync)."""
+        """The features average the statistics over the tensors that have moments and statistics
+        (and those at ``also``: the meta-update's, before their first step); frozen tensors are left
+        out (also those frozen after an AdamW checkpoint gave them moments). Host bookkeeping and,
+        when the set changes, one copy to the device (no sync)."""
         live = [False] * len(self._params) if not self.state else [
-            "exp_avg" in self.state.get(p, ()) for p in self._params]
+            has and "exp_avg" in self.state.get(p, ()) for p, has in zip(self._params, self._has_stats)]
         for i in also:
             live[i] = True
         live = tuple(live)
         if live != self._live:
-            self.modulator.extractor.layout.set_live(live)
+            self.modulator.extractor.layout.set_live(live, self._group_of)
             self._live = live
 
     def _beta_vectors(self, indices: list[int]) -> tuple[Tensor, Tensor]:
@@ -834,6 +852,9 @@ class MetaAdamW(torch.optim.Optimizer):
         self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}
         self._carry_valid = extra["carry_valid"]
         self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
+        # (the statistics of a tensor with moments: computed when it stepped - or zeros, when it first
+        # stepped on a step that did not refresh them, with refresh_every > 1)
+        self._has_stats = ["exp_avg" in self.state.get(p, ()) for p in self._params]
         m = extra["multipliers"]
         self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
         self._set_step_counts(list(extra["steps"]), extra["global_step"])
@@ -901,6 +922,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._set_step_counts(steps, max(steps, default=0))
         self._carry_valid = False  # the carried norms of the moments: recomputed at the next refresh
         self._stats = {}  # those of the moments before the load: gone (tensors without a gradient read zeros)
+        self._has_stats = [False] * len(self._params)
         self._multipliers = None  # the next step refreshes them
 
     def _drop_torch_flags(self) -> None:
@@ -915,6 +937,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._steps = steps
         self.global_step = global_step
         self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
+        self._carried = {}  # (the loaded moments are new tensors)
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
 
@@ -982,7 +1005,7 @@ class MetaAdamW(torch.optim.Optimizer):
     #: what torch.optim.Optimizer leaves out of its pickled state (hooks are not state; the plan
     #: is a cache of views into the state and is rebuilt by the next step; a copy has no model:
     #: groups added to it later need names of their own)
-    _NOT_PICKLED = ("_plan", "_model_ref", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
@@ -1003,6 +1026,8 @@ class MetaAdamW(torch.optim.Optimizer):
         self._unsynced_from = (self.__dict__.get("global_step", 0), self.__dict__.get("meta_updates", 0))
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
+        self._carried = {}  # (weak references: not pickled; the loaded carry's validity was saved with it)
+        self.__dict__.setdefault("_has_stats", ["exp_avg" in self.state.get(p, ()) for p in self._params])
         self._model_ref = None
 
     def __repr__(self) -> str:
@@ -1047,8 +1072,9 @@ class _Plan:
     """The cached layout of one step for a given set of tensors with gradients."""
 
     active: tuple[bool, ...]
-    state: Any  # the optimizer's state mapping when the plan was made, and the planned tensors' entries
+    state: Any  # the optimizer's state mapping when the plan was made, its size, and the planned tensors' entries
     state_dicts: list[dict[str, Any]]
+    state_len: int
     betas: list[Any]  # every param_group's betas when the plan was made
     indices: list[int]
     all_active: bool
@@ -1066,6 +1092,7 @@ class _Plan:
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
     cos_noise: Tensor  # per tensor, F.cos_noise
     numel: Tensor  # per tensor, element counts
+    has_stats: bool = False  # the planned tensors are flagged in MetaAdamW._has_stats
 
 
 def _check_state_keys(state_dict: dict[str, Any], what: str) -> None:

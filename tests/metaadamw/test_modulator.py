@@ -158,6 +158,23 @@ def test_frozen_tensors_are_left_out_of_the_features():
         features[frozen] = opt.modulator.extractor(opt._stats, torch.tensor(0.5))
     torch.testing.assert_close(features[True], features[False])  # as if the frozen weight were not there
 
+    # the same when the frozen weight has moments (from an AdamW checkpoint) but no statistics
+    model = mlp()
+    groups = [[model[0].bias, model[0].weight], list(model[2:].parameters())]
+    adamw = torch.optim.AdamW([{"params": g} for g in groups])
+    mse(model, batches[0]).backward()
+    adamw.step()
+    model[0].weight.requires_grad_(False)
+    model[0].weight.grad = None
+    opt = MetaAdamW([{"params": g} for g in groups], features="basic", grouping="original", **small_kwargs())
+    opt.load_state_dict(adamw.state_dict())
+    mse(model, batches[1]).backward()
+    bias = model[0].bias.detach().clone()  # (the statistics are those at which the gradient was taken)
+    opt.step()
+    feats = opt.modulator.extractor(opt._stats, torch.tensor(0.5))
+    assert float(feats[0, opt.modulator.extractor.feature_names.index("param_norm")]) == pytest.approx(
+        float(bias.norm()), rel=1e-5)  # the bias alone: the frozen weight's zeros are left out
+
     # norm_basic: a group of frozen tensors alone reads 0 and leaves the others' standardisation as it was
     model = mlp()
     frozen = [model[0].weight, model[0].bias]
