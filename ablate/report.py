@@ -295,6 +295,7 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
             ax.annotate("n/a", (xi, 0), ha="center", va="bottom", fontsize=9, color="0.4")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.margins(y=0.15)
+    ax.set_xlim(-0.6, len(rows) - 0.4)  # (an n/a arm at an end keeps its slot: NaN bars do not set the range)
     ax.set_xticks(x, rows["arm"], rotation=45, ha="right")
     split = f", {rows['split'].iloc[0]} split" if "split" in rows else ""
     ax.set_ylabel("change vs baseline (%)")
@@ -316,7 +317,9 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
     if tel.empty or "alpha" not in tel:
         return None
     g = tel.groupby(["group", "meta_update"])[["step", "alpha", "beta"]].mean().reset_index()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharex=True)
+    n_groups = g["group"].nunique()
+    columns = -(-n_groups // 16)  # (legend columns of at most 16 entries, beside the axes)
+    fig, axes = plt.subplots(1, 2, figsize=(11 + 2.2 * columns, 4.5), sharex=True)
     for k, (name, rows) in enumerate(g.groupby("group")):
         # 20 colours, then line styles: every group told apart (fine_grained gives up to 30 groups)
         style = {"color": plt.get_cmap("tab20")(k % 20), "linestyle": ("-", "--", ":")[k // 20 % 3]}
@@ -324,7 +327,8 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
             ax.plot(rows["step"], rows[col], label=str(name), **style)
     for ax, col, what in zip(axes, ("alpha", "beta"), ("learning-rate", "weight-decay")):
         ax.set(xlabel="step", ylabel=col, title=f"{what} multiplier {col}")
-    axes[1].legend(fontsize="small", title="group", loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes
+    axes[1].legend(fontsize="small" if n_groups <= 16 else "x-small", title="group", loc="upper left",
+                   bbox_to_anchor=(1.02, 1.0), ncol=columns)
     fig.suptitle(f"{task} / {arm}: mean over {tel['trial_id'].nunique()} seeds")
     return _save(fig, out_dir / f"alpha_beta_{_slug(task)}_{_slug(arm)}.png")
 
@@ -511,12 +515,12 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
             if len(t2) else pd.Series(dtype=bool))
     # a task one of the two never finished ok has nothing to compare: named, with its counts
     left_out = "".join(
-        f" Left out: {r['task']} (ok / not ok trials: AdamW {r['adamw_n'] + r['adamw_n_unmatched']} / "
-        f"{r['adamw_n_not_ok']}, MetaAdamW {r['meta_n'] + r['meta_n_unmatched']} / {r['meta_n_not_ok']})."
-        for _, r in t2[~both.to_numpy()].iterrows()) if len(t2) else ""
+        f" Left out: {r['task']} (AdamW {r['adamw_n'] + r['adamw_n_unmatched']} ok seed(s), {r['adamw_n_not_ok']} not "
+        f"ok; MetaAdamW {r['meta_n'] + r['meta_n_unmatched']} ok seed(s), {r['meta_n_not_ok']} not ok)."
+        for _, r in t2[~both.to_numpy()].iterrows() if r["adamw_n_not_ok"] or r["meta_n_not_ok"]) if len(t2) else ""
     if t2.empty or not both.any():
         return [heading, _text("No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing "
-                               "to compare." + left_out)]
+                               "to compare." + left_out + (" " + _SPLIT_NOTE[split] if split == "test" else ""))]
     t2 = t2[both.to_numpy()]
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
@@ -815,19 +819,15 @@ def write_report(
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     progress("computing tables and drawing figures")
-    with warnings.catch_warnings(record=True) as computing:  # (duplicate seeds averaged, ...): also in the report
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as computing:  # (the caller's filters apply: "error" raises, ...)
         blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
-    ours = str(Path(__file__).parent)
-    computed = {}  # the statistics' own warnings, once each (not matplotlib's, such as a missing glyph)
-    seen = set()
-    for w in computing:
-        if (str(w.message), w.category) in seen:
-            continue
-        seen.add((str(w.message), w.category))
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if w.filename.startswith(ours):
-            computed.setdefault(str(w.message), None)
+    package = Path(__file__).parent
+    for w in computing:  # (as they were: with their module, for the caller's filters by module)
+        module = f"ablate.{Path(w.filename).stem}" if Path(w.filename).parent == package else None
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=module)
+    # the statistics' own warnings (duplicate seeds averaged) also in the report, once each; not
+    # matplotlib's or numpy's (a missing glyph, a division by zero), which name ablate's lines too
+    computed = dict.fromkeys(str(w.message) for w in computing if issubclass(w.category, stats.StatsWarning))
     blocks[1:1] = ([Block("warning", f"Loading the results: {w.message}") for w in caught]
                    + [Block("warning", message) for message in computed])
     return _write(blocks, out, formats, progress)

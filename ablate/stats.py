@@ -40,6 +40,11 @@ from ablate.results import Results, ok_mask
 ADAMW = "adamw"
 BASELINE = "baseline"
 FACTORIAL_PREFIX = "factorial:"
+class StatsWarning(UserWarning):
+    """Something about the stored results the statistics had to work around (seeds averaged, ...):
+    ``ablate report`` shows these in the report too."""
+
+
 ALPHA = 0.05
 CONFIDENCE = 0.95
 #: largest number of pairs for which the sign-flip test enumerates all 2^n flips
@@ -346,7 +351,7 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
     if g["seed"].duplicated().any():
         warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
                       f"their values are averaged per seed. Are results of different study versions mixed "
-                      f"(load_results(..., all_trials=True))?", stacklevel=3)
+                      f"(load_results(..., all_trials=True))?", StatsWarning, stacklevel=3)
     values = g.groupby("seed")[column].mean() if column in g else pd.Series(dtype=float)
     return values if column == "best_metric" else values.dropna()  # (an ok trial always has its best metric)
 
