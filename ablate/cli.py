@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -336,6 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = {NotADirectoryError: " (a file is in the way: --out and --storage take folders)",
                     IsADirectoryError: " (a folder where a file is expected)"}.get(type(exc), "")
             print(f"ablate: error: {exc.strerror or exc}: {exc.filename}{hint}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            # (a full disk while the results are combined at the end, say: what is stored is kept)
+            print(f"ablate: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (free space or "
+                  f"make the folder writable, then run the same command again: stored results are kept)",
+                  file=sys.stderr)
             return 2
         if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError,
                             ResultsError)):

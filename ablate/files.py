@@ -3,34 +3,37 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
 
-def _file_mode() -> int:
-    """The mode ``open()`` gives a new file under this process's umask (``tempfile.mkstemp``'s
-    are 0600 whatever the umask: results shared with colleagues must read as any other file)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _new_temporary(path: Path) -> Path:
+    """A new empty file ``.<name>.<random>.tmp`` beside ``path``, made as ``open()`` makes files: the
+    kernel applies the umask and the folder's default ACL (``tempfile.mkstemp``'s are 0600, which made
+    results shared with colleagues unreadable to them)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` to fill a uniquely named temporary file in ``path``'s directory
     (``.<name>.<random>.tmp``), then rename it to ``path``: readers see the old file or the new one,
     never a part, concurrent writers do not share a temporary, and a failed write leaves no
-    temporary behind. The file gets the mode the umask gives new files."""
+    temporary behind. The file gets the permissions any new file in that folder gets."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path)
     try:
-        write(tmp)
-        os.chmod(tmp, _file_mode())
+        write(str(tmp))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -21,14 +21,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -146,7 +149,7 @@ def trainable(config: dict[str, Any]) -> None:
 
 def _stable_checkpoint(trial: Any, stable: Path) -> dict[str, Any] | None:
     """The trial's stable checkpoint, or None - saying why - when it was made on other data, or is
-    unreadable (damaged on disk, a copy cut short: it is moved aside to ``<id>.pt.unreadable``, or
+    unreadable (damaged on disk, a copy cut short: it is moved aside to ``<id>.pt.unreadable-<time>``, or
     every ``--resume`` would fail alike). ``trial``: the :class:`ablate.trial.Trial` to resume."""
     import torch
 
@@ -155,10 +158,17 @@ def _stable_checkpoint(trial: Any, stable: Path) -> dict[str, Any] | None:
         if not isinstance(state, dict) or "epoch" not in state:
             raise ValueError("not a trial checkpoint")
     except Exception as exc:
-        aside = stable.with_name(f"{stable.name}.unreadable")
-        os.replace(stable, aside)
+        if isinstance(exc, (PermissionError, MemoryError)) or (
+                isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT)):
+            raise  # (the file itself may be fine: the trial fails, and a retry or --resume reads it again)
+        aside = stable.with_name(f"{stable.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.replace(stable, aside)
+            where = f"moved to {aside.name}"
+        except OSError as move:
+            where = f"left in place (moving it aside failed: {move})"
         print(f"trial {trial.trial_id}: its checkpoint {stable} is unreadable ({type(exc).__name__}: {exc}); "
-              f"moved to {aside.name}, starting afresh", flush=True)
+              f"{where}, starting afresh", flush=True)
         return None
     if not trial.can_resume_from(state):
         print(f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh",
@@ -770,9 +780,6 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     finished -= set_aside_stale_data(study, out_dir, stored)
     reruns = _start_reruns(study, out_dir, rerun, finished)
     finished -= reruns.ids
-    if not keep_checkpoints:  # (a driver killed between storing a trial and deleting its checkpoint left it)
-        for trial_id in finished:
-            (out_dir / CHECKPOINTS_DIR / f"{trial_id}.pt").unlink(missing_ok=True)
     pending = longest_first([t for t in study.trials if t.trial_id not in finished])
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
@@ -820,7 +827,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
             ),
         )
         try:
-            tuner.fit()
+            with _sigterm_as_ctrl_c():
+                tuner.fit()
         except Exception:  # (Ray wraps the callback's error in a TuneError of some 80 lines)
             if recorder.write_error is None:
                 raise
@@ -927,6 +935,21 @@ def run_command(args) -> int:
     return 130 if outcome.unfinished else 1 if outcome.failed else 0
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (Slurm's scancel or time limit, ``timeout``, ``docker stop``) stops the sweep as Ctrl-C
+    does - finished trials kept, the unfinished ones named with the command that continues - where
+    Ray's own handler ends the driver with an abort and a C++ stack dump."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | None) -> None:
     """Once every trial of ``study`` is recorded, delete Ray Tune's copies of the checkpoints
     (each holds a model, its optimizer and its best weights: on ``paper.yaml``, tens of GB;
@@ -948,6 +971,14 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
             shutil.rmtree(Path(storage.removeprefix("file://")) / run_name, ignore_errors=True)
     ids = {t.trial_id for t in study.trials}
     others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
+    stored = store.finished_trials(out_dir)
+    done = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt")
+            if p.stem in ids and len(stored) and p.stem in set(stored["trial_id"])]
+    if done:  # (kept by an earlier run with --keep-checkpoints, or left by a run killed as it stored the trial)
+        size = sum(p.stat().st_size for p in done) / 2**20
+        print(f"note: {len(done)} checkpoint(s) of trials whose results are stored stay in {out_dir / CHECKPOINTS_DIR} "
+              f"({size:.0f} MiB; kept by a run with --keep-checkpoints, or left by a run killed as it stored the "
+              f"trial): delete them if you do not need the trials' weights", flush=True)
     if others:
         size = sum(p.stat().st_size for p in others) / 2**20
         print(f"note: {len(others)} checkpoint(s) of trials that are not in the study as run now (extra seeds, or a "

@@ -1247,8 +1247,11 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
             callbacks=[progress], verbose=0,
         ),
     )
+    from ablate.sweep import _sigterm_as_ctrl_c
+
     try:
-        tuner.fit()
+        with _sigterm_as_ctrl_c():
+            tuner.fit()
     finally:
         interrupted = searcher.fail_unfinished()
         if interrupted:

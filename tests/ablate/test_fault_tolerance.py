@@ -444,3 +444,18 @@ def test_train_json_is_strict_json_with_null_for_a_diverged_trials_metrics(capsy
     assert row["best_metric"] is None and row["best_mse"] is None
     assert "NaN" not in json.dumps(row)
     assert row["priorities"] == [1.0, 1.0, 1.0] and "fixed_weights" in row  # list keys are kept (were dropped)
+
+
+def test_a_full_disk_outside_a_trial_is_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    # (the results combined at the end of `ablate run`, a report's figures): no traceback
+    from ablate import report
+    from ablate.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "report.md"))
+
+    monkeypatch.setattr(report, "write_report", full)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ablate: error: No space left on device: {tmp_path / 'report.md'}")
+    assert "stored results are kept" in err

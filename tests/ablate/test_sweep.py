@@ -96,18 +96,21 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
 
     # back to 2 seeds, the ablation renamed (a named level: the same trials): nothing runs, and the
     # results are the study's as it is now - its seeds, its arm names - not everything on disk
-    # what a killed driver or worker can leave: a stored trial's checkpoint (killed between storing
-    # the trial and deleting it) and temporaries of cut-off writes; a checkpoint of a trial not in
-    # the study as run now is another study version's, kept for a run that continues it
+    # what a killed driver or worker can leave: temporaries of cut-off writes (removed), and a stored
+    # trial's checkpoint (killed between storing the trial and deleting it, or kept by a run with
+    # --keep-checkpoints: listed, not deleted); a checkpoint of a trial not in the study as run now is
+    # another study version's, kept for a run that continues it
     stored_id, leftovers = t["trial_id"].iloc[0], [out / "tiny" / ".trials.parquet.x1.tmp"]
-    leftovers += [out / "tiny" / "checkpoints" / name for name in (f"{stored_id}.pt", f".{stored_id}.pt.x2.tmp")]
-    other = out / "tiny" / "checkpoints" / "0123456789ab.pt"
-    for path in [*leftovers, other]:
+    leftovers += [out / "tiny" / "checkpoints" / f".{stored_id}.pt.x2.tmp"]
+    kept = [out / "tiny" / "checkpoints" / f"{stored_id}.pt", out / "tiny" / "checkpoints" / "0123456789ab.pt"]
+    for path in [*leftovers, *kept]:
         path.write_bytes(b"left over")
+    capsys.readouterr()
     renamed = load_study(_study(tmp_path, ablation="obj: {ld: {objective: loss_decrease}}"))
     third = run_study(renamed, out, num_cpus=2)
     assert (third.ran, third.reused) == (0, 6)
-    assert not [p for p in leftovers if p.exists()] and other.exists()
+    assert not [p for p in leftovers if p.exists()] and all(p.exists() for p in kept)
+    assert "note: 1 checkpoint(s) of trials whose results are stored stay in" in capsys.readouterr().out
     with pytest.warns(UserWarning, match="3 stored trial.s. are not part of the study as last run there"):
         now = load_results(out / "tiny").trials
     assert len(now) == 6 and sorted(now["arm"].unique()) == ["adamw", "baseline", "obj=ld"]
@@ -161,14 +164,16 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert not list((out / "killed" / "ray").glob("killed-*"))
 
 
-def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum):
     # Ray Tune catches SIGINT itself and returns from fit() as if the sweep were done: exit 0 and a
     # table that looks complete. The driver must say which trials did not finish and how to go on.
+    # SIGTERM (Slurm, timeout, docker stop) is taken as Ctrl-C: Ray's own handler aborted the driver
     spec = _study(tmp_path, "stopped", seeds=3, epochs=3, batches=30)
     out = tmp_path / "results"
     proc, _, _, _ = _start_run(spec, out, done=1)
     try:
-        proc.send_signal(signal.SIGINT)  # to the driver, as Ctrl-C in its terminal
+        proc.send_signal(signum)  # to the driver, as Ctrl-C in its terminal or a scheduler's stop
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

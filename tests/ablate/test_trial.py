@@ -259,7 +259,25 @@ def test_a_damaged_stable_checkpoint_is_moved_aside_and_the_trial_starts_afresh(
     else:
         stable.write_bytes(content)
     assert _stable_checkpoint(trial, stable) is None
-    assert not stable.exists() and (tmp_path / f"{trial.trial_id}.pt.unreadable").exists()
+    assert not stable.exists() and len(list(tmp_path.glob(f"{trial.trial_id}.pt.unreadable-*"))) == 1
     assert f"its checkpoint {stable} is unreadable" in capsys.readouterr().out
     stable.write_bytes(good)
     assert _stable_checkpoint(trial, stable)["epoch"] == trial.epoch
+
+
+def test_a_stable_checkpoint_that_cannot_be_read_for_now_is_not_set_aside(tmp_path, monkeypatch):
+    # a permission or I/O error says nothing about the file: the trial fails, a retry reads it again
+    import errno
+
+    from ablate.sweep import _stable_checkpoint
+
+    trial = Trial(FAST)
+    stable = trial.save(tmp_path / f"{trial.trial_id}.pt")
+    for error in (PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EIO, "Input/output error")):
+        def fail(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(torch, "load", fail)
+        with pytest.raises(OSError):
+            _stable_checkpoint(trial, stable)
+        assert stable.exists()
