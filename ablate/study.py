@@ -219,6 +219,10 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
     ``next_to`` word the error: the study file's ``plugins`` list, or ``ablate``'s ``--plugin``.
     """
     for i, name in enumerate(plugins):
+        if name.endswith(".py") or "/" in name or os.sep in name:
+            module = Path(name).stem if name.endswith(".py") else Path(name).name
+            raise StudyError(f"{source}: {where}[{i}]: {name!r} is a file path: give the module name {module!r} "
+                             f"(its file {next_to}, or importable from the Python path)")
         top = name.split(".")[0]
         if base_dir is not None and _holds_module(Path(base_dir), top):
             directory = str(Path(base_dir).resolve())

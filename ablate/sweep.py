@@ -99,7 +99,7 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    _import_worker_plugins(config["plugins"], config.get("plugin_dir"))
+    prepare_worker(config)
     from ablate.trial import StaleCheckpoint, Trial
 
     spec = config["trial"]
@@ -141,7 +141,11 @@ def trainable(config: dict[str, Any]) -> None:
                 atomic_write_bytes(stable, data)
             tune.report(_flat_metrics(row), checkpoint=tune.Checkpoint.from_directory(d))
 
-    result = trial.run(callback=report)
+    try:
+        result = trial.run(callback=report)
+    except ConfigError:  # (the task's loss_fn or evaluate() breaks its contract: a retry would fail alike)
+        tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})
+        return
     payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
@@ -175,6 +179,15 @@ def _stable_checkpoint(trial: Any, stable: Path) -> dict[str, Any] | None:
               flush=True)
         return None
     return state
+
+
+def prepare_worker(config: dict[str, Any]) -> None:
+    """In a Ray worker, before a trial is built: the driver's working directory, where this machine
+    has it (Ray Tune runs each trial in a folder of its own, where relative paths in a task's keys
+    would not mean what they mean to ``ablate train``), then the study's plugins."""
+    if config.get("cwd") and os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])
+    _import_worker_plugins(config["plugins"], config.get("plugin_dir"))
 
 
 def _import_worker_plugins(plugins: list[str], plugin_dir: str | None) -> None:
@@ -806,6 +819,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
             "trial": tune.grid_search([_worker_spec(t) for t in pending]),
             "plugins": list(study.plugins),
             "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
+            "cwd": os.getcwd(),
             "checkpoint_dir": str((out_dir / CHECKPOINTS_DIR).resolve()),
             "resume": resume,
             "started_at": time.time(),  # stable checkpoints written since then belong to this run

@@ -38,6 +38,7 @@ from ablate.config import ConfigError, resolve_config, trial_id
 from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
 from ablate.tasks import data_fingerprint, get_task, move_to_device
+from ablate.tasks.base import check_loss, check_metrics, check_task_instance
 from metaadamw import MetaAdamW
 
 Callback = Callable[[dict, "Trial"], None]
@@ -101,6 +102,8 @@ class Trial:
         self.device = _device(cfg["device"])
         seed_everything(cfg["seed"])
         self.task = self.spec.build(cfg)
+        check_task_instance(self.spec, self.task)
+        self._loss_checked = False  # (the task's loss_fn: checked on the first batch)
         self.data_fingerprint = data_fingerprint(self.spec, cfg)  # (the files exist: the task just read them)
         self.model = self.task.model.to(self.device)
         self.metric = self.spec.metric
@@ -209,6 +212,9 @@ class Trial:
             batch = move_to_device(batch, dev)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.task.loss_fn(self.model, batch)
+            if not self._loss_checked:
+                check_loss(self.spec, loss)
+                self._loss_checked = True
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
@@ -244,6 +250,7 @@ class Trial:
             raise TrialDiverged(f"training loss became {train_loss} in epoch {self.epoch} (step {self.step})")
         te = time.perf_counter()
         metrics = self.task.evaluate(self.model, _to_device(self.val_loader, dev))
+        check_metrics(self.spec, metrics)
         t_eval = time.perf_counter() - te
         self.times["eval"] += t_eval
         if not all(math.isfinite(v) for v in metrics.values()):

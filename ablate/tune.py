@@ -521,9 +521,9 @@ def tune_trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from ablate.sweep import _import_worker_plugins
+    from ablate.sweep import prepare_worker
 
-    _import_worker_plugins(config["plugins"], config.get("plugin_dir"))
+    prepare_worker(config)
     from ablate.trial import Trial
 
     settings = settings_from_params({k: config[k] for k in config["param_names"]})
@@ -1232,7 +1232,8 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
     param_space = {
         "members": target.members, "modes": target.modes, "aggregate": s.aggregate, "direction": target.direction,
         "references": target.references, "param_names": list(space), "plugins": list(study_.plugins),
-        "plugin_dir": str(spec.path.parent.resolve()) if spec.path is not None else None, "cpus": cpus,
+        "plugin_dir": str(spec.path.parent.resolve()) if spec.path is not None else None, "cwd": os.getcwd(),
+        "cpus": cpus,
     }
     progress = _progress_callback(target, searcher, study, trials)
     run_name = f"{target.key}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"

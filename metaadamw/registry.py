@@ -91,7 +91,8 @@ class Registry:
         problem = self.validate(obj) if self.validate is not None else None
         if problem:
             raise TypeError(f"cannot register {name!r} as a {self.kind}: {problem}")
-        if name in self._items and not override and self._items[name] is not obj:
+        existing = self._items.get(name)
+        if existing is not None and not override and existing is not obj and not _same_definition(existing, obj):
             raise ValueError(
                 f"a {self.kind} named {name!r} is already registered ({_describe(self._items[name])}); "
                 f"choose another name or pass override=True"
@@ -191,6 +192,21 @@ class Registry:
         return f"@{self.export_name}.register(\"{name}\")"
 
 
+def _definition(obj: Any) -> Any:
+    """What defines a registered object: itself, or a registered record's ``factory`` (a task)."""
+    return obj.factory if not callable(obj) and callable(getattr(obj, "factory", None)) else obj
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one definition made twice: the same module and qualified name (a
+    plugin module imported again after an import that failed half-way, a notebook cell run again),
+    which replaces the first instead of being refused as a clash of names."""
+    a, b = _definition(a), _definition(b)
+    key = (getattr(a, "__module__", None), getattr(a, "__qualname__", None))
+    return None not in key and key == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 def _describe(obj: Any) -> str:
+    obj = _definition(obj)
     module = getattr(obj, "__module__", "?")
     return f"{module}.{getattr(obj, '__qualname__', type(obj).__name__)}"

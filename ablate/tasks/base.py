@@ -28,9 +28,11 @@ A task may also register ``check(config)``, which range-checks its own keys in t
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import hashlib
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -136,9 +138,11 @@ def register_task(
     aliases: tuple[str, ...] = (),
     locate: Callable[[dict], list[Path]] | None = None,
     check: Callable[[dict], None] | None = None,
+    override: bool = False,
 ) -> Callable:
     """Decorator registering a task factory ``factory(config) -> TaskInstance`` (``locate``: see
-    :attr:`TaskSpec.locate`; ``check``: see :attr:`TaskSpec.check`)."""
+    :attr:`TaskSpec.locate`; ``check``: see :attr:`TaskSpec.check`; ``override``: replace a task
+    of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
         spec = TaskSpec(
@@ -151,9 +155,9 @@ def register_task(
             locate=locate,
             check=check,
         )
-        TASKS.add(name, spec)
+        TASKS.add(name, spec, override=override)
         for alias in aliases:
-            TASKS.add(alias, dataclasses.replace(spec, name=alias))
+            TASKS.add(alias, dataclasses.replace(spec, name=alias), override=override)
         return factory
 
     return decorator
@@ -250,13 +254,73 @@ def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+class TaskContractError(ConfigError):
+    """A task's own code breaks the contract of :class:`TaskInstance` (its factory's return value,
+    a loss that is not a scalar tensor, evaluate() without the declared metrics): deterministic, so
+    a trial that hits it is failed at once, not retried."""
+
+
+def check_task_instance(spec: "TaskSpec", instance: Any) -> None:
+    """Refuse what a task's factory returned, naming the fix, when it is not a usable
+    :class:`TaskInstance` (a tuple, a DataLoader for ``train``)."""
+    where = f"task {spec.name!r} (factory {getattr(spec.factory, '__module__', '?')}."
+    where += f"{getattr(spec.factory, '__qualname__', '?')})"
+    if not isinstance(instance, TaskInstance):
+        raise TaskContractError(f"{where} returned a {type(instance).__name__}: return an ablate.tasks.TaskInstance "
+                                f"(name, model, train, val, loss_fn, evaluate, data_source)")
+    if not isinstance(instance.model, nn.Module):
+        raise TaskContractError(f"{where}: its TaskInstance.model is a {type(instance.model).__name__}, not a "
+                                f"torch.nn.Module")
+    for split in ("train", "val", "test"):
+        data = getattr(instance, split)
+        if data is None and split == "test":
+            continue
+        if isinstance(data, (torch.utils.data.DataLoader, torch.utils.data.IterableDataset)) or not (
+                hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+            raise TaskContractError(
+                f"{where}: its TaskInstance.{split} is a {type(data).__name__}: give a map-style dataset (len() and "
+                f"indexing, e.g. a torch.utils.data.TensorDataset or a list of examples); the trial makes the "
+                f"DataLoaders itself (batch_size, seeded shuffling; a collate_fn goes in TaskInstance.collate_fn)")
+
+
+def check_loss(spec: "TaskSpec", loss: Any) -> None:
+    """Refuse a training loss that is not a scalar tensor (checked on a trial's first batch)."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else f"a {type(loss).__name__}"
+        raise TaskContractError(f"task {spec.name!r}: its loss_fn(model, batch) returned {got}: return the batch's "
+                                f"mean loss as a scalar tensor (e.g. loss.mean())")
+
+
+def check_metrics(spec: "TaskSpec", metrics: Any) -> None:
+    """Refuse evaluate() results without the task's declared metrics, or with values that are not numbers."""
+    declared = [m.name for m in spec.metrics]
+    if not isinstance(metrics, collections.abc.Mapping) or not set(declared) <= set(metrics):
+        got = sorted(metrics) if isinstance(metrics, collections.abc.Mapping) else type(metrics).__name__
+        raise TaskContractError(f"task {spec.name!r}: its evaluate(model, loader) returned {got}, without its "
+                                f"declared metric(s) {declared}: return a dict with a value for each (the names given "
+                                f"to @register_task(metrics=...))")
+    bad = {k: type(v).__name__ for k, v in metrics.items() if not (
+        (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (isinstance(v, torch.Tensor) and v.numel() == 1))}
+    if bad:
+        raise TaskContractError(f"task {spec.name!r}: its evaluate(model, loader) returned values that are not numbers: "
+                                f"{bad}")
+
+
 def move_to_device(batch: Any, device: torch.device | str) -> Any:
+    """The tensors of a batch on ``device``: a tensor, or lists, tuples (named ones too) and mappings
+    (dicts, and dict-like batches such as a tokenizer's) of them; anything else as it is."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple (torch's collate keeps them)
+        return type(batch)(*(move_to_device(b, device) for b in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, collections.abc.Mapping):
+        moved = {k: move_to_device(v, device) for k, v in batch.items()}
+        try:
+            return moved if type(batch) is dict else type(batch)(moved)
+        except Exception:  # a mapping type that is not built from a dict: a plain dict
+            return moved
     return batch
 
 

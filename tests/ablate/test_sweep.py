@@ -210,7 +210,7 @@ def test_plugin_components_are_shipped_to_ray_workers(tmp_path):
         from metaadamw.features import FeatureExtractor
 
         with open({str(log)!r}, "a") as f:
-            f.write(os.path.abspath(__file__) + "\\n")
+            f.write(os.path.abspath(__file__) + "|" + os.getcwd() + "\\n")
 
         @FEATURES.register("plugin_grad_cos", override=True)
         class GradCos(FeatureExtractor):
@@ -233,8 +233,10 @@ def test_plugin_components_are_shipped_to_ray_workers(tmp_path):
     trials = load_results(outcome.out_dir).trials
     row = trials[trials["arm"] == "features=plugin_grad_cos"].iloc[0]
     assert row["status"] == "ok" and row["meta_updates"] > 0, row.get("error")
-    imports = log.read_text().splitlines()
-    assert any("runtime_resources" in line for line in imports), imports  # shipped by Ray, not found on disk
+    imports = [line.split("|") for line in log.read_text().splitlines()]
+    workers = [cwd for path, cwd in imports if "runtime_resources" in path]  # shipped by Ray, not found on disk
+    # in the driver's working directory, as `ablate train` runs: relative paths in a task's keys resolve alike
+    assert workers and set(workers) == {os.getcwd()}, imports
 
 
 def _free_port() -> int:

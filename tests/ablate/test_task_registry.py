@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 import warnings
@@ -73,6 +74,10 @@ def test_train_and_list_import_plugins_from_the_command_line(tmp_path, monkeypat
         err = capsys.readouterr().err
         assert err.startswith("ablate: error: command line: --plugin[0]: cannot import plugin module 'no_such_plugin_mod'")
         assert "put no_such_plugin_mod.py in the working directory" in err
+        for given in ("cli_plugin_feats.py", "sub/cli_plugin_feats.py"):  # a file path: the module name to give
+            assert main(["list", "--plugin", given]) == 2
+            assert (f"--plugin[0]: {given!r} is a file path: give the module name 'cli_plugin_feats' (its file in "
+                    f"the working directory") in capsys.readouterr().err
     finally:
         FEATURES.remove("cli_plugin_features")
         sys.modules.pop("cli_plugin_feats", None)
@@ -109,3 +114,85 @@ def test_registering_a_plain_function_as_a_task_is_refused_with_the_decorator_to
         def build(config):
             raise NotImplementedError
     assert "mytask" not in TASKS.list()
+
+
+def test_batches_of_named_tuples_and_mappings_move_to_the_device():
+    # torch's collate keeps named tuples, which type(batch)(generator) could not build; a dict-like
+    # batch that is not a dict (a tokenizer's) came back unmoved
+    import collections
+
+    import torch
+
+    from ablate.tasks.base import move_to_device
+
+    Batch = collections.namedtuple("Batch", "x y")
+
+    class Encoding(collections.UserDict):
+        pass
+
+    batch = [Batch(torch.ones(2), torch.zeros(1)), Encoding(ids=torch.ones(3), text="a"), {"m": (torch.ones(1),)}]
+    moved = move_to_device(batch, "meta")
+    assert type(moved[0]) is Batch and moved[0].x.device.type == moved[0].y.device.type == "meta"
+    assert type(moved[1]) is Encoding and moved[1]["ids"].device.type == "meta" and moved[1]["text"] == "a"
+    assert moved[2]["m"][0].device.type == "meta"
+
+
+def test_a_task_name_taken_says_where_and_how_to_replace_it():
+    from ablate.tasks import register_task
+    from ablate.tasks.base import TaskInstance
+
+    def factory(config: dict) -> TaskInstance:
+        raise NotImplementedError
+
+    with pytest.raises(ValueError, match=r"already registered \(ablate.tasks.etth.*override=True"):
+        register_task("etth1", metrics=[("mse", "min")], defaults={})(factory)
+    assert TASKS.get("etth1").factory is not factory
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("tuple", "returned a tuple: return an ablate.tasks.TaskInstance"),
+    ("loader", "TaskInstance.train is a DataLoader: give a map-style dataset"),
+    ("vector_loss", "loss_fn(model, batch) returned a tensor of shape (8,): return the batch's mean loss"),
+    ("float_loss", "loss_fn(model, batch) returned a float"),
+    ("metric_name", "evaluate(model, loader) returned ['MSE'], without its declared metric(s) ['mse']"),
+])
+def test_a_tasks_own_code_that_breaks_the_contract_is_one_clear_error(mistake, message):
+    # a factory returning a tuple, a DataLoader as the training set, a loss that is not a scalar, or
+    # evaluate() keys other than the declared metrics gave tracebacks (AttributeError, KeyError at
+    # the end of a trial), and Ray retried them although they fail alike every time
+    import torch
+    from torch import nn
+
+    from ablate.config import ConfigError
+    from ablate.tasks import register_task
+    from ablate.tasks.base import TaskContractError, TaskInstance
+    from ablate.trial import run_trial
+
+    def factory(config):
+        torch.manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(32, 3), torch.randn(32, 1))
+        model = nn.Linear(3, 1)
+
+        def loss_fn(model, batch):
+            error = (model(batch[0]) - batch[1]).squeeze(1) ** 2
+            return {"vector_loss": error, "float_loss": float(error.mean())}.get(mistake, error.mean())
+
+        def evaluate(model, loader):
+            with torch.no_grad():
+                value = float(sum(loss_fn(model, b) for b in loader) / len(loader)) if mistake not in (
+                    "vector_loss", "float_loss") else 1.0
+            return {"MSE" if mistake == "metric_name" else "mse": value}
+
+        if mistake == "tuple":
+            return model, data
+        train = torch.utils.data.DataLoader(data, batch_size=8) if mistake == "loader" else data
+        return TaskInstance(name="contract", model=model, train=train, val=data, loss_fn=loss_fn, evaluate=evaluate,
+                            data_source="synthetic")
+
+    register_task("contract_task", metrics=[("mse", "min")], defaults={"epochs": 1, "batch_size": 8})(factory)
+    try:
+        with pytest.raises(TaskContractError, match=re.escape(message)) as err:
+            run_trial({"task": "contract_task", "optimizer": "adamw", "epochs": 1, "num_threads": 1})
+        assert isinstance(err.value, ConfigError)  # (one line from the CLI; a sweep fails the trial without retries)
+    finally:
+        TASKS.remove("contract_task")

@@ -303,3 +303,17 @@ def test_a_non_callable_component_is_refused_when_registered():
     with pytest.raises(TypeError, match="cannot register 'three' as a feature extractor: it is of type int"):
         FEATURES.add("three", 3)
     assert "three" not in FEATURES.list()
+
+
+def test_the_same_definition_registered_again_replaces_the_first():
+    # a plugin module imported again after an import that failed half-way (Ray workers retry from the
+    # study's folder), or a notebook cell run again: its classes are new objects of the same
+    # definition, which clashed with the first ("already registered")
+    reg = Registry("widget", export_name="WIDGETS")
+    source = "@reg.register('w')\nclass Widget:\n    pass\n"
+    first, second = {"reg": reg, "__name__": "plugin_mod"}, {"reg": reg, "__name__": "plugin_mod"}
+    exec(source, first)
+    exec(source, second)
+    assert reg.get("w") is second["Widget"] is not first["Widget"]
+    with pytest.raises(ValueError, match=r"already registered \(plugin_mod.Widget\)"):  # another module's: a clash
+        exec(source, {"reg": reg, "__name__": "other_mod"})
