@@ -210,6 +210,8 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
+        if key == "task":  # (a task of a plugin the command did not import)
+            hint += " (a task a plugin registers: list the module under plugins: in the study, or give --plugin)"
         raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "
                           f"{', '.join(map(str, allowed))}")
     if field.check is not None and not field.check(value):
@@ -265,6 +267,9 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             deferred = deferred or CrossKeyError(f"{where}: {exc}")
         except ValueError as exc:  # ConfigError included
             raise ConfigError(f"{where}: {exc}") from None
+        except Exception as exc:  # a bug in the check itself (a KeyError from a misspelt key): named, not a traceback
+            raise ConfigError(f"{where}: task {spec.name!r}: its check(config) raised {type(exc).__name__}: {exc} (a "
+                              f"check refuses a value with ablate.config.ConfigError or ValueError)") from exc
     if deferred is not None and cross_keys:
         raise deferred
     if resolved["meta_per_epoch"] is not None:

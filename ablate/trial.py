@@ -359,8 +359,11 @@ class Trial:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["trial_id"] != self.trial_id:
+            theirs = state.get("config") or {}
+            differ = sorted(k for k in set(theirs) | set(self.config) if theirs.get(k, None) != self.config.get(k, None))
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {self.config.get(k)!r} here" for k in differ[:5])
             raise ConfigError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
-                             f"(their configs differ)")
+                              f"(their configs differ{': ' + shown if shown else ''}{', ...' if len(differ) > 5 else ''})")
         if not self.can_resume_from(state):
             raise StaleCheckpoint(f"the checkpoint of trial {self.trial_id} was made on other data files than its data "
                                   f"directory holds now (fingerprint {state['data_fingerprint']} then, "

@@ -363,8 +363,11 @@ def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
                          f"them; any others are only recorded)")
     bad = [k for k, v in terms.items() if not isinstance(v, Tensor) or v.numel() != 1]
     if bad:
+        hint = ("; an objective that reads the validation quantities must say so with needs_val = True (they are "
+                "None without it)" if any(terms[k] is None for k in bad) and not getattr(objective, "needs_val", False)
+                else "")
         raise ValueError(f"objective {name}: the terms {bad} are not scalar tensors (got "
-                         f"{', '.join(described(terms[k]) for k in bad)}): reduce each term to one value")
+                         f"{', '.join(described(terms[k]) for k in bad)}): reduce each term to one value{hint}")
     return {k: v.reshape(()) for k, v in terms.items()}
 
 

@@ -31,9 +31,11 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import numbers
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -145,6 +147,15 @@ def register_task(
     of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
+        from ablate.config import COMMON_FIELDS
+
+        for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
+            for key in keys:  # a misspelt trial key would be a task key of its own, and the trial key keep its default
+                close = [] if key in COMMON_FIELDS else difflib.get_close_matches(key, COMMON_FIELDS, n=1, cutoff=0.85)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                if hint:
+                    warnings.warn(f"task {name!r}: {where} key {key!r} is no trial key{hint}; a task's own keys are "
+                                  f"fine, a misspelt trial key leaves that key at its default", stacklevel=2)
         spec = TaskSpec(
             name=name,
             factory=factory,

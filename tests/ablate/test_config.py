@@ -48,11 +48,12 @@ def test_equal_numbers_give_equal_ids_and_adamw_ignores_metaadamw_keys():
 
 @pytest.mark.parametrize("config, fragment", [
     ({}, "'task' is required; choose one of:"),
-    ({"task": "mnist"}, "task='mnist' is not allowed; choose one of: cifar10"),
+    ({"task": "mnist"}, "task='mnist' is not allowed (a task a plugin registers: list the module under plugins: in "
+                        "the study, or give --plugin); choose one of: cifar10"),
     ({"task": "etth1", "lrr": 0.1}, "unknown key(s) 'lrr' (did you mean 'lr'?)"),
     ({"task": "etth1", "max_epochs": 2, "sede": 1}, "unknown key(s) 'max_epochs' (did you mean 'epochs'?), 'sede' (did"),
     ({"task": "etth1", "grouping": "fine_graned"}, "grouping='fine_graned' is not allowed (did you mean 'fine_grained'?)"),
-    ({"task": "cifar"}, "task='cifar' is not allowed (did you mean 'cifar10'?); choose one of:"),
+    ({"task": "cifar"}, "task='cifar' is not allowed (did you mean 'cifar10'?) (a task a plugin registers"),
     ({"task": "etth1", "lr": "fast"}, "lr must be a number, got 'fast'"),
     ({"task": "etth1", "epochs": 2.5}, "epochs must be an integer, got 2.5"),
     ({"task": "etth1", "seed": True}, "seed must be an integer"),

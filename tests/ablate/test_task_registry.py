@@ -196,3 +196,31 @@ def test_a_tasks_own_code_that_breaks_the_contract_is_one_clear_error(mistake, m
         assert isinstance(err.value, ConfigError)  # (one line from the CLI; a sweep fails the trial without retries)
     finally:
         TASKS.remove("contract_task")
+
+
+def test_a_task_check_that_raises_by_mistake_is_named_not_a_traceback():
+    from ablate.config import ConfigError, resolve_config
+    from ablate.tasks import register_task
+
+    def check(config):
+        return config["n_hiden"]  # a misspelt key: KeyError
+
+    register_task("buggy_check_task", metrics=[("mse", "min")], defaults={"n_hidden": 4}, check=check)(lambda c: None)
+    try:
+        with pytest.raises(ConfigError, match=r"task 'buggy_check_task': its check\(config\) raised KeyError: 'n_hiden'"):
+            resolve_config({"task": "buggy_check_task"})
+    finally:
+        TASKS.remove("buggy_check_task")
+
+
+def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
+    # "epoch" became a task key of its own while "epochs" kept its default, without a word
+    from ablate.tasks import register_task
+
+    with pytest.warns(UserWarning, match=r"task 'typo_task': defaults key 'epoch' is no trial key \(did you mean 'epochs'\?\)"):
+        register_task("typo_task", metrics=[("mse", "min")], defaults={"epoch": 3, "d_model": 8})(lambda c: None)
+    TASKS.remove("typo_task")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a task's own keys draw no warning
+        register_task("own_keys_task", metrics=[("mse", "min")], defaults={"d_model": 8, "n_heads": 2})(lambda c: None)
+    TASKS.remove("own_keys_task")

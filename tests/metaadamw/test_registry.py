@@ -188,6 +188,21 @@ def test_what_a_user_objective_returns_is_checked_naming_it(returned, error):
         OBJECTIVES.remove("test_extra")
 
 
+def test_an_objective_reading_validation_quantities_without_needs_val_is_told_to_declare_it():
+    class NoVal(metaadamw.MetaObjective):
+        terms = ("v",)
+
+        def __call__(self, q):
+            return {"v": q.loss_val_prime}  # None: the meta-update computes no validation pass for it
+
+    OBJECTIVES.add("test_noval", NoVal)
+    try:
+        with pytest.raises(ValueError, match=r"terms \['v'\] are not scalar tensors \(got None\).*needs_val = True"):
+            _meta_step_with("test_noval")
+    finally:
+        OBJECTIVES.remove("test_noval")
+
+
 def test_objectives_register_as_classes_instances_or_factories_and_may_record_extra_terms():
     extra = _Extra(lambda out, q: {**out, "val_prime": q.loss_val_prime})
     for name, obj in (("test_cls", _Extra), ("test_inst", extra), ("test_factory", lambda: extra)):
