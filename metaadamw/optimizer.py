@@ -223,10 +223,14 @@ class MetaAdamW(torch.optim.Optimizer):
             ).to(device=self.device, dtype=torch.float32)  # float32 whatever the default dtype, like the statistics
             self.modulator.eval()  # train mode (dropout) only inside meta-updates
             self.objective = objective_obj
-            self.weighting = weighting_cls(
+            made = weighting_cls(
                 objective_obj.terms, objective_obj.signed_terms, priorities=priorities, weights=fixed_weights,
                 form=weighting_form,
-            ).to(device=self.device, dtype=torch.float32)
+            )
+            _check(isinstance(made, nn.Module), f"weighting {weighting!r} gave {made!r}, which is not a loss weighting: "
+                                                f"subclass metaadamw.Weighting (an nn.Module: its log-variances are "
+                                                f"meta-parameters) and register the class")
+            self.weighting = made.to(device=self.device, dtype=torch.float32)
         if isinstance(meta_optimizer, str):  # the modulator has many small tensors: foreach also on the CPU
             make = functools.partial(META_OPTIMIZERS[meta_optimizer], foreach=True)
         else:

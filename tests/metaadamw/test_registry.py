@@ -188,6 +188,18 @@ def test_what_a_user_objective_returns_is_checked_naming_it(returned, error):
         OBJECTIVES.remove("test_extra")
 
 
+def test_a_weighting_registered_as_a_plain_function_is_told_what_to_register():
+    from metaadamw import WEIGHTINGS
+
+    WEIGHTINGS.add("test_plain_weighting", lambda terms, signed, **options: None)
+    try:
+        with pytest.raises(ValueError, match=r"weighting 'test_plain_weighting' gave None, which is not a loss "
+                                             r"weighting: subclass metaadamw.Weighting"):
+            MetaAdamW(TinyTransformer().named_parameters(), weighting="test_plain_weighting", **small_kwargs())
+    finally:
+        WEIGHTINGS.remove("test_plain_weighting")
+
+
 def test_an_objective_reading_validation_quantities_without_needs_val_is_told_to_declare_it():
     class NoVal(metaadamw.MetaObjective):
         terms = ("v",)
