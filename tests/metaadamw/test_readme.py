@@ -37,7 +37,7 @@ def _batches(seed: int):
 
 def test_readme_examples_run_as_written(capsys):
     blocks = _python_blocks()
-    assert len(blocks) == 2, "the README's Python examples changed: update this test's stand-ins"
+    assert len(blocks) == 3, "the README's Python examples changed: update this test's stand-ins"
     torch.manual_seed(0)
     namespace = {"MyModel": _MyModel, "train_loader": list(itertools.islice(_batches(0), 200)),
                  "meta_train": _batches(1), "meta_val": _batches(2)}
@@ -54,7 +54,16 @@ def test_readme_examples_run_as_written(capsys):
         assert "grad_stats" in FEATURES
         assert opt.modulator.extractor.feature_names[:3] == ["log_grad_norm", "grad_to_param", "cos"]
         assert opt.modulator.in_width == 5 and opt.modulator.padding == 0
+        # the task of one's own: registered, and a trial of it trains
+        from ablate.trial import run_trial
+
+        result = run_trial({"task": "sine", "epochs": 2, "num_threads": 1, "warmup_epochs": 0, "meta_every": 7})
+        assert result.row["status"] == "ok" and result.row["meta_updates"] > 0
+        assert result.history[-1]["val_mse"] < result.history[0]["val_mse"] or result.row["best_metric"] < 0.5
     finally:
         if "grad_stats" in FEATURES:
             FEATURES.remove("grad_stats")
+        from ablate.tasks import TASKS
+
+        TASKS.remove("sine")
 
