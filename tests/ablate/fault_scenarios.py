@@ -128,12 +128,12 @@ def nanval_plugin(name: str) -> str:
     return _NANVAL.format(name=name)
 
 
-_KILLER = """\
-    import io, os, sys
+_WRITE_FAULT = """\
+    import errno, io, os, sys
     from pathlib import Path
     import pandas as pd
 
-    KILL_AT = int(os.environ["{env}"])
+    AT = int(os.environ["{env}"])
     original = pd.DataFrame.to_parquet
     seen = [0]
 
@@ -141,7 +141,17 @@ _KILLER = """\
         p = Path(str(path))
         if p.parent.name == "parts" and ".trials.parquet." in p.name:
             seen[0] += 1
-            if seen[0] == KILL_AT:  # the driver dies half-way through this trial's row
+            if seen[0] == AT:
+{fault}
+        return original(self, path, *args, **kwargs)
+
+    pd.DataFrame.to_parquet = to_parquet
+    from ablate.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+
+_KILL = """\
+                # the driver dies half-way through this trial's row
                 buf = io.BytesIO()
                 original(self, buf, *args, **kwargs)
                 data = buf.getvalue()
@@ -149,45 +159,20 @@ _KILLER = """\
                     f.write(data[: len(data) // 2])
                     f.flush()
                     os.fsync(f.fileno())
-                os._exit(137)
-        return original(self, path, *args, **kwargs)
+                os._exit(137)"""
 
-    pd.DataFrame.to_parquet = to_parquet
-    from ablate.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
-
-
-_DISK_FULL = """\
-    import errno, os, sys
-    from pathlib import Path
-    import pandas as pd
-
-    FULL_AT = int(os.environ["{env}"])
-    original = pd.DataFrame.to_parquet
-    seen = [0]
-
-    def to_parquet(self, path, *args, **kwargs):
-        p = Path(str(path))
-        if p.parent.name == "parts" and ".trials.parquet." in p.name:
-            seen[0] += 1
-            if seen[0] == FULL_AT:  # the disk is full when this trial's row is written
-                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(p))
-        return original(self, path, *args, **kwargs)
-
-    pd.DataFrame.to_parquet = to_parquet
-    from ablate.cli import main
-    sys.exit(main(sys.argv[1:]))
-    """
+_FULL = """\
+                # the disk is full when this trial's row is written
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(p))"""
 
 
 def disk_full_script(env: str) -> str:
     """Source of a wrapper around ``ablate.cli`` whose N-th trial row write fails as on a full disk,
     N read from the environment variable ``env``."""
-    return _DISK_FULL.format(env=env)
+    return _WRITE_FAULT.format(env=env, fault=_FULL)
 
 
 def killer_script(env: str) -> str:
     """Source of a wrapper around ``ablate.cli`` that dies (exit 137) half-way through writing the
     N-th trial row, N read from the environment variable ``env``."""
-    return _KILLER.format(env=env)
+    return _WRITE_FAULT.format(env=env, fault=_KILL)
