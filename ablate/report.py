@@ -517,7 +517,9 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     left_out = "".join(
         f" Left out: {r['task']} (AdamW {r['adamw_n'] + r['adamw_n_unmatched']} ok seed(s), {r['adamw_n_not_ok']} not "
         f"ok; MetaAdamW {r['meta_n'] + r['meta_n_unmatched']} ok seed(s), {r['meta_n_not_ok']} not ok)."
-        for _, r in t2[~both.to_numpy()].iterrows() if r["adamw_n_not_ok"] or r["meta_n_not_ok"]) if len(t2) else ""
+        for _, r in t2[~both.to_numpy()].iterrows()
+        if r["adamw_n"] + r["adamw_n_unmatched"] + r["adamw_n_not_ok"] + r["meta_n"] + r["meta_n_unmatched"]
+        + r["meta_n_not_ok"]) if len(t2) else ""  # (a task that neither arm ran is no news)
     if t2.empty or not both.any():
         return [heading, _text("No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing "
                                "to compare." + left_out + (" " + _SPLIT_NOTE[split] if split == "test" else ""))]
@@ -822,9 +824,12 @@ def write_report(
     with warnings.catch_warnings(record=True) as computing:  # (the caller's filters apply: "error" raises, ...)
         blocks = build_blocks(results, results_dir, fig_dir, alpha=alpha, progress=progress)
     package = Path(__file__).parent
-    for w in computing:  # (as they were: with their module, for the caller's filters by module)
-        module = f"ablate.{Path(w.filename).stem}" if Path(w.filename).parent == package else None
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=module)
+    issued = set()
+    for w in computing:  # (as they were, once each: with their module, for the caller's filters by module)
+        if (str(w.message), w.category) not in issued:
+            issued.add((str(w.message), w.category))
+            module = f"ablate.{Path(w.filename).stem}" if Path(w.filename).parent == package else None
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=module)
     # the statistics' own warnings (duplicate seeds averaged) also in the report, once each; not
     # matplotlib's or numpy's (a missing glyph, a division by zero), which name ablate's lines too
     computed = dict.fromkeys(str(w.message) for w in computing if issubclass(w.category, stats.StatsWarning))

@@ -40,6 +40,8 @@ from ablate.results import Results, ok_mask
 ADAMW = "adamw"
 BASELINE = "baseline"
 FACTORIAL_PREFIX = "factorial:"
+
+
 class StatsWarning(UserWarning):
     """Something about the stored results the statistics had to work around (seeds averaged, ...):
     ``ablate report`` shows these in the report too."""

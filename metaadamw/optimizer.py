@@ -667,6 +667,12 @@ class MetaAdamW(torch.optim.Optimizer):
         )
         return self._plan
 
+    def _carried_now(self) -> dict[int, tuple[weakref.ref, weakref.ref]]:
+        """Weak references to every tensor's moments as they are now, which the carried norms
+        describe (after a load or a copy: a later replacement of them is then noticed)."""
+        return {i: (weakref.ref(st["exp_avg"]), weakref.ref(st["exp_avg_sq"]))
+                for i, st in enumerate(map(self.state.get, self._params)) if st and "exp_avg" in st}
+
     def _set_live(self, also: Sequence[int] = ()) -> None:
         """The features average the statistics over the tensors that have moments and statistics
         (and those at ``also``: the meta-update's, before their first step); frozen tensors are left
@@ -785,6 +791,7 @@ class MetaAdamW(torch.optim.Optimizer):
             "carry": {k: v.clone() for k, v in self._carry.items()},
             "carry_valid": self._carry_valid,
             "stats": {k: v.clone() for k, v in self._stats.items()},
+            "has_stats": list(self._has_stats),
             "multipliers": None if self._multipliers is None else dataclasses.asdict(self._multipliers),
             "steps": list(self._steps),
             "global_step": self.global_step,
@@ -856,9 +863,8 @@ class MetaAdamW(torch.optim.Optimizer):
         self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}
         self._carry_valid = extra["carry_valid"]
         self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
-        # (the statistics of a tensor with moments: computed when it stepped - or zeros, when it first
-        # stepped on a step that did not refresh them, with refresh_every > 1)
-        self._has_stats = ["exp_avg" in self.state.get(p, ()) for p in self._params]
+        # (a checkpoint of a version that did not save the flags: the tensors with moments)
+        self._has_stats = list(extra.get("has_stats") or ["exp_avg" in self.state.get(p, ()) for p in self._params])
         m = extra["multipliers"]
         self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
         self._set_step_counts(list(extra["steps"]), extra["global_step"])
@@ -941,7 +947,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._steps = steps
         self.global_step = global_step
         self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
-        self._carried = {}  # (the loaded moments are new tensors)
+        self._carried = self._carried_now()  # (the loaded moments are new tensors)
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
 
@@ -1030,7 +1036,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._unsynced_from = (self.__dict__.get("global_step", 0), self.__dict__.get("meta_updates", 0))
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
-        self._carried = {}  # (weak references: not pickled; the loaded carry's validity was saved with it)
+        self._carried = self._carried_now()  # (weak references are not pickled)
         self.__dict__.setdefault("_has_stats", ["exp_avg" in self.state.get(p, ()) for p in self._params])
         self._model_ref = None
 

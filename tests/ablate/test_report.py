@@ -228,12 +228,21 @@ def test_tasks_and_sections_left_out_are_named_and_statistics_warnings_reach_the
         row = report_kit.trial_row("etth1", "baseline", seed, 0.0085)
         row["trial_id"] += "-again"
         write_trial(tmp_path, row)
-    with pytest.warns(UserWarning, match="several trials share a seed"):
+    with pytest.warns(UserWarning, match="several trials share a seed") as seen:
         md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    assert sum("several trials share a seed" in str(w.message) for w in seen) == 1  # (one per message, not per use)
     table2 = md.split("Table 2 analogue", 1)[1].split("\n## ", 1)[0]
     assert "| etth1 |" in table2 and "| imdb |" not in table2
     assert "Left out: imdb (AdamW 2 ok seed(s), 0 not ok; MetaAdamW 0 ok seed(s), 2 not ok)." in table2
     assert md.count("several trials share a seed") == 1 and "> **WARNING: etth1, arm baseline: several" in md
+
+    # a task one arm has not run at all (a report made mid-study) is named too
+    partial = tmp_path / "partial"
+    for seed in range(2):
+        for task, arm in (("etth1", "adamw"), ("etth1", "baseline"), ("imdb", "adamw")):
+            write_trial(partial, report_kit.trial_row(task, arm, seed, 0.5))
+    md = report.write_report(partial, partial / "out", formats="md").read_text()
+    assert "Left out: imdb (AdamW 2 ok seed(s), 0 not ok; MetaAdamW 0 ok seed(s), 0 not ok)." in md
 
     # no seed that every arm finished ok: the profile section says so instead of vanishing
     only = tmp_path / "uneven"

@@ -174,6 +174,14 @@ def test_frozen_tensors_are_left_out_of_the_features():
     feats = opt.modulator.extractor(opt._stats, torch.tensor(0.5))
     assert float(feats[0, opt.modulator.extractor.feature_names.index("param_norm")]) == pytest.approx(
         float(bias.norm()), rel=1e-5)  # the bias alone: the frozen weight's zeros are left out
+    # and so after a MetaAdamW checkpoint of it is loaded (which tensors have statistics is saved)
+    again = MetaAdamW([{"params": g} for g in groups], features="basic", grouping="original", **small_kwargs())
+    again.load_state_dict(opt.state_dict())
+    for o in (opt, again):
+        o.zero_grad()
+        mse(model, batches[2]).backward()
+        o.step()
+    assert again._live == opt._live == (True, False, True, True, True, True)
 
     # norm_basic: a group of frozen tensors alone reads 0 and leaves the others' standardisation as it was
     model = mlp()

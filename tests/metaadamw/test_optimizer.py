@@ -906,7 +906,8 @@ def test_a_state_reset_by_the_caller_takes_effect_as_in_adamw(reset, foreach):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("also", ["other_tensors_with_gradients", "meta_step_first", "replaced_without_gradient"])
+@pytest.mark.parametrize("also", ["other_tensors_with_gradients", "meta_step_first", "replaced_without_gradient",
+                                  "replaced_without_gradient_after_a_load"])
 def test_the_statistics_follow_a_state_reset_also_when_the_plan_changes_for_another_reason(also):
     # a reset on a step whose set of tensors with gradients changed too kept the carried norms of
     # the old moments: the v_norm feature stayed wrong for ~1 / (1 - beta2) steps
@@ -914,7 +915,11 @@ def test_the_statistics_follow_a_state_reset_also_when_the_plan_changes_for_anot
     opt = MetaAdamW(model.named_parameters(), lr=1e-2, **small_kwargs())
     batches = regression_batches()
     _train(model, opt, batches, 5)
-    if also == "replaced_without_gradient":  # moments replaced while the tensor is out of the step plan
+    if also.endswith("after_a_load"):  # (the loaded moments are new tensors: their replacement is noticed too)
+        state = copy.deepcopy(opt.state_dict())
+        opt = MetaAdamW(model.named_parameters(), lr=1e-2, **small_kwargs())
+        opt.load_state_dict(state)
+    if also.startswith("replaced_without_gradient"):  # moments replaced while the tensor is out of the step plan
         opt.zero_grad()
         mse(model, batches[0]).backward()
         model[-1].weight.grad = None
