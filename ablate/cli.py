@@ -341,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             # (a full disk while the results are combined at the end, say: what is stored is kept)
             print(f"ablate: error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''} (free space or "
-                  f"make the folder writable, then run the same command again: stored results are kept)",
+                  f"make the folder writable, then run the same command again; what was stored before is kept)",
                   file=sys.stderr)
             return 2
         if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError,

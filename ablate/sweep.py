@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ablate import results as store
 from ablate.files import atomic_write_bytes
@@ -708,6 +708,7 @@ def run_study(
     keep_checkpoints: bool = False,
     rerun: Sequence[str] | None = None,
     wait_for_folder: bool = False,
+    resume_hint: str | None = None,
 ) -> SweepOutcome:
     """Run every trial of ``study`` whose result is not stored yet; return the study's tables.
 
@@ -717,7 +718,8 @@ def run_study(
     these stored trials again (selectors of :func:`rerun_selection`: tasks, arms, or ``["all"]``),
     as after a fix to code that trial ids, which hash the configuration, cannot see. One run at a
     time writes into a study's output folder: a second is refused (:class:`ablate.config.ConfigError`),
-    or waits for the first with ``wait_for_folder``."""
+    or waits for the first with ``wait_for_folder``. ``resume_hint``: the command that continues the
+    run, printed when SIGTERM ends it (:func:`exit_on_sigterm`)."""
     storage = ray_storage_path(storage)
     check_resources(study, address, num_cpus)
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
@@ -726,7 +728,8 @@ def run_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir, wait=wait_for_folder):
         return _run_study(study, out_dir, resume=resume, rerun=rerun, address=address, storage=storage,
-                          max_concurrent=max_concurrent, num_cpus=num_cpus, keep_checkpoints=keep_checkpoints)
+                          max_concurrent=max_concurrent, num_cpus=num_cpus, keep_checkpoints=keep_checkpoints,
+                          resume_hint=resume_hint)
 
 
 #: the lock file of a study's output directory, held by the ``ablate run`` writing into it
@@ -778,7 +781,7 @@ def _exclusive(out_dir: Path, wait: bool = False) -> Iterator[None]:
 
 def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str] | None, address: str | None,
                storage: str | None, max_concurrent: int | None, num_cpus: int | None,
-               keep_checkpoints: bool) -> SweepOutcome:
+               keep_checkpoints: bool, resume_hint: str | None = None) -> SweepOutcome:
     from ray import tune
 
     for folder in (out_dir / store.PARTS_DIR, out_dir / CHECKPOINTS_DIR, out_dir):  # writes cut off by a kill
@@ -811,67 +814,69 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1":
         logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
     started = init_ray(study, address, num_cpus)
-    try:
-        by_id = {t.trial_id: t for t in pending}
-        recorder = _make_callbacks(study, by_id, out_dir, len(study.trials), reused, keep_checkpoints, reruns)
-        cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
-        space = {
-            "trial": tune.grid_search([_worker_spec(t) for t in pending]),
-            "plugins": list(study.plugins),
-            "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
-            "cwd": os.getcwd(),
-            "checkpoint_dir": str((out_dir / CHECKPOINTS_DIR).resolve()),
-            "resume": resume,
-            "started_at": time.time(),  # stable checkpoints written since then belong to this run
-            "cpus": cpus,
-        }
-        storage_path = storage or str((out_dir / "ray").resolve())
-        run_name = f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        tuner = tune.Tuner(
-            tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
-            param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=run_name,
-                storage_path=storage_path,
-                failure_config=tune.FailureConfig(max_failures=study.retries),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[recorder],
-                verbose=0,
-            ),
-        )
+    made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
+    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint)):
         try:
-            with _sigterm_as_ctrl_c():
+            by_id = {t.trial_id: t for t in pending}
+            recorder = made["recorder"] = _make_callbacks(study, by_id, out_dir, len(study.trials), reused,
+                                                          keep_checkpoints, reruns)
+            cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
+            space = {
+                "trial": tune.grid_search([_worker_spec(t) for t in pending]),
+                "plugins": list(study.plugins),
+                "plugin_dir": str(study.path.parent.resolve()) if study.path is not None else None,
+                "cwd": os.getcwd(),
+                "checkpoint_dir": str((out_dir / CHECKPOINTS_DIR).resolve()),
+                "resume": resume,
+                "started_at": time.time(),  # stable checkpoints written since then belong to this run
+                "cpus": cpus,
+            }
+            storage_path = storage or str((out_dir / "ray").resolve())
+            run_name = f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            tuner = tune.Tuner(
+                tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
+                param_space=space,
+                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
+                run_config=tune.RunConfig(
+                    name=run_name,
+                    storage_path=storage_path,
+                    failure_config=tune.FailureConfig(max_failures=study.retries),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[recorder],
+                    verbose=0,
+                ),
+            )
+            try:
                 tuner.fit()
-        except Exception:  # (Ray wraps the callback's error in a TuneError of some 80 lines)
-            if recorder.write_error is None:
-                raise
-            spec, exc = recorder.write_error
-            raise store.ResultsError(
-                f"could not store the results of trial {spec.trial_id} ({spec.task}, seed {spec.seed}) in {out_dir} "
-                f"({type(exc).__name__}: {exc}), so the run stopped; the results stored before are kept. Free space "
-                f"or make the folder writable, then run the same command with --resume") from None
-    finally:
-        if started:
-            import ray
+            except Exception:  # (Ray wraps the callback's error in a TuneError of some 80 lines)
+                if recorder.write_error is None:
+                    raise
+                spec, exc = recorder.write_error
+                raise store.ResultsError(
+                    f"could not store the results of trial {spec.trial_id} ({spec.task}, seed {spec.seed}) in {out_dir} "
+                    f"({type(exc).__name__}: {exc}), so the run stopped; the results stored before are kept. Free space "
+                    f"or make the folder writable, then run the same command with --resume") from None
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
-    left = [t for t in pending if t.trial_id not in recorder.written | recorder.failed_ids]
-    unfinished = len(left)
-    if not unfinished and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
-        _clean_up(out_dir, study, storage, run_name)
-    names = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in left]
-    if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
-        print(f"\ninterrupted: {unfinished} trial(s) did not finish: {'; '.join(names[:10])}"
-              f"{f'; and {unfinished - 10} more' if unfinished > 10 else ''}", flush=True)
-    has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
-    if has_parts:
-        results = store.consolidate(out_dir)
-    else:  # interrupted before any trial finished
-        import pandas as pd
+                ray.shutdown()
+        left = [t for t in pending if t.trial_id not in recorder.written | recorder.failed_ids]
+        unfinished = len(left)
+        if not unfinished and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
+            _clean_up(out_dir, study, storage, run_name)
+        names = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in left]
+        if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
+            print(f"\ninterrupted: {unfinished} trial(s) did not finish: {'; '.join(names[:10])}"
+                  f"{f'; and {unfinished - 10} more' if unfinished > 10 else ''}", flush=True)
+        has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
+        if has_parts:
+            results = store.consolidate(out_dir)
+        else:  # interrupted before any trial finished
+            import pandas as pd
 
-        results = store.Results(*(pd.DataFrame() for _ in store.TABLES))
-    return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results, unfinished, names)
+            results = store.Results(*(pd.DataFrame() for _ in store.TABLES))
+        return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results, unfinished, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,7 +934,7 @@ def run_command(args) -> int:
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints,
-                        rerun=getattr(args, "rerun", None))
+                        rerun=getattr(args, "rerun", None), resume_hint=resume_command(args))
     print(summary_table(outcome.results))
     from ablate.stats import idle_note, without_meta_updates
 
@@ -949,15 +954,33 @@ def run_command(args) -> int:
     return 130 if outcome.unfinished else 1 if outcome.failed else 0
 
 
+def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str | None) -> str:
+    done = set() if recorder is None else recorder.written | recorder.failed_ids
+    left = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in pending if t.trial_id not in done]
+    more = f"; and {len(left) - 10} more" if len(left) > 10 else ""
+    return (f"{len(left)} trial(s) did not finish: {'; '.join(left[:10])}{more}. The finished ones are stored; "
+            f"continue with: {resume_hint or 'the same command with --resume'}")
+
+
 @contextlib.contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (Slurm's scancel or time limit, ``timeout``, ``docker stop``) stops the sweep as Ctrl-C
-    does - finished trials kept, the unfinished ones named with the command that continues - where
-    Ray's own handler ends the driver with an abort and a C++ stack dump."""
+def exit_on_sigterm(describe: Callable[[], str]) -> Iterator[None]:
+    """SIGTERM (Slurm's scancel or time limit, ``timeout``, ``docker stop``) ends the run at once with
+    exit code 143 and one message, ``describe()``: what did not finish and how to continue. Results
+    are stored as trials finish, so nothing finished is lost. Not the graceful stop of Ctrl-C: a
+    scheduler signals the whole process group, Ray's own processes die with the driver, and Ray
+    Tune would wait a minute for them (past Slurm's 30 s grace), while Ray's own handler would end
+    the driver without a word. Installed after ``ray.init``, which sets that handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        try:
+            print(f"\nterminated (SIGTERM): {describe()}", flush=True)
+        finally:
+            os._exit(143)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
     finally:

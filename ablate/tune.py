@@ -1248,10 +1248,12 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
             callbacks=[progress], verbose=0,
         ),
     )
-    from ablate.sweep import _sigterm_as_ctrl_c
+    from ablate.sweep import exit_on_sigterm
 
     try:
-        with _sigterm_as_ctrl_c():
+        with exit_on_sigterm(lambda: f"target {target.key}: {progress.done} suggestion(s) finished and are stored in "
+                                     f"the Optuna study; the next `ablate tune` marks this run's unfinished ones FAIL "
+                                     f"and continues: run the same command again"):
             tuner.fit()
     finally:
         interrupted = searcher.fail_unfinished()

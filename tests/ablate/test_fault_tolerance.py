@@ -458,4 +458,4 @@ def test_a_full_disk_outside_a_trial_is_one_line_with_exit_code_2(tmp_path, monk
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ablate: error: No space left on device: {tmp_path / 'report.md'}")
-    assert "stored results are kept" in err
+    assert "what was stored before is kept" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import textwrap
@@ -224,3 +225,22 @@ def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
         warnings.simplefilter("error")  # a task's own keys draw no warning
         register_task("own_keys_task", metrics=[("mse", "min")], defaults={"d_model": 8, "n_heads": 2})(lambda c: None)
     TASKS.remove("own_keys_task")
+
+
+def test_a_streamed_test_split_is_accepted():
+    # the test split is read once, in order: an IterableDataset will do (train and val are shuffled)
+    import torch
+
+    from ablate.tasks import TaskInstance, get_task
+    from ablate.tasks.base import check_task_instance
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([(torch.ones(3), torch.ones(1))])
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.randn(4, 1))
+    instance = TaskInstance(name="s", model=torch.nn.Linear(3, 1), train=data, val=data, loss_fn=None,
+                            evaluate=None, data_source="x", test=Stream())
+    check_task_instance(get_task("etth1"), instance)  # no error
+    with pytest.raises(ValueError, match="TaskInstance.val is a Stream"):
+        check_task_instance(get_task("etth1"), dataclasses.replace(instance, val=Stream()))
