@@ -253,25 +253,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_start(port: int, auth: str) -> subprocess.CompletedProcess:
-    """``ray start --head`` on ``port`` with ``RAY_AUTH_MODE=auth``. Ray 2.60 turns token
+def _ray_start(port: int, auth: str) -> tuple[subprocess.CompletedProcess, int]:
+    """``ray start --head`` on ``port`` with ``RAY_AUTH_MODE=auth``, in a process group of its own,
+    which the head's processes keep: (the command's outcome, that group). Ray 2.60 turns token
     authentication on by itself when the machine's node IP is not localhost, so the mode is set
     explicitly (with a token of the head's own, never written to the user's ~/.ray)."""
     import secrets
 
     env = {**os.environ, "RAY_AUTH_MODE": auth, **({"RAY_AUTH_TOKEN": secrets.token_hex(32)} if auth == "token" else {})}
-    return subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                           "--include-dashboard=false", "--disable-usage-stats"],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.Popen([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    out, err = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), proc.pid
+
+
+def _stop_ray_head(group: int) -> None:
+    """End the head :func:`_ray_start` started - its process group - and nothing else: ``ray stop``
+    ends every Ray cluster of the machine's user, such as a sweep running beside the tests."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + 10
+        try:
+            os.killpg(group, sig)
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                os.killpg(group, 0)
+        except ProcessLookupError:
+            return
 
 
 def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str) -> tuple[int, subprocess.CompletedProcess]:
     """A ``ray start`` head with ``RAY_AUTH_MODE=head_auth`` (:func:`_ray_start`), then ``ablate run
     SPEC --address`` to it with the auth mode disabled, in a fresh driver process, as a user runs it
     (Ray's driver state - the node IP it found - does not carry over from the in-process clusters
-    of the other tests), then ``ray stop``: (the head's port, the run)."""
+    of the other tests), then the head is stopped: (the head's port, the run)."""
     port = _free_port()
-    started = _ray_start(port, head_auth)
+    started, group = _ray_start(port, head_auth)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         return port, subprocess.run(
@@ -279,7 +296,7 @@ def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str) -> tuple[int, subp
             capture_output=True, text=True, timeout=600,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"})
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        _stop_ray_head(group)
 
 
 def test_joining_a_cluster_with_token_authentication_without_its_token_is_one_clear_error(tmp_path):
