@@ -815,7 +815,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
         logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
     started = init_ray(study, address, num_cpus)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
-    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint)):
+    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint)) as rearm:
         try:
             by_id = {t.trial_id: t for t in pending}
             recorder = made["recorder"] = _make_callbacks(study, by_id, out_dir, len(study.trials), reused,
@@ -861,6 +861,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                 import ray
 
                 ray.shutdown()
+                rearm()
         left = [t for t in pending if t.trial_id not in recorder.written | recorder.failed_ids]
         unfinished = len(left)
         if not unfinished and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
@@ -957,32 +958,40 @@ def run_command(args) -> int:
 def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str | None) -> str:
     done = set() if recorder is None else recorder.written | recorder.failed_ids
     left = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in pending if t.trial_id not in done]
+    hint = resume_hint or "the same command with --resume"
+    if not left:
+        return f"every trial is stored; the combined tables were not written: run {hint}"
     more = f"; and {len(left) - 10} more" if len(left) > 10 else ""
-    return (f"{len(left)} trial(s) did not finish: {'; '.join(left[:10])}{more}. The finished ones are stored; "
-            f"continue with: {resume_hint or 'the same command with --resume'}")
+    return f"{len(left)} trial(s) did not finish: {'; '.join(left[:10])}{more}. The finished ones are stored; continue with: {hint}"
 
 
 @contextlib.contextmanager
-def exit_on_sigterm(describe: Callable[[], str]) -> Iterator[None]:
+def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | None = None
+                    ) -> Iterator[Callable[[], None]]:
     """SIGTERM (Slurm's scancel or time limit, ``timeout``, ``docker stop``) ends the run at once with
-    exit code 143 and one message, ``describe()``: what did not finish and how to continue. Results
-    are stored as trials finish, so nothing finished is lost. Not the graceful stop of Ctrl-C: a
+    exit code 143 and one message, ``describe()``: what did not finish and how to continue (after
+    ``on_exit()``, quick bookkeeping such as marking unfinished suggestions failed). Results are
+    stored as trials finish, so nothing finished is lost. Not the graceful stop of Ctrl-C: a
     scheduler signals the whole process group, Ray's own processes die with the driver, and Ray
     Tune would wait a minute for them (past Slurm's 30 s grace), while Ray's own handler would end
-    the driver without a word. Installed after ``ray.init``, which sets that handler."""
+    the driver without a word. Installed after ``ray.init``, which sets that handler; yields a
+    function that installs it again, for after ``ray.shutdown()``, which resets the signal's
+    handling in the kernel while Python still reports this handler."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def on_sigterm(signum: int, frame: Any) -> None:
         try:
+            if on_exit is not None:
+                on_exit()
             print(f"\nterminated (SIGTERM): {describe()}", flush=True)
         finally:
             os._exit(143)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        yield lambda: signal.signal(signal.SIGTERM, on_sigterm)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

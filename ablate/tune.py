@@ -1252,8 +1252,8 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
 
     try:
         with exit_on_sigterm(lambda: f"target {target.key}: {progress.done} suggestion(s) finished and are stored in "
-                                     f"the Optuna study; the next `ablate tune` marks this run's unfinished ones FAIL "
-                                     f"and continues: run the same command again"):
+                                     f"the Optuna study, the unfinished ones are marked FAIL; run the same command "
+                                     f"again to continue", on_exit=searcher.fail_unfinished):
             tuner.fit()
     finally:
         interrupted = searcher.fail_unfinished()

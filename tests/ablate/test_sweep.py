@@ -539,3 +539,27 @@ def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monke
     nodes.append({"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
     _warn_if_no_node_fits(study, "10.0.0.1:6379")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("reset_by_ray", [False, True])
+def test_sigterm_ends_a_run_at_once_with_its_message_also_after_ray_shutdown(tmp_path, reset_by_ray):
+    # ray.shutdown() resets SIGTERM's handling in the kernel while Python still reports the handler
+    # installed: the handler is installed again after it (else SIGTERM killed the driver silently
+    # while it combined the results); the bookkeeping (tune's unfinished suggestions marked FAIL)
+    # runs before the exit
+    marker = tmp_path / "bookkeeping"
+    script = textwrap.dedent(f"""
+        import ctypes, os, signal, time
+        from ablate.sweep import exit_on_sigterm
+
+        with exit_on_sigterm(lambda: "2 trial(s) did not finish", on_exit=lambda: open({str(marker)!r}, "w").close()) as rearm:
+            if {reset_by_ray}:
+                ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # SIG_DFL in the C library, as ray.shutdown() leaves it
+                rearm()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        print("not reached")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert done.stdout.strip() == "terminated (SIGTERM): 2 trial(s) did not finish" and marker.exists()
