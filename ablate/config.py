@@ -331,7 +331,8 @@ def describe_fields() -> str:
     return "\n".join(rows)
 
 
-def did_you_mean(key: Any, options: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the option closest to a misspelt ``key``, or ``""``."""
-    close = difflib.get_close_matches(str(key), list(options), n=1)
+def did_you_mean(key: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the option closest to a misspelt ``key``, or ``""`` (``cutoff``:
+    how close, as difflib measures it)."""
+    close = difflib.get_close_matches(str(key), list(options), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -359,7 +359,8 @@ def plot_performance_profile(profile: pd.DataFrame, out_dir: Path) -> Path | Non
     n = len(profile.columns)
     for k, arm in enumerate(profile.columns):  # styles, markers and narrowing widths: coinciding arms stay visible
         ax.step(profile.index, profile[arm], where="post", label=arm, linestyle=("-", "--", "-.", ":")[k % 4],
-                marker="osD^v<>"[k % 7], markersize=4, markevery=(3 * k % 25, 25), linewidth=1 + 2.5 * (n - 1 - k) / max(n - 1, 1), alpha=0.85)
+                marker="osD^v<>"[k % 7], markersize=4, markevery=(3 * k % 25, 25),
+                linewidth=1 + 2.5 * (n - 1 - k) / max(n - 1, 1), alpha=0.85)
     ax.set(xlabel="tau (ratio to the best arm)", ylabel="share of tasks within tau", ylim=(-0.02, 1.02),
            title="performance profiles")
     ax.legend(fontsize="small")

@@ -94,7 +94,7 @@ class Registry:
         existing = self._items.get(name)
         if existing is not None and not override and existing is not obj and not _same_definition(existing, obj):
             raise ValueError(
-                f"a {self.kind} named {name!r} is already registered ({_describe(self._items[name])}); "
+                f"a {self.kind} named {name!r} is already registered ({_describe(existing)}); "
                 f"choose another name or pass override=True"
             )
         self._items[name] = obj

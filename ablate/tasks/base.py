@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import numbers
 import os
@@ -147,12 +146,11 @@ def register_task(
     of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
-        from ablate.config import COMMON_FIELDS
+        from ablate.config import COMMON_FIELDS, did_you_mean
 
         for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
             for key in keys:  # a misspelt trial key would be a task key of its own, and the trial key keep its default
-                close = [] if key in COMMON_FIELDS else difflib.get_close_matches(key, COMMON_FIELDS, n=1, cutoff=0.85)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                hint = "" if key in COMMON_FIELDS else did_you_mean(key, COMMON_FIELDS, cutoff=0.85)
                 if hint:
                     warnings.warn(f"task {name!r}: {where} key {key!r} is no trial key{hint}; a task's own keys are "
                                   f"fine, a misspelt trial key leaves that key at its default", stacklevel=2)
