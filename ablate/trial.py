@@ -16,6 +16,7 @@ same dropout masks and augmentations: seeds are matched pairs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -71,6 +72,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The process-wide random states a trial draws from (Python, NumPy, torch, CUDA)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _device(name: str) -> torch.device:
@@ -154,6 +169,10 @@ class Trial:
         self.stop_reason = ""
         self.resumed_from_epoch = 0  # the epoch of the checkpoint this run continued from
         self.error = ""
+        #: this trial's own stream of the process-wide generators (dropout, augmentation, ...):
+        #: swapped in for each epoch and out after it, so trials stepped in turn in one process
+        #: (``ablate tune`` trains a suggestion's seeds in lockstep) draw what each would alone
+        self._rng = rng_state()
 
     # -----------------------------------------------------------------------------------------
     def run(self, callback: Callback | None = None, progress: bool = False) -> TrialResult:
@@ -175,13 +194,24 @@ class Trial:
             self.stop_reason = "max_epochs"
             return None
         try:
-            row = self._epoch(progress)
+            with self._own_rng():
+                row = self._epoch(progress)
         except TrialDiverged as exc:
             self.error, self.stop_reason = str(exc), "diverged"
             return None
         self.history.append(row)
         self._early_stopping(row)
         return row
+
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        outside = rng_state()
+        set_rng_state(self._rng)
+        try:
+            yield
+        finally:
+            self._rng = rng_state()
+            set_rng_state(outside)
 
     def finish(self) -> TrialResult:
         """Restore the best weights and build the result (test metrics included)."""
@@ -348,8 +378,7 @@ class Trial:
         return copy.deepcopy({
             "config": self.config, "trial_id": self.trial_id, "epoch": self.epoch, "step": self.step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": self._rng,
             "generators": {k: g.get_state() for k, g in self._gens.items()},
             "history": self.history, "telemetry": self.telemetry, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
@@ -371,11 +400,7 @@ class Trial:
         state = copy.deepcopy(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self._rng = state["rng"]
         for k, g in self._gens.items():
             g.set_state(state["generators"][k])
         for key in ("epoch", "step", "history", "telemetry", "best_value", "best_epoch", "best_state",

@@ -54,6 +54,23 @@ def test_checkpoint_resume_gives_the_same_result(tmp_path):
     assert resumed.row["steps"] == straight.row["steps"]
 
 
+def test_trials_stepped_in_turn_draw_what_each_draws_alone():
+    # ablate tune trains a suggestion's seeds in lockstep in one process: each member must draw its
+    # own dropout masks (the etth1 model has dropout), not what the other members left in torch's
+    # global generator, or a seed's tuning score is not what `ablate run` gives for it
+    config = {**FAST, "optimizer": "adamw", "patience": 0}
+    alone = run_trial({**config, "seed": 1})
+    members = [Trial({**config, "seed": s}) for s in (0, 1, 2)]
+    torch.manual_seed(123)  # (and whatever the caller draws in between is its own business)
+    outside = torch.get_rng_state()
+    for _ in range(config["epochs"]):
+        for t in members:
+            t.run_epoch()
+    assert torch.equal(torch.get_rng_state(), outside)
+    assert _strip(members[1].history) == _strip(alone.history)
+    assert members[1].finish().row["best_metric"] == alone.row["best_metric"]
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     trial = Trial(FAST)
     path = trial.save(tmp_path / "a.pt")
