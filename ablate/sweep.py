@@ -885,8 +885,10 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
 
 
 def summary_table(results: store.Results) -> str:
-    """Per task and arm: mean best metric over seeds (ok trials), n, and the change vs baseline
-    (the mean per-seed relative change over the seeds both finished, as the report's tables)."""
+    """Per task and arm: mean best metric, n and the change vs baseline (the mean per-seed relative
+    change), an arm's mean and n over the seeds it and the baseline both finished ok, as in the
+    report's tables (a mean over its own seeds would credit an arm with leaving out the seed the
+    baseline found hardest, or the other way round); the baseline's over its own ok seeds."""
     import pandas as pd
 
     from ablate.stats import _matched, _same_trials, explode_arms, relative_change
@@ -904,26 +906,34 @@ def summary_table(results: store.Results) -> str:
         metric, mode = known["metric"].iloc[0], known["mode"].iloc[0]
         ok = df[df["status"] == "ok"]
         means = ok.groupby("arm", sort=False)["best_metric"].agg(["mean", "count"])
-        base = means["mean"].get("baseline", math.nan)
+        base_n = int(means["count"].get("baseline", 0))
         lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better; "
                      f"data: {', '.join(sorted(set(df.get('data_source', pd.Series(dtype=object)).dropna())))})")
         lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
         order = {"baseline": 0, "adamw": 2}  # then the ablations in the order they appear, AdamW last
         for arm in sorted(pd.unique(df["arm"]), key=lambda a: order.get(a, 1)):
-            m = means.loc[arm] if arm in means.index else pd.Series({"mean": math.nan, "count": 0})
-            change, pairs = math.nan, 0
             if arm != "baseline" and _same_trials(arms, task, arm, "baseline"):
                 lines.append(f"  {arm:<34} = baseline (same trials)")
                 continue
-            if arm != "baseline" and not math.isnan(base):
-                ref, new, _, _ = _matched(arms, task, "baseline", arm)
-                pairs = len(new) if ref.index.equals(new.index) else 0
-                if pairs:
+            mean, n = (float(means.loc[arm, "mean"]), int(means.loc[arm, "count"])) if arm in means.index else (math.nan, 0)
+            change, notes = math.nan, []
+            if arm != "baseline" and base_n:
+                ref, new, _, left_out = _matched(arms, task, "baseline", arm)
+                if len(new):
+                    mean, n = float(new.mean()), len(new)
                     change = float(relative_change(ref.to_numpy(), new.to_numpy(), mode).mean())
+                    if len(ref) != base_n:
+                        notes.append(f"baseline {ref.mean():.6g} on these {len(ref)} seeds")
+                    if left_out:
+                        notes.append(f"{left_out} seed(s) the baseline did not finish left out")
+                elif n:
+                    notes.append("no seed in common with the baseline: mean over its own seeds")
             bad = int((df[df["arm"] == arm]["status"] != "ok").sum())
-            change_s = "" if math.isnan(change) else f"{change:+.2%}" + (
-                f" ({pairs} paired)" if pairs != int(m["count"]) else "")
-            lines.append(f"  {arm:<34} {m['mean']:>12.6g} {int(m['count']):>3} {change_s:>12} {bad or '':>7}")
+            change_s = "" if math.isnan(change) else f"{change:+.2%}"
+            lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
+                          + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
+    if len(lines) > 2:
+        lines.append("\n(an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
     return "\n".join(lines)
 
 

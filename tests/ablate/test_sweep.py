@@ -378,18 +378,28 @@ def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_
 
 
 def test_summary_table_compares_arms_on_the_seeds_both_finished(tmp_path, report_kit):
-    # the baseline failed on seed 2, where the arm did very well: "vs baseline" must not set the
-    # arm's three-seed mean against the baseline's two-seed mean (+24%), but compare seeds 0-1 (-10%)
+    # the baseline failed on seed 2, where the arm did very well: neither "vs baseline" nor the
+    # arm's mean may count that seed (its three-seed mean 1.13 beside the baseline's two-seed 1.5
+    # read as the arm being better, while it is 10% worse on both seeds they share)
     from ablate.results import write_trial
 
-    for seed, (base, arm) in enumerate([(1.0, 1.1), (2.0, 2.2), (None, 0.1)]):
-        for name, value in (("baseline", base), ("gating=true", arm)):
-            row = report_kit.trial_row("etth1", "gating=true", seed, value if value is not None else 0.5)
-            row.update(trial_id=f"{name}-{seed}", arm=name, arms=json.dumps([name]),
-                       status="ok" if value is not None else "failed")
-            write_trial(tmp_path, row)
-    line = next(ln for ln in summary_table(load_results(tmp_path)).splitlines() if "gating=true" in ln)
-    assert line.split()[1:] == ["1.13333", "3", "-10.00%", "(2", "paired)"]
+    def table(pairs, where):
+        for seed, (base, arm) in enumerate(pairs):
+            for name, value in (("baseline", base), ("gating=true", arm)):
+                row = report_kit.trial_row("etth1", "gating=true", seed, value if value is not None else 0.5)
+                row.update(trial_id=f"{name}-{seed}", arm=name, arms=json.dumps([name]),
+                           status="ok" if value is not None else "failed")
+                write_trial(tmp_path / where, row)
+        return summary_table(load_results(tmp_path / where)).splitlines()
+
+    lines = table([(1.0, 1.1), (2.0, 2.2), (None, 0.1)], "a")
+    assert next(ln for ln in lines if ln.split()[:1] == ["baseline"]).split()[1:] == ["1.5", "2", "1"]
+    assert next(ln for ln in lines if "gating=true" in ln).split()[1:4] == ["1.65", "2", "-10.00%"]
+    assert "(1 seed(s) the baseline did not finish left out)" in next(ln for ln in lines if "gating=true" in ln)
+    # and the other way round: the arm failed the seed the baseline found hardest
+    lines = table([(1.0, 1.1), (2.0, 2.2), (9.0, None)], "b")
+    line = next(ln for ln in lines if "gating=true" in ln)
+    assert line.split()[1:5] == ["1.65", "2", "-10.00%", "1"] and "(baseline 1.5 on these 2 seeds)" in line
 
 
 def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(tmp_path, capsys):
