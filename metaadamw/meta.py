@@ -27,8 +27,9 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
   attention kernels and cuDNN's RNNs have no double backward. Models need no special code.
 
 The model's parameters are never written: theta' lives in separate tensors swapped into the
-modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards
-and ``.grad`` is never touched, so the model is exactly as before the call.
+modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards,
+as are the rows an embedding with ``max_norm`` renormalises in its forward, and ``.grad`` is
+never touched, so the model is exactly as before the call.
 
 A meta-update whose meta-loss or meta-gradient is not finite is skipped (``record.skipped``,
 counted in ``optimizer.meta_skipped``): the modulator stays as it was.
@@ -78,20 +79,48 @@ class MetaRecord:
 
 
 @contextlib.contextmanager
-def swapped_parameters(model: nn.Module, replacements: dict[int, Tensor]) -> Iterator[None]:
+def swapped_parameters(model: nn.Module, replacements: dict[int, Tensor],
+                       names: dict[int, str] | None = None) -> Iterator[None]:
     """Temporarily replace parameters (by identity) with other tensors in every module using them
-    (tied weights included). RNN modules refresh their flat weights on the next forward."""
-    saved = []
+    (tied weights included). RNN modules refresh their flat weights on the next forward. A
+    replacement for a tensor no module of ``model`` holds is refused (``names``: how the error
+    calls them): a loss that uses it from outside the model would see its current value."""
+    saved, found = [], set()
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and id(p) in replacements:
                 saved.append((module, name, p))
+                found.add(id(p))
                 module._parameters[name] = replacements[id(p)]
     try:
+        if len(found) < len(replacements):
+            missing = [(names or {}).get(k, "(unnamed)") for k in replacements if k not in found]
+            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"meta_step: {len(missing)} tensor(s) this optimizer trains are not parameters of the model given to "
+                f"meta_step: {shown}. The meta-update evaluates the loss at hypothetical values of the model's "
+                f"parameters; a tensor that loss_fn uses from outside the model (a learnable temperature, a "
+                f"criterion with weights) would keep its current value there and the meta-gradient would be wrong. "
+                f"Register it on the model (model.register_parameter(name, tensor), or make the criterion a "
+                f"submodule), or pass meta_step a module that holds the model and those tensors")
         yield
     finally:
         for module, name, p in saved:
             module._parameters[name] = p
+
+
+@contextlib.contextmanager
+def _explained_double_backward() -> Iterator[None]:
+    """Errors of a model that cannot be differentiated twice (a custom autograd.Function without
+    a double backward, a torch.compile'd model's donated buffers), with what to use instead."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "double backward" not in str(exc) and "donated buffer" not in str(exc):
+            raise
+        raise RuntimeError(f"meta_gradient='exact' differentiates the loss twice, which this model cannot "
+                           f"be ({exc}). Use meta_gradient='finite_difference' (the default), which needs "
+                           f"first derivatives only - it works with torch.compile'd models.") from exc
 
 
 @contextlib.contextmanager
@@ -108,9 +137,13 @@ def twice_differentiable_kernels(device: torch.device) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running statistics, counters) to its value on entry."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics, counters) to its value on entry, and the
+    weights that a forward pass writes in place: those of embeddings with ``max_norm``, whose
+    looked-up rows are renormalised (the other parameters are never written)."""
+    renormed = [m.weight for m in model.modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+    saved = [(b, b.detach().clone()) for b in list(model.buffers()) + renormed]
     try:
         yield
     finally:
@@ -183,7 +216,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
     if not trainable:
         raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to meta-train for")
-    with preserved_buffers(model), torch.enable_grad():
+    with preserved_state(model), torch.enable_grad():
         # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
         if batch1 is None:
             grads = [params[i].grad for i in trainable]
@@ -242,27 +275,37 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         # 4. losses at theta' (leaf tensors: the graph to alpha and beta runs through decay and scale) and at theta
         leaves = [t.requires_grad_() for t in theta_prime]
         swap = {id(params[i]): leaf for i, leaf in zip(active, leaves)}
+        names = {id(params[i]): opt.tensor_info[i].name or f"parameter {i}" for i in active}
+        partial = "" if len(active) == len(trainable) else (
+            f" theta' moves only the {len(active)} of {len(trainable)} trainable tensors that have a gradient on batch 1"
+            f" (the others' step would be zero): a loss that uses none of them - a multi-task model whose batch 1 "
+            f"and batch 2 come from different tasks - reaches none. Draw batch 2 and the validation batch from "
+            f"what batch 1 trains.")
         q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
                            lambda2=lambda2)
         rng = None if exact or not objective.second_order else _RngReplay(opt.device)
         g_prime = g_val = None
-        with swapped_parameters(model, swap):
+        with swapped_parameters(model, swap, names):
             if need_train:
                 double = exact and objective.second_order
                 with twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext():
                     q.loss_train_prime = _loss(loss_fn, model, batch2)
                 if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
-                    g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact,
-                                    require="the loss on batch2 at the hypothetical parameters")
+                    with _explained_double_backward() if exact else contextlib.nullcontext():
+                        g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact,
+                                        require="the loss on batch2 at the hypothetical parameters", hint=partial)
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
                 q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 if not exact:
-                    g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters")
+                    g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
+                                  hint=partial)
         if needs_val_at_theta(objective):
-            with torch.no_grad():
-                q.loss_val = _loss(loss_fn, model, val_batch)
+            # with grad enabled, as the pass at theta' runs: some modules compute otherwise without it
+            # (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must differ by
+            # theta' alone; the graph is dropped at once, and nothing is differentiated
+            q.loss_val = _loss(loss_fn, model, val_batch).detach()
 
         # 5. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
         # penalty), for the multipliers and for theta'
@@ -280,14 +323,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
         n_meta = len(meta_params) + len(cut)
         if exact:
-            try:
+            with _explained_double_backward():
                 out = _grad(loss, meta_params + cut + leaves, zero=False)
-            except RuntimeError as exc:
-                if "double backward" not in str(exc) and "donated buffer" not in str(exc):  # torch.compile'd models
-                    raise
-                raise RuntimeError(f"meta_gradient='exact' differentiates the loss twice, which this model cannot "
-                                   f"be ({exc}). Use meta_gradient='finite_difference' (the default), which needs "
-                                   f"first derivatives only - it works with torch.compile'd models.") from exc
             _check_reached(loss, out[n_meta:], "the meta-loss (the losses at the hypothetical parameters)")
             d_theta = [torch.zeros_like(x) if d is None else d for d, x in zip(out[n_meta:], leaves)]
         else:
@@ -469,12 +506,13 @@ def _uses_reentrant_checkpoint(output: Tensor) -> bool:
     return False
 
 
-def _check_reached(output: Tensor, grads: list[Tensor | None] | tuple[Tensor | None, ...], what: str) -> None:
+def _check_reached(output: Tensor, grads: list[Tensor | None] | tuple[Tensor | None, ...], what: str,
+                   hint: str = "") -> None:
     """Refuse gradients of ``output`` that reach no input, and - where some input is not reached
     (which can be legitimate: a branch unused on this batch) - a graph through reentrant
     checkpointing, which hides the parameters inside it from torch.autograd.grad."""
     if all(d is None for d in grads):
-        raise ValueError(_unreachable(what))
+        raise ValueError(_unreachable(what) + hint)
     if any(d is None for d in grads) and _uses_reentrant_checkpoint(output):
         raise ValueError(f"meta_step: {what} runs through torch.utils.checkpoint with use_reentrant=True, which hides "
                          "the parameters inside the checkpointed part from torch.autograd.grad (the meta-update's "
@@ -482,12 +520,12 @@ def _check_reached(output: Tensor, grads: list[Tensor | None] | tuple[Tensor | N
 
 
 def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, require: str | None = None,
-          **kwargs: Any) -> list[Tensor | None]:
+          hint: str = "", **kwargs: Any) -> list[Tensor | None]:
     """``torch.autograd.grad`` with unused inputs as zeros (``zero``) or None. ``require``: what
-    ``output`` is, for the errors of :func:`_check_reached`."""
+    ``output`` is, and ``hint`` what may explain it, for the errors of :func:`_check_reached`."""
     out = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
     if require is not None:
-        _check_reached(output, out, require)
+        _check_reached(output, out, require, hint)
     if not zero:
         return list(out)
     return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]

@@ -740,9 +740,9 @@ def test_misused_meta_step_arguments_and_contexts_are_clear_errors():
 
 
 @pytest.mark.parametrize("objective, expected", [
-    ("combined", ["b1", "b2", "val", "val (no grad)", "b2"]),
+    ("combined", ["b1", "b2", "val", "val", "b2"]),  # (L(theta; val) with grad: the code path of L(theta'; val))
     ("gen_gap", ["b1", "b2", "val"]),
-    ("loss_decrease", ["b1", "val", "val (no grad)"]),
+    ("loss_decrease", ["b1", "val", "val"]),
     ("gradient", ["b1", "b2", "b2"]),
 ])
 def test_each_objective_runs_only_the_loss_evaluations_it_uses(objective, expected):
@@ -799,3 +799,115 @@ def test_gradient_alignment_is_the_mean_over_the_groups_that_have_a_gradient():
     q = MetaQuantities(tensor_group=torch.tensor([0, 2]), num_groups=3, grads=g, lambda1=lam1, lambda2=lam2,
                        grads_prime=gp)
     assert float(gradient_alignment(q)) == pytest.approx((1.0 + 1.6) / 2)
+
+
+def test_a_trained_tensor_outside_the_model_is_a_clear_error_not_a_silently_frozen_one():
+    # a CLIP-style temperature kept beside the model and used by loss_fn: the meta-update could only
+    # evaluate the losses with it at its current value (loss_decrease was exactly that, silently)
+    model = mlp(0)
+    scale = nn.Parameter(torch.tensor(0.5))
+
+    def loss_fn(m, batch):
+        return mse(m, batch) * scale.exp()
+
+    opt = MetaAdamW(list(model.named_parameters()) + [("logit_scale", scale)], **small_kwargs())
+    batches = regression_batches(4)
+    _step(model, opt, batches[0], loss_fn)
+    before = _meta_state(opt)
+    with pytest.raises(ValueError, match="not parameters of the model given to meta_step: 'logit_scale'.*register_parameter"):
+        opt.meta_step(model, loss_fn, *batches[1:])
+    assert not any(_changed(before, opt))
+    assert all(m._parameters[k] is p for m in model.modules() for k, p in m._parameters.items()
+               if p is not None and p in set(model.parameters()))  # (swapped back)
+
+    class Holder(nn.Module):  # the fix the message names: one module holding both
+        def __init__(self):
+            super().__init__()
+            self.net, self.logit_scale = model, scale
+
+        def forward(self, x):
+            return self.net(x)
+
+    holder = Holder()
+    record = opt.meta_step(holder, lambda m, b: mse(m, b) * m.logit_scale.exp(), *batches[1:])
+    assert not record.skipped and any(_changed(before, opt))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_the_validation_loss_at_theta_takes_the_code_path_of_the_loss_at_theta_prime():
+    # nn.TransformerEncoder in eval mode with a padding mask computes otherwise without grad (its
+    # fast path zeroes padded positions): L_val(theta) under no_grad and L_val(theta') with grad
+    # differed by that alone, so loss_decrease read 0.117 with lr = 0, where theta' = theta
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 8, padding_idx=0)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2,
+                                             enable_nested_tensor=True)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.enc(self.emb(x), src_key_padding_mask=x == 0).mean(1))  # (pads included)
+
+    def batch(n):
+        x = torch.randint(1, 12, (n, 6))
+        x[:, -2:] = 0
+        return x, torch.randint(0, 3, (n,))
+
+    def ce(m, b):
+        return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    model = Encoder().eval()
+    b1, b2, val = batch(4), batch(4), batch(3)
+    opt = MetaAdamW(model.named_parameters(), lr=0.0, alpha_range=0.0, beta_range=0.0, objective="loss_decrease",
+                    **small_kwargs())
+    opt.zero_grad()
+    ce(model, b1).backward()
+    with torch.no_grad():
+        fast = ce(model, val).item()
+    assert abs(fast - ce(model, val).item()) > 1e-3  # (the two code paths do differ on this model)
+    assert opt.meta_step(model, ce, None, b2, val).terms["loss_decrease"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rows_an_embedding_with_max_norm_renormalises_are_restored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)  # rows well above max_norm: every lookup renormalises them in place
+
+    def loss_fn(m, b):
+        return nn.functional.mse_loss(m(b[0]), b[1])
+
+    batches = [(torch.randint(0, 30, (8, 3)), torch.randn(8, 1)) for _ in range(3)]
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    opt.zero_grad()
+    loss_fn(model, batches[0]).backward()
+    snap = _snapshot(model)
+    for batch1 in (None, batches[0]):
+        assert not opt.meta_step(model, loss_fn, batch1, batches[1], batches[2]).skipped
+        _assert_same(model, snap)
+
+
+def test_a_second_batch_that_uses_only_tensors_without_a_gradient_on_batch1_is_explained():
+    # a two-head model whose batch 1 and batch 2 come from different tasks: theta' moves only the
+    # tensors batch 1 trains, and the error named causes that were not it
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 1)
+
+        def forward(self, batch):
+            return (self.a if batch[2] == "a" else self.b)(batch[0])
+
+    def loss_fn(m, batch):
+        return nn.functional.mse_loss(m(batch), batch[1])
+
+    model = TwoHeads()
+    opt = MetaAdamW(model.named_parameters(), grouping="original", **small_kwargs())
+    make = lambda task: (torch.randn(8, 4), torch.randn(8, 1), task)  # noqa: E731
+    opt.zero_grad()
+    loss_fn(model, make("a")).backward()
+    with pytest.raises(ValueError, match="moves only the 2 of 4 trainable tensors that have a gradient on batch 1"):
+        opt.meta_step(model, loss_fn, None, make("b"), make("b"))
