@@ -126,7 +126,7 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
             "p (Holm)": fmt_p(r["p_holm"]),
             "seeds (better)": _seeds_cell(r, "adamw_n_unmatched", "meta_n_unmatched"),
             "not ok (AdamW/Meta)": f"{r['adamw_n_not_ok']}/{r['meta_n_not_ok']}",
-            "sig.": "*" if r["significant"] else "",
+            "sig.": "*" if r["significant"] else "(*)" if r.get("withheld", False) else "",
         }
         row.update({c: fmt_num(r[c]) for c in t2.columns if c.startswith("ref_")})
         rows.append(row)
@@ -138,7 +138,8 @@ def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
     arm that ran the baseline's own trials says so instead of showing a zero difference."""
     rows = []
     for _, r in t3.iterrows():
-        row = {"task": r["task"], "axis": r["axis"], "arm": r["arm"] + (" *" if r["significant"] else "")}
+        row = {"task": r["task"], "axis": r["axis"], "arm": r["arm"] + (" *" if r["significant"] else
+                                                                         " (*)" if r.get("withheld", False) else "")}
         if r.get("same_as_baseline", False):
             same = "= baseline (same trials)"
             row.update({"arm mean": same, "baseline mean": fmt_num(r["baseline_mean"]), "rel. change vs baseline": same,
@@ -491,7 +492,10 @@ _SIG_LEGEND = (
     "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). p (Holm) is the sign-flip p "
     "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha}; "
     "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
-    "for 6), before the adjustment. 'seeds (better)' is the number of pairs and how many of them favour the arm."
+    "for 6), before the adjustment. 'seeds (better)' is the number of pairs and how many of them favour the arm. "
+    "(*): p (Holm) < {alpha}, but not marked significant because the arm the difference favours did not finish "
+    "ok (diverged, failed) some seed the other arm finished: the paired test cannot count that seed, and the "
+    "win is on the seeds it survived."
 )
 
 

@@ -382,12 +382,19 @@ def _compare(ref: pd.Series, new: pd.Series, mode: str) -> dict:
     return paired_comparison(ref.to_numpy(), new.to_numpy(), mode)
 
 
-def _holm_family(rows: list[dict], alpha: float) -> None:
-    """``p_holm`` (Holm-adjusted sign-flip p over ``rows``, one family) and ``significant``."""
+def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatched: str) -> None:
+    """``p_holm`` (Holm-adjusted sign-flip p over ``rows``, one family) and ``significant``:
+    p_holm < alpha, ``withheld`` where the arm the difference favours has no ok result on a seed
+    the other arm finished (``ref_unmatched``/``new_unmatched``: the columns counting each arm's
+    ok seeds the other lacks). The matched comparison leaves such a seed out - a run that diverged
+    there is not a loss the paired test can count - so a win built on the seeds it survived is
+    not marked: ``significant`` is False and ``withheld`` True."""
     adjusted = holm([r["p_signflip"] for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = float(p)
-        r["significant"] = bool(p < alpha)
+        lacking = r[ref_unmatched] if r["rel_mean"] > 0 else r[new_unmatched] if r["rel_mean"] < 0 else 0
+        r["withheld"] = bool(p < alpha and lacking > 0)
+        r["significant"] = bool(p < alpha and not r["withheld"])
 
 
 #: which metric the paired tables compare: the best validation metric (what early stopping and the
@@ -429,7 +436,9 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     improvement, positive = MetaAdamW better); diff_* (paired difference meta - adamw);
     time_change (total training time of MetaAdamW over the matched seeds relative to AdamW's);
     p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks), n_pairs,
-    n_better and ``significant`` (p_holm < alpha); ref_<name> means of the trivial references
+    n_better, ``significant`` (p_holm < alpha) and ``withheld`` (p_holm < alpha, but the arm the
+    difference favours did not finish a seed the other finished: not marked, see
+    :func:`_holm_family`); ref_<name> means of the trivial references
     when the trials table has them.
     """
     trials = results.trials
@@ -454,7 +463,7 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
         ok_task = _ok(trials[trials["task"] == task])
         row.update({c: float(pd.to_numeric(ok_task[c], errors="coerce").mean()) for c in ref_cols})
         rows.append(row)
-    _holm_family(rows, alpha)
+    _holm_family(rows, alpha, "adamw_n_unmatched", "meta_n_unmatched")
     return pd.DataFrame(rows)
 
 
@@ -489,8 +498,8 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     seeds, as in :func:`table2`), n_unmatched and baseline_n_unmatched (ok seeds of the arm, of
     the baseline, that the other lacks: left out of both means), n_not_ok, rel_* (per seed relative change vs
     baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the arms
-    of the task), n_pairs, n_better, significant (p_holm < alpha), ``mark`` ("*" where
-    significant) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
+    of the task), n_pairs, n_better, significant (p_holm < alpha), withheld (as in :func:`table2`),
+    ``mark`` ("*" where significant, "(*)" where withheld) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
     the baseline's), so there is nothing to compare - its statistics are NaN and it is not
     counted in the Holm family.
     """
@@ -520,11 +529,12 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
                 cmp = {k: (np.nan if k not in ("n_pairs", "n_better") else v) for k, v in cmp.items()}
             row.update(cmp)
             task_rows.append(row)
-        _holm_family([r for r in task_rows if not r["same_as_baseline"]], alpha)
+        _holm_family([r for r in task_rows if not r["same_as_baseline"]], alpha, "baseline_n_unmatched", "n_unmatched")
         for row in task_rows:
             row.setdefault("p_holm", np.nan)
             row.setdefault("significant", False)
-            row["mark"] = "*" if row["significant"] else ""
+            row.setdefault("withheld", False)
+            row["mark"] = "*" if row["significant"] else "(*)" if row["withheld"] else ""
         rows += task_rows
     return pd.DataFrame(rows)
 

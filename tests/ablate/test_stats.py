@@ -628,3 +628,28 @@ def test_arms_without_a_shared_seed_show_no_means_as_if_matched(tmp_path, report
 
     text = write_report(tmp_path, formats=("md",)).read_text()  # the table, not "no ok trial"
     assert "No ok trial of the 'adamw' or 'baseline' arm" not in text and "4 unpaired left out" in text
+
+
+@pytest.mark.parametrize("who_diverged", ["winner", "loser"])
+def test_a_win_on_the_seeds_the_winner_survived_is_not_marked_significant(tmp_path, report_kit, who_diverged):
+    # MetaAdamW better by 10% on 8 seeds (sign-flip p = 2/256), but on 2 more seeds one arm diverged
+    # where the other finished: the matched comparison leaves them out, and a '*' for the arm that
+    # diverged there would rest on the seeds it survived
+    for seed in range(10):
+        adamw, meta = 1.0, 0.9
+        status = {"adamw": "ok", "baseline": "ok"}
+        if seed >= 8:
+            status["baseline" if who_diverged == "winner" else "adamw"] = "diverged"
+        for arm, value in (("adamw", adamw), ("baseline", meta)):
+            _write(tmp_path, report_kit, "etth1", arm, seed, value, status=status[arm])
+        _write(tmp_path, report_kit, "etth1", "gating=false", seed, adamw, status=status["adamw"])  # (as AdamW)
+    results = load_results(tmp_path)
+    t2 = row_of(stats.table2(results), task="etth1")
+    assert t2["n_pairs"] == 8 and t2["rel_mean"] > 0 and t2["p_holm"] == pytest.approx(2 / 256)
+    assert bool(t2["significant"]) is (who_diverged == "loser") and bool(t2["withheld"]) is (who_diverged == "winner")
+    t3 = row_of(stats.table3(results), task="etth1", arm="gating=false")  # (the baseline wins here too)
+    assert t3["mark"] == ("(*)" if who_diverged == "winner" else "*")
+    from ablate import report
+
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    assert ("| (*) |" in md) is (who_diverged == "winner")
