@@ -536,7 +536,8 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
-                              f"{task}: validation metric per epoch, mean over seeds with min-max band")
+                              f"{task}: validation metric per epoch, mean over seeds with min-max band (a seed that "
+                              f"stopped early leaves later epochs to the seeds still running)")
     return blocks
 
 

@@ -164,6 +164,7 @@ class _Context:
     budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
     tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # baseline.priorities_from, per task
+    tuned_on_seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # the seeds they were tuned on
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def where(self, path: str) -> str:
@@ -364,6 +365,7 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
         baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
         ctx.tuned = _parse_priorities_from(ctx, given["baseline"]["priorities_from"], base_dir, baseline,
                                            given.get("overrides"))
+    _warn_tuned_on_these_seeds(ctx, seeds)
     ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
     ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
     arms = _parse_adamw(ctx, given.get("adamw", True)) + [_Arm("baseline", "", {})]
@@ -484,6 +486,11 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
     return merged
 
 
+#: the key of a ``best_priorities.yaml`` entry that records the seeds ``ablate tune`` scored the
+#: priorities on (not a setting: :func:`_parse_priorities_from` sets it aside)
+TUNED_ON_SEEDS = "tuned_on_seeds"
+
+
 def _parse_priorities_from(
     ctx: _Context, source: Any, base_dir: str | os.PathLike | None, baseline: dict[str, Any], overrides: Any = None
 ) -> dict[str, dict[str, Any]]:
@@ -531,11 +538,35 @@ def _parse_priorities_from(
                 where, f"must be a list of three priorities or a mapping of settings such as "
                 f"{{priorities: [1, 2, 0.5], meta_lr: 1.0e-4}}; got {_short(entry)}"
             )
+        entry = dict(entry)
+        seeds = entry.pop(TUNED_ON_SEEDS, [])
+        if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
+            raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the priorities "
+                                                         f"on, got {_short(seeds)}")
+        ctx.tuned_on_seeds[task] = list(seeds)
         for key in entry:
             if key in baseline:
                 raise ctx.error(where, f"sets {key!r}, which baseline: sets too; keep one of them")
         tuned[task] = _check_settings(ctx, entry, where, [task])
     return tuned
+
+
+def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:
+    """Priorities picked by ``ablate tune`` for their validation metric on some seeds are at their
+    most favourable there: a comparison on those seeds' validation metric credits the tuned arm
+    with the selection (the best of many suggestions on the same noise)."""
+    shared = {task: sorted(set(seeds) & set(tuned)) for task, tuned in ctx.tuned_on_seeds.items()}
+    shared = {task: s for task, s in shared.items() if s}
+    if not shared:
+        return
+    said = "; ".join(f"{task}: seed(s) {', '.join(map(str, s))}" for task, s in shared.items())
+    fresh = max(max(seeds), *(max(t) for t in ctx.tuned_on_seeds.values() if t)) + 1
+    warnings.warn(
+        f"{ctx.where('baseline.priorities_from')}: the priorities were tuned on the validation metric of seeds this "
+        f"study runs too ({said}); on those seeds the validation comparison favours the tuned baseline, which was "
+        f"picked for them. Compare on fresh seeds (seeds: {list(range(fresh, fresh + len(seeds)))}) or on a test "
+        f"split (ETT's split: 12/4/4, CIFAR-10's split: holdout; WikiText-2, Multi30k and IMDB from files have one)",
+        stacklevel=3)
 
 
 def _parse_overrides(ctx: _Context, overrides: Any) -> dict[str, dict[str, Any]]:

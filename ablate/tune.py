@@ -94,7 +94,7 @@ from ablate.config import (
     validate_value,
 )
 from ablate.files import atomic_write_bytes
-from ablate.study import Study, StudyError, _read_yaml, parse_study
+from ablate.study import TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -1413,8 +1413,9 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
             continue
         tasks = spec.study.tasks if target.key == CROSS_TASK else [target.key]
         for task in tasks:
-            entry = {k: _round(v) for k, v in settings.items()}
-            best[task] = entry["priorities"] if list(entry) == ["priorities"] else entry
+            # where they were picked: a study that compares on these seeds' validation metric reads them
+            # at their most favourable (load_study warns)
+            best[task] = {**{k: _round(v) for k, v in settings.items()}, TUNED_ON_SEEDS: list(spec.study.seeds)}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
         pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction"])
@@ -1430,7 +1431,8 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.\n"
                   f"# Stored study: {location}\n"
                   f"# Use in a study file: baseline: {{priorities_from: <path to this file>}}\n"
-                  f"# priorities are [gradient alignment, loss decrease, generalization gap].\n")
+                  f"# priorities are [gradient alignment, loss decrease, generalization gap]; {TUNED_ON_SEEDS}: the\n"
+                  f"# seeds whose validation metric picked them (compare the optimizers on other seeds).\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
         files["best"] = atomic_write_bytes(out_dir / BEST_FILE, text.encode("utf-8"))
     return files

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -169,8 +170,9 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
             assert t.user_attrs["ended"].startswith("stopped by the scheduler")
 
     best = yaml.safe_load((tune_dir / BEST_FILE).read_text())
-    assert list(best) == ["etth1"] and best["etth1"] == pytest.approx(
+    assert list(best) == ["etth1"] and best["etth1"]["priorities"] == pytest.approx(
         [study.best_params[p] for p in PRIORITY_PARAMS], rel=1e-5)
+    assert best["etth1"]["tuned_on_seeds"] == [0, 1]  # (where they were picked)
 
     history = pd.read_parquet(tune_dir / "history.parquet")
     assert {"number", "value", "direction", "state", "task"} <= set(history.columns)
@@ -182,14 +184,21 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
         assert set(importances["param"]) == set(PRIORITY_PARAMS)
 
     # a study file takes the best priorities as its baseline, relative to the study file
-    study_file = _write(out / "tiny_tune", "use_best.yaml", """\
+    # - on the seeds they were tuned on, with a warning: there the validation metric favours them
+    use_best = """\
         name: use_best
         tasks: [etth1]
-        seeds: 1
-        baseline: {priorities_from: tune/best_priorities.yaml}
-        """)
-    baseline = [t for t in load_study(study_file).trials if t.arm == "baseline"][0]
-    assert baseline.config["priorities"] == pytest.approx(best["etth1"])
+        seeds: {seeds}
+        baseline: {{priorities_from: tune/best_priorities.yaml}}
+        """
+    study_file = _write(out / "tiny_tune", "use_best.yaml", use_best.format(seeds="[1, 2]"))
+    with pytest.warns(UserWarning, match=r"tuned on the validation metric of seeds this study runs too \(etth1: "
+                                         r"seed\(s\) 1\).*fresh seeds \(seeds: \[3, 4\]\)"):
+        baseline = [t for t in load_study(study_file).trials if t.arm == "baseline"][0]
+    assert baseline.config["priorities"] == pytest.approx(best["etth1"]["priorities"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fresh seeds: nothing to warn about
+        load_study(_write(out / "tiny_tune", "use_best.yaml", use_best.format(seeds="[2, 3]")))
 
 
 def test_extending_a_finished_study_adds_trials_to_the_same_stored_study(small_study, capsys):
@@ -267,7 +276,7 @@ def test_the_search_finds_a_known_optimum(tmp_path, ray_address):
         assert abs(math.log(found / true)) < math.log(1.3), f"best {best} is not near {OPTIMUM}"
     assert study.best_value < 0.1 < study.trials[0].value  # far better than the baseline's [1, 1, 1]
     written = yaml.safe_load((tmp_path / "results" / "synth" / "tune" / BEST_FILE).read_text())
-    assert written["tune_synth"] == pytest.approx(best, rel=1e-5)
+    assert written["tune_synth"]["priorities"] == pytest.approx(best, rel=1e-5)
 
 
 def test_asha_stops_poor_suggestions_and_the_study_records_them_as_pruned(tmp_path, ray_address):
@@ -558,6 +567,8 @@ def test_priorities_from_sets_each_tasks_tuned_values(tmp_path):
     ("etth1: 3\nimdb: [1, 2, 3]\n", "best.yaml", ["(best.yaml).etth1", "list of three priorities or a mapping"]),
     ("etth1: {fancy: 1}\nimdb: [1, 2, 3]\n", "best.yaml", ["(best.yaml).etth1.fancy", "unknown config key"]),
     ("[1, 2, 3]\n", "best.yaml", ["must map task names to priorities"]),
+    ("etth1: {priorities: [1, 2, 3], tuned_on_seeds: 0-2}\nimdb: [1, 2, 3]\n", "best.yaml",
+     ["(best.yaml).etth1.tuned_on_seeds", "must be the list of seeds"]),
     ("etth1: [1, 2, 3\n", "best.yaml", ["best.yaml", "invalid YAML"]),
     ("etth1: [1, 2, 3]\nimdb: [1, 2, 3]\n", 5, ["baseline.priorities_from", "must be the path of a YAML file"]),
 ])
