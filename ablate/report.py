@@ -289,9 +289,10 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
     x = np.arange(len(rows))
     ax.bar(x, mean, yerr=np.nan_to_num(err), capsize=4, color=["C2" if m >= 0 else "C3" for m in mean])
     tops = mean + np.nan_to_num(err[1])  # (the error bars are >= 0; NaN for an arm without ok trials)
-    for xi, top, sig, m in zip(x, tops, rows["significant"], mean):
-        if sig:
-            ax.annotate("*", (xi, top), ha="center", va="bottom", fontsize=16)
+    withheld = rows["withheld"] if "withheld" in rows else [False] * len(rows)
+    for xi, top, sig, held, m in zip(x, tops, rows["significant"], withheld, mean):
+        if sig or held:
+            ax.annotate("*" if sig else "(*)", (xi, top), ha="center", va="bottom", fontsize=16 if sig else 11)
         if not np.isfinite(m):  # (no matched ok seeds, or the baseline's own trials): not a zero change
             ax.annotate("n/a", (xi, 0), ha="center", va="bottom", fontsize=9, color="0.4")
     ax.axhline(0, color="black", linewidth=0.8)
@@ -300,7 +301,7 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
     ax.set_xticks(x, rows["arm"], rotation=45, ha="right")
     split = f", {rows['split'].iloc[0]} split" if "split" in rows else ""
     ax.set_ylabel("change vs baseline (%)")
-    ax.set_title(f"{task}: ablations{split}\n(+ = better, * = significant)", fontsize="medium")
+    ax.set_title(f"{task}: ablations{split}\n(+ = better, * = significant, (*) = withheld)", fontsize="medium")
     return _save(fig, out_dir / f"ablation_{_slug(task)}{suffix}.png")
 
 
@@ -493,9 +494,9 @@ _SIG_LEGEND = (
     "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha}; "
     "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
     "for 6), before the adjustment. 'seeds (better)' is the number of pairs and how many of them favour the arm. "
-    "(*): p (Holm) < {alpha}, but not marked significant because the arm the difference favours did not finish "
-    "ok (diverged, failed) some seed the other arm finished: the paired test cannot count that seed, and the "
-    "win is on the seeds it survived."
+    "(*): p (Holm) < {alpha}, but not marked significant because the arm the difference favours has no ok "
+    "result (diverged, failed, not run yet) on some seed the other arm finished: the paired test cannot count "
+    "that seed, and the win is on the seeds it finished."
 )
 
 

@@ -385,14 +385,15 @@ def _compare(ref: pd.Series, new: pd.Series, mode: str) -> dict:
 def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatched: str) -> None:
     """``p_holm`` (Holm-adjusted sign-flip p over ``rows``, one family) and ``significant``:
     p_holm < alpha, ``withheld`` where the arm the difference favours has no ok result on a seed
-    the other arm finished (``ref_unmatched``/``new_unmatched``: the columns counting each arm's
+    the other arm finished (it diverged or failed there, or has not run it yet) (``ref_unmatched``/``new_unmatched``: the columns counting each arm's
     ok seeds the other lacks). The matched comparison leaves such a seed out - a run that diverged
     there is not a loss the paired test can count - so a win built on the seeds it survived is
     not marked: ``significant`` is False and ``withheld`` True."""
     adjusted = holm([r["p_signflip"] for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = float(p)
-        lacking = r[ref_unmatched] if r["rel_mean"] > 0 else r[new_unmatched] if r["rel_mean"] < 0 else 0
+        better = -r["diff_mean"] if r["mode"] == "min" else r["diff_mean"]  # (> 0: new is better; the tested sign)
+        lacking = r[ref_unmatched] if better > 0 else r[new_unmatched] if better < 0 else 0
         r["withheld"] = bool(p < alpha and lacking > 0)
         r["significant"] = bool(p < alpha and not r["withheld"])
 
@@ -876,9 +877,11 @@ def _profile_plan(results: Results, arms: Sequence[str] | None) -> tuple[list[st
             notes.append(f"{task}: left out (no seed was finished ok by every arm)")
             continue
         dropped = sorted(set.union(*by_arm) - common)
-        if dropped:
+        if dropped:  # (naming the arms: one that diverged where the others finished is not credited silently)
+            missing = "; ".join(f"{a}: {', '.join(map(str, sorted(set(dropped) - s)))}"
+                                for a, s in zip(names, by_arm) if set(dropped) - s)
             notes.append(f"{task}: means over seeds {', '.join(map(str, sorted(common)))} (seed(s) "
-                         f"{', '.join(map(str, dropped))} not finished ok by every arm)")
+                         f"{', '.join(map(str, dropped))} not finished ok by every arm - not finished by {missing})")
         seeds[task] = sorted(common)
     return names, seeds, notes
 

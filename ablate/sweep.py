@@ -891,7 +891,7 @@ def summary_table(results: store.Results) -> str:
     baseline found hardest, or the other way round); the baseline's over its own ok seeds."""
     import pandas as pd
 
-    from ablate.stats import _matched, _same_trials, explode_arms, relative_change
+    from ablate.stats import _matched, _per_seed, _same_trials, explode_arms, relative_change
 
     trials = results.trials
     if trials.empty:
@@ -906,7 +906,7 @@ def summary_table(results: store.Results) -> str:
         metric, mode = known["metric"].iloc[0], known["mode"].iloc[0]
         ok = df[df["status"] == "ok"]
         means = ok.groupby("arm", sort=False)["best_metric"].agg(["mean", "count"])
-        base_n = int(means["count"].get("baseline", 0))
+        base_n = len(_per_seed(arms, task, "baseline"))
         lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better; "
                      f"data: {', '.join(sorted(set(df.get('data_source', pd.Series(dtype=object)).dropna())))})")
         lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
@@ -932,7 +932,7 @@ def summary_table(results: store.Results) -> str:
             change_s = "" if math.isnan(change) else f"{change:+.2%}"
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
                           + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
-    if len(lines) > 2:
+    if (arms["arm"] == "baseline").any() and (arms["arm"] != "baseline").any():
         lines.append("\n(an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
     return "\n".join(lines)
 

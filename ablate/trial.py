@@ -217,7 +217,8 @@ class Trial:
         """Restore the best weights and build the result (test metrics included)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        return self._result("diverged" if self.stop_reason == "diverged" else "ok", self.error)
+        with self._own_rng():  # (a task may evaluate with randomness: MC dropout, random crops)
+            return self._result("diverged" if self.stop_reason == "diverged" else "ok", self.error)
 
     def _epoch(self, progress: bool) -> dict[str, Any]:
         cfg, dev = self.config, self.device

@@ -94,8 +94,11 @@ def swapped_parameters(model: nn.Module, replacements: dict[int, Tensor],
                 module._parameters[name] = replacements[id(p)]
     try:
         if len(found) < len(replacements):
-            missing = [(names or {}).get(k, "(unnamed)") for k in replacements if k not in found]
-            shown = ", ".join(map(repr, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            buffers = {id(b) for b in model.buffers()}
+            missing = [repr((names or {}).get(k, "(unnamed)")) + (" (a buffer of the model: register it as a parameter)"
+                                                                 if k in buffers else "")
+                       for k in replacements if k not in found]
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(
                 f"meta_step: {len(missing)} tensor(s) this optimizer trains are not parameters of the model given to "
                 f"meta_step: {shown}. The meta-update evaluates the loss at hypothetical values of the model's "
@@ -231,6 +234,11 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         g = [gr.detach() for gr in grads if gr is not None]
         del grads
         F.check_dense(g)
+        # L(theta; val), with grad enabled as the pass at theta' runs: some modules compute otherwise
+        # without it (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must
+        # differ by theta' alone. Its graph is dropped at once, here, before any other graph is held
+        # (peak memory: the exact path keeps the graphs at theta' until the end)
+        loss_val = _loss(loss_fn, model, val_batch).detach() if needs_val_at_theta(objective) else None
 
         # 2. hypothetical moments and features at theta
         theta = [params[i].detach() for i in active]
@@ -282,7 +290,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             f"and batch 2 come from different tasks - reaches none. Draw batch 2 and the validation batch from "
             f"what batch 1 trains.")
         q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
-                           lambda2=lambda2)
+                           lambda2=lambda2, loss_val=loss_val)
         rng = None if exact or not objective.second_order else _RngReplay(opt.device)
         g_prime = g_val = None
         with swapped_parameters(model, swap, names):
@@ -301,11 +309,6 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                 if not exact:
                     g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
                                   hint=partial)
-        if needs_val_at_theta(objective):
-            # with grad enabled, as the pass at theta' runs: some modules compute otherwise without it
-            # (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must differ by
-            # theta' alone; the graph is dropped at once, and nothing is differentiated
-            q.loss_val = _loss(loss_fn, model, val_batch).detach()
 
         # 5. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
         # penalty), for the multipliers and for theta'

@@ -411,7 +411,7 @@ def test_profile_takes_matched_seeds_and_leaves_out_tasks_not_every_arm_ran(tmp_
     assert list(ratios.index) == ["etth1"]
     assert ratios.loc["etth1", "baseline"] == 1.0 and ratios.loc["etth1", "gating=true"] == pytest.approx(1.03)
     notes = stats.profile_notes(results)
-    assert "etth1: means over seeds 0, 1 (seed(s) 2 not finished ok by every arm)" in notes
+    assert "etth1: means over seeds 0, 1 (seed(s) 2 not finished ok by every arm - not finished by gating=true: 2)" in notes
     assert "imdb: left out (not run by gating=true)" in notes
 
 

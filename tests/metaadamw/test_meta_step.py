@@ -740,7 +740,7 @@ def test_misused_meta_step_arguments_and_contexts_are_clear_errors():
 
 
 @pytest.mark.parametrize("objective, expected", [
-    ("combined", ["b1", "b2", "val", "val", "b2"]),  # (L(theta; val) with grad: the code path of L(theta'; val))
+    ("combined", ["b1", "val", "b2", "val", "b2"]),  # (L(theta; val) first, with grad: the code path of L(theta'; val))
     ("gen_gap", ["b1", "b2", "val"]),
     ("loss_decrease", ["b1", "val", "val"]),
     ("gradient", ["b1", "b2", "b2"]),
