@@ -182,12 +182,14 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{row['time_total_s']:.1f}s (meta-updates {row['time_meta_s']:.1f}s, {row['meta_updates']} of them)")
     if row.get("error"):
         print(f"error: {row['error']}")
-    refs = {k: v for k, v in row.items() if k.startswith("ref_")}
+    refs = {k: v for k, v in row.items() if k.startswith("ref_") and not k.startswith("ref_test_")}
     if refs:
         print("trivial reference: " + ", ".join(f"{k[4:]}={v:.6g}" for k, v in refs.items()))
-    tests = {k: v for k, v in row.items() if k.startswith("test_")}
+    tests = {k[len("test_"):]: v for k, v in row.items() if k.startswith("test_")}
+    test_refs = {k[len("ref_test_"):]: v for k, v in row.items() if k.startswith("ref_test_")}
     if tests:
-        print("test split (best weights): " + ", ".join(f"{k[5:]}={v:.6g}" for k, v in tests.items()))
+        print("test split (best weights): " + ", ".join(f"{k}={v:.6g}" for k, v in tests.items())
+              + ("; trivial reference: " + ", ".join(f"{k}={v:.6g}" for k, v in test_refs.items()) if test_refs else ""))
     if args.json:
         # strict JSON: a diverged trial's NaN metrics are null, as in the sweep's results; lists
         # (priorities, blocks) and dicts as they are

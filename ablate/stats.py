@@ -448,7 +448,7 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     if trials.empty:
         return pd.DataFrame()
     arms = explode_arms(trials)
-    ref_cols = [c for c in trials.columns if c.startswith("ref_")] if split == "validation" else []
+    ref_cols = [c for c in trials.columns if c.startswith("ref_") and c.startswith("ref_test_") is (split == "test")]
     rows = []
     for task in _split_tasks(results, split):
         metric, mode = task_metric(trials, task)

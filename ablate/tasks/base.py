@@ -13,8 +13,9 @@ it (``data``, ``data_dir``, ``seed``, and its own model keys such as ``d_model``
   meta-update, so it must be a pure function of the model and the batch;
 * ``evaluate(model, loader) -> dict[str, float]`` - every metric of ``metrics`` on a loader,
   averaged over the whole split (not over batches);
-* ``reference``: metrics of a trivial reference on the same split and scaling (for ETT the
-  persistence forecast), so a user sees at once whether a model learned anything;
+* ``reference``: metrics of a trivial reference on the validation split with the same scaling
+  (for ETT the persistence forecast), so a user sees at once whether a model learned anything,
+  and, under keys starting with ``test_``, on the test split where there is one;
 * ``data_source``: where the data came from, e.g. ``"embedded:statsmodels-elnino"`` or
   ``"real:/data/ETT-small/ETTh1.csv"`` - recorded with every result.
 

@@ -379,7 +379,8 @@ def build_cifar10_task(config: dict) -> TaskInstance:
         loss_fn=classifier_loss,
         evaluate=evaluate_classifier,
         data_source=source,
-        reference={"majority_accuracy": majority_accuracy(train_y, val_y)},
+        reference={"majority_accuracy": majority_accuracy(train_y, val_y),
+                   **({"test_majority_accuracy": majority_accuracy(train_y, test.labels.numpy())} if test is not None else {})},
         info={
             "num_classes": NUM_CLASSES,
             "image_shape": list(train_x.shape[1:]),

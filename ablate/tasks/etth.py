@@ -365,7 +365,9 @@ def make_forecast_data(values: np.ndarray, seq_len: int, split: str, scaling: st
         test=datasets.get("test"),
         shift=shift,
         scale=scale,
-        reference=persistence_metrics(scaled[:, -1], *bounds["val"]),
+        reference={**persistence_metrics(scaled[:, -1], *bounds["val"]),
+                   **({f"test_{k}": v for k, v in persistence_metrics(scaled[:, -1], *bounds["test"]).items()}
+                      if "test" in bounds else {})},
     )
 
 

@@ -381,7 +381,8 @@ def imdb(config: dict) -> TaskInstance:
         loss_fn=classifier_loss,
         evaluate=evaluate_classifier,
         data_source=source,
-        reference={"majority_accuracy": sum(y == majority for y in labels["val"]) / len(labels["val"])},
+        reference={f"{prefix}majority_accuracy": sum(y == majority for y in labels[split]) / len(labels[split])
+                   for split, prefix in (("val", ""), ("test", "test_")) if labels.get(split)},
         info={
             "vocab_size": len(vocab),
             "reviews": {split: len(d) for split, d in splits.items()},

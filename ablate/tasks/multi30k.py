@@ -452,7 +452,9 @@ def multi30k(config: dict) -> TaskInstance:
         len(vocab), config["d_model"], config["n_heads"], config["n_encoder_layers"], config["n_decoder_layers"],
         config["dim_feedforward"], config["dropout"], config["max_len"], PAD_ID,
     )
-    unigram = unigram_cross_entropy(_target_ids(splits["train"]), _target_ids(splits["val"]), len(vocab))
+    def unigram(split: str) -> float:
+        return unigram_cross_entropy(_target_ids(splits["train"]), _target_ids(splits[split]), len(vocab))
+
     return TaskInstance(
         name=TASK,
         model=model,
@@ -463,6 +465,7 @@ def multi30k(config: dict) -> TaskInstance:
         loss_fn=loss_fn,
         evaluate=evaluate,
         data_source=source,
-        reference=perplexity_metrics(unigram, prefix="unigram_"),
+        reference={**perplexity_metrics(unigram("val"), prefix="unigram_"),
+                   **perplexity_metrics(unigram("test"), prefix="test_unigram_")},
         info={"vocab_size": len(vocab), "pairs": {split: len(d) for split, d in splits.items()}},
     )

@@ -349,8 +349,10 @@ def wikitext2(config: dict) -> TaskInstance:
     model = MiniGPT(
         len(vocab), config["block_size"], config["d_model"], config["n_layers"], config["n_heads"], config["dropout"]
     )
-    val_targets = ids["val"][1 : len(splits["val"]) * config["block_size"] + 1]
-    unigram = unigram_cross_entropy(ids["train"], val_targets, len(vocab))
+    def unigram(split: str) -> float:  # (over the tokens the split's blocks predict)
+        return unigram_cross_entropy(ids["train"], ids[split][1 : len(splits[split]) * config["block_size"] + 1],
+                                     len(vocab))
+
     return TaskInstance(
         name=TASK,
         model=model,
@@ -360,7 +362,8 @@ def wikitext2(config: dict) -> TaskInstance:
         loss_fn=loss_fn,
         evaluate=evaluate,
         data_source=source,
-        reference=perplexity_metrics(unigram, prefix="unigram_"),
+        reference={**perplexity_metrics(unigram("val"), prefix="unigram_"),
+                   **perplexity_metrics(unigram("test"), prefix="test_unigram_")},
         info={
             "vocab_size": len(vocab),
             "tokens": {split: len(t) for split, t in ids.items()},

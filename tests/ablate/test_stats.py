@@ -440,7 +440,8 @@ def test_a_failed_trial_without_a_data_source_takes_its_tasks(tmp_path, report_k
 
 def _write_test_split(tmp_path, report_kit, arm, seed, best, test):
     row = report_kit.trial_row("etth1", "adamw" if arm == "adamw" else "gating=true", seed, best)
-    row.update(arm=arm, arms=json.dumps([arm]), trial_id=f"t-{arm}-{seed}".replace("=", "_"), test_mse=test)
+    row.update(arm=arm, arms=json.dumps([arm]), trial_id=f"t-{arm}-{seed}".replace("=", "_"), test_mse=test,
+               ref_test_persistence_mse=1.5)
     write_trial(tmp_path, row)
 
 
@@ -461,7 +462,8 @@ def test_the_paired_tables_on_the_held_out_test_split(tmp_path, report_kit):
     assert (test["split"], test["metric"], test["mode"]) == ("test", "test_mse", "min")
     assert test["adamw_mean"] == pytest.approx(2.0) and test["meta_mean"] == pytest.approx(2.3)
     assert test["rel_mean"] == pytest.approx(np.mean([-(0.2 + s / 10) / 2.0 for s in range(3)]))
-    assert test["n_better"] == 0 and not any(c.startswith("ref_") for c in test.index)
+    assert test["n_better"] == 0 and [c for c in test.index if c.startswith("ref_")] == ["ref_test_persistence_mse"]
+    assert test["ref_test_persistence_mse"] == 1.5 and "ref_test_persistence_mse" not in val.index  # (each split its own)
     assert (test["adamw_n_not_ok"], test["meta_n_not_ok"], val["meta_n_not_ok"]) == (0, 0, 0)
     arm = row_of(stats.table3(results, split="test"), task="etth1", arm="gating=true")
     assert arm["n_pairs"] == 2 and arm["arm_mean"] == pytest.approx(2.0)  # (seed 0 has no test metric)

@@ -107,6 +107,8 @@ def test_holdout_split_validates_on_training_images_and_tests_on_the_test_batch(
     torch.testing.assert_close(task.val[0][0], (torch.from_numpy(images[val_idx[0]]).float() / 255 - mean) / std)
     torch.testing.assert_close(task.test[1][0], (torch.from_numpy(test_images[1]).float() / 255 - mean) / std)
     assert int(task.test[1][1]) == 8
+    # classes 0-3 tie in training, so the majority class is 0, which the test labels 9..5 lack
+    assert task.reference == {"majority_accuracy": 0.25, "test_majority_accuracy": 0.0}
     with pytest.raises(DatasetNotFoundError, match="too few to hold out 10% of each class"):
         write_cifar(tmp_path / "small" / "cifar-10-batches-py")  # one image per class
         get_task("cifar10").build(real_config(tmp_path / "small"))

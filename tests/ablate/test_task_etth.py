@@ -237,6 +237,12 @@ def test_split_12_4_4_on_a_fixture_with_a_test_set(tmp_path):
     assert task.info["target_shift"] == pytest.approx(ot[:8640].mean())
     _, y = task.test[len(task.test) - 1]
     assert float(y) == pytest.approx((ot[14399] - ot[:8640].mean()) / ot[:8640].std(), abs=1e-4)
+    # the persistence reference on each split (the test tables show the test split's)
+    scaled = (ot - ot[:8640].mean()) / ot[:8640].std()
+    for prefix, (start, stop) in (("", (8640, 11520)), ("test_", (11520, 14400))):
+        error = scaled[start:stop] - scaled[start - 1:stop - 1]
+        assert task.reference[f"{prefix}persistence_mse"] == pytest.approx(np.mean(error**2), rel=1e-6)
+        assert task.reference[f"{prefix}persistence_mae"] == pytest.approx(np.mean(np.abs(error)), rel=1e-6)
 
 
 def test_unknown_split_is_a_config_error(tmp_path):

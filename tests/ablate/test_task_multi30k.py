@@ -177,6 +177,8 @@ def test_embedded_task_trains_with_adamw():
     assert task.data_source == "embedded:generated-bilingual-grammar-v1"
     assert task.collate_fn is collate and len(task.test) > 0
     assert 1.0 < task.reference["unigram_ppl"] < task.info["vocab_size"]
+    assert 1.0 < task.reference["test_unigram_ppl"] < task.info["vocab_size"]
+    assert task.reference["test_unigram_ppl"] != task.reference["unigram_ppl"]  # (its own split)
     loader = torch.utils.data.DataLoader(task.train, batch_size=config["batch_size"], shuffle=True, collate_fn=collate)
     probe = collate([task.val[i] for i in range(32)])
     task.model.eval()

@@ -84,6 +84,8 @@ def test_real_format_parsed_to_blocks_with_train_only_vocab(tmp_path):
     expected = -(counts[targets] / counts.sum()).log().mean().item()
     assert task.reference["unigram_loss"] == pytest.approx(expected)
     assert task.reference["unigram_ppl"] == pytest.approx(math.exp(expected))
+    targets = task.test.ids[1:9]  # and on the test split's
+    assert task.reference["test_unigram_loss"] == pytest.approx(-(counts[targets] / counts.sum()).log().mean().item())
 
 
 def test_missing_train_file_names_every_expected_path(tmp_path):
