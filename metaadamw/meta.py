@@ -1,12 +1,13 @@
 """The meta-update: train the modulator through one hypothetical MetaAdamW step.
 
-    1. g      = grad L(theta; batch1)            (first order, a constant; or the caller's .grad)
+    1. g      = grad L(theta; batch1)            (first order, a constant; or the caller's .grad),
+       and L_val = L(theta; val)                 (a constant, computed here while no graph is held)
     2. m', v' = AdamW moments updated with g; features at theta      (paper Algorithm 2)
     3. alpha, beta, lambda1, lambda2 = modulator(features)           (with a graph)
     4. theta' = theta - lr alpha (m'_hat / (sqrt(v'_hat) + eps) + beta wd theta)
     5. L_train' = L(theta'; batch2) and g' = its gradient, L_val' = L(theta'; val) and its
-       gradient, L_val = L(theta; val)   (one validation batch for both terms; each pass only
-       where the objective uses it: ``gen_gap`` has no L_val, ``loss_decrease`` no L_train')
+       gradient   (one validation batch for both validation terms; each pass only where the
+       objective uses it: ``gen_gap`` has no L_val, ``loss_decrease`` no L_train')
     6. terms -> weighting -> meta-loss (+ gate penalty); one step of the meta-optimizer.
 
 The meta-gradient is taken in stages that each traverse their graph once: the meta-loss is
