@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,6 +117,7 @@ def _import_cli_plugins(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ablate.config import ConfigError
     from ablate.trial import Trial
 
     _import_cli_plugins(args)
@@ -152,9 +154,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"ablate: error: --checkpoint {target}: cannot create its folder ({exc.strerror or exc})",
                   file=sys.stderr)
             return 2
-        if not os.access(target.parent, os.W_OK):
-            print(f"ablate: error: --checkpoint {target}: its folder {target.parent} is not writable", file=sys.stderr)
+        try:  # (a real write: os.access says yes to root on read-only mounts and on /proc)
+            tempfile.TemporaryFile(dir=target.parent).close()
+        except OSError as exc:
+            print(f"ablate: error: --checkpoint {target}: cannot write in its folder {target.parent} "
+                  f"({exc.strerror or exc})", file=sys.stderr)
             return 2
+    if args.resume and not Path(args.resume).is_file():
+        print(f"ablate: error: --resume {args.resume}: no such file (give the file --checkpoint wrote)", file=sys.stderr)
+        return 2
     trial = Trial(config)
     cfg = trial.config
     print(f"trial {trial.trial_id}: task={cfg['task']} data={trial.task.data_source} optimizer={cfg['optimizer']} "
@@ -163,6 +171,9 @@ def cmd_train(args: argparse.Namespace) -> int:
              if trial.is_meta else ""))
     if trial.is_meta:
         print(f"  {trial.optimizer!r}")
+        if cfg["epochs"] <= cfg["warmup_epochs"]:
+            print(f"note: epochs={cfg['epochs']} <= warmup_epochs={cfg['warmup_epochs']}: this run makes no meta-update, so "
+                  f"the modulator stays as initialised (raise epochs, or --set warmup_epochs=0)", flush=True)
     metric = trial.metric.name
 
     def show(row: dict, _trial) -> None:
@@ -171,7 +182,11 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"({row['time_train_s']:.1f}s train, {row['time_meta_s']:.1f}s meta, {row['time_eval_s']:.1f}s eval)",
               flush=True)
         if args.checkpoint:
-            _trial.save(args.checkpoint)
+            try:
+                _trial.save(args.checkpoint)
+            except OSError as exc:
+                raise ConfigError(f"--checkpoint {args.checkpoint}: writing the checkpoint of epoch {row['epoch']} "
+                                  f"failed ({exc.strerror or exc})") from exc
 
     if args.resume:
         trial.load(args.resume)
@@ -248,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("train", help="run one trial and print its metrics")
-    s.add_argument("--task", required=True)
-    s.add_argument("--optimizer", default="metaadamw", choices=["adamw", "metaadamw"])
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--task", required=True, help="the task to train (`ablate list` shows them)")
+    s.add_argument("--optimizer", default="metaadamw", choices=["adamw", "metaadamw"],
+                   help="default: metaadamw (adamw: the reference, with the same lr, weight decay and betas)")
+    s.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and dropout (default: 0)")
     s.add_argument("--data", choices=["embedded", "real"], help="embedded (default) or real")
     s.add_argument("--data-dir", help="directory of the real dataset (else $ABLATE_DATA_DIR)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any trial-config key (repeatable)")
@@ -336,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if isinstance(exc, (NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)) and exc.filename:
             # a path the user gave (--out on a file, a read-only folder): one line, not a traceback
-            hint = {NotADirectoryError: " (a file is in the way: --out and --storage take folders)",
+            hint = {NotADirectoryError: " (a file is in the way where a folder is needed)",
                     IsADirectoryError: " (a folder where a file is expected)"}.get(type(exc), "")
             print(f"ablate: error: {exc.strerror or exc}: {exc.filename}{hint}", file=sys.stderr)
             return 2
@@ -348,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError,
                             ResultsError)):
-            print(f"ablate: error: {exc}", file=sys.stderr)
+            said = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename and exc.strerror else exc
+            print(f"ablate: error: {said}", file=sys.stderr)
             return 2
         raise
     finally:

@@ -210,7 +210,7 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
-        if key == "task":  # (a task of a plugin the command did not import)
+        if key == "task" and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's task?)
             hint += " (a task a plugin registers: list the module under plugins: in the study, or give --plugin)"
         raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "
                           f"{', '.join(map(str, allowed))}")
@@ -294,7 +294,7 @@ def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) 
             f"the meta-update frequency; give only one"
         )
     if resolved["data"] == "embedded" and given.get("data_dir"):
-        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real to use the files in it")
+        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real (ablate train: --data real) to use the files in it")
     # constraints between keys (CrossKeyError) last: a check of one layer of a study file skips them
     if resolved["meta_every"] is None and resolved["meta_per_epoch"] is None and resolved["optimizer"] == "metaadamw":
         raise CrossKeyError(f"{where}: meta_every is null but meta_per_epoch is not set: MetaAdamW needs one of them "
@@ -333,6 +333,7 @@ def describe_fields() -> str:
 
 def did_you_mean(key: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
     """`` (did you mean 'x'?)`` for the option closest to a misspelt ``key``, or ``""`` (``cutoff``:
-    how close, as difflib measures it)."""
-    close = difflib.get_close_matches(str(key), list(options), n=1, cutoff=cutoff)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    how close, as difflib measures it, ignoring case: ``ETTh1`` is ``etth1``)."""
+    lowered = {str(o).lower(): o for o in options}
+    close = difflib.get_close_matches(str(key).lower(), list(lowered), n=1, cutoff=cutoff)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""

@@ -307,6 +307,8 @@ def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Res
     out_dir = Path(out_dir)
     if not out_dir.exists():
         raise FileNotFoundError(f"no results directory at {out_dir}; run `ablate run SPEC` first")
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} is a file, not a study's results directory (results/<study name>)")
     return _results(out_dir, _read_tables(out_dir), all_trials)
 
 
@@ -320,7 +322,11 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
             f"combined tables do not hold its rows: " + "; ".join(f"{t}: {why}" for t, why in damaged.items())
             + ". `ablate run SPEC --out ... --resume` computes them again.", stacklevel=3)
     if tables["trials"].empty and not (out_dir / PARTS_DIR).exists():
-        raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet)")
+        studies = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and (
+            (d / PARTS_DIR).is_dir() or (d / "trials.parquet").is_file())) if out_dir.is_dir() else []
+        inside = (f"; it holds the results of {', '.join(studies)}: give that folder, e.g. {out_dir / studies[0]}"
+                  if studies else "")
+        raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet){inside}")
     manifest = None if all_trials else read_manifest(out_dir)
     if manifest is not None and len(tables["trials"]):
         tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)

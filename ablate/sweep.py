@@ -88,6 +88,9 @@ def ray_storage_path(storage: str | None) -> str | None:
 #: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once
 #: the trial's results are stored)
 CHECKPOINTS_DIR = "checkpoints"
+#: a progress line for an epoch a running trial finished, at most this often (seconds): trials on
+#: real data run for minutes, and a run must not look stalled until the first one ends
+PROGRESS_EVERY_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +262,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.failed_ids: set[str] = set()
             self.write_error: tuple[TrialSpec, OSError] | None = None
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
+            self.last_line = time.monotonic()
 
         @property
         def done(self) -> int:
@@ -280,7 +284,15 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             if FAILED_KEY in result:  # a deterministic failure the worker reported without raising
                 self._record_failure(trials, spec, result[FAILED_KEY], "; not retried")
                 return
-            if RESULT_KEY not in result:
+            if RESULT_KEY not in result:  # an epoch of a running trial
+                if time.monotonic() - self.last_line >= PROGRESS_EVERY_S and "epoch" in result:
+                    from ablate.tasks import TASKS
+
+                    name = TASKS.get(spec.task).metric.name if spec.task in TASKS else None
+                    value = result.get(f"val_{name}")
+                    shown = f" {name}={value:.5g}" if isinstance(value, (int, float)) else ""
+                    self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: epoch {result['epoch']}/"
+                                           f"{spec.config.get('epochs', '?')}{shown}")
                 return
             payload = json.loads(result[RESULT_KEY])
             # missing metrics as NaN; config values keep their None (a row must rebuild its config)
@@ -319,6 +331,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             eta = f", about {_duration(seconds)} left" if seconds is not None else ""
             print(f"[{reused + finished}/{total} done ({reused} reused), {running} running, {self.failed} failed"
                   f"{eta}] {last}", flush=True)
+            self.last_line = time.monotonic()
 
     return Recorder()
 
@@ -933,14 +946,29 @@ def summary_table(results: store.Results) -> str:
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
                           + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
     if (arms["arm"] == "baseline").any() and (arms["arm"] != "baseline").any():
-        lines.append("\n(an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
+        lines.append("\n(vs baseline: the mean per-seed relative change, positive = the arm is better than the baseline; "
+                     "an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
     return "\n".join(lines)
+
+
+def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> str:
+    """What ``ablate run`` would do with the results already in ``out_dir`` (read only): how many
+    trials it would reuse and run, ``--rerun`` checked as the run checks it."""
+    selected = rerun_selection(study, rerun) if rerun else set()
+    stored = store.finished_trials(out_dir) if out_dir.is_dir() else None
+    done = set(stored["trial_id"]) if stored is not None and len(stored) else set()
+    reuse = {t.trial_id for t in study.trials} & done - selected
+    line = (f"\nwith {out_dir}: {len(reuse)} trial(s) stored (reused), {len(study.trials) - len(reuse)} to run"
+            + (f" ({len(selected & done)} of them again, selected by --rerun)" if rerun else "")
+            + "; a run also runs again stored trials whose data files changed")
+    return line if out_dir.is_dir() else f"\n{out_dir} does not exist yet: all {len(study.trials)} trial(s) to run"
 
 
 def run_command(args) -> int:
     study = load_study(args.spec, extra_seeds=args.extra_seeds)
     if args.dry_run:
         print(format_trials(study))
+        print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,

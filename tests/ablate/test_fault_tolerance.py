@@ -394,7 +394,7 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
     (tmp_path / "garbage.pt").write_text("garbage\n")
     train = ["train", "--task", "etth1", "--set", "epochs=1", "--set", "max_train_batches=2"]
     assert main([*train, "--checkpoint", str(tmp_path / "ck.pt")]) == 0
-    capsys.readouterr()
+    assert "note: epochs=1 <= warmup_epochs=1: this run makes no meta-update" in capsys.readouterr().out
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
@@ -409,6 +409,13 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         ([*train, "--set", "seed=5"], "--set seed=... would silently replace --seed: give --seed instead"),
         ([*train, "--set", "task=cifar10"], "give --task instead"),
         ([*train, "--checkpoint", str(tmp_path)], "is a directory; give a file path"),  # (before training)
+        ([*train, "--checkpoint", "/proc/ablate-test.pt"], "--checkpoint /proc/ablate-test.pt: cannot write in its folder"),
+        ([*train, "--resume", str(tmp_path / "missing.pt")], "--resume " + str(tmp_path / "missing.pt") + ": no such file"),
+        (["train", "--task", "ETTh1"], "(did you mean 'etth1'?); choose one of"),  # (case only: no plugin hint)
+        (["report", str(tmp_path / "garbage.pt")], "is a file, not a study's results directory"),
+        (["report", str(tmp_path)], "holds no study results (no parts/ and no trials.parquet); it holds the results of "
+                                    "empty: give that folder"),
+        ([*train, "--data-dir", str(tmp_path)], "set data: real (ablate train: --data real)"),
         ([*train, "--set", "meta_every=null"], "meta_every is null but meta_per_epoch is not set"),
         (["tune", "tune.yaml", "--study-storage", "foo://bar"], "the Optuna study storage 'foo://bar'"),
         (["run", "tune.yaml", "--address", "127.0.0.1:1", "--out", str(tmp_path / "addr")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,7 +66,7 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     assert not [m for m in seen.messages if "Failed to fetch metrics" in m], \
         "Tune's warning about the result.json files a sweep turns off on purpose reaches the user"
     assert (first.ran, first.reused, first.failed) == (6, 0, 0)
-    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[") and ": epoch " not in line]
     running = [int(line.split(", ")[1].split()[0]) for line in progress]
     assert len(progress) == 6 and max(running) <= 2 and running[-1] == 0, progress  # (2 CPUs: 2 at a time)
     assert progress[-1].startswith("[6/6 done (0 reused), 0 running, 0 failed]"), progress
@@ -402,6 +403,19 @@ def test_summary_table_compares_arms_on_the_seeds_both_finished(tmp_path, report
     assert line.split()[1:5] == ["1.65", "2", "-10.00%", "1"] and "(baseline 1.5 on these 2 seeds)" in line
 
 
+def test_a_running_trial_shows_its_epochs(tmp_path, capsys, monkeypatch):
+    # trials on real data run for minutes: the run printed nothing until the first one ended
+    from ablate import sweep
+
+    monkeypatch.setattr(sweep, "PROGRESS_EVERY_S", 0.0)  # (a line for every epoch; 30 s apart by default)
+    run_study(load_study(_study(tmp_path, seeds=1, epochs=2, extra="adamw: false")), tmp_path / "results", num_cpus=2,
+              max_concurrent=1)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
+    epochs = [ln for ln in lines if ": epoch " in ln]
+    assert len(epochs) == 4 and len(lines) == 6, lines  # 2 trials x 2 epochs, then each trial's result
+    assert re.search(r"^\[0/2 done \(0 reused\), 1 running, 0 failed.*\] etth1 seed 0 baseline: epoch 1/2 mse=\d", epochs[0])
+
+
 def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(tmp_path, capsys):
     # data_dir is not part of a trial's identity (moving the data keeps its results), so replacing
     # ETTh1.csv by a subset was silently answered with the results of the full file
@@ -573,3 +587,25 @@ def test_sigterm_ends_a_run_at_once_with_its_message_also_after_ray_shutdown(tmp
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 143, done.stdout + done.stderr
     assert done.stdout.strip() == "terminated (SIGTERM): 2 trial(s) did not finish" and marker.exists()
+
+
+def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
+    from ablate.cli import main
+    from ablate.results import write_trial
+
+    spec = _study(tmp_path, seeds=1)
+    study = load_study(spec)
+    out = tmp_path / "results"
+    argv = ["run", str(spec), "--dry-run", "--out", str(out)]
+    assert main(argv) == 0
+    assert f"{out / 'tiny'} does not exist yet: all 3 trial(s) to run" in capsys.readouterr().out
+    for t in study.trials[:2]:  # two of the three stored
+        write_trial(out / "tiny", {**t.config, "trial_id": t.trial_id, "status": "ok", "best_metric": 1.0,
+                                   "metric": "mse", "mode": "min", "arm": t.arm, "study": "tiny"})
+    assert main(argv) == 0
+    assert "2 trial(s) stored (reused), 1 to run;" in capsys.readouterr().out
+    assert main([*argv, "--rerun", study.trials[0].arm]) == 0
+    assert "1 trial(s) stored (reused), 2 to run (1 of them again, selected by --rerun)" in capsys.readouterr().out
+    assert main([*argv, "--rerun", "bogus"]) == 2  # refused as a real run refuses it
+    assert "--rerun bogus: not a task or arm of study tiny" in capsys.readouterr().err
+    assert not (out / "tiny" / "study.yaml").exists()  # (a dry run writes nothing)
