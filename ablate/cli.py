@@ -142,6 +142,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"use; drop them, or train with --optimizer metaadamw", file=sys.stderr)
             return 2
     config.update(sets)
+    if args.resume and not Path(args.resume).is_file():
+        print(f"ablate: error: --resume {args.resume}: no such file (give the file --checkpoint wrote)", file=sys.stderr)
+        return 2
     if args.checkpoint:  # refused now, not after the first epoch's training
         target = Path(args.checkpoint)
         if target.is_dir():
@@ -157,12 +160,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:  # (a real write: os.access says yes to root on read-only mounts and on /proc)
             tempfile.TemporaryFile(dir=target.parent).close()
         except OSError as exc:
-            print(f"ablate: error: --checkpoint {target}: cannot write in its folder {target.parent} "
-                  f"({exc.strerror or exc})", file=sys.stderr)
+            print(f"ablate: error: --checkpoint {target}: cannot write in its folder {target.parent} (creating a file "
+                  f"there failed: {exc.strerror or exc})", file=sys.stderr)
             return 2
-    if args.resume and not Path(args.resume).is_file():
-        print(f"ablate: error: --resume {args.resume}: no such file (give the file --checkpoint wrote)", file=sys.stderr)
-        return 2
     trial = Trial(config)
     cfg = trial.config
     print(f"trial {trial.trial_id}: task={cfg['task']} data={trial.task.data_source} optimizer={cfg['optimizer']} "

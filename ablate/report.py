@@ -533,7 +533,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
                     + " Time change is MetaAdamW's total training time over the matched seeds relative to AdamW's"
-                    + ("; ref_* columns are trivial references." if split == "validation" else ".") + left_out)]
+                    + "; ref_* columns are trivial references (on this split)." + left_out)]
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),

@@ -312,6 +312,14 @@ def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Res
     return _results(out_dir, _read_tables(out_dir), all_trials)
 
 
+def _holds_results(folder: Path) -> bool:
+    """Whether ``folder`` is a study's results directory (False where it cannot be read)."""
+    try:
+        return folder.is_dir() and ((folder / PARTS_DIR).is_dir() or (folder / "trials.parquet").is_file())
+    except OSError:
+        return False
+
+
 def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_missing: bool = True) -> Results:
     """:func:`load_results` of the tables :func:`_read_tables` read. ``warn_missing``: warn about
     the study's trials that have no stored result (``ablate run`` says which itself)."""
@@ -322,8 +330,7 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
             f"combined tables do not hold its rows: " + "; ".join(f"{t}: {why}" for t, why in damaged.items())
             + ". `ablate run SPEC --out ... --resume` computes them again.", stacklevel=3)
     if tables["trials"].empty and not (out_dir / PARTS_DIR).exists():
-        studies = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and (
-            (d / PARTS_DIR).is_dir() or (d / "trials.parquet").is_file())) if out_dir.is_dir() else []
+        studies = sorted(d.name for d in out_dir.iterdir() if _holds_results(d)) if out_dir.is_dir() else []
         inside = (f"; it holds the results of {', '.join(studies)}: give that folder, e.g. {out_dir / studies[0]}"
                   if studies else "")
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet){inside}")

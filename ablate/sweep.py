@@ -946,18 +946,23 @@ def summary_table(results: store.Results) -> str:
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
                           + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
     if (arms["arm"] == "baseline").any() and (arms["arm"] != "baseline").any():
-        lines.append("\n(vs baseline: the mean per-seed relative change, positive = the arm is better than the baseline; "
-                     "an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
+        lines.append("\n(the change is the mean per-seed relative change, positive = the arm is better than the "
+                     "baseline; an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
     return "\n".join(lines)
 
 
 def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> str:
     """What ``ablate run`` would do with the results already in ``out_dir`` (read only): how many
     trials it would reuse and run, ``--rerun`` checked as the run checks it."""
+    from ablate.config import ConfigError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file: a run needs a folder there (give another --out)")
     selected = rerun_selection(study, rerun) if rerun else set()
     stored = store.finished_trials(out_dir) if out_dir.is_dir() else None
     done = set(stored["trial_id"]) if stored is not None and len(stored) else set()
-    reuse = {t.trial_id for t in study.trials} & done - selected
+    pending = store.pending_reruns(out_dir)[0] if out_dir.is_dir() else set()  # (what an earlier --rerun left)
+    reuse = {t.trial_id for t in study.trials} & done - selected - pending
     line = (f"\nwith {out_dir}: {len(reuse)} trial(s) stored (reused), {len(study.trials) - len(reuse)} to run"
             + (f" ({len(selected & done)} of them again, selected by --rerun)" if rerun else "")
             + "; a run also runs again stored trials whose data files changed")

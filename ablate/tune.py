@@ -54,9 +54,9 @@ Storage
     whose objective differs from the stored one is refused rather than mixed into it.
 
 Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation)
-    ``best_priorities.yaml`` - ``{task: [p1, p2, p3]}`` (or ``{task: {priorities: [...],
-    meta_lr: ...}}`` when other knobs are tuned), for ``baseline: {priorities_from: FILE}`` in a
-    study file; ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
+    ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...]}}`` (with
+    ``meta_lr: ...`` and the like when other knobs are tuned), for ``baseline: {priorities_from:
+    FILE}`` in a study file; ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
     state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
     baseline``; ``importances.parquet`` - ``task, param, importance`` (fANOVA, complete trials).
 """

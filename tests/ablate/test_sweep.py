@@ -606,6 +606,11 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     assert "2 trial(s) stored (reused), 1 to run;" in capsys.readouterr().out
     assert main([*argv, "--rerun", study.trials[0].arm]) == 0
     assert "1 trial(s) stored (reused), 2 to run (1 of them again, selected by --rerun)" in capsys.readouterr().out
+    from ablate.results import write_reruns
+
+    write_reruns(out / "tiny", {study.trials[1].trial_id}, set())  # an earlier --rerun that was cut off
+    assert main(argv) == 0
+    assert "1 trial(s) stored (reused), 2 to run;" in capsys.readouterr().out
     assert main([*argv, "--rerun", "bogus"]) == 2  # refused as a real run refuses it
     assert "--rerun bogus: not a task or arm of study tiny" in capsys.readouterr().err
     assert not (out / "tiny" / "study.yaml").exists()  # (a dry run writes nothing)

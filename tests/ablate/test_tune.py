@@ -536,6 +536,26 @@ def test_the_shipped_spec_is_valid():
 # -- baseline: {priorities_from: ...} ---------------------------------------------------------
 
 
+def test_priorities_tuned_on_the_studys_seeds_warn_unless_overrides_replace_them(tmp_path):
+    _write(tmp_path, BEST_FILE, """\
+        etth1: {priorities: [2.0, 0.5, 4.0], tuned_on_seeds: [0, 1, 2]}
+        imdb: {priorities: [1.0, 2.0, 3.0], tuned_on_seeds: [0, 1, 2]}
+        """)
+    study = """\
+        name: s
+        tasks: [etth1, imdb]
+        seeds: [2, 7]
+        baseline: {{priorities_from: best_priorities.yaml}}
+        overrides: {overrides}
+        """
+    with pytest.warns(UserWarning, match=r"seeds this study runs too \(etth1: seed\(s\) 2\); .*seeds: \[8, 9\]"):
+        load_study(_write(tmp_path, "s.yaml", study.format(overrides="{imdb: {priorities: [1, 1, 1]}}")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every task's tuned values replaced: nothing favours the baseline
+        load_study(_write(tmp_path, "s.yaml", study.format(
+            overrides="{imdb: {priorities: [1, 1, 1]}, etth1: {priorities: [1, 1, 1]}}")))
+
+
 def test_priorities_from_sets_each_tasks_tuned_values(tmp_path):
     _write(tmp_path / "tuned", BEST_FILE, """\
         etth1: [2.0, 0.5, 4.0]
