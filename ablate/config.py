@@ -294,7 +294,8 @@ def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) 
             f"the meta-update frequency; give only one"
         )
     if resolved["data"] == "embedded" and given.get("data_dir"):
-        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real (ablate train: --data real) to use the files in it")
+        raise ConfigError(f"{where}: data_dir is given but data='embedded'; set data: real (ablate train: --data real) "
+                          f"to use the files in it")
     # constraints between keys (CrossKeyError) last: a check of one layer of a study file skips them
     if resolved["meta_every"] is None and resolved["meta_per_epoch"] is None and resolved["optimizer"] == "metaadamw":
         raise CrossKeyError(f"{where}: meta_every is null but meta_per_epoch is not set: MetaAdamW needs one of them "
