@@ -126,7 +126,7 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
             "p (Holm)": fmt_p(r["p_holm"]),
             "seeds (better)": _seeds_cell(r, "adamw_n_unmatched", "meta_n_unmatched"),
             "not ok (AdamW/Meta)": f"{r['adamw_n_not_ok']}/{r['meta_n_not_ok']}",
-            "sig.": "*" if r["significant"] else "(*)" if r.get("withheld", False) else "",
+            "sig.": stats.significance_mark(r["significant"], r.get("withheld", False)),
         }
         row.update({c: fmt_num(r[c]) for c in t2.columns if c.startswith("ref_")})
         rows.append(row)
@@ -138,8 +138,8 @@ def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
     arm that ran the baseline's own trials says so instead of showing a zero difference."""
     rows = []
     for _, r in t3.iterrows():
-        row = {"task": r["task"], "axis": r["axis"], "arm": r["arm"] + (" *" if r["significant"] else
-                                                                         " (*)" if r.get("withheld", False) else "")}
+        mark = stats.significance_mark(r["significant"], r.get("withheld", False))
+        row = {"task": r["task"], "axis": r["axis"], "arm": r["arm"] + (f" {mark}" if mark else "")}
         if r.get("same_as_baseline", False):
             same = "= baseline (same trials)"
             row.update({"arm mean": same, "baseline mean": fmt_num(r["baseline_mean"]), "rel. change vs baseline": same,
@@ -292,7 +292,8 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
     withheld = rows["withheld"] if "withheld" in rows else [False] * len(rows)
     for xi, top, sig, held, m in zip(x, tops, rows["significant"], withheld, mean):
         if sig or held:
-            ax.annotate("*" if sig else "(*)", (xi, top), ha="center", va="bottom", fontsize=16 if sig else 11)
+            ax.annotate(stats.significance_mark(sig, held), (xi, top), ha="center", va="bottom",
+                        fontsize=16 if sig else 11)
         if not np.isfinite(m):  # (no matched ok seeds, or the baseline's own trials): not a zero change
             ax.annotate("n/a", (xi, 0), ha="center", va="bottom", fontsize=9, color="0.4")
     ax.axhline(0, color="black", linewidth=0.8)

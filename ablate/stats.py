@@ -382,6 +382,12 @@ def _compare(ref: pd.Series, new: pd.Series, mode: str) -> dict:
     return paired_comparison(ref.to_numpy(), new.to_numpy(), mode)
 
 
+def significance_mark(significant: bool, withheld: bool = False) -> str:
+    """How the tables and figures mark a difference: ``*`` significant, ``(*)`` withheld (see
+    :func:`_holm_family`), else nothing."""
+    return "*" if significant else "(*)" if withheld else ""
+
+
 def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatched: str) -> None:
     """``p_holm`` (Holm-adjusted sign-flip p over ``rows``, one family) and ``significant``:
     p_holm < alpha, ``withheld`` where the arm the difference favours has no ok result on a seed
@@ -536,7 +542,7 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
             row.setdefault("p_holm", np.nan)
             row.setdefault("significant", False)
             row.setdefault("withheld", False)
-            row["mark"] = "*" if row["significant"] else "(*)" if row["withheld"] else ""
+            row["mark"] = significance_mark(row["significant"], row["withheld"])
         rows += task_rows
     return pd.DataFrame(rows)
 

@@ -879,10 +879,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
         unfinished = len(left)
         if not unfinished and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
             _clean_up(out_dir, study, storage, run_name)
-        names = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in left]
+        names = [_trial_label(t) for t in left]
         if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
-            print(f"\ninterrupted: {unfinished} trial(s) did not finish: {'; '.join(names[:10])}"
-                  f"{f'; and {unfinished - 10} more' if unfinished > 10 else ''}", flush=True)
+            print(f"\ninterrupted: {unfinished} trial(s) did not finish: {_first_ten(names)}", flush=True)
         has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
         if has_parts:
             results = store.consolidate(out_dir)
@@ -959,8 +958,7 @@ def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> s
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file: a run needs a folder there (give another --out)")
     selected = rerun_selection(study, rerun) if rerun else set()
-    stored = store.finished_trials(out_dir) if out_dir.is_dir() else None
-    done = set(stored["trial_id"]) if stored is not None and len(stored) else set()
+    done = store.finished_trial_ids(out_dir) if out_dir.is_dir() else set()
     pending = store.pending_reruns(out_dir)[0] if out_dir.is_dir() else set()  # (what an earlier --rerun left)
     reuse = {t.trial_id for t in study.trials} & done - selected - pending
     line = (f"\nwith {out_dir}: {len(reuse)} trial(s) stored (reused), {len(study.trials) - len(reuse)} to run"
@@ -998,14 +996,22 @@ def run_command(args) -> int:
     return 130 if outcome.unfinished else 1 if outcome.failed else 0
 
 
+def _trial_label(t: TrialSpec) -> str:
+    """A trial as the messages about unfinished trials name it."""
+    return f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})"
+
+
+def _first_ten(names: list[str]) -> str:
+    return "; ".join(names[:10]) + (f"; and {len(names) - 10} more" if len(names) > 10 else "")
+
+
 def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str | None) -> str:
     done = set() if recorder is None else recorder.written | recorder.failed_ids
-    left = [f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})" for t in pending if t.trial_id not in done]
+    left = [_trial_label(t) for t in pending if t.trial_id not in done]
     hint = resume_hint or "the same command with --resume"
     if not left:
         return f"every trial is stored; the combined tables were not written: run {hint}"
-    more = f"; and {len(left) - 10} more" if len(left) > 10 else ""
-    return f"{len(left)} trial(s) did not finish: {'; '.join(left[:10])}{more}. The finished ones are stored; continue with: {hint}"
+    return f"{len(left)} trial(s) did not finish: {_first_ten(left)}. The finished ones are stored; continue with: {hint}"
 
 
 @contextlib.contextmanager
@@ -1060,9 +1066,8 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
             shutil.rmtree(Path(storage.removeprefix("file://")) / run_name, ignore_errors=True)
     ids = {t.trial_id for t in study.trials}
     others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
-    stored = store.finished_trials(out_dir)
-    done = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt")
-            if p.stem in ids and len(stored) and p.stem in set(stored["trial_id"])]
+    stored = store.finished_trial_ids(out_dir)
+    done = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem in ids and p.stem in stored]
     if done:  # (kept by an earlier run with --keep-checkpoints, or left by a run killed as it stored the trial)
         size = sum(p.stat().st_size for p in done) / 2**20
         print(f"note: {len(done)} checkpoint(s) of trials whose results are stored stay in {out_dir / CHECKPOINTS_DIR} "

@@ -597,13 +597,12 @@ class MetaAdamW(torch.optim.Optimizer):
         """Group the active tensors into buckets (param_group x modulator group x step count)."""
         self._ensure_meta_synced()  # (a made-before-the-process-group optimizer's first step: see there)
         indices = [i for i, a in enumerate(active) if a]
+        self._restart_reset_moments(indices)
         carried = self._carried
         for i in indices:
             st = self.state[self._params[i]]
             if "exp_avg" not in st:
                 self._init_state(self._params[i])
-                if self._steps[i]:  # the caller reset the state: fresh moments count from step 0, their norms from 0
-                    self._steps[i], self._carry_valid = 0, False
             m, v, refs = st["exp_avg"], st["exp_avg_sq"], carried.get(i)
             if refs is not None and (refs[0]() is not m or refs[1]() is not v):
                 self._carry_valid = False  # moments the caller replaced while the tensor had no gradient
@@ -666,6 +665,13 @@ class MetaAdamW(torch.optim.Optimizer):
             numel=numel,
         )
         return self._plan
+
+    def _restart_reset_moments(self, indices: Iterable[int]) -> None:
+        """Tensors at ``indices`` whose moments the caller reset (the state cleared, an entry deleted)
+        count from step 0 again, as AdamW's fresh state does, and their carried norms are recomputed."""
+        for i in indices:
+            if self._steps[i] and "exp_avg" not in self.state.get(self._params[i], ()):
+                self._steps[i], self._carry_valid = 0, False
 
     def _carried_now(self) -> dict[int, tuple[weakref.ref, weakref.ref]]:
         """Weak references to every tensor's moments as they are now, which the carried norms
@@ -750,9 +756,7 @@ class MetaAdamW(torch.optim.Optimizer):
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
         self._check_tensors_unchanged()
-        for i, p in enumerate(self._params):  # moments the caller reset count from step 0, as in step()
-            if self._steps[i] and "exp_avg" not in self.state.get(p, ()):
-                self._steps[i], self._carry_valid = 0, False
+        self._restart_reset_moments(range(len(self._params)))  # as step() does
         model = D.unwrap(model)
         self._ensure_meta_synced()
         was_training = self.modulator.training
