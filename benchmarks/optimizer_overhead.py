@@ -392,7 +392,8 @@ def meta_breakdown(name: str, reps: int) -> dict[str, float]:
     loss evaluations, the torch.autograd.grad calls, the modulator and the rest."""
     s = MetaSetup(name)
     tm = Timers()
-    loss_labels = ["fwd L(theta; b1)", "fwd L(theta'; b2)", "fwd L(theta'; val)", "fwd L(theta; val) (no grad)",
+    # in meta_step's order: L(theta; val) comes right after g (with grad enabled, its graph dropped at once)
+    loss_labels = ["fwd L(theta; b1)", "fwd L(theta; val) (graph dropped)", "fwd L(theta'; b2)", "fwd L(theta'; val)",
                    "fwd L(theta' + eps v; b2) (finite difference)"]
     grad_labels = ["grad g = dL/dtheta", "grad g' = dL(theta'; b2)", "grad dL(theta'; val)",
                    "grad of the meta-loss (objective, weighting, modulator)", "grad at theta' + eps v",
