@@ -167,7 +167,8 @@ def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
             "kind": r["kind"],
             "term": r["term"],
             "level": r["level"] + (f" ({r['confounded']})" if r.get("confounded") else "")
-                     + (" *" if r["significant"] else ""),
+                     + (f" {mark}" if (mark := stats.significance_mark(r["significant"], r.get("withheld", False)))
+                        else ""),
             "effect [95% CI]": (fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True) if not r.get("aliased")
                                 else f"aliased with {r['aliased']}" if r["aliased"] != "not estimable"
                                 else "not estimable in this design"),
@@ -582,11 +583,24 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               "fitted ('aliased with ...'): the main effects are estimated assuming it is negligible; a fitted "
               "effect that stands for unfitted ones names them with their signs, e.g. 'grouping=original (- A x B)' "
               "(its estimate is its own effect plus that signed sum). "
-              f"p (Holm) adjusts p over the fitted effects; * marks p (Holm) < {alpha}. "
-              f"Observations: {int(effects['n'].iloc[0])}."),
+              f"p (Holm) adjusts p over the fitted effects; * marks p (Holm) < {alpha}, shown (*) - not "
+              f"marked - where a cell the effect favours has no ok result on a seed where other cells have one "
+              f"(the fit cannot count a divergence, so the effect would rest on the seeds that cell survived). "
+              f"Observations: {int(effects['n'].iloc[0])}." + _factorial_missing_note(results)),
         _table(factorial_display(effects)),
         *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
     ]
+
+
+def _factorial_missing_note(results: Results) -> str:
+    """The cell-seeds the factorial fit leaves out, named (the first ten)."""
+    missing = stats.factorial_missing(results)
+    if missing.empty:
+        return ""
+    names = [f"{r.arm[len(stats.FACTORIAL_PREFIX):]} on {r.task} seed {r.seed} ({r.status})" for r in missing.itertuples()]
+    more = f"; and {len(names) - 10} more" if len(names) > 10 else ""
+    return (f" Left out of the fit, {len(names)} cell-seed(s) without an ok result where other cells of the seed "
+            f"have one: {'; '.join(names[:10])}{more}.")
 
 
 def _ratio_cell(v: float) -> str:

@@ -582,6 +582,29 @@ def factorial_frame(results: Results) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def factorial_missing(results: Results) -> pd.DataFrame:
+    """The factorial cells without an ok result on a (task, seed) where another cell has one:
+    task, seed, arm (the cell) and status (``diverged``, ``failed``, ``no_metric``, or ``not run``
+    when the results hold no trial of that cell and seed). The effects are fitted without them
+    (see :func:`factorial_effects`' ``withheld``)."""
+    columns = ["task", "seed", "arm", "status"]
+    arms = explode_arms(results.trials)
+    if arms.empty:
+        return pd.DataFrame(columns=columns)
+    arms = arms[arms["arm"].astype(str).str.startswith(FACTORIAL_PREFIX)]
+    ok = ok_mask(arms) if len(arms) else pd.Series(dtype=bool)
+    done = set(zip(arms.loc[ok, "task"], arms.loc[ok, "seed"], arms.loc[ok, "arm"]))
+    status = {(t, s, a): st for t, s, a, st in zip(arms["task"], arms["seed"], arms["arm"], arms["status"])}
+    rows = []
+    for task in sorted(set(arms.loc[ok, "task"])):
+        cells = sorted(set(arms.loc[arms["task"] == task, "arm"]))
+        for seed in sorted({s for t, s, _ in done if t == task}):
+            rows += [{"task": task, "seed": seed, "arm": cell, "status": "no_metric" if status.get((task, seed, cell)) == "ok"
+                      else status.get((task, seed, cell), "not run")}
+                     for cell in cells if (task, seed, cell) not in done]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _effect_columns(levels: pd.Series) -> tuple[list[str], np.ndarray]:
     """Sum-to-zero (effect) coding: one column per level but the last, which is coded -1."""
     names = sorted(levels.astype(str).unique())
@@ -617,12 +640,20 @@ def factorial_effects(
     A x B + C x D): its estimate is theirs as much as its own.
 
     ``p_holm`` adjusts the p-values by Holm over the fit's estimable effects (a two-level
-    factor's two rows are one test) and ``significant`` is p_holm < alpha. Returns an empty frame
-    when the study has no factorial cells.
+    factor's two rows are one test) and ``significant`` is p_holm < alpha, unless ``withheld``:
+    as in Tables 2 and 3 (:func:`_holm_family`), an effect is not marked when a cell it favours
+    has no ok result on a seed where other cells have one (:func:`factorial_missing`: it
+    diverged, failed or has not run there). The fit leaves such a cell-seed out - a divergence is
+    not a bad result it can count - so the effect would rest on the seeds that cell survived.
+    A cell is favoured by an effect when its contrast coefficient has the estimate's sign: a
+    main effect's level with a positive estimate (with a negative one, the other levels), an
+    interaction's cells whose product of effect codes has its sign. ``n_missing`` counts the
+    cell-seeds left out. Returns an empty frame when the study has no factorial cells.
     """
     frame = factorial_frame(results)
     if frame.empty:
         return pd.DataFrame()
+    missing = [parse_factorial_arm(a) for a in factorial_missing(results)["arm"]]
     factors = [c for c in frame.columns if c not in {"task", "seed", "arm", "mode", "best_metric", "y"}]
     factors = [f for f in factors if frame[f].nunique() > 1]
     columns, labels = [np.ones(len(frame))], [("intercept", "", "")]
@@ -667,6 +698,9 @@ def factorial_effects(
                 c[idx] = -1.0
             row = _contrast_row("main", f, name, c, beta, cov, dof, confidence)
             row["aliased"] = ""
+            row["favoured_missing"] = sum(
+                (cell.get(f) == name) if row["estimate"] > 0 else (cell.get(f) != name) if row["estimate"] < 0 else False
+                for cell in missing)
             # a two-level factor's second row is minus its first: what it stands for flips sign too
             flip = -1.0 if len(names) == 2 and j == 1 else 1.0
             row["confounded"] = _signed(confounded.get((f, names[0] if len(names) == 2 else name), []), flip)
@@ -683,15 +717,26 @@ def factorial_effects(
             else:
                 c = np.zeros(len(beta))
                 c[labels.index(("interaction", *key))] = 1.0
-                rows.append({**_contrast_row("interaction", *key, c, beta, cov, dof, confidence), "aliased": "",
-                             "confounded": _signed(confounded.get(key, []))})
+                row = _contrast_row("interaction", *key, c, beta, cov, dof, confidence)
+                refs = (coded[f][0][-1], coded[g][0][-1])
+                row["favoured_missing"] = sum(
+                    _effect_code(cell.get(f), a, refs[0]) * _effect_code(cell.get(g), b, refs[1]) * row["estimate"] > 0
+                    for cell in missing)
+                rows.append({**row, "aliased": "", "confounded": _signed(confounded.get(key, []))})
             tests.append(("interaction", *key))
     out = pd.DataFrame(rows)
     family = out.assign(test=tests).groupby("test", sort=False)["p_value"].first()
     out["p_holm"] = pd.Series(tests).map(dict(zip(family.index, holm(family.to_numpy())))).to_numpy(dtype=float)
-    out["significant"] = out["p_holm"] < alpha
+    out["withheld"] = (out["p_holm"] < alpha) & (out["favoured_missing"].fillna(0) > 0)
+    out["significant"] = (out["p_holm"] < alpha) & ~out["withheld"]
     out["n"] = len(frame)
-    return out
+    out["n_missing"] = len(missing)
+    return out.drop(columns="favoured_missing")
+
+
+def _effect_code(level: str | None, coded: str, reference: str) -> float:
+    """A level's value in the effect-coded column of level ``coded`` (see :func:`_effect_columns`)."""
+    return 1.0 if level == coded else -1.0 if level == reference else 0.0
 
 
 def _signed_term(coef: float, name: str, sep: str = "") -> str:

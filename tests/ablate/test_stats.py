@@ -655,3 +655,49 @@ def test_a_win_on_the_seeds_the_winner_survived_is_not_marked_significant(tmp_pa
 
     md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
     assert ("| (*) |" in md) is (who_diverged == "winner")
+
+
+@pytest.mark.parametrize("left_out", ["winner diverged", "winner not run", "loser diverged"])
+def test_a_factorial_effect_resting_on_the_seeds_its_favoured_cell_survived_is_withheld(tmp_path, report_kit, left_out):
+    # fine_grained is better by 0.1 (min metric) and fine_grained x gating=true by another 0.05 (an
+    # interaction), over 8 seeds with small noise; on seed 7 one cell has no ok result. The fit leaves
+    # it out, so an effect favouring that cell is withheld, as in Tables 2 and 3; one against it is not
+    cells = [("fine_grained", "false"), ("fine_grained", "true"), ("original", "false"), ("original", "true")]
+    gone = ("fine_grained", "true") if left_out.startswith("winner") else ("original", "true")
+    rng = np.random.default_rng(0)
+    for seed in range(8):
+        for grouping, gating in cells:
+            if (grouping, gating) == gone and seed == 7 and left_out == "winner not run":
+                continue
+            arm = f"factorial:grouping={grouping},gating={gating}"
+            best = (2.0 + 0.1 * seed - 0.1 * (grouping == "fine_grained")
+                    - 0.05 * (grouping == "fine_grained" and gating == "true") + 0.002 * rng.standard_normal())
+            row = report_kit.trial_row("etth1", "baseline", seed, best)
+            row.update(trial_id=f"f{seed}{grouping}{gating}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            if (grouping, gating) == gone and seed == 7:
+                row.update(status="diverged", best_metric=np.nan)
+            write_trial(tmp_path, row)
+    results = load_results(tmp_path)
+    missing = stats.factorial_missing(results)
+    assert missing[["seed", "arm", "status"]].values.tolist() == [
+        [7, f"factorial:grouping={gone[0]},gating={gone[1]}", "not run" if left_out == "winner not run" else "diverged"]]
+    effects = stats.factorial_effects(results)
+    assert (effects["n"] == 31).all() and (effects["n_missing"] == 1).all()
+    main = row_of(effects, kind="main", term="grouping", level="fine_grained")
+    inter = row_of(effects, kind="interaction", term="grouping x gating")
+    assert main["estimate"] > 0 and inter["estimate"] < 0 and main["p_holm"] < 0.05 and inter["p_holm"] < 0.05
+    # every effect favours (fine_grained, true) - gating=true is better on average too, by the
+    # interaction; (original, true) is favoured by gating's main effect alone (its interaction code is +1)
+    winner = left_out.startswith("winner")
+    assert effects["p_holm"].lt(0.05).all()
+    assert effects["withheld"].tolist() == [winner, winner, True, True, winner]  # grouping (2 rows), gating (2), x
+    assert (effects["significant"] == ~effects["withheld"]).all()
+    from ablate import report
+
+    shown = report.factorial_display(effects)["level"].tolist()
+    mark = " (*)" if winner else " *"
+    assert shown == [f"fine_grained{mark}", f"original{mark}", "false (*)", "true (*)", f"fine_grained x false{mark}"]
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    status = "not run" if left_out == "winner not run" else "diverged"
+    assert f"1 cell-seed(s) without an ok result where other cells of the seed have one: grouping={gone[0]}," \
+           f"gating={gone[1]} on etth1 seed 7 ({status})" in md
