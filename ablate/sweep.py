@@ -70,6 +70,19 @@ class _NoRestoreHintFilter(logging.Filter):
 _NO_RESTORE_HINT = _NoRestoreHintFilter()
 
 
+class _NoLocalTokenAuthNoticeFilter(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
+    to opt out" warning, printed whenever it starts a local cluster (every ``ablate run``): the
+    in-process cluster is the study's own, and authentication stays on. Ray's warning that it is
+    *disabled*, and every authentication error, still reach the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_NO_TOKEN_AUTH_NOTICE = _NoLocalTokenAuthNoticeFilter()
+
+
 def ray_storage_path(storage: str | None) -> str | None:
     """``--storage`` as Ray Tune needs it: a URI as given, a local path made absolute (Ray Tune
     reads a relative path as a URI without a scheme, and fails once the sweep has started)."""
@@ -430,6 +443,7 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
     import ray
 
     logging.getLogger("ray.tune.tune").addFilter(_NO_RESTORE_HINT)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NO_TOKEN_AUTH_NOTICE)
     if ray.is_initialized():
         return False
     runtime_env: dict[str, Any] = {}

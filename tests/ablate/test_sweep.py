@@ -614,3 +614,17 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     assert main([*argv, "--rerun", "bogus"]) == 2  # refused as a real run refuses it
     assert "--rerun bogus: not a task or arm of study tiny" in capsys.readouterr().err
     assert not (out / "tiny" / "study.yaml").exists()  # (a dry run writes nothing)
+
+
+def test_a_local_cluster_starts_without_ray_s_token_authentication_warning(tmp_path):
+    # Ray 2.5x starts a local cluster with token authentication and warned about it on every
+    # `ablate run` ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
+    spec = _study(tmp_path)
+    code = (f"import ray; from ablate.study import load_study; from ablate.sweep import init_ray; "
+            f"assert init_ray(load_study({str(spec)!r}), num_cpus=1); import os; print(os.environ['RAY_AUTH_MODE']); "
+            f"ray.shutdown()")  # (Ray sets RAY_AUTH_MODE=token itself when it turns authentication on)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # (an earlier in-process cluster sets it)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "token"  # (the mode Ray picks itself: still authenticated)
+    assert "Token authentication" not in done.stderr, done.stderr[-3000:]
