@@ -6,7 +6,7 @@
     ablate run SPEC [--dry-run] [--resume] [--rerun TASK|ARM|all] [--address ADDR] [--storage PATH] ...
                                                a study on Ray Tune
     ablate tune SPEC [--trials N] [--study-storage PATH|URL] [--address ADDR] [--storage PATH]
-                                               Optuna search of the HUW priorities
+                                               Optuna search of the HUW priorities (tune.arm: adamw: AdamW's lr)
     ablate report RESULTS_DIR [--out DIR]      Markdown/HTML report with figures
     ablate data download TASK [--data-dir DIR] fetch a real dataset (needs the network)
 """
@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cut off is continued by any later `ablate run` of the study")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities")
+    s = sub.add_parser("tune", help="Optuna search of the uncertainty-weighting priorities (or, with tune: {arm: "
+                                    "adamw} in SPEC, of AdamW's own settings)")
     s.add_argument("spec")
     s.add_argument("--trials", type=int, help="suggestions to evaluate for each target, i.e. each task (or the one "
                                               "cross-task target); they add to its stored study")

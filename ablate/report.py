@@ -402,7 +402,7 @@ def _maximized(history: pd.DataFrame) -> bool:
 
 
 def tune_best_so_far(history: pd.DataFrame) -> pd.Series:
-    """The best objective value so far of one priority study (rows in trial order), over its
+    """The best objective value so far of one tuning study (rows in trial order), over its
     finished (COMPLETE) suggestions only: a pruned one's value - its last intermediate value, as
     Optuna stores it - is a partial-budget score and never the study's best."""
     done = history["value"]
@@ -412,7 +412,7 @@ def tune_best_so_far(history: pd.DataFrame) -> pd.Series:
 
 
 def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Each task's priority study: the objective value per Optuna trial and the best so far (the
+    """Each task's tuning study: the objective value per Optuna trial and the best so far (the
     study's ``direction`` column when present, else minimisation), one panel per task."""
     if history.empty or "value" not in history:
         return None
@@ -429,14 +429,14 @@ def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
                        label="stopped early (value at that epoch)")
         ax.plot(h["number"], best, color="C1", drawstyle="steps-post", label="best so far")
         ax.set(xlabel="Optuna trial", ylabel=f"objective ({'maximised' if maximize else 'minimised'})",
-               title=f"priority study history{': ' + task if task else ''}")
+               title=f"tuning study history{': ' + task if task else ''}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     return _save(fig, out_dir / "tune_history.png")
 
 
 def plot_tune_importances(importances: pd.DataFrame, out_dir: Path) -> Path | None:
-    """Hyperparameter importances of each task's priority study as horizontal bars."""
+    """Hyperparameter importances of each task's tuning study as horizontal bars."""
     if importances.empty or not {"param", "importance"} <= set(importances.columns):
         return None
     groups = _by_task(importances)
@@ -662,7 +662,7 @@ def _telemetry_section(results: Results, fig_dir: Path) -> list[Block]:
 
 
 def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per task of a priority study's history: how many suggestions ended in each state, and the
+    """Per task of a tuning study's history: how many suggestions ended in each state, and the
     best finished value (trial number and value); and every suggestion that did not finish, with
     why (its ``ended`` record: diverged, stopped by the scheduler, the error, interrupted)."""
     if history.empty or not {"state", "value"} <= set(history.columns):  # (a history written by other code)
@@ -696,11 +696,11 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
         if len(unfinished):
             blocks += [_text("Suggestions that did not finish (never candidates for the best values):"),
                        _table(unfinished)]
-        blocks += _figure(plot_tune_history(history, fig_dir), "priority study history")
+        blocks += _figure(plot_tune_history(history, fig_dir), "tuning study history")
     if (tune / "importances.parquet").exists():
         blocks += _figure(plot_tune_importances(pd.read_parquet(tune / "importances.parquet"), fig_dir),
-                          "priority study parameter importances")
-    return [_heading("Priority study (Optuna)"), *blocks] if blocks else []
+                          "tuning study parameter importances")
+    return [_heading("Tuning study (Optuna)"), *blocks] if blocks else []
 
 
 def _failed_section(results: Results) -> list[Block]:
@@ -729,7 +729,7 @@ def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: f
         ("performance profiles", lambda: _profile_section(results, fig_dir)),
         ("cost", lambda: _cost_section(results)),
         ("telemetry figures", lambda: _telemetry_section(results, fig_dir)),
-        ("priority study", lambda: _tune_section(results_dir, fig_dir)),
+        ("tuning study", lambda: _tune_section(results_dir, fig_dir)),
         ("failed trials", lambda: _failed_section(results)),
     ]
     for name, make in steps:
@@ -826,8 +826,8 @@ def write_report(
     if tune_only:  # `ablate tune` alone: its history and importances
         fig_dir = out / FIGURES_DIR
         fig_dir.mkdir(parents=True, exist_ok=True)
-        blocks = [_heading(f"Priority study: {results_dir.name}", 1),
-                  _text(f"Results directory {results_dir} holds an Optuna priority study (`ablate tune`) and no "
+        blocks = [_heading(f"Tuning study: {results_dir.name}", 1),
+                  _text(f"Results directory {results_dir} holds an Optuna tuning study (`ablate tune`) and no "
                         f"study trials (`ablate run`)."), *_tune_section(results_dir, fig_dir)]
         return _write(blocks, out, formats, progress)
     with warnings.catch_warnings(record=True) as caught:  # (trials left out, damaged parts): also in the report

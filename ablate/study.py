@@ -12,7 +12,8 @@ A study names its tasks, seeds, budget and *arms* (the format reference is
 The trials are tasks x seeds x arms. A trial's config is ``{task, data, [data_dir], seed}``, then
 ``budget``, then ``baseline`` (for the AdamW arm: ``optimizer: adamw`` and its settings), then
 the task's entry of ``baseline.priorities_from`` (a ``best_priorities.yaml`` written by ``ablate
-tune``), then ``overrides[task]``, then the arm's own settings; later layers win. :func:`ablate.config.resolve_config`
+tune``; for the AdamW arm, of ``adamw.tuned_from``, a ``best_adamw.yaml``), then
+``overrides[task]``, then the arm's own settings; later layers win. :func:`ablate.config.resolve_config`
 fills the defaults and validates the result, and :func:`ablate.config.trial_id` names it. Arms of
 one task that resolve to the same trial id (an ablation level equal to the baseline value, say)
 share one trial that records every arm name.
@@ -66,7 +67,7 @@ STUDY_KEYS = {
     "retries": "how many times a failed trial is retried (integer >= 0)",
     "plugins": "modules imported before validation, e.g. [my_package.my_features]",
     "baseline": "MetaAdamW settings of every MetaAdamW arm, on top of each task's defaults",
-    "adamw": "true/false, or a mapping of settings of the AdamW reference arm",
+    "adamw": "true/false, or a mapping of settings of the AdamW reference arm (tuned_from: a best_adamw.yaml of ablate tune)",
     "overrides": "per-task settings applied to every arm of that task: {task: {key: value}}",
     "ablations": "one-factor-at-a-time axes: {axis: [values]} or {axis: {level: {key: value}}}",
     "factorial": "a factorial design: {axes: {...}, fraction: null|2|4|..., generators: [...]}",
@@ -165,6 +166,8 @@ class _Context:
     baseline: dict[str, Any] = dataclasses.field(default_factory=dict)
     tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # baseline.priorities_from, per task
     tuned_on_seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # the seeds they were tuned on
+    adamw_tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # adamw.tuned_from, per task
+    adamw_tuned_on_seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def where(self, path: str) -> str:
@@ -363,12 +366,17 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     baseline = given.get("baseline")
     if isinstance(baseline, dict) and "priorities_from" in baseline:
         baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
-        ctx.tuned = _parse_priorities_from(ctx, given["baseline"]["priorities_from"], base_dir, baseline,
-                                           given.get("overrides"))
+        ctx.tuned, ctx.tuned_on_seeds = _parse_tuned_file(ctx, given["baseline"]["priorities_from"], base_dir,
+                                                          baseline, given.get("overrides"))
     ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
+    adamw = given.get("adamw", True)
+    if isinstance(adamw, dict) and "tuned_from" in adamw:
+        adamw = {k: v for k, v in adamw.items() if k != "tuned_from"}
+        ctx.adamw_tuned, ctx.adamw_tuned_on_seeds = _parse_tuned_file(ctx, given["adamw"]["tuned_from"], base_dir,
+                                                                      adamw, arm="adamw")
     ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
     _warn_tuned_on_these_seeds(ctx, seeds)
-    arms = _parse_adamw(ctx, given.get("adamw", True)) + [_Arm("baseline", "", {})]
+    arms = _parse_adamw(ctx, adamw) + [_Arm("baseline", "", {})]
     _warn_unpaired_baseline_keys(ctx, arms[0] if arms[0].adamw else None)
     arms += _parse_ablations(ctx, given.get("ablations", {}))
     arms += _parse_factorial(ctx, given.get("factorial"))
@@ -487,22 +495,30 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
 
 
 #: the key of a ``best_priorities.yaml`` entry that records the seeds ``ablate tune`` scored the
-#: priorities on (not a setting: :func:`_parse_priorities_from` sets it aside)
+#: values on (not a setting: :func:`_parse_tuned_file` sets it aside)
 TUNED_ON_SEEDS = "tuned_on_seeds"
 
 
-def _parse_priorities_from(
-    ctx: _Context, source: Any, base_dir: str | os.PathLike | None, baseline: dict[str, Any], overrides: Any = None
-) -> dict[str, dict[str, Any]]:
-    """``baseline: {priorities_from: FILE}``: per-task settings from a YAML file written by ``ablate
-    tune`` (``best_priorities.yaml``): ``{task: [p1, p2, p3]}`` or ``{task: {priorities: [...],
-    meta_lr: ...}}``. A relative path is relative to the study file. A task the file lacks needs
-    its priorities under ``overrides.<task>`` (which come after the file's settings anyway).
-    Returns ``{task: settings}``."""
-    path_s = "baseline.priorities_from"
+#: the files ``ablate tune`` writes (``tune.arm``: baseline or adamw) and the study-file key that reads each
+TUNED_FILES = {"baseline": "best_priorities.yaml", "adamw": "best_adamw.yaml"}
+TUNED_FROM = {"baseline": "baseline.priorities_from", "adamw": "adamw.tuned_from"}
+
+
+def _parse_tuned_file(
+    ctx: _Context, source: Any, base_dir: str | os.PathLike | None, arm_settings: dict[str, Any],
+    overrides: Any = None, *, arm: str = "baseline",
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[int]]]:
+    """``baseline: {priorities_from: FILE}`` (``arm="baseline"``) or ``adamw: {tuned_from: FILE}``:
+    per-task settings from a YAML file written by ``ablate tune`` - ``best_priorities.yaml``:
+    ``{task: [p1, p2, p3]}`` or ``{task: {priorities: [...], meta_lr: ...}}``; ``best_adamw.yaml``:
+    ``{task: {lr: ...}}``; either with the ``tuned_on_seeds`` list. A relative path is relative to
+    the study file. A task the priorities file lacks needs its priorities under ``overrides.<task>``
+    (which come after the file's settings anyway). Returns ``({task: settings}, {task: seeds})``."""
+    path_s, file_name, adamw = TUNED_FROM[arm], TUNED_FILES[arm], arm == "adamw"
+    example = "{lr: 3.0e-4}" if adamw else "{priorities: [1, 2, 0.5], meta_lr: 1.0e-4}"
     if not isinstance(source, str) or not source.strip() or "\0" in source:
         raise ctx.error(
-            path_s, f"must be the path of a YAML file written by `ablate tune` (its best_priorities.yaml), "
+            path_s, f"must be the path of a YAML file written by `ablate tune` (its {file_name}), "
             f"relative to the study file; got {_short(source)}"
         )
     path = Path(os.path.expanduser(source))
@@ -511,7 +527,7 @@ def _parse_priorities_from(
     if not path.is_file():
         raise ctx.error(
             path_s, f"{str(path)!r} does not exist (a relative path is relative to the study file); run "
-            f"`ablate tune` first, which writes OUT/<name>/tune/best_priorities.yaml"
+            f"`ablate tune` first{' with tune: {arm: adamw}' if adamw else ''}, which writes OUT/<name>/tune/{file_name}"
         )
     try:
         data = _read_yaml(path)
@@ -519,56 +535,61 @@ def _parse_priorities_from(
     except StudyError as exc:
         raise ctx.error(path_s, str(exc)) from None
     if not isinstance(data, dict):
-        raise ctx.error(path_s, f"{path} must map task names to priorities, e.g. {{etth1: [1.0, 2.0, 0.5]}}; got {_short(data)}")
-    tuned = {}
+        raise ctx.error(path_s, f"{path} must map task names to "
+                                f"{'AdamW settings, e.g. {etth1: {lr: 3.0e-4}}' if adamw else 'priorities, e.g. {etth1: [1.0, 2.0, 0.5]}'}"
+                                f"; got {_short(data)}")
+    tuned, tuned_on = {}, {}
     for task in ctx.tasks:
         where = f"{path_s} ({path.name}).{task}"
         if task not in data:
-            if isinstance(overrides, dict) and isinstance(overrides.get(task), dict) and "priorities" in overrides[task]:
+            if (not adamw and isinstance(overrides, dict) and isinstance(overrides.get(task), dict)
+                    and "priorities" in overrides[task]):
                 continue
             raise ctx.error(
                 path_s, f"{path} has no entry for task {task!r} (it has: {', '.join(map(str, data)) or 'none'}); "
-                f"tune that task too, or set its priorities under overrides.{task}"
+                f"tune that task too{'' if adamw else f', or set its priorities under overrides.{task}'}"
             )
         entry = data[task]
-        if isinstance(entry, list):
+        if isinstance(entry, list) and not adamw:
             entry = {"priorities": entry}
         elif not isinstance(entry, dict):
             raise ctx.error(
-                where, f"must be a list of three priorities or a mapping of settings such as "
-                f"{{priorities: [1, 2, 0.5], meta_lr: 1.0e-4}}; got {_short(entry)}"
+                where, f"must be {'' if adamw else 'a list of three priorities or '}a mapping of settings such as "
+                f"{example}; got {_short(entry)}"
             )
         entry = dict(entry)
         seeds = entry.pop(TUNED_ON_SEEDS, [])
         if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
-            raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the priorities "
+            raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the values "
                                                          f"on, got {_short(seeds)}")
-        ctx.tuned_on_seeds[task] = list(seeds)
+        tuned_on[task] = list(seeds)
         for key in entry:
-            if key in baseline:
-                raise ctx.error(where, f"sets {key!r}, which baseline: sets too; keep one of them")
-        tuned[task] = _check_settings(ctx, entry, where, [task])
-    return tuned
+            if key in arm_settings:
+                raise ctx.error(where, f"sets {key!r}, which {path_s.split('.')[0]}: sets too; keep one of them")
+        tuned[task] = _check_settings(ctx, entry, where, [task], adamw=adamw)
+    return tuned, tuned_on
 
 
 def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:
-    """Priorities picked by ``ablate tune`` for their validation metric on some seeds are at their
+    """Settings picked by ``ablate tune`` for their validation metric on some seeds are at their
     most favourable there: a comparison on those seeds' validation metric credits the tuned arm
-    with the selection (the best of many suggestions on the same noise)."""
-    shared = {task: sorted(set(seeds) & set(tuned)) for task, tuned in ctx.tuned_on_seeds.items()
-              if not set(ctx.tuned.get(task, {})) <= set(ctx.overrides.get(task, {}))}  # (not all overridden)
-    shared = {task: s for task, s in shared.items() if s}
-    if not shared:
-        return
-    said = "; ".join(f"{task}: seed(s) {', '.join(map(str, s))}" for task, s in shared.items())
-    fresh = max(max(seeds), *(max(t) for t in ctx.tuned_on_seeds.values() if t)) + 1
-    warnings.warn(
-        f"{ctx.where('baseline.priorities_from')}: the priorities were tuned on the validation metric of seeds this "
-        f"study runs too ({said}); on those seeds the validation comparison favours the tuned baseline, which was "
-        f"picked for them. Compare on fresh seeds (seeds: {list(range(fresh, fresh + len(seeds)))}) or on a test "
-        f"split (WikiText-2, Multi30k and IMDB have one, but not IMDB from a CSV; ETT's split: 12/4/4; CIFAR-10's "
-        f"split: holdout)",
-        stacklevel=3)
+    with the selection (the best of many suggestions on the same noise). Said per tuned arm."""
+    for arm, tuned, tuned_on in (("baseline", ctx.tuned, ctx.tuned_on_seeds),
+                                 ("adamw", ctx.adamw_tuned, ctx.adamw_tuned_on_seeds)):
+        shared = {task: sorted(set(seeds) & set(on)) for task, on in tuned_on.items()
+                  if not set(tuned.get(task, {})) <= set(ctx.overrides.get(task, {}))}  # (not all overridden)
+        shared = {task: s for task, s in shared.items() if s}
+        if not shared:
+            continue
+        said = "; ".join(f"{task}: seed(s) {', '.join(map(str, s))}" for task, s in shared.items())
+        fresh = max(max(seeds), *(max(t) for t in tuned_on.values() if t)) + 1
+        what, whom = ("the priorities", "the tuned baseline") if arm == "baseline" else ("AdamW's settings", "AdamW")
+        warnings.warn(
+            f"{ctx.where(TUNED_FROM[arm])}: {what} were tuned on the validation metric of seeds this study runs too "
+            f"({said}); on those seeds the validation comparison favours {whom}, which was picked for them. Compare "
+            f"on fresh seeds (seeds: {list(range(fresh, fresh + len(seeds)))}) or on a test split (WikiText-2, "
+            f"Multi30k and IMDB have one, but not IMDB from a CSV; ETT's split: 12/4/4; CIFAR-10's split: holdout)",
+            stacklevel=3)
 
 
 def _parse_overrides(ctx: _Context, overrides: Any) -> dict[str, dict[str, Any]]:
@@ -751,7 +772,8 @@ def _apply(config: dict[str, Any], layer: dict[str, Any]) -> None:
 def _layers(ctx: _Context, arm: _Arm, task: str) -> list[dict[str, Any]]:
     """The settings layers of one arm's trial on one task, lowest first."""
     if arm.adamw:
-        layers = [ctx.budget, {"optimizer": "adamw", **arm.settings}, ctx.overrides.get(task, {})]
+        layers = [ctx.budget, {"optimizer": "adamw", **arm.settings}, ctx.adamw_tuned.get(task, {}),
+                  ctx.overrides.get(task, {})]
         return [{k: v for k, v in layer.items() if k not in METAADAMW_KEYS} for layer in layers]
     return [ctx.budget, ctx.baseline, ctx.tuned.get(task, {}), ctx.overrides.get(task, {}), arm.settings]
 

@@ -1,5 +1,7 @@
 """``ablate tune SPEC``: an Optuna search of MetaAdamW's uncertainty-weighting priorities (and,
-when the file asks, other numeric knobs), run through Ray Tune.
+when the file asks, other numeric knobs), run through Ray Tune. With ``tune: {arm: adamw}`` it
+searches the AdamW arm's own settings instead (its ``lr``, say), so that both optimizers can be
+given the same tuning budget.
 
 The spec is a study file (``search_spaces/README.md``) plus a ``tune:`` section. Every *target*
 - each task, or with ``cross_task: true`` all tasks at once - has its own Optuna study, stored
@@ -8,7 +10,7 @@ suggestions instead of starting over.
 
 How one suggestion is scored
     Its values are applied to the study's baseline arm (``budget`` + ``baseline`` + the task's
-    ``overrides``) and trained for every seed of the study - all seeds in lockstep inside one
+    ``overrides``; with ``arm: adamw``, to the AdamW arm's trials) and trained for every seed of the study - all seeds in lockstep inside one
     Ray trial: epoch 1 of every seed, report, epoch 2 of every seed, report, ... Each report
     carries the *objective* so far: per seed the best validation value reached (the task's
     primary metric, which is also what early stopping tracks), aggregated over the seeds by the
@@ -56,7 +58,8 @@ Storage
 Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation)
     ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...]}}`` (with
     ``meta_lr: ...`` and the like when other knobs are tuned), for ``baseline: {priorities_from:
-    FILE}`` in a study file; ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
+    FILE}`` in a study file (with ``arm: adamw``: ``best_adamw.yaml``, ``{task: {lr: ...,
+    tuned_on_seeds: [...]}}``, for ``adamw: {tuned_from: FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
     state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
     baseline``; ``importances.parquet`` - ``task, param, importance`` (fANOVA, complete trials).
 """
@@ -94,7 +97,7 @@ from ablate.config import (
     validate_value,
 )
 from ablate.files import atomic_write_bytes
-from ablate.study import TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
+from ablate.study import TUNED_FILES, TUNED_FROM, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -103,7 +106,9 @@ OBJECTIVE = "objective"
 FINAL = "final"
 JOURNAL_FILE = "optuna.journal"
 HEARTBEAT_S = 60.0  # a progress line about the running suggestions at most this often
-BEST_FILE = "best_priorities.yaml"
+BEST_FILE = TUNED_FILES["baseline"]
+#: the arms whose settings a search can tune (``tune.arm``)
+ARMS = ("baseline", "adamw")
 CROSS_TASK = "cross_task"
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp")
 AGGREGATES = ("mean", "median")
@@ -114,6 +119,7 @@ TUNE_KEYS = {
     "sampler": f"the Optuna sampler: {' | '.join(SAMPLERS)}",
     "sampler_seed": "integer >= 0 (reproducible suggestions), or null",
     "aggregate": f"how a suggestion's per-seed values are combined: {' | '.join(AGGREGATES)}",
+    "arm": "whose settings are searched: baseline (MetaAdamW) or adamw (AdamW's own, e.g. lr: the same tuning budget)",
     "priorities": "the range of each of the three priorities {low, high, log}, or false to keep the baseline's",
     "params": "other numeric config keys to search: {key: {low, high, log}}",
     "scheduler": "early termination: {type: asha, grace_period: epochs >= 1, reduction_factor: > 1}, or none",
@@ -173,6 +179,12 @@ class TuneSettings:
     storage: str | None = None  # as written in the file (a path is resolved against the spec's directory)
     max_concurrent: int = 2
     enqueue_baseline: bool = True
+    arm: str = "baseline"
+
+    @property
+    def best_file(self) -> str:
+        """The file the best values are written to (``best_priorities.yaml`` or ``best_adamw.yaml``)."""
+        return TUNED_FILES[self.arm]
 
     def space(self) -> dict[str, Range]:
         """Optuna parameter name -> range, the priorities first."""
@@ -205,8 +217,10 @@ class TuneSpec:
     def name(self) -> str:
         return self.study.name
 
-    def baseline_trials(self, task: str) -> list[Any]:
-        return sorted((t for t in self.study.trials if t.task == task and "baseline" in t.arms), key=lambda t: t.seed)
+    def arm_trials(self, task: str) -> list[Any]:
+        """The trials of the searched arm (``tune.arm``) on ``task``, by seed."""
+        arm = self.settings.arm
+        return sorted((t for t in self.study.trials if t.task == task and arm in t.arms), key=lambda t: t.seed)
 
 
 def load_tune_spec(path: str | os.PathLike, *, trials: int | None = None) -> TuneSpec:
@@ -232,6 +246,9 @@ def parse_tune_spec(mapping: Any, source: str = "<string>", *, base_dir: str | o
             )
     study = parse_study(mapping, source, base_dir=base_dir)
     settings = _parse_tune_section(mapping.get("tune"), source, trials)
+    if settings.arm == "adamw" and not any("adamw" in t.arms for t in study.trials):
+        raise _err(source, "arm", "is adamw, but the study has adamw: false; set adamw: true (or a mapping of its "
+                                  "settings)")
     _check_against_study(settings, study, source)
     return TuneSpec(study, settings, None, source)
 
@@ -277,11 +294,25 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
         s.sampler_seed = None
     if "aggregate" in given:
         s.aggregate = _choice(source, "aggregate", given["aggregate"], AGGREGATES)
+    if "arm" in given:
+        s.arm = _choice(source, "arm", given["arm"], ARMS)
     if "priorities" in given:
         pr = given["priorities"]
+        if s.arm == "adamw" and pr is not False:
+            raise _err(source, "priorities", "are MetaAdamW's, and arm: adamw searches AdamW's settings; remove "
+                                             "tune.priorities (or set it to false)")
         s.priorities = None if pr is False else _parse_range(source, "priorities", pr, float, minimum=0.0)
     if "params" in given:
         s.params = _parse_params(source, given["params"])
+    if s.arm == "adamw":
+        s.priorities = None
+        for key in s.params:
+            if key in METAADAMW_KEYS:
+                raise _err(source, f"params.{key}", "is a MetaAdamW setting, which the AdamW arm does not use (arm: "
+                                                    "adamw); search it with arm: baseline")
+        if not s.params:
+            raise _err(source, "params", "is empty, so arm: adamw has nothing to search; give AdamW's settings, e.g. "
+                                         "params: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}")
     if s.priorities is None and not s.params:
         raise _err(source, "priorities", "is false and params: is empty, so there is nothing to search")
     if "scheduler" in given:
@@ -290,6 +321,9 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
         if not isinstance(given["cross_task"], bool):
             raise _err(source, "cross_task", f"must be true or false, got {given['cross_task']!r:.80}")
         s.cross_task = given["cross_task"]
+    if s.cross_task and s.arm == "adamw":
+        raise _err(source, "cross_task", "scores improvements over the AdamW arm, which arm: adamw is searching; "
+                                         "tune AdamW per task (cross_task: false)")
     if given.get("storage") is not None:
         if not isinstance(given["storage"], str) or not given["storage"].strip() or "\0" in given["storage"]:
             raise _err(source, "storage", f"must be null, a journal file path or a database URL; got {given['storage']!r:.80}")
@@ -398,7 +432,7 @@ def _check_against_study(s: TuneSettings, study: Study, source: str) -> None:
     """The search against the study: priorities must matter, the ranges must give valid configs,
     ASHA's grace period must fit the epochs, cross-task needs the AdamW arm."""
     for task in study.tasks:
-        trials = [t for t in study.trials if t.task == task and "baseline" in t.arms]
+        trials = [t for t in study.trials if t.task == task and s.arm in t.arms]
         config = trials[0].config
         if s.priorities is not None and config["weighting"] != "huw_priority":
             raise StudyError(
@@ -869,6 +903,7 @@ class TuneOutcome:
     targets: list[TargetOutcome]
     files: dict[str, Path]
     interrupted: list[str] = dataclasses.field(default_factory=list)  # targets whose search was cut off
+    arm: str = "baseline"  # whose settings were searched (tune.arm)
 
 
 def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
@@ -982,7 +1017,7 @@ def build_targets(spec: TuneSpec, references: Mapping[str, float] | None = None)
     """The targets of the spec: one per task, or one cross-task target (``references`` needed)."""
     study = spec.study
     agg = spec.settings.aggregate
-    members_of = {task: [{"task": task, "seed": t.seed, "config": t.config} for t in spec.baseline_trials(task)]
+    members_of = {task: [{"task": task, "seed": t.seed, "config": t.config} for t in spec.arm_trials(task)]
                   for task in study.tasks}
     seeds = ", ".join(map(str, study.seeds))
     if spec.settings.cross_task:
@@ -1090,7 +1125,8 @@ def _enqueue_baseline(study, target: Target, spec: TuneSpec, done: set[tuple[str
         outside = sorted(k for k, v in params.items() if not space[k].contains(v))
         if outside:  # a partial enqueue would be scored as "the baseline's own values" without being them
             whose = f" of {', '.join(tasks)}" if len(vectors) > 1 else ""
-            print(f"[{target.key}] the baseline's values{whose} are not all in the search space ({', '.join(outside)} "
+            own = "the baseline's" if spec.settings.arm == "baseline" else "AdamW's"
+            print(f"[{target.key}] {own} values{whose} are not all in the search space ({', '.join(outside)} "
                   f"outside its range): not evaluated as a first suggestion", flush=True)
             continue
         study.enqueue_trial(params, user_attrs={"baseline": shared, "baseline_of": tasks})
@@ -1322,7 +1358,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 ray.shutdown()
         outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
         files = write_outputs(spec, storage, targets, out_dir, location)
-    return TuneOutcome(out_dir, location, outcomes, files, interrupted)
+    return TuneOutcome(out_dir, location, outcomes, files, interrupted, spec.settings.arm)
 
 
 def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
@@ -1426,16 +1462,25 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
     atomic_write_parquet(imp, out_dir / "importances.parquet")
     files["importances"] = out_dir / "importances.parquet"
     if best:
+        arm = spec.settings.arm
         header = (f"# Best values found by `ablate tune` for study {spec.name!r} "
-                  f"({'one vector for all tasks' if spec.settings.cross_task else 'per task'}), "
+                  f"({'one vector for all tasks' if spec.settings.cross_task else 'per task'}"
+                  f"{', the AdamW arm' if arm == 'adamw' else ''}), "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.\n"
                   f"# Stored study: {location}\n"
-                  f"# Use in a study file: baseline: {{priorities_from: <path to this file>}}\n"
-                  f"# priorities are [gradient alignment, loss decrease, generalization gap]; {TUNED_ON_SEEDS}: the\n"
-                  f"# seeds whose validation metric picked them (compare the optimizers on other seeds).\n")
+                  f"# Use in a study file: {_use_line(arm, '<path to this file>')}\n"
+                  + ("# priorities are [gradient alignment, loss decrease, generalization gap].\n" if arm == "baseline"
+                     else "")
+                  + f"# {TUNED_ON_SEEDS}: the seeds whose validation metric picked them (compare the optimizers on "
+                    f"other seeds).\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
-        files["best"] = atomic_write_bytes(out_dir / BEST_FILE, text.encode("utf-8"))
+        files["best"] = atomic_write_bytes(out_dir / spec.settings.best_file, text.encode("utf-8"))
     return files
+
+
+def _use_line(arm: str, path: str) -> str:
+    """How a study file reads the best values of a search of ``arm``."""
+    return f"{TUNED_FROM[arm].replace('.', ': {')}: {path}}}"
 
 
 def format_summary(outcome: TuneOutcome) -> str:
@@ -1450,15 +1495,16 @@ def format_summary(outcome: TuneOutcome) -> str:
             continue
         lines.append(f"  best: {o.best_value:.6g} (trial #{o.best_number})  {_format_params(o.best_params)}")
         if o.baseline_value is not None:
-            lines.append(f"  the baseline's own values scored {o.baseline_value:.6g}")
+            own = "the baseline's" if outcome.arm == "baseline" else "AdamW's"
+            lines.append(f"  {own} own values scored {o.baseline_value:.6g}")
         for tasks, state, value in o.starting_points:
             scored = f"scored {value:.6g}" if state == "COMPLETE" else state.lower()
             lines.append(f"  starting point: the baseline values of {', '.join(tasks)}, applied to every task, {scored}")
     files = outcome.files
     lines.append("")
     if "best" in files:
-        lines.append(f"best values: {files['best']}  (in a study file: baseline: {{priorities_from: "
-                     f"{Path(files['best']).resolve()}}}; a relative path there is relative to the study file)")
+        lines.append(f"best values: {files['best']}  (in a study file: {_use_line(outcome.arm, Path(files['best']).resolve())}"
+                     f"; a relative path there is relative to the study file)")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
     lines.append(f"study storage: {outcome.storage}; browse it with `{dashboard_command(outcome.storage)}` "
                  f"(pip install optuna-dashboard); extend it with `ablate tune SPEC --trials N`")

@@ -163,7 +163,7 @@ def trial_row(task: str, arm: str, seed: int, best: float) -> dict:
 
 
 def write_tune(results_dir):
-    """A priority study's stored outputs (``ablate tune``) under ``results_dir/tune``."""
+    """A tuning study's stored outputs (``ablate tune``) under ``results_dir/tune``."""
     tune = results_dir / "tune"
     tune.mkdir()
     pd.DataFrame({"number": [0, 1, 2, 3], "value": [0.9, 0.7, 0.8, 0.6],

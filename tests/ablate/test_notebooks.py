@@ -58,7 +58,7 @@ def test_notebooks_are_stored_without_outputs(path):
 
 
 def test_analysis_notebook_runs_on_a_results_dir(report_study, report_kit, monkeypatch, kernel):
-    report_kit.write_tune(report_study)  # with a priority study, as `ablate report` draws it
+    report_kit.write_tune(report_study)  # with a tuning study, as `ablate report` draws it
     monkeypatch.setenv("ABLATE_RESULTS_DIR", str(report_study))
     nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
     assert nb.cells[1].source.strip() == 'RESULTS_DIR = "results/quick"'

@@ -50,7 +50,7 @@ def test_report_content(full_report):
     assert "48 in all - 46 ok, 1 failed, 1 diverged" in md
     assert "EMBEDDED DATA" in md
     for heading in ("Table 2 analogue", "Table 3 analogue", "Performance profiles", "Cost",
-                    "Priority study", "Failed and diverged trials"):
+                    "Tuning study", "Failed and diverged trials"):
         assert heading in md
     assert "Factorial effects" not in md  # no factorial cells in this study
     # the paired improvement on etth1 has the smallest sign-flip p of 6 seeds, which Holm's adjustment
@@ -88,7 +88,7 @@ def test_missing_optional_tables_do_not_crash(tmp_path, report_kit):
     metrics = {"etth1": {arm: report_kit.REPORT_METRICS["etth1"][arm] for arm in ("adamw", "baseline")}}
     report_kit.write_study(tmp_path / "s", metrics, telemetry=False)
     md = report.write_report(tmp_path / "s").read_text()
-    assert "No telemetry recorded" in md and "Priority study" not in md
+    assert "No telemetry recorded" in md and "Tuning study" not in md
     assert not list((tmp_path / "s" / "report" / "figures").glob("alpha_beta_*"))
 
 
@@ -160,7 +160,7 @@ def test_a_directory_of_ablate_tune_alone_gets_a_report_of_its_priority_study(tm
     write_tune(tmp_path)
     path = report.write_report(tmp_path, tmp_path / "out")
     md = path.read_text()
-    assert "Priority study" in md and "figures/tune_history.png" in md and "figures/tune_importances.png" in md
+    assert "Tuning study" in md and "figures/tune_history.png" in md and "figures/tune_importances.png" in md
     assert_png(tmp_path / "out" / "figures" / "tune_history.png")
     assert (tmp_path / "out" / "report.html").stat().st_size > 0
 

@@ -482,6 +482,16 @@ BASE = {"name": "t", "tasks": ["etth1"], "seeds": 2, "budget": {"epochs": 2}, "a
     ({"storage": 3}, ["tune.storage", "journal file path or a database URL"]),
     ({"priorities": False}, ["tune.priorities", "nothing to search"]),
     ("fast", ["s.yaml: tune:", "must be a mapping"]),
+    # arm: adamw searches AdamW's own settings
+    ({"arm": "sgd"}, ["tune.arm", "'sgd' is not allowed", "baseline, adamw"]),
+    ({"arm": "adamw", "params": {"lr": {"low": 1e-4, "high": 1e-2}}}, ["tune.arm: is adamw, but the study has adamw: false"]),
+    ({"arm": "adamw"}, ["tune.params: is empty, so arm: adamw has nothing to search", "params: {lr: {low:"]),
+    ({"arm": "adamw", "priorities": {"low": 1, "high": 2}, "params": {"lr": {"low": 1e-4, "high": 1e-2}}},
+     ["tune.priorities: are MetaAdamW's, and arm: adamw searches AdamW's settings"]),
+    ({"arm": "adamw", "params": {"meta_lr": {"low": 1e-5, "high": 1e-2}}},
+     ["tune.params.meta_lr: is a MetaAdamW setting, which the AdamW arm does not use"]),
+    ({"arm": "adamw", "cross_task": True, "params": {"lr": {"low": 1e-4, "high": 1e-2}}},
+     ["tune.cross_task: scores improvements over the AdamW arm, which arm: adamw is searching"]),
     # alternatives: a suggestion would set both, one silently unused, and `ablate run` refuses the best values
     ({"params": {"meta_every": {"low": 2, "high": 8}, "meta_per_epoch": {"low": 1.0, "high": 4.0}}},
      ["tune.params.meta_per_epoch", "and params.meta_every both set the meta-update frequency; search one"]),
@@ -531,6 +541,78 @@ def test_defaults_targets_and_storage_location(tmp_path):
 def test_the_shipped_spec_is_valid():
     spec = load_tune_spec(REPO / "search_spaces" / "tune_priorities.yaml")
     assert spec.settings.trials == 20 and len(spec.study.tasks) >= 2 and len(spec.study.seeds) >= 2
+    adamw = load_tune_spec(REPO / "search_spaces" / "tune_adamw.yaml")  # the same budget for AdamW's lr
+    assert (adamw.settings.arm, list(adamw.settings.space())) == ("adamw", ["lr"])
+    for key in ("tasks", "seeds"):
+        assert getattr(adamw.study, key) == getattr(spec.study, key)
+    assert adamw.settings.trials == spec.settings.trials and adamw.settings.sampler == spec.settings.sampler
+    def budgets(s):  # (the searched arm's trials)
+        return [(t.task, t.seed, t.config["epochs"], t.config["max_train_batches"], t.config["optimizer"])
+                for task in s.study.tasks for t in s.arm_trials(task)]
+
+    assert [b[:-1] for b in budgets(spec)] == [b[:-1] for b in budgets(adamw)]
+    assert {b[-1] for b in budgets(spec)} == {"metaadamw"} and {b[-1] for b in budgets(adamw)} == {"adamw"}
+
+
+def test_arm_adamw_searches_the_adamw_trials_and_writes_their_best_values_for_adamw_tuned_from(tmp_path, ray_address):
+    spec_path = _write(tmp_path, "tune_lr.yaml", """\
+        name: tune_lr
+        tasks: [etth1]
+        seeds: 2
+        budget: {epochs: 2, max_train_batches: 3, patience: 0}
+        adamw: {lr: 1.0e-3}
+        tune:
+          arm: adamw
+          trials: 3
+          params: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}
+          scheduler: none
+          max_concurrent: 1
+        """)
+    spec = load_tune_spec(spec_path)
+    (target,) = build_targets(spec)
+    assert [m["config"]["optimizer"] for m in target.members] == ["adamw", "adamw"]
+    assert grace_default(target, spec.settings) == 1  # (an AdamW knob: no warm-up epochs train every suggestion alike)
+    outcome = run_tune(spec, tmp_path / "results")
+    (o,) = outcome.targets
+    assert o.counts == {"COMPLETE": 3}
+    # the first suggestion is AdamW's own lr, and its score is what `ablate run` gives its trials: the mean
+    # over the seeds of their best validation MSE
+    from ablate.trial import run_trial
+
+    own = [run_trial(t.config).best_metric for t in spec.arm_trials("etth1")]
+    assert o.baseline_value == pytest.approx(sum(own) / 2, rel=1e-9)
+    tune_dir = tmp_path / "results" / "tune_lr" / "tune"
+    assert not (tune_dir / BEST_FILE).exists()
+    best = yaml.safe_load((tune_dir / "best_adamw.yaml").read_text())
+    assert best == {"etth1": {"lr": pytest.approx(o.best_params["lr"], rel=1e-5), "tuned_on_seeds": [0, 1]}}
+    assert "adamw: {tuned_from: " in (tune_dir / "best_adamw.yaml").read_text()
+    # a study reads them for its AdamW arm (and warns about the seeds they were picked on)
+    study = _write(tmp_path, "compare.yaml", """\
+        name: compare
+        tasks: [etth1]
+        seeds: [1, 2]
+        adamw: {tuned_from: results/tune_lr/tune/best_adamw.yaml}
+        """)
+    with pytest.warns(UserWarning, match=r"adamw.tuned_from: AdamW's settings were tuned on .*\(etth1: seed\(s\) 1\); "
+                                         r"on those seeds the validation comparison favours AdamW"):
+        trials = {(t.arm, t.seed): t.config for t in load_study(study).trials}
+    assert trials["adamw", 2]["lr"] == best["etth1"]["lr"] and trials["baseline", 2]["lr"] == 5e-4
+
+
+@pytest.mark.parametrize("adamw, file_text, expected", [
+    ({"tuned_from": "best.yaml", "lr": 0.1}, "etth1: {lr: 0.001}\n", ["(best.yaml).etth1", "sets 'lr', which adamw: sets too"]),
+    ({"tuned_from": "best.yaml"}, "etth1: {meta_lr: 0.001}\n", ["(best.yaml).etth1.meta_lr", "MetaAdamW setting"]),
+    ({"tuned_from": "best.yaml"}, "etth1: [1, 2, 3]\n", ["adamw.tuned_from (best.yaml).etth1", "a mapping of settings such as {lr"]),
+    ({"tuned_from": "best.yaml"}, "wikitext2: {lr: 0.001}\n", ["no entry for task 'etth1'", "tune that task too"]),
+    ({"tuned_from": "gone.yaml"}, None, ["adamw.tuned_from", "does not exist", "with tune: {arm: adamw}", "best_adamw.yaml"]),
+])
+def test_adamw_tuned_from_errors(tmp_path, adamw, file_text, expected):
+    if file_text is not None:
+        (tmp_path / "best.yaml").write_text(file_text)
+    with pytest.raises(StudyError) as err:
+        parse_study({"name": "s", "tasks": ["etth1"], "seeds": 1, "adamw": adamw}, "s.yaml", base_dir=tmp_path)
+    for fragment in expected:
+        assert fragment in str(err.value), f"{fragment!r} not in: {err.value}"
 
 
 # -- baseline: {priorities_from: ...} ---------------------------------------------------------
