@@ -159,7 +159,9 @@ def no_host_reads(monkeypatch):
             raise AssertionError(f"step() called Tensor.{name}()")
         return fail
 
-    for name in ("tolist", "item", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+    # (.cpu(): a copy to the host, which blocks on a GPU and is a no-op on the CPU, so no op shows it
+    # here; .to("cpu") is left to the CUDA test, as .to(device) is legitimate)
+    for name in ("tolist", "item", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, forbid(name))
     with _NoHostReads():
         yield
@@ -168,7 +170,7 @@ def no_host_reads(monkeypatch):
 def test_the_sync_detector_catches_reads(no_host_reads):
     t = torch.ones(2)
     for read in (lambda: t.sum().item(), lambda: t.tolist(), lambda: float(t[0]), lambda: bool(t[0] > 0),
-                 lambda: t.nonzero()):
+                 lambda: t.nonzero(), lambda: t.cpu()):
         with pytest.raises(AssertionError):
             read()
 
