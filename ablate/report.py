@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ablate import stats  # noqa: E402
-from ablate.results import Results, load_results  # noqa: E402
+from ablate.results import Results, load_results, read_manifest  # noqa: E402
 
 FORMATS = ("md", "html")
 FIGURES_DIR = "figures"
@@ -450,16 +450,24 @@ def plot_tune_importances(importances: pd.DataFrame, out_dir: Path) -> Path | No
 
 
 # -- report sections ----------------------------------------------------------------------------
+def _planned_arms(results_dir: Path) -> set[str]:
+    """The arms of the study as last run (its manifest), stored results or not."""
+    manifest = read_manifest(results_dir) or {}
+    return {str(a) for labels in manifest.values() for a in stats.arm_list(labels.get("arms"), labels.get("arm")) if a}
+
+
 def _intro(results: Results, results_dir: Path) -> list[Block]:
     t = results.trials
     studies = ", ".join(sorted(map(str, t["study"].dropna().unique()))) if "study" in t else "?"
     arms = sorted(stats.explode_arms(t)["arm"].unique())
     counts = stats.status_counts(results)
+    with_adamw = stats.ADAMW in set(arms) | _planned_arms(results_dir)
     blocks = [
         _heading(f"Ablation report: {studies}", 1),
         _text(
-            f"This study compares MetaAdamW (arm 'baseline', the task-optimal settings) with AdamW "
-            f"(arm 'adamw') and ablates MetaAdamW's components (arms '<axis>=<level>', factorial "
+            f"This study {'compares' if with_adamw else 'has no AdamW arm: it runs'} MetaAdamW (arm 'baseline', "
+            f"the task-optimal settings){' with AdamW (arm ' + repr(stats.ADAMW) + ')' if with_adamw else ''} and "
+            f"ablates MetaAdamW's components (arms '<axis>=<level>', factorial "
             f"cells 'factorial:...'), over paired seeds: matching seeds of one task share "
             f"initialisation and data order. Results directory: {results_dir}. "
             f"Tasks: {', '.join(sorted(t['task'].unique()))}. Arms: {', '.join(arms)}."
@@ -544,11 +552,17 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     return blocks
 
 
-def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
+def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation",
+                    planned_arms: set[str] = frozenset()) -> list[Block]:
     t3 = stats.table3(results, alpha=alpha, split=split)
     heading = _heading(f"Ablations (Table 3 analogue, {split} split)")
     if t3.empty:
-        return [heading, _text("No ablation arms in this study.")] if split == "validation" else []
+        if split != "validation":
+            return []
+        waiting = sorted(a for a in planned_arms if stats.arm_axis(a) not in ("factorial", stats.ADAMW, stats.BASELINE))
+        return [heading, _text(f"No ablation arm has a stored result to compare yet ({', '.join(waiting)}: see the "
+                               f"warning about the trials without a stored result)." if waiting
+                               else "No ablation arms in this study.")]
     blocks = [heading, _table(table3_display(t3)),
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
@@ -687,7 +701,7 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
     tune = results_dir / TUNE_DIR
-    blocks = []
+    blocks, history = [], pd.DataFrame()
     if (tune / "history.parquet").exists():
         history = pd.read_parquet(tune / "history.parquet")
         counts, unfinished = tune_states(history)
@@ -698,8 +712,14 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
                        _table(unfinished)]
         blocks += _figure(plot_tune_history(history, fig_dir), "tuning study history")
     if (tune / "importances.parquet").exists():
-        blocks += _figure(plot_tune_importances(pd.read_parquet(tune / "importances.parquet"), fig_dir),
-                          "tuning study parameter importances")
+        importances = pd.read_parquet(tune / "importances.parquet")
+        blocks += _figure(plot_tune_importances(importances, fig_dir), "tuning study parameter importances")
+        if "task" in history:
+            lacking = sorted(set(history["task"].astype(str)) - set(importances.get("task", pd.Series(dtype=str)).astype(str)))
+            if lacking:
+                blocks += [_text(f"No parameter importances for {', '.join(lacking)}: fewer than two finished "
+                                 f"suggestions, or scores that do not vary with the searched values (fANOVA has "
+                                 f"nothing to attribute; `ablate tune` says which).")]
     return [_heading("Tuning study (Optuna)"), *blocks] if blocks else []
 
 
@@ -723,7 +743,7 @@ def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: f
     blocks = _intro(results, results_dir)
     steps = [
         ("Table 2", lambda: _table2_section(results, fig_dir, alpha)),
-        ("Table 3", lambda: _table3_section(results, fig_dir, alpha)),
+        ("Table 3", lambda: _table3_section(results, fig_dir, alpha, planned_arms=_planned_arms(results_dir))),
         ("test split", lambda: _test_split_sections(results, fig_dir, alpha)),
         ("factorial effects", lambda: _factorial_section(results, fig_dir, alpha)),
         ("performance profiles", lambda: _profile_section(results, fig_dir)),

@@ -177,7 +177,7 @@ def paired_comparison(
 
 
 # -- arms, statuses and the study's make-up -----------------------------------------------------
-def _arm_list(arms: object, arm: str) -> list[str]:
+def arm_list(arms: object, arm: str) -> list[str]:
     """The arms a trial serves: its ``arms`` JSON list (or list), else ``[arm]``."""
     if isinstance(arms, str) and arms:
         return list(json.loads(arms))
@@ -201,7 +201,7 @@ def explode_arms(trials: pd.DataFrame) -> pd.DataFrame:
         return trials.assign(arm=pd.Series(dtype=object))
     out = trials.assign(**{c: v for c, v in EXPECTED_COLUMNS.items() if c not in trials})
     listed = out["arms"] if "arms" in out else [None] * len(out)
-    out["arm"] = [_arm_list(a, arm) for a, arm in zip(listed, out["arm"])]
+    out["arm"] = [arm_list(a, arm) for a, arm in zip(listed, out["arm"])]
     return out.explode("arm", ignore_index=True)
 
 
@@ -320,7 +320,7 @@ def failed_summary(results: Results) -> pd.DataFrame:
         {
             "trial_id": r["trial_id"],
             "task": r.get("task"),
-            "arms": ", ".join(_arm_list(r.get("arms"), r["arm"])),
+            "arms": ", ".join(arm_list(r.get("arms"), r["arm"])),
             "seed": r.get("seed"),
             "status": r["status"],
             "stop_reason": r.get("stop_reason", ""),

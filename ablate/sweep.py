@@ -83,6 +83,18 @@ class _NoLocalTokenAuthNoticeFilter(logging.Filter):
 _NO_TOKEN_AUTH_NOTICE = _NoLocalTokenAuthNoticeFilter()
 
 
+class _NoTrialTracebackFilter(logging.Filter):
+    """Drops Ray Tune's "Trial task failed for trial ..." error, a full traceback of ~40 lines for
+    every failed attempt: ``ablate run`` prints one line per failed attempt (and whether it is
+    retried) and stores the traceback with the trial's row (``ablate report`` lists it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trial task failed for trial")
+
+
+_NO_TRIAL_TRACEBACK = _NoTrialTracebackFilter()
+
+
 def ray_storage_path(storage: str | None) -> str | None:
     """``--storage`` as Ray Tune needs it: a URI as given, a local path made absolute (Ray Tune
     reads a relative path as a URI without a scheme, and fails once the sweep has started)."""
@@ -322,13 +334,19 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
         def on_trial_error(self, iteration, trials, trial, **info):
             self._record_failure(trials, by_id[trial.config["trial"]["trial_id"]], _trial_error(trial))
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            spec = by_id[trial.config["trial"]["trial_id"]]
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: attempt {trial.num_failures} failed "
+                                   f"({_last_line(_trial_error(trial))}); retrying ({trial.num_failures} of "
+                                   f"{study.retries} retries)")
+
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
             self._store(spec, _failed_row(spec, study, error))
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec.trial_id)
             self.eta.finished(spec.task, None)
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED "
-                                   f"({error.strip().splitlines()[-1]}{note})")
+                                   f"({_last_line(error)}{note}; the traceback is stored with the trial)")
 
         def _rerun_done(self, trial_id: str) -> None:
             if reruns is not None:
@@ -387,6 +405,11 @@ class TimeLeft:
         work_left = sum(n * (sum(self.durations[t]) / len(self.durations[t]) if self.durations.get(t) else overall)
                         for t, n in self.left.items())
         return work_left * elapsed / sum(known)
+
+
+def _last_line(error: str) -> str:
+    lines = error.strip().splitlines()
+    return lines[-1] if lines else "no error message"
 
 
 def _trial_error(trial) -> str:
@@ -523,8 +546,8 @@ def check_real_data(study: Study) -> None:
             try:
                 task.locate(dict(cfg))
             except DatasetNotFoundError as exc:
-                raise DatasetNotFoundError(f"{study.name}: task {spec.task!r} has data: real, but {exc} "
-                                           f"Nothing was run.") from exc
+                raise DatasetNotFoundError(f"{study.name}: task {spec.task!r} has data: real, but "
+                                           f"{str(exc).rstrip().rstrip('.')}. Nothing was run.") from exc
             located.add(key)
 
 
@@ -840,6 +863,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1":
         logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
+    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_NO_TRIAL_TRACEBACK)  # (see the Recorder)
     started = init_ray(study, address, num_cpus)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
     with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint)) as rearm:
@@ -987,6 +1011,9 @@ def run_command(args) -> int:
         print(format_trials(study))
         print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)
+        if args.address is None:  # what the run would refuse on this machine before Ray starts, refused here too
+            check_resources(study, None, None)
+            check_real_data(study)
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints,

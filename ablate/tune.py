@@ -904,6 +904,7 @@ class TuneOutcome:
     files: dict[str, Path]
     interrupted: list[str] = dataclasses.field(default_factory=list)  # targets whose search was cut off
     arm: str = "baseline"  # whose settings were searched (tune.arm)
+    no_importances: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why it has none
 
 
 def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
@@ -1155,11 +1156,23 @@ def _error_reason(trial) -> str:
     return f"error: {lines[-1][:300]}" if lines else "error"
 
 
+#: scores closer than this (relative) are ties - float rounding, as when the searched values do
+#: not change the training at all - and a tie goes to the baseline's own values
+TIE_RTOL = 1e-6
+
+
 def _best(study):
+    """The study's best complete trial; where the baseline's own values (the first suggestion)
+    tie with it, those: a suggestion that wins by float rounding is no better, and writing it to
+    the best-values file would change a study's settings for nothing."""
     try:
-        return study.best_trial
+        best = study.best_trial
     except ValueError:
         return None
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.user_attrs.get("baseline") and abs(t.value - best.value) <= TIE_RTOL * abs(best.value):
+            return t
+    return best
 
 
 def _progress_callback(target: Target, searcher, study, planned: int):
@@ -1357,8 +1370,8 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
                 ray.shutdown()
         outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
-        files = write_outputs(spec, storage, targets, out_dir, location)
-    return TuneOutcome(out_dir, location, outcomes, files, interrupted, spec.settings.arm)
+        files, no_importances = write_outputs(spec, storage, targets, out_dir, location)
+    return TuneOutcome(out_dir, location, outcomes, files, interrupted, spec.settings.arm, no_importances)
 
 
 def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
@@ -1403,18 +1416,21 @@ def study_history(study, target: Target):
 
 
 def study_importances(study, target: Target):
-    """fANOVA importances of the complete trials (empty when there are too few to tell)."""
+    """fANOVA importances of the complete trials, and why there are none (``""`` when there are)."""
     import pandas as pd
 
+    empty = pd.DataFrame(columns=["task", "param", "importance"])
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 2:
-        return pd.DataFrame(columns=["task", "param", "importance"])
+        return empty, f"{len(complete)} finished suggestion(s), too few to tell"
     try:
         imp = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    except Exception:  # too few distinct values, a single-point space, ...
-        return pd.DataFrame(columns=["task", "param", "importance"])
-    return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()])
+    except Exception as exc:  # no variance in the values (every suggestion scored the same), ...
+        return empty, f"fANOVA could not attribute the scores ({str(exc).strip() or type(exc).__name__})"
+    if not imp:
+        return empty, "no searched parameter varies among the finished suggestions"
+    return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()]), ""
 
 
 def best_settings(study) -> dict[str, Any] | None:
@@ -1430,20 +1446,25 @@ def _round(value: Any) -> Any:
     return value
 
 
-def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path, location: str) -> dict[str, Path]:
+def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
+                  location: str) -> tuple[dict[str, Path], dict[str, str]]:
     """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
-    studies (written atomically: concurrent invocations leave a complete file)."""
+    studies (written atomically: concurrent invocations leave a complete file). Returns the files
+    and, per target without importances, why."""
     import pandas as pd
 
     from ablate.results import atomic_write_parquet
 
-    histories, importances, best = [], [], {}
+    histories, importances, best, why_none = [], [], {}, {}
     for target in targets:
         study = _load_stored(target, storage)
         if study is None:  # (not started yet)
             continue
         histories.append(study_history(study, target))
-        importances.append(study_importances(study, target))
+        imp, why = study_importances(study, target)
+        importances.append(imp)
+        if why:
+            why_none[target.key] = why
         settings = best_settings(study)
         if settings is None:
             continue
@@ -1475,7 +1496,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                     f"other seeds).\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
         files["best"] = atomic_write_bytes(out_dir / spec.settings.best_file, text.encode("utf-8"))
-    return files
+    return files, why_none
 
 
 def _use_line(arm: str, path: str) -> str:
@@ -1497,6 +1518,15 @@ def format_summary(outcome: TuneOutcome) -> str:
         if o.baseline_value is not None:
             own = "the baseline's" if outcome.arm == "baseline" else "AdamW's"
             lines.append(f"  {own} own values scored {o.baseline_value:.6g}")
+            gain = abs(o.best_value - o.baseline_value)
+            min_delta = max(m["config"]["min_delta"] for m in t.members)
+            if gain == 0:
+                lines.append(f"  the best are {own} own values: no suggestion beat them (scores within a relative "
+                             f"{TIE_RTOL:g} count as ties)")
+            elif t.key != CROSS_TASK and gain < min_delta:
+                lines.append(f"  the best beats them by {gain:.3g}, less than {t.key}'s min_delta ({min_delta:g}), the "
+                             f"smallest change early stopping counts: on this budget the searched values made no "
+                             f"measurable difference")
         for tasks, state, value in o.starting_points:
             scored = f"scored {value:.6g}" if state == "COMPLETE" else state.lower()
             lines.append(f"  starting point: the baseline values of {', '.join(tasks)}, applied to every task, {scored}")
@@ -1506,6 +1536,8 @@ def format_summary(outcome: TuneOutcome) -> str:
         lines.append(f"best values: {files['best']}  (in a study file: {_use_line(outcome.arm, Path(files['best']).resolve())}"
                      f"; a relative path there is relative to the study file)")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
+    for key, why in outcome.no_importances.items():
+        lines.append(f"  no importances for {key}: {why}")
     lines.append(f"study storage: {outcome.storage}; browse it with `{dashboard_command(outcome.storage)}` "
                  f"(pip install optuna-dashboard); extend it with `ablate tune SPEC --trials N`")
     return "\n".join(lines)

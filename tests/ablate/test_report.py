@@ -163,6 +163,20 @@ def test_a_directory_of_ablate_tune_alone_gets_a_report_of_its_priority_study(tm
     assert "Tuning study" in md and "figures/tune_history.png" in md and "figures/tune_importances.png" in md
     assert_png(tmp_path / "out" / "figures" / "tune_history.png")
     assert (tmp_path / "out" / "report.html").stat().st_size > 0
+    assert "No parameter importances" not in md
+
+
+def test_a_task_of_the_tuning_study_without_importances_is_named(tmp_path):
+    # fANOVA finds nothing to attribute when every suggestion scored the same: an empty table said nothing
+    import pandas as pd
+
+    tune = tmp_path / "tune"
+    tune.mkdir()
+    pd.DataFrame({"task": ["etth1", "etth1", "imdb", "imdb"], "number": [0, 1, 0, 1], "value": [0.9, 0.7, 0.5, 0.5],
+                  "state": ["COMPLETE"] * 4}).to_parquet(tune / "history.parquet")
+    pd.DataFrame({"task": ["etth1"], "param": ["p_gradient"], "importance": [1.0]}).to_parquet(tune / "importances.parquet")
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    assert "No parameter importances for imdb: fewer than two finished suggestions, or scores that do not vary" in md
 
 
 def test_ablate_report_says_in_one_line_how_many_stored_trials_the_study_left_out(report_study):
@@ -282,3 +296,25 @@ def test_only_the_statistics_warnings_reach_the_report_and_filters_by_module_app
         warnings.filterwarnings("ignore", module=r"ablate\.stats")
         report.write_report(tmp_path, tmp_path / "out2", formats=("md",))
     assert not [w for w in shown if issubclass(w.category, stats.StatsWarning)]
+
+
+def test_a_study_whose_ablation_arms_have_no_result_yet_is_not_said_to_have_none(tmp_path, report_kit):
+    # an interrupted study: only the baseline's trials finished; its ablation arms are in the manifest
+    import json
+
+    from ablate.results import write_manifest
+
+    labels = {}
+    for seed in range(2):
+        row = report_kit.trial_row("etth1", "baseline", seed, 1.0)
+        row.update(trial_id=f"b{seed}", arms=json.dumps(["baseline"]))
+        write_trial(tmp_path, row)
+        labels[f"b{seed}"] = {"study": row["study"], "arm": "baseline", "arms": row["arms"], "axis": ""}
+        labels[f"g{seed}"] = {"study": row["study"], "arm": "gating=false", "arms": '["gating=false"]', "axis": "gating"}
+    write_manifest(tmp_path, "report-test", labels)
+    with pytest.warns(UserWarning, match="2 of the study's 4 trials have no stored result"):
+        md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    assert "No ablation arms in this study." not in md
+    assert "No ablation arm has a stored result to compare yet (gating=false: see the warning" in md
+    assert "This study has no AdamW arm: it runs MetaAdamW (arm 'baseline'" in md  # (adamw: false)
+    assert "with AdamW (arm 'adamw')" not in md

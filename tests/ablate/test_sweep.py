@@ -614,6 +614,18 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     assert main([*argv, "--rerun", "bogus"]) == 2  # refused as a real run refuses it
     assert "--rerun bogus: not a task or arm of study tiny" in capsys.readouterr().err
     assert not (out / "tiny" / "study.yaml").exists()  # (a dry run writes nothing)
+    # what a run refuses before Ray starts, a dry run refuses too (it said "to run" and exited 0)
+    real = tmp_path / "real.yaml"
+    real.write_text(f"name: real\ntasks: [etth1]\nseeds: 1\ndata: real\ndata_dir: {tmp_path / 'empty'}\n")
+    (tmp_path / "empty").mkdir()
+    assert main(["run", str(real), "--dry-run", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "trial(s) to run" in captured.out
+    assert "task 'etth1' has data: real, but etth1: ETTh1.csv not found" in captured.err
+    assert ". Nothing was run." in captured.err
+    big = _study(tmp_path, "big", seeds=1, extra="resources: {cpus: 4096}")
+    assert main(["run", str(big), "--dry-run", "--out", str(out)]) == 2
+    assert "4096" in capsys.readouterr().err
 
 
 def test_a_local_cluster_starts_without_ray_s_token_authentication_warning(tmp_path):
@@ -628,3 +640,35 @@ def test_a_local_cluster_starts_without_ray_s_token_authentication_warning(tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "token"  # (the mode Ray picks itself: still authenticated)
     assert "Token authentication" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_retried_failure_is_one_line_per_attempt_without_ray_s_tracebacks(tmp_path, capfd):
+    # Ray Tune logged a ~40-line traceback for every failed attempt; the run prints one line each
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    log = tmp_path / "builds.log"
+    (study_dir / "boom_plugin.py").write_text(textwrap.dedent(f"""\
+        from ablate.tasks.base import register_task
+
+        @register_task("boom_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
+        def build(config):
+            with open({str(log)!r}, "a") as f:
+                f.write("built\\n")
+            raise RuntimeError("boom in the task factory")
+        """))
+    spec = study_dir / "boom.yaml"
+    spec.write_text("name: boom\ntasks: [boom_task]\nseeds: 1\nadamw: false\nretries: 1\nplugins: [boom_plugin]\n")
+    try:
+        outcome = run_study(load_study(spec), tmp_path / "results", num_cpus=2)
+    finally:
+        sys.modules.pop("boom_plugin", None)
+        from ablate.tasks import TASKS
+        TASKS.remove("boom_task")
+    out, err = capfd.readouterr()
+    assert (outcome.ran, outcome.failed) == (1, 1) and log.read_text().count("built") == 2  # (retried once)
+    assert "boom_task seed 0 baseline: attempt 1 failed (RuntimeError: boom in the task factory); retrying " \
+           "(1 of 1 retries)" in out, out
+    assert "boom_task seed 0 baseline: FAILED (RuntimeError: boom in the task factory; the traceback is stored " \
+           "with the trial)" in out, out
+    assert "Trial task failed" not in out + err and "Traceback" not in out + err, err[-3000:]
+    assert "boom in the task factory" in load_results(outcome.out_dir).trials.iloc[0]["error"]

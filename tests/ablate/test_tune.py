@@ -1183,3 +1183,42 @@ def test_a_crashed_suggestion_records_its_error_and_the_report_tables_count_stat
     assert unfinished["state"].tolist() == ["FAIL", "PRUNED"]
     assert unfinished["ended"].tolist() == ["error: ValueError: a member's config is broken",
                                             "stopped by the scheduler after epoch 1"]
+
+
+@pytest.mark.parametrize("other, best_is_baseline, note", [
+    (0.265980132869, True, "the best are the baseline's own values: no suggestion beat them"),  # (a 1e-8 "win")
+    (0.26597, False, "the best beats them by 1.01e-05, less than etth1's min_delta (0.0001)"),
+    (0.2, False, None),
+])
+def test_a_suggestion_that_wins_by_float_rounding_is_not_the_best_and_small_wins_are_called_so(
+        tmp_path, other, best_is_baseline, note):
+    # with meta-settings under which the priorities change nothing, every suggestion scored the
+    # baseline's value up to float rounding, and best_priorities.yaml held a noise winner
+    import optuna
+
+    from ablate.tune import TuneOutcome, _enqueue_baseline, _target_outcome, format_summary, study_importances
+
+    spec = load_tune_spec(_tiny_spec(tmp_path))
+    (target,) = build_targets(spec)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="minimize")
+    _enqueue_baseline(study, target, spec)
+    for value in (0.265980135387, other, 0.265980137906):  # the baseline's own priorities first
+        trial = study.ask()
+        for p in PRIORITY_PARAMS:
+            trial.suggest_float(p, 0.5, 10.0, log=True)
+        study.tell(trial, value)
+    outcome = _target_outcome(target, storage, 3)
+    assert outcome.baseline_value == 0.265980135387
+    assert (outcome.best_number == 0) is best_is_baseline and outcome.best_value == (0.265980135387 if best_is_baseline
+                                                                                     else other)
+    imp, why = study_importances(study, target)
+    text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"},
+                                      no_importances={"etth1": why} if why else {}))
+    if note is None:
+        assert "no measurable difference" not in text and "no suggestion beat them" not in text
+    else:
+        assert note in text
+    if best_is_baseline:  # three scores equal to 8 digits: fANOVA has no variance to attribute, and says so
+        assert imp.empty and "fANOVA could not attribute the scores" in why
+        assert "  no importances for etth1: fANOVA could not attribute the scores" in text
