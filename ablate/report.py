@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -699,6 +700,15 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), unfinished[cols].sort_values(cols[:2]).reset_index(drop=True)
 
 
+def _tuned_arm(tune_dir: Path) -> str:
+    """Which arm the stored spec searched (``tune.arm``; "baseline" when it does not say)."""
+    try:
+        section = yaml.safe_load((tune_dir / "spec.yaml").read_text()).get("tune") or {}
+        return str(section.get("arm") or "baseline")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return "baseline"
+
+
 def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
     tune = results_dir / TUNE_DIR
     blocks, history = [], pd.DataFrame()
@@ -711,6 +721,9 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
             blocks += [_text("Suggestions that did not finish (never candidates for the best values):"),
                        _table(unfinished)]
         blocks += _figure(plot_tune_history(history, fig_dir), "tuning study history")
+        searched = sorted(c[len("params_"):] for c in history.columns if str(c).startswith("params_"))
+        if searched:
+            blocks.insert(0, _text(f"`ablate tune` searched the {_tuned_arm(tune)} arm's {', '.join(searched)}."))
     if (tune / "importances.parquet").exists():
         importances = pd.read_parquet(tune / "importances.parquet")
         blocks += _figure(plot_tune_importances(importances, fig_dir), "tuning study parameter importances")

@@ -596,8 +596,8 @@ def factorial_missing(results: Results) -> pd.DataFrame:
     done = set(zip(arms.loc[ok, "task"], arms.loc[ok, "seed"], arms.loc[ok, "arm"]))
     status = {(t, s, a): st for t, s, a, st in zip(arms["task"], arms["seed"], arms["arm"], arms["status"])}
     rows = []
+    cells = sorted(set(arms["arm"]))  # (the study runs every cell on every task)
     for task in sorted(set(arms.loc[ok, "task"])):
-        cells = sorted(set(arms.loc[arms["task"] == task, "arm"]))
         for seed in sorted({s for t, s, _ in done if t == task}):
             rows += [{"task": task, "seed": seed, "arm": cell, "status": "no_metric" if status.get((task, seed, cell)) == "ok"
                       else status.get((task, seed, cell), "not run")}
@@ -645,9 +645,11 @@ def factorial_effects(
     has no ok result on a seed where other cells have one (:func:`factorial_missing`: it
     diverged, failed or has not run there). The fit leaves such a cell-seed out - a divergence is
     not a bad result it can count - so the effect would rest on the seeds that cell survived.
-    A cell is favoured by an effect when its contrast coefficient has the estimate's sign: a
-    main effect's level with a positive estimate (with a negative one, the other levels), an
-    interaction's cells whose product of effect codes has its sign. ``n_missing`` counts the
+    A cell is favoured by an effect when its weight in the effect has the estimate's sign: a main
+    effect of level a is mean(a) - grand mean, weights ``1[f=a] - 1/I`` (I levels: the level a
+    with a positive estimate, the other levels with a negative one); an interaction a x b is the
+    cell-mean contrast with weights ``(1[f=a] - 1/I) (1[g=b] - 1/J)`` (with a middle level of a
+    three-level factor also weighted, unlike its effect code 0). ``n_missing`` counts the
     cell-seeds left out. Returns an empty frame when the study has no factorial cells.
     """
     frame = factorial_frame(results)
@@ -718,9 +720,9 @@ def factorial_effects(
                 c = np.zeros(len(beta))
                 c[labels.index(("interaction", *key))] = 1.0
                 row = _contrast_row("interaction", *key, c, beta, cov, dof, confidence)
-                refs = (coded[f][0][-1], coded[g][0][-1])
+                n_f, n_g = len(coded[f][0]), len(coded[g][0])
                 row["favoured_missing"] = sum(
-                    _effect_code(cell.get(f), a, refs[0]) * _effect_code(cell.get(g), b, refs[1]) * row["estimate"] > 0
+                    ((cell.get(f) == a) - 1 / n_f) * ((cell.get(g) == b) - 1 / n_g) * row["estimate"] > 0
                     for cell in missing)
                 rows.append({**row, "aliased": "", "confounded": _signed(confounded.get(key, []))})
             tests.append(("interaction", *key))
@@ -732,11 +734,6 @@ def factorial_effects(
     out["n"] = len(frame)
     out["n_missing"] = len(missing)
     return out.drop(columns="favoured_missing")
-
-
-def _effect_code(level: str | None, coded: str, reference: str) -> float:
-    """A level's value in the effect-coded column of level ``coded`` (see :func:`_effect_columns`)."""
-    return 1.0 if level == coded else -1.0 if level == reference else 0.0
 
 
 def _signed_term(coef: float, name: str, sep: str = "") -> str:

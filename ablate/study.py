@@ -497,6 +497,9 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
 #: the key of a ``best_priorities.yaml`` entry that records the seeds ``ablate tune`` scored the
 #: values on (not a setting: :func:`_parse_tuned_file` sets it aside)
 TUNED_ON_SEEDS = "tuned_on_seeds"
+#: the key of an entry that records the arm ``ablate tune`` tuned the values for (``tune.arm``): a
+#: file of one arm given to the other is refused (files without it, older or hand-written, are read)
+TUNED_FOR = "tuned_for"
 
 
 #: the files ``ablate tune`` writes (``tune.arm``: baseline or adamw) and the study-file key that reads each
@@ -558,6 +561,12 @@ def _parse_tuned_file(
                 f"{example}; got {_short(entry)}"
             )
         entry = dict(entry)
+        tuned_for = entry.pop(TUNED_FOR, arm)
+        if tuned_for != arm:
+            other = tuned_for if isinstance(tuned_for, str) and tuned_for in TUNED_FROM else None
+            raise ctx.error(where, f"holds values `ablate tune` tuned for the {tuned_for!r} arm ({TUNED_FOR}: "
+                                   f"{tuned_for}), not for the {arm!r} arm that {path_s} sets"
+                                   + (f"; use the file as {TUNED_FROM[other].replace('.', ': {')}: FILE}}" if other else ""))
         seeds = entry.pop(TUNED_ON_SEEDS, [])
         if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
             raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the values "
@@ -582,7 +591,8 @@ def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:
         if not shared:
             continue
         said = "; ".join(f"{task}: seed(s) {', '.join(map(str, s))}" for task, s in shared.items())
-        fresh = max(max(seeds), *(max(t) for t in tuned_on.values() if t)) + 1
+        every = [*ctx.tuned_on_seeds.values(), *ctx.adamw_tuned_on_seeds.values()]  # (fresh for both arms)
+        fresh = max(max(seeds), *(max(t) for t in every if t)) + 1
         what, whom = ("the priorities", "the tuned baseline") if arm == "baseline" else ("AdamW's settings", "AdamW")
         warnings.warn(
             f"{ctx.where(TUNED_FROM[arm])}: {what} were tuned on the validation metric of seeds this study runs too "

@@ -56,10 +56,11 @@ Storage
     whose objective differs from the stored one is refused rather than mixed into it.
 
 Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation)
-    ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...]}}`` (with
-    ``meta_lr: ...`` and the like when other knobs are tuned), for ``baseline: {priorities_from:
-    FILE}`` in a study file (with ``arm: adamw``: ``best_adamw.yaml``, ``{task: {lr: ...,
-    tuned_on_seeds: [...]}}``, for ``adamw: {tuned_from: FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
+    ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...],
+    tuned_for: baseline}}`` (with ``meta_lr: ...`` and the like when other knobs are tuned), for
+    ``baseline: {priorities_from: FILE}`` in a study file (with ``arm: adamw``: ``best_adamw.yaml``,
+    ``{task: {lr: ..., tuned_on_seeds: [...], tuned_for: adamw}}``, for ``adamw: {tuned_from:
+    FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
     state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
     baseline``; ``importances.parquet`` - ``task, param, importance`` (fANOVA, complete trials).
 """
@@ -97,7 +98,7 @@ from ablate.config import (
     validate_value,
 )
 from ablate.files import atomic_write_bytes
-from ablate.study import TUNED_FILES, TUNED_FROM, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
+from ablate.study import TUNED_FILES, TUNED_FOR, TUNED_FROM, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -120,13 +121,14 @@ TUNE_KEYS = {
     "sampler_seed": "integer >= 0 (reproducible suggestions), or null",
     "aggregate": f"how a suggestion's per-seed values are combined: {' | '.join(AGGREGATES)}",
     "arm": "whose settings are searched: baseline (MetaAdamW) or adamw (AdamW's own, e.g. lr: the same tuning budget)",
-    "priorities": "the range of each of the three priorities {low, high, log}, or false to keep the baseline's",
+    "priorities": "the range of each of the three priorities {low, high, log}, or false to keep the baseline's "
+                  "(arm: baseline only)",
     "params": "other numeric config keys to search: {key: {low, high, log}}",
     "scheduler": "early termination: {type: asha, grace_period: epochs >= 1, reduction_factor: > 1}, or none",
     "cross_task": "true: one vector for every task, scored by the mean relative improvement over AdamW",
     "storage": f"null (OUT/<name>/tune/{JOURNAL_FILE}), a journal file path (relative to this file) or a database URL",
     "max_concurrent": "Ray trials (suggestions) running at once per target, integer >= 1",
-    "enqueue_baseline": "true: a new study first evaluates the baseline's own values (when inside the ranges)",
+    "enqueue_baseline": "true: a new study first evaluates the searched arm's own values (when inside the ranges)",
 }
 RANGE_KEYS = {"low": "the lower bound", "high": "the upper bound (> low)", "log": "true: search on a log scale (low > 0)"}
 SCHEDULER_KEYS = {
@@ -241,8 +243,9 @@ def parse_tune_spec(mapping: Any, source: str = "<string>", *, base_dir: str | o
     for key in ("ablations", "factorial"):
         if mapping.get(key) is not None:
             raise StudyError(
-                f"{source}: {key}: is not used by `ablate tune`, which searches the baseline arm; remove it "
-                f"(run the ablations with `ablate run`, e.g. with baseline: {{priorities_from: .../{BEST_FILE}}})"
+                f"{source}: {key}: is not used by `ablate tune`, which searches one arm's settings (tune.arm); "
+                f"remove it (run the ablations with `ablate run`, e.g. with baseline: {{priorities_from: "
+                f".../{BEST_FILE}}})"
             )
     study = parse_study(mapping, source, base_dir=base_dir)
     settings = _parse_tune_section(mapping.get("tune"), source, trials)
@@ -928,6 +931,12 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
             return f"{key}: stored {stored.get(key)!r}, now {wanted.get(key)!r}"
     old = {(m["task"], m["seed"]): m["config"] for m in stored.get("members", [])}
     new = {(m["task"], m["seed"]): m["config"] for m in wanted["members"]}
+
+    def arm(configs) -> set[str]:
+        return {"adamw" if c.get("optimizer") == "adamw" else "baseline" for c in configs}
+
+    if arm(old.values()) != arm(new.values()):
+        return f"tune.arm: stored {', '.join(sorted(arm(old.values())))}, now {', '.join(sorted(arm(new.values())))}"
     if set(old) != set(new):
         return (f"tasks/seeds: stored {sorted(old)}, now {sorted(new)}")
     for k in new:
@@ -1472,7 +1481,8 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         for task in tasks:
             # where they were picked: a study that compares on these seeds' validation metric reads them
             # at their most favourable (load_study warns)
-            best[task] = {**{k: _round(v) for k, v in settings.items()}, TUNED_ON_SEEDS: list(spec.study.seeds)}
+            best[task] = {**{k: _round(v) for k, v in settings.items()}, TUNED_ON_SEEDS: list(spec.study.seeds),
+                          TUNED_FOR: spec.settings.arm}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
         pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction"])

@@ -701,3 +701,38 @@ def test_a_factorial_effect_resting_on_the_seeds_its_favoured_cell_survived_is_w
     status = "not run" if left_out == "winner not run" else "diverged"
     assert f"1 cell-seed(s) without an ok result where other cells of the seed have one: grouping={gone[0]}," \
            f"gating={gone[1]} on etth1 seed 7 ({status})" in md
+
+
+def test_an_interaction_with_a_three_level_factor_is_withheld_when_it_rests_on_a_diverged_cell(tmp_path, report_kit):
+    # A (2 levels) x B (3 levels): only cell (a1, b2) is better, and it diverged on seed 7. Interaction
+    # a1 x b1 is estimated from that cell too - its weight there is (1 - 1/2)(0 - 1/3), though b2's
+    # effect code in the a1 x b1 column is 0 - so it must be withheld like every other effect it drives
+    rng = np.random.default_rng(1)
+    for seed in range(8):
+        for a in ("a1", "a2"):
+            for b in ("b1", "b2", "b3"):
+                arm = f"factorial:A={a},B={b}"
+                best = 2.0 + 0.1 * seed - 0.1 * (a == "a1" and b == "b2") + 0.001 * rng.standard_normal()
+                row = report_kit.trial_row("etth1", "baseline", seed, best)
+                row.update(trial_id=f"f{seed}{a}{b}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+                if (a, b, seed) == ("a1", "b2", 7):
+                    row.update(status="diverged", best_metric=np.nan)
+                write_trial(tmp_path, row)
+    effects = stats.factorial_effects(load_results(tmp_path))
+    a1b1 = row_of(effects, kind="interaction", level="a1 x b1")
+    assert a1b1["estimate"] < 0 and a1b1["p_holm"] < 0.05 and a1b1["withheld"] and not a1b1["significant"]
+    tested = effects[effects["p_holm"] < 0.05]
+    assert len(tested) == len(effects) and tested["withheld"].all()  # (every effect here is that cell's)
+
+
+def test_a_factorial_cell_that_never_ran_on_one_task_is_missing_there(tmp_path, report_kit):
+    for task, cells in (("etth1", ("a1", "a2")), ("imdb", ("a2",))):
+        for seed in range(2):
+            for a in cells:
+                arm = f"factorial:A={a},B=b1"
+                row = report_kit.trial_row(task, "baseline", seed, 1.0 + 0.1 * seed)
+                row.update(trial_id=f"{task}{seed}{a}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+                write_trial(tmp_path, row)
+    missing = stats.factorial_missing(load_results(tmp_path))
+    assert missing.values.tolist() == [["imdb", 0, "factorial:A=a1,B=b1", "not run"],
+                                       ["imdb", 1, "factorial:A=a1,B=b1", "not run"]]

@@ -172,7 +172,7 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
     best = yaml.safe_load((tune_dir / BEST_FILE).read_text())
     assert list(best) == ["etth1"] and best["etth1"]["priorities"] == pytest.approx(
         [study.best_params[p] for p in PRIORITY_PARAMS], rel=1e-5)
-    assert best["etth1"]["tuned_on_seeds"] == [0, 1]  # (where they were picked)
+    assert best["etth1"]["tuned_on_seeds"] == [0, 1] and best["etth1"]["tuned_for"] == "baseline"  # (where, for whom)
 
     history = pd.read_parquet(tune_dir / "history.parquet")
     assert {"number", "value", "direction", "state", "task"} <= set(history.columns)
@@ -584,7 +584,8 @@ def test_arm_adamw_searches_the_adamw_trials_and_writes_their_best_values_for_ad
     tune_dir = tmp_path / "results" / "tune_lr" / "tune"
     assert not (tune_dir / BEST_FILE).exists()
     best = yaml.safe_load((tune_dir / "best_adamw.yaml").read_text())
-    assert best == {"etth1": {"lr": pytest.approx(o.best_params["lr"], rel=1e-5), "tuned_on_seeds": [0, 1]}}
+    assert best == {"etth1": {"lr": pytest.approx(o.best_params["lr"], rel=1e-5), "tuned_on_seeds": [0, 1],
+                              "tuned_for": "adamw"}}
     assert "adamw: {tuned_from: " in (tune_dir / "best_adamw.yaml").read_text()
     # a study reads them for its AdamW arm (and warns about the seeds they were picked on)
     study = _write(tmp_path, "compare.yaml", """\
@@ -597,6 +598,28 @@ def test_arm_adamw_searches_the_adamw_trials_and_writes_their_best_values_for_ad
                                          r"on those seeds the validation comparison favours AdamW"):
         trials = {(t.arm, t.seed): t.config for t in load_study(study).trials}
     assert trials["adamw", 2]["lr"] == best["etth1"]["lr"] and trials["baseline", 2]["lr"] == 5e-4
+    # the AdamW file given to the MetaAdamW baseline (it would have set MetaAdamW's lr without a word)
+    wrong = _write(tmp_path, "wrong.yaml", """\
+        name: wrong
+        tasks: [etth1]
+        seeds: [5]
+        baseline: {priorities_from: results/tune_lr/tune/best_adamw.yaml}
+        """)
+    with pytest.raises(StudyError, match=r"holds values `ablate tune` tuned for the 'adamw' arm \(tuned_for: adamw\), "
+                                         r"not for the 'baseline' arm that baseline.priorities_from sets; use the file "
+                                         r"as adamw: \{tuned_from: FILE\}"):
+        load_study(wrong)
+    # the same name with the other arm: refused, and the message says why
+    other_arm = _write(tmp_path, "tune_lr_baseline.yaml", """\
+        name: tune_lr
+        tasks: [etth1]
+        seeds: 2
+        budget: {epochs: 2, max_train_batches: 3, patience: 0}
+        adamw: {lr: 1.0e-3}
+        tune: {trials: 1, priorities: false, params: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}
+        """)
+    with pytest.raises(StudyError, match=r"scored suggestions differently.*\(tune.arm: stored adamw, now baseline\)"):
+        run_tune(load_tune_spec(other_arm), tmp_path / "results")
 
 
 @pytest.mark.parametrize("adamw, file_text, expected", [
@@ -636,6 +659,24 @@ def test_priorities_tuned_on_the_studys_seeds_warn_unless_overrides_replace_them
         warnings.simplefilter("error")  # every task's tuned values replaced: nothing favours the baseline
         load_study(_write(tmp_path, "s.yaml", study.format(
             overrides="{imdb: {priorities: [1, 1, 1]}, etth1: {priorities: [1, 1, 1]}}")))
+
+
+def test_both_arms_tuned_on_the_studys_seeds_warn_with_seeds_fresh_for_both(tmp_path):
+    _write(tmp_path, BEST_FILE, "etth1: {priorities: [2.0, 0.5, 4.0], tuned_on_seeds: [0, 1], tuned_for: baseline}\n")
+    _write(tmp_path, "best_adamw.yaml", "etth1: {lr: 0.001, tuned_on_seeds: [0, 1, 2, 3], tuned_for: adamw}\n")
+    study = _write(tmp_path, "s.yaml", """\
+        name: s
+        tasks: [etth1]
+        seeds: [0, 1]
+        baseline: {priorities_from: best_priorities.yaml}
+        adamw: {tuned_from: best_adamw.yaml}
+        """)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_study(study)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and "favours the tuned baseline" in said[0] and "favours AdamW" in said[1]
+    assert all("seeds: [4, 5]" in m for m in said), said  # (not [2, 3], where AdamW was tuned)
 
 
 def test_priorities_from_sets_each_tasks_tuned_values(tmp_path):
