@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import matplotlib
-import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -691,6 +690,10 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         done = h[states == "COMPLETE"].dropna(subset=["value"])
         if len(done):
             best = done.loc[done["value"].idxmax() if _maximized(h) else done["value"].idxmin()]
+            own = done[done["baseline"].astype(bool)] if "baseline" in done else done.iloc[:0]
+            ties = own[[stats.tuning_tie(v, best["value"], task == "cross_task") for v in own["value"]]]
+            if len(ties):  # (as `ablate tune` picks it: a tie goes to the searched arm's own values)
+                best = ties.iloc[0]
             row["best"] = f"{best['value']:.6g} (#{int(best['number'])})"
         else:
             row["best"] = "none finished"
@@ -698,15 +701,6 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     unfinished = history[history["state"].astype(str).str.upper() != "COMPLETE"]
     cols = [c for c in ("task", "number", "state", "ended", "epochs") if c in unfinished]
     return pd.DataFrame(rows), unfinished[cols].sort_values(cols[:2]).reset_index(drop=True)
-
-
-def _tuned_arm(tune_dir: Path) -> str:
-    """Which arm the stored spec searched (``tune.arm``; "baseline" when it does not say)."""
-    try:
-        section = yaml.safe_load((tune_dir / "spec.yaml").read_text()).get("tune") or {}
-        return str(section.get("arm") or "baseline")
-    except (OSError, AttributeError, yaml.YAMLError):
-        return "baseline"
 
 
 def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
@@ -723,7 +717,8 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
         blocks += _figure(plot_tune_history(history, fig_dir), "tuning study history")
         searched = sorted(c[len("params_"):] for c in history.columns if str(c).startswith("params_"))
         if searched:
-            blocks.insert(0, _text(f"`ablate tune` searched the {_tuned_arm(tune)} arm's {', '.join(searched)}."))
+            arm = str(history["arm"].iloc[0]) if "arm" in history else "baseline"  # (older histories: baseline)
+            blocks.insert(0, _text(f"`ablate tune` searched the {arm} arm's {', '.join(searched)}."))
     if (tune / "importances.parquet").exists():
         importances = pd.read_parquet(tune / "importances.parquet")
         blocks += _figure(plot_tune_importances(importances, fig_dir), "tuning study parameter importances")

@@ -382,6 +382,17 @@ def _compare(ref: pd.Series, new: pd.Series, mode: str) -> dict:
     return paired_comparison(ref.to_numpy(), new.to_numpy(), mode)
 
 
+#: ``ablate tune`` scores this close are ties (float rounding, as when the searched values change
+#: nothing), and a tie goes to the searched arm's own values: relative for a task's metric, absolute
+#: for a cross-task score (a relative improvement over AdamW, which sits near 0)
+TUNING_TIE_TOL = 1e-6
+
+
+def tuning_tie(value: float, best: float, cross_task: bool) -> bool:
+    """Whether a tuning score ``value`` ties with the ``best`` one (see :data:`TUNING_TIE_TOL`)."""
+    return abs(value - best) <= TUNING_TIE_TOL * (1.0 if cross_task else abs(best))
+
+
 def significance_mark(significant: bool, withheld: bool = False) -> str:
     """How the tables and figures mark a difference: ``*`` significant, ``(*)`` withheld (see
     :func:`_holm_family`), else nothing."""

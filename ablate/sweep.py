@@ -285,6 +285,8 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.start = time.monotonic()
             self.written: set[str] = set()  # trials recorded ok or diverged
             self.failed_ids: set[str] = set()
+            self.attempts: dict[str, int] = {}  # trial id -> failed attempts so far (retried)
+            self.counted: dict[str, int] = {}  # trial id -> Ray's num_failures at the last retry
             self.write_error: tuple[TrialSpec, OSError] | None = None
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
             self.last_line = time.monotonic()
@@ -336,17 +338,21 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             spec = by_id[trial.config["trial"]["trial_id"]]
-            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: attempt {trial.num_failures} failed "
-                                   f"({_last_line(_trial_error(trial))}); retrying ({trial.num_failures} of "
-                                   f"{study.retries} retries)")
+            attempt = self.attempts[spec.trial_id] = self.attempts.get(spec.trial_id, 0) + 1
+            counted = trial.num_failures > self.counted.get(spec.trial_id, 0)  # (Ray counts no preemption)
+            self.counted[spec.trial_id] = trial.num_failures
+            retry = (f"retrying ({trial.num_failures} of {study.retries} retries)" if counted
+                     else "retrying (not counted against the retries: its node was preempted)")
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: attempt {attempt} failed "
+                                   f"({_last_line(_trial_error(trial))}); {retry}")
 
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
             self._store(spec, _failed_row(spec, study, error))
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec.trial_id)
             self.eta.finished(spec.task, None)
-            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED "
-                                   f"({_last_line(error)}{note}; the traceback is stored with the trial)")
+            stored = "; the traceback is stored with the trial" if len(error.strip().splitlines()) > 1 else ""
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({_last_line(error)}{note}{stored})")
 
         def _rerun_done(self, trial_id: str) -> None:
             if reruns is not None:
@@ -863,8 +869,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1":
         logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
-    logging.getLogger("ray.tune.execution.tune_controller").addFilter(_NO_TRIAL_TRACEBACK)  # (see the Recorder)
     started = init_ray(study, address, num_cpus)
+    controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+    controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
     with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint)) as rearm:
         try:
@@ -908,6 +915,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                     f"({type(exc).__name__}: {exc}), so the run stopped; the results stored before are kept. Free space "
                     f"or make the folder writable, then run the same command with --resume") from None
         finally:
+            controller_log.removeFilter(_NO_TRIAL_TRACEBACK)  # (ablate tune prints no line per retry of its own)
             if started:
                 import ray
 
@@ -1011,8 +1019,8 @@ def run_command(args) -> int:
         print(format_trials(study))
         print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)
-        if args.address is None:  # what the run would refuse on this machine before Ray starts, refused here too
-            check_resources(study, None, None)
+        check_resources(study, args.address, None)  # what the run would refuse before Ray starts, refused here too
+        if args.address is None:
             check_real_data(study)
         return 0
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,

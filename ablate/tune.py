@@ -98,6 +98,7 @@ from ablate.config import (
     validate_value,
 )
 from ablate.files import atomic_write_bytes
+from ablate.stats import TUNING_TIE_TOL, tuning_tie
 from ablate.study import TUNED_FILES, TUNED_FOR, TUNED_FROM, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
@@ -1165,21 +1166,17 @@ def _error_reason(trial) -> str:
     return f"error: {lines[-1][:300]}" if lines else "error"
 
 
-#: scores closer than this (relative) are ties - float rounding, as when the searched values do
-#: not change the training at all - and a tie goes to the baseline's own values
-TIE_RTOL = 1e-6
-
-
 def _best(study):
-    """The study's best complete trial; where the baseline's own values (the first suggestion)
-    tie with it, those: a suggestion that wins by float rounding is no better, and writing it to
-    the best-values file would change a study's settings for nothing."""
+    """The study's best complete trial; where the searched arm's own values (the first suggestion)
+    tie with it (:func:`ablate.stats.tuning_tie`), those: a suggestion that wins by float rounding
+    is no better, and writing it to the best-values file would change a study's settings for nothing."""
     try:
         best = study.best_trial
     except ValueError:
         return None
+    cross_task = study.study_name.endswith(f"/{CROSS_TASK}")
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("baseline") and abs(t.value - best.value) <= TIE_RTOL * abs(best.value):
+        if t.user_attrs.get("baseline") and tuning_tie(t.value, best.value, cross_task):
             return t
     return best
 
@@ -1405,8 +1402,8 @@ def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
 # outputs
 
 
-def study_history(study, target: Target):
-    """One row per trial of ``study`` (the report's ``history.parquet`` columns)."""
+def study_history(study, target: Target, arm: str = "baseline"):
+    """One row per trial of ``study`` (the report's ``history.parquet`` columns; ``arm``: tune.arm)."""
     import pandas as pd
 
     rows = []
@@ -1419,6 +1416,7 @@ def study_history(study, target: Target):
             **{f"params_{k}": float(v) for k, v in t.params.items()},
             "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete, "duration_s": duration,
             "epochs": t.user_attrs.get("epochs", math.nan), "baseline": bool(t.user_attrs.get("baseline", False)),
+            "arm": arm,
             "ended": str(t.user_attrs.get("ended", "running" if t.state.name == "RUNNING" else "")),
         })
     return pd.DataFrame(rows)
@@ -1469,7 +1467,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         study = _load_stored(target, storage)
         if study is None:  # (not started yet)
             continue
-        histories.append(study_history(study, target))
+        histories.append(study_history(study, target, spec.settings.arm))
         imp, why = study_importances(study, target)
         importances.append(imp)
         if why:
@@ -1531,8 +1529,9 @@ def format_summary(outcome: TuneOutcome) -> str:
             gain = abs(o.best_value - o.baseline_value)
             min_delta = max(m["config"]["min_delta"] for m in t.members)
             if gain == 0:
-                lines.append(f"  the best are {own} own values: no suggestion beat them (scores within a relative "
-                             f"{TIE_RTOL:g} count as ties)")
+                lines.append(f"  the best are {own} own values: no suggestion beat them (scores within "
+                             f"{TUNING_TIE_TOL:g}{'' if t.key == CROSS_TASK else ' of each other, relative,'} count as "
+                             f"ties)")
             elif t.key != CROSS_TASK and gain < min_delta:
                 lines.append(f"  the best beats them by {gain:.3g}, less than {t.key}'s min_delta ({min_delta:g}), the "
                              f"smallest change early stopping counts: on this budget the searched values made no "

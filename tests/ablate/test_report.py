@@ -175,11 +175,14 @@ def test_a_task_of_the_tuning_study_without_importances_is_named(tmp_path):
     pd.DataFrame({"task": ["etth1", "etth1", "imdb", "imdb"], "number": [0, 1, 0, 1], "value": [0.9, 0.7, 0.5, 0.5],
                   "state": ["COMPLETE"] * 4}).to_parquet(tune / "history.parquet")
     pd.DataFrame({"task": ["etth1"], "param": ["p_gradient"], "importance": [1.0]}).to_parquet(tune / "importances.parquet")
-    (tune / "spec.yaml").write_text("name: t\ntune: {arm: adamw, params: {lr: {low: 1.0e-4, high: 1.0e-2}}}\n")
-    pd.read_parquet(tune / "history.parquet").assign(params_lr=[1e-3, 2e-3, 1e-3, 2e-3]).to_parquet(tune / "history.parquet")
+    history = pd.read_parquet(tune / "history.parquet")
+    history.assign(params_lr=[1e-3, 2e-3, 1e-3, 2e-3], arm="adamw", baseline=[True, False, True, False],
+                   value=[0.9, 0.7, 0.5, 0.5 - 1e-9]).to_parquet(tune / "history.parquet")
     md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
     assert "No parameter importances for imdb: fewer than two finished suggestions, or scores that do not vary" in md
     assert "`ablate tune` searched the adamw arm's lr." in md
+    # imdb's #1 beats its own values (#0) by float rounding only: as `ablate tune` does, the table names #0
+    assert "| etth1 | 2 | 2 | 0 | 0 | 0 | 0.7 (#1) |" in md and "| imdb | 2 | 2 | 0 | 0 | 0 | 0.5 (#0) |" in md
 
 
 def test_ablate_report_says_in_one_line_how_many_stored_trials_the_study_left_out(report_study):

@@ -672,3 +672,28 @@ def test_a_retried_failure_is_one_line_per_attempt_without_ray_s_tracebacks(tmp_
            "with the trial)" in out, out
     assert "Trial task failed" not in out + err and "Traceback" not in out + err, err[-3000:]
     assert "boom in the task factory" in load_results(outcome.out_dir).trials.iloc[0]["error"]
+
+
+def test_a_retry_after_a_preemption_says_it_is_not_counted(tmp_path, capsys):
+    # Ray counts no preemption (autoscaler drain) as a failure but retries it: the line must not read
+    # "attempt 0 ... (0 of 1 retries)", and the next real failure is the second attempt
+    from types import SimpleNamespace
+
+    from ablate.sweep import _make_callbacks
+
+    study = load_study(_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+    recorder = _make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", len(study.trials), 0)
+    error = tmp_path / "error.txt"
+    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, num_failures=0, error_file=str(error))
+    error.write_text("Traceback ...\nray.exceptions.ActorDiedError: its node was preempted (autoscaler drain)\n")
+    recorder.on_trial_recover(0, [], trial)
+    error.write_text("Traceback ...\nRuntimeError: out of memory\n")
+    trial.num_failures = 1
+    recorder.on_trial_recover(0, [], trial)
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    label = f"{spec.task} seed {spec.seed} {spec.arm}"
+    assert lines == [
+        f"{label}: attempt 1 failed (ray.exceptions.ActorDiedError: its node was preempted (autoscaler drain)); "
+        f"retrying (not counted against the retries: its node was preempted)",
+        f"{label}: attempt 2 failed (RuntimeError: out of memory); retrying (1 of {study.retries} retries)"]

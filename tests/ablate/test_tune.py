@@ -1263,3 +1263,18 @@ def test_a_suggestion_that_wins_by_float_rounding_is_not_the_best_and_small_wins
     if best_is_baseline:  # three scores equal to 8 digits: fANOVA has no variance to attribute, and says so
         assert imp.empty and "fANOVA could not attribute the scores" in why
         assert "  no importances for etth1: fANOVA could not attribute the scores" in text
+
+
+def test_a_cross_task_score_near_zero_ties_on_an_absolute_tolerance():
+    # a cross-task score is a relative improvement over AdamW, near 0 when the arms are close: a
+    # relative tolerance would make a 1e-8 float-rounding change a "win"
+    import optuna
+
+    from ablate.tune import _best
+
+    for name, ties in (("t/cross_task", True), ("t/etth1", False)):
+        study = optuna.create_study(study_name=name, direction="maximize")
+        study.enqueue_trial({}, user_attrs={"baseline": True})
+        study.tell(study.ask(), 0.0)
+        study.tell(study.ask(), 1e-8)
+        assert (_best(study).number == 0) is ties, name
