@@ -348,29 +348,38 @@ def test_time_left_weighs_the_trials_still_to_run_by_their_tasks():
     assert eta.seconds_left(10.0) is None, "nothing left"
 
 
-def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_path):
-    # on a cluster the driver cannot see the workers' files: a trial whose data is missing fails in
-    # its worker. That is deterministic, so it is recorded as failed at once, not retried `retries` times
+def _run_failing_task(tmp_path: Path, name: str, error: str, retries: int):
+    """Runs a one-trial study of a plugin task ``<name>_task`` whose factory logs each build to
+    ``builds.log`` and raises ``error`` (a Python expression; DatasetNotFoundError is imported).
+    Returns the outcome and the log."""
     study_dir = tmp_path / "study"
     study_dir.mkdir()
     log = tmp_path / "builds.log"
-    (study_dir / "nodata_plugin.py").write_text(textwrap.dedent(f"""\
+    (study_dir / f"{name}_plugin.py").write_text(textwrap.dedent(f"""\
         from ablate.tasks.base import DatasetNotFoundError, register_task
 
-        @register_task("nodata_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
+        @register_task("{name}_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
         def build(config):
             with open({str(log)!r}, "a") as f:
                 f.write("built\\n")
-            raise DatasetNotFoundError("nodata_task: data.csv not found on this node")
+            raise {error}
         """))
-    spec = study_dir / "nodata.yaml"
-    spec.write_text("name: nodata\ntasks: [nodata_task]\nseeds: 1\nadamw: false\nretries: 2\nplugins: [nodata_plugin]\n")
+    spec = study_dir / f"{name}.yaml"
+    spec.write_text(f"name: {name}\ntasks: [{name}_task]\nseeds: 1\nadamw: false\nretries: {retries}\n"
+                    f"plugins: [{name}_plugin]\n")
     try:
-        outcome = run_study(load_study(spec), tmp_path / "results", num_cpus=2)
+        return run_study(load_study(spec), tmp_path / "results", num_cpus=2), log
     finally:
-        sys.modules.pop("nodata_plugin", None)
+        sys.modules.pop(f"{name}_plugin", None)
         from ablate.tasks import TASKS
-        TASKS.remove("nodata_task")
+        TASKS.remove(f"{name}_task")
+
+
+def test_a_missing_dataset_in_a_worker_fails_the_trial_once_without_retries(tmp_path):
+    # on a cluster the driver cannot see the workers' files: a trial whose data is missing fails in
+    # its worker. That is deterministic, so it is recorded as failed at once, not retried `retries` times
+    outcome, log = _run_failing_task(tmp_path, "nodata", 'DatasetNotFoundError("nodata_task: data.csv not found on '
+                                                         'this node")', retries=2)
     assert (outcome.ran, outcome.failed, outcome.unfinished) == (1, 1, 0)
     assert log.read_text().count("built") == 1, "built once: no retry"
     row = load_results(outcome.out_dir).trials.iloc[0]
@@ -644,26 +653,7 @@ def test_a_local_cluster_starts_without_ray_s_token_authentication_warning(tmp_p
 
 def test_a_retried_failure_is_one_line_per_attempt_without_ray_s_tracebacks(tmp_path, capfd):
     # Ray Tune logged a ~40-line traceback for every failed attempt; the run prints one line each
-    study_dir = tmp_path / "study"
-    study_dir.mkdir()
-    log = tmp_path / "builds.log"
-    (study_dir / "boom_plugin.py").write_text(textwrap.dedent(f"""\
-        from ablate.tasks.base import register_task
-
-        @register_task("boom_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
-        def build(config):
-            with open({str(log)!r}, "a") as f:
-                f.write("built\\n")
-            raise RuntimeError("boom in the task factory")
-        """))
-    spec = study_dir / "boom.yaml"
-    spec.write_text("name: boom\ntasks: [boom_task]\nseeds: 1\nadamw: false\nretries: 1\nplugins: [boom_plugin]\n")
-    try:
-        outcome = run_study(load_study(spec), tmp_path / "results", num_cpus=2)
-    finally:
-        sys.modules.pop("boom_plugin", None)
-        from ablate.tasks import TASKS
-        TASKS.remove("boom_task")
+    outcome, log = _run_failing_task(tmp_path, "boom", 'RuntimeError("boom in the task factory")', retries=1)
     out, err = capfd.readouterr()
     assert (outcome.ran, outcome.failed) == (1, 1) and log.read_text().count("built") == 2  # (retried once)
     assert "boom_task seed 0 baseline: attempt 1 failed (RuntimeError: boom in the task factory); retrying " \
