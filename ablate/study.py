@@ -507,6 +507,11 @@ TUNED_FILES = {"baseline": "best_priorities.yaml", "adamw": "best_adamw.yaml"}
 TUNED_FROM = {"baseline": "baseline.priorities_from", "adamw": "adamw.tuned_from"}
 
 
+def tuned_file_usage(arm: str, path: str) -> str:
+    """How a study file reads a best-values file of ``arm``: ``adamw: {tuned_from: PATH}``."""
+    return f"{TUNED_FROM[arm].replace('.', ': {')}: {path}}}"
+
+
 def _parse_tuned_file(
     ctx: _Context, source: Any, base_dir: str | os.PathLike | None, arm_settings: dict[str, Any],
     overrides: Any = None, *, arm: str = "baseline",
@@ -566,7 +571,7 @@ def _parse_tuned_file(
             other = tuned_for if isinstance(tuned_for, str) and tuned_for in TUNED_FROM else None
             raise ctx.error(where, f"holds values `ablate tune` tuned for the {tuned_for!r} arm ({TUNED_FOR}: "
                                    f"{tuned_for}), not for the {arm!r} arm that {path_s} sets"
-                                   + (f"; use the file as {TUNED_FROM[other].replace('.', ': {')}: FILE}}" if other else ""))
+                                   + (f"; use the file as {tuned_file_usage(other, 'FILE')}" if other else ""))
         seeds = entry.pop(TUNED_ON_SEEDS, [])
         if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
             raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the values "

@@ -46,53 +46,34 @@ RESULT_KEY = "ablate_result"
 FAILED_KEY = "ablate_failed"  # a trial that failed deterministically, reported (not raised: no retry)
 
 
-class _NoMetricFilesFilter(logging.Filter):
-    """Drops Ray Tune's end-of-run warning that trials have no result.json / progress.csv: a sweep
-    turns those files off on purpose (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``; its results are in
-    the Parquet tables), so the warning, with a FileNotFoundError per trial, would only alarm."""
+class _DropMessages(logging.Filter):
+    """A logging filter that drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to fetch metrics")
+        return not str(record.msg).startswith(self.prefix)
 
 
-_NO_METRIC_FILES = _NoMetricFilesFilter()
-
-
-class _NoRestoreHintFilter(logging.Filter):
-    """Drops Ray Tune's "Experiment has been interrupted ... Resume experiment with:
-    Tuner.restore(...)" warning: ``ablate`` continues an interrupted study with its own command
-    (which it prints), and an experiment restore cannot extend a sweep."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Experiment has been interrupted")
-
-
-_NO_RESTORE_HINT = _NoRestoreHintFilter()
-
-
-class _NoLocalTokenAuthNoticeFilter(logging.Filter):
-    """Drops Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled
-    to opt out" warning, printed whenever it starts a local cluster (every ``ablate run``): the
-    in-process cluster is the study's own, and authentication stays on. Ray's warning that it is
-    *disabled*, and every authentication error, still reach the user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
-
-
-_NO_TOKEN_AUTH_NOTICE = _NoLocalTokenAuthNoticeFilter()
-
-
-class _NoTrialTracebackFilter(logging.Filter):
-    """Drops Ray Tune's "Trial task failed for trial ..." error, a full traceback of ~40 lines for
-    every failed attempt: ``ablate run`` prints one line per failed attempt (and whether it is
-    retried) and stores the traceback with the trial's row (``ablate report`` lists it)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Trial task failed for trial")
-
-
-_NO_TRIAL_TRACEBACK = _NoTrialTracebackFilter()
+#: Ray Tune's end-of-run warning that trials have no result.json / progress.csv: a sweep turns those
+#: files off on purpose (``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``; its results are in the Parquet
+#: tables), so the warning, with a FileNotFoundError per trial, would only alarm
+_NO_METRIC_FILES = _DropMessages("Failed to fetch metrics")
+#: Ray Tune's "Experiment has been interrupted ... Resume experiment with: Tuner.restore(...)":
+#: ``ablate`` continues an interrupted study with its own command (which it prints), and an
+#: experiment restore cannot extend a sweep
+_NO_RESTORE_HINT = _DropMessages("Experiment has been interrupted")
+#: Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt
+#: out", printed whenever it starts a local cluster (every ``ablate run``): the in-process cluster
+#: is the study's own, and authentication stays on. Ray's warning that it is *disabled*, and every
+#: authentication error, still reach the user
+_NO_TOKEN_AUTH_NOTICE = _DropMessages("Token authentication is enabled for this Ray cluster")
+#: Ray Tune's "Trial task failed for trial ...", a traceback of ~40 lines for every failed attempt:
+#: ``ablate run`` prints one line per failed attempt (and whether it is retried) and stores the
+#: traceback with the trial's row (``ablate report`` lists it)
+_NO_TRIAL_TRACEBACK = _DropMessages("Trial task failed for trial")
 
 
 def ray_storage_path(storage: str | None) -> str | None:

@@ -99,7 +99,8 @@ from ablate.config import (
 )
 from ablate.files import atomic_write_bytes
 from ablate.stats import TUNING_TIE_TOL, tuning_tie
-from ablate.study import TUNED_FILES, TUNED_FOR, TUNED_FROM, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study
+from ablate.study import (TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study,
+                          tuned_file_usage)
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -1497,7 +1498,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   f"{', the AdamW arm' if arm == 'adamw' else ''}), "
                   f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.\n"
                   f"# Stored study: {location}\n"
-                  f"# Use in a study file: {_use_line(arm, '<path to this file>')}\n"
+                  f"# Use in a study file: {tuned_file_usage(arm, '<path to this file>')}\n"
                   + ("# priorities are [gradient alignment, loss decrease, generalization gap].\n" if arm == "baseline"
                      else "")
                   + f"# {TUNED_ON_SEEDS}: the seeds whose validation metric picked them (compare the optimizers on "
@@ -1505,11 +1506,6 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
         files["best"] = atomic_write_bytes(out_dir / spec.settings.best_file, text.encode("utf-8"))
     return files, why_none
-
-
-def _use_line(arm: str, path: str) -> str:
-    """How a study file reads the best values of a search of ``arm``."""
-    return f"{TUNED_FROM[arm].replace('.', ': {')}: {path}}}"
 
 
 def format_summary(outcome: TuneOutcome) -> str:
@@ -1542,7 +1538,7 @@ def format_summary(outcome: TuneOutcome) -> str:
     files = outcome.files
     lines.append("")
     if "best" in files:
-        lines.append(f"best values: {files['best']}  (in a study file: {_use_line(outcome.arm, Path(files['best']).resolve())}"
+        lines.append(f"best values: {files['best']}  (in a study file: {tuned_file_usage(outcome.arm, Path(files['best']).resolve())}"
                      f"; a relative path there is relative to the study file)")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
     for key, why in outcome.no_importances.items():
