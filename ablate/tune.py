@@ -1328,7 +1328,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
              num_cpus: int | None = None) -> TuneOutcome:
     """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
     outputs (best values, history, importances) from the stored studies."""
-    from ablate.sweep import check_real_data, check_resources, init_ray, ray_storage_path
+    from ablate.sweep import _exclusive, check_real_data, check_resources, init_ray, ray_storage_path
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
@@ -1377,7 +1377,10 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
                 ray.shutdown()
         outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
-        files, no_importances = write_outputs(spec, storage, targets, out_dir, location)
+        # one writer at a time: a process extending the study at the same time that read the stored
+        # studies before this one and wrote after it would leave its older outputs (fewer trials)
+        with _exclusive(out_dir, wait=True):
+            files, no_importances = write_outputs(spec, storage, targets, out_dir, location)
     return TuneOutcome(out_dir, location, outcomes, files, interrupted, spec.settings.arm, no_importances)
 
 
