@@ -24,7 +24,7 @@ import difflib
 import hashlib
 import json
 import math
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ablate.allocator import CPU_MALLOC
 
@@ -338,3 +338,8 @@ def did_you_mean(key: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
     lowered = {str(o).lower(): o for o in options}
     close = difflib.get_close_matches(str(key).lower(), list(lowered), n=1, cutoff=cutoff)
     return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+
+
+def first_ten(names: Sequence[str]) -> str:
+    """Up to ten ``names``, joined by "; ", and how many more there are (for messages)."""
+    return "; ".join(names[:10]) + (f"; and {len(names) - 10} more" if len(names) > 10 else "")

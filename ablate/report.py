@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ablate import stats  # noqa: E402
+from ablate.config import first_ten  # noqa: E402
 from ablate.results import Results, load_results, read_manifest  # noqa: E402
 
 FORMATS = ("md", "html")
@@ -456,12 +457,12 @@ def _planned_arms(results_dir: Path) -> set[str]:
     return {str(a) for labels in manifest.values() for a in stats.arm_list(labels.get("arms"), labels.get("arm")) if a}
 
 
-def _intro(results: Results, results_dir: Path) -> list[Block]:
+def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[Block]:
     t = results.trials
     studies = ", ".join(sorted(map(str, t["study"].dropna().unique()))) if "study" in t else "?"
     arms = sorted(stats.explode_arms(t)["arm"].unique())
     counts = stats.status_counts(results)
-    with_adamw = stats.ADAMW in set(arms) | _planned_arms(results_dir)
+    with_adamw = stats.ADAMW in set(arms) | planned_arms
     blocks = [
         _heading(f"Ablation report: {studies}", 1),
         _text(
@@ -612,9 +613,8 @@ def _factorial_missing_note(results: Results) -> str:
     if missing.empty:
         return ""
     names = [f"{r.arm[len(stats.FACTORIAL_PREFIX):]} on {r.task} seed {r.seed} ({r.status})" for r in missing.itertuples()]
-    more = f"; and {len(names) - 10} more" if len(names) > 10 else ""
     return (f" Left out of the fit, {len(names)} cell-seed(s) without an ok result where other cells of the seed "
-            f"have one: {'; '.join(names[:10])}{more}.")
+            f"have one: {first_ten(names)}.")
 
 
 def _ratio_cell(v: float) -> str:
@@ -748,10 +748,11 @@ def _failed_section(results: Results) -> list[Block]:
 def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: float = stats.ALPHA,
                  progress: Callable[[str], None] = lambda _: None) -> list[Block]:
     """Every section of the report, in order, drawing figures into ``fig_dir`` on the way."""
-    blocks = _intro(results, results_dir)
+    planned = _planned_arms(results_dir)
+    blocks = _intro(results, results_dir, planned)
     steps = [
         ("Table 2", lambda: _table2_section(results, fig_dir, alpha)),
-        ("Table 3", lambda: _table3_section(results, fig_dir, alpha, planned_arms=_planned_arms(results_dir))),
+        ("Table 3", lambda: _table3_section(results, fig_dir, alpha, planned_arms=planned)),
         ("test split", lambda: _test_split_sections(results, fig_dir, alpha)),
         ("factorial effects", lambda: _factorial_section(results, fig_dir, alpha)),
         ("performance profiles", lambda: _profile_section(results, fig_dir)),

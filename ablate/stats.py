@@ -26,6 +26,7 @@ Conventions
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import re
 import warnings
@@ -711,9 +712,7 @@ def factorial_effects(
                 c[idx] = -1.0
             row = _contrast_row("main", f, name, c, beta, cov, dof, confidence)
             row["aliased"] = ""
-            row["favoured_missing"] = sum(
-                (cell.get(f) == name) if row["estimate"] > 0 else (cell.get(f) != name) if row["estimate"] < 0 else False
-                for cell in missing)
+            row["favoured_missing"] = _favoured(missing, row["estimate"], (f, name, len(names)))
             # a two-level factor's second row is minus its first: what it stands for flips sign too
             flip = -1.0 if len(names) == 2 and j == 1 else 1.0
             row["confounded"] = _signed(confounded.get((f, names[0] if len(names) == 2 else name), []), flip)
@@ -731,10 +730,8 @@ def factorial_effects(
                 c = np.zeros(len(beta))
                 c[labels.index(("interaction", *key))] = 1.0
                 row = _contrast_row("interaction", *key, c, beta, cov, dof, confidence)
-                n_f, n_g = len(coded[f][0]), len(coded[g][0])
-                row["favoured_missing"] = sum(
-                    ((cell.get(f) == a) - 1 / n_f) * ((cell.get(g) == b) - 1 / n_g) * row["estimate"] > 0
-                    for cell in missing)
+                row["favoured_missing"] = _favoured(missing, row["estimate"], (f, a, len(coded[f][0])),
+                                                    (g, b, len(coded[g][0])))
                 rows.append({**row, "aliased": "", "confounded": _signed(confounded.get(key, []))})
             tests.append(("interaction", *key))
     out = pd.DataFrame(rows)
@@ -745,6 +742,13 @@ def factorial_effects(
     out["n"] = len(frame)
     out["n_missing"] = len(missing)
     return out.drop(columns="favoured_missing")
+
+
+def _favoured(cells: list[dict[str, str]], estimate: float, *terms: tuple[str, str, int]) -> int:
+    """How many of ``cells`` an effect with ``estimate`` favours: those whose weight in it - the
+    product over its ``terms`` (factor, level, number of levels) of ``1[cell's level] - 1/levels``
+    - has the estimate's sign (see :func:`factorial_effects`)."""
+    return sum(math.prod((cell.get(f) == level) - 1 / n for f, level, n in terms) * estimate > 0 for cell in cells)
 
 
 def _signed_term(coef: float, name: str, sep: str = "") -> str:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ablate import results as store
+from ablate.config import first_ten
 from ablate.files import atomic_write_bytes
 from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_study
 
@@ -394,9 +395,10 @@ class TimeLeft:
         return work_left * elapsed / sum(known)
 
 
-def _last_line(error: str) -> str:
+def _last_line(error: str, default: str = "no error message") -> str:
+    """The last line of an error text (the exception's message), or ``default`` when it is empty."""
     lines = error.strip().splitlines()
-    return lines[-1] if lines else "no error message"
+    return lines[-1] if lines else default
 
 
 def _trial_error(trial) -> str:
@@ -908,7 +910,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
             _clean_up(out_dir, study, storage, run_name)
         names = [_trial_label(t) for t in left]
         if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
-            print(f"\ninterrupted: {unfinished} trial(s) did not finish: {_first_ten(names)}", flush=True)
+            print(f"\ninterrupted: {unfinished} trial(s) did not finish: {first_ten(names)}", flush=True)
         has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
         if has_parts:
             results = store.consolidate(out_dir)
@@ -1031,17 +1033,13 @@ def _trial_label(t: TrialSpec) -> str:
     return f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})"
 
 
-def _first_ten(names: list[str]) -> str:
-    return "; ".join(names[:10]) + (f"; and {len(names) - 10} more" if len(names) > 10 else "")
-
-
 def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str | None) -> str:
     done = set() if recorder is None else recorder.written | recorder.failed_ids
     left = [_trial_label(t) for t in pending if t.trial_id not in done]
     hint = resume_hint or "the same command with --resume"
     if not left:
         return f"every trial is stored; the combined tables were not written: run {hint}"
-    return f"{len(left)} trial(s) did not finish: {_first_ten(left)}. The finished ones are stored; continue with: {hint}"
+    return f"{len(left)} trial(s) did not finish: {first_ten(left)}. The finished ones are stored; continue with: {hint}"
 
 
 @contextlib.contextmanager

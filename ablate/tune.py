@@ -1158,13 +1158,13 @@ def _error_reason(trial) -> str:
     """``"error: <the exception's last line>"`` of a crashed Ray trial (``"error"`` without one)."""
     if trial is None:
         return "error"
-    from ablate.sweep import _trial_error
+    from ablate.sweep import _last_line, _trial_error
 
     try:
-        lines = _trial_error(trial).strip().splitlines()
+        last = _last_line(_trial_error(trial), "")
     except Exception:  # (an unreadable error file must not lose the trial's record)
         return "error"
-    return f"error: {lines[-1][:300]}" if lines else "error"
+    return f"error: {last[:300]}" if last else "error"
 
 
 def _best(study):
@@ -1185,7 +1185,7 @@ def _best(study):
 def _progress_callback(target: Target, searcher, study, planned: int):
     from ray import tune
 
-    from ablate.sweep import _duration, _trial_error
+    from ablate.sweep import _duration, _last_line, _trial_error
 
     class Progress(tune.Callback):
         """One line per finished suggestion (done / running, its value, the best so far), and a
@@ -1216,8 +1216,7 @@ def _progress_callback(target: Target, searcher, study, planned: int):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.errors += 1
-            error = _trial_error(trial).strip().splitlines()
-            self._line(trials, trial, f" ({error[-1] if error else 'error'})")
+            self._line(trials, trial, f" ({_last_line(_trial_error(trial), 'error')})")
 
         def _line(self, trials, trial, extra: str) -> None:
             self.done += 1
