@@ -41,6 +41,18 @@ class _Stack(nn.Module):
         return self.head(x)
 
 
+def _per_tensor_stats(g, m, v, theta):
+    """The basic per-tensor statistics by their definitions: norms of g, m and theta, cos(g, m) and
+    sqrt(sum(v))."""
+    return {
+        "grad_norm": torch.stack([gk.norm() for gk in g]),
+        "exp_avg_norm": torch.stack([mk.norm() for mk in m]),
+        "param_norm": torch.stack([p.norm() for p in theta]),
+        "cos": torch.stack([(gk * mk).sum() / (gk.norm() * mk.norm()) for gk, mk in zip(g, m)]),
+        "v_norm": torch.stack([vk.sum().sqrt() for vk in v]),
+    }
+
+
 def _feature_batches(n=3):
     g = torch.Generator().manual_seed(5)
     batches = []
@@ -114,11 +126,7 @@ def test_features_equal_their_formulas(features, time_step, second_moment, forea
         v = [b2 * vk + (1 - b2) * gk * gk for vk, gk in zip(v, g)]
         opt.step()
         per_tensor = {
-            "grad_norm": torch.stack([gk.norm() for gk in g]),
-            "exp_avg_norm": torch.stack([mk.norm() for mk in m]),
-            "param_norm": torch.stack([p.norm() for p in theta]),
-            "cos": torch.stack([(gk * mk).sum() / (gk.norm() * mk.norm()) for gk, mk in zip(g, m)]),
-            "v_norm": torch.stack([vk.sum().sqrt() for vk in v]),
+            **_per_tensor_stats(g, m, v, theta),
             "grad_sparsity": torch.stack([(gk == 0).double().mean() for gk in g]),
             "exp_avg_sparsity": torch.stack([(mk == 0).double().mean() for mk in m]),
         }
@@ -239,14 +247,7 @@ def _reference_meta_update(model, opt, modulator, weighting, objective, batch1, 
     theta = [p.detach() for p in params]
     m = [b1 * opt.state[p]["exp_avg"] + (1 - b1) * gk for p, gk in zip(params, g)]
     v = [b2 * opt.state[p]["exp_avg_sq"] + (1 - b2) * gk * gk for p, gk in zip(params, g)]
-    stats = {
-        "grad_norm": torch.stack([gk.norm() for gk in g]),
-        "exp_avg_norm": torch.stack([mk.norm() for mk in m]),
-        "param_norm": torch.stack([p.norm() for p in theta]),
-        "cos": torch.stack([(gk * mk).sum() / (gk.norm() * mk.norm()) for gk, mk in zip(g, m)]),
-        "v_norm": torch.stack([vk.sum().sqrt() for vk in v]),
-    }
-    mult = modulator(stats, torch.tensor(t / TOTAL_STEPS))
+    mult = modulator(_per_tensor_stats(g, m, v, theta), torch.tensor(t / TOTAL_STEPS))
 
     theta_prime = []
     for i, p in enumerate(theta):
