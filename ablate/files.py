@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -25,17 +26,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` to fill a uniquely named temporary file in ``path``'s directory
     (``.<name>.<random>.tmp``), then rename it to ``path``: readers see the old file or the new one,
     never a part, concurrent writers do not share a temporary, and a failed write leaves no
-    temporary behind. The file gets the permissions any new file in that folder gets."""
+    temporary behind. The file gets the permissions any new file in that folder gets. The data
+    reach the disk before the rename, and the rename before the return (``fsync`` of the file, then
+    of the folder): a machine that crashes or loses power leaves the old file or the new one, not
+    an empty one under the new name (a rename can reach the disk before the data it names)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temporary(path)
     try:
         write(str(tmp))
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's data to the disk; a file system that cannot (some network or
+    virtual ones refuse ``fsync``, or a folder's) is left as it is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM):
+            raise  # (EIO: the data may be lost - say so)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -8,7 +8,10 @@ telemetry and a final summary row, reports every epoch through a callback (so th
 alone, in tests and inside Ray Tune) and can checkpoint and resume bit-identically on CPU.
 
 Reproducibility and pairing. The seed fixes Python's, NumPy's and torch's RNGs before the model
-is built, and the data order through a dedicated generator. Meta-updates draw their batches from
+is built, and the data order through a dedicated generator. A trial's process-wide random stream
+is its own: swapped in around its work (building, each epoch, the final evaluation) and the
+caller's given back after it, so trials run in one process (a notebook, ``ablate tune``'s
+lockstep seeds) neither disturb the caller's random state nor each other's. Meta-updates draw their batches from
 their own generators and run under ``torch.random.fork_rng``, so an AdamW trial and a MetaAdamW
 trial with the same seed see the same initial weights, the same batches in the same order and the
 same dropout masks and augmentations: seeds are matched pairs.
@@ -106,6 +109,13 @@ class Trial:
     """One training run. ``Trial(config).run()`` returns a :class:`TrialResult`."""
 
     def __init__(self, config: dict[str, Any]):
+        outside = rng_state()  # the caller's random state: the trial seeds its own, and gives it back
+        try:
+            self._build(config)
+        finally:
+            set_rng_state(outside)
+
+    def _build(self, config: dict[str, Any]) -> None:
         self.config = resolve_config(config)
         self.trial_id = trial_id(self.config)
         cfg = self.config

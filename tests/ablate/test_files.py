@@ -31,6 +31,48 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
 
 
+def test_the_data_reach_the_disk_before_the_rename_and_the_rename_before_the_return(tmp_path, monkeypatch):
+    # a crash after a rename whose data were still in the page cache can leave an empty file under
+    # the new name: the file is fsync'ed (with its full contents) before os.replace, the folder after
+    path, events = tmp_path / "state.bin", []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", os.path.basename(target),
+                       None if os.path.isdir(target) else open(target, "rb").read()))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst), None))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    files.atomic_write_bytes(path, b"data")
+    assert [(kind, data) for kind, _, data in events] == [("fsync", b"data"), ("replace", None), ("fsync", None)]
+    assert events[0][1].startswith(".state.bin.") and events[2][1] == tmp_path.name
+
+
+def test_a_file_system_that_cannot_fsync_still_gets_the_file_but_a_failing_disk_is_an_error(tmp_path, monkeypatch):
+    import errno
+
+    def refused(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refused)
+    files.atomic_write_bytes(tmp_path / "a.bin", b"a")
+    assert (tmp_path / "a.bin").read_bytes() == b"a"
+
+    def lost(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", lost)
+    with pytest.raises(OSError, match="Input/output"):
+        files.atomic_write_bytes(tmp_path / "a.bin", b"b")
+    assert (tmp_path / "a.bin").read_bytes() == b"a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_written_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask):
     # tempfile.mkstemp makes 0600 files and the rename kept that: every result file, checkpoint and

@@ -71,6 +71,21 @@ def test_trials_stepped_in_turn_draw_what_each_draws_alone():
     assert members[1].finish().row["best_metric"] == alone.row["best_metric"]
 
 
+def test_building_and_running_a_trial_leaves_the_callers_random_state_as_it_was():
+    # run in a notebook or a script: the trial seeds its own streams, the caller's go on undisturbed
+    import random
+
+    import numpy as np
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    result = run_trial({**FAST, "epochs": 2})
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+    # ... and the trial's own result does not depend on what the caller drew before
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    assert _strip(run_trial({**FAST, "epochs": 2}).history) == _strip(result.history)
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     trial = Trial(FAST)
     path = trial.save(tmp_path / "a.pt")
