@@ -19,8 +19,9 @@ Conventions
 * Differences: paired differences are ``arm - reference`` in raw metric units; the p-values
   (paired t-test and exact sign-flip permutation test, both two-sided) test them against 0.
 * Failed trials: only trials with ``status == "ok"`` (and a finite best metric) enter statistics. Every table that
-  aggregates trials carries ``n_not_ok`` counts, and :func:`failed_summary` lists every trial
-  whose status is not "ok", so nothing is dropped silently.
+  aggregates trials says what it left out - ``n_not_ok`` counts (the factorial effects: ``n_missing``
+  cell-seeds; the performance profiles: :func:`profile_notes`) - and :func:`failed_summary` lists
+  every trial whose status is not "ok", so nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ SIGN_FLIP_DRAWS = 20_000
 
 # -- elementary statistics --------------------------------------------------------------------
 def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str, float]:
-    """Mean and two-sided t confidence interval of ``values`` (NaNs ignored).
+    """Mean and two-sided t confidence interval of ``values`` (non-finite values - NaN, inf -
+    ignored, as the paired tables drop them: one would make the interval NaN).
 
-    Returns ``{"mean", "lo", "hi", "sd", "n"}``; with one value the interval is NaN, with none
-    the mean is NaN too.
+    Returns ``{"mean", "lo", "hi", "sd", "n"}`` (``n``: the finite values); with one value the
+    interval is NaN, with none the mean is NaN too.
     """
     x = np.asarray(list(values), dtype=float)
-    x = x[~np.isnan(x)]
+    x = x[np.isfinite(x)]
     n = len(x)
     mean = float(x.mean()) if n else np.nan
     if n < 2:
@@ -103,7 +105,8 @@ def sign_flip_pvalue(
     is the share of sign vectors whose |mean| is at least the observed |mean|: exact over all
     2^n vectors for n <= ``exact_max_n``, otherwise Monte Carlo with ``draws`` vectors from a
     fixed ``seed`` (reported as (1 + hits) / (1 + draws)). The smallest attainable exact value is
-    2 / 2^n, e.g. 2/64 = 0.03125 for 6 pairs and 0.0625 for 5. NaN for n = 0 and for non-finite
+    2 / 2^n when no difference is 0, e.g. 2/64 = 0.03125 for 6 pairs and 0.0625 for 5 (a zero
+    difference's sign does not count: 2 / 2^(number of non-zero differences)). NaN for n = 0 and for non-finite
     differences (a NaN would otherwise compare as never reached and give p = 0).
     """
     d = np.asarray(diffs, dtype=float)
@@ -577,15 +580,25 @@ def parse_factorial_arm(arm: str) -> dict[str, str]:
 
 
 def factorial_frame(results: Results) -> pd.DataFrame:
-    """One row per ok trial and factorial cell: task, seed, one column per factor, the raw
-    best_metric and ``y``, the per-task normalised metric ``sign * (m - mean_task) / |mean_task|``
-    (sign +1 for "max", -1 for "min": positive = better, in units of the task's mean)."""
+    """One row per ok cell-seed: task, seed, one column per factor, the raw best_metric and ``y``,
+    the per-task normalised metric ``sign * (m - mean_task) / |mean_task|`` (sign +1 for "max",
+    -1 for "min": positive = better, in units of the task's mean). Several ok trials of one cell
+    and seed (results of study versions loaded with ``all_trials=True``) are averaged, with a
+    warning, as in the paired tables: each would otherwise count as one more observation."""
     arms = explode_arms(_ok(results.trials))
     if arms.empty:
         return pd.DataFrame()
     cells = arms[arms["arm"].astype(str).str.startswith(FACTORIAL_PREFIX)]
     if cells.empty:
         return pd.DataFrame()
+    repeated = cells.duplicated(["task", "seed", "arm"], keep=False)
+    if repeated.any():
+        warnings.warn(f"factorial cells: several ok trials share a task, seed and cell ({int(repeated.sum())} trials "
+                      f"of {len(cells[repeated].drop_duplicates(['task', 'seed', 'arm']))} cell-seeds); their values "
+                      f"are averaged. Are results of different study versions mixed (load_results(..., "
+                      f"all_trials=True))?", StatsWarning, stacklevel=2)
+        cells = cells.groupby(["task", "seed", "arm"], as_index=False, sort=False).agg(
+            mode=("mode", "first"), best_metric=("best_metric", "mean"))
     levels = pd.DataFrame([parse_factorial_arm(a) for a in cells["arm"]], index=cells.index)
     out = pd.concat([cells[["task", "seed", "arm", "mode", "best_metric"]], levels], axis=1)
     task_mean = out.groupby("task")["best_metric"].transform("mean")
@@ -633,8 +646,10 @@ def factorial_effects(
 
     Fits ``y ~ 1 + main effects + two-way interactions`` by least squares on effect-coded factors
     (see :func:`factorial_frame` for ``y``). A main-effect estimate is a level's deviation from
-    the grand mean (every level is listed; for a two-level factor the difference between its
-    levels is twice the estimate). An interaction estimate is the coefficient of the product of
+    the grand mean - in a balanced design its mean's; with cell-seeds missing, the least-squares
+    estimate adjusted for the seeds and the other factors, not the raw means' deviation (every
+    level is listed; for a two-level factor the difference between its levels is twice the
+    estimate). An interaction estimate is the coefficient of the product of
     two non-reference level columns (the last level of each factor, alphabetically, is the
     reference). Each (task, seed) is a block with an effect of its own: the cells of one seed
     share its initial weights, data order and dropout masks (seeds are matched pairs), so what all
@@ -946,6 +961,10 @@ def _profile_plan(results: Results, arms: Sequence[str] | None) -> tuple[list[st
             notes.append(f"{task}: means over seeds {', '.join(map(str, sorted(common)))} (seed(s) "
                          f"{', '.join(map(str, dropped))} not finished ok by every arm - not finished by {missing})")
         seeds[task] = sorted(common)
+        means = rows[rows["seed"].isin(common)].groupby("arm")["best_metric"].mean()
+        if (means <= 0).any():  # (a perfect 0 would otherwise read as the worst arm, without a word)
+            notes.append(f"{task}: {', '.join(f'{a} (mean {v:.4g})' for a, v in means[means <= 0].items())} counted as "
+                         f"never within any tau: a performance ratio needs positive metrics")
     return names, seeds, notes
 
 

@@ -45,6 +45,11 @@ def test_mean_ci_one_value_gives_nan_interval_and_none_gives_nan_mean():
     assert stats.mean_ci([1.0, np.nan, 3.0])["n"] == 2
 
 
+def test_mean_ci_ignores_infinite_values_as_it_ignores_nan():
+    ci, hand = stats.mean_ci([1.0, np.inf, 3.0, -np.inf, 5.0]), hand_ci([1.0, 3.0, 5.0])
+    assert ci["n"] == 3 and (ci["mean"], ci["lo"], ci["hi"]) == pytest.approx(hand)
+
+
 @pytest.mark.parametrize(
     "ref, new, mode, expected",
     [
@@ -240,6 +245,33 @@ def test_factorial_effects_take_seeds_as_matched_blocks(tmp_path, report_kit):
     assert main["significant"] and main["hi"] - main["lo"] < 0.01  # seeds' offsets (0.7 apart) are not noise
 
 
+def test_several_trials_of_one_factorial_cell_and_seed_are_averaged_with_a_warning(tmp_path, report_kit):
+    # results of two study versions (load_results(..., all_trials=True)) must not count a cell-seed twice:
+    # the fit is that of the averaged values, with the degrees of freedom of one value per cell-seed
+    def cell(seed, k, grouping, gating, best, version=""):
+        arm = f"factorial:grouping={grouping},gating={gating}"
+        row = report_kit.trial_row("etth1", "baseline", seed, best)
+        row.update(trial_id=f"f{seed}{k}{version}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+        return row
+
+    levels = [("fine_grained", "false"), ("fine_grained", "true"), ("original", "false"), ("original", "true")]
+    rows = [cell(seed, k, *lv, 2.0 + 0.1 * k + 0.01 * seed * (-1) ** k) for seed in range(3) for k, lv in enumerate(levels)]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    for row in rows:
+        write_trial(once, row)
+        write_trial(twice, row)
+    first = rows[1]  # its cell-seed ran twice, 2.11 and 2.31: their mean 2.21 is the cell-seed's value
+    write_trial(once, {**first, "best_metric": 2.21})
+    write_trial(twice, {**first, "best_metric": 2.11})
+    write_trial(twice, {**first, "trial_id": first["trial_id"] + "v2", "best_metric": 2.31})
+    expected = stats.factorial_effects(load_results(once))
+    with pytest.warns(stats.StatsWarning, match=r"2 trials of 1 cell-seeds\); their values are averaged"):
+        got = stats.factorial_effects(load_results(twice, all_trials=True))
+    assert got["n"].iloc[0] == 12
+    cols = ["estimate", "se", "p_value"]
+    np.testing.assert_allclose(got[cols].to_numpy(dtype=float), expected[cols].to_numpy(dtype=float), rtol=1e-9)
+
+
 def test_parse_factorial_arm_keeps_commas_inside_levels():
     arm = "factorial:priorities=[1.0, 3.0, 5.0],gating=true"
     assert stats.parse_factorial_arm(arm) == {"priorities": "[1.0, 3.0, 5.0]", "gating": "true"}
@@ -425,6 +457,18 @@ def test_a_task_no_arm_finished_ok_is_left_out_of_the_profile_with_a_note(tmp_pa
     assert list(stats.profile_ratios(results).index) == ["etth1"]
     assert "imdb: left out (no arm finished a trial ok)" in stats.profile_notes(results)
     assert stats.performance_profile(results).max().to_dict() == {"baseline": 1.0, "gating=true": 1.0}
+
+
+def test_a_non_positive_mean_metric_in_a_profile_is_named_in_the_notes(tmp_path, report_kit):
+    # a perfect 0 on a "min" metric has no ratio to the others: it counts as never within any tau,
+    # which must not pass for "the worst arm" without a word
+    for seed in range(2):
+        _write(tmp_path, report_kit, "etth1", "baseline", seed, 0.0)
+        _write(tmp_path, report_kit, "etth1", "gating=true", seed, 1.0)
+    results = load_results(tmp_path)
+    assert stats.profile_ratios(results).loc["etth1"].to_dict() == {"baseline": np.inf, "gating=true": 1.0}
+    assert stats.profile_notes(results) == [
+        "etth1: baseline (mean 0) counted as never within any tau: a performance ratio needs positive metrics"]
 
 
 def test_a_failed_trial_without_a_data_source_takes_its_tasks(tmp_path, report_kit):
