@@ -115,7 +115,8 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("batch_size", int, 64, "training batch size", check=_pos),
         _f("eval_batch_size", int, None, "evaluation batch size (default: batch_size)", check=_pos, nullable=True),
         _f("patience", int, 2, "early-stopping patience in epochs, warm-up epochs included (0 disables early stopping)", check=_nonneg),
-        _f("min_delta", float, 1e-3, "minimum improvement of the primary metric that resets patience", check=_nonneg),
+        _f("min_delta", float, 1e-3, "minimum improvement of the primary metric that resets patience (the best epoch is the best value, "
+           "whatever its gain)", check=_nonneg),
         _f("warmup_epochs", int, 1, "epochs of plain training before meta-updates start", check=_nonneg),
         _f("max_train_batches", int, None, "cap on training batches per epoch (None: the whole split)", check=_pos, nullable=True),
         _f("grad_clip", float, None, "clip the gradient norm to this value (None: no clipping)", check=_pos, nullable=True),

@@ -172,6 +172,8 @@ class Trial:
         self.history: list[dict[str, Any]] = []
         self.telemetry: list[dict[str, Any]] = []
         self.best_value = math.inf if self.metric.mode == "min" else -math.inf
+        #: the value of the last epoch that reset the patience (improved by more than min_delta)
+        self.patience_value = self.best_value
         self.best_epoch = 0
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad_epochs = 0
@@ -345,10 +347,16 @@ class Trial:
             return next(iters[key])
 
     def _early_stopping(self, row: dict[str, Any]) -> None:
+        """The best epoch is the best validation value recorded (its weights are restored at the
+        end); ``min_delta`` decides only the patience, as in Lightning's EarlyStopping: an epoch
+        resets it when it improves by more than ``min_delta`` on the last epoch that reset it, so a
+        run of small gains still stops, and still reports the best of them."""
         value = row[f"val_{self.metric.name}"]
-        if self.metric.better(value, self.best_value, self.min_delta if self.best_state is not None else 0.0):
-            self.best_value, self.best_epoch, self.bad_epochs = value, self.epoch, 0
+        if self.metric.better(value, self.best_value):
+            self.best_value, self.best_epoch = value, self.epoch
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.metric.better(value, self.patience_value, self.min_delta):
+            self.patience_value, self.bad_epochs = value, 0
         else:  # (every epoch counts, warm-up included, for AdamW and MetaAdamW alike: the arms get one
             # rule; a MetaAdamW trial stopped before its first meta-update is named by the run and the report)
             self.bad_epochs += 1
@@ -393,6 +401,7 @@ class Trial:
             "generators": {k: g.get_state() for k, g in self._gens.items()},
             "history": self.history, "telemetry": self.telemetry, "best_value": self.best_value,
             "best_epoch": self.best_epoch, "best_state": self.best_state, "bad_epochs": self.bad_epochs,
+            "patience_value": self.patience_value,
             "times": self.times, "stop_reason": self.stop_reason, "error": self.error,
             "data_fingerprint": self.data_fingerprint,
         })
@@ -418,6 +427,8 @@ class Trial:
                     "bad_epochs", "times", "stop_reason"):
             setattr(self, key, state[key])
         self.error = state.get("error", "")
+        # (a checkpoint from before the best and the patience were told apart: they were one value)
+        self.patience_value = state.get("patience_value", self.best_value)
         self.resumed_from_epoch = self.epoch
 
     def can_resume_from(self, state: dict[str, Any]) -> bool:

@@ -86,6 +86,55 @@ def test_building_and_running_a_trial_leaves_the_callers_random_state_as_it_was(
     assert _strip(run_trial({**FAST, "epochs": 2}).history) == _strip(result.history)
 
 
+def _scripted(task, values, tmp_path=None, resume_after=None, **over):
+    """A trial whose validation metric is ``values[epoch - 1]`` (the other metric 0): early stopping by hand."""
+    cfg = {"task": task, "optimizer": "adamw", "epochs": len(values), "max_train_batches": 2, "num_threads": 1,
+           "min_delta": 0.0, "patience": 2, **over}
+
+    def scripted(trial):
+        other = "mae" if task == "etth1" else "loss"
+        trial.task.evaluate = lambda model, loader: {trial.metric.name: values[trial.epoch - 1], other: 0.0}
+        return trial
+
+    trial = scripted(Trial(cfg))
+    if resume_after is None:
+        return trial.run().row
+    for _ in range(resume_after):
+        trial.run_epoch()
+    again = scripted(Trial(cfg))
+    again.load(trial.save(tmp_path / "ckpt.pt"))
+    return again.run().row
+
+
+SCRIPT = [1.0, 0.9, 0.95, 0.8, 0.85, 0.86, 0.7]  # best 0.8 at 4; epoch 3 bad (reset by 4), 5 and 6 bad: stop at 6
+
+
+@pytest.mark.parametrize("task, values, best", [("etth1", SCRIPT, 0.8), ("cifar10", [1 - v for v in SCRIPT], 0.2)])
+def test_patience_counts_epochs_since_the_last_improvement_in_both_modes(task, values, best):
+    row = _scripted(task, values)
+    assert (row["epochs_run"], row["stop_reason"]) == (6, "early_stopping")
+    assert (row["best_metric"], row["best_epoch"]) == (pytest.approx(best), 4)
+
+
+def test_min_delta_decides_the_patience_and_the_best_epoch_is_the_best_value():
+    # 0.96 improves on 1.0 by less than min_delta: the patience runs on, but it is the best value seen
+    row = _scripted("etth1", [1.0, 0.96, 0.97, 0.5], min_delta=0.05)
+    assert (row["epochs_run"], row["best_epoch"], row["best_metric"]) == (3, 2, 0.96)
+    # small gains add up: 0.94 is more than min_delta below 1.0, the last epoch that reset the patience
+    row = _scripted("etth1", [1.0, 0.97, 0.94, 0.91, 0.90], min_delta=0.05)
+    assert (row["epochs_run"], row["stop_reason"], row["best_epoch"], row["best_metric"]) == (
+        5, "early_stopping", 5, 0.90)
+
+
+@pytest.mark.parametrize("after", [1, 2, 3, 4, 5])
+def test_resume_keeps_the_patience_count(tmp_path, after):
+    assert _scripted("etth1", SCRIPT, tmp_path, resume_after=after)["epochs_run"] == 6
+    # after epoch 4 the patience counts from 0.94 (epoch 3), not from the best, 0.91: 0.885 resets it
+    values = [1.0, 0.97, 0.94, 0.91, 0.885, 0.88, 0.87, 0.86, 0.85]
+    row = _scripted("etth1", values, tmp_path, resume_after=after, min_delta=0.05)
+    assert (row["epochs_run"], row["best_epoch"]) == (7, 7)
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     trial = Trial(FAST)
     path = trial.save(tmp_path / "a.pt")
