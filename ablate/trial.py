@@ -11,7 +11,8 @@ Reproducibility and pairing. The seed fixes Python's, NumPy's and torch's RNGs b
 is built, and the data order through a dedicated generator. A trial's process-wide random stream
 is its own: swapped in around its work (building, each epoch, the final evaluation) and the
 caller's given back after it, so trials run in one process (a notebook, ``ablate tune``'s
-lockstep seeds) neither disturb the caller's random state nor each other's. Meta-updates draw their batches from
+lockstep seeds) neither disturb the caller's random state nor each other's (nor the caller's
+number of torch threads: ``num_threads`` holds while the trial works). Meta-updates draw their batches from
 their own generators and run under ``torch.random.fork_rng``, so an AdamW trial and a MetaAdamW
 trial with the same seed see the same initial weights, the same batches in the same order and the
 same dropout masks and augmentations: seeds are matched pairs.
@@ -100,6 +101,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _set_threads(n: int | None) -> None:
+    """torch's intra-op threads to ``n`` (None: as they are); a no-op when they are that already."""
+    if n and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,19 +116,20 @@ class Trial:
     """One training run. ``Trial(config).run()`` returns a :class:`TrialResult`."""
 
     def __init__(self, config: dict[str, Any]):
-        outside = rng_state()  # the caller's random state: the trial seeds its own, and gives it back
+        # the caller's random state and torch threads: the trial sets its own, and gives them back
+        outside, threads = rng_state(), torch.get_num_threads()
         try:
             self._build(config)
         finally:
             set_rng_state(outside)
+            _set_threads(threads)
 
     def _build(self, config: dict[str, Any]) -> None:
         self.config = resolve_config(config)
         self.trial_id = trial_id(self.config)
         cfg = self.config
         self.spec = get_task(cfg["task"])
-        if cfg["num_threads"]:
-            torch.set_num_threads(cfg["num_threads"])
+        _set_threads(cfg["num_threads"])
         if cfg["cpu_malloc"] == "keep":
             keep_freed_memory()
         self.device = _device(cfg["device"])
@@ -217,13 +225,16 @@ class Trial:
 
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
-        outside = rng_state()
+        """The trial's random stream and torch threads (``num_threads``) swapped in; the caller's back after."""
+        outside, threads = rng_state(), torch.get_num_threads()
         set_rng_state(self._rng)
+        _set_threads(self.config["num_threads"])
         try:
             yield
         finally:
             self._rng = rng_state()
             set_rng_state(outside)
+            _set_threads(threads)
 
     def finish(self) -> TrialResult:
         """Restore the best weights and build the result (test metrics included)."""

@@ -86,6 +86,18 @@ def test_building_and_running_a_trial_leaves_the_callers_random_state_as_it_was(
     assert _strip(run_trial({**FAST, "epochs": 2}).history) == _strip(result.history)
 
 
+def test_a_trials_num_threads_hold_while_it_works_and_the_callers_come_back_after(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # (the real setting is left alone)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), monkeypatch.setattr(
+        torch, "get_num_threads", lambda: n)))
+    trial = Trial({**FAST, "epochs": 1, "num_threads": threads + 1})
+    assert torch.get_num_threads() == threads and calls == [threads + 1, threads]
+    trial.run_epoch()
+    assert torch.get_num_threads() == threads and calls[2:] == [threads + 1, threads]
+
+
 def _scripted(task, values, tmp_path=None, resume_after=None, **over):
     """A trial whose validation metric is ``values[epoch - 1]`` (the other metric 0): early stopping by hand."""
     cfg = {"task": task, "optimizer": "adamw", "epochs": len(values), "max_train_batches": 2, "num_threads": 1,
