@@ -2,8 +2,10 @@
 
 Thin on purpose: the URLs and checksums live with each task (``register_download``); this
 module downloads to a temporary file, verifies the checksum before anything is unpacked or
-moved into place, and refuses archives whose members would escape the data directory.
-It needs the network, so it is not exercised by the test suite beyond the offline parts.
+moved into place, and refuses archives whose members would escape the data directory. A file
+with mirrors is tried at each URL in turn until one gives the published checksum; an unpacked
+archive leaves a marker (``.<archive>.unpacked``) so that running the command again does not
+fetch it again. It needs the network: the test suite replaces ``urlopen`` with fakes.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
 
 from ablate.config import ConfigError
+from ablate.files import atomic_write_bytes
 from ablate.tasks import DATA_DIR_ENV, DOWNLOADS, Download, list_tasks
 
 
@@ -98,23 +102,58 @@ def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]
     return out
 
 
+#: some hosts refuse urllib's default agent (``Python-urllib/3.x``) with 403 Forbidden
+USER_AGENT = "Mozilla/5.0 (compatible; ablate-data-download)"
+
+
+def unpacked_marker(item: Download, dest: Path) -> Path:
+    """The file that records an archive as fetched, verified and unpacked into ``dest``."""
+    return dest / f".{item.filename}.unpacked"
+
+
 def _download_one(item: Download, root: Path, dest: Path) -> Path:
     final = dest / item.filename
     if final.exists() and not item.extract:
         verify(final, item, fetched=False)
         return final
-    print(f"downloading {item.url} ...", flush=True)
+    marker = unpacked_marker(item, dest)
+    if item.extract and marker.exists():
+        print(f"{item.filename}: unpacked in {dest} already (delete {marker.name} there to fetch it again)", flush=True)
+        return dest
+    failures = []
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_file = Path(tmp) / item.filename
-        try:
-            with urllib.request.urlopen(item.url, timeout=60) as r, open(tmp_file, "wb") as f:
-                shutil.copyfileobj(r, f)
-        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, refused or cut connections
-            raise DownloadError(f"cannot download {item.url}: {getattr(exc, 'reason', None) or exc!r}; this needs "
-                                f"the network (or copy the files into {dest} by hand)") from exc
-        verify(tmp_file, item)
+        for url in (item.url, *item.mirrors):
+            print(f"downloading {url} ...", flush=True)
+            try:
+                _fetch(url, tmp_file)
+                verify(tmp_file, item)
+                break
+            except DownloadError as exc:
+                failures.append((url, str(exc)))
+        else:
+            if len(failures) == 1:
+                raise DownloadError(f"{failures[0][1]} (or copy the files into {dest} by hand)")
+            tried = "; ".join(f"{url}: {why}" for url, why in failures)
+            raise DownloadError(f"{item.filename}: none of its {len(failures)} sources gave the published file - "
+                                f"{tried} (or copy the files into {dest} by hand)")
         if item.extract:
             unpack(tmp_file, dest)
+            atomic_write_bytes(marker, f"{item.url}\n".encode())
             return dest
         os.replace(tmp_file, final)
         return final
+
+
+def _fetch(url: str, path: Path) -> None:
+    """``url`` into ``path``; :class:`DownloadError` saying whether the server refused it (an
+    HTTP status: the file moved, or the host blocks the client) or no connection was made."""
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r, open(path, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except urllib.error.HTTPError as exc:  # (an OSError too: the server answered, so the network is there)
+        raise DownloadError(f"cannot download {url}: the server answered HTTP {exc.code} {exc.reason}") from exc
+    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, refused or cut connections
+        raise DownloadError(f"cannot download {url}: {getattr(exc, 'reason', None) or exc}; this needs "
+                            f"the network") from exc

@@ -403,7 +403,9 @@ class Download:
     """One canonical archive or file of a real dataset, fetched by ``ablate data download TASK``.
 
     ``sha256`` (or, where only that is published, ``md5``) is verified before anything is
-    unpacked; ``extract`` unpacks a .tar.gz/.zip archive into the data directory.
+    unpacked; ``extract`` unpacks a .tar.gz/.zip archive into the data directory. ``mirrors``:
+    further URLs of the same file, tried in order when ``url`` fails (the checksum decides what
+    is the same file).
     """
 
     url: str
@@ -412,6 +414,7 @@ class Download:
     md5: str | None = None
     extract: bool = False
     subdir: str = ""  # where the file (or the archive's contents) goes under the data directory
+    mirrors: tuple[str, ...] = ()
 
 
 #: task name -> the downloads that make up its real dataset

@@ -434,8 +434,11 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
     try:
         data = make_forecast_data(values, seq_len, split, scaling, month)
     except ValueError as error:  # the series is too short for the split and seq_len
-        error_class = ConfigError if config["data"] == "embedded" else DatasetNotFoundError
-        raise error_class(f"{variant.name} ({source}): {error}") from error
+        if config["data"] == "embedded":
+            raise ConfigError(f"{variant.name} ({source}): {error}") from error
+        raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. A shorter seq_len fits a shorter series; if "
+                                   f"the file is a cut-short copy, `ablate data download {variant.name}` fetches the "
+                                   f"published one") from error
     model = TimeSeriesTransformer(
         n_inputs=len(columns),
         seq_len=seq_len,

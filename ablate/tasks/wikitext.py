@@ -62,13 +62,17 @@ from ablate.tasks.text import EOS, Vocab, dataset_error, perplexity_metrics, rea
 TASK = "wikitext2"
 SUBDIR = "wikitext-2"
 SPLIT_FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
-SOURCE = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip (unzip it in the data directory)"
+#: the WikiText author's own host; Salesforce's S3 bucket, the original home, has refused downloads since 2024
+URL = "https://wikitext.smerity.com/wikitext-2-v1.zip"
+OLD_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
+SOURCE = f"{URL} (unzip it in the data directory)"
 GENERATOR_VERSION = "generated-grammar-v1"
 
 register_download(
     TASK,
     Download(
-        url="https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        url=URL,
+        mirrors=(OLD_URL,),
         filename="wikitext-2-v1.zip",
         md5="542ccefacc6c27f945fb54453812b3cd",  # as published in torchtext's WikiText2 dataset module
         extract=True,  # the archive holds wikitext-2/wiki.{train,valid,test}.tokens

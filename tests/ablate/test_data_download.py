@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import io
 import tarfile
+import urllib.error
 import urllib.request
 
 import pytest
@@ -75,3 +76,64 @@ def test_an_archive_member_outside_the_data_dir_is_refused(tmp_path, monkeypatch
     with pytest.raises(data.DownloadError, match="refusing to unpack '../evil.txt'"):
         data.download("evil", tmp_path / "d")
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "d").exists()
+
+
+def _archive(name: str, text: bytes) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo(name)
+        info.size = len(text)
+        t.addfile(info, io.BytesIO(text))
+    return buf.getvalue()
+
+
+def test_a_dead_url_falls_back_to_the_mirror_that_gives_the_published_file(tmp_path, monkeypatch, capsys):
+    # WikiText's first home refuses downloads now: the next URL serves the file, which the checksum accepts
+    blob = _archive("w/wiki.valid.tokens", b" = A = \n")
+    item = Download(url="https://dead.example/a.tar.gz", mirrors=("https://wrong.example/a.tar.gz",
+                                                                   "https://good.example/a.tar.gz"),
+                    filename="a.tar.gz", md5=hashlib.md5(blob).hexdigest(), extract=True)
+    asked = []
+
+    def urlopen(request, timeout=None):
+        asked.append((request.full_url, request.get_header("User-agent")))
+        if "dead" in request.full_url:
+            raise urllib.error.HTTPError(request.full_url, 403, "Forbidden", {}, None)
+        return _Response(b"<html>a login page</html>" if "wrong" in request.full_url else blob)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
+    assert data.download("w", tmp_path) == [tmp_path]
+    assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
+    assert [url for url, _ in asked] == [item.url, *item.mirrors]
+    assert all(agent == data.USER_AGENT for _, agent in asked)  # (not urllib's, which some hosts refuse)
+    # the marker: a second run fetches nothing and says where the files are
+    asked.clear()
+    assert data.download("w", tmp_path) == [tmp_path] and asked == []
+    assert "a.tar.gz: unpacked in" in capsys.readouterr().out
+
+
+def test_when_every_source_fails_the_error_names_each_and_what_it_answered(tmp_path, monkeypatch, capsys):
+    item = Download(url="https://dead.example/a.zip", mirrors=("https://offline.example/a.zip",), filename="a.zip",
+                    md5="0" * 32, extract=True, subdir="x")
+
+    def urlopen(request, timeout=None):
+        if "dead" in request.full_url:
+            raise urllib.error.HTTPError(request.full_url, 403, "Forbidden", {}, None)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
+    with pytest.raises(data.DownloadError) as info:
+        data.download("w", tmp_path / "d")
+    assert str(info.value) == (
+        "a.zip: none of its 2 sources gave the published file - https://dead.example/a.zip: cannot download "
+        "https://dead.example/a.zip: the server answered HTTP 403 Forbidden; https://offline.example/a.zip: cannot "
+        "download https://offline.example/a.zip: Name or service not known; this needs the network (or copy the "
+        f"files into {tmp_path / 'd' / 'x'} by hand)")
+    assert not (tmp_path / "d").exists()
+
+
+def test_wikitext_is_fetched_from_its_authors_host_first():
+    (item,) = data.DOWNLOADS["wikitext2"]
+    assert item.url.startswith("https://wikitext.smerity.com/") and "research.metamind.io" in item.mirrors[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
 from ablate.tasks import cifar10
 from ablate.tasks.models_vision_ts import ResNet
 from tests.ablate.task_helpers import SHARED_DATA, task_config, train_with_adamw
+
+# the small fixtures are partial datasets: the tests that check the warning catch it themselves
+pytestmark = pytest.mark.filterwarnings("ignore:cifar10. partial:UserWarning")
 
 
 def write_batch(path: Path, images: np.ndarray, labels: list[int]) -> None:
@@ -75,8 +79,11 @@ def test_loader_uses_the_training_batches_that_exist(tmp_path):
 def test_task_on_a_fixture_with_the_papers_split(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     written = write_cifar(root)
-    task = get_task("cifar10").build(real_config(tmp_path, split="paper"))  # data_dir is the parent folder
-    assert task.data_source == f"real:{root.resolve()}"
+    with pytest.warns(UserWarning, match=r"cifar10: partial: 6 training images from data_batch_1, of the 50,000 in "
+                                         r"data_batch_1..5 in .* - accuracies not comparable with the full dataset's"):
+        task = get_task("cifar10").build(real_config(tmp_path, split="paper"))  # data_dir is the parent folder
+    assert task.data_source == (f"real:{root.resolve()} (partial: 6 training images from data_batch_1, of the 50,000 "
+                                f"in data_batch_1..5)")
     assert (len(task.train), len(task.val)) == (6, 6) and task.test is None
     assert task.info["train_files"] == ["data_batch_1"] and task.info["image_shape"] == [3, 32, 32]
     image, label = task.val[2]
@@ -266,9 +273,14 @@ def test_real_cifar_batches():
     root = SHARED_DATA / "cifar-10-batches-py"
     if not (root / "test_batch").is_file():
         pytest.skip(f"no CIFAR-10 batches under {root}")
-    task = get_task("cifar10").build(task_config("cifar10", data="real", data_dir=str(SHARED_DATA)))
-    assert task.data_source == f"real:{root}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        task = get_task("cifar10").build(task_config("cifar10", data="real", data_dir=str(SHARED_DATA)))
     n = 5000 * len(task.info["train_files"])  # 10% of each class held out (rounded per class)
+    partial = [str(w.message) for w in caught if "partial" in str(w.message)]
+    assert (task.data_source, len(partial)) == ((f"real:{root}", 0) if n == 50_000 else (
+        f"real:{root} (partial: {n:,} training images from {', '.join(task.info['train_files'])}, of the 50,000 in "
+        f"data_batch_1..5)", 1))
     assert len(task.train) + len(task.val) == n and abs(len(task.val) - n // 10) <= 5 and len(task.test) == 2000
     assert 0.09 < task.reference["majority_accuracy"] < 0.12
     images, labels = next(iter(DataLoader(task.val, batch_size=2)))

@@ -113,6 +113,16 @@ def test_empty_csv_is_reported(tmp_path):
         etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
 
 
+def test_a_file_too_short_for_the_split_says_what_fits_and_how_to_fetch_the_whole(tmp_path):
+    write_ett_csv(tmp_path / "ETTh1.csv", np.arange(5, dtype=float))  # a copy cut short
+    with pytest.raises(DatasetNotFoundError) as info:
+        etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+    assert str(info.value) == (
+        f"etth1 (real:{(tmp_path / 'ETTh1.csv').resolve()}): 5 steps are too few for the 80/20 split with seq_len=4. "
+        f"A shorter seq_len fits a shorter series; if the file is a cut-short copy, `ablate data download etth1` "
+        f"fetches the published one")
+
+
 def test_missing_file_names_the_expected_paths_and_the_fix(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
         etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
