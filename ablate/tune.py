@@ -62,7 +62,14 @@ Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every inv
     ``{task: {lr: ..., tuned_on_seeds: [...], tuned_for: adamw}}``, for ``adamw: {tuned_from:
     FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
     state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
-    baseline``; ``importances.parquet`` - ``task, param, importance`` (fANOVA, complete trials).
+    baseline, arm, ended, chosen``; ``importances.parquet`` - ``task, param, importance`` (fANOVA,
+    complete trials).
+
+The best values are those of the best finished suggestion, except that the arm's own values (the
+first suggestion, ``baseline``) are kept when they tie with it (:func:`ablate.stats.tuning_tie`:
+within a relative 1e-6 per task): a suggestion that wins by float rounding is no better. Optuna's
+``study.best_trial`` (and optuna-dashboard) then names the other trial; ``history.parquet``'s
+``chosen`` column marks the one written.
 """
 
 from __future__ import annotations
@@ -1406,10 +1413,13 @@ def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
 
 
 def study_history(study, target: Target, arm: str = "baseline"):
-    """One row per trial of ``study`` (the report's ``history.parquet`` columns; ``arm``: tune.arm)."""
+    """One row per trial of ``study`` (the report's ``history.parquet`` columns; ``arm``: tune.arm;
+    ``chosen``: the trial whose values the best-values file holds - Optuna's best trial, unless the
+    arm's own values tie with it, see :func:`_best`)."""
     import pandas as pd
 
     rows = []
+    best = _best(study)
     for t in study.get_trials(deepcopy=False):
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else math.nan
         rows.append({
@@ -1421,6 +1431,7 @@ def study_history(study, target: Target, arm: str = "baseline"):
             "epochs": t.user_attrs.get("epochs", math.nan), "baseline": bool(t.user_attrs.get("baseline", False)),
             "arm": arm,
             "ended": str(t.user_attrs.get("ended", "running" if t.state.name == "RUNNING" else "")),
+            "chosen": best is not None and t.number == best.number,
         })
     return pd.DataFrame(rows)
 

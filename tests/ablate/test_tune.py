@@ -1237,7 +1237,8 @@ def test_a_suggestion_that_wins_by_float_rounding_is_not_the_best_and_small_wins
     # baseline's value up to float rounding, and best_priorities.yaml held a noise winner
     import optuna
 
-    from ablate.tune import TuneOutcome, _enqueue_baseline, _target_outcome, format_summary, study_importances
+    from ablate.tune import (TuneOutcome, _enqueue_baseline, _target_outcome, format_summary, study_history,
+                             study_importances)
 
     spec = load_tune_spec(_tiny_spec(tmp_path))
     (target,) = build_targets(spec)
@@ -1253,6 +1254,11 @@ def test_a_suggestion_that_wins_by_float_rounding_is_not_the_best_and_small_wins
     assert outcome.baseline_value == 0.265980135387
     assert (outcome.best_number == 0) is best_is_baseline and outcome.best_value == (0.265980135387 if best_is_baseline
                                                                                      else other)
+    # history.parquet's rows: each value as told, and the chosen one - which Optuna's best_trial is not after a tie
+    history = study_history(study, target)
+    assert history["value"].tolist() == [0.265980135387, other, 0.265980137906]
+    assert history["chosen"].tolist() == [best_is_baseline, not best_is_baseline, False]
+    assert study.best_trial.number == 1
     imp, why = study_importances(study, target)
     text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"},
                                       no_importances={"etth1": why} if why else {}))
