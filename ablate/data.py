@@ -4,8 +4,8 @@ Thin on purpose: the URLs and checksums live with each task (``register_download
 module downloads to a temporary file, verifies the checksum before anything is unpacked or
 moved into place, and refuses archives whose members would escape the data directory. A file
 with mirrors is tried at each URL in turn until one gives the published checksum; an unpacked
-archive leaves a marker (``.<archive>.unpacked``) so that running the command again does not
-fetch it again. It needs the network: the test suite replaces ``urlopen`` with fakes.
+archive leaves a marker (``.<archive>.unpacked``, the files it held) so that running the command
+again does not fetch it again while those files are all in place. It needs the network: the test suite replaces ``urlopen`` with fakes.
 """
 
 from __future__ import annotations
@@ -63,15 +63,17 @@ def _safe_members(names: list[str], dest: Path) -> None:
             raise DownloadError(f"refusing to unpack {name!r}: it would land outside {dest} - nothing was unpacked")
 
 
-def unpack(archive: Path, dest: Path) -> None:
+def unpack(archive: Path, dest: Path) -> list[str]:
+    """Unpack ``archive`` into ``dest``; returns the files it held (paths relative to ``dest``)."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             _safe_members(z.namelist(), dest)
             z.extractall(dest)
-    else:
-        with tarfile.open(archive) as t:
-            _safe_members(t.getnames(), dest)
-            t.extractall(dest, filter="data")
+            return [i.filename for i in z.infolist() if not i.is_dir()]
+    with tarfile.open(archive) as t:
+        _safe_members(t.getnames(), dest)
+        t.extractall(dest, filter="data")
+        return [m.name for m in t.getmembers() if m.isfile()]
 
 
 def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -107,8 +109,18 @@ USER_AGENT = "Mozilla/5.0 (compatible; ablate-data-download)"
 
 
 def unpacked_marker(item: Download, dest: Path) -> Path:
-    """The file that records an archive as fetched, verified and unpacked into ``dest``."""
+    """The file that records an archive as fetched, verified and unpacked into ``dest``: the
+    files it held, one a line (what a later run checks are all still there)."""
     return dest / f".{item.filename}.unpacked"
+
+
+def _still_unpacked(marker: Path, dest: Path) -> bool:
+    """Whether every file the marker lists is in ``dest`` (a deleted folder, a lost file: fetch again)."""
+    try:
+        files = marker.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return bool(files) and all((dest / name).is_file() for name in files)
 
 
 def _download_one(item: Download, root: Path, dest: Path) -> Path:
@@ -118,8 +130,11 @@ def _download_one(item: Download, root: Path, dest: Path) -> Path:
         return final
     marker = unpacked_marker(item, dest)
     if item.extract and marker.exists():
-        print(f"{item.filename}: unpacked in {dest} already (delete {marker.name} there to fetch it again)", flush=True)
-        return dest
+        if _still_unpacked(marker, dest):
+            print(f"{item.filename}: unpacked in {dest} already, every file in place (delete {marker.name} there to "
+                  f"fetch it again)", flush=True)
+            return dest
+        marker.unlink()  # (files of it were deleted or lost: fetched and unpacked again below)
     failures = []
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_file = Path(tmp) / item.filename
@@ -138,8 +153,8 @@ def _download_one(item: Download, root: Path, dest: Path) -> Path:
             raise DownloadError(f"{item.filename}: none of its {len(failures)} sources gave the published file - "
                                 f"{tried} (or copy the files into {dest} by hand)")
         if item.extract:
-            unpack(tmp_file, dest)
-            atomic_write_bytes(marker, f"{item.url}\n".encode())
+            files = unpack(tmp_file, dest)
+            atomic_write_bytes(marker, "".join(f"{name}\n" for name in files).encode("utf-8"))
             return dest
         os.replace(tmp_file, final)
         return final

@@ -27,9 +27,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     (``.<name>.<random>.tmp``), then rename it to ``path``: readers see the old file or the new one,
     never a part, concurrent writers do not share a temporary, and a failed write leaves no
     temporary behind. The file gets the permissions any new file in that folder gets. The data
-    reach the disk before the rename, and the rename before the return (``fsync`` of the file, then
-    of the folder): a machine that crashes or loses power leaves the old file or the new one, not
-    an empty one under the new name (a rename can reach the disk before the data it names)."""
+    are handed to the disk before the rename, and the rename before the return (``fsync`` of the
+    file, then of the folder; on macOS the drive may still cache them, and on Windows folders are
+    not synced): a machine that crashes or loses power leaves the old file or the new one, not an
+    empty one under the new name (a rename can reach the disk before the data it names). Where a
+    file system cannot sync, the write goes on without it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temporary(path)
@@ -40,19 +42,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
+    if os.name != "nt":  # (Windows opens no folder as a file)
+        _fsync(path.parent)
     return path
 
 
+#: what a file system that cannot sync (some network or virtual ones), or a file or folder that
+#: cannot be opened for it, answers: the write goes on without the sync
+_CANNOT_SYNC = frozenset(getattr(errno, name) for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EBADF",
+                                                           "EACCES", "EPERM", "EISDIR") if hasattr(errno, name))
+
+
 def _fsync(path: Path) -> None:
-    """Flush a file's or a folder's data to the disk; a file system that cannot (some network or
-    virtual ones refuse ``fsync``, or a folder's) is left as it is."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's or a folder's data to the disk, where the file system can (EIO, lost data, is
+    raised)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno in _CANNOT_SYNC:
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM):
-            raise  # (EIO: the data may be lost - say so)
+        if exc.errno not in _CANNOT_SYNC:
+            raise
     finally:
         os.close(fd)
 

@@ -486,6 +486,9 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
     idle = stats.without_meta_updates(results)
     if len(idle):
         blocks.append(Block("warning", stats.idle_note(idle)))
+    stale = stats.best_not_recorded_best(results)
+    if len(stale):
+        blocks.append(Block("warning", stats.best_rule_note(stale)))
     if stats.uses_embedded_data(results):
         blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
                                        "paper's datasets, with smaller models and budgets. They exercise the "
@@ -688,7 +691,10 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING"):
             row[state.lower() if state != "PRUNED" else "stopped early"] = int((states == state).sum())
         done = h[states == "COMPLETE"].dropna(subset=["value"])
-        if len(done):
+        chosen = done[done["chosen"].astype(bool)] if "chosen" in done else done.iloc[:0]
+        if len(chosen):  # the suggestion `ablate tune` wrote to the best-values file
+            row["best"] = f"{chosen['value'].iloc[0]:.6g} (#{int(chosen['number'].iloc[0])})"
+        elif len(done):  # (a history from before the chosen column: the same rule, applied here)
             best = done.loc[done["value"].idxmax() if _maximized(h) else done["value"].idxmin()]
             own = done[done["baseline"].astype(bool)] if "baseline" in done else done.iloc[:0]
             ties = own[[stats.tuning_tie(v, best["value"], task == "cross_task") for v in own["value"]]]

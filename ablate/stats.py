@@ -258,6 +258,43 @@ def idle_note(idle: pd.DataFrame) -> str:
             f"multipliers alone. Give them more steps, fewer warm-up epochs or more frequent meta-updates.")
 
 
+def best_not_recorded_best(results: Results) -> pd.DataFrame:
+    """The ok trials whose ``best_metric`` is not the best validation value their history recorded:
+    stored before the best epoch became the best value (ce49eab; until then an improvement smaller
+    than ``min_delta`` was neither the best nor reported), so a comparison with newer trials mixes
+    two rules. Columns: task, arm, n."""
+    t, h = results.trials, results.history
+    empty = pd.DataFrame(columns=["task", "arm", "n"])
+    if t.empty or h.empty or "trial_id" not in h or not {"metric", "mode"} <= set(t.columns):
+        return empty
+    ok = t[ok_mask(t)]
+    stale = []
+    for (metric, mode), rows in ok.groupby(["metric", "mode"]):
+        column = f"val_{metric}"
+        if column not in h:
+            continue
+        values = pd.to_numeric(h[column], errors="coerce")
+        recorded = (values.groupby(h["trial_id"]).max() if mode == "max" else values.groupby(h["trial_id"]).min())
+        best = recorded.reindex(rows["trial_id"]).to_numpy(dtype=float)
+        stored = pd.to_numeric(rows["best_metric"], errors="coerce").to_numpy(dtype=float)
+        sign = 1.0 if mode == "max" else -1.0
+        worse = sign * (best - stored) > 1e-9 * np.maximum(np.abs(best), np.abs(stored))  # (NaN: no history, kept)
+        stale.append(rows[worse])
+    stale = pd.concat(stale) if stale else ok.iloc[:0]
+    if stale.empty:
+        return empty
+    return stale.groupby(["task", "arm"], sort=True).size().rename("n").reset_index()
+
+
+def best_rule_note(stale: pd.DataFrame) -> str:
+    """What :func:`best_not_recorded_best` found, in words."""
+    where = ", ".join(f"{r.task} {r.arm}: {r.n}" for r in stale.itertuples())
+    return (f"{int(stale['n'].sum())} ok trial(s) report a best metric that is not the best validation value they "
+            f"recorded ({where}): they were stored by an earlier version of ablate, whose best epoch ignored gains "
+            f"smaller than min_delta, and compare under another rule than the trials stored since. Run them again: "
+            f"`ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).")
+
+
 def seeds_per_arm(results: Results) -> pd.DataFrame:
     """Per task and arm: ok seeds, trials that are not ok, and the ok seed list."""
     arms = explode_arms(results.trials)
@@ -358,14 +395,19 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
         warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
                       f"their values are averaged per seed. Are results of different study versions mixed "
                       f"(load_results(..., all_trials=True))?", StatsWarning, stacklevel=3)
-    values = g.groupby("seed")[column].mean() if column in g else pd.Series(dtype=float)
-    return values if column == "best_metric" else values.dropna()  # (an ok trial always has its best metric)
+    if column not in g:
+        return pd.Series(dtype=float)
+    # (an ok trial always has a finite best metric; a test metric may be missing, or inf - an
+    # overflowed perplexity - which :func:`_n_not_ok` counts as left out)
+    finite = g[np.isfinite(pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=float))]
+    return finite.groupby("seed")[column].mean()
 
 
 def _n_not_ok(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> int:
-    """Trials of ``arm`` on ``task`` that give no value of ``column``: not ok, or ok without it (a
-    test metric the trial's split has no test part for)."""
-    has = ok_mask(arms) & (arms[column].notna() if column in arms else False)
+    """Trials of ``arm`` on ``task`` that give no value of ``column``: not ok, or ok without a finite
+    one (a test metric the trial's split has no test part for, or one that overflowed)."""
+    has = ok_mask(arms) & (np.isfinite(pd.to_numeric(arms[column], errors="coerce").to_numpy(dtype=float))
+                           if column in arms else False)
     return int(((arms["task"] == task) & (arms["arm"] == arm) & ~has).sum())
 
 
@@ -992,7 +1034,8 @@ def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.Da
 
 
 def profile_notes(results: Results, arms: Sequence[str] | None = None) -> list[str]:
-    """What :func:`profile_ratios` left out: tasks not run by every arm, seeds not finished by every arm."""
+    """What :func:`profile_ratios` left out: tasks not run by every arm, seeds not finished by every
+    arm, and arms whose mean metric is not positive (counted as never within any tau)."""
     if results.trials.empty:
         return []
     return _profile_plan(results, arms)[2]

@@ -1010,11 +1010,14 @@ def run_command(args) -> int:
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints,
                         rerun=getattr(args, "rerun", None), resume_hint=resume_command(args))
     print(summary_table(outcome.results))
-    from ablate.stats import idle_note, without_meta_updates
+    from ablate.stats import best_not_recorded_best, best_rule_note, idle_note, without_meta_updates
 
     idle = without_meta_updates(outcome.results)
     if len(idle):
         print(f"\nnote: {idle_note(idle)}", flush=True)
+    stale = best_not_recorded_best(outcome.results)
+    if len(stale):
+        print(f"\nnote: {best_rule_note(stale)}", flush=True)
     trials = outcome.results.trials
     diverged = int((trials["status"] == "diverged").sum()) if "status" in trials else 0
     print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"

@@ -101,6 +101,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@contextlib.contextmanager
+def _callers_state_kept() -> Iterator[None]:
+    """The process-wide random state and torch's thread count as they were before the block, after it."""
+    outside, threads = rng_state(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        set_rng_state(outside)
+        _set_threads(threads)
+
+
 def _set_threads(n: int | None) -> None:
     """torch's intra-op threads to ``n`` (None: as they are); a no-op when they are that already."""
     if n and torch.get_num_threads() != n:
@@ -116,13 +127,8 @@ class Trial:
     """One training run. ``Trial(config).run()`` returns a :class:`TrialResult`."""
 
     def __init__(self, config: dict[str, Any]):
-        # the caller's random state and torch threads: the trial sets its own, and gives them back
-        outside, threads = rng_state(), torch.get_num_threads()
-        try:
+        with _callers_state_kept():  # (the trial seeds its own random streams and sets its threads)
             self._build(config)
-        finally:
-            set_rng_state(outside)
-            _set_threads(threads)
 
     def _build(self, config: dict[str, Any]) -> None:
         self.config = resolve_config(config)
@@ -226,15 +232,13 @@ class Trial:
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
         """The trial's random stream and torch threads (``num_threads``) swapped in; the caller's back after."""
-        outside, threads = rng_state(), torch.get_num_threads()
-        set_rng_state(self._rng)
-        _set_threads(self.config["num_threads"])
-        try:
-            yield
-        finally:
-            self._rng = rng_state()
-            set_rng_state(outside)
-            _set_threads(threads)
+        with _callers_state_kept():
+            set_rng_state(self._rng)
+            _set_threads(self.config["num_threads"])
+            try:
+                yield
+            finally:
+                self._rng = rng_state()
 
     def finish(self) -> TrialResult:
         """Restore the best weights and build the result (test metrics included)."""

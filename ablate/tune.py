@@ -1497,7 +1497,8 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                           TUNED_FOR: spec.settings.arm}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
-        pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction"])
+        pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction", "baseline", "arm", "ended",
+                              "chosen"])
     atomic_write_parquet(history, out_dir / "history.parquet")
     files["history"] = out_dir / "history.parquet"
     imp = pd.concat([i for i in importances if len(i)], ignore_index=True) if any(len(i) for i in importances) else \

@@ -436,9 +436,9 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
     except ValueError as error:  # the series is too short for the split and seq_len
         if config["data"] == "embedded":
             raise ConfigError(f"{variant.name} ({source}): {error}") from error
-        raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. A shorter seq_len fits a shorter series; if "
-                                   f"the file is a cut-short copy, `ablate data download {variant.name}` fetches the "
-                                   f"published one") from error
+        shorter = "A shorter seq_len fits a shorter series; if" if split == "80/20" else "If"
+        raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. {shorter} the file is a cut-short copy, "
+                                   f"`ablate data download {variant.name}` fetches the published one") from error
     model = TimeSeriesTransformer(
         n_inputs=len(columns),
         seq_len=seq_len,

@@ -107,10 +107,14 @@ def test_a_dead_url_falls_back_to_the_mirror_that_gives_the_published_file(tmp_p
     assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
     assert [url for url, _ in asked] == [item.url, *item.mirrors]
     assert all(agent == data.USER_AGENT for _, agent in asked)  # (not urllib's, which some hosts refuse)
-    # the marker: a second run fetches nothing and says where the files are
+    # the marker: a second run fetches nothing and says where the files are ...
     asked.clear()
     assert data.download("w", tmp_path) == [tmp_path] and asked == []
     assert "a.tar.gz: unpacked in" in capsys.readouterr().out
+    # ... while they are all there: a deleted folder is fetched again (the fix the loaders' errors name)
+    (tmp_path / "w" / "wiki.valid.tokens").unlink()
+    assert data.download("w", tmp_path) == [tmp_path] and len(asked) == 3
+    assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
 
 
 def test_when_every_source_fails_the_error_names_each_and_what_it_answered(tmp_path, monkeypatch, capsys):

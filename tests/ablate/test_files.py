@@ -31,6 +31,7 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.bin"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a file descriptor's file through /proc (Linux)")
 def test_the_data_reach_the_disk_before_the_rename_and_the_rename_before_the_return(tmp_path, monkeypatch):
     # a crash after a rename whose data were still in the page cache can leave an empty file under
     # the new name: the file is fsync'ed (with its full contents) before os.replace, the folder after
@@ -71,6 +72,23 @@ def test_a_file_system_that_cannot_fsync_still_gets_the_file_but_a_failing_disk_
     with pytest.raises(OSError, match="Input/output"):
         files.atomic_write_bytes(tmp_path / "a.bin", b"b")
     assert (tmp_path / "a.bin").read_bytes() == b"a" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_a_folder_that_cannot_be_opened_for_its_sync_does_not_fail_a_write_that_happened(tmp_path, monkeypatch):
+    # (a folder without read permission, or Windows, where no folder opens as a file): the file is in
+    # place, so the write must not be reported as failed
+    import errno
+
+    real_open = os.open
+
+    def open_(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_)
+    files.atomic_write_bytes(tmp_path / "a.bin", b"new")
+    assert (tmp_path / "a.bin").read_bytes() == b"new"
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

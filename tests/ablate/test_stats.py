@@ -489,12 +489,13 @@ def _write_test_split(tmp_path, report_kit, arm, seed, best, test):
     write_trial(tmp_path, row)
 
 
-def test_the_paired_tables_on_the_held_out_test_split(tmp_path, report_kit):
+@pytest.mark.parametrize("missing", [np.nan, np.inf])  # (no test part, or a test perplexity that overflowed)
+def test_the_paired_tables_on_the_held_out_test_split(tmp_path, report_kit, missing):
     # on validation MetaAdamW wins every seed; on the test split it loses every seed
     for seed in range(3):
         _write_test_split(tmp_path, report_kit, "adamw", seed, 1.0, 2.0)
         _write_test_split(tmp_path, report_kit, "baseline", seed, 0.9, 2.2 + seed / 10)
-        _write_test_split(tmp_path, report_kit, "gating=true", seed, 0.8, np.nan if seed == 0 else 2.0)
+        _write_test_split(tmp_path, report_kit, "gating=true", seed, 0.8, missing if seed == 0 else 2.0)
     _write(tmp_path, report_kit, "imdb", "adamw", 0, 0.8)  # a task without a test split
     results = load_results(tmp_path)
     assert stats.tasks_with_test_split(results) == ["etth1"]
@@ -588,6 +589,31 @@ def test_metaadamw_trials_without_a_meta_update_are_named_in_the_report_and_the_
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
     assert f"**WARNING: {note}**" in md
     assert stats.without_meta_updates(Results(*(pd.DataFrame() for _ in range(3)))).empty
+
+
+def test_trials_stored_under_the_earlier_best_epoch_rule_are_named_in_the_report(tmp_path, report_kit):
+    # before ce49eab a gain under min_delta was not the best: such a trial's best_metric is not the
+    # best value its history recorded, and comparing it with newer trials mixes two rules
+    def history(trial_id, values, metric):
+        return [{"trial_id": trial_id, "epoch": e, "step": 10 * e, "wall_s": float(e), f"val_{metric}": v}
+                for e, v in enumerate(values, 1)]
+
+    for seed in range(2):
+        for task, arm, values, best in (("etth1", "baseline", [1.0, 0.9, 0.8995], 0.9),  # 0.8995: under min_delta
+                                        ("etth1", "adamw", [1.0, 0.9, 0.95], 0.9),
+                                        ("imdb", "baseline", [0.7, 0.8, 0.8004], 0.8 if seed else 0.8004)):
+            row = report_kit.trial_row(task, arm, seed, best)
+            row.update(arm=arm, arms=json.dumps([arm]), trial_id=f"{task}-{arm}-{seed}")
+            write_trial(tmp_path, row, history_rows=history(row["trial_id"], values, row["metric"]))
+    results = load_results(tmp_path)
+    stale = stats.best_not_recorded_best(results)
+    assert stale.to_dict("records") == [{"task": "etth1", "arm": "baseline", "n": 2}, {"task": "imdb", "arm": "baseline", "n": 1}]
+    note = stats.best_rule_note(stale)
+    assert note.startswith("3 ok trial(s) report a best metric that is not the best validation value they recorded "
+                           "(etth1 baseline: 2, imdb baseline: 1)") and "--rerun TASK" in note
+    from ablate import report
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    assert f"**WARNING: {note}**" in md
 
 
 def test_the_run_summary_shows_an_arm_served_by_the_baselines_trials_as_such(tmp_path, report_kit):

@@ -48,7 +48,7 @@ def _exact_sign_flip(diffs):
 
 # -- elementary statistics --------------------------------------------------------------------
 @pytest.mark.parametrize("draws", [999, stats.SIGN_FLIP_DRAWS])
-def test_a_monte_carlo_sign_flip_p_of_a_consistent_improvement_is_one_over_draws_plusrow_of(draws):
+def test_a_monte_carlo_sign_flip_p_of_a_consistent_improvement_is_one_over_draws_plus_one(draws):
     # 24 differences of one sign: only the all-+ and all-- vectors (2 of 2^24) reach the observed
     # |mean|, so no random draw hits it and the estimate is (1 + 0) / (1 + draws) - never 0, which
     # would claim an impossible certainty

@@ -121,6 +121,8 @@ def test_a_file_too_short_for_the_split_says_what_fits_and_how_to_fetch_the_whol
         f"etth1 (real:{(tmp_path / 'ETTh1.csv').resolve()}): 5 steps are too few for the 80/20 split with seq_len=4. "
         f"A shorter seq_len fits a shorter series; if the file is a cut-short copy, `ablate data download etth1` "
         f"fetches the published one")
+    with pytest.raises(DatasetNotFoundError, match=r"seq_len=4\. If the file is a cut-short copy, `ablate data "):
+        etth.build_ett_task(real_config(tmp_path, split="12/4/4"), etth.VARIANTS[0])  # (20 months, whatever seq_len)
 
 
 def test_missing_file_names_the_expected_paths_and_the_fix(tmp_path):

@@ -1259,6 +1259,14 @@ def test_a_suggestion_that_wins_by_float_rounding_is_not_the_best_and_small_wins
     assert history["value"].tolist() == [0.265980135387, other, 0.265980137906]
     assert history["chosen"].tolist() == [best_is_baseline, not best_is_baseline, False]
     assert study.best_trial.number == 1
+    # the report names the trial the file holds: the chosen column's, as ablate tune marked it ...
+    from ablate.report import tune_states
+    chosen = 0 if best_is_baseline else 1
+    assert tune_states(history)[0]["best"].tolist() == [f"{history['value'][chosen]:.6g} (#{chosen})"]
+    marked = history.assign(chosen=[False, False, True])  # (whatever it marks)
+    assert tune_states(marked)[0]["best"].tolist() == ["0.26598 (#2)"]
+    # ... and in a history written before that column, the same rule applied by the report itself
+    assert tune_states(history.drop(columns="chosen"))[0]["best"].tolist() == tune_states(history)[0]["best"].tolist()
     imp, why = study_importances(study, target)
     text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"},
                                       no_importances={"etth1": why} if why else {}))

@@ -11,6 +11,7 @@ import os
 import textwrap
 
 import pytest
+import torch
 
 from ablate.tune import FINAL, OBJECTIVE, PRIORITY_PARAMS, build_targets, load_tune_spec, score, tune_trainable
 
@@ -141,7 +142,11 @@ def test_a_suggestion_whose_seeds_stop_early_at_different_epochs_scores_every_se
               "plugin_dir": str(tmp_path), "cwd": os.getcwd(), "cpus": 1, **{p: 1.0 for p in PRIORITY_PARAMS}}
     reports = []
     monkeypatch.setattr(ray.tune, "report", lambda metrics, **kw: reports.append(metrics))
-    tune_trainable(config)
+    threads = torch.get_num_threads()
+    try:
+        tune_trainable(config)
+    finally:  # (the trainable sets a Ray worker's threads to its CPUs: here, the test process's)
+        torch.set_num_threads(threads)
 
     # one report per epoch up to the longest seed's end, and only the last one says final
     assert [r["epoch"] for r in reports] == [1, 2, 3, 4, 5]
