@@ -324,6 +324,9 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
     """:func:`load_results` of the tables :func:`_read_tables` read. ``warn_missing``: warn about
     the study's trials that have no stored result (``ablate run`` says which itself)."""
     tables, damaged = stored.tables, stored.damaged
+    manifest = None if all_trials else read_manifest(out_dir)
+    if manifest is not None:  # (a damaged part of a trial the study no longer has is not loaded anyway)
+        damaged = {t: why for t, why in damaged.items() if t in manifest}
     if damaged:
         warnings.warn(
             f"{out_dir}: {len(damaged)} trial(s) left out, as not finished, because a result part is damaged and the "
@@ -334,7 +337,6 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
         inside = (f"; it holds the results of {', '.join(studies)}: give that folder, e.g. {out_dir / studies[0]}"
                   if studies else "")
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet){inside}")
-    manifest = None if all_trials else read_manifest(out_dir)
     if manifest is not None and len(tables["trials"]):
         tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)
     if manifest is not None and warn_missing:

@@ -46,6 +46,16 @@ def test_equal_numbers_give_equal_ids_and_adamw_ignores_metaadamw_keys():
     assert trial_id(resolve_config({"task": "etth1", "device": "auto"})) == trial_id(resolve_config({"task": "etth1"}))
 
 
+def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_run_settings_are_not():
+    # a key left out of the id would let `ablate run --resume` reuse a result computed with another value
+    from ablate.config import METAADAMW_KEYS
+    for optimizer in ("metaadamw", "adamw"):
+        config = resolve_config({"task": "etth1", "optimizer": optimizer})
+        ignored = {k for k in config if trial_id({**config, k: "<another value>"}) == trial_id(config)}
+        expected = {"data_dir", "num_threads", "device", "cpu_malloc"}
+        assert ignored == (expected | set(METAADAMW_KEYS) if optimizer == "adamw" else expected), optimizer
+
+
 @pytest.mark.parametrize("config, fragment", [
     ({}, "'task' is required; choose one of:"),
     ({"task": "mnist"}, "task='mnist' is not allowed (a task a plugin registers: list the module under plugins: in "

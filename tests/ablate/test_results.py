@@ -77,6 +77,23 @@ def test_a_damaged_part_the_combined_tables_lack_makes_its_trial_unfinished_and_
         assert len(consolidate(tmp_path).trials) == 2
 
 
+def test_a_damaged_part_of_a_trial_the_study_no_longer_has_raises_no_alarm(tmp_path):
+    # the study dropped trial aaaa (an arm or seed removed): its damaged part is not loaded anyway, and
+    # no --resume will compute it again - a warning saying so would send the user after nothing
+    _study(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        (tmp_path / f"{name}.parquet").unlink()
+    _damage(tmp_path / PARTS_DIR / "aaaaaaaaaaaa.trials.parquet")
+    write_manifest(tmp_path, "s", {"bbbbbbbbbbbb": {"study": "s", "arm": "arm1"}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = load_results(tmp_path)
+    assert list(res.trials["trial_id"]) == ["bbbbbbbbbbbb"]
+    assert [str(w.message) for w in caught if "damaged" in str(w.message)] == []
+    with pytest.warns(UserWarning, match="1 trial.*left out.*damaged"):  # (all trials: it is one of them)
+        load_results(tmp_path, all_trials=True)
+
+
 @pytest.mark.parametrize("table", ["history", "telemetry"])
 @pytest.mark.parametrize("how", ["unreadable", "missing"])
 def test_a_damaged_part_whose_combined_table_is_lost_too_is_computed_again_not_emptied(tmp_path, table, how):

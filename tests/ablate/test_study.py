@@ -197,6 +197,14 @@ def test_trials_are_tasks_times_seeds_times_arms(tmp_path):
     assert trial(study, "tiny_ts", "size=big").config["modulator_layers"] == 16
 
 
+def test_the_dry_run_names_a_merge_of_two_arms(tmp_path):
+    study = load(tmp_path, ablations={"grouping": ["fine_grained"]})  # the baseline's own grouping: one trial
+    text = format_trials(study)
+    for task in ("tiny_ts", "tiny_cls"):
+        assert f"merged on {task} (same trial): baseline = grouping=fine_grained" in text
+    assert f"(a merged trial counts in each of its arms above: {len(study.trials)} distinct trials)" in text
+
+
 def test_trial_configs_layer_budget_baseline_and_arm(tmp_path):
     study = load(tmp_path, budget={"epochs": 2, "batch_size": 8}, baseline={"gating": False}, ablations={"gating": [True]})
     baseline, arm = trial(study, "tiny_ts", "baseline").config, trial(study, "tiny_ts", "gating=true").config
@@ -441,6 +449,8 @@ ERRORS = [
     ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "generators": ["C=A"]}}, ["factorial.generators[0]", "two or more", "A=grouping, B=gating, C=objective"]),
     ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "generators": ["D=AB"]}}, ["factorial.generators[0]", "letter D names no axis"]),
     ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 3)), "generators": ["C=AB", "C=AB"]}}, ["factorial.generators[1]", "generated twice"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 4)), "generators": ["C=AB", "D=AB"]}}, ["factorial.generators[1]", "share a right-hand side"]),
+    ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 4)), "fraction": 4}}, ["s.yaml: factorial.fraction", "largest fraction is 2"]),
     ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 4)), "generators": ["D=AB", "C=AD"]}}, ["factorial.generators[1]", "no generator defines"]),
     ({"factorial": {"axes": dict(itertools.islice(TWO_LEVEL_AXES.items(), 4)), "generators": ["CAB"]}}, ["factorial.generators[0]", "'CAB'", "like 'C=AB'"]),
     (
