@@ -12,8 +12,8 @@ is built, and the data order through a dedicated generator. A trial's process-wi
 is its own: swapped in around its work (building, each epoch, the final evaluation) and the
 caller's given back after it, so trials run in one process (a notebook, ``ablate tune``'s
 lockstep seeds) neither disturb the caller's random state nor each other's (nor the caller's
-number of torch threads: ``num_threads`` holds while the trial works). Meta-updates draw their batches from
-their own generators and run under ``torch.random.fork_rng``, so an AdamW trial and a MetaAdamW
+number of torch threads: ``num_threads`` holds while the trial works). Meta-updates draw their
+batches from their own generators and run under ``torch.random.fork_rng``, so an AdamW trial and a MetaAdamW
 trial with the same seed see the same initial weights, the same batches in the same order and the
 same dropout masks and augmentations: seeds are matched pairs.
 """

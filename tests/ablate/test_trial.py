@@ -138,6 +138,25 @@ def test_min_delta_decides_the_patience_and_the_best_epoch_is_the_best_value():
         5, "early_stopping", 5, 0.90)
 
 
+def test_a_checkpoint_from_before_the_patience_had_its_own_value_resumes_as_it_would_have(tmp_path):
+    # older checkpoints hold no patience_value: the best value was the patience's reference then
+    cfg = {"task": "etth1", "optimizer": "adamw", "epochs": len(SCRIPT), "max_train_batches": 2, "num_threads": 1,
+           "min_delta": 0.0, "patience": 2}
+    straight = _scripted("etth1", SCRIPT)
+    trial = Trial(cfg)
+    trial.task.evaluate = lambda model, loader: {"mse": SCRIPT[trial.epoch - 1], "mae": 0.0}
+    for _ in range(5):
+        trial.run_epoch()
+    state = trial.state_dict()
+    del state["patience_value"]
+    again = Trial(cfg)
+    again.task.evaluate = lambda model, loader: {"mse": SCRIPT[again.epoch - 1], "mae": 0.0}
+    again.load_state_dict(state)
+    row = again.run().row
+    assert (row["epochs_run"], row["best_epoch"], row["stop_reason"]) == (
+        straight["epochs_run"], straight["best_epoch"], straight["stop_reason"]) == (6, 4, "early_stopping")
+
+
 @pytest.mark.parametrize("after", [1, 2, 3, 4, 5])
 def test_resume_keeps_the_patience_count(tmp_path, after):
     assert _scripted("etth1", SCRIPT, tmp_path, resume_after=after)["epochs_run"] == 6
