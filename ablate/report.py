@@ -76,11 +76,19 @@ def fmt_num(x: object, digits: int = 4) -> str:
 
 
 def fmt_pct(x: object) -> str:
-    """A fraction as a signed percentage (0.0426 -> "+4.26%")."""
+    """A fraction as a signed percentage (0.0426 -> "+4.26%"), with as many more decimals as it
+    takes for a non-zero value not to read as zero: its sign shows (-1e-7 -> "-0.00001%", not
+    "+0.00%", which would put a CI bound below zero on the wrong side)."""
     if x is None or not np.isfinite(float(x)):
         return MISSING
-    text = f"{100 * float(x):+.2f}%"
-    return "+0.00%" if text == "-0.00%" else text
+    value = 100 * float(x)
+    if value == 0:
+        return "0.00%"
+    for decimals in range(2, 10):
+        text = f"{value:+.{decimals}f}"
+        if float(text) != 0:
+            return text + "%"
+    return f"{value:+.2e}%"
 
 
 def fmt_ci(mean: float, lo: float, hi: float, pct: bool = False) -> str:
@@ -265,7 +273,8 @@ def plot_validation_curves(
         if h.empty or col not in h:
             continue
         g = h.groupby("epoch")[col].agg(["mean", "min", "max"])
-        ax.plot(g.index, g["mean"], marker="o", label=f"{arm} (n={len(ids)})")
+        name = "MetaAdamW (baseline)" if arm == stats.BASELINE else "AdamW" if arm == stats.ADAMW else arm
+        ax.plot(g.index, g["mean"], marker="o", label=f"{name} (n={len(ids)})")
         ax.fill_between(g.index, g["min"], g["max"], alpha=0.2)
         drawn = True
     if not drawn:
@@ -351,6 +360,7 @@ def plot_sigmas(results: Results, task: str, out_dir: Path, arm: str = stats.BAS
         if g[c].notna().any():
             ax.plot(g.index, g[c], label=c.removeprefix("sigma_"))
     ax.set(xlabel="meta-update", ylabel="sigma", title=f"{task} / {arm}: weighting sigmas")
+    ax.ticklabel_format(axis="y", useOffset=False)  # (sigmas near 1 read as "-0.0001" with matplotlib's "+1" offset)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     return _save(fig, out_dir / f"sigmas_{_slug(task)}_{_slug(arm)}.png")
@@ -462,15 +472,18 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
     studies = ", ".join(sorted(map(str, t["study"].dropna().unique()))) if "study" in t else "?"
     arms = sorted(stats.explode_arms(t)["arm"].unique())
     counts = stats.status_counts(results)
-    with_adamw = stats.ADAMW in set(arms) | planned_arms
+    every = set(arms) | planned_arms
+    with_adamw = stats.ADAMW in every
+    kinds = [what for what, present in (
+        ("arms '<axis>=<level>'", any(stats.arm_axis(a) not in ("factorial", stats.ADAMW, stats.BASELINE) for a in every)),
+        ("factorial cells 'factorial:...'", any(stats.arm_axis(a) == "factorial" for a in every))) if present]
     blocks = [
         _heading(f"Ablation report: {studies}", 1),
         _text(
             f"This study {'compares' if with_adamw else 'has no AdamW arm: it runs'} MetaAdamW (arm 'baseline', "
-            f"the task-optimal settings){' with AdamW (arm ' + repr(stats.ADAMW) + ')' if with_adamw else ''} and "
-            f"ablates MetaAdamW's components (arms '<axis>=<level>', factorial "
-            f"cells 'factorial:...'), over paired seeds: matching seeds of one task share "
-            f"initialisation and data order. Results directory: {results_dir}. "
+            f"the task-optimal settings){' with AdamW (arm ' + repr(stats.ADAMW) + ')' if with_adamw else ''}"
+            f"{' and ablates its components (' + ', '.join(kinds) + ')' if kinds else ''}, over paired seeds: "
+            f"matching seeds of one task share initialisation and data order. Results directory: {results_dir}. "
             f"Tasks: {', '.join(sorted(t['task'].unique()))}. Arms: {', '.join(arms)}."
         ),
         _text(
@@ -500,10 +513,12 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
 
 _SIG_LEGEND = (
     "Means with 95% t confidence intervals over the matched seeds (those both arms finished ok; "
-    "an ok seed the other arm lacks is left out of both means and counted as 'unpaired left out'). "
+    "an ok seed the other arm lacks is left out of both means and counted in 'seeds (better)' as "
+    "'unpaired left out'). "
     "Relative change is computed per seed "
     "and signed so that positive = better ((ref - new)/|ref| for 'min' metrics, (new - ref)/|ref| "
-    "for 'max'). p-values are two-sided paired tests of the per-seed differences: a t-test and an "
+    "for 'max'). p-values are two-sided paired tests of the per-seed differences: a t-test (p (t), "
+    "not adjusted for the many comparisons, and marking nothing) and an "
     "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). p (Holm) is the sign-flip p "
     "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha}; "
     "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
@@ -512,6 +527,29 @@ _SIG_LEGEND = (
     "result (diverged, failed, not run yet) on some seed the other arm finished: the paired test cannot count "
     "that seed, and the win is on the seeds it finished."
 )
+
+
+def _too_few_seeds(n_pairs: pd.Series, alpha: float) -> str:
+    """A sentence when no row can be significant: with n pairs the smallest sign-flip p is 2/2^n."""
+    n = int(pd.to_numeric(n_pairs, errors="coerce").max()) if len(n_pairs) and n_pairs.notna().any() else 0
+    if n == 0 or 2 / 2**n < alpha:
+        return ""
+    fewest = next(k for k in range(1, 64) if 2 / 2**k < alpha)
+    return (f" With at most {n} paired seed(s) here the smallest sign-flip p is {2 / 2**n:.4g}, not below {alpha}: no "
+            f"row of this table can be marked significant, whatever the differences (it takes {fewest} seeds or "
+            f"more, before Holm's adjustment).")
+
+
+def _absent_arms(results: Results, t3: pd.DataFrame, planned_arms: set[str], split: str) -> str:
+    """The ablation arms of the study with no row for some task of this table (no trial, or none
+    to compare there), named: they leave the table, its figure and the Holm family."""
+    arms = {a for a in set(stats.explode_arms(results.trials)["arm"]) | set(planned_arms)
+            if stats.arm_axis(a) not in ("factorial", stats.ADAMW, stats.BASELINE)}
+    tasks = stats.tasks_with_test_split(results) if split == "test" else sorted(results.trials["task"].unique())
+    shown = set(zip(t3["task"], t3["arm"]))
+    absent = [f"{task} {arm}" for task in tasks for arm in sorted(arms) if (task, arm) not in shown]
+    return (f" Not in this table (no trial of the arm on that task with a result to compare): {first_ten(absent)}."
+            if absent else "")
 
 
 def _no_metric(counts: dict[str, int]) -> str:
@@ -546,7 +584,9 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     t2 = t2[both.to_numpy()]
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
-                    + " Time change is MetaAdamW's total training time over the matched seeds relative to AdamW's"
+                    + _too_few_seeds(t2["n_pairs"], alpha)
+                    + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
+                      "the matched seeds relative to AdamW's: positive = slower, unlike the other columns"
                     + "; ref_* columns are trivial references (on this split)." + left_out)]
     if split == "validation":
         for task in t2["task"]:
@@ -571,7 +611,10 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
                     "ran it once for both. " + _SPLIT_NOTE[split] + " "
-                    + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task"))]
+                    + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task")
+                    + _too_few_seeds(t3["n_pairs"][~t3["same_as_baseline"].astype(bool)] if "same_as_baseline" in t3
+                                     else t3["n_pairs"], alpha)
+                    + _absent_arms(results, t3, planned_arms, split))]
     for task in sorted(t3["task"].unique()):
         caption = f"{task}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
         blocks += _figure(plot_ablation_bars(t3, task, fig_dir, suffix="" if split == "validation" else "_test"),
@@ -655,16 +698,22 @@ def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
 def _cost_section(results: Results) -> list[Block]:
     ttt = stats.time_to_target(results)
     blocks = [_heading("Cost")]
-    if len(ttt):
+    if len(ttt) and (ttt["note"] != f"no {stats.ADAMW} trial").any():  # (a study without AdamW has no target)
+        reached = int(ttt["reached"].astype(bool).sum())
         blocks += [_heading("Time to AdamW's best", 3),
-                   _text("Per seed, the first epoch at which MetaAdamW's validation metric reaches the best "
-                         "validation metric of AdamW's trial of the same seed; wall seconds are cumulative "
-                         "and include the meta-updates."),
+                   _text(f"MetaAdamW reached AdamW's best on {reached} of {len(ttt)} seed(s). Per seed, the first "
+                         "epoch at which MetaAdamW's validation metric reaches the best validation metric of AdamW's "
+                         "trial of the same seed; wall seconds are cumulative and include the meta-updates. The "
+                         "wall-time ratio is MetaAdamW's seconds to the target over AdamW's seconds to its best: "
+                         "below 1, MetaAdamW got there sooner."),
                    _table(time_to_target_display(ttt))]
     blocks += [_heading("Epochs, early stopping and meta-update share", 3), _table(cost_display(stats.cost_table(results))),
-               _text("Means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the baseline both "
-                     "finished ok, the baseline over those it and AdamW both finished ok; 'unpaired left out' counts "
-                     "an arm's ok trials outside those seeds.")]
+               _text("Per trial means over the arm's paired seeds: 'epochs run' with its 95% t interval, 'total time "
+                     "(s)' the mean of each trial's training, meta-update and evaluation time, 'meta-update share' the "
+                     "mean of each trial's meta-update time over its total, 'stopped early' the share of trials early "
+                     "stopping ended. Means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the "
+                     "baseline both finished ok, the baseline over those it and AdamW both finished ok; 'unpaired left "
+                     "out' in 'ok / not ok' counts an arm's ok trials outside those seeds.")]
     return blocks
 
 
@@ -825,7 +874,8 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
         elif b.kind == "warning":
             parts.append(f'<div class="warning">WARNING: {html.escape(b.text)}</div>')
         elif b.kind == "table":
-            parts.append(b.table.to_html(index=False, escape=True, border=0) if len(b.table) else "<p><i>(no rows)</i></p>")
+            table = b.table.rename_axis(index=None, columns=None)  # (a pivot's names: a column of their own in HTML)
+            parts.append(table.to_html(index=False, escape=True, border=0) if len(table) else "<p><i>(no rows)</i></p>")
         elif b.kind == "figure":
             data = base64.b64encode(b.path.read_bytes()).decode("ascii")
             parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.text)}">'

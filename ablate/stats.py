@@ -975,13 +975,15 @@ def _profile_plan(results: Results, arms: Sequence[str] | None) -> tuple[list[st
     so that no arm's mean leaves out a hard seed another arm's includes."""
     every = explode_arms(results.trials)
     ok = explode_arms(_ok(results.trials))
-    names = list(arms) if arms is not None else list(pd.unique(every["arm"]))
+    # (AdamW, the baseline, then the others by name: the same order whatever order the results were stored in)
+    names = list(arms) if arms is not None else sorted(
+        map(str, pd.unique(every["arm"])), key=lambda a: (a != ADAMW, a != BASELINE, a))
     unknown = [a for a in names if a not in set(every["arm"])]
     if unknown:
         raise ValueError(f"no trial of arm(s) {', '.join(map(repr, unknown))} in these results; their arms: "
                          f"{', '.join(sorted(map(str, pd.unique(every['arm']))))}")
     seeds, notes = {}, []
-    for task in pd.unique(every["task"]):
+    for task in sorted(map(str, pd.unique(every["task"]))):
         tried = set(every.loc[every["task"] == task, "arm"])
         missing = [a for a in names if a not in tried]
         if missing:

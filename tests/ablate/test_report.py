@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -231,7 +233,9 @@ def test_numbers_near_a_threshold_or_zero_are_not_rounded_onto_it():
     assert report._ratio_cell(1.0) == report._ratio_cell(1.0000000000000002) == "1.0000"
     assert report._ratio_cell(1.00004) == "1.00004"
     assert report._ratio_cell(1.03) == "1.0300" and report._ratio_cell(float("inf")) == "inf"
-    assert report.fmt_num(-0.0) == "0" and report.fmt_num(-1e-9, 3) == "-1e-09" and report.fmt_pct(-1e-7) == "+0.00%"
+    assert report.fmt_num(-0.0) == "0" and report.fmt_num(-1e-9, 3) == "-1e-09" and report.fmt_pct(-1e-7) == "-0.00001%"
+    # a CI bound just below zero must not read as above it, nor a tiny loss as a gain
+    assert (report.fmt_pct(-3e-5), report.fmt_pct(0.0), report.fmt_pct(0.0426)) == ("-0.003%", "0.00%", "+4.26%")
 
 
 def test_tasks_and_sections_left_out_are_named_and_statistics_warnings_reach_the_report(tmp_path, report_kit):
@@ -324,3 +328,41 @@ def test_a_study_whose_ablation_arms_have_no_result_yet_is_not_said_to_have_none
     assert "No ablation arm has a stored result to compare yet (gating=false: see the warning" in md
     assert "This study has no AdamW arm: it runs MetaAdamW (arm 'baseline'" in md  # (adamw: false)
     assert "with AdamW (arm 'adamw')" not in md
+
+
+def _three_seed_study(out, report_kit, arms_by_task):
+    """``arms_by_task``: task -> the arms run there, seeds 0-2 of REPORT_METRICS' values."""
+    for task, arms in arms_by_task.items():
+        for arm in arms:
+            for seed, best in zip(range(3), report_kit.REPORT_METRICS[task][arm]):
+                row = report_kit.trial_row(task, arm, seed, best)
+                row.update(arms=json.dumps([arm]), status="ok", error="", stop_reason="max_epochs")
+                write_trial(out, row, report_kit.history_rows(task, arm, best))
+
+
+def test_the_report_says_what_its_study_holds_and_what_its_tables_cannot_show(tmp_path, report_kit):
+    _three_seed_study(tmp_path, report_kit, {"etth1": ["adamw", "baseline", "gating=true", "grouping=original"],
+                                             "imdb": ["adamw", "baseline", "grouping=original"]})
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md", "html")).read_text()
+    # the intro names what the study has: ablation arms, no factorial cells
+    assert "and ablates its components (arms '<axis>=<level>'), over paired seeds" in md and "factorial" not in md
+    # three seeds: no row can be significant, and the tables say so (an empty 'sig.' is not 'no effect')
+    untestable = ("With at most 3 paired seed(s) here the smallest sign-flip p is 0.25, not below 0.05: no row of this "
+                  "table can be marked significant, whatever the differences (it takes 6 seeds or more")
+    assert md.count(untestable) == 2  # (Tables 2 and 3)
+    # an arm the study did not run on a task leaves Table 3 (and its Holm family) with a word
+    assert "Not in this table (no trial of the arm on that task with a result to compare): imdb gating=true." in md
+    ttt = stats.time_to_target(load_results(tmp_path))
+    assert f"MetaAdamW reached AdamW's best on {int(ttt['reached'].sum())} of 6 seed(s)." in md
+    # the HTML's pivoted table has no column of its own for the pivot's name (it had an empty 'task' column)
+    html_text = (tmp_path / "out" / "report.html").read_text()
+    seeds_table = html_text.split("Ok seeds per arm</h3>", 1)[1].split("</table>", 1)[0]
+    headers = re.findall(r"<th[^>]*>(.*?)</th>", seeds_table)
+    assert headers == ["arm", "etth1", "imdb"], headers
+
+
+def test_a_study_without_adamw_has_no_time_to_target_section(tmp_path, report_kit):
+    _three_seed_study(tmp_path, report_kit, {"etth1": ["baseline", "gating=true"]})
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    assert "Time to AdamW's best" not in md and "no adamw trial" not in md
+    assert "has no AdamW arm: it runs MetaAdamW (arm 'baseline', the task-optimal settings) and ablates" in md

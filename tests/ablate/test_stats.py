@@ -331,15 +331,16 @@ def test_cost_table(report_study):
 
 # -- performance profiles -----------------------------------------------------------------------
 def test_performance_profile_values(tmp_path, report_kit):
-    values = {("etth1", "adamw"): 1.0, ("etth1", "baseline"): 0.8, ("imdb", "adamw"): 0.9, ("imdb", "baseline"): 0.6}
-    for (task, arm), best in values.items():
-        write_trial(tmp_path, report_kit.trial_row(task, arm, 0, best))
-    for task in ("etth1", "imdb"):
+    for task in ("imdb", "etth1"):  # (stored first: the order of the rows and columns must not follow it)
         row = report_kit.trial_row(task, "gating=true", 0, 0.95)
         row.update(status="failed")
         write_trial(tmp_path, row)
+    values = {("imdb", "baseline"): 0.6, ("etth1", "adamw"): 1.0, ("etth1", "baseline"): 0.8, ("imdb", "adamw"): 0.9}
+    for (task, arm), best in values.items():
+        write_trial(tmp_path, report_kit.trial_row(task, arm, 0, best))
     results = load_results(tmp_path)
     ratios = stats.profile_ratios(results)
+    assert (list(ratios.index), list(ratios.columns)) == (["etth1", "imdb"], ["adamw", "baseline", "gating=true", "grouping=fine_grained"])
     assert ratios.loc["etth1", "adamw"] == pytest.approx(1.25)  # min: arm / best
     assert ratios.loc["imdb", "baseline"] == pytest.approx(1.5)  # max: best / arm
     assert ratios.loc["etth1", "baseline"] == ratios.loc["imdb", "adamw"] == 1.0
