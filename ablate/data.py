@@ -120,7 +120,7 @@ def _still_unpacked(marker: Path, dest: Path) -> bool:
         files = marker.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return False
-    return bool(files) and all((dest / name).is_file() for name in files)
+    return all((dest / name).is_file() for name in files)  # (an archive of no files: nothing to miss)
 
 
 def _download_one(item: Download, root: Path, dest: Path) -> Path:

@@ -475,7 +475,7 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
     every = set(arms) | planned_arms
     with_adamw = stats.ADAMW in every
     kinds = [what for what, present in (
-        ("arms '<axis>=<level>'", any(stats.arm_axis(a) not in ("factorial", stats.ADAMW, stats.BASELINE) for a in every)),
+        ("arms '<axis>=<level>'", any(stats.is_ablation_arm(a) for a in every)),
         ("factorial cells 'factorial:...'", any(stats.arm_axis(a) == "factorial" for a in every))) if present]
     blocks = [
         _heading(f"Ablation report: {studies}", 1),
@@ -529,22 +529,27 @@ _SIG_LEGEND = (
 )
 
 
+def _smallest_sign_flip_p(n: int) -> float:
+    """The smallest p :func:`ablate.stats.sign_flip_pvalue` can give for n non-zero differences."""
+    return 2 / 2**n if n <= stats.EXACT_SIGN_FLIP_MAX_N else 1 / (1 + stats.SIGN_FLIP_DRAWS)
+
+
 def _too_few_seeds(n_pairs: pd.Series, alpha: float) -> str:
-    """A sentence when no row can be significant: with n pairs the smallest sign-flip p is 2/2^n."""
+    """A sentence when no row can be significant: with n pairs the smallest sign-flip p is 2/2^n
+    (1/(1 + draws) beyond the exact test's seeds)."""
     n = int(pd.to_numeric(n_pairs, errors="coerce").max()) if len(n_pairs) and n_pairs.notna().any() else 0
-    if n == 0 or 2 / 2**n < alpha:
+    if n == 0 or _smallest_sign_flip_p(n) < alpha:
         return ""
-    fewest = next(k for k in range(1, 64) if 2 / 2**k < alpha)
-    return (f" With at most {n} paired seed(s) here the smallest sign-flip p is {2 / 2**n:.4g}, not below {alpha}: no "
-            f"row of this table can be marked significant, whatever the differences (it takes {fewest} seeds or "
-            f"more, before Holm's adjustment).")
+    fewest = next((k for k in range(1, stats.EXACT_SIGN_FLIP_MAX_N + 2) if _smallest_sign_flip_p(k) < alpha), None)
+    return (f" With at most {n} paired seed(s) here the smallest sign-flip p is {_smallest_sign_flip_p(n):.4g}, not "
+            f"below {alpha}: no row of this table can be marked significant, whatever the differences"
+            + (f" (it takes {fewest} seeds or more, before Holm's adjustment)." if fewest else "."))
 
 
 def _absent_arms(results: Results, t3: pd.DataFrame, planned_arms: set[str], split: str) -> str:
     """The ablation arms of the study with no row for some task of this table (no trial, or none
     to compare there), named: they leave the table, its figure and the Holm family."""
-    arms = {a for a in set(stats.explode_arms(results.trials)["arm"]) | set(planned_arms)
-            if stats.arm_axis(a) not in ("factorial", stats.ADAMW, stats.BASELINE)}
+    arms = {a for a in set(stats.explode_arms(results.trials)["arm"]) | set(planned_arms) if stats.is_ablation_arm(a)}
     tasks = stats.tasks_with_test_split(results) if split == "test" else sorted(results.trials["task"].unique())
     shown = set(zip(t3["task"], t3["arm"]))
     absent = [f"{task} {arm}" for task in tasks for arm in sorted(arms) if (task, arm) not in shown]
@@ -562,7 +567,7 @@ _SPLIT_NOTE = {
                   "MetaAdamW's meta-objectives saw.",
     "test": "The metric is the held-out test metric at each trial's best weights (test_<metric>): a split that "
             "neither early stopping nor the meta-objectives saw. Only the tasks whose split has a test part; "
-            "'not ok' also counts ok trials without a test metric.",
+            "'not ok' also counts ok trials without a finite test metric.",
 }
 
 
@@ -603,7 +608,7 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     if t3.empty:
         if split != "validation":
             return []
-        waiting = sorted(a for a in planned_arms if stats.arm_axis(a) not in ("factorial", stats.ADAMW, stats.BASELINE))
+        waiting = sorted(a for a in planned_arms if stats.is_ablation_arm(a))
         return [heading, _text(f"No ablation arm has a stored result to compare yet ({', '.join(waiting)}: see the "
                                f"warning about the trials without a stored result)." if waiting
                                else "No ablation arms in this study.")]
@@ -698,10 +703,12 @@ def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
 def _cost_section(results: Results) -> list[Block]:
     ttt = stats.time_to_target(results)
     blocks = [_heading("Cost")]
-    if len(ttt) and (ttt["note"] != f"no {stats.ADAMW} trial").any():  # (a study without AdamW has no target)
-        reached = int(ttt["reached"].astype(bool).sum())
+    targets = ttt[np.isfinite(ttt["target"].to_numpy(dtype=float))] if len(ttt) else ttt
+    if len(targets):  # (a study without AdamW has no target)
+        reached = int(targets["reached"].astype(bool).sum())
         blocks += [_heading("Time to AdamW's best", 3),
-                   _text(f"MetaAdamW reached AdamW's best on {reached} of {len(ttt)} seed(s). Per seed, the first "
+                   _text(f"MetaAdamW reached AdamW's best on {reached} of the {len(targets)} seed(s) with an AdamW "
+                         f"result to reach. Per seed, the first "
                          "epoch at which MetaAdamW's validation metric reaches the best validation metric of AdamW's "
                          "trial of the same seed; wall seconds are cumulative and include the meta-updates. The "
                          "wall-time ratio is MetaAdamW's seconds to the target over AdamW's seconds to its best: "
@@ -740,7 +747,7 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING"):
             row[state.lower() if state != "PRUNED" else "stopped early"] = int((states == state).sum())
         done = h[states == "COMPLETE"].dropna(subset=["value"])
-        chosen = done[done["chosen"].astype(bool)] if "chosen" in done else done.iloc[:0]
+        chosen = done[done["chosen"].eq(True)] if "chosen" in done else done.iloc[:0]
         if len(chosen):  # the suggestion `ablate tune` wrote to the best-values file
             row["best"] = f"{chosen['value'].iloc[0]:.6g} (#{int(chosen['number'].iloc[0])})"
         elif len(done):  # (a history from before the chosen column: the same rule, applied here)

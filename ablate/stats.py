@@ -209,6 +209,11 @@ def explode_arms(trials: pd.DataFrame) -> pd.DataFrame:
     return out.explode("arm", ignore_index=True)
 
 
+def is_ablation_arm(arm: str) -> bool:
+    """A one-factor ablation arm (``"<axis>=<level>"``): not AdamW, the baseline or a factorial cell."""
+    return arm_axis(arm) not in ("factorial", ADAMW, BASELINE)
+
+
 def arm_axis(arm: str) -> str:
     """The ablation axis an arm name belongs to ("factorial", "<axis>", or the arm itself)."""
     if arm.startswith(FACTORIAL_PREFIX):
@@ -399,15 +404,18 @@ def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metri
         return pd.Series(dtype=float)
     # (an ok trial always has a finite best metric; a test metric may be missing, or inf - an
     # overflowed perplexity - which :func:`_n_not_ok` counts as left out)
-    finite = g[np.isfinite(pd.to_numeric(g[column], errors="coerce").to_numpy(dtype=float))]
-    return finite.groupby("seed")[column].mean()
+    return g[_finite(g[column])].groupby("seed")[column].mean()
+
+
+def _finite(values: pd.Series) -> np.ndarray:
+    """Where ``values`` are finite numbers (NaN, inf and what is not a number: False)."""
+    return np.isfinite(pd.to_numeric(values, errors="coerce").to_numpy(dtype=float))
 
 
 def _n_not_ok(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> int:
     """Trials of ``arm`` on ``task`` that give no value of ``column``: not ok, or ok without a finite
     one (a test metric the trial's split has no test part for, or one that overflowed)."""
-    has = ok_mask(arms) & (np.isfinite(pd.to_numeric(arms[column], errors="coerce").to_numpy(dtype=float))
-                           if column in arms else False)
+    has = ok_mask(arms) & (_finite(arms[column]) if column in arms else False)
     return int(((arms["task"] == task) & (arms["arm"] == arm) & ~has).sum())
 
 
@@ -727,6 +735,8 @@ def factorial_effects(
     missing = [parse_factorial_arm(a) for a in factorial_missing(results)["arm"]]
     factors = [c for c in frame.columns if c not in {"task", "seed", "arm", "mode", "best_metric", "y"}]
     factors = [f for f in factors if frame[f].nunique() > 1]
+    if not factors:  # (one cell finished so far: no effect to estimate)
+        return pd.DataFrame()
     columns, labels = [np.ones(len(frame))], [("intercept", "", "")]
     coded = {}
     for f in factors:

@@ -932,6 +932,7 @@ def summary_table(results: store.Results) -> str:
     baseline found hardest, or the other way round); the baseline's over its own ok seeds."""
     import pandas as pd
 
+    from ablate.report import fmt_pct
     from ablate.stats import _matched, _per_seed, _same_trials, explode_arms, relative_change
 
     trials = results.trials
@@ -970,7 +971,7 @@ def summary_table(results: store.Results) -> str:
                 elif n:
                     notes.append("no seed in common with the baseline: mean over its own seeds")
             bad = int((df[df["arm"] == arm]["status"] != "ok").sum())
-            change_s = "" if math.isnan(change) else f"{change:+.2%}"
+            change_s = "" if math.isnan(change) else fmt_pct(change)
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
                           + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
     if (arms["arm"] == "baseline").any() and (arms["arm"] != "baseline").any():

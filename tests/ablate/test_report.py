@@ -353,7 +353,7 @@ def test_the_report_says_what_its_study_holds_and_what_its_tables_cannot_show(tm
     # an arm the study did not run on a task leaves Table 3 (and its Holm family) with a word
     assert "Not in this table (no trial of the arm on that task with a result to compare): imdb gating=true." in md
     ttt = stats.time_to_target(load_results(tmp_path))
-    assert f"MetaAdamW reached AdamW's best on {int(ttt['reached'].sum())} of 6 seed(s)." in md
+    assert f"MetaAdamW reached AdamW's best on {int(ttt['reached'].sum())} of the 6 seed(s) with an AdamW result" in md
     # the HTML's pivoted table has no column of its own for the pivot's name (it had an empty 'task' column)
     html_text = (tmp_path / "out" / "report.html").read_text()
     seeds_table = html_text.split("Ok seeds per arm</h3>", 1)[1].split("</table>", 1)[0]
@@ -366,3 +366,25 @@ def test_a_study_without_adamw_has_no_time_to_target_section(tmp_path, report_ki
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
     assert "Time to AdamW's best" not in md and "no adamw trial" not in md
     assert "has no AdamW arm: it runs MetaAdamW (arm 'baseline', the task-optimal settings) and ablates" in md
+    # AdamW on one task of two: the seeds of the other have no target, and are not counted as missing it
+    _three_seed_study(tmp_path / "half", report_kit, {"etth1": ["adamw", "baseline"], "imdb": ["baseline"]})
+    md = report.write_report(tmp_path / "half", tmp_path / "half_out", formats=("md",)).read_text()
+    assert re.search(r"MetaAdamW reached AdamW's best on \d of the 3 seed\(s\) with an AdamW result to reach", md)
+
+
+def test_one_finished_factorial_cell_gives_no_effects_and_no_error():
+    # a factorial study's first finished trial: no factor varies yet (it raised KeyError: 'p_value', failing the report)
+    from ablate.results import Results
+    trials = pd.DataFrame([{"trial_id": f"t{s}", "task": "etth1", "seed": s, "arm": "factorial:gating=true,grouping=original",
+                            "status": "ok", "mode": "min", "metric": "mse", "best_metric": 1.0 + s} for s in range(2)])
+    assert stats.factorial_effects(Results(trials, pd.DataFrame(), pd.DataFrame())).empty
+
+
+def test_the_sign_of_a_small_change_is_shown_in_the_run_summary_too():
+    from ablate.sweep import summary_table
+    from ablate.results import Results
+    rows = [{"trial_id": f"{arm}{s}", "task": "etth1", "seed": s, "arm": arm, "arms": json.dumps([arm]), "status": "ok",
+             "mode": "min", "metric": "mse", "best_metric": best} for s in range(2)
+            for arm, best in (("baseline", 1.0), ("gating=true", 1.0 + 1e-7))]
+    text = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
+    assert "-0.00001%" in text and "+0.00%" not in text

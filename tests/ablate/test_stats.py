@@ -331,7 +331,7 @@ def test_cost_table(report_study):
 
 # -- performance profiles -----------------------------------------------------------------------
 def test_performance_profile_values(tmp_path, report_kit):
-    for task in ("imdb", "etth1"):  # (stored first: the order of the rows and columns must not follow it)
+    for task in ("imdb", "etth1"):  # (stored first: the order of the arms must not follow the order of storing)
         row = report_kit.trial_row(task, "gating=true", 0, 0.95)
         row.update(status="failed")
         write_trial(tmp_path, row)
