@@ -249,16 +249,27 @@ def without_meta_updates(results: Results) -> pd.DataFrame:
     alone. Columns: task, arm, n."""
     t = results.trials
     if t.empty or "meta_updates" not in t or "optimizer" not in t:
+        return _counted(t.iloc[:0])
+    idle = ok_mask(t) & (t["optimizer"] == "metaadamw") & (pd.to_numeric(t["meta_updates"], errors="coerce") == 0)
+    return _counted(t[idle])
+
+
+def _counted(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials counted per task and arm (columns task, arm, n), for the notes below."""
+    if trials.empty:
         return pd.DataFrame(columns=["task", "arm", "n"])
-    idle = t[ok_mask(t) & (t["optimizer"] == "metaadamw") & (pd.to_numeric(t["meta_updates"], errors="coerce") == 0)]
-    return idle.groupby(["task", "arm"], sort=True).size().rename("n").reset_index()
+    return trials.groupby(["task", "arm"], sort=True).size().rename("n").reset_index()
+
+
+def _listed(counts: pd.DataFrame) -> str:
+    """``"task arm: n, ..."`` of :func:`_counted`'s counts."""
+    return ", ".join(f"{r.task} {r.arm}: {r.n}" for r in counts.itertuples())
 
 
 def idle_note(idle: pd.DataFrame) -> str:
     """What :func:`without_meta_updates` found, in words."""
-    where = ", ".join(f"{r.task} {r.arm}: {r.n}" for r in idle.itertuples())
-    return (f"{int(idle['n'].sum())} ok MetaAdamW trial(s) made no meta-update ({where}): their budget ended before "
-            f"the first (warmup_epochs, then one every meta_every steps or meta_per_epoch times per epoch), so their "
+    return (f"{int(idle['n'].sum())} ok MetaAdamW trial(s) made no meta-update ({_listed(idle)}): their budget "
+            f"ended before the first (warmup_epochs, then one every meta_every steps or meta_per_epoch times per epoch), so their "
             f"modulator stayed as initialised and they differ from AdamW and from each other by its initial "
             f"multipliers alone. Give them more steps, fewer warm-up epochs or more frequent meta-updates.")
 
@@ -269,9 +280,8 @@ def best_not_recorded_best(results: Results) -> pd.DataFrame:
     than ``min_delta`` was neither the best nor reported), so a comparison with newer trials mixes
     two rules. Columns: task, arm, n."""
     t, h = results.trials, results.history
-    empty = pd.DataFrame(columns=["task", "arm", "n"])
     if t.empty or h.empty or "trial_id" not in h or not {"metric", "mode"} <= set(t.columns):
-        return empty
+        return _counted(t.iloc[:0])
     ok = t[ok_mask(t)]
     stale = []
     for (metric, mode), rows in ok.groupby(["metric", "mode"]):
@@ -285,17 +295,13 @@ def best_not_recorded_best(results: Results) -> pd.DataFrame:
         sign = 1.0 if mode == "max" else -1.0
         worse = sign * (best - stored) > 1e-9 * np.maximum(np.abs(best), np.abs(stored))  # (NaN: no history, kept)
         stale.append(rows[worse])
-    stale = pd.concat(stale) if stale else ok.iloc[:0]
-    if stale.empty:
-        return empty
-    return stale.groupby(["task", "arm"], sort=True).size().rename("n").reset_index()
+    return _counted(pd.concat(stale) if stale else ok.iloc[:0])
 
 
 def best_rule_note(stale: pd.DataFrame) -> str:
     """What :func:`best_not_recorded_best` found, in words."""
-    where = ", ".join(f"{r.task} {r.arm}: {r.n}" for r in stale.itertuples())
     return (f"{int(stale['n'].sum())} ok trial(s) report a best metric that is not the best validation value they "
-            f"recorded ({where}): they were stored by an earlier version of ablate, whose best epoch ignored gains "
+            f"recorded ({_listed(stale)}): they were stored by an earlier version of ablate, whose best epoch ignored gains "
             f"smaller than min_delta, and compare under another rule than the trials stored since. Run them again: "
             f"`ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).")
 
