@@ -134,7 +134,8 @@ def _download_one(item: Download, root: Path, dest: Path) -> Path:
             print(f"{item.filename}: unpacked in {dest} already, every file in place (delete {marker.name} there to "
                   f"fetch it again)", flush=True)
             return dest
-        marker.unlink()  # (files of it were deleted or lost: fetched and unpacked again below)
+        print(f"{item.filename}: files it held are missing from {dest}: fetching it again", flush=True)
+        marker.unlink()
     failures = []
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_file = Path(tmp) / item.filename

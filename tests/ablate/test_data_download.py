@@ -114,6 +114,7 @@ def test_a_dead_url_falls_back_to_the_mirror_that_gives_the_published_file(tmp_p
     # ... while they are all there: a deleted folder is fetched again (the fix the loaders' errors name)
     (tmp_path / "w" / "wiki.valid.tokens").unlink()
     assert data.download("w", tmp_path) == [tmp_path] and len(asked) == 3
+    assert "a.tar.gz: files it held are missing from" in capsys.readouterr().out
     assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
 
 
