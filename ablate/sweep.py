@@ -1046,6 +1046,23 @@ def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str |
     return f"{len(left)} trial(s) did not finish: {first_ten(left)}. The finished ones are stored; continue with: {hint}"
 
 
+#: how long a SIGTERM'd run waits for ``ray.shutdown()`` (Slurm's grace period is 30 s)
+SIGTERM_SHUTDOWN_S = 10.0
+
+
+def _shutdown_ray_within(seconds: float) -> None:
+    """``ray.shutdown()``, given at most ``seconds``: without it, the Ray processes this driver
+    started that ignore SIGTERM (its dashboard and runtime-env agents) outlive it when the signal
+    reached the driver alone (``kill PID``). In a thread: the signal may have interrupted the main
+    thread holding a lock the shutdown needs, and the run must end anyway."""
+    import ray
+
+    if ray.is_initialized():
+        worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+        worker.start()
+        worker.join(seconds)
+
+
 @contextlib.contextmanager
 def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | None = None
                     ) -> Iterator[Callable[[], None]]:
@@ -1053,9 +1070,10 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
     exit code 143 and one message, ``describe()``: what did not finish and how to continue (after
     ``on_exit()``, quick bookkeeping such as marking unfinished suggestions failed). Results are
     stored as trials finish, so nothing finished is lost. Not the graceful stop of Ctrl-C: a
-    scheduler signals the whole process group, Ray's own processes die with the driver, and Ray
+    scheduler signals the whole process group, Ray's trial processes die with the driver, and Ray
     Tune would wait a minute for them (past Slurm's 30 s grace), while Ray's own handler would end
-    the driver without a word. Installed after ``ray.init``, which sets that handler; yields a
+    the driver without a word. Ray itself is shut down, within :data:`SIGTERM_SHUTDOWN_S`, so
+    that its agents do not outlive the run. Installed after ``ray.init``, which sets that handler; yields a
     function that installs it again, for after ``ray.shutdown()``, which resets the signal's
     handling in the kernel while Python still reports this handler."""
     if threading.current_thread() is not threading.main_thread():
@@ -1067,6 +1085,7 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
             if on_exit is not None:
                 on_exit()
             print(f"\nterminated (SIGTERM): {describe()}", flush=True)
+            _shutdown_ray_within(SIGTERM_SHUTDOWN_S)
         finally:
             os._exit(143)
 

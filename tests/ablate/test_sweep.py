@@ -165,26 +165,39 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert not list((out / "killed" / "ray").glob("killed-*"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum):
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.parametrize("signum, group", [(signal.SIGINT, False), (signal.SIGTERM, True), (signal.SIGTERM, False)])
+def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum, group):
     # Ray Tune catches SIGINT itself and returns from fit() as if the sweep were done: exit 0 and a
     # table that looks complete. The driver must say which trials did not finish and how to go on.
     # SIGTERM to the process group (Slurm, timeout) ended Ray's processes too, and Tune's graceful
-    # stop then waited a minute for them before exiting 1 without a word: it ends the run at once
+    # stop then waited a minute for them before exiting 1 without a word: it ends the run at once.
+    # SIGTERM to the driver alone (kill PID) left Ray's dashboard and runtime-env agents running
     spec = _study(tmp_path, "stopped", seeds=3, epochs=3, batches=30)
     out = tmp_path / "results"
     proc, _, _, _ = _start_run(spec, out, done=1)
     start = time.monotonic()
     try:
-        if signum == signal.SIGINT:
-            proc.send_signal(signum)  # to the driver, as Ctrl-C in its terminal
-        else:
+        if group:
             os.killpg(proc.pid, signum)  # to the driver and Ray's processes, as a scheduler does
+        else:
+            proc.send_signal(signum)  # to the driver: Ctrl-C in its terminal, or kill PID
         output, _ = proc.communicate(timeout=120)
+        left = time.monotonic() + 20  # (Ray's processes end shortly after the driver)
+        while _group_alive(proc.pid) and time.monotonic() < left:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a process the run started outlived it"
     finally:
-        if proc.poll() is None:
+        if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
     text = output.decode()
     done = _parts(out / "stopped")
     assert 1 <= done < 9, text[-3000:]
