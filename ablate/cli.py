@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 import yaml
 
@@ -117,6 +118,14 @@ def _import_cli_plugins(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _train(args, sys.stdout)
+    json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # (--json: stdout holds the result row alone, for | jq)
+        return _train(args, json_out)
+
+
+def _train(args: argparse.Namespace, json_out: TextIO) -> int:
     from ablate.config import ConfigError
     from ablate.trial import Trial
 
@@ -208,7 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         # strict JSON: a diverged trial's NaN metrics are null, as in the sweep's results; lists
         # (priorities, blocks) and dicts as they are
-        print(json.dumps({k: _json_value(v) for k, v in row.items()}, default=str, allow_nan=False))
+        print(json.dumps({k: _json_value(v) for k, v in row.items()}, default=str, allow_nan=False), file=json_out,
+              flush=True)
     return 0 if row["status"] == "ok" else 1
 
 
@@ -273,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="save a checkpoint to this file after every epoch")
     s.add_argument("--resume", help="resume from a checkpoint file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument("--json", action="store_true", help="print the result row as JSON at the end")
+    s.add_argument("--json", action="store_true",
+                   help="print the result row as JSON at the end, alone on stdout (the progress goes to stderr)")
     s.add_argument("--plugin", action="append", metavar="MODULE",
                    help="import a module that registers components or tasks first, as a study file's plugins: "
                         "list does (repeatable; modules in the working directory are found)")

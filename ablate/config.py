@@ -212,7 +212,8 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
         if key == "task" and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's task?)
-            hint += " (a task a plugin registers: list the module under plugins: in the study, or give --plugin)"
+            hint += (" (a task a plugin registers: in a study file, list its module under plugins:; with ablate train "
+                     "or ablate list, give --plugin MODULE)")
         raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "
                           f"{', '.join(map(str, allowed))}")
     if field.check is not None and not field.check(value):

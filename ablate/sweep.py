@@ -611,8 +611,9 @@ def rerun_selection(study: Study, selectors: Sequence[str]) -> set[str]:
     names = {t.task for t in study.trials} | {a for t in study.trials for a in t.arms}
     unknown = [s for s in selectors if s not in names]
     if unknown:
-        raise ConfigError(f"--rerun {' '.join(unknown)}: not a task or arm of study {study.name}; its tasks and arms: "
-                          f"{', '.join(sorted(names))} (or all)")
+        from ablate.config import did_you_mean
+        raise ConfigError(f"--rerun {' '.join(unknown)}: not a task or arm of study {study.name}"
+                          f"{did_you_mean(unknown[0], names)}; its tasks and arms: {', '.join(sorted(names))} (or all)")
     return {t.trial_id for t in study.trials if t.task in selectors or any(a in selectors for a in t.arms)}
 
 
@@ -1000,6 +1001,8 @@ def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> s
 def run_command(args) -> int:
     study = load_study(args.spec, extra_seeds=args.extra_seeds)
     if args.dry_run:
+        if getattr(args, "rerun", None):
+            rerun_selection(study, args.rerun)  # (a misspelt name: refused before the listing, not after it)
         print(format_trials(study))
         print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)

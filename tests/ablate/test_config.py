@@ -58,8 +58,8 @@ def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_r
 
 @pytest.mark.parametrize("config, fragment", [
     ({}, "'task' is required; choose one of:"),
-    ({"task": "mnist"}, "task='mnist' is not allowed (a task a plugin registers: list the module under plugins: in "
-                        "the study, or give --plugin); choose one of: cifar10"),
+    ({"task": "mnist"}, "task='mnist' is not allowed (a task a plugin registers: in a study file, list its module "
+                        "under plugins:; with ablate train or ablate list, give --plugin MODULE); choose one of: cifar10"),
     ({"task": "etth1", "lrr": 0.1}, "unknown key(s) 'lrr' (did you mean 'lr'?)"),
     ({"task": "etth1", "max_epochs": 2, "sede": 1}, "unknown key(s) 'max_epochs' (did you mean 'epochs'?), 'sede' (did"),
     ({"task": "etth1", "grouping": "fine_graned"}, "grouping='fine_graned' is not allowed (did you mean 'fine_grained'?)"),

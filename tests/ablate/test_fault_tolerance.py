@@ -444,9 +444,9 @@ def test_train_json_is_strict_json_with_null_for_a_diverged_trials_metrics(capsy
 
     rc = main(["train", "--task", "etth1", "--no-progress", "--json", "--set", "epochs=1", "--set", "max_train_batches=3",
                "--set", "lr=1e6", "--set", "num_threads=1"])
-    out = capsys.readouterr().out
-    row = json.loads(out.strip().splitlines()[-1])  # (json.loads refuses NaN? no: checked below)
-    assert "\nerror: training loss became" in out  # the human-readable summary says why, too
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)  # stdout is the JSON alone (| jq), the human-readable lines go to stderr
+    assert "\nerror: training loss became" in captured.err  # the human-readable summary says why, too
     assert rc == 1 and row["status"] == "diverged"
     assert row["best_metric"] is None and row["best_mse"] is None
     assert "NaN" not in json.dumps(row)

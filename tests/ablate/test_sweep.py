@@ -635,6 +635,11 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     assert "1 trial(s) stored (reused), 2 to run;" in capsys.readouterr().out
     assert main([*argv, "--rerun", "bogus"]) == 2  # refused as a real run refuses it
     assert "--rerun bogus: not a task or arm of study tiny" in capsys.readouterr().err
+    # a misspelt name: refused before the listing (not after it), with the name it was meant to be
+    assert main([*argv, "--rerun", study.trials[0].arm + "x"]) == 2
+    captured = capsys.readouterr()
+    assert "trials per arm" not in captured.out
+    assert f"(did you mean {study.trials[0].arm!r}?)" in captured.err
     assert not (out / "tiny" / "study.yaml").exists()  # (a dry run writes nothing)
     # what a run refuses before Ray starts, a dry run refuses too (it said "to run" and exited 0)
     real = tmp_path / "real.yaml"
