@@ -183,6 +183,11 @@ def _train(args: argparse.Namespace, json_out: TextIO) -> int:
         if cfg["epochs"] <= cfg["warmup_epochs"]:
             print(f"note: epochs={cfg['epochs']} <= warmup_epochs={cfg['warmup_epochs']}: this run makes no meta-update, so "
                   f"the modulator stays as initialised (raise epochs, or --set warmup_epochs=0)", flush=True)
+        elif trial.planned_meta_updates() == 0:
+            print(f"note: the budget ends before the first meta-update (warm-up epochs {cfg['warmup_epochs']}, then "
+                  + (f"{cfg['meta_per_epoch']:g} per epoch" if trial.meta_in_epoch else f"one every {trial.meta_every} "
+                     f"steps of the run") + f"; {trial.steps_per_epoch} steps per epoch): the modulator stays as "
+                  f"initialised (raise epochs or max_train_batches, or lower warmup_epochs or meta_every)", flush=True)
     metric = trial.metric.name
 
     def show(row: dict, _trial) -> None:

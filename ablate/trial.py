@@ -276,7 +276,7 @@ class Trial:
             loss.backward()
             if cfg["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
-            if meta_on and self._meta_due(n_batches):
+            if meta_on and self._meta_due(n_batches, self.step):
                 # before step(): the meta-update reuses this batch's gradient as its g (batch 1)
                 _sync(dev)  # (on a GPU: the training backward's tail is training time, not meta time)
                 tm = time.perf_counter()
@@ -321,15 +321,25 @@ class Trial:
             "meta_updates_epoch": self.meta_updates - meta_before,
         }
 
-    def _meta_due(self, i: int) -> bool:
-        """Whether the ``i``-th step of this epoch (from 0) ends with a meta-update: with
+    def _meta_due(self, i: int, step: int) -> bool:
+        """Whether the ``i``-th step of this epoch (from 0; ``step`` of the run) ends with a meta-update: with
         ``meta_per_epoch`` >= 1 at evenly spread positions in every epoch (exactly that many per
         epoch, rounded down when it is not whole: 2 in 5 steps at steps 3 and 5), else every
         ``meta_every`` steps of the whole run (``meta_per_epoch`` < 1: once every few epochs)."""
         if self.meta_in_epoch:
             per, n = min(self.config["meta_per_epoch"], self.steps_per_epoch), self.steps_per_epoch
             return math.floor((i + 1) * per / n) > math.floor(i * per / n)
-        return (self.step + 1) % self.meta_every == 0
+        return (step + 1) % self.meta_every == 0
+
+    def planned_meta_updates(self) -> int:
+        """The meta-updates the budget holds (epochs, max_steps, warm-up epochs and the schedule),
+        if early stopping does not end the trial first: 0 for AdamW, and for a MetaAdamW trial whose
+        budget ends before its first meta-update (its modulator would stay as initialised)."""
+        if not self.is_meta:
+            return 0
+        cfg, n = self.config, self.steps_per_epoch
+        total = n * cfg["epochs"] if not cfg["max_steps"] else min(n * cfg["epochs"], cfg["max_steps"])
+        return sum(self._meta_due(step % n, step) for step in range(cfg["warmup_epochs"] * n, total))
 
     @property
     def meta_updates(self) -> int:

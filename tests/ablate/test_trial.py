@@ -166,6 +166,26 @@ def test_resume_keeps_the_patience_count(tmp_path, after):
     assert (row["epochs_run"], row["best_epoch"]) == (7, 7)
 
 
+@pytest.mark.parametrize("over", [{}, {"meta_every": 5, "max_steps": 14}, {"meta_every": None, "meta_per_epoch": 3},
+                                  {"meta_every": None, "meta_per_epoch": 0.5},
+                                  {"meta_every": 50}])
+def test_the_planned_meta_updates_are_those_a_full_run_makes(over):
+    # (ablate train warns before training when the budget holds none)
+    trial = Trial({**FAST, "patience": 0, **over})
+    planned = trial.planned_meta_updates()
+    assert trial.run().row["meta_updates"] == planned
+    assert (planned == 0) is (over == {"meta_every": 50})  # (8 steps an epoch, 2 after the warm-up epoch)
+    assert Trial({**FAST, "optimizer": "adamw"}).planned_meta_updates() == 0
+
+
+def test_ablate_train_says_before_training_that_the_budget_holds_no_meta_update(capsys):
+    from ablate.cli import main
+    assert main(["train", "--task", "etth1", "--no-progress", "--set", "epochs=2", "--set", "max_train_batches=3",
+                 "--set", "meta_every=50", "--set", "num_threads=1"]) == 0
+    assert "note: the budget ends before the first meta-update (warm-up epochs 1, then one every 50 steps of the run; " \
+           "3 steps per epoch)" in capsys.readouterr().out
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     trial = Trial(FAST)
     path = trial.save(tmp_path / "a.pt")
