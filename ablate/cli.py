@@ -354,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        checkpoint = getattr(args, "checkpoint", None) if args.func is cmd_train else None
+        print("interrupted" + (f": the last finished epoch is in {checkpoint}; continue with the same command and "
+                               f"--resume {checkpoint}" if checkpoint and Path(checkpoint).is_file() else ""),
+              file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -211,6 +211,8 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
+        if key == "device" and str(value).lower() == "gpu":  # (closest by spelling is 'cpu', the opposite)
+            hint = " (did you mean 'cuda'?)"
         if key == "task" and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's task?)
             hint += (" (a task a plugin registers: in a study file, list its module under plugins:; with ablate train "
                      "or ablate list, give --plugin MODULE)")

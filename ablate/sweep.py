@@ -1022,9 +1022,12 @@ def run_command(args) -> int:
     stale = best_not_recorded_best(outcome.results)
     if len(stale):
         print(f"\nnote: {best_rule_note(stale)}", flush=True)
+    waiting = rerun_note(outcome.out_dir, outcome.results, resume_command(args))
+    if waiting:
+        print(f"\nnote: {waiting}", flush=True)
     trials = outcome.results.trials
     diverged = int((trials["status"] == "diverged").sum()) if "status" in trials else 0
-    print(f"\n{outcome.ran} trials run, {outcome.reused} reused, {outcome.failed} failed"
+    print(f"\n{outcome.ran} trial{'' if outcome.ran == 1 else 's'} run, {outcome.reused} reused, {outcome.failed} failed"
           + (f", {diverged} diverged (no result; in the table's 'not ok')" if diverged else "")
           + (f", {outcome.unfinished} interrupted" if outcome.unfinished else "")
           + f"; results in {outcome.out_dir} "
@@ -1033,6 +1036,21 @@ def run_command(args) -> int:
         print(f"continue the interrupted trials from their last checkpoint (finished trials are kept and reused) "
               f"with:\n  {resume_command(args)}", flush=True)
     return 130 if outcome.unfinished else 1 if outcome.failed else 0
+
+
+def rerun_note(out_dir: Path, results: store.Results, resume_hint: str) -> str:
+    """What the summary table shows of an ``--rerun`` cut off before it ended: the trials it has
+    still to compute show their earlier results (``""`` when there are none)."""
+    try:
+        waiting = store.pending_reruns(out_dir)[0]
+    except store.ResultsError as exc:
+        return str(exc)
+    stored = set(results.trials["trial_id"]) if "trial_id" in results.trials else set()
+    waiting &= stored
+    if not waiting:
+        return ""
+    return (f"{len(waiting)} trial(s) an `ablate run --rerun` selected have not run again yet: the table shows their "
+            f"earlier results. Continue with: {resume_hint}")
 
 
 def _trial_label(t: TrialSpec) -> str:

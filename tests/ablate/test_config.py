@@ -61,6 +61,7 @@ def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_r
     ({"task": "mnist"}, "task='mnist' is not allowed (a task a plugin registers: in a study file, list its module "
                         "under plugins:; with ablate train or ablate list, give --plugin MODULE); choose one of: cifar10"),
     ({"task": "etth1", "lrr": 0.1}, "unknown key(s) 'lrr' (did you mean 'lr'?)"),
+    ({"task": "etth1", "device": "gpu"}, "device='gpu' is not allowed (did you mean 'cuda'?); choose one of: cpu, cuda, auto"),
     ({"task": "etth1", "max_epochs": 2, "sede": 1}, "unknown key(s) 'max_epochs' (did you mean 'epochs'?), 'sede' (did"),
     ({"task": "etth1", "grouping": "fine_graned"}, "grouping='fine_graned' is not allowed (did you mean 'fine_grained'?)"),
     ({"task": "cifar"}, "task='cifar' is not allowed (did you mean 'cifar10'?) (a task a plugin registers"),

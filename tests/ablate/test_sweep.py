@@ -705,3 +705,33 @@ def test_a_retry_after_a_preemption_says_it_is_not_counted(tmp_path, capsys):
         f"{label}: attempt 1 failed (ray.exceptions.ActorDiedError: its node was preempted (autoscaler drain)); "
         f"retrying (not counted against the retries: its node was preempted)",
         f"{label}: attempt 2 failed (RuntimeError: out of memory); retrying (1 of {study.retries} retries)"]
+
+
+def test_the_run_summary_says_which_rows_an_unfinished_rerun_still_shows_from_before(tmp_path):
+    # a Ctrl-C'd `--rerun etth1` printed the etth1 rows of before as if they were the new results
+    from ablate.results import Results, write_reruns
+    from ablate.sweep import rerun_note
+
+    trials = pd.DataFrame({"trial_id": ["a", "b", "c"]})
+    results = Results(trials, pd.DataFrame(), pd.DataFrame())
+    assert rerun_note(tmp_path, results, "ablate run s.yaml --resume") == ""
+    write_reruns(tmp_path, {"a", "c", "gone"}, {"b"})  # (b ran again already; 'gone' is no longer stored)
+    assert rerun_note(tmp_path, results, "ablate run s.yaml --resume") == (
+        "2 trial(s) an `ablate run --rerun` selected have not run again yet: the table shows their earlier results. "
+        "Continue with: ablate run s.yaml --resume")
+
+
+def test_ctrl_c_in_ablate_train_with_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    from ablate import cli
+
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(b"an epoch's checkpoint")
+
+    def interrupted(args, json_out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    assert cli.main(["train", "--task", "etth1", "--checkpoint", str(checkpoint)]) == 130
+    assert capsys.readouterr().err == (f"interrupted: the last finished epoch is in {checkpoint}; continue with the same "
+                                       f"command and --resume {checkpoint}\n")
+    assert cli.main(["train", "--task", "etth1"]) == 130 and capsys.readouterr().err == "interrupted\n"
