@@ -496,12 +496,7 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
         blocks.append(Block("warning", f"{counts['total'] - counts['ok']} trial(s) did not finish ok "
                                        f"({counts['failed']} failed, {counts['diverged']} diverged{_no_metric(counts)}); "
                                        f"see the last section."))
-    idle = stats.without_meta_updates(results)
-    if len(idle):
-        blocks.append(Block("warning", stats.idle_note(idle)))
-    stale = stats.best_not_recorded_best(results)
-    if len(stale):
-        blocks.append(Block("warning", stats.best_rule_note(stale)))
+    blocks += [Block("warning", note) for note in stats.result_notes(results)]
     if stats.uses_embedded_data(results):
         blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
                                        "paper's datasets, with smaller models and budgets. They exercise the "
@@ -529,19 +524,14 @@ _SIG_LEGEND = (
 )
 
 
-def _smallest_sign_flip_p(n: int) -> float:
-    """The smallest p :func:`ablate.stats.sign_flip_pvalue` can give for n non-zero differences."""
-    return 2 / 2**n if n <= stats.EXACT_SIGN_FLIP_MAX_N else 1 / (1 + stats.SIGN_FLIP_DRAWS)
-
-
 def _too_few_seeds(n_pairs: pd.Series, alpha: float) -> str:
     """A sentence when no row can be significant: with n pairs the smallest sign-flip p is 2/2^n
     (1/(1 + draws) beyond the exact test's seeds)."""
     n = int(pd.to_numeric(n_pairs, errors="coerce").max()) if len(n_pairs) and n_pairs.notna().any() else 0
-    if n == 0 or _smallest_sign_flip_p(n) < alpha:
+    if n == 0 or stats.smallest_sign_flip_p(n) < alpha:
         return ""
-    fewest = next((k for k in range(1, stats.EXACT_SIGN_FLIP_MAX_N + 2) if _smallest_sign_flip_p(k) < alpha), None)
-    return (f" With at most {n} paired seed(s) here the smallest sign-flip p is {_smallest_sign_flip_p(n):.4g}, not "
+    fewest = next((k for k in range(1, stats.EXACT_SIGN_FLIP_MAX_N + 2) if stats.smallest_sign_flip_p(k) < alpha), None)
+    return (f" With at most {n} paired seed(s) here the smallest sign-flip p is {stats.smallest_sign_flip_p(n):.4g}, not "
             f"below {alpha}: no row of this table can be marked significant, whatever the differences"
             + (f" (it takes {fewest} seeds or more, before Holm's adjustment)." if fewest else "."))
 

@@ -306,6 +306,22 @@ def best_rule_note(stale: pd.DataFrame) -> str:
             f"`ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).")
 
 
+def result_notes(results: Results) -> list[str]:
+    """The warnings about stored results that the report, the run summary and the analysis notebook
+    show: MetaAdamW trials without a meta-update, trials stored under the earlier best-epoch rule."""
+    idle, stale = without_meta_updates(results), best_not_recorded_best(results)
+    notes = [idle_note(idle)] if len(idle) else []
+    if len(stale):
+        notes.append(best_rule_note(stale))
+    return notes
+
+
+def smallest_sign_flip_p(n: int) -> float:
+    """The smallest p :func:`sign_flip_pvalue` can give for n non-zero differences: 2/2^n exact,
+    1/(1 + draws) beyond :data:`EXACT_SIGN_FLIP_MAX_N`."""
+    return 2 / 2**n if n <= EXACT_SIGN_FLIP_MAX_N else 1 / (1 + SIGN_FLIP_DRAWS)
+
+
 def seeds_per_arm(results: Results) -> pd.DataFrame:
     """Per task and arm: ok seeds, trials that are not ok, and the ok seed list."""
     arms = explode_arms(results.trials)

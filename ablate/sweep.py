@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ablate import results as store
-from ablate.config import first_ten
+from ablate.config import did_you_mean, first_ten
 from ablate.files import atomic_write_bytes
 from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_study
 
@@ -611,7 +611,6 @@ def rerun_selection(study: Study, selectors: Sequence[str]) -> set[str]:
     names = {t.task for t in study.trials} | {a for t in study.trials for a in t.arms}
     unknown = [s for s in selectors if s not in names]
     if unknown:
-        from ablate.config import did_you_mean
         raise ConfigError(f"--rerun {' '.join(unknown)}: not a task or arm of study {study.name}"
                           f"{did_you_mean(unknown[0], names)}; its tasks and arms: {', '.join(sorted(names))} (or all)")
     return {t.trial_id for t in study.trials if t.task in selectors or any(a in selectors for a in t.arms)}
@@ -1014,17 +1013,11 @@ def run_command(args) -> int:
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints,
                         rerun=getattr(args, "rerun", None), resume_hint=resume_command(args))
     print(summary_table(outcome.results))
-    from ablate.stats import best_not_recorded_best, best_rule_note, idle_note, without_meta_updates
+    from ablate.stats import result_notes
 
-    idle = without_meta_updates(outcome.results)
-    if len(idle):
-        print(f"\nnote: {idle_note(idle)}", flush=True)
-    stale = best_not_recorded_best(outcome.results)
-    if len(stale):
-        print(f"\nnote: {best_rule_note(stale)}", flush=True)
-    waiting = rerun_note(outcome.out_dir, outcome.results, resume_command(args))
-    if waiting:
-        print(f"\nnote: {waiting}", flush=True)
+    for note in [*result_notes(outcome.results), rerun_note(outcome.out_dir, outcome.results, resume_command(args))]:
+        if note:
+            print(f"\nnote: {note}", flush=True)
     trials = outcome.results.trials
     diverged = int((trials["status"] == "diverged").sum()) if "status" in trials else 0
     print(f"\n{outcome.ran} trial{'' if outcome.ran == 1 else 's'} run, {outcome.reused} reused, {outcome.failed} failed"
