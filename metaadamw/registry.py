@@ -115,9 +115,11 @@ class Registry:
             close = difflib.get_close_matches(name.lower(), list(self._items), n=2)
             close += [n for n in self._items if (name.lower() in n or n in name.lower()) and n not in close]
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        # a likely misspelling: the registration example does not suggest registering the misspelt name
+        example = self._decorator_name("<name>" if close else name)
         raise UnknownComponentError(
             f"unknown {self.kind} {name!r}. Registered: {', '.join(self.list()) or '(none)'}.{hint} "
-            f"To add one, decorate it with {self._decorator_name(name)} in a module you import "
+            f"To add {'a new one' if close else 'one'}, decorate it with {example} in a module you import "
             f"(or expose it through the {self.entry_point_group!r} entry-point group)."
         )
 

@@ -37,8 +37,11 @@ def test_registry_is_a_dict_behind_a_decorator():
     assert isinstance(err.value, UnknownComponentError)
     assert "unknown widget 'c_three'. Registered: a_one, b_two" in str(err.value)
     assert "@WIDGETS.register(\"c_three\")" in str(err.value)
-    with pytest.raises(KeyError, match="Did you mean 'b_two'"):  # a misspelling
+    with pytest.raises(KeyError, match="Did you mean 'b_two'") as err:  # a misspelling
         reg.get("b_tow")
+    # the registration example does not suggest registering the misspelt name
+    assert "To add a new one, decorate it with @WIDGETS.register(\"<name>\")" in str(err.value)
+    assert "b_tow\")" not in str(err.value)
 
 
 def test_list_helpers_and_builtin_names():
