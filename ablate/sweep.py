@@ -764,6 +764,7 @@ def run_study(
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
         check_real_data(study)
     out_dir = Path(out_root) / study.name
+    check_out_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir, wait=wait_for_folder):
         return _run_study(study, out_dir, resume=resume, rerun=rerun, address=address, storage=storage,
@@ -980,13 +981,23 @@ def summary_table(results: store.Results) -> str:
     return "\n".join(lines)
 
 
+def check_out_folder(out_dir: Path) -> None:
+    """Refuse an output folder that cannot be made because a file is in the way: ``out_dir`` itself
+    or any folder above it (``--out`` naming a file), with the path at fault."""
+    from ablate.config import ConfigError
+
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out_dir else f" (the results go in {out_dir}, below it)"
+                raise ConfigError(f"{path} is a file: a run needs a folder there{where}; give another --out")
+            return
+
+
 def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> str:
     """What ``ablate run`` would do with the results already in ``out_dir`` (read only): how many
     trials it would reuse and run, ``--rerun`` checked as the run checks it."""
-    from ablate.config import ConfigError
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir} is a file: a run needs a folder there (give another --out)")
+    check_out_folder(out_dir)
     selected = rerun_selection(study, rerun) if rerun else set()
     done = store.finished_trial_ids(out_dir) if out_dir.is_dir() else set()
     pending = store.pending_reruns(out_dir)[0] if out_dir.is_dir() else set()  # (what an earlier --rerun left)

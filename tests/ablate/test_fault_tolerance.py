@@ -413,6 +413,9 @@ def test_other_user_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, 
         ([*train, "--resume", str(tmp_path / "missing.pt")], "--resume " + str(tmp_path / "missing.pt") + ": no such file"),
         (["train", "--task", "ETTh1"], "(did you mean 'etth1'?); choose one of"),  # (case only: no plugin hint)
         (["report", str(tmp_path / "garbage.pt")], "is a file, not a study's results directory"),
+        *[(["run", "tune.yaml", "--out", str(tmp_path / "garbage.pt"), *dry],  # the file named, the run's or dry run's
+           f"{tmp_path / 'garbage.pt'} is a file: a run needs a folder there (the results go in "
+           f"{tmp_path / 'garbage.pt' / 't'}, below it); give another --out") for dry in ([], ["--dry-run"])],
         (["report", str(tmp_path)], "holds no study results (no parts/ and no trials.parquet); it holds the results of "
                                     "empty: give that folder"),
         ([*train, "--data-dir", str(tmp_path)], "set data: real (ablate train: --data real)"),
