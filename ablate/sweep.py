@@ -926,11 +926,12 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
 # summary
 
 
-def summary_table(results: store.Results) -> str:
+def summary_table(results: store.Results, study: Study | None = None) -> str:
     """Per task and arm: mean best metric, n and the change vs baseline (the mean per-seed relative
     change), an arm's mean and n over the seeds it and the baseline both finished ok, as in the
     report's tables (a mean over its own seeds would credit an arm with leaving out the seed the
-    baseline found hardest, or the other way round); the baseline's over its own ok seeds."""
+    baseline found hardest, or the other way round); the baseline's over its own ok seeds. With
+    ``study``, its arms and tasks without a stored trial (a run cut short) are named too."""
     import pandas as pd
 
     from ablate.report import fmt_pct
@@ -940,18 +941,25 @@ def summary_table(results: store.Results) -> str:
     if trials.empty:
         return "(no trials)"
     arms = explode_arms(trials)
+    planned: dict[str, list[str]] = {}  # task -> the study's arms, in their order
+    for t in study.trials if study is not None else []:
+        planned.setdefault(t.task, [])
+        planned[t.task] += [a for a in t.arms if a not in planned[t.task]]
     lines = []
     for task, df in arms.groupby("task", sort=False):
+        missing = [a for a in planned.get(task, []) if a not in set(df["arm"])]
+        missing_line = f"  (no trial stored yet: {', '.join(missing)})" if missing else None
         known = df[df["status"] != "failed"]  # (failed rows of older runs carry no metric)
         if known.empty:
-            lines.append(f"\n{task}: every trial failed ({len(df)})")
+            lines += [f"\n{task}: every trial failed ({len(df)})", *([missing_line] if missing else [])]
             continue
         metric, mode = known["metric"].iloc[0], known["mode"].iloc[0]
         ok = df[df["status"] == "ok"]
         means = ok.groupby("arm", sort=False)["best_metric"].agg(["mean", "count"])
         base_n = len(_per_seed(arms, task, "baseline"))
-        lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better; "
-                     f"data: {', '.join(sorted(set(df.get('data_source', pd.Series(dtype=object)).dropna())))})")
+        sources = ", ".join(sorted(set(df.get("data_source", pd.Series(dtype=object)).dropna())))
+        lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better"
+                     + (f"; data: {sources})" if sources else ")"))
         lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
         order = {"baseline": 0, "adamw": 2}  # then the ablations in the order they appear, AdamW last
         for arm in sorted(pd.unique(df["arm"]), key=lambda a: order.get(a, 1)):
@@ -975,6 +983,9 @@ def summary_table(results: store.Results) -> str:
             change_s = "" if math.isnan(change) else fmt_pct(change)
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
                           + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
+        if missing:
+            lines.append(missing_line)
+    lines += [f"\n{task}: no trial stored yet" for task in planned if task not in set(arms["task"])]
     if (arms["arm"] == "baseline").any() and (arms["arm"] != "baseline").any():
         lines.append("\n(the change is the mean per-seed relative change, positive = the arm is better than the "
                      "baseline; an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
@@ -1023,7 +1034,7 @@ def run_command(args) -> int:
     outcome = run_study(study, args.out, resume=args.resume, address=args.address, storage=args.storage,
                         max_concurrent=args.max_concurrent, keep_checkpoints=args.keep_checkpoints,
                         rerun=getattr(args, "rerun", None), resume_hint=resume_command(args))
-    print(summary_table(outcome.results))
+    print(summary_table(outcome.results, study))
     from ablate.stats import result_notes
 
     for note in [*result_notes(outcome.results), rerun_note(outcome.out_dir, outcome.results, resume_command(args))]:

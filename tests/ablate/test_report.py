@@ -388,3 +388,21 @@ def test_the_sign_of_a_small_change_is_shown_in_the_run_summary_too():
             for arm, best in (("baseline", 1.0), ("gating=true", 1.0 + 1e-7))]
     text = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
     assert "-0.00001%" in text and "+0.00%" not in text
+
+
+def test_the_run_summary_names_the_studys_arms_and_tasks_without_a_stored_trial():
+    # a run cut short: the summary listed only what was stored, so an arm with no finished trial vanished from it
+    from types import SimpleNamespace
+
+    from ablate.results import Results
+    from ablate.sweep import summary_table
+    rows = [{"trial_id": f"{arm}{s}", "task": "etth1", "seed": s, "arm": arm, "arms": json.dumps([arm]), "status": "ok",
+             "mode": "min", "metric": "mse", "best_metric": 1.0} for s in range(2) for arm in ("baseline", "adamw")]
+    study = SimpleNamespace(trials=[SimpleNamespace(task=task, arms=arms) for task, arms in (
+        ("etth1", ["baseline", "gating=true"]), ("etth1", ["adamw"]), ("etth1", ["grouping=original"]),
+        ("imdb", ["baseline"]))])
+    results = Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame())
+    text = summary_table(results, study)
+    assert "  (no trial stored yet: gating=true, grouping=original)" in text
+    assert text.rstrip().endswith("imdb: no trial stored yet") or "\nimdb: no trial stored yet\n" in text
+    assert "no trial stored yet" not in summary_table(results)  # (without the study: only what is stored)
