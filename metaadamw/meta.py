@@ -19,7 +19,8 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
 
 * ``"finite_difference"`` (default): ``(grad L(theta' + eps v; batch2) - g') / eps`` with the step
   of matrix-free Newton methods, ``eps = sqrt(machine eps) (1 + ||theta'||) / ||v||``, the extra
-  forward pass replaying the random stream of the g' pass (same dropout masks). Five forward and
+  forward pass replaying the random stream and the buffers of the g' pass (same dropout masks, the
+  same power-iteration vectors of ``spectral_norm``). Five forward and
   four backward passes for ``combined`` (four and three when g comes from ``.grad``), no
   second-order graph.
 * ``"exact"``: g' is computed with ``create_graph=True`` and H v comes out of the double backward
@@ -156,16 +157,22 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
-class _RngReplay:
-    """Replays the random stream of a forward pass (dropout masks), so that the finite-difference
-    gradient is taken with the same masks as g'. ``replay()`` rewinds to the captured state;
-    ``resume()`` returns to where the stream was before the replay."""
+class _ForwardReplay:
+    """Replays what a forward pass starts from besides the parameters: the random stream (dropout
+    masks) and the model's buffers, so that the finite-difference gradient is taken as g' was.
+    Buffers that a forward pass both updates and reads (the power iteration of ``spectral_norm``
+    in train mode) would otherwise differ between the two passes by one more update, a change in
+    the gradient that the division by the tiny step turns into a wrong Hessian-vector product (off
+    by a factor of 37-375 in float64, measured). ``replay()`` rewinds the stream and the buffers
+    to the captured state; ``resume()`` returns the stream to where it was before the replay (the
+    buffers are restored by :func:`preserved_state` when the meta-update ends)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, model: nn.Module):
         self._module = torch.get_device_module(device) if device.type != "cpu" else None
         self._device = device
         self._states = self._get()
         self._after: tuple[Tensor, Tensor | None] | None = None
+        self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
 
     def _get(self) -> tuple[Tensor, Tensor | None]:
         device_state = None
@@ -181,6 +188,9 @@ class _RngReplay:
     def replay(self) -> None:
         self._after = self._get()
         self._set(self._states)
+        with torch.no_grad():
+            for b, value in self._buffers:
+                b.copy_(value)
 
     def resume(self) -> None:
         assert self._after is not None
@@ -292,7 +302,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             f"what batch 1 trains.")
         q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
                            lambda2=lambda2, loss_val=loss_val)
-        rng = None if exact or not objective.second_order else _RngReplay(opt.device)
+        replay = None if exact or not objective.second_order else _ForwardReplay(opt.device, model)
         g_prime = g_val = None
         with swapped_parameters(model, swap, names):
             if need_train:
@@ -353,7 +363,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             if d_theta is None:
                 d_theta = [torch.zeros_like(x) for x in leaves]
             if v is not None:
-                _add_hessian_vector_fd(d_theta, model, loss_fn, batch2, swap, leaves, g_prime, v, rng)
+                _add_hessian_vector_fd(d_theta, model, loss_fn, batch2, swap, leaves, g_prime, v, replay)
             del v, g_prime
         meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
         # through theta' to alpha and beta, then once through the encoder
@@ -444,7 +454,7 @@ def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor
     for k, grp in enumerate(groups):
         by_betas.setdefault(tuple(grp["betas"]), []).append(k)
     for (b1, b2), ks in by_betas.items():
-        states = [opt.state[params[k]] for k in ks]
+        states = [opt.state.get(params[k], {}) for k in ks]  # (opt.state[...] would insert empty entries)
         gs = [g[k] for k in ks]
         old_m = [st["exp_avg"] if "exp_avg" in st else torch.zeros_like(gk) for st, gk in zip(states, gs)]
         old_v = [st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(gk) for st, gk in zip(states, gs)]
@@ -542,13 +552,14 @@ def _global_norm(tensors: list[Tensor]) -> float:
 
 def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
                            batch2: Any, swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor],
-                           v: list[Tensor], rng: _RngReplay) -> None:
+                           v: list[Tensor], replay: _ForwardReplay) -> None:
     """Add H v to ``out``, for the Hessian H of L(.; batch 2) at theta', as
     ``(grad L(theta' + eps v) - g') / eps``.
 
     ``eps = sqrt(machine epsilon) (1 + ||theta'||) / ||v||``, the usual step of matrix-free Newton
     methods: it balances the difference's truncation error against float rounding. The forward
-    pass replays the random stream of the one that gave g' (same dropout masks). ``leaves``
+    pass replays the random stream and the buffers of the one that gave g' (same dropout masks,
+    same power-iteration vectors). ``leaves``
     (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place. The
     difference is taken first (exact for nearby gradients), then added with weight 1 / eps."""
     dtype = leaves[0].dtype
@@ -563,11 +574,11 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
         theta_norm = _global_norm(leaves)
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
-    rng.replay()
+    replay.replay()
     try:
         with swapped_parameters(model, swap):
             diff = _grad(_loss(loss_fn, model, batch2), leaves, require="the loss on batch2 at the hypothetical parameters")
     finally:
-        rng.resume()
+        replay.resume()
     torch._foreach_sub_(diff, g_prime)
     torch._foreach_add_(out, diff, alpha=1.0 / eps)

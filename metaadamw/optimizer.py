@@ -266,6 +266,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._stats: dict[str, Tensor] = {}
         self._has_stats = [False] * n  # per tensor: _stats holds its statistics (not zeros standing in)
         self._carried: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # the moments the carry describes
+        self._versions: list[tuple[int, int] | None] = [None] * n  # their version counters then (None: unknown)
         self._multipliers: Multipliers | None = None
         self._plan: _Plan | None = None
         self._live: tuple[bool, ...] | None = None  # the tensors the features average over (_set_live)
@@ -283,6 +284,10 @@ class MetaAdamW(torch.optim.Optimizer):
                "will require (AdamW would step it twice per step)")
         devices = {p.device for p in params}
         _check(len(devices) == 1, f"MetaAdamW needs all parameters on one device, got {sorted(map(str, devices))}")
+        _check(next(iter(devices)).type != "meta",
+               "MetaAdamW got parameters on the 'meta' device, which have no values: its modulator and statistics "
+               "need real tensors. Materialise the model first (model.to_empty(device=...) and initialise its "
+               "weights, or load them), then build the optimizer")
         for p in params:
             _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
                                        "(torch.view_as_real) first")
@@ -364,6 +369,11 @@ class MetaAdamW(torch.optim.Optimizer):
         where = f"param group {len(self.param_groups)}: "
         # AdamW honours its flags per group too: here they are refused in a group as in the arguments
         _check_adamw_flags(where, **{k: v for k, v in param_group.items() if k in _ADAMW_FLAGS})
+        _check(param_group.get("decoupled_weight_decay", True) or not param_group.get(
+            "weight_decay", self.defaults["weight_decay"]),
+            f"{where}decoupled_weight_decay=False is not supported: that is torch.optim.Adam's L2 penalty added to the "
+            f"gradient, while MetaAdamW (like AdamW) decays the weights directly, so the same weight_decay would mean "
+            f"another rule. Leave decoupled_weight_decay=True (or out), or set the group's weight_decay=0")
         if any(k in param_group for k in ("lr", "betas", "eps", "weight_decay")):
             # the group's own hyperparameters, checked as the arguments are (AdamW checks only the defaults)
             values = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
@@ -397,6 +407,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._carry = {k: torch.cat([v, zeros]) for k, v in self._carry.items()}
         self._stats = {k: torch.cat([v, zeros]) for k, v in self._stats.items()}
         self._has_stats += [False] * added
+        self._versions += [None] * added
         self._multipliers = None  # the groups may have changed: the next step recomputes them
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
@@ -476,6 +487,8 @@ class MetaAdamW(torch.optim.Optimizer):
         grads = [grads[i] for i in plan.indices] if not plan.all_active else grads
 
         refresh = self._multipliers is None or (self.global_step - 1) % self.refresh_every == 0
+        if refresh and self.foreach and self._carry_valid and self._moments_edited(plan):
+            self._carry_valid = False
         if refresh and self.foreach and not self._carry_valid:
             self._recompute_carry()
         norms = None
@@ -500,6 +513,8 @@ class MetaAdamW(torch.optim.Optimizer):
                 time = normalised_time(self._time, self.total_steps)
             self._multipliers = self.modulator.infer(self._stats, time)
             self._carry_valid = True
+            if self.foreach:
+                self._record_versions(plan)
         else:
             self._carry_valid = False
         if self.foreach:
@@ -521,6 +536,28 @@ class MetaAdamW(torch.optim.Optimizer):
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg_sq")),
                             plan.exp_avg_sqs)))
 
+    def _moments_edited(self, plan: "_Plan") -> bool:
+        """Whether the caller changed in place (``state[p]["exp_avg_sq"].zero_()``, a masked reset of
+        pruned weights' moments) moments whose norms the last step carried: their version counters
+        moved since then. Host attributes, no sync. Unknown counters (after a load or a copy, whose
+        moments are new tensors; inference tensors, which have none) are trusted."""
+        now = F.versions(plan.exp_avgs, plan.exp_avg_sqs)
+        if now is None:
+            return False
+        seen = self._versions if plan.all_active else [self._versions[i] for i in plan.indices]
+        return seen != now and any(s is not None and s != c for s, c in zip(seen, now))
+
+    def _record_versions(self, plan: "_Plan") -> None:
+        """The version counters of the moments whose norms this step carries (see :meth:`_moments_edited`)."""
+        now = F.versions(plan.exp_avgs, plan.exp_avg_sqs)
+        if now is None:
+            return
+        if plan.all_active:
+            self._versions = now
+        else:
+            for i, c in zip(plan.indices, now):
+                self._versions[i] = c
+
     def _update_stats(self, plan: "_Plan", grads: list[Tensor], norms: Tensor | None) -> None:
         carry = self._carry
         idx = plan.index_tensor
@@ -529,7 +566,8 @@ class MetaAdamW(torch.optim.Optimizer):
         args = (self.modulator.extractor.required_stats, grads, m_sq_old, v_sum_old, plan.exp_avgs, plan.exp_avg_sqs,
                 plan.params, plan.beta1, plan.beta2)
         if self.foreach:
-            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms, coefs=plan.stat_coefs)
+            measured = F.measured_v_sum(plan.exp_avg_sqs) if plan.measure_v_sum else None
+            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms, coefs=plan.stat_coefs, v_sum=measured)
         else:
             stats, m_sq, v_sum = F.single_tensor_stats(*args)
         if idx is None:
@@ -641,6 +679,8 @@ class MetaAdamW(torch.optim.Optimizer):
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
         beta1, beta2 = self._beta_vectors(indices)
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
+        measure_v_sum = "v_norm" in self.modulator.extractor.required_stats and any(
+            v.dtype not in F.CARRIED_V_DTYPES for v in exp_avg_sqs)
         self._plan = _Plan(
             active=active,
             state=self.state,
@@ -663,6 +703,7 @@ class MetaAdamW(torch.optim.Optimizer):
             scalar_dtype=scalar_dtype,
             cos_noise=noise,
             numel=numel,
+            measure_v_sum=measure_v_sum,
         )
         return self._plan
 
@@ -952,6 +993,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.global_step = global_step
         self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
         self._carried = self._carried_now()  # (the loaded moments are new tensors)
+        self._versions = [None] * len(self._params)
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
 
@@ -1041,6 +1083,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
         self._carried = self._carried_now()  # (weak references are not pickled)
+        self._versions = [None] * len(self._params)  # (the copy's moments are new tensors)
         self.__dict__.setdefault("_has_stats", ["exp_avg" in self.state.get(p, ()) for p in self._params])
         self._model_ref = None
 
@@ -1106,6 +1149,7 @@ class _Plan:
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
     cos_noise: Tensor  # per tensor, F.cos_noise
     numel: Tensor  # per tensor, element counts
+    measure_v_sum: bool  # sum(v) is read from the tensors, not carried (F.CARRIED_V_DTYPES)
     has_stats: bool = False  # the planned tensors are flagged in MetaAdamW._has_stats
 
 

@@ -362,6 +362,38 @@ def test_finite_difference_meta_gradient_matches_the_exact_double_backward(case)
     assert (exact - approx).norm() / exact.norm() < 5e-3
 
 
+def test_finite_difference_replays_buffers_that_a_forward_pass_updates_and_reads():
+    # spectral_norm in train mode advances its power iteration at every forward pass: the extra pass of
+    # the finite difference ran one iteration further than the pass that gave g', and the division by
+    # the tiny step made that change a meta-gradient 37-375x too large (float64)
+    def make_model():
+        sn = nn.utils.parametrizations.spectral_norm
+        return nn.Sequential(sn(nn.Linear(6, 16)), nn.Tanh(), sn(nn.Linear(16, 1))).double().train()
+
+    batches = [(x.double(), y.double()) for x, y in regression_batches(3)]
+    exact = _meta_gradient(make_model, mse, batches, "exact")
+    approx = _meta_gradient(make_model, mse, batches, "finite_difference")
+    # (what is left: the power iteration's own dependence on the weights, which the exact path treats as constant)
+    assert exact.norm() > 1e-3 and (exact - approx).norm() / exact.norm() < 1e-3
+
+
+def test_meta_step_adds_no_entries_to_the_optimizers_state():
+    # before the first step(), or for a tensor without moments yet, it inserted empty entries (opt.state
+    # is a defaultdict): state_dict() changed, and the next step rebuilt its plan
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(3)
+    opt.meta_step(model, mse, *batches)
+    assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+    opt.zero_grad()
+    mse(model, batches[0]).backward()
+    model[-1].weight.grad = None
+    opt.step()
+    held = set(opt.state)
+    opt.meta_step(model, mse, *batches)
+    assert set(opt.state) == held and model[-1].weight not in held
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_group_whose_gradient_is_rounding_noise_has_no_direction(dtype):
     # a convolution's bias before BatchNorm has a true gradient of 0, computed as rounding noise: its
