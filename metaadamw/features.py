@@ -134,6 +134,9 @@ class FeatureExtractor(nn.Module):
 
     #: per-tensor statistics this extractor reads (see TENSOR_STATS)
     stats: tuple[str, ...] = ()
+    #: with ``second_moment``, ``statistics()`` ends with the group mean of v_norm itself (one matrix
+    #: product instead of two); otherwise the base class appends that column
+    includes_v_norm: bool = False
 
     def __init__(self, layout: GroupLayout, *, time_step: bool = True, second_moment: bool = True):
         super().__init__()
@@ -202,16 +205,26 @@ class FeatureExtractor(nn.Module):
         return self.group_mean(d * d).sqrt()
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
-        cols = [self.statistics(stats)]
+        try:
+            cols = [self.statistics(stats)]
+        except KeyError as err:
+            name = err.args[0] if err.args else None
+            if name in TENSOR_STATS and name not in self.required_stats:
+                raise ValueError(
+                    f"{type(self).__name__}.statistics() read stats[{name!r}], which its stats = {tuple(self.stats)} "
+                    f"does not declare: the optimizer computes only the declared statistics. Add {name!r} to "
+                    f"{type(self).__name__}.stats") from err
+            raise
         groups, n = self.layout.num_groups, self._num_columns()
+        own_v_norm = self.second_moment and self.includes_v_norm
+        expected = n + 1 if own_v_norm else n
         shape = tuple(cols[0].shape) if isinstance(cols[0], Tensor) else None
-        if shape not in ((groups, n), (groups, n + 1) if self.second_moment else (groups, n)):
+        if shape != (groups, expected):
             raise ValueError(
                 f"{type(self).__name__}.statistics() returned {'a tensor of shape ' + str(shape) if shape else type(cols[0]).__name__}; "
-                f"expected ({groups}, {n}): one row per group and one column per name in columns() {self.columns()}"
-                f"{f' (or {n + 1}, ending with the v_norm column)' if self.second_moment else ''}")
-        # statistics() may end with the v_norm mean column itself (one matrix product instead of two)
-        if self.second_moment and cols[0].shape[1] == n:
+                f"expected ({groups}, {expected}): one row per group and one column per name in columns() {self.columns()}"
+                f"{', then the v_norm column (includes_v_norm)' if own_v_norm else ''}")
+        if self.second_moment and not own_v_norm:
             cols.append(self.group_mean(stats["v_norm"]).unsqueeze(1))
         if self.time_step:
             cols.append(time.to(cols[0].dtype).expand(groups, 1))
@@ -233,6 +246,7 @@ class Basic(FeatureExtractor):
     """Group means of gradient norm, first-moment norm, parameter norm and cos(grad, m)."""
 
     stats = BASIC
+    includes_v_norm = True
 
     def columns(self) -> list[str]:
         return list(BASIC)

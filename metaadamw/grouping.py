@@ -14,15 +14,17 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   or ``model=`` to the optimizer (then the model's full names are used, also where param groups
   hold names relative to a submodule, which repeat and carry no layer index: a warning says so
   when they are all there is). When a model is given, the module type decides the layer type
-  (``nn.Embedding`` -> embedding, ``nn.MultiheadAttention`` and its ``out_proj`` -> attention,
+  (``nn.Embedding``, ``nn.EmbeddingBag`` -> embedding, ``nn.MultiheadAttention`` and its ``out_proj`` -> attention,
   normalisation layers -> norm, ``nn.Linear`` -> feed_forward; a parametrized tensor, such as
   weight_norm's ``fc.parametrizations.weight.original0``, counts as its layer's, named
   ``fc.weight_original0``); otherwise the name does (common words such as ``pos``, ``token`` or
   ``value`` only where they name the layer: ``cls_token``, ``attention.self.query``, not
   ``pos_ffn``). The depth is the layer index in the name (``layers.3``, ``h.11``, ``layer2``,
   ``encoder_layer_3``, ``denseblock2``, an RNN's ``weight_ih_l1``; a prefix that every name shares,
-  such as the ``0.`` of ``nn.Sequential(model)``, is skipped) over the largest
-  index, as the paper defines it, and a tensor without an index is shallow before the first
+  such as the ``0.`` of ``nn.Sequential(model)``, is skipped), scaled to [0, 1] over the indices
+  present (``(index - smallest) / (largest - smallest)``, 0.5 when they are all equal; with
+  indices from 0, the index over the largest, as the paper defines it; blocks numbered 1..3 are
+  shallow, middle, deep), and a tensor without an index is shallow before the first
   indexed one (embeddings) and deep after it (final norms, heads): over the whole model's
   parameters in registration order when a model is given, so that neither the param groups'
   order (decay / no-decay groups) nor the subset the optimizer holds (layers unfrozen later)
@@ -68,7 +70,8 @@ _NAME_RULES: tuple[tuple[str, frozenset[str]], ...] = tuple(
     ("norm", ("norm", "ln", "layernorm", "batchnorm", "bn", "rmsnorm", "groupnorm", "ln1", "ln2", "ln_f")),
     ("embedding", ("emb", "embed", "embedding", "embeddings", "wte", "wpe", "tok", "token", "pos", "position")),
     ("attention", ("attn", "attention", "self_attn", "multihead_attn", "mha", "q_proj", "k_proj", "v_proj",
-                   "in_proj", "in_proj_weight", "in_proj_bias", "query", "key", "value", "qkv", "c_attn")),
+                   "in_proj", "in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                   "query", "key", "value", "qkv", "c_attn")),
     ("feed_forward", ("mlp", "ffn", "ff", "fc", "fc1", "fc2", "linear1", "linear2", "feed_forward",
                       "c_fc", "c_proj", "dense", "w1", "w2", "w3")),
     )
@@ -82,7 +85,7 @@ def layer_type(info: TensorInfo) -> str:
     """embedding / attention / feed_forward / norm / other, from the module type or the name."""
     t = info.module_type
     if t is not None:
-        if issubclass(t, nn.Embedding):
+        if issubclass(t, (nn.Embedding, nn.EmbeddingBag)):
             return "embedding"
         if issubclass(t, nn.MultiheadAttention):
             return "attention"
@@ -129,7 +132,8 @@ def layer_index(name: str | None) -> int | None:
 
 
 def assign_depths(tensors: list[TensorInfo]) -> list[TensorInfo]:
-    """Fill ``depth`` in [0, 1]: the layer index over the largest index; tensors without an
+    """Fill ``depth`` in [0, 1]: ``(index - smallest) / (largest - smallest)`` of the layer indices
+    (0.5 when they are all equal); tensors without an
     index are shallow when they come before every indexed tensor (embeddings), deep otherwise
     (final norms, output heads). The order and the index range are those of ``tensors``. When
     every tensor has a depth already (the optimizer fills them from the whole model when it is

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import distributed as D
 from metaadamw import functional as F
-from metaadamw.features import GroupLayout, normalised_time
+from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
 from metaadamw.meta import META_GRADIENTS, MetaRecord, described, meta_update, project_weighting
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
@@ -216,6 +216,9 @@ class MetaAdamW(torch.optim.Optimizer):
         # and the caller's stream (dropout masks, data order) is left as torch.optim leaves it
         with _forked_rng(self.device):
             extractor = feature_cls(self.layout, time_step=time_step, second_moment=second_moment)
+            _check(isinstance(extractor, FeatureExtractor),
+                   f"features {features!r} gave {extractor!r}, which is not a feature extractor: subclass "
+                   f"metaadamw.features.FeatureExtractor and register the class")
             self.modulator = Modulator(
                 extractor, layers=modulator_layers, heads=modulator_heads, ff=modulator_ff, width=modulator_width,
                 dropout=modulator_dropout, gating=gating, gate_l1=gate_l1, alpha_range=alpha_range,

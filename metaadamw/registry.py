@@ -116,7 +116,7 @@ class Registry:
             close += [n for n in self._items if (name.lower() in n or n in name.lower()) and n not in close]
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         # a likely misspelling: the registration example does not suggest registering the misspelt name
-        example = self._decorator_name("<name>" if close else name)
+        example = self._decorator_name("<name>" if close or not isinstance(name, str) or not name else name)
         raise UnknownComponentError(
             f"unknown {self.kind} {name!r}. Registered: {', '.join(self.list()) or '(none)'}.{hint} "
             f"To add {'a new one' if close else 'one'}, decorate it with {example} in a module you import "

@@ -26,6 +26,7 @@ forward pass alone would give it zero gradient for good). The sigmas reported ar
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -44,6 +45,11 @@ def _by_term(values: Sequence[float] | None, terms: Sequence[str], what: str) ->
     values = [1.0, 1.0, 1.0] if values is None else [float(v) for v in values]
     if len(values) != len(TERM_ORDER):
         raise ValueError(f"{what} must have {len(TERM_ORDER)} entries in the order {TERM_ORDER}, got {values}")
+    extra = [t for t in terms if t not in TERM_ORDER]
+    if extra and values != [1.0, 1.0, 1.0]:
+        warnings.warn(f"MetaAdamW: {what}={values} are given for the terms {TERM_ORDER}; the objective's term(s) "
+                      f"{extra} are not among them and are weighted 1.0 (to weight them, register a weighting that "
+                      f"does)", stacklevel=4)
     return [values[TERM_ORDER.index(t)] if t in TERM_ORDER else 1.0 for t in terms]
 
 

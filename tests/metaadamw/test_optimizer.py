@@ -439,6 +439,9 @@ def test_fine_grained_groups_of_a_transformer():
     ("cls_token", None, "embedding"),  # raw parameters (timm)
     ("pos_embed", None, "embedding"),
     ("layers.0.pre.weight", getattr(nn, "RMSNorm", nn.LayerNorm), "norm"),
+    ("bag.weight", nn.EmbeddingBag, "embedding"),  # (not a subclass of nn.Embedding: it was "other")
+    ("mixer.q_proj_weight", None, "attention"),  # nn.MultiheadAttention with kdim / vdim: they were "other"
+    ("mixer.v_proj_weight", None, "attention"),
 ])
 def test_layer_types_of_common_model_families(name, module_type, kind):
     from metaadamw.grouping import TensorInfo, layer_type
@@ -1422,7 +1425,38 @@ def test_accepts_every_argument_of_torch_adamw_by_the_same_name_and_kind():
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
+@pytest.fixture
+def custom_term_objective():
+    from metaadamw import OBJECTIVES
+    from metaadamw.objectives import MetaObjective
+
+    @OBJECTIVES.register("test_grad_and_val")
+    class GradAndVal(MetaObjective):
+        terms = ("gradient", "val_loss")
+        needs_val = True
+
+        def __call__(self, q):
+            return {"gradient": q.loss_val_prime * 0.0, "val_loss": q.loss_val_prime}
+
+    yield "test_grad_and_val"
+    OBJECTIVES.remove("test_grad_and_val")
+
+
+def test_priorities_or_weights_that_cannot_reach_a_custom_objectives_term_are_named(custom_term_objective):
+    # they are given for (gradient, loss_decrease, gen_gap): a term of another name was weighted 1.0 silently
+    for kwargs in ({"weighting": "fixed", "fixed_weights": [1.0, 0.0, 0.0]},
+                   {"weighting": "huw_priority", "priorities": [1.0, 5.0, 5.0]}):
+        with pytest.warns(UserWarning, match=r"are given for the terms \('gradient', 'loss_decrease', 'gen_gap'\); "
+                                             r"the objective's term\(s\) \['val_loss'\] are not among them"):
+            MetaAdamW(mlp(0).named_parameters(), objective=custom_term_objective, **kwargs, **small_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults: nothing to say
+        MetaAdamW(mlp(0).named_parameters(), objective=custom_term_objective, weighting="huw_priority", **small_kwargs())
+
+
 @pytest.mark.parametrize("flag", ["amsgrad", "maximize", "capturable", "differentiable", "fused"])
+
+
 def test_adamw_flags_other_than_their_defaults_are_refused_by_name(flag):
     with pytest.raises(ValueError, match=f"^{flag}=True is not supported: .*; leave {flag}="):
         MetaAdamW(mlp(0).parameters(), grouping="original", **{flag: True})

@@ -13,7 +13,8 @@ import torch
 import metaadamw
 from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS, MetaAdamW, Registry, UnknownComponentError
 from metaadamw.features import FeatureExtractor
-from tests.metaadamw.helpers import TinyConvNet, TinyTransformer, conv_batches, conv_loss, lm_batches, lm_loss, small_kwargs
+from tests.metaadamw.helpers import (TinyConvNet, TinyTransformer, conv_batches, conv_loss, lm_batches, lm_loss, mlp, mse,
+                                     regression_batches, small_kwargs)
 
 
 def test_registry_is_a_dict_behind_a_decorator():
@@ -79,6 +80,61 @@ def test_user_feature_extractor_end_to_end(custom_extractor):
     lm_loss(model, batches[0]).backward()
     opt.step()
     assert not opt.meta_step(model, lm_loss, *batches).skipped
+
+
+def test_mistakes_in_a_user_feature_extractor_are_named():
+    # a class that is not a FeatureExtractor failed with AttributeError: 'width'; a statistic read but not
+    # declared with a bare KeyError; one column too many with second_moment=True was taken as v_norm
+    class Plain:
+        def __init__(self, layout, **kwargs):
+            pass
+
+    class Undeclared(FeatureExtractor):
+        stats = ("grad_norm",)
+
+        def columns(self):
+            return ["grad_norm", "param_norm"]
+
+        def statistics(self, stats):
+            return self.group_mean(torch.stack([stats["grad_norm"], stats["param_norm"]], 1))
+
+    class OneTooMany(FeatureExtractor):
+        stats = ("grad_norm", "cos")
+
+        def columns(self):
+            return ["grad_norm"]
+
+        def statistics(self, stats):
+            return self.group_mean(torch.stack([stats["grad_norm"], stats["cos"]], 1))
+
+    model = mlp(0)
+    batch = regression_batches(1)[0]
+    try:
+        FEATURES.add("test_plain", Plain)
+        with pytest.raises(ValueError, match=r"features 'test_plain' gave .*Plain.*, which is not a feature extractor: "
+                                             r"subclass metaadamw.features.FeatureExtractor"):
+            MetaAdamW(model.named_parameters(), features="test_plain", **small_kwargs())
+        for name, cls, message in (
+                ("test_undeclared", Undeclared, r"Undeclared.statistics\(\) read stats\['param_norm'\], which its "
+                                                r"stats = \('grad_norm',\) does not declare.*Add 'param_norm' to "
+                                                r"Undeclared.stats"),
+                ("test_one_too_many", OneTooMany, r"OneTooMany.statistics\(\) returned a tensor of shape \(\d+, 2\); "
+                                                  r"expected \(\d+, 1\)")):
+            FEATURES.add(name, cls)
+            opt = MetaAdamW(model.named_parameters(), features=name, modulator_heads=1, **small_kwargs())
+            mse(model, batch).backward()
+            with pytest.raises(ValueError, match=message):
+                opt.step()
+            model.zero_grad()
+    finally:
+        for name in ("test_plain", "test_undeclared", "test_one_too_many"):
+            FEATURES.remove(name)
+
+
+def test_an_unknown_name_that_is_not_a_string_gets_a_placeholder_in_the_registration_example():
+    with pytest.raises(KeyError) as err:
+        FEATURES.get(None)
+    assert '@FEATURES.register("<name>")' in str(err.value) and '"None"' not in str(err.value)
 
 
 def _fake_distribution(site, name: str, entry_points: str) -> None:
@@ -272,7 +328,7 @@ def test_a_feature_extractor_whose_statistics_do_not_match_its_columns_is_named(
 
     try:
         with pytest.raises(ValueError, match=r"OffByOne.statistics\(\) returned a tensor of shape \(\d+, 1\); "
-                                             r"expected \(\d+, 2\).*\['grad_norm', 'twice'\] \(or 3, ending with the v_norm"):
+                                             r"expected \(\d+, 2\).*\['grad_norm', 'twice'\]$"):
             _meta_step_with(features="test_off_by_one")
     finally:
         FEATURES.remove("test_off_by_one")
