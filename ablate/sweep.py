@@ -889,7 +889,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                 ),
             )
             try:
-                tuner.fit()
+                with ray_tune_quiet():
+                    tuner.fit()
             except Exception:  # (Ray wraps the callback's error in a TuneError of some 80 lines)
                 if recorder.write_error is None:
                     raise
@@ -1097,6 +1098,23 @@ def _shutdown_ray_within(seconds: float) -> None:
         worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
         worker.start()
         worker.join(seconds)
+
+
+@contextlib.contextmanager
+def ray_tune_quiet() -> Iterator[None]:
+    """Ray Tune's console output off while ``Tuner.fit`` runs: ``verbose=0`` still prints its
+    experiment box and "View detailed results here: OUT/<name>/ray/...", a folder emptied once
+    every trial is stored (ablate prints its own progress and says where the results are). The
+    variable is restored afterwards (a caller's own Ray Tune runs in this process keep theirs)."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, silent at verbose=0
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 @contextlib.contextmanager

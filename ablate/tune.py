@@ -1310,12 +1310,12 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
             callbacks=[progress], verbose=0,
         ),
     )
-    from ablate.sweep import exit_on_sigterm
+    from ablate.sweep import exit_on_sigterm, ray_tune_quiet
 
     try:
         with exit_on_sigterm(lambda: f"target {target.key}: {progress.done} suggestion(s) finished and are stored in "
                                      f"the Optuna study, the unfinished ones are marked FAIL; run the same command "
-                                     f"again to continue", on_exit=searcher.fail_unfinished):
+                                     f"again to continue", on_exit=searcher.fail_unfinished), ray_tune_quiet():
             tuner.fit()
     finally:
         interrupted = searcher.fail_unfinished()
