@@ -490,8 +490,23 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
 CARRIED_V_DTYPES = (torch.float32, torch.float64)
 
 
+def _foreach_norm_takes_dtype() -> bool:
+    try:
+        torch._foreach_norm([torch.zeros(1, dtype=torch.bfloat16)], 1, dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+#: ``torch._foreach_norm(..., dtype=)`` (recent torch): one call for every tensor's sum
+FOREACH_NORM_DTYPE = _foreach_norm_takes_dtype()
+
+
 def measured_v_sum(exp_avg_sqs: list[Tensor]) -> Tensor:
-    """sum(v) per tensor, read from the tensors (accumulated in float32: a float16 sum can overflow)."""
+    """sum(v) per tensor, read from the tensors (v >= 0: its L1 norm), accumulated in float32 (a
+    float16 sum can overflow)."""
+    if FOREACH_NORM_DTYPE:
+        return torch.stack(torch._foreach_norm(exp_avg_sqs, 1, dtype=torch.float32))
     return torch.stack([torch.linalg.vector_norm(v, 1, dtype=torch.float32) for v in exp_avg_sqs])
 
 

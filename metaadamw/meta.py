@@ -141,20 +141,45 @@ def twice_differentiable_kernels(device: torch.device) -> Iterator[None]:
         yield
 
 
+@dataclasses.dataclass
+class _Saved:
+    """A tensor a forward pass may change, as it was: a buffer (which a module may also replace by
+    another tensor in ``holder``, its module's ``_buffers``) or a weight written in place. (Version
+    counters cannot tell which changed: BatchNorm's kernels update their running statistics
+    without moving them.)"""
+
+    holder: dict[str, Tensor | None] | None
+    name: str
+    tensor: Tensor
+    value: Tensor
+
+    @classmethod
+    def of(cls, tensor: Tensor, holder: dict[str, Tensor | None] | None = None, name: str = "",
+           value: Tensor | None = None) -> "_Saved":
+        return cls(holder, name, tensor, tensor.detach().clone() if value is None else value)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.holder is not None and self.holder.get(self.name) is not self.tensor:
+            self.holder[self.name] = self.tensor  # the module replaced it: its own tensor back
+        self.tensor.copy_(self.value)
+
+
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running statistics, counters) to its value on entry, and the
-    weights that a forward pass writes in place: those of embeddings with ``max_norm``, whose
-    looked-up rows are renormalised (the other parameters are never written)."""
-    renormed = [m.weight for m in model.modules()
-                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
-    saved = [(b, b.detach().clone()) for b in list(model.buffers()) + renormed]
+def preserved_state(model: nn.Module) -> Iterator[list[_Saved]]:
+    """Restore every buffer (BatchNorm running statistics, counters, power-iteration vectors) to
+    its tensor and value on entry - also one a module replaced by another tensor - and the weights
+    that a forward pass writes in place: those of embeddings with ``max_norm``, whose looked-up rows
+    are renormalised (the other parameters are never written). Yields what it saved."""
+    saved = [_Saved.of(b, m._buffers, name) for m in model.modules() for name, b in m._buffers.items()
+             if b is not None]
+    saved += [_Saved.of(m.weight) for m in model.modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
     try:
-        yield
+        yield saved
     finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+        for s in saved:
+            s.restore()
 
 
 class _ForwardReplay:
@@ -165,14 +190,21 @@ class _ForwardReplay:
     the gradient that the division by the tiny step turns into a wrong Hessian-vector product (off
     by a factor of 37-375 in float64, measured). ``replay()`` rewinds the stream and the buffers
     to the captured state; ``resume()`` returns the stream to where it was before the replay (the
-    buffers are restored by :func:`preserved_state` when the meta-update ends)."""
+    buffers are restored by :func:`preserved_state` when the meta-update ends). ``entry``: what
+    :func:`preserved_state` saved; a buffer still equal to it is replayed from that copy (a large
+    constant buffer is not copied again)."""
 
-    def __init__(self, device: torch.device, model: nn.Module):
+    def __init__(self, device: torch.device, entry: list[_Saved]):
         self._module = torch.get_device_module(device) if device.type != "cpu" else None
         self._device = device
         self._states = self._get()
         self._after: tuple[Tensor, Tensor | None] | None = None
-        self._buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self._buffers = []
+        for s in entry:
+            now = s.holder.get(s.name) if s.holder is not None else None
+            if now is not None:
+                value = s.value if now is s.tensor and torch.equal(now, s.value) else None
+                self._buffers.append(_Saved.of(now, s.holder, s.name, value))
 
     def _get(self) -> tuple[Tensor, Tensor | None]:
         device_state = None
@@ -188,9 +220,8 @@ class _ForwardReplay:
     def replay(self) -> None:
         self._after = self._get()
         self._set(self._states)
-        with torch.no_grad():
-            for b, value in self._buffers:
-                b.copy_(value)
+        for s in self._buffers:
+            s.restore()
 
     def resume(self) -> None:
         assert self._after is not None
@@ -230,7 +261,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
     if not trainable:
         raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to meta-train for")
-    with preserved_state(model), torch.enable_grad():
+    with preserved_state(model) as entry, torch.enable_grad():
         # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
         if batch1 is None:
             grads = [params[i].grad for i in trainable]
@@ -302,7 +333,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             f"what batch 1 trains.")
         q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
                            lambda2=lambda2, loss_val=loss_val)
-        replay = None if exact or not objective.second_order else _ForwardReplay(opt.device, model)
+        replay = None if exact or not objective.second_order else _ForwardReplay(opt.device, entry)
         g_prime = g_val = None
         with swapped_parameters(model, swap, names):
             if need_train:

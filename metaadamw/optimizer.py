@@ -550,6 +550,22 @@ class MetaAdamW(torch.optim.Optimizer):
         seen = self._versions if plan.all_active else [self._versions[i] for i in plan.indices]
         return seen != now and any(s is not None and s != c for s, c in zip(seen, now))
 
+    def _carry_holds(self) -> bool:
+        """Whether the carried norms describe the moments as they are now (what a checkpoint or a copy
+        records: the moments it holds are new tensors, whose later changes are watched afresh)."""
+        if not self._carry_valid:
+            return False
+        now = self._versions_now()
+        return not any(s is not None and c is not None and s != c for s, c in zip(self._versions, now))
+
+    def _versions_now(self) -> list[tuple[int, int] | None]:
+        """Per tensor, the version counters of its moments now (None without moments, or for inference tensors)."""
+        out: list[tuple[int, int] | None] = []
+        for st in map(self.state.get, self._params):
+            got = F.versions([st["exp_avg"]], [st["exp_avg_sq"]]) if st and "exp_avg" in st else None
+            out.append(got[0] if got else None)
+        return out
+
     def _record_versions(self, plan: "_Plan") -> None:
         """The version counters of the moments whose norms this step carries (see :meth:`_moments_edited`)."""
         now = F.versions(plan.exp_avgs, plan.exp_avg_sqs)
@@ -837,7 +853,7 @@ class MetaAdamW(torch.optim.Optimizer):
             "weighting": self.weighting.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "carry": {k: v.clone() for k, v in self._carry.items()},
-            "carry_valid": self._carry_valid,
+            "carry_valid": self._carry_holds(),
             "stats": {k: v.clone() for k, v in self._stats.items()},
             "has_stats": list(self._has_stats),
             "multipliers": None if self._multipliers is None else dataclasses.asdict(self._multipliers),
@@ -996,7 +1012,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.global_step = global_step
         self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
         self._carried = self._carried_now()  # (the loaded moments are new tensors)
-        self._versions = [None] * len(self._params)
+        self._versions = self._versions_now()
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
 
@@ -1064,7 +1080,7 @@ class MetaAdamW(torch.optim.Optimizer):
     #: what torch.optim.Optimizer leaves out of its pickled state (hooks are not state; the plan
     #: is a cache of views into the state and is rebuilt by the next step; a copy has no model:
     #: groups added to it later need names of their own)
-    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_versions", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
@@ -1073,8 +1089,10 @@ class MetaAdamW(torch.optim.Optimizer):
         # MetaAdamW also needs its modulator, weighting, meta-optimizer, layout and counters
         # (an instance attribute that shadows a method is a wrapper put there by someone else: an LR
         # scheduler wraps step(); torch.optim does not pickle it, and a copy of it would step the original)
-        return {k: v for k, v in self.__dict__.items()
-                if k not in self._NOT_PICKLED and not callable(getattr(type(self), k, None))}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in self._NOT_PICKLED and not callable(getattr(type(self), k, None))}
+        state["_carry_valid"] = self._carry_holds()  # (moments changed in place since: the copy recomputes them)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
@@ -1086,7 +1104,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._plan = None
         self._live = None  # (the features' live tensors: recomputed with the plan)
         self._carried = self._carried_now()  # (weak references are not pickled)
-        self._versions = [None] * len(self._params)  # (the copy's moments are new tensors)
+        self._versions = self._versions_now()  # (the copy's moments are new tensors)
         self.__dict__.setdefault("_has_stats", ["exp_avg" in self.state.get(p, ()) for p in self._params])
         self._model_ref = None
 

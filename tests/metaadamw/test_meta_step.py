@@ -377,6 +377,44 @@ def test_finite_difference_replays_buffers_that_a_forward_pass_updates_and_reads
     assert exact.norm() > 1e-3 and (exact - approx).norm() / exact.norm() < 1e-3
 
 
+class _ReplacingSpectralNorm(nn.Module):
+    """Spectral normalisation whose power iteration replaces its buffer (``self.u = ...``) instead of
+    writing it in place."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.lin = nn.Linear(i, o)
+        self.register_buffer("u", nn.functional.normalize(torch.randn(o), dim=0))
+
+    def forward(self, x):
+        w = self.lin.weight
+        if self.training:
+            with torch.no_grad():
+                self.u = nn.functional.normalize(w @ nn.functional.normalize(w.t() @ self.u, dim=0), dim=0)
+        v = nn.functional.normalize(w.t() @ self.u, dim=0)
+        return nn.functional.linear(x, w / (self.u @ w @ v), self.lin.bias)
+
+
+def test_buffers_a_forward_pass_replaces_are_replayed_and_restored():
+    # copy_ into the tensor a module had replaced left the finite difference 49x off, and the model's
+    # buffer changed by the meta-update
+    def make_model():
+        return nn.Sequential(_ReplacingSpectralNorm(6, 16), nn.Tanh(), _ReplacingSpectralNorm(16, 1)).double().train()
+
+    batches = [(x.double(), y.double()) for x, y in regression_batches(3)]
+    exact = _meta_gradient(make_model, mse, batches, "exact")
+    approx = _meta_gradient(make_model, mse, batches, "finite_difference")
+    assert exact.norm() > 1e-3 and (exact - approx).norm() / exact.norm() < 1e-3
+
+    model = make_model()
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    _step(model, opt, batches[0])
+    held = [(m._buffers["u"], m._buffers["u"].clone()) for m in (model[0], model[2])]
+    opt.meta_step(model, mse, *batches)
+    for m, (u, value) in zip((model[0], model[2]), held):
+        assert m._buffers["u"] is u and torch.equal(u, value)  # the module's own tensor, with its value
+
+
 def test_meta_step_adds_no_entries_to_the_optimizers_state():
     # before the first step(), or for a tensor without moments yet, it inserted empty entries (opt.state
     # is a defaultdict): state_dict() changed, and the next step rebuilt its plan

@@ -119,7 +119,8 @@ def test_mistakes_in_a_user_feature_extractor_are_named():
                                                 r"stats = \('grad_norm',\) does not declare.*Add 'param_norm' to "
                                                 r"Undeclared.stats"),
                 ("test_one_too_many", OneTooMany, r"OneTooMany.statistics\(\) returned a tensor of shape \(\d+, 2\); "
-                                                  r"expected \(\d+, 1\)")):
+                                                  r"expected \(\d+, 1\).*If its last column is the group mean of "
+                                                  r"v_norm, set includes_v_norm = True on the class")):
             FEATURES.add(name, cls)
             opt = MetaAdamW(model.named_parameters(), features=name, modulator_heads=1, **small_kwargs())
             mse(model, batch).backward()
