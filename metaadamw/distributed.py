@@ -8,8 +8,9 @@ a process group of more than one rank is initialised):
 * when the optimizer is made, every rank takes rank 0's modulator and weighting (as DDP takes
   rank 0's model when it wraps it), whatever seed each rank used - or, for an optimizer made
   before ``init_process_group``, at its first ``step()`` or ``meta_step`` (one that stepped
-  before is refused: its replicas may differ already). The ranks must optimise the same
-  tensors in the same groups: a difference is refused on every rank;
+  before is refused on every rank: its replicas may differ already). The ranks must optimise
+  the same tensors (names, shapes, dtypes, param groups) in the same groups: a difference is
+  refused on every rank;
 * every meta-update averages the meta-gradients over the ranks (one all-reduce of one flat
   buffer) before the meta-optimizer's step; a rank whose meta-loss is not finite contributes
   NaN, so that every rank skips that meta-update together.
@@ -20,6 +21,8 @@ broadcast the buffers and prepare its gradient reducer at each of them.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -47,20 +50,35 @@ def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
                 t.copy_(part.view_as(t))
 
 
-def check_same_layout(tensors: list[Tensor], what: str, optimized: list[int] = ()) -> None:
+def layout_fingerprint(items: list) -> int:
+    """A 32-bit checksum of a layout's ``repr`` (exact in the float64 vector the ranks compare)."""
+    return zlib.crc32(repr(items).encode())
+
+
+def check_same_layout(tensors: list[Tensor], what: str, optimized: list[int] = (), stepped: bool = False) -> None:
     """Raise on every rank unless all ranks hold the same number of tensors with the same total
     size (the collectives below assume it; a mismatch would otherwise hang or mix values), and the
-    same ``optimized`` layout ([tensors, elements, groups] of the optimizer: a rank optimising
-    other parameters would average meta-gradients of other groups into one modulator)."""
-    mine = torch.tensor([len(tensors), sum(t.numel() for t in tensors), *optimized], dtype=torch.float64,
-                        device=tensors[0].device if tensors else None)
+    same ``optimized`` layout ([tensors, elements, groups, fingerprint of shapes and groups] of the
+    optimizer: a rank optimising other parameters would average meta-gradients of other groups
+    into one modulator). ``stepped``: this rank's optimizer stepped before the process group
+    existed, which is refused on every rank (an error raised on one rank alone would leave the
+    others waiting in their next collective)."""
+    mine = torch.tensor([len(tensors), sum(t.numel() for t in tensors), *optimized, float(stepped)],
+                        dtype=torch.float64, device=tensors[0].device if tensors else None)
     low, high = mine.clone(), mine.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if high[-1] > 0:
+        raise RuntimeError(
+            f"MetaAdamW(sync_meta=True): {'this optimizer' if stepped else 'the optimizer of another rank'} stepped "
+            f"before torch.distributed's process group of {dist.get_world_size()} ranks existed, each rank with its own "
+            f"modulator, so the ranks' multipliers - and their replicas - may already differ. Make the optimizer after "
+            f"init_process_group (or pass sync_meta=False to keep one modulator per rank)")
     if not torch.equal(low, high):
-        names = ["modulator tensors", "modulator elements", "optimized tensors", "optimized elements", "groups"]
+        names = ["modulator tensors", "modulator elements", "optimized tensors", "optimized elements", "groups",
+                 "fingerprint of the optimized tensors' names, shapes and groups"]
         differ = [f"{name} {int(mine[k])} on rank {dist.get_rank()}, {int(low[k])}..{int(high[k])} over the ranks"
-                  for k, name in enumerate(names[:len(mine)]) if low[k] != high[k]]
+                  for k, name in enumerate(names[:len(mine) - 1]) if low[k] != high[k]]
         raise ValueError(f"MetaAdamW(sync_meta=True): the ranks built different {what} ({'; '.join(differ)}): give "
                          f"every rank the same model, param groups and options")
 

@@ -92,7 +92,9 @@ class MetaAdamW(torch.optim.Optimizer):
             with DistributedDataParallel): every rank starts from rank 0's modulator and every
             meta-update averages the meta-gradients over the ranks, so that the replicas keep
             one modulator and get the same multipliers (see :mod:`metaadamw.distributed`). Make the
-            optimizer on every rank. False: each rank trains its own modulator.
+            optimizer on every rank. False: each rank trains its own modulator, and under DDP the
+            replicas then drift apart (their multipliers differ) unless every rank meta-steps on
+            the same batches.
 
     AdamW's own flags ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` and ``fused``
     are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
@@ -291,6 +293,10 @@ class MetaAdamW(torch.optim.Optimizer):
                "MetaAdamW got parameters on the 'meta' device, which have no values: its modulator and statistics "
                "need real tensors. Materialise the model first (model.to_empty(device=...) and initialise its "
                "weights, or load them), then build the optimizer")
+        sharded = sorted({type(p).__name__ for p in params if type(p).__name__ in ("DTensor", "FlatParameter")})
+        _check(not sharded, f"MetaAdamW got sharded parameters ({', '.join(sharded)}: FSDP's), which it does not "
+                            f"support: each rank would see the statistics of its shard only, and its updates cannot "
+                            f"take sharded tensors. Use DistributedDataParallel (or train without sharding)")
         for p in params:
             _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
                                        "(torch.view_as_real) first")
@@ -465,6 +471,7 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def _step(self) -> None:
         self._check_tensors_unchanged()
+        self._ensure_meta_synced()  # (an optimizer made before the process group: at its first step there)
         grads = [p.grad for p in self._params]
         active = tuple(g is not None for g in grads)
         if not any(active):
@@ -637,22 +644,20 @@ class MetaAdamW(torch.optim.Optimizer):
         world = D.world_size(self.sync_meta)
         if world <= 1 or self._synced_world == world:
             return
-        if (self.global_step, self.meta_updates) != self._unsynced_from:  # (a checkpoint loaded on every rank is fine)
-            raise RuntimeError(
-                f"MetaAdamW(sync_meta=True): this optimizer stepped before torch.distributed's process group of "
-                f"{world} ranks existed, each rank with its own modulator, so the ranks' multipliers - and their "
-                f"replicas - may already differ. Make the optimizer after init_process_group (or pass sync_meta=False "
-                f"to keep one modulator per rank)")
+        stepped = (self.global_step, self.meta_updates) != self._unsynced_from  # (a checkpoint loaded on every rank is fine)
         meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
                       *self.weighting.buffers()]
-        layout = [len(self._params), sum(p.numel() for p in self._params), len(self.group_names)]
-        D.check_same_layout(meta_state, "modulators", layout)
+        fingerprint = D.layout_fingerprint(
+            [(t.name, tuple(p.shape), str(p.dtype), g, t.param_group) for p, g, t in zip(self._params, self._group_of,
+                                                                                          self.tensor_info)]
+            + list(self.group_names))
+        layout = [len(self._params), sum(p.numel() for p in self._params), len(self.group_names), fingerprint]
+        D.check_same_layout(meta_state, "modulators", layout, stepped=stepped)  # (refused on every rank alike)
         D.broadcast_(meta_state)
         self._synced_world = world
 
     def _make_plan(self, active: tuple[bool, ...]) -> "_Plan":
         """Group the active tensors into buckets (param_group x modulator group x step count)."""
-        self._ensure_meta_synced()  # (a made-before-the-process-group optimizer's first step: see there)
         indices = [i for i, a in enumerate(active) if a]
         self._restart_reset_moments(indices)
         carried = self._carried

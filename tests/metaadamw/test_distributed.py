@@ -32,11 +32,14 @@ def _batches(rank: int):
     return b[3 * rank: 3 * rank + 3]
 
 
-def _make(seed: int, subset: bool = False, **kwargs):
+def _make(seed: int, subset: bool = False, layer: int | None = None, **kwargs):
+    """``subset``: all tensors but the last; ``layer``: only those of that Linear layer (of three alike)."""
     torch.manual_seed(0)
-    model = mlp(0)
+    model = mlp(0) if layer is None else mlp(0, widths=(6, 16, 16, 16, 1))
     torch.manual_seed(seed)  # the modulator's initialisation
     params = list(model.named_parameters())[:-1] if subset else model.named_parameters()
+    if layer is not None:
+        params = [(n, p) for n, p in params if n.startswith(f"{layer}.")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = MetaAdamW(params, model=model, meta_lr=META_LR, **small_kwargs(**kwargs))
@@ -51,9 +54,11 @@ def _loopback() -> str | None:
 def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     """One rank. ``scenario``: "sync" (the default), "nosync" (sync_meta=False), "poison" (rank 1's
     validation targets are NaN: its meta-loss is not finite), "mismatch" (rank 1 builds a deeper
-    modulator), "subset" (rank 1 optimises one tensor fewer), "late" (the optimizer is made
-    before the process group), "late_stepped" (made and stepped before it) or "late_loaded" (made
-    and loaded from one checkpoint before it)."""
+    modulator), "subset" (rank 1 optimises one tensor fewer), "other_layer" (each rank optimises
+    another layer of the same shapes), "late" (the optimizer is made before the process group),
+    "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
+    alone), "late_stepped_rank0" (rank 0 alone stepped before it) or "late_loaded" (made and
+    loaded from one checkpoint before it)."""
     if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
     kwargs = {"sync_meta": scenario != "nosync"}
@@ -61,9 +66,12 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         kwargs["modulator_layers"] = 2
     if scenario == "subset" and rank == 1:
         kwargs["subset"] = True
+    if scenario == "other_layer":
+        kwargs["layer"] = 2 + 2 * rank
     early = _make(100 + rank, **kwargs) if scenario.startswith("late") else None
-    if scenario in ("late_stepped", "late_loaded"):
-        stepped = early if scenario == "late_stepped" else _make(7)  # late_loaded: the same checkpoint on every rank
+    if scenario in ("late_stepped", "late_stepped_steps", "late_loaded") or (scenario == "late_stepped_rank0"
+                                                                            and rank == 0):
+        stepped = early if scenario != "late_loaded" else _make(7)  # late_loaded: the same checkpoint on every rank
         mse(stepped[0], _batches(0 if scenario == "late_loaded" else rank)[0]).backward()
         stepped[1].step()
         stepped[1].zero_grad()
@@ -87,6 +95,10 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         mse(ddp, train).backward()  # DDP averages the gradients
         grads = [p.grad.clone() for p in model.parameters()]
         try:
+            if scenario == "late_stepped_steps":  # training goes on with step() alone: refused there
+                opt.step()
+                torch.save({"error": "step() did not refuse it"}, f"{out}/rank{rank}.pt")
+                return
             record = opt.meta_step(ddp, mse, None, b2, val)  # each rank on its own batches
         except RuntimeError as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
@@ -214,8 +226,19 @@ def test_an_optimizer_that_loaded_a_checkpoint_before_the_process_group_is_not_r
             assert torch.equal(a, b), key
 
 
-def test_an_optimizer_that_stepped_before_the_process_group_is_refused(tmp_path):
-    ranks = _run(tmp_path, "late_stepped")
-    for r in ranks:
-        assert "stepped before torch.distributed's process group of 2 ranks existed" in r["error"], r["error"]
+@pytest.mark.parametrize("scenario", ["late_stepped", "late_stepped_steps", "late_stepped_rank0"])
+def test_an_optimizer_that_stepped_before_the_process_group_is_refused_on_every_rank(tmp_path, scenario):
+    # with step() alone after it, the cached step plan skipped the check and the replicas drifted apart; when
+    # one rank alone had stepped, it alone raised and the other waited in a collective until the timeout
+    ranks = _run(tmp_path, scenario)
+    for rank, r in enumerate(ranks):
+        who = "the optimizer of another rank" if scenario == "late_stepped_rank0" and rank == 1 else "this optimizer"
+        assert f"{who} stepped before torch.distributed's process group of 2 ranks existed" in r["error"], r["error"]
         assert "Make the optimizer after init_process_group" in r["error"]
+
+
+def test_ranks_optimising_different_tensors_of_the_same_shapes_are_refused_on_every_rank(tmp_path):
+    # counts and sizes agreed: one modulator was trained on the mean meta-gradient of different layers
+    ranks = _run(tmp_path, "other_layer")
+    for r in ranks:
+        assert "the ranks built different modulators (fingerprint of the optimized tensors' names" in r["error"], r["error"]

@@ -1519,6 +1519,17 @@ def test_a_param_group_asking_for_adams_coupled_weight_decay_is_refused():
     opt.add_param_group({"params": biases, "decoupled_weight_decay": False, "weight_decay": 0.0})
 
 
+def test_sharded_parameters_of_fsdp_are_refused_when_the_optimizer_is_made():
+    # FSDP2's DTensors failed later, inside meta_step and step(), with DTensor sharding errors. (A stand-in
+    # class of the same name: a real DTensor needs a process group and a device mesh.)
+    class DTensor(nn.Parameter):
+        pass
+
+    with pytest.raises(ValueError, match=r"sharded parameters \(DTensor: FSDP's\), which it does not support.*"
+                                         r"Use DistributedDataParallel"):
+        MetaAdamW([DTensor(torch.zeros(3))], grouping="original")
+
+
 def test_parameters_on_the_meta_device_are_refused_until_materialised():
     with torch.device("meta"):
         model = mlp(0)
