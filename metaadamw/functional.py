@@ -503,11 +503,12 @@ FOREACH_NORM_DTYPE = _foreach_norm_takes_dtype()
 
 
 def measured_v_sum(exp_avg_sqs: list[Tensor]) -> Tensor:
-    """sum(v) per tensor, read from the tensors (v >= 0: its L1 norm), accumulated in float32 (a
-    float16 sum can overflow)."""
-    if FOREACH_NORM_DTYPE:
+    """sum(v) per tensor as a float32 vector, read from the tensors (v >= 0: its L1 norm),
+    accumulated in float32 or wider (a float16 sum can overflow; float64 is not narrowed)."""
+    if FOREACH_NORM_DTYPE and all(v.dtype != torch.float64 for v in exp_avg_sqs):
         return torch.stack(torch._foreach_norm(exp_avg_sqs, 1, dtype=torch.float32))
-    return torch.stack([torch.linalg.vector_norm(v, 1, dtype=torch.float32) for v in exp_avg_sqs])
+    return torch.stack([torch.linalg.vector_norm(v, 1, dtype=torch.promote_types(v.dtype, torch.float32)).float()
+                        for v in exp_avg_sqs])
 
 
 def _zero_fraction(tensors: list[Tensor], foreach: bool, coefs: dict[str, Tensor] | None = None) -> Tensor:

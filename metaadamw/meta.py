@@ -19,8 +19,9 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
 
 * ``"finite_difference"`` (default): ``(grad L(theta' + eps v; batch2) - g') / eps`` with the step
   of matrix-free Newton methods, ``eps = sqrt(machine eps) (1 + ||theta'||) / ||v||``, the extra
-  forward pass replaying the random stream and the buffers of the g' pass (same dropout masks, the
-  same power-iteration vectors of ``spectral_norm``). Five forward and
+  forward pass replaying the random stream of the g' pass (same dropout masks) and starting, as
+  every pass does, from the model's buffers on entry (the same power-iteration vectors of
+  ``spectral_norm``). Five forward and
   four backward passes for ``combined`` (four and three when g comes from ``.grad``), no
   second-order graph.
 * ``"exact"``: g' is computed with ``create_graph=True`` and H v comes out of the double backward
@@ -141,70 +142,57 @@ def twice_differentiable_kernels(device: torch.device) -> Iterator[None]:
         yield
 
 
-@dataclasses.dataclass
-class _Saved:
-    """A tensor a forward pass may change, as it was: a buffer (which a module may also replace by
-    another tensor in ``holder``, its module's ``_buffers``) or a weight written in place. (Version
-    counters cannot tell which changed: BatchNorm's kernels update their running statistics
-    without moving them.)"""
+class ModelState:
+    """What a forward pass may change in a model besides its parameters, as it was when made:
+    every buffer (BatchNorm running statistics, counters, power-iteration vectors) and which
+    buffers each module holds (a buffer a forward pass replaces by another tensor, fills in from
+    None or registers is put back as it was), and the weights a forward pass writes in place:
+    those of embeddings with ``max_norm``, whose looked-up rows are renormalised (the other
+    parameters are never written). :meth:`restore` writes every value back (version counters
+    cannot tell what changed: BatchNorm's kernels update their running statistics without moving
+    them); a tensor held by several modules is saved and written once."""
 
-    holder: dict[str, Tensor | None] | None
-    name: str
-    tensor: Tensor
-    value: Tensor
-
-    @classmethod
-    def of(cls, tensor: Tensor, holder: dict[str, Tensor | None] | None = None, name: str = "",
-           value: Tensor | None = None) -> "_Saved":
-        return cls(holder, name, tensor, tensor.detach().clone() if value is None else value)
+    def __init__(self, model: nn.Module):
+        self._holders = [(m, dict(m._buffers)) for m in model.modules()]
+        tensors = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
+        tensors.update({id(m.weight): m.weight for m in model.modules()
+                        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None})
+        self._values = [(t, t.detach().clone()) for t in tensors.values()]
 
     @torch.no_grad()
     def restore(self) -> None:
-        if self.holder is not None and self.holder.get(self.name) is not self.tensor:
-            self.holder[self.name] = self.tensor  # the module replaced it: its own tensor back
-        self.tensor.copy_(self.value)
+        for module, held in self._holders:
+            now = module._buffers
+            if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
+                for name in [k for k in now if k not in held]:  # registered by a forward pass
+                    del now[name]
+                    module._non_persistent_buffers_set.discard(name)
+                now.update(held)
+        for t, value in self._values:
+            t.copy_(value)
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[list[_Saved]]:
-    """Restore every buffer (BatchNorm running statistics, counters, power-iteration vectors) to
-    its tensor and value on entry - also one a module replaced by another tensor - and the weights
-    that a forward pass writes in place: those of embeddings with ``max_norm``, whose looked-up rows
-    are renormalised (the other parameters are never written). Yields what it saved."""
-    saved = [_Saved.of(b, m._buffers, name) for m in model.modules() for name, b in m._buffers.items()
-             if b is not None]
-    saved += [_Saved.of(m.weight) for m in model.modules()
-              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+def preserved_state(model: nn.Module) -> Iterator[ModelState]:
+    """The model's :class:`ModelState` on entry, restored on exit (the meta-update's passes change
+    nothing the caller sees); yielded, for passes that must start from it too."""
+    state = ModelState(model)
     try:
-        yield saved
+        yield state
     finally:
-        for s in saved:
-            s.restore()
+        state.restore()
 
 
-class _ForwardReplay:
-    """Replays what a forward pass starts from besides the parameters: the random stream (dropout
-    masks) and the model's buffers, so that the finite-difference gradient is taken as g' was.
-    Buffers that a forward pass both updates and reads (the power iteration of ``spectral_norm``
-    in train mode) would otherwise differ between the two passes by one more update, a change in
-    the gradient that the division by the tiny step turns into a wrong Hessian-vector product (off
-    by a factor of 37-375 in float64, measured). ``replay()`` rewinds the stream and the buffers
-    to the captured state; ``resume()`` returns the stream to where it was before the replay (the
-    buffers are restored by :func:`preserved_state` when the meta-update ends). ``entry``: what
-    :func:`preserved_state` saved; a buffer still equal to it is replayed from that copy (a large
-    constant buffer is not copied again)."""
+class _RngReplay:
+    """Replays the random stream of a forward pass (dropout masks), so that the finite-difference
+    gradient is taken with the same masks as g'. ``replay()`` rewinds to the captured state;
+    ``resume()`` returns to where the stream was before the replay."""
 
-    def __init__(self, device: torch.device, entry: list[_Saved]):
+    def __init__(self, device: torch.device):
         self._module = torch.get_device_module(device) if device.type != "cpu" else None
         self._device = device
         self._states = self._get()
         self._after: tuple[Tensor, Tensor | None] | None = None
-        self._buffers = []
-        for s in entry:
-            now = s.holder.get(s.name) if s.holder is not None else None
-            if now is not None:
-                value = s.value if now is s.tensor and torch.equal(now, s.value) else None
-                self._buffers.append(_Saved.of(now, s.holder, s.name, value))
 
     def _get(self) -> tuple[Tensor, Tensor | None]:
         device_state = None
@@ -220,8 +208,6 @@ class _ForwardReplay:
     def replay(self) -> None:
         self._after = self._get()
         self._set(self._states)
-        for s in self._buffers:
-            s.restore()
 
     def resume(self) -> None:
         assert self._after is not None
@@ -261,7 +247,12 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
     if not trainable:
         raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to meta-train for")
-    with preserved_state(model) as entry, torch.enable_grad():
+    # every pass starts from the model's state on entry (buffers a pass both updates and reads, like
+    # spectral_norm's power iteration in train mode, would otherwise differ between them by the passes
+    # before: between g' and the finite-difference pass, a change the division by the tiny step turned
+    # into a Hessian-vector product 37-375x off in float64), except a pass after one whose graph is
+    # still held (the exact path's passes at theta'), whose saved tensors may not be written
+    with preserved_state(model) as state, torch.enable_grad():
         # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
         if batch1 is None:
             grads = [params[i].grad for i in trainable]
@@ -280,7 +271,11 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         # without it (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must
         # differ by theta' alone. Its graph is dropped at once, here, before any other graph is held
         # (peak memory: the exact path keeps the graphs at theta' until the end)
-        loss_val = _loss(loss_fn, model, val_batch).detach() if needs_val_at_theta(objective) else None
+        loss_val = None
+        if needs_val_at_theta(objective):
+            if batch1 is not None:
+                state.restore()
+            loss_val = _loss(loss_fn, model, val_batch).detach()
 
         # 2. hypothetical moments and features at theta
         theta = [params[i].detach() for i in active]
@@ -333,8 +328,9 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             f"what batch 1 trains.")
         q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
                            lambda2=lambda2, loss_val=loss_val)
-        replay = None if exact or not objective.second_order else _ForwardReplay(opt.device, entry)
+        replay = None if exact or not objective.second_order else _RngReplay(opt.device)
         g_prime = g_val = None
+        state.restore()
         with swapped_parameters(model, swap, names):
             if need_train:
                 double = exact and objective.second_order
@@ -347,6 +343,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
+                if not (exact and need_train):
+                    state.restore()
                 q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 if not exact:
                     g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
@@ -394,7 +392,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             if d_theta is None:
                 d_theta = [torch.zeros_like(x) for x in leaves]
             if v is not None:
-                _add_hessian_vector_fd(d_theta, model, loss_fn, batch2, swap, leaves, g_prime, v, replay)
+                _add_hessian_vector_fd(d_theta, model, loss_fn, batch2, swap, leaves, g_prime, v, replay, state)
             del v, g_prime
         meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
         # through theta' to alpha and beta, then once through the encoder
@@ -583,14 +581,14 @@ def _global_norm(tensors: list[Tensor]) -> float:
 
 def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
                            batch2: Any, swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor],
-                           v: list[Tensor], replay: _ForwardReplay) -> None:
+                           v: list[Tensor], replay: _RngReplay, state: ModelState) -> None:
     """Add H v to ``out``, for the Hessian H of L(.; batch 2) at theta', as
     ``(grad L(theta' + eps v) - g') / eps``.
 
     ``eps = sqrt(machine epsilon) (1 + ||theta'||) / ||v||``, the usual step of matrix-free Newton
     methods: it balances the difference's truncation error against float rounding. The forward
-    pass replays the random stream and the buffers of the one that gave g' (same dropout masks,
-    same power-iteration vectors). ``leaves``
+    pass replays the random stream of the one that gave g' (same dropout masks) and starts from
+    the same ``state`` (same power-iteration vectors). ``leaves``
     (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place. The
     difference is taken first (exact for nearby gradients), then added with weight 1 / eps."""
     dtype = leaves[0].dtype
@@ -606,6 +604,7 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
     replay.replay()
+    state.restore()
     try:
         with swapped_parameters(model, swap):
             diff = _grad(_loss(loss_fn, model, batch2), leaves, require="the loss on batch2 at the hypothetical parameters")

@@ -91,8 +91,9 @@ class MetaAdamW(torch.optim.Optimizer):
         sync_meta: under ``torch.distributed`` (a default process group of several ranks, e.g.
             with DistributedDataParallel): every rank starts from rank 0's modulator and every
             meta-update averages the meta-gradients over the ranks, so that the replicas keep
-            one modulator and get the same multipliers (see :mod:`metaadamw.distributed`). Make the
-            optimizer on every rank. False: each rank trains its own modulator, and under DDP the
+            one modulator and get the same multipliers (see :mod:`metaadamw.distributed`). On
+            whenever a default process group of several ranks exists: make the optimizer on every
+            rank. False: each rank trains its own modulator, and under DDP the
             replicas then drift apart (their multipliers differ) unless every rank meta-steps on
             the same batches.
 
@@ -213,6 +214,10 @@ class MetaAdamW(torch.optim.Optimizer):
         self._check_params(self._params)
         self.device = self._params[0].device
         self._model_ref = None if model is None else weakref.ref(model)
+        names = [n for g in self.param_groups for n in g.get("param_names") or ()]
+        names += [n for n, _ in model.named_parameters()] if model is not None else []
+        _check_not_sharded(["parameters of an FSDP-wrapped model"] if any(
+            "_fsdp_wrapped_module" in n.split(".") for n in names) else [])
         self.tensor_info, self.group_names, self._group_of, self.layout = self._grouped(self._params, model)
         # the initial modulator comes from a fork of the global random stream: torch.manual_seed fixes it,
         # and the caller's stream (dropout masks, data order) is left as torch.optim leaves it
@@ -293,10 +298,8 @@ class MetaAdamW(torch.optim.Optimizer):
                "MetaAdamW got parameters on the 'meta' device, which have no values: its modulator and statistics "
                "need real tensors. Materialise the model first (model.to_empty(device=...) and initialise its "
                "weights, or load them), then build the optimizer")
-        sharded = sorted({type(p).__name__ for p in params if type(p).__name__ in ("DTensor", "FlatParameter")})
-        _check(not sharded, f"MetaAdamW got sharded parameters ({', '.join(sharded)}: FSDP's), which it does not "
-                            f"support: each rank would see the statistics of its shard only, and its updates cannot "
-                            f"take sharded tensors. Use DistributedDataParallel (or train without sharding)")
+        _check_not_sharded(sorted({"DTensor" if type(p).__name__ == "DTensor" else "FSDP's flat parameter"
+                                   for p in params if type(p).__name__ == "DTensor" or getattr(p, "_is_flat_param", False)}))
         for p in params:
             _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
                                        "(torch.view_as_real) first")
@@ -1240,6 +1243,13 @@ def _callable_without_arguments(fn: Any) -> bool:
     except ValueError:  # no signature to read (a builtin): try it
         return callable(fn)
     return True
+
+
+def _check_not_sharded(kinds: list[str]) -> None:
+    _check(not kinds, f"MetaAdamW got sharded or distributed tensors ({', '.join(kinds)}: FSDP's, or tensor "
+                      f"parallelism's), which it does not support: each rank would see the statistics of its shard "
+                      f"only, and its updates cannot take such tensors. Use DistributedDataParallel (or train without "
+                      f"sharding)")
 
 
 def _check(ok: bool, message: str) -> None:

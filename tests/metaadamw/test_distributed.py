@@ -81,6 +81,9 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
     try:
+        if scenario == "fsdp":  # sharded parameters: refused when the optimizer is made
+            torch.save({"errors": _fsdp_errors()}, f"{out}/rank{rank}.pt")
+            return
         try:
             model, opt = early or _make(100 + rank, **kwargs)  # every rank its own seed
         except ValueError as exc:
@@ -119,6 +122,27 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
             # hung one test run in a dozen; the results are saved above
             os._exit(0)
         dist.destroy_process_group()
+
+
+def _fsdp_errors() -> list[str | None]:
+    """What making MetaAdamW raises for FSDP's flat parameters, FSDP with the original parameters (views of
+    the flat shard) and FSDP2's DTensors (None: accepted)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    cpu = torch.device("cpu")
+    makers = [lambda: FullyShardedDataParallel(mlp(0), device_id=cpu),
+              lambda: FullyShardedDataParallel(mlp(0), device_id=cpu, use_orig_params=True),
+              lambda: fully_shard(mlp(0), mesh=init_device_mesh("cpu", (WORLD,)))]
+    errors: list[str | None] = []
+    for make in makers:
+        model = make()
+        try:
+            MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 def _run(tmp_path, scenario: str) -> list[dict]:
@@ -235,6 +259,15 @@ def test_an_optimizer_that_stepped_before_the_process_group_is_refused_on_every_
         who = "the optimizer of another rank" if scenario == "late_stepped_rank0" and rank == 1 else "this optimizer"
         assert f"{who} stepped before torch.distributed's process group of 2 ranks existed" in r["error"], r["error"]
         assert "Make the optimizer after init_process_group" in r["error"]
+
+
+def test_sharded_parameters_of_fsdp_are_refused_when_the_optimizer_is_made(tmp_path):
+    # FSDP2's DTensors failed later inside step() and meta_step with sharding errors; FSDP1's flat parameters (and
+    # its views of them) were accepted, each rank stepping on the statistics of its shard
+    for r in _run(tmp_path, "fsdp"):
+        kinds = ["FSDP's flat parameter", "parameters of an FSDP-wrapped model", "DTensor"]
+        for error, kind in zip(r["errors"], kinds):
+            assert error is not None and f"sharded or distributed tensors ({kind}" in error, (kind, error)
 
 
 def test_ranks_optimising_different_tensors_of_the_same_shapes_are_refused_on_every_rank(tmp_path):

@@ -415,6 +415,40 @@ def test_buffers_a_forward_pass_replaces_are_replayed_and_restored():
         assert m._buffers["u"] is u and torch.equal(u, value)  # the module's own tensor, with its value
 
 
+class _LazyBuffers(nn.Module):
+    """A forward pass that fills a None buffer, registers a new one, and reads a mask it shares with
+    another module."""
+
+    def __init__(self, i, o, mask):
+        super().__init__()
+        self.lin = nn.Linear(i, o)
+        self.register_buffer("last_out", None)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        out = torch.tanh(self.lin(x)) * self.mask
+        self.last_out = out.detach()
+        if "calls" not in self._buffers:
+            self.register_buffer("calls", torch.zeros(()), persistent=False)
+        self.calls += 1
+        return out
+
+
+def test_meta_step_leaves_buffers_a_forward_pass_fills_or_registers_as_they_were():
+    # only the buffers that were tensors on entry were restored: a None buffer kept the value of a hypothetical
+    # pass, and one registered by the forward pass stayed; a buffer shared by several modules was saved once each
+    mask = torch.ones(16)
+    model = nn.Sequential(_LazyBuffers(6, 16, mask), _LazyBuffers(16, 16, mask), nn.Linear(16, 1))
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    batches = regression_batches(3)
+    keys = [dict(m._buffers) for m in model]
+    from metaadamw.meta import ModelState
+    assert len(ModelState(model)._values) == 1  # (the shared mask: one copy)
+    opt.meta_step(model, mse, *batches)
+    assert [dict(m._buffers) for m in model] == keys and all(m._buffers.get("last_out", 0) is None for m in model[:2])
+    assert "calls" not in model[0]._non_persistent_buffers_set and model[0].mask is mask and model[1].mask is mask
+
+
 def test_meta_step_adds_no_entries_to_the_optimizers_state():
     # before the first step(), or for a tensor without moments yet, it inserted empty entries (opt.state
     # is a defaultdict): state_dict() changed, and the next step rebuilt its plan

@@ -1504,6 +1504,20 @@ def test_adamw_flags_other_than_their_defaults_are_refused_by_name(flag):
     MetaAdamW([{"params": weights}, {"params": biases, flag: False}], grouping="original")  # the default is fine
 
 
+def test_float64_and_low_precision_second_moments_together_give_the_v_norm_they_hold():
+    # sum(v) of the bfloat16 moments was read in float32 for every tensor, and float64 ones cannot be narrowed:
+    # the first step() raised
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 4, dtype=dtype)) for dtype in (torch.float64, torch.bfloat16, torch.float32)]
+    opt = MetaAdamW([{"params": params}], grouping="original", eps=1e-6, **small_kwargs())
+    for _ in range(20):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    true = torch.stack([opt.state[p]["exp_avg_sq"].double().sum().sqrt() for p in params]).float()
+    torch.testing.assert_close(opt._stats["v_norm"], true, rtol=1e-5, atol=1e-9)
+
+
 def test_a_param_group_asking_for_adams_coupled_weight_decay_is_refused():
     # torch.optim.AdamW honours decoupled_weight_decay=False per group (Adam's L2 penalty); MetaAdamW applied
     # decoupled decay to it without a word
@@ -1521,12 +1535,12 @@ def test_a_param_group_asking_for_adams_coupled_weight_decay_is_refused():
 
 def test_sharded_parameters_of_fsdp_are_refused_when_the_optimizer_is_made():
     # FSDP2's DTensors failed later, inside meta_step and step(), with DTensor sharding errors. (A stand-in
-    # class of the same name: a real DTensor needs a process group and a device mesh.)
+    # class of the same name: test_distributed.py makes real ones, with a process group and a device mesh.)
     class DTensor(nn.Parameter):
         pass
 
-    with pytest.raises(ValueError, match=r"sharded parameters \(DTensor: FSDP's\), which it does not support.*"
-                                         r"Use DistributedDataParallel"):
+    with pytest.raises(ValueError, match=r"sharded or distributed tensors \(DTensor: FSDP's, or tensor parallelism's\), "
+                                         r"which it does not support.*Use DistributedDataParallel"):
         MetaAdamW([DTensor(torch.zeros(3))], grouping="original")
 
 
