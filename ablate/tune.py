@@ -1334,10 +1334,11 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
              num_cpus: int | None = None) -> TuneOutcome:
     """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
     outputs (best values, history, importances) from the stored studies."""
-    from ablate.sweep import _exclusive, check_real_data, check_resources, init_ray, ray_storage_path
+    from ablate.sweep import _exclusive, check_out_folder, check_real_data, check_resources, init_ray, ray_storage_path
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
+    check_out_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     location = storage_location(spec, out_root, study_storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -220,11 +220,13 @@ class FeatureExtractor(nn.Module):
         expected = n + 1 if own_v_norm else n
         shape = tuple(cols[0].shape) if isinstance(cols[0], Tensor) else None
         if shape != (groups, expected):
+            got = f"a tensor of shape {shape}" if shape else type(cols[0]).__name__
+            hint = (". If its last column is the group mean of v_norm, set includes_v_norm = True on the class"
+                    if self.second_moment and not own_v_norm and shape == (groups, n + 1) else "")
             raise ValueError(
-                f"{type(self).__name__}.statistics() returned {'a tensor of shape ' + str(shape) if shape else type(cols[0]).__name__}; "
-                f"expected ({groups}, {expected}): one row per group and one column per name in columns() {self.columns()}"
-                f"{', then the v_norm column (includes_v_norm)' if own_v_norm else ''}"
-                f"{'. If its last column is the group mean of v_norm, set includes_v_norm = True on the class' if self.second_moment and not own_v_norm and shape == (groups, n + 1) else ''}")
+                f"{type(self).__name__}.statistics() returned {got}; expected ({groups}, {expected}): one row per group "
+                f"and one column per name in columns() {self.columns()}"
+                f"{', then the v_norm column (includes_v_norm)' if own_v_norm else ''}{hint}")
         if self.second_moment and not own_v_norm:
             cols.append(self.group_mean(stats["v_norm"]).unsqueeze(1))
         if self.time_step:

@@ -298,8 +298,8 @@ class MetaAdamW(torch.optim.Optimizer):
                "MetaAdamW got parameters on the 'meta' device, which have no values: its modulator and statistics "
                "need real tensors. Materialise the model first (model.to_empty(device=...) and initialise its "
                "weights, or load them), then build the optimizer")
-        _check_not_sharded(sorted({"DTensor" if type(p).__name__ == "DTensor" else "FSDP's flat parameter"
-                                   for p in params if type(p).__name__ == "DTensor" or getattr(p, "_is_flat_param", False)}))
+        _check_not_sharded(sorted({"DTensor" if type(p).__name__ == "DTensor" else "FSDP's flat parameter" for p in params
+                                   if type(p).__name__ == "DTensor" or getattr(p, "_is_flat_param", False)}))
         for p in params:
             _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
                                        "(torch.view_as_real) first")
@@ -552,8 +552,8 @@ class MetaAdamW(torch.optim.Optimizer):
     def _moments_edited(self, plan: "_Plan") -> bool:
         """Whether the caller changed in place (``state[p]["exp_avg_sq"].zero_()``, a masked reset of
         pruned weights' moments) moments whose norms the last step carried: their version counters
-        moved since then. Host attributes, no sync. Unknown counters (after a load or a copy, whose
-        moments are new tensors; inference tensors, which have none) are trusted."""
+        moved since then (a load or a copy records those of its new tensors). Host attributes, no
+        sync. Unknown counters (inference tensors have none) are trusted."""
         now = F.versions(plan.exp_avgs, plan.exp_avg_sqs)
         if now is None:
             return False
@@ -647,7 +647,8 @@ class MetaAdamW(torch.optim.Optimizer):
         world = D.world_size(self.sync_meta)
         if world <= 1 or self._synced_world == world:
             return
-        stepped = (self.global_step, self.meta_updates) != self._unsynced_from  # (a checkpoint loaded on every rank is fine)
+        # (a checkpoint loaded on every rank is fine: the counters are those of the load)
+        stepped = (self.global_step, self.meta_updates) != self._unsynced_from
         meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
                       *self.weighting.buffers()]
         fingerprint = D.layout_fingerprint(
@@ -1088,8 +1089,8 @@ class MetaAdamW(torch.optim.Optimizer):
     #: what torch.optim.Optimizer leaves out of its pickled state (hooks are not state; the plan
     #: is a cache of views into the state and is rebuilt by the next step; a copy has no model:
     #: groups added to it later need names of their own)
-    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_versions", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_versions", "_optimizer_step_pre_hooks",
+                    "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 
     def __getstate__(self) -> dict[str, Any]:

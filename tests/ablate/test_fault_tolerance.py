@@ -247,7 +247,8 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path, case, monkeypatch, cap
 
 @pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}", "--trials", "0"]])
 def test_an_output_folder_that_is_a_file_is_one_line_and_exit_code_2(tmp_path, command, monkeypatch, capsys):
-    # NotADirectoryError came out as a traceback and exit code 1
+    # NotADirectoryError came out as a traceback and exit code 1; then as "Not a directory: OUT/<study>" (the
+    # study's folder, not the file that is in the way)
     import ray
 
     from ablate.cli import main
@@ -258,8 +259,9 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_exit_code_2(tmp_path, c
     argv = [word.replace("{spec}", str(spec)) for word in command] + ["--out", str(in_the_way)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ablate: error: Not a directory: " + str(in_the_way)) and err.count("\n") == 1, err
-    assert "a file is in the way" in err and in_the_way.read_text() == "not a folder\n"
+    assert err.startswith(f"ablate: error: {in_the_way} is a file: a run needs a folder there (the results go in "
+                          f"{in_the_way / 'bad'}") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("below it); give another --out") and in_the_way.read_text() == "not a folder\n"
 
 
 @pytest.mark.parametrize("case", ["malformed_yaml", "missing_data_dir", "broken_plugin"])
