@@ -154,13 +154,35 @@ class ModelState:
 
     def __init__(self, model: nn.Module):
         self._holders = [(m, dict(m._buffers)) for m in model.modules()]
-        tensors = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
-        tensors.update({id(m.weight): m.weight for m in model.modules()
-                        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None})
-        self._values = [(t, t.detach().clone()) for t in tensors.values()]
+        buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
+        self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
+        self._weights = [(m.weight, m.weight.detach().clone()) for m in model.modules()
+                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, weights: bool = True) -> None:
+        """Everything back in place. ``weights=False``: the buffers only (between the meta-update's
+        passes: theta is read from the weights after the passes at theta, as the training step that
+        follows a forward pass updates the weights it renormalised)."""
+        self._put_back_holders()
+        for t, value in self._buffers.values():
+            t.copy_(value)
+        for t, value in self._weights if weights else ():
+            t.copy_(value)
+
+    @torch.no_grad()
+    def restore_out_of_place(self) -> None:
+        """The buffers' values on entry in new tensors, for a pass after one whose graph is still
+        held (the exact path's): that graph may have saved the buffers, which must not be written.
+        :meth:`restore` puts the modules' own tensors back."""
+        self._put_back_holders()
+        fresh = {k: value.clone() for k, (_, value) in self._buffers.items()}
+        for module, held in self._holders:
+            for name, b in held.items():
+                if b is not None:
+                    module._buffers[name] = fresh[id(b)]
+
+    def _put_back_holders(self) -> None:
         for module, held in self._holders:
             now = module._buffers
             if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
@@ -168,8 +190,6 @@ class ModelState:
                     del now[name]
                     module._non_persistent_buffers_set.discard(name)
                 now.update(held)
-        for t, value in self._values:
-            t.copy_(value)
 
 
 @contextlib.contextmanager
@@ -250,8 +270,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     # every pass starts from the model's state on entry (buffers a pass both updates and reads, like
     # spectral_norm's power iteration in train mode, would otherwise differ between them by the passes
     # before: between g' and the finite-difference pass, a change the division by the tiny step turned
-    # into a Hessian-vector product 37-375x off in float64), except a pass after one whose graph is
-    # still held (the exact path's passes at theta'), whose saved tensors may not be written
+    # into a Hessian-vector product 37-375x off in float64); after a pass whose graph is still held (the
+    # exact path's at theta'), whose saved tensors may not be written, from copies of them
     with preserved_state(model) as state, torch.enable_grad():
         # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
         if batch1 is None:
@@ -274,7 +294,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         loss_val = None
         if needs_val_at_theta(objective):
             if batch1 is not None:
-                state.restore()
+                state.restore(weights=False)
             loss_val = _loss(loss_fn, model, val_batch).detach()
 
         # 2. hypothetical moments and features at theta
@@ -330,7 +350,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                            lambda2=lambda2, loss_val=loss_val)
         replay = None if exact or not objective.second_order else _RngReplay(opt.device)
         g_prime = g_val = None
-        state.restore()
+        state.restore(weights=False)
         with swapped_parameters(model, swap, names):
             if need_train:
                 double = exact and objective.second_order
@@ -343,8 +363,10 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
-                if not (exact and need_train):
-                    state.restore()
+                if exact and need_train:  # (the graph of the pass at theta' on batch 2 is held)
+                    state.restore_out_of_place()
+                else:
+                    state.restore(weights=False)
                 q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 if not exact:
                     g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
@@ -604,7 +626,7 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
         eps = math.sqrt(torch.finfo(dtype).eps) * (1.0 + theta_norm) / v_norm
         torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
     replay.replay()
-    state.restore()
+    state.restore(weights=False)
     try:
         with swapped_parameters(model, swap):
             diff = _grad(_loss(loss_fn, model, batch2), leaves, require="the loss on batch2 at the hypothetical parameters")

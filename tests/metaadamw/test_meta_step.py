@@ -443,10 +443,73 @@ def test_meta_step_leaves_buffers_a_forward_pass_fills_or_registers_as_they_were
     batches = regression_batches(3)
     keys = [dict(m._buffers) for m in model]
     from metaadamw.meta import ModelState
-    assert len(ModelState(model)._values) == 1  # (the shared mask: one copy)
+    assert len(ModelState(model)._buffers) == 1  # (the shared mask: one copy)
     opt.meta_step(model, mse, *batches)
     assert [dict(m._buffers) for m in model] == keys and all(m._buffers.get("last_out", 0) is None for m in model[:2])
     assert "calls" not in model[0]._non_persistent_buffers_set and model[0].mask is mask and model[1].mask is mask
+
+
+class _OldStyleSpectralNorm(nn.Module):
+    """A power iteration that reads and updates its buffer in place, with no copy of it (as
+    ``nn.utils.spectral_norm`` does): its graph holds the buffer itself."""
+
+    def __init__(self, i, o):
+        super().__init__()
+        self.lin = nn.Linear(i, o)
+        self.register_buffer("u", nn.functional.normalize(torch.randn(o), dim=0))
+
+    def forward(self, x):
+        w = self.lin.weight
+        if self.training:
+            with torch.no_grad():
+                self.u.copy_(nn.functional.normalize(w @ nn.functional.normalize(w.t() @ self.u, dim=0), dim=0))
+        v = nn.functional.normalize(w.t() @ self.u, dim=0)
+        return nn.functional.linear(x, w / (self.u @ w @ v), self.lin.bias)
+
+
+def test_both_meta_gradient_modes_see_the_same_losses_on_a_model_whose_buffers_a_pass_advances():
+    # every pass starts from the buffers on entry: the exact path's validation pass at theta' followed the
+    # power iteration of its pass on batch 2 (loss_decrease -0.085 against -0.003), as both modes once did
+    batches = [(x.double(), y.double()) for x, y in regression_batches(3)]
+    terms = {}
+    for mode in ("exact", "finite_difference"):
+        torch.manual_seed(0)
+        model = nn.Sequential(_OldStyleSpectralNorm(6, 16), nn.Tanh(), _OldStyleSpectralNorm(16, 1)).double().train()
+        opt = MetaAdamW(model.named_parameters(), model=model, meta_gradient=mode, **small_kwargs())
+        _step(model, opt, batches[0])
+        terms[mode] = opt.meta_step(model, mse, *batches).terms
+    for name, value in terms["exact"].items():
+        assert value == pytest.approx(terms["finite_difference"][name], rel=1e-9, abs=1e-12), name
+
+
+def test_theta_of_a_max_norm_embedding_is_the_weight_its_passes_renormalised_throughout():
+    # the restores between passes wrote the entry weight back into theta (which aliases it) after theta'
+    # was built from the renormalised one: the chain rule to alpha and beta used another theta (d_beta 3.7x)
+    from metaadamw import meta
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(5.0)
+    batches = [(torch.randint(0, 30, (8, 3)), torch.randn(8, 1)) for _ in range(3)]
+    opt = MetaAdamW(model.named_parameters(), weight_decay=0.1, **small_kwargs())
+    seen = {}
+    hypothetical, chain = meta._hypothetical_moments, meta._chain_to_multipliers
+
+    def recording_moments(opt_, params, *args):
+        seen["theta'"] = [p.detach().clone() for p in params]
+        return hypothetical(opt_, params, *args)
+
+    def recording_chain(d_theta, theta, *args):
+        seen["chain"] = [t.clone() for t in theta]
+        return chain(d_theta, theta, *args)
+
+    try:
+        meta._hypothetical_moments, meta._chain_to_multipliers = recording_moments, recording_chain
+        opt.meta_step(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]), *batches)
+    finally:
+        meta._hypothetical_moments, meta._chain_to_multipliers = hypothetical, chain
+    assert all(torch.equal(a, b) for a, b in zip(seen["theta'"], seen["chain"]))
 
 
 def test_meta_step_adds_no_entries_to_the_optimizers_state():
