@@ -377,20 +377,26 @@ def test_finite_difference_replays_buffers_that_a_forward_pass_updates_and_reads
     assert exact.norm() > 1e-3 and (exact - approx).norm() / exact.norm() < 1e-3
 
 
-class _ReplacingSpectralNorm(nn.Module):
-    """Spectral normalisation whose power iteration replaces its buffer (``self.u = ...``) instead of
-    writing it in place."""
+class _PowerIteration(nn.Module):
+    """Spectral normalisation by a power iteration on its buffer ``u`` in train mode, with no copy
+    of it (as ``nn.utils.spectral_norm`` does: its graph holds the buffer itself); ``replace``:
+    the iteration replaces the buffer (``self.u = ...``) instead of writing it in place."""
 
-    def __init__(self, i, o):
+    def __init__(self, i, o, replace=False):
         super().__init__()
         self.lin = nn.Linear(i, o)
+        self.replace = replace
         self.register_buffer("u", nn.functional.normalize(torch.randn(o), dim=0))
 
     def forward(self, x):
         w = self.lin.weight
         if self.training:
             with torch.no_grad():
-                self.u = nn.functional.normalize(w @ nn.functional.normalize(w.t() @ self.u, dim=0), dim=0)
+                u = nn.functional.normalize(w @ nn.functional.normalize(w.t() @ self.u, dim=0), dim=0)
+                if self.replace:
+                    self.u = u
+                else:
+                    self.u.copy_(u)
         v = nn.functional.normalize(w.t() @ self.u, dim=0)
         return nn.functional.linear(x, w / (self.u @ w @ v), self.lin.bias)
 
@@ -399,7 +405,8 @@ def test_buffers_a_forward_pass_replaces_are_replayed_and_restored():
     # copy_ into the tensor a module had replaced left the finite difference 49x off, and the model's
     # buffer changed by the meta-update
     def make_model():
-        return nn.Sequential(_ReplacingSpectralNorm(6, 16), nn.Tanh(), _ReplacingSpectralNorm(16, 1)).double().train()
+        return nn.Sequential(_PowerIteration(6, 16, replace=True), nn.Tanh(),
+                             _PowerIteration(16, 1, replace=True)).double().train()
 
     batches = [(x.double(), y.double()) for x, y in regression_batches(3)]
     exact = _meta_gradient(make_model, mse, batches, "exact")
@@ -449,24 +456,6 @@ def test_meta_step_leaves_buffers_a_forward_pass_fills_or_registers_as_they_were
     assert "calls" not in model[0]._non_persistent_buffers_set and model[0].mask is mask and model[1].mask is mask
 
 
-class _OldStyleSpectralNorm(nn.Module):
-    """A power iteration that reads and updates its buffer in place, with no copy of it (as
-    ``nn.utils.spectral_norm`` does): its graph holds the buffer itself."""
-
-    def __init__(self, i, o):
-        super().__init__()
-        self.lin = nn.Linear(i, o)
-        self.register_buffer("u", nn.functional.normalize(torch.randn(o), dim=0))
-
-    def forward(self, x):
-        w = self.lin.weight
-        if self.training:
-            with torch.no_grad():
-                self.u.copy_(nn.functional.normalize(w @ nn.functional.normalize(w.t() @ self.u, dim=0), dim=0))
-        v = nn.functional.normalize(w.t() @ self.u, dim=0)
-        return nn.functional.linear(x, w / (self.u @ w @ v), self.lin.bias)
-
-
 def test_both_meta_gradient_modes_see_the_same_losses_on_a_model_whose_buffers_a_pass_advances():
     # every pass starts from the buffers on entry: the exact path's validation pass at theta' followed the
     # power iteration of its pass on batch 2 (loss_decrease -0.085 against -0.003), as both modes once did
@@ -474,7 +463,7 @@ def test_both_meta_gradient_modes_see_the_same_losses_on_a_model_whose_buffers_a
     terms = {}
     for mode in ("exact", "finite_difference"):
         torch.manual_seed(0)
-        model = nn.Sequential(_OldStyleSpectralNorm(6, 16), nn.Tanh(), _OldStyleSpectralNorm(16, 1)).double().train()
+        model = nn.Sequential(_PowerIteration(6, 16), nn.Tanh(), _PowerIteration(16, 1)).double().train()
         opt = MetaAdamW(model.named_parameters(), model=model, meta_gradient=mode, **small_kwargs())
         _step(model, opt, batches[0])
         terms[mode] = opt.meta_step(model, mse, *batches).terms
