@@ -962,8 +962,10 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
         lines.append(f"\n{task} ({metric}, {'lower' if mode == 'min' else 'higher'} is better"
                      + (f"; data: {sources})" if sources else ")"))
         lines.append(f"  {'arm':<34} {'mean':>12} {'n':>3} {'vs baseline':>12} {'not ok':>7}")
-        order = {"baseline": 0, "adamw": 2}  # then the ablations in the order they appear, AdamW last
-        for arm in sorted(pd.unique(df["arm"]), key=lambda a: order.get(a, 1)):
+        # the baseline, the ablations in the study's order (else as stored), AdamW last
+        order = {"baseline": 0, "adamw": 2}
+        place = {a: k for k, a in enumerate(planned.get(task, []))}
+        for arm in sorted(pd.unique(df["arm"]), key=lambda a: (order.get(a, 1), place.get(a, len(place)))):
             if arm != "baseline" and _same_trials(arms, task, arm, "baseline"):
                 lines.append(f"  {arm:<34} = baseline (same trials)")
                 continue
