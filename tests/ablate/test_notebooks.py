@@ -52,6 +52,8 @@ def outputs_by_cell(nb) -> list[str]:
 def test_notebooks_are_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    # nbformat 4.5 cells carry ids; nbformat warns that a cell without one will be refused
+    assert all("id" in cell for cell in json.loads(path.read_text())["cells"]), f"{path.name}: a cell without an id"
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{path.name} has stored outputs"
