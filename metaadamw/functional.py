@@ -370,7 +370,7 @@ def direct_stats(needed: frozenset[str], grads: list[Tensor], exp_avgs: list[Ten
         n = len(grads)
         norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if "param_norm" in needed else [])))
         g_norm, m_norm, p_norm = norms[:n], norms[n:2 * n], norms[2 * n:]
-        v_sum = _vector(torch._foreach_norm(exp_avg_sqs, 1))  # v >= 0: its L1 norm is its sum
+        v_sum = measured_v_sum(exp_avg_sqs)  # as the step reads it (low-precision moments summed in float32)
     else:
         g_norm = _vector([g.float().norm() for g in grads])
         m_norm = _vector([m.float().norm() for m in exp_avgs])

@@ -631,7 +631,7 @@ class MetaAdamW(torch.optim.Optimizer):
         m = [st["exp_avg"] if "exp_avg" in st else empty for st in states]
         v = [st["exp_avg_sq"] if "exp_avg_sq" in st else empty for st in states]
         self._carry = {"exp_avg_norm_sq": F._vector(torch._foreach_norm(m)) ** 2,
-                       "v_sum": F._vector(torch._foreach_norm(v, 1))}
+                       "v_sum": F.measured_v_sum(v)}
 
     def _init_state(self, p: Tensor) -> None:
         st = self.state[p]
