@@ -1,9 +1,10 @@
-"""The maths of one MetaAdamW step, as two implementations with one signature.
+"""The maths of one MetaAdamW step, as two implementations of each part.
 
 ``single_tensor_*`` is the slow, readable reference: a Python loop over tensors that computes
 every statistic directly (``torch.dot`` for the cosine). ``foreach_*`` is the fast path used by
-default: ``torch._foreach_*`` kernels, three norm passes (gradient, first moment, parameter),
-and no extra pass for the multipliers:
+default (the same positional arguments; keyword-only extras for what the fast path can reuse):
+``torch._foreach_*`` kernels, one norm call over gradients, first moments and (where a feature
+needs them) parameters, and no extra pass for the multipliers:
 
 * the cosine and the first-moment norm come from two norms and the identity
   ``||m_t||^2 = b1^2 ||m_{t-1}||^2 + 2 b1 (1 - b1) <g, m_{t-1}> + (1 - b1)^2 ||g||^2``, with
@@ -12,10 +13,11 @@ and no extra pass for the multipliers:
 * alpha and beta are folded into the scalars of the foreach ops AdamW runs anyway, as
   per-bucket 0-dim tensors (a bucket = the tensors that share param_group, modulator group and
   step count), so ``step()`` never reads a value back to the host;
-* on the CPU the tensors are processed in runs of about :data:`CPU_CHUNK_NUMEL` elements
-  (cache blocking): each run's moments, norms and update passes find their operands still in
-  cache, where one foreach pass over every tensor streams the whole model through memory once
-  per op. The norms are taken right after the moment update, while g and m are cached;
+* on the CPU, for models of :data:`CPU_BLOCKING_MIN_NUMEL` elements or more, the tensors are
+  processed in runs of about :data:`CPU_CHUNK_NUMEL` elements (cache blocking): each run's
+  moments, norms and update passes find their operands still in cache, where one foreach pass
+  over every tensor streams the whole model through memory once per op. The norms are taken
+  right after the moment update, while g and m are cached;
 * on the CPU the square roots of v are taken as ``1 / rsqrt(v)`` (:func:`foreach_sqrt`): torch's
   CPU ``sqrt`` is slow on the zeros that unused embedding rows and dead units leave in v.
 
@@ -358,38 +360,30 @@ def _vector(values: list[Tensor]) -> Tensor:
 
 
 def direct_stats(needed: frozenset[str], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 params: list[Tensor], foreach: bool = False) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-    """Every statistic computed directly from the tensors: ``(stats, ||m||, sum v)``.
+                 params: list[Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Every statistic computed directly from the tensors, one at a time: ``(stats, ||m||, sum v)``.
 
     ``exp_avgs`` and ``exp_avg_sqs`` are the moments after this step's update, ``params`` the
-    parameters at which the gradients were taken. ``foreach`` takes the norms with one
-    ``torch._foreach_norm`` call instead of one kernel per tensor."""
+    parameters at which the gradients were taken."""
     out: dict[str, Tensor] = {}
-    p_norm = None
-    if foreach:
-        n = len(grads)
-        norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if "param_norm" in needed else [])))
-        g_norm, m_norm, p_norm = norms[:n], norms[n:2 * n], norms[2 * n:]
-        v_sum = measured_v_sum(exp_avg_sqs)  # as the step reads it (low-precision moments summed in float32)
-    else:
-        g_norm = _vector([g.float().norm() for g in grads])
-        m_norm = _vector([m.float().norm() for m in exp_avgs])
-        v_sum = _vector([v.float().sum() for v in exp_avg_sqs])
+    g_norm = _vector([g.float().norm() for g in grads])
+    m_norm = _vector([m.float().norm() for m in exp_avgs])
+    v_sum = _vector([v.float().sum() for v in exp_avg_sqs])
     if "grad_norm" in needed:
         out["grad_norm"] = g_norm
     if "exp_avg_norm" in needed:
         out["exp_avg_norm"] = m_norm
     if "param_norm" in needed:
-        out["param_norm"] = p_norm if p_norm is not None else _vector([p.float().norm() for p in params])
+        out["param_norm"] = _vector([p.float().norm() for p in params])
     if "cos" in needed:
         dots = _vector([flat_dot(g.float(), m.float()) for g, m in zip(grads, exp_avgs)])
         out["cos"] = (dots / (g_norm * m_norm).clamp_min(1e-30)).clamp(-1, 1)
     if "v_norm" in needed:
         out["v_norm"] = v_sum.clamp_min(0).sqrt()
     if "grad_sparsity" in needed:
-        out["grad_sparsity"] = _zero_fraction(grads, foreach)
+        out["grad_sparsity"] = _zero_fraction(grads, foreach=False)
     if "exp_avg_sparsity" in needed:
-        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach)
+        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=False)
     return out, m_norm, v_sum
 
 
@@ -417,8 +411,9 @@ def cos_noise(exp_avgs: list[Tensor]) -> Tensor:
 
 
 def stat_coefficients(beta1: Tensor, beta2: Tensor, noise: Tensor, numel: Tensor | None = None) -> dict[str, Tensor]:
-    """The per-tensor constants of :func:`foreach_stats` (computed once per layout: made from
-    host values, they would cost a blocking host-to-device copy in every CUDA step); ``noise``:
+    """The per-tensor constants of :func:`foreach_stats` (computed when the layout or the betas
+    change, not every step: made from host values, they would cost a blocking host-to-device copy
+    in every CUDA step); ``noise``:
     :func:`cos_noise`; ``numel``: the tensors' element counts (:func:`numel_vector`), for the
     sparsity statistics."""
     a, b = 0.5 / (1 - beta1), 0.5 * beta1 * beta1 / (1 - beta1)
@@ -439,9 +434,12 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
         m_norm_sq_old: ||m_{t-1}||^2 per tensor (carried from the previous step).
         v_sum_old: sum(v_{t-1}) per tensor (carried).
         exp_avgs: first moments after this step's update.
+        exp_avg_sqs: second moments after it (unused: sum(v) is carried or passed as ``v_sum``;
+            kept for the signature shared with :func:`single_tensor_stats`).
         beta1, beta2: per-tensor decay rates (vectors).
         norms: ``[||g||, ||m||, ||p|| (when param_norm is needed)]`` already computed (see
-            :func:`foreach_moments_and_norms`); None computes them here in one foreach call.
+            :func:`foreach_moments_and_norms`, as ``step()`` does); None computes them here in one
+            foreach call (as ``meta_step`` does).
         coefs: :func:`stat_coefficients` of beta1 and beta2, if the caller keeps them.
         v_sum: sum(v_t) per tensor, measured (:func:`measured_v_sum`), for second moments whose
             rounding the carried recurrence does not follow (bfloat16, float16); None: carried.

@@ -236,8 +236,9 @@ class _RngReplay:
 
 def meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any,
                 batch2: Any, val_batch: Any) -> "MetaRecord":
-    """Called inside ``torch.autocast``: the loss function runs in the caller's autocast, the
-    meta-update's own maths (modulator, objective, weighting, chain rule) in full precision."""
+    """The meta-update of ``opt`` (:meth:`MetaAdamW.meta_step`). Where it is called inside
+    ``torch.autocast``, the loss function runs in the caller's autocast and the meta-update's own
+    maths (modulator, objective, weighting, chain rule) in full precision."""
     states = F.autocast_states(opt.device)
     if not states:
         return _meta_update(opt, model, loss_fn, batch1, batch2, val_batch)
@@ -297,11 +298,12 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                 state.restore(weights=False)
             loss_val = _loss(loss_fn, model, val_batch).detach()
 
-        # 2. hypothetical moments and features at theta
+        # 2-3. hypothetical moments, features at theta and the multipliers
         theta = [params[i].detach() for i in active]
         groups = [opt.param_groups[opt.tensor_info[i].param_group] for i in active]
-        m_new, v_new = _hypothetical_moments(opt, [params[i] for i in active], g, groups)
-        stats, _, _ = F.direct_stats(opt.modulator.extractor.required_stats, g, m_new, v_new, theta, foreach=True)
+        m_old, v_old, m_new, v_new = _hypothetical_moments(opt, [params[i] for i in active], g, groups)
+        stats = _stats_at_theta(opt, g, m_old, v_old, m_new, v_new, theta, groups)
+        del m_old, v_old
         stats = opt.full_stats(stats, None if len(active) == len(params) else torch.tensor(active, device=opt.device))
         time = normalised_time(opt._time + 1, opt.total_steps)
         opt.modulator.set_training(True)  # (MetaAdamW.meta_step restores the mode, also after an error)
@@ -315,7 +317,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         outputs = [mult.alpha, mult.beta, mult.lambda1, mult.lambda2]
         alpha, beta, lambda1, lambda2 = cut = [x.detach().requires_grad_() for x in outputs]
 
-        # 3. theta' = theta * decay - scale * direction, with per-tensor scalars decay and scale that
+        # 4. theta' = theta * decay - scale * direction, with per-tensor scalars decay and scale that
         # carry the graph to alpha and beta (the tensors themselves need none: see _chain_to_multipliers)
         group_idx = [opt._group_of[i] for i in active]
         index = torch.tensor(group_idx, device=opt.device)
@@ -337,7 +339,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         for tp, d, c in zip(theta_prime, direction, scale.detach().tolist()):
             tp.add_(d, alpha=-c)
 
-        # 4. losses at theta' (leaf tensors: the graph to alpha and beta runs through decay and scale) and at theta
+        # 5. losses at theta' (leaf tensors: the graph to alpha and beta runs through decay and scale)
         leaves = [t.requires_grad_() for t in theta_prime]
         swap = {id(params[i]): leaf for i, leaf in zip(active, leaves)}
         names = {id(params[i]): opt.tensor_info[i].name or f"parameter {i}" for i in active}
@@ -372,7 +374,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                     g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
                                   hint=partial)
 
-        # 5. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
+        # 6. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
         # penalty), for the multipliers and for theta'
         if not exact:  # the objective sees constants; theta' gets its gradient by the chain rule below
             q.loss_train_prime = _leaf(q.loss_train_prime)
@@ -495,10 +497,12 @@ def described(x: Any, top: bool = True) -> str:
     return text if len(text) <= 80 and not isinstance(x, dict) else f"a {type(x).__name__}"
 
 
-def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor],
-                          groups: list[dict[str, Any]]) -> tuple[list[Tensor], list[Tensor]]:
-    """m' and v', the AdamW moments after one more step with gradients ``g`` (zero moments for
-    tensors that have not stepped yet), in one foreach pass per distinct ``betas``."""
+def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor], groups: list[dict[str, Any]]
+                          ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """``(m, v, m', v')``: the AdamW moments now (zeros for tensors that have not stepped yet) and
+    after one more step with gradients ``g``, in one foreach pass per distinct ``betas``."""
+    m_old: list[Tensor] = [None] * len(g)  # type: ignore[list-item]
+    v_old: list[Tensor] = [None] * len(g)  # type: ignore[list-item]
     m_new: list[Tensor] = [None] * len(g)  # type: ignore[list-item]
     v_new: list[Tensor] = [None] * len(g)  # type: ignore[list-item]
     by_betas: dict[tuple[float, float], list[int]] = {}
@@ -511,8 +515,26 @@ def _hypothetical_moments(opt: "MetaAdamW", params: list[Tensor], g: list[Tensor
         old_v = [st["exp_avg_sq"] if "exp_avg_sq" in st else torch.zeros_like(gk) for st, gk in zip(states, gs)]
         m, v = F.foreach_moments(gs, old_m, old_v, b1, b2, in_place=False)
         for j, k in enumerate(ks):
-            m_new[k], v_new[k] = m[j], v[j]
-    return m_new, v_new
+            m_old[k], v_old[k], m_new[k], v_new[k] = old_m[j], old_v[j], m[j], v[j]
+    return m_old, v_old, m_new, v_new
+
+
+def _stats_at_theta(opt: "MetaAdamW", g: list[Tensor], m_old: list[Tensor], v_old: list[Tensor],
+                    m_new: list[Tensor], v_new: list[Tensor], theta: list[Tensor],
+                    groups: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """The statistics ``step()`` would compute for moments ``m_new``, ``v_new`` (after ``m_old``,
+    ``v_old``), by the function it uses: the modulator is trained on the features it is given.
+    The foreach path's cos comes from a norm identity that reads 0 where it cannot resolve the dot
+    product (a gradient ~1e-4 of the first moment); an exact dot product there gave the meta-update
+    other features, and other multipliers, than the step. The carried norms of the previous moments
+    are read from the moments themselves."""
+    needed = opt.modulator.extractor.required_stats
+    beta1, beta2 = (F.to_device([grp["betas"][j] for grp in groups], opt.device, torch.float32) for j in (0, 1))
+    if not opt.foreach:
+        return F.single_tensor_stats(needed, g, None, None, m_new, v_new, theta, beta1, beta2)[0]
+    measured = "v_norm" in needed and any(v.dtype not in F.CARRIED_V_DTYPES for v in v_new)  # (as the step's plan)
+    return F.foreach_stats(needed, g, F._vector(torch._foreach_norm(m_old)).square(), F.measured_v_sum(v_old),
+                           m_new, v_new, theta, beta1, beta2, v_sum=F.measured_v_sum(v_new) if measured else None)[0]
 
 
 def _chain_to_multipliers(d_theta: list[Tensor], theta: list[Tensor], direction: list[Tensor], decay: Tensor,

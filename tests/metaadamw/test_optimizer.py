@@ -1009,14 +1009,6 @@ def test_low_precision_second_moments_give_the_v_norm_they_hold():
     _train(model, opt, batches, 300)
     true = torch.stack([opt.state[p]["exp_avg_sq"].float().sum().sqrt() for p in opt._params])
     torch.testing.assert_close(opt._stats["v_norm"], true, rtol=1e-5, atol=1e-9)
-    # the meta-update's features at theta read them the same way (from its hypothetical moments): its
-    # sums came back in bfloat16, 0.1-0.4% off the step's
-    moments = [opt.state[p] for p in opt._params]
-    stats, _, v_sum = F.direct_stats(frozenset({"v_norm"}), [p.grad for p in opt._params],
-                                     [st["exp_avg"] for st in moments], [st["exp_avg_sq"] for st in moments],
-                                     list(opt._params), foreach=True)
-    assert v_sum.dtype == torch.float32
-    torch.testing.assert_close(stats["v_norm"], true, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("also", ["other_tensors_with_gradients", "meta_step_first", "replaced_without_gradient",
@@ -1547,7 +1539,7 @@ def test_sharded_parameters_of_fsdp_are_refused_when_the_optimizer_is_made():
     class DTensor(nn.Parameter):
         pass
 
-    with pytest.raises(ValueError, match=r"sharded or distributed tensors \(DTensor: FSDP's, or tensor parallelism's\), "
+    with pytest.raises(ValueError, match=r"sharded or distributed tensors \(DTensor: FSDP's, ZeRO's or tensor parallelism's\), "
                                          r"which it does not support.*Use DistributedDataParallel"):
         MetaAdamW([DTensor(torch.zeros(3))], grouping="original")
 
