@@ -22,11 +22,26 @@ broadcast the buffers and prepare its gradient reducer at each of them.
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+
+def made_by_zero_redundancy_optimizer() -> bool:
+    """Whether torch's ``ZeroRedundancyOptimizer`` is making this optimizer (its ``optimizer_class``):
+    each rank would then hold only its shard of the parameters. Looked up on the call stack, and only
+    when that module has been imported."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None)
+    frame = sys._getframe(1) if zero is not None else None
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), zero):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def world_size(enabled: bool) -> int:
@@ -80,7 +95,8 @@ def check_same_layout(tensors: list[Tensor], what: str, optimized: list[int] = (
         differ = [f"{name} {int(mine[k])} on rank {dist.get_rank()}, {int(low[k])}..{int(high[k])} over the ranks"
                   for k, name in enumerate(names[:len(mine) - 1]) if low[k] != high[k]]
         raise ValueError(f"MetaAdamW(sync_meta=True): the ranks built different {what} ({'; '.join(differ)}): give "
-                         f"every rank the same model, param groups and options")
+                         f"every rank the same model, param groups and options (each rank optimises every "
+                         f"parameter: sharding optimizers are not supported)")
 
 
 def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison: bool = False) -> list[Tensor | None]:

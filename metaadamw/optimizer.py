@@ -151,16 +151,15 @@ class MetaAdamW(torch.optim.Optimizer):
         alpha_range = _number("alpha_range", alpha_range, 0.0, 2.0, "so that alpha stays positive")
         beta_range = _number("beta_range", beta_range, 0.0, 2.0, "so that beta stays positive")
         for name, value in (("modulator_layers", modulator_layers), ("modulator_heads", modulator_heads),
-                            ("modulator_ff", modulator_ff), ("refresh_every", refresh_every)):
+                            ("modulator_ff", modulator_ff)):
             _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _check(modulator_width is None or (_is_int(modulator_width) and modulator_width >= 1),
                f"modulator_width must be None or an integer >= 1, got {modulator_width!r}")
-        _check(total_steps is None or (_is_int(total_steps) and total_steps >= 1),
-               f"total_steps must be None or an integer >= 1, got {total_steps!r}")
+        for name, value in (("refresh_every", refresh_every), ("total_steps", total_steps),
+                            ("meta_gradient", meta_gradient)):
+            _check_run_setting(name, value)
         modulator_dropout = _number("modulator_dropout", modulator_dropout, 0.0, 1.0, below_high=True)
         meta_lr = _number("meta_lr", meta_lr, 0.0, math.inf, above_low=True)
-        _check(meta_gradient in META_GRADIENTS,
-               f"meta_gradient must be one of {META_GRADIENTS}, got {meta_gradient!r}")
         _check(modulator_init in HEAD_INITS, f"modulator_init must be one of {HEAD_INITS}, got {modulator_init!r}")
         meta_weight_decay = _number("meta_weight_decay", meta_weight_decay, 0.0, math.inf)
         gate_l1 = _number("gate_l1", gate_l1, 0.0, math.inf)
@@ -205,10 +204,7 @@ class MetaAdamW(torch.optim.Optimizer):
             meta_weight_decay=meta_weight_decay, meta_gradient=meta_gradient, refresh_every=refresh_every,
             total_steps=total_steps,
         )
-        self.meta_gradient = meta_gradient
         self.foreach = True if foreach is None else bool(foreach)
-        self.refresh_every = refresh_every
-        self.total_steps = total_steps
 
         self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
         self._check_params(self._params)
@@ -281,10 +277,27 @@ class MetaAdamW(torch.optim.Optimizer):
         self._plan: _Plan | None = None
         self._live: tuple[bool, ...] | None = None  # the tensors the features average over (_set_live)
 
+    # settings a run may change between steps; kept in ``config``, which checkpoints save
+    refresh_every = property(lambda self: self.config["refresh_every"],
+                             lambda self, value: self._set_run_setting("refresh_every", value),
+                             doc="Recompute the multipliers every k steps (1: every step, as the paper).")
+    total_steps = property(lambda self: self.config["total_steps"],
+                           lambda self, value: self._set_run_setting("total_steps", value),
+                           doc="Training length, which normalises the time-step feature (None: t / (t + 1000)).")
+    meta_gradient = property(lambda self: self.config["meta_gradient"],
+                             lambda self, value: self._set_run_setting("meta_gradient", value),
+                             doc="'finite_difference' or 'exact': how meta_step differentiates through g'.")
+
+    def _set_run_setting(self, name: str, value: Any) -> None:
+        _check_run_setting(name, value)
+        self.config[name] = value
+
     # ------------------------------------------------------------------------------------------
     # construction helpers
 
     def _check_params(self, params: list[Tensor]) -> None:
+        _check_not_sharded(["a shard of the parameters from ZeroRedundancyOptimizer"]
+                           if D.made_by_zero_redundancy_optimizer() else [])
         _check(bool(params), "MetaAdamW got no parameters (its param groups are all empty): the modulator's groups come "
                              "from the parameters, so build the optimizer once there are parameters to train (frozen "
                              "ones may be included: they are not updated while they have no gradient)")
@@ -1247,15 +1260,26 @@ def _callable_without_arguments(fn: Any) -> bool:
 
 
 def _check_not_sharded(kinds: list[str]) -> None:
-    _check(not kinds, f"MetaAdamW got sharded or distributed tensors ({', '.join(kinds)}: FSDP's, or tensor "
+    _check(not kinds, f"MetaAdamW got sharded or distributed tensors ({', '.join(kinds)}: FSDP's, ZeRO's or tensor "
                       f"parallelism's), which it does not support: each rank would see the statistics of its shard "
-                      f"only, and its updates cannot take such tensors. Use DistributedDataParallel (or train without "
-                      f"sharding)")
+                      f"only, and its updates cannot take such tensors. Use DistributedDataParallel with MetaAdamW "
+                      f"itself as the optimizer (or train without sharding)")
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _check_run_setting(name: str, value: Any) -> None:
+    """Validate ``refresh_every``, ``total_steps`` or ``meta_gradient`` (in the constructor and when set later)."""
+    if name == "meta_gradient":
+        _check(value in META_GRADIENTS, f"meta_gradient must be one of {META_GRADIENTS}, got {value!r}")
+    elif name == "total_steps":
+        _check(value is None or (_is_int(value) and value >= 1),
+               f"total_steps must be None or an integer >= 1, got {value!r}")
+    else:
+        _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
 
 
 #: AdamW's flags MetaAdamW accepts only at their defaults, and why

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -278,6 +279,32 @@ def test_run_options_that_differ_from_the_checkpoints_are_kept_with_a_warning():
         target.load_state_dict(sd)
     assert (target.refresh_every, target.total_steps, target.meta_gradient) == (3, 500, "exact")
     assert target.global_step == sd["metaadamw"]["global_step"] > 0  # (and the rest loaded)
+
+
+def test_run_options_set_after_construction_are_checked_used_and_saved():
+    # they were plain attributes beside `config`: a changed refresh_every was used but not saved, so
+    # its checkpoint claimed the old value, and a bad value failed only inside a later step
+    opt = _stepped()
+    opt.refresh_every, opt.total_steps, opt.meta_gradient = 3, 500, "exact"
+    for name, bad, message in (("refresh_every", 0, "refresh_every must be an integer >= 1, got 0"),
+                               ("total_steps", 1.5, "total_steps must be None or an integer >= 1, got 1.5"),
+                               ("meta_gradient", "exakt", "meta_gradient must be one of")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            setattr(opt, name, bad)
+    assert (opt.refresh_every, opt.total_steps, opt.meta_gradient) == (3, 500, "exact")
+    infer, refreshed = opt.modulator.infer, []
+    opt.modulator.infer = lambda *a: refreshed.append(opt.global_step) or infer(*a)
+    start = opt.global_step
+    for p in opt._params:
+        p.grad = torch.ones_like(p)
+    for _ in range(6):
+        opt.step()
+    assert refreshed == [s for s in range(start + 1, start + 7) if (s - 1) % 3 == 0]
+    sd = opt.state_dict()
+    assert {k: sd["metaadamw"]["config"][k] for k in ("refresh_every", "total_steps", "meta_gradient")} == {
+        "refresh_every": 3, "total_steps": 500, "meta_gradient": "exact"}
+    with pytest.warns(UserWarning, match=r"meta_gradient 'exact' -> 'finite_difference', refresh_every 3 -> 1"):
+        MetaAdamW(mlp(0).named_parameters(), **KW).load_state_dict(sd)
 
 
 def test_a_torch_adam_checkpoint_with_l2_weight_decay_is_refused():

@@ -81,8 +81,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
     try:
-        if scenario == "fsdp":  # sharded parameters: refused when the optimizer is made
-            torch.save({"errors": _fsdp_errors()}, f"{out}/rank{rank}.pt")
+        if scenario == "sharded":  # sharded parameters: refused when the optimizer is made
+            torch.save({"errors": _sharded_errors()}, f"{out}/rank{rank}.pt")
             return
         try:
             model, opt = early or _make(100 + rank, **kwargs)  # every rank its own seed
@@ -124,21 +124,28 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         dist.destroy_process_group()
 
 
-def _fsdp_errors() -> list[str | None]:
+def _sharded_errors() -> list[str | None]:
     """What making MetaAdamW raises for FSDP's flat parameters, FSDP with the original parameters (views of
-    the flat shard) and FSDP2's DTensors (None: accepted)."""
+    the flat shard), FSDP2's DTensors and ZeroRedundancyOptimizer's shards (None: accepted)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
     cpu = torch.device("cpu")
-    makers = [lambda: FullyShardedDataParallel(mlp(0), device_id=cpu),
-              lambda: FullyShardedDataParallel(mlp(0), device_id=cpu, use_orig_params=True),
-              lambda: fully_shard(mlp(0), mesh=init_device_mesh("cpu", (WORLD,)))]
+
+    def named(model):
+        return MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+
+    makers = [lambda: named(FullyShardedDataParallel(mlp(0), device_id=cpu)),
+              lambda: named(FullyShardedDataParallel(mlp(0), device_id=cpu, use_orig_params=True)),
+              lambda: named(fully_shard(mlp(0), mesh=init_device_mesh("cpu", (WORLD,)))),
+              # (ZeRO passes tensors without names: with grouping="original" nothing else stops it)
+              lambda: ZeroRedundancyOptimizer(mlp(0).parameters(), optimizer_class=MetaAdamW,
+                                              **small_kwargs(grouping="original"))]
     errors: list[str | None] = []
     for make in makers:
-        model = make()
         try:
-            MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+            make()
             errors.append(None)
         except ValueError as exc:
             errors.append(str(exc))
@@ -261,11 +268,15 @@ def test_an_optimizer_that_stepped_before_the_process_group_is_refused_on_every_
         assert "Make the optimizer after init_process_group" in r["error"]
 
 
-def test_sharded_parameters_of_fsdp_are_refused_when_the_optimizer_is_made(tmp_path):
+def test_sharded_parameters_of_fsdp_and_zero_are_refused_when_the_optimizer_is_made(tmp_path):
     # FSDP2's DTensors failed later inside step() and meta_step with sharding errors; FSDP1's flat parameters (and
-    # its views of them) were accepted, each rank stepping on the statistics of its shard
-    for r in _run(tmp_path, "fsdp"):
-        kinds = ["FSDP's flat parameter", "parameters of an FSDP-wrapped model", "DTensor"]
+    # its views of them) were accepted, each rank stepping on the statistics of its shard. As ZeRO's
+    # optimizer_class, it was refused for the wrong reason (missing names; ranks with different
+    # modulators) or, with shards of equal shapes, accepted: one modulator for different tensors
+    for r in _run(tmp_path, "sharded"):
+        kinds = ["FSDP's flat parameter", "parameters of an FSDP-wrapped model", "DTensor",
+                 "a shard of the parameters from ZeroRedundancyOptimizer"]
+        assert len(r["errors"]) == len(kinds)
         for error, kind in zip(r["errors"], kinds):
             assert error is not None and f"sharded or distributed tensors ({kind}" in error, (kind, error)
 
