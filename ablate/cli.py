@@ -3,7 +3,7 @@
     ablate list [--keys] [--plugin MODULE]     registered tasks and components (and config keys)
     ablate train --task etth1 --optimizer metaadamw --set key=value [--plugin MODULE] ...   one trial
           [--checkpoint FILE] [--resume FILE] [--json] [--no-progress]
-    ablate run SPEC [--dry-run] [--resume] [--rerun TASK|ARM|all] [--address ADDR] [--storage PATH] ...
+    ablate run SPEC [--dry-run [--list]] [--resume] [--rerun TASK|ARM|all] [--address ADDR] [--storage PATH] ...
                                                a study on Ray Tune
     ablate tune SPEC [--trials N] [--study-storage PATH|URL] [--address ADDR] [--storage PATH]
                                                Optuna search of the HUW priorities (tune.arm: adamw: AdamW's lr)
@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run a study file on Ray Tune")
     s.add_argument("spec")
     s.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+    s.add_argument("--list", action="store_true",
+                   help="with --dry-run: one line per trial also in studies of more than 200 trials (else the "
+                        "counts per arm and task only)")
     s.add_argument("--resume", action="store_true",
                    help="also continue unfinished trials from their last per-epoch checkpoint (finished trials "
                         "are reused either way)")

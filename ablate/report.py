@@ -240,12 +240,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^\w.-]+", "_", str(text)).strip("_") or "x"
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _save(fig: plt.Figure, path: Path, outside: bool = False) -> Path:
+    """``outside``: the figure has a legend outside its axes: the saved image grows to hold it
+    (tight_layout would shrink the axes instead)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if not outside:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110, **({"bbox_inches": "tight"} if outside else {}))
     plt.close(fig)
     return path
+
+
+#: above this many arms, the performance profile's legend goes beside the plot and its table
+#: lists the arms as rows (one column per arm made lines of thousands of characters)
+MANY_ARMS = 8
 
 
 def _arm_trials(results: Results, task: str, arm: str) -> pd.DataFrame:
@@ -370,16 +378,19 @@ def plot_performance_profile(profile: pd.DataFrame, out_dir: Path) -> Path | Non
     """rho(tau) step curves, one per arm."""
     if profile.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
     n = len(profile.columns)
+    fig, ax = plt.subplots(figsize=(6, 4 if n <= MANY_ARMS else max(4.0, 0.16 * n)))
     for k, arm in enumerate(profile.columns):  # styles, markers and narrowing widths: coinciding arms stay visible
         ax.step(profile.index, profile[arm], where="post", label=arm, linestyle=("-", "--", "-.", ":")[k % 4],
                 marker="osD^v<>"[k % 7], markersize=4, markevery=(3 * k % 25, 25),
                 linewidth=1 + 2.5 * (n - 1 - k) / max(n - 1, 1), alpha=0.85)
     ax.set(xlabel="tau (ratio to the best arm)", ylabel="share of tasks within tau", ylim=(-0.02, 1.02),
            title="performance profiles")
-    ax.legend(fontsize="small")
-    return _save(fig, out_dir / "performance_profile.png")
+    if n <= MANY_ARMS:
+        ax.legend(fontsize="small")
+        return _save(fig, out_dir / "performance_profile.png")
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return _save(fig, out_dir / "performance_profile.png", outside=True)
 
 
 def plot_factorial_effects(effects: pd.DataFrame, out_dir: Path) -> Path | None:
@@ -677,7 +688,8 @@ def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
     notes = stats.profile_notes(results)
     if ratios.empty:  # (every task left out: say why)
         return [_heading("Performance profiles"), _text("No task to profile: " + "; ".join(notes) + ".")] if notes else []
-    shown = ratios.map(_ratio_cell).reset_index()
+    shown = ratios.map(_ratio_cell)
+    shown = (shown.T.rename_axis("arm") if len(ratios.columns) > MANY_ARMS else shown).reset_index()
     return [
         _heading("Performance profiles"),
         _text("Per task, each arm's mean best metric relative to the best arm's: arm/best for 'min' "

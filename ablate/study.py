@@ -242,16 +242,23 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
             ) from exc
 
 
-def format_trials(study: Study) -> str:
+#: ``--dry-run`` lists the trials one per line in studies of at most this many (else ``--list`` does)
+LISTED_TRIALS = 200
+
+
+def format_trials(study: Study, every: bool = False) -> str:
     """The ``--dry-run`` listing: one line per trial (id, task, seed, arms, settings that differ
-    from the task's baseline trial), then the number of trials per arm and task."""
+    from the task's baseline trial) - in a study of more than :data:`LISTED_TRIALS`, only with
+    ``every`` - then the number of trials per arm and task."""
+    head = f"study {study.name}: {len(study.trials)} trials"
+    if len(study.trials) > LISTED_TRIALS and not every:
+        return "\n".join([f"{head} (one line per trial with --list)", "", *_summary(study)])
     baselines = {(t.task, t.seed): t.config for t in study.trials if "baseline" in t.arms}
     rows = [
         [t.trial_id, t.task, f"seed={t.seed}", " = ".join(t.arms), _differences(t.config, baselines[t.task, t.seed])]
         for t in study.trials
     ]
-    lines = [f"study {study.name}: {len(study.trials)} trials", *_table(rows), "", *_summary(study)]
-    return "\n".join(lines)
+    return "\n".join([head, *_table(rows), "", *_summary(study)])
 
 
 # -- reading the file -----------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ablate import results as store
-from ablate.config import did_you_mean, first_ten
+from ablate.config import ConfigError, did_you_mean, first_ten
 from ablate.files import atomic_write_bytes
 from ablate.study import Study, TrialSpec, format_trials, import_plugins, load_study
 
@@ -824,7 +824,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                keep_checkpoints: bool, resume_hint: str | None = None) -> SweepOutcome:
     from ray import tune
 
-    for folder in (out_dir / store.PARTS_DIR, out_dir / CHECKPOINTS_DIR, out_dir):  # writes cut off by a kill
+    for folder in (out_dir / store.PARTS_DIR, out_dir / store.CACHE_DIR, out_dir / CHECKPOINTS_DIR, out_dir):  # cut off
         for stale in folder.glob(".*.tmp"):  # (the folder's lock: no other run of the study is writing)
             stale.unlink(missing_ok=True)
     copy = out_dir / "study.yaml"
@@ -1023,11 +1023,13 @@ def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> s
 
 
 def run_command(args) -> int:
+    if getattr(args, "list", False) and not args.dry_run:
+        raise ConfigError("--list lists the trials of a dry run: add --dry-run")
     study = load_study(args.spec, extra_seeds=args.extra_seeds)
     if args.dry_run:
         if getattr(args, "rerun", None):
             rerun_selection(study, args.rerun)  # (a misspelt name: refused before the listing, not after it)
-        print(format_trials(study))
+        print(format_trials(study, every=getattr(args, "list", False)))
         print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)
         check_resources(study, args.address, None)  # what the run would refuse before Ray starts, refused here too

@@ -224,6 +224,28 @@ def test_an_arm_whose_every_trial_failed_stays_in_the_profile_and_draws_no_warni
     assert "lr=1e6" in profile and "inf" in profile
 
 
+def test_the_performance_profile_of_many_arms_lists_them_as_rows_beside_a_legend_outside_the_plot(tmp_path, report_kit):
+    # 82 arms: a table of 83 columns (lines of 8,290 characters), and a 660 x 440 figure whose legend
+    # of 82 long names covered the curves and was cut off
+    from PIL import Image
+
+    write_small_study(tmp_path, report_kit)
+    arms = [f"factorial:features=enhanced,gating=true,modulator_layers={k}" for k in range(report.MANY_ARMS + 4)]
+    for k, arm in enumerate(arms):
+        for seed in range(2):
+            row = report_kit.trial_row("etth1", "gating=true", seed, 0.011 + k * 1e-4)
+            row.update(trial_id=f"many{k:03d}s{seed}", arm=arm, arms=json.dumps([arm]), axis="factorial")
+            write_trial(tmp_path, row)
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    profile = md.split("## Performance profiles", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in profile.splitlines() if line.startswith("|")]
+    assert table[0].split("|")[1].strip() == "arm" and "etth1" in table[0]
+    assert len(table) == 2 + len(arms) + 2 and max(map(len, table)) < 200  # (adamw, baseline and the cells)
+    with Image.open(tmp_path / "out" / "figures" / "performance_profile.png") as image:
+        width, height = image.size
+    assert width > 660 * 1.3 and height > 400  # (the legend beside the 6 x 4 in axes, not over them)
+
+
 def test_numbers_near_a_threshold_or_zero_are_not_rounded_onto_it():
     # p = 0.049957 (the exact sign-flip p of 16 pairs) printed as "0.05" next to a "*" for p < 0.05
     assert report.fmt_p(0.049957) == "0.04996" and report.fmt_p(0.050004) == "0.05"

@@ -205,6 +205,27 @@ def test_the_dry_run_names_a_merge_of_two_arms(tmp_path):
     assert f"(a merged trial counts in each of its arms above: {len(study.trials)} distinct trials)" in text
 
 
+def test_the_dry_run_of_a_big_study_counts_its_trials_and_lists_them_with_list(tmp_path, capsys):
+    # 3,830 trials printed 3,924 lines of up to 516 characters before the counts per arm and task
+    from ablate.cli import main
+    from ablate.study import LISTED_TRIALS
+
+    study = load(tmp_path, seeds=40, ablations={"gating": [True], "modulator_layers": [2, 4]})
+    assert len(study.trials) > LISTED_TRIALS
+    spec, out = str(study.path), str(tmp_path / "results")
+    assert main(["run", spec, "--dry-run", "--out", out]) == 0
+    short = capsys.readouterr().out
+    assert f"study {study.name}: {len(study.trials)} trials (one line per trial with --list)" in short
+    assert "trials per arm and task" in short and study.trials[0].trial_id not in short
+    assert len(short.splitlines()) < 20
+    assert main(["run", spec, "--dry-run", "--list", "--out", out]) == 0
+    listed = capsys.readouterr().out
+    assert all(t.trial_id in listed for t in study.trials) and "trials per arm and task" in listed
+    assert main(["run", spec, "--list", "--out", out]) == 2
+    assert "--list lists the trials of a dry run: add --dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
 def test_trial_configs_layer_budget_baseline_and_arm(tmp_path):
     study = load(tmp_path, budget={"epochs": 2, "batch_size": 8}, baseline={"gating": False}, ablations={"gating": [True]})
     baseline, arm = trial(study, "tiny_ts", "baseline").config, trial(study, "tiny_ts", "gating=true").config
