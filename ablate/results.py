@@ -56,6 +56,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -245,42 +246,52 @@ def _as_stored(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
         return df, False
 
 
-def _cache_index(out_dir: Path) -> dict[str, dict[str, str]]:
-    """Table -> {part file name -> signature} of the cached parts (empty when there is no usable cache)."""
+def _cache_index(out_dir: Path) -> dict[str, tuple[str, dict[str, str]]]:
+    """Table -> (its cache file's name, {part file name -> signature} of the parts it holds); empty
+    when there is no usable cache."""
     try:
         data = json.loads((out_dir / CACHE_DIR / _CACHE_INDEX).read_text())
-        if data.get("version") != 1:
+        if data.get("version") != 2:
             return {}
-        return {str(table): {str(k): str(v) for k, v in parts.items()} for table, parts in data["tables"].items()}
+        return {str(table): (str(entry["file"]), {str(k): str(v) for k, v in entry["parts"].items()})
+                for table, entry in data["tables"].items()}
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, KeyError):
         return {}
 
 
-def _cached_rows(out_dir: Path, table: str, covered: set[str]) -> pd.DataFrame | None:
-    """The cached rows of the trials ``covered`` (trial ids); None when the cache cannot be read."""
+def _cached_rows(out_dir: Path, file: str, covered: set[str]) -> pd.DataFrame | None:
+    """The rows of the trials ``covered`` (trial ids) in the cache file ``file``; None when it cannot be read."""
     try:
-        df = pd.read_parquet(out_dir / CACHE_DIR / f"{table}.parquet")
-    except Exception:  # (a damaged cache: the parts are read instead)
+        df = pd.read_parquet(out_dir / CACHE_DIR / Path(file).name)
+    except Exception:  # (damaged, or replaced by another process's cache since the index was read)
         return None
     return df[df["trial_id"].isin(covered)] if "trial_id" in df else None
 
 
 def _write_cache(out_dir: Path, parts: dict[str, tuple[pd.DataFrame, dict[str, str]]]) -> None:
-    """Cache the parts' rows that :func:`_read_tables` read (the index last: a cut-off write leaves
-    no index, and the next read opens every part). Best effort: only time is lost without it."""
+    """Cache the parts' rows that :func:`_read_tables` read: each table in a file of its own name,
+    then the index naming those files (an index never names another write's files, also when two
+    processes consolidate at once), then the older files are removed. Best effort: only time is
+    lost without it."""
     folder = out_dir / CACHE_DIR
+    token = f"{os.getpid()}-{time.time_ns()}"
     try:
         folder.mkdir(exist_ok=True)
-        (folder / _CACHE_INDEX).unlink(missing_ok=True)
-        for table, (df, _) in parts.items():
+        tables = {}
+        for table, (df, sigs) in parts.items():
             if df.empty and "trial_id" not in df:  # (parts without rows)
                 df = pd.DataFrame({"trial_id": pd.Series([], dtype="string")})
-            atomic_write_parquet(df, folder / f"{table}.parquet")
-        index = {"version": 1, "tables": {table: sigs for table, (_, sigs) in parts.items()}}
-        atomic_write_bytes(folder / _CACHE_INDEX, json.dumps(index).encode())
+            name = f"{table}.{token}.parquet"
+            atomic_write_parquet(df, folder / name)
+            tables[table] = {"file": name, "parts": sigs}
+        atomic_write_bytes(folder / _CACHE_INDEX, json.dumps({"version": 2, "tables": tables}).encode())
     except (OSError, ValueError) as exc:
         warnings.warn(f"could not write the cache of result parts in {folder} ({type(exc).__name__}: {exc}): "
                       f"results load more slowly, nothing is lost", stacklevel=3)
+        return
+    for old in folder.glob("*.parquet"):
+        if token not in old.name:
+            old.unlink(missing_ok=True)
 
 
 def _read_tables(out_dir: Path) -> _Stored:
@@ -304,12 +315,12 @@ def _read_tables(out_dir: Path) -> _Stored:
     index = _cache_index(out_dir)
     for table in TABLES:
         frames, unreadable, signatures = [], {}, {}
-        cached = index.get(table, {})
+        cache_file, cached = index.get(table, ("", {}))
         for f in files[table]:  # (hashed before it is parsed: a part rewritten meanwhile is parsed again next time)
             signatures[f.name] = _signature(f)
         covered = {f.name for f in files[table] if signatures[f.name] is not None
                    and cached.get(f.name) == signatures[f.name]}
-        rows = _cached_rows(out_dir, table, {n.split(".")[0] for n in covered}) if covered else None
+        rows = _cached_rows(out_dir, cache_file, {n.split(".")[0] for n in covered}) if covered else None
         if rows is None:
             covered = set()
         else:

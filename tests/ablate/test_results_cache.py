@@ -94,20 +94,24 @@ def test_new_and_rewritten_parts_are_parsed_and_replace_their_cached_rows(tmp_pa
     assert sorted(parsed_parts) == sorted([f"{ids[4]}.trials.parquet"] + [f"{extra}.{t}.parquet" for t in store.TABLES])
     _same(got, _parsed(out, tmp_path))
     assert got.trials.set_index("trial_id").loc[ids[4], "best_metric"] == -1.0
-    consolidate(out)  # the next run's end caches them too
+    consolidate(out)  # the next run's end caches them too, in new files named by the new index
     parsed_parts.clear()
     again = load_results(out)
     assert parsed_parts == []
     _same(again, _parsed(out, tmp_path))
+    assert sorted(p.name.split(".")[0] for p in (out / CACHE_DIR).glob("*.parquet")) == sorted(store.TABLES)
 
 
-@pytest.mark.parametrize("damage", ["cache_table", "index", "no_index", "other_version"])
+@pytest.mark.parametrize("damage", ["cache_table", "cache_table_gone", "index", "no_index", "other_version"])
 def test_a_damaged_or_partial_cache_costs_time_only(tmp_path, damage):
     out = tmp_path / "s"
     _study(out)
     cache = out / CACHE_DIR
+    (history,) = cache.glob("history.*.parquet")
     if damage == "cache_table":
-        (cache / "history.parquet").write_bytes(b"not parquet")
+        history.write_bytes(b"not parquet")
+    elif damage == "cache_table_gone":  # (another process's consolidate replaced it since the index was read)
+        history.unlink()
     elif damage == "index":
         (cache / "index.json").write_text("{")
     elif damage == "no_index":  # (a write cut off: the index is written last)
