@@ -31,14 +31,14 @@ from torch import Tensor, nn
 
 
 def made_by_zero_redundancy_optimizer() -> bool:
-    """Whether torch's ``ZeroRedundancyOptimizer`` is making this optimizer (its ``optimizer_class``):
-    each rank would then hold only its shard of the parameters. Looked up on the call stack, and only
-    when that module has been imported."""
+    """Whether torch's ``ZeroRedundancyOptimizer`` is making this optimizer (its ``optimizer_class``,
+    made in its ``_init_local_optimizer``): each rank would then hold only its shard of the
+    parameters. Looked up on the call stack, and only when that module has been imported."""
     module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
     zero = getattr(module, "ZeroRedundancyOptimizer", None)
     frame = sys._getframe(1) if zero is not None else None
     while frame is not None:
-        if isinstance(frame.f_locals.get("self"), zero):
+        if frame.f_code.co_name == "_init_local_optimizer" and isinstance(frame.f_locals.get("self"), zero):
             return True
         frame = frame.f_back
     return False

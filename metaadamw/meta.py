@@ -527,7 +527,9 @@ def _stats_at_theta(opt: "MetaAdamW", g: list[Tensor], m_old: list[Tensor], v_ol
     The foreach path's cos comes from a norm identity that reads 0 where it cannot resolve the dot
     product (a gradient ~1e-4 of the first moment); an exact dot product there gave the meta-update
     other features, and other multipliers, than the step. The carried norms of the previous moments
-    are read from the moments themselves."""
+    are read from the moments themselves. Equal to the step's up to float32 rounding of the norms
+    (on the CPU the step of a model of :data:`~metaadamw.functional.CPU_BLOCKING_MIN_NUMEL` elements
+    or more sums its norms over pieces of the tensors: ~1e-6 relative in the multipliers)."""
     needed = opt.modulator.extractor.required_stats
     beta1, beta2 = (F.to_device([grp["betas"][j] for grp in groups], opt.device, torch.float32) for j in (0, 1))
     if not opt.foreach:

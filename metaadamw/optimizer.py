@@ -1121,6 +1121,9 @@ class MetaAdamW(torch.optim.Optimizer):
         self._drop_torch_flags()  # (pickled by an earlier version after loading an AdamW checkpoint)
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
         self.__dict__.setdefault("_synced_world", 1)  # (pickled before the lazy sync existed)
+        for name in ("refresh_every", "total_steps", "meta_gradient"):  # (pickled when they were attributes)
+            if name in self.__dict__:
+                self.config[name] = self.__dict__.pop(name)
         # an unpickled optimizer that never synced starts over from the pickle, as from a loaded checkpoint
         self._unsynced_from = (self.__dict__.get("global_step", 0), self.__dict__.get("meta_updates", 0))
         self._plan = None

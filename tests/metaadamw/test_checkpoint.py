@@ -305,6 +305,13 @@ def test_run_options_set_after_construction_are_checked_used_and_saved():
         "refresh_every": 3, "total_steps": 500, "meta_gradient": "exact"}
     with pytest.warns(UserWarning, match=r"meta_gradient 'exact' -> 'finite_difference', refresh_every 3 -> 1"):
         MetaAdamW(mlp(0).named_parameters(), **KW).load_state_dict(sd)
+    # an optimizer pickled when they were attributes (set after construction): they move into config
+    old = copy.deepcopy(_stepped()).__getstate__()
+    old.update(refresh_every=4, total_steps=200, meta_gradient="exact")
+    unpickled = MetaAdamW.__new__(MetaAdamW)
+    unpickled.__setstate__(old)
+    assert (unpickled.refresh_every, unpickled.total_steps, unpickled.meta_gradient) == (4, 200, "exact")
+    assert unpickled.state_dict()["metaadamw"]["config"]["refresh_every"] == 4
 
 
 def test_a_torch_adam_checkpoint_with_l2_weight_decay_is_refused():

@@ -136,12 +136,18 @@ def _sharded_errors() -> list[str | None]:
     def named(model):
         return MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
 
+    class ZeroWithProbe(ZeroRedundancyOptimizer):  # a MetaAdamW of another, whole model made in ZeRO's __init__
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            self.probe = MetaAdamW(mlp(1).parameters(), **small_kwargs(grouping="original", sync_meta=False))
+
     makers = [lambda: named(FullyShardedDataParallel(mlp(0), device_id=cpu)),
               lambda: named(FullyShardedDataParallel(mlp(0), device_id=cpu, use_orig_params=True)),
               lambda: named(fully_shard(mlp(0), mesh=init_device_mesh("cpu", (WORLD,)))),
               # (ZeRO passes tensors without names: with grouping="original" nothing else stops it)
               lambda: ZeroRedundancyOptimizer(mlp(0).parameters(), optimizer_class=MetaAdamW,
-                                              **small_kwargs(grouping="original"))]
+                                              **small_kwargs(grouping="original")),
+              lambda: ZeroWithProbe(mlp(0).parameters(), optimizer_class=torch.optim.SGD, lr=0.1)]
     errors: list[str | None] = []
     for make in makers:
         try:
@@ -276,7 +282,8 @@ def test_sharded_parameters_of_fsdp_and_zero_are_refused_when_the_optimizer_is_m
     for r in _run(tmp_path, "sharded"):
         kinds = ["FSDP's flat parameter", "parameters of an FSDP-wrapped model", "DTensor",
                  "a shard of the parameters from ZeroRedundancyOptimizer"]
-        assert len(r["errors"]) == len(kinds)
+        assert len(r["errors"]) == len(kinds) + 1
+        assert r["errors"][-1] is None, "a MetaAdamW of a whole model, made elsewhere inside ZeRO, is not ZeRO's"
         for error, kind in zip(r["errors"], kinds):
             assert error is not None and f"sharded or distributed tensors ({kind}" in error, (kind, error)
 
