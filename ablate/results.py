@@ -219,9 +219,9 @@ class _Stored:
     tables: dict[str, pd.DataFrame]
     damaged: dict[str, str]
     recovered: dict[tuple[str, str], pd.DataFrame]
-    #: per table, the rows of its readable parts and their signatures (part file name -> hash of
-    #: its bytes), which :func:`consolidate` caches
-    parts: dict[str, tuple[pd.DataFrame, dict[str, str]]] = dataclasses.field(default_factory=dict)
+    #: per table, the rows of its readable parts and those parts (``[file name, hash of its bytes,
+    #: rows, columns]`` in file order), which :func:`consolidate` caches
+    parts: dict[str, tuple[pd.DataFrame, list[list]]] = dataclasses.field(default_factory=dict)
 
 
 def _signature(path: Path) -> str | None:
@@ -246,46 +246,90 @@ def _as_stored(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
         return df, False
 
 
-def _cache_index(out_dir: Path) -> dict[str, tuple[str, dict[str, str]]]:
-    """Table -> (its cache file's name, {part file name -> signature} of the parts it holds); empty
-    when there is no usable cache."""
+def _cache_index(out_dir: Path) -> dict[str, tuple[str, list[list]]]:
+    """Table -> (its cache file's name, the parts it holds: ``[file name, hash, rows, columns]`` in
+    file order); empty when there is no usable cache."""
     try:
         data = json.loads((out_dir / CACHE_DIR / _CACHE_INDEX).read_text())
-        if data.get("version") != 2:
+        if data.get("version") != 4:
             return {}
-        return {str(table): (str(entry["file"]), {str(k): str(v) for k, v in entry["parts"].items()})
-                for table, entry in data["tables"].items()}
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, KeyError):
+        out = {}
+        for table, entry in data["tables"].items():
+            columns = [[str(c) for c in cols] for cols in entry["columns"]]
+            out[str(table)] = (str(entry["file"]), [[str(n), str(h), int(r), columns[k]] for n, h, r, k in entry["parts"]])
+        return out
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError, KeyError, IndexError):
         return {}
 
 
-def _cached_rows(out_dir: Path, file: str, covered: set[str]) -> pd.DataFrame | None:
-    """The rows of the trials ``covered`` (trial ids) in the cache file ``file``; None when it cannot be read."""
+def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] | None
+               ) -> tuple[pd.DataFrame, list[list], dict[str, str]]:
+    """One table's rows from its part ``files`` (in file order), the parts read (``[name, hash,
+    rows, columns]``) and the unreadable ones (trial id -> why). The rows of the parts a cache holds
+    come from it when every one of those parts is still there with the same bytes (else the cache
+    is not used: rows of a rewritten or deleted part may have widened the types of its columns);
+    the other parts are parsed, and their rows and columns put in file order among the cached
+    ones, as if every part had been parsed and concatenated."""
+    hashes = {f.name: _signature(f) for f in files}  # (before parsing: a part rewritten meanwhile is parsed again)
+    cached_df, cached = None, []
+    if cache is not None and cache[1] and all(hashes.get(p[0]) == p[1] for p in cache[1]):
+        cached_df = _cached_table(out_dir, cache[0], sum(p[2] for p in cache[1]))
+        cached = cache[1] if cached_df is not None else []
+    known = {p[0] for p in cached}
+    parsed, unreadable = [], {}
+    for f in files:
+        if f.name in known:
+            continue
+        try:
+            parsed.append((f.name, pd.read_parquet(f)))
+        except Exception as exc:  # one unreadable file must not hide every other result
+            unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
+    listed = sorted(cached + [[n, hashes[n], len(df), [str(c) for c in df.columns]] for n, df in parsed
+                              if hashes[n] is not None], key=lambda p: p[0])
+    new = [(n, df) for n, df in parsed if len(df)]  # (parts without rows add neither rows nor columns)
+    if cached_df is None or not len(cached_df):
+        return (pd.concat([df for _, df in new], ignore_index=True) if new else pd.DataFrame()), listed, unreadable
+    if not new:
+        return cached_df, listed, unreadable
+    order = sorted([(p[0], p[2], p[3]) for p in cached if p[2]] + [(n, len(df), list(df.columns)) for n, df in new])
+    columns = list(dict.fromkeys(c for _, _, cols in order for c in cols))
+    keys = np.concatenate([np.repeat(np.array([p[0] for p in cached], dtype=object), [p[2] for p in cached]),
+                           *[np.repeat(np.array([n], dtype=object), len(df)) for n, df in new]])
+    both = pd.concat([cached_df, *[df for _, df in new]], ignore_index=True)
+    return both.iloc[np.argsort(keys, kind="stable")].reset_index(drop=True)[columns], listed, unreadable
+
+
+def _cached_table(out_dir: Path, file: str, rows: int) -> pd.DataFrame | None:
+    """The cache file ``file`` if it holds ``rows`` rows; None when it cannot be read."""
     try:
         df = pd.read_parquet(out_dir / CACHE_DIR / Path(file).name)
     except Exception:  # (damaged, or replaced by another process's cache since the index was read)
         return None
-    return df[df["trial_id"].isin(covered)] if "trial_id" in df else None
+    return df if len(df) == rows else None
 
 
-def _write_cache(out_dir: Path, parts: dict[str, tuple[pd.DataFrame, dict[str, str]]]) -> None:
+def _write_cache(out_dir: Path, parts: dict[str, tuple[pd.DataFrame, list[list]]]) -> None:
     """Cache the parts' rows that :func:`_read_tables` read: each table in a file of its own name,
     then the index naming those files (an index never names another write's files, also when two
-    processes consolidate at once), then the older files are removed. Best effort: only time is
-    lost without it."""
+    processes consolidate at once), then the older files are removed. Tables whose rows cannot be
+    stored together (a column of mixed types) are not cached. Best effort: only time is lost
+    without it."""
     folder = out_dir / CACHE_DIR
     token = f"{os.getpid()}-{time.time_ns()}"
     try:
         folder.mkdir(exist_ok=True)
         tables = {}
-        for table, (df, sigs) in parts.items():
-            if df.empty and "trial_id" not in df:  # (parts without rows)
-                df = pd.DataFrame({"trial_id": pd.Series([], dtype="string")})
+        for table, (df, listed) in parts.items():
+            if not listed:
+                continue
             name = f"{table}.{token}.parquet"
-            atomic_write_parquet(df, folder / name)
-            tables[table] = {"file": name, "parts": sigs}
-        atomic_write_bytes(folder / _CACHE_INDEX, json.dumps({"version": 2, "tables": tables}).encode())
-    except (OSError, ValueError) as exc:
+            atomic_write_parquet(df if len(df.columns) else pd.DataFrame({"trial_id": pd.Series([], dtype="string")}),
+                                 folder / name)  # (parts without rows)
+            columns = list(dict.fromkeys(tuple(p[3]) for p in listed))  # (few distinct column lists)
+            tables[table] = {"file": name, "columns": [list(c) for c in columns],
+                             "parts": [[n, h, r, columns.index(tuple(cols))] for n, h, r, cols in listed]}
+        atomic_write_bytes(folder / _CACHE_INDEX, json.dumps({"version": 4, "tables": tables}).encode())
+    except Exception as exc:  # (best effort)
         warnings.warn(f"could not write the cache of result parts in {folder} ({type(exc).__name__}: {exc}): "
                       f"results load more slowly, nothing is lost", stacklevel=3)
         return
@@ -310,39 +354,14 @@ def _read_tables(out_dir: Path) -> _Stored:
     tables: dict[str, pd.DataFrame] = {}
     damaged: dict[str, str] = {}
     recovered: dict[tuple[str, str], pd.DataFrame] = {}
-    read_parts: dict[str, tuple[pd.DataFrame, dict[str, str]]] = {}
+    read_parts: dict[str, tuple[pd.DataFrame, list[list]]] = {}
     combined_trials: set[str] = set()  # trial ids of the combined trials table
     index = _cache_index(out_dir)
     for table in TABLES:
-        frames, unreadable, signatures = [], {}, {}
-        cache_file, cached = index.get(table, ("", {}))
-        for f in files[table]:  # (hashed before it is parsed: a part rewritten meanwhile is parsed again next time)
-            signatures[f.name] = _signature(f)
-        covered = {f.name for f in files[table] if signatures[f.name] is not None
-                   and cached.get(f.name) == signatures[f.name]}
-        rows = _cached_rows(out_dir, cache_file, {n.split(".")[0] for n in covered}) if covered else None
-        if rows is None:
-            covered = set()
-        else:
-            frames.append(rows)
-        for f in files[table]:
-            if f.name in covered:
-                continue
-            try:
-                frames.append(pd.read_parquet(f))
-            except Exception as exc:  # one unreadable file must not hide every other result
-                unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
-                signatures.pop(f.name)
-                continue
-            if "trial_id" not in frames[-1] or not (frames[-1]["trial_id"] == f.name.split(".")[0]).all():
-                signatures[f.name] = None  # (not a part as write_trial writes them: read each time, never cached)
-        has_parts = len(files[table]) > len(unreadable)  # (parts read, or standing in the cache)
-        part_rows = [f for f in frames if len(f)]
-        part_rows = pd.concat(part_rows, ignore_index=True) if part_rows else pd.DataFrame()
-        if covered and "trial_id" in part_rows:  # in the parts' order (by trial id), as if each part had been read
-            part_rows = part_rows.sort_values("trial_id", kind="stable", ignore_index=True)
+        part_rows, listed, unreadable = _part_rows(out_dir, files[table], index.get(table))
+        has_parts = len(files[table]) > len(unreadable)  # (parts parsed, or standing in the cache)
         part_rows, storable = _as_stored(part_rows)
-        read_parts[table] = (part_rows, {n: sig for n, sig in signatures.items() if sig is not None} if storable else {})
+        read_parts[table] = (part_rows, listed if storable else [])
         frames = [part_rows] if has_parts else []
         if table != "trials":
             expected = finished
@@ -504,6 +523,24 @@ def consolidate(out_dir: str | os.PathLike) -> Results:
         atomic_write_parquet(rows.reset_index(drop=True), out_dir / PARTS_DIR / f"{trial_id}.{table}.parquet")
     results = _results(out_dir, stored, warn_missing=False)
     for name in TABLES:
-        atomic_write_parquet(getattr(results, name), Path(out_dir) / f"{name}.parquet")
+        table, as_text = _mixed_columns_as_text(getattr(results, name))
+        if as_text:
+            warnings.warn(f"{out_dir / f'{name}.parquet'}: the column(s) {', '.join(as_text)} hold values of several "
+                          f"types (e.g. a setting given as a number in some trials and as a string in others): they "
+                          f"are stored there as text (the parts keep each trial's own values)", stacklevel=2)
+        atomic_write_parquet(table, Path(out_dir) / f"{name}.parquet")
     _write_cache(out_dir, stored.parts)
     return results
+
+
+def _mixed_columns_as_text(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``df`` with its object columns whose values are of several types (which Parquet cannot store
+    in one column) as strings (missing values kept), and their names."""
+    mixed = [c for c in df.columns if df[c].dtype == object
+             and len({type(v) for v in df[c] if v is not None and not (isinstance(v, float) and np.isnan(v))}) > 1]
+    if not mixed:
+        return df, []
+    df = df.copy()
+    for c in mixed:
+        df[c] = df[c].map(lambda v: v if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return df, [str(c) for c in mixed]

@@ -85,13 +85,16 @@ def test_new_and_rewritten_parts_are_parsed_and_replace_their_cached_rows(tmp_pa
     out = tmp_path / "s"
     ids = _study(out)
     # computed again (--rerun): its three parts rewritten at once, the trial row with another value of the
-    # same size (a size and modification time would not tell), history and telemetry with the same bytes
+    # same size (a size and modification time would not tell), history and telemetry with the same bytes.
+    # A table whose cached part changed is parsed whole (the part's old rows may have widened the
+    # types of its columns in the cache); the others take the new parts' rows in file order
     _trial(out, 4, best=-1.0)
     extra = _trial(out, 20)  # a new seed's trial
     write_manifest(out, "s", {t: {"study": "s", "arm": "arm0"} for t in [*ids, extra]})
     parsed_parts.clear()
     got = load_results(out)
-    assert sorted(parsed_parts) == sorted([f"{ids[4]}.trials.parquet"] + [f"{extra}.{t}.parquet" for t in store.TABLES])
+    assert sorted(parsed_parts) == sorted([f"{t}.trials.parquet" for t in [*ids, extra]]
+                                          + [f"{extra}.{t}.parquet" for t in ("history", "telemetry")])
     _same(got, _parsed(out, tmp_path))
     assert got.trials.set_index("trial_id").loc[ids[4], "best_metric"] == -1.0
     consolidate(out)  # the next run's end caches them too, in new files named by the new index
@@ -137,3 +140,45 @@ def test_a_damaged_part_is_noticed_through_the_cache_and_restored(tmp_path):
     key = ["trial_id", "epoch"]
     pd.testing.assert_frame_equal(got.history.sort_values(key, ignore_index=True),
                                   before.history.sort_values(key, ignore_index=True))
+
+
+@pytest.mark.parametrize("change", ["rewritten", "deleted"])
+def test_a_part_that_widened_a_column_changes_it_back_with_or_without_the_cache(tmp_path, change):
+    # the cache was written while one trial had None in an integer column (float64 once stored
+    # together); that trial computed again with an integer, or its parts removed: int64 again
+    out = tmp_path / "s"
+    ids = _study(out)  # (meta_every None on trials 0, 3, 6, 9)
+    for k in (0, 3, 6, 9):
+        if change == "rewritten":
+            write_trial(out, {**load_results(out).trials.set_index("trial_id").loc[ids[k]].to_dict(),
+                              "trial_id": ids[k], "meta_every": 10})
+        else:  # (removed by hand with the combined tables, which would otherwise restore them)
+            for table in store.TABLES:
+                (out / PARTS_DIR / f"{ids[k]}.{table}.parquet").unlink()
+                (out / f"{table}.parquet").unlink(missing_ok=True)
+    got = load_results(out, all_trials=True)
+    assert got.trials["meta_every"].dtype == "int64" and len(got.trials) == (12 if change == "rewritten" else 8)
+    _same(got, _parsed(out, tmp_path, all_trials=True))
+
+
+def test_parts_of_unusual_ids_types_or_rows_load_as_parsed(tmp_path):
+    out = tmp_path / "s"
+    ids = ["abc", "abc-1", "abd"]  # ('-' sorts before '.': file order is not the order of the ids)
+    for k, trial_id in enumerate(ids):
+        write_trial(out, {"trial_id": trial_id, "status": "ok", "best_metric": 1.0 + k,
+                          "finished_at": f"2026-11-30T10:0{k}:00", "warmup": "auto" if k == 0 else 5},
+                    [{"epoch": e, "x": float(k)} for e in (1, 2)])
+    # a part holding another trial's rows (copied over it), and a column of mixed types (str in one
+    # trial, int in the others: the rows cannot be stored together, nor cached)
+    store.atomic_write_parquet(pd.read_parquet(out / PARTS_DIR / "abd.history.parquet"),
+                               out / PARTS_DIR / "abc.history.parquet")
+    with pytest.warns(UserWarning, match=r"the column\(s\) warmup hold values of several types .* stored there as text"):
+        consolidate(out)  # (it raised ArrowTypeError at the end of the run)
+    assert sorted(pd.read_parquet(out / "trials.parquet")["warmup"]) == ["5", "5", "auto"]
+    _trial(out, 7)  # a new part among the cached ones
+    got = load_results(out, all_trials=True)
+    _same(got, _parsed(out, tmp_path, all_trials=True))
+    # file order: abc-1's part before abc's (which holds abd's rows, as parsing gives them: twice)
+    assert list(dict.fromkeys(got.history["trial_id"])) == ["000000000007", "abc-1", "abd"]
+    assert (got.history["trial_id"] == "abd").sum() == 4
+    assert sorted(got.trials["warmup"].map(str)) == ["5", "5", "auto", "nan"]
