@@ -1,5 +1,5 @@
-"""The GPU check script (benchmarks/cuda_step.py) runs, here on the CPU, so that a session with a
-GPU for a few minutes finds it working."""
+"""The benchmark scripts run: the GPU check (benchmarks/cuda_step.py) here on the CPU, so that a
+session with a GPU for a few minutes finds it working, and the results-loading benchmark on a small study."""
 
 from __future__ import annotations
 
@@ -58,3 +58,12 @@ def test_cuda_step_script_reports_a_failing_part_and_runs_the_others(cuda_step, 
     assert result["syncs"]["mlp10"] == "n/a (CPU)"
     assert json.loads(captured.out.strip().splitlines()[-1]) == result  # the last line is the JSON
     assert "mlp10     FAILED RuntimeError: no kernel image is available" in captured.err
+
+
+def test_results_loading_script_compares_the_cached_load_with_parsing():
+    pytest.importorskip("ablate")
+    spec = importlib.util.spec_from_file_location("results_loading", ROOT / "benchmarks" / "results_loading.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--trials", "20"])  # (it checks that both loads give the same tables)
+    assert result["trials"] == 20 and result["load_parsing_s"] > 0 and result["load_cached_s"] > 0
