@@ -12,11 +12,13 @@ leaves a truncated file::
 earlier one, so a retried trial appears exactly once) and :func:`consolidate` also writes the
 combined ``OUT/trials.parquet``, ``OUT/history.parquet`` and ``OUT/telemetry.parquet``.
 
-Parsing thousands of small parts is slow (about 8 ms a file: minutes for a study of a few thousand
-trials), so :func:`consolidate` also keeps ``OUT/parts_cache/``: each table's rows of the parts it
-read, in one file, and an index of those parts with a hash of their bytes. A part whose bytes still
-hash the same is taken from the cache (reading and hashing it costs ~0.1 ms); any other (new or
-rewritten) is parsed itself. The parts stay the record; deleting the cache only costs time.
+Parsing thousands of small parts is slow (about 5-8 ms a file: minutes for a study of a few
+thousand trials), so :func:`consolidate` also keeps ``OUT/parts_cache/``: each table's rows of the
+parts it read, in one file, and an index of those parts with a hash of their bytes. While every
+part a table's cache holds still hashes the same (reading and hashing costs ~0.1 ms a part), its
+rows come from the cache and only parts added since are parsed; a table one of whose cached parts
+was rewritten or removed is parsed whole. The parts stay the record; deleting the cache only
+costs time.
 
 ``OUT/study_trials.json`` (:func:`write_manifest`, written by every ``ablate run``) lists the trials
 of the study as last run there, with their arm labels. A results directory outlives edits of its
@@ -523,19 +525,25 @@ def consolidate(out_dir: str | os.PathLike) -> Results:
         atomic_write_parquet(rows.reset_index(drop=True), out_dir / PARTS_DIR / f"{trial_id}.{table}.parquet")
     results = _results(out_dir, stored, warn_missing=False)
     for name in TABLES:
-        table, as_text = _mixed_columns_as_text(getattr(results, name))
-        if as_text:
-            warnings.warn(f"{out_dir / f'{name}.parquet'}: the column(s) {', '.join(as_text)} hold values of several "
-                          f"types (e.g. a setting given as a number in some trials and as a string in others): they "
-                          f"are stored there as text (the parts keep each trial's own values)", stacklevel=2)
-        atomic_write_parquet(table, Path(out_dir) / f"{name}.parquet")
+        path = Path(out_dir) / f"{name}.parquet"
+        try:
+            atomic_write_parquet(getattr(results, name), path)
+        except Exception:  # (pyarrow's ArrowTypeError or ArrowInvalid: a column of values of several types)
+            table, as_text = _mixed_columns_as_text(getattr(results, name))
+            if not as_text:
+                raise
+            warnings.warn(f"{path}: the column(s) {', '.join(as_text)} hold values of several types (e.g. a setting "
+                          f"given as a number in some trials and as a string in others): they are stored there as "
+                          f"text (the parts keep each trial's own values)", stacklevel=2)
+            atomic_write_parquet(table, path)
     _write_cache(out_dir, stored.parts)
     return results
 
 
 def _mixed_columns_as_text(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``df`` with its object columns whose values are of several types (which Parquet cannot store
-    in one column) as strings (missing values kept), and their names."""
+    in one column: tried when it could not be stored) as strings (missing values kept), and their
+    names."""
     mixed = [c for c in df.columns if df[c].dtype == object
              and len({type(v) for v in df[c] if v is not None and not (isinstance(v, float) and np.isnan(v))}) > 1]
     if not mixed:
