@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("spec")
     s.add_argument("--dry-run", action="store_true", help="print the trials and exit")
     s.add_argument("--list", action="store_true",
-                   help="with --dry-run: one line per trial also in studies of more than 200 trials (else the "
+                   help="with --dry-run: one line per trial also in studies of more than 500 trials (else the "
                         "counts per arm and task only)")
     s.add_argument("--resume", action="store_true",
                    help="also continue unfinished trials from their last per-epoch checkpoint (finished trials "

@@ -243,7 +243,7 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
 
 
 #: ``--dry-run`` lists the trials one per line in studies of at most this many (else ``--list`` does)
-LISTED_TRIALS = 200
+LISTED_TRIALS = 500
 
 
 def format_trials(study: Study, every: bool = False) -> str:

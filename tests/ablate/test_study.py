@@ -210,7 +210,7 @@ def test_the_dry_run_of_a_big_study_counts_its_trials_and_lists_them_with_list(t
     from ablate.cli import main
     from ablate.study import LISTED_TRIALS
 
-    study = load(tmp_path, seeds=40, ablations={"gating": [True], "modulator_layers": [2, 4]})
+    study = load(tmp_path, seeds=60, ablations={"gating": [True], "modulator_layers": [2, 4]})
     assert len(study.trials) > LISTED_TRIALS
     spec, out = str(study.path), str(tmp_path / "results")
     assert main(["run", spec, "--dry-run", "--out", out]) == 0
