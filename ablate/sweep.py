@@ -947,7 +947,8 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
         planned.setdefault(t.task, [])
         planned[t.task] += [a for a in t.arms if a not in planned[t.task]]
     lines = []
-    for task, df in arms.groupby("task", sort=False):
+    tasks = {task: k for k, task in enumerate(planned)}  # (the study's order; others as stored, after them)
+    for task, df in sorted(arms.groupby("task", sort=False), key=lambda item: tasks.get(item[0], len(tasks))):
         missing = [a for a in planned.get(task, []) if a not in set(df["arm"])]
         missing_line = f"  (no trial stored yet: {', '.join(missing)})" if missing else None
         known = df[df["status"] != "failed"]  # (failed rows of older runs carry no metric)

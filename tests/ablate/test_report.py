@@ -430,16 +430,19 @@ def test_the_run_summary_names_the_studys_arms_and_tasks_without_a_stored_trial(
     assert "no trial stored yet" not in summary_table(results)  # (without the study: only what is stored)
 
 
-def test_the_run_summary_lists_the_arms_in_the_studys_order_whatever_order_they_were_stored_in():
+def test_the_run_summary_lists_the_arms_and_tasks_in_the_studys_order_whatever_order_they_were_stored_in():
     # they came in the order their first trial was stored, which differs between two runs of one study
     from types import SimpleNamespace
 
     from ablate.results import Results
     from ablate.sweep import summary_table
     arms = ["baseline", "weighting=none", "grouping=original", "objective=loss_decrease", "adamw"]
-    rows = [{"trial_id": f"{arm}{s}", "task": "etth1", "seed": s, "arm": arm, "arms": json.dumps([arm]), "status": "ok",
-             "mode": "min", "metric": "mse", "best_metric": 1.0 + s} for arm in reversed(arms) for s in range(2)]
-    study = SimpleNamespace(trials=[SimpleNamespace(task="etth1", arms=[arm]) for arm in arms])
+    tasks = ["etth1", "wikitext2", "cifar10"]
+    rows = [{"trial_id": f"{task}{arm}{s}", "task": task, "seed": s, "arm": arm, "arms": json.dumps([arm]),
+             "status": "ok", "mode": "min", "metric": "mse", "best_metric": 1.0 + s}
+            for arm in reversed(arms) for task in reversed(tasks) for s in range(2)]
+    study = SimpleNamespace(trials=[SimpleNamespace(task=task, arms=[arm]) for task in tasks for arm in arms])
     lines = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()), study).splitlines()
     listed = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in arms]
-    assert listed == arms
+    assert listed == arms * 3
+    assert [line.split()[0] for line in lines if line.split() and line.split()[0] in tasks] == tasks
