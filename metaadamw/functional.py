@@ -500,6 +500,18 @@ def _foreach_norm_takes_dtype() -> bool:
 FOREACH_NORM_DTYPE = _foreach_norm_takes_dtype()
 
 
+def measures_v_sum(needed: frozenset[str], exp_avg_sqs: list[Tensor]) -> bool:
+    """Whether :func:`foreach_stats` must be given sum(v) read from the moments (``v_sum=``): the
+    v_norm statistic is needed and some second moments are not of :data:`CARRIED_V_DTYPES`."""
+    return "v_norm" in needed and any(v.dtype not in CARRIED_V_DTYPES for v in exp_avg_sqs)
+
+
+def carried_norms(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(||m||^2, sum v)`` per tensor read from the moments: what :func:`foreach_stats` carries
+    from one step to the next, where it was not carried."""
+    return _vector(torch._foreach_norm(exp_avgs)).square(), measured_v_sum(exp_avg_sqs)
+
+
 def measured_v_sum(exp_avg_sqs: list[Tensor]) -> Tensor:
     """sum(v) per tensor as a float32 vector, read from the tensors (v >= 0: its L1 norm),
     accumulated in float32 or wider (a float16 sum can overflow; float64 is not narrowed)."""

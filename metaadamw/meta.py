@@ -534,9 +534,8 @@ def _stats_at_theta(opt: "MetaAdamW", g: list[Tensor], m_old: list[Tensor], v_ol
     beta1, beta2 = (F.to_device([grp["betas"][j] for grp in groups], opt.device, torch.float32) for j in (0, 1))
     if not opt.foreach:
         return F.single_tensor_stats(needed, g, None, None, m_new, v_new, theta, beta1, beta2)[0]
-    measured = "v_norm" in needed and any(v.dtype not in F.CARRIED_V_DTYPES for v in v_new)  # (as the step's plan)
-    return F.foreach_stats(needed, g, F._vector(torch._foreach_norm(m_old)).square(), F.measured_v_sum(v_old),
-                           m_new, v_new, theta, beta1, beta2, v_sum=F.measured_v_sum(v_new) if measured else None)[0]
+    return F.foreach_stats(needed, g, *F.carried_norms(m_old, v_old), m_new, v_new, theta, beta1, beta2,
+                           v_sum=F.measured_v_sum(v_new) if F.measures_v_sum(needed, v_new) else None)[0]
 
 
 def _chain_to_multipliers(d_theta: list[Tensor], theta: list[Tensor], direction: list[Tensor], decay: Tensor,

@@ -643,8 +643,7 @@ class MetaAdamW(torch.optim.Optimizer):
         empty = self._params[0].new_zeros(0)
         m = [st["exp_avg"] if "exp_avg" in st else empty for st in states]
         v = [st["exp_avg_sq"] if "exp_avg_sq" in st else empty for st in states]
-        self._carry = {"exp_avg_norm_sq": F._vector(torch._foreach_norm(m)) ** 2,
-                       "v_sum": F.measured_v_sum(v)}
+        self._carry = dict(zip(("exp_avg_norm_sq", "v_sum"), F.carried_norms(m, v)))
 
     def _init_state(self, p: Tensor) -> None:
         st = self.state[p]
@@ -720,8 +719,7 @@ class MetaAdamW(torch.optim.Optimizer):
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
         beta1, beta2 = self._beta_vectors(indices)
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
-        measure_v_sum = "v_norm" in self.modulator.extractor.required_stats and any(
-            v.dtype not in F.CARRIED_V_DTYPES for v in exp_avg_sqs)
+        measure_v_sum = F.measures_v_sum(self.modulator.extractor.required_stats, exp_avg_sqs)
         self._plan = _Plan(
             active=active,
             state=self.state,
