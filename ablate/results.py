@@ -226,13 +226,10 @@ class _Stored:
     parts: dict[str, tuple[pd.DataFrame, list[list]]] = dataclasses.field(default_factory=dict)
 
 
-def _signature(path: Path) -> str | None:
-    """A hash of a part's bytes (None when it cannot be read). Not its size and modification time:
-    a part rewritten within the file system's clock tick (milliseconds) with the same size kept them."""
-    try:
-        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-    except OSError:
-        return None
+def _signature(data: bytes) -> str:
+    """A hash of a part's bytes. Not its size and modification time: a part rewritten within the
+    file system's clock tick (milliseconds) with the same size kept them."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def _as_stored(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
@@ -272,20 +269,36 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
     is not used: rows of a rewritten or deleted part may have widened the types of its columns);
     the other parts are parsed, and their rows and columns put in file order among the cached
     ones, as if every part had been parsed and concatenated."""
-    hashes = {f.name: _signature(f) for f in files}  # (before parsing: a part rewritten meanwhile is parsed again)
-    cached_df, cached = None, []
-    if cache is not None and cache[1] and all(hashes.get(p[0]) == p[1] for p in cache[1]):
-        cached_df = _cached_table(out_dir, cache[0], sum(p[2] for p in cache[1]))
-        cached = cache[1] if cached_df is not None else []
-    known = {p[0] for p in cached}
-    parsed, unreadable = [], {}
-    for f in files:
-        if f.name in known:
-            continue
+    in_cache = {p[0] for p in cache[1]} if cache is not None else set()
+    hashes: dict[str, str | None] = {}
+    frames: dict[str, pd.DataFrame] = {}
+    unreadable: dict[str, str] = {}
+
+    def parse(f: Path, data: bytes | None = None) -> None:
         try:
-            parsed.append((f.name, pd.read_parquet(f)))
+            frames[f.name] = _parse_part(f, data)
         except Exception as exc:  # one unreadable file must not hide every other result
             unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
+
+    for f in files:  # each part read once: hashed, and parsed from the same bytes unless the cache may hold it
+        try:
+            data = f.read_bytes()
+        except OSError:
+            hashes[f.name] = None
+            parse(f)  # (says why it cannot be read)
+            continue
+        hashes[f.name] = _signature(data)
+        if f.name not in in_cache:
+            parse(f, data)
+    cached_df, cached = None, []
+    if in_cache and all(hashes.get(p[0]) == p[1] for p in cache[1]):
+        cached_df = _cached_table(out_dir, cache[0], sum(p[2] for p in cache[1]))
+        cached = cache[1] if cached_df is not None else []
+    for f in files:  # the cache cannot stand in for its parts: they are parsed too
+        if f.name in in_cache and not cached and hashes[f.name] is not None:
+            parse(f)
+    parsed = [(f.name, frames[f.name]) for f in files if f.name in frames]  # (file order, as the unreadable)
+    unreadable = {t: unreadable[t] for t in (f.name.split(".")[0] for f in files) if t in unreadable}
     listed = sorted(cached + [[n, hashes[n], len(df), [str(c) for c in df.columns]] for n, df in parsed
                               if hashes[n] is not None], key=lambda p: p[0])
     new = [(n, df) for n, df in parsed if len(df)]  # (parts without rows add neither rows nor columns)
@@ -299,6 +312,11 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
                            *[np.repeat(np.array([n], dtype=object), len(df)) for n, df in new]])
     both = pd.concat([cached_df, *[df for _, df in new]], ignore_index=True)
     return both.iloc[np.argsort(keys, kind="stable")].reset_index(drop=True)[columns], listed, unreadable
+
+
+def _parse_part(path: Path, data: bytes | None = None) -> pd.DataFrame:
+    """A part's rows, from its bytes when they were read already."""
+    return pd.read_parquet(io.BytesIO(path.read_bytes() if data is None else data))
 
 
 def _cached_table(out_dir: Path, file: str, rows: int) -> pd.DataFrame | None:
@@ -544,11 +562,13 @@ def _mixed_columns_as_text(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``df`` with its object columns whose values are of several types (which Parquet cannot store
     in one column: tried when it could not be stored) as strings (missing values kept), and their
     names."""
-    mixed = [c for c in df.columns if df[c].dtype == object
-             and len({type(v) for v in df[c] if v is not None and not (isinstance(v, float) and np.isnan(v))}) > 1]
+    def missing(v: Any) -> bool:
+        return v is None or (isinstance(v, float) and np.isnan(v))
+
+    mixed = [c for c in df.columns if df[c].dtype == object and len({type(v) for v in df[c] if not missing(v)}) > 1]
     if not mixed:
         return df, []
     df = df.copy()
     for c in mixed:
-        df[c] = df[c].map(lambda v: v if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+        df[c] = df[c].map(lambda v: v if missing(v) else str(v))
     return df, [str(c) for c in mixed]

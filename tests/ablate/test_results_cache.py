@@ -53,16 +53,16 @@ def _same(got: store.Results, want: store.Results) -> None:
 
 @pytest.fixture
 def parsed_parts(monkeypatch):
-    """The part files pd.read_parquet parses, in order."""
+    """The part files parsed, in order."""
     seen: list[str] = []
-    read = pd.read_parquet
+    parse = store._parse_part
 
     def counting(path, *args, **kwargs):
-        if isinstance(path, (str, Path)) and Path(path).parent.name == PARTS_DIR:
+        if Path(path).parent.name == PARTS_DIR:
             seen.append(Path(path).name)
-        return read(path, *args, **kwargs)
+        return parse(path, *args, **kwargs)
 
-    monkeypatch.setattr(store.pd, "read_parquet", counting)
+    monkeypatch.setattr(store, "_parse_part", counting)
     return seen
 
 
