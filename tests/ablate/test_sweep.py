@@ -287,9 +287,10 @@ def _ray_start(port: int, auth: str) -> tuple[subprocess.CompletedProcess, int]:
 
 def _stop_ray_head(group: int) -> None:
     """End the head :func:`_ray_start` started - its process group - and nothing else: ``ray stop``
-    ends every Ray cluster of the machine's user, such as a sweep running beside the tests."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        deadline = time.monotonic() + 10
+    ends every Ray cluster of the machine's user, such as a sweep running beside the tests. (The
+    GCS server and the raylet take ~10 s to end on SIGTERM: after 2 s they get SIGKILL.)"""
+    for sig, grace in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):
+        deadline = time.monotonic() + grace
         try:
             os.killpg(group, sig)
             while time.monotonic() < deadline:
@@ -299,11 +300,12 @@ def _stop_ray_head(group: int) -> None:
             return
 
 
-def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str) -> tuple[int, subprocess.CompletedProcess]:
+def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str, **env: str) -> tuple[int, subprocess.CompletedProcess]:
     """A ``ray start`` head with ``RAY_AUTH_MODE=head_auth`` (:func:`_ray_start`), then ``ablate run
     SPEC --address`` to it with the auth mode disabled, in a fresh driver process, as a user runs it
     (Ray's driver state - the node IP it found - does not carry over from the in-process clusters
-    of the other tests), then the head is stopped: (the head's port, the run)."""
+    of the other tests), with ``env`` added to its environment, then the head is stopped: (the
+    head's port, the run)."""
     port = _free_port()
     started, group = _ray_start(port, head_auth)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -311,13 +313,15 @@ def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str) -> tuple[int, subp
         return port, subprocess.run(
             [sys.executable, "-m", "ablate.cli", "run", str(spec), "--out", str(out), "--address", f"127.0.0.1:{port}"],
             capture_output=True, text=True, timeout=600,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled", **env})
     finally:
         _stop_ray_head(group)
 
 
 def test_joining_a_cluster_with_token_authentication_without_its_token_is_one_clear_error(tmp_path):
-    port, done = _run_on_a_ray_head(_study(tmp_path, "noauth", seeds=1), tmp_path / "results", "token")
+    # (ray.init tries a refused connection 20 times, a second apart, unless told otherwise)
+    port, done = _run_on_a_ray_head(_study(tmp_path, "noauth", seeds=1), tmp_path / "results", "token",
+                                    RAY_NUM_REDIS_GET_RETRIES="2")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert (f"ablate: error: --address 127.0.0.1:{port}: the Ray cluster refused this machine's authentication"
             in done.stderr and "RAY_AUTH_MODE=token" in done.stderr), done.stderr[-2000:]
@@ -484,7 +488,19 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
     assert set_aside_stale_data(study, out, finished_trials(out)) == set()
 
 
-def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any_later_run(tmp_path, capsys):
+@pytest.fixture
+def one_ray():
+    """One in-process Ray for the test's runs (``run_study`` uses a running Ray and leaves it
+    running), which then pay Ray's start and shutdown (~5 s on two cores) once."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+             logging_level="warning", object_store_memory=256 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any_later_run(tmp_path, capsys, one_ray):
     # stored trials are reused by their configuration, which does not see a fix to a plugin or to
     # ablate: --rerun computes them again; a rerun cut off is continued by the next plain run
     from ablate.results import RERUN_FILE
