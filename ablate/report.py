@@ -572,6 +572,13 @@ _SPLIT_NOTE = {
 }
 
 
+def _undefined_relative(t: pd.DataFrame) -> str:
+    """The sentence for a table whose relative change is n/a where it compares (a reference of 0)."""
+    tasks = sorted(set(t.loc[t["rel_mean"].isna() & t["diff_mean"].notna(), "task"])) if len(t) else []
+    return (f" The relative change is n/a on {', '.join(tasks)}: the reference's metric is 0 on a paired seed, where "
+            f"it is undefined." if tasks else "")
+
+
 def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
     t2 = stats.table2(results, alpha=alpha, split=split)
     heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
@@ -593,7 +600,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     + _too_few_seeds(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
                       "the matched seeds relative to AdamW's: positive = slower, unlike the other columns"
-                    + "; ref_* columns are trivial references (on this split)." + left_out)]
+                    + "; ref_* columns are trivial references (on this split)." + _undefined_relative(t2) + left_out)]
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
@@ -620,7 +627,7 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task")
                     + _too_few_seeds(t3["n_pairs"][~t3["same_as_baseline"].astype(bool)] if "same_as_baseline" in t3
                                      else t3["n_pairs"], alpha)
-                    + _absent_arms(results, t3, planned_arms, split))]
+                    + _undefined_relative(t3) + _absent_arms(results, t3, planned_arms, split))]
     for task in sorted(t3["task"].unique()):
         caption = f"{task}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
         blocks += _figure(plot_ablation_bars(t3, task, fig_dir, suffix="" if split == "validation" else "_test"),
@@ -674,7 +681,7 @@ def _ratio_cell(v: float) -> str:
     for another arm's ratio not to read as the best's (1.00004 is "1.00004", not "1.0000")."""
     if not np.isfinite(v):
         return "inf"
-    if abs(v - 1) < 1e-12:  # the best arm (up to the rounding of its own division)
+    if abs(v - 1) < stats.TIE:  # the best arm, or tied with it up to rounding (as stats.profile_ratios counts it)
         return "1.0000"
     for decimals in range(4, 12):
         text = f"{v:.{decimals}f}"
@@ -710,7 +717,7 @@ def _cost_section(results: Results) -> list[Block]:
         reached = int(targets["reached"].astype(bool).sum())
         blocks += [_heading("Time to AdamW's best", 3),
                    _text(f"MetaAdamW reached AdamW's best on {reached} of the {len(targets)} seed(s) with an AdamW "
-                         f"result to reach. Per seed, the first "
+                         f"result to reach (a MetaAdamW trial that diverged or failed did not). Per seed, the first "
                          "epoch at which MetaAdamW's validation metric reaches the best validation metric of AdamW's "
                          "trial of the same seed; wall seconds are cumulative and include the meta-updates. The "
                          "wall-time ratio is MetaAdamW's seconds to the target over AdamW's seconds to its best: "

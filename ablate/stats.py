@@ -55,6 +55,9 @@ CONFIDENCE = 0.95
 EXACT_SIGN_FLIP_MAX_N = 16
 #: random sign vectors drawn by the Monte Carlo sign-flip test (beyond EXACT_SIGN_FLIP_MAX_N)
 SIGN_FLIP_DRAWS = 20_000
+#: relative difference below which two values are equal up to the rounding of their sums
+#: (means of the same seeds' metrics summed in another order, differences of rounded inputs)
+TIE = 1e-12
 
 
 # -- elementary statistics --------------------------------------------------------------------
@@ -86,7 +89,7 @@ def paired_t_pvalue(diffs: Sequence[float]) -> float:
     if n < 2 or not np.isfinite(d).all():
         return np.nan
     mean, sd = d.mean(), d.std(ddof=1)
-    if sd == 0:
+    if sd <= TIE * np.abs(d).max():  # identical up to rounding (0.9 - 1.0 and 1.0 - 1.1): no t of float noise
         return 1.0 if mean == 0 else 0.0
     t = mean / (sd / np.sqrt(n))
     return float(2 * sps.t.sf(abs(t), n - 1))
@@ -114,7 +117,7 @@ def sign_flip_pvalue(
     if n == 0 or not np.isfinite(d).all():
         return np.nan
     observed = abs(d.mean())
-    tol = 1e-12 * float(np.abs(d).max())  # rounding of the sums, relative: metrics of any scale (MSE 1e-11)
+    tol = TIE * float(np.abs(d).max())  # rounding of the sums, relative: metrics of any scale (MSE 1e-11)
     if n <= exact_max_n:
         signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
         return float(np.mean(np.abs(signs @ d / n) >= observed - tol))
@@ -157,15 +160,19 @@ def paired_comparison(
     Returns the mean paired difference ``new - ref`` and its CI (``diff_*``), the mean per-pair
     relative change (positive = better, see :func:`relative_change`) and its CI (``rel_*``), the
     paired t-test and sign-flip p-values, the number of pairs and how many pairs ``new`` wins.
-    Pairs with a non-finite value are left out (and not counted).
+    Pairs with a non-finite value are left out (and not counted). The relative change is NaN
+    where ``ref`` is 0 on some pair (undefined there; a mean over the other pairs would describe
+    other seeds than the rest of the row).
     """
     ref, new = np.asarray(ref, dtype=float), np.asarray(new, dtype=float)
     if ref.shape != new.shape:
         raise ValueError(f"paired arrays differ in length: {len(ref)} vs {len(new)}")
     keep = np.isfinite(ref) & np.isfinite(new)
     ref, new = ref[keep], new[keep]
-    diff, rel = new - ref, relative_change(ref, new, mode)
-    d, r = mean_ci(diff, confidence), mean_ci(rel, confidence)
+    with np.errstate(divide="ignore", invalid="ignore"):  # (ref 0: +-inf, or NaN for 0/0)
+        diff, rel = new - ref, relative_change(ref, new, mode)
+    d = mean_ci(diff, confidence)
+    r = mean_ci(rel, confidence) if np.isfinite(rel).all() else {"mean": np.nan, "lo": np.nan, "hi": np.nan}
     return {
         "diff_mean": d["mean"],
         "diff_lo": d["lo"],
@@ -915,7 +922,9 @@ def time_to_target(results: Results, *, arm: str = BASELINE, ref_arm: str = ADAM
     target, reached, epoch, step, wall_s (cumulative seconds including meta-updates; NaN when not
     reached), ref_epoch, ref_step, ref_wall_s (when ``ref_arm`` itself reached its best),
     wall_ratio (wall_s / ref_wall_s) and note ("" | "not reached" | why the seed has no answer:
-    a trial that is not ok, missing, or without history).
+    a trial that is not ok, missing, or without history). The target is set wherever ``ref_arm``
+    has an ok trial and ``arm`` a stored one: an ``arm`` trial that is not ok (diverged, failed)
+    did not reach it (a seed ``arm`` has not run has no target).
     """
     trials, history = results.trials, results.history
     if trials.empty:
@@ -934,22 +943,30 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
     row = {"task": task, "seed": seed, "metric": metric, "target": np.nan, "reached": False,
            "epoch": np.nan, "step": np.nan, "wall_s": np.nan, "ref_epoch": np.nan,
            "ref_step": np.nan, "ref_wall_s": np.nan, "wall_ratio": np.nan, "note": ""}
+    def not_ok(name: str, rows: pd.DataFrame) -> str:
+        status = rows["status"].iloc[0]
+        return f"{name} trial {rows['trial_id'].iloc[0]} is {status if status != 'ok' else 'without a finite metric'}"
+
     for name, rows in ((ref_arm, ref_rows), (arm, new_rows)):
         if rows is None:
             row["note"] = f"no {name} trial"
             return row
-        if not ok_mask(rows).any():
-            status = rows["status"].iloc[0]
-            row["note"] = f"{name} trial {rows['trial_id'].iloc[0]} is {status if status != 'ok' else 'without a finite metric'}"
-            return row
-    ref, new = _ok(ref_rows).iloc[0], _ok(new_rows).iloc[0]
+    if not ok_mask(ref_rows).any():
+        row["note"] = not_ok(ref_arm, ref_rows)
+        return row
+    ref = _ok(ref_rows).iloc[0]
     row["target"] = float(ref["best_metric"])
-    col = f"val_{metric}"
-    ref_hist, new_hist = _history_of(history, ref["trial_id"]), _history_of(history, new["trial_id"])
+    ref_hist = _history_of(history, ref["trial_id"])
     at_best = ref_hist[ref_hist["epoch"] == ref["best_epoch"]] if len(ref_hist) else ref_hist
     if len(at_best):
         row.update(ref_epoch=int(ref["best_epoch"]), ref_step=float(at_best["step"].iloc[0]),
                    ref_wall_s=float(at_best["wall_s"].iloc[0]))
+    if not ok_mask(new_rows).any():  # (a diverged or failed trial did not reach the target: it counts)
+        row["note"] = not_ok(arm, new_rows)
+        return row
+    new = _ok(new_rows).iloc[0]
+    col = f"val_{metric}"
+    new_hist = _history_of(history, new["trial_id"])
     if new_hist.empty or col not in new_hist:
         row["note"] = f"no history column {col} for trial {new['trial_id']}"
         return row
@@ -1061,7 +1078,9 @@ def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.Da
         rows = ok[(ok["task"] == task) & ok["seed"].isin(task_seeds)]
         vals = rows.groupby("arm")["best_metric"].mean().reindex(names)
         vals = vals.where(vals > 0)
-        ratios[task] = vals / vals.min() if task_metric(results.trials, task)[1] == "min" else vals.max() / vals
+        ratio = vals / vals.min() if task_metric(results.trials, task)[1] == "min" else vals.max() / vals
+        # a tie with the best arm up to the rounding of the means (357+351+355 and 358+352+353 over 3)
+        ratios[task] = ratio.mask((ratio - 1).abs() < TIE, 1.0)
     if not ratios:
         return pd.DataFrame(columns=pd.Index(names, name="arm"), index=pd.Index([], name="task"), dtype=float)
     return pd.DataFrame(ratios).T.reindex(columns=names).fillna(np.inf).rename_axis(index="task", columns="arm")

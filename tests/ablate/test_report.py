@@ -383,6 +383,22 @@ def test_the_report_says_what_its_study_holds_and_what_its_tables_cannot_show(tm
     assert headers == ["arm", "etth1", "imdb"], headers
 
 
+def test_a_relative_change_of_a_zero_reference_is_n_a_and_said_so(tmp_path, report_kit):
+    for arm, best in (("adamw", [0.0, 0.6, 0.6]), ("baseline", [0.7, 0.7, 0.7]), ("gating=true", [0.7, 0.8, 0.7])):
+        for seed, value in enumerate(best):
+            row = report_kit.trial_row("imdb", arm, seed, value)
+            row.update(arms=json.dumps([arm]))
+            write_trial(tmp_path, row, report_kit.history_rows("imdb", arm, value))
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    table2 = md.split("(Table 2 analogue, validation split)", 1)[1].split("(Table 3 analogue", 1)[0]
+    imdb = next(line for line in table2.splitlines() if line.startswith("| imdb"))
+    assert "| n/a |" in imdb and "3 (3)" in imdb, imdb
+    assert ("The relative change is n/a on imdb: the reference's metric is 0 on a paired seed, where it is "
+            "undefined.") in table2
+    table3 = md.split("(Table 3 analogue, validation split)", 1)[1]
+    assert "relative change is n/a" not in table3.split("\n#", 1)[0]  # (the baseline is not 0 there)
+
+
 def test_a_study_without_adamw_has_no_time_to_target_section(tmp_path, report_kit):
     _three_seed_study(tmp_path, report_kit, {"etth1": ["baseline", "gating=true"]})
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
