@@ -171,6 +171,15 @@ ALTERNATIVE_KEYS = {"meta_every": "meta_per_epoch", "meta_per_epoch": "meta_ever
 #: Keys that do not change what a trial computes (left out of its identity).
 NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device", "cpu_malloc")
 
+#: The columns a trial's stored row holds beside its config keys (``ablate.trial.Trial._result``
+#: and the study's labels, ``ablate.results.LABEL_COLUMNS``), and the per-metric ones ``best_<metric>``
+#: adds: a task's own keys and metric names must not take them (the row would keep one of the two).
+RESULT_COLUMNS = frozenset((
+    "trial_id status error data_source data_fingerprint metric mode best_metric best_epoch epochs_run steps "
+    "stop_reason time_total_s time_train_s time_meta_s time_eval_s meta_every_steps meta_updates meta_skipped "
+    "resumed_from_epoch finished_at study arm arms axis"
+).split())
+
 
 def _type_ok(field_type, value) -> bool:
     if field_type is float:
@@ -254,6 +263,8 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             default = spec.embedded_defaults.get(key, spec.defaults.get(key))
             if default is not None and value is not None and not _same_kind(default, value):
                 raise ConfigError(f"{where}: {key} must be like {default!r} (task {spec.name}), got {value!r}")
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                resolved[key] = float(value)  # (dropout: 0 and dropout: 0.0 are the same trial, as for lr)
     for key in ("priorities", "fixed_weights"):
         resolved[key] = [float(x) for x in resolved[key]]
     for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial

@@ -367,21 +367,26 @@ def data_sources(results: Results) -> pd.DataFrame:
 
 
 def uses_embedded_data(results: Results) -> bool:
-    """True when any trial ran on the small embedded data instead of the real dataset."""
+    """True when any trial ran on the embedded stand-in for a paper dataset: a built-in task's
+    ``data_source`` "embedded:..." (a task of a plugin records its own data source; its key
+    ``data: embedded`` says only that it ran on its default data). Results stored without a
+    ``data_source`` column are judged by ``data``."""
     t = results.trials
     if t.empty:
         return False
-    data = t["data"].astype(str) if "data" in t else pd.Series("", index=t.index)
-    source = t["data_source"].astype(str) if "data_source" in t else pd.Series("", index=t.index)
-    return bool(((data == "embedded") | source.str.startswith("embedded")).any())
+    if "data_source" in t:
+        return bool(t["data_source"].astype(str).str.startswith("embedded").any())
+    return bool("data" in t and (t["data"].astype(str) == "embedded").any())
 
 
 def error_summary(text: object) -> str:
-    """The last non-empty line of a traceback (the exception), or the first line of a message."""
+    """The last non-empty line of a traceback (the exception; also of Ray's "Failure # 1 (occurred
+    at ...)" error texts, which start with that header), or the first line of a message."""
     if not isinstance(text, str) or not text.strip():
         return ""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    traceback = lines[0].startswith(("Traceback", "Failure #")) or any(ln.startswith('File "') for ln in lines)
+    return lines[-1] if traceback else lines[0]
 
 
 def failed_summary(results: Results) -> pd.DataFrame:

@@ -236,9 +236,16 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
         try:
             import_module(name)
         except Exception as exc:
+            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+            if missing is not None and (name == missing or name.startswith(missing + ".")):  # the plugin itself
+                fix = f"Install it, or put {top}.py {next_to}"
+            elif missing is not None:
+                fix = f"It imports {missing!r}, which is not installed here: install that"
+            else:
+                fix = "Fix the error it raises" + (f" ({exc.filename}, line {exc.lineno})" if isinstance(
+                    exc, SyntaxError) and exc.filename else "")
             raise StudyError(
-                f"{source}: {where}[{i}]: cannot import plugin module {name!r}: {type(exc).__name__}: {exc}. "
-                f"Install it, put {top}.py {next_to}, or fix the error it raises"
+                f"{source}: {where}[{i}]: cannot import plugin module {name!r}: {type(exc).__name__}: {exc}. {fix}"
             ) from exc
 
 

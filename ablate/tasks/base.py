@@ -147,8 +147,15 @@ def register_task(
     of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
-        from ablate.config import COMMON_FIELDS, did_you_mean
+        from ablate.config import COMMON_FIELDS, RESULT_COLUMNS, did_you_mean
 
+        taken = {m: f"metric {m!r} (stored as best_{m})" for m, _ in metrics if f"best_{m}" in RESULT_COLUMNS}
+        for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
+            taken.update({key: f"{where} key {key!r}" for key in keys if key in RESULT_COLUMNS})
+        if taken:  # the stored row would keep one of the two values, silently
+            raise ValueError(f"task {name!r}: {'; '.join(taken.values())}: the name of a column of the trial's stored "
+                             f"results; rename it (e.g. {name}_{next(iter(taken))}). The results' columns: "
+                             f"{', '.join(sorted(RESULT_COLUMNS))}")
         for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
             for key in keys:  # a misspelt trial key would be a task key of its own, and the trial key keep its default
                 hint = "" if key in COMMON_FIELDS else did_you_mean(key, COMMON_FIELDS, cutoff=0.85)

@@ -40,6 +40,10 @@ def test_meta_per_epoch_replaces_meta_every():
 
 def test_equal_numbers_give_equal_ids_and_adamw_ignores_metaadamw_keys():
     assert trial_id(resolve_config({"task": "etth1", "lr": 1})) == trial_id(resolve_config({"task": "etth1", "lr": 1.0}))
+    # so for a task's own float keys (two named levels dropout: 0 and dropout: 0.0 made two trials); the factory
+    # gets the float its default is
+    zero = resolve_config({"task": "etth1", "dropout": 0})
+    assert trial_id(zero) == trial_id(resolve_config({"task": "etth1", "dropout": 0.0})) and type(zero["dropout"]) is float
     a = resolve_config({"task": "etth1", "optimizer": "adamw"})
     b = resolve_config({"task": "etth1", "optimizer": "adamw", "features": "enhanced"})
     assert trial_id(a) == trial_id(b) and "features" not in identity_config(a)

@@ -162,6 +162,21 @@ def test_embedded_data_is_detected(report_study):
     assert stats.uses_embedded_data(results)
     real = Results(results.trials.assign(data="real", data_source="real:/data/x.csv"), results.history, results.telemetry)
     assert not stats.uses_embedded_data(real)
+    # a plugin task on its own default data (data: embedded) is no stand-in for a paper dataset
+    own = Results(results.trials.assign(data="embedded", data_source="synthetic:sine"), results.history, results.telemetry)
+    assert not stats.uses_embedded_data(own)
+    assert stats.uses_embedded_data(Results(results.trials.drop(columns="data_source"), results.history,
+                                            results.telemetry))  # (stored without the column: by `data`)
+
+
+def test_a_failed_trials_error_is_its_exception_also_in_ray_s_error_text():
+    ray_text = ("Failure # 1 (occurred at 2026-12-02_02-16-19)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=4347)\n"
+                "  File \"/x/ablate/sweep.py\", line 155, in trainable\n    result = trial.run(callback=report)\n"
+                "  File \"/x/bad_tasks.py\", line 53, in evaluate\n    raise ValueError(\"evaluate broke\")\n"
+                "ValueError: evaluate broke\n")
+    assert stats.error_summary(ray_text) == "ValueError: evaluate broke"
+    assert stats.error_summary("Traceback (most recent call last):\n  File \"x\"\nKeyError: 'a'") == "KeyError: 'a'"
+    assert stats.error_summary("training loss became nan at step 1\nstopped") == "training loss became nan at step 1"
 
 
 # -- Table 2 and Table 3 ------------------------------------------------------------------------

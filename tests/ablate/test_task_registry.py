@@ -74,7 +74,17 @@ def test_train_and_list_import_plugins_from_the_command_line(tmp_path, monkeypat
         assert main(["list", "--plugin", "no_such_plugin_mod"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("ablate: error: command line: --plugin[0]: cannot import plugin module 'no_such_plugin_mod'")
-        assert "put no_such_plugin_mod.py in the working directory" in err
+        assert err.rstrip().endswith("Install it, or put no_such_plugin_mod.py in the working directory")
+        # found, but it raises: the fix is in it (the hint said to install it or put it where it is)
+        (tmp_path / "cli_broken_syntax.py").write_text("def broken(:\n")
+        (tmp_path / "cli_broken_dependency.py").write_text("import cli_no_such_dependency\n")
+        assert main(["list", "--plugin", "cli_broken_syntax"]) == 2
+        err = capsys.readouterr().err
+        assert "SyntaxError" in err and err.rstrip().endswith(
+            f"Fix the error it raises ({tmp_path / 'cli_broken_syntax.py'}, line 1)"), err
+        assert main(["list", "--plugin", "cli_broken_dependency"]) == 2
+        assert capsys.readouterr().err.rstrip().endswith(
+            "It imports 'cli_no_such_dependency', which is not installed here: install that")
         for given in ("cli_plugin_feats.py", "sub/cli_plugin_feats.py"):  # a file path: the module name to give
             assert main(["list", "--plugin", given]) == 2
             assert (f"--plugin[0]: {given!r} is a file path: give the module name 'cli_plugin_feats' (its file in "
@@ -225,6 +235,39 @@ def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
         warnings.simplefilter("error")  # a task's own keys draw no warning
         register_task("own_keys_task", metrics=[("mse", "min")], defaults={"d_model": 8, "n_heads": 2})(lambda c: None)
     TASKS.remove("own_keys_task")
+
+
+@pytest.mark.parametrize("metrics, defaults, embedded, named", [
+    ([("mse", "min"), ("metric", "min")], {}, {}, "metric 'metric' (stored as best_metric)"),
+    ([("epoch", "max")], {}, {}, "metric 'epoch' (stored as best_epoch)"),
+    ([("mse", "min")], {"mode": "fast", "d_model": 8}, {}, "defaults key 'mode'"),
+    ([("mse", "min")], {}, {"error": 0.1}, "embedded_defaults key 'error'"),
+])
+def test_a_tasks_key_or_metric_named_like_a_results_column_is_refused(metrics, defaults, embedded, named):
+    # the stored row kept one of the two: best_metric became the secondary metric 'metric', an ablated task key
+    # 'mode' was stored as the metric's direction, 'error' read 0.1 on ok trials
+    from ablate.tasks import register_task
+
+    with pytest.raises(ValueError, match=rf"task 'clash': {re.escape(named)}: the name of a column of the trial's "
+                                         rf"stored results; rename it \(e.g. clash_"):
+        register_task("clash", metrics=metrics, defaults=defaults, embedded_defaults=embedded)(lambda c: None)
+    assert "clash" not in TASKS
+
+
+def test_the_reserved_result_columns_are_the_columns_a_trial_stores(tmp_path):
+    from ablate.config import COMMON_FIELDS, RESULT_COLUMNS
+    from ablate.results import LABEL_COLUMNS
+    from ablate.tasks import get_task
+    from ablate.trial import run_trial
+
+    assert not RESULT_COLUMNS & set(COMMON_FIELDS) and set(LABEL_COLUMNS) <= RESULT_COLUMNS
+    config = {"task": "etth1", "optimizer": "adamw", "epochs": 1, "max_train_batches": 2}
+    row = run_trial(config).row
+    spec = get_task("etth1")
+    own = {k for k in row if k.startswith(("best_", "ref_", "test_"))} - RESULT_COLUMNS
+    assert own and all(k[5:] in {m.name for m in spec.metrics} for k in own if k.startswith("best_"))
+    keys = set(COMMON_FIELDS) | set(spec.defaults) | set(spec.embedded_defaults)
+    assert set(row) - keys - own == RESULT_COLUMNS - set(LABEL_COLUMNS)  # (the labels come from the study)
 
 
 def test_a_streamed_test_split_is_accepted():
