@@ -266,28 +266,19 @@ def _arm_trials(results: Results, task: str, arm: str) -> pd.DataFrame:
 def plot_validation_curves(
     results: Results, task: str, out_dir: Path, arms: Sequence[str] = (stats.ADAMW, stats.BASELINE)
 ) -> Path | None:
-    """Validation primary metric vs epoch for one task: per arm the mean over ok seeds with a
-    min-max band (the paper's Figures 1-5). Seeds that stopped early leave the mean at later
-    epochs to the seeds still running."""
-    if results.history.empty:
+    """Validation primary metric vs epoch for one task (:func:`ablate.stats.validation_curves`:
+    per arm the mean over the matched seeds with a min-max band; the paper's Figures 1-5)."""
+    curves = stats.validation_curves(results, task, arms)
+    if curves.empty:
         return None
     metric, mode = stats.task_metric(results.trials, task)
-    col = f"val_{metric}"
     fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
-    for arm in arms:
-        ids = _arm_trials(results, task, arm)["trial_id"]
-        h = results.history[results.history["trial_id"].isin(ids)]
-        if h.empty or col not in h:
-            continue
-        g = h.groupby("epoch")[col].agg(["mean", "min", "max"])
+    for arm, g in curves.groupby("arm", sort=False):
         name = "MetaAdamW (baseline)" if arm == stats.BASELINE else "AdamW" if arm == stats.ADAMW else arm
-        ax.plot(g.index, g["mean"], marker="o", label=f"{name} (n={len(ids)})")
-        ax.fill_between(g.index, g["min"], g["max"], alpha=0.2)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
+        n, left_out = int(g["n"].iloc[0]), int(g["left_out"].iloc[0])
+        ax.plot(g["epoch"], g["mean"], marker="o",
+                label=f"{name} (n={n}" + (f"; {left_out} unmatched ok seed(s) left out)" if left_out else ")"))
+        ax.fill_between(g["epoch"], g["min"], g["max"], alpha=0.2)
     ax.set(xlabel="epoch", ylabel=f"validation {metric} ({mode} is better)", title=f"{task}: validation {metric}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
@@ -604,8 +595,8 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
-                              f"{task}: validation metric per epoch, mean over seeds with min-max band (a seed that "
-                              f"stopped early leaves later epochs to the seeds still running)")
+                              f"{task}: validation metric per epoch, mean over the matched seeds with min-max band "
+                              f"(a seed that stopped early leaves later epochs to the seeds still running)")
     return blocks
 
 

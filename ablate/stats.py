@@ -919,6 +919,32 @@ def _reached(values: pd.Series, target: float, mode: str) -> pd.Series:
     return values <= target if mode == "min" else values >= target
 
 
+def validation_curves(results: Results, task: str, arms: Sequence[str] = (ADAMW, BASELINE)) -> pd.DataFrame:
+    """Per arm and epoch the mean, min and max validation primary metric of ``task`` over the
+    seeds every one of ``arms`` with an ok trial there finished ok (matched seeds, as Tables 2 and
+    3 pair them; the report's curves). Columns: arm, epoch, mean, min, max, n (the arm's seeds
+    drawn), left_out (its ok seeds left out as unmatched). Seeds that stopped early leave the
+    later epochs' statistics to the seeds still running. Arms without an ok trial or history have
+    no rows."""
+    columns = ["arm", "epoch", "mean", "min", "max", "n", "left_out"]
+    ok = explode_arms(_ok(results.trials))
+    if results.history.empty or ok.empty:
+        return pd.DataFrame(columns=columns)
+    col = f"val_{task_metric(results.trials, task)[0]}"
+    trials = {arm: ok[(ok["task"] == task) & (ok["arm"] == arm)] for arm in arms}
+    seed_sets = [set(t["seed"]) for t in trials.values() if len(t)]
+    matched = set.intersection(*seed_sets) if seed_sets else set()
+    frames = []
+    for arm, rows in trials.items():
+        ids = rows.loc[rows["seed"].isin(matched), "trial_id"]
+        h = results.history[results.history["trial_id"].isin(ids)]
+        if h.empty or col not in h:
+            continue
+        g = h.groupby("epoch")[col].agg(["mean", "min", "max"]).reset_index()
+        frames.append(g.assign(arm=arm, n=len(ids), left_out=len(rows) - len(ids)))
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
 def time_to_target(results: Results, *, arm: str = BASELINE, ref_arm: str = ADAMW) -> pd.DataFrame:
     """Per task and seed: when ``arm`` first reaches ``ref_arm``'s best validation metric.
 

@@ -348,6 +348,26 @@ def test_time_to_target_reached_and_not_reached(tmp_path, report_kit):
     assert failed["target"] == pytest.approx(0.0100) and failed["ref_epoch"] == 3
 
 
+def test_validation_curves_average_the_matched_seeds(tmp_path, report_kit):
+    # AdamW finished seeds 0, 2, 3; MetaAdamW seeds 1, 2, 3 (seed 0 diverged): the curves, as Table 2, show
+    # seeds 2 and 3 (each arm's mean was over its own three, with n=3 beside a table of 2 pairs)
+    vals = {("adamw", 0): [1.0, 0.5], ("adamw", 2): [2.0, 1.0], ("adamw", 3): [3.0, 1.5],
+            ("baseline", 1): [9.0, 9.0], ("baseline", 2): [1.0, 0.2], ("baseline", 3): [2.0, 0.4]}
+    for (arm, seed), curve in vals.items():
+        write_trial(tmp_path, report_kit.trial_row("etth1", arm, seed, min(curve)),
+                    [{"epoch": e, "val_mse": v} for e, v in enumerate(curve, 1)])
+    row = report_kit.trial_row("etth1", "baseline", 0, float("nan"))
+    row.update(status="diverged")
+    write_trial(tmp_path, row)
+    curves = stats.validation_curves(load_results(tmp_path), "etth1").set_index(["arm", "epoch"])
+    assert curves.loc[("adamw", 1), ["mean", "min", "max"]].tolist() == [2.5, 2.0, 3.0]
+    assert curves.loc[("baseline", 2), ["mean", "min", "max"]].tolist() == pytest.approx([0.3, 0.2, 0.4])
+    assert curves.loc[("adamw", 1), ["n", "left_out"]].tolist() == [2, 1]
+    assert curves.loc[("baseline", 1), ["n", "left_out"]].tolist() == [2, 1]
+    alone = stats.validation_curves(load_results(tmp_path), "etth1", arms=["adamw", "gating=true"])
+    assert set(alone["arm"]) == {"adamw"} and alone["n"].iloc[0] == 3, "an arm without ok trials matches nothing"
+
+
 def test_time_to_target_for_max_metric(report_study):
     ttt = stats.time_to_target(load_results(report_study))
     imdb = ttt[ttt["task"] == "imdb"].set_index("seed")
