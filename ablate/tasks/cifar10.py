@@ -4,8 +4,9 @@ Real data: the canonical python version of CIFAR-10 (Krizhevsky, 2009), the fold
 ``cifar-10-batches-py`` with ``data_batch_1`` ... ``data_batch_5`` and ``test_batch``: pickled
 dicts whose ``b"data"`` is a uint8 array (N, 3072) - 1024 red, then green, then blue pixels of a
 32x32 image, row by row - and ``b"labels"`` a list of N class indices 0-9. The task trains on
-whichever ``data_batch_*`` files exist; fewer than the 50,000 training images of the five is
-warned about and recorded in the results' ``data_source`` (``"real:<dir> (partial: ...)"``). Task key ``split``:
+whichever ``data_batch_*`` files exist; fewer than the 50,000 training images of the five, or
+than the 10,000 of ``test_batch``, is warned about and recorded in the results' ``data_source``
+(``"real:<dir> (partial: ...)"``). Task key ``split``:
 
 * ``"holdout"`` (default): a fixed stratified 10% of the training images (seed 0, whatever the
   trial's seed) is the validation split - early stopping, the best weights and MetaAdamW's
@@ -65,6 +66,7 @@ from ablate.tasks.models_vision_ts import ResNet
 CIFAR_SUBDIR = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 FULL_TRAIN_IMAGES = 50_000  # (10,000 in each)
+FULL_TEST_IMAGES = 10_000  # (test_batch)
 TEST_FILE = "test_batch"
 SPLITS = ("holdout", "paper")
 HOLDOUT_FRACTION = 0.1  # of each class's training images
@@ -361,9 +363,12 @@ def build_cifar10_task(config: dict) -> TaskInstance:
         train_x, train_y, test_x, test_y, train_files = load_cifar10(root)
         mean, std = CIFAR_MEAN, CIFAR_STD
         source = f"real:{root.resolve()}"
-        if len(train_y) < FULL_TRAIN_IMAGES:  # (recorded with every result: the report's data sources say so)
-            partial = (f"partial: {len(train_y):,} training images from {', '.join(train_files)}, of the "
-                       f"{FULL_TRAIN_IMAGES:,} in data_batch_1..5")
+        short = [f"{len(train_y):,} training images from {', '.join(train_files)}, of the {FULL_TRAIN_IMAGES:,} in "
+                 f"data_batch_1..5"] if len(train_y) < FULL_TRAIN_IMAGES else []
+        if len(test_y) < FULL_TEST_IMAGES:  # (split 'paper' validates on it, 'holdout' tests on it)
+            short.append(f"{len(test_y):,} test images, of the {FULL_TEST_IMAGES:,} in test_batch")
+        if short:  # (recorded with every result: the report's data sources say so)
+            partial = "partial: " + "; ".join(short)
             warnings.warn(f"cifar10: {partial} in {root} - accuracies not comparable with the full dataset's "
                           f"(`ablate data download cifar10` fetches it)", stacklevel=2)
             source += f" ({partial})"

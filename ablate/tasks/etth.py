@@ -6,7 +6,9 @@ years of one electricity transformer, hourly (ETTh*) or every 15 minutes (ETTm*)
 the previous ``seq_len`` values (univariate, as in the paper); ``multivariate: true`` feeds all
 seven columns as input and still predicts OT. The rows must be in time order: a file whose ISO 8601
 ``date`` stamps go back in time is refused (a column mostly in other formats is not checked, with a
-warning).
+warning). A file of another length than the published one (17,420 rows for ETTh*, 69,680 for
+ETTm*: a copy cut short, a subset) is warned about and recorded in the results' ``data_source``
+(``"real:<file> (not the published file: ...)"``).
 
 Splits (task key ``split``), both chronological, in terms of the *target* index of each window
 (a window's input is the ``seq_len`` steps before its target, so validation inputs may reach back
@@ -79,11 +81,13 @@ EMBEDDED_STEPS = 732  # months in the El Nino series (len(load_embedded_series()
 
 @dataclasses.dataclass(frozen=True)
 class EttVariant:
-    """One ETT file: its task name, file name, steps per hour and canonical checksum."""
+    """One ETT file: its task name, file name, steps per hour, rows of the published file (two
+    years from 2016-07-01) and canonical checksum."""
 
     name: str
     filename: str
     steps_per_hour: int
+    rows: int
     sha256: str | None = None
     md5: str | None = None
 
@@ -106,10 +110,10 @@ class EttVariant:
 # ETTh1's sha256 was computed on the unmodified file; the siblings' md5 sums are the ones darts
 # publishes for its ETT loaders (darts.datasets, whose ETTh1 md5 matches the unmodified file).
 VARIANTS = (
-    EttVariant("etth1", "ETTh1.csv", 1, sha256="f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"),
-    EttVariant("etth2", "ETTh2.csv", 1, md5="51a229a3fc13579dd939364fefe9c7ab"),
-    EttVariant("ettm1", "ETTm1.csv", 4, md5="82d6bd89109c63d075d99c1077b33f38"),
-    EttVariant("ettm2", "ETTm2.csv", 4, md5="7687e47825335860bf58bccb31be0c56"),
+    EttVariant("etth1", "ETTh1.csv", 1, 17_420, sha256="f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"),
+    EttVariant("etth2", "ETTh2.csv", 1, 17_420, md5="51a229a3fc13579dd939364fefe9c7ab"),
+    EttVariant("ettm1", "ETTm1.csv", 4, 69_680, md5="82d6bd89109c63d075d99c1077b33f38"),
+    EttVariant("ettm2", "ETTm2.csv", 4, 69_680, md5="7687e47825335860bf58bccb31be0c56"),
 )
 
 # The paper's ETTh1 settings (Table 4 and its training set-up); the siblings share them.
@@ -439,6 +443,11 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
         shorter = "A shorter seq_len fits a shorter series; if" if split == "80/20" else "If"
         raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. {shorter} the file is a cut-short copy, "
                                    f"`ablate data download {variant.name}` fetches the published one") from error
+    if config["data"] == "real" and len(values) != variant.rows:  # (recorded with every result, as CIFAR-10's)
+        other = f"not the published file: {len(values):,} rows where it has {variant.rows:,}"
+        warnings.warn(f"{variant.name}: {source[len('real:'):]} is {other} - metrics not comparable with the published "
+                      f"dataset's (`ablate data download {variant.name}` fetches it)", stacklevel=2)
+        source += f" ({other})"
     model = TimeSeriesTransformer(
         n_inputs=len(columns),
         seq_len=seq_len,

@@ -153,12 +153,22 @@ _LABELS = {"1": 1, "0": 0, "pos": 1, "neg": 0, "positive": 1, "negative": 0}
 
 def read_csv(path: Path) -> list[Review]:
     """Reviews of a CSV file with a text and a label column (see the module docstring)."""
+    line = 0
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # (-sig: a spreadsheet's byte-order mark)
-            reader = csv.DictReader(f)
-            rows, columns = list(reader), reader.fieldnames or []
+            # strict: a quote left open (a file cut off inside a review, a stray quote) is an error, not a review
+            # that runs to the end of the file or swallows the next ones
+            reader = csv.reader(f, strict=True)
+            columns, rows = [], []
+            for fields in reader:
+                line = reader.line_num  # (the line a record ends on: a review may span lines)
+                if not columns:
+                    columns = fields
+                elif fields:  # (blank lines are no reviews)
+                    rows.append((line, fields))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise _csv_error(f"cannot read {path} as a UTF-8 CSV file ({exc})", path) from exc
+        where = f" (line {line + 1})" if isinstance(exc, csv.Error) else ""
+        raise _csv_error(f"cannot read {path} as a UTF-8 CSV file{where}: {exc}", path) from exc
     text_col = next((c for c in _TEXT_COLUMNS if c in columns), None)
     label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)
     if text_col is None or label_col is None:
@@ -166,12 +176,16 @@ def read_csv(path: Path) -> list[Review]:
                          f"column ({' or '.join(_LABEL_COLUMNS)}); found columns {list(columns)}", path)
     if not rows:
         raise _csv_error(f"{path} has a header but no reviews", path)
+    text_at, label_at = columns.index(text_col), columns.index(label_col)
     reviews = []
-    for line, row in enumerate(rows, start=2):
-        label = _LABELS.get(str(row[label_col]).strip().lower())
+    for line, fields in rows:
+        if len(fields) != len(columns):
+            raise _csv_error(f"{path} line {line}: {len(fields)} field(s) where the header has {len(columns)} (a comma "
+                             f"or quote in a review that is not quoted?)", path)
+        label = _LABELS.get(fields[label_at].strip().lower())
         if label is None:
-            raise _csv_error(f"{path} line {line}: label {row[label_col]!r} is not one of {', '.join(_LABELS)}", path)
-        reviews.append((clean(row[text_col] or ""), label))
+            raise _csv_error(f"{path} line {line}: label {fields[label_at]!r} is not one of {', '.join(_LABELS)}", path)
+        reviews.append((clean(fields[text_at]), label))
     return reviews
 
 
@@ -223,12 +237,12 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
                 raise _csv_error(f"csv_file {path} holds too few reviews for a {split} split (the validation split "
                                  f"is {VAL_FRACTION:.0%} of each label's reviews, rounded: give at least {least} "
                                  f"reviews of each label)", path)
-        return {"train": train, "val": val}, f"real:{path}"
+        return {"train": train, "val": val}, f"real:{path.resolve()}"
     root = resolve_data_dir(config, SUBDIR)
     tree = root if root.name == TREE else root / TREE
     reviews = read_tree(tree)
     train, val = stratified_split(reviews["train"], VAL_FRACTION, config["split_seed"])
-    return {"train": train, "val": val, "test": reviews["test"]}, f"real:{tree}"
+    return {"train": train, "val": val, "test": reviews["test"]}, f"real:{tree.resolve()}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ multi30k/dataset repository) in ``<data_dir>/multi30k`` (or ``data_dir`` itself)
 ``{train,val,test_2016_flickr}.{de,en}``, each plain UTF-8 text or gzip-compressed (``.gz``),
 one sentence a line, the two languages line-aligned. Sentences are tokenised with
 :func:`ablate.tasks.text.tokenize` (lower-cased, punctuation split); pairs with an empty side are
-skipped. One vocabulary, shared by both languages, holds the ``vocab_size`` most frequent tokens
+skipped (the published files have none: a warning, and the results' ``data_source`` counts them
+per split). One vocabulary, shared by both languages, holds the ``vocab_size`` most frequent tokens
 of the *training* files; each sentence is truncated to ``max_len - 2`` tokens and framed by
 ``<bos>`` ... ``<eos>``.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -157,7 +159,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
     """Tokenised pairs of the real train/val/test files and the data-source string; raises
     :class:`DatasetNotFoundError` when a file is missing, unreadable, empty or misaligned."""
     expected, found = _located(config)
-    pairs, used = {}, []
+    pairs, used, skipped = {}, [], {}
     for split, stem in SPLIT_STEMS.items():
         paths = [found[f"{stem}.{lang}"] for lang in LANGS]
         lines = []
@@ -175,8 +177,15 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
         pairs[split] = tokenize_pairs(src, tgt)
         if not pairs[split]:
             raise dataset_error(TASK, f"{paths[0]} / {paths[1]} hold no sentence pairs", expected, SOURCE)
+        if len(pairs[split]) < len(src):
+            skipped[split] = len(src) - len(pairs[split])
         used += paths
-    return pairs, "real:" + ",".join(map(str, used))
+    source = "real:" + ",".join(str(p.resolve()) for p in used)
+    if skipped:  # (the published files have none: a blanked line shrinks a split, recorded with the results)
+        note = "skipped pairs with an empty side: " + ", ".join(f"{split} {n}" for split, n in skipped.items())
+        warnings.warn(f"multi30k: {note} (of {', '.join(str(p) for p in used)})", stacklevel=2)
+        source += f" ({note})"
+    return pairs, source
 
 
 # --------------------------------------------------------------------------------------------

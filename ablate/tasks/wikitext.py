@@ -134,7 +134,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
                 TASK, f"{path} holds {len(tokens[split])} tokens, too few for one block of {config['block_size']}",
                 paths.values(), SOURCE,
             )
-    return tokens, "real:" + ",".join(str(p) for p in paths.values())
+    return tokens, "real:" + ",".join(str(p.resolve()) for p in paths.values())
 
 
 # --------------------------------------------------------------------------------------------

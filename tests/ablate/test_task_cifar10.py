@@ -80,10 +80,12 @@ def test_task_on_a_fixture_with_the_papers_split(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     written = write_cifar(root)
     with pytest.warns(UserWarning, match=r"cifar10: partial: 6 training images from data_batch_1, of the 50,000 in "
-                                         r"data_batch_1..5 in .* - accuracies not comparable with the full dataset's"):
+                                         r"data_batch_1..5; 6 test images, of the 10,000 in test_batch in .* - "
+                                         r"accuracies not comparable with the full dataset's"):
         task = get_task("cifar10").build(real_config(tmp_path, split="paper"))  # data_dir is the parent folder
+    # (a short test_batch too: the paper's split validates on it, and its accuracy was recorded as the full set's)
     assert task.data_source == (f"real:{root.resolve()} (partial: 6 training images from data_batch_1, of the 50,000 "
-                                f"in data_batch_1..5)")
+                                f"in data_batch_1..5; 6 test images, of the 10,000 in test_batch)")
     assert (len(task.train), len(task.val)) == (6, 6) and task.test is None
     assert task.info["train_files"] == ["data_batch_1"] and task.info["image_shape"] == [3, 32, 32]
     image, label = task.val[2]
@@ -278,9 +280,11 @@ def test_real_cifar_batches():
         task = get_task("cifar10").build(task_config("cifar10", data="real", data_dir=str(SHARED_DATA)))
     n = 5000 * len(task.info["train_files"])  # 10% of each class held out (rounded per class)
     partial = [str(w.message) for w in caught if "partial" in str(w.message)]
-    assert (task.data_source, len(partial)) == ((f"real:{root}", 0) if n == 50_000 else (
-        f"real:{root} (partial: {n:,} training images from {', '.join(task.info['train_files'])}, of the 50,000 in "
-        f"data_batch_1..5)", 1))
+    short = [f"{n:,} training images from {', '.join(task.info['train_files'])}, of the 50,000 in data_batch_1..5"
+             ] if n < 50_000 else []
+    short += [f"{len(task.test):,} test images, of the 10,000 in test_batch"] if len(task.test) < 10_000 else []
+    assert (task.data_source, len(partial)) == ((f"real:{root} (partial: {'; '.join(short)})", 1) if short else
+                                                (f"real:{root}", 0))
     assert len(task.train) + len(task.val) == n and abs(len(task.val) - n // 10) <= 5 and len(task.test) == 2000
     assert 0.09 < task.reference["majority_accuracy"] < 0.12
     images, labels = next(iter(DataLoader(task.val, batch_size=2)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from ablate.tasks import etth
 from tests.ablate.task_helpers import SHARED_DATA, task_config, train_with_adamw
 
 HEADER = "date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT"
+# the small fixtures are not the published files: the tests that check the warning catch it themselves
+pytestmark = pytest.mark.filterwarnings("ignore:ett[hm][12]. .* is not the published file:UserWarning")
 # Persistence on the real ETTh1, 80/20 split of the windows, seq_len 96 (measured).
 ETTH1_PERSISTENCE = {"standard": (0.0054353268, 0.0504869516), "standard_full": (0.0058514313, 0.0523838452)}
 
@@ -209,9 +212,13 @@ def test_persistence_by_hand():
 def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
     rng = np.random.default_rng(0)
     ot = np.cumsum(rng.normal(size=30))
-    write_ett_csv(tmp_path / "ETT-small" / "ETTh1.csv", ot)
-    task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
-    assert task.data_source == f"real:{(tmp_path / 'ETT-small' / 'ETTh1.csv').resolve()}"
+    path = (tmp_path / "ETT-small" / "ETTh1.csv").resolve()
+    write_ett_csv(path, ot)
+    # a file of other length than the published one (a copy cut short): said, and recorded with the results
+    with pytest.warns(UserWarning, match=rf"etth1: {path} is not the published file: 30 rows where it has 17,420 - "
+                                         rf"metrics not comparable .*`ablate data download etth1` fetches it"):
+        task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
+    assert task.data_source == f"real:{path} (not the published file: 30 rows where it has 17,420)"
     # 26 windows of 4 steps: 20 train (targets 4..23), 6 validate (targets 24..29)
     assert (len(task.train), len(task.val), task.test) == (20, 6, None)
     mean, std = ot[:24].mean(), ot[:24].std()
@@ -339,7 +346,10 @@ def test_real_etth1_persistence(scaling):
     """The paper's 0.005851 is the persistence MSE with the whole-series standardisation."""
     if not (SHARED_DATA / "ETT-small" / "ETTh1.csv").is_file():
         pytest.skip(f"no real ETTh1 under {SHARED_DATA}")
-    task = get_task("etth1").build(task_config("etth1", data="real", data_dir=str(SHARED_DATA), scaling=scaling))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the published file: 17,420 rows, no warning)
+        task = get_task("etth1").build(task_config("etth1", data="real", data_dir=str(SHARED_DATA), scaling=scaling))
+    assert task.data_source == f"real:{(SHARED_DATA / 'ETT-small' / 'ETTh1.csv').resolve()}"
     assert (len(task.train), len(task.val)) == (13859, 3465)
     mse, mae = ETTH1_PERSISTENCE[scaling]
     assert task.reference["persistence_mse"] == pytest.approx(mse, rel=1e-6)

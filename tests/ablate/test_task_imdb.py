@@ -133,13 +133,14 @@ Two lines."
 """
 
 
-def test_csv_split_80_20_stratified_by_split_seed(tmp_path):
+def test_csv_split_80_20_stratified_by_split_seed(tmp_path, monkeypatch):
     (tmp_path / "imdb").mkdir()
     path = tmp_path / "imdb" / "reviews.csv"
     path.write_text(CSV, encoding="utf-8")
-    config = make_config(data="real", data_dir=str(tmp_path), csv_file="reviews.csv", max_len=6, **TINY)
+    monkeypatch.chdir(tmp_path)  # a relative data_dir: the source recorded with the results is absolute
+    config = make_config(data="real", data_dir=".", csv_file="reviews.csv", max_len=6, **TINY)
     task = get_task("imdb").build(config)
-    assert task.test is None and task.data_source == f"real:{path}"
+    assert task.test is None and task.data_source == f"real:{path.resolve()}"
     assert task.info["reviews"] == {"train": 8, "val": 2}
     assert sorted(task.val.labels.tolist()) == [0, 1]
     # an absolute csv_file needs no data directory; the same seed gives the same split
@@ -188,6 +189,22 @@ def test_csv_errors_advise_on_the_csv_file(tmp_path):
     path.write_text("id,stars\n", encoding="utf-8")
     with pytest.raises(DatasetNotFoundError, match=r"found columns \['id', 'stars'\]"):
         read_csv(path)
+
+
+def test_a_broken_csv_is_an_error_not_fewer_or_merged_reviews():
+    good = 'label,text\n1,"a fine\nfilm, really"\n\n0,"dull, long"\n1,ok\n'
+    assert read_csv_text(good) == [(clean("a fine\nfilm, really"), 1), ("dull, long", 0), ("ok", 1)]  # (blank skipped)
+    # cut off inside a review (a copy that stopped early): it was accepted cut off, with the reviews before it
+    with pytest.raises(DatasetNotFoundError, match=r"cannot read .*r\.csv as a UTF-8 CSV file \(line 7\): "
+                                                   r"unexpected end of data"):
+        read_csv_text(good + '0,"the last review, cut')
+    # a stray quote inside a quoted field: two reviews became one
+    with pytest.raises(DatasetNotFoundError, match=r"\(line 2\): ',' expected after '\"'"):
+        read_csv_text('label,text\n1,"great "film" indeed"\n0,bad\n')
+    with pytest.raises(DatasetNotFoundError, match=r"r\.csv line 3: 3 field\(s\) where the header has 2 \(a comma or quote"):
+        read_csv_text("label,text\n1,fine\n0,bad, really bad\n")
+    with pytest.raises(DatasetNotFoundError, match=r"line 4: 1 field\(s\) where the header has 2"):
+        read_csv_text('label,text\n1,"two\nlines"\n0\n')
 
 
 def test_escaped_quotes_are_unescaped():

@@ -75,6 +75,19 @@ def test_plain_and_gzip_files_parse_to_framed_ids_with_shared_train_vocab(tmp_pa
     assert "train.en.gz" in task.data_source and "train.de," in task.data_source
 
 
+def test_pairs_with_an_empty_side_are_skipped_said_and_recorded(tmp_path, monkeypatch):
+    folder = write_files(tmp_path / "multi30k")
+    (folder / "test_2016_flickr.de").write_text("Ein Hund.\nZwei Hunde.\n", encoding="utf-8")
+    (folder / "test_2016_flickr.en").write_text("A dog.\n\n", encoding="utf-8")  # a blanked line: the test split shrinks
+    (folder / "train.de").write_text("Ein Hund läuft.\n   \n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # a relative data_dir: the recorded source is absolute all the same
+    with pytest.warns(UserWarning, match=r"multi30k: skipped pairs with an empty side: train 1, test 1 \(of "):
+        task = get_task("multi30k").build(make_config(data="real", data_dir=".", **TINY))
+    assert task.info["pairs"] == {"train": 1, "val": 1, "test": 1}
+    assert task.data_source.startswith(f"real:{(folder / 'train.de').resolve()},")
+    assert task.data_source.endswith(" (skipped pairs with an empty side: train 1, test 1)")
+
+
 def test_collate_pads_and_max_len_truncates():
     vocab = Vocab.build([["a", "b", "c", "d"]])
     data = TranslationPairs([(["a", "b", "c", "d"], ["a"]), (["b"], ["c", "d"])], vocab, max_len=4)
