@@ -179,6 +179,9 @@ RESULT_COLUMNS = frozenset((
     "stop_reason time_total_s time_train_s time_meta_s time_eval_s meta_every_steps meta_updates meta_skipped "
     "resumed_from_epoch finished_at study arm arms axis"
 ).split())
+#: the prefixes of the per-metric and per-reference columns of that row (best_<metric>,
+#: test_<metric>, ref_<reference>): no task key may start with them
+RESULT_PREFIXES = ("best_", "test_", "ref_")
 
 
 def _type_ok(field_type, value) -> bool:
@@ -260,7 +263,8 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
         if key in COMMON_FIELDS:
             validate_value(key, value, where)
         elif key in spec.defaults or key in spec.embedded_defaults:
-            default = spec.embedded_defaults.get(key, spec.defaults.get(key))
+            default = (spec.embedded_defaults.get(key, spec.defaults.get(key)) if data == "embedded"
+                       else spec.defaults.get(key, spec.embedded_defaults.get(key)))
             if default is not None and value is not None and not _same_kind(default, value):
                 raise ConfigError(f"{where}: {key} must be like {default!r} (task {spec.name}), got {value!r}")
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

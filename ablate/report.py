@@ -188,6 +188,16 @@ def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
     ])
 
 
+def time_to_target_note(ttt: pd.DataFrame) -> str:
+    """How many seeds with an AdamW result to reach MetaAdamW reached (:func:`ablate.stats.time_to_target`);
+    "" when no seed has a target (a study without AdamW)."""
+    targets = ttt[np.isfinite(ttt["target"].to_numpy(dtype=float))] if len(ttt) else ttt
+    if not len(targets):
+        return ""
+    return (f"MetaAdamW reached AdamW's best on {int(targets['reached'].astype(bool).sum())} of the {len(targets)} "
+            f"seed(s) with an AdamW result to reach (a MetaAdamW trial that diverged or failed did not).")
+
+
 def time_to_target_display(ttt: pd.DataFrame) -> pd.DataFrame:
     """Time-to-target rows as display strings."""
     return pd.DataFrame([
@@ -563,8 +573,9 @@ _SPLIT_NOTE = {
 }
 
 
-def _undefined_relative(t: pd.DataFrame) -> str:
-    """The sentence for a table whose relative change is n/a where it compares (a reference of 0)."""
+def undefined_relative_note(t: pd.DataFrame) -> str:
+    """The sentence for a table (:func:`ablate.stats.table2`, :func:`~ablate.stats.table3`) whose
+    relative change is n/a where it compares (a reference of 0), with a leading space; else ""."""
     tasks = sorted(set(t.loc[t["rel_mean"].isna() & t["diff_mean"].notna(), "task"])) if len(t) else []
     return (f" The relative change is n/a on {', '.join(tasks)}: the reference's metric is 0 on a paired seed, where "
             f"it is undefined." if tasks else "")
@@ -591,7 +602,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     + _too_few_seeds(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
                       "the matched seeds relative to AdamW's: positive = slower, unlike the other columns"
-                    + "; ref_* columns are trivial references (on this split)." + _undefined_relative(t2) + left_out)]
+                    + "; ref_* columns are trivial references (on this split)." + undefined_relative_note(t2) + left_out)]
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
@@ -618,7 +629,7 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task")
                     + _too_few_seeds(t3["n_pairs"][~t3["same_as_baseline"].astype(bool)] if "same_as_baseline" in t3
                                      else t3["n_pairs"], alpha)
-                    + _undefined_relative(t3) + _absent_arms(results, t3, planned_arms, split))]
+                    + undefined_relative_note(t3) + _absent_arms(results, t3, planned_arms, split))]
     for task in sorted(t3["task"].unique()):
         caption = f"{task}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
         blocks += _figure(plot_ablation_bars(t3, task, fig_dir, suffix="" if split == "validation" else "_test"),
@@ -703,12 +714,10 @@ def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
 def _cost_section(results: Results) -> list[Block]:
     ttt = stats.time_to_target(results)
     blocks = [_heading("Cost")]
-    targets = ttt[np.isfinite(ttt["target"].to_numpy(dtype=float))] if len(ttt) else ttt
-    if len(targets):  # (a study without AdamW has no target)
-        reached = int(targets["reached"].astype(bool).sum())
+    reached = time_to_target_note(ttt)
+    if reached:  # (a study without AdamW has no target)
         blocks += [_heading("Time to AdamW's best", 3),
-                   _text(f"MetaAdamW reached AdamW's best on {reached} of the {len(targets)} seed(s) with an AdamW "
-                         f"result to reach (a MetaAdamW trial that diverged or failed did not). Per seed, the first "
+                   _text(f"{reached} Per seed, the first "
                          "epoch at which MetaAdamW's validation metric reaches the best validation metric of AdamW's "
                          "trial of the same seed; wall seconds are cumulative and include the meta-updates. The "
                          "wall-time ratio is MetaAdamW's seconds to the target over AdamW's seconds to its best: "

@@ -79,17 +79,26 @@ def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n}
 
 
-def paired_t_pvalue(diffs: Sequence[float]) -> float:
+def _tie_tolerance(d: np.ndarray, scale: float | None) -> float:
+    """How far apart two sums of the differences ``d`` may be and still be equal: :data:`TIE`
+    relative to ``scale``, the size of the values they are differences of (their rounding, ~1e-16
+    of it, is in them: 357.1234 - 357.1134 is not 0.01 to 1e-12 of 0.01), else of ``d``."""
+    return TIE * (scale if scale is not None and np.isfinite(scale) else float(np.abs(d).max()))
+
+
+def paired_t_pvalue(diffs: Sequence[float], scale: float | None = None) -> float:
     """Two-sided one-sample t-test of the paired differences against 0 (NaN for n < 2).
 
-    Identical non-zero differences give p = 0 (an infinite t), all-zero differences p = 1.
+    Identical non-zero differences give p = 0 (an infinite t), all-zero differences p = 1; equal
+    up to the rounding of the values they are differences of (of magnitude ``scale``, default the
+    differences' own) counts as identical.
     """
     d = np.asarray(diffs, dtype=float)
     n = len(d)
     if n < 2 or not np.isfinite(d).all():
         return np.nan
     mean, sd = d.mean(), d.std(ddof=1)
-    if sd <= TIE * np.abs(d).max():  # identical up to rounding (0.9 - 1.0 and 1.0 - 1.1): no t of float noise
+    if sd <= _tie_tolerance(d, scale):  # identical up to rounding (0.9 - 1.0 and 1.0 - 1.1): no t of float noise
         return 1.0 if mean == 0 else 0.0
     t = mean / (sd / np.sqrt(n))
     return float(2 * sps.t.sf(abs(t), n - 1))
@@ -101,6 +110,7 @@ def sign_flip_pvalue(
     exact_max_n: int = EXACT_SIGN_FLIP_MAX_N,
     draws: int = SIGN_FLIP_DRAWS,
     seed: int = 0,
+    scale: float | None = None,
 ) -> float:
     """Two-sided sign-flip permutation p-value of the mean paired difference.
 
@@ -110,14 +120,15 @@ def sign_flip_pvalue(
     fixed ``seed`` (reported as (1 + hits) / (1 + draws)). The smallest attainable exact value is
     2 / 2^n when no difference is 0, e.g. 2/64 = 0.03125 for 6 pairs and 0.0625 for 5 (a zero
     difference's sign does not count: 2 / 2^(number of non-zero differences)). NaN for n = 0 and for non-finite
-    differences (a NaN would otherwise compare as never reached and give p = 0).
+    differences (a NaN would otherwise compare as never reached and give p = 0). Means equal up to
+    rounding (:func:`_tie_tolerance`, with ``scale`` the size of the values differenced) tie.
     """
     d = np.asarray(diffs, dtype=float)
     n = len(d)
     if n == 0 or not np.isfinite(d).all():
         return np.nan
     observed = abs(d.mean())
-    tol = TIE * float(np.abs(d).max())  # rounding of the sums, relative: metrics of any scale (MSE 1e-11)
+    tol = _tie_tolerance(d, scale)  # rounding of the sums, relative: metrics of any scale (MSE 1e-11)
     if n <= exact_max_n:
         signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
         return float(np.mean(np.abs(signs @ d / n) >= observed - tol))
@@ -172,6 +183,7 @@ def paired_comparison(
     with np.errstate(divide="ignore", invalid="ignore"):  # (ref 0: +-inf, or NaN for 0/0)
         diff, rel = new - ref, relative_change(ref, new, mode)
     d = mean_ci(diff, confidence)
+    scale = float(max(np.abs(ref).max(), np.abs(new).max())) if len(ref) else None
     r = mean_ci(rel, confidence) if np.isfinite(rel).all() else {"mean": np.nan, "lo": np.nan, "hi": np.nan}
     return {
         "diff_mean": d["mean"],
@@ -180,8 +192,8 @@ def paired_comparison(
         "rel_mean": r["mean"],
         "rel_lo": r["lo"],
         "rel_hi": r["hi"],
-        "p_t": paired_t_pvalue(diff),
-        "p_signflip": sign_flip_pvalue(diff),
+        "p_t": paired_t_pvalue(diff, scale),
+        "p_signflip": sign_flip_pvalue(diff, scale=scale),
         "n_pairs": len(diff),
         "n_better": int(np.sum(rel > 0)),
     }

@@ -236,17 +236,37 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
         try:
             import_module(name)
         except Exception as exc:
-            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
-            if missing is not None and (name == missing or name.startswith(missing + ".")):  # the plugin itself
-                fix = f"Install it, or put {top}.py {next_to}"
-            elif missing is not None:
-                fix = f"It imports {missing!r}, which is not installed here: install that"
-            else:
-                fix = "Fix the error it raises" + (f" ({exc.filename}, line {exc.lineno})" if isinstance(
-                    exc, SyntaxError) and exc.filename else "")
+            fix = _plugin_import_fix(name, exc, next_to)
             raise StudyError(
                 f"{source}: {where}[{i}]: cannot import plugin module {name!r}: {type(exc).__name__}: {exc}. {fix}"
             ) from exc
+
+
+def _plugin_import_fix(name: str, exc: Exception, next_to: str) -> str:
+    """What to do about plugin ``name`` failing to import with ``exc``: add the module (it, or a
+    module of its own package, is missing), install what it imports, or fix its code."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    if missing is None:
+        return "Fix the error it raises" + (
+            f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) and exc.filename else "")
+    top = missing.split(".")[0]
+    if name == missing or name.startswith(missing + "."):  # the plugin itself (or its package) is not there
+        return f"Install it, or put {name.replace('.', '/')}.py {next_to}"
+    if top == name.split(".")[0]:  # a module of the plugin's own package
+        return f"It imports {missing!r}, a module of its own package that does not exist: add {missing.replace('.', '/')}.py"
+    if missing != top and _find_spec(top) is not None:
+        return f"It imports {missing!r}, which the installed {top!r} does not have (another version?)"
+    return f"It imports {missing!r}, which is not installed here: install {'it' if missing == top else repr(top)}"
+
+
+def _find_spec(module: str) -> Any:
+    """``importlib.util.find_spec`` of a top-level module, None also where looking raises."""
+    from importlib.util import find_spec
+
+    try:
+        return find_spec(module)
+    except (ImportError, ValueError):
+        return None
 
 
 #: ``--dry-run`` lists the trials one per line in studies of at most this many (else ``--list`` does)

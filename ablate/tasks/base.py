@@ -17,7 +17,10 @@ it (``data``, ``data_dir``, ``seed``, and its own model keys such as ``d_model``
   (for ETT the persistence forecast), so a user sees at once whether a model learned anything,
   and, under keys starting with ``test_``, on the test split where there is one;
 * ``data_source``: where the data came from, e.g. ``"embedded:statsmodels-elnino"`` or
-  ``"real:/data/ETT-small/ETTh1.csv"`` - recorded with every result.
+  ``"real:/data/ETT-small/ETTh1.csv"`` - recorded with every result. The prefix ``embedded:``
+  marks a built-in task's small stand-in for a paper dataset (the report warns that such results
+  say nothing about the paper's claims); a task's own generated data takes another prefix
+  (``"synthetic:sine"``).
 
 Batches are moved to the trial's device by :func:`move_to_device` (tensors, and tuples / lists /
 dicts of tensors).
@@ -147,15 +150,17 @@ def register_task(
     of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
-        from ablate.config import COMMON_FIELDS, RESULT_COLUMNS, did_you_mean
+        from ablate.config import COMMON_FIELDS, RESULT_COLUMNS, RESULT_PREFIXES, did_you_mean
 
         taken = {m: f"metric {m!r} (stored as best_{m})" for m, _ in metrics if f"best_{m}" in RESULT_COLUMNS}
         for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
-            taken.update({key: f"{where} key {key!r}" for key in keys if key in RESULT_COLUMNS})
+            # (best_<metric>, test_<metric> and ref_<reference> are result columns too)
+            taken.update({key: f"{where} key {key!r}" for key in keys
+                          if key in RESULT_COLUMNS or key.startswith(RESULT_PREFIXES)})
         if taken:  # the stored row would keep one of the two values, silently
             raise ValueError(f"task {name!r}: {'; '.join(taken.values())}: the name of a column of the trial's stored "
                              f"results; rename it (e.g. {name}_{next(iter(taken))}). The results' columns: "
-                             f"{', '.join(sorted(RESULT_COLUMNS))}")
+                             f"{', '.join(sorted(RESULT_COLUMNS))}, and {', '.join(p + '*' for p in RESULT_PREFIXES)}")
         for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
             for key in keys:  # a misspelt trial key would be a task key of its own, and the trial key keep its default
                 hint = "" if key in COMMON_FIELDS else did_you_mean(key, COMMON_FIELDS, cutoff=0.85)

@@ -11,6 +11,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
+from ablate import report, stats
 from ablate.results import load_results
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
@@ -74,6 +75,8 @@ def test_analysis_notebook_runs_on_a_results_dir(report_study, report_kit, monke
     assert "= baseline (same trials)" in everything  # grouping=fine_grained ran the baseline's own trials
     assert "No factorial cells in this study." in everything
     assert "not reached" in everything and "meta-update share" in everything  # cost
+    reached = report.time_to_target_note(stats.time_to_target(load_results(report_study)))
+    assert reached.startswith("MetaAdamW reached AdamW's best on ") and reached in everything  # (the report's line)
     assert report_kit.FAILED_ID in everything and report_kit.DIVERGED_ID in everything
     assert everything.count("<image/png>") >= 11
     assert (report_study / "report" / "report.md").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -426,6 +427,22 @@ def test_the_sign_of_a_small_change_is_shown_in_the_run_summary_too():
             for arm, best in (("baseline", 1.0), ("gating=true", 1.0 + 1e-7))]
     text = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
     assert "-0.00001%" in text and "+0.00%" not in text
+
+
+def test_the_run_summary_says_why_a_change_against_a_zero_baseline_is_n_a():
+    # it printed "n/a" (an infinite mean) or nothing (0/0), two numpy warnings on stderr and no reason
+    from ablate.results import Results
+    from ablate.sweep import summary_table
+    rows = [{"trial_id": f"{arm}{s}", "task": "imdb", "seed": s, "arm": arm, "arms": json.dumps([arm]), "status": "ok",
+             "mode": "max", "metric": "accuracy", "best_metric": best} for arm, values in
+            (("baseline", [0.0, 0.6, 0.6]), ("gating=true", [0.7, 0.7, 0.7]), ("adamw", [0.0, 0.5, 0.6]))
+            for s, best in enumerate(values)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lines = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame())).splitlines()
+    for arm in ("gating=true", "adamw"):
+        line = next(ln for ln in lines if ln.strip().startswith(arm))
+        assert line.endswith("(change n/a: the baseline's metric is 0 on a paired seed)") and "%" not in line, line
 
 
 def test_the_run_summary_names_the_studys_arms_and_tasks_without_a_stored_trial():

@@ -108,6 +108,11 @@ def test_paired_t_pvalue_matches_scipy():
     same = np.array([0.9, 1.0, 1.2, 0.7]) - np.array([1.0, 1.1, 1.3, 0.8])
     assert np.ptp(same) > 0 and stats.paired_t_pvalue(same) == 0.0
     assert stats.paired_t_pvalue([0.0, 0.0, 0.0]) == 1.0
+    # perplexity-sized metrics, each improved by 0.01: their rounding (~1e-14) is far above 1e-12 of 0.01
+    ref = np.array([361.4186, 414.0556, 317.2992, 413.8379, 337.4198])
+    new = np.round(ref - 0.01, 4)
+    assert np.ptp(new - ref) > 0 and stats.paired_t_pvalue(new - ref) < 1e-40  # (the differences alone: a t of noise)
+    assert stats.paired_comparison(ref, new, "min")["p_t"] == 0.0
 
 
 def test_paired_comparison_fields():

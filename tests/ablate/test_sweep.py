@@ -491,10 +491,13 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
 @pytest.fixture
 def one_ray():
     """One in-process Ray for the test's runs (``run_study`` uses a running Ray and leaves it
-    running), which then pay Ray's start and shutdown (~5 s on two cores) once."""
+    running), which then pay Ray's start and shutdown (~5 s on two cores) once. One CPU, as the
+    runs' num_cpus=1 would have started it."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=True,
+    if ray.is_initialized():  # (left by a test that failed before its own shutdown)
+        ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=True,
              logging_level="warning", object_store_memory=256 * 1024**2)
     yield
     ray.shutdown()

@@ -84,7 +84,7 @@ def test_train_and_list_import_plugins_from_the_command_line(tmp_path, monkeypat
             f"Fix the error it raises ({tmp_path / 'cli_broken_syntax.py'}, line 1)"), err
         assert main(["list", "--plugin", "cli_broken_dependency"]) == 2
         assert capsys.readouterr().err.rstrip().endswith(
-            "It imports 'cli_no_such_dependency', which is not installed here: install that")
+            "It imports 'cli_no_such_dependency', which is not installed here: install it")
         for given in ("cli_plugin_feats.py", "sub/cli_plugin_feats.py"):  # a file path: the module name to give
             assert main(["list", "--plugin", given]) == 2
             assert (f"--plugin[0]: {given!r} is a file path: give the module name 'cli_plugin_feats' (its file in "
@@ -224,6 +224,33 @@ def test_a_task_check_that_raises_by_mistake_is_named_not_a_traceback():
         TASKS.remove("buggy_check_task")
 
 
+@pytest.mark.parametrize("files, plugin, fix", [
+    ({"hint_pkg_a/__init__.py": ""}, "hint_pkg_a.tasks",
+     "Install it, or put hint_pkg_a/tasks.py next to the study file"),
+    ({"hint_pkg_b/__init__.py": "from .helpers import x\n"}, "hint_pkg_b",
+     "It imports 'hint_pkg_b.helpers', a module of its own package that does not exist: add hint_pkg_b/helpers.py"),
+    ({"hint_mod_c.py": "import json.no_such_submodule\n"}, "hint_mod_c",
+     "It imports 'json.no_such_submodule', which the installed 'json' does not have (another version?)"),
+    ({"hint_mod_d.py": "import hint_no_such_dependency.sub\n"}, "hint_mod_d",
+     "It imports 'hint_no_such_dependency', which is not installed here: install it"),
+])
+def test_a_plugin_that_fails_to_import_is_told_what_is_missing(tmp_path, files, plugin, fix):
+    from ablate.study import StudyError, import_plugins
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    try:
+        with pytest.raises(StudyError) as info:
+            import_plugins([plugin], tmp_path)
+        assert str(info.value).endswith(fix), str(info.value)
+    finally:
+        for module in [m for m in sys.modules if m.startswith("hint_")]:
+            sys.modules.pop(module)
+        if str(tmp_path.resolve()) in sys.path:
+            sys.path.remove(str(tmp_path.resolve()))
+
+
 def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
     # "epoch" became a task key of its own while "epochs" kept its default, without a word
     from ablate.tasks import register_task
@@ -242,6 +269,8 @@ def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
     ([("epoch", "max")], {}, {}, "metric 'epoch' (stored as best_epoch)"),
     ([("mse", "min")], {"mode": "fast", "d_model": 8}, {}, "defaults key 'mode'"),
     ([("mse", "min")], {}, {"error": 0.1}, "embedded_defaults key 'error'"),
+    ([("mse", "min")], {"best_mse": 0.5}, {}, "defaults key 'best_mse'"),  # (best_<metric>: overwritten)
+    ([("mse", "min")], {"ref_scale": 1.0}, {}, "defaults key 'ref_scale'"),
 ])
 def test_a_tasks_key_or_metric_named_like_a_results_column_is_refused(metrics, defaults, embedded, named):
     # the stored row kept one of the two: best_metric became the secondary metric 'metric', an ablated task key
