@@ -263,8 +263,9 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
         if key in COMMON_FIELDS:
             validate_value(key, value, where)
         elif key in spec.defaults or key in spec.embedded_defaults:
-            default = (spec.embedded_defaults.get(key, spec.defaults.get(key)) if data == "embedded"
-                       else spec.defaults.get(key, spec.embedded_defaults.get(key)))
+            mine, other = ((spec.embedded_defaults, spec.defaults) if data == "embedded"
+                           else (spec.defaults, spec.embedded_defaults))
+            default = mine.get(key) if mine.get(key) is not None else other.get(key)
             if default is not None and value is not None and not _same_kind(default, value):
                 raise ConfigError(f"{where}: {key} must be like {default!r} (task {spec.name}), got {value!r}")
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

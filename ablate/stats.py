@@ -98,8 +98,9 @@ def paired_t_pvalue(diffs: Sequence[float], scale: float | None = None) -> float
     if n < 2 or not np.isfinite(d).all():
         return np.nan
     mean, sd = d.mean(), d.std(ddof=1)
-    if sd <= _tie_tolerance(d, scale):  # identical up to rounding (0.9 - 1.0 and 1.0 - 1.1): no t of float noise
-        return 1.0 if mean == 0 else 0.0
+    tol = _tie_tolerance(d, scale)
+    if sd <= tol:  # identical up to rounding (0.9 - 1.0 and 1.0 - 1.1): no t of float noise
+        return 1.0 if abs(mean) <= tol else 0.0  # (rounding noise around 0 is no difference)
     t = mean / (sd / np.sqrt(n))
     return float(2 * sps.t.sf(abs(t), n - 1))
 

@@ -1041,4 +1041,6 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def _holds_module(directory: Path, name: str) -> bool:
-    return (directory / f"{name}.py").is_file() or (directory / name / "__init__.py").is_file()
+    """Whether ``directory`` holds module or package ``name`` (a folder without ``__init__.py``
+    is a namespace package, which imports as well)."""
+    return (directory / f"{name}.py").is_file() or (directory / name).is_dir()

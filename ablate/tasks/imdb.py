@@ -153,21 +153,21 @@ _LABELS = {"1": 1, "0": 0, "pos": 1, "neg": 0, "positive": 1, "negative": 0}
 
 def read_csv(path: Path) -> list[Review]:
     """Reviews of a CSV file with a text and a label column (see the module docstring)."""
-    line = 0
+    reader = None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # (-sig: a spreadsheet's byte-order mark)
-            # strict: a quote left open (a file cut off inside a review, a stray quote) is an error, not a review
-            # that runs to the end of the file or swallows the next ones
+            # strict: a quote left open at the end of the file (a copy cut off inside a review) or followed by
+            # text (a stray quote) is an error, not a review that runs on or swallows the next ones
             reader = csv.reader(f, strict=True)
-            columns, rows = [], []
+            columns, rows, end = [], [], 0
             for fields in reader:
-                line = reader.line_num  # (the line a record ends on: a review may span lines)
+                start, end = end + 1, reader.line_num  # (a review may span lines: its first line names it)
                 if not columns:
                     columns = fields
                 elif fields:  # (blank lines are no reviews)
-                    rows.append((line, fields))
+                    rows.append((start, fields))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        where = f" (line {line + 1})" if isinstance(exc, csv.Error) else ""
+        where = f" (line {reader.line_num})" if isinstance(exc, csv.Error) and reader is not None else ""
         raise _csv_error(f"cannot read {path} as a UTF-8 CSV file{where}: {exc}", path) from exc
     text_col = next((c for c in _TEXT_COLUMNS if c in columns), None)
     label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)

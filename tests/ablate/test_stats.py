@@ -113,6 +113,19 @@ def test_paired_t_pvalue_matches_scipy():
     new = np.round(ref - 0.01, 4)
     assert np.ptp(new - ref) > 0 and stats.paired_t_pvalue(new - ref) < 1e-40  # (the differences alone: a t of noise)
     assert stats.paired_comparison(ref, new, "min")["p_t"] == 0.0
+    # ... and differences that are rounding noise around 0 are no difference (p = 1, not 0)
+    ref = np.array([300.0, 310, 305, 299, 302])
+    noise = stats.paired_comparison(ref, ref + np.array([1, -1, 2, -1, 0]) * np.spacing(ref), "min")
+    assert (noise["p_t"], noise["p_signflip"]) == (1.0, 1.0)
+
+
+def test_the_sign_flip_test_ties_means_equal_up_to_the_rounding_of_the_compared_values():
+    # improvements of 0.01, -0.01, 0.05, 0.02 on metrics ~1e4: flipping the first two gives the same mean, which
+    # the rounding of 1e4-sized values (~1e-12) hid from a tolerance of 1e-12 of the differences (p 0.25, not 0.375)
+    ref = np.array([10032.9299, 10290.8962, 11898.1862, 10686.6955])
+    new = np.round(ref + np.array([0.01, -0.01, 0.05, 0.02]), 4)
+    assert stats.sign_flip_pvalue(new - ref) == 0.25  # (the differences alone)
+    assert stats.paired_comparison(ref, new, "max")["p_signflip"] == 0.375 == stats.sign_flip_pvalue([1, -1, 5, 2])
 
 
 def test_paired_comparison_fields():

@@ -272,7 +272,7 @@ def test_loss_is_twice_differentiable(embedded_task):
 
 @pytest.mark.realdata
 def test_real_cifar_batches():
-    root = SHARED_DATA / "cifar-10-batches-py"
+    root = (SHARED_DATA / "cifar-10-batches-py").resolve()
     if not (root / "test_batch").is_file():
         pytest.skip(f"no CIFAR-10 batches under {root}")
     with warnings.catch_warnings(record=True) as caught:

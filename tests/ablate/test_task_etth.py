@@ -209,6 +209,15 @@ def test_persistence_by_hand():
     assert etth.persistence_metrics(target, 3, 5) == {"persistence_mse": 0.5, "persistence_mae": 0.5}
 
 
+def test_the_12_4_4_split_reads_20_months_of_any_longer_file_without_a_warning(tmp_path):
+    # a file cut to 15,000 rows gives the same 12/4/4 windows as the published 17,420: it was called not comparable
+    write_ett_csv(tmp_path / "ETTh1.csv", np.sin(np.arange(15_000) / 24.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task = etth.build_ett_task(real_config(tmp_path, split="12/4/4"), etth.VARIANTS[0])
+    assert "not the published" not in task.data_source and len(task.test) == 2880
+
+
 def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
     rng = np.random.default_rng(0)
     ot = np.cumsum(rng.normal(size=30))

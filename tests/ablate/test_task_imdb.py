@@ -205,6 +205,11 @@ def test_a_broken_csv_is_an_error_not_fewer_or_merged_reviews():
         read_csv_text("label,text\n1,fine\n0,bad, really bad\n")
     with pytest.raises(DatasetNotFoundError, match=r"line 4: 1 field\(s\) where the header has 2"):
         read_csv_text('label,text\n1,"two\nlines"\n0\n')
+    # a review over lines 3-5: a bad label names its first line, a stray quote the line it is on
+    with pytest.raises(DatasetNotFoundError, match=r"line 3: label 'maybe'"):
+        read_csv_text('label,text\n1,ok\nmaybe,"first\nsecond\nthird"\n')
+    with pytest.raises(DatasetNotFoundError, match=r"\(line 5\): ',' expected after"):
+        read_csv_text('label,text\n1,ok\n0,"first line\nsecond line\nthird "bad" line\n1,next\n')
 
 
 def test_escaped_quotes_are_unescaped():
@@ -325,6 +330,6 @@ def test_real_csv():
     task = get_task("imdb").build(make_config(data="real", data_dir=str(SHARED_DATA), csv_file=path.name, **TINY))
     assert task.info["reviews"] == {"train": 4000, "val": 1000}
     assert task.info["vocab_size"] == 25000 + 4
-    assert task.test is None and task.data_source == f"real:{path}"
+    assert task.test is None and task.data_source == f"real:{path.resolve()}"
     assert task.train.labels.float().mean().item() == pytest.approx(task.val.labels.float().mean().item(), abs=0.002)
     assert 0.45 < task.reference["majority_accuracy"] < 0.55

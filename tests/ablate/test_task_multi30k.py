@@ -236,4 +236,4 @@ def test_real_multi30k():
     src, tgt = task.train[0]
     assert src[0] == BOS_ID and src[-1] == EOS_ID and tgt[0] == BOS_ID and tgt[-1] == EOS_ID
     assert 1.0 < task.reference["unigram_ppl"] < 10004
-    assert task.data_source.startswith("real:") and str(folder) in task.data_source
+    assert task.data_source.startswith("real:") and str(folder.resolve()) in task.data_source

@@ -251,6 +251,39 @@ def test_a_plugin_that_fails_to_import_is_told_what_is_missing(tmp_path, files, 
             sys.path.remove(str(tmp_path.resolve()))
 
 
+def test_a_namespace_package_next_to_the_study_file_is_a_plugin(tmp_path):
+    from ablate.study import import_plugins
+
+    (tmp_path / "hint_ns_pkg").mkdir()  # (no __init__.py)
+    (tmp_path / "hint_ns_pkg" / "tasks.py").write_text("LOADED = True\n")
+    try:
+        import_plugins(["hint_ns_pkg.tasks"], tmp_path)
+        assert sys.modules["hint_ns_pkg.tasks"].LOADED
+    finally:
+        for module in [m for m in sys.modules if m.startswith("hint_ns_pkg")]:
+            sys.modules.pop(module)
+        if str(tmp_path.resolve()) in sys.path:
+            sys.path.remove(str(tmp_path.resolve()))
+
+
+def test_a_task_keys_type_is_its_default_for_the_data_mode():
+    # an integer for a key whose real-data default is a float is that float (the embedded default's int typed it),
+    # and a None default takes the type of the other mode's
+    from ablate.config import ConfigError, resolve_config
+    from ablate.tasks import register_task
+
+    register_task("typed_task", metrics=[("mse", "min")], defaults={"scale": 1.0, "clip": None},
+                  embedded_defaults={"scale": 2, "clip": 1.0})(lambda c: None)
+    try:
+        real = resolve_config({"task": "typed_task", "data": "real", "scale": 3, "clip": 2})
+        assert (real["scale"], type(real["scale"]), real["clip"], type(real["clip"])) == (3.0, float, 2.0, float)
+        assert type(resolve_config({"task": "typed_task", "scale": 3})["scale"]) is int  # (embedded: like 2)
+        with pytest.raises(ConfigError, match=r"clip must be like 1\.0 \(task typed_task\), got 'abc'"):
+            resolve_config({"task": "typed_task", "data": "real", "clip": "abc"})
+    finally:
+        TASKS.remove("typed_task")
+
+
 def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
     # "epoch" became a task key of its own while "epochs" kept its default, without a word
     from ablate.tasks import register_task
@@ -271,6 +304,7 @@ def test_a_misspelt_trial_key_in_a_tasks_defaults_is_named_at_registration():
     ([("mse", "min")], {}, {"error": 0.1}, "embedded_defaults key 'error'"),
     ([("mse", "min")], {"best_mse": 0.5}, {}, "defaults key 'best_mse'"),  # (best_<metric>: overwritten)
     ([("mse", "min")], {"ref_scale": 1.0}, {}, "defaults key 'ref_scale'"),
+    ([("mse", "min")], {}, {"test_mse": 0.1}, "embedded_defaults key 'test_mse'"),
 ])
 def test_a_tasks_key_or_metric_named_like_a_results_column_is_refused(metrics, defaults, embedded, named):
     # the stored row kept one of the two: best_metric became the secondary metric 'metric', an ablated task key
