@@ -987,6 +987,7 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
     row = {"task": task, "seed": seed, "metric": metric, "target": np.nan, "reached": False,
            "epoch": np.nan, "step": np.nan, "wall_s": np.nan, "ref_epoch": np.nan,
            "ref_step": np.nan, "ref_wall_s": np.nan, "wall_ratio": np.nan, "note": ""}
+
     def not_ok(name: str, rows: pd.DataFrame) -> str:
         status = rows["status"].iloc[0]
         return f"{name} trial {rows['trial_id'].iloc[0]} is {status if status != 'ok' else 'without a finite metric'}"
