@@ -936,9 +936,10 @@ def validation_curves(results: Results, task: str, arms: Sequence[str] = (ADAMW,
     """Per arm and epoch the mean, min and max validation primary metric of ``task`` over the
     seeds every one of ``arms`` with an ok trial there finished ok (matched seeds, as Tables 2 and
     3 pair them; the report's curves). Columns: arm, epoch, mean, min, max, n (the arm's seeds
-    drawn), left_out (its ok seeds left out as unmatched). Seeds that stopped early leave the
-    later epochs' statistics to the seeds still running. Arms without an ok trial or history have
-    no rows."""
+    drawn), left_out (its ok seeds left out as unmatched). A seed with several ok trials (results
+    loaded with ``all_trials=True``) counts once, with their mean, as in the tables. Seeds that
+    stopped early leave the later epochs' statistics to the seeds still running. Arms without an
+    ok trial or history have no rows."""
     columns = ["arm", "epoch", "mean", "min", "max", "n", "left_out"]
     ok = explode_arms(_ok(results.trials))
     if results.history.empty or ok.empty:
@@ -949,12 +950,13 @@ def validation_curves(results: Results, task: str, arms: Sequence[str] = (ADAMW,
     matched = set.intersection(*seed_sets) if seed_sets else set()
     frames = []
     for arm, rows in trials.items():
-        ids = rows.loc[rows["seed"].isin(matched), "trial_id"]
-        h = results.history[results.history["trial_id"].isin(ids)]
+        drawn = rows[rows["seed"].isin(matched)]
+        h = results.history.merge(drawn[["trial_id", "seed"]], on="trial_id")
         if h.empty or col not in h:
             continue
-        g = h.groupby("epoch")[col].agg(["mean", "min", "max"]).reset_index()
-        frames.append(g.assign(arm=arm, n=len(ids), left_out=len(rows) - len(ids)))
+        per_seed = h.groupby(["epoch", "seed"])[col].mean()
+        g = per_seed.groupby("epoch").agg(["mean", "min", "max"]).reset_index()
+        frames.append(g.assign(arm=arm, n=drawn["seed"].nunique(), left_out=rows["seed"].nunique() - drawn["seed"].nunique()))
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 

@@ -384,6 +384,15 @@ def test_validation_curves_average_the_matched_seeds(tmp_path, report_kit):
     assert curves.loc[("baseline", 1), ["n", "left_out"]].tolist() == [2, 1]
     alone = stats.validation_curves(load_results(tmp_path), "etth1", arms=["adamw", "gating=true"])
     assert set(alone["arm"]) == {"adamw"} and alone["n"].iloc[0] == 3, "an arm without ok trials matches nothing"
+    # two ok trials of one seed (an older study version's, loaded with all_trials=True): the seed counts once,
+    # with their mean, as the tables count it
+    row = report_kit.trial_row("etth1", "adamw", 2, 0.5)
+    row.update(trial_id="adamw-2-again")
+    write_trial(tmp_path, row, [{"epoch": 1, "val_mse": 4.0}, {"epoch": 2, "val_mse": 0.5}])
+    both = stats.validation_curves(Results(load_results(tmp_path, all_trials=True).trials,
+                                           load_results(tmp_path, all_trials=True).history, pd.DataFrame()), "etth1")
+    both = both.set_index(["arm", "epoch"])
+    assert both.loc[("adamw", 1), ["mean", "min", "max", "n", "left_out"]].tolist() == [3.0, 3.0, 3.0, 2, 1]
 
 
 def test_time_to_target_for_max_metric(report_study):
