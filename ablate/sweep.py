@@ -857,7 +857,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
-    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint)) as rearm:
+    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint, out_dir)) as rearm:
         try:
             by_id = {t.trial_id: t for t in pending}
             recorder = made["recorder"] = _make_callbacks(study, by_id, out_dir, len(study.trials), reused,
@@ -1081,9 +1081,12 @@ def _trial_label(t: TrialSpec) -> str:
     return f"{t.trial_id} ({t.task}, {' = '.join(t.arms)}, seed {t.seed})"
 
 
-def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str | None) -> str:
+def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str | None, out_dir: Path) -> str:
     done = set() if recorder is None else recorder.written | recorder.failed_ids
-    left = [_trial_label(t) for t in pending if t.trial_id not in done]
+    # a trial whose row is on disk is stored, also where the signal came before the recorder noted it
+    # (its trial part is written last: a row on disk has its history and telemetry beside it)
+    left = [_trial_label(t) for t in pending
+            if t.trial_id not in done and not (out_dir / store.PARTS_DIR / f"{t.trial_id}.trials.parquet").exists()]
     hint = resume_hint or "the same command with --resume"
     if not left:
         return f"every trial is stored; the combined tables were not written: run {hint}"

@@ -217,6 +217,26 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum, group):
     assert "Tuner.restore" not in text  # Ray Tune's own hint, which cannot extend a sweep
 
 
+def test_the_sigterm_message_counts_a_trial_stored_before_the_recorder_noted_it(tmp_path):
+    # SIGTERM between writing a trial's parts and the recorder's note of it: the message said it did not finish
+    # (a race seen once in a fresh clone's run of the test above, on two busy cores)
+    import types
+
+    from ablate.results import write_trial
+    from ablate.sweep import _sigterm_message
+
+    study = load_study(_study(tmp_path, seeds=1))
+    out = tmp_path / "results" / "tiny"
+    stored, *others = study.trials
+    write_trial(out, {**stored.config, "trial_id": stored.trial_id, "status": "ok", "best_metric": 1.0})
+    recorder = types.SimpleNamespace(written=set(), failed_ids=set())
+    text = _sigterm_message(study.trials, recorder, None, out)
+    assert text.startswith(f"{len(others)} trial(s) did not finish: ") and stored.trial_id not in text
+    for t in others:
+        write_trial(out, {**t.config, "trial_id": t.trial_id, "status": "ok", "best_metric": 1.0})
+    assert _sigterm_message(study.trials, recorder, None, out).startswith("every trial is stored")
+
+
 def _unfinished_checkpoint(out: Path) -> bool:
     """A trial has a per-epoch checkpoint but no result yet."""
     done = {p.name.split(".")[0] for p in (out / "parts").glob("*.trials.parquet")} if (out / "parts").exists() else set()
