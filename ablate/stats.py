@@ -164,6 +164,18 @@ def relative_change(ref: Sequence[float] | float, new: Sequence[float] | float, 
     raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
 
 
+def mean_relative_change(ref: Sequence[float], new: Sequence[float], mode: str,
+                         confidence: float = CONFIDENCE) -> dict[str, float]:
+    """:func:`mean_ci` of the per-pair :func:`relative_change` of matched finite pairs; all NaN
+    where ``ref`` is 0 on some pair (undefined there; a mean over the other pairs would describe
+    other seeds than the pairs' other statistics)."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # (ref 0: +-inf, or NaN for 0/0)
+        rel = relative_change(ref, new, mode)
+    if np.isfinite(rel).all():
+        return mean_ci(rel, confidence)
+    return {"mean": np.nan, "lo": np.nan, "hi": np.nan, "sd": np.nan, "n": len(rel)}
+
+
 def paired_comparison(
     ref: Sequence[float], new: Sequence[float], mode: str, confidence: float = CONFIDENCE
 ) -> dict[str, float]:
@@ -173,19 +185,16 @@ def paired_comparison(
     relative change (positive = better, see :func:`relative_change`) and its CI (``rel_*``), the
     paired t-test and sign-flip p-values, the number of pairs and how many pairs ``new`` wins.
     Pairs with a non-finite value are left out (and not counted). The relative change is NaN
-    where ``ref`` is 0 on some pair (undefined there; a mean over the other pairs would describe
-    other seeds than the rest of the row).
+    where ``ref`` is 0 on some pair (:func:`mean_relative_change`).
     """
     ref, new = np.asarray(ref, dtype=float), np.asarray(new, dtype=float)
     if ref.shape != new.shape:
         raise ValueError(f"paired arrays differ in length: {len(ref)} vs {len(new)}")
     keep = np.isfinite(ref) & np.isfinite(new)
     ref, new = ref[keep], new[keep]
-    with np.errstate(divide="ignore", invalid="ignore"):  # (ref 0: +-inf, or NaN for 0/0)
-        diff, rel = new - ref, relative_change(ref, new, mode)
-    d = mean_ci(diff, confidence)
+    diff = new - ref
+    d, r = mean_ci(diff, confidence), mean_relative_change(ref, new, mode, confidence)
     scale = float(max(np.abs(ref).max(), np.abs(new).max())) if len(ref) else None
-    r = mean_ci(rel, confidence) if np.isfinite(rel).all() else {"mean": np.nan, "lo": np.nan, "hi": np.nan}
     return {
         "diff_mean": d["mean"],
         "diff_lo": d["lo"],
@@ -196,7 +205,7 @@ def paired_comparison(
         "p_t": paired_t_pvalue(diff, scale),
         "p_signflip": sign_flip_pvalue(diff, scale=scale),
         "n_pairs": len(diff),
-        "n_better": int(np.sum(rel > 0)),
+        "n_better": int(np.sum(diff > 0 if mode == "max" else diff < 0)),  # (the sign of the relative change)
     }
 
 

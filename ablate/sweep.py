@@ -936,7 +936,7 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
     import pandas as pd
 
     from ablate.report import fmt_pct
-    from ablate.stats import _matched, _per_seed, _same_trials, explode_arms, paired_comparison
+    from ablate.stats import _matched, _per_seed, _same_trials, explode_arms, mean_relative_change
 
     trials = results.trials
     if trials.empty:
@@ -976,7 +976,7 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
                 ref, new, _, left_out = _matched(arms, task, "baseline", arm)
                 if len(new):
                     mean, n = float(new.mean()), len(new)
-                    change = paired_comparison(ref.to_numpy(), new.to_numpy(), mode)["rel_mean"]
+                    change = mean_relative_change(ref.to_numpy(), new.to_numpy(), mode)["mean"]
                     if math.isnan(change):
                         notes.append("change n/a: the baseline's metric is 0 on a paired seed")
                     if len(ref) != base_n:
