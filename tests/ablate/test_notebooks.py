@@ -104,3 +104,27 @@ def test_custom_feature_extractor_notebook_runs(tmp_path, monkeypatch, kernel):
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     rendered = "\n".join(outputs_by_cell(analysis))
     assert "trials: 6 - 6 ok" in rendered and "features=grad_stats" in rendered and "EMBEDDED" in rendered
+
+
+def test_analysis_notebook_says_where_a_relative_change_is_n_a(tmp_path, report_kit, monkeypatch, kernel):
+    # a reference metric of 0 on a paired seed: the notebook's tables print n/a and say why, on both splits
+    # (AdamW's 0 in Table 2; in Table 3 the baseline's 0 on the test split only)
+    from ablate.results import write_trial
+
+    values = {"adamw": ([0.0, 0.6, 0.6], [0.0, 0.5, 0.5]), "baseline": ([0.7, 0.7, 0.7], [0.4, 0.0, 0.4]),
+              "gating=true": ([0.7, 0.8, 0.7], [0.3, 0.3, 0.3])}
+    for arm, (best, test) in values.items():
+        for seed, (value, test_value) in enumerate(zip(best, test)):
+            row = report_kit.trial_row("etth1", arm, seed, value)
+            row.update(arms=json.dumps([arm]), test_mse=test_value)
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, value))
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = outputs_by_cell(nb)
+    note = "The relative change is n/a on etth1: the reference's metric is 0 on a paired seed, where it is undefined."
+    code = [c.source for c in nb.cells if c.cell_type == "code"]  # (outputs_by_cell's order)
+    table2, table3, test = (next(i for i, c in enumerate(code) if c.startswith(s))
+                            for s in ("t2 = stats.table2", "t3 = stats.table3", "if stats.tasks_with_test_split"))
+    assert note in outputs[table2] and note not in outputs[table3], outputs[table3]
+    assert outputs[test].count(note) == 2, outputs[test]  # (Table 2 and Table 3 on the test split)

@@ -193,6 +193,7 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum, group):
         else:
             proc.send_signal(signum)  # to the driver: Ctrl-C in its terminal, or kill PID
         output, _ = proc.communicate(timeout=120)
+        exited_after = time.monotonic() - start  # (the driver's exit: what a scheduler's grace period bounds)
         left = time.monotonic() + 20  # (Ray's processes end shortly after the driver)
         while _group_alive(proc.pid) and time.monotonic() < left:
             time.sleep(0.2)
@@ -206,7 +207,7 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum, group):
     assert 1 <= done < 9, text[-3000:]
     assert proc.returncode == (130 if signum == signal.SIGINT else 143), text[-3000:]
     if signum == signal.SIGTERM:
-        assert time.monotonic() - start < 20, "within a scheduler's grace period"
+        assert exited_after < 20, f"within a scheduler's grace period, not {exited_after:.1f} s"
     what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
     assert f"{what}: {9 - done} trial(s) did not finish: " in text
     finished = {p.name.split(".")[0] for p in (out / "stopped" / "parts").glob("*.trials.parquet")}
