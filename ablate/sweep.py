@@ -449,6 +449,16 @@ def longest_first(trials: list[TrialSpec]) -> list[TrialSpec]:
     return sorted(trials, key=cost)
 
 
+def no_result_files() -> None:
+    """Ray Tune's own per-result CSV/JSON/TensorBoard files off (unless the user's environment sets
+    ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS``): ablate stores the results itself, the files would only
+    cost the driver CPU time that the trials need on a small machine, and TensorBoard's writer
+    prints "NaN or Inf found in input tensor." for a diverged trial's value."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1":
+        logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
+
+
 def init_ray(study: Study, address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start Ray in-process (or join ``address``) with the study's plugins in the runtime
     environment. Returns True when this call started or joined Ray (and should shut it down)."""
@@ -494,12 +504,98 @@ def _warn_if_no_node_fits(study: Study, address: str) -> None:
 
     want = {"CPU": study.resources.get("cpus", 1), "GPU": study.resources.get("gpus", 0)}
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    largest = {k: max((float(n.get(k, 0)) for n in nodes), default=0.0) for k in want}
-    short = [f"{want[k]:g} {k}s (the largest node has {largest[k]:g})" for k in want if want[k] > largest[k]]
-    if short:
-        print(f"ablate: warning: each trial asks for {' and '.join(short)}, which no node of the cluster at {address} "
-              f"has: no trial starts until such a node joins (an autoscaler may add one). Ctrl-C, then lower "
-              f"resources: in the study file, if none will.", file=sys.stderr, flush=True)
+    # per node: a node with the CPUs and another with the GPU hold no trial that needs both
+    if not any(all(float(n.get(k, 0)) >= v for k, v in want.items()) for n in nodes):
+        has = "; ".join(sorted({f"{float(n.get('CPU', 0)):g} CPUs, {float(n.get('GPU', 0)):g} GPUs" for n in nodes})) or "none"
+        asks = " and ".join(f"{v:g} {k}s" for k, v in want.items() if v)
+        print(f"ablate: warning: each trial asks for {asks} on one node, which no node of the cluster at {address} "
+              f"has (its nodes: {has}): no trial starts until such a node joins (an autoscaler may add one). Ctrl-C, "
+              f"then lower resources: in the study file, if none will.", file=sys.stderr, flush=True)
+
+
+#: how long the check of a cluster's nodes waits for each node's answer
+NODE_CHECK_S = 60.0
+
+
+def _node_view(markers: dict[str, str], study: Study | None, plugins: list[str], plugin_dir: str | None) -> dict:
+    """On one node of a cluster: which of the driver's ``markers`` (what -> a file it wrote there)
+    this node does not see, and why the study's real-data trials cannot run here (None: they can)."""
+    view: dict[str, Any] = {"missing": [k for k, m in markers.items() if not os.path.exists(m)], "data": None}
+    if study is not None:
+        try:
+            _import_worker_plugins(plugins, plugin_dir)
+        except Exception as exc:  # noqa: BLE001 - reported by the driver, with the node's name
+            view["data"] = f"the study's plugins do not import ({type(exc).__name__}: {exc})"
+            return view
+        try:
+            check_real_data(study)
+        except Exception as exc:  # noqa: BLE001
+            view["data"] = str(exc)
+    return view
+
+
+def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
+    """On a cluster (``--address``), before any trial: ask every node alive now whether it sees the
+    ``folders`` (what -> a folder of this machine that each trial writes to from its node: Ray Tune's
+    storage, the trials' checkpoints) and the study's real data, as trials there would. Ray Tune's
+    storage or the data missing on a node - its trials would all fail there - is an error naming
+    the nodes; the checkpoints' folder a warning (``--resume`` cannot continue the trials those
+    nodes cut off, and their checkpoints stay on their disks). A node that does not answer within
+    :data:`NODE_CHECK_S` is named, not checked."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ablate.tasks import DatasetNotFoundError
+
+    markers = {}
+    try:
+        for what, folder in folders.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            marker = folder / f".ablate-node-check-{uuid.uuid4().hex}"
+            marker.touch()
+            markers[what] = str(marker.resolve())
+        real = [dataclasses.replace(t, config=_worker_spec(t)["config"]) for t in study.trials
+                if t.config.get("data") == "real"]
+        data = dataclasses.replace(study, trials=real) if real else None
+        view = ray.remote(num_cpus=0)(_node_view)
+        nodes = {n["NodeID"]: f"{n.get('NodeManagerHostname') or '?'} ({n.get('NodeManagerAddress')})"
+                 for n in ray.nodes() if n.get("Alive")}
+        pending = {view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            markers, data, list(study.plugins), str(study.path.parent.resolve()) if study.path else None): node
+            for node in nodes}
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=NODE_CHECK_S)
+        answers, unchecked = {}, [f"{nodes[pending[ref]]} (no answer within {NODE_CHECK_S:g} s)" for ref in late]
+        for ref in done:
+            try:
+                answers[pending[ref]] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - (a node that died meanwhile, say): the trials will tell
+                unchecked.append(f"{nodes[pending[ref]]} ({type(exc).__name__})")
+    finally:
+        for marker in markers.values():
+            Path(marker).unlink(missing_ok=True)
+    if unchecked:
+        print(f"ablate: warning: node(s) {', '.join(unchecked)} not checked for the folders and data their trials need",
+              file=sys.stderr, flush=True)
+    where = {what: [nodes[n] for n, a in answers.items() if what in a["missing"]] for what in folders}
+    no_data = {nodes[n]: a["data"] for n, a in answers.items() if a["data"]}
+    if no_data:
+        raise DatasetNotFoundError(
+            "node(s) of the cluster cannot run the study's real-data trials, which would fail there: "
+            + "; ".join(f"{node}: {why}" for node, why in no_data.items())
+            + ". Every node needs the data at the same absolute path (or $ABLATE_DATA_DIR on the driver naming one "
+              "that every node has). Nothing was run.")
+    if "storage" in where and where["storage"]:
+        raise ConfigError(
+            f"Ray Tune's storage {folders['storage']} is not on node(s) {', '.join(where['storage'])}: each trial writes "
+            f"its checkpoints there from the node that runs it, and would fail. Give --storage a folder every node "
+            f"shares (NFS, say) or a URI (s3://..., gs://...). Nothing was run.")
+    if "checkpoints" in where and where["checkpoints"]:
+        print(f"ablate: warning: {folders['checkpoints']} is not on node(s) {', '.join(where['checkpoints'])}: trials "
+              f"there write their checkpoints to that path on their own disk, so `--resume` cannot continue a trial "
+              f"that a stop cut off there (it starts again), and the checkpoints stay on those disks. Run from an --out "
+              f"folder every node shares to have them.", file=sys.stderr, flush=True)
 
 
 def check_real_data(study: Study) -> None:
@@ -848,17 +944,18 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
 
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # results are stored by the Recorder below: Ray's own per-result CSV/JSON/TensorBoard files
-    # would only cost the driver CPU time that the trials need on a small machine
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1":
-        logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
+    no_result_files()
     started = init_ray(study, address, num_cpus)
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
     with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint, out_dir)) as rearm:
         try:
+            if address is not None:  # a cluster: what the trials need on the nodes that run them
+                folders = {"checkpoints": out_dir / CHECKPOINTS_DIR}
+                if storage is None or "://" not in storage or storage.startswith("file://"):
+                    folders["storage"] = Path(storage.removeprefix("file://")) if storage else out_dir / "ray"
+                check_cluster_nodes(study, folders)
             by_id = {t.trial_id: t for t in pending}
             recorder = made["recorder"] = _make_callbacks(study, by_id, out_dir, len(study.trials), reused,
                                                           keep_checkpoints, reruns)
@@ -1102,9 +1199,8 @@ def _shutdown_ray_within(seconds: float) -> None:
     started that ignore SIGTERM (its dashboard and runtime-env agents) outlive it when the signal
     reached the driver alone (``kill PID``). In a thread: the signal may have interrupted the main
     thread holding a lock the shutdown needs, and the run must end anyway."""
-    import ray
-
-    if ray.is_initialized():
+    ray = sys.modules.get("ray")  # (not imported: nothing to shut down, and an import takes seconds)
+    if ray is not None and ray.is_initialized():
         worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
         worker.start()
         worker.join(seconds)

@@ -787,7 +787,8 @@ def _searcher_class():
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.told: dict[str, tuple[int, str, float | None]] = {}  # ray trial id -> (number, state, value)
+            #: ray trial id -> (number, state, value, how it ended)
+            self.told: dict[str, tuple[int, str, float | None, str]] = {}
             #: ray trial id -> Ray's Trial (set by the progress callback): the error of a crashed one
             self.ray_trials: dict[str, Any] = {}
             self._reported: dict[str, set[int]] = {}  # ray trial id -> epochs recorded as intermediate values
@@ -852,12 +853,12 @@ def _searcher_class():
                     ot_trial.set_user_attr("member_values", json.loads(result.get("member_values", "[]")))
                     ot_trial.set_user_attr("member_stops", json.loads(result.get("member_stops", "[]")))
                 frozen = self._ot_study.tell(ot_trial, values, state=state)
-                self.told[trial_id] = (ot_trial.number, state.name, frozen.value)
+                self.told[trial_id] = (ot_trial.number, state.name, frozen.value, ended)
             except Exception as exc:  # a storage problem must not kill the other trials
                 import logging
 
                 logging.getLogger(__name__).warning("could not record trial %s in the study: %s", trial_id, exc)
-                self.told[trial_id] = (ot_trial.number, "FAIL", None)
+                self.told[trial_id] = (ot_trial.number, "FAIL", None, f"not recorded: {exc}")
                 return  # fail_unfinished() tries again at the end
             self._completed_trials.add(trial_id)
 
@@ -904,8 +905,9 @@ class TargetOutcome:
     best_value: float | None
     best_params: dict[str, Any] | None
     baseline_value: float | None
-    #: cross-task with per-task baselines that differ: (tasks, state, value) of each one applied to every task
-    starting_points: list[tuple[list[str], str, float | None]] = dataclasses.field(default_factory=list)
+    #: cross-task with per-task baselines that differ: (tasks, state, value, trial number) of each one applied to
+    #: every task
+    starting_points: list[tuple[list[str], str, float | None, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -916,13 +918,20 @@ class TuneOutcome:
     files: dict[str, Path]
     interrupted: list[str] = dataclasses.field(default_factory=list)  # targets whose search was cut off
     arm: str = "baseline"  # whose settings were searched (tune.arm)
-    no_importances: dict[str, str] = dataclasses.field(default_factory=dict)  # target -> why it has none
+    #: target -> why it has no importances ("none: ...") or which trials they are of (see study_importances)
+    importance_notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    space: dict[str, Range] = dataclasses.field(default_factory=dict)  # the search space as run now
+
+
+def _searched_keys(spec: TuneSpec) -> set[str]:
+    """The config keys the search sets (and the keys they replace), left out of the objective record."""
+    tuned = set(settings_from_params({p: 1 for p in spec.settings.space()}))
+    return tuned | {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
 
 
 def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
     """What a stored study's values mean; a spec whose record differs cannot extend the study."""
-    tuned = set(settings_from_params({p: 1 for p in spec.settings.space()}))
-    tuned |= {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+    tuned = _searched_keys(spec)
     members = [{"task": m["task"], "seed": m["seed"],
                 "config": {k: v for k, v in identity_config(m["config"]).items() if k not in tuned}}
                for m in target.members]
@@ -934,7 +943,9 @@ def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
     return record
 
 
-def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any], searched: set[str] = frozenset()) -> str:
+    """The first difference between two objective records, in words (``searched``: the keys the
+    search sets now, which the record leaves out)."""
     for key in ("aggregate", "cross_task", "direction"):
         if stored.get(key) != wanted.get(key):
             return f"{key}: stored {stored.get(key)!r}, now {wanted.get(key)!r}"
@@ -951,7 +962,10 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
     for k in new:
         diff = sorted(key for key in set(old[k]) | set(new[k]) if old[k].get(key) != new[k].get(key))
         if diff:
-            return "settings " + ", ".join(f"{d} (stored {old[k].get(d)!r}, now {new[k].get(d)!r})" for d in diff[:5])
+            return "settings " + ", ".join(
+                f"{d} (now searched; the stored study's trials held it at {old[k][d]!r})" if d in searched and d in old[k]
+                else f"{d} (no longer searched, now {new[k][d]!r})" if d not in searched and d not in old[k]
+                else f"{d} (stored {old[k].get(d)!r}, now {new[k].get(d)!r})" for d in diff[:5])
     return "unknown"
 
 
@@ -985,7 +999,7 @@ def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
     if differs:
         raise StudyError(
             f"{spec.source}: the stored study {target.study_name!r} scored suggestions differently, so its values cannot "
-            f"be mixed with this spec's ({_describe_difference(stored, record)}). Restore those settings, or start a "
+            f"be mixed with this spec's ({_describe_difference(stored, record, _searched_keys(spec))}). Restore those settings, or start a "
             f"new study: change name: or tune.storage (or --study-storage)"
         )
     space = {name: r.distribution() for name, r in spec.settings.space().items()}
@@ -1038,12 +1052,12 @@ def build_targets(spec: TuneSpec, references: Mapping[str, float] | None = None)
     agg = spec.settings.aggregate
     members_of = {task: [{"task": task, "seed": t.seed, "config": t.config} for t in spec.arm_trials(task)]
                   for task in study.tasks}
-    seeds = ", ".join(map(str, study.seeds))
+    seeds = ("seeds " if len(study.seeds) > 1 else "seed ") + ", ".join(map(str, study.seeds))
     if spec.settings.cross_task:
         members = [m for task in study.tasks for m in members_of[task]]
         modes = {m["task"]: _metric(m["task"]).mode for m in members}
         return [Target(CROSS_TASK, f"{study.name}/{CROSS_TASK}", "maximize",
-                       f"mean over {', '.join(study.tasks)} of the {agg} over seeds {seeds} of the relative improvement "
+                       f"mean over {', '.join(study.tasks)} of the {agg} over {seeds} of the relative improvement "
                        f"of the best validation metric over AdamW (+ = better)",
                        members, modes, max(m["config"]["epochs"] for m in members), dict(references or {}))]
     targets = []
@@ -1051,7 +1065,7 @@ def build_targets(spec: TuneSpec, references: Mapping[str, float] | None = None)
         metric = _metric(task)
         members = members_of[task]
         targets.append(Target(task, f"{study.name}/{task}", "minimize" if metric.mode == "min" else "maximize",
-                              f"{agg} over seeds {seeds} of the best validation {metric.name}",
+                              f"{agg} over {seeds} of the best validation {metric.name}",
                               members, {task: metric.mode}, max(m["config"]["epochs"] for m in members)))
     return targets
 
@@ -1070,8 +1084,10 @@ class ReferenceInterrupted(RuntimeError):
     """The AdamW reference run was interrupted (Ctrl-C): no suggestion ran."""
 
 
-def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_storage: str | None) -> dict[str, float]:
-    """Run (or reuse) the AdamW arm's trials once; ``"task/seed"`` -> AdamW's best value."""
+def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_storage: str | None,
+                     again: str | None = None) -> dict[str, float]:
+    """Run (or reuse) the AdamW arm's trials once; ``"task/seed"`` -> AdamW's best value
+    (``again``: the command that continues, for the message of a run that SIGTERM ends)."""
     from ablate.results import load_results
     from ablate.sweep import run_study
 
@@ -1080,7 +1096,8 @@ def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_
     print(f"cross-task: AdamW reference ({len(adamw)} trials, run once and cached in {out_dir / 'adamw_reference'})",
           flush=True)
     outcome = run_study(ref_study, out_dir, address=address, storage=ray_storage,
-                        max_concurrent=spec.settings.max_concurrent, wait_for_folder=True)
+                        max_concurrent=spec.settings.max_concurrent, wait_for_folder=True,
+                        resume_hint=again or "the same command")
     if outcome.unfinished:  # Ctrl-C: Ray Tune returned early (finished reference trials are stored and reused)
         raise ReferenceInterrupted(f"{outcome.unfinished} of the AdamW reference's trials did not finish")
     trials = load_results(out_dir / "adamw_reference").trials
@@ -1228,8 +1245,10 @@ def _progress_callback(target: Target, searcher, study, planned: int):
         def _line(self, trials, trial, extra: str) -> None:
             self.done += 1
             running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)
-            number, state, value = searcher.told.get(trial.trial_id, (None, "?", None))
+            number, state, value, ended = searcher.told.get(trial.trial_id, (None, "?", None, ""))
             value_s = f"{value:.6g}" if value is not None else "-"
+            if state == "FAIL" and not extra and ended:  # (a crash's error is in extra)
+                extra = f" ({ended})"
             best = _best(study)
             best_s = f"best #{best.number} {best.value:.6g} {_format_params(best.params)}" if best else "no complete trial yet"
             elapsed = time.monotonic() - self.start
@@ -1331,10 +1350,13 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
 
 def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address: str | None = None,
              ray_storage: str | None = None, study_storage: str | None = None,
-             num_cpus: int | None = None) -> TuneOutcome:
+             num_cpus: int | None = None, again: str | None = None, outputs_only: str | None = None) -> TuneOutcome:
     """Extend every target's stored study by ``spec.settings.trials`` suggestions, then write the
-    outputs (best values, history, importances) from the stored studies."""
-    from ablate.sweep import _exclusive, check_out_folder, check_real_data, check_resources, init_ray, ray_storage_path
+    outputs (best values, history, importances) from the stored studies. ``again`` and
+    ``outputs_only``: the command lines that run this again and that only rewrite the outputs
+    (``--trials 0``), for the messages of a run that SIGTERM ends."""
+    from ablate.sweep import (_exclusive, check_cluster_nodes, check_out_folder, check_real_data, check_resources,
+                              exit_on_sigterm, init_ray, no_result_files, ray_storage_path)
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
@@ -1343,6 +1365,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
     location = storage_location(spec, out_root, study_storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    no_result_files()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = open_storage(location)
@@ -1364,31 +1387,40 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 check_real_data(spec.study)
         if spec.path is not None:  # (the spec as run: written once it is accepted)
             atomic_write_bytes(out_dir / "spec.yaml", spec.path.read_bytes())
-        started = False
-        try:
-            if spec.settings.trials > 0:
-                started = init_ray(spec.study, address, num_cpus)
-            if spec.settings.cross_task and spec.settings.trials > 0:
-                references = adamw_references(spec, out_dir, address=address, ray_storage=ray_storage)
+        started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
+        rewrite = outputs_only or f"ablate tune {spec.source} --trials 0"
+        # SIGTERM (a scheduler's time limit) outside a search - between two, or as the outputs are written - says
+        # what is stored and how to write the outputs (a search's own handler says what it ran); installed after
+        # ray.init, which installs Ray's (that ends the driver without a word)
+        with exit_on_sigterm(lambda: f"the suggestions that finished are stored in {location}; the outputs in {out_dir} "
+                                     f"(best values, history, importances) may not show them: `{rewrite}` rewrites "
+                                     f"them") as rearm:
+            try:
+                if started and address is not None:  # a cluster: the data the trials need on the nodes that run them
+                    check_cluster_nodes(spec.study, {})
+                if spec.settings.cross_task and spec.settings.trials > 0:
+                    references = adamw_references(spec, out_dir, address=address, ray_storage=ray_storage, again=again)
+                    for target in targets:
+                        target.references = references
                 for target in targets:
-                    target.references = references
-            for target in targets:
-                ran[target.key], unfinished = _run_target(target, spec, storage, spec.settings.trials, out_dir,
-                                                          ray_storage)
-                if unfinished:  # interrupted (Ray Tune catches Ctrl-C and returns): not the next target either
-                    interrupted.append(target.key)
-                    break
-        finally:
-            if started:
-                import ray
+                    ran[target.key], unfinished = _run_target(target, spec, storage, spec.settings.trials, out_dir,
+                                                              ray_storage)
+                    if unfinished:  # interrupted (Ray Tune catches Ctrl-C and returns): not the next target either
+                        interrupted.append(target.key)
+                        break
+            finally:
+                if started:
+                    import ray
 
-                ray.shutdown()
-        outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
-        # one writer at a time: a process extending the study at the same time that read the stored
-        # studies before this one and wrote after it would leave its older outputs (fewer trials)
-        with _exclusive(out_dir, wait=True):
-            files, no_importances = write_outputs(spec, storage, targets, out_dir, location)
-    return TuneOutcome(out_dir, location, outcomes, files, interrupted, spec.settings.arm, no_importances)
+                    ray.shutdown()
+                    rearm()  # (ray.shutdown resets the signal's handling in the kernel)
+            outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
+            # one writer at a time: a process extending the study at the same time that read the stored
+            # studies before this one and wrote after it would leave its older outputs (fewer trials)
+            with _exclusive(out_dir, wait=True):
+                files, importance_notes = write_outputs(spec, storage, targets, out_dir, location)
+    return TuneOutcome(out_dir, location, outcomes, files, interrupted, spec.settings.arm, importance_notes,
+                       spec.settings.space())
 
 
 def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
@@ -1404,7 +1436,8 @@ def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
     starts = {}
     for t in trials:  # the latest evaluation of each starting point
         if "baseline_of" in t.user_attrs and not t.user_attrs.get("baseline"):
-            starts[tuple(t.user_attrs["baseline_of"])] = (list(t.user_attrs["baseline_of"]), t.state.name, t.value)
+            starts[tuple(t.user_attrs["baseline_of"])] = (list(t.user_attrs["baseline_of"]), t.state.name, t.value,
+                                                          t.number)
     return TargetOutcome(target, ran, counts, best.number if best else None, best.value if best else None,
                          dict(best.params) if best else None, base[0].value if base else None, list(starts.values()))
 
@@ -1437,14 +1470,27 @@ def study_history(study, target: Target, arm: str = "baseline"):
     return pd.DataFrame(rows)
 
 
-def study_importances(study, target: Target):
-    """fANOVA importances of the complete trials, and why there are none (``""`` when there are)."""
+def study_importances(study, target: Target, space: Mapping[str, Range] | None = None):
+    """fANOVA importances of the complete trials, and a note: why there are none, or which trials
+    they are of (``""``: every complete trial). With ``space`` (the search space as run now), of
+    the trials drawn from it: Optuna attributes scores only to parameters searched over one range
+    in every trial it is given, so a range changed between runs would leave none."""
     import pandas as pd
 
     empty = pd.DataFrame(columns=["task", "param", "importance"])
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    changed = ""
+    if space is not None:
+        current = {name: r.distribution() for name, r in space.items()}
+        drawn = [t for t in complete if t.distributions == current]
+        if len(drawn) < len(complete):
+            changed = (f"the {len(drawn)} of the {len(complete)} finished suggestions drawn from the current search "
+                       f"space (it changed between runs)")
+            study = optuna.create_study(direction=study.direction)  # (in memory: those trials only)
+            study.add_trials(drawn)
+            complete = drawn
     if len(complete) < 2:
-        return empty, f"{len(complete)} finished suggestion(s), too few to tell"
+        return empty, f"{changed or f'{len(complete)} finished suggestion(s)'}: too few to tell"
     try:
         imp = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
@@ -1452,7 +1498,7 @@ def study_importances(study, target: Target):
         return empty, f"fANOVA could not attribute the scores ({str(exc).strip() or type(exc).__name__})"
     if not imp:
         return empty, "no searched parameter varies among the finished suggestions"
-    return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()]), ""
+    return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()]), changed
 
 
 def best_settings(study) -> dict[str, Any] | None:
@@ -1472,21 +1518,22 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   location: str) -> tuple[dict[str, Path], dict[str, str]]:
     """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
     studies (written atomically: concurrent invocations leave a complete file). Returns the files
-    and, per target without importances, why."""
+    and, per target, a note on its importances where it has none (``"none: <why>"``) or they are
+    not of every complete trial."""
     import pandas as pd
 
     from ablate.results import atomic_write_parquet
 
-    histories, importances, best, why_none = [], [], {}, {}
+    histories, importances, best, notes = [], [], {}, {}
     for target in targets:
         study = _load_stored(target, storage)
         if study is None:  # (not started yet)
             continue
         histories.append(study_history(study, target, spec.settings.arm))
-        imp, why = study_importances(study, target)
+        imp, note = study_importances(study, target, spec.settings.space())
         importances.append(imp)
-        if why:
-            why_none[target.key] = why
+        if note:  # (why there are none, or which trials they are of)
+            notes[target.key] = note if len(imp) else f"none: {note}"
         settings = best_settings(study)
         if settings is None:
             continue
@@ -1520,7 +1567,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                     f"other seeds).\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
         files["best"] = atomic_write_bytes(out_dir / spec.settings.best_file, text.encode("utf-8"))
-    return files, why_none
+    return files, notes
 
 
 def format_summary(outcome: TuneOutcome) -> str:
@@ -1534,6 +1581,11 @@ def format_summary(outcome: TuneOutcome) -> str:
             lines.append("  no complete trial yet" if o.counts else "  its search has not started")
             continue
         lines.append(f"  best: {o.best_value:.6g} (trial #{o.best_number})  {_format_params(o.best_params)}")
+        outside = [f"{k} = {v:.4g} not in [{r.low:g}, {r.high:g}]" for k, v in o.best_params.items()
+                   if (r := outcome.space.get(k)) is not None and not r.contains(v)]
+        if outside:  # (a range may change between runs; the best is over every stored trial)
+            lines.append(f"  outside the current search range ({'; '.join(outside)}): the best is over every trial of "
+                         f"the stored study, also those of earlier runs with other ranges")
         if o.baseline_value is not None:
             own = "the baseline's" if outcome.arm == "baseline" else "AdamW's"
             lines.append(f"  {own} own values scored {o.baseline_value:.6g}")
@@ -1547,48 +1599,58 @@ def format_summary(outcome: TuneOutcome) -> str:
                 lines.append(f"  the best beats them by {gain:.3g}, less than {t.key}'s min_delta ({min_delta:g}), the "
                              f"smallest change early stopping counts: on this budget the searched values made no "
                              f"measurable difference")
-        for tasks, state, value in o.starting_points:
+        for tasks, state, value, number in o.starting_points:
             scored = f"scored {value:.6g}" if state == "COMPLETE" else state.lower()
-            lines.append(f"  starting point: the baseline values of {', '.join(tasks)}, applied to every task, {scored}")
+            tie = (state == "COMPLETE" and number != o.best_number and tuning_tie(value, o.best_value, t.key == CROSS_TASK))
+            lines.append(f"  starting point: the baseline values of {', '.join(tasks)}, applied to every task, {scored}"
+                         + (f" - a tie with the best: the best values, one vector for every task, change "
+                            f"{', '.join(tasks)}'s own for no measured gain" if tie else ""))
     files = outcome.files
     lines.append("")
     if "best" in files:
         lines.append(f"best values: {files['best']}  (in a study file: {tuned_file_usage(outcome.arm, Path(files['best']).resolve())}"
                      f"; a relative path there is relative to the study file)")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
-    for key, why in outcome.no_importances.items():
-        lines.append(f"  no importances for {key}: {why}")
+    for key, note in outcome.importance_notes.items():
+        lines.append(f"  importances of {key}: {note}")
     lines.append(f"study storage: {outcome.storage}; browse it with `{dashboard_command(outcome.storage)}` "
                  f"(pip install optuna-dashboard); extend it with `ablate tune SPEC --trials N`")
     return "\n".join(lines)
 
 
 def tune_command(args) -> int:
+    import argparse
+
+    from ablate.sweep import resume_command
+
+    def command(**changes: Any) -> str:  # this command line, with other --trials
+        return resume_command(argparse.Namespace(**{**vars(args), **changes}))
+
     spec = load_tune_spec(args.spec, trials=args.trials)
     try:
         outcome = run_tune(spec, args.out, address=args.address, ray_storage=args.storage,
-                           study_storage=args.study_storage)
+                           study_storage=args.study_storage, again=command(), outputs_only=command(trials=0))
     except AdamWReferenceError as exc:
         print(f"ablate: error: {exc}", file=sys.stderr, flush=True)
         return 1
     except ReferenceInterrupted as exc:
-        from ablate.sweep import resume_command
-
         print(f"interrupted during the cross-task AdamW reference ({exc}); no suggestion ran. Continue (the "
-              f"finished reference trials are kept and reused) with:\n  {resume_command(args)}", flush=True)
+              f"finished reference trials are kept and reused) with:\n  {command()}", flush=True)
         return 130
     print(format_summary(outcome), flush=True)
     if outcome.interrupted:
-        from ablate.sweep import resume_command
-
         key = outcome.interrupted[0]
         keys = [o.target.key for o in outcome.targets]
         ran = {o.target.key: o.ran for o in outcome.targets}
         after = keys[keys.index(key) + 1:]
+        left = spec.settings.trials - ran[key]
+        # (--trials is one count for every target: a command adds just the rest only where there is one target)
+        rest = (f"\nor, to add only the {left} suggestion(s) this run did not get to:\n  {command(trials=left)}"
+                if len(keys) == 1 and left > 0 else "")
         print(f"interrupted during {key} after {ran[key]} of {spec.settings.trials} suggestion(s) (finished ones are "
               f"kept in its stored study){'; the searches of ' + ', '.join(after) + ' did not start' if after else ''}. "
               f"The same command continues, adding --trials suggestions to every target ({key} included):\n"
-              f"  {resume_command(args)}", flush=True)
+              f"  {command()}{rest}", flush=True)
         return 130
     empty = [o.target.key for o in outcome.targets if o.best_number is None]
     if empty:  # (as `ablate run` returns 1 when trials failed: `ablate tune ... && ablate run ...` must stop)

@@ -623,11 +623,17 @@ def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monke
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     _warn_if_no_node_fits(study, "10.0.0.1:6379")
     err = capsys.readouterr().err
-    assert err.startswith("ablate: warning: each trial asks for 2 CPUs (the largest node has 1), which no node of the "
-                          "cluster at 10.0.0.1:6379 has"), err
+    assert err.startswith("ablate: warning: each trial asks for 2 CPUs on one node, which no node of the cluster at "
+                          "10.0.0.1:6379 has (its nodes: 1 CPUs, 0 GPUs)"), err
     nodes.append({"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
     _warn_if_no_node_fits(study, "10.0.0.1:6379")
     assert capsys.readouterr().err == ""
+    # CPUs on one node and the GPU on another fit no trial that needs both (the check took each maximum alone)
+    study = load_study(_study(tmp_path, seeds=1, extra="resources: {cpus: 2, gpus: 1}"))
+    nodes[:] = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
+    _warn_if_no_node_fits(study, "10.0.0.1:6379")
+    assert "asks for 2 CPUs and 1 GPUs on one node, which no node of the cluster at 10.0.0.1:6379 has (its nodes: " \
+           "1 CPUs, 1 GPUs; 2 CPUs, 0 GPUs)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("reset_by_ray", [False, True])
@@ -778,3 +784,35 @@ def test_ctrl_c_in_ablate_train_with_a_checkpoint_says_how_to_resume(tmp_path, m
     assert capsys.readouterr().err == (f"interrupted: the last finished epoch is in {checkpoint}; continue with the same "
                                        f"command and --resume {checkpoint}\n")
     assert cli.main(["train", "--task", "etth1"]) == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_folder_or_the_data(tmp_path, monkeypatch,
+                                                                                                  capsys, one_ray):
+    # on a cluster whose nodes have disks of their own, every trial failed after its first epoch on a node that
+    # did not see Ray Tune's storage (Ray's own message, at each attempt) or the data; checkpoints written to a
+    # node's disk left --resume to start the trial again without a word
+    import pathlib
+    import socket
+
+    from ablate.config import ConfigError
+    from ablate.sweep import check_cluster_nodes
+    from ablate.tasks import DatasetNotFoundError
+
+    study = load_study(_study(tmp_path, seeds=1))
+    folders = {"storage": tmp_path / "storage", "checkpoints": tmp_path / "out" / "checkpoints"}
+    capsys.readouterr()  # (Ray's start)
+    check_cluster_nodes(study, folders)  # this machine's one node sees them
+    assert capsys.readouterr().err == "" and not any(folders["storage"].iterdir()), "its markers are removed"
+    node = f"{socket.gethostname()} ("
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "touch", lambda self, *a, **k: None)  # the driver's marker files reach no node
+        with pytest.raises(ConfigError, match=rf"Ray Tune's storage {re.escape(str(folders['storage']))} is not on "
+                                              rf"node\(s\) {re.escape(node)}.*Give --storage a folder every node shares"):
+            check_cluster_nodes(study, folders)
+        check_cluster_nodes(study, {"checkpoints": folders["checkpoints"]})  # a warning: the trials can run
+        assert f"{folders['checkpoints']} is not on node(s) {node}" in capsys.readouterr().err
+    real = load_study(_study(tmp_path, "real", seeds=1, extra=f"data: real\n        data_dir: {tmp_path / 'none'}"))
+    with pytest.raises(DatasetNotFoundError, match=rf"node\(s\) of the cluster cannot run the study's real-data trials, "
+                                                   rf"which would fail there: {re.escape(node)}"
+                                                   rf".*data directory {re.escape(str(tmp_path / 'none'))}"):
+        check_cluster_nodes(real, folders)

@@ -11,9 +11,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -1269,14 +1271,14 @@ def test_a_suggestion_that_wins_by_float_rounding_is_not_the_best_and_small_wins
     assert tune_states(history.drop(columns="chosen"))[0]["best"].tolist() == tune_states(history)[0]["best"].tolist()
     imp, why = study_importances(study, target)
     text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"},
-                                      no_importances={"etth1": why} if why else {}))
+                                      importance_notes={"etth1": f"none: {why}"} if why else {}))
     if note is None:
         assert "no measurable difference" not in text and "no suggestion beat them" not in text
     else:
         assert note in text
     if best_is_baseline:  # three scores equal to 8 digits: fANOVA has no variance to attribute, and says so
         assert imp.empty and "fANOVA could not attribute the scores" in why
-        assert "  no importances for etth1: fANOVA could not attribute the scores" in text
+        assert "  importances of etth1: none: fANOVA could not attribute the scores" in text
 
 
 def test_a_cross_task_score_near_zero_ties_on_an_absolute_tolerance():
@@ -1292,3 +1294,183 @@ def test_a_cross_task_score_near_zero_ties_on_an_absolute_tolerance():
         study.tell(study.ask(), 0.0)
         study.tell(study.ask(), 1e-8)
         assert (_best(study).number == 0) is ties, name
+
+
+# -- (9) what the audit of a real tuning session found ------------------------------------------
+
+
+def _completed(study, params: dict, distributions: dict, value: float, **attrs):
+    import optuna
+
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value, user_attrs=attrs))
+
+
+def test_after_a_range_change_the_summary_says_the_best_is_outside_and_importances_use_the_current_range(tmp_path):
+    # the ranges of a stored study may change between runs: the best (over every stored trial) could lie
+    # outside the current ones without a word, and Optuna's importances, which take only parameters of one
+    # distribution in every trial, vanished with "no searched parameter varies"
+    import optuna
+
+    from ablate.tune import Range, TuneOutcome, _target_outcome, format_summary, study_importances
+
+    spec = load_tune_spec(_tiny_spec(tmp_path))
+    target = build_targets(spec)[0]
+    old, new = Range(0.1, 10.0, True), Range(2.0, 10.0, True)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="minimize")
+    rng = np.random.default_rng(0)
+    for r, n in ((old, 4), (new, 6)):
+        for _ in range(n):
+            p = {name: float(np.exp(rng.uniform(np.log(r.low), np.log(r.high)))) for name in PRIORITY_PARAMS}
+            _completed(study, p, {name: r.distribution() for name in PRIORITY_PARAMS}, p["p_gradient"] + 0.01 * p["p_gen_gap"])
+    _completed(study, {name: 1.0 for name in PRIORITY_PARAMS}, {name: old.distribution() for name in PRIORITY_PARAMS}, 0.001)
+    imp, note = study_importances(study, target, {name: new for name in PRIORITY_PARAMS})
+    assert note == "the 6 of the 11 finished suggestions drawn from the current search space (it changed between runs)"
+    assert set(imp["param"]) == set(PRIORITY_PARAMS) and imp.set_index("param")["importance"].idxmax() == "p_gradient"
+    assert study_importances(study, target)[0].empty  # (Optuna's own, over every trial: none)
+    few, why = study_importances(study, target, {name: Range(3.0, 10.0, True) for name in PRIORITY_PARAMS})
+    assert few.empty and why == ("the 0 of the 11 finished suggestions drawn from the current search space (it changed "
+                                 "between runs): too few to tell")
+
+    outcome = _target_outcome(target, storage, 0)
+    assert outcome.best_number == 10
+    text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"},
+                                      importance_notes={"etth1": note}, space={name: new for name in PRIORITY_PARAMS}))
+    assert ("  outside the current search range (p_gradient = 1 not in [2, 10]; p_loss_decrease = 1 not in [2, 10]; "
+            "p_gen_gap = 1 not in [2, 10]): the best is over every trial of the stored study, also those of earlier "
+            "runs with other ranges") in text
+    assert f"  importances of etth1: {note}" in text
+    inside = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"},
+                                        space={name: old for name in PRIORITY_PARAMS}))
+    assert "outside the current search range" not in inside and "importances of" not in inside
+
+
+def test_a_cross_task_starting_point_that_ties_with_the_best_is_said_to_lose_its_values(tmp_path):
+    # two tasks' own priorities scored the same: the best values (one vector) replace the other task's own
+    # values on a tie, which the tie rule exists to prevent for a single baseline
+    import optuna
+
+    from ablate.tune import TuneOutcome, _enqueue_baseline, _target_outcome, format_summary
+
+    spec = load_tune_spec(_tiny_spec(tmp_path, tasks="[etth1, imdb]", extra="cross_task: true\n"))
+    target = build_targets(spec, {"etth1/0": 1.0, "imdb/0": 1.0})[0]
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="maximize")
+    _enqueue_baseline(study, target, spec)
+    for value in (-0.0253314, -0.0253314, -0.5):
+        study.tell(study.ask({p: optuna.distributions.FloatDistribution(0.5, 10.0, log=True) for p in PRIORITY_PARAMS}),
+                   value)
+    outcome = _target_outcome(target, storage, 3)
+    assert outcome.best_number == 0
+    text = format_summary(TuneOutcome(tmp_path, "mem", [outcome], {"history": "h", "importances": "i"}))
+    assert "starting point: the baseline values of etth1, applied to every task, scored -0.0253314\n" in text
+    assert ("starting point: the baseline values of imdb, applied to every task, scored -0.0253314 - a tie with the "
+            "best: the best values, one vector for every task, change imdb's own for no measured gain") in text
+
+
+def test_a_refused_extension_names_a_setting_that_became_searched():
+    from ablate.tune import _describe_difference
+
+    stored = {"members": [{"task": "etth1", "seed": 0, "config": {"meta_lr": 0.01, "epochs": 2}}]}
+    now = {"members": [{"task": "etth1", "seed": 0, "config": {"epochs": 2}}]}
+    assert _describe_difference(stored, now, {"meta_lr"}) == (
+        "settings meta_lr (now searched; the stored study's trials held it at 0.01)")
+    assert _describe_difference(now, stored, set()) == "settings meta_lr (no longer searched, now 0.01)"
+    assert _describe_difference(stored, {"members": [{"task": "etth1", "seed": 0, "config": {"meta_lr": 0.1, "epochs": 2}}]}) \
+        == "settings meta_lr (stored 0.01, now 0.1)"
+
+
+def test_one_seed_is_described_as_one(tmp_path):
+    target = build_targets(load_tune_spec(_tiny_spec(tmp_path)))[0]
+    assert target.description == "mean over seed 0 of the best validation mse"
+
+
+def test_a_failed_suggestions_progress_line_says_why(tmp_path, capsys):
+    import optuna
+
+    from ablate.tune import _progress_callback
+
+    spec = load_tune_spec(_tiny_spec(tmp_path))
+    target = build_targets(spec)[0]
+    study = optuna.create_study(direction="minimize")
+    searcher = types.SimpleNamespace(told={"r1": (0, "FAIL", None, "no finite value: 1 of 1 member(s) diverged (epoch 2)")},
+                                     ray_trials={})
+    progress = _progress_callback(target, searcher, study, 2)
+    trial = types.SimpleNamespace(trial_id="r1", status="TERMINATED")
+    progress.on_trial_complete(1, [trial], trial)
+    line = capsys.readouterr().out
+    assert "| #0 fail - (no finite value: 1 of 1 member(s) diverged (epoch 2)) | no complete trial yet" in line, line
+
+
+SIGTERM_AFTER_THE_SEARCH = """\
+import ctypes, os, signal, sys, time
+import ray
+import ablate.sweep, ablate.tune as T
+ablate.sweep.check_resources = lambda *a, **k: None
+
+def init_ray(*args, **kwargs):  # as ray.init does: its own SIGTERM handler, which ends the driver without a word
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(1))
+    return True
+
+ablate.sweep.init_ray = init_ray
+ray.shutdown = lambda: ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # (ray.shutdown resets it in the kernel)
+
+def run_target(target, spec, storage, trials, out_dir, ray_storage):
+    T.open_target_study(target, spec, storage)
+    return 1, 0
+
+def write_outputs(*args, **kwargs):  # SIGTERM as the outputs are written (a scheduler's time limit)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+T._run_target, T.write_outputs = run_target, write_outputs
+T.run_tune(T.load_tune_spec(sys.argv[1]), sys.argv[2], again="AGAIN", outputs_only="REWRITE")
+"""
+
+
+def test_sigterm_after_the_search_says_what_is_stored_and_how_to_write_the_outputs(tmp_path):
+    # the handler of `ablate tune` was installed around each search only: after it, Ray's (restored) ended the
+    # run with exit 143 and no word, its outputs (best values, history) left as the run before wrote them
+    spec_path = _tiny_spec(tmp_path)
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_THE_SEARCH, str(spec_path), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    tune_dir = tmp_path / "out" / "t1" / "tune"
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert (f"terminated (SIGTERM): the suggestions that finished are stored in {(tune_dir / 'optuna.journal').resolve()}; "
+            f"the outputs in {tune_dir} (best values, history, importances) may not show them: `REWRITE` rewrites "
+            f"them") in done.stdout
+
+
+def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands_that_continue(tmp_path, monkeypatch,
+                                                                                                capsys):
+    # SIGTERM during the AdamW reference said "continue with: the same command with --resume", which ablate
+    # tune refuses; a single target's interruption gives the command that adds only what did not run
+    import ablate.sweep
+    import ablate.tune as tune_mod
+    from ablate.sweep import SweepOutcome
+
+    seen = {}
+
+    def run_study(study, out, **kwargs):
+        seen.update(kwargs)
+        return SweepOutcome(out, 0, 0, 0, None, unfinished=1)
+
+    monkeypatch.setattr(ablate.sweep, "run_study", run_study)
+    spec_path = _tiny_spec(tmp_path, tasks="[etth1]", extra="cross_task: true\n")
+    with pytest.raises(tune_mod.ReferenceInterrupted):
+        adamw_references(load_tune_spec(spec_path), tmp_path / "out", address=None, ray_storage=None, again="AGAIN")
+    assert seen["resume_hint"] == "AGAIN"
+
+    _no_ray(monkeypatch)
+    spec_path = _tiny_spec(tmp_path, name="t5")
+    spec_path.write_text(spec_path.read_text().replace("trials: 1", "trials: 5"))
+
+    def interrupted(target, spec, storage, trials, out_dir, ray_storage):
+        tune_mod.open_target_study(target, spec, storage)
+        return 2, 1
+
+    monkeypatch.setattr(tune_mod, "_run_target", interrupted)
+    assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
+    printed = capsys.readouterr().out
+    assert (f"or, to add only the 3 suggestion(s) this run did not get to:\n  ablate tune {spec_path} --out "
+            f"{tmp_path / 'out'} --trials 3") in printed
