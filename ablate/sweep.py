@@ -92,6 +92,14 @@ def ray_storage_path(storage: str | None) -> str | None:
     return str(path)
 
 
+def local_storage(storage: str) -> Path | None:
+    """The folder of a ``--storage`` that is one on this machine (a path, ``file://``); None for
+    another URI (``s3://...``)."""
+    if "://" in storage and not storage.startswith("file://"):
+        return None
+    return Path(storage.removeprefix("file://"))
+
+
 #: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once
 #: the trial's results are stored)
 CHECKPOINTS_DIR = "checkpoints"
@@ -502,12 +510,11 @@ def _warn_if_no_node_fits(study: Study, address: str) -> None:
     wait for such a node without end (an autoscaling cluster may add one, so this is no error)."""
     import ray
 
-    want = {"CPU": study.resources.get("cpus", 1), "GPU": study.resources.get("gpus", 0)}
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    # per node: a node with the CPUs and another with the GPU hold no trial that needs both
-    if not any(all(float(n.get(k, 0)) >= v for k, v in want.items()) for n in nodes):
+    if not _trial_nodes(study):  # (per node: a node with the CPUs and another with the GPU hold no such trial)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         has = "; ".join(sorted({f"{float(n.get('CPU', 0)):g} CPUs, {float(n.get('GPU', 0)):g} GPUs" for n in nodes})) or "none"
-        asks = " and ".join(f"{v:g} {k}s" for k, v in want.items() if v)
+        asks = " and ".join(f"{v:g} {k}s" for k, v in (("CPU", study.resources.get("cpus", 1)),
+                                                        ("GPU", study.resources.get("gpus", 0))) if v)
         print(f"ablate: warning: each trial asks for {asks} on one node, which no node of the cluster at {address} "
               f"has (its nodes: {has}): no trial starts until such a node joins (an autoscaler may add one). Ctrl-C, "
               f"then lower resources: in the study file, if none will.", file=sys.stderr, flush=True)
@@ -519,29 +526,43 @@ NODE_CHECK_S = 60.0
 
 def _node_view(markers: dict[str, str], study: Study | None, plugins: list[str], plugin_dir: str | None) -> dict:
     """On one node of a cluster: which of the driver's ``markers`` (what -> a file it wrote there)
-    this node does not see, and why the study's real-data trials cannot run here (None: they can)."""
-    view: dict[str, Any] = {"missing": [k for k, m in markers.items() if not os.path.exists(m)], "data": None}
+    this node does not see, why the study's plugins do not import here and why its real data
+    (``study``: its real-data trials, or None) is missing here (None: nothing is wrong)."""
+    view: dict[str, Any] = {"missing": [k for k, m in markers.items() if not os.path.exists(m)], "plugins": None,
+                            "data": None}
+    try:
+        _import_worker_plugins(plugins, plugin_dir)
+    except Exception as exc:  # noqa: BLE001 - reported by the driver, with the node's name
+        view["plugins"] = f"{type(exc).__name__}: {exc}"
+        return view
     if study is not None:
-        try:
-            _import_worker_plugins(plugins, plugin_dir)
-        except Exception as exc:  # noqa: BLE001 - reported by the driver, with the node's name
-            view["data"] = f"the study's plugins do not import ({type(exc).__name__}: {exc})"
-            return view
         try:
             check_real_data(study)
         except Exception as exc:  # noqa: BLE001
-            view["data"] = str(exc)
+            view["data"] = str(exc).removesuffix(" Nothing was run.")
     return view
 
 
+def _trial_nodes(study: Study) -> dict[str, str]:
+    """The nodes alive now that can hold one of the study's trials (its CPUs and GPUs), by id, as
+    messages name them: ``host (ip, node 1a2b3c4d)``."""
+    import ray
+
+    want = {"CPU": study.resources.get("cpus", 1), "GPU": study.resources.get("gpus", 0)}
+    return {n["NodeID"]: f"{n.get('NodeManagerHostname') or '?'} ({n.get('NodeManagerAddress')}, node {n['NodeID'][:8]})"
+            for n in ray.nodes() if n.get("Alive")
+            and all(float(n.get("Resources", {}).get(k, 0)) >= v for k, v in want.items())}
+
+
 def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
-    """On a cluster (``--address``), before any trial: ask every node alive now whether it sees the
-    ``folders`` (what -> a folder of this machine that each trial writes to from its node: Ray Tune's
-    storage, the trials' checkpoints) and the study's real data, as trials there would. Ray Tune's
-    storage or the data missing on a node - its trials would all fail there - is an error naming
-    the nodes; the checkpoints' folder a warning (``--resume`` cannot continue the trials those
-    nodes cut off, and their checkpoints stay on their disks). A node that does not answer within
-    :data:`NODE_CHECK_S` is named, not checked."""
+    """On a cluster (``--address``), before any trial: ask every node alive now that can hold a
+    trial whether it sees the ``folders`` (what -> a folder of this machine that each trial writes
+    to from its node: Ray Tune's storage, the trials' checkpoints), imports the study's plugins and
+    has its real data, as its trials would. Ray Tune's storage, the plugins or the data missing on a
+    node - its trials would all fail there - is an error naming the nodes; the checkpoints' folder a
+    warning (``--resume`` cannot continue the trials those nodes cut off, and their checkpoints
+    stay on their disks). A node that dies, or does not answer within :data:`NODE_CHECK_S`, is named,
+    not checked."""
     import uuid
 
     import ray
@@ -549,36 +570,54 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
 
     from ablate.tasks import DatasetNotFoundError
 
-    markers = {}
+    real = [dataclasses.replace(t, config=_worker_spec(t)["config"]) for t in study.trials
+            if t.config.get("data") == "real"]
+    if not (folders or real or study.plugins):
+        return
+    nodes = _trial_nodes(study)
+    markers: dict[str, str] = {}
+    answers: dict[str, dict] = {}
+    unchecked: list[str] = []
     try:
         for what, folder in folders.items():
             folder.mkdir(parents=True, exist_ok=True)
             marker = folder / f".ablate-node-check-{uuid.uuid4().hex}"
             marker.touch()
             markers[what] = str(marker.resolve())
-        real = [dataclasses.replace(t, config=_worker_spec(t)["config"]) for t in study.trials
-                if t.config.get("data") == "real"]
-        data = dataclasses.replace(study, trials=real) if real else None
         view = ray.remote(num_cpus=0)(_node_view)
-        nodes = {n["NodeID"]: f"{n.get('NodeManagerHostname') or '?'} ({n.get('NodeManagerAddress')})"
-                 for n in ray.nodes() if n.get("Alive")}
+        plugin_dir = str(study.path.parent.resolve()) if study.path else None
         pending = {view.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
-            markers, data, list(study.plugins), str(study.path.parent.resolve()) if study.path else None): node
+            markers, dataclasses.replace(study, trials=real) if real else None, list(study.plugins), plugin_dir): node
             for node in nodes}
-        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=NODE_CHECK_S)
-        answers, unchecked = {}, [f"{nodes[pending[ref]]} (no answer within {NODE_CHECK_S:g} s)" for ref in late]
-        for ref in done:
-            try:
-                answers[pending[ref]] = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - (a node that died meanwhile, say): the trials will tell
-                unchecked.append(f"{nodes[pending[ref]]} ({type(exc).__name__})")
+        end = time.monotonic() + NODE_CHECK_S
+        while pending and time.monotonic() < end:  # in slices: a node that dies is dropped, not waited for
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
+            for ref in done:
+                node = pending.pop(ref)
+                try:
+                    answers[node] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - (the node died as it ran): its trials will tell
+                    unchecked.append(f"{nodes[node]} ({type(exc).__name__})")
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            for ref in [r for r, node in pending.items() if node not in alive]:
+                unchecked.append(f"{nodes[pending.pop(ref)]} (died)")
+        unchecked += [f"{nodes[node]} (no answer within {NODE_CHECK_S:g} s)" for node in pending.values()]
+        for ref in pending:
+            ray.cancel(ref, force=True)
     finally:
         for marker in markers.values():
             Path(marker).unlink(missing_ok=True)
     if unchecked:
-        print(f"ablate: warning: node(s) {', '.join(unchecked)} not checked for the folders and data their trials need",
+        print(f"ablate: warning: node(s) {', '.join(unchecked)} not checked for what their trials need",
               file=sys.stderr, flush=True)
     where = {what: [nodes[n] for n, a in answers.items() if what in a["missing"]] for what in folders}
+    no_plugins = {nodes[n]: a["plugins"] for n, a in answers.items() if a["plugins"]}
+    if no_plugins:
+        raise ConfigError(
+            "the study's plugins do not import on node(s) of the cluster, where its trials would fail: "
+            + "; ".join(f"{node}: {why}" for node, why in no_plugins.items())
+            + ". Ray ships the plugin modules next to the study file to every node; install what they import there "
+              "too. Nothing was run.")
     no_data = {nodes[n]: a["data"] for n, a in answers.items() if a["data"]}
     if no_data:
         raise DatasetNotFoundError(
@@ -953,8 +992,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
         try:
             if address is not None:  # a cluster: what the trials need on the nodes that run them
                 folders = {"checkpoints": out_dir / CHECKPOINTS_DIR}
-                if storage is None or "://" not in storage or storage.startswith("file://"):
-                    folders["storage"] = Path(storage.removeprefix("file://")) if storage else out_dir / "ray"
+                shared = out_dir / "ray" if storage is None else local_storage(storage)
+                if shared is not None:  # (a URI is Ray's business)
+                    folders["storage"] = shared
                 check_cluster_nodes(study, folders)
             by_id = {t.trial_id: t for t in pending}
             recorder = made["recorder"] = _make_callbacks(study, by_id, out_dir, len(study.trials), reused,
@@ -1270,11 +1310,12 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
             if run_dir.is_dir():
                 shutil.rmtree(run_dir, ignore_errors=True)
     elif run_name is not None:
-        if "://" in storage and not storage.startswith("file://"):
+        folder = local_storage(storage)
+        if folder is None:
             print(f"note: Ray's copies of this run's checkpoints stay in {storage.rstrip('/')}/{run_name}: delete them "
                   f"there (`ablate run --resume` reads the copies in {out_dir / CHECKPOINTS_DIR})", flush=True)
         else:
-            shutil.rmtree(Path(storage.removeprefix("file://")) / run_name, ignore_errors=True)
+            shutil.rmtree(folder / run_name, ignore_errors=True)
     ids = {t.trial_id for t in study.trials}
     others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
     stored = store.finished_trial_ids(out_dir)

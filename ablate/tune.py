@@ -918,7 +918,7 @@ class TuneOutcome:
     files: dict[str, Path]
     interrupted: list[str] = dataclasses.field(default_factory=list)  # targets whose search was cut off
     arm: str = "baseline"  # whose settings were searched (tune.arm)
-    #: target -> why it has no importances ("none: ...") or which trials they are of (see study_importances)
+    #: target -> why it has no importances ("none - ...") or which trials they are of (see study_importances)
     importance_notes: dict[str, str] = dataclasses.field(default_factory=dict)
     space: dict[str, Range] = dataclasses.field(default_factory=dict)  # the search space as run now
 
@@ -1388,13 +1388,17 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
         if spec.path is not None:  # (the spec as run: written once it is accepted)
             atomic_write_bytes(out_dir / "spec.yaml", spec.path.read_bytes())
         started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
-        rewrite = outputs_only or f"ablate tune {spec.source} --trials 0"
-        # SIGTERM (a scheduler's time limit) outside a search - between two, or as the outputs are written - says
-        # what is stored and how to write the outputs (a search's own handler says what it ran); installed after
-        # ray.init, which installs Ray's (that ends the driver without a word)
-        with exit_on_sigterm(lambda: f"the suggestions that finished are stored in {location}; the outputs in {out_dir} "
-                                     f"(best values, history, importances) may not show them: `{rewrite}` rewrites "
-                                     f"them") as rearm:
+        def stopped() -> str:
+            """SIGTERM (a scheduler's time limit) outside a search - before, between two, or as the outputs are
+            written: what is stored, and the command that goes on (a search's own handler says what it ran)."""
+            text = f"the suggestions that finished are stored in {location}; "
+            missing = [t.key for t in targets if _load_stored(t, storage) is None]
+            if missing:  # (--trials 0 refuses a target whose study does not exist)
+                return text + f"the search of {', '.join(missing)} did not start: `{again or 'the same command'}` goes on"
+            return (text + f"the outputs in {out_dir} (best values, history, importances) may not show them: "
+                           f"`{outputs_only or f'ablate tune {spec.source} --trials 0'}` rewrites them")
+
+        with exit_on_sigterm(stopped) as rearm:  # (after ray.init, which installs Ray's handler: no word, exit 143)
             try:
                 if started and address is not None:  # a cluster: the data the trials need on the nodes that run them
                     check_cluster_nodes(spec.study, {})
@@ -1490,14 +1494,15 @@ def study_importances(study, target: Target, space: Mapping[str, Range] | None =
             study.add_trials(drawn)
             complete = drawn
     if len(complete) < 2:
-        return empty, f"{changed or f'{len(complete)} finished suggestion(s)'}: too few to tell"
+        return empty, f"{changed or f'{len(complete)} finished suggestion(s)'}, too few to tell"
+    over = f" (over {changed})" if changed else ""
     try:
         imp = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     except Exception as exc:  # no variance in the values (every suggestion scored the same), ...
-        return empty, f"fANOVA could not attribute the scores ({str(exc).strip() or type(exc).__name__})"
+        return empty, f"fANOVA could not attribute the scores{over} ({str(exc).strip() or type(exc).__name__})"
     if not imp:
-        return empty, "no searched parameter varies among the finished suggestions"
+        return empty, f"no searched parameter varies among the finished suggestions{over}"
     return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()]), changed
 
 
@@ -1518,7 +1523,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   location: str) -> tuple[dict[str, Path], dict[str, str]]:
     """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
     studies (written atomically: concurrent invocations leave a complete file). Returns the files
-    and, per target, a note on its importances where it has none (``"none: <why>"``) or they are
+    and, per target, a note on its importances where it has none (``"none - <why>"``) or they are
     not of every complete trial."""
     import pandas as pd
 
@@ -1533,7 +1538,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         imp, note = study_importances(study, target, spec.settings.space())
         importances.append(imp)
         if note:  # (why there are none, or which trials they are of)
-            notes[target.key] = note if len(imp) else f"none: {note}"
+            notes[target.key] = note if len(imp) else f"none - {note}"
         settings = best_settings(study)
         if settings is None:
             continue

@@ -619,18 +619,20 @@ def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monke
     from ablate.sweep import _warn_if_no_node_fits
 
     study = load_study(_study(tmp_path, seeds=1, extra="resources: {cpus: 2}"))
-    nodes = [{"Alive": True, "Resources": {"CPU": 1.0}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 1.0}},
+             {"NodeID": "b" * 56, "Alive": False, "Resources": {"CPU": 8.0}}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     _warn_if_no_node_fits(study, "10.0.0.1:6379")
     err = capsys.readouterr().err
     assert err.startswith("ablate: warning: each trial asks for 2 CPUs on one node, which no node of the cluster at "
                           "10.0.0.1:6379 has (its nodes: 1 CPUs, 0 GPUs)"), err
-    nodes.append({"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
+    nodes.append({"NodeID": "c" * 56, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
     _warn_if_no_node_fits(study, "10.0.0.1:6379")
     assert capsys.readouterr().err == ""
     # CPUs on one node and the GPU on another fit no trial that needs both (the check took each maximum alone)
     study = load_study(_study(tmp_path, seeds=1, extra="resources: {cpus: 2, gpus: 1}"))
-    nodes[:] = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
+    nodes[:] = [{"NodeID": "d" * 56, "Alive": True, "Resources": {"CPU": 2.0}},
+                {"NodeID": "e" * 56, "Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
     _warn_if_no_node_fits(study, "10.0.0.1:6379")
     assert "asks for 2 CPUs and 1 GPUs on one node, which no node of the cluster at 10.0.0.1:6379 has (its nodes: " \
            "1 CPUs, 1 GPUs; 2 CPUs, 0 GPUs)" in capsys.readouterr().err
@@ -811,8 +813,16 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
             check_cluster_nodes(study, folders)
         check_cluster_nodes(study, {"checkpoints": folders["checkpoints"]})  # a warning: the trials can run
         assert f"{folders['checkpoints']} is not on node(s) {node}" in capsys.readouterr().err
+        # a node that cannot hold a trial (this one: 1 CPU) runs none, and is not asked
+        check_cluster_nodes(load_study(_study(tmp_path, "big", seeds=1, extra="resources: {cpus: 2}")), folders)
+        assert capsys.readouterr().err == ""
     real = load_study(_study(tmp_path, "real", seeds=1, extra=f"data: real\n        data_dir: {tmp_path / 'none'}"))
     with pytest.raises(DatasetNotFoundError, match=rf"node\(s\) of the cluster cannot run the study's real-data trials, "
                                                    rf"which would fail there: {re.escape(node)}"
-                                                   rf".*data directory {re.escape(str(tmp_path / 'none'))}"):
+                                                   rf".*data directory {re.escape(str(tmp_path / 'none'))}") as error:
         check_cluster_nodes(real, folders)
+    assert str(error.value).count("Nothing was run.") == 1
+    import dataclasses
+    with pytest.raises(ConfigError, match=rf"plugins do not import on node\(s\) of the cluster, where its trials would "
+                                          rf"fail: {re.escape(node)}.*no_such_plugin_module"):
+        check_cluster_nodes(dataclasses.replace(study, plugins=("no_such_plugin_module",)), {})
