@@ -1012,6 +1012,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
             }
             storage_path = storage or str((out_dir / "ray").resolve())
             run_name = f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            if storage is not None:  # (its folder there is deleted once every trial is recorded, also by a later run)
+                with open(out_dir / STORAGE_RUNS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps([storage, run_name]) + "\n")
             tuner = tune.Tuner(
                 tune.with_resources(trainable, {"cpu": cpus, "gpu": gpus}),
                 param_space=space,
@@ -1296,26 +1299,46 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
         signal.signal(signal.SIGTERM, previous)
 
 
+#: the runs into a ``--storage`` of a study's output folder, one JSON ``[storage, run name]`` a line:
+#: their folders there are deleted once every trial is recorded (those of interrupted runs too)
+STORAGE_RUNS = "storage_runs.jsonl"
+
+
 def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | None) -> None:
     """Once every trial of ``study`` is recorded, delete Ray Tune's copies of the checkpoints
     (each holds a model, its optimizer and its best weights: on ``paper.yaml``, tens of GB;
     ``--resume`` reads the stable ones): the study's experiment directories under ``OUT/ray`` - this
     run's and those of earlier runs that were interrupted (the run holds the folder's lock: no
-    other run of the study is using them) - or, with a local ``--storage`` path, this run's
-    directory there (a URI's is left; its path is printed). Stable checkpoints of trials that are
-    not in the study as run now (extra seeds, a study file edited since they were cut off) are
-    kept - a run of the study that has them continues them - and listed."""
+    other run of the study is using them) - or, with a local ``--storage`` path, the directories
+    there of this folder's runs (:data:`STORAGE_RUNS`; a URI's are left, and their paths printed).
+    Stable checkpoints of trials that are not in the study as run now (extra seeds, a study file
+    edited since they were cut off) are kept - a run of the study that has them continues them -
+    and listed."""
     if storage is None:
         for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
             if run_dir.is_dir():
                 shutil.rmtree(run_dir, ignore_errors=True)
-    elif run_name is not None:
+    else:
+        runs_file = out_dir / STORAGE_RUNS
+        try:
+            runs = [tuple(json.loads(line)) for line in runs_file.read_text(encoding="utf-8").splitlines() if line]
+        except (OSError, ValueError):  # (none yet; a damaged file costs at most the space of old runs)
+            runs = []
+        names = [name for where, name in runs if where == storage]
+        if run_name is not None and run_name not in names:
+            names.append(run_name)
         folder = local_storage(storage)
         if folder is None:
-            print(f"note: Ray's copies of this run's checkpoints stay in {storage.rstrip('/')}/{run_name}: delete them "
-                  f"there (`ablate run --resume` reads the copies in {out_dir / CHECKPOINTS_DIR})", flush=True)
+            if names:
+                base = storage.rstrip("/")
+                print(f"note: Ray's copies of the checkpoints stay in {', '.join(f'{base}/{n}' for n in names)}: "
+                      f"delete them there (`ablate run --resume` reads the copies in {out_dir / CHECKPOINTS_DIR})",
+                      flush=True)
         else:
-            shutil.rmtree(folder / run_name, ignore_errors=True)
+            for name in names:
+                shutil.rmtree(folder / name, ignore_errors=True)
+        if runs:
+            atomic_write_bytes(runs_file, "".join(json.dumps(list(r)) + "\n" for r in runs if r[0] != storage).encode())
     ids = {t.trial_id for t in study.trials}
     others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
     stored = store.finished_trial_ids(out_dir)

@@ -543,8 +543,9 @@ def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any
     assert (again.ran, again.reused) == (2, 0)
     new = again.results.trials
     assert list(new["resumed_from_epoch"]) == [0, 0] and all(new["finished_at"] > new["trial_id"].map(old))
-    # Ray's copies in a local --storage: this run's are deleted once all are recorded (the first run's were kept)
-    assert len(list(shared.iterdir())) == 1
+    # Ray's copies in a local --storage: deleted once all are recorded, this run's and, as under OUT/ray, the
+    # earlier runs' of this output folder (the first run's, kept then by --keep-checkpoints; its own stay)
+    assert not list(shared.iterdir()) and len(list((study_dir / "replaced").glob("*/*.pt"))) == 2
     (replaced,) = (study_dir / "replaced").iterdir()
     assert dict(pd.read_parquet(replaced / "trials.parquet")[["trial_id", "finished_at"]].values) == old
     assert len(pd.read_parquet(replaced / "history.parquet")) == 2  # (one epoch each)
@@ -826,3 +827,25 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
     with pytest.raises(ConfigError, match=rf"plugins do not import on node\(s\) of the cluster, where its trials would "
                                           rf"fail: {re.escape(node)}.*no_such_plugin_module"):
         check_cluster_nodes(dataclasses.replace(study, plugins=("no_such_plugin_module",)), {})
+
+
+def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupted_runs(tmp_path, capsys):
+    # with a local --storage only the finishing run's folder was deleted: those of the runs before it that were
+    # cut off (each holding Ray's copies of its trials' checkpoints) stayed there for good
+    from ablate.sweep import STORAGE_RUNS, _clean_up
+
+    study = load_study(_study(tmp_path, seeds=1))
+    out, storage, other = tmp_path / "out", tmp_path / "storage", tmp_path / "elsewhere"
+    for folder in ("tiny-1", "tiny-2", "tiny-3", "someone-elses"):
+        (storage / folder).mkdir(parents=True)
+    (other / "tiny-0").mkdir(parents=True)
+    out.mkdir()
+    (out / STORAGE_RUNS).write_text("".join(json.dumps(r) + "\n" for r in (
+        [str(storage), "tiny-1"], [str(other), "tiny-0"], [str(storage), "tiny-2"], ["s3://bucket/x", "tiny-9"])))
+    _clean_up(out, study, str(storage), "tiny-3")
+    assert sorted(p.name for p in storage.iterdir()) == ["someone-elses"] and (other / "tiny-0").is_dir()
+    assert [json.loads(line) for line in (out / STORAGE_RUNS).read_text().splitlines()] == [
+        [str(other), "tiny-0"], ["s3://bucket/x", "tiny-9"]]
+    _clean_up(out, study, "s3://bucket/x", None)  # a URI's are named, for the user to delete
+    assert "note: Ray's copies of the checkpoints stay in s3://bucket/x/tiny-9: delete them there" in capsys.readouterr().out
+    assert [json.loads(line) for line in (out / STORAGE_RUNS).read_text().splitlines()] == [[str(other), "tiny-0"]]
