@@ -488,6 +488,13 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
     if address:
         try:
             ray.init(address=address, **kwargs)
+        except RuntimeError as exc:
+            if not str(exc).startswith("Version mismatch"):
+                raise
+            from ablate.config import ConfigError
+
+            raise ConfigError(f"--address {address}: the cluster runs other versions of Ray or Python than this "
+                              f"driver, and every node and the driver need the same: {exc}".rstrip()) from None
         except ConnectionError as exc:
             if not _authentication_failed(exc):
                 raise
@@ -851,12 +858,17 @@ def _authentication_failed(exc: BaseException) -> bool:
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Refuse, before Ray starts, a cluster address ``HOST:PORT`` that nothing answers on within
-    ``timeout_s`` (``ray.init`` would retry for minutes). ``auto`` and ``ray://`` client
-    addresses are left to Ray."""
+    ``timeout_s`` (``ray.init`` would retry for minutes); ``auto`` is left to Ray. A ``ray://``
+    (Ray Client) address is refused: through it the driver's work - ablate's results, the folder
+    checks - would run on the head, writing there."""
     import socket
 
     from ablate.config import ConfigError
 
+    if address.startswith("ray://"):
+        raise ConfigError(f"--address {address}: Ray Client (ray://) is not supported - ablate stores the results from "
+                          f"its driver, which through a client would run on the head. Run ablate on a node of the cluster "
+                          f"(the head, say) with --address HEAD_IP:6379 (the head's GCS port), or --address auto there")
     if address == "auto" or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
@@ -1086,7 +1098,7 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
     for t in study.trials if study is not None else []:
         planned.setdefault(t.task, [])
         planned[t.task] += [a for a in t.arms if a not in planned[t.task]]
-    lines = []
+    lines, changes_shown = [], False
     tasks = {task: k for k, task in enumerate(planned)}  # (the study's order; others as stored, after them)
     for task, df in sorted(arms.groupby("task", sort=False), key=lambda item: tasks.get(item[0], len(tasks))):
         missing = [a for a in planned.get(task, []) if a not in set(df["arm"])]
@@ -1127,12 +1139,13 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
                     notes.append("no seed in common with the baseline: mean over its own seeds")
             bad = int((df[df["arm"] == arm]["status"] != "ok").sum())
             change_s = "" if math.isnan(change) else fmt_pct(change)
+            changes_shown = changes_shown or bool(change_s)
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
                           + (f"  ({'; '.join(notes)})" if notes else "")).rstrip())
         if missing:
             lines.append(missing_line)
     lines += [f"\n{task}: no trial stored yet" for task in planned if task not in set(arms["task"])]
-    if (arms["arm"] == "baseline").any() and (arms["arm"] != "baseline").any():
+    if changes_shown:
         lines.append("\n(the change is the mean per-seed relative change, positive = the arm is better than the "
                      "baseline; an arm's mean and n: over the seeds it and the baseline both finished ok, as in the report)")
     return "\n".join(lines)

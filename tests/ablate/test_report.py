@@ -479,3 +479,20 @@ def test_the_run_summary_lists_the_arms_and_tasks_in_the_studys_order_whatever_o
     listed = [line.split()[0] for line in lines if line.startswith("  ") and line.split()[0] in arms]
     assert listed == arms * 3
     assert [line.split()[0] for line in lines if line.split() and line.split()[0] in tasks] == tasks
+
+
+def test_the_run_summary_explains_the_change_column_only_where_it_shows_a_change():
+    # a run whose every trial failed printed "(the change is the mean per-seed relative change, ...)" below
+    # tables without one
+    from ablate.results import Results
+    from ablate.sweep import summary_table
+
+    def rows(status):
+        return [{"trial_id": f"{arm}{s}", "task": "etth1", "seed": s, "arm": arm, "arms": json.dumps([arm]),
+                 "status": status, "mode": "min", "metric": "mse", "best_metric": 1.0 + (arm == "adamw")}
+                for s in range(2) for arm in ("baseline", "adamw")]
+
+    note = "(the change is the mean per-seed relative change"
+    assert note not in summary_table(Results(pd.DataFrame(rows("failed")), pd.DataFrame(), pd.DataFrame()))
+    shown = summary_table(Results(pd.DataFrame(rows("ok")), pd.DataFrame(), pd.DataFrame()))
+    assert note in shown and "-100.00%" in shown

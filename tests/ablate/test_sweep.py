@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -849,3 +850,25 @@ def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupte
     _clean_up(out, study, "s3://bucket/x", None)  # a URI's are named, for the user to delete
     assert "note: Ray's copies of the checkpoints stay in s3://bucket/x/tiny-9: delete them there" in capsys.readouterr().out
     assert [json.loads(line) for line in (out / STORAGE_RUNS).read_text().splitlines()] == [[str(other), "tiny-0"]]
+
+
+def test_a_ray_client_address_and_a_version_mismatch_are_refused_in_one_line(monkeypatch):
+    import ray
+
+    from ablate.config import ConfigError
+    from ablate.sweep import check_reachable, init_ray
+
+    with pytest.raises(ConfigError, match=r"--address ray://10\.0\.0\.1:10001: Ray Client \(ray://\) is not supported"):
+        check_reachable("ray://10.0.0.1:10001")
+    mismatch = ("Version mismatch: The cluster was started with:\n    Ray: 2.59.0\n    Python: 3.11.9\nThis process on "
+                "node 10.0.0.2 was started with:\n    Ray: 2.60.0\n    Python: 3.11.9\n")
+
+    def init(**kwargs):
+        raise RuntimeError(mismatch)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ConfigError, match=r"(?s)the cluster runs other versions of Ray or Python than this driver, and every "
+                                          r"node and the driver need the same: Version mismatch.*Ray: 2\.59\.0") as error:
+        init_ray(load_study(_study(Path(tempfile.mkdtemp()), seeds=1)), "10.0.0.1:6379")
+    assert error.value.__cause__ is None  # (one message, no traceback chain)
