@@ -78,10 +78,13 @@ _NO_TRIAL_TRACEBACK = _DropMessages("Trial task failed for trial")
 
 
 def ray_storage_path(storage: str | None) -> str | None:
-    """``--storage`` as Ray Tune needs it: a URI as given, a local path made absolute (Ray Tune
-    reads a relative path as a URI without a scheme, and fails once the sweep has started)."""
+    """``--storage`` as Ray Tune needs it: a URI as given (without a trailing ``/``), a local path
+    (``file://`` too) made absolute (Ray Tune reads a relative path as a URI without a scheme, and
+    fails once the sweep has started): one spelling of each folder."""
+    if storage is not None and storage.startswith("file://"):
+        storage = storage.removeprefix("file://")
     if storage is None or "://" in storage:
-        return storage
+        return storage if storage is None else storage.rstrip("/")
     from ablate.config import ConfigError
 
     path = Path(os.path.expanduser(storage)).resolve()
@@ -93,11 +96,9 @@ def ray_storage_path(storage: str | None) -> str | None:
 
 
 def local_storage(storage: str) -> Path | None:
-    """The folder of a ``--storage`` that is one on this machine (a path, ``file://``); None for
-    another URI (``s3://...``)."""
-    if "://" in storage and not storage.startswith("file://"):
-        return None
-    return Path(storage.removeprefix("file://"))
+    """The folder of a ``--storage`` (as :func:`ray_storage_path` gives it) that is one on this
+    machine; None for a URI (``s3://...``)."""
+    return None if "://" in storage else Path(storage)
 
 
 #: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once
@@ -1023,7 +1024,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                 "cpus": cpus,
             }
             storage_path = storage or str((out_dir / "ray").resolve())
-            run_name = f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            # (with the process id: two output folders sharing a --storage may start runs in the same second)
+            run_name = f"{study.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
             if storage is not None:  # (its folder there is deleted once every trial is recorded, also by a later run)
                 with open(out_dir / STORAGE_RUNS, "a", encoding="utf-8") as f:
                     f.write(json.dumps([storage, run_name]) + "\n")
@@ -1248,6 +1250,30 @@ def _sigterm_message(pending: list[TrialSpec], recorder: Any, resume_hint: str |
 
 #: how long a SIGTERM'd run waits for ``ray.shutdown()`` (Slurm's grace period is 30 s)
 SIGTERM_SHUTDOWN_S = 10.0
+#: how long it waits for its bookkeeping and message (:func:`exit_on_sigterm`)
+SIGTERM_BOOKKEEPING_S = 5.0
+
+
+def _message_within(make: Callable[[], str], seconds: float) -> str:
+    """``make()``, in a thread given ``seconds``: a signal handler runs on the main thread, which the
+    signal may have interrupted holding a lock that ``make`` needs (an Optuna storage's, say), so
+    called there it could wait for ever; a message saying so when it fails or takes longer."""
+    out: list[str] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(make())
+        except BaseException as exc:  # noqa: BLE001 - said in the message
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, name="sigterm-message", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if out:
+        return out[0]
+    why = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"it took more than {seconds:g} s"
+    return f"what finished is stored (this message could not say more: {why}); the same command goes on"
 
 
 def _shutdown_ray_within(seconds: float) -> None:
@@ -1296,11 +1322,14 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
         yield lambda: None
         return
 
+    def bookkeeping() -> str:
+        if on_exit is not None:
+            on_exit()
+        return describe()
+
     def on_sigterm(signum: int, frame: Any) -> None:
         try:
-            if on_exit is not None:
-                on_exit()
-            print(f"\nterminated (SIGTERM): {describe()}", flush=True)
+            print(f"\nterminated (SIGTERM): {_message_within(bookkeeping, SIGTERM_BOOKKEEPING_S)}", flush=True)
             _shutdown_ray_within(SIGTERM_SHUTDOWN_S)
         finally:
             os._exit(143)
@@ -1313,8 +1342,26 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
 
 
 #: the runs into a ``--storage`` of a study's output folder, one JSON ``[storage, run name]`` a line:
-#: their folders there are deleted once every trial is recorded (those of interrupted runs too)
+#: their folders there are deleted once every trial is recorded (those of interrupted runs too,
+#: whatever storage a later run is given)
 STORAGE_RUNS = "storage_runs.jsonl"
+
+
+def _storage_runs(out_dir: Path) -> list[tuple[str, str]]:
+    """The runs :data:`STORAGE_RUNS` records (a line cut short or not a pair of strings is skipped)."""
+    try:
+        text = (out_dir / STORAGE_RUNS).read_text(encoding="utf-8")
+    except OSError:
+        return []
+    runs = []
+    for line in text.splitlines():
+        try:
+            where, name = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(where, str) and isinstance(name, str) and name and "/" not in name:
+            runs.append((where, name))
+    return runs
 
 
 def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | None) -> None:
@@ -1322,36 +1369,28 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
     (each holds a model, its optimizer and its best weights: on ``paper.yaml``, tens of GB;
     ``--resume`` reads the stable ones): the study's experiment directories under ``OUT/ray`` - this
     run's and those of earlier runs that were interrupted (the run holds the folder's lock: no
-    other run of the study is using them) - or, with a local ``--storage`` path, the directories
-    there of this folder's runs (:data:`STORAGE_RUNS`; a URI's are left, and their paths printed).
-    Stable checkpoints of trials that are not in the study as run now (extra seeds, a study file
-    edited since they were cut off) are kept - a run of the study that has them continues them -
-    and listed."""
-    if storage is None:
-        for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
-            if run_dir.is_dir():
-                shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        runs_file = out_dir / STORAGE_RUNS
-        try:
-            runs = [tuple(json.loads(line)) for line in runs_file.read_text(encoding="utf-8").splitlines() if line]
-        except (OSError, ValueError):  # (none yet; a damaged file costs at most the space of old runs)
-            runs = []
-        names = [name for where, name in runs if where == storage]
-        if run_name is not None and run_name not in names:
-            names.append(run_name)
-        folder = local_storage(storage)
+    other run of the study is using them) - and the directories in a ``--storage`` of every run of
+    this folder (:data:`STORAGE_RUNS`; a URI's are left, and their paths printed). Stable
+    checkpoints of trials that are not in the study as run now (extra seeds, a study file edited
+    since they were cut off) are kept - a run of the study that has them continues them - and
+    listed."""
+    for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
+        if run_dir.is_dir():
+            shutil.rmtree(run_dir, ignore_errors=True)
+    runs = _storage_runs(out_dir)
+    if storage is not None and run_name is not None and (storage, run_name) not in runs:
+        runs.append((storage, run_name))
+    elsewhere = []
+    for where, name in dict.fromkeys(runs):
+        folder = local_storage(where)
         if folder is None:
-            if names:
-                base = storage.rstrip("/")
-                print(f"note: Ray's copies of the checkpoints stay in {', '.join(f'{base}/{n}' for n in names)}: "
-                      f"delete them there (`ablate run --resume` reads the copies in {out_dir / CHECKPOINTS_DIR})",
-                      flush=True)
+            elsewhere.append(f"{where}/{name}")
         else:
-            for name in names:
-                shutil.rmtree(folder / name, ignore_errors=True)
-        if runs:
-            atomic_write_bytes(runs_file, "".join(json.dumps(list(r)) + "\n" for r in runs if r[0] != storage).encode())
+            shutil.rmtree(folder / name, ignore_errors=True)
+    if elsewhere:
+        print(f"note: Ray's copies of the checkpoints stay in {', '.join(elsewhere)}: delete them there (`ablate run "
+              f"--resume` reads the copies in {out_dir / CHECKPOINTS_DIR})", flush=True)
+    (out_dir / STORAGE_RUNS).unlink(missing_ok=True)
     ids = {t.trial_id for t in study.trials}
     others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
     stored = store.finished_trial_ids(out_dir)

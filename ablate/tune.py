@@ -1390,11 +1390,12 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
         started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
         def stopped() -> str:
             """SIGTERM (a scheduler's time limit) outside a search - before, between two, or as the outputs are
-            written: what is stored, and the command that goes on (a search's own handler says what it ran)."""
+            written: what is stored, and the command that goes on (a search's own handler says what it ran). From
+            what this run did, not from the storage: the signal may have cut off a call that holds its lock."""
             text = f"the suggestions that finished are stored in {location}; "
-            missing = [t.key for t in targets if _load_stored(t, storage) is None]
-            if missing:  # (--trials 0 refuses a target whose study does not exist)
-                return text + f"the search of {', '.join(missing)} did not start: `{again or 'the same command'}` goes on"
+            missing = [t.key for t in targets if t.key not in ran] if spec.settings.trials > 0 else []
+            if missing:
+                return text + f"the search of {', '.join(missing)} did not run: `{again or 'the same command'}` goes on"
             return (text + f"the outputs in {out_dir} (best values, history, importances) may not show them: "
                            f"`{outputs_only or f'ablate tune {spec.source} --trials 0'}` rewrites them")
 
@@ -1489,18 +1490,18 @@ def study_importances(study, target: Target, space: Mapping[str, Range] | None =
         drawn = [t for t in complete if t.distributions == current]
         if len(drawn) < len(complete):
             changed = (f"the {len(drawn)} of the {len(complete)} finished suggestions drawn from the current search "
-                       f"space (it changed between runs)")
+                       f"space, which changed between runs")
             study = optuna.create_study(direction=study.direction)  # (in memory: those trials only)
             study.add_trials(drawn)
             complete = drawn
     if len(complete) < 2:
         return empty, f"{changed or f'{len(complete)} finished suggestion(s)'}, too few to tell"
-    over = f" (over {changed})" if changed else ""
+    over = f"; they are {changed}" if changed else ""
     try:
         imp = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     except Exception as exc:  # no variance in the values (every suggestion scored the same), ...
-        return empty, f"fANOVA could not attribute the scores{over} ({str(exc).strip() or type(exc).__name__})"
+        return empty, f"fANOVA could not attribute the scores ({str(exc).strip() or type(exc).__name__}){over}"
     if not imp:
         return empty, f"no searched parameter varies among the finished suggestions{over}"
     return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()]), changed

@@ -833,23 +833,27 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
 def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupted_runs(tmp_path, capsys):
     # with a local --storage only the finishing run's folder was deleted: those of the runs before it that were
     # cut off (each holding Ray's copies of its trials' checkpoints) stayed there for good
-    from ablate.sweep import STORAGE_RUNS, _clean_up
+    from ablate.sweep import STORAGE_RUNS, _clean_up, ray_storage_path
 
     study = load_study(_study(tmp_path, seeds=1))
     out, storage, other = tmp_path / "out", tmp_path / "storage", tmp_path / "elsewhere"
     for folder in ("tiny-1", "tiny-2", "tiny-3", "someone-elses"):
         (storage / folder).mkdir(parents=True)
     (other / "tiny-0").mkdir(parents=True)
-    out.mkdir()
+    (out / "ray" / "tiny-7").mkdir(parents=True)  # (a run before with the default storage)
+    # one folder, three spellings: one form, so that a run recorded with any of them is found
+    assert ray_storage_path(f"file://{storage}") == ray_storage_path(f"{storage}/") == str(storage)
+    assert ray_storage_path("s3://bucket/x/") == "s3://bucket/x"
     (out / STORAGE_RUNS).write_text("".join(json.dumps(r) + "\n" for r in (
-        [str(storage), "tiny-1"], [str(other), "tiny-0"], [str(storage), "tiny-2"], ["s3://bucket/x", "tiny-9"])))
+        [str(storage), "tiny-1"], [str(other), "tiny-0"], "not a pair", [str(storage), "tiny-2"],
+        ["s3://bucket/x", "tiny-9"])) + '["cut sh')
     _clean_up(out, study, str(storage), "tiny-3")
-    assert sorted(p.name for p in storage.iterdir()) == ["someone-elses"] and (other / "tiny-0").is_dir()
-    assert [json.loads(line) for line in (out / STORAGE_RUNS).read_text().splitlines()] == [
-        [str(other), "tiny-0"], ["s3://bucket/x", "tiny-9"]]
-    _clean_up(out, study, "s3://bucket/x", None)  # a URI's are named, for the user to delete
+    # every recorded run's folder, whatever storage this run was given; a URI's named, for the user to delete
+    assert sorted(p.name for p in storage.iterdir()) == ["someone-elses"] and not (other / "tiny-0").exists()
+    assert not (out / "ray" / "tiny-7").exists() and not (out / STORAGE_RUNS).exists()
     assert "note: Ray's copies of the checkpoints stay in s3://bucket/x/tiny-9: delete them there" in capsys.readouterr().out
-    assert [json.loads(line) for line in (out / STORAGE_RUNS).read_text().splitlines()] == [[str(other), "tiny-0"]]
+    _clean_up(out, study, "s3://bucket/x", None)  # (named once)
+    assert "stay in" not in capsys.readouterr().out
 
 
 def test_a_ray_client_address_and_a_version_mismatch_are_refused_in_one_line(monkeypatch):
@@ -872,3 +876,62 @@ def test_a_ray_client_address_and_a_version_mismatch_are_refused_in_one_line(mon
                                           r"node and the driver need the same: Version mismatch.*Ray: 2\.59\.0") as error:
         init_ray(load_study(_study(Path(tempfile.mkdtemp()), seeds=1)), "10.0.0.1:6379")
     assert error.value.__cause__ is None  # (one message, no traceback chain)
+
+
+def test_the_sigterm_message_is_made_in_a_thread_that_cannot_hang_the_exit():
+    # the handler runs on the main thread, which the signal may have cut off holding a lock the message needs
+    # (an Optuna journal's): made there, it waited for ever, and a scheduler's SIGKILL ended the run without a word
+    import threading
+    import time
+
+    from ablate.sweep import _message_within
+
+    held = threading.Lock()
+    with held:  # (as the interrupted main thread holds it)
+        start = time.monotonic()
+        text = _message_within(lambda: held.acquire() and "never", 0.5)
+        assert time.monotonic() - start < 3
+    assert text == ("what finished is stored (this message could not say more: it took more than 0.5 s); the same "
+                    "command goes on")
+
+    def broken() -> str:
+        raise OSError("the database is unreachable")
+
+    assert "(this message could not say more: OSError: the database is unreachable)" in _message_within(broken, 5)
+    assert _message_within(lambda: "2 trial(s) did not finish", 5) == "2 trial(s) did not finish"
+
+
+def test_the_cluster_check_names_a_node_that_does_not_answer_or_dies_and_goes_on(tmp_path, monkeypatch, capsys, one_ray):
+    import time
+
+    import ray
+
+    import ablate.sweep as sweep
+
+    def slow(*args):  # (a node busy with other work, or stopped)
+        import time
+
+        time.sleep(60)
+
+    study = load_study(_study(tmp_path, seeds=1))
+    monkeypatch.setattr(sweep, "_node_view", slow)
+    monkeypatch.setattr(sweep, "NODE_CHECK_S", 3.0)
+    capsys.readouterr()
+    start = time.monotonic()
+    sweep.check_cluster_nodes(study, {"checkpoints": tmp_path / "checkpoints"})
+    assert time.monotonic() - start < 15
+    assert "(no answer within 3 s) not checked for what their trials need" in capsys.readouterr().err
+    alive = ray.nodes
+    calls = []
+
+    def dying():  # the node is reported dead once the check is sent
+        calls.append(1)
+        return [dict(n, Alive=len(calls) == 1) for n in alive()]
+
+    monkeypatch.setattr(ray, "nodes", dying)
+    monkeypatch.setattr(sweep, "NODE_CHECK_S", 60.0)
+    start = time.monotonic()
+    sweep.check_cluster_nodes(study, {"checkpoints": tmp_path / "checkpoints"})
+    assert time.monotonic() - start < 15
+    assert "(died) not checked for what their trials need" in capsys.readouterr().err
+    assert not list((tmp_path / "checkpoints").iterdir()), "the marker files are removed"

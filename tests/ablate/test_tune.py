@@ -1325,12 +1325,21 @@ def test_after_a_range_change_the_summary_says_the_best_is_outside_and_importanc
             _completed(study, p, {name: r.distribution() for name in PRIORITY_PARAMS}, p["p_gradient"] + 0.01 * p["p_gen_gap"])
     _completed(study, {name: 1.0 for name in PRIORITY_PARAMS}, {name: old.distribution() for name in PRIORITY_PARAMS}, 0.001)
     imp, note = study_importances(study, target, {name: new for name in PRIORITY_PARAMS})
-    assert note == "the 6 of the 11 finished suggestions drawn from the current search space (it changed between runs)"
+    assert note == "the 6 of the 11 finished suggestions drawn from the current search space, which changed between runs"
     assert set(imp["param"]) == set(PRIORITY_PARAMS) and imp.set_index("param")["importance"].idxmax() == "p_gradient"
     assert study_importances(study, target)[0].empty  # (Optuna's own, over every trial: none)
     few, why = study_importances(study, target, {name: Range(3.0, 10.0, True) for name in PRIORITY_PARAMS})
-    assert few.empty and why == ("the 0 of the 11 finished suggestions drawn from the current search space (it changed "
-                                 "between runs), too few to tell")
+    assert few.empty and why == ("the 0 of the 11 finished suggestions drawn from the current search space, which "
+                                 "changed between runs, too few to tell")
+    # equal scores drawn from the current space: fANOVA has nothing to attribute, and the note keeps the context
+    flat = optuna.create_study(direction="minimize")
+    for k in range(3):
+        _completed(flat, {name: 2.0 + k for name in PRIORITY_PARAMS}, {name: new.distribution() for name in PRIORITY_PARAMS},
+                   1.0)
+    _completed(flat, {name: 1.0 for name in PRIORITY_PARAMS}, {name: old.distribution() for name in PRIORITY_PARAMS}, 1.0)
+    none, why = study_importances(flat, target, {name: new for name in PRIORITY_PARAMS})
+    assert none.empty and why.startswith("fANOVA could not attribute the scores (") and why.endswith(
+        "; they are the 3 of the 4 finished suggestions drawn from the current search space, which changed between runs")
 
     outcome = _target_outcome(target, storage, 0)
     assert outcome.best_number == 10
@@ -1416,8 +1425,10 @@ ablate.sweep.init_ray = init_ray
 ray.shutdown = lambda: ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # (ray.shutdown resets it in the kernel)
 
 def run_target(target, spec, storage, trials, out_dir, ray_storage):
-    if target.key == "etth1":  # (a second target's search does not start)
-        T.open_target_study(target, spec, storage)
+    T.open_target_study(target, spec, storage)
+    if target.key == "imdb":  # SIGTERM before a second target's search (its study stored by an earlier run)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
     return 1, 0
 
 def write_outputs(*args, **kwargs):  # SIGTERM as the outputs are written (a scheduler's time limit)
@@ -1433,7 +1444,7 @@ T.run_tune(T.load_tune_spec(sys.argv[1]), sys.argv[2], again="AGAIN", outputs_on
 def test_sigterm_after_the_search_says_what_is_stored_and_how_to_go_on(tmp_path, tasks):
     # the handler of `ablate tune` was installed around each search only: after it, Ray's (restored) ended the
     # run with exit 143 and no word, its outputs (best values, history) left as the run before wrote them.
-    # Where a target's search has not started, --trials 0 (which refuses it) is not the way on
+    # Where a target's search has not run, --trials 0 (which only rewrites the outputs) is not the way on
     spec_path = _tiny_spec(tmp_path, tasks=tasks)
     done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_THE_SEARCH, str(spec_path), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -1444,7 +1455,7 @@ def test_sigterm_after_the_search_says_what_is_stored_and_how_to_go_on(tmp_path,
         assert (stored + f"the outputs in {tune_dir} (best values, history, importances) may not show them: "
                          f"`REWRITE` rewrites them") in done.stdout
     else:
-        assert stored + "the search of imdb did not start: `AGAIN` goes on\n" in done.stdout
+        assert stored + "the search of imdb did not run: `AGAIN` goes on\n" in done.stdout
 
 
 def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands_that_continue(tmp_path, monkeypatch,
