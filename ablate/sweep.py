@@ -1001,7 +1001,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
-    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint, out_dir)) as rearm:
+    with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint, out_dir),
+                         fallback=resume_hint or "the same command with --resume") as rearm:
         try:
             if address is not None:  # a cluster: what the trials need on the nodes that run them
                 folders = {"checkpoints": out_dir / CHECKPOINTS_DIR}
@@ -1254,26 +1255,25 @@ SIGTERM_SHUTDOWN_S = 10.0
 SIGTERM_BOOKKEEPING_S = 5.0
 
 
-def _message_within(make: Callable[[], str], seconds: float) -> str:
-    """``make()``, in a thread given ``seconds``: a signal handler runs on the main thread, which the
-    signal may have interrupted holding a lock that ``make`` needs (an Optuna storage's, say), so
-    called there it could wait for ever; a message saying so when it fails or takes longer."""
-    out: list[str] = []
+def _within(call: Callable[[], Any], seconds: float) -> tuple[bool, Any]:
+    """``(True, call())``, run in a thread given ``seconds``; else ``(False, why)``. A signal handler
+    runs on the main thread, which the signal may have interrupted holding a lock that ``call``
+    needs (an Optuna storage's, say): called there, it could wait for ever."""
+    out: list[Any] = []
     failed: list[BaseException] = []
 
     def run() -> None:
         try:
-            out.append(make())
-        except BaseException as exc:  # noqa: BLE001 - said in the message
+            out.append(call())
+        except BaseException as exc:  # noqa: BLE001 - said by the caller
             failed.append(exc)
 
-    worker = threading.Thread(target=run, name="sigterm-message", daemon=True)
+    worker = threading.Thread(target=run, name="sigterm-bookkeeping", daemon=True)
     worker.start()
     worker.join(seconds)
     if out:
-        return out[0]
-    why = f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"it took more than {seconds:g} s"
-    return f"what finished is stored (this message could not say more: {why}); the same command goes on"
+        return True, out[0]
+    return False, f"{type(failed[0]).__name__}: {failed[0]}" if failed else f"it took more than {seconds:g} s"
 
 
 def _shutdown_ray_within(seconds: float) -> None:
@@ -1306,8 +1306,8 @@ def ray_tune_quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | None = None
-                    ) -> Iterator[Callable[[], None]]:
+def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | None = None,
+                    fallback: str = "the same command") -> Iterator[Callable[[], None]]:
     """SIGTERM (Slurm's scancel or time limit, ``timeout``, ``docker stop``) ends the run at once with
     exit code 143 and one message, ``describe()``: what did not finish and how to continue (after
     ``on_exit()``, quick bookkeeping such as marking unfinished suggestions failed). Results are
@@ -1317,19 +1317,27 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
     the driver without a word. Ray itself is shut down, within :data:`SIGTERM_SHUTDOWN_S`, so
     that its agents do not outlive the run. Installed after ``ray.init``, which sets that handler; yields a
     function that installs it again, for after ``ray.shutdown()``, which resets the signal's
-    handling in the kernel while Python still reports this handler."""
+    handling in the kernel while Python still reports this handler. The message and the bookkeeping
+    are each given :data:`SIGTERM_BOOKKEEPING_S` (see :func:`_within`); where the message cannot be
+    made, it says so and names ``fallback``, the command that goes on."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
 
-    def bookkeeping() -> str:
-        if on_exit is not None:
-            on_exit()
-        return describe()
-
     def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second one, while this one's threads run)
         try:
-            print(f"\nterminated (SIGTERM): {_message_within(bookkeeping, SIGTERM_BOOKKEEPING_S)}", flush=True)
+            made, text = _within(describe, SIGTERM_BOOKKEEPING_S)
+            if not made:
+                text = f"what finished is stored (this message could not say more: {text}); continue with: {fallback}"
+            if on_exit is not None:
+                done, why = _within(on_exit, SIGTERM_BOOKKEEPING_S)
+                if not done:
+                    text += f" (its bookkeeping did not finish - {why} - a later run of the command does it)"
+            try:
+                print(f"\nterminated (SIGTERM): {text}", flush=True)
+            except Exception:  # noqa: BLE001 - (a pipe the scheduler's signal closed first): Ray still shut down
+                pass
             _shutdown_ray_within(SIGTERM_SHUTDOWN_S)
         finally:
             os._exit(143)
@@ -1347,8 +1355,9 @@ def exit_on_sigterm(describe: Callable[[], str], on_exit: Callable[[], None] | N
 STORAGE_RUNS = "storage_runs.jsonl"
 
 
-def _storage_runs(out_dir: Path) -> list[tuple[str, str]]:
-    """The runs :data:`STORAGE_RUNS` records (a line cut short or not a pair of strings is skipped)."""
+def _storage_runs(out_dir: Path, study_name: str) -> list[tuple[str, str]]:
+    """The runs of ``study_name`` that :data:`STORAGE_RUNS` records (a line cut short, or not a pair
+    of a storage and a run name of the study, is skipped)."""
     try:
         text = (out_dir / STORAGE_RUNS).read_text(encoding="utf-8")
     except OSError:
@@ -1359,8 +1368,9 @@ def _storage_runs(out_dir: Path) -> list[tuple[str, str]]:
             where, name = json.loads(line)
         except (ValueError, TypeError):
             continue
-        if isinstance(where, str) and isinstance(name, str) and name and "/" not in name:
-            runs.append((where, name))
+        if isinstance(where, str) and where and isinstance(name, str) and name.startswith(f"{study_name}-") \
+                and "/" not in name:
+            runs.append((where.removeprefix("file://"), name))
     return runs
 
 
@@ -1377,20 +1387,25 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
     for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
         if run_dir.is_dir():
             shutil.rmtree(run_dir, ignore_errors=True)
-    runs = _storage_runs(out_dir)
+    runs = _storage_runs(out_dir, study.name)
     if storage is not None and run_name is not None and (storage, run_name) not in runs:
         runs.append((storage, run_name))
-    elsewhere = []
+    elsewhere, left = [], []
     for where, name in dict.fromkeys(runs):
         folder = local_storage(where)
         if folder is None:
             elsewhere.append(f"{where}/{name}")
         else:
             shutil.rmtree(folder / name, ignore_errors=True)
+            if (folder / name).exists():  # (not deleted: permissions, say): kept for a later run
+                left.append((where, name))
     if elsewhere:
         print(f"note: Ray's copies of the checkpoints stay in {', '.join(elsewhere)}: delete them there (`ablate run "
               f"--resume` reads the copies in {out_dir / CHECKPOINTS_DIR})", flush=True)
-    (out_dir / STORAGE_RUNS).unlink(missing_ok=True)
+    if left:
+        atomic_write_bytes(out_dir / STORAGE_RUNS, "".join(json.dumps(list(r)) + "\n" for r in left).encode())
+    else:
+        (out_dir / STORAGE_RUNS).unlink(missing_ok=True)
     ids = {t.trial_id for t in study.trials}
     others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
     stored = store.finished_trial_ids(out_dir)

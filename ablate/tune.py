@@ -1393,13 +1393,18 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
             written: what is stored, and the command that goes on (a search's own handler says what it ran). From
             what this run did, not from the storage: the signal may have cut off a call that holds its lock."""
             text = f"the suggestions that finished are stored in {location}; "
-            missing = [t.key for t in targets if t.key not in ran] if spec.settings.trials > 0 else []
-            if missing:
-                return text + f"the search of {', '.join(missing)} did not run: `{again or 'the same command'}` goes on"
+            cut = [key for key in begun if key not in ran]  # (its own handler was no longer, or not yet, installed)
+            missing = [t.key for t in targets if t.key not in begun] if spec.settings.trials > 0 else []
+            if cut or missing:
+                said = [f"the search of {', '.join(cut)} was cut off"] if cut else []
+                said += [f"the search of {', '.join(missing)} did not run"] if missing else []
+                return text + f"{', '.join(said)}: `{again or 'the same command'}` goes on"
             return (text + f"the outputs in {out_dir} (best values, history, importances) may not show them: "
                            f"`{outputs_only or f'ablate tune {spec.source} --trials 0'}` rewrites them")
 
-        with exit_on_sigterm(stopped) as rearm:  # (after ray.init, which installs Ray's handler: no word, exit 143)
+        begun: list[str] = []  # the targets whose _run_target was called
+        # (after ray.init, which installs Ray's handler: no word, exit 143)
+        with exit_on_sigterm(stopped, fallback=again or "the same command") as rearm:
             try:
                 if started and address is not None:  # a cluster: the data the trials need on the nodes that run them
                     check_cluster_nodes(spec.study, {})
@@ -1408,6 +1413,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                     for target in targets:
                         target.references = references
                 for target in targets:
+                    begun.append(target.key)
                     ran[target.key], unfinished = _run_target(target, spec, storage, spec.settings.trials, out_dir,
                                                               ray_storage)
                     if unfinished:  # interrupted (Ray Tune catches Ctrl-C and returns): not the next target either

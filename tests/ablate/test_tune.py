@@ -1455,7 +1455,7 @@ def test_sigterm_after_the_search_says_what_is_stored_and_how_to_go_on(tmp_path,
         assert (stored + f"the outputs in {tune_dir} (best values, history, importances) may not show them: "
                          f"`REWRITE` rewrites them") in done.stdout
     else:
-        assert stored + "the search of imdb did not run: `AGAIN` goes on\n" in done.stdout
+        assert stored + "the search of imdb was cut off: `AGAIN` goes on\n" in done.stdout
 
 
 def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands_that_continue(tmp_path, monkeypatch,
