@@ -1268,7 +1268,7 @@ def _within(call: Callable[[], Any], seconds: float) -> tuple[bool, Any]:
         except BaseException as exc:  # noqa: BLE001 - said by the caller
             failed.append(exc)
 
-    worker = threading.Thread(target=run, name="sigterm-bookkeeping", daemon=True)
+    worker = threading.Thread(target=run, name=f"within-{getattr(call, '__name__', 'call')}", daemon=True)
     worker.start()
     worker.join(seconds)
     if out:
@@ -1280,12 +1280,10 @@ def _shutdown_ray_within(seconds: float) -> None:
     """``ray.shutdown()``, given at most ``seconds``: without it, the Ray processes this driver
     started that ignore SIGTERM (its dashboard and runtime-env agents) outlive it when the signal
     reached the driver alone (``kill PID``). In a thread: the signal may have interrupted the main
-    thread holding a lock the shutdown needs, and the run must end anyway."""
+    thread holding a lock the shutdown needs, and the run must end anyway (:func:`_within`)."""
     ray = sys.modules.get("ray")  # (not imported: nothing to shut down, and an import takes seconds)
     if ray is not None and ray.is_initialized():
-        worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
-        worker.start()
-        worker.join(seconds)
+        _within(ray.shutdown, seconds)
 
 
 @contextlib.contextmanager
@@ -1370,7 +1368,7 @@ def _storage_runs(out_dir: Path, study_name: str) -> list[tuple[str, str]]:
             continue
         if isinstance(where, str) and where and isinstance(name, str) and name.startswith(f"{study_name}-") \
                 and "/" not in name:
-            runs.append((where.removeprefix("file://"), name))
+            runs.append((where, name))
     return runs
 
 
