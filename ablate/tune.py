@@ -1274,8 +1274,9 @@ def grace_default(target: Target, s: TuneSettings) -> int:
 
 
 def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: Path,
-                ray_storage: str | None) -> tuple[int, int]:
-    """Ask the target's study for ``trials`` more suggestions through Ray Tune."""
+                ray_storage: str | None, again: str | None = None) -> tuple[int, int]:
+    """Ask the target's study for ``trials`` more suggestions through Ray Tune (``again``: the
+    command that goes on, for the message of a search that SIGTERM ends)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -1329,12 +1330,14 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
             callbacks=[progress], verbose=0,
         ),
     )
-    from ablate.sweep import exit_on_sigterm, ray_tune_quiet
+    from ablate.cluster import exit_on_sigterm, ray_tune_quiet
 
     try:
-        with exit_on_sigterm(lambda: f"target {target.key}: {progress.done} suggestion(s) finished and are stored in "
-                                     f"the Optuna study, the unfinished ones are marked FAIL; run the same command "
-                                     f"again to continue", on_exit=searcher.fail_unfinished), ray_tune_quiet():
+        go_on = again or "the same command"
+        with exit_on_sigterm(lambda: f"target {target.key}: {progress.done} of {trials} suggestion(s) finished and are "
+                                     f"stored in the Optuna study, the unfinished ones are marked FAIL; `{go_on}` goes on "
+                                     f"(adding --trials suggestions to every target, {target.key} included)",
+                             on_exit=searcher.fail_unfinished, fallback=go_on), ray_tune_quiet():
             tuner.fit()
     finally:
         interrupted = searcher.fail_unfinished()
@@ -1355,8 +1358,9 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
     outputs (best values, history, importances) from the stored studies. ``again`` and
     ``outputs_only``: the command lines that run this again and that only rewrite the outputs
     (``--trials 0``), for the messages of a run that SIGTERM ends."""
-    from ablate.sweep import (_exclusive, check_cluster_nodes, check_out_folder, check_real_data, check_resources,
-                              exit_on_sigterm, init_ray, no_result_files, ray_storage_path)
+    from ablate.cluster import (check_cluster_nodes, check_real_data, check_resources, exit_on_sigterm, init_ray,
+                                no_result_files, ray_storage_path)
+    from ablate.sweep import _exclusive, check_out_folder
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
@@ -1415,7 +1419,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 for target in targets:
                     begun.append(target.key)
                     ran[target.key], unfinished = _run_target(target, spec, storage, spec.settings.trials, out_dir,
-                                                              ray_storage)
+                                                              ray_storage, again=again)
                     if unfinished:  # interrupted (Ray Tune catches Ctrl-C and returns): not the next target either
                         interrupted.append(target.key)
                         break

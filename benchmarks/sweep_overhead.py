@@ -98,7 +98,7 @@ def main() -> None:
     import ray
 
     from ablate.study import load_study
-    from ablate.sweep import init_ray
+    from ablate.cluster import init_ray
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with tempfile.TemporaryDirectory() as tmp:

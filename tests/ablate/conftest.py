@@ -212,3 +212,18 @@ def report_factorial_study(tmp_path):
             row.update(trial_id=f"f-{grouping}-{gating}-{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
             write_trial(out, row, history_rows("etth1", "baseline", best))
     return out
+
+
+@pytest.fixture
+def one_ray():
+    """One in-process Ray for the test's runs (``run_study`` uses a running Ray and leaves it
+    running), which then pay Ray's start and shutdown (~5 s on two cores) once. One CPU, as the
+    runs' num_cpus=1 would have started it."""
+    import ray
+
+    if ray.is_initialized():  # (left by a test that failed before its own shutdown)
+        ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=True,
+             logging_level="warning", object_store_memory=256 * 1024**2)
+    yield
+    ray.shutdown()

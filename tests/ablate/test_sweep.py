@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -24,25 +23,10 @@ from ablate.results import load_results
 from ablate.study import load_study
 from ablate.sweep import run_study, summary_table
 from metaadamw import FEATURES
+from tests.ablate.study_helpers import tiny_study
 
 pytestmark = pytest.mark.slow
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-
-
-def _study(tmp_path: Path, name: str = "tiny", *, seeds: int = 2, epochs: int = 2, batches: int = 4,
-           ablation: str = "objective: [loss_decrease]", extra: str = "") -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        name: {name}
-        tasks: [etth1]
-        seeds: {seeds}
-        budget: {{epochs: {epochs}, max_train_batches: {batches}, patience: 0}}
-        baseline: {{meta_every: 2, modulator_layers: 1}}
-        ablations:
-          {ablation}
-        {extra}
-        """))
-    return path
 
 
 class _Records(logging.Handler):
@@ -56,7 +40,7 @@ class _Records(logging.Handler):
 
 def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, capsys):
     out = tmp_path / "results"
-    study = load_study(_study(tmp_path))
+    study = load_study(tiny_study(tmp_path))
     seen = _Records()
     analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
     analysis_log.addHandler(seen)
@@ -91,7 +75,7 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     rows = [line.split()[0] for line in table.splitlines() if line.startswith("  ") and "vs baseline" not in line]
     assert rows == ["baseline", "objective=loss_decrease", "adamw"], "baseline first, AdamW last, whatever finished first"
 
-    extended = load_study(_study(tmp_path, seeds=3))
+    extended = load_study(tiny_study(tmp_path, seeds=3))
     second = run_study(extended, out, num_cpus=2)
     assert (second.ran, second.reused) == (3, 6), "only the new seed's trials run"
     again = load_results(out / "tiny").trials
@@ -111,7 +95,7 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     for path in [*leftovers, *kept]:
         path.write_bytes(b"left over")
     capsys.readouterr()
-    renamed = load_study(_study(tmp_path, ablation="obj: {ld: {objective: loss_decrease}}"))
+    renamed = load_study(tiny_study(tmp_path, ablation="obj: {ld: {objective: loss_decrease}}"))
     third = run_study(renamed, out, num_cpus=2)
     assert (third.ran, third.reused) == (0, 6)
     assert not [p for p in leftovers if p.exists()] and all(p.exists() for p in kept)
@@ -141,7 +125,7 @@ def _start_run(spec: Path, out: Path, done: int) -> tuple[subprocess.Popen, list
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    spec = _study(tmp_path, "killed", seeds=3, epochs=3, batches=30)
+    spec = tiny_study(tmp_path, "killed", seeds=3, epochs=3, batches=30)
     out = tmp_path / "results"
     proc, cmd, env, deadline = _start_run(spec, out, done=2)
     try:
@@ -184,7 +168,7 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum, group):
     # SIGTERM to the process group (Slurm, timeout) ended Ray's processes too, and Tune's graceful
     # stop then waited a minute for them before exiting 1 without a word: it ends the run at once.
     # SIGTERM to the driver alone (kill PID) left Ray's dashboard and runtime-env agents running
-    spec = _study(tmp_path, "stopped", seeds=3, epochs=3, batches=30)
+    spec = tiny_study(tmp_path, "stopped", seeds=3, epochs=3, batches=30)
     out = tmp_path / "results"
     proc, _, _, _ = _start_run(spec, out, done=1)
     start = time.monotonic()
@@ -227,7 +211,7 @@ def test_the_sigterm_message_counts_a_trial_stored_before_the_recorder_noted_it(
     from ablate.results import write_trial
     from ablate.sweep import _sigterm_message
 
-    study = load_study(_study(tmp_path, seeds=1))
+    study = load_study(tiny_study(tmp_path, seeds=1))
     out = tmp_path / "results" / "tiny"
     stored, *others = study.trials
     write_trial(out, {**stored.config, "trial_id": stored.trial_id, "status": "ok", "best_metric": 1.0})
@@ -269,8 +253,8 @@ def test_plugin_components_are_shipped_to_ray_workers(tmp_path):
             def statistics(self, stats):
                 return self.group_mean(torch.stack([stats["grad_norm"], stats["cos"]], 1))
         """))
-    spec = _study(study_dir, "plugged", seeds=1, ablation="features: [plugin_grad_cos]",
-                  extra="plugins: [my_plugin]")
+    spec = tiny_study(study_dir, "plugged", seeds=1, ablation="features: [plugin_grad_cos]",
+                       extra="plugins: [my_plugin]")
     try:
         study = load_study(spec)  # imports the plugin here too (validation needs its names)
         outcome = run_study(study, tmp_path / "results", num_cpus=2)
@@ -342,7 +326,7 @@ def _run_on_a_ray_head(spec: Path, out: Path, head_auth: str, **env: str) -> tup
 
 def test_joining_a_cluster_with_token_authentication_without_its_token_is_one_clear_error(tmp_path):
     # (ray.init tries a refused connection 20 times, a second apart, unless told otherwise)
-    port, done = _run_on_a_ray_head(_study(tmp_path, "noauth", seeds=1), tmp_path / "results", "token",
+    port, done = _run_on_a_ray_head(tiny_study(tmp_path, "noauth", seeds=1), tmp_path / "results", "token",
                                     RAY_NUM_REDIS_GET_RETRIES="2")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert (f"ablate: error: --address 127.0.0.1:{port}: the Ray cluster refused this machine's authentication"
@@ -350,7 +334,7 @@ def test_joining_a_cluster_with_token_authentication_without_its_token_is_one_cl
 
 
 def test_sweep_joins_a_ray_head_started_with_ray_start(tmp_path):
-    _, done = _run_on_a_ray_head(_study(tmp_path, "joined", seeds=1), tmp_path / "results", "disabled")  # (as the driver)
+    _, done = _run_on_a_ray_head(tiny_study(tmp_path, "joined", seeds=1), tmp_path / "results", "disabled")  # (as the driver)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     trials = load_results(tmp_path / "results" / "joined").trials
     assert len(trials) == 3 and set(trials["status"]) == {"ok"}
@@ -361,7 +345,7 @@ def test_trials_are_handed_to_ray_longest_first(tmp_path):
 
     from ablate.sweep import longest_first
 
-    study = load_study(_study(tmp_path, seeds=2))  # arms adamw, baseline, objective=loss_decrease
+    study = load_study(tiny_study(tmp_path, seeds=2))  # arms adamw, baseline, objective=loss_decrease
     ordered = longest_first(study.trials)
     assert sorted(t.trial_id for t in ordered) == sorted(t.trial_id for t in study.trials)
     kinds = [t.config["optimizer"] for t in ordered]
@@ -459,7 +443,7 @@ def test_a_running_trial_shows_its_epochs(tmp_path, capsys, monkeypatch):
     from ablate import sweep
 
     monkeypatch.setattr(sweep, "PROGRESS_EVERY_S", 0.0)  # (a line for every epoch; 30 s apart by default)
-    run_study(load_study(_study(tmp_path, seeds=1, epochs=2, extra="adamw: false")), tmp_path / "results", num_cpus=2,
+    run_study(load_study(tiny_study(tmp_path, seeds=1, epochs=2, extra="adamw: false")), tmp_path / "results", num_cpus=2,
               max_concurrent=1)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[")]
     epochs = [ln for ln in lines if ": epoch " in ln]
@@ -478,7 +462,7 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
     data = tmp_path / "data" / "ETT-small"
     data.mkdir(parents=True)
     (data / "ETTh1.csv").write_text("date,HUFL,HULL,MUFL,MULL,LUFL,LULL,OT\n" + "2016-07-01 00:00:00,1,1,1,1,1,1,1\n" * 50)
-    study = load_study(_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {tmp_path / 'data'}"))
+    study = load_study(tiny_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {tmp_path / 'data'}"))
     out = tmp_path / "out"
     now = data_fingerprint(get_task("etth1"), study.trials[0].config)
     assert len(now) == 16
@@ -506,23 +490,8 @@ def test_stored_trials_made_on_other_data_run_again_and_their_results_are_kept(t
                           "best_metric": 1.0, "data_fingerprint": subset})
     moved = tmp_path / "elsewhere"
     shutil.copytree(tmp_path / "data", moved)
-    study = load_study(_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {moved}"))
+    study = load_study(tiny_study(tmp_path, seeds=2, extra=f"data: real\n        data_dir: {moved}"))
     assert set_aside_stale_data(study, out, finished_trials(out)) == set()
-
-
-@pytest.fixture
-def one_ray():
-    """One in-process Ray for the test's runs (``run_study`` uses a running Ray and leaves it
-    running), which then pay Ray's start and shutdown (~5 s on two cores) once. One CPU, as the
-    runs' num_cpus=1 would have started it."""
-    import ray
-
-    if ray.is_initialized():  # (left by a test that failed before its own shutdown)
-        ray.shutdown()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=True,
-             logging_level="warning", object_store_memory=256 * 1024**2)
-    yield
-    ray.shutdown()
 
 
 def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any_later_run(tmp_path, capsys, one_ray):
@@ -589,7 +558,7 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(t
     from ablate.config import ConfigError
     from ablate.sweep import _exclusive
 
-    spec = _study(tmp_path, seeds=1)
+    spec = tiny_study(tmp_path, seeds=1)
     (tmp_path / "results" / "tiny").mkdir(parents=True)
     with _exclusive(tmp_path / "results" / "tiny"):
         with pytest.raises(ConfigError, match=rf"results/tiny is in use by another run of this study \(`.*`, pid "
@@ -615,60 +584,11 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(t
     assert got.is_set()
 
 
-def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monkeypatch, capsys):
-    import ray
-
-    from ablate.sweep import _warn_if_no_node_fits
-
-    study = load_study(_study(tmp_path, seeds=1, extra="resources: {cpus: 2}"))
-    nodes = [{"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 1.0}},
-             {"NodeID": "b" * 56, "Alive": False, "Resources": {"CPU": 8.0}}]
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    _warn_if_no_node_fits(study, "10.0.0.1:6379")
-    err = capsys.readouterr().err
-    assert err.startswith("ablate: warning: each trial asks for 2 CPUs on one node, which no node of the cluster at "
-                          "10.0.0.1:6379 has (its nodes: 1 CPUs, 0 GPUs)"), err
-    nodes.append({"NodeID": "c" * 56, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
-    _warn_if_no_node_fits(study, "10.0.0.1:6379")
-    assert capsys.readouterr().err == ""
-    # CPUs on one node and the GPU on another fit no trial that needs both (the check took each maximum alone)
-    study = load_study(_study(tmp_path, seeds=1, extra="resources: {cpus: 2, gpus: 1}"))
-    nodes[:] = [{"NodeID": "d" * 56, "Alive": True, "Resources": {"CPU": 2.0}},
-                {"NodeID": "e" * 56, "Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
-    _warn_if_no_node_fits(study, "10.0.0.1:6379")
-    assert "asks for 2 CPUs and 1 GPUs on one node, which no node of the cluster at 10.0.0.1:6379 has (its nodes: " \
-           "1 CPUs, 1 GPUs; 2 CPUs, 0 GPUs)" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("reset_by_ray", [False, True])
-def test_sigterm_ends_a_run_at_once_with_its_message_also_after_ray_shutdown(tmp_path, reset_by_ray):
-    # ray.shutdown() resets SIGTERM's handling in the kernel while Python still reports the handler
-    # installed: the handler is installed again after it (else SIGTERM killed the driver silently
-    # while it combined the results); the bookkeeping (tune's unfinished suggestions marked FAIL)
-    # runs before the exit
-    marker = tmp_path / "bookkeeping"
-    script = textwrap.dedent(f"""
-        import ctypes, os, signal, time
-        from ablate.sweep import exit_on_sigterm
-
-        with exit_on_sigterm(lambda: "2 trial(s) did not finish", on_exit=lambda: open({str(marker)!r}, "w").close()) as rearm:
-            if {reset_by_ray}:
-                ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # SIG_DFL in the C library, as ray.shutdown() leaves it
-                rearm()
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(10)
-        print("not reached")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 143, done.stdout + done.stderr
-    assert done.stdout.strip() == "terminated (SIGTERM): 2 trial(s) did not finish" and marker.exists()
-
-
 def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     from ablate.cli import main
     from ablate.results import write_trial
 
-    spec = _study(tmp_path, seeds=1)
+    spec = tiny_study(tmp_path, seeds=1)
     study = load_study(spec)
     out = tmp_path / "results"
     argv = ["run", str(spec), "--dry-run", "--out", str(out)]
@@ -703,23 +623,9 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     assert "trial(s) to run" in captured.out
     assert "task 'etth1' has data: real, but etth1: ETTh1.csv not found" in captured.err
     assert ". Nothing was run." in captured.err
-    big = _study(tmp_path, "big", seeds=1, extra="resources: {cpus: 4096}")
+    big = tiny_study(tmp_path, "big", seeds=1, extra="resources: {cpus: 4096}")
     assert main(["run", str(big), "--dry-run", "--out", str(out)]) == 2
     assert "4096" in capsys.readouterr().err
-
-
-def test_a_local_cluster_starts_without_ray_s_token_authentication_warning(tmp_path):
-    # Ray 2.5x starts a local cluster with token authentication and warned about it on every
-    # `ablate run` ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
-    spec = _study(tmp_path)
-    code = (f"import ray; from ablate.study import load_study; from ablate.sweep import init_ray; "
-            f"assert init_ray(load_study({str(spec)!r}), num_cpus=1); import os; print(os.environ['RAY_AUTH_MODE']); "
-            f"ray.shutdown()")  # (Ray sets RAY_AUTH_MODE=token itself when it turns authentication on)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # (an earlier in-process cluster sets it)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "token"  # (the mode Ray picks itself: still authenticated)
-    assert "Token authentication" not in done.stderr, done.stderr[-3000:]
 
 
 def test_a_retried_failure_is_one_line_per_attempt_without_ray_s_tracebacks(tmp_path, capfd):
@@ -742,7 +648,7 @@ def test_a_retry_after_a_preemption_says_it_is_not_counted(tmp_path, capsys):
 
     from ablate.sweep import _make_callbacks
 
-    study = load_study(_study(tmp_path, seeds=1))
+    study = load_study(tiny_study(tmp_path, seeds=1))
     spec = study.trials[0]
     recorder = _make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", len(study.trials), 0)
     error = tmp_path / "error.txt"
@@ -790,52 +696,13 @@ def test_ctrl_c_in_ablate_train_with_a_checkpoint_says_how_to_resume(tmp_path, m
     assert cli.main(["train", "--task", "etth1"]) == 130 and capsys.readouterr().err == "interrupted\n"
 
 
-def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_folder_or_the_data(tmp_path, monkeypatch,
-                                                                                                  capsys, one_ray):
-    # on a cluster whose nodes have disks of their own, every trial failed after its first epoch on a node that
-    # did not see Ray Tune's storage (Ray's own message, at each attempt) or the data; checkpoints written to a
-    # node's disk left --resume to start the trial again without a word
-    import pathlib
-    import socket
-
-    from ablate.config import ConfigError
-    from ablate.sweep import check_cluster_nodes
-    from ablate.tasks import DatasetNotFoundError
-
-    study = load_study(_study(tmp_path, seeds=1))
-    folders = {"storage": tmp_path / "storage", "checkpoints": tmp_path / "out" / "checkpoints"}
-    capsys.readouterr()  # (Ray's start)
-    check_cluster_nodes(study, folders)  # this machine's one node sees them
-    assert capsys.readouterr().err == "" and not any(folders["storage"].iterdir()), "its markers are removed"
-    node = f"{socket.gethostname()} ("
-    with monkeypatch.context() as m:
-        m.setattr(pathlib.Path, "touch", lambda self, *a, **k: None)  # the driver's marker files reach no node
-        with pytest.raises(ConfigError, match=rf"Ray Tune's storage {re.escape(str(folders['storage']))} is not on "
-                                              rf"node\(s\) {re.escape(node)}.*Give --storage a folder every node shares"):
-            check_cluster_nodes(study, folders)
-        check_cluster_nodes(study, {"checkpoints": folders["checkpoints"]})  # a warning: the trials can run
-        assert f"{folders['checkpoints']} is not on node(s) {node}" in capsys.readouterr().err
-        # a node that cannot hold a trial (this one: 1 CPU) runs none, and is not asked
-        check_cluster_nodes(load_study(_study(tmp_path, "big", seeds=1, extra="resources: {cpus: 2}")), folders)
-        assert capsys.readouterr().err == ""
-    real = load_study(_study(tmp_path, "real", seeds=1, extra=f"data: real\n        data_dir: {tmp_path / 'none'}"))
-    with pytest.raises(DatasetNotFoundError, match=rf"node\(s\) of the cluster cannot run the study's real-data trials, "
-                                                   rf"which would fail there: {re.escape(node)}"
-                                                   rf".*data directory {re.escape(str(tmp_path / 'none'))}") as error:
-        check_cluster_nodes(real, folders)
-    assert str(error.value).count("Nothing was run.") == 1
-    import dataclasses
-    with pytest.raises(ConfigError, match=rf"plugins do not import on node\(s\) of the cluster, where its trials would "
-                                          rf"fail: {re.escape(node)}.*no_such_plugin_module"):
-        check_cluster_nodes(dataclasses.replace(study, plugins=("no_such_plugin_module",)), {})
-
-
 def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupted_runs(tmp_path, capsys):
     # with a local --storage only the finishing run's folder was deleted: those of the runs before it that were
     # cut off (each holding Ray's copies of its trials' checkpoints) stayed there for good
-    from ablate.sweep import STORAGE_RUNS, _clean_up, ray_storage_path
+    from ablate.cluster import ray_storage_path
+    from ablate.sweep import STORAGE_RUNS, _clean_up
 
-    study = load_study(_study(tmp_path, seeds=1))
+    study = load_study(tiny_study(tmp_path, seeds=1))
     out, storage, other = tmp_path / "out", tmp_path / "storage", tmp_path / "elsewhere"
     for folder in ("tiny-1", "tiny-2", "tiny-3", "someone-elses"):
         (storage / folder).mkdir(parents=True)
@@ -857,93 +724,3 @@ def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupte
     assert "stay in" not in capsys.readouterr().out
 
 
-def test_a_ray_client_address_and_a_version_mismatch_are_refused_in_one_line(monkeypatch):
-    import ray
-
-    from ablate.config import ConfigError
-    from ablate.sweep import check_reachable, init_ray
-
-    with pytest.raises(ConfigError, match=r"--address ray://10\.0\.0\.1:10001: Ray Client \(ray://\) is not supported"):
-        check_reachable("ray://10.0.0.1:10001")
-    mismatch = ("Version mismatch: The cluster was started with:\n    Ray: 2.59.0\n    Python: 3.11.9\nThis process on "
-                "node 10.0.0.2 was started with:\n    Ray: 2.60.0\n    Python: 3.11.9\n")
-
-    def init(**kwargs):
-        raise RuntimeError(mismatch)
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    with pytest.raises(ConfigError, match=r"(?s)the cluster runs other versions of Ray or Python than this driver, and every "
-                                          r"node and the driver need the same: Version mismatch.*Ray: 2\.59\.0") as error:
-        init_ray(load_study(_study(Path(tempfile.mkdtemp()), seeds=1)), "10.0.0.1:6379")
-    assert error.value.__cause__ is None  # (one message, no traceback chain)
-
-
-SIGTERM_WITH_THE_LOCK_HELD = """\
-import os, signal, sys, threading, time
-import ablate.sweep as S
-S.SIGTERM_BOOKKEEPING_S = 1.0
-S._shutdown_ray_within = lambda seconds: open(sys.argv[1], "w").close()  # (Ray's shutdown: a marker here)
-lock = threading.Lock()
-
-def describe():  # needs a lock that the interrupted main thread holds (an Optuna journal's, say)
-    with lock:
-        return "never said"
-
-if sys.argv[2] == "closed":
-    os.close(1)  # (a pipe that the scheduler's signal closed first)
-with S.exit_on_sigterm(describe, fallback="ablate run s.yaml --resume"):
-    with lock:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(30)
-"""
-
-
-@pytest.mark.parametrize("stdout", ["open", "closed"])
-def test_the_sigterm_message_cannot_hang_the_exit_nor_skip_rays_shutdown(tmp_path, stdout):
-    # the handler runs on the main thread, which the signal may have cut off holding a lock the message needs:
-    # made there, it waited for ever (a scheduler's SIGKILL then ended the run without a word, Ray's agents left
-    # running); a message that could not be printed skipped Ray's shutdown
-    marker = tmp_path / "ray-shut-down"
-    done = subprocess.run([sys.executable, "-c", SIGTERM_WITH_THE_LOCK_HELD, str(marker), stdout], capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 143 and marker.exists(), done.stdout + done.stderr
-    if stdout == "open":
-        assert done.stdout.strip() == ("terminated (SIGTERM): what finished is stored (this message could not say more: "
-                                       "it took more than 1 s); continue with: ablate run s.yaml --resume")
-
-
-def test_the_cluster_check_names_a_node_that_does_not_answer_or_dies_and_goes_on(tmp_path, monkeypatch, capsys, one_ray):
-    import time
-
-    import ray
-
-    import ablate.sweep as sweep
-
-    def slow(*args):  # (a node busy with other work, or stopped)
-        import time
-
-        time.sleep(60)
-
-    study = load_study(_study(tmp_path, seeds=1))
-    monkeypatch.setattr(sweep, "_node_view", slow)
-    monkeypatch.setattr(sweep, "NODE_CHECK_S", 3.0)
-    capsys.readouterr()
-    start = time.monotonic()
-    sweep.check_cluster_nodes(study, {"checkpoints": tmp_path / "checkpoints"})
-    assert time.monotonic() - start < 15
-    assert "(no answer within 3 s) not checked for what their trials need" in capsys.readouterr().err
-    alive = ray.nodes
-    calls = []
-
-    def dying():  # the node is reported dead once the check is sent
-        calls.append(1)
-        return [dict(n, Alive=len(calls) == 1) for n in alive()]
-
-    monkeypatch.setattr(ray, "nodes", dying)
-    monkeypatch.setattr(sweep, "NODE_CHECK_S", 60.0)
-    start = time.monotonic()
-    sweep.check_cluster_nodes(study, {"checkpoints": tmp_path / "checkpoints"})
-    assert time.monotonic() - start < 15
-    assert "(died) not checked for what their trials need" in capsys.readouterr().err
-    assert not list((tmp_path / "checkpoints").iterdir()), "the marker files are removed"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -1081,10 +1082,10 @@ def test_ctrl_c_during_the_cross_task_adamw_reference_exits_130_with_the_continu
 
 
 def _no_ray(monkeypatch):
-    import ablate.sweep
+    import ablate.cluster
 
-    monkeypatch.setattr(ablate.sweep, "check_resources", lambda *a, **k: None)
-    monkeypatch.setattr(ablate.sweep, "init_ray", lambda *a, **k: False)
+    monkeypatch.setattr(ablate.cluster, "check_resources", lambda *a, **k: None)
+    monkeypatch.setattr(ablate.cluster, "init_ray", lambda *a, **k: False)
 
 
 def _tune_args(spec_path: Path, out: Path):
@@ -1100,7 +1101,7 @@ def test_ctrl_c_in_the_first_target_of_a_first_run_names_the_targets_that_did_no
 
     _no_ray(monkeypatch)
 
-    def first_interrupted(target, spec, storage, trials, out_dir, ray_storage):
+    def first_interrupted(target, spec, storage, trials, out_dir, ray_storage, again=None):
         tune_mod.open_target_study(target, spec, storage)
         return 0, 1  # no suggestion finished, one cut off
 
@@ -1119,7 +1120,7 @@ def test_a_search_with_no_finished_suggestion_exits_1(tmp_path, monkeypatch, cap
 
     _no_ray(monkeypatch)
 
-    def all_failed(target, spec, storage, trials, out_dir, ray_storage):
+    def all_failed(target, spec, storage, trials, out_dir, ray_storage, again=None):
         import optuna
 
         study = tune_mod.open_target_study(target, spec, storage)
@@ -1154,14 +1155,14 @@ def test_the_adamw_reference_error_goes_to_stderr(tmp_path, monkeypatch, capsys)
 
 
 def test_missing_real_data_and_a_refused_spec_stop_before_ray_and_keep_the_stored_spec(tmp_path, monkeypatch):
-    import ablate.sweep
+    import ablate.cluster
     from ablate.config import ConfigError
     from ablate.tasks import DatasetNotFoundError
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not start")
 
-    monkeypatch.setattr(ablate.sweep, "init_ray", no_ray)
+    monkeypatch.setattr(ablate.cluster, "init_ray", no_ray)
     real = _tiny_spec(tmp_path / "real", extra="")
     real.write_text(real.read_text().replace("adamw: false", f"adamw: false\ndata: real\ndata_dir: {tmp_path / 'none'}"))
     with pytest.raises(DatasetNotFoundError, match="data directory .*none .*does not exist"):
@@ -1178,8 +1179,8 @@ def test_missing_real_data_and_a_refused_spec_stop_before_ray_and_keep_the_store
 
 
 def test_storage_on_a_file_is_a_clear_error(tmp_path):
+    from ablate.cluster import ray_storage_path
     from ablate.config import ConfigError
-    from ablate.sweep import ray_storage_path
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match="is a file; --storage takes a folder"):
@@ -1414,17 +1415,17 @@ def test_a_failed_suggestions_progress_line_says_why(tmp_path, capsys):
 SIGTERM_AFTER_THE_SEARCH = """\
 import ctypes, os, signal, sys, time
 import ray
-import ablate.sweep, ablate.tune as T
-ablate.sweep.check_resources = lambda *a, **k: None
+import ablate.cluster, ablate.tune as T
+ablate.cluster.check_resources = lambda *a, **k: None
 
 def init_ray(*args, **kwargs):  # as ray.init does: its own SIGTERM handler, which ends the driver without a word
     signal.signal(signal.SIGTERM, lambda *a: os._exit(1))
     return True
 
-ablate.sweep.init_ray = init_ray
+ablate.cluster.init_ray = init_ray
 ray.shutdown = lambda: ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # (ray.shutdown resets it in the kernel)
 
-def run_target(target, spec, storage, trials, out_dir, ray_storage):
+def run_target(target, spec, storage, trials, out_dir, ray_storage, again=None):
     T.open_target_study(target, spec, storage)
     if target.key == "imdb":  # SIGTERM before a second target's search (its study stored by an earlier run)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -1458,6 +1459,40 @@ def test_sigterm_after_the_search_says_what_is_stored_and_how_to_go_on(tmp_path,
         assert stored + "the search of imdb was cut off: `AGAIN` goes on\n" in done.stdout
 
 
+def test_sigterm_during_a_search_names_the_command_and_marks_its_unfinished_suggestions_failed(tmp_path, ray_address):
+    # a scheduler's SIGTERM during a search said "run the same command again", not the command (a run given
+    # --out, --address, --study-storage... must be continued with them)
+    import signal
+
+    spec = _synth_spec(tmp_path, "stopped", """\
+        trials: 40
+        sampler: random
+        sampler_seed: 0
+        max_concurrent: 1
+        """)
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ablate.cli", "tune", str(spec), "--out", str(out), "--address",
+                             ray_address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    for line in proc.stdout:  # the first suggestion finished: the search runs
+        lines.append(line)
+        if line.startswith("[tune_synth] 1/40 done"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    text = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, text[-3000:]
+    command = f"ablate tune {spec} --out {out} --address {ray_address}"
+    said = re.search(r"terminated \(SIGTERM\): target tune_synth: (\d+) of 40 suggestion\(s\) finished and are stored "
+                     r"in the Optuna study, the unfinished ones are marked FAIL; `(.*)` goes on \(adding --trials "
+                     r"suggestions to every target, tune_synth included\)\n", text)
+    assert said and said.group(2) == command, text[-3000:]
+    study = _load(str((out / "stopped" / "tune" / "optuna.journal").resolve()), "stopped/tune_synth")
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states and "WAITING" not in states, states
+    assert states.count("COMPLETE") == int(said.group(1)) >= 1, (states, said.group(0))
+
+
 def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands_that_continue(tmp_path, monkeypatch,
                                                                                                 capsys):
     # SIGTERM during the AdamW reference said "continue with: the same command with --resume", which ablate
@@ -1482,7 +1517,7 @@ def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands
     spec_path = _tiny_spec(tmp_path, name="t5")
     spec_path.write_text(spec_path.read_text().replace("trials: 1", "trials: 5"))
 
-    def interrupted(target, spec, storage, trials, out_dir, ray_storage):
+    def interrupted(target, spec, storage, trials, out_dir, ray_storage, again=None):
         tune_mod.open_target_study(target, spec, storage)
         return 2, 1
 

@@ -1,0 +1,214 @@
+"""Ray for a study (:mod:`ablate.cluster`): starting and joining it, the checks before any trial -
+resources, a cluster's address, what each node sees - and SIGTERM ending a run at once."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ablate.study import load_study
+from tests.ablate.study_helpers import tiny_study
+
+pytestmark = pytest.mark.slow
+
+
+def test_joining_a_cluster_no_node_of_which_fits_a_trial_says_so(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from ablate.cluster import _warn_if_no_node_fits
+
+    study = load_study(tiny_study(tmp_path, seeds=1, extra="resources: {cpus: 2}"))
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 1.0}},
+             {"NodeID": "b" * 56, "Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    _warn_if_no_node_fits(study, "10.0.0.1:6379")
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: warning: each trial asks for 2 CPUs on one node, which no node of the cluster at "
+                          "10.0.0.1:6379 has (its nodes: 1 CPUs, 0 GPUs)"), err
+    nodes.append({"NodeID": "c" * 56, "Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}})
+    _warn_if_no_node_fits(study, "10.0.0.1:6379")
+    assert capsys.readouterr().err == ""
+    # CPUs on one node and the GPU on another fit no trial that needs both (the check took each maximum alone)
+    study = load_study(tiny_study(tmp_path, seeds=1, extra="resources: {cpus: 2, gpus: 1}"))
+    nodes[:] = [{"NodeID": "d" * 56, "Alive": True, "Resources": {"CPU": 2.0}},
+                {"NodeID": "e" * 56, "Alive": True, "Resources": {"CPU": 1.0, "GPU": 1.0}}]
+    _warn_if_no_node_fits(study, "10.0.0.1:6379")
+    assert "asks for 2 CPUs and 1 GPUs on one node, which no node of the cluster at 10.0.0.1:6379 has (its nodes: " \
+           "1 CPUs, 1 GPUs; 2 CPUs, 0 GPUs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reset_by_ray", [False, True])
+def test_sigterm_ends_a_run_at_once_with_its_message_also_after_ray_shutdown(tmp_path, reset_by_ray):
+    # ray.shutdown() resets SIGTERM's handling in the kernel while Python still reports the handler
+    # installed: the handler is installed again after it (else SIGTERM killed the driver silently
+    # while it combined the results); the bookkeeping (tune's unfinished suggestions marked FAIL)
+    # runs before the exit
+    marker = tmp_path / "bookkeeping"
+    script = textwrap.dedent(f"""
+        import ctypes, os, signal, time
+        from ablate.cluster import exit_on_sigterm
+
+        with exit_on_sigterm(lambda: "2 trial(s) did not finish", on_exit=lambda: open({str(marker)!r}, "w").close()) as rearm:
+            if {reset_by_ray}:
+                ctypes.CDLL(None).signal(signal.SIGTERM, 0)  # SIG_DFL in the C library, as ray.shutdown() leaves it
+                rearm()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        print("not reached")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stdout + done.stderr
+    assert done.stdout.strip() == "terminated (SIGTERM): 2 trial(s) did not finish" and marker.exists()
+
+
+def test_a_local_cluster_starts_without_ray_s_token_authentication_warning(tmp_path):
+    # Ray 2.5x starts a local cluster with token authentication and warned about it on every
+    # `ablate run` ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=...")
+    spec = tiny_study(tmp_path)
+    code = (f"import ray; from ablate.study import load_study; from ablate.cluster import init_ray; "
+            f"assert init_ray(load_study({str(spec)!r}), num_cpus=1); import os; print(os.environ['RAY_AUTH_MODE']); "
+            f"ray.shutdown()")  # (Ray sets RAY_AUTH_MODE=token itself when it turns authentication on)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # (an earlier in-process cluster sets it)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "token"  # (the mode Ray picks itself: still authenticated)
+    assert "Token authentication" not in done.stderr, done.stderr[-3000:]
+
+
+def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_folder_or_the_data(tmp_path, monkeypatch,
+                                                                                                  capsys, one_ray):
+    # on a cluster whose nodes have disks of their own, every trial failed after its first epoch on a node that
+    # did not see Ray Tune's storage (Ray's own message, at each attempt) or the data; checkpoints written to a
+    # node's disk left --resume to start the trial again without a word
+    import pathlib
+    import socket
+
+    from ablate.cluster import check_cluster_nodes
+    from ablate.config import ConfigError
+    from ablate.tasks import DatasetNotFoundError
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    folders = {"storage": tmp_path / "storage", "checkpoints": tmp_path / "out" / "checkpoints"}
+    capsys.readouterr()  # (Ray's start)
+    check_cluster_nodes(study, folders)  # this machine's one node sees them
+    assert capsys.readouterr().err == "" and not any(folders["storage"].iterdir()), "its markers are removed"
+    node = f"{socket.gethostname()} ("
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "touch", lambda self, *a, **k: None)  # the driver's marker files reach no node
+        with pytest.raises(ConfigError, match=rf"Ray Tune's storage {re.escape(str(folders['storage']))} is not on "
+                                              rf"node\(s\) {re.escape(node)}.*Give --storage a folder every node shares"):
+            check_cluster_nodes(study, folders)
+        check_cluster_nodes(study, {"checkpoints": folders["checkpoints"]})  # a warning: the trials can run
+        assert f"{folders['checkpoints']} is not on node(s) {node}" in capsys.readouterr().err
+        # a node that cannot hold a trial (this one: 1 CPU) runs none, and is not asked
+        check_cluster_nodes(load_study(tiny_study(tmp_path, "big", seeds=1, extra="resources: {cpus: 2}")), folders)
+        assert capsys.readouterr().err == ""
+    real = load_study(tiny_study(tmp_path, "real", seeds=1, extra=f"data: real\n        data_dir: {tmp_path / 'none'}"))
+    with pytest.raises(DatasetNotFoundError, match=rf"node\(s\) of the cluster cannot run the study's real-data trials, "
+                                                   rf"which would fail there: {re.escape(node)}"
+                                                   rf".*data directory {re.escape(str(tmp_path / 'none'))}") as error:
+        check_cluster_nodes(real, folders)
+    assert str(error.value).count("Nothing was run.") == 1
+    import dataclasses
+    with pytest.raises(ConfigError, match=rf"plugins do not import on node\(s\) of the cluster, where its trials would "
+                                          rf"fail: {re.escape(node)}.*no_such_plugin_module"):
+        check_cluster_nodes(dataclasses.replace(study, plugins=("no_such_plugin_module",)), {})
+
+
+def test_a_ray_client_address_and_a_version_mismatch_are_refused_in_one_line(monkeypatch):
+    import ray
+
+    from ablate.cluster import check_reachable, init_ray
+    from ablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--address ray://10\.0\.0\.1:10001: Ray Client \(ray://\) is not supported"):
+        check_reachable("ray://10.0.0.1:10001")
+    mismatch = ("Version mismatch: The cluster was started with:\n    Ray: 2.59.0\n    Python: 3.11.9\nThis process on "
+                "node 10.0.0.2 was started with:\n    Ray: 2.60.0\n    Python: 3.11.9\n")
+
+    def init(**kwargs):
+        raise RuntimeError(mismatch)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ConfigError, match=r"(?s)the cluster runs other versions of Ray or Python than this driver, and every "
+                                          r"node and the driver need the same: Version mismatch.*Ray: 2\.59\.0") as error:
+        init_ray(load_study(tiny_study(Path(tempfile.mkdtemp()), seeds=1)), "10.0.0.1:6379")
+    assert error.value.__cause__ is None  # (one message, no traceback chain)
+
+
+SIGTERM_WITH_THE_LOCK_HELD = """\
+import os, signal, sys, threading, time
+import ablate.cluster as S
+S.SIGTERM_BOOKKEEPING_S = 1.0
+S._shutdown_ray_within = lambda seconds: open(sys.argv[1], "w").close()  # (Ray's shutdown: a marker here)
+lock = threading.Lock()
+
+def describe():  # needs a lock that the interrupted main thread holds (an Optuna journal's, say)
+    with lock:
+        return "never said"
+
+if sys.argv[2] == "closed":
+    os.close(1)  # (a pipe that the scheduler's signal closed first)
+with S.exit_on_sigterm(describe, fallback="ablate run s.yaml --resume"):
+    with lock:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("stdout", ["open", "closed"])
+def test_the_sigterm_message_cannot_hang_the_exit_nor_skip_rays_shutdown(tmp_path, stdout):
+    # the handler runs on the main thread, which the signal may have cut off holding a lock the message needs:
+    # made there, it waited for ever (a scheduler's SIGKILL then ended the run without a word, Ray's agents left
+    # running); a message that could not be printed skipped Ray's shutdown
+    marker = tmp_path / "ray-shut-down"
+    done = subprocess.run([sys.executable, "-c", SIGTERM_WITH_THE_LOCK_HELD, str(marker), stdout], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 143 and marker.exists(), done.stdout + done.stderr
+    if stdout == "open":
+        assert done.stdout.strip() == ("terminated (SIGTERM): what finished is stored (this message could not say more: "
+                                       "it took more than 1 s); continue with: ablate run s.yaml --resume")
+
+
+def test_the_cluster_check_names_a_node_that_does_not_answer_or_dies_and_goes_on(tmp_path, monkeypatch, capsys, one_ray):
+    import time
+
+    import ray
+
+    import ablate.cluster as cluster
+
+    def slow(*args):  # (a node busy with other work, or stopped)
+        import time
+
+        time.sleep(60)
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    monkeypatch.setattr(cluster, "_node_view", slow)
+    monkeypatch.setattr(cluster, "NODE_CHECK_S", 3.0)
+    capsys.readouterr()
+    start = time.monotonic()
+    cluster.check_cluster_nodes(study, {"checkpoints": tmp_path / "checkpoints"})
+    assert time.monotonic() - start < 15
+    assert "(no answer within 3 s) not checked for what their trials need" in capsys.readouterr().err
+    alive = ray.nodes
+    calls = []
+
+    def dying():  # the node is reported dead once the check is sent
+        calls.append(1)
+        return [dict(n, Alive=len(calls) == 1) for n in alive()]
+
+    monkeypatch.setattr(ray, "nodes", dying)
+    monkeypatch.setattr(cluster, "NODE_CHECK_S", 60.0)
+    start = time.monotonic()
+    cluster.check_cluster_nodes(study, {"checkpoints": tmp_path / "checkpoints"})
+    assert time.monotonic() - start < 15
+    assert "(died) not checked for what their trials need" in capsys.readouterr().err
+    assert not list((tmp_path / "checkpoints").iterdir()), "the marker files are removed"
