@@ -493,8 +493,12 @@ class MetaAdamW(torch.optim.Optimizer):
         if not any(active):
             return
         F.check_dense(grads)  # every step: a host attribute per tensor, no sync
+        for k, group in enumerate(self.param_groups):  # (set on a group after it was checked: AdamW honours them)
+            if group.get("maximize") or group.get("amsgrad"):
+                _check_adamw_flags(f"param group {k}: ", maximize=group.get("maximize"), amsgrad=group.get("amsgrad"))
         plan = self._plan
-        betas = [g["betas"] for g in self.param_groups]  # a scheduler may change them: the plan caches them
+        # a scheduler may change them (the plan caches them), also in place (a list): compared as copies
+        betas = [tuple(g["betas"]) for g in self.param_groups]
         if plan is not None and not self._plan_state_current(plan):
             self._carry_valid = False  # the moments' norms carried from the last step are not those of the state
             plan = None
@@ -725,7 +729,7 @@ class MetaAdamW(torch.optim.Optimizer):
             state=self.state,
             state_dicts=[self.state[p] for p in params],
             state_len=len(self.state),
-            betas=[g["betas"] for g in self.param_groups],
+            betas=[tuple(g["betas"]) for g in self.param_groups],
             indices=indices,
             all_active=all_active,
             index_tensor=None if all_active else F.to_device(indices, self.device),
@@ -790,7 +794,7 @@ class MetaAdamW(torch.optim.Optimizer):
             b.beta1, b.beta2 = groups[b.param_group]["betas"]
         plan.beta1, plan.beta2 = self._beta_vectors(plan.indices)
         plan.stat_coefs = F.stat_coefficients(plan.beta1, plan.beta2, plan.cos_noise, plan.numel)
-        plan.betas = [g["betas"] for g in groups]
+        plan.betas = [tuple(g["betas"]) for g in groups]
 
     # ------------------------------------------------------------------------------------------
     # the meta-update
@@ -829,6 +833,10 @@ class MetaAdamW(torch.optim.Optimizer):
             raise TypeError(f"meta_step(model, loss_fn, batch1, batch2, val_batch) takes the torch.nn.Module being "
                             f"trained and a function loss_fn(model, batch) -> scalar loss; got model="
                             f"{type(model).__name__}, loss_fn={type(loss_fn).__name__}")
+        if isinstance(loss_fn, nn.modules.loss._Loss):
+            raise TypeError(f"meta_step's loss_fn is called as loss_fn(model, batch) -> scalar loss; got the criterion "
+                            f"{loss_fn!r}, which takes (output, target): wrap it, e.g. loss_fn=lambda model, batch: "
+                            f"criterion(model(batch[0]), batch[1])")
         if torch.is_inference_mode_enabled():
             raise RuntimeError("meta_step cannot run under torch.inference_mode(): it differentiates the model's "
                                "losses. Call it outside (under torch.no_grad() it works: it enables gradients itself)")
@@ -1133,8 +1141,13 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         groups = ", ".join(self.group_names[:6]) + (", ..." if len(self.group_names) > 6 else "")
-        return (f"MetaAdamW(lr={self.defaults['lr']}, betas={self.defaults['betas']}, eps={self.defaults['eps']}, "
-                f"weight_decay={self.defaults['weight_decay']}, groups={len(self.group_names)} [{groups}], "
+
+        def now(key: str) -> str:  # the param groups' current values (a scheduler's), as torch.optim shows them
+            values = [tuple(g[key]) if key == "betas" else g[key] for g in self.param_groups]
+            return f"{values[0]}" if len(set(values)) == 1 else f"[{', '.join(map(str, values))}] (per param group)"
+
+        return (f"MetaAdamW(lr={now('lr')}, betas={now('betas')}, eps={now('eps')}, "
+                f"weight_decay={now('weight_decay')}, groups={len(self.group_names)} [{groups}], "
                 f"features={self.config['features']} ({self.modulator.in_width} wide, padding "
                 f"{self.modulator.padding}, model width {self.modulator.width}), objective={self.config['objective']}, "
                 f"weighting={self.config['weighting']})")
@@ -1324,8 +1337,8 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
         example = f", e.g. lr={float(lr.detach().cpu())!r}" if lr.numel() == 1 else ""
         raise ValueError(f"{where}lr as a Tensor is not supported (nor is it by torch.optim.AdamW with foreach=True "
                          f"and capturable=False): pass a float{example}")
-    _check(_real(lr) and lr >= 0, f"{where}Invalid learning rate: lr={lr!r} (must be a number >= 0)")
-    _check(_real(eps) and eps >= 0, f"{where}Invalid epsilon value: eps={eps!r} (must be >= 0)")
+    _check(_real(lr) and 0 <= lr < math.inf, f"{where}Invalid learning rate: lr={lr!r} (must be a finite number >= 0)")
+    _check(_real(eps) and 0 <= eps < math.inf, f"{where}Invalid epsilon value: eps={eps!r} (must be finite and >= 0)")
     if isinstance(betas, Tensor) or (isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)):
         raise ValueError(f"{where}betas as Tensors are not supported (nor are they by torch.optim.AdamW with foreach=True "
                          f"and capturable=False): pass floats, e.g. "
@@ -1336,8 +1349,8 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
            f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
         _check(_real(b) and 0.0 <= b < 1.0, f"{where}Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
-    _check(_real(weight_decay) and weight_decay >= 0,
-           f"{where}Invalid weight_decay value: {weight_decay!r} (must be >= 0)")
+    _check(_real(weight_decay) and 0 <= weight_decay < math.inf,
+           f"{where}Invalid weight_decay value: {weight_decay!r} (must be finite and >= 0)")
     return float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
 
 

@@ -1079,3 +1079,12 @@ def test_a_second_batch_that_uses_only_tensors_without_a_gradient_on_batch1_is_e
     loss_fn(model, make("a")).backward()
     with pytest.raises(ValueError, match="moves only the 2 of 4 trainable tensors that have a gradient on batch 1"):
         opt.meta_step(model, loss_fn, None, make("b"), make("b"))
+
+
+def test_a_criterion_given_as_loss_fn_is_refused_with_the_call_meta_step_makes():
+    # nn.MSELoss() failed deep inside the first pass with torch's "argument 'input' must be Tensor, not Sequential"
+    model, batches = mlp(0), regression_batches()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    with pytest.raises(TypeError, match=r"loss_fn is called as loss_fn\(model, batch\) -> scalar loss; got the criterion "
+                                        r"MSELoss\(\), which takes \(output, target\): wrap it"):
+        opt.meta_step(model, nn.MSELoss(), batches[0], batches[1], batches[2])

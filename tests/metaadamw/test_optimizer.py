@@ -331,6 +331,9 @@ def test_numpy_scalars_are_accepted_as_adamw_accepts_them_and_stored_as_floats()
     ({"eps": -1.0}, "param group 1: Invalid epsilon value"),
     ({"weight_decay": None}, "param group 1: Invalid weight_decay value: None"),
     ({"lr": torch.tensor(0.01)}, "param group 1: lr as a Tensor is not supported"),
+    ({"lr": math.inf}, "param group 1: Invalid learning rate: lr=inf (must be a finite number >= 0)"),
+    ({"eps": math.inf}, "param group 1: Invalid epsilon value: eps=inf (must be finite and >= 0)"),
+    ({"weight_decay": math.inf}, "param group 1: Invalid weight_decay value: inf (must be finite and >= 0)"),
 ])
 def test_param_group_hyperparameters_are_validated_naming_the_group(group, fragment):
     model = mlp(0)
@@ -1502,6 +1505,57 @@ def test_adamw_flags_other_than_their_defaults_are_refused_by_name(flag):
     with pytest.raises(ValueError, match=f"^param group 1: {flag}=True is not supported"):
         MetaAdamW([{"params": weights}, {"params": biases, flag: True}], grouping="original")
     MetaAdamW([{"params": weights}, {"params": biases, flag: False}], grouping="original")  # the default is fine
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+def test_maximize_or_amsgrad_set_on_a_group_after_construction_is_refused_at_the_next_step(flag):
+    # torch.optim.AdamW reads them from the group at every step; MetaAdamW checked them only when the group was
+    # given, and went on minimising without AMSGrad without a word
+    model, batches = mlp(0), regression_batches()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    _train(model, opt, batches, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0][flag] = True
+    with pytest.raises(ValueError, match=rf"^param group 0: {flag}=True is not supported: .*; leave {flag}=False"):
+        _train(model, opt, batches, 1)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "nothing was updated"
+    opt.param_groups[0][flag] = False  # (AdamW's default, as an AdamW checkpoint's groups have it): trains on
+    _train(model, opt, batches, 1)
+    assert opt.state_dict()["state"][0]["step"] == 3, "the refused step counted no step"
+
+
+def test_betas_edited_in_place_are_taken_like_new_ones_and_still_match_adamw():
+    # the plan kept the group's betas list itself, so a pair edited in place compared equal to its new value:
+    # the moments took the new beta1, the bias corrections kept the old one (4.7e-2 off AdamW after 5 steps)
+    batches = regression_batches()
+    ref_model, model = mlp(0), mlp(0)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    for o in (ref, opt):
+        for g in o.param_groups:
+            g["betas"] = [0.9, 0.999]  # a list, as AdamW accepts
+    _train(ref_model, ref, batches, 3)
+    _train(model, opt, batches, 3)
+    for o in (ref, opt):
+        for g in o.param_groups:
+            g["betas"][0] = 0.5
+    _train(ref_model, ref, batches[3:] + batches[:3], 5)
+    _train(model, opt, batches[3:] + batches[:3], 5)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_repr_shows_the_param_groups_current_values():
+    # it showed the constructor's defaults: a scheduler's lr, or per-group values, were not in it
+    model = mlp(0)
+    named = list(model.named_parameters())
+    opt = MetaAdamW([{"params": named[:2]}, {"params": named[2:]}], lr=1e-2, **small_kwargs())
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(model, opt, regression_batches(), 1)
+    scheduler.step()
+    assert repr(opt).startswith("MetaAdamW(lr=0.005, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01, groups=6 [")
+    opt.param_groups[1]["lr"] = 0.001
+    assert "MetaAdamW(lr=[0.005, 0.001] (per param group), betas=(0.9, 0.999)" in repr(opt)
 
 
 def test_float64_and_low_precision_second_moments_together_give_the_v_norm_they_hold():
