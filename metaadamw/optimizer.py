@@ -459,6 +459,7 @@ class MetaAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_with_closure(self, closure: Callable[[], Any] | None) -> Any:
+        self._check_device()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -470,6 +471,16 @@ class MetaAdamW(torch.optim.Optimizer):
         else:
             self._step()
         return loss
+
+    def _check_device(self) -> None:
+        """Refuse a model moved to another device since the optimizer was built (``model.to(device)``
+        moves its tensors in place): the modulator, statistics and layout live on the first one."""
+        if self._params[0].device != self.device:
+            raise RuntimeError(
+                f"the parameters are on {self._params[0].device}, but MetaAdamW was built when they were on "
+                f"{self.device}, where its modulator, statistics and layout live: the model was moved after the "
+                f"optimizer was built. Build the optimizer after model.to(device), as torch.optim advises for every "
+                f"optimizer")
 
     def _check_tensors_unchanged(self) -> None:
         """Refuse tensors put into (or replaced in) ``param_groups[i]["params"]`` by hand: MetaAdamW
@@ -843,6 +854,7 @@ class MetaAdamW(torch.optim.Optimizer):
         if self.objective.needs_val and val_batch is None:
             raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
                              f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
+        self._check_device()
         self._check_tensors_unchanged()
         self._restart_reset_moments(range(len(self._params)))  # as step() does
         model = D.unwrap(model)

@@ -94,3 +94,17 @@ def test_construction_and_meta_step_leave_the_cuda_random_stream_alone():
     torch.manual_seed(5)
     assert not opt.meta_step(model, lm_loss, *batches).skipped
     assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+def test_a_model_moved_to_the_gpu_after_the_optimizer_was_built_is_refused_naming_both():
+    # model.cuda() moves the tensors in place: the modulator and statistics stayed on the CPU, and step() failed
+    # with torch's mixed-device error from inside
+    from tests.metaadamw.helpers import small_kwargs
+
+    model = TinyTransformer()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    model.cuda()
+    lm_loss(model, tuple(t.cuda() for t in lm_batches()[0])).backward()
+    with pytest.raises(RuntimeError, match=r"^the parameters are on cuda:0, but MetaAdamW was built when they were on "
+                                           r"cpu.*after model.to\(device\)"):
+        opt.step()

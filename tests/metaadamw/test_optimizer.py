@@ -1524,6 +1524,23 @@ def test_maximize_or_amsgrad_set_on_a_group_after_construction_is_refused_at_the
     assert opt.state_dict()["state"][0]["step"] == 3, "the refused step counted no step"
 
 
+def test_a_model_moved_to_another_device_after_the_optimizer_was_built_is_refused_naming_both(monkeypatch):
+    # model.to(device) moves the tensors in place; the modulator and statistics stayed where the optimizer was
+    # built (on a GPU: torch's mixed-device error from inside step()). Without a GPU the optimizer is told it was
+    # built elsewhere (tests/metaadamw/test_cuda.py moves a real model)
+    model, batches = mlp(0), regression_batches()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    _train(model, opt, batches, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(opt, "device", torch.device("meta"))
+    message = r"^the parameters are on cpu, but MetaAdamW was built when they were on meta.*after model.to\(device\)"
+    with pytest.raises(RuntimeError, match=message):
+        _train(model, opt, batches, 1)
+    with pytest.raises(RuntimeError, match=message):
+        opt.meta_step(model, mse, None, batches[1], batches[2])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_betas_edited_in_place_are_taken_like_new_ones_and_still_match_adamw():
     # the plan kept the group's betas list itself, so a pair edited in place compared equal to its new value:
     # the moments took the new beta1, the bias corrections kept the old one (4.7e-2 off AdamW after 5 steps)
