@@ -13,7 +13,8 @@
 * Local by default (Ray started in-process, as many CPUs as the machine has); ``--address``
   joins a running cluster, ``--storage`` puts Ray's experiment (and its checkpoints) on shared
   storage. Plugin modules of the study are shipped to every worker with Ray's runtime
-  environment (``py_modules``) and imported there before a trial is built.
+  environment (``py_modules``) and imported there before a trial is built. Starting or joining
+  Ray, the checks before any trial and the SIGTERM exit are :mod:`ablate.cluster`'s.
 """
 
 from __future__ import annotations

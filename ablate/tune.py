@@ -87,7 +87,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import optuna
@@ -745,22 +745,34 @@ def _driver_state(driver_id: Any) -> str:
     return "alive"
 
 
+#: a RUNNING trial still without the process that asked for it this long after it started was cut off
+#: between Optuna's ask() and the searcher recording its process (killed there): no process labels it later
+UNLABELLED_ORPHAN_S = 60.0
+
+
 def fail_orphans(study) -> tuple[int, int]:
     """Tell FAIL for the study's RUNNING trials whose ``ablate tune`` process, on this machine, is
     gone (killed with SIGKILL, out of memory, a crash): a journal storage has no heartbeat that
-    would. RUNNING trials of live processes, of other machines or containers, or without a
-    recorded process, are left alone (another process may be extending the study). Returns
-    (failed, left alone)."""
+    would; and for those that never got a process recorded, :data:`UNLABELLED_ORPHAN_S` after they
+    started (their process was killed as it asked for them: one that lives records itself at once,
+    unless the storage failed it then). RUNNING trials of live processes, of other machines or
+    containers, or unlabelled ones younger than that are left alone (another process may be
+    extending the study). Returns (failed, left alone)."""
     from optuna.trial import TrialState
 
     failed = unknown = 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _driver_state(t.user_attrs.get("driver_id")) != "dead":
+        driver = t.user_attrs.get("driver_id")
+        unlabelled = driver is None and t.datetime_start is not None and \
+            (now - t.datetime_start).total_seconds() > UNLABELLED_ORPHAN_S
+        if not unlabelled and _driver_state(driver) != "dead":
             unknown += 1
             continue
+        why = ("its process was cut off as it asked for it" if unlabelled else
+               f"its process {t.user_attrs.get('driver')} ended without recording it")
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: its process "
-                                               f"{t.user_attrs.get('driver')} ended without recording it")
+            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: {why}")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             failed += 1
         except Exception:  # noqa: BLE001 - e.g. finished meanwhile by its process
@@ -792,9 +804,13 @@ def _searcher_class():
             #: ray trial id -> Ray's Trial (set by the progress callback): the error of a crashed one
             self.ray_trials: dict[str, Any] = {}
             self._reported: dict[str, set[int]] = {}  # ray trial id -> epochs recorded as intermediate values
+            #: while a new suggestion is asked for: the study's trial count before (see fail_unfinished)
+            self._asking: int | None = None
 
         def suggest(self, trial_id: str):
             new = trial_id not in self._ot_trials
+            if new:
+                self._asking = len(self._ot_study.get_trials(deepcopy=False))
             params = super().suggest(trial_id)
             if new and trial_id in self._ot_trials:  # which process runs it: see fail_orphans()
                 try:
@@ -802,6 +818,7 @@ def _searcher_class():
                     self._ot_trials[trial_id].set_user_attr("driver_id", DRIVER_ID)
                 except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search
                     pass
+            self._asking = None
             return params
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -864,7 +881,11 @@ def _searcher_class():
 
         def fail_unfinished(self) -> int:
             """Tell FAIL for every trial this searcher asked for and never finished (an interrupted
-            run), so the stored study holds no trial RUNNING forever. Returns how many."""
+            run), so the stored study holds no trial RUNNING forever. Returns how many. Also the
+            one being asked for when SIGTERM's handler calls this, which Optuna may have stored
+            before the searcher knows it: a RUNNING trial numbered from the count before the ask
+            without a process recorded (another process's, asked at that very moment, would be
+            taken for it)."""
             from optuna.trial import TrialState
 
             n = 0
@@ -878,6 +899,18 @@ def _searcher_class():
                 except Exception:
                     pass
                 self._completed_trials.add(trial_id)
+            if self._asking is not None:
+                known = {t._trial_id for t in self._ot_trials.values()}
+                storage = self._ot_study._storage
+                for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    if t.number >= self._asking and "driver_id" not in t.user_attrs and t._trial_id not in known:
+                        try:
+                            storage.set_trial_user_attr(t._trial_id, "ended", "interrupted")
+                            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                            n += 1
+                        except Exception:  # noqa: BLE001
+                            pass
+                self._asking = None
             return n
 
         def save(self, checkpoint_path: str) -> None:
@@ -1274,9 +1307,10 @@ def grace_default(target: Target, s: TuneSettings) -> int:
 
 
 def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: Path,
-                ray_storage: str | None, again: str | None = None) -> tuple[int, int]:
-    """Ask the target's study for ``trials`` more suggestions through Ray Tune (``again``: the
-    command that goes on, for the message of a search that SIGTERM ends)."""
+                ray_storage: str | None, stopped: Callable[[], str] | None = None) -> tuple[int, int]:
+    """Ask the target's study for ``trials`` more suggestions through Ray Tune (``stopped``: what
+    the run has stored and the command that goes on, for the message of a search that SIGTERM
+    ends)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -1333,11 +1367,11 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
     from ablate.cluster import exit_on_sigterm, ray_tune_quiet
 
     try:
-        go_on = again or "the same command"
-        with exit_on_sigterm(lambda: f"target {target.key}: {progress.done} of {trials} suggestion(s) finished and are "
-                                     f"stored in the Optuna study, the unfinished ones are marked FAIL; `{go_on}` goes on "
-                                     f"(adding --trials suggestions to every target, {target.key} included)",
-                             on_exit=searcher.fail_unfinished, fallback=go_on), ray_tune_quiet():
+        def cut_off() -> str:  # (the searcher's count: it records a suggestion before Ray's callbacks hear of it)
+            return (f"{target.key}: {len(searcher._completed_trials)} of {trials} suggestion(s) stored, the unfinished "
+                    f"ones marked FAIL; " + (stopped() if stopped else "run the same command to go on"))
+
+        with exit_on_sigterm(cut_off, on_exit=searcher.fail_unfinished), ray_tune_quiet():
             tuner.fit()
     finally:
         interrupted = searcher.fail_unfinished()
@@ -1419,7 +1453,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 for target in targets:
                     begun.append(target.key)
                     ran[target.key], unfinished = _run_target(target, spec, storage, spec.settings.trials, out_dir,
-                                                              ray_storage, again=again)
+                                                              ray_storage, stopped=stopped)
                     if unfinished:  # interrupted (Ray Tune catches Ctrl-C and returns): not the next target either
                         interrupted.append(target.key)
                         break

@@ -1515,10 +1515,13 @@ def test_maximize_or_amsgrad_set_on_a_group_after_construction_is_refused_at_the
     opt = MetaAdamW(model.named_parameters(), **small_kwargs())
     _train(model, opt, batches, 2)
     before = [p.detach().clone() for p in model.parameters()]
+    moments = [opt.state[p][k].clone() for p in model.parameters() for k in ("exp_avg", "exp_avg_sq")]
     opt.param_groups[0][flag] = True
     with pytest.raises(ValueError, match=rf"^param group 0: {flag}=True is not supported: .*; leave {flag}=False"):
         _train(model, opt, batches, 1)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "nothing was updated"
+    assert all(torch.equal(a, opt.state[p][k]) for a, (p, k) in
+               zip(moments, [(p, k) for p in model.parameters() for k in ("exp_avg", "exp_avg_sq")]))
     opt.param_groups[0][flag] = False  # (AdamW's default, as an AdamW checkpoint's groups have it): trains on
     _train(model, opt, batches, 1)
     assert opt.state_dict()["state"][0]["step"] == 3, "the refused step counted no step"
