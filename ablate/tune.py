@@ -607,9 +607,10 @@ def tune_trainable(config: dict[str, Any]) -> None:
 
 def make_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of ``tune.sampler`` (TPE, random, CMA-ES, GP: seeded per trial;
-    QMC: one scrambled Sobol sequence indexed by the storage, the same in every process)."""
+    QMC: one scrambled Sobol sequence indexed by the storage, the same in every process), which
+    records the process that asks for each trial as Optuna creates it (see fail_orphans)."""
     if kind == "qmc":
-        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=seed is not None, seed=seed)
+        return DriverLabellingSampler(optuna.samplers.QMCSampler(qmc_type="sobol", scramble=seed is not None, seed=seed))
     return PerTrialSeededSampler(kind, seed)
 
 
@@ -629,19 +630,21 @@ def _trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-class PerTrialSeededSampler(optuna.samplers.BaseSampler):
-    """A sampler of ``kind`` whose randomness is a function of ``(seed, trial number)``: each trial
-    gets a fresh inner sampler seeded from both (TPE, random, CMA-ES and GP keep their model in the
-    study, not in the object). Reproducible for a given history, and different in an extension of
-    the study and in concurrent processes (their trials have distinct numbers); a single fixed seed
-    would replay the same random start-up points in every invocation."""
+class DriverLabellingSampler(optuna.samplers.BaseSampler):
+    """``inner``, which first records on each new trial the process asking for it (``driver``,
+    ``driver_id``): Optuna calls ``before_trial`` right after it stores the trial RUNNING, before
+    the sampling (seconds with GP on a long study). A process killed from then on leaves a
+    trial that :func:`fail_orphans` and SIGTERM's handler (``fail_unfinished``) recognise as its."""
 
-    def __init__(self, kind: str, seed: int | None) -> None:
-        self.kind, self.seed = kind, seed
-        self._inner = _new_sampler(kind, seed)
+    def __init__(self, inner: optuna.samplers.BaseSampler) -> None:
+        self._inner = inner
 
     def before_trial(self, study, trial) -> None:
-        self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, "driver", DRIVER)
+            study._storage.set_trial_user_attr(trial._trial_id, "driver_id", DRIVER_ID)
+        except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search (suggest() tries again)
+            pass
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -655,6 +658,34 @@ class PerTrialSeededSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
+class PerTrialSeededSampler(DriverLabellingSampler):
+    """A sampler of ``kind`` whose randomness is a function of ``(seed, trial number)``: each trial
+    gets a fresh inner sampler seeded from both (TPE, random, CMA-ES and GP keep their model in the
+    study, not in the object). Reproducible for a given history, and different in an extension of
+    the study and in concurrent processes (their trials have distinct numbers); a single fixed seed
+    would replay the same random start-up points in every invocation."""
+
+    def __init__(self, kind: str, seed: int | None) -> None:
+        self.kind, self.seed = kind, seed
+        super().__init__(_new_sampler(kind, seed))
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
+        super().before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
     def reseed_rng(self) -> None:
         pass  # the seed is derived from the trial number on purpose
@@ -745,34 +776,22 @@ def _driver_state(driver_id: Any) -> str:
     return "alive"
 
 
-#: a RUNNING trial still without the process that asked for it this long after it started was cut off
-#: between Optuna's ask() and the searcher recording its process (killed there): no process labels it later
-UNLABELLED_ORPHAN_S = 60.0
-
-
 def fail_orphans(study) -> tuple[int, int]:
     """Tell FAIL for the study's RUNNING trials whose ``ablate tune`` process, on this machine, is
     gone (killed with SIGKILL, out of memory, a crash): a journal storage has no heartbeat that
-    would; and for those that never got a process recorded, :data:`UNLABELLED_ORPHAN_S` after they
-    started (their process was killed as it asked for them: one that lives records itself at once,
-    unless the storage failed it then). RUNNING trials of live processes, of other machines or
-    containers, or unlabelled ones younger than that are left alone (another process may be
-    extending the study). Returns (failed, left alone)."""
+    would. RUNNING trials of live processes, of other machines or containers, or without a
+    recorded process, are left alone (another process may be extending the study). Returns
+    (failed, left alone)."""
     from optuna.trial import TrialState
 
     failed = unknown = 0
-    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        driver = t.user_attrs.get("driver_id")
-        unlabelled = driver is None and t.datetime_start is not None and \
-            (now - t.datetime_start).total_seconds() > UNLABELLED_ORPHAN_S
-        if not unlabelled and _driver_state(driver) != "dead":
+        if _driver_state(t.user_attrs.get("driver_id")) != "dead":
             unknown += 1
             continue
-        why = ("its process was cut off as it asked for it" if unlabelled else
-               f"its process {t.user_attrs.get('driver')} ended without recording it")
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: {why}")
+            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: its process "
+                                               f"{t.user_attrs.get('driver')} ended without recording it")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             failed += 1
         except Exception:  # noqa: BLE001 - e.g. finished meanwhile by its process
@@ -804,13 +823,9 @@ def _searcher_class():
             #: ray trial id -> Ray's Trial (set by the progress callback): the error of a crashed one
             self.ray_trials: dict[str, Any] = {}
             self._reported: dict[str, set[int]] = {}  # ray trial id -> epochs recorded as intermediate values
-            #: while a new suggestion is asked for: the study's trial count before (see fail_unfinished)
-            self._asking: int | None = None
 
         def suggest(self, trial_id: str):
             new = trial_id not in self._ot_trials
-            if new:
-                self._asking = len(self._ot_study.get_trials(deepcopy=False))
             params = super().suggest(trial_id)
             if new and trial_id in self._ot_trials:  # which process runs it: see fail_orphans()
                 try:
@@ -818,7 +833,6 @@ def _searcher_class():
                     self._ot_trials[trial_id].set_user_attr("driver_id", DRIVER_ID)
                 except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search
                     pass
-            self._asking = None
             return params
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -882,10 +896,9 @@ def _searcher_class():
         def fail_unfinished(self) -> int:
             """Tell FAIL for every trial this searcher asked for and never finished (an interrupted
             run), so the stored study holds no trial RUNNING forever. Returns how many. Also the
-            one being asked for when SIGTERM's handler calls this, which Optuna may have stored
-            before the searcher knows it: a RUNNING trial numbered from the count before the ask
-            without a process recorded (another process's, asked at that very moment, would be
-            taken for it)."""
+            one being asked for when SIGTERM's handler calls this, which Optuna has stored, and
+            the sampler labelled with this process (:class:`DriverLabellingSampler`), before the
+            searcher knows it."""
             from optuna.trial import TrialState
 
             n = 0
@@ -899,18 +912,16 @@ def _searcher_class():
                 except Exception:
                     pass
                 self._completed_trials.add(trial_id)
-            if self._asking is not None:
-                known = {t._trial_id for t in self._ot_trials.values()}
-                storage = self._ot_study._storage
-                for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    if t.number >= self._asking and "driver_id" not in t.user_attrs and t._trial_id not in known:
-                        try:
-                            storage.set_trial_user_attr(t._trial_id, "ended", "interrupted")
-                            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                            n += 1
-                        except Exception:  # noqa: BLE001
-                            pass
-                self._asking = None
+            known = {t._trial_id for t in self._ot_trials.values()}
+            storage = self._ot_study._storage
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.user_attrs.get("driver_id") == DRIVER_ID and t._trial_id not in known:
+                    try:
+                        storage.set_trial_user_attr(t._trial_id, "ended", "interrupted")
+                        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                        n += 1
+                    except Exception:  # noqa: BLE001 - (told meanwhile)
+                        pass
             return n
 
         def save(self, checkpoint_path: str) -> None:

@@ -1499,50 +1499,51 @@ def test_sigterm_during_a_search_names_the_command_and_marks_its_unfinished_sugg
                      rf"of {first} was cut off{after}: `([^`]*)` goes on", text)
     assert said and said.group(2) == command, text[-3000:]
     study = _load(str(location), f"stopped/{first}")
-    if any(t.state.name == "RUNNING" for t in study.trials):  # the signal came as the storage's lock was held
+    running = sum(t.state.name == "RUNNING" for t in study.trials)
+    if running:  # the signal came as the storage's lock was held: the next run fails them (its process is gone)
         assert "(its bookkeeping did not finish - it took more than 5 s - a later run of the command does it)" in text
-        with pytest.MonkeyPatch.context() as m:  # (as the next run does, a minute later)
-            m.setattr("ablate.tune.UNLABELLED_ORPHAN_S", 0.0)
-            fail_orphans(study)
+        assert fail_orphans(study) == (running, 0)
     states = [(t.state.name, t.user_attrs.get("ended")) for t in study.trials]
     assert all(state == "COMPLETE" or ended.startswith("interrupted") for state, ended in states), states
     assert sum(state == "COMPLETE" for state, _ in states) == int(said.group(1)) >= 1, (states, said.group(0))
 
 
-def test_a_suggestion_stored_by_optuna_as_sigterm_came_is_marked_failed_and_an_unlabelled_orphan_later(tmp_path):
+def test_a_suggestion_stored_by_optuna_as_sigterm_came_is_marked_failed_and_labelled_before_it_is_sampled(
+        tmp_path, monkeypatch):
     # the signal's handler runs while the main thread is inside the searcher's suggest(): Optuna's ask() had
     # stored the trial RUNNING, the searcher did not know it yet, and no process was recorded for it - so
     # neither the handler nor a later run's clean-up of dead processes' trials failed it
-    import datetime
-
     import optuna
 
-    from ablate.tune import OBJECTIVE, _searcher_class, fail_orphans
+    from ablate.tune import DRIVER_ID, OBJECTIVE, _searcher_class, make_sampler
 
     storage = open_storage(str(tmp_path / "j.journal"))
     space = {p: optuna.distributions.FloatDistribution(0.1, 10.0, log=True) for p in PRIORITY_PARAMS}
-    searcher = _searcher_class()(space, metric=OBJECTIVE, mode="min", study_name="s", storage=storage)
-    searcher.suggest("first")
-    real_ask, handled = searcher._ot_study.ask, []
+    searchers = {kind: _searcher_class()(space, metric=OBJECTIVE, mode="min", study_name=kind, storage=storage,
+                                         sampler=make_sampler(kind, 0)) for kind in ("tpe", "qmc")}
+    labels = []
+    real_sample = optuna.samplers.RandomSampler.sample_independent
 
-    def ask_then_signal(*args, **kwargs):  # SIGTERM right after Optuna stored the new trial
-        trial = real_ask(*args, **kwargs)
-        handled.append(searcher.fail_unfinished())
-        return trial
+    def sample(self, study, trial, name, distribution):  # (TPE's and QMC's start-up draws are random ones)
+        labels.append(study._storage.get_trial(trial._trial_id).user_attrs.get("driver_id"))
+        return real_sample(self, study, trial, name, distribution)
 
-    searcher._ot_study.ask = ask_then_signal
-    searcher.suggest("second")
-    assert handled == [2], "the first suggestion and the one being asked for"
-    study = optuna.load_study(study_name="s", storage=storage)
-    assert [(t.state.name, t.user_attrs.get("ended")) for t in study.trials] == [("FAIL", "interrupted")] * 2
-    # killed there instead (SIGKILL: no handler), it has no process recorded: failed a minute after it started
-    for started in (datetime.datetime.now() - datetime.timedelta(minutes=2), datetime.datetime.now()):
-        trial = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params={}, distributions={})
-        trial.datetime_start = started
-        study.add_trial(trial)
-    assert fail_orphans(study) == (1, 1)
-    assert [(t.state.name, t.user_attrs.get("ended")) for t in study.trials[2:]] == [
-        ("FAIL", "interrupted: its process was cut off as it asked for it"), ("RUNNING", None)]
+    monkeypatch.setattr(optuna.samplers.RandomSampler, "sample_independent", sample)
+    for kind, searcher in searchers.items():
+        searcher.suggest("first")
+        real_ask, handled = searcher._ot_study.ask, []
+
+        def ask_then_signal(*args, **kwargs):  # SIGTERM right after Optuna stored (and sampled) the new trial
+            trial = real_ask(*args, **kwargs)
+            handled.append(searcher.fail_unfinished())
+            return trial
+
+        searcher._ot_study.ask = ask_then_signal
+        searcher.suggest("second")
+        assert handled == [2], (kind, "the first suggestion and the one being asked for")
+        study = optuna.load_study(study_name=kind, storage=storage)
+        assert [(t.state.name, t.user_attrs.get("ended")) for t in study.trials] == [("FAIL", "interrupted")] * 2
+    assert labels and all(label == DRIVER_ID for label in labels), "the process is recorded before the sampling"
 
 
 def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands_that_continue(tmp_path, monkeypatch,
