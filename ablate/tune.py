@@ -640,12 +640,16 @@ class DriverLabellingSampler(optuna.samplers.BaseSampler):
         self._inner = inner
 
     def before_trial(self, study, trial) -> None:
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "driver", DRIVER)
+        self._label(study, trial)
+        self._inner.before_trial(study, trial)
+
+    @staticmethod
+    def _label(study, trial) -> None:
+        try:  # (driver_id first: fail_orphans and SIGTERM's handler go by it)
             study._storage.set_trial_user_attr(trial._trial_id, "driver_id", DRIVER_ID)
+            study._storage.set_trial_user_attr(trial._trial_id, "driver", DRIVER)
         except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search (suggest() tries again)
             pass
-        self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
         return self._inner.infer_relative_search_space(study, trial)
@@ -675,8 +679,9 @@ class PerTrialSeededSampler(DriverLabellingSampler):
         super().__init__(_new_sampler(kind, seed))
 
     def before_trial(self, study, trial) -> None:
+        self._label(study, trial)
         self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
-        super().before_trial(study, trial)
+        self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
         return self._inner.infer_relative_search_space(study, trial)
@@ -776,22 +781,34 @@ def _driver_state(driver_id: Any) -> str:
     return "alive"
 
 
+#: a RUNNING trial still without the process that asked for it this long after it started was cut off in
+#: the instant between Optuna storing it and the sampler recording the process (:class:`DriverLabellingSampler`,
+#: before any sampling): no process labels it later
+UNLABELLED_ORPHAN_S = 600.0
+
+
 def fail_orphans(study) -> tuple[int, int]:
     """Tell FAIL for the study's RUNNING trials whose ``ablate tune`` process, on this machine, is
     gone (killed with SIGKILL, out of memory, a crash): a journal storage has no heartbeat that
-    would. RUNNING trials of live processes, of other machines or containers, or without a
-    recorded process, are left alone (another process may be extending the study). Returns
-    (failed, left alone)."""
+    would; and for those without a recorded process :data:`UNLABELLED_ORPHAN_S` after they started.
+    RUNNING trials of live processes, of other machines or containers, or unlabelled ones younger
+    than that, are left alone (another process may be extending the study). Returns (failed, left
+    alone)."""
     from optuna.trial import TrialState
 
     failed = unknown = 0
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _driver_state(t.user_attrs.get("driver_id")) != "dead":
+        driver = t.user_attrs.get("driver_id")
+        unlabelled = driver is None and t.datetime_start is not None and \
+            (now - t.datetime_start).total_seconds() > UNLABELLED_ORPHAN_S
+        if not unlabelled and _driver_state(driver) != "dead":
             unknown += 1
             continue
+        why = ("its process was cut off as it asked for it" if unlabelled else
+               f"its process {t.user_attrs.get('driver')} ended without recording it")
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: its process "
-                                               f"{t.user_attrs.get('driver')} ended without recording it")
+            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: {why}")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             failed += 1
         except Exception:  # noqa: BLE001 - e.g. finished meanwhile by its process
