@@ -683,15 +683,6 @@ class PerTrialSeededSampler(DriverLabellingSampler):
         self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
         self._inner.before_trial(study, trial)
 
-    def infer_relative_search_space(self, study, trial):
-        return self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
     def reseed_rng(self) -> None:
         pass  # the seed is derived from the trial number on purpose
 
