@@ -626,6 +626,16 @@ def _new_sampler(kind: str, seed: int | None) -> optuna.samplers.BaseSampler:
     raise ValueError(f"unknown sampler {kind!r}; choose one of: {', '.join(SAMPLERS)}")
 
 
+def _record_driver(storage, trial_id: int) -> None:
+    """Record on a trial the process that asks for it (``driver_id``, which fail_orphans and SIGTERM's
+    handler go by, first; then ``driver``, for messages)."""
+    try:
+        storage.set_trial_user_attr(trial_id, "driver_id", DRIVER_ID)
+        storage.set_trial_user_attr(trial_id, "driver", DRIVER)
+    except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search (suggest() tries again)
+        pass
+
+
 def _trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
@@ -640,16 +650,8 @@ class DriverLabellingSampler(optuna.samplers.BaseSampler):
         self._inner = inner
 
     def before_trial(self, study, trial) -> None:
-        self._label(study, trial)
+        _record_driver(study._storage, trial._trial_id)
         self._inner.before_trial(study, trial)
-
-    @staticmethod
-    def _label(study, trial) -> None:
-        try:  # (driver_id first: fail_orphans and SIGTERM's handler go by it)
-            study._storage.set_trial_user_attr(trial._trial_id, "driver_id", DRIVER_ID)
-            study._storage.set_trial_user_attr(trial._trial_id, "driver", DRIVER)
-        except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search (suggest() tries again)
-            pass
 
     def infer_relative_search_space(self, study, trial):
         return self._inner.infer_relative_search_space(study, trial)
@@ -679,7 +681,7 @@ class PerTrialSeededSampler(DriverLabellingSampler):
         super().__init__(_new_sampler(kind, seed))
 
     def before_trial(self, study, trial) -> None:
-        self._label(study, trial)
+        _record_driver(study._storage, trial._trial_id)
         self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
         self._inner.before_trial(study, trial)
 
@@ -836,11 +838,13 @@ def _searcher_class():
             new = trial_id not in self._ot_trials
             params = super().suggest(trial_id)
             if new and trial_id in self._ot_trials:  # which process runs it: see fail_orphans()
-                try:
-                    self._ot_trials[trial_id].set_user_attr("driver", DRIVER)
-                    self._ot_trials[trial_id].set_user_attr("driver_id", DRIVER_ID)
+                ot_trial = self._ot_trials[trial_id]
+                try:  # (ablate's samplers recorded it as Optuna created the trial; others did not)
+                    recorded = "driver_id" in self._ot_study._storage.get_trial_user_attrs(ot_trial._trial_id)
                 except Exception:  # noqa: BLE001 - a storage hiccup must not stop the search
-                    pass
+                    recorded = False
+                if not recorded:
+                    _record_driver(self._ot_study._storage, ot_trial._trial_id)
             return params
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
