@@ -190,9 +190,10 @@ NODE_CHECK_S = 60.0
 def _node_view(markers: dict[str, str], study: Study | None, plugins: list[str], plugin_dir: str | None) -> dict:
     """On one node of a cluster: which of the driver's ``markers`` (what -> a file it wrote there)
     this node does not see, why the study's plugins do not import here and why its real data
-    (``study``: its real-data trials, or None) is missing here (None: nothing is wrong)."""
+    (``study``: its real-data trials, or None) is missing here (None: nothing is wrong), and the
+    code it runs (:func:`_code_view`)."""
     view: dict[str, Any] = {"missing": [k for k, m in markers.items() if not os.path.exists(m)], "plugins": None,
-                            "data": None}
+                            "data": None, "code": _code_view()}
     try:
         import_worker_plugins(plugins, plugin_dir)
     except Exception as exc:  # noqa: BLE001 - reported by the driver, with the node's name
@@ -204,6 +205,15 @@ def _node_view(markers: dict[str, str], study: Study | None, plugins: list[str],
         except Exception as exc:  # noqa: BLE001
             view["data"] = str(exc).removesuffix(" Nothing was run.")
     return view
+
+
+def _code_view() -> str:
+    """The code a process runs, as the trials' rows record it: ablate's and metaadamw's fingerprint
+    and torch's version."""
+    from ablate.provenance import provenance
+
+    made = provenance()
+    return f"code {made['code_fingerprint']}, torch {made['torch_version']}"
 
 
 def _trial_nodes(study: Study) -> dict[str, str]:
@@ -221,11 +231,13 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
     """On a cluster (``--address``), before any trial: ask every node alive now that can hold a
     trial whether it sees the ``folders`` (what -> a folder of this machine that each trial writes
     to from its node: Ray Tune's storage, the trials' checkpoints), imports the study's plugins and
-    has its real data, as its trials would. Ray Tune's storage, the plugins or the data missing on a
-    node - its trials would all fail there - is an error naming the nodes; the checkpoints' folder a
-    warning (``--resume`` cannot continue the trials those nodes cut off, and their checkpoints
-    stay on their disks). A node that dies, or does not answer within :data:`NODE_CHECK_S`, is named,
-    not checked."""
+    has its real data, as its trials would, and which code it runs. Ray Tune's storage, the plugins
+    or the data missing on a node - its trials would all fail there - is an error naming the nodes;
+    the checkpoints' folder a warning (``--resume`` cannot continue the trials those nodes cut off,
+    and their checkpoints stay on their disks), as is other code than the driver's (another version
+    of ablate, metaadamw or torch: its trials' results come from that code, which their rows
+    record). A node that dies, or does not answer within :data:`NODE_CHECK_S`, is named, not
+    checked."""
     import uuid
 
     import ray
@@ -235,8 +247,6 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
 
     real = [dataclasses.replace(t, config=worker_spec(t)["config"]) for t in study.trials
             if t.config.get("data") == "real"]
-    if not (folders or real or study.plugins):
-        return
     nodes = _trial_nodes(study)
     markers: dict[str, str] = {}
     answers: dict[str, dict] = {}
@@ -290,6 +300,14 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
             f"Ray Tune's storage {folders['storage']} is not on node(s) {', '.join(where['storage'])}: each trial writes "
             f"its checkpoints there from the node that runs it, and would fail. Give --storage a folder every node "
             f"shares (NFS, say) or a URI (s3://..., gs://...). Nothing was run.")
+    here = _code_view()
+    other = {nodes[n]: a["code"] for n, a in answers.items() if a["code"] != here}
+    if other:
+        print(f"ablate: warning: node(s) of the cluster run other code than this driver ({here}): "
+              + "; ".join(f"{node}: {code}" for node, code in other.items()) + ". Their trials' results come from "
+              "that code (the trials table's code_fingerprint and torch_version columns say which made each): install "
+              "the same ablate, metaadamw and torch on every node for results that compare", file=sys.stderr,
+              flush=True)
     if "checkpoints" in where and where["checkpoints"]:
         print(f"ablate: warning: {folders['checkpoints']} is not on node(s) {', '.join(where['checkpoints'])}: trials "
               f"there write their checkpoints to that path on their own disk, so `--resume` cannot continue a trial "

@@ -42,6 +42,7 @@ from ablate.cluster import (DropMessages, check_cluster_nodes, check_real_data, 
                             ray_tune_quiet, worker_spec)
 from ablate.config import ConfigError, did_you_mean, first_ten
 from ablate.files import atomic_write_bytes
+from ablate.provenance import note_other_code
 from ablate.study import Study, TrialSpec, format_trials, load_study
 
 CHECKPOINT_FILE = "trial.pt"
@@ -613,6 +614,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
           f"-> {out_dir}", flush=True)
+    note_other_code(stored, {t.trial_id for t in study.trials} & finished,
+                    (resume_hint or f"ablate run {study.path or 'SPEC'}").removesuffix(" --resume"))
     _note_idle_trials(study)
     if not pending:
         if not keep_checkpoints:

@@ -42,6 +42,7 @@ from ablate.allocator import keep_freed_memory
 from ablate.config import ConfigError, resolve_config, trial_id
 from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
+from ablate.provenance import provenance
 from ablate.tasks import data_fingerprint, get_task, move_to_device
 from ablate.tasks.base import check_loss, check_metrics, check_task_instance
 from metaadamw import MetaAdamW
@@ -403,6 +404,7 @@ class Trial:
             "meta_skipped": getattr(self.optimizer, "meta_skipped", 0),
             "resumed_from_epoch": self.resumed_from_epoch,
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            **provenance(),
         }
         best_row = next((h for h in self.history if h["epoch"] == self.best_epoch), None)
         for m in self.spec.metrics:

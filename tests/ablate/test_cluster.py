@@ -90,16 +90,27 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
     import pathlib
     import socket
 
+    import torch
+
+    import ablate.cluster as cluster
     from ablate.cluster import check_cluster_nodes
     from ablate.config import ConfigError
+    from ablate.provenance import code_fingerprint
     from ablate.tasks import DatasetNotFoundError
 
     study = load_study(tiny_study(tmp_path, seeds=1))
     folders = {"storage": tmp_path / "storage", "checkpoints": tmp_path / "out" / "checkpoints"}
     capsys.readouterr()  # (Ray's start)
-    check_cluster_nodes(study, folders)  # this machine's one node sees them
+    check_cluster_nodes(study, folders)  # this machine's one node sees them, and runs the driver's code
     assert capsys.readouterr().err == "" and not any(folders["storage"].iterdir()), "its markers are removed"
     node = f"{socket.gethostname()} ("
+    with monkeypatch.context() as m:  # the driver made from other code than its node (whose answer is its own)
+        m.setattr(cluster, "_code_view", lambda: "code 0123456789ab, torch 0.0")
+        check_cluster_nodes(study, folders)
+    err = capsys.readouterr().err
+    assert (f"node(s) of the cluster run other code than this driver (code 0123456789ab, torch 0.0): {node}"
+            in err and f"): code {code_fingerprint()}, torch {torch.__version__}. Their trials' results come from that "
+            f"code" in err), err
     with monkeypatch.context() as m:
         m.setattr(pathlib.Path, "touch", lambda self, *a, **k: None)  # the driver's marker files reach no node
         with pytest.raises(ConfigError, match=rf"Ray Tune's storage {re.escape(str(folders['storage']))} is not on "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 
 import pytest
 import torch
@@ -209,6 +210,11 @@ def test_record_per_epoch_and_summary():
     assert len(r.telemetry) == r.row["meta_updates"] * len(groups)
     t = r.telemetry[0]
     assert {"alpha", "beta", "term_gradient", "sigma_loss_decrease", "meta_loss", "skipped"} <= set(t)
+    # what ran it (ablate.provenance): this process's code, torch and host
+    from ablate.provenance import code_fingerprint
+
+    assert r.row["code_fingerprint"] == code_fingerprint() and len(r.row["code_fingerprint"]) == 12
+    assert r.row["torch_version"] == torch.__version__ and r.row["host"] == socket.gethostname()
 
 
 def test_meta_per_epoch_sets_k():
