@@ -59,8 +59,8 @@ class MetaAdamW(torch.optim.Optimizer):
         params: what ``torch.optim.AdamW`` accepts - an iterable of parameters, of param-group
             dicts, or ``model.named_parameters()`` (names are needed by ``fine_grained``).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (defaults: the paper's Table 1).
-        alpha_range, beta_range: ranges of the multipliers; 0 turns the modulation off (exact
-            AdamW). In [0, 2], so that the multipliers stay positive.
+        alpha_range, beta_range: ranges of the multipliers; 0 turns the modulation off (AdamW up
+            to float rounding, about 1 ulp per step). In [0, 2], so that the multipliers stay positive.
         features: registered feature extractor (``metaadamw.FEATURES``).
         time_step, second_moment: add the normalised time step / second-moment norm features.
         gating, gate_l1: learnable sigmoid feature gates and their L1 penalty weight.
@@ -72,7 +72,7 @@ class MetaAdamW(torch.optim.Optimizer):
         modulator_dropout: dropout inside the encoder during meta-updates.
         modulator_init: 'default' (PyTorch's init of the output head, as the paper's code: random
             multipliers of about 1 +- 0.2 from the start) or 'zero' (head at zero: alpha = beta = 1
-            until the first meta-update, i.e. exactly AdamW).
+            until the first meta-update, i.e. AdamW up to float rounding).
         objective: registered meta objective (``metaadamw.OBJECTIVES``).
         weighting, weighting_form: registered loss weighting and its HUW form
             ('regression' or 'classification').
@@ -1346,7 +1346,7 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
     """AdamW's checks (a number, >= 0; betas in [0, 1)), with the value named; returns the values
     as Python floats (numpy scalars are accepted as AdamW accepts them)."""
     if isinstance(lr, Tensor):
-        example = f", e.g. lr={float(lr.detach().cpu())!r}" if lr.numel() == 1 else ""
+        example = f", e.g. lr={float(lr.detach().cpu()):.6g}" if lr.numel() == 1 else ""  # (not float32's 0.0010000000474974513)
         raise ValueError(f"{where}lr as a Tensor is not supported (nor is it by torch.optim.AdamW with foreach=True "
                          f"and capturable=False): pass a float{example}")
     _check(_real(lr) and 0 <= lr < math.inf, f"{where}Invalid learning rate: lr={lr!r} (must be a finite number >= 0)")
