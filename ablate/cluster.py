@@ -301,13 +301,13 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
             f"its checkpoints there from the node that runs it, and would fail. Give --storage a folder every node "
             f"shares (NFS, say) or a URI (s3://..., gs://...). Nothing was run.")
     here = _code_view()
-    other = {nodes[n]: a["code"] for n, a in answers.items() if a["code"] != here}
+    other = {nodes[n]: a.get("code") or "an older ablate, which does not say" for n, a in answers.items()
+             if a.get("code") != here}
     if other:
         print(f"ablate: warning: node(s) of the cluster run other code than this driver ({here}): "
-              + "; ".join(f"{node}: {code}" for node, code in other.items()) + ". Their trials' results come from "
-              "that code (the trials table's code_fingerprint and torch_version columns say which made each): install "
-              "the same ablate, metaadamw and torch on every node for results that compare", file=sys.stderr,
-              flush=True)
+              + "; ".join(f"{node}: {code}" for node, code in other.items()) + ". Their trials run that code (`ablate run` "
+              "records it in each trial's row: the trials table's code_fingerprint and torch_version columns): install "
+              "the same ablate, metaadamw and torch on every node for results that compare", file=sys.stderr, flush=True)
     if "checkpoints" in where and where["checkpoints"]:
         print(f"ablate: warning: {folders['checkpoints']} is not on node(s) {', '.join(where['checkpoints'])}: trials "
               f"there write their checkpoints to that path on their own disk, so `--resume` cannot continue a trial "

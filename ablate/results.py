@@ -39,7 +39,7 @@ trials (one row per trial):
     time_train_s, time_meta_s, time_eval_s, meta_updates, meta_skipped, best_<metric> for every
     task metric, ref_<name> for every trivial reference (e.g. ref_persistence_mse),
     test_<metric> where a test split was evaluated, finished_at (ISO time), code_fingerprint,
-    torch_version, python_version, host (what ran it: see :mod:`ablate.provenance`).
+    torch_version, python_version, hostname (what ran it, where it trained: see :mod:`ablate.provenance`).
 history (one row per trial-epoch):
     trial_id, epoch (1-based), step (optimizer steps so far), train_loss, val_<metric> for every
     task metric, time_train_s, time_meta_s, time_eval_s (this epoch), wall_s (cumulative

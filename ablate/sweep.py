@@ -593,6 +593,21 @@ def _exclusive(out_dir: Path, wait: bool = False) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _run_again(study: Study, out_dir: Path, resume_hint: str | None) -> str:
+    """What runs the study's stored trials again with this code: ``ablate run``'s command (its resume
+    command, which ends with --resume) with ``--rerun``; the command of ``run_study`` called from
+    Python; for another command's study (``ablate tune``'s AdamW reference), deleting its folder."""
+    import shlex
+
+    rerun = " --rerun all (or --rerun TASK or ARM for some)"
+    if resume_hint is None:
+        return shlex.join(["ablate", "run", str(study.path or "SPEC"), "--out", str(out_dir.parent)]) + rerun
+    if resume_hint.endswith(" --resume"):
+        return resume_hint.removesuffix(" --resume") + rerun
+    return (f"delete {out_dir} and run `{resume_hint}` again (values stored before from these trials, such as a "
+            f"search's scores, stay as they were)")
+
+
 def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str] | None, address: str | None,
                storage: str | None, max_concurrent: int | None, num_cpus: int | None,
                keep_checkpoints: bool, resume_hint: str | None = None) -> SweepOutcome:
@@ -614,8 +629,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     reused = len(study.trials) - len(pending)
     print(f"study {study.name}: {len(study.trials)} trials, {reused} already done (reused), {len(pending)} to run "
           f"-> {out_dir}", flush=True)
-    note_other_code(stored, {t.trial_id for t in study.trials} & finished,
-                    (resume_hint or f"ablate run {study.path or 'SPEC'}").removesuffix(" --resume"))
+    note_other_code(stored, {t.trial_id for t in study.trials} & finished, _run_again(study, out_dir, resume_hint))
     _note_idle_trials(study)
     if not pending:
         if not keep_checkpoints:

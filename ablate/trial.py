@@ -145,6 +145,7 @@ class Trial:
         check_task_instance(self.spec, self.task)
         self._loss_checked = False  # (the task's loss_fn: checked on the first batch)
         self.data_fingerprint = data_fingerprint(self.spec, cfg)  # (the files exist: the task just read them)
+        self.provenance = provenance()  # (the code as it is now, before the training: see ablate.provenance)
         self.model = self.task.model.to(self.device)
         self.metric = self.spec.metric
         self.min_delta = cfg["min_delta"]
@@ -404,7 +405,7 @@ class Trial:
             "meta_skipped": getattr(self.optimizer, "meta_skipped", 0),
             "resumed_from_epoch": self.resumed_from_epoch,
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            **provenance(),
+            **self.provenance,
         }
         best_row = next((h for h in self.history if h["epoch"] == self.best_epoch), None)
         for m in self.spec.metrics:

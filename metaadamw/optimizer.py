@@ -1341,12 +1341,25 @@ def _real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _shortest(value: Tensor) -> float:
+    """The shortest decimal that is ``value`` (one element) in its dtype (float32's 1e-3 reads
+    0.0010000000474974513 as a double)."""
+    exact = float(value.detach().cpu())
+    if not value.is_floating_point() or not math.isfinite(exact):
+        return exact
+    for digits in range(1, 18):
+        short = float(f"{exact:.{digits}g}")
+        if torch.tensor(short, dtype=value.dtype).item() == exact:
+            return short
+    return exact
+
+
 def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
                       where: str = "") -> tuple[float, tuple[float, float], float, float]:
     """AdamW's checks (a number, >= 0; betas in [0, 1)), with the value named; returns the values
     as Python floats (numpy scalars are accepted as AdamW accepts them)."""
     if isinstance(lr, Tensor):
-        example = f", e.g. lr={float(lr.detach().cpu()):.6g}" if lr.numel() == 1 else ""  # (not float32's 0.0010000000474974513)
+        example = f", e.g. lr={_shortest(lr)!r}" if lr.numel() == 1 else ""
         raise ValueError(f"{where}lr as a Tensor is not supported (nor is it by torch.optim.AdamW with foreach=True "
                          f"and capturable=False): pass a float{example}")
     _check(_real(lr) and 0 <= lr < math.inf, f"{where}Invalid learning rate: lr={lr!r} (must be a finite number >= 0)")

@@ -109,8 +109,19 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
         check_cluster_nodes(study, folders)
     err = capsys.readouterr().err
     assert (f"node(s) of the cluster run other code than this driver (code 0123456789ab, torch 0.0): {node}"
-            in err and f"): code {code_fingerprint()}, torch {torch.__version__}. Their trials' results come from that "
-            f"code" in err), err
+            in err and f"): code {code_fingerprint()}, torch {torch.__version__}. Their trials run that code" in err), err
+
+    def older_node(markers, study, plugins, plugin_dir):  # (an ablate from before the nodes said their code)
+        import os
+
+        return {"missing": [k for k, m in markers.items() if not os.path.exists(m)], "plugins": None, "data": None}
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster, "_node_view", older_node)
+        check_cluster_nodes(study, folders)
+    err = capsys.readouterr().err
+    assert (f"run other code than this driver (code {code_fingerprint()}, torch {torch.__version__}): {node}" in err
+            and "): an older ablate, which does not say. Their trials run that code" in err), err
     with monkeypatch.context() as m:
         m.setattr(pathlib.Path, "touch", lambda self, *a, **k: None)  # the driver's marker files reach no node
         with pytest.raises(ConfigError, match=rf"Ray Tune's storage {re.escape(str(folders['storage']))} is not on "

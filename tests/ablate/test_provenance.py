@@ -4,8 +4,11 @@ reuses trials made by other code."""
 from __future__ import annotations
 
 import importlib
+import shlex
 import shutil
 from pathlib import Path
+
+import torch
 
 from ablate import provenance
 from ablate.cli import main
@@ -24,6 +27,10 @@ def test_the_code_fingerprint_follows_the_packages_python_files_and_nothing_else
     (copy["ablate"] / "notes.txt").write_text("not code")
     (copy["metaadamw"] / "__pycache__").mkdir()
     (copy["metaadamw"] / "__pycache__" / "stray.py").write_text("x = 1")
+    (copy["ablate"] / ".ipynb_checkpoints").mkdir()
+    (copy["ablate"] / ".ipynb_checkpoints" / "trial-checkpoint.py").write_text("x = 1")
+    (copy["ablate"] / ".#trial.py").symlink_to("user@host.12345:1700000000")  # (Emacs's lock: dangling)
+    (copy["ablate"] / "tasks" / "gone.py").symlink_to(tmp_path / "nowhere.py")
     assert provenance.fingerprint(copy) == before
     optimizer = copy["metaadamw"] / "optimizer.py"
     optimizer.write_text(optimizer.read_text() + "\n# a change\n")
@@ -36,26 +43,55 @@ def test_the_code_fingerprint_follows_the_packages_python_files_and_nothing_else
     assert provenance.fingerprint(moved) != provenance.fingerprint(copy)
 
 
-def test_a_run_reusing_trials_made_by_other_code_says_how_many_and_how_to_run_them_again(tmp_path, capsys):
+def _store(out, trial, **made):
+    write_trial(out, {**trial.config, "trial_id": trial.trial_id, "status": "ok", "best_metric": 1.0, **made},
+                [{"epoch": 1}])
+
+
+def test_a_run_reusing_trials_made_by_other_code_says_how_many_and_how_to_run_them_again(tmp_path, capsys, one_ray):
     spec = tiny_study(tmp_path, "prov", seeds=1)
     study = load_study(spec)
     out = tmp_path / "results"
-    codes = ["0123456789ab", provenance.code_fingerprint(), None]  # another code, this one, none recorded
-    for trial, code in zip(study.trials, codes):
-        row = {**trial.config, "trial_id": trial.trial_id, "status": "ok", "best_metric": 1.0}
-        if code:
-            row["code_fingerprint"] = code
-        write_trial(out / "prov", row, [{"epoch": 1}])
+    this = {"code_fingerprint": provenance.code_fingerprint(), "torch_version": torch.__version__}
+    made = [{"code_fingerprint": "0123456789ab", "torch_version": torch.__version__},  # other code
+            {**this, "torch_version": "1.0.0"},  # another torch
+            {}]  # stored before ablate recorded it
+    for trial, by in zip(study.trials, made):
+        _store(out / "prov", trial, **by)
     assert main(["run", str(spec), "--out", str(out)]) == 0  # every trial is stored: no Ray, no training
     printed = capsys.readouterr().out
     assert "3 already done (reused), 0 to run" in printed
-    assert (f"note: 1 of the 3 reused trial(s) were made by other code than this run's (another version of ablate or "
-            f"metaadamw: code 0123456789ab, this run's {provenance.code_fingerprint()})") in printed, printed
-    assert f"ablate run {spec} --out {out} --rerun all (or --rerun TASK or ARM for some)" in printed, printed
+    assert (f"note: of the 3 reused trial(s), 2 were made by other code or torch (code 0123456789ab, torch "
+            f"{torch.__version__} | code {this['code_fingerprint']}, torch 1.0.0; now: code {this['code_fingerprint']}, "
+            f"torch {torch.__version__}) and 1 was stored by an ablate that did not record its code: they are kept "
+            f"as stored") in printed, printed
+    rerun = f"ablate run {spec} --out {out} --rerun all"
+    assert f"{rerun} (or --rerun TASK or ARM for some)" in printed, printed
     assert len(load_results(out / "prov").trials) == 3  # kept as stored
 
-    for trial in study.trials[:1]:  # made by this code after all: no note
-        write_trial(out / "prov", {**trial.config, "trial_id": trial.trial_id, "status": "ok", "best_metric": 1.0,
-                                   "code_fingerprint": provenance.code_fingerprint()}, [{"epoch": 1}])
+    # the command it gave runs them again, with this code (on Ray: one_ray), and then nothing is said
+    hint = next(line for line in printed.splitlines() if line.startswith("note: of the")).split(
+        "run them again with this code: ")[1].split(" (or --rerun")[0]
+    assert shlex.split(hint)[:2] == ["ablate", "run"] and main(shlex.split(hint)[1:]) == 0
+    trials = load_results(out / "prov").trials
+    assert len(trials) == 3 and set(trials["code_fingerprint"]) == {this["code_fingerprint"]}
+    assert set(trials["status"]) == {"ok"} and set(trials["torch_version"]) == {torch.__version__}
+    capsys.readouterr()
     assert main(["run", str(spec), "--out", str(out)]) == 0
-    assert "made by other code" not in capsys.readouterr().out
+    assert "note: of the" not in capsys.readouterr().out
+
+
+def test_outside_ablate_run_the_note_says_what_to_delete_and_from_python_which_out_to_give(tmp_path, capsys):
+    from ablate.sweep import run_study
+
+    study = load_study(tiny_study(tmp_path, "ref", seeds=1))
+    for trial in study.trials:
+        _store(tmp_path / "elsewhere" / "ref", trial, code_fingerprint="0123456789ab", torch_version="1.0.0")
+    # as ablate tune's cross-task reference runs it: its command cannot rerun the study's trials
+    run_study(study, tmp_path / "elsewhere", resume_hint="ablate tune s.yaml --trials 5")
+    printed = capsys.readouterr().out
+    assert (f"run them again with this code: delete {tmp_path / 'elsewhere' / 'ref'} and run `ablate tune s.yaml "
+            f"--trials 5` again (values stored before from these trials") in printed, printed
+    assert "--rerun" not in printed
+    run_study(study, tmp_path / "elsewhere")  # from Python: the command names the output folder
+    assert f"ablate run {study.path} --out {tmp_path / 'elsewhere'} --rerun all" in capsys.readouterr().out

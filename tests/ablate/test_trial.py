@@ -214,7 +214,19 @@ def test_record_per_epoch_and_summary():
     from ablate.provenance import code_fingerprint
 
     assert r.row["code_fingerprint"] == code_fingerprint() and len(r.row["code_fingerprint"]) == 12
-    assert r.row["torch_version"] == torch.__version__ and r.row["host"] == socket.gethostname()
+    assert r.row["torch_version"] == torch.__version__ and r.row["hostname"] == socket.gethostname()
+
+
+def test_a_trial_records_what_made_it_as_it_was_built(monkeypatch):
+    import ablate.trial as T
+
+    made = {"code_fingerprint": "0123456789ab", "torch_version": "x", "python_version": "y", "hostname": "z"}
+    monkeypatch.setattr(T, "provenance", lambda: dict(made))
+    trial = Trial({**FAST, "epochs": 1})
+    # (code checked out while it trains is not what trained it)
+    monkeypatch.setattr(T, "provenance", lambda: pytest.fail("provenance asked after the trial was built"))
+    row = trial.run().row
+    assert {k: row[k] for k in made} == made
 
 
 def test_meta_per_epoch_sets_k():

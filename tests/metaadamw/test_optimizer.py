@@ -362,9 +362,17 @@ def test_no_parameters_and_a_model_holding_none_of_them_are_named_as_such():
         MetaAdamW(model.parameters(), model=copy.deepcopy(model))
 
 
-def test_a_tensor_learning_rate_is_refused_with_the_float_to_use():
-    with pytest.raises(ValueError, match=r"lr as a Tensor is not supported .* lr=0\.01"):
-        MetaAdamW(mlp(0).named_parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
+@pytest.mark.parametrize("lr, said", [(torch.tensor(0.01, dtype=torch.float64), "0.01"),
+                                       (torch.tensor(1e-3), "0.001"),  # (not float32's 0.0010000000474974513)
+                                       (torch.tensor(1234567.0), "1234567.0"),
+                                       (torch.tensor(0.00123456789, dtype=torch.float64), "0.00123456789"),
+                                       (torch.tensor(3e-4, dtype=torch.bfloat16), "0.0003"),
+                                       (torch.tensor(1e-3, dtype=torch.float16), "0.001"),
+                                       (torch.tensor(12345678.0), "12345678.0")])
+def test_a_tensor_learning_rate_is_refused_with_the_float_to_use(lr, said):
+    with pytest.raises(ValueError, match=r"lr as a Tensor is not supported .*: pass a float, e\.g\. lr=(.*)") as error:
+        MetaAdamW(mlp(0).named_parameters(), lr=lr)
+    assert str(error.value).endswith(f"e.g. lr={said}")
 
 
 def test_fine_grained_grouping_without_names_says_how_to_fix():
