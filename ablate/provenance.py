@@ -72,7 +72,7 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
 
     here = (code_fingerprint(), torch.__version__)
     made: dict[str, tuple[str, str]] = {}
-    if {"code_fingerprint", "torch_version"} <= set(getattr(stored, "columns", ())):
+    if {"code_fingerprint", "torch_version"} <= set(stored.columns):
         made = {r.trial_id: (r.code_fingerprint, r.torch_version) for r in stored.itertuples()
                 if r.trial_id in reused and isinstance(r.code_fingerprint, str) and r.code_fingerprint}
     other = [by for by in made.values() if by != here]

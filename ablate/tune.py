@@ -681,9 +681,8 @@ class PerTrialSeededSampler(DriverLabellingSampler):
         super().__init__(_new_sampler(kind, seed))
 
     def before_trial(self, study, trial) -> None:
-        _record_driver(study._storage, trial._trial_id)
         self._inner = _new_sampler(self.kind, None if self.seed is None else _trial_seed(self.seed, trial.number))
-        self._inner.before_trial(study, trial)
+        super().before_trial(study, trial)  # (records the process, then the new sampler's own before_trial)
 
     def reseed_rng(self) -> None:
         pass  # the seed is derived from the trial number on purpose
@@ -800,13 +799,24 @@ def fail_orphans(study) -> tuple[int, int]:
             continue
         why = ("its process was cut off as it asked for it" if unlabelled else
                f"its process {t.user_attrs.get('driver')} ended without recording it")
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "ended", f"interrupted: {why}")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        if _fail_stored(study._storage, t._trial_id, f"interrupted: {why}"):
             failed += 1
-        except Exception:  # noqa: BLE001 - e.g. finished meanwhile by its process
+        else:
             unknown += 1
     return failed, unknown
+
+
+def _fail_stored(storage, trial_id: int, ended: str) -> bool:
+    """Mark a stored RUNNING trial FAIL, with ``ended`` saying why; False where the storage refused
+    (e.g. the trial finished meanwhile)."""
+    from optuna.trial import TrialState
+
+    try:
+        storage.set_trial_user_attr(trial_id, "ended", ended)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _no_value_reason(result: dict) -> str:
@@ -925,15 +935,9 @@ def _searcher_class():
                     pass
                 self._completed_trials.add(trial_id)
             known = {t._trial_id for t in self._ot_trials.values()}
-            storage = self._ot_study._storage
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get("driver_id") == DRIVER_ID and t._trial_id not in known:
-                    try:
-                        storage.set_trial_user_attr(t._trial_id, "ended", "interrupted")
-                        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                        n += 1
-                    except Exception:  # noqa: BLE001 - (told meanwhile)
-                        pass
+                    n += _fail_stored(self._ot_study._storage, t._trial_id, "interrupted")
             return n
 
         def save(self, checkpoint_path: str) -> None:
