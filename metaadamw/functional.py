@@ -93,6 +93,16 @@ def autocast(states: dict[str, torch.dtype], enabled: bool) -> Iterator[None]:
         yield
 
 
+def takes_cpu_routes(device: torch.device) -> bool:
+    """Whether ``step()`` takes its CPU routes on ``device``: square roots as ``1 / rsqrt``
+    (:func:`reciprocal_roots`), the fused encoder layer (:func:`metaadamw.modulator.uses_fused_layer`),
+    the time feature made from the host's step count, and cache blocking. On CUDA and other
+    accelerators it takes routes that never read a value back to the host. One function, so that
+    the tests can run those routes on the CPU (``tests/metaadamw/test_accelerator_routes.py``): CI
+    has no GPU, and checks their arithmetic there (that they never synchronise needs a GPU)."""
+    return device.type == "cpu"
+
+
 def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
     """A tensor of host values on ``device``, made on the CPU and copied without blocking: on CUDA,
     ``torch.tensor(values, device=cuda)`` is a blocking copy, i.e. a host synchronisation."""
@@ -562,7 +572,7 @@ FOREACH_RSQRT = hasattr(torch, "_foreach_rsqrt")
 def reciprocal_roots(tensors: list[Tensor]) -> bool:
     """Whether :func:`foreach_sqrt` takes the square roots of ``tensors`` as ``1 / rsqrt``."""
     return FOREACH_RSQRT and bool(tensors) and all(
-        t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+        takes_cpu_routes(t.device) and t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
 def foreach_sqrt(tensors: list[Tensor], reciprocal: bool | None = None, inplace: bool = False) -> list[Tensor]:

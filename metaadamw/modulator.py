@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaadamw.features import FeatureExtractor, FeatureGate
+from metaadamw import functional
 from metaadamw.functional import to_device
 
 
@@ -43,7 +44,7 @@ FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)
 
 def uses_fused_layer(x: Tensor) -> bool:
     """Whether inference runs the fused layer for ``x``: measured (and sync-free) on the CPU only."""
-    return FUSED_LAYER is not None and x.device.type == "cpu"
+    return FUSED_LAYER is not None and functional.takes_cpu_routes(x.device)
 
 
 def _recollect_weights(layer: "EncoderLayer", incompatible_keys) -> None:

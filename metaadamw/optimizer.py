@@ -547,7 +547,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 F.single_tensor_moments(grads[sl], plan.exp_avgs[sl], plan.exp_avg_sqs[sl], *group["betas"])
         if refresh:
             self._update_stats(plan, grads, norms)
-            if self.device.type == "cpu":  # the same value from the host's step count, in one op
+            if F.takes_cpu_routes(self.device):  # the same value from the host's step count, in one op
                 time = torch.tensor(normalised_time(self.global_step, self.total_steps), dtype=torch.float32,
                                     device="cpu")
             else:  # no host-to-device copy in step()
@@ -725,7 +725,7 @@ class MetaAdamW(torch.optim.Optimizer):
             b.exp_avg_sqs.append(st["exp_avg_sq"])
         all_active = len(indices) == len(active)
         params = [self._params[i] for i in indices]
-        blocked = self.device.type == "cpu" and sum(p.numel() for p in params) >= F.CPU_BLOCKING_MIN_NUMEL
+        blocked = F.takes_cpu_routes(self.device) and sum(p.numel() for p in params) >= F.CPU_BLOCKING_MIN_NUMEL
         limit = F.CPU_CHUNK_NUMEL if blocked else None  # cache blocking: on the CPU, for large models
         for b in buckets.values():
             b.split(limit)
