@@ -227,6 +227,31 @@ def _trial_nodes(study: Study) -> dict[str, str]:
             and all(float(n.get("Resources", {}).get(k, 0)) >= v for k, v in want.items())}
 
 
+#: the node check's warnings said within :func:`node_warnings_once` (None outside it)
+_SAID: list[set[str] | None] = [None]
+
+
+@contextlib.contextmanager
+def node_warnings_once() -> Iterator[None]:
+    """Within: a warning of :func:`check_cluster_nodes` that was said already is not said again
+    (``ablate tune`` checks the nodes, and so does the study of its AdamW reference, on the same
+    nodes: a node running other code was named twice)."""
+    outer, _SAID[0] = _SAID[0], set() if _SAID[0] is None else _SAID[0]
+    try:
+        yield
+    finally:
+        _SAID[0] = outer
+
+
+def _warn(message: str) -> None:
+    said = _SAID[0]
+    if said is not None:
+        if message in said:
+            return
+        said.add(message)
+    print(message, file=sys.stderr, flush=True)
+
+
 def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
     """On a cluster (``--address``), before any trial: ask every node alive now that can hold a
     trial whether it sees the ``folders`` (what -> a folder of this machine that each trial writes
@@ -281,8 +306,7 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
         for marker in markers.values():
             Path(marker).unlink(missing_ok=True)
     if unchecked:
-        print(f"ablate: warning: node(s) {', '.join(unchecked)} not checked for what their trials need",
-              file=sys.stderr, flush=True)
+        _warn(f"ablate: warning: node(s) {', '.join(unchecked)} not checked for what their trials need")
     where = {what: [nodes[n] for n, a in answers.items() if what in a["missing"]] for what in folders}
     for key, error, what, fix in (
             ("plugins", ConfigError, "the study's plugins do not import on node(s) of the cluster, where its trials "
@@ -304,15 +328,15 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
     other = {nodes[n]: a.get("code") or "an older ablate, which does not say" for n, a in answers.items()
              if a.get("code") != here}
     if other:
-        print(f"ablate: warning: node(s) of the cluster run other code than this driver ({here}): "
+        _warn(f"ablate: warning: node(s) of the cluster run other code than this driver ({here}): "
               + "; ".join(f"{node}: {code}" for node, code in other.items()) + ". Their trials run that code (`ablate run` "
               "records it in each trial's row: the trials table's code_fingerprint and torch_version columns): install "
-              "the same ablate, metaadamw and torch on every node for results that compare", file=sys.stderr, flush=True)
+              "the same ablate, metaadamw and torch on every node for results that compare")
     if "checkpoints" in where and where["checkpoints"]:
-        print(f"ablate: warning: {folders['checkpoints']} is not on node(s) {', '.join(where['checkpoints'])}: trials "
+        _warn(f"ablate: warning: {folders['checkpoints']} is not on node(s) {', '.join(where['checkpoints'])}: trials "
               f"there write their checkpoints to that path on their own disk, so `--resume` cannot continue a trial "
               f"that a stop cut off there (it starts again), and the checkpoints stay on those disks. Run from an --out "
-              f"folder every node shares to have them.", file=sys.stderr, flush=True)
+              f"folder every node shares to have them.")
 
 
 def check_real_data(study: Study) -> None:

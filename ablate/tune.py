@@ -1420,7 +1420,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
     ``outputs_only``: the command lines that run this again and that only rewrite the outputs
     (``--trials 0``), for the messages of a run that SIGTERM ends."""
     from ablate.cluster import (check_cluster_nodes, check_real_data, check_resources, exit_on_sigterm, init_ray,
-                                no_result_files, ray_storage_path)
+                                no_result_files, node_warnings_once, ray_storage_path)
     from ablate.sweep import _exclusive, check_out_folder
 
     ray_storage = ray_storage_path(ray_storage)
@@ -1469,7 +1469,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
         begun: list[str] = []  # the targets whose _run_target was called
         # (after ray.init, which installs Ray's handler: no word, exit 143)
-        with exit_on_sigterm(stopped, fallback=again or "the same command") as rearm:
+        with exit_on_sigterm(stopped, fallback=again or "the same command") as rearm, node_warnings_once():
             try:
                 if started and address is not None:  # a cluster: the data the trials need on the nodes that run them
                     check_cluster_nodes(spec.study, {})

@@ -110,6 +110,15 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
     err = capsys.readouterr().err
     assert (f"node(s) of the cluster run other code than this driver (code 0123456789ab, torch 0.0): {node}"
             in err and f"): code {code_fingerprint()}, torch {torch.__version__}. Their trials run that code" in err), err
+    with monkeypatch.context() as m:  # `ablate tune` checks the nodes, and so does its AdamW reference's study
+        m.setattr(cluster, "_code_view", lambda: "code 0123456789ab, torch 0.0")
+        with cluster.node_warnings_once():
+            check_cluster_nodes(study, folders)
+            with cluster.node_warnings_once():  # (nested: the outer one's record)
+                check_cluster_nodes(study, folders)
+        assert capsys.readouterr().err.count("run other code than this driver") == 1
+        check_cluster_nodes(study, folders)  # outside it, each check says it
+        assert capsys.readouterr().err.count("run other code than this driver") == 1
 
     def older_node(markers, study, plugins, plugin_dir):  # (an ablate from before the nodes said their code)
         import os
