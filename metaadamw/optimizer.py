@@ -505,8 +505,8 @@ class MetaAdamW(torch.optim.Optimizer):
             return
         F.check_dense(grads)  # every step: a host attribute per tensor, no sync
         for k, group in enumerate(self.param_groups):  # (set on a group after it was checked: AdamW honours them)
-            if group.get("maximize") or group.get("amsgrad"):
-                _check_adamw_flags(f"param group {k}: ", maximize=group.get("maximize"), amsgrad=group.get("amsgrad"))
+            if any(map(group.get, _ADAMW_FLAGS)):
+                _check_adamw_flags(f"param group {k}: ", **{name: group.get(name) for name in _ADAMW_FLAGS})
         plan = self._plan
         # a scheduler may change them (the plan caches them), also in place (a list): compared as copies
         betas = [tuple(g["betas"]) for g in self.param_groups]
