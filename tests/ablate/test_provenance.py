@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib
 import shlex
 import shutil
+import sys
+import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from ablate import provenance
@@ -95,3 +98,84 @@ def test_outside_ablate_run_the_note_says_what_to_delete_and_from_python_which_o
     assert "--rerun" not in printed
     run_study(study, tmp_path / "elsewhere")  # from Python: the command names the output folder
     assert f"ablate run {study.path} --out {tmp_path / 'elsewhere'} --rerun all" in capsys.readouterr().out
+
+
+def _plugin(folder: Path, name: str, package: bool) -> Path:
+    """A plugin registering the task ``<name>_task``: a module ``<name>.py``, or a package
+    ``<name>/`` whose factory calls a helper module of its own. Returns the file to edit."""
+    factory = textwrap.dedent(f"""\
+        from ablate.tasks.base import register_task
+
+        @register_task("{name}_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
+        def build(config):
+            raise RuntimeError("not built in these tests")
+        """)
+    if not package:
+        (folder / f"{name}.py").write_text(factory)
+        return folder / f"{name}.py"
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(f"from {name} import tasks\n")
+    (folder / name / "tasks.py").write_text(factory)
+    (folder / name / "helpers.py").write_text("SCALE = 1.0\n")
+    return folder / name / "helpers.py"
+
+
+@pytest.fixture
+def plugin_cleanup():
+    names = []
+    yield names
+    from ablate.tasks import TASKS
+
+    for name in names:
+        for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+            del sys.modules[module]
+        if f"{name}_task" in TASKS:
+            TASKS.remove(f"{name}_task")
+
+
+@pytest.mark.parametrize("package", [False, True])
+def test_a_plugin_tasks_fingerprint_covers_its_own_code(tmp_path, monkeypatch, plugin_cleanup, package):
+    from ablate.tasks import TASKS, get_task
+
+    name = f"fp_plugin_{'pkg' if package else 'mod'}"
+    plugin_cleanup.append(name)
+    edited = _plugin(tmp_path, name, package)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module(name)
+    spec = TASKS.get(f"{name}_task")
+    installed = {n: Path(importlib.import_module(n).__file__).parent for n in provenance.PACKAGES}
+    own = tmp_path / name if package else tmp_path / f"{name}.py"
+    assert provenance.code_fingerprint(spec) == provenance.fingerprint({**installed, name: own})
+    assert provenance.code_fingerprint(spec) != provenance.code_fingerprint()
+    assert provenance.code_fingerprint(get_task("etth1")) == provenance.code_fingerprint()  # a built-in task
+    before = provenance.code_fingerprint(spec)
+    edited.write_text(edited.read_text() + "# a change\n")  # (the package's helper: not the factory's module)
+    provenance._code_fingerprint.cache_clear()
+    assert provenance.code_fingerprint(spec) != before
+    # the same plugin elsewhere (as Ray ships it to a worker) is the same code
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    (shutil.copytree if package else shutil.copy)(own, elsewhere / own.name)
+    assert provenance.fingerprint({**installed, name: elsewhere / own.name}) == provenance.code_fingerprint(spec)
+
+
+def test_reused_trials_of_a_plugin_task_made_before_its_code_changed_are_noted(tmp_path, capsys, plugin_cleanup):
+    # a trial's id does not see its task's code: after a fix to a plugin, its stored trials were reused without a word
+    name = "noted_plugin"
+    plugin_cleanup.append(name)
+    _plugin(tmp_path, name, package=False)
+    spec = tmp_path / "plugged.yaml"
+    spec.write_text(f"name: plugged\ntasks: [{name}_task]\nseeds: 2\nadamw: false\nplugins: [{name}]\n")
+    study = load_study(spec)
+    from ablate.tasks import TASKS
+
+    task = TASKS.get(f"{name}_task")
+    out = tmp_path / "results"
+    before_fix = provenance.code_fingerprint()  # (as an ablate that did not fingerprint plugins recorded it)
+    _store(out / "plugged", study.trials[0], code_fingerprint=before_fix, torch_version=torch.__version__)
+    _store(out / "plugged", study.trials[1], code_fingerprint=provenance.code_fingerprint(task),
+           torch_version=torch.__version__)
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"note: of the 2 reused trial(s), 1 was made by other code or torch (code {before_fix}, torch "
+            f"{torch.__version__}; now: code {provenance.code_fingerprint(task)}, torch {torch.__version__})") in printed
