@@ -132,3 +132,49 @@ def test_exact_meta_gradient_on_a_compiled_model_says_to_use_finite_differences(
         else:
             with pytest.raises(RuntimeError, match="meta_gradient='finite_difference' \\(the default\\)"):
                 opt.meta_step(compiled, mse, b1, b2, val)
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_a_channels_last_model_trains_as_with_adamw_and_keeps_its_memory_format(blocking, monkeypatch):
+    # model.to(memory_format=torch.channels_last): 4-d weights strided NHWC, not contiguous. Their
+    # moments take the same format, cache blocking leaves them whole (flat views would mix up the
+    # elements of parameter and moments otherwise), and a meta-update changes nothing
+    from torch import nn
+
+    from metaadamw import functional as F
+
+    if blocking:
+        monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
+        monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
+
+    def convnet():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).to(memory_format=torch.channels_last)
+
+    def loss(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    ref_model, model = convnet(), convnet()
+    assert not model[0].weight.is_contiguous() and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                    model=model, **small_kwargs())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 6, 6, generator=g).to(memory_format=torch.channels_last),
+                torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+    for t in range(12):
+        ref.zero_grad()
+        loss(ref_model, batches[t % 3]).backward()
+        for a, b in zip(ref_model.parameters(), model.parameters()):  # the same gradients: no chaotic feedback
+            b.grad = a.grad.clone(memory_format=torch.preserve_format)
+        ref.step()
+        opt.step()
+        if t % 4 == 3:
+            assert not opt.meta_step(model, loss, *batches).skipped
+        for a, b in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    weight = model[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(opt.state[weight][k].is_contiguous(memory_format=torch.channels_last) for k in ("exp_avg", "exp_avg_sq"))
+    torch.testing.assert_close(opt.state[weight]["exp_avg_sq"], ref.state[ref_model[0].weight]["exp_avg_sq"])
