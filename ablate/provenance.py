@@ -3,8 +3,8 @@
 A trial's identity is its config (:mod:`ablate.config`), which does not see code: a run reuses a
 stored trial however the code changed since. So the row of every trial that trains records
 :func:`provenance` (``code_fingerprint``: a hash of the installed ``ablate`` and ``metaadamw``
-packages' Python files and of a plugin task's own code, the same for every node and process that
-runs the same code;
+packages' Python files and, for a plugin's task, of the module defining it, the same for every
+node and process that runs the same code;
 ``torch_version``, ``python_version``, ``hostname``: the node that ran it), and a run that reuses
 trials made by other code or torch says how many (:func:`note_other_code`), with what runs them
 again.
@@ -25,53 +25,69 @@ PACKAGES = ("metaadamw", "ablate")
 
 
 def code_fingerprint(task: Any = None) -> str:
-    """The :func:`fingerprint` of :data:`PACKAGES` as this process imports them and, for a ``task``
-    (a :class:`~ablate.tasks.base.TaskSpec`) whose factory comes from outside them (a plugin next to
-    the study file, a package registering tasks through an entry point), of that code too: the
-    module file its factory is defined in or, for a package, the whole top-level package (its
-    helpers included). Computed once per process for each, at the first call: a trial makes it when
-    it is built, before it trains."""
-    return _code_fingerprint(_task_code(task))
+    """The :func:`fingerprint` of :data:`PACKAGES` as this process imports them (computed once, at
+    the first call: a trial makes it when it is built, before it trains) and, for a ``task`` (a
+    :class:`~ablate.tasks.base.TaskSpec`) whose factory is defined outside them - in a plugin next
+    to the study file, or a package registering tasks through an entry point - of the module that
+    defines the factory, by its name and bytes (read again when the file changes: a notebook that
+    edits a plugin sees it). Only that module: not the other modules of a plugin package (helpers
+    the factory imports), since Ray ships a plugin package to its workers without the files its
+    ``.gitignore`` names, and a fingerprint of the whole package would differ between them and the
+    driver. A factory defined in the running script (``__main__``) adds nothing: each process has
+    its own."""
+    base = _packages_fingerprint()
+    source = _task_source(task)
+    if source is None:
+        return base
+    module, path = source
+    try:
+        stat = path.stat()
+    except OSError:
+        return base
+    return _with_module(base, module, str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _task_code(task: Any) -> tuple[str, str] | None:
-    """(top-level module name, its file or package folder) of a task's factory from outside
-    :data:`PACKAGES`; None for a built-in task, or one defined in the running script or
-    interactively (``__main__``: each process has its own, a Ray worker Ray's)."""
-    module = getattr(getattr(task, "factory", None), "__module__", None)
-    top = module.split(".")[0] if isinstance(module, str) else None
-    loaded = sys.modules.get(top) if top and top not in (*PACKAGES, "__main__") else None
-    if loaded is None:
+def _task_source(task: Any) -> tuple[str, Path] | None:
+    """(module name, file) of the module defining a task's factory (of a ``functools.partial``'s
+    function), when that is outside :data:`PACKAGES` and ``__main__``; else None."""
+    factory = getattr(task, "factory", None)
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    module = getattr(factory, "__module__", None)
+    if not isinstance(module, str) or module.split(".")[0] in (*PACKAGES, "__main__"):
         return None
-    file = getattr(loaded, "__file__", None)
-    if file:
-        path = Path(file)
-        return top, str(path.parent if path.name == "__init__.py" else path)
-    folders = list(getattr(loaded, "__path__", []))  # a namespace package: its (first) folder
-    return (top, str(folders[0])) if folders else None
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return (module, Path(file)) if isinstance(file, str) and file.endswith(".py") else None
+
+
+@functools.lru_cache(maxsize=1)
+def _packages_fingerprint() -> str:
+    import importlib
+
+    return fingerprint({name: Path(importlib.import_module(name).__file__).parent for name in PACKAGES})
 
 
 @functools.lru_cache(maxsize=None)
-def _code_fingerprint(task_code: tuple[str, str] | None) -> str:
-    import importlib
-
-    sources = {name: Path(importlib.import_module(name).__file__).parent for name in PACKAGES}
-    if task_code is not None:
-        sources[task_code[0]] = Path(task_code[1])
-    return fingerprint(sources)
+def _with_module(base: str, module: str, path: str, mtime_ns: int, size: int) -> str:
+    """``base`` combined with a module's name and bytes (cached by its file's path, time and size)."""
+    digest = hashlib.sha256(f"{base}\0{module}\0".encode())
+    try:
+        digest.update(Path(path).read_bytes())
+    except OSError:
+        return base
+    return digest.hexdigest()[:12]
 
 
 def fingerprint(packages: dict[str, Path]) -> str:
     """12 hex digits of a SHA-256 over the ``.py`` files of the package folders ``packages`` (name
-    -> folder, or the file of a single-module plugin): their paths inside the package and their
-    bytes. Caches, hidden files and folders (an editor's lock files, ``.ipynb_checkpoints``) and
-    anything that is not a regular file, or vanishes before it is read, are left out (as are the
-    files of a symlinked folder, which ``rglob`` does not enter)."""
+    -> folder): their paths inside the package and their bytes. Caches, hidden files and folders
+    (an editor's lock files, ``.ipynb_checkpoints``) and anything that is not a regular file, or
+    vanishes before it is read, are left out (as are the files of a symlinked folder, which
+    ``rglob`` does not enter)."""
     digest = hashlib.sha256()
     for name, root in packages.items():
-        single = root.suffix == ".py" and root.is_file()
-        for path in [root] if single else sorted(root.rglob("*.py")):
-            inside = Path(root.name) if single else path.relative_to(root)
+        for path in sorted(root.rglob("*.py")):
+            inside = path.relative_to(root)
             if any(part == "__pycache__" or part.startswith(".") for part in inside.parts):
                 continue
             try:
@@ -109,20 +125,28 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
         return code_fingerprint(TASKS.get(task) if isinstance(task, str) and task in TASKS else None), torch.__version__
 
     made: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {}  # trial id -> (what made it, what runs it now)
+    tasks: dict[str, str] = {}
     if {"code_fingerprint", "torch_version"} <= set(stored.columns):
-        made = {r.trial_id: ((r.code_fingerprint, r.torch_version), now(getattr(r, "task", None)))
-                for r in stored.itertuples()
-                if r.trial_id in reused and isinstance(r.code_fingerprint, str) and r.code_fingerprint}
-    other = [(by, here) for by, here in made.values() if by != here]
+        for r in stored.itertuples():
+            if r.trial_id in reused and isinstance(r.code_fingerprint, str) and r.code_fingerprint:
+                task = getattr(r, "task", None)
+                made[r.trial_id] = (r.code_fingerprint, r.torch_version), now(task)
+                tasks[r.trial_id] = str(task)
+    other: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {}  # task -> [(made by, now)]
+    for trial, (by, here) in made.items():
+        if by != here:
+            other.setdefault(tasks.get(trial, "?"), []).append((by, here))
     unknown = len(reused) - len(made)
     if not other and not unknown:
         return
     parts = []
     if other:
-        kinds = " | ".join(sorted({f"code {code}, torch {version}" for (code, version), _ in other}))
-        heres = " | ".join(sorted({f"code {code}, torch {version}" for _, (code, version) in other}))
-        parts.append(f"{len(other)} {'was' if len(other) == 1 else 'were'} made by other code or torch ({kinds}; "
-                     f"now: {heres})")
+        said = "; ".join(
+            f"{task}: " + " | ".join(sorted({f"code {code}, torch {version}" for (code, version), _ in pairs}))
+            + " - now " + " | ".join(sorted({f"code {code}, torch {version}" for _, (code, version) in pairs}))
+            for task, pairs in sorted(other.items()))
+        count = sum(map(len, other.values()))
+        parts.append(f"{count} {'was' if count == 1 else 'were'} made by other code or torch ({said})")
     if unknown:
         parts.append(f"{unknown} {'was' if unknown == 1 else 'were'} stored by an ablate that did not record its code")
     print(f"note: of the {len(reused)} reused trial(s), {' and '.join(parts)}: they are kept as stored, since a trial "

@@ -64,8 +64,8 @@ def test_a_run_reusing_trials_made_by_other_code_says_how_many_and_how_to_run_th
     assert main(["run", str(spec), "--out", str(out)]) == 0  # every trial is stored: no Ray, no training
     printed = capsys.readouterr().out
     assert "3 already done (reused), 0 to run" in printed
-    assert (f"note: of the 3 reused trial(s), 2 were made by other code or torch (code 0123456789ab, torch "
-            f"{torch.__version__} | code {this['code_fingerprint']}, torch 1.0.0; now: code {this['code_fingerprint']}, "
+    assert (f"note: of the 3 reused trial(s), 2 were made by other code or torch (etth1: code 0123456789ab, torch "
+            f"{torch.__version__} | code {this['code_fingerprint']}, torch 1.0.0 - now code {this['code_fingerprint']}, "
             f"torch {torch.__version__}) and 1 was stored by an ablate that did not record its code: they are kept "
             f"as stored") in printed, printed
     rerun = f"ablate run {spec} --out {out} --rerun all"
@@ -100,24 +100,33 @@ def test_outside_ablate_run_the_note_says_what_to_delete_and_from_python_which_o
     assert f"ablate run {study.path} --out {tmp_path / 'elsewhere'} --rerun all" in capsys.readouterr().out
 
 
-def _plugin(folder: Path, name: str, package: bool) -> Path:
-    """A plugin registering the task ``<name>_task``: a module ``<name>.py``, or a package
-    ``<name>/`` whose factory calls a helper module of its own. Returns the file to edit."""
+def _plugin(folder: Path, name: str, how: str) -> Path:
+    """A plugin registering the task ``<name>_task`` (``how``: a module ``<name>.py``; a package
+    ``<name>/`` whose ``tasks.py`` registers it and has a helper module beside it; the same as a
+    namespace package, without ``__init__.py``; a module whose factory is a ``functools.partial``).
+    Returns the file that defines the factory."""
     factory = textwrap.dedent(f"""\
+        import functools
+
         from ablate.tasks.base import register_task
 
-        @register_task("{name}_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})
-        def build(config):
+
+        def build(config, scale=1.0):
             raise RuntimeError("not built in these tests")
+
+
+        register_task("{name}_task", metrics=[("score", "max")], defaults={{"epochs": 1, "grouping": "original"}})(
+            {"functools.partial(build, scale=2.0)" if how == "partial" else "build"})
         """)
-    if not package:
+    if how in ("module", "partial"):
         (folder / f"{name}.py").write_text(factory)
         return folder / f"{name}.py"
     (folder / name).mkdir()
-    (folder / name / "__init__.py").write_text(f"from {name} import tasks\n")
+    if how == "package":
+        (folder / name / "__init__.py").write_text(f"from {name} import tasks\n")
     (folder / name / "tasks.py").write_text(factory)
     (folder / name / "helpers.py").write_text("SCALE = 1.0\n")
-    return folder / name / "helpers.py"
+    return folder / name / "tasks.py"
 
 
 @pytest.fixture
@@ -133,49 +142,58 @@ def plugin_cleanup():
             TASKS.remove(f"{name}_task")
 
 
-@pytest.mark.parametrize("package", [False, True])
-def test_a_plugin_tasks_fingerprint_covers_its_own_code(tmp_path, monkeypatch, plugin_cleanup, package):
+@pytest.mark.parametrize("how", ["module", "package", "namespace", "partial"])
+def test_a_plugin_tasks_fingerprint_covers_the_module_that_defines_it(tmp_path, monkeypatch, plugin_cleanup, how):
     from ablate.tasks import TASKS, get_task
 
-    name = f"fp_plugin_{'pkg' if package else 'mod'}"
+    name = f"fp_plugin_{how}"
     plugin_cleanup.append(name)
-    edited = _plugin(tmp_path, name, package)
+    source = _plugin(tmp_path, name, how)
     monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.import_module(name)
+    importlib.import_module(name if how in ("module", "partial") else f"{name}.tasks")
     spec = TASKS.get(f"{name}_task")
-    installed = {n: Path(importlib.import_module(n).__file__).parent for n in provenance.PACKAGES}
-    own = tmp_path / name if package else tmp_path / f"{name}.py"
-    assert provenance.code_fingerprint(spec) == provenance.fingerprint({**installed, name: own})
-    assert provenance.code_fingerprint(spec) != provenance.code_fingerprint()
-    assert provenance.code_fingerprint(get_task("etth1")) == provenance.code_fingerprint()  # a built-in task
+    base = provenance.code_fingerprint()
+    assert provenance.code_fingerprint(get_task("etth1")) == base  # a built-in task: ablate's code
     before = provenance.code_fingerprint(spec)
-    edited.write_text(edited.read_text() + "# a change\n")  # (the package's helper: not the factory's module)
-    provenance._code_fingerprint.cache_clear()
-    assert provenance.code_fingerprint(spec) != before
-    # the same plugin elsewhere (as Ray ships it to a worker) is the same code
-    elsewhere = tmp_path / "worker"
-    elsewhere.mkdir()
-    (shutil.copytree if package else shutil.copy)(own, elsewhere / own.name)
-    assert provenance.fingerprint({**installed, name: elsewhere / own.name}) == provenance.code_fingerprint(spec)
+    assert before != base and len(before) == 12
+    if how in ("package", "namespace"):  # (its other modules are not covered: see code_fingerprint)
+        helper = source.parent / "helpers.py"
+        helper.write_text(helper.read_text() + "# a change\n")
+        assert provenance.code_fingerprint(spec) == before
+    source.write_text(source.read_text() + "# a change\n")  # seen at once (the file's time and size changed)
+    changed = provenance.code_fingerprint(spec)
+    assert changed not in (before, base)
+    # the same module elsewhere (as Ray ships a plugin to a worker) is the same code
+    elsewhere = tmp_path / "worker" / source.name
+    elsewhere.parent.mkdir()
+    shutil.copy(source, elsewhere)
+    module = spec.factory.func.__module__ if how == "partial" else spec.factory.__module__
+    monkeypatch.setattr(sys.modules[module], "__file__", str(elsewhere))
+    assert provenance.code_fingerprint(spec) == changed
 
 
 def test_reused_trials_of_a_plugin_task_made_before_its_code_changed_are_noted(tmp_path, capsys, plugin_cleanup):
     # a trial's id does not see its task's code: after a fix to a plugin, its stored trials were reused without a word
     name = "noted_plugin"
     plugin_cleanup.append(name)
-    _plugin(tmp_path, name, package=False)
+    _plugin(tmp_path, name, "module")
     spec = tmp_path / "plugged.yaml"
-    spec.write_text(f"name: plugged\ntasks: [{name}_task]\nseeds: 2\nadamw: false\nplugins: [{name}]\n")
+    spec.write_text(f"name: plugged\ntasks: [{name}_task, etth1]\nseeds: 2\nadamw: false\nplugins: [{name}]\n")
     study = load_study(spec)
     from ablate.tasks import TASKS
 
     task = TASKS.get(f"{name}_task")
     out = tmp_path / "results"
     before_fix = provenance.code_fingerprint()  # (as an ablate that did not fingerprint plugins recorded it)
-    _store(out / "plugged", study.trials[0], code_fingerprint=before_fix, torch_version=torch.__version__)
-    _store(out / "plugged", study.trials[1], code_fingerprint=provenance.code_fingerprint(task),
-           torch_version=torch.__version__)
+    ours = [t for t in study.trials if t.config["task"] == f"{name}_task"]
+    theirs = [t for t in study.trials if t.config["task"] == "etth1"]
+    _store(out / "plugged", ours[0], code_fingerprint=before_fix, torch_version=torch.__version__)
+    _store(out / "plugged", ours[1], code_fingerprint=provenance.code_fingerprint(task), torch_version=torch.__version__)
+    _store(out / "plugged", theirs[0], code_fingerprint="0123456789ab", torch_version=torch.__version__)
+    _store(out / "plugged", theirs[1], code_fingerprint=before_fix, torch_version=torch.__version__)
     assert main(["run", str(spec), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert (f"note: of the 2 reused trial(s), 1 was made by other code or torch (code {before_fix}, torch "
-            f"{torch.__version__}; now: code {provenance.code_fingerprint(task)}, torch {torch.__version__})") in printed
+    assert (f"note: of the 4 reused trial(s), 2 were made by other code or torch (etth1: code 0123456789ab, torch "
+            f"{torch.__version__} - now code {before_fix}, torch {torch.__version__}; {name}_task: code {before_fix}, "
+            f"torch {torch.__version__} - now code {provenance.code_fingerprint(task)}, torch {torch.__version__})"
+            ) in printed, printed
