@@ -399,6 +399,8 @@ class MetaAdamW(torch.optim.Optimizer):
             f"{where}decoupled_weight_decay=False is not supported: that is torch.optim.Adam's L2 penalty added to the "
             f"gradient, while MetaAdamW (like AdamW) decays the weights directly, so the same weight_decay would mean "
             f"another rule. Leave decoupled_weight_decay=True (or out), or set the group's weight_decay=0")
+        for key in _TORCH_FLAGS:  # (at their defaults: not MetaAdamW's options, and torch.compile on CUDA sets a
+            param_group.pop(key, None)  # group's capturable key to True, which step() would refuse)
         if any(k in param_group for k in ("lr", "betas", "eps", "weight_decay")):
             # the group's own hyperparameters, checked as the arguments are (AdamW checks only the defaults)
             values = {k: param_group.get(k, self.defaults[k]) for k in ("lr", "betas", "eps", "weight_decay")}
@@ -1043,7 +1045,7 @@ class MetaAdamW(torch.optim.Optimizer):
         """Remove torch.optim.AdamW's own flags from the param groups (a loaded AdamW checkpoint
         brings them, at their defaults or refused): they are not MetaAdamW's options."""
         for group in self.param_groups:
-            for key in (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay"):
+            for key in _TORCH_FLAGS:
                 group.pop(key, None)
 
     def _set_step_counts(self, steps: list[int], global_step: int) -> None:
@@ -1317,6 +1319,10 @@ _ADAMW_FLAGS = {
     "differentiable": (False, "MetaAdamW's step() runs without autograd (its meta_step() trains the modulator)"),
     "fused": (None, "MetaAdamW's foreach implementation (the default, foreach=None) is its fast path"),
 }
+
+
+#: torch.optim.AdamW's own per-group flags, which MetaAdamW's param groups do not keep
+_TORCH_FLAGS = (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay")
 
 
 def _check_adamw_flags(where: str, **flags: Any) -> None:

@@ -69,6 +69,9 @@ def test_the_fixture_takes_every_accelerator_route(accelerator_routes, monkeypat
     # the time feature from the step counter on the device, in step(): 1/10, 2/10, 3/10
     assert [float(t) for t in seen] == pytest.approx([0.1, 0.2, 0.3])
     assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in seen)
+    opt._time.fill_(6.0)  # (the CPU route reads the host's count, which says 3)
+    _train(model, opt, regression_batches(), 1, loss_fn=mse, meta_every=0)
+    assert float(seen[-1]) == pytest.approx(0.7) and opt.global_step == 4
 
 
 @pytest.mark.parametrize("layout", ["named", "decay_groups"])
