@@ -263,7 +263,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._unsynced_from = (0, 0)  # (global_step, meta_updates) when made, loaded or unpickled
         self._ensure_meta_synced()
         self.meta_skipped = 0
-        self._time = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._time = torch.zeros((), dtype=torch.int64, device=self.device)  # (a float32 count stops at 2^24)
         self._carry = {  # ||m_{t-1}||^2 and sum(v_{t-1}) per tensor, valid when computed last step
             "exp_avg_norm_sq": torch.zeros(n, dtype=torch.float32, device=self.device),
             "v_sum": torch.zeros(n, dtype=torch.float32, device=self.device),
@@ -1052,7 +1052,7 @@ class MetaAdamW(torch.optim.Optimizer):
         """The loaded per-tensor AdamW step counts and step() count (the plan is rebuilt next step)."""
         self._steps = steps
         self.global_step = global_step
-        self._time = torch.tensor(float(global_step), dtype=torch.float32, device=self.device)
+        self._time = torch.tensor(global_step, dtype=torch.int64, device=self.device)
         self._carried = self._carried_now()  # (the loaded moments are new tensors)
         self._versions = self._versions_now()
         self._plan = None

@@ -72,6 +72,11 @@ def test_the_fixture_takes_every_accelerator_route(accelerator_routes, monkeypat
     opt._time.fill_(6.0)  # (the CPU route reads the host's count, which says 3)
     _train(model, opt, regression_batches(), 1, loss_fn=mse, meta_every=0)
     assert float(seen[-1]) == pytest.approx(0.7) and opt.global_step == 4
+    # a long run: the count goes on past 2^24 steps (where a float32 count stopped: 2^24 + 1 == 2^24)
+    opt.total_steps = 2**26
+    opt._time.fill_(2**24)
+    _train(model, opt, regression_batches(), 3, loss_fn=mse, meta_every=0)
+    assert int(opt._time) == 2**24 + 3 and float(seen[-1]) > 0.25
 
 
 @pytest.mark.parametrize("layout", ["named", "decay_groups"])
