@@ -131,7 +131,7 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
             if r.trial_id in reused and isinstance(r.code_fingerprint, str) and r.code_fingerprint:
                 task = getattr(r, "task", None)
                 made[r.trial_id] = (r.code_fingerprint, r.torch_version), now(task)
-                tasks[r.trial_id] = str(task)
+                tasks[r.trial_id] = task if isinstance(task, str) else "(task not recorded)"
     other: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {}  # task -> [(made by, now)]
     for trial, (by, here) in made.items():
         if by != here:
