@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaadamw.features import FeatureExtractor, FeatureGate
 from metaadamw import functional
+from metaadamw.features import FeatureExtractor, FeatureGate
 from metaadamw.functional import to_device
 
 
