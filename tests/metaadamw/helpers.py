@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
@@ -78,3 +80,19 @@ def small_kwargs(**over):
     kw = dict(modulator_layers=1, modulator_ff=8)
     kw.update(over)
     return kw
+
+
+def randomise_head(opt, seed: int = 0) -> None:
+    """A random modulator head: non-trivial multipliers from the first step."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        opt.modulator.head.weight.copy_(torch.randn(opt.modulator.head.weight.shape, generator=g))
+        opt.modulator.head.bias.copy_(torch.randn(4, generator=g))
+
+
+def save_and_load(obj):
+    """``obj`` through ``torch.save`` and ``torch.load``, as a checkpoint file would take it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

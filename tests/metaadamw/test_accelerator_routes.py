@@ -12,7 +12,6 @@ checkpoints and copies); that they never synchronise with the host is ``test_cud
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import pytest
@@ -21,7 +20,8 @@ import torch
 from metaadamw import MetaAdamW
 from metaadamw import functional as F
 from metaadamw import modulator
-from tests.metaadamw.helpers import TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches, small_kwargs
+from tests.metaadamw.helpers import (TinyTransformer, lm_batches, lm_loss, mlp, mse, randomise_head,
+                                     regression_batches, save_and_load, small_kwargs)
 
 
 @pytest.fixture
@@ -33,23 +33,14 @@ def accelerator_routes(monkeypatch):
     monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", 40)
 
 
-def _train(model, opt, batches, steps, start=0, loss_fn=lm_loss, meta_every=3, sched=None):
+def _train(model, opt, batches, steps, start=0, loss_fn=lm_loss, meta_every=3):
     for t in range(start, start + steps):
         opt.zero_grad()
         loss_fn(model, batches[t % len(batches)]).backward()
         opt.step()
-        if sched is not None:
-            sched.step()
         if meta_every and (t + 1) % meta_every == 0:
             rec = opt.meta_step(model, loss_fn, batches[t % 3], batches[(t + 1) % 3], batches[(t + 2) % 3])
             assert not rec.skipped
-
-
-def _randomise_head(opt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        opt.modulator.head.weight.copy_(torch.randn(opt.modulator.head.weight.shape, generator=g))
-        opt.modulator.head.bias.copy_(torch.randn(4, generator=g))
 
 
 def test_the_fixture_takes_every_accelerator_route(accelerator_routes, monkeypatch):
@@ -108,7 +99,7 @@ def _pair(kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = MetaAdamW(model.named_parameters(), lr=3e-3, modulator_heads=1, **small_kwargs(**kwargs))
-    _randomise_head(opt)
+    randomise_head(opt)
     return model, opt
 
 
@@ -153,13 +144,6 @@ def test_the_accelerator_routes_train_as_the_cpu_routes_do(kwargs, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def _save(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
 @pytest.mark.parametrize("how", ["state_dict", "deepcopy"])
 def test_resumed_training_on_the_accelerator_routes_is_bit_identical(accelerator_routes, how):
     # the time feature comes from the optimizer's step counter on the device there: a checkpoint
@@ -169,7 +153,7 @@ def test_resumed_training_on_the_accelerator_routes_is_bit_identical(accelerator
     init, init_opt = copy.deepcopy(model_a.state_dict()), copy.deepcopy(opt_a.state_dict())
     _train(model_a, opt_a, batches, 7)
     if how == "state_dict":
-        ckpt = _save({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+        ckpt = save_and_load({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
     else:
         copied = copy.deepcopy((model_a, opt_a))
     _train(model_a, opt_a, batches, 8, start=7)

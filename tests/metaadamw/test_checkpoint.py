@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import io
 import re
 
 import pytest
 import torch
 
 from metaadamw import MetaAdamW
-from tests.metaadamw.helpers import TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches, small_kwargs
+from tests.metaadamw.helpers import (TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches,
+                                     save_and_load, small_kwargs)
 
 KW = small_kwargs(weighting="huw_priority", priorities=[2, 5, 1], gating=True, features="basic",
                   meta_optimizer="adam")
@@ -25,13 +25,6 @@ def _train(model, opt, batches, steps, start=0, meta_every=3, loss_fn=lm_loss):
             opt.meta_step(model, loss_fn, batches[t % 3], batches[(t + 1) % 3], batches[(t + 2) % 3])
 
 
-def _save(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
 def test_resumed_training_is_bit_identical_to_uninterrupted_training():
     batches = lm_batches()
     torch.manual_seed(0)
@@ -40,7 +33,7 @@ def test_resumed_training_is_bit_identical_to_uninterrupted_training():
     opt_a = MetaAdamW(model_a.named_parameters(), **KW)
     init_opt = copy.deepcopy(opt_a.state_dict())
     _train(model_a, opt_a, batches, 7)
-    ckpt = _save({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+    ckpt = save_and_load({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
     _train(model_a, opt_a, batches, 8, start=7)
 
     model_b = TinyTransformer()

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaadamw import MetaAdamW
 from metaadamw import functional as F
-from tests.metaadamw.helpers import TinyTransformer, lm_batches, lm_loss, mlp, mse, regression_batches, small_kwargs
+from tests.metaadamw.helpers import (TinyTransformer, lm_batches, lm_loss, mlp, mse, randomise_head,
+                                     regression_batches, small_kwargs)
 
 
 def _layouts(model):
@@ -80,13 +81,6 @@ def _same_gradients(models, batch, loss_fn):
         b.grad = a.grad.clone()
 
 
-def _randomise_head(opt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        opt.modulator.head.weight.copy_(torch.randn(opt.modulator.head.weight.shape, generator=g))
-        opt.modulator.head.bias.copy_(torch.randn(4, generator=g))
-
-
 @pytest.mark.parametrize("features, chunk", [("basic", None), ("basic_plus", None), ("enhanced", None),
                                             ("norm_basic", None), ("basic", 100), ("enhanced", 1)])
 def test_fast_path_agrees_with_single_tensor_reference_step_by_step(features, chunk, monkeypatch):
@@ -103,7 +97,7 @@ def test_fast_path_agrees_with_single_tensor_reference_step_by_step(features, ch
             warnings.simplefilter("ignore")
             opt = MetaAdamW(model.named_parameters(), lr=3e-3, foreach=foreach, features=features,
                             modulator_heads=1, **small_kwargs())
-        _randomise_head(opt)
+        randomise_head(opt)
         opts.append(opt)
     opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
     for t in range(8):
@@ -223,7 +217,7 @@ def test_step_makes_no_tensor_from_host_values_on_the_parameters_device(features
 def test_refresh_every_reuses_multipliers_between_refreshes():
     model = mlp(0)
     opt = MetaAdamW(model.named_parameters(), refresh_every=3, **small_kwargs())
-    _randomise_head(opt)
+    randomise_head(opt)
     seen = []
     for t in range(6):
         _train(model, opt, regression_batches()[t % 4:], 1)
@@ -1176,7 +1170,7 @@ def test_lean_inference_path_equals_the_modulator_forward(kwargs, fused, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = MetaAdamW(model.named_parameters(), **kwargs)
-    _randomise_head(opt)
+    randomise_head(opt)
     lm_loss(model, lm_batches()[0]).backward()
     opt.step()
     time = torch.tensor(0.3)
