@@ -124,19 +124,18 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
     def now(task: Any) -> tuple[str, str]:
         return code_fingerprint(TASKS.get(task) if isinstance(task, str) and task in TASKS else None), torch.__version__
 
-    made: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {}  # trial id -> (what made it, what runs it now)
-    tasks: dict[str, str] = {}
+    recorded: set[str] = set()  # reused trials whose row says what made them
+    other: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {}  # task -> [(made by, what runs it now)]
     if {"code_fingerprint", "torch_version"} <= set(stored.columns):
         for r in stored.itertuples():
-            if r.trial_id in reused and isinstance(r.code_fingerprint, str) and r.code_fingerprint:
+            if (r.trial_id in reused and r.trial_id not in recorded and isinstance(r.code_fingerprint, str)
+                    and r.code_fingerprint):
+                recorded.add(r.trial_id)
                 task = getattr(r, "task", None)
-                made[r.trial_id] = (r.code_fingerprint, r.torch_version), now(task)
-                tasks[r.trial_id] = task if isinstance(task, str) else "(task not recorded)"
-    other: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {}  # task -> [(made by, now)]
-    for trial, (by, here) in made.items():
-        if by != here:
-            other.setdefault(tasks.get(trial, "?"), []).append((by, here))
-    unknown = len(reused) - len(made)
+                by, here = (r.code_fingerprint, r.torch_version), now(task)
+                if by != here:
+                    other.setdefault(task if isinstance(task, str) else "(task not recorded)", []).append((by, here))
+    unknown = len(reused) - len(recorded)
     if not other and not unknown:
         return
     parts = []
