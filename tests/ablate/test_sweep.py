@@ -348,12 +348,25 @@ def test_trials_are_handed_to_ray_longest_first(tmp_path):
     study = load_study(tiny_study(tmp_path, seeds=2))  # arms adamw, baseline, objective=loss_decrease
     ordered = longest_first(study.trials)
     assert sorted(t.trial_id for t in ordered) == sorted(t.trial_id for t in study.trials)
-    kinds = [t.config["optimizer"] for t in ordered]
-    assert kinds == ["metaadamw"] * 4 + ["adamw"] * 2, "MetaAdamW trials before AdamW trials"
-    meta = [t.trial_id for t in study.trials if t.config["optimizer"] == "metaadamw"]
-    assert [t.trial_id for t in ordered[:4]] == meta, "among equals the study's own order is kept"
+    assert [(t.seed, t.arm) for t in ordered] == [
+        (0, "baseline"), (0, "objective=loss_decrease"), (0, "adamw"),
+        (1, "baseline"), (1, "objective=loss_decrease"), (1, "adamw")], \
+        "each seed's trials together, in the study's order, MetaAdamW before AdamW"
     longer = dataclasses.replace(study.trials[-1], config={**study.trials[-1].config, "epochs": 5})
     assert longest_first([*study.trials[:-1], longer])[0] is longer, "more epochs first"
+
+
+def test_each_adamw_trial_runs_beside_its_task_and_seed_not_after_every_metaadamw_trial(tmp_path):
+    from ablate.sweep import longest_first
+
+    path = tiny_study(tmp_path, seeds=2)
+    path.write_text(path.read_text().replace("tasks: [etth1]", "tasks: [etth1, wikitext2]"))
+    study = load_study(path)
+    ordered = [(t.task, t.seed, t.config["optimizer"]) for t in longest_first(study.trials)]
+    blocks = [(task, seed) for task, seed, _ in ordered]
+    assert blocks == sorted(blocks, key=[(t.task, t.seed) for t in study.trials].index), "blocks in study order"
+    assert [kind for *_, kind in ordered] == ["metaadamw", "metaadamw", "adamw"] * 4
+    assert ordered[2] == ("etth1", 0, "adamw") and ordered[-1] == ("wikitext2", 1, "adamw")
 
 
 def test_time_left_weighs_the_trials_still_to_run_by_their_tasks():
