@@ -215,13 +215,14 @@ class Bucket:
     beta2: float
     step: int  # AdamW step count after this step's increment
     param_group: int = 0
-    runs: list[tuple[list[Tensor], list[Tensor], list[Tensor], bool]] = dataclasses.field(default_factory=list)
+    runs: list[tuple[list[Tensor], list[Tensor], list[Tensor], bool, bool]] = dataclasses.field(default_factory=list)
 
     def split(self, limit: int | None) -> None:
-        """Cut the bucket into runs ``(params, exp_avgs, exp_avg_sqs, reciprocal_roots)`` of about
-        ``limit`` elements for cache blocking (larger contiguous tensors as flat views); None: one
-        run. ``reciprocal_roots``: the run's square roots are taken by :func:`foreach_sqrt`'s CPU
-        form (float32 and float64 second moments on the CPU)."""
+        """Cut the bucket into runs ``(params, exp_avgs, exp_avg_sqs, reciprocal_roots, narrow)``
+        of about ``limit`` elements for cache blocking (larger contiguous tensors as flat views);
+        None: one run. ``reciprocal_roots``: the run's square roots are taken by
+        :func:`foreach_sqrt`'s CPU form (float32 and float64 second moments on the CPU);
+        ``narrow``: :func:`foreach_update` takes AdamW's order of operations (a float16 second moment)."""
         pieces: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
         for p, m, v in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
             cut = is_cut(p, m, v, limit)
@@ -231,7 +232,7 @@ class Bucket:
         self.runs = []
         for sl in chunk_slices(numels, 0, len(numels), limit):
             params, exp_avgs, exp_avg_sqs = (x[sl] for x in pieces)
-            self.runs.append((params, exp_avgs, exp_avg_sqs, reciprocal_roots(exp_avg_sqs)))
+            self.runs.append((params, exp_avgs, exp_avg_sqs, reciprocal_roots(exp_avg_sqs), narrow_range(exp_avg_sqs)))
 
     @property
     def bias_correction1(self) -> float:
@@ -575,6 +576,14 @@ def reciprocal_roots(tensors: list[Tensor]) -> bool:
         takes_cpu_routes(t.device) and t.dtype in (torch.float32, torch.float64) for t in tensors)
 
 
+def narrow_range(tensors: list[Tensor]) -> bool:
+    """Whether :func:`foreach_update` must apply the step after the division for ``tensors``
+    (second moments): float16's range (at most 65504, nothing below 6e-8) cannot hold the
+    denominator with the whole step folded in, ``sqrt(v) / (lr alpha)``, nor AdamW's eps times
+    ``sqrt(1 - beta2^t)``."""
+    return any(t.dtype == torch.float16 for t in tensors)
+
+
 def foreach_sqrt(tensors: list[Tensor], reciprocal: bool | None = None, inplace: bool = False) -> list[Tensor]:
     """Square roots of non-negative tensors (second moments), as new tensors or ``inplace``.
 
@@ -618,7 +627,10 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     ``scalar_dtype``: the dtype the per-bucket scalars are computed in (default alpha's, float32);
     float64 when there are float64 parameters, whose AdamW steps use Python-float scalars.
 
-    Square roots: :func:`foreach_sqrt` (on the CPU, ``1 / rsqrt``)."""
+    Square roots: :func:`foreach_sqrt` (on the CPU, ``1 / rsqrt``). A run with float16 second
+    moments (:func:`narrow_range`) takes AdamW's order instead: ``sqrt(v) / sqrt(bc2) + eps``,
+    ``m / denom``, times ``s``, added (two passes more): folded, its denominator overflows to inf
+    once ``|g| > 65504 lr`` (the update vanishes) and its eps to 0 (0 / 0 where v is 0)."""
     if not buckets:
         return
     device, dtype = alpha.device, scalar_dtype or alpha.dtype
@@ -637,10 +649,27 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     scalars = zip(decay.unbind(0), scale.unbind(0))  # 0-dim views, two ops for all the buckets
     for b, (d, c) in zip(buckets, scalars):
         eps = b.eps * math.sqrt(b.bias_correction2)
-        for params, exp_avgs, exp_avg_sqs, reciprocal in b.runs or [
-                (b.params, b.exp_avgs, b.exp_avg_sqs, reciprocal_roots(b.exp_avg_sqs))]:
+        for params, exp_avgs, exp_avg_sqs, reciprocal, narrow in b.runs or [
+                (b.params, b.exp_avgs, b.exp_avg_sqs, reciprocal_roots(b.exp_avg_sqs), narrow_range(b.exp_avg_sqs))]:
+            if narrow:
+                _narrow_update(b, params, exp_avgs, exp_avg_sqs, d, c)
+                continue
             denom = foreach_sqrt(exp_avg_sqs, reciprocal)
             torch._foreach_add_(denom, eps)
             torch._foreach_mul_(denom, c)
             torch._foreach_mul_(params, d)
             torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+def _narrow_update(b: Bucket, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                   decay: Tensor, scale: Tensor) -> None:
+    """:func:`foreach_update` of one run in AdamW's order (float16: :func:`narrow_range`);
+    ``decay``, ``scale``: the bucket's 0-dim scalars, ``scale = -bc1 / (sqrt(bc2) lr alpha)``."""
+    root_bc2 = math.sqrt(b.bias_correction2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, root_bc2)
+    torch._foreach_add_(denom, b.eps)
+    update = torch._foreach_div(exp_avgs, denom)  # the Adam direction m / (sqrt(v / bc2) + eps)
+    torch._foreach_mul_(update, torch.reciprocal(scale * root_bc2))  # -lr alpha / bc1
+    torch._foreach_mul_(params, decay)
+    torch._foreach_add_(params, update)

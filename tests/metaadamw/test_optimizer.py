@@ -1271,7 +1271,7 @@ def test_the_update_with_reciprocal_roots_matches_the_plain_update():
                           lr=1e-3, weight_decay=0.1, eps=1e-8, beta1=0.9, beta2=0.999, step=7)
         bucket.split(None)
         assert bucket.runs[0][3]  # CPU float32
-        bucket.runs = [run[:3] + (reciprocal,) for run in bucket.runs]
+        bucket.runs = [run[:3] + (reciprocal,) + run[4:] for run in bucket.runs]
         F.foreach_update([bucket], torch.tensor([1.3]), torch.tensor([0.8]))
         results.append(bucket.params[0])
     assert torch.equal(results[0][::3], results[1][::3])
@@ -1388,6 +1388,34 @@ def test_zero_ranges_match_torch_adamw_in_float64(foreach):
     _train(model, opt, batches, 300)
     for a, b in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("lr, eps, grad", [(1e-5, 1e-4, [1.0, 0.01]), (1e-3, 1e-7, [1.0, 0.0])])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_zero_ranges_match_torch_adamw_in_float16(lr, eps, grad, chunk, monkeypatch):
+    # the fast update folded the whole step into its denominator, sqrt(v) / (lr alpha): in float16
+    # (at most 65504) it overflowed to inf once |g| > 65504 lr, and the element stopped moving after
+    # 7 steps; its eps * sqrt(1 - beta2^t) rounded to 0, so an element with g = 0 gave 0 / 0 = NaN
+    # (and a run of tensors cut for cache blocking, mixed with float32 tensors, must do the same)
+    if chunk:
+        monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 1)
+        monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", chunk)
+    results = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=lr, eps=eps, weight_decay=0.1),
+                 lambda ps: MetaAdamW(ps, lr=lr, eps=eps, weight_decay=0.1, alpha_range=0.0, beta_range=0.0,
+                                      grouping="original")):
+        half = nn.Parameter(torch.full((len(grad),), 0.01, dtype=torch.float16))
+        single = nn.Parameter(torch.full((3,), 0.5))
+        opt = make([half, single])
+        for _ in range(50):
+            half.grad = torch.tensor(grad, dtype=torch.float16)
+            single.grad = torch.tensor([1.0, -2.0, 0.0])
+            opt.step()
+        results.append((half.detach().clone(), single.detach().clone()))
+    (ref_half, ref_single), (half, single) = results
+    assert torch.isfinite(half).all() and abs(float(half[0]) - 0.01) > 1e-4, "the float16 tensor moved"
+    torch.testing.assert_close(half, ref_half, rtol=0, atol=0)
+    torch.testing.assert_close(single, ref_single, rtol=1e-6, atol=1e-7)
 
 
 def test_a_float64_default_dtype_changes_nothing():
