@@ -18,6 +18,11 @@ at zero, so a fresh modulator gives alpha = beta = 1 exactly and MetaAdamW start
 first meta-update then trains the head alone (the layers below get gradient once it is non-zero).
 Comparing the two separates what the learned modulation does from what random per-group
 multipliers do.
+
+Non-finite features (an inf or NaN gradient in one tensor makes its group's norms and cosine
+inf or NaN) enter the encoder as +-:data:`FEATURE_LIMIT` and 0 (:meth:`Modulator.features`): the
+encoder attends across groups, so one NaN token made every group's multipliers NaN, and with them
+every parameter of the model in one step, where AdamW spoils only the non-finite elements.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ from metaadamw.functional import to_device
 
 
 HEAD_INITS = ("zero", "default")
+
+#: what an infinite feature enters the encoder as (with its sign; NaN enters as 0): large against
+#: any statistic of a model still training, small enough that the first layer's sums of squares
+#: (LayerNorm, attention scores) stay finite in float32
+FEATURE_LIMIT = 1e6
 
 #: the fused post-norm encoder layer of ``nn.TransformerEncoderLayer``'s fast path (a private op
 #: that has kept its signature since torch 1.12); None falls back to the eager ops
@@ -219,13 +229,18 @@ class Modulator(nn.Module):
             x = layer(x)
         return self.head(x)
 
+    def features(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
+        """The extractor's (groups, in_width) features, each inf as +-:data:`FEATURE_LIMIT` and
+        each NaN as 0 (see the module's docstring)."""
+        return torch.nan_to_num(self.extractor(stats, time), nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
+
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
-        return self._multipliers(self.encode(self.extractor(stats, time)))
+        return self._multipliers(self.encode(self.features(stats, time)))
 
     @torch.no_grad()
     def infer(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
         """``forward`` for the optimizer step: no autograd, no dropout, the lean layer path."""
-        x = self.extractor(stats, time)
+        x = self.features(stats, time)
         if self.gate is not None:
             x = self.gate(x)
         if self.input_proj is not None:

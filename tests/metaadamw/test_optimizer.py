@@ -1418,6 +1418,34 @@ def test_zero_ranges_match_torch_adamw_in_float16(lr, eps, grad, chunk, monkeypa
     torch.testing.assert_close(single, ref_single, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_gradient_spoils_only_its_own_elements_as_in_adamw(features, bad):
+    # the encoder attends across groups: one group's inf or NaN statistics made every group's
+    # multipliers NaN, and every parameter of the model NaN in one step (AdamW: only the element)
+    runs = {}
+    for name, make in (("adamw", lambda groups: torch.optim.AdamW(groups, lr=1e-2)),
+                       ("zero", lambda groups: MetaAdamW(groups, lr=1e-2, alpha_range=0.0, beta_range=0.0,
+                                                         grouping="original", features=features, modulator_heads=1)),
+                       ("meta", lambda groups: MetaAdamW(groups, lr=1e-2, grouping="original", features=features,
+                                                         modulator_heads=1))):
+        torch.manual_seed(0)
+        a, b, c = (nn.Parameter(torch.ones(3)) for _ in range(3))
+        opt = make([{"params": [a]}, {"params": [b]}, {"params": [c]}])
+        for step in range(3):
+            a.grad = torch.tensor([1.0, bad if step == 1 else 1.0, 1.0])
+            b.grad, c.grad = torch.full((3,), 0.5), torch.full((3,), -2.0)
+            opt.step()
+        runs[name] = (a.detach().clone(), b.detach().clone(), c.detach().clone(), opt)
+    assert runs["adamw"][0][1].isnan() and torch.isfinite(runs["adamw"][0][[0, 2]]).all()
+    for x, y in zip(runs["zero"][:3], runs["adamw"][:3]):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7, equal_nan=True)
+    a, b, c, opt = runs["meta"]
+    assert a[1].isnan() and torch.isfinite(a[[0, 2]]).all() and torch.isfinite(b).all() and torch.isfinite(c).all()
+    assert torch.isfinite(opt.multipliers.alpha).all() and torch.isfinite(opt.multipliers.beta).all()
+    assert not torch.equal(b, runs["adamw"][1]), "the modulator still modulates the other groups"
+
+
 def test_a_float64_default_dtype_changes_nothing():
     # the optimizer's own tensors (layout, statistics, modulator, weighting) are float32 whatever
     # torch's default dtype; with a float64 default, step() and meta_step() crashed on a dtype mismatch
