@@ -1404,6 +1404,11 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         interrupted = searcher.fail_unfinished()
         if interrupted:
             print(f"[{target.key}] {interrupted} unfinished suggestion(s) marked FAIL in the stored study", flush=True)
+    if not interrupted and progress.done < trials:
+        # Ray Tune's fit() also returns early on a Ctrl-C that comes between two suggestions (or after the last
+        # epoch of the running one): nothing is unfinished then, but the search is cut short all the same
+        interrupted = trials - progress.done
+        print(f"[{target.key}] stopped after {progress.done} of {trials} suggestion(s)", flush=True)
     if not progress.errors and ray_storage is None:
         # every suggestion of this run is in the stored study (finished, or FAIL if cut off): its Ray experiment
         # directory holds nothing more (a run with errors keeps it, for the tracebacks; another process's

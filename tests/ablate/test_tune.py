@@ -1114,6 +1114,33 @@ def test_ctrl_c_in_the_first_target_of_a_first_run_names_the_targets_that_did_no
     assert (tmp_path / "out" / "t1" / "tune" / "history.parquet").exists()
 
 
+def test_ctrl_c_that_ray_tune_catches_between_two_suggestions_exits_130_and_starts_no_other_search(
+        tmp_path, monkeypatch, capsys):
+    # Ray Tune's fit() catches Ctrl-C and returns; when no suggestion was running at that moment nothing was
+    # marked FAIL, and the run went on as if complete: the next target's search started, and the exit was 0
+    import ray.tune
+
+    import ablate.tune as tune_mod
+
+    _no_ray(monkeypatch)
+    fits = []
+
+    class CutShort:  # what fit() does when the Ctrl-C comes before (or between) the suggestions: returns
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            fits.append(1)
+
+    monkeypatch.setattr(ray.tune, "Tuner", CutShort)
+    spec_path = _tiny_spec(tmp_path, tasks="[etth1, imdb]")
+    assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
+    printed = capsys.readouterr().out
+    assert len(fits) == 1, "the second target's search did not start"
+    assert "[etth1] stopped after 0 of 1 suggestion(s)" in printed
+    assert "interrupted during etth1 after 0 of 1 suggestion(s)" in printed and "the searches of imdb did not start" in printed
+
+
 def test_a_search_with_no_finished_suggestion_exits_1(tmp_path, monkeypatch, capsys):
     # `ablate tune ... && ablate run ...` must stop when there are no best values to run with
     import ablate.tune as tune_mod
