@@ -1728,7 +1728,7 @@ def tune_command(args) -> int:
         left = spec.settings.trials - ran[key]
         # (--trials is one count for every target: a command adds just the rest only where there is one target)
         rest = (f"\nor, to add only the {left} suggestion(s) this run did not get to:\n  {command(trials=left)}"
-                if len(keys) == 1 and left > 0 else "")
+                if len(keys) == 1 and 0 < left < spec.settings.trials else "")  # (none finished: the same command)
         print(f"interrupted during {key} after {ran[key]} of {spec.settings.trials} suggestion(s) (finished ones are "
               f"kept in its stored study){'; the searches of ' + ', '.join(after) + ' did not start' if after else ''}. "
               f"The same command continues, adding --trials suggestions to every target ({key} included):\n"

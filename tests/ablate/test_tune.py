@@ -1620,3 +1620,13 @@ def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands
     printed = capsys.readouterr().out
     assert (f"or, to add only the 3 suggestion(s) this run did not get to:\n  ablate tune {spec_path} --out "
             f"{tmp_path / 'out'} --trials 3") in printed
+
+    def none_finished(target, spec, storage, trials, out_dir, ray_storage, stopped=None):
+        tune_mod.open_target_study(target, spec, storage)
+        return 0, 1
+
+    monkeypatch.setattr(tune_mod, "_run_target", none_finished)
+    assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
+    printed = capsys.readouterr().out
+    assert "after 0 of 5 suggestion(s)" in printed, printed
+    assert "to add only the" not in printed, "no suggestion finished: the same command, not said twice"
