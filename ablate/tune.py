@@ -1588,14 +1588,6 @@ def best_settings(study) -> dict[str, Any] | None:
     return settings_from_params(best.params) if best is not None else None
 
 
-def _round(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_round(v) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.6g}")
-    return value
-
-
 def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   location: str) -> tuple[dict[str, Path], dict[str, str]]:
     """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
@@ -1623,7 +1615,8 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         for task in tasks:
             # where they were picked: a study that compares on these seeds' validation metric reads them
             # at their most favourable (load_study warns)
-            best[task] = {**{k: _round(v) for k, v in settings.items()}, TUNED_ON_SEEDS: list(spec.study.seeds),
+            # (at full precision: the values that scored best are the values a study runs)
+            best[task] = {**settings, TUNED_ON_SEEDS: list(spec.study.seeds),
                           TUNED_FOR: spec.settings.arm}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
