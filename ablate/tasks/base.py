@@ -238,12 +238,10 @@ def list_tasks(pattern: str | None = None) -> list[str]:
     return TASKS.list(pattern)
 
 
-def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Path:
-    """The directory holding a real dataset: ``config["data_dir"]``, else ``$ABLATE_DATA_DIR``.
-
-    ``subdir`` (e.g. ``"ETT-small"``) is appended when the directory does not already end in it,
-    so both ``/data`` and ``/data/ETT-small`` work.
-    """
+def data_dir_candidates(config: Mapping[str, Any], subdir: str | None = None) -> list[Path]:
+    """Where a real dataset may lie, in the order it is looked for: ``data_dir/subdir`` (the
+    dataset's own folder, e.g. ``ETT-small``) and ``data_dir`` itself; only ``data_dir`` when it
+    already ends in ``subdir``. ``data_dir``: ``config["data_dir"]``, else ``$ABLATE_DATA_DIR``."""
     raw = config.get("data_dir") or os.environ.get(DATA_DIR_ENV)
     if not raw:
         raise DatasetNotFoundError(
@@ -252,9 +250,21 @@ def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Pa
             f"or use data='embedded' for the small offline variant"
         )
     root = Path(os.path.expanduser(str(raw)))
-    if subdir and root.name != subdir and (root / subdir).exists():
-        root = root / subdir
-    return root
+    return [root] if not subdir or root.name == subdir else [root / subdir, root]
+
+
+def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Path:
+    """The directory holding a real dataset (:func:`data_dir_candidates`): ``data_dir/subdir`` when
+    it exists, else ``data_dir``, so both ``/data`` and ``/data/ETT-small`` work."""
+    candidates = data_dir_candidates(config, subdir)
+    return candidates[0] if len(candidates) == 1 or candidates[0].exists() else candidates[1]
+
+
+def also_looked_in(config: Mapping[str, Any], subdir: str, root: Path) -> str:
+    """For an error about files missing from ``root``: where else the dataset may lie (the
+    dataset's own folder below the data directory, when ``root`` is not it), or ""."""
+    others = [c for c in data_dir_candidates(config, subdir) if c != root]
+    return f" (and there is no folder {others[0]}, the other place it may lie)" if others and others[0].name == subdir else ""
 
 
 def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:

@@ -52,6 +52,7 @@ from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
     TaskInstance,
+    also_looked_in,
     check_bool,
     check_choice,
     check_int,
@@ -179,28 +180,29 @@ def _missing_message(root: Path, what: str) -> str:
     )
 
 
-def _batch_files(root: Path) -> list[str]:
-    """The training batches present in ``root`` (DatasetNotFoundError when none, or no test batch)."""
+def _batch_files(root: Path, also: str = "") -> list[str]:
+    """The training batches present in ``root`` (DatasetNotFoundError when none, or no test batch;
+    ``also``: where else the batches may lie, for its message)."""
     if not root.is_dir():
-        raise DatasetNotFoundError(_missing_message(root, f"the directory {root} does not exist"))
+        raise DatasetNotFoundError(_missing_message(root, f"the directory {root} does not exist{also}"))
     train_files = [name for name in TRAIN_FILES if (root / name).is_file()]
     if not train_files:
-        raise DatasetNotFoundError(_missing_message(root, f"no training batch data_batch_1..5 in {root}"))
+        raise DatasetNotFoundError(_missing_message(root, f"no training batch data_batch_1..5 in {root}{also}"))
     if not (root / TEST_FILE).is_file():
-        raise DatasetNotFoundError(_missing_message(root, f"no {TEST_FILE} in {root}"))
+        raise DatasetNotFoundError(_missing_message(root, f"no {TEST_FILE} in {root}{also}"))
     return train_files
 
 
 def locate(config: dict) -> list[Path]:
     """The real batch files (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
     root = resolve_data_dir(config, CIFAR_SUBDIR)
-    return [root / name for name in [*_batch_files(root), TEST_FILE]]
+    return [root / name for name in [*_batch_files(root, also_looked_in(config, CIFAR_SUBDIR, root)), TEST_FILE]]
 
 
-def load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def load_cifar10(root: Path, also: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Train images/labels (every existing data_batch_*), test images/labels (test_batch), and
-    the names of the training files used."""
-    train_files = _batch_files(root)
+    the names of the training files used (``also``: see :func:`_batch_files`)."""
+    train_files = _batch_files(root, also)
     batches = [read_batch(root / name) for name in train_files]
     train_x = np.concatenate([x for x, _ in batches])
     train_y = np.concatenate([y for _, y in batches])
@@ -360,7 +362,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
         source, train_files, test = EMBEDDED_SOURCE, [], None
     else:
         root = resolve_data_dir(config, CIFAR_SUBDIR)
-        train_x, train_y, test_x, test_y, train_files = load_cifar10(root)
+        train_x, train_y, test_x, test_y, train_files = load_cifar10(root, also_looked_in(config, CIFAR_SUBDIR, root))
         mean, std = CIFAR_MEAN, CIFAR_STD
         source = f"real:{root.resolve()}"
         short = [f"{len(train_y):,} training images from {', '.join(train_files)}, of the {FULL_TRAIN_IMAGES:,} in "

@@ -1,12 +1,12 @@
 """IMDB movie-review sentiment classification with a bidirectional LSTM.
 
-Real data (``data="real"``), in ``<data_dir>/imdb`` (or ``data_dir`` itself), one of:
+Real data (``data="real"``), in ``<data_dir>/imdb`` or ``data_dir`` itself (looked for in that order), one of:
 
 * the canonical Large Movie Review Dataset tree ``aclImdb/{train,test}/{pos,neg}/*.txt`` (label
   pos = 1, neg = 0; ``aclImdb/train/unsup`` is ignored). Validation is a deterministic
   stratified 20 % of ``train`` (shuffled with ``split_seed``); ``test`` is the test tree;
-* a CSV file named by the task key ``csv_file`` (absolute, or relative to the data directory)
-  with a text column (``text`` or ``review``) and a label column (``label`` or ``sentiment``:
+* a CSV file named by the task key ``csv_file`` (absolute, or relative to the data directory or
+  its ``imdb`` folder) with a text column (``text`` or ``review``) and a label column (``label`` or ``sentiment``:
   ``1``/``0``, ``pos``/``neg`` or ``positive``/``negative``), e.g. the 5,000-review
   ``text2vec_movie_review_5000.csv`` (columns id,label,text). It is split 80/20 into train and
   validation, stratified by label and shuffled with ``split_seed``; there is no test split.
@@ -51,8 +51,8 @@ from ablate.tasks.base import (
     check_int,
     check_probability,
     register_download,
+    data_dir_candidates,
     register_task,
-    resolve_data_dir,
 )
 from ablate.tasks.base import classifier_loss, evaluate_classifier  # shared with cifar10
 from ablate.tasks.models_text import BiLSTMClassifier
@@ -201,35 +201,51 @@ def _csv_error(problem: str, path: Path) -> DatasetNotFoundError:
 
 
 def _csv_path(config: dict) -> Path | None:
-    """The CSV file named by ``csv_file`` (absolute, or relative to the data directory), if any."""
+    """The CSV file named by ``csv_file`` (absolute, or relative to the data directory: looked for
+    in ``data_dir/imdb`` and in ``data_dir``), if any; DatasetNotFoundError when it is in neither."""
     if not config.get("csv_file"):
         return None
     path = Path(config["csv_file"]).expanduser()
-    return path if path.is_absolute() else resolve_data_dir(config, SUBDIR) / path
+    if path.is_absolute():
+        tried = [path]
+    else:
+        tried = list(dict.fromkeys(root / path for root in data_dir_candidates(config, SUBDIR)))
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise _csv_error(f"csv_file {' or '.join(map(str, tried))} does not exist", tried[0])
+    return found
+
+
+def _tree(config: dict) -> Path:
+    """The ``aclImdb`` folder: ``data_dir/imdb/aclImdb``, else ``data_dir/aclImdb`` (or ``data_dir``
+    itself, named aclImdb), the first whose four review folders hold ``.txt`` files; if none does,
+    DatasetNotFoundError naming the folders of each."""
+    trees = [root if root.name == TREE else root / TREE for root in data_dir_candidates(config, SUBDIR)]
+    trees = list(dict.fromkeys(trees))
+    for tree in trees:
+        if all(folder.is_dir() and next(folder.glob("*.txt"), None) is not None
+               for folder in _tree_dirs(tree).values()):
+            return tree
+    tree = next((t for t in trees if t.is_dir()), trees[0])  # (the one the user has begun, if any)
+    empty = next(folder for folder in _tree_dirs(tree).values()
+                 if not folder.is_dir() or next(folder.glob("*.txt"), None) is None)
+    looked = f" (looked in {' and '.join(map(str, trees))})" if len(trees) > 1 else ""
+    raise dataset_error(TASK, f"no review files {empty}/*.txt{looked}",
+                        [d / "*.txt" for t in trees for d in _tree_dirs(t).values()], SOURCE)
 
 
 def locate(config: dict) -> list[Path]:
     """The CSV file, or the review folders of the aclImdb tree (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
     path = _csv_path(config)
     if path is not None:
-        if not path.is_file():
-            raise _csv_error(f"csv_file {path} does not exist", path)
         return [path]
-    root = resolve_data_dir(config, SUBDIR)
-    tree = root if root.name == TREE else root / TREE
-    dirs = _tree_dirs(tree)
-    for folder in dirs.values():
-        if not folder.is_dir() or next(folder.glob("*.txt"), None) is None:
-            raise dataset_error(TASK, f"no review files {folder}/*.txt", [d / "*.txt" for d in dirs.values()], SOURCE)
-    return list(dirs.values())
+    return list(_tree_dirs(_tree(config)).values())
 
 
 def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     """Train/val(/test) reviews of the real data and the data-source string (module docstring)."""
     path = _csv_path(config)
     if path is not None:
-        if not path.is_file():
-            raise _csv_error(f"csv_file {path} does not exist", path)
         train, val = stratified_split(read_csv(path), VAL_FRACTION, config["split_seed"])
         for split, part in (("training", train), ("validation", val)):
             if not part:
@@ -238,8 +254,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
                                  f"is {VAL_FRACTION:.0%} of each label's reviews, rounded: give at least {least} "
                                  f"reviews of each label)", path)
         return {"train": train, "val": val}, f"real:{path.resolve()}"
-    root = resolve_data_dir(config, SUBDIR)
-    tree = root if root.name == TREE else root / TREE
+    tree = _tree(config)
     reviews = read_tree(tree)
     train, val = stratified_split(reviews["train"], VAL_FRACTION, config["split_seed"])
     return {"train": train, "val": val, "test": reviews["test"]}, f"real:{tree.resolve()}"

@@ -48,6 +48,7 @@ from torch import nn
 from ablate.tasks.base import (
     Download,
     TaskInstance,
+    also_looked_in,
     check_int,
     check_multiple,
     check_probability,
@@ -143,7 +144,8 @@ def _located(config: dict) -> tuple[list[Path], dict[str, Path]]:
     if missing:
         raise dataset_error(
             TASK,
-            f"missing Multi30k file(s) {', '.join(missing)} in {root} (each may also be gzip-compressed, NAME.gz)",
+            f"missing Multi30k file(s) {', '.join(missing)} in {root}{also_looked_in(config, SUBDIR, root)} (each may "
+            f"also be gzip-compressed, NAME.gz)",
             expected,
             SOURCE,
         )

@@ -48,6 +48,7 @@ from ablate.config import ConfigError
 from ablate.tasks.base import (
     Download,
     TaskInstance,
+    also_looked_in,
     check_int,
     check_multiple,
     check_probability,
@@ -115,7 +116,8 @@ def locate(config: dict) -> list[Path]:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         names = ", ".join(str(p) for p in missing)
-        raise dataset_error(TASK, f"missing WikiText-2 file(s) {names}", paths, SOURCE)
+        raise dataset_error(TASK, f"missing WikiText-2 file(s) {names}{also_looked_in(config, SUBDIR, root)}", paths,
+                            SOURCE)
     return paths
 
 

@@ -128,6 +128,7 @@ def test_missing_directory_is_reported(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist") as info:
         get_task("cifar10").build(real_config(missing))
     assert str(missing / "data_batch_1") in str(info.value) and "ablate data download cifar10" in str(info.value)
+    assert f"and there is no folder {missing / 'cifar-10-batches-py'}, the other place" in str(info.value)
 
 
 def test_missing_training_batches_are_reported(tmp_path):

@@ -118,6 +118,23 @@ def test_missing_tree_names_the_expected_folders(tmp_path):
     assert "ablate data download imdb" in msg and "csv_file" in msg
 
 
+def test_the_tree_beside_an_imdb_folder_is_found(tmp_path):
+    # data_dir holding imdb/ (a CSV, say) and aclImdb/ side by side: only imdb/aclImdb was searched
+    (tmp_path / "imdb").mkdir()
+    (tmp_path / "imdb" / "reviews.csv").write_text("label,text\n1,good\n", encoding="utf-8")
+    tree = write_tree(tmp_path)
+    task = get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    assert task.data_source == f"real:{tree}" and task.info["reviews"]["test"] == 4
+    assert get_task("imdb").locate(make_config(data="real", data_dir=str(tmp_path), **TINY))[0].parent.parent == tree
+    for f in (tree / "train" / "pos").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    msg = str(info.value)  # the tree the user began, and both places looked in
+    assert f"no review files {tree / 'train' / 'pos'}/*.txt" in msg
+    assert f"looked in {tmp_path / 'imdb' / 'aclImdb'} and {tree}" in msg
+
+
 CSV = """id,label,text
 1,1,"Great film!<br /><br />Loved it, truly."
 2,0,"Bad, ""very"" bad.
@@ -162,6 +179,19 @@ def test_csv_split_80_20_stratified_by_split_seed(tmp_path, monkeypatch):
     assert train1 != train
     vocab1 = Vocab.build([tokenize(text) for text, _ in train1])
     assert other.train.ids.tolist() == [encode_row(vocab1, text, 6) for text, _ in train1]
+
+
+def test_a_relative_csv_file_is_found_below_the_data_directory_or_its_imdb_folder(tmp_path):
+    # csv_file "imdb/reviews.csv" with data_dir holding imdb/: it was looked for in data_dir/imdb/imdb/
+    (tmp_path / "imdb").mkdir()
+    path = tmp_path / "imdb" / "reviews.csv"
+    path.write_text(CSV, encoding="utf-8")
+    for csv_file in ("imdb/reviews.csv", "reviews.csv"):
+        task = get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), csv_file=csv_file, **TINY))
+        assert task.data_source == f"real:{path}" and task.info["reviews"] == {"train": 8, "val": 2}
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), csv_file="other.csv", **TINY))
+    assert f"csv_file {tmp_path / 'imdb' / 'other.csv'} or {tmp_path / 'other.csv'} does not exist" in str(info.value)
 
 
 def test_bad_csv_files(tmp_path):

@@ -106,6 +106,9 @@ def test_missing_and_misaligned_files(tmp_path):
     for name in FILES:
         assert str(folder / name) in msg
     assert "val.en" in msg.splitlines()[0] and "ablate data download multi30k" in msg
+    with pytest.raises(DatasetNotFoundError) as info:  # no multi30k folder: it names the one that would do too
+        get_task("multi30k").build(make_config(data="real", data_dir=str(tmp_path / "elsewhere"), **TINY))
+    assert f"and there is no folder {tmp_path / 'elsewhere' / 'multi30k'}, the other place" in str(info.value)
     (folder / "val.en").write_text("A horse runs.\nOne line too many.\n", encoding="utf-8")
     with pytest.raises(DatasetNotFoundError, match="line-aligned"):
         get_task("multi30k").build(make_config(data="real", data_dir=str(folder), **TINY))

@@ -96,7 +96,10 @@ def test_missing_train_file_names_every_expected_path(tmp_path):
     msg = str(info.value)
     for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
         assert str(folder / name) in msg
-    assert "ablate data download wikitext2" in msg
+    assert "ablate data download wikitext2" in msg and "there is no folder" not in msg  # (it is there)
+    with pytest.raises(DatasetNotFoundError) as info:  # no wikitext-2 folder: it names the one that would do too
+        get_task("wikitext2").build(make_config(data="real", data_dir=str(tmp_path / "elsewhere")))
+    assert f"and there is no folder {tmp_path / 'elsewhere' / 'wikitext-2'}, the other place" in str(info.value)
 
 
 def test_malformed_files(tmp_path):
