@@ -675,11 +675,20 @@ def _warn_unpaired_baseline_keys(ctx: _Context, adamw: _Arm | None) -> None:
                       f"difference on purpose, set the key under adamw: too, to AdamW's value", stacklevel=3)
 
 
+#: names an ablation axis cannot take: an arm "<axis>=<level>" is told apart from these by its axis
+_RESERVED_AXES = {"adamw": "the AdamW arm", "baseline": "the baseline", "factorial": "factorial cells"}
+
+
 def _parse_ablations(ctx: _Context, ablations: Any) -> list[_Arm]:
     if not isinstance(ablations, dict):
         raise ctx.error(
             "ablations", f"must be a mapping {{axis: [values]}} or {{axis: {{level: {{key: value}}}}}}; got {_short(ablations)}"
         )
+    for axis in ablations:
+        if axis in _RESERVED_AXES:
+            raise ctx.error(f"ablations.{axis}", f"{axis!r} cannot name an ablation axis: the reports read the arms "
+                            f"'{axis}=<level>' as {_RESERVED_AXES[axis]}; name the axis otherwise (e.g. after the key "
+                            f"it changes)")
     return [
         _Arm(f"{axis}={label}", axis, settings)
         for axis, levels in ablations.items()

@@ -478,6 +478,11 @@ ERRORS = [
         {"factorial": {"axes": {"gating": [False, True], "gate": {"on": {"gating": True}, "off": {"gating": False}}}}},
         ["s.yaml: factorial.axes.gate", "'gating'", "independent"],
     ),
+    # the reports told arms 'adamw=fast' and 'baseline=slow' from ablation arms by their axis
+    ({"ablations": {"adamw": {"fast": {"lr": 0.01}}}}, ["s.yaml: ablations.adamw", "cannot name an ablation axis",
+                                                         "'adamw=<level>' as the AdamW arm", "name the axis otherwise"]),
+    ({"ablations": {"baseline": {"slow": {"lr": 1e-4}}}}, ["s.yaml: ablations.baseline", "as the baseline"]),
+    ({"ablations": {"factorial": {"big": {"lr": 1e-4}}}}, ["s.yaml: ablations.factorial", "as factorial cells"]),
 ]
 
 
