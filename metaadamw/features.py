@@ -61,6 +61,18 @@ TENSOR_STATS = (
     "exp_avg_sparsity",  # fraction of exact zeros in m
 )
 
+#: what an infinite statistic or feature counts as (with its sign; NaN counts as 0): large against
+#: any statistic of a model still training, small enough that the encoder's first layer (its sums
+#: of squares in LayerNorm and the attention scores) stays finite in float32
+FEATURE_LIMIT = 1e6
+
+
+def finite(x: Tensor) -> Tensor:
+    """``x`` with each inf as +-:data:`FEATURE_LIMIT` and each NaN as 0: an inf or NaN gradient in one
+    tensor makes its norms and cosine (and, from then on, its moments') non-finite, and a group
+    mean over all tensors in one matrix product (0 * inf = NaN) would spread that to every group."""
+    return torch.nan_to_num(x, nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
+
 
 @dataclasses.dataclass
 class GroupLayout:
@@ -192,8 +204,9 @@ class FeatureExtractor(nn.Module):
 
     def group_mean(self, x: Tensor) -> Tensor:
         """Mean over each group's tensors of per-tensor values ``x`` (N,) or (N, k): over those that
-        have had a gradient (:meth:`GroupLayout.set_live`)."""
-        return self.layout.live_mean @ x
+        have had a gradient (:meth:`GroupLayout.set_live`). Non-finite values count as :func:`finite`
+        makes them, so that they stay in their own group."""
+        return self.layout.live_mean @ finite(x)
 
     def group_std(self, x: Tensor, mean: Tensor | None = None) -> Tensor:
         """Population standard deviation over each group's tensors, in two passes (the deviations

@@ -19,10 +19,13 @@ first meta-update then trains the head alone (the layers below get gradient once
 Comparing the two separates what the learned modulation does from what random per-group
 multipliers do.
 
-Non-finite features (an inf or NaN gradient in one tensor makes its group's norms and cosine
-inf or NaN) enter the encoder as +-:data:`FEATURE_LIMIT` and 0 (:meth:`Modulator.features`): the
-encoder attends across groups, so one NaN token made every group's multipliers NaN, and with them
-every parameter of the model in one step, where AdamW spoils only the non-finite elements.
+Non-finite statistics (an inf or NaN gradient in one tensor makes its norms and cosine inf or
+NaN, and its moments' from then on) count as +-:data:`~metaadamw.features.FEATURE_LIMIT` and 0 in
+the group means (:meth:`FeatureExtractor.group_mean`) and in the features the encoder reads
+(:meth:`Modulator.features`, for extractors of other reductions): the encoder attends across
+groups, so one NaN token made every group's multipliers NaN, and with them every parameter of the
+model in one step, where AdamW spoils only the non-finite elements; and a group mean over every
+tensor in one matrix product (0 * inf = NaN) made the statistic NaN in every group.
 """
 
 from __future__ import annotations
@@ -36,16 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaadamw import functional
-from metaadamw.features import FeatureExtractor, FeatureGate
+from metaadamw.features import FeatureExtractor, FeatureGate, finite
 from metaadamw.functional import to_device
 
 
 HEAD_INITS = ("zero", "default")
 
-#: what an infinite feature enters the encoder as (with its sign; NaN enters as 0): large against
-#: any statistic of a model still training, small enough that the first layer's sums of squares
-#: (LayerNorm, attention scores) stay finite in float32
-FEATURE_LIMIT = 1e6
 
 #: the fused post-norm encoder layer of ``nn.TransformerEncoderLayer``'s fast path (a private op
 #: that has kept its signature since torch 1.12); None falls back to the eager ops
@@ -230,9 +229,9 @@ class Modulator(nn.Module):
         return self.head(x)
 
     def features(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
-        """The extractor's (groups, in_width) features, each inf as +-:data:`FEATURE_LIMIT` and
-        each NaN as 0 (see the module's docstring)."""
-        return torch.nan_to_num(self.extractor(stats, time), nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
+        """The extractor's (groups, in_width) features, each inf as +-:data:`~metaadamw.features.FEATURE_LIMIT`
+        and each NaN as 0 (:func:`~metaadamw.features.finite`; see the module's docstring)."""
+        return finite(self.extractor(stats, time))
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
         return self._multipliers(self.encode(self.features(stats, time)))

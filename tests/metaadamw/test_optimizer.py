@@ -1446,6 +1446,31 @@ def test_a_non_finite_gradient_spoils_only_its_own_elements_as_in_adamw(features
     assert not torch.equal(b, runs["adamw"][1]), "the modulator still modulates the other groups"
 
 
+@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_gradient_leaves_the_other_groups_features_as_they_were(features, bad):
+    # the group means are one matrix product over every tensor: 0 * inf = NaN made the statistic NaN
+    # in every group, and the features read 0 there for the rest of training (the inf stays in m and v)
+    feats = {}
+    for spoiled in (False, True):
+        torch.manual_seed(0)
+        a, b, c = (nn.Parameter(torch.ones(3)) for _ in range(3))
+        opt = MetaAdamW([{"params": [a]}, {"params": [b]}, {"params": [c]}], lr=1e-2, alpha_range=0.0,
+                        beta_range=0.0, grouping="original", features=features, modulator_heads=1)
+        for step in range(4):
+            a.grad = torch.tensor([1.0, bad if spoiled and step == 1 else 1.0, 1.0])
+            b.grad, c.grad = torch.full((3,), 0.5), torch.tensor([-2.0, 0.0, 1.0])
+            opt.step()
+        feats[spoiled] = opt.modulator.features(opt._stats, torch.tensor(0.5))
+    assert torch.isfinite(feats[True]).all()
+    if features.startswith("norm_"):  # standardised across groups: the spoiled group's outlier moves the others
+        assert (feats[True][1:] == 0).sum() <= (feats[False][1:] == 0).sum(), \
+            "the other groups' statistics are not erased (read as 0)"
+    else:  # per group: the other groups' features are untouched
+        torch.testing.assert_close(feats[True][1:], feats[False][1:], rtol=0, atol=0)
+    assert not torch.equal(feats[True][0], feats[False][0])
+
+
 def test_a_float64_default_dtype_changes_nothing():
     # the optimizer's own tensors (layout, statistics, modulator, weighting) are float32 whatever
     # torch's default dtype; with a float64 default, step() and meta_step() crashed on a dtype mismatch
