@@ -150,10 +150,15 @@ class ModelState:
     those of embeddings with ``max_norm``, whose looked-up rows are renormalised (the other
     parameters are never written). :meth:`restore` writes every value back (version counters
     cannot tell what changed: BatchNorm's kernels update their running statistics without moving
-    them); a tensor held by several modules is saved and written once."""
+    them); a tensor held by several modules is saved and written once. Tensors a module holds as
+    plain attributes are put back too: the weight that ``torch.nn.utils.weight_norm`` and
+    ``spectral_norm`` (the hook-based ones) compute before each forward pass, which would otherwise
+    hold the last hypothetical pass's weight, and its graph, until the next forward pass."""
 
     def __init__(self, model: nn.Module):
         self._holders = [(m, dict(m._buffers)) for m in model.modules()]
+        self._attributes = [(m, held) for m in model.modules()
+                            if (held := {k: v for k, v in m.__dict__.items() if isinstance(v, Tensor)})]
         buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
         self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
         self._weights = [(m.weight, m.weight.detach().clone()) for m in model.modules()
@@ -183,6 +188,10 @@ class ModelState:
                     module._buffers[name] = fresh[id(b)]
 
     def _put_back_holders(self) -> None:
+        for module, held in self._attributes:
+            for name, value in held.items():
+                if module.__dict__.get(name) is not value:
+                    module.__dict__[name] = value
         for module, held in self._holders:
             now = module._buffers
             if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
@@ -195,11 +204,21 @@ class ModelState:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     """The model's :class:`ModelState` on entry, restored on exit (the meta-update's passes change
-    nothing the caller sees); yielded, for passes that must start from it too."""
+    nothing the caller sees); yielded, for passes that must start from it too. Inside, the cache of
+    ``torch.nn.utils.parametrize.cached()`` is off (a ``meta_step`` called within it computed every
+    pass at theta' with the parametrized weights cached at theta, without a word); the caller's
+    cached values are left as they were."""
+    from torch.nn.utils import parametrize
+
     state = ModelState(model)
+    caching = getattr(parametrize, "_cache_enabled", None)  # (a private counter, since torch 1.9)
+    if caching is not None:
+        parametrize._cache_enabled = 0
     try:
         yield state
     finally:
+        if caching is not None:
+            parametrize._cache_enabled = caching
         state.restore()
 
 

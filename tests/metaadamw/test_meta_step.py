@@ -1088,3 +1088,50 @@ def test_a_criterion_given_as_loss_fn_is_refused_with_the_call_meta_step_makes()
     with pytest.raises(TypeError, match=r"loss_fn is called as loss_fn\(model, batch\) -> scalar loss; got the criterion "
                                         r"MSELoss\(\), which takes \(output, target\): wrap it"):
         opt.meta_step(model, nn.MSELoss(), batches[0], batches[1], batches[2])
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_the_weight_a_hook_based_norm_computes_is_put_back(norm):
+    # torch.nn.utils.weight_norm / spectral_norm (the hook-based ones) set module.weight before each forward
+    # pass: after meta_step it held the last hypothetical pass's weight (and its graph) until the next forward
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated in favour of the parametrizations)
+        getattr(nn.utils, norm)(model[0])
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    batches = regression_batches(3)
+    _step(model, opt, batches[0])
+    weight = model[0].weight
+    saved = weight.detach().clone()
+    opt.meta_step(model, mse, *batches)
+    assert model[0].weight is weight and torch.equal(model[0].weight, saved)
+
+
+def test_meta_step_inside_parametrize_cached_evaluates_every_pass_at_its_own_weights():
+    # with the parametrization cache on, every pass at theta' reused the weight cached at theta: other
+    # terms, no gradient for that layer's hypothetical weights, and no word
+    import contextlib
+
+    import torch.nn.utils.parametrize as P
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    batches = regression_batches(4)
+    records = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+        P.register_parametrization(model[2], "weight", Double())
+        opt = MetaAdamW(model.named_parameters(), model=model, objective="gen_gap", weighting="sum", **small_kwargs())
+        _step(model, opt, batches[0])
+        with P.cached() if cached else contextlib.nullcontext():
+            before = model[2].weight
+            records.append(opt.meta_step(model, mse, *batches[1:]).terms)
+            assert (model[2].weight is before) == cached, "the caller's cached weight is left as it was"
+        assert P._cache_enabled == 0
+    assert records[1] == records[0]
