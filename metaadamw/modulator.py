@@ -45,7 +45,6 @@ from metaadamw.functional import to_device
 
 HEAD_INITS = ("zero", "default")
 
-
 #: the fused post-norm encoder layer of ``nn.TransformerEncoderLayer``'s fast path (a private op
 #: that has kept its signature since torch 1.12); None falls back to the eager ops
 FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)

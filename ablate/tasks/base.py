@@ -263,8 +263,8 @@ def resolve_data_dir(config: Mapping[str, Any], subdir: str | None = None) -> Pa
 def also_looked_in(config: Mapping[str, Any], subdir: str, root: Path) -> str:
     """For an error about files missing from ``root``: where else the dataset may lie (the
     dataset's own folder below the data directory, when ``root`` is not it), or ""."""
-    others = [c for c in data_dir_candidates(config, subdir) if c != root]
-    return f" (and there is no folder {others[0]}, the other place it may lie)" if others and others[0].name == subdir else ""
+    others = [c for c in data_dir_candidates(config, subdir) if c != root and c.name == subdir]
+    return f" (and there is no folder {others[0]}, the other place it may lie)" if others else ""
 
 
 def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:

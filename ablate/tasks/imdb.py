@@ -1,13 +1,14 @@
 """IMDB movie-review sentiment classification with a bidirectional LSTM.
 
-Real data (``data="real"``), in ``<data_dir>/imdb`` or ``data_dir`` itself (looked for in that order), one of:
+Real data (``data="real"``), in ``<data_dir>/imdb`` or ``data_dir`` itself (looked for in that
+order), one of:
 
 * the canonical Large Movie Review Dataset tree ``aclImdb/{train,test}/{pos,neg}/*.txt`` (label
   pos = 1, neg = 0; ``aclImdb/train/unsup`` is ignored). Validation is a deterministic
   stratified 20 % of ``train`` (shuffled with ``split_seed``); ``test`` is the test tree;
 * a CSV file named by the task key ``csv_file`` (absolute, or relative to the data directory or
-  its ``imdb`` folder) with a text column (``text`` or ``review``) and a label column (``label`` or ``sentiment``:
-  ``1``/``0``, ``pos``/``neg`` or ``positive``/``negative``), e.g. the 5,000-review
+  its ``imdb`` folder) with a text column (``text`` or ``review``) and a label column (``label``
+  or ``sentiment``: ``1``/``0``, ``pos``/``neg`` or ``positive``/``negative``), e.g. the 5,000-review
   ``text2vec_movie_review_5000.csv`` (columns id,label,text). It is split 80/20 into train and
   validation, stratified by label and shuffled with ``split_seed``; there is no test split.
 
@@ -50,8 +51,8 @@ from ablate.tasks.base import (
     TaskInstance,
     check_int,
     check_probability,
-    register_download,
     data_dir_candidates,
+    register_download,
     register_task,
 )
 from ablate.tasks.base import classifier_loss, evaluate_classifier  # shared with cifar10
