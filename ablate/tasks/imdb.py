@@ -223,13 +223,14 @@ def _tree(config: dict) -> Path:
     DatasetNotFoundError naming the folders of each."""
     trees = [root if root.name == TREE else root / TREE for root in data_dir_candidates(config, SUBDIR)]
     trees = list(dict.fromkeys(trees))
+    def has_reviews(folder: Path) -> bool:
+        return folder.is_dir() and next(folder.glob("*.txt"), None) is not None
+
     for tree in trees:
-        if all(folder.is_dir() and next(folder.glob("*.txt"), None) is not None
-               for folder in _tree_dirs(tree).values()):
+        if all(map(has_reviews, _tree_dirs(tree).values())):
             return tree
     tree = next((t for t in trees if t.is_dir()), trees[0])  # (the one the user has begun, if any)
-    empty = next(folder for folder in _tree_dirs(tree).values()
-                 if not folder.is_dir() or next(folder.glob("*.txt"), None) is None)
+    empty = next(folder for folder in _tree_dirs(tree).values() if not has_reviews(folder))
     looked = f" (looked in {' and '.join(map(str, trees))})" if len(trees) > 1 else ""
     raise dataset_error(TASK, f"no review files {empty}/*.txt{looked}",
                         [d / "*.txt" for t in trees for d in _tree_dirs(t).values()], SOURCE)

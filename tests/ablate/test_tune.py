@@ -1088,6 +1088,18 @@ def _no_ray(monkeypatch):
     monkeypatch.setattr(ablate.cluster, "init_ray", lambda *a, **k: False)
 
 
+def _cut_short(finished: int, unfinished: int):
+    """A stand-in for ``ablate.tune._run_target``: the target's stored study is made, then the search
+    is interrupted with ``finished`` suggestions finished and ``unfinished`` cut off."""
+    import ablate.tune as tune_mod
+
+    def run_target(target, spec, storage, trials, out_dir, ray_storage, stopped=None):
+        tune_mod.open_target_study(target, spec, storage)
+        return finished, unfinished
+
+    return run_target
+
+
 def _tune_args(spec_path: Path, out: Path):
     import argparse
 
@@ -1101,11 +1113,7 @@ def test_ctrl_c_in_the_first_target_of_a_first_run_names_the_targets_that_did_no
 
     _no_ray(monkeypatch)
 
-    def first_interrupted(target, spec, storage, trials, out_dir, ray_storage, stopped=None):
-        tune_mod.open_target_study(target, spec, storage)
-        return 0, 1  # no suggestion finished, one cut off
-
-    monkeypatch.setattr(tune_mod, "_run_target", first_interrupted)
+    monkeypatch.setattr(tune_mod, "_run_target", _cut_short(0, 1))  # no suggestion finished, one cut off
     spec_path = _tiny_spec(tmp_path, tasks="[etth1, imdb]")
     assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
     printed = capsys.readouterr().out
@@ -1611,21 +1619,13 @@ def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands
     spec_path = _tiny_spec(tmp_path, name="t5")
     spec_path.write_text(spec_path.read_text().replace("trials: 1", "trials: 5"))
 
-    def interrupted(target, spec, storage, trials, out_dir, ray_storage, stopped=None):
-        tune_mod.open_target_study(target, spec, storage)
-        return 2, 1
-
-    monkeypatch.setattr(tune_mod, "_run_target", interrupted)
+    monkeypatch.setattr(tune_mod, "_run_target", _cut_short(2, 1))
     assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
     printed = capsys.readouterr().out
     assert (f"or, to add only the 3 suggestion(s) this run did not get to:\n  ablate tune {spec_path} --out "
             f"{tmp_path / 'out'} --trials 3") in printed
 
-    def none_finished(target, spec, storage, trials, out_dir, ray_storage, stopped=None):
-        tune_mod.open_target_study(target, spec, storage)
-        return 0, 1
-
-    monkeypatch.setattr(tune_mod, "_run_target", none_finished)
+    monkeypatch.setattr(tune_mod, "_run_target", _cut_short(0, 1))
     assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
     printed = capsys.readouterr().out
     assert "after 0 of 5 suggestion(s)" in printed, printed
