@@ -581,22 +581,32 @@ def undefined_relative_note(t: pd.DataFrame) -> str:
             f"it is undefined." if tasks else "")
 
 
-def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
-    t2 = stats.table2(results, alpha=alpha, split=split)
-    heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
-    both = (((t2["adamw_n"] + t2["adamw_n_unmatched"]) > 0) & ((t2["meta_n"] + t2["meta_n_unmatched"]) > 0)
-            if len(t2) else pd.Series(dtype=bool))
-    # a task one of the two never finished ok has nothing to compare: named, with its counts
+def table2_comparable(t2: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows of :func:`ablate.stats.table2` with something to compare (tasks on which both AdamW
+    and MetaAdamW finished an ok trial), and a sentence naming the others with their counts (with a
+    leading space; "" when none is left out). The report and the notebook show Table 2 this way."""
+    if t2.empty:
+        return t2, ""
+    both = (((t2["adamw_n"] + t2["adamw_n_unmatched"]) > 0) & ((t2["meta_n"] + t2["meta_n_unmatched"]) > 0)).to_numpy()
     left_out = "".join(
         f" Left out: {r['task']} (AdamW {r['adamw_n'] + r['adamw_n_unmatched']} ok seed(s), {r['adamw_n_not_ok']} not "
         f"ok; MetaAdamW {r['meta_n'] + r['meta_n_unmatched']} ok seed(s), {r['meta_n_not_ok']} not ok)."
-        for _, r in t2[~both.to_numpy()].iterrows()
+        for _, r in t2[~both].iterrows()
         if r["adamw_n"] + r["adamw_n_unmatched"] + r["adamw_n_not_ok"] + r["meta_n"] + r["meta_n_unmatched"]
-        + r["meta_n_not_ok"]) if len(t2) else ""  # (a task that neither arm ran is no news)
-    if t2.empty or not both.any():
-        return [heading, _text("No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing "
-                               "to compare." + left_out + (" " + _SPLIT_NOTE[split] if split == "test" else ""))]
-    t2 = t2[both.to_numpy()]
+        + r["meta_n_not_ok"])  # (a task that neither arm ran is no news)
+    return t2[both], left_out
+
+
+#: what Table 2 says when no task has both arms ok
+NOTHING_TO_COMPARE = "No task on which both the 'adamw' and the 'baseline' arm have an ok trial: nothing to compare."
+
+
+def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = "validation") -> list[Block]:
+    heading = _heading(f"MetaAdamW vs AdamW (Table 2 analogue, {split} split)")
+    # a task one of the two never finished ok has nothing to compare: named, with its counts
+    t2, left_out = table2_comparable(stats.table2(results, alpha=alpha, split=split))
+    if t2.empty:
+        return [heading, _text(NOTHING_TO_COMPARE + left_out + (" " + _SPLIT_NOTE[split] if split == "test" else ""))]
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
                     + _too_few_seeds(t2["n_pairs"], alpha)

@@ -528,7 +528,7 @@ def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatch
 #: which metric the paired tables compare: the best validation metric (what early stopping and the
 #: meta-objectives saw), or the held-out test metric at the best weights (``test_<metric>``, where
 #: the task's data have a test part: WikiText-2, Multi30k, IMDB (not from a CSV), ETT's ``split: 12/4/4``,
-#: CIFAR-10's ``split: holdout``)
+#: real CIFAR-10's ``split: holdout``; not the embedded digits)
 SPLITS = ("validation", "test")
 
 

@@ -547,8 +547,7 @@ def run_study(
     if address is None:  # trials run on this machine: a missing data directory is an error now, not in a worker
         check_real_data(study)
     out_dir = Path(out_root) / study.name
-    check_out_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out_dir)
     with _exclusive(out_dir, wait=wait_for_folder):
         return _run_study(study, out_dir, resume=resume, rerun=rerun, address=address, storage=storage,
                           max_concurrent=max_concurrent, num_cpus=num_cpus, keep_checkpoints=keep_checkpoints,
@@ -762,7 +761,8 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
             lines += [f"\n{task}: every trial failed ({len(df)})", *([missing_line] if missing else [])]
             continue
         metric, mode = known["metric"].iloc[0], known["mode"].iloc[0]
-        ok = df[df["status"] == "ok"]
+        ok_rows = store.ok_mask(df)  # (as the report: status ok and a finite best metric)
+        ok = df[ok_rows]
         means = ok.groupby("arm", sort=False)["best_metric"].agg(["mean", "count"])
         base_n = len(_per_seed(arms, task, "baseline"))
         sources = ", ".join(sorted(set(df.get("data_source", pd.Series(dtype=object)).dropna())))
@@ -791,7 +791,9 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
                         notes.append(f"{left_out} seed(s) the baseline did not finish left out")
                 elif n:
                     notes.append("no seed in common with the baseline: mean over its own seeds")
-            bad = int((df[df["arm"] == arm]["status"] != "ok").sum())
+            elif arm != "baseline" and n and (df["arm"] == "baseline").any():
+                notes.append("the baseline finished no seed ok: mean over its own seeds")
+            bad = int((~ok_rows[df["arm"] == arm]).sum())
             change_s = "" if math.isnan(change) else fmt_pct(change)
             changes_shown = changes_shown or bool(change_s)
             lines.append((f"  {arm:<34} {mean:>12.6g} {n:>3} {change_s:>12} {bad or '':>7}"
@@ -816,6 +818,20 @@ def check_out_folder(out_dir: Path) -> None:
                 where = "" if path == out_dir else f" (the results go in {out_dir}, below it)"
                 raise ConfigError(f"{path} is a file: a run needs a folder there{where}; give another --out")
             return
+
+
+def make_out_folder(out_dir: Path) -> None:
+    """Make the results folder (and those above it), or say which --out cannot hold it and why
+    (``--out /proc/x``: "No such file or directory" named no folder and gave no way out)."""
+    check_out_folder(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConfigError(f"cannot make the results folder {out_dir}: {exc.strerror or exc}"
+                          f"{f' ({exc.filename})' if exc.filename and str(exc.filename) != str(out_dir) else ''}; "
+                          f"give an --out where you can write (a folder of yours, or one to be made there)") from exc
 
 
 def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> str:

@@ -1426,12 +1426,11 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
     (``--trials 0``), for the messages of a run that SIGTERM ends."""
     from ablate.cluster import (check_cluster_nodes, check_real_data, check_resources, exit_on_sigterm, init_ray,
                                 no_result_files, node_warnings_once, ray_storage_path)
-    from ablate.sweep import _exclusive, check_out_folder
+    from ablate.sweep import _exclusive, make_out_folder
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
-    check_out_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_folder(out_dir)
     location = storage_location(spec, out_root, study_storage)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -6,8 +6,9 @@
     3. alpha, beta, lambda1, lambda2 = modulator(features)           (with a graph)
     4. theta' = theta - lr alpha (m'_hat / (sqrt(v'_hat) + eps) + beta wd theta)
     5. L_train' = L(theta'; batch2) and g' = its gradient, L_val' = L(theta'; val) and its
-       gradient   (one validation batch for both validation terms; each pass only where the
-       objective uses it: ``gen_gap`` has no L_val, ``loss_decrease`` no L_train')
+       gradient   (one validation batch for both validation terms, with the dropout masks of
+       the pass at theta; each pass only where the objective uses it: ``gen_gap`` has no L_val,
+       ``loss_decrease`` no L_train')
     6. terms -> weighting -> meta-loss (+ gate penalty); one step of the meta-optimizer.
 
 The meta-gradient is taken in stages that each traverse their graph once: the meta-loss is
@@ -43,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -118,11 +120,14 @@ def swapped_parameters(model: nn.Module, replacements: dict[int, Tensor],
 @contextlib.contextmanager
 def _explained_double_backward() -> Iterator[None]:
     """Errors of a model that cannot be differentiated twice (a custom autograd.Function without
-    a double backward, a torch.compile'd model's donated buffers), with what to use instead."""
+    a double backward, an op whose backward has no derivative such as ``F.ctc_loss``, a
+    torch.compile'd model's donated buffers), with what to use instead."""
     try:
         yield
     except RuntimeError as exc:
-        if "double backward" not in str(exc) and "donated buffer" not in str(exc):
+        said = str(exc)  # (an op whose backward has no derivative: "derivative for aten::_ctc_loss_backward ...")
+        if ("double backward" not in said and "donated buffer" not in said
+                and not re.search(r"derivative for \S*backward\S* is not implemented", said)):
             raise
         raise RuntimeError(f"meta_gradient='exact' differentiates the loss twice, which this model cannot "
                            f"be ({exc}). Use meta_gradient='finite_difference' (the default), which needs "
@@ -223,8 +228,9 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
 
 
 class _RngReplay:
-    """Replays the random stream of a forward pass (dropout masks), so that the finite-difference
-    gradient is taken with the same masks as g'. ``replay()`` rewinds to the captured state;
+    """Replays the random stream of a forward pass (dropout masks): the finite-difference gradient is
+    taken with the same masks as g', and L(theta'; val) with those of L(theta; val), so that the loss
+    decrease is that of theta' and not of other masks. ``replay()`` rewinds to the captured state;
     ``resume()`` returns to where the stream was before the replay."""
 
     def __init__(self, device: torch.device):
@@ -311,10 +317,11 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         # without it (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must
         # differ by theta' alone. Its graph is dropped at once, here, before any other graph is held
         # (peak memory: the exact path keeps the graphs at theta' until the end)
-        loss_val = None
+        loss_val = val_rng = None
         if needs_val_at_theta(objective):
             if batch1 is not None:
                 state.restore(weights=False)
+            val_rng = _RngReplay(opt.device)  # the pass at theta' replays its random stream (dropout masks)
             loss_val = _loss(loss_fn, model, val_batch).detach()
 
         # 2-3. hypothetical moments, features at theta and the multipliers
@@ -341,10 +348,13 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         group_idx = [opt._group_of[i] for i in active]
         index = torch.tensor(group_idx, device=opt.device)
         steps = [opt._steps[i] + 1 for i in active]
-        lr_wd = torch.tensor([grp["lr"] * grp["weight_decay"] for grp in groups], dtype=torch.float32, device=opt.device)
+        # (in float64 where step() computes its scalars in float64, for float64 parameters: in float32,
+        # 1 - lr wd alpha beta rounds to 1 below ~3e-8 and theta' would lose the weight decay)
+        sdtype = torch.float64 if any(t.dtype == torch.float64 for t in theta) else torch.float32
+        lr_wd = torch.tensor([grp["lr"] * grp["weight_decay"] for grp in groups], dtype=sdtype, device=opt.device)
         lr_bc1 = torch.tensor([grp["lr"] / (1 - grp["betas"][0] ** t) for grp, t in zip(groups, steps)],
-                              dtype=torch.float32, device=opt.device)
-        a, w = alpha.index_select(0, index), beta.index_select(0, index)
+                              dtype=sdtype, device=opt.device)
+        a, w = alpha.index_select(0, index).to(sdtype), beta.index_select(0, index).to(sdtype)
         decay = 1 - lr_wd * a * w
         scale = lr_bc1 * a
         # the Adam direction m'_hat / (sqrt(v'_hat) + eps), a constant, made in place in the moments
@@ -388,7 +398,13 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                     state.restore_out_of_place()
                 else:
                     state.restore(weights=False)
-                q.loss_val_prime = _loss(loss_fn, model, val_batch)
+                if val_rng is not None:  # the same dropout masks as L(theta; val): the two differ by theta' alone
+                    val_rng.replay()
+                try:
+                    q.loss_val_prime = _loss(loss_fn, model, val_batch)
+                finally:
+                    if val_rng is not None:
+                        val_rng.resume()
                 if not exact:
                     g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
                                   hint=partial)

@@ -264,6 +264,32 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_exit_code_2(tmp_path, c
     assert err.rstrip().endswith("below it); give another --out") and in_the_way.read_text() == "not a folder\n"
 
 
+@pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}", "--trials", "0"]])
+def test_an_output_folder_that_cannot_be_made_names_it_and_the_fix(tmp_path, command, monkeypatch, capsys):
+    # --out /proc/x: "ablate: error: No such file or directory: /proc/x", no word of --out or what to do
+    import ray
+
+    from ablate.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ray.init called")))
+    real_mkdir = Path.mkdir
+    here = tmp_path / "here"
+
+    def mkdir(self, *args, **kwargs):  # (as /proc refuses a new folder, for a user of any rights)
+        if self == here / "x":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    spec = write(tmp_path / "tq.yaml", BASE + "tune: {trials: 1}\n")
+    here.mkdir()
+    argv = [word.replace("{spec}", str(spec)) for word in command] + ["--out", str(here / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ablate: error: cannot make the results folder {here / 'x' / 'bad'}") and err.count("\n") == 1
+    assert f"No such file or directory ({here / 'x'}); give an --out where you can write" in err, err
+
+
 @pytest.mark.parametrize("case", ["malformed_yaml", "missing_data_dir", "broken_plugin"])
 def test_ablate_run_exits_2_on_bad_input(tmp_path, case):
     spec, expected = _bad_study(tmp_path, case)

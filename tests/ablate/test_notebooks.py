@@ -118,6 +118,12 @@ def test_analysis_notebook_says_where_a_relative_change_is_n_a(tmp_path, report_
             row = report_kit.trial_row("etth1", arm, seed, value)
             row.update(arms=json.dumps([arm]), test_mse=test_value)
             write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, value))
+    for seed in range(2):  # a task the baseline never finished ok: left out of Table 2 and named, as in the report
+        for arm in ("adamw", "baseline"):
+            row = report_kit.trial_row("imdb", arm, seed, 0.5)
+            if arm == "baseline":
+                row.update(status="failed", error="RuntimeError: boom", stop_reason="failed", best_metric=float("nan"))
+            write_trial(tmp_path, row)
     monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
     nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
     NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
@@ -125,6 +131,9 @@ def test_analysis_notebook_says_where_a_relative_change_is_n_a(tmp_path, report_
     note = "The relative change is n/a on etth1: the reference's metric is 0 on a paired seed, where it is undefined."
     code = [c.source for c in nb.cells if c.cell_type == "code"]  # (outputs_by_cell's order)
     table2, table3, test = (next(i for i, c in enumerate(code) if c.startswith(s))
-                            for s in ("t2 = stats.table2", "t3 = stats.table3", "if stats.tasks_with_test_split"))
+                            for s in ("t2, left_out = report.table2_comparable", "t3 = stats.table3",
+                                      "if stats.tasks_with_test_split"))
     assert note in outputs[table2] and note not in outputs[table3], outputs[table3]
+    left_out = "Left out: imdb (AdamW 2 ok seed(s), 0 not ok; MetaAdamW 0 ok seed(s), 2 not ok)."
+    assert left_out in outputs[table2] and outputs[table2].count("imdb") == 1, outputs[table2]  # (no all-n/a row)
     assert outputs[test].count(note) == 2, outputs[test]  # (Table 2 and Table 3 on the test split)

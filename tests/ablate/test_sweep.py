@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -449,6 +450,29 @@ def test_summary_table_compares_arms_on_the_seeds_both_finished(tmp_path, report
     lines = table([(1.0, 1.1), (2.0, 2.2), (9.0, None)], "b")
     line = next(ln for ln in lines if "gating=true" in ln)
     assert line.split()[1:5] == ["1.65", "2", "-10.00%", "1"] and "(baseline 1.5 on these 2 seeds)" in line
+
+
+def test_summary_table_counts_an_ok_trial_without_a_finite_metric_as_the_report_does(tmp_path, report_kit):
+    # the summary selected status == "ok", the report (ok_mask) also a finite best metric: an ok trial
+    # with an inf metric made the baseline's mean inf over 3 seeds and was not counted as not ok; and
+    # an arm beside a baseline without an ok seed showed its own mean without a word
+    from ablate.results import write_trial
+
+    def table(pairs, where):
+        for seed, (base, arm) in enumerate(pairs):
+            for name, value in (("baseline", base), ("gating=true", arm)):
+                row = report_kit.trial_row("etth1", "gating=true", seed, value)
+                row.update(trial_id=f"{name}-{seed}", arm=name, arms=json.dumps([name]))
+                write_trial(tmp_path / where, row)
+        return summary_table(load_results(tmp_path / where)).splitlines()
+
+    lines = table([(math.inf, 1.1), (2.0, 2.2), (1.0, 1.1)], "inf")
+    assert next(ln for ln in lines if ln.split()[:1] == ["baseline"]).split()[1:] == ["1.5", "2", "1"]
+    assert next(ln for ln in lines if "gating=true" in ln).split()[1:4] == ["1.65", "2", "-10.00%"]
+    lines = table([(math.nan, 1.0), (math.inf, 2.0)], "none")
+    assert next(ln for ln in lines if ln.split()[:1] == ["baseline"]).split()[1:] == ["nan", "0", "2"]
+    line = next(ln for ln in lines if "gating=true" in ln)
+    assert line.split()[1:3] == ["1.5", "2"] and "(the baseline finished no seed ok: mean over its own seeds)" in line
 
 
 def test_a_running_trial_shows_its_epochs(tmp_path, capsys, monkeypatch):

@@ -134,6 +134,38 @@ def test_exact_meta_gradient_on_a_compiled_model_says_to_use_finite_differences(
                 opt.meta_step(compiled, mse, b1, b2, val)
 
 
+def test_exact_meta_gradient_with_ctc_loss_says_to_use_finite_differences():
+    # F.ctc_loss's backward has no derivative: torch says "derivative for aten::_ctc_loss_backward is
+    # not implemented", which names neither the meta-update nor what works (the default does)
+    from torch import nn
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 12, 4, generator=g), torch.randint(1, 6, (3, 4), generator=g)) for _ in range(3)]
+
+    class Speech(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.GRU(4, 8, batch_first=True), nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0]).log_softmax(-1)
+
+    def ctc(model, batch):
+        return nn.functional.ctc_loss(model(batch[0]).transpose(0, 1), batch[1], torch.full((3,), 12),
+                                      torch.full((3,), 4))
+
+    torch.manual_seed(0)
+    for mode in ("exact", "finite_difference"):
+        model = Speech()
+        opt = MetaAdamW(model.named_parameters(), meta_gradient=mode, **small_kwargs())
+        if mode == "exact":
+            with pytest.raises(RuntimeError, match="meta_gradient='finite_difference' \\(the default\\)") as err:
+                opt.meta_step(model, ctc, *batches)
+            assert "_ctc_loss_backward" in str(err.value)
+        else:
+            assert not opt.meta_step(model, ctc, *batches).skipped
+
+
 @pytest.mark.parametrize("blocking", [False, True])
 def test_a_channels_last_model_trains_as_with_adamw_and_keeps_its_memory_format(blocking, monkeypatch):
     # model.to(memory_format=torch.channels_last): 4-d weights strided NHWC, not contiguous. Their
