@@ -29,9 +29,12 @@ import yaml
 
 
 def _parse_value(text: str) -> Any:
-    """A --set value: YAML scalars and lists (1e-3, true, [1, 2, 5], null), else the string."""
+    """A --set value: YAML scalars and lists (1e-3, true, [1, 2, 5], null), else the string; read as
+    a study file is read (1e-3 is a number also inside a list: YAML 1.1 reads it as a string)."""
+    from ablate.study import _Loader
+
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, ValueError, OverflowError):  # (PyYAML raises ValueError for "\U01000000")
         return text
     if isinstance(value, str):
@@ -308,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="join a running Ray cluster (e.g. 127.0.0.1:6379 or auto)")
     s.add_argument("--storage", help="Ray Tune storage path or URI shared by every node")
     s.add_argument("--max-concurrent", type=_positive_int, help="at most this many trials at once (>= 1)")
-    s.add_argument("--extra-seeds", type=int, help="add N more seeds to the study")
+    s.add_argument("--extra-seeds", type=_positive_int, help="add N more seeds to the study")
     s.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished trial's checkpoint (model, optimizer, best weights) in "
                         "OUT/<study name>/checkpoints/, and Ray's copies of them (default: a trial's is deleted once "

@@ -225,9 +225,11 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
         if key == "device" and str(value).lower() == "gpu":  # (closest by spelling is 'cpu', the opposite)
             hint = " (did you mean 'cuda'?)"
-        if key == "task" and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's task?)
-            hint += (" (a task a plugin registers: in a study file, list its module under plugins:; with ablate train "
-                     "or ablate list, give --plugin MODULE)")
+        plugged = {"task": "task", "features": "feature extractor", "grouping": "grouping", "objective": "objective",
+                   "weighting": "weighting"}.get(key)
+        if plugged and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's component?)
+            hint += (f" (a {plugged} a plugin registers: in a study file, list its module under plugins:; with ablate "
+                     f"train or ablate list, give --plugin MODULE)")
         raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "
                           f"{', '.join(map(str, allowed))}")
     if field.check is not None and not field.check(value):
@@ -259,6 +261,9 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             f"keys of task {config['task']!r}: {', '.join(task_keys) or '(none)'}"
         )
     resolved.update(config)
+    for key, other in ALTERNATIVE_KEYS.items():  # giving one drops the other's default (a task's meta_per_epoch)
+        if config.get(key) is not None and other not in config:
+            resolved[other] = None
     for key, value in resolved.items():
         if key in COMMON_FIELDS:
             validate_value(key, value, where)
@@ -267,9 +272,13 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
                            else (spec.defaults, spec.embedded_defaults))
             default = mine.get(key) if mine.get(key) is not None else other.get(key)
             if default is not None and value is not None and not _same_kind(default, value):
-                raise ConfigError(f"{where}: {key} must be like {default!r} (task {spec.name}), got {value!r}")
+                raise ConfigError(f"{where}: {key} must be {_kind_of(default)} like {default!r} (task {spec.name}), "
+                                  f"got {value!r}")
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 resolved[key] = float(value)  # (dropout: 0 and dropout: 0.0 are the same trial, as for lr)
+            elif (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and default
+                  and all(isinstance(d, float) for d in default)):  # (scales: [1, 2] and [1.0, 2.0]: one trial)
+                resolved[key] = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     for key in ("priorities", "fixed_weights"):
         resolved[key] = [float(x) for x in resolved[key]]
     for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial
@@ -295,6 +304,19 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
     if resolved["meta_per_epoch"] is not None:
         resolved["meta_every"] = None  # set from the epoch length by the trial; keeps resolution idempotent
     return resolved
+
+
+def _kind_of(default: Any) -> str:
+    """What a task key's default is, in words, for the error that refuses a value of another kind."""
+    if isinstance(default, bool):
+        return "true or false,"
+    if isinstance(default, int):
+        return "an integer,"
+    if isinstance(default, float):
+        return "a number,"
+    if isinstance(default, (list, tuple)):
+        return "a list,"
+    return "a string," if isinstance(default, str) else f"a {type(default).__name__},"
 
 
 def _same_kind(default: Any, value: Any) -> bool:

@@ -456,7 +456,10 @@ def _parse_plugins(ctx: _Context, plugins: Any) -> list[str]:
 
 def _parse_name(ctx: _Context, name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ctx.error("name", f"must match [A-Za-z0-9_-]+ (it names the output directory); got {_short(name)}")
+        read_as = (f" (YAML reads on, off, yes, no, true and false unquoted as {name}: quote the name, "
+                   f"name: \"on\")" if isinstance(name, bool) else
+                   " (YAML reads an unquoted number as one: quote the name)" if isinstance(name, (int, float)) else "")
+        raise ctx.error("name", f"must match [A-Za-z0-9_-]+ (it names the output directory); got {_short(name)}{read_as}")
     return name
 
 

@@ -440,17 +440,37 @@ def _parse_scheduler(source: str, spec: Any) -> dict[str, Any] | None:
     return out
 
 
+def _check_priorities_matter(config: dict[str, Any], task: str, source: str) -> None:
+    """Refuse a priority search whose suggestions all train alike: a built-in weighting that takes
+    no priorities, or ``huw_priority`` on an objective with none of the three terms they weigh (a
+    weighting a user registered is given the priorities: its use of them is its own)."""
+    from metaadamw.objectives import TERM_ORDER
+    from metaadamw.optimizer import _make_objective
+    from metaadamw.weighting import IGNORE_PRIORITIES
+
+    weighting = config["weighting"]
+    if weighting in IGNORE_PRIORITIES:
+        raise StudyError(
+            f"{source}: tune.priorities: the baseline of task {task!r} uses weighting={weighting!r}, "
+            f"which ignores the priorities; set baseline: {{weighting: huw_priority}} or tune.priorities: false")
+    if weighting == "huw_priority":
+        terms = list(_make_objective(config["objective"]).terms)
+        if not set(terms) & set(TERM_ORDER):
+            raise StudyError(
+                f"{source}: tune.priorities: the baseline of task {task!r} uses objective={config['objective']!r}, "
+                f"whose terms {terms} are none of the {list(TERM_ORDER)} the priorities weigh (huw_priority weighs "
+                f"other terms 1.0), so every suggestion would train alike; use an objective with those terms, a "
+                f"weighting of your own that uses the priorities, or tune.priorities: false")
+
+
 def _check_against_study(s: TuneSettings, study: Study, source: str) -> None:
     """The search against the study: priorities must matter, the ranges must give valid configs,
     ASHA's grace period must fit the epochs, cross-task needs the AdamW arm."""
     for task in study.tasks:
         trials = [t for t in study.trials if t.task == task and s.arm in t.arms]
         config = trials[0].config
-        if s.priorities is not None and config["weighting"] != "huw_priority":
-            raise StudyError(
-                f"{source}: tune.priorities: the baseline of task {task!r} uses weighting={config['weighting']!r}, "
-                f"which ignores the priorities; set baseline: {{weighting: huw_priority}} or tune.priorities: false"
-            )
+        if s.priorities is not None:
+            _check_priorities_matter(config, task, source)
         for corner in ("low", "high"):
             settings = settings_from_params({p: getattr(r, corner) for p, r in s.space().items()})
             try:

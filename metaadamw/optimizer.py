@@ -27,7 +27,7 @@ from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
 from metaadamw.meta import META_GRADIENTS, MetaRecord, described, meta_update, project_weighting
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
-from metaadamw.weighting import FORMS
+from metaadamw.weighting import FORMS, IGNORE_FIXED_WEIGHTS, IGNORE_PRIORITIES
 
 META_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -179,10 +179,10 @@ class MetaAdamW(torch.optim.Optimizer):
                f"{type(model).__name__}")
         _check(callable(meta_optimizer) or meta_optimizer in META_OPTIMIZERS,
                f"meta_optimizer must be one of {sorted(META_OPTIMIZERS)} or a callable, got {meta_optimizer!r}")
-        if weighting != "fixed" and fixed_weights is not None:
+        if weighting in IGNORE_FIXED_WEIGHTS and fixed_weights is not None:
             warnings.warn(f"MetaAdamW: fixed_weights={list(fixed_weights)} is ignored: only weighting='fixed' uses it "
                           f"(weighting={weighting!r})", stacklevel=2)
-        if weighting in ("sum", "fixed", "huw") and [float(p) for p in priorities] != [1.0, 1.0, 1.0]:
+        if weighting in IGNORE_PRIORITIES and [float(p) for p in priorities] != [1.0, 1.0, 1.0]:
             warnings.warn(f"MetaAdamW: priorities={list(priorities)} are ignored: only weighting='huw_priority' uses "
                           f"them (weighting={weighting!r})", stacklevel=2)
         feature_cls = FEATURES.get(features)

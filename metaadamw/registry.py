@@ -28,6 +28,7 @@ the package installed finds the components without any import in user code.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import importlib.metadata
@@ -173,6 +174,11 @@ class Registry:
             existing = self._items.get(ep.name)
             if existing is not None and (before is None or getattr(existing, "factory", None) is obj):
                 continue  # its module registered it on import (a decorated object, e.g. ablate's @register_task)
+            owner = None if existing is not None else next(
+                (v for v in self._items.values() if getattr(v, "factory", None) is obj), None)
+            if owner is not None:  # ... under its decorator's name: the entry point's name is one more
+                self.add(ep.name, _renamed(owner, ep.name))
+                continue
             problem = self.validate(obj) if self.validate is not None else None
             if problem:
                 warnings.warn(f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "
@@ -194,6 +200,14 @@ class Registry:
         return f"@{self.export_name}.register(\"{name}\")"
 
 
+def _renamed(record: Any, name: str) -> Any:
+    """A registered record under another name (a dataclass with a ``name``, such as a task's spec:
+    a copy that carries the new name; anything else: itself, as a class registered twice)."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type) and hasattr(record, "name"):
+        return dataclasses.replace(record, name=name)
+    return record
+
+
 def _definition(obj: Any) -> Any:
     """What defines a registered object: itself, or a registered record's ``factory`` (a task)."""
     return obj.factory if not callable(obj) and callable(getattr(obj, "factory", None)) else obj
@@ -203,9 +217,19 @@ def _same_definition(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are one definition made twice: the same module and qualified name (a
     plugin module imported again after an import that failed half-way, a notebook cell run again),
     which replaces the first instead of being refused as a clash of names."""
-    a, b = _definition(a), _definition(b)
-    key = (getattr(a, "__module__", None), getattr(a, "__qualname__", None))
-    return None not in key and key == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+    key = _definition_key(a)
+    return None not in key and key == _definition_key(b)
+
+
+def _definition_key(obj: Any) -> tuple[str | None, str | None]:
+    """(module, qualified name) of what defines ``obj``; for an instance (an objective registered as
+    an object), its class's - unless that is a general-purpose one (``functools.partial``, ...)."""
+    obj = _definition(obj)
+    if not hasattr(obj, "__qualname__"):
+        if type(obj).__module__ in ("builtins", "functools"):
+            return None, None
+        obj = type(obj)
+    return getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
 
 
 def _describe(obj: Any) -> str:

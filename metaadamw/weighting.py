@@ -38,6 +38,10 @@ from metaadamw.objectives import TERM_ORDER
 
 LOG_VAR_BOUND = 10.0
 FORMS = ("regression", "classification")
+#: the built-in weightings that do not use ``priorities`` / ``fixed_weights`` (a weighting a user
+#: registers is given both and may use either)
+IGNORE_PRIORITIES = frozenset({"sum", "fixed", "huw"})
+IGNORE_FIXED_WEIGHTS = frozenset({"sum", "huw", "huw_priority"})
 
 
 def _by_term(values: Sequence[float] | None, terms: Sequence[str], what: str) -> list[float]:

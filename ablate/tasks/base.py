@@ -152,6 +152,12 @@ def register_task(
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
         from ablate.config import COMMON_FIELDS, RESULT_COLUMNS, RESULT_PREFIXES, did_you_mean
 
+        pairs = isinstance(metrics, (list, tuple)) and all(
+            isinstance(m, (list, tuple)) and len(m) == 2 and isinstance(m[0], str) and m[0] for m in metrics)
+        if not pairs or not metrics:  # (an empty list failed later, in every trial, with an IndexError)
+            raise ValueError(f"task {name!r}: metrics must list one or more (name, 'min' or 'max') pairs, the first "
+                             f"being the one early stopping, the best weights and the reports use, e.g. "
+                             f"metrics=[('mse', 'min')]; got {metrics!r}")
         taken = {m: f"metric {m!r} (stored as best_{m})" for m, _ in metrics if f"best_{m}" in RESULT_COLUMNS}
         for where, keys in (("defaults", defaults), ("embedded_defaults", embedded_defaults or {})):
             # (best_<metric>, test_<metric> and ref_<reference> are result columns too)

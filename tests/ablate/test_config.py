@@ -38,6 +38,20 @@ def test_meta_per_epoch_replaces_meta_every():
         resolve_config({"task": "etth1", "meta_per_epoch": 2, "meta_every": 5})
 
 
+def test_a_callers_meta_every_drops_a_tasks_meta_per_epoch_default(monkeypatch):
+    # a task whose defaults set meta_per_epoch: the caller's meta_every was silently replaced by it
+    # (and its trials had the id of the default's: ablations of meta_every were merged into one)
+    from ablate.tasks import get_task
+
+    monkeypatch.setitem(get_task("etth1").defaults, "meta_per_epoch", 2.0)
+    default = resolve_config({"task": "etth1"})
+    assert (default["meta_every"], default["meta_per_epoch"]) == (None, 2.0)
+    mine = resolve_config({"task": "etth1", "meta_every": 5})
+    assert (mine["meta_every"], mine["meta_per_epoch"]) == (5, None)
+    assert resolve_config(mine) == mine and resolve_config(default) == default  # (idempotent)
+    assert len({trial_id(c) for c in (default, mine, resolve_config({"task": "etth1", "meta_every": 20}))}) == 3
+
+
 def test_equal_numbers_give_equal_ids_and_adamw_ignores_metaadamw_keys():
     assert trial_id(resolve_config({"task": "etth1", "lr": 1})) == trial_id(resolve_config({"task": "etth1", "lr": 1.0}))
     # so for a task's own float keys (two named levels dropout: 0 and dropout: 0.0 made two trials); the factory
@@ -69,18 +83,21 @@ def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_r
     ({"task": "etth1", "max_epochs": 2, "sede": 1}, "unknown key(s) 'max_epochs' (did you mean 'epochs'?), 'sede' (did"),
     ({"task": "etth1", "grouping": "fine_graned"}, "grouping='fine_graned' is not allowed (did you mean 'fine_grained'?)"),
     ({"task": "cifar"}, "task='cifar' is not allowed (did you mean 'cifar10'?) (a task a plugin registers"),
+    ({"task": "etth1", "features": "my_feats"}, "features='my_feats' is not allowed (a feature extractor a plugin "
+                                                "registers: in a study file, list its module under plugins:; with"),
+    ({"task": "etth1", "weighting": "mine"}, "weighting='mine' is not allowed (a weighting a plugin registers: in"),
     ({"task": "etth1", "lr": "fast"}, "lr must be a number, got 'fast'"),
     ({"task": "etth1", "epochs": 2.5}, "epochs must be an integer, got 2.5"),
     ({"task": "etth1", "seed": True}, "seed must be an integer"),
     ({"task": "etth1", "beta2": 1.0}, "beta2=1.0 must be in [0, 1)"),
     ({"task": "etth1", "alpha_range": 3.0}, "alpha_range=3.0 must be in [0, 2], so that the multiplier stays positive"),
     ({"task": "etth1", "beta_range": -0.5}, "beta_range=-0.5 must be in [0, 2]"),
-    ({"task": "etth1", "features": "fancy"}, "features='fancy' is not allowed; choose one of: basic, basic_plus"),
+    ({"task": "etth1", "features": "fancy"}, "give --plugin MODULE); choose one of: basic, basic_plus"),
     ({"task": "etth1", "priorities": [1, 2]}, "a list of three non-negative numbers"),
     ({"task": "etth1", "priorities": "1,2,3"}, "priorities must be a list, got '1,2,3' (write it as [1,2,3])"),
     ({"task": "etth1", "modulator_width": 7, "modulator_heads": 2}, "not a multiple of modulator_heads=2"),
     ({"task": "etth1", "data_dir": "/x"}, "data_dir is given but data='embedded'"),
-    ({"task": "etth1", "d_model": "big"}, "d_model must be like"),
+    ({"task": "etth1", "d_model": "big"}, "d_model must be an integer, like 32 (task etth1), got 'big'"),
 ])
 def test_bad_configs_name_the_key_and_the_fix(config, fragment):
     with pytest.raises(ConfigError) as err:
@@ -104,6 +121,43 @@ def test_the_ranges_a_config_accepts_are_those_metaadamw_accepts(key):
             resolve_config({"task": "etth1", key: value})
         with pytest.raises(ValueError, match=f"{key} must be a number in \\[0, 2\\]"):
             MetaAdamW(model.parameters(), grouping="original", **{key: value})
+
+
+def test_a_weighting_of_ones_own_is_given_the_priorities_and_fixed_weights():
+    # build_optimizer passed the priorities to huw_priority alone and the fixed weights to fixed alone:
+    # a registered weighting always got (1, 1, 1), while the trial id (and a priority search) varied them
+    import warnings
+
+    import torch
+
+    from ablate.optim import build_optimizer
+    from metaadamw import WEIGHTINGS, Weighting
+
+    seen = []
+
+    @WEIGHTINGS.register("test_own_weighting")
+    class Own(Weighting):
+        def __init__(self, terms, signed_terms=(), *, priorities=None, weights=None, form="regression"):
+            super().__init__(terms, signed_terms, form=form)
+            seen.append((priorities, weights))
+
+        def forward(self, terms):
+            return torch.stack([terms[t] for t in self.terms]).sum(), {}
+
+    model = torch.nn.Linear(3, 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (nor a warning that they are ignored)
+            build_optimizer(resolve_config({"task": "etth1", "weighting": "test_own_weighting", "priorities": [1, 3, 5],
+                                            "fixed_weights": [2, 1, 1]}), model, total_steps=10)
+            assert seen == [([1.0, 3.0, 5.0], [2.0, 1.0, 1.0])]
+            for weighting in ("sum", "huw", "fixed", "huw_priority"):  # the built-ins get what they use, silently
+                opt = build_optimizer(resolve_config({"task": "etth1", "weighting": weighting, "priorities": [1, 3, 5],
+                                                      "fixed_weights": [2, 1, 1]}), model, total_steps=10)
+                assert opt.config["priorities"] == ([1.0, 3.0, 5.0] if weighting == "huw_priority" else [1.0, 1.0, 1.0])
+                assert opt.config["fixed_weights"] == ([2.0, 1.0, 1.0] if weighting == "fixed" else None)
+    finally:
+        WEIGHTINGS.remove("test_own_weighting")
 
 
 # -- the tasks' own keys (TaskSpec.check) ---------------------------------------------------------
@@ -269,3 +323,26 @@ def test_a_set_value_yaml_cannot_read_is_kept_as_text_and_named(capsys):
 
     assert main(["train", "--task", "etth1", "--set", 'lr="\\U01000000"', "--set", "epochs=1"]) == 2
     assert "lr must be a number, got '\"\\\\U01000000\"'" in capsys.readouterr().err
+
+
+def test_set_values_are_read_as_a_study_file_reads_them():
+    # "--set priorities=[1e-3,1,1]" was refused ("['1e-3', 1, 1] must be a list of three non-negative
+    # numbers"): YAML 1.1 reads 1e-3 as a string, which --set turned into a number only at the top level
+    from ablate.cli import _parse_sets
+
+    assert _parse_sets(["priorities=[1e-3,1,2E+1]", "lr=1e-3", "name=on_time", "x=[a, 1.5]"]) == {
+        "priorities": [1e-3, 1, 20.0], "lr": 1e-3, "name": "on_time", "x": ["a", 1.5]}
+    assert resolve_config({"task": "etth1", **_parse_sets(["priorities=[1e-3,1,1]"])})["priorities"] == [1e-3, 1.0, 1.0]
+
+
+def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
+    # --extra-seeds 0 was refused as "search_spaces/quick.yaml: extra_seeds: must be ...": a field of the file
+    from pathlib import Path
+
+    from ablate.cli import main
+
+    quick = Path(__file__).resolve().parents[2] / "search_spaces" / "quick.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(quick), "--extra-seeds", "0", "--dry-run"])
+    assert exit_.value.code == 2
+    assert "argument --extra-seeds: must be an integer >= 1, got 0" in capsys.readouterr().err

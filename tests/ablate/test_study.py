@@ -407,6 +407,9 @@ ERRORS = [
     ({"budgte": {}}, ["s.yaml: budgte", "did you mean 'budget'", "allowed keys: name, description"]),
     ({"name": None}, ["s.yaml: name", "is required"]),
     ({"name": "a b"}, ["s.yaml: name", "[A-Za-z0-9_-]+", "'a b'"]),
+    ({"name": True}, ["s.yaml: name", "got True (YAML reads on, off, yes, no, true and false unquoted as True: quote "
+                                      "the name, name: \"on\")"]),  # (name: on)
+    ({"name": 2024}, ["s.yaml: name", "got 2024 (YAML reads an unquoted number as one: quote the name)"]),
     ({"description": 3}, ["description", "string"]),
     ({"tasks": ["tiny_ts", "nope"]}, ["s.yaml: tasks[1]", "'nope'", "tiny_cls", "tiny_ts"]),
     ({"tasks": []}, ["s.yaml: tasks", "non-empty"]),

@@ -26,14 +26,22 @@ def task_packages(tmp_path, monkeypatch):
             raise NotImplementedError
     """))
     (tmp_path / "plain_tasks.py").write_text("def build(config):\n    raise NotImplementedError\n")
+    (tmp_path / "renamed_tasks.py").write_text(textwrap.dedent("""
+        from ablate.tasks import register_task
+
+        @register_task("ep_inner_name", metrics=[("loss", "min")], defaults={"width": 4})
+        def build(config):
+            raise NotImplementedError
+    """))
     _fake_distribution(tmp_path, "decorated_tasks", "[ablate.tasks]\nep_decorated = decorated_tasks:build\n")
+    _fake_distribution(tmp_path, "renamed_tasks", "[ablate.tasks]\nep_outer_name = renamed_tasks:build\n")
     _fake_distribution(tmp_path, "plain_tasks", "[ablate.tasks]\nep_plain = plain_tasks:build\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(TASKS, "_entry_points_loaded", False)
     yield
-    for name in ("ep_decorated", "ep_plain"):
+    for name in ("ep_decorated", "ep_plain", "ep_inner_name", "ep_outer_name"):
         TASKS.remove(name)
-    for module in ("decorated_tasks", "plain_tasks"):
+    for module in ("decorated_tasks", "plain_tasks", "renamed_tasks"):
         sys.modules.pop(module, None)
 
 
@@ -47,6 +55,11 @@ def test_a_task_entry_point_names_a_decorated_factory_or_is_ignored_with_the_rea
     assert "ep_plain" not in names  # a plain function is not a task: every command would crash on it
     assert [m for m in messages if "entry point 'ep_plain'" in m and "is ignored: it is a function" in m
             and "@register_task" in m]
+    # an entry point named otherwise than its decorator: both names (it was "ignored: it is a function")
+    assert not [m for m in messages if "ep_outer_name" in m or "ep_inner_name" in m], messages
+    inner, outer = TASKS.get("ep_inner_name"), TASKS.get("ep_outer_name")
+    assert (inner.name, outer.name) == ("ep_inner_name", "ep_outer_name") and outer.factory is inner.factory
+    assert outer.defaults == {"width": 4}
 
 
 def test_train_and_list_import_plugins_from_the_command_line(tmp_path, monkeypatch, capsys):
@@ -269,16 +282,21 @@ def test_a_namespace_package_next_to_the_study_file_is_a_plugin(tmp_path):
 def test_a_task_keys_type_is_its_default_for_the_data_mode():
     # an integer for a key whose real-data default is a float is that float (the embedded default's int typed it),
     # and a None default takes the type of the other mode's
-    from ablate.config import ConfigError, resolve_config
+    from ablate.config import ConfigError, resolve_config, trial_id
     from ablate.tasks import register_task
 
-    register_task("typed_task", metrics=[("mse", "min")], defaults={"scale": 1.0, "clip": None},
+    register_task("typed_task", metrics=[("mse", "min")], defaults={"scale": 1.0, "clip": None, "scales": [0.5, 1.0]},
                   embedded_defaults={"scale": 2, "clip": 1.0})(lambda c: None)
     try:
+        # a list of floats: [1, 2] and [1.0, 2.0] are one trial (they were two ids that trained alike)
+        listed = resolve_config({"task": "typed_task", "scales": [1, 2.5, True]})
+        assert [type(v) for v in listed["scales"]] == [float, float, bool] and listed["scales"] == [1.0, 2.5, True]
+        assert trial_id(resolve_config({"task": "typed_task", "scales": [1, 2]})) == trial_id(
+            resolve_config({"task": "typed_task", "scales": [1.0, 2.0]}))
         real = resolve_config({"task": "typed_task", "data": "real", "scale": 3, "clip": 2})
         assert (real["scale"], type(real["scale"]), real["clip"], type(real["clip"])) == (3.0, float, 2.0, float)
         assert type(resolve_config({"task": "typed_task", "scale": 3})["scale"]) is int  # (embedded: like 2)
-        with pytest.raises(ConfigError, match=r"clip must be like 1\.0 \(task typed_task\), got 'abc'"):
+        with pytest.raises(ConfigError, match=r"clip must be a number, like 1\.0 \(task typed_task\), got 'abc'"):
             resolve_config({"task": "typed_task", "data": "real", "clip": "abc"})
     finally:
         TASKS.remove("typed_task")
@@ -315,6 +333,17 @@ def test_a_tasks_key_or_metric_named_like_a_results_column_is_refused(metrics, d
                                          rf"stored results; rename it \(e.g. clash_"):
         register_task("clash", metrics=metrics, defaults=defaults, embedded_defaults=embedded)(lambda c: None)
     assert "clash" not in TASKS
+
+
+@pytest.mark.parametrize("metrics", [[], (), [("mse",)], [("", "min")], "mse", [("mse", "min"), "acc"]])
+def test_a_task_without_a_well_formed_metric_is_refused_at_registration(metrics):
+    # metrics=[] was accepted; every trial then failed with an IndexError in TaskSpec.metric, after Ray started
+    from ablate.tasks import register_task
+
+    with pytest.raises(ValueError, match=r"task 'nometric': metrics must list one or more \(name, 'min' or 'max'\) "
+                                         r"pairs, the first being the one early stopping"):
+        register_task("nometric", metrics=metrics, defaults={})(lambda c: None)
+    assert "nometric" not in TASKS
 
 
 def test_the_reserved_result_columns_are_the_columns_a_trial_stores(tmp_path):

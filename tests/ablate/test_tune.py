@@ -525,6 +525,41 @@ def test_a_tune_spec_refuses_settings_it_cannot_use():
     assert list(spec.settings.space()) == ["meta_lr"]
 
 
+def test_a_priority_search_is_refused_only_where_the_priorities_cannot_matter():
+    # a weighting of one's own is given the priorities (it was refused as one that "ignores" them);
+    # huw_priority on an objective with none of the three terms weighs every term 1.0: all alike
+    import torch
+
+    from metaadamw import OBJECTIVES, WEIGHTINGS, Weighting
+    from metaadamw.objectives import MetaObjective
+
+    @WEIGHTINGS.register("test_tune_own_weighting")
+    class Own(Weighting):
+        def forward(self, terms):
+            return torch.stack([terms[t] for t in self.terms]).sum(), {}
+
+    @OBJECTIVES.register("test_tune_val_only")
+    class ValOnly(MetaObjective):
+        terms = ("val_loss",)
+        needs_val = True
+
+        def __call__(self, q):
+            return {"val_loss": q.loss_val_prime}
+
+    try:
+        spec = parse_tune_spec({**BASE, "baseline": {"weighting": "test_tune_own_weighting"}}, "s.yaml")
+        assert spec.settings.priorities is not None  # (the search goes on)
+        with pytest.raises(StudyError, match=r"s.yaml: tune.priorities: the baseline of task 'etth1' uses "
+                                             r"objective='test_tune_val_only', whose terms \['val_loss'\] are none of"):
+            parse_tune_spec({**BASE, "baseline": {"objective": "test_tune_val_only", "weighting": "huw_priority"}},
+                            "s.yaml")
+        parse_tune_spec({**BASE, "baseline": {"objective": "test_tune_val_only", "weighting": "test_tune_own_weighting"}},
+                        "s.yaml")
+    finally:
+        WEIGHTINGS.remove("test_tune_own_weighting")
+        OBJECTIVES.remove("test_tune_val_only")
+
+
 def test_defaults_targets_and_storage_location(tmp_path):
     spec = parse_tune_spec({**BASE, "tasks": ["etth1", "imdb"], "adamw": True}, "s.yaml")
     s = spec.settings

@@ -404,3 +404,16 @@ def test_the_same_definition_registered_again_replaces_the_first():
     assert reg.get("w") is second["Widget"] is not first["Widget"]
     with pytest.raises(ValueError, match=r"already registered \(plugin_mod.Widget\)"):  # another module's: a clash
         exec(source, {"reg": reg, "__name__": "other_mod"})
+    # so for an instance registered as an object (objectives may be): its class defines it
+    source = "class Inst:\n    pass\n\nreg.register('i')(Inst())\n"
+    first, second = {"reg": reg, "__name__": "cell_mod"}, {"reg": reg, "__name__": "cell_mod"}
+    exec(source, first)
+    exec(source, second)
+    assert type(reg.get("i")) is second["Inst"] is not first["Inst"]
+    with pytest.raises(ValueError, match=r"already registered \(cell_mod.Inst\)"):
+        exec(source, {"reg": reg, "__name__": "other_mod"})
+    import functools  # (a general-purpose object says nothing of where it was made: a clash)
+
+    reg.register("p")(functools.partial(print, 1))
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("p")(functools.partial(print, 2))
