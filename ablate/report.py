@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import json
 import re
 import warnings
 from pathlib import Path
@@ -27,7 +28,7 @@ import pandas as pd  # noqa: E402
 
 from ablate import stats  # noqa: E402
 from ablate.config import first_ten  # noqa: E402
-from ablate.results import Results, load_results, read_manifest  # noqa: E402
+from ablate.results import TUNE_TARGETS_FILE, Results, load_results, read_manifest  # noqa: E402
 
 FORMATS = ("md", "html")
 FIGURES_DIR = "figures"
@@ -753,12 +754,17 @@ def _telemetry_section(results: Results, fig_dir: Path) -> list[Block]:
     return [_heading("Meta-parameter trajectories"), *blocks]
 
 
-def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def tune_states(history: pd.DataFrame, planned: Sequence[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per task of a tuning study's history: how many suggestions ended in each state, and the
     best finished value (trial number and value); and every suggestion that did not finish, with
-    why (its ``ended`` record: diverged, stopped by the scheduler, the error, interrupted)."""
+    why (its ``ended`` record: diverged, stopped by the scheduler, the error, interrupted).
+    ``planned``: the run's targets; one without a stored suggestion (its search did not start, or was cut
+    off before one finished or failed) is a row saying so."""
+    not_started = [{"task": key, "suggestions": 0, "complete": 0, "stopped early": 0, "fail": 0, "running": 0,
+                    "best": "no suggestion stored"} for key in planned
+                   if "task" not in history or key not in set(history["task"].astype(str))]
     if history.empty or not {"state", "value"} <= set(history.columns):  # (a history written by other code)
-        return pd.DataFrame(), pd.DataFrame()
+        return pd.DataFrame(not_started), pd.DataFrame()
     rows = []
     for task, h in _by_task(history):
         states = h["state"].astype(str).str.upper()
@@ -779,9 +785,22 @@ def tune_states(history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         else:
             row["best"] = "none finished"
         rows.append(row)
+    rows += not_started
     unfinished = history[history["state"].astype(str).str.upper() != "COMPLETE"]
     cols = [c for c in ("task", "number", "state", "ended", "epochs") if c in unfinished]
-    return pd.DataFrame(rows), unfinished[cols].sort_values(cols[:2]).reset_index(drop=True)
+    unfinished = unfinished[cols].sort_values(cols[:2]).reset_index(drop=True)
+    if "epochs" in unfinished:  # (a suggestion that reported no epoch - a crash, an interrupt - has none: not "nan")
+        unfinished["epochs"] = [int(e) if pd.notna(e) else "none" for e in unfinished["epochs"]]
+    return pd.DataFrame(rows), unfinished
+
+
+def _tune_targets(tune: Path) -> list[str]:
+    """The targets the last `ablate tune` run into this folder had (none known: an older folder)."""
+    try:
+        keys = json.loads((tune / TUNE_TARGETS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [str(k) for k in keys] if isinstance(keys, list) else []
 
 
 def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
@@ -789,7 +808,7 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
     blocks, history = [], pd.DataFrame()
     if (tune / "history.parquet").exists():
         history = pd.read_parquet(tune / "history.parquet")
-        counts, unfinished = tune_states(history)
+        counts, unfinished = tune_states(history, _tune_targets(tune))
         if len(counts):
             blocks += [_table(counts)]
         if len(unfinished):

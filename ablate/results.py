@@ -84,6 +84,9 @@ MANIFEST = "study_trials.json"
 #: the trials an ``ablate run --rerun`` selected that are not computed again yet, and those it has:
 #: ``{"trials": [trial ids], "done": [trial ids]}`` (every later run of the study computes the first)
 RERUN_FILE = "rerun.json"
+#: in a study's ``tune/`` folder: the targets (tasks, or cross_task) of the last ``ablate tune`` run
+#: into it, so that the report names those whose search has not started
+TUNE_TARGETS_FILE = "targets.json"
 #: the trial columns that depend on the study rather than on the trial's config
 LABEL_COLUMNS = ("study", "arm", "arms", "axis")
 

@@ -63,7 +63,7 @@ Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every inv
     FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
     state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
     baseline, arm, ended, chosen``; ``importances.parquet`` - ``task, param, importance`` (fANOVA,
-    complete trials).
+    complete trials); ``targets.json`` - the run's targets, for the report.
 
 The best values are those of the best finished suggestion, except that the arm's own values (the
 first suggestion, ``baseline``) are kept when they tie with it (:func:`ablate.stats.tuning_tie`:
@@ -1615,7 +1615,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
     not of every complete trial."""
     import pandas as pd
 
-    from ablate.results import atomic_write_parquet
+    from ablate.results import TUNE_TARGETS_FILE, atomic_write_parquet
 
     histories, importances, best, notes = [], [], {}, {}
     for target in targets:
@@ -1643,6 +1643,8 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                               "chosen"])
     atomic_write_parquet(history, out_dir / "history.parquet")
     files["history"] = out_dir / "history.parquet"
+    # every target of the run, so that a report names those whose search has not started (no history rows)
+    atomic_write_bytes(out_dir / TUNE_TARGETS_FILE, json.dumps([t.key for t in targets]).encode("utf-8"))
     imp = pd.concat([i for i in importances if len(i)], ignore_index=True) if any(len(i) for i in importances) else \
         pd.DataFrame({"task": pd.Series(dtype=str), "param": pd.Series(dtype=str), "importance": pd.Series(dtype=float)})
     atomic_write_parquet(imp, out_dir / "importances.parquet")

@@ -1155,6 +1155,12 @@ def test_ctrl_c_in_the_first_target_of_a_first_run_names_the_targets_that_did_no
     assert "imdb: minimize" not in printed and "its search has not started" in printed
     assert "interrupted during etth1 after 0 of 1 suggestion(s)" in printed and "the searches of imdb did not start" in printed
     assert (tmp_path / "out" / "t1" / "tune" / "history.parquet").exists()
+    # the report names both targets (a target without stored suggestions had no row at all)
+    from ablate.report import write_report
+
+    report = write_report(tmp_path / "out" / "t1", formats=("md",)).read_text()
+    for task in ("etth1", "imdb"):
+        assert f"| {task} | 0 | 0 | 0 | 0 | 0 | no suggestion stored |" in report, report
 
 
 def test_ctrl_c_that_ray_tune_catches_between_two_suggestions_exits_130_and_starts_no_other_search(
@@ -1289,14 +1295,15 @@ def test_a_crashed_suggestion_records_its_error_and_the_report_tables_count_stat
     ended = {t.user_attrs["ray_trial_id"]: t.user_attrs["ended"] for t in study.trials}
     assert ended["crashed"] == "error: ValueError: a member's config is broken"
     rows = [{"task": "etth1", "number": t.number, "value": t.value if t.value is not None else math.nan,
-             "state": t.state.name, "direction": "minimize", "ended": t.user_attrs["ended"], "epochs": 1}
-            for t in study.trials]
+             "state": t.state.name, "direction": "minimize", "ended": t.user_attrs["ended"],
+             "epochs": t.user_attrs.get("epochs", math.nan)} for t in study.trials]  # (as tune_history writes them)
     counts, unfinished = tune_states(pd.DataFrame(rows))
     assert counts.to_dict("records") == [{"task": "etth1", "suggestions": 3, "complete": 1, "stopped early": 1,
                                           "fail": 1, "running": 0, "best": "1.5 (#0)"}]
     assert unfinished["state"].tolist() == ["FAIL", "PRUNED"]
     assert unfinished["ended"].tolist() == ["error: ValueError: a member's config is broken",
                                             "stopped by the scheduler after epoch 1"]
+    assert unfinished["epochs"].tolist() == ["none", 1]  # (the crash reported no epoch: it read "nan")
 
 
 @pytest.mark.parametrize("other, best_is_baseline, note", [
