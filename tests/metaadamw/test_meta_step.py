@@ -489,6 +489,35 @@ def test_meta_step_leaves_buffers_a_forward_pass_fills_or_registers_as_they_were
     assert "calls" not in model[0]._non_persistent_buffers_set and model[0].mask is mask and model[1].mask is mask
 
 
+class _KeepsItsLastOutput(nn.Linear):
+    """Keeps tensors of its last forward pass in plain attributes (for inspection, as some models do)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.last_output = None
+
+    def forward(self, x):
+        out = super().forward(x)
+        self.last_output = out  # (with its graph)
+        self.last_input = x.detach()
+        return out
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_meta_step_undoes_tensors_a_forward_pass_keeps_in_plain_attributes(meta_gradient):
+    # they held the last hypothetical pass's output and its graph (theta', the modulator's multipliers)
+    model = nn.Sequential(_KeepsItsLastOutput(6, 16), nn.Tanh(), _KeepsItsLastOutput(16, 1))
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+    batches = regression_batches(3)
+    assert not opt.meta_step(model, mse, *batches).skipped
+    assert all(m.last_output is None and not hasattr(m, "last_input") for m in (model[0], model[2]))
+    out = model(batches[0][0])  # a forward pass of the caller's keeps them as before
+    assert model[2].last_output is out
+    before = model[0].last_input
+    opt.meta_step(model, mse, *batches)
+    assert model[2].last_output is out and model[0].last_input is before  # (those on entry are put back)
+
+
 def test_both_meta_gradient_modes_see_the_same_losses_on_a_model_whose_buffers_a_pass_advances():
     # every pass starts from the buffers on entry: the exact path's validation pass at theta' followed the
     # power iteration of its pass on batch 2 (loss_decrease -0.085 against -0.003), as both modes once did
