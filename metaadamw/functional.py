@@ -643,7 +643,8 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     )
     if index is None:
         index = to_device([b.group for b in buckets], device)
-    a_aw = torch.stack([alpha, alpha * beta]).index_select(1, index).to(dtype)  # (2, buckets)
+    a = alpha.to(dtype)  # (the product in the scalars' dtype: float64 for float64 parameters, as single_tensor_update)
+    a_aw = torch.stack([a, a * beta.to(dtype)]).index_select(1, index)  # (2, buckets)
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]
     scalars = zip(decay.unbind(0), scale.unbind(0))  # 0-dim views, two ops for all the buckets

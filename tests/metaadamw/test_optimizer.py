@@ -1390,6 +1390,20 @@ def test_zero_ranges_match_torch_adamw_in_float64(foreach):
         torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_the_weight_decay_of_a_float64_model_takes_alpha_times_beta_in_float64(foreach):
+    # the fast update multiplied alpha * beta in float32 before its float64 scalars (2.3e-9 off here)
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = MetaAdamW([p], lr=0.1, weight_decay=1.0, grouping="original", foreach=foreach, modulator_layers=1,
+                    modulator_heads=1)
+    randomise_head(opt)
+    p.grad = torch.zeros_like(p)  # m = v = 0: the step is the decoupled decay alone
+    opt.step()
+    alpha, beta = opt.multipliers.alpha[0].double(), opt.multipliers.beta[0].double()
+    assert abs(float(p[0]) - float(1 - 0.1 * alpha * beta)) <= 2e-16
+
+
 @pytest.mark.parametrize("lr, eps, grad", [(1e-5, 1e-4, [1.0, 0.01]), (1e-3, 1e-7, [1.0, 0.0])])
 @pytest.mark.parametrize("chunk", [None, 1])
 def test_zero_ranges_match_torch_adamw_in_float16(lr, eps, grad, chunk, monkeypatch):
