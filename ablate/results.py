@@ -59,6 +59,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -510,7 +511,7 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
             warnings.warn(
                 f"{out_dir}: {sum(missing.values())} of the study's {len(manifest)} trials have no stored result (not "
                 f"run yet, still running, or cut off; by arm: {', '.join(f'{a} {n}' for a, n in missing.items())}): "
-                f"the tables and figures leave them out. `ablate run SPEC --out {out_dir.parent} --resume` runs "
+                f"the tables and figures leave them out. `ablate run SPEC --out {shlex.quote(str(out_dir.parent))} --resume` runs "
                 f"them.", stacklevel=3)
     ids = set(tables["trials"]["trial_id"]) if len(tables["trials"]) else set()
     for name in ("history", "telemetry"):

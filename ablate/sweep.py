@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -647,7 +648,13 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     no_result_files()
-    started = init_ray(study, address, num_cpus)
+    try:
+        started = init_ray(study, address, num_cpus)
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
+        import ray
+
+        ray.shutdown()
+        return _interrupted_or_done(out_dir, pending, set(), 0, 0, reused)
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
@@ -696,6 +703,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
             try:
                 with ray_tune_quiet():
                     tuner.fit()
+            except KeyboardInterrupt:  # a second Ctrl-C, which Ray's message invites ("Press CTRL+C ... to skip"):
+                pass  # what finished is stored; the unfinished trials are named below, as after the first
             except Exception:  # (Ray wraps the callback's error in a TuneError of some 80 lines)
                 if recorder.write_error is None:
                     raise
@@ -711,21 +720,27 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
 
                 ray.shutdown()
                 rearm()
-        left = [t for t in pending if t.trial_id not in recorder.written | recorder.failed_ids]
-        unfinished = len(left)
-        if not unfinished and not keep_checkpoints:  # Ray's copies: --resume reads the stable ones
-            _clean_up(out_dir, study, storage, run_name)
-        names = [_trial_label(t) for t in left]
-        if unfinished:  # Ray Tune catches Ctrl-C itself and returns from fit() as if done
-            print(f"\ninterrupted: {unfinished} trial(s) did not finish: {first_ten(names)}", flush=True)
-        has_parts = any((out_dir / store.PARTS_DIR).glob("*.trials.parquet"))
-        if has_parts:
-            results = store.consolidate(out_dir)
-        else:  # interrupted before any trial finished
-            import pandas as pd
+        if not keep_checkpoints and all(t.trial_id in recorder.written | recorder.failed_ids for t in pending):
+            _clean_up(out_dir, study, storage, run_name)  # Ray's copies: --resume reads the stable ones
+        return _interrupted_or_done(out_dir, pending, recorder.written | recorder.failed_ids,
+                                    recorder.done + recorder.failed, recorder.failed, reused)
 
-            results = store.Results(*(pd.DataFrame() for _ in store.TABLES))
-        return SweepOutcome(out_dir, recorder.done + recorder.failed, reused, recorder.failed, results, unfinished, names)
+
+def _interrupted_or_done(out_dir: Path, pending: list[TrialSpec], recorded: set[str], ran: int, failed: int,
+                         reused: int) -> SweepOutcome:
+    """The outcome of a run: the trials of ``pending`` not ``recorded`` did not finish (Ray Tune catches
+    Ctrl-C itself and returns from fit() as if done; a Ctrl-C while Ray starts ends it before any)."""
+    left = [t for t in pending if t.trial_id not in recorded]
+    names = [_trial_label(t) for t in left]
+    if left:
+        print(f"\ninterrupted: {len(left)} trial(s) did not finish: {first_ten(names)}", flush=True)
+    if any((out_dir / store.PARTS_DIR).glob("*.trials.parquet")):
+        results = store.consolidate(out_dir)
+    else:  # interrupted before any trial finished
+        import pandas as pd
+
+        results = store.Results(*(pd.DataFrame() for _ in store.TABLES))
+    return SweepOutcome(out_dir, ran, reused, failed, results, len(left), names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,7 +892,7 @@ def run_command(args) -> int:
           + (f", {diverged} diverged (no result; in the table's 'not ok')" if diverged else "")
           + (f", {outcome.unfinished} interrupted" if outcome.unfinished else "")
           + f"; results in {outcome.out_dir} "
-          f"(load them with ablate.results.load_results, or run `ablate report {outcome.out_dir}`)")
+          f"(load them with ablate.results.load_results, or run `ablate report {shlex.quote(str(outcome.out_dir))}`)")
     if outcome.unfinished:
         print(f"continue the interrupted trials from their last checkpoint (finished trials are kept and reused) "
               f"with:\n  {resume_command(args)}", flush=True)
@@ -982,6 +997,14 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
         print(f"note: {len(done)} checkpoint(s) of trials whose results are stored stay in {out_dir / CHECKPOINTS_DIR} "
               f"({size:.0f} MiB; kept by a run with --keep-checkpoints, or left by a run killed as it stored the "
               f"trial): delete them if you do not need the trials' weights", flush=True)
+    failed = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem in ids and p.stem not in stored]
+    if failed:  # (every trial is recorded here: these failed, after their checkpoints were written)
+        size = sum(p.stat().st_size for p in failed) / 2**20
+        print(f"note: {len(failed)} failed trial(s) left their last epoch's checkpoint in {out_dir / CHECKPOINTS_DIR} "
+              f"({size:.0f} MiB): the same command with --resume runs them again from there, which is right after a "
+              f"passing failure (memory, a lost node); if the fix changes what their earlier epochs computed, delete "
+              f"{'them' if len(failed) > 1 else 'it'} first ({', '.join(p.name for p in failed[:3])}"
+              f"{', ...' if len(failed) > 3 else ''})", flush=True)
     if others:
         size = sum(p.stat().st_size for p in others) / 2**20
         print(f"note: {len(others)} checkpoint(s) of trials that are not in the study as run now (extra seeds, or a "

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -202,6 +203,59 @@ def test_ctrl_c_says_what_did_not_finish_and_exits_130(tmp_path, signum, group):
     # the command that continues this run: the same output directory and options (not ./results)
     assert f"ablate run {spec} --out {out} --max-concurrent 1 --resume" in text
     assert "Tuner.restore" not in text  # Ray Tune's own hint, which cannot extend a sweep
+
+
+@pytest.mark.parametrize("where", ["ray.init", "a second ctrl-c in fit"])
+def test_ctrl_c_while_ray_starts_or_a_second_ctrl_c_names_the_unfinished_trials_and_the_command(
+        tmp_path, monkeypatch, capsys, where):
+    # the second Ctrl-C that Ray's message invites ("Press CTRL+C ... to skip") raised out of fit(): the run
+    # printed only "interrupted"; one while Ray started left its agents running and said no more
+    import ray
+    from ray import tune
+
+    from ablate import sweep
+    from ablate.cli import main
+
+    shut = []
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: shut.append(1))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "ray.init":
+        monkeypatch.setattr(sweep, "init_ray", interrupted)
+    else:
+        monkeypatch.setattr(sweep, "init_ray", lambda *a, **k: True)
+        monkeypatch.setattr(tune, "Tuner", lambda *a, **k: type("T", (), {"fit": interrupted})())
+    spec = tiny_study(tmp_path, seeds=1)
+    out = tmp_path / "my results"  # (the commands to paste quote it: `ablate report` was not)
+    assert main(["run", str(spec), "--out", str(out)]) == 130
+    printed = capsys.readouterr()
+    n = len(load_study(spec).trials)
+    assert f"interrupted: {n} trial(s) did not finish: " in printed.out
+    assert f"ablate run {spec} --out {shlex.quote(str(out))} --resume" in printed.out + printed.err
+    assert f"run `ablate report {shlex.quote(str(out / 'tiny'))}`" in printed.out
+    assert shut == [1]  # (Ray shut down: half started, its agents outlived the run)
+
+
+def test_the_end_of_a_run_names_the_checkpoints_failed_trials_left(tmp_path, capsys):
+    # a trial that failed after an epoch's checkpoint left it without a word: --resume after a fix continued
+    # it from the failing code's epochs (rerun moves its checkpoints aside for that reason)
+    from ablate.results import write_trial
+    from ablate.sweep import CHECKPOINTS_DIR, _clean_up
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    out = tmp_path / "results" / "tiny"
+    failed, ok, *_ = study.trials
+    write_trial(out, {**failed.config, "trial_id": failed.trial_id, "status": "failed", "error": "boom"})
+    write_trial(out, {**ok.config, "trial_id": ok.trial_id, "status": "ok", "best_metric": 1.0})
+    (out / CHECKPOINTS_DIR).mkdir(parents=True)
+    (out / CHECKPOINTS_DIR / f"{failed.trial_id}.pt").write_bytes(b"x" * 10)
+    _clean_up(out, study, None, None)
+    printed = capsys.readouterr().out
+    assert (f"note: 1 failed trial(s) left their last epoch's checkpoint in {out / CHECKPOINTS_DIR} (0 MiB): the same "
+            f"command with --resume runs them again from there") in printed
+    assert f"delete it first ({failed.trial_id}.pt)" in printed
 
 
 def test_the_sigterm_message_counts_a_trial_stored_before_the_recorder_noted_it(tmp_path):
