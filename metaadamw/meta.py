@@ -161,7 +161,8 @@ class ModelState:
     hold the last hypothetical pass's weight, and its graph, until the next forward pass; and on
     the final :meth:`restore`, a tensor a forward pass set in an attribute that held none (``self.attn
     = weights``, where ``__init__`` set None; or a new attribute) is undone (it held a hypothetical
-    pass's values and graph). Between the passes that check is skipped (~130 us on a ResNet-18)."""
+    pass's values and graph), with the module's other plain attributes (a cache's key). Between the
+    passes that check is skipped (~130 us on a ResNet-18)."""
 
     def __init__(self, model: nn.Module):
         self._dicts = [(m, dict(m.__dict__)) for m in model.modules()]
@@ -187,14 +188,19 @@ class ModelState:
             self._undo_new_tensor_attributes()
 
     def _undo_new_tensor_attributes(self) -> None:
+        """A module a forward pass left a new tensor in gets all its plain attributes back as on
+        entry, not the tensor alone: a cache keeps its key beside it (``self.seq_len_cached = T``
+        with ``self.cos_cached``), and a key without its tensor would skip the rebuild."""
         missing = object()
         for module, saved in self._dicts:
-            for name, value in list(module.__dict__.items()):
-                if isinstance(value, Tensor) and saved.get(name, missing) is not value:
-                    if name in saved:
-                        module.__dict__[name] = saved[name]
-                    else:
-                        del module.__dict__[name]
+            now = module.__dict__
+            if not any(isinstance(v, Tensor) and saved.get(k, missing) is not v for k, v in now.items()):
+                continue
+            for name in [k for k in now if k not in saved]:
+                del now[name]
+            for name, value in saved.items():
+                if now.get(name, missing) is not value:
+                    now[name] = value
 
     @torch.no_grad()
     def restore_out_of_place(self) -> None:

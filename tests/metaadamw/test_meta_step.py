@@ -518,6 +518,35 @@ def test_meta_step_undoes_tensors_a_forward_pass_keeps_in_plain_attributes(meta_
     assert model[2].last_output is out and model[0].last_input is before  # (those on entry are put back)
 
 
+class _Rotary(nn.Module):
+    """A cache keyed by the sequence length, filled by the forward pass (as rotary embeddings do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq_len_cached = None
+        self.cos_cached = None
+
+    def forward(self, x):
+        if x.shape[1] != self.seq_len_cached:
+            self.seq_len_cached = x.shape[1]
+            self.cos_cached = torch.cos(torch.arange(x.shape[1], dtype=x.dtype))
+        return x * self.cos_cached
+
+
+def test_meta_step_undoes_a_forward_pass_cache_with_its_key():
+    # undoing the cached tensor alone left its key: the next forward pass skipped the rebuild and
+    # multiplied by None (a meta_step before the first training step filled the cache)
+    model = nn.Sequential(nn.Linear(6, 6), _Rotary(), nn.Linear(6, 1))
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(3)
+    opt.meta_step(model, mse, *batches)
+    assert model[1].seq_len_cached is None and model[1].cos_cached is None
+    _step(model, opt, batches[0])  # (it raised a TypeError)
+    cached = model[1].cos_cached
+    opt.meta_step(model, mse, *batches)
+    assert model[1].cos_cached is cached and model[1].seq_len_cached == 6
+
+
 def test_both_meta_gradient_modes_see_the_same_losses_on_a_model_whose_buffers_a_pass_advances():
     # every pass starts from the buffers on entry: the exact path's validation pass at theta' followed the
     # power iteration of its pass on batch 2 (loss_decrease -0.085 against -0.003), as both modes once did
