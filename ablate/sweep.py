@@ -720,10 +720,11 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
 
                 ray.shutdown()
                 rearm()
-        if not keep_checkpoints and all(t.trial_id in recorder.written | recorder.failed_ids for t in pending):
+        recorded = recorder.written | recorder.failed_ids
+        if not keep_checkpoints and all(t.trial_id in recorded for t in pending):
             _clean_up(out_dir, study, storage, run_name)  # Ray's copies: --resume reads the stable ones
-        return _interrupted_or_done(out_dir, pending, recorder.written | recorder.failed_ids,
-                                    recorder.done + recorder.failed, recorder.failed, reused)
+        return _interrupted_or_done(out_dir, pending, recorded, recorder.done + recorder.failed, recorder.failed,
+                                    reused)
 
 
 def _interrupted_or_done(out_dir: Path, pending: list[TrialSpec], recorded: set[str], ran: int, failed: int,
@@ -989,15 +990,16 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
     else:
         (out_dir / STORAGE_RUNS).unlink(missing_ok=True)
     ids = {t.trial_id for t in study.trials}
-    others = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem not in ids]
+    checkpoints = list((out_dir / CHECKPOINTS_DIR).glob("*.pt"))
+    others = [p for p in checkpoints if p.stem not in ids]
     stored = store.finished_trial_ids(out_dir)
-    done = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem in ids and p.stem in stored]
+    done = [p for p in checkpoints if p.stem in ids and p.stem in stored]
     if done:  # (kept by an earlier run with --keep-checkpoints, or left by a run killed as it stored the trial)
         size = sum(p.stat().st_size for p in done) / 2**20
         print(f"note: {len(done)} checkpoint(s) of trials whose results are stored stay in {out_dir / CHECKPOINTS_DIR} "
               f"({size:.0f} MiB; kept by a run with --keep-checkpoints, or left by a run killed as it stored the "
               f"trial): delete them if you do not need the trials' weights", flush=True)
-    failed = [p for p in (out_dir / CHECKPOINTS_DIR).glob("*.pt") if p.stem in ids and p.stem not in stored]
+    failed = [p for p in checkpoints if p.stem in ids and p.stem not in stored]
     if failed:  # (every trial is recorded here: these failed, after their checkpoints were written)
         size = sum(p.stat().st_size for p in failed) / 2**20
         print(f"note: {len(failed)} failed trial(s) left their last epoch's checkpoint in {out_dir / CHECKPOINTS_DIR} "
@@ -1015,8 +1017,6 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
 def resume_command(args) -> str:
     """The ``ablate run`` (or ``ablate tune``) command line that continues the one of ``args``:
     the same study file, output directory, storages, cluster and options."""
-    import shlex
-
     words = ["ablate", args.command, args.spec]
     for flag, value in (("--out", getattr(args, "out", None)), ("--storage", getattr(args, "storage", None)),
                         ("--study-storage", getattr(args, "study_storage", None)),

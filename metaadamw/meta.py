@@ -167,8 +167,8 @@ class ModelState:
     def __init__(self, model: nn.Module):
         self._dicts = [(m, dict(m.__dict__)) for m in model.modules()]
         self._holders = [(m, dict(m._buffers)) for m in model.modules()]
-        self._attributes = [(m, held) for m in model.modules()
-                            if (held := {k: v for k, v in m.__dict__.items() if isinstance(v, Tensor)})]
+        self._attributes = [(m, held) for m, saved in self._dicts
+                            if (held := {k: v for k, v in saved.items() if isinstance(v, Tensor)})]
         buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
         self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
         self._weights = [(m.weight, m.weight.detach().clone()) for m in model.modules()

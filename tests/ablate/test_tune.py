@@ -528,15 +528,13 @@ def test_a_tune_spec_refuses_settings_it_cannot_use():
 def test_a_priority_search_is_refused_only_where_the_priorities_cannot_matter():
     # a weighting of one's own is given the priorities (it was refused as one that "ignores" them);
     # huw_priority on an objective with none of the three terms weighs every term 1.0: all alike
-    import torch
-
-    from metaadamw import OBJECTIVES, WEIGHTINGS, Weighting
+    from metaadamw import OBJECTIVES, WEIGHTINGS
     from metaadamw.objectives import MetaObjective
+    from metaadamw.weighting import Sum
 
     @WEIGHTINGS.register("test_tune_own_weighting")
-    class Own(Weighting):
-        def forward(self, terms):
-            return torch.stack([terms[t] for t in self.terms]).sum(), {}
+    class Own(Sum):  # (the sum's arithmetic, under a name of one's own)
+        pass
 
     @OBJECTIVES.register("test_tune_val_only")
     class ValOnly(MetaObjective):
