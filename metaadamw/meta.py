@@ -156,7 +156,7 @@ class ModelState:
     parameters are never written). :meth:`restore` writes every value back (version counters
     cannot tell what changed: BatchNorm's kernels update their running statistics without moving
     them); a tensor held by several modules is saved and written once. Tensors a module holds as
-    plain attributes are put back too: the weight that ``torch.nn.utils.weight_norm`` and
+    plain attributes are put back too, with the module's other plain attributes (a cache's key): the weight that ``torch.nn.utils.weight_norm`` and
     ``spectral_norm`` (the hook-based ones) compute before each forward pass, which would otherwise
     hold the last hypothetical pass's weight, and its graph, until the next forward pass; and on
     the final :meth:`restore`, a tensor a forward pass set in an attribute that held none (``self.attn
@@ -167,7 +167,7 @@ class ModelState:
     def __init__(self, model: nn.Module):
         self._dicts = [(m, dict(m.__dict__)) for m in model.modules()]
         self._holders = [(m, dict(m._buffers)) for m in model.modules()]
-        self._attributes = [(m, held) for m, saved in self._dicts
+        self._attributes = [(m, held, saved) for m, saved in self._dicts
                             if (held := {k: v for k, v in saved.items() if isinstance(v, Tensor)})]
         buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
         self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
@@ -191,16 +191,10 @@ class ModelState:
         """A module a forward pass left a new tensor in gets all its plain attributes back as on
         entry, not the tensor alone: a cache keeps its key beside it (``self.seq_len_cached = T``
         with ``self.cos_cached``), and a key without its tensor would skip the rebuild."""
-        missing = object()
         for module, saved in self._dicts:
             now = module.__dict__
-            if not any(isinstance(v, Tensor) and saved.get(k, missing) is not v for k, v in now.items()):
-                continue
-            for name in [k for k in now if k not in saved]:
-                del now[name]
-            for name, value in saved.items():
-                if now.get(name, missing) is not value:
-                    now[name] = value
+            if any(isinstance(v, Tensor) and saved.get(k, _MISSING) is not v for k, v in now.items()):
+                _restore_plain_attributes(module, saved)
 
     @torch.no_grad()
     def restore_out_of_place(self) -> None:
@@ -215,10 +209,11 @@ class ModelState:
                     module._buffers[name] = fresh[id(b)]
 
     def _put_back_holders(self) -> None:
-        for module, held in self._attributes:
-            for name, value in held.items():
-                if module.__dict__.get(name) is not value:
-                    module.__dict__[name] = value
+        # a tensor held on entry and replaced: the module's other plain attributes come back with it
+        # (a cache's key, ``self.seq_len_cached``, would otherwise describe the replaced tensor)
+        for module, held, saved in self._attributes:
+            if any(module.__dict__.get(name) is not value for name, value in held.items()):
+                _restore_plain_attributes(module, saved)
         for module, held in self._holders:
             now = module._buffers
             if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
@@ -226,6 +221,20 @@ class ModelState:
                     del now[name]
                     module._non_persistent_buffers_set.discard(name)
                 now.update(held)
+
+
+def _restore_plain_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
+    """``module.__dict__`` as ``saved`` (a copy made earlier): attributes set since are removed,
+    changed ones put back (``_parameters``, ``_buffers`` and the like are the same dicts)."""
+    now = module.__dict__
+    for name in [k for k in now if k not in saved]:
+        del now[name]
+    for name, value in saved.items():
+        if now.get(name, _MISSING) is not value:
+            now[name] = value
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager

@@ -547,6 +547,44 @@ def test_meta_step_undoes_a_forward_pass_cache_with_its_key():
     assert model[1].cos_cached is cached and model[1].seq_len_cached == 6
 
 
+class _GrowingRotary(nn.Module):
+    """A cache that grows to the longest sequence seen and is sliced for shorter ones (as rotary
+    embeddings' caches are): ``self.cos_cached`` with its key ``self.seq_len_cached``."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq_len_cached = 0
+        self.cos_cached = torch.ones(0, 1)
+
+    def forward(self, x):  # (N, T, C)
+        if x.shape[1] > self.seq_len_cached:
+            self.seq_len_cached = x.shape[1]
+            self.cos_cached = torch.cos(torch.arange(x.shape[1], dtype=x.dtype)).unsqueeze(1)
+        return x * self.cos_cached[:x.shape[1]]
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_meta_step_passes_start_from_a_cache_held_on_entry_with_its_key(meta_gradient):
+    # a cache built on entry for 4 positions, rebuilt for 8 by the pass on batch 2: between the passes
+    # the tensor came back without its key (8), and the validation pass sliced 8 rows from a 4-row cache
+    model = nn.Sequential(nn.Linear(3, 3), _GrowingRotary(), nn.Linear(3, 1))
+    g = torch.Generator().manual_seed(0)
+
+    def batch(length):
+        return torch.randn(5, length, 3, generator=g), torch.randn(5, 1, generator=g)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return ((model(x).mean(1) - y) ** 2).mean()
+
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+    _step(model, opt, batch(4), loss_fn)
+    cached = model[1].cos_cached
+    record = opt.meta_step(model, loss_fn, batch(8), batch(8), batch(8))  # (it raised a RuntimeError)
+    assert not record.skipped and all(math.isfinite(v) for v in record.terms.values())
+    assert model[1].cos_cached is cached and model[1].seq_len_cached == 4
+
+
 def test_both_meta_gradient_modes_see_the_same_losses_on_a_model_whose_buffers_a_pass_advances():
     # every pass starts from the buffers on entry: the exact path's validation pass at theta' followed the
     # power iteration of its pass on batch 2 (loss_decrease -0.085 against -0.003), as both modes once did
