@@ -8,7 +8,8 @@
     ablate tune SPEC [--trials N] [--study-storage PATH|URL] [--address ADDR] [--storage PATH]
                                                Optuna search of the HUW priorities (tune.arm: adamw: AdamW's lr)
     ablate report RESULTS_DIR [--out DIR]      Markdown/HTML report with figures
-    ablate data download TASK [--data-dir DIR] fetch a real dataset (needs the network)
+    ablate data download TASK [--data-dir DIR] [--force]
+                                               fetch a real dataset (needs the network)
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ def _json_value(value: Any) -> Any:
 def cmd_data(args: argparse.Namespace) -> int:
     from ablate.data import download
 
-    for path in download(args.task, args.data_dir):
+    for path in download(args.task, args.data_dir, force=args.force):
         print(f"ready: {path}")
     return 0
 
@@ -345,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("download", help="download and verify a task's real dataset (needs the network)")
     d.add_argument("task")
     d.add_argument("--data-dir", help="where to put it (default: $ABLATE_DATA_DIR or ./data)")
+    d.add_argument("--force", action="store_true",
+                   help="fetch every file again, over those in place (files the loader calls damaged)")
     d.set_defaults(func=cmd_data)
     return p
 

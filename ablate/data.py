@@ -48,8 +48,8 @@ def verify(path: Path, item: Download, *, fetched: bool = True) -> None:
             if h.hexdigest() != expected.lower():
                 if not fetched:
                     raise DownloadError(f"{path} exists but its {algo} {h.hexdigest()} differs from the published "
-                                        f"{expected} (a modified or partial copy?): move or delete it and rerun "
-                                        f"`ablate data download`, or keep it and skip the download")
+                                        f"{expected} (a modified or partial copy?): rerun `ablate data download` "
+                                        f"with --force to replace it, or keep it and skip the download")
                 raise DownloadError(f"{item.filename}: {algo} {h.hexdigest()} differs from the published {expected}; "
                                     f"the download is corrupt or the file changed upstream - nothing was unpacked")
             return
@@ -76,8 +76,10 @@ def unpack(archive: Path, dest: Path) -> list[str]:
         return [m.name for m in t.getmembers() if m.isfile()]
 
 
-def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Download every file of ``task``'s real dataset into the data directory; returns the paths."""
+def download(task: str, data_dir: str | os.PathLike | None = None, force: bool = False) -> list[Path]:
+    """Download every file of ``task``'s real dataset into the data directory; returns the paths.
+    ``force``: fetch and verify every file again, over those in place (a damaged copy: a file
+    present is otherwise trusted, an unpacked archive's files by name)."""
     if task not in DOWNLOADS:
         known = sorted(DOWNLOADS)
         raise ConfigError(f"no download is registered for task {task!r}; tasks with downloads: "
@@ -93,7 +95,7 @@ def download(task: str, data_dir: str | os.PathLike | None = None) -> list[Path]
             raise DownloadError(f"cannot create the data directory {dest}: {exc.strerror or exc}; give --data-dir "
                                 f"a folder you can write to") from exc
         try:
-            out.append(_download_one(item, root, dest))
+            out.append(_download_one(item, root, dest, force))
         except BaseException:
             for d in created:  # innermost first; only if empty
                 try:
@@ -123,19 +125,22 @@ def _still_unpacked(marker: Path, dest: Path) -> bool:
     return all((dest / name).is_file() for name in files)  # (an archive of no files: nothing to miss)
 
 
-def _download_one(item: Download, root: Path, dest: Path) -> Path:
+def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -> Path:
     final = dest / item.filename
-    if final.exists() and not item.extract:
+    if final.exists() and not item.extract and not force:
         verify(final, item, fetched=False)
         return final
     marker = unpacked_marker(item, dest)
     if item.extract and marker.exists():
-        if _still_unpacked(marker, dest):
-            print(f"{item.filename}: unpacked in {dest} already, every file in place (delete {marker.name} there to "
-                  f"fetch it again)", flush=True)
+        if force:
+            marker.unlink()
+        elif _still_unpacked(marker, dest):
+            print(f"{item.filename}: unpacked in {dest} already, every file in place (--force fetches it again, "
+                  f"over damaged files)", flush=True)
             return dest
-        print(f"{item.filename}: files it held are missing from {dest}: fetching it again", flush=True)
-        marker.unlink()
+        else:
+            print(f"{item.filename}: files it held are missing from {dest}: fetching it again", flush=True)
+            marker.unlink()
     failures = []
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_file = Path(tmp) / item.filename

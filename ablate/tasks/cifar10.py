@@ -167,8 +167,8 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _damaged(path: Path, problem: str) -> DatasetNotFoundError:
     """The error for a batch file that is there but unreadable: what is wrong, and how to replace it."""
     return DatasetNotFoundError(
-        f"cifar10: {path} {problem}. Replace the batches: `ablate data download cifar10` fetches them again, or "
-        f"download {CIFAR_URL} and unpack it into the data directory"
+        f"cifar10: {path} {problem}. Replace the batches: `ablate data download cifar10 --force` fetches them again "
+        f"(a file in place is otherwise kept), or download {CIFAR_URL} and unpack it into the data directory"
     )
 
 

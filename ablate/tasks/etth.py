@@ -442,13 +442,13 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
             raise ConfigError(f"{variant.name} ({source}): {error}") from error
         shorter = "A shorter seq_len fits a shorter series; if" if split == "80/20" else "If"
         raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. {shorter} the file is a cut-short copy, "
-                                   f"`ablate data download {variant.name}` fetches the published one") from error
+                                   f"`ablate data download {variant.name} --force` fetches the published one over it") from error
     # (recorded with every result, as CIFAR-10's); 12/4/4 reads the first 20 months, the same in a longer or
     # shorter file that has them (a shorter one is refused above)
     if config["data"] == "real" and split == "80/20" and len(values) != variant.rows:
         other = f"not the published file: {len(values):,} rows where it has {variant.rows:,}"
         warnings.warn(f"{variant.name}: {source[len('real:'):]} is {other} - metrics not comparable with the published "
-                      f"dataset's (`ablate data download {variant.name}` fetches it)", stacklevel=2)
+                      f"dataset's (`ablate data download {variant.name} --force` fetches it over this one)", stacklevel=2)
         source += f" ({other})"
     model = TimeSeriesTransformer(
         n_inputs=len(columns),

@@ -144,7 +144,8 @@ def read_tree(tree: Path) -> dict[str, list[Review]]:
             try:
                 out[split].append((clean(path.read_text(encoding="utf-8")), label))
             except (OSError, UnicodeDecodeError) as exc:
-                raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", expected, SOURCE) from exc
+                raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", expected, SOURCE,
+                                    damaged=True) from exc
     return out
 
 

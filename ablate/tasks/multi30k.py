@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.tasks.base import (
+    DatasetNotFoundError,
     Download,
     TaskInstance,
     also_looked_in,
@@ -152,6 +153,17 @@ def _located(config: dict) -> tuple[list[Path], dict[str, Path]]:
     return expected, found  # type: ignore[return-value]
 
 
+def _damaged(problem: str, paths: list[Path], expected: list[Path]) -> DatasetNotFoundError:
+    """The error for files that are there but unusable: an uncompressed one is read before the
+    ``.gz`` that a download writes, so it must go first."""
+    plain = [p for p in paths if p.suffix != ".gz"]
+    if plain:
+        problem += (f" (the uncompressed {' and '.join(map(str, plain))} {'is' if len(plain) == 1 else 'are'} read "
+                    f"before NAME.gz, which is what the download writes: delete or replace "
+                    f"{'it' if len(plain) == 1 else 'them'} first)")
+    return dataset_error(TASK, problem, expected, SOURCE, damaged=True)
+
+
 def locate(config: dict) -> list[Path]:
     """The real train/val/test files of both languages (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
     return list(_located(config)[1].values())
@@ -169,16 +181,14 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
             try:
                 lines.append(read_lines(path))
             except (OSError, UnicodeDecodeError, EOFError) as exc:
-                raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", expected, SOURCE) from exc
+                raise _damaged(f"cannot read {path} as UTF-8 text ({exc})", [path], expected) from exc
         src, tgt = lines
         if len(src) != len(tgt):
-            raise dataset_error(
-                TASK, f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; the files must be line-aligned",
-                expected, SOURCE,
-            )
+            raise _damaged(f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; the files must be "
+                           f"line-aligned", paths, expected)
         pairs[split] = tokenize_pairs(src, tgt)
         if not pairs[split]:
-            raise dataset_error(TASK, f"{paths[0]} / {paths[1]} hold no sentence pairs", expected, SOURCE)
+            raise _damaged(f"{paths[0]} / {paths[1]} hold no sentence pairs", paths, expected)
         if len(pairs[split]) < len(src):
             skipped[split] = len(src) - len(pairs[split])
         used += paths

@@ -137,14 +137,17 @@ def read_lines(path: Path) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
-def dataset_error(task: str, problem: str, expected: Iterable[Path], source: str) -> DatasetNotFoundError:
+def dataset_error(task: str, problem: str, expected: Iterable[Path], source: str,
+                  damaged: bool = False) -> DatasetNotFoundError:
     """A :class:`DatasetNotFoundError` for ``task``: what is wrong, every expected file with its
-    full path, and how to obtain the data (``ablate data download TASK`` or ``source``)."""
+    full path, and how to obtain the data (``ablate data download TASK`` or ``source``;
+    ``damaged``: a file is there but unusable, which only ``--force`` fetches again)."""
     files = "\n".join(f"  {p.expanduser().absolute()}" for p in expected)
+    how = (f"Replace them with `ablate data download {task} --force` (a file in place is otherwise kept)"
+           if damaged else f"Obtain them with `ablate data download {task}`")
     return DatasetNotFoundError(
         f"task {task!r}: {problem}.\nExpected files:\n{files}\n"
-        f"Obtain them with `ablate data download {task}` or from {source}; "
-        f"or use data='embedded' for the small offline variant."
+        f"{how} or from {source}; or use data='embedded' for the small offline variant."
     )
 
 

@@ -130,11 +130,12 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
         try:
             tokens[split] = lines_to_tokens(read_lines(path))
         except (OSError, UnicodeDecodeError, EOFError) as exc:
-            raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", paths.values(), SOURCE) from exc
+            raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", paths.values(), SOURCE,
+                                damaged=True) from exc
         if len(tokens[split]) <= config["block_size"]:
             raise dataset_error(
                 TASK, f"{path} holds {len(tokens[split])} tokens, too few for one block of {config['block_size']}",
-                paths.values(), SOURCE,
+                paths.values(), SOURCE, damaged=True,
             )
     return tokens, "real:" + ",".join(str(p.resolve()) for p in paths.values())
 

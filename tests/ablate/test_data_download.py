@@ -52,8 +52,21 @@ def test_an_existing_modified_file_says_to_move_it(tmp_path, capsys):
     (tmp_path / "ETT-small").mkdir()
     (tmp_path / "ETT-small" / "ETTh1.csv").write_text("date,OT\n2016-07-01 00:00:00,1.0\n")
     err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path)], capsys)
-    assert "ETTh1.csv exists but its sha256" in err and "move or delete it" in err
+    assert "ETTh1.csv exists but its sha256" in err and "with --force to replace it" in err
     assert "the download is corrupt" not in err  # (nothing was downloaded)
+
+
+def test_force_replaces_a_damaged_file_in_place(tmp_path, monkeypatch, capsys):
+    published = b"date,OT\n2016-07-01 00:00:00,1.0\n"
+    item = Download(url="https://example.org/e.csv", filename="e.csv", sha256=hashlib.sha256(published).hexdigest(),
+                    subdir="ETT-small")
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(published))
+    (tmp_path / "ETT-small").mkdir()
+    (tmp_path / "ETT-small" / "e.csv").write_bytes(published[:20])  # (cut off)
+    _run(["data", "download", "etth1", "--data-dir", str(tmp_path)], capsys)
+    assert main(["data", "download", "etth1", "--data-dir", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "ETT-small" / "e.csv").read_bytes() == published
 
 
 def test_a_data_dir_that_is_a_file_is_one_line(tmp_path, capsys):
@@ -115,6 +128,14 @@ def test_a_dead_url_falls_back_to_the_mirror_that_gives_the_published_file(tmp_p
     (tmp_path / "w" / "wiki.valid.tokens").unlink()
     assert data.download("w", tmp_path) == [tmp_path] and len(asked) == 3
     assert "a.tar.gz: files it held are missing from" in capsys.readouterr().out
+    assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
+    # a damaged file, every name in place: the marker trusts it, and --force (the loaders' errors name it)
+    # fetches the archive again over it
+    (tmp_path / "w" / "wiki.valid.tokens").write_bytes(b"\xff\xfe")
+    asked.clear()
+    assert data.download("w", tmp_path) == [tmp_path] and asked == []
+    assert "--force fetches it again" in capsys.readouterr().out
+    assert data.download("w", tmp_path, force=True) == [tmp_path] and len(asked) == 3
     assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
 
 

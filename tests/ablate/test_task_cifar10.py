@@ -151,7 +151,7 @@ def test_malformed_batches_are_reported(tmp_path):
     path.write_bytes(b"not a pickle")
     with pytest.raises(DatasetNotFoundError, match=f"{path} is not a readable CIFAR-10 python batch") as info:
         cifar10.read_batch(path)
-    assert "`ablate data download cifar10` fetches them again" in str(info.value)
+    assert "`ablate data download cifar10 --force` fetches them again" in str(info.value)
     write_batch(path, np.zeros((2, 100), dtype=np.uint8), [0, 1])
     with pytest.raises(DatasetNotFoundError, match=r"no valid b'data': it must be a uint8 array \(N, 3072\)"):
         cifar10.read_batch(path)

@@ -122,8 +122,8 @@ def test_a_file_too_short_for_the_split_says_what_fits_and_how_to_fetch_the_whol
         etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
     assert str(info.value) == (
         f"etth1 (real:{(tmp_path / 'ETTh1.csv').resolve()}): 5 steps are too few for the 80/20 split with seq_len=4. "
-        f"A shorter seq_len fits a shorter series; if the file is a cut-short copy, `ablate data download etth1` "
-        f"fetches the published one")
+        f"A shorter seq_len fits a shorter series; if the file is a cut-short copy, `ablate data download etth1 "
+        f"--force` fetches the published one over it")
     with pytest.raises(DatasetNotFoundError, match=r"seq_len=4\. If the file is a cut-short copy, `ablate data "):
         etth.build_ett_task(real_config(tmp_path, split="12/4/4"), etth.VARIANTS[0])  # (20 months, whatever seq_len)
 
@@ -225,7 +225,7 @@ def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
     write_ett_csv(path, ot)
     # a file of other length than the published one (a copy cut short): said, and recorded with the results
     with pytest.warns(UserWarning, match=rf"etth1: {path} is not the published file: 30 rows where it has 17,420 - "
-                                         rf"metrics not comparable .*`ablate data download etth1` fetches it"):
+                                         rf"metrics not comparable .*`ablate data download etth1 --force` fetches it"):
         task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
     assert task.data_source == f"real:{path} (not the published file: 30 rows where it has 17,420)"
     # 26 windows of 4 steps: 20 train (targets 4..23), 6 validate (targets 24..29)

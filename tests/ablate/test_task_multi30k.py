@@ -110,8 +110,13 @@ def test_missing_and_misaligned_files(tmp_path):
         get_task("multi30k").build(make_config(data="real", data_dir=str(tmp_path / "elsewhere"), **TINY))
     assert f"and there is no folder {tmp_path / 'elsewhere' / 'multi30k'}, the other place" in str(info.value)
     (folder / "val.en").write_text("A horse runs.\nOne line too many.\n", encoding="utf-8")
-    with pytest.raises(DatasetNotFoundError, match="line-aligned"):
+    with pytest.raises(DatasetNotFoundError, match="line-aligned") as info:
         get_task("multi30k").build(make_config(data="real", data_dir=str(folder), **TINY))
+    # the fix it names works: the download writes NAME.gz, which the uncompressed files would hide
+    first = str(info.value).splitlines()[0]
+    assert (f"(the uncompressed {folder / 'val.de'} and {folder / 'val.en'} are read before NAME.gz, which is what "
+            f"the download writes: delete or replace them first)") in first
+    assert "`ablate data download multi30k --force`" in str(info.value)
 
 
 def test_corrupt_gzip_data_names_the_file(tmp_path):
