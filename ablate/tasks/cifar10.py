@@ -73,6 +73,7 @@ SPLITS = ("holdout", "paper")
 HOLDOUT_FRACTION = 0.1  # of each class's training images
 HOLDOUT_SEED = 0  # the split is fixed, whatever the trial's seed
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 # Per-channel mean and standard deviation of the 50,000 CIFAR-10 training images (in [0, 1]).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -180,14 +181,26 @@ def _missing_message(root: Path, what: str) -> str:
     )
 
 
+def _packed_hint(archive: Path) -> str:
+    """For a folder without the batches: the CIFAR-10 archive that is there, still packed."""
+    if not (archive.is_file() and archive.name.endswith((".tar.gz", ".tgz"))):
+        return ""
+    return (f" ({archive} is an archive, still packed: `tar -xzf {archive} -C {archive.parent}` unpacks it into "
+            f"{archive.parent / CIFAR_SUBDIR}, which data_dir={archive.parent} finds)")
+
+
 def _batch_files(root: Path, also: str = "") -> list[str]:
     """The training batches present in ``root`` (DatasetNotFoundError when none, or no test batch;
     ``also``: where else the batches may lie, for its message)."""
+    if root.is_file():
+        raise DatasetNotFoundError(_missing_message(root, f"the data directory {root} is a file, not a folder"
+                                                          f"{_packed_hint(root)}"))
     if not root.is_dir():
         raise DatasetNotFoundError(_missing_message(root, f"the directory {root} does not exist{also}"))
     train_files = [name for name in TRAIN_FILES if (root / name).is_file()]
     if not train_files:
-        raise DatasetNotFoundError(_missing_message(root, f"no training batch data_batch_1..5 in {root}{also}"))
+        raise DatasetNotFoundError(_missing_message(root, f"no training batch data_batch_1..5 in {root}{also}"
+                                                          f"{_packed_hint(root / ARCHIVE)}"))
     if not (root / TEST_FILE).is_file():
         raise DatasetNotFoundError(_missing_message(root, f"no {TEST_FILE} in {root}{also}"))
     return train_files
@@ -408,4 +421,4 @@ def build_cifar10_task(config: dict) -> TaskInstance:
     )
 
 
-register_download("cifar10", Download(url=CIFAR_URL, filename="cifar-10-python.tar.gz", md5=CIFAR_MD5, extract=True))
+register_download("cifar10", Download(url=CIFAR_URL, filename=ARCHIVE, md5=CIFAR_MD5, extract=True))

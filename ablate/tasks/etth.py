@@ -203,6 +203,7 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DatasetNotFoundError(f"{path} is not a readable ETT CSV file: {error}") from error
+    frame.columns = [str(c).strip() for c in frame.columns]  # (a header written "date, HUFL, ..."; values are stripped too)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DatasetNotFoundError(

@@ -131,6 +131,17 @@ def test_missing_directory_is_reported(tmp_path):
     assert f"and there is no folder {missing / 'cifar-10-batches-py'}, the other place" in str(info.value)
 
 
+def test_a_packed_archive_is_named_with_the_command_that_unpacks_it(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    unpack = f"`tar -xzf {archive} -C {tmp_path}` unpacks it into {tmp_path / 'cifar-10-batches-py'}"
+    for data_dir, problem in ((archive, f"the data directory {archive} is a file, not a folder"),  # (it said "does not exist")
+                              (tmp_path, f"no training batch data_batch_1..5 in {tmp_path}")):
+        with pytest.raises(DatasetNotFoundError) as info:
+            get_task("cifar10").build(real_config(data_dir))
+        assert problem in str(info.value) and unpack in str(info.value)
+
+
 def test_missing_training_batches_are_reported(tmp_path):
     write_batch(tmp_path / "test_batch", fixture_images(2, 0), [0, 1])
     with pytest.raises(DatasetNotFoundError, match="no training batch data_batch_1..5") as info:

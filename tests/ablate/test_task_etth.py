@@ -48,6 +48,10 @@ def test_read_ett_csv_returns_the_requested_columns(tmp_path):
     values = write_ett_csv(tmp_path / "ETTh1.csv", ot)
     np.testing.assert_array_equal(etth.read_ett_csv(tmp_path / "ETTh1.csv", ("OT",))[:, 0], ot)
     np.testing.assert_array_equal(etth.read_ett_csv(tmp_path / "ETTh1.csv", etth.ETT_COLUMNS), values)
+    # a header with a space after each comma (as the values may have): the same columns, not "lacks OT"
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text((tmp_path / "ETTh1.csv").read_text().replace(",", ", "))
+    np.testing.assert_array_equal(etth.read_ett_csv(spaced, etth.ETT_COLUMNS), values)
 
 
 def test_csv_missing_ot_column_is_reported(tmp_path):
