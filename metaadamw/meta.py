@@ -169,7 +169,9 @@ class ModelState:
         self._holders = [(m, dict(m._buffers)) for m in model.modules()]
         self._attributes = [(m, held, saved) for m, saved in self._dicts
                             if (held := {k: v for k, v in saved.items() if isinstance(v, Tensor)})]
-        buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None}
+        # (an inference tensor - a cache first built under torch.inference_mode() - cannot be written
+        # outside it, by a pass or by restore: it is only put back where a pass replaced it)
+        buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None and not b.is_inference()}
         self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
         self._weights = [(m.weight, m.weight.detach().clone()) for m in model.modules()
                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
@@ -188,13 +190,17 @@ class ModelState:
             self._undo_new_tensor_attributes()
 
     def _undo_new_tensor_attributes(self) -> None:
-        """A module a forward pass left a new tensor in gets all its plain attributes back as on
-        entry, not the tensor alone: a cache keeps its key beside it (``self.seq_len_cached = T``
+        """A module a forward pass left a new tensor (or list of tensors) in gets all its plain
+        attributes back as on entry, not the tensor alone: a cache keeps its key beside it (``self.seq_len_cached = T``
         with ``self.cos_cached``), and a key without its tensor would skip the rebuild."""
         for module, saved in self._dicts:
             now = module.__dict__
-            if any(isinstance(v, Tensor) and saved.get(k, _MISSING) is not v for k, v in now.items()):
+            if any(saved.get(k, _MISSING) is not v and _holds_tensors(v) for k, v in now.items()):
                 _restore_plain_attributes(module, saved)
+
+    def renormalised_weights(self) -> set[int]:
+        """The ids of the weights a forward pass writes in place (embeddings with ``max_norm``)."""
+        return {id(w) for w, _ in self._weights}
 
     @torch.no_grad()
     def restore_out_of_place(self) -> None:
@@ -206,7 +212,7 @@ class ModelState:
         for module, held in self._holders:
             for name, b in held.items():
                 if b is not None:
-                    module._buffers[name] = fresh[id(b)]
+                    module._buffers[name] = fresh.get(id(b), b)
 
     def _put_back_holders(self) -> None:
         # a tensor held on entry and replaced: the module's other plain attributes come back with it
@@ -221,6 +227,12 @@ class ModelState:
                     del now[name]
                     module._non_persistent_buffers_set.discard(name)
                 now.update(held)
+
+
+def _holds_tensors(value: Any) -> bool:
+    """A tensor, or a list or tuple of them (an RNN's ``_flat_weights``, which a pass at theta'
+    rebuilds to hold theta')."""
+    return isinstance(value, Tensor) or (isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value))
 
 
 def _restore_plain_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
@@ -320,6 +332,14 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     objective = opt.objective
     exact = opt.meta_gradient == "exact"
     need_train = objective.second_order or objective.needs_train_loss
+    double = exact and objective.second_order  # (the pass on batch 2 at theta' is differentiated twice)
+
+    def kernels() -> contextlib.AbstractContextManager:
+        # every pass from L(theta; val) on, and the backward passes that recompute an activation-checkpointed
+        # part of them, on the same kernels: a recomputation on others saves other tensors (torch's
+        # CheckpointError), and the two validation losses must differ by theta' alone
+        return twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext()
+
     params = opt._params
     trainable = [i for i, p in enumerate(params) if p.requires_grad]
     if not trainable:
@@ -353,7 +373,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             if batch1 is not None:
                 state.restore(weights=False)
             val_rng = _RngReplay(opt.device)  # the pass at theta' replays its random stream (dropout masks)
-            loss_val = _loss(loss_fn, model, val_batch).detach()
+            with kernels():
+                loss_val = _loss(loss_fn, model, val_batch).detach()
 
         # 2-3. hypothetical moments, features at theta and the multipliers
         theta = [params[i].detach() for i in active]
@@ -415,24 +436,28 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         state.restore(weights=False)
         with swapped_parameters(model, swap, names):
             if need_train:
-                double = exact and objective.second_order
-                with twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext():
+                with kernels():
                     q.loss_train_prime = _loss(loss_fn, model, batch2)
                 if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
-                    with _explained_double_backward() if exact else contextlib.nullcontext():
+                    with _explained_double_backward() if exact else contextlib.nullcontext(), kernels():
                         g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact,
                                         require="the loss on batch2 at the hypothetical parameters", hint=partial)
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
+                held_apart = {}
                 if exact and need_train:  # (the graph of the pass at theta' on batch 2 is held)
                     state.restore_out_of_place()
+                    # theta' of an embedding with max_norm, which the pass renormalises in place: a copy
+                    # (a Linear tied to it saved it for that graph's backward pass)
+                    held_apart = {id(swap[k]): swap[k].clone() for k in state.renormalised_weights() if k in swap}
                 else:
                     state.restore(weights=False)
                 if val_rng is not None:  # the same dropout masks as L(theta; val): the two differ by theta' alone
                     val_rng.replay()
                 try:
-                    q.loss_val_prime = _loss(loss_fn, model, val_batch)
+                    with kernels(), swapped_parameters(model, held_apart) if held_apart else contextlib.nullcontext():
+                        q.loss_val_prime = _loss(loss_fn, model, val_batch)
                 finally:
                     if val_rng is not None:
                         val_rng.resume()
@@ -455,8 +480,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         # meta_parameters(), costs ~70 us on the default 8-layer encoder)
         meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
         n_meta = len(meta_params) + len(cut)
-        if exact:
-            with _explained_double_backward():
+        if exact:  # (with theta' in the model: an activation-checkpointed part recomputes its forward pass here)
+            with _explained_double_backward(), swapped_parameters(model, swap, names), kernels():
                 out = _grad(loss, meta_params + cut + leaves, zero=False)
             _check_reached(loss, out[n_meta:], "the meta-loss (the losses at the hypothetical parameters)")
             d_theta = [torch.zeros_like(x) if d is None else d for d, x in zip(out[n_meta:], leaves)]

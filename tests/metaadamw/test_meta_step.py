@@ -972,6 +972,66 @@ def test_activation_checkpointing_gives_the_same_meta_update(meta_gradient):
         MetaAdamW(mlp(0, widths=(6, 16, 16, 16, 1))[:5].named_parameters(), **small_kwargs()))))
 
 
+class _CheckpointedMiddle(nn.Module):
+    def __init__(self, checkpointed):
+        super().__init__()
+        self.a, self.b, self.c, self.checkpointed = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 1), checkpointed
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.a(x))
+        h = checkpoint(self.b, h, use_reentrant=False) if self.checkpointed else self.b(h)
+        return self.c(torch.tanh(h))
+
+
+@pytest.mark.parametrize("objective", ["loss_decrease", "gen_gap", "gradient"])
+def test_the_exact_meta_gradient_is_the_same_with_activation_checkpointing(objective):
+    # the last backward pass of the exact path recomputes the checkpointed part: it ran after theta' was
+    # swapped out, at theta (meta-gradients 1e-2 to 0.5 off, relative, at lr 0.1)
+    batches = [(x.double(), y.double()) for x, y in regression_batches(3)]
+    deltas = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = _CheckpointedMiddle(checkpointed).double()
+        opt = MetaAdamW(model.parameters(), model=model, lr=0.1, objective=objective, weighting="sum",
+                        meta_gradient="exact", meta_lr=1.0, **small_kwargs())
+        before = [p.detach().clone() for p in opt.meta_parameters()]
+        opt.meta_step(model, mse, *batches)
+        deltas.append(torch.cat([(p.detach() - b).flatten() for b, p in zip(before, opt.meta_parameters())]))
+    assert deltas[0].norm() > 0
+    assert (deltas[1] - deltas[0]).norm() <= 1e-9 * deltas[0].norm()
+
+
+class _CheckpointedAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Linear(4, 8), nn.Linear(8, 1)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.out(checkpoint(self.layer, self.embed(x), use_reentrant=False)).mean(1)
+
+
+@pytest.mark.parametrize("objective", ["gradient", "combined"])
+def test_the_exact_path_recomputes_checkpointed_attention_on_the_kernels_it_ran_on(objective):
+    # the double-differentiated pass runs on the math attention kernel; its backward passes recomputed the
+    # checkpointed layer on the fused one, which saves other tensors: torch's CheckpointError
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 5, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(3)]
+    terms = {}
+    for mode in ("finite_difference", "exact"):
+        torch.manual_seed(0)
+        model = _CheckpointedAttention().train()
+        opt = MetaAdamW(model.parameters(), model=model, objective=objective, meta_gradient=mode, **small_kwargs())
+        record = opt.meta_step(model, mse, *batches)
+        assert not record.skipped
+        terms[mode] = record.terms
+    assert terms["exact"] == pytest.approx(terms["finite_difference"], rel=1e-5)
+
+
 @pytest.mark.parametrize("batch1_none", [False, True])
 def test_reentrant_checkpointing_is_a_clear_error_not_a_silent_zero_meta_gradient(batch1_none):
     # the reentrant variant hides the parameters from torch.autograd.grad: every gradient would be
@@ -1185,6 +1245,86 @@ def test_rows_an_embedding_with_max_norm_renormalises_are_restored():
     for batch1 in (None, batches[0]):
         assert not opt.meta_step(model, loss_fn, batch1, batches[1], batches[2]).skipped
         _assert_same(model, snap)
+
+
+class _TiedMaxNormLM(nn.Module):
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, 8, max_norm=1.0), nn.Linear(8, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)))
+
+
+def test_a_max_norm_embedding_tied_to_a_linear_layer_in_the_exact_path():
+    # the graph of the pass on batch 2, held by the exact path, saved theta' for the tied Linear; the
+    # validation pass renormalised theta' in place: torch's "modified by an inplace operation" error
+    terms = {}
+    for mode in ("finite_difference", "exact"):
+        torch.manual_seed(0)
+        model = _TiedMaxNormLM()
+        with torch.no_grad():
+            model.emb.weight.mul_(5.0)  # (rows above max_norm: every lookup renormalises them)
+        opt = MetaAdamW(model.named_parameters(), meta_gradient=mode, objective="combined", **small_kwargs())
+        snap = _snapshot(model)
+        record = opt.meta_step(model, lm_loss, *lm_batches(3))
+        assert not record.skipped
+        _assert_same(model, snap)
+        terms[mode] = record.terms
+    assert terms["exact"] == pytest.approx(terms["finite_difference"], rel=1e-5)
+
+
+class _CacheBuiltUnderInferenceMode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fc = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.register_buffer("cache", None, persistent=False)
+
+    def forward(self, x):
+        if self.cache is None or self.cache.shape[0] < x.shape[1]:
+            self.cache = torch.sin(torch.arange(x.shape[1], dtype=x.dtype))[:, None]
+        return self.fc(torch.tanh(self.lin(x) + self.cache[:x.shape[1]])).mean(1)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_buffer_made_under_inference_mode(meta_gradient):
+    # (a cache whose first forward pass was a validation run under torch.inference_mode, as Lightning's
+    # sanity check makes it): restoring it wrote an inference tensor outside inference mode
+    model = _CacheBuiltUnderInferenceMode()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 5, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(4)]
+    with torch.inference_mode():
+        model(batches[0][0])
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+    _step(model, opt, batches[0])
+    cache, snap = model.cache, _snapshot(model)
+    record = opt.meta_step(model, mse, *batches[1:])
+    assert not record.skipped and all(math.isfinite(v) for v in record.terms.values())
+    assert model.cache is cache
+    _assert_same(model, snap)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_an_rnn_holds_its_own_weights_after_meta_step(meta_gradient):
+    # its forward pass at theta' rebuilt the list of flat weights: it held theta' (a copy of the weights,
+    # with its graph) until the next forward pass
+    class LastState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.out = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0][:, -1])
+
+    model = LastState()
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(3, 5, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(3)]
+    flat = model.rnn._flat_weights
+    assert not opt.meta_step(model, mse, *batches).skipped
+    assert model.rnn._flat_weights is flat
+    assert all(a is b for a, b in zip(model.rnn._flat_weights, model.rnn.parameters()))
 
 
 def test_a_second_batch_that_uses_only_tensors_without_a_gradient_on_batch1_is_explained():
