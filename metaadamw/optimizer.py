@@ -207,6 +207,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
 
         self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
+        self._group_sizes = [len(g["params"]) for g in self.param_groups]  # (with _params: each tensor's group)
         self._check_params(self._params)
         self.device = self._params[0].device
         self._model_ref = None if model is None else weakref.ref(model)
@@ -394,11 +395,7 @@ class MetaAdamW(torch.optim.Optimizer):
         where = f"param group {len(self.param_groups)}: "
         # AdamW honours its flags per group too: here they are refused in a group as in the arguments
         _check_adamw_flags(where, **{k: v for k, v in param_group.items() if k in _ADAMW_FLAGS})
-        _check(param_group.get("decoupled_weight_decay", True) or not param_group.get(
-            "weight_decay", self.defaults["weight_decay"]),
-            f"{where}decoupled_weight_decay=False is not supported: that is torch.optim.Adam's L2 penalty added to the "
-            f"gradient, while MetaAdamW (like AdamW) decays the weights directly, so the same weight_decay would mean "
-            f"another rule. Leave decoupled_weight_decay=True (or out), or set the group's weight_decay=0")
+        _check_decoupled(where, {"weight_decay": self.defaults["weight_decay"], **param_group})
         for key in _TORCH_FLAGS:  # (at their defaults: not MetaAdamW's options, and torch.compile on CUDA sets a
             param_group.pop(key, None)  # group's capturable key to True, which step() would refuse)
         if any(k in param_group for k in ("lr", "betas", "eps", "weight_decay")):
@@ -427,6 +424,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.modulator.extractor.set_layout(layout)  # the last check: it may refuse
         self._params, self.tensor_info, self.group_names, self._group_of, self.layout = (
             params, infos, names, group_of, layout)
+        self._group_sizes = [len(g["params"]) for g in self.param_groups]
         added = len(params) - n_before
         self._steps += [0] * added
         zeros = torch.zeros(added, dtype=torch.float32, device=self.device)
@@ -485,18 +483,27 @@ class MetaAdamW(torch.optim.Optimizer):
                 f"optimizer")
 
     def _check_tensors_unchanged(self) -> None:
-        """Refuse tensors put into (or replaced in) ``param_groups[i]["params"]`` by hand: MetaAdamW
-        groups, names and tracks its tensors when they are given (``torch.optim.AdamW`` would step
-        them, so silently leaving them untrained is no option). One identity test per tensor, on
+        """Refuse tensors put into, replaced in or moved between ``param_groups[i]["params"]`` by
+        hand: MetaAdamW groups, names and tracks its tensors when they are given (``torch.optim.AdamW``
+        would step them as they are now, so silently stepping them as they were is no option). One identity test per tensor, on
         the host: about as cheap as reading the tensors' ``.grad``."""
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if sizes == self._group_sizes and all(map(operator.is_, itertools.chain.from_iterable(
+                g["params"] for g in self.param_groups), self._params)):
+            return
         held = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        if sum(len(g["params"]) for g in self.param_groups) != len(self._params) or not all(
-                map(operator.is_, held, self._params)):
+        if sum(sizes) == len(self._params) and all(map(operator.is_, held, self._params)):
             raise RuntimeError(
-                "the tensors in the optimizer's param_groups are no longer those MetaAdamW was given: tensors were "
-                "added to, removed from or replaced in param_groups[i]['params'] by hand. Add tensors with "
-                "optimizer.add_param_group({'params': ...}) (which groups them for the modulator and starts their "
-                "moments), or build a new optimizer")
+                f"the tensors were moved between the optimizer's param_groups by hand (their sizes were "
+                f"{self._group_sizes}, now {sizes}): MetaAdamW fixes each tensor's group when it is given - the lr, "
+                f"betas, eps and weight decay it steps with, and with grouping='original' its modulator group. Build a "
+                f"new optimizer with the new groups (torch.optim.AdamW would step each tensor with its new group's "
+                f"values; MetaAdamW refuses rather than keep the old ones)")
+        raise RuntimeError(
+            "the tensors in the optimizer's param_groups are no longer those MetaAdamW was given: tensors were "
+            "added to, removed from or replaced in param_groups[i]['params'] by hand. Add tensors with "
+            "optimizer.add_param_group({'params': ...}) (which groups them for the modulator and starts their "
+            "moments), or build a new optimizer")
 
     def _step(self) -> None:
         self._check_tensors_unchanged()
@@ -507,8 +514,9 @@ class MetaAdamW(torch.optim.Optimizer):
             return
         F.check_dense(grads)  # every step: a host attribute per tensor, no sync
         for k, group in enumerate(self.param_groups):  # (set on a group after it was checked: AdamW honours them)
-            if any(map(group.get, _ADAMW_FLAGS)):
+            if any(map(group.get, _ADAMW_FLAGS)) or group.get("decoupled_weight_decay") is False:
                 _check_adamw_flags(f"param group {k}: ", **{name: group.get(name) for name in _ADAMW_FLAGS})
+                _check_decoupled(f"param group {k}: ", group)
         plan = self._plan
         # a scheduler may change them (the plan caches them), also in place (a list): compared as copies
         betas = [tuple(g["betas"]) for g in self.param_groups]
@@ -1003,11 +1011,20 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def _load_adamw_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("state", {})
-        if "param_groups" not in state_dict or not all(
+        groups = state_dict.get("param_groups")
+        neither = ("this state dict was saved neither by MetaAdamW (no 'metaadamw' entry) nor by torch.optim.AdamW "
+                   "(every parameter's state needs exp_avg, exp_avg_sq and step, every param group betas)")
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and "betas" in g for g in groups) or not all(
                 isinstance(st, dict) and {"exp_avg", "exp_avg_sq", "step"} <= set(st) for st in states.values()):
-            raise ValueError("this state dict was saved neither by MetaAdamW (no 'metaadamw' entry) nor by "
-                             "torch.optim.AdamW (every parameter's state needs exp_avg, exp_avg_sq and step)")
-        if not all(isinstance(g, dict) and "amsgrad" in g for g in state_dict["param_groups"]):
+            raise ValueError(f"{neither}. Nothing was loaded")
+        other = sorted({k for st in states.values() for k in st} - {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"})
+        if other:  # (NAdam's mu_product)
+            raise ValueError(f"{neither}: its per-parameter state also has {other}, another optimizer's. Nothing was "
+                             f"loaded")
+        if not all("amsgrad" in g for g in groups):
+            if any(k in g for g in groups for k in _TORCH_FLAGS):  # (torch.optim's groups; MetaAdamW's have none)
+                raise ValueError(f"{neither}: it has Adam's moments and torch.optim's param-group flags but not "
+                                 f"AdamW's amsgrad - another torch.optim optimizer's (RAdam's?). Nothing was loaded")
             raise ValueError(
                 "this state dict has AdamW moments but neither MetaAdamW's meta state (no 'metaadamw' entry: the "
                 "modulator, its optimizer, the weighting) nor torch.optim.AdamW's param-group flags: it looks like a "
@@ -1141,6 +1158,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self._drop_torch_flags()  # (pickled by an earlier version after loading an AdamW checkpoint)
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
         self.__dict__.setdefault("_synced_world", 1)  # (pickled before the lazy sync existed)
+        self.__dict__.setdefault("_group_sizes", [len(g["params"]) for g in self.param_groups])  # (pickled before)
         for name in ("refresh_every", "total_steps", "meta_gradient"):  # (pickled when they were attributes)
             if name in self.__dict__:
                 self.config[name] = self.__dict__.pop(name)
@@ -1323,6 +1341,14 @@ _ADAMW_FLAGS = {
 
 #: torch.optim.AdamW's own per-group flags, which MetaAdamW's param groups do not keep
 _TORCH_FLAGS = (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay")
+
+
+def _check_decoupled(where: str, group: dict[str, Any]) -> None:
+    """Refuse ``decoupled_weight_decay=False`` with a weight decay (torch.optim.AdamW honours it per group)."""
+    _check(group.get("decoupled_weight_decay", True) or not group.get("weight_decay"),
+           f"{where}decoupled_weight_decay=False is not supported: that is torch.optim.Adam's L2 penalty added to the "
+           f"gradient, while MetaAdamW (like AdamW) decays the weights directly, so the same weight_decay would mean "
+           f"another rule. Leave decoupled_weight_decay=True (or out), or set the group's weight_decay=0")
 
 
 def _check_adamw_flags(where: str, **flags: Any) -> None:

@@ -111,6 +111,18 @@ def test_loading_a_checkpoint_of_another_layout_is_a_clear_error():
     _train(model, sgd, regression_batches(), 1, meta_every=10**9, loss_fn=mse)
     with pytest.raises(ValueError, match="saved neither by MetaAdamW .* nor by torch.optim.AdamW"):
         opt.load_state_dict(sgd.state_dict())
+    # other optimizers' checkpoints said "a MetaAdamW state dict that lost its meta state": NAdam's moments come
+    # with its mu_product, RAdam's groups with torch's flags but no amsgrad, momentum-free SGD's with no state at all
+    expected = {torch.optim.NAdam: r"its per-parameter state also has \['mu_product'\], another optimizer's",
+                torch.optim.RAdam: r"torch.optim's param-group flags but not AdamW's amsgrad",
+                torch.optim.SGD: r"nor by torch.optim.AdamW \(every parameter's state needs exp_avg, exp_avg_sq and "
+                                 r"step, every param group betas\)\. Nothing was loaded"}
+    for cls, match in expected.items():
+        other = cls(model.parameters(), lr=0.1)
+        _train(model, other, regression_batches(), 1, meta_every=10**9, loss_fn=mse)
+        with pytest.raises(ValueError, match=match) as info:
+            opt.load_state_dict(other.state_dict())
+        assert "lost its meta state" not in str(info.value)
     amsgrad = torch.optim.AdamW(model.parameters(), amsgrad=True)
     _train(model, amsgrad, regression_batches(), 1, meta_every=10**9, loss_fn=mse)
     with pytest.raises(ValueError, match="uses amsgrad, which MetaAdamW does not support"):

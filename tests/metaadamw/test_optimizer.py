@@ -1704,6 +1704,36 @@ def test_a_param_group_asking_for_adams_coupled_weight_decay_is_refused():
     assert len(opt.param_groups) == 1
     # without weight decay the two rules are one: accepted
     opt.add_param_group({"params": biases, "decoupled_weight_decay": False, "weight_decay": 0.0})
+    # set on a group later, as a script may (AdamW switches to the L2 penalty at its next step): refused there
+    opt.param_groups[0]["decoupled_weight_decay"] = False
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"^param group 0: decoupled_weight_decay=False is not supported"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    opt.param_groups[0]["weight_decay"] = 0.0
+    opt.step()
+
+
+def test_tensors_moved_between_param_groups_by_hand_are_refused_not_stepped_with_their_old_group():
+    # AdamW follows the new groups; MetaAdamW stepped each tensor with its old group's lr (or failed with a
+    # bare IndexError when groups were merged)
+    model = mlp(0)
+    params = list(model.parameters())
+    opt = MetaAdamW([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 0.0}], grouping="original",
+                    **small_kwargs())
+    _train(model, opt, regression_batches(), 1)
+    for regroup in ([{**opt.param_groups[0], "params": params[:1]}, {**opt.param_groups[1], "params": params[1:]}],
+                    [{**opt.param_groups[0], "params": params}]):
+        groups = opt.param_groups
+        opt.param_groups = regroup
+        with pytest.raises(RuntimeError, match=r"moved between the optimizer's param_groups by hand \(their sizes "
+                                               r"were \[2, 4\], now \[(1, 5|6)\]\): .*Build a new optimizer"):
+            opt.step()
+        opt.param_groups = groups
+    _train(model, opt, regression_batches(), 1)  # as given: it steps again
+    assert opt.global_step == 2
 
 
 def test_sharded_parameters_of_fsdp_are_refused_when_the_optimizer_is_made():
