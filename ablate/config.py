@@ -111,15 +111,15 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("num_threads", int, None, "torch intra-op threads (default: the CPUs the trial holds)", check=_pos, nullable=True),
         # budget and training loop
         _f("epochs", int, 10, "maximum number of epochs", check=_pos),
-        _f("max_steps", int, None, "stop after this many optimizer steps (None: no step budget)", check=_pos, nullable=True),
+        _f("max_steps", int, None, "stop after this many optimizer steps (null: no step budget)", check=_pos, nullable=True),
         _f("batch_size", int, 64, "training batch size", check=_pos),
         _f("eval_batch_size", int, None, "evaluation batch size (default: batch_size)", check=_pos, nullable=True),
         _f("patience", int, 2, "early-stopping patience in epochs, warm-up epochs included (0 disables early stopping)", check=_nonneg),
         _f("min_delta", float, 1e-3, "minimum improvement of the primary metric that resets patience (the best epoch is the best value, "
            "whatever its gain)", check=_nonneg),
         _f("warmup_epochs", int, 1, "epochs of plain training before meta-updates start", check=_nonneg),
-        _f("max_train_batches", int, None, "cap on training batches per epoch (None: the whole split)", check=_pos, nullable=True),
-        _f("grad_clip", float, None, "clip the gradient norm to this value (None: no clipping)", check=_pos, nullable=True),
+        _f("max_train_batches", int, None, "cap on training batches per epoch (null: the whole split)", check=_pos, nullable=True),
+        _f("grad_clip", float, None, "clip the gradient norm to this value (null: no clipping)", check=_pos, nullable=True),
         # AdamW (paper Table 1)
         _f("lr", float, 5e-4, "learning rate", check=_pos),
         _f("weight_decay", float, 1e-2, "decoupled weight decay", check=_nonneg),
@@ -148,7 +148,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("modulator_layers", int, 8, "Transformer encoder layers of the modulator", check=_pos),
         _f("modulator_heads", int, 6, "attention heads of the modulator", check=_pos),
         _f("modulator_ff", int, 16, "feed-forward width of the modulator", check=_pos),
-        _f("modulator_width", int, None, "model width (None: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
+        _f("modulator_width", int, None, "model width (null: the feature width padded to a multiple of the heads)", check=_pos, nullable=True),
         _f("modulator_init", str, "default", "modulator output head init: 'default' (PyTorch's, as the paper's code: random multipliers ~1+-0.2) or 'zero' (starts as AdamW, up to float rounding, until the first meta-update)", ("default", "zero")),
         _f("meta_gradient", str, "finite_difference", "meta-gradient through g': 'finite_difference' (Hessian-vector product from two gradients) or 'exact' (double backward, as the paper)", ("finite_difference", "exact")),
         _f("refresh_every", int, 1, "recompute alpha/beta every k steps (1: every step, the paper's behaviour)", check=_pos),
@@ -219,6 +219,8 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     if not _type_ok(field.type, value):
         hint = (f" (write it as [{value}])" if field.type is list and isinstance(value, str) and "," in value
                 and not value.lstrip().startswith("[") else "")
+        if field.nullable and isinstance(value, str) and value.strip().lower() == "none":
+            hint = " (for none, write null: YAML and --set read None as text)"
         raise ConfigError(f"{where}: {key} must be {_type_name(field.type)}, got {value!r}{hint} ({field.doc})")
     allowed = field.allowed()
     if allowed is not None and value not in allowed:

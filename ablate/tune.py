@@ -74,6 +74,7 @@ within a relative 1e-6 per task): a suggestion that wins by float rounding is no
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import functools
@@ -1635,7 +1636,9 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
             # where they were picked: a study that compares on these seeds' validation metric reads them
             # at their most favourable (load_study warns)
             # (at full precision: the values that scored best are the values a study runs)
-            best[task] = {**settings, TUNED_ON_SEEDS: list(spec.study.seeds),
+            # (a deep copy each: the tasks of a cross-task search sharing one list were written as a YAML
+            # anchor and aliases, and editing the first task's values in the file changed every task's)
+            best[task] = {**copy.deepcopy(settings), TUNED_ON_SEEDS: list(spec.study.seeds),
                           TUNED_FOR: spec.settings.arm}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \

@@ -95,6 +95,10 @@ def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_r
     ({"task": "etth1", "features": "fancy"}, "give --plugin MODULE); choose one of: basic, basic_plus"),
     ({"task": "etth1", "priorities": [1, 2]}, "a list of three non-negative numbers"),
     ({"task": "etth1", "priorities": "1,2,3"}, "priorities must be a list, got '1,2,3' (write it as [1,2,3])"),
+    # (the keys' help said "None: no clipping", and None is text in YAML and --set)
+    ({"task": "etth1", "grad_clip": "None"}, "grad_clip must be a number, got 'None' (for none, write null: YAML and "
+                                             "--set read None as text) (clip the gradient norm to this value (null: no "
+                                             "clipping))"),
     ({"task": "etth1", "modulator_width": 7, "modulator_heads": 2}, "not a multiple of modulator_heads=2"),
     ({"task": "etth1", "data_dir": "/x"}, "data_dir is given but data='embedded'"),
     ({"task": "etth1", "d_model": "big"}, "d_model must be an integer, like 32 (task etth1), got 'big'"),

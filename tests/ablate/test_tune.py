@@ -1670,3 +1670,24 @@ def test_the_cross_task_reference_and_an_interrupted_single_target_name_commands
     printed = capsys.readouterr().out
     assert "after 0 of 5 suggestion(s)" in printed, printed
     assert "to add only the" not in printed, "no suggestion finished: the same command, not said twice"
+
+
+def test_a_cross_task_search_writes_each_task_its_own_values_not_yaml_aliases(tmp_path):
+    # the tasks shared one priorities list, which yaml wrote once as an anchor (&id001) and then as aliases
+    # (*id001): editing the first task's values in the file changed every task's
+    import optuna
+
+    from ablate.tune import write_outputs
+
+    spec = load_tune_spec(_tiny_spec(tmp_path, tasks="[etth1, imdb]", extra="cross_task: true\n"))
+    target = build_targets(spec, {"etth1/0": 1.0, "imdb/0": 1.0})[0]
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="maximize")
+    study.enqueue_trial({p: v for p, v in zip(PRIORITY_PARAMS, (2.0, 3.0, 4.0))})
+    study.optimize(lambda trial: sum(trial.suggest_float(p, 0.5, 10.0, log=True) for p in PRIORITY_PARAMS), n_trials=1)
+    files, _ = write_outputs(spec, storage, [target], tmp_path, "memory")
+    text = files["best"].read_text()
+    assert "&id" not in text and "*id" not in text
+    best = yaml.safe_load(text)
+    assert best["etth1"]["priorities"] == best["imdb"]["priorities"] == [2.0, 3.0, 4.0]
+    assert best["etth1"]["priorities"] is not best["imdb"]["priorities"]
