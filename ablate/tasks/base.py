@@ -35,9 +35,12 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import numbers
 import os
+import re
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -116,7 +119,29 @@ class TaskSpec:
         return self.metrics[0]
 
     def build(self, config: Mapping[str, Any]) -> TaskInstance:
-        return self.factory(dict(config))
+        with download_hint_with_data_dir(config):
+            return self.factory(dict(config))
+
+
+#: the download command a loader's error names, without a --data-dir
+_DOWNLOAD_COMMAND = re.compile(r"`ablate data download (\S+?)( --force)?`")
+
+
+@contextlib.contextmanager
+def download_hint_with_data_dir(config: Mapping[str, Any]) -> Iterator[None]:
+    """A loader's :class:`DatasetNotFoundError` naming ``ablate data download TASK``, for a config
+    with its own ``data_dir``: the command gets ``--data-dir`` (without it, the download lands in
+    ``$ABLATE_DATA_DIR`` or ``./data``, where this config does not look, and the error comes back)."""
+    try:
+        yield
+    except DatasetNotFoundError as error:
+        data_dir = config.get("data_dir")
+        text = str(error)
+        fixed = _DOWNLOAD_COMMAND.sub(lambda m: f"`ablate data download {m[1]} --data-dir {shlex.quote(str(data_dir))}"
+                                                f"{m[2] or ''}`", text) if data_dir else text
+        if fixed == text:
+            raise
+        raise DatasetNotFoundError(fixed) from error
 
 
 def _not_a_task(obj: Any) -> str | None:
@@ -180,7 +205,7 @@ def register_task(
             defaults=dict(defaults),
             embedded_defaults=dict(embedded_defaults or {}),
             description=description or (factory.__doc__ or "").strip().split("\n")[0],
-            locate=locate,
+            locate=None if locate is None else _located_with_hint(locate),
             check=check,
         )
         TASKS.add(name, spec, override=override)
@@ -189,6 +214,15 @@ def register_task(
         return factory
 
     return decorator
+
+
+def _located_with_hint(locate: Callable[[dict], list[Path]]) -> Callable[[dict], list[Path]]:
+    """``locate`` whose errors name the download command with the config's ``data_dir``."""
+    @functools.wraps(locate)
+    def located(config: dict) -> list[Path]:
+        with download_hint_with_data_dir(config):
+            return locate(config)
+    return located
 
 
 # -- checks of task keys, for TaskSpec.check -------------------------------------------------------

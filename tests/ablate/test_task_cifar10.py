@@ -127,8 +127,12 @@ def test_missing_directory_is_reported(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError, match="does not exist") as info:
         get_task("cifar10").build(real_config(missing))
-    assert str(missing / "data_batch_1") in str(info.value) and "ablate data download cifar10" in str(info.value)
+    assert str(missing / "data_batch_1") in str(info.value)
+    # (with the config's data_dir: without it the download lands in ./data, where this config does not look)
+    assert f"`ablate data download cifar10 --data-dir {missing}`" in str(info.value)
     assert f"and there is no folder {missing / 'cifar-10-batches-py'}, the other place" in str(info.value)
+    with pytest.raises(DatasetNotFoundError, match=f"`ablate data download cifar10 --data-dir {missing}`"):
+        get_task("cifar10").locate(real_config(missing))  # (what ablate run checks before Ray starts)
 
 
 def test_a_packed_archive_is_named_with_the_command_that_unpacks_it(tmp_path):
