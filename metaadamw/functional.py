@@ -277,11 +277,11 @@ def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: li
 
 def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: list[Tensor], exp_avgs: list[Tensor],
                               exp_avg_sqs: list[Tensor], params: list[Tensor] | None,
-                              norms: bool) -> Tensor | None:
+                              norms: bool, narrow: bool | None = None) -> Tensor | None:
     """The moment update run by run (``(positions, beta1, beta2)``), each run followed, when
     ``norms``, by the norms of its g, new m and (unless ``params`` is None) parameters while they
     are in cache. Returns the float32 vector ``[||g_i||..., ||m_i||..., ||p_i||...]`` (over the
-    given tensors or pieces) or None."""
+    given tensors or pieces) or None. ``narrow``: see :func:`foreach_norms`."""
     g_out: list[Tensor] = []
     m_out: list[Tensor] = []
     p_out: list[Tensor] = []
@@ -290,7 +290,7 @@ def foreach_moments_and_norms(runs: list[tuple[slice, float, float]], grads: lis
         foreach_moments(g, m, exp_avg_sqs[sl], beta1, beta2)
         if norms:
             k = len(g)
-            out = torch._foreach_norm(g + m + (params[sl] if params is not None else []))
+            out = foreach_norms(g + m + (params[sl] if params is not None else []), narrow=narrow)
             g_out += out[:k]
             m_out += out[k:2 * k]
             p_out += out[2 * k:]
@@ -438,7 +438,7 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
                   exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, params: list[Tensor],
                   beta1: Tensor, beta2: Tensor, norms: Tensor | None = None,
                   coefs: dict[str, Tensor] | None = None,
-                  v_sum: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+                  v_sum: Tensor | None = None, narrow: bool | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
     """Statistics from the norms of gradient, first moment and parameter and two carried vectors.
 
     Args:
@@ -462,7 +462,7 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     n = len(grads)
     with_params = "param_norm" in needed
     if norms is None:
-        norms = _vector(torch._foreach_norm(grads + exp_avgs + (params if with_params else [])))  # one call
+        norms = _vector(foreach_norms(grads + exp_avgs + (params if with_params else []), narrow=narrow))  # one call
     c = stat_coefficients(beta1, beta2, cos_noise(exp_avgs)) if coefs is None else coefs
     g_norm, m_norm = norms[:n], norms[n:2 * n]
     g_sq, m_sq = g_norm.square(), m_norm.square()
@@ -486,9 +486,9 @@ def foreach_stats(needed: frozenset[str], grads: list[Tensor], m_norm_sq_old: Te
     if "v_norm" in needed:
         out["v_norm"] = v_sum.sqrt()  # b2 * (sum v_{t-1} >= 0) + (1 - b2) ||g||^2 >= 0 (or measured: >= 0)
     if "grad_sparsity" in needed:
-        out["grad_sparsity"] = _zero_fraction(grads, foreach=True, coefs=c)
+        out["grad_sparsity"] = _zero_fraction(grads, foreach=True, coefs=c, narrow=narrow)
     if "exp_avg_sparsity" in needed:
-        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True, coefs=c)
+        out["exp_avg_sparsity"] = _zero_fraction(exp_avgs, foreach=True, coefs=c, narrow=narrow)
     return out, m_sq, v_sum
 
 
@@ -510,6 +510,24 @@ def _foreach_norm_takes_dtype() -> bool:
 #: ``torch._foreach_norm(..., dtype=)`` (recent torch): one call for every tensor's sum
 FOREACH_NORM_DTYPE = _foreach_norm_takes_dtype()
 
+#: the dtypes whose norms :func:`foreach_norms` takes in float32
+NARROW_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def foreach_norms(tensors: list[Tensor], ord: float = 2, narrow: bool | None = None) -> list[Tensor] | tuple[Tensor, ...]:
+    """Each tensor's ``ord``-norm, accumulated and returned in float32 or wider: ``torch._foreach_norm``
+    returns a bfloat16 or float16 tensor's norm in its own dtype - rounded to 3 significant digits
+    (which the cos identity of :func:`foreach_stats` magnifies to 0.03), or, in float16, inf above
+    65,504 (an L0 count of a 300 x 300 weight). ``narrow``: whether some tensors are of
+    :data:`NARROW_DTYPES`, when the caller knows (reading each tensor's dtype costs ~0.25 us)."""
+    if narrow is None:
+        narrow = any(t.dtype in NARROW_DTYPES for t in tensors)
+    if not narrow:
+        return torch._foreach_norm(tensors, ord)
+    if FOREACH_NORM_DTYPE and not any(t.dtype == torch.float64 for t in tensors):
+        return torch._foreach_norm(tensors, ord, dtype=torch.float32)
+    return [torch.linalg.vector_norm(t, ord, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+
 
 def measures_v_sum(needed: frozenset[str], exp_avg_sqs: list[Tensor]) -> bool:
     """Whether :func:`foreach_stats` must be given sum(v) read from the moments (``v_sum=``): the
@@ -520,7 +538,7 @@ def measures_v_sum(needed: frozenset[str], exp_avg_sqs: list[Tensor]) -> bool:
 def carried_norms(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> tuple[Tensor, Tensor]:
     """``(||m||^2, sum v)`` per tensor read from the moments: what :func:`foreach_stats` carries
     from one step to the next, where it was not carried."""
-    return _vector(torch._foreach_norm(exp_avgs)).square(), measured_v_sum(exp_avg_sqs)
+    return _vector(foreach_norms(exp_avgs)).square(), measured_v_sum(exp_avg_sqs)
 
 
 def measured_v_sum(exp_avg_sqs: list[Tensor]) -> Tensor:
@@ -532,7 +550,8 @@ def measured_v_sum(exp_avg_sqs: list[Tensor]) -> Tensor:
                         for v in exp_avg_sqs])
 
 
-def _zero_fraction(tensors: list[Tensor], foreach: bool, coefs: dict[str, Tensor] | None = None) -> Tensor:
+def _zero_fraction(tensors: list[Tensor], foreach: bool, coefs: dict[str, Tensor] | None = None,
+                   narrow: bool | None = None) -> Tensor:
     """The fraction of exact zeros of each tensor (0 for an empty tensor, which has none): from one
     foreach count of the nonzeros (its L0 norm) and the element counts (``coefs["numel"]`` and
     ``coefs["numel or 1"]`` of :func:`stat_coefficients`, else made here), or tensor by tensor."""
@@ -540,7 +559,7 @@ def _zero_fraction(tensors: list[Tensor], foreach: bool, coefs: dict[str, Tensor
         if coefs is None or "numel" not in coefs:
             numel = numel_vector(tensors)
             coefs = {"numel": numel, "numel or 1": numel.clamp_min(1)}
-        return (coefs["numel"] - _vector(torch._foreach_norm(tensors, 0))) / coefs["numel or 1"]
+        return (coefs["numel"] - _vector(foreach_norms(tensors, 0, narrow))) / coefs["numel or 1"]
     return _vector([(t == 0).sum().float() / max(t.numel(), 1) for t in tensors])
 
 

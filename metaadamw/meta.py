@@ -712,7 +712,7 @@ def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, require: str 
 
 def _global_norm(tensors: list[Tensor]) -> float:
     """The 2-norm of all the tensors' elements together, read back to the host."""
-    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
+    return float(torch.linalg.vector_norm(torch.stack(F.foreach_norms(tensors))))
 
 
 def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],

@@ -548,7 +548,7 @@ class MetaAdamW(torch.optim.Optimizer):
             with_params = "param_norm" in self.modulator.extractor.required_stats
             runs = [(sl, *groups[pg]["betas"]) for pg, sl in bl.runs]
             norms = F.foreach_moments_and_norms(runs, bl.pieces(grads), bl.exp_avgs, bl.exp_avg_sqs,
-                                                bl.params if with_params else None, refresh)
+                                                bl.params if with_params else None, refresh, plan.narrow)
             if norms is not None:
                 norms = bl.combine_norms(norms, 3 if with_params else 2)
         else:
@@ -634,7 +634,8 @@ class MetaAdamW(torch.optim.Optimizer):
                 plan.params, plan.beta1, plan.beta2)
         if self.foreach:
             measured = F.measured_v_sum(plan.exp_avg_sqs) if plan.measure_v_sum else None
-            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms, coefs=plan.stat_coefs, v_sum=measured)
+            stats, m_sq, v_sum = F.foreach_stats(*args, norms=norms, coefs=plan.stat_coefs, v_sum=measured,
+                                                 narrow=plan.narrow)
         else:
             stats, m_sq, v_sum = F.single_tensor_stats(*args)
         if idx is None:
@@ -765,6 +766,7 @@ class MetaAdamW(torch.optim.Optimizer):
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, noise, numel),
             scalar_dtype=scalar_dtype,
+            narrow=any(p.dtype in F.NARROW_DTYPES for p in params),
             cos_noise=noise,
             numel=numel,
             measure_v_sum=measure_v_sum,
@@ -1236,6 +1238,7 @@ class _Plan:
     beta2: Tensor
     stat_coefs: dict[str, Tensor]
     scalar_dtype: torch.dtype | None  # of the update's per-bucket scalars (float64 for float64 parameters)
+    narrow: bool  # some parameters are of F.NARROW_DTYPES (their norms are taken in float32)
     cos_noise: Tensor  # per tensor, F.cos_noise
     numel: Tensor  # per tensor, element counts
     measure_v_sum: bool  # sum(v) is read from the tensors, not carried (F.CARRIED_V_DTYPES)

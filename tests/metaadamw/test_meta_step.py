@@ -1404,3 +1404,12 @@ def test_meta_step_inside_parametrize_cached_evaluates_every_pass_at_its_own_wei
             assert (model[2].weight is before) == cached, "the caller's cached weight is left as it was"
         assert P._cache_enabled == 0
     assert records[1] == records[0]
+
+
+def test_the_finite_difference_step_reads_float16_norms_in_float32():
+    # ||theta'|| of float16 parameters came back in float16, inf above 65,504: the difference step
+    # eps = sqrt(machine eps) (1 + ||theta'||) / ||v|| became inf and the Hessian-vector product NaN
+    from metaadamw.meta import _global_norm
+
+    big = torch.full((300, 300), 300.0, dtype=torch.float16)  # norm 90,000
+    assert _global_norm([big, torch.ones(4, dtype=torch.bfloat16)]) == pytest.approx(90_000.0, rel=1e-3)

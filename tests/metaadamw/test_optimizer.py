@@ -1016,6 +1016,42 @@ def test_low_precision_second_moments_give_the_v_norm_they_hold():
     torch.testing.assert_close(opt._stats["v_norm"], true, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_fast_path_counts_zeros_of_low_precision_tensors_in_float32(dtype):
+    # torch._foreach_norm returned the non-zero count in the tensor's dtype: inf in float16 above 65,504 (a
+    # sparsity of -inf, fed to the modulator as -1e6), rounded in bfloat16 (a negative sparsity)
+    stats = {}
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        layer = nn.Linear(300, 300).to(dtype)
+        opt = MetaAdamW(layer.named_parameters(), model=layer, features="enhanced", foreach=foreach, **small_kwargs())
+        layer.weight.grad = torch.randn(300, 300).to(dtype)
+        layer.weight.grad[0, :3] = 0
+        layer.bias.grad = torch.ones(300, dtype=dtype)
+        opt.step()
+        stats[foreach] = opt._stats["grad_sparsity"]
+    assert stats[True][0].item() == pytest.approx(3 / 90_000, rel=1e-6)
+    torch.testing.assert_close(stats[True], stats[False])
+
+
+def test_the_fast_path_takes_bfloat16_norms_in_float32():
+    # the norms came back rounded to bfloat16 (3 significant digits), which the cos identity magnified: cos(g, m)
+    # 0.025 off the exact value (the single-tensor path: 3e-6)
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 128).to(torch.bfloat16)
+    opt = MetaAdamW(layer.named_parameters(), model=layer, **small_kwargs())
+    g = torch.Generator().manual_seed(1)
+    base, worst, norm_error = torch.randn(128, 128, generator=g), 0.0, 0.0
+    for t in range(30):
+        layer.weight.grad = ((0.3 * base + torch.randn(128, 128, generator=g)) * (0.5 if t > 15 else 1.0)).bfloat16()
+        layer.bias.grad = torch.randn(128, generator=g).bfloat16()
+        opt.step()
+        m, grad = opt.state[layer.weight]["exp_avg"].float(), layer.weight.grad.float()
+        worst = max(worst, abs(opt._stats["cos"][0].item() - ((grad * m).sum() / (grad.norm() * m.norm())).item()))
+        norm_error = max(norm_error, abs(opt._stats["grad_norm"][0].item() / grad.norm().item() - 1))
+    assert worst < 1e-3 and norm_error < 1e-6
+
+
 @pytest.mark.parametrize("also", ["other_tensors_with_gradients", "meta_step_first", "replaced_without_gradient",
                                   "replaced_without_gradient_after_a_load"])
 def test_the_statistics_follow_a_state_reset_also_when_the_plan_changes_for_another_reason(also):
