@@ -99,18 +99,38 @@ def check_same_layout(tensors: list[Tensor], what: str, optimized: list[int] = (
                          f"parameter: sharding optimizers are not supported)")
 
 
-def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison: bool = False) -> list[Tensor | None]:
+def _nibbles(value: int) -> list[int]:
+    """A 32-bit value's eight 4-bit digits, and their squares: summed over the ranks, exact in
+    float32 (up to 74,000 ranks), they show whether every rank gave the same value."""
+    digits = [(value >> (4 * k)) & 0xF for k in range(8)]
+    return digits + [d * d for d in digits]
+
+
+def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison: bool = False,
+             layout: int | None = None) -> list[Tensor | None]:
     """The mean over the ranks of each gradient (None: zeros of ``like``'s shape), by one
     all-reduce of one flat buffer that also counts the ranks that had each gradient: one that
     no rank had stays None. ``poison``: this rank contributes NaN (its values are not usable),
-    which makes every rank's mean NaN."""
+    which makes every rank's mean NaN. ``layout``: this rank's 32-bit layout fingerprint, checked
+    in the same buffer to be every rank's (refused on every rank alike: the sums of its digits and
+    of their squares match ``world`` times this rank's only when all ranks agree)."""
     device = like[0].device
+    extra = [float(g is not None) for g in grads] + ([] if layout is None else [float(x) for x in _nibbles(layout)])
     flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, like)]
-                     + [torch.tensor([float(g is not None) for g in grads], dtype=like[0].dtype, device=device)])
+                     + [torch.tensor(extra, dtype=like[0].dtype, device=device)])
+    body = flat.numel() - len(extra)
     if poison:
-        flat[:-len(grads)].fill_(float("nan"))
+        flat[:body].fill_(float("nan"))
     dist.all_reduce(flat)
-    values, present = flat[:-len(grads)].div_(world), flat[-len(grads):]
+    if layout is not None:
+        sums = flat[body + len(grads):].tolist()
+        if any(s != world * x for s, x in zip(sums, _nibbles(layout))):
+            raise ValueError(
+                "MetaAdamW(sync_meta=True): the ranks' optimizers no longer hold the same tensors in the same groups "
+                "(their layout fingerprints differ at this meta-update): add_param_group was called on some ranks "
+                "only, or with other tensors or names. Every rank must make the same add_param_group calls; nothing "
+                "was updated")
+    values, present = flat[:body].div_(world), flat[body:body + len(grads)]
     out: list[Tensor | None] = []
     for p, part, had in zip(like, values.split([p.numel() for p in like]), present.tolist()):
         out.append(part.view_as(p) if had > 0 else None)

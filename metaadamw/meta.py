@@ -528,7 +528,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     )
     world = D.world_size(opt.sync_meta)
     if world > 1:  # one modulator on every rank: the mean meta-gradient (NaN everywhere if a rank has none)
-        meta_grads = D.average_(meta_grads, meta_params, world, poison=not math.isfinite(record.meta_loss))
+        meta_grads = D.average_(meta_grads, meta_params, world, poison=not math.isfinite(record.meta_loss),
+                                layout=opt.distributed_layout()[-1])
     present_grads = [gr for gr in meta_grads if gr is not None]
     finite = math.isfinite(record.meta_loss) and (
         not present_grads or bool(torch.stack(torch._foreach_norm(present_grads)).isfinite().all()))

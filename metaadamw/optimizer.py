@@ -312,8 +312,11 @@ class MetaAdamW(torch.optim.Optimizer):
                "MetaAdamW got parameters on the 'meta' device, which have no values: its modulator and statistics "
                "need real tensors. Materialise the model first (model.to_empty(device=...) and initialise its "
                "weights, or load them), then build the optimizer")
-        _check_not_sharded(sorted({"DTensor" if type(p).__name__ == "DTensor" else "FSDP's flat parameter" for p in params
-                                   if type(p).__name__ == "DTensor" or getattr(p, "_is_flat_param", False)}))
+        # (FSDP's use_orig_params=True hands out views of its flat parameter, marked _fsdp_flattened)
+        _check_not_sharded(sorted({"DTensor" if type(p).__name__ == "DTensor" else "FSDP's flat parameter"
+                                   if getattr(p, "_is_flat_param", False) else "parameters of an FSDP-wrapped model"
+                                   for p in params if type(p).__name__ == "DTensor" or getattr(p, "_is_flat_param", False)
+                                   or getattr(p, "_fsdp_flattened", False)}))
         for p in params:
             _check(not p.is_complex(), "MetaAdamW does not support complex parameters; view them as real "
                                        "(torch.view_as_real) first")
@@ -689,14 +692,24 @@ class MetaAdamW(torch.optim.Optimizer):
         stepped = (self.global_step, self.meta_updates) != self._unsynced_from
         meta_state = [*self.modulator.parameters(), *self.modulator.buffers(), *self.weighting.parameters(),
                       *self.weighting.buffers()]
+        D.check_same_layout(meta_state, "modulators", self.distributed_layout(), stepped=stepped)  # (on every rank alike)
+        D.broadcast_(meta_state)
+        self._synced_world = world
+
+    def distributed_layout(self) -> list[int]:
+        """``[tensors, elements, groups, fingerprint of the tensors' names, shapes, dtypes and
+        groups]``: what the ranks compare (when the optimizer is made, and at every meta-update, which
+        catches an ``add_param_group`` that not every rank made alike). Cached with the layout."""
+        cached = self.__dict__.get("_distributed_layout")
+        if cached is not None and cached[0] is self.layout:
+            return cached[1]
         fingerprint = D.layout_fingerprint(
             [(t.name, tuple(p.shape), str(p.dtype), g, t.param_group) for p, g, t in zip(self._params, self._group_of,
                                                                                           self.tensor_info)]
             + list(self.group_names))
-        layout = [len(self._params), sum(p.numel() for p in self._params), len(self.group_names), fingerprint]
-        D.check_same_layout(meta_state, "modulators", layout, stepped=stepped)  # (refused on every rank alike)
-        D.broadcast_(meta_state)
-        self._synced_world = world
+        value = [len(self._params), sum(p.numel() for p in self._params), len(self.group_names), fingerprint]
+        self._distributed_layout = (self.layout, value)
+        return value
 
     def _make_plan(self, active: tuple[bool, ...]) -> "_Plan":
         """Group the active tensors into buckets (param_group x modulator group x step count)."""
@@ -1141,7 +1154,7 @@ class MetaAdamW(torch.optim.Optimizer):
     #: what torch.optim.Optimizer leaves out of its pickled state (hooks are not state; the plan
     #: is a cache of views into the state and is rebuilt by the next step; a copy has no model:
     #: groups added to it later need names of their own)
-    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_versions", "_optimizer_step_pre_hooks",
+    _NOT_PICKLED = ("_plan", "_model_ref", "_carried", "_versions", "_distributed_layout", "_optimizer_step_pre_hooks",
                     "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
                     "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
 

@@ -55,7 +55,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     """One rank. ``scenario``: "sync" (the default), "nosync" (sync_meta=False), "poison" (rank 1's
     validation targets are NaN: its meta-loss is not finite), "mismatch" (rank 1 builds a deeper
     modulator), "subset" (rank 1 optimises one tensor fewer), "other_layer" (each rank optimises
-    another layer of the same shapes), "late" (the optimizer is made before the process group),
+    another layer of the same shapes), "added_on_rank0" (both optimise all tensors but the last,
+    which rank 0 alone then adds with add_param_group), "late" (the optimizer is made before the process group),
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
     alone), "late_stepped_rank0" (rank 0 alone stepped before it) or "late_loaded" (made and
     loaded from one checkpoint before it)."""
@@ -64,7 +65,7 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     kwargs = {"sync_meta": scenario != "nosync"}
     if scenario == "mismatch" and rank == 1:
         kwargs["modulator_layers"] = 2
-    if scenario == "subset" and rank == 1:
+    if (scenario == "subset" and rank == 1) or scenario == "added_on_rank0":
         kwargs["subset"] = True
     if scenario == "other_layer":
         kwargs["layer"] = 2 + 2 * rank
@@ -89,6 +90,9 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         except ValueError as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
             return
+        if scenario == "added_on_rank0" and rank == 0:
+            name, last = list(model.named_parameters())[-1]
+            opt.add_param_group({"params": [last], "param_names": [name]})
         start = [p.detach().clone() for p in opt.meta_parameters()]
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         train, b2, val = _batches(rank)
@@ -103,7 +107,7 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
                 torch.save({"error": "step() did not refuse it"}, f"{out}/rank{rank}.pt")
                 return
             record = opt.meta_step(ddp, mse, None, b2, val)  # each rank on its own batches
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
             return
         grads_kept = all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
@@ -144,6 +148,9 @@ def _sharded_errors() -> list[str | None]:
     makers = [lambda: named(FullyShardedDataParallel(mlp(0), device_id=cpu)),
               lambda: named(FullyShardedDataParallel(mlp(0), device_id=cpu, use_orig_params=True)),
               lambda: named(fully_shard(mlp(0), mesh=init_device_mesh("cpu", (WORLD,)))),
+              # (FSDP's views of its flat shard, without names: no FSDP module name to see)
+              lambda: MetaAdamW(FullyShardedDataParallel(mlp(0), device_id=cpu, use_orig_params=True).parameters(),
+                                **small_kwargs(grouping="original", sync_meta=False)),
               # (ZeRO passes tensors without names: with grouping="original" nothing else stops it)
               lambda: ZeroRedundancyOptimizer(mlp(0).parameters(), optimizer_class=MetaAdamW,
                                               **small_kwargs(grouping="original")),
@@ -281,6 +288,7 @@ def test_sharded_parameters_of_fsdp_and_zero_are_refused_when_the_optimizer_is_m
     # modulators) or, with shards of equal shapes, accepted: one modulator for different tensors
     for r in _run(tmp_path, "sharded"):
         kinds = ["FSDP's flat parameter", "parameters of an FSDP-wrapped model", "DTensor",
+                 "parameters of an FSDP-wrapped model",
                  "a shard of the parameters from ZeroRedundancyOptimizer"]
         assert len(r["errors"]) == len(kinds) + 1
         assert r["errors"][-1] is None, "a MetaAdamW of a whole model, made elsewhere inside ZeRO, is not ZeRO's"
@@ -294,3 +302,12 @@ def test_ranks_optimising_different_tensors_of_the_same_shapes_are_refused_on_ev
     for r in ranks:
         expected = "the ranks built different modulators (fingerprint of the optimized tensors' names"
         assert expected in r["error"], r["error"]
+
+
+def test_an_add_param_group_that_not_every_rank_made_is_refused_on_every_rank_at_the_next_meta_update(tmp_path):
+    # the layout was compared when the optimizer was made only: a group rank 0 alone added trained on with
+    # other multipliers on each rank, and the replicas drifted apart without a word
+    ranks = _run(tmp_path, "added_on_rank0")
+    for r in ranks:
+        assert "the ranks' optimizers no longer hold the same tensors in the same groups" in r["error"], r
+        assert "Every rank must make the same add_param_group calls" in r["error"]
