@@ -535,6 +535,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         not present_grads or bool(torch.stack(torch._foreach_norm(present_grads)).isfinite().all()))
     if not finite:
         record.skipped, record.reason = True, "non-finite meta-loss or meta-gradient"
+        if world > 1 and math.isfinite(record.meta_loss):  # (the mean over the ranks: perhaps another rank's)
+            record.reason = "non-finite mean meta-gradient over the ranks (this rank's meta-loss is finite)"
         return record
     for p, gr in zip(meta_params, meta_grads):
         p.grad = gr

@@ -117,7 +117,7 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         mse(ddp, train).backward()
         opt.step()
         torch.save({"start": start, "meta": after_meta, "model": [p.detach().clone() for p in model.parameters()],
-                    "skipped": record.skipped, "grads_kept": grads_kept}, f"{out}/rank{rank}.pt")
+                    "skipped": record.skipped, "reason": record.reason, "grads_kept": grads_kept}, f"{out}/rank{rank}.pt")
     finally:
         dist.barrier()  # both ranks done with their collectives before the teardown (gloo aborts otherwise)
         if sys.exc_info()[0] is None:  # (a failure propagates, with its traceback, through the teardown)
@@ -228,6 +228,8 @@ def test_meta_step_runs_the_module_inside_a_data_parallel_wrapper():
 def test_a_rank_without_a_finite_meta_loss_makes_every_rank_skip(tmp_path):
     ranks = _run(tmp_path, "poison")
     assert all(r["skipped"] for r in ranks)
+    assert ranks[0]["reason"] == "non-finite mean meta-gradient over the ranks (this rank's meta-loss is finite)"
+    assert ranks[1]["reason"] == "non-finite meta-loss or meta-gradient"
     for r in ranks:  # the modulator as it started, on both ranks
         for a, b in zip(r["start"], r["meta"]):
             assert torch.equal(a, b)
