@@ -91,7 +91,7 @@ def check_same_layout(tensors: list[Tensor], what: str, optimized: list[int] = (
             f"init_process_group (or pass sync_meta=False to keep one modulator per rank)")
     if not torch.equal(low, high):
         names = ["modulator tensors", "modulator elements", "optimized tensors", "optimized elements", "groups",
-                 "fingerprint of the optimized tensors' names, shapes and groups"]
+                 "fingerprint of the optimized tensors' names, shapes and groups and of the options"]
         differ = [f"{name} {int(mine[k])} on rank {dist.get_rank()}, {int(low[k])}..{int(high[k])} over the ranks"
                   for k, name in enumerate(names[:len(mine) - 1]) if low[k] != high[k]]
         raise ValueError(f"MetaAdamW(sync_meta=True): the ranks built different {what} ({'; '.join(differ)}): give "
@@ -127,9 +127,10 @@ def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison:
         if any(s != world * x for s, x in zip(sums, _nibbles(layout))):
             raise ValueError(
                 "MetaAdamW(sync_meta=True): the ranks' optimizers no longer hold the same tensors in the same groups "
-                "(their layout fingerprints differ at this meta-update): add_param_group was called on some ranks "
-                "only, or with other tensors or names. Every rank must make the same add_param_group calls; nothing "
-                "was updated")
+                "with the same options (their layout fingerprints differ at this meta-update): add_param_group was "
+                "called on some ranks only, or with other tensors or names, or an option (refresh_every, "
+                "total_steps, ...) was set on some ranks only. Every rank must make the same add_param_group calls "
+                "and settings; nothing was updated")
     values, present = flat[:body].div_(world), flat[body:body + len(grads)]
     out: list[Tensor | None] = []
     for p, part, had in zip(like, values.split([p.numel() for p in like]), present.tolist()):

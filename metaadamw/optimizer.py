@@ -697,18 +697,21 @@ class MetaAdamW(torch.optim.Optimizer):
         self._synced_world = world
 
     def distributed_layout(self) -> list[int]:
-        """``[tensors, elements, groups, fingerprint of the tensors' names, shapes, dtypes and
-        groups]``: what the ranks compare (when the optimizer is made, and at every meta-update, which
-        catches an ``add_param_group`` that not every rank made alike). Cached with the layout."""
+        """``[tensors, elements, groups, fingerprint of the tensors' names, shapes, dtypes and groups
+        and of the options]``: what the ranks compare (when the optimizer is made, and at every
+        meta-update, which catches an ``add_param_group`` that not every rank made alike). Options
+        that differ between ranks would give them other multipliers, or other meta-optimizer steps
+        from the same mean meta-gradient (a component given as an object counts by its type)."""
+        options = repr([(k, _portable(v)) for k, v in self.config.items() if k != "modulator_init"])
         cached = self.__dict__.get("_distributed_layout")
-        if cached is not None and cached[0] is self.layout:
-            return cached[1]
+        if cached is not None and cached[0] is self.layout and cached[1] == options:
+            return cached[2]
         fingerprint = D.layout_fingerprint(
             [(t.name, tuple(p.shape), str(p.dtype), g, t.param_group) for p, g, t in zip(self._params, self._group_of,
                                                                                           self.tensor_info)]
-            + list(self.group_names))
+            + list(self.group_names) + [options])
         value = [len(self._params), sum(p.numel() for p in self._params), len(self.group_names), fingerprint]
-        self._distributed_layout = (self.layout, value)
+        self._distributed_layout = (self.layout, options, value)
         return value
 
     def _make_plan(self, active: tuple[bool, ...]) -> "_Plan":
@@ -1357,6 +1360,16 @@ _ADAMW_FLAGS = {
 
 #: torch.optim.AdamW's own per-group flags, which MetaAdamW's param groups do not keep
 _TORCH_FLAGS = (*_ADAMW_FLAGS, "foreach", "decoupled_weight_decay")
+
+
+def _portable(value: Any) -> Any:
+    """An option's value as every rank writes it alike: plain values as they are, anything else by
+    its type's name (a repr with a memory address would differ between ranks)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_portable(v) for v in value]
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def _check_decoupled(where: str, group: dict[str, Any]) -> None:

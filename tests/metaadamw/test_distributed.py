@@ -56,7 +56,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     validation targets are NaN: its meta-loss is not finite), "mismatch" (rank 1 builds a deeper
     modulator), "subset" (rank 1 optimises one tensor fewer), "other_layer" (each rank optimises
     another layer of the same shapes), "added_on_rank0" (both optimise all tensors but the last,
-    which rank 0 alone then adds with add_param_group), "late" (the optimizer is made before the process group),
+    which rank 0 alone then adds with add_param_group), "other_options" (rank 1 gives another alpha_range),
+    "late" (the optimizer is made before the process group),
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
     alone), "late_stepped_rank0" (rank 0 alone stepped before it) or "late_loaded" (made and
     loaded from one checkpoint before it)."""
@@ -65,6 +66,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     kwargs = {"sync_meta": scenario != "nosync"}
     if scenario == "mismatch" and rank == 1:
         kwargs["modulator_layers"] = 2
+    if scenario == "other_options" and rank == 1:
+        kwargs["alpha_range"] = 0.5  # (the same modulator shapes)
     if (scenario == "subset" and rank == 1) or scenario == "added_on_rank0":
         kwargs["subset"] = True
     if scenario == "other_layer":
@@ -313,3 +316,11 @@ def test_an_add_param_group_that_not_every_rank_made_is_refused_on_every_rank_at
     for r in ranks:
         assert "the ranks' optimizers no longer hold the same tensors in the same groups" in r["error"], r
         assert "Every rank must make the same add_param_group calls" in r["error"]
+
+
+def test_ranks_with_other_options_are_refused_on_every_rank(tmp_path):
+    # modulators of the same shapes passed: rank 1's multipliers, from another alpha_range, stepped its replica apart
+    ranks = _run(tmp_path, "other_options")
+    for r in ranks:
+        assert "the ranks built different modulators (fingerprint of the optimized tensors' names, shapes and " \
+               "groups and of the options" in r["error"], r["error"]
