@@ -131,16 +131,13 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -
         verify(final, item, fetched=False)
         return final
     marker = unpacked_marker(item, dest)
-    if item.extract and marker.exists():
-        if force:
-            marker.unlink()
-        elif _still_unpacked(marker, dest):
+    if item.extract and marker.exists() and not force:  # (forced: the marker is rewritten once the files are)
+        if _still_unpacked(marker, dest):
             print(f"{item.filename}: unpacked in {dest} already, every file in place (--force fetches it again, "
                   f"over damaged files)", flush=True)
             return dest
-        else:
-            print(f"{item.filename}: files it held are missing from {dest}: fetching it again", flush=True)
-            marker.unlink()
+        print(f"{item.filename}: files it held are missing from {dest}: fetching it again", flush=True)
+        marker.unlink()
     failures = []
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tmp_file = Path(tmp) / item.filename

@@ -127,18 +127,30 @@ class TaskSpec:
 _DOWNLOAD_COMMAND = re.compile(r"`ablate data download (\S+?)( --force)?`")
 
 
+def download_command(task: str, config: Mapping[str, Any], force: bool = False) -> str:
+    """``ablate data download TASK`` as it fetches the data where ``config`` looks: with
+    ``--data-dir`` for a config with its own ``data_dir`` (else the download lands in
+    ``$ABLATE_DATA_DIR`` or ``./data``) - its parent where ``data_dir`` is the dataset's own folder
+    (``.../ETT-small``: the download makes that folder below the directory it is given)."""
+    data_dir = config.get("data_dir")
+    where = ""
+    if data_dir:
+        path = Path(os.path.expanduser(str(data_dir)))
+        if path.name and path.name in {d.dataset_folder for d in DOWNLOADS.get(task, ())}:
+            path = path.parent
+        where = f" --data-dir {shlex.quote(str(path))}"
+    return f"ablate data download {task}{where}{' --force' if force else ''}"
+
+
 @contextlib.contextmanager
 def download_hint_with_data_dir(config: Mapping[str, Any]) -> Iterator[None]:
-    """A loader's :class:`DatasetNotFoundError` naming ``ablate data download TASK``, for a config
-    with its own ``data_dir``: the command gets ``--data-dir`` (without it, the download lands in
-    ``$ABLATE_DATA_DIR`` or ``./data``, where this config does not look, and the error comes back)."""
+    """A loader's :class:`DatasetNotFoundError` naming ``ablate data download TASK``: the command
+    as :func:`download_command` gives it for ``config``."""
     try:
         yield
     except DatasetNotFoundError as error:
-        data_dir = config.get("data_dir")
         text = str(error)
-        fixed = _DOWNLOAD_COMMAND.sub(lambda m: f"`ablate data download {m[1]} --data-dir {shlex.quote(str(data_dir))}"
-                                                f"{m[2] or ''}`", text) if data_dir else text
+        fixed = _DOWNLOAD_COMMAND.sub(lambda m: f"`{download_command(m[1], config, bool(m[2]))}`", text)
         if fixed == text:
             raise
         raise DatasetNotFoundError(fixed) from error
@@ -477,6 +489,13 @@ class Download:
     extract: bool = False
     subdir: str = ""  # where the file (or the archive's contents) goes under the data directory
     mirrors: tuple[str, ...] = ()
+    #: the dataset's folder the download makes under the data directory (``subdir``, or an archive's
+    #: top folder): a ``data_dir`` that names it is that folder, and a download goes to its parent
+    folder: str = ""
+
+    @property
+    def dataset_folder(self) -> str:
+        return self.folder or self.subdir
 
 
 #: task name -> the downloads that make up its real dataset

@@ -57,6 +57,7 @@ from ablate.tasks.base import (
     check_choice,
     check_int,
     classifier_loss,
+    download_command,
     evaluate_classifier,
     register_download,
     register_task,
@@ -385,7 +386,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
         if short:  # (recorded with every result: the report's data sources say so)
             partial = "partial: " + "; ".join(short)
             warnings.warn(f"cifar10: {partial} in {root} - accuracies not comparable with the full dataset's "
-                          f"(`ablate data download cifar10` fetches it)", stacklevel=2)
+                          f"(`{download_command('cifar10', config)}` fetches it)", stacklevel=2)
             source += f" ({partial})"
         if config["split"] == "paper":
             val_x, val_y, test = test_x, test_y, None
@@ -421,4 +422,4 @@ def build_cifar10_task(config: dict) -> TaskInstance:
     )
 
 
-register_download("cifar10", Download(url=CIFAR_URL, filename=ARCHIVE, md5=CIFAR_MD5, extract=True))
+register_download("cifar10", Download(url=CIFAR_URL, filename=ARCHIVE, md5=CIFAR_MD5, extract=True, folder=CIFAR_SUBDIR))

@@ -58,6 +58,7 @@ from ablate.tasks.base import (
     check_int,
     check_multiple,
     check_probability,
+    download_command,
     evaluate_sums,
     register_download,
     register_task,
@@ -204,6 +205,10 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise DatasetNotFoundError(f"{path} is not a readable ETT CSV file: {error}") from error
     frame.columns = [str(c).strip() for c in frame.columns]  # (a header written "date, HUFL, ..."; values are stripped too)
+    twice = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if twice:
+        raise DatasetNotFoundError(f"{path} has the column(s) {', '.join(twice)} more than once (blanks around "
+                                   f"the names aside); an ETT CSV has the header date,{','.join(ETT_COLUMNS)}")
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DatasetNotFoundError(
@@ -449,7 +454,8 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
     if config["data"] == "real" and split == "80/20" and len(values) != variant.rows:
         other = f"not the published file: {len(values):,} rows where it has {variant.rows:,}"
         warnings.warn(f"{variant.name}: {source[len('real:'):]} is {other} - metrics not comparable with the published "
-                      f"dataset's (`ablate data download {variant.name} --force` fetches it over this one)", stacklevel=2)
+                      f"dataset's (`{download_command(variant.name, config, force=True)}` fetches it over this one)",
+                      stacklevel=2)
         source += f" ({other})"
     model = TimeSeriesTransformer(
         n_inputs=len(columns),

@@ -77,6 +77,7 @@ register_download(
         filename="wikitext-2-v1.zip",
         md5="542ccefacc6c27f945fb54453812b3cd",  # as published in torchtext's WikiText2 dataset module
         extract=True,  # the archive holds wikitext-2/wiki.{train,valid,test}.tokens
+        folder=SUBDIR,
     ),
 )
 

@@ -137,6 +137,14 @@ def test_a_dead_url_falls_back_to_the_mirror_that_gives_the_published_file(tmp_p
     assert "--force fetches it again" in capsys.readouterr().out
     assert data.download("w", tmp_path, force=True) == [tmp_path] and len(asked) == 3
     assert (tmp_path / "w" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
+    # a forced fetch that fails (offline) leaves the record of the files in place as it was
+    marker = data.unpacked_marker(item, tmp_path)
+    recorded = marker.read_text()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: (_ for _ in ()).throw(
+        urllib.error.URLError("offline")))
+    with pytest.raises(data.DownloadError):
+        data.download("w", tmp_path, force=True)
+    assert marker.read_text() == recorded
 
 
 def test_when_every_source_fails_the_error_names_each_and_what_it_answered(tmp_path, monkeypatch, capsys):

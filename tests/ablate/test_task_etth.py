@@ -140,6 +140,27 @@ def test_missing_file_names_the_expected_paths_and_the_fix(tmp_path):
     assert "ablate data download etth1" in message and etth.ETT_REPO in message
 
 
+def test_the_download_command_named_fetches_where_the_config_looks(tmp_path):
+    # without --data-dir the download landed in ./data; given the dataset's own folder (.../ETT-small) it
+    # made .../ETT-small/ETT-small: either way the loader did not find it, and the error came back
+    for data_dir, expected in ((tmp_path / "data", tmp_path / "data"), (tmp_path / "ETT-small", tmp_path),
+                               (tmp_path / "my data", "'" + str(tmp_path / "my data") + "'")):
+        with pytest.raises(DatasetNotFoundError) as info:
+            get_task("etth1").build(task_config("etth1", data="real", data_dir=str(data_dir)))
+        assert f"`ablate data download etth1 --data-dir {expected}`" in str(info.value)
+    write_ett_csv(tmp_path / "ETT-small" / "ETTh1.csv", np.arange(3000.0))  # (not the published file: a warning)
+    with pytest.warns(UserWarning, match=rf"`ablate data download etth1 --data-dir {tmp_path} --force` fetches it"):
+        get_task("etth1").build(task_config("etth1", data="real", data_dir=str(tmp_path / "ETT-small"), seq_len=4,
+                                            d_model=8, n_heads=2, n_layers=1))
+
+
+def test_a_header_with_a_column_twice_is_reported(tmp_path):
+    path = tmp_path / "ETTh1.csv"
+    write_ett_csv(path, np.arange(10.0), header="date,HUFL,HULL,MUFL,MULL,LUFL,LULL, OT,OT")
+    with pytest.raises(DatasetNotFoundError, match=r"has the column\(s\) OT more than once"):
+        etth.read_ett_csv(path, ("OT",))
+
+
 def test_missing_directory_names_the_expected_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError, match=str(missing / "ETT-small" / "ETTm2.csv")):
@@ -229,7 +250,7 @@ def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
     write_ett_csv(path, ot)
     # a file of other length than the published one (a copy cut short): said, and recorded with the results
     with pytest.warns(UserWarning, match=rf"etth1: {path} is not the published file: 30 rows where it has 17,420 - "
-                                         rf"metrics not comparable .*`ablate data download etth1 --force` fetches it"):
+                                         rf"metrics not comparable .*`ablate data download etth1 --data-dir {tmp_path} --force` fetches it"):
         task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
     assert task.data_source == f"real:{path} (not the published file: 30 rows where it has 17,420)"
     # 26 windows of 4 steps: 20 train (targets 4..23), 6 validate (targets 24..29)

@@ -116,7 +116,8 @@ def test_missing_and_misaligned_files(tmp_path):
     first = str(info.value).splitlines()[0]
     assert (f"(the uncompressed {folder / 'val.de'} and {folder / 'val.en'} are read before NAME.gz, which is what "
             f"the download writes: delete or replace them first)") in first
-    assert f"`ablate data download multi30k --data-dir {folder} --force`" in str(info.value)
+    # (data_dir is the dataset's own folder here: the download makes multi30k/ below the directory it is given)
+    assert f"`ablate data download multi30k --data-dir {tmp_path} --force`" in str(info.value)
 
 
 def test_corrupt_gzip_data_names_the_file(tmp_path):
