@@ -28,7 +28,9 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
 * ``"exact"``: g' is computed with ``create_graph=True`` and H v comes out of the double backward
   (the paper). Four forward passes; the one that is differentiated twice runs inside
   :func:`twice_differentiable_kernels` (math attention; on CUDA, no cuDNN), since the fused
-  attention kernels and cuDNN's RNNs have no double backward. Models need no special code.
+  attention kernels and cuDNN's RNNs have no double backward - and with it the validation passes
+  and the backward passes, so that an activation-checkpointed part is recomputed on the kernels
+  it ran on. Models need no special code.
 
 The model's parameters are never written: theta' lives in separate tensors swapped into the
 modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards,
@@ -137,9 +139,10 @@ def _explained_double_backward() -> Iterator[None]:
 @contextlib.contextmanager
 def twice_differentiable_kernels(device: torch.device) -> Iterator[None]:
     """Kernels with a double backward, for the one forward pass that ``meta_gradient="exact"``
-    differentiates twice: the math implementation of ``scaled_dot_product_attention`` (the fused
-    CPU and CUDA kernels have no double backward) and, on CUDA, no cuDNN (its RNN kernels have
-    none either). Every other pass - training steps included - keeps the fast kernels."""
+    differentiates twice, and the passes and backward passes around it: the math implementation of
+    ``scaled_dot_product_attention`` (the fused CPU and CUDA kernels have no double backward) and,
+    on CUDA, no cuDNN (its RNN kernels have none either). Every other pass - the finite-difference
+    meta-gradient's, training steps - keeps the fast kernels."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
         if device.type == "cuda":
@@ -166,12 +169,13 @@ class ModelState:
 
     def __init__(self, model: nn.Module):
         self._dicts = [(m, dict(m.__dict__)) for m in model.modules()]
-        self._holders = [(m, dict(m._buffers)) for m in model.modules()]
+        self._holders = [(m, dict(m._buffers), saved) for m, saved in self._dicts]
         self._attributes = [(m, held, saved) for m, saved in self._dicts
-                            if (held := {k: v for k, v in saved.items() if isinstance(v, Tensor)})]
+                            if (held := {k: v for k, v in saved.items() if _holds_tensors(v)})]
         # (an inference tensor - a cache first built under torch.inference_mode() - cannot be written
         # outside it, by a pass or by restore: it is only put back where a pass replaced it)
-        buffers = {id(b): b for _, held in self._holders for b in held.values() if b is not None and not b.is_inference()}
+        buffers = {id(b): b for _, held, _ in self._holders for b in held.values()
+                   if b is not None and not b.is_inference()}
         self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
         self._weights = [(m.weight, m.weight.detach().clone()) for m in model.modules()
                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
@@ -198,9 +202,9 @@ class ModelState:
             if any(saved.get(k, _MISSING) is not v and _holds_tensors(v) for k, v in now.items()):
                 _restore_plain_attributes(module, saved)
 
-    def renormalised_weights(self) -> set[int]:
-        """The ids of the weights a forward pass writes in place (embeddings with ``max_norm``)."""
-        return {id(w) for w, _ in self._weights}
+    def renormalised_weights(self) -> list[Tensor]:
+        """The weights a forward pass writes in place (embeddings with ``max_norm``)."""
+        return [w for w, _ in self._weights]
 
     @torch.no_grad()
     def restore_out_of_place(self) -> None:
@@ -209,7 +213,7 @@ class ModelState:
         :meth:`restore` puts the modules' own tensors back."""
         self._put_back_holders()
         fresh = {k: value.clone() for k, (_, value) in self._buffers.items()}
-        for module, held in self._holders:
+        for module, held, _ in self._holders:
             for name, b in held.items():
                 if b is not None:
                     module._buffers[name] = fresh.get(id(b), b)
@@ -220,9 +224,10 @@ class ModelState:
         for module, held, saved in self._attributes:
             if any(module.__dict__.get(name) is not value for name, value in held.items()):
                 _restore_plain_attributes(module, saved)
-        for module, held in self._holders:
+        for module, held, saved in self._holders:
             now = module._buffers
             if now.keys() != held.keys() or any(now[k] is not v for k, v in held.items()):
+                _restore_plain_attributes(module, saved)  # (a buffer cache's key, as for a plain attribute)
                 for name in [k for k in now if k not in held]:  # registered by a forward pass
                     del now[name]
                     module._non_persistent_buffers_set.discard(name)
@@ -450,7 +455,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                     state.restore_out_of_place()
                     # theta' of an embedding with max_norm, which the pass renormalises in place: a copy
                     # (a Linear tied to it saved it for that graph's backward pass)
-                    held_apart = {id(swap[k]): swap[k].clone() for k in state.renormalised_weights() if k in swap}
+                    # (and of a frozen one, which theta' leaves as it is: the graph saved it all the same)
+                    held_apart = {id(t): t.clone() for t in (swap.get(id(w), w) for w in state.renormalised_weights())}
                 else:
                     state.restore(weights=False)
                 if val_rng is not None:  # the same dropout masks as L(theta; val): the two differ by theta' alone

@@ -782,7 +782,7 @@ class MetaAdamW(torch.optim.Optimizer):
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, noise, numel),
             scalar_dtype=scalar_dtype,
-            narrow=any(p.dtype in F.NARROW_DTYPES for p in params),
+            narrow=any(t.dtype in F.NARROW_DTYPES for t in itertools.chain(params, exp_avgs)),  # (moments set by hand)
             cos_noise=noise,
             numel=numel,
             measure_v_sum=measure_v_sum,

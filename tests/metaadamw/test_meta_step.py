@@ -1250,22 +1250,25 @@ def test_rows_an_embedding_with_max_norm_renormalises_are_restored():
 class _TiedMaxNormLM(nn.Module):
     def __init__(self, vocab=11):
         super().__init__()
-        self.emb, self.out = nn.Embedding(vocab, 8, max_norm=1.0), nn.Linear(8, vocab)
+        self.emb, self.mid, self.out = nn.Embedding(vocab, 8, max_norm=1.0), nn.Linear(8, 8), nn.Linear(8, vocab)
         self.out.weight = self.emb.weight
 
     def forward(self, x):
-        return self.out(torch.tanh(self.emb(x)))
+        return self.out(torch.tanh(self.mid(self.emb(x))))
 
 
-def test_a_max_norm_embedding_tied_to_a_linear_layer_in_the_exact_path():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_max_norm_embedding_tied_to_a_linear_layer_in_the_exact_path(frozen):
     # the graph of the pass on batch 2, held by the exact path, saved theta' for the tied Linear; the
-    # validation pass renormalised theta' in place: torch's "modified by an inplace operation" error
+    # validation pass renormalised theta' in place: torch's "modified by an inplace operation" error (a frozen
+    # weight, which theta' leaves as it is, the same)
     terms = {}
     for mode in ("finite_difference", "exact"):
         torch.manual_seed(0)
         model = _TiedMaxNormLM()
         with torch.no_grad():
             model.emb.weight.mul_(5.0)  # (rows above max_norm: every lookup renormalises them)
+        model.emb.weight.requires_grad_(not frozen)
         opt = MetaAdamW(model.named_parameters(), meta_gradient=mode, objective="combined", **small_kwargs())
         snap = _snapshot(model)
         record = opt.meta_step(model, lm_loss, *lm_batches(3))
@@ -1273,6 +1276,70 @@ def test_a_max_norm_embedding_tied_to_a_linear_layer_in_the_exact_path():
         _assert_same(model, snap)
         terms[mode] = record.terms
     assert terms["exact"] == pytest.approx(terms["finite_difference"], rel=1e-5)
+
+
+class _BufferCache(nn.Module):
+    """A cache held as a non-persistent buffer beside a plain key (Hugging Face's rotary embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fc = nn.Linear(4, 4), nn.Linear(4, 1)
+        self.seq_len_cached = 0
+        self.register_buffer("cos_cached", torch.ones(0, 1), persistent=False)
+
+    def forward(self, x):
+        if x.shape[1] > self.seq_len_cached:
+            self.seq_len_cached = x.shape[1]
+            self.cos_cached = torch.cos(torch.arange(x.shape[1], dtype=x.dtype))[:, None]
+        return self.fc(torch.tanh(self.lin(x) * self.cos_cached[:x.shape[1]])).mean(1)
+
+
+class _StatefulLSTM(nn.Module):
+    """Keeps its last state as a tuple of tensors, which the next forward pass starts from."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 1)
+        self.state = None
+
+    def forward(self, x):
+        out, state = self.rnn(x, self.state)
+        self.state = tuple(s.detach() for s in state)
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_passes_start_from_a_buffer_cache_as_on_entry_with_its_key(meta_gradient):
+    # a buffer put back between the passes kept the key of the rebuilt cache: the next pass sliced rows the
+    # restored cache lacks
+    g = torch.Generator().manual_seed(0)
+
+    def batches(length):
+        return [(torch.randn(3, length, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(3)]
+
+    model = _BufferCache()
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+    _step(model, opt, batches(4)[0])
+    cache, snap = model.cos_cached, _snapshot(model)
+    assert not opt.meta_step(model, mse, *batches(8)).skipped  # (it raised a size mismatch)
+    assert model.cos_cached is cache and model.seq_len_cached == 4
+    _assert_same(model, snap)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_passes_start_from_a_tuple_state_as_on_entry(meta_gradient):
+    # a tuple of tensors was put back only at the end: each pass started from the last one's state
+    # (loss_decrease 0.03 at lr 0, where theta' is theta)
+    g = torch.Generator().manual_seed(0)
+    b = [(torch.randn(3, 5, 4, generator=g), torch.randn(3, 1, generator=g)) for _ in range(2)]
+    model = _StatefulLSTM()
+    opt = MetaAdamW(model.named_parameters(), lr=0.0, meta_gradient=meta_gradient, objective="loss_decrease",
+                    **small_kwargs())
+    model(b[0][0])
+    state = model.state
+    record = opt.meta_step(model, mse, b[0], b[1], b[1])
+    assert record.terms["loss_decrease"] == 0.0
+    assert model.state is state
 
 
 class _CacheBuiltUnderInferenceMode(nn.Module):
