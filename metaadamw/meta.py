@@ -168,6 +168,11 @@ class ModelState:
     passes that check is skipped (~130 us on a ResNet-18)."""
 
     def __init__(self, model: nn.Module):
+        lazy = sorted({type(m).__name__ for m in model.modules() if any(
+            isinstance(t, nn.parameter.UninitializedTensorMixin) for t in (*m._parameters.values(), *m._buffers.values()))})
+        if lazy:  # (their shapes, and the state a pass gives them, come from the first forward pass)
+            raise ValueError(f"meta_step: the model has lazy modules that are not initialised yet ({', '.join(lazy)}): "
+                             f"run a forward pass (a training step) before the first meta_step")
         self._dicts = [(m, dict(m.__dict__)) for m in model.modules()]
         self._holders = [(m, dict(m._buffers), saved) for m, saved in self._dicts]
         self._attributes = [(m, held, saved) for m, saved in self._dicts
@@ -177,8 +182,10 @@ class ModelState:
         buffers = {id(b): b for _, held, _ in self._holders for b in held.values()
                    if b is not None and not b.is_inference()}
         self._buffers = {k: (b, b.detach().clone()) for k, b in buffers.items()}
-        self._weights = [(m.weight, m.weight.detach().clone()) for m in model.modules()
-                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+        # (the module's own weight: a parametrized one is computed at each access, and its renorm writes no parameter)
+        self._weights = [(w, w.detach().clone()) for m in model.modules()
+                         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+                         and (w := m._parameters.get("weight")) is not None]
 
     @torch.no_grad()
     def restore(self, weights: bool = True) -> None:
@@ -487,8 +494,17 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
         n_meta = len(meta_params) + len(cut)
         if exact:  # (with theta' in the model: an activation-checkpointed part recomputes its forward pass here)
-            with _explained_double_backward(), swapped_parameters(model, swap, names), kernels():
-                out = _grad(loss, meta_params + cut + leaves, zero=False)
+            try:
+                with _explained_double_backward(), swapped_parameters(model, swap, names), kernels():
+                    out = _grad(loss, meta_params + cut + leaves, zero=False)
+            except RuntimeError as exc:
+                if "modified by an inplace operation" not in str(exc) or not state.renormalised_weights():
+                    raise
+                raise RuntimeError(
+                    "meta_step(meta_gradient='exact'): an embedding with max_norm renormalises its weight in place "
+                    "at every forward pass, and a part of the model recomputed in this backward pass (activation "
+                    "checkpointing) did so while the graph held that weight. Use meta_gradient='finite_difference' "
+                    "(the default) with this model, or keep the embedding out of the checkpointed part") from exc
             _check_reached(loss, out[n_meta:], "the meta-loss (the losses at the hypothetical parameters)")
             d_theta = [torch.zeros_like(x) if d is None else d for d, x in zip(out[n_meta:], leaves)]
         else:

@@ -1480,3 +1480,58 @@ def test_the_finite_difference_step_reads_float16_norms_in_float32():
 
     big = torch.full((300, 300), 300.0, dtype=torch.float16)  # norm 90,000
     assert _global_norm([big, torch.ones(4, dtype=torch.bfloat16)]) == pytest.approx(90_000.0, rel=1e-3)
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_parametrized_max_norm_embedding(meta_gradient):
+    # its weight is computed at each access and held by no module: the exact path's copy of it for the
+    # validation pass was refused as "not parameters of the model"
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = _TiedMaxNormLM()
+    model.out = nn.Linear(8, 11)  # (untied)
+    parametrize.register_parametrization(model.emb, "weight", _Doubled())
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, objective="combined", **small_kwargs())
+    snap = _snapshot(model)
+    assert not opt.meta_step(model, lm_loss, *lm_batches(3)).skipped
+    _assert_same(model, snap)
+
+
+def test_a_checkpointed_max_norm_embedding_tied_to_a_linear_in_the_exact_path_is_explained():
+    # the last backward pass recomputes the checkpointed lookup, which renormalises theta' in place while the
+    # graph holds it for the tied Linear: torch's "modified by an inplace operation", which named no cause
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(_TiedMaxNormLM):
+        def forward(self, x):
+            return self.out(checkpoint(lambda t: torch.tanh(self.mid(self.emb(t))), x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    with torch.no_grad():
+        model.emb.weight.mul_(5.0)
+    opt = MetaAdamW(model.named_parameters(), meta_gradient="exact", objective="combined", **small_kwargs())
+    snap = _snapshot(model)
+    with pytest.raises(RuntimeError, match=r"an embedding with max_norm .* Use meta_gradient='finite_difference'"):
+        opt.meta_step(model, lm_loss, *lm_batches(3))
+    _assert_same(model, snap)
+    opt.meta_gradient = "finite_difference"
+    assert not opt.meta_step(model, lm_loss, *lm_batches(3)).skipped
+
+
+def test_lazy_modules_not_yet_initialised_are_explained():
+    # ModelState read the uninitialised buffers of a LazyBatchNorm1d (the optimizer had nothing of it to
+    # refuse: it has no parameters): torch's "Attempted to use an uninitialized parameter"
+    model = nn.Sequential(nn.Linear(6, 8), nn.LazyBatchNorm1d(affine=False), nn.Tanh(), nn.Linear(8, 1))
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    with pytest.raises(ValueError, match=r"lazy modules that are not initialised yet \(LazyBatchNorm1d\): run a "
+                                         r"forward pass"):
+        opt.meta_step(model, mse, *regression_batches(3))
+    _step(model, opt, regression_batches(3)[0])
+    assert not opt.meta_step(model, mse, *regression_batches(3)).skipped
