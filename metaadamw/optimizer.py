@@ -983,6 +983,7 @@ class MetaAdamW(torch.optim.Optimizer):
                              f"optimizer's {self.group_names}: same model, same param groups (also those added "
                              f"with add_param_group, in the same order) and same grouping needed")
         self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
+        adopted = self._adopt_loaded_settings(extra.get("config"))  # (warnings made errors: nothing loaded yet)
         super().load_state_dict(state_dict)
         self._drop_torch_flags()  # (a checkpoint of an earlier version that kept an AdamW checkpoint's)
         for p in self._params:
@@ -991,7 +992,7 @@ class MetaAdamW(torch.optim.Optimizer):
         self.weighting.load_state_dict(extra["weighting"])
         project_weighting(self)  # (a checkpoint of a version that let s leave its bounds)
         self.meta_optimizer.load_state_dict(extra["meta_optimizer"])
-        self._adopt_loaded_settings(extra.get("config"))
+        self.config.update(adopted)
         self._carry = {k: v.to(self.device) for k, v in extra["carry"].items()}
         self._carry_valid = extra["carry_valid"]
         self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
@@ -1071,6 +1072,7 @@ class MetaAdamW(torch.optim.Optimizer):
             if step is not None:
                 steps[i] = int(step.item() if isinstance(step, Tensor) else step)
         self._set_step_counts(steps, max(steps, default=0))
+        self._unsynced_from = (self.global_step, self.meta_updates)  # the same checkpoint on every rank
         self._carry_valid = False  # the carried norms of the moments: recomputed at the next refresh
         self._stats = {}  # those of the moments before the load: gone (tensors without a gradient read zeros)
         self._has_stats = [False] * len(self._params)
@@ -1125,6 +1127,13 @@ class MetaAdamW(torch.optim.Optimizer):
                 problems.append(f"the {what}'s tensors differ: " + ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""))
         ours_keys = set(self.meta_optimizer.state_dict()["param_groups"][0]) - {"params"}
         theirs_groups = extra["meta_optimizer"]["param_groups"]
+        # (checked by torch.optim only once the model's moments and the modulator were loaded, and in its
+        # words, which read as if the model's param groups differed)
+        ours_sizes = [len(g["params"]) for g in self.meta_optimizer.param_groups]
+        theirs_sizes = [len(g.get("params", ())) for g in theirs_groups]
+        if ours_sizes != theirs_sizes and not problems:  # (the options above already explain a difference)
+            problems.append(f"the meta-optimizer's param groups hold {theirs_sizes} tensors (this optimizer's: "
+                            f"{ours_sizes}): build it with the checkpoint's meta_optimizer")
         theirs_keys = set(theirs_groups[0]) - {"params"} if theirs_groups else ours_keys
         if ours_keys != theirs_keys and cls is None:
             problems.append(f"the meta-optimizer's hyperparameters differ: {sorted(theirs_keys)} (this optimizer: "
@@ -1135,21 +1144,23 @@ class MetaAdamW(torch.optim.Optimizer):
                 + "; ".join(problems) + ". Build the optimizer with the checkpoint's options "
                 "(state_dict['metaadamw']['config']) to load it.")
 
-    def _adopt_loaded_settings(self, saved: dict[str, Any] | None) -> None:
-        """After a load, ``config`` describes what was loaded (priorities, fixed weights and the
-        meta-optimizer's settings come from the checkpoint); say so when they differ."""
+    def _adopt_loaded_settings(self, saved: dict[str, Any] | None) -> dict[str, Any]:
+        """Before a load: the settings ``config`` takes from the checkpoint once it is loaded, so that it
+        describes what was loaded (priorities, fixed weights and the meta-optimizer's settings come from
+        the checkpoint); say so when they differ (warned before anything is loaded: a warning made an
+        error leaves the optimizer as it was, not half loaded)."""
         if not saved:
-            return
+            return {}
         changed = {k: (self.config[k], saved[k]) for k in self._LOADED_OPTIONS if k in saved and saved[k] != self.config[k]}
         if changed:
             warnings.warn("MetaAdamW.load_state_dict: the checkpoint's settings replace the constructor's: " + ", ".join(
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
-            self.config.update({k: new for k, (_, new) in changed.items()})
         kept = {k: (saved[k], self.config[k]) for k in self._RUN_OPTIONS if k in saved and saved[k] != self.config[k]}
         if kept:
             warnings.warn("MetaAdamW.load_state_dict: this run goes on with the constructor's settings, not the "
                           "checkpoint's (so it does not continue exactly as the saved run would have): " + ", ".join(
                               f"{k} {old!r} -> {new!r}" for k, (old, new) in kept.items()), stacklevel=3)
+        return {k: new for k, (_, new) in changed.items()}
 
     # ------------------------------------------------------------------------------------------
     # copying and pickling
@@ -1187,7 +1198,9 @@ class MetaAdamW(torch.optim.Optimizer):
         self._carried = self._carried_now()  # (weak references are not pickled)
         self._versions = self._versions_now()  # (the copy's moments are new tensors)
         self.__dict__.setdefault("_has_stats", ["exp_avg" in self.state.get(p, ()) for p in self._params])
-        self._model_ref = None
+        # (an unpickled copy has no model; torch.optim's load_state_dict also calls __setstate__, with the
+        # state and param groups alone: the model given as model= stays, for groups added after a resume)
+        self.__dict__.setdefault("_model_ref", None)
 
     def __repr__(self) -> str:
         groups = ", ".join(self.group_names[:6]) + (", ..." if len(self.group_names) > 6 else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -406,3 +407,80 @@ def test_state_dicts_that_lost_meta_state_in_torch_distributed_checkpoint_are_re
     unchanged(moments=False)
     moments = [(st["exp_avg"], st["exp_avg_sq"]) for st in other.state_dict()["state"].values()]
     torch.testing.assert_close(moments, [(st["exp_avg"], st["exp_avg_sq"]) for st in opt.state_dict()["state"].values()])
+
+
+def test_a_group_added_after_resuming_is_grouped_with_the_model_given_at_construction():
+    # torch.optim's load_state_dict ends with __setstate__, which dropped the model= reference (meant
+    # for unpickled copies): tensors unfrozen after a resume were grouped without module types (other
+    # groups, another training), and tensors given without names were refused, asking for names
+    batches = lm_batches()
+
+    def build(seed, named):
+        torch.manual_seed(seed)
+        model = TinyTransformer()
+        later = [(n, p) for n, p in model.named_parameters() if n.startswith("encoder.layers.1.")]
+        first = [(n, p) if named else p for n, p in model.named_parameters() if not n.startswith("encoder.layers.1.")]
+        return model, MetaAdamW(first, model=model, **small_kwargs(modulator_heads=1)), later
+
+    def train(model, opt, later, start, stop):
+        for t in range(start, stop):
+            if t == 3:  # layers unfrozen during training
+                names = {"param_names": [n for n, _ in later]} if "param_names" in opt.param_groups[0] else {}
+                opt.add_param_group({"params": [p for _, p in later], **names})
+            opt.zero_grad()
+            lm_loss(model, batches[t % 3]).backward()
+            opt.step()
+
+    for named in (True, False):
+        model_a, opt_a, later_a = build(0, named)
+        train(model_a, opt_a, later_a, 0, 2)
+        ckpt = save_and_load({"model": model_a.state_dict(), "opt": opt_a.state_dict()})
+        train(model_a, opt_a, later_a, 2, 6)
+        model_b, opt_b, later_b = build(1, named)
+        model_b.load_state_dict(ckpt["model"])
+        opt_b.load_state_dict(ckpt["opt"])
+        train(model_b, opt_b, later_b, 2, 6)
+        assert opt_b.group_names == opt_a.group_names
+        for a, b in zip(model_a.parameters(), model_b.parameters()):
+            assert torch.equal(a, b)
+    assert copy.deepcopy(opt_b)._model_ref is None  # (a copy still has no model)
+
+
+def test_a_meta_optimizer_with_other_param_groups_is_refused_before_anything_loads():
+    # torch.optim's own check of the meta-optimizer's groups came after the model's moments and the
+    # modulator were loaded, and in words that blamed the model's param groups
+    def one_group(params, lr, weight_decay):
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    def two_groups(params, lr, weight_decay):
+        params = list(params)
+        return torch.optim.Adam([{"params": params[:-1]}, {"params": params[-1:], "lr": lr / 10}], lr=lr,
+                                weight_decay=weight_decay)
+
+    sd = _stepped(meta_optimizer=one_group).state_dict()
+    target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "meta_optimizer": two_groups})
+    before = _fresh_state(target)
+    with pytest.raises(ValueError, match=r"nothing was loaded: the meta-optimizer's param groups hold \[\d+\] tensors "
+                                         r"\(this optimizer's: \[\d+, 1\]\)"):
+        target.load_state_dict(sd)
+    after = _fresh_state(target)
+    assert after[:2] == before[:2] == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
+
+
+def test_a_load_whose_warning_is_made_an_error_loads_nothing():
+    # the warnings about settings that differ came after the moments, the modulator and the
+    # meta-optimizer were loaded: under -W error the load raised with the optimizer half loaded
+    sd = _stepped().state_dict()
+    target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "total_steps": 500})
+    before = _fresh_state(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="total_steps None -> 500"):
+            target.load_state_dict(sd)
+    after = _fresh_state(target)
+    assert after[:2] == before[:2] == (0, 0)
+    assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
+    with pytest.warns(UserWarning, match="total_steps None -> 500"):
+        target.load_state_dict(sd)  # (and as a warning it loads everything)
+    assert target.global_step == 3 and target.total_steps == 500

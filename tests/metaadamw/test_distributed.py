@@ -59,8 +59,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     which rank 0 alone then adds with add_param_group), "other_options" (rank 1 gives another alpha_range),
     "late" (the optimizer is made before the process group),
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
-    alone), "late_stepped_rank0" (rank 0 alone stepped before it) or "late_loaded" (made and
-    loaded from one checkpoint before it)."""
+    alone), "late_stepped_rank0" (rank 0 alone stepped before it), "late_loaded" (made and
+    loaded from one checkpoint before it) or "late_loaded_adamw" (the same with a torch.optim.AdamW checkpoint)."""
     if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
     kwargs = {"sync_meta": scenario != "nosync"}
@@ -82,6 +82,13 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         if scenario == "late_loaded":
             early[1].load_state_dict(stepped[1].state_dict())
             early[0].load_state_dict(stepped[0].state_dict())
+    if scenario == "late_loaded_adamw":  # an AdamW run switched to MetaAdamW, as README's "drop-in" section does
+        net = mlp(0)
+        adamw = torch.optim.AdamW(net.parameters())
+        mse(net, _batches(0)[0]).backward()
+        adamw.step()
+        early[1].load_state_dict(adamw.state_dict())
+        early[0].load_state_dict(net.state_dict())
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
     try:
@@ -266,9 +273,11 @@ def test_an_optimizer_made_before_the_process_group_takes_rank_0s_modulator_befo
             assert torch.equal(a, b) and torch.equal(a, c), key
 
 
-def test_an_optimizer_that_loaded_a_checkpoint_before_the_process_group_is_not_refused(tmp_path):
-    # the refusal looked at the step counters, which load_state_dict restores: resuming crashed
-    ranks = _run(tmp_path, "late_loaded")
+@pytest.mark.parametrize("scenario", ["late_loaded", "late_loaded_adamw"])
+def test_an_optimizer_that_loaded_a_checkpoint_before_the_process_group_is_not_refused(tmp_path, scenario):
+    # the refusal looked at the step counters, which load_state_dict restores: resuming crashed; with
+    # an AdamW checkpoint it still did (the counters before the load counted as the load's)
+    ranks = _run(tmp_path, scenario)
     assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
     for key in ("meta", "model"):
         for a, b in zip(ranks[0][key], ranks[1][key]):
