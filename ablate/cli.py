@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = s.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser("download", help="download and verify a task's real dataset (needs the network)")
     d.add_argument("task")
-    d.add_argument("--data-dir", help="where to put it (default: $ABLATE_DATA_DIR or ./data)")
+    d.add_argument("--data-dir", help="where to put it (default: $ABLATE_DATA_DIR or ./data); the dataset's own "
+                   "folder (e.g. data/ETT-small) is filled as it is, not given a folder of that name inside")
     d.add_argument("--force", action="store_true",
                    help="fetch every file again, over those in place (files the loader calls damaged)")
     d.set_defaults(func=cmd_data)

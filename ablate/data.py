@@ -77,7 +77,8 @@ def unpack(archive: Path, dest: Path) -> list[str]:
 
 
 def download(task: str, data_dir: str | os.PathLike | None = None, force: bool = False) -> list[Path]:
-    """Download every file of ``task``'s real dataset into the data directory; returns the paths.
+    """Download every file of ``task``'s real dataset into the data directory (or, when ``data_dir`` is
+    the dataset's own folder, e.g. ``.../ETT-small``, into that folder); returns the paths.
     ``force``: fetch and verify every file again, over those in place (a damaged copy: a file
     present is otherwise trusted, an unpacked archive's files by name)."""
     if task not in DOWNLOADS:
@@ -85,6 +86,10 @@ def download(task: str, data_dir: str | os.PathLike | None = None, force: bool =
         raise ConfigError(f"no download is registered for task {task!r}; tasks with downloads: "
                          f"{', '.join(known) or '(none)'} (registered tasks: {', '.join(list_tasks())})")
     root = default_data_dir(data_dir)
+    if root.name and root.name in {item.dataset_folder for item in DOWNLOADS[task]}:
+        # the dataset's own folder (.../ETT-small), which the loaders accept as data_dir: the files go into it,
+        # not into a folder of that name below it, where a loader given the same directory would not look
+        root = root.parent
     out = []
     for item in DOWNLOADS[task]:
         dest = root / item.subdir

@@ -58,11 +58,11 @@ from ablate.tasks.base import (
     check_int,
     check_multiple,
     check_probability,
+    data_dir_candidates,
     download_command,
     evaluate_sums,
     register_download,
     register_task,
-    resolve_data_dir,
 )
 from ablate.tasks.models_vision_ts import POOLINGS, TimeSeriesTransformer
 
@@ -180,9 +180,11 @@ def expected_paths(root: Path, variant: EttVariant) -> list[Path]:
     return paths
 
 
-def find_csv(root: Path, variant: EttVariant) -> Path:
-    """The first existing expected path, else :class:`DatasetNotFoundError` naming all of them."""
-    paths = expected_paths(root, variant)
+def find_csv(root: Path | list[Path], variant: EttVariant) -> Path:
+    """The first existing expected path (of ``root``, or of each root in turn), else
+    :class:`DatasetNotFoundError` naming all of them."""
+    roots = [root] if isinstance(root, Path) else root
+    paths = list(dict.fromkeys(path for r in roots for path in expected_paths(r, variant)))
     for path in paths:
         if path.is_file():
             return path
@@ -423,7 +425,7 @@ def _load_values(config: dict, variant: EttVariant, columns: tuple[str, ...]) ->
         values = load_embedded_series()
         # 20 "months" span the series, so 12/4/4 is a 60/20/20 split of it.
         return values, EMBEDDED_SOURCE, len(values) // 20, [EMBEDDED_COLUMN]
-    path = find_csv(resolve_data_dir(config, ETT_SUBDIR), variant)
+    path = find_csv(data_dir_candidates(config, ETT_SUBDIR), variant)
     try:
         values = read_ett_csv(path, columns)
     except DatasetNotFoundError as error:
@@ -535,7 +537,9 @@ def _register(variant: EttVariant) -> None:
         return build_ett_task(config, variant)
 
     def locate(config: dict) -> list[Path]:
-        return [find_csv(resolve_data_dir(config, ETT_SUBDIR), variant)]
+        # (data_dir/ETT-small, else data_dir itself: ETTh1.csv directly in data_dir is found even when an
+        # ETT-small folder holds the other variants)
+        return [find_csv(data_dir_candidates(config, ETT_SUBDIR), variant)]
 
     def check(config: dict) -> None:
         check_ett_config(config, variant)

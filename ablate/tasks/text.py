@@ -162,5 +162,11 @@ def unigram_cross_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab
 
 def perplexity_metrics(loss: float, prefix: str = "") -> dict[str, float]:
     """``{prefix}ppl = exp(loss)`` and ``{prefix}loss`` for a mean cross-entropy ``loss`` in nats
-    per token (the metrics of the language-modelling tasks; ``prefix="unigram_"`` for their reference)."""
-    return {f"{prefix}ppl": math.exp(loss), f"{prefix}loss": loss}
+    per token (the metrics of the language-modelling tasks; ``prefix="unigram_"`` for their reference).
+    A loss above ~709.8 nats (a diverging model) gives ``ppl = inf``, which the trial reports as diverged,
+    not an OverflowError."""
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = math.inf
+    return {f"{prefix}ppl": ppl, f"{prefix}loss": loss}

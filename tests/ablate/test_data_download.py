@@ -171,3 +171,19 @@ def test_when_every_source_fails_the_error_names_each_and_what_it_answered(tmp_p
 def test_wikitext_is_fetched_from_its_authors_host_first():
     (item,) = data.DOWNLOADS["wikitext2"]
     assert item.url.startswith("https://wikitext.smerity.com/") and "research.metamind.io" in item.mirrors[0]
+
+
+def test_a_data_dir_that_is_the_dataset_folder_is_filled_where_the_loader_looks(tmp_path, monkeypatch, capsys):
+    # `--data-dir data/ETT-small`, as `ablate train` accepts it, wrote data/ETT-small/ETT-small/ETTh1.csv, which
+    # `ablate train --data real --data-dir data/ETT-small` did not find
+    published = b"date,OT\n2016-07-01 00:00:00,1.0\n"
+    item = Download(url="https://example.org/ETTh1.csv", filename="ETTh1.csv",
+                    sha256=hashlib.sha256(published).hexdigest(), subdir="ETT-small")
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(published))
+    folder = tmp_path / "data" / "ETT-small"
+    assert main(["data", "download", "etth1", "--data-dir", str(folder)]) == 0
+    assert (folder / "ETTh1.csv").read_bytes() == published and not (folder / "ETT-small").exists()
+    from ablate.tasks import get_task
+    from tests.ablate.task_helpers import task_config
+    assert get_task("etth1").locate(task_config("etth1", data="real", data_dir=str(folder))) == [folder / "ETTh1.csv"]

@@ -398,3 +398,12 @@ def test_real_etth1_checksum_matches_the_registered_download():
     if not path.is_file():
         pytest.skip(f"no real ETTh1 under {SHARED_DATA}")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == DOWNLOADS["etth1"][0].sha256
+
+
+def test_a_file_directly_in_data_dir_is_found_beside_an_ett_small_folder_of_other_variants(tmp_path):
+    # `ablate data download etth2` made data_dir/ETT-small; the ETTh1.csv already in data_dir is still read
+    write_ett_csv(tmp_path / "ETTh1.csv", np.arange(300.0))
+    write_ett_csv(tmp_path / "ETT-small" / "ETTh2.csv", np.arange(300.0))
+    task = etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+    assert task.data_source.startswith(f"real:{(tmp_path / 'ETTh1.csv').resolve()}")
+    assert get_task("etth1").locate(real_config(tmp_path)) == [tmp_path / "ETTh1.csv"]

@@ -114,3 +114,12 @@ def test_unigram_cross_entropy_by_hand():
     train, evaluated = torch.tensor([1, 1, 2]), torch.tensor([1, 3])
     expected = -(math.log(3 / 7) + math.log(1 / 7)) / 2
     assert unigram_cross_entropy(train, evaluated, 4) == pytest.approx(expected)
+
+
+def test_perplexity_of_a_diverged_model_is_inf_not_an_overflow_error():
+    # a mean cross-entropy above ~709.8 nats (a model blown up by a too high learning rate) overflows math.exp:
+    # ppl is inf, which the trial reports as diverged, instead of the trial failing with OverflowError
+    from ablate.tasks.text import perplexity_metrics
+
+    assert perplexity_metrics(800.0) == {"ppl": math.inf, "loss": 800.0}
+    assert perplexity_metrics(math.log(120.0), prefix="unigram_")["unigram_ppl"] == pytest.approx(120.0)
