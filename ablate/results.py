@@ -475,6 +475,14 @@ def _holds_results(folder: Path) -> bool:
         return False
 
 
+def _holds_tuning(folder: Path) -> bool:
+    """Whether ``folder`` holds the stored outputs of an ``ablate tune`` (``tune/history.parquet``)."""
+    try:
+        return (folder / "tune" / "history.parquet").is_file()
+    except OSError:
+        return False
+
+
 def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_missing: bool = True) -> Results:
     """:func:`load_results` of the tables :func:`_read_tables` read. ``warn_missing``: warn about
     the study's trials that have no stored result (``ablate run`` says which itself)."""
@@ -491,6 +499,11 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
         studies = sorted(d.name for d in out_dir.iterdir() if _holds_results(d)) if out_dir.is_dir() else []
         inside = (f"; it holds the results of {', '.join(studies)}: give that folder, e.g. {out_dir / studies[0]}"
                   if studies else "")
+        tuned = sorted(d.name for d in out_dir.iterdir() if d.is_dir() and d.name not in studies and _holds_tuning(d))
+        if tuned:  # (a folder of `ablate tune` alone: `ablate report` reports it, load_results has no trials to load)
+            inside += (f"{'; and' if inside else '; it holds'} the tuning stud{'ies' if len(tuned) > 1 else 'y'} (`ablate tune`) "
+                       f"of {', '.join(tuned)}: `ablate report {shlex.quote(str(out_dir / tuned[0]))}` reports "
+                       f"{'them' if len(tuned) > 1 else 'it'}")
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet){inside}")
     if manifest is not None and len(tables["trials"]):
         tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)

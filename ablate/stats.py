@@ -669,14 +669,17 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
 
 
 # -- factorial studies --------------------------------------------------------------------------
-_LEVEL_SPLIT = re.compile(r",(?=\s*[A-Za-z_][\w.]*=)")
+#: a comma that starts a new factor: one followed by an axis name (a study file's axis names match
+#: ``[A-Za-z0-9_.+-]+``: "lr-scale", "2x" too) and "="
+_LEVEL_SPLIT = re.compile(r",(?=\s*[A-Za-z0-9_.+-]+=)")
 
 
 def parse_factorial_arm(arm: str) -> dict[str, str]:
     """``"factorial:grouping=original,gating=true"`` -> ``{"grouping": "original", "gating": "true"}``.
 
     Commas inside a level (e.g. ``priorities=[1, 3, 5]``) are kept: a new factor starts only at
-    a comma followed by ``name=``.
+    a comma followed by ``name=``, ``name`` an axis name as a study file allows it (letters,
+    digits and ``_.+-``: ``factorial:gating=true,lr-scale=big``).
     """
     if not arm.startswith(FACTORIAL_PREFIX):
         raise ValueError(f"{arm!r} is not a factorial cell (expected '{FACTORIAL_PREFIX}<axis>=<level>,...')")
@@ -1110,11 +1113,18 @@ def _profile_plan(results: Results, arms: Sequence[str] | None) -> tuple[list[st
             notes.append(f"{task}: means over seeds {', '.join(map(str, sorted(common)))} (seed(s) "
                          f"{', '.join(map(str, dropped))} not finished ok by every arm - not finished by {missing})")
         seeds[task] = sorted(common)
-        means = rows[rows["seed"].isin(common)].groupby("arm")["best_metric"].mean()
+        means = _arm_means(rows[rows["seed"].isin(common)])
         if (means <= 0).any():  # (a perfect 0 would otherwise read as the worst arm, without a word)
             notes.append(f"{task}: {', '.join(f'{a} (mean {v:.4g})' for a, v in means[means <= 0].items())} counted as "
                          f"never within any tau: a performance ratio needs positive metrics")
     return names, seeds, notes
+
+
+def _arm_means(rows: pd.DataFrame) -> pd.Series:
+    """Each arm's mean best metric over its seeds, a seed with several ok trials (results loaded
+    with ``all_trials=True``) counting once, with their mean, as in the paired tables
+    (:func:`_per_seed`): a mean over the trials would weigh that seed more."""
+    return rows.groupby(["arm", "seed"])["best_metric"].mean().groupby("arm").mean()
 
 
 def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.DataFrame:
@@ -1132,7 +1142,7 @@ def profile_ratios(results: Results, arms: Sequence[str] | None = None) -> pd.Da
     ratios = {}
     for task, task_seeds in seeds.items():
         rows = ok[(ok["task"] == task) & ok["seed"].isin(task_seeds)]
-        vals = rows.groupby("arm")["best_metric"].mean().reindex(names)
+        vals = _arm_means(rows).reindex(names)
         vals = vals.where(vals > 0)
         ratio = vals / vals.min() if task_metric(results.trials, task)[1] == "min" else vals.max() / vals
         # a tie with the best arm up to the rounding of the means (357+351+355 and 358+352+353 over 3)

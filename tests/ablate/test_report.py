@@ -169,6 +169,19 @@ def test_a_directory_of_ablate_tune_alone_gets_a_report_of_its_priority_study(tm
     assert "No parameter importances" not in md
 
 
+def test_the_parent_of_a_tuning_study_folder_names_it(tmp_path, report_kit):
+    # `ablate report results` named the study folders inside it, but not a folder of `ablate tune`
+    # alone (which `ablate report` reports): "holds no study results" and no way forward
+    (tmp_path / "tune_priorities").mkdir()
+    write_tune(tmp_path / "tune_priorities")
+    with pytest.raises(FileNotFoundError, match=r"tuning study \(`ablate tune`\) of tune_priorities: `ablate report "
+                                                 + re.escape(str(tmp_path / "tune_priorities"))):
+        report.write_report(tmp_path)
+    write_trial(tmp_path / "quick", report_kit.trial_row("etth1", "adamw", 0, 0.5))  # (and a study folder beside it)
+    with pytest.raises(FileNotFoundError, match="results of quick: give that folder.*; and the tuning study"):
+        report.write_report(tmp_path)
+
+
 def test_a_task_of_the_tuning_study_without_importances_is_named(tmp_path):
     # fANOVA finds nothing to attribute when every suggestion scored the same: an empty table said nothing
     import pandas as pd

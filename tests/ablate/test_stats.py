@@ -330,6 +330,27 @@ def test_parse_factorial_arm_keeps_commas_inside_levels():
         stats.parse_factorial_arm("grouping=original")
 
 
+def test_parse_factorial_arm_splits_at_every_axis_name_a_study_file_allows():
+    # axis names match [A-Za-z0-9_.+-]+ (a named-level axis "lr-scale", "2x"): the cell
+    # "factorial:gating=true,lr-scale=big" was one factor gating with the level "true,lr-scale=big"
+    assert stats.parse_factorial_arm("factorial:gating=true,lr-scale=big") == {"gating": "true", "lr-scale": "big"}
+    assert stats.parse_factorial_arm("factorial:priorities=[1, 1e-3, 5],2x=on") == {"priorities": "[1, 1e-3, 5]", "2x": "on"}
+
+
+def test_the_factorial_effects_of_an_axis_named_with_a_hyphen(tmp_path, report_kit):
+    for gating, scale in itertools.product(("false", "true"), ("big", "small")):
+        arm = f"factorial:gating={gating},lr-scale={scale}"
+        for seed in range(3):
+            row = report_kit.trial_row("etth1", "baseline", seed, 1.0 + 0.2 * (scale == "small") + 0.01 * seed)
+            row.update(trial_id=f"f-{gating}-{scale}-{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            write_trial(tmp_path, row)
+    effects = stats.factorial_effects(load_results(tmp_path))
+    assert set(effects["term"]) == {"gating", "lr-scale", "gating x lr-scale"}
+    main = effects[effects["kind"] == "main"].set_index(["term", "level"])["estimate"]
+    assert main["gating", "true"] == pytest.approx(0, abs=1e-12)
+    assert main["lr-scale", "big"] > 0 > main["lr-scale", "small"]  # (mse: lower is better, big is better)
+
+
 def test_no_factorial_cells_gives_empty_effects(report_study):
     assert stats.factorial_effects(load_results(report_study)).empty
 
@@ -446,6 +467,23 @@ def test_arms_with_equal_means_tie_in_the_performance_profile(tmp_path, report_k
     ratios = stats.profile_ratios(results)
     assert ratios.loc["imdb", "adamw"] == ratios.loc["imdb", "baseline"] == 1.0
     assert stats.performance_profile(results, taus=[1.0]).loc[1.0, ["adamw", "baseline"]].tolist() == [1.0, 1.0]
+
+
+def test_a_seed_with_several_trials_counts_once_in_the_performance_profile_as_in_the_tables(tmp_path, report_kit):
+    # results of two versions of a study (load_results(..., all_trials=True)): the baseline's seed 0
+    # stored twice. Table 2 averages per seed first (1.0 and 2.0: 1.5, AdamW's 1.4 and 1.6: 1.5, a
+    # tie); the profile took the mean of the three trials (1.333) and made AdamW 12.5% worse
+    for trial_id, arm, seed, best in (("b0v1", "baseline", 0, 1.0), ("b0v2", "baseline", 0, 1.0),
+                                      ("b1", "baseline", 1, 2.0), ("a0", "adamw", 0, 1.4), ("a1", "adamw", 1, 1.6)):
+        row = report_kit.trial_row("etth1", arm, seed, best)
+        row.update(trial_id=trial_id, arms=json.dumps([arm]))
+        write_trial(tmp_path, row)
+    results = load_results(tmp_path, all_trials=True)
+    with pytest.warns(stats.StatsWarning, match="several trials share a seed"):
+        t2 = stats.table2(results)
+    assert t2["adamw_mean"].iloc[0] == pytest.approx(1.5) and t2["meta_mean"].iloc[0] == pytest.approx(1.5)
+    ratios = stats.profile_ratios(results)
+    assert ratios.loc["etth1", "adamw"] == ratios.loc["etth1", "baseline"] == 1.0
 
 
 def test_performance_profile_of_an_arm_that_never_ran_is_an_error(report_study):
