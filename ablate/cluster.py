@@ -416,15 +416,22 @@ def _authentication_failed(exc: BaseException) -> bool:
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Refuse, before Ray starts, a cluster address ``HOST:PORT`` that nothing answers on within
-    ``timeout_s`` (``ray.init`` would retry for minutes); ``auto`` is left to Ray. A ``ray://``
+    ``timeout_s`` (``ray.init`` would retry for minutes), or one without its port; ``auto`` is left to Ray. A ``ray://``
     (Ray Client) address is refused: through it the driver's work - ablate's results, the folder
     checks - would run on the head, writing there."""
     if address.startswith("ray://"):
         raise ConfigError(f"--address {address}: Ray Client (ray://) is not supported - ablate stores the results from "
                           f"its driver, which through a client would run on the head. Run ablate on a node of the cluster "
                           f"(the head, say) with --address HEAD_IP:6379 (the head's GCS port), or --address auto there")
-    if address == "auto" or "://" in address or ":" not in address:
+    if "://" in address:  # (Ray hands any scheme to a Ray Client builder: http:// fails there with a traceback)
+        raise ConfigError(f"--address {address}: expected HOST:PORT of the Ray head's GCS (e.g. 10.0.0.1:6379, the "
+                          f"port `ray start --head` printed), or auto; an address with a scheme is a Ray Client's or, "
+                          f"with http(s)://, the dashboard's (for `ray job submit`), which ablate does not use")
+    if address in ("auto", "local"):
         return
+    if ":" not in address:  # (Ray's own answer is a traceback: "ValueError: Invalid address format")
+        raise ConfigError(f"--address {address!r}: expected HOST:PORT of the Ray head (e.g. {address}:6379, the port "
+                          f"`ray start --head` printed), or auto")
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise ConfigError(f"--address {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")

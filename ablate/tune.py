@@ -115,6 +115,8 @@ PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
 #: The metric every report carries (the objective so far) and the flag of a trial's last report.
 OBJECTIVE = "objective"
 FINAL = "final"
+#: the objective a report carries while the suggestion has no finite value (negated when maximising)
+NO_VALUE = sys.float_info.max
 JOURNAL_FILE = "optuna.journal"
 HEARTBEAT_S = 60.0  # a progress line about the running suggestions at most this often
 BEST_FILE = TUNED_FILES["baseline"]
@@ -609,8 +611,12 @@ def tune_trainable(config: dict[str, Any]) -> None:
             _advance(t)
         values = [_best_so_far(t) for t in trials]
         value = score(values, members, config["aggregate"], config.get("references"), config["modes"])
-        done = all(_finished(t) for t in trials)
-        finite = value if math.isfinite(value) else (math.inf if minimize else -math.inf)
+        # a diverged member's value is NaN for good, so the suggestion can only be told FAIL: training the
+        # other members on to the last epoch would spend the search's budget on a result never used
+        done = all(_finished(t) for t in trials) or any(t.stop_reason == "diverged" for t in trials)
+        # no value: the worst *finite* number, which ASHA ranks last like an infinity, but without the NaN cutoffs
+        # (and numpy's "invalid value encountered in scalar subtract" warning) an infinity makes in its percentiles
+        finite = value if math.isfinite(value) else (NO_VALUE if minimize else -NO_VALUE)
         tune.report({
             OBJECTIVE: finite, "objective_is_finite": math.isfinite(value), "epoch": epoch, FINAL: done,
             "members_running": sum(not _finished(t) for t in trials), "wall_s": time.monotonic() - start,
@@ -1309,7 +1315,9 @@ def _progress_callback(target: Target, searcher, study, planned: int):
                 return
             self.last_beat = now
             running = [t for t in trials if t.status == "RUNNING"]
-            epochs = ", ".join(f"epoch {t.last_result['epoch']}/{target.epochs} ({t.last_result[OBJECTIVE]:.4g})"
+            epochs = ", ".join(f"epoch {t.last_result['epoch']}/{target.epochs} ("
+                               + (f"{t.last_result[OBJECTIVE]:.4g})" if t.last_result.get("objective_is_finite", True)
+                                  else "no value)")
                                if OBJECTIVE in (t.last_result or {}) else "starting" for t in running)
             best = _best(study)
             best_s = f"best #{best.number} {best.value:.6g}" if best else "no complete trial yet"
@@ -1420,7 +1428,10 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
                     f"ones marked FAIL; " + (stopped() if stopped else "run the same command to go on"))
 
         with exit_on_sigterm(cut_off, on_exit=searcher.fail_unfinished), ray_tune_quiet():
-            tuner.fit()
+            try:
+                tuner.fit()
+            except KeyboardInterrupt:  # a second Ctrl-C, which Ray's message invites: the unfinished suggestions
+                pass  # are marked FAIL below and the run ends as after the first (summary, continue command, 130)
     finally:
         interrupted = searcher.fail_unfinished()
         if interrupted:
@@ -1477,7 +1488,13 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 check_real_data(spec.study)
         if spec.path is not None:  # (the spec as run: written once it is accepted)
             atomic_write_bytes(out_dir / "spec.yaml", spec.path.read_bytes())
-        started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
+        try:
+            started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
+        except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
+            import ray
+
+            ray.shutdown()
+            raise
         def stopped() -> str:
             """SIGTERM (a scheduler's time limit) outside a search - before, between two, or as the outputs are
             written: what is stored, and the command that goes on (a search's own handler says what it ran). From
@@ -1735,6 +1752,10 @@ def tune_command(args) -> int:
     except ReferenceInterrupted as exc:
         print(f"interrupted during the cross-task AdamW reference ({exc}); no suggestion ran. Continue (the "
               f"finished reference trials are kept and reused) with:\n  {command()}", flush=True)
+        return 130
+    except KeyboardInterrupt:  # (before a search, e.g. while Ray starts: a search's own Ctrl-C ends in the summary)
+        print(f"interrupted; the suggestions that finished are stored in the study storage. Continue with:\n"
+              f"  {command()}", flush=True)
         return 130
     print(format_summary(outcome), flush=True)
     if outcome.interrupted:

@@ -243,3 +243,24 @@ def test_the_cluster_check_names_a_node_that_does_not_answer_or_dies_and_goes_on
     assert time.monotonic() - start < 15
     assert "(died) not checked for what their trials need" in capsys.readouterr().err
     assert not list((tmp_path / "checkpoints").iterdir()), "the marker files are removed"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "headnode"])
+def test_an_address_without_its_port_is_refused_in_one_line(address):
+    # (Ray's own answer to it is a traceback: "ValueError: Invalid address format")
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--address '{address}': expected HOST:PORT of the Ray head \(e\.g\. "
+                                          rf"{address}:6379"):
+        check_reachable(address)
+    check_reachable("auto")  # (left to Ray)
+
+
+def test_a_dashboard_address_is_refused_in_one_line():
+    # (Ray hands any scheme to a Ray Client builder: a traceback blaming RAY_ADDRESS)
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--address http://10\.0\.0\.1:8265: expected HOST:PORT of the Ray head's GCS"):
+        check_reachable("http://10.0.0.1:8265")

@@ -1691,3 +1691,144 @@ def test_a_cross_task_search_writes_each_task_its_own_values_not_yaml_aliases(tm
     best = yaml.safe_load(text)
     assert best["etth1"]["priorities"] == best["imdb"]["priorities"] == [2.0, 3.0, 4.0]
     assert best["etth1"]["priorities"] is not best["imdb"]["priorities"]
+
+
+DIVERGING_PLUGIN = '''
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ablate.tasks.base import TaskInstance, register_task
+
+
+@register_task("tune_diverging", metrics=[("score", "min")],
+               defaults={"epochs": 5, "batch_size": 4, "patience": 0, "meta_every": 1000, "modulator_layers": 1,
+                         "warmup_epochs": 0, "grouping": "original"},
+               description="synthetic: seed 0's loss is NaN from its first step")
+def build(config):
+    ds = TensorDataset(torch.zeros(4, 1), torch.zeros(4, 1))
+    seed = config["seed"]
+
+    def loss_fn(model, batch):
+        x, y = batch
+        loss = ((model(x) - y) ** 2).mean()
+        return loss * float("nan") if seed == 0 else loss
+
+    def evaluate(model, loader):
+        return {"score": 1.0 + seed}
+
+    return TaskInstance(name="tune_diverging", model=nn.Linear(1, 1), train=ds, val=ds, loss_fn=loss_fn,
+                        evaluate=evaluate, data_source="synthetic")
+'''
+
+
+def _diverging_reports(tmp_path, monkeypatch) -> list[dict]:
+    """What the trainable reports for a suggestion of 3 seeds whose seed 0 diverges in epoch 1."""
+    import ray.tune
+
+    from ablate.tune import tune_trainable
+
+    (tmp_path / "tune_diverging.py").write_text(DIVERGING_PLUGIN)
+    spec_path = _write(tmp_path, "div.yaml", """\
+        name: div
+        tasks: [tune_diverging]
+        seeds: 3
+        plugins: [tune_diverging]
+        adamw: false
+        budget: {epochs: 5}
+        tune: {trials: 1, scheduler: none}
+        """)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = build_targets(load_tune_spec(spec_path))[0]
+    reports = []
+    monkeypatch.setattr(ray.tune, "report", lambda metrics, **kw: reports.append(metrics))
+    tune_trainable({"members": target.members, "modes": target.modes, "aggregate": "mean",
+                    "direction": target.direction, "references": None, "param_names": list(PRIORITY_PARAMS),
+                    "plugins": ["tune_diverging"], "plugin_dir": str(tmp_path), "cwd": str(tmp_path), "cpus": 1,
+                    **{p: 1.0 for p in PRIORITY_PARAMS}})
+    return reports
+
+
+def test_a_suggestion_stops_training_once_a_member_diverged(tmp_path, monkeypatch):
+    # its score is NaN for good (the suggestion is told FAIL): the other seeds must not go on training
+    # to the last epoch on the search's budget
+    reports = _diverging_reports(tmp_path, monkeypatch)
+    assert len(reports) == 1, [r["member_epochs"] for r in reports]
+    last = reports[-1]
+    assert last["final"] and not last["objective_is_finite"]
+    assert json.loads(last["member_stops"]) == ["diverged", "", ""]
+
+
+def test_a_second_ctrl_c_during_a_search_exits_130_with_the_continue_command_and_the_outputs(tmp_path, monkeypatch,
+                                                                                              capsys):
+    # Ray Tune's first Ctrl-C stops the run gracefully; a second one (its message invites it) raises
+    # KeyboardInterrupt out of fit(): the run ended with a bare "interrupted", no command that continues,
+    # and the outputs not rewritten
+    import ray.tune
+
+    import ablate.tune as tune_mod
+
+    _no_ray(monkeypatch)
+
+    class SecondCtrlC:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def fit(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray.tune, "Tuner", SecondCtrlC)
+    spec_path = _tiny_spec(tmp_path, tasks="[etth1, imdb]")
+    try:
+        code = tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out"))
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped `ablate tune` (a bare 'interrupted': no command that continues)")
+    assert code == 130
+    printed = capsys.readouterr().out
+    assert "interrupted during etth1 after 0 of 1 suggestion(s)" in printed and "the searches of imdb did not start" in printed
+    assert f"ablate tune {spec_path}" in printed
+    assert (tmp_path / "out" / "t1" / "tune" / "history.parquet").exists()
+
+
+def test_ctrl_c_while_ray_starts_shuts_ray_down_and_names_the_command_that_continues(tmp_path, monkeypatch, capsys):
+    # as `ablate run` does: Ray's agents, half started, must not outlive the run
+    import ray
+
+    import ablate.cluster
+    import ablate.tune as tune_mod
+
+    def init_ray(*args, **kwargs):
+        raise KeyboardInterrupt  # (the Ctrl-C arrives inside ray.init)
+
+    shutdowns = []
+    monkeypatch.setattr(ablate.cluster, "check_resources", lambda *a, **k: None)
+    monkeypatch.setattr(ablate.cluster, "init_ray", init_ray)
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: shutdowns.append(1))
+    spec_path = _tiny_spec(tmp_path)
+    try:
+        code = tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out"))
+    except KeyboardInterrupt:
+        code = None
+    assert shutdowns, "Ray was not shut down"
+    assert code == 130 and f"ablate tune {spec_path}" in capsys.readouterr().out
+
+
+def test_asha_ranks_a_suggestion_without_a_value_last_without_nan_arithmetic(tmp_path, monkeypatch):
+    # an infinite objective made ASHA's percentile cutoff compute inf - inf: numpy's RuntimeWarning reached
+    # the user as a bare "ablate: warning: invalid value encountered in scalar subtract"
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from ablate.tune import OBJECTIVE
+
+    diverged = _diverging_reports(tmp_path, monkeypatch)[0]
+    assert not diverged["objective_is_finite"] and math.isfinite(diverged[OBJECTIVE])
+    bracket = _Bracket(min_t=1, max_t=5, reduction_factor=2, s=0)  # (ASHA's; minimising: metric_op -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bracket.on_result(SimpleNamespace(trial_id="diverged"), 1, -diverged[OBJECTIVE])
+        bracket.on_result(SimpleNamespace(trial_id="a"), 1, -50.0)
+        assert bracket.on_result(SimpleNamespace(trial_id="b"), 1, -1.0) == "CONTINUE"
+        assert bracket.on_result(SimpleNamespace(trial_id="c"), 1, -diverged[OBJECTIVE]) == "STOP"  # ranked last
