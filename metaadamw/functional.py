@@ -314,8 +314,13 @@ def versions(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> list[tuple[in
 
 
 def flat_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b) over all elements in one kernel, without an elementwise temporary."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    """sum(a * b) over all elements in one kernel, without an elementwise temporary; in float32 for
+    :data:`NARROW_DTYPES` (a float16 ``torch.dot`` returns its sum in float16: inf once it passes
+    65,504, i.e. a squared norm of a gradient of norm 256, and 3 significant digits below)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype in NARROW_DTYPES or b.dtype in NARROW_DTYPES:
+        a, b = a.float(), b.float()
+    return torch.dot(a, b)
 
 
 class _SquaresAndDots(torch.autograd.Function):

@@ -421,9 +421,11 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         a, w = alpha.index_select(0, index).to(sdtype), beta.index_select(0, index).to(sdtype)
         decay = 1 - lr_wd * a * w
         scale = lr_bc1 * a
-        # the Adam direction m'_hat / (sqrt(v'_hat) + eps), a constant, made in place in the moments
-        torch._foreach_div_(v_new, [1 - grp["betas"][1] ** t for grp, t in zip(groups, steps)])
+        # the Adam direction m'_hat / (sqrt(v'_hat) + eps), a constant, made in place in the moments, in
+        # AdamW's order, sqrt(v') / sqrt(bc2) (as step() takes it for float16): v' / bc2 first overflows
+        # float16 once |g| > 256 (float32 once |g| > 1.8e19), and the direction of those elements was 0
         F.foreach_sqrt(v_new, inplace=True)
+        torch._foreach_div_(v_new, [math.sqrt(1 - grp["betas"][1] ** t) for grp, t in zip(groups, steps)])
         torch._foreach_add_(v_new, [grp["eps"] for grp in groups])
         torch._foreach_div_(m_new, v_new)
         direction = m_new

@@ -155,9 +155,12 @@ class MetaAdamW(torch.optim.Optimizer):
             _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
         _check(modulator_width is None or (_is_int(modulator_width) and modulator_width >= 1),
                f"modulator_width must be None or an integer >= 1, got {modulator_width!r}")
-        for name, value in (("refresh_every", refresh_every), ("total_steps", total_steps),
-                            ("meta_gradient", meta_gradient)):
-            _check_run_setting(name, value)
+        # (numpy integers are integers: stored as Python ints, as the float options are stored as floats)
+        modulator_layers, modulator_heads, modulator_ff = int(modulator_layers), int(modulator_heads), int(modulator_ff)
+        modulator_width = None if modulator_width is None else int(modulator_width)
+        refresh_every, total_steps, meta_gradient = (
+            _check_run_setting(name, value) for name, value in (
+                ("refresh_every", refresh_every), ("total_steps", total_steps), ("meta_gradient", meta_gradient)))
         modulator_dropout = _number("modulator_dropout", modulator_dropout, 0.0, 1.0, below_high=True)
         meta_lr = _number("meta_lr", meta_lr, 0.0, math.inf, above_low=True)
         _check(modulator_init in HEAD_INITS, f"modulator_init must be one of {HEAD_INITS}, got {modulator_init!r}")
@@ -290,8 +293,7 @@ class MetaAdamW(torch.optim.Optimizer):
                              doc="'finite_difference' or 'exact': how meta_step differentiates through g'.")
 
     def _set_run_setting(self, name: str, value: Any) -> None:
-        _check_run_setting(name, value)
-        self.config[name] = value
+        self.config[name] = _check_run_setting(name, value)
 
     # ------------------------------------------------------------------------------------------
     # construction helpers
@@ -520,6 +522,11 @@ class MetaAdamW(torch.optim.Optimizer):
             if any(map(group.get, _ADAMW_FLAGS)) or group.get("decoupled_weight_decay") is False:
                 _check_adamw_flags(f"param group {k}: ", **{name: group.get(name) for name in _ADAMW_FLAGS})
                 _check_decoupled(f"param group {k}: ", group)
+            # an lr or betas set as tensors: refused as in a param group given to the constructor (the betas
+            # failed with "Expected packed scalar Tensor to be of dimension 1", a tensor lr was read back)
+            if isinstance(group["lr"], Tensor) or any(isinstance(b, Tensor) for b in group["betas"]):
+                _check_adamw_args(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                  where=f"param group {k}: ")
         plan = self._plan
         # a scheduler may change them (the plan caches them), also in place (a list): compared as copies
         betas = [tuple(g["betas"]) for g in self.param_groups]
@@ -1302,7 +1309,8 @@ def _forked_rng(device: torch.device) -> Any:
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer (numpy integers included), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 _OBJECTIVE_ATTRIBUTES = ("terms", "signed_terms", "second_order", "needs_train_loss", "needs_val")
@@ -1349,15 +1357,18 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _check_run_setting(name: str, value: Any) -> None:
-    """Validate ``refresh_every``, ``total_steps`` or ``meta_gradient`` (in the constructor and when set later)."""
+def _check_run_setting(name: str, value: Any) -> Any:
+    """Validate ``refresh_every``, ``total_steps`` or ``meta_gradient`` (in the constructor and when set
+    later); returns the value to store (an integer as a Python int)."""
     if name == "meta_gradient":
         _check(value in META_GRADIENTS, f"meta_gradient must be one of {META_GRADIENTS}, got {value!r}")
-    elif name == "total_steps":
+        return value
+    if name == "total_steps":
         _check(value is None or (_is_int(value) and value >= 1),
                f"total_steps must be None or an integer >= 1, got {value!r}")
-    else:
-        _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        return None if value is None else int(value)
+    _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 #: AdamW's flags MetaAdamW accepts only at their defaults, and why
@@ -1411,7 +1422,9 @@ def _number(name: str, value: Any, low: float, high: float, why: str = "", above
 
 
 def _real(value: Any) -> bool:
-    """A real number (numpy scalars included), not a bool or a tensor."""
+    """A real number (numpy scalars and 0-dim arrays included, as AdamW takes them), not a bool or a tensor."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and hasattr(value, "dtype"):
+        return value.dtype.kind in "iuf"  # (np.array(1e-3): AdamW takes it; np.bool_ is no number)
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

@@ -149,6 +149,60 @@ def test_hypothetical_step_of_a_float64_model_keeps_a_small_weight_decay():
         assert (hyp - start - update).abs().max() <= 1e-6 * update.abs().max()
 
 
+def test_hypothetical_step_of_a_float16_model_with_large_gradients_is_the_steps():
+    # step() takes AdamW's order for float16 (sqrt(v) / sqrt(bc2)); theta' divided v by bc2 first,
+    # which overflows float16 once |g| > 256: the Adam direction of those elements was 0, not +-1
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4).half(), (torch.randn(8, 1) * 2000).half()
+    b1 = (x, y)
+
+    def loss_fn(m, batch):
+        return ((m(batch[0]).float() - batch[1].float()) ** 2).mean()
+
+    models = [nn.Linear(4, 1).half() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MetaAdamW(m.named_parameters(), lr=1e-2, grouping="original", **small_kwargs()) for m in models]
+    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
+    seen = []
+
+    def recording(m, batch):
+        if batch is b2:
+            seen.append([p.detach().clone() for p in m.parameters()])
+        return loss_fn(m, batch)
+
+    b2 = (x.clone(), y.clone())
+    opts[0].meta_step(models[0], recording, b1, b2, b1)
+    _step(models[1], opts[1], b1, loss_fn)
+    assert max(p.grad.abs().max().item() for p in models[1].parameters()) > 256
+    for hyp, real in zip(seen[0], models[1].parameters()):
+        torch.testing.assert_close(hyp.float(), real.detach().float(), rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("meta_gradient", ["exact", "finite_difference"])
+def test_the_gradient_alignment_of_a_float16_model_sums_its_squares_in_float32(meta_gradient):
+    # ||g'||^2 and <g, g'> came from torch.dot in float16, inf once a gradient's norm passes 256:
+    # the meta-loss was inf and every meta-update skipped, where the same model in float32 trains
+    torch.manual_seed(0)
+    batches = [(torch.randn(32, 8), torch.randn(32, 1) * 1000) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        return ((m(batch[0]).float() - batch[1]) ** 2).mean()
+
+    records = []
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(dtype)
+        opt = MetaAdamW(model.named_parameters(), eps=1e-4, objective="gradient", meta_gradient=meta_gradient,
+                        **small_kwargs())
+        bs = [(x.to(dtype), y) for x, y in batches]
+        loss_fn(model, bs[0]).backward()
+        assert max(p.grad.float().norm() for p in model.parameters()) > 256
+        records.append(opt.meta_step(model, loss_fn, None, bs[1], bs[2]))
+    want, got = records
+    assert not got.skipped, got.reason
+    assert got.meta_loss == pytest.approx(want.meta_loss, rel=1e-2)
+
+
 def test_the_validation_loss_at_theta_prime_takes_the_masks_of_that_at_theta():
     # loss_decrease = L(theta'; val) - L(theta; val): with other dropout masks in the second pass it
     # measured the masks' difference (7e-3 with lr 1e-9, where theta' is theta to 1e-9)

@@ -318,6 +318,39 @@ def test_numpy_scalars_are_accepted_as_adamw_accepts_them_and_stored_as_floats()
     assert type(second["weight_decay"]) is float and type(second["eps"]) is float
 
 
+def test_zero_dim_numpy_arrays_are_accepted_as_adamw_accepts_them_and_stored_as_floats():
+    # torch.optim.AdamW takes lr=np.array(1e-3); it was refused with "Invalid learning rate: lr=array(0.001)
+    # (must be a finite number >= 0)", which it is
+    np = pytest.importorskip("numpy")
+    torch.optim.AdamW(mlp(0).parameters(), lr=np.array(1e-3), weight_decay=np.array(0.1))
+    opt = MetaAdamW(mlp(0).named_parameters(), lr=np.array(1e-3), eps=np.array(1e-8), weight_decay=np.array(0.1),
+                    betas=(np.array(0.8), 0.99), alpha_range=np.array(0.5), meta_lr=np.array(1e-3), **small_kwargs())
+    group = opt.param_groups[0]
+    assert (group["lr"], group["eps"], group["weight_decay"], group["betas"]) == (1e-3, 1e-8, 0.1, (0.8, 0.99))
+    assert all(type(v) is float for v in (group["lr"], group["eps"], group["weight_decay"], *group["betas"]))
+    assert opt.config["alpha_range"] == 0.5 and type(opt.config["alpha_range"]) is float
+    for bad in (np.array(-1e-3), np.array([1e-3]), np.array(True)):
+        with pytest.raises(ValueError, match="Invalid learning rate"):
+            MetaAdamW(mlp(0).named_parameters(), lr=bad)
+
+
+def test_numpy_integers_are_accepted_for_integer_options_and_stored_as_ints():
+    # they were refused with "must be an integer >= 1, got np.int64(100)", which contradicts itself
+    np = pytest.importorskip("numpy")
+    opt = MetaAdamW(mlp(0).named_parameters(), modulator_layers=np.int64(1), modulator_heads=np.int32(2),
+                    modulator_ff=np.int64(8), modulator_width=np.int64(6), refresh_every=np.int64(2),
+                    total_steps=np.int64(100))
+    for key, want in [("modulator_layers", 1), ("modulator_heads", 2), ("modulator_ff", 8), ("modulator_width", 6),
+                      ("refresh_every", 2), ("total_steps", 100)]:
+        assert opt.config[key] == want and type(opt.config[key]) is int, key
+    opt.total_steps, opt.refresh_every = np.int64(50), np.uint8(3)
+    assert (opt.total_steps, opt.refresh_every) == (50, 3) and type(opt.total_steps) is type(opt.refresh_every) is int
+    with pytest.raises(ValueError, match=r"refresh_every must be an integer >= 1, got np.int64\(0\)"):
+        opt.refresh_every = np.int64(0)
+    with pytest.raises(ValueError, match="must be an integer >= 1, got np.True_"):
+        MetaAdamW(mlp(0).named_parameters(), refresh_every=np.bool_(True))
+
+
 @pytest.mark.parametrize("group, fragment", [
     ({"lr": -1.0}, "param group 1: Invalid learning rate: lr=-1.0"),
     ({"lr": "0.1"}, "param group 1: Invalid learning rate: lr='0.1'"),
@@ -1034,6 +1067,19 @@ def test_the_fast_path_counts_zeros_of_low_precision_tensors_in_float32(dtype):
     torch.testing.assert_close(stats[True], stats[False])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dot_products_of_low_precision_tensors_are_summed_in_float32(dtype):
+    # torch.dot of float16 tensors sums in float16: inf past 65,504 (a gradient of norm 256)
+    x = torch.full((100,), 30.0, dtype=dtype, requires_grad=True)
+    c = torch.full((100,), 0.5, dtype=dtype)
+    assert F.flat_dot(x.detach(), x.detach()).item() == 90000.0
+    sq, dot = F.squares_and_dots([x], [c])
+    assert sq.dtype == dot.dtype == torch.float32
+    assert (sq.item(), dot.item()) == (90000.0, 1500.0)
+    (sq.sum() + dot.sum()).backward()
+    assert x.grad.dtype == dtype and torch.equal(x.grad, torch.full_like(x, 60.5))
+
+
 def test_the_fast_path_takes_bfloat16_norms_in_float32():
     # the norms came back rounded to bfloat16 (3 significant digits), which the cos identity magnified: cos(g, m)
     # 0.025 off the exact value (the single-tensor path: 3e-6)
@@ -1658,6 +1704,26 @@ def test_an_adamw_flag_set_on_a_group_after_construction_is_refused_at_the_next_
     assert all(torch.equal(a, opt.state[p][k]) for a, (p, k) in
                zip(moments, [(p, k) for p in model.parameters() for k in ("exp_avg", "exp_avg_sq")]))
     opt.param_groups[0][flag] = default  # (AdamW's default, as an AdamW checkpoint's groups have it): trains on
+    _train(model, opt, batches, 1)
+    assert opt.state_dict()["state"][0]["step"] == 3, "the refused step counted no step"
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("lr", torch.tensor(1e-2), r"lr as a Tensor is not supported .*: pass a float, e\.g\. lr=0\.01"),
+    ("betas", (torch.tensor(0.8), torch.tensor(0.99)), r"betas as Tensors are not supported .*: pass floats"),
+])
+def test_an_lr_or_betas_set_as_tensors_on_a_group_after_construction_are_refused_at_the_next_step(key, value, said):
+    # refused in a group given to the constructor; set later, tensor betas failed with "Expected packed scalar
+    # Tensor to be of dimension 1. Got 0 instead." and a tensor lr was taken (read back to the host every step)
+    model, batches = mlp(0), regression_batches()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    _train(model, opt, batches, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match="^param group 0: " + said):
+        _train(model, opt, batches, 1)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "nothing was updated"
+    opt.param_groups[0][key] = 1e-2 if key == "lr" else (0.8, 0.99)
     _train(model, opt, batches, 1)
     assert opt.state_dict()["state"][0]["step"] == 3, "the refused step counted no step"
 
