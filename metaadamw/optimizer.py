@@ -993,8 +993,15 @@ class MetaAdamW(torch.optim.Optimizer):
         adopted = self._adopt_loaded_settings(extra.get("config"))  # (warnings made errors: nothing loaded yet)
         super().load_state_dict(state_dict)
         self._drop_torch_flags()  # (a checkpoint of an earlier version that kept an AdamW checkpoint's)
-        for p in self._params:
-            self.state[p].pop("step", None)
+        # each tensor's AdamW "step" is saved with its moments, as torch.optim saves it: a load pre-hook that
+        # moves the per-tensor entries (torch.optim's recipe of loading by parameter names) moves it along,
+        # so it, not the list of step counts in the meta state, goes with the moments
+        saved_steps, steps = list(extra["steps"]), []
+        for i, p in enumerate(self._params):
+            st = self.state.get(p, {})
+            step = st.pop("step", None)
+            steps.append(int(step.item() if isinstance(step, Tensor) else step) if step is not None and "exp_avg" in st
+                         else saved_steps[i])
         self.modulator.load_state_dict(extra["modulator"])
         self.weighting.load_state_dict(extra["weighting"])
         project_weighting(self)  # (a checkpoint of a version that let s leave its bounds)
@@ -1007,7 +1014,9 @@ class MetaAdamW(torch.optim.Optimizer):
         self._has_stats = list(extra.get("has_stats") or ["exp_avg" in self.state.get(p, ()) for p in self._params])
         m = extra["multipliers"]
         self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
-        self._set_step_counts(list(extra["steps"]), extra["global_step"])
+        if steps != saved_steps:  # per-tensor entries edited after saving: the meta state's norms are not theirs
+            self._carry_valid = False
+        self._set_step_counts(steps, max(extra["global_step"], *steps) if steps != saved_steps else extra["global_step"])
         self.meta_updates = extra["meta_updates"]
         self.meta_skipped = extra["meta_skipped"]
         self._unsynced_from = (self.global_step, self.meta_updates)  # the same checkpoint on every rank
@@ -1041,7 +1050,9 @@ class MetaAdamW(torch.optim.Optimizer):
         neither = ("this state dict was saved neither by MetaAdamW (no 'metaadamw' entry) nor by torch.optim.AdamW "
                    "(every parameter's state needs exp_avg, exp_avg_sq and step, every param group betas)")
         if not isinstance(groups, list) or not all(isinstance(g, dict) and "betas" in g for g in groups) or not all(
-                isinstance(st, dict) and {"exp_avg", "exp_avg_sq", "step"} <= set(st) for st in states.values()):
+                isinstance(st, dict) and (not st or {"exp_avg", "exp_avg_sq", "step"} <= set(st)) for st in states.values()):
+            # (an empty entry is a tensor without state: torch.optim's state is a defaultdict, so code that merely
+            # reads optimizer.state[p] of a frozen tensor leaves one, which AdamW saves and loads as no state)
             raise ValueError(f"{neither}. Nothing was loaded")
         other = sorted({k for st in states.values() for k in st} - {"exp_avg", "exp_avg_sq", "step", "max_exp_avg_sq"})
         if other:  # (NAdam's mu_product)
@@ -1071,6 +1082,12 @@ class MetaAdamW(torch.optim.Optimizer):
                 f"weight_decay in the dict to the decoupled value you want and their decoupled_weight_decay to True")
         super().load_state_dict(state_dict)  # checks the param group sizes; moments and hyperparameters
         self._drop_torch_flags()
+        for group in self.param_groups:  # an AdamW built with a tensor lr (or betas, eps, weight decay): their values,
+            for key in ("lr", "eps", "weight_decay"):  # as MetaAdamW steps with floats (read once, here)
+                if isinstance(group.get(key), Tensor) and group[key].numel() == 1:
+                    group[key] = float(group[key].detach())
+            if any(isinstance(b, Tensor) for b in group["betas"]):
+                group["betas"] = tuple(float(b.detach()) if isinstance(b, Tensor) else b for b in group["betas"])
         steps = [0] * len(self._params)  # a tensor without state in the checkpoint starts afresh, as its moments do
         for i, p in enumerate(self._params):
             st = self.state[p]
@@ -1449,6 +1466,9 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
         example = f", e.g. lr={_shortest(lr)!r}" if lr.numel() == 1 else ""
         raise ValueError(f"{where}lr as a Tensor is not supported (nor is it by torch.optim.AdamW with foreach=True "
                          f"and capturable=False): pass a float{example}")
+    # a one-element tensor eps or weight_decay, which AdamW takes on every path: its value, as a float
+    eps, weight_decay = (float(v.detach()) if isinstance(v, Tensor) and v.numel() == 1 and (v.is_floating_point() or (
+        not v.is_complex() and v.dtype != torch.bool)) else v for v in (eps, weight_decay))
     _check(_real(lr) and 0 <= lr < math.inf, f"{where}Invalid learning rate: lr={lr!r} (must be a finite number >= 0)")
     _check(_real(eps) and 0 <= eps < math.inf, f"{where}Invalid epsilon value: eps={eps!r} (must be finite and >= 0)")
     if isinstance(betas, Tensor) or (isinstance(betas, (tuple, list)) and any(isinstance(b, Tensor) for b in betas)):

@@ -192,6 +192,67 @@ def test_an_adamw_checkpoint_loaded_after_steps_restarts_the_tensors_it_has_no_s
         assert torch.equal(b, c)
 
 
+def test_an_adamw_checkpoint_with_an_empty_state_entry_of_a_frozen_tensor_loads():
+    # torch.optim's state is a defaultdict: code that only reads adamw.state[p] of a frozen tensor
+    # leaves an empty entry, which AdamW saves and loads as "no state"; MetaAdamW refused the checkpoint
+    batches = regression_batches()
+    model, twin = mlp(0), mlp(0)
+    model[0].weight.requires_grad_(False)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, adamw, batches, 3, meta_every=10**9, loss_fn=mse)
+    assert [adamw.state[p].get("step") is None for p in model.parameters()][0]  # (the read leaves {})
+    ckpt = save_and_load(adamw.state_dict())
+    assert ckpt["state"][0] == {}
+    model[0].weight.requires_grad_(True)
+    twin.load_state_dict(model.state_dict())
+    meta = MetaAdamW(twin.named_parameters(), lr=1.0, alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    meta.load_state_dict(ckpt)
+    assert meta._steps == [0, 3, 3, 3, 3, 3] and meta.param_groups[0]["lr"] == 1e-2
+    adamw.load_state_dict(ckpt)
+    _train(model, adamw, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    _train(twin, meta, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _adapt_state_dict_ids(optimizer, state_dict):
+    """torch.optim's documented load pre-hook that loads a state dict by parameter names."""
+    adapted = copy.deepcopy(optimizer.state_dict())
+    for k, v in state_dict["param_groups"][0].items():
+        if k not in ["params", "param_names"]:
+            adapted["param_groups"][0][k] = v
+    lookup = dict(zip(state_dict["param_groups"][0]["param_names"], state_dict["param_groups"][0]["params"]))
+    for param_id, name in zip(adapted["param_groups"][0]["params"], adapted["param_groups"][0]["param_names"]):
+        if name in lookup:
+            adapted["state"][param_id] = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                                          for k, v in state_dict["state"][lookup[name]].items()}
+    return adapted
+
+
+def test_step_counts_go_with_the_moments_a_load_pre_hook_moves():
+    # the per-tensor "step" that state_dict() saves with the moments is the one a remapping hook moves
+    # along; the load kept the meta state's list instead (zeros of the fresh optimizer): bias corrections
+    # restarted on moments of 6 steps, and the run left AdamW's
+    batches = regression_batches()
+    model, twin = mlp(0), mlp(0)
+    kw = dict(lr=1e-2, alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    adamw = torch.optim.AdamW(model.named_parameters(), lr=1e-2)
+    meta = MetaAdamW(twin.named_parameters(), **kw)
+    for net, opt in ((model, adamw), (twin, meta)):
+        _train(net, opt, batches, 6, meta_every=10**9, loss_fn=mse)
+    saved_adamw, saved_meta = save_and_load(adamw.state_dict()), save_and_load(meta.state_dict())
+    adamw = torch.optim.AdamW(model.named_parameters(), lr=1e-2)
+    meta = MetaAdamW(twin.named_parameters(), **kw)
+    for opt, saved in ((adamw, saved_adamw), (meta, saved_meta)):
+        opt.register_load_state_dict_pre_hook(_adapt_state_dict_ids)
+        opt.load_state_dict(saved)
+    assert meta._steps == [6] * len(meta._steps) and meta.global_step == 6
+    for net, opt in ((model, adamw), (twin, meta)):
+        _train(net, opt, batches, 4, start=6, meta_every=10**9, loss_fn=mse)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_hooks_run_before_and_after_all_of_metaadamws_own_work():
     """As in torch.optim: load pre-hooks see (and may replace) the dict first, load post-hooks
     see the loaded optimizer, state_dict post-hooks see (and may replace) the whole dict."""
@@ -484,3 +545,24 @@ def test_a_load_whose_warning_is_made_an_error_loads_nothing():
     with pytest.warns(UserWarning, match="total_steps None -> 500"):
         target.load_state_dict(sd)  # (and as a warning it loads everything)
     assert target.global_step == 3 and target.total_steps == 500
+
+
+def test_an_adamw_checkpoint_of_tensor_hyperparameters_loads_them_as_floats():
+    # torch.optim.AdamW(lr=torch.tensor(...)) (as compiled or capturable training builds it) saves
+    # tensors in its param groups: MetaAdamW steps with floats and refuses a tensor lr or betas set
+    # later, so the load takes their values (read once), and the run goes on as AdamW's does
+    batches = regression_batches()
+    model, twin = mlp(0), mlp(0)
+    adamw = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-2), betas=(torch.tensor(0.8), torch.tensor(0.99)),
+                              weight_decay=torch.tensor(0.1))
+    _train(model, adamw, batches, 3, meta_every=10**9, loss_fn=mse)
+    twin.load_state_dict(model.state_dict())
+    meta = MetaAdamW(twin.named_parameters(), alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    meta.load_state_dict(save_and_load(adamw.state_dict()))
+    group = meta.param_groups[0]
+    assert [type(v) for v in (group["lr"], *group["betas"], group["weight_decay"])] == [float] * 4
+    assert (group["lr"], *group["betas"], group["weight_decay"]) == pytest.approx((1e-2, 0.8, 0.99, 0.1))
+    _train(model, adamw, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    _train(twin, meta, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

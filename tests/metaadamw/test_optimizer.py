@@ -402,6 +402,30 @@ def test_a_tensor_learning_rate_is_refused_with_the_float_to_use(lr, said):
     assert str(error.value).endswith(f"e.g. lr={said}")
 
 
+def test_a_tensor_eps_or_weight_decay_is_taken_as_adamw_takes_it():
+    # torch.optim.AdamW takes one-element tensors for eps and weight_decay on every path; MetaAdamW
+    # refused them as "Invalid ... (must be finite and >= 0)", values that are both
+    batches = regression_batches()
+    model, twin = mlp(0), mlp(0)
+    hyper = dict(lr=1e-2, eps=torch.tensor(1e-6), weight_decay=torch.tensor(0.1))
+    adamw = torch.optim.AdamW(model.parameters(), **hyper)
+    meta = MetaAdamW(twin.named_parameters(), alpha_range=0.0, beta_range=0.0, **hyper, **small_kwargs())
+    assert meta.param_groups[0]["eps"] == pytest.approx(1e-6) and isinstance(meta.param_groups[0]["weight_decay"], float)
+    for t in range(5):
+        for net, opt in ((model, adamw), (twin, meta)):
+            opt.zero_grad()
+            mse(net, batches[t % len(batches)]).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    extra = nn.Linear(2, 2)
+    meta.add_param_group({"params": list(extra.named_parameters()), "eps": torch.tensor(1e-5),
+                          "weight_decay": torch.tensor([0.2])})
+    assert meta.param_groups[1]["eps"] == pytest.approx(1e-5) and meta.param_groups[1]["weight_decay"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="Invalid weight_decay value: -0.5"):
+        MetaAdamW(mlp(0).named_parameters(), weight_decay=torch.tensor(-0.5))
+
+
 def test_fine_grained_grouping_without_names_says_how_to_fix():
     model = mlp(0)
     with pytest.raises(ValueError, match="named_parameters"):
