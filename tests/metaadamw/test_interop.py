@@ -95,6 +95,37 @@ def test_meta_step_inside_autocast_runs_the_loss_in_it_and_its_own_maths_in_full
     assert torch.equal(alphas[0], alphas[1])  # the modulator after the meta-update: the same
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_finite_difference_meta_gradient_inside_autocast_sees_the_shifted_parameters(dtype):
+    # autocast caches the low-precision cast of each leaf that requires grad until the caller's
+    # outermost autocast region ends, and moving theta' to theta' + eps v in place does not
+    # invalidate it: the shifted pass recomputed g' exactly, H v was 0 and alpha and beta got no
+    # meta-gradient from the gradient-alignment term (exactly 0 here, against 6e-4 exact)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 6, generator=g), torch.randn(64, 1, generator=g)) for _ in range(3)]
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return ((model(x).float() - y) ** 2).mean()
+
+    def alpha_meta_gradient(meta_gradient):
+        model = mlp(0, widths=(6, 64, 64, 1))
+        opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, meta_lr=1.0, objective="gradient",
+                        **small_kwargs())
+        opt.zero_grad()
+        loss_fn(model, batches[0]).backward()
+        opt.step()
+        before = opt.modulator.head.bias.detach().clone()
+        with torch.autocast("cpu", dtype=dtype):
+            assert not opt.meta_step(model, loss_fn, *batches).skipped
+        return float(before[0] - opt.modulator.head.bias[0])  # (alpha_raw's bias: through alpha alone)
+
+    exact, approx = alpha_meta_gradient("exact"), alpha_meta_gradient("finite_difference")
+    assert abs(exact) > 1e-4
+    assert abs(approx - exact) < 0.15 * abs(exact)
+
+
 @pytest.mark.parametrize("priorities, fixed", [(np.array([1.0, 2.0, 0.5]), None),
                                                ([np.float64(1.0), np.float64(2.0), np.float64(0.5)], None),
                                                ((1.0, 1.0, 1.0), np.array([1.0, 0.5, 0.25]))])
