@@ -607,7 +607,14 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     # a task one of the two never finished ok has nothing to compare: named, with its counts
     t2, left_out = table2_comparable(stats.table2(results, alpha=alpha, split=split))
     if t2.empty:
-        return [heading, _text(NOTHING_TO_COMPARE + left_out + (" " + _SPLIT_NOTE[split] if split == "test" else ""))]
+        blocks = [heading, _text(NOTHING_TO_COMPARE + left_out + (" " + _SPLIT_NOTE[split] if split == "test" else ""))]
+        if split == "validation":  # (a study without AdamW, or without the baseline: the curves of the one that ran)
+            ok = results.ok().trials
+            for task in sorted(ok["task"].unique()) if len(ok) else []:
+                blocks += _figure(plot_validation_curves(results, task, fig_dir),
+                                  f"{task}: validation metric per epoch of the arm that ran, mean over its seeds with "
+                                  f"min-max band (a seed that stopped early leaves later epochs to the seeds still running)")
+        return blocks
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
                     + _too_few_seeds(t2["n_pairs"], alpha)

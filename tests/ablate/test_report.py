@@ -418,6 +418,9 @@ def test_a_study_without_adamw_has_no_time_to_target_section(tmp_path, report_ki
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
     assert "Time to AdamW's best" not in md and "no adamw trial" not in md
     assert "has no AdamW arm: it runs MetaAdamW (arm 'baseline', the task-optimal settings) and ablates" in md
+    # the validation curves, drawn with Table 2, are drawn for the arm that ran (there were none)
+    assert "figures/curves_etth1.png" in md and "etth1: validation metric per epoch of the arm that ran" in md
+    assert_png(tmp_path / "out" / "figures" / "curves_etth1.png")
     # AdamW on one task of two: the seeds of the other have no target, and are not counted as missing it
     _three_seed_study(tmp_path / "half", report_kit, {"etth1": ["adamw", "baseline"], "imdb": ["baseline"]})
     md = report.write_report(tmp_path / "half", tmp_path / "half_out", formats=("md",)).read_text()
