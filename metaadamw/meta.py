@@ -159,7 +159,9 @@ class ModelState:
     parameters are never written). :meth:`restore` writes every value back (version counters
     cannot tell what changed: BatchNorm's kernels update their running statistics without moving
     them); a tensor held by several modules is saved and written once. Tensors a module holds as
-    plain attributes are put back too, with the module's other plain attributes (a cache's key): the weight that ``torch.nn.utils.weight_norm`` and
+    plain attributes are put back too - the tensor it held, not values a pass wrote into it in
+    place (state a forward pass updates in place belongs in a buffer, whose values are restored) -
+    with the module's other plain attributes (a cache's key): the weight that ``torch.nn.utils.weight_norm`` and
     ``spectral_norm`` (the hook-based ones) compute before each forward pass, which would otherwise
     hold the last hypothetical pass's weight, and its graph, until the next forward pass; and on
     the final :meth:`restore`, a tensor a forward pass set in an attribute that held none (``self.attn
