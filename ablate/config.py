@@ -79,6 +79,11 @@ def _task_names() -> list[str]:
 
 _pos = (lambda v: v > 0, "> 0")
 _nonneg = (lambda v: v >= 0, ">= 0")
+#: the largest seed: a trial seeds torch generators with ``seed * 1000 + k`` (k < 3) and ``seed + 7919``,
+#: which torch takes as unsigned 64-bit integers (a larger seed failed inside the trial with
+#: "ValueError: Overflow when unpacking long long")
+MAX_SEED = (2**64 - 1 - 7919) // 1000
+_seed = (lambda v: 0 <= v <= MAX_SEED, f">= 0 and at most {MAX_SEED}")
 _unit = (lambda v: 0 <= v < 1, "in [0, 1)")
 _multiplier_range = (lambda v: 0 <= v <= 2, "in [0, 2], so that the multiplier stays positive")
 _three = (
@@ -106,7 +111,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("data", str, "embedded", "'embedded' (small offline variant) or 'real' (the dataset on disk)", ("embedded", "real")),
         _f("data_dir", str, None, "directory of the real dataset (else $ABLATE_DATA_DIR)", nullable=True),
         _f("optimizer", str, "metaadamw", "'adamw' (torch.optim.AdamW reference arm) or 'metaadamw'", ("adamw", "metaadamw")),
-        _f("seed", int, 0, "seeds Python, NumPy, torch and the data order", check=_nonneg),
+        _f("seed", int, 0, "seeds Python, NumPy, torch and the data order", check=_seed),
         _f("device", str, "cpu", "'cpu', 'cuda' or 'auto'", ("cpu", "cuda", "auto")),
         _f("num_threads", int, None, "torch intra-op threads (default: the CPUs the trial holds)", check=_pos, nullable=True),
         # budget and training loop

@@ -503,7 +503,9 @@ def _parse_seeds(ctx: _Context, seeds: Any) -> list[int]:
 def _parse_extra_seeds(ctx: _Context, extra: Any, seeds: list[int]) -> list[int]:
     """Seeds added on top of the file's: N more after the largest, or an explicit list."""
     if _is_int(extra) and 1 <= extra <= MAX_TRIALS:
-        return list(range(max(seeds) + 1, max(seeds) + 1 + extra))
+        added = list(range(max(seeds) + 1, max(seeds) + 1 + extra))
+        validate_value("seed", added[-1], ctx.where("extra_seeds"))  # (after a seed near the largest allowed)
+        return added
     if isinstance(extra, (list, tuple)) and extra:
         _check_seed_list(ctx, list(extra), "extra_seeds", seeds)
         return list(extra)

@@ -54,6 +54,10 @@ FAILED_KEY = "ablate_failed"  # a trial that failed deterministically, reported 
 #: ``ablate run`` prints one line per failed attempt (and whether it is retried) and stores the
 #: traceback with the trial's row (``ablate report`` lists it)
 _NO_TRIAL_TRACEBACK = DropMessages("Trial task failed for trial")
+#: Ray Tune's "ERROR ... Trials did not complete: [trainable_69bf2_00003, ...]" at the end of a run with a
+#: failed trial: Ray's own trial names, which the user cannot map to anything; the run has named each
+#: failed trial (task, seed, arm) as it failed, and its summary counts them
+_NO_INCOMPLETE_LIST = DropMessages("Trials did not complete")
 #: per-trial checkpoints of the last finished epoch, under a study's output directory (deleted once
 #: the trial's results are stored)
 CHECKPOINTS_DIR = "checkpoints"
@@ -657,6 +661,8 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
         return _interrupted_or_done(out_dir, pending, set(), 0, 0, reused)
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(_NO_INCOMPLETE_LIST)
     made: dict[str, Any] = {}  # (the recorder, for the SIGTERM message: what did not finish)
     with exit_on_sigterm(lambda: _sigterm_message(pending, made.get("recorder"), resume_hint, out_dir),
                          fallback=resume_hint or "the same command with --resume") as rearm:
@@ -715,6 +721,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
                     f"or make the folder writable, then run the same command with --resume") from None
         finally:
             controller_log.removeFilter(_NO_TRIAL_TRACEBACK)  # (ablate tune prints no line per retry of its own)
+            tune_log.removeFilter(_NO_INCOMPLETE_LIST)
             if started:
                 import ray
 
@@ -774,7 +781,8 @@ def summary_table(results: store.Results, study: Study | None = None) -> str:
         missing_line = f"  (no trial stored yet: {', '.join(missing)})" if missing else None
         known = df[df["status"] != "failed"]  # (failed rows of older runs carry no metric)
         if known.empty:
-            lines += [f"\n{task}: every trial failed ({len(df)})", *([missing_line] if missing else [])]
+            failed_n = df["trial_id"].nunique() if "trial_id" in df else len(df)  # (a merged trial is one row per arm)
+            lines += [f"\n{task}: every trial failed ({failed_n})", *([missing_line] if missing else [])]
             continue
         metric, mode = known["metric"].iloc[0], known["mode"].iloc[0]
         ok_rows = store.ok_mask(df)  # (as the report: status ok and a finite best metric)

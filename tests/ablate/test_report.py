@@ -512,3 +512,16 @@ def test_the_run_summary_explains_the_change_column_only_where_it_shows_a_change
     assert note not in summary_table(Results(pd.DataFrame(rows("failed")), pd.DataFrame(), pd.DataFrame()))
     shown = summary_table(Results(pd.DataFrame(rows("ok")), pd.DataFrame(), pd.DataFrame()))
     assert note in shown and "-100.00%" in shown
+
+
+def test_the_run_summary_counts_a_failed_trial_that_serves_several_arms_once():
+    # "boom: every trial failed (2)" for the one trial of a study whose ablation level equals the baseline's
+    # (one row per arm after explode_arms): the count of trials must count each trial once
+    from ablate.results import Results
+    from ablate.sweep import summary_table
+
+    arms = ["baseline", "grouping=fine_grained"]
+    rows = [{"trial_id": f"t{s}", "task": "etth1", "seed": s, "arm": arms[0], "arms": json.dumps(arms),
+             "status": "failed", "mode": "min", "metric": "mse", "best_metric": float("nan")} for s in range(2)]
+    text = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
+    assert "etth1: every trial failed (2)" in text, text

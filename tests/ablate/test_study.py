@@ -698,3 +698,29 @@ def test_model_or_budget_keys_under_baseline_warn_that_adamw_does_not_get_them(t
         load(tmp_path, tasks=["tiny_ts"], baseline={"gating": False, "epochs": 2}, adamw={"epochs": 3})
         load(tmp_path, tasks=["tiny_ts"], baseline={"epochs": 2}, adamw=False)
         load(tmp_path, tasks=["tiny_ts"], budget={"epochs": 2}, baseline={"meta_every": 5})
+
+
+def test_a_seed_too_large_for_torch_is_refused_with_the_allowed_range(tmp_path):
+    """A trial seeds torch generators with ``seed * 1000 + k``, which torch takes as an unsigned 64-bit
+    integer: a larger seed passed the study file's checks, then failed inside every trial with a bare
+    "ValueError: Overflow when unpacking long long" (a traceback from ``ablate train --seed``)."""
+    import torch
+
+    from ablate.config import MAX_SEED
+    from ablate.trial import seed_everything
+
+    torch.Generator().manual_seed(MAX_SEED * 1000 + 2)  # the largest seed allowed works
+    seed_everything(MAX_SEED + 7919)
+    with pytest.raises(StudyError, match=re.escape(f"seeds[0]: seed={MAX_SEED + 1} must be >= 0 and at most {MAX_SEED}")):
+        parse_study({**BASE, "seeds": [MAX_SEED + 1]})
+    with pytest.raises(StudyError, match=re.escape(f"extra_seeds: seed={MAX_SEED + 1} must be >= 0 and at most {MAX_SEED}")):
+        parse_study({**BASE, "seeds": [MAX_SEED]}, extra_seeds=1)
+    assert parse_study({**BASE, "seeds": [MAX_SEED]}).seeds == [MAX_SEED]
+
+
+def test_ablate_train_refuses_a_seed_too_large_in_one_line(capsys):
+    from ablate.cli import main
+    from ablate.config import MAX_SEED
+
+    assert main(["train", "--task", "etth1", "--seed", str(MAX_SEED + 1), "--no-progress"]) == 2
+    assert f"ablate: error: trial config: seed={MAX_SEED + 1} must be >= 0 and at most {MAX_SEED}" in capsys.readouterr().err

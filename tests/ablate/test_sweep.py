@@ -729,6 +729,8 @@ def test_a_retried_failure_is_one_line_per_attempt_without_ray_s_tracebacks(tmp_
     assert "boom_task seed 0 baseline: FAILED (RuntimeError: boom in the task factory; the traceback is stored " \
            "with the trial)" in out, out
     assert "Trial task failed" not in out + err, err[-3000:]  # (the start of Ray's record with the traceback)
+    # nor Ray's closing "ERROR ... Trials did not complete: [trainable_69bf2_00000]", in Ray's own trial names
+    assert "Trials did not complete" not in out + err, err[-3000:]
     assert "boom in the task factory" in load_results(outcome.out_dir).trials.iloc[0]["error"]
 
 
