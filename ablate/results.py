@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -250,6 +251,12 @@ def _as_stored(df: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
         return df, False
 
 
+#: errors reading a part that say nothing about its bytes (permissions, a failing or unreachable disk):
+#: the part is not taken for damaged, which would make a run compute its trial again over it
+_CANNOT_READ_NOW = frozenset(getattr(errno, name) for name in ("EACCES", "EPERM", "EIO", "ESTALE", "EAGAIN",
+                                                                 "ETIMEDOUT", "ENOMEM") if hasattr(errno, name))
+
+
 def _cache_index(out_dir: Path) -> dict[str, tuple[str, list[list]]]:
     """Table -> (its cache file's name, the parts it holds: ``[file name, hash, rows, columns]`` in
     file order); empty when there is no usable cache."""
@@ -288,7 +295,13 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
     for f in files:  # each part read once: hashed, and parsed from the same bytes unless the cache may hold it
         try:
             data = f.read_bytes()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in _CANNOT_READ_NOW:  # (the part may be fine: not damage, which a run computes again over)
+                raise ResultsError(
+                    f"cannot read the result part {f} ({type(exc).__name__}: {exc}): make it readable (its "
+                    f"permissions, its file system) and try again; it is not taken for a damaged part, since a run "
+                    f"would then compute its trial again and write over it. If it is lost for good, delete it (and "
+                    f"the trial's other parts): the next `ablate run` computes the trial again") from None
             hashes[f.name] = None
             parse(f)  # (says why it cannot be read)
             continue

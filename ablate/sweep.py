@@ -262,7 +262,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             self._store(spec, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
-            self._rerun_done(spec.trial_id)
+            self._rerun_done(spec)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
             self.eta.finished(spec.task, row.get("time_total_s"))
@@ -285,14 +285,18 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
             self._store(spec, _failed_row(spec, study, error))
             self.failed_ids.add(spec.trial_id)
-            self._rerun_done(spec.trial_id)
+            self._rerun_done(spec)
             self.eta.finished(spec.task, None)
             stored = "; the traceback is stored with the trial" if len(error.strip().splitlines()) > 1 else ""
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({_last_line(error)}{note}{stored})")
 
-        def _rerun_done(self, trial_id: str) -> None:
+        def _rerun_done(self, spec: TrialSpec) -> None:
             if reruns is not None:
-                reruns.finished(out_dir, trial_id)
+                try:
+                    reruns.finished(out_dir, spec.trial_id)
+                except OSError as exc:  # (disk full: the trial is stored, rerun.json is not): as in _store
+                    self.write_error = (spec, exc)
+                    raise
 
         def _progress(self, trials, last: str) -> None:
             # (Ray Tune marks the trial that just reported its result or error as finished only after

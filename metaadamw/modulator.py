@@ -55,6 +55,12 @@ def uses_fused_layer(x: Tensor) -> bool:
     return FUSED_LAYER is not None and functional.takes_cpu_routes(x.device)
 
 
+#: (submodule, parameter) of each entry of :meth:`EncoderLayer._collect_weights`
+_WEIGHT_SLOTS = (("in_proj", "weight"), ("in_proj", "bias"), ("out_proj", "weight"), ("out_proj", "bias"),
+                 ("norm1", "weight"), ("norm1", "bias"), ("linear1", "weight"), ("linear1", "bias"),
+                 ("linear2", "weight"), ("linear2", "bias"), ("norm2", "weight"), ("norm2", "bias"))
+
+
 def _recollect_weights(layer: "EncoderLayer", incompatible_keys) -> None:
     layer._weights = layer._collect_weights()
 
@@ -86,10 +92,23 @@ class EncoderLayer(nn.Module):
         """The parameters in the order the layer uses them, kept in one tuple: at these sizes the
         ~24 module attribute look-ups per layer would cost more than the layer's arithmetic. It is
         rebuilt whenever the parameter objects may have been replaced (``load_state_dict``, also
-        with ``assign=True``; ``.to()`` and friends): optimizers and in-place loads keep the objects."""
+        with ``assign=True``; ``.to()`` and friends): optimizers and in-place loads keep the objects.
+        The autograd pass (:meth:`forward`) reads them afresh, and :meth:`infer` checks the cached
+        tuple against the submodules' parameter dicts (plain dict look-ups), so that tensors put in
+        their place (``torch.func.functional_call``, a parameter replaced by assignment, a
+        parametrization) are the ones used."""
         return (self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias,
                 self.norm1.weight, self.norm1.bias, self.linear1.weight, self.linear1.bias,
                 self.linear2.weight, self.linear2.bias, self.norm2.weight, self.norm2.bias)
+
+    def _cached_weights(self) -> tuple[Tensor, ...]:
+        """``_weights``, rebuilt where a submodule now holds another tensor in one of their places."""
+        held, modules = self._weights, self._modules
+        for (module, name), w in zip(_WEIGHT_SLOTS, held):
+            if modules[module]._parameters.get(name) is not w:
+                held = self._weights = self._collect_weights()
+                break
+        return held
 
     def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...: may make new parameter objects
         out = super()._apply(fn, recurse)
@@ -101,10 +120,11 @@ class EncoderLayer(nn.Module):
         as ``nn.TransformerEncoderLayer``'s post-norm layer (dropout on the attention weights, the
         attention output and both feed-forward activations), about 1.5x faster forward and backward
         than through the submodules and ``scaled_dot_product_attention``'s composite path at these sizes."""
-        return self._layer(x, self.dropout if self.training else 0.0)
+        return self._layer(x, self.dropout if self.training else 0.0, self._collect_weights())
 
-    def _layer(self, x: Tensor, drop: float) -> Tensor:
-        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._weights
+    def _layer(self, x: Tensor, drop: float, weights: tuple[Tensor, ...] | None = None) -> Tensor:
+        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = (
+            self._cached_weights() if weights is None else weights)
         tokens, width = x.shape
         dh = width // self.heads
         q, k, v = F.linear(x, w_in, b_in).view(tokens, 3, self.heads, dh).permute(1, 2, 0, 3).unbind(0)
@@ -135,7 +155,7 @@ class EncoderLayer(nn.Module):
 
     def infer_fused(self, x: Tensor) -> Tensor:
         """:meth:`infer` of a ``(1, tokens, width)`` input with the fused kernel."""
-        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._weights
+        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._cached_weights()
         return FUSED_LAYER(x, x.shape[2], self.heads, w_in, b_in, w_out, b_out, False, False, self.norm1.eps,
                            n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, None, None)
 

@@ -497,3 +497,32 @@ def test_a_full_disk_outside_a_trial_is_one_line_with_exit_code_2(tmp_path, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"ablate: error: No space left on device: {tmp_path / 'report.md'}")
     assert "what was stored before is kept" in err
+
+
+def test_a_full_disk_while_recording_a_rerun_trial_is_a_storage_error_not_ray_s_traceback(tmp_path, monkeypatch):
+    # the trial's parts were stored, then rerun.json could not be written: the Recorder left
+    # write_error unset, so the run re-raised Ray's TuneError (a traceback of some 80 lines, exit 1)
+    # instead of the one line that says to free space and --resume
+    import json
+    import types
+
+    from ablate import results as store
+    from ablate import sweep
+    from ablate.study import TrialSpec
+
+    out = tmp_path / "s"
+    out.mkdir()
+    spec = TrialSpec("aaaaaaaaaaaa", "etth1", 0, "baseline", ["baseline"], "", {"task": "etth1", "seed": 0})
+    recorder = sweep._make_callbacks(types.SimpleNamespace(name="s", retries=0), {spec.trial_id: spec}, out, 1, 0,
+                                     reruns=sweep._Reruns({spec.trial_id}, set()))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / store.RERUN_FILE))
+
+    monkeypatch.setattr(store, "write_reruns", full)
+    trial = types.SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING")
+    payload = {"row": {"status": "ok", "metric": "mse", "best_metric": 0.1}, "history": [], "telemetry": []}
+    with pytest.raises(OSError, match="No space left"):
+        recorder.on_trial_result(0, [trial], trial, {sweep.RESULT_KEY: json.dumps(payload)})
+    assert recorder.write_error is not None and recorder.write_error[0] is spec
+    assert finished_trial_ids(out) == {spec.trial_id}  # (stored: the message says the stored results are kept)

@@ -4,6 +4,7 @@ already stored is lost on the way."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -180,3 +181,35 @@ def test_results_of_combined_tables_alone_load_quietly_and_parts_added_beside_th
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_results(tmp_path, all_trials=True).history) == 7
+
+
+@pytest.mark.parametrize("err", ["EACCES", "EIO"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_part_that_cannot_be_read_for_now_is_an_error_not_damage_computed_again_over_it(tmp_path, monkeypatch, err,
+                                                                                       cached):
+    # a part the reader may not open (written by a colleague with a private umask) or a read error of
+    # the disk says nothing about the part's bytes: it was taken for a damaged part, so the trial
+    # counted as not finished and the next `ablate run` computed it again and wrote over it
+    import errno
+
+    from ablate.results import ResultsError
+
+    _study(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        (tmp_path / f"{name}.parquet").unlink()  # (no combined table to stand in for it)
+    if not cached:
+        shutil.rmtree(tmp_path / "parts_cache")
+    part = tmp_path / PARTS_DIR / "aaaaaaaaaaaa.history.parquet"
+    read_bytes = Path.read_bytes
+
+    def failing(self):
+        if self == part:
+            raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)), str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    for load in (finished_trial_ids, load_results, consolidate):
+        with pytest.raises(ResultsError, match=f"cannot read the result part {part}.*make it readable"):
+            load(tmp_path)
+    monkeypatch.undo()
+    assert finished_trial_ids(tmp_path) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}

@@ -92,6 +92,31 @@ def test_cached_weights_follow_replaced_parameters():
     torch.testing.assert_close(double(x.double()), expected.double(), rtol=1e-5, atol=1e-5)
 
 
+def test_the_layer_uses_the_tensors_put_in_its_parameters_places():
+    # torch.func.functional_call and a parameter replaced by assignment put other tensors in the
+    # submodules' places: the cached tuple must not keep computing with the old ones (it did: the
+    # encoder's output, and its gradient, ignored them without a word)
+    torch.manual_seed(0)
+    layer = _randomised(EncoderLayer(6, 3, 16))
+    other = _randomised(EncoderLayer(6, 3, 16))
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = _twin(other, 0.0).eval()(x.unsqueeze(0)).squeeze(0)
+    replaced = {k: v.detach().clone().requires_grad_() for k, v in other.named_parameters()}
+    out = torch.func.functional_call(layer, replaced, (x,))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), list(replaced.values()), allow_unused=True)
+    assert all(g is not None for g in grads), [k for k, g in zip(replaced, grads) if g is None]
+    # a parameter replaced by assignment: the autograd pass and the inference paths alike
+    for name in ("in_proj", "out_proj", "norm1", "linear1", "linear2", "norm2"):
+        for kind in ("weight", "bias"):
+            setattr(getattr(layer, name), kind, nn.Parameter(getattr(getattr(other, name), kind).detach().clone()))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.infer(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.infer_eager(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cached_weights_survive_deepcopy_and_pickling(tmp_path):
     layer = EncoderLayer(6, 3, 16)
     path = tmp_path / "layer.pt"

@@ -67,3 +67,17 @@ def test_readme_examples_run_as_written(capsys):
 
         TASKS.remove("sine")
 
+
+
+def test_the_readme_gives_loss_decrease_the_sign_the_objective_computes():
+    # the objective is L(theta'; val) - L(theta; val) (minimised: negative when theta' lowers the
+    # validation loss, as DESIGN.md and the docstrings say); the README once had it reversed
+    from metaadamw.objectives import LossDecrease, MetaQuantities
+
+    q = MetaQuantities(tensor_group=torch.zeros(1, dtype=torch.long), num_groups=1, grads=[], lambda1=torch.ones(1),
+                       lambda2=torch.ones(1), loss_val_prime=torch.tensor(2.0), loss_val=torch.tensor(3.0))
+    assert float(LossDecrease()(q)["loss_decrease"]) == -1.0  # L(theta') - L(theta)
+    formulas = re.findall(r"`loss_decrease` \(`([^`]*)`\)", README.read_text())
+    assert formulas, "the README no longer spells out loss_decrease: update this test"
+    for formula in formulas:
+        assert formula.replace(" ", "") == "L(theta';val)-L(theta;val)", formula
