@@ -212,7 +212,10 @@ class FeatureExtractor(nn.Module):
         """Population standard deviation over each group's tensors, in two passes (the deviations
         from the group mean, then their mean square): ``E[x^2] - E[x]^2`` loses every digit of a
         spread below ~sqrt(float32 eps) |mean| - a 0 for a real spread, or rounding noise that
-        ``norm_basic_plus`` would standardise into unit-scale features."""
+        ``norm_basic_plus`` would standardise into unit-scale features. Non-finite values count as
+        :func:`finite` makes them, as in :meth:`group_mean` (an inf deviation, squared, was cut to
+        :data:`FEATURE_LIMIT` and a NaN one to 0, which is not the spread of those values)."""
+        x = finite(x)
         mean = self.group_mean(x) if mean is None else mean
         d = x - mean.index_select(0, self.layout.tensor_group)
         return self.group_mean(d * d).sqrt()

@@ -13,19 +13,22 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   e.g. ``"attention/middle/weight"``. Needs parameter names: pass ``model.named_parameters()``
   or ``model=`` to the optimizer (then the model's full names are used, also where param groups
   hold names relative to a submodule, which repeat and carry no layer index: a warning says so
-  when they are all there is). When a model is given, the module type decides the layer type
-  (``nn.Embedding``, ``nn.EmbeddingBag`` -> embedding, ``nn.MultiheadAttention`` and its ``out_proj`` -> attention,
-  normalisation layers -> norm, ``nn.Linear`` -> feed_forward; a parametrized tensor, such as
-  weight_norm's ``fc.parametrizations.weight.original0``, counts as its layer's, named
-  ``fc.weight_original0``); otherwise the name does (common words such as ``pos``, ``token`` or
-  ``value`` only where they name the layer: ``cls_token``, ``attention.self.query``, not
-  ``pos_ffn``). The depth is the layer index in the name (``layers.3``, ``h.11``, ``layer2``,
-  ``encoder_layer_3``, ``denseblock2``, an RNN's ``weight_ih_l1``; a prefix that every name shares,
-  such as the ``0.`` of ``nn.Sequential(model)``, is skipped), scaled to [0, 1] over the indices
-  present (``(index - smallest) / (largest - smallest)``, 0.5 when they are all equal; with
-  indices from 0, the index over the largest, as the paper defines it; blocks numbered 1..3 are
-  shallow, middle, deep), and a tensor without an index is shallow before the first
-  indexed one (embeddings) and deep after it (final norms, heads): over the whole model's
+  when they are all there is). When a model is given, the module type decides the layer type of
+  embeddings, attention and normalisation layers (``nn.Embedding``, ``nn.EmbeddingBag`` -> embedding,
+  ``nn.MultiheadAttention`` and its ``out_proj`` -> attention, normalisation layers -> norm; a
+  parametrized tensor, such as weight_norm's ``fc.parametrizations.weight.original0``, counts as its
+  layer's, named ``fc.weight_original0``); for every other tensor, and without a model, the name
+  does (common words such as ``pos``, ``token`` or ``value`` only where they name the layer:
+  ``cls_token``, ``attention.self.query``, not ``pos_ffn``), and with a model an ``nn.Linear`` whose
+  name names no layer type is feed_forward (a Linear ``self_attn.q_proj`` is attention, a Linear
+  ``classifier`` feed_forward; without a model, ``other``). The depth is the layer index in the
+  name (``layers.3``, ``h.11``, ``layer2``, ``encoder_layer_3``, ``denseblock2``, an RNN's
+  ``weight_ih_l1``; a prefix that every name shares, such as the ``0.`` of ``nn.Sequential(model)``,
+  is skipped), scaled to [0, 1] over the indices present (``(index - smallest) / (largest -
+  smallest)``, 0.5 when they are all equal; with indices from 0, the index over the largest, as
+  the paper defines it; blocks numbered 1..3 are shallow, middle, deep), and a tensor without an
+  index is shallow before the first indexed one (embeddings) and deep after it (final norms,
+  heads): over the whole model's
   parameters in registration order when a model is given, so that neither the param groups'
   order (decay / no-decay groups) nor the subset the optimizer holds (layers unfrozen later)
   moves a tensor to another bucket (tensors the optimizer holds and the model does not take
@@ -40,7 +43,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import re
+import sys
 import warnings
 
 from torch import nn
@@ -194,6 +199,18 @@ def is_bias(info: TensorInfo) -> bool:
     return leaf.endswith("bias") or leaf.startswith("bias") or (not info.name and len(info.shape) <= 1)
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that points at the
+    first frame outside this package: the user's line that built the optimizer or added a param
+    group (a fixed level pointed into the optimizer's own code, and at another of its lines from
+    ``add_param_group``)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @GROUPINGS.register("original")
 def original(tensors: list[TensorInfo]) -> list[str]:
     """One group per optimizer param_group."""
@@ -218,7 +235,7 @@ def fine_grained(tensors: list[TensorInfo]) -> list[str]:
             f"grouping='fine_grained': parameter names repeat ({', '.join(repeated[:3])}"
             f"{', ...' if len(repeated) > 3 else ''}), as named_parameters() of submodules gives them: the depth "
             f"buckets come from the layer index in the full name. Pass model=your_model for full names.",
-            stacklevel=3)
+            stacklevel=_caller_stacklevel())
     tensors = assign_depths(tensors)
     return [
         f"{layer_type(t)}/{depth_bucket(t.depth)}/{'bias' if is_bias(t) else 'weight'}" for t in tensors

@@ -239,3 +239,28 @@ def test_frozen_tensors_are_left_out_of_the_features():
     assert float(seen[0][0, opt.modulator.extractor.feature_names.index("param_norm")]) == pytest.approx(
         float(param_norm), rel=1e-5)
     assert opt._live == (False,) + (True,) * (len(opt.tensor_info) - 1)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_group_spreads_count_a_non_finite_statistic_as_its_group_mean_does(bad):
+    # a non-finite statistic counts as +-FEATURE_LIMIT (NaN as 0) in its group's mean: its standard
+    # deviation (basic_plus) and variance (enhanced) took the raw inf / NaN deviations instead, whose
+    # squares were cut to FEATURE_LIMIT or 0 - a spread of 3.5e5 for [1e6, 1] (5e5) and 0.35 for [0, 1] (0.5)
+    from metaadamw.features import BasicPlus, Enhanced, GroupLayout, finite
+
+    layout = GroupLayout(names=["a", "b"], tensor_group=torch.tensor([0, 0, 1]), numel=torch.tensor([4.0, 4.0, 4.0]),
+                         is_bias=torch.zeros(3), depth=torch.zeros(3))
+    grad_norm = torch.tensor([bad, 1.0, 2.0])
+    ones = torch.ones(3)
+    stats = {"grad_norm": grad_norm, "exp_avg_norm": ones, "param_norm": ones, "cos": ones, "v_norm": ones,
+             "grad_sparsity": torch.zeros(3), "exp_avg_sparsity": torch.zeros(3)}
+    expected = finite(grad_norm[:2]).double().std(unbiased=False)
+    plus = BasicPlus(layout)
+    feats = plus(stats, torch.tensor(0.0))
+    std = feats[:, plus.feature_names.index("grad_norm_std")]
+    assert float(std[0]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(std[1]) == 0.0  # (the other group is untouched)
+    enhanced = Enhanced(layout)
+    feats = enhanced(stats, torch.tensor(0.0))
+    var = feats[:, enhanced.feature_names.index("grad_norm_var")]
+    assert float(var[0]) == pytest.approx(float(expected) ** 2, rel=1e-5)
