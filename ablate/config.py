@@ -71,6 +71,17 @@ def _registry_names(kind: str) -> Callable[[], list[str]]:
     return names
 
 
+def _entry_point_problem(key: str, value: Any) -> str | None:
+    """Why the entry point of that name (of the registry of ``key``: task, features, ...) contributed
+    nothing - it failed to load, or its object was refused -, or None."""
+    import metaadamw
+    from ablate.tasks import TASKS
+
+    registry = {"task": TASKS, "features": metaadamw.FEATURES, "grouping": metaadamw.GROUPINGS,
+                "objective": metaadamw.OBJECTIVES, "weighting": metaadamw.WEIGHTINGS}.get(key)
+    return None if registry is None else registry.entry_point_problem(value)
+
+
 def _task_names() -> list[str]:
     from ablate.tasks import list_tasks
 
@@ -234,7 +245,10 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
             hint = " (did you mean 'cuda'?)"
         plugged = {"task": "task", "features": "feature extractor", "grouping": "grouping", "objective": "objective",
                    "weighting": "weighting"}.get(key)
-        if plugged and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's component?)
+        broken = _entry_point_problem(key, value) if plugged else None
+        if broken:  # an installed package exposes it, through an entry point that is broken
+            hint = f" ({broken})"
+        elif plugged and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's component?)
             hint += (f" (a {plugged} a plugin registers: in a study file, list its module under plugins:; with ablate "
                      f"train or ablate list, give --plugin MODULE)")
         raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "

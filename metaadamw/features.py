@@ -161,11 +161,15 @@ class FeatureExtractor(nn.Module):
 
     # -- to implement -----------------------------------------------------------------------
     def columns(self) -> list[str]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement columns(), the names of its statistics "
+                                  f"columns (a FeatureExtractor subclass sets stats and implements columns() and "
+                                  f"statistics())")
 
     def statistics(self, stats: dict[str, Tensor]) -> Tensor:
         """(groups, len(columns())) matrix of statistics columns."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement statistics(stats), which returns the "
+                                  f"(groups, len(columns())) matrix of its statistics columns (a FeatureExtractor "
+                                  f"subclass sets stats and implements columns() and statistics())")
 
     # -- provided ---------------------------------------------------------------------------
     def set_layout(self, layout: GroupLayout) -> None:

@@ -66,7 +66,9 @@ class MetaObjective:
     needs_val_at_theta: bool | None = None
 
     def __call__(self, q: MetaQuantities) -> dict[str, Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(self, q), which maps the "
+                                  f"MetaQuantities q of a meta-update to its terms {tuple(self.terms)} (a dict of "
+                                  f"scalar tensors)")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(terms={self.terms})"

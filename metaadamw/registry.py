@@ -72,13 +72,16 @@ class Registry:
         self.register_hint: str | None = None
         self._items: dict[str, Any] = {}
         self._entry_points_loaded = entry_point_group is None
+        #: entry point name -> (why it contributed nothing, whether it failed to load - else its object
+        #: was refused), for the unknown-name error: the name *is* exposed through an entry point, which is broken
+        self._entry_point_problems: dict[str, tuple[str, bool]] = {}
 
     # -- registration -----------------------------------------------------------------------
     def register(self, name: str | None = None, *, override: bool = False) -> Callable[[T], T]:
         """Decorator registering a class or factory under ``name`` (default: its ``__name__``)."""
 
         def decorator(obj: T) -> T:
-            self.add(name or obj.__name__, obj, override=override)
+            self.add(obj.__name__ if name is None else name, obj, override=override)  # ("" is refused by add)
             return obj
 
         if callable(name) and not isinstance(name, str):  # used as a bare @register
@@ -115,14 +118,31 @@ class Registry:
         if isinstance(name, str):  # the closest spellings ("fine_graned"), then names containing or contained in it
             close = difflib.get_close_matches(name.lower(), list(self._items), n=2)
             close += [n for n in self._items if (name.lower() in n or n in name.lower()) and n not in close]
+        problem = self.entry_point_problem(name)
+        if problem:  # exposed through an entry point that is broken: say so, not how to expose it
+            raise UnknownComponentError(
+                f"unknown {self.kind} {name!r}: {problem}. Registered: {', '.join(self.list()) or '(none)'}.")
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         # a likely misspelling: the registration example does not suggest registering the misspelt name
         example = self._decorator_name("<name>" if close or not isinstance(name, str) or not name else name)
+        broken = self.entry_point_problem(None)
         raise UnknownComponentError(
             f"unknown {self.kind} {name!r}. Registered: {', '.join(self.list()) or '(none)'}.{hint} "
             f"To add {'a new one' if close else 'one'}, decorate it with {example} in a module you import "
             f"(or expose it through the {self.entry_point_group!r} entry-point group)."
+            + (f" Not loaded (a module that would have registered it?): {broken}." if broken else "")
         )
+
+    def entry_point_problem(self, name: Any) -> str | None:
+        """Why the entry point ``name`` of this registry's group contributed nothing (it failed to
+        load, or its object was refused), while ``name`` is not registered; None when there is no such
+        entry point. ``name=None``: every entry point that failed to load, in one line (None if none)."""
+        self._load_entry_points()
+        if name is None:
+            return "; ".join(why for why, failed in self._entry_point_problems.values() if failed) or None
+        if not isinstance(name, str) or name in self._items or name not in self._entry_point_problems:
+            return None
+        return self._entry_point_problems[name][0]
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Look ``name`` up and call it with the given arguments."""
@@ -162,6 +182,9 @@ class Registry:
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plugin must not hide every other component
+                self._entry_point_problems[ep.name] = (
+                    f"the entry point {ep.name!r} ({ep.value}) of group {self.entry_point_group!r} could not be "
+                    f"loaded: {type(exc).__name__}: {exc}", True)
                 warnings.warn(
                     f"could not load {self.kind} entry point {ep.name!r} ({ep.value}) from group "
                     f"{self.entry_point_group!r}: {type(exc).__name__}: {exc}",
@@ -181,6 +204,9 @@ class Registry:
                 continue
             problem = self.validate(obj) if self.validate is not None else None
             if problem:
+                self._entry_point_problems[ep.name] = (
+                    f"the entry point {ep.name!r} ({ep.value}) of group {self.entry_point_group!r} is ignored: "
+                    f"{problem}", False)
                 warnings.warn(f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "
                               f"ignored: {problem}", RuntimeWarning, stacklevel=3)
                 continue

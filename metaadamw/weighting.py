@@ -68,7 +68,9 @@ class Weighting(nn.Module):
         self.form = form
 
     def forward(self, terms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(self, terms), which maps the "
+                                  f"objective's terms (a dict of scalar tensors) to (meta-loss, dict of sigma per term "
+                                  f"- empty if it has none)")
 
     @torch.no_grad()
     def project_(self) -> None:

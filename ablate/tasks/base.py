@@ -220,9 +220,18 @@ def register_task(
             locate=None if locate is None else _located_with_hint(locate),
             check=check,
         )
-        TASKS.add(name, spec, override=override)
-        for alias in aliases:
-            TASKS.add(alias, dataclasses.replace(spec, name=alias), override=override)
+        records = [(name, spec)] + [(alias, dataclasses.replace(spec, name=alias)) for alias in aliases]
+        before = {n: TASKS._items.get(n) for n, _ in records}
+        try:
+            for n, record in records:
+                TASKS.add(n, record, override=override)
+        except BaseException:  # (an alias that is taken: no name of the task stays registered, half-made)
+            for n, previous in before.items():
+                if previous is None:
+                    TASKS.remove(n)
+                else:
+                    TASKS._items[n] = previous
+            raise
         return factory
 
     return decorator

@@ -38,6 +38,7 @@ def task_packages(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, "plain_tasks", "[ablate.tasks]\nep_plain = plain_tasks:build\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(TASKS, "_entry_points_loaded", False)
+    monkeypatch.setattr(TASKS, "_entry_point_problems", {}, raising=False)
     yield
     for name in ("ep_decorated", "ep_plain", "ep_inner_name", "ep_outer_name"):
         TASKS.remove(name)
@@ -379,3 +380,40 @@ def test_a_streamed_test_split_is_accepted():
     check_task_instance(get_task("etth1"), instance)  # no error
     with pytest.raises(ValueError, match="TaskInstance.val is a Stream"):
         check_task_instance(get_task("etth1"), dataclasses.replace(instance, val=Stream()))
+
+
+def test_a_config_naming_a_broken_entry_point_says_why_it_is_missing(task_packages, tmp_path, monkeypatch):
+    from ablate.config import ConfigError, resolve_config
+    from metaadamw import FEATURES
+
+    (tmp_path / "broken_feats.py").write_text("import a_dependency_that_is_not_installed\n")
+    _fake_distribution(tmp_path, "broken_feats", "[metaadamw.features]\nfancy = broken_feats:Fancy\n")
+    monkeypatch.setattr(FEATURES, "_entry_points_loaded", False)
+    monkeypatch.setattr(FEATURES, "_entry_point_problems", {}, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match=r"features='fancy' is not allowed \(the entry point 'fancy' "
+                                              r"\(broken_feats:Fancy\) of group 'metaadamw.features' could not be "
+                                              r"loaded: ModuleNotFoundError"):
+            resolve_config({"task": "etth1", "features": "fancy"})
+        # a task entry point that names an undecorated function: the config error says what is wrong with it
+        with pytest.raises(ConfigError, match=r"task='ep_plain' is not allowed \(the entry point 'ep_plain' "
+                                              r"\(plain_tasks:build\) of group 'ablate.tasks' is ignored: it is a "
+                                              r"function .*@register_task"):
+            resolve_config({"task": "ep_plain"})
+    sys.modules.pop("broken_feats", None)
+
+
+def test_register_task_with_a_taken_alias_leaves_nothing_registered():
+    from ablate.tasks import register_task
+
+    with pytest.raises(ValueError, match="a task named 'etth2' is already registered"):
+        @register_task("test_half_made", metrics=[("mse", "min")], defaults={}, aliases=("test_half_alias", "etth2"))
+        def build(config):
+            raise NotImplementedError
+    try:
+        assert "test_half_made" not in TASKS.list() and "test_half_alias" not in TASKS.list()
+        assert TASKS.get("etth2").name == "etth2"
+    finally:
+        TASKS.remove("test_half_made")
+        TASKS.remove("test_half_alias")

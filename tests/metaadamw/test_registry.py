@@ -417,3 +417,75 @@ def test_the_same_definition_registered_again_replaces_the_first():
     reg.register("p")(functools.partial(print, 1))
     with pytest.raises(ValueError, match="already registered"):
         reg.register("p")(functools.partial(print, 2))
+
+
+def test_an_unknown_name_exposed_by_a_broken_entry_point_names_that_entry_point(tmp_path, monkeypatch):
+    # a package that exposes "fancy" through an entry point whose module fails to import: the error says
+    # so (the warning may have gone to a log, once), instead of advising to expose it through an entry point
+    (tmp_path / "broken_fancy.py").write_text("import a_dependency_that_is_not_installed\n")
+    _fake_distribution(tmp_path, "broken_fancy", "[metaadamw.features]\nfancy = broken_fancy:Fancy\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(FEATURES, "_entry_points_loaded", False)
+    monkeypatch.setattr(FEATURES, "_entry_point_problems", {}, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(KeyError, match=r"unknown feature extractor 'fancy': the entry point 'fancy' "
+                                           r"\(broken_fancy:Fancy\) of group 'metaadamw.features' could not be loaded: "
+                                           r"ModuleNotFoundError: .*a_dependency_that_is_not_installed") as err:
+            MetaAdamW(TinyTransformer().named_parameters(), features="fancy", **small_kwargs())
+        assert "expose it through" not in str(err.value)
+        # another unknown name: the broken entry point is mentioned as one that might have registered it
+        with pytest.raises(KeyError, match=r"unknown feature extractor 'other'.*Not loaded.*entry point 'fancy'"):
+            FEATURES.get("other")
+    sys.modules.pop("broken_fancy", None)
+
+
+def test_a_component_missing_its_method_is_told_which_one():
+    # a bare NotImplementedError (empty message) said nothing in a trial's error column
+    class NoColumns(FeatureExtractor):
+        stats = ("grad_norm",)
+
+        def statistics(self, stats):
+            return self.group_mean(stats["grad_norm"].unsqueeze(1))
+
+    class NoStatistics(FeatureExtractor):
+        stats = ("grad_norm",)
+
+        def columns(self):
+            return ["g"]
+
+    class NoCall(metaadamw.MetaObjective):
+        terms = ("v",)
+        needs_val = True
+
+    class NoForward(metaadamw.Weighting):
+        pass
+
+    cases = ((FEATURES, "test_no_columns", NoColumns, "features", r"NoColumns must implement columns\(\)"),
+             (FEATURES, "test_no_statistics", NoStatistics, "features", r"NoStatistics must implement statistics\("),
+             (OBJECTIVES, "test_no_call", NoCall, "objective", r"NoCall must implement __call__\(self, q\)"),
+             (WEIGHTINGS, "test_no_forward", NoForward, "weighting", r"NoForward must implement forward\(self, terms\)"))
+    for registry, name, cls, option, message in cases:
+        registry.add(name, cls)
+        try:
+            with pytest.raises(NotImplementedError, match=message):
+                model = TinyTransformer()
+                opt = MetaAdamW(model.named_parameters(), **{option: name}, **small_kwargs())
+                batches = lm_batches()
+                lm_loss(model, batches[0]).backward()
+                opt.step()
+                opt.meta_step(model, lm_loss, *batches)
+        finally:
+            registry.remove(name)
+
+
+def test_register_refuses_an_empty_name_instead_of_using_the_class_name():
+    class Unnamed(FeatureExtractor):
+        pass
+
+    try:
+        with pytest.raises(ValueError, match="names must be non-empty strings, got ''"):
+            FEATURES.register("")(Unnamed)
+        assert "Unnamed" not in FEATURES.list()
+    finally:
+        FEATURES.remove("Unnamed")
