@@ -875,8 +875,21 @@ def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: f
 
 
 # -- rendering ----------------------------------------------------------------------------------
+#: a "<" that a Markdown renderer would take for the start of an HTML tag ("<axis>", "<metric>"):
+#: the tag would be passed through and the text between the angle brackets not shown
+_MD_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
+
+
+def _md_text(value: object) -> str:
+    """Text as Markdown shows it literally: such a "<" backslash-escaped, outside code spans
+    (inside them the backslash would show)."""
+    parts = re.split(r"(`[^`\n]+`)", str(value))
+    return "".join(part if part.startswith("`") and len(part) > 1 and part.endswith("`")
+                   else _MD_TAG_START.sub(r"\\<", part) for part in parts)
+
+
 def _md_cell(value: object) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return _md_text(str(value).replace("|", "\\|").replace("\n", " "))
 
 
 def df_to_markdown(df: pd.DataFrame) -> str:
@@ -894,15 +907,16 @@ def render_markdown(blocks: Sequence[Block], out_dir: Path) -> str:
     parts = []
     for b in blocks:
         if b.kind == "heading":
-            parts.append("#" * b.level + " " + b.text)
+            parts.append("#" * b.level + " " + _md_text(b.text))
         elif b.kind == "text":
-            parts.append(b.text)
+            parts.append(_md_text(b.text))
         elif b.kind == "warning":
-            parts.append(f"> **WARNING: {b.text}**")
+            parts.append(f"> **WARNING: {_md_text(b.text)}**")
         elif b.kind == "table":
             parts.append(df_to_markdown(b.table))
         elif b.kind == "figure":
-            parts.append(f"![{b.text}]({b.path.relative_to(out_dir).as_posix()})\n\n*{b.text}*")
+            caption = _md_text(b.text)
+            parts.append(f"![{caption}]({b.path.relative_to(out_dir).as_posix()})\n\n*{caption}*")
     return "\n\n".join(parts) + "\n"
 
 

@@ -137,3 +137,65 @@ def test_analysis_notebook_says_where_a_relative_change_is_n_a(tmp_path, report_
     left_out = "Left out: imdb (AdamW 2 ok seed(s), 0 not ok; MetaAdamW 0 ok seed(s), 2 not ok)."
     assert left_out in outputs[table2] and outputs[table2].count("imdb") == 1, outputs[table2]  # (no all-n/a row)
     assert outputs[test].count(note) == 2, outputs[test]  # (Table 2 and Table 3 on the test split)
+
+
+def test_analysis_notebook_shows_no_time_to_target_table_without_an_adamw_result(tmp_path, report_kit, monkeypatch,
+                                                                                 kernel):
+    # a study without AdamW (`adamw: false`): `ablate report` leaves the time-to-target table out; the
+    # notebook showed one row per seed reading "no adamw trial", target n/a
+    from ablate.results import write_trial
+
+    for arm in ("baseline", "gating=true"):
+        for seed, value in enumerate(report_kit.REPORT_METRICS["etth1"][arm][:3]):
+            row = report_kit.trial_row("etth1", arm, seed, value)
+            row.update(arms=json.dumps([arm]))
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, value))
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    cost = outputs_by_cell(nb)[next(i for i, c in enumerate(code) if c.startswith("ttt = stats.time_to_target"))]
+    assert "no adamw trial" not in cost and "target (AdamW best)" not in cost, cost
+    assert "meta-update share" in cost  # (the cost table itself stays)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "no adamw trial" not in md and "Time to AdamW's best" not in md
+
+
+def test_analysis_notebook_shows_long_arm_names_and_errors_in_full(tmp_path, report_kit, monkeypatch, kernel):
+    # pandas cut every cell at 50 characters ("factorial:grouping=fine_grained,gating=false,o..."): the
+    # cells of a 2^3 design that differ in their last factor read alike, and an error lost its end
+    from ablate.results import write_trial
+
+    cells = [(g, ga, o) for g in ("fine_grained", "original") for ga in ("false", "true") for o in ("gradient", "combined")]
+    error = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB; 1.50 GiB free (the end of the message)"
+    for k, (grouping, gating, objective) in enumerate(cells):
+        arm = f"factorial:grouping={grouping},gating={gating},objective={objective}"
+        for seed in range(3):
+            value = 1.0 + 0.05 * k + 0.01 * seed
+            row = report_kit.trial_row("etth1", "baseline", seed, value)
+            row.update(trial_id=f"f{k}-{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            if k == 7 and seed == 2:
+                row.update(status="failed", error=error, stop_reason="failed", best_metric=float("nan"))
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", "baseline", value))
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    html = "\n".join(out.get("data", {}).get("text/html", "") for cell in nb.cells if cell.cell_type == "code"
+                     for out in cell.get("outputs", []))
+    for grouping, gating, objective in cells:
+        assert f"<td>factorial:grouping={grouping},gating={gating},objective={objective}</td>" in html
+    assert error in html and "...</td>" not in html
+
+
+def test_custom_feature_extractor_notebook_writes_its_files_to_a_path_with_a_space(tmp_path, monkeypatch, kernel):
+    # `%%writefile {WORK_DIR}/...` split a path with a space (a checkout under "My Projects", whose
+    # default WORK_DIR is inside it) into two arguments: "UsageError: unrecognized arguments"
+    work = tmp_path / "my projects" / "demo"
+    monkeypatch.setenv("ABLATE_NOTEBOOK_WORK_DIR", str(work))
+    nb = nbformat.read(NOTEBOOKS / "custom_feature_extractor.ipynb", as_version=4)
+    upto = next(i for i, c in enumerate(nb.cells) if c.source.startswith("from ablate.study import format_trials"))
+    nb.cells = nb.cells[:upto + 1]  # (up to the study's trials: Ray's run is the test above's)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    everything = "\n".join(outputs_by_cell(nb))
+    assert "'grad_stats'" in everything and "study custom_features: 6 trials" in everything
+    assert (work / "grad_stats_features.py").exists() and (work / "custom_features.yaml").exists()

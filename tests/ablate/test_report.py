@@ -381,7 +381,7 @@ def test_the_report_says_what_its_study_holds_and_what_its_tables_cannot_show(tm
                                              "imdb": ["adamw", "baseline", "grouping=original"]})
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md", "html")).read_text()
     # the intro names what the study has: ablation arms, no factorial cells
-    assert "and ablates its components (arms '<axis>=<level>'), over paired seeds" in md and "factorial" not in md
+    assert "and ablates its components (arms '\\<axis>=\\<level>'), over paired seeds" in md and "factorial" not in md
     # three seeds: no row can be significant, and the tables say so (an empty 'sig.' is not 'no effect')
     untestable = ("With at most 3 paired seed(s) here the smallest sign-flip p is 0.25, not below 0.05: no row of this "
                   "table can be marked significant, whatever the differences (it takes 6 seeds or more")
@@ -525,3 +525,19 @@ def test_the_run_summary_counts_a_failed_trial_that_serves_several_arms_once():
              "status": "failed", "mode": "min", "metric": "mse", "best_metric": float("nan")} for s in range(2)]
     text = summary_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
     assert "etth1: every trial failed (2)" in text, text
+
+
+def test_placeholders_in_angle_brackets_are_not_html_tags_in_the_markdown_report(tmp_path, report_kit):
+    # "arms '<axis>=<level>'" and "(test_<metric>)" are raw HTML to a Markdown renderer (GitHub, VS Code,
+    # markdown-it): rendered, report.md read "arms '='" and "(test_)"
+    for arm in ("adamw", "baseline", "gating=true"):
+        for seed in range(3):
+            row = report_kit.trial_row("imdb", arm, seed, 0.8 + 0.01 * seed)
+            row.update(arms=json.dumps([arm]), test_accuracy=0.7 + 0.01 * seed)
+            write_trial(tmp_path, row)
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    outside_code = re.sub(r"`[^`\n]+`", "", md)
+    assert not re.findall(r"(?<!\\)<[A-Za-z/!?][^>]*>", outside_code), re.findall(r"(?<!\\)<[A-Za-z/!?][^>]*>", outside_code)
+    assert "arms '\\<axis>=\\<level>'" in md and "(test_\\<metric>)" in md  # (shown as written when rendered)
+    assert "p (Holm) < 0.05" in md  # (a "<" that starts no tag is left alone)
+    assert report.df_to_markdown(pd.DataFrame({"error": ["ValueError: got <unset>"]})).endswith("| ValueError: got \\<unset> |")
