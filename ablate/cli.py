@@ -31,14 +31,15 @@ import yaml
 
 def _parse_value(text: str) -> Any:
     """A --set value: YAML scalars and lists (1e-3, true, [1, 2, 5], null), else the string; read as
-    a study file is read (1e-3 is a number also inside a list: YAML 1.1 reads it as a string)."""
+    a study file is read (1e-3 is a number also inside a list: YAML 1.1 reads it as a string; a
+    quoted value, "1.5", stays a string)."""
     from ablate.study import _Loader
 
     try:
         value = yaml.load(text, Loader=_Loader)
     except (yaml.YAMLError, ValueError, OverflowError):  # (PyYAML raises ValueError for "\U01000000")
         return text
-    if isinstance(value, str):
+    if isinstance(value, str) and text.lstrip()[:1] not in ("'", '"', "!"):  # (plain .5e3: a number; "1.5", !!str: text)
         try:
             return float(value) if any(c in value for c in ".eE") else value
         except ValueError:
@@ -205,6 +206,7 @@ def _train(args: argparse.Namespace, json_out: TextIO) -> int:
             except OSError as exc:
                 raise ConfigError(f"--checkpoint {args.checkpoint}: writing the checkpoint of epoch {row['epoch']} "
                                   f"failed ({exc.strerror or exc})") from exc
+            args.checkpoint_written = True  # (Ctrl-C: this run's epoch is in it, not an earlier run's)
 
     if args.resume:
         trial.load(args.resume)
@@ -365,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         checkpoint = getattr(args, "checkpoint", None) if args.func is cmd_train else None
+        if checkpoint and not getattr(args, "checkpoint_written", False) and not (
+                args.resume and Path(args.resume).resolve() == Path(checkpoint).resolve()):
+            checkpoint = None  # (a file an earlier run left: this one finished no epoch to continue from)
         print("interrupted" + (f": the last finished epoch is in {checkpoint}; continue with the same command and "
                                f"--resume {checkpoint}" if checkpoint and Path(checkpoint).is_file() else ""),
               file=sys.stderr)

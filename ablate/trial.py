@@ -436,8 +436,8 @@ class Trial:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["trial_id"] != self.trial_id:
+            differ = _identity_differences(state.get("config") or {}, self.config)
             theirs = state.get("config") or {}
-            differ = sorted(k for k in set(theirs) | set(self.config) if theirs.get(k, None) != self.config.get(k, None))
             shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {self.config.get(k)!r} here" for k in differ[:5])
             raise ConfigError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
                               f"(their configs differ{': ' + shown if shown else ''}{', ...' if len(differ) > 5 else ''})")
@@ -485,6 +485,20 @@ class Trial:
         if not isinstance(state, dict) or "trial_id" not in state:
             raise ConfigError(f"{path} is not an ablate trial checkpoint (no trial_id in it)")
         self.load_state_dict(state)
+
+
+def _identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """The keys of a trial's identity in which two configs differ: the common keys in their order
+    (task, data, optimizer, seed, ... first), then the task's own keys; not the keys that may differ on
+    resume (num_threads, device, ...), nor the MetaAdamW keys when either trial is an AdamW one."""
+    from ablate.config import COMMON_FIELDS, METAADAMW_KEYS, NON_IDENTITY_KEYS
+
+    skip = set(NON_IDENTITY_KEYS)
+    if "adamw" in (theirs.get("optimizer"), mine.get("optimizer")):
+        skip |= set(METAADAMW_KEYS)
+    keys = [k for k in COMMON_FIELDS if k in theirs or k in mine]
+    keys += sorted((set(theirs) | set(mine)) - set(keys))
+    return [k for k in keys if k not in skip and theirs.get(k, None) != mine.get(k, None)]
 
 
 def run_trial(config: dict[str, Any], *, callback: Callback | None = None, resume: str | os.PathLike | None = None,

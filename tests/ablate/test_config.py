@@ -337,6 +337,16 @@ def test_set_values_are_read_as_a_study_file_reads_them():
     assert resolve_config({"task": "etth1", **_parse_sets(["priorities=[1e-3,1,1]"])})["priorities"] == [1e-3, 1.0, 1.0]
 
 
+def test_a_quoted_set_value_that_looks_like_a_number_stays_a_string():
+    # --set 'csv_file="1.5"' gave the float 1.5 (and the key refused it): a study file reads a quoted
+    # YAML scalar as a string, and quoting is the only way to give such a string on the command line
+    from ablate.cli import _parse_sets
+
+    assert _parse_sets(['csv_file="1.5"', "name='2e3'", "tag=!!str 1.0", "k=.5e3", "lr=1e-3"]) == {
+        "csv_file": "1.5", "name": "2e3", "tag": "1.0", "k": 500.0, "lr": 1e-3}
+    assert resolve_config({"task": "imdb", "data": "real", **_parse_sets(['csv_file="1.5"'])})["csv_file"] == "1.5"
+
+
 def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
     # --extra-seeds 0 was refused as "search_spaces/quick.yaml: extra_seeds: must be ...": a field of the file
     from pathlib import Path

@@ -775,18 +775,33 @@ def test_the_run_summary_says_which_rows_an_unfinished_rerun_still_shows_from_be
 
 def test_ctrl_c_in_ablate_train_with_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch, capsys):
     from ablate import cli
+    from ablate.trial import Trial
 
     checkpoint = tmp_path / "ck.pt"
-    checkpoint.write_bytes(b"an epoch's checkpoint")
+    checkpoint.write_bytes(b"a checkpoint an earlier run left")
+    train = ["train", "--task", "etth1", "--optimizer", "adamw", "--no-progress", "--set", "epochs=3",
+             "--set", "max_train_batches=2", "--set", "num_threads=1", "--checkpoint", str(checkpoint)]
 
-    def interrupted(args, json_out):
+    def interrupted_in_epoch(self, callback=None, progress=False):
+        for _ in range(epochs_before_ctrl_c):
+            callback(self.run_epoch(), self)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_train", interrupted)
-    assert cli.main(["train", "--task", "etth1", "--checkpoint", str(checkpoint)]) == 130
+    monkeypatch.setattr(Trial, "run", interrupted_in_epoch)
+    # Ctrl-C in the first epoch: the file there is an earlier run's (of another config, perhaps), not this one's
+    # (it was named as "the last finished epoch", to --resume)
+    epochs_before_ctrl_c = 0
+    assert cli.main(train) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    epochs_before_ctrl_c = 1
+    assert cli.main(train) == 130
     assert capsys.readouterr().err == (f"interrupted: the last finished epoch is in {checkpoint}; continue with the same "
                                        f"command and --resume {checkpoint}\n")
-    assert cli.main(["train", "--task", "etth1"]) == 130 and capsys.readouterr().err == "interrupted\n"
+    epochs_before_ctrl_c = 0  # (resumed from it, and cut off again before an epoch ended: it still holds the last one)
+    assert cli.main([*train, "--resume", str(checkpoint)]) == 130
+    assert capsys.readouterr().err.startswith(f"interrupted: the last finished epoch is in {checkpoint};")
+    assert cli.main(["train", "--task", "etth1", "--set", "epochs=1", "--set", "max_train_batches=2"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupted_runs(tmp_path, capsys):

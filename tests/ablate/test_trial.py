@@ -194,6 +194,18 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
         Trial({**FAST, "seed": 5}).load(path)
 
 
+def test_a_refused_checkpoint_names_the_task_first_and_not_the_keys_that_may_differ(tmp_path):
+    # a checkpoint of another task listed five task-model keys alphabetically and hid "task" behind
+    # "...", and a refused one named num_threads and cpu_malloc, which a resume may change, as differences
+    path = Trial({**FAST, "optimizer": "adamw", "epochs": 1}).save(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"configs differ: task: 'etth1' there, 'cifar10' here, "):
+        Trial({"task": "cifar10", "optimizer": "adamw", "epochs": 1, "max_train_batches": 2}).load(path)
+    with pytest.raises(ValueError, match=r"configs differ: lr: 0.0005 there, 0.001 here\)$"):
+        Trial({**FAST, "optimizer": "adamw", "epochs": 1, "lr": 1e-3, "num_threads": 2, "cpu_malloc": "keep"}).load(path)
+    with pytest.raises(ValueError, match=r"configs differ: optimizer: 'adamw' there, 'metaadamw' here\)$"):
+        Trial({**FAST, "epochs": 1}).load(path)
+
+
 def test_record_per_epoch_and_summary():
     r = run_trial(FAST)
     h = r.history
