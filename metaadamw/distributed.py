@@ -129,7 +129,7 @@ def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison:
                 "MetaAdamW(sync_meta=True): the ranks' optimizers no longer hold the same tensors in the same groups "
                 "with the same options (their layout fingerprints differ at this meta-update): add_param_group was "
                 "called on some ranks only, or with other tensors or names, or an option (refresh_every, "
-                "total_steps, ...) was set on some ranks only. Every rank must make the same add_param_group calls "
+                "total_steps, a param group's lr, the meta-optimizer's settings, ...) was set on some ranks only. Every rank must make the same add_param_group calls "
                 "and settings; nothing was updated")
     values, present = flat[:body].div_(world), flat[body:body + len(grads)]
     out: list[Tensor | None] = []

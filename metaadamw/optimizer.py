@@ -93,9 +93,10 @@ class MetaAdamW(torch.optim.Optimizer):
             meta-update averages the meta-gradients over the ranks, so that the replicas keep
             one modulator and get the same multipliers (see :mod:`metaadamw.distributed`). On
             whenever a default process group of several ranks exists: make the optimizer on every
-            rank. False: each rank trains its own modulator, and under DDP the
-            replicas then drift apart (their multipliers differ) unless every rank meta-steps on
-            the same batches.
+            rank. False: each rank keeps the modulator it built (nothing is broadcast) and trains
+            its own, and under DDP the replicas then drift apart from the first step (their
+            multipliers differ) unless every rank builds the optimizer from the same random seed
+            and meta-steps on the same batches with the same random streams.
 
     AdamW's own flags ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` and ``fused``
     are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
@@ -708,8 +709,17 @@ class MetaAdamW(torch.optim.Optimizer):
         and of the options]``: what the ranks compare (when the optimizer is made, and at every
         meta-update, which catches an ``add_param_group`` that not every rank made alike). Options
         that differ between ranks would give them other multipliers, or other meta-optimizer steps
-        from the same mean meta-gradient (a component given as an object counts by its type)."""
-        options = repr([(k, _portable(v)) for k, v in self.config.items() if k != "modulator_init"])
+        from the same mean meta-gradient (a component given as an object counts by its type): also
+        the param groups' AdamW hyperparameters, ``foreach`` (the two paths round differently) and the
+        meta-optimizer's class and hyperparameters, which ``config`` does not hold."""
+        options = repr([(k, _portable(v)) for k, v in self.config.items() if k != "modulator_init"]
+                       + [("foreach", self.foreach),
+                          ("param_groups", [[_portable(g.get(k)) for k in ("lr", "betas", "eps", "weight_decay")]
+                                            for g in self.param_groups]),
+                          ("meta_optimizer", f"{type(self.meta_optimizer).__module__}."
+                                             f"{type(self.meta_optimizer).__qualname__}",
+                           [sorted((k, _portable(v)) for k, v in g.items() if k != "params")
+                            for g in self.meta_optimizer.param_groups])])
         cached = self.__dict__.get("_distributed_layout")
         if cached is not None and cached[0] is self.layout and cached[1] == options:
             return cached[2]

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="needs torch.distributed with gloo")
 
 WORLD = 2
+#: rank 1's other options that MetaAdamW's config does not hold: each steps its replica (or modulator) apart
+OTHER_SETTINGS = {"other_meta_optimizer": {"meta_optimizer": "adam"}, "other_lr": {"lr": 1e-3},
+                  "other_foreach": {"foreach": False}}
 META_LR = 0.05  # large enough for the meta-update to move the modulator visibly
 
 
@@ -68,6 +71,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         kwargs["modulator_layers"] = 2
     if scenario == "other_options" and rank == 1:
         kwargs["alpha_range"] = 0.5  # (the same modulator shapes)
+    if scenario in OTHER_SETTINGS and rank == 1:  # options that config does not hold
+        kwargs.update(OTHER_SETTINGS[scenario])
     if (scenario == "subset" and rank == 1) or scenario == "added_on_rank0":
         kwargs["subset"] = True
     if scenario == "other_layer":
@@ -100,6 +105,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         except ValueError as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
             return
+        if scenario == "lr_set_on_rank1" and rank == 1:  # (as a scheduler run on one rank only would)
+            opt.param_groups[0]["lr"] = 1e-3
         if scenario == "added_on_rank0" and rank == 0:
             name, last = list(model.named_parameters())[-1]
             opt.add_param_group({"params": [last], "param_names": [name]})
@@ -333,3 +340,34 @@ def test_ranks_with_other_options_are_refused_on_every_rank(tmp_path):
     for r in ranks:
         assert "the ranks built different modulators (fingerprint of the optimized tensors' names, shapes and " \
                "groups and of the options" in r["error"], r["error"]
+
+
+@pytest.mark.parametrize("scenario", sorted(OTHER_SETTINGS))
+def test_ranks_with_another_meta_optimizer_lr_or_foreach_are_refused_on_every_rank(tmp_path, scenario):
+    # the fingerprint held only config's options: another meta-optimizer (Adam steps from the same mean
+    # meta-gradient), another lr or the single-tensor path on one rank passed, and the replicas drifted apart
+    ranks = _run(tmp_path, scenario)
+    for r in ranks:
+        assert "error" in r, "not refused: the ranks' replicas drift apart"
+        assert "the ranks built different modulators (fingerprint of the optimized tensors' names, shapes and " \
+               "groups and of the options" in r["error"], r["error"]
+
+
+def test_a_param_group_lr_set_on_one_rank_only_is_refused_on_every_rank_at_the_next_meta_update(tmp_path):
+    ranks = _run(tmp_path, "lr_set_on_rank1")
+    for r in ranks:
+        assert "error" in r, "not refused: the ranks' replicas drift apart"
+        assert "the ranks' optimizers no longer hold the same tensors in the same groups" in r["error"], r["error"]
+
+
+def test_the_docs_say_that_without_sync_the_ranks_need_the_same_seed_not_only_the_same_batches(tmp_path):
+    # README and docstring said the replicas drift apart "unless every rank meta-steps on the same batches":
+    # with sync_meta=False nothing is broadcast, so ranks seeded apart (as this file's are) drift from the
+    # first step even on the same batches
+    ranks = _run(tmp_path, "nosync")
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["start"], ranks[1]["start"]))
+    from pathlib import Path
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    docstring = " ".join(MetaAdamW.__doc__.split())
+    for text in (readme, docstring):
+        assert "from the same random seed and meta-steps on the same batches" in text
