@@ -145,26 +145,30 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
         runtime_env["env_vars"] = {"ABLATE_DATA_DIR": os.path.abspath(os.path.expanduser(data_dir))}
     kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "include_dashboard": False,
                               "log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
-    if address:
-        try:
-            ray.init(address=address, **kwargs)
-        except RuntimeError as exc:
-            if not str(exc).startswith("Version mismatch"):
-                raise
-            raise ConfigError(f"--address {address}: the cluster runs other versions of Ray or Python than this "
-                              f"driver, and every node and the driver need the same: {exc}".rstrip()) from None
-        except ConnectionError as exc:
-            if not _authentication_failed(exc):
-                raise
-            raise ConfigError(
-                f"--address {address}: the Ray cluster refused this machine's authentication. `ray start` turns on "
-                f"token authentication (Ray {ray.__version__}: when the head is not on localhost): run ablate with "
-                f"RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token copied from the "
-                f"head), or, on a trusted network, set RAY_AUTH_MODE=disabled for both `ray start` and ablate") from None
-        _warn_if_no_node_fits(study, address)
-    else:
-        # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
+    try:
+        if address:
+            try:
+                ray.init(address=address, **kwargs)
+            except RuntimeError as exc:
+                if not str(exc).startswith("Version mismatch"):
+                    raise
+                raise ConfigError(f"--address {address}: the cluster runs other versions of Ray or Python than this "
+                                  f"driver, and every node and the driver need the same: {exc}".rstrip()) from None
+            except ConnectionError as exc:
+                if not _authentication_failed(exc):
+                    raise
+                raise ConfigError(
+                    f"--address {address}: the Ray cluster refused this machine's authentication. `ray start` turns on "
+                    f"token authentication (Ray {ray.__version__}: when the head is not on localhost): run ablate with "
+                    f"RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or ~/.ray/auth_token copied from the "
+                    f"head), or, on a trusted network, set RAY_AUTH_MODE=disabled for both `ray start` and ablate") from None
+            _warn_if_no_node_fits(study, address)
+        else:
+            # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
+        ray.shutdown()
+        raise
     return True
 
 

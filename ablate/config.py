@@ -57,28 +57,24 @@ class Field:
         return list(self.choices()) if callable(self.choices) else list(self.choices)
 
 
+def _registry(key: str) -> Any:
+    """The registry of the components a config key names (task, features, grouping, objective,
+    weighting), or None."""
+    import metaadamw
+    from ablate.tasks import TASKS
+
+    return {"task": TASKS, "features": metaadamw.FEATURES, "grouping": metaadamw.GROUPINGS,
+            "objective": metaadamw.OBJECTIVES, "weighting": metaadamw.WEIGHTINGS}.get(key)
+
+
 def _registry_names(kind: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        import metaadamw
-
-        return {
-            "features": metaadamw.FEATURES,
-            "grouping": metaadamw.GROUPINGS,
-            "objective": metaadamw.OBJECTIVES,
-            "weighting": metaadamw.WEIGHTINGS,
-        }[kind].list()
-
-    return names
+    return lambda: _registry(kind).list()
 
 
 def _entry_point_problem(key: str, value: Any) -> str | None:
     """Why the entry point of that name (of the registry of ``key``: task, features, ...) contributed
     nothing - it failed to load, or its object was refused -, or None."""
-    import metaadamw
-    from ablate.tasks import TASKS
-
-    registry = {"task": TASKS, "features": metaadamw.FEATURES, "grouping": metaadamw.GROUPINGS,
-                "objective": metaadamw.OBJECTIVES, "weighting": metaadamw.WEIGHTINGS}.get(key)
+    registry = _registry(key)
     return None if registry is None else registry.entry_point_problem(value)
 
 

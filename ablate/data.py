@@ -24,6 +24,7 @@ from pathlib import Path
 from ablate.config import ConfigError
 from ablate.files import atomic_write_bytes
 from ablate.tasks import DATA_DIR_ENV, DOWNLOADS, Download, list_tasks
+from ablate.tasks.base import download_root
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -85,11 +86,9 @@ def download(task: str, data_dir: str | os.PathLike | None = None, force: bool =
         known = sorted(DOWNLOADS)
         raise ConfigError(f"no download is registered for task {task!r}; tasks with downloads: "
                          f"{', '.join(known) or '(none)'} (registered tasks: {', '.join(list_tasks())})")
-    root = default_data_dir(data_dir)
-    if root.name and root.name in {item.dataset_folder for item in DOWNLOADS[task]}:
-        # the dataset's own folder (.../ETT-small), which the loaders accept as data_dir: the files go into it,
-        # not into a folder of that name below it, where a loader given the same directory would not look
-        root = root.parent
+    # (the dataset's own folder, .../ETT-small, which the loaders accept as data_dir: the files go into it,
+    # not into a folder of that name below it, where a loader given the same directory would not look)
+    root = download_root(task, default_data_dir(data_dir))
     out = []
     for item in DOWNLOADS[task]:
         dest = root / item.subdir

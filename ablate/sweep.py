@@ -658,10 +658,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     no_result_files()
     try:
         started = init_ray(study, address, num_cpus)
-    except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
-        import ray
-
-        ray.shutdown()
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts (init_ray shut down what it had started)
         return _interrupted_or_done(out_dir, pending, set(), 0, 0, reused)
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)

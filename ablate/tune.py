@@ -1488,13 +1488,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                 check_real_data(spec.study)
         if spec.path is not None:  # (the spec as run: written once it is accepted)
             atomic_write_bytes(out_dir / "spec.yaml", spec.path.read_bytes())
-        try:
-            started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
-        except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
-            import ray
-
-            ray.shutdown()
-            raise
+        started = spec.settings.trials > 0 and init_ray(spec.study, address, num_cpus)
         def stopped() -> str:
             """SIGTERM (a scheduler's time limit) outside a search - before, between two, or as the outputs are
             written: what is stored, and the command that goes on (a search's own handler says what it ran). From

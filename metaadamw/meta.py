@@ -47,7 +47,7 @@ import contextlib
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -454,8 +454,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         leaves = [t.requires_grad_() for t in theta_prime]
         swap = {id(params[i]): leaf for i, leaf in zip(active, leaves)}
         names = {id(params[i]): opt.tensor_info[i].name or f"parameter {i}" for i in active}
-        originals = [params[i] for i in active]  # (swapped out: a loss at theta' that reaches them is refused)
-        original_names = [names[id(p)] for p in originals]
+        # (swapped out of the model for the passes at theta': a loss there that reaches them is refused)
+        swapped_out = [(names[id(params[i])], params[i]) for i in active]
         partial = "" if len(active) == len(trainable) else (
             f" theta' moves only the {len(active)} of {len(trainable)} trainable tensors that have a gradient on batch 1"
             f" (the others' step would be zero): a loss that uses none of them - a multi-task model whose batch 1 "
@@ -472,9 +472,9 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                     q.loss_train_prime = _loss(loss_fn, model, batch2)
                 if objective.second_order or not exact:  # finite difference: for the chain rule through L_train'
                     with _explained_double_backward() if exact else contextlib.nullcontext(), kernels():
-                        g_prime = _grad_at_theta_prime(
-                            q.loss_train_prime, leaves, originals, original_names, create_graph=exact,
-                            retain_graph=exact, require="the loss on batch2 at the hypothetical parameters", hint=partial)
+                        g_prime = _grad(q.loss_train_prime, leaves, create_graph=exact, retain_graph=exact,
+                                        require="the loss on batch2 at the hypothetical parameters", hint=partial,
+                                        swapped_out=swapped_out)
                 if objective.second_order:
                     q.grads_prime = g_prime
             if objective.needs_val:
@@ -496,9 +496,8 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                     if val_rng is not None:
                         val_rng.resume()
                 if not exact:
-                    g_val = _grad_at_theta_prime(q.loss_val_prime, leaves, originals, original_names,
-                                                 require="the loss on val_batch at the hypothetical parameters",
-                                                 hint=partial)
+                    g_val = _grad(q.loss_val_prime, leaves, require="the loss on val_batch at the hypothetical parameters",
+                                  hint=partial, swapped_out=swapped_out)
 
         # 6. meta-loss; its gradient for the meta-parameters it reaches directly (log-variances, gate
         # penalty), for the multipliers and for theta'
@@ -518,8 +517,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         if exact:  # (with theta' in the model: an activation-checkpointed part recomputes its forward pass here)
             try:
                 with _explained_double_backward(), swapped_parameters(model, swap, names), kernels():
-                    out = list(_grad_at_theta_prime(loss, meta_params + cut + leaves, originals, original_names,
-                                                    zero=False))
+                    out = _grad(loss, meta_params + cut + leaves, zero=False, swapped_out=swapped_out)
             except RuntimeError as exc:
                 if "modified by an inplace operation" not in str(exc) or not state.renormalised_weights():
                     raise
@@ -748,31 +746,20 @@ def _check_reached(output: Tensor, grads: list[Tensor | None] | tuple[Tensor | N
 
 
 def _grad(output: Tensor, inputs: list[Tensor], zero: bool = True, require: str | None = None,
-          hint: str = "", **kwargs: Any) -> list[Tensor | None]:
+          hint: str = "", swapped_out: Sequence[tuple[str, Tensor]] = (), **kwargs: Any) -> list[Tensor | None]:
     """``torch.autograd.grad`` with unused inputs as zeros (``zero``) or None. ``require``: what
-    ``output`` is, and ``hint`` what may explain it, for the errors of :func:`_check_reached`."""
-    out = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
+    ``output`` is, and ``hint`` what may explain it, for the errors of :func:`_check_reached`.
+    ``swapped_out``: ``(name, tensor)`` of the parameters at theta, swapped out of the model for a
+    pass at theta' - a loss that reaches them is refused: a loss_fn that reads them through
+    references of its own (an L2 penalty over a list made once, ``params = list(model.parameters())``)
+    saw theta there, and its part of the meta-gradient was silently lost. Asking autograd for them
+    costs nothing where the loss does not reach them (they are not in its graph)."""
+    n = len(inputs)
+    out = torch.autograd.grad(output, [*inputs, *(t for _, t in swapped_out)], allow_unused=True, **kwargs)
+    read = [name for (name, _), d in zip(swapped_out, out[n:]) if d is not None]
+    out = out[:n]
     if require is not None:
         _check_reached(output, out, require, hint)
-    if not zero:
-        return list(out)
-    return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]
-
-
-def _grad_at_theta_prime(output: Tensor, leaves: list[Tensor], originals: list[Tensor], names: list[str],
-                         zero: bool = True, require: str | None = None, hint: str = "",
-                         **kwargs: Any) -> list[Tensor | None]:
-    """:func:`_grad` for the leaves theta' of a loss computed at theta', refusing a loss that also
-    reads ``originals`` (the parameters at theta, swapped out of the model for the pass): a loss_fn
-    that reads them through references of its own (an L2 penalty over a list made once, ``params =
-    list(model.parameters())``) saw theta there, and its part of the meta-gradient was silently lost.
-    Asking autograd for them costs nothing where the loss does not reach them (they are not in its
-    graph)."""
-    n = len(leaves)
-    out = torch.autograd.grad(output, leaves + originals, allow_unused=True, **kwargs)
-    if require is not None:
-        _check_reached(output, out[:n], require, hint)
-    read = [name for name, d in zip(names, out[n:]) if d is not None]
     if read:
         shown = ", ".join(map(repr, read[:5])) + (f" and {len(read) - 5} more" if len(read) > 5 else "")
         raise ValueError(
@@ -783,8 +770,9 @@ def _grad_at_theta_prime(output: Tensor, leaves: list[Tensor], originals: list[T
             f"a module that caches its weights) keeps the current value there, and that part of the "
             f"meta-gradient would be lost. Read the parameters from the model inside loss_fn "
             f"(model.parameters(), model.layer.weight)")
-    out = list(out[:n])
-    return [torch.zeros_like(x) if d is None else d for d, x in zip(out, leaves)] if zero else out
+    if not zero:
+        return list(out)
+    return [torch.zeros_like(x) if d is None else d for d, x in zip(out, inputs)]
 
 
 def _global_norm(tensors: list[Tensor]) -> float:

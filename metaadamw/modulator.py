@@ -93,13 +93,11 @@ class EncoderLayer(nn.Module):
         ~24 module attribute look-ups per layer would cost more than the layer's arithmetic. It is
         rebuilt whenever the parameter objects may have been replaced (``load_state_dict``, also
         with ``assign=True``; ``.to()`` and friends): optimizers and in-place loads keep the objects.
-        The autograd pass (:meth:`forward`) reads them afresh, and :meth:`infer` checks the cached
-        tuple against the submodules' parameter dicts (plain dict look-ups), so that tensors put in
-        their place (``torch.func.functional_call``, a parameter replaced by assignment, a
-        parametrization) are the ones used."""
-        return (self.in_proj.weight, self.in_proj.bias, self.out_proj.weight, self.out_proj.bias,
-                self.norm1.weight, self.norm1.bias, self.linear1.weight, self.linear1.bias,
-                self.linear2.weight, self.linear2.bias, self.norm2.weight, self.norm2.bias)
+        Every pass checks the cached tuple against the submodules' parameter dicts
+        (:meth:`_cached_weights`, plain dict look-ups), so that tensors put in their place
+        (``torch.func.functional_call``, a parameter replaced by assignment, a parametrization) are
+        the ones used."""
+        return tuple(getattr(getattr(self, module), name) for module, name in _WEIGHT_SLOTS)
 
     def _cached_weights(self) -> tuple[Tensor, ...]:
         """``_weights``, rebuilt where a submodule now holds another tensor in one of their places."""
@@ -120,11 +118,10 @@ class EncoderLayer(nn.Module):
         as ``nn.TransformerEncoderLayer``'s post-norm layer (dropout on the attention weights, the
         attention output and both feed-forward activations), about 1.5x faster forward and backward
         than through the submodules and ``scaled_dot_product_attention``'s composite path at these sizes."""
-        return self._layer(x, self.dropout if self.training else 0.0, self._collect_weights())
+        return self._layer(x, self.dropout if self.training else 0.0)
 
-    def _layer(self, x: Tensor, drop: float, weights: tuple[Tensor, ...] | None = None) -> Tensor:
-        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = (
-            self._cached_weights() if weights is None else weights)
+    def _layer(self, x: Tensor, drop: float) -> Tensor:
+        w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._cached_weights()
         tokens, width = x.shape
         dh = width // self.heads
         q, k, v = F.linear(x, w_in, b_in).view(tokens, 3, self.heads, dh).permute(1, 2, 0, 3).unbind(0)

@@ -34,7 +34,7 @@ import fnmatch
 import importlib.metadata
 import types
 import warnings
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -90,18 +90,24 @@ class Registry:
         return decorator
 
     def add(self, name: str, obj: Any, *, override: bool = False) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
-        problem = self.validate(obj) if self.validate is not None else None
-        if problem:
-            raise TypeError(f"cannot register {name!r} as a {self.kind}: {problem}")
-        existing = self._items.get(name)
-        if existing is not None and not override and existing is not obj and not _same_definition(existing, obj):
-            raise ValueError(
-                f"a {self.kind} named {name!r} is already registered ({_describe(existing)}); "
-                f"choose another name or pass override=True"
-            )
-        self._items[name] = obj
+        self.add_all([(name, obj)], override=override)
+
+    def add_all(self, items: Sequence[tuple[str, Any]], *, override: bool = False) -> None:
+        """Register each ``(name, obj)``, all or none: every one is checked before any is added (a
+        name that is taken leaves none of the others registered, as a task and its aliases)."""
+        for name, obj in items:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+            problem = self.validate(obj) if self.validate is not None else None
+            if problem:
+                raise TypeError(f"cannot register {name!r} as a {self.kind}: {problem}")
+            existing = self._items.get(name)
+            if existing is not None and not override and existing is not obj and not _same_definition(existing, obj):
+                raise ValueError(
+                    f"a {self.kind} named {name!r} is already registered ({_describe(existing)}); "
+                    f"choose another name or pass override=True"
+                )
+        self._items.update(items)
 
     def remove(self, name: str) -> None:
         """Unregister ``name`` (mainly for tests)."""

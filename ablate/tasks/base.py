@@ -135,11 +135,18 @@ def download_command(task: str, config: Mapping[str, Any], force: bool = False) 
     data_dir = config.get("data_dir")
     where = ""
     if data_dir:
-        path = Path(os.path.expanduser(str(data_dir)))
-        if path.name and path.name in {d.dataset_folder for d in DOWNLOADS.get(task, ())}:
-            path = path.parent
+        path = download_root(task, Path(os.path.expanduser(str(data_dir))))
         where = f" --data-dir {shlex.quote(str(path))}"
     return f"ablate data download {task}{where}{' --force' if force else ''}"
+
+
+def download_root(task: str, data_dir: Path) -> Path:
+    """The directory a download of ``task`` is given so that its files land where a loader given
+    ``data_dir`` looks: ``data_dir``, or its parent where it is the dataset's own folder
+    (``.../ETT-small``: the download makes that folder below the directory it is given)."""
+    if data_dir.name and data_dir.name in {d.dataset_folder for d in DOWNLOADS.get(task, ())}:
+        return data_dir.parent
+    return data_dir
 
 
 @contextlib.contextmanager
@@ -220,18 +227,9 @@ def register_task(
             locate=None if locate is None else _located_with_hint(locate),
             check=check,
         )
-        records = [(name, spec)] + [(alias, dataclasses.replace(spec, name=alias)) for alias in aliases]
-        before = {n: TASKS._items.get(n) for n, _ in records}
-        try:
-            for n, record in records:
-                TASKS.add(n, record, override=override)
-        except BaseException:  # (an alias that is taken: no name of the task stays registered, half-made)
-            for n, previous in before.items():
-                if previous is None:
-                    TASKS.remove(n)
-                else:
-                    TASKS._items[n] = previous
-            raise
+        # (all or none: an alias that is taken leaves no name of the task registered, half-made)
+        TASKS.add_all([(name, spec)] + [(alias, dataclasses.replace(spec, name=alias)) for alias in aliases],
+                      override=override)
         return factory
 
     return decorator

@@ -223,7 +223,8 @@ def test_ctrl_c_while_ray_starts_or_a_second_ctrl_c_names_the_unfinished_trials_
         raise KeyboardInterrupt
 
     if where == "ray.init":
-        monkeypatch.setattr(sweep, "init_ray", interrupted)
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", interrupted)
     else:
         monkeypatch.setattr(sweep, "init_ray", lambda *a, **k: True)
         monkeypatch.setattr(tune, "Tuner", lambda *a, **k: type("T", (), {"fit": interrupted})())

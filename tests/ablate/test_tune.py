@@ -1798,12 +1798,13 @@ def test_ctrl_c_while_ray_starts_shuts_ray_down_and_names_the_command_that_conti
     import ablate.cluster
     import ablate.tune as tune_mod
 
-    def init_ray(*args, **kwargs):
+    def init(*args, **kwargs):
         raise KeyboardInterrupt  # (the Ctrl-C arrives inside ray.init)
 
     shutdowns = []
     monkeypatch.setattr(ablate.cluster, "check_resources", lambda *a, **k: None)
-    monkeypatch.setattr(ablate.cluster, "init_ray", init_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda *a, **k: shutdowns.append(1))
     spec_path = _tiny_spec(tmp_path)
     try:
