@@ -351,6 +351,9 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
             ax.plot(rows["step"], rows[col], label=str(name), **style)
     for ax, col, what in zip(axes, ("alpha", "beta"), ("learning-rate", "weight-decay")):
         ax.set(xlabel="step", ylabel=col, title=f"{what} multiplier {col}")
+        # (multipliers near 1 - modulator_init=zero, a small alpha_range - would read as "-0.5 ... 4.5" with
+        # matplotlib's "1e-5+1" offset, as the sigmas did)
+        ax.ticklabel_format(axis="y", useOffset=False)
     axes[1].legend(fontsize="small" if n_groups <= 16 else "x-small", title="group", loc="upper left",
                    bbox_to_anchor=(1.02, 1.0), ncol=columns)
     fig.suptitle(f"{task} / {arm}: mean over {tel['trial_id'].nunique()} seeds")
@@ -745,7 +748,7 @@ def _cost_section(results: Results) -> list[Block]:
                _text("Per trial means over the arm's paired seeds: 'epochs run' with its 95% t interval, 'total time "
                      "(s)' the mean of each trial's training, meta-update and evaluation time, 'meta-update share' the "
                      "mean of each trial's meta-update time over its total, 'stopped early' the share of trials early "
-                     "stopping ended. Means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the "
+                     "stopping ended before their epoch budget. Means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the "
                      "baseline both finished ok, the baseline over those it and AdamW both finished ok; 'unpaired left "
                      "out' in 'ok / not ok' counts an arm's ok trials outside those seeds.")]
     return blocks

@@ -1039,10 +1039,23 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
     return row
 
 
+def _stopped_early(trials: pd.DataFrame) -> pd.Series:
+    """The trials that early stopping ended before their epoch budget: patience running out at the
+    last epoch of the budget saved no epoch (``stop_reason`` says early_stopping there, yet the
+    trial ran every epoch it had), as a step budget's ``max_steps`` wins over it."""
+    early = trials["stop_reason"] == "early_stopping"
+    if "epochs" in trials:
+        budget = pd.to_numeric(trials["epochs"], errors="coerce")
+        early &= ~(pd.to_numeric(trials["epochs_run"], errors="coerce") >= budget).fillna(False)
+    return early
+
+
 def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per task and arm: epochs until early stopping (mean and CI of ``epochs_run``), the share of
     ok trials stopped early, mean total seconds, and the mean share of time spent in
-    meta-updates (``time_meta_s / time_total_s``); n_ok and n_not_ok count the trials.
+    meta-updates (``time_meta_s / time_total_s``); n_ok and n_not_ok count the trials. A trial
+    counts as stopped early when early stopping ended it before its epoch budget (not when the
+    patience ran out at its last epoch).
 
     The means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the baseline
     both finished ok, the baseline over those it and AdamW both finished ok (an arm that failed
@@ -1068,7 +1081,7 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
         rows.append({
             "task": task, "arm": arm, "n_ok": len(own), "n_not_ok": len(_not_ok(g)), "n_unmatched": len(own) - len(ok),
             "epochs_mean": ep["mean"], "epochs_lo": ep["lo"], "epochs_hi": ep["hi"],
-            "early_stopped": float((ok["stop_reason"] == "early_stopping").mean()) if len(ok) else np.nan,
+            "early_stopped": float(_stopped_early(ok).mean()) if len(ok) else np.nan,
             "time_total_mean_s": float(total.mean()) if len(ok) else np.nan,
             "meta_share": float(share.mean()) if len(ok) else np.nan,
         })

@@ -525,7 +525,7 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
     if not isinstance(resources, dict):
         raise ctx.error("resources", f"must be a mapping like {{cpus: 1, gpus: 0}}; got {_short(resources)}")
     _check_keys(ctx, resources, {"cpus": "CPUs per trial (> 0)", "gpus": "GPUs per trial (>= 0, may be fractional)"}, "resources")
-    merged = {**RESOURCE_DEFAULTS, **resources}
+    merged = {**RESOURCE_DEFAULTS, **{k: v for k, v in resources.items() if v is not None}}  # (null: the default)
     if not is_number(merged["cpus"]) or merged["cpus"] <= 0:
         raise ctx.error("resources.cpus", f"must be a number > 0, got {_short(merged['cpus'])}")
     if not is_number(merged["gpus"]) or merged["gpus"] < 0:

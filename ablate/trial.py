@@ -387,7 +387,10 @@ class Trial:
         else:  # (every epoch counts, warm-up included, for AdamW and MetaAdamW alike: the arms get one
             # rule; a MetaAdamW trial stopped before its first meta-update is named by the run and the report)
             self.bad_epochs += 1
-            if self.config["patience"] and self.bad_epochs >= self.config["patience"] and self.stop_reason != "max_steps":
+            # (patience running out at the budget's last epoch saved no epoch: the budget ended the trial,
+            # as max_steps wins over it; the cost table's "stopped early" counts trials ended before their budget)
+            if (self.config["patience"] and self.bad_epochs >= self.config["patience"]
+                    and self.stop_reason != "max_steps" and self.epoch < self.config["epochs"]):
                 self.stop_reason = "early_stopping"
 
     def _result(self, status: str, error: str) -> TrialResult:

@@ -541,3 +541,23 @@ def test_placeholders_in_angle_brackets_are_not_html_tags_in_the_markdown_report
     assert "arms '\\<axis>=\\<level>'" in md and "(test_\\<metric>)" in md  # (shown as written when rendered)
     assert "p (Holm) < 0.05" in md  # (a "<" that starts no tag is left alone)
     assert report.df_to_markdown(pd.DataFrame({"error": ["ValueError: got <unset>"]})).endswith("| ValueError: got \\<unset> |")
+
+
+def test_multipliers_near_one_are_labelled_as_values_not_as_an_offset(tmp_path, monkeypatch):
+    # modulator_init=zero: alpha and beta stay within 1e-4 of 1; matplotlib's offset would label
+    # the axes "-0.5 ... 4.5" and "5.5 ... 10.5" with a "1e-5+9.999e-1" offset in the corner
+    from ablate.results import Results
+
+    trials = pd.DataFrame([{"trial_id": "b0", "task": "etth1", "arm": "baseline", "arms": '["baseline"]', "seed": 0,
+                            "status": "ok", "best_metric": 1.0, "metric": "mse", "mode": "min"}])
+    tel = pd.DataFrame([{"trial_id": "b0", "meta_update": k, "step": 10 * (k + 1), "group": "linear/weight",
+                         "alpha": 1 + 1e-5 * k, "beta": 1 - 1e-5 * k} for k in range(5)])
+    figures = []
+    saved = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, outside=False: (figures.append(fig), fig.canvas.draw(),
+                                                                           saved(fig, path, outside))[2])
+    assert_png(report.plot_alpha_beta(Results(trials, pd.DataFrame(), tel), "etth1", tmp_path))
+    for ax in figures[0].axes[:2]:
+        assert ax.yaxis.get_offset_text().get_text() == "", ax.get_ylabel()
+        ticks = [float(t.get_text().replace("\N{MINUS SIGN}", "-")) for t in ax.get_yticklabels()]
+        assert all(abs(t - 1) < 1e-3 for t in ticks), (ax.get_ylabel(), ticks)

@@ -941,3 +941,17 @@ def test_a_factorial_cell_that_never_ran_on_one_task_is_missing_there(tmp_path, 
     missing = stats.factorial_missing(load_results(tmp_path))
     assert missing.values.tolist() == [["imdb", 0, "factorial:A=a1,B=b1", "not run"],
                                        ["imdb", 1, "factorial:A=a1,B=b1", "not run"]]
+
+
+def test_a_trial_whose_patience_ran_out_at_its_last_epoch_did_not_stop_early():
+    # AdamW trials with a budget of 3 epochs: a1's patience ran out at epoch 3 (its stop_reason says
+    # early_stopping) but it ran every epoch, as a0 did; only a2, stopped after epoch 2, stopped early
+    base = {"task": "imdb", "arm": "adamw", "arms": '["adamw"]', "status": "ok", "metric": "accuracy",
+            "mode": "max", "epochs": 3, "epochs_run": 3, "time_total_s": 1.0, "time_meta_s": 0.0}
+    trials = pd.DataFrame([
+        {**base, "trial_id": "a0", "seed": 0, "best_metric": 0.52, "stop_reason": "max_epochs"},
+        {**base, "trial_id": "a1", "seed": 1, "best_metric": 0.53, "stop_reason": "early_stopping"},
+        {**base, "trial_id": "a2", "seed": 2, "best_metric": 0.51, "stop_reason": "early_stopping", "epochs_run": 2},
+    ])
+    cost = stats.cost_table(Results(trials, pd.DataFrame(), pd.DataFrame()))
+    assert cost["early_stopped"].iloc[0] == pytest.approx(1 / 3), "only the trial that ran 2 of its 3 epochs stopped early"

@@ -724,3 +724,10 @@ def test_ablate_train_refuses_a_seed_too_large_in_one_line(capsys):
 
     assert main(["train", "--task", "etth1", "--seed", str(MAX_SEED + 1), "--no-progress"]) == 2
     assert f"ablate: error: trial config: seed={MAX_SEED + 1} must be >= 0 and at most {MAX_SEED}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resources", [{"cpus": 1, "gpus": None}, {"cpus": None, "gpus": 0}, {"cpus": None}])
+def test_a_resource_set_to_null_takes_its_default(resources):
+    # search_spaces/README.md: "A key that is left empty (`budget:`) or set to `null` takes its default"
+    study = parse_study({"name": "n", "tasks": ["etth1"], "seeds": 1, "resources": resources})
+    assert study.resources == {"cpus": 1, "gpus": 0}

@@ -134,9 +134,17 @@ def test_min_delta_decides_the_patience_and_the_best_epoch_is_the_best_value():
     row = _scripted("etth1", [1.0, 0.96, 0.97, 0.5], min_delta=0.05)
     assert (row["epochs_run"], row["best_epoch"], row["best_metric"]) == (3, 2, 0.96)
     # small gains add up: 0.94 is more than min_delta below 1.0, the last epoch that reset the patience
-    row = _scripted("etth1", [1.0, 0.97, 0.94, 0.91, 0.90], min_delta=0.05)
+    row = _scripted("etth1", [1.0, 0.97, 0.94, 0.91, 0.90, 0.89], min_delta=0.05)
     assert (row["epochs_run"], row["stop_reason"], row["best_epoch"], row["best_metric"]) == (
         5, "early_stopping", 5, 0.90)
+
+
+def test_patience_running_out_at_the_last_epoch_of_the_budget_is_the_budget_ending_the_trial():
+    # epochs 2 and 3 are bad (patience 2) and 3 is the budget's last: it ran every epoch it had
+    row = _scripted("etth1", [1.0, 1.1, 1.2])
+    assert (row["epochs_run"], row["stop_reason"], row["best_epoch"]) == (3, "max_epochs", 1)
+    row = _scripted("etth1", [1.0, 1.1, 1.2, 0.5])  # one epoch more in the budget: early stopping saved it
+    assert (row["epochs_run"], row["stop_reason"]) == (3, "early_stopping")
 
 
 def test_a_checkpoint_from_before_the_patience_had_its_own_value_resumes_as_it_would_have(tmp_path):
