@@ -41,8 +41,9 @@ trials (one row per trial):
     test_<metric> where a test split was evaluated, finished_at (ISO time), code_fingerprint,
     torch_version, python_version, hostname (what ran it, where it trained: see :mod:`ablate.provenance`).
 history (one row per trial-epoch):
-    trial_id, epoch (1-based), step (optimizer steps so far), train_loss, val_<metric> for every
-    task metric, time_train_s, time_meta_s, time_eval_s (this epoch), wall_s (cumulative
+    trial_id, epoch (1-based), step (optimizer steps so far), train_loss (the epoch's training
+    losses, each batch's weighted by its examples: a last, partial batch counts for its size),
+    val_<metric> for every task metric, time_train_s, time_meta_s, time_eval_s (this epoch), wall_s (cumulative
     train + meta + eval seconds at the end of the epoch), meta_updates (so far).
 telemetry (one row per meta-update per group):
     trial_id, meta_update (0-based index within the trial), step, epoch, group (name),

@@ -20,6 +20,7 @@ same dropout masks and augmentations: seeds are matched pairs.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -44,7 +45,7 @@ from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
 from ablate.provenance import provenance
 from ablate.tasks import data_fingerprint, get_task, move_to_device
-from ablate.tasks.base import check_loss, check_metrics, check_task_instance
+from ablate.tasks.base import check_loss, check_metrics, check_task_instance, evaluating
 from metaadamw import MetaAdamW
 
 Callback = Callable[[dict, "Trial"], None]
@@ -255,7 +256,8 @@ class Trial:
         self.model.train()
         meta_on = self.is_meta and self.epoch > cfg["warmup_epochs"]
         meta_iters = {k: iter(v) for k, v in self._meta_loaders.items()} if meta_on else {}
-        loss_sum = torch.zeros((), device=dev)
+        loss_sum = torch.zeros((), device=dev)  # (each batch's mean loss times its examples)
+        n_examples = 0
         # the first step whose loss is not finite, and that loss: kept on the device (no host sync
         # per step), read every DIVERGENCE_CHECK_STEPS steps (every step on the CPU, where reading
         # is free), so a diverged trial stops within those steps, not at the end of the epoch
@@ -287,7 +289,9 @@ class Trial:
                 t_meta += time.perf_counter() - tm
             self.optimizer.step()
             value = loss.detach()
-            loss_sum += value
+            size = _batch_examples(batch)
+            loss_sum += value * size
+            n_examples += size
             newly = ~torch.isfinite(value) & (first_bad < 0)
             first_bad.masked_fill_(newly, self.step + 1)
             bad_loss = torch.where(newly, value.to(bad_loss.dtype), bad_loss)
@@ -305,11 +309,11 @@ class Trial:
         if int(first_bad) >= 0:
             raise TrialDiverged(f"training loss became {float(bad_loss)} at step {int(first_bad)} (epoch {self.epoch}); "
                                 f"stopped at step {self.step}")
-        train_loss = float(loss_sum) / max(n_batches, 1)
+        train_loss = float(loss_sum) / max(n_examples, 1)  # (over examples: a last, partial batch weighs its size)
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss became {train_loss} in epoch {self.epoch} (step {self.step})")
         te = time.perf_counter()
-        metrics = self.task.evaluate(self.model, _to_device(self.val_loader, dev))
+        metrics = self._evaluate(self.val_loader)
         check_metrics(self.spec, metrics)
         t_eval = time.perf_counter() - te
         self.times["eval"] += t_eval
@@ -322,6 +326,14 @@ class Trial:
             "wall_s": sum(self.times.values()), "meta_updates": self.meta_updates,
             "meta_updates_epoch": self.meta_updates - meta_before,
         }
+
+    def _evaluate(self, loader: DataLoader) -> dict[str, Any]:
+        """The task's ``evaluate`` on ``loader``, the model in evaluation mode and without gradients (dropout
+        off, BatchNorm's running statistics used, not updated, by the validation and test data), whether or not
+        the task's own ``evaluate`` switches it (one that wants a module in training mode, MC dropout, may set
+        it inside); the model's training mode as it was after it."""
+        with evaluating(self.model):
+            return self.task.evaluate(self.model, _to_device(loader, self.device))
 
     def _meta_due(self, i: int, step: int) -> bool:
         """Whether the ``i``-th step of this epoch (from 0; ``step`` of the run) ends with a meta-update: with
@@ -416,7 +428,7 @@ class Trial:
         for k, v in self.task.reference.items():
             row[f"ref_{k}"] = v
         if self.test_loader is not None and status == "ok" and self.best_state is not None:
-            for k, v in self.task.evaluate(self.model, _to_device(self.test_loader, self.device)).items():
+            for k, v in self._evaluate(self.test_loader).items():
                 row[f"test_{k}"] = float(v)
         return TrialResult(row, list(self.history), list(self.telemetry))
 
@@ -511,6 +523,20 @@ def run_trial(config: dict[str, Any], *, callback: Callback | None = None, resum
     if resume is not None:
         trial.load(resume)
     return trial.run(callback, progress=progress)
+
+
+def _batch_examples(batch: Any) -> int:
+    """The examples in a batch: the leading dimension of its first tensor (in a tuple, list or mapping, as
+    Lightning infers a logged value's batch size); 1 where it holds none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, collections.abc.Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            if isinstance(item, (torch.Tensor, list, tuple, collections.abc.Mapping)):
+                return _batch_examples(item)
+    return 1
 
 
 def _limit(loader: DataLoader, n: int) -> Iterator:

@@ -37,8 +37,8 @@ modules for the forward passes. Buffers (BatchNorm running statistics) are resto
 as are the rows an embedding with ``max_norm`` renormalises in its forward, and ``.grad`` is
 never touched, so the model is exactly as before the call.
 
-A meta-update whose meta-loss or meta-gradient is not finite is skipped (``record.skipped``,
-counted in ``optimizer.meta_skipped``): the modulator stays as it was.
+A meta-update whose meta-loss, meta-gradient or an objective term it weights is not finite is
+skipped (``record.skipped``, counted in ``optimizer.meta_skipped``): the modulator stays as it was.
 """
 
 from __future__ import annotations
@@ -570,16 +570,23 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         groups=list(opt.group_names), alpha=alpha.tolist(), beta=beta.tolist(), lambda1=lambda1.tolist(),
         lambda2=lambda2.tolist(),
     )
+    # a weighted term that is not finite skips the update too: HUW's softplus of a signed term maps -inf to a
+    # finite 0, so that an infinite L(theta; val) - a loss decrease of -inf - gave a finite meta-loss, and the
+    # modulator was trained on the other terms (and that term's log-variance pushed down)
+    bad_terms = [t for t in objective.terms if not math.isfinite(values[t])]
+    own_finite = math.isfinite(record.meta_loss) and not bad_terms
     world = D.world_size(opt.sync_meta)
     if world > 1:  # one modulator on every rank: the mean meta-gradient (NaN everywhere if a rank has none)
-        meta_grads = D.average_(meta_grads, meta_params, world, poison=not math.isfinite(record.meta_loss),
+        meta_grads = D.average_(meta_grads, meta_params, world, poison=not own_finite,
                                 layout=opt.distributed_layout()[-1])
     present_grads = [gr for gr in meta_grads if gr is not None]
-    finite = math.isfinite(record.meta_loss) and (
+    finite = own_finite and (
         not present_grads or bool(torch.stack(torch._foreach_norm(present_grads)).isfinite().all()))
     if not finite:
         record.skipped, record.reason = True, "non-finite meta-loss or meta-gradient"
-        if world > 1 and math.isfinite(record.meta_loss):  # (the mean over the ranks: perhaps another rank's)
+        if bad_terms and math.isfinite(record.meta_loss):
+            record.reason = f"non-finite objective term(s) {bad_terms} (the meta-loss is finite)"
+        elif world > 1 and math.isfinite(record.meta_loss):  # (the mean over the ranks: perhaps another rank's)
             record.reason = "non-finite mean meta-gradient over the ranks (this rank's meta-loss is finite)"
         return record
     for p, gr in zip(meta_params, meta_grads):

@@ -531,6 +531,9 @@ class MetaAdamW(torch.optim.Optimizer):
         plan = self._plan
         # a scheduler may change them (the plan caches them), also in place (a list): compared as copies
         betas = [tuple(g["betas"]) for g in self.param_groups]
+        if plan is None or plan.betas != betas:  # (new betas: checked before anything changes, as AdamW's args)
+            for k, pair in enumerate(betas):
+                _check_betas(pair, where=f"param group {k}: ")
         if plan is not None and not self._plan_state_current(plan):
             self._carry_valid = False  # the moments' norms carried from the last step are not those of the state
             plan = None
@@ -846,10 +849,13 @@ class MetaAdamW(torch.optim.Optimizer):
         the buckets' bias corrections and the statistics' per-tensor constants, without
         rebuilding the layout."""
         groups = self.param_groups
+        # (the vectors first: a failure leaves the plan as it was, not with buckets of the new betas and a
+        # record of the old ones, which the next step, with the old betas back, would never update)
+        beta1, beta2 = self._beta_vectors(plan.indices)
+        stat_coefs = F.stat_coefficients(beta1, beta2, plan.cos_noise, plan.numel)
         for b in plan.buckets:
             b.beta1, b.beta2 = groups[b.param_group]["betas"]
-        plan.beta1, plan.beta2 = self._beta_vectors(plan.indices)
-        plan.stat_coefs = F.stat_coefficients(plan.beta1, plan.beta2, plan.cos_noise, plan.numel)
+        plan.beta1, plan.beta2, plan.stat_coefs = beta1, beta2, stat_coefs
         plan.betas = [tuple(g["betas"]) for g in groups]
 
     # ------------------------------------------------------------------------------------------
@@ -981,13 +987,51 @@ class MetaAdamW(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         with self._base_class_hooks_off("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            self._load_state_dict(state_dict)
+            with self._undone_on_error():
+                self._load_state_dict(state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    @contextlib.contextmanager
+    def _undone_on_error(self) -> Iterator[None]:
+        """A load that fails part way (a damaged checkpoint: a meta-state entry missing, a moment
+        without its pair, a step count that is no number) leaves the optimizer as it was, not half
+        loaded (the moments of the checkpoint with the step counts of the run, or a state that fails
+        every later step): its attributes, its meta-optimizer's and the values of the modulator's and
+        the weighting's tensors (loaded in place) are put back."""
+        saved, config = dict(self.__dict__), dict(self.config)
+        meta_optimizer = self.meta_optimizer
+        meta_saved = dict(meta_optimizer.__dict__)
+        values = [(t, t.detach().clone()) for module in (self.modulator, self.weighting)
+                  for t in module.state_dict(keep_vars=True).values() if isinstance(t, Tensor)]
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            self.config.clear()
+            self.config.update(config)
+            meta_optimizer.__dict__.clear()
+            meta_optimizer.__dict__.update(meta_saved)
+            with torch.no_grad():
+                for t, value in values:
+                    t.copy_(value)
+            raise
+
+    #: what a MetaAdamW checkpoint's meta state holds (``has_stats``, ``config`` and ``meta_optimizer_class``
+    #: may be missing: checkpoints of earlier versions)
+    _META_STATE_KEYS = ("group_names", "modulator", "weighting", "meta_optimizer", "carry", "carry_valid", "stats",
+                        "multipliers", "steps", "global_step", "meta_updates", "meta_skipped")
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._check_tensors_unchanged()  # (torch.optim would give the moments to a tensor put in by hand)
         extra = state_dict.pop("metaadamw", None)
+        if extra is not None:
+            missing = [k for k in self._META_STATE_KEYS if not isinstance(extra, dict) or k not in extra]
+            if missing:
+                raise ValueError(f"this state dict's MetaAdamW meta state ('metaadamw') lacks {missing}: a damaged "
+                                 f"checkpoint, or not one of optimizer.state_dict(). Nothing was loaded")
+            self._check_meta_state_shapes(extra)
         _check_state_keys(state_dict, "")
         if isinstance(extra, dict) and isinstance(extra.get("meta_optimizer"), dict):
             _check_state_keys(extra["meta_optimizer"], "the meta-optimizer's ")
@@ -1031,6 +1075,34 @@ class MetaAdamW(torch.optim.Optimizer):
         self.meta_skipped = extra["meta_skipped"]
         self._unsynced_from = (self.global_step, self.meta_updates)  # the same checkpoint on every rank
 
+    def _check_meta_state_shapes(self, extra: dict[str, Any]) -> None:
+        """Refuse, before anything is loaded, per-tensor and per-group entries of the meta state that
+        do not fit this optimizer (loaded, they failed the next step, or were used as they were)."""
+        n, groups = len(self._params), len(self.group_names)
+        if not isinstance(extra["group_names"], list) or len(extra["group_names"]) != groups:
+            return  # (the group names' own check says what differs)
+        bad = []
+        carry, stats, multipliers = extra["carry"], extra["stats"], extra["multipliers"]
+        wanted = [(f"carry[{k!r}]", (carry or {}).get(k) if isinstance(carry, dict) else None, n)
+                  for k in ("exp_avg_norm_sq", "v_sum")]
+        wanted += [(f"stats[{k!r}]", v, n) for k, v in (stats.items() if isinstance(stats, dict) else [("", None)])]
+        if multipliers is not None:
+            wanted += [(f"multipliers[{k!r}]", multipliers.get(k) if isinstance(multipliers, dict) else None, groups)
+                       for k in ("alpha", "beta", "lambda1", "lambda2")]
+        bad += [f"{what} {tuple(t.shape) if isinstance(t, Tensor) else described(t)} (expected ({size},))"
+                for what, t, size in wanted if not (isinstance(t, Tensor) and tuple(t.shape) == (size,))]
+        for key, size in (("steps", n), ("has_stats", n)):
+            value = extra.get(key)
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != size):
+                bad.append(f"{key} {described(value)} (expected {size} entries, one per tensor)")
+        for key in ("global_step", "meta_updates", "meta_skipped"):
+            if not _is_int(extra[key]):
+                bad.append(f"{key} {extra[key]!r} (expected an integer)")
+        if bad:
+            raise ValueError("this state dict's MetaAdamW meta state does not fit this optimizer, and nothing was "
+                             "loaded: " + "; ".join(bad[:6]) + (" ..." if len(bad) > 6 else "")
+                             + ". Load the checkpoint of this model and optimizer, as optimizer.state_dict() saved it")
+
     def _check_moment_shapes(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything is loaded, moments whose shapes are not those of the parameters
         they would belong to (a checkpoint of another model; torch.optim checks only the group sizes)."""
@@ -1042,6 +1114,10 @@ class MetaAdamW(torch.optim.Optimizer):
         for saved, group in zip(saved_groups, self.param_groups):
             for index, p in zip(saved["params"], group["params"]):
                 st = states.get(index)
+                if isinstance(st, dict) and ("exp_avg" in st) != ("exp_avg_sq" in st):
+                    name = self.tensor_info[i].name or f"tensor {i}"
+                    bad.append(f"{name}: {'exp_avg' if 'exp_avg' in st else 'exp_avg_sq'} without "
+                               f"{'exp_avg_sq' if 'exp_avg' in st else 'exp_avg'}")
                 for key in ("exp_avg", "exp_avg_sq"):
                     t = st.get(key) if isinstance(st, dict) else None
                     if isinstance(t, Tensor) and tuple(t.shape) != tuple(p.shape):
@@ -1487,13 +1563,18 @@ def _check_adamw_args(lr: Any, betas: Any, eps: Any, weight_decay: Any,
                          f"betas=(0.9, 0.999)")
     if not isinstance(betas, (tuple, list, str, bytes, dict)) and hasattr(betas, "__len__") and hasattr(betas, "__iter__"):
         betas = tuple(betas)  # a numpy array of two, as AdamW accepts
+    _check_betas(betas, where)
+    _check(_real(weight_decay) and 0 <= weight_decay < math.inf,
+           f"{where}Invalid weight_decay value: {weight_decay!r} (must be finite and >= 0)")
+    return float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
+
+
+def _check_betas(betas: Any, where: str = "") -> None:
+    """A pair of real numbers in [0, 1) (in the constructor, and at a step where a group's betas changed)."""
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2,
            f"{where}betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
         _check(_real(b) and 0.0 <= b < 1.0, f"{where}Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
-    _check(_real(weight_decay) and 0 <= weight_decay < math.inf,
-           f"{where}Invalid weight_decay value: {weight_decay!r} (must be finite and >= 0)")
-    return float(lr), (float(betas[0]), float(betas[1])), float(eps), float(weight_decay)
 
 
 @torch.compiler.disable

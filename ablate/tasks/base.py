@@ -12,7 +12,9 @@ it (``data``, ``data_dir``, ``seed``, and its own model keys such as ``d_model``
 * ``loss_fn(model, batch) -> scalar tensor`` - the training loss, also used by MetaAdamW's
   meta-update, so it must be a pure function of the model and the batch;
 * ``evaluate(model, loader) -> dict[str, float]`` - every metric of ``metrics`` on a loader,
-  averaged over the whole split (not over batches);
+  averaged over the whole split (not over batches); the trial calls it with the model in
+  evaluation mode (``model.eval()``) under ``torch.no_grad()``, and puts it back in training mode
+  after it;
 * ``reference``: metrics of a trivial reference on the validation split with the same scaling
   (for ETT the persistence forecast), so a user sees at once whether a model learned anything,
   and, under keys starting with ``test_``, on the test split where there is one;

@@ -451,3 +451,59 @@ def test_a_stable_checkpoint_that_cannot_be_read_for_now_is_not_set_aside(tmp_pa
         with pytest.raises(OSError):
             _stable_checkpoint(trial, stable)
         assert stable.exists()
+
+
+def test_the_trial_evaluates_in_eval_mode_whatever_the_tasks_evaluate_does():
+    # a task whose evaluate() does not call model.eval() (as the README's example task): dropout must be off and
+    # BatchNorm must use, not update, its running statistics on the validation and test data
+    from torch import nn
+
+    from ablate.tasks import TASKS, TaskInstance, register_task
+
+    seen = []
+
+    def build(config):
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(256, 1, generator=g) * 6 - 3
+        data = torch.utils.data.TensorDataset(x, torch.sin(x))
+        model = nn.Sequential(nn.Linear(1, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1))
+
+        def loss_fn(model, batch):
+            return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+        def evaluate(model, loader):
+            seen.append(model.training)
+            sums = [(nn.functional.mse_loss(model(x), y, reduction="sum").item(), y.numel()) for x, y in loader]
+            return {"mse": sum(s for s, _ in sums) / sum(n for _, n in sums)}
+
+        return TaskInstance(name="evalmode_task", model=model, train=data, val=data, test=data, loss_fn=loss_fn,
+                            evaluate=evaluate, data_source="synthetic:evalmode")
+
+    register_task("evalmode_task", metrics=[("mse", "min")], defaults={"epochs": 2, "batch_size": 32})(build)
+    try:
+        trial = Trial({"task": "evalmode_task", "optimizer": "adamw", "num_threads": 1, "patience": 0})
+        result = trial.run()
+    finally:
+        TASKS.remove("evalmode_task")
+    assert seen == [False, False, False]  # two epochs' validation, then the test split
+    assert trial.model.training  # put back after it
+    best = trial.history[result.row["best_epoch"] - 1]["val_mse"]
+    assert result.row["test_mse"] == pytest.approx(best, rel=1e-6)  # the same data, the same (best) weights
+
+
+def test_train_loss_is_the_mean_over_examples_not_over_batches():
+    # etth1's embedded training split (566 windows in batches of 16) ends with a batch of 6: it must weigh 6/566
+    trial = Trial({"task": "etth1", "optimizer": "adamw", "num_threads": 1, "epochs": 1})
+    seen = []
+    loss_fn = trial.task.loss_fn
+
+    def spy(model, batch):
+        loss = loss_fn(model, batch)
+        seen.append((loss.item(), len(batch[1])))
+        return loss
+
+    trial.task.loss_fn = spy
+    result = trial.run()
+    assert {n for _, n in seen} == {16, 6}
+    expected = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
+    assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
