@@ -669,15 +669,35 @@ def _parse_adamw(ctx: _Context, adamw: Any) -> list[_Arm]:
 def _warn_unpaired_baseline_keys(ctx: _Context, adamw: _Arm | None) -> None:
     """``baseline:`` holds MetaAdamW's settings, which the AdamW arm does not get: a model or budget
     key there (and not under ``adamw:`` too) makes AdamW and MetaAdamW train different things,
-    where Table 2 pairs them."""
+    where Table 2 pairs them. Likewise such a key in ``baseline.priorities_from``'s file (an ``lr``
+    that ``ablate tune`` searched for MetaAdamW). A key AdamW gets a value of its own for (``adamw:``,
+    ``adamw.tuned_from``, ``overrides.<task>``) is paired."""
     if adamw is None:
         return
-    keys = [k for k in ctx.baseline if k not in METAADAMW_KEYS and k not in NON_IDENTITY_KEYS and k not in adamw.settings]
+
+    def shared(key: str, task: str) -> bool:  # (AdamW's trials of ``task`` get a value of their own for ``key``, or
+        # overrides.<task> sets it for both arms)
+        return (key in METAADAMW_KEYS or key in NON_IDENTITY_KEYS or key in adamw.settings
+                or key in ctx.adamw_tuned.get(task, {}) or key in ctx.overrides.get(task, {}))
+
+    keys = [k for k in ctx.baseline if not all(shared(k, task) for task in ctx.tasks)]
     if keys:
         warnings.warn(f"{ctx.where('baseline')}: sets {', '.join(keys)}, which AdamW's trials use as well but do not get "
                       f"(baseline: holds MetaAdamW's settings), so AdamW and MetaAdamW no longer train the same model "
                       f"and budget. Put what both should have under budget: (or overrides.<task>:); to keep a "
                       f"difference on purpose, set the key under adamw: too, to AdamW's value", stacklevel=3)
+    # the same for the keys of baseline.priorities_from's file (`ablate tune` writes lr, grad_clip, ... there when
+    # its params: searched them): they reach the MetaAdamW arms only, whose comparison with AdamW then credits
+    # MetaAdamW with a tuning AdamW never had
+    tuned = {task: [k for k in settings if not shared(k, task)] for task, settings in ctx.tuned.items()}
+    tuned = {task: keys for task, keys in tuned.items() if keys}
+    if tuned:
+        said = "; ".join(f"{task}: {', '.join(keys)}" for task, keys in tuned.items())
+        warnings.warn(f"{ctx.where(TUNED_FROM['baseline'])}: its file sets {said}, which AdamW's trials use as well but "
+                      f"do not get (the file's values go to the MetaAdamW arms only), so AdamW and MetaAdamW no longer "
+                      f"train alike and the comparison credits MetaAdamW with a tuning AdamW did not have. Tune AdamW's "
+                      f"too (tune: {{arm: adamw}}) and read them with {tuned_file_usage('adamw', 'FILE')}; to keep "
+                      f"the difference on purpose, set the key under adamw:", stacklevel=3)
 
 
 #: names an ablation axis cannot take: an arm "<axis>=<level>" is told apart from these by its axis

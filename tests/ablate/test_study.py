@@ -731,3 +731,26 @@ def test_a_resource_set_to_null_takes_its_default(resources):
     # search_spaces/README.md: "A key that is left empty (`budget:`) or set to `null` takes its default"
     study = parse_study({"name": "n", "tasks": ["etth1"], "seeds": 1, "resources": resources})
     assert study.resources == {"cpus": 1, "gpus": 0}
+
+
+def test_keys_of_a_priorities_from_file_that_adamw_does_not_get_are_warned_about_too(tmp_path):
+    """``ablate tune`` with ``params: {lr: ...}`` writes the tuned ``lr`` into best_priorities.yaml, and
+    ``baseline: {priorities_from: ...}`` gives it to the MetaAdamW arms only: AdamW kept its own lr
+    without a word, where the same key under ``baseline:`` is warned about. And a ``baseline:`` key that
+    AdamW gets from its own tuned file (``adamw: {tuned_from: ...}``) is paired: its warning advised
+    setting it under ``adamw:``, which that file forbids."""
+    (tmp_path / "best_priorities.yaml").write_text(
+        "tiny_ts: {priorities: [2.0, 1.0, 0.5], lr: 2.0e-3, tuned_on_seeds: [7], tuned_for: baseline}\n")
+    (tmp_path / "best_adamw.yaml").write_text("tiny_ts: {lr: 3.0e-3, tuned_on_seeds: [7], tuned_for: adamw}\n")
+    with pytest.warns(UserWarning, match=r"baseline.priorities_from: its file sets tiny_ts: lr, which AdamW's trials "
+                                         r"use as well but do not get"):
+        study = load(tmp_path, tasks=["tiny_ts"], baseline={"priorities_from": "best_priorities.yaml"})
+    assert trial(study, "tiny_ts", "baseline").config["lr"] == 2e-3 != trial(study, "tiny_ts", "adamw").config["lr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # AdamW has an lr of its own (tuned, set, or an override for both)
+        load(tmp_path, tasks=["tiny_ts"], baseline={"priorities_from": "best_priorities.yaml"},
+             adamw={"tuned_from": "best_adamw.yaml"})
+        load(tmp_path, tasks=["tiny_ts"], baseline={"priorities_from": "best_priorities.yaml"}, adamw={"lr": 1e-3})
+        load(tmp_path, tasks=["tiny_ts"], baseline={"priorities_from": "best_priorities.yaml"},
+             overrides={"tiny_ts": {"lr": 1e-3}})
+        load(tmp_path, tasks=["tiny_ts"], baseline={"lr": 1e-3}, adamw={"tuned_from": "best_adamw.yaml"})
