@@ -127,6 +127,21 @@ def no_result_files() -> None:
         logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_NO_METRIC_FILES)
 
 
+def available_cpus() -> int:
+    """The CPUs a trial of this machine can run on, which Ray started here gets: those this process
+    may use (its CPU affinity: ``taskset``, a Slurm job's CPUs), at most a container's CPU limit
+    (cgroups: ``docker --cpus``, Kubernetes), which Ray's own count reads. Not ``os.cpu_count()``,
+    the host's: in a container or a Slurm job it ran one trial per host CPU on the few given."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        from ray._private.utils import get_num_cpus
+
+        count = min(count, get_num_cpus(override_docker_cpu_warning=True, truncate=True))
+    except Exception:  # noqa: BLE001 - (a Ray without it: the affinity alone)
+        pass
+    return max(1, int(count))
+
+
 def init_ray(study: Study, address: str | None = None, num_cpus: int | None = None) -> bool:
     """Start Ray in-process (or join ``address``) with the study's plugins in the runtime
     environment. Returns True when this call started or joined Ray (and should shut it down)."""
@@ -165,7 +180,7 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
             _warn_if_no_node_fits(study, address)
         else:
             # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), object_store_memory=256 * 1024**2, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus or available_cpus(), object_store_memory=256 * 1024**2, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
         ray.shutdown()
         raise
@@ -178,13 +193,22 @@ def _warn_if_no_node_fits(study: Study, address: str) -> None:
     import ray
 
     if not _trial_nodes(study):  # (per node: a node with the CPUs and another with the GPU hold no such trial)
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        has = "; ".join(sorted({f"{float(n.get('CPU', 0)):g} CPUs, {float(n.get('GPU', 0)):g} GPUs" for n in nodes})) or "none"
-        asks = " and ".join(f"{v:g} {k}s" for k, v in (("CPU", study.resources.get("cpus", 1)),
-                                                        ("GPU", study.resources.get("gpus", 0))) if v)
+        asks, has = _asks_and_has(study)
         print(f"ablate: warning: each trial asks for {asks} on one node, which no node of the cluster at {address} "
               f"has (its nodes: {has}): no trial starts until such a node joins (an autoscaler may add one). Ctrl-C, "
               f"then lower resources: in the study file, if none will.", file=sys.stderr, flush=True)
+
+
+def _asks_and_has(study: Study) -> tuple[str, str]:
+    """What one of the study's trials asks for (``2 CPUs and 1 GPUs``) and what the nodes of the
+    running Ray have (``1 CPUs, 0 GPUs; ...``), as messages say them."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    has = "; ".join(sorted({f"{float(n.get('CPU', 0)):g} CPUs, {float(n.get('GPU', 0)):g} GPUs" for n in nodes})) or "none"
+    asks = " and ".join(f"{v:g} {k}s" for k, v in (("CPU", study.resources.get("cpus", 1)),
+                                                    ("GPU", study.resources.get("gpus", 0))) if v)
+    return asks, has
 
 
 #: how long the check of a cluster's nodes waits for each node's answer
@@ -197,7 +221,7 @@ def _node_view(markers: dict[str, str], study: Study | None, plugins: list[str],
     (``study``: its real-data trials, or None) is missing here (None: nothing is wrong), and the
     code it runs (:func:`_code_view`)."""
     view: dict[str, Any] = {"missing": [k for k, m in markers.items() if not os.path.exists(m)], "plugins": None,
-                            "data": None, "code": _code_view()}
+                            "data": None, "code": _code_view(), "gpu_build": torch_gpu_build()}
     try:
         import_worker_plugins(plugins, plugin_dir)
     except Exception as exc:  # noqa: BLE001 - reported by the driver, with the node's name
@@ -209,6 +233,14 @@ def _node_view(markers: dict[str, str], study: Study | None, plugins: list[str],
         except Exception as exc:  # noqa: BLE001
             view["data"] = str(exc).removesuffix(" Nothing was run.")
     return view
+
+
+def torch_gpu_build() -> bool:
+    """Whether this process's torch is built for GPUs (CUDA, or ROCm); not whether it sees one now
+    (Ray hides the GPUs from a task that asks for none, as the node check does)."""
+    import torch
+
+    return bool(torch.version.cuda or getattr(torch.version, "hip", None))
 
 
 def _code_view() -> str:
@@ -260,8 +292,10 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
     """On a cluster (``--address``), before any trial: ask every node alive now that can hold a
     trial whether it sees the ``folders`` (what -> a folder of this machine that each trial writes
     to from its node: Ray Tune's storage, the trials' checkpoints), imports the study's plugins and
-    has its real data, as its trials would, and which code it runs. Ray Tune's storage, the plugins
-    or the data missing on a node - its trials would all fail there - is an error naming the nodes;
+    has its real data, as its trials would, which code it runs and, for trials that hold GPUs, whether
+    its torch is built with CUDA. Ray Tune's storage, the plugins or the data missing on a node, or a
+    CPU-only torch there for ``device: cuda`` trials - its trials would all fail there - is an error
+    naming the nodes (a CPU-only torch for other trials, which would train on the CPU, a warning);
     the checkpoints' folder a warning (``--resume`` cannot continue the trials those nodes cut off,
     and their checkpoints stay on their disks), as is other code than the driver's (another version
     of ablate, metaadamw or torch: its trials' results come from that code, which their rows
@@ -323,6 +357,18 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
         if wrong:
             raise error(f"{what}: " + "; ".join(f"{node}: {why}" for node, why in wrong.items())
                         + f". {fix} Nothing was run.")
+    gpus = study.resources.get("gpus", 0)
+    cpu_torch = [nodes[n] for n, a in answers.items() if gpus and a.get("gpu_build") is False]  # (None: older ablate)
+    if cpu_torch:
+        cuda = sorted({t.task for t in study.trials if t.config.get("device") == "cuda"})
+        what = (f"each trial holds {gpus:g} GPU(s), but torch on node(s) {', '.join(cpu_torch)} is built without CUDA "
+                f"(a CPU-only torch)")
+        if cuda:
+            raise ConfigError(f"{what}: the trials of {cuda} run on device: cuda and would fail there. Install a CUDA "
+                              f"build of torch on every GPU node (or set resources.gpus: 0 and device: cpu). Nothing "
+                              f"was run.")
+        _warn(f"ablate: warning: {what}: trials there train on the CPU while each holds a GPU that none can use; "
+              f"install a CUDA build of torch there (or set resources.gpus: 0)")
     if "storage" in where and where["storage"]:
         raise ConfigError(
             f"Ray Tune's storage {folders['storage']} is not on node(s) {', '.join(where['storage'])}: each trial writes "
@@ -384,7 +430,8 @@ def check_real_data(study: Study) -> None:
 
 def check_resources(study: Study, address: str | None = None, num_cpus: int | None = None) -> None:
     """Refuse, before Ray starts, resources that can never be met: a trial asking for more CPUs or
-    GPUs than this machine has (when Ray runs here; Ray would wait for them forever), and trials on
+    GPUs than this machine has (when Ray runs here; Ray would wait for them forever) or than every
+    node of the Ray this process runs already has (``ray.init`` called before ``run_study``), and trials on
     ``device: cuda`` without a GPU (Ray hides the GPUs from a trial that asked for none)."""
     cpus, gpus = study.resources.get("cpus", 1), study.resources.get("gpus", 0)
     cuda = sorted({t.task for t in study.trials if t.config.get("device") == "cuda"})
@@ -394,7 +441,15 @@ def check_resources(study: Study, address: str | None = None, num_cpus: int | No
     if address is not None:
         check_reachable(address)
         return
-    have_cpus = num_cpus or os.cpu_count() or 1
+    ray = sys.modules.get("ray")  # (not imported: not running, and an import takes seconds)
+    if ray is not None and ray.is_initialized():  # a Ray this process runs already (init_ray keeps it): its nodes count
+        if not _trial_nodes(study):
+            asks, has = _asks_and_has(study)
+            raise ConfigError(f"{study.name}: each trial asks for {asks} on one node, but the Ray this process runs "
+                              f"already has no such node (its nodes: {has}), so no trial could ever start: lower "
+                              f"resources: in the study file, or start Ray with more (ray.init(num_cpus=...))")
+        return
+    have_cpus = num_cpus or available_cpus()
     if cpus > have_cpus:
         raise ConfigError(f"{study.name}: each trial asks for resources.cpus={cpus:g}, but Ray runs here with {have_cpus} "
                           f"CPU(s), so no trial could ever start: lower resources.cpus, or run on a cluster with --address")
@@ -402,6 +457,10 @@ def check_resources(study: Study, address: str | None = None, num_cpus: int | No
         import torch
 
         have_gpus = torch.cuda.device_count()
+        if gpus > have_gpus and not torch_gpu_build():  # (this machine's GPUs, if any, are not what torch lacks)
+            raise ConfigError(f"{study.name}: each trial asks for resources.gpus={gpus:g}, but torch here "
+                              f"({torch.__version__}) is built without CUDA, so it sees no GPU whatever this machine "
+                              f"has: install a CUDA build of torch, or set resources.gpus: 0 (and device: cpu)")
         if gpus > have_gpus:
             raise ConfigError(f"{study.name}: each trial asks for resources.gpus={gpus:g}, but this machine has "
                               f"{have_gpus} GPU(s), so no trial could ever start: set resources.gpus: 0 (and device: "

@@ -153,6 +153,57 @@ def test_the_cluster_check_names_the_nodes_without_the_storage_the_checkpoints_f
         check_cluster_nodes(dataclasses.replace(study, plugins=("no_such_plugin_module",)), {})
 
 
+def test_a_study_run_in_a_ray_this_process_runs_already_is_checked_against_its_nodes(tmp_path, monkeypatch):
+    # run_study uses a Ray the caller started (ray.init in a notebook): its check compared resources.cpus
+    # with os.cpu_count(), so a trial that no node of that Ray can hold was accepted and Ray Tune waited forever
+    import ray
+
+    from ablate.config import ConfigError
+    from ablate.sweep import run_study
+
+    nodes = [{"NodeID": "a" * 56, "Alive": True, "Resources": {"CPU": 1.0}}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    study = load_study(tiny_study(tmp_path, seeds=1, extra="resources: {cpus: 2}"))
+    with pytest.raises(ConfigError, match=re.escape("each trial asks for 2 CPUs on one node, but the Ray this process "
+                                                    "runs already has no such node (its nodes: 1 CPUs, 0 GPUs)")):
+        run_study(study, tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "refused before anything is written"
+    from ablate.cluster import check_resources
+
+    nodes.append({"NodeID": "b" * 56, "Alive": True, "Resources": {"CPU": 2.0}})
+    check_resources(study)  # (a node that holds a trial: accepted)
+
+
+def test_ray_started_here_gets_the_cpus_this_process_may_use_not_the_hosts(tmp_path, monkeypatch):
+    # in a Slurm job, under taskset or in a container, os.cpu_count() is the host's: Ray started with it ran
+    # one trial per host CPU on the few CPUs given, and resources.cpus beyond those were accepted
+    import ray
+
+    import ablate.cluster as cluster
+    from ablate.config import ConfigError
+
+    import ray._private.utils
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 64)  # (no container limit)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # (2 CPUs of the 64)
+    study = load_study(tiny_study(tmp_path, seeds=1, extra="resources: {cpus: 4}"))
+    with pytest.raises(ConfigError, match=re.escape("resources.cpus=4, but Ray runs here with 2 CPU(s)")):
+        cluster.check_resources(study)
+    asked = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: asked.update(kwargs))
+    cluster.init_ray(study)
+    assert asked["num_cpus"] == 2
+    cluster.init_ray(study, num_cpus=3)  # (given: as given)
+    assert asked["num_cpus"] == 3
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 1)  # a container limited to 1 CPU
+    cluster.init_ray(study)
+    assert asked["num_cpus"] == 1
+
+
 def test_a_ray_client_address_and_a_version_mismatch_are_refused_in_one_line(monkeypatch):
     import ray
 
@@ -264,3 +315,38 @@ def test_a_dashboard_address_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match=r"--address http://10\.0\.0\.1:8265: expected HOST:PORT of the Ray head's GCS"):
         check_reachable("http://10.0.0.1:8265")
+
+
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_the_cluster_check_names_gpu_nodes_whose_torch_is_built_without_cuda(tmp_path, monkeypatch, capsys, one_ray,
+                                                                          device):
+    # nodes with GPUs but a CPU-only torch: every device: cuda trial failed there one by one (device: auto
+    # trials trained on the CPU, each holding a GPU) although the nodes were checked before any trial
+    import dataclasses
+    import socket
+
+    import ablate.cluster as cluster
+    from ablate.cluster import check_cluster_nodes
+    from ablate.config import ConfigError
+
+    (tmp_path / "gpu.yaml").write_text(f"name: gpu\ntasks: [etth1]\nseeds: 1\nbudget: {{epochs: 1, device: {device}}}\n"
+                                       f"resources: {{cpus: 1, gpus: 1}}\n")
+    study = load_study(tmp_path / "gpu.yaml")
+    holding = cluster._trial_nodes
+    monkeypatch.setattr(cluster, "_trial_nodes",  # (this machine's node stands for a GPU node)
+                        lambda s: holding(dataclasses.replace(s, resources={"cpus": 1, "gpus": 0})))
+    view = cluster._node_view
+    monkeypatch.setattr(cluster, "_node_view", lambda *a: {**view(*a), "gpu_build": False})
+    node = f"{socket.gethostname()} ("
+    capsys.readouterr()
+    if device == "cuda":
+        with pytest.raises(ConfigError, match=rf"each trial holds 1 GPU\(s\), but torch on node\(s\) {re.escape(node)}.*"
+                                              rf"is built without CUDA.*run on device: cuda and would fail there"):
+            check_cluster_nodes(study, {})
+    else:
+        check_cluster_nodes(study, {})
+        err = capsys.readouterr().err
+        assert f"but torch on node(s) {node}" in err and "trials there train on the CPU while each holds a GPU" in err, err
+    monkeypatch.setattr(cluster, "_node_view", lambda *a: {**view(*a), "gpu_build": True})
+    check_cluster_nodes(study, {})  # a CUDA build: nothing to say
+    assert "built without CUDA" not in capsys.readouterr().err

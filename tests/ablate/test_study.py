@@ -617,17 +617,38 @@ def test_a_missing_plugin_names_the_module(tmp_path, isolated_imports):
     ("{cpus: 1, gpus: 4096}", "{epochs: 1}", "resources.gpus=4096, but this machine has"),
     ("{cpus: 1, gpus: 0}", "{epochs: 1, device: cuda}", "run on device: cuda, but resources.gpus is 0"),
 ])
-def test_resources_that_can_never_be_met_are_refused_before_ray_starts(tmp_path, resources, budget, message):
+def test_resources_that_can_never_be_met_are_refused_before_ray_starts(tmp_path, monkeypatch, resources, budget, message):
     # Ray would wait forever for a CPU or GPU count this machine lacks (only logging a warning
     # every minute), and hides GPUs from trials that ask for none
+    from ablate import cluster
     from ablate.config import ConfigError
     from ablate.sweep import run_study
+
+    monkeypatch.setattr(cluster, "torch_gpu_build", lambda: True)  # (a CPU-only torch is said so: the next test)
 
     path = tmp_path / "res.yaml"
     path.write_text(f"name: res\ntasks: [etth1]\nseeds: 1\nbudget: {budget}\nresources: {resources}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         run_study(load_study(path), tmp_path / "out")
     assert not (tmp_path / "out").exists(), "refused before anything is written"
+
+
+def test_gpus_asked_of_a_cpu_only_torch_say_that_torch_is_what_lacks_them(tmp_path, monkeypatch):
+    # a machine with GPUs but a CPU build of torch: "this machine has 0 GPU(s)" sent the user looking for
+    # GPUs that are there (Ray itself finds them); what is missing is a CUDA build of torch
+    import torch
+
+    from ablate import cluster
+    from ablate.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    path = tmp_path / "res.yaml"
+    path.write_text("name: res\ntasks: [etth1]\nseeds: 1\nbudget: {epochs: 1, device: auto}\nresources: {gpus: 1}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"resources.gpus=1, but torch here ({torch.__version__}) is built "
+                                                    f"without CUDA, so it sees no GPU whatever this machine has")):
+        cluster.check_resources(load_study(path))
 
 
 def _write_real_data(task: str, root: Path) -> None:
