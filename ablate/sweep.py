@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -87,7 +88,12 @@ def trainable(config: dict[str, Any]) -> None:
     from ablate.tasks import DatasetNotFoundError
 
     try:
-        trial = Trial(trial_config)
+        # the trial's warnings (meta_per_epoch above an epoch's steps, data that is not the published
+        # set, ...): a worker's output does not reach the driver, which prints them with the result
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trial = Trial(trial_config)
+        trial_warnings = list(dict.fromkeys(str(w.message) for w in caught))
     except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})  # a retry would fail alike
         return
@@ -122,7 +128,7 @@ def trainable(config: dict[str, Any]) -> None:
     except ConfigError:  # (the task's loss_fn or evaluate() breaks its contract: a retry would fail alike)
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})
         return
-    payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry}
+    payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry, "warnings": trial_warnings}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
 
@@ -226,6 +232,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.write_error: tuple[TrialSpec, OSError] | None = None
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
             self.last_line = time.monotonic()
+            self.warned: set[tuple[str, str, str]] = set()  # (task, arm, message) printed: once, not per seed
 
         @property
         def done(self) -> int:
@@ -257,11 +264,18 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                     self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: epoch {result['epoch']}/"
                                            f"{spec.config.get('epochs', '?')}{shown}")
                 return
-            payload = json.loads(result[RESULT_KEY])
+            # taken out of the result (Ray Tune lets callbacks change it in place): the driver would otherwise keep
+            # every finished trial's history and telemetry in its last_result, and write them into every
+            # experiment snapshot, to the end of the sweep - they are stored here
+            payload = json.loads(result.pop(RESULT_KEY))
             # missing metrics as NaN; config values keep their None (a row must rebuild its config)
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             self._store(spec, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
+            for message in payload.get("warnings") or ():  # (an arm's seeds warn alike: its first says it)
+                if (spec.task, spec.arm, message) not in self.warned:
+                    self.warned.add((spec.task, spec.arm, message))
+                    print(f"{spec.task} seed {spec.seed} {spec.arm}: warning: {message}", flush=True)
             self._rerun_done(spec)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)

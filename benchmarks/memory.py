@@ -96,7 +96,8 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
 class _Tracker(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: dict[int, int] = {}  # id(storage) -> counted bytes (0 = known, not counted)
+        self.sizes: dict[int, int] = {}  # id(storage) -> counted bytes
+        self.counted: set[int] = set()  # the storages whose bytes count (the others: known, not counted)
         self.refs: dict[int, weakref.ref] = {}
         self.live = 0
         self.peak = 0
@@ -107,6 +108,7 @@ class _Tracker(TorchDispatchMode):
 
     def _free(self, key: int) -> None:
         size = self.sizes.pop(key, 0)
+        self.counted.discard(key)
         self.live -= size
         if key in self.new_keys:
             self.new_keys.discard(key)
@@ -117,7 +119,7 @@ class _Tracker(TorchDispatchMode):
         key = id(storage)
         ref = self.refs.get(key)
         if ref is not None and ref() is storage:
-            if self.sizes[key]:  # a counted storage may have been resized in place
+            if key in self.counted:  # a counted storage may have been resized in place (also one first seen empty)
                 size = storage.nbytes()
                 self.live += size - self.sizes[key]
                 if key in self.new_keys:
@@ -128,6 +130,8 @@ class _Tracker(TorchDispatchMode):
             return False
         size = storage.nbytes() if count else 0
         self.sizes[key] = size
+        if count:
+            self.counted.add(key)
         self.refs[key] = weakref.ref(storage)
         weakref.finalize(storage, self._free, key)
         self.live += size

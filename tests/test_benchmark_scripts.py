@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -67,3 +68,26 @@ def test_results_loading_script_compares_the_cached_load_with_parsing():
     spec.loader.exec_module(module)
     result = module.main(["--trials", "20"])  # (it checks that both loads give the same tables)
     assert result["trials"] == 20 and result["load_parsing_s"] > 0 and result["load_cached_s"] > 0
+
+
+def test_memory_tracker_counts_a_storage_first_seen_empty_and_resized_in_place(monkeypatch):
+    # benchmarks/memory.py re-reads a counted storage resized in place; one first seen empty (an out=
+    # buffer, torch.empty(0).resize_) was taken for a known, uncounted storage and never counted
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "benchmarks" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_memory", memory)  # (its dataclass looks its module up)
+    spec.loader.exec_module(memory)
+    n = 1 << 18  # 1 MiB of float32
+
+    def fn():
+        a = torch.ones(n)
+        out = torch.empty(0)
+        torch.mul(a, 2, out=out)  # resized in place to 1 MiB
+        grown = torch.empty(0)
+        grown.resize_(n)
+        return out, grown
+
+    m = memory.measure_peak(fn)
+    assert m.peak_bytes == 3 * n * 4
+    assert m.end_bytes == 2 * n * 4  # (a is freed; out and grown are returned)
+    assert m.new_peak_bytes == 3 * n * 4

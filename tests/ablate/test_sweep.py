@@ -833,3 +833,35 @@ def test_the_clean_up_deletes_the_storage_folders_of_this_out_folders_interrupte
     assert "stay in" not in capsys.readouterr().out
 
 
+def test_the_driver_does_not_keep_a_stored_trials_history_and_telemetry_in_ray_s_result(tmp_path, monkeypatch):
+    # Ray Tune keeps each trial's last result in the driver (and writes it into every experiment snapshot)
+    # until the sweep ends: the finished trial's payload (history, telemetry) is taken out once it is stored
+    from types import SimpleNamespace
+
+    from ablate import sweep
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+    stored = []
+    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, history, telemetry: stored.append(len(telemetry)))
+    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
+    payload = {"row": {"status": "ok", "metric": "mse", "best_metric": 0.5, "time_total_s": 1.0},
+               "history": [{"epoch": 1}], "telemetry": [{"meta_update": i} for i in range(50)]}
+    result = {"epoch": 1, "done_trial": True, sweep.RESULT_KEY: json.dumps(payload)}
+    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING")
+    recorder.on_trial_result(1, [trial], trial, result)
+    assert stored == [50] and recorder.written == {spec.trial_id}
+    assert sweep.RESULT_KEY not in result and result["done_trial"] and result["epoch"] == 1
+
+
+def test_a_trials_warning_in_a_worker_is_shown_by_the_run(tmp_path, capsys):
+    # meta_per_epoch above an epoch's steps: `ablate train` warns that the trial makes one meta-update
+    # per step instead; in `ablate run` the warning stayed in the Ray worker, whose output the driver
+    # does not show, so the arm silently ran another schedule than it asked for
+    spec = tiny_study(tmp_path, seeds=2, epochs=2, batches=4, ablation="meta_per_epoch: [8]",
+                      extra="adamw: false")
+    run_study(load_study(spec), tmp_path / "results", num_cpus=2, max_concurrent=1)
+    out = capsys.readouterr().out
+    said = re.findall(r"etth1 seed \d meta_per_epoch=8: warning: meta_per_epoch=8 is more than the 4 steps", out)
+    assert len(said) == 1, out  # (once for the arm, not once per seed)
+    assert "baseline: warning" not in out, out
