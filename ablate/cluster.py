@@ -190,8 +190,6 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
 def _warn_if_no_node_fits(study: Study, address: str) -> None:
     """Say so when no node of the joined cluster has the CPUs or GPUs one trial asks for: Ray would
     wait for such a node without end (an autoscaling cluster may add one, so this is no error)."""
-    import ray
-
     if not _trial_nodes(study):  # (per node: a node with the CPUs and another with the GPU hold no such trial)
         asks, has = _asks_and_has(study)
         print(f"ablate: warning: each trial asks for {asks} on one node, which no node of the cluster at {address} "
