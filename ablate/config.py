@@ -120,7 +120,8 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("optimizer", str, "metaadamw", "'adamw' (torch.optim.AdamW reference arm) or 'metaadamw'", ("adamw", "metaadamw")),
         _f("seed", int, 0, "seeds Python, NumPy, torch and the data order", check=_seed),
         _f("device", str, "cpu", "'cpu', 'cuda' or 'auto'", ("cpu", "cuda", "auto")),
-        _f("num_threads", int, None, "torch intra-op threads (default: the CPUs the trial holds)", check=_pos, nullable=True),
+        _f("num_threads", int, None, "torch intra-op threads (default: the CPUs the trial holds under ablate run "
+           "and tune, torch's own count under ablate train; the row records the count used)", check=_pos, nullable=True),
         # budget and training loop
         _f("epochs", int, 10, "maximum number of epochs", check=_pos),
         _f("max_steps", int, None, "stop after this many optimizer steps (null: no step budget)", check=_pos, nullable=True),

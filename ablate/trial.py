@@ -74,23 +74,38 @@ class TrialResult:
         return self.row["best_metric"]
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cuda: bool = True) -> None:
+    """Seed Python's, NumPy's and torch's generators; with ``cuda`` False torch's CPU generator alone
+    (``torch.manual_seed`` seeds every CUDA device too, or queues that seed until CUDA starts: a CPU
+    trial must leave CUDA alone)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    _torch_seed(seed, cuda)
 
 
-def rng_state() -> dict[str, Any]:
-    """The process-wide random states a trial draws from (Python, NumPy, torch, CUDA)."""
+def _torch_seed(seed: int, cuda: bool) -> None:
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(int(seed))
+
+
+def rng_state(cuda: bool | None = None) -> dict[str, Any]:
+    """The process-wide random states a trial draws from (Python, NumPy, torch, and CUDA's with ``cuda``;
+    None: CUDA's where it is available). Reading CUDA's states starts CUDA on every visible GPU (memory
+    in each): a CPU trial passes False."""
+    if cuda is None:
+        cuda = torch.cuda.is_available()
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_available() else None}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], cuda: bool = True) -> None:
+    """Set the states :func:`rng_state` read (CUDA's only with ``cuda``, where the state has them)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if cuda and state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -103,14 +118,20 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _uses_cuda(device: torch.device) -> bool:
+    """Whether a trial on ``device`` draws from (and seeds) CUDA's generators."""
+    return device.type == "cuda"
+
+
 @contextlib.contextmanager
-def _callers_state_kept() -> Iterator[None]:
-    """The process-wide random state and torch's thread count as they were before the block, after it."""
-    outside, threads = rng_state(), torch.get_num_threads()
+def _callers_state_kept(cuda: bool) -> Iterator[None]:
+    """The process-wide random state (CUDA's with ``cuda``) and torch's thread count as they were before
+    the block, after it."""
+    outside, threads = rng_state(cuda), torch.get_num_threads()
     try:
         yield
     finally:
-        set_rng_state(outside)
+        set_rng_state(outside, cuda)
         _set_threads(threads)
 
 
@@ -129,19 +150,23 @@ class Trial:
     """One training run. ``Trial(config).run()`` returns a :class:`TrialResult`."""
 
     def __init__(self, config: dict[str, Any]):
-        with _callers_state_kept():  # (the trial seeds its own random streams and sets its threads)
-            self._build(config)
-
-    def _build(self, config: dict[str, Any]) -> None:
         self.config = resolve_config(config)
+        self.device = _device(self.config["device"])
+        #: whether the trial's random stream holds CUDA's generators (a CPU trial never touches CUDA)
+        self._cuda = _uses_cuda(self.device)
+        with _callers_state_kept(self._cuda):  # (the trial seeds its own random streams and sets its threads)
+            self._build()
+
+    def _build(self) -> None:
         self.trial_id = trial_id(self.config)
         cfg = self.config
         self.spec = get_task(cfg["task"])
+        if not cfg["num_threads"]:  # (the row records the threads it trains with: they change the last digits)
+            cfg["num_threads"] = torch.get_num_threads()
         _set_threads(cfg["num_threads"])
         if cfg["cpu_malloc"] == "keep":
             keep_freed_memory()
-        self.device = _device(cfg["device"])
-        seed_everything(cfg["seed"])
+        seed_everything(cfg["seed"], self._cuda)
         self.task = self.spec.build(cfg)
         check_task_instance(self.spec, self.task)
         self._loss_checked = False  # (the task's loss_fn: checked on the first batch)
@@ -178,8 +203,11 @@ class Trial:
         total = self.steps_per_epoch * cfg["epochs"]
         if cfg["max_steps"]:
             total = min(total, cfg["max_steps"])
-        with torch.random.fork_rng(devices=[]):  # the modulator's init must not shift the training RNG stream
-            torch.manual_seed(cfg["seed"] + 7919)
+        # the modulator's init must not shift the training RNG stream: on the CPU, nor on the trial's GPU
+        # (torch.manual_seed reseeds every CUDA device, and an extractor's group embedding is drawn there)
+        cuda_devices = list(range(torch.cuda.device_count())) if self._cuda else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            _torch_seed(cfg["seed"] + 7919, self._cuda)
             self.optimizer = build_optimizer(cfg, self.model, total_steps=total)
         self.is_meta = isinstance(self.optimizer, MetaAdamW)
 
@@ -201,7 +229,7 @@ class Trial:
         #: this trial's own stream of the process-wide generators (dropout, augmentation, ...):
         #: swapped in for each epoch and out after it, so trials stepped in turn in one process
         #: (``ablate tune`` trains a suggestion's seeds in lockstep) draw what each would alone
-        self._rng = rng_state()
+        self._rng = rng_state(self._cuda)
 
     # -----------------------------------------------------------------------------------------
     def run(self, callback: Callback | None = None, progress: bool = False) -> TrialResult:
@@ -235,13 +263,13 @@ class Trial:
     @contextlib.contextmanager
     def _own_rng(self) -> Iterator[None]:
         """The trial's random stream and torch threads (``num_threads``) swapped in; the caller's back after."""
-        with _callers_state_kept():
-            set_rng_state(self._rng)
+        with _callers_state_kept(self._cuda):
+            set_rng_state(self._rng, self._cuda)
             _set_threads(self.config["num_threads"])
             try:
                 yield
             finally:
-                self._rng = rng_state()
+                self._rng = rng_state(self._cuda)
 
     def finish(self) -> TrialResult:
         """Restore the best weights and build the result (test metrics included)."""
@@ -463,7 +491,10 @@ class Trial:
         state = copy.deepcopy(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self._rng = state["rng"]
+        # (CUDA's states: a CUDA trial's own; one resumed on the CPU leaves CUDA alone, and one resumed on a
+        # GPU from a CPU checkpoint keeps the CUDA stream its seed gave it)
+        cuda = state["rng"].get("cuda") if self._cuda else None
+        self._rng = {**state["rng"], "cuda": cuda if cuda is not None else self._rng["cuda"]}
         for k, g in self._gens.items():
             g.set_state(state["generators"][k])
         for key in ("epoch", "step", "history", "telemetry", "best_value", "best_epoch", "best_state",

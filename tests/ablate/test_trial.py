@@ -507,3 +507,81 @@ def test_train_loss_is_the_mean_over_examples_not_over_batches():
     assert {n for _, n in seen} == {16, 6}
     expected = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
     assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def _fake_cuda(monkeypatch, n=2):
+    """CUDA's RNG functions over CPU generators (a CPU-only torch), and the calls made to them."""
+    gens, calls = [torch.Generator() for _ in range(n)], []
+
+    def rec(name, f):
+        return lambda *a: (calls.append(name), f(*a))[1]
+
+    def idx(d):
+        return 0 if d in ("cuda", None) else (d if isinstance(d, int) else (d.index or 0))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", rec("get_rng_state", lambda d="cuda": gens[idx(d)].get_state()))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", rec("set_rng_state", lambda s, d="cuda": gens[idx(d)].set_state(s)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", rec("get_rng_state_all", lambda: [g.get_state() for g in gens]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        rec("set_rng_state_all", lambda ss: [g.set_state(s) for g, s in zip(gens, ss)]))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", rec("manual_seed_all", lambda s: [g.manual_seed(s) for g in gens]))
+    return gens, calls
+
+
+def test_a_cpu_trial_leaves_cuda_alone_where_cuda_is_available(monkeypatch):
+    # reading CUDA's generator states starts CUDA on every visible GPU (memory on each, per process), and
+    # torch.manual_seed reseeds them (or queues that seed for the caller's CUDA): a device: cpu trial does neither
+    gens, calls = _fake_cuda(monkeypatch)
+    before = [g.get_state() for g in gens]
+    run_trial({**FAST, "epochs": 2, "device": "cpu"})
+    assert calls == []
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, before))
+
+
+def test_a_cuda_trials_cuda_stream_is_its_seeds_and_the_optimizer_build_does_not_shift_it(monkeypatch):
+    # torch.manual_seed(seed + 7919) for the modulator's init reseeded every CUDA generator and fork_rng(devices=[])
+    # did not restore them; an optimizer drawing on the GPU (the 'enhanced' features' group embedding is
+    # torch.randn on the parameters' device) then shifted the CUDA training stream (GPU dropout masks): AdamW and
+    # MetaAdamW trials of one seed were no longer matched pairs. (The CUDA path taken on the CPU here.)
+    import ablate.trial as trial_module
+
+    gens, _ = _fake_cuda(monkeypatch)
+    monkeypatch.setattr(trial_module, "_uses_cuda", lambda device: True, raising=False)
+    real_build = trial_module.build_optimizer
+
+    def build(cfg, model, total_steps=None):
+        opt = real_build(cfg, model, total_steps=total_steps)
+        if cfg["optimizer"] == "metaadamw":
+            torch.randn(3, 4, generator=gens[0])  # (what MetaAdamW(features="enhanced") draws on a GPU)
+        return opt
+
+    monkeypatch.setattr(trial_module, "build_optimizer", build)
+    gens[0].manual_seed(11)
+    outside = [g.get_state() for g in gens]
+    states = {opt: Trial({**FAST, "seed": 3, "optimizer": opt})._rng["cuda"] for opt in ("adamw", "metaadamw")}
+    seeded = torch.Generator().manual_seed(3).get_state()
+    assert all(torch.equal(s, seeded) for opt in states for s in states[opt])
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, outside))  # (the caller's CUDA streams kept)
+
+
+def test_a_cuda_checkpoint_resumed_on_the_cpu_leaves_cuda_alone(monkeypatch):
+    gens, calls = _fake_cuda(monkeypatch)
+    trial = Trial({**FAST, "epochs": 2})
+    trial.run_epoch()
+    state = trial.state_dict()
+    state["rng"]["cuda"] = [g.get_state() for g in gens]  # (as a trial on a GPU saved it)
+    calls.clear()
+    resumed = Trial({**FAST, "epochs": 2})
+    resumed.load_state_dict(state)
+    resumed.run()
+    assert calls == []
+
+
+def test_a_trial_without_num_threads_records_the_threads_it_trained_with(monkeypatch):
+    # ablate train runs a trial with torch's own thread count: the row said num_threads None, while the
+    # results' last digits depend on the count
+    threads = torch.get_num_threads()
+    result = run_trial({**FAST, "epochs": 1, "num_threads": None, "optimizer": "adamw"})
+    assert result.row["num_threads"] == threads
