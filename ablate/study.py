@@ -168,6 +168,8 @@ class _Context:
     tuned_on_seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # the seeds they were tuned on
     adamw_tuned: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # adamw.tuned_from, per task
     adamw_tuned_on_seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    tuned_with: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # the settings they were tuned with
+    adamw_tuned_with: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def where(self, path: str) -> str:
@@ -400,14 +402,14 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     baseline = given.get("baseline")
     if isinstance(baseline, dict) and "priorities_from" in baseline:
         baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
-        ctx.tuned, ctx.tuned_on_seeds = _parse_tuned_file(ctx, given["baseline"]["priorities_from"], base_dir,
-                                                          baseline, given.get("overrides"))
+        ctx.tuned, ctx.tuned_on_seeds, ctx.tuned_with = _parse_tuned_file(
+            ctx, given["baseline"]["priorities_from"], base_dir, baseline, given.get("overrides"))
     ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
     adamw = given.get("adamw", True)
     if isinstance(adamw, dict) and "tuned_from" in adamw:
         adamw = {k: v for k, v in adamw.items() if k != "tuned_from"}
-        ctx.adamw_tuned, ctx.adamw_tuned_on_seeds = _parse_tuned_file(ctx, given["adamw"]["tuned_from"], base_dir,
-                                                                      adamw, arm="adamw")
+        ctx.adamw_tuned, ctx.adamw_tuned_on_seeds, ctx.adamw_tuned_with = _parse_tuned_file(
+            ctx, given["adamw"]["tuned_from"], base_dir, adamw, arm="adamw")
     ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
     _warn_tuned_on_these_seeds(ctx, seeds)
     arms = _parse_adamw(ctx, adamw) + [_Arm("baseline", "", {})]
@@ -420,6 +422,8 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
             "", f"{len(ctx.tasks)} tasks x {len(seeds)} seeds x {len(arms)} arms = {total} trials, more than "
             f"{MAX_TRIALS}; split the study"
         )
+    trials = _expand(ctx, arms, seeds)
+    _warn_tuned_with_other_settings(ctx, trials)
     return Study(
         name=name,
         description=description,
@@ -430,7 +434,7 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
         resources=resources,
         retries=retries,
         plugins=plugins,
-        trials=_expand(ctx, arms, seeds),
+        trials=trials,
         arm_axes={arm.name: arm.axis for arm in arms},
     )
 
@@ -541,6 +545,24 @@ TUNED_ON_SEEDS = "tuned_on_seeds"
 TUNED_FOR = "tuned_for"
 
 
+#: the key of an entry that records the settings the values were tuned with (the searched arm's
+#: resolved :data:`TUNING_CONTEXT_KEYS` on that task, the searched keys left out): a study that
+#: reads them under other settings is warned, naming the keys (files without it are read silently)
+TUNED_WITH = "tuned_with"
+#: the optimizer keys besides MetaAdamW's own that a suggestion's score depends on
+OPTIMIZER_KEYS = ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+#: per ``tune.arm``: the settings :data:`TUNED_WITH` records
+TUNING_CONTEXT_KEYS = {"baseline": (*METAADAMW_KEYS, *OPTIMIZER_KEYS), "adamw": OPTIMIZER_KEYS}
+
+
+def tuning_context(config: dict[str, Any], arm: str, tuned: Iterable[str] = ()) -> dict[str, Any]:
+    """What :data:`TUNED_WITH` records: ``config``'s values of the keys of ``arm``'s
+    :data:`TUNING_CONTEXT_KEYS`, less the ``tuned`` keys (and the keys they replace)."""
+    tuned = set(tuned)
+    tuned |= {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+    return json.loads(json.dumps({k: config[k] for k in TUNING_CONTEXT_KEYS[arm] if k in config and k not in tuned}))
+
+
 #: the files ``ablate tune`` writes (``tune.arm``: baseline or adamw) and the study-file key that reads each
 TUNED_FILES = {"baseline": "best_priorities.yaml", "adamw": "best_adamw.yaml"}
 TUNED_FROM = {"baseline": "baseline.priorities_from", "adamw": "adamw.tuned_from"}
@@ -558,9 +580,10 @@ def _parse_tuned_file(
     """``baseline: {priorities_from: FILE}`` (``arm="baseline"``) or ``adamw: {tuned_from: FILE}``:
     per-task settings from a YAML file written by ``ablate tune`` - ``best_priorities.yaml``:
     ``{task: [p1, p2, p3]}`` or ``{task: {priorities: [...], meta_lr: ...}}``; ``best_adamw.yaml``:
-    ``{task: {lr: ...}}``; either with the ``tuned_on_seeds`` list. A relative path is relative to
-    the study file. A task the priorities file lacks needs its priorities under ``overrides.<task>``
-    (which come after the file's settings anyway). Returns ``({task: settings}, {task: seeds})``."""
+    ``{task: {lr: ...}}``; either with the ``tuned_on_seeds`` list, the ``tuned_for`` arm and the
+    ``tuned_with`` settings. A relative path is relative to the study file. A task the priorities
+    file lacks needs its priorities under ``overrides.<task>`` (which come after the file's settings
+    anyway). Returns ``({task: settings}, {task: seeds}, {task: tuned_with})``."""
     path_s, file_name, adamw = TUNED_FROM[arm], TUNED_FILES[arm], arm == "adamw"
     example = "{lr: 3.0e-4}" if adamw else "{priorities: [1, 2, 0.5], meta_lr: 1.0e-4}"
     if not isinstance(source, str) or not source.strip() or "\0" in source:
@@ -585,7 +608,7 @@ def _parse_tuned_file(
         raise ctx.error(path_s, f"{path} must map task names to "
                                 f"{'AdamW settings, e.g. {etth1: {lr: 3.0e-4}}' if adamw else 'priorities, e.g. {etth1: [1.0, 2.0, 0.5]}'}"
                                 f"; got {_short(data)}")
-    tuned, tuned_on = {}, {}
+    tuned, tuned_on, tuned_with = {}, {}, {}
     for task in ctx.tasks:
         where = f"{path_s} ({path.name}).{task}"
         if task not in data:
@@ -616,11 +639,48 @@ def _parse_tuned_file(
             raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the values "
                                                          f"on, got {_short(seeds)}")
         tuned_on[task] = list(seeds)
+        context = entry.pop(TUNED_WITH, {})
+        if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
+            raise ctx.error(f"{where}.{TUNED_WITH}", f"must be the mapping of the settings `ablate tune` tuned the "
+                                                     f"values with, got {_short(context)}")
+        tuned_with[task] = context
         for key in entry:
             if key in arm_settings:
                 raise ctx.error(where, f"sets {key!r}, which {path_s.split('.')[0]}: sets too; keep one of them")
+            if ALTERNATIVE_KEYS.get(key) in arm_settings:  # (the file's layer would drop the other without a word)
+                raise ctx.error(where, f"sets {key!r}, and {path_s.split('.')[0]}: sets {ALTERNATIVE_KEYS[key]!r}: the "
+                                       f"same meta-update frequency; keep one of them")
         tuned[task] = _check_settings(ctx, entry, where, [task], adamw=adamw)
-    return tuned, tuned_on
+    return tuned, tuned_on, tuned_with
+
+
+def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> None:
+    """Values ``ablate tune`` picked are the best for the settings they were tuned with (the file's
+    ``tuned_with``: the priorities of one meta optimizer, meta_lr and meta-update frequency, say):
+    a study whose tuned arm runs them with other settings gets no tuned values, whatever the file
+    says. Said per tuned arm, naming each task's differing keys (a task whose tuned keys the study's
+    ``overrides.<task>`` all replace is not using them)."""
+    for arm, tuned, tuned_with in (("baseline", ctx.tuned, ctx.tuned_with),
+                                   ("adamw", ctx.adamw_tuned, ctx.adamw_tuned_with)):
+        differ = {}
+        for task, context in tuned_with.items():
+            if not context or set(tuned.get(task, {})) <= set(ctx.overrides.get(task, {})) and tuned.get(task):
+                continue
+            config = next((t.config for t in trials if t.task == task and arm in t.arms), None)
+            if config is None:
+                continue
+            keys = [k for k in context if k in COMMON_FIELDS and config.get(k) != context[k]]
+            if keys:
+                differ[task] = ", ".join(f"{k} (tuned with {json.dumps(context[k])}, here {json.dumps(config.get(k))})"
+                                         for k in keys)
+        if not differ:
+            continue
+        said = "; ".join(f"{task}: {keys}" for task, keys in differ.items())
+        what, whom = ("the priorities", "the baseline") if arm == "baseline" else ("AdamW's settings", "the AdamW arm")
+        warnings.warn(
+            f"{ctx.where(TUNED_FROM[arm])}: {what} were tuned with other settings than {whom} of this study runs them "
+            f"with ({said}), so they are not tuned for it. Use the settings they were tuned with (the file's "
+            f"{TUNED_WITH}), or tune again with this study's settings", stacklevel=3)
 
 
 def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:

@@ -57,10 +57,12 @@ Storage
 
 Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation)
     ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...],
-    tuned_for: baseline}}`` (with ``meta_lr: ...`` and the like when other knobs are tuned), for
+    tuned_for: baseline, tuned_with: {meta_optimizer: ..., ...}}}`` (with ``meta_lr: ...`` and the
+    like when other knobs are tuned; ``tuned_with``: the settings they were tuned with, see
+    :func:`ablate.study.tuning_context`, which a study running others is warned about), for
     ``baseline: {priorities_from: FILE}`` in a study file (with ``arm: adamw``: ``best_adamw.yaml``,
-    ``{task: {lr: ..., tuned_on_seeds: [...], tuned_for: adamw}}``, for ``adamw: {tuned_from:
-    FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
+    ``{task: {lr: ..., tuned_on_seeds: [...], tuned_for: adamw, tuned_with: {...}}}``, for
+    ``adamw: {tuned_from: FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
     state, direction, params_<name>..., datetime_start, datetime_complete, duration_s, epochs,
     baseline, arm, ended, chosen``; ``importances.parquet`` - ``task, param, importance`` (fANOVA,
     complete trials); ``targets.json`` - the run's targets, for the report.
@@ -107,8 +109,8 @@ from ablate.config import (
 )
 from ablate.files import atomic_write_bytes
 from ablate.stats import TUNING_TIE_TOL, tuning_tie
-from ablate.study import (TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, Study, StudyError, _read_yaml, parse_study,
-                          tuned_file_usage)
+from ablate.study import (TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, TUNED_WITH, Study, StudyError, _read_yaml,
+                          parse_study, tuned_file_usage, tuning_context)
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -1649,8 +1651,12 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
             # (at full precision: the values that scored best are the values a study runs)
             # (a deep copy each: the tasks of a cross-task search sharing one list were written as a YAML
             # anchor and aliases, and editing the first task's values in the file changed every task's)
+            # and with what: the values are tuned for these settings of the searched arm (the stored study's
+            # objective record pins them), which a study reading them under others is warned about
+            config = next(m["config"] for m in target.members if m["task"] == task)
             best[task] = {**copy.deepcopy(settings), TUNED_ON_SEEDS: list(spec.study.seeds),
-                          TUNED_FOR: spec.settings.arm}
+                          TUNED_FOR: spec.settings.arm,
+                          TUNED_WITH: tuning_context(config, spec.settings.arm, _searched_keys(spec))}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
         pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction", "baseline", "arm", "ended",
@@ -1674,7 +1680,9 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                   + ("# priorities are [gradient alignment, loss decrease, generalization gap].\n" if arm == "baseline"
                      else "")
                   + f"# {TUNED_ON_SEEDS}: the seeds whose validation metric picked them (compare the optimizers on "
-                    f"other seeds).\n")
+                    f"other seeds).\n"
+                  + f"# {TUNED_WITH}: the settings they were tuned with (a study that runs them with others is "
+                    f"warned).\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
         files["best"] = atomic_write_bytes(out_dir / spec.settings.best_file, text.encode("utf-8"))
     return files, notes

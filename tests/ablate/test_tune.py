@@ -176,6 +176,8 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
     assert list(best) == ["etth1"] and best["etth1"]["priorities"] == [study.best_params[p] for p in PRIORITY_PARAMS], \
         "the values that scored best, at full precision (rounded to 6 digits, a study ran another config)"
     assert best["etth1"]["tuned_on_seeds"] == [0, 1] and best["etth1"]["tuned_for"] == "baseline"  # (where, for whom)
+    with_ = best["etth1"]["tuned_with"]  # (and with what)
+    assert (with_["meta_every"], with_["meta_optimizer"], with_["meta_lr"], with_["modulator_layers"]) == (1, "adam", 0.01, 1)
 
     history = pd.read_parquet(tune_dir / "history.parquet")
     assert {"number", "value", "direction", "state", "task"} <= set(history.columns)
@@ -192,7 +194,8 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
         name: use_best
         tasks: [etth1]
         seeds: {seeds}
-        baseline: {{priorities_from: tune/best_priorities.yaml}}
+        baseline: {{priorities_from: tune/best_priorities.yaml, meta_every: 1, warmup_epochs: 0, modulator_layers: 1,
+                    meta_lr: 0.01, meta_optimizer: adam}}
         """
     study_file = _write(out / "tiny_tune", "use_best.yaml", use_best.format(seeds="[1, 2]"))
     with pytest.warns(UserWarning, match=r"tuned on the validation metric of seeds this study runs too \(etth1: "
@@ -621,7 +624,8 @@ def test_arm_adamw_searches_the_adamw_trials_and_writes_their_best_values_for_ad
     assert not (tune_dir / BEST_FILE).exists()
     best = yaml.safe_load((tune_dir / "best_adamw.yaml").read_text())
     assert best == {"etth1": {"lr": pytest.approx(o.best_params["lr"], rel=1e-5), "tuned_on_seeds": [0, 1],
-                              "tuned_for": "adamw"}}
+                              "tuned_for": "adamw", "tuned_with": {"weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999,
+                                                                   "eps": 1e-8, "grad_clip": None}}}
     assert "adamw: {tuned_from: " in (tune_dir / "best_adamw.yaml").read_text()
     # a study reads them for its AdamW arm (and warns about the seeds they were picked on)
     study = _write(tmp_path, "compare.yaml", """\
@@ -1833,3 +1837,98 @@ def test_asha_ranks_a_suggestion_without_a_value_last_without_nan_arithmetic(tmp
         bracket.on_result(SimpleNamespace(trial_id="a"), 1, -50.0)
         assert bracket.on_result(SimpleNamespace(trial_id="b"), 1, -1.0) == "CONTINUE"
         assert bracket.on_result(SimpleNamespace(trial_id="c"), 1, -diverged[OBJECTIVE]) == "STOP"  # ranked last
+
+
+def test_best_values_record_the_settings_they_were_tuned_with_and_a_study_running_others_is_warned(tmp_path):
+    # best_priorities.yaml held the priorities alone: tuned with meta_optimizer adam, meta_lr 1e-2 and 5
+    # meta-updates per epoch, they were read without a word by a study whose baseline ran sgd, 1e-4 and the
+    # task's K_meta - priorities tuned for another optimizer
+    import optuna
+
+    from ablate.tune import _enqueue_baseline, write_outputs
+
+    spec_path = _write(tmp_path, "t.yaml", """\
+        name: t
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 3}
+        adamw: false
+        baseline: {meta_per_epoch: 5, meta_optimizer: adam, meta_lr: 1.0e-2}
+        tune: {trials: 1, params: {meta_lr: {low: 1.0e-5, high: 1.0e-1, log: true}}}
+        """)
+    spec = load_tune_spec(spec_path)
+    (target,) = build_targets(spec)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="minimize")
+    _enqueue_baseline(study, target, spec)
+    study.tell(study.ask(), 0.5)
+    trial = study.ask()
+    for p in PRIORITY_PARAMS:
+        trial.suggest_float(p, 0.1, 10.0, log=True)
+    trial.suggest_float("meta_lr", 1e-5, 1e-1, log=True)
+    study.tell(trial, 0.25)
+    out = tmp_path / "out"
+    out.mkdir()
+    files, _ = write_outputs(spec, storage, [target], out, "mem")
+    entry = yaml.safe_load(files["best"].read_text())["etth1"]
+    with_ = entry["tuned_with"]
+    assert with_["meta_optimizer"] == "adam" and with_["meta_per_epoch"] == 5 and with_["meta_every"] is None
+    assert with_["weighting"] == "huw_priority" and with_["lr"] == 5e-4
+    assert "priorities" not in with_ and "meta_lr" not in with_, "the searched keys are the entry's own"
+    best = out / "best_priorities.yaml"
+    same = _write(tmp_path, "same.yaml", f"""\
+        name: same
+        tasks: [etth1]
+        seeds: [7]
+        baseline: {{priorities_from: {best}, meta_per_epoch: 5, meta_optimizer: adam}}
+        """)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the settings they were tuned with: nothing to say
+        load_study(same)
+    other = _write(tmp_path, "other.yaml", f"""\
+        name: other
+        tasks: [etth1]
+        seeds: [7]
+        baseline: {{priorities_from: {best}}}
+        ablations: {{meta_optimizer: [adam]}}
+        """)
+    with pytest.warns(UserWarning, match=r"baseline.priorities_from: the priorities were tuned with other settings "
+                                         r"than the baseline of this study runs them with \(etth1: meta_every \(tuned "
+                                         r"with null, here \d+\), meta_per_epoch \(tuned with 5(\.0)?, here null\), "
+                                         r"meta_optimizer \(tuned with \"adam\", here \"sgd\"\)\)"):
+        load_study(other)
+    # overrides that replace every tuned key: the file's values are not used, nothing to warn about
+    replaced = _write(tmp_path, "replaced.yaml", f"""\
+        name: replaced
+        tasks: [etth1]
+        seeds: [7]
+        baseline: {{priorities_from: {best}}}
+        overrides: {{etth1: {{priorities: [1, 1, 1], meta_lr: 1.0e-4}}}}
+        """)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_study(replaced)
+    # a file written before tuned_with (or by hand) is read as before
+    old = {"etth1": {k: v for k, v in entry.items() if k != "tuned_with"}}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_study({"name": "o", "tasks": ["etth1"], "seeds": [7], "baseline": {"priorities_from": "old.yaml"}},
+                    "o.yaml", base_dir=tmp_path)
+    (tmp_path / "bad.yaml").write_text("etth1: {priorities: [1, 1, 1], tuned_with: [adam]}\n")
+    with pytest.raises(StudyError, match=r"\(bad.yaml\).etth1.tuned_with: must be the mapping of the settings"):
+        parse_study({"name": "o", "tasks": ["etth1"], "seeds": [7], "baseline": {"priorities_from": "bad.yaml"}},
+                    "o.yaml", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("file_key, baseline_key", [("meta_every", "meta_per_epoch"), ("meta_per_epoch", "meta_every")])
+def test_the_meta_update_frequency_in_the_priorities_file_and_in_baseline_under_its_other_name_conflicts(
+        tmp_path, file_key, baseline_key):
+    # the same key in both was an error, but the frequency under its other name was dropped without a word
+    # (the file's layer comes after baseline:, and one frequency key drops the other): the study ran the file's
+    (tmp_path / "best.yaml").write_text(f"etth1: {{priorities: [1, 2, 3], {file_key}: 7}}\n")
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9],
+               "baseline": {"priorities_from": "best.yaml", baseline_key: 2}}
+    with pytest.raises(StudyError, match=rf"\(best.yaml\).etth1: sets '{file_key}', and baseline: sets '{baseline_key}': "
+                                         r"the same meta-update frequency; keep one of them"):
+        parse_study(mapping, "s.yaml", base_dir=tmp_path)
