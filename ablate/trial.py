@@ -20,7 +20,6 @@ same dropout masks and augmentations: seeds are matched pairs.
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import copy
 import dataclasses
@@ -294,6 +293,7 @@ class Trial:
         n_batches, t_meta, meta_before = 0, 0.0, self.meta_updates
         t0 = time.perf_counter()
         batches = _limit(self.train_loader, self.steps_per_epoch)
+        sizes = _batch_sizes(self.train_loader)  # (the examples of each batch, as the loader batches them)
         if progress:
             from tqdm.auto import tqdm
 
@@ -317,7 +317,7 @@ class Trial:
                 t_meta += time.perf_counter() - tm
             self.optimizer.step()
             value = loss.detach()
-            size = _batch_examples(batch)
+            size = next(sizes)
             loss_sum += value * size
             n_examples += size
             newly = ~torch.isfinite(value) & (first_bad < 0)
@@ -556,18 +556,21 @@ def run_trial(config: dict[str, Any], *, callback: Callback | None = None, resum
     return trial.run(callback, progress=progress)
 
 
-def _batch_examples(batch: Any) -> int:
-    """The examples in a batch: the leading dimension of its first tensor (in a tuple, list or mapping, as
-    Lightning infers a logged value's batch size); 1 where it holds none."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, collections.abc.Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            if isinstance(item, (torch.Tensor, list, tuple, collections.abc.Mapping)):
-                return _batch_examples(item)
-    return 1
+def _batch_sizes(loader: DataLoader) -> Iterator[int]:
+    """The examples in each batch of ``loader``, in order: its batch size, and the rest of the
+    dataset in a last, partial batch. From the loader's batching, not from the batch's tensors,
+    whose leading dimension need not be the examples (sequence-first ``(T, B)`` batches, a packed
+    sequence, a list of strings before the tensors)."""
+    size = loader.batch_size
+    if size is None or loader.batch_sampler is None:  # (a loader without automatic batching: one example a batch)
+        return itertools.repeat(1)
+    try:
+        n = len(loader.sampler)  # (the examples an epoch draws: a task's own sampler may draw other than all)
+    except TypeError:  # (a sampler without a length: each batch counts alike)
+        return itertools.repeat(1)
+    if loader.drop_last:
+        return itertools.repeat(size, n // size)
+    return (min(size, n - start) for start in range(0, n, size))
 
 
 def _limit(loader: DataLoader, n: int) -> Iterator:

@@ -117,6 +117,8 @@ PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
 #: The metric every report carries (the objective so far) and the flag of a trial's last report.
 OBJECTIVE = "objective"
 FINAL = "final"
+#: the key of the first report that carries the members' warnings (a JSON list), which the driver prints
+WARNINGS_KEY = "member_warnings"
 #: the objective a report carries while the suggestion has no finite value (negated when maximising)
 NO_VALUE = sys.float_info.max
 JOURNAL_FILE = "optuna.journal"
@@ -602,10 +604,15 @@ def tune_trainable(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     members = config["members"]
     trials = []
-    for m in members:
-        cfg = apply_settings(m["config"], settings)
-        cfg["num_threads"] = cfg.get("num_threads") or threads
-        trials.append(Trial(cfg))
+    # the members' warnings (meta_per_epoch above an epoch's steps, data that is not the published set, ...):
+    # a worker's output does not reach the driver, which prints them with the first result, as `ablate run` does
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for m in members:
+            cfg = apply_settings(m["config"], settings)
+            cfg["num_threads"] = cfg.get("num_threads") or threads
+            trials.append(Trial(cfg))
+    member_warnings = list(dict.fromkeys(str(w.message) for w in caught))
     minimize = config["direction"] == "minimize"
     start = time.monotonic()
     for epoch in range(1, max(t.config["epochs"] for t in trials) + 1):
@@ -625,6 +632,7 @@ def tune_trainable(config: dict[str, Any]) -> None:
             "member_values": json.dumps([None if not math.isfinite(v) else v for v in values]),
             "member_epochs": json.dumps([t.epoch for t in trials]),
             "member_stops": json.dumps([t.stop_reason for t in trials]),
+            **({WARNINGS_KEY: json.dumps(member_warnings)} if epoch == 1 and member_warnings else {}),
         })
         if done:
             return
@@ -1307,11 +1315,16 @@ def _progress_callback(target: Target, searcher, study, planned: int):
         def __init__(self) -> None:
             self.done = self.errors = 0
             self.start = self.last_beat = time.monotonic()
+            self.warned: set[str] = set()  # the members' warnings printed
 
         def on_trial_start(self, iteration, trials, trial, **info):
             searcher.ray_trials[trial.trial_id] = trial
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            for message in json.loads(result.get(WARNINGS_KEY) or "[]"):  # (every suggestion warns alike: once)
+                if message not in self.warned:
+                    self.warned.add(message)
+                    print(f"[{target.key}] warning: {message}", flush=True)
             now = time.monotonic()
             if now - self.last_beat < HEARTBEAT_S:
                 return

@@ -585,3 +585,47 @@ def test_a_trial_without_num_threads_records_the_threads_it_trained_with(monkeyp
     threads = torch.get_num_threads()
     result = run_trial({**FAST, "epochs": 1, "num_threads": None, "optimizer": "adamw"})
     assert result.row["num_threads"] == threads
+
+
+def test_train_loss_weighs_each_batch_by_its_examples_whatever_the_batchs_layout():
+    # a sequence-first (T, B) batch (nn.LSTM's and nn.Transformer's default layout): the first tensor's leading
+    # dimension is its length T, not its examples; 50 examples in batches of 16 end with a batch of 2
+    from torch import nn
+
+    from ablate.tasks import TASKS, TaskInstance, register_task
+
+    def build(config):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(50, 5, generator=g), torch.randn(50, generator=g))
+
+        def collate(items):
+            return torch.stack([x for x, _ in items], 1), torch.stack([y for _, y in items])
+
+        def loss_fn(model, batch):
+            return ((model(batch[0].mean(0, keepdim=True).T).squeeze(1) - batch[1]) ** 2).mean()
+
+        def evaluate(model, loader):
+            sums = [(((model(x.mean(0, keepdim=True).T).squeeze(1) - y) ** 2).sum().item(), len(y)) for x, y in loader]
+            return {"mse": sum(s for s, _ in sums) / sum(n for _, n in sums)}
+
+        return TaskInstance(name="seqfirst_task", model=nn.Linear(1, 1), train=data, val=data, loss_fn=loss_fn,
+                            evaluate=evaluate, data_source="synthetic:seqfirst", collate_fn=collate)
+
+    register_task("seqfirst_task", metrics=[("mse", "min")], defaults={"epochs": 1, "batch_size": 16})(build)
+    try:
+        trial = Trial({"task": "seqfirst_task", "optimizer": "adamw", "num_threads": 1, "patience": 0})
+        seen = []
+        loss_fn = trial.task.loss_fn
+
+        def spy(model, batch):
+            loss = loss_fn(model, batch)
+            seen.append((loss.item(), len(batch[1])))
+            return loss
+
+        trial.task.loss_fn = spy
+        result = trial.run()
+    finally:
+        TASKS.remove("seqfirst_task")
+    assert [n for _, n in seen] == [16, 16, 16, 2]
+    expected = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
+    assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)

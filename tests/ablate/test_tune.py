@@ -1932,3 +1932,25 @@ def test_the_meta_update_frequency_in_the_priorities_file_and_in_baseline_under_
     with pytest.raises(StudyError, match=rf"\(best.yaml\).etth1: sets '{file_key}', and baseline: sets '{baseline_key}': "
                                          r"the same meta-update frequency; keep one of them"):
         parse_study(mapping, "s.yaml", base_dir=tmp_path)
+
+
+def test_a_members_warning_in_a_worker_is_shown_by_the_search(tmp_path, ray_address, capsys):
+    # meta_per_epoch above an epoch's steps: `ablate train` and `ablate run` warn that each member makes one
+    # meta-update per step instead; in `ablate tune` the warning stayed in the Ray worker, whose output the
+    # driver does not show
+    spec = _write(tmp_path, "tw.yaml", """\
+        name: tw
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 1, max_train_batches: 4, patience: 0}
+        baseline: {meta_per_epoch: 8, warmup_epochs: 0, modulator_layers: 1}
+        adamw: false
+        tune:
+          trials: 2
+          max_concurrent: 1
+          priorities: {low: 0.5, high: 10.0, log: true}
+        """)
+    run_tune(load_tune_spec(spec), tmp_path / "results")
+    out = capsys.readouterr().out
+    said = re.findall(r"warning: meta_per_epoch=8 is more than the 4 steps", out)
+    assert len(said) == 1, out  # (once for the search, not once per suggestion)
