@@ -61,7 +61,13 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
             print(f"ablate: error: --set expects key=value, got {item!r}", file=sys.stderr)
             raise SystemExit(2)
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
+        key = key.strip()
+        if key in out:  # (as a study file refuses a duplicate key: the first value was silently dropped)
+            first = next(i for i in items if "=" in i and i.split("=", 1)[0].strip() == key)
+            print(f"ablate: error: --set {key} is given twice ({first.split('=', 1)[1].strip()!r}, then "
+                  f"{value.strip()!r}): give each key once", file=sys.stderr)
+            raise SystemExit(2)
+        out[key] = _parse_value(value.strip())
     return out
 
 
@@ -290,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seeds the model, the batches and dropout (default: 0)")
     s.add_argument("--data", choices=["embedded", "real"], help="embedded (default) or real")
     s.add_argument("--data-dir", help="directory of the real dataset (else $ABLATE_DATA_DIR)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any trial-config key (repeatable)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any trial-config key (repeatable, each key once)")
     s.add_argument("--checkpoint", help="save a checkpoint to this file after every epoch")
     s.add_argument("--resume", help="resume from a checkpoint file")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

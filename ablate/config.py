@@ -252,6 +252,12 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
                           f"{', '.join(map(str, allowed))}")
     if field.check is not None and not field.check(value):
         raise ConfigError(f"{where}: {key}={value!r} must be {field.check_doc} ({field.doc})")
+    if key in ("features", "grouping", "objective", "weighting"):  # (a plugin's: called as MetaAdamW calls it?)
+        from metaadamw.optimizer import component_signature_problem
+
+        problem = component_signature_problem(key, value)
+        if problem:
+            raise ConfigError(f"{where}: {key}={value!r}: {problem}")
 
 
 def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cross_keys: bool = True) -> dict[str, Any]:

@@ -477,7 +477,7 @@ def plot_tune_importances(importances: pd.DataFrame, out_dir: Path) -> Path | No
 
 
 # -- report sections ----------------------------------------------------------------------------
-def _planned_arms(results_dir: Path) -> set[str]:
+def planned_arms(results_dir: Path) -> set[str]:
     """The arms of the study as last run (its manifest), stored results or not."""
     manifest = read_manifest(results_dir) or {}
     return {str(a) for labels in manifest.values() for a in stats.arm_list(labels.get("arms"), labels.get("arm")) if a}
@@ -540,7 +540,7 @@ _SIG_LEGEND = (
 )
 
 
-def _too_few_seeds(n_pairs: pd.Series, alpha: float) -> str:
+def too_few_seeds_note(n_pairs: pd.Series, alpha: float = stats.ALPHA) -> str:
     """A sentence when no row can be significant: with n pairs the smallest sign-flip p is 2/2^n
     (1/(1 + draws) beyond the exact test's seeds)."""
     n = int(pd.to_numeric(n_pairs, errors="coerce").max()) if len(n_pairs) and n_pairs.notna().any() else 0
@@ -552,10 +552,11 @@ def _too_few_seeds(n_pairs: pd.Series, alpha: float) -> str:
             + (f" (it takes {fewest} seeds or more, before Holm's adjustment)." if fewest else "."))
 
 
-def _absent_arms(results: Results, t3: pd.DataFrame, planned_arms: set[str], split: str) -> str:
+def absent_arms_note(results: Results, t3: pd.DataFrame, planned: set[str] = frozenset(), split: str = "validation") -> str:
     """The ablation arms of the study with no row for some task of this table (no trial, or none
-    to compare there), named: they leave the table, its figure and the Holm family."""
-    arms = {a for a in set(stats.explode_arms(results.trials)["arm"]) | set(planned_arms) if stats.is_ablation_arm(a)}
+    to compare there), named: they leave the table, its figure and the Holm family. ``planned``:
+    :func:`planned_arms` of the results directory."""
+    arms = {a for a in set(stats.explode_arms(results.trials)["arm"]) | set(planned) if stats.is_ablation_arm(a)}
     tasks = stats.tasks_with_test_split(results) if split == "test" else sorted(results.trials["task"].unique())
     shown = set(zip(t3["task"], t3["arm"]))
     absent = [f"{task} {arm}" for task in tasks for arm in sorted(arms) if (task, arm) not in shown]
@@ -620,7 +621,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
         return blocks
     blocks = [heading, _table(table2_display(t2)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
-                    + _too_few_seeds(t2["n_pairs"], alpha)
+                    + too_few_seeds_note(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
                       "the matched seeds relative to AdamW's: positive = slower, unlike the other columns"
                     + "; ref_* columns are trivial references (on this split)." + undefined_relative_note(t2) + left_out)]
@@ -648,14 +649,19 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
                     "ran it once for both. " + _SPLIT_NOTE[split] + " "
                     + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task")
-                    + _too_few_seeds(t3["n_pairs"][~t3["same_as_baseline"].astype(bool)] if "same_as_baseline" in t3
-                                     else t3["n_pairs"], alpha)
-                    + undefined_relative_note(t3) + _absent_arms(results, t3, planned_arms, split))]
+                    + too_few_seeds_note(table3_compared_pairs(t3), alpha)
+                    + undefined_relative_note(t3) + absent_arms_note(results, t3, planned_arms, split))]
     for task in sorted(t3["task"].unique()):
         caption = f"{task}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
         blocks += _figure(plot_ablation_bars(t3, task, fig_dir, suffix="" if split == "validation" else "_test"),
                           caption)
     return blocks
+
+
+def table3_compared_pairs(t3: pd.DataFrame) -> pd.Series:
+    """The paired-seed counts of the rows of :func:`ablate.stats.table3` that compare (not the
+    arms whose level is the baseline's own), for :func:`too_few_seeds_note`."""
+    return t3["n_pairs"][~t3["same_as_baseline"].astype(bool)] if "same_as_baseline" in t3 else t3["n_pairs"]
 
 
 def _test_split_sections(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
@@ -683,13 +689,13 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               f"p (Holm) adjusts p over the fitted effects; * marks p (Holm) < {alpha}, shown (*) - not "
               f"marked - where a cell the effect favours has no ok result on a seed where other cells have one "
               f"(the fit cannot count a divergence, so the effect would rest on the seeds that cell survived). "
-              f"Observations: {int(effects['n'].iloc[0])}." + _factorial_missing_note(results)),
+              f"Observations: {int(effects['n'].iloc[0])}." + factorial_missing_note(results)),
         _table(factorial_display(effects)),
         *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
     ]
 
 
-def _factorial_missing_note(results: Results) -> str:
+def factorial_missing_note(results: Results) -> str:
     """The cell-seeds the factorial fit leaves out, named (the first ten)."""
     missing = stats.factorial_missing(results)
     if missing.empty:
@@ -804,7 +810,7 @@ def tune_states(history: pd.DataFrame, planned: Sequence[str] = ()) -> tuple[pd.
     return pd.DataFrame(rows), unfinished
 
 
-def _tune_targets(tune: Path) -> list[str]:
+def tune_targets(tune: Path) -> list[str]:
     """The targets the last `ablate tune` run into this folder had (none known: an older folder)."""
     try:
         keys = json.loads((tune / TUNE_TARGETS_FILE).read_text(encoding="utf-8"))
@@ -818,7 +824,7 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
     blocks, history = [], pd.DataFrame()
     if (tune / "history.parquet").exists():
         history = pd.read_parquet(tune / "history.parquet")
-        counts, unfinished = tune_states(history, _tune_targets(tune))
+        counts, unfinished = tune_states(history, tune_targets(tune))
         if len(counts):
             blocks += [_table(counts)]
         if len(unfinished):
@@ -832,13 +838,20 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
     if (tune / "importances.parquet").exists():
         importances = pd.read_parquet(tune / "importances.parquet")
         blocks += _figure(plot_tune_importances(importances, fig_dir), "tuning study parameter importances")
-        if "task" in history:
-            lacking = sorted(set(history["task"].astype(str)) - set(importances.get("task", pd.Series(dtype=str)).astype(str)))
-            if lacking:
-                blocks += [_text(f"No parameter importances for {', '.join(lacking)}: fewer than two finished "
-                                 f"suggestions, or scores that do not vary with the searched values (fANOVA has "
-                                 f"nothing to attribute; `ablate tune` says which).")]
+        note = missing_importances_note(history, importances)
+        if note:
+            blocks += [_text(note)]
     return [_heading("Tuning study (Optuna)"), *blocks] if blocks else []
+
+
+def missing_importances_note(history: pd.DataFrame, importances: pd.DataFrame) -> str:
+    """The sentence naming the tuned tasks without parameter importances ("" when none)."""
+    if "task" not in history:
+        return ""
+    lacking = sorted(set(history["task"].astype(str)) - set(importances.get("task", pd.Series(dtype=str)).astype(str)))
+    return (f"No parameter importances for {', '.join(lacking)}: fewer than two finished suggestions, or scores "
+            f"that do not vary with the searched values (fANOVA has nothing to attribute; `ablate tune` says "
+            f"which)." if lacking else "")
 
 
 def _failed_section(results: Results) -> list[Block]:
@@ -858,7 +871,7 @@ def _failed_section(results: Results) -> list[Block]:
 def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: float = stats.ALPHA,
                  progress: Callable[[str], None] = lambda _: None) -> list[Block]:
     """Every section of the report, in order, drawing figures into ``fig_dir`` on the way."""
-    planned = _planned_arms(results_dir)
+    planned = planned_arms(results_dir)
     blocks = _intro(results, results_dir, planned)
     steps = [
         ("Table 2", lambda: _table2_section(results, fig_dir, alpha)),

@@ -1,6 +1,7 @@
 """The meta-update: train the modulator through one hypothetical MetaAdamW step.
 
-    1. g      = grad L(theta; batch1)            (first order, a constant; or the caller's .grad),
+    1. g      = grad L(theta; batch1)            (first order, a constant; or the caller's .grad;
+                                                  a frozen tensor's .grad, with which step() moves it),
        and L_val = L(theta; val)                 (a constant, computed here while no graph is held)
     2. m', v' = AdamW moments updated with g; features at theta      (paper Algorithm 2)
     3. alpha, beta, lambda1, lambda2 = modulator(features)           (with a graph)
@@ -388,9 +389,16 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             loss1 = _loss(loss_fn, model, batch1)
             grads = _grad(loss1, [params[i] for i in trainable], zero=False, require="the loss on batch1")
             del loss1
-        active = [i for i, g in zip(trainable, grads) if g is not None]
-        g = [gr.detach() for gr in grads if gr is not None]
-        del grads
+        # frozen tensors (requires_grad=False) that hold a .grad - a zero one that zero_grad(set_to_none=False)
+        # left, or one from before they were frozen - are moved by step() with that .grad, as torch.optim.AdamW
+        # moves them (no backward pass changes it): theta' moves them with it too, the step that will be taken
+        frozen = {i: params[i].grad for i, p in enumerate(params) if not p.requires_grad and p.grad is not None}
+        by_index = {i: gr for i, gr in zip(trainable, grads) if gr is not None}
+        n_trainable_active = len(by_index)
+        by_index.update(frozen)
+        active = sorted(by_index)
+        g = [by_index[i].detach() for i in active]
+        del grads, by_index, frozen
         F.check_dense(g)
         # L(theta; val), with grad enabled as the pass at theta' runs: some modules compute otherwise
         # without it (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must
@@ -455,9 +463,10 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         swap = {id(params[i]): leaf for i, leaf in zip(active, leaves)}
         names = {id(params[i]): opt.tensor_info[i].name or f"parameter {i}" for i in active}
         # (swapped out of the model for the passes at theta': a loss there that reaches them is refused)
-        swapped_out = [(names[id(params[i])], params[i]) for i in active]
-        partial = "" if len(active) == len(trainable) else (
-            f" theta' moves only the {len(active)} of {len(trainable)} trainable tensors that have a gradient on batch 1"
+        # (frozen tensors left out: autograd cannot be asked about a tensor that requires no grad)
+        swapped_out = [(names[id(params[i])], params[i]) for i in active if params[i].requires_grad]
+        partial = "" if n_trainable_active == len(trainable) else (
+            f" theta' moves only the {n_trainable_active} of {len(trainable)} trainable tensors that have a gradient on batch 1"
             f" (the others' step would be zero): a loss that uses none of them - a multi-task model whose batch 1 "
             f"and batch 2 come from different tasks - reaches none. Draw batch 2 and the validation batch from "
             f"what batch 1 trains.")

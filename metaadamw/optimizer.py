@@ -191,8 +191,14 @@ class MetaAdamW(torch.optim.Optimizer):
                           f"them (weighting={weighting!r})", stacklevel=2)
         feature_cls = FEATURES.get(features)
         GROUPINGS.get(grouping)  # (an unknown name is refused here, before anything is built)
-        objective_obj = _make_objective(objective)
+        OBJECTIVES.get(objective)
         weighting_cls = WEIGHTINGS.get(weighting)
+        for kind, name in (("features", features), ("grouping", grouping), ("objective", objective),
+                           ("weighting", weighting)):  # (a user's component: named, not a bare TypeError)
+            problem = component_signature_problem(kind, name)
+            if problem:
+                raise TypeError(f"MetaAdamW: {problem}")
+        objective_obj = _make_objective(objective)
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -1417,6 +1423,40 @@ def _is_int(v: Any) -> bool:
 
 
 _OBJECTIVE_ATTRIBUTES = ("terms", "signed_terms", "second_order", "needs_train_loss", "needs_val")
+
+#: how MetaAdamW calls the component each config key names: (registry, the call in words, arguments to bind)
+_COMPONENT_CALLS: dict[str, tuple[Any, str, tuple[Any, ...], dict[str, Any]]] = {
+    "features": (FEATURES, "cls(layout, *, time_step, second_moment) -> a metaadamw.FeatureExtractor",
+                 (None,), dict(time_step=True, second_moment=True)),
+    "grouping": (GROUPINGS, "fn(tensors: list[TensorInfo]) -> one group name per tensor", ([],), {}),
+    "objective": (OBJECTIVES, "cls() with no arguments (or register an instance of it)", (), {}),
+    "weighting": (WEIGHTINGS, "cls(terms, signed_terms, *, priorities, weights, form) -> a metaadamw.Weighting",
+                  ((), ()), dict(priorities=None, weights=None, form="regression")),
+}
+
+
+def component_signature_problem(kind: str, name: str) -> str | None:
+    """Why the component registered as ``name`` for ``kind`` ('features', 'grouping', 'objective' or
+    'weighting') cannot be called as MetaAdamW calls it (None: it can, or its signature cannot be
+    read): a plugin's constructor with the wrong signature is named with the expected call when the
+    optimizer is made - and by ``ablate`` when a study is loaded, once, not in every trial."""
+    registry, expected, args, kwargs = _COMPONENT_CALLS[kind]
+    if name not in registry:
+        return None  # (the registry's own error names what exists)
+    obj = registry.get(name)
+    if kind == "objective" and not isinstance(obj, type):
+        return None  # an instance is used as it is; a factory is checked by _make_objective
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # no signature to read (a builtin): left to the call
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        what = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+        return (f"the {registry.kind} {name!r} ({what}{signature}) cannot be called as MetaAdamW calls it, "
+                f"{expected} ({exc})")
+    return None
 
 
 def _make_objective(name: str) -> Any:

@@ -358,3 +358,14 @@ def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
         main(["run", str(quick), "--extra-seeds", "0", "--dry-run"])
     assert exit_.value.code == 2
     assert "argument --extra-seeds: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_with_set_is_an_error_naming_it(capsys):
+    # `--set lr=1e-3 --set lr=1e-2` silently kept the last value (a study file refuses a duplicate key)
+    from ablate.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--task", "etth1", "--set", "lr=1e-3", "--set", "epochs=1", "--set", " lr=1e-2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--set lr is given twice ('1e-3', then '1e-2'): give each key once" in err

@@ -199,3 +199,50 @@ def test_custom_feature_extractor_notebook_writes_its_files_to_a_path_with_a_spa
     everything = "\n".join(outputs_by_cell(nb))
     assert "'grad_stats'" in everything and "study custom_features: 6 trials" in everything
     assert (work / "grad_stats_features.py").exists() and (work / "custom_features.yaml").exists()
+
+
+def test_analysis_notebook_prints_the_notes_the_report_prints(tmp_path, report_kit, monkeypatch, kernel):
+    # the notebook left out notes `ablate report` prints: that with 3 seeds no row can be significant, the
+    # ablation arms with no row on a task, the factorial cell-seeds left out of the fit, the tuning targets
+    # without a stored suggestion and the tuned tasks without parameter importances
+    import pandas as pd
+
+    from ablate.results import TUNE_TARGETS_FILE, write_trial
+
+    for task in ("etth1", "imdb"):
+        for arm in ("adamw", "baseline", "gating=true"):
+            for seed in range(3) if (task, arm) != ("imdb", "gating=true") else ():
+                best = 0.5 + 0.01 * seed + (0.05 if arm == "adamw" else 0.0)
+                row = report_kit.trial_row(task, arm, seed, best)
+                row.update(arms=json.dumps([arm]))
+                write_trial(tmp_path, row, report_kit.history_rows(task, arm, best))
+    for (grouping, gating), values in report_kit.FACTORIAL_METRICS.items():
+        arm = f"factorial:grouping={grouping},gating={gating}"
+        for seed, best in enumerate(values):
+            row = report_kit.trial_row("etth1", "baseline", seed, best)
+            row.update(trial_id=f"f-{grouping}-{gating}-{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            if (grouping, gating, seed) == ("original", "true", 2):
+                row.update(status="diverged", best_metric=float("nan"), stop_reason="diverged")
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", "baseline", best))
+    tune = tmp_path / "tune"
+    tune.mkdir()
+    pd.DataFrame({"task": ["etth1", "etth1", "imdb", "imdb"], "number": [0, 1, 0, 1], "value": [0.9, 0.7, 0.5, 0.5],
+                  "state": ["COMPLETE"] * 4, "params_p_gradient": [1.0, 2.0, 1.0, 2.0]}).to_parquet(tune / "history.parquet")
+    pd.DataFrame({"task": ["etth1"], "param": ["p_gradient"], "importance": [1.0]}).to_parquet(tune / "importances.parquet")
+    (tune / TUNE_TARGETS_FILE).write_text(json.dumps(["etth1", "imdb", "cifar10"]))
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    notes = ["With at most 3 paired seed(s) here the smallest sign-flip p is 0.25, not below 0.05",
+             "Not in this table (no trial of the arm on that task with a result to compare): imdb gating=true.",
+             "Left out of the fit, 1 cell-seed(s) without an ok result where other cells of the seed have one: "
+             "grouping=original,gating=true on etth1 seed 2 (diverged).",
+             "No parameter importances for imdb: fewer than two finished suggestions"]
+    for note in notes:
+        assert note in md, note
+    assert "| cifar10 | 0 | 0 | 0 | 0 | 0 | no suggestion stored |" in md
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    everything = "\n".join(outputs_by_cell(nb))
+    for note in notes:
+        assert note in everything, note
+    assert "no suggestion stored" in everything and "cifar10" in everything

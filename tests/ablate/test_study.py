@@ -577,7 +577,8 @@ def isolated_imports(monkeypatch):
 
 def test_a_plugin_next_to_the_study_file_registers_a_feature_extractor(tmp_path, isolated_imports):
     (tmp_path / "study_plugin_features.py").write_text(
-        "from metaadamw import FEATURES\n\nFEATURES.add('plugin_features', type('PluginFeatures', (), {}))\n"
+        "from metaadamw import FEATURES\n\n\nclass PluginFeatures:\n    def __init__(self, layout, *, time_step, second_moment):\n"
+        "        pass\n\n\nFEATURES.add('plugin_features', PluginFeatures)\n"
     )
     try:
         study = load(tmp_path, plugins=["study_plugin_features"], ablations={"features": ["plugin_features"]})
@@ -775,3 +776,17 @@ def test_keys_of_a_priorities_from_file_that_adamw_does_not_get_are_warned_about
         load(tmp_path, tasks=["tiny_ts"], baseline={"priorities_from": "best_priorities.yaml"},
              overrides={"tiny_ts": {"lr": 1e-3}})
         load(tmp_path, tasks=["tiny_ts"], baseline={"lr": 1e-3}, adamw={"tuned_from": "best_adamw.yaml"})
+
+
+def test_a_plugin_component_with_the_wrong_signature_fails_the_study_load_not_every_trial(tmp_path, isolated_imports):
+    # the study loaded, and every trial of the sweep failed with a bare TypeError from the constructor
+    (tmp_path / "study_plugin_wrong.py").write_text(
+        "from metaadamw import WEIGHTINGS\nfrom metaadamw.weighting import Sum\n\n\n"
+        "class Wrong(Sum):\n    def __init__(self, terms):\n        super().__init__(terms)\n\n\n"
+        "WEIGHTINGS.add('plugin_wrong', Wrong)\n")
+    try:
+        message = error(tmp_path, {**BASE, "plugins": ["study_plugin_wrong"], "ablations": {"weighting": ["plugin_wrong"]}})
+        assert "weighting='plugin_wrong': the loss weighting 'plugin_wrong' (study_plugin_wrong.Wrong(terms)) cannot be " \
+               "called as MetaAdamW calls it, cls(terms, signed_terms, *, priorities, weights, form)" in message
+    finally:
+        metaadamw.WEIGHTINGS.remove("plugin_wrong")

@@ -1638,3 +1638,33 @@ def test_a_loss_that_reads_parameters_through_references_of_its_own_is_a_clear_e
         return mse(m, batch) + 0.5 * sum((p ** 2).sum() for p in m.parameters())
 
     assert not opt.meta_step(model, model_read, *batches).skipped
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+@pytest.mark.parametrize("own_batch1", [False, True])
+def test_theta_prime_moves_a_frozen_tensor_with_a_leftover_grad_as_step_does(meta_gradient, own_batch1):
+    # a frozen tensor that keeps a (zero) .grad after zero_grad(set_to_none=False) is moved by step(), as
+    # torch.optim.AdamW moves it (momentum, weight decay): theta' left it where it was, so the meta-gradient
+    # modelled another step than the one taken (and the features at theta left its statistics out)
+    model, batches = mlp(), regression_batches()
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, meta_lr=1e-30, objective="gradient", weighting="sum",
+                    meta_gradient=meta_gradient, **small_kwargs())
+    _step(model, opt, batches[0])
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    opt.zero_grad(set_to_none=False)
+    mse(model, batches[0]).backward()
+    seen = []
+
+    def recording(m, b):
+        if b is batches[1]:
+            seen.append([p.detach().clone() for p in m.parameters()])
+        return mse(m, b)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.meta_step(model, recording, batches[0] if own_batch1 else None, batches[1], batches[2])
+    theta_prime = seen[0]  # (the first pass on batch 2: at theta')
+    opt.step()
+    assert not torch.equal(frozen.detach(), before[0])  # step() moved it
+    for p, q in zip(model.parameters(), theta_prime):
+        torch.testing.assert_close(q, p.detach(), rtol=0, atol=1e-6)

@@ -489,3 +489,49 @@ def test_register_refuses_an_empty_name_instead_of_using_the_class_name():
         assert "Unnamed" not in FEATURES.list()
     finally:
         FEATURES.remove("Unnamed")
+
+
+class _WrongFeatures(metaadamw.features.Basic):
+    def __init__(self, layout):  # (MetaAdamW passes time_step= and second_moment= too)
+        super().__init__(layout)
+
+
+class _WrongObjective(metaadamw.objectives.Combined):
+    def __init__(self, scale):  # (a registered class is instantiated with no arguments)
+        super().__init__()
+
+
+class _WrongWeighting(metaadamw.weighting.Sum):
+    def __init__(self, terms):  # (MetaAdamW passes signed_terms, priorities=, weights=, form= too)
+        super().__init__(terms)
+
+
+def _wrong_grouping(tensors, model):  # (a grouping is called with the tensors alone)
+    return ["all"] * len(tensors)
+
+
+_WRONG_SIGNATURES = [
+    (FEATURES, "features", _WrongFeatures, r"cls\(layout, \*, time_step, second_moment\)"),
+    (GROUPINGS, "grouping", _wrong_grouping, r"fn\(tensors: list\[TensorInfo\]\)"),
+    (OBJECTIVES, "objective", _WrongObjective, r"cls\(\) with no arguments"),
+    (WEIGHTINGS, "weighting", _WrongWeighting, r"cls\(terms, signed_terms, \*, priorities, weights, form\)"),
+]
+
+
+@pytest.mark.parametrize("registry, option, component, expected", _WRONG_SIGNATURES, ids=[w[1] for w in _WRONG_SIGNATURES])
+def test_a_component_with_the_wrong_signature_is_named_with_the_call_expected(registry, option, component, expected):
+    # a bare TypeError ("__init__() got an unexpected keyword argument 'time_step'") named neither the
+    # registered component nor how MetaAdamW calls it; ablate's study load let it through, and every trial failed
+    from ablate.config import ConfigError, resolve_config
+
+    registry.add("test_wrong_signature", component)
+    try:
+        with pytest.raises(TypeError, match=rf"MetaAdamW: the {registry.kind} 'test_wrong_signature' "
+                                            rf"\(.*{component.__qualname__}\(.*\)\) cannot be called as MetaAdamW "
+                                            rf"calls it, {expected}"):
+            MetaAdamW(mlp().named_parameters(), **{option: "test_wrong_signature"}, **small_kwargs())
+        with pytest.raises(ConfigError, match=rf"{option}='test_wrong_signature': the {registry.kind} "
+                                              rf"'test_wrong_signature' .* cannot be called as MetaAdamW calls it"):
+            resolve_config({"task": "etth1", option: "test_wrong_signature"})
+    finally:
+        registry.remove("test_wrong_signature")
