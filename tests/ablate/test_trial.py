@@ -493,7 +493,14 @@ def test_the_trial_evaluates_in_eval_mode_whatever_the_tasks_evaluate_does():
 
 def test_train_loss_is_the_mean_over_examples_not_over_batches():
     # etth1's embedded training split (566 windows in batches of 16) ends with a batch of 6: it must weigh 6/566
-    trial = Trial({"task": "etth1", "optimizer": "adamw", "num_threads": 1, "epochs": 1})
+    seen, result = _run_with_losses_seen(Trial({"task": "etth1", "optimizer": "adamw", "num_threads": 1, "epochs": 1}))
+    assert {n for _, n in seen} == {16, 6}
+    expected = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
+    assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def _run_with_losses_seen(trial):
+    """Run ``trial`` with its loss spied on: ([(each batch's loss, its examples: len(batch[1]))], the result)."""
     seen = []
     loss_fn = trial.task.loss_fn
 
@@ -503,10 +510,7 @@ def test_train_loss_is_the_mean_over_examples_not_over_batches():
         return loss
 
     trial.task.loss_fn = spy
-    result = trial.run()
-    assert {n for _, n in seen} == {16, 6}
-    expected = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
-    assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+    return seen, trial.run()
 
 
 def _fake_cuda(monkeypatch, n=2):
@@ -613,17 +617,8 @@ def test_train_loss_weighs_each_batch_by_its_examples_whatever_the_batchs_layout
 
     register_task("seqfirst_task", metrics=[("mse", "min")], defaults={"epochs": 1, "batch_size": 16})(build)
     try:
-        trial = Trial({"task": "seqfirst_task", "optimizer": "adamw", "num_threads": 1, "patience": 0})
-        seen = []
-        loss_fn = trial.task.loss_fn
-
-        def spy(model, batch):
-            loss = loss_fn(model, batch)
-            seen.append((loss.item(), len(batch[1])))
-            return loss
-
-        trial.task.loss_fn = spy
-        result = trial.run()
+        seen, result = _run_with_losses_seen(
+            Trial({"task": "seqfirst_task", "optimizer": "adamw", "num_threads": 1, "patience": 0}))
     finally:
         TASKS.remove("seqfirst_task")
     assert [n for _, n in seen] == [16, 16, 16, 2]
