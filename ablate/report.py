@@ -496,9 +496,12 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
     blocks = [
         _heading(f"Ablation report: {studies}", 1),
         _text(
-            f"This study {'compares' if with_adamw else 'has no AdamW arm: it runs'} MetaAdamW (arm 'baseline', "
-            f"the task-optimal settings){' with AdamW (arm ' + repr(stats.ADAMW) + ')' if with_adamw else ''}"
-            f"{' and ablates its components (' + ', '.join(kinds) + ')' if kinds else ''}, over paired seeds: "
+            (f"This study has no MetaAdamW arm: it runs AdamW (arm {stats.ADAMW!r}) alone"
+             if every == {stats.ADAMW} else
+             f"This study {'compares' if with_adamw else 'has no AdamW arm: it runs'} MetaAdamW (arm 'baseline', "
+             f"the task-optimal settings){' with AdamW (arm ' + repr(stats.ADAMW) + ')' if with_adamw else ''}"
+             f"{' and ablates its components (' + ', '.join(kinds) + ')' if kinds else ''}")
+            + ", over paired seeds: "
             f"matching seeds of one task share initialisation and data order. Results directory: {results_dir}. "
             f"Tasks: {', '.join(sorted(t['task'].unique()))}. Arms: {', '.join(arms)}."
         ),
@@ -766,7 +769,20 @@ def _telemetry_section(results: Results, fig_dir: Path) -> list[Block]:
         blocks += _figure(plot_alpha_beta(results, task, fig_dir), f"{task}: per-group alpha and beta (baseline arm)")
         blocks += _figure(plot_sigmas(results, task, fig_dir), f"{task}: weighting sigmas (baseline arm)")
     if not blocks:
-        return [_heading("Meta-parameter trajectories"), _text("No telemetry recorded for the baseline arm.")]
+        arms = stats.explode_arms(results.trials)
+        baseline = set(arms.loc[arms["arm"] == stats.BASELINE, "trial_id"]) if len(arms) else set()
+        ok = set(results.ok().trials["trial_id"]) if len(results.trials) else set()
+        tel = results.telemetry
+        recorded = set(tel["trial_id"]) & baseline if len(tel) and "trial_id" in tel else set()
+        if baseline and not baseline & ok:  # (telemetry of trials that diverged or failed is not drawn)
+            why = (f"No ok trial of the baseline arm, whose telemetry is drawn: its {len(baseline)} trial(s) diverged "
+                   f"or failed" + (f" ({len(recorded)} with telemetry recorded before they ended, left out as every "
+                                   f"statistic leaves them out)." if recorded else "."))
+        elif not baseline:
+            why = "No trial of the baseline arm (MetaAdamW) is stored: no telemetry to draw."
+        else:
+            why = "No telemetry recorded for the baseline arm."
+        return [_heading("Meta-parameter trajectories"), _text(why)]
     return [_heading("Meta-parameter trajectories"), *blocks]
 
 
@@ -967,6 +983,14 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
+def no_trials_error(results_dir: str | Path) -> Exception:
+    """The error for a results directory with no stored trial to report (the report and the notebook raise it)."""
+    from ablate.config import ConfigError
+
+    return ConfigError(f"{results_dir} holds no trials yet; nothing to report (run the study first, or wait "
+                       f"for its first trial to finish)")
+
+
 def write_report(
     results_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -1003,10 +1027,7 @@ def write_report(
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if results.trials.empty:
-        from ablate.config import ConfigError
-
-        raise ConfigError(f"{results_dir} holds no trials yet; nothing to report (run the study first, or wait "
-                          f"for its first trial to finish)")
+        raise no_trials_error(results_dir)
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     progress("computing tables and drawing figures")

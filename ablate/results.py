@@ -518,6 +518,15 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
             inside += (f"{'; and' if inside else '; it holds'} the tuning stud{'ies' if len(tuned) > 1 else 'y'} (`ablate tune`) "
                        f"of {', '.join(tuned)}: `ablate report {shlex.quote(str(out_dir / tuned[0]))}` reports "
                        f"{'them' if len(tuned) > 1 else 'it'}")
+        if _holds_tuning(out_dir):  # (the folder of an `ablate tune` alone)
+            inside += (f"{'; and it' if inside else '; it'} holds a tuning study (`ablate tune`) and no study trials "
+                       f"(`ablate run`): `ablate report {shlex.quote(str(out_dir))}` reports it")
+        elif not inside and (out_dir / MANIFEST).exists():  # (`ablate run` started here: no trial finished yet)
+            inside = ("; none of the study's trials has finished yet (a run still running, or cut off before its first "
+                      f"trial finished: `ablate run SPEC --out {shlex.quote(str(out_dir.parent))} --resume` continues it)")
+        elif not inside:
+            inside = (f"; run the study first (`ablate run SPEC --out {shlex.quote(str(out_dir.parent))}` writes "
+                      f"{out_dir.name}/ there for a study named {out_dir.name})")
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet){inside}")
     if manifest is not None and len(tables["trials"]):
         tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)

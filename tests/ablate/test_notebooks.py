@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
@@ -246,3 +247,20 @@ def test_analysis_notebook_prints_the_notes_the_report_prints(tmp_path, report_k
     for note in notes:
         assert note in everything, note
     assert "no suggestion stored" in everything and "cifar10" in everything
+
+
+def test_analysis_notebook_on_a_folder_without_trials_stops_with_the_reports_error(tmp_path, report_kit,
+                                                                                  monkeypatch, kernel):
+    # parts/ with no trial row yet (a trial cut off between its history part and its trial row): `ablate
+    # report` says "holds no trials yet"; the notebook ran on to its figures cell and failed with KeyError: 'task'
+    from nbclient.exceptions import CellExecutionError
+
+    from ablate.results import atomic_write_parquet
+
+    atomic_write_parquet(pd.DataFrame(report_kit.history_rows("etth1", "adamw", 0.01)).assign(trial_id="t0"),
+                         tmp_path / "parts" / "t0.history.parquet")
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    with pytest.raises(CellExecutionError) as err:
+        NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    assert "holds no trials yet; nothing to report" in str(err.value) and "KeyError" not in str(err.value)

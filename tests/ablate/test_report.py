@@ -561,3 +561,47 @@ def test_multipliers_near_one_are_labelled_as_values_not_as_an_offset(tmp_path, 
         assert ax.yaxis.get_offset_text().get_text() == "", ax.get_ylabel()
         ticks = [float(t.get_text().replace("\N{MINUS SIGN}", "-")) for t in ax.get_yticklabels()]
         assert all(abs(t - 1) < 1e-3 for t in ticks), (ax.get_ylabel(), ticks)
+
+
+def test_a_folder_without_study_results_names_what_it_holds_and_the_fix(tmp_path):
+    # the folder of `ablate tune` alone (which `ablate report` reports, but load_results - and so the
+    # notebook - cannot load) was called "holds no study results" and nothing more; so was an empty
+    # folder, and the folder of a run cut off before its first trial finished
+    (tmp_path / "tuned").mkdir()
+    write_tune(tmp_path / "tuned")
+    with pytest.raises(FileNotFoundError, match=r"holds a tuning study \(`ablate tune`\) and no study trials \(`ablate "
+                                                 r"run`\): `ablate report " + re.escape(str(tmp_path / "tuned"))):
+        load_results(tmp_path / "tuned")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"run the study first \(`ablate run SPEC --out "):
+        load_results(tmp_path / "empty")
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "study_trials.json").write_text(json.dumps({"study": "s", "trials": {"t1": {"arm": "adamw"}}}))
+    with pytest.raises(FileNotFoundError, match=r"none of the study's trials has finished yet .*--resume` continues it"):
+        load_results(tmp_path / "started")
+
+
+def test_a_study_of_adamw_alone_is_not_said_to_compare_metaadamw(tmp_path, report_kit):
+    # results where only the AdamW arm is stored (the MetaAdamW trials not run, or removed) opened with
+    # "This study compares MetaAdamW (arm 'baseline', the task-optimal settings) with AdamW"
+    for seed in range(2):
+        write_trial(tmp_path, report_kit.trial_row("etth1", "adamw", seed, 0.01 + seed / 1000),
+                    report_kit.history_rows("etth1", "adamw", 0.01))
+    md = report.write_report(tmp_path, formats="md").read_text()
+    assert "compares MetaAdamW" not in md
+    assert "This study has no MetaAdamW arm: it runs AdamW (arm 'adamw') alone" in md
+
+
+def test_telemetry_of_a_baseline_that_never_finished_ok_is_not_called_unrecorded(tmp_path, report_kit):
+    # every baseline trial diverged after its meta-updates: the report said "No telemetry recorded for
+    # the baseline arm", though their telemetry is stored (and left out, as every statistic leaves them out)
+    for seed in range(2):
+        for arm in ("adamw", "baseline"):
+            row = report_kit.trial_row("etth1", arm, seed, 0.01)
+            if arm == "baseline":
+                row.update(status="diverged", error="loss is NaN at epoch 3", stop_reason="diverged", best_metric=float("nan"))
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, 0.01),
+                        report_kit.telemetry_rows() if arm == "baseline" else ())
+    md = report.write_report(tmp_path, formats="md").read_text()
+    assert "No telemetry recorded" not in md
+    assert "No ok trial of the baseline arm, whose telemetry is drawn: its 2 trial(s) diverged or failed (2 with " in md
