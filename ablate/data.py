@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -61,6 +60,13 @@ def _safe_members(names: list[str], dest: Path) -> None:
     for name in names:
         target = (dest / name).resolve()
         if root != target and root not in target.parents:
+            inside = os.path.normpath(root / name)  # (the name alone, links on disk aside)
+            if not os.path.isabs(name) and (inside == str(root) or inside.startswith(str(root) + os.sep)):
+                # the archive's name is fine: a link already in the data directory leads out of it
+                link = next((p for p in (dest / name).parents if p.is_symlink()), dest / name)
+                raise DownloadError(f"refusing to unpack {name!r} through {link}, a link to {link.resolve()} "
+                                    f"outside {dest}: give --data-dir the folder it points to (or remove the "
+                                    f"link) - nothing was unpacked")
             raise DownloadError(f"refusing to unpack {name!r}: it would land outside {dest} - nothing was unpacked")
 
 
@@ -72,9 +78,21 @@ def unpack(archive: Path, dest: Path) -> list[str]:
             z.extractall(dest)
             return [i.filename for i in z.infolist() if not i.is_dir()]
     with tarfile.open(archive) as t:
-        _safe_members(t.getnames(), dest)
-        t.extractall(dest, filter="data")
-        return [m.name for m in t.getmembers() if m.isfile()]
+        members = t.getmembers()
+        _safe_members([m.name for m in members], dest)
+        # links that point outside ``dest`` (or to an absolute path), device files: refused before anything
+        # is unpacked, as the names are (tarfile's "data" filter would stop at the first, a FilterError -
+        # not an OSError - with the members before it already unpacked)
+        for m in members:
+            try:
+                tarfile.data_filter(m, str(dest))
+            except tarfile.FilterError as exc:
+                raise DownloadError(f"refusing to unpack {m.name!r}: {exc} - nothing was unpacked") from exc
+        try:
+            t.extractall(dest, members=members, filter="data")
+        except tarfile.FilterError as exc:  # (a link through a link unpacked before it)
+            raise DownloadError(f"refusing to unpack the rest of {archive.name}: {exc}") from exc
+        return [m.name for m in members if m.isfile()]
 
 
 def download(task: str, data_dir: str | os.PathLike | None = None, force: bool = False) -> list[Path]:
@@ -151,6 +169,8 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -
                 _fetch(url, tmp_file)
                 verify(tmp_file, item)
                 break
+            except WriteError:
+                raise  # (this machine's disk: another source would fail the same way)
             except DownloadError as exc:
                 failures.append((url, str(exc)))
         else:
@@ -160,6 +180,9 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -
             raise DownloadError(f"{item.filename}: none of its {len(failures)} sources gave the published file - "
                                 f"{tried} (or copy the files into {dest} by hand)")
         if item.extract:
+            # (a forced run's old record goes first: an unpack that stops half way - a full disk, Ctrl-C -
+            # leaves cut files that the next run must fetch again, not trust)
+            marker.unlink(missing_ok=True)
             files = unpack(tmp_file, dest)
             atomic_write_bytes(marker, "".join(f"{name}\n" for name in files).encode("utf-8"))
             return dest
@@ -173,9 +196,47 @@ def _fetch(url: str, path: Path) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=60) as r, open(path, "wb") as f:
-            shutil.copyfileobj(r, f)
+            expected = _content_length(r)
+            received = 0
+            while chunk := r.read(1 << 20):
+                try:
+                    f.write(chunk)
+                except OSError as exc:  # a full disk, a read-only folder: this machine, not the network
+                    raise _LocalWriteError(exc) from exc
+                received += len(chunk)
+        if expected is not None and received < expected:
+            # (http.client returns a body cut off by a closed connection as if it were whole)
+            raise DownloadError(f"cannot download {url}: the connection closed after {received:,} of its "
+                                f"{expected:,} bytes; run the command again")
+    except DownloadError:
+        raise
+    except _LocalWriteError as exc:
+        cause = exc.__cause__
+        raise WriteError(f"cannot write the download of {url} into {path.parent.parent}: "
+                         f"{cause.strerror or cause}; free space or give --data-dir a folder you can "
+                         f"write to") from cause
     except urllib.error.HTTPError as exc:  # (an OSError too: the server answered, so the network is there)
         raise DownloadError(f"cannot download {url}: the server answered HTTP {exc.code} {exc.reason}") from exc
     except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, refused or cut connections
         raise DownloadError(f"cannot download {url}: {getattr(exc, 'reason', None) or exc}; this needs "
                             f"the network") from exc
+
+
+class WriteError(DownloadError):
+    """The download could not be written on this machine (a full disk): no other source is tried."""
+
+
+class _LocalWriteError(Exception):
+    """Writing the download failed on this machine (its cause: the OSError)."""
+
+
+def _content_length(response) -> int | None:
+    """The length the server announced (None: none, or one not to hold the body to)."""
+    headers = getattr(response, "headers", None)
+    value = headers.get("Content-Length") if headers is not None else None
+    if value is None or (headers.get("Content-Encoding") or "identity").lower() != "identity":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None

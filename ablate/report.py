@@ -119,9 +119,10 @@ def _seeds_cell(r: pd.Series, *unmatched: str) -> str:
     return f"{r['n_pairs']} ({r['n_better']})" + (f"; {extra} unpaired left out" if extra else "")
 
 
-def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
+def table2_display(t2: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
     """Table 2 as display strings: AdamW and MetaAdamW mean [95% CI], relative improvement
-    [95% CI], time change, p-values, pairs, significance and the trivial references."""
+    [95% CI], time change, p-values (not rounded onto ``alpha``, the level the table was computed
+    with: see :func:`fmt_p`), pairs, significance and the trivial references."""
     rows = []
     for _, r in t2.iterrows():
         row = {
@@ -131,9 +132,9 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
             "MetaAdamW": fmt_ci(r["meta_mean"], r["meta_lo"], r["meta_hi"]),
             "rel. improvement": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
             "time change": fmt_pct(r["time_change"]),
-            "p (t)": fmt_p(r["p_t"]),
-            "p (sign-flip)": fmt_p(r["p_signflip"]),
-            "p (Holm)": fmt_p(r["p_holm"]),
+            "p (t)": fmt_p(r["p_t"], alpha),
+            "p (sign-flip)": fmt_p(r["p_signflip"], alpha),
+            "p (Holm)": fmt_p(r["p_holm"], alpha),
             "seeds (better)": _seeds_cell(r, "adamw_n_unmatched", "meta_n_unmatched"),
             "not ok (AdamW/Meta)": f"{r['adamw_n_not_ok']}/{r['meta_n_not_ok']}",
             "sig.": stats.significance_mark(r["significant"], r.get("withheld", False)),
@@ -143,9 +144,10 @@ def table2_display(t2: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
+def table3_display(t3: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
     """Table 3 as display strings: each arm against the baseline, asterisk where significant; an
-    arm that ran the baseline's own trials says so instead of showing a zero difference."""
+    arm that ran the baseline's own trials says so instead of showing a zero difference. ``alpha``:
+    the level the table was computed with (p-values are not rounded onto it, see :func:`fmt_p`)."""
     rows = []
     for _, r in t3.iterrows():
         mark = stats.significance_mark(r["significant"], r.get("withheld", False))
@@ -160,9 +162,9 @@ def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
                 "arm mean": fmt_ci(r["arm_mean"], r["arm_lo"], r["arm_hi"]),
                 "baseline mean": fmt_num(r["baseline_mean"]),
                 "rel. change vs baseline": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
-                "p (t)": fmt_p(r["p_t"]),
-                "p (sign-flip)": fmt_p(r["p_signflip"]),
-                "p (Holm)": fmt_p(r["p_holm"]),
+                "p (t)": fmt_p(r["p_t"], alpha),
+                "p (sign-flip)": fmt_p(r["p_signflip"], alpha),
+                "p (Holm)": fmt_p(r["p_holm"], alpha),
                 "seeds (better)": _seeds_cell(r, "n_unmatched", "baseline_n_unmatched"),
                 "not ok": str(r["n_not_ok"]),
             })
@@ -170,8 +172,9 @@ def table3_display(t3: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
-    """Factorial effects as display strings (estimates in % of the task mean, positive = better)."""
+def factorial_display(effects: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+    """Factorial effects as display strings (estimates in % of the task mean, positive = better;
+    p-values not rounded onto ``alpha``, the level the effects were computed with: see :func:`fmt_p`)."""
     return pd.DataFrame([
         {
             "kind": r["kind"],
@@ -182,8 +185,8 @@ def factorial_display(effects: pd.DataFrame) -> pd.DataFrame:
             "effect [95% CI]": (fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True) if not r.get("aliased")
                                 else f"aliased with {r['aliased']}" if r["aliased"] != "not estimable"
                                 else "not estimable in this design"),
-            "p": fmt_p(r["p_value"]),
-            "p (Holm)": fmt_p(r["p_holm"]),
+            "p": fmt_p(r["p_value"], alpha),
+            "p (Holm)": fmt_p(r["p_holm"], alpha),
         }
         for _, r in effects.iterrows()
     ])
@@ -622,7 +625,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                                   f"{task}: validation metric per epoch of the arm that ran, mean over its seeds with "
                                   f"min-max band (a seed that stopped early leaves later epochs to the seeds still running)")
         return blocks
-    blocks = [heading, _table(table2_display(t2)),
+    blocks = [heading, _table(table2_display(t2, alpha)),
               _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
                     + too_few_seeds_note(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
@@ -647,7 +650,7 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
         return [heading, _text(f"No ablation arm has a stored result to compare yet ({', '.join(waiting)}: see the "
                                f"warning about the trials without a stored result)." if waiting
                                else "No ablation arms in this study.")]
-    blocks = [heading, _table(table3_display(t3)),
+    blocks = [heading, _table(table3_display(t3, alpha)),
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
                     "ran it once for both. " + _SPLIT_NOTE[split] + " "
@@ -693,7 +696,7 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               f"marked - where a cell the effect favours has no ok result on a seed where other cells have one "
               f"(the fit cannot count a divergence, so the effect would rest on the seeds that cell survived). "
               f"Observations: {int(effects['n'].iloc[0])}." + factorial_missing_note(results)),
-        _table(factorial_display(effects)),
+        _table(factorial_display(effects, alpha)),
         *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
     ]
 

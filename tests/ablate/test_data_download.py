@@ -187,3 +187,122 @@ def test_a_data_dir_that_is_the_dataset_folder_is_filled_where_the_loader_looks(
     from ablate.tasks import get_task
     from tests.ablate.task_helpers import task_config
     assert get_task("etth1").locate(task_config("etth1", data="real", data_dir=str(folder))) == [folder / "ETTh1.csv"]
+
+
+class _ShortResponse(_Response):
+    """A body cut off by a closed connection: http.client returns what came as if it were all of it."""
+    headers = {"Content-Length": "1000"}
+
+
+def test_a_connection_closed_half_way_leaves_no_file_even_without_a_checksum(tmp_path, monkeypatch):
+    item = Download(url="https://example.org/f.csv", filename="f.csv", subdir="x")  # (a plugin's: no checksum)
+    monkeypatch.setitem(data.DOWNLOADS, "plug", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: _ShortResponse(b"a" * 400))
+    with pytest.raises(data.DownloadError, match="the connection closed after 400 of its 1,000 bytes"):
+        data.download("plug", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("linkname", ["/etc", "../../outside"])
+def test_an_archive_link_out_of_the_data_dir_is_one_line_and_unpacks_nothing(tmp_path, monkeypatch, capsys, linkname):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        info = tarfile.TarInfo("x/ok.txt")
+        info.size = 2
+        t.addfile(info, io.BytesIO(b"ok"))
+        link = tarfile.TarInfo("x/link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = linkname
+        t.addfile(link)
+    blob = buf.getvalue()
+    item = Download(url="https://example.org/a.tar.gz", filename="a.tar.gz", sha256=hashlib.sha256(blob).hexdigest(),
+                    extract=True)
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: _Response(blob))
+    err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path / "d")], capsys)
+    assert "refusing to unpack 'x/link'" in err and "nothing was unpacked" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_full_disk_is_not_called_a_network_failure_nor_tried_at_each_mirror(tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+
+    published = b"date,OT\n"
+    item = Download(url="https://example.org/e.csv", mirrors=("https://mirror.example/e.csv",), filename="e.csv",
+                    sha256=hashlib.sha256(published).hexdigest())
+    asked = []
+
+    def urlopen(request, timeout=None):
+        asked.append(request.full_url)
+        return _Response(published)
+
+    class _Full(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: _Full() if "w" in mode
+                        else builtins.open(path, mode, *a, **k), raising=False)
+    err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path / "d")], capsys)
+    assert "No space left on device" in err and "free space" in err and "needs the network" not in err
+    assert asked == [item.url]
+
+
+def test_a_forced_unpack_that_stops_half_way_is_fetched_again_not_trusted(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    blob = _archive("w/b.tokens", b"B" * 1000)
+    item = Download(url="https://example.org/a.tar.gz", filename="a.tar.gz", md5=hashlib.md5(blob).hexdigest(),
+                    extract=True)
+    asked = []
+
+    def urlopen(request, timeout=None):
+        asked.append(request.full_url)
+        return _Response(blob)
+
+    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    data.download("w", tmp_path)
+    real = tarfile.TarFile.extractall
+
+    def cut(self, path, *args, **kwargs):  # the disk fills up while the file is written over
+        (Path(path) / "w" / "b.tokens").write_bytes(b"B" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", cut)
+    with pytest.raises(OSError):
+        data.download("w", tmp_path, force=True)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real)
+    asked.clear()
+    assert data.download("w", tmp_path) == [tmp_path] and asked == [item.url]
+    assert (tmp_path / "w" / "b.tokens").read_bytes() == b"B" * 1000
+
+
+def test_a_dataset_folder_linked_elsewhere_is_named_not_called_an_unsafe_archive(tmp_path, monkeypatch):
+    import os
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("wikitext-2/wiki.valid.tokens", " = A = \n")
+    blob = buf.getvalue()
+    item = Download(url="https://example.org/a.zip", filename="a.zip", md5=hashlib.md5(blob).hexdigest(), extract=True,
+                    folder="wikitext-2")
+    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: _Response(blob))
+    (tmp_path / "big" / "wikitext-2").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "big" / "wikitext-2", tmp_path / "data" / "wikitext-2")  # (the data on another disk)
+    with pytest.raises(data.DownloadError) as info:
+        data.download("w", tmp_path / "data")
+    assert f"through {tmp_path / 'data' / 'wikitext-2'}, a link to {tmp_path / 'big' / 'wikitext-2'}" in str(info.value)
+    assert "give --data-dir the folder it points to" in str(info.value)
+    # ... which is then filled as it is
+    assert data.download("w", tmp_path / "big" / "wikitext-2") == [tmp_path / "big"]
+    assert (tmp_path / "data" / "wikitext-2" / "wiki.valid.tokens").read_bytes() == b" = A = \n"

@@ -605,3 +605,36 @@ def test_telemetry_of_a_baseline_that_never_finished_ok_is_not_called_unrecorded
     md = report.write_report(tmp_path, formats="md").read_text()
     assert "No telemetry recorded" not in md
     assert "No ok trial of the baseline arm, whose telemetry is drawn: its 2 trial(s) diverged or failed (2 with " in md
+
+
+def test_a_p_value_is_not_rounded_onto_the_reports_own_alpha(tmp_path, report_kit):
+    # write_report(alpha=0.1): the gating effect's p (Holm) is 0.09997, marked "*" (< 0.1); it was
+    # printed "0.1" - rounded against the default 0.05, not against the alpha the report marks with
+    cells = {("a", "false"): [1.00, 1.02, 0.98], ("a", "true"): [0.90, 0.93 + 0.133514404296875, 0.88],
+             ("b", "false"): [1.10, 1.12, 1.09], ("b", "true"): [1.05, 1.01, 1.04 - 0.133514404296875]}
+    study = tmp_path / "study"
+    for (grouping, gating), values in cells.items():
+        arm = f"factorial:grouping={grouping},gating={gating}"
+        for seed, best in enumerate(values):
+            row = report_kit.trial_row("etth1", "baseline", seed, best)
+            row.update(trial_id=f"f-{grouping}-{gating}-{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            write_trial(study, row)
+    effects = stats.factorial_effects(load_results(study), alpha=0.1)
+    row = effects[(effects["term"] == "gating") & (effects["level"] == "true")].iloc[0]
+    assert 0.09995 <= row["p_holm"] < 0.1 and row["significant"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = report.write_report(study, tmp_path / "out", alpha=0.1, formats=["md"]).read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| main | gating | true *"))
+    assert line.split("|")[-2].strip() == "0.09997"
+    assert report.factorial_display(effects, 0.1)["p (Holm)"].tolist() == [
+        report.fmt_p(p, 0.1) for p in effects["p_holm"]]
+    t2 = pd.DataFrame([{**{c: 0.0 for c in ("adamw_mean", "adamw_lo", "adamw_hi", "meta_mean", "meta_lo", "meta_hi",
+                                            "rel_mean", "rel_lo", "rel_hi", "time_change")},
+                        "task": "t", "metric": "mse", "mode": "min", "p_t": 0.09997, "p_signflip": 0.09997,
+                        "p_holm": 0.09997, "n_pairs": 17, "n_better": 17, "adamw_n_not_ok": 0, "meta_n_not_ok": 0,
+                        "significant": True}])
+    assert report.table2_display(t2, 0.1)["p (Holm)"].iloc[0] == "0.09997"
+    t3 = t2.assign(axis="gating", arm="gating=true", arm_mean=0.0, arm_lo=0.0, arm_hi=0.0, baseline_mean=0.0,
+                   n_not_ok=0, same_as_baseline=False)
+    assert report.table3_display(t3, 0.1)["p (Holm)"].iloc[0] == "0.09997"
