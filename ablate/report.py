@@ -670,11 +670,14 @@ def table3_compared_pairs(t3: pd.DataFrame) -> pd.Series:
     return t3["n_pairs"][~t3["same_as_baseline"].astype(bool)] if "same_as_baseline" in t3 else t3["n_pairs"]
 
 
-def _test_split_sections(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
-    """Tables 2 and 3 again on the held-out test metric, where some task has a test split."""
+def _test_split_sections(results: Results, fig_dir: Path, alpha: float,
+                         planned_arms: set[str] = frozenset()) -> list[Block]:
+    """Tables 2 and 3 again on the held-out test metric, where some task has a test split
+    (``planned_arms``: as for the validation Table 3, an arm without a stored trial is named)."""
     if not stats.tasks_with_test_split(results):
         return []
-    return _table2_section(results, fig_dir, alpha, "test") + _table3_section(results, fig_dir, alpha, "test")
+    return (_table2_section(results, fig_dir, alpha, "test")
+            + _table3_section(results, fig_dir, alpha, "test", planned_arms=planned_arms))
 
 
 def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Block]:
@@ -895,7 +898,7 @@ def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: f
     steps = [
         ("Table 2", lambda: _table2_section(results, fig_dir, alpha)),
         ("Table 3", lambda: _table3_section(results, fig_dir, alpha, planned_arms=planned)),
-        ("test split", lambda: _test_split_sections(results, fig_dir, alpha)),
+        ("test split", lambda: _test_split_sections(results, fig_dir, alpha, planned)),
         ("factorial effects", lambda: _factorial_section(results, fig_dir, alpha)),
         ("performance profiles", lambda: _profile_section(results, fig_dir)),
         ("cost", lambda: _cost_section(results)),

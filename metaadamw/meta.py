@@ -470,8 +470,17 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             f" (the others' step would be zero): a loss that uses none of them - a multi-task model whose batch 1 "
             f"and batch 2 come from different tasks - reaches none. Draw batch 2 and the validation batch from "
             f"what batch 1 trains.")
-        q = MetaQuantities(tensor_group=index, num_groups=len(opt.group_names), grads=g, lambda1=lambda1,
-                           lambda2=lambda2, loss_val=loss_val)
+        # (the objective's g and g' are of the tensors the training trains: a frozen tensor's .grad is constant -
+        # no backward pass writes it - so its gradient at theta' is none a step sees, and a group of frozen
+        # tensors alone takes no part, as before theta' moved them; theta' and the losses there still move them)
+        frozen_at = {k for k, i in enumerate(active) if not params[i].requires_grad}
+        trained_at = [k for k in range(len(active)) if k not in frozen_at]
+
+        def trained(xs: list[Tensor]) -> list[Tensor]:
+            return [xs[k] for k in trained_at] if frozen_at else xs
+
+        q = MetaQuantities(tensor_group=index[trained_at] if frozen_at else index, num_groups=len(opt.group_names),
+                           grads=trained(g), lambda1=lambda1, lambda2=lambda2, loss_val=loss_val)
         replay = None if exact or not objective.second_order else _RngReplay(opt.device)
         g_prime = g_val = None
         state.restore(weights=False)
@@ -485,7 +494,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                                         require="the loss on batch2 at the hypothetical parameters", hint=partial,
                                         swapped_out=swapped_out)
                 if objective.second_order:
-                    q.grads_prime = g_prime
+                    q.grads_prime = trained(g_prime)
             if objective.needs_val:
                 held_apart = {}
                 if exact and need_train:  # (the graph of the pass at theta' on batch 2 is held)
@@ -544,6 +553,9 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             by_id = {id(x): d for x, d in zip(present, out[n_meta:])}
             v = None if q.grads_prime is None else [
                 by_id[id(x)] if by_id.get(id(x)) is not None else torch.zeros_like(x) for x in q.grads_prime]
+            if v is not None and frozen_at:  # (over every leaf of theta', as g': none for the frozen tensors)
+                given = iter(v)
+                v = [torch.zeros_like(g_prime[k]) if k in frozen_at else next(given) for k in range(len(active))]
             # free what is no longer needed before the finite-difference pass (peak memory): g, g_val
             coefs = [by_id.get(id(x)) if x is not None else None for x in (q.loss_train_prime, q.loss_val_prime)]
             del q, g, by_id, present, extra

@@ -638,3 +638,26 @@ def test_a_p_value_is_not_rounded_onto_the_reports_own_alpha(tmp_path, report_ki
     t3 = t2.assign(axis="gating", arm="gating=true", arm_mean=0.0, arm_lo=0.0, arm_hi=0.0, baseline_mean=0.0,
                    n_not_ok=0, same_as_baseline=False)
     assert report.table3_display(t3, 0.1)["p (Holm)"].iloc[0] == "0.09997"
+
+
+def test_the_test_split_table3_names_a_planned_arm_without_a_stored_trial_as_the_validation_one_does(tmp_path,
+                                                                                                     report_kit):
+    # the validation Table 3 named a planned arm with no stored trial ('Not in this table ...'), the test-split
+    # Table 3 of the same report did not (it was not given the manifest's arms), while analysis.ipynb did
+    from ablate.results import write_manifest
+
+    labels = {}
+    for arm, values in {"adamw": [1.0, 1.1, 1.2], "baseline": [0.9, 1.0, 1.05], "grouping=original": [1.0, 1.05, 1.1]}.items():
+        for seed, best in enumerate(values):
+            row = report_kit.trial_row("etth1", arm, seed, best)
+            row.update(arms=json.dumps([arm]), status="ok", error="", stop_reason="max_epochs", test_mse=best * 1.1)
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, best))
+            labels[row["trial_id"]] = {"study": row["study"], "arm": arm, "arms": row["arms"], "axis": row["axis"]}
+    for seed in range(3):
+        labels[f"g{seed}"] = {"study": "report-test", "arm": "gating=true", "arms": '["gating=true"]', "axis": "gating"}
+    write_manifest(tmp_path, "report-test", labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    note = "Not in this table (no trial of the arm on that task with a result to compare): etth1 gating=true."
+    assert md.count(note) == 2, "named under both Table 3s (validation and test split)"

@@ -1668,3 +1668,45 @@ def test_theta_prime_moves_a_frozen_tensor_with_a_leftover_grad_as_step_does(met
     assert not torch.equal(frozen.detach(), before[0])  # step() moved it
     for p, q in zip(model.parameters(), theta_prime):
         torch.testing.assert_close(q, p.detach(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_the_gradient_alignment_term_leaves_out_a_frozen_tensors_gradient_at_theta_prime(meta_gradient):
+    # a frozen tensor with a leftover (zero) .grad is in theta' (step() moves it), but no backward pass writes
+    # its .grad: g' held its autograd gradient at theta' all the same, a gradient no step sees, and the term
+    # lambda1 ||g'||^2 - lambda2 cos(g, g') was that of another model (0.456 for -0.137 here)
+    model, batches = mlp(), regression_batches()
+    opt = MetaAdamW(model.parameters(), lr=1e-7, weight_decay=0.0, objective="gradient", weighting="sum",
+                    grouping="original", meta_gradient=meta_gradient, **small_kwargs())
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+        p.grad = torch.zeros_like(p)
+    record = opt.meta_step(model, mse, *batches[:3])
+    l1, l2 = record.lambda1[0], record.lambda2[0]
+    frozen = list(model[0].parameters())
+    trainable = [p for p in model.parameters() if all(p is not f for f in frozen)]
+    # by hand, at theta (lr 1e-7: theta' is theta to ~1e-7): over the trainable tensors alone
+    gp = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mse(model, batches[1]), trainable)])
+    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mse(model, batches[0]), trainable)])
+    expected = l1 * gp.square().sum() - l2 * torch.cosine_similarity(g, gp, dim=0)
+    assert record.terms["gradient"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_group_of_frozen_tensors_with_a_leftover_grad_takes_no_part_in_the_gradient_alignment_term(meta_gradient):
+    # "a group whose tensors are all frozen takes no part" (metaadamw.objectives): with a leftover .grad its
+    # tensors joined theta' and the group took part in the mean, with the frozen tensors' gradient at theta'
+    model, batches = mlp(), regression_batches()
+    frozen = list(model[0].parameters())
+    rest = [p for p in model.parameters() if all(p is not f for f in frozen)]
+    opt = MetaAdamW([{"params": frozen}, {"params": rest}], lr=1e-7, weight_decay=0.0, objective="gradient",
+                    weighting="sum", grouping="original", meta_gradient=meta_gradient, **small_kwargs())
+    for p in frozen:
+        p.requires_grad_(False)
+        p.grad = torch.zeros_like(p)
+    record = opt.meta_step(model, mse, *batches[:3])
+    l1, l2 = record.lambda1[1], record.lambda2[1]
+    gp = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mse(model, batches[1]), rest)])
+    g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mse(model, batches[0]), rest)])
+    expected = l1 * gp.square().sum() - l2 * torch.cosine_similarity(g, gp, dim=0)  # (the trainable group alone)
+    assert record.terms["gradient"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
