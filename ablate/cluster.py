@@ -426,6 +426,12 @@ def check_real_data(study: Study) -> None:
             located.add(key)
 
 
+def _running_ray() -> bool:
+    """Whether this process runs Ray already (``ray.init`` called before: a notebook's, an earlier run's)."""
+    ray = sys.modules.get("ray")  # (not imported: not running, and an import takes seconds)
+    return ray is not None and ray.is_initialized()
+
+
 def check_resources(study: Study, address: str | None = None, num_cpus: int | None = None) -> None:
     """Refuse, before Ray starts, resources that can never be met: a trial asking for more CPUs or
     GPUs than this machine has (when Ray runs here; Ray would wait for them forever) or than every
@@ -439,8 +445,7 @@ def check_resources(study: Study, address: str | None = None, num_cpus: int | No
     if address is not None:
         check_reachable(address)
         return
-    ray = sys.modules.get("ray")  # (not imported: not running, and an import takes seconds)
-    if ray is not None and ray.is_initialized():  # a Ray this process runs already (init_ray keeps it): its nodes count
+    if _running_ray():  # a Ray this process runs already (init_ray keeps it): its nodes count
         if not _trial_nodes(study):
             asks, has = _asks_and_has(study)
             raise ConfigError(f"{study.name}: each trial asks for {asks} on one node, but the Ray this process runs "

@@ -77,7 +77,7 @@ def trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     prepare_worker(config)
-    from ablate.trial import StaleCheckpoint, Trial
+    from ablate.trial import Trial, UnusableCheckpoint
 
     spec = config["trial"]
     trial_config = dict(spec["config"])
@@ -98,22 +98,28 @@ def trainable(config: dict[str, Any]) -> None:
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})  # a retry would fail alike
         return
     stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
+    # what happened to the trial's checkpoints (one set aside, say): a worker's output does not reach the
+    # driver (Ray's log_to_driver is off), which prints these with the trial's result, as its warnings
+    notes: list[str] = []
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
             try:
                 trial.load(Path(d) / CHECKPOINT_FILE)
-            except StaleCheckpoint as exc:  # (the data changed under a retried trial) start afresh
-                print(f"trial {trial.trial_id}: {exc}", flush=True)
+            except UnusableCheckpoint as exc:  # (the data changed under a retried trial, ...) start afresh
+                _note(notes, f"trial {trial.trial_id}: Ray's checkpoint is not used ({exc})")
     # The stable checkpoint: with --resume, or when an earlier attempt of this very run wrote it (a
     # retry after a lost node). It can be an epoch ahead of Ray's: Ray registers a reported
     # checkpoint only when a later save() call on the trial's actor returns, which a dying node
     # cuts off, so Ray may hand back the previous epoch's checkpoint, or none.
     if stable is not None and stable.exists() and (
             config.get("resume") or stable.stat().st_mtime >= config.get("started_at", math.inf)):
-        state = _stable_checkpoint(trial, stable)
+        state = _stable_checkpoint(trial, stable, notes)
         if state is not None and state["epoch"] > trial.epoch:
-            trial.load_state_dict(state)
+            try:
+                trial.load_state_dict(state)
+            except UnusableCheckpoint as exc:  # (a model or optimizer of other code: the trial is as it was)
+                _set_aside(trial, stable, exc, notes)
 
     def report(row: dict[str, Any], t: Trial) -> None:
         data = t.checkpoint_bytes()  # serialised once, for Ray's checkpoint and the stable copy
@@ -128,16 +134,41 @@ def trainable(config: dict[str, Any]) -> None:
     except ConfigError:  # (the task's loss_fn or evaluate() breaks its contract: a retry would fail alike)
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})
         return
-    payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry, "warnings": trial_warnings}
+    payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry,
+               "warnings": [*notes, *trial_warnings]}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
 
 
-def _stable_checkpoint(trial: Any, stable: Path) -> dict[str, Any] | None:
-    """The trial's stable checkpoint, or None - saying why - when it was made on other data, or is
-    unreadable (damaged on disk, a copy cut short: it is moved aside to ``<id>.pt.unreadable-<time>``, or
-    every ``--resume`` would fail alike). ``trial``: the :class:`ablate.trial.Trial` to resume."""
+def _note(notes: list[str] | None, message: str) -> None:
+    """Print ``message`` (in the worker's log) and keep it in ``notes`` (for the driver to print)."""
+    print(message, flush=True)
+    if notes is not None:
+        notes.append(message)
+
+
+def _set_aside(trial: Any, stable: Path, exc: BaseException, notes: list[str] | None, what: str = "cannot be used") -> None:
+    """Move the stable checkpoint ``stable`` aside to ``<id>.pt.unreadable-<time>`` (or every ``--resume``
+    would fail alike) and say so."""
+    aside = stable.with_name(f"{stable.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        os.replace(stable, aside)
+        where = f"moved to {aside.name}"
+    except OSError as move:
+        where = f"left in place (moving it aside failed: {move})"
+    _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} {what} ({type(exc).__name__}: {exc}); "
+                 f"{where}, starting afresh")
+
+
+def _stable_checkpoint(trial: Any, stable: Path, notes: list[str] | None = None) -> dict[str, Any] | None:
+    """The trial's stable checkpoint, or None - saying why, in the worker's output and in ``notes`` - when it
+    was made on other data, or is unreadable (damaged on disk, a copy cut short) or unusable (another trial's,
+    one of another version without the keys this one needs): such a one is moved aside to
+    ``<id>.pt.unreadable-<time>``, or every ``--resume`` would fail alike. ``trial``: the
+    :class:`ablate.trial.Trial` to resume."""
     import torch
+
+    from ablate.trial import StaleCheckpoint, UnusableCheckpoint
 
     try:
         state = torch.load(stable, map_location="cpu", weights_only=False)
@@ -147,18 +178,15 @@ def _stable_checkpoint(trial: Any, stable: Path) -> dict[str, Any] | None:
         if isinstance(exc, (PermissionError, MemoryError)) or (
                 isinstance(exc, OSError) and exc.errno in (errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT)):
             raise  # (the file itself may be fine: the trial fails, and a retry or --resume reads it again)
-        aside = stable.with_name(f"{stable.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        try:
-            os.replace(stable, aside)
-            where = f"moved to {aside.name}"
-        except OSError as move:
-            where = f"left in place (moving it aside failed: {move})"
-        print(f"trial {trial.trial_id}: its checkpoint {stable} is unreadable ({type(exc).__name__}: {exc}); "
-              f"{where}, starting afresh", flush=True)
+        _set_aside(trial, stable, exc, notes, "is unreadable")
         return None
-    if not trial.can_resume_from(state):
-        print(f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh",
-              flush=True)
+    try:
+        trial.check_checkpoint(state)
+    except StaleCheckpoint:
+        _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh")
+        return None
+    except UnusableCheckpoint as exc:
+        _set_aside(trial, stable, exc, notes)
         return None
     return state
 
@@ -1030,6 +1058,12 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
               f"passing failure (memory, a lost node); if the fix changes what their earlier epochs computed, delete "
               f"{'them' if len(failed) > 1 else 'it'} first ({', '.join(p.name for p in failed[:3])}"
               f"{', ...' if len(failed) > 3 else ''})", flush=True)
+    aside = sorted((out_dir / CHECKPOINTS_DIR).glob("*.pt.unreadable-*"))
+    if aside:  # (set aside by a trial that started afresh: kept for a look, never read again)
+        size = sum(p.stat().st_size for p in aside) / 2**20
+        print(f"note: {len(aside)} unreadable or unusable checkpoint(s) set aside stay in {out_dir / CHECKPOINTS_DIR} "
+              f"({size:.0f} MiB; their trials started afresh): delete them ({', '.join(p.name for p in aside[:3])}"
+              f"{', ...' if len(aside) > 3 else ''})", flush=True)
     if others:
         size = sum(p.stat().st_size for p in others) / 2**20
         print(f"note: {len(others)} checkpoint(s) of trials that are not in the study as run now (extra seeds, or a "

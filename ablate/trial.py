@@ -50,8 +50,19 @@ from metaadamw import MetaAdamW
 Callback = Callable[[dict, "Trial"], None]
 
 
-class StaleCheckpoint(ConfigError):
+class UnusableCheckpoint(ConfigError):
+    """A checkpoint this trial cannot continue from: another trial's, one without the keys this version
+    of ablate writes, or one that does not fit the trial's model or optimizer (written by other code)."""
+
+
+class StaleCheckpoint(UnusableCheckpoint):
     """A checkpoint made on other data files than the trial reads now."""
+
+
+#: the keys of a trial checkpoint (:meth:`Trial.state_dict`) that :meth:`Trial.load_state_dict` needs
+#: (``config``, ``error``, ``patience_value`` and ``data_fingerprint`` may be missing: older checkpoints)
+CHECKPOINT_KEYS = ("trial_id", "epoch", "step", "model", "optimizer", "rng", "generators", "history", "telemetry",
+                   "best_value", "best_epoch", "best_state", "bad_epochs", "times", "stop_reason")
 
 
 class TrialDiverged(RuntimeError):
@@ -477,20 +488,42 @@ class Trial:
             "data_fingerprint": self.data_fingerprint,
         })
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_checkpoint(self, state: Any) -> None:
+        """Raise :class:`UnusableCheckpoint` (:class:`StaleCheckpoint` for other data) where ``state`` is no
+        checkpoint this trial can continue from; nothing is changed."""
+        if not isinstance(state, dict):
+            raise UnusableCheckpoint(f"not a trial checkpoint (a {type(state).__name__}, not a dict)")
+        missing = [k for k in CHECKPOINT_KEYS if k not in state]
+        if missing:
+            raise UnusableCheckpoint(f"the checkpoint lacks {', '.join(missing)} (written by another version of ablate, "
+                                     f"or not by ablate): start the trial afresh instead")
         if state["trial_id"] != self.trial_id:
             differ = _identity_differences(state.get("config") or {}, self.config)
             theirs = state.get("config") or {}
             shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {self.config.get(k)!r} here" for k in differ[:5])
-            raise ConfigError(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
-                              f"(their configs differ{': ' + shown if shown else ''}{', ...' if len(differ) > 5 else ''})")
+            raise UnusableCheckpoint(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
+                                     f"(their configs differ{': ' + shown if shown else ''}"
+                                     f"{', ...' if len(differ) > 5 else ''})")
         if not self.can_resume_from(state):
             raise StaleCheckpoint(f"the checkpoint of trial {self.trial_id} was made on other data files than its data "
                                   f"directory holds now (fingerprint {state['data_fingerprint']} then, "
                                   f"{self.data_fingerprint} now): start the trial afresh instead")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_checkpoint(state)
         state = copy.deepcopy(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # the model's weights as they were, on the host (a copy on the device would double the model's memory
+        # at every resume); the optimizers' own loads change nothing when they refuse (torch.optim's builds the
+        # new state before it sets it, MetaAdamW's puts back what it changed)
+        before = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:  # (a model or optimizer of other code, same config): the trial as it was
+            self.model.load_state_dict(before)
+            raise UnusableCheckpoint(f"the checkpoint of trial {self.trial_id} does not fit its model or optimizer "
+                                     f"(written by other code? {type(exc).__name__}: {str(exc).strip()}): "
+                                     f"start the trial afresh instead") from exc
         # (CUDA's states: a CUDA trial's own; one resumed on the CPU leaves CUDA alone, and one resumed on a
         # GPU from a CPU checkpoint keeps the CUDA stream its seed gave it)
         cuda = state["rng"].get("cuda") if self._cuda else None
@@ -527,9 +560,9 @@ class Trial:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise ConfigError(f"{path} is not a readable ablate trial checkpoint ({type(exc).__name__}: {exc})") from exc
+            raise UnusableCheckpoint(f"{path} is not a readable ablate trial checkpoint ({type(exc).__name__}: {exc})") from exc
         if not isinstance(state, dict) or "trial_id" not in state:
-            raise ConfigError(f"{path} is not an ablate trial checkpoint (no trial_id in it)")
+            raise UnusableCheckpoint(f"{path} is not an ablate trial checkpoint (no trial_id in it)")
         self.load_state_dict(state)
 
 

@@ -626,6 +626,7 @@ def test_resources_that_can_never_be_met_are_refused_before_ray_starts(tmp_path,
     from ablate.sweep import run_study
 
     monkeypatch.setattr(cluster, "torch_gpu_build", lambda: True)  # (a CPU-only torch is said so: the next test)
+    monkeypatch.setattr(cluster, "_running_ray", lambda: False)  # (Ray an earlier test left in this process: its nodes)
 
     path = tmp_path / "res.yaml"
     path.write_text(f"name: res\ntasks: [etth1]\nseeds: 1\nbudget: {budget}\nresources: {resources}\n")

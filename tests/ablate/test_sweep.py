@@ -865,3 +865,18 @@ def test_a_trials_warning_in_a_worker_is_shown_by_the_run(tmp_path, capsys):
     said = re.findall(r"etth1 seed \d meta_per_epoch=8: warning: meta_per_epoch=8 is more than the 4 steps", out)
     assert len(said) == 1, out  # (once for the arm, not once per seed)
     assert "baseline: warning" not in out, out
+
+
+def test_the_end_of_a_run_lists_the_checkpoints_set_aside(tmp_path, capsys):
+    # a damaged or unusable checkpoint moved aside (<id>.pt.unreadable-<time>) stayed on disk without a word
+    from ablate.sweep import CHECKPOINTS_DIR, _clean_up
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    out = tmp_path / "results" / "tiny"
+    (out / CHECKPOINTS_DIR).mkdir(parents=True)
+    aside = out / CHECKPOINTS_DIR / f"{study.trials[0].trial_id}.pt.unreadable-20261203-120000"
+    aside.write_bytes(b"x" * 10)
+    _clean_up(out, study, None, None)
+    printed = capsys.readouterr().out
+    assert f"note: 1 unreadable or unusable checkpoint(s) set aside stay in {out / CHECKPOINTS_DIR}" in printed
+    assert aside.name in printed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 
@@ -624,3 +625,75 @@ def test_train_loss_weighs_each_batch_by_its_examples_whatever_the_batchs_layout
     assert [n for _, n in seen] == [16, 16, 16, 2]
     expected = sum(loss * n for loss, n in seen) / sum(n for _, n in seen)
     assert result.history[0]["train_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["another trial's", "an older version's"])
+def test_a_stable_checkpoint_of_another_trial_or_version_is_set_aside_and_the_trial_starts_afresh(tmp_path, kind):
+    # a valid file that this trial cannot continue from failed the trial at every `ablate run --resume` (the
+    # end of the run even advised --resume "runs them again from there"); an older one's was a bare KeyError
+    from ablate.sweep import _stable_checkpoint
+
+    trial = Trial(FAST)
+    stable = tmp_path / f"{trial.trial_id}.pt"
+    if kind == "another trial's":
+        other = Trial({**FAST, "seed": 5})
+        other.run_epoch()
+        other.save(stable)
+    else:
+        trial.run_epoch()
+        state = trial.state_dict()
+        del state["generators"]
+        torch.save(state, stable)
+        trial = Trial(FAST)
+    notes: list[str] = []
+    assert _stable_checkpoint(trial, stable, notes) is None
+    assert not stable.exists() and len(list(tmp_path.glob(f"{trial.trial_id}.pt.unreadable-*"))) == 1
+    assert len(notes) == 1 and f"its checkpoint {stable} cannot be used" in notes[0] and "starting afresh" in notes[0]
+    assert ("cannot resume trial" if kind == "another trial's" else "lacks generators") in notes[0]
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_leaves_the_trial_as_it_was(tmp_path):
+    # (a model of other code under the same config): torch loaded the matching tensors before it raised, and
+    # its RuntimeError failed the trial at every `ablate run --resume` (a traceback for `ablate train --resume`)
+    trial = Trial(FAST)
+    trial.run_epoch()
+    state = trial.state_dict()
+    fresh = Trial(FAST)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    state["model"] = {k + ("" if i else ".renamed"): v for i, (k, v) in enumerate(state["model"].items())}
+    with pytest.raises(ConfigError, match="does not fit its model or optimizer"):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+    assert fresh.epoch == 0 and fresh.run().row["status"] == "ok"
+
+
+def test_ablate_train_resume_of_a_checkpoint_without_some_keys_is_one_line_and_exit_code_2(tmp_path, capsys):
+    from ablate.cli import main
+
+    trial = Trial(FAST)
+    state = trial.state_dict()
+    del state["generators"], state["history"]
+    torch.save(state, tmp_path / "old.pt")
+    args = ["train", "--task", "etth1", "--seed", "0", *[f"--set={k}={v}" for k, v in FAST.items()
+                                                         if k not in ("task", "seed")]]
+    assert main([*args, "--resume", str(tmp_path / "old.pt")]) == 2
+    assert "the checkpoint lacks generators, history" in capsys.readouterr().err
+
+
+def test_the_run_is_told_when_a_trial_s_checkpoint_is_set_aside(tmp_path, monkeypatch):
+    # the note was printed in the Ray worker only, whose output does not reach the driver (log_to_driver is off):
+    # `ablate run --resume` set a damaged checkpoint aside and started its trial afresh without a word
+    from ray import tune
+
+    from ablate import sweep
+
+    config = {**FAST, "epochs": 1}
+    trial_id = Trial(config).trial_id
+    (tmp_path / f"{trial_id}.pt").write_bytes(b"\x80\x02 cut short")
+    reports = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    sweep.trainable({"trial": {"config": config, "trial_id": trial_id}, "plugins": [], "checkpoint_dir": str(tmp_path),
+                     "resume": True, "cpus": 1})
+    payload = json.loads(reports[-1][sweep.RESULT_KEY])
+    assert any(f"its checkpoint {tmp_path / trial_id}.pt is unreadable" in w for w in payload["warnings"])

@@ -853,10 +853,14 @@ def _tiny_spec(tmp_path: Path, name: str = "t1", epochs: int = 3, tasks: str = "
         """ + textwrap.indent(extra, "  "))
 
 
-def test_a_start_that_fails_before_any_suggestion_pins_nothing(tmp_path):
+def test_a_start_that_fails_before_any_suggestion_pins_nothing(tmp_path, monkeypatch):
     # every stored study used to be created and pinned to the spec before the resource check, so a
     # start refused for its resources locked the (empty) study to that spec
     import optuna
+
+    import ablate.cluster
+
+    monkeypatch.setattr(ablate.cluster, "_running_ray", lambda: False)  # (this machine's CPUs, not a Ray left running)
 
     from ablate.tune import open_target_study
 
@@ -1251,6 +1255,7 @@ def test_missing_real_data_and_a_refused_spec_stop_before_ray_and_keep_the_store
     stored.write_text("the spec as run before")
     refused = _tiny_spec(tmp_path / "big")
     refused.write_text(refused.read_text().replace("adamw: false", "adamw: false\nresources: {cpus: 4096}"))
+    monkeypatch.setattr(ablate.cluster, "_running_ray", lambda: False)  # (this machine's CPUs, not a Ray left running)
     with pytest.raises(ConfigError, match="resources.cpus=4096"):
         run_tune(load_tune_spec(refused), tmp_path / "out")
     assert stored.read_text() == "the spec as run before"
