@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from ablate.config import ConfigError
@@ -55,7 +57,9 @@ def verify(path: Path, item: Download, *, fetched: bool = True) -> None:
             return
 
 
-def _safe_members(names: list[str], dest: Path) -> None:
+def _safe_members(names: list[str], dest: Path, data_dir_for: Callable[[Path], Path | None] | None = None) -> None:
+    """``data_dir_for``: the --data-dir that fills the folder a link in ``dest`` points to as the link shows it
+    (None: no --data-dir does)."""
     root = dest.resolve()
     for name in names:
         target = (dest / name).resolve()
@@ -64,22 +68,30 @@ def _safe_members(names: list[str], dest: Path) -> None:
             if not os.path.isabs(name) and (inside == str(root) or inside.startswith(str(root) + os.sep)):
                 # the archive's name is fine: a link already in the data directory leads out of it
                 link = next((p for p in (dest / name).parents if p.is_symlink()), dest / name)
+                # (the folder it points to is the data directory only where the download fills it as the link
+                # shows it: named as the dataset folder - not data/wikitext-2 -> /big/wt2, data/imdb/aclImdb -> ...)
+                other = data_dir_for(link) if data_dir_for is not None else None
+                fix = (f"give --data-dir the folder it points to, {other} (or remove the link)" if other is not None else
+                       f"remove the link and download again, then move the files to {link.resolve()} and link it again")
                 raise DownloadError(f"refusing to unpack {name!r} through {link}, a link to {link.resolve()} "
-                                    f"outside {dest}: give --data-dir the folder it points to (or remove the "
-                                    f"link) - nothing was unpacked")
+                                    f"outside {dest}: {fix} - nothing was unpacked")
             raise DownloadError(f"refusing to unpack {name!r}: it would land outside {dest} - nothing was unpacked")
 
 
-def unpack(archive: Path, dest: Path) -> list[str]:
+def unpack(archive: Path, dest: Path, data_dir_for: Callable[[Path], Path | None] | None = None) -> list[str]:
     """Unpack ``archive`` into ``dest``; returns the files it held (paths relative to ``dest``)."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
-            _safe_members(z.namelist(), dest)
+            _safe_members(z.namelist(), dest, data_dir_for)
             z.extractall(dest)
             return [i.filename for i in z.infolist() if not i.is_dir()]
+    if not hasattr(tarfile, "data_filter"):  # (PEP 706: Python 3.10.12+, 3.11.4+, 3.12+)
+        raise DownloadError(f"cannot unpack {archive.name} safely: this Python ({sys.version.split()[0]}) lacks "
+                            f"tarfile's extraction filters (Python 3.10.12+, 3.11.4+ or 3.12+ has them); upgrade "
+                            f"Python, or unpack the archive into {dest} by hand - nothing was unpacked")
     with tarfile.open(archive) as t:
         members = t.getmembers()
-        _safe_members([m.name for m in members], dest)
+        _safe_members([m.name for m in members], dest, data_dir_for)
         # links that point outside ``dest`` (or to an absolute path), device files: refused before anything
         # is unpacked, as the names are (tarfile's "data" filter would stop at the first, a FilterError -
         # not an OSError - with the members before it already unpacked)
@@ -183,7 +195,15 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -
             # (a forced run's old record goes first: an unpack that stops half way - a full disk, Ctrl-C -
             # leaves cut files that the next run must fetch again, not trust)
             marker.unlink(missing_ok=True)
-            files = unpack(tmp_file, dest)
+            def data_dir_for(link: Path) -> Path | None:  # (download() given the folder the link points to)
+                target = link.resolve()
+                other = (target.parent if target.name == item.dataset_folder else target) / item.subdir
+                try:
+                    return target if (other / link.relative_to(dest)).resolve() == target else None
+                except ValueError:  # (a link above the data directory)
+                    return None
+
+            files = unpack(tmp_file, dest, data_dir_for)
             atomic_write_bytes(marker, "".join(f"{name}\n" for name in files).encode("utf-8"))
             return dest
         os.replace(tmp_file, final)
@@ -195,15 +215,27 @@ def _fetch(url: str, path: Path) -> None:
     HTTP status: the file moved, or the host blocks the client) or no connection was made."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=60) as r, open(path, "wb") as f:
-            expected = _content_length(r)
-            received = 0
-            while chunk := r.read(1 << 20):
+        with urllib.request.urlopen(request, timeout=60) as r:
+            f = open(path, "wb")
+            try:
+                expected = _content_length(r)
+                received = 0
+                while chunk := r.read(1 << 20):
+                    try:
+                        f.write(chunk)
+                    except OSError as exc:  # a full disk, a read-only folder: this machine, not the network
+                        raise _LocalWriteError(exc) from exc
+                    received += len(chunk)
+            except BaseException:
                 try:
-                    f.write(chunk)
-                except OSError as exc:  # a full disk, a read-only folder: this machine, not the network
-                    raise _LocalWriteError(exc) from exc
-                received += len(chunk)
+                    f.close()
+                except OSError:  # (what failed first is the one to tell)
+                    pass
+                raise
+            try:  # (the buffer's last bytes - a small file's every byte - are written at close: a full disk shows here)
+                f.close()
+            except OSError as exc:
+                raise _LocalWriteError(exc) from exc
         if expected is not None and received < expected:
             # (http.client returns a body cut off by a closed connection as if it were whole)
             raise DownloadError(f"cannot download {url}: the connection closed after {received:,} of its "

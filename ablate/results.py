@@ -43,8 +43,8 @@ trials (one row per trial):
 history (one row per trial-epoch):
     trial_id, epoch (1-based), step (optimizer steps so far), train_loss (the epoch's training
     losses, each batch's weighted by its examples: a last, partial batch counts for its size),
-    val_<metric> for every task metric, time_train_s, time_meta_s, time_eval_s (this epoch), wall_s (cumulative
-    train + meta + eval seconds at the end of the epoch), meta_updates (so far).
+    val_<metric> for every task metric, time_train_s, time_meta_s, time_eval_s (this epoch),
+    wall_s (cumulative train + meta + eval seconds at the end of the epoch), meta_updates (so far).
 telemetry (one row per meta-update per group):
     trial_id, meta_update (0-based index within the trial), step, epoch, group (name),
     group_index, alpha, beta, lambda1, lambda2, meta_loss, skipped (bool), and for each objective
@@ -518,15 +518,17 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
             inside += (f"{'; and' if inside else '; it holds'} the tuning stud{'ies' if len(tuned) > 1 else 'y'} (`ablate tune`) "
                        f"of {', '.join(tuned)}: `ablate report {shlex.quote(str(out_dir / tuned[0]))}` reports "
                        f"{'them' if len(tuned) > 1 else 'it'}")
+        # (the folder as `ablate run --out PARENT` names it: `.` or `..` has no name, and `.`'s parent is not `..`)
+        named = out_dir if out_dir.name not in ("", ".", "..") else out_dir.resolve()
         if _holds_tuning(out_dir):  # (the folder of an `ablate tune` alone)
             inside += (f"{'; and it' if inside else '; it'} holds a tuning study (`ablate tune`) and no study trials "
                        f"(`ablate run`): `ablate report {shlex.quote(str(out_dir))}` reports it")
         elif not inside and (out_dir / MANIFEST).exists():  # (`ablate run` started here: no trial finished yet)
             inside = ("; none of the study's trials has finished yet (a run still running, or cut off before its first "
-                      f"trial finished: `ablate run SPEC --out {shlex.quote(str(out_dir.parent))} --resume` continues it)")
+                      f"trial finished: `ablate run SPEC --out {shlex.quote(str(named.parent))} --resume` continues it)")
         elif not inside:
-            inside = (f"; run the study first (`ablate run SPEC --out {shlex.quote(str(out_dir.parent))}` writes "
-                      f"{out_dir.name}/ there for a study named {out_dir.name})")
+            inside = (f"; run the study first (`ablate run SPEC --out {shlex.quote(str(named.parent))}` writes "
+                      f"{named.name}/ there for a study named {named.name})")
         raise FileNotFoundError(f"{out_dir} holds no study results (no {PARTS_DIR}/ and no trials.parquet){inside}")
     if manifest is not None and len(tables["trials"]):
         tables["trials"] = _as_in_manifest(tables["trials"], manifest, out_dir)

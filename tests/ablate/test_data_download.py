@@ -306,3 +306,68 @@ def test_a_dataset_folder_linked_elsewhere_is_named_not_called_an_unsafe_archive
     # ... which is then filled as it is
     assert data.download("w", tmp_path / "big" / "wikitext-2") == [tmp_path / "big"]
     assert (tmp_path / "data" / "wikitext-2" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
+
+
+def test_a_full_disk_that_shows_when_the_file_is_closed_is_not_called_a_network_failure(tmp_path, monkeypatch, capsys):
+    # a small file's bytes stay in the file's buffer until close (NFS and quotas report at close too): the
+    # ENOSPC came from close, outside the write's guard, and was called a network failure at every mirror
+    import builtins
+
+    published = b"date,OT\n"
+    item = Download(url="https://example.org/e.csv", mirrors=("https://mirror.example/e.csv",), filename="e.csv",
+                    sha256=hashlib.sha256(published).hexdigest())
+    asked = []
+
+    def urlopen(request, timeout=None):
+        asked.append(request.full_url)
+        return _Response(published)
+
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: builtins.open("/dev/full", mode) if "w" in mode
+                        else builtins.open(path, mode, *a, **k), raising=False)
+    err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path / "d")], capsys)
+    assert "No space left on device" in err and "free space" in err and "needs the network" not in err
+    assert asked == [item.url]
+
+
+def test_a_python_without_tarfile_filters_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # Python 3.10.0-3.10.11 and 3.11.0-3.11.3 (pyproject allows >=3.10) have no tarfile.data_filter,
+    # FilterError nor extractall(filter=): a .tar.gz download (cifar10, imdb) ended in an AttributeError
+    blob = _archive("x/ok.txt", b"ok")
+    item = Download(url="https://example.org/a.tar.gz", filename="a.tar.gz", sha256=hashlib.sha256(blob).hexdigest(),
+                    extract=True)
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: _Response(blob))
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.delattr(tarfile, "FilterError")
+    err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path / "d")], capsys)
+    assert "lacks tarfile's extraction filters" in err and "nothing was unpacked" in err
+    assert not (tmp_path / "d" / "x").exists()
+
+
+@pytest.mark.parametrize("target, folder, subdir, top", [
+    ("wt2", "wikitext-2", "", "wikitext-2"),  # linked to a folder of another name
+    ("aclImdb", "", "imdb", "aclImdb"),  # imdb's layout: the archive's top folder below the task's subdir
+])
+def test_a_linked_folder_no_data_dir_fills_is_not_answered_with_a_data_dir(tmp_path, monkeypatch, target, folder,
+                                                                            subdir, top):
+    # "give --data-dir the folder it points to", followed, unpacked into <target>/<top>/ (or
+    # <target>/imdb/aclImdb/), one folder below where the link - and so the loader - reads
+    import os
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"{top}/f.txt", "x")
+    blob = buf.getvalue()
+    item = Download(url="https://example.org/a.zip", filename="a.zip", md5=hashlib.md5(blob).hexdigest(), extract=True,
+                    folder=folder, subdir=subdir)
+    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: _Response(blob))
+    (tmp_path / "big" / target).mkdir(parents=True)
+    (tmp_path / "data" / subdir).mkdir(parents=True)
+    os.symlink(tmp_path / "big" / target, tmp_path / "data" / subdir / top)
+    with pytest.raises(data.DownloadError) as info:
+        data.download("w", tmp_path / "data")
+    assert "--data-dir" not in str(info.value) and "remove the link" in str(info.value)

@@ -661,3 +661,16 @@ def test_the_test_split_table3_names_a_planned_arm_without_a_stored_trial_as_the
         md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
     note = "Not in this table (no trial of the arm on that task with a result to compare): etth1 gating=true."
     assert md.count(note) == 2, "named under both Table 3s (validation and test split)"
+
+
+def test_a_folder_without_study_results_given_as_dot_names_its_parent_and_name(tmp_path, monkeypatch):
+    # `ablate report .` inside an empty study folder suggested `ablate run SPEC --out .` (which writes ./<name>/
+    # below it) "for a study named " - the folder `.` has no name, and its parent is not `.`
+    (tmp_path / "quick").mkdir()
+    monkeypatch.chdir(tmp_path / "quick")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"`ablate run SPEC --out {tmp_path}` writes quick/ there "
+                                                          f"for a study named quick")):
+        load_results(".")
+    (tmp_path / "quick" / "study_trials.json").write_text(json.dumps({"study": "quick", "trials": {"t1": {"arm": "adamw"}}}))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"`ablate run SPEC --out {tmp_path} --resume` continues it")):
+        load_results(".")
