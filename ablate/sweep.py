@@ -88,12 +88,8 @@ def trainable(config: dict[str, Any]) -> None:
     from ablate.tasks import DatasetNotFoundError
 
     try:
-        # the trial's warnings (meta_per_epoch above an epoch's steps, data that is not the published
-        # set, ...): a worker's output does not reach the driver, which prints them with the result
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with worker_warnings() as trial_warnings:  # (printed by the driver with the result)
             trial = Trial(trial_config)
-        trial_warnings = list(dict.fromkeys(str(w.message) for w in caught))
     except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})  # a retry would fail alike
         return
@@ -189,6 +185,21 @@ def _stable_checkpoint(trial: Any, stable: Path, notes: list[str] | None = None)
         _set_aside(trial, stable, exc, notes)
         return None
     return state
+
+
+@contextlib.contextmanager
+def worker_warnings() -> Iterator[list[str]]:
+    """The messages of the warnings raised within, each once, in the list it gives: a Ray worker's
+    output does not reach the driver (``log_to_driver`` is off), which prints them with the result
+    (a trial's while it is built: meta_per_epoch above an epoch's steps, data that is not the
+    published set, ...)."""
+    said: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield said
+        finally:
+            said.extend(dict.fromkeys(str(w.message) for w in caught))
 
 
 def prepare_worker(config: dict[str, Any]) -> None:

@@ -594,7 +594,7 @@ def tune_trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from ablate.sweep import prepare_worker
+    from ablate.sweep import prepare_worker, worker_warnings
 
     prepare_worker(config)
     from ablate.trial import Trial
@@ -604,15 +604,11 @@ def tune_trainable(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     members = config["members"]
     trials = []
-    # the members' warnings (meta_per_epoch above an epoch's steps, data that is not the published set, ...):
-    # a worker's output does not reach the driver, which prints them with the first result, as `ablate run` does
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with worker_warnings() as member_warnings:  # (printed by the driver with the first result, as `ablate run` does)
         for m in members:
             cfg = apply_settings(m["config"], settings)
             cfg["num_threads"] = cfg.get("num_threads") or threads
             trials.append(Trial(cfg))
-    member_warnings = list(dict.fromkeys(str(w.message) for w in caught))
     minimize = config["direction"] == "minimize"
     start = time.monotonic()
     for epoch in range(1, max(t.config["epochs"] for t in trials) + 1):
