@@ -38,7 +38,9 @@ trials (one row per trial):
     ("early_stopping" | "max_epochs" | "max_steps" | "diverged" | "failed"), time_total_s,
     time_train_s, time_meta_s, time_eval_s, meta_updates, meta_skipped, best_<metric> for every
     task metric, ref_<name> for every trivial reference (e.g. ref_persistence_mse),
-    test_<metric> where a test split was evaluated, finished_at (ISO time), code_fingerprint,
+    test_<metric> where a test split was evaluated, device_used (the device the trial trained on:
+    "cpu", "cuda:0", ...; the config's device column is the one asked for, "auto" say),
+    finished_at (ISO time), code_fingerprint,
     torch_version, python_version, hostname (what ran it, where it trained: see :mod:`ablate.provenance`).
 history (one row per trial-epoch):
     trial_id, epoch (1-based), step (optimizer steps so far), train_loss (the epoch's training

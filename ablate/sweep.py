@@ -50,6 +50,10 @@ from ablate.study import Study, TrialSpec, format_trials, load_study
 CHECKPOINT_FILE = "trial.pt"
 RESULT_KEY = "ablate_result"
 FAILED_KEY = "ablate_failed"  # a trial that failed deterministically, reported (not raised: no retry)
+#: with FAILED_KEY: the notes and warnings of the failed trial (a JSON list), printed by the driver as an ok trial's
+WARNINGS_KEY = "ablate_warnings"
+#: with FAILED_KEY: what ran the failed trial (:func:`ablate.provenance.provenance` in the worker, a JSON object)
+PROVENANCE_KEY = "ablate_provenance"
 
 #: Ray Tune's "Trial task failed for trial ...", a traceback of ~40 lines for every failed attempt:
 #: ``ablate run`` prints one line per failed attempt (and whether it is retried) and stores the
@@ -91,7 +95,9 @@ def trainable(config: dict[str, Any]) -> None:
         with worker_warnings() as trial_warnings:  # (printed by the driver with the result)
             trial = Trial(trial_config)
     except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
-        tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})  # a retry would fail alike
+        tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc(),  # a retry would fail alike
+                     PROVENANCE_KEY: json.dumps(_worker_provenance(trial_config)),
+                     WARNINGS_KEY: json.dumps(trial_warnings)})
         return
     stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
     # what happened to the trial's checkpoints (one set aside, say): a worker's output does not reach the
@@ -128,12 +134,35 @@ def trainable(config: dict[str, Any]) -> None:
     try:
         result = trial.run(callback=report)
     except ConfigError:  # (the task's loss_fn or evaluate() breaks its contract: a retry would fail alike)
-        tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc()})
+        # (with what happened to its checkpoints: a checkpoint set aside must not go unmentioned when the trial fails)
+        tune.report({"done_trial": True, FAILED_KEY: _with_notes(traceback.format_exc(), notes),
+                     WARNINGS_KEY: json.dumps([*notes, *trial_warnings]), PROVENANCE_KEY: json.dumps(trial.provenance)})
         return
     payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry,
                "warnings": [*notes, *trial_warnings]}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
+
+
+def _worker_provenance(trial_config: dict[str, Any]) -> dict[str, str]:
+    """What runs a trial that could not be built (:func:`ablate.provenance.provenance`, with its task's plugin)."""
+    from ablate.provenance import provenance
+    from ablate.tasks import TASKS
+
+    task = trial_config.get("task")
+    return provenance(TASKS.get(task) if isinstance(task, str) and task in TASKS else None)
+
+
+def _with_notes(error: str, notes: list[str]) -> str:
+    """A failed trial's error text with the ``notes`` of its checkpoints before the traceback (whose last line,
+    the exception's message, stays the last: the run prints it)."""
+    return "".join(f"note: {n}\n" for n in notes) + error
+
+
+def _going_on(trial: Any) -> str:
+    """What a trial whose stable checkpoint is not used does: starts afresh, or goes on from Ray's checkpoint."""
+    epoch = getattr(trial, "epoch", 0)
+    return f"continuing from Ray's checkpoint of epoch {epoch}" if epoch else "starting afresh"
 
 
 def _note(notes: list[str] | None, message: str) -> None:
@@ -153,7 +182,7 @@ def _set_aside(trial: Any, stable: Path, exc: BaseException, notes: list[str] | 
     except OSError as move:
         where = f"left in place (moving it aside failed: {move})"
     _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} {what} ({type(exc).__name__}: {exc}); "
-                 f"{where}, starting afresh")
+                 f"{where}, {_going_on(trial)}")
 
 
 def _stable_checkpoint(trial: Any, stable: Path, notes: list[str] | None = None) -> dict[str, Any] | None:
@@ -179,7 +208,7 @@ def _stable_checkpoint(trial: Any, stable: Path, notes: list[str] | None = None)
     try:
         trial.check_checkpoint(state)
     except StaleCheckpoint:
-        _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; starting afresh")
+        _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} was made on other data files; {_going_on(trial)}")
         return None
     except UnusableCheckpoint as exc:
         _set_aside(trial, stable, exc, notes)
@@ -245,14 +274,21 @@ def _trial_row(spec: TrialSpec, study: Study, row: dict[str, Any]) -> dict[str, 
     return {**row, "trial_id": spec.trial_id, **_labels(spec, study)}
 
 
-def _failed_row(spec: TrialSpec, study: Study, error: str) -> dict[str, Any]:
+def _failed_row(spec: TrialSpec, study: Study, error: str, made: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row of a failed trial; ``made``: what ran it, as the worker reported it (:func:`ablate.provenance.provenance`).
+    Without it (the worker raised, and Ray reported the error), the driver's code, torch and Python, which every
+    node's are checked against before the trials; not its host, which need not be the trial's."""
+    from ablate.provenance import provenance
     from ablate.tasks import TASKS
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     metric = TASKS.get(spec.task).metric if spec.task in TASKS else None  # (the reports read its direction)
     known = {} if metric is None else {"metric": metric.name, "mode": metric.mode}
+    if made is None:
+        made = {k: v for k, v in provenance(TASKS.get(spec.task) if spec.task in TASKS else None).items()
+                if k != "hostname"}
     return _trial_row(spec, study, {**spec.config, **known, "status": "failed", "error": error,
-                                    "stop_reason": "failed", "best_metric": math.nan, "finished_at": now})
+                                    "stop_reason": "failed", "best_metric": math.nan, "finished_at": now, **made})
 
 
 def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, total: int, reused: int,
@@ -291,7 +327,9 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
         def on_trial_result(self, iteration, trials, trial, result, **info):
             spec = by_id[trial.config["trial"]["trial_id"]]
             if FAILED_KEY in result:  # a deterministic failure the worker reported without raising
-                self._record_failure(trials, spec, result[FAILED_KEY], "; not retried")
+                made = json.loads(result.pop(PROVENANCE_KEY, None) or "null")
+                self._record_failure(trials, spec, result[FAILED_KEY], "; not retried",
+                                     json.loads(result.pop(WARNINGS_KEY, None) or "[]"), made)
                 return
             if RESULT_KEY not in result:  # an epoch of a running trial
                 if time.monotonic() - self.last_line >= PROGRESS_EVERY_S and "epoch" in result:
@@ -311,10 +349,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             self._store(spec, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
-            for message in payload.get("warnings") or ():  # (an arm's seeds warn alike: its first says it)
-                if (spec.task, spec.arm, message) not in self.warned:
-                    self.warned.add((spec.task, spec.arm, message))
-                    print(f"{spec.task} seed {spec.seed} {spec.arm}: warning: {message}", flush=True)
+            self._warn(spec, payload.get("warnings") or ())
             self._rerun_done(spec)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
@@ -335,8 +370,16 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: attempt {attempt} failed "
                                    f"({_last_line(_trial_error(trial))}); {retry}")
 
-        def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "") -> None:
-            self._store(spec, _failed_row(spec, study, error))
+        def _warn(self, spec: TrialSpec, messages) -> None:
+            for message in messages:  # (an arm's seeds warn alike: its first says it)
+                if (spec.task, spec.arm, message) not in self.warned:
+                    self.warned.add((spec.task, spec.arm, message))
+                    print(f"{spec.task} seed {spec.seed} {spec.arm}: warning: {message}", flush=True)
+
+        def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "", messages=(),
+                            made: dict[str, Any] | None = None) -> None:
+            self._store(spec, _failed_row(spec, study, error, made))
+            self._warn(spec, messages)
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec)
             self.eta.finished(spec.task, None)
@@ -1073,7 +1116,7 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
     if aside:  # (set aside by a trial that started afresh: kept for a look, never read again)
         size = sum(p.stat().st_size for p in aside) / 2**20
         print(f"note: {len(aside)} unreadable or unusable checkpoint(s) set aside stay in {out_dir / CHECKPOINTS_DIR} "
-              f"({size:.0f} MiB; their trials started afresh): delete them ({', '.join(p.name for p in aside[:3])}"
+              f"({size:.0f} MiB; their trials started afresh, or from Ray's copy of an earlier epoch): delete them ({', '.join(p.name for p in aside[:3])}"
               f"{', ...' if len(aside) > 3 else ''})", flush=True)
     if others:
         size = sum(p.stat().st_size for p in others) / 2**20

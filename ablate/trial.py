@@ -128,6 +128,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _device_used(device: torch.device) -> str:
+    """The device a trial trained on, as its row records it: ``cpu``, or a GPU with its index (``cuda:0``)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def _uses_cuda(device: torch.device) -> bool:
     """Whether a trial on ``device`` draws from (and seeds) CUDA's generators."""
     return device.type == "cuda"
@@ -458,6 +465,7 @@ class Trial:
             "meta_updates": self.meta_updates,
             "meta_skipped": getattr(self.optimizer, "meta_skipped", 0),
             "resumed_from_epoch": self.resumed_from_epoch,
+            "device_used": _device_used(self.device),  # (the config's device is the request: auto, cuda)
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             **self.provenance,
         }
@@ -504,6 +512,10 @@ class Trial:
             raise UnusableCheckpoint(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
                                      f"(their configs differ{': ' + shown if shown else ''}"
                                      f"{', ...' if len(differ) > 5 else ''})")
+        bad = _random_states_problem(state, self._gens)
+        if bad:
+            raise UnusableCheckpoint(f"the checkpoint of trial {self.trial_id} holds random states this trial cannot "
+                                     f"take ({bad}; written by other code?): start the trial afresh instead")
         if not self.can_resume_from(state):
             raise StaleCheckpoint(f"the checkpoint of trial {self.trial_id} was made on other data files than its data "
                                   f"directory holds now (fingerprint {state['data_fingerprint']} then, "
@@ -564,6 +576,32 @@ class Trial:
         if not isinstance(state, dict) or "trial_id" not in state:
             raise UnusableCheckpoint(f"{path} is not an ablate trial checkpoint (no trial_id in it)")
         self.load_state_dict(state)
+
+
+def _random_states_problem(state: dict[str, Any], gens: dict[str, torch.Generator]) -> str:
+    """What is wrong with a checkpoint's ``rng`` and ``generators`` entries (``""``: nothing), found by setting each
+    state on a scratch generator (the trial's and the process's own are left alone): an entry that is not there, or
+    not of the kind it should be, failed the trial with a bare KeyError after its model and optimizer were loaded."""
+    rng, generators = state["rng"], state["generators"]
+    try:
+        if not isinstance(generators, dict):
+            raise TypeError(f"generators is a {type(generators).__name__}, not a dict")
+        missing = [k for k in gens if k not in generators]
+        if missing:
+            raise ValueError(f"generators lacks {', '.join(missing)}")
+        for k in gens:
+            torch.Generator().set_state(generators[k])
+        if not isinstance(rng, dict):
+            raise TypeError(f"rng is a {type(rng).__name__}, not a dict")
+        missing = [k for k in ("python", "numpy", "torch") if k not in rng]
+        if missing:
+            raise ValueError(f"rng lacks {', '.join(missing)}")
+        random.Random().setstate(rng["python"])
+        np.random.RandomState().set_state(rng["numpy"])
+        torch.Generator().set_state(rng["torch"])
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).strip()}"
+    return ""
 
 
 def _identity_differences(theirs: dict[str, Any], mine: dict[str, Any]) -> list[str]:

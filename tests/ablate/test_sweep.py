@@ -880,3 +880,17 @@ def test_the_end_of_a_run_lists_the_checkpoints_set_aside(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"note: 1 unreadable or unusable checkpoint(s) set aside stay in {out / CHECKPOINTS_DIR}" in printed
     assert aside.name in printed
+
+
+def test_a_failed_trial_s_row_says_what_ran_it(tmp_path):
+    # an ok row records the code, torch and Python that made it; a failed one recorded by the driver recorded none
+    import torch
+
+    from ablate.sweep import _failed_row
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    row = _failed_row(study.trials[0], study, "Traceback ...\nRuntimeError: boom")
+    assert row["torch_version"] == torch.__version__ and isinstance(row["code_fingerprint"], str)
+    assert "hostname" not in row  # (the driver's host need not be the trial's)
+    made = {"code_fingerprint": "0123456789ab", "torch_version": "x", "python_version": "y", "hostname": "node-3"}
+    assert {k: _failed_row(study.trials[0], study, "boom", made)[k] for k in made} == made

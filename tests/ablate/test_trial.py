@@ -697,3 +697,92 @@ def test_the_run_is_told_when_a_trial_s_checkpoint_is_set_aside(tmp_path, monkey
                      "resume": True, "cpus": 1})
     payload = json.loads(reports[-1][sweep.RESULT_KEY])
     assert any(f"its checkpoint {tmp_path / trial_id}.pt is unreadable" in w for w in payload["warnings"])
+
+
+def _trainable_reports(monkeypatch, tmp_path, config, trial_id, ray_checkpoint=None):
+    """The reports of :func:`ablate.sweep.trainable` run here (no Ray), under ``ablate run --resume`` with the stable
+    checkpoints in ``tmp_path`` and ``ray_checkpoint`` (a folder holding trial.pt) as Ray's."""
+    import contextlib
+
+    from ray import tune
+
+    from ablate import sweep
+
+    class Restored:
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield ray_checkpoint
+
+    reports = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: Restored() if ray_checkpoint else None)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    sweep.trainable({"trial": {"config": config, "trial_id": trial_id}, "plugins": [], "checkpoint_dir": str(tmp_path),
+                     "resume": True, "cpus": 1})
+    return reports
+
+
+def test_a_trial_that_fails_after_its_checkpoint_was_set_aside_says_so(tmp_path, monkeypatch):
+    # the note reached the driver with an ok trial's result only: a trial that then failed was recorded and printed
+    # without a word of the checkpoint moved aside (nor of the code that ran it)
+    from ablate import sweep
+    from ablate.trial import Trial as TrialClass
+
+    config = {**FAST, "epochs": 1}
+    trial_id = Trial(config).trial_id
+    (tmp_path / f"{trial_id}.pt").write_bytes(b"\x80\x02 cut short")
+
+    def broken(self, *args, **kwargs):
+        raise ConfigError("the task's loss_fn returned a tensor of shape (3,)")
+
+    monkeypatch.setattr(TrialClass, "run", broken)
+    failed = _trainable_reports(monkeypatch, tmp_path, config, trial_id)[-1]
+    said = f"its checkpoint {tmp_path / trial_id}.pt is unreadable"
+    assert said in failed[sweep.FAILED_KEY]
+    assert sweep._last_line(failed[sweep.FAILED_KEY]).endswith("returned a tensor of shape (3,)")  # (still what failed)
+    assert any(said in w for w in json.loads(failed[sweep.WARNINGS_KEY]))
+    made = json.loads(failed[sweep.PROVENANCE_KEY])
+    assert made["torch_version"] == torch.__version__ and made["hostname"] == socket.gethostname()
+
+
+def test_a_stable_checkpoint_set_aside_after_ray_s_was_loaded_does_not_say_starting_afresh(tmp_path, monkeypatch):
+    from ablate import sweep
+
+    config = {**FAST, "epochs": 2, "meta_every": 100}
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    trial = Trial(config)
+    trial.run_epoch()
+    trial.save(ray_dir / sweep.CHECKPOINT_FILE)
+    trial.run_epoch()
+    state = trial.state_dict()
+    state["model"] = {k + ".renamed": v for k, v in state["model"].items()}  # (a model of other code)
+    torch.save(state, tmp_path / f"{trial.trial_id}.pt")
+    payload = json.loads(_trainable_reports(monkeypatch, tmp_path, config, trial.trial_id, ray_dir)[-1][sweep.RESULT_KEY])
+    assert payload["row"]["resumed_from_epoch"] == 1
+    [note] = payload["warnings"]
+    assert "cannot be used" in note and note.endswith("continuing from Ray's checkpoint of epoch 1"), note
+
+
+@pytest.mark.parametrize("entry", ["generators", "rng"])
+@pytest.mark.parametrize("bad", ["empty", "wrong state"])
+def test_a_checkpoint_with_unusable_random_states_is_refused_before_anything_is_loaded(entry, bad):
+    # a bare KeyError after the model and optimizer were loaded (rng: at the next epoch, after the load "worked")
+    trial = Trial(FAST)
+    trial.run_epoch()
+    state = trial.state_dict()
+    if bad == "empty":
+        state[entry] = {}
+    else:
+        state[entry] = {**state[entry], ("train" if entry == "generators" else "torch"): torch.zeros(3, dtype=torch.uint8)}
+    fresh = Trial(FAST)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ConfigError, match="holds random states this trial cannot take"):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+    assert fresh.epoch == 0 and not fresh.optimizer.state_dict()["state"]
+
+
+def test_a_trial_s_row_records_the_device_it_trained_on():
+    row = run_trial({**FAST, "epochs": 1, "device": "auto"}).row
+    assert row["device"] == "auto"  # (the config as asked: it rebuilds the trial)
+    assert row["device_used"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
