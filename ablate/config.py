@@ -374,12 +374,27 @@ def _check_contradictions(resolved: dict, given: Mapping[str, Any], where: str) 
 
 
 def identity_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config that determines the result (used for the trial id)."""
+    """The part of a resolved config that determines the result (used for the trial id). For
+    embedded data, ``data`` is ``"embedded:<version>"`` where the task has an ``embedded_version``
+    (:attr:`ablate.tasks.TaskSpec.embedded_version`): new embedded data make new trials."""
     ident = {k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS}
+    if ident.get("data") == "embedded":
+        version = _embedded_version(ident.get("task"))
+        if version:
+            ident["data"] = f"embedded:{version}"
     if ident.get("optimizer") == "adamw":
         for k in METAADAMW_KEYS:
             ident.pop(k, None)
     return ident
+
+
+def _embedded_version(task: Any) -> str:
+    """The version of a registered task's embedded data ("" for none, or a task not registered)."""
+    from ablate.tasks import TASKS
+
+    if not isinstance(task, str) or task not in TASKS:
+        return ""
+    return getattr(TASKS.get(task), "embedded_version", "") or ""
 
 
 def trial_id(config: Mapping[str, Any]) -> str:

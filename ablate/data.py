@@ -78,11 +78,16 @@ def _safe_members(names: list[str], dest: Path, data_dir_for: Callable[[Path], P
             raise DownloadError(f"refusing to unpack {name!r}: it would land outside {dest} - nothing was unpacked")
 
 
-def unpack(archive: Path, dest: Path, data_dir_for: Callable[[Path], Path | None] | None = None) -> list[str]:
-    """Unpack ``archive`` into ``dest``; returns the files it held (paths relative to ``dest``)."""
+def unpack(archive: Path, dest: Path, data_dir_for: Callable[[Path], Path | None] | None = None,
+           before_writing: Callable[[], None] | None = None) -> list[str]:
+    """Unpack ``archive`` into ``dest``; returns the files it held (paths relative to ``dest``).
+    ``before_writing``: called once every member has been checked, just before the first is written
+    (an archive refused - :class:`DownloadError`, "nothing was unpacked" - never calls it)."""
+    start = before_writing or (lambda: None)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             _safe_members(z.namelist(), dest, data_dir_for)
+            start()
             z.extractall(dest)
             return [i.filename for i in z.infolist() if not i.is_dir()]
     if not hasattr(tarfile, "data_filter"):  # (PEP 706: Python 3.10.12+, 3.11.4+, 3.12+)
@@ -100,6 +105,7 @@ def unpack(archive: Path, dest: Path, data_dir_for: Callable[[Path], Path | None
                 tarfile.data_filter(m, str(dest))
             except tarfile.FilterError as exc:
                 raise DownloadError(f"refusing to unpack {m.name!r}: {exc} - nothing was unpacked") from exc
+        start()
         try:
             t.extractall(dest, members=members, filter="data")
         except tarfile.FilterError as exc:  # (a link through a link unpacked before it)
@@ -192,9 +198,9 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -
             raise DownloadError(f"{item.filename}: none of its {len(failures)} sources gave the published file - "
                                 f"{tried} (or copy the files into {dest} by hand)")
         if item.extract:
-            # (a forced run's old record goes first: an unpack that stops half way - a full disk, Ctrl-C -
-            # leaves cut files that the next run must fetch again, not trust)
-            marker.unlink(missing_ok=True)
+            # (a forced run's old record goes once the archive's members are checked, before the first is
+            # written: an unpack that stops half way - a full disk, Ctrl-C - leaves cut files that the next run
+            # must fetch again, not trust; an archive refused has written nothing, and the old files stand)
             def data_dir_for(link: Path) -> Path | None:  # (download() given the folder the link points to)
                 target = link.resolve()
                 other = (target.parent if target.name == item.dataset_folder else target) / item.subdir
@@ -203,7 +209,7 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -
                 except ValueError:  # (a link above the data directory)
                     return None
 
-            files = unpack(tmp_file, dest, data_dir_for)
+            files = unpack(tmp_file, dest, data_dir_for, before_writing=lambda: marker.unlink(missing_ok=True))
             atomic_write_bytes(marker, "".join(f"{name}\n" for name in files).encode("utf-8"))
             return dest
         os.replace(tmp_file, final)

@@ -654,7 +654,8 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
                     "ran it once for both. " + _SPLIT_NOTE[split] + " "
-                    + _SIG_LEGEND.format(alpha=alpha, family="the arms of each task")
+                    + _SIG_LEGEND.format(alpha=alpha, family="the ablation arms of each task" + (
+                        ", its factorial cells a family of their own" if (t3["axis"] == "factorial").any() else ""))
                     + too_few_seeds_note(table3_compared_pairs(t3), alpha)
                     + undefined_relative_note(t3) + absent_arms_note(results, t3, planned_arms, split))]
     for task in sorted(t3["task"].unique()):

@@ -486,10 +486,10 @@ def _matched(arms: pd.DataFrame, task: str, ref_arm: str, arm: str, column: str 
     return ref.loc[seeds], new.loc[seeds], len(ref) - len(seeds), len(new) - len(seeds)
 
 
-def _compare(ref: pd.Series, new: pd.Series, mode: str) -> dict:
+def _compare(ref: pd.Series, new: pd.Series, mode: str, confidence: float = CONFIDENCE) -> dict:
     if not ref.index.equals(new.index):  # no matched seed
         ref, new = ref.iloc[:0], new.iloc[:0]
-    return paired_comparison(ref.to_numpy(), new.to_numpy(), mode)
+    return paired_comparison(ref.to_numpy(), new.to_numpy(), mode, confidence)
 
 
 #: ``ablate tune`` scores this close are ties (float rounding, as when the searched values change
@@ -587,7 +587,7 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
             row.update({f"{prefix}_{k}": ci[k] for k in ("mean", "lo", "hi", "n")})
             row[f"{prefix}_n_unmatched"] = extra
             row[f"{prefix}_n_not_ok"] = _n_not_ok(arms, task, arm, column)
-        row.update(_compare(ref, new, mode))
+        row.update(_compare(ref, new, mode, confidence))
         row["time_change"] = _time_change(arms, task, ref.index if ref.index.equals(new.index) else ref.index[:0])
         ok_task = _ok(trials[trials["task"] == task])
         row.update({c: float(pd.to_numeric(ok_task[c], errors="coerce").mean()) for c in ref_cols})
@@ -626,8 +626,9 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     Columns: task, split, axis, arm, metric, mode, arm_mean/lo/hi and baseline_mean (over the matched
     seeds, as in :func:`table2`), n_unmatched and baseline_n_unmatched (ok seeds of the arm, of
     the baseline, that the other lacks: left out of both means), n_not_ok, rel_* (per seed relative change vs
-    baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the arms
-    of the task), n_pairs, n_better, significant (p_holm < alpha), withheld (as in :func:`table2`),
+    baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the ablation
+    arms of the task; a task's factorial cells, compared with the baseline too, are a family of
+    their own, so that adding a factorial design to a study does not weaken its ablations), n_pairs, n_better, significant (p_holm < alpha), withheld (as in :func:`table2`),
     ``mark`` ("*" where significant, "(*)" where withheld) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
     the baseline's), so there is nothing to compare - its statistics are NaN and it is not
     counted in the Holm family.
@@ -653,12 +654,14 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
             row["n_unmatched"], row["baseline_n_unmatched"] = extra, base_extra
             row["n_not_ok"] = _n_not_ok(arms, task, arm, column)
             row["same_as_baseline"] = _same_trials(arms, task, arm, BASELINE)
-            cmp = _compare(base, values, mode)
+            cmp = _compare(base, values, mode, confidence)
             if row["same_as_baseline"]:
                 cmp = {k: (np.nan if k not in ("n_pairs", "n_better") else v) for k, v in cmp.items()}
             row.update(cmp)
             task_rows.append(row)
-        _holm_family([r for r in task_rows if not r["same_as_baseline"]], alpha, "baseline_n_unmatched", "n_unmatched")
+        for cells in (False, True):  # (the ablation arms one family, the factorial cells, where any, another)
+            _holm_family([r for r in task_rows if not r["same_as_baseline"] and (r["axis"] == "factorial") is cells],
+                         alpha, "baseline_n_unmatched", "n_unmatched")
         for row in task_rows:
             row.setdefault("p_holm", np.nan)
             row.setdefault("significant", False)
@@ -825,6 +828,12 @@ def factorial_effects(
                     confounded.setdefault((term, level), []).append((coef, f"{label[1]} ({label[2]})"))
     X, y = np.column_stack(columns), frame["y"].to_numpy(dtype=float)
     beta, cov, dof = _least_squares(X, y)
+    # rounding of y (metrics over their task's mean, ~1e-16 of that): a standard error or an estimate
+    # no larger is 0, as :func:`paired_t_pvalue` treats identical differences (no t of float noise)
+    task_mean = frame.groupby("task")["best_metric"].transform("mean").abs()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tol = TIE * float(np.max(np.abs(frame["best_metric"]) / task_mean))
+    tol = tol if np.isfinite(tol) else 0.0  # (a task mean of 0: y is not finite either)
     row_space = np.linalg.pinv(X) @ X  # c is estimable iff c @ row_space == c
     rows, tests = [], []
     for f in factors:
@@ -836,7 +845,7 @@ def factorial_effects(
                 c[idx[j]] = 1.0
             else:
                 c[idx] = -1.0
-            row = _contrast_row("main", f, name, c, beta, cov, dof, confidence)
+            row = _contrast_row("main", f, name, c, beta, cov, dof, confidence, tol)
             row["aliased"] = ""
             row["favoured_missing"] = _favoured(missing, row["estimate"], (f, name, len(names)))
             # a two-level factor's second row is minus its first: what it stands for flips sign too
@@ -855,7 +864,7 @@ def factorial_effects(
             else:
                 c = np.zeros(len(beta))
                 c[labels.index(("interaction", *key))] = 1.0
-                row = _contrast_row("interaction", *key, c, beta, cov, dof, confidence)
+                row = _contrast_row("interaction", *key, c, beta, cov, dof, confidence, tol)
                 row["favoured_missing"] = _favoured(missing, row["estimate"], (f, a, len(coded[f][0])),
                                                     (g, b, len(coded[g][0])))
                 rows.append({**row, "aliased": "", "confounded": _signed(confounded.get(key, []))})
@@ -916,12 +925,18 @@ def _least_squares(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return beta, sigma2 * np.linalg.pinv(X.T @ X), dof
 
 
-def _contrast_row(kind, term, level, c, beta, cov, dof, confidence) -> dict:
+def _contrast_row(kind, term, level, c, beta, cov, dof, confidence, tol: float = 0.0) -> dict:
+    """A fitted contrast's estimate, CI and t-test p. A standard error of at most ``tol`` (the
+    rounding of the fitted values: no residual, every seed shows the same cell differences) gives
+    p = 0 for an estimate beyond ``tol`` and p = 1 for one within it, as the paired tests do for
+    identical differences (:func:`paired_t_pvalue`), and a CI of the estimate alone."""
     est = float(c @ beta)
-    se = float(np.sqrt(c @ cov @ c)) if dof > 0 else np.nan
-    if dof > 0 and se > 0:
+    se = float(np.sqrt(max(float(c @ cov @ c), 0.0))) if dof > 0 else np.nan
+    if dof > 0 and se > tol:
         half = float(sps.t.ppf(0.5 + confidence / 2, dof)) * se
         p = float(2 * sps.t.sf(abs(est) / se, dof))
+    elif dof > 0:  # (no residual variance up to rounding: no t of float noise)
+        half, p = 0.0, (1.0 if abs(est) <= tol else 0.0)
     else:
         half, p = np.nan, np.nan
     return {"kind": kind, "term": term, "level": level, "estimate": est, "se": se,
@@ -983,6 +998,13 @@ def time_to_target(results: Results, *, arm: str = BASELINE, ref_arm: str = ADAM
     a trial that is not ok, missing, or without history). The target is set wherever ``ref_arm``
     has an ok trial and ``arm`` a stored one: an ``arm`` trial that is not ok (diverged, failed)
     did not reach it (a seed ``arm`` has not run has no target).
+
+    A seed with several ok trials of an arm (results loaded with ``all_trials=True``) counts once,
+    with their mean, as in the tables (with the same warning): the target is the mean of the
+    ``ref_arm`` trials' best metrics (Table 2's value of that seed), ref_step and ref_wall_s the
+    means of when each reached its own best (ref_epoch: the mean of their best epochs), and
+    ``arm``'s validation metric, step and seconds are the means of its trials per epoch (the
+    validation curves' mean, :func:`validation_curves`).
     """
     trials, history = results.trials, results.history
     if trials.empty:
@@ -992,12 +1014,22 @@ def time_to_target(results: Results, *, arm: str = BASELINE, ref_arm: str = ADAM
     for task in sorted(trials["task"].unique()):
         metric, mode = task_metric(trials, task)
         refs, news = _trial_per_seed(arms, task, ref_arm), _trial_per_seed(arms, task, arm)
+        targets = _seed_targets(arms, task, ref_arm, arm)
         for seed in sorted(set(refs) | set(news)):
-            rows.append(_seed_time_to_target(task, seed, metric, mode, refs.get(seed), news.get(seed), history, arm, ref_arm))
+            rows.append(_seed_time_to_target(task, seed, metric, mode, refs.get(seed), news.get(seed), history, arm,
+                                             ref_arm, targets.get(seed, np.nan)))
     return pd.DataFrame(rows)
 
 
-def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, arm, ref_arm) -> dict:
+def _seed_targets(arms: pd.DataFrame, task: str, ref_arm: str, arm: str) -> pd.Series:
+    """``ref_arm``'s per-seed best metric, Table 2's (:func:`_per_seed`, which warns of several ok
+    trials on a seed, of ``arm`` too; called here so that the warning names this module, as the
+    tables' do)."""
+    _per_seed(arms, task, arm)
+    return _per_seed(arms, task, ref_arm)
+
+
+def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, arm, ref_arm, target) -> dict:
     row = {"task": task, "seed": seed, "metric": metric, "target": np.nan, "reached": False,
            "epoch": np.nan, "step": np.nan, "wall_s": np.nan, "ref_epoch": np.nan,
            "ref_step": np.nan, "ref_wall_s": np.nan, "wall_ratio": np.nan, "note": ""}
@@ -1013,22 +1045,28 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
     if not ok_mask(ref_rows).any():
         row["note"] = not_ok(ref_arm, ref_rows)
         return row
-    ref = _ok(ref_rows).iloc[0]
-    row["target"] = float(ref["best_metric"])
-    ref_hist = _history_of(history, ref["trial_id"])
-    at_best = ref_hist[ref_hist["epoch"] == ref["best_epoch"]] if len(ref_hist) else ref_hist
-    if len(at_best):
-        row.update(ref_epoch=int(ref["best_epoch"]), ref_step=float(at_best["step"].iloc[0]),
-                   ref_wall_s=float(at_best["wall_s"].iloc[0]))
+    row["target"] = float(target)  # (the mean of the seed's ok trials' best metrics)
+    at_best = []
+    for _, ref in _ok(ref_rows).iterrows():
+        ref_hist = _history_of(history, ref["trial_id"])
+        hit = ref_hist[ref_hist["epoch"] == ref["best_epoch"]] if len(ref_hist) else ref_hist
+        if len(hit):
+            at_best.append((float(ref["best_epoch"]), float(hit["step"].iloc[0]), float(hit["wall_s"].iloc[0])))
+    if at_best:  # (several ok trials on the seed: the means of when each reached its best)
+        epoch, step, wall = np.mean(at_best, axis=0)
+        row.update(ref_epoch=int(epoch) if epoch == int(epoch) else float(epoch), ref_step=float(step),
+                   ref_wall_s=float(wall))
     if not ok_mask(new_rows).any():  # (a diverged or failed trial did not reach the target: it counts)
         row["note"] = not_ok(arm, new_rows)
         return row
-    new = _ok(new_rows).iloc[0]
+    new = _ok(new_rows)
     col = f"val_{metric}"
-    new_hist = _history_of(history, new["trial_id"])
+    new_hist = pd.concat([_history_of(history, t) for t in new["trial_id"]])
     if new_hist.empty or col not in new_hist:
-        row["note"] = f"no history column {col} for trial {new['trial_id']}"
+        row["note"] = f"no history column {col} for trial {', '.join(map(str, new['trial_id']))}"
         return row
+    # (several ok trials on the seed: their mean per epoch, as the validation curves draw them)
+    new_hist = new_hist.groupby("epoch", as_index=False)[[c for c in (col, "step", "wall_s") if c in new_hist]].mean()
     hit = new_hist[_reached(new_hist[col], row["target"], mode)]
     if hit.empty:
         row["note"] = "not reached"

@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ablate.allocator import keep_freed_memory
-from ablate.config import ConfigError, resolve_config, trial_id
+from ablate.config import ConfigError, identity_config, resolve_config, trial_id
 from ablate.files import atomic_write_bytes
 from ablate.optim import build_optimizer
 from ablate.provenance import provenance
@@ -509,9 +509,14 @@ class Trial:
             differ = _identity_differences(state.get("config") or {}, self.config)
             theirs = state.get("config") or {}
             shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {self.config.get(k)!r} here" for k in differ[:5])
+            if differ or not theirs:
+                why = f"their configs differ{': ' + shown if shown else ''}{', ...' if len(differ) > 5 else ''}"
+            else:  # (the id sees more than the config: the version of the embedded data)
+                data = identity_config(self.config)["data"]
+                why = ("their configs are the same, but its id was made by another version of ablate"
+                       + (f", on other embedded data than {data}" if data.startswith("embedded:") else ""))
             raise UnusableCheckpoint(f"checkpoint of trial {state['trial_id']} cannot resume trial {self.trial_id} "
-                                     f"(their configs differ{': ' + shown if shown else ''}"
-                                     f"{', ...' if len(differ) > 5 else ''})")
+                                     f"({why})")
         bad = _random_states_problem(state, self._gens)
         if bad:
             raise UnusableCheckpoint(f"the checkpoint of trial {self.trial_id} holds random states this trial cannot "

@@ -13,7 +13,11 @@ a process group of more than one rank is initialised):
   refused on every rank;
 * every meta-update averages the meta-gradients over the ranks (one all-reduce of one flat
   buffer) before the meta-optimizer's step; a rank whose meta-loss is not finite contributes
-  NaN, so that every rank skips that meta-update together.
+  NaN, so that every rank skips that meta-update together, and a rank whose meta-update raises
+  (its ``loss_fn`` on its batch, say) says so in the same buffer before it raises, so that every
+  rank raises instead of waiting in that collective until the process group's timeout (an error
+  of ``meta_step``'s own checks before the meta-update - a missing ``val_batch``, a model moved
+  to another device - is raised on that rank alone: make the same calls on every rank).
 
 ``meta_step`` unwraps a ``DistributedDataParallel`` or ``DataParallel`` model and runs its
 ``module``: the meta-update's hypothetical passes stay outside DDP's forward, which would
@@ -107,21 +111,32 @@ def _nibbles(value: int) -> list[int]:
 
 
 def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison: bool = False,
-             layout: int | None = None) -> list[Tensor | None]:
+             layout: int | None = None, failed: bool = False) -> list[Tensor | None]:
     """The mean over the ranks of each gradient (None: zeros of ``like``'s shape), by one
     all-reduce of one flat buffer that also counts the ranks that had each gradient: one that
     no rank had stays None. ``poison``: this rank contributes NaN (its values are not usable),
     which makes every rank's mean NaN. ``layout``: this rank's 32-bit layout fingerprint, checked
     in the same buffer to be every rank's (refused on every rank alike: the sums of its digits and
-    of their squares match ``world`` times this rank's only when all ranks agree)."""
+    of their squares match ``world`` times this rank's only when all ranks agree). ``failed``: this
+    rank raised before it had meta-gradients (counted in the same buffer: the other ranks raise
+    too, instead of waiting in this collective until the process group's timeout); it returns
+    nothing usable, and the caller raises its own error."""
     device = like[0].device
-    extra = [float(g is not None) for g in grads] + ([] if layout is None else [float(x) for x in _nibbles(layout)])
+    extra = ([float(g is not None) for g in grads] + ([] if layout is None else [float(x) for x in _nibbles(layout)])
+             + [float(failed)])
     flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for g, p in zip(grads, like)]
                      + [torch.tensor(extra, dtype=like[0].dtype, device=device)])
     body = flat.numel() - len(extra)
     if poison:
         flat[:body].fill_(float("nan"))
     dist.all_reduce(flat)
+    failures = int(flat[-1].item())
+    if failed:
+        return [None] * len(grads)
+    if failures:
+        raise RuntimeError(
+            f"MetaAdamW.meta_step: {failures} other rank(s) of {world} raised an error in this meta-update (see "
+            f"their output), so this one stops too rather than wait for them; nothing was updated on any rank")
     if layout is not None:
         sums = flat[body + len(grads):].tolist()
         if any(s != world * x for s, x in zip(sums, _nibbles(layout))):

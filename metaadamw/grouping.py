@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
-import sys
 import warnings
 
 from torch import nn
 
 from metaadamw import GROUPINGS
+from metaadamw.registry import _caller_stacklevel  # (the user's line that built the optimizer or added a group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,18 +196,6 @@ def is_bias(info: TensorInfo) -> bool:
     or, without a name, by its shape (at most one dimension)."""
     leaf = (info.name or "").lower().rsplit(".", 1)[-1]
     return leaf.endswith("bias") or leaf.startswith("bias") or (not info.name and len(info.shape) <= 1)
-
-
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of a warning issued by the caller of this function that points at the
-    first frame outside this package: the user's line that built the optimizer or added a param
-    group (a fixed level pointed into the optimizer's own code, and at another of its lines from
-    ``add_param_group``)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @GROUPINGS.register("original")

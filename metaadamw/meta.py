@@ -370,15 +370,17 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         return twice_differentiable_kernels(opt.device) if double else contextlib.nullcontext()
 
     params = opt._params
-    trainable = [i for i, p in enumerate(params) if p.requires_grad]
-    if not trainable:
-        raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to meta-train for")
+    world = D.world_size(opt.sync_meta)
     # every pass starts from the model's state on entry (buffers a pass both updates and reads, like
     # spectral_norm's power iteration in train mode, would otherwise differ between them by the passes
     # before: between g' and the finite-difference pass, a change the division by the tiny step turned
     # into a Hessian-vector product 37-375x off in float64); after a pass whose graph is still held (the
     # exact path's at theta'), whose saved tensors may not be written, from copies of them
-    with preserved_state(model) as state, torch.enable_grad():
+    with _raised_on_every_rank(opt, world), preserved_state(model) as state, torch.enable_grad():
+        trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        if not trainable:
+            raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to "
+                             "meta-train for")
         # 1. g at theta on batch 1 (or the gradients the caller's backward pass left in .grad)
         if batch1 is None:
             grads = [params[i].grad for i in trainable]
@@ -596,7 +598,6 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     # modulator was trained on the other terms (and that term's log-variance pushed down)
     bad_terms = [t for t in objective.terms if not math.isfinite(values[t])]
     own_finite = math.isfinite(record.meta_loss) and not bad_terms
-    world = D.world_size(opt.sync_meta)
     if world > 1:  # one modulator on every rank: the mean meta-gradient (NaN everywhere if a rank has none)
         meta_grads = D.average_(meta_grads, meta_params, world, poison=not own_finite,
                                 layout=opt.distributed_layout()[-1])
@@ -617,6 +618,20 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     for p in meta_params:
         p.grad = None
     return record
+
+
+@contextlib.contextmanager
+def _raised_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
+    """An error of this rank's meta-update (its loss_fn on its batch, a component's) is announced
+    to the other ranks in the all-reduce of the meta-gradients they wait in, so that they raise
+    too, and at once, instead of waiting there until the process group's timeout."""
+    try:
+        yield
+    except Exception:
+        if world > 1:
+            meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
+            D.average_([None] * len(meta_params), meta_params, world, layout=opt.distributed_layout()[-1], failed=True)
+        raise
 
 
 def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:

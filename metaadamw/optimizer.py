@@ -27,7 +27,8 @@ from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
 from metaadamw.meta import META_GRADIENTS, MetaRecord, described, meta_update, project_weighting
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
-from metaadamw.weighting import FORMS, IGNORE_FIXED_WEIGHTS, IGNORE_PRIORITIES
+from metaadamw.registry import _caller_stacklevel
+from metaadamw.weighting import FORMS, IGNORE_FIXED_WEIGHTS, IGNORE_FORM, IGNORE_PRIORITIES
 
 META_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -1223,13 +1224,27 @@ class MetaAdamW(torch.optim.Optimizer):
     #: meta-optimizer's param_groups): loading takes the checkpoint's, as torch.optim does for lr
     _LOADED_OPTIONS = ("priorities", "fixed_weights", "meta_lr", "meta_weight_decay")
 
+    def _unused_options(self) -> set[str]:
+        """The options this optimizer's configuration does not use (a built-in weighting's form,
+        priorities or fixed weights that it ignores; gate_l1 without gating): a checkpoint that
+        differs in them alone loads without an error or a warning."""
+        weighting, unused = self.config["weighting"], set()
+        for key, ignoring in (("weighting_form", IGNORE_FORM), ("priorities", IGNORE_PRIORITIES),
+                              ("fixed_weights", IGNORE_FIXED_WEIGHTS)):
+            if weighting in ignoring:
+                unused.add(key)
+        if not self.config["gating"]:
+            unused.add("gate_l1")
+        return unused
+
     def _check_loadable(self, extra: dict[str, Any]) -> None:
         """Raise, naming every difference, if the checkpoint was saved by a MetaAdamW whose
         modulator, weighting or meta-optimizer has other shapes or another kind than this one."""
         problems = []
         saved = extra.get("config") or {}  # checkpoints from before the config was saved have none
+        unused = self._unused_options() if saved.get("weighting") == self.config["weighting"] else set()
         for key in self._STRUCTURAL_OPTIONS:
-            if key in saved and saved[key] != self.config[key]:
+            if key in saved and saved[key] != self.config[key] and key not in unused:
                 problems.append(f"{key}={saved[key]!r} (this optimizer: {self.config[key]!r})")
         cls, mine = extra.get("meta_optimizer_class"), type(self.meta_optimizer).__name__
         if cls is not None and cls != mine:
@@ -1267,15 +1282,18 @@ class MetaAdamW(torch.optim.Optimizer):
         error leaves the optimizer as it was, not half loaded)."""
         if not saved:
             return {}
-        changed = {k: (self.config[k], saved[k]) for k in self._LOADED_OPTIONS if k in saved and saved[k] != self.config[k]}
+        unused = self._unused_options()  # (weighting and gating are the checkpoint's: _check_loadable saw to it)
+        changed = {k: (self.config[k], saved[k]) for k in self._LOADED_OPTIONS
+                   if k in saved and saved[k] != self.config[k] and k not in unused}
         if changed:
             warnings.warn("MetaAdamW.load_state_dict: the checkpoint's settings replace the constructor's: " + ", ".join(
-                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=3)
-        kept = {k: (saved[k], self.config[k]) for k in self._RUN_OPTIONS if k in saved and saved[k] != self.config[k]}
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=_caller_stacklevel())
+        kept = {k: (saved[k], self.config[k]) for k in self._RUN_OPTIONS
+                if k in saved and saved[k] != self.config[k] and k not in unused}
         if kept:
             warnings.warn("MetaAdamW.load_state_dict: this run goes on with the constructor's settings, not the "
                           "checkpoint's (so it does not continue exactly as the saved run would have): " + ", ".join(
-                              f"{k} {old!r} -> {new!r}" for k, (old, new) in kept.items()), stacklevel=3)
+                              f"{k} {old!r} -> {new!r}" for k, (old, new) in kept.items()), stacklevel=_caller_stacklevel())
         return {k: new for k, (_, new) in changed.items()}
 
     # ------------------------------------------------------------------------------------------

@@ -32,11 +32,27 @@ import dataclasses
 import difflib
 import fnmatch
 import importlib.metadata
+import os
+import sys
 import types
 import warnings
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of a warning issued by the caller of this function that points at the
+    first frame outside metaadamw: the user's line that built the optimizer, added a param group,
+    loaded a checkpoint or made the lookup that loaded the entry points (a fixed level pointed
+    into metaadamw's own code: ``MetaAdamW.__init__`` or ``list_features``, whichever made the
+    first lookup; ``load_state_dict``, which calls the method that warns)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class UnknownComponentError(KeyError):
@@ -195,7 +211,7 @@ class Registry:
                     f"could not load {self.kind} entry point {ep.name!r} ({ep.value}) from group "
                     f"{self.entry_point_group!r}: {type(exc).__name__}: {exc}",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
                 continue
             if isinstance(obj, types.ModuleType):  # a module registers itself on import
@@ -214,14 +230,14 @@ class Registry:
                     f"the entry point {ep.name!r} ({ep.value}) of group {self.entry_point_group!r} is ignored: "
                     f"{problem}", False)
                 warnings.warn(f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "
-                              f"ignored: {problem}", RuntimeWarning, stacklevel=3)
+                              f"ignored: {problem}", RuntimeWarning, stacklevel=_caller_stacklevel())
                 continue
             if existing is not None and existing is not obj:  # names are unique: the first registration stays
                 warnings.warn(
                     f"{self.kind} entry point {ep.name!r} ({ep.value}, group {self.entry_point_group!r}) is "
                     f"ignored: that name is already registered to {_describe(existing)}. Rename one of them.",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
                 continue
             self.add(ep.name, obj)

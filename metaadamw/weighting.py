@@ -42,6 +42,8 @@ FORMS = ("regression", "classification")
 #: registers is given both and may use either)
 IGNORE_PRIORITIES = frozenset({"sum", "fixed", "huw"})
 IGNORE_FIXED_WEIGHTS = frozenset({"sum", "huw", "huw_priority"})
+#: the built-in weightings that do not use ``weighting_form`` (no log-variances: the form is moot)
+IGNORE_FORM = frozenset({"sum", "fixed"})
 
 
 def _by_term(values: Sequence[float] | None, terms: Sequence[str], what: str) -> list[float]:

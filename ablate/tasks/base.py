@@ -43,6 +43,7 @@ import numbers
 import os
 import re
 import shlex
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -115,6 +116,12 @@ class TaskSpec:
     #: calls it, so a bad value is refused before Ray starts (``ablate run``, ``ablate train``: exit
     #: code 2) instead of failing every trial in a worker. Optional; see :func:`check_int` and friends.
     check: Callable[[dict], None] | None = None
+    #: the version of the task's embedded data, owned by the code that makes them (a generator's
+    #: ``"generated-grammar-v2"``, a bundled set's ``"sklearn-digits"``): part of an embedded trial's
+    #: identity (:func:`ablate.config.identity_config`), so bumping it when the embedded data change
+    #: runs their trials again instead of reusing (or ``--resume``-continuing) results made on the old
+    #: data. "" (a task without one): the id is as before. Real-data trials never see it.
+    embedded_version: str = ""
 
     @property
     def metric(self) -> Metric:
@@ -189,11 +196,12 @@ def register_task(
     aliases: tuple[str, ...] = (),
     locate: Callable[[dict], list[Path]] | None = None,
     check: Callable[[dict], None] | None = None,
+    embedded_version: str = "",
     override: bool = False,
 ) -> Callable:
     """Decorator registering a task factory ``factory(config) -> TaskInstance`` (``locate``: see
-    :attr:`TaskSpec.locate`; ``check``: see :attr:`TaskSpec.check`; ``override``: replace a task
-    of that name registered elsewhere)."""
+    :attr:`TaskSpec.locate`; ``check``: see :attr:`TaskSpec.check`; ``embedded_version``: see
+    :attr:`TaskSpec.embedded_version`; ``override``: replace a task of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
         from ablate.config import COMMON_FIELDS, RESULT_COLUMNS, RESULT_PREFIXES, did_you_mean
@@ -228,6 +236,7 @@ def register_task(
             description=description or (factory.__doc__ or "").strip().split("\n")[0],
             locate=None if locate is None else _located_with_hint(locate),
             check=check,
+            embedded_version=str(embedded_version or ""),
         )
         # (all or none: an alias that is taken leaves no name of the task registered, half-made)
         TASKS.add_all([(name, spec)] + [(alias, dataclasses.replace(spec, name=alias)) for alias in aliases],
@@ -330,7 +339,8 @@ def also_looked_in(config: Mapping[str, Any], subdir: str, root: Path) -> str:
 
 def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:
     """A cheap fingerprint of the real data a trial reads: the name and size of each file the task's
-    ``locate`` names (a folder: its file count and total size), hashed; "" for embedded data or a
+    ``locate`` names (a folder: the count and total size of the files in it and in its subfolders,
+    those reached through a link included, each folder once), hashed; "" for embedded data or a
     task without ``locate``. It survives copying the data to another directory or machine and
     changes when a file is replaced by another (a subset, a newer version): ``ablate run`` reruns
     stored trials whose fingerprint differs instead of reusing results made on other data."""
@@ -339,12 +349,33 @@ def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:
     digest = hashlib.sha256()
     for path in sorted((Path(p) for p in spec.locate(dict(config))), key=lambda p: p.name):
         if path.is_dir():
-            sizes = [f.stat().st_size for f in path.rglob("*") if f.is_file()]
+            sizes = _file_sizes(path)
             count, total = len(sizes), sum(sizes)
         else:
             count, total = 1, path.stat().st_size
         digest.update(f"{path.name}\0{count}\0{total}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _file_sizes(folder: Path) -> list[int]:
+    """The sizes of the files below ``folder``, following links to folders (a dataset folder linked in
+    from another disk: ``Path.rglob`` skips it, so changed data there went unnoticed) but entering each
+    folder once (a link to a folder above it is no loop); a link that leads nowhere is no file."""
+    sizes, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in files:
+            try:
+                st = os.stat(os.path.join(top, name))
+            except OSError:  # (a broken link)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sizes.append(st.st_size)
+    return sizes
 
 
 class TaskContractError(ConfigError):

@@ -81,7 +81,9 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
-EMBEDDED_SOURCE = "embedded:sklearn-digits"
+#: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id; change it with the data)
+EMBEDDED_VERSION = "sklearn-digits"
+EMBEDDED_SOURCE = f"embedded:{EMBEDDED_VERSION}"
 DIGITS_UPSAMPLE = 2  # 8x8 -> 16x16
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # the split is fixed, whatever the trial's seed
@@ -367,6 +369,7 @@ def check(config: dict) -> None:
     description="CIFAR-10 image classification with a ResNet-18",
     locate=locate,
     check=check,
+    embedded_version=EMBEDDED_VERSION,
 )
 def build_cifar10_task(config: dict) -> TaskInstance:
     """Build the CIFAR-10 task (or its embedded digits variant) from a resolved trial config."""

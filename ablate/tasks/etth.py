@@ -75,7 +75,9 @@ SPLITS = ("80/20", "12/4/4")
 SCALINGS = ("standard", "standard_full", "minmax")
 TRAIN_FRACTION = 0.8
 DAYS_PER_MONTH = 30
-EMBEDDED_SOURCE = "embedded:statsmodels-elnino"
+#: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id; change it with the data)
+EMBEDDED_VERSION = "statsmodels-elnino"
+EMBEDDED_SOURCE = f"embedded:{EMBEDDED_VERSION}"
 EMBEDDED_COLUMN = "sea_surface_temperature"
 EMBEDDED_STEPS = 732  # months in the El Nino series (len(load_embedded_series()), checked by the tests)
 
@@ -553,6 +555,7 @@ def _register(variant: EttVariant) -> None:
         description=f"{variant.filename[:-4]}: next-step oil temperature forecasting with a Transformer encoder",
         locate=locate,
         check=check,
+        embedded_version=EMBEDDED_VERSION,
     )(factory)
     register_download(variant.name, variant.download)
 

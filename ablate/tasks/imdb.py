@@ -64,6 +64,8 @@ SUBDIR = "imdb"
 TREE = "aclImdb"
 _URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 SOURCE = f"{_URL} (extract it in the data directory), or pass csv_file=PATH for a CSV with text and label columns"
+#: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id): bump it whenever the
+#: generator's output changes, so stored trials on the old data are not reused or resumed
 GENERATOR_VERSION = "generated-reviews-v1"
 VAL_FRACTION = 0.2
 
@@ -389,6 +391,7 @@ def check(config: dict) -> None:
     ),
     locate=locate,
     check=check,
+    embedded_version=GENERATOR_VERSION,
 )
 def imdb(config: dict) -> TaskInstance:
     """IMDB movie-review sentiment classification with a bidirectional LSTM (accuracy)."""

@@ -79,6 +79,8 @@ SPLIT_STEMS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 LANGS = ("de", "en")  # source, target
 _RAW = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
 SOURCE = f"the Multi30k repository ({_RAW}/{{train,val,test_2016_flickr}}.{{de,en}}.gz)"
+#: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id): bump it whenever the
+#: generator's output changes, so stored trials on the old data are not reused or resumed
 GENERATOR_VERSION = "generated-bilingual-grammar-v1"
 
 # MD5s as published in torchtext's (experimental, raw) Multi30k dataset module.
@@ -460,6 +462,7 @@ def check(config: dict) -> None:
     ),
     locate=locate,
     check=check,
+    embedded_version=GENERATOR_VERSION,
 )
 def multi30k(config: dict) -> TaskInstance:
     """Multi30k German->English translation with a Transformer encoder-decoder (perplexity)."""

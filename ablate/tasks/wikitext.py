@@ -68,6 +68,8 @@ SPLIT_FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test":
 URL = "https://wikitext.smerity.com/wikitext-2-v1.zip"
 OLD_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
 SOURCE = f"{URL} (unzip it in the data directory)"
+#: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id): bump it whenever the
+#: generator's output changes, so stored trials on the old data are not reused or resumed
 GENERATOR_VERSION = "generated-grammar-v2"
 
 register_download(
@@ -359,6 +361,7 @@ def check(config: dict) -> None:
     ),
     locate=locate,
     check=check,
+    embedded_version=GENERATOR_VERSION,
 )
 def wikitext2(config: dict) -> TaskInstance:
     """WikiText-2 word-level language modelling with a MiniGPT (perplexity)."""

@@ -369,3 +369,20 @@ def test_a_key_given_twice_with_set_is_an_error_naming_it(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--set lr is given twice ('1e-3', then '1e-2'): give each key once" in err
+
+
+def test_the_embedded_datas_version_is_part_of_the_trial_id_and_real_data_ids_do_not_see_it(monkeypatch):
+    # new embedded data (wikitext2's generated-grammar-v1 -> v2) must not reuse, or --resume, trials made on the old
+    from ablate.tasks import get_task
+    from ablate.tasks import wikitext
+
+    for task in ("etth1", "cifar10", "wikitext2", "multi30k", "imdb"):
+        assert get_task(task).embedded_version, task  # every built-in task's embedded data carry their version
+    assert get_task("wikitext2").embedded_version == wikitext.GENERATOR_VERSION
+    embedded = resolve_config({"task": "wikitext2"})
+    real = resolve_config({"task": "wikitext2", "data": "real", "data_dir": "/somewhere"})
+    ids = trial_id(embedded), trial_id(real)
+    assert identity_config(embedded)["data"] == f"embedded:{wikitext.GENERATOR_VERSION}"
+    monkeypatch.setattr(get_task("wikitext2"), "embedded_version", "generated-grammar-v3")
+    assert trial_id(embedded) != ids[0]
+    assert trial_id(real) == ids[1] and identity_config(real)["data"] == "real"

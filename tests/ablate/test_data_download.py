@@ -358,3 +358,40 @@ def test_a_linked_folder_no_data_dir_fills_is_not_answered_with_a_data_dir(tmp_p
     with pytest.raises(data.DownloadError) as info:
         data.download("w", tmp_path / "data")
     assert "--data-dir" not in str(info.value) and "remove the link" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_forced_download_whose_unpack_is_refused_keeps_the_record_of_the_files_in_place(tmp_path, monkeypatch, kind):
+    # (the old files stand - nothing was unpacked -, so the next run must not fetch the archive again)
+    import os
+    import shutil
+    import zipfile
+
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("wikitext-2/wiki.valid.tokens", " = A = \n")
+        blob = buf.getvalue()
+    else:
+        blob = _archive("wikitext-2/wiki.valid.tokens", b" = A = \n")
+    item = Download(url="https://example.org/a", filename="a", md5=hashlib.md5(blob).hexdigest(), extract=True,
+                    folder="wikitext-2")
+    asked = []
+
+    def urlopen(request, timeout=None):
+        asked.append(request.full_url)
+        return _Response(blob)
+
+    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    d = tmp_path / "data"
+    data.download("w", d)
+    (tmp_path / "big").mkdir()  # the data moved to another disk and linked back: the loaders find them
+    shutil.move(str(d / "wikitext-2"), tmp_path / "big" / "wikitext-2")
+    os.symlink(tmp_path / "big" / "wikitext-2", d / "wikitext-2")
+    with pytest.raises(data.DownloadError, match="nothing was unpacked"):
+        data.download("w", d, force=True)
+    assert data.unpacked_marker(item, d).exists()
+    asked.clear()
+    assert data.download("w", d) == [d] and asked == []
+    assert (d / "wikitext-2" / "wiki.valid.tokens").read_bytes() == b" = A = \n"

@@ -955,3 +955,88 @@ def test_a_trial_whose_patience_ran_out_at_its_last_epoch_did_not_stop_early():
     ])
     cost = stats.cost_table(Results(trials, pd.DataFrame(), pd.DataFrame()))
     assert cost["early_stopped"].iloc[0] == pytest.approx(1 / 3), "only the trial that ran 2 of its 3 epochs stopped early"
+
+
+def test_time_to_target_counts_a_seed_with_several_ok_trials_once_with_their_mean(tmp_path, report_kit):
+    # two ok AdamW trials of seed 0 (an older study version's, loaded with all_trials=True): the target was the
+    # first stored one's best (the oldest), silently, where Table 2 takes their mean with a warning
+    for arm, versions in (("adamw", [(0.020, "00"), (0.010, "09")]), ("baseline", [(0.012, "01"), (0.016, "05")])):
+        for k, (best, second) in enumerate(versions):
+            row = report_kit.trial_row("etth1", arm, 0, best)
+            row.update(trial_id=f"{arm}-v{k}", arms=json.dumps([arm]), finished_at=f"2026-01-01T00:00:{second}")
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, best))
+    results = load_results(tmp_path, all_trials=True)
+    with pytest.warns(stats.StatsWarning, match="several trials share a seed"):
+        hit = stats.time_to_target(results).iloc[0]
+    with pytest.warns(stats.StatsWarning):
+        assert hit["target"] == pytest.approx(stats.table2(results)["adamw_mean"].iloc[0]) == pytest.approx(0.015)
+    # AdamW reached its best at epoch 3 in both (30 s); the baseline's mean curve 0.0182, 0.0154, 0.014 reaches
+    # 0.015 at epoch 3 (36 s)
+    assert (hit["ref_epoch"], hit["ref_step"], hit["ref_wall_s"]) == (3, 300, 30.0)
+    assert hit["reached"] and (hit["epoch"], hit["step"], hit["wall_s"]) == (3, 300, 36.0)
+
+
+def test_a_factorial_fit_without_residual_gives_p_0_or_1_as_the_paired_tests_do(tmp_path, report_kit):
+    # every seed shows the same cell differences: the residual is 0 up to rounding; p was NaN for an exactly
+    # zero standard error and a t of float noise otherwise (0.62 for an effect of 4e-17)
+    cells = {("a", "x"): [0.9, 1.1], ("a", "y"): [0.9, 1.1], ("b", "x"): [1.3, 1.5], ("b", "y"): [1.3, 1.5]}
+    for (grouping, gating), values in cells.items():
+        arm = f"factorial:grouping={grouping},gating={gating}"
+        for seed, best in enumerate(values):
+            row = report_kit.trial_row("etth1", "baseline", seed, best)
+            row.update(trial_id=f"f-{grouping}-{gating}-{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+            write_trial(tmp_path / "additive", row)
+            row.update(best_metric=1.0, best_mse=1.0)
+            write_trial(tmp_path / "flat", row)
+    effects = stats.factorial_effects(load_results(tmp_path / "additive")).set_index(["term", "level"])
+    assert stats.paired_t_pvalue([0.4, 0.4]) == 0.0 and stats.paired_t_pvalue([0.0, 0.0]) == 1.0
+    assert effects.loc[("grouping", "a"), "p_value"] == 0.0 and effects.loc[("grouping", "a"), "significant"]
+    assert effects.loc[("gating", "x"), "p_value"] == 1.0 and effects.loc[("grouping x gating", "a x x"), "p_value"] == 1.0
+    flat = stats.factorial_effects(load_results(tmp_path / "flat"))
+    assert (flat["se"] == 0).all() and (flat["p_value"] == 1.0).all() and (flat["p_holm"] == 1.0).all()
+
+
+def test_table3s_holm_family_is_the_ablation_arms_not_the_factorial_cells_too(tmp_path, report_kit):
+    # a one-factor arm better on all 6 seeds (sign-flip p = 2/64) is significant alone; three factorial cells
+    # compared with the baseline in the same table made it a family of 4 (p_holm 0.125)
+    def write(out, factorial):
+        for arm, values in {"baseline": [1.0] * 6, "gating=true": [0.9, 0.91, 0.92, 0.93, 0.94, 0.95]}.items():
+            for seed, best in enumerate(values):
+                row = report_kit.trial_row("etth1", "baseline", seed, best)
+                row.update(trial_id=f"{arm}{seed}", arm=arm, arms=json.dumps([arm]))
+                write_trial(out, row)
+        for cell in ("a", "b", "c") if factorial else ():
+            arm = f"factorial:grouping={cell},gating=true"
+            for seed in range(6):
+                row = report_kit.trial_row("etth1", "baseline", seed, 1.0 + 0.01 * (seed % 2 - 0.5))
+                row.update(trial_id=f"{cell}{seed}", arm=arm, axis="factorial", arms=json.dumps([arm]))
+                write_trial(out, row)
+        return stats.table3(load_results(out))
+
+    alone, mixed = write(tmp_path / "alone", False), write(tmp_path / "mixed", True)
+    assert len(mixed) == 4
+    for t3 in (alone, mixed):
+        arm = row_of(t3, arm="gating=true")
+        assert arm["p_holm"] == pytest.approx(2 / 64) and arm["significant"] and arm["mark"] == "*"
+    cells = mixed[mixed["axis"] == "factorial"]
+    assert cells["p_holm"].to_numpy() == pytest.approx(stats.holm(cells["p_signflip"]))  # (a family of their own)
+
+
+def test_the_paired_intervals_of_tables_2_and_3_use_the_confidence_asked_for(report_study):
+    # confidence=0.9 gave the arms' means 90% intervals but left diff_* and rel_* at 95%
+    results = load_results(report_study)
+    t2 = row_of(stats.table2(results, confidence=0.9), task="etth1")
+    ok = results.trials[(results.trials["task"] == "etth1") & (results.trials["status"] == "ok")]
+    adamw = ok[ok["arm"] == "adamw"].set_index("seed")["best_metric"]
+    meta = ok[ok["arm"] == "baseline"].set_index("seed")["best_metric"]
+    seeds = adamw.index.intersection(meta.index)
+    d = (meta.loc[seeds] - adamw.loc[seeds]).to_numpy()
+    half = sps.t.ppf(0.95, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert (t2["diff_lo"], t2["diff_hi"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    rel = (adamw.loc[seeds] - meta.loc[seeds]).to_numpy() / np.abs(adamw.loc[seeds].to_numpy())
+    half = sps.t.ppf(0.95, len(rel) - 1) * rel.std(ddof=1) / np.sqrt(len(rel))
+    assert (t2["rel_lo"], t2["rel_hi"]) == pytest.approx((rel.mean() - half, rel.mean() + half))
+    t3 = row_of(stats.table3(results, confidence=0.9), task="etth1", arm="grouping=original")
+    t3_95 = row_of(stats.table3(results), task="etth1", arm="grouping=original")
+    ratio = sps.t.ppf(0.95, t3["n_pairs"] - 1) / sps.t.ppf(0.975, t3["n_pairs"] - 1)
+    assert t3["diff_hi"] - t3["diff_mean"] == pytest.approx(ratio * (t3_95["diff_hi"] - t3_95["diff_mean"]))

@@ -417,3 +417,25 @@ def test_register_task_with_a_taken_alias_leaves_nothing_registered():
     finally:
         TASKS.remove("test_half_made")
         TASKS.remove("test_half_alias")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_the_data_fingerprint_of_a_folder_sees_the_files_behind_a_linked_subfolder_and_survives_a_loop(tmp_path):
+    # (an ImageFolder-like reader walks links to folders: changed data behind one must run the trials again)
+    import os
+
+    from ablate.tasks import Metric, data_fingerprint
+
+    images = tmp_path / "data" / "images"
+    (images / "cat").mkdir(parents=True)
+    (images / "cat" / "1.png").write_bytes(b"x" * 10)
+    (tmp_path / "big" / "dog").mkdir(parents=True)
+    (tmp_path / "big" / "dog" / "1.png").write_bytes(b"y" * 10)
+    os.symlink(tmp_path / "big" / "dog", images / "dog")  # a class folder on another disk
+    os.symlink(images, images / "cat" / "loop")  # a link to a folder above it: no loop
+    os.symlink(tmp_path / "nowhere", images / "broken")
+    spec = TaskSpec("folder_task", lambda c: None, (Metric("mse", "min"),), {}, {}, locate=lambda c: [images])
+    before = data_fingerprint(spec, {"data": "real"})
+    assert data_fingerprint(spec, {"data": "real"}) == before
+    (tmp_path / "big" / "dog" / "1.png").write_bytes(b"y" * 11)
+    assert data_fingerprint(spec, {"data": "real"}) != before

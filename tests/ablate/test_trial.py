@@ -342,6 +342,8 @@ def test_every_embedded_task_learns_with_each_optimizer(task, optimizer):
     losses = [h["train_loss"] for h in r.history]
     assert r.row["status"] == "ok" and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], f"{task}/{optimizer}: training loss did not go down: {losses}"
+    from ablate.tasks import get_task  # (the version in the trial's id is the one of the data it read)
+    assert r.row["data_source"] == f"embedded:{get_task(task).embedded_version}"
     if optimizer == "metaadamw":
         assert r.row["meta_updates"] == 9 and r.row["meta_skipped"] == 0
 
@@ -786,3 +788,17 @@ def test_a_trial_s_row_records_the_device_it_trained_on():
     row = run_trial({**FAST, "epochs": 1, "device": "auto"}).row
     assert row["device"] == "auto"  # (the config as asked: it rebuilds the trial)
     assert row["device_used"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_checkpoint_made_on_other_embedded_data_says_so_not_that_the_configs_differ(monkeypatch):
+    from ablate.tasks import get_task
+    from ablate.trial import UnusableCheckpoint
+
+    config = {"task": "etth1", "optimizer": "adamw", "epochs": 1, "max_train_batches": 1}
+    state = Trial(config).state_dict()
+    monkeypatch.setattr(get_task("etth1"), "embedded_version", "statsmodels-elnino-v2")  # new embedded data
+    again = Trial(config)
+    assert again.trial_id != state["trial_id"]
+    with pytest.raises(UnusableCheckpoint, match=r"their configs are the same, but its id was made by another version "
+                                                 r"of ablate, on other embedded data than embedded:statsmodels-elnino-v2"):
+        again.load_state_dict(state)

@@ -317,6 +317,32 @@ def test_loading_a_checkpoint_of_other_options_names_them_and_loads_nothing(over
     assert all(torch.equal(a, b) for a, b in zip(after[2], before[2]))
 
 
+@pytest.mark.parametrize("saved, target", [
+    # sum and fixed have no log-variances: their form is moot, not a reason to refuse the checkpoint
+    (dict(weighting="sum", weighting_form="classification"), dict(weighting="sum")),
+    (dict(weighting="fixed", weighting_form="classification", fixed_weights=[1, 2, 3]),
+     dict(weighting="fixed", fixed_weights=[1, 2, 3])),
+    # settings the configuration ignores are not warned about either
+    (dict(gating=False, gate_l1=0.5), dict(gating=False)),
+    (dict(weighting="sum", priorities=[2, 1, 1]), dict(weighting="sum")),
+    (dict(weighting="huw", priorities=[2, 1, 1], fixed_weights=[2, 1, 1]), dict(weighting="huw")),
+])
+def test_options_the_configuration_does_not_use_neither_refuse_nor_warn(saved, target):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the constructor's own warning about ignored priorities)
+        sd = _stepped(**saved).state_dict()
+        opt = MetaAdamW(mlp(0).named_parameters(), **{**KW, **target})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(sd)
+    assert opt.global_step == sd["metaadamw"]["global_step"] > 0
+    # (where gating is on, or the weighting uses them, they still count)
+    if "gate_l1" in saved:
+        sd = _stepped(gating=True, gate_l1=0.5).state_dict()
+        with pytest.warns(UserWarning, match="gate_l1 0.5 -> 0.001"):
+            MetaAdamW(mlp(0).named_parameters(), **{**KW, "gating": True}).load_state_dict(sd)
+
+
 def test_a_checkpoint_without_saved_options_is_checked_by_its_tensors():
     sd = _stepped().state_dict()
     del sd["metaadamw"]["config"], sd["metaadamw"]["meta_optimizer_class"]  # as saved by earlier versions
@@ -346,6 +372,17 @@ def test_run_options_that_differ_from_the_checkpoints_are_kept_with_a_warning():
         target.load_state_dict(sd)
     assert (target.refresh_every, target.total_steps, target.meta_gradient) == (3, 500, "exact")
     assert target.global_step == sd["metaadamw"]["global_step"] > 0  # (and the rest loaded)
+
+
+def test_load_warnings_point_at_the_users_load_state_dict_line():
+    # they pointed into MetaAdamW.load_state_dict (stacklevel 3 from a method two calls down)
+    sd = _stepped().state_dict()
+    target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "priorities": [1, 1, 1], "refresh_every": 3})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load_state_dict(sd)
+    said = [w for w in caught if "MetaAdamW.load_state_dict" in str(w.message)]
+    assert len(said) == 2 and all(w.filename == __file__ for w in said), [(w.filename, w.lineno) for w in said]
 
 
 def test_run_options_set_after_construction_are_checked_used_and_saved():

@@ -60,7 +60,7 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     modulator), "subset" (rank 1 optimises one tensor fewer), "other_layer" (each rank optimises
     another layer of the same shapes), "added_on_rank0" (both optimise all tensors but the last,
     which rank 0 alone then adds with add_param_group), "other_options" (rank 1 gives another alpha_range),
-    "late" (the optimizer is made before the process group),
+    "raises_on_rank1" (rank 1's loss_fn raises in meta_step), "late" (the optimizer is made before the process group),
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
     alone), "late_stepped_rank0" (rank 0 alone stepped before it), "late_loaded" (made and
     loaded from one checkpoint before it) or "late_loaded_adamw" (the same with a torch.optim.AdamW checkpoint)."""
@@ -123,7 +123,11 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
                 opt.step()
                 torch.save({"error": "step() did not refuse it"}, f"{out}/rank{rank}.pt")
                 return
-            record = opt.meta_step(ddp, mse, None, b2, val)  # each rank on its own batches
+            loss_fn = mse
+            if scenario == "raises_on_rank1" and rank == 1:  # (a batch its loss_fn cannot take, say)
+                def loss_fn(m, batch):
+                    raise RuntimeError("rank 1's loss_fn failed")
+            record = opt.meta_step(ddp, loss_fn, None, b2, val)  # each rank on its own batches
         except (RuntimeError, ValueError) as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
             return
@@ -371,3 +375,14 @@ def test_the_docs_say_that_without_sync_the_ranks_need_the_same_seed_not_only_th
     docstring = " ".join(MetaAdamW.__doc__.split())
     for text in (readme, docstring):
         assert "from the same random seed and meta-steps on the same batches" in text
+
+
+def test_an_error_in_one_ranks_meta_update_is_raised_on_every_rank_at_once(tmp_path):
+    # rank 1 raised alone and rank 0 waited in the all-reduce of the meta-gradients until the process
+    # group's timeout (then gloo's "Timed out waiting ... for recv operation", naming nothing of the cause)
+    import time
+    start = time.monotonic()
+    ranks = _run(tmp_path, "raises_on_rank1")
+    assert ranks[1]["error"] == "rank 1's loss_fn failed"
+    assert "1 other rank(s) of 2 raised an error in this meta-update" in ranks[0]["error"], ranks[0]["error"]
+    assert time.monotonic() - start < 55, "rank 0 waited for the process group's timeout (60 s)"

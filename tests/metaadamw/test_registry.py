@@ -209,6 +209,29 @@ def test_an_entry_point_that_is_not_callable_is_ignored_with_the_reason(tmp_path
         sys.modules.pop("string_plugin", None)
 
 
+def test_entry_point_warnings_point_at_the_users_line(tmp_path, monkeypatch):
+    # they pointed into metaadamw (optimizer.py for MetaAdamW(...), __init__.py for list_features(),
+    # registry.py for len(FEATURES)): whichever of its functions made the first lookup
+    (tmp_path / "mixed_plugin.py").write_text("NOT_A_COMPONENT = 'x'\nclass Shadow:\n    pass\n")
+    _fake_distribution(tmp_path, "mixed_plugin", "[metaadamw.features]\nbroken_one = does_not_exist_mod:thing\n"
+                                                 "stringy_one = mixed_plugin:NOT_A_COMPONENT\nbasic = mixed_plugin:Shadow\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lookups = [lambda: MetaAdamW(mlp(0).named_parameters(), **small_kwargs(features="basic")),
+               lambda: metaadamw.list_features(), lambda: len(FEATURES)]
+    try:
+        for lookup in lookups:
+            monkeypatch.setattr(FEATURES, "_entry_points_loaded", False)
+            monkeypatch.setattr(FEATURES, "_entry_point_problems", {}, raising=False)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                lookup()
+            said = [w for w in caught if "entry point" in str(w.message)]
+            assert len(said) == 3, [str(w.message) for w in caught]
+            assert all(w.filename == __file__ for w in said), [(w.filename, str(w.message)[:40]) for w in said]
+    finally:
+        sys.modules.pop("mixed_plugin", None)
+
+
 class _Extra(metaadamw.MetaObjective):
     """The loss decrease, plus a term returned as the test asks."""
     terms = ("loss_decrease",)
