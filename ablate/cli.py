@@ -1,6 +1,8 @@
 """The ``ablate`` command line.
 
-    ablate list [--keys] [--plugin MODULE]     registered tasks and components (and config keys)
+    ablate list [--keys] [--task TASK] [--plugin MODULE]
+                                               registered tasks and components, or TASK's trial config
+                                               (and config keys)
     ablate train --task etth1 --optimizer metaadamw --set key=value [--plugin MODULE] ...   one trial
           [--checkpoint FILE] [--resume FILE] [--json] [--no-progress]
     ablate run SPEC [--dry-run [--list]] [--resume] [--rerun TASK|ARM|all] [--address ADDR] [--storage PATH] ...
@@ -48,7 +50,10 @@ def _parse_value(text: str) -> Any:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # (argparse said "invalid _positive_int value", naming this function)
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
@@ -72,14 +77,23 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import metaadamw
     from ablate.config import describe_fields
-    from ablate.tasks import TASKS
 
     _import_cli_plugins(args)
     if args.task:
         _print_task_defaults(args.task)
-        return 0
+    else:
+        _print_registries()
+    if args.keys:  # (with --task too: what each key of its config means)
+        print("\ntrial-config keys (ablate train --set KEY=VALUE, or in study files):")
+        print(describe_fields())
+    return 0
+
+
+def _print_registries() -> None:
+    """``ablate list``: the registered tasks and components."""
+    import metaadamw
+    from ablate.tasks import TASKS
 
     print("tasks:")
     for name, spec in TASKS.items():
@@ -88,10 +102,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     for title, reg in (("feature extractors", metaadamw.FEATURES), ("groupings", metaadamw.GROUPINGS),
                        ("meta objectives", metaadamw.OBJECTIVES), ("loss weightings", metaadamw.WEIGHTINGS)):
         print(f"{title}: {', '.join(reg.list())}")
-    if args.keys:
-        print("\ntrial-config keys (ablate train --set KEY=VALUE, or in study files):")
-        print(describe_fields())
-    return 0
 
 
 def _print_task_defaults(task: str) -> None:
@@ -282,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="registered tasks and components")
-    s.add_argument("--keys", action="store_true", help="also list every trial-config key")
+    s.add_argument("--keys", action="store_true", help="also list every trial-config key (with --task too)")
     s.add_argument("--task", help="instead: TASK's trial config (its paper settings on real data, and on the "
                                   "embedded data)")
     s.add_argument("--plugin", action="append", metavar="MODULE",
@@ -406,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, (ConfigError, DatasetNotFoundError, UnknownComponentError, FileNotFoundError, DownloadError,
                             ResultsError)):
             said = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename and exc.strerror else exc
-            print(f"ablate: error: {said}", file=sys.stderr)
+            for problem in getattr(exc, "problems", None) or [said]:  # (a study file's problems: one line each)
+                print(f"ablate: error: {problem}", file=sys.stderr)
             return 2
         raise
     finally:

@@ -378,8 +378,8 @@ def check_cluster_nodes(study: Study, folders: dict[str, Path]) -> None:
     if other:
         _warn(f"ablate: warning: node(s) of the cluster run other code than this driver ({here}): "
               + "; ".join(f"{node}: {code}" for node, code in other.items()) + ". Their trials run that code (`ablate run` "
-              "records it in each trial's row: the trials table's code_fingerprint, which for a plugin's task also "
-              "covers the plugin module that defines it, and torch_version columns): install the same ablate, "
+              "records it in each trial's row: the trials table's code_fingerprint, which for a plugin's task and "
+              "components also covers the plugin modules that define them, and torch_version columns): install the same ablate, "
               "metaadamw and torch on every node for results that compare")
     if "checkpoints" in where and where["checkpoints"]:
         _warn(f"ablate: warning: {folders['checkpoints']} is not on node(s) {', '.join(where['checkpoints'])}: trials "

@@ -30,7 +30,19 @@ from ablate.allocator import CPU_MALLOC
 
 
 class ConfigError(ValueError):
-    """A trial config (or a study file) is invalid; the message names the key and the fix."""
+    """A trial config (or a study file) is invalid; the message names the key and the fix (an error
+    of several independent problems, :func:`several`, has them in ``problems``, a line each)."""
+
+
+def several(problems: Sequence[ConfigError]) -> ConfigError:
+    """One error for independent ``problems`` (at least one): the one itself, or a ConfigError whose
+    ``problems`` are their messages (its message: them a line each), which ``ablate`` says a line each."""
+    if len(problems) == 1:
+        return problems[0]
+    said = [p for e in problems for p in (getattr(e, "problems", None) or [str(e)])]
+    error = ConfigError("\n".join(said))
+    error.problems = said
+    return error
 
 
 class CrossKeyError(ConfigError):
@@ -253,9 +265,9 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     if field.check is not None and not field.check(value):
         raise ConfigError(f"{where}: {key}={value!r} must be {field.check_doc} ({field.doc})")
     if key in ("features", "grouping", "objective", "weighting"):  # (a plugin's: called as MetaAdamW calls it?)
-        from metaadamw.optimizer import component_signature_problem
+        from metaadamw.optimizer import component_kind_problem, component_signature_problem
 
-        problem = component_signature_problem(key, value)
+        problem = component_signature_problem(key, value) or component_kind_problem(key, value)
         if problem:
             raise ConfigError(f"{where}: {key}={value!r}: {problem}")
 
@@ -288,21 +300,27 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
     for key, other in ALTERNATIVE_KEYS.items():  # giving one drops the other's default (a task's meta_per_epoch)
         if config.get(key) is not None and other not in config:
             resolved[other] = None
+    problems: list[ConfigError] = []  # (each key's: said together)
     for key, value in resolved.items():
         if key in COMMON_FIELDS:
-            validate_value(key, value, where)
+            try:
+                validate_value(key, value, where)
+            except ConfigError as exc:
+                problems.append(exc)
         elif key in spec.defaults or key in spec.embedded_defaults:
             mine, other = ((spec.embedded_defaults, spec.defaults) if data == "embedded"
                            else (spec.defaults, spec.embedded_defaults))
             default = mine.get(key) if mine.get(key) is not None else other.get(key)
             if default is not None and value is not None and not _same_kind(default, value):
-                raise ConfigError(f"{where}: {key} must be {_kind_of(default)} like {default!r} (task {spec.name}), "
-                                  f"got {value!r}")
+                problems.append(ConfigError(f"{where}: {key} must be {_kind_of(default)} like {default!r} (task "
+                                            f"{spec.name}), got {value!r}"))
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 resolved[key] = float(value)  # (dropout: 0 and dropout: 0.0 are the same trial, as for lr)
             elif (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and default
                   and all(isinstance(d, float) for d in default)):  # (scales: [1, 2] and [1.0, 2.0]: one trial)
                 resolved[key] = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    if problems:
+        raise several(problems)
     for key in ("priorities", "fixed_weights"):
         resolved[key] = [float(x) for x in resolved[key]]
     for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial

@@ -3,7 +3,8 @@
 A trial's identity is its config (:mod:`ablate.config`), which does not see code: a run reuses a
 stored trial however the code changed since. So the row of every trial that trains records
 :func:`provenance` (``code_fingerprint``: a hash of the installed ``ablate`` and ``metaadamw``
-packages' Python files and, for a plugin's task, of the module defining it, the same for every
+packages' Python files and, for a plugin's task, of the module defining it - for a MetaAdamW trial, also
+of those defining the plugin components it uses -, the same for every
 node and process that runs the same code;
 ``torch_version``, ``python_version``, ``hostname``: the node that ran it), and a run that reuses
 trials made by other code or torch says how many (:func:`note_other_code`), with what runs them
@@ -24,7 +25,7 @@ from typing import Any
 PACKAGES = ("metaadamw", "ablate")
 
 
-def code_fingerprint(task: Any = None) -> str:
+def code_fingerprint(task: Any = None, config: Any = None) -> str:
     """The :func:`fingerprint` of :data:`PACKAGES` as this process imports them (computed once, at
     the first call: a trial makes it when it is built, before it trains) and, for a ``task`` (a
     :class:`~ablate.tasks.base.TaskSpec`) whose factory is defined outside them - in a plugin next
@@ -34,17 +35,48 @@ def code_fingerprint(task: Any = None) -> str:
     the factory imports), since Ray ships a plugin package to its workers without the files its
     ``.gitignore`` names, and a fingerprint of the whole package would differ between them and the
     driver. A factory defined in the running script (``__main__``) adds nothing: each process has
-    its own."""
+    its own. ``config``: a MetaAdamW trial's config, whose plugin components (``features``,
+    ``grouping``, ``objective``, ``weighting`` registered outside these packages) add the modules
+    defining them the same way, so that a fix to a plugin's feature extractor is seen as other code."""
     base = _packages_fingerprint()
-    source = _task_source(task)
-    if source is None:
-        return base
-    module, path = source
-    try:
-        stat = path.stat()
-    except OSError:
-        return base
-    return _with_module(base, module, str(path), stat.st_mtime_ns, stat.st_size)
+    sources = [source for source in (_task_source(task), *_component_sources(config)) if source is not None]
+    for module, path in dict.fromkeys(sources):  # (once each, in order: the task's module first)
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        base = _with_module(base, module, str(path), stat.st_mtime_ns, stat.st_size)
+    return base
+
+
+#: the config keys naming a component MetaAdamW builds
+COMPONENT_KEYS = ("features", "grouping", "objective", "weighting")
+
+
+def _component_sources(config: Any) -> list[tuple[str, Path]]:
+    """(module name, file) of the modules defining the components a MetaAdamW trial's ``config``
+    names, for those defined outside :data:`PACKAGES` and ``__main__`` (an AdamW trial builds none)."""
+    if not isinstance(config, dict) or config.get("optimizer") != "metaadamw":
+        return []
+    from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
+
+    out = []
+    for key, registry in zip(COMPONENT_KEYS, (FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS)):
+        name = config.get(key)
+        if not isinstance(name, str) or name not in registry:
+            continue
+        obj = registry.get(name)
+        defined = obj if isinstance(obj, type) or hasattr(obj, "__qualname__") else type(obj)  # (an instance: its class)
+        out.append(_module_source(getattr(defined, "__module__", None)))
+    return [source for source in out if source is not None]
+
+
+def _module_source(module: Any) -> tuple[str, Path] | None:
+    """(module name, file) of a module outside :data:`PACKAGES` and ``__main__``; else None."""
+    if not isinstance(module, str) or module.split(".")[0] in (*PACKAGES, "__main__"):
+        return None
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return (module, Path(file)) if isinstance(file, str) and file.endswith(".py") else None
 
 
 def _task_source(task: Any) -> tuple[str, Path] | None:
@@ -102,12 +134,13 @@ def fingerprint(packages: dict[str, Path]) -> str:
     return digest.hexdigest()[:12]
 
 
-def provenance(task: Any = None) -> dict[str, str]:
+def provenance(task: Any = None, config: Any = None) -> dict[str, str]:
     """The columns a trial's row records about what ran it (also in ``ablate.config.RESULT_COLUMNS``);
-    ``task``: the trial's :class:`~ablate.tasks.base.TaskSpec` (see :func:`code_fingerprint`)."""
+    ``task``: the trial's :class:`~ablate.tasks.base.TaskSpec`, ``config`` its config (see
+    :func:`code_fingerprint`)."""
     import torch
 
-    return {"code_fingerprint": code_fingerprint(task), "torch_version": torch.__version__,
+    return {"code_fingerprint": code_fingerprint(task, config), "torch_version": torch.__version__,
             "python_version": platform.python_version(), "hostname": socket.gethostname()}
 
 
@@ -121,8 +154,10 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
 
     from ablate.tasks import TASKS
 
-    def now(task: Any) -> tuple[str, str]:
-        return code_fingerprint(TASKS.get(task) if isinstance(task, str) and task in TASKS else None), torch.__version__
+    def now(task: Any, row: Any) -> tuple[str, str]:
+        config = {k: getattr(row, k, None) for k in ("optimizer", *COMPONENT_KEYS)}
+        return code_fingerprint(TASKS.get(task) if isinstance(task, str) and task in TASKS else None,
+                                config), torch.__version__
 
     recorded: set[str] = set()  # reused trials whose row says what made them
     other: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {}  # task -> [(made by, what runs it now)]
@@ -132,7 +167,7 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
                     and r.code_fingerprint):
                 recorded.add(r.trial_id)
                 task = getattr(r, "task", None)
-                by, here = (r.code_fingerprint, r.torch_version), now(task)
+                by, here = (r.code_fingerprint, r.torch_version), now(task, r)
                 if by != here:
                     other.setdefault(task if isinstance(task, str) else "(task not recorded)", []).append((by, here))
     unknown = len(reused) - len(recorded)

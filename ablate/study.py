@@ -109,7 +109,13 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class StudyError(ConfigError):
-    """A study file is invalid; the message names the file, the field path, the value and the fix."""
+    """A study file is invalid; the message names the file, the field path, the value and the fix.
+    One error may hold several independent problems (``problems``, one message each; the message is
+    them a line each), so that a file with several is fixed in one go."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 @dataclasses.dataclass
@@ -170,6 +176,7 @@ class _Context:
     adamw_tuned_on_seeds: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     tuned_with: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # the settings they were tuned with
     adamw_tuned_with: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    searched: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # arm -> the keys `ablate tune` searches now
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def where(self, path: str) -> str:
@@ -177,6 +184,27 @@ class _Context:
 
     def error(self, path: str, message: str) -> StudyError:
         return StudyError(f"{self.where(path)}: {message}")
+
+    problems: list[str] = dataclasses.field(default_factory=list)  # found by attempt(), raised by gate()
+
+    def attempt(self, check: Any, *args: Any, default: Any = None, **kwargs: Any) -> Any:
+        """``check(*args, **kwargs)``; where it refuses something, its problems are noted (for
+        :meth:`gate`) and ``default`` is returned, so that the independent checks after it still run."""
+        try:
+            return check(*args, **kwargs)
+        except ConfigError as exc:
+            self.problems += _problems(exc)
+            return default
+
+    def gate(self) -> None:
+        """Raise every problem noted so far, as one StudyError: before checks that depend on them."""
+        if self.problems:
+            raise StudyError(*self.problems)
+
+
+def _problems(exc: ConfigError) -> list[str]:
+    """The problems a ConfigError (a StudyError of several too) names, one message each."""
+    return list(getattr(exc, "problems", None) or [str(exc)])
 
 
 # -- entry points ---------------------------------------------------------------------------
@@ -202,18 +230,25 @@ def parse_study(
     *,
     base_dir: str | os.PathLike | None = None,
     extra_seeds: int | list[int] | None = None,
+    searched: dict[str, Iterable[str]] | None = None,
 ) -> Study:
     """Validate and expand a study given as a mapping (the parsed YAML).
 
     ``source`` names the file in messages; ``base_dir`` is where plugin modules next to the study
-    file are looked for and what a relative ``data_dir`` is relative to.
+    file are looked for and what a relative ``data_dir`` is relative to. ``searched``: per arm, the
+    config keys ``ablate tune`` searches on top of this study (not compared with a tuned file's
+    ``tuned_with``: the search sets them).
     """
+    ctx = _Context(source)
+    for arm, keys in (searched or {}).items():
+        keys = set(keys)
+        ctx.searched[arm] = keys | {ALTERNATIVE_KEYS[k] for k in keys if k in ALTERNATIVE_KEYS}
     try:
-        return _parse(mapping, _Context(source), base_dir, extra_seeds)
+        return _parse(mapping, ctx, base_dir, extra_seeds)
     except StudyError:
         raise
     except ConfigError as exc:  # from ablate.config, whose message already names the field
-        raise StudyError(str(exc)) from None
+        raise StudyError(*_problems(exc)) from None
 
 
 def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = None, source: str = "<string>",
@@ -381,41 +416,59 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
                 if isinstance(mapping, str) and " = " in mapping else "")
         raise ctx.error("", f"a study must be a mapping with at least {', '.join(REQUIRED_KEYS)}; got "
                             f"{_short(mapping)}{hint}")
-    _check_keys(ctx, mapping, STUDY_KEYS, "", REQUIRED_KEYS)
+    ctx.attempt(_check_keys, ctx, mapping, STUDY_KEYS, "", REQUIRED_KEYS)  # (an unknown key: the rest still checked)
     given = {k: v for k, v in mapping.items() if v is not None}  # a key left empty takes its default
-    plugins = _parse_plugins(ctx, given.get("plugins", []))
-    import_plugins(plugins, base_dir, ctx.source)
-    name = _parse_name(ctx, given["name"])
+    if any(k not in given for k in REQUIRED_KEYS):
+        ctx.gate()
+    # independent problems are collected (ctx.attempt) and said together (ctx.gate) before the checks that need
+    # what they check: the plugins (their tasks and components), the tasks and data (the settings), all of them (the
+    # trials)
+    said = len(ctx.problems)
+    plugins = ctx.attempt(_parse_plugins, ctx, given.get("plugins", []), default=[])
+    if len(ctx.problems) == said:
+        ctx.attempt(import_plugins, plugins, base_dir, ctx.source)
+    if len(ctx.problems) > said:
+        ctx.gate()
+    name = ctx.attempt(_parse_name, ctx, given["name"])
     description = given.get("description", "")
     if not isinstance(description, str):
-        raise ctx.error("description", f"must be a string, got {_short(description)}")
-    _parse_data(ctx, given.get("data", COMMON_FIELDS["data"].default), given.get("data_dir"), base_dir)
-    ctx.tasks = _parse_tasks(ctx, given["tasks"])
-    seeds = _parse_seeds(ctx, given["seeds"])
-    if extra_seeds is not None:
-        seeds += _parse_extra_seeds(ctx, extra_seeds, seeds)
-    resources = _parse_resources(ctx, given.get("resources", {}))
+        ctx.problems.append(str(ctx.error("description", f"must be a string, got {_short(description)}")))
+    said = len(ctx.problems)
+    ctx.attempt(_parse_data, ctx, given.get("data", COMMON_FIELDS["data"].default), given.get("data_dir"), base_dir)
+    ctx.tasks = ctx.attempt(_parse_tasks, ctx, given["tasks"], default=[])
+    settings_checkable = len(ctx.problems) == said  # (the settings are checked against the tasks and their data)
+    seeds = ctx.attempt(_parse_seeds, ctx, given["seeds"], default=[])
+    if extra_seeds is not None and seeds:
+        seeds += ctx.attempt(_parse_extra_seeds, ctx, extra_seeds, seeds, default=[])
+    resources = ctx.attempt(_parse_resources, ctx, given.get("resources", {}))
     retries = given.get("retries", 0)
     if not _is_int(retries) or retries < 0:
-        raise ctx.error("retries", f"must be an integer >= 0 (how often a failed trial is retried), got {_short(retries)}")
-    ctx.budget = _check_settings(ctx, given.get("budget"), "budget", ctx.tasks)
+        ctx.problems.append(str(ctx.error(
+            "retries", f"must be an integer >= 0 (how often a failed trial is retried), got {_short(retries)}")))
+    if not settings_checkable:
+        ctx.gate()
+    ctx.budget = ctx.attempt(_check_settings, ctx, given.get("budget"), "budget", ctx.tasks, default={})
     baseline = given.get("baseline")
     if isinstance(baseline, dict) and "priorities_from" in baseline:
         baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
-        ctx.tuned, ctx.tuned_on_seeds, ctx.tuned_with = _parse_tuned_file(
-            ctx, given["baseline"]["priorities_from"], base_dir, baseline, given.get("overrides"))
-    ctx.baseline = _check_settings(ctx, baseline, "baseline", ctx.tasks)
+        ctx.tuned, ctx.tuned_on_seeds, ctx.tuned_with = ctx.attempt(
+            _parse_tuned_file, ctx, given["baseline"]["priorities_from"], base_dir, baseline, given.get("overrides"),
+            default=({}, {}, {}))
+    ctx.baseline = ctx.attempt(_check_settings, ctx, baseline, "baseline", ctx.tasks, default={})
     adamw = given.get("adamw", True)
     if isinstance(adamw, dict) and "tuned_from" in adamw:
         adamw = {k: v for k, v in adamw.items() if k != "tuned_from"}
-        ctx.adamw_tuned, ctx.adamw_tuned_on_seeds, ctx.adamw_tuned_with = _parse_tuned_file(
-            ctx, given["adamw"]["tuned_from"], base_dir, adamw, arm="adamw")
-    ctx.overrides = _parse_overrides(ctx, given.get("overrides", {}))
+        ctx.adamw_tuned, ctx.adamw_tuned_on_seeds, ctx.adamw_tuned_with = ctx.attempt(
+            _parse_tuned_file, ctx, given["adamw"]["tuned_from"], base_dir, adamw, arm="adamw", default=({}, {}, {}))
+    ctx.overrides = ctx.attempt(_parse_overrides, ctx, given.get("overrides", {}), default={})
+    adamw_arms = ctx.attempt(_parse_adamw, ctx, adamw, default=[])
+    ablation_arms = ctx.attempt(_parse_ablations, ctx, given.get("ablations", {}), default=[])
+    factorial_arms = ctx.attempt(_parse_factorial, ctx, given.get("factorial"), default=[])
+    ctx.gate()
     _warn_tuned_on_these_seeds(ctx, seeds)
-    arms = _parse_adamw(ctx, adamw) + [_Arm("baseline", "", {})]
+    arms = adamw_arms + [_Arm("baseline", "", {})]
     _warn_unpaired_baseline_keys(ctx, arms[0] if arms[0].adamw else None)
-    arms += _parse_ablations(ctx, given.get("ablations", {}))
-    arms += _parse_factorial(ctx, given.get("factorial"))
+    arms += ablation_arms + factorial_arms
     total = len(ctx.tasks) * len(seeds) * len(arms)
     if total > MAX_TRIALS:
         raise ctx.error(
@@ -441,12 +494,12 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
 
 def _check_keys(ctx: _Context, mapping: dict, allowed: dict[str, str], path: str, required: Iterable[str] = ()) -> None:
     """Unknown keys (with a did-you-mean hint) and missing required keys are errors."""
-    for key in mapping:
-        if key not in allowed:
-            raise ctx.error(_join(path, key), f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
-    for key in required:
-        if mapping.get(key) is None:
-            raise ctx.error(_join(path, key), f"is required: {allowed[key]}")
+    problems = [str(ctx.error(_join(path, key), f"unknown key{did_you_mean(key, allowed)}; allowed keys: "
+                                                f"{', '.join(allowed)}")) for key in mapping if key not in allowed]
+    problems += [str(ctx.error(_join(path, key), f"is required: {allowed[key]}")) for key in required
+                 if mapping.get(key) is None]
+    if problems:
+        raise StudyError(*problems)
 
 
 def _parse_plugins(ctx: _Context, plugins: Any) -> list[str]:
@@ -551,8 +604,21 @@ TUNED_FOR = "tuned_for"
 TUNED_WITH = "tuned_with"
 #: the optimizer keys besides MetaAdamW's own that a suggestion's score depends on
 OPTIMIZER_KEYS = ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+#: the budget keys a suggestion's score depends on (the best lr, or priorities, for 80 steps are not
+#: those for 10 epochs)
+BUDGET_KEYS = ("epochs", "max_steps", "max_train_batches", "batch_size")
 #: per ``tune.arm``: the settings :data:`TUNED_WITH` records
-TUNING_CONTEXT_KEYS = {"baseline": (*METAADAMW_KEYS, *OPTIMIZER_KEYS), "adamw": OPTIMIZER_KEYS}
+TUNING_CONTEXT_KEYS = {"baseline": (*METAADAMW_KEYS, *OPTIMIZER_KEYS, *BUDGET_KEYS),
+                       "adamw": (*OPTIMIZER_KEYS, *BUDGET_KEYS)}
+
+
+def unused_keys(config: dict[str, Any]) -> set[str]:
+    """The MetaAdamW keys ``config`` sets that do not change its run
+    (:func:`metaadamw.optimizer.unused_options`: ``gate_l1`` without gating, the priorities, fixed
+    weights or uncertainty-weighting form of a built-in weighting that does not take them)."""
+    from metaadamw.optimizer import unused_options
+
+    return unused_options(config.get("weighting"), config.get("gating") is not False)
 
 
 def tuning_context(config: dict[str, Any], arm: str, tuned: Iterable[str] = ()) -> dict[str, Any]:
@@ -628,18 +694,24 @@ def _parse_tuned_file(
                 f"{example}; got {_short(entry)}"
             )
         entry = dict(entry)
-        tuned_for = entry.pop(TUNED_FOR, arm)
+        tuned_for = entry.pop(TUNED_FOR, None)
+        if tuned_for is None:  # (missing, or left empty by hand: unknown)
+            tuned_for = arm
         if tuned_for != arm:
             other = tuned_for if isinstance(tuned_for, str) and tuned_for in TUNED_FROM else None
             raise ctx.error(where, f"holds values `ablate tune` tuned for the {tuned_for!r} arm ({TUNED_FOR}: "
                                    f"{tuned_for}), not for the {arm!r} arm that {path_s} sets"
                                    + (f"; use the file as {tuned_file_usage(other, 'FILE')}" if other else ""))
-        seeds = entry.pop(TUNED_ON_SEEDS, [])
+        seeds = entry.pop(TUNED_ON_SEEDS, None)
+        if seeds is None:  # (missing, or left empty by hand: unknown)
+            seeds = []
         if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
             raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the values "
                                                          f"on, got {_short(seeds)}")
         tuned_on[task] = list(seeds)
-        context = entry.pop(TUNED_WITH, {})
+        context = entry.pop(TUNED_WITH, None)
+        if context is None:  # (missing, or left empty by hand: unknown, so nothing to compare)
+            context = {}
         if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
             raise ctx.error(f"{where}.{TUNED_WITH}", f"must be the mapping of the settings `ablate tune` tuned the "
                                                      f"values with, got {_short(context)}")
@@ -669,7 +741,10 @@ def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> N
             config = next((t.config for t in trials if t.task == task and arm in t.arms), None)
             if config is None:
                 continue
-            keys = [k for k in context if k in COMMON_FIELDS and config.get(k) != context[k]]
+            # (a key that does not change the run - on either side - is no difference: gate_l1 without gating, the
+            # priorities of a weighting that ignores them; nor is one that `ablate tune` searches now)
+            ignore = unused_keys(config) | unused_keys({**config, **context}) | ctx.searched.get(arm, set())
+            keys = [k for k in context if k in COMMON_FIELDS and k not in ignore and config.get(k) != context[k]]
             if keys:
                 differ[task] = ", ".join(f"{k} (tuned with {json.dumps(context[k])}, here {json.dumps(config.get(k))})"
                                          for k in keys)
@@ -857,8 +932,14 @@ def _check_settings(ctx: _Context, settings: Any, path: str, tasks: list[str], *
         return {}
     if not isinstance(settings, dict):
         raise ctx.error(path, f"must be a mapping of config keys to values, e.g. {{epochs: 3}}; got {_short(settings)}")
-    for key, value in settings.items():
-        _check_value(ctx, key, value, f"{path}.{key}", tasks, adamw=adamw)
+    problems: list[str] = []
+    for key, value in settings.items():  # (each key's problem: said together)
+        try:
+            _check_value(ctx, key, value, f"{path}.{key}", tasks, adamw=adamw)
+        except ConfigError as exc:
+            problems += _problems(exc)
+    if problems:
+        raise StudyError(*problems)
     for task in tasks:  # contradictions within the mapping, against each task's defaults
         resolve_config({"task": task, "data": ctx.data, **settings}, where=f"{ctx.where(path)} (task {task})",
                        cross_keys=False)  # (another layer may set the other key: the trials' configs check them)

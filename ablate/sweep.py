@@ -150,7 +150,7 @@ def _worker_provenance(trial_config: dict[str, Any]) -> dict[str, str]:
     from ablate.tasks import TASKS
 
     task = trial_config.get("task")
-    return provenance(TASKS.get(task) if isinstance(task, str) and task in TASKS else None)
+    return provenance(TASKS.get(task) if isinstance(task, str) and task in TASKS else None, trial_config)
 
 
 def _with_notes(error: str, notes: list[str]) -> str:
@@ -285,7 +285,7 @@ def _failed_row(spec: TrialSpec, study: Study, error: str, made: dict[str, Any] 
     metric = TASKS.get(spec.task).metric if spec.task in TASKS else None  # (the reports read its direction)
     known = {} if metric is None else {"metric": metric.name, "mode": metric.mode}
     if made is None:
-        made = {k: v for k, v in provenance(TASKS.get(spec.task) if spec.task in TASKS else None).items()
+        made = {k: v for k, v in provenance(TASKS.get(spec.task) if spec.task in TASKS else None, spec.config).items()
                 if k != "hostname"}
     return _trial_row(spec, study, {**spec.config, **known, "status": "failed", "error": error,
                                     "stop_reason": "failed", "best_metric": math.nan, "finished_at": now, **made})
@@ -979,7 +979,8 @@ def run_command(args) -> int:
         print(format_trials(study, every=getattr(args, "list", False)))
         print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)
-        check_resources(study, args.address, None)  # what the run would refuse before Ray starts, refused here too
+        ray_storage_path(getattr(args, "storage", None))  # what the run would refuse before Ray starts, refused here too
+        check_resources(study, args.address, None)
         if args.address is None:
             check_real_data(study)
         return 0

@@ -188,7 +188,7 @@ class Trial:
         check_task_instance(self.spec, self.task)
         self._loss_checked = False  # (the task's loss_fn: checked on the first batch)
         self.data_fingerprint = data_fingerprint(self.spec, cfg)  # (the files exist: the task just read them)
-        self.provenance = provenance(self.spec)  # (the code as it is now, before the training: see ablate.provenance)
+        self.provenance = provenance(self.spec, cfg)  # (the code as it is now, before the training: see ablate.provenance)
         self.model = self.task.model.to(self.device)
         self.metric = self.spec.metric
         self.min_delta = cfg["min_delta"]

@@ -137,8 +137,8 @@ TUNE_KEYS = {
     "sampler_seed": "integer >= 0 (reproducible suggestions), or null",
     "aggregate": f"how a suggestion's per-seed values are combined: {' | '.join(AGGREGATES)}",
     "arm": "whose settings are searched: baseline (MetaAdamW) or adamw (AdamW's own, e.g. lr: the same tuning budget)",
-    "priorities": "the range of each of the three priorities {low, high, log}, or false to keep the baseline's "
-                  "(arm: baseline only)",
+    "priorities": "the range of each of the three priorities {low, high, log} (a key left out: the default's, "
+                  "{low: 0.1, high: 10.0, log: true}), or false to keep the baseline's (arm: baseline only)",
     "params": "other numeric config keys to search: {key: {low, high, log}}",
     "scheduler": "early termination: {type: asha, grace_period: epochs >= 1, reduction_factor: > 1}, or none",
     "cross_task": "true: one vector for every task, scored by the mean relative improvement over AdamW",
@@ -184,13 +184,17 @@ class Range:
         return is_number(value) and self.low <= value <= self.high and (not self.integer or float(value).is_integer())
 
 
+#: the default range of each priority (``tune.priorities``; a key a file leaves out takes this one's)
+DEFAULT_PRIORITIES = Range(0.1, 10.0, True)
+
+
 @dataclasses.dataclass
 class TuneSettings:
     trials: int = 20
     sampler: str = "tpe"
     sampler_seed: int | None = 0
     aggregate: str = "mean"
-    priorities: Range | None = Range(0.1, 10.0, True)
+    priorities: Range | None = DEFAULT_PRIORITIES
     params: dict[str, Range] = dataclasses.field(default_factory=dict)
     scheduler: dict[str, Any] | None = dataclasses.field(default_factory=lambda: dict(DEFAULT_SCHEDULER))
     cross_task: bool = False
@@ -263,8 +267,10 @@ def parse_tune_spec(mapping: Any, source: str = "<string>", *, base_dir: str | o
                 f"remove it (run the ablations with `ablate run`, e.g. with baseline: {{priorities_from: "
                 f".../{BEST_FILE}}})"
             )
-    study = parse_study(mapping, source, base_dir=base_dir)
     settings = _parse_tune_section(mapping.get("tune"), source, trials)
+    # (the keys searched now are not compared with a tuned file's tuned_with: e.g. meta_lr searched again on top of
+    # baseline: {priorities_from: ...}, whose priorities were tuned with one meta_lr)
+    study = parse_study(mapping, source, base_dir=base_dir, searched={settings.arm: _searched_setting_keys(settings)})
     if settings.arm == "adamw" and not any("adamw" in t.arms for t in study.trials):
         raise _err(source, "arm", "is adamw, but the study has adamw: false; set adamw: true (or a mapping of its "
                                   "settings)")
@@ -320,7 +326,9 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
         if s.arm == "adamw" and pr is not False:
             raise _err(source, "priorities", "are MetaAdamW's, and arm: adamw searches AdamW's settings; remove "
                                              "tune.priorities (or set it to false)")
-        s.priorities = None if pr is False else _parse_range(source, "priorities", pr, float, minimum=0.0)
+        # (a key left out takes the default range's: {low: 0.5, high: 5} is searched on its log scale too)
+        s.priorities = None if pr is False else _parse_range(source, "priorities", pr, float, minimum=0.0,
+                                                             defaults=DEFAULT_PRIORITIES)
     if "params" in given:
         s.params = _parse_params(source, given["params"])
     if s.arm == "adamw":
@@ -371,10 +379,15 @@ def _choice(source: str, path: str, value: Any, allowed: Iterable[str]) -> str:
 
 
 def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float | None = None,
-                 key: str | None = None) -> Range:
+                 key: str | None = None, defaults: Range | None = None) -> Range:
+    """``{low, high, log}``; with ``defaults``, a key left out (or null) takes the default range's."""
     if not isinstance(spec, dict):
         raise _err(source, path, f"must be a mapping {{low: ..., high: ..., log: true|false}}; got {spec!r:.80}")
     _check_keys(source, spec, RANGE_KEYS, path)
+    log_given = spec.get("log") is not None
+    if defaults is not None:
+        spec = {"low": defaults.low, "high": defaults.high, "log": defaults.log,
+                **{k: v for k, v in spec.items() if v is not None}}
     for bound in ("low", "high"):
         if bound not in spec or spec[bound] is None:
             raise _err(source, f"{path}.{bound}", f"is required ({RANGE_KEYS[bound]})")
@@ -399,7 +412,8 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
     if low >= high:
         raise _err(source, path, f"low ({low}) must be less than high ({high})")
     if log and low <= 0:
-        raise _err(source, f"{path}.low", f"must be > 0 on a log scale (log: true), got {low}")
+        raise _err(source, f"{path}.low", f"must be > 0 on a log scale (log: true{'' if log_given else ', the default'}), "
+                                          f"got {low}{'' if log_given else '; or set log: false'}")
     return Range(low, high, log, kind is int)
 
 
@@ -483,7 +497,8 @@ def _check_against_study(s: TuneSettings, study: Study, source: str) -> None:
             try:
                 resolve_config(apply_settings(config, settings), where=f"{source}: tune ({corner} ends of the ranges, task {task})")
             except ConfigError as exc:
-                raise exc if isinstance(exc, StudyError) else StudyError(str(exc)) from None
+                raise (exc if isinstance(exc, StudyError)
+                       else StudyError(*(getattr(exc, "problems", None) or [str(exc)]))) from None
         epochs = max(t.config["epochs"] for t in trials)
         warmup = max(t.config["warmup_epochs"] for t in trials) if _meta_only(s) else 0
         if epochs <= warmup:
@@ -1016,10 +1031,15 @@ class TuneOutcome:
     space: dict[str, Range] = dataclasses.field(default_factory=dict)  # the search space as run now
 
 
+def _searched_setting_keys(settings: TuneSettings) -> set[str]:
+    """The config keys a search with ``settings`` sets (and the keys they replace)."""
+    tuned = set(settings_from_params({p: 1 for p in settings.space()}))
+    return tuned | {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+
+
 def _searched_keys(spec: TuneSpec) -> set[str]:
     """The config keys the search sets (and the keys they replace), left out of the objective record."""
-    tuned = set(settings_from_params({p: 1 for p in spec.settings.space()}))
-    return tuned | {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+    return _searched_setting_keys(spec.settings)
 
 
 def _objective_record(target: Target, spec: TuneSpec) -> dict[str, Any]:
@@ -1373,6 +1393,41 @@ def grace_default(target: Target, s: TuneSettings) -> int:
     return min(target.epochs, 1 + warmup)
 
 
+def _nodes_fit(cpus: float, gpus: float, nodes: list[dict[str, Any]] | None = None) -> int | None:
+    """How many suggestions (``cpus`` and ``gpus`` each) the alive nodes of the running Ray hold at
+    once (``nodes``: ``ray.nodes()``); None when Ray does not run here."""
+    if nodes is None:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        nodes = ray.nodes()
+    fit = 0
+    for node in nodes:
+        if not node.get("Alive", True):
+            continue
+        have = node.get("Resources", {})
+        n = math.floor(have.get("CPU", 0) / cpus + 1e-9) if cpus else math.inf
+        if gpus:
+            n = min(n, math.floor(have.get("GPU", 0) / gpus + 1e-9))
+        fit += n if n != math.inf else 0
+    return fit
+
+
+def at_a_time(s: TuneSettings, trials: int, cpus: float, gpus: float,
+              nodes: list[dict[str, Any]] | None = None) -> str:
+    """How many suggestions run at once, in words: ``max_concurrent``, or fewer where the suggestions
+    asked for or the running Ray's nodes allow fewer."""
+    fit = _nodes_fit(cpus, gpus, nodes)
+    n = min(s.max_concurrent, max(trials, 1), s.max_concurrent if not fit else fit)
+    if n == s.max_concurrent:
+        return f"{n} at a time"
+    why = ([f"{trials} suggestion(s) asked for"] if max(trials, 1) == n else []) + \
+          ([f"Ray's nodes fit {fit} suggestion(s) of {cpus:g} CPU(s){f' and {gpus:g} GPU(s)' if gpus else ''} each"]
+           if fit == n else [])
+    return f"{n} at a time (max_concurrent {s.max_concurrent}; {', '.join(why)})"
+
+
 def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: Path,
                 ray_storage: str | None, stopped: Callable[[], str] | None = None) -> tuple[int, int]:
     """Ask the target's study for ``trials`` more suggestions through Ray Tune (``stopped``: what
@@ -1394,8 +1449,10 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
               flush=True)
     before = len(study.trials)
     sched = s.scheduler and {**s.scheduler, "grace_period": s.scheduler["grace_period"] or grace_default(target, s)}
+    study_ = spec.study
+    cpus, gpus = study_.resources.get("cpus", 1), study_.resources.get("gpus", 0)
     print(f"[{target.key}] study {target.study_name!r}: {before} stored trial(s); {trials} more suggestion(s) "
-          f"({s.sampler}, seed {s.sampler_seed}, {s.max_concurrent} at a time"
+          f"({s.sampler}, seed {s.sampler_seed}, {at_a_time(s, trials, cpus, gpus)}"
           f"{', ASHA grace %d rf %g' % (sched['grace_period'], sched['reduction_factor']) if sched else ', no early stopping'}); "
           f"{target.direction} {target.description}", flush=True)
     if trials == 0:
@@ -1410,8 +1467,6 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=OBJECTIVE,
                                   mode="min" if target.direction == "minimize" else "max", max_t=target.epochs,
                                   grace_period=sched["grace_period"], reduction_factor=sched["reduction_factor"])
-    study_ = spec.study
-    cpus, gpus = study_.resources.get("cpus", 1), study_.resources.get("gpus", 0)
     param_space = {
         "members": target.members, "modes": target.modes, "aggregate": s.aggregate, "direction": target.direction,
         "references": target.references, "param_names": list(space), "plugins": list(study_.plugins),

@@ -1225,17 +1225,9 @@ class MetaAdamW(torch.optim.Optimizer):
     _LOADED_OPTIONS = ("priorities", "fixed_weights", "meta_lr", "meta_weight_decay")
 
     def _unused_options(self) -> set[str]:
-        """The options this optimizer's configuration does not use (a built-in weighting's form,
-        priorities or fixed weights that it ignores; gate_l1 without gating): a checkpoint that
-        differs in them alone loads without an error or a warning."""
-        weighting, unused = self.config["weighting"], set()
-        for key, ignoring in (("weighting_form", IGNORE_FORM), ("priorities", IGNORE_PRIORITIES),
-                              ("fixed_weights", IGNORE_FIXED_WEIGHTS)):
-            if weighting in ignoring:
-                unused.add(key)
-        if not self.config["gating"]:
-            unused.add("gate_l1")
-        return unused
+        """:func:`unused_options` of this optimizer: a checkpoint that differs in them alone loads
+        without an error or a warning."""
+        return unused_options(self.config["weighting"], self.config["gating"])
 
     def _check_loadable(self, extra: dict[str, Any]) -> None:
         """Raise, naming every difference, if the checkpoint was saved by a MetaAdamW whose
@@ -1474,6 +1466,36 @@ def component_signature_problem(kind: str, name: str) -> str | None:
         what = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
         return (f"the {registry.kind} {name!r} ({what}{signature}) cannot be called as MetaAdamW calls it, "
                 f"{expected} ({exc})")
+    return None
+
+
+def unused_options(weighting: Any, gating: Any) -> set[str]:
+    """The options a MetaAdamW with this ``weighting`` and ``gating`` does not use: a built-in
+    weighting's form, priorities or fixed weights that it ignores (a weighting a user registered is
+    given all of them), ``gate_l1`` without gating."""
+    unused = {key for key, ignoring in (("weighting_form", IGNORE_FORM), ("priorities", IGNORE_PRIORITIES),
+                                        ("fixed_weights", IGNORE_FIXED_WEIGHTS)) if weighting in ignoring}
+    if not gating:
+        unused.add("gate_l1")
+    return unused
+
+
+def component_kind_problem(kind: str, name: str) -> str | None:
+    """Why the class registered as ``name`` for ``kind`` is not the kind of component MetaAdamW
+    accepts (a feature extractor that is no :class:`FeatureExtractor`, a weighting that is no
+    ``nn.Module``), which MetaAdamW refuses once it has made one; None: it is, or it is not a class
+    (a factory's result is only known once called). For ``ablate``'s check of a study file, once,
+    instead of a failure in every trial."""
+    registry = _COMPONENT_CALLS[kind][0]
+    base = {"features": FeatureExtractor, "weighting": nn.Module}.get(kind)
+    if base is None or name not in registry:
+        return None
+    obj = registry.get(name)
+    if isinstance(obj, type) and not issubclass(obj, base):
+        what = f"{obj.__module__}.{obj.__qualname__}"
+        fix = ("subclass metaadamw.features.FeatureExtractor" if kind == "features" else
+               "subclass metaadamw.Weighting (an nn.Module: its log-variances are meta-parameters)")
+        return f"the {registry.kind} {name!r} ({what}) is not a {registry.kind} MetaAdamW can use: {fix}"
     return None
 
 

@@ -360,6 +360,18 @@ def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
     assert "argument --extra-seeds: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--max-concurrent", "--extra-seeds"])
+def test_a_count_flag_that_is_not_a_number_is_refused_without_naming_a_python_function(capsys, flag):
+    # argparse said "argument --max-concurrent: invalid _positive_int value: 'two'"
+    from ablate.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "study.yaml", flag, "two"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be an integer >= 1, got 'two'" in err and "_positive_int" not in err
+
+
 def test_a_key_given_twice_with_set_is_an_error_naming_it(capsys):
     # `--set lr=1e-3 --set lr=1e-2` silently kept the last value (a study file refuses a duplicate key)
     from ablate.cli import main
@@ -386,3 +398,22 @@ def test_the_embedded_datas_version_is_part_of_the_trial_id_and_real_data_ids_do
     monkeypatch.setattr(get_task("wikitext2"), "embedded_version", "generated-grammar-v3")
     assert trial_id(embedded) != ids[0]
     assert trial_id(real) == ids[1] and identity_config(real)["data"] == "real"
+
+
+def test_a_config_with_several_bad_values_names_them_all(capsys):
+    # ablate train --set a=.. --set b=..: only the first bad value was named, one run per mistake
+    from ablate.cli import main
+    from ablate.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"task": "etth1", "epochs": 0, "lr": "abc", "dropout": "x"})
+    assert len(info.value.problems) == 3 and str(info.value) == "\n".join(info.value.problems)
+    assert [p.split(" must")[0] for p in info.value.problems] == [
+        "trial config: epochs=0", "trial config: lr", "trial config: dropout"]
+    with pytest.raises(ConfigError) as info:  # one: as before
+        resolve_config({"task": "etth1", "epochs": 0})
+    assert not hasattr(info.value, "problems") and str(info.value).startswith("trial config: epochs=0 must be > 0")
+    assert main(["train", "--task", "etth1", "--set", "epochs=0", "--set", "lr=abc", "--no-progress"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "ablate: error: trial config: epochs=0 must be > 0 (maximum number of epochs)",
+        "ablate: error: trial config: lr must be a number, got 'abc' (learning rate)"]

@@ -197,3 +197,55 @@ def test_reused_trials_of_a_plugin_task_made_before_its_code_changed_are_noted(t
             f"{torch.__version__} - now code {before_fix}, torch {torch.__version__}; {name}_task: code {before_fix}, "
             f"torch {torch.__version__} - now code {provenance.code_fingerprint(task)}, torch {torch.__version__})"
             ) in printed, printed
+
+
+def test_reused_trials_whose_plugin_component_changed_since_are_noted(tmp_path, capsys, plugin_cleanup):
+    # a study whose plugin registers a feature extractor (the README's `plugins: [my_features]`) for a built-in
+    # task: only a plugin *task's* module was fingerprinted, so after a fix to the extractor its stored trials were
+    # reused without a word, while an edit of a plugin task's module was noted
+    from metaadamw import FEATURES
+
+    name = "noted_features_plugin"
+    plugin_cleanup.append(name)
+    source = tmp_path / f"{name}.py"
+    source.write_text(textwrap.dedent(f"""\
+        from metaadamw import FEATURES
+        from metaadamw.features import FeatureExtractor
+
+
+        @FEATURES.register("{name}_feats")
+        class Feats(FeatureExtractor):
+            stats = ("grad_norm",)
+
+            def columns(self):
+                return ["grad_norm"]
+
+            def statistics(self, stats):
+                return self.group_mean(stats["grad_norm"][:, None])
+        """))
+    spec = tmp_path / "plugged.yaml"
+    spec.write_text(f"name: plugged\ntasks: [etth1]\nseeds: 1\nplugins: [{name}]\n"
+                    f"baseline: {{features: {name}_feats, modulator_heads: 3}}\n")
+    try:
+        study = load_study(spec)
+        from ablate.tasks import TASKS
+
+        task = TASKS.get("etth1")
+        out = tmp_path / "results"
+        for trial in study.trials:  # made by this code, before the fix
+            _store(out / "plugged", trial, code_fingerprint=provenance.code_fingerprint(task, trial.config),
+                   torch_version=torch.__version__)
+        meta = next(t for t in study.trials if t.config["optimizer"] == "metaadamw")
+        adamw = next(t for t in study.trials if t.config["optimizer"] == "adamw")
+        before = provenance.code_fingerprint(task, meta.config)
+        assert before != provenance.code_fingerprint(task)  # the extractor's module counts
+        assert provenance.code_fingerprint(task, adamw.config) == provenance.code_fingerprint(task)  # AdamW builds none
+        source.write_text(source.read_text() + "# a fix\n")
+        after = provenance.code_fingerprint(task, meta.config)
+        assert after != before
+        assert main(["run", str(spec), "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert (f"note: of the 2 reused trial(s), 1 was made by other code or torch (etth1: code {before}, torch "
+                f"{torch.__version__} - now code {after}, torch {torch.__version__})") in printed, printed
+    finally:
+        FEATURES.remove(f"{name}_feats")

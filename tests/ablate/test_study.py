@@ -577,8 +577,10 @@ def isolated_imports(monkeypatch):
 
 def test_a_plugin_next_to_the_study_file_registers_a_feature_extractor(tmp_path, isolated_imports):
     (tmp_path / "study_plugin_features.py").write_text(
-        "from metaadamw import FEATURES\n\n\nclass PluginFeatures:\n    def __init__(self, layout, *, time_step, second_moment):\n"
-        "        pass\n\n\nFEATURES.add('plugin_features', PluginFeatures)\n"
+        "from metaadamw import FEATURES\nfrom metaadamw.features import FeatureExtractor\n\n\n"
+        "class PluginFeatures(FeatureExtractor):\n    def __init__(self, layout, *, time_step, second_moment):\n"
+        "        super().__init__(layout, time_step=time_step, second_moment=second_moment)\n\n\n"
+        "FEATURES.add('plugin_features', PluginFeatures)\n"
     )
     try:
         study = load(tmp_path, plugins=["study_plugin_features"], ablations={"features": ["plugin_features"]})
@@ -791,3 +793,23 @@ def test_a_plugin_component_with_the_wrong_signature_fails_the_study_load_not_ev
                "called as MetaAdamW calls it, cls(terms, signed_terms, *, priorities, weights, form)" in message
     finally:
         metaadamw.WEIGHTINGS.remove("plugin_wrong")
+
+
+def test_a_study_file_with_several_independent_problems_names_them_all_at_once(tmp_path, capsys):
+    # a dry run named only the first problem: a file with five took five runs to fix
+    from ablate.cli import main
+
+    path = write(tmp_path, {"name": "bad name", "tasks": ["tiny_ts"], "seeds": 2, "retries": -1, "resources": {"cpus": 0},
+                            "budget": {"epochs": 0, "lrr": 1}, "budgte": {}, "ablations": {"gating": ["yes"]}})
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    problems = info.value.problems
+    for where in ("budgte:", "name:", "retries:", "resources.cpus:", "budget.epochs:", "budget.lrr:", "ablations.gating[0]:"):
+        assert sum(f"{path}: {where}" in p for p in problems) == 1, (where, problems)
+    assert len(problems) == 7 and str(info.value) == "\n".join(problems)
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 7 and all(line.startswith(f"ablate: error: {path}: ") for line in err)
+    # a problem that makes later checks meaningless stops there: the settings are not checked against a bad task
+    problems = error(tmp_path, {"name": "t", "tasks": ["nosuch"], "seeds": [0, 0], "budget": {"lrr": 1}}).splitlines()
+    assert len(problems) == 2 and "tasks[0]" in problems[0] and "seed 0 is given twice" in problems[1]

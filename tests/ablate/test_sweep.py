@@ -894,3 +894,15 @@ def test_a_failed_trial_s_row_says_what_ran_it(tmp_path):
     assert "hostname" not in row  # (the driver's host need not be the trial's)
     made = {"code_fingerprint": "0123456789ab", "torch_version": "x", "python_version": "y", "hostname": "node-3"}
     assert {k: _failed_row(study.trials[0], study, "boom", made)[k] for k in made} == made
+
+
+def test_dry_run_refuses_a_storage_the_run_refuses(tmp_path, capsys):
+    # --storage on a file: the run refused it before Ray started, the dry run said "to run" and exited 0
+    from ablate.cli import main
+
+    spec = tiny_study(tmp_path, seeds=1)
+    (tmp_path / "afile").write_text("")
+    argv = ["run", str(spec), "--dry-run", "--out", str(tmp_path / "results")]
+    assert main([*argv, "--storage", str(tmp_path / "afile" / "ray")]) == 2
+    assert "is a file; --storage takes a folder" in capsys.readouterr().err
+    assert main([*argv, "--storage", str(tmp_path / "ray")]) == 0 and not (tmp_path / "ray").exists()

@@ -124,6 +124,18 @@ def test_list_task_shows_the_tasks_paper_settings_and_its_embedded_ones(capsys):
     assert main(["list", "--task", "multi3Ok"]) == 2 and "unknown task 'multi3Ok'" in capsys.readouterr().err
 
 
+def test_list_task_with_keys_also_lists_what_each_key_means(capsys):
+    # --keys was dropped without a word when --task was given
+    from ablate.cli import main
+    from ablate.config import describe_fields
+
+    assert main(["list", "--task", "etth1", "--keys"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("etth1: ") and "trial config (* = set by the task" in out
+    assert "trial-config keys (ablate train --set KEY=VALUE, or in study files):" in out
+    assert out.rstrip().endswith(describe_fields()) and "tasks:" not in out
+
+
 def test_registering_a_plain_function_as_a_task_is_refused_with_the_decorator_to_use():
     # the unknown-task error said "@TASKS.register(...)", and following it registered a function
     # that crashed `ablate list` later with AttributeError

@@ -242,10 +242,10 @@ def test_a_trial_records_what_made_it_as_it_was_built(monkeypatch):
     import ablate.trial as T
 
     made = {"code_fingerprint": "0123456789ab", "torch_version": "x", "python_version": "y", "hostname": "z"}
-    monkeypatch.setattr(T, "provenance", lambda task: dict(made))
+    monkeypatch.setattr(T, "provenance", lambda task, config=None: dict(made))
     trial = Trial({**FAST, "epochs": 1})
     # (code checked out while it trains is not what trained it)
-    monkeypatch.setattr(T, "provenance", lambda task: pytest.fail("provenance asked after the trial was built"))
+    monkeypatch.setattr(T, "provenance", lambda task, config=None: pytest.fail("provenance asked after the trial was built"))
     row = trial.run().row
     assert {k: row[k] for k in made} == made
 

@@ -178,6 +178,7 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
     assert best["etth1"]["tuned_on_seeds"] == [0, 1] and best["etth1"]["tuned_for"] == "baseline"  # (where, for whom)
     with_ = best["etth1"]["tuned_with"]  # (and with what)
     assert (with_["meta_every"], with_["meta_optimizer"], with_["meta_lr"], with_["modulator_layers"]) == (1, "adam", 0.01, 1)
+    assert (with_["epochs"], with_["max_train_batches"]) == (2, 3)
 
     history = pd.read_parquet(tune_dir / "history.parquet")
     assert {"number", "value", "direction", "state", "task"} <= set(history.columns)
@@ -194,6 +195,7 @@ def test_a_small_study_runs_through_ray_tune_and_writes_its_outputs(small_study)
         name: use_best
         tasks: [etth1]
         seeds: {seeds}
+        budget: {{epochs: 2, max_train_batches: 3}}   # (the budget they were tuned on, which tuned_with records)
         baseline: {{priorities_from: tune/best_priorities.yaml, meta_every: 1, warmup_epochs: 0, modulator_layers: 1,
                     meta_lr: 0.01, meta_optimizer: adam}}
         """
@@ -468,7 +470,8 @@ BASE = {"name": "t", "tasks": ["etth1"], "seeds": 2, "budget": {"epochs": 2}, "a
     ({"priorities": {"low": 0, "high": 1, "log": True}}, ["tune.priorities.low", "> 0 on a log scale"]),
     ({"priorities": {"low": -1, "high": 1}}, ["tune.priorities.low", ">= 0.0"]),
     ({"priorities": {"low": 1, "high": 2, "step": 1}}, ["tune.priorities.step", "allowed keys: low, high, log"]),
-    ({"priorities": {"high": 2}}, ["tune.priorities.low", "is required"]),
+    ({"priorities": {"low": 0, "high": 2}}, ["tune.priorities.low", "> 0 on a log scale (log: true, the default)",
+                                            "or set log: false"]),
     ({"priorities": [0.1, 10]}, ["tune.priorities", "must be a mapping {low: ..., high: ..., log: true|false}"]),
     ({"params": {"meta_lrr": {"low": 1e-5, "high": 1e-2}}}, ["tune.params.meta_lrr", "did you mean 'meta_lr'",
                                                             "choose from:", "alpha_range"]),
@@ -625,7 +628,11 @@ def test_arm_adamw_searches_the_adamw_trials_and_writes_their_best_values_for_ad
     best = yaml.safe_load((tune_dir / "best_adamw.yaml").read_text())
     assert best == {"etth1": {"lr": pytest.approx(o.best_params["lr"], rel=1e-5), "tuned_on_seeds": [0, 1],
                               "tuned_for": "adamw", "tuned_with": {"weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999,
-                                                                   "eps": 1e-8, "grad_clip": None}}}
+                                                                   "eps": 1e-8, "grad_clip": None,
+                                                                   # (and the budget: the best lr depends on it)
+                                                                   "epochs": 2, "max_steps": None,
+                                                                   "max_train_batches": 3,
+                                                                   "batch_size": target.members[0]["config"]["batch_size"]}}}
     assert "adamw: {tuned_from: " in (tune_dir / "best_adamw.yaml").read_text()
     # a study reads them for its AdamW arm (and warns about the seeds they were picked on)
     study = _write(tmp_path, "compare.yaml", """\
@@ -1885,6 +1892,7 @@ def test_best_values_record_the_settings_they_were_tuned_with_and_a_study_runnin
         name: same
         tasks: [etth1]
         seeds: [7]
+        budget: {{epochs: 3}}
         baseline: {{priorities_from: {best}, meta_per_epoch: 5, meta_optimizer: adam}}
         """)
     with warnings.catch_warnings():
@@ -1894,6 +1902,7 @@ def test_best_values_record_the_settings_they_were_tuned_with_and_a_study_runnin
         name: other
         tasks: [etth1]
         seeds: [7]
+        budget: {{epochs: 3}}
         baseline: {{priorities_from: {best}}}
         ablations: {{meta_optimizer: [adam]}}
         """)
@@ -1959,3 +1968,133 @@ def test_a_members_warning_in_a_worker_is_shown_by_the_search(tmp_path, ray_addr
     out = capsys.readouterr().out
     said = re.findall(r"warning: meta_per_epoch=8 is more than the 4 steps", out)
     assert len(said) == 1, out  # (once for the search, not once per suggestion)
+
+
+# -- tuned_with: only what changes the tuned arm's run, the budget, keys searched again, null ------------
+
+
+def _tuned_with_warnings(tmp_path: Path, best: str, mapping: dict) -> list[str]:
+    (tmp_path / "best.yaml").write_text(textwrap.dedent(best))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse_study(mapping, "s.yaml", base_dir=tmp_path)
+    return [str(w.message) for w in caught if "tuned with other settings" in str(w.message)]
+
+
+@pytest.mark.parametrize("best, baseline", [
+    # gate_l1 without gating, fixed_weights under huw_priority, priorities under huw (a meta_lr search with
+    # priorities: false records them) were named as differences, though none of them changes the run
+    ("etth1: {priorities: [1, 2, 3], tuned_with: {gating: false, gate_l1: 0.5}}\n", {"gating": False}),
+    ("etth1: {priorities: [1, 2, 3], tuned_with: {weighting: huw_priority, fixed_weights: [3, 3, 3]}}\n", {}),
+    ("etth1: {meta_lr: 0.01, tuned_with: {weighting: huw, priorities: [2.0, 2.0, 2.0]}}\n", {"weighting": "huw"}),
+    ("etth1: {meta_lr: 0.01, tuned_with: {weighting: sum, weighting_form: classification}}\n", {"weighting": "sum"}),
+])
+def test_tuned_with_keys_that_do_not_change_the_run_are_not_differences(tmp_path, best, baseline):
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "baseline": {"priorities_from": "best.yaml", **baseline}}
+    assert _tuned_with_warnings(tmp_path, best, mapping) == []
+
+
+def test_tuned_with_keys_that_change_the_run_on_either_side_are_still_compared(tmp_path):
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9],
+               "baseline": {"priorities_from": "best.yaml", "gating": True}}
+    (said,) = _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: {gating: true, gate_l1: 0.5}}\n",
+                                   mapping)
+    assert "gate_l1 (tuned with 0.5, here 0.001)" in said
+    # gating off where they were tuned, on here: gating is the difference (gate_l1 was not in use there)
+    (said,) = _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: {gating: false, gate_l1: 0.5}}\n",
+                                   mapping)
+    assert "gating (tuned with false, here true)" in said and "gate_l1" not in said
+
+
+def test_tuned_with_records_the_budget_and_a_study_with_another_is_warned(tmp_path):
+    # the best lr (or priorities) for 4 epochs of 20 batches are not those of a full run: the budget was not
+    # recorded, so a study running tuned values on another budget was not warned
+    from ablate.study import tuning_context
+
+    spec = parse_tune_spec({"name": "t", "tasks": ["etth1"], "seeds": 1, "adamw": True,
+                            "budget": {"epochs": 4, "max_train_batches": 20},
+                            "tune": {"arm": "adamw", "params": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}}},
+                           "t.yaml")
+    config = spec.arm_trials("etth1")[0].config
+    with_ = tuning_context(config, "adamw", {"lr"})
+    assert with_["epochs"] == 4 and with_["max_train_batches"] == 20 and with_["max_steps"] is None
+    assert with_["batch_size"] == config["batch_size"]
+    assert tuning_context(config, "baseline")["epochs"] == 4
+    (tmp_path / "best_adamw.yaml").write_text(yaml.safe_dump({"etth1": {"lr": 1e-3, "tuned_for": "adamw",
+                                                                        "tuned_with": with_}}))
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "adamw": {"tuned_from": "best_adamw.yaml"}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse_study({**mapping, "budget": {"epochs": 4, "max_train_batches": 20}}, "s.yaml", base_dir=tmp_path)
+    assert not [w for w in caught if "tuned with other settings" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"adamw.tuned_from: AdamW's settings were tuned with other settings than the "
+                                         r"AdamW arm of this study runs them with \(etth1: epochs \(tuned with 4, here "
+                                         r"15\), max_train_batches \(tuned with 20, here null\)\)"):
+        parse_study({**mapping, "budget": {"epochs": 15}}, "s.yaml", base_dir=tmp_path)
+
+
+def test_a_tune_searching_a_key_again_on_top_of_a_tuned_file_is_not_warned_about_that_key(tmp_path):
+    # meta_lr searched on top of priorities tuned with meta_lr 1e-2: the spec was told the priorities were tuned
+    # with another meta_lr, though the search sets it
+    (tmp_path / "best.yaml").write_text(
+        "etth1: {priorities: [1, 2, 3], tuned_with: {meta_optimizer: adam, meta_lr: 0.01, meta_per_epoch: 5}}\n")
+    mapping = {"name": "t", "tasks": ["etth1"], "seeds": 1, "adamw": False, "budget": {"epochs": 3},
+               "baseline": {"priorities_from": "best.yaml", "meta_optimizer": "adam", "meta_per_epoch": 5},
+               "tune": {"priorities": False, "params": {"meta_lr": {"low": 1e-5, "high": 1e-1, "log": True}}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parse_tune_spec(mapping, "t.yaml", base_dir=tmp_path)
+    assert not [str(w.message) for w in caught if "tuned with other settings" in str(w.message)]
+    # (a key that is not searched still is compared; and so is meta_lr by a study that runs the values)
+    with pytest.warns(UserWarning, match=r"etth1: meta_optimizer \(tuned with \"adam\", here \"sgd\"\)\)"):
+        parse_tune_spec({**mapping, "baseline": {"priorities_from": "best.yaml", "meta_per_epoch": 5}}, "t.yaml",
+                        base_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"etth1: meta_lr \(tuned with 0.01, here 0.0001\)\)"):
+        parse_study({k: v for k, v in mapping.items() if k != "tune"}, "s.yaml", base_dir=tmp_path)
+
+
+def test_tuned_with_null_is_unknown_and_a_malformed_one_an_error(tmp_path):
+    # `tuned_with: null` (a hand-edited file) was refused as not a mapping
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "baseline": {"priorities_from": "best.yaml"}}
+    assert _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: null}\n", mapping) == []
+    assert _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with:}\n", mapping) == []
+    with pytest.raises(StudyError, match=r"\(best.yaml\).etth1.tuned_with: must be the mapping of the settings"):
+        _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: adam}\n", mapping)
+
+
+@pytest.mark.parametrize("priorities, expected", [
+    # a key left out of tune.priorities takes the default range's: {low, high} was searched on a linear scale
+    # (the default is log), and {log: false} or {high: 100} were refused for the missing low
+    ({"low": 0.5, "high": 5.0}, (0.5, 5.0, True)),
+    ({"log": False}, (0.1, 10.0, False)),
+    ({"high": 100.0}, (0.1, 100.0, True)),
+    ({"low": 0.0, "high": 2.0, "log": False}, (0.0, 2.0, False)),
+    ({}, (0.1, 10.0, True)),
+])
+def test_a_partial_priorities_range_takes_the_default_range_for_the_rest(priorities, expected):
+    r = parse_tune_spec({**BASE, "tune": {"priorities": priorities}}, "s.yaml").settings.priorities
+    assert (r.low, r.high, r.log) == expected
+
+
+def test_the_start_line_says_how_many_suggestions_run_at_a_time():
+    # it said max_concurrent even where Ray's CPUs (or the suggestions asked for) allowed fewer
+    from ablate.tune import TuneSettings, at_a_time
+
+    s = TuneSettings(max_concurrent=4)
+    two_cpus = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    assert at_a_time(s, 20, 1, 0, two_cpus) == ("2 at a time (max_concurrent 4; Ray's nodes fit 2 suggestion(s) of 1 "
+                                                "CPU(s) each)")
+    assert at_a_time(s, 1, 1, 0, two_cpus) == "1 at a time (max_concurrent 4; 1 suggestion(s) asked for)"
+    assert at_a_time(s, 20, 0.5, 0, two_cpus) == "4 at a time"
+    assert at_a_time(s, 20, 1, 1, [{"Resources": {"CPU": 8.0, "GPU": 1.0}}]).startswith("1 at a time")
+    assert at_a_time(TuneSettings(max_concurrent=2), 20, 1, 0, [{"Resources": {"CPU": 1.0}}] * 3) == "2 at a time"
+
+
+@pytest.mark.parametrize("key", ["tuned_on_seeds", "tuned_for"])
+def test_a_null_tuned_on_seeds_or_tuned_for_is_unknown(tmp_path, key):
+    # `tuned_for: null` was refused as "tuned for the None arm", `tuned_on_seeds: null` as not a list
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "baseline": {"priorities_from": "best.yaml"}}
+    assert _tuned_with_warnings(tmp_path, f"etth1: {{priorities: [1, 2, 3], {key}: null}}\n", mapping) == []
+    assert parse_study(mapping, "s.yaml", base_dir=tmp_path).trials[-1].config["priorities"] == [1.0, 2.0, 3.0]
+    with pytest.raises(StudyError, match=rf"etth1(.{key})?: (must be|holds values)"):
+        _tuned_with_warnings(tmp_path, f"etth1: {{priorities: [1, 2, 3], {key}: 7}}\n", mapping)

@@ -123,10 +123,10 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
                 opt.step()
                 torch.save({"error": "step() did not refuse it"}, f"{out}/rank{rank}.pt")
                 return
-            loss_fn = mse
-            if scenario == "raises_on_rank1" and rank == 1:  # (a batch its loss_fn cannot take, say)
-                def loss_fn(m, batch):
-                    raise RuntimeError("rank 1's loss_fn failed")
+            def failing(m, batch):
+                raise RuntimeError("rank 1's loss_fn failed")
+
+            loss_fn = failing if scenario == "raises_on_rank1" and rank == 1 else mse  # (a batch it cannot take, say)
             record = opt.meta_step(ddp, loss_fn, None, b2, val)  # each rank on its own batches
         except (RuntimeError, ValueError) as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")

@@ -558,3 +558,34 @@ def test_a_component_with_the_wrong_signature_is_named_with_the_call_expected(re
             resolve_config({"task": "etth1", option: "test_wrong_signature"})
     finally:
         registry.remove("test_wrong_signature")
+
+
+class _NotAModuleWeighting:  # the call MetaAdamW makes, but no nn.Module (metaadamw.Weighting)
+    def __init__(self, terms, signed_terms=(), *, priorities=None, weights=None, form="regression"):
+        self.terms = terms
+
+    def __call__(self, terms):
+        return sum(terms.values()), {}
+
+
+class _NotAnExtractor:  # the call MetaAdamW makes, but no metaadamw.features.FeatureExtractor
+    def __init__(self, layout, *, time_step=True, second_moment=True):
+        pass
+
+
+@pytest.mark.parametrize("registry, option, component, expected", [
+    (WEIGHTINGS, "weighting", _NotAModuleWeighting, r"subclass metaadamw.Weighting"),
+    (FEATURES, "features", _NotAnExtractor, r"subclass metaadamw.features.FeatureExtractor"),
+], ids=["weighting", "features"])
+def test_a_component_class_of_the_wrong_kind_is_refused_when_a_study_is_loaded(registry, option, component, expected):
+    # MetaAdamW refuses such a class once made, so every trial of a study failed in its worker, while the
+    # study file's check (resolve_config) let it through: it is refused there too, once, naming the fix
+    from ablate.config import ConfigError, resolve_config
+
+    registry.add("test_wrong_kind", component)
+    try:
+        with pytest.raises(ConfigError, match=rf"{option}='test_wrong_kind': the {registry.kind} 'test_wrong_kind' "
+                                              rf"\(.*{component.__qualname__}\) is not a {registry.kind} .*{expected}"):
+            resolve_config({"task": "etth1", option: "test_wrong_kind"})
+    finally:
+        registry.remove("test_wrong_kind")
