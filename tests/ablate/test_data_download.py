@@ -263,13 +263,8 @@ def test_a_full_disk_is_not_called_a_network_failure_nor_tried_at_each_mirror(tm
     assert asked == [item.url]
 
 
-def test_a_forced_unpack_that_stops_half_way_is_fetched_again_not_trusted(tmp_path, monkeypatch, capsys):
-    import errno
-    from pathlib import Path
-
-    blob = _archive("w/b.tokens", b"B" * 1000)
-    item = Download(url="https://example.org/a.tar.gz", filename="a.tar.gz", md5=hashlib.md5(blob).hexdigest(),
-                    extract=True)
+def _serve(monkeypatch, item: Download, blob: bytes) -> list[str]:
+    """Dataset "w" is ``item``, and every URL serves ``blob``; returns the URLs asked for, as they are asked."""
     asked = []
 
     def urlopen(request, timeout=None):
@@ -278,6 +273,17 @@ def test_a_forced_unpack_that_stops_half_way_is_fetched_again_not_trusted(tmp_pa
 
     monkeypatch.setitem(data.DOWNLOADS, "w", [item])
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return asked
+
+
+def test_a_forced_unpack_that_stops_half_way_is_fetched_again_not_trusted(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    blob = _archive("w/b.tokens", b"B" * 1000)
+    item = Download(url="https://example.org/a.tar.gz", filename="a.tar.gz", md5=hashlib.md5(blob).hexdigest(),
+                    extract=True)
+    asked = _serve(monkeypatch, item, blob)
     data.download("w", tmp_path)
     real = tarfile.TarFile.extractall
 
@@ -376,14 +382,7 @@ def test_a_forced_download_whose_unpack_is_refused_keeps_the_record_of_the_files
         blob = _archive("wikitext-2/wiki.valid.tokens", b" = A = \n")
     item = Download(url="https://example.org/a", filename="a", md5=hashlib.md5(blob).hexdigest(), extract=True,
                     folder="wikitext-2")
-    asked = []
-
-    def urlopen(request, timeout=None):
-        asked.append(request.full_url)
-        return _Response(blob)
-
-    monkeypatch.setitem(data.DOWNLOADS, "w", [item])
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    asked = _serve(monkeypatch, item, blob)
     d = tmp_path / "data"
     data.download("w", d)
     (tmp_path / "big").mkdir()  # the data moved to another disk and linked back: the loaders find them
