@@ -17,7 +17,9 @@ a process group of more than one rank is initialised):
   (its ``loss_fn`` on its batch, say) says so in the same buffer before it raises, so that every
   rank raises instead of waiting in that collective until the process group's timeout (an error
   of ``meta_step``'s own checks before the meta-update - a missing ``val_batch``, a model moved
-  to another device - is raised on that rank alone: make the same calls on every rank).
+  to another device - is raised on that rank alone: make the same calls on every rank; so is one
+  after the averaging, in the meta-optimizer's step - an out-of-memory error, say -, after which
+  the other ranks' modulators have stepped and this one's has not: treat it as fatal to the run).
 
 ``meta_step`` unwraps a ``DistributedDataParallel`` or ``DataParallel`` model and runs its
 ``module``: the meta-update's hypothetical passes stay outside DDP's forward, which would

@@ -1227,7 +1227,8 @@ class MetaAdamW(torch.optim.Optimizer):
     def _unused_options(self) -> set[str]:
         """:func:`unused_options` of this optimizer: a checkpoint that differs in them alone loads
         without an error or a warning."""
-        return unused_options(self.config["weighting"], self.config["gating"])
+        return unused_options(self.config["weighting"], self.config["gating"], time_step=self.config["time_step"],
+                              features=self.config["features"])
 
     def _check_loadable(self, extra: dict[str, Any]) -> None:
         """Raise, naming every difference, if the checkpoint was saved by a MetaAdamW whose
@@ -1469,14 +1470,19 @@ def component_signature_problem(kind: str, name: str) -> str | None:
     return None
 
 
-def unused_options(weighting: Any, gating: Any) -> set[str]:
+def unused_options(weighting: Any, gating: Any, *, time_step: Any = True, features: Any = None) -> set[str]:
     """The options a MetaAdamW with this ``weighting`` and ``gating`` does not use: a built-in
     weighting's form, priorities or fixed weights that it ignores (a weighting a user registered is
-    given all of them), ``gate_l1`` without gating."""
+    given all of them), ``gate_l1`` without gating; with ``time_step=False`` and a built-in feature
+    extractor ``features``, ``total_steps`` (it only normalises the time-step feature; an extractor a
+    user registered is given the time all the same)."""
     unused = {key for key, ignoring in (("weighting_form", IGNORE_FORM), ("priorities", IGNORE_PRIORITIES),
                                         ("fixed_weights", IGNORE_FIXED_WEIGHTS)) if weighting in ignoring}
     if not gating:
         unused.add("gate_l1")
+    if time_step is False and isinstance(features, str) and features in FEATURES and \
+            getattr(FEATURES.get(features), "__module__", None) == FeatureExtractor.__module__:
+        unused.add("total_steps")
     return unused
 
 

@@ -603,3 +603,21 @@ def test_an_adamw_checkpoint_of_tensor_hyperparameters_loads_them_as_floats():
     _train(twin, meta, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_total_steps_without_the_time_step_feature_is_not_warned_about():
+    # total_steps only normalises the time-step feature: with time_step=False a checkpoint saved with
+    # another total_steps continues exactly as the saved run would have, yet loading it warned that it
+    # would not (as for gate_l1 without gating, an option the configuration does not use)
+    saved = _stepped(time_step=False, total_steps=100).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the modulator's padding of the 5 features)
+        target = MetaAdamW(mlp(0).named_parameters(), **{**KW, "time_step": False, "total_steps": 10_000})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target.load_state_dict(saved)
+    assert target.total_steps == 10_000  # (the constructor's, as for every run option)
+    # with the time-step feature it changes the features: still warned about
+    saved = _stepped(total_steps=100).state_dict()
+    with pytest.warns(UserWarning, match="total_steps 100 -> 10000"):
+        MetaAdamW(mlp(0).named_parameters(), **{**KW, "total_steps": 10_000}).load_state_dict(saved)
