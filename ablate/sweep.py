@@ -109,7 +109,7 @@ def trainable(config: dict[str, Any]) -> None:
             try:
                 trial.load(Path(d) / CHECKPOINT_FILE)
             except UnusableCheckpoint as exc:  # (the data changed under a retried trial, ...) start afresh
-                _note(notes, f"trial {trial.trial_id}: Ray's checkpoint is not used ({exc})")
+                _note(notes, f"trial {trial.trial_id}: Ray's checkpoint is not used ({_reason(exc)})")
     # The stable checkpoint: with --resume, or when an earlier attempt of this very run wrote it (a
     # retry after a lost node). It can be an epoch ahead of Ray's: Ray registers a reported
     # checkpoint only when a later save() call on the trial's actor returns, which a dying node
@@ -165,6 +165,18 @@ def _going_on(trial: Any) -> str:
     return f"continuing from Ray's checkpoint of epoch {epoch}" if epoch else "starting afresh"
 
 
+#: the advice that ends the errors of :meth:`ablate.trial.Trial.check_checkpoint` and ``load_state_dict`` (for
+#: ``ablate train --resume``): a worker decides for itself what the trial does next, and says so
+_AFRESH_ADVICE = ": start the trial afresh instead"
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a checkpoint is not used, without the advice to start the trial afresh: the note says what the worker does
+    (it may go on from Ray's checkpoint, or from the stable one)."""
+    text = str(exc)
+    return text[: -len(_AFRESH_ADVICE)] if text.endswith(_AFRESH_ADVICE) else text
+
+
 def _note(notes: list[str] | None, message: str) -> None:
     """Print ``message`` (in the worker's log) and keep it in ``notes`` (for the driver to print)."""
     print(message, flush=True)
@@ -181,7 +193,7 @@ def _set_aside(trial: Any, stable: Path, exc: BaseException, notes: list[str] | 
         where = f"moved to {aside.name}"
     except OSError as move:
         where = f"left in place (moving it aside failed: {move})"
-    _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} {what} ({type(exc).__name__}: {exc}); "
+    _note(notes, f"trial {trial.trial_id}: its checkpoint {stable} {what} ({type(exc).__name__}: {_reason(exc)}); "
                  f"{where}, {_going_on(trial)}")
 
 

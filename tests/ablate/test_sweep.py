@@ -906,3 +906,19 @@ def test_dry_run_refuses_a_storage_the_run_refuses(tmp_path, capsys):
     assert main([*argv, "--storage", str(tmp_path / "afile" / "ray")]) == 2
     assert "is a file; --storage takes a folder" in capsys.readouterr().err
     assert main([*argv, "--storage", str(tmp_path / "ray")]) == 0 and not (tmp_path / "ray").exists()
+
+
+def test_readme_says_what_a_trial_whose_checkpoint_was_set_aside_does():
+    # README said the trial "starts afresh, with a warning ... when the trial's result is stored"; the worker goes on
+    # from Ray's checkpoint where it loaded one, and a trial that then fails carries the note too
+    from types import SimpleNamespace
+
+    from ablate.sweep import _going_on
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("- a stable checkpoint that cannot be read")
+    item = " ".join(readme[start:readme.index("\n- ", start + 1)].split())
+    assert _going_on(SimpleNamespace(epoch=1)) == "continuing from Ray's checkpoint of epoch 1"
+    assert "continues from Ray's checkpoint" in item, item
+    assert "when the trial fails" in item, item
+    assert "random states" in item, item

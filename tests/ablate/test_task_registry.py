@@ -451,3 +451,8 @@ def test_the_data_fingerprint_of_a_folder_sees_the_files_behind_a_linked_subfold
     assert data_fingerprint(spec, {"data": "real"}) == before
     (tmp_path / "big" / "dog" / "1.png").write_bytes(b"y" * 11)
     assert data_fingerprint(spec, {"data": "real"}) != before
+    # a link to the data directory above: its other files are not the dataset's (they counted, all of them)
+    os.symlink(tmp_path / "data", images / "cat" / "up")
+    now = data_fingerprint(spec, {"data": "real"})
+    (tmp_path / "data" / "another_dataset.bin").write_bytes(b"z" * 100)
+    assert data_fingerprint(spec, {"data": "real"}) == now

@@ -802,3 +802,24 @@ def test_a_checkpoint_made_on_other_embedded_data_says_so_not_that_the_configs_d
     with pytest.raises(UnusableCheckpoint, match=r"their configs are the same, but its id was made by another version "
                                                  r"of ablate, on other embedded data than embedded:statsmodels-elnino-v2"):
         again.load_state_dict(state)
+
+
+def test_a_note_that_goes_on_from_ray_s_checkpoint_does_not_also_say_start_afresh(tmp_path, monkeypatch):
+    # the set-aside note quoted the error's advice for `ablate train --resume` ("start the trial afresh instead")
+    # next to what the worker did ("continuing from Ray's checkpoint of epoch 1"): two contradicting instructions
+    from ablate import sweep
+
+    config = {**FAST, "epochs": 2, "meta_every": 100}
+    ray_dir = tmp_path / "ray"
+    ray_dir.mkdir()
+    trial = Trial(config)
+    trial.run_epoch()
+    trial.save(ray_dir / sweep.CHECKPOINT_FILE)
+    trial.run_epoch()
+    state = trial.state_dict()
+    del state["generators"]["train"]  # (random states this trial cannot take)
+    torch.save(state, tmp_path / f"{trial.trial_id}.pt")
+    payload = json.loads(_trainable_reports(monkeypatch, tmp_path, config, trial.trial_id, ray_dir)[-1][sweep.RESULT_KEY])
+    [note] = payload["warnings"]
+    assert "generators lacks train" in note and note.endswith("continuing from Ray's checkpoint of epoch 1"), note
+    assert "afresh" not in note, note
