@@ -67,6 +67,10 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
             raise SystemExit(2)
         key, value = item.split("=", 1)
         key = key.strip()
+        if not key:  # (it was reported as the unknown key '')
+            print(f"ablate: error: --set expects key=value, got {item!r}, which has no key before the '='",
+                  file=sys.stderr)
+            raise SystemExit(2)
         if key in out:  # (as a study file refuses a duplicate key: the first value was silently dropped)
             first = next(i for i in items if "=" in i and i.split("=", 1)[0].strip() == key)
             print(f"ablate: error: --set {key} is given twice ({first.split('=', 1)[1].strip()!r}, then "

@@ -301,6 +301,7 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
         if config.get(key) is not None and other not in config:
             resolved[other] = None
     problems: list[ConfigError] = []  # (each key's: said together)
+    nulls: list[ConfigError] = []  # task keys set to null whose default is not (as for a common key not nullable)
     for key, value in resolved.items():
         if key in COMMON_FIELDS:
             try:
@@ -311,6 +312,12 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             mine, other = ((spec.embedded_defaults, spec.defaults) if data == "embedded"
                            else (spec.defaults, spec.embedded_defaults))
             default = mine.get(key) if mine.get(key) is not None else other.get(key)
+            # null where no default of the task's is null (as for a common key that is not nullable;
+            # refused after the task's check, which may say more)
+            if value is None and all(d[key] is not None for d in (mine, other) if key in d):
+                own = mine[key] if key in mine else other[key]
+                nulls.append(ConfigError(f"{where}: {key} must not be null (task {spec.name}'s default: {own!r}; "
+                                         f"leave the key out to take it)"))
             if default is not None and value is not None and not _same_kind(default, value):
                 problems.append(ConfigError(f"{where}: {key} must be {_kind_of(default)} like {default!r} (task "
                                             f"{spec.name}), got {value!r}"))
@@ -339,8 +346,12 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
         except ValueError as exc:  # ConfigError included
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # a bug in the check itself (a KeyError from a misspelt key): named, not a traceback
+            if nulls:  # (a check that does arithmetic on the key fails on the null, its cause)
+                raise several(nulls) from None
             raise ConfigError(f"{where}: task {spec.name!r}: its check(config) raised {type(exc).__name__}: {exc} (a "
                               f"check refuses a value with ablate.config.ConfigError or ValueError)") from exc
+    if nulls:  # (a task factory given None where its default is a value crashed in every trial)
+        raise several(nulls)
     if deferred is not None and cross_keys:
         raise deferred
     if resolved["meta_per_epoch"] is not None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from metaadamw import MetaAdamW
-from metaadamw.weighting import IGNORE_FIXED_WEIGHTS, IGNORE_PRIORITIES
+from metaadamw.weighting import IGNORE_FIXED_WEIGHTS, IGNORE_FORM, IGNORE_PRIORITIES
 
 #: trial-config keys passed to MetaAdamW under the same name
 METAADAMW_ARGS = (
@@ -25,11 +25,13 @@ def build_optimizer(config: Mapping[str, Any], model: nn.Module, total_steps: in
     if config["optimizer"] == "adamw":
         return torch.optim.AdamW(model.parameters(), foreach=True, **common)
     kwargs = {key: config[key] for key in METAADAMW_ARGS}
-    # a trial config always carries the task's priorities and fixed weights; MetaAdamW warns when a
-    # built-in weighting that does not use them is given them, so they are passed only to the one that
-    # does - and to a weighting a user registered, which may use either
+    # a trial config always carries the task's priorities, fixed weights and weighting form; MetaAdamW
+    # warns when a built-in weighting that does not use them is given them, so they are passed only to
+    # the one that does - and to a weighting a user registered, which may use any
     if kwargs["weighting"] in IGNORE_PRIORITIES:
         kwargs.pop("priorities")
+    if kwargs["weighting"] in IGNORE_FORM:
+        kwargs.pop("weighting_form")
     if kwargs["weighting"] in IGNORE_FIXED_WEIGHTS:
         kwargs["fixed_weights"] = None
     return MetaAdamW(model.named_parameters(), model=model, total_steps=total_steps, **common, **kwargs)

@@ -260,6 +260,9 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
     ``next_to`` word the error: the study file's ``plugins`` list, or ``ablate``'s ``--plugin``.
     """
     for i, name in enumerate(plugins):
+        if isinstance(name, str) and not name.strip():  # (importlib's "Empty module name. Fix the error it raises")
+            raise StudyError(f"{source}: {where}[{i}]: is an empty module name: give the plugin's module name "
+                             f"(its file {next_to}, or importable from the Python path)")
         if name.endswith(".py") or "/" in name or os.sep in name:
             module = Path(name).stem if name.endswith(".py") else Path(name).name
             raise StudyError(f"{source}: {where}[{i}]: {name!r} is a file path: give the module name {module!r} "
@@ -369,7 +372,7 @@ def _read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise StudyError(f"{path}: cannot read the study file: {exc}") from None
     try:
-        return yaml.load(text, Loader=_Loader)
+        document = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -379,6 +382,10 @@ def _read_yaml(path: Path) -> Any:
         raise StudyError(f"{path}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's scanner: an escape beyond Unicode ("\U01000000")
         raise StudyError(f"{path}: invalid YAML: {exc}") from None
+    if document is None and all(not line.strip() or line.lstrip().startswith("#") or line.strip() in ("---", "...")
+                                for line in text.splitlines()):  # (it said "...a mapping...; got None")
+        raise StudyError(f"{path}: the file is empty{' (nothing but comments)' if text.strip() else ''}")
+    return document
 
 
 def _check_plain(value: Any, ctx: _Context, path: str = "", _parents: tuple[int, ...] = ()) -> None:

@@ -463,7 +463,8 @@ def _parse_scheduler(source: str, spec: Any) -> dict[str, Any] | None:
 
 def _check_priorities_matter(config: dict[str, Any], task: str, source: str) -> None:
     """Refuse a priority search whose suggestions all train alike: a built-in weighting that takes
-    no priorities, or ``huw_priority`` on an objective with none of the three terms they weigh (a
+    no priorities, or ``huw_priority`` on an objective with none of the three terms they weigh - or
+    without some of them, whose priorities would be searched (and written) for nothing (a
     weighting a user registered is given the priorities: its use of them is its own)."""
     from metaadamw.objectives import TERM_ORDER
     from metaadamw.optimizer import _make_objective
@@ -481,6 +482,14 @@ def _check_priorities_matter(config: dict[str, Any], task: str, source: str) -> 
                 f"{source}: tune.priorities: the baseline of task {task!r} uses objective={config['objective']!r}, "
                 f"whose terms {terms} are none of the {list(TERM_ORDER)} the priorities weigh (huw_priority weighs "
                 f"other terms 1.0), so every suggestion would train alike; use an objective with those terms, a "
+                f"weighting of your own that uses the priorities, or tune.priorities: false")
+        missing = [t for t in TERM_ORDER if t not in terms]
+        if missing:  # their priorities weigh nothing: dimensions without effect, recorded as if tuned
+            raise StudyError(
+                f"{source}: tune.priorities: the baseline of task {task!r} uses objective={config['objective']!r}, "
+                f"whose terms {terms} lack {missing}: the priorities of {missing} weigh nothing, so the search would "
+                f"spend its suggestions on dimensions that change nothing and write values for them to "
+                f"best_priorities.yaml; use an objective with all of {list(TERM_ORDER)} (objective: combined), a "
                 f"weighting of your own that uses the priorities, or tune.priorities: false")
 
 
@@ -1543,9 +1552,10 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
             stored = set(optuna.get_all_study_names(storage))
             missing = [t.study_name for t in targets if t.study_name not in stored]
             if missing:
+                one = len(missing) == 1
                 raise StudyError(f"{spec.source}: --trials 0 only rewrites the outputs of stored studies, and "
-                                 f"{', '.join(map(repr, missing))} has none in {location}; run with --trials N to "
-                                 f"start it")
+                                 f"{', '.join(map(repr, missing))} {'has' if one else 'have'} none in {location}; "
+                                 f"run with --trials N to start {'it' if one else 'them'}")
         for target in targets:  # a stored study that scores differently is refused before anything runs
             check_target_study(target, spec, storage)
         if spec.settings.trials > 0:

@@ -27,6 +27,7 @@ from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
 from metaadamw.meta import META_GRADIENTS, MetaRecord, described, meta_update, project_weighting
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
+from metaadamw.objectives import TERM_ORDER
 from metaadamw.registry import _caller_stacklevel
 from metaadamw.weighting import FORMS, IGNORE_FIXED_WEIGHTS, IGNORE_FORM, IGNORE_PRIORITIES
 
@@ -76,9 +77,10 @@ class MetaAdamW(torch.optim.Optimizer):
             until the first meta-update, i.e. AdamW up to float rounding).
         objective: registered meta objective (``metaadamw.OBJECTIVES``).
         weighting, weighting_form: registered loss weighting and its HUW form
-            ('regression' or 'classification').
+            ('regression' or 'classification'; 'sum' and 'fixed' have none, and warn when given
+            'classification').
         priorities: HUW priorities [gradient alignment, loss decrease, generalization gap].
-        fixed_weights: weights of the 'fixed' weighting, same order.
+        fixed_weights: weights of the 'fixed' weighting, same order (None: 1.0 each).
         meta_lr, meta_weight_decay: the meta-optimizer's learning rate and weight decay.
         meta_optimizer: 'sgd' (the paper's Algorithm 2), 'adam', 'adamw', or a callable
             ``f(params, lr=..., weight_decay=...) -> torch.optim.Optimizer``.
@@ -187,6 +189,9 @@ class MetaAdamW(torch.optim.Optimizer):
         if weighting in IGNORE_FIXED_WEIGHTS and fixed_weights is not None:
             warnings.warn(f"MetaAdamW: fixed_weights={list(fixed_weights)} is ignored: only weighting='fixed' uses it "
                           f"(weighting={weighting!r})", stacklevel=2)
+        if weighting in IGNORE_FORM and weighting_form != "regression":  # (the default: said by nobody)
+            warnings.warn(f"MetaAdamW: weighting_form={weighting_form!r} is ignored: only the uncertainty weightings "
+                          f"('huw', 'huw_priority') have a form (weighting={weighting!r})", stacklevel=2)
         if weighting in IGNORE_PRIORITIES and [float(p) for p in priorities] != [1.0, 1.0, 1.0]:
             warnings.warn(f"MetaAdamW: priorities={list(priorities)} are ignored: only weighting='huw_priority' uses "
                           f"them (weighting={weighting!r})", stacklevel=2)
@@ -1276,8 +1281,12 @@ class MetaAdamW(torch.optim.Optimizer):
         if not saved:
             return {}
         unused = self._unused_options()  # (weighting and gating are the checkpoint's: _check_loadable saw to it)
+        def effective(key: str, value: Any) -> Any:  # (the built-in 'fixed' weighs every term 1.0 for None)
+            ones = key == "fixed_weights" and value is None and self.config["weighting"] == "fixed"
+            return [1.0] * len(TERM_ORDER) if ones else value
+
         changed = {k: (self.config[k], saved[k]) for k in self._LOADED_OPTIONS
-                   if k in saved and saved[k] != self.config[k] and k not in unused}
+                   if k in saved and effective(k, saved[k]) != effective(k, self.config[k]) and k not in unused}
         if changed:
             warnings.warn("MetaAdamW.load_state_dict: the checkpoint's settings replace the constructor's: " + ", ".join(
                 f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()), stacklevel=_caller_stacklevel())

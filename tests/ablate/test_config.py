@@ -417,3 +417,17 @@ def test_a_config_with_several_bad_values_names_them_all(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "ablate: error: trial config: epochs=0 must be > 0 (maximum number of epochs)",
         "ablate: error: trial config: lr must be a number, got 'abc' (learning rate)"]
+
+
+def test_ablate_train_names_an_empty_set_key_and_an_empty_plugin_name(capsys):
+    # "--set =3" said "unknown key(s) ''", "--plugin ''" said "ValueError: Empty module name. Fix the error it raises"
+    from ablate.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--task", "etth1", "--set", "=3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("ablate: error: --set expects key=value, got '=3', which has no key before "
+                                       "the '='\n")
+    assert main(["train", "--task", "etth1", "--plugin", "", "--set", "epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--plugin[0]: is an empty module name" in err and "Empty module name" not in err, err

@@ -508,7 +508,7 @@ def test_a_study_that_expands_too_far_is_refused(tmp_path):
         ("name: t\ntasks: [tiny_ts]\nname: u\nseeds: 1\n", r"s\.yaml:3:1: invalid YAML: .*duplicate key 'name'"),
         ("name: t\n  tasks: x\n", r"s\.yaml:2:8: invalid YAML"),
         ("name: t\ndescription: 2024-13-45\n", r"s\.yaml:2:14: invalid YAML: cannot read '2024-13-45'"),
-        ("", r"s\.yaml: a study must be a mapping"),
+        ("", r"s\.yaml: the file is empty"),  # (it said "a study must be a mapping ...; got None")
         ("- name\n", r"s\.yaml: a study must be a mapping .* got \['name'\]"),
         ("name: t\ntasks: [tiny_ts]\nseeds: 1\ndescription: 2024-01-01\n", r"s\.yaml: description: .*date.*quote"),
         ("name: t\ntasks: [tiny_ts]\nseeds: 1\nablations: {1: [x]}\n", r"s\.yaml: ablations: key 1 \(int\) is not a string; quote it"),
@@ -813,3 +813,13 @@ def test_a_study_file_with_several_independent_problems_names_them_all_at_once(t
     # a problem that makes later checks meaningless stops there: the settings are not checked against a bad task
     problems = error(tmp_path, {"name": "t", "tasks": ["nosuch"], "seeds": [0, 0], "budget": {"lrr": 1}}).splitlines()
     assert len(problems) == 2 and "tasks[0]" in problems[0] and "seed 0 is given twice" in problems[1]
+
+
+@pytest.mark.parametrize("text, said", [("", "the file is empty"), ("# nothing yet\n\n", "the file is empty (nothing but comments)")])
+def test_an_empty_study_file_is_called_empty(tmp_path, text, said):
+    # it said "a study must be a mapping with at least name, tasks, seeds; got None"
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    assert str(info.value) == f"{path}: {said}"

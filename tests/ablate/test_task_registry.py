@@ -456,3 +456,22 @@ def test_the_data_fingerprint_of_a_folder_sees_the_files_behind_a_linked_subfold
     now = data_fingerprint(spec, {"data": "real"})
     (tmp_path / "data" / "another_dataset.bin").write_bytes(b"z" * 100)
     assert data_fingerprint(spec, {"data": "real"}) == now
+
+
+def test_null_for_a_task_key_whose_default_is_a_value_is_refused():
+    # {hidden: null} passed validation and the factory crashed in every trial on None
+    from ablate.config import ConfigError, resolve_config
+    from ablate.tasks import register_task
+
+    register_task("null_task", metrics=[("mse", "min")], defaults={"hidden": 16, "clip": None},
+                  embedded_defaults={"clip": 1.0})(lambda c: None)
+    try:
+        with pytest.raises(ConfigError, match=r"s.yaml: hidden must not be null \(task null_task's default: 16; "
+                                              r"leave the key out to take it\)"):
+            resolve_config({"task": "null_task", "hidden": None}, where="s.yaml")
+        # a key whose default is null (in either data mode) may be null
+        assert resolve_config({"task": "null_task", "clip": None})["clip"] is None
+        assert resolve_config({"task": "null_task", "data": "real", "clip": None})["clip"] is None
+        assert resolve_config({"task": "null_task"})["hidden"] == 16
+    finally:
+        TASKS.remove("null_task")

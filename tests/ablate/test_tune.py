@@ -2098,3 +2098,30 @@ def test_a_null_tuned_on_seeds_or_tuned_for_is_unknown(tmp_path, key):
     assert parse_study(mapping, "s.yaml", base_dir=tmp_path).trials[-1].config["priorities"] == [1.0, 2.0, 3.0]
     with pytest.raises(StudyError, match=rf"etth1(.{key})?: (must be|holds values)"):
         _tuned_with_warnings(tmp_path, f"etth1: {{priorities: [1, 2, 3], {key}: 7}}\n", mapping)
+
+
+@pytest.mark.parametrize("objective", ["gradient", "loss_decrease", "gen_gap"])
+def test_a_priority_search_is_refused_for_an_objective_without_some_of_the_terms(objective):
+    # two of the three searched priorities weigh no term: dimensions without effect, written to
+    # best_priorities.yaml as if tuned
+    with pytest.raises(StudyError, match=rf"s.yaml: tune.priorities: the baseline of task 'etth1' uses "
+                                         rf"objective='{objective}', whose terms \['{objective}'\] lack"):
+        parse_tune_spec({**BASE, "baseline": {"objective": objective, "weighting": "huw_priority"}}, "s.yaml")
+    parse_tune_spec({**BASE, "baseline": {"objective": "combined", "weighting": "huw_priority"}}, "s.yaml")
+
+
+def test_trials_0_names_several_missing_studies_in_plural(tmp_path):
+    # "'x/etth1', 'x/wikitext2' has none ... to start it"
+    path = _write(tmp_path, "t0.yaml", """\
+        name: t0
+        tasks: [etth1, wikitext2]
+        seeds: 1
+        budget: {epochs: 2}
+        adamw: false
+        tune:
+          trials: 1
+          priorities: {low: 0.5, high: 10.0}
+        """)
+    spec = load_tune_spec(path, trials=0)
+    with pytest.raises(StudyError, match=r"'t0/etth1', 't0/wikitext2' have none in .*; run with --trials N to start them"):
+        run_tune(spec, tmp_path / "out")

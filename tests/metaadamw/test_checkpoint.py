@@ -621,3 +621,19 @@ def test_total_steps_without_the_time_step_feature_is_not_warned_about():
     saved = _stepped(total_steps=100).state_dict()
     with pytest.warns(UserWarning, match="total_steps 100 -> 10000"):
         MetaAdamW(mlp(0).named_parameters(), **{**KW, "total_steps": 10_000}).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("saved, target", [(None, [1, 1, 1]), ([1, 1, 1], None), (None, [1.0, 1.0, 1.0])])
+def test_fixed_weights_none_and_all_ones_are_the_same_weights_on_load(saved, target):
+    # a checkpoint of weighting="fixed", fixed_weights=None loaded into fixed_weights=[1, 1, 1] (the same
+    # weights) warned "the checkpoint's settings replace the constructor's: fixed_weights [1.0, 1.0, 1.0] -> None"
+    sd = _stepped(weighting="fixed", fixed_weights=saved).state_dict()
+    opt = MetaAdamW(mlp(0).named_parameters(), **{**KW, "weighting": "fixed", "fixed_weights": target})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.load_state_dict(sd)
+    assert opt.weighting.weights.tolist() == [1.0, 1.0, 1.0]
+    # other weights are still a change, said
+    sd = _stepped(weighting="fixed", fixed_weights=[2, 1, 1]).state_dict()
+    with pytest.warns(UserWarning, match=r"fixed_weights .* -> \[2\.0, 1\.0, 1\.0\]"):
+        MetaAdamW(mlp(0).named_parameters(), **{**KW, "weighting": "fixed", "fixed_weights": target}).load_state_dict(sd)

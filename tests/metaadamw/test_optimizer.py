@@ -1627,6 +1627,34 @@ def test_options_the_chosen_weighting_ignores_are_named_in_a_warning():
         MetaAdamW(model.named_parameters(), priorities=[1, 3, 5], **small_kwargs())
 
 
+@pytest.mark.parametrize("weighting", ["sum", "fixed"])
+def test_a_weighting_form_the_weighting_ignores_is_named_in_a_warning(weighting):
+    # weighting="sum"/"fixed" with weighting_form="classification" was silently ignored, while ignored
+    # priorities and fixed weights are warned about
+    model = mlp(0)
+    with pytest.warns(UserWarning, match=rf"weighting_form='classification' is ignored: .*\(weighting='{weighting}'\)"):
+        MetaAdamW(model.named_parameters(), weighting=weighting, weighting_form="classification", **small_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MetaAdamW(model.named_parameters(), weighting=weighting, **small_kwargs())
+        MetaAdamW(model.named_parameters(), weighting="huw", weighting_form="classification", **small_kwargs())
+
+
+def test_ablate_passes_the_weighting_form_only_where_the_weighting_has_one():
+    # a trial config always carries weighting_form: the AdamW-arm-like sum/fixed ablations must not warn
+    from ablate.config import resolve_config
+    from ablate.optim import build_optimizer
+
+    model = mlp(0)
+    for weighting in ("sum", "fixed", "huw"):
+        config = resolve_config({"task": "etth1", "optimizer": "metaadamw", "weighting": weighting,
+                                 "weighting_form": "classification"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = build_optimizer(config, model)
+        assert opt.config["weighting_form"] == ("classification" if weighting == "huw" else "regression")
+
+
 def test_a_default_device_set_by_the_caller_does_not_move_the_optimizers_tensors():
     # step() and meta_step() make their small tensors on the parameters' device, not on the default
     # device (``torch.set_default_device`` / ``with torch.device(...)``): the same result either way
