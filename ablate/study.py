@@ -35,7 +35,7 @@ import sys
 import warnings
 from importlib import import_module, invalidate_caches
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -205,6 +205,20 @@ class _Context:
 def _problems(exc: ConfigError) -> list[str]:
     """The problems a ConfigError (a StudyError of several too) names, one message each."""
     return list(getattr(exc, "problems", None) or [str(exc)])
+
+
+def _each(check: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[check(item) for item in items]``, every item checked: the problems of all of them are
+    raised together (one StudyError), so that a file with several is fixed in one go."""
+    results, problems = [], []
+    for item in items:
+        try:
+            results.append(check(item))
+        except ConfigError as exc:
+            problems += _problems(exc)
+    if problems:
+        raise StudyError(*problems)
+    return results
 
 
 # -- entry points ---------------------------------------------------------------------------
@@ -625,7 +639,8 @@ def unused_keys(config: dict[str, Any]) -> set[str]:
     weights or uncertainty-weighting form of a built-in weighting that does not take them)."""
     from metaadamw.optimizer import unused_options
 
-    return unused_options(config.get("weighting"), config.get("gating") is not False)
+    weighting = config.get("weighting")  # (a hand-edited tuned_with may hold anything: a list is no weighting's name)
+    return unused_options(weighting if isinstance(weighting, str) else None, config.get("gating") is not False)
 
 
 def tuning_context(config: dict[str, Any], arm: str, tuned: Iterable[str] = ()) -> dict[str, Any]:
@@ -791,10 +806,13 @@ def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:
 def _parse_overrides(ctx: _Context, overrides: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(overrides, dict):
         raise ctx.error("overrides", f"must be a mapping {{task: {{key: value}}}}; got {_short(overrides)}")
-    for task in overrides:
+    def check(item: tuple[str, Any]) -> tuple[str, dict[str, Any]]:
+        task, settings = item
         if task not in ctx.tasks:
             raise ctx.error(f"overrides.{task}", f"{task!r} is not one of this study's tasks ({', '.join(ctx.tasks)})")
-    return {task: _check_settings(ctx, settings, f"overrides.{task}", [task]) for task, settings in overrides.items()}
+        return task, _check_settings(ctx, settings, f"overrides.{task}", [task])
+
+    return dict(_each(check, overrides.items()))  # (each task's problems: said together)
 
 
 def _parse_adamw(ctx: _Context, adamw: Any) -> list[_Arm]:
@@ -851,16 +869,16 @@ def _parse_ablations(ctx: _Context, ablations: Any) -> list[_Arm]:
         raise ctx.error(
             "ablations", f"must be a mapping {{axis: [values]}} or {{axis: {{level: {{key: value}}}}}}; got {_short(ablations)}"
         )
-    for axis in ablations:
+    def check(item: tuple[str, Any]) -> list[_Arm]:
+        axis, levels = item
         if axis in _RESERVED_AXES:
             raise ctx.error(f"ablations.{axis}", f"{axis!r} cannot name an ablation axis: the reports read the arms "
                             f"'{axis}=<level>' as {_RESERVED_AXES[axis]}; name the axis otherwise (e.g. after the key "
                             f"it changes)")
-    return [
-        _Arm(f"{axis}={label}", axis, settings)
-        for axis, levels in ablations.items()
-        for label, settings in _parse_levels(ctx, axis, levels, f"ablations.{axis}")
-    ]
+        return [_Arm(f"{axis}={label}", axis, settings)
+                for label, settings in _parse_levels(ctx, axis, levels, f"ablations.{axis}")]
+
+    return [arm for arms in _each(check, ablations.items()) for arm in arms]  # (each axis's problems: said together)
 
 
 def _parse_levels(ctx: _Context, axis: str, levels: Any, path: str) -> list[tuple[str, dict[str, Any]]]:
@@ -869,10 +887,13 @@ def _parse_levels(ctx: _Context, axis: str, levels: Any, path: str) -> list[tupl
     if not _LABEL_RE.fullmatch(axis):
         raise ctx.error(path, f"axis names must match {_LABEL_RE.pattern} (they become arm names)")
     if isinstance(levels, dict) and levels:
-        for label in levels:
+        def named(item: tuple[Any, Any]) -> tuple[str, dict[str, Any]]:
+            label, settings = item
             if not _LABEL_RE.fullmatch(label):
                 raise ctx.error(f"{path}.{label}", f"level names must match {_LABEL_RE.pattern} (they become arm names)")
-        return [(label, _check_settings(ctx, settings, f"{path}.{label}", ctx.tasks)) for label, settings in levels.items()]
+            return label, _check_settings(ctx, settings, f"{path}.{label}", ctx.tasks)
+
+        return _each(named, levels.items())  # (each level's problems: said together)
     if not isinstance(levels, list) or not levels:
         raise ctx.error(
             path, f"must be a non-empty list of values or a mapping {{level_name: {{key: value}}}}; got {_short(levels)}"
@@ -883,13 +904,17 @@ def _parse_levels(ctx: _Context, axis: str, levels: Any, path: str) -> list[tupl
             f"{axis!r} is not a config key{did_you_mean(axis, _known_keys(ctx.tasks))}, so its levels must be named: "
             f"{axis}: {{level_name: {{key: value, ...}}, ...}}",
         )
-    labelled = []
-    for i, value in enumerate(levels):
+    labelled: list[tuple[str, dict[str, Any]]] = []
+
+    def level(item: tuple[int, Any]) -> None:
+        i, value = item
         _check_value(ctx, axis, value, f"{path}[{i}]", ctx.tasks)
         label = _label(value)
         if value in levels[:i] or label in dict(labelled):
             raise ctx.error(f"{path}[{i}]", f"level {label} is given twice")
         labelled.append((label, {axis: value}))
+
+    _each(level, enumerate(levels))  # (each level's problem: said together)
     return labelled
 
 
@@ -905,7 +930,8 @@ def _parse_factorial(ctx: _Context, factorial: Any) -> list[_Arm]:
     axes = factorial["axes"]
     if not isinstance(axes, dict) or not axes:
         raise ctx.error("factorial.axes", f"must be a non-empty mapping {{axis: levels}}; got {_short(axes)}")
-    parsed = [(axis, _parse_levels(ctx, axis, levels, f"factorial.axes.{axis}")) for axis, levels in axes.items()]
+    parsed = _each(lambda item: (item[0], _parse_levels(ctx, item[0], item[1], f"factorial.axes.{item[0]}")),
+                   axes.items())  # (each axis's problems: said together)
     _check_independent(ctx, parsed)
     rows = _design(ctx, [(axis, len(levels)) for axis, levels in parsed], factorial.get("fraction"), factorial.get("generators"))
     arms = []

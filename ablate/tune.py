@@ -385,6 +385,7 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
         raise _err(source, path, f"must be a mapping {{low: ..., high: ..., log: true|false}}; got {spec!r:.80}")
     _check_keys(source, spec, RANGE_KEYS, path)
     log_given = spec.get("log") is not None
+    defaulted = {k for k in ("low", "high") if spec.get(k) is None} if defaults is not None else set()
     if defaults is not None:
         spec = {"low": defaults.low, "high": defaults.high, "log": defaults.log,
                 **{k: v for k, v in spec.items() if v is not None}}
@@ -410,7 +411,9 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
         raise _err(source, f"{path}.log", f"must be true or false, got {log!r:.80}")
     low, high = spec["low"], spec["high"]
     if low >= high:
-        raise _err(source, path, f"low ({low}) must be less than high ({high})")
+        raise _err(source, path, f"low ({low}{', the default' if 'low' in defaulted else ''}) must be less than high "
+                                 f"({high}{', the default' if 'high' in defaulted else ''})"
+                                 + (f"; give {' and '.join(sorted(defaulted))} too" if defaulted else ""))
     if log and low <= 0:
         raise _err(source, f"{path}.low", f"must be > 0 on a log scale (log: true{'' if log_given else ', the default'}), "
                                           f"got {low}{'' if log_given else '; or set log: false'}")
@@ -1091,6 +1094,28 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any], searche
     return "unknown"
 
 
+def _embedded_data_change(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """Where two objective records differ in the version of the embedded data alone
+    (:func:`ablate.config.identity_config`'s ``embedded:<version>``; ``embedded`` in a record made
+    before ablate recorded it), that difference in words; "" otherwise."""
+    old = {(m["task"], m["seed"]): m["config"] for m in stored.get("members", [])}
+    new = {(m["task"], m["seed"]): m["config"] for m in wanted.get("members", [])}
+    if set(old) != set(new) or any(stored.get(k) != wanted.get(k) for k in ("aggregate", "cross_task", "direction")):
+        return ""
+    changed = {}
+    for k in new:
+        a, b = old[k].get("data"), new[k].get("data")
+        if a == b:
+            continue
+        if not (isinstance(a, str) and isinstance(b, str) and a.split(":")[0] == b.split(":")[0] == "embedded"):
+            return ""
+        changed.setdefault(k[0], (a, b))
+    if not changed or any({**old[k], "data": None} != {**new[k], "data": None} for k in new):
+        return ""
+    said = lambda d: d if ":" in d else "embedded data of a version not recorded (a study made before ablate recorded it)"
+    return "; ".join(f"task {task}: stored {said(a)}, now {b}" for task, (a, b) in changed.items())
+
+
 def _load_stored(target: Target, storage):
     """The target's stored study, or None when the storage holds none (nothing is created)."""
     try:
@@ -1119,6 +1144,13 @@ def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
     if differs and not trials and _pinner_gone(study):
         return True  # pinned by a start that failed before any suggestion ran: nothing to mix with
     if differs:
+        data = _embedded_data_change(stored, record)
+        if data:  # (no setting brings the old embedded data back)
+            raise StudyError(
+                f"{spec.source}: the stored study {target.study_name!r} scored its suggestions on other embedded data "
+                f"({data}), so its values cannot be mixed with this spec's; start a new study: change name: or "
+                f"tune.storage (or --study-storage)"
+            )
         raise StudyError(
             f"{spec.source}: the stored study {target.study_name!r} scored suggestions differently, so its values cannot "
             f"be mixed with this spec's ({_describe_difference(stored, record, _searched_keys(spec))}). Restore those settings, or start a "
@@ -1426,12 +1458,14 @@ def _nodes_fit(cpus: float, gpus: float, nodes: list[dict[str, Any]] | None = No
 def at_a_time(s: TuneSettings, trials: int, cpus: float, gpus: float,
               nodes: list[dict[str, Any]] | None = None) -> str:
     """How many suggestions run at once, in words: ``max_concurrent``, or fewer where the suggestions
-    asked for or the running Ray's nodes allow fewer."""
+    asked for or the running Ray's nodes allow fewer ("none to run" for ``trials`` 0)."""
+    if trials < 1:  # (--trials 0: the outputs only)
+        return "none to run"
     fit = _nodes_fit(cpus, gpus, nodes)
-    n = min(s.max_concurrent, max(trials, 1), s.max_concurrent if not fit else fit)
+    n = min(s.max_concurrent, trials, s.max_concurrent if not fit else fit)
     if n == s.max_concurrent:
         return f"{n} at a time"
-    why = ([f"{trials} suggestion(s) asked for"] if max(trials, 1) == n else []) + \
+    why = ([f"{trials} suggestion(s) asked for"] if trials == n else []) + \
           ([f"Ray's nodes fit {fit} suggestion(s) of {cpus:g} CPU(s){f' and {gpus:g} GPU(s)' if gpus else ''} each"]
            if fit == n else [])
     return f"{n} at a time (max_concurrent {s.max_concurrent}; {', '.join(why)})"

@@ -823,3 +823,24 @@ def test_an_empty_study_file_is_called_empty(tmp_path, text, said):
     with pytest.raises(StudyError) as info:
         load_study(path)
     assert str(info.value) == f"{path}: {said}"
+
+
+@pytest.mark.parametrize("fields, wheres", [
+    # the problems of budget:, baseline: and adamw: were named together, but those of several ablation axes,
+    # levels, override tasks or factorial axes one per run
+    ({"ablations": {"gating": ["yes"], "lr": [-1]}}, ["ablations.gating[0]:", "ablations.lr[0]:"]),
+    ({"ablations": {"gating": ["yes", "no"]}}, ["ablations.gating[0]:", "ablations.gating[1]:"]),
+    ({"ablations": {"baseline": [1], "lvl": {"a": {"lr": -1}, "b": {"lrr": 1}}}},
+     ["ablations.baseline:", "ablations.lvl.a.lr:", "ablations.lvl.b.lrr:"]),
+    ({"overrides": {"tiny_ts": {"lr": -1}, "nosuch": {}}}, ["overrides.tiny_ts.lr:", "overrides.nosuch:"]),
+    ({"factorial": {"axes": {"gating": ["yes"], "lr": [-1, 1]}}}, ["factorial.axes.gating[0]:", "factorial.axes.lr[0]:"]),
+])
+def test_the_problems_of_several_axes_levels_and_override_tasks_are_named_at_once(tmp_path, fields, wheres):
+    path = write(tmp_path, {"name": "t", "tasks": ["tiny_ts"], "seeds": 1, **fields})
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    problems = info.value.problems
+    assert len(problems) == len(wheres) and all(f"{path}: {w}" in p for w, p in zip(wheres, problems)), problems
+    # (a level given twice is still one)
+    assert "level 1 is given twice" in error(tmp_path, {"name": "t", "tasks": ["tiny_ts"], "seeds": 1,
+                                                        "ablations": {"meta_every": [1, 1]}})

@@ -2125,3 +2125,68 @@ def test_trials_0_names_several_missing_studies_in_plural(tmp_path):
     spec = load_tune_spec(path, trials=0)
     with pytest.raises(StudyError, match=r"'t0/etth1', 't0/wikitext2' have none in .*; run with --trials N to start them"):
         run_tune(spec, tmp_path / "out")
+
+
+def test_a_stored_study_scored_on_other_embedded_data_is_refused_without_advice_no_setting_can_follow():
+    # a study stored before the embedded data's version entered identity_config (data: 'embedded') was refused
+    # with "settings data (stored 'embedded', now 'embedded:...'). Restore those settings": no setting does that
+    import copy
+
+    import optuna
+
+    from ablate.tune import _check_stored, _objective_record, build_targets
+
+    spec = parse_tune_spec({"name": "t", "tasks": ["wikitext2"], "seeds": 1, "adamw": False, "budget": {"epochs": 2},
+                            "tune": {"trials": 1}}, "t.yaml")
+    target = build_targets(spec)[0]
+    dist = {n: r.distribution() for n, r in spec.settings.space().items()}
+
+    def stored(change):
+        record = copy.deepcopy(_objective_record(target, spec))
+        for m in record["members"]:
+            change(m["config"])
+        study = optuna.create_study(direction=target.direction)
+        study.set_user_attr("ablate_objective", record)
+        study.add_trial(optuna.trial.create_trial(params={n: 1.0 for n in dist}, distributions=dist, value=1.0))
+        return study
+
+    for data, said in (("embedded", "a version not recorded"), ("embedded:generated-grammar-v1", "embedded:generated-grammar-v1")):
+        with pytest.raises(StudyError) as info:
+            _check_stored(stored(lambda c: c.update(data=data)), target, spec)
+        message = str(info.value)
+        assert "on other embedded data" in message and said in message and "embedded:generated-grammar-v2" in message
+        assert "Restore those settings" not in message and "start a new study" in message
+    # another difference too: the settings are named, as before
+    with pytest.raises(StudyError, match=r"settings data .*lr \(stored 1.0, now .*Restore those settings"):
+        _check_stored(stored(lambda c: c.update(data="embedded", lr=1.0)), target, spec)
+    assert _check_stored(stored(lambda c: None), target, spec) is False  # (the same record: extended)
+
+
+def test_the_start_line_of_a_run_of_no_suggestions_says_none_run():
+    # --trials 0 (the outputs only) said "1 at a time (max_concurrent 4; 0 suggestion(s) asked for)"
+    from ablate.tune import TuneSettings, at_a_time
+
+    s = TuneSettings(max_concurrent=4)
+    assert at_a_time(s, 0, 1, 0, [{"Resources": {"CPU": 8.0}}]) == "none to run"
+    assert at_a_time(s, 0, 1, 0, None) == "none to run"
+    assert at_a_time(s, 3, 1, 0, [{"Resources": {"CPU": 8.0}}]) == ("3 at a time (max_concurrent 4; 3 suggestion(s) "
+                                                                    "asked for)")
+
+
+@pytest.mark.parametrize("priorities, said", [
+    # a bound left out takes the default range's, and the error named it as if the file had given it
+    ({"high": 0.05}, "low (0.1, the default) must be less than high (0.05); give low too"),
+    ({"low": 20}, "low (20) must be less than high (10.0, the default); give high too"),
+    ({"low": 2, "high": 1}, "low (2) must be less than high (1)"),
+])
+def test_a_partial_priorities_range_names_the_default_bound_it_took(priorities, said):
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "tune": {"priorities": priorities}}, "s.yaml")
+    assert str(info.value) == f"s.yaml: tune.priorities: {said}"
+
+
+def test_a_hand_edited_tuned_with_whose_weighting_is_no_name_is_a_difference_not_a_crash(tmp_path):
+    # tuned_with: {weighting: [huw]} raised TypeError (unhashable type: 'list') from the check of unused keys
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "baseline": {"priorities_from": "best.yaml"}}
+    (said,) = _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: {weighting: [huw]}}\n", mapping)
+    assert 'weighting (tuned with ["huw"], here "huw_priority")' in said
