@@ -326,8 +326,8 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             elif (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and default
                   and all(isinstance(d, float) for d in default)):  # (scales: [1, 2] and [1.0, 2.0]: one trial)
                 resolved[key] = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-    if problems:
-        raise several(problems)
+    if problems:  # (with the nulls: the task's check, which may say more of them, is not reached)
+        raise several(problems + nulls)
     for key in ("priorities", "fixed_weights"):
         resolved[key] = [float(x) for x in resolved[key]]
     for key, field in COMMON_FIELDS.items():  # lr: 1 and lr: 1.0 are the same trial

@@ -419,6 +419,18 @@ def test_a_config_with_several_bad_values_names_them_all(capsys):
         "ablate: error: trial config: lr must be a number, got 'abc' (learning rate)"]
 
 
+def test_a_null_task_key_is_named_with_the_other_bad_values():
+    # the null of a task key was dropped whenever another key was bad: named only on the next run
+    from ablate.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"task": "etth1", "data": "embedded", "lr": -1, "seq_len": None})
+    problems = getattr(info.value, "problems", None) or [str(info.value)]
+    assert len(problems) == 2
+    assert problems[0].startswith("trial config: lr=-1 must be > 0")
+    assert problems[1].startswith("trial config: seq_len must not be null")
+
+
 def test_ablate_train_names_an_empty_set_key_and_an_empty_plugin_name(capsys):
     # "--set =3" said "unknown key(s) ''", "--plugin ''" said "ValueError: Empty module name. Fix the error it raises"
     from ablate.cli import main
