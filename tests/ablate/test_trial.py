@@ -746,7 +746,9 @@ def test_a_trial_that_fails_after_its_checkpoint_was_set_aside_says_so(tmp_path,
     assert made["torch_version"] == torch.__version__ and made["hostname"] == socket.gethostname()
 
 
-def test_a_stable_checkpoint_set_aside_after_ray_s_was_loaded_does_not_say_starting_afresh(tmp_path, monkeypatch):
+def _after_ray_s_checkpoint(tmp_path, monkeypatch, spoil):
+    """The result payload of a 2-epoch trial under ``ablate run --resume`` with Ray's checkpoint of
+    epoch 1 and a stable checkpoint of epoch 2 that ``spoil(state)`` made unusable."""
     from ablate import sweep
 
     config = {**FAST, "epochs": 2, "meta_every": 100}
@@ -757,9 +759,16 @@ def test_a_stable_checkpoint_set_aside_after_ray_s_was_loaded_does_not_say_start
     trial.save(ray_dir / sweep.CHECKPOINT_FILE)
     trial.run_epoch()
     state = trial.state_dict()
-    state["model"] = {k + ".renamed": v for k, v in state["model"].items()}  # (a model of other code)
+    spoil(state)
     torch.save(state, tmp_path / f"{trial.trial_id}.pt")
-    payload = json.loads(_trainable_reports(monkeypatch, tmp_path, config, trial.trial_id, ray_dir)[-1][sweep.RESULT_KEY])
+    return json.loads(_trainable_reports(monkeypatch, tmp_path, config, trial.trial_id, ray_dir)[-1][sweep.RESULT_KEY])
+
+
+def test_a_stable_checkpoint_set_aside_after_ray_s_was_loaded_does_not_say_starting_afresh(tmp_path, monkeypatch):
+    def renamed(state):  # (a model of other code)
+        state["model"] = {k + ".renamed": v for k, v in state["model"].items()}
+
+    payload = _after_ray_s_checkpoint(tmp_path, monkeypatch, renamed)
     assert payload["row"]["resumed_from_epoch"] == 1
     [note] = payload["warnings"]
     assert "cannot be used" in note and note.endswith("continuing from Ray's checkpoint of epoch 1"), note
@@ -807,19 +816,10 @@ def test_a_checkpoint_made_on_other_embedded_data_says_so_not_that_the_configs_d
 def test_a_note_that_goes_on_from_ray_s_checkpoint_does_not_also_say_start_afresh(tmp_path, monkeypatch):
     # the set-aside note quoted the error's advice for `ablate train --resume` ("start the trial afresh instead")
     # next to what the worker did ("continuing from Ray's checkpoint of epoch 1"): two contradicting instructions
-    from ablate import sweep
+    def unusable_random_states(state):
+        del state["generators"]["train"]
 
-    config = {**FAST, "epochs": 2, "meta_every": 100}
-    ray_dir = tmp_path / "ray"
-    ray_dir.mkdir()
-    trial = Trial(config)
-    trial.run_epoch()
-    trial.save(ray_dir / sweep.CHECKPOINT_FILE)
-    trial.run_epoch()
-    state = trial.state_dict()
-    del state["generators"]["train"]  # (random states this trial cannot take)
-    torch.save(state, tmp_path / f"{trial.trial_id}.pt")
-    payload = json.loads(_trainable_reports(monkeypatch, tmp_path, config, trial.trial_id, ray_dir)[-1][sweep.RESULT_KEY])
+    payload = _after_ray_s_checkpoint(tmp_path, monkeypatch, unusable_random_states)
     [note] = payload["warnings"]
     assert "generators lacks train" in note and note.endswith("continuing from Ray's checkpoint of epoch 1"), note
     assert "afresh" not in note, note
