@@ -193,6 +193,12 @@ METAADAMW_KEYS = (
 #: Keys that set the same thing in two ways: giving one drops the other's default.
 ALTERNATIVE_KEYS = {"meta_every": "meta_per_epoch", "meta_per_epoch": "meta_every"}
 
+
+def with_alternatives(keys: Iterable[str]) -> set[str]:
+    """``keys`` and the keys they replace (:data:`ALTERNATIVE_KEYS`: meta_every for meta_per_epoch)."""
+    keys = set(keys)
+    return keys | {ALTERNATIVE_KEYS[k] for k in keys if k in ALTERNATIVE_KEYS}
+
 #: Keys that do not change what a trial computes (left out of its identity).
 NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device", "cpu_malloc")
 

@@ -85,11 +85,7 @@ def _task_source(task: Any) -> tuple[str, Path] | None:
     factory = getattr(task, "factory", None)
     while isinstance(factory, functools.partial):
         factory = factory.func
-    module = getattr(factory, "__module__", None)
-    if not isinstance(module, str) or module.split(".")[0] in (*PACKAGES, "__main__"):
-        return None
-    file = getattr(sys.modules.get(module), "__file__", None)
-    return (module, Path(file)) if isinstance(file, str) and file.endswith(".py") else None
+    return _module_source(getattr(factory, "__module__", None))
 
 
 @functools.lru_cache(maxsize=1)

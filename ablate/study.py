@@ -52,6 +52,7 @@ from ablate.config import (
     task_fields,
     trial_id,
     validate_value,
+    with_alternatives,
 )
 
 #: Top-level keys of a study file and what each holds (any other key is an error).
@@ -255,8 +256,7 @@ def parse_study(
     """
     ctx = _Context(source)
     for arm, keys in (searched or {}).items():
-        keys = set(keys)
-        ctx.searched[arm] = keys | {ALTERNATIVE_KEYS[k] for k in keys if k in ALTERNATIVE_KEYS}
+        ctx.searched[arm] = with_alternatives(keys)
     try:
         return _parse(mapping, ctx, base_dir, extra_seeds)
     except StudyError:
@@ -646,8 +646,7 @@ def unused_keys(config: dict[str, Any]) -> set[str]:
 def tuning_context(config: dict[str, Any], arm: str, tuned: Iterable[str] = ()) -> dict[str, Any]:
     """What :data:`TUNED_WITH` records: ``config``'s values of the keys of ``arm``'s
     :data:`TUNING_CONTEXT_KEYS`, less the ``tuned`` keys (and the keys they replace)."""
-    tuned = set(tuned)
-    tuned |= {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+    tuned = with_alternatives(tuned)
     return json.loads(json.dumps({k: config[k] for k in TUNING_CONTEXT_KEYS[arm] if k in config and k not in tuned}))
 
 
@@ -946,8 +945,7 @@ def _check_independent(ctx: _Context, parsed: list[tuple[str, list[tuple[str, di
     """Two factorial axes must not set the same key (or the two meta-update frequency keys)."""
     owner: dict[str, str] = {}
     for axis, levels in parsed:
-        keys = {k for _, settings in levels for k in settings}
-        keys |= {ALTERNATIVE_KEYS[k] for k in keys if k in ALTERNATIVE_KEYS}
+        keys = with_alternatives(k for _, settings in levels for k in settings)
         for key in sorted(keys):
             if owner.setdefault(key, axis) != axis:
                 raise ctx.error(
@@ -965,14 +963,8 @@ def _check_settings(ctx: _Context, settings: Any, path: str, tasks: list[str], *
         return {}
     if not isinstance(settings, dict):
         raise ctx.error(path, f"must be a mapping of config keys to values, e.g. {{epochs: 3}}; got {_short(settings)}")
-    problems: list[str] = []
-    for key, value in settings.items():  # (each key's problem: said together)
-        try:
-            _check_value(ctx, key, value, f"{path}.{key}", tasks, adamw=adamw)
-        except ConfigError as exc:
-            problems += _problems(exc)
-    if problems:
-        raise StudyError(*problems)
+    _each(lambda item: _check_value(ctx, item[0], item[1], f"{path}.{item[0]}", tasks, adamw=adamw),
+          settings.items())  # (each key's problem: said together)
     for task in tasks:  # contradictions within the mapping, against each task's defaults
         resolve_config({"task": task, "data": ctx.data, **settings}, where=f"{ctx.where(path)} (task {task})",
                        cross_keys=False)  # (another layer may set the other key: the trials' configs check them)

@@ -96,7 +96,7 @@ def trainable(config: dict[str, Any]) -> None:
             trial = Trial(trial_config)
     except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc(),  # a retry would fail alike
-                     PROVENANCE_KEY: json.dumps(_worker_provenance(trial_config)),
+                     PROVENANCE_KEY: json.dumps(_provenance_of(trial_config)),
                      WARNINGS_KEY: json.dumps(trial_warnings)})
         return
     stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
@@ -144,8 +144,9 @@ def trainable(config: dict[str, Any]) -> None:
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
 
 
-def _worker_provenance(trial_config: dict[str, Any]) -> dict[str, str]:
-    """What runs a trial that could not be built (:func:`ablate.provenance.provenance`, with its task's plugin)."""
+def _provenance_of(trial_config: dict[str, Any]) -> dict[str, str]:
+    """What runs a trial of ``trial_config`` here (:func:`ablate.provenance.provenance`, with its task's plugin and
+    components): a worker's for a trial that could not be built, the driver's for one whose error Ray reported."""
     from ablate.provenance import provenance
     from ablate.tasks import TASKS
 
@@ -290,15 +291,13 @@ def _failed_row(spec: TrialSpec, study: Study, error: str, made: dict[str, Any] 
     """The row of a failed trial; ``made``: what ran it, as the worker reported it (:func:`ablate.provenance.provenance`).
     Without it (the worker raised, and Ray reported the error), the driver's code, torch and Python, which every
     node's are checked against before the trials; not its host, which need not be the trial's."""
-    from ablate.provenance import provenance
     from ablate.tasks import TASKS
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     metric = TASKS.get(spec.task).metric if spec.task in TASKS else None  # (the reports read its direction)
     known = {} if metric is None else {"metric": metric.name, "mode": metric.mode}
     if made is None:
-        made = {k: v for k, v in provenance(TASKS.get(spec.task) if spec.task in TASKS else None, spec.config).items()
-                if k != "hostname"}
+        made = {k: v for k, v in _provenance_of(spec.config).items() if k != "hostname"}
     return _trial_row(spec, study, {**spec.config, **known, "status": "failed", "error": error,
                                     "stop_reason": "failed", "best_metric": math.nan, "finished_at": now, **made})
 

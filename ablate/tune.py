@@ -106,6 +106,7 @@ from ablate.config import (
     is_number,
     resolve_config,
     validate_value,
+    with_alternatives,
 )
 from ablate.files import atomic_write_bytes
 from ablate.stats import TUNING_TIE_TOL, tuning_tie
@@ -1045,8 +1046,7 @@ class TuneOutcome:
 
 def _searched_setting_keys(settings: TuneSettings) -> set[str]:
     """The config keys a search with ``settings`` sets (and the keys they replace)."""
-    tuned = set(settings_from_params({p: 1 for p in settings.space()}))
-    return tuned | {ALTERNATIVE_KEYS[k] for k in tuned if k in ALTERNATIVE_KEYS}
+    return with_alternatives(settings_from_params({p: 1 for p in settings.space()}))
 
 
 def _searched_keys(spec: TuneSpec) -> set[str]:

@@ -532,7 +532,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
             loss = loss + penalty
         # what the meta-optimizer trains, as it holds them (a walk over the modulator's modules,
         # meta_parameters(), costs ~70 us on the default 8-layer encoder)
-        meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
+        meta_params = _meta_optimized(opt)
         n_meta = len(meta_params) + len(cut)
         if exact:  # (with theta' in the model: an activation-checkpointed part recomputes its forward pass here)
             try:
@@ -620,6 +620,12 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     return record
 
 
+def _meta_optimized(opt: "MetaAdamW") -> list[Tensor]:
+    """The tensors the meta-optimizer trains, in its order: the meta-gradients and the buffer every rank
+    all-reduces (a failing rank's too, which must match the others') follow it."""
+    return [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
+
+
 @contextlib.contextmanager
 def _raised_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
     """An error of this rank's meta-update (its loss_fn on its batch, a component's) is announced
@@ -629,7 +635,7 @@ def _raised_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
         yield
     except Exception:
         if world > 1:
-            meta_params = [p for group in opt.meta_optimizer.param_groups for p in group["params"]]
+            meta_params = _meta_optimized(opt)
             D.average_([None] * len(meta_params), meta_params, world, layout=opt.distributed_layout()[-1], failed=True)
         raise
 

@@ -822,22 +822,27 @@ def test_the_baseline_is_the_first_suggestion_only_when_all_its_values_are_searc
         assert waiting[0].user_attrs["baseline"] is True
 
 
+def _trials_0_spec(tmp_path: Path, tasks: list[str]):
+    """A tune spec 't0' over ``tasks``, loaded with ``--trials 0`` (rewrite the outputs of stored studies)."""
+    path = _write(tmp_path, "t0.yaml", f"""\
+        name: t0
+        tasks: [{', '.join(tasks)}]
+        seeds: 1
+        budget: {{epochs: 2}}
+        adamw: false
+        tune:
+          trials: 1
+          priorities: {{low: 0.5, high: 10.0}}
+        """)
+    return load_tune_spec(path, trials=0)
+
+
 def test_trials_0_without_a_stored_study_creates_nothing(tmp_path):
     # --trials 0 rewrites the outputs of stored studies; it used to create the study and pin its
     # objective record, so the real spec was refused afterwards as "scored differently"
     import optuna
 
-    path = _write(tmp_path, "t0.yaml", """\
-        name: t0
-        tasks: [etth1]
-        seeds: 1
-        budget: {epochs: 2}
-        adamw: false
-        tune:
-          trials: 1
-          priorities: {low: 0.5, high: 10.0}
-        """)
-    spec = load_tune_spec(path, trials=0)
+    spec = _trials_0_spec(tmp_path, ["etth1"])
     with pytest.raises(StudyError, match="--trials 0 only rewrites the outputs of stored studies"):
         run_tune(spec, tmp_path / "out")
     location = storage_location(spec, tmp_path / "out", None)
@@ -2112,17 +2117,7 @@ def test_a_priority_search_is_refused_for_an_objective_without_some_of_the_terms
 
 def test_trials_0_names_several_missing_studies_in_plural(tmp_path):
     # "'x/etth1', 'x/wikitext2' has none ... to start it"
-    path = _write(tmp_path, "t0.yaml", """\
-        name: t0
-        tasks: [etth1, wikitext2]
-        seeds: 1
-        budget: {epochs: 2}
-        adamw: false
-        tune:
-          trials: 1
-          priorities: {low: 0.5, high: 10.0}
-        """)
-    spec = load_tune_spec(path, trials=0)
+    spec = _trials_0_spec(tmp_path, ["etth1", "wikitext2"])
     with pytest.raises(StudyError, match=r"'t0/etth1', 't0/wikitext2' have none in .*; run with --trials N to start them"):
         run_tune(spec, tmp_path / "out")
 
