@@ -63,9 +63,9 @@ def _safe_members(names: list[str], dest: Path, data_dir_for: Callable[[Path], P
     root = dest.resolve()
     for name in names:
         target = (dest / name).resolve()
-        if root != target and root not in target.parents:
+        if not target.is_relative_to(root):
             inside = os.path.normpath(root / name)  # (the name alone, links on disk aside)
-            if not os.path.isabs(name) and (inside == str(root) or inside.startswith(str(root) + os.sep)):
+            if not os.path.isabs(name) and Path(inside).is_relative_to(root):
                 # the archive's name is fine: a link already in the data directory leads out of it
                 link = next((p for p in (dest / name).parents if p.is_symlink()), dest / name)
                 # (the folder it points to is the data directory only where the download fills it as the link

@@ -357,16 +357,11 @@ def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _holds(folder: str, path: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it (both real paths)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def _file_sizes(folder: Path) -> list[int]:
     """The sizes of the files below ``folder``, following links to folders (a dataset folder linked in
     from another disk: ``Path.rglob`` skips it, so changed data there went unnoticed) but entering each
     folder once (a link to a folder above it is no loop); a link that leads nowhere is no file."""
-    sizes, seen, root = [], set(), os.path.realpath(folder)
+    sizes, seen, root = [], set(), Path(os.path.realpath(folder))
     for top, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(top)
         if (st.st_dev, st.st_ino) in seen:
@@ -374,7 +369,7 @@ def _file_sizes(folder: Path) -> list[int]:
             continue
         seen.add((st.st_dev, st.st_ino))
         # (not a link to the folder or one above it: that would fingerprint the whole tree above, the data directory)
-        dirs[:] = [d for d in dirs if not _holds(os.path.realpath(os.path.join(top, d)), root)]
+        dirs[:] = [d for d in dirs if not root.is_relative_to(os.path.realpath(os.path.join(top, d)))]
         for name in files:
             try:
                 st = os.stat(os.path.join(top, name))
