@@ -107,8 +107,10 @@ class TaskSpec:
     description: str = ""
     #: ``locate(config) -> paths`` of the real data files the task would read (no parsing), raising
     #: DatasetNotFoundError naming the expected paths when one is missing: lets ``ablate run``
-    #: refuse a study before Ray starts instead of failing every trial in a worker. Optional.
-    locate: Callable[[dict], list[Path]] | None = None
+    #: refuse a study before Ray starts instead of failing every trial in a worker. Optional. The
+    #: paths make the trials' :func:`data_fingerprint`: name the files read, or a :class:`FolderFiles`
+    #: for the matching files of a folder (a plain folder path stands for every file below it).
+    locate: Callable[[dict], list[Path | FolderFiles]] | None = None
     #: ``check(config)`` validates the task's own keys (model sizes, dropout, choices, and
     #: constraints between keys such as ``d_model`` a multiple of ``n_heads``) in the fully resolved
     #: config, raising ablate.config.ConfigError (or ValueError) with a one-line message that names
@@ -337,18 +339,61 @@ def also_looked_in(config: Mapping[str, Any], subdir: str, root: Path) -> str:
     return f" (and there is no folder {others[0]}, the other place it may lie)" if others else ""
 
 
+@dataclasses.dataclass(frozen=True)
+class FolderFiles:
+    """What a task reads of a folder, for :attr:`TaskSpec.locate`: the files directly in ``folder``
+    whose names match ``pattern`` (as ``folder.glob(pattern)`` finds them; ``folder`` may be a link,
+    a class folder on another disk). :func:`data_fingerprint` counts those only, so a README, a
+    subfolder or the same data in another format beside them changes no trial's fingerprint, where a
+    plain folder path counts every file below it."""
+
+    folder: Path
+    pattern: str = "*"
+
+    def __post_init__(self) -> None:
+        if not self.pattern or "/" in self.pattern or os.sep in self.pattern:
+            raise ValueError(f"FolderFiles({str(self.folder)!r}, {self.pattern!r}): the pattern matches the names of "
+                             f"files directly in the folder (e.g. '*.txt'), not a path: give each folder its own "
+                             f"FolderFiles")
+
+    def __fspath__(self) -> str:  # (where a path is expected, e.g. an error naming what is missing: the folder)
+        return os.fspath(self.folder)
+
+    @property
+    def name(self) -> str:
+        return Path(self.folder).name
+
+    def sizes(self) -> list[int]:
+        """The sizes of the matching files (a link to a file counts as that file; a link that leads
+        nowhere, or a matching folder, is no file)."""
+        sizes = []
+        for path in Path(self.folder).glob(self.pattern):
+            try:
+                st = os.stat(path)
+            except OSError:  # (a broken link)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sizes.append(st.st_size)
+        return sizes
+
+
 def data_fingerprint(spec: "TaskSpec", config: Mapping[str, Any]) -> str:
     """A cheap fingerprint of the real data a trial reads: the name and size of each file the task's
-    ``locate`` names (a folder: the count and total size of the files in it and in its subfolders,
-    those reached through a link included, each folder once), hashed; "" for embedded data or a
-    task without ``locate``. It survives copying the data to another directory or machine and
-    changes when a file is replaced by another (a subset, a newer version): ``ablate run`` reruns
-    stored trials whose fingerprint differs instead of reusing results made on other data."""
+    ``locate`` names (a :class:`FolderFiles`: the count and total size of its matching files; a plain
+    folder: of the files in it and in its subfolders, those reached through a link included, each
+    folder once), hashed; "" for embedded data or a task without ``locate``. It survives copying the
+    data to another directory or machine and changes when a file is replaced by another (a subset, a
+    newer version): ``ablate run`` reruns stored trials whose fingerprint differs instead of reusing
+    results made on other data."""
     if config.get("data") != "real" or spec.locate is None:
         return ""
     digest = hashlib.sha256()
-    for path in sorted((Path(p) for p in spec.locate(dict(config))), key=lambda p: p.name):
-        if path.is_dir():
+    located = (p if isinstance(p, FolderFiles) else Path(p) for p in spec.locate(dict(config)))
+    for path in sorted(located, key=lambda p: p.name):
+        if isinstance(path, FolderFiles):
+            sizes = path.sizes()
+            count, total = len(sizes), sum(sizes)
+        elif path.is_dir():
             sizes = _file_sizes(path)
             count, total = len(sizes), sum(sizes)
         else:

@@ -48,6 +48,7 @@ from ablate.config import ConfigError
 from ablate.tasks.base import (
     DatasetNotFoundError,
     Download,
+    FolderFiles,
     TaskInstance,
     check_int,
     check_probability,
@@ -62,6 +63,8 @@ from ablate.tasks.text import PAD_ID, Vocab, dataset_error, tokenize
 TASK = "imdb"
 SUBDIR = "imdb"
 TREE = "aclImdb"
+#: the review files of each class folder, all the task reads there (and all the data fingerprint counts)
+REVIEWS = "*.txt"
 _URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 SOURCE = f"{_URL} (extract it in the data directory), or pass csv_file=PATH for a CSV with text and label columns"
 #: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id): bump it whenever the
@@ -136,12 +139,12 @@ def _tree_dirs(tree: Path) -> dict[tuple[str, int], Path]:
 def read_tree(tree: Path) -> dict[str, list[Review]]:
     """Reviews of an ``aclImdb`` tree by split (``train``, ``test``), in sorted file order."""
     dirs = _tree_dirs(tree)
-    expected = [d / "*.txt" for d in dirs.values()]
+    expected = [d / REVIEWS for d in dirs.values()]
     out: dict[str, list[Review]] = {"train": [], "test": []}
     for (split, label), folder in dirs.items():
-        files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+        files = sorted(folder.glob(REVIEWS)) if folder.is_dir() else []
         if not files:
-            raise dataset_error(TASK, f"no review files {folder}/*.txt", expected, SOURCE)
+            raise dataset_error(TASK, f"no review files {folder}/{REVIEWS}", expected, SOURCE)
         for path in files:
             try:
                 out[split].append((clean(path.read_text(encoding="utf-8")), label))
@@ -227,7 +230,7 @@ def _tree(config: dict) -> Path:
     trees = [root if root.name == TREE else root / TREE for root in data_dir_candidates(config, SUBDIR)]
     trees = list(dict.fromkeys(trees))
     def has_reviews(folder: Path) -> bool:
-        return folder.is_dir() and next(folder.glob("*.txt"), None) is not None
+        return folder.is_dir() and next(folder.glob(REVIEWS), None) is not None
 
     for tree in trees:
         if all(map(has_reviews, _tree_dirs(tree).values())):
@@ -235,16 +238,23 @@ def _tree(config: dict) -> Path:
     tree = next((t for t in trees if t.is_dir()), trees[0])  # (the one the user has begun, if any)
     empty = next(folder for folder in _tree_dirs(tree).values() if not has_reviews(folder))
     looked = f" (looked in {' and '.join(map(str, trees))})" if len(trees) > 1 else ""
-    raise dataset_error(TASK, f"no review files {empty}/*.txt{looked}",
-                        [d / "*.txt" for t in trees for d in _tree_dirs(t).values()], SOURCE)
+    # (a folder of CSV exports and no tree: csv_file is the way to read them, the download fetches the tree)
+    csvs = [p for root in data_dir_candidates(config, SUBDIR) if root.is_dir() for p in sorted(root.glob("*.csv"))]
+    if csvs:
+        looked += (f"; the data directory holds the CSV file(s) {', '.join(map(str, csvs))}: pass csv_file=NAME "
+                   f"(e.g. csv_file={csvs[0].name}) to read one instead of the aclImdb tree")
+    raise dataset_error(TASK, f"no review files {empty}/{REVIEWS}{looked}",
+                        [d / REVIEWS for t in trees for d in _tree_dirs(t).values()], SOURCE)
 
 
-def locate(config: dict) -> list[Path]:
-    """The CSV file, or the review folders of the aclImdb tree (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
+def locate(config: dict) -> list[Path | FolderFiles]:
+    """The CSV file, or the review files of the aclImdb tree's four class folders: their ``*.txt``
+    files only, what :func:`read_tree` reads, so that a README, a subfolder or another format beside
+    them changes no trial's data fingerprint (:attr:`ablate.tasks.base.TaskSpec.locate`)."""
     path = _csv_path(config)
     if path is not None:
         return [path]
-    return list(_tree_dirs(_tree(config)).values())
+    return [FolderFiles(folder, REVIEWS) for folder in _tree_dirs(_tree(config)).values()]
 
 
 def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:

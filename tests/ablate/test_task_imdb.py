@@ -4,6 +4,7 @@ classifier, metrics and second-order gradients."""
 import functools
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,7 @@ def test_the_tree_beside_an_imdb_folder_is_found(tmp_path):
     tree = write_tree(tmp_path)
     task = get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
     assert task.data_source == f"real:{tree}" and task.info["reviews"]["test"] == 4
-    assert get_task("imdb").locate(make_config(data="real", data_dir=str(tmp_path), **TINY))[0].parent.parent == tree
+    assert get_task("imdb").locate(make_config(data="real", data_dir=str(tmp_path), **TINY))[0].folder.parent.parent == tree
     for f in (tree / "train" / "pos").iterdir():
         f.unlink()
     with pytest.raises(DatasetNotFoundError) as info:
@@ -133,6 +134,61 @@ def test_the_tree_beside_an_imdb_folder_is_found(tmp_path):
     msg = str(info.value)  # the tree the user began, and both places looked in
     assert f"no review files {tree / 'train' / 'pos'}/*.txt" in msg
     assert f"looked in {tmp_path / 'imdb' / 'aclImdb'} and {tree}" in msg
+
+
+def test_without_a_tree_the_error_names_the_csv_files_the_data_directory_holds(tmp_path):
+    # a folder of IMDB CSV exports (as ../shared/data/imdb) and csv_file unset: the error only named the tree
+    (tmp_path / "imdb").mkdir()
+    (tmp_path / "imdb" / "reviews.csv").write_text("label,text\n1,good\n", encoding="utf-8")
+    (tmp_path / "more.csv").write_text("label,text\n0,bad\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    assert (f"the data directory holds the CSV file(s) {tmp_path / 'imdb' / 'reviews.csv'}, {tmp_path / 'more.csv'}: "
+            f"pass csv_file=NAME (e.g. csv_file=reviews.csv) to read one instead of the aclImdb tree") in str(info.value)
+    (tmp_path / "imdb" / "reviews.csv").unlink()
+    (tmp_path / "more.csv").unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    assert "holds the CSV" not in str(info.value)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks")
+def test_the_data_fingerprint_counts_the_review_files_only(tmp_path):
+    # a README, a subfolder or another format in a class folder counted (every file below the folder): each
+    # changed every trial's fingerprint and marked stored results stale though the task reads only */*.txt
+    import hashlib
+    import os
+
+    from ablate.tasks import data_fingerprint
+
+    tree = write_tree(tmp_path / "imdb")
+    spec, config = get_task("imdb"), make_config(data="real", data_dir=str(tmp_path), **TINY)
+    lines = []  # (folder name, count, total size of its *.txt: what a canonical tree's fingerprint always was)
+    for split, label in sorted(TREE, key=lambda key: key[1]):
+        texts = TREE[(split, label)]
+        lines.append(f"{label}\0{len(texts)}\0{sum(len(t.encode()) for t in texts)}\n")
+    expected = hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+    assert data_fingerprint(spec, config) == expected
+    (tree / "train" / "pos" / "README").write_text("where these came from", encoding="utf-8")
+    (tree / "train" / "pos" / "0_7.json").write_text('{"text": "Great film!"}', encoding="utf-8")
+    (tree / "test" / "neg" / "old").mkdir()
+    (tree / "test" / "neg" / "old" / "9_1.txt").write_text("an older copy", encoding="utf-8")
+    (tree / "train" / "neg.tar.gz").write_bytes(b"x" * 100)
+    (tmp_path / "imdb" / "reviews.csv").write_text("label,text\n1,good\n", encoding="utf-8")
+    assert data_fingerprint(spec, config) == expected
+    (tree / "test" / "neg" / "9_1.txt").write_text("A new review.", encoding="utf-8")  # one the task reads
+    added = data_fingerprint(spec, config)
+    assert added != expected
+    # a class folder on another disk, linked in: its review files count, and a change there shows
+    os.rename(tree / "train" / "neg", tmp_path / "neg_elsewhere")
+    os.symlink(tmp_path / "neg_elsewhere", tree / "train" / "neg")
+    assert data_fingerprint(spec, config) == added
+    (tmp_path / "neg_elsewhere" / "0_7.txt").write_text("Awful, awful.", encoding="utf-8")
+    assert data_fingerprint(spec, config) != added
+    # the same tree's CSV, named by csv_file: the CSV alone
+    with_csv = make_config(data="real", data_dir=str(tmp_path), csv_file="reviews.csv", **TINY)
+    size = (tmp_path / "imdb" / "reviews.csv").stat().st_size
+    assert data_fingerprint(spec, with_csv) == hashlib.sha256(f"reviews.csv\0{1}\0{size}\n".encode()).hexdigest()[:16]
 
 
 CSV = """id,label,text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import sys
 import textwrap
@@ -456,6 +457,29 @@ def test_the_data_fingerprint_of_a_folder_sees_the_files_behind_a_linked_subfold
     now = data_fingerprint(spec, {"data": "real"})
     (tmp_path / "data" / "another_dataset.bin").write_bytes(b"z" * 100)
     assert data_fingerprint(spec, {"data": "real"}) == now
+
+
+def test_a_folder_files_location_fingerprints_the_matching_files_only(tmp_path):
+    # (what a task reads of a folder: its *.npy, not the README or the CSV export beside them)
+    from ablate.tasks import FolderFiles, Metric, data_fingerprint
+
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    (folder / "a.npy").write_bytes(b"x" * 10)
+    (folder / "b.npy").write_bytes(b"y" * 5)
+    spec = TaskSpec("files_task", lambda c: None, (Metric("mse", "min"),), {}, {},
+                    locate=lambda c: [FolderFiles(folder, "*.npy")])
+    before = data_fingerprint(spec, {"data": "real"})
+    assert before == hashlib.sha256(b"arrays\x002\x0015\n").hexdigest()[:16]
+    (folder / "README.md").write_text("notes")
+    (folder / "all.csv").write_text("1,2\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "c.npy").write_bytes(b"z")
+    assert data_fingerprint(spec, {"data": "real"}) == before
+    (folder / "c.npy").write_bytes(b"z")
+    assert data_fingerprint(spec, {"data": "real"}) == hashlib.sha256(b"arrays\x003\x0016\n").hexdigest()[:16]
+    with pytest.raises(ValueError, match=r"the pattern matches the names of files directly in the folder"):
+        FolderFiles(folder, "sub/*.npy")
 
 
 def test_null_for_a_task_key_whose_default_is_a_value_is_refused():
