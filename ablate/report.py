@@ -758,10 +758,13 @@ def _cost_section(results: Results) -> list[Block]:
                          "epoch at which MetaAdamW's validation metric reaches the best validation metric of AdamW's "
                          "trial of the same seed; wall seconds are cumulative and include the meta-updates. The "
                          "wall-time ratio is MetaAdamW's seconds to the target over AdamW's seconds to its best: "
-                         "below 1, MetaAdamW got there sooner."),
+                         "below 1, MetaAdamW got there sooner. A seed with several ok trials of an arm (study "
+                         "versions mixed) takes the mean of its trials' best metrics as the target and the mean of "
+                         "each trial's own time for both arms (reached only if every trial of the seed reached it)."),
                    _table(time_to_target_display(ttt))]
     blocks += [_heading("Epochs, early stopping and meta-update share", 3), _table(cost_display(stats.cost_table(results))),
-               _text("Per trial means over the arm's paired seeds: 'epochs run' with its 95% t interval, 'total time "
+               _text("Means over the arm's paired seeds (a seed with several ok trials counting once, with their "
+                     "mean): 'epochs run' with its 95% t interval, 'total time "
                      "(s)' the mean of each trial's training, meta-update and evaluation time, 'meta-update share' the "
                      "mean of each trial's meta-update time over its total, 'stopped early' the share of trials early "
                      "stopping ended before their epoch budget. Means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the "

@@ -448,14 +448,20 @@ def task_metric(trials: pd.DataFrame, task: str) -> tuple[str, str]:
     return first("metric"), first("mode")
 
 
+def _shared_seeds(task: str, arm: str, ok: pd.DataFrame) -> str:
+    """The warning that ``arm``'s ok trials ``ok`` on ``task`` share seeds (one text wherever the
+    statistics average them per seed, so that the report shows it once)."""
+    return (f"{task}, arm {arm}: several trials share a seed ({len(ok)} trials, {ok['seed'].nunique()} seeds); "
+            f"their values are averaged per seed. Are results of different study versions mixed "
+            f"(load_results(..., all_trials=True))?")
+
+
 def _per_seed(arms: pd.DataFrame, task: str, arm: str, column: str = "best_metric") -> pd.Series:
     """Ok trials' ``column`` per seed for one task and arm (several trials of one seed - results
     loaded with ``all_trials=True`` across versions of a study - are averaged, with a warning)."""
     g = arms[(arms["task"] == task) & (arms["arm"] == arm) & ok_mask(arms)]
     if g["seed"].duplicated().any():
-        warnings.warn(f"{task}, arm {arm}: several trials share a seed ({len(g)} trials, {g['seed'].nunique()} seeds); "
-                      f"their values are averaged per seed. Are results of different study versions mixed "
-                      f"(load_results(..., all_trials=True))?", StatsWarning, stacklevel=3)
+        warnings.warn(_shared_seeds(task, arm, g), StatsWarning, stacklevel=3)
     if column not in g:
         return pd.Series(dtype=float)
     # (an ok trial always has a finite best metric; a test metric may be missing, or inf - an
@@ -1000,11 +1006,16 @@ def time_to_target(results: Results, *, arm: str = BASELINE, ref_arm: str = ADAM
     did not reach it (a seed ``arm`` has not run has no target).
 
     A seed with several ok trials of an arm (results loaded with ``all_trials=True``) counts once,
-    with their mean, as in the tables (with the same warning): the target is the mean of the
-    ``ref_arm`` trials' best metrics (Table 2's value of that seed), ref_step and ref_wall_s the
-    means of when each reached its own best (ref_epoch: the mean of their best epochs), and
-    ``arm``'s validation metric, step and seconds are the means of its trials per epoch (the
-    validation curves' mean, :func:`validation_curves`).
+    with the mean of its trials' values, as in the tables (with the same warning), and by the same
+    rule for both arms - each trial's own time, then their mean: the target is the mean of the
+    ``ref_arm`` trials' best metrics (Table 2's value of that seed); ref_epoch, ref_step and
+    ref_wall_s are the means of when each ``ref_arm`` trial reached its own best (NaN when one has no
+    history row at its best epoch); epoch, step and
+    wall_s the means of when each ``arm`` trial first reached the target, which the seed reached
+    only if every one of them did (the note names those that did not). (The time at which the
+    trials' mean curve reaches the target would be another rule: the ``ref_arm``'s mean curve
+    need not reach the mean of its trials' bests at all, when they peaked at different epochs.)
+    Fractional mean epochs are kept as such.
     """
     trials, history = results.trials, results.history
     if trials.empty:
@@ -1052,29 +1063,38 @@ def _seed_time_to_target(task, seed, metric, mode, ref_rows, new_rows, history, 
         hit = ref_hist[ref_hist["epoch"] == ref["best_epoch"]] if len(ref_hist) else ref_hist
         if len(hit):
             at_best.append((float(ref["best_epoch"]), float(hit["step"].iloc[0]), float(hit["wall_s"].iloc[0])))
-    if at_best:  # (several ok trials on the seed: the means of when each reached its best)
-        epoch, step, wall = np.mean(at_best, axis=0)
-        row.update(ref_epoch=int(epoch) if epoch == int(epoch) else float(epoch), ref_step=float(step),
-                   ref_wall_s=float(wall))
+    if at_best and len(at_best) == int(ok_mask(ref_rows).sum()):  # (the mean of each ok trial's own time)
+        row.update(zip(("ref_epoch", "ref_step", "ref_wall_s"), _mean_time(at_best)))
     if not ok_mask(new_rows).any():  # (a diverged or failed trial did not reach the target: it counts)
         row["note"] = not_ok(arm, new_rows)
         return row
     new = _ok(new_rows)
     col = f"val_{metric}"
-    new_hist = pd.concat([_history_of(history, t) for t in new["trial_id"]])
-    if new_hist.empty or col not in new_hist:
-        row["note"] = f"no history column {col} for trial {', '.join(map(str, new['trial_id']))}"
+    reached, missed = [], []
+    for trial_id in new["trial_id"]:
+        new_hist = _history_of(history, trial_id)
+        if new_hist.empty or col not in new_hist:
+            row["note"] = f"no history column {col} for trial {trial_id}"
+            return row
+        hit = new_hist[_reached(new_hist[col], row["target"], mode)]
+        if hit.empty:
+            missed.append(str(trial_id))
+        else:
+            first = hit.iloc[0]
+            reached.append((float(first["epoch"]), float(first["step"]), float(first["wall_s"])))
+    if missed:  # (several ok trials on the seed: a mean time needs every one of them to have one)
+        row["note"] = "not reached" if not reached else (
+            f"not reached by trial {', '.join(missed)} ({len(reached)} of {len(new)} ok trials of the seed reached it)")
         return row
-    # (several ok trials on the seed: their mean per epoch, as the validation curves draw them)
-    new_hist = new_hist.groupby("epoch", as_index=False)[[c for c in (col, "step", "wall_s") if c in new_hist]].mean()
-    hit = new_hist[_reached(new_hist[col], row["target"], mode)]
-    if hit.empty:
-        row["note"] = "not reached"
-        return row
-    first = hit.iloc[0]
-    row.update(reached=True, epoch=int(first["epoch"]), step=float(first["step"]), wall_s=float(first["wall_s"]))
+    row.update(zip(("epoch", "step", "wall_s"), _mean_time(reached)), reached=True)
     row["wall_ratio"] = row["wall_s"] / row["ref_wall_s"] if row["ref_wall_s"] > 0 else np.nan
     return row
+
+
+def _mean_time(times: list[tuple[float, float, float]]) -> tuple[int | float, float, float]:
+    """The mean (epoch, step, seconds) of a seed's trials' times; the epoch an int when whole."""
+    epoch, step, wall = np.mean(times, axis=0)
+    return (int(epoch) if epoch == int(epoch) else float(epoch)), float(step), float(wall)
 
 
 def _stopped_early(trials: pd.DataFrame) -> pd.Series:
@@ -1098,7 +1118,10 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
     The means pair the arms as Tables 2 and 3 do: each arm over the seeds it and the baseline
     both finished ok, the baseline over those it and AdamW both finished ok (an arm that failed
     its longest seed would otherwise look fast); n_unmatched counts an arm's ok trials left out
-    for that (all of them when it shares no seed). A task without those arms takes each arm's own."""
+    for that (all of them when it shares no seed). A task without those arms takes each arm's own.
+    A seed with several ok trials of an arm (results loaded with ``all_trials=True``) counts once,
+    with their means, as in the tables (with the same warning): the means and the interval are
+    over seeds, not trials, which would weigh that seed more and narrow the interval."""
     arms = explode_arms(results.trials)
     if arms.empty:
         return pd.DataFrame()
@@ -1113,15 +1136,20 @@ def cost_table(results: Results, *, confidence: float = CONFIDENCE) -> pd.DataFr
             ok = own[own["seed"].isin(ok_seeds.get((task, partner), set()))]
         else:  # (no baseline, or no AdamW arm, in this study)
             ok = own
-        ep = mean_ci(ok["epochs_run"], confidence)
+        if own["seed"].duplicated().any():  # (the tables' warning, with the same text: the report shows it once)
+            warnings.warn(_shared_seeds(task, arm, own), StatsWarning, stacklevel=1)  # (naming this module)
         total = pd.to_numeric(ok["time_total_s"], errors="coerce")
-        share = pd.to_numeric(ok["time_meta_s"], errors="coerce") / total.where(total > 0)
+        per_seed = pd.DataFrame({  # (a seed's several ok trials: their mean, one value per seed)
+            "epochs": pd.to_numeric(ok["epochs_run"], errors="coerce"), "early": _stopped_early(ok).astype(float),
+            "total": total, "share": pd.to_numeric(ok["time_meta_s"], errors="coerce") / total.where(total > 0),
+            "seed": ok["seed"]}).groupby("seed").mean()
+        ep = mean_ci(per_seed["epochs"], confidence)
         rows.append({
             "task": task, "arm": arm, "n_ok": len(own), "n_not_ok": len(_not_ok(g)), "n_unmatched": len(own) - len(ok),
             "epochs_mean": ep["mean"], "epochs_lo": ep["lo"], "epochs_hi": ep["hi"],
-            "early_stopped": float(_stopped_early(ok).mean()) if len(ok) else np.nan,
-            "time_total_mean_s": float(total.mean()) if len(ok) else np.nan,
-            "meta_share": float(share.mean()) if len(ok) else np.nan,
+            "early_stopped": float(per_seed["early"].mean()) if len(ok) else np.nan,
+            "time_total_mean_s": float(per_seed["total"].mean()) if len(ok) else np.nan,
+            "meta_share": float(per_seed["share"].mean()) if len(ok) else np.nan,
         })
     return pd.DataFrame(rows)
 

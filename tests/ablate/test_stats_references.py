@@ -14,11 +14,12 @@ import json
 from fractions import Fraction
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 
 from ablate import stats
-from ablate.results import load_results, write_trial
+from ablate.results import Results, load_results, write_trial
 from tests.ablate.test_stats import row_of
 
 
@@ -146,6 +147,29 @@ def test_the_reference_time_is_taken_at_the_reference_trials_best_epoch_not_its_
     assert row["wall_ratio"] == pytest.approx(37.5 / 20.0)
 
 
+def test_time_to_target_times_a_seeds_several_trials_by_one_rule_for_both_arms(tmp_path, report_kit):
+    # seed 0 with two ok trials of each arm (study versions loaded with all_trials=True). AdamW: 0.010 at epoch 1
+    # and 0.020 at epoch 3, so the target is 0.015 and AdamW's time the mean of its trials' times to their best:
+    # epoch (1 + 3) / 2 = 2, step 200, 20 s. MetaAdamW's trials first reach 0.015 at epochs 1 and 3: the same
+    # rule gives epoch 2, step 200, 20 s and a ratio of 1. (Its trials' mean curve 0.026, 0.021, 0.0135 reaches
+    # 0.015 only at epoch 3, 30 s: a ratio of 1.5 against a reference that AdamW's own mean curve 0.020, 0.018,
+    # 0.016 never reaches.)
+    for k, (values, best_epoch) in enumerate([([0.010, 0.011, 0.012], 1), ([0.030, 0.025, 0.020], 3)]):
+        write_trial(tmp_path, _trial(report_kit, "etth1", "adamw", 0, min(values), best_epoch=best_epoch,
+                                     trial_id=f"a{k}", finished_at=f"2026-01-01T00:00:0{k}"),
+                    _history(values, "mse", 10.0))
+    for k, values in enumerate([[0.012, 0.012, 0.012], [0.040, 0.030, 0.015]]):
+        write_trial(tmp_path, _trial(report_kit, "etth1", "baseline", 0, min(values), best_epoch=3,
+                                     trial_id=f"b{k}", finished_at=f"2026-01-01T00:00:0{k}"),
+                    _history(values, "mse", 10.0))
+    with pytest.warns(stats.StatsWarning, match="several trials share a seed"):
+        row = stats.time_to_target(load_results(tmp_path, all_trials=True)).iloc[0]
+    assert row["target"] == pytest.approx(0.015) and row["reached"] and row["note"] == ""
+    assert (row["ref_epoch"], row["ref_step"], row["ref_wall_s"]) == (2, 200.0, 20.0)
+    assert (row["epoch"], row["step"], row["wall_s"]) == (2, 200.0, 20.0)
+    assert row["wall_ratio"] == pytest.approx(1.0)
+
+
 # -- Table 2 time change on the test split ------------------------------------------------------
 def test_time_change_on_the_test_split_is_over_the_seeds_with_a_test_metric(tmp_path, report_kit):
     # MetaAdamW's seed 0 finished ok but has no test metric: the test-split comparison pairs seeds 1
@@ -247,3 +271,28 @@ def test_factorial_effects_on_a_negative_metric_favour_the_level_that_is_better(
     assert row["estimate"] == pytest.approx(expected)
     assert row["lo"] > 0 and row["significant"]
     assert row_of(effects, kind="main", term="gating", level="false")["estimate"] == pytest.approx(-expected)
+
+
+# -- cost table ---------------------------------------------------------------------------------
+def test_the_cost_table_counts_a_seed_with_several_ok_trials_once_with_their_mean():
+    # seed 0 with two ok trials of each arm (study versions loaded with all_trials=True): 2 epochs, 10 s, stopped
+    # early, and 4 epochs, 20 s; seed 1 one trial of 4 epochs, 30 s. Per seed, as the tables count a seed: epochs
+    # 3 and 4 (mean 3.5, sd 1/sqrt(2), CI 3.5 +- t(0.975, 1) * 0.5), seconds 15 and 30 (22.5), stopped early 0.5 and 0
+    # (0.25). Over the trials seed 0 weighed twice: 3.33 epochs, 20 s, a third stopped early, and n = 3.
+    base = {"task": "imdb", "status": "ok", "metric": "accuracy", "mode": "max", "epochs": 4, "best_metric": 0.5,
+            "stop_reason": "max_epochs", "time_meta_s": 0.0}
+    rows = []
+    for arm in ("adamw", "baseline"):
+        tag = {"arm": arm, "arms": json.dumps([arm])}
+        rows += [{**base, **tag, "trial_id": f"{arm}-0", "seed": 0, "epochs_run": 2, "time_total_s": 10.0,
+                  "stop_reason": "early_stopping"},
+                 {**base, **tag, "trial_id": f"{arm}-0b", "seed": 0, "epochs_run": 4, "time_total_s": 20.0},
+                 {**base, **tag, "trial_id": f"{arm}-1", "seed": 1, "epochs_run": 4, "time_total_s": 30.0}]
+    with pytest.warns(stats.StatsWarning, match="several trials share a seed"):
+        cost = stats.cost_table(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame())).set_index("arm")
+    half = sps.t.ppf(0.975, 1) * (1 / np.sqrt(2)) / np.sqrt(2)
+    for arm in ("adamw", "baseline"):
+        row = cost.loc[arm]
+        assert (row["n_ok"], row["n_unmatched"]) == (3, 0)
+        assert (row["epochs_mean"], row["epochs_lo"], row["epochs_hi"]) == pytest.approx((3.5, 3.5 - half, 3.5 + half))
+        assert row["time_total_mean_s"] == pytest.approx(22.5) and row["early_stopped"] == pytest.approx(0.25)
