@@ -81,13 +81,17 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ablate.config import describe_fields
+    from ablate.config import describe_fields, describe_task_fields
 
     _import_cli_plugins(args)
     if args.task:
         _print_task_defaults(args.task)
     else:
         _print_registries()
+    if args.keys and args.task:  # (its own keys, which the common keys' table below does not describe)
+        print(f"\nkeys of task {args.task} (its model and data; ablate train --set KEY=VALUE, or in study files under "
+              f"budget: or overrides.{args.task}:):")
+        print(describe_task_fields(args.task))
     if args.keys:  # (with --task too: what each key of its config means)
         print("\ntrial-config keys (ablate train --set KEY=VALUE, or in study files):")
         print(describe_fields())
@@ -296,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="registered tasks and components")
-    s.add_argument("--keys", action="store_true", help="also list every trial-config key (with --task too)")
+    s.add_argument("--keys", action="store_true", help="also list every trial-config key (with --task: the task's own keys too)")
     s.add_argument("--task", help="instead: TASK's trial config (its paper settings on real data, and on the "
                                   "embedded data)")
     s.add_argument("--plugin", action="append", metavar="MODULE",

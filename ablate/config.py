@@ -448,6 +448,27 @@ def describe_fields() -> str:
     return "\n".join(rows)
 
 
+def describe_task_fields(task_name: str) -> str:
+    """A human-readable table of the task's own keys - its model and data keys, which are no common
+    key (``ablate list --task TASK --keys``) -: each with its kind and its defaults on the real and
+    the embedded data (a study file sets them under ``budget:`` or ``overrides.<task>:``)."""
+    from ablate.tasks import get_task
+
+    spec = get_task(task_name)
+    keys = task_fields(task_name)
+    if not keys:
+        return "(none)"
+    width = max(18, *map(len, keys))
+    rows = [f"{'key':<{width}} {'data: real':<18} {'data: embedded':<18} kind"]
+    for key in keys:  # (a key of the embedded data only is no key of the real data: "-")
+        real = json.dumps(spec.defaults[key]) if key in spec.defaults else "-"
+        embedded = spec.embedded_defaults[key] if key in spec.embedded_defaults else spec.defaults[key]
+        example = next((d[key] for d in (spec.defaults, spec.embedded_defaults) if d.get(key) is not None), None)
+        kind = _kind_of(example).rstrip(",") if example is not None else ""
+        rows.append(f"{key:<{width}} {real:<18} {json.dumps(embedded):<18} {kind}".rstrip())
+    return "\n".join(rows)
+
+
 def did_you_mean(key: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
     """`` (did you mean 'x'?)`` for the option closest to a misspelt ``key``, or ``""`` (``cutoff``:
     how close, as difflib measures it, ignoring case: ``ETTh1`` is ``etth1``)."""

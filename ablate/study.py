@@ -379,26 +379,47 @@ _Loader.add_implicit_resolver(
 )
 
 
+#: a line of a YAML file that holds no content: blank, a comment, a document marker (``---``, ``...``,
+#: either with a comment after it) or a directive (``%YAML 1.2``, at the start of the line)
+_NO_CONTENT_RE = re.compile(r"\s*(#.*)?|(---|\.\.\.)(\s+#.*)?\s*|%.*")
+
+
+def _empty_file(text: str) -> str | None:
+    """None where ``text`` has content; else what the empty file holds, for its message: ``""``
+    (nothing, or whitespace), or `` (nothing but comments and document markers)`` and the like. A
+    UTF-8 byte-order mark counts as nothing (YAML skips it; a study file saved with one is read)."""
+    lines = text.removeprefix("\ufeff").splitlines()
+    if not all(_NO_CONTENT_RE.fullmatch(line) for line in lines):
+        return None
+    kinds = [what for what, there in (
+        ("comments", any(line.lstrip().startswith("#") for line in lines)),
+        ("directives", any(line.startswith("%") for line in lines)),
+        ("document markers", any(line.startswith(("---", "...")) for line in lines))) if there]
+    return f" (nothing but {', '.join(kinds[:-1])}{' and ' if len(kinds) > 1 else ''}{kinds[-1]})" if kinds else ""
+
+
 def _read_yaml(path: Path) -> Any:
     """The parsed YAML document of ``path``; every failure is a StudyError naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise StudyError(f"{path}: cannot read the study file: {exc}") from None
+    empty = _empty_file(text)
+    if empty is not None:  # (it said "...a mapping...; got None", or a YAML error for a lone %YAML or ...)
+        raise StudyError(f"{path}: the file is empty{empty}")
     try:
         document = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
         problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+        if "'\\t'" in problem:  # (PyYAML: "found character '\t' that cannot start any token")
+            problem += " (a tab at that line and column: replace it with spaces, which YAML indents and separates with)"
         raise StudyError(f"{path}{at}: invalid YAML: {problem or exc}") from None
     except RecursionError:
         raise StudyError(f"{path}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's scanner: an escape beyond Unicode ("\U01000000")
         raise StudyError(f"{path}: invalid YAML: {exc}") from None
-    if document is None and all(not line.strip() or line.lstrip().startswith("#") or line.strip() in ("---", "...")
-                                for line in text.splitlines()):  # (it said "...a mapping...; got None")
-        raise StudyError(f"{path}: the file is empty{' (nothing but comments)' if text.strip() else ''}")
     return document
 
 
@@ -439,8 +460,8 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
                             f"{_short(mapping)}{hint}")
     ctx.attempt(_check_keys, ctx, mapping, STUDY_KEYS, "", REQUIRED_KEYS)  # (an unknown key: the rest still checked)
     given = {k: v for k, v in mapping.items() if v is not None}  # a key left empty takes its default
-    if any(k not in given for k in REQUIRED_KEYS):
-        ctx.gate()
+    # (a required key that is missing is said above; the keys beside it are still checked, the settings only
+    # where the tasks are given)
     # independent problems are collected (ctx.attempt) and said together (ctx.gate) before the checks that need
     # what they check: the plugins (their tasks and components), the tasks and data (the settings), all of them (the
     # trials)
@@ -450,15 +471,16 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
         ctx.attempt(import_plugins, plugins, base_dir, ctx.source)
     if len(ctx.problems) > said:
         ctx.gate()
-    name = ctx.attempt(_parse_name, ctx, given["name"])
+    name = ctx.attempt(_parse_name, ctx, given["name"]) if "name" in given else None
     description = given.get("description", "")
     if not isinstance(description, str):
         ctx.problems.append(str(ctx.error("description", f"must be a string, got {_short(description)}")))
     said = len(ctx.problems)
     ctx.attempt(_parse_data, ctx, given.get("data", COMMON_FIELDS["data"].default), given.get("data_dir"), base_dir)
-    ctx.tasks = ctx.attempt(_parse_tasks, ctx, given["tasks"], default=[])
-    settings_checkable = len(ctx.problems) == said  # (the settings are checked against the tasks and their data)
-    seeds = ctx.attempt(_parse_seeds, ctx, given["seeds"], default=[])
+    ctx.tasks = ctx.attempt(_parse_tasks, ctx, given["tasks"], default=[]) if "tasks" in given else []
+    # (the settings are checked against the tasks and their data)
+    settings_checkable = len(ctx.problems) == said and "tasks" in given
+    seeds = ctx.attempt(_parse_seeds, ctx, given["seeds"], default=[]) if "seeds" in given else []
     if extra_seeds is not None and seeds:
         seeds += ctx.attempt(_parse_extra_seeds, ctx, extra_seeds, seeds, default=[])
     resources = ctx.attempt(_parse_resources, ctx, given.get("resources", {}))
@@ -556,10 +578,13 @@ def _parse_data(ctx: _Context, data: Any, data_dir: Any, base_dir: str | os.Path
 def _parse_tasks(ctx: _Context, tasks: Any) -> list[str]:
     if not isinstance(tasks, list) or not tasks:
         raise ctx.error("tasks", f"must be a non-empty list of task names, e.g. [etth1, imdb]; got {_short(tasks)}")
-    for i, task in enumerate(tasks):
+    def check(item: tuple[int, Any]) -> None:
+        i, task = item
         validate_value("task", task, ctx.where(f"tasks[{i}]"))
         if task in tasks[:i]:
             raise ctx.error(f"tasks[{i}]", f"{task!r} is listed twice")
+
+    _each(check, enumerate(tasks))  # (each task's problem: said together)
     return list(tasks)
 
 
@@ -593,21 +618,31 @@ def _parse_extra_seeds(ctx: _Context, extra: Any, seeds: list[int]) -> list[int]
 
 
 def _check_seed_list(ctx: _Context, seeds: list, path: str, existing: list[int]) -> None:
-    for i, seed in enumerate(seeds):
+    def check(item: tuple[int, Any]) -> None:
+        i, seed = item
         validate_value("seed", seed, ctx.where(f"{path}[{i}]"))
         if seed in seeds[:i] or seed in existing:
             raise ctx.error(f"{path}[{i}]", f"seed {seed} is given twice")
+
+    _each(check, enumerate(seeds))  # (each seed's problem: said together)
 
 
 def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
     if not isinstance(resources, dict):
         raise ctx.error("resources", f"must be a mapping like {{cpus: 1, gpus: 0}}; got {_short(resources)}")
-    _check_keys(ctx, resources, {"cpus": "CPUs per trial (> 0)", "gpus": "GPUs per trial (>= 0, may be fractional)"}, "resources")
-    merged = {**RESOURCE_DEFAULTS, **{k: v for k, v in resources.items() if v is not None}}  # (null: the default)
-    if not is_number(merged["cpus"]) or merged["cpus"] <= 0:
-        raise ctx.error("resources.cpus", f"must be a number > 0, got {_short(merged['cpus'])}")
+    problems = []  # (an unknown key and a bad value beside it: said together)
+    try:
+        _check_keys(ctx, resources, {"cpus": "CPUs per trial (> 0)", "gpus": "GPUs per trial (>= 0, may be fractional)"},
+                    "resources")
+    except StudyError as exc:
+        problems += exc.problems
+    merged = {**RESOURCE_DEFAULTS, **{k: v for k, v in resources.items() if v is not None and k in RESOURCE_DEFAULTS}}
+    if not is_number(merged["cpus"]) or merged["cpus"] <= 0:  # (null: the default)
+        problems.append(str(ctx.error("resources.cpus", f"must be a number > 0, got {_short(merged['cpus'])}")))
     if not is_number(merged["gpus"]) or merged["gpus"] < 0:
-        raise ctx.error("resources.gpus", f"must be a number >= 0, got {_short(merged['gpus'])}")
+        problems.append(str(ctx.error("resources.gpus", f"must be a number >= 0, got {_short(merged['gpus'])}")))
+    if problems:
+        raise StudyError(*problems)
     return merged
 
 
@@ -681,6 +716,10 @@ def _parse_tuned_file(
     path = Path(os.path.expanduser(source))
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
+    if path.is_dir():  # (it said the folder "does not exist")
+        inside = path / file_name
+        raise ctx.error(path_s, f"{str(path)!r} is a folder: give the file `ablate tune` wrote"
+                                + (f", {str(inside)!r}" if inside.is_file() else f" ({file_name})"))
     if not path.is_file():
         raise ctx.error(
             path_s, f"{str(path)!r} does not exist (a relative path is relative to the study file); run "
@@ -696,12 +735,13 @@ def _parse_tuned_file(
                                 f"{'AdamW settings, e.g. {etth1: {lr: 3.0e-4}}' if adamw else 'priorities, e.g. {etth1: [1.0, 2.0, 0.5]}'}"
                                 f"; got {_short(data)}")
     tuned, tuned_on, tuned_with = {}, {}, {}
-    for task in ctx.tasks:
+
+    def read(task: str) -> None:  # (one task's entry)
         where = f"{path_s} ({path.name}).{task}"
         if task not in data:
             if (not adamw and isinstance(overrides, dict) and isinstance(overrides.get(task), dict)
                     and "priorities" in overrides[task]):
-                continue
+                return
             raise ctx.error(
                 path_s, f"{path} has no entry for task {task!r} (it has: {', '.join(map(str, data)) or 'none'}); "
                 f"tune that task too{'' if adamw else f', or set its priorities under overrides.{task}'}"
@@ -744,6 +784,8 @@ def _parse_tuned_file(
                 raise ctx.error(where, f"sets {key!r}, and {path_s.split('.')[0]}: sets {ALTERNATIVE_KEYS[key]!r}: the "
                                        f"same meta-update frequency; keep one of them")
         tuned[task] = _check_settings(ctx, entry, where, [task], adamw=adamw)
+
+    _each(read, ctx.tasks)  # (each task's problems: said together)
     return tuned, tuned_on, tuned_with
 
 

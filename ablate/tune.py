@@ -258,20 +258,36 @@ def load_tune_spec(path: str | os.PathLike, *, trials: int | None = None) -> Tun
 def parse_tune_spec(mapping: Any, source: str = "<string>", *, base_dir: str | os.PathLike | None = None,
                     trials: int | None = None) -> TuneSpec:
     """Validate the study part (:func:`ablate.study.parse_study`) and the ``tune:`` section; every
-    problem is a :class:`StudyError` naming the file and the field path."""
+    problem is a :class:`StudyError` naming the file and the field path (the problems of the two
+    parts together, so that a spec with several is fixed in one go)."""
     if not isinstance(mapping, dict):
         raise StudyError(f"{source}: a tune spec must be a mapping (a study file with a tune: section); got {mapping!r:.80}")
+    problems: list[str] = []  # (the tune: section's, and the study's own: said together)
     for key in ("ablations", "factorial"):
         if mapping.get(key) is not None:
-            raise StudyError(
+            problems.append(
                 f"{source}: {key}: is not used by `ablate tune`, which searches one arm's settings (tune.arm); "
                 f"remove it (run the ablations with `ablate run`, e.g. with baseline: {{priorities_from: "
                 f".../{BEST_FILE}}})"
             )
-    settings = _parse_tune_section(mapping.get("tune"), source, trials)
-    # (the keys searched now are not compared with a tuned file's tuned_with: e.g. meta_lr searched again on top of
-    # baseline: {priorities_from: ...}, whose priorities were tuned with one meta_lr)
-    study = parse_study(mapping, source, base_dir=base_dir, searched={settings.arm: _searched_setting_keys(settings)})
+    try:
+        settings = _parse_tune_section(mapping.get("tune"), source, trials)
+    except StudyError as exc:
+        settings = None
+        problems += exc.problems
+    study_part = {k: v for k, v in mapping.items() if k not in ("ablations", "factorial")}  # (refused above)
+    try:
+        with warnings.catch_warnings():
+            if problems:  # (the study's warnings wait for a spec that is read: its errors are what to fix first)
+                warnings.simplefilter("ignore")
+            # (the keys searched now are not compared with a tuned file's tuned_with: e.g. meta_lr searched again on
+            # top of baseline: {priorities_from: ...}, whose priorities were tuned with one meta_lr)
+            study = parse_study(study_part, source, base_dir=base_dir,
+                                searched={settings.arm: _searched_setting_keys(settings)} if settings else None)
+    except StudyError as exc:
+        problems += exc.problems
+    if problems:
+        raise StudyError(*problems)
     if settings.arm == "adamw" and not any("adamw" in t.arms for t in study.trials):
         raise _err(source, "arm", "is adamw, but the study has adamw: false; set adamw: true (or a mapping of its "
                                   "settings)")
@@ -288,81 +304,109 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_keys(source: str, mapping: dict, allowed: Mapping[str, str], path: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            raise _err(source, f"{path}.{key}" if path else str(key),
-                       f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
+    """Every unknown key of ``mapping`` (at ``path`` of the tune: section), named together."""
+    unknown = [_err(source, f"{path}.{key}" if path else str(key),
+                    f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
+               for key in mapping if key not in allowed]
+    if unknown:
+        raise StudyError(*(p for e in unknown for p in e.problems))
 
 
 def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSettings:
+    """The ``tune:`` section's settings; its independent problems are raised together (one
+    StudyError), a check that needs another key's value only where that key was read."""
     if section is None:
         section = {}
     if not isinstance(section, dict):
         raise _err(source, "", f"must be a mapping of: {', '.join(TUNE_KEYS)}; got {section!r:.80}")
-    _check_keys(source, section, TUNE_KEYS, "")
+    problems: list[str] = []
+    failed: set[str] = set()  # the keys whose value was refused (the checks that need them are left out)
+
+    def read(key: str, parse: Callable[[], Any]) -> Any:
+        try:
+            return parse()
+        except StudyError as exc:
+            problems.extend(exc.problems)
+            failed.add(key)
+            return None  # (the section is refused: a refused key's value is not used)
+
+    read("", lambda: _check_keys(source, section, TUNE_KEYS, ""))
     given = {k: v for k, v in section.items() if v is not None or k in ("sampler_seed", "storage")}
     s = TuneSettings()
     if "trials" in given:
-        s.trials = _int_at_least(source, "trials", given["trials"], 0)
+        s.trials = read("trials", lambda: _int_at_least(source, "trials", given["trials"], 0))
     if trials is not None:
-        s.trials = _int_at_least(source, "trials (--trials)", trials, 0)
+        s.trials = read("trials", lambda: _int_at_least(source, "trials (--trials)", trials, 0))
     if "sampler" in given:
-        s.sampler = _choice(source, "sampler", given["sampler"], SAMPLERS)
+        s.sampler = read("sampler", lambda: _choice(source, "sampler", given["sampler"], SAMPLERS))
     if s.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError:
-            raise _err(source, "sampler", "cmaes needs the `cmaes` package (pip install cmaes); or choose one of: "
-                       + ", ".join(x for x in SAMPLERS if x != "cmaes")) from None
+            problems.append(str(_err(source, "sampler", "cmaes needs the `cmaes` package (pip install cmaes); or choose "
+                                     "one of: " + ", ".join(x for x in SAMPLERS if x != "cmaes"))))
     if "sampler_seed" in given and given["sampler_seed"] is not None:
-        s.sampler_seed = _int_at_least(source, "sampler_seed", given["sampler_seed"], 0)
+        s.sampler_seed = read("sampler_seed", lambda: _int_at_least(source, "sampler_seed", given["sampler_seed"], 0))
     elif "sampler_seed" in given:
         s.sampler_seed = None
     if "aggregate" in given:
-        s.aggregate = _choice(source, "aggregate", given["aggregate"], AGGREGATES)
+        s.aggregate = read("aggregate", lambda: _choice(source, "aggregate", given["aggregate"], AGGREGATES))
     if "arm" in given:
-        s.arm = _choice(source, "arm", given["arm"], ARMS)
-    if "priorities" in given:
+        s.arm = read("arm", lambda: _choice(source, "arm", given["arm"], ARMS))
+    if "priorities" in given and "arm" not in failed:
         pr = given["priorities"]
         if s.arm == "adamw" and pr is not False:
-            raise _err(source, "priorities", "are MetaAdamW's, and arm: adamw searches AdamW's settings; remove "
-                                             "tune.priorities (or set it to false)")
-        # (a key left out takes the default range's: {low: 0.5, high: 5} is searched on its log scale too)
-        s.priorities = None if pr is False else _parse_range(source, "priorities", pr, float, minimum=0.0,
-                                                             defaults=DEFAULT_PRIORITIES)
+            read("priorities", lambda: _raise(_err(source, "priorities", "are MetaAdamW's, and arm: adamw searches "
+                                                   "AdamW's settings; remove tune.priorities (or set it to false)")))
+        else:  # (a key left out takes the default range's: {low: 0.5, high: 5} is searched on its log scale too)
+            s.priorities = None if pr is False else read("priorities", lambda: _parse_range(
+                source, "priorities", pr, float, minimum=0.0, defaults=DEFAULT_PRIORITIES))
     if "params" in given:
-        s.params = _parse_params(source, given["params"])
-    if s.arm == "adamw":
+        s.params = read("params", lambda: _parse_params(source, given["params"])) or {}
+    if s.arm == "adamw" and not failed & {"arm", "params"}:
         s.priorities = None
         for key in s.params:
             if key in METAADAMW_KEYS:
-                raise _err(source, f"params.{key}", "is a MetaAdamW setting, which the AdamW arm does not use (arm: "
-                                                    "adamw); search it with arm: baseline")
+                problems.append(str(_err(source, f"params.{key}", "is a MetaAdamW setting, which the AdamW arm does not "
+                                                                  "use (arm: adamw); search it with arm: baseline")))
         if not s.params:
-            raise _err(source, "params", "is empty, so arm: adamw has nothing to search; give AdamW's settings, e.g. "
-                                         "params: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}")
-    if s.priorities is None and not s.params:
-        raise _err(source, "priorities", "is false and params: is empty, so there is nothing to search")
+            problems.append(str(_err(source, "params", "is empty, so arm: adamw has nothing to search; give AdamW's "
+                                                        "settings, e.g. params: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}}")))
+    elif s.priorities is None and not s.params and not failed & {"arm", "priorities", "params"}:
+        problems.append(str(_err(source, "priorities", "is false and params: is empty, so there is nothing to search")))
     if "scheduler" in given:
-        s.scheduler = _parse_scheduler(source, given["scheduler"])
+        s.scheduler = read("scheduler", lambda: _parse_scheduler(source, given["scheduler"]))
     if "cross_task" in given:
         if not isinstance(given["cross_task"], bool):
-            raise _err(source, "cross_task", f"must be true or false, got {given['cross_task']!r:.80}")
-        s.cross_task = given["cross_task"]
-    if s.cross_task and s.arm == "adamw":
-        raise _err(source, "cross_task", "scores improvements over the AdamW arm, which arm: adamw is searching; "
-                                         "tune AdamW per task (cross_task: false)")
+            read("cross_task", lambda: _raise(_err(source, "cross_task", f"must be true or false, got "
+                                                                         f"{given['cross_task']!r:.80}")))
+        else:
+            s.cross_task = given["cross_task"]
+    if s.cross_task and s.arm == "adamw" and "arm" not in failed:
+        problems.append(str(_err(source, "cross_task", "scores improvements over the AdamW arm, which arm: adamw is "
+                                                       "searching; tune AdamW per task (cross_task: false)")))
     if given.get("storage") is not None:
         if not isinstance(given["storage"], str) or not given["storage"].strip() or "\0" in given["storage"]:
-            raise _err(source, "storage", f"must be null, a journal file path or a database URL; got {given['storage']!r:.80}")
-        s.storage = given["storage"]
+            problems.append(str(_err(source, "storage", f"must be null, a journal file path or a database URL; got "
+                                                        f"{given['storage']!r:.80}")))
+        else:
+            s.storage = given["storage"]
     if "max_concurrent" in given:
-        s.max_concurrent = _int_at_least(source, "max_concurrent", given["max_concurrent"], 1)
+        s.max_concurrent = read("max_concurrent", lambda: _int_at_least(source, "max_concurrent",
+                                                                        given["max_concurrent"], 1))
     if "enqueue_baseline" in given:
         if not isinstance(given["enqueue_baseline"], bool):
-            raise _err(source, "enqueue_baseline", f"must be true or false, got {given['enqueue_baseline']!r:.80}")
-        s.enqueue_baseline = given["enqueue_baseline"]
+            problems.append(str(_err(source, "enqueue_baseline", f"must be true or false, got "
+                                                                 f"{given['enqueue_baseline']!r:.80}")))
+        else:
+            s.enqueue_baseline = given["enqueue_baseline"]
+    if problems:
+        raise StudyError(*problems)
     return s
+
+
+def _raise(error: StudyError) -> None:
+    raise error
 
 
 def _int_at_least(source: str, path: str, value: Any, minimum: int) -> int:
@@ -424,19 +468,25 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
 def _parse_params(source: str, params: Any) -> dict[str, Range]:
     if not isinstance(params, dict):
         raise _err(source, "params", f"must be a mapping {{config_key: {{low, high, log}}}}; got {params!r:.80}")
-    out = {}
+    out: dict[str, Range] = {}
+    problems: list[str] = []  # (each key's: said together)
     for key, spec in params.items():
-        if key == "priorities" or key in PRIORITY_PARAMS:
-            raise _err(source, f"params.{key}", "the priorities are searched by tune.priorities: {low, high, log}")
-        if key not in TUNABLE_KEYS:
-            raise _err(source, f"params.{key}", f"is not a numeric config key that can be searched"
-                       f"{did_you_mean(key, TUNABLE_KEYS)}; "
-                       f"choose from: {', '.join(TUNABLE_KEYS)}")
-        out[key] = _parse_range(source, f"params.{key}", spec, COMMON_FIELDS[key].type, key=key)
-        other = ALTERNATIVE_KEYS.get(key)
-        if other in out:  # (a suggestion would set both: one of them silently unused, and the best values refused)
-            raise _err(source, f"params.{key}", f"and params.{other} both set the meta-update frequency; search one "
-                                                f"of them")
+        try:
+            if key == "priorities" or key in PRIORITY_PARAMS:
+                raise _err(source, f"params.{key}", "the priorities are searched by tune.priorities: {low, high, log}")
+            if key not in TUNABLE_KEYS:
+                raise _err(source, f"params.{key}", f"is not a numeric config key that can be searched"
+                           f"{did_you_mean(key, TUNABLE_KEYS)}; "
+                           f"choose from: {', '.join(TUNABLE_KEYS)}")
+            out[key] = _parse_range(source, f"params.{key}", spec, COMMON_FIELDS[key].type, key=key)
+            other = ALTERNATIVE_KEYS.get(key)
+            if other in out:  # (a suggestion would set both: one of them silently unused, and the best values refused)
+                raise _err(source, f"params.{key}", f"and params.{other} both set the meta-update frequency; search "
+                                                    f"one of them")
+        except StudyError as exc:
+            problems += exc.problems
+    if problems:
+        raise StudyError(*problems)
     return out
 
 
@@ -1458,16 +1508,20 @@ def _nodes_fit(cpus: float, gpus: float, nodes: list[dict[str, Any]] | None = No
 def at_a_time(s: TuneSettings, trials: int, cpus: float, gpus: float,
               nodes: list[dict[str, Any]] | None = None) -> str:
     """How many suggestions run at once, in words: ``max_concurrent``, or fewer where the suggestions
-    asked for or the running Ray's nodes allow fewer ("none to run" for ``trials`` 0)."""
+    asked for or the running Ray's nodes allow fewer ("none to run" for ``trials`` 0; none yet where
+    no node fits one suggestion: they wait for a node that does)."""
     if trials < 1:  # (--trials 0: the outputs only)
         return "none to run"
     fit = _nodes_fit(cpus, gpus, nodes)
-    n = min(s.max_concurrent, trials, s.max_concurrent if not fit else fit)
+    each = f"{cpus:g} CPU(s){f' and {gpus:g} GPU(s)' if gpus else ''}"
+    if fit == 0:  # (it said max_concurrent, which no node can run: Ray waits for a node that fits one)
+        return (f"none at a time yet: no node of the running Ray fits one suggestion of {each}, so they wait for one "
+                f"that does (lower resources: in the study file if none will join)")
+    n = min(s.max_concurrent, trials, s.max_concurrent if fit is None else fit)
     if n == s.max_concurrent:
         return f"{n} at a time"
     why = ([f"{trials} suggestion(s) asked for"] if trials == n else []) + \
-          ([f"Ray's nodes fit {fit} suggestion(s) of {cpus:g} CPU(s){f' and {gpus:g} GPU(s)' if gpus else ''} each"]
-           if fit == n else [])
+          ([f"Ray's nodes fit {fit} suggestion(s) of {each} each"] if fit == n else [])
     return f"{n} at a time (max_concurrent {s.max_concurrent}; {', '.join(why)})"
 
 

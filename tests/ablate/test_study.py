@@ -21,7 +21,7 @@ import yaml
 
 import metaadamw
 from ablate.config import trial_id
-from ablate.study import Study, StudyError, format_trials, load_study, parse_study
+from ablate.study import STUDY_KEYS, Study, StudyError, format_trials, load_study, parse_study
 from ablate.tasks import TASKS, list_tasks, register_task
 
 SEARCH_SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -695,7 +695,7 @@ def test_a_data_directory_without_a_tasks_files_is_refused_before_ray_starts(tmp
     assert not (tmp_path / "out").exists()
     _write_real_data(task, data)
     files = get_task(task).locate(dict(study.trials[0].config))
-    assert files and all(p.exists() for p in files)
+    assert files and all(Path(p).exists() for p in files)  # (a FolderFiles too: its folder)
 
 
 def test_a_toml_file_gets_a_hint_and_idle_metaadamw_trials_are_counted(tmp_path):
@@ -844,3 +844,116 @@ def test_the_problems_of_several_axes_levels_and_override_tasks_are_named_at_onc
     # (a level given twice is still one)
     assert "level 1 is given twice" in error(tmp_path, {"name": "t", "tasks": ["tiny_ts"], "seeds": 1,
                                                         "ablations": {"meta_every": [1, 1]}})
+
+
+def test_every_bad_task_of_a_tuned_file_is_named_at_once(tmp_path):
+    # the tasks of a priorities_from file were checked one at a time: the first bad entry hid the others
+    (tmp_path / "best.yaml").write_text("tiny_ts: {priorities: [1, 2, 3], tuned_on_seeds: seven}\n"
+                                        "tiny_cls: {priorities: [1, 2, 3], lrr: 0.1}\n")
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {**BASE, "baseline": {"priorities_from": "best.yaml"}}))
+    problems = info.value.problems
+    assert len(problems) == 2, problems
+    assert "baseline.priorities_from (best.yaml).tiny_ts.tuned_on_seeds: must be the list of seeds" in problems[0]
+    assert "baseline.priorities_from (best.yaml).tiny_cls.lrr: unknown config key 'lrr'" in problems[1]
+    # (a task the file lacks, beside a bad entry: both named too)
+    (tmp_path / "best.yaml").write_text("tiny_ts: {priorities: [1, 2]}\n")
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {**BASE, "baseline": {"priorities_from": "best.yaml"}}))
+    problems = info.value.problems
+    assert len(problems) == 2 and "tiny_ts.priorities" in problems[0], problems
+    assert "has no entry for task 'tiny_cls'" in problems[1]
+
+
+def test_an_unknown_resources_key_and_a_bad_value_beside_it_are_named_together(tmp_path):
+    # the unknown key hid the bad value: fixing the one then met the other
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {**BASE, "resources": {"cpu": 2, "gpus": -1}}))
+    path = tmp_path / "s.yaml"
+    assert info.value.problems == [
+        f"{path}: resources.cpu: unknown key (did you mean 'cpus'?); allowed keys: cpus, gpus",
+        f"{path}: resources.gpus: must be a number >= 0, got -1",
+    ]
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {**BASE, "resources": {"cpus": 0, "gpus": "one"}}))
+    assert [p.split(": ")[1] for p in info.value.problems] == ["resources.cpus", "resources.gpus"]
+    assert load_study(write(tmp_path, {**BASE, "resources": {"cpus": 2, "gpus": None}})).resources == {"cpus": 2, "gpus": 0}
+
+
+@pytest.mark.parametrize("text, said", [
+    # a lone document marker or directive, or a byte-order mark, said "a study must be a mapping ...; got None" or
+    # gave a YAML error ("expected '<document start>', but found '<stream end>'")
+    ("---\n", "the file is empty (nothing but document markers)"),
+    ("--- # a study\n...\n", "the file is empty (nothing but document markers)"),
+    ("---\n---\n", "the file is empty (nothing but document markers)"),
+    ("%YAML 1.2\n---\n", "the file is empty (nothing but directives and document markers)"),
+    ("%YAML 1.1\n", "the file is empty (nothing but directives)"),
+    ("# to do\n---\n", "the file is empty (nothing but comments and document markers)"),
+    ("\ufeff", "the file is empty"),
+    ("\ufeff  \n\n", "the file is empty"),
+    ("\ufeff# nothing yet\n", "the file is empty (nothing but comments)"),
+])
+def test_a_study_file_of_markers_directives_or_a_byte_order_mark_alone_is_called_empty(tmp_path, text, said):
+    path = tmp_path / "s.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(StudyError) as info:
+        load_study(path)
+    assert str(info.value) == f"{path}: {said}"
+
+
+def test_a_study_file_with_a_byte_order_mark_and_markers_parses(tmp_path):
+    # (the empty-file check skips a byte-order mark: one before real content must still parse)
+    path = tmp_path / "s.yaml"
+    path.write_text("\ufeff%YAML 1.1\n---\nname: t\ntasks: [tiny_ts]\nseeds: 2\n...\n", encoding="utf-8")
+    study = load_study(path)
+    assert (study.name, study.tasks, study.seeds) == ("t", ["tiny_ts"], [0, 1])
+
+
+def test_every_bad_seed_and_task_of_a_list_is_named_at_once(tmp_path):
+    # the lists stopped at their first bad item: a seed given twice hid a negative one, a task listed twice an unknown one
+    path = tmp_path / "s.yaml"
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {"name": "t", "tasks": ["tiny_ts", "tiny_ts", "nosuch"], "seeds": [1, 1, -2]}))
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0] == f"{path}: tasks[1]: 'tiny_ts' is listed twice"
+    assert problems[1].startswith(f"{path}: tasks[2]: task='nosuch' is not allowed")
+    assert problems[2] == f"{path}: seeds[1]: seed 1 is given twice"
+    assert problems[3].startswith(f"{path}: seeds[2]: seed=-2 must be >= 0")
+
+
+@pytest.mark.parametrize("text, at", [("name: t\ntasks: [tiny_ts]\nseeds: 1\nbudget:\n\tepochs: 2\n", ":5:1"),
+                                      ("name: t\ntasks: [tiny_ts]\nseeds: 1\nbudget:\n  epochs: 2\t# two\n", ":5:12")])
+def test_a_tab_in_a_study_file_is_named_as_a_tab_to_replace(tmp_path, text, at):
+    # PyYAML's "found character '\t' that cannot start any token" did not say what to do
+    message = error(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 's.yaml'}{at}: invalid YAML: ")
+    assert message.endswith("(a tab at that line and column: replace it with spaces, which YAML indents and separates "
+                            "with)")
+
+
+def test_a_missing_required_key_does_not_hide_the_problems_beside_it(tmp_path):
+    # a study without name: (or tasks:, seeds:) said that alone, hiding a bad seeds:, retries: or budget:
+    path = tmp_path / "s.yaml"
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {"tasks": ["tiny_ts"], "seeds": -1, "retries": "x", "budget": {"lr": -1}}))
+    assert [p.split(": ")[1] for p in info.value.problems] == ["name", "seeds", "retries", "budget.lr"]
+    assert info.value.problems[0] == f"{path}: name: is required: {STUDY_KEYS['name']}"
+    # without tasks: the settings, checked against the tasks, wait; the rest is still said
+    with pytest.raises(StudyError) as info:
+        load_study(write(tmp_path, {"name": "t", "seeds": [1, 1], "budget": {"lr": -1}}))
+    assert info.value.problems == [f"{path}: tasks: is required: {STUDY_KEYS['tasks']}",
+                                   f"{path}: seeds[1]: seed 1 is given twice"]
+
+
+def test_a_tuned_file_path_that_is_a_folder_is_called_a_folder(tmp_path):
+    # priorities_from: a folder said "'...' does not exist"
+    (tmp_path / "tune").mkdir()
+    path = tmp_path / "s.yaml"
+    mapping = {**BASE, "baseline": {"priorities_from": "tune"}}
+    assert error(tmp_path, mapping) == (f"{path}: baseline.priorities_from: {str(tmp_path / 'tune')!r} is a folder: "
+                                        f"give the file `ablate tune` wrote (best_priorities.yaml)")
+    (tmp_path / "tune" / "best_priorities.yaml").write_text("tiny_ts: [1, 2, 3]\ntiny_cls: [1, 2, 3]\n")
+    assert error(tmp_path, mapping).endswith(f"is a folder: give the file `ablate tune` wrote, "
+                                             f"{str(tmp_path / 'tune' / 'best_priorities.yaml')!r}")
+    assert error(tmp_path, {**BASE, "adamw": {"tuned_from": "tune"}}).endswith("(best_adamw.yaml)")

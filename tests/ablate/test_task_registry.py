@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import sys
 import textwrap
@@ -459,29 +458,6 @@ def test_the_data_fingerprint_of_a_folder_sees_the_files_behind_a_linked_subfold
     assert data_fingerprint(spec, {"data": "real"}) == now
 
 
-def test_a_folder_files_location_fingerprints_the_matching_files_only(tmp_path):
-    # (what a task reads of a folder: its *.npy, not the README or the CSV export beside them)
-    from ablate.tasks import FolderFiles, Metric, data_fingerprint
-
-    folder = tmp_path / "arrays"
-    folder.mkdir()
-    (folder / "a.npy").write_bytes(b"x" * 10)
-    (folder / "b.npy").write_bytes(b"y" * 5)
-    spec = TaskSpec("files_task", lambda c: None, (Metric("mse", "min"),), {}, {},
-                    locate=lambda c: [FolderFiles(folder, "*.npy")])
-    before = data_fingerprint(spec, {"data": "real"})
-    assert before == hashlib.sha256(b"arrays\x002\x0015\n").hexdigest()[:16]
-    (folder / "README.md").write_text("notes")
-    (folder / "all.csv").write_text("1,2\n")
-    (folder / "sub").mkdir()
-    (folder / "sub" / "c.npy").write_bytes(b"z")
-    assert data_fingerprint(spec, {"data": "real"}) == before
-    (folder / "c.npy").write_bytes(b"z")
-    assert data_fingerprint(spec, {"data": "real"}) == hashlib.sha256(b"arrays\x003\x0016\n").hexdigest()[:16]
-    with pytest.raises(ValueError, match=r"the pattern matches the names of files directly in the folder"):
-        FolderFiles(folder, "sub/*.npy")
-
-
 def test_null_for_a_task_key_whose_default_is_a_value_is_refused():
     # {hidden: null} passed validation and the factory crashed in every trial on None
     from ablate.config import ConfigError, resolve_config
@@ -499,3 +475,19 @@ def test_null_for_a_task_key_whose_default_is_a_value_is_refused():
         assert resolve_config({"task": "null_task"})["hidden"] == 16
     finally:
         TASKS.remove("null_task")
+
+
+def test_list_task_with_keys_describes_the_tasks_own_keys_with_their_defaults(capsys):
+    # --keys described the common keys only, not the task's own (pooling, n_layers, ...)
+    from ablate.cli import main
+
+    assert main(["list", "--task", "etth1", "--keys"]) == 0
+    out = capsys.readouterr().out
+    own = out[out.index("\nkeys of task etth1"):out.index("\ntrial-config keys")]
+    rows = {line.split()[0]: line.split() for line in own.strip().splitlines()[2:]}
+    assert rows["pooling"] == ["pooling", '"last"', '"last"', "a", "string"]
+    assert rows["n_layers"] == ["n_layers", "2", "2", "an", "integer"]
+    assert rows["seq_len"][:3] == ["seq_len", "96", "24"]  # (real data, then the embedded data)
+    assert rows["multivariate"] == ["multivariate", "false", "false", "true", "or", "false"]
+    assert "lr" not in rows and "overrides.etth1:" in own
+    assert main(["list", "--task", "etth1"]) == 0 and "keys of task" not in capsys.readouterr().out

@@ -2185,3 +2185,57 @@ def test_a_hand_edited_tuned_with_whose_weighting_is_no_name_is_a_difference_not
     mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "baseline": {"priorities_from": "best.yaml"}}
     (said,) = _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: {weighting: [huw]}}\n", mapping)
     assert 'weighting (tuned with ["huw"], here "huw_priority")' in said
+
+
+def test_the_tune_sections_problems_and_the_studys_own_are_named_together(tmp_path):
+    # a problem of tune: hid every problem of the study part (and an ablations: that ablate tune refuses hid both)
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "retries": -1, "resources": {"cpus": 0}, "tune": {"sampler": "annealing"}}, "s.yaml")
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("s.yaml: tune.sampler: 'annealing' is not allowed")
+    assert {p.split(": ")[1] for p in problems[1:]} == {"retries", "resources.cpus"}
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "seeds": 0, "ablations": {"lr": [1.0e-3]}, "tune": {"trials": -1}}, "s.yaml")
+    assert [p.split(": ")[1] for p in info.value.problems] == ["ablations", "tune.trials", "seeds"]
+    # a study problem alone, and a tune: problem alone, are still said alone
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "seeds": 0}, "s.yaml")
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith("s.yaml: seeds: ")
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "tune": {"trials": -1}}, "s.yaml")
+    assert info.value.problems == ["s.yaml: tune.trials: must be an integer >= 0, got -1"]
+
+
+def test_the_start_line_says_none_run_yet_where_no_node_fits_one_suggestion():
+    # it said "2 at a time" (max_concurrent) where no node of Ray fits one suggestion: none starts until one joins
+    from ablate.tune import TuneSettings, at_a_time
+
+    s = TuneSettings(max_concurrent=2)
+    said = at_a_time(s, 5, 4, 0, [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    assert said == ("none at a time yet: no node of the running Ray fits one suggestion of 4 CPU(s), so they wait for "
+                    "one that does (lower resources: in the study file if none will join)")
+    assert at_a_time(s, 1, 1, 1, [{"Resources": {"CPU": 8.0}}]).startswith(
+        "none at a time yet: no node of the running Ray fits one suggestion of 1 CPU(s) and 1 GPU(s)")
+    assert at_a_time(s, 5, 1, 0, [{"Alive": False, "Resources": {"CPU": 8.0}}]).startswith("none at a time yet")
+    assert at_a_time(s, 5, 1, 0, None) == "2 at a time"  # (Ray not running here: max_concurrent, as before)
+
+
+def test_the_independent_problems_of_the_tune_section_are_named_together():
+    # the tune: section was checked a key at a time: the first bad key hid every other
+    tune = {"trals": 3, "sampler": "annealing", "aggregate": "max", "max_concurrent": 0, "enqueue_baseline": 1,
+            "params": {"nolr": {"low": 1, "high": 2}, "meta_lr": {"low": -1, "high": 1}}}
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "tune": tune}, "s.yaml")
+    assert [p.split(": ")[1] for p in info.value.problems] == [
+        "tune.trals", "tune.sampler", "tune.aggregate", "tune.params.nolr", "tune.params.meta_lr.low",
+        "tune.max_concurrent", "tune.enqueue_baseline"]
+    # a check that needs a refused key's value is left out (arm: x is no adamw arm to refuse priorities for)
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "tune": {"arm": "x", "priorities": False, "params": {}}}, "s.yaml")
+    assert info.value.problems == ["s.yaml: tune.arm: 'x' is not allowed; choose one of: baseline, adamw"]
+    # and the checks between keys are said beside the rest
+    with pytest.raises(StudyError) as info:
+        parse_tune_spec({**BASE, "adamw": True, "tune": {"arm": "adamw", "priorities": {"low": 1}, "cross_task": True,
+                                                         "params": {}}}, "s.yaml")
+    assert [p.split(": ")[1] for p in info.value.problems] == ["tune.priorities", "tune.params", "tune.cross_task"]
