@@ -208,7 +208,7 @@ NON_IDENTITY_KEYS = ("data_dir", "num_threads", "device", "cpu_malloc")
 RESULT_COLUMNS = frozenset((
     "trial_id status error data_source data_fingerprint metric mode best_metric best_epoch epochs_run steps "
     "stop_reason time_total_s time_train_s time_meta_s time_eval_s meta_every_steps meta_updates meta_skipped "
-    "resumed_from_epoch device_used finished_at code_fingerprint torch_version python_version hostname study arm arms axis"
+    "resumed_from_epoch device_used finished_at code_fingerprint torch_version python_version hostname provenance_source study arm arms axis"
 ).split())
 #: the prefixes of the per-metric and per-reference columns of that row (best_<metric>,
 #: test_<metric>, ref_<reference>): no task key may start with them

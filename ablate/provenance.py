@@ -6,9 +6,11 @@ stored trial however the code changed since. So the row of every trial that trai
 packages' Python files and, for a plugin's task, of the module defining it - for a MetaAdamW trial, also
 of those defining the plugin components it uses -, the same for every
 node and process that runs the same code;
-``torch_version``, ``python_version``, ``hostname``: the node that ran it), and a run that reuses
-trials made by other code or torch says how many (:func:`note_other_code`), with what runs them
-again.
+``torch_version``, ``python_version``, ``hostname``: the node that ran it; ``provenance_source``:
+``"trial"``, recorded by the process that ran the trial, or ``"driver"`` for a failed trial whose
+process raised or died, whose row the driver records from what Ray reported: see
+:func:`ablate.sweep._failed_row`), and a run that reuses trials made by other code or torch says
+how many (:func:`note_other_code`), with what runs them again.
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ def code_fingerprint(task: Any = None, config: Any = None) -> str:
     return base
 
 
-#: the config keys naming a component MetaAdamW builds
-COMPONENT_KEYS = ("features", "grouping", "objective", "weighting")
+def _component_registries() -> dict[str, Any]:
+    """The config keys naming a component MetaAdamW builds, with their registries: MetaAdamW's own
+    (:func:`metaadamw.optimizer.component_registries`), imported when needed, since this module imports
+    neither torch nor metaadamw."""
+    from metaadamw.optimizer import component_registries
+
+    return component_registries()
 
 
 def _component_sources(config: Any) -> list[tuple[str, Path]]:
@@ -58,10 +65,8 @@ def _component_sources(config: Any) -> list[tuple[str, Path]]:
     names, for those defined outside :data:`PACKAGES` and ``__main__`` (an AdamW trial builds none)."""
     if not isinstance(config, dict) or config.get("optimizer") != "metaadamw":
         return []
-    from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
-
     out = []
-    for key, registry in zip(COMPONENT_KEYS, (FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS)):
+    for key, registry in _component_registries().items():
         name = config.get(key)
         if not isinstance(name, str) or name not in registry:
             continue
@@ -133,11 +138,11 @@ def fingerprint(packages: dict[str, Path]) -> str:
 def provenance(task: Any = None, config: Any = None) -> dict[str, str]:
     """The columns a trial's row records about what ran it (also in ``ablate.config.RESULT_COLUMNS``);
     ``task``: the trial's :class:`~ablate.tasks.base.TaskSpec`, ``config`` its config (see
-    :func:`code_fingerprint`)."""
+    :func:`code_fingerprint`). Called in the process that runs the trial: ``provenance_source`` is ``"trial"``."""
     import torch
 
     return {"code_fingerprint": code_fingerprint(task, config), "torch_version": torch.__version__,
-            "python_version": platform.python_version(), "hostname": socket.gethostname()}
+            "python_version": platform.python_version(), "hostname": socket.gethostname(), "provenance_source": "trial"}
 
 
 def note_other_code(stored, reused: set[str], again: str) -> None:
@@ -148,12 +153,11 @@ def note_other_code(stored, reused: set[str], again: str) -> None:
         return
     import torch
 
-    from ablate.tasks import TASKS
+    from ablate.tasks import find_task
 
     def now(task: Any, row: Any) -> tuple[str, str]:
-        config = {k: getattr(row, k, None) for k in ("optimizer", *COMPONENT_KEYS)}
-        return code_fingerprint(TASKS.get(task) if isinstance(task, str) and task in TASKS else None,
-                                config), torch.__version__
+        config = {k: getattr(row, k, None) for k in ("optimizer", *_component_registries())}
+        return code_fingerprint(find_task(task), config), torch.__version__
 
     recorded: set[str] = set()  # reused trials whose row says what made them
     other: dict[str, list[tuple[tuple[str, str], tuple[str, str]]]] = {}  # task -> [(made by, what runs it now)]

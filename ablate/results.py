@@ -41,7 +41,10 @@ trials (one row per trial):
     test_<metric> where a test split was evaluated, device_used (the device the trial trained on:
     "cpu", "cuda:0", ...; the config's device column is the one asked for, "auto" say),
     finished_at (ISO time), code_fingerprint,
-    torch_version, python_version, hostname (what ran it, where it trained: see :mod:`ablate.provenance`).
+    torch_version, python_version, hostname (what ran it, where it trained: see :mod:`ablate.provenance`),
+    provenance_source ("trial": recorded by the process that ran it; "driver": a failed trial whose
+    process raised or died, recorded from Ray's error, with the driver's code, torch and Python, and
+    the node Ray named as hostname, where it named one).
 history (one row per trial-epoch):
     trial_id, epoch (1-based), step (optimizer steps so far), train_loss (the epoch's training
     losses, each batch's weighted by its examples: a last, partial batch counts for its size),

@@ -403,10 +403,14 @@ def uses_embedded_data(results: Results) -> bool:
 
 def error_summary(text: object) -> str:
     """The last non-empty line of a traceback (the exception; also of Ray's "Failure # 1 (occurred
-    at ...)" error texts, which start with that header), or the first line of a message."""
+    at ...)" error texts, which start with that header), or the first line of a message. The
+    ``note: ...`` lines a run puts before a failed trial's error (a checkpoint set aside:
+    :func:`ablate.sweep._with_notes`) are not the error: a dead process's text, which holds no
+    ``File "...`` line, was summed up as its note."""
     if not isinstance(text, str) or not text.strip():
         return ""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = list(itertools.dropwhile(lambda ln: ln.startswith("note: "), lines)) or lines
     traceback = lines[0].startswith(("Traceback", "Failure #")) or any(ln.startswith('File "') for ln in lines)
     return lines[-1] if traceback else lines[0]
 

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -54,6 +55,10 @@ FAILED_KEY = "ablate_failed"  # a trial that failed deterministically, reported 
 WARNINGS_KEY = "ablate_warnings"
 #: with FAILED_KEY: what ran the failed trial (:func:`ablate.provenance.provenance` in the worker, a JSON object)
 PROVENANCE_KEY = "ablate_provenance"
+#: a report of its own, before the trial trains: the notes of what happened to its checkpoints (a JSON list), which
+#: the driver prints and, should the trial then raise or die (Ray reports that error, which cannot carry them),
+#: puts before the stored error
+NOTES_KEY = "ablate_notes"
 
 #: Ray Tune's "Trial task failed for trial ...", a traceback of ~40 lines for every failed attempt:
 #: ``ablate run`` prints one line per failed attempt (and whether it is retried) and stores the
@@ -123,6 +128,9 @@ def trainable(config: dict[str, Any]) -> None:
             except UnusableCheckpoint as exc:  # (a model or optimizer of other code: the trial is as it was)
                 _set_aside(trial, stable, exc, notes)
 
+    if notes:  # (now, not only with the result: a trial that raises or dies in training reports nothing more)
+        tune.report({NOTES_KEY: json.dumps(notes)})
+
     def report(row: dict[str, Any], t: Trial) -> None:
         data = t.checkpoint_bytes()  # serialised once, for Ray's checkpoint and the stable copy
         with tempfile.TemporaryDirectory() as d:
@@ -146,12 +154,12 @@ def trainable(config: dict[str, Any]) -> None:
 
 def _provenance_of(trial_config: dict[str, Any]) -> dict[str, str]:
     """What runs a trial of ``trial_config`` here (:func:`ablate.provenance.provenance`, with its task's plugin and
-    components): a worker's for a trial that could not be built, the driver's for one whose error Ray reported."""
+    components): a worker's for a trial that could not be built, the driver's for one whose error Ray reported
+    (:func:`_failed_row` marks it so)."""
     from ablate.provenance import provenance
-    from ablate.tasks import TASKS
+    from ablate.tasks import find_task
 
-    task = trial_config.get("task")
-    return provenance(TASKS.get(task) if isinstance(task, str) and task in TASKS else None, trial_config)
+    return provenance(find_task(trial_config.get("task")), trial_config)
 
 
 def _with_notes(error: str, notes: list[str]) -> str:
@@ -287,17 +295,24 @@ def _trial_row(spec: TrialSpec, study: Study, row: dict[str, Any]) -> dict[str, 
     return {**row, "trial_id": spec.trial_id, **_labels(spec, study)}
 
 
-def _failed_row(spec: TrialSpec, study: Study, error: str, made: dict[str, Any] | None = None) -> dict[str, Any]:
+def _failed_row(spec: TrialSpec, study: Study, error: str, made: dict[str, Any] | None = None,
+                node: str | None = None) -> dict[str, Any]:
     """The row of a failed trial; ``made``: what ran it, as the worker reported it (:func:`ablate.provenance.provenance`).
-    Without it (the worker raised, and Ray reported the error), the driver's code, torch and Python, which every
-    node's are checked against before the trials; not its host, which need not be the trial's."""
-    from ablate.tasks import TASKS
+    Without it (the worker raised or died, and Ray reported the error), the driver's code, torch and Python - which
+    every node's are compared with before the trials, but a node running other code is only warned about - with
+    ``provenance_source`` "driver" to say so, and as ``hostname`` the ``node`` Ray says the trial failed on
+    (:func:`_failed_node`; none where Ray did not say: the driver's host need not be the trial's)."""
+    from ablate.tasks import find_task
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
-    metric = TASKS.get(spec.task).metric if spec.task in TASKS else None  # (the reports read its direction)
+    task = find_task(spec.task)
+    metric = task.metric if task is not None else None  # (the reports read its direction)
     known = {} if metric is None else {"metric": metric.name, "mode": metric.mode}
     if made is None:
         made = {k: v for k, v in _provenance_of(spec.config).items() if k != "hostname"}
+        made["provenance_source"] = "driver"
+        if node:
+            made["hostname"] = node
     return _trial_row(spec, study, {**spec.config, **known, "status": "failed", "error": error,
                                     "stop_reason": "failed", "best_metric": math.nan, "finished_at": now, **made})
 
@@ -319,6 +334,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
             self.last_line = time.monotonic()
             self.warned: set[tuple[str, str, str]] = set()  # (task, arm, message) printed: once, not per seed
+            self.notes: dict[str, list[str]] = {}  # trial id -> the notes of its checkpoints its worker reported
 
         @property
         def done(self) -> int:
@@ -337,6 +353,11 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             spec = by_id[trial.config["trial"]["trial_id"]]
+            if NOTES_KEY in result:  # what happened to its checkpoints, reported before it trains (see trainable)
+                said = self.notes.setdefault(spec.trial_id, [])
+                said += [n for n in json.loads(result.pop(NOTES_KEY)) if n not in said]
+                self._warn(spec, said)
+                return
             if FAILED_KEY in result:  # a deterministic failure the worker reported without raising
                 made = json.loads(result.pop(PROVENANCE_KEY, None) or "null")
                 self._record_failure(trials, spec, result[FAILED_KEY], "; not retried",
@@ -344,9 +365,10 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                 return
             if RESULT_KEY not in result:  # an epoch of a running trial
                 if time.monotonic() - self.last_line >= PROGRESS_EVERY_S and "epoch" in result:
-                    from ablate.tasks import TASKS
+                    from ablate.tasks import find_task
 
-                    name = TASKS.get(spec.task).metric.name if spec.task in TASKS else None
+                    task = find_task(spec.task)
+                    name = task.metric.name if task is not None else None
                     value = result.get(f"val_{name}")
                     shown = f" {name}={value:.5g}" if isinstance(value, (int, float)) else ""
                     self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: epoch {result['epoch']}/"
@@ -369,7 +391,11 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                                    f"{row['metric']}={row['best_metric']:.5g}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._record_failure(trials, by_id[trial.config["trial"]["trial_id"]], _trial_error(trial))
+            spec = by_id[trial.config["trial"]["trial_id"]]
+            error = _trial_error(trial)
+            # (the notes its worker reported before it raised or died, which Ray's error cannot carry)
+            notes = [n for n in self.notes.get(spec.trial_id, []) if n not in error]
+            self._record_failure(trials, spec, _with_notes(error, notes), node=_failed_node(trial, error))
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             spec = by_id[trial.config["trial"]["trial_id"]]
@@ -388,8 +414,8 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                     print(f"{spec.task} seed {spec.seed} {spec.arm}: warning: {message}", flush=True)
 
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "", messages=(),
-                            made: dict[str, Any] | None = None) -> None:
-            self._store(spec, _failed_row(spec, study, error, made))
+                            made: dict[str, Any] | None = None, node: str | None = None) -> None:
+            self._store(spec, _failed_row(spec, study, error, made, node))
             self._warn(spec, messages)
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec)
@@ -464,6 +490,48 @@ def _last_line(error: str, default: str = "no error message") -> str:
     """The last line of an error text (the exception's message), or ``default`` when it is empty."""
     lines = error.strip().splitlines()
     return lines[-1] if lines else default
+
+
+#: the node of a failed attempt in Ray's error text: RayTaskError's "(pid=123, ip=10.0.0.5, actor_id=...)" and
+#: ActorDiedError's "\tip: 10.0.0.5" line
+_ERROR_IP = re.compile(r"(?:\bip=|^\s*ip: )([0-9A-Fa-f.:]+)", re.MULTILINE)
+
+
+def _failed_node(trial: Any, error: str) -> str | None:
+    """The host a Ray Tune trial's last attempt failed on, as Ray reports it (None where it does not): the node's IP
+    address from the error Ray pickled (``RayTaskError.ip``: the trainable raised) or from its text (the last
+    attempt's: an ``ActorDiedError`` - the process died - names it in its message), then that node's host name from
+    the trial's last result (Ray's ``hostname``, where its ``node_ip`` is that address) or from ``ray.nodes()``; the
+    address itself where neither names the node. Not the host of the trial's last result alone, which may be an
+    earlier attempt's, on another node."""
+    ip = None
+    # (the driver's copy of the pickled error: get_pickled_error() reads the storage's, which may not be synced yet)
+    path = getattr(trial, "pickled_error_file", None)
+    try:
+        if path and os.path.exists(path):
+            from ray import cloudpickle
+
+            with open(path, "rb") as f:
+                ip = getattr(cloudpickle.load(f), "ip", None)
+    except Exception:  # noqa: BLE001 - (an error that does not unpickle here): the text below
+        ip = None
+    if not isinstance(ip, str) or not ip:
+        found = _ERROR_IP.findall(error)
+        ip = found[-1] if found else None
+    if ip is None:
+        return None
+    last = getattr(getattr(trial, "run_metadata", None), "last_result", None) or {}
+    if last.get("node_ip") == ip and isinstance(last.get("hostname"), str) and last["hostname"]:
+        return last["hostname"]
+    try:
+        import ray
+
+        for node in ray.nodes() if ray.is_initialized() else ():
+            if node.get("NodeManagerAddress") == ip and node.get("NodeManagerHostname"):
+                return str(node["NodeManagerHostname"])
+    except Exception:  # noqa: BLE001 - (Ray going down): the address is what is known
+        pass
+    return ip
 
 
 def _trial_error(trial) -> str:

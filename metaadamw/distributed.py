@@ -15,11 +15,27 @@ a process group of more than one rank is initialised):
   buffer) before the meta-optimizer's step; a rank whose meta-loss is not finite contributes
   NaN, so that every rank skips that meta-update together, and a rank whose meta-update raises
   (its ``loss_fn`` on its batch, say) says so in the same buffer before it raises, so that every
-  rank raises instead of waiting in that collective until the process group's timeout (an error
-  of ``meta_step``'s own checks before the meta-update - a missing ``val_batch``, a model moved
-  to another device - is raised on that rank alone: make the same calls on every rank; so is one
-  after the averaging, in the meta-optimizer's step - an out-of-memory error, say -, after which
-  the other ranks' modulators have stepped and this one's has not: treat it as fatal to the run).
+  rank raises instead of waiting in that collective until the process group's timeout. So does a
+  rank that fails ``meta_step``'s checks of its batches and state before the meta-update (a
+  missing ``val_batch``, a model moved to another device, ``param_groups`` edited by hand); only
+  the checks of the call itself (the types of ``model`` and ``loss_fn``, ``torch.inference_mode``),
+  the same on every rank by construction, raise on that rank alone;
+* the meta-optimizer's step after the averaging computes alike on every rank (the same mean
+  meta-gradient, the same modulator and meta-optimizer state), but it can still fail on one rank
+  alone (an out-of-memory error in that rank's memory, a device error, a meta-optimizer of the
+  caller's that reads something of its rank's): the ranks count such failures in one more
+  all-reduce (one element), and where any rank failed every rank raises - the others saying that
+  the modulators now differ (the failed rank's has not stepped, or stepped in part). That error is
+  fatal to the run: restart every rank from a checkpoint.
+
+A model whose forward runs collectives of its own (``SyncBatchNorm``, a layer that all-reduces
+statistics) runs them in the meta-update's passes too. A rank whose meta-update fails while the
+others are still in their passes announces it in an all-reduce that meets one of the model's:
+gloo then aborts the other ranks' processes ("Received data size doesn't match expected size
+... collective mismatch"); NCCL may wait until the timeout or, where the sizes happen to match,
+mix the two collectives' values. The failing rank cannot run the model's remaining collectives
+in the others' stead, so there is no fix here: with such a model, treat any ``meta_step`` error
+as fatal to the run.
 
 ``meta_step`` unwraps a ``DistributedDataParallel`` or ``DataParallel`` model and runs its
 ``module``: the meta-update's hypothetical passes stay outside DDP's forward, which would
@@ -153,6 +169,13 @@ def average_(grads: list[Tensor | None], like: list[Tensor], world: int, poison:
     for p, part, had in zip(like, values.split([p.numel() for p in like]), present.tolist()):
         out.append(part.view_as(p) if had > 0 else None)
     return out
+
+
+def count_(flag: bool, device: torch.device) -> int:
+    """The number of ranks whose ``flag`` is set (one all-reduce of one element, on every rank)."""
+    count = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(count)
+    return int(count.item())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -357,7 +357,6 @@ def project_weighting(opt: "MetaAdamW") -> None:
 
 def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch1: Any,
                  batch2: Any, val_batch: Any, autocast_eps: float | None = None) -> "MetaRecord":
-    project_weighting(opt)  # (set by hand, or loaded from an older checkpoint: a clamped s would get no gradient)
     objective = opt.objective
     exact = opt.meta_gradient == "exact"
     need_train = objective.second_order or objective.needs_train_loss
@@ -377,6 +376,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
     # into a Hessian-vector product 37-375x off in float64); after a pass whose graph is still held (the
     # exact path's at theta'), whose saved tensors may not be written, from copies of them
     with _raised_on_every_rank(opt, world), preserved_state(model) as state, torch.enable_grad():
+        project_weighting(opt)  # (set by hand, or loaded from an older checkpoint: a clamped s would get no gradient)
         trainable = [i for i, p in enumerate(params) if p.requires_grad]
         if not trainable:
             raise ValueError("meta_step: no parameter of this optimizer requires grad (all frozen?): nothing to "
@@ -613,10 +613,13 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         return record
     for p, gr in zip(meta_params, meta_grads):
         p.grad = gr
-    opt.meta_optimizer.step()
-    project_weighting(opt)
-    for p in meta_params:
-        p.grad = None
+    try:
+        with _stepped_on_every_rank(opt, world):
+            opt.meta_optimizer.step()
+            project_weighting(opt)
+    finally:
+        for p in meta_params:
+            p.grad = None
     return record
 
 
@@ -628,9 +631,11 @@ def _meta_optimized(opt: "MetaAdamW") -> list[Tensor]:
 
 @contextlib.contextmanager
 def _raised_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
-    """An error of this rank's meta-update (its loss_fn on its batch, a component's) is announced
-    to the other ranks in the all-reduce of the meta-gradients they wait in, so that they raise
-    too, and at once, instead of waiting there until the process group's timeout."""
+    """An error of this rank's meta-update (its loss_fn on its batch, a component's) - or of
+    ``meta_step``'s checks of its batches and state before it - is announced to the other ranks in
+    the all-reduce of the meta-gradients they wait in, so that they raise too, and at once, instead
+    of waiting there until the process group's timeout. Once per meta_step: the regions it guards
+    end before that all-reduce (an error raised after it would announce into no collective)."""
     try:
         yield
     except Exception:
@@ -638,6 +643,35 @@ def _raised_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
             meta_params = _meta_optimized(opt)
             D.average_([None] * len(meta_params), meta_params, world, layout=opt.distributed_layout()[-1], failed=True)
         raise
+
+
+@contextlib.contextmanager
+def _stepped_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
+    """The meta-optimizer's step, on every rank or known to every rank to have failed. The mean
+    meta-gradient is the same on every rank (one all-reduce gives it to all), and so are the
+    modulators and the meta-optimizers' states, so the step itself computes alike everywhere; but it
+    can still fail on one rank alone - an out-of-memory error (its lazily made state, in that rank's
+    memory), a device error, a meta-optimizer of the caller's that reads something of its rank's.
+    The ranks then count the failures in one more all-reduce (one element): where any rank failed,
+    every rank raises, the ones whose step succeeded with an error that says their modulators now
+    differ from that rank's (which may have stepped part of its tensors), instead of going on
+    alone and waiting in their next collective until the process group's timeout - or, where that
+    rank caught its error, training on with modulators that differ without a word."""
+    if world <= 1:
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        D.count_(True, opt.device)
+        raise
+    failures = D.count_(False, opt.device)
+    if failures:
+        raise RuntimeError(
+            f"MetaAdamW.meta_step: the meta-optimizer's step failed on {failures} other rank(s) of {world} after the "
+            f"meta-gradients were averaged (see their output), and succeeded on this one: the ranks' modulators now "
+            f"differ (the failed rank's is not stepped, or stepped in part), and with them their multipliers and "
+            f"replicas. Treat it as fatal to the run: restart every rank from a checkpoint")
 
 
 def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:

@@ -25,7 +25,8 @@ from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
-from metaadamw.meta import META_GRADIENTS, MetaRecord, described, meta_update, project_weighting
+from metaadamw.meta import (META_GRADIENTS, MetaRecord, _raised_on_every_rank, described, meta_update,
+                            project_weighting)
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.objectives import TERM_ORDER
 from metaadamw.registry import _caller_stacklevel
@@ -104,7 +105,9 @@ class MetaAdamW(torch.optim.Optimizer):
     AdamW's own flags ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` and ``fused``
     are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
     spell them out work unchanged; other values are refused with an error that says why. Also
-    not supported: sparse gradients, complex parameters, and parameters spread over several devices.
+    not supported: sparse gradients (with ``model=``, a layer that makes them, such as
+    ``nn.Embedding(sparse=True)``, is refused when the optimizer is made; otherwise the first
+    sparse gradient at a step), complex parameters, and parameters spread over several devices.
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class MetaAdamW(torch.optim.Optimizer):
         names += [n for n, _ in model.named_parameters()] if model is not None else []
         _check_not_sharded(["parameters of an FSDP-wrapped model"] if any(
             "_fsdp_wrapped_module" in n.split(".") for n in names) else [])
+        _check_no_sparse_gradients(self._params, model)
         self.tensor_info, self.group_names, self._group_of, self.layout = self._grouped(self._params, model)
         # the initial modulator comes from a fork of the global random stream: torch.manual_seed fixes it,
         # and the caller's stream (dropout masks, data order) is left as torch.optim leaves it
@@ -438,6 +442,7 @@ class MetaAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self._check_params(params)
         model = self._model_ref() if self._model_ref is not None else None
+        _check_no_sparse_gradients(params, model)
         infos, names, group_of, layout = self._grouped(params, model)
         self.modulator.extractor.set_layout(layout)  # the last check: it may refuse
         self._params, self.tensor_info, self.group_names, self._group_of, self.layout = (
@@ -914,14 +919,22 @@ class MetaAdamW(torch.optim.Optimizer):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("meta_step cannot run under torch.inference_mode(): it differentiates the model's "
                                "losses. Call it outside (under torch.no_grad() it works: it enables gradients itself)")
-        if self.objective.needs_val and val_batch is None:
-            raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
-                             f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
-        self._check_device()
-        self._check_tensors_unchanged()
+        # (the checks above are raised on this rank alone: they see the call itself - the types of model and
+        # loss_fn, the grad mode - which is the same on every rank by construction, as the training script is)
+        # the one-time synchronisation under torch.distributed first: its collectives raise their refusals on every
+        # rank alike, and a rank that failed a check below before them would meet the others in them
+        self._ensure_meta_synced()
+        # the checks below can fail on some ranks only (a val_batch that this rank's loader no longer gives, a model
+        # moved or param_groups edited on this rank): announced in the all-reduce the other ranks wait in at the end
+        # of their meta-update, so that they raise too rather than wait there until the process group's timeout
+        with _raised_on_every_rank(self, D.world_size(self.sync_meta)):
+            if self.objective.needs_val and val_batch is None:
+                raise ValueError(f"objective {self.config['objective']!r} needs a validation batch: "
+                                 f"call meta_step(model, loss_fn, batch1, batch2, val_batch)")
+            self._check_device()
+            self._check_tensors_unchanged()
         self._restart_reset_moments(range(len(self._params)))  # as step() does
         model = D.unwrap(model)
-        self._ensure_meta_synced()
         was_training = self.modulator.training
         try:
             with _forked_rng(self.device):  # the training steps' random stream is left as it was
@@ -1056,6 +1069,7 @@ class MetaAdamW(torch.optim.Optimizer):
                              f"optimizer's {self.group_names}: same model, same param groups (also those added "
                              f"with add_param_group, in the same order) and same grouping needed")
         self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
+        _check_loaded_hyperparameters(state_dict)
         adopted = self._adopt_loaded_settings(extra.get("config"))  # (warnings made errors: nothing loaded yet)
         super().load_state_dict(state_dict)
         self._drop_torch_flags()  # (a checkpoint of an earlier version that kept an AdamW checkpoint's)
@@ -1116,8 +1130,12 @@ class MetaAdamW(torch.optim.Optimizer):
                              + ". Load the checkpoint of this model and optimizer, as optimizer.state_dict() saved it")
 
     def _check_moment_shapes(self, state_dict: dict[str, Any]) -> None:
-        """Refuse, before anything is loaded, moments whose shapes are not those of the parameters
-        they would belong to (a checkpoint of another model; torch.optim checks only the group sizes)."""
+        """Refuse, before anything is loaded, moments that cannot be those of the parameters they would
+        belong to: of another shape (a checkpoint of another model; torch.optim checks only the group
+        sizes), or no real floating-point values to cast to the parameter's dtype - not a tensor, a
+        complex, integer or boolean one (torch.optim casts them silently, the imaginary part and all
+        precision lost), a sparse one or one on the 'meta' device (which failed the next step) - and
+        step counts that are no non-negative integers (which failed later, or gave a division by zero)."""
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups) or any(
                 len(a.get("params", ())) != len(b["params"]) for a, b in zip(saved_groups, self.param_groups)):
@@ -1126,16 +1144,21 @@ class MetaAdamW(torch.optim.Optimizer):
         for saved, group in zip(saved_groups, self.param_groups):
             for index, p in zip(saved["params"], group["params"]):
                 st = states.get(index)
+                name = self.tensor_info[i].name or f"tensor {i}"
                 if isinstance(st, dict) and ("exp_avg" in st) != ("exp_avg_sq" in st):
-                    name = self.tensor_info[i].name or f"tensor {i}"
                     bad.append(f"{name}: {'exp_avg' if 'exp_avg' in st else 'exp_avg_sq'} without "
                                f"{'exp_avg_sq' if 'exp_avg' in st else 'exp_avg'}")
                 for key in ("exp_avg", "exp_avg_sq"):
-                    t = st.get(key) if isinstance(st, dict) else None
-                    if isinstance(t, Tensor) and tuple(t.shape) != tuple(p.shape):
-                        name = self.tensor_info[i].name or f"tensor {i}"
-                        bad.append(f"{name}: {key} {tuple(t.shape)}, parameter {tuple(p.shape)}")
+                    if not isinstance(st, dict) or key not in st:
+                        continue
+                    problem = _moment_problem(st[key], p)
+                    if problem:
+                        bad.append(f"{name}: {key} {problem}")
                         break
+                if isinstance(st, dict) and "exp_avg" in st and not _is_step_count(st.get("step")):
+                    step = st["step"]
+                    shown = repr(step.item()) if isinstance(step, Tensor) and step.numel() == 1 else described(step)
+                    bad.append(f"{name}: step {shown} (expected a step count, an integer >= 0)")
                 i += 1
         if bad:
             raise ValueError("the checkpoint's moments do not fit this optimizer's parameters, and nothing was loaded: "
@@ -1178,6 +1201,7 @@ class MetaAdamW(torch.optim.Optimizer):
                 f"it to the gradient as an L2 penalty, while MetaAdamW (like AdamW) decays the weights directly, so "
                 f"the same number means another rule. Nothing was loaded. To switch anyway, set those groups' "
                 f"weight_decay in the dict to the decoupled value you want and their decoupled_weight_decay to True")
+        _check_loaded_hyperparameters(state_dict)
         super().load_state_dict(state_dict)  # checks the param group sizes; moments and hyperparameters
         self._drop_torch_flags()
         for group in self.param_groups:  # an AdamW built with a tensor lr (or betas, eps, weight decay): their values,
@@ -1429,6 +1453,69 @@ def _check_state_keys(state_dict: dict[str, Any], what: str) -> None:
             f"optimizer.state_dict() with torch.save and torch.load")
 
 
+def _check_loaded_hyperparameters(state_dict: dict[str, Any]) -> None:
+    """Refuse, before anything is loaded, saved param groups whose lr, betas, eps or weight_decay
+    MetaAdamW cannot step with (missing, or not a number in AdamW's range), checked as the
+    constructor's arguments are: torch.optim loads them as they are, and they failed at the next
+    step (a string lr) or were stepped with although the constructor refuses them (a negative lr).
+    One-element tensors (of an AdamW built with tensor hyperparameters) count by their values,
+    which the load takes."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list):
+        return  # torch.optim's own checks name a malformed state dict
+    keys = ("lr", "betas", "eps", "weight_decay")
+    for k, group in enumerate(groups):
+        if not isinstance(group, dict):
+            continue
+        where = f"the checkpoint's param group {k}: "
+        missing = [key for key in keys if key not in group]
+        _check(not missing, f"{where}it has no {', '.join(missing)}, and nothing was loaded: a damaged checkpoint, "
+                            f"or not one of optimizer.state_dict()")
+        value = {key: _scalar_value(group[key]) for key in keys}
+        if isinstance(value["betas"], (tuple, list)):
+            value["betas"] = tuple(map(_scalar_value, value["betas"]))
+        try:
+            _check_adamw_args(**value, where=where)
+        except ValueError as err:
+            raise ValueError(f"{err}. Nothing was loaded") from None
+
+
+def _scalar_value(v: Any) -> Any:
+    """A one-element real tensor's value as a Python float (as a load takes it); anything else as it is."""
+    if isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool \
+            and v.device.type != "meta":
+        return float(v.detach())
+    return v
+
+
+def _moment_problem(t: Any, p: Tensor) -> str | None:
+    """Why ``t`` cannot be loaded as a moment of parameter ``p`` (None: it can; torch.optim casts it to
+    ``p``'s dtype and device, as for torch.optim.AdamW)."""
+    if not isinstance(t, Tensor):
+        return f"is {described(t)}, not a tensor"
+    if t.layout != torch.strided:
+        return f"is a {t.layout} tensor (moments are dense)"
+    if t.device.type == "meta":
+        return "is on the 'meta' device, which holds no values"
+    if not t.is_floating_point():
+        return f"is of dtype {t.dtype} (moments are real floating-point tensors, cast to the parameter's {p.dtype})"
+    if tuple(t.shape) != tuple(p.shape):
+        return f"{tuple(t.shape)}, parameter {tuple(p.shape)}"
+    return None
+
+
+def _is_step_count(step: Any) -> bool:
+    """A saved AdamW step count: an integer >= 0, as a number or a one-element real tensor (AdamW
+    saves a float tensor); None is no count (the meta state's, or 0 for an AdamW checkpoint)."""
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool or step.device.type == "meta":
+            return False
+        step = step.item()
+    if step is None:
+        return True
+    return (_real(step) and math.isfinite(step) and step >= 0 and float(step).is_integer())
+
+
 def _forked_rng(device: torch.device) -> Any:
     """``torch.random.fork_rng`` of the CPU generator and, for an accelerator, ``device``'s."""
     if device.type == "cpu":
@@ -1453,6 +1540,13 @@ _COMPONENT_CALLS: dict[str, tuple[Any, str, tuple[Any, ...], dict[str, Any]]] = 
     "weighting": (WEIGHTINGS, "cls(terms, signed_terms, *, priorities, weights, form) -> a metaadamw.Weighting",
                   ((), ()), dict(priorities=None, weights=None, form="regression")),
 }
+
+
+def component_registries() -> dict[str, Any]:
+    """The registry of each config key that names a component MetaAdamW builds ('features',
+    'grouping', 'objective', 'weighting'), from the table of how MetaAdamW calls them: the keys whose
+    plugin components ``ablate`` fingerprints (:func:`ablate.provenance.code_fingerprint`)."""
+    return {kind: call[0] for kind, call in _COMPONENT_CALLS.items()}
 
 
 def component_signature_problem(kind: str, name: str) -> str | None:
@@ -1541,6 +1635,21 @@ def _callable_without_arguments(fn: Any) -> bool:
     except ValueError:  # no signature to read (a builtin): try it
         return callable(fn)
     return True
+
+
+def _check_no_sparse_gradients(params: list[Tensor], model: nn.Module | None) -> None:
+    """Refuse, when the optimizer is made (or a param group added), parameters of ``model``'s
+    ``nn.Embedding(sparse=True)`` or ``nn.EmbeddingBag(sparse=True)`` layers: their gradients are
+    sparse, which MetaAdamW (like torch.optim.AdamW) cannot step, and which step() only found
+    after the first backward pass. Without ``model=`` step() refuses them."""
+    if model is None:
+        return
+    ids = {id(p) for p in params}
+    sparse = [f"{name!r} (nn.{type(module).__name__}(sparse=True))" for name, module in model.named_modules()
+              if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and id(module.weight) in ids]
+    _check(not sparse, f"MetaAdamW does not support sparse gradients, which the model's layer {', '.join(sparse)} "
+                       f"gives its weight: build the layer with sparse=False, or train its weight with "
+                       f"torch.optim.SparseAdam in an optimizer of its own")
 
 
 def _check_not_sharded(kinds: list[str]) -> None:

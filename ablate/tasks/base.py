@@ -306,6 +306,13 @@ def get_task(name: str) -> TaskSpec:
     return TASKS.get(name)
 
 
+def find_task(name: Any) -> TaskSpec | None:
+    """The task registered as ``name``, or None where there is none (``name`` not a registered name,
+    or no string at all: a row or config that recorded no task), for callers that go on without
+    one; :func:`get_task` raises instead, naming the registered tasks."""
+    return TASKS.get(name) if isinstance(name, str) and name in TASKS else None
+
+
 def list_tasks(pattern: str | None = None) -> list[str]:
     return TASKS.list(pattern)
 

@@ -249,3 +249,27 @@ def test_reused_trials_whose_plugin_component_changed_since_are_noted(tmp_path, 
                 f"{torch.__version__} - now code {after}, torch {torch.__version__})") in printed, printed
     finally:
         FEATURES.remove(f"{name}_feats")
+
+
+@pytest.mark.parametrize("kind", ["features", "grouping", "objective", "weighting", "a_new_kind"])
+def test_every_component_kind_metaadamw_builds_is_fingerprinted_from_its_own_table(tmp_path, monkeypatch,
+                                                                                   plugin_cleanup, kind):
+    # ablate kept a list of MetaAdamW's component registries of its own: a kind added to MetaAdamW's table
+    # (metaadamw.optimizer._COMPONENT_CALLS) would have gone unfingerprinted. It reads MetaAdamW's table now
+    from metaadamw import optimizer
+    from metaadamw.registry import Registry
+
+    if kind == "a_new_kind":
+        monkeypatch.setitem(optimizer._COMPONENT_CALLS, kind, (Registry("new kind"), "cls()", (), {}))
+    assert list(provenance._component_registries()) == list(optimizer._COMPONENT_CALLS)
+    registry = optimizer._COMPONENT_CALLS[kind][0]
+    name = f"fp_component_{kind}"
+    plugin_cleanup.append(name)
+    (tmp_path / f"{name}.py").write_text("class Component:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    monkeypatch.setitem(registry._items, name, module.Component)  # (the registry's checks of a real one: not the point)
+    config = {"optimizer": "metaadamw", kind: name}
+    assert provenance._component_sources(config) == [(name, tmp_path / f"{name}.py")]
+    assert provenance.code_fingerprint(None, config) != provenance.code_fingerprint()
+    assert provenance.code_fingerprint(None, {**config, "optimizer": "adamw"}) == provenance.code_fingerprint()

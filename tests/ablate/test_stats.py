@@ -195,6 +195,12 @@ def test_a_failed_trials_error_is_its_exception_also_in_ray_s_error_text():
     assert stats.error_summary(ray_text) == "ValueError: evaluate broke"
     assert stats.error_summary("Traceback (most recent call last):\n  File \"x\"\nKeyError: 'a'") == "KeyError: 'a'"
     assert stats.error_summary("training loss became nan at step 1\nstopped") == "training loss became nan at step 1"
+    # a trial whose process died after its checkpoint was set aside: the note the run put first is not the error
+    died = ("note: trial ab12: its checkpoint ab12.pt is unreadable; moved aside, starting afresh\n"
+            "Failure # 1 (occurred at x)\nThe actor died unexpectedly before finishing this task.\n\tpid: 8\n"
+            "The actor is dead because its worker process has died.\n")
+    assert stats.error_summary(died) == "The actor is dead because its worker process has died."
+    assert stats.error_summary("note: only a note\n") == "note: only a note"
 
 
 # -- Table 2 and Table 3 ------------------------------------------------------------------------

@@ -892,8 +892,68 @@ def test_a_failed_trial_s_row_says_what_ran_it(tmp_path):
     row = _failed_row(study.trials[0], study, "Traceback ...\nRuntimeError: boom")
     assert row["torch_version"] == torch.__version__ and isinstance(row["code_fingerprint"], str)
     assert "hostname" not in row  # (the driver's host need not be the trial's)
-    made = {"code_fingerprint": "0123456789ab", "torch_version": "x", "python_version": "y", "hostname": "node-3"}
-    assert {k: _failed_row(study.trials[0], study, "boom", made)[k] for k in made} == made
+    assert row["provenance_source"] == "driver"  # (the row says whose code and torch it records)
+    assert _failed_row(study.trials[0], study, "boom", node="node-7")["hostname"] == "node-7"  # (where Ray said)
+    made = {"code_fingerprint": "0123456789ab", "torch_version": "x", "python_version": "y", "hostname": "node-3",
+            "provenance_source": "trial"}
+    assert {k: _failed_row(study.trials[0], study, "boom", made, node="node-7")[k] for k in made} == made
+
+
+def test_the_node_a_trial_failed_on_is_what_ray_s_error_says(tmp_path):
+    # a failed row recorded from Ray's error had no hostname, though Ray's error names the node it came from
+    from types import SimpleNamespace
+
+    from ray import cloudpickle
+    from ray.exceptions import RayTaskError
+
+    from ablate.sweep import _failed_node
+
+    pickled = tmp_path / "error.pkl"
+    pickled.write_bytes(cloudpickle.dumps(RayTaskError("train", "Traceback", RuntimeError("x"), pid=5, ip="10.0.0.5")))
+
+    def trial(path=None, last=None):
+        return SimpleNamespace(pickled_error_file=path, run_metadata=SimpleNamespace(last_result=last or {}))
+
+    same = {"node_ip": "10.0.0.5", "hostname": "gpu-node-5", "pid": 5}
+    assert _failed_node(trial(str(pickled), same), "") == "gpu-node-5"
+    # a last result of an earlier attempt on another node names another host: the failing node's address instead
+    other = {"node_ip": "10.0.0.9", "hostname": "gpu-node-9"}
+    assert _failed_node(trial(str(pickled), other), "") == "10.0.0.5"
+    # a dead process (ActorDiedError): its text names the node, the last attempt's where the file holds several
+    died = ("Failure # 1 (occurred at x)\nray::ImplicitFunc.train() (pid=7, ip=10.0.0.9, actor_id=ab)\nRuntimeError: a\n"
+            "Failure # 2 (occurred at y)\nThe actor died unexpectedly before finishing this task.\n\tpid: 8\n"
+            "\tip: 10.0.0.5\nThe actor is dead because its worker process has died.\n")
+    assert _failed_node(trial(None, same), died) == "gpu-node-5"
+    assert _failed_node(trial(None, other), died) == "10.0.0.5"
+    assert _failed_node(trial(None, same), "RuntimeError: no node named") is None
+
+
+def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it_ran_on(tmp_path, monkeypatch):
+    # the driver records a trial whose worker raised (or died) from Ray's error: the notes of a checkpoint set aside,
+    # reported by the worker before it trained, were lost, and the row said neither where it ran nor whose code it names
+    from types import SimpleNamespace
+
+    from ablate import sweep
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+    stored = []
+    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: stored.append(row))
+    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
+    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING", pickled_error_file=None,
+                            run_metadata=SimpleNamespace(last_result={"node_ip": "10.0.0.5", "hostname": "node-5"}),
+                            error_file=str(tmp_path / "error.txt"))
+    note = f"trial {spec.trial_id}: its checkpoint x.pt is unreadable (ValueError: not a trial checkpoint); moved aside"
+    result = {sweep.NOTES_KEY: json.dumps([note])}
+    recorder.on_trial_result(1, [trial], trial, result)
+    assert sweep.NOTES_KEY not in result and not stored
+    (tmp_path / "error.txt").write_text("Failure # 1 (occurred at x)\nray::ImplicitFunc.train() (pid=7, ip=10.0.0.5, "
+                                        "actor_id=ab)\nTraceback ...\nRuntimeError: CUDA error: illegal memory access\n")
+    recorder.on_trial_error(1, [trial], trial)
+    [row] = stored
+    assert row["status"] == "failed" and row["error"].startswith(f"note: {note}\nFailure # 1")
+    assert sweep._last_line(row["error"]) == "RuntimeError: CUDA error: illegal memory access"
+    assert (row["hostname"], row["provenance_source"]) == ("node-5", "driver")
 
 
 def test_dry_run_refuses_a_storage_the_run_refuses(tmp_path, capsys):
@@ -922,3 +982,45 @@ def test_readme_says_what_a_trial_whose_checkpoint_was_set_aside_does():
     assert "continues from Ray's checkpoint" in item, item
     assert "when the trial fails" in item, item
     assert "random states" in item, item
+
+
+_RAISES_IN_FIRST_BATCH = '''\
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from ablate.tasks import TaskInstance, register_task
+
+
+    def loss_fn(model, batch):
+        raise RuntimeError("the first batch raised")
+
+
+    @register_task("raisefirst", metrics=[("mse", "min")], defaults={"epochs": 2, "batch_size": 16})
+    def raisefirst(config):
+        x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+        data = TensorDataset(x, x.sum(1))
+        return TaskInstance(name="raisefirst", model=nn.Linear(4, 1), train=data, val=data, loss_fn=loss_fn,
+                            evaluate=lambda model, loader: {"mse": 1.0}, data_source="embedded:synthetic-raise")
+    '''
+
+
+def test_a_trial_raising_in_its_first_batch_under_resume_is_stored_with_its_note_and_node(tmp_path, one_ray):
+    # on real Ray: the trainable raises (not a ConfigError the worker reports itself), after --resume set its damaged
+    # checkpoint aside; the row recorded from Ray's error kept neither the note nor the node the trial ran on
+    (tmp_path / "raisefirst.py").write_text(textwrap.dedent(_RAISES_IN_FIRST_BATCH))
+    spec = tmp_path / "raise.yaml"
+    spec.write_text("name: raise\ntasks: [raisefirst]\nseeds: 1\nplugins: [raisefirst]\nadamw: false\n"
+                    "budget: {epochs: 2, patience: 0}\nbaseline: {meta_every: 2, modulator_layers: 1}\n")
+    study = load_study(spec)
+    out = tmp_path / "results"
+    trial_id = study.trials[0].trial_id
+    (out / "raise" / "checkpoints").mkdir(parents=True)
+    (out / "raise" / "checkpoints" / f"{trial_id}.pt").write_bytes(b"cut short")
+    outcome = run_study(study, out, resume=True)
+    assert (outcome.ran, outcome.failed) == (1, 1)
+    row = load_results(out / "raise").trials.iloc[0]
+    assert row["status"] == "failed" and row["error"].startswith(f"note: trial {trial_id}: its checkpoint ")
+    assert "is unreadable" in row["error"].splitlines()[0]
+    assert row["error"].rstrip().endswith("RuntimeError: the first batch raised")
+    assert (row["hostname"], row["provenance_source"]) == (socket.gethostname(), "driver")

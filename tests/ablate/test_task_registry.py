@@ -491,3 +491,13 @@ def test_list_task_with_keys_describes_the_tasks_own_keys_with_their_defaults(ca
     assert rows["multivariate"] == ["multivariate", "false", "false", "true", "or", "false"]
     assert "lr" not in rows and "overrides.etth1:" in own
     assert main(["list", "--task", "etth1"]) == 0 and "keys of task" not in capsys.readouterr().out
+
+
+def test_find_task_gives_the_registered_task_or_none_for_anything_else():
+    # one helper for "the task of this name, if there is one" (it was spelled out at four call sites)
+    from ablate.tasks import TASKS, find_task
+
+    assert find_task("etth1") is TASKS.get("etth1")
+    assert find_task("etth1").metric.name == TASKS.get("etth1").metric.name
+    for name in ("no_such_task", "", None, float("nan"), 3, ["etth1"]):  # (a list is no key: no TypeError either)
+        assert find_task(name) is None

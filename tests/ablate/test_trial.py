@@ -746,6 +746,36 @@ def test_a_trial_that_fails_after_its_checkpoint_was_set_aside_says_so(tmp_path,
     assert made["torch_version"] == torch.__version__ and made["hostname"] == socket.gethostname()
 
 
+def test_a_trial_that_raises_after_its_checkpoint_was_set_aside_reported_the_note_before(tmp_path, monkeypatch):
+    # the note reached the stored error when the worker caught the failure (ConfigError); a trial that raised anything
+    # else, or died, was recorded from Ray's error, which cannot carry it: the note was lost
+    from ray import tune
+
+    from ablate import sweep
+    from ablate.trial import Trial as TrialClass
+
+    config = {**FAST, "epochs": 1}
+    trial_id = Trial(config).trial_id
+    (tmp_path / f"{trial_id}.pt").write_bytes(b"\x80\x02 cut short")
+    reports = []
+
+    def broken(self, *args, **kwargs):
+        assert reports, "the notes are reported before the trial trains"
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(TrialClass, "run", broken)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        sweep.trainable({"trial": {"config": config, "trial_id": trial_id}, "plugins": [],
+                         "checkpoint_dir": str(tmp_path), "resume": True, "cpus": 1})
+    [(metrics, checkpoint)] = reports
+    notes = json.loads(metrics[sweep.NOTES_KEY])
+    assert checkpoint is None and set(metrics) == {sweep.NOTES_KEY} and len(notes) == 1
+    assert f"trial {trial_id}: its checkpoint {tmp_path / trial_id}.pt is unreadable" in notes[0]
+    assert not (tmp_path / f"{trial_id}.pt").exists()  # (moved aside, as the note says)
+
+
 def _after_ray_s_checkpoint(tmp_path, monkeypatch, spoil):
     """The result payload of a 2-epoch trial under ``ablate run --resume`` with Ray's checkpoint of
     epoch 1 and a stable checkpoint of epoch 2 that ``spoil(state)`` made unusable."""

@@ -637,3 +637,93 @@ def test_fixed_weights_none_and_all_ones_are_the_same_weights_on_load(saved, tar
     sd = _stepped(weighting="fixed", fixed_weights=[2, 1, 1]).state_dict()
     with pytest.warns(UserWarning, match=r"fixed_weights .* -> \[2\.0, 1\.0, 1\.0\]"):
         MetaAdamW(mlp(0).named_parameters(), **{**KW, "weighting": "fixed", "fixed_weights": target}).load_state_dict(sd)
+
+
+def _adamw_and_meta_checkpoints():
+    """An AdamW and a MetaAdamW checkpoint of mlp(0) after two steps, and a MetaAdamW of mlp(0) that stepped once."""
+    batches = regression_batches()
+    saved = {}
+    for source in ("AdamW", "MetaAdamW"):
+        model = mlp(0)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-2) if source == "AdamW"
+               else MetaAdamW(model.named_parameters(), lr=1e-2, **KW))
+        _train(model, opt, batches, 2, meta_every=10**9, loss_fn=mse)
+        saved[source] = opt.state_dict()
+    target_model = mlp(0)
+    target = MetaAdamW(target_model.named_parameters(), lr=1e-2, **KW)
+    _train(target_model, target, batches, 1, meta_every=10**9, loss_fn=mse)
+    return saved, target
+
+
+@pytest.mark.parametrize("source", ["AdamW", "MetaAdamW"])
+@pytest.mark.parametrize("key, change, said", [
+    ("exp_avg", lambda t: t.to(torch.complex64), r"exp_avg is of dtype torch\.complex64 \(moments are real floating"),
+    ("exp_avg_sq", lambda t: t.to(torch.int64), r"exp_avg_sq is of dtype torch\.int64"),
+    ("exp_avg", lambda t: t > 0, r"exp_avg is of dtype torch\.bool"),
+    ("exp_avg", lambda t: 0.0, r"exp_avg is 0\.0, not a tensor"),
+    ("exp_avg_sq", lambda t: None, r"exp_avg_sq is None, not a tensor"),
+    ("exp_avg_sq", lambda t: t.numpy(), r"exp_avg_sq is a ndarray, not a tensor"),
+    ("exp_avg_sq", lambda t: t.to_sparse(), r"exp_avg_sq is a torch\.sparse_coo tensor"),
+    ("exp_avg", lambda t: torch.empty_like(t, device="meta"), r"exp_avg is on the 'meta' device"),
+    ("step", lambda t: "3", r"step '3' \(expected a step count, an integer >= 0\)"),
+    ("step", lambda t: torch.tensor(-1.0), r"step -1\.0 \(expected a step count"),
+    ("step", lambda t: torch.tensor(2.5), r"step 2\.5 \(expected a step count"),
+])
+def test_moments_or_step_counts_of_a_wrong_kind_are_refused_naming_them_before_anything_loads(source, key, change, said):
+    # torch.optim casts what it loads to the parameter's dtype (a complex moment lost its imaginary part, a bool one
+    # became 0/1) and keeps anything else as it is: a float, None or a numpy array failed with "cannot create weak
+    # reference to 'float' object" or in torch's cast, a sparse or meta moment at the next step, a negative step count
+    # there with a ZeroDivisionError, and 2.5 steps were silently taken as 2
+    saved, target = _adamw_and_meta_checkpoints()
+    sd = saved[source]
+    sd["state"][0][key] = change(sd["state"][0][key])
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(ValueError, match=r"moments do not fit this optimizer's parameters, and nothing was loaded: "
+                                         r"0\.weight: " + said):
+        target.load_state_dict(sd)
+    after = target.state_dict()
+    assert all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in zip(before["state"].values(), after["state"].values()))
+    assert target._steps == [1] * 6 and target.global_step == 1
+
+
+@pytest.mark.parametrize("source", ["AdamW", "MetaAdamW"])
+@pytest.mark.parametrize("key, value, said", [
+    ("lr", "0.01", r"Invalid learning rate: lr='0\.01'"),
+    ("lr", -1.0, r"Invalid learning rate: lr=-1\.0"),
+    ("eps", float("nan"), r"Invalid epsilon value: eps=nan"),
+    ("weight_decay", [0.1], r"Invalid weight_decay value: \[0\.1\]"),
+    ("betas", (0.9, 1.5), r"Invalid beta parameter at index 1: 1\.5"),
+    ("lr", None, r"it has no lr, and nothing was loaded"),
+])
+def test_param_group_hyperparameters_that_cannot_be_stepped_with_are_refused_on_load(source, key, value, said):
+    # torch.optim loads a param group's values as they are: a string lr failed at the next step with "can't multiply
+    # sequence by non-int", a negative lr was stepped with (the constructor refuses it), a missing one was a KeyError
+    saved, target = _adamw_and_meta_checkpoints()
+    group = saved[source]["param_groups"][0]
+    if value is None:
+        del group[key]
+    else:
+        group[key] = value
+    with pytest.raises(ValueError, match=r"the checkpoint's param group 0: " + said):
+        target.load_state_dict(saved[source])
+    assert target.param_groups[0]["lr"] == 1e-2 and target._steps == [1] * 6
+
+
+def test_float64_moments_and_float_step_counts_of_an_adamw_checkpoint_load_as_adamw_loads_them():
+    # what torch.optim.AdamW itself loads (moments of another floating dtype, cast; a step count as a float) still
+    # loads, and the run goes on as AdamW's
+    batches = regression_batches()
+    model, twin = mlp(0), mlp(0)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, adamw, batches, 3, meta_every=10**9, loss_fn=mse)
+    sd = copy.deepcopy(adamw.state_dict())
+    for st in sd["state"].values():
+        st.update(exp_avg=st["exp_avg"].double(), exp_avg_sq=st["exp_avg_sq"].double(), step=float(st["step"]))
+    twin.load_state_dict(model.state_dict())
+    meta = MetaAdamW(twin.named_parameters(), alpha_range=0.0, beta_range=0.0, **small_kwargs())
+    meta.load_state_dict(sd)
+    assert meta._steps == [3] * 6 and all(st["exp_avg"].dtype == torch.float32 for st in meta.state.values())
+    _train(model, adamw, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    _train(twin, meta, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

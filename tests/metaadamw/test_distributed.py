@@ -9,6 +9,7 @@ import datetime
 import os
 import sys
 import socket
+import time
 import warnings
 
 import pytest
@@ -27,6 +28,9 @@ WORLD = 2
 OTHER_SETTINGS = {"other_meta_optimizer": {"meta_optimizer": "adam"}, "other_lr": {"lr": 1e-3},
                   "other_foreach": {"foreach": False}}
 META_LR = 0.05  # large enough for the meta-update to move the modulator visibly
+#: the scenarios where one rank's error must reach the others at once, and their process group's timeout (s)
+ANNOUNCED = ("no_val_on_rank1", "step_fails_on_rank1")
+SHORT_TIMEOUT = 20
 
 
 def _batches(rank: int):
@@ -60,7 +64,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     modulator), "subset" (rank 1 optimises one tensor fewer), "other_layer" (each rank optimises
     another layer of the same shapes), "added_on_rank0" (both optimise all tensors but the last,
     which rank 0 alone then adds with add_param_group), "other_options" (rank 1 gives another alpha_range),
-    "raises_on_rank1" (rank 1's loss_fn raises in meta_step), "late" (the optimizer is made before the process group),
+    "raises_on_rank1" (rank 1's loss_fn raises in meta_step), "no_val_on_rank1" (rank 1's validation batch
+    is None: its loader ran out, say), "step_fails_on_rank1" (rank 1's meta-optimizer step raises), "late" (the optimizer is made before the process group),
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
     alone), "late_stepped_rank0" (rank 0 alone stepped before it), "late_loaded" (made and
     loaded from one checkpoint before it) or "late_loaded_adamw" (the same with a torch.optim.AdamW checkpoint)."""
@@ -94,8 +99,10 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         adamw.step()
         early[1].load_state_dict(adamw.state_dict())
         early[0].load_state_dict(net.state_dict())
+    # a collective mismatch fails, not hangs (sooner where the test is that no rank waits for the timeout)
+    timeout = SHORT_TIMEOUT if scenario in ANNOUNCED else 60
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))  # a collective mismatch fails, not hangs
+                            timeout=datetime.timedelta(seconds=timeout))
     try:
         if scenario == "sharded":  # sharded parameters: refused when the optimizer is made
             torch.save({"errors": _sharded_errors()}, f"{out}/rank{rank}.pt")
@@ -115,9 +122,17 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         train, b2, val = _batches(rank)
         if scenario == "poison" and rank == 1:
             val = (val[0], torch.full_like(val[1], float("nan")))
+        if scenario == "no_val_on_rank1" and rank == 1:
+            val = None
+        if scenario == "step_fails_on_rank1" and rank == 1:
+            def step_failing(*args, **kwargs):
+                raise RuntimeError("rank 1's meta-optimizer step failed")  # (out of memory, say)
+
+            opt.meta_optimizer.step = step_failing
         opt.zero_grad()
         mse(ddp, train).backward()  # DDP averages the gradients
         grads = [p.grad.clone() for p in model.parameters()]
+        started = time.monotonic()
         try:
             if scenario == "late_stepped_steps":  # training goes on with step() alone: refused there
                 opt.step()
@@ -129,7 +144,7 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
             loss_fn = failing if scenario == "raises_on_rank1" and rank == 1 else mse  # (a batch it cannot take, say)
             record = opt.meta_step(ddp, loss_fn, None, b2, val)  # each rank on its own batches
         except (RuntimeError, ValueError) as exc:
-            torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
+            torch.save({"error": str(exc), "seconds": time.monotonic() - started}, f"{out}/rank{rank}.pt")
             return
         grads_kept = all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
         opt.step()
@@ -380,9 +395,28 @@ def test_the_docs_say_that_without_sync_the_ranks_need_the_same_seed_not_only_th
 def test_an_error_in_one_ranks_meta_update_is_raised_on_every_rank_at_once(tmp_path):
     # rank 1 raised alone and rank 0 waited in the all-reduce of the meta-gradients until the process
     # group's timeout (then gloo's "Timed out waiting ... for recv operation", naming nothing of the cause)
-    import time
-    start = time.monotonic()
+    # (timed inside the worker, from the call: the time to spawn the ranks, a minute and more on a loaded machine,
+    # made a wall-clock bound around _run fail although no rank had waited)
     ranks = _run(tmp_path, "raises_on_rank1")
     assert ranks[1]["error"] == "rank 1's loss_fn failed"
     assert "1 other rank(s) of 2 raised an error in this meta-update" in ranks[0]["error"], ranks[0]["error"]
-    assert time.monotonic() - start < 55, "rank 0 waited for the process group's timeout (60 s)"
+    assert ranks[0]["seconds"] < 55, "rank 0 waited for the process group's timeout (60 s)"
+
+
+def test_an_error_of_meta_steps_checks_on_one_rank_is_raised_on_every_rank_at_once(tmp_path):
+    # a check that depends on the rank's batch (no val_batch) was raised on rank 1 alone, before its meta-update,
+    # and rank 0 waited in the all-reduce of the meta-gradients until the process group's timeout
+    ranks = _run(tmp_path, "no_val_on_rank1")
+    assert ranks[1]["error"].startswith("objective 'combined' needs a validation batch"), ranks[1]["error"]
+    assert "1 other rank(s) of 2 raised an error in this meta-update" in ranks[0]["error"], ranks[0]["error"]
+    assert ranks[0]["seconds"] < SHORT_TIMEOUT / 2, "rank 0 waited for the process group's timeout"
+
+
+def test_a_meta_optimizer_step_that_fails_on_one_rank_is_raised_on_every_rank_at_once(tmp_path):
+    # after the averaging, rank 1's meta-optimizer step raised (an out-of-memory error, say) and rank 0 went on
+    # with a modulator that had stepped, into its next collective, until the process group's timeout
+    ranks = _run(tmp_path, "step_fails_on_rank1")
+    assert ranks[1]["error"] == "rank 1's meta-optimizer step failed"
+    assert "the meta-optimizer's step failed on 1 other rank(s) of 2" in ranks[0]["error"], ranks[0]["error"]
+    assert "the ranks' modulators now differ" in ranks[0]["error"]
+    assert ranks[0]["seconds"] < SHORT_TIMEOUT / 2, "rank 0 waited for the process group's timeout"

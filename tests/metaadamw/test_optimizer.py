@@ -1212,6 +1212,23 @@ def test_a_sparse_gradient_after_dense_steps_is_a_clear_error_that_counts_no_ste
     assert opt.global_step == 1 and opt._steps == [1, 1, 1]
 
 
+@pytest.mark.parametrize("layer", [nn.Embedding(10, 4, sparse=True), nn.EmbeddingBag(10, 4, sparse=True)])
+def test_a_model_layer_with_sparse_gradients_is_refused_when_the_optimizer_is_made_or_the_group_added(layer):
+    # MetaAdamW, like AdamW, cannot step sparse gradients: with model= the layer that makes them is named when the
+    # optimizer is made (it was found at the first step, after a forward and backward pass); a sparse layer trained by
+    # an optimizer of its own (torch.optim.SparseAdam) is no concern of MetaAdamW's
+    model = nn.ModuleDict({"emb": layer, "head": nn.Linear(4, 1)})
+    with pytest.raises(ValueError, match=rf"sparse gradients, which the model's layer 'emb' \(nn\.{type(layer).__name__}"
+                                         rf"\(sparse=True\)\) gives its weight: build the layer with sparse=False"):
+        MetaAdamW(model.parameters(), model=model, **small_kwargs())
+    opt = MetaAdamW(model["head"].parameters(), model=model, **small_kwargs())
+    with pytest.raises(ValueError, match="sparse gradients, which the model's layer 'emb'"):
+        opt.add_param_group({"params": [layer.weight]})
+    assert len(opt.param_groups) == 1 and len(opt._params) == 2
+    layer.sparse = False
+    assert len(MetaAdamW(model.parameters(), model=model, **small_kwargs())._params) == 3
+
+
 @pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic"])
 @pytest.mark.parametrize("foreach", [True, False])
 def test_an_empty_parameter_leaves_every_statistic_and_update_finite(features, foreach):
