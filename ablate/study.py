@@ -655,34 +655,87 @@ TUNED_FOR = "tuned_for"
 
 
 #: the key of an entry that records the settings the values were tuned with (the searched arm's
-#: resolved :data:`TUNING_CONTEXT_KEYS` on that task, the searched keys left out): a study that
-#: reads them under other settings is warned, naming the keys (files without it are read silently)
+#: resolved :data:`TUNING_CONTEXT_KEYS` and the task's own keys on that task, the searched keys
+#: left out): a study that reads them under other settings is warned, naming the keys (files
+#: without it, or without some of the keys, older or hand-written: those keys are unknown, read
+#: silently)
 TUNED_WITH = "tuned_with"
+#: the key of :data:`TUNED_WITH` under which a cross-task search records the AdamW reference it
+#: scored its suggestions against (the AdamW arm's :func:`tuning_context` on that task): the
+#: relative improvements, and so the vector picked, depend on it
+ADAMW_REFERENCE = "adamw_reference"
 #: the optimizer keys besides MetaAdamW's own that a suggestion's score depends on
 OPTIMIZER_KEYS = ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
 #: the budget keys a suggestion's score depends on (the best lr, or priorities, for 80 steps are not
 #: those for 10 epochs)
 BUDGET_KEYS = ("epochs", "max_steps", "max_train_batches", "batch_size")
-#: per ``tune.arm``: the settings :data:`TUNED_WITH` records
-TUNING_CONTEXT_KEYS = {"baseline": (*METAADAMW_KEYS, *OPTIMIZER_KEYS, *BUDGET_KEYS),
-                       "adamw": (*OPTIMIZER_KEYS, *BUDGET_KEYS)}
+#: the early-stopping keys, which decide where a run ends (and so the best value it reaches)
+STOPPING_KEYS = ("patience", "min_delta")
+#: the data a run trains on: ``embedded`` (recorded as ``embedded:<version>`` where the task has an
+#: embedded version, :func:`ablate.config.identity_config`) or ``real`` (a real dataset's own
+#: file or split is one of the task's keys, e.g. ``csv_file``, ``split``, which are recorded too)
+DATA_KEYS = ("data",)
+#: per ``tune.arm``: the common settings :data:`TUNED_WITH` records (with every key of the task's own)
+TUNING_CONTEXT_KEYS = {"baseline": (*METAADAMW_KEYS, *OPTIMIZER_KEYS, *BUDGET_KEYS, *STOPPING_KEYS, *DATA_KEYS),
+                       "adamw": (*OPTIMIZER_KEYS, *BUDGET_KEYS, *STOPPING_KEYS, *DATA_KEYS)}
 
 
 def unused_keys(config: dict[str, Any]) -> set[str]:
-    """The MetaAdamW keys ``config`` sets that do not change its run
+    """The keys ``config`` sets that do not change its run: MetaAdamW's
     (:func:`metaadamw.optimizer.unused_options`: ``gate_l1`` without gating, the priorities, fixed
-    weights or uncertainty-weighting form of a built-in weighting that does not take them)."""
+    weights or uncertainty-weighting form of a built-in weighting that does not take them),
+    and ``min_delta`` where early stopping cannot end the run (:func:`stops_early`)."""
     from metaadamw.optimizer import unused_options
 
     weighting = config.get("weighting")  # (a hand-edited tuned_with may hold anything: a list is no weighting's name)
-    return unused_options(weighting if isinstance(weighting, str) else None, config.get("gating") is not False)
+    unused = set(unused_options(weighting if isinstance(weighting, str) else None, config.get("gating") is not False))
+    if not stops_early(config):
+        unused.add("min_delta")
+    return unused
+
+
+def stops_early(config: dict[str, Any]) -> bool:
+    """Whether early stopping may end ``config``'s run before its budget: ``patience`` > 0 and
+    fewer than ``epochs`` (a run stops once ``patience`` epochs in a row did not improve, and only
+    before its last epoch, so ``patience >= epochs`` never stops it: it trains as ``patience: 0``
+    does). Values that are not integers (a hand-edited file): True."""
+    patience, epochs = config.get("patience"), config.get("epochs")
+    if not _is_int(patience) or not _is_int(epochs):
+        return True
+    return 0 < patience < epochs
+
+
+def ended_by_max_steps(config: dict[str, Any]) -> bool:
+    """Whether ``max_steps`` ends ``config``'s run before its ``epochs`` do, whatever the data:
+    ``epochs >= max_steps`` (an epoch has at least one step), so that the run makes ``max_steps``
+    optimizer steps and its ``epochs`` changes nothing. (Where ``epochs < max_steps`` the number of
+    steps is ``min(epochs * steps per epoch, max_steps)``, and the steps per epoch are the training
+    split's batches, which only loading the data gives: ``epochs`` then counts as set.)"""
+    epochs, max_steps = config.get("epochs"), config.get("max_steps")
+    return _is_int(epochs) and _is_int(max_steps) and epochs >= max_steps
+
+
+def run_data(config: dict[str, Any]) -> Any:
+    """``config``'s ``data`` as :data:`TUNED_WITH` records it: ``embedded:<version>`` for embedded
+    data of a task with an embedded version (other embedded data are another run), else as set."""
+    return identity_config({"task": config.get("task"), "data": config.get("data")})["data"]
+
+
+def task_keys(config: dict[str, Any]) -> list[str]:
+    """The keys of ``config`` that are its task's own (model sizes, pooling, split, ...): not common keys."""
+    return [k for k in config if k not in COMMON_FIELDS]
 
 
 def tuning_context(config: dict[str, Any], arm: str, tuned: Iterable[str] = ()) -> dict[str, Any]:
     """What :data:`TUNED_WITH` records: ``config``'s values of the keys of ``arm``'s
-    :data:`TUNING_CONTEXT_KEYS`, less the ``tuned`` keys (and the keys they replace)."""
+    :data:`TUNING_CONTEXT_KEYS` and of the task's own keys, less the ``tuned`` keys (and the keys
+    they replace); ``data`` as :func:`run_data` gives it."""
     tuned = with_alternatives(tuned)
-    return json.loads(json.dumps({k: config[k] for k in TUNING_CONTEXT_KEYS[arm] if k in config and k not in tuned}))
+    keys = [*TUNING_CONTEXT_KEYS[arm], *task_keys(config)]
+    context = {k: config[k] for k in keys if k in config and k not in tuned}
+    if "data" in context:
+        context["data"] = run_data(config)
+    return json.loads(json.dumps(context))
 
 
 #: the files ``ablate tune`` writes (``tune.arm``: baseline or adamw) and the study-file key that reads each
@@ -776,6 +829,11 @@ def _parse_tuned_file(
         if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
             raise ctx.error(f"{where}.{TUNED_WITH}", f"must be the mapping of the settings `ablate tune` tuned the "
                                                      f"values with, got {_short(context)}")
+        reference = context.get(ADAMW_REFERENCE)  # (null: unknown)
+        if reference is not None and (not isinstance(reference, dict) or not all(isinstance(k, str) for k in reference)):
+            raise ctx.error(f"{where}.{TUNED_WITH}.{ADAMW_REFERENCE}", f"must be the mapping of the settings of the "
+                                                                       f"AdamW reference a cross-task search scored "
+                                                                       f"the values against, got {_short(reference)}")
         tuned_with[task] = context
         for key in entry:
             if key in arm_settings:
@@ -791,10 +849,12 @@ def _parse_tuned_file(
 
 def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> None:
     """Values ``ablate tune`` picked are the best for the settings they were tuned with (the file's
-    ``tuned_with``: the priorities of one meta optimizer, meta_lr and meta-update frequency, say):
-    a study whose tuned arm runs them with other settings gets no tuned values, whatever the file
-    says. Said per tuned arm, naming each task's differing keys (a task whose tuned keys the study's
-    ``overrides.<task>`` all replace is not using them)."""
+    ``tuned_with``: the priorities of one meta optimizer, meta_lr and meta-update frequency, budget,
+    early stopping, data and model, say; for a cross-task search, also the AdamW reference it
+    scored them against): a study whose tuned arm runs them with other settings (or whose AdamW
+    arm is not that reference) gets no tuned values, whatever the file says. Said per tuned arm,
+    naming each task's differing keys (a task whose tuned keys the study's ``overrides.<task>`` all
+    replace is not using them; a key the file does not record is unknown, not a difference)."""
     for arm, tuned, tuned_with in (("baseline", ctx.tuned, ctx.tuned_with),
                                    ("adamw", ctx.adamw_tuned, ctx.adamw_tuned_with)):
         differ = {}
@@ -804,13 +864,14 @@ def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> N
             config = next((t.config for t in trials if t.task == task and arm in t.arms), None)
             if config is None:
                 continue
-            # (a key that does not change the run - on either side - is no difference: gate_l1 without gating, the
-            # priorities of a weighting that ignores them; nor is one that `ablate tune` searches now)
-            ignore = unused_keys(config) | unused_keys({**config, **context}) | ctx.searched.get(arm, set())
-            keys = [k for k in context if k in COMMON_FIELDS and k not in ignore and config.get(k) != context[k]]
-            if keys:
-                differ[task] = ", ".join(f"{k} (tuned with {json.dumps(context[k])}, here {json.dumps(config.get(k))})"
-                                         for k in keys)
+            said = _tuned_with_differences(context, config, ctx.searched.get(arm, set()))
+            reference = context.get(ADAMW_REFERENCE)
+            adamw = next((t.config for t in trials if t.task == task and "adamw" in t.arms), None)
+            if isinstance(reference, dict) and adamw is not None:  # (a study without an AdamW arm: nothing to compare)
+                said += _tuned_with_differences(reference, adamw, ctx.searched.get("adamw", set()),
+                                                f"{ADAMW_REFERENCE}.")
+            if said:
+                differ[task] = ", ".join(said)
         if not differ:
             continue
         said = "; ".join(f"{task}: {keys}" for task, keys in differ.items())
@@ -819,6 +880,29 @@ def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> N
             f"{ctx.where(TUNED_FROM[arm])}: {what} were tuned with other settings than {whom} of this study runs them "
             f"with ({said}), so they are not tuned for it. Use the settings they were tuned with (the file's "
             f"{TUNED_WITH}), or tune again with this study's settings", stacklevel=3)
+
+
+def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], searched: set[str],
+                            prefix: str = "") -> list[str]:
+    """``key (tuned with X, here Y)`` for each key of a recorded ``context`` (:func:`tuning_context`)
+    that ``config`` runs with another value: common keys and the task's own; ``data`` as
+    :func:`run_data` gives it (a recorded ``embedded`` without a version: compared as set)."""
+    here = dict(config)
+    if isinstance(context.get("data"), str) and ":" in context["data"]:
+        here["data"] = run_data(config)
+    # (a key that does not change the run - on either side - is no difference: gate_l1 without gating, the
+    # priorities of a weighting that ignores them, min_delta without early stopping; nor is one that `ablate tune`
+    # searches now; epochs neither where max_steps ends the run first on both sides - the steps, max_steps, are
+    # compared -, nor patience where early stopping cannot end either run: patience 0, 2 or 5 over 2 epochs)
+    there = {**here, **context}
+    ignore = unused_keys(here) | unused_keys(there) | searched
+    if ended_by_max_steps(here) and ended_by_max_steps(there):
+        ignore = ignore | {"epochs"}
+    if not stops_early(here) and not stops_early(there):
+        ignore = ignore | {"patience"}
+    own = set(task_keys(config))
+    keys = [k for k in context if (k in COMMON_FIELDS or k in own) and k not in ignore and here.get(k) != context[k]]
+    return [f"{prefix}{k} (tuned with {json.dumps(context[k])}, here {json.dumps(here.get(k))})" for k in keys]
 
 
 def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:

@@ -1044,7 +1044,8 @@ def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> s
     reuse = {t.trial_id for t in study.trials} & done - selected - pending
     line = (f"\nwith {out_dir}: {len(reuse)} trial(s) stored (reused), {len(study.trials) - len(reuse)} to run"
             + (f" ({len(selected & done)} of them again, selected by --rerun)" if rerun else "")
-            + "; a run also runs again stored trials whose data files changed")
+            # (real data only: an embedded trial has no data files, its data version is in its id)
+            + ("; a run also runs again stored trials whose data files changed" if study.data == "real" else ""))
     return line if out_dir.is_dir() else f"\n{out_dir} does not exist yet: all {len(study.trials)} trial(s) to run"
 
 

@@ -59,7 +59,8 @@ Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every inv
     ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...],
     tuned_for: baseline, tuned_with: {meta_optimizer: ..., ...}}}`` (with ``meta_lr: ...`` and the
     like when other knobs are tuned; ``tuned_with``: the settings they were tuned with, see
-    :func:`ablate.study.tuning_context`, which a study running others is warned about), for
+    :func:`ablate.study.tuning_context`, which a study running others is warned about - with
+    ``cross_task``, also ``adamw_reference:``, the settings of the AdamW arm they were scored against), for
     ``baseline: {priorities_from: FILE}`` in a study file (with ``arm: adamw``: ``best_adamw.yaml``,
     ``{task: {lr: ..., tuned_on_seeds: [...], tuned_for: adamw, tuned_with: {...}}}``, for
     ``adamw: {tuned_from: FILE}``); ``history.parquet`` - one row per Optuna trial: ``task, study, number, value,
@@ -110,8 +111,8 @@ from ablate.config import (
 )
 from ablate.files import atomic_write_bytes
 from ablate.stats import TUNING_TIE_TOL, tuning_tie
-from ablate.study import (TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, TUNED_WITH, Study, StudyError, _read_yaml,
-                          parse_study, tuned_file_usage, tuning_context)
+from ablate.study import (ADAMW_REFERENCE, TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, TUNED_WITH, Study, StudyError,
+                          _read_yaml, parse_study, tuned_file_usage, tuning_context)
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -139,15 +140,22 @@ TUNE_KEYS = {
     "aggregate": f"how a suggestion's per-seed values are combined: {' | '.join(AGGREGATES)}",
     "arm": "whose settings are searched: baseline (MetaAdamW) or adamw (AdamW's own, e.g. lr: the same tuning budget)",
     "priorities": "the range of each of the three priorities {low, high, log} (a key left out: the default's, "
-                  "{low: 0.1, high: 10.0, log: true}), or false to keep the baseline's (arm: baseline only)",
-    "params": "other numeric config keys to search: {key: {low, high, log}}",
+                  "{low: 0.1, high: 10.0, log: true}: a log scale unless log: false), or false to keep the "
+                  "baseline's (arm: baseline only)",
+    "params": "other numeric config keys to search: {key: {low, high, log}} (low and high required; log left out: "
+              "false, a linear scale)",
     "scheduler": "early termination: {type: asha, grace_period: epochs >= 1, reduction_factor: > 1}, or none",
     "cross_task": "true: one vector for every task, scored by the mean relative improvement over AdamW",
     "storage": f"null (OUT/<name>/tune/{JOURNAL_FILE}), a journal file path (relative to this file) or a database URL",
     "max_concurrent": "Ray trials (suggestions) running at once per target, integer >= 1",
     "enqueue_baseline": "true: a new study first evaluates the searched arm's own values (when inside the ranges)",
 }
-RANGE_KEYS = {"low": "the lower bound", "high": "the upper bound (> low)", "log": "true: search on a log scale (low > 0)"}
+RANGE_KEYS = {"low": "the lower bound", "high": "the upper bound (> low)",
+              "log": "true: search on a log scale (low > 0); left out: true for tune.priorities (the default range's), "
+                     "false for tune.params"}
+#: a ``tune.params`` range whose ``high / low`` is at least this, without ``log:``, is warned about:
+#: searched on its (default) linear scale, nearly every suggestion falls in its top decade
+WIDE_LINEAR_RANGE = 100.0
 SCHEDULER_KEYS = {
     "type": "asha or none",
     "grace_period": "epochs every suggestion runs before it may be stopped (integer > warmup_epochs; default warmup_epochs + 1)",
@@ -460,8 +468,19 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
                                  f"({high}{', the default' if 'high' in defaulted else ''})"
                                  + (f"; give {' and '.join(sorted(defaulted))} too" if defaulted else ""))
     if log and low <= 0:
+        default = (f" (tune.{path} takes the keys left out from {{low: {defaults.low}, high: {defaults.high}, log: "
+                   f"{str(defaults.log).lower()}}})" if defaults is not None and not log_given else "")
         raise _err(source, f"{path}.low", f"must be > 0 on a log scale (log: true{'' if log_given else ', the default'}), "
-                                          f"got {low}{'' if log_given else '; or set log: false'}")
+                                          f"got {low}{default}{'' if log_given else '; or set log: false'}")
+    if not log_given and defaults is None and low > 0 and high / low >= WIDE_LINEAR_RANGE:
+        # (tune.priorities default to a log scale, tune.params to a linear one: a params range written like a
+        # priorities range - {low: 1.0e-5, high: 1.0e-2} - was searched linearly without a word)
+        warnings.warn(f"{source}: tune.{path}: {{low: {low:g}, high: {high:g}}} spans {math.log10(high / low):.1f} "
+                      f"orders of magnitude on a linear scale (log left out is false for tune.params, unlike "
+                      f"tune.priorities), so {(high - high / 10) / (high - low):.0%} of the suggestions fall above "
+                      f"{high / 10:g}; "
+                      f"set log: true to search it on a log scale, or log: false to keep the linear one",
+                      stacklevel=2)
     return Range(low, high, log, kind is int)
 
 
@@ -1214,12 +1233,15 @@ def _check_stored(study, target: Target, spec: TuneSpec) -> bool:
                     optuna.distributions.check_distribution_compatibility(dist, space[name])
                 except ValueError:
                     was = "log" if getattr(dist, "log", False) else "linear"
+                    # (where the scale is written: a log left out is true for the priorities, false for params)
+                    where = "tune.priorities" if name in PRIORITY_PARAMS else f"tune.params.{name}"
                     raise StudyError(
                         f"{spec.source}: tune: {name} is searched on a {'log' if getattr(space[name], 'log', False) else 'linear'} "
                         f"scale ({type(space[name]).__name__}), but the stored study {target.study_name!r} searched it on a "
                         f"{was} scale ({type(dist).__name__}, trial #{t.number}), which Optuna cannot mix in one study; "
-                        f"restore the {was} scale (its range may change), or start a new study: change name: or "
-                        f"tune.storage (or --study-storage)"
+                        f"restore the {was} scale (its range may change: write log: {str(was == 'log').lower()} in "
+                        f"{where}, where log left out is {'true' if name in PRIORITY_PARAMS else 'false'}), or start a "
+                        f"new study: change name: or tune.storage (or --study-storage)"
                     ) from None
     return False
 
@@ -1816,9 +1838,12 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
             # and with what: the values are tuned for these settings of the searched arm (the stored study's
             # objective record pins them), which a study reading them under others is warned about
             config = next(m["config"] for m in target.members if m["task"] == task)
+            context = tuning_context(config, spec.settings.arm, _searched_keys(spec))
+            if target.key == CROSS_TASK:  # (scored against the AdamW arm: the vector picked depends on its settings)
+                reference = next(t.config for t in spec.study.trials if t.task == task and "adamw" in t.arms)
+                context[ADAMW_REFERENCE] = tuning_context(reference, "adamw")
             best[task] = {**copy.deepcopy(settings), TUNED_ON_SEEDS: list(spec.study.seeds),
-                          TUNED_FOR: spec.settings.arm,
-                          TUNED_WITH: tuning_context(config, spec.settings.arm, _searched_keys(spec))}
+                          TUNED_FOR: spec.settings.arm, TUNED_WITH: context}
     files = {}
     history = pd.concat([h for h in histories if len(h)], ignore_index=True) if any(len(h) for h in histories) else \
         pd.DataFrame(columns=["task", "study", "number", "value", "state", "direction", "baseline", "arm", "ended",

@@ -91,3 +91,36 @@ def test_every_documented_ablate_command_line_parses():
             parser.parse_args(args)
         except SystemExit as exc:
             raise AssertionError(f"the documented command does not parse: {command}") from exc
+
+
+def test_the_shipped_study_files_state_the_k_meta_the_tasks_have():
+    # quick.yaml and tune_priorities.yaml once said the tasks' K_meta would never trigger a
+    # meta-update on their budgets; on embedded data it gives about two per epoch (quick) and one or
+    # two (tune_priorities' 20 batches): the comments name the values, checked here against the tasks
+    from ablate.config import resolve_config
+
+    def meta_every(task: str, data: str) -> int:
+        return resolve_config({"task": task, "data": data})["meta_every"]
+
+    quick = (DOC.parent / "quick.yaml").read_text()
+    real_etth1 = re.search(r"K_meta \((\d+) steps on\s+# ETTh1's real data, which an embedded epoch of (\d+) steps",
+                           quick)
+    assert real_etth1, "quick.yaml's comment on K_meta changed: update this test"
+    assert int(real_etth1[1]) == meta_every("etth1", "real") > int(real_etth1[2]) == 2 * meta_every("etth1", "embedded")
+    tune = (DOC.parent / "tune_priorities.yaml").read_text()
+    embedded = re.search(r"embedded K_meta \((\d+) steps on etth1, (\d+) on wikitext2\)", tune)
+    assert embedded, "tune_priorities.yaml's comment on K_meta changed: update this test"
+    assert (int(embedded[1]), int(embedded[2])) == (meta_every("etth1", "embedded"), meta_every("wikitext2", "embedded"))
+    batches = yaml.safe_load(tune)["budget"]["max_train_batches"]
+    assert all(batches // k in (1, 2) for k in (int(embedded[1]), int(embedded[2])))  # "one or two per epoch"
+
+
+def test_quick_yaml_counts_its_trials_as_the_parser_does():
+    from ablate.study import load_study
+
+    study = load_study(DOC.parent / "quick.yaml")
+    count = re.search(r"(\d+) tasks x (\d+) seeds x (\d+) arms = (\d+) trials", (DOC.parent / "quick.yaml").read_text())
+    assert count, "quick.yaml's trial count changed: update this test"
+    tasks, seeds, arms, total = map(int, count.groups())
+    assert (tasks, seeds, arms) == (len(study.tasks), len(study.seeds), len(study.arms()))
+    assert total == tasks * seeds * arms >= len(study.trials)  # "fewer where an arm equals a task's baseline"

@@ -690,14 +690,14 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
         write_trial(out / "tiny", {**t.config, "trial_id": t.trial_id, "status": "ok", "best_metric": 1.0,
                                    "metric": "mse", "mode": "min", "arm": t.arm, "study": "tiny"})
     assert main(argv) == 0
-    assert "2 trial(s) stored (reused), 1 to run;" in capsys.readouterr().out
+    assert "2 trial(s) stored (reused), 1 to run\n" in capsys.readouterr().out  # (embedded data: no note on data files)
     assert main([*argv, "--rerun", study.trials[0].arm]) == 0
     assert "1 trial(s) stored (reused), 2 to run (1 of them again, selected by --rerun)" in capsys.readouterr().out
     from ablate.results import write_reruns
 
     write_reruns(out / "tiny", {study.trials[1].trial_id}, set())  # an earlier --rerun that was cut off
     assert main(argv) == 0
-    assert "1 trial(s) stored (reused), 2 to run;" in capsys.readouterr().out
+    assert "1 trial(s) stored (reused), 2 to run\n" in capsys.readouterr().out  # (embedded data: no note on data files)
     assert main([*argv, "--rerun", "bogus"]) == 2  # refused as a real run refuses it
     assert "--rerun bogus: not a task or arm of study tiny" in capsys.readouterr().err
     # a misspelt name: refused before the listing (not after it), with the name it was meant to be
@@ -718,6 +718,22 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     big = tiny_study(tmp_path, "big", seeds=1, extra="resources: {cpus: 4096}")
     assert main(["run", str(big), "--dry-run", "--out", str(out)]) == 2
     assert "4096" in capsys.readouterr().err
+
+
+def test_dry_run_mentions_changed_data_files_only_for_real_data(tmp_path):
+    # an embedded trial has no data files (its data version is part of its id): the dry run of
+    # quick.yaml said "a run also runs again stored trials whose data files changed" all the same
+    from ablate.study import parse_study
+    from ablate.sweep import _dry_run_plan
+
+    out = tmp_path / "s"
+    out.mkdir()
+    lines = {data: _dry_run_plan(parse_study({"name": "s", "tasks": ["etth1"], "seeds": 1, "data": data}, "s.yaml"),
+                                 out, None)
+             for data in ("embedded", "real")}
+    assert lines["embedded"] == f"\nwith {out}: 0 trial(s) stored (reused), 2 to run"
+    assert lines["real"] == (f"\nwith {out}: 0 trial(s) stored (reused), 2 to run; "
+                             "a run also runs again stored trials whose data files changed")
 
 
 def test_a_retried_failure_is_one_line_per_attempt_without_ray_s_tracebacks(tmp_path, capfd):

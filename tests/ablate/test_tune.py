@@ -632,7 +632,13 @@ def test_arm_adamw_searches_the_adamw_trials_and_writes_their_best_values_for_ad
                                                                    # (and the budget: the best lr depends on it)
                                                                    "epochs": 2, "max_steps": None,
                                                                    "max_train_batches": 3,
-                                                                   "batch_size": target.members[0]["config"]["batch_size"]}}}
+                                                                   "batch_size": target.members[0]["config"]["batch_size"],
+                                                                   # (early stopping, the data and the task's model)
+                                                                   **{k: target.members[0]["config"][k] for k in
+                                                                      ("patience", "min_delta", "seq_len", "d_model",
+                                                                       "n_layers", "n_heads", "dropout", "pooling",
+                                                                       "multivariate", "split", "scaling")},
+                                                                   "data": "embedded:statsmodels-elnino"}}}
     assert "adamw: {tuned_from: " in (tune_dir / "best_adamw.yaml").read_text()
     # a study reads them for its AdamW arm (and warns about the seeds they were picked on)
     study = _write(tmp_path, "compare.yaml", """\
@@ -940,6 +946,58 @@ def test_a_range_whose_log_scale_changed_is_refused_before_anything_runs(tmp_pat
     narrower_path.write_text(narrower_path.read_text().replace("high: 10.0", "high: 4.0"))
     narrower = load_tune_spec(narrower_path)  # a new range on the same scale is fine
     check_target_study(build_targets(narrower)[0], narrower, storage)
+
+
+def test_a_scale_change_names_where_to_write_log_and_its_default_there(tmp_path):
+    # the error said "restore the log scale" without saying how: log left out is true for tune.priorities but
+    # false for tune.params, so a params range written like a priorities range changed the scale unseen
+    import optuna
+
+    from ablate.tune import check_target_study, open_target_study
+
+    spec = load_tune_spec(_tiny_spec(tmp_path, extra="params: {meta_lr: {low: 1.0e-4, high: 1.0e-2, log: true}}\n"))
+    storage = open_storage(storage_location(spec, tmp_path / "out", None))
+    study = open_target_study(build_targets(spec)[0], spec, storage)
+    space = spec.settings.space()
+    study.add_trial(optuna.trial.create_trial(params={**{p: 2.0 for p in PRIORITY_PARAMS}, "meta_lr": 1e-3}, value=0.5,
+                                              distributions={n: r.distribution() for n, r in space.items()}))
+    for i, (old, new, said) in enumerate((
+            ("log: true}}", "}}", "restore the log scale (its range may change: write log: true in tune.params.meta_lr, "
+                                  "where log left out is false)"),
+            ("high: 10.0, log: true}", "high: 10.0, log: false}", "restore the log scale (its range may change: write "
+                                                                  "log: true in tune.priorities, where log left out is "
+                                                                  "true)"))):
+        path = _tiny_spec(tmp_path / f"changed{i}", extra="params: {meta_lr: {low: 1.0e-4, high: 1.0e-2, log: true}}\n")
+        path.write_text(path.read_text().replace(old, new))
+        changed = load_tune_spec(path)
+        with pytest.raises(StudyError) as info:
+            check_target_study(build_targets(changed)[0], changed, storage)
+        assert said in str(info.value)
+
+
+def test_a_wide_params_range_without_log_is_warned_that_it_is_searched_linearly():
+    # tune.priorities default to a log scale, tune.params to a linear one: {meta_lr: {low: 1.0e-6, high: 1.0e-1}}
+    # was searched linearly without a word (nearly every suggestion above 1e-2)
+    def said(tune: dict) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            parse_tune_spec({**BASE, "tune": tune}, "s.yaml")
+        return [str(w.message) for w in caught if "tune." in str(w.message)]
+
+    (message,) = said({"params": {"meta_lr": {"low": 1e-6, "high": 1e-1}}})
+    assert message == ("s.yaml: tune.params.meta_lr: {low: 1e-06, high: 0.1} spans 5.0 orders of magnitude on a linear "
+                       "scale (log left out is false for tune.params, unlike tune.priorities), so 90% of the "
+                       "suggestions fall above 0.01; set log: true to search it on a log scale, or log: false to keep "
+                       "the linear one")
+    assert said({"params": {"meta_lr": {"low": 1e-6, "high": 1e-1, "log": True}}}) == []
+    assert said({"params": {"meta_lr": {"low": 1e-6, "high": 1e-1, "log": False}}}) == []  # (linear, on purpose)
+    assert said({"params": {"alpha_range": {"low": 0.5, "high": 2.0}}}) == []  # (a narrow range: linear is fine)
+    assert said({"priorities": {"low": 0.01, "high": 10.0}}) == []  # (the priorities' own default: log)
+    # a priorities range that log (its default) refuses says where the log came from
+    with pytest.raises(StudyError, match=re.escape("tune.priorities.low: must be > 0 on a log scale (log: true, the "
+                                                   "default), got 0 (tune.priorities takes the keys left out from "
+                                                   "{low: 0.1, high: 10.0, log: true}); or set log: false")):
+        said({"priorities": {"low": 0, "high": 2}})
 
 
 def test_suggestions_left_running_by_a_killed_process_of_this_machine_are_failed(tmp_path):
@@ -2065,6 +2123,124 @@ def test_tuned_with_null_is_unknown_and_a_malformed_one_an_error(tmp_path):
     assert _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with:}\n", mapping) == []
     with pytest.raises(StudyError, match=r"\(best.yaml\).etth1.tuned_with: must be the mapping of the settings"):
         _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: adam}\n", mapping)
+
+
+def test_tuned_with_records_early_stopping_the_data_and_the_tasks_own_keys(tmp_path):
+    # patience/min_delta (where a run stops), the data (embedded or real) and the task's own keys (the model:
+    # pooling, n_layers) were not recorded, so a study using the values on real data, another model or without
+    # early stopping was not warned
+    from ablate.study import tuning_context
+
+    spec = parse_tune_spec({"name": "t", "tasks": ["etth1"], "seeds": 1, "adamw": False,
+                            "budget": {"epochs": 3, "patience": 1, "min_delta": 0.05},
+                            "overrides": {"etth1": {"pooling": "mean", "n_layers": 1}}, "tune": {}}, "t.yaml")
+    with_ = tuning_context(spec.arm_trials("etth1")[0].config, "baseline", {"priorities"})
+    assert with_["patience"] == 1 and with_["min_delta"] == 0.05
+    assert with_["data"] == "embedded:statsmodels-elnino"  # (the embedded data's version: other data, other run)
+    assert with_["pooling"] == "mean" and with_["n_layers"] == 1 and with_["seq_len"] == 24
+    assert "priorities" not in with_ and "data_dir" not in with_
+    best = yaml.safe_dump({"etth1": {"priorities": [1, 2, 3], "tuned_with": with_}})
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "baseline": {"priorities_from": "best.yaml"},
+               "budget": {"epochs": 3, "patience": 1, "min_delta": 0.05},
+               "overrides": {"etth1": {"pooling": "mean", "n_layers": 1}}}
+    assert _tuned_with_warnings(tmp_path, best, mapping) == []
+    (said,) = _tuned_with_warnings(tmp_path, best, {**mapping, "budget": {"epochs": 3}, "overrides": {}})
+    assert said.split("(etth1: ")[1].split("), so")[0] == (
+        'min_delta (tuned with 0.05, here 0.0001), n_layers (tuned with 1, here 2), patience (tuned with 1, here 2), '
+        'pooling (tuned with "mean", here "last")')
+    (said,) = _tuned_with_warnings(tmp_path, best, {**mapping, "data": "real"})
+    assert 'data (tuned with "embedded:statsmodels-elnino", here "real")' in said
+    # without early stopping on either side, min_delta changes nothing: patience is the difference
+    (said,) = _tuned_with_warnings(tmp_path, best, {**mapping, "budget": {"epochs": 3, "patience": 0}})
+    assert "patience (tuned with 1, here 0)" in said and "min_delta" not in said
+    # a file written before these keys were recorded: they are unknown, not differences
+    old = {k: v for k, v in with_.items() if k in ("epochs", "max_steps", "max_train_batches")}
+    assert _tuned_with_warnings(tmp_path, yaml.safe_dump({"etth1": {"priorities": [1, 2, 3], "tuned_with": old}}),
+                                {**mapping, "data": "real", "budget": {"epochs": 3}, "overrides": {}}) == []
+    # a hand-written `data: embedded` (no version) is compared as set
+    assert _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: {data: embedded}}\n",
+                                mapping) == []
+
+
+def test_a_cross_task_search_records_the_adamw_reference_and_a_study_with_another_adamw_is_warned(tmp_path):
+    # the cross-task vector is picked for its relative improvement over the AdamW arm, whose settings were not
+    # recorded: a study comparing against another AdamW (another lr) was not warned
+    import optuna
+
+    from ablate.tune import CROSS_TASK, _enqueue_baseline, write_outputs
+
+    spec = parse_tune_spec({"name": "t", "tasks": ["etth1"], "seeds": 1, "budget": {"epochs": 3},
+                            "adamw": {"lr": 2.0e-3}, "tune": {"trials": 1, "cross_task": True}}, "t.yaml")
+    (target,) = build_targets(spec, {"etth1/0": 1.0})
+    assert target.key == CROSS_TASK
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="maximize")
+    _enqueue_baseline(study, target, spec)
+    study.tell(study.ask(), 0.1)
+    out = tmp_path / "out"
+    out.mkdir()
+    files, _ = write_outputs(spec, storage, [target], out, "mem")
+    reference = yaml.safe_load(files["best"].read_text())["etth1"]["tuned_with"]["adamw_reference"]
+    assert reference["lr"] == 2.0e-3 and reference["epochs"] == 3 and reference["data"] == "embedded:statsmodels-elnino"
+    assert "meta_lr" not in reference and "priorities" not in reference  # (AdamW's settings only)
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "budget": {"epochs": 3},
+               "baseline": {"priorities_from": "best.yaml"}}
+    assert _tuned_with_warnings(tmp_path, files["best"].read_text(), {**mapping, "adamw": {"lr": 2.0e-3}}) == []
+    (said,) = _tuned_with_warnings(tmp_path, files["best"].read_text(), mapping)
+    assert "(etth1: adamw_reference.lr (tuned with 0.002, here 0.0005))" in said
+    # no AdamW arm: nothing to compare against
+    assert _tuned_with_warnings(tmp_path, files["best"].read_text(), {**mapping, "adamw": False}) == []
+    # a per-task search records none
+    per_task = parse_tune_spec({"name": "t", "tasks": ["etth1"], "seeds": 1, "budget": {"epochs": 3},
+                                "adamw": {"lr": 2.0e-3}, "tune": {"trials": 1}}, "t.yaml")
+    (target,) = build_targets(per_task)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="minimize")
+    _enqueue_baseline(study, target, per_task)
+    study.tell(study.ask(), 0.1)
+    files, _ = write_outputs(per_task, storage, [target], out, "mem")
+    assert "adamw_reference" not in yaml.safe_load(files["best"].read_text())["etth1"]["tuned_with"]
+    with pytest.raises(StudyError, match=r"\(best.yaml\).etth1.tuned_with.adamw_reference: must be the mapping of the "
+                                         r"settings of the AdamW reference"):
+        _tuned_with_warnings(tmp_path, "etth1: {priorities: [1, 2, 3], tuned_with: {adamw_reference: 0.001}}\n",
+                             mapping)
+
+
+@pytest.mark.parametrize("tuned, here, expected", [
+    # max_steps ends both runs first (an epoch has at least one step): the same 20 steps, whatever the epochs
+    ({"epochs": 50, "max_steps": 20}, {"epochs": 30, "max_steps": 20}, []),
+    ({"epochs": 20, "max_steps": 20}, {"epochs": 100, "max_steps": 20}, []),
+    # ... and other steps: max_steps is the difference, not the epochs that neither run reaches
+    ({"epochs": 50, "max_steps": 20}, {"epochs": 30, "max_steps": 25}, ["max_steps (tuned with 20, here 25)"]),
+    # here 10 epochs may end before 20 steps (the steps per epoch are the data's): epochs is compared
+    ({"epochs": 50, "max_steps": 20}, {"epochs": 10, "max_steps": 20}, ["epochs (tuned with 50, here 10)"]),
+    ({"epochs": 5, "max_steps": 20}, {"epochs": 6, "max_steps": 20}, ["epochs (tuned with 5, here 6)"]),
+])
+def test_epochs_cut_by_max_steps_on_both_sides_are_no_difference(tmp_path, tuned, here, expected):
+    # a max_steps that cut a larger epochs to the same steps was named as a difference of epochs
+    best = f"etth1: {{priorities: [1, 2, 3], tuned_with: {json.dumps(tuned)}}}\n"
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "budget": here,
+               "baseline": {"priorities_from": "best.yaml"}}
+    said = _tuned_with_warnings(tmp_path, best, mapping)
+    assert [s.split("(etth1: ")[1].split("), so")[0] for s in said] == [", ".join(expected)] if expected else said == []
+
+
+@pytest.mark.parametrize("tuned, here, expected", [
+    # early stopping can end neither run (patience 0; patience >= epochs: only before the last epoch): the
+    # search's patience: 0 (ASHA stops suggestions) and a study's default 2 over 2 epochs train alike
+    ({"epochs": 2, "patience": 0, "min_delta": 0.5}, {"epochs": 2}, []),
+    ({"epochs": 4, "patience": 4}, {"epochs": 4, "patience": 0}, []),
+    # it can end one of them: patience is a difference (min_delta, unused on the other side, is not)
+    ({"epochs": 4, "patience": 0, "min_delta": 0.5}, {"epochs": 4, "patience": 3}, ["patience (tuned with 0, here 3)"]),
+    ({"epochs": 4, "patience": 3, "min_delta": 0.5}, {"epochs": 4, "patience": 3},
+     ["min_delta (tuned with 0.5, here 0.0001)"]),
+])
+def test_patience_that_cannot_stop_either_run_is_no_difference(tmp_path, tuned, here, expected):
+    best = f"etth1: {{priorities: [1, 2, 3], tuned_with: {json.dumps(tuned)}}}\n"
+    mapping = {"name": "s", "tasks": ["etth1"], "seeds": [9], "budget": here,
+               "baseline": {"priorities_from": "best.yaml"}}
+    said = _tuned_with_warnings(tmp_path, best, mapping)
+    assert [s.split("(etth1: ")[1].split("), so")[0] for s in said] == [", ".join(expected)] if expected else said == []
 
 
 @pytest.mark.parametrize("priorities, expected", [
