@@ -537,7 +537,8 @@ _SIG_LEGEND = (
     "for 'max'). p-values are two-sided paired tests of the per-seed differences: a t-test (p (t), "
     "not adjusted for the many comparisons, and marking nothing) and an "
     "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). p (Holm) is the sign-flip p "
-    "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha}; "
+    "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha} (a row with one paired seed is "
+    "not counted in the family and has no p (Holm): its sign-flip p is 1 whatever the difference); "
     "with n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
     "for 6), before the adjustment. 'seeds (better)' is the number of pairs and how many of them favour the arm. "
     "(*): p (Holm) < {alpha}, but not marked significant because the arm the difference favours has no ok "
@@ -706,13 +707,16 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
 
 
 def factorial_missing_note(results: Results) -> str:
-    """The cell-seeds the factorial fit leaves out, named (the first ten)."""
+    """The cell-seeds the factorial fit leaves out, named (the first ten), and what the main effects
+    are then: the legend's "deviation from the grand mean" holds in a balanced design only (see
+    :func:`ablate.stats.factorial_effects`)."""
     missing = stats.factorial_missing(results)
     if missing.empty:
         return ""
     names = [f"{r.arm[len(stats.FACTORIAL_PREFIX):]} on {r.task} seed {r.seed} ({r.status})" for r in missing.itertuples()]
     return (f" Left out of the fit, {len(names)} cell-seed(s) without an ok result where other cells of the seed "
-            f"have one: {first_ten(names)}.")
+            f"have one: {first_ten(names)}. With them missing, a main effect is the least-squares estimate adjusted "
+            f"for the seeds and the other factors, not the deviation of the level's raw mean from the grand mean.")
 
 
 def _ratio_cell(v: float) -> str:

@@ -525,8 +525,13 @@ def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatch
     the other arm finished (it diverged or failed there, or has not run it yet) (``ref_unmatched``/``new_unmatched``: the columns counting each arm's
     ok seeds the other lacks). The matched comparison leaves such a seed out - a run that diverged
     there is not a loss the paired test can count - so a win built on the seeds it survived is
-    not marked: ``significant`` is False and ``withheld`` True."""
-    adjusted = holm([r["p_signflip"] for r in rows])
+    not marked: ``significant`` is False and ``withheld`` True.
+
+    A row with fewer than two pairs is not counted in the family (its ``p_holm`` is NaN): one
+    difference has a sign-flip p of 1 whatever it is, so it can never be significant and would
+    only raise the other rows' adjusted p (an arm run on one seed of six would turn the 2/64 of
+    another arm's six wins into 4/64, above 0.05)."""
+    adjusted = holm([r["p_signflip"] if r["n_pairs"] >= 2 else np.nan for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = float(p)
         better = -r["diff_mean"] if r["mode"] == "min" else r["diff_mean"]  # (> 0: new is better; the tested sign)
@@ -574,7 +579,7 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     none there, and n_not_ok: trials not ok, or on the test split ok without a test metric); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
     improvement, positive = MetaAdamW better); diff_* (paired difference meta - adamw);
     time_change (total training time of MetaAdamW over the matched seeds relative to AdamW's);
-    p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks), n_pairs,
+    p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks with two pairs or more), n_pairs,
     n_better, ``significant`` (p_holm < alpha) and ``withheld`` (p_holm < alpha, but the arm the
     difference favours did not finish a seed the other finished: not marked, see
     :func:`_holm_family`); ref_<name> means of the trivial references
@@ -637,7 +642,7 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     seeds, as in :func:`table2`), n_unmatched and baseline_n_unmatched (ok seeds of the arm, of
     the baseline, that the other lacks: left out of both means), n_not_ok, rel_* (per seed relative change vs
     baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the ablation
-    arms of the task; a task's factorial cells, compared with the baseline too, are a family of
+    arms of the task with two pairs or more - one pair's sign-flip p is 1 whatever it is; a task's factorial cells, compared with the baseline too, are a family of
     their own, so that adding a factorial design to a study does not weaken its ablations), n_pairs, n_better, significant (p_holm < alpha), withheld (as in :func:`table2`),
     ``mark`` ("*" where significant, "(*)" where withheld) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
     the baseline's), so there is nothing to compare - its statistics are NaN and it is not

@@ -275,3 +275,15 @@ def test_analysis_notebook_names_table_3_s_holm_families_as_the_report_does():
     text = next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("## Ablations (Table 3"))
     assert "Holm over the task's arms" not in text, text
     assert "ablation arms, its factorial cells a family of their own" in text, text
+
+
+def test_analysis_notebook_states_the_cost_sections_rule_for_a_seed_with_several_trials():
+    # stats.time_to_target and stats.cost_table count a seed with several ok trials once (each trial's own time,
+    # then their mean; the cost means per seed), as the report's Cost text says; the notebook said nothing of it
+    import json
+
+    cells = json.loads((NOTEBOOKS / "analysis.ipynb").read_text())["cells"]
+    text = next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("## Cost"))
+    assert "A seed with several ok trials of an arm" in text, text
+    assert "the cost means average its trials first" in text, text
+    assert "the mean of each trial's own time for both arms (reached only if every MetaAdamW trial" in text, text

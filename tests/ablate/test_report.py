@@ -118,6 +118,29 @@ def test_factorial_section_and_figure(report_factorial_study):
     assert_png(report_factorial_study / "report" / "figures" / "factorial_effects.png")
 
 
+def test_the_factorial_legend_says_main_effects_are_adjusted_when_cell_seeds_are_left_out(report_factorial_study,
+                                                                                          report_kit):
+    # grouping=original,gating=true diverged on seed 2: the fit leaves that cell-seed out, and gating=true's main
+    # effect (the least-squares estimate with seed blocks) is no longer its raw mean's deviation from the grand mean,
+    # which the legend alone says it is
+    cell = report_factorial_study / "parts" / "f-original-true-2.trials.parquet"
+    row = pd.read_parquet(cell).assign(status="diverged", best_metric=float("nan"), stop_reason="diverged")
+    row.to_parquet(cell)
+    results = load_results(report_factorial_study)
+    frame = stats.factorial_frame(results)
+    raw = frame.loc[frame["gating"] == "true", "y"].mean() - frame["y"].mean()
+    estimate = stats.factorial_effects(results).set_index(["term", "level"]).loc[("gating", "true"), "estimate"]
+    assert (len(frame), raw) == (11, pytest.approx(0.05289, abs=1e-5)) and estimate == pytest.approx(0.04454, abs=1e-5)
+    adjusted = ("With them missing, a main effect is the least-squares estimate adjusted for the seeds and the other "
+                "factors, not the deviation of the level's raw mean from the grand mean.")
+    assert report.factorial_missing_note(results).endswith(adjusted)
+    md = report.write_report(report_factorial_study, formats=("md",)).read_text()
+    assert "level's deviation from the grand mean" in md and adjusted in md
+    # every cell-seed in the fit: no such sentence
+    row.assign(status="ok", best_metric=report_kit.FACTORIAL_METRICS[("original", "true")][2]).to_parquet(cell)
+    assert report.factorial_missing_note(load_results(report_factorial_study)) == ""
+
+
 def test_formats(tmp_path, report_kit):
     write_small_study(tmp_path / "s", report_kit)
     assert report.write_report(tmp_path / "s", tmp_path, formats=("html",)) == tmp_path / "report.html"

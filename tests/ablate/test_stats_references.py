@@ -116,6 +116,43 @@ def test_a_seed_on_which_both_arms_tie_is_not_counted_as_a_win_in_table2(tmp_pat
     assert (row["n_pairs"], row["n_better"]) == (3, 2)
 
 
+def test_an_arm_with_one_paired_seed_is_not_counted_in_table3s_holm_family(tmp_path, report_kit):
+    # grouping=original and uncertainty=false beat the baseline on all six seeds: sign-flip p 2/64 each. gating=true
+    # ran seed 0 only: one difference, whose sign-flip p is 1 whatever it is, so no test. Holm over the two tested
+    # arms: 2 * 2/64 = 0.0625 for both (counting gating=true too: 3 * 2/64 = 0.09375).
+    def study(out, six_seed_arms):
+        for seed, b in enumerate([0.0100, 0.0110, 0.0105, 0.0098, 0.0102, 0.0108]):
+            write_trial(out, _trial(report_kit, "etth1", "baseline", seed, b))
+            for arm in six_seed_arms:
+                write_trial(out, _trial(report_kit, "etth1", arm, seed, b - 0.0005))
+        write_trial(out, _trial(report_kit, "etth1", "gating=true", 0, 0.0090))
+        return stats.table3(load_results(out))
+
+    t3 = study(tmp_path / "two", ["grouping=original", "uncertainty=false"])
+    one = row_of(t3, arm="gating=true")
+    assert (one["n_pairs"], one["p_signflip"]) == (1, 1.0) and np.isnan(one["p_holm"]) and not one["significant"]
+    for arm in ("grouping=original", "uncertainty=false"):
+        row = row_of(t3, arm=arm)
+        assert row["p_signflip"] == _exact_sign_flip(np.full(6, 0.0005)) == 2 / 64
+        assert row["p_holm"] == pytest.approx(2 * 2 / 64)
+    # a single tested arm is a family of one: six wins of six are significant, a one-seed arm beside it or not
+    row = row_of(study(tmp_path / "one", ["grouping=original"]), arm="grouping=original")
+    assert row["p_holm"] == pytest.approx(2 / 64) and row["significant"] and row["mark"] == "*"
+
+
+def test_a_task_with_one_paired_seed_is_not_counted_in_table2s_holm_family(tmp_path, report_kit):
+    # etth1: MetaAdamW better on all six seeds (2/64); imdb ran seed 0 only (p 1, no test): p (Holm) of etth1 2/64
+    for seed in range(6):
+        write_trial(tmp_path, _trial(report_kit, "etth1", "adamw", seed, 0.0110 + 0.0001 * seed))
+        write_trial(tmp_path, _trial(report_kit, "etth1", "baseline", seed, 0.0100 + 0.0001 * seed))
+    write_trial(tmp_path, _trial(report_kit, "imdb", "adamw", 0, 0.80))
+    write_trial(tmp_path, _trial(report_kit, "imdb", "baseline", 0, 0.82))
+    t2 = stats.table2(load_results(tmp_path))
+    imdb, etth1 = row_of(t2, task="imdb"), row_of(t2, task="etth1")
+    assert (imdb["n_pairs"], imdb["p_signflip"]) == (1, 1.0) and np.isnan(imdb["p_holm"])
+    assert etth1["p_signflip"] == 2 / 64 and etth1["p_holm"] == pytest.approx(2 / 64) and etth1["significant"]
+
+
 # -- time to target -----------------------------------------------------------------------------
 @pytest.mark.parametrize("task, metric, ref_values, new_values", [
     ("etth1", "mse", [0.012, 0.0105, 0.0100], [0.0120, 0.0100, 0.0095]),
