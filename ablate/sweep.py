@@ -57,7 +57,9 @@ WARNINGS_KEY = "ablate_warnings"
 PROVENANCE_KEY = "ablate_provenance"
 #: a report of its own, before the trial trains: the notes of what happened to its checkpoints (a JSON list), which
 #: the driver prints and, should the trial then raise or die (Ray reports that error, which cannot carry them),
-#: puts before the stored error
+#: puts before the stored error. Ray Tune counts it as a result: such a trial's epoch N is Ray's training_iteration
+#: N + 1, and Ray's own progress.csv (off unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0) takes its columns from this
+#: first result, so has none of the trial's metrics; ablate's stored results are not affected
 NOTES_KEY = "ablate_notes"
 
 #: Ray Tune's "Trial task failed for trial ...", a traceback of ~40 lines for every failed attempt:
@@ -164,8 +166,10 @@ def _provenance_of(trial_config: dict[str, Any]) -> dict[str, str]:
 
 def _with_notes(error: str, notes: list[str]) -> str:
     """A failed trial's error text with the ``notes`` of its checkpoints before the traceback (whose last line,
-    the exception's message, stays the last: the run prints it)."""
-    return "".join(f"note: {n}\n" for n in notes) + error
+    the exception's message, stays the last: the run prints it), each note on one ``note: ...`` line: a note can
+    quote a multi-line message (torch's "Error(s) in loading state_dict ...:\n\tsize mismatch ..."), whose
+    continuation lines :func:`ablate.stats.error_summary` would otherwise take for the error of a dead process."""
+    return "".join(f"note: {' '.join(n.split())}\n" for n in notes) + error
 
 
 def _going_on(trial: Any) -> str:
@@ -534,12 +538,21 @@ def _failed_node(trial: Any, error: str) -> str | None:
     return ip
 
 
+#: a terminal's colour and style codes (ANSI CSI sequences): Ray's error text colours the failing task's name
+#: ("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=..., ip=...)"), which a stored error, a report or a
+#: notebook shows as raw escape bytes
+_ANSI_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
 def _trial_error(trial) -> str:
+    """The error text of a Ray Tune trial's failed attempts (Ray's error file, else its pickled error), without the
+    terminal colour codes Ray puts in it: the text is stored with the trial's row and printed."""
     path = getattr(trial, "error_file", None)
     if path and os.path.exists(path):
-        return Path(path).read_text()
+        return _ANSI_CODES.sub("", Path(path).read_text())
     err = trial.get_pickled_error() if hasattr(trial, "get_pickled_error") else None
-    return "".join(traceback.format_exception(err)) if err else "the trial failed without an error message"
+    text = "".join(traceback.format_exception(err)) if err else "the trial failed without an error message"
+    return _ANSI_CODES.sub("", text)
 
 
 def _duration(seconds: float) -> str:

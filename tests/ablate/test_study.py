@@ -957,3 +957,38 @@ def test_a_tuned_file_path_that_is_a_folder_is_called_a_folder(tmp_path):
     assert error(tmp_path, mapping).endswith(f"is a folder: give the file `ablate tune` wrote, "
                                              f"{str(tmp_path / 'tune' / 'best_priorities.yaml')!r}")
     assert error(tmp_path, {**BASE, "adamw": {"tuned_from": "tune"}}).endswith("(best_adamw.yaml)")
+
+
+def test_the_comparing_study_that_tune_adamw_yaml_describes_is_not_warned_about_tuned_with(tmp_path):
+    # search_spaces/tune_adamw.yaml's comment gives the study file that compares the two tuned arms; its budget
+    # left out patience: 0, which both searches ran with (tuned_with records it), so the study ran the default
+    # patience 2 over 4 epochs and was warned "patience (tuned with 0, here 2)" on both arms
+    from ablate.study import tuning_context
+
+    searches = {}
+    for name, arm, searched in (("tune_priorities", "baseline", ["priorities"]), ("tune_adamw", "adamw", ["lr"])):
+        study = load_study(SEARCH_SPACES / f"{name}.yaml")
+        searches[name] = study
+        entries = {}
+        for task in study.tasks:  # (what `ablate tune` writes: the searched arm's settings, less the searched keys)
+            config = next(t.config for t in study.trials if t.task == task and arm in t.arms)
+            entries[task] = {searched[0]: config[searched[0]], "tuned_on_seeds": list(study.seeds), "tuned_for": arm,
+                             "tuned_with": tuning_context(config, arm, searched)}
+        out = tmp_path / "results" / name / "tune"
+        out.mkdir(parents=True)
+        (out / f"best_{'priorities' if arm == 'baseline' else 'adamw'}.yaml").write_text(yaml.safe_dump(entries))
+    text = (SEARCH_SPACES / "tune_adamw.yaml").read_text()
+    comment = text.split("in the comparing study file")[1].split("\n#\n")[0].split("\n")[1:]
+    snippet = yaml.safe_load("\n".join(line.removeprefix("#   ") for line in comment))
+    assert set(snippet) == {"baseline", "adamw", "budget", "seeds"}
+    adamw = searches["tune_adamw"]
+    spec = {"name": "compare", "data": "embedded", "tasks": list(adamw.tasks), **snippet}
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "compare.yaml").write_text(yaml.safe_dump(spec))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = load_study(tmp_path / "studies" / "compare.yaml")
+    assert [str(w.message) for w in caught] == []
+    assert {t.config["patience"] for t in study.trials} == {0}
+    assert {(t.config["meta_lr"], t.config["meta_per_epoch"]) for t in study.trials if "baseline" in t.arms} == {(0.01, 5)}
+    assert study.seeds == [3, 4, 5]

@@ -972,6 +972,51 @@ def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it
     assert (row["hostname"], row["provenance_source"]) == ("node-5", "driver")
 
 
+def test_a_failed_trial_s_stored_error_has_no_terminal_colour_codes(tmp_path, monkeypatch):
+    # Ray's error text colours the failing task ("\x1b[36mray::ImplicitFunc.train()\x1b[39m"): the stored error,
+    # which reports and notebooks show, held the raw escape codes
+    from types import SimpleNamespace
+
+    from ablate import sweep
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+    stored = []
+    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: stored.append(row))
+    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0)
+    (tmp_path / "error.txt").write_text("Failure # 1 (occurred at x)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m "
+                                        "(pid=7, ip=10.0.0.5, actor_id=ab)\nTraceback ...\n\x1b[1;31mRuntimeError: "
+                                        "boom\x1b[0m\n")
+    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING", pickled_error_file=None,
+                            run_metadata=SimpleNamespace(last_result={}), error_file=str(tmp_path / "error.txt"))
+    recorder.on_trial_error(1, [trial], trial)
+    [row] = stored
+    assert row["error"] == ("Failure # 1 (occurred at x)\nray::ImplicitFunc.train() (pid=7, ip=10.0.0.5, actor_id=ab)\n"
+                            "Traceback ...\nRuntimeError: boom\n")
+    assert row["hostname"] == "10.0.0.5"  # (the node's address is still read from the text)
+    # the pickled error, where Ray wrote no text file, alike
+    error = RuntimeError("\x1b[31mboom\x1b[0m")
+    text = sweep._trial_error(SimpleNamespace(error_file=None, get_pickled_error=lambda: error))
+    assert text.endswith("RuntimeError: boom\n") and "\x1b" not in text
+
+
+def test_a_multi_line_note_before_a_dead_trial_s_error_is_not_taken_for_the_error():
+    # a note quoting torch's multi-line load_state_dict message: its continuation line ("size mismatch ...") was
+    # the error summary (reports' failed trials) of a trial whose process then died
+    from ablate.stats import error_summary
+    from ablate.sweep import _with_notes
+
+    note = ("trial ab12: its checkpoint /x/ab12.pt cannot be used (UnusableCheckpoint: the checkpoint of trial ab12 "
+            "does not fit its model or optimizer (written by other code? RuntimeError: Error(s) in loading state_dict "
+            "for Linear:\n\tsize mismatch for weight: copying a param with shape torch.Size([1, 4]) from checkpoint)); "
+            "moved to ab12.pt.unreadable-1, starting afresh")
+    died = ("Failure # 1 (occurred at x)\nThe actor died unexpectedly before finishing this task.\n\tpid: 8\n"
+            "\tip: 10.0.0.5\nThe actor is dead because its worker process has died.\n")
+    error = _with_notes(died, [note])
+    assert error == f"note: {note.replace(chr(10) + chr(9), ' ')}\n{died}"
+    assert error_summary(error) == "The actor is dead because its worker process has died."
+
+
 def test_dry_run_refuses_a_storage_the_run_refuses(tmp_path, capsys):
     # --storage on a file: the run refused it before Ray started, the dry run said "to run" and exited 0
     from ablate.cli import main
@@ -1040,3 +1085,4 @@ def test_a_trial_raising_in_its_first_batch_under_resume_is_stored_with_its_note
     assert "is unreadable" in row["error"].splitlines()[0]
     assert row["error"].rstrip().endswith("RuntimeError: the first batch raised")
     assert (row["hostname"], row["provenance_source"]) == (socket.gethostname(), "driver")
+    assert "\x1b[" not in row["error"] and "ray::ImplicitFunc.train() (pid=" in row["error"]  # (no colour codes)
