@@ -1165,7 +1165,8 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
     this folder (:data:`STORAGE_RUNS`; a URI's are left, and their paths printed). Stable
     checkpoints of trials that are not in the study as run now (extra seeds, a study file edited
     since they were cut off) are kept - a run of the study that has them continues them - and
-    listed."""
+    listed. ``OUT/ray`` and ``OUT/checkpoints`` are removed when that leaves them empty (a later
+    run makes them again), never while they hold anything."""
     for run_dir in (out_dir / "ray").glob(f"{study.name}-*"):
         if run_dir.is_dir():
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -1217,6 +1218,20 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
         print(f"note: {len(others)} checkpoint(s) of trials that are not in the study as run now (extra seeds, or a "
               f"study file edited since they were cut off) stay in {out_dir / CHECKPOINTS_DIR} ({size:.0f} MiB): a "
               f"run of the study that has them continues them with --resume; delete them if none will", flush=True)
+    for folder in (out_dir / "ray", out_dir / CHECKPOINTS_DIR):  # (empty folders left behind said nothing)
+        _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when it is an empty directory; leave it (and say nothing) when it holds
+    anything, is a link, or cannot be removed (``os.rmdir`` refuses a folder that is not empty, so
+    a file written meanwhile is never lost)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    try:
+        folder.rmdir()
+    except OSError:  # (not empty, or not ours to remove: kept)
+        pass
 
 
 def resume_command(args) -> str:

@@ -196,7 +196,7 @@ def register_task(
     embedded_defaults: dict[str, Any] | None = None,
     description: str = "",
     aliases: tuple[str, ...] = (),
-    locate: Callable[[dict], list[Path]] | None = None,
+    locate: Callable[[dict], list[Path | FolderFiles]] | None = None,
     check: Callable[[dict], None] | None = None,
     embedded_version: str = "",
     override: bool = False,
@@ -248,10 +248,10 @@ def register_task(
     return decorator
 
 
-def _located_with_hint(locate: Callable[[dict], list[Path]]) -> Callable[[dict], list[Path]]:
+def _located_with_hint(locate: Callable[[dict], list[Path | FolderFiles]]) -> Callable[[dict], list[Path | FolderFiles]]:
     """``locate`` whose errors name the download command with the config's ``data_dir``."""
     @functools.wraps(locate)
-    def located(config: dict) -> list[Path]:
+    def located(config: dict) -> list[Path | FolderFiles]:
         with download_hint_with_data_dir(config):
             return locate(config)
     return located

@@ -196,6 +196,18 @@ def read_csv(path: Path) -> list[Review]:
     return reviews
 
 
+def _has_review_columns(path: Path) -> bool:
+    """Whether the CSV file ``path`` starts with a header :func:`read_csv` takes (a text and a label
+    column), read from its first line only: a data directory shared with other datasets (ETTh1.csv)
+    holds CSV files that are no reviews."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            columns = next(csv.reader([f.readline()]), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return any(c in columns for c in _TEXT_COLUMNS) and any(c in columns for c in _LABEL_COLUMNS)
+
+
 def _csv_error(problem: str, path: Path) -> DatasetNotFoundError:
     """The error for a ``csv_file`` that is missing or malformed: ``ablate data download imdb``
     fetches the aclImdb tree, not a CSV, so the advice is about the file and the option."""
@@ -238,8 +250,10 @@ def _tree(config: dict) -> Path:
     tree = next((t for t in trees if t.is_dir()), trees[0])  # (the one the user has begun, if any)
     empty = next(folder for folder in _tree_dirs(tree).values() if not has_reviews(folder))
     looked = f" (looked in {' and '.join(map(str, trees))})" if len(trees) > 1 else ""
-    # (a folder of CSV exports and no tree: csv_file is the way to read them, the download fetches the tree)
-    csvs = [p for root in data_dir_candidates(config, SUBDIR) if root.is_dir() for p in sorted(root.glob("*.csv"))]
+    # (a folder of CSV exports and no tree: csv_file is the way to read them, the download fetches the tree;
+    # only CSV files with review columns: another dataset's, e.g. ETTh1.csv, is no way to read IMDB)
+    csvs = [p for root in data_dir_candidates(config, SUBDIR) if root.is_dir() for p in sorted(root.glob("*.csv"))
+            if _has_review_columns(p)]
     if csvs:
         looked += (f"; the data directory holds the CSV file(s) {', '.join(map(str, csvs))}: pass csv_file=NAME "
                    f"(e.g. csv_file={csvs[0].name}) to read one instead of the aclImdb tree")

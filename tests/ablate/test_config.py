@@ -83,6 +83,8 @@ def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_r
     ({"task": "etth1", "max_epochs": 2, "sede": 1}, "unknown key(s) 'max_epochs' (did you mean 'epochs'?), 'sede' (did"),
     ({"task": "etth1", "grouping": "fine_graned"}, "grouping='fine_graned' is not allowed (did you mean 'fine_grained'?)"),
     ({"task": "cifar"}, "task='cifar' is not allowed (did you mean 'cifar10'?) (a task a plugin registers"),
+    # (names as close as the closest are all suggested: 'etth' suggested 'etth2' alone)
+    ({"task": "etth"}, "task='etth' is not allowed (did you mean 'etth1' or 'etth2'?) (a task a plugin registers"),
     ({"task": "etth1", "features": "my_feats"}, "features='my_feats' is not allowed (a feature extractor a plugin "
                                                 "registers: in a study file, list its module under plugins:; with"),
     ({"task": "etth1", "weighting": "mine"}, "weighting='mine' is not allowed (a weighting a plugin registers: in"),
@@ -443,3 +445,15 @@ def test_ablate_train_names_an_empty_set_key_and_an_empty_plugin_name(capsys):
     assert main(["train", "--task", "etth1", "--plugin", "", "--set", "epochs=1"]) == 2
     err = capsys.readouterr().err
     assert "--plugin[0]: is an empty module name" in err and "Empty module name" not in err, err
+
+
+def test_did_you_mean_names_every_option_as_close_as_the_closest():
+    # ('etth' is as close to etth1 as to etth2: difflib's first match, 'etth2', was suggested alone)
+    from ablate.config import did_you_mean
+
+    assert did_you_mean("etth", ["imdb", "etth2", "etth1"]) == " (did you mean 'etth1' or 'etth2'?)"
+    assert did_you_mean("ettm", ["ettm2", "ettm1", "etth1", "etth2"]) == " (did you mean 'ettm1' or 'ettm2'?)"
+    assert did_you_mean("ett", ["etta", "ettc", "ettb"]) == " (did you mean 'etta', 'ettb' or 'ettc'?)"
+    assert did_you_mean("ETTh1", ["etth1", "etth2"]) == " (did you mean 'etth1'?)"  # (the closest alone)
+    assert did_you_mean("lrr", ["lr", "seed"]) == " (did you mean 'lr'?)"
+    assert did_you_mean("zzz", ["etth1"]) == "" and did_you_mean("etth", []) == ""

@@ -72,6 +72,7 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     assert (out / "tiny" / "trials.parquet").exists() and (out / "tiny" / "study.yaml").exists()
     # the finished trials' checkpoints (kept only for --resume) and Ray's copies of them are gone
     assert not list((out / "tiny" / "checkpoints").glob("*.pt")) and not list((out / "tiny" / "ray").glob("*"))
+    assert not (out / "tiny" / "checkpoints").exists() and not (out / "tiny" / "ray").exists()  # (not left empty)
     table = summary_table(res)
     assert "objective=loss_decrease" in table and "vs baseline" in table and "lower is better" in table
     rows = [line.split()[0] for line in table.splitlines() if line.startswith("  ") and "vs baseline" not in line]
@@ -95,6 +96,7 @@ def test_sweep_writes_every_trial_and_an_extended_study_reuses_them(tmp_path, ca
     leftovers += [out / "tiny" / "checkpoints" / f".{stored_id}.pt.x2.tmp"]
     kept = [out / "tiny" / "checkpoints" / f"{stored_id}.pt", out / "tiny" / "checkpoints" / "0123456789ab.pt"]
     for path in [*leftovers, *kept]:
+        path.parent.mkdir(exist_ok=True)  # (a finished run removes its checkpoints folder once empty)
         path.write_bytes(b"left over")
     capsys.readouterr()
     renamed = load_study(tiny_study(tmp_path, ablation="obj: {ld: {objective: loss_decrease}}"))
@@ -619,6 +621,7 @@ def test_rerun_replaces_stored_trials_keeps_the_old_rows_and_is_continued_by_any
     with pytest.warns(UserWarning, match=r"1 trial\(s\) hold results from before an `ablate run --rerun` that is not "
                                          r"complete"):
         load_results(study_dir)
+    (study_dir / "checkpoints").mkdir(exist_ok=True)  # (a finished run removes its checkpoints folder once empty)
     (study_dir / "checkpoints" / "0123456789ab.pt").write_bytes(b"a trial of an extra seed, cut off")
     later = run_study(load_study(spec), out, num_cpus=1, rerun=["all"])
     printed = capsys.readouterr().out
@@ -881,6 +884,34 @@ def test_a_trials_warning_in_a_worker_is_shown_by_the_run(tmp_path, capsys):
     said = re.findall(r"etth1 seed \d meta_per_epoch=8: warning: meta_per_epoch=8 is more than the 4 steps", out)
     assert len(said) == 1, out  # (once for the arm, not once per seed)
     assert "baseline: warning" not in out, out
+
+
+def test_the_clean_up_removes_the_ray_and_checkpoints_folders_when_empty_only(tmp_path, capsys):
+    # a finished run left empty OUT/<study>/ray/ and checkpoints/ folders behind, though Ray's copies are deleted
+    from ablate.sweep import CHECKPOINTS_DIR, _clean_up
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    out = tmp_path / "results" / "tiny"
+    (out / "ray" / "tiny-20261203-120000-1").mkdir(parents=True)  # (this run's: deleted)
+    (out / CHECKPOINTS_DIR).mkdir(parents=True)
+    _clean_up(out, study, None, None)
+    assert not (out / "ray").exists() and not (out / CHECKPOINTS_DIR).exists() and out.is_dir()
+    # anything in them stays, and so do the folders
+    (out / "ray" / "other-study-1").mkdir(parents=True)
+    (out / CHECKPOINTS_DIR).mkdir()
+    other = out / CHECKPOINTS_DIR / "0123456789ab.pt"  # (a trial the study as run now does not have)
+    other.write_bytes(b"x" * 10)
+    _clean_up(out, study, None, None)
+    assert (out / "ray" / "other-study-1").is_dir() and other.read_bytes() == b"x" * 10
+    assert "1 checkpoint(s) of trials that are not in the study as run now" in capsys.readouterr().out
+    # a link in their place is not the folder to remove
+    other.unlink()
+    (out / "ray" / "other-study-1").rmdir()
+    (out / "ray").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / "ray").symlink_to(tmp_path / "elsewhere")
+    _clean_up(out, study, None, None)
+    assert (out / "ray").is_symlink() and (tmp_path / "elsewhere").is_dir() and not (out / CHECKPOINTS_DIR).exists()
 
 
 def test_the_end_of_a_run_lists_the_checkpoints_set_aside(tmp_path, capsys):

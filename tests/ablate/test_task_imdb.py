@@ -145,6 +145,11 @@ def test_without_a_tree_the_error_names_the_csv_files_the_data_directory_holds(t
         get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
     assert (f"the data directory holds the CSV file(s) {tmp_path / 'imdb' / 'reviews.csv'}, {tmp_path / 'more.csv'}: "
             f"pass csv_file=NAME (e.g. csv_file=reviews.csv) to read one instead of the aclImdb tree") in str(info.value)
+    # another dataset's CSV in a shared data directory (ETTh1.csv) is no CSV of reviews: not suggested
+    (tmp_path / "ETTh1.csv").write_text("date,HUFL,OT\n2016-07-01 00:00:00,5.8,30.5\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    assert "ETTh1.csv" not in str(info.value) and "e.g. csv_file=reviews.csv)" in str(info.value)
     (tmp_path / "imdb" / "reviews.csv").unlink()
     (tmp_path / "more.csv").unlink()
     with pytest.raises(DatasetNotFoundError) as info:
