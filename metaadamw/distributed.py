@@ -22,11 +22,12 @@ a process group of more than one rank is initialised):
   the same on every rank by construction, raise on that rank alone;
 * the meta-optimizer's step after the averaging computes alike on every rank (the same mean
   meta-gradient, the same modulator and meta-optimizer state), but it can still fail on one rank
-  alone (an out-of-memory error in that rank's memory, a device error, a meta-optimizer of the
-  caller's that reads something of its rank's): the ranks count such failures in one more
-  all-reduce (one element), and where any rank failed every rank raises - the others saying that
-  the modulators now differ (the failed rank's has not stepped, or stepped in part). That error is
-  fatal to the run: restart every rank from a checkpoint.
+  alone (an out-of-memory error in that rank's memory, a meta-optimizer of the caller's that reads
+  something of its rank's): the ranks count such failures in one more all-reduce (one element),
+  and where any rank failed every rank raises - the others saying that the modulators now differ
+  (the failed rank's has not stepped, or stepped in part). That error is fatal to the run: restart
+  every rank from a checkpoint. A lasting device error (a CUDA fault) fails that rank's count too,
+  and the others then wait in it until the process group's timeout (not tested: no GPU here).
 
 A model whose forward runs collectives of its own (``SyncBatchNorm``, a layer that all-reduces
 statistics) runs them in the meta-update's passes too. A rank whose meta-update fails while the

@@ -651,7 +651,8 @@ def _stepped_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
     meta-gradient is the same on every rank (one all-reduce gives it to all), and so are the
     modulators and the meta-optimizers' states, so the step itself computes alike everywhere; but it
     can still fail on one rank alone - an out-of-memory error (its lazily made state, in that rank's
-    memory), a device error, a meta-optimizer of the caller's that reads something of its rank's.
+    memory), a meta-optimizer of the caller's that reads something of its rank's (a lasting device
+    error fails this rank's count below too: the others then wait in it until the timeout).
     The ranks then count the failures in one more all-reduce (one element): where any rank failed,
     every rank raises, the ones whose step succeeded with an error that says their modulators now
     differ from that rank's (which may have stepped part of its tensors), instead of going on

@@ -106,8 +106,9 @@ class MetaAdamW(torch.optim.Optimizer):
     are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
     spell them out work unchanged; other values are refused with an error that says why. Also
     not supported: sparse gradients (with ``model=``, a layer that makes them, such as
-    ``nn.Embedding(sparse=True)``, is refused when the optimizer is made; otherwise the first
-    sparse gradient at a step), complex parameters, and parameters spread over several devices.
+    ``nn.Embedding(sparse=True)``, is refused when the optimizer is made unless its weight is
+    frozen or tied to a dense layer; otherwise the first sparse gradient at a step), complex
+    parameters, and parameters spread over several devices.
     """
 
     def __init__(
@@ -1641,12 +1642,22 @@ def _check_no_sparse_gradients(params: list[Tensor], model: nn.Module | None) ->
     """Refuse, when the optimizer is made (or a param group added), parameters of ``model``'s
     ``nn.Embedding(sparse=True)`` or ``nn.EmbeddingBag(sparse=True)`` layers: their gradients are
     sparse, which MetaAdamW (like torch.optim.AdamW) cannot step, and which step() only found
-    after the first backward pass. Without ``model=`` step() refuses them."""
+    after the first backward pass. Without ``model=`` step() refuses them. Not refused: a frozen
+    weight (``requires_grad=False``, as ``nn.Embedding.from_pretrained(..., sparse=True)`` makes
+    it), which gets no gradient, and one tied to a parameter of another kind of layer (an output
+    projection sharing the embedding's weight), whose gradients autograd sums into a dense one."""
     if model is None:
         return
     ids = {id(p) for p in params}
+
+    def sparse_layer(module: nn.Module) -> bool:
+        return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and bool(module.sparse)
+
+    dense_use = {id(p) for module in model.modules() if not sparse_layer(module)
+                 for p in module.parameters(recurse=False)}
     sparse = [f"{name!r} (nn.{type(module).__name__}(sparse=True))" for name, module in model.named_modules()
-              if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and id(module.weight) in ids]
+              if sparse_layer(module) and id(module.weight) in ids and module.weight.requires_grad
+              and id(module.weight) not in dense_use]
     _check(not sparse, f"MetaAdamW does not support sparse gradients, which the model's layer {', '.join(sparse)} "
                        f"gives its weight: build the layer with sparse=False, or train its weight with "
                        f"torch.optim.SparseAdam in an optimizer of its own")

@@ -1229,6 +1229,51 @@ def test_a_model_layer_with_sparse_gradients_is_refused_when_the_optimizer_is_ma
     assert len(MetaAdamW(model.parameters(), model=model, **small_kwargs())._params) == 3
 
 
+class _SparseEmbeddingLM(nn.Module):
+    """A sparse embedding, frozen (a pretrained one) or tied to the output projection: it gets no gradient, or a dense
+    one (autograd sums the embedding's sparse gradient and the projection's dense one)."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.proj = nn.Linear(4, 10, bias=False)
+        if tied:
+            self.proj.weight = self.emb.weight
+        else:
+            self.emb.weight.requires_grad_(False)
+        self.head = nn.Linear(10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(self.emb(x))).mean(1)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_frozen_or_tied_sparse_embedding_with_model_trains_as_without_model(tied):
+    # such a weight never has a sparse gradient: MetaAdamW(model=) refused it when made, although the same optimizer
+    # built without model= trained it (and the meta-update ran) as AdamW does
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 10, (8, 5)), torch.randn(8, 1)
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    results = []
+    for with_model in (False, True):
+        torch.manual_seed(1)
+        model = _SparseEmbeddingLM(tied)
+        opt = MetaAdamW(model.named_parameters(), model=model if with_model else None, **small_kwargs())
+        for i in range(3):
+            opt.zero_grad()
+            loss_fn(model, (x, y)).backward()
+            if i == 1:
+                assert not opt.meta_step(model, loss_fn, None, (x, y), (x, y)).skipped
+            opt.step()
+        assert opt.global_step == 3
+        assert (model.emb.weight.grad is None) == (not tied)
+        results.append([p.detach().clone() for p in model.parameters()])
+    # the embedding moves where it is trained (tied), and stays where it is frozen
+    torch.manual_seed(1)
+    start = _SparseEmbeddingLM(tied).emb.weight.detach()
+    assert torch.equal(results[1][0], start) == (not tied)
+
+
 @pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic"])
 @pytest.mark.parametrize("foreach", [True, False])
 def test_an_empty_parameter_leaves_every_statistic_and_update_finite(features, foreach):
