@@ -1629,8 +1629,11 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
     if not progress.errors and ray_storage is None:
         # every suggestion of this run is in the stored study (finished, or FAIL if cut off): its Ray experiment
         # directory holds nothing more (a run with errors keeps it, for the tracebacks; another process's
-        # directories are its own business)
+        # directories are its own business; OUT/ray itself goes where that leaves it empty, as ablate run's does)
+        from ablate.sweep import _remove_if_empty
+
         shutil.rmtree(out_dir / "ray" / run_name, ignore_errors=True)
+        _remove_if_empty(out_dir / "ray")
     return progress.done, interrupted
 
 

@@ -1133,6 +1133,21 @@ def test_the_baseline_is_evaluated_by_the_run_after_one_that_lost_it(tmp_path, r
         "this run's Ray directory is deleted once it is recorded; another process's is left alone"
 
 
+def test_a_finished_tune_leaves_no_empty_ray_folder(tmp_path, ray_address):
+    # this run's Ray directory was deleted once recorded, and the then empty OUT/<name>/tune/ray stayed behind
+    spec = load_tune_spec(_synth_spec(tmp_path, "tidy", """\
+        trials: 1
+        sampler: random
+        scheduler: none
+        max_concurrent: 1
+        """))
+    out = tmp_path / "results"
+    outcome = run_tune(spec, out)
+    assert len(_load(outcome.storage, "tidy/tune_synth").trials) == 1
+    tune_dir = out / "tidy" / "tune"
+    assert tune_dir.is_dir() and not (tune_dir / "ray").exists(), sorted(p.name for p in tune_dir.iterdir())
+
+
 def test_cross_task_baselines_that_differ_are_starting_points_not_the_baseline(tmp_path, capsys):
     import optuna
 
