@@ -36,7 +36,10 @@ gloo then aborts the other ranks' processes ("Received data size doesn't match e
 ... collective mismatch"); NCCL may wait until the timeout or, where the sizes happen to match,
 mix the two collectives' values. The failing rank cannot run the model's remaining collectives
 in the others' stead, so there is no fix here: with such a model, treat any ``meta_step`` error
-as fatal to the run.
+as fatal to the run. Every rank runs the same passes otherwise: the finite-difference pass of
+the Hessian-vector product runs on a rank whose ``v`` is 0 or not finite too (its result
+dropped), as the other ranks' may need it. A ``KeyboardInterrupt`` in one rank's meta-update is
+announced as an error is (see ``metaadamw.meta._raised_on_every_rank``).
 
 ``meta_step`` unwraps a ``DistributedDataParallel`` or ``DataParallel`` model and runs its
 ``module``: the meta-update's hypothetical passes stay outside DDP's forward, which would

@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import math
 import operator
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -254,10 +254,23 @@ def single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_s
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
 
-def check_dense(grads: list[Tensor | None]) -> None:
-    """Refuse sparse gradients (step() and meta_step() both need dense ones); None (no gradient) passes."""
-    if any(g is not None and g.is_sparse for g in grads):
-        raise ValueError("MetaAdamW does not support sparse gradients (nn.Embedding(sparse=True)?): use dense gradients")
+def check_dense(grads: list[Tensor | None], describe: Callable[[int], str] = lambda i: f"tensor {i}") -> None:
+    """Refuse gradients that are not dense (strided): step() and meta_step() both need dense ones. Sparse
+    COO ones (``nn.Embedding(sparse=True)``) and the compressed layouts (CSR, CSC, BSR, BSC: the gradients
+    of a parameter of that layout), for which ``is_sparse`` is False, and which failed deep inside the
+    step ("unsupported tensor layout") after it had been counted. None (no gradient) passes. One layout
+    comparison per tensor, on the host: no sync. ``describe(i)`` names the tensor of ``grads[i]`` in the
+    error (called only for the refused one)."""
+    strided = torch.strided  # (layouts are singletons: an identity test, the cheapest per tensor)
+    for i, g in enumerate(grads):
+        if g is not None and g.layout is not strided:
+            fix = ("A layer such as nn.Embedding(sparse=True) or nn.EmbeddingBag(sparse=True) makes them: build it "
+                   "with sparse=False, or train its weight with torch.optim.SparseAdam in an optimizer of its own"
+                   if g.layout is torch.sparse_coo else
+                   "A parameter of a sparse layout gets gradients of that layout: keep the parameter dense (a "
+                   "strided tensor) and make the sparse tensor from it in forward")
+            raise ValueError(f"MetaAdamW does not support sparse gradients (nor does AdamW): {describe(i)} has a "
+                             f"{g.layout} gradient. {fix}")
 
 
 def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float,

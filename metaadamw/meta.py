@@ -36,7 +36,9 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
 The model's parameters are never written: theta' lives in separate tensors swapped into the
 modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards,
 as are the rows an embedding with ``max_norm`` renormalises in its forward, and ``.grad`` is
-never touched, so the model is exactly as before the call.
+never touched, so the model is exactly as before the call. Other parameters a forward pass writes
+in place (a running mean kept in a frozen parameter) are not copied: the call raises after the
+passes, naming them (such state belongs in a buffer).
 
 A meta-update whose meta-loss, meta-gradient or an objective term it weights is not finite is
 skipped (``record.skipped``, counted in ``optimizer.meta_skipped``): the modulator stays as it was.
@@ -167,8 +169,10 @@ class ModelState:
     hold the last hypothetical pass's weight, and its graph, until the next forward pass; and on
     the final :meth:`restore`, a tensor a forward pass set in an attribute that held none (``self.attn
     = weights``, where ``__init__`` set None; or a new attribute) is undone (it held a hypothetical
-    pass's values and graph), with the module's other plain attributes (a cache's key). Between the
-    passes that check is skipped (~130 us on a ResNet-18)."""
+    pass's values and graph), with the module's other plain attributes (a cache's key), and so is a
+    parameter a forward pass registered or replaced. Between the passes that check is skipped (~130 us
+    on a ResNet-18). The values of the other parameters are not saved (a frozen backbone's copy would
+    double its memory): :meth:`check_parameters_unwritten` refuses a forward pass that wrote one."""
 
     def __init__(self, model: nn.Module):
         lazy = sorted({type(m).__name__ for m in model.modules() if any(
@@ -189,6 +193,14 @@ class ModelState:
         self._weights = [(w, w.detach().clone()) for m in model.modules()
                          if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
                          and (w := m._parameters.get("weight")) is not None]
+        # which parameters each module holds (one a forward pass registers is removed again), and every other
+        # parameter's version counter: a forward pass that writes one in place (a frozen parameter updated as an
+        # EMA) is refused after the call - the values are not saved, as a copy of a frozen backbone would double
+        # its memory; such state belongs in a buffer
+        self._parameter_holders = [(m, dict(m._parameters), saved) for m, saved in self._dicts]
+        renormalised = {id(w) for w, _ in self._weights}
+        self._versions = [(name, p, p._version) for name, p in model.named_parameters()
+                          if id(p) not in renormalised and not p.is_inference()]
 
     @torch.no_grad()
     def restore(self, weights: bool = True) -> None:
@@ -201,7 +213,36 @@ class ModelState:
         for t, value in self._weights if weights else ():
             t.copy_(value)
         if weights:
+            self._put_back_parameters()
             self._undo_new_tensor_attributes()
+
+    def _put_back_parameters(self) -> None:
+        """Each module's parameters as on entry: one a forward pass registered (it holds a hypothetical
+        pass's values, and no optimizer trains it) is removed, one it replaced put back. Only on the final
+        :meth:`restore`: between the passes the model holds theta' (:func:`swapped_parameters`)."""
+        for module, held, saved in self._parameter_holders:
+            now = module._parameters
+            if set(now.keys()) != held.keys() or any(now[k] is not v for k, v in held.items()):
+                _restore_plain_attributes(module, saved)  # (a key kept beside it, as for a buffer)
+                for name in [k for k in now.keys() if k not in held]:
+                    del now[name]
+                for name, p in held.items():
+                    now[name] = p
+
+    def check_parameters_unwritten(self) -> None:
+        """Refuse a model whose forward pass wrote parameters in place (other than the embeddings with
+        ``max_norm``, which are restored): their values on entry are not saved, so they now hold what
+        the meta-update's passes wrote. Read from the version counters (a write through ``.data``
+        bypasses them and is not seen)."""
+        written = [name for name, p, version in self._versions if p._version != version]
+        if written:
+            shown = ", ".join(map(repr, written[:5])) + (f" and {len(written) - 5} more" if len(written) > 5 else "")
+            raise RuntimeError(
+                f"meta_step: the model's forward pass wrote {len(written)} parameter(s) in place: {shown}. The "
+                f"meta-update restores the buffers a forward pass changes but does not copy the parameters (a copy "
+                f"of a frozen backbone would double its memory), so they now hold the values its passes wrote. Keep "
+                f"state that a forward pass updates (an EMA, a running estimate) in a buffer "
+                f"(module.register_buffer(name, tensor)), which meta_step restores, not in a parameter")
 
     def _undo_new_tensor_attributes(self) -> None:
         """A module a forward pass left a new tensor (or list of tensors) in gets all its plain
@@ -286,6 +327,7 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
         if caching is not None:
             parametrize._cache_enabled = caching
         state.restore()
+    state.check_parameters_unwritten()  # (after a successful call only: an error of the call itself comes first)
 
 
 class _RngReplay:
@@ -401,7 +443,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
         active = sorted(by_index)
         g = [by_index[i].detach() for i in active]
         del grads, by_index, frozen
-        F.check_dense(g)
+        F.check_dense(g, lambda k: opt._described_tensor(active[k]))
         # L(theta; val), with grad enabled as the pass at theta' runs: some modules compute otherwise
         # without it (nn.TransformerEncoder's fast path zeroes padded positions), and the two losses must
         # differ by theta' alone. Its graph is dropped at once, here, before any other graph is held
@@ -574,7 +616,7 @@ def _meta_update(opt: "MetaAdamW", model: nn.Module, loss_fn: Callable[[nn.Modul
                 d_theta = [torch.zeros_like(x) for x in leaves]
             if v is not None:
                 _add_hessian_vector_fd(d_theta, model, loss_fn, batch2, swap, leaves, g_prime, v, replay, state,
-                                       autocast_eps)
+                                       autocast_eps, D.world_size(True) > 1)
             del v, g_prime
         meta_grads, d_out = out[:len(meta_params)], list(out[len(meta_params):n_meta])
         # through theta' to alpha and beta, then once through the encoder
@@ -635,10 +677,17 @@ def _raised_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
     ``meta_step``'s checks of its batches and state before it - is announced to the other ranks in
     the all-reduce of the meta-gradients they wait in, so that they raise too, and at once, instead
     of waiting there until the process group's timeout. Once per meta_step: the regions it guards
-    end before that all-reduce (an error raised after it would announce into no collective)."""
+    end before that all-reduce (an error raised after it would announce into no collective).
+
+    A ``KeyboardInterrupt`` (or ``SystemExit``) is announced as an error is: the other ranks are in
+    that all-reduce or on their way to it in this meta_step, and a Ctrl-C that reaches every rank at
+    once has each of them announce in it, the same collective. The announcement blocks until they
+    arrive; where they never do - their processes ended (gloo then fails it with a connection
+    error, which is raised with the interrupt as its context), or a model's own collectives meet
+    it (see :mod:`metaadamw.distributed`) - a second Ctrl-C does not cut that wait short."""
     try:
         yield
-    except Exception:
+    except BaseException:
         if world > 1:
             meta_params = _meta_optimized(opt)
             D.average_([None] * len(meta_params), meta_params, world, layout=opt.distributed_layout()[-1], failed=True)
@@ -657,13 +706,14 @@ def _stepped_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
     every rank raises, the ones whose step succeeded with an error that says their modulators now
     differ from that rank's (which may have stepped part of its tensors), instead of going on
     alone and waiting in their next collective until the process group's timeout - or, where that
-    rank caught its error, training on with modulators that differ without a word."""
+    rank caught its error, training on with modulators that differ without a word. A
+    ``KeyboardInterrupt`` in the step is counted as a failure too (see :func:`_raised_on_every_rank`)."""
     if world <= 1:
         yield
         return
     try:
         yield
-    except Exception:
+    except BaseException:
         D.count_(True, opt.device)
         raise
     failures = D.count_(False, opt.device)
@@ -867,7 +917,7 @@ def _global_norm(tensors: list[Tensor]) -> float:
 def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
                            batch2: Any, swap: dict[int, Tensor], leaves: list[Tensor], g_prime: list[Tensor],
                            v: list[Tensor], replay: _RngReplay, state: ModelState,
-                           autocast_eps: float | None = None) -> None:
+                           autocast_eps: float | None = None, distributed: bool = False) -> None:
     """Add H v to ``out``, for the Hessian H of L(.; batch 2) at theta', as
     ``(grad L(theta' + eps v) - g') / eps``.
 
@@ -885,23 +935,35 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
     moves too few weights by a rounding step of the cast (70% off on an MLP) and bfloat16's own
     (8.8% of ||theta'||) is mostly truncation error (18-22% off on an MLP and a GRU); between them,
     5-7%. Finite differences of a loss computed in bfloat16 stay approximate (a Transformer layer
-    with dropout: ~50% off): prefer ``exact`` where their accuracy matters."""
+    with dropout: ~50% off): prefer ``exact`` where their accuracy matters.
+
+    Where ``v`` is 0 (H v = 0) nothing is added, and where ||v|| is not finite ``out`` is filled
+    with NaN (the meta-update is skipped); in both cases the pass is skipped - unless ``distributed``
+    (a process group of several ranks, with ``sync_meta`` or without): then it runs all the same, at theta', and its result is dropped, so
+    that every rank runs the same passes whatever its ``v``. A model whose forward runs collectives
+    of its own (``SyncBatchNorm``) would otherwise meet another rank's pass with the meta-update's
+    all-reduce (gloo aborts on the mismatch; NCCL waits or mixes values). (Agreeing on the skip in a
+    collective of its own would cost one more all-reduce per meta-update, and one that a rank
+    whose meta-update raised before it would not meet: its announcement is the all-reduce of the
+    meta-gradients.) The pass wasted is one of a rare meta-update: a rank's ``v`` is 0 or not finite."""
     dtype = leaves[0].dtype
     v_norm = _global_norm(v)
-    if v_norm == 0.0:
+    moves = math.isfinite(v_norm) and v_norm != 0.0
+    if not moves and not distributed:
+        if not math.isfinite(v_norm):
+            for x in out:
+                x.fill_(math.nan)
         return
-    if not math.isfinite(v_norm):
-        for x in out:
-            x.fill_(math.nan)
-        return
-    with torch.no_grad():
-        theta_norm = _global_norm(leaves)
-        precision = torch.finfo(dtype).eps
-        # (between the two: see the docstring; autocast leaves float64 tensors as they are)
-        if autocast_eps is not None and autocast_eps > precision and dtype != torch.float64:
-            precision = math.sqrt(precision * autocast_eps)
-        eps = math.sqrt(precision) * (1.0 + theta_norm) / v_norm
-        torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
+    eps = 0.0  # (not moves: the pass runs at theta' for the other ranks' collectives in the model, and adds nothing)
+    if moves:
+        with torch.no_grad():
+            theta_norm = _global_norm(leaves)
+            precision = torch.finfo(dtype).eps
+            # (between the two: see the docstring; autocast leaves float64 tensors as they are)
+            if autocast_eps is not None and autocast_eps > precision and dtype != torch.float64:
+                precision = math.sqrt(precision * autocast_eps)
+            eps = math.sqrt(precision) * (1.0 + theta_norm) / v_norm
+            torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)
     replay.replay()
     state.restore(weights=False)
     try:
@@ -909,5 +971,10 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
             diff = _grad(_loss(loss_fn, model, batch2), leaves, require="the loss on batch2 at the hypothetical parameters")
     finally:
         replay.resume()
+    if not moves:
+        if not math.isfinite(v_norm):
+            for x in out:
+                x.fill_(math.nan)
+        return  # (else H 0 = 0)
     torch._foreach_sub_(diff, g_prime)
     torch._foreach_add_(out, diff, alpha=1.0 / eps)

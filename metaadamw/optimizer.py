@@ -105,10 +105,12 @@ class MetaAdamW(torch.optim.Optimizer):
     AdamW's own flags ``amsgrad``, ``maximize``, ``capturable``, ``differentiable`` and ``fused``
     are accepted at their defaults (False, or None for ``fused``), so that AdamW call sites that
     spell them out work unchanged; other values are refused with an error that says why. Also
-    not supported: sparse gradients (with ``model=``, a layer that makes them, such as
-    ``nn.Embedding(sparse=True)``, is refused when the optimizer is made unless its weight is
-    frozen or tied to a dense layer; otherwise the first sparse gradient at a step), complex
-    parameters, and parameters spread over several devices.
+    not supported: sparse gradients, of any sparse layout (COO, as ``nn.Embedding(sparse=True)``
+    makes them, or CSR, CSC, BSR, BSC): step() and meta_step() refuse the first one, before anything
+    changes, and name its parameter (with ``model=``, also the sparse layer whose weight it is; such
+    a layer is not refused when the optimizer is made, since a weight that is frozen, or also used
+    densely - tied to an output projection, or called directly in forward - gets no gradient or a
+    dense one), complex parameters, and parameters spread over several devices.
     """
 
     def __init__(
@@ -235,7 +237,6 @@ class MetaAdamW(torch.optim.Optimizer):
         names += [n for n, _ in model.named_parameters()] if model is not None else []
         _check_not_sharded(["parameters of an FSDP-wrapped model"] if any(
             "_fsdp_wrapped_module" in n.split(".") for n in names) else [])
-        _check_no_sparse_gradients(self._params, model)
         self.tensor_info, self.group_names, self._group_of, self.layout = self._grouped(self._params, model)
         # the initial modulator comes from a fork of the global random stream: torch.manual_seed fixes it,
         # and the caller's stream (dropout masks, data order) is left as torch.optim leaves it
@@ -397,6 +398,16 @@ class MetaAdamW(torch.optim.Optimizer):
             ))
         return infos
 
+    def _described_tensor(self, i: int) -> str:
+        """Tensor ``i`` (in the optimizer's flat order), named for an error about its gradient: its
+        name, and with ``model=`` the layers that make it sparse gradients, whatever name it is also
+        registered under (``self.w = self.emb.weight`` names it 'w')."""
+        name = self.tensor_info[i].name
+        described_ = f"parameter {name!r}" if name else f"parameter {i} (of the optimizer's flat order)"
+        model = self._model_ref() if self._model_ref is not None else None
+        layers = _sparse_layers_of(self._params[i], model)
+        return described_ + (f", the weight of the model's layer {', '.join(layers)}," if layers else "")
+
     def meta_parameters(self) -> list[nn.Parameter]:
         """Everything the meta-optimizer trains: the modulator (encoder, head, gates, group
         embeddings) and the weighting's log-variances."""
@@ -443,7 +454,6 @@ class MetaAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self._check_params(params)
         model = self._model_ref() if self._model_ref is not None else None
-        _check_no_sparse_gradients(params, model)
         infos, names, group_of, layout = self._grouped(params, model)
         self.modulator.extractor.set_layout(layout)  # the last check: it may refuse
         self._params, self.tensor_info, self.group_names, self._group_of, self.layout = (
@@ -536,7 +546,7 @@ class MetaAdamW(torch.optim.Optimizer):
         active = tuple(g is not None for g in grads)
         if not any(active):
             return
-        F.check_dense(grads)  # every step: a host attribute per tensor, no sync
+        F.check_dense(grads, self._described_tensor)  # every step: a host attribute per tensor, no sync
         for k, group in enumerate(self.param_groups):  # (set on a group after it was checked: AdamW honours them)
             if any(map(group.get, _ADAMW_FLAGS)) or group.get("decoupled_weight_decay") is False:
                 _check_adamw_flags(f"param group {k}: ", **{name: group.get(name) for name in _ADAMW_FLAGS})
@@ -1122,6 +1132,12 @@ class MetaAdamW(torch.optim.Optimizer):
             value = extra.get(key)
             if value is not None and (not isinstance(value, (list, tuple)) or len(value) != size):
                 bad.append(f"{key} {described(value)} (expected {size} entries, one per tensor)")
+        # each step count itself: one that is no integer >= 0 (None, a string, a float) was kept as it was and
+        # failed the next meta_step or step() with a bare TypeError, or counted the bias correction from it
+        steps = extra.get("steps")
+        if isinstance(steps, (list, tuple)) and len(steps) == n:
+            bad += [f"steps[{i}] {s!r} for {self.tensor_info[i].name or f'tensor {i}'} (expected its AdamW step "
+                    f"count, an integer >= 0)" for i, s in enumerate(steps) if not (_is_int(s) and s >= 0)]
         for key in ("global_step", "meta_updates", "meta_skipped"):
             if not _is_int(extra[key]):
                 bad.append(f"{key} {extra[key]!r} (expected an integer)")
@@ -1638,29 +1654,18 @@ def _callable_without_arguments(fn: Any) -> bool:
     return True
 
 
-def _check_no_sparse_gradients(params: list[Tensor], model: nn.Module | None) -> None:
-    """Refuse, when the optimizer is made (or a param group added), parameters of ``model``'s
-    ``nn.Embedding(sparse=True)`` or ``nn.EmbeddingBag(sparse=True)`` layers: their gradients are
-    sparse, which MetaAdamW (like torch.optim.AdamW) cannot step, and which step() only found
-    after the first backward pass. Without ``model=`` step() refuses them. Not refused: a frozen
-    weight (``requires_grad=False``, as ``nn.Embedding.from_pretrained(..., sparse=True)`` makes
-    it), which gets no gradient, and one tied to a parameter of another kind of layer (an output
-    projection sharing the embedding's weight), whose gradients autograd sums into a dense one."""
+def _sparse_layers_of(p: Tensor, model: nn.Module | None) -> list[str]:
+    """The layers of ``model`` that make sparse gradients (``nn.Embedding(sparse=True)``,
+    ``nn.EmbeddingBag(sparse=True)``) and hold ``p`` as their weight, named for the error
+    step() and meta_step() raise on a sparse gradient. Not refused when the optimizer is made:
+    whether such a weight's gradient is sparse depends on forward, which autograd sums into a
+    dense one where the weight is also used densely - tied to an output projection, or called
+    directly (``h @ self.emb.weight.T``), which nothing in the model's structure shows."""
     if model is None:
-        return
-    ids = {id(p) for p in params}
-
-    def sparse_layer(module: nn.Module) -> bool:
-        return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and bool(module.sparse)
-
-    dense_use = {id(p) for module in model.modules() if not sparse_layer(module)
-                 for p in module.parameters(recurse=False)}
-    sparse = [f"{name!r} (nn.{type(module).__name__}(sparse=True))" for name, module in model.named_modules()
-              if sparse_layer(module) and id(module.weight) in ids and module.weight.requires_grad
-              and id(module.weight) not in dense_use]
-    _check(not sparse, f"MetaAdamW does not support sparse gradients, which the model's layer {', '.join(sparse)} "
-                       f"gives its weight: build the layer with sparse=False, or train its weight with "
-                       f"torch.optim.SparseAdam in an optimizer of its own")
+        return []
+    return [f"{name!r} (nn.{type(module).__name__}(sparse=True))"
+            for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and module.weight is p]
 
 
 def _check_not_sharded(kinds: list[str]) -> None:

@@ -727,3 +727,29 @@ def test_float64_moments_and_float_step_counts_of_an_adamw_checkpoint_load_as_ad
     _train(twin, meta, batches, 3, start=3, meta_every=10**9, loss_fn=mse)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value, shown", [(None, "None"), ("3", "'3'"), (2.5, "2.5"), (-1, "-1"), (True, "True"),
+                                          (torch.tensor(3), r"tensor\(3\)")])
+def test_meta_state_step_counts_of_a_wrong_kind_are_refused_naming_index_and_value(value, shown):
+    # the meta state's per-tensor step counts were checked for their number alone: a tensor without moments takes
+    # its count from there, and None failed the next meta_step with a bare "unsupported operand type(s) for +:
+    # 'NoneType' and 'int'" (its bias correction), while a string or a float was kept as the count
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    b1, b2, val = regression_batches(3)
+    opt.zero_grad()
+    mse(model, b1).backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0] = {}  # (0.weight without moments: its count is the meta state's)
+    sd["metaadamw"]["steps"][0] = value
+    target = MetaAdamW(model.named_parameters(), **small_kwargs())
+    with pytest.raises(ValueError, match=r"does not fit this optimizer, and nothing was loaded: steps\[0\] " + shown
+                                         + r" for 0\.weight \(expected its AdamW step count, an integer >= 0\)"):
+        target.load_state_dict(sd)
+    assert target._steps == [0] * 6 and target.global_step == 0
+    sd["metaadamw"]["steps"][0] = 0  # (a valid count loads, and the meta-update runs from it)
+    target.load_state_dict(sd)
+    assert target._steps == [0, 1, 1, 1, 1, 1]
+    assert not target.meta_step(model, mse, b1, b2, val).skipped

@@ -39,10 +39,28 @@ def _batches(rank: int):
     return b[3 * rank: 3 * rank + 3]
 
 
-def _make(seed: int, subset: bool = False, layer: int | None = None, **kwargs):
-    """``subset``: all tensors but the last; ``layer``: only those of that Linear layer (of three alike)."""
+class _Centred(torch.nn.Module):
+    """Subtracts the mean over the ranks of its input's batch mean, all-reduced in every forward pass
+    (as ``SyncBatchNorm`` all-reduces its statistics, which needs a GPU); counts its passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = 0
+
+    def forward(self, x):
+        self.passes += 1
+        mean = x.detach().mean(0)
+        dist.all_reduce(mean)
+        return x - mean / dist.get_world_size()
+
+
+def _make(seed: int, subset: bool = False, layer: int | None = None, collective: bool = False, **kwargs):
+    """``subset``: all tensors but the last; ``layer``: only those of that Linear layer (of three alike);
+    ``collective``: a model whose forward runs a collective of its own (:class:`_Centred`)."""
     torch.manual_seed(0)
     model = mlp(0) if layer is None else mlp(0, widths=(6, 16, 16, 16, 1))
+    if collective:
+        model = torch.nn.Sequential(model[0], _Centred(), *model[1:])
     torch.manual_seed(seed)  # the modulator's initialisation
     params = list(model.named_parameters())[:-1] if subset else model.named_parameters()
     if layer is not None:
@@ -68,10 +86,14 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     is None: its loader ran out, say), "step_fails_on_rank1" (rank 1's meta-optimizer step raises), "late" (the optimizer is made before the process group),
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
     alone), "late_stepped_rank0" (rank 0 alone stepped before it), "late_loaded" (made and
-    loaded from one checkpoint before it) or "late_loaded_adamw" (the same with a torch.optim.AdamW checkpoint)."""
+    loaded from one checkpoint before it), "late_loaded_adamw" (the same with a torch.optim.AdamW checkpoint),
+    "interrupted_on_rank1" / "step_interrupted_on_rank1" (KeyboardInterrupt in rank 1's loss_fn / meta-optimizer
+    step), "collective_poison" (a model with a collective of its own, rank 1's batch 2 targets NaN: its
+    Hessian-vector product's ||v|| is not finite) or "collective_zero_v" (the same model, rank 1's loss on batch 2
+    multiplied by 0: its g', and v, are 0; "collective_zero_v_nosync": with sync_meta=False)."""
     if _loopback():  # gloo's ranks talk over the loopback interface only (no network in tests)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback())
-    kwargs = {"sync_meta": scenario != "nosync"}
+    kwargs = {"sync_meta": scenario != "nosync" and not scenario.endswith("_nosync")}
     if scenario == "mismatch" and rank == 1:
         kwargs["modulator_layers"] = 2
     if scenario == "other_options" and rank == 1:
@@ -82,6 +104,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         kwargs["subset"] = True
     if scenario == "other_layer":
         kwargs["layer"] = 2 + 2 * rank
+    if scenario.startswith("collective"):
+        kwargs["collective"] = True
     early = _make(100 + rank, **kwargs) if scenario.startswith("late") else None
     if scenario in ("late_stepped", "late_stepped_steps", "late_loaded") or (scenario == "late_stepped_rank0"
                                                                             and rank == 0):
@@ -124,6 +148,15 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
             val = (val[0], torch.full_like(val[1], float("nan")))
         if scenario == "no_val_on_rank1" and rank == 1:
             val = None
+        if scenario == "collective_poison" and rank == 1:
+            b2 = (b2[0], torch.full_like(b2[1], float("nan")))
+        if scenario.startswith("collective_zero_v") and rank == 1:
+            b2 = (*b2, 0.0)  # (a loss scale, read by loss_fn below)
+        if scenario == "step_interrupted_on_rank1" and rank == 1:
+            def step_interrupted(*args, **kwargs):
+                raise KeyboardInterrupt("rank 1 interrupted in its meta-optimizer step")
+
+            opt.meta_optimizer.step = step_interrupted
         if scenario == "step_fails_on_rank1" and rank == 1:
             def step_failing(*args, **kwargs):
                 raise RuntimeError("rank 1's meta-optimizer step failed")  # (out of memory, say)
@@ -141,10 +174,21 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
             def failing(m, batch):
                 raise RuntimeError("rank 1's loss_fn failed")
 
-            loss_fn = failing if scenario == "raises_on_rank1" and rank == 1 else mse  # (a batch it cannot take, say)
+            def interrupted(m, batch):
+                raise KeyboardInterrupt("rank 1 interrupted in its loss_fn")  # (Ctrl-C, or a signal to that rank)
+
+            def scaled(m, batch):  # (collective_zero_v: batch 2 of rank 1 carries a scale)
+                return mse(m, batch[:2]) * (batch[2] if len(batch) > 2 else 1.0)
+
+            loss_fn = (failing if scenario == "raises_on_rank1" and rank == 1 else  # (a batch it cannot take, say)
+                       interrupted if scenario == "interrupted_on_rank1" and rank == 1 else
+                       scaled if scenario.startswith("collective_zero_v") else mse)
+            passes_before = model[1].passes if scenario.startswith("collective") else 0
             record = opt.meta_step(ddp, loss_fn, None, b2, val)  # each rank on its own batches
-        except (RuntimeError, ValueError) as exc:
-            torch.save({"error": str(exc), "seconds": time.monotonic() - started}, f"{out}/rank{rank}.pt")
+            passes = model[1].passes - passes_before if scenario.startswith("collective") else None
+        except (RuntimeError, ValueError, KeyboardInterrupt) as exc:
+            torch.save({"error": str(exc), "type": type(exc).__name__, "seconds": time.monotonic() - started},
+                       f"{out}/rank{rank}.pt")
             return
         grads_kept = all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
         opt.step()
@@ -153,7 +197,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
         mse(ddp, train).backward()
         opt.step()
         torch.save({"start": start, "meta": after_meta, "model": [p.detach().clone() for p in model.parameters()],
-                    "skipped": record.skipped, "reason": record.reason, "grads_kept": grads_kept}, f"{out}/rank{rank}.pt")
+                    "skipped": record.skipped, "reason": record.reason, "grads_kept": grads_kept, "passes": passes},
+                   f"{out}/rank{rank}.pt")
     finally:
         dist.barrier()  # both ranks done with their collectives before the teardown (gloo aborts otherwise)
         if sys.exc_info()[0] is None:  # (a failure propagates, with its traceback, through the teardown)
@@ -420,3 +465,44 @@ def test_a_meta_optimizer_step_that_fails_on_one_rank_is_raised_on_every_rank_at
     assert "the meta-optimizer's step failed on 1 other rank(s) of 2" in ranks[0]["error"], ranks[0]["error"]
     assert "the ranks' modulators now differ" in ranks[0]["error"]
     assert ranks[0]["seconds"] < SHORT_TIMEOUT - 5, "rank 0 waited for the process group's timeout"
+
+
+@pytest.mark.parametrize("scenario, said", [
+    ("interrupted_on_rank1", "1 other rank(s) of 2 raised an error in this meta-update"),
+    ("step_interrupted_on_rank1", "the meta-optimizer's step failed on 1 other rank(s) of 2")])
+def test_a_keyboard_interrupt_on_one_rank_is_announced_to_every_rank(tmp_path, scenario, said):
+    # a KeyboardInterrupt (not an Exception) skipped the announcement: rank 1 stopped at once and rank 0 waited in
+    # the all-reduce of the meta-gradients (or the count of the steps' failures) until the process group's timeout
+    ranks = _run(tmp_path, scenario)
+    assert ranks[1]["type"] == "KeyboardInterrupt", ranks[1]
+    assert ranks[1]["error"].startswith("rank 1 interrupted in its"), ranks[1]["error"]
+    assert said in ranks[0]["error"], ranks[0]["error"]
+
+
+def test_a_rank_whose_hessian_vector_product_is_not_finite_still_runs_the_pass_of_the_others(tmp_path):
+    # rank 1 (||v|| not finite) skipped the finite-difference pass alone: the others' pass met its all-reduce of the
+    # meta-gradients with the model's own collective, and gloo aborted them ("Received data size doesn't match")
+    ranks = _run(tmp_path, "collective_poison")
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    assert [r["passes"] for r in ranks] == [4, 4], "the ranks ran different numbers of the model's passes"
+    assert all(r["skipped"] for r in ranks)
+    assert ranks[0]["reason"] == "non-finite mean meta-gradient over the ranks (this rank's meta-loss is finite)"
+    for r in ranks:
+        for a, b in zip(r["start"], r["meta"]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scenario", ["collective_zero_v", "collective_zero_v_nosync"])
+def test_a_rank_whose_hessian_vector_product_is_zero_still_runs_the_pass_of_the_others(tmp_path, scenario):
+    # rank 1 (v = 0: H v = 0) skipped the finite-difference pass alone, which the others ran: a collective mismatch
+    # (with sync_meta=False too: the model's collectives are there all the same)
+    ranks = _run(tmp_path, scenario)
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    assert [r["passes"] for r in ranks] == [4, 4], "the ranks ran different numbers of the model's passes"
+    assert not any(r["skipped"] for r in ranks)
+    if scenario.endswith("_nosync"):  # (each rank its own modulator)
+        return
+    for key in ("meta", "model"):
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            assert torch.equal(a, b), key
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["start"], ranks[0]["meta"])), "the modulator must move"

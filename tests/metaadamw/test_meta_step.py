@@ -1710,3 +1710,156 @@ def test_a_group_of_frozen_tensors_with_a_leftover_grad_takes_no_part_in_the_gra
     g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(mse(model, batches[0]), rest)])
     expected = l1 * gp.square().sum() - l2 * torch.cosine_similarity(g, gp, dim=0)  # (the trainable group alone)
     assert record.terms["gradient"] == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+
+
+def _strict_snapshot(model):
+    """Every parameter and buffer by name: the tensor itself, its values, dtype, storage and strides, and .grad."""
+    return ({n: (p, p.detach().clone(), p.data_ptr(), p.stride(), p.requires_grad,
+                 None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+            {n: (b, b.clone(), b.data_ptr(), b.stride()) for n, b in model.named_buffers()})
+
+
+def _assert_strictly_same(model, snap):
+    params, buffers = snap
+    now_p, now_b = dict(model.named_parameters()), dict(model.named_buffers())
+    assert list(now_p) == list(params) and list(now_b) == list(buffers)
+    for n, (p, value, ptr, stride, requires_grad, grad) in params.items():
+        q = now_p[n]
+        assert q is p and torch.equal(q.detach(), value) and q.dtype == value.dtype, n
+        assert q.data_ptr() == ptr and q.stride() == stride and q.requires_grad == requires_grad, n
+        assert (q.grad is None) == (grad is None) and (grad is None or torch.equal(q.grad, grad)), n
+    for n, (b, value, ptr, stride) in buffers.items():
+        c = now_b[n]
+        assert c is b and torch.equal(c, value) and c.dtype == value.dtype, n
+        assert c.data_ptr() == ptr and c.stride() == stride, n
+
+
+class _EmaInForward(nn.Module):
+    """A model that updates a running mean of its inputs in each forward pass, held as a frozen
+    parameter (``as_parameter``) or as a buffer."""
+
+    def __init__(self, as_parameter: bool):
+        super().__init__()
+        self.lin = nn.Linear(6, 1)
+        mean = torch.zeros(1, 6)
+        if as_parameter:
+            self.mean = nn.Parameter(mean, requires_grad=False)
+        else:
+            self.register_buffer("mean", mean)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(x.mean(0, keepdim=True), alpha=0.1)
+        return self.lin(x - self.mean)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_parameter_a_forward_pass_writes_in_place_is_refused_not_left_changed(meta_gradient):
+    # ModelState restored buffers but not parameters: a frozen parameter (one the optimizer does not hold) that the
+    # forward pass updates in place came back from meta_step holding what its passes wrote, without a word
+    batches = regression_batches(3)
+    for as_parameter in (True, False):
+        model = _EmaInForward(as_parameter)
+        opt = MetaAdamW(model.lin.named_parameters(prefix="lin"), meta_gradient=meta_gradient, **small_kwargs())
+        _step(model, opt, batches[0])
+        snap = _strict_snapshot(model)
+        if as_parameter:
+            with pytest.raises(RuntimeError, match=r"meta_step: the model's forward pass wrote 1 parameter\(s\) in "
+                                                   r"place: 'mean'\. .* Keep state that a forward pass updates .* in a "
+                                                   r"buffer \(module\.register_buffer\(name, tensor\)\)"):
+                opt.meta_step(model, mse, *batches)
+        else:  # (the same state as a buffer: restored exactly)
+            assert not opt.meta_step(model, mse, *batches).skipped
+            _assert_strictly_same(model, snap)
+
+
+def test_a_parameter_a_forward_pass_registers_is_removed_again():
+    # a module that registers a parameter in its forward pass (lazily, once) kept the one a meta-update pass made -
+    # holding that pass's values, trained by no optimizer - and the model came back with a parameter more
+    class LazyBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 1)
+
+        def forward(self, x):
+            if "shift" not in self._parameters:
+                self.shift = nn.Parameter(x.mean().detach().reshape(1))
+            return self.lin(x) + self.shift
+
+    model = LazyBias()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(3)
+    opt.zero_grad()
+    mse(model.lin, batches[0]).backward()  # (a step of the layer alone: the model has no shift yet)
+    opt.step()
+    snap = _strict_snapshot(model)
+    assert not opt.meta_step(model, mse, *batches).skipped
+    _assert_strictly_same(model, snap)
+    assert "shift" not in model._parameters and not hasattr(model, "shift")
+
+
+def _orthogonal_mlp():
+    from torch.nn.utils import parametrizations
+    model = mlp(0)
+    parametrizations.orthogonal(model[0])
+    return model
+
+
+def _weight_norm_mlp():
+    from torch.nn.utils import parametrizations
+    model = mlp(0)
+    parametrizations.weight_norm(model[2])
+    return model
+
+
+def _hooked_mlp():
+    model = mlp(0)
+    for p in model.parameters():
+        p.register_hook(lambda g: g * 0.5)
+    model[2].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    return model
+
+
+def _frozen_layer_mlp():
+    model = mlp(0)
+    model[0].requires_grad_(False)
+    return model
+
+
+class _ChannelsLastConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("seen", torch.zeros(1, 3, 6, 6).to(memory_format=torch.channels_last))
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.seen.mul_(0.9).add_(x.mean(0, keepdim=True), alpha=0.1)
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _channels_last_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 6, 6, generator=g).to(memory_format=torch.channels_last), torch.randn(4, 1, generator=g))
+            for _ in range(3)]
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+@pytest.mark.parametrize("make", [_orthogonal_mlp, _weight_norm_mlp, _hooked_mlp, _frozen_layer_mlp,
+                                  lambda: _ChannelsLastConv().to(memory_format=torch.channels_last)],
+                         ids=["orthogonal", "weight_norm", "grad_hooks", "frozen_layer", "channels_last"])
+def test_models_of_every_kind_are_left_exactly_as_they_were(make, meta_gradient):
+    # the tensors themselves (not copies), their values, storage, strides (channels_last), requires_grad and .grad
+    model = make()
+    batches = _channels_last_batches() if isinstance(model, _ChannelsLastConv) else regression_batches(3)
+    opt = MetaAdamW([(n, p) for n, p in model.named_parameters() if p.requires_grad], meta_gradient=meta_gradient,
+                    **small_kwargs())
+    _step(model, opt, batches[0])
+    mse(model, batches[1]).backward()  # (a .grad left behind)
+    snap = _strict_snapshot(model)
+    assert not opt.meta_step(model, mse, *batches).skipped
+    _assert_strictly_same(model, snap)
+    assert opt.meta_step(model, mse, None, *batches[1:]).step == 1  # (g from .grad: left as it was too)
+    _assert_strictly_same(model, snap)

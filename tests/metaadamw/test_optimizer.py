@@ -1213,20 +1213,171 @@ def test_a_sparse_gradient_after_dense_steps_is_a_clear_error_that_counts_no_ste
 
 
 @pytest.mark.parametrize("layer", [nn.Embedding(10, 4, sparse=True), nn.EmbeddingBag(10, 4, sparse=True)])
-def test_a_model_layer_with_sparse_gradients_is_refused_when_the_optimizer_is_made_or_the_group_added(layer):
-    # MetaAdamW, like AdamW, cannot step sparse gradients: with model= the layer that makes them is named when the
-    # optimizer is made (it was found at the first step, after a forward and backward pass); a sparse layer trained by
-    # an optimizer of its own (torch.optim.SparseAdam) is no concern of MetaAdamW's
+def test_a_model_layer_with_sparse_gradients_is_named_when_step_refuses_its_gradient(layer):
+    # MetaAdamW, like AdamW, cannot step sparse gradients: with model= the layer that makes them is named in the error
+    # of the step that finds one, before anything changes. It was refused when the optimizer was made (this test
+    # asserted that), which also refused a sparse embedding that forward uses densely as well (h @ emb.weight.T): its
+    # gradient is dense, and nothing in the model's structure tells the two apart (see the tests below)
     model = nn.ModuleDict({"emb": layer, "head": nn.Linear(4, 1)})
-    with pytest.raises(ValueError, match=rf"sparse gradients, which the model's layer 'emb' \(nn\.{type(layer).__name__}"
-                                         rf"\(sparse=True\)\) gives its weight: build the layer with sparse=False"):
-        MetaAdamW(model.parameters(), model=model, **small_kwargs())
+    x = torch.randint(0, 10, (5, 3))
+    message = (rf"sparse gradients \(nor does AdamW\): parameter 'emb\.weight', the weight of the model's layer 'emb' "
+               rf"\(nn\.{type(layer).__name__}\(sparse=True\)\), has a torch\.sparse_coo gradient\. A layer such as "
+               rf"nn\.Embedding\(sparse=True\) or nn\.EmbeddingBag\(sparse=True\) makes them: build it with sparse=False")
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = MetaAdamW(model.parameters(), model=model, **small_kwargs())
+    model["head"](layer(x)).mean().backward()
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert opt.global_step == 0 and not opt.state
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    # added later, in a group of its own: named as well
     opt = MetaAdamW(model["head"].parameters(), model=model, **small_kwargs())
-    with pytest.raises(ValueError, match="sparse gradients, which the model's layer 'emb'"):
-        opt.add_param_group({"params": [layer.weight]})
-    assert len(opt.param_groups) == 1 and len(opt._params) == 2
+    opt.add_param_group({"params": [layer.weight]})
+    assert len(opt.param_groups) == 2 and len(opt._params) == 3
+    with pytest.raises(ValueError, match=message):
+        opt.step()
     layer.sparse = False
-    assert len(MetaAdamW(model.parameters(), model=model, **small_kwargs())._params) == 3
+    opt.zero_grad()
+    model["head"](layer(x)).mean().backward()
+    opt.step()
+    assert opt.global_step == 1 and not torch.equal(layer.weight, start[0])
+
+
+class _AliasedSparseEmbedding(nn.Module):
+    """A sparse embedding whose weight is registered again on the parent (``self.w = self.emb.weight``, first in
+    registration order, so named 'w') and, as a shared parameter, on a plain container: no dense use anywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(10, 4, sparse=True)
+        self.w = self.emb.weight
+        self.shared = nn.Module()
+        self.shared.table = self.emb.weight
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x))
+
+
+def test_a_sparse_embedding_weight_also_registered_on_a_parent_is_refused_and_named_at_the_first_step():
+    # the check that refused a sparse layer's weight when the optimizer was made took any other module that registered
+    # the same tensor (the parent's alias, a container sharing it) for a dense layer tied to it, and let it through:
+    # step() then refused it with an error that named neither the parameter nor the layer
+    torch.manual_seed(0)
+    model = _AliasedSparseEmbedding()
+    assert [n for n, _ in model.named_parameters()] == ["w", "head.weight", "head.bias"]
+    start = model.emb.weight.detach().clone()
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    batch = (torch.randint(0, 10, (5, 3)), torch.randn(5, 1))
+    mse(model, batch).backward()
+    assert model.emb.weight.grad.layout == torch.sparse_coo
+    message = (r"parameter 'w', the weight of the model's layer 'emb' \(nn\.EmbeddingBag\(sparse=True\)\), has a "
+               r"torch\.sparse_coo gradient\. A layer such as nn\.Embedding\(sparse=True\)")
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    with pytest.raises(ValueError, match=message):
+        opt.meta_step(model, mse, None, batch, batch)
+    assert opt.global_step == 0 and not opt.state and torch.equal(model.emb.weight, start)
+
+
+class _DirectlyTiedSparseEmbedding(nn.Module):
+    """A sparse embedding that forward also uses as the output projection by a direct call (no tied layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.head = nn.Linear(10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x) @ self.emb.weight.T).mean(1)
+
+
+def test_a_sparse_embedding_tied_by_a_direct_call_in_forward_trains_with_model_as_without():
+    # autograd sums the embedding's sparse gradient and the direct product's dense one into a dense gradient, which
+    # AdamW and MetaAdamW step: MetaAdamW(model=) refused the layer when made, as if its gradient were sparse
+    torch.manual_seed(0)
+    batch = (torch.randint(0, 10, (8, 5)), torch.randn(8, 1))
+    results = []
+    for with_model in (False, True):
+        torch.manual_seed(1)
+        model = _DirectlyTiedSparseEmbedding()
+        start = model.emb.weight.detach().clone()
+        opt = MetaAdamW(model.named_parameters(), model=model if with_model else None, **small_kwargs())
+        for i in range(3):
+            opt.zero_grad()
+            mse(model, batch).backward()
+            assert model.emb.weight.grad.layout == torch.strided
+            if i == 1:
+                assert not opt.meta_step(model, mse, None, batch, batch).skipped
+            opt.step()
+        assert opt.global_step == 3 and not torch.equal(model.emb.weight, start)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+class _CompressedSparseParameter(nn.Module):
+    def __init__(self, to_layout) -> None:
+        super().__init__()
+        self.q = nn.Parameter(to_layout(torch.randn(4, 4)))
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x @ self.q.to_dense())
+
+
+@pytest.mark.filterwarnings("ignore:Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state")
+@pytest.mark.parametrize("layout, to_layout", [
+    (torch.sparse_csr, lambda t: t.to_sparse_csr()), (torch.sparse_csc, lambda t: t.to_sparse_csc()),
+    (torch.sparse_bsr, lambda t: t.to_sparse_bsr((2, 2))), (torch.sparse_bsc, lambda t: t.to_sparse_bsc((2, 2)))])
+def test_a_compressed_sparse_gradient_is_refused_by_step_and_meta_step_naming_the_parameter(layout, to_layout):
+    # is_sparse is False for the compressed layouts (a parameter of that layout gets gradients of it): the check let
+    # them through, and step() failed deep inside ("unsupported tensor layout: SparseCsr") after counting the step
+    # and creating the moments; meta_step() failed the same way
+    torch.manual_seed(0)
+    model = _CompressedSparseParameter(to_layout)
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    model.q.grad = to_layout(torch.randn(4, 4))
+    model.lin.weight.grad, model.lin.bias.grad = torch.randn(1, 4), torch.randn(1)
+    start = [p.detach().clone().to_dense() for p in model.parameters()]
+    message = (rf"does not support sparse gradients \(nor does AdamW\): parameter 'q' has a {layout} gradient\. "
+               rf"A parameter of a sparse layout gets gradients of that layout: keep the parameter dense")
+    batch = torch.randn(3, 4)
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    with pytest.raises(ValueError, match=message):
+        opt.meta_step(model, loss_fn, None, batch, batch)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert opt.global_step == 0 and opt._steps == [0, 0, 0] and not opt.state
+    assert all(torch.equal(a, b.detach().to_dense()) for a, b in zip(start, model.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+def test_check_dense_refuses_every_layout_but_strided_and_passes_none():
+    grads = [None, torch.zeros(2, 2), torch.zeros(2, 2).to_sparse_csr()]
+    with pytest.raises(ValueError, match=r"tensor 2 has a torch\.sparse_csr gradient"):
+        F.check_dense(grads)
+    with pytest.raises(ValueError, match=r"the third has a torch\.sparse_coo gradient"):
+        F.check_dense(grads[:2] + [torch.zeros(2, 2).to_sparse()], lambda i: ["", "", "the third"][i])
+    F.check_dense(grads[:2])
+    # a layout test on the host: no op reaches a tensor (no read back, no sync on an accelerator)
+    with _RecordedOps() as mode:
+        F.check_dense(grads[:2] * 100)
+    assert mode.ops == []
+    with _RecordedOps() as mode:  # (the mode does see ops)
+        grads[1].add_(1)
+    assert [op.__name__ for op in mode.ops] == ["add_.Tensor"]
+
+
+class _RecordedOps(TorchDispatchMode):
+    """Records every op dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
 
 
 class _SparseEmbeddingLM(nn.Module):
