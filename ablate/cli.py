@@ -116,9 +116,17 @@ def _print_task_defaults(task: str) -> None:
     """``ablate list --task TASK``: the task's trial config on the real data (its paper settings,
     Table 4) and on the embedded data, the values the task sets itself marked."""
     from ablate.config import COMMON_FIELDS, resolve_config
-    from ablate.tasks import get_task
+    from ablate.tasks import TASKS, get_task
+    from metaadamw import UnknownComponentError
 
-    spec = get_task(task)
+    try:
+        spec = get_task(task)
+    except UnknownComponentError as exc:
+        if TASKS.entry_point_problem(task):  # (an installed package's broken entry point: the error says so)
+            raise
+        # (a plugin's task listed without --plugin: name the option, as `ablate train` and study files do)
+        raise UnknownComponentError(f"{exc} A task a plugin registers: give --plugin MODULE (the module that "
+                                    f"registers it, in the working directory or installed).") from None
     real, embedded = (resolve_config({"task": task, "data": data}) for data in ("real", "embedded"))
     metrics = ", ".join(f"{m.name} ({m.mode})" for m in spec.metrics)
     print(f"{task}: {spec.description}\nmetrics: {metrics} (the first is the primary one)\n")

@@ -69,14 +69,33 @@ class Field:
         return list(self.choices()) if callable(self.choices) else list(self.choices)
 
 
+def _component_registries() -> dict[str, Any]:
+    """The registry of each config key that names a component MetaAdamW builds (features, grouping,
+    objective, weighting: :func:`metaadamw.optimizer.component_registries`, so that a kind added
+    there is validated here too), imported when needed."""
+    from metaadamw.optimizer import component_registries
+
+    return component_registries()
+
+
 def _registry(key: str) -> Any:
-    """The registry of the components a config key names (task, features, grouping, objective,
-    weighting), or None."""
-    import metaadamw
+    """The registry of the components a config key names (task, or a component kind of
+    :func:`_component_registries`), or None."""
     from ablate.tasks import TASKS
 
-    return {"task": TASKS, "features": metaadamw.FEATURES, "grouping": metaadamw.GROUPINGS,
-            "objective": metaadamw.OBJECTIVES, "weighting": metaadamw.WEIGHTINGS}.get(key)
+    return {"task": TASKS, **_component_registries()}.get(key)
+
+
+#: how the error for an unknown component names its kind, where that is not the config key itself
+_PLUGGED_NAMES = {"features": "feature extractor"}
+
+
+def _plugged_name(key: str) -> str | None:
+    """What a plugin registers under a config key that names a component ("task", "feature
+    extractor", "grouping", ...), in words for the unknown-name error; None for any other key."""
+    if key == "task" or key in _component_registries():
+        return _PLUGGED_NAMES.get(key, key)
+    return None
 
 
 def _registry_names(kind: str) -> Callable[[], list[str]]:
@@ -240,42 +259,48 @@ def task_fields(task_name: str) -> dict[str, Any]:
 
 
 def validate_value(key: str, value: Any, where: str = "trial config") -> None:
+    """Check one common key's value; a ConfigError starts with ``where`` and names the key, the
+    value and what it must be. Where ``where`` ends with the key already (a study file's field path,
+    ``s.yaml: baseline.priorities``), the key is not said twice: ``...baseline.priorities: must be a
+    list``, not ``...baseline.priorities: priorities must be a list``."""
     field = COMMON_FIELDS.get(key)
     if field is None:
         return
+    named = where.endswith((f".{key}", f": {key}"))
+    subject = "" if named else f"{key} "  # (the key, before "must ...")
+    shown = f"{value!r}" if named else f"{key}={value!r}"  # (the value, named by its key)
     if value is None:
         if field.nullable:
             return
-        raise ConfigError(f"{where}: {key} must not be null ({field.doc})")
+        raise ConfigError(f"{where}: {subject}must not be null ({field.doc})")
     if not _type_ok(field.type, value):
         hint = (f" (write it as [{value}])" if field.type is list and isinstance(value, str) and "," in value
                 and not value.lstrip().startswith("[") else "")
         if field.nullable and isinstance(value, str) and value.strip().lower() == "none":
             hint = " (for none, write null: YAML and --set read None as text)"
-        raise ConfigError(f"{where}: {key} must be {_type_name(field.type)}, got {value!r}{hint} ({field.doc})")
+        raise ConfigError(f"{where}: {subject}must be {_type_name(field.type)}, got {value!r}{hint} ({field.doc})")
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
         if key == "device" and str(value).lower() == "gpu":  # (closest by spelling is 'cpu', the opposite)
             hint = " (did you mean 'cuda'?)"
-        plugged = {"task": "task", "features": "feature extractor", "grouping": "grouping", "objective": "objective",
-                   "weighting": "weighting"}.get(key)
+        plugged = _plugged_name(key)
         broken = _entry_point_problem(key, value) if plugged else None
         if broken:  # an installed package exposes it, through an entry point that is broken
             hint = f" ({broken})"
         elif plugged and str(value).lower() not in {str(a).lower() for a in allowed}:  # (a plugin's component?)
             hint += (f" (a {plugged} a plugin registers: in a study file, list its module under plugins:; with ablate "
                      f"train or ablate list, give --plugin MODULE)")
-        raise ConfigError(f"{where}: {key}={value!r} is not allowed{hint}; choose one of: "
+        raise ConfigError(f"{where}: {shown} is not allowed{hint}; choose one of: "
                           f"{', '.join(map(str, allowed))}")
     if field.check is not None and not field.check(value):
-        raise ConfigError(f"{where}: {key}={value!r} must be {field.check_doc} ({field.doc})")
-    if key in ("features", "grouping", "objective", "weighting"):  # (a plugin's: called as MetaAdamW calls it?)
+        raise ConfigError(f"{where}: {shown} must be {field.check_doc} ({field.doc})")
+    if key in _component_registries():  # (a plugin's: called as MetaAdamW calls it?)
         from metaadamw.optimizer import component_kind_problem, component_signature_problem
 
         problem = component_signature_problem(key, value) or component_kind_problem(key, value)
         if problem:
-            raise ConfigError(f"{where}: {key}={value!r}: {problem}")
+            raise ConfigError(f"{where}: {shown}: {problem}")
 
 
 def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cross_keys: bool = True) -> dict[str, Any]:
@@ -451,7 +476,10 @@ def describe_fields() -> str:
 def describe_task_fields(task_name: str) -> str:
     """A human-readable table of the task's own keys - its model and data keys, which are no common
     key (``ablate list --task TASK --keys``) -: each with its kind and its defaults on the real and
-    the embedded data (a study file sets them under ``budget:`` or ``overrides.<task>:``)."""
+    the embedded data (a study file sets them under ``budget:`` or ``overrides.<task>:``). The kind is
+    that of a default that is not null; a key of the task's ``path_keys`` is a path (``or null`` where
+    a default is null); a key null on both data, not a path: any value the task's check accepts (the
+    task says no more of it)."""
     from ablate.tasks import get_task
 
     spec = get_task(task_name)
@@ -464,7 +492,13 @@ def describe_task_fields(task_name: str) -> str:
         real = json.dumps(spec.defaults[key]) if key in spec.defaults else "-"
         embedded = spec.embedded_defaults[key] if key in spec.embedded_defaults else spec.defaults[key]
         example = next((d[key] for d in (spec.defaults, spec.embedded_defaults) if d.get(key) is not None), None)
-        kind = _kind_of(example).rstrip(",") if example is not None else ""
+        nullable = any(d.get(key, 0) is None for d in (spec.defaults, spec.embedded_defaults))
+        if key in spec.path_keys:
+            kind = "a path" + (" or null" if nullable else "")
+        elif example is None:  # (null on both data: its kind is the task's to check)
+            kind = "null or what the task accepts"
+        else:
+            kind = _kind_of(example).rstrip(",") + (" or null" if nullable else "")
         rows.append(f"{key:<{width}} {real:<18} {json.dumps(embedded):<18} {kind}".rstrip())
     return "\n".join(rows)
 

@@ -351,6 +351,13 @@ def smallest_sign_flip_p(n: int) -> float:
     return 2 / 2**n if n <= EXACT_SIGN_FLIP_MAX_N else 1 / (1 + SIGN_FLIP_DRAWS)
 
 
+def can_reach(n: int, alpha: float = ALPHA) -> bool:
+    """Whether a sign-flip test of ``n`` pairs can give p < ``alpha`` at all (its smallest p,
+    :func:`smallest_sign_flip_p`, is below alpha): the rows that count in a Holm family
+    (:func:`_holm_family`). False for n = 0 and, at alpha = 0.05, for n <= 5."""
+    return n >= 1 and smallest_sign_flip_p(n) < alpha
+
+
 def seeds_per_arm(results: Results) -> pd.DataFrame:
     """Per task and arm: ok seeds, trials that are not ok, and the ok seed list."""
     arms = explode_arms(results.trials)
@@ -527,11 +534,15 @@ def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatch
     there is not a loss the paired test can count - so a win built on the seeds it survived is
     not marked: ``significant`` is False and ``withheld`` True.
 
-    A row with fewer than two pairs is not counted in the family (its ``p_holm`` is NaN): one
-    difference has a sign-flip p of 1 whatever it is, so it can never be significant and would
-    only raise the other rows' adjusted p (an arm run on one seed of six would turn the 2/64 of
-    another arm's six wins into 4/64, above 0.05)."""
-    adjusted = holm([r["p_signflip"] if r["n_pairs"] >= 2 else np.nan for r in rows])
+    A row whose smallest attainable sign-flip p (:func:`smallest_sign_flip_p`: 2/2^n for n pairs)
+    is not below ``alpha`` is not counted in the family (its ``p_holm`` is NaN; Tarone's rule for
+    discrete tests, Tarone 1990): at alpha = 0.05 a row with 5 pairs or fewer (2/32 = 0.0625) can
+    never be significant, whatever its differences, and would only raise the other rows' adjusted
+    p (an arm run on five seeds of six would turn the 2/64 of another arm's six wins into 4/64,
+    above 0.05). Which rows count depends on their pair counts only, never on the differences'
+    signs, so Holm over the rest still controls the family-wise error rate; ``p_holm`` depends on
+    ``alpha`` through the family."""
+    adjusted = holm([r["p_signflip"] if can_reach(r["n_pairs"], alpha) else np.nan for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = float(p)
         better = -r["diff_mean"] if r["mode"] == "min" else r["diff_mean"]  # (> 0: new is better; the tested sign)
@@ -579,7 +590,8 @@ def table2(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     none there, and n_not_ok: trials not ok, or on the test split ok without a test metric); rel_mean/rel_lo/rel_hi (mean and CI of the per-seed relative
     improvement, positive = MetaAdamW better); diff_* (paired difference meta - adamw);
     time_change (total training time of MetaAdamW over the matched seeds relative to AdamW's);
-    p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks with two pairs or more), n_pairs,
+    p_t, p_signflip, p_holm (the sign-flip p adjusted by Holm over the table's tasks whose pair count
+    can reach p < alpha at all, :func:`can_reach`: 6 pairs or more at 0.05; NaN for the others), n_pairs,
     n_better, ``significant`` (p_holm < alpha) and ``withheld`` (p_holm < alpha, but the arm the
     difference favours did not finish a seed the other finished: not marked, see
     :func:`_holm_family`); ref_<name> means of the trivial references
@@ -642,7 +654,8 @@ def table3(results: Results, *, alpha: float = ALPHA, confidence: float = CONFID
     seeds, as in :func:`table2`), n_unmatched and baseline_n_unmatched (ok seeds of the arm, of
     the baseline, that the other lacks: left out of both means), n_not_ok, rel_* (per seed relative change vs
     baseline, positive = the arm is better), diff_*, p_t, p_signflip, p_holm (Holm over the ablation
-    arms of the task with two pairs or more - one pair's sign-flip p is 1 whatever it is; a task's factorial cells, compared with the baseline too, are a family of
+    arms of the task whose pair count can reach p < alpha, :func:`can_reach` - 5 pairs' sign-flip p is
+    at least 2/32 = 0.0625 whatever they are; NaN for the others; a task's factorial cells, compared with the baseline too, are a family of
     their own, so that adding a factorial design to a study does not weaken its ablations), n_pairs, n_better, significant (p_holm < alpha), withheld (as in :func:`table2`),
     ``mark`` ("*" where significant, "(*)" where withheld) and ``same_as_baseline``: the arm ran the baseline's own trials (its level is
     the baseline's), so there is nothing to compare - its statistics are NaN and it is not

@@ -35,7 +35,7 @@ import sys
 import warnings
 from importlib import import_module, invalidate_caches
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -415,12 +415,63 @@ def _read_yaml(path: Path) -> Any:
         problem = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
         if "'\\t'" in problem:  # (PyYAML: "found character '\t' that cannot start any token")
             problem += " (a tab at that line and column: replace it with spaces, which YAML indents and separates with)"
+        if isinstance(exc, yaml.parser.ParserError):
+            problem += _misindented_item(text, mark)
         raise StudyError(f"{path}{at}: invalid YAML: {problem or exc}") from None
     except RecursionError:
         raise StudyError(f"{path}: invalid YAML: nested too deeply") from None
     except (ValueError, OverflowError) as exc:  # PyYAML's scanner: an escape beyond Unicode ("\U01000000")
         raise StudyError(f"{path}: invalid YAML: {exc}") from None
     return document
+
+
+def _misindented_item(text: str, mark: Any) -> str:
+    """The hint for a YAML error at a list item indented less than the items before it (``seeds:``,
+    ``  - 1``, `` - 2``): YAML ends the list there and then finds an item where a key should be,
+    which it says as "expected <block end>, but found '<block sequence start>'" (or ``'-'``); likewise
+    an item indented deeper that cannot continue the one before (after a comment line, say). Names
+    the list's key and the indentation of its items; ``""`` where the error is not at such an item."""
+    lines = text.removeprefix("\ufeff").splitlines()
+    if mark is None or mark.line >= len(lines):
+        return ""
+    line = lines[mark.line]
+    item = line.lstrip(" ")
+    if not (item == "-" or item.startswith("- ")):
+        return ""
+    indent = len(line) - len(item)
+    items = None  # the indentation of the list's items before it (the shallowest: items' own content is deeper)
+    for before in reversed(lines[:mark.line]):
+        body = before.lstrip(" ")
+        if not body.strip() or body.startswith("#"):
+            continue
+        column = len(before) - len(body)
+        if body == "-" or body.startswith("- "):
+            items = column if items is None else min(items, column)
+            continue
+        if items is None or column >= items:  # (no item yet, or the content of one)
+            if items is None:
+                return ""
+            continue
+        key = body.split(" #")[0].rstrip()
+        if not key.endswith(":") or items == indent:
+            return ""
+        key = key[:-1].strip()
+        why = ("YAML ends a list at an item indented less" if indent < items else
+               "YAML reads an item indented deeper as the start of a list inside the item before it")
+        return (f" (the list item {item.strip()!r} at line {mark.line + 1} is indented by {indent} space(s), the items "
+                f"of {key}: before it by {items}: {why}; indent every item of {key}: by {items} spaces, like its first)")
+    return ""
+
+
+def _folded_item(ctx: _Context, path: str, key: str, value: Any) -> None:
+    """Refuse a list item that holds several: YAML continues an item with a line indented deeper
+    than its ``-`` (``- etth1`` then ``  - imdb`` is the one item ``'etth1 - imdb'``)."""
+    if not isinstance(value, str) or not re.search(r"\S\s+-(\s|$)", value):
+        return
+    parts = [p for p in re.split(r"\s+-(?:\s+|$)", value) if p]
+    raise ctx.error(path, f"{value!r} is one item, read from the lines {' and '.join(f'`- {p}`' for p in parts)}: "
+                          f"YAML continues a list item with a line indented deeper than its `-`; indent every "
+                          f"item of {key}: alike")
 
 
 def _check_plain(value: Any, ctx: _Context, path: str = "", _parents: tuple[int, ...] = ()) -> None:
@@ -458,7 +509,7 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
                 if isinstance(mapping, str) and " = " in mapping else "")
         raise ctx.error("", f"a study must be a mapping with at least {', '.join(REQUIRED_KEYS)}; got "
                             f"{_short(mapping)}{hint}")
-    ctx.attempt(_check_keys, ctx, mapping, STUDY_KEYS, "", REQUIRED_KEYS)  # (an unknown key: the rest still checked)
+    ctx.attempt(_check_keys, mapping, STUDY_KEYS, ctx.where, REQUIRED_KEYS)  # (an unknown key: the rest still checked)
     given = {k: v for k, v in mapping.items() if v is not None}  # a key left empty takes its default
     # (a required key that is missing is said above; the keys beside it are still checked, the settings only
     # where the tasks are given)
@@ -535,12 +586,15 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
     )
 
 
-def _check_keys(ctx: _Context, mapping: dict, allowed: dict[str, str], path: str, required: Iterable[str] = ()) -> None:
-    """Unknown keys (with a did-you-mean hint) and missing required keys are errors."""
-    problems = [str(ctx.error(_join(path, key), f"unknown key{did_you_mean(key, allowed)}; allowed keys: "
-                                                f"{', '.join(allowed)}")) for key in mapping if key not in allowed]
-    problems += [str(ctx.error(_join(path, key), f"is required: {allowed[key]}")) for key in required
-                 if mapping.get(key) is None]
+def _check_keys(mapping: dict, allowed: Mapping[str, str], where: Callable[[str], str],
+                required: Iterable[str] = ()) -> None:
+    """Unknown keys (with a did-you-mean hint) and missing required keys are errors, all of them
+    raised together (one StudyError). ``where(key)`` words the start of a key's message - the file
+    and the key's field path: the study file's (``f"{source}: resources.cpus"``) or the ``tune:``
+    section's (``ablate.tune``) - so that both say unknown keys alike."""
+    problems = [f"{where(key)}: unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
+                for key in mapping if key not in allowed]
+    problems += [f"{where(key)}: is required: {allowed[key]}" for key in required if mapping.get(key) is None]
     if problems:
         raise StudyError(*problems)
 
@@ -549,6 +603,7 @@ def _parse_plugins(ctx: _Context, plugins: Any) -> list[str]:
     if not isinstance(plugins, list):
         raise ctx.error("plugins", f"must be a list of module names, e.g. [my_package.my_features]; got {_short(plugins)}")
     for i, name in enumerate(plugins):
+        _folded_item(ctx, f"plugins[{i}]", "plugins", name)
         if not isinstance(name, str) or not _MODULE_RE.fullmatch(name):
             raise ctx.error(f"plugins[{i}]", f"{_short(name)} is not a module name like my_package.my_features")
     return list(plugins)
@@ -580,6 +635,7 @@ def _parse_tasks(ctx: _Context, tasks: Any) -> list[str]:
         raise ctx.error("tasks", f"must be a non-empty list of task names, e.g. [etth1, imdb]; got {_short(tasks)}")
     def check(item: tuple[int, Any]) -> None:
         i, task = item
+        _folded_item(ctx, f"tasks[{i}]", "tasks", task)
         validate_value("task", task, ctx.where(f"tasks[{i}]"))
         if task in tasks[:i]:
             raise ctx.error(f"tasks[{i}]", f"{task!r} is listed twice")
@@ -620,6 +676,7 @@ def _parse_extra_seeds(ctx: _Context, extra: Any, seeds: list[int]) -> list[int]
 def _check_seed_list(ctx: _Context, seeds: list, path: str, existing: list[int]) -> None:
     def check(item: tuple[int, Any]) -> None:
         i, seed = item
+        _folded_item(ctx, f"{path}[{i}]", path, seed)
         validate_value("seed", seed, ctx.where(f"{path}[{i}]"))
         if seed in seeds[:i] or seed in existing:
             raise ctx.error(f"{path}[{i}]", f"seed {seed} is given twice")
@@ -632,8 +689,8 @@ def _parse_resources(ctx: _Context, resources: Any) -> dict[str, float]:
         raise ctx.error("resources", f"must be a mapping like {{cpus: 1, gpus: 0}}; got {_short(resources)}")
     problems = []  # (an unknown key and a bad value beside it: said together)
     try:
-        _check_keys(ctx, resources, {"cpus": "CPUs per trial (> 0)", "gpus": "GPUs per trial (>= 0, may be fractional)"},
-                    "resources")
+        _check_keys(resources, {"cpus": "CPUs per trial (> 0)", "gpus": "GPUs per trial (>= 0, may be fractional)"},
+                    lambda key: ctx.where(_join("resources", key)))
     except StudyError as exc:
         problems += exc.problems
     merged = {**RESOURCE_DEFAULTS, **{k: v for k, v in resources.items() if v is not None and k in RESOURCE_DEFAULTS}}
@@ -664,11 +721,20 @@ TUNED_WITH = "tuned_with"
 #: scored its suggestions against (the AdamW arm's :func:`tuning_context` on that task): the
 #: relative improvements, and so the vector picked, depend on it
 ADAMW_REFERENCE = "adamw_reference"
+#: the key of :data:`TUNED_WITH` that records the fingerprint of the real data the values were tuned
+#: on (:func:`run_data_fingerprint`: the names and sizes of the files read), so that a study on other
+#: real data (another data directory's files, a subset, a newer version) is warned, which ``data: real``
+#: alone does not tell apart (absent: embedded data, or data ``ablate tune`` could not locate - unknown)
+DATA_FINGERPRINT = "data_fingerprint"
 #: the optimizer keys besides MetaAdamW's own that a suggestion's score depends on
 OPTIMIZER_KEYS = ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip")
 #: the budget keys a suggestion's score depends on (the best lr, or priorities, for 80 steps are not
 #: those for 10 epochs)
 BUDGET_KEYS = ("epochs", "max_steps", "max_train_batches", "batch_size")
+# (not ``eval_batch_size``: it batches the validation split only - the meta-update's validation batches are
+# ``batch_size``'s -, and every built-in task's ``evaluate`` averages over examples, not batches, so the
+# validation metric the search scores is the same at any evaluation batch size up to float rounding, as the
+# threads or the device leave it; recorded, it would warn a study that evaluates in larger batches for speed)
 #: the early-stopping keys, which decide where a run ends (and so the best value it reaches)
 STOPPING_KEYS = ("patience", "min_delta")
 #: the data a run trains on: ``embedded`` (recorded as ``embedded:<version>`` where the task has an
@@ -696,13 +762,16 @@ def unused_keys(config: dict[str, Any]) -> set[str]:
 
 def stops_early(config: dict[str, Any]) -> bool:
     """Whether early stopping may end ``config``'s run before its budget: ``patience`` > 0 and
-    fewer than ``epochs`` (a run stops once ``patience`` epochs in a row did not improve, and only
-    before its last epoch, so ``patience >= epochs`` never stops it: it trains as ``patience: 0``
-    does). Values that are not integers (a hand-edited file): True."""
+    below ``epochs - 1``. A run stops once ``patience`` epochs in a row did not improve, and only
+    before its last epoch (:meth:`ablate.trial.Trial._early_stopping`); its first epoch always
+    improves (on no value yet: a validation metric that is not finite ends the trial as diverged),
+    so the earliest stop is after epoch ``patience + 1``, which must come before the last:
+    ``patience >= epochs - 1`` never stops a run, which trains as ``patience: 0`` does. Values that
+    are not integers (a hand-edited file): True."""
     patience, epochs = config.get("patience"), config.get("epochs")
     if not _is_int(patience) or not _is_int(epochs):
         return True
-    return 0 < patience < epochs
+    return 0 < patience < epochs - 1
 
 
 def ended_by_max_steps(config: dict[str, Any]) -> bool:
@@ -719,6 +788,21 @@ def run_data(config: dict[str, Any]) -> Any:
     """``config``'s ``data`` as :data:`TUNED_WITH` records it: ``embedded:<version>`` for embedded
     data of a task with an embedded version (other embedded data are another run), else as set."""
     return identity_config({"task": config.get("task"), "data": config.get("data")})["data"]
+
+
+def run_data_fingerprint(config: dict[str, Any]) -> str | None:
+    """The :func:`ablate.tasks.data_fingerprint` of ``config``'s real data (a stat of the files the
+    task's ``locate`` names, as ``ablate run`` takes before it reuses a stored trial), or None: embedded
+    data, a task without ``locate``, or data not found where ``config`` looks (unknown, not other data)."""
+    from ablate.tasks import TASKS, data_fingerprint
+
+    task = config.get("task")
+    if config.get("data") != "real" or not isinstance(task, str) or task not in TASKS:
+        return None
+    try:
+        return data_fingerprint(TASKS.get(task), config) or None
+    except OSError:  # (DatasetNotFoundError included: no data here, or a file gone while it was read)
+        return None
 
 
 def task_keys(config: dict[str, Any]) -> list[str]:
@@ -789,8 +873,9 @@ def _parse_tuned_file(
                                 f"; got {_short(data)}")
     tuned, tuned_on, tuned_with = {}, {}, {}
 
-    def read(task: str) -> None:  # (one task's entry)
+    def read(task: str) -> None:  # (one task's entry: its independent problems said together)
         where = f"{path_s} ({path.name}).{task}"
+        problems: list[str] = []
         if task not in data:
             if (not adamw and isinstance(overrides, dict) and isinstance(overrides.get(task), dict)
                     and "priorities" in overrides[task]):
@@ -813,35 +898,45 @@ def _parse_tuned_file(
             tuned_for = arm
         if tuned_for != arm:
             other = tuned_for if isinstance(tuned_for, str) and tuned_for in TUNED_FROM else None
-            raise ctx.error(where, f"holds values `ablate tune` tuned for the {tuned_for!r} arm ({TUNED_FOR}: "
-                                   f"{tuned_for}), not for the {arm!r} arm that {path_s} sets"
-                                   + (f"; use the file as {tuned_file_usage(other, 'FILE')}" if other else ""))
+            problems.append(f"{ctx.where(where)}: holds values `ablate tune` tuned for the {tuned_for!r} arm "
+                            f"({TUNED_FOR}: {tuned_for}), not for the {arm!r} arm that {path_s} sets"
+                            + (f"; use the file as {tuned_file_usage(other, 'FILE')}" if other else ""))
         seeds = entry.pop(TUNED_ON_SEEDS, None)
         if seeds is None:  # (missing, or left empty by hand: unknown)
             seeds = []
         if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
-            raise ctx.error(f"{where}.{TUNED_ON_SEEDS}", f"must be the list of seeds `ablate tune` scored the values "
-                                                         f"on, got {_short(seeds)}")
-        tuned_on[task] = list(seeds)
+            problems.append(f"{ctx.where(f'{where}.{TUNED_ON_SEEDS}')}: must be the list of seeds `ablate tune` "
+                            f"scored the values on, got {_short(seeds)}")
+        else:
+            tuned_on[task] = list(seeds)
         context = entry.pop(TUNED_WITH, None)
         if context is None:  # (missing, or left empty by hand: unknown, so nothing to compare)
             context = {}
         if not isinstance(context, dict) or not all(isinstance(k, str) for k in context):
-            raise ctx.error(f"{where}.{TUNED_WITH}", f"must be the mapping of the settings `ablate tune` tuned the "
-                                                     f"values with, got {_short(context)}")
-        reference = context.get(ADAMW_REFERENCE)  # (null: unknown)
-        if reference is not None and (not isinstance(reference, dict) or not all(isinstance(k, str) for k in reference)):
-            raise ctx.error(f"{where}.{TUNED_WITH}.{ADAMW_REFERENCE}", f"must be the mapping of the settings of the "
-                                                                       f"AdamW reference a cross-task search scored "
-                                                                       f"the values against, got {_short(reference)}")
-        tuned_with[task] = context
+            problems.append(f"{ctx.where(f'{where}.{TUNED_WITH}')}: must be the mapping of the settings `ablate tune` "
+                            f"tuned the values with, got {_short(context)}")
+        else:
+            reference = context.get(ADAMW_REFERENCE)  # (null: unknown)
+            if reference is not None and (not isinstance(reference, dict)
+                                          or not all(isinstance(k, str) for k in reference)):
+                problems.append(f"{ctx.where(f'{where}.{TUNED_WITH}.{ADAMW_REFERENCE}')}: must be the mapping of the "
+                                f"settings of the AdamW reference a cross-task search scored the values against, got "
+                                f"{_short(reference)}")
+            else:
+                tuned_with[task] = context
         for key in entry:
             if key in arm_settings:
-                raise ctx.error(where, f"sets {key!r}, which {path_s.split('.')[0]}: sets too; keep one of them")
-            if ALTERNATIVE_KEYS.get(key) in arm_settings:  # (the file's layer would drop the other without a word)
-                raise ctx.error(where, f"sets {key!r}, and {path_s.split('.')[0]}: sets {ALTERNATIVE_KEYS[key]!r}: the "
-                                       f"same meta-update frequency; keep one of them")
-        tuned[task] = _check_settings(ctx, entry, where, [task], adamw=adamw)
+                problems.append(f"{ctx.where(where)}: sets {key!r}, which {path_s.split('.')[0]}: sets too; keep one "
+                                f"of them")
+            elif ALTERNATIVE_KEYS.get(key) in arm_settings:  # (the file's layer would drop the other without a word)
+                problems.append(f"{ctx.where(where)}: sets {key!r}, and {path_s.split('.')[0]}: sets "
+                                f"{ALTERNATIVE_KEYS[key]!r}: the same meta-update frequency; keep one of them")
+        try:
+            tuned[task] = _check_settings(ctx, entry, where, [task], adamw=adamw)
+        except ConfigError as exc:
+            problems += _problems(exc)
+        if problems:
+            raise StudyError(*problems)
 
     _each(read, ctx.tasks)  # (each task's problems: said together)
     return tuned, tuned_on, tuned_with
@@ -886,14 +981,16 @@ def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], sea
                             prefix: str = "") -> list[str]:
     """``key (tuned with X, here Y)`` for each key of a recorded ``context`` (:func:`tuning_context`)
     that ``config`` runs with another value: common keys and the task's own; ``data`` as
-    :func:`run_data` gives it (a recorded ``embedded`` without a version: compared as set)."""
+    :func:`run_data` gives it (a recorded ``embedded`` without a version: compared as set); a task key
+    that names a file as the file it names (:func:`_same_file`); and, on real data, the recorded
+    :data:`DATA_FINGERPRINT` against that of the files ``config`` reads (where they are found)."""
     here = dict(config)
     if isinstance(context.get("data"), str) and ":" in context["data"]:
         here["data"] = run_data(config)
     # (a key that does not change the run - on either side - is no difference: gate_l1 without gating, the
     # priorities of a weighting that ignores them, min_delta without early stopping; nor is one that `ablate tune`
     # searches now; epochs neither where max_steps ends the run first on both sides - the steps, max_steps, are
-    # compared -, nor patience where early stopping cannot end either run: patience 0, 2 or 5 over 2 epochs)
+    # compared -, nor patience where early stopping cannot end either run: patience 0, 1, 2 or 5 over 2 epochs)
     there = {**here, **context}
     ignore = unused_keys(here) | unused_keys(there) | searched
     if ended_by_max_steps(here) and ended_by_max_steps(there):
@@ -901,8 +998,52 @@ def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], sea
     if not stops_early(here) and not stops_early(there):
         ignore = ignore | {"patience"}
     own = set(task_keys(config))
-    keys = [k for k in context if (k in COMMON_FIELDS or k in own) and k not in ignore and here.get(k) != context[k]]
-    return [f"{prefix}{k} (tuned with {json.dumps(context[k])}, here {json.dumps(here.get(k))})" for k in keys]
+    paths = set(_path_keys(config.get("task")))
+    keys = [k for k in context if (k in COMMON_FIELDS or k in own) and k not in ignore and here.get(k) != context[k]
+            and not (k in paths and _same_file(context[k], here.get(k), config))]
+    said = [f"{prefix}{k} (tuned with {json.dumps(context[k])}, here {json.dumps(here.get(k))})" for k in keys]
+    recorded = context.get(DATA_FINGERPRINT)  # (real data on both sides: the files read, where this study looks)
+    if isinstance(recorded, str) and recorded and "data" not in keys and here.get("data") == "real":
+        fingerprint = run_data_fingerprint(config)
+        if fingerprint is not None and fingerprint != recorded:
+            said.append(f"{prefix}{DATA_FINGERPRINT} (tuned with {json.dumps(recorded)}, here {json.dumps(fingerprint)}: "
+                        f"other real data)")
+    return said
+
+
+def _path_keys(task: Any) -> tuple[str, ...]:
+    """The task's keys that name files (:attr:`ablate.tasks.TaskSpec.path_keys`); none for a task
+    not registered."""
+    from ablate.tasks import TASKS
+
+    return TASKS.get(task).path_keys if isinstance(task, str) and task in TASKS else ()
+
+
+def _same_file(recorded: Any, here: Any, config: dict[str, Any]) -> bool:
+    """Whether a path key's value in a tuned file's ``tuned_with`` (``recorded``) and ``config``'s
+    (``here``) name one file, as the task finds it (:attr:`ablate.tasks.TaskSpec.path_keys`: absolute,
+    or relative to the data directory): two relative paths alike once normalised (``./x.csv`` and
+    ``x.csv``: both relative to their run's data directory), two absolute ones leading to one file
+    (links followed), and ``config``'s relative path where the data directory it runs with, looked
+    in as the task looks, finds it at ``recorded``'s absolute one. A recorded relative path against
+    an absolute one here: the data directory it was relative to is not recorded, so they differ.
+    Values that are not text (a hand-edited file): equal only if equal."""
+    from ablate.tasks.base import DOWNLOADS, DatasetNotFoundError, data_dir_candidates
+
+    if not isinstance(recorded, str) or not isinstance(here, str):
+        return recorded == here
+    there, mine = (os.path.normpath(os.path.expanduser(v)) for v in (recorded, here))
+    if os.path.isabs(there) != os.path.isabs(mine):
+        if not os.path.isabs(there):
+            return False
+        folders = [d.dataset_folder for d in DOWNLOADS.get(config.get("task"), ()) if d.dataset_folder] or [None]
+        try:
+            roots = [root for folder in folders for root in data_dir_candidates(config, folder)]
+        except DatasetNotFoundError:  # (no data directory: nothing to resolve against)
+            return False
+        tried = [root / mine for root in dict.fromkeys(roots)]
+        mine = str(next((p for p in tried if p.is_file()), tried[0]))
+    return there == mine or os.path.realpath(there) == os.path.realpath(mine)
 
 
 def _warn_tuned_on_these_seeds(ctx: _Context, seeds: list[int]) -> None:
@@ -1051,7 +1192,7 @@ def _parse_factorial(ctx: _Context, factorial: Any) -> list[_Arm]:
         raise ctx.error(
             "factorial", f"must be a mapping with axes: (and optionally fraction: or generators:); got {_short(factorial)}"
         )
-    _check_keys(ctx, factorial, FACTORIAL_KEYS, "factorial", ("axes",))
+    _check_keys(factorial, FACTORIAL_KEYS, lambda key: ctx.where(_join("factorial", key)), ("axes",))
     axes = factorial["axes"]
     if not isinstance(axes, dict) or not axes:
         raise ctx.error("factorial.axes", f"must be a non-empty mapping {{axis: levels}}; got {_short(axes)}")

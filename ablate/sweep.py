@@ -164,12 +164,21 @@ def _provenance_of(trial_config: dict[str, Any]) -> dict[str, str]:
     return provenance(find_task(trial_config.get("task")), trial_config)
 
 
+def _note_lines(note: str) -> list[str]:
+    """The lines of a note (or a warning) as a run shows them, in a failed trial's stored error and in its output
+    alike: a note can quote a multi-line message (torch's "Error(s) in loading state_dict ...:\n\tsize mismatch
+    for weight ...\n\tsize mismatch for bias ..."), whose lines stay lines - one run into the next is unreadable -
+    its continuation lines indented under the first; blank lines and the spaces around each line dropped."""
+    lines = [line.strip() for line in note.strip().splitlines() if line.strip()]
+    return lines[:1] + [f"  {line}" for line in lines[1:]]
+
+
 def _with_notes(error: str, notes: list[str]) -> str:
     """A failed trial's error text with the ``notes`` of its checkpoints before the traceback (whose last line,
-    the exception's message, stays the last: the run prints it), each note on one ``note: ...`` line: a note can
-    quote a multi-line message (torch's "Error(s) in loading state_dict ...:\n\tsize mismatch ..."), whose
-    continuation lines :func:`ablate.stats.error_summary` would otherwise take for the error of a dead process."""
-    return "".join(f"note: {' '.join(n.split())}\n" for n in notes) + error
+    the exception's message, stays the last: the run prints it), every line of a note (:func:`_note_lines`) a
+    ``note: ...`` line: the continuation lines of a multi-line note are not taken by
+    :func:`ablate.stats.error_summary` for the error of a dead process, which it skips ``note:`` lines for."""
+    return "".join(f"note: {line}\n" for n in notes for line in _note_lines(n)) + error
 
 
 def _going_on(trial: Any) -> str:
@@ -415,7 +424,9 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             for message in messages:  # (an arm's seeds warn alike: its first says it)
                 if (spec.task, spec.arm, message) not in self.warned:
                     self.warned.add((spec.task, spec.arm, message))
-                    print(f"{spec.task} seed {spec.seed} {spec.arm}: warning: {message}", flush=True)
+                    # (a multi-line note's lines as the stored error has them, the continuation ones indented)
+                    first, *rest = _note_lines(message) or [""]
+                    print("\n".join([f"{spec.task} seed {spec.seed} {spec.arm}: warning: {first}", *rest]), flush=True)
 
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "", messages=(),
                             made: dict[str, Any] | None = None, node: str | None = None) -> None:
@@ -501,27 +512,40 @@ def _last_line(error: str, default: str = "no error message") -> str:
 _ERROR_IP = re.compile(r"(?:\bip=|^\s*ip: )([0-9A-Fa-f.:]+)", re.MULTILINE)
 
 
+#: the header Ray's error file puts before each failed attempt's error ("Failure # 2 (occurred at 2026-...)")
+_FAILURE_HEADER = re.compile(r"^Failure # \d+ \(occurred at [^\n]*\)$", re.MULTILINE)
+
+
 def _failed_node(trial: Any, error: str) -> str | None:
     """The host a Ray Tune trial's last attempt failed on, as Ray reports it (None where it does not): the node's IP
-    address from the error Ray pickled (``RayTaskError.ip``: the trainable raised) or from its text (the last
-    attempt's: an ``ActorDiedError`` - the process died - names it in its message), then that node's host name from
-    the trial's last result (Ray's ``hostname``, where its ``node_ip`` is that address) or from ``ray.nodes()``; the
-    address itself where neither names the node. Not the host of the trial's last result alone, which may be an
-    earlier attempt's, on another node."""
-    ip = None
-    # (the driver's copy of the pickled error: get_pickled_error() reads the storage's, which may not be synced yet)
-    path = getattr(trial, "pickled_error_file", None)
-    try:
-        if path and os.path.exists(path):
-            from ray import cloudpickle
-
-            with open(path, "rb") as f:
-                ip = getattr(cloudpickle.load(f), "ip", None)
-    except Exception:  # noqa: BLE001 - (an error that does not unpickle here): the text below
-        ip = None
-    if not isinstance(ip, str) or not ip:
-        found = _ERROR_IP.findall(error)
+    address from the last attempt's error in the text (``error``, Ray's error file: a ``RayTaskError`` - the
+    trainable raised - names it as ``ip=``, an ``ActorDiedError`` - the process died - in an ``ip:`` line), or, for
+    a text without Ray's "Failure # N" headers (made from the pickled error itself), from the error Ray pickled
+    (``RayTaskError.ip``); then that node's host name from the trial's last result (Ray's ``hostname``, where its
+    ``node_ip`` is that address) or from ``ray.nodes()``; the address itself where neither names the node. Not the
+    host of the trial's last result alone, which may be an earlier attempt's, on another node; nor the node of an
+    earlier attempt's error: Ray pickles only a task's or an actor's error, so a later failure of another kind (a
+    ``TuneError`` of the driver, which names no node) leaves the earlier attempt's pickled error in place, and its
+    text stays above the last attempt's in the file - the row's node would not be that of the error it stores last."""
+    sections = _FAILURE_HEADER.split(error)
+    if len(sections) > 1:  # Ray's error file: the last attempt's error is the last section
+        found = _ERROR_IP.findall(sections[-1])
         ip = found[-1] if found else None
+    else:
+        ip = None
+        # (the driver's copy of the pickled error: get_pickled_error() reads the storage's, which may not be synced yet)
+        path = getattr(trial, "pickled_error_file", None)
+        try:
+            if path and os.path.exists(path):
+                from ray import cloudpickle
+
+                with open(path, "rb") as f:
+                    ip = getattr(cloudpickle.load(f), "ip", None)
+        except Exception:  # noqa: BLE001 - (an error that does not unpickle here): the text below
+            ip = None
+        if not isinstance(ip, str) or not ip:
+            found = _ERROR_IP.findall(error)
+            ip = found[-1] if found else None
     if ip is None:
         return None
     last = getattr(getattr(trial, "run_metadata", None), "last_result", None) or {}

@@ -111,8 +111,8 @@ from ablate.config import (
 )
 from ablate.files import atomic_write_bytes
 from ablate.stats import TUNING_TIE_TOL, tuning_tie
-from ablate.study import (ADAMW_REFERENCE, TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, TUNED_WITH, Study, StudyError,
-                          _read_yaml, parse_study, tuned_file_usage, tuning_context)
+from ablate.study import (ADAMW_REFERENCE, DATA_FINGERPRINT, TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, TUNED_WITH, Study,
+                          StudyError, _check_keys, _read_yaml, parse_study, run_data_fingerprint, tuned_file_usage, tuning_context)
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")
@@ -311,13 +311,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_keys(source: str, mapping: dict, allowed: Mapping[str, str], path: str) -> None:
-    """Every unknown key of ``mapping`` (at ``path`` of the tune: section), named together."""
-    unknown = [_err(source, f"{path}.{key}" if path else str(key),
-                    f"unknown key{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}")
-               for key in mapping if key not in allowed]
-    if unknown:
-        raise StudyError(*(p for e in unknown for p in e.problems))
+def _in_section(source: str, path: str) -> Callable[[str], str]:
+    """For :func:`ablate.study._check_keys`: where a key of the mapping at ``path`` of the tune:
+    section is (``<file>: tune.<path>.<key>``)."""
+    return lambda key: f"{source}: tune.{path}.{key}" if path else f"{source}: tune.{key}"
 
 
 def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSettings:
@@ -338,7 +335,11 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
             failed.add(key)
             return None  # (the section is refused: a refused key's value is not used)
 
-    read("", lambda: _check_keys(source, section, TUNE_KEYS, ""))
+    def refuse(key: str, message: str) -> None:  # (a problem found here: noted like read()'s)
+        problems.append(str(_err(source, key, message)))
+        failed.add(key)
+
+    read("", lambda: _check_keys(section, TUNE_KEYS, _in_section(source, "")))
     given = {k: v for k, v in section.items() if v is not None or k in ("sampler_seed", "storage")}
     s = TuneSettings()
     if "trials" in given:
@@ -364,8 +365,8 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
     if "priorities" in given and "arm" not in failed:
         pr = given["priorities"]
         if s.arm == "adamw" and pr is not False:
-            read("priorities", lambda: _raise(_err(source, "priorities", "are MetaAdamW's, and arm: adamw searches "
-                                                   "AdamW's settings; remove tune.priorities (or set it to false)")))
+            refuse("priorities", "are MetaAdamW's, and arm: adamw searches AdamW's settings; remove "
+                                 "tune.priorities (or set it to false)")
         else:  # (a key left out takes the default range's: {low: 0.5, high: 5} is searched on its log scale too)
             s.priorities = None if pr is False else read("priorities", lambda: _parse_range(
                 source, "priorities", pr, float, minimum=0.0, defaults=DEFAULT_PRIORITIES))
@@ -386,8 +387,7 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
         s.scheduler = read("scheduler", lambda: _parse_scheduler(source, given["scheduler"]))
     if "cross_task" in given:
         if not isinstance(given["cross_task"], bool):
-            read("cross_task", lambda: _raise(_err(source, "cross_task", f"must be true or false, got "
-                                                                         f"{given['cross_task']!r:.80}")))
+            refuse("cross_task", f"must be true or false, got {given['cross_task']!r:.80}")
         else:
             s.cross_task = given["cross_task"]
     if s.cross_task and s.arm == "adamw" and "arm" not in failed:
@@ -413,10 +413,6 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
     return s
 
 
-def _raise(error: StudyError) -> None:
-    raise error
-
-
 def _int_at_least(source: str, path: str, value: Any, minimum: int) -> int:
     if not _is_int(value) or value < minimum:
         raise _err(source, path, f"must be an integer >= {minimum}, got {value!r:.80}")
@@ -436,7 +432,7 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
     """``{low, high, log}``; with ``defaults``, a key left out (or null) takes the default range's."""
     if not isinstance(spec, dict):
         raise _err(source, path, f"must be a mapping {{low: ..., high: ..., log: true|false}}; got {spec!r:.80}")
-    _check_keys(source, spec, RANGE_KEYS, path)
+    _check_keys(spec, RANGE_KEYS, _in_section(source, path))
     log_given = spec.get("log") is not None
     defaulted = {k for k in ("low", "high") if spec.get(k) is None} if defaults is not None else set()
     if defaults is not None:
@@ -516,7 +512,7 @@ def _parse_scheduler(source: str, spec: Any) -> dict[str, Any] | None:
         return dict(DEFAULT_SCHEDULER)
     if not isinstance(spec, dict):
         raise _err(source, "scheduler", f"must be a mapping like {DEFAULT_SCHEDULER} or none; got {spec!r:.80}")
-    _check_keys(source, spec, SCHEDULER_KEYS, "scheduler")
+    _check_keys(spec, SCHEDULER_KEYS, _in_section(source, "scheduler"))
     kind = spec.get("type", "asha")
     if kind is None or kind is False or (isinstance(kind, str) and kind.lower() == "none"):
         if set(spec) - {"type"}:
@@ -538,7 +534,10 @@ def _check_priorities_matter(config: dict[str, Any], task: str, source: str) -> 
     """Refuse a priority search whose suggestions all train alike: a built-in weighting that takes
     no priorities, or ``huw_priority`` on an objective with none of the three terms they weigh - or
     without some of them, whose priorities would be searched (and written) for nothing (a
-    weighting a user registered is given the priorities: its use of them is its own)."""
+    weighting a user registered is given the priorities: its use of them is its own). An objective
+    of a single term gets its own message: priorities weigh terms against each other, so none of
+    the three means anything there, and ``tune.priorities: false`` alone leaves nothing to search
+    (the message says to name what to search in ``tune.params``)."""
     from metaadamw.objectives import TERM_ORDER
     from metaadamw.optimizer import _make_objective
     from metaadamw.weighting import IGNORE_PRIORITIES
@@ -557,6 +556,17 @@ def _check_priorities_matter(config: dict[str, Any], task: str, source: str) -> 
                 f"other terms 1.0), so every suggestion would train alike; use an objective with those terms, a "
                 f"weighting of your own that uses the priorities, or tune.priorities: false")
         missing = [t for t in TERM_ORDER if t not in terms]
+        if missing and len(terms) == 1:  # (priorities weigh terms against each other: one term, nothing to weigh)
+            raise StudyError(
+                f"{source}: tune.priorities: the baseline of task {task!r} uses objective={config['objective']!r}, "
+                f"whose terms {terms} lack {missing}: with a single term the priorities mean nothing - they weigh the "
+                f"terms against each other; those of {missing} weigh no term, and the priority of {terms[0]!r} "
+                f"itself is largely absorbed by its learned log-variance (it rescales the meta-gradient, as meta_lr "
+                f"does) - and the "
+                f"search would write meaningless values to best_priorities.yaml. To search priorities, use an "
+                f"objective with all of {list(TERM_ORDER)} (objective: combined); to tune this objective, set "
+                f"tune.priorities: false and name what to search in tune.params, e.g. params: {{meta_lr: {{low: "
+                f"1.0e-5, high: 1.0e-3, log: true}}}}")
         if missing:  # their priorities weigh nothing: dimensions without effect, recorded as if tuned
             raise StudyError(
                 f"{source}: tune.priorities: the baseline of task {task!r} uses objective={config['objective']!r}, "
@@ -568,44 +578,54 @@ def _check_priorities_matter(config: dict[str, Any], task: str, source: str) -> 
 
 def _check_against_study(s: TuneSettings, study: Study, source: str) -> None:
     """The search against the study: priorities must matter, the ranges must give valid configs,
-    ASHA's grace period must fit the epochs, cross-task needs the AdamW arm."""
+    ASHA's grace period must fit the epochs, cross-task needs the AdamW arm. Every task is checked
+    and every problem raised together (one StudyError), so that a spec with several is fixed in one go."""
+    problems: list[str] = []
+
+    def note(exc: ConfigError) -> None:
+        problems.extend(getattr(exc, "problems", None) or [str(exc)])
+
     for task in study.tasks:
         trials = [t for t in study.trials if t.task == task and s.arm in t.arms]
         config = trials[0].config
         if s.priorities is not None:
-            _check_priorities_matter(config, task, source)
+            try:
+                _check_priorities_matter(config, task, source)
+            except StudyError as exc:
+                note(exc)
         for corner in ("low", "high"):
             settings = settings_from_params({p: getattr(r, corner) for p, r in s.space().items()})
             try:
                 resolve_config(apply_settings(config, settings), where=f"{source}: tune ({corner} ends of the ranges, task {task})")
             except ConfigError as exc:
-                raise (exc if isinstance(exc, StudyError)
-                       else StudyError(*(getattr(exc, "problems", None) or [str(exc)]))) from None
+                note(exc)
         epochs = max(t.config["epochs"] for t in trials)
         warmup = max(t.config["warmup_epochs"] for t in trials) if _meta_only(s) else 0
         if epochs <= warmup:
-            raise StudyError(
+            problems.append(
                 f"{source}: budget.epochs: task {task!r} trains {epochs} epoch(s), all of them warm-up epochs "
                 f"(warmup_epochs={warmup}) without meta-updates, so no suggestion can change anything; "
                 f"give it more epochs or fewer warm-up epochs"
             )
         searched = s.params.get("warmup_epochs")
         if searched is not None and searched.high >= min(t.config["epochs"] for t in trials):
-            raise _err(source, "params.warmup_epochs",
-                       f"reaches {searched.high:g}, but task {task!r} trains "
-                       f"{min(t.config['epochs'] for t in trials)} epoch(s): suggestions that far up would have no "
-                       f"meta-update at all; keep high below the epochs")
+            note(_err(source, "params.warmup_epochs",
+                      f"reaches {searched.high:g}, but task {task!r} trains "
+                      f"{min(t.config['epochs'] for t in trials)} epoch(s): suggestions that far up would have no "
+                      f"meta-update at all; keep high below the epochs"))
         grace = s.scheduler and s.scheduler["grace_period"]
         if grace and grace > epochs:
-            raise _err(source, "scheduler.grace_period",
-                       f"{grace} is more than the {epochs} epoch(s) of task {task!r}; lower it")
+            note(_err(source, "scheduler.grace_period",
+                      f"{grace} is more than the {epochs} epoch(s) of task {task!r}; lower it"))
         if grace and grace <= warmup:  # (warmup is 0 when an AdamW knob or warmup_epochs itself is searched)
-            raise _err(source, "scheduler.grace_period",
-                       f"{grace} is within the warm-up of task {task!r} (warmup_epochs={warmup}), whose epochs have no "
-                       f"meta-updates and so train every suggestion identically: ASHA would stop suggestions on ties. "
-                       f"Use at least {warmup + 1}, or leave it out (the default is warmup_epochs + 1)")
+            note(_err(source, "scheduler.grace_period",
+                      f"{grace} is within the warm-up of task {task!r} (warmup_epochs={warmup}), whose epochs have no "
+                      f"meta-updates and so train every suggestion identically: ASHA would stop suggestions on ties. "
+                      f"Use at least {warmup + 1}, or leave it out (the default is warmup_epochs + 1)"))
     if s.cross_task and not any("adamw" in t.arms for t in study.trials):
-        raise _err(source, "cross_task", "scores against the AdamW arm, but the study has adamw: false; set adamw: true")
+        note(_err(source, "cross_task", "scores against the AdamW arm, but the study has adamw: false; set adamw: true"))
+    if problems:
+        raise StudyError(*problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1842,6 +1862,9 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
             # objective record pins them), which a study reading them under others is warned about
             config = next(m["config"] for m in target.members if m["task"] == task)
             context = tuning_context(config, spec.settings.arm, _searched_keys(spec))
+            fingerprint = run_data_fingerprint(config)  # (real data: which files, beyond `data: real`)
+            if fingerprint is not None:
+                context[DATA_FINGERPRINT] = fingerprint
             if target.key == CROSS_TASK:  # (scored against the AdamW arm: the vector picked depends on its settings)
                 reference = next(t.config for t in spec.study.trials if t.task == task and "adamw" in t.arms)
                 context[ADAMW_REFERENCE] = tuning_context(reference, "adamw")

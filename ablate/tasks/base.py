@@ -124,6 +124,11 @@ class TaskSpec:
     #: runs their trials again instead of reusing (or ``--resume``-continuing) results made on the old
     #: data. "" (a task without one): the id is as before. Real-data trials never see it.
     embedded_version: str = ""
+    #: the task's own keys whose values name files (``csv_file``): absolute, or relative to the data
+    #: directory (looked for in the dataset's folder below it, then in it: :func:`data_dir_candidates`).
+    #: ``ablate list --task TASK --keys`` calls them paths, and a tuned file's ``tuned_with`` and a study
+    #: compare them as the files they name, not as text (``./x.csv`` is ``x.csv``)
+    path_keys: tuple[str, ...] = ()
 
     @property
     def metric(self) -> Metric:
@@ -199,11 +204,13 @@ def register_task(
     locate: Callable[[dict], list[Path | FolderFiles]] | None = None,
     check: Callable[[dict], None] | None = None,
     embedded_version: str = "",
+    path_keys: tuple[str, ...] = (),
     override: bool = False,
 ) -> Callable:
     """Decorator registering a task factory ``factory(config) -> TaskInstance`` (``locate``: see
     :attr:`TaskSpec.locate`; ``check``: see :attr:`TaskSpec.check`; ``embedded_version``: see
-    :attr:`TaskSpec.embedded_version`; ``override``: replace a task of that name registered elsewhere)."""
+    :attr:`TaskSpec.embedded_version`; ``path_keys``: see :attr:`TaskSpec.path_keys`; ``override``:
+    replace a task of that name registered elsewhere)."""
 
     def decorator(factory: Callable[[dict], TaskInstance]) -> Callable[[dict], TaskInstance]:
         from ablate.config import COMMON_FIELDS, RESULT_COLUMNS, RESULT_PREFIXES, did_you_mean
@@ -229,6 +236,14 @@ def register_task(
                 if hint:
                     warnings.warn(f"task {name!r}: {where} key {key!r} is no trial key{hint}; a task's own keys are "
                                   f"fine, a misspelt trial key leaves that key at its default", stacklevel=2)
+        if isinstance(path_keys, str):  # (its letters would be the keys)
+            raise ValueError(f"task {name!r}: path_keys must be a tuple of key names, e.g. ('csv_file',); got "
+                             f"{path_keys!r}")
+        own = {*defaults, *(embedded_defaults or {})} - set(COMMON_FIELDS)
+        strays = [key for key in path_keys if key not in own]
+        if strays:  # (a misspelt path key would leave the key compared as text)
+            raise ValueError(f"task {name!r}: path_keys {', '.join(map(repr, strays))}: not one of the task's own keys "
+                             f"(its defaults' keys that are no trial key): {', '.join(sorted(own)) or 'none'}")
         spec = TaskSpec(
             name=name,
             factory=factory,
@@ -239,6 +254,7 @@ def register_task(
             locate=None if locate is None else _located_with_hint(locate),
             check=check,
             embedded_version=str(embedded_version or ""),
+            path_keys=tuple(path_keys),
         )
         # (all or none: an alias that is taken leaves no name of the task registered, half-made)
         TASKS.add_all([(name, spec)] + [(alias, dataclasses.replace(spec, name=alias)) for alias in aliases],
@@ -352,12 +368,15 @@ class FolderFiles:
     whose names match ``pattern`` (as ``folder.glob(pattern)`` finds them; ``folder`` may be a link,
     a class folder on another disk). :func:`data_fingerprint` counts those only, so a README, a
     subfolder or the same data in another format beside them changes no trial's fingerprint, where a
-    plain folder path counts every file below it."""
+    plain folder path counts every file below it. ``folder`` may be given as a string: it is made a
+    :class:`~pathlib.Path` here, so that two FolderFiles of one folder are equal (and hash alike)
+    however it was given."""
 
     folder: Path
     pattern: str = "*"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", Path(self.folder))  # (frozen: set through object)
         if not self.pattern or "/" in self.pattern or os.sep in self.pattern:
             raise ValueError(f"FolderFiles({str(self.folder)!r}, {self.pattern!r}): the pattern matches the names of "
                              f"files directly in the folder (e.g. '*.txt'), not a path: give each folder its own "

@@ -416,6 +416,7 @@ def check(config: dict) -> None:
     locate=locate,
     check=check,
     embedded_version=GENERATOR_VERSION,
+    path_keys=("csv_file",),
 )
 def imdb(config: dict) -> TaskInstance:
     """IMDB movie-review sentiment classification with a bidirectional LSTM (accuracy)."""

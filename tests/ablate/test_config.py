@@ -457,3 +457,77 @@ def test_did_you_mean_names_every_option_as_close_as_the_closest():
     assert did_you_mean("ETTh1", ["etth1", "etth2"]) == " (did you mean 'etth1'?)"  # (the closest alone)
     assert did_you_mean("lrr", ["lr", "seed"]) == " (did you mean 'lr'?)"
     assert did_you_mean("zzz", ["etth1"]) == "" and did_you_mean("etth", []) == ""
+
+
+# -- component kinds come from metaadamw's table ------------------------------------------------
+def test_every_component_kind_metaadamw_builds_is_a_config_key_listing_its_registry():
+    # ablate.config validates the keys of metaadamw.optimizer.component_registries(): each must be a common key
+    # whose choices are that registry's names, or a kind added there would be an unknown key in every trial config
+    from ablate.config import COMMON_FIELDS
+    from metaadamw.optimizer import component_registries
+
+    for kind, registry in component_registries().items():
+        assert kind in COMMON_FIELDS, f"component kind {kind!r} has no config key"
+        assert COMMON_FIELDS[kind].allowed() == registry.list(), kind
+
+
+@pytest.mark.parametrize("key, plugged", [("task", "task"), ("features", "feature extractor"), ("grouping", "grouping"),
+                                          ("objective", "objective"), ("weighting", "weighting")])
+def test_an_unknown_component_names_its_kind_as_before(key, plugged):
+    # (the kinds now come from component_registries(); the words of the message are unchanged)
+    with pytest.raises(ConfigError) as err:
+        resolve_config({"task": "etth1", key: "zzz_nothing"})
+    assert (f"trial config: {key}='zzz_nothing' is not allowed (a {plugged} a plugin registers: in a study file, list "
+            f"its module under plugins:; with ablate train or ablate list, give --plugin MODULE); choose one of: ") \
+        in str(err.value)
+
+
+def test_a_component_kind_added_to_metaadamws_table_is_validated_without_editing_ablate_config(monkeypatch):
+    # config.py spelled the four kinds out three times (registry lookup, the plugin hint, the signature check), so
+    # a kind added to metaadamw.optimizer's table was neither looked up nor checked there; now they come from
+    # component_registries()
+    from ablate import config
+    from metaadamw import optimizer
+    from metaadamw.registry import Registry
+
+    schedules = Registry("meta schedule")
+    schedules.add("constant", lambda: None)
+    schedules.add("needs_arg", lambda period: None)  # (MetaAdamW would call it with no argument)
+    monkeypatch.setitem(optimizer._COMPONENT_CALLS, "schedule", (schedules, "fn() with no arguments", (), {}))
+    monkeypatch.setitem(config.COMMON_FIELDS, "schedule",
+                        config._f("schedule", str, "constant", "meta schedule", config._registry_names("schedule")))
+    config.validate_value("schedule", "constant")
+    with pytest.raises(ConfigError) as err:
+        config.validate_value("schedule", "mine")
+    assert str(err.value) == ("trial config: schedule='mine' is not allowed (a schedule a plugin registers: in a study "
+                              "file, list its module under plugins:; with ablate train or ablate list, give --plugin "
+                              "MODULE); choose one of: constant, needs_arg")
+    with pytest.raises(ConfigError) as err:
+        config.validate_value("schedule", "needs_arg")
+    assert "trial config: schedule='needs_arg': the meta schedule 'needs_arg'" in str(err.value)
+    assert "cannot be called as MetaAdamW calls it" in str(err.value)
+
+
+def test_ablate_list_keys_gives_a_key_whose_default_is_null_a_kind():
+    # imdb's csv_file (default null) had an empty kind column, which left its user to guess what it takes
+    from ablate.config import describe_task_fields
+
+    rows = {line.split()[0]: line for line in describe_task_fields("imdb").splitlines()}
+    assert rows["csv_file"].endswith("null               a path or null")
+    assert rows["split_seed"].endswith("an integer")
+    register_task("plug_kinds", metrics=[("loss", "min")], path_keys=("table",),
+                  defaults={"table": "t.csv", "tokenizer": None, "width": 4},
+                  embedded_defaults={"width": None})(lambda c: None)
+    try:
+        kinds = {line.split()[0]: line.split(None, 3)[3] for line in describe_task_fields("plug_kinds").splitlines()[1:]}
+        assert kinds == {"table": "a path", "tokenizer": "null or what the task accepts",
+                         "width": "an integer or null"}
+    finally:
+        TASKS.remove("plug_kinds")
+    # a path key that is none of the task's own keys (misspelt: it would be compared as text) is refused
+    with pytest.raises(ValueError, match=r"task 'plug_bad': path_keys 'csv': not one of the task's own keys \(its "
+                                         r"defaults' keys that are no trial key\): csv_file"):
+        register_task("plug_bad", metrics=[("loss", "min")], path_keys=("csv",), defaults={"csv_file": None})(lambda c: None)
+    with pytest.raises(ValueError, match=r"path_keys must be a tuple of key names, e.g. \('csv_file',\); got 'csv_file'"):
+        register_task("plug_bad", metrics=[("loss", "min")], path_keys="csv_file", defaults={"csv_file": None})(lambda c: None)
+    assert "plug_bad" not in TASKS.list()

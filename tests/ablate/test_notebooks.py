@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,6 +94,17 @@ def test_custom_feature_extractor_notebook_runs(tmp_path, monkeypatch, kernel):
     everything = "\n".join(outputs_by_cell(nb))
     assert "'grad_stats'" in everything and "columns=['log_grad_norm', 'grad_to_param', 'cos'" in everything
     assert "meta-update at step 20" in everything
+    # the extractor's width is a multiple of the default 6 heads: no zero-padding warning in the toy check, nor in
+    # the study's features=grad_stats arm (the baseline's 6 heads); grad_stats was 5 wide, padded to 6 there
+    assert "GradStats(width=6" in everything and "modulator width 6, zero-padded columns 0" in everything
+    assert "zero-padded with" not in everything
+    check = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c",
+         "import torch, grad_stats_features\nfrom metaadamw.optimizer import MetaAdamW\n"
+         "MetaAdamW(torch.nn.Linear(2, 1).named_parameters(), features='grad_stats')"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(NOTEBOOKS.parent)])},
+        capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
     assert "study custom_features: 6 trials" in everything and "features=grad_stats" in everything
     # the study really ran on Ray Tune, with the plugin in the workers
     assert "[6/6 done (0 reused)" in everything and "features=grad_stats" in everything.split("vs baseline")[-1]
@@ -277,17 +290,19 @@ def test_analysis_notebook_names_table_3_s_holm_families_as_the_report_does():
     assert "ablation arms, its factorial cells a family of their own" in text, text
 
 
-def test_analysis_notebook_states_that_one_paired_seed_is_left_out_of_the_holm_family():
-    # stats._holm_family leaves a row with one paired seed out of its family (Tables 2 and 3; the report's legend
-    # and the README say so); the notebook's two table paragraphs did not
+def test_analysis_notebook_states_which_rows_are_left_out_of_the_holm_family():
+    # stats._holm_family leaves a row whose smallest attainable sign-flip p is not below alpha out of its family
+    # (Tarone's rule: 5 paired seeds or fewer at 0.05, Tables 2 and 3; the report's legend and the README say so);
+    # the notebook's two table paragraphs said so first of one paired seed only, then of nothing at all
     import json
 
     cells = json.loads((NOTEBOOKS / "analysis.ipynb").read_text())["cells"]
     texts = ["".join(c["source"]) for c in cells]
     table2 = next(t for t in texts if "Holm over the tasks" in t)
     table3 = next(t for t in texts if t.startswith("## Ablations (Table 3"))
-    assert "a task with one paired seed" in table2 and "left out of the family" in table2, table2
-    assert "an arm with one paired seed" in table3 and "left out of its family" in table3, table3
+    assert "a task with 5 paired seeds or fewer" in table2 and "left out of the family" in table2, table2
+    assert "Tarone" in table2, table2
+    assert "an arm with 5 paired seeds or fewer" in table3 and "left out of its family" in table3, table3
 
 
 def test_analysis_notebook_states_the_cost_sections_rule_for_a_seed_with_several_trials():

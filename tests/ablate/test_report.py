@@ -62,7 +62,9 @@ def test_report_content(full_report):
     imdb_line = next(ln for ln in md.splitlines() if ln.startswith("| imdb | accuracy (max)"))
     assert "| 0.0312 | 0.0625 | 6 (6) | 0/0 |" in etth_line and etth_line.rstrip().endswith("0.012 |")
     assert "| * |" not in etth_line + imdb_line
-    assert "| imdb | grouping | grouping=original |" in md and "* marks p (Holm) < 0.05" in md
+    # imdb's grouping=original (6 of 6 seeds, 2/64) is marked: imdb's gating=true, 5 pairs (one diverged), cannot
+    # reach 0.05 and is left out of the Holm family (Tarone's rule; this test once expected no mark, a family of two)
+    assert "| imdb | grouping | grouping=original * |" in md and "* marks p (Holm) < 0.05" in md
     # an arm run by the baseline's own trials shows no (zero) difference
     assert "| etth1 | grouping | grouping=fine_grained | = baseline (same trials) |" in md
     assert "| imdb | 1 | 0.82 | not reached |" in md
@@ -397,6 +399,19 @@ def _three_seed_study(out, report_kit, arms_by_task):
                 row = report_kit.trial_row(task, arm, seed, best)
                 row.update(arms=json.dumps([arm]), status="ok", error="", stop_reason="max_epochs")
                 write_trial(out, row, report_kit.history_rows(task, arm, best))
+
+
+def test_the_report_states_which_rows_leave_the_holm_family(tmp_path, report_kit):
+    # stats._holm_family leaves out every row whose smallest attainable sign-flip p (2/2^n) is not below alpha - not
+    # only those with one paired seed, as the legend said -: with three seeds every row, so p (Holm) reads n/a
+    _three_seed_study(tmp_path, report_kit, {"etth1": ["adamw", "baseline", "grouping=original"]})
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
+    rule = ("a row whose smallest attainable p is not below 0.05 (at 0.05: 5 paired seeds or fewer) is not counted in "
+            "the family and has no p (Holm) (Tarone's rule for discrete tests)")
+    assert md.count(rule) == 2  # (Tables 2 and 3)
+    assert "a row with one paired seed is not counted" not in md
+    t2, t3 = stats.table2(load_results(tmp_path)), stats.table3(load_results(tmp_path))
+    assert t2["p_holm"].isna().all() and t3["p_holm"].isna().all()
 
 
 def test_the_report_says_what_its_study_holds_and_what_its_tables_cannot_show(tmp_path, report_kit):

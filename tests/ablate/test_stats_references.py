@@ -333,3 +333,50 @@ def test_the_cost_table_counts_a_seed_with_several_ok_trials_once_with_their_mea
         assert (row["n_ok"], row["n_unmatched"]) == (3, 0)
         assert (row["epochs_mean"], row["epochs_lo"], row["epochs_hi"]) == pytest.approx((3.5, 3.5 - half, 3.5 + half))
         assert row["time_total_mean_s"] == pytest.approx(22.5) and row["early_stopped"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("n_short", [2, 3, 4, 5])
+def test_an_arm_whose_seeds_cannot_reach_alpha_is_not_counted_in_table3s_holm_family(tmp_path, report_kit, n_short):
+    # grouping=original beats the baseline on all six seeds: sign-flip p 2/64. gating=true also wins on every seed it
+    # ran, but ran only n_short of them: its smallest attainable p, 2/2^n_short >= 2/32 = 0.0625, is not below 0.05,
+    # so it can never be significant (Tarone's rule). Counted in the family it raised grouping=original's p (Holm) to
+    # 2 * 2/64 = 0.0625 and took its mark away; left out, grouping=original is a family of one: 2/64, significant.
+    for seed, b in enumerate([0.0100, 0.0110, 0.0105, 0.0098, 0.0102, 0.0108]):
+        write_trial(tmp_path, _trial(report_kit, "etth1", "baseline", seed, b))
+        write_trial(tmp_path, _trial(report_kit, "etth1", "grouping=original", seed, b - 0.0005))
+        if seed < n_short:
+            write_trial(tmp_path, _trial(report_kit, "etth1", "gating=true", seed, b - 0.0010))
+    t3 = stats.table3(load_results(tmp_path))
+    short, six = row_of(t3, arm="gating=true"), row_of(t3, arm="grouping=original")
+    assert short["n_pairs"] == n_short and short["p_signflip"] == pytest.approx(2 / 2**n_short)
+    assert np.isnan(short["p_holm"]) and not short["significant"] and short["mark"] == ""
+    assert six["p_signflip"] == 2 / 64 and six["p_holm"] == pytest.approx(2 / 64)
+    assert six["significant"] and six["mark"] == "*"
+    # at alpha = 0.1, 5 pairs (smallest p 0.0625) can reach it: a family of two again, Holm 2 * 2/64 for the six
+    loose = stats.table3(load_results(tmp_path), alpha=0.1)
+    short, six = row_of(loose, arm="gating=true"), row_of(loose, arm="grouping=original")
+    if n_short == 5:
+        assert six["p_holm"] == pytest.approx(2 * 2 / 64) and short["p_holm"] == pytest.approx(2 / 32)
+    else:
+        assert np.isnan(short["p_holm"]) and six["p_holm"] == pytest.approx(2 / 64)
+
+
+def test_a_task_whose_seeds_cannot_reach_alpha_is_not_counted_in_table2s_holm_family(tmp_path, report_kit):
+    # etth1: MetaAdamW better on all six seeds (2/64); imdb better on all of its five (2/32 = 0.0625, never below
+    # 0.05): left out of the family, so etth1's p (Holm) stays 2/64 (with imdb counted it was 2 * 2/64, not marked)
+    for seed in range(6):
+        write_trial(tmp_path, _trial(report_kit, "etth1", "adamw", seed, 0.0110 + 0.0001 * seed))
+        write_trial(tmp_path, _trial(report_kit, "etth1", "baseline", seed, 0.0100 + 0.0001 * seed))
+    for seed in range(5):
+        write_trial(tmp_path, _trial(report_kit, "imdb", "adamw", seed, 0.80 + 0.01 * seed))
+        write_trial(tmp_path, _trial(report_kit, "imdb", "baseline", seed, 0.82 + 0.01 * seed))
+    t2 = stats.table2(load_results(tmp_path))
+    imdb, etth1 = row_of(t2, task="imdb"), row_of(t2, task="etth1")
+    assert (imdb["n_pairs"], imdb["p_signflip"]) == (5, 2 / 32) and np.isnan(imdb["p_holm"])
+    assert etth1["p_holm"] == pytest.approx(2 / 64) and etth1["significant"]
+
+
+@pytest.mark.parametrize("n, alpha, expected", [(0, 0.05, False), (1, 0.05, False), (5, 0.05, False), (6, 0.05, True),
+                                                (5, 0.1, True), (4, 0.1, False), (40, 0.05, True)])
+def test_can_reach_is_whether_the_smallest_sign_flip_p_is_below_alpha(n, alpha, expected):
+    assert stats.can_reach(n, alpha) is expected

@@ -975,6 +975,49 @@ def test_the_node_a_trial_failed_on_is_what_ray_s_error_says(tmp_path):
     assert _failed_node(trial(None, same), "RuntimeError: no node named") is None
 
 
+def test_a_failed_row_names_the_node_of_the_last_attempt_s_error_not_a_stale_one(tmp_path, monkeypatch):
+    # attempt 1 raised on node 10.0.0.9 (Ray pickled its RayTaskError); the retry then failed with an error Ray does not
+    # pickle (a TuneError of the driver, naming no node): the row named 10.0.0.9 - read from the stale pickled error and
+    # from the first failure's text - beside a stored error whose last failure is the TuneError
+    from types import SimpleNamespace
+
+    from ray import cloudpickle
+    from ray.exceptions import RayTaskError
+
+    from ablate import sweep
+
+    pickled = tmp_path / "error.pkl"
+    pickled.write_bytes(cloudpickle.dumps(RayTaskError("train", "Traceback", RuntimeError("a"), pid=7, ip="10.0.0.9")))
+    first = ("Failure # 1 (occurred at 2026-01-01_10-00-00)\nray::ImplicitFunc.train() (pid=7, ip=10.0.0.9, "
+             "actor_id=ab)\nRuntimeError: a\n")
+    error = (f"{first}Failure # 2 (occurred at 2026-01-01_10-05-00)\n"
+             "ray.tune.error._TuneStopTrialError: Traceback ... the trial could not be stopped\n")
+    died = (f"{first}Failure # 2 (occurred at 2026-01-01_10-05-00)\n"
+            "The actor died unexpectedly before finishing this task.\n\tpid: 8\n\tip: 10.0.0.5\n")
+    earlier = {"node_ip": "10.0.0.9", "hostname": "gpu-node-9"}
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+
+    def trial(last):
+        return SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING",
+                               pickled_error_file=str(pickled), run_metadata=SimpleNamespace(last_result=last),
+                               error_file=str(tmp_path / "error.txt"))
+
+    assert sweep._failed_node(trial(earlier), error) is None
+    stored = []
+    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: stored.append(row))
+    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
+    (tmp_path / "error.txt").write_text(error)
+    recorder.on_trial_error(1, [trial(earlier)], trial(earlier))
+    [row] = stored
+    assert row["error"] == error and "hostname" not in row  # (the last failure names no node: none, not attempt 1's)
+    # the last attempt's node where its error names one, also when the pickled error is an earlier attempt's
+    assert sweep._failed_node(trial(earlier), died) == "10.0.0.5"
+    assert sweep._failed_node(trial({"node_ip": "10.0.0.5", "hostname": "gpu-node-5"}), died) == "gpu-node-5"
+    assert sweep._failed_node(trial(earlier), first) == "gpu-node-9"  # (one attempt: its node)
+    assert sweep._failed_node(trial(earlier), "") == "gpu-node-9"  # (no text: the pickled error's node)
+
+
 def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it_ran_on(tmp_path, monkeypatch):
     # the driver records a trial whose worker raised (or died) from Ray's error: the notes of a checkpoint set aside,
     # reported by the worker before it trained, were lost, and the row said neither where it ran nor whose code it names
@@ -1031,6 +1074,40 @@ def test_a_failed_trial_s_stored_error_has_no_terminal_colour_codes(tmp_path, mo
     assert text.endswith("RuntimeError: boom\n") and "\x1b" not in text
 
 
+def test_a_multi_line_note_keeps_its_lines_in_the_stored_error_and_in_the_run_s_output(tmp_path, monkeypatch, capsys):
+    # the stored error ran a note's lines into one ("... for Linear: size mismatch for weight: ... size mismatch for
+    # bias: ..."), unreadable, while the run printed the same note with its lines: each line now a line in both
+    from types import SimpleNamespace
+
+    from ablate import sweep
+    from ablate.stats import error_summary
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+    stored = []
+    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: stored.append(row))
+    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
+    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING", pickled_error_file=None,
+                            run_metadata=SimpleNamespace(last_result={}), error_file=str(tmp_path / "error.txt"))
+    note = (f"trial {spec.trial_id}: its checkpoint x.pt cannot be used (RuntimeError: Error(s) in loading state_dict "
+            f"for Linear:\n\tsize mismatch for weight: shape [1, 4]\n\tsize mismatch for bias: shape [1]); moved aside")
+    recorder.on_trial_result(1, [trial], trial, {sweep.NOTES_KEY: json.dumps([note])})
+    who = f"{spec.task} seed {spec.seed} {spec.arm}"
+    assert capsys.readouterr().out == (f"{who}: warning: trial {spec.trial_id}: its checkpoint x.pt cannot be used "
+                                       f"(RuntimeError: Error(s) in loading state_dict for Linear:\n"
+                                       f"  size mismatch for weight: shape [1, 4]\n"
+                                       f"  size mismatch for bias: shape [1]); moved aside\n")
+    died = "Failure # 1 (occurred at x)\nRuntimeError: boom\n"
+    (tmp_path / "error.txt").write_text(died)
+    recorder.on_trial_error(1, [trial], trial)
+    [row] = stored
+    assert row["error"] == (f"note: trial {spec.trial_id}: its checkpoint x.pt cannot be used (RuntimeError: Error(s) "
+                            f"in loading state_dict for Linear:\n"
+                            f"note:   size mismatch for weight: shape [1, 4]\n"
+                            f"note:   size mismatch for bias: shape [1]); moved aside\n{died}")
+    assert error_summary(row["error"]) == "RuntimeError: boom" and sweep._last_line(row["error"]) == "RuntimeError: boom"
+
+
 def test_a_multi_line_note_before_a_dead_trial_s_error_is_not_taken_for_the_error():
     # a note quoting torch's multi-line load_state_dict message: its continuation line ("size mismatch ...") was
     # the error summary (reports' failed trials) of a trial whose process then died
@@ -1044,7 +1121,8 @@ def test_a_multi_line_note_before_a_dead_trial_s_error_is_not_taken_for_the_erro
     died = ("Failure # 1 (occurred at x)\nThe actor died unexpectedly before finishing this task.\n\tpid: 8\n"
             "\tip: 10.0.0.5\nThe actor is dead because its worker process has died.\n")
     error = _with_notes(died, [note])
-    assert error == f"note: {note.replace(chr(10) + chr(9), ' ')}\n{died}"
+    first, rest = note.split("\n\t")  # (each line of the note a note: line, the continuation one indented)
+    assert error == f"note: {first}\nnote:   {rest}\n{died}"
     assert error_summary(error) == "The actor is dead because its worker process has died."
 
 

@@ -458,6 +458,18 @@ def test_the_data_fingerprint_of_a_folder_sees_the_files_behind_a_linked_subfold
     assert data_fingerprint(spec, {"data": "real"}) == now
 
 
+def test_folder_files_of_one_folder_are_equal_however_the_folder_is_given():
+    # FolderFiles("x") and FolderFiles(Path("x")) were unequal and hashed apart: a locate giving strings
+    from pathlib import Path
+
+    from ablate.tasks import FolderFiles
+
+    given_str, given_path = FolderFiles("data/x", "*.txt"), FolderFiles(Path("data/x"), "*.txt")
+    assert given_str == given_path and hash(given_str) == hash(given_path) and len({given_str, given_path}) == 1
+    assert given_str.folder == Path("data/x") and isinstance(given_str.folder, Path)
+    assert FolderFiles("data/x", "*.txt") != FolderFiles("data/x", "*.csv")
+
+
 def test_null_for_a_task_key_whose_default_is_a_value_is_refused():
     # {hidden: null} passed validation and the factory crashed in every trial on None
     from ablate.config import ConfigError, resolve_config
@@ -501,3 +513,32 @@ def test_find_task_gives_the_registered_task_or_none_for_anything_else():
     assert find_task("etth1").metric.name == TASKS.get("etth1").metric.name
     for name in ("no_such_task", "", None, float("nan"), 3, ["etth1"]):  # (a list is no key: no TypeError either)
         assert find_task(name) is None
+
+
+def test_list_task_of_a_plugin_without_plugin_names_the_option(tmp_path, monkeypatch, capsys):
+    """`ablate list --task T` for a plugin's task without `--plugin` says to give it, as `ablate
+    train` and study files do (it said only to decorate the factory "in a module you import", which
+    the user's plugin already does); with `--plugin` the task's config is listed."""
+    from ablate.cli import main
+
+    (tmp_path / "cli_plugin_task.py").write_text(textwrap.dedent("""
+        from ablate.tasks import register_task
+
+        @register_task("cli_listed_task", metrics=[("loss", "min")], defaults={"epochs": 3, "width": 4})
+        def build(config):
+            raise NotImplementedError
+    """))
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert main(["list", "--task", "cli_listed_task"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ablate: error: unknown task 'cli_listed_task'. Registered: "), err
+        assert err.rstrip().endswith("A task a plugin registers: give --plugin MODULE (the module that registers "
+                                     "it, in the working directory or installed)."), err
+        assert len(err.strip().splitlines()) == 1
+        assert main(["list", "--task", "cli_listed_task", "--plugin", "cli_plugin_task"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("cli_listed_task: ") and re.search(r"\* width +4 +4", out), out
+    finally:
+        TASKS.remove("cli_listed_task")
+        sys.modules.pop("cli_plugin_task", None)

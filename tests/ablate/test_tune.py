@@ -2160,9 +2160,14 @@ def test_tuned_with_records_early_stopping_the_data_and_the_tasks_own_keys(tmp_p
                "overrides": {"etth1": {"pooling": "mean", "n_layers": 1}}}
     assert _tuned_with_warnings(tmp_path, best, mapping) == []
     (said,) = _tuned_with_warnings(tmp_path, best, {**mapping, "budget": {"epochs": 3}, "overrides": {}})
+    # (the default patience 2 over 3 epochs cannot stop the study's run - its first epoch always improves -, so
+    # its min_delta changes nothing there: patience is the difference, not min_delta)
     assert said.split("(etth1: ")[1].split("), so")[0] == (
-        'min_delta (tuned with 0.05, here 0.0001), n_layers (tuned with 1, here 2), patience (tuned with 1, here 2), '
-        'pooling (tuned with "mean", here "last")')
+        'n_layers (tuned with 1, here 2), patience (tuned with 1, here 2), pooling (tuned with "mean", here "last")')
+    (said,) = _tuned_with_warnings(tmp_path, best, {**mapping, "budget": {"epochs": 4}, "overrides": {}})
+    assert said.split("(etth1: ")[1].split("), so")[0] == (
+        'epochs (tuned with 3, here 4), min_delta (tuned with 0.05, here 0.0001), n_layers (tuned with 1, here 2), '
+        'patience (tuned with 1, here 2), pooling (tuned with "mean", here "last")')
     (said,) = _tuned_with_warnings(tmp_path, best, {**mapping, "data": "real"})
     assert 'data (tuned with "embedded:statsmodels-elnino", here "real")' in said
     # without early stopping on either side, min_delta changes nothing: patience is the difference
@@ -2241,13 +2246,17 @@ def test_epochs_cut_by_max_steps_on_both_sides_are_no_difference(tmp_path, tuned
 
 
 @pytest.mark.parametrize("tuned, here, expected", [
-    # early stopping can end neither run (patience 0; patience >= epochs: only before the last epoch): the
-    # search's patience: 0 (ASHA stops suggestions) and a study's default 2 over 2 epochs train alike
+    # early stopping can end neither run (patience 0; patience >= epochs - 1: the first epoch always improves,
+    # and a run stops only before its last epoch): the search's patience: 0 (ASHA stops suggestions) and a
+    # study's default 2 over 2 epochs train alike
     ({"epochs": 2, "patience": 0, "min_delta": 0.5}, {"epochs": 2}, []),
     ({"epochs": 4, "patience": 4}, {"epochs": 4, "patience": 0}, []),
+    # patience 3 over 4 epochs stops no run either (it was named as a difference, and min_delta with it)
+    ({"epochs": 4, "patience": 0, "min_delta": 0.5}, {"epochs": 4, "patience": 3}, []),
+    ({"epochs": 4, "patience": 3, "min_delta": 0.5}, {"epochs": 4, "patience": 3}, []),
     # it can end one of them: patience is a difference (min_delta, unused on the other side, is not)
-    ({"epochs": 4, "patience": 0, "min_delta": 0.5}, {"epochs": 4, "patience": 3}, ["patience (tuned with 0, here 3)"]),
-    ({"epochs": 4, "patience": 3, "min_delta": 0.5}, {"epochs": 4, "patience": 3},
+    ({"epochs": 4, "patience": 0, "min_delta": 0.5}, {"epochs": 4, "patience": 2}, ["patience (tuned with 0, here 2)"]),
+    ({"epochs": 4, "patience": 2, "min_delta": 0.5}, {"epochs": 4, "patience": 2},
      ["min_delta (tuned with 0.5, here 0.0001)"]),
 ])
 def test_patience_that_cannot_stop_either_run_is_no_difference(tmp_path, tuned, here, expected):
@@ -2256,6 +2265,119 @@ def test_patience_that_cannot_stop_either_run_is_no_difference(tmp_path, tuned, 
                "baseline": {"priorities_from": "best.yaml"}}
     said = _tuned_with_warnings(tmp_path, best, mapping)
     assert [s.split("(etth1: ")[1].split("), so")[0] for s in said] == [", ".join(expected)] if expected else said == []
+
+
+def test_a_path_key_is_compared_as_the_file_it_names(tmp_path):
+    # imdb's csv_file was compared as text: ./x.csv, x.csv and the absolute path of the file the study reads
+    # were named as differences
+    (tmp_path / "data" / "imdb").mkdir(parents=True)
+    csv = tmp_path / "data" / "imdb" / "x.csv"
+    csv.write_text("label,text\n1,good\n")
+    (tmp_path / "data" / "x.csv").write_text("label,text\n0,bad\n")  # (not the file the task reads: imdb/ is first)
+    (tmp_path / "link.csv").symlink_to(csv)
+    mapping = {"name": "s", "tasks": ["imdb"], "seeds": [9], "data": "real", "data_dir": "data",
+               "baseline": {"priorities_from": "best.yaml"}}
+
+    def said(recorded: str, here: str) -> list[str]:
+        best = yaml.safe_dump({"imdb": {"priorities": [1, 2, 3], "tuned_with": {"csv_file": recorded}}})
+        warned = _tuned_with_warnings(tmp_path, best, {**mapping, "overrides": {"imdb": {"csv_file": here}}})
+        return [w.split("(imdb: ")[1].split("), so")[0] for w in warned]
+
+    for recorded, here in [("./x.csv", "x.csv"), ("sub/../x.csv", "x.csv"), (str(csv), "x.csv"),
+                           (str(csv), str(tmp_path / "data" / "imdb" / "." / "x.csv")), (str(tmp_path / "link.csv"), str(csv))]:
+        assert said(recorded, here) == [], (recorded, here)
+    # other files: named; and a recorded relative path, whose data directory is not recorded, against an absolute one
+    assert said("y.csv", "x.csv") == ['csv_file (tuned with "y.csv", here "x.csv")']
+    assert said(str(tmp_path / "data" / "x.csv"), "x.csv") == [
+        f'csv_file (tuned with {json.dumps(str(tmp_path / "data" / "x.csv"))}, here "x.csv")']
+    assert said("x.csv", str(csv)) == [f'csv_file (tuned with "x.csv", here {json.dumps(str(csv))})']
+
+
+def test_tuned_with_records_the_real_datas_fingerprint_and_a_study_on_other_real_data_is_warned(tmp_path):
+    # real data were recorded as `data: real` alone: values tuned on one CSV (or one data directory's files) were
+    # read silently by a study on another
+    import optuna
+
+    from ablate.tasks import data_fingerprint, get_task
+    from ablate.tune import _enqueue_baseline, write_outputs
+
+    (tmp_path / "data").mkdir()
+    reviews = "label,text\n" + "".join(f"{i % 2},review {i} {'good' if i % 2 else 'bad'}\n" for i in range(40))
+    (tmp_path / "data" / "x.csv").write_text(reviews)
+    mapping = {"name": "t", "tasks": ["imdb"], "seeds": 1, "adamw": False, "data": "real", "data_dir": "data",
+               "budget": {"epochs": 2}, "overrides": {"imdb": {"csv_file": "x.csv"}}}
+    spec = parse_tune_spec({**mapping, "tune": {"trials": 1}}, "t.yaml", base_dir=tmp_path)
+    (target,) = build_targets(spec)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="maximize")
+    _enqueue_baseline(study, target, spec)
+    study.tell(study.ask(), 0.6)
+    out = tmp_path / "out"
+    out.mkdir()
+    files, _ = write_outputs(spec, storage, [target], out, "mem")
+    best = files["best"].read_text()
+    recorded = yaml.safe_load(best)["imdb"]["tuned_with"]
+    assert recorded["data"] == "real" and recorded["csv_file"] == "x.csv"
+    assert recorded["data_fingerprint"] == data_fingerprint(get_task("imdb"), spec.arm_trials("imdb")[0].config)
+    study_mapping = {**{k: v for k, v in mapping.items() if k != "adamw"}, "baseline": {"priorities_from": "best.yaml"}}
+    assert _tuned_with_warnings(tmp_path, best, study_mapping) == []  # (the same files)
+    (tmp_path / "data" / "x.csv").write_text(reviews + "1,one review more\n")  # (a newer version of the CSV)
+    (said,) = _tuned_with_warnings(tmp_path, best, study_mapping)
+    now = data_fingerprint(get_task("imdb"), spec.arm_trials("imdb")[0].config)
+    assert said.split("(imdb: ")[1].split("), so")[0] == (
+        f'data_fingerprint (tuned with "{recorded["data_fingerprint"]}", here "{now}": other real data)')
+    # no data where the study looks (planned elsewhere): unknown, not other data; embedded data record none
+    assert _tuned_with_warnings(tmp_path, best, {**study_mapping, "data_dir": "nowhere"}) == []
+    assert "data_fingerprint" not in _tuned_with_of_an_embedded_search(tmp_path)
+
+
+def _tuned_with_of_an_embedded_search(tmp_path: Path) -> dict:
+    """The ``tuned_with`` that ``ablate tune`` writes for a search on embedded data."""
+    import optuna
+
+    from ablate.tune import _enqueue_baseline, write_outputs
+
+    spec = parse_tune_spec({"name": "e", "tasks": ["etth1"], "seeds": 1, "adamw": False, "budget": {"epochs": 2},
+                            "tune": {"trials": 1}}, "e.yaml")
+    (target,) = build_targets(spec)
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name=target.study_name, storage=storage, direction="minimize")
+    _enqueue_baseline(study, target, spec)
+    study.tell(study.ask(), 0.6)
+    (tmp_path / "e").mkdir()
+    files, _ = write_outputs(spec, storage, [target], tmp_path / "e", "mem")
+    return yaml.safe_load(files["best"].read_text())["etth1"]["tuned_with"]
+
+
+def test_tuned_with_leaves_out_the_evaluation_batch_size_which_changes_no_validation_metric():
+    # eval_batch_size is not recorded (ablate.study.BUDGET_KEYS): the validation metric a search scores is
+    # averaged over examples, so evaluating in other batches changes it only by float rounding
+    from ablate.study import tuning_context
+    from ablate.trial import Trial
+
+    config = {"task": "etth1", "optimizer": "adamw", "epochs": 1, "max_train_batches": 2, "num_threads": 1}
+    rows = [Trial({**config, "eval_batch_size": size}).run().row for size in (None, 3, 50)]
+    assert all(r["best_mse"] == pytest.approx(rows[0]["best_mse"], rel=1e-6) for r in rows)
+    assert all(r["best_mae"] == pytest.approx(rows[0]["best_mae"], rel=1e-6) for r in rows)
+    assert "eval_batch_size" not in tuning_context(Trial({**config, "eval_batch_size": 3}).config, "adamw")
+
+
+def test_stops_early_is_whether_the_trials_own_early_stopping_can_end_a_run():
+    # patience = epochs - 1 counted as able to stop a run, so a study and a tuned file that both run without
+    # early stopping were told their patience (and min_delta) differ. Checked against Trial's own rule, on the
+    # run most likely to stop: no epoch after the first improves (by min_delta or at all)
+    from ablate.study import stops_early
+    from ablate.trial import Trial
+
+    for epochs in range(1, 5):
+        for patience in range(epochs + 2):
+            config = {"task": "etth1", "optimizer": "adamw", "epochs": epochs, "patience": patience,
+                      "min_delta": 0.5, "max_train_batches": 1, "num_threads": 1}
+            trial = Trial(config)
+            trial.task.evaluate = lambda model, loader, t=trial: {"mse": 1.0 + t.epoch, "mae": 0.0}
+            row = trial.run().row
+            assert stops_early(trial.config) == (row["stop_reason"] == "early_stopping"), (epochs, patience, row)
+            assert stops_early(trial.config) == (0 < patience < epochs - 1)
 
 
 @pytest.mark.parametrize("priorities, expected", [
@@ -2430,3 +2552,24 @@ def test_the_independent_problems_of_the_tune_section_are_named_together():
         parse_tune_spec({**BASE, "adamw": True, "tune": {"arm": "adamw", "priorities": {"low": 1}, "cross_task": True,
                                                          "params": {}}}, "s.yaml")
     assert [p.split(": ")[1] for p in info.value.problems] == ["tune.priorities", "tune.params", "tune.cross_task"]
+
+
+@pytest.mark.parametrize("objective", ["gradient", "loss_decrease", "gen_gap"])
+def test_a_priority_search_over_a_single_term_says_why_and_what_to_search_instead(objective):
+    # the refusal said "use ... a weighting of your own, or tune.priorities: false", and tune.priorities: false
+    # alone was then refused in turn ("params: is empty, so there is nothing to search"); with one term no priority
+    # means anything (they weigh terms against each other), and the advice it gives must be a spec that parses
+    with pytest.raises(StudyError) as err:
+        parse_tune_spec({**BASE, "baseline": {"objective": objective, "weighting": "huw_priority"}}, "s.yaml")
+    said = str(err.value)
+    others = [t for t in ("gradient", "loss_decrease", "gen_gap") if t != objective]
+    assert said.startswith(f"s.yaml: tune.priorities: the baseline of task 'etth1' uses objective='{objective}', "
+                           f"whose terms ['{objective}'] lack {others}: with a single term the priorities mean nothing")
+    assert f"the priority of '{objective}' itself is largely absorbed by its learned log-variance" in said
+    assert "(objective: combined)" in said
+    assert said.endswith("set tune.priorities: false and name what to search in tune.params, e.g. params: "
+                         "{meta_lr: {low: 1.0e-5, high: 1.0e-3, log: true}}")
+    advised = {"priorities": False, "params": {"meta_lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True}}}
+    spec = parse_tune_spec({**BASE, "baseline": {"objective": objective, "weighting": "huw_priority"},
+                            "tune": advised}, "s.yaml")
+    assert list(spec.settings.space()) == ["meta_lr"] and spec.settings.space()["meta_lr"].log

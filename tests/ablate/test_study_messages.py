@@ -1,0 +1,220 @@
+"""The messages of study files and tune specs that need fixing: a list mis-indented in the YAML,
+a key said twice, every problem of a tuned file's entries and of the search against the study said
+at once, unknown keys said alike in both parts, and the plugins imported in their order."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+from ablate.study import StudyError, load_study, parse_study
+from ablate.tune import load_tune_spec, parse_tune_spec
+
+BASE = {"name": "s", "tasks": ["etth1"], "seeds": 1}
+
+
+def problems_of(path: Path, text: str, load=load_study) -> list[str]:
+    """The problems of the study file (or tune spec) ``text`` written to ``path``."""
+    path.write_text(textwrap.dedent(text))
+    with warnings.catch_warnings(), pytest.raises(StudyError) as info:
+        warnings.simplefilter("ignore")
+        load(path)
+    return info.value.problems
+
+
+def mapping_problems(mapping: dict, parse=parse_study) -> list[str]:
+    with warnings.catch_warnings(), pytest.raises(StudyError) as info:
+        warnings.simplefilter("ignore")
+        parse(mapping, "s.yaml")
+    return info.value.problems
+
+
+# -- a list mis-indented in the YAML ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "text", "item"), [
+    ("tasks", "name: s\ntasks:\n- etth1\n  - etth2\nseeds: 1\n", "tasks[0]: 'etth1 - etth2'"),
+    ("seeds", "name: s\ntasks: [etth1]\nseeds:\n- 1\n  - 2\n", "seeds[0]: '1 - 2'"),
+    ("plugins", "name: s\ntasks: [etth1]\nseeds: 1\nplugins:\n  - a\n   - b\n", "plugins[0]: 'a - b'"),
+])
+def test_a_list_item_indented_deeper_than_the_one_before_is_said_to_be_two_items(tmp_path, key, text, item):
+    # YAML continues a plain item with a deeper line: it said "task='etth1 - etth2' is not allowed (a task a
+    # plugin registers...)" or "seed must be an integer, got '1 - 2'"
+    path = tmp_path / "s.yaml"
+    first, second = item.split("'")[1].split(" - ")
+    assert problems_of(path, text) == [
+        f"{path}: {item} is one item, read from the lines `- {first}` and `- {second}`: YAML continues a list item "
+        f"with a line indented deeper than its `-`; indent every item of {key}: alike"]
+
+
+@pytest.mark.parametrize(("text", "at", "line", "indent", "items", "why"), [
+    ("seeds:\n  - 1\n - 2\n", "5:2", 5, 1, 2, "YAML ends a list at an item indented less"),
+    ("seeds:\n    - 1\n  - 2\n", "5:3", 5, 2, 4, "YAML ends a list at an item indented less"),
+    ("seeds:\n  - 1\n- 2\n", "5:1", 5, 0, 2, "YAML ends a list at an item indented less"),
+    ("seeds:\n  - 1\n  - 3\n  # three\n    - 2\n", "7:5", 7, 4, 2,
+     "YAML reads an item indented deeper as the start of a list inside the item before it"),
+])
+def test_a_list_item_indented_unlike_the_items_before_it_names_the_key_and_the_indentation(
+        tmp_path, text, at, line, indent, items, why):
+    # it said only "while parsing a block mapping expected <block end>, but found '<block sequence start>'"
+    path = tmp_path / "s.yaml"
+    [problem] = problems_of(path, "name: s\ntasks: [etth1]\n" + text)
+    assert problem.startswith(f"{path}:{at}: invalid YAML: while parsing a block ")
+    assert problem.endswith(
+        f" (the list item '- 2' at line {line} is indented by {indent} space(s), the items of seeds: before it by "
+        f"{items}: {why}; indent every item of seeds: by {items} spaces, like its first)")
+
+
+def test_a_yaml_error_elsewhere_gets_no_list_hint(tmp_path):
+    path = tmp_path / "s.yaml"
+    [problem] = problems_of(path, "name: s\ntasks: [etth1\nseeds: 1\n")
+    assert "list item" not in problem and "indent every item" not in problem
+
+
+# -- a key said once ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"baseline": {"priorities": 3}},
+     "s.yaml: baseline.priorities: must be a list, got 3 (HUW priorities [gradient alignment, loss decrease, "
+     "generalization gap])"),
+    ({"overrides": {"etth1": {"priorities": "a"}}},
+     "s.yaml: overrides.etth1.priorities: must be a list, got 'a' (HUW priorities [gradient alignment, loss "
+     "decrease, generalization gap])"),
+    ({"baseline": {"priorities": [1, 2]}},
+     "s.yaml: baseline.priorities: [1, 2] must be a list of three non-negative numbers [gradient alignment, loss "
+     "decrease, generalization gap] (HUW priorities [gradient alignment, loss decrease, generalization gap])"),
+    ({"budget": {"epochs": 2.5}}, "s.yaml: budget.epochs: must be an integer, got 2.5 (maximum number of epochs)"),
+    ({"baseline": {"meta_every": 0}},
+     "s.yaml: baseline.meta_every: 0 must be > 0 (K_meta: steps between meta-updates (null when meta_per_epoch "
+     "sets it))"),
+])
+def test_a_setting_s_problem_names_its_key_once(fields, expected):
+    # it said "baseline.priorities: priorities must be a list"
+    assert mapping_problems({**BASE, **fields}) == [expected]
+
+
+def test_a_setting_s_problem_outside_a_study_still_names_the_key():
+    from ablate.config import ConfigError, validate_value
+
+    with pytest.raises(ConfigError, match=r"^trial config: priorities must be a list, got 3 "):
+        validate_value("priorities", 3, "trial config")
+    with pytest.raises(ConfigError, match=r"^trial config: meta_every=0 must be > 0 "):
+        validate_value("meta_every", 0, "trial config")
+
+
+# -- every problem of a tuned file's entries ------------------------------------------------------
+
+
+def test_a_tuned_file_says_every_problem_of_every_task_s_entry(tmp_path):
+    # it said one problem per task: fixing a file took a run per problem
+    (tmp_path / "best.yaml").write_text(
+        "etth1: {priorities: [1, 2, 0.5], tuned_for: adamw, tuned_on_seeds: x, tuned_with: 3, meta_lr: 0.01}\n"
+        "etth2: {priorities: [1, 2], tuned_on_seeds: y}\n")
+    path = tmp_path / "s.yaml"
+    at = f"{path}: baseline.priorities_from (best.yaml)"
+    assert problems_of(path, """\
+        name: s
+        tasks: [etth1, etth2]
+        seeds: 1
+        baseline: {priorities_from: best.yaml, meta_lr: 0.001}
+        """) == [
+        f"{at}.etth1: holds values `ablate tune` tuned for the 'adamw' arm (tuned_for: adamw), not for the 'baseline' "
+        f"arm that baseline.priorities_from sets; use the file as adamw: {{tuned_from: FILE}}",
+        f"{at}.etth1.tuned_on_seeds: must be the list of seeds `ablate tune` scored the values on, got 'x'",
+        f"{at}.etth1.tuned_with: must be the mapping of the settings `ablate tune` tuned the values with, got 3",
+        f"{at}.etth1: sets 'meta_lr', which baseline: sets too; keep one of them",
+        f"{at}.etth2.tuned_on_seeds: must be the list of seeds `ablate tune` scored the values on, got 'y'",
+        f"{at}.etth2.priorities: [1, 2] must be a list of three non-negative numbers [gradient alignment, loss "
+        f"decrease, generalization gap] (HUW priorities [gradient alignment, loss decrease, generalization gap])",
+    ]
+
+
+# -- the tune: section ----------------------------------------------------------------------------
+
+
+def test_the_search_against_the_study_says_the_problems_of_every_task(tmp_path):
+    # it stopped at the first problem of the first task
+    path = tmp_path / "s.yaml"
+    problems = problems_of(path, """\
+        name: s
+        tasks: [etth1, etth2]
+        seeds: 1
+        budget: {epochs: 1}
+        baseline: {weighting: sum}
+        tune: {scheduler: {grace_period: 5}}
+        """, load=load_tune_spec)
+    expected = []
+    for task in ("etth1", "etth2"):
+        expected += [
+            f"{path}: tune.priorities: the baseline of task '{task}' uses weighting='sum', which ignores the "
+            f"priorities; set baseline: {{weighting: huw_priority}} or tune.priorities: false",
+            f"{path}: budget.epochs: task '{task}' trains 1 epoch(s), all of them warm-up epochs (warmup_epochs=1) "
+            f"without meta-updates, so no suggestion can change anything; give it more epochs or fewer warm-up epochs",
+            f"{path}: tune.scheduler.grace_period: 5 is more than the 1 epoch(s) of task '{task}'; lower it",
+        ]
+    assert problems == expected
+
+
+def test_the_tune_section_says_its_refused_keys_together(tmp_path):
+    problems = mapping_problems({**BASE, "tune": {"arm": "adamw", "priorities": {"low": 1, "high": 2},
+                                                  "params": {"lr": {"low": 1.0e-4, "high": 1.0e-2}},
+                                                  "cross_task": "yes", "enqueue_baseline": 1}}, parse_tune_spec)
+    assert problems == [
+        "s.yaml: tune.priorities: are MetaAdamW's, and arm: adamw searches AdamW's settings; remove tune.priorities "
+        "(or set it to false)",
+        "s.yaml: tune.cross_task: must be true or false, got 'yes'",
+        "s.yaml: tune.enqueue_baseline: must be true or false, got 1",
+    ]
+
+
+def test_unknown_keys_are_said_alike_in_the_study_and_the_tune_section():
+    from ablate.tune import TUNE_KEYS
+
+    problems = mapping_problems({**BASE, "resources": {"cpu": 1},
+                                 "tune": {"trails": 3, "priorities": {"lo": 1}, "scheduler": {"grace_periods": 2}}},
+                                parse_tune_spec)
+    assert problems == [
+        f"s.yaml: tune.trails: unknown key (did you mean 'trials'?); allowed keys: {', '.join(TUNE_KEYS)}",
+        "s.yaml: tune.priorities.lo: unknown key (did you mean 'log' or 'low'?); allowed keys: low, high, log",
+        "s.yaml: tune.scheduler.grace_periods: unknown key (did you mean 'grace_period'?); allowed keys: type, grace_period, "
+        "reduction_factor",
+        "s.yaml: resources.cpu: unknown key (did you mean 'cpus'?); allowed keys: cpus, gpus",
+    ]
+    study = mapping_problems({**BASE, "resources": {"cpu": 1}, "factorial": {"axis": {}}})
+    assert "s.yaml: resources.cpu: unknown key (did you mean 'cpus'?); allowed keys: cpus, gpus" in study
+    assert "s.yaml: factorial.axis: unknown key (did you mean 'axes'?); allowed keys: axes, fraction, generators" \
+        in study
+    assert "s.yaml: factorial.axes: is required: " in " ".join(study)
+
+
+# -- plugins --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plugin_modules(monkeypatch):
+    """Restore sys.path and forget the test plugin modules afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name in [m for m in sys.modules if m.startswith("msg_plugin_")]:
+        del sys.modules[name]
+
+
+def test_plugins_are_imported_in_the_listed_order_and_a_failing_one_is_named_with_the_file(tmp_path, plugin_modules):
+    (tmp_path / "msg_plugin_order.py").write_text("ORDER = []\n")
+    for name in ("c", "a", "b"):
+        (tmp_path / f"msg_plugin_{name}.py").write_text("import msg_plugin_order\nmsg_plugin_order.ORDER.append(__name__)\n")
+    (tmp_path / "msg_plugin_boom.py").write_text("import msg_plugin_order\nmsg_plugin_order.ORDER.append(__name__)\n"
+                                                 "raise RuntimeError('boom')\n")
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ntasks: [etth1]\nseeds: 1\nplugins: [msg_plugin_c, msg_plugin_a, msg_plugin_b]\n")
+    assert load_study(path).plugins == ["msg_plugin_c", "msg_plugin_a", "msg_plugin_b"]
+    assert sys.modules["msg_plugin_order"].ORDER == ["msg_plugin_c", "msg_plugin_a", "msg_plugin_b"]
+    assert problems_of(tmp_path / "t.yaml", "name: s\ntasks: [etth1]\nseeds: 1\nplugins: [msg_plugin_a, msg_plugin_boom]\n") == [
+        f"{tmp_path / 't.yaml'}: plugins[1]: cannot import plugin module 'msg_plugin_boom': RuntimeError: boom. "
+        f"Fix the error it raises"]
+    assert sys.modules["msg_plugin_order"].ORDER[-1] == "msg_plugin_boom"
