@@ -539,8 +539,8 @@ _SIG_LEGEND = (
     "exact sign-flip permutation test (Monte Carlo beyond 16 seeds). p (Holm) is the sign-flip p "
     "adjusted by Holm's method over {family}, and * marks p (Holm) < {alpha}. "
     "With n paired seeds the smallest attainable sign-flip p is 2/2^n (0.0625 for 5 seeds, 0.03125 "
-    "for 6), before the adjustment; a row whose smallest attainable p is not below {alpha} (at 0.05: 5 paired "
-    "seeds or fewer) is not counted in the family and has no p (Holm) (Tarone's rule for discrete tests): it "
+    "for 6), before the adjustment; a row whose smallest attainable p is not below {alpha} ({too_few}) is not "
+    "counted in the family and its p (Holm) reads n/a (Tarone's rule for discrete tests): it "
     "cannot be significant whatever the differences, and counting it would only raise the other rows' p (Holm). "
     "'seeds (better)' is the number of pairs and how many of them favour the arm. "
     "(*): p (Holm) < {alpha}, but not marked significant because the arm the difference favours has no ok "
@@ -549,13 +549,30 @@ _SIG_LEGEND = (
 )
 
 
+def fewest_seeds_reaching(alpha: float = stats.ALPHA) -> int | None:
+    """The fewest paired seeds whose smallest sign-flip p (:func:`ablate.stats.smallest_sign_flip_p`)
+    is below ``alpha`` (6 at 0.05, 5 at 0.1, 8 at 0.01); None where no count reaches it (an alpha
+    at or below the Monte Carlo test's smallest p)."""
+    return next((k for k in range(1, stats.EXACT_SIGN_FLIP_MAX_N + 2) if stats.can_reach(k, alpha)), None)
+
+
+def sig_legend(alpha: float, family: str) -> str:
+    """The significance legend of Tables 2 and 3 (:data:`_SIG_LEGEND`) for ``alpha`` and the Holm
+    ``family``, saying how many paired seeds leave a row out of its family at that alpha (5 or
+    fewer at 0.05, 4 at 0.1, 7 at 0.01), not at 0.05 whatever the report's alpha."""
+    fewest = fewest_seeds_reaching(alpha)
+    too_few = (f"here: {fewest - 1} paired seed(s) or fewer" if fewest and fewest > 1
+               else "here: no row" if fewest else "here: every row")
+    return _SIG_LEGEND.format(alpha=alpha, family=family, too_few=too_few)
+
+
 def too_few_seeds_note(n_pairs: pd.Series, alpha: float = stats.ALPHA) -> str:
     """A sentence when no row can be significant: with n pairs the smallest sign-flip p is 2/2^n
     (1/(1 + draws) beyond the exact test's seeds)."""
     n = int(pd.to_numeric(n_pairs, errors="coerce").max()) if len(n_pairs) and n_pairs.notna().any() else 0
     if n == 0 or stats.smallest_sign_flip_p(n) < alpha:
         return ""
-    fewest = next((k for k in range(1, stats.EXACT_SIGN_FLIP_MAX_N + 2) if stats.smallest_sign_flip_p(k) < alpha), None)
+    fewest = fewest_seeds_reaching(alpha)
     return (f" With at most {n} paired seed(s) here the smallest sign-flip p is {stats.smallest_sign_flip_p(n):.4g}, not "
             f"below {alpha}: no row of this table can be marked significant, whatever the differences"
             + (f" (it takes {fewest} seeds or more, before Holm's adjustment)." if fewest else "."))
@@ -629,7 +646,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                                   f"min-max band (a seed that stopped early leaves later epochs to the seeds still running)")
         return blocks
     blocks = [heading, _table(table2_display(t2, alpha)),
-              _text(_SPLIT_NOTE[split] + " " + _SIG_LEGEND.format(alpha=alpha, family="the tasks of this table")
+              _text(_SPLIT_NOTE[split] + " " + sig_legend(alpha, "the tasks of this table")
                     + too_few_seeds_note(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
                       "the matched seeds relative to AdamW's: positive = slower, unlike the other columns"
@@ -657,7 +674,7 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
                     "ran it once for both. " + _SPLIT_NOTE[split] + " "
-                    + _SIG_LEGEND.format(alpha=alpha, family="the ablation arms of each task" + (
+                    + sig_legend(alpha, "the ablation arms of each task" + (
                         ", its factorial cells a family of their own" if (t3["axis"] == "factorial").any() else ""))
                     + too_few_seeds_note(table3_compared_pairs(t3), alpha)
                     + undefined_relative_note(t3) + absent_arms_note(results, t3, planned_arms, split))]

@@ -541,7 +541,11 @@ def _holm_family(rows: list[dict], alpha: float, ref_unmatched: str, new_unmatch
     p (an arm run on five seeds of six would turn the 2/64 of another arm's six wins into 4/64,
     above 0.05). Which rows count depends on their pair counts only, never on the differences'
     signs, so Holm over the rest still controls the family-wise error rate; ``p_holm`` depends on
-    ``alpha`` through the family."""
+    ``alpha`` through the family. This is the first step of Tarone's rule only: its further step
+    (leave out the rows that cannot reach alpha/K, for the smallest K with at most K rows left) is
+    not taken, which keeps the family larger and the marks, if anything, conservative. A pair whose
+    difference is exactly 0 is counted in n, so a row with ties may stay in the family though it
+    cannot reach alpha (conservative too: selecting rows on their differences is not done)."""
     adjusted = holm([r["p_signflip"] if can_reach(r["n_pairs"], alpha) else np.nan for r in rows])
     for r, p in zip(rows, adjusted):
         r["p_holm"] = float(p)

@@ -406,12 +406,25 @@ def test_the_report_states_which_rows_leave_the_holm_family(tmp_path, report_kit
     # only those with one paired seed, as the legend said -: with three seeds every row, so p (Holm) reads n/a
     _three_seed_study(tmp_path, report_kit, {"etth1": ["adamw", "baseline", "grouping=original"]})
     md = report.write_report(tmp_path, tmp_path / "out", formats=("md",)).read_text()
-    rule = ("a row whose smallest attainable p is not below 0.05 (at 0.05: 5 paired seeds or fewer) is not counted in "
-            "the family and has no p (Holm) (Tarone's rule for discrete tests)")
+    rule = ("a row whose smallest attainable p is not below 0.05 (here: 5 paired seed(s) or fewer) is not counted in "
+            "the family and its p (Holm) reads n/a (Tarone's rule for discrete tests)")
     assert md.count(rule) == 2  # (Tables 2 and 3)
     assert "a row with one paired seed is not counted" not in md
     t2, t3 = stats.table2(load_results(tmp_path)), stats.table3(load_results(tmp_path))
     assert t2["p_holm"].isna().all() and t3["p_holm"].isna().all()
+
+
+@pytest.mark.parametrize("alpha, too_few", [(0.1, "4 paired seed(s) or fewer"), (0.01, "7 paired seed(s) or fewer"),
+                                            (1e-5, "every row")])
+def test_the_holm_family_legend_counts_the_seeds_at_the_reports_alpha(tmp_path, report_kit, alpha, too_few):
+    # the legend gave the seed count at 0.05 ("at 0.05: 5 paired seeds or fewer") whatever alpha the report was
+    # written with; at 0.1 four seeds or fewer leave the family (2/16 = 0.125, 2/32 = 0.0625 < 0.1), at 0.01 seven
+    # (2/128 = 0.0156, 2/256 = 0.0078); at 1e-5 every row (2/2^16 = 3.1e-5, Monte Carlo beyond: 1/20001 = 5e-5)
+    _three_seed_study(tmp_path, report_kit, {"etth1": ["adamw", "baseline", "grouping=original"]})
+    md = report.write_report(tmp_path, tmp_path / "out", formats=("md",), alpha=alpha).read_text()
+    assert md.count(f"a row whose smallest attainable p is not below {alpha} (here: {too_few}) is not counted") == 2
+    assert "at 0.05: 5 paired seeds" not in md
+    assert [report.fewest_seeds_reaching(a) for a in (0.05, 0.1, 0.01, 1e-5)] == [6, 5, 8, None]
 
 
 def test_the_report_says_what_its_study_holds_and_what_its_tables_cannot_show(tmp_path, report_kit):
