@@ -1087,7 +1087,8 @@ class MetaAdamW(torch.optim.Optimizer):
         # each tensor's AdamW "step" is saved with its moments, as torch.optim saves it: a load pre-hook that
         # moves the per-tensor entries (torch.optim's recipe of loading by parameter names) moves it along,
         # so it, not the list of step counts in the meta state, goes with the moments
-        saved_steps, steps = list(extra["steps"]), []
+        saved_steps = [int(s.item() if isinstance(s, Tensor) else s) for s in extra["steps"]]  # (checked above)
+        steps = []
         for i, p in enumerate(self._params):
             st = self.state.get(p, {})
             step = st.pop("step", None)
@@ -1102,7 +1103,8 @@ class MetaAdamW(torch.optim.Optimizer):
         self._carry_valid = extra["carry_valid"]
         self._stats = {k: v.to(self.device) for k, v in extra["stats"].items()}
         # (a checkpoint of a version that did not save the flags: the tensors with moments)
-        self._has_stats = list(extra.get("has_stats") or ["exp_avg" in self.state.get(p, ()) for p in self._params])
+        self._has_stats = [bool(h) for h in extra.get("has_stats")
+                           or ["exp_avg" in self.state.get(p, ()) for p in self._params]]
         m = extra["multipliers"]
         self._multipliers = None if m is None else Multipliers(**{k: v.to(self.device) for k, v in m.items()})
         if steps != saved_steps:  # per-tensor entries edited after saving: the meta state's norms are not theirs
@@ -1132,12 +1134,21 @@ class MetaAdamW(torch.optim.Optimizer):
             value = extra.get(key)
             if value is not None and (not isinstance(value, (list, tuple)) or len(value) != size):
                 bad.append(f"{key} {described(value)} (expected {size} entries, one per tensor)")
-        # each step count itself: one that is no integer >= 0 (None, a string, a float) was kept as it was and
-        # failed the next meta_step or step() with a bare TypeError, or counted the bias correction from it
+        # each step count itself: one that is no integer >= 0 (None, a string, 2.5) was kept as it was and
+        # failed the next meta_step or step() with a bare TypeError, or counted the bias correction from it.
+        # Taken in the forms a tensor's own "step" is (an integral float, a one-element tensor, as AdamW
+        # saves it; made an int when loaded): a checkpoint converted to them loaded before this check
         steps = extra.get("steps")
         if isinstance(steps, (list, tuple)) and len(steps) == n:
             bad += [f"steps[{i}] {s!r} for {self.tensor_info[i].name or f'tensor {i}'} (expected its AdamW step "
-                    f"count, an integer >= 0)" for i, s in enumerate(steps) if not (_is_int(s) and s >= 0)]
+                    f"count, an integer >= 0)" for i, s in enumerate(steps) if s is None or not _is_step_count(s)]
+        # each statistics flag: one that is no bool failed the next step() with a bare TypeError (None: "float()
+        # argument must be ... not 'NoneType'") or RuntimeError (a tensor of several values), or, a string,
+        # counted as True
+        has_stats = extra.get("has_stats")
+        if isinstance(has_stats, (list, tuple)) and len(has_stats) == n:
+            bad += [f"has_stats[{i}] {h!r} for {self.tensor_info[i].name or f'tensor {i}'} (expected True or False: "
+                    f"whether it has statistics yet)" for i, h in enumerate(has_stats) if not _is_flag(h)]
         for key in ("global_step", "meta_updates", "meta_skipped"):
             if not _is_int(extra[key]):
                 bad.append(f"{key} {extra[key]!r} (expected an integer)")
@@ -1519,6 +1530,17 @@ def _moment_problem(t: Any, p: Tensor) -> str | None:
     if tuple(t.shape) != tuple(p.shape):
         return f"{tuple(t.shape)}, parameter {tuple(p.shape)}"
     return None
+
+
+def _is_flag(value: Any) -> bool:
+    """True or False, in the forms a checkpoint's flag may take once converted (read with ``bool``): a
+    bool, a numpy bool, a one-element bool tensor, or the integer 0 or 1 - not None, a string (``'no'``
+    is true) or a tensor of several values."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and value.dtype == torch.bool and value.device.type != "meta"
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return getattr(getattr(value, "dtype", None), "kind", None) == "b"
+    return isinstance(value, bool) or (_is_int(value) and value in (0, 1))
 
 
 def _is_step_count(step: Any) -> bool:

@@ -6,6 +6,7 @@ import copy
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -730,7 +731,8 @@ def test_float64_moments_and_float_step_counts_of_an_adamw_checkpoint_load_as_ad
 
 
 @pytest.mark.parametrize("value, shown", [(None, "None"), ("3", "'3'"), (2.5, "2.5"), (-1, "-1"), (True, "True"),
-                                          (torch.tensor(3), r"tensor\(3\)")])
+                                          (torch.tensor(2.5), r"tensor\(2\.5000\)"),
+                                          (torch.tensor([3, 3]), r"tensor\(\[3, 3\]\)")])
 def test_meta_state_step_counts_of_a_wrong_kind_are_refused_naming_index_and_value(value, shown):
     # the meta state's per-tensor step counts were checked for their number alone: a tensor without moments takes
     # its count from there, and None failed the next meta_step with a bare "unsupported operand type(s) for +:
@@ -753,3 +755,60 @@ def test_meta_state_step_counts_of_a_wrong_kind_are_refused_naming_index_and_val
     target.load_state_dict(sd)
     assert target._steps == [0, 1, 1, 1, 1, 1]
     assert not target.meta_step(model, mse, b1, b2, val).skipped
+
+
+def _checkpoint_with_a_tensor_without_moments() -> tuple[torch.nn.Module, dict]:
+    """A MetaAdamW checkpoint after one step whose tensor 0 has no moments (its count is the meta state's)."""
+    model = mlp(0)
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    opt.zero_grad()
+    mse(model, regression_batches(3)[0]).backward()
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0] = {}
+    return model, sd
+
+
+@pytest.mark.parametrize("value", [3.0, np.int64(3), np.float64(3.0), torch.tensor(3), torch.tensor(3.0),
+                                   torch.tensor([3.0])])
+def test_meta_state_step_counts_in_the_forms_a_tensors_step_takes_load_as_integers(value):
+    # the per-entry check of the meta state's step counts took integers alone, refusing checkpoints that loaded
+    # before it and that a tensor's own "step" is accepted in (an integral float, a one-element tensor as AdamW saves
+    # it): they load, as ints
+    model, sd = _checkpoint_with_a_tensor_without_moments()
+    sd["metaadamw"]["steps"] = [value] + sd["metaadamw"]["steps"][1:]
+    target = MetaAdamW(model.named_parameters(), **small_kwargs())
+    target.load_state_dict(sd)
+    assert target._steps == [3, 1, 1, 1, 1, 1] and all(type(s) is int for s in target._steps)
+    target.zero_grad()
+    mse(model, regression_batches(3)[1]).backward()
+    target.step()
+    assert target._steps == [1, 2, 2, 2, 2, 2] and target.global_step == 2
+
+
+@pytest.mark.parametrize("value, shown", [(None, "None"), ("no", "'no'"), (2, "2"), ({}, r"\{\}"),
+                                          (torch.tensor([True, False]), r"tensor\(\[ True, False\]\)")])
+def test_meta_state_statistics_flags_of_a_wrong_kind_are_refused_naming_index_and_value(value, shown):
+    # the meta state's has_stats flags were checked for their number alone: None failed the next step() with a bare
+    # "float() argument must be a string or a real number, not 'NoneType'", a tensor of several values with "Boolean
+    # value of Tensor with more than one value is ambiguous", and a string counted as True
+    model, sd = _checkpoint_with_a_tensor_without_moments()
+    sd["metaadamw"]["has_stats"][1] = value
+    target = MetaAdamW(model.named_parameters(), **small_kwargs())
+    with pytest.raises(ValueError, match=r"does not fit this optimizer, and nothing was loaded: has_stats\[1\] "
+                                         + shown + r" for 0\.bias \(expected True or False"):
+        target.load_state_dict(sd)
+    assert target._has_stats == [False] * 6 and target.global_step == 0
+
+
+@pytest.mark.parametrize("value", [np.bool_(True), torch.tensor(True), 1])
+def test_meta_state_statistics_flags_in_other_bool_forms_load_as_bools(value):
+    model, sd = _checkpoint_with_a_tensor_without_moments()
+    sd["metaadamw"]["has_stats"][1] = value
+    target = MetaAdamW(model.named_parameters(), **small_kwargs())
+    target.load_state_dict(sd)
+    assert target._has_stats == [True] * 6 and all(type(h) is bool for h in target._has_stats)
+    target.zero_grad()
+    mse(model, regression_batches(3)[1]).backward()
+    target.step()
+    assert target.global_step == 2
