@@ -124,6 +124,8 @@ def _print_task_defaults(task: str) -> None:
     except UnknownComponentError as exc:
         if TASKS.entry_point_problem(task):  # (an installed package's broken entry point: the error says so)
             raise
+        if task.lower() in {name.lower() for name in TASKS.list()}:  # ("ETTh1": a registered task's name, in other
+            raise  # case - the error's did-you-mean names it -, as `ablate train` says; no plugin registers it)
         # (a plugin's task listed without --plugin: name the option, as `ablate train` and study files do)
         raise UnknownComponentError(f"{exc} A task a plugin registers: give --plugin MODULE (the module that "
                                     f"registers it, in the working directory or installed).") from None

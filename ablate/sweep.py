@@ -519,7 +519,8 @@ _FAILURE_HEADER = re.compile(r"^Failure # \d+ \(occurred at [^\n]*\)$", re.MULTI
 def _failed_node(trial: Any, error: str) -> str | None:
     """The host a Ray Tune trial's last attempt failed on, as Ray reports it (None where it does not): the node's IP
     address from the last attempt's error in the text (``error``, Ray's error file: a ``RayTaskError`` - the
-    trainable raised - names it as ``ip=``, an ``ActorDiedError`` - the process died - in an ``ip:`` line), or, for
+    trainable raised - names it as ``ip=`` in its first line, an ``ActorDiedError`` - the process died - in an ``ip:``
+    line; the first of the section, not an address the exception's own message gives, "ip=10.9.8.7"), or, for
     a text without Ray's "Failure # N" headers (made from the pickled error itself), from the error Ray pickled
     (``RayTaskError.ip``); then that node's host name from the trial's last result (Ray's ``hostname``, where its
     ``node_ip`` is that address) or from ``ray.nodes()``; the address itself where neither names the node. Not the
@@ -529,8 +530,10 @@ def _failed_node(trial: Any, error: str) -> str | None:
     text stays above the last attempt's in the file - the row's node would not be that of the error it stores last."""
     sections = _FAILURE_HEADER.split(error)
     if len(sections) > 1:  # Ray's error file: the last attempt's error is the last section
+        # (its first address: Ray's own line, which heads the section - "ray::ImplicitFunc.train() (pid=.., ip=..)"
+        # or the dead actor's "ip:" line -, not one the trainable's message or its traceback's code quotes below it)
         found = _ERROR_IP.findall(sections[-1])
-        ip = found[-1] if found else None
+        ip = found[0] if found else None
     else:
         ip = None
         # (the driver's copy of the pickled error: get_pickled_error() reads the storage's, which may not be synced yet)

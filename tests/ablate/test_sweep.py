@@ -1018,6 +1018,33 @@ def test_a_failed_row_names_the_node_of_the_last_attempt_s_error_not_a_stale_one
     assert sweep._failed_node(trial(earlier), "") == "gpu-node-9"  # (no text: the pickled error's node)
 
 
+def test_the_node_of_a_failure_is_ray_s_not_an_address_the_trainable_s_message_gives(tmp_path):
+    # Ray's error file (as ray 2.x writes it for a trainable that raised on 192.0.2.2, retried once): the exception's
+    # message names another address ("ip=10.9.8.7", a data server); the row named that address as its host, not the
+    # node the trial ran on - the last "ip=" of the last section, where Ray's own is the first
+    from types import SimpleNamespace
+
+    from ablate import sweep
+
+    def attempt(n, pid):
+        return (f"Failure # {n} (occurred at 2026-12-03_20-50-2{n})\n"
+                f"ray::ImplicitFunc.train() (pid={pid}, ip=192.0.2.2, actor_id=34ec4e3b, repr=trainable)\n"
+                f'  File "/tmp/plugin.py", line 8, in loss_fn\n'
+                f'    raise ConnectionError("cannot reach the data server at ip=10.9.8.7")\n'
+                f"ConnectionError: cannot reach the data server at ip=10.9.8.7\n")
+
+    error = attempt(1, 7) + attempt(2, 8)
+    trial = SimpleNamespace(pickled_error_file=None,
+                            run_metadata=SimpleNamespace(last_result={"node_ip": "192.0.2.2", "hostname": "vm-2"}))
+    assert sweep._failed_node(trial, error) == "vm-2"
+    assert sweep._failed_node(trial, attempt(1, 7)) == "vm-2"
+    # a dead actor's section: its "ip:" line
+    died = (f"{attempt(1, 7)}Failure # 2 (occurred at x)\nThe actor died unexpectedly before finishing this task.\n"
+            "\tclass_name: ImplicitFunc\n\tpid: 9\n\tip: 10.0.0.5\nThe actor is dead because its worker process has "
+            "died.\n")
+    assert sweep._failed_node(trial, died) == "10.0.0.5"
+
+
 def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it_ran_on(tmp_path, monkeypatch):
     # the driver records a trial whose worker raised (or died) from Ray's error: the notes of a checkpoint set aside,
     # reported by the worker before it trained, were lost, and the row said neither where it ran nor whose code it names

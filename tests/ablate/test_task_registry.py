@@ -542,3 +542,25 @@ def test_list_task_of_a_plugin_without_plugin_names_the_option(tmp_path, monkeyp
     finally:
         TASKS.remove("cli_listed_task")
         sys.modules.pop("cli_plugin_task", None)
+
+
+def test_list_task_names_the_plugin_option_only_where_a_plugin_may_register_the_task(task_packages, capsys):
+    """`ablate list --task ETTh1` (a built-in task in other case) said to give --plugin, which `ablate train`
+    does not say for it: no plugin registers it; a misspelling ('ettth1') keeps its did-you-mean (and, as
+    `ablate train`, the plugin option: 'cifar100' is as close to 'cifar10' and may be a plugin's); a task
+    from an installed package's entry point is listed, a broken one's error says what is wrong with it."""
+    from ablate.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the entry point that names an undecorated function)
+        assert main(["list", "--task", "ETTh1"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown task 'ETTh1'" in err and "Did you mean 'etth1'" in err and "--plugin" not in err, err
+        assert main(["list", "--task", "ettth1"]) == 2
+        err = capsys.readouterr().err
+        assert "Did you mean 'etth1'" in err and "give --plugin MODULE" in err, err
+        assert main(["list", "--task", "ep_decorated"]) == 0
+        assert capsys.readouterr().out.startswith("ep_decorated: ")
+        assert main(["list", "--task", "ep_plain"]) == 2
+    err = capsys.readouterr().err
+    assert "the entry point 'ep_plain' (plain_tasks:build)" in err and "--plugin" not in err, err
