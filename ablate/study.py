@@ -448,6 +448,8 @@ def _misindented_item(text: str, mark: Any) -> str:
         if body == "-" or body.startswith("- "):
             items = column if items is None else min(items, column)
             continue
+        if items is None and column > indent:  # (deeper than the item: the content of an item of mappings above)
+            continue
         if items is None or column >= items:  # (no item yet, or the content of one)
             if items is None:
                 return ""
@@ -631,11 +633,14 @@ def _parse_data(ctx: _Context, data: Any, data_dir: Any, base_dir: str | os.Path
 
 
 def _parse_tasks(ctx: _Context, tasks: Any) -> list[str]:
+    from ablate.tasks import TASKS
+
     if not isinstance(tasks, list) or not tasks:
         raise ctx.error("tasks", f"must be a non-empty list of task names, e.g. [etth1, imdb]; got {_short(tasks)}")
     def check(item: tuple[int, Any]) -> None:
         i, task = item
-        _folded_item(ctx, f"tasks[{i}]", "tasks", task)
+        if not (isinstance(task, str) and task in TASKS):  # (a registered task's name may hold " - " itself)
+            _folded_item(ctx, f"tasks[{i}]", "tasks", task)
         validate_value("task", task, ctx.where(f"tasks[{i}]"))
         if task in tasks[:i]:
             raise ctx.error(f"tasks[{i}]", f"{task!r} is listed twice")
@@ -983,7 +988,9 @@ def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], sea
     that ``config`` runs with another value: common keys and the task's own; ``data`` as
     :func:`run_data` gives it (a recorded ``embedded`` without a version: compared as set); a task key
     that names a file as the file it names (:func:`_same_file`); and, on real data, the recorded
-    :data:`DATA_FINGERPRINT` against that of the files ``config`` reads (where they are found)."""
+    :data:`DATA_FINGERPRINT` against that of the files ``config`` reads (where they are found; a path
+    key that names the recorded file under another name, a link, is read through the recorded path,
+    as the fingerprint hashes the names)."""
     here = dict(config)
     if isinstance(context.get("data"), str) and ":" in context["data"]:
         here["data"] = run_data(config)
@@ -1004,7 +1011,11 @@ def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], sea
     said = [f"{prefix}{k} (tuned with {json.dumps(context[k])}, here {json.dumps(here.get(k))})" for k in keys]
     recorded = context.get(DATA_FINGERPRINT)  # (real data on both sides: the files read, where this study looks)
     if isinstance(recorded, str) and recorded and "data" not in keys and here.get("data") == "real":
-        fingerprint = run_data_fingerprint(config)
+        # (a path key that names the same file as the recorded one - a link to it, or the absolute path of the file a
+        # relative one finds - is read through the recorded path: the fingerprint hashes the file's name as given,
+        # so the name the study gives it would make the same file other data)
+        same = {k: context[k] for k in paths if k in context and k not in ignore and k not in keys}
+        fingerprint = run_data_fingerprint({**config, **same})
         if fingerprint is not None and fingerprint != recorded:
             said.append(f"{prefix}{DATA_FINGERPRINT} (tuned with {json.dumps(recorded)}, here {json.dumps(fingerprint)}: "
                         f"other real data)")

@@ -69,6 +69,36 @@ def test_a_list_item_indented_unlike_the_items_before_it_names_the_key_and_the_i
         f"{items}: {why}; indent every item of seeds: by {items} spaces, like its first)")
 
 
+def test_a_registered_task_whose_name_holds_a_dash_is_not_said_to_be_two_items(tmp_path):
+    # a plugin task named "ett - hourly" (any non-empty name registers) was refused as the folded items
+    # `- ett` and `- hourly`; an unknown name with a dash still gets the hint
+    from ablate.tasks import TASKS, register_task
+
+    register_task("ett - hourly", metrics=[("mse", "min")], defaults={"epochs": 2})(lambda config: None)
+    try:
+        path = tmp_path / "s.yaml"
+        path.write_text("name: s\ntasks:\n- ett - hourly\nseeds: 1\ndata: embedded\n")
+        assert load_study(path).tasks == ["ett - hourly"]
+        assert problems_of(path, "name: s\ntasks:\n- ett\n  - daily\nseeds: 1\n") == [
+            f"{path}: tasks[0]: 'ett - daily' is one item, read from the lines `- ett` and `- daily`: YAML continues "
+            f"a list item with a line indented deeper than its `-`; indent every item of tasks: alike"]
+    finally:
+        TASKS.remove("ett - hourly")
+
+
+def test_a_list_of_mappings_item_indented_less_names_the_key_and_the_indentation(tmp_path):
+    # an item after an item whose mapping spans lines got no hint: the look back stopped at the mapping's line
+    path = tmp_path / "s.yaml"
+    [problem] = problems_of(path, "name: s\ntasks: [etth1]\nseeds: 1\nablations:\n  levels:\n    - a: 1\n"
+                                  "      b: 2\n   - c\n")
+    assert problem.endswith(
+        " (the list item '- c' at line 8 is indented by 3 space(s), the items of levels: before it by 4: YAML ends a "
+        "list at an item indented less; indent every item of levels: by 4 spaces, like its first)")
+    # a deeper line that is no item's content (a mapping's, after the list) still gets no hint
+    [problem] = problems_of(path, "name: s\ntasks: [etth1]\nseeds: 1\nfoo:\n      bar: 1\n   - c\n")
+    assert "list item" not in problem
+
+
 def test_a_yaml_error_elsewhere_gets_no_list_hint(tmp_path):
     path = tmp_path / "s.yaml"
     [problem] = problems_of(path, "name: s\ntasks: [etth1\nseeds: 1\n")

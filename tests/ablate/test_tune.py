@@ -2331,6 +2331,36 @@ def test_tuned_with_records_the_real_datas_fingerprint_and_a_study_on_other_real
     assert "data_fingerprint" not in _tuned_with_of_an_embedded_search(tmp_path)
 
 
+def test_a_path_key_naming_the_recorded_file_through_a_link_is_no_other_real_data(tmp_path):
+    # csv_file through a link and the file itself were the same file (csv_file not named), but the data's
+    # fingerprint, which hashes the file's name as given, warned of "other real data"
+    from ablate.study import run_data_fingerprint
+
+    (tmp_path / "data").mkdir()
+    csv = tmp_path / "data" / "x.csv"
+    csv.write_text("label,text\n" + "".join(f"{i % 2},review {i}\n" for i in range(40)))
+    link = tmp_path / "data" / "link.csv"
+    link.symlink_to(csv)
+    mapping = {"name": "s", "tasks": ["imdb"], "seeds": [9], "data": "real", "data_dir": "data",
+               "baseline": {"priorities_from": "best.yaml"}}
+
+    def said(recorded: Path, here: Path) -> list[str]:
+        fingerprint = run_data_fingerprint({"task": "imdb", "data": "real", "data_dir": str(tmp_path / "data"),
+                                            "csv_file": str(recorded)})
+        best = yaml.safe_dump({"imdb": {"priorities": [1, 2, 3], "tuned_with": {
+            "data": "real", "csv_file": str(recorded), "data_fingerprint": fingerprint}}})
+        warned = _tuned_with_warnings(tmp_path, best, {**mapping, "overrides": {"imdb": {"csv_file": str(here)}}})
+        return [w.split("(imdb: ")[1].split("), so")[0] for w in warned]
+
+    assert said(link, csv) == [] and said(csv, link) == []
+    other = tmp_path / "data" / "y.csv"  # (other data: still named, the file and its fingerprint)
+    other.write_text(csv.read_text() + "1,one review more\n")
+    [warned] = said(link, other)
+    assert warned.startswith(f"csv_file (tuned with {json.dumps(str(link))}, here {json.dumps(str(other))}), "
+                             f"data_fingerprint (tuned with ")
+    assert warned.endswith(": other real data)")
+
+
 def _tuned_with_of_an_embedded_search(tmp_path: Path) -> dict:
     """The ``tuned_with`` that ``ablate tune`` writes for a search on embedded data."""
     import optuna
