@@ -623,6 +623,7 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
     recorded = {r.trial_id: r.data_fingerprint for r in stored.itertuples()
                 if isinstance(r.data_fingerprint, str) and r.data_fingerprint}
     now: dict[str, str | None] = {}
+    walked: dict = {}  # (each located file or folder's count and size: walked once for all the trials reading it)
     stale: dict[str, list] = {}
     for spec in study.trials:
         if spec.trial_id not in recorded or spec.config.get("data") != "real":
@@ -630,7 +631,7 @@ def set_aside_stale_data(study: Study, out_dir: Path, stored) -> set[str]:
         key = json.dumps(sorted(spec.config.items()), default=str)  # (a task's locate may read any key)
         if key not in now:
             try:
-                now[key] = data_fingerprint(get_task(spec.task), spec.config)
+                now[key] = data_fingerprint(get_task(spec.task), spec.config, walked)
             except (DatasetNotFoundError, OSError):
                 now[key] = None
         if now[key] is not None and now[key] != recorded[spec.trial_id]:
