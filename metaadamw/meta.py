@@ -50,6 +50,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -172,7 +173,7 @@ class ModelState:
     pass's values and graph), with the module's other plain attributes (a cache's key), and so is a
     parameter a forward pass registered or replaced. Between the passes that check is skipped (~130 us
     on a ResNet-18). The values of the other parameters are not saved (a frozen backbone's copy would
-    double its memory): :meth:`check_parameters_unwritten` refuses a forward pass that wrote one."""
+    double its memory): :meth:`warn_parameters_written` warns of a forward pass that wrote one."""
 
     def __init__(self, model: nn.Module):
         lazy = sorted({type(m).__name__ for m in model.modules() if any(
@@ -195,8 +196,8 @@ class ModelState:
                          and (w := m._parameters.get("weight")) is not None]
         # which parameters each module holds (one a forward pass registers is removed again), and every other
         # parameter's version counter: a forward pass that writes one in place (a frozen parameter updated as an
-        # EMA) is refused after the call - the values are not saved, as a copy of a frozen backbone would double
-        # its memory; such state belongs in a buffer
+        # EMA, an in-place weight constraint) is warned of after the call - the values are not saved, as a copy of a
+        # frozen backbone would double its memory; state a forward pass updates belongs in a buffer
         self._parameter_holders = [(m, dict(m._parameters), saved) for m, saved in self._dicts]
         renormalised = {id(w) for w, _ in self._weights}
         self._versions = [(name, p, p._version) for name, p in model.named_parameters()
@@ -229,20 +230,24 @@ class ModelState:
                 for name, p in held.items():
                     now[name] = p
 
-    def check_parameters_unwritten(self) -> None:
-        """Refuse a model whose forward pass wrote parameters in place (other than the embeddings with
+    def warn_parameters_written(self) -> None:
+        """Warn of a model whose forward pass wrote parameters in place (other than the embeddings with
         ``max_norm``, which are restored): their values on entry are not saved, so they now hold what
-        the meta-update's passes wrote. Read from the version counters (a write through ``.data``
-        bypasses them and is not seen)."""
+        the meta-update's passes wrote - at the hypothetical parameters too. A warning, not an error:
+        an in-place weight constraint (``self.weight.clamp_(0)`` in ``forward``) writes a parameter
+        without changing it, which the version counters read here cannot tell from an EMA's update (a
+        write through ``.data`` bypasses them and is not seen)."""
         written = [name for name, p, version in self._versions if p._version != version]
         if written:
             shown = ", ".join(map(repr, written[:5])) + (f" and {len(written) - 5} more" if len(written) > 5 else "")
-            raise RuntimeError(
+            warnings.warn(
                 f"meta_step: the model's forward pass wrote {len(written)} parameter(s) in place: {shown}. The "
                 f"meta-update restores the buffers a forward pass changes but does not copy the parameters (a copy "
-                f"of a frozen backbone would double its memory), so they now hold the values its passes wrote. Keep "
-                f"state that a forward pass updates (an EMA, a running estimate) in a buffer "
-                f"(module.register_buffer(name, tensor)), which meta_step restores, not in a parameter")
+                f"of a frozen backbone would double its memory), so they now hold the values its passes wrote, at the "
+                f"hypothetical parameters too. Keep state that a forward pass updates (an EMA, a running estimate) in "
+                f"a buffer (module.register_buffer(name, tensor)), which meta_step restores, not in a parameter; an "
+                f"in-place constraint that leaves the values as they were (a clamp the weights already satisfy) is "
+                f"harmless", RuntimeWarning, stacklevel=2)
 
     def _undo_new_tensor_attributes(self) -> None:
         """A module a forward pass left a new tensor (or list of tensors) in gets all its plain
@@ -327,7 +332,7 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
         if caching is not None:
             parametrize._cache_enabled = caching
         state.restore()
-    state.check_parameters_unwritten()  # (after a successful call only: an error of the call itself comes first)
+    state.warn_parameters_written()  # (after a successful call only: an error of the call itself comes first)
 
 
 class _RngReplay:

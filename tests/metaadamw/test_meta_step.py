@@ -1754,9 +1754,10 @@ class _EmaInForward(nn.Module):
 
 
 @pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
-def test_a_parameter_a_forward_pass_writes_in_place_is_refused_not_left_changed(meta_gradient):
+def test_a_parameter_a_forward_pass_writes_in_place_is_warned_of_not_left_changed_silently(meta_gradient):
     # ModelState restored buffers but not parameters: a frozen parameter (one the optimizer does not hold) that the
-    # forward pass updates in place came back from meta_step holding what its passes wrote, without a word
+    # forward pass updates in place came back from meta_step holding what its passes wrote, without a word. A
+    # warning, not an error: an in-place constraint (clamp_) writes without changing, and trained as before
     batches = regression_batches(3)
     for as_parameter in (True, False):
         model = _EmaInForward(as_parameter)
@@ -1764,13 +1765,41 @@ def test_a_parameter_a_forward_pass_writes_in_place_is_refused_not_left_changed(
         _step(model, opt, batches[0])
         snap = _strict_snapshot(model)
         if as_parameter:
-            with pytest.raises(RuntimeError, match=r"meta_step: the model's forward pass wrote 1 parameter\(s\) in "
-                                                   r"place: 'mean'\. .* Keep state that a forward pass updates .* in a "
-                                                   r"buffer \(module\.register_buffer\(name, tensor\)\)"):
-                opt.meta_step(model, mse, *batches)
+            with pytest.warns(RuntimeWarning, match=r"meta_step: the model's forward pass wrote 1 parameter\(s\) in "
+                                                    r"place: 'mean'\. .* Keep state that a forward pass updates .* in a "
+                                                    r"buffer \(module\.register_buffer\(name, tensor\)\)"):
+                assert not opt.meta_step(model, mse, *batches).skipped
+            assert not torch.equal(model.mean, snap[0]["mean"][1])  # (what the passes wrote: warned of, not undone)
+            assert torch.equal(model.lin.weight, snap[0]["lin.weight"][1]) and torch.equal(model.lin.bias, snap[0]["lin.bias"][1])
         else:  # (the same state as a buffer: restored exactly)
             assert not opt.meta_step(model, mse, *batches).skipped
             _assert_strictly_same(model, snap)
+
+
+def test_an_in_place_weight_constraint_in_forward_is_warned_of_and_the_meta_update_runs():
+    # a forward pass that clamps its own weight in place (a positivity constraint) writes the parameter without
+    # changing it: the version counters cannot tell it from an EMA's update, so it is warned of, never refused
+    class Positive(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.lin.weight.clamp_(min=0.0)
+            return self.lin(x)
+
+    model = Positive()
+    opt = MetaAdamW(model.named_parameters(), **small_kwargs())
+    batches = regression_batches(3)
+    _step(model, opt, batches[0])
+    with torch.no_grad():
+        model.lin.weight.clamp_(min=0.0)  # (as the next forward pass would: the constraint holds)
+    snap = _strict_snapshot(model)
+    with pytest.warns(RuntimeWarning, match=r"wrote 1 parameter\(s\) in place: 'lin\.weight'.* an in-place constraint "
+                                            r"that leaves the values as they were .* is harmless"):
+        assert not opt.meta_step(model, mse, *batches).skipped
+    _assert_strictly_same(model, snap)  # (the clamp left every value as it was)
 
 
 def test_a_parameter_a_forward_pass_registers_is_removed_again():
