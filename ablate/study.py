@@ -1053,6 +1053,8 @@ def _same_file(recorded: Any, here: Any, config: dict[str, Any]) -> bool:
         except DatasetNotFoundError:  # (no data directory: nothing to resolve against)
             return False
         tried = [root / mine for root in dict.fromkeys(roots)]
+        if not tried:
+            return False
         mine = str(next((p for p in tried if p.is_file()), tried[0]))
     return there == mine or os.path.realpath(there) == os.path.realpath(mine)
 

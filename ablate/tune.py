@@ -112,7 +112,8 @@ from ablate.config import (
 from ablate.files import atomic_write_bytes
 from ablate.stats import TUNING_TIE_TOL, tuning_tie
 from ablate.study import (ADAMW_REFERENCE, DATA_FINGERPRINT, TUNED_FILES, TUNED_FOR, TUNED_ON_SEEDS, TUNED_WITH, Study,
-                          StudyError, _check_keys, _read_yaml, parse_study, run_data_fingerprint, tuned_file_usage, tuning_context)
+                          StudyError, _check_keys, _read_yaml, parse_study, run_data_fingerprint, tuned_file_usage,
+                          tuning_context)
 
 #: Optuna parameter names of the three HUW priorities, in the order of the ``priorities`` list.
 PRIORITY_PARAMS = ("p_gradient", "p_loss_decrease", "p_gen_gap")

@@ -37,8 +37,9 @@ The model's parameters are never written: theta' lives in separate tensors swapp
 modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards,
 as are the rows an embedding with ``max_norm`` renormalises in its forward, and ``.grad`` is
 never touched, so the model is exactly as before the call. Other parameters a forward pass writes
-in place (a running mean kept in a frozen parameter) are not copied: the call raises after the
-passes, naming them (such state belongs in a buffer).
+in place (a running mean kept in a frozen parameter) are not copied: the call warns after the
+passes, naming them (such state belongs in a buffer; an in-place constraint that changes nothing
+is harmless).
 
 A meta-update whose meta-loss, meta-gradient or an objective term it weights is not finite is
 skipped (``record.skipped``, counted in ``optimizer.meta_skipped``): the modulator stays as it was.
@@ -944,8 +945,8 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
 
     Where ``v`` is 0 (H v = 0) nothing is added, and where ||v|| is not finite ``out`` is filled
     with NaN (the meta-update is skipped); in both cases the pass is skipped - unless ``distributed``
-    (a process group of several ranks, with ``sync_meta`` or without): then it runs all the same, at theta', and its result is dropped, so
-    that every rank runs the same passes whatever its ``v``. A model whose forward runs collectives
+    (a process group of several ranks, with ``sync_meta`` or without): then it runs all the same, at
+    theta', and its result is dropped, so that every rank runs the same passes whatever its ``v``. A model whose forward runs collectives
     of its own (``SyncBatchNorm``) would otherwise meet another rank's pass with the meta-update's
     all-reduce (gloo aborts on the mismatch; NCCL waits or mixes values). (Agreeing on the skip in a
     collective of its own would cost one more all-reduce per meta-update, and one that a rank

@@ -403,10 +403,10 @@ class MetaAdamW(torch.optim.Optimizer):
         name, and with ``model=`` the layers that make it sparse gradients, whatever name it is also
         registered under (``self.w = self.emb.weight`` names it 'w')."""
         name = self.tensor_info[i].name
-        described_ = f"parameter {name!r}" if name else f"parameter {i} (of the optimizer's flat order)"
+        named = f"parameter {name!r}" if name else f"parameter {i} (of the optimizer's flat order)"
         model = self._model_ref() if self._model_ref is not None else None
         layers = _sparse_layers_of(self._params[i], model)
-        return described_ + (f", the weight of the model's layer {', '.join(layers)}," if layers else "")
+        return named + (f", the weight of the model's layer {', '.join(layers)}," if layers else "")
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """Everything the meta-optimizer trains: the modulator (encoder, head, gates, group
