@@ -1078,9 +1078,10 @@ def test_the_node_of_a_failure_is_ray_s_not_an_address_the_trainable_s_message_g
     assert sweep._failed_node(trial, died) == "10.0.0.5"
 
 
-def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it_ran_on(tmp_path, monkeypatch):
-    # the driver records a trial whose worker raised (or died) from Ray's error: the notes of a checkpoint set aside,
-    # reported by the worker before it trained, were lost, and the row said neither where it ran nor whose code it names
+def _recording_one_trial(tmp_path, monkeypatch, last_result: dict):
+    """A one-trial study's Recorder whose stored rows are collected (``stored``), and a Ray-like trial of it
+    that failed on no pickled error, with ``last_result`` as its last reported result and its error file at
+    ``tmp_path / "error.txt"`` (written by the test)."""
     from types import SimpleNamespace
 
     from ablate import sweep
@@ -1091,8 +1092,17 @@ def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it
     monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: stored.append(row))
     recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
     trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING", pickled_error_file=None,
-                            run_metadata=SimpleNamespace(last_result={"node_ip": "10.0.0.5", "hostname": "node-5"}),
-                            error_file=str(tmp_path / "error.txt"))
+                            run_metadata=SimpleNamespace(last_result=last_result), error_file=str(tmp_path / "error.txt"))
+    return spec, stored, recorder, trial
+
+
+def test_a_trial_that_raises_is_stored_with_its_checkpoint_notes_and_the_node_it_ran_on(tmp_path, monkeypatch):
+    # the driver records a trial whose worker raised (or died) from Ray's error: the notes of a checkpoint set aside,
+    # reported by the worker before it trained, were lost, and the row said neither where it ran nor whose code it names
+    from ablate import sweep
+
+    spec, stored, recorder, trial = _recording_one_trial(tmp_path, monkeypatch,
+                                                         {"node_ip": "10.0.0.5", "hostname": "node-5"})
     note = f"trial {spec.trial_id}: its checkpoint x.pt is unreadable (ValueError: not a trial checkpoint); moved aside"
     result = {sweep.NOTES_KEY: json.dumps([note])}
     recorder.on_trial_result(1, [trial], trial, result)
@@ -1137,18 +1147,10 @@ def test_a_failed_trial_s_stored_error_has_no_terminal_colour_codes(tmp_path, mo
 def test_a_multi_line_note_keeps_its_lines_in_the_stored_error_and_in_the_run_s_output(tmp_path, monkeypatch, capsys):
     # the stored error ran a note's lines into one ("... for Linear: size mismatch for weight: ... size mismatch for
     # bias: ..."), unreadable, while the run printed the same note with its lines: each line now a line in both
-    from types import SimpleNamespace
-
     from ablate import sweep
     from ablate.stats import error_summary
 
-    study = load_study(tiny_study(tmp_path, seeds=1))
-    spec = study.trials[0]
-    stored = []
-    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: stored.append(row))
-    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
-    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING", pickled_error_file=None,
-                            run_metadata=SimpleNamespace(last_result={}), error_file=str(tmp_path / "error.txt"))
+    spec, stored, recorder, trial = _recording_one_trial(tmp_path, monkeypatch, {})
     note = (f"trial {spec.trial_id}: its checkpoint x.pt cannot be used (RuntimeError: Error(s) in loading state_dict "
             f"for Linear:\n\tsize mismatch for weight: shape [1, 4]\n\tsize mismatch for bias: shape [1]); moved aside")
     recorder.on_trial_result(1, [trial], trial, {sweep.NOTES_KEY: json.dumps([note])})
