@@ -24,6 +24,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ablate.allocator import CPU_MALLOC
@@ -258,15 +259,25 @@ def task_fields(task_name: str) -> dict[str, Any]:
     return {k: v for k, v in {**spec.defaults, **spec.embedded_defaults}.items() if k not in COMMON_FIELDS}
 
 
+def _names_key(where: str, key: str) -> bool:
+    """Whether the field path that ``where`` ends with names ``key`` already: the key itself
+    (``s.yaml: baseline.lr``), a level of its axis (``ablations.lr[0]``), a bound of its tuned range
+    (``tune.params.meta_lr.low``), each also followed by the task it is checked for (``(task etth1)``)."""
+    path = re.sub(r" \(task [^()]*\)$", "", where)
+    path = re.sub(r"(?:\[\d+\])+$|\.(?:low|high)$", "", path)
+    return path.endswith((f".{key}", f": {key}"))
+
+
 def validate_value(key: str, value: Any, where: str = "trial config") -> None:
     """Check one common key's value; a ConfigError starts with ``where`` and names the key, the
-    value and what it must be. Where ``where`` ends with the key already (a study file's field path,
-    ``s.yaml: baseline.priorities``), the key is not said twice: ``...baseline.priorities: must be a
-    list``, not ``...baseline.priorities: priorities must be a list``."""
+    value and what it must be. Where ``where`` names the key already (a study file's field path,
+    ``s.yaml: baseline.priorities``, ``ablations.lr[0]``, ``tune.params.lr.low``: see
+    :func:`_names_key`), the key is not said twice: ``...baseline.priorities: must be a list``, not
+    ``...baseline.priorities: priorities must be a list``."""
     field = COMMON_FIELDS.get(key)
     if field is None:
         return
-    named = where.endswith((f".{key}", f": {key}"))
+    named = _names_key(where, key)
     subject = "" if named else f"{key} "  # (the key, before "must ...")
     shown = f"{value!r}" if named else f"{key}={value!r}"  # (the value, named by its key)
     if value is None:
@@ -343,14 +354,15 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             mine, other = ((spec.embedded_defaults, spec.defaults) if data == "embedded"
                            else (spec.defaults, spec.embedded_defaults))
             default = mine.get(key) if mine.get(key) is not None else other.get(key)
+            subject = "" if _names_key(where, key) else f"{key} "  # (not said twice: see validate_value)
             # null where no default of the task's is null (as for a common key that is not nullable;
             # refused after the task's check, which may say more)
             if value is None and all(d[key] is not None for d in (mine, other) if key in d):
                 own = mine[key] if key in mine else other[key]
-                nulls.append(ConfigError(f"{where}: {key} must not be null (task {spec.name}'s default: {own!r}; "
+                nulls.append(ConfigError(f"{where}: {subject}must not be null (task {spec.name}'s default: {own!r}; "
                                          f"leave the key out to take it)"))
             if default is not None and value is not None and not _same_kind(default, value):
-                problems.append(ConfigError(f"{where}: {key} must be {_kind_of(default)} like {default!r} (task "
+                problems.append(ConfigError(f"{where}: {subject}must be {_kind_of(default)} like {default!r} (task "
                                             f"{spec.name}), got {value!r}"))
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 resolved[key] = float(value)  # (dropout: 0 and dropout: 0.0 are the same trial, as for lr)
@@ -373,9 +385,9 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
         try:
             spec.check(dict(resolved))
         except CrossKeyError as exc:
-            deferred = deferred or CrossKeyError(f"{where}: {exc}")
+            deferred = deferred or CrossKeyError(f"{where}: {_said_once(str(exc), spec.name, where)}")
         except ValueError as exc:  # ConfigError included
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{where}: {_said_once(str(exc), spec.name, where)}") from None
         except Exception as exc:  # a bug in the check itself (a KeyError from a misspelt key): named, not a traceback
             if nulls:  # (a check that does arithmetic on the key fails on the null, its cause)
                 raise several(nulls) from None
@@ -388,6 +400,18 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
     if resolved["meta_per_epoch"] is not None:
         resolved["meta_every"] = None  # set from the epoch length by the trial; keeps resolution idempotent
     return resolved
+
+
+def _said_once(message: str, task: str, where: str) -> str:
+    """A task check's message (``"TASK: KEY=VALUE must be ..."``, as :mod:`ablate.tasks.base`'s checks
+    say it) less what ``where`` says already: the task where ``where`` ends with ``(task TASK)``, and
+    the key where its field path names it (:func:`_names_key`) - so that a study file's
+    ``baseline.seq_len (task etth1): -1 must be ...`` does not go on ``etth1: seq_len=-1 must be ...``."""
+    if not where.endswith(f"(task {task})") or not message.startswith(f"{task}: "):
+        return message
+    message = message[len(task) + 2:]
+    key = re.match(r"(\w+)=", message)
+    return message[key.end():] if key and _names_key(where, key[1]) else message
 
 
 def _kind_of(default: Any) -> str:

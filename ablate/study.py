@@ -179,6 +179,10 @@ class _Context:
     adamw_tuned_with: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     searched: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # arm -> the keys `ablate tune` searches now
     overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # (each located data file or folder's count and size, for :func:`run_data_fingerprint`: walked once per parse
+    # for both tuned arms' files, not once per arm - a 50,000-file tree takes about a second; not kept across
+    # parses, as the files may change between runs)
+    walked: dict[Any, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def where(self, path: str) -> str:
         return f"{self.source}: {path}" if path else self.source
@@ -273,8 +277,14 @@ def import_plugins(plugins: Iterable[str], base_dir: str | os.PathLike | None = 
     ``sys.path`` first. Call this on every worker before building a trial. ``where`` and
     ``next_to`` word the error: the study file's ``plugins`` list, or ``ablate``'s ``--plugin``.
     """
+    if isinstance(plugins, (str, bytes)):  # (iterated, "my_plugin" would import its letters "m", "y", ...)
+        raise StudyError(f"{source}: {where}: must be a list of module names, e.g. ['my_package.my_features']; "
+                         f"got the single string {_short(plugins)}: give [{_short(plugins)}]")
     for i, name in enumerate(plugins):
-        if isinstance(name, str) and not name.strip():  # (importlib's "Empty module name. Fix the error it raises")
+        if not isinstance(name, str):  # (a Python caller's: name.endswith below failed with an AttributeError)
+            raise StudyError(f"{source}: {where}[{i}]: {_short(name)} is not a module name: give the plugin's module "
+                             f"name as a string, e.g. 'my_package.my_features'")
+        if not name.strip():  # (importlib's "Empty module name. Fix the error it raises")
             raise StudyError(f"{source}: {where}[{i}]: is an empty module name: give the plugin's module name "
                              f"(its file {next_to}, or importable from the Python path)")
         if name.endswith(".py") or "/" in name or os.sep in name:
@@ -795,17 +805,19 @@ def run_data(config: dict[str, Any]) -> Any:
     return identity_config({"task": config.get("task"), "data": config.get("data")})["data"]
 
 
-def run_data_fingerprint(config: dict[str, Any]) -> str | None:
+def run_data_fingerprint(config: dict[str, Any], walked: dict[Any, tuple[int, int]] | None = None) -> str | None:
     """The :func:`ablate.tasks.data_fingerprint` of ``config``'s real data (a stat of the files the
     task's ``locate`` names, as ``ablate run`` takes before it reuses a stored trial), or None: embedded
-    data, a task without ``locate``, or data not found where ``config`` looks (unknown, not other data)."""
+    data, a task without ``locate``, or data not found where ``config`` looks (unknown, not other data).
+    ``walked``: the cache :func:`ablate.tasks.data_fingerprint` takes, kept by the caller for one pass
+    (e.g. one parse) so that a large tree is walked once in it."""
     from ablate.tasks import TASKS, data_fingerprint
 
     task = config.get("task")
     if config.get("data") != "real" or not isinstance(task, str) or task not in TASKS:
         return None
     try:
-        return data_fingerprint(TASKS.get(task), config) or None
+        return data_fingerprint(TASKS.get(task), config, walked) or None
     except OSError:  # (DatasetNotFoundError included: no data here, or a file gone while it was read)
         return None
 
@@ -954,7 +966,8 @@ def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> N
     scored them against): a study whose tuned arm runs them with other settings (or whose AdamW
     arm is not that reference) gets no tuned values, whatever the file says. Said per tuned arm,
     naming each task's differing keys (a task whose tuned keys the study's ``overrides.<task>`` all
-    replace is not using them; a key the file does not record is unknown, not a difference)."""
+    replace is not using them; a key the file does not record is unknown, not a difference). The
+    advice fits what differs: settings to set back, the data files to read (other real data), or both."""
     for arm, tuned, tuned_with in (("baseline", ctx.tuned, ctx.tuned_with),
                                    ("adamw", ctx.adamw_tuned, ctx.adamw_tuned_with)):
         differ = {}
@@ -964,33 +977,44 @@ def _warn_tuned_with_other_settings(ctx: _Context, trials: list[TrialSpec]) -> N
             config = next((t.config for t in trials if t.task == task and arm in t.arms), None)
             if config is None:
                 continue
-            said = _tuned_with_differences(context, config, ctx.searched.get(arm, set()))
+            said = _tuned_with_differences(context, config, ctx.searched.get(arm, set()), walked=ctx.walked)
             reference = context.get(ADAMW_REFERENCE)
             adamw = next((t.config for t in trials if t.task == task and "adamw" in t.arms), None)
             if isinstance(reference, dict) and adamw is not None:  # (a study without an AdamW arm: nothing to compare)
                 said += _tuned_with_differences(reference, adamw, ctx.searched.get("adamw", set()),
-                                                f"{ADAMW_REFERENCE}.")
+                                                f"{ADAMW_REFERENCE}.", walked=ctx.walked)
             if said:
-                differ[task] = ", ".join(said)
+                differ[task] = said
         if not differ:
             continue
-        said = "; ".join(f"{task}: {keys}" for task, keys in differ.items())
+        said = "; ".join(f"{task}: {', '.join(keys)}" for task, keys in differ.items())
         what, whom = ("the priorities", "the baseline") if arm == "baseline" else ("AdamW's settings", "the AdamW arm")
+        # (the advice fits what differs: a setting is set back in the study file, other real data are not - the same
+        # data files are needed, or a new search on these)
+        other_data = {k for keys in differ.values() for k in keys if k.split(" (")[0].endswith(DATA_FINGERPRINT)}
+        settings = any(k not in other_data for keys in differ.values() for k in keys)
+        if not settings:
+            advice = "Run this study on the data files they were tuned on, or tune again on this study's data"
+        elif other_data:
+            advice = (f"Use the settings they were tuned with (the file's {TUNED_WITH}) on the data files they were "
+                      f"tuned on, or tune again with this study's settings and data")
+        else:
+            advice = f"Use the settings they were tuned with (the file's {TUNED_WITH}), or tune again with this study's settings"
         warnings.warn(
             f"{ctx.where(TUNED_FROM[arm])}: {what} were tuned with other settings than {whom} of this study runs them "
-            f"with ({said}), so they are not tuned for it. Use the settings they were tuned with (the file's "
-            f"{TUNED_WITH}), or tune again with this study's settings", stacklevel=3)
+            f"with ({said}), so they are not tuned for it. {advice}", stacklevel=3)
 
 
 def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], searched: set[str],
-                            prefix: str = "") -> list[str]:
+                            prefix: str = "", *, walked: dict[Any, tuple[int, int]] | None = None) -> list[str]:
     """``key (tuned with X, here Y)`` for each key of a recorded ``context`` (:func:`tuning_context`)
     that ``config`` runs with another value: common keys and the task's own; ``data`` as
     :func:`run_data` gives it (a recorded ``embedded`` without a version: compared as set); a task key
     that names a file as the file it names (:func:`_same_file`); and, on real data, the recorded
     :data:`DATA_FINGERPRINT` against that of the files ``config`` reads (where they are found; a path
     key that names the recorded file under another name, a link, is read through the recorded path,
-    as the fingerprint hashes the names)."""
+    as the fingerprint hashes the names; not where a path key already differs: other files, said once).
+    ``walked``: :func:`run_data_fingerprint`'s cache, kept for one parse."""
     here = dict(config)
     if isinstance(context.get("data"), str) and ":" in context["data"]:
         here["data"] = run_data(config)
@@ -1010,12 +1034,13 @@ def _tuned_with_differences(context: dict[str, Any], config: dict[str, Any], sea
             and not (k in paths and _same_file(context[k], here.get(k), config))]
     said = [f"{prefix}{k} (tuned with {json.dumps(context[k])}, here {json.dumps(here.get(k))})" for k in keys]
     recorded = context.get(DATA_FINGERPRINT)  # (real data on both sides: the files read, where this study looks)
-    if isinstance(recorded, str) and recorded and "data" not in keys and here.get("data") == "real":
+    if (isinstance(recorded, str) and recorded and "data" not in keys and not paths & set(keys)
+            and here.get("data") == "real"):
         # (a path key that names the same file as the recorded one - a link to it, or the absolute path of the file a
         # relative one finds - is read through the recorded path: the fingerprint hashes the file's name as given,
         # so the name the study gives it would make the same file other data)
         same = {k: context[k] for k in paths if k in context and k not in ignore and k not in keys}
-        fingerprint = run_data_fingerprint({**config, **same})
+        fingerprint = run_data_fingerprint({**config, **same}, walked)
         if fingerprint is not None and fingerprint != recorded:
             said.append(f"{prefix}{DATA_FINGERPRINT} (tuned with {json.dumps(recorded)}, here {json.dumps(fingerprint)}: "
                         f"other real data)")

@@ -435,7 +435,11 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec)
             self.eta.finished(spec.task, None)
-            stored = "; the traceback is stored with the trial" if len(error.strip().splitlines()) > 1 else ""
+            # (said for a traceback, not for a one-line error that only has the ``note:`` lines of _with_notes before it)
+            own = error.strip().splitlines()
+            while own and own[0].startswith("note: "):
+                own.pop(0)
+            stored = "; the traceback is stored with the trial" if len(own) > 1 else ""
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: FAILED ({_last_line(error)}{note}{stored})")
 
         def _rerun_done(self, spec: TrialSpec) -> None:

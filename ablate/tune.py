@@ -439,7 +439,9 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
     if defaults is not None:
         spec = {"low": defaults.low, "high": defaults.high, "log": defaults.log,
                 **{k: v for k, v in spec.items() if v is not None}}
-    for bound in ("low", "high"):
+    problems: list[str] = []  # (each bound's and log's: said together)
+
+    def check_bound(bound: str) -> None:
         if bound not in spec or spec[bound] is None:
             raise _err(source, f"{path}.{bound}", f"is required ({RANGE_KEYS[bound]})")
         value = spec[bound]
@@ -454,11 +456,19 @@ def _parse_range(source: str, path: str, spec: Any, kind: type, minimum: float |
                 validate_value(key, float(value) if kind is float else value, f"{source}: tune.{path}.{bound}")
             except ConfigError as exc:
                 raise StudyError(str(exc)) from None
+
+    for bound in ("low", "high"):
+        try:
+            check_bound(bound)
+        except StudyError as exc:
+            problems += exc.problems
     log = spec.get("log", False)
     if log is None:
         log = False
     if not isinstance(log, bool):
-        raise _err(source, f"{path}.log", f"must be true or false, got {log!r:.80}")
+        problems += _err(source, f"{path}.log", f"must be true or false, got {log!r:.80}").problems
+    if problems:  # (the checks below compare the bounds, and read log)
+        raise StudyError(*problems)
     low, high = spec["low"], spec["high"]
     if low >= high:
         raise _err(source, path, f"low ({low}{', the default' if 'low' in defaulted else ''}) must be less than high "
@@ -519,15 +529,24 @@ def _parse_scheduler(source: str, spec: Any) -> dict[str, Any] | None:
         if set(spec) - {"type"}:
             raise _err(source, "scheduler", "type is none, so grace_period and reduction_factor have no effect; remove them")
         return None
-    _choice(source, "scheduler.type", kind, ("asha", "none"))
+    problems: list[str] = []  # (each key's: said together)
+    try:
+        _choice(source, "scheduler.type", kind, ("asha", "none"))
+    except StudyError as exc:
+        problems += exc.problems
     out = dict(DEFAULT_SCHEDULER)
     if spec.get("grace_period") is not None:
-        out["grace_period"] = _int_at_least(source, "scheduler.grace_period", spec["grace_period"], 1)
+        try:
+            out["grace_period"] = _int_at_least(source, "scheduler.grace_period", spec["grace_period"], 1)
+        except StudyError as exc:
+            problems += exc.problems
     if spec.get("reduction_factor") is not None:
         rf = spec["reduction_factor"]
         if not is_number(rf) or rf <= 1:
-            raise _err(source, "scheduler.reduction_factor", f"must be a number > 1, got {rf!r:.80}")
+            problems += _err(source, "scheduler.reduction_factor", f"must be a number > 1, got {rf!r:.80}").problems
         out["reduction_factor"] = rf
+    if problems:
+        raise StudyError(*problems)
     return out
 
 

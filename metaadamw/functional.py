@@ -258,12 +258,18 @@ def check_dense(grads: list[Tensor | None], describe: Callable[[int], str] = lam
     """Refuse gradients that are not dense (strided): step() and meta_step() both need dense ones. Sparse
     COO ones (``nn.Embedding(sparse=True)``) and the compressed layouts (CSR, CSC, BSR, BSC: the gradients
     of a parameter of that layout), for which ``is_sparse`` is False, and which failed deep inside the
-    step ("unsupported tensor layout") after it had been counted. None (no gradient) passes. One layout
+    step ("unsupported tensor layout") after it had been counted; also the layouts that are not sparse
+    (``torch._mkldnn``, ``torch.jagged``: the gradients of a parameter of that layout), refused with
+    wording and advice of their own, not the sparse ones. None (no gradient) passes. One layout
     comparison per tensor, on the host: no sync. ``describe(i)`` names the tensor of ``grads[i]`` in the
     error (called only for the refused one)."""
     strided = torch.strided  # (layouts are singletons: an identity test, the cheapest per tensor)
     for i, g in enumerate(grads):
         if g is not None and g.layout is not strided:
+            if g.layout not in _SPARSE_LAYOUTS:
+                raise ValueError(f"MetaAdamW supports only dense (strided) gradients (as does AdamW): {describe(i)} "
+                                 f"has a gradient of layout {g.layout}. A parameter of that layout gets gradients of "
+                                 f"it: keep the parameter a strided tensor and convert it to that layout in forward")
             fix = ("A layer such as nn.Embedding(sparse=True) or nn.EmbeddingBag(sparse=True) makes them: build it "
                    "with sparse=False, or train its weight with torch.optim.SparseAdam in an optimizer of its own"
                    if g.layout is torch.sparse_coo else
@@ -271,6 +277,10 @@ def check_dense(grads: list[Tensor | None], describe: Callable[[int], str] = lam
                    "strided tensor) and make the sparse tensor from it in forward")
             raise ValueError(f"MetaAdamW does not support sparse gradients (nor does AdamW): {describe(i)} has a "
                              f"{g.layout} gradient. {fix}")
+
+
+# the sparse layouts, which check_dense words as such (the others, such as torch._mkldnn or torch.jagged, by layout)
+_SPARSE_LAYOUTS = frozenset({torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc})
 
 
 def foreach_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], beta1: float,

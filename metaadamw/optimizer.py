@@ -110,7 +110,9 @@ class MetaAdamW(torch.optim.Optimizer):
     changes, and name its parameter (with ``model=``, also the sparse layer whose weight it is; such
     a layer is not refused when the optimizer is made, since a weight that is frozen, or also used
     densely - tied to an output projection, or called directly in forward - gets no gradient or a
-    dense one), complex parameters, and parameters spread over several devices.
+    dense one), gradients of the other non-strided layouts (``torch._mkldnn``, ``torch.jagged``: those
+    of a parameter of that layout; refused alike, worded by layout), complex parameters, and
+    parameters spread over several devices.
     """
 
     def __init__(
@@ -401,9 +403,13 @@ class MetaAdamW(torch.optim.Optimizer):
     def _described_tensor(self, i: int) -> str:
         """Tensor ``i`` (in the optimizer's flat order), named for an error about its gradient: its
         name, and with ``model=`` the layers that make it sparse gradients, whatever name it is also
-        registered under (``self.w = self.emb.weight`` names it 'w')."""
-        name = self.tensor_info[i].name
-        named = f"parameter {name!r}" if name else f"parameter {i} (of the optimizer's flat order)"
+        registered under (``self.w = self.emb.weight`` names it 'w'). An unnamed one (params given as
+        a plain list, or dict groups without names) by its index, param group, position in that group
+        and shape: the flat index alone does not point at a tensor of a plain list of groups."""
+        info = self.tensor_info[i]
+        position = i - sum(self._group_sizes[:info.param_group])
+        named = (f"parameter {info.name!r}" if info.name else
+                 f"parameter {i} (param group {info.param_group}, position {position}, shape {info.shape})")
         model = self._model_ref() if self._model_ref is not None else None
         layers = _sparse_layers_of(self._params[i], model)
         return named + (f", the weight of the model's layer {', '.join(layers)}," if layers else "")
@@ -540,6 +546,12 @@ class MetaAdamW(torch.optim.Optimizer):
             "moments), or build a new optimizer")
 
     def _step(self) -> None:
+        """The step. The one-time modulator broadcast (``_ensure_meta_synced``, under ``torch.distributed``)
+        runs before ``check_dense`` on purpose, and is harmless to a rank that then refuses a gradient: it is a
+        collective every rank must enter alike (a rank that raised before it left the others waiting in it until
+        the process group failed), and all it changes there is what any first step there changes - the
+        modulator becomes rank 0's, recorded as synced - while the step count, moments and parameters stay as they
+        were; a retry with dense gradients then steps without a second broadcast, as the other ranks do."""
         self._check_tensors_unchanged()
         self._ensure_meta_synced()  # (an optimizer made before the process group: at its first step there)
         grads = [p.grad for p in self._params]

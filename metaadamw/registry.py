@@ -137,7 +137,11 @@ class Registry:
         except (KeyError, TypeError):
             pass
         close = []
-        if isinstance(name, str):  # the closest spellings ("fine_graned"), then names containing or contained in it
+        if isinstance(name, str):
+            # a name that differs only in case ("ETTh1" for "etth1") is the one meant: only it, not "ettm1" beside it
+            close = [n for n in self._items if n.lower() == name.lower()]
+        if isinstance(name, str) and not close:
+            # else the closest spellings ("fine_graned"), then names containing or contained in it
             close = difflib.get_close_matches(name.lower(), list(self._items), n=2)
             close += [n for n in self._items if (name.lower() in n or n in name.lower()) and n not in close]
         problem = self.entry_point_problem(name)

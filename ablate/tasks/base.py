@@ -376,6 +376,9 @@ class FolderFiles:
     pattern: str = "*"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.folder, (str, os.PathLike)):  # (Path()'s own TypeError names no FolderFiles)
+            raise TypeError(f"FolderFiles({self.folder!r}, {self.pattern!r}): the folder must be a path (a str or a "
+                            f"pathlib.Path), not {type(self.folder).__name__}: give the folder that holds the files")
         object.__setattr__(self, "folder", Path(self.folder))  # (frozen: set through object)
         if not self.pattern or "/" in self.pattern or os.sep in self.pattern:
             raise ValueError(f"FolderFiles({str(self.folder)!r}, {self.pattern!r}): the pattern matches the names of "

@@ -789,7 +789,7 @@ def test_a_plugin_component_with_the_wrong_signature_fails_the_study_load_not_ev
         "WEIGHTINGS.add('plugin_wrong', Wrong)\n")
     try:
         message = error(tmp_path, {**BASE, "plugins": ["study_plugin_wrong"], "ablations": {"weighting": ["plugin_wrong"]}})
-        assert "weighting='plugin_wrong': the loss weighting 'plugin_wrong' (study_plugin_wrong.Wrong(terms)) cannot be " \
+        assert "ablations.weighting[0]: 'plugin_wrong': the loss weighting 'plugin_wrong' (study_plugin_wrong.Wrong(terms)) cannot be " \
                "called as MetaAdamW calls it, cls(terms, signed_terms, *, priorities, weights, form)" in message
     finally:
         metaadamw.WEIGHTINGS.remove("plugin_wrong")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ablate.config import MAX_SEED
 from ablate.study import StudyError, load_study, parse_study
 from ablate.tune import load_tune_spec, parse_tune_spec
 
@@ -248,3 +249,65 @@ def test_plugins_are_imported_in_the_listed_order_and_a_failing_one_is_named_wit
         f"{tmp_path / 't.yaml'}: plugins[1]: cannot import plugin module 'msg_plugin_boom': RuntimeError: boom. "
         f"Fix the error it raises"]
     assert sys.modules["msg_plugin_order"].ORDER[-1] == "msg_plugin_boom"
+
+
+# -- a key said once: where the field path names it -------------------------------------------------
+
+
+@pytest.mark.parametrize(("study", "problem"), [
+    # a level of an ablation axis: said "ablations.lr[0]: lr=-1.0 must be > 0"
+    ({"ablations": {"lr": [-1.0, 1e-3]}}, "s.yaml: ablations.lr[0]: -1.0 must be > 0 (learning rate)"),
+    # a task key through resolve_config: said "baseline.seq_len (task etth1): etth1: seq_len=-1 must be ..."
+    ({"baseline": {"seq_len": -1}},
+     "s.yaml: baseline.seq_len (task etth1): -1 must be an integer >= 1 (input window length in steps)"),
+    ({"ablations": {"seq_len": [8, -1]}},
+     "s.yaml: ablations.seq_len[1] (task etth1): -1 must be an integer >= 1 (input window length in steps)"),
+    # said "baseline.seq_len (task etth1): seq_len must be an integer, ..."
+    ({"baseline": {"seq_len": "x"}}, "s.yaml: baseline.seq_len (task etth1): must be an integer, like 24 (task etth1), "
+                                     "got 'x'"),
+    # a path that does not name the key keeps it, and the task's name where the path does not say it
+    ({"seeds": [-2]}, f"s.yaml: seeds[0]: seed=-2 must be >= 0 and at most {MAX_SEED} (seeds Python, NumPy, torch "
+                      f"and the data order)"),
+    ({"baseline": {"lr": -1}}, "s.yaml: baseline.lr: -1 must be > 0 (learning rate)"),
+])
+def test_a_bad_value_names_its_key_once(study, problem):
+    assert mapping_problems({**BASE, **study}) == [problem]
+
+
+def test_a_task_check_run_on_a_trial_config_still_names_the_task_and_the_key():
+    from ablate.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"task": "etth1", "seq_len": -1})
+    assert str(info.value) == "trial config: etth1: seq_len=-1 must be an integer >= 1 (input window length in steps)"
+
+
+def test_a_bound_of_a_tuned_range_names_its_key_once():
+    # said "tune.params.meta_lr.low: meta_lr=-1.0 must be > 0"
+    assert mapping_problems({**BASE, "tune": {"params": {"meta_lr": {"low": -1.0, "high": 1e-2}}}},
+                            parse_tune_spec) == [
+        "s.yaml: tune.params.meta_lr.low: -1.0 must be > 0 (learning rate of the modulator's optimizer)"]
+
+
+# -- every problem of a range and of the scheduler ---------------------------------------------------
+
+
+def test_every_problem_of_a_tuned_range_is_said_together():
+    # a bad low hid a bad high and a bad log
+    assert mapping_problems({**BASE, "tune": {"params": {"meta_lr": {"low": -1.0, "high": -2.0, "log": "yes"}}}},
+                            parse_tune_spec) == [
+        "s.yaml: tune.params.meta_lr.low: -1.0 must be > 0 (learning rate of the modulator's optimizer)",
+        "s.yaml: tune.params.meta_lr.high: -2.0 must be > 0 (learning rate of the modulator's optimizer)",
+        "s.yaml: tune.params.meta_lr.log: must be true or false, got 'yes'"]
+    assert mapping_problems({**BASE, "tune": {"priorities": {"low": "a", "high": -1}}}, parse_tune_spec) == [
+        "s.yaml: tune.priorities.low: must be a finite number, got 'a'",
+        "s.yaml: tune.priorities.high: must be >= 0.0, got -1"]
+
+
+def test_every_problem_of_the_scheduler_is_said_together():
+    # a bad type hid a bad grace_period and reduction_factor
+    assert mapping_problems({**BASE, "tune": {"scheduler": {"type": "hyperband", "grace_period": 0,
+                                                            "reduction_factor": 1}}}, parse_tune_spec) == [
+        "s.yaml: tune.scheduler.type: 'hyperband' is not allowed; choose one of: asha, none",
+        "s.yaml: tune.scheduler.grace_period: must be an integer >= 1, got 0",
+        "s.yaml: tune.scheduler.reduction_factor: must be a number > 1, got 1"]

@@ -1257,3 +1257,24 @@ def test_a_trial_raising_in_its_first_batch_under_resume_is_stored_with_its_note
     assert row["error"].rstrip().endswith("RuntimeError: the first batch raised")
     assert (row["hostname"], row["provenance_source"]) == (socket.gethostname(), "driver")
     assert "\x1b[" not in row["error"] and "ray::ImplicitFunc.train() (pid=" in row["error"]  # (no colour codes)
+
+
+def test_a_failed_one_line_error_with_notes_before_it_says_no_traceback_is_stored(tmp_path, capsys):
+    # the "note:" lines of its checkpoints put before a one-line error made it "more than one line": the run said
+    # "the traceback is stored with the trial" for an error that has none
+    import types
+
+    from ablate import sweep
+    from ablate.study import TrialSpec
+
+    out = tmp_path / "s"
+    out.mkdir()
+    spec = TrialSpec("aaaaaaaaaaaa", "etth1", 0, "baseline", ["baseline"], "", {"task": "etth1", "seed": 0})
+    recorder = sweep._make_callbacks(types.SimpleNamespace(name="s", retries=0), {spec.trial_id: spec}, out, 1, 0)
+    recorder._record_failure([], spec, sweep._with_notes("RuntimeError: boom", ["its checkpoint is unreadable"]))
+    recorder._record_failure([], spec, sweep._with_notes("Traceback ...\nRuntimeError: boom", ["a note"]))
+    recorder._record_failure([], spec, "RuntimeError: boom")
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines == ["etth1 seed 0 baseline: FAILED (RuntimeError: boom)",
+                     "etth1 seed 0 baseline: FAILED (RuntimeError: boom; the traceback is stored with the trial)",
+                     "etth1 seed 0 baseline: FAILED (RuntimeError: boom)"]

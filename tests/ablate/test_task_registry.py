@@ -470,6 +470,34 @@ def test_folder_files_of_one_folder_are_equal_however_the_folder_is_given():
     assert FolderFiles("data/x", "*.txt") != FolderFiles("data/x", "*.csv")
 
 
+@pytest.mark.parametrize("folder", [None, 3, b"data/x"])
+def test_folder_files_of_no_path_is_refused_naming_folder_files(folder):
+    # FolderFiles(None) raised Path()'s own "expected str, bytes or os.PathLike object, not NoneType"
+    from ablate.tasks import FolderFiles
+
+    with pytest.raises(TypeError) as info:
+        FolderFiles(folder, "*.txt")
+    assert str(info.value) == (f"FolderFiles({folder!r}, '*.txt'): the folder must be a path (a str or a pathlib.Path), "
+                               f"not {type(folder).__name__}: give the folder that holds the files")
+
+
+@pytest.mark.parametrize("plugins, message", [
+    ([3], "<string>: plugins[0]: 3 is not a module name: give the plugin's module name as a string, "
+          "e.g. 'my_package.my_features'"),
+    (["json", None], "<string>: plugins[1]: None is not a module name: give the plugin's module name as a string, "
+                     "e.g. 'my_package.my_features'"),
+    ("my_plugin", "<string>: plugins: must be a list of module names, e.g. ['my_package.my_features']; "
+                  "got the single string 'my_plugin': give ['my_plugin']"),
+])
+def test_import_plugins_refuses_a_name_that_is_no_string(plugins, message):
+    # a Python caller's non-string name crashed in name.endswith (AttributeError); a bare string imported its letters
+    from ablate.study import StudyError, import_plugins
+
+    with pytest.raises(StudyError) as info:
+        import_plugins(plugins)
+    assert str(info.value) == message
+
+
 def test_null_for_a_task_key_whose_default_is_a_value_is_refused():
     # {hidden: null} passed validation and the factory crashed in every trial on None
     from ablate.config import ConfigError, resolve_config

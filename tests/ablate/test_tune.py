@@ -477,7 +477,7 @@ BASE = {"name": "t", "tasks": ["etth1"], "seeds": 2, "budget": {"epochs": 2}, "a
                                                             "choose from:", "alpha_range"]),
     ({"params": {"grouping": {"low": 1, "high": 2}}}, ["tune.params.grouping", "not a numeric config key"]),
     ({"params": {"meta_lr": {"low": 1e-2, "high": 1e-5}}}, ["tune.params.meta_lr", "must be less than high"]),
-    ({"params": {"beta1": {"low": 0.5, "high": 1.5}}}, ["tune.params.beta1.high", "beta1=1.5", "in [0, 1)"]),
+    ({"params": {"beta1": {"low": 0.5, "high": 1.5}}}, ["tune.params.beta1.high: 1.5 must be in [0, 1)"]),
     ({"params": {"modulator_layers": {"low": 1.5, "high": 4}}}, ["tune.params.modulator_layers.low", "integer key"]),
     ({"scheduler": {"type": "hyperband"}}, ["tune.scheduler.type", "asha, none"]),
     ({"scheduler": {"grace_period": 0}}, ["tune.scheduler.grace_period", "integer >= 1"]),
@@ -2353,12 +2353,65 @@ def test_a_path_key_naming_the_recorded_file_through_a_link_is_no_other_real_dat
         return [w.split("(imdb: ")[1].split("), so")[0] for w in warned]
 
     assert said(link, csv) == [] and said(csv, link) == []
-    other = tmp_path / "data" / "y.csv"  # (other data: still named, the file and its fingerprint)
-    other.write_text(csv.read_text() + "1,one review more\n")
-    [warned] = said(link, other)
-    assert warned.startswith(f"csv_file (tuned with {json.dumps(str(link))}, here {json.dumps(str(other))}), "
-                             f"data_fingerprint (tuned with ")
-    assert warned.endswith(": other real data)")
+    other = tmp_path / "data" / "y.csv"  # (other data: still named, as the other file; its fingerprint, which
+    other.write_text(csv.read_text() + "1,one review more\n")  # says the same, was named too: no more)
+    assert said(link, other) == [f"csv_file (tuned with {json.dumps(str(link))}, here {json.dumps(str(other))})"]
+
+
+def test_the_advice_of_a_tuned_with_warning_fits_what_differs(tmp_path):
+    # other real data were advised "Use the settings they were tuned with (the file's tuned_with)", which no setting
+    # of the study file can follow: the same data files are needed (or a new search on these)
+    from ablate.study import run_data_fingerprint
+
+    (tmp_path / "data").mkdir()
+    reviews = "label,text\n" + "".join(f"{i % 2},review {i}\n" for i in range(40))
+    (tmp_path / "data" / "x.csv").write_text(reviews)
+    config = {"task": "imdb", "data": "real", "data_dir": str(tmp_path / "data"), "csv_file": "x.csv"}
+    tuned_on = run_data_fingerprint(config)
+    (tmp_path / "data" / "x.csv").write_text(reviews + "1,one review more\n")  # (a newer version of the CSV)
+    assert run_data_fingerprint(config) not in (None, tuned_on)
+    mapping = {"name": "s", "tasks": ["imdb"], "seeds": [9], "data": "real", "data_dir": "data",
+               "overrides": {"imdb": {"csv_file": "x.csv"}}, "baseline": {"priorities_from": "best.yaml"}}
+
+    def advice(tuned_with: dict) -> str:
+        best = yaml.safe_dump({"imdb": {"priorities": [1, 2, 3], "tuned_with": {"data": "real", "csv_file": "x.csv",
+                                                                                 **tuned_with}}})
+        (said,) = _tuned_with_warnings(tmp_path, best, mapping)
+        return said.split("so they are not tuned for it. ")[1]
+
+    assert advice({"data_fingerprint": tuned_on}) == (
+        "Run this study on the data files they were tuned on, or tune again on this study's data")
+    assert advice({"meta_lr": 0.5}) == (
+        "Use the settings they were tuned with (the file's tuned_with), or tune again with this study's settings")
+    assert advice({"meta_lr": 0.5, "data_fingerprint": tuned_on}) == (
+        "Use the settings they were tuned with (the file's tuned_with) on the data files they were tuned on, or tune "
+        "again with this study's settings and data")
+
+
+def test_one_parse_walks_the_real_data_once_for_both_tuned_files(tmp_path, monkeypatch):
+    # each tuned arm's data_fingerprint walked the data again: two walks of IMDB's 50,000 reviews (about a second each)
+    # per parse of a study reading best_priorities.yaml and best_adamw.yaml
+    from ablate.tasks.base import FolderFiles
+
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            folder = tmp_path / "data" / "imdb" / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(f"review {i} of {label}")
+    tuned_with = {"data": "real", "data_fingerprint": "0123456789abcdef"}  # (other data than these: warned)
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"imdb": {"priorities": [1, 2, 3], "tuned_with": tuned_with}}))
+    (tmp_path / "adamw.yaml").write_text(yaml.safe_dump({"imdb": {"lr": 1.0e-3, "tuned_with": tuned_with}}))
+    mapping = {"name": "s", "tasks": ["imdb"], "seeds": [9], "data": "real", "data_dir": "data",
+               "baseline": {"priorities_from": "best.yaml"}, "adamw": {"tuned_from": "adamw.yaml"}}
+    walked, sizes = [], FolderFiles.sizes
+    monkeypatch.setattr(FolderFiles, "sizes", lambda self: walked.append(self.folder) or sizes(self))
+    for parses in (1, 2):  # (not remembered from one parse to the next: the files may change between runs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            parse_study(mapping, "s.yaml", base_dir=tmp_path)
+        assert sum("data_fingerprint (tuned with" in str(w.message) for w in caught) == 2  # (both arms warned)
+        assert len(walked) == 4 * parses and len(set(walked)) == 4  # (each class folder once per parse)
 
 
 def _tuned_with_of_an_embedded_search(tmp_path: Path) -> dict:

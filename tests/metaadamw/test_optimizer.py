@@ -1351,6 +1351,73 @@ def test_a_compressed_sparse_gradient_is_refused_by_step_and_meta_step_naming_th
     assert all(torch.equal(a, b.detach().to_dense()) for a, b in zip(start, model.parameters()))
 
 
+class _NonStridedParameter(nn.Module):
+    """A parameter of a layout that is neither strided nor sparse (mkldnn, jagged nested): its gradient has it."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind == "mkldnn":
+            self.q = nn.Parameter(torch.randn(4, 4).to_mkldnn())
+        else:
+            self.q = nn.Parameter(torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)],
+                                                             layout=torch.jagged))
+        self.kind = kind
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "mkldnn":
+            return self.lin(x @ self.q.to_dense())
+        return self.lin(x) + self.q.values().sum()
+
+
+@pytest.mark.parametrize("kind, layout", [
+    pytest.param("mkldnn", "torch._mkldnn", marks=pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                                                     reason="needs a build with mkldnn")),
+    ("jagged", "torch.jagged")])
+def test_a_non_sparse_non_strided_gradient_is_refused_worded_by_its_layout(kind, layout):
+    # a gradient of layout torch._mkldnn or torch.jagged (that of a parameter of that layout) was called a sparse
+    # gradient, with the advice for sparse layouts
+    torch.manual_seed(0)
+    model = _NonStridedParameter(kind)
+    opt = MetaAdamW(model.named_parameters(), model=model, **small_kwargs())
+    batch = (torch.randn(3, 4), torch.randn(3, 1))
+    mse(model, batch).backward()
+    assert str(model.q.grad.layout) == layout
+    start = [p.detach().clone() for p in model.lin.parameters()]
+    message = (rf"^MetaAdamW supports only dense \(strided\) gradients \(as does AdamW\): parameter 'q' has a gradient "
+               rf"of layout {layout}\. A parameter of that layout gets gradients of it: keep the parameter a strided "
+               rf"tensor and convert it to that layout in forward$")
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    with pytest.raises(ValueError, match=message):
+        opt.meta_step(model, mse, None, batch, batch)
+    assert opt.global_step == 0 and opt.meta_updates == 0 and opt._steps == [0, 0, 0] and not opt.state
+    assert all(torch.equal(a, b) for a, b in zip(start, model.lin.parameters()))
+
+
+def test_an_unnamed_parameter_is_named_by_its_group_position_and_shape_in_the_gradient_error():
+    # an unnamed parameter (a plain list, dict groups without names) was named by its flat index alone
+    # ("parameter 3 (of the optimizer's flat order)"), which points at no tensor of a list of groups
+    torch.manual_seed(0)
+    first = [nn.Parameter(torch.randn(2)) for _ in range(3)]
+    w, b = nn.Parameter(torch.randn(10, 4)), nn.Parameter(torch.randn(4))
+    opt = MetaAdamW([{"params": first}, {"params": [b, w]}], grouping="original", **small_kwargs())
+    for p in (*first, b):
+        p.grad = torch.randn_like(p)
+    w.grad = torch.randn(10, 4).to_sparse()
+    with pytest.raises(ValueError, match=r"sparse gradients \(nor does AdamW\): parameter 4 \(param group 1, "
+                                         r"position 1, shape \(10, 4\)\) has a torch\.sparse_coo gradient\. "):
+        opt.step()
+    late = nn.Parameter(torch.randn(5))
+    opt.add_param_group({"params": [late]})
+    w.grad = torch.randn(10, 4)
+    late.grad = torch.randn(5).to_sparse()
+    with pytest.raises(ValueError, match=r": parameter 5 \(param group 2, position 0, shape \(5,\)\) has a "
+                                         r"torch\.sparse_coo gradient"):
+        opt.step()
+    assert opt.global_step == 0 and not opt.state
+
+
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 def test_check_dense_refuses_every_layout_but_strided_and_passes_none():
     grads = [None, torch.zeros(2, 2), torch.zeros(2, 2).to_sparse_csr()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import textwrap
 import warnings
@@ -589,3 +590,22 @@ def test_a_component_class_of_the_wrong_kind_is_refused_when_a_study_is_loaded(r
             resolve_config({"task": "etth1", option: "test_wrong_kind"})
     finally:
         registry.remove("test_wrong_kind")
+
+
+def test_a_name_that_differs_only_in_case_is_the_only_one_suggested():
+    # Registry.get("ETTh1") suggested 'etth1', 'ettm1': the name meant differs from the first only in case
+    reg = Registry("widget", "tests.widgets")
+    for name in ("etth1", "etth2", "ettm1", "ettm2"):
+        reg.add(name, lambda: 1)
+    for asked, meant in [("ETTh1", "etth1"), ("ETTM2", "ettm2")]:
+        with pytest.raises(UnknownComponentError) as err:
+            reg.get(asked)
+        assert re.search(r"Did you mean [^?]*\?", str(err.value)).group() == f"Did you mean {meant!r}?"
+    with pytest.raises(UnknownComponentError) as err:  # (no name differs only in case: the close ones, as before)
+        reg.get("etth")
+    assert re.search(r"Did you mean [^?]*\?", str(err.value)).group() == "Did you mean 'etth2', 'etth1'?"
+    mixed = Registry("widget", "tests.widgets")
+    mixed.add("MyWidget", lambda: 1)
+    mixed.add("my_widget", lambda: 1)
+    with pytest.raises(UnknownComponentError, match=r"Did you mean 'MyWidget'\?"):
+        mixed.get("mywidget")
