@@ -355,15 +355,18 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
                            else (spec.defaults, spec.embedded_defaults))
             default = mine.get(key) if mine.get(key) is not None else other.get(key)
             subject = "" if _names_key(where, key) else f"{key} "  # (not said twice: see validate_value)
+            # the task, where ``where`` does not name it already (a study file's "baseline.seq_len (task etth1)")
+            task_said = where.endswith(f"(task {spec.name})")
             # null where no default of the task's is null (as for a common key that is not nullable;
             # refused after the task's check, which may say more)
             if value is None and all(d[key] is not None for d in (mine, other) if key in d):
                 own = mine[key] if key in mine else other[key]
-                nulls.append(ConfigError(f"{where}: {subject}must not be null (task {spec.name}'s default: {own!r}; "
+                nulls.append(ConfigError(f"{where}: {subject}must not be null ("
+                                         f"{'the task' if task_said else f'task {spec.name}'}'s default: {own!r}; "
                                          f"leave the key out to take it)"))
             if default is not None and value is not None and not _same_kind(default, value):
-                problems.append(ConfigError(f"{where}: {subject}must be {_kind_of(default)} like {default!r} (task "
-                                            f"{spec.name}), got {value!r}"))
+                problems.append(ConfigError(f"{where}: {subject}must be {_kind_of(default)} like {default!r}"
+                                            f"{'' if task_said else f' (task {spec.name})'}, got {value!r}"))
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 resolved[key] = float(value)  # (dropout: 0 and dropout: 0.0 are the same trial, as for lr)
             elif (isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)) and default

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import json
 import re
@@ -251,7 +252,17 @@ def seeds_display(seeds: pd.DataFrame) -> pd.DataFrame:
 
 # -- figures ------------------------------------------------------------------------------------
 def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", str(text)).strip("_") or "x"
+    """``text`` as part of a figure's file name: a name of letters, digits, "." and "-" (every built-in
+    task, "baseline") as it is; any other - a task of a plugin, "my task", "ett/h1", "x_test" - with
+    the characters a file name cannot hold replaced by "_" and a hash of the whole name appended.
+    Replacing alone mapped "a b", "a/b", "a|b" and "a_b" onto one file (one task's figure drawn over
+    another's, both report sections showing the last); and since a kept name has no "_", the names
+    joined with "_" ("alpha_beta_<task>_<arm>", "ablation_<task>_test") cannot meet either."""
+    text = str(text)
+    if re.fullmatch(r"[A-Za-z0-9.-]+", text):
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=4).hexdigest()
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', text).strip('_') or 'x'}_{digest}"
 
 
 def _save(fig: plt.Figure, path: Path, outside: bool = False) -> Path:
@@ -549,11 +560,8 @@ _SIG_LEGEND = (
 )
 
 
-def fewest_seeds_reaching(alpha: float = stats.ALPHA) -> int | None:
-    """The fewest paired seeds whose smallest sign-flip p (:func:`ablate.stats.smallest_sign_flip_p`)
-    is below ``alpha`` (6 at 0.05, 5 at 0.1, 8 at 0.01); None where no count reaches it (an alpha
-    at or below the Monte Carlo test's smallest p)."""
-    return next((k for k in range(1, stats.EXACT_SIGN_FLIP_MAX_N + 2) if stats.can_reach(k, alpha)), None)
+#: the fewest paired seeds that can reach alpha (in :mod:`ablate.stats`, which ``ablate run``'s start note uses too)
+fewest_seeds_reaching = stats.fewest_seeds_reaching
 
 
 def sig_legend(alpha: float, family: str) -> str:

@@ -358,6 +358,35 @@ def can_reach(n: int, alpha: float = ALPHA) -> bool:
     return n >= 1 and smallest_sign_flip_p(n) < alpha
 
 
+def fewest_seeds_reaching(alpha: float = ALPHA) -> int | None:
+    """The fewest paired seeds whose smallest sign-flip p (:func:`smallest_sign_flip_p`) is below
+    ``alpha`` (6 at 0.05, 5 at 0.1, 8 at 0.01); None where no count reaches it (an alpha at or
+    below the Monte Carlo test's smallest p). The report's legends and ``ablate run``'s start note
+    (:func:`too_few_seeds_to_test`) say it."""
+    return next((k for k in range(1, EXACT_SIGN_FLIP_MAX_N + 2) if can_reach(k, alpha)), None)
+
+
+def too_few_seeds_to_test(n_seeds: int, arms: Iterable[str], alpha: float = ALPHA) -> str:
+    """A note for a study about to run ``n_seeds`` seeds of ``arms`` (its arm names) when its report
+    can mark no paired difference significant at ``alpha``, whatever the results: Tables 2 and 3
+    compare the baseline with AdamW and with each other arm by sign-flip tests over the seeds
+    (:func:`table2`, :func:`table3`), whose smallest p with n seeds is 2/2^n (:func:`can_reach`).
+    ``""`` where the seeds can reach alpha, or the study compares no arm with the baseline."""
+    arms = set(arms)
+    if BASELINE not in arms or not arms - {BASELINE} or can_reach(n_seeds, alpha):
+        return ""
+    fewest = fewest_seeds_reaching(alpha)
+    factorial = any(arm_axis(a) == "factorial" for a in arms)
+    return (f"with {n_seeds} seed(s) the report's paired comparisons (Tables 2 and 3: sign-flip tests over the seeds) "
+            f"cannot be significant at {alpha}, whatever the differences: the smallest sign-flip p of {n_seeds} "
+            f"paired seed(s) is {smallest_sign_flip_p(n_seeds):.4g}. "
+            + (f"It takes {fewest} paired seeds or more, before Holm's adjustment over the arms: {fewest - n_seeds} "
+               f"more than this run has (`seeds:` in the study file, or --extra-seeds)" if fewest
+               else "No seed count reaches it")
+            + (" (the factorial design's effects, fitted over its cells, can be significant with fewer)."
+               if factorial else "."))
+
+
 def seeds_per_arm(results: Results) -> pd.DataFrame:
     """Per task and arm: ok seeds, trials that are not ok, and the ok seed list."""
     arms = explode_arms(results.trials)

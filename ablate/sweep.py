@@ -747,6 +747,17 @@ def _note_idle_trials(study: Study) -> None:
               f"they make no meta-update, so their modulator stays as initialised", flush=True)
 
 
+def _note_too_few_seeds(study: Study) -> None:
+    """Say at the start of a run (and of a dry run) what the report would say only at the end: with
+    its seeds, no paired comparison of the study can be significant at the report's alpha
+    (:func:`ablate.stats.too_few_seeds_to_test`; 5 seeds or fewer at 0.05)."""
+    from ablate.stats import too_few_seeds_to_test
+
+    note = too_few_seeds_to_test(len(study.seeds), study.arms())
+    if note:
+        print(f"note: {note}", flush=True)
+
+
 def run_study(
     study: Study,
     out_root: str | os.PathLike = "results",
@@ -868,6 +879,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
           f"-> {out_dir}", flush=True)
     note_other_code(stored, {t.trial_id for t in study.trials} & finished, _run_again(study, out_dir, resume_hint))
     _note_idle_trials(study)
+    _note_too_few_seeds(study)
     if not pending:
         if not keep_checkpoints:
             _clean_up(out_dir, study, storage, None)
@@ -1104,6 +1116,7 @@ def run_command(args) -> int:
         print(format_trials(study, every=getattr(args, "list", False)))
         print(_dry_run_plan(study, Path(args.out) / study.name, getattr(args, "rerun", None)))
         _note_idle_trials(study)
+        _note_too_few_seeds(study)
         ray_storage_path(getattr(args, "storage", None))  # what the run would refuse before Ray starts, refused here too
         check_resources(study, args.address, None)
         if args.address is None:

@@ -50,7 +50,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import re
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -336,28 +338,48 @@ def preserved_state(model: nn.Module) -> Iterator[ModelState]:
     state.warn_parameters_written()  # (after a successful call only: an error of the call itself comes first)
 
 
+def host_rng_states() -> tuple[Any, Any]:
+    """The global random states of Python's ``random`` and, where NumPy is imported, of ``numpy.random``:
+    a model or loss_fn may draw from them (a layer drop decided by ``random.random()``, as older Hugging
+    Face models do; an augmentation in ``loss_fn``), and the meta-update replays and restores them with
+    torch's (NumPy is not imported here: a process that has not imported it draws nothing from it)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), (numpy.random.get_state() if numpy is not None else None)
+
+
+def set_host_rng_states(states: tuple[Any, Any]) -> None:
+    """Set what :func:`host_rng_states` returned."""
+    random.setstate(states[0])
+    if states[1] is not None:
+        sys.modules["numpy"].random.set_state(states[1])
+
+
 class _RngReplay:
     """Replays the random stream of a forward pass (dropout masks): the finite-difference gradient is
     taken with the same masks as g', and L(theta'; val) with those of L(theta; val), so that the loss
     decrease is that of theta' and not of other masks. ``replay()`` rewinds to the captured state;
-    ``resume()`` returns to where the stream was before the replay."""
+    ``resume()`` returns to where the stream was before the replay. The streams are torch's (CPU and
+    ``device``) and Python's and NumPy's global ones (:func:`host_rng_states`): a layer drop decided
+    by ``random.random()`` that differed between the g' pass and the finite-difference pass gave a
+    meta-gradient 1e5x off."""
 
     def __init__(self, device: torch.device):
         self._module = torch.get_device_module(device) if device.type != "cpu" else None
         self._device = device
         self._states = self._get()
-        self._after: tuple[Tensor, Tensor | None] | None = None
+        self._after: tuple[Tensor, Tensor | None, tuple[Any, Any]] | None = None
 
-    def _get(self) -> tuple[Tensor, Tensor | None]:
+    def _get(self) -> tuple[Tensor, Tensor | None, tuple[Any, Any]]:
         device_state = None
         if self._module is not None and hasattr(self._module, "get_rng_state"):
             device_state = self._module.get_rng_state(self._device)
-        return torch.get_rng_state(), device_state
+        return torch.get_rng_state(), device_state, host_rng_states()
 
-    def _set(self, states: tuple[Tensor, Tensor | None]) -> None:
+    def _set(self, states: tuple[Tensor, Tensor | None, tuple[Any, Any]]) -> None:
         torch.set_rng_state(states[0])
         if states[1] is not None:
             self._module.set_rng_state(states[1], self._device)
+        set_host_rng_states(states[2])
 
     def replay(self) -> None:
         self._after = self._get()

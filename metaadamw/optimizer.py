@@ -25,8 +25,8 @@ from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
 from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
-from metaadamw.meta import (META_GRADIENTS, MetaRecord, _raised_on_every_rank, described, meta_update,
-                            project_weighting)
+from metaadamw.meta import (META_GRADIENTS, MetaRecord, _raised_on_every_rank, described, host_rng_states,
+                            meta_update, project_weighting, set_host_rng_states)
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
 from metaadamw.objectives import TERM_ORDER
 from metaadamw.registry import _caller_stacklevel
@@ -925,9 +925,10 @@ class MetaAdamW(torch.optim.Optimizer):
         bookkeeping for them); with ``sync_meta`` every rank calls ``meta_step`` (on its own
         batches) and the meta-gradients are averaged.
 
-        The passes draw their dropout masks from a fork of the global random streams (CPU and the
-        parameters' device), which the call leaves as it found them: adding meta-updates to a
-        training loop changes neither the masks nor anything else random in its training steps.
+        The passes draw their dropout masks from a fork of the global random streams (torch's on the
+        CPU and the parameters' device, Python's ``random`` and NumPy's), which the call leaves as it
+        found them: adding meta-updates to a training loop changes neither the masks nor anything
+        else random in its training steps.
 
         Returns a :class:`MetaRecord` of plain floats (this call reads values back; step() never does).
         """
@@ -1567,12 +1568,23 @@ def _is_step_count(step: Any) -> bool:
     return (_real(step) and math.isfinite(step) and step >= 0 and float(step).is_integer())
 
 
-def _forked_rng(device: torch.device) -> Any:
-    """``torch.random.fork_rng`` of the CPU generator and, for an accelerator, ``device``'s."""
+@contextlib.contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """``torch.random.fork_rng`` of the CPU generator and, for an accelerator, ``device``'s; and
+    Python's and NumPy's global random states (:func:`~metaadamw.meta.host_rng_states`) put back
+    too: a model or loss_fn that draws from them in the meta-update's passes (a layer drop decided
+    by ``random.random()``) left the training steps after it another stream than without it."""
     if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    index = device.index if device.index is not None else torch.get_device_module(device).current_device()
-    return torch.random.fork_rng(devices=[index], device_type=device.type)
+        fork = torch.random.fork_rng(devices=[])
+    else:
+        index = device.index if device.index is not None else torch.get_device_module(device).current_device()
+        fork = torch.random.fork_rng(devices=[index], device_type=device.type)
+    host = host_rng_states()
+    try:
+        with fork:
+            yield
+    finally:
+        set_host_rng_states(host)
 
 
 def _is_int(v: Any) -> bool:

@@ -5,7 +5,10 @@ order), one of:
 
 * the canonical Large Movie Review Dataset tree ``aclImdb/{train,test}/{pos,neg}/*.txt`` (label
   pos = 1, neg = 0; ``aclImdb/train/unsup`` is ignored). Validation is a deterministic
-  stratified 20 % of ``train`` (shuffled with ``split_seed``); ``test`` is the test tree;
+  stratified 20 % of ``train`` (shuffled with ``split_seed``); ``test`` is the test tree. A tree
+  of other sizes than the published 12,500 reviews in each of the four folders (a copy cut short,
+  a subset) is warned about and recorded in the results' ``data_source`` (``"real:<tree> (not the
+  published tree: ...)"``);
 * a CSV file named by the task key ``csv_file`` (absolute, or relative to the data directory or
   its ``imdb`` folder) with a text column (``text`` or ``review``) and a label column (``label``
   or ``sentiment``: ``1``/``0``, ``pos``/``neg`` or ``positive``/``negative``), e.g. the 5,000-review
@@ -40,6 +43,7 @@ import csv
 import functools
 import random
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +57,7 @@ from ablate.tasks.base import (
     check_int,
     check_probability,
     data_dir_candidates,
+    download_command,
     register_download,
     register_task,
 )
@@ -71,6 +76,8 @@ SOURCE = f"{_URL} (extract it in the data directory), or pass csv_file=PATH for 
 #: generator's output changes, so stored trials on the old data are not reused or resumed
 GENERATOR_VERSION = "generated-reviews-v1"
 VAL_FRACTION = 0.2
+#: reviews in each class folder (train/pos, train/neg, test/pos, test/neg) of the published tree (Maas et al., 2011)
+PUBLISHED_PER_FOLDER = 12_500
 
 register_download(
     TASK,
@@ -286,7 +293,17 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     tree = _tree(config)
     reviews = read_tree(tree)
     train, val = stratified_split(reviews["train"], VAL_FRACTION, config["split_seed"])
-    return {"train": train, "val": val, "test": reviews["test"]}, f"real:{tree.resolve()}"
+    source = f"real:{tree.resolve()}"
+    # (as ETT's and CIFAR-10's: a copy cut short or a subset trains and scores without an error, on other data)
+    counts = {(split, label): sum(y == label for _, y in reviews[split]) for split, label in _tree_dirs(tree)}
+    other = [f"{split}/{'pos' if label else 'neg'} {n:,} reviews" for (split, label), n in counts.items()
+             if n != PUBLISHED_PER_FOLDER]
+    if other:
+        note = f"not the published tree: {', '.join(other)} where each folder has {PUBLISHED_PER_FOLDER:,}"
+        warnings.warn(f"{TASK}: {tree.resolve()} is {note} - accuracies not comparable with the published dataset's "
+                      f"(`{download_command(TASK, config, force=True)}` fetches it over this one)", stacklevel=2)
+        source += f" ({note})"
+    return {"train": train, "val": val, "test": reviews["test"]}, source
 
 
 # --------------------------------------------------------------------------------------------

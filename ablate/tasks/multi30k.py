@@ -8,7 +8,9 @@ one sentence a line, the two languages line-aligned. Sentences are tokenised wit
 skipped (the published files have none: a warning, and the results' ``data_source`` counts them
 per split). One vocabulary, shared by both languages, holds the ``vocab_size`` most frequent tokens
 of the *training* files; each sentence is truncated to ``max_len - 2`` tokens and framed by
-``<bos>`` ... ``<eos>``.
+``<bos>`` ... ``<eos>``. Files of other line counts than the published 29,000 / 1,014 / 1,000 pairs
+(train / val / test_2016_flickr: a copy cut short, another test set under that name) are warned
+about and recorded in ``data_source`` too (``"real:<files> (not the published files: ...)"``).
 
 Batches are ``(src, tgt)`` id tensors, right-padded with ``<pad>``. The loss is teacher-forced
 cross-entropy of ``tgt[:, 1:]`` given ``src`` and ``tgt[:, :-1]``, padding ignored. Metrics:
@@ -53,6 +55,7 @@ from ablate.tasks.base import (
     check_int,
     check_multiple,
     check_probability,
+    download_command,
     evaluate_sums,
     register_download,
     register_task,
@@ -77,6 +80,8 @@ TASK = "multi30k"
 SUBDIR = "multi30k"
 SPLIT_STEMS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 LANGS = ("de", "en")  # source, target
+#: sentence pairs (lines of each language's file) of each published split (Elliott et al., 2016)
+PUBLISHED_PAIRS = {"train": 29_000, "val": 1_014, "test": 1_000}
 _RAW = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
 SOURCE = f"the Multi30k repository ({_RAW}/{{train,val,test_2016_flickr}}.{{de,en}}.gz)"
 #: the embedded data's version (TaskSpec.embedded_version: part of an embedded trial's id): bump it whenever the
@@ -175,7 +180,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
     """Tokenised pairs of the real train/val/test files and the data-source string; raises
     :class:`DatasetNotFoundError` when a file is missing, unreadable, empty or misaligned."""
     expected, found = _located(config)
-    pairs, used, skipped = {}, [], {}
+    pairs, used, skipped, other = {}, [], {}, []
     for split, stem in SPLIT_STEMS.items():
         paths = [found[f"{stem}.{lang}"] for lang in LANGS]
         lines = []
@@ -193,8 +198,16 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
             raise _damaged(f"{paths[0]} / {paths[1]} hold no sentence pairs", paths, expected)
         if len(pairs[split]) < len(src):
             skipped[split] = len(src) - len(pairs[split])
+        if len(src) != PUBLISHED_PAIRS[split]:
+            other.append(f"{stem} {len(src):,} pairs where it has {PUBLISHED_PAIRS[split]:,}")
         used += paths
     source = "real:" + ",".join(str(p.resolve()) for p in used)
+    if other:  # (as ETT's and CIFAR-10's: a copy cut short in both languages trains and scores without an error)
+        note = "not the published files: " + "; ".join(other)
+        warnings.warn(f"multi30k: {note} (in {used[0].parent.resolve()}) - perplexities and BLEU not comparable with "
+                      f"the published dataset's (`{download_command(TASK, config, force=True)}` fetches it over these)",
+                      stacklevel=2)
+        source += f" ({note})"
     if skipped:  # (the published files have none: a blanked line shrinks a split, recorded with the results)
         note = "skipped pairs with an empty side: " + ", ".join(f"{split} {n}" for split, n in skipped.items())
         warnings.warn(f"multi30k: {note} (of {', '.join(str(p) for p in used)})", stacklevel=2)

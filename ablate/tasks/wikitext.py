@@ -7,6 +7,9 @@ followed by ``<eos>`` (the convention of PyTorch's word_language_model example).
 is the ``vocab_size`` most frequent words of the *training* file plus the specials; all other
 words map to ``<unk>``. Each split is one token stream cut into non-overlapping blocks of
 ``block_size`` inputs ``x[t]`` with targets ``x[t+1]``; a trailing partial block is dropped.
+Files of other token counts than the published ones (2,088,628 / 217,646 / 245,569 for train /
+valid / test: a copy cut short, another version) are warned about and recorded in the results'
+``data_source`` (``"real:<files> (not the published files: ...)"``).
 
 Metrics: perplexity (primary; ``exp`` of the token-weighted mean cross-entropy) and the mean
 cross-entropy ``loss``, both over every target token of the split. Reference: the add-one
@@ -39,6 +42,7 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +57,7 @@ from ablate.tasks.base import (
     check_int,
     check_multiple,
     check_probability,
+    download_command,
     evaluate_sums,
     register_download,
     register_task,
@@ -64,6 +69,8 @@ from ablate.tasks.text import EOS, Vocab, dataset_error, perplexity_metrics, rea
 TASK = "wikitext2"
 SUBDIR = "wikitext-2"
 SPLIT_FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
+#: tokens of each published file, one ``<eos>`` per line included (Merity et al., 2016; PyTorch's word_language_model)
+PUBLISHED_TOKENS = {"train": 2_088_628, "val": 217_646, "test": 245_569}
 #: the WikiText author's own host; Salesforce's S3 bucket, the original home, has refused downloads since 2024
 URL = "https://wikitext.smerity.com/wikitext-2-v1.zip"
 OLD_URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip"
@@ -141,7 +148,17 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
                 TASK, f"{path} holds {len(tokens[split])} tokens, too few for one block of {config['block_size']}",
                 paths.values(), SOURCE, damaged=True,
             )
-    return tokens, "real:" + ",".join(str(p.resolve()) for p in paths.values())
+    source = "real:" + ",".join(str(p.resolve()) for p in paths.values())
+    # (as ETT's and CIFAR-10's: a copy cut short trains and scores without an error, on other data)
+    other = [f"{paths[split].name} {len(toks):,} tokens where it has {PUBLISHED_TOKENS[split]:,}"
+             for split, toks in tokens.items() if len(toks) != PUBLISHED_TOKENS[split]]
+    if other:
+        note = "not the published files: " + "; ".join(other)
+        warnings.warn(f"{TASK}: {note} (in {paths['train'].parent.resolve()}) - perplexities not comparable with the "
+                      f"published dataset's (`{download_command(TASK, config, force=True)}` fetches it over these)",
+                      stacklevel=2)
+        source += f" ({note})"
+    return tokens, source
 
 
 # --------------------------------------------------------------------------------------------

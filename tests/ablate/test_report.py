@@ -725,3 +725,34 @@ def test_a_folder_without_study_results_given_as_dot_names_its_parent_and_name(t
     (tmp_path / "quick" / "study_trials.json").write_text(json.dumps({"study": "quick", "trials": {"t1": {"arm": "adamw"}}}))
     with pytest.raises(FileNotFoundError, match=re.escape(f"`ablate run SPEC --out {tmp_path} --resume` continues it")):
         load_results(".")
+
+
+def test_tasks_whose_names_differ_in_characters_a_file_name_cannot_hold_get_figures_of_their_own(tmp_path, report_kit):
+    # "my task|x" and "my task/x" were both slugged to "my_task_x": the second task's curves, ablation bars and
+    # telemetry figures were drawn over the first's, and both report sections showed the last task's figures
+    tasks = {"my task|x": ("mse", "min", 0.5), "my task/x": ("accuracy", "max", 0.8)}
+    for task, (metric, mode, level) in tasks.items():
+        for arm, shift in (("adamw", 0.0), ("baseline", 0.01), ("gating=true", 0.02)):
+            for seed in range(3):
+                best = level + shift + 0.001 * seed
+                row = report_kit.trial_row("etth1", arm, seed, best)
+                row.update(task=task, metric=metric, mode=mode, arms=json.dumps([arm]),
+                           trial_id=f"{metric}-{arm.replace('=', '_')}-s{seed}")
+                history = [{**h, f"val_{metric}": best * f} for h, f in
+                           zip(report_kit.history_rows("etth1", arm, best), (1.3, 1.1, 1.0))]
+                write_trial(tmp_path, row, history, report_kit.telemetry_rows() if arm == "baseline" else ())
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    for kind in ("curves", "ablation", "alpha_beta", "sigmas"):
+        links = re.findall(rf"\]\((figures/{kind}_[^)]+)\)", md)
+        assert len(links) == 2 and len(set(links)) == 2, links  # (one figure per task, each its own file)
+        for link in links:
+            assert_png(tmp_path / "out" / link)
+    curves = {task: re.search(rf"!\[{re.escape(task)}: validation metric[^\]]*\]\((figures/[^)]+)\)", md).group(1)
+              for task in tasks}
+    assert (tmp_path / "out" / curves["my task|x"]).read_bytes() != (tmp_path / "out" / curves["my task/x"]).read_bytes()
+    # the names of the built-in tasks and arms stay as they are; others are told apart, "_"-joined names included
+    assert [report._slug(name) for name in ("etth1", "wikitext2", "baseline")] == ["etth1", "wikitext2", "baseline"]
+    names = ["a b", "a/b", "a|b", "a_b", "a%b", "a__b"]
+    assert len({report._slug(name) for name in names}) == len(names)
+    assert f"ablation_{report._slug('x_test')}" != f"ablation_{report._slug('x')}_test"
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", report._slug(name)) for name in names + ["../x", "ü"])

@@ -262,9 +262,10 @@ def test_plugins_are_imported_in_the_listed_order_and_a_failing_one_is_named_wit
      "s.yaml: baseline.seq_len (task etth1): -1 must be an integer >= 1 (input window length in steps)"),
     ({"ablations": {"seq_len": [8, -1]}},
      "s.yaml: ablations.seq_len[1] (task etth1): -1 must be an integer >= 1 (input window length in steps)"),
-    # said "baseline.seq_len (task etth1): seq_len must be an integer, ..."
-    ({"baseline": {"seq_len": "x"}}, "s.yaml: baseline.seq_len (task etth1): must be an integer, like 24 (task etth1), "
-                                     "got 'x'"),
+    # said "baseline.seq_len (task etth1): seq_len must be an integer, ...", then "... like 24 (task etth1), got 'x'"
+    ({"baseline": {"seq_len": "x"}}, "s.yaml: baseline.seq_len (task etth1): must be an integer, like 24, got 'x'"),
+    ({"overrides": {"etth1": {"pooling": 3}}},
+     "s.yaml: overrides.etth1.pooling (task etth1): must be a string, like 'last', got 3"),
     # a path that does not name the key keeps it, and the task's name where the path does not say it
     ({"seeds": [-2]}, f"s.yaml: seeds[0]: seed=-2 must be >= 0 and at most {MAX_SEED} (seeds Python, NumPy, torch "
                       f"and the data order)"),
@@ -280,6 +281,29 @@ def test_a_task_check_run_on_a_trial_config_still_names_the_task_and_the_key():
     with pytest.raises(ConfigError) as info:
         resolve_config({"task": "etth1", "seq_len": -1})
     assert str(info.value) == "trial config: etth1: seq_len=-1 must be an integer >= 1 (input window length in steps)"
+
+
+def test_a_value_of_the_wrong_kind_or_a_null_names_the_task_once():
+    # a study file said "baseline.hidden (task plug_once): must not be null (task plug_once's default: 16; ...)";
+    # a plain trial config, whose `where` does not name the task, still names it
+    from ablate.config import ConfigError, resolve_config
+    from ablate.tasks import TASKS, register_task
+
+    register_task("plug_once", metrics=[("mse", "min")], defaults={"hidden": 16})(lambda c: None)
+    try:
+        assert mapping_problems({**BASE, "tasks": ["plug_once"], "baseline": {"hidden": None}}) == [
+            "s.yaml: baseline.hidden (task plug_once): must not be null (the task's default: 16; leave the key out to "
+            "take it)"]
+        assert mapping_problems({**BASE, "tasks": ["plug_once"], "baseline": {"hidden": "x"}}) == [
+            "s.yaml: baseline.hidden (task plug_once): must be an integer, like 16, got 'x'"]
+        for value, message in ((None, "hidden must not be null (task plug_once's default: 16; leave the key out to "
+                                      "take it)"),
+                               ("x", "hidden must be an integer, like 16 (task plug_once), got 'x'")):
+            with pytest.raises(ConfigError) as info:
+                resolve_config({"task": "plug_once", "hidden": value})
+            assert str(info.value) == f"trial config: {message}"
+    finally:
+        TASKS.remove("plug_once")
 
 
 def test_a_bound_of_a_tuned_range_names_its_key_once():

@@ -756,6 +756,57 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     assert "4096" in capsys.readouterr().err
 
 
+def test_a_run_says_once_at_its_start_when_its_seeds_cannot_reach_the_reports_alpha(tmp_path, capsys):
+    # with 5 seeds or fewer no paired difference of the report can be significant at 0.05 (2/2^n >= 0.0625): the
+    # report said so after the run, `ablate run` never did
+    from ablate.cli import main
+    from ablate.results import write_trial
+
+    note = ("note: with 3 seed(s) the report's paired comparisons (Tables 2 and 3: sign-flip tests over the seeds) "
+            "cannot be significant at 0.05, whatever the differences: the smallest sign-flip p of 3 paired seed(s) is "
+            "0.25. It takes 6 paired seeds or more, before Holm's adjustment over the arms: 3 more than this run has "
+            "(`seeds:` in the study file, or --extra-seeds).\n")
+    spec = tiny_study(tmp_path, seeds=3)
+    out = tmp_path / "results"
+    assert main(["run", str(spec), "--dry-run", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count(note) == 1
+    for t in load_study(spec).trials:  # every trial stored: the run reaches its start line and needs no Ray
+        write_trial(out / "tiny", {**t.config, "trial_id": t.trial_id, "status": "ok", "best_metric": 1.0,
+                                   "metric": "mse", "mode": "min", "arm": t.arm, "study": "tiny"})
+    assert main(["run", str(spec), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(note) == 1
+    assert printed.index("study tiny: 9 trials, 9 already done") < printed.index(note)  # (at the start)
+    # 2 seeds added on the command line still fall short by 1; 6 seeds can reach 0.05: no note
+    assert main(["run", str(spec), "--dry-run", "--extra-seeds", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: with 5 seed(s) the report's paired comparisons" in printed
+    assert "smallest sign-flip p of 5 paired seed(s) is 0.0625. It takes 6 paired seeds or more" in printed
+    assert "1 more than this run has" in printed
+    assert main(["run", str(tiny_study(tmp_path, "six", seeds=6)), "--dry-run", "--out", str(out)]) == 0
+    assert "paired comparisons" not in capsys.readouterr().out
+    # a study that compares no arm with the baseline has no paired test to warn about
+    lone = tmp_path / "lone.yaml"
+    lone.write_text("name: lone\ntasks: [etth1]\nseeds: 2\nadamw: false\nbudget: {epochs: 2, max_train_batches: 4}\n")
+    assert main(["run", str(lone), "--dry-run", "--out", str(out)]) == 0
+    assert "paired comparisons" not in capsys.readouterr().out
+
+
+def test_too_few_seeds_to_test_uses_the_reports_seed_count_at_each_alpha():
+    from ablate import report, stats
+
+    assert report.fewest_seeds_reaching is stats.fewest_seeds_reaching  # (one formula for the report and the run)
+    arms = ["adamw", "baseline"]
+    assert [bool(stats.too_few_seeds_to_test(n, arms)) for n in (1, 5, 6, 16, 17)] == [True, True, False, False, False]
+    assert "It takes 8 paired seeds or more" in stats.too_few_seeds_to_test(7, arms, alpha=0.01)
+    assert "It takes 5 paired seeds or more" in stats.too_few_seeds_to_test(4, arms, alpha=0.1)
+    assert stats.too_few_seeds_to_test(5, arms, alpha=0.1) == ""  # (2/32 = 0.0625 < 0.1)
+    assert stats.too_few_seeds_to_test(16, arms, alpha=1e-5).endswith("No seed count reaches it.")
+    assert stats.too_few_seeds_to_test(3, ["baseline"]) == stats.too_few_seeds_to_test(3, ["adamw"]) == ""
+    cells = stats.too_few_seeds_to_test(3, ["baseline", "factorial:gating=true"])
+    assert cells.endswith("(the factorial design's effects, fitted over its cells, can be significant with fewer).")
+
+
 def test_dry_run_mentions_changed_data_files_only_for_real_data(tmp_path):
     # an embedded trial has no data files (its data version is part of its id): the dry run of
     # quick.yaml said "a run also runs again stored trials whose data files changed" all the same

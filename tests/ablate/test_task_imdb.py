@@ -5,6 +5,7 @@ import functools
 import math
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,11 @@ TREE = {
     ("test", "pos"): ["Wonderful zebra!", "Good."],
     ("test", "neg"): ["Awful zebra.", "Bad."],
 }
+
+
+#: what the data source of :data:`TREE` notes (the published tree has 12,500 reviews in each folder)
+TINY_TREE_NOTE = ("(not the published tree: train/pos 5 reviews, train/neg 5 reviews, test/pos 2 reviews, test/neg 2 "
+                  "reviews where each folder has 12,500)")
 
 
 def write_tree(root: Path) -> Path:
@@ -77,9 +83,10 @@ def encode_row(vocab: Vocab, text: str, max_len: int) -> list[int]:
 def test_acl_tree_parsed_with_train_only_vocab(tmp_path):
     write_tree(tmp_path / "imdb")
     config = make_config(data="real", data_dir=str(tmp_path), max_len=4, split_seed=5, **TINY)
-    task = get_task("imdb").build(config)
+    with pytest.warns(UserWarning, match="not the published tree"):  # (a tiny tree)
+        task = get_task("imdb").build(config)
     assert task.info["reviews"] == {"train": 8, "val": 2, "test": 4}
-    assert task.data_source == f"real:{tmp_path / 'imdb' / 'aclImdb'}"
+    assert task.data_source == f"real:{tmp_path / 'imdb' / 'aclImdb'} {TINY_TREE_NOTE}"
     # files in sorted order, pos (label 1) before neg (label 0); 20 % of each label to validation
     labelled = [(clean(t), 1) for t in TREE["train", "pos"]] + [(clean(t), 0) for t in TREE["train", "neg"]]
     train, val = stratified_split(labelled, 0.2, seed=5)
@@ -102,8 +109,34 @@ def test_acl_tree_parsed_with_train_only_vocab(tmp_path):
 
 def test_data_dir_may_name_the_tree_itself(tmp_path):
     tree = write_tree(tmp_path)
-    task = get_task("imdb").build(make_config(data="real", data_dir=str(tree), **TINY))
-    assert task.data_source == f"real:{tree}"
+    with pytest.warns(UserWarning, match="not the published tree"):
+        task = get_task("imdb").build(make_config(data="real", data_dir=str(tree), **TINY))
+    assert task.data_source == f"real:{tree} {TINY_TREE_NOTE}"
+
+
+def test_a_tree_of_other_sizes_than_the_published_one_is_warned_about_and_recorded(tmp_path, monkeypatch):
+    # a copy cut short or a subset used to train and score without a word, on other data
+    import ablate.tasks.imdb as imdb
+
+    tree = write_tree(tmp_path / "imdb")
+    config = make_config(data="real", data_dir=str(tmp_path), **TINY)
+    with pytest.warns(UserWarning, match=rf"imdb: {tree} is not the published tree: train/pos 5 reviews, train/neg 5 "
+                                         rf"reviews, test/pos 2 reviews, test/neg 2 reviews where each folder has 12,500 "
+                                         rf"- accuracies not comparable .*`ablate data download imdb --data-dir "
+                                         rf"{tmp_path} --force`"):
+        assert get_task("imdb").build(config).data_source == f"real:{tree} {TINY_TREE_NOTE}"
+    for f in sorted((tree / "train" / "pos").iterdir())[2:]:  # train/pos: 2 reviews; the unsup folder is not counted
+        f.unlink()
+    for f in sorted((tree / "train" / "neg").iterdir())[2:]:
+        f.unlink()
+    monkeypatch.setattr(imdb, "PUBLISHED_PER_FOLDER", 2)  # the published sizes: no warning, the plain source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_task("imdb").build(config).data_source == f"real:{tree}"
+    (tree / "test" / "neg" / "0_7.txt").unlink()
+    with pytest.warns(UserWarning, match="not the published tree: test/neg 1 reviews where each folder has 2 "):
+        assert get_task("imdb").build(config).data_source == (
+            f"real:{tree} (not the published tree: test/neg 1 reviews where each folder has 2)")
 
 
 def test_missing_tree_names_the_expected_folders(tmp_path):
@@ -124,8 +157,9 @@ def test_the_tree_beside_an_imdb_folder_is_found(tmp_path):
     (tmp_path / "imdb").mkdir()
     (tmp_path / "imdb" / "reviews.csv").write_text("label,text\n1,good\n", encoding="utf-8")
     tree = write_tree(tmp_path)
-    task = get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
-    assert task.data_source == f"real:{tree}" and task.info["reviews"]["test"] == 4
+    with pytest.warns(UserWarning, match="not the published tree"):
+        task = get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    assert task.data_source == f"real:{tree} {TINY_TREE_NOTE}" and task.info["reviews"]["test"] == 4
     assert get_task("imdb").locate(make_config(data="real", data_dir=str(tmp_path), **TINY))[0].folder.parent.parent == tree
     for f in (tree / "train" / "pos").iterdir():
         f.unlink()

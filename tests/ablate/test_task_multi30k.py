@@ -6,6 +6,7 @@ import gzip
 import itertools
 import math
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,8 @@ def test_registration():
 
 def test_plain_and_gzip_files_parse_to_framed_ids_with_shared_train_vocab(tmp_path):
     write_files(tmp_path / "multi30k", gz={"train.en", "val.de", "test_2016_flickr.de", "test_2016_flickr.en"})
-    task = get_task("multi30k").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    with pytest.warns(UserWarning, match="not the published files"):  # (tiny files)
+        task = get_task("multi30k").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
     vocab = Vocab.build(
         [["ein", "hund", "läuft", "."], ["a", "dog", "runs", "."], ["zwei", "hunde", "laufen", "schnell", "!"],
          ["two", "dogs", "run", "fast", "!"]]
@@ -86,6 +88,37 @@ def test_pairs_with_an_empty_side_are_skipped_said_and_recorded(tmp_path, monkey
     assert task.info["pairs"] == {"train": 1, "val": 1, "test": 1}
     assert task.data_source.startswith(f"real:{(folder / 'train.de').resolve()},")
     assert task.data_source.endswith(" (skipped pairs with an empty side: train 1, test 1)")
+
+
+def test_files_of_other_line_counts_than_the_published_ones_are_warned_about_and_recorded(tmp_path, monkeypatch):
+    # a copy cut short in both languages (still line-aligned) used to train and score without a word, on other data
+    import ablate.tasks.multi30k as multi30k
+
+    folder = write_files(tmp_path / "multi30k")  # 2, 1 and 1 pairs
+    config = make_config(data="real", data_dir=str(tmp_path), **TINY)
+    with pytest.warns(UserWarning, match=r"multi30k: not the published files: train 2 pairs where it has 29,000; val 1 "
+                                         r"pairs where it has 1,014; test_2016_flickr 1 pairs where it has 1,000 \(in "
+                                         r".*\) - perplexities and BLEU not comparable .*`ablate data download multi30k "
+                                         r"--data-dir .* --force`"):
+        task = get_task("multi30k").build(config)
+    files = ",".join(str((folder / f"{stem}.{lang}").resolve()) for stem in ("train", "val", "test_2016_flickr")
+                     for lang in ("de", "en"))
+    assert task.data_source == (f"real:{files} (not the published files: train 2 pairs where it has 29,000; val 1 pairs "
+                                f"where it has 1,014; test_2016_flickr 1 pairs where it has 1,000)")
+    monkeypatch.setattr(multi30k, "PUBLISHED_PAIRS", {"train": 2, "val": 1, "test": 1})  # the published sizes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_task("multi30k").build(config).data_source == f"real:{files}"
+    monkeypatch.setattr(multi30k, "PUBLISHED_PAIRS", {"train": 2, "val": 2, "test": 1})
+    with pytest.warns(UserWarning, match="not the published files: val 1 pairs where it has 2 "):
+        assert get_task("multi30k").build(config).data_source == (
+            f"real:{files} (not the published files: val 1 pairs where it has 2)")
+    # lines, not kept pairs, are compared: a blanked line is the skipped-pairs note's, not this one's
+    (folder / "val.de").write_text("Ein Pferd.\nZwei Pferde.\n", encoding="utf-8")
+    (folder / "val.en").write_text("A horse.\n\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped pairs with an empty side: val 1 "):
+        source = get_task("multi30k").build(config).data_source
+    assert source == f"real:{files} (skipped pairs with an empty side: val 1)"
 
 
 def test_collate_pads_and_max_len_truncates():
@@ -239,8 +272,11 @@ def test_real_multi30k():
     folder = SHARED_DATA / "multi30k"
     if not folder.is_dir():
         pytest.skip("../shared/data/multi30k is not available")
-    task = get_task("multi30k").build(make_config(data="real", data_dir=str(SHARED_DATA), **TINY))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the published files: no warning)
+        task = get_task("multi30k").build(make_config(data="real", data_dir=str(SHARED_DATA), **TINY))
     assert task.info["pairs"] == {"train": 29000, "val": 1014, "test": 1000}
+    assert " (" not in task.data_source  # (nothing noted)
     assert task.info["vocab_size"] == 10000 + 4
     src, tgt = task.train[0]
     assert src[0] == BOS_ID and src[-1] == EOS_ID and tgt[0] == BOS_ID and tgt[-1] == EOS_ID

@@ -5,6 +5,7 @@ import itertools
 import math
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_blocks_are_contiguous_and_shifted():
 
 def test_real_format_parsed_to_blocks_with_train_only_vocab(tmp_path):
     write_wiki(tmp_path, TRAIN, VALID, TEST)
-    task = get_task("wikitext2").build(make_config(data="real", data_dir=str(tmp_path), block_size=4, vocab_size=6))
+    with pytest.warns(UserWarning, match="not the published files"):  # (tiny files)
+        task = get_task("wikitext2").build(make_config(data="real", data_dir=str(tmp_path), block_size=4, vocab_size=6))
     # train counts: "." 3; "=", cat, sat, the 2; Title, a, dog, ran 1 (ties alphabetical; <unk>, <eos> are specials)
     itos = ["<pad>", "<unk>", "<bos>", "<eos>", ".", "=", "cat", "sat", "the", "Title"]
     stoi = {w: i for i, w in enumerate(itos)}
@@ -110,6 +112,33 @@ def test_malformed_files(tmp_path):
     (folder / "wiki.valid.tokens").write_text(" a \n", encoding="utf-8")
     with pytest.raises(DatasetNotFoundError, match="too few"):
         get_task("wikitext2").build(make_config(data="real", data_dir=str(folder), block_size=4))
+
+
+def test_files_of_other_token_counts_than_the_published_ones_are_warned_about_and_recorded(tmp_path, monkeypatch):
+    # a copy cut short (at a line end: still valid UTF-8) used to train and score without a word, on other data
+    import ablate.tasks.wikitext as wikitext
+
+    folder = write_wiki(tmp_path, TRAIN, VALID, TEST)  # 20, 10 and 10 tokens
+    config = make_config(data="real", data_dir=str(tmp_path), block_size=4)
+    with pytest.warns(UserWarning, match=r"wikitext2: not the published files: wiki\.train\.tokens 20 tokens where it "
+                                         r"has 2,088,628; wiki\.valid\.tokens 10 tokens where it has 217,646; "
+                                         r"wiki\.test\.tokens 10 tokens where it has 245,569 \(in .*\) - perplexities "
+                                         r"not comparable .*`ablate data download wikitext2 --data-dir .* --force`"):
+        task = get_task("wikitext2").build(config)
+    files = ",".join(str((folder / name).resolve()) for name in ("wiki.train.tokens", "wiki.valid.tokens",
+                                                                 "wiki.test.tokens"))
+    assert task.data_source == (f"real:{files} (not the published files: wiki.train.tokens 20 tokens where it has "
+                                f"2,088,628; wiki.valid.tokens 10 tokens where it has 217,646; wiki.test.tokens 10 "
+                                f"tokens where it has 245,569)")
+    # files of the published sizes: no warning, the plain source (only the differing file is named)
+    monkeypatch.setattr(wikitext, "PUBLISHED_TOKENS", {"train": 20, "val": 10, "test": 10})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_task("wikitext2").build(config).data_source == f"real:{files}"
+    monkeypatch.setattr(wikitext, "PUBLISHED_TOKENS", {"train": 20, "val": 10, "test": 11})
+    with pytest.warns(UserWarning, match="not the published files: wiki.test.tokens 10 tokens where it has 11 "):
+        assert get_task("wikitext2").build(config).data_source.endswith(
+            " (not the published files: wiki.test.tokens 10 tokens where it has 11)")
 
 
 def test_embedded_corpus_is_deterministic_and_independent_of_global_rng():
@@ -206,9 +235,13 @@ def test_real_valid_file_through_the_real_parser(tmp_path):
     (target / "wiki.train.tokens").write_text(valid, encoding="utf-8")  # the real train file is not shipped
     shutil.copy(folder / "wiki.valid.tokens", target)
     shutil.copy(folder / "wiki.test.tokens", target)
-    task = get_task("wikitext2").build(make_config(data="real", data_dir=str(tmp_path)))
+    with pytest.warns(UserWarning, match="not the published files: wiki.train.tokens 217,646 tokens "):
+        task = get_task("wikitext2").build(make_config(data="real", data_dir=str(tmp_path)))
     n_lines = len(valid.splitlines())
     assert task.info["tokens"]["val"] == len(valid.split()) + n_lines  # one <eos> per line
+    # the published token counts of the valid and test files (the train file here is a copy of valid)
+    assert (task.info["tokens"]["val"], task.info["tokens"]["test"]) == (217_646, 245_569)
+    assert task.data_source.endswith(" (not the published files: wiki.train.tokens 217,646 tokens where it has 2,088,628)")
     assert task.info["vocab_size"] == 10000 + 4  # the file has ~13.8k word types: capped
     assert len(task.val) == (task.info["tokens"]["val"] - 1) // 128
     assert 0.03 < task.info["unk_rate"]["val"] < 0.15  # the file's own <unk> plus the words past the cap

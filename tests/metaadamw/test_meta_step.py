@@ -986,6 +986,75 @@ def test_meta_step_and_the_constructor_leave_the_global_random_stream_alone():
     assert other.terms != again.terms
 
 
+class _LayerDrop(nn.Module):
+    """Residual layers each skipped at random in training, decided by Python's or NumPy's global
+    random stream (as older Hugging Face models' layer drop, ``random.uniform(0, 1)``)."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.out = nn.Linear(8, 1)
+        self.draw = draw
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for layer in self.layers:
+            if not (self.training and self.draw() < 0.5):
+                h = h + torch.tanh(layer(h))
+        return self.out(h)
+
+
+def _host_streams():
+    import random
+
+    import numpy as np
+    key, pos = np.random.get_state()[1:3]
+    return random.getstate(), key.copy(), pos
+
+
+@pytest.mark.parametrize("stream", ["random", "numpy"])
+def test_meta_step_replays_and_restores_pythons_and_numpys_random_streams(stream):
+    """A layer drop decided by Python's or NumPy's global stream: the passes that must see the same
+    draws (L(theta; val) and L(theta'; val); g' and the finite-difference pass) replay them, and the
+    call leaves those streams as it found them. Before, the loss decrease at theta' = theta was not 0,
+    the finite-difference meta-gradient 1e5x off the exact one, and the training after it drew other
+    layer drops than without it."""
+    import random
+
+    import numpy as np
+    draw = random.random if stream == "random" else np.random.rand
+    batches = [(x.double(), y.double()) for x, y in regression_batches(3)]
+
+    def meta_gradient(mode, lr=1e-2):
+        random.seed(1)
+        np.random.seed(1)
+        torch.manual_seed(0)
+        model = _LayerDrop(draw).double()
+        opt = MetaAdamW(model.named_parameters(), lr=lr, meta_gradient=mode, **small_kwargs())
+        _step(model, opt, batches[0])
+        opt.zero_grad()
+        seen, step = [], opt.meta_optimizer.step
+
+        def capturing_step(*args, **kwargs):
+            seen.extend(p.grad.flatten().clone() for p in opt.meta_parameters() if p.grad is not None)
+            return step(*args, **kwargs)
+
+        opt.meta_optimizer.step = capturing_step
+        before = _host_streams()
+        record = opt.meta_step(model, mse, *batches)
+        after = _host_streams()
+        assert after[0] == before[0] and np.array_equal(after[1], before[1]) and after[2] == before[2]
+        assert not record.skipped and all(math.isfinite(v) for v in record.terms.values())
+        return torch.cat(seen), record
+
+    fd, _ = meta_gradient("finite_difference")
+    exact, _ = meta_gradient("exact")
+    assert float((fd - exact).norm() / exact.norm()) < 1e-6
+    for mode in ("finite_difference", "exact"):  # theta' = theta: the two validation losses are one
+        assert meta_gradient(mode, lr=0.0)[1].terms["loss_decrease"] == 0.0
+
+
 def test_sparse_gradients_in_meta_step_are_a_clear_error():
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 1))
     opt = MetaAdamW(model.named_parameters(), grouping="original", **small_kwargs())
