@@ -452,7 +452,8 @@ def check_resources(study: Study, address: str | None = None, num_cpus: int | No
                               f"already has no such node (its nodes: {has}), so no trial could ever start: lower "
                               f"resources: in the study file, or start Ray with more (ray.init(num_cpus=...))")
         return
-    have_cpus = num_cpus or available_cpus()
+    # (a trial of at most one CPU fits any machine: Ray's count, seconds to import, only for more)
+    have_cpus = (num_cpus or available_cpus()) if cpus > 1 else 1
     if cpus > have_cpus:
         raise ConfigError(f"{study.name}: each trial asks for resources.cpus={cpus:g}, but Ray runs here with {have_cpus} "
                           f"CPU(s), so no trial could ever start: lower resources.cpus, or run on a cluster with --address")

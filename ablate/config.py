@@ -20,7 +20,6 @@ trial runner, the optimizer builder and the results tables all read :data:`COMMO
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -531,23 +530,15 @@ def describe_task_fields(task_name: str) -> str:
 
 
 def did_you_mean(key: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
-    """`` (did you mean 'x'?)`` for the option closest to a misspelt ``key``, or ``""`` (``cutoff``:
-    how close, as difflib measures it, ignoring case: ``ETTh1`` is ``etth1``). Options as close as
-    the closest are all named, in sorted order (``etth``: ``'etth1' or 'etth2'``), not one picked
-    of them by its spelling."""
-    lowered = {str(o).lower(): o for o in options}
-    matcher = difflib.SequenceMatcher()
-    matcher.set_seq2(str(key).lower())
-    scores = {}
-    for option in lowered:
-        matcher.set_seq1(option)
-        scores[option] = matcher.ratio()
-    best = max(scores.values(), default=0.0)
-    if best < cutoff:
-        return ""
-    close = [repr(lowered[o]) for o in sorted(o for o, score in scores.items() if score == best)]
-    named = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
-    return f" (did you mean {named}?)"
+    """`` (did you mean 'x'?)`` for the options closest to a misspelt ``key``, or ``""`` (``cutoff``:
+    how close, as difflib measures it, ignoring case): :func:`metaadamw.registry.suggestion`'s, the
+    rule of the registries' own "Did you mean" - an option that differs from ``key`` only in case
+    alone (``ETTh1``: ``'etth1'``), else every option as close as the closest, in sorted order
+    (``etth``: ``'etth1' or 'etth2'``), not one picked of them by its spelling."""
+    from metaadamw.registry import suggestion
+
+    named = suggestion(key, options, cutoff)
+    return f" (did you mean {named}?)" if named else ""
 
 
 def first_ten(names: Sequence[str]) -> str:

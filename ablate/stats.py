@@ -35,7 +35,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 from ablate.results import Results, ok_mask
 
@@ -61,6 +60,14 @@ TIE = 1e-12
 
 
 # -- elementary statistics --------------------------------------------------------------------
+def _student_t():
+    """``scipy.stats.t``, imported at the first interval or test, not with this module: scipy.stats
+    takes seconds, which ``ablate tune`` (its tie rule) and ``ablate run`` would pay at start-up."""
+    from scipy import stats as sps
+
+    return sps.t
+
+
 def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str, float]:
     """Mean and two-sided t confidence interval of ``values`` (non-finite values - NaN, inf -
     ignored, as the paired tables drop them: one would make the interval NaN).
@@ -75,7 +82,7 @@ def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str
     if n < 2:
         return {"mean": mean, "lo": np.nan, "hi": np.nan, "sd": np.nan, "n": n}
     sd = float(x.std(ddof=1))
-    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / np.sqrt(n)
+    half = float(_student_t().ppf(0.5 + confidence / 2, n - 1)) * sd / np.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "sd": sd, "n": n}
 
 
@@ -102,7 +109,7 @@ def paired_t_pvalue(diffs: Sequence[float], scale: float | None = None) -> float
     if sd <= tol:  # identical up to rounding (0.9 - 1.0 and 1.0 - 1.1): no t of float noise
         return 1.0 if abs(mean) <= tol else 0.0  # (rounding noise around 0 is no difference)
     t = mean / (sd / np.sqrt(n))
-    return float(2 * sps.t.sf(abs(t), n - 1))
+    return float(2 * _student_t().sf(abs(t), n - 1))
 
 
 def sign_flip_pvalue(
@@ -994,8 +1001,8 @@ def _contrast_row(kind, term, level, c, beta, cov, dof, confidence, tol: float =
     est = float(c @ beta)
     se = float(np.sqrt(max(float(c @ cov @ c), 0.0))) if dof > 0 else np.nan
     if dof > 0 and se > tol:
-        half = float(sps.t.ppf(0.5 + confidence / 2, dof)) * se
-        p = float(2 * sps.t.sf(abs(est) / se, dof))
+        half = float(_student_t().ppf(0.5 + confidence / 2, dof)) * se
+        p = float(2 * _student_t().sf(abs(est) / se, dof))
     elif dof > 0:  # (no residual variance up to rounding: no t of float noise)
         half, p = 0.0, (1.0 if abs(est) <= tol else 0.0)
     else:

@@ -511,9 +511,12 @@ def _last_line(error: str, default: str = "no error message") -> str:
     return lines[-1] if lines else default
 
 
-#: the node of a failed attempt in Ray's error text: RayTaskError's "(pid=123, ip=10.0.0.5, actor_id=...)" and
-#: ActorDiedError's "\tip: 10.0.0.5" line
-_ERROR_IP = re.compile(r"(?:\bip=|^\s*ip: )([0-9A-Fa-f.:]+)", re.MULTILINE)
+#: the node of a failed attempt in Ray's error text, as Ray writes it: a RayTaskError's task line
+#: ("ray::ImplicitFunc.train() (pid=123, ip=10.0.0.5, actor_id=...)", its name perhaps still coloured) and an
+#: ActorDiedError's "\tip: 10.0.0.5" line - not any "ip=" or "ip:", which the trainable's own message or a line of
+#: code its traceback quotes may hold ("connection to ip=10.1.2.3 refused")
+_ERROR_IP = re.compile(r"(?:ray::[^\n]*?\(\)(?:\x1b\[[0-9;]*m)? \(pid=\d+, ip=|^\tip: )([0-9A-Fa-f.:]+)",
+                       re.MULTILINE)
 
 
 #: the header Ray's error file puts before each failed attempt's error ("Failure # 2 (occurred at 2026-...)")
@@ -526,8 +529,10 @@ def _failed_node(trial: Any, error: str) -> str | None:
     trainable raised - names it as ``ip=`` in its first line, an ``ActorDiedError`` - the process died - in an ``ip:``
     line; the first of the section, not an address the exception's own message gives, "ip=10.9.8.7"), or, for
     a text without Ray's "Failure # N" headers (made from the pickled error itself), from the error Ray pickled
-    (``RayTaskError.ip``); then that node's host name from the trial's last result (Ray's ``hostname``, where its
-    ``node_ip`` is that address) or from ``ray.nodes()``; the address itself where neither names the node. Not the
+    (``RayTaskError.ip``), else from the text's first such line of Ray's (:data:`_ERROR_IP`: not the last ``ip=``,
+    which may be one the message quotes); then that node's host name from the trial's last result (Ray's
+    ``hostname``, where its ``node_ip`` is that address) or from ``ray.nodes()``; the address itself where neither
+    names the node. Not the
     host of the trial's last result alone, which may be an earlier attempt's, on another node; nor the node of an
     earlier attempt's error: Ray pickles only a task's or an actor's error, so a later failure of another kind (a
     ``TuneError`` of the driver, which names no node) leaves the earlier attempt's pickled error in place, and its
@@ -550,9 +555,9 @@ def _failed_node(trial: Any, error: str) -> str | None:
                     ip = getattr(cloudpickle.load(f), "ip", None)
         except Exception:  # noqa: BLE001 - (an error that does not unpickle here): the text below
             ip = None
-        if not isinstance(ip, str) or not ip:
+        if not isinstance(ip, str) or not ip:  # (the first: Ray's line heads its error, the message comes below it)
             found = _ERROR_IP.findall(error)
-            ip = found[-1] if found else None
+            ip = found[0] if found else None
     if ip is None:
         return None
     last = getattr(getattr(trial, "run_metadata", None), "last_result", None) or {}
@@ -859,8 +864,6 @@ def _run_again(study: Study, out_dir: Path, resume_hint: str | None) -> str:
 def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str] | None, address: str | None,
                storage: str | None, max_concurrent: int | None, num_cpus: int | None,
                keep_checkpoints: bool, resume_hint: str | None = None) -> SweepOutcome:
-    from ray import tune
-
     for folder in (out_dir / store.PARTS_DIR, out_dir / store.CACHE_DIR, out_dir / CHECKPOINTS_DIR, out_dir):  # cut off
         for stale in folder.glob(".*.tmp"):  # (the folder's lock: no other run of the study is writing)
             stale.unlink(missing_ok=True)
@@ -884,6 +887,9 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
         if not keep_checkpoints:
             _clean_up(out_dir, study, storage, None)
         return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
+
+    # (imported only now: Ray takes seconds to import, and a run whose every trial is stored needs none of it)
+    from ray import tune
 
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -1237,7 +1243,8 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
     ids = {t.trial_id for t in study.trials}
     checkpoints = list((out_dir / CHECKPOINTS_DIR).glob("*.pt"))
     others = [p for p in checkpoints if p.stem not in ids]
-    stored = store.finished_trial_ids(out_dir)
+    # (no checkpoint to tell apart, as after most runs: the stored tables are not read again)
+    stored = store.finished_trial_ids(out_dir) if checkpoints else set()
     done = [p for p in checkpoints if p.stem in ids and p.stem in stored]
     if done:  # (kept by an earlier run with --keep-checkpoints, or left by a run killed as it stored the trial)
         size = sum(p.stat().st_size for p in done) / 2**20

@@ -1853,12 +1853,16 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
     """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
     studies (written atomically: concurrent invocations leave a complete file). Returns the files
     and, per target, a note on its importances where it has none (``"none - <why>"``) or they are
-    not of every complete trial."""
+    not of every complete trial. Each located real data file or folder is walked once in a call (for
+    the ``data_fingerprint`` of ``tuned_with``), however many tasks read it."""
     import pandas as pd
 
     from ablate.results import TUNE_TARGETS_FILE, atomic_write_parquet
 
     histories, importances, best, notes = [], [], {}, {}
+    # (each located data file or folder's count and size, for run_data_fingerprint: walked once in this call, not once
+    # per task - tasks reading the same files, e.g. a plugin task on IMDB's tree beside imdb, walked it again each)
+    walked: dict[Any, tuple[int, int]] = {}
     for target in targets:
         study = _load_stored(target, storage)
         if study is None:  # (not started yet)
@@ -1882,7 +1886,7 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
             # objective record pins them), which a study reading them under others is warned about
             config = next(m["config"] for m in target.members if m["task"] == task)
             context = tuning_context(config, spec.settings.arm, _searched_keys(spec))
-            fingerprint = run_data_fingerprint(config)  # (real data: which files, beyond `data: real`)
+            fingerprint = run_data_fingerprint(config, walked)  # (real data: which files, beyond `data: real`)
             if fingerprint is not None:
                 context[DATA_FINGERPRINT] = fingerprint
             if target.key == CROSS_TASK:  # (scored against the AdamW arm: the vector picked depends on its settings)

@@ -216,6 +216,7 @@ class MetaAdamW(torch.optim.Optimizer):
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        _prepare_eager_step()
 
         self.config = dict(
             alpha_range=alpha_range, beta_range=beta_range, features=features, time_step=time_step,
@@ -494,7 +495,7 @@ class MetaAdamW(torch.optim.Optimizer):
         every eager step ~6 us.) Runs in full precision inside ``torch.autocast`` (the closure, if
         any, in the caller's autocast)."""
         if torch.compiler.is_compiling():
-            return _eager_step(self, closure)
+            return _EAGER_STEP(self, closure)
         return self._step_with_closure(closure)
 
     @torch.no_grad()
@@ -583,6 +584,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self._update_plan_betas(plan)
         for i in plan.indices:
             self._steps[i] += 1
+        plan.step_counts.add_(1.0)  # the tensors' state[p]["step"] (on the CPU, as AdamW's: no sync)
         for b in plan.buckets:
             b.step = self._steps[b.indices[0]]
             group = self.param_groups[b.param_group]
@@ -629,8 +631,8 @@ class MetaAdamW(torch.optim.Optimizer):
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
 
     def _plan_state_current(self, plan: "_Plan") -> bool:
-        """Whether ``self.state`` still holds the moments the plan steps: as ``torch.optim.AdamW``
-        reads its state at every step, a state reset by the caller (``optimizer.state.clear()``, a
+        """Whether ``self.state`` still holds the moments (and ``"step"`` views) the plan steps: as
+        ``torch.optim.AdamW`` reads its state at every step, a state reset by the caller (``optimizer.state.clear()``, a
         new ``optimizer.state``, ``del optimizer.state[p]``, a replaced ``exp_avg``) takes effect
         at the next step, instead of the plan stepping tensors that no checkpoint saves. Identity
         tests on the host, about 0.2 us per tensor (AdamW looks up its state per tensor too)."""
@@ -639,7 +641,9 @@ class MetaAdamW(torch.optim.Optimizer):
                 and all(map(operator.is_, map(state.get, plan.params), plan.state_dicts))
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg")), plan.exp_avgs))
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg_sq")),
-                            plan.exp_avg_sqs)))
+                            plan.exp_avg_sqs))
+                and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("step")),
+                            plan.step_tensors)))
 
     def _moments_edited(self, plan: "_Plan") -> bool:
         """Whether the caller changed in place (``state[p]["exp_avg_sq"].zero_()``, a masked reset of
@@ -730,6 +734,15 @@ class MetaAdamW(torch.optim.Optimizer):
         st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
+    def _mirror_steps(self) -> None:
+        """Give every tensor with moments its AdamW ``"step"`` in ``self.state`` (after a load or an
+        unpickling, whose counts live in ``self._steps``): code written for torch.optim.AdamW reads
+        ``optimizer.state[p]["step"]`` (bias corrections, EMA warm-ups, logging)."""
+        for p, n in zip(self._params, self._steps):
+            st = self.state.get(p)
+            if st and "exp_avg" in st:
+                st["step"] = _step_tensor(n)
+
     def _ensure_meta_synced(self) -> None:
         """Under ``torch.distributed`` with ``sync_meta``: every rank takes rank 0's modulator and
         weighting, once - when the optimizer is made, or, when it was made before the process group
@@ -818,6 +831,13 @@ class MetaAdamW(torch.optim.Optimizer):
             b.split(limit)
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        # AdamW's "step" in each state, which code written for AdamW reads: 0-dim views of one CPU vector
+        # of the counts, which step() counts up in one op (a tensor each, as AdamW's, costs ~1 us per tensor).
+        # Made afresh from the counts (self._steps), so that one replaced or removed by the caller is put right
+        step_counts = _step_tensor([self._steps[i] for i in indices])
+        step_tensors = list(step_counts.unbind())
+        for p, t in zip(params, step_tensors):
+            self.state[p]["step"] = t
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
         beta1, beta2 = self._beta_vectors(indices)
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
@@ -834,6 +854,8 @@ class MetaAdamW(torch.optim.Optimizer):
             params=params,
             exp_avgs=exp_avgs,
             exp_avg_sqs=exp_avg_sqs,
+            step_counts=step_counts,
+            step_tensors=step_tensors,
             param_group_slices=slices,
             blocking=F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
@@ -1275,6 +1297,7 @@ class MetaAdamW(torch.optim.Optimizer):
     def _set_step_counts(self, steps: list[int], global_step: int) -> None:
         """The loaded per-tensor AdamW step counts and step() count (the plan is rebuilt next step)."""
         self._steps = steps
+        self._mirror_steps()
         self.global_step = global_step
         self._time = torch.tensor(global_step, dtype=torch.int64, device=self.device)
         self._carried = self._carried_now()  # (the loaded moments are new tensors)
@@ -1385,6 +1408,7 @@ class MetaAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # fresh hook dicts, as torch.optim does
+        _prepare_eager_step()  # (unpickled in a fresh process: made by no __init__ there)
         self._drop_torch_flags()  # (pickled by an earlier version after loading an AdamW checkpoint)
         self.__dict__.setdefault("sync_meta", True)  # (pickled before the option existed)
         self.__dict__.setdefault("_synced_world", 1)  # (pickled before the lazy sync existed)
@@ -1460,6 +1484,8 @@ class _Plan:
     params: list[Tensor]
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
+    step_counts: Tensor  # the planned tensors' AdamW step counts (float32, on the CPU, as AdamW keeps them)
+    step_tensors: list[Tensor]  # their state[p]["step"]: 0-dim views of step_counts
     param_group_slices: list[tuple[int, slice]]
     blocking: F.Blocking  # the runs of the moment pass (cache blocking on the CPU: limit set)
     buckets: list[F.Bucket]
@@ -1585,6 +1611,12 @@ def _forked_rng(device: torch.device) -> Iterator[None]:
             yield
     finally:
         set_host_rng_states(host)
+
+
+def _step_tensor(n: int | list[int]) -> Tensor:
+    """AdamW step counts as ``torch.optim.AdamW`` keeps them in its state (without ``capturable`` or
+    ``fused``): float32 on the CPU, whatever the parameters' device (no host sync); one count: 0-dim."""
+    return torch.tensor(n, dtype=torch.float32, device="cpu")
 
 
 def _is_int(v: Any) -> bool:
@@ -1843,7 +1875,22 @@ def _check_betas(betas: Any, where: str = "") -> None:
         _check(_real(b) and 0.0 <= b < 1.0, f"{where}Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
 
 
-@torch.compiler.disable
 def _eager_step(opt: MetaAdamW, closure: Callable[[], Any] | None) -> Any:
-    """MetaAdamW's step as Dynamo must call it: outside the graph (see :meth:`MetaAdamW.step`)."""
+    """MetaAdamW's step as Dynamo must call it: outside the graph (see :meth:`MetaAdamW.step`), through
+    :data:`_EAGER_STEP`, its ``torch.compiler.disable`` wrapper."""
     return opt._step_with_closure(closure)
+
+
+#: :func:`_eager_step` wrapped in ``torch.compiler.disable``, which :meth:`MetaAdamW.step` calls inside
+#: compiled code; made by :func:`_prepare_eager_step` when the first optimizer is made (or unpickled), not
+#: when metaadamw is imported: the wrapper imports ``torch._dynamo``, about a second, which a program that
+#: only reads results or parses a study (``ablate report``, ``ablate list``) need not pay.
+_EAGER_STEP: Callable[[MetaAdamW, Callable[[], Any] | None], Any] | None = None
+
+
+def _prepare_eager_step() -> None:
+    """Make :data:`_EAGER_STEP` once: before any step of any optimizer, so that Dynamo, tracing a step,
+    finds the disabled wrapper there (a wrapper made while tracing would be traced itself)."""
+    global _EAGER_STEP
+    if _EAGER_STEP is None:
+        _EAGER_STEP = torch.compiler.disable(_eager_step)

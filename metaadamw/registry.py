@@ -36,7 +36,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -53,6 +53,33 @@ def _caller_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def suggestion(name: Any, options: Iterable[str], cutoff: float = 0.6) -> str:
+    """The options a misspelt ``name`` most likely meant, quoted and joined for a "did you mean"
+    hint (``"'etth1' or 'etth2'"``), or ``""`` for none. An option equal to ``name`` but for case
+    is the one meant, alone ("ETTh1": 'etth1', not 'ettm1' beside it); else the options closest to
+    it by spelling (difflib's ratio, ignoring case, at least ``cutoff``), every one as close as the
+    closest, in sorted order ("etth": 'etth1' or 'etth2', not one of them picked by its spelling).
+    One rule for :meth:`Registry.get` and ``ablate``'s messages, so that the same misspelt name
+    gets the same suggestions from both."""
+    key = str(name).lower()
+    names = sorted({str(o) for o in options})
+    close = [o for o in names if o.lower() == key]
+    if not close:
+        matcher = difflib.SequenceMatcher()
+        matcher.set_seq2(key)
+        scores = {}
+        for option in names:
+            matcher.set_seq1(option.lower())
+            # (ratio() <= quick_ratio(): an option that cannot reach the cutoff is not scored; each task's
+            # registration checks its every key against the trial keys, at every start-up)
+            if matcher.quick_ratio() >= cutoff:
+                scores[option] = matcher.ratio()
+        best = max(scores.values(), default=0.0)
+        close = [o for o in names if scores.get(o) == best] if best >= cutoff else []
+    quoted = [repr(o) for o in close]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}" if quoted else ""
 
 
 class UnknownComponentError(KeyError):
@@ -136,19 +163,13 @@ class Registry:
             return self._items[name]
         except (KeyError, TypeError):
             pass
-        close = []
-        if isinstance(name, str):
-            # a name that differs only in case ("ETTh1" for "etth1") is the one meant: only it, not "ettm1" beside it
-            close = [n for n in self._items if n.lower() == name.lower()]
-        if isinstance(name, str) and not close:
-            # else the closest spellings ("fine_graned"), then names containing or contained in it
-            close = difflib.get_close_matches(name.lower(), list(self._items), n=2)
-            close += [n for n in self._items if (name.lower() in n or n in name.lower()) and n not in close]
+        # (a name that differs only in case, "ETTh1" for "etth1", alone; else the closest spellings, "fine_graned")
+        close = suggestion(name, self._items) if isinstance(name, str) else ""
         problem = self.entry_point_problem(name)
         if problem:  # exposed through an entry point that is broken: say so, not how to expose it
             raise UnknownComponentError(
                 f"unknown {self.kind} {name!r}: {problem}. Registered: {', '.join(self.list()) or '(none)'}.")
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = f" Did you mean {close}?" if close else ""
         # a likely misspelling: the registration example does not suggest registering the misspelt name
         example = self._decorator_name("<name>" if close or not isinstance(name, str) or not name else name)
         broken = self.entry_point_problem(None)

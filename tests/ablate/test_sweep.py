@@ -1129,6 +1129,44 @@ def test_the_node_of_a_failure_is_ray_s_not_an_address_the_trainable_s_message_g
     assert sweep._failed_node(trial, died) == "10.0.0.5"
 
 
+def test_the_node_of_an_error_text_without_ray_s_headers_is_ray_s_task_line_not_the_message_s_address():
+    # a text without "Failure # N" headers (the driver's formatting of the pickled error, whose file is not there, or
+    # holds no address): the node was the LAST "ip=" of the text - here the address the trainable's message quotes
+    import traceback
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from ablate import sweep
+
+    def raised(message: str) -> tuple[str, ConnectionError]:
+        try:
+            raise ConnectionError(message)
+        except ConnectionError as e:
+            return traceback.format_exc(), e
+
+    tb, cause = raised("connection to ip=10.1.2.3 refused")
+    error = RayTaskError("train", tb, cause, proctitle="ray::ImplicitFunc.train", pid=7, ip="192.0.2.2",
+                         actor_repr="trainable", actor_id="34ec4e3b").as_instanceof_cause()
+    text = "".join(traceback.format_exception(error))  # (Ray colours the task name; _trial_error takes the codes out)
+    assert "ip=192.0.2.2" in text and text.rstrip().endswith("connection to ip=10.1.2.3 refused")
+    trial = SimpleNamespace(pickled_error_file=None,
+                            run_metadata=SimpleNamespace(last_result={"node_ip": "192.0.2.2", "hostname": "vm-2"}))
+    assert sweep._failed_node(trial, text) == "vm-2"
+    assert sweep._failed_node(trial, sweep._ANSI_CODES.sub("", text)) == "vm-2"
+    # an actor that died in its creation task: Ray's task line inside the ActorDiedError's message
+    died = "".join(traceback.format_exception(ActorDiedError(RayTaskError(
+        "__init__", tb, cause, proctitle="ray::ImplicitFunc.__init__", pid=8, ip="10.0.0.5", actor_id="ab"))))
+    assert sweep._failed_node(trial, died) == "10.0.0.5"
+    # a dead process's "\tip:" line; a quoted line of code ("    ip: str") or a bare "ip=" of a message names no node
+    dead = ("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+            "\tclass_name: ImplicitFunc\n\tpid: 9\n\tip: 10.0.0.6\nThe actor is dead because its worker process has "
+            "died. Worker exit type: SYSTEM_ERROR\n")
+    assert sweep._failed_node(trial, dead) == "10.0.0.6"
+    assert sweep._failed_node(trial, '  File "/tmp/plugin.py", line 3, in Server\n    ip: str = "10.1.2.3"\n'
+                                     "RuntimeError: connection to ip=10.1.2.3 refused\n") is None
+
+
 def _recording_one_trial(tmp_path, monkeypatch, last_result: dict):
     """A one-trial study's Recorder whose stored rows are collected (``stored``), and a Ray-like trial of it
     that failed on no pickled error, with ``last_result`` as its last reported result and its error file at

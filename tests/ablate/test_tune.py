@@ -2414,6 +2414,52 @@ def test_one_parse_walks_the_real_data_once_for_both_tuned_files(tmp_path, monke
         assert len(walked) == 4 * parses and len(set(walked)) == 4  # (each class folder once per parse)
 
 
+def test_writing_the_tuned_files_walks_the_real_data_once_for_every_task_reading_it(tmp_path, monkeypatch):
+    # write_outputs took each task's data_fingerprint with a walk of its own: two tasks reading IMDB's tree (imdb and a
+    # plugin task on the same files) walked its 50,000 reviews twice, per-task targets and a cross-task one alike
+    import optuna
+
+    from ablate.study import run_data_fingerprint
+    from ablate.tasks import TASKS, imdb, register_task
+    from ablate.tasks.base import FolderFiles
+    from ablate.tune import _enqueue_baseline, write_outputs
+
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            folder = tmp_path / "data" / "imdb" / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(f"review {i} of {label}")
+    register_task("imdb_plug", metrics=[("accuracy", "max")], defaults=dict(TASKS.get("imdb").defaults),
+                  locate=imdb.locate)(lambda config: None)
+    try:
+        expected = run_data_fingerprint({"task": "imdb", "data": "real", "data_dir": str(tmp_path / "data"),
+                                         **TASKS.get("imdb").defaults})
+        assert expected is not None
+        walked, sizes = [], FolderFiles.sizes
+        monkeypatch.setattr(FolderFiles, "sizes", lambda self: walked.append(self.folder) or sizes(self))
+        for cross_task in (False, True):
+            spec = parse_tune_spec({"name": "t", "tasks": ["imdb", "imdb_plug"], "seeds": 1, "data": "real",
+                                    "data_dir": str(tmp_path / "data"), "budget": {"epochs": 2},
+                                    "tune": {"trials": 1, "cross_task": cross_task}}, "t.yaml")
+            targets = build_targets(spec, {"imdb/0": 1.0, "imdb_plug/0": 1.0} if cross_task else None)
+            assert len(targets) == (1 if cross_task else 2)
+            storage = optuna.storages.InMemoryStorage()
+            for target in targets:
+                study = optuna.create_study(study_name=target.study_name, storage=storage, direction=target.direction)
+                _enqueue_baseline(study, target, spec)
+                study.tell(study.ask(), 0.1)
+            out = tmp_path / f"out_{cross_task}"
+            out.mkdir()
+            walked.clear()
+            files, _ = write_outputs(spec, storage, targets, out, "mem")
+            assert len(walked) == 4 and len(set(walked)) == 4  # (each class folder once, not once per task)
+            best = yaml.safe_load(files["best"].read_text())
+            assert [best[t]["tuned_with"]["data_fingerprint"] for t in ("imdb", "imdb_plug")] == [expected] * 2
+    finally:
+        TASKS.remove("imdb_plug")
+
+
 def _tuned_with_of_an_embedded_search(tmp_path: Path) -> dict:
     """The ``tuned_with`` that ``ablate tune`` writes for a search on embedded data."""
     import optuna

@@ -165,7 +165,9 @@ def test_an_adamw_checkpoint_switches_a_run_to_metaadamw_with_its_moments_and_st
     _train(twin, meta, batches, 5, start=5, meta_every=10**9, loss_fn=mse)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    assert all("step" not in st for st in meta.state.values())
+    # the live state's "step" is AdamW's, counted on (it was absent: code written for AdamW read it)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(meta.state[b]["step"], adamw.state[a]["step"]) and meta.state[b]["step"] == 10
 
 
 def test_an_adamw_checkpoint_loaded_after_steps_restarts_the_tensors_it_has_no_state_for():
@@ -444,17 +446,18 @@ def test_a_torch_adam_checkpoint_with_l2_weight_decay_is_refused():
 
 
 def test_state_dict_returns_the_live_moments_and_leaves_the_live_state_alone():
-    # as torch.optim: no copy of the moments (a checkpoint would double the optimizer's memory), and
-    # no stale "step" written into the live state (it went out of date at the next step)
+    # as torch.optim: no copy of the moments (a checkpoint would double the optimizer's memory); the
+    # live state's "step" is AdamW's, kept current by step(), and the saved one stays as it was saved
     model = mlp(0)
     opt = MetaAdamW(model.named_parameters(), **KW)
     _train(model, opt, regression_batches(3), 3, loss_fn=mse)
     sd = opt.state_dict()
     first = next(iter(model.parameters()))
     assert sd["state"][0]["exp_avg"] is opt.state[first]["exp_avg"] and sd["state"][0]["step"] == 3
-    assert all("step" not in st for st in opt.state.values())
+    assert all(torch.equal(st["step"], torch.tensor(3.0)) for st in opt.state.values())
     _train(model, opt, regression_batches(3), 1, start=3, loss_fn=mse)
     assert opt.state_dict()["state"][0]["step"] == 4 and sd["state"][0]["step"] == 3
+    assert all(torch.equal(st["step"], torch.tensor(4.0)) for st in opt.state.values())
 
 
 def test_state_dicts_that_lost_meta_state_in_torch_distributed_checkpoint_are_refused_loading_nothing(tmp_path):

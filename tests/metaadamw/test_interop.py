@@ -3,7 +3,9 @@ checkpoints loaded with weights_only=True."""
 
 from __future__ import annotations
 
+import copy
 import io
+import math
 
 import numpy as np
 import pytest
@@ -241,3 +243,151 @@ def test_a_channels_last_model_trains_as_with_adamw_and_keeps_its_memory_format(
     assert weight.is_contiguous(memory_format=torch.channels_last)
     assert all(opt.state[weight][k].is_contiguous(memory_format=torch.channels_last) for k in ("exp_avg", "exp_avg_sq"))
     torch.testing.assert_close(opt.state[weight]["exp_avg_sq"], ref.state[ref_model[0].weight]["exp_avg_sq"])
+
+
+def _adamw_twins(**kw):
+    """A torch.optim.AdamW and a MetaAdamW without modulation (AdamW up to float rounding) on twin models."""
+    ref_model, model = mlp(), mlp()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                    **small_kwargs(**kw))
+    return ref_model, ref, model, opt
+
+
+def test_the_live_state_holds_adamws_step_counts_as_code_written_for_adamw_reads_them():
+    # opt.state[p]["step"] raised KeyError: MetaAdamW kept the counts to itself, so EMA warm-ups, LR
+    # finders and logging that read AdamW's count failed. Now AdamW's own: a 0-dim float32 CPU tensor,
+    # counted only for tensors with a gradient, restarted with the state, kept by copies and loads
+    batches = regression_batches(n=6)
+    ref_model, ref, model, opt = _adamw_twins()
+    for t in range(6):
+        for m, o in ((ref_model, ref), (model, opt)):
+            o.zero_grad()
+            mse(m, batches[t]).backward()
+            if t in (2, 3):  # the last layer's bias gets no gradient twice
+                m[-1].bias.grad = None
+            if t == 4:  # a reset of the first layer's state, as a pruning step does
+                o.state.pop(m[0].weight)
+            o.step()
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        st = opt.state[b]["step"]
+        assert st.dtype == torch.float32 and st.device.type == "cpu" and st.dim() == 0
+        assert torch.equal(st, ref.state[a]["step"])
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    counts = [float(opt.state[p]["step"]) for p in model.parameters()]
+    assert counts == [2.0, 6.0, 6.0, 6.0, 6.0, 4.0]
+    assert [opt.state_dict()["state"][i]["step"] for i in range(6)] == counts
+    # a copy and a reloaded checkpoint count on from theirs, independently of the original
+    copied = copy.deepcopy(opt)
+    loaded = MetaAdamW(mlp().named_parameters(), lr=1e-2, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                       **small_kwargs())
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded.load_state_dict(torch.load(buffer, weights_only=True))
+    for o in (copied, loaded):
+        assert [float(o.state[p]["step"]) for p in o._params] == counts
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in model.parameters()] == [c + 1 for c in counts]
+    assert [float(copied.state[p]["step"]) for p in copied._params] == counts
+    # a step count replaced by the caller is put back: the count is the optimizer's (as state_dict() saves it)
+    opt.state[model[0].weight]["step"] = torch.tensor(100.0)
+    opt.step()
+    assert float(opt.state[model[0].weight]["step"]) == counts[0] + 2 == opt.state_dict()["state"][0]["step"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.8 ** e),
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=2e-2, total_steps=30, cycle_momentum=True),
+    lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
+    lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=1, factor=0.5),
+    lambda o: torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3),
+                                                        torch.optim.lr_scheduler.ExponentialLR(o, 0.9)], milestones=[3]),
+    lambda o: torch.optim.lr_scheduler.ChainedScheduler([torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3),
+                                                         torch.optim.lr_scheduler.ExponentialLR(o, 0.9)]),
+], ids=["LambdaLR", "OneCycleLR", "CosineAnnealingWarmRestarts", "ReduceLROnPlateau", "SequentialLR",
+        "ChainedScheduler"])
+def test_lr_schedulers_step_metaadamw_as_adamw_also_across_a_resume(make):
+    # the scheduler of the resumed run is made before the loads, as torch's recipe has it
+    batches = regression_batches(n=5)
+    ref_model, ref, model, opt = _adamw_twins()
+    plateau = "ReduceLROnPlateau" in repr(make(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)))
+
+    def train(m, o, sched, steps):
+        for t in steps:
+            o.zero_grad()
+            mse(m, batches[t % 5]).backward()
+            o.step()
+            sched.step(float(t < 2)) if plateau else sched.step()
+
+    runs = [(ref_model, ref, make(ref)), (model, opt, make(opt))]
+    for m, o, sched in runs:
+        train(m, o, sched, range(5))
+    resumed = copy.deepcopy(model)
+    again = MetaAdamW(resumed.named_parameters(), lr=1.0, weight_decay=0.05, alpha_range=0.0, beta_range=0.0,
+                      **small_kwargs())
+    again_sched = make(again)
+    again.load_state_dict(opt.state_dict())
+    again_sched.load_state_dict(runs[1][2].state_dict())
+    for m, o, sched in [*runs, (resumed, again, again_sched)]:
+        train(m, o, sched, range(5, 12))
+    for a, b, c in zip(ref_model.parameters(), model.parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(c, b)
+    for o in (opt, again):
+        assert o.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+        assert tuple(o.param_groups[0]["betas"]) == tuple(ref.param_groups[0]["betas"])
+
+
+@pytest.mark.parametrize("unscale", [False, True])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_grad_scaler_skips_the_steps_with_non_finite_gradients_as_for_adamw(bad, unscale):
+    # scaler.step(opt) skips the step when unscaling found an inf or NaN: the parameters, moments and
+    # step counts stay, the scale backs off, and training goes on exactly as AdamW's
+    batches = regression_batches(n=5)
+    ref_model, ref, model, opt = _adamw_twins()
+    scales = []
+    for m, o in ((ref_model, ref), (model, opt)):
+        scaler = torch.amp.GradScaler(device="cpu", init_scale=2.0 ** 10)
+        for t in range(5):
+            o.zero_grad()
+            scaler.scale(mse(m, batches[t])).backward()
+            if t in (1, 2):
+                m[0].weight.grad[0, 0] = bad
+            if unscale:
+                scaler.unscale_(o)
+            scaler.step(o)
+            scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales[0] == scales[1] == 2.0 ** 8
+    assert opt.global_step == 3 and float(opt.state[model[0].weight]["step"]) == 3.0
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[b]["exp_avg_sq"], ref.state[a]["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+
+
+def test_step_hooks_and_a_closure_under_no_grad_behave_as_for_adamw():
+    # the step hooks see the optimizer and step()'s arguments, and a closure runs with gradients enabled even when step() is called under no_grad
+    batches = regression_batches(n=3)
+    ref_model, ref, model, opt = _adamw_twins()
+    logs = []
+    for m, o in ((ref_model, ref), (model, opt)):
+        log = []
+        o.register_step_pre_hook(lambda o_, args, kwargs: (log.append(("pre", o_ is o, len(args))), None)[1])
+        o.register_step_post_hook(lambda o_, args, kwargs: log.append(("post", o_ is o, len(args))))
+        losses = []
+        for t in range(3):
+            def closure(m=m, o=o, t=t):
+                o.zero_grad()
+                loss = mse(m, batches[t])
+                loss.backward()
+                return loss
+            with torch.no_grad():
+                losses.append(float(o.step(closure)))
+        logs.append((log, losses))
+    assert logs[0][0] == logs[1][0] == [("pre", True, 2), ("post", True, 2)] * 3  # (args: the optimizer, the closure)
+    np.testing.assert_allclose(logs[1][1], logs[0][1], rtol=1e-5)
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

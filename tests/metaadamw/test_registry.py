@@ -601,11 +601,40 @@ def test_a_name_that_differs_only_in_case_is_the_only_one_suggested():
         with pytest.raises(UnknownComponentError) as err:
             reg.get(asked)
         assert re.search(r"Did you mean [^?]*\?", str(err.value)).group() == f"Did you mean {meant!r}?"
-    with pytest.raises(UnknownComponentError) as err:  # (no name differs only in case: the close ones, as before)
+    with pytest.raises(UnknownComponentError) as err:  # (no name differs only in case: the close ones, sorted)
         reg.get("etth")
-    assert re.search(r"Did you mean [^?]*\?", str(err.value)).group() == "Did you mean 'etth2', 'etth1'?"
+    assert re.search(r"Did you mean [^?]*\?", str(err.value)).group() == "Did you mean 'etth1' or 'etth2'?"
     mixed = Registry("widget", "tests.widgets")
     mixed.add("MyWidget", lambda: 1)
     mixed.add("my_widget", lambda: 1)
     with pytest.raises(UnknownComponentError, match=r"Did you mean 'MyWidget'\?"):
         mixed.get("mywidget")
+
+
+def test_a_registry_and_ablate_s_messages_suggest_the_same_names_for_a_misspelt_one():
+    # Registry.get and ablate.config.did_you_mean had rules of their own: Registry.get("etth") suggested
+    # 'etth2', 'etth1' (difflib's two closest, in its order) where a study file's `task: etth` was told 'etth1' or
+    # 'etth2'; Registry.get("norm") 'norm_basic', 'norm_basic_plus' (names containing it) where `features: norm` got
+    # no suggestion; a second name less close than the first ('b_twos' beside 'b_two') was suggested beside it; and
+    # did_you_mean kept one of two options differing only in case from each other
+    from ablate.config import did_you_mean
+    from ablate.tasks import TASKS
+    from metaadamw.registry import suggestion
+
+    def registry_hint(registry: Registry, name: str) -> str:
+        with pytest.raises(UnknownComponentError) as err:
+            registry.get(name)
+        found = re.search(r"Did you mean ([^?]*)\?", str(err.value))
+        return found.group(1) if found else ""
+
+    widgets = Registry("widget", "tests.widgets")
+    for name in ("b_two", "b_twos", "Foo", "FOO", "etth1", "etth2", "ettm1"):
+        widgets.add(name, lambda: 1)
+    cases = [(GROUPINGS, "fine_graned", "'fine_grained'"), (TASKS, "ETTh1", "'etth1'"),
+             (TASKS, "etth", "'etth1' or 'etth2'"), (TASKS, "ettm", "'ettm1' or 'ettm2'"), (FEATURES, "norm", ""),
+             (FEATURES, "basic_pls", "'basic_plus'"), (widgets, "b_tow", "'b_two'"), (widgets, "foo", "'FOO' or 'Foo'"),
+             (widgets, "ETTH", "'etth1' or 'etth2'"), (widgets, "zzz", "")]
+    for registry, name, expected in cases:
+        assert suggestion(name, registry.list()) == expected, name
+        assert registry_hint(registry, name) == expected, name
+        assert did_you_mean(name, registry.list()) == (f" (did you mean {expected}?)" if expected else ""), name
