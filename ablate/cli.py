@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import json
 import math
@@ -393,8 +394,30 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"ablate: warning: {message}\n"
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option (``ablate run SPEC --dry-rn``) is refused
+    by the subcommand's parser, with its usage and the closest option it has: argparse refused it
+    with the top-level usage, which lists no option of the subcommand, and no suggestion."""
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args
+    sub = parser
+    for dest in ("command", "data_command"):  # (`ablate data download`: two levels)
+        action = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or getattr(args, dest, None) not in action.choices:
+            break
+        sub = action.choices[getattr(args, dest)]
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    unknown = [e.split("=", 1)[0] for e in extra if e.startswith("-")]
+    close = {u: m[0] for u in unknown if (m := difflib.get_close_matches(u, options, n=1))}
+    hint = "; ".join(f"{'' if len(unknown) == 1 else u + ': '}did you mean {m}?" for u, m in close.items())
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({hint})" if hint else "")
+              + f" (`{sub.prog} --help` lists its options)")
+    raise AssertionError("unreachable: ArgumentParser.error exits")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse_args(build_parser(), argv)
     saved_format = warnings.formatwarning
     warnings.formatwarning = _warning_line  # one line, as the errors: no source file and line
     try:

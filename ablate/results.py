@@ -480,10 +480,26 @@ def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Res
     combined tables hold its rows (see :func:`_read_tables`)."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
-        raise FileNotFoundError(f"no results directory at {out_dir}; run `ablate run SPEC` first")
+        raise FileNotFoundError(f"no results directory at {out_dir}; "
+                                + (_inside_results(out_dir) or "run `ablate run SPEC` first"))
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} is a file, not a study's results directory (results/<study name>)")
+        inside = _inside_results(out_dir)
+        raise FileNotFoundError(f"{out_dir} is a file, not a study's results directory (results/<study name>)"
+                                + (f"; {inside}" if inside else ""))
     return _results(out_dir, _read_tables(out_dir), all_trials)
+
+
+def _inside_results(path: Path) -> str:
+    """Where ``path`` - a folder or file in a study's results directory (its ``report/``,
+    ``parts/``, ``trials.parquet``), or one that does not exist there - lies inside the nearest
+    enclosing results directory: the hint that names that directory, else ``""``. (``ablate report
+    results/quick/report`` was told to run the study first, which would only run it again.)"""
+    given, absolute = list(path.parents), list(path.absolute().parents)
+    for level, folder in enumerate(absolute):
+        if _holds_results(folder):
+            named = given[level] if level < len(given) and str(given[level]) not in ("", ".") else folder
+            return f"it is inside the results of study {folder.resolve().name}: give that folder, {named}"
+    return ""
 
 
 def _holds_results(folder: Path) -> bool:
@@ -531,6 +547,8 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
         elif not inside and (out_dir / MANIFEST).exists():  # (`ablate run` started here: no trial finished yet)
             inside = ("; none of the study's trials has finished yet (a run still running, or cut off before its first "
                       f"trial finished: `ablate run SPEC --out {shlex.quote(str(named.parent))} --resume` continues it)")
+        elif not inside and _inside_results(out_dir):  # (its report/ or parts/ folder: the study has run)
+            inside = f"; {_inside_results(out_dir)}"
         elif not inside:
             inside = (f"; run the study first (`ablate run SPEC --out {shlex.quote(str(named.parent))}` writes "
                       f"{named.name}/ there for a study named {named.name})")

@@ -373,23 +373,44 @@ def fewest_seeds_reaching(alpha: float = ALPHA) -> int | None:
     return next((k for k in range(1, EXACT_SIGN_FLIP_MAX_N + 2) if can_reach(k, alpha)), None)
 
 
-def too_few_seeds_to_test(n_seeds: int, arms: Iterable[str], alpha: float = ALPHA) -> str:
-    """A note for a study about to run ``n_seeds`` seeds of ``arms`` (its arm names) when its report
-    can mark no paired difference significant at ``alpha``, whatever the results: Tables 2 and 3
-    compare the baseline with AdamW and with each other arm by sign-flip tests over the seeds
-    (:func:`table2`, :func:`table3`), whose smallest p with n seeds is 2/2^n (:func:`can_reach`).
-    ``""`` where the seeds can reach alpha, or the study compares no arm with the baseline."""
+def fewest_seeds_for_family(k: int, alpha: float = ALPHA) -> int | None:
+    """The fewest paired seeds with which one of a Holm family of ``k`` comparisons can be significant
+    at ``alpha``: Holm's first step needs the smallest p, 2/2^n at best (:func:`smallest_sign_flip_p`),
+    below alpha/k (6 for one comparison at 0.05, 8 for 5, 10 for 20); None where no count reaches it.
+    (Every row of such a family has as many seeds, so Tarone's rule leaves none of them out.)"""
+    return fewest_seeds_reaching(alpha / max(k, 1))
+
+
+def too_few_seeds_to_test(n_seeds: int, arms: Iterable[str], alpha: float = ALPHA, n_tasks: int = 1) -> str:
+    """A note for a study about to run ``n_seeds`` seeds of ``arms`` (its arm names) on ``n_tasks``
+    tasks when a table of its report can mark no paired difference significant at ``alpha``,
+    whatever the results: Table 2 compares the baseline with AdamW on each task, Holm-adjusted over
+    the tasks (:func:`table2`), Table 3 with each ablation arm, Holm-adjusted over a task's arms
+    (:func:`table3`), by sign-flip tests over the seeds, whose smallest p is 2/2^n
+    (:func:`fewest_seeds_for_family`). ``""`` where every table's seeds can reach alpha, or the study
+    compares no arm with the baseline. The count of arms is the study's: on a task where an arm
+    equals the baseline (run once for both) the family is smaller."""
     arms = set(arms)
-    if BASELINE not in arms or not arms - {BASELINE} or can_reach(n_seeds, alpha):
+    ablations = sorted(a for a in arms if a not in (BASELINE, ADAMW) and arm_axis(a) != "factorial")
+    families = []  # (the table, in words; its family size)
+    if BASELINE in arms and ADAMW in arms:
+        families.append((f"Table 2 (the baseline against AdamW on {n_tasks} task(s))", n_tasks))
+    if BASELINE in arms and ablations:
+        families.append((f"Table 3 (the baseline against {len(ablations)} ablation arm(s) per task)", len(ablations)))
+    short = [(table, fewest_seeds_for_family(k, alpha)) for table, k in families]
+    short = [(table, need) for table, need in short if need is None or n_seeds < need]
+    if not short:
         return ""
-    fewest = fewest_seeds_reaching(alpha)
+    needs = [need for _, need in short if need is not None]
     factorial = any(arm_axis(a) == "factorial" for a in arms)
-    return (f"with {n_seeds} seed(s) the report's paired comparisons (Tables 2 and 3: sign-flip tests over the seeds) "
-            f"cannot be significant at {alpha}, whatever the differences: the smallest sign-flip p of {n_seeds} "
-            f"paired seed(s) is {smallest_sign_flip_p(n_seeds):.4g}. "
-            + (f"It takes {fewest} paired seeds or more, before Holm's adjustment over the arms: {fewest - n_seeds} "
-               f"more than this run has (`seeds:` in the study file, or --extra-seeds)" if fewest
-               else "No seed count reaches it")
+    return (f"with {n_seeds} seed(s) no paired difference in {' or '.join(t.split(' (')[0] for t, _ in short)} of the "
+            f"report can be significant at {alpha}, whatever the results: the smallest sign-flip p of {n_seeds} paired "
+            f"seed(s) is {smallest_sign_flip_p(n_seeds):.4g}, and Holm's adjustment over a table's k comparisons "
+            f"needs it below {alpha}/k. "
+            + "; ".join(f"{table} takes {need} seeds or more" if need is not None else f"{table}: no seed count does"
+                        for table, need in short)
+            + (f": {max(needs) - n_seeds} more than this run has (`seeds:` in the study file, or --extra-seeds)"
+               if needs else "")
             + (" (the factorial design's effects, fitted over its cells, can be significant with fewer)."
                if factorial else "."))
 

@@ -409,11 +409,24 @@ def _empty_file(text: str) -> str | None:
 
 
 def _read_yaml(path: Path) -> Any:
-    """The parsed YAML document of ``path``; every failure is a StudyError naming the file."""
+    """The parsed YAML document of ``path``; every failure is a StudyError naming the file and, for
+    the usual mistakes (a path that does not exist, a folder - a study's results folder, say -, a
+    file that is not text), what to give instead: the bare OS error named neither."""
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StudyError(f"{path}: cannot read the study file: {exc}") from None
+    except FileNotFoundError:
+        raise StudyError(f"{path}: cannot read the study file: no such file; give the path of a study's YAML file "
+                         f"(search_spaces/ holds examples, e.g. search_spaces/quick.yaml)") from None
+    except IsADirectoryError:
+        copy = path / "study.yaml"  # (a study's results folder: `ablate run` keeps the file it ran there)
+        raise StudyError(f"{path}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
+                         + (f"{copy}, the copy of the study file that wrote these results" if copy.is_file()
+                            else "search_spaces/quick.yaml")) from None
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: cannot read the study file: it is not a UTF-8 text file; give a study's YAML "
+                         f"file, e.g. search_spaces/quick.yaml") from None
+    except OSError as exc:
+        raise StudyError(f"{path}: cannot read the study file: {exc.strerror or exc}") from None
     empty = _empty_file(text)
     if empty is not None:  # (it said "...a mapping...; got None", or a YAML error for a lone %YAML or ...)
         raise StudyError(f"{path}: the file is empty{empty}")

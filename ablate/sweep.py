@@ -754,11 +754,19 @@ def _note_idle_trials(study: Study) -> None:
 
 def _note_too_few_seeds(study: Study) -> None:
     """Say at the start of a run (and of a dry run) what the report would say only at the end: with
-    its seeds, no paired comparison of the study can be significant at the report's alpha
-    (:func:`ablate.stats.too_few_seeds_to_test`; 5 seeds or fewer at 0.05)."""
-    from ablate.stats import too_few_seeds_to_test
+    its seeds, no paired comparison of a table of the report can be significant at the report's alpha
+    (:func:`ablate.stats.too_few_seeds_to_test`: 5 seeds or fewer at 0.05 for one comparison, more for
+    a Holm family of several)."""
+    from ablate.stats import BASELINE, too_few_seeds_to_test
 
-    note = too_few_seeds_to_test(len(study.seeds), study.arms())
+    # the arms of the task with the largest Table 3 family: an arm whose trial is the baseline's (a level equal to the
+    # task's baseline setting) is no row of that family
+    own: dict[str, set[str]] = {task: {BASELINE} for task in study.tasks}
+    for t in study.trials:
+        if BASELINE not in t.arms:
+            own[t.task].update(t.arms)
+    arms = max(own.values(), key=len) if BASELINE in study.arms() else set(study.arms())
+    note = too_few_seeds_to_test(len(study.seeds), arms, n_tasks=len(study.tasks))
     if note:
         print(f"note: {note}", flush=True)
 

@@ -362,6 +362,33 @@ def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
     assert "argument --extra-seeds: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "usage", "said"), [
+    (["run", "study.yaml", "--dry-rn"], "usage: ablate run ",
+     "ablate run: error: unrecognized arguments: --dry-rn (did you mean --dry-run?) (`ablate run --help` lists its "
+     "options)"),
+    (["list", "--kyes"], "usage: ablate list ",
+     "ablate list: error: unrecognized arguments: --kyes (did you mean --keys?) (`ablate list --help` lists its options)"),
+    (["train", "--task", "etth1", "--chekpoint=ck.pt", "--zzz"], "usage: ablate train ",
+     "ablate train: error: unrecognized arguments: --chekpoint=ck.pt --zzz (--chekpoint: did you mean --checkpoint?) "
+     "(`ablate train --help` lists its options)"),
+    (["data", "download", "etth1", "--forse"], "usage: ablate data download ",
+     "ablate data download: error: unrecognized arguments: --forse (did you mean --force?) (`ablate data download "
+     "--help` lists its options)"),
+    (["report", "results/a", "results/b"], "usage: ablate report ",
+     "ablate report: error: unrecognized arguments: results/b (`ablate report --help` lists its options)"),
+])
+def test_an_unknown_option_is_refused_by_its_subcommand_with_the_closest_option(capsys, argv, usage, said):
+    # argparse refused it with the top-level usage ("usage: ablate [-h] {list,train,...}", "ablate:
+    # error: unrecognized arguments: --dry-rn"), which lists none of the subcommand's options
+    from ablate.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and err.endswith(f"\n{said}\n"), err
+
+
 @pytest.mark.parametrize("flag", ["--max-concurrent", "--extra-seeds"])
 def test_a_count_flag_that_is_not_a_number_is_refused_without_naming_a_python_function(capsys, flag):
     # argparse said "argument --max-concurrent: invalid _positive_int value: 'two'"

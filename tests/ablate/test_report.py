@@ -632,6 +632,43 @@ def test_a_folder_without_study_results_names_what_it_holds_and_the_fix(tmp_path
         load_results(tmp_path / "started")
 
 
+def test_a_path_inside_a_results_folder_names_that_folder(tmp_path, report_kit, capsys, monkeypatch):
+    # `ablate report results/quick/report` (or parts/, a file in it, a typo below it) was told to run
+    # the study first (`ablate run SPEC --out results/quick`, which would write results/quick/report/)
+    from ablate.cli import main
+
+    study = tmp_path / "results" / "quick"
+    write_trial(study, report_kit.trial_row("etth1", "adamw", 0, 0.5))
+    (study / "report" / "figures").mkdir(parents=True)
+    (study / "study.yaml").write_text("name: quick\n")
+    hint = f"it is inside the results of study quick: give that folder, {study}"
+    cases = {
+        study / "report": f"{study / 'report'} holds no study results (no parts/ and no trials.parquet); {hint}",
+        study / "report" / "figures": f"{study / 'report' / 'figures'} holds no study results (no parts/ and no "
+                                      f"trials.parquet); {hint}",
+        study / "parts": f"{study / 'parts'} holds no study results (no parts/ and no trials.parquet); {hint}",
+        study / "study.yaml": f"{study / 'study.yaml'} is a file, not a study's results directory "
+                                  f"(results/<study name>); {hint}",
+        study / "reprot": f"no results directory at {study / 'reprot'}; {hint}",
+    }
+    for path, said in cases.items():
+        assert main(["report", str(path)]) == 2
+        assert capsys.readouterr().err == f"ablate: error: {said}\n"
+        assert not (path / "report").exists()
+    monkeypatch.chdir(study / "report")  # (relative paths: the folder named as the user can give it)
+    assert main(["report", "."]) == 2
+    assert capsys.readouterr().err.endswith(f"; {hint}\n")
+    assert main(["report", "../parts"]) == 2
+    assert capsys.readouterr().err == ("ablate: error: ../parts holds no study results (no parts/ and no "
+                                       "trials.parquet); it is inside the results of study quick: give that folder, ..\n")
+    outside = tmp_path / "elsewhere"  # (not inside a results folder: the advice as before)
+    outside.mkdir()
+    assert main(["report", str(outside)]) == 2
+    assert "run the study first" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"ablate: error: no results directory at {tmp_path / 'nope'}; run `ablate run SPEC` first\n"
+
+
 def test_a_study_of_adamw_alone_is_not_said_to_compare_metaadamw(tmp_path, report_kit):
     # results where only the AdamW arm is stored (the MetaAdamW trials not run, or removed) opened with
     # "This study compares MetaAdamW (arm 'baseline', the task-optimal settings) with AdamW"

@@ -335,3 +335,34 @@ def test_every_problem_of_the_scheduler_is_said_together():
         "s.yaml: tune.scheduler.type: 'hyperband' is not allowed; choose one of: asha, none",
         "s.yaml: tune.scheduler.grace_period: must be an integer >= 1, got 0",
         "s.yaml: tune.scheduler.reduction_factor: must be a number > 1, got 1"]
+
+
+# -- a path that is not a study file ------------------------------------------------------------
+
+
+def test_a_path_that_is_not_a_study_file_says_what_to_give_instead(tmp_path, capsys):
+    # `ablate run` / `ablate tune` on a missing path, a folder (a study's results folder, say) or a
+    # binary file: exit code 2 and one line naming the problem and the fix, not the bare OS error
+    from ablate.cli import main
+
+    results = tmp_path / "results" / "tiny"
+    results.mkdir(parents=True)
+    (results / "study.yaml").write_text("name: tiny\ntasks: [etth1]\nseeds: 1\n")
+    (results / "trials.parquet").write_bytes(b"PAR1\xeb\x00\xff")
+    cases = {
+        tmp_path / "nope.yaml": "cannot read the study file: no such file; give the path of a study's YAML file "
+                                "(search_spaces/ holds examples, e.g. search_spaces/quick.yaml)",
+        tmp_path / "results": "cannot read the study file: it is a folder; give a study's YAML file, e.g. "
+                              "search_spaces/quick.yaml",
+        results: f"cannot read the study file: it is a folder; give a study's YAML file, e.g. {results / 'study.yaml'}, "
+                 f"the copy of the study file that wrote these results",
+        results / "trials.parquet": "cannot read the study file: it is not a UTF-8 text file; give a study's YAML "
+                                    "file, e.g. search_spaces/quick.yaml",
+    }
+    for command in ("run", "tune"):
+        for path, said in cases.items():
+            assert main([command, str(path), "--out", str(tmp_path / "out")]) == 2
+            captured = capsys.readouterr()
+            assert captured.err == f"ablate: error: {path}: {said}\n"
+            assert "Errno" not in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "out").exists()  # (nothing written for a study that was never read)

@@ -762,10 +762,11 @@ def test_a_run_says_once_at_its_start_when_its_seeds_cannot_reach_the_reports_al
     from ablate.cli import main
     from ablate.results import write_trial
 
-    note = ("note: with 3 seed(s) the report's paired comparisons (Tables 2 and 3: sign-flip tests over the seeds) "
-            "cannot be significant at 0.05, whatever the differences: the smallest sign-flip p of 3 paired seed(s) is "
-            "0.25. It takes 6 paired seeds or more, before Holm's adjustment over the arms: 3 more than this run has "
-            "(`seeds:` in the study file, or --extra-seeds).\n")
+    note = ("note: with 3 seed(s) no paired difference in Table 2 or Table 3 of the report can be significant at 0.05, "
+            "whatever the results: the smallest sign-flip p of 3 paired seed(s) is 0.25, and Holm's adjustment over a "
+            "table's k comparisons needs it below 0.05/k. Table 2 (the baseline against AdamW on 1 task(s)) takes 6 "
+            "seeds or more; Table 3 (the baseline against 1 ablation arm(s) per task) takes 6 seeds or more: 3 more "
+            "than this run has (`seeds:` in the study file, or --extra-seeds).\n")
     spec = tiny_study(tmp_path, seeds=3)
     out = tmp_path / "results"
     assert main(["run", str(spec), "--dry-run", "--out", str(out)]) == 0
@@ -780,16 +781,28 @@ def test_a_run_says_once_at_its_start_when_its_seeds_cannot_reach_the_reports_al
     # 2 seeds added on the command line still fall short by 1; 6 seeds can reach 0.05: no note
     assert main(["run", str(spec), "--dry-run", "--extra-seeds", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "note: with 5 seed(s) the report's paired comparisons" in printed
-    assert "smallest sign-flip p of 5 paired seed(s) is 0.0625. It takes 6 paired seeds or more" in printed
+    assert "note: with 5 seed(s) no paired difference in Table 2 or Table 3" in printed
+    assert "smallest sign-flip p of 5 paired seed(s) is 0.0625" in printed
     assert "1 more than this run has" in printed
     assert main(["run", str(tiny_study(tmp_path, "six", seeds=6)), "--dry-run", "--out", str(out)]) == 0
-    assert "paired comparisons" not in capsys.readouterr().out
+    assert "no paired difference" not in capsys.readouterr().out
+    # 6 seeds, but a Holm family of 3 arms per task: Table 3 needs 2/2^n < 0.05/3, 7 seeds; Table 2 (1 task) is fine
+    assert main(["run", str(tiny_study(tmp_path, "six3", seeds=6, ablation="objective: [loss_decrease, gradient, "
+                                       "gen_gap]")), "--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ("note: with 6 seed(s) no paired difference in Table 3 of the report can be significant at 0.05" in printed
+            and "Table 3 (the baseline against 3 ablation arm(s) per task) takes 7 seeds or more: 1 more" in printed
+            and "Table 2 (" not in printed)
+    # a level equal to the baseline's own runs in the baseline's trial: no row of Table 3's family (1 row here)
+    merged = tiny_study(tmp_path, "merged", seeds=6, ablation="objective: [combined, gradient, loss_decrease]")
+    assert sum("objective=combined" in t.arms and "baseline" in t.arms for t in load_study(merged).trials) == 6
+    assert main(["run", str(merged), "--dry-run", "--out", str(out)]) == 0
+    assert "against 2 ablation arm(s) per task) takes 7 seeds" in capsys.readouterr().out
     # a study that compares no arm with the baseline has no paired test to warn about
     lone = tmp_path / "lone.yaml"
     lone.write_text("name: lone\ntasks: [etth1]\nseeds: 2\nadamw: false\nbudget: {epochs: 2, max_train_batches: 4}\n")
     assert main(["run", str(lone), "--dry-run", "--out", str(out)]) == 0
-    assert "paired comparisons" not in capsys.readouterr().out
+    assert "no paired difference" not in capsys.readouterr().out
 
 
 def test_too_few_seeds_to_test_uses_the_reports_seed_count_at_each_alpha():
@@ -798,13 +811,22 @@ def test_too_few_seeds_to_test_uses_the_reports_seed_count_at_each_alpha():
     assert report.fewest_seeds_reaching is stats.fewest_seeds_reaching  # (one formula for the report and the run)
     arms = ["adamw", "baseline"]
     assert [bool(stats.too_few_seeds_to_test(n, arms)) for n in (1, 5, 6, 16, 17)] == [True, True, False, False, False]
-    assert "It takes 8 paired seeds or more" in stats.too_few_seeds_to_test(7, arms, alpha=0.01)
-    assert "It takes 5 paired seeds or more" in stats.too_few_seeds_to_test(4, arms, alpha=0.1)
+    assert "Table 2 (the baseline against AdamW on 1 task(s)) takes 8 seeds or more" in stats.too_few_seeds_to_test(
+        7, arms, alpha=0.01)
+    assert "takes 5 seeds or more" in stats.too_few_seeds_to_test(4, arms, alpha=0.1)
     assert stats.too_few_seeds_to_test(5, arms, alpha=0.1) == ""  # (2/32 = 0.0625 < 0.1)
-    assert stats.too_few_seeds_to_test(16, arms, alpha=1e-5).endswith("No seed count reaches it.")
+    assert stats.too_few_seeds_to_test(16, arms, alpha=1e-5).endswith("on 1 task(s)): no seed count does.")
     assert stats.too_few_seeds_to_test(3, ["baseline"]) == stats.too_few_seeds_to_test(3, ["adamw"]) == ""
     cells = stats.too_few_seeds_to_test(3, ["baseline", "factorial:gating=true"])
+    assert cells == ""  # (no table of paired tests: the factorial's effects are fitted over its cells)
+    cells = stats.too_few_seeds_to_test(3, ["baseline", "adamw", "factorial:gating=true"])
     assert cells.endswith("(the factorial design's effects, fitted over its cells, can be significant with fewer).")
+    # Holm over a family of k rows: the smallest p must be below alpha/k (5 tasks: 8 seeds; 20 arms: 10 seeds)
+    assert [stats.fewest_seeds_for_family(k) for k in (1, 2, 3, 5, 20, 40)] == [6, 7, 7, 8, 10, 11]
+    paper = ["baseline", "adamw", *(f"x={i}" for i in range(20))]
+    said = stats.too_few_seeds_to_test(8, paper, n_tasks=5)
+    assert "in Table 3 of" in said and "Table 2 (" not in said and "takes 10 seeds or more: 2 more" in said
+    assert stats.too_few_seeds_to_test(10, paper, n_tasks=5) == ""
 
 
 def test_dry_run_mentions_changed_data_files_only_for_real_data(tmp_path):
