@@ -2388,17 +2388,22 @@ def test_the_advice_of_a_tuned_with_warning_fits_what_differs(tmp_path):
         "again with this study's settings and data")
 
 
+def _tiny_acl_imdb_tree(data_dir: Path) -> None:
+    """An aclImdb tree of 3 reviews per class folder under ``data_dir/imdb``, for the walks counted below."""
+    for split in ("train", "test"):
+        for label in ("pos", "neg"):
+            folder = data_dir / "imdb" / "aclImdb" / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(f"review {i} of {label}")
+
+
 def test_one_parse_walks_the_real_data_once_for_both_tuned_files(tmp_path, monkeypatch):
     # each tuned arm's data_fingerprint walked the data again: two walks of IMDB's 50,000 reviews (about a second each)
     # per parse of a study reading best_priorities.yaml and best_adamw.yaml
     from ablate.tasks.base import FolderFiles
 
-    for split in ("train", "test"):
-        for label in ("pos", "neg"):
-            folder = tmp_path / "data" / "imdb" / "aclImdb" / split / label
-            folder.mkdir(parents=True)
-            for i in range(3):
-                (folder / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(f"review {i} of {label}")
+    _tiny_acl_imdb_tree(tmp_path / "data")
     tuned_with = {"data": "real", "data_fingerprint": "0123456789abcdef"}  # (other data than these: warned)
     (tmp_path / "best.yaml").write_text(yaml.safe_dump({"imdb": {"priorities": [1, 2, 3], "tuned_with": tuned_with}}))
     (tmp_path / "adamw.yaml").write_text(yaml.safe_dump({"imdb": {"lr": 1.0e-3, "tuned_with": tuned_with}}))
@@ -2424,12 +2429,7 @@ def test_writing_the_tuned_files_walks_the_real_data_once_for_every_task_reading
     from ablate.tasks.base import FolderFiles
     from ablate.tune import _enqueue_baseline, write_outputs
 
-    for split in ("train", "test"):
-        for label in ("pos", "neg"):
-            folder = tmp_path / "data" / "imdb" / "aclImdb" / split / label
-            folder.mkdir(parents=True)
-            for i in range(3):
-                (folder / f"{i}_{7 if label == 'pos' else 2}.txt").write_text(f"review {i} of {label}")
+    _tiny_acl_imdb_tree(tmp_path / "data")
     register_task("imdb_plug", metrics=[("accuracy", "max")], defaults=dict(TASKS.get("imdb").defaults),
                   locate=imdb.locate)(lambda config: None)
     try:
