@@ -547,8 +547,8 @@ def _results(out_dir: Path, stored: _Stored, all_trials: bool = False, warn_miss
         elif not inside and (out_dir / MANIFEST).exists():  # (`ablate run` started here: no trial finished yet)
             inside = ("; none of the study's trials has finished yet (a run still running, or cut off before its first "
                       f"trial finished: `ablate run SPEC --out {shlex.quote(str(named.parent))} --resume` continues it)")
-        elif not inside and _inside_results(out_dir):  # (its report/ or parts/ folder: the study has run)
-            inside = f"; {_inside_results(out_dir)}"
+        elif not inside and (enclosing := _inside_results(out_dir)):  # (its report/ or parts/ folder: it has run)
+            inside = f"; {enclosing}"
         elif not inside:
             inside = (f"; run the study first (`ablate run SPEC --out {shlex.quote(str(named.parent))}` writes "
                       f"{named.name}/ there for a study named {named.name})")
