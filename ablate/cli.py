@@ -397,7 +397,9 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, but an unknown option (``ablate run SPEC --dry-rn``) is refused
     by the subcommand's parser, with its usage and the closest option it has: argparse refused it
-    with the top-level usage, which lists no option of the subcommand, and no suggestion."""
+    with the top-level usage, which lists no option of the subcommand, and no suggestion. An option
+    the subcommand has, given before it (``ablate --dry-run run SPEC``) or after ``--``, is said to
+    be misplaced, not "did you mean" itself."""
     args, extra = parser.parse_known_args(argv)
     if not extra:
         return args
@@ -408,9 +410,18 @@ def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
             break
         sub = action.choices[getattr(args, dest)]
     options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
-    unknown = [e.split("=", 1)[0] for e in extra if e.startswith("-")]
-    close = {u: m[0] for u in unknown if (m := difflib.get_close_matches(u, options, n=1))}
-    hint = "; ".join(f"{'' if len(unknown) == 1 else u + ': '}did you mean {m}?" for u, m in close.items())
+    unknown = [e.split("=", 1)[0] for e in extra if e.startswith("-") and e != "--"]
+    given = list(sys.argv[1:] if argv is None else argv)
+    after_separator = given[given.index("--") + 1:] if "--" in given else []
+    # an option of the subcommand itself is unknown only where it stands: before the subcommand (the top-level parser's
+    # place: `ablate --dry-run run SPEC`) or after "--" (an argument there): "did you mean --dry-run?" for --dry-run
+    # would say nothing
+    close = {u: ("after `--` it is an argument, not an option" if e in after_separator
+                 else f"it is an option of `{sub.prog}`: give it after `{sub.prog}`") if u in options
+             else f"did you mean {m[0]}?"
+             for e, u in zip((e for e in extra if e.startswith("-") and e != "--"), unknown)
+             if u in options or (m := difflib.get_close_matches(u, options, n=1))}
+    hint = "; ".join(f"{'' if len(unknown) == 1 else u + ': '}{m}" for u, m in close.items())
     sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" ({hint})" if hint else "")
               + f" (`{sub.prog} --help` lists its options)")
     raise AssertionError("unreachable: ArgumentParser.error exits")

@@ -261,8 +261,10 @@ def task_fields(task_name: str) -> dict[str, Any]:
 def _names_key(where: str, key: str) -> bool:
     """Whether the field path that ``where`` ends with names ``key`` already: the key itself
     (``s.yaml: baseline.lr``), a level of its axis (``ablations.lr[0]``), a bound of its tuned range
-    (``tune.params.meta_lr.low``), each also followed by the task it is checked for (``(task etth1)``)."""
-    path = re.sub(r" \(task [^()]*\)$", "", where)
+    (``tune.params.meta_lr.low``), each also followed by the task it is checked for (``(task etth1)``;
+    the last ``(task``, so that a task named with parentheses, a plugin's ``a(b)``, is taken off whole)."""
+    head, task, tail = where.rpartition(" (task ")
+    path = head if task and tail.endswith(")") else where
     path = re.sub(r"(?:\[\d+\])+$|\.(?:low|high)$", "", path)
     return path.endswith((f".{key}", f": {key}"))
 
@@ -355,7 +357,7 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
             default = mine.get(key) if mine.get(key) is not None else other.get(key)
             subject = "" if _names_key(where, key) else f"{key} "  # (not said twice: see validate_value)
             # the task, where ``where`` does not name it already (a study file's "baseline.seq_len (task etth1)")
-            task_said = where.endswith(f"(task {spec.name})")
+            task_said = _names_task(where, spec.name)
             # null where no default of the task's is null (as for a common key that is not nullable;
             # refused after the task's check, which may say more)
             if value is None and all(d[key] is not None for d in (mine, other) if key in d):
@@ -404,12 +406,19 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
     return resolved
 
 
+def _names_task(where: str, task: str) -> bool:
+    """Whether ``where`` ends with the task it is checked for: a study file's field path
+    (``baseline.seq_len (task etth1)``) or one of its trials (``s.yaml: arm 'baseline' on task 'etth1'``)."""
+    return where.endswith((f"(task {task})", f" on task {task!r}"))
+
+
 def _said_once(message: str, task: str, where: str) -> str:
     """A task check's message (``"TASK: KEY=VALUE must be ..."``, as :mod:`ablate.tasks.base`'s checks
-    say it) less what ``where`` says already: the task where ``where`` ends with ``(task TASK)``, and
-    the key where its field path names it (:func:`_names_key`) - so that a study file's
-    ``baseline.seq_len (task etth1): -1 must be ...`` does not go on ``etth1: seq_len=-1 must be ...``."""
-    if not where.endswith(f"(task {task})") or not message.startswith(f"{task}: "):
+    say it) less what ``where`` says already: the task where ``where`` ends with it (:func:`_names_task`),
+    and the key where its field path names it (:func:`_names_key`) - so that a study file's
+    ``baseline.seq_len (task etth1): -1 must be ...`` does not go on ``etth1: seq_len=-1 must be ...``,
+    nor ``arm 'baseline' on task 'etth1': d_model=130 is not ...`` on ``etth1: d_model=130 ...``."""
+    if not _names_task(where, task) or not message.startswith(f"{task}: "):
         return message
     message = message[len(task) + 2:]
     key = re.match(r"(\w+)=", message)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import hashlib
 import html
 import json
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -264,17 +263,17 @@ def _slug(text: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', text).strip('_') or 'x'}_{digest}"
 
 
-@functools.cache
-def _pyplot():
-    """``matplotlib.pyplot`` on the Agg backend (figures are files, never shown), imported at the
-    first figure, not with this module: it takes seconds, and ``ablate run``'s summary table
-    (:func:`fmt_pct`) and the notebooks' tables draw none."""
-    import matplotlib
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs) -> tuple[Figure, Any]:
+    """A new figure and its axes, as ``pyplot.subplots`` gives them, but a bare
+    :class:`matplotlib.figure.Figure` that pyplot never knows: figures here are files, never shown, so
+    no backend is chosen, switched or forced (``matplotlib.use("Agg")`` turned a notebook's inline
+    backend to Agg at the report's first figure: the notebook's own plots no longer showed), and
+    none is closed. matplotlib is imported here, at the first figure, not with this module: it takes
+    seconds, and ``ablate run``'s summary table (:func:`fmt_pct`) and the notebooks' tables draw none."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig: Figure, path: Path, outside: bool = False) -> Path:
@@ -284,7 +283,6 @@ def _save(fig: Figure, path: Path, outside: bool = False) -> Path:
     if not outside:
         fig.tight_layout()
     fig.savefig(path, dpi=110, **({"bbox_inches": "tight"} if outside else {}))
-    _pyplot().close(fig)
     return path
 
 
@@ -311,7 +309,7 @@ def plot_validation_curves(
     metric, mode = stats.task_metric(results.trials, task)
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for arm, g in curves.groupby("arm", sort=False):
         name = "MetaAdamW (baseline)" if arm == stats.BASELINE else "AdamW" if arm == stats.ADAMW else arm
         n, left_out = int(g["n"].iloc[0]), int(g["left_out"].iloc[0])
@@ -334,7 +332,7 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
         return None
     mean = 100 * rows["rel_mean"].to_numpy(dtype=float)
     err = 100 * np.abs(np.vstack([rows["rel_mean"] - rows["rel_lo"], rows["rel_hi"] - rows["rel_mean"]]).astype(float))
-    fig, ax = _pyplot().subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
+    fig, ax = _subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
     x = np.arange(len(rows))
     ax.bar(x, mean, yerr=np.nan_to_num(err), capsize=4, color=["C2" if m >= 0 else "C3" for m in mean])
     tops = mean + np.nan_to_num(err[1])  # (the error bars are >= 0; NaN for an arm without ok trials)
@@ -371,10 +369,13 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
     g = tel.groupby(["group", "meta_update"])[["step", "alpha", "beta"]].mean().reset_index()
     n_groups = g["group"].nunique()
     columns = -(-n_groups // 16)  # (legend columns of at most 16 entries, beside the axes)
-    fig, axes = _pyplot().subplots(1, 2, figsize=(11 + 2.2 * columns, 4.5), sharex=True)
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"]
+    fig, axes = _subplots(1, 2, figsize=(11 + 2.2 * columns, 4.5), sharex=True)
     for k, (name, rows) in enumerate(g.groupby("group")):
         # 20 colours, then line styles: every group told apart (fine_grained gives up to 30 groups)
-        style = {"color": _pyplot().get_cmap("tab20")(k % 20), "linestyle": ("-", "--", ":")[k // 20 % 3]}
+        style = {"color": tab20(k % 20), "linestyle": ("-", "--", ":")[k // 20 % 3]}
         for ax, col in zip(axes, ("alpha", "beta")):
             ax.plot(rows["step"], rows[col], label=str(name), **style)
     for ax, col, what in zip(axes, ("alpha", "beta"), ("learning-rate", "weight-decay")):
@@ -398,7 +399,7 @@ def plot_sigmas(results: Results, task: str, out_dir: Path, arm: str = stats.BAS
     g = tel.groupby("meta_update")[cols].mean()
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for c in cols:
         if g[c].notna().any():
             ax.plot(g.index, g[c], label=c.removeprefix("sigma_"))
@@ -414,7 +415,7 @@ def plot_performance_profile(profile: pd.DataFrame, out_dir: Path) -> Path | Non
     if profile.empty:
         return None
     n = len(profile.columns)
-    fig, ax = _pyplot().subplots(figsize=(6, 4 if n <= MANY_ARMS else max(4.0, 0.16 * n)))
+    fig, ax = _subplots(figsize=(6, 4 if n <= MANY_ARMS else max(4.0, 0.16 * n)))
     for k, arm in enumerate(profile.columns):  # styles, markers and narrowing widths: coinciding arms stay visible
         ax.step(profile.index, profile[arm], where="post", label=arm, linestyle=("-", "--", "-.", ":")[k % 4],
                 marker="osD^v<>"[k % 7], markersize=4, markevery=(3 * k % 25, 25),
@@ -439,7 +440,7 @@ def plot_factorial_effects(effects: pd.DataFrame, out_dir: Path) -> Path | None:
     y = np.arange(len(effects))[::-1]
     est = 100 * effects["estimate"].to_numpy(dtype=float)
     err = 100 * np.abs(np.vstack([effects["estimate"] - effects["lo"], effects["hi"] - effects["estimate"]]).astype(float))
-    fig, ax = _pyplot().subplots(figsize=(7, 0.4 * len(effects) + 1.5))
+    fig, ax = _subplots(figsize=(7, 0.4 * len(effects) + 1.5))
     ax.errorbar(est, y, xerr=np.nan_to_num(err), fmt="o", capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, labels)
@@ -476,7 +477,7 @@ def plot_tune_history(history: pd.DataFrame, out_dir: Path) -> Path | None:
     groups = _by_task(history)
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = _pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
+    fig, axes = _subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
     for ax, (task, h) in zip(axes[0], groups):
         h = h.sort_values("number")
         maximize = _maximized(h)
@@ -500,7 +501,7 @@ def plot_tune_importances(importances: pd.DataFrame, out_dir: Path) -> Path | No
         return None
     groups = _by_task(importances)
     tallest = max(len(rows) for _, rows in groups)
-    fig, axes = _pyplot().subplots(1, len(groups), figsize=(6 * len(groups), 0.4 * tallest + 1.5), squeeze=False)
+    fig, axes = _subplots(1, len(groups), figsize=(6 * len(groups), 0.4 * tallest + 1.5), squeeze=False)
     for ax, (task, imp) in zip(axes[0], groups):
         imp = imp.sort_values("importance")
         ax.barh(imp["param"].astype(str), imp["importance"])

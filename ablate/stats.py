@@ -385,18 +385,26 @@ def too_few_seeds_to_test(n_seeds: int, arms: Iterable[str], alpha: float = ALPH
     """A note for a study about to run ``n_seeds`` seeds of ``arms`` (its arm names) on ``n_tasks``
     tasks when a table of its report can mark no paired difference significant at ``alpha``,
     whatever the results: Table 2 compares the baseline with AdamW on each task, Holm-adjusted over
-    the tasks (:func:`table2`), Table 3 with each ablation arm, Holm-adjusted over a task's arms
+    the tasks (:func:`table2`), Table 3 with each ablation arm, Holm-adjusted over a task's arms, and
+    with each factorial cell, Holm-adjusted over a task's cells, a family of their own
     (:func:`table3`), by sign-flip tests over the seeds, whose smallest p is 2/2^n
-    (:func:`fewest_seeds_for_family`). ``""`` where every table's seeds can reach alpha, or the study
+    (:func:`fewest_seeds_for_family`). ``""`` where every family's seeds can reach alpha, or the study
     compares no arm with the baseline. The count of arms is the study's: on a task where an arm
     equals the baseline (run once for both) the family is smaller."""
     arms = set(arms)
     ablations = sorted(a for a in arms if a not in (BASELINE, ADAMW) and arm_axis(a) != "factorial")
+    cells = sorted(a for a in arms if arm_axis(a) == "factorial")
     families = []  # (the table, in words; its family size)
     if BASELINE in arms and ADAMW in arms:
         families.append((f"Table 2 (the baseline against AdamW on {n_tasks} task(s))", n_tasks))
+    # (Table 3's two families named apart where both are there: one may reach alpha, the other not)
+    ablation_family = "Table 3's ablation family" if cells else "Table 3"
     if BASELINE in arms and ablations:
-        families.append((f"Table 3 (the baseline against {len(ablations)} ablation arm(s) per task)", len(ablations)))
+        families.append((f"{ablation_family} (the baseline against {len(ablations)} ablation arm(s) per task)",
+                         len(ablations)))
+    if BASELINE in arms and cells:
+        families.append((f"Table 3's factorial family (the baseline against {len(cells)} factorial cell(s) per task, "
+                         f"Holm-adjusted apart from the ablation arms)", len(cells)))
     short = [(table, fewest_seeds_for_family(k, alpha)) for table, k in families]
     short = [(table, need) for table, need in short if need is None or n_seeds < need]
     if not short:

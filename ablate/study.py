@@ -408,25 +408,30 @@ def _empty_file(text: str) -> str | None:
     return f" (nothing but {', '.join(kinds[:-1])}{' and ' if len(kinds) > 1 else ''}{kinds[-1]})" if kinds else ""
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, tuned_file: str | None = None) -> Any:
     """The parsed YAML document of ``path``; every failure is a StudyError naming the file and, for
     the usual mistakes (a path that does not exist, a folder - a study's results folder, say -, a
-    file that is not text), what to give instead: the bare OS error named neither."""
+    file that is not text), what to give instead: the bare OS error named neither. ``tuned_file``:
+    the file ``ablate tune`` writes (``best_priorities.yaml``) where ``path`` is a study's tuned file,
+    not the study file, so that the advice names that file, not a study file to give."""
+    what = "the study file" if tuned_file is None else "the tuned file"
+    give = ("a study's YAML file, e.g. search_spaces/quick.yaml" if tuned_file is None
+            else f"the {tuned_file} `ablate tune` wrote")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise StudyError(f"{path}: cannot read the study file: no such file; give the path of a study's YAML file "
-                         f"(search_spaces/ holds examples, e.g. search_spaces/quick.yaml)") from None
+        raise StudyError(f"{path}: cannot read {what}: no such file; "
+                         + ("give the path of a study's YAML file (search_spaces/ holds examples, e.g. "
+                            "search_spaces/quick.yaml)" if tuned_file is None else f"give {give}")) from None
     except IsADirectoryError:
         copy = path / "study.yaml"  # (a study's results folder: `ablate run` keeps the file it ran there)
-        raise StudyError(f"{path}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
-                         + (f"{copy}, the copy of the study file that wrote these results" if copy.is_file()
-                            else "search_spaces/quick.yaml")) from None
+        raise StudyError(f"{path}: cannot read {what}: it is a folder; give "
+                         + (f"a study's YAML file, e.g. {copy}, the copy of the study file that wrote these results"
+                            if tuned_file is None and copy.is_file() else give)) from None
     except UnicodeDecodeError:
-        raise StudyError(f"{path}: cannot read the study file: it is not a UTF-8 text file; give a study's YAML "
-                         f"file, e.g. search_spaces/quick.yaml") from None
+        raise StudyError(f"{path}: cannot read {what}: it is not a UTF-8 text file; give {give}") from None
     except OSError as exc:
-        raise StudyError(f"{path}: cannot read the study file: {exc.strerror or exc}") from None
+        raise StudyError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     empty = _empty_file(text)
     if empty is not None:  # (it said "...a mapping...; got None", or a YAML error for a lone %YAML or ...)
         raise StudyError(f"{path}: the file is empty{empty}")
@@ -893,7 +898,7 @@ def _parse_tuned_file(
             f"`ablate tune` first{' with tune: {arm: adamw}' if adamw else ''}, which writes OUT/<name>/tune/{file_name}"
         )
     try:
-        data = _read_yaml(path)
+        data = _read_yaml(path, file_name)
         _check_plain(data, _Context(str(path)))
     except StudyError as exc:
         raise ctx.error(path_s, str(exc)) from None

@@ -585,6 +585,7 @@ class MetaAdamW(torch.optim.Optimizer):
         for i in plan.indices:
             self._steps[i] += 1
         plan.step_counts.add_(1.0)  # the tensors' state[p]["step"] (on the CPU, as AdamW's: no sync)
+        plan.step_version = _version_of(plan.step_counts)  # (any later change to them is the caller's)
         for b in plan.buckets:
             b.step = self._steps[b.indices[0]]
             group = self.param_groups[b.param_group]
@@ -635,9 +636,14 @@ class MetaAdamW(torch.optim.Optimizer):
         ``torch.optim.AdamW`` reads its state at every step, a state reset by the caller (``optimizer.state.clear()``, a
         new ``optimizer.state``, ``del optimizer.state[p]``, a replaced ``exp_avg``) takes effect
         at the next step, instead of the plan stepping tensors that no checkpoint saves. Identity
-        tests on the host, about 0.2 us per tensor (AdamW looks up its state per tensor too)."""
+        tests on the host, about 0.2 us per tensor (AdamW looks up its state per tensor too). A
+        ``"step"`` changed in place (``state[p]["step"].zero_()``, as code written for AdamW resets a
+        count) is caught by the views' shared version counter, one host attribute: the plan is made
+        afresh, which puts the count back, as for a replaced one (else the view, counted on from the
+        edited value, told another count than the one the step and a checkpoint use)."""
         state = self.state
         return (state is plan.state and len(state) == plan.state_len
+                and _version_of(plan.step_counts) == plan.step_version
                 and all(map(operator.is_, map(state.get, plan.params), plan.state_dicts))
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg")), plan.exp_avgs))
                 and all(map(operator.is_, map(dict.get, plan.state_dicts, itertools.repeat("exp_avg_sq")),
@@ -838,6 +844,7 @@ class MetaAdamW(torch.optim.Optimizer):
         step_tensors = list(step_counts.unbind())
         for p, t in zip(params, step_tensors):
             self.state[p]["step"] = t
+        step_version = _version_of(step_counts)
         scalar_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else None
         beta1, beta2 = self._beta_vectors(indices)
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
@@ -856,6 +863,7 @@ class MetaAdamW(torch.optim.Optimizer):
             exp_avg_sqs=exp_avg_sqs,
             step_counts=step_counts,
             step_tensors=step_tensors,
+            step_version=step_version,
             param_group_slices=slices,
             blocking=F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
             buckets=list(buckets.values()),
@@ -1486,6 +1494,7 @@ class _Plan:
     exp_avg_sqs: list[Tensor]
     step_counts: Tensor  # the planned tensors' AdamW step counts (float32, on the CPU, as AdamW keeps them)
     step_tensors: list[Tensor]  # their state[p]["step"]: 0-dim views of step_counts
+    step_version: int | None  # step_counts' version counter after the plan's last change (None: inference tensor)
     param_group_slices: list[tuple[int, slice]]
     blocking: F.Blocking  # the runs of the moment pass (cache blocking on the CPU: limit set)
     buckets: list[F.Bucket]
@@ -1611,6 +1620,15 @@ def _forked_rng(device: torch.device) -> Iterator[None]:
             yield
     finally:
         set_host_rng_states(host)
+
+
+def _version_of(t: Tensor) -> int | None:
+    """The version counter of ``t`` (shared by its views; every in-place change moves it), read on
+    the host; None for an inference tensor (made by a step under ``torch.inference_mode()``), which has none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _step_tensor(n: int | list[int]) -> Tensor:

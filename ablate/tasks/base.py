@@ -236,7 +236,7 @@ def register_task(
                 if hint:
                     warnings.warn(f"task {name!r}: {where} key {key!r} is no trial key{hint}; a task's own keys are "
                                   f"fine, a misspelt trial key leaves that key at its default", stacklevel=2)
-        if isinstance(path_keys, str):  # (its letters would be the keys)
+        if not isinstance(path_keys, (tuple, list)):  # (a string's letters would be the keys; None crashed iterating)
             raise ValueError(f"task {name!r}: path_keys must be a tuple of key names, e.g. ('csv_file',); got "
                              f"{path_keys!r}")
         own = {*defaults, *(embedded_defaults or {})} - set(COMMON_FIELDS)

@@ -180,7 +180,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
     """Tokenised pairs of the real train/val/test files and the data-source string; raises
     :class:`DatasetNotFoundError` when a file is missing, unreadable, empty or misaligned."""
     expected, found = _located(config)
-    pairs, used, skipped, other = {}, [], {}, []
+    pairs, used, skipped, other, plain = {}, [], {}, [], []
     for split, stem in SPLIT_STEMS.items():
         paths = [found[f"{stem}.{lang}"] for lang in LANGS]
         lines = []
@@ -200,13 +200,18 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
             skipped[split] = len(src) - len(pairs[split])
         if len(src) != PUBLISHED_PAIRS[split]:
             other.append(f"{stem} {len(src):,} pairs where it has {PUBLISHED_PAIRS[split]:,}")
+            plain += [p for p in paths if p.suffix != ".gz"]  # (read before the NAME.gz a download writes: _find)
         used += paths
     source = "real:" + ",".join(str(p.resolve()) for p in used)
     if other:  # (as ETT's and CIFAR-10's: a copy cut short in both languages trains and scores without an error)
         note = "not the published files: " + "; ".join(other)
+        command = f"`{download_command(TASK, config, force=True)}`"
+        fetch = f"{command} fetches it over these"
+        if plain:  # (the download would write NAME.gz beside them, and the cut-short copy still be read)
+            fetch = (f"delete the uncompressed {', '.join(map(str, plain))} first: "
+                     f"{'it is' if len(plain) == 1 else 'they are'} read before the NAME.gz files that {command} fetches")
         warnings.warn(f"multi30k: {note} (in {used[0].parent.resolve()}) - perplexities and BLEU not comparable with "
-                      f"the published dataset's (`{download_command(TASK, config, force=True)}` fetches it over these)",
-                      stacklevel=2)
+                      f"the published dataset's ({fetch})", stacklevel=2)
         source += f" ({note})"
     if skipped:  # (the published files have none: a blanked line shrinks a split, recorded with the results)
         note = "skipped pairs with an empty side: " + ", ".join(f"{split} {n}" for split, n in skipped.items())

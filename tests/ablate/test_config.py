@@ -376,6 +376,16 @@ def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
      "--help` lists its options)"),
     (["report", "results/a", "results/b"], "usage: ablate report ",
      "ablate report: error: unrecognized arguments: results/b (`ablate report --help` lists its options)"),
+    # an option of the subcommand given before it, or after "--": not "did you mean --dry-run?" for --dry-run
+    (["--dry-run", "run", "study.yaml"], "usage: ablate run ",
+     "ablate run: error: unrecognized arguments: --dry-run (it is an option of `ablate run`: give it after `ablate run`) "
+     "(`ablate run --help` lists its options)"),
+    (["--out=r", "report", "results/a"], "usage: ablate report ",
+     "ablate report: error: unrecognized arguments: --out=r (it is an option of `ablate report`: give it after "
+     "`ablate report`) (`ablate report --help` lists its options)"),
+    (["run", "study.yaml", "--dry-run", "--", "--resume"], "usage: ablate run ",
+     "ablate run: error: unrecognized arguments: -- --resume (after `--` it is an argument, not an option) "
+     "(`ablate run --help` lists its options)"),
 ])
 def test_an_unknown_option_is_refused_by_its_subcommand_with_the_closest_option(capsys, argv, usage, said):
     # argparse refused it with the top-level usage ("usage: ablate [-h] {list,train,...}", "ablate:

@@ -124,6 +124,30 @@ def test_a_figure_is_still_drawn_on_the_agg_backend(tmp_path):
     assert matplotlib.get_backend().lower() == "agg"
 
 
+def test_a_figure_leaves_the_backend_a_notebook_chose(tmp_path):
+    # a notebook's backend (inline; here svg, which needs no display) and its pyplot stay as they were:
+    # the report's figures are bare Figures drawn to files (matplotlib.use("Agg") at the first one
+    # switched the notebook's backend, and its own plots no longer showed)
+    script = textwrap.dedent(f"""\
+        import json, sys
+        from pathlib import Path
+        import matplotlib.pyplot as plt
+        import pandas as pd
+        from ablate import report
+        before = plt.get_backend()
+        out = Path({str(tmp_path)!r})
+        paths = [report.plot_tune_history(pd.DataFrame({{"number": [0, 1, 2], "value": [0.9, 0.7, 0.8]}}), out),
+                 report.plot_tune_importances(pd.DataFrame({{"param": ["lr", "wd"], "importance": [0.7, 0.3]}}), out)]
+        print(json.dumps({{"before": before, "after": plt.get_backend(), "open": plt.get_fignums(),
+                          "png": [p.read_bytes()[:8] == b"\\x89PNG\\r\\n\\x1a\\n" for p in paths]}}))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "svg"})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"before": "svg", "after": "svg", "open": [], "png": [True, True]}
+
+
 def test_a_study_of_one_cpu_per_trial_does_not_ask_ray_for_the_cpu_count(tmp_path, monkeypatch):
     # any machine runs a one-CPU trial: Ray's own count (ray._private.utils, a second or more to import)
     # is needed only for more; a study asking for more than there are is still refused

@@ -555,7 +555,8 @@ def test_keys_constrained_together_may_come_from_different_layers(tmp_path):
     assert {t.arm: (t.config["d_model"], t.config["n_heads"]) for t in study.trials} == {
         "baseline": (96, 3), "adamw": (96, 4)}  # (the AdamW arm has no baseline settings)
     message = error(tmp_path, {**BASE, "tasks": ["etth1"], "overrides": {"etth1": {"n_heads": 3}}})
-    assert "on task 'etth1': etth1: d_model=32 is not a multiple of n_heads=3: choose d_model divisible by n_heads" in message
+    # (the task said once: it said "on task 'etth1': etth1: d_model=32 ...")
+    assert "on task 'etth1': d_model=32 is not a multiple of n_heads=3: choose d_model divisible by n_heads" in message
 
 
 def test_layers_that_contradict_each_other_name_the_arm_and_the_task(tmp_path):

@@ -366,3 +366,51 @@ def test_a_path_that_is_not_a_study_file_says_what_to_give_instead(tmp_path, cap
             assert captured.err == f"ablate: error: {path}: {said}\n"
             assert "Errno" not in captured.err and "Traceback" not in captured.err
     assert not (tmp_path / "out").exists()  # (nothing written for a study that was never read)
+
+
+@pytest.mark.parametrize("task", ["plug(a)", "plug)", "plug.x"])
+def test_a_task_whose_name_holds_parentheses_names_the_key_once(task):
+    # the task taken off the field path was "(task NAME)" with no parenthesis in NAME: a plugin task "plug(a)" said
+    # "baseline.hidden (task plug(a)): hidden must be an integer ..." and "... (task plug(a)): hidden=-1 must be >= 1"
+    from ablate.tasks import TASKS, register_task
+
+    def check(config: dict) -> None:
+        if config["hidden"] < 1:
+            raise ValueError(f"{task}: hidden={config['hidden']} must be >= 1")
+
+    register_task(task, metrics=[("mse", "min")], defaults={"hidden": 16}, check=check)(lambda c: None)
+    try:
+        study = {**BASE, "tasks": [task]}
+        assert mapping_problems({**study, "baseline": {"hidden": "x"}}) == [
+            f"s.yaml: baseline.hidden (task {task}): must be an integer, like 16, got 'x'"]
+        assert mapping_problems({**study, "baseline": {"hidden": None}}) == [
+            f"s.yaml: baseline.hidden (task {task}): must not be null (the task's default: 16; leave the key out to "
+            f"take it)"]
+        assert mapping_problems({**study, "ablations": {"hidden": [4, -1]}}) == [
+            f"s.yaml: ablations.hidden[1] (task {task}): -1 must be >= 1"]
+    finally:
+        TASKS.remove(task)
+
+
+@pytest.mark.parametrize(("arm", "key", "written"), [("baseline", "priorities_from", "best_priorities.yaml"),
+                                                      ("adamw", "tuned_from", "best_adamw.yaml")])
+def test_a_tuned_file_that_is_not_text_is_not_said_to_be_a_study_file(tmp_path, arm, key, written):
+    # a tuned file given as tune/history.parquet was refused as "cannot read the study file: it is not a UTF-8 text
+    # file; give a study's YAML file, e.g. search_spaces/quick.yaml", which is not what the key takes
+    (tmp_path / "history.parquet").write_bytes(b"PAR1\xeb\x00\xff")
+    with pytest.raises(StudyError) as info:
+        parse_study({**BASE, arm: {key: "history.parquet"}}, "s.yaml", base_dir=tmp_path)
+    assert info.value.problems == [
+        f"s.yaml: {arm}.{key}: {tmp_path / 'history.parquet'}: cannot read the tuned file: it is not a UTF-8 text "
+        f"file; give the {written} `ablate tune` wrote"]
+
+
+def test_a_trial_s_cross_key_problem_names_the_task_once():
+    # a trial's where names the task ("arm 'baseline' on task 'etth1'"); the task's check said it again:
+    # "s.yaml: arm 'baseline' on task 'etth1': etth1: seq_len=5000 is too long ..."
+    assert mapping_problems({**BASE, "baseline": {"seq_len": 5000}}) == [
+        "s.yaml: arm 'baseline' on task 'etth1': seq_len=5000 is too long for the 80/20 split (the embedded series "
+        "has 732 steps): choose seq_len <= 730"]
+    assert mapping_problems({**BASE, "ablations": {"d_model": [130]}}) == [
+        "s.yaml: arm 'd_model=130' on task 'etth1': d_model=130 is not a multiple of n_heads=4: choose d_model "
+        "divisible by n_heads"]

@@ -817,8 +817,12 @@ def test_too_few_seeds_to_test_uses_the_reports_seed_count_at_each_alpha():
     assert stats.too_few_seeds_to_test(5, arms, alpha=0.1) == ""  # (2/32 = 0.0625 < 0.1)
     assert stats.too_few_seeds_to_test(16, arms, alpha=1e-5).endswith("on 1 task(s)): no seed count does.")
     assert stats.too_few_seeds_to_test(3, ["baseline"]) == stats.too_few_seeds_to_test(3, ["adamw"]) == ""
+    # Table 3 compares each factorial cell with the baseline too, by sign-flip tests (a Holm family of its own): the
+    # note said nothing of it (this asserted "" here)
     cells = stats.too_few_seeds_to_test(3, ["baseline", "factorial:gating=true"])
-    assert cells == ""  # (no table of paired tests: the factorial's effects are fitted over its cells)
+    assert ("no paired difference in Table 3's factorial family of the report" in cells
+            and "(the baseline against 1 factorial cell(s) per task, Holm-adjusted apart from the ablation arms) "
+                "takes 6 seeds or more: 3 more" in cells)
     cells = stats.too_few_seeds_to_test(3, ["baseline", "adamw", "factorial:gating=true"])
     assert cells.endswith("(the factorial design's effects, fitted over its cells, can be significant with fewer).")
     # Holm over a family of k rows: the smallest p must be below alpha/k (5 tasks: 8 seeds; 20 arms: 10 seeds)
@@ -827,6 +831,26 @@ def test_too_few_seeds_to_test_uses_the_reports_seed_count_at_each_alpha():
     said = stats.too_few_seeds_to_test(8, paper, n_tasks=5)
     assert "in Table 3 of" in said and "Table 2 (" not in said and "takes 10 seeds or more: 2 more" in said
     assert stats.too_few_seeds_to_test(10, paper, n_tasks=5) == ""
+
+
+def test_too_few_seeds_to_test_tells_table_3s_ablation_and_factorial_families_apart():
+    # Table 3's factorial cells are a Holm family of their own (stats.table3): with 7 seeds a family of 3 cells can
+    # be significant (Holm: 3 * 2/128 = 0.047 < 0.05) while one of 10 ablation arms cannot (needs 9 seeds); the note
+    # said no paired difference in Table 3 could be
+    from ablate import stats
+
+    assert stats.holm([stats.smallest_sign_flip_p(7)] * 3).tolist() == pytest.approx([0.046875] * 3)
+    cells = ["factorial:a=1,b=2", "factorial:a=2,b=1", "factorial:a=2,b=2"]
+    arms = ["baseline", "adamw", *(f"x={i}" for i in range(10)), *cells]
+    said = stats.too_few_seeds_to_test(7, arms)
+    assert said.startswith("with 7 seed(s) no paired difference in Table 3's ablation family of the report can be")
+    assert ("Table 3's ablation family (the baseline against 10 ablation arm(s) per task) takes 9 seeds or more: "
+            "2 more" in said and "factorial family" not in said)
+    # 6 seeds: one ablation arm can reach 0.05, 3 cells cannot (2/64 > 0.05/3)
+    said = stats.too_few_seeds_to_test(6, ["baseline", "x=1", *cells])
+    assert said.startswith("with 6 seed(s) no paired difference in Table 3's factorial family of the report")
+    assert "takes 7 seeds or more: 1 more" in said and "ablation family" not in said
+    assert stats.too_few_seeds_to_test(7, ["baseline", "x=1", *cells]) == ""
 
 
 def test_dry_run_mentions_changed_data_files_only_for_real_data(tmp_path):

@@ -121,6 +121,47 @@ def test_files_of_other_line_counts_than_the_published_ones_are_warned_about_and
     assert source == f"real:{files} (skipped pairs with an empty side: val 1)"
 
 
+def test_the_advice_for_a_cut_short_uncompressed_copy_says_to_delete_it_first(tmp_path, monkeypatch):
+    # the download writes NAME.gz, but an uncompressed NAME beside it is read first: "fetches it over these" left the
+    # cut-short copy read after the download, the same warning given again
+    import ablate.tasks.multi30k as multi30k
+
+    folder = write_files(tmp_path / "multi30k", gz={"train.de", "train.en", "test_2016_flickr.de"})
+    for name in ("val.de", "val.en"):  # the published .gz files beside the plain ones, as a download writes them
+        with gzip.open(folder / f"{name}.gz", "wt", encoding="utf-8") as f:
+            f.write(FILES[name] * 2)
+    monkeypatch.setattr(multi30k, "PUBLISHED_PAIRS", {"train": 2, "val": 2, "test": 2})
+    config = make_config(data="real", data_dir=str(tmp_path), **TINY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        source = get_task("multi30k").build(config).data_source
+    # val (plain files, cut short): only they are named; test (one plain file, one .gz) names its plain one
+    assert [str(w.message) for w in caught] == [
+        f"multi30k: not the published files: val 1 pairs where it has 2; test_2016_flickr 1 pairs where it has 2 (in "
+        f"{folder.resolve()}) - perplexities and BLEU not comparable with the published dataset's (delete the "
+        f"uncompressed {folder / 'val.de'}, {folder / 'val.en'}, {folder / 'test_2016_flickr.en'} first: they are "
+        f"read before the NAME.gz files that `ablate data download multi30k --data-dir {tmp_path} --force` fetches)"]
+    assert source.endswith(" (not the published files: val 1 pairs where it has 2; test_2016_flickr 1 pairs where it "
+                           "has 2)")
+    for name in ("val.de", "val.en", "test_2016_flickr.en"):  # as the warning says: the .gz files are read instead
+        (folder / name).unlink()
+    with gzip.open(folder / "test_2016_flickr.en.gz", "wt", encoding="utf-8") as f:
+        f.write("A dog.\nTwo dogs.\n")
+    with gzip.open(folder / "test_2016_flickr.de.gz", "wt", encoding="utf-8") as f:
+        f.write("Ein Hund.\nZwei Hunde.\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert " (" not in get_task("multi30k").build(config).data_source
+    # only .gz files cut short: the download fetches them over these, as before
+    with gzip.open(folder / "val.de.gz", "wt", encoding="utf-8") as f:
+        f.write("Ein Pferd.\n")
+    with gzip.open(folder / "val.en.gz", "wt", encoding="utf-8") as f:
+        f.write("A horse.\n")
+    with pytest.warns(UserWarning, match=r"published dataset's \(`ablate data download multi30k --data-dir .* --force` "
+                                         r"fetches it over these\)$"):
+        get_task("multi30k").build(config)
+
+
 def test_collate_pads_and_max_len_truncates():
     vocab = Vocab.build([["a", "b", "c", "d"]])
     data = TranslationPairs([(["a", "b", "c", "d"], ["a"]), (["b"], ["c", "d"])], vocab, max_len=4)

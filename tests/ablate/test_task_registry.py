@@ -481,6 +481,25 @@ def test_folder_files_of_no_path_is_refused_naming_folder_files(folder):
                                f"not {type(folder).__name__}: give the folder that holds the files")
 
 
+@pytest.mark.parametrize("path_keys", [None, 3, "csv_file"])
+def test_path_keys_of_no_tuple_are_refused_naming_the_task(path_keys):
+    # path_keys=None (meaning "none") crashed in register_task with a bare "'NoneType' object is not iterable"
+    from ablate.tasks import TASKS, register_task
+
+    with pytest.raises(ValueError) as info:
+        register_task("plug_path_keys", metrics=[("loss", "min")], defaults={"csv_file": None},
+                      path_keys=path_keys)(lambda c: None)
+    assert str(info.value) == (f"task 'plug_path_keys': path_keys must be a tuple of key names, e.g. ('csv_file',); "
+                               f"got {path_keys!r}")
+    assert "plug_path_keys" not in TASKS.list()
+    register_task("plug_path_keys", metrics=[("loss", "min")], defaults={"csv_file": None},
+                  path_keys=["csv_file"])(lambda c: None)  # (a list, as before)
+    try:
+        assert TASKS.get("plug_path_keys").path_keys == ("csv_file",)
+    finally:
+        TASKS.remove("plug_path_keys")
+
+
 @pytest.mark.parametrize("plugins, message", [
     ([3], "<string>: plugins[0]: 3 is not a module name: give the plugin's module name as a string, "
           "e.g. 'my_package.my_features'"),

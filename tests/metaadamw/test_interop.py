@@ -298,6 +298,27 @@ def test_the_live_state_holds_adamws_step_counts_as_code_written_for_adamw_reads
     assert float(opt.state[model[0].weight]["step"]) == counts[0] + 2 == opt.state_dict()["state"][0]["step"]
 
 
+def test_a_step_count_changed_in_place_is_put_back_as_a_replaced_one_is():
+    # state[p]["step"].zero_() (as code written for AdamW resets a count) went unnoticed: the view counted on from
+    # the edited value (1.0 after the next step) while the step's bias correction and the checkpoint used 4
+    batches = regression_batches(n=5)
+    model = mlp()
+    opt = MetaAdamW(model.named_parameters(), lr=1e-2, **small_kwargs())
+    for t in range(3):
+        opt.zero_grad()
+        mse(model, batches[t]).backward()
+        opt.step()
+    weight, bias = model[0].weight, model[-1].bias
+    opt.state[weight]["step"].zero_()
+    opt.state[bias]["step"] += 5
+    for t in (3, 4):
+        opt.zero_grad()
+        mse(model, batches[t]).backward()
+        opt.step()
+        assert [float(opt.state[p]["step"]) for p in model.parameters()] == [t + 1.0] * 6
+    assert opt._steps == [5] * 6 and [opt.state_dict()["state"][i]["step"] for i in range(6)] == [5] * 6
+
+
 @pytest.mark.parametrize("make", [
     lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.8 ** e),
     lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=2e-2, total_steps=30, cycle_momentum=True),
