@@ -4,6 +4,7 @@ at once, unknown keys said alike in both parts, and the plugins imported in thei
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import warnings
@@ -366,6 +367,40 @@ def test_a_path_that_is_not_a_study_file_says_what_to_give_instead(tmp_path, cap
             assert captured.err == f"ablate: error: {path}: {said}\n"
             assert "Errno" not in captured.err and "Traceback" not in captured.err
     assert not (tmp_path / "out").exists()  # (nothing written for a study that was never read)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_study_file_says_how_to_make_it_readable(tmp_path, capsys):
+    # the bare "Permission denied" named no fix
+    from ablate.cli import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: tiny\ntasks: [etth1]\nseeds: 1\n")
+    spec.chmod(0)
+    try:
+        assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
+    finally:
+        spec.chmod(0o644)
+    assert capsys.readouterr().err == (f"ablate: error: {spec}: cannot read the study file: permission denied; make it "
+                                       f"readable (`chmod u+r {spec}`, or ask its owner) or give a readable copy\n")
+
+
+def test_an_unreadable_study_file_is_refused_with_the_fix(tmp_path, monkeypatch):
+    # (as the test above, where the tests run as root, who reads any file: the read itself refused)
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: tiny\ntasks: [etth1]\nseeds: 1\n")
+    real = Path.read_text
+
+    def refused(self, *args, **kwargs):
+        if self == spec:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(StudyError) as caught:
+        load_study(spec)
+    assert str(caught.value) == (f"{spec}: cannot read the study file: permission denied; make it readable "
+                                 f"(`chmod u+r {spec}`, or ask its owner) or give a readable copy")
 
 
 @pytest.mark.parametrize("task", ["plug(a)", "plug)", "plug.x"])
