@@ -757,15 +757,22 @@ def _note_too_few_seeds(study: Study) -> None:
     its seeds, no paired comparison of a table of the report can be significant at the report's alpha
     (:func:`ablate.stats.too_few_seeds_to_test`: 5 seeds or fewer at 0.05 for one comparison, more for
     a Holm family of several)."""
-    from ablate.stats import BASELINE, too_few_seeds_to_test
+    from ablate.stats import ADAMW, BASELINE, arm_axis, too_few_seeds_to_test
 
-    # the arms of the task with the largest Table 3 family: an arm whose trial is the baseline's (a level equal to the
-    # task's baseline setting) is no row of that family
-    own: dict[str, set[str]] = {task: {BASELINE} for task in study.tasks}
+    # Table 3's two families at their largest over the tasks (the ablation arms of one task, the factorial cells of
+    # another, maybe): an arm whose trial is the baseline's (a level equal to the task's baseline setting) is no row
+    # of its family. (The task with the most arms in all, AdamW and cells counted, could have fewer ablation arms
+    # than another, and the note ask too few seeds.)
+    own: dict[str, set[str]] = {task: set() for task in study.tasks}
     for t in study.trials:
         if BASELINE not in t.arms:
-            own[t.task].update(t.arms)
-    arms = max(own.values(), key=len) if BASELINE in study.arms() else set(study.arms())
+            own[t.task].update(a for a in t.arms if a != ADAMW)
+    if BASELINE in study.arms():
+        ablations = max(({a for a in arms if arm_axis(a) != "factorial"} for arms in own.values()), key=len)
+        cells = max(({a for a in arms if arm_axis(a) == "factorial"} for arms in own.values()), key=len)
+        arms = {BASELINE, *({ADAMW} & set(study.arms())), *ablations, *cells}
+    else:
+        arms = set(study.arms())
     note = too_few_seeds_to_test(len(study.seeds), arms, n_tasks=len(study.tasks))
     if note:
         print(f"note: {note}", flush=True)

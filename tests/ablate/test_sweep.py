@@ -853,6 +853,31 @@ def test_too_few_seeds_to_test_tells_table_3s_ablation_and_factorial_families_ap
     assert stats.too_few_seeds_to_test(7, ["baseline", "x=1", *cells]) == ""
 
 
+def test_the_start_note_takes_each_table_3_family_at_its_largest_over_the_tasks(capsys):
+    # the note took the arms of the task with the most arms in all (AdamW and factorial cells counted): "a" below, with
+    # as many arms as "b" and first, whose ablation family (x=1, as x=2 equals a's baseline) is smaller than b's (x=1,
+    # x=2): with 6 seeds the note said nothing of b's ablation family of 2, which takes 7 seeds (2/64 > 0.05/2)
+    from types import SimpleNamespace
+
+    from ablate.sweep import _note_too_few_seeds
+
+    def trial(task, *arms):
+        return SimpleNamespace(task=task, arms=tuple(arms))
+
+    cells = ("factorial:g=1,h=2", "factorial:g=2,h=1")
+    trials = [trial("a", "baseline", "x=2"), trial("a", "x=1"), *(trial("a", c) for c in cells),
+              trial("b", "baseline", cells[0]), trial("b", "x=1"), trial("b", "x=2"), trial("b", cells[1])]
+    study = SimpleNamespace(tasks=["a", "b"], trials=trials, seeds=list(range(6)),
+                            arms=lambda: ["baseline", "x=1", "x=2", *cells])
+    _note_too_few_seeds(study)
+    said = capsys.readouterr().out
+    assert said.startswith("note: with 6 seed(s) no paired difference in Table 3's ablation family or Table 3's "
+                           "factorial family of the report"), said
+    assert "(the baseline against 2 ablation arm(s) per task) takes 7 seeds or more" in said
+    assert "(the baseline against 2 factorial cell(s) per task, Holm-adjusted apart from the ablation arms)" in said
+    assert "Table 2" not in said  # (no AdamW arm)
+
+
 def test_dry_run_mentions_changed_data_files_only_for_real_data(tmp_path):
     # an embedded trial has no data files (its data version is part of its id): the dry run of
     # quick.yaml said "a run also runs again stored trials whose data files changed" all the same
