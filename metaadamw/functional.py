@@ -602,15 +602,21 @@ def numel_vector(tensors: list[Tensor]) -> Tensor:
 
 def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> None:
     """The readable update: one tensor at a time, the formula as written in the docstring (its
-    scalars in float64 for float64 parameters, as AdamW's Python-float scalars are)."""
+    scalars in float64 for float64 parameters, as AdamW's Python-float scalars are). In AdamW's
+    order, ``sqrt(v) / sqrt(bc2) + eps`` and ``m / denom`` before the step size: in float16,
+    ``v / bc2`` (about g^2 early on) overflowed to inf once ``|g| > 256``, and the element stopped
+    moving, and ``step size * m`` could round to a subnormal before the division. As AdamW's
+    ``addcdiv``, the direction times the step size is taken in float32 for float16 and bfloat16
+    tensors and rounded once, when subtracted."""
     for b in buckets:
+        root_bc2 = math.sqrt(b.bias_correction2)
         for p, m, v in zip(b.params, b.exp_avgs, b.exp_avg_sqs):
             a, w = alpha[b.group], beta[b.group]
             if p.dtype == torch.float64:
                 a, w = a.double(), w.double()
-            denom = (v / b.bias_correction2).sqrt() + b.eps
+            denom = v.sqrt() / root_bc2 + b.eps
             p.mul_(1 - b.lr * a * w * b.weight_decay)
-            p.sub_((b.lr * a / b.bias_correction1) * m / denom)
+            p.sub_(_widened(m) / _widened(denom) * (b.lr * a / b.bias_correction1))
 
 
 #: ``torch._foreach_rsqrt`` (torch 2.8 and later)
@@ -712,12 +718,22 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
 def _narrow_update(b: Bucket, params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                    decay: Tensor, scale: Tensor) -> None:
     """:func:`foreach_update` of one run in AdamW's order (float16: :func:`narrow_range`);
-    ``decay``, ``scale``: the bucket's 0-dim scalars, ``scale = -bc1 / (sqrt(bc2) lr alpha)``."""
+    ``decay``, ``scale``: the bucket's 0-dim scalars, ``scale = -bc1 / (sqrt(bc2) lr alpha)``.
+
+    The denominator is rounded in the tensors' dtype, as AdamW's; the direction ``m / denom`` times
+    the step size is taken in float32 (float16 and bfloat16 tensors widened; float64 ones kept) and
+    rounded once, when added to the parameter, as AdamW's ``addcdiv`` does in its float32 opmath:
+    rounded to float16 twice more, the update drifted from AdamW's by float16 ulps within 50 steps."""
     root_bc2 = math.sqrt(b.bias_correction2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, root_bc2)
     torch._foreach_add_(denom, b.eps)
-    update = torch._foreach_div(exp_avgs, denom)  # the Adam direction m / (sqrt(v / bc2) + eps)
+    update = torch._foreach_div([_widened(m) for m in exp_avgs], [_widened(d) for d in denom])  # m / denom
     torch._foreach_mul_(update, torch.reciprocal(scale * root_bc2))  # -lr alpha / bc1
     torch._foreach_mul_(params, decay)
-    torch._foreach_add_(params, update)
+    torch._foreach_add_(params, update)  # (in float32, rounded once to the parameter's dtype)
+
+
+def _widened(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is of :data:`NARROW_DTYPES` (AdamW's opmath for them), else as it is."""
+    return t.float() if t.dtype in NARROW_DTYPES else t

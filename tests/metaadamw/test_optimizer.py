@@ -1818,6 +1818,33 @@ def test_zero_ranges_match_torch_adamw_in_float16(lr, eps, grad, chunk, monkeypa
     torch.testing.assert_close(single, ref_single, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("foreach, dtype", [(True, torch.float16), (False, torch.float16), (False, torch.bfloat16)])
+def test_zero_ranges_match_torch_adamw_in_low_precision_with_large_gradients(foreach, dtype):
+    # the single-tensor update divided v by 1 - beta2^t before the square root: in float16 that is
+    # about g^2, inf once |g| > 256, and the element stopped moving (AdamW takes sqrt(v) / sqrt(bc2)).
+    # Both updates rounded m / denom and its product with the step size to the tensor's dtype, where
+    # AdamW's addcdiv takes them in float32 and rounds once: float16 or bfloat16 ulps apart in 50 steps
+    results = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=1e-3, eps=1e-7, weight_decay=0.1, foreach=foreach),
+                 lambda ps: MetaAdamW(ps, lr=1e-3, eps=1e-7, weight_decay=0.1, alpha_range=0.0, beta_range=0.0,
+                                      grouping="original", foreach=foreach, **small_kwargs())):
+        low = nn.Parameter(torch.full((3,), 0.01, dtype=dtype))
+        wide = nn.Parameter(torch.full((2,), 0.5, dtype=torch.float64))
+        single = nn.Parameter(torch.full((2,), 0.5))
+        opt = make([low, wide, single])
+        for t in range(50):
+            low.grad = torch.tensor([1000.0, -300.0 + t, 0.5], dtype=dtype)
+            wide.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)
+            single.grad = torch.tensor([1.0, -2.0])
+            opt.step()
+        results.append((low.detach().clone(), wide.detach().clone(), single.detach().clone()))
+    (ref_low, ref_wide, ref_single), (low, wide, single) = results
+    assert abs(float(low[0]) - 0.01) > 0.04, "the element with the large gradient moved as in AdamW"
+    torch.testing.assert_close(low, ref_low, rtol=0, atol=0)
+    torch.testing.assert_close(wide, ref_wide, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(single, ref_single, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_a_non_finite_gradient_spoils_only_its_own_elements_as_in_adamw(features, bad):
