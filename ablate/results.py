@@ -97,6 +97,13 @@ RERUN_FILE = "rerun.json"
 TUNE_TARGETS_FILE = "targets.json"
 #: the trial columns that depend on the study rather than on the trial's config
 LABEL_COLUMNS = ("study", "arm", "arms", "axis")
+#: the columns without which a table's rows cannot be used: a row without its trial id cannot be told
+#: apart from another trial's (its history would be dropped without a word), one without its status
+#: cannot be counted or reused. A part or combined table with rows that lacks them is taken for damaged
+REQUIRED_COLUMNS = {"trials": ("trial_id", "status"), "history": ("trial_id",), "telemetry": ("trial_id",)}
+#: the version of the cache's index (:func:`_write_cache`); 5: parts are checked for
+#: :data:`REQUIRED_COLUMNS` as they are parsed, so a cache of parts parsed before is not used
+_CACHE_VERSION = 5
 
 
 @dataclasses.dataclass
@@ -268,7 +275,7 @@ def _cache_index(out_dir: Path) -> dict[str, tuple[str, list[list]]]:
     file order); empty when there is no usable cache."""
     try:
         data = json.loads((out_dir / CACHE_DIR / _CACHE_INDEX).read_text())
-        if data.get("version") != 4:
+        if data.get("version") != _CACHE_VERSION:
             return {}
         out = {}
         for table, entry in data["tables"].items():
@@ -339,8 +346,19 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
 
 
 def _parse_part(path: Path, data: bytes | None = None) -> pd.DataFrame:
-    """A part's rows, from its bytes when they were read already."""
-    return pd.read_parquet(io.BytesIO(path.read_bytes() if data is None else data))
+    """A part's rows, from its bytes when they were read already (``<trial id>.<table>.parquet``: a
+    part with rows but without its table's :data:`REQUIRED_COLUMNS` raises ValueError)."""
+    df = pd.read_parquet(io.BytesIO(path.read_bytes() if data is None else data))
+    _check_columns(df, path.name.rsplit(".", 2)[-2])
+    return df
+
+
+def _check_columns(df: pd.DataFrame, table: str) -> None:
+    """Raise ValueError naming the :data:`REQUIRED_COLUMNS` of ``table`` that ``df``, a part or a
+    combined table, lacks (a table without rows needs none: its rows cannot be lost)."""
+    missing = [c for c in REQUIRED_COLUMNS.get(table, ()) if c not in df.columns]
+    if missing and len(df):
+        raise ValueError(f"it has no {' and no '.join(missing)} column (its {len(df)} row(s) cannot be used)")
 
 
 def _cached_table(out_dir: Path, file: str, rows: int) -> pd.DataFrame | None:
@@ -372,7 +390,7 @@ def _write_cache(out_dir: Path, parts: dict[str, tuple[pd.DataFrame, list[list]]
             columns = list(dict.fromkeys(tuple(p[3]) for p in listed))  # (few distinct column lists)
             tables[table] = {"file": name, "columns": [list(c) for c in columns],
                              "parts": [[n, h, r, columns.index(tuple(cols))] for n, h, r, cols in listed]}
-        atomic_write_bytes(folder / _CACHE_INDEX, json.dumps({"version": 4, "tables": tables}).encode())
+        atomic_write_bytes(folder / _CACHE_INDEX, json.dumps({"version": _CACHE_VERSION, "tables": tables}).encode())
     except Exception as exc:  # (best effort)
         warnings.warn(f"could not write the cache of result parts in {folder} ({type(exc).__name__}: {exc}): "
                       f"results load more slowly, nothing is lost", stacklevel=3)
@@ -388,7 +406,8 @@ def _read_tables(out_dir: Path) -> _Stored:
 
     Parts are written atomically, history and telemetry before the trial row, so an unreadable
     part, or a trial row without its history or telemetry part, was damaged afterwards (a disk
-    fault, a careless copy or clean-up). That trial's rows then come from the combined table that
+    fault, a careless copy or clean-up); a part, or a combined table, whose rows lack their
+    :data:`REQUIRED_COLUMNS` counts as unreadable. That trial's rows then come from the combined table that
     the last ``ablate run`` wrote, where it has them (:func:`consolidate` rewrites the part from
     them); otherwise the trial is left out of all three tables, as if it had not finished, so that
     ``ablate run --resume`` computes it again. Nothing is deleted."""
@@ -422,7 +441,9 @@ def _read_tables(out_dir: Path) -> _Stored:
         combined, combined_read, combined_error = pd.DataFrame(), False, ""
         if combined_path.exists() and (unreadable or not frames):
             try:
-                combined, combined_read = pd.read_parquet(combined_path), True
+                read = pd.read_parquet(combined_path)
+                _check_columns(read, table)
+                combined, combined_read = read, True
             except Exception as exc:
                 if not frames and not unreadable:
                     raise ResultsError(f"could not read {combined_path} ({type(exc).__name__}: {exc}), and there are "

@@ -53,6 +53,9 @@ RESULT_KEY = "ablate_result"
 FAILED_KEY = "ablate_failed"  # a trial that failed deterministically, reported (not raised: no retry)
 #: with FAILED_KEY: the notes and warnings of the failed trial (a JSON list), printed by the driver as an ok trial's
 WARNINGS_KEY = "ablate_warnings"
+#: with FAILED_KEY: those of its warnings that are about its task's data files (:class:`ablate.tasks.DataWarning`, a
+#: JSON list), which the driver prints once per task, as an ok trial's ``data_warnings``
+DATA_WARNINGS_KEY = "ablate_data_warnings"
 #: with FAILED_KEY: what ran the failed trial (:func:`ablate.provenance.provenance` in the worker, a JSON object)
 PROVENANCE_KEY = "ablate_provenance"
 #: a report of its own, before the trial trains: the notes of what happened to its checkpoints (a JSON list), which
@@ -98,13 +101,14 @@ def trainable(config: dict[str, Any]) -> None:
     from ablate.config import ConfigError
     from ablate.tasks import DatasetNotFoundError
 
+    data_warnings: list[str] = []  # (those about the task's data files: the driver prints them once per task)
     try:
-        with worker_warnings() as trial_warnings:  # (printed by the driver with the result)
+        with worker_warnings(data_warnings) as trial_warnings:  # (printed by the driver with the result)
             trial = Trial(trial_config)
     except (DatasetNotFoundError, ConfigError):  # deterministic (missing data on this node, a bad config):
         tune.report({"done_trial": True, FAILED_KEY: traceback.format_exc(),  # a retry would fail alike
                      PROVENANCE_KEY: json.dumps(_provenance_of(trial_config)),
-                     WARNINGS_KEY: json.dumps(trial_warnings)})
+                     WARNINGS_KEY: json.dumps(trial_warnings), DATA_WARNINGS_KEY: json.dumps(data_warnings)})
         return
     stable = Path(config["checkpoint_dir"]) / f"{spec['trial_id']}.pt" if config.get("checkpoint_dir") else None
     # what happened to the trial's checkpoints (one set aside, say): a worker's output does not reach the
@@ -146,10 +150,11 @@ def trainable(config: dict[str, Any]) -> None:
     except ConfigError:  # (the task's loss_fn or evaluate() breaks its contract: a retry would fail alike)
         # (with what happened to its checkpoints: a checkpoint set aside must not go unmentioned when the trial fails)
         tune.report({"done_trial": True, FAILED_KEY: _with_notes(traceback.format_exc(), notes),
-                     WARNINGS_KEY: json.dumps([*notes, *trial_warnings]), PROVENANCE_KEY: json.dumps(trial.provenance)})
+                     WARNINGS_KEY: json.dumps([*notes, *trial_warnings]), DATA_WARNINGS_KEY: json.dumps(data_warnings),
+                     PROVENANCE_KEY: json.dumps(trial.provenance)})
         return
     payload = {"row": result.row, "history": result.history, "telemetry": result.telemetry,
-               "warnings": [*notes, *trial_warnings]}
+               "warnings": [*notes, *trial_warnings], "data_warnings": data_warnings}
     last = result.history[-1] if result.history else {"epoch": 0}
     tune.report({**_flat_metrics(last), "done_trial": True, RESULT_KEY: json.dumps(payload, default=_json_default)})
 
@@ -251,11 +256,13 @@ def _stable_checkpoint(trial: Any, stable: Path, notes: list[str] | None = None)
 
 
 @contextlib.contextmanager
-def worker_warnings() -> Iterator[list[str]]:
+def worker_warnings(data: list[str] | None = None) -> Iterator[list[str]]:
     """The messages of the warnings raised within, each once, in the list it gives: a Ray worker's
     output does not reach the driver (``log_to_driver`` is off), which prints them with the result
     (a trial's while it is built: meta_per_epoch above an epoch's steps, data that is not the
-    published set, ...)."""
+    published set, ...). ``data``, where given, also gets those of them that are about the task's
+    data files (:class:`ablate.tasks.DataWarning`): every trial reading the files says them alike,
+    and the driver prints them once per task, not once per arm."""
     said: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -263,6 +270,10 @@ def worker_warnings() -> Iterator[list[str]]:
             yield said
         finally:
             said.extend(dict.fromkeys(str(w.message) for w in caught))
+            if data is not None:
+                from ablate.tasks import DataWarning
+
+                data.extend(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, DataWarning)))
 
 
 def prepare_worker(config: dict[str, Any]) -> None:
@@ -279,8 +290,17 @@ def _flat_metrics(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """A value of a trial's result that JSON cannot write, as the driver stores it: a NumPy scalar or a
+    one-element tensor (a task's ``reference`` computed with NumPy is a ``numpy.float32``) as the Python
+    number it holds - as a string, the ``ref_*`` column of ``ablate run`` was text ("0.080046",
+    "tensor(0.2500)": NaN to the report), where ``ablate train`` stored the number -; anything else as
+    its string."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1:
+        return value.detach().cpu().item()
     return str(value)
 
 
@@ -346,7 +366,9 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.write_error: tuple[TrialSpec, OSError] | None = None
             self.eta = TimeLeft([spec.task for spec in by_id.values()])
             self.last_line = time.monotonic()
-            self.warned: set[tuple[str, str, str]] = set()  # (task, arm, message) printed: once, not per seed
+            #: (task, arm, message) printed: once, not per seed; (task, None, message) for a warning about the
+            #: task's data files: once for the task, not per arm (a paper study has 15 arms or more per task)
+            self.warned: set[tuple[str, str | None, str]] = set()
             self.notes: dict[str, list[str]] = {}  # trial id -> the notes of its checkpoints its worker reported
 
         @property
@@ -374,7 +396,8 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             if FAILED_KEY in result:  # a deterministic failure the worker reported without raising
                 made = json.loads(result.pop(PROVENANCE_KEY, None) or "null")
                 self._record_failure(trials, spec, result[FAILED_KEY], "; not retried",
-                                     json.loads(result.pop(WARNINGS_KEY, None) or "[]"), made)
+                                     json.loads(result.pop(WARNINGS_KEY, None) or "[]"), made,
+                                     data_messages=json.loads(result.pop(DATA_WARNINGS_KEY, None) or "[]"))
                 return
             if RESULT_KEY not in result:  # an epoch of a running trial
                 if time.monotonic() - self.last_line >= PROGRESS_EVERY_S and "epoch" in result:
@@ -395,7 +418,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             row = {k: (math.nan if v is None and k not in spec.config else v) for k, v in payload["row"].items()}
             self._store(spec, _trial_row(spec, study, row), payload["history"], payload["telemetry"])
             self.written.add(spec.trial_id)
-            self._warn(spec, payload.get("warnings") or ())
+            self._warn(spec, payload.get("warnings") or (), payload.get("data_warnings") or ())
             self._rerun_done(spec)
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
@@ -420,18 +443,24 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: attempt {attempt} failed "
                                    f"({_last_line(_trial_error(trial))}); {retry}")
 
-        def _warn(self, spec: TrialSpec, messages) -> None:
-            for message in messages:  # (an arm's seeds warn alike: its first says it)
-                if (spec.task, spec.arm, message) not in self.warned:
-                    self.warned.add((spec.task, spec.arm, message))
+        def _warn(self, spec: TrialSpec, messages, data_messages=()) -> None:
+            """Print a trial's ``messages`` not printed yet: an arm's seeds warn alike (its first says it), and
+            every trial of a task says those about the task's data files (``data_messages``, among ``messages``)
+            alike: the first says them, under the task's name only."""
+            for message in messages:
+                shared = message in data_messages
+                key = (spec.task, None if shared else spec.arm, message)
+                if key not in self.warned:
+                    self.warned.add(key)
+                    who = spec.task if shared else f"{spec.task} seed {spec.seed} {spec.arm}"
                     # (a multi-line note's lines as the stored error has them, the continuation ones indented)
                     first, *rest = _note_lines(message) or [""]
-                    print("\n".join([f"{spec.task} seed {spec.seed} {spec.arm}: warning: {first}", *rest]), flush=True)
+                    print("\n".join([f"{who}: warning: {first}", *rest]), flush=True)
 
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "", messages=(),
-                            made: dict[str, Any] | None = None, node: str | None = None) -> None:
+                            made: dict[str, Any] | None = None, node: str | None = None, data_messages=()) -> None:
             self._store(spec, _failed_row(spec, study, error, made, node))
-            self._warn(spec, messages)
+            self._warn(spec, messages, data_messages)
             self.failed_ids.add(spec.trial_id)
             self._rerun_done(spec)
             self.eta.finished(spec.task, None)

@@ -755,7 +755,10 @@ def _stepped_on_every_rank(opt: "MetaAdamW", world: int) -> Iterator[None]:
 
 def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
     """An objective's result: a dict with a scalar tensor for each term it declares (and any others
-    it records)."""
+    it records), each of at least float32: a term of a float16 or bfloat16 model's loss (the loss
+    decrease, the generalisation gap) came in its dtype, and the weighting's maths with it - an
+    uncertainty weighting's ``exp(-s) L`` overflowed float16 once it passed 65,504 (a gap of 45
+    at ``s = -8``), and the meta-update was skipped, with ``s`` stuck, as long as the gap stayed."""
     name = type(objective).__name__
     if not isinstance(terms, dict):
         raise TypeError(f"objective {name} must return a dict of its terms {tuple(objective.terms)} -> scalar "
@@ -772,7 +775,7 @@ def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
                 else "")
         raise ValueError(f"objective {name}: the terms {bad} are not scalar tensors (got "
                          f"{', '.join(described(terms[k]) for k in bad)}): reduce each term to one value{hint}")
-    return {k: v.reshape(()) for k, v in terms.items()}
+    return {k: v.reshape(()).float() if v.dtype in F.NARROW_DTYPES else v.reshape(()) for k, v in terms.items()}
 
 
 def _checked_weighting(result: Any, weighting: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -950,7 +953,9 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
     ``(grad L(theta' + eps v) - g') / eps``.
 
     ``eps = sqrt(machine epsilon) (1 + ||theta'||) / ||v||``, the usual step of matrix-free Newton
-    methods: it balances the difference's truncation error against float rounding. The forward
+    methods: it balances the difference's truncation error against float rounding. The machine
+    epsilon is that of the parameters' narrowest dtype (in a model of mixed precision, the step of
+    its wider tensors would move too few of its narrower ones). The forward
     pass replays the random stream of the one that gave g' (same dropout masks) and starts from
     the same ``state`` (same power-iteration vectors). ``leaves``
     (theta', swapped into the model by ``swap``) are moved to theta' + eps v in place. The
@@ -974,7 +979,10 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
     collective of its own would cost one more all-reduce per meta-update, and one that a rank
     whose meta-update raised before it would not meet: its announcement is the all-reduce of the
     meta-gradients.) The pass wasted is one of a rare meta-update: a rank's ``v`` is 0 or not finite."""
-    dtype = leaves[0].dtype
+    # (the step is sized for the parameters' narrowest dtype: a model of mixed precision - a float32 temperature or
+    # norm registered before bfloat16 layers - had float32's step, too small to move most bfloat16 weights by
+    # their rounding step, and a meta-gradient 6-16x further from the exact one than the same model all in bfloat16)
+    dtypes = {x.dtype for x in leaves}
     v_norm = _global_norm(v)
     moves = math.isfinite(v_norm) and v_norm != 0.0
     if not moves and not distributed:
@@ -986,9 +994,9 @@ def _add_hessian_vector_fd(out: list[Tensor], model: nn.Module, loss_fn: Callabl
     if moves:
         with torch.no_grad():
             theta_norm = _global_norm(leaves)
-            precision = torch.finfo(dtype).eps
+            precision = max(torch.finfo(dtype).eps for dtype in dtypes)
             # (between the two: see the docstring; autocast leaves float64 tensors as they are)
-            if autocast_eps is not None and autocast_eps > precision and dtype != torch.float64:
+            if autocast_eps is not None and autocast_eps > precision and dtypes != {torch.float64}:
                 precision = math.sqrt(precision * autocast_eps)
             eps = math.sqrt(precision) * (1.0 + theta_norm) / v_norm
             torch._foreach_add_(leaves, v, alpha=eps)  # in place: theta' + eps v (the leaves are not used after this)

@@ -66,6 +66,13 @@ class DatasetNotFoundError(FileNotFoundError):
     where, and how to obtain them."""
 
 
+class DataWarning(UserWarning):
+    """A warning about a task's data files themselves (not the published files, a subset, pairs or stamps a loader
+    skips or cannot check), raised while the task is built: the same for every trial that reads those files, so
+    ``ablate run`` prints it once per task for the whole run, not once per trial or arm (each trial still records
+    what it read in its ``data_source``). A plugin's task may raise it for warnings of that kind."""
+
+
 @dataclasses.dataclass
 class Metric:
     name: str

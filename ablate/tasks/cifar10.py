@@ -49,6 +49,7 @@ from torch.utils.data import Dataset
 from ablate.config import ConfigError
 from ablate.files import atomic_write_bytes
 from ablate.tasks.base import (
+    DataWarning,
     DatasetNotFoundError,
     Download,
     TaskInstance,
@@ -389,7 +390,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
         if short:  # (recorded with every result: the report's data sources say so)
             partial = "partial: " + "; ".join(short)
             warnings.warn(f"cifar10: {partial} in {root} - accuracies not comparable with the full dataset's "
-                          f"(`{download_command('cifar10', config)}` fetches it)", stacklevel=2)
+                          f"(`{download_command('cifar10', config)}` fetches it)", DataWarning, stacklevel=2)
             source += f" ({partial})"
         if config["split"] == "paper":
             val_x, val_y, test = test_x, test_y, None

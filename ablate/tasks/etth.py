@@ -37,9 +37,10 @@ windows, d_model 32) trains an epoch in a fraction of a second on one CPU core.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,7 @@ from torch.utils.data import Dataset
 
 from ablate.config import ConfigError, CrossKeyError
 from ablate.tasks.base import (
+    DataWarning,
     DatasetNotFoundError,
     Download,
     TaskInstance,
@@ -219,6 +221,7 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
             f"{path} lacks the column(s) {', '.join(missing)}; an ETT CSV has the header "
             f"date,{','.join(ETT_COLUMNS)} (found: {','.join(map(str, frame.columns))})"
         )
+    lines = functools.cache(lambda: _line_numbers(path, len(frame)))  # (read only for an error or a warning)
     values = np.empty((len(frame), len(columns)))
     for j, column in enumerate(columns):
         parsed = pd.to_numeric(frame[column].str.strip(), errors="coerce")
@@ -227,50 +230,68 @@ def read_ett_csv(path: Path, columns: tuple[str, ...]) -> np.ndarray:
             row = bad[0]
             raise DatasetNotFoundError(
                 f"{path}: column {column} has {bad.size} empty or non-numeric value(s), the first on "
-                f"line {row + 2}: {frame[column].iloc[row]!r}"
+                f"line {lines()[row]}: {frame[column].iloc[row]!r}"
             )
         values[:, j] = parsed.to_numpy(dtype=float)
     if "date" in frame.columns:
-        _check_time_order(path, frame["date"])
+        _check_time_order(path, frame["date"], lines)
     return values
 
 
-def _check_time_order(path: Path, dates: pd.Series) -> None:
+def _line_numbers(path: Path, n_rows: int) -> np.ndarray:
+    """The line of the file (1-based) of each of the ``n_rows`` data rows pandas read from ``path``.
+
+    pandas skips blank and whitespace-only lines, so after one (a blank line between the rows of a
+    file joined by hand) ``row + 2`` would name the line before the bad one. Where the count of
+    non-blank lines after the header is not ``n_rows`` (a quoted value over several lines), ``row + 2``.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            numbers = [number for number, line in enumerate(f, 1) if line.strip(" \t\r\n")]
+    except OSError:
+        numbers = []
+    rows = numbers[1:]  # (the first non-blank line is the header)
+    return np.asarray(rows) if len(rows) == n_rows else np.arange(n_rows) + 2
+
+
+def _check_time_order(path: Path, dates: pd.Series, lines: Callable[[], np.ndarray] | None = None) -> None:
     """:class:`DatasetNotFoundError` if the ISO 8601 timestamps of ``dates`` go back in time.
 
     Only ISO 8601 stamps (ETT's own ``2016-07-01 00:00:00``; offsets are compared in UTC) are
     checked. A column that is mostly something else (day-first dates of a spreadsheet, epoch
     seconds) cannot be ordered reliably: a warning, and the file is read in its row order. A few
     unreadable stamps among ISO ones get a warning, and the order of the others is still checked.
-    A repeated stamp (a local clock's autumn change) gets a warning, not an error."""
+    A repeated stamp (a local clock's autumn change) gets a warning, not an error. ``lines()``: the
+    file's line of each row, for the messages (default: :func:`_line_numbers`)."""
+    lines = lines or functools.cache(lambda: _line_numbers(path, len(dates)))
     try:
         stamps = pd.to_datetime(dates.str.strip(), format="ISO8601", utc=True, errors="coerce")
     except (ValueError, TypeError, OverflowError):
         stamps = pd.Series(pd.NaT, index=dates.index, dtype="datetime64[ns, UTC]")
     bad = np.flatnonzero(stamps.isna().to_numpy())
     if bad.size:
-        where = f"line {bad[0] + 2}: {dates.iloc[bad[0]]!r}"
+        where = f"line {lines()[bad[0]]}: {dates.iloc[bad[0]]!r}"
         if 2 * bad.size > len(dates):
             warnings.warn(f"{path}: the time order of the rows is not checked: column date is mostly not ISO 8601 ("
                           f"{bad.size} of {len(dates)} stamps are not, the first on {where}); the splits are "
-                          f"chronological and take the rows in file order", stacklevel=4)
+                          f"chronological and take the rows in file order", DataWarning, stacklevel=4)
             return
         warnings.warn(f"{path}: column date has {bad.size} empty or unreadable stamp(s), the first on {where}; the "
-                      f"order of the others is checked", stacklevel=4)
+                      f"order of the others is checked", DataWarning, stacklevel=4)
     readable = np.flatnonzero(stamps.notna().to_numpy())
     later = stamps.to_numpy()[readable]
     back = np.flatnonzero(later[1:] < later[:-1])
     if back.size:
         row, before = readable[back[0] + 1], readable[back[0]]
         raise DatasetNotFoundError(
-            f"{path}: the rows are not in time order: line {row + 2} ({dates.iloc[row].strip()}) comes before "
-            f"line {before + 2} ({dates.iloc[before].strip()}); the splits are chronological, so sort the file by date"
+            f"{path}: the rows are not in time order: line {lines()[row]} ({dates.iloc[row].strip()}) comes before "
+            f"line {lines()[before]} ({dates.iloc[before].strip()}); the splits are chronological, so sort the file by date"
         )
     same = np.flatnonzero(later[1:] == later[:-1])
     if same.size:
         row = readable[same[0] + 1]
         warnings.warn(f"{path}: {same.size} row(s) repeat the timestamp of the row before, the first on line "
-                      f"{row + 2} ({dates.iloc[row].strip()})", stacklevel=4)
+                      f"{lines()[row]} ({dates.iloc[row].strip()})", DataWarning, stacklevel=4)
 
 
 def load_embedded_series() -> np.ndarray:
@@ -459,7 +480,7 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
         other = f"not the published file: {len(values):,} rows where it has {variant.rows:,}"
         warnings.warn(f"{variant.name}: {source[len('real:'):]} is {other} - metrics not comparable with the published "
                       f"dataset's (`{download_command(variant.name, config, force=True)}` fetches it over this one)",
-                      stacklevel=2)
+                      DataWarning, stacklevel=2)
         source += f" ({other})"
     model = TimeSeriesTransformer(
         n_inputs=len(columns),

@@ -50,6 +50,7 @@ import torch
 
 from ablate.config import ConfigError
 from ablate.tasks.base import (
+    DataWarning,
     DatasetNotFoundError,
     Download,
     FolderFiles,
@@ -301,7 +302,8 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     if other:
         note = f"not the published tree: {', '.join(other)} where each folder has {PUBLISHED_PER_FOLDER:,}"
         warnings.warn(f"{TASK}: {tree.resolve()} is {note} - accuracies not comparable with the published dataset's "
-                      f"(`{download_command(TASK, config, force=True)}` fetches it over this one)", stacklevel=2)
+                      f"(`{download_command(TASK, config, force=True)}` fetches it over this one)", DataWarning,
+                      stacklevel=2)
         source += f" ({note})"
     return {"train": train, "val": val, "test": reviews["test"]}, source
 

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.tasks.base import (
+    DataWarning,
     DatasetNotFoundError,
     Download,
     TaskInstance,
@@ -211,11 +212,11 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
             fetch = (f"delete the uncompressed {', '.join(map(str, plain))} first: "
                      f"{'it is' if len(plain) == 1 else 'they are'} read before the NAME.gz files that {command} fetches")
         warnings.warn(f"multi30k: {note} (in {used[0].parent.resolve()}) - perplexities and BLEU not comparable with "
-                      f"the published dataset's ({fetch})", stacklevel=2)
+                      f"the published dataset's ({fetch})", DataWarning, stacklevel=2)
         source += f" ({note})"
     if skipped:  # (the published files have none: a blanked line shrinks a split, recorded with the results)
         note = "skipped pairs with an empty side: " + ", ".join(f"{split} {n}" for split, n in skipped.items())
-        warnings.warn(f"multi30k: {note} (of {', '.join(str(p) for p in used)})", stacklevel=2)
+        warnings.warn(f"multi30k: {note} (of {', '.join(str(p) for p in used)})", DataWarning, stacklevel=2)
         source += f" ({note})"
     return pairs, source
 

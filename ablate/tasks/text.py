@@ -125,12 +125,15 @@ def read_lines(path: Path) -> list[str]:
     ``str.splitlines`` breaks at, such as U+2028 or a form feed inside a sentence: parallel files
     like Multi30k's are aligned line by line, and an extra break would shift every later pair).
 
+    A UTF-8 byte-order mark at the start (a file re-saved by a Windows editor) is dropped, not read
+    as a token of its own (in WikiText it would also make the file one token longer than published).
+
     Raises ``OSError`` / ``UnicodeDecodeError`` / ``EOFError`` for unreadable, non-UTF-8 or
     truncated files (corrupt compressed data too); callers turn them into :func:`dataset_error`.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             lines = f.read().split("\n")  # (text mode has turned \r\n and \r into \n)
     except zlib.error as exc:  # damaged deflate data inside an intact gzip header
         raise OSError(f"corrupt compressed data: {exc}") from exc

@@ -51,6 +51,7 @@ from torch import nn
 
 from ablate.config import ConfigError
 from ablate.tasks.base import (
+    DataWarning,
     Download,
     TaskInstance,
     also_looked_in,
@@ -156,7 +157,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
         note = "not the published files: " + "; ".join(other)
         warnings.warn(f"{TASK}: {note} (in {paths['train'].parent.resolve()}) - perplexities not comparable with the "
                       f"published dataset's (`{download_command(TASK, config, force=True)}` fetches it over these)",
-                      stacklevel=2)
+                      DataWarning, stacklevel=2)
         source += f" ({note})"
     return tokens, source
 

@@ -213,3 +213,61 @@ def test_a_part_that_cannot_be_read_for_now_is_an_error_not_damage_computed_agai
             load(tmp_path)
     monkeypatch.undo()
     assert finished_trial_ids(tmp_path) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}
+
+
+def _drop_column(path: Path, column: str) -> None:
+    """Rewrite a Parquet table without ``column`` (a part or table written by hand, or by other code)."""
+    import pandas as pd
+
+    pd.read_parquet(path).drop(columns=[column]).to_parquet(path, index=False)
+
+
+@pytest.mark.parametrize("table, column", [("trials", "status"), ("trials", "trial_id"), ("history", "trial_id"),
+                                           ("telemetry", "trial_id")])
+def test_a_part_without_a_column_its_rows_need_is_damaged_restored_from_the_combined_tables(tmp_path, table, column):
+    # (a history part without trial_id lost the trial's curves without a word; a trials part without status or
+    # trial_id gave a row no run reuses, or one of no trial, "not part of the study")
+    _study(tmp_path)
+    before = load_results(tmp_path)
+    _drop_column(tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet", column)
+    with pytest.warns(UserWarning, match=f"aaaaaaaaaaaa.{table}.parquet is unreadable .*no {column} column.*rows come "
+                                         f"from"):
+        after = load_results(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        got = getattr(after, name).sort_values(["trial_id"], kind="stable").reset_index(drop=True)
+        want = getattr(before, name).sort_values(["trial_id"], kind="stable").reset_index(drop=True)
+        assert got[want.columns].equals(want), name
+    assert list(after.trials.sort_values("trial_id")["status"]) == ["ok", "ok"]
+    with pytest.warns(UserWarning, match="rows come from"):
+        assert finished_trial_ids(tmp_path) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}
+
+
+def test_a_part_without_a_column_its_rows_need_and_no_combined_table_leaves_its_trial_out_alone(tmp_path):
+    _study(tmp_path)
+    for name in ("trials", "history", "telemetry"):
+        (tmp_path / f"{name}.parquet").unlink()
+    _drop_column(tmp_path / PARTS_DIR / "aaaaaaaaaaaa.history.parquet", "trial_id")
+    with pytest.warns(UserWarning, match="1 trial.*left out.*aaaaaaaaaaaa.history.parquet is unreadable .*no trial_id "
+                                         "column"):
+        res = load_results(tmp_path)
+    assert list(res.trials["trial_id"]) == ["bbbbbbbbbbbb"] and len(res.history) == 3 and len(res.telemetry) == 2
+    with pytest.warns(UserWarning, match="computed again"):
+        assert finished_trial_ids(tmp_path) == {"bbbbbbbbbbbb"}
+
+
+@pytest.mark.parametrize("column", ["status", "trial_id"])
+def test_a_combined_trials_table_alone_without_a_column_its_rows_need_is_one_line_and_exit_2(tmp_path, column,
+                                                                                             capsys):
+    from ablate.cli import main
+    from ablate.results import ResultsError
+
+    _study(tmp_path)
+    shutil.rmtree(tmp_path / PARTS_DIR)  # (the combined tables alone: results shared without their parts)
+    _drop_column(tmp_path / "trials.parquet", column)
+    with pytest.raises(ResultsError, match=f"could not read .*trials.parquet .*no {column} column.* no result parts"):
+        load_results(tmp_path)
+    with pytest.raises(ResultsError, match=f"no {column} column"):  # (`ablate run` failed with a bare KeyError)
+        finished_trial_ids(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: error: could not read") and "Traceback" not in err and "KeyError" not in err

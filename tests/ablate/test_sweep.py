@@ -1041,6 +1041,83 @@ def test_a_trials_warning_in_a_worker_is_shown_by_the_run(tmp_path, capsys):
     assert "baseline: warning" not in out, out
 
 
+def test_a_warning_about_the_task_s_data_is_printed_once_per_task_and_every_trial_records_it(tmp_path, capsys):
+    # a data file of other sizes than the published one is warned about by every trial that reads it: the driver
+    # printed that same warning once per (task, arm) - 15 to 17 times per task for search_spaces/paper.yaml -,
+    # burying the rest of the run's output. Once per task now; every trial still records it in its data_source
+    import numpy as np
+
+    from tests.ablate.test_task_etth import write_ett_csv
+
+    csv = tmp_path / "data" / "ETT-small" / "ETTh1.csv"
+    write_ett_csv(csv, np.arange(600.0) % 24)  # (600 rows: not the published 17,420)
+    spec = tiny_study(tmp_path, seeds=1, epochs=1, batches=2, ablation="objective: [loss_decrease]\n          "
+                      "meta_every: [4]", extra=f"data: real\n        data_dir: {tmp_path / 'data'}\n        "
+                      f"overrides: {{etth1: {{seq_len: 8, d_model: 8, n_heads: 2, n_layers: 1}}}}")
+    study = load_study(spec)
+    assert sorted({t.arm for t in study.trials}) == ["adamw", "baseline", "meta_every=4", "objective=loss_decrease"]
+    run_study(study, tmp_path / "results", num_cpus=2, max_concurrent=2)
+    out = capsys.readouterr().out
+    said = [line for line in out.splitlines() if "is not the published file" in line]
+    assert said == [f"etth1: warning: etth1: {csv} is not the published file: 600 rows where it has 17,420 - metrics "
+                    f"not comparable with the published dataset's (`ablate data download etth1 --data-dir "
+                    f"{tmp_path / 'data'} --force` fetches it over this one)"], out
+    trials = load_results(tmp_path / "results" / "tiny").trials
+    assert sorted(trials["arm"]) == ["adamw", "baseline", "meta_every=4", "objective=loss_decrease"]
+    assert set(trials["data_source"]) == {f"real:{csv} (not the published file: 600 rows where it has 17,420)"}
+
+
+def test_the_driver_prints_a_data_warning_once_per_task_and_any_other_warning_once_per_arm(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # the trials of every arm (ok or failed) report the same warning about their task's data (a DataWarning, in
+    # data_warnings): printed once, under the task's name; a warning of the trial's own settings, which its arm
+    # gives, still once per arm, under the trial's name
+    from types import SimpleNamespace
+
+    from ablate import sweep
+
+    study = load_study(tiny_study(tmp_path, seeds=2, ablation="meta_every: [4]"))
+    monkeypatch.setattr(sweep.store, "write_trial", lambda out, row, *rest: None)
+    by_id = {t.trial_id: t for t in study.trials}
+    recorder = sweep._make_callbacks(study, by_id, tmp_path / "out", len(by_id), 0, keep_checkpoints=True)
+    data, own = "etth1: x.csv is not the published file: 3 rows", "meta_per_epoch=8 is more than the 4 steps"
+    for spec in study.trials:
+        trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING")
+        if spec.arm == "adamw":  # (a failed trial reports its warnings with the error)
+            result = {"done_trial": True, sweep.FAILED_KEY: "ConfigError: bad", sweep.PROVENANCE_KEY: "{}",
+                      sweep.WARNINGS_KEY: json.dumps([data]), sweep.DATA_WARNINGS_KEY: json.dumps([data])}
+        else:
+            payload = {"row": {"status": "ok", "metric": "mse", "best_metric": 0.5, "time_total_s": 1.0},
+                       "history": [], "telemetry": [], "warnings": [data, own], "data_warnings": [data]}
+            result = {"done_trial": True, sweep.RESULT_KEY: json.dumps(payload)}
+        recorder.on_trial_result(1, [trial], trial, result)
+    warned = [line for line in capsys.readouterr().out.splitlines() if ": warning: " in line]
+    first = study.trials[0]
+    assert [line for line in warned if data in line] == [f"etth1: warning: {data}"]
+    assert sorted(line for line in warned if own in line) == [
+        f"etth1 seed {first.seed} baseline: warning: {own}", f"etth1 seed {first.seed} meta_every=4: warning: {own}"]
+    assert len(warned) == 3
+
+
+def test_worker_warnings_sets_the_warnings_about_the_task_s_data_apart(tmp_path):
+    # the driver prints a DataWarning once per task: the worker says which of a trial's warnings are one
+    import warnings
+
+    from ablate.sweep import worker_warnings
+    from ablate.tasks import DataWarning
+
+    data: list[str] = []
+    with worker_warnings(data) as said:
+        warnings.warn("etth1: x.csv is not the published file", DataWarning)
+        warnings.warn("meta_per_epoch=8 is more than the 4 steps")
+        warnings.warn("etth1: x.csv is not the published file", DataWarning)  # (a message once)
+    assert said == ["etth1: x.csv is not the published file", "meta_per_epoch=8 is more than the 4 steps"]
+    assert data == ["etth1: x.csv is not the published file"]
+    with worker_warnings() as said:  # (without a list for them: as before, for ablate tune's members)
+        warnings.warn("etth1: x.csv is not the published file", DataWarning)
+    assert said == ["etth1: x.csv is not the published file"]
+
+
 def test_the_clean_up_removes_the_ray_and_checkpoints_folders_when_empty_only(tmp_path, capsys):
     # a finished run left empty OUT/<study>/ray/ and checkpoints/ folders behind, though Ray's copies are deleted
     from ablate.sweep import CHECKPOINTS_DIR, _clean_up

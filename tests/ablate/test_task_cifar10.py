@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks import DOWNLOADS, DataWarning, DatasetNotFoundError, get_task
 from ablate.tasks import cifar10
 from ablate.tasks.models_vision_ts import ResNet
 from tests.ablate.task_helpers import SHARED_DATA, task_config, train_with_adamw
@@ -79,7 +79,7 @@ def test_loader_uses_the_training_batches_that_exist(tmp_path):
 def test_task_on_a_fixture_with_the_papers_split(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     written = write_cifar(root)
-    with pytest.warns(UserWarning, match=r"cifar10: partial: 6 training images from data_batch_1, of the 50,000 in "
+    with pytest.warns(DataWarning, match=r"cifar10: partial: 6 training images from data_batch_1, of the 50,000 in "
                                          r"data_batch_1..5; 6 test images, of the 10,000 in test_batch in .* - "
                                          r"accuracies not comparable with the full dataset's"):
         task = get_task("cifar10").build(real_config(tmp_path, split="paper"))  # data_dir is the parent folder

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
 from ablate.config import ConfigError
-from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks import DOWNLOADS, DataWarning, DatasetNotFoundError, get_task
 from ablate.tasks import etth
 from tests.ablate.task_helpers import SHARED_DATA, task_config, train_with_adamw
 
@@ -72,6 +72,27 @@ def test_csv_with_non_numeric_value_is_reported(tmp_path):
         etth.read_ett_csv(path, ("OT",))
 
 
+def test_errors_after_a_blank_line_name_the_line_of_the_file(tmp_path):
+    # pandas skips blank lines: row + 2 named the line before the bad one once a blank line came above it
+    path = tmp_path / "ETTh1.csv"
+    write_ett_csv(path, np.arange(10.0))
+    lines = path.read_text().splitlines()
+    bad = lines[:3] + ["", "   "] + lines[3:]  # lines 4 and 5 blank: the 4th row is on line 7
+    bad[7] = bad[7].rsplit(",", 1)[0] + ",n/a"  # line 8 (the 5th row)
+    path.write_text("\n".join(bad) + "\n")
+    with pytest.raises(DatasetNotFoundError, match=r"the first on line 8: 'n/a'"):
+        etth.read_ett_csv(path, ("OT",))
+    swapped = lines[:3] + [""] + [lines[4], lines[3]] + lines[5:]  # rows 3 and 4 swapped, on lines 5 and 6
+    path.write_text("\n".join(swapped) + "\n")
+    with pytest.raises(DatasetNotFoundError, match=r"not in time order: line 6 \(2016-07-01 02:00:00\) comes before "
+                                                   r"line 5 \(2016-07-01 03:00:00\)"):
+        etth.read_ett_csv(path, ("OT",))
+    repeated = [lines[0], ""] + lines[1:4] + [lines[3]] + lines[4:]  # row 4 repeats row 3's stamp, on line 6
+    path.write_text("\n".join(repeated) + "\n")
+    with pytest.warns(UserWarning, match=r"repeat the timestamp of the row before, the first on line 6 "):
+        assert len(etth.read_ett_csv(path, ("OT",))) == 11
+
+
 def test_a_bad_value_met_in_a_sweep_names_the_fix(tmp_path):
     path = tmp_path / "ETTh1.csv"
     write_ett_csv(path, np.arange(10.0))
@@ -93,17 +114,17 @@ def test_rows_out_of_time_order_are_refused(tmp_path):
     # a repeated hour (a local clock's autumn change) is only a warning, as are stamps that cannot be
     # ordered reliably (day-first dates of a spreadsheet, step numbers): the rows are taken in file order
     path.write_text("\n".join(lines[:4] + lines[3:]) + "\n")
-    with pytest.warns(UserWarning, match=r"1 row\(s\) repeat the timestamp of the row before, the first on line 5"):
+    with pytest.warns(DataWarning, match=r"1 row\(s\) repeat the timestamp of the row before, the first on line 5"):
         assert len(etth.read_ett_csv(path, ("OT",))) == 11
     day_first = [lines[0]] + [f"{i + 1:02d}/07/2016 00:00," + line.split(",", 1)[1] for i, line in enumerate(lines[1:])]
     path.write_text("\n".join(day_first) + "\n")
-    with pytest.warns(UserWarning, match="time order of the rows is not checked: column date is mostly not ISO 8601"):
+    with pytest.warns(DataWarning, match="time order of the rows is not checked: column date is mostly not ISO 8601"):
         assert etth.read_ett_csv(path, ("OT",))[:, 0].tolist() == list(np.arange(10.0))
     # one unreadable stamp among ISO ones does not switch the check off for the others
     blank = [lines[0]] + [("" if i == 3 else line.split(",", 1)[0]) + "," + line.split(",", 1)[1]
                           for i, line in enumerate(lines[:0:-1])]
     path.write_text("\n".join(blank) + "\n")
-    with pytest.warns(UserWarning, match=r"1 empty or unreadable stamp\(s\), the first on line 5"):
+    with pytest.warns(DataWarning, match=r"1 empty or unreadable stamp\(s\), the first on line 5"):
         with pytest.raises(DatasetNotFoundError, match="not in time order: line 3"):
             etth.read_ett_csv(path, ("OT",))
     # ISO stamps with UTC offsets that change (daylight saving) are compared in UTC
@@ -249,7 +270,7 @@ def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
     path = (tmp_path / "ETT-small" / "ETTh1.csv").resolve()
     write_ett_csv(path, ot)
     # a file of other length than the published one (a copy cut short): said, and recorded with the results
-    with pytest.warns(UserWarning, match=rf"etth1: {path} is not the published file: 30 rows where it has 17,420 - "
+    with pytest.warns(DataWarning, match=rf"etth1: {path} is not the published file: 30 rows where it has 17,420 - "
                                          rf"metrics not comparable .*`ablate data download etth1 --data-dir {tmp_path} --force` fetches it"):
         task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
     assert task.data_source == f"real:{path} (not the published file: 30 rows where it has 17,420)"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks import DOWNLOADS, DataWarning, DatasetNotFoundError, get_task
 from ablate.tasks.imdb import clean, generate_reviews, read_csv, stratified_split
 from ablate.tasks.models_text import BiLSTMClassifier, reverse_padded
 from ablate.tasks.text import PAD_ID, UNK_ID, Vocab, tokenize
@@ -120,7 +120,7 @@ def test_a_tree_of_other_sizes_than_the_published_one_is_warned_about_and_record
 
     tree = write_tree(tmp_path / "imdb")
     config = make_config(data="real", data_dir=str(tmp_path), **TINY)
-    with pytest.warns(UserWarning, match=rf"imdb: {tree} is not the published tree: train/pos 5 reviews, train/neg 5 "
+    with pytest.warns(DataWarning, match=rf"imdb: {tree} is not the published tree: train/pos 5 reviews, train/neg 5 "
                                          rf"reviews, test/pos 2 reviews, test/neg 2 reviews where each folder has 12,500 "
                                          rf"- accuracies not comparable .*`ablate data download imdb --data-dir "
                                          rf"{tmp_path} --force`"):
@@ -134,7 +134,7 @@ def test_a_tree_of_other_sizes_than_the_published_one_is_warned_about_and_record
         warnings.simplefilter("error")
         assert get_task("imdb").build(config).data_source == f"real:{tree}"
     (tree / "test" / "neg" / "0_7.txt").unlink()
-    with pytest.warns(UserWarning, match="not the published tree: test/neg 1 reviews where each folder has 2 "):
+    with pytest.warns(DataWarning, match="not the published tree: test/neg 1 reviews where each folder has 2 "):
         assert get_task("imdb").build(config).data_source == (
             f"real:{tree} (not the published tree: test/neg 1 reviews where each folder has 2)")
 

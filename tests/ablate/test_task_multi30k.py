@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks import DOWNLOADS, DataWarning, DatasetNotFoundError, get_task
 from ablate.tasks.multi30k import TranslationPairs, bleu, collate, corpus_bleu, generate_pairs
 from ablate.tasks.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
 from tests.ablate.task_helpers import SHARED_DATA, assert_second_order_gradients, task_config, train_with_adamw
@@ -83,7 +83,7 @@ def test_pairs_with_an_empty_side_are_skipped_said_and_recorded(tmp_path, monkey
     (folder / "test_2016_flickr.en").write_text("A dog.\n\n", encoding="utf-8")  # a blanked line: the test split shrinks
     (folder / "train.de").write_text("Ein Hund läuft.\n   \n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)  # a relative data_dir: the recorded source is absolute all the same
-    with pytest.warns(UserWarning, match=r"multi30k: skipped pairs with an empty side: train 1, test 1 \(of "):
+    with pytest.warns(DataWarning, match=r"multi30k: skipped pairs with an empty side: train 1, test 1 \(of "):
         task = get_task("multi30k").build(make_config(data="real", data_dir=".", **TINY))
     assert task.info["pairs"] == {"train": 1, "val": 1, "test": 1}
     assert task.data_source.startswith(f"real:{(folder / 'train.de').resolve()},")
@@ -96,7 +96,7 @@ def test_files_of_other_line_counts_than_the_published_ones_are_warned_about_and
 
     folder = write_files(tmp_path / "multi30k")  # 2, 1 and 1 pairs
     config = make_config(data="real", data_dir=str(tmp_path), **TINY)
-    with pytest.warns(UserWarning, match=r"multi30k: not the published files: train 2 pairs where it has 29,000; val 1 "
+    with pytest.warns(DataWarning, match=r"multi30k: not the published files: train 2 pairs where it has 29,000; val 1 "
                                          r"pairs where it has 1,014; test_2016_flickr 1 pairs where it has 1,000 \(in "
                                          r".*\) - perplexities and BLEU not comparable .*`ablate data download multi30k "
                                          r"--data-dir .* --force`"):
@@ -110,13 +110,13 @@ def test_files_of_other_line_counts_than_the_published_ones_are_warned_about_and
         warnings.simplefilter("error")
         assert get_task("multi30k").build(config).data_source == f"real:{files}"
     monkeypatch.setattr(multi30k, "PUBLISHED_PAIRS", {"train": 2, "val": 2, "test": 1})
-    with pytest.warns(UserWarning, match="not the published files: val 1 pairs where it has 2 "):
+    with pytest.warns(DataWarning, match="not the published files: val 1 pairs where it has 2 "):
         assert get_task("multi30k").build(config).data_source == (
             f"real:{files} (not the published files: val 1 pairs where it has 2)")
     # lines, not kept pairs, are compared: a blanked line is the skipped-pairs note's, not this one's
     (folder / "val.de").write_text("Ein Pferd.\nZwei Pferde.\n", encoding="utf-8")
     (folder / "val.en").write_text("A horse.\n\n", encoding="utf-8")
-    with pytest.warns(UserWarning, match="skipped pairs with an empty side: val 1 "):
+    with pytest.warns(DataWarning, match="skipped pairs with an empty side: val 1 "):
         source = get_task("multi30k").build(config).data_source
     assert source == f"real:{files} (skipped pairs with an empty side: val 1)"
 

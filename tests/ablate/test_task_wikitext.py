@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ablate.tasks import DOWNLOADS, DatasetNotFoundError, get_task
+from ablate.tasks import DOWNLOADS, DataWarning, DatasetNotFoundError, get_task
 from ablate.tasks.text import EOS_ID, UNK_ID
 from ablate.config import ConfigError
 from ablate.tasks.wikitext import EMBEDDED_MIN_TOKENS, LMBlocks, embedded_splits, generate_corpus, lines_to_tokens
@@ -120,7 +120,7 @@ def test_files_of_other_token_counts_than_the_published_ones_are_warned_about_an
 
     folder = write_wiki(tmp_path, TRAIN, VALID, TEST)  # 20, 10 and 10 tokens
     config = make_config(data="real", data_dir=str(tmp_path), block_size=4)
-    with pytest.warns(UserWarning, match=r"wikitext2: not the published files: wiki\.train\.tokens 20 tokens where it "
+    with pytest.warns(DataWarning, match=r"wikitext2: not the published files: wiki\.train\.tokens 20 tokens where it "
                                          r"has 2,088,628; wiki\.valid\.tokens 10 tokens where it has 217,646; "
                                          r"wiki\.test\.tokens 10 tokens where it has 245,569 \(in .*\) - perplexities "
                                          r"not comparable .*`ablate data download wikitext2 --data-dir .* --force`"):
@@ -136,7 +136,7 @@ def test_files_of_other_token_counts_than_the_published_ones_are_warned_about_an
         warnings.simplefilter("error")
         assert get_task("wikitext2").build(config).data_source == f"real:{files}"
     monkeypatch.setattr(wikitext, "PUBLISHED_TOKENS", {"train": 20, "val": 10, "test": 11})
-    with pytest.warns(UserWarning, match="not the published files: wiki.test.tokens 10 tokens where it has 11 "):
+    with pytest.warns(DataWarning, match="not the published files: wiki.test.tokens 10 tokens where it has 11 "):
         assert get_task("wikitext2").build(config).data_source.endswith(
             " (not the published files: wiki.test.tokens 10 tokens where it has 11)")
 

@@ -77,6 +77,22 @@ def test_read_lines_plain_and_gzip(tmp_path):
         read_lines(tmp_path / "bad.txt")
 
 
+def test_read_lines_drops_a_byte_order_mark(tmp_path):
+    # a file re-saved by a Windows editor starts with U+FEFF: it was read as a token of its own ("\ufeff"
+    # before the first word of a Multi30k sentence; one token more than the published WikiText-2 file)
+    text = "\ufeff = Valkyria = \nzwei Männer\n"
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    for name in ("a.txt", "a.txt.gz"):
+        lines = read_lines(tmp_path / name)
+        assert lines == [" = Valkyria = ", "zwei Männer"]
+        assert lines[0].split() == ["=", "Valkyria", "="] and tokenize(lines[0]) == ["=", "valkyria", "="]
+    # (only at the start: U+FEFF inside a line is text)
+    (tmp_path / "b.txt").write_text("a\ufeffb\n", encoding="utf-8")
+    assert read_lines(tmp_path / "b.txt") == ["a\ufeffb"]
+
+
 def test_read_lines_breaks_at_line_ends_only(tmp_path):
     # U+2028, U+0085, form feed and the like inside a sentence must not split it: Multi30k's
     # .de and .en files are aligned line by line, and one extra break shifts every later pair

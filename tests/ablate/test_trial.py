@@ -853,3 +853,47 @@ def test_a_note_that_goes_on_from_ray_s_checkpoint_does_not_also_say_start_afres
     [note] = payload["warnings"]
     assert "generators lacks train" in note and note.endswith("continuing from Ray's checkpoint of epoch 1"), note
     assert "afresh" not in note, note
+
+
+def test_a_reference_of_numpy_or_torch_numbers_reaches_the_driver_as_numbers(tmp_path, monkeypatch):
+    # a task's reference computed with NumPy (np.mean of a float32 array is a numpy.float32) or left a tensor went to
+    # the driver as text: `ablate run` stored ref_mean_mse "0.080046" and ref_half "tensor(0.5000)" - NaN to the
+    # report's means - where `ablate train` stored the numbers
+    import numpy as np
+    from ray import tune
+    from torch import nn
+
+    from ablate import sweep
+    from ablate.tasks import TASKS, TaskInstance, register_task
+
+    def build(config):
+        x = torch.linspace(0, 1, 64).unsqueeze(1)
+        data = torch.utils.data.TensorDataset(x, torch.sin(x))
+
+        def loss_fn(model, batch):
+            return nn.functional.mse_loss(model(batch[0]), batch[1])
+
+        def evaluate(model, loader):
+            return {"mse": sum(nn.functional.mse_loss(model(a), b).item() for a, b in loader)}
+
+        y = x.numpy()
+        return TaskInstance(name="npref_task", model=nn.Linear(1, 1), train=data, val=data, loss_fn=loss_fn,
+                            evaluate=evaluate, data_source="synthetic:npref",
+                            reference={"mean_mse": np.mean((y - y.mean()) ** 2), "half": torch.tensor(0.5),
+                                       "flag": np.bool_(True)})
+
+    register_task("npref_task", metrics=[("mse", "min")], defaults={"epochs": 1, "batch_size": 16})(build)
+    reports = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    config = {"task": "npref_task", "optimizer": "adamw", "num_threads": 1, "patience": 0}
+    try:
+        sweep.trainable({"trial": {"config": config, "trial_id": Trial(config).trial_id}, "plugins": [],
+                         "checkpoint_dir": str(tmp_path), "cpus": 1})
+    finally:
+        TASKS.remove("npref_task")
+    row = json.loads(reports[-1][sweep.RESULT_KEY])["row"]
+    want = float(np.mean((np.linspace(0, 1, 64, dtype=np.float32) - 0.5) ** 2))
+    assert isinstance(row["ref_mean_mse"], float) and row["ref_mean_mse"] == pytest.approx(want, rel=1e-5)
+    assert row["ref_half"] == 0.5 and isinstance(row["ref_half"], float)
+    assert row["ref_flag"] is True

@@ -203,6 +203,34 @@ def test_the_gradient_alignment_of_a_float16_model_sums_its_squares_in_float32(m
     assert got.meta_loss == pytest.approx(want.meta_loss, rel=1e-2)
 
 
+@pytest.mark.parametrize("meta_gradient", ["exact", "finite_difference"])
+def test_the_weighting_of_a_float16_models_loss_terms_runs_in_float32(meta_gradient):
+    # the generalisation gap of a float16 model's loss came in float16, and the weighting's maths with it:
+    # 0.5 exp(-s) L overflowed float16 for a gap of ~124 at s = -8 (a term that was small for a while), the
+    # meta-loss was inf, the meta-update skipped - and s, not stepped, kept it so as long as the gap stayed
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randn(16, 1) * 6
+    train, val = (x[:8], y[:8]), (x[8:], y[8:] + 14)
+    records, log_vars = [], []
+    for dtype in (torch.float32, torch.float16):
+        def loss_fn(m, batch):
+            return ((m(batch[0].to(dtype)) - batch[1].to(dtype)) ** 2).mean()  # a float16 loss for float16
+
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1).to(dtype)
+        opt = MetaAdamW(model.named_parameters(), objective="gen_gap", weighting="huw", grouping="original",
+                        meta_gradient=meta_gradient, **small_kwargs())
+        with torch.no_grad():
+            opt.weighting.log_vars.fill_(-8.0)
+        records.append(opt.meta_step(model, loss_fn, train, train, val))
+        log_vars.append(opt.weighting.log_vars.item())
+    want, got = records
+    assert 0.5 * math.exp(8.0) * got.terms["gen_gap"] > torch.finfo(torch.float16).max  # (beyond float16's range)
+    assert not got.skipped, got.reason
+    assert got.meta_loss == pytest.approx(want.meta_loss, rel=1e-2)
+    assert log_vars[1] == pytest.approx(log_vars[0], abs=1e-3) and log_vars[1] != -8.0
+
+
 def test_the_validation_loss_at_theta_prime_takes_the_masks_of_that_at_theta():
     # loss_decrease = L(theta'; val) - L(theta; val): with other dropout masks in the second pass it
     # measured the masks' difference (7e-3 with lr 1e-9, where theta' is theta to 1e-9)
@@ -447,6 +475,40 @@ def test_finite_difference_meta_gradient_matches_the_exact_double_backward(case)
     approx = _meta_gradient(make_model, loss_fn, batches, "finite_difference")
     assert exact.norm() > 1e-3
     assert (exact - approx).norm() / exact.norm() < 5e-3
+
+
+def test_the_finite_difference_step_of_a_mixed_precision_model_is_sized_for_its_narrowest_dtype():
+    # the step was sized by the dtype of the first tensor: a float32 scalar registered before bfloat16 layers
+    # gave float32's step, which moves few bfloat16 weights by their rounding step - the meta-gradient was
+    # ~16x further from the exact one (1e-2) than that of the same model all in bfloat16 (6e-4)
+    class Mixed(nn.Module):
+        def __init__(self, first):
+            super().__init__()
+            self.temperature = nn.Parameter(torch.ones((), dtype=first))
+            self.body = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                                      nn.Linear(32, 1)).to(torch.bfloat16)
+
+        def forward(self, x):
+            return self.body(x.to(torch.bfloat16)).float() * self.temperature.float()
+
+    def meta_gradient(first, mode):
+        torch.manual_seed(0)
+        model = Mixed(first)
+        torch.manual_seed(123)
+        opt = MetaAdamW(model.named_parameters(), model=model, meta_gradient=mode, meta_lr=1.0, objective="gradient",
+                        weighting="sum", **small_kwargs())
+        batches = regression_batches(4)
+        _step(model, opt, batches[0])
+        before = _meta_state(opt)
+        assert not opt.meta_step(model, mse, *batches[1:]).skipped
+        return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, opt.meta_parameters())])
+
+    errors = {}
+    for first in (torch.float32, torch.bfloat16):
+        exact = meta_gradient(first, "exact")
+        errors[first] = float((meta_gradient(first, "finite_difference") - exact).norm() / exact.norm())
+    assert errors[torch.bfloat16] < 1e-3
+    assert errors[torch.float32] < 1.5 * errors[torch.bfloat16]
 
 
 def test_finite_difference_replays_buffers_that_a_forward_pass_updates_and_reads():
