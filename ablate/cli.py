@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also continue unfinished trials from their last per-epoch checkpoint (finished trials "
                         "are reused either way)")
     s.add_argument("--out", default="results", help="parent directory of the study's results (default: results)")
-    s.add_argument("--address", help="join a running Ray cluster (e.g. 127.0.0.1:6379 or auto)")
+    s.add_argument("--address", help="join a running Ray cluster (e.g. 127.0.0.1:6379, or auto: the one $RAY_ADDRESS "
+                                     "names, else the one started on this machine); without it, Ray starts here")
     s.add_argument("--storage", help="Ray Tune storage path or URI shared by every node")
     s.add_argument("--max-concurrent", type=_positive_int, help="at most this many trials at once (>= 1)")
     s.add_argument("--extra-seeds", type=_positive_int, help="add N more seeds to the study")
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trials", type=int, help="suggestions to evaluate for each target, i.e. each task (or the one "
                                               "cross-task target); they add to its stored study")
     s.add_argument("--out", default="results", help="parent directory of the results (default: results)")
-    s.add_argument("--address", help="join a running Ray cluster")
+    s.add_argument("--address", help="join a running Ray cluster (as for `ablate run`)")
     s.add_argument("--storage", help="Ray Tune storage path or URI")
     s.add_argument("--study-storage", help="Optuna storage: a journal file path or a database URL")
     s.set_defaults(func=cmd_tune)

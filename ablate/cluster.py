@@ -3,7 +3,7 @@
 * :func:`init_ray` starts Ray in-process (or joins ``--address``) with the study's plugins in the
   runtime environment; :func:`ray_storage_path` gives ``--storage`` its one spelling.
 * Checks that refuse, before anything runs, what would fail every trial later: resources no node
-  has (:func:`check_resources`), an address nothing answers on (:func:`check_reachable`), real
+  has (:func:`check_resources`), an address nothing answers on or no Ray head listens on (:func:`check_reachable`), real
   data missing (:func:`check_real_data`), and, on a cluster, what each node must see - Ray Tune's
   storage, the checkpoints' folder, the plugins, the data (:func:`check_cluster_nodes`).
 * Ray's console output that would mislead a user of ``ablate`` is filtered
@@ -170,8 +170,13 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
                 raise ConfigError(f"--address {address}: the cluster runs other versions of Ray or Python than this "
                                   f"driver, and every node and the driver need the same: {exc}".rstrip()) from None
             except ConnectionError as exc:
-                if not _authentication_failed(exc):
-                    raise
+                if not _authentication_failed(exc):  # (a gRPC server that is not a GCS; auto finding no Ray)
+                    cause = exc.__cause__ or exc.__context__
+                    why = str(cause).strip().splitlines()[-1] if cause is not None and str(cause).strip() else ""
+                    raise ConfigError(
+                        f"--address {address}: Ray could not join a cluster there ({exc}{f': {why}' if why else ''}). "
+                        f"Give the address `ray start --head` printed (HEAD_IP:6379, the GCS's port), with the head "
+                        f"running. Nothing was run.") from None
                 raise ConfigError(
                     f"--address {address}: the Ray cluster refused this machine's authentication. `ray start` turns on "
                     f"token authentication (Ray {ray.__version__}: when the head is not on localhost): run ablate with "
@@ -180,11 +185,23 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
             _warn_if_no_node_fits(study, address)
         else:
             # address="local": always a new in-process cluster, never a `ray start` cluster found on the machine
+            _note_ray_address_unused()
             ray.init(address="local", num_cpus=num_cpus or available_cpus(), object_store_memory=256 * 1024**2, **kwargs)
     except KeyboardInterrupt:  # Ctrl-C while Ray starts: its agents, half started, would outlive the run
         ray.shutdown()
         raise
     return True
+
+
+def _note_ray_address_unused() -> None:
+    """Say so when ``RAY_ADDRESS`` names a cluster but Ray starts here (no ``--address``): Ray's own
+    tools join it (and ``ray job submit`` sets it for its entrypoint), so without a word the trials
+    ran on this one machine, its cluster idle."""
+    given = os.environ.get("RAY_ADDRESS", "").strip()
+    if given and given not in ("local", "auto"):
+        print(f"ablate: note: RAY_ADDRESS={given} is set, but without --address ablate runs its trials on a Ray it "
+              f"starts on this machine; give --address auto (or --address {given}) to run them on that cluster",
+              file=sys.stderr, flush=True)
 
 
 def _warn_if_no_node_fits(study: Study, address: str) -> None:
@@ -481,33 +498,60 @@ def _authentication_failed(exc: BaseException) -> bool:
     return False
 
 
+#: the HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (a Ray head's GCS) answers with a frame
+#: of its own SETTINGS (frame type 4 in the 4th byte of its 9-byte header)
+_GRPC_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Refuse, before Ray starts, a cluster address ``HOST:PORT`` that nothing answers on within
-    ``timeout_s`` (``ray.init`` would retry for minutes), or one without its port; ``auto`` is left to Ray. A ``ray://``
+    ``timeout_s`` (``ray.init`` would retry for minutes), or one without its port, or one where
+    something answers that is not a Ray head's GCS (a gRPC server): another port of the head - its
+    dashboard's 8265, ssh's 22 - on which ``ray.init`` retried for a quarter of an hour (unless
+    ``RAY_USE_TLS`` is on: a TLS GCS answers no plain HTTP/2). ``auto`` is checked as the address
+    Ray takes for it from ``RAY_ADDRESS`` when that is set; else it is left to Ray. A ``ray://``
     (Ray Client) address is refused: through it the driver's work - ablate's results, the folder
     checks - would run on the head, writing there."""
+    given = "--address"
+    if address == "auto" and os.environ.get("RAY_ADDRESS", "").strip() not in ("", "auto", "local"):
+        # (Ray reads `auto` as $RAY_ADDRESS: unchecked, an unreachable one hung the run, a ray:// one ended in a traceback)
+        address, given = os.environ["RAY_ADDRESS"].strip(), "--address auto, from $RAY_ADDRESS,"
     if address.startswith("ray://"):
-        raise ConfigError(f"--address {address}: Ray Client (ray://) is not supported - ablate stores the results from "
+        raise ConfigError(f"{given} {address}: Ray Client (ray://) is not supported - ablate stores the results from "
                           f"its driver, which through a client would run on the head. Run ablate on a node of the cluster "
                           f"(the head, say) with --address HEAD_IP:6379 (the head's GCS port), or --address auto there")
     if "://" in address:  # (Ray hands any scheme to a Ray Client builder: http:// fails there with a traceback)
-        raise ConfigError(f"--address {address}: expected HOST:PORT of the Ray head's GCS (e.g. 10.0.0.1:6379, the "
+        raise ConfigError(f"{given} {address}: expected HOST:PORT of the Ray head's GCS (e.g. 10.0.0.1:6379, the "
                           f"port `ray start --head` printed), or auto; an address with a scheme is a Ray Client's or, "
                           f"with http(s)://, the dashboard's (for `ray job submit`), which ablate does not use")
     if address in ("auto", "local"):
         return
     if ":" not in address:  # (Ray's own answer is a traceback: "ValueError: Invalid address format")
-        raise ConfigError(f"--address {address!r}: expected HOST:PORT of the Ray head (e.g. {address}:6379, the port "
+        raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. {address}:6379, the port "
                           f"`ray start --head` printed), or auto")
     host, _, port = address.rpartition(":")
     if not port.isdigit():
-        raise ConfigError(f"--address {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")
+        raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as exc:
         raise ConfigError(
-            f"--address {address}: nothing answers there ({type(exc).__name__}: {exc}). Is the head started "
+            f"{given} {address}: nothing answers there ({type(exc).__name__}: {exc}). Is the head started "
             f"(`ray start --head --port {port}` on {host}), and is the port open from this machine?") from None
+    with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        try:
+            connection.sendall(_GRPC_HELLO)
+            answer = connection.recv(9)
+        except OSError:  # (a timeout, or the connection reset)
+            answer = b""
+    if len(answer) < 4 or answer[3] != 4:
+        said = f"it answered {answer!r}" if answer else f"no gRPC answer within {timeout_s:g} s"
+        raise ConfigError(
+            f"{given} {address}: something listens there, but not a Ray head's GCS ({said}): give the port "
+            f"`ray start --head` printed (the GCS's, 6379 by default; not the dashboard's 8265 nor the Ray Client's "
+            f"10001). Nothing was run.")
 
 
 #: how long a SIGTERM'd run waits for ``ray.shutdown()`` (Slurm's grace period is 30 s)

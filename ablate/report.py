@@ -39,7 +39,8 @@ MISSING = "n/a"
 @dataclasses.dataclass
 class Block:
     """One piece of report content. ``kind`` is "heading" (text, level), "text", "warning",
-    "table" (a DataFrame of display strings) or "figure" (path, text = caption)."""
+    "table" (a DataFrame of display strings) or "figure" (path, text = caption). Text and table cells
+    are Markdown, with every name in them :func:`md_escape`d; :func:`render_html` shows them as plain text."""
 
     kind: str
     text: str = ""
@@ -118,15 +119,16 @@ def _seeds_cell(r: pd.Series, *unmatched: str) -> str:
     return f"{r['n_pairs']} ({r['n_better']})" + (f"; {extra} unpaired left out" if extra else "")
 
 
-def table2_display(t2: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def table2_display(t2: pd.DataFrame, alpha: float = stats.ALPHA, *, name: Callable[[object], str] = str) -> pd.DataFrame:
     """Table 2 as display strings: AdamW and MetaAdamW mean [95% CI], relative improvement
     [95% CI], time change, p-values (not rounded onto ``alpha``, the level the table was computed
-    with: see :func:`fmt_p`), pairs, significance and the trivial references."""
+    with: see :func:`fmt_p`), pairs, significance and the trivial references. ``name``: how a name (task,
+    arm, ...) is written into a cell: as it is, or :func:`md_escape` for the Markdown report."""
     rows = []
     for _, r in t2.iterrows():
         row = {
-            "task": r["task"],
-            "metric": f"{r['metric']} ({r['mode']})",
+            "task": name(r["task"]),
+            "metric": f"{name(r['metric'])} ({r['mode']})",
             "AdamW": fmt_ci(r["adamw_mean"], r["adamw_lo"], r["adamw_hi"]),
             "MetaAdamW": fmt_ci(r["meta_mean"], r["meta_lo"], r["meta_hi"]),
             "rel. improvement": fmt_ci(r["rel_mean"], r["rel_lo"], r["rel_hi"], pct=True),
@@ -138,19 +140,21 @@ def table2_display(t2: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame
             "not ok (AdamW/Meta)": f"{r['adamw_n_not_ok']}/{r['meta_n_not_ok']}",
             "sig.": stats.significance_mark(r["significant"], r.get("withheld", False)),
         }
-        row.update({c: fmt_num(r[c]) for c in t2.columns if c.startswith("ref_")})
+        row.update({name(c): fmt_num(r[c]) for c in t2.columns if c.startswith("ref_")})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def table3_display(t3: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def table3_display(t3: pd.DataFrame, alpha: float = stats.ALPHA, *, name: Callable[[object], str] = str) -> pd.DataFrame:
     """Table 3 as display strings: each arm against the baseline, asterisk where significant; an
     arm that ran the baseline's own trials says so instead of showing a zero difference. ``alpha``:
-    the level the table was computed with (p-values are not rounded onto it, see :func:`fmt_p`)."""
+    the level the table was computed with (p-values are not rounded onto it, see :func:`fmt_p`).
+    ``name``: how a name (task, arm, ...) is written into a cell: as it is, or
+    :func:`md_escape` for the Markdown report."""
     rows = []
     for _, r in t3.iterrows():
         mark = stats.significance_mark(r["significant"], r.get("withheld", False))
-        row = {"task": r["task"], "axis": r["axis"], "arm": r["arm"] + (f" {mark}" if mark else "")}
+        row = {"task": name(r["task"]), "axis": name(r["axis"]), "arm": name(r["arm"]) + (f" {mark}" if mark else "")}
         if r.get("same_as_baseline", False):
             same = "= baseline (same trials)"
             row.update({"arm mean": same, "baseline mean": fmt_num(r["baseline_mean"]), "rel. change vs baseline": same,
@@ -171,18 +175,21 @@ def table3_display(t3: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def factorial_display(effects: pd.DataFrame, alpha: float = stats.ALPHA) -> pd.DataFrame:
+def factorial_display(effects: pd.DataFrame, alpha: float = stats.ALPHA, *,
+                      name: Callable[[object], str] = str) -> pd.DataFrame:
     """Factorial effects as display strings (estimates in % of the task mean, positive = better;
-    p-values not rounded onto ``alpha``, the level the effects were computed with: see :func:`fmt_p`)."""
+    p-values not rounded onto ``alpha``, the level the effects were computed with: see :func:`fmt_p`).
+    ``name``: how a name (task, arm, ...) is written into a cell: as it is, or
+    :func:`md_escape` for the Markdown report."""
     return pd.DataFrame([
         {
             "kind": r["kind"],
-            "term": r["term"],
-            "level": r["level"] + (f" ({r['confounded']})" if r.get("confounded") else "")
+            "term": name(r["term"]),
+            "level": name(r["level"]) + (f" ({name(r['confounded'])})" if r.get("confounded") else "")
                      + (f" {mark}" if (mark := stats.significance_mark(r["significant"], r.get("withheld", False)))
                         else ""),
             "effect [95% CI]": (fmt_ci(r["estimate"], r["lo"], r["hi"], pct=True) if not r.get("aliased")
-                                else f"aliased with {r['aliased']}" if r["aliased"] != "not estimable"
+                                else f"aliased with {name(r['aliased'])}" if r["aliased"] != "not estimable"
                                 else "not estimable in this design"),
             "p": fmt_p(r["p_value"], alpha),
             "p (Holm)": fmt_p(r["p_holm"], alpha),
@@ -201,16 +208,17 @@ def time_to_target_note(ttt: pd.DataFrame) -> str:
             f"seed(s) with an AdamW result to reach (a MetaAdamW trial that diverged or failed did not).")
 
 
-def time_to_target_display(ttt: pd.DataFrame) -> pd.DataFrame:
-    """Time-to-target rows as display strings."""
+def time_to_target_display(ttt: pd.DataFrame, *, name: Callable[[object], str] = str) -> pd.DataFrame:
+    """Time-to-target rows as display strings. ``name``: how a name (task, arm, ...) is written into a cell: as
+    it is, or :func:`md_escape` for the Markdown report."""
     return pd.DataFrame([
         {
-            "task": r["task"],
+            "task": name(r["task"]),
             "seed": str(r["seed"]),
             "target (AdamW best)": fmt_num(r["target"]),
             "MetaAdamW reaches it at": (
                 f"epoch {fmt_num(r['epoch'])}, step {fmt_num(r['step'], 8)}, {fmt_num(r['wall_s'])} s"
-                if r["reached"] else r["note"]
+                if r["reached"] else name(r["note"])  # (it names trials and columns)
             ),
             "AdamW best at": (
                 f"epoch {fmt_num(r['ref_epoch'])}, step {fmt_num(r['ref_step'], 8)}, {fmt_num(r['ref_wall_s'])} s"
@@ -222,12 +230,13 @@ def time_to_target_display(ttt: pd.DataFrame) -> pd.DataFrame:
     ])
 
 
-def cost_display(cost: pd.DataFrame) -> pd.DataFrame:
-    """Epochs, early stopping, total time and meta-update share per task and arm."""
+def cost_display(cost: pd.DataFrame, *, name: Callable[[object], str] = str) -> pd.DataFrame:
+    """Epochs, early stopping, total time and meta-update share per task and arm. ``name``: how a name (task,
+    arm, ...) is written into a cell: as it is, or :func:`md_escape` for the Markdown report."""
     return pd.DataFrame([
         {
-            "task": r["task"],
-            "arm": r["arm"],
+            "task": name(r["task"]),
+            "arm": name(r["arm"]),
             "ok / not ok": f"{r['n_ok']} / {r['n_not_ok']}" + (
                 f"; {int(r['n_unmatched'])} unpaired left out" if r.get("n_unmatched", 0) else ""),
             "epochs run": fmt_ci(r["epochs_mean"], r["epochs_lo"], r["epochs_hi"]),
@@ -249,18 +258,26 @@ def seeds_display(seeds: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- figures ------------------------------------------------------------------------------------
+#: the longest a name goes into a figure's file name (:func:`_slug`): the longest file name,
+#: "alpha_beta_<task>_<arm>.png", stays well below the 255 bytes a file system allows
+SLUG_MAX = 100
+
+
 def _slug(text: str) -> str:
     """``text`` as part of a figure's file name: a name of letters, digits, "." and "-" (every built-in
     task, "baseline") as it is; any other - a task of a plugin, "my task", "ett/h1", "x_test" - with
     the characters a file name cannot hold replaced by "_" and a hash of the whole name appended.
     Replacing alone mapped "a b", "a/b", "a|b" and "a_b" onto one file (one task's figure drawn over
     another's, both report sections showing the last); and since a kept name has no "_", the names
-    joined with "_" ("alpha_beta_<task>_<arm>", "ablation_<task>_test") cannot meet either."""
+    joined with "_" ("alpha_beta_<task>_<arm>", "ablation_<task>_test") cannot meet either. A name longer
+    than :data:`SLUG_MAX` characters is cut to fit, with the hash: a file name holds 255 bytes at most, and a
+    long task or arm name failed the whole report with "File name too long" at its first figure."""
     text = str(text)
-    if re.fullmatch(r"[A-Za-z0-9.-]+", text):
+    if re.fullmatch(r"[A-Za-z0-9.-]+", text) and len(text) <= SLUG_MAX:
         return text
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=4).hexdigest()
-    return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', text).strip('_') or 'x'}_{digest}"
+    stem = re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")[:SLUG_MAX - len(digest) - 1].rstrip("_")
+    return f"{stem or 'x'}_{digest}"
 
 
 def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs) -> tuple[Figure, Any]:
@@ -518,7 +535,7 @@ def planned_arms(results_dir: Path) -> set[str]:
 
 def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[Block]:
     t = results.trials
-    studies = ", ".join(sorted(map(str, t["study"].dropna().unique()))) if "study" in t else "?"
+    studies = ", ".join(md_escape(s) for s in sorted(map(str, t["study"].dropna().unique()))) if "study" in t else "?"
     arms = sorted(stats.explode_arms(t)["arm"].unique())
     counts = stats.status_counts(results)
     every = set(arms) | planned_arms
@@ -535,8 +552,8 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
              f"the task-optimal settings){' with AdamW (arm ' + repr(stats.ADAMW) + ')' if with_adamw else ''}"
              f"{' and ablates its components (' + ', '.join(kinds) + ')' if kinds else ''}")
             + ", over paired seeds: "
-            f"matching seeds of one task share initialisation and data order. Results directory: {results_dir}. "
-            f"Tasks: {', '.join(sorted(t['task'].unique()))}. Arms: {', '.join(arms)}."
+            f"matching seeds of one task share initialisation and data order. Results directory: {md_escape(results_dir)}. "
+            f"Tasks: {', '.join(map(md_escape, sorted(t['task'].unique())))}. Arms: {', '.join(map(md_escape, arms))}."
         ),
         _text(
             f"Trials: {counts['total']} in all - {counts['ok']} ok, {counts['failed']} failed, "
@@ -548,13 +565,13 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
         blocks.append(Block("warning", f"{counts['total'] - counts['ok']} trial(s) did not finish ok "
                                        f"({counts['failed']} failed, {counts['diverged']} diverged{_no_metric(counts)}); "
                                        f"see the last section."))
-    blocks += [Block("warning", note) for note in stats.result_notes(results)]
+    blocks += [Block("warning", _md_message(note)) for note in stats.result_notes(results)]  # (they name tasks and arms)
     if stats.uses_embedded_data(results):
         blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
                                        "paper's datasets, with smaller models and budgets. They exercise the "
                                        "pipeline; they say nothing about the paper's claims."))
-    blocks += [_heading("Data sources", 3), _table(stats.data_sources(results)),
-               _heading("Ok seeds per arm", 3), _table(seeds_display(stats.seeds_per_arm(results)))]
+    blocks += [_heading("Data sources", 3), _table(_md_frame(stats.data_sources(results))),
+               _heading("Ok seeds per arm", 3), _table(_md_frame(seeds_display(stats.seeds_per_arm(results))))]
     return blocks
 
 
@@ -608,11 +625,11 @@ def too_few_seeds_note(n_pairs: pd.Series, alpha: float = stats.ALPHA) -> str:
 def absent_arms_note(results: Results, t3: pd.DataFrame, planned: set[str] = frozenset(), split: str = "validation") -> str:
     """The ablation arms of the study with no row for some task of this table (no trial, or none
     to compare there), named: they leave the table, its figure and the Holm family. ``planned``:
-    :func:`planned_arms` of the results directory."""
+    :func:`planned_arms` of the results directory. Markdown: the names :func:`md_escape`d."""
     arms = {a for a in set(stats.explode_arms(results.trials)["arm"]) | set(planned) if stats.is_ablation_arm(a)}
     tasks = stats.tasks_with_test_split(results) if split == "test" else sorted(results.trials["task"].unique())
     shown = set(zip(t3["task"], t3["arm"]))
-    absent = [f"{task} {arm}" for task in tasks for arm in sorted(arms) if (task, arm) not in shown]
+    absent = [f"{md_escape(task)} {md_escape(arm)}" for task in tasks for arm in sorted(arms) if (task, arm) not in shown]
     return (f" Not in this table (no trial of the arm on that task with a result to compare): {first_ten(absent)}."
             if absent else "")
 
@@ -633,21 +650,23 @@ _SPLIT_NOTE = {
 
 def undefined_relative_note(t: pd.DataFrame) -> str:
     """The sentence for a table (:func:`ablate.stats.table2`, :func:`~ablate.stats.table3`) whose
-    relative change is n/a where it compares (a reference of 0), with a leading space; else ""."""
+    relative change is n/a where it compares (a reference of 0), with a leading space; else "" (Markdown: the
+    tasks :func:`md_escape`d)."""
     tasks = sorted(set(t.loc[t["rel_mean"].isna() & t["diff_mean"].notna(), "task"])) if len(t) else []
-    return (f" The relative change is n/a on {', '.join(tasks)}: the reference's metric is 0 on a paired seed, where "
+    return (f" The relative change is n/a on {', '.join(map(md_escape, tasks))}: the reference's metric is 0 on a paired seed, where "
             f"it is undefined." if tasks else "")
 
 
 def table2_comparable(t2: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The rows of :func:`ablate.stats.table2` with something to compare (tasks on which both AdamW
     and MetaAdamW finished an ok trial), and a sentence naming the others with their counts (with a
-    leading space; "" when none is left out). The report and the notebook show Table 2 this way."""
+    leading space; "" when none is left out; Markdown, the tasks :func:`md_escape`d). The report and the notebook
+    show Table 2 this way."""
     if t2.empty:
         return t2, ""
     both = (((t2["adamw_n"] + t2["adamw_n_unmatched"]) > 0) & ((t2["meta_n"] + t2["meta_n_unmatched"]) > 0)).to_numpy()
     left_out = "".join(
-        f" Left out: {r['task']} (AdamW {r['adamw_n'] + r['adamw_n_unmatched']} ok seed(s), {r['adamw_n_not_ok']} not "
+        f" Left out: {md_escape(r['task'])} (AdamW {r['adamw_n'] + r['adamw_n_unmatched']} ok seed(s), {r['adamw_n_not_ok']} not "
         f"ok; MetaAdamW {r['meta_n'] + r['meta_n_unmatched']} ok seed(s), {r['meta_n_not_ok']} not ok)."
         for _, r in t2[~both].iterrows()
         if r["adamw_n"] + r["adamw_n_unmatched"] + r["adamw_n_not_ok"] + r["meta_n"] + r["meta_n_unmatched"]
@@ -669,10 +688,10 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
             ok = results.ok().trials
             for task in sorted(ok["task"].unique()) if len(ok) else []:
                 blocks += _figure(plot_validation_curves(results, task, fig_dir),
-                                  f"{task}: validation metric per epoch of the arm that ran, mean over its seeds with "
+                                  f"{md_escape(task)}: validation metric per epoch of the arm that ran, mean over its seeds with "
                                   f"min-max band (a seed that stopped early leaves later epochs to the seeds still running)")
         return blocks
-    blocks = [heading, _table(table2_display(t2, alpha)),
+    blocks = [heading, _table(table2_display(t2, alpha, name=md_escape)),
               _text(_SPLIT_NOTE[split] + " " + sig_legend(alpha, "the tasks of this table")
                     + too_few_seeds_note(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
@@ -681,7 +700,7 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
-                              f"{task}: validation metric per epoch, mean over the matched seeds with min-max band "
+                              f"{md_escape(task)}: validation metric per epoch, mean over the matched seeds with min-max band "
                               f"(a seed that stopped early leaves later epochs to the seeds still running)")
     return blocks
 
@@ -694,10 +713,11 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
         if split != "validation":
             return []
         waiting = sorted(a for a in planned_arms if stats.is_ablation_arm(a))
-        return [heading, _text(f"No ablation arm has a stored result to compare yet ({', '.join(waiting)}: see the "
+        return [heading, _text(f"No ablation arm has a stored result to compare yet "
+                               f"({', '.join(map(md_escape, waiting))}: see the "
                                f"warning about the trials without a stored result)." if waiting
                                else "No ablation arms in this study.")]
-    blocks = [heading, _table(table3_display(t3, alpha)),
+    blocks = [heading, _table(table3_display(t3, alpha, name=md_escape)),
               _text("Each arm against the MetaAdamW baseline over matched seeds. * = significant "
                     "difference. '= baseline (same trials)': the arm's level is the baseline's, so the study "
                     "ran it once for both. " + _SPLIT_NOTE[split] + " "
@@ -706,7 +726,7 @@ def _table3_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     + too_few_seeds_note(table3_compared_pairs(t3), alpha)
                     + undefined_relative_note(t3) + absent_arms_note(results, t3, planned_arms, split))]
     for task in sorted(t3["task"].unique()):
-        caption = f"{task}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
+        caption = f"{md_escape(task)}: ablation arms vs baseline, 95% CI" + ("" if split == "validation" else ", test split")
         blocks += _figure(plot_ablation_bars(t3, task, fig_dir, suffix="" if split == "validation" else "_test"),
                           caption)
     return blocks
@@ -747,7 +767,7 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
               f"marked - where a cell the effect favours has no ok result on a seed where other cells have one "
               f"(the fit cannot count a divergence, so the effect would rest on the seeds that cell survived). "
               f"Observations: {int(effects['n'].iloc[0])}." + factorial_missing_note(results)),
-        _table(factorial_display(effects, alpha)),
+        _table(factorial_display(effects, alpha, name=md_escape)),
         *_figure(plot_factorial_effects(effects, fig_dir), "factorial effects with 95% CI"),
     ]
 
@@ -755,11 +775,12 @@ def _factorial_section(results: Results, fig_dir: Path, alpha: float) -> list[Bl
 def factorial_missing_note(results: Results) -> str:
     """The cell-seeds the factorial fit leaves out, named (the first ten), and what the main effects
     are then: the legend's "deviation from the grand mean" holds in a balanced design only (see
-    :func:`ablate.stats.factorial_effects`)."""
+    :func:`ablate.stats.factorial_effects`). Markdown: the names :func:`md_escape`d."""
     missing = stats.factorial_missing(results)
     if missing.empty:
         return ""
-    names = [f"{r.arm[len(stats.FACTORIAL_PREFIX):]} on {r.task} seed {r.seed} ({r.status})" for r in missing.itertuples()]
+    names = [f"{md_escape(r.arm[len(stats.FACTORIAL_PREFIX):])} on {md_escape(r.task)} seed {r.seed} ({r.status})"
+             for r in missing.itertuples()]
     return (f" Left out of the fit, {len(names)} cell-seed(s) without an ok result where other cells of the seed "
             f"have one: {first_ten(names)}. With them missing, a main effect is the least-squares estimate adjusted "
             f"for the seeds and the other factors, not the deviation of the level's raw mean from the grand mean.")
@@ -781,7 +802,7 @@ def _ratio_cell(v: float) -> str:
 
 def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
     ratios = stats.profile_ratios(results)
-    notes = stats.profile_notes(results)
+    notes = [_md_message(note) for note in stats.profile_notes(results)]  # (they name tasks and arms)
     if ratios.empty:  # (every task left out: say why)
         return [_heading("Performance profiles"), _text("No task to profile: " + "; ".join(notes) + ".")] if notes else []
     shown = ratios.map(_ratio_cell)
@@ -793,7 +814,7 @@ def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
               "Means are over the seeds every arm finished ok. "
               "rho(tau) is the share of tasks whose ratio is at most tau."
               + ("" if not notes else " " + "; ".join(notes) + ".")),
-        _table(shown),
+        _table(_md_frame(shown)),
         *_figure(plot_performance_profile(stats.performance_profile(results), fig_dir), "performance profiles"),
     ]
 
@@ -811,8 +832,9 @@ def _cost_section(results: Results) -> list[Block]:
                          "below 1, MetaAdamW got there sooner. A seed with several ok trials of an arm (study "
                          "versions mixed) takes the mean of its trials' best metrics as the target and the mean of "
                          "each trial's own time for both arms (reached only if every trial of the seed reached it)."),
-                   _table(time_to_target_display(ttt))]
-    blocks += [_heading("Epochs, early stopping and meta-update share", 3), _table(cost_display(stats.cost_table(results))),
+                   _table(time_to_target_display(ttt, name=md_escape))]
+    blocks += [_heading("Epochs, early stopping and meta-update share", 3),
+               _table(cost_display(stats.cost_table(results), name=md_escape)),
                _text("Means over the arm's paired seeds (a seed with several ok trials counting once, with their "
                      "mean): 'epochs run' with its 95% t interval, 'total time "
                      "(s)' the mean of each trial's training, meta-update and evaluation time, 'meta-update share' the "
@@ -826,8 +848,9 @@ def _cost_section(results: Results) -> list[Block]:
 def _telemetry_section(results: Results, fig_dir: Path) -> list[Block]:
     blocks = []
     for task in sorted(results.trials["task"].unique()):
-        blocks += _figure(plot_alpha_beta(results, task, fig_dir), f"{task}: per-group alpha and beta (baseline arm)")
-        blocks += _figure(plot_sigmas(results, task, fig_dir), f"{task}: weighting sigmas (baseline arm)")
+        blocks += _figure(plot_alpha_beta(results, task, fig_dir),
+                          f"{md_escape(task)}: per-group alpha and beta (baseline arm)")
+        blocks += _figure(plot_sigmas(results, task, fig_dir), f"{md_escape(task)}: weighting sigmas (baseline arm)")
     if not blocks:
         arms = stats.explode_arms(results.trials)
         baseline = set(arms.loc[arms["arm"] == stats.BASELINE, "trial_id"]) if len(arms) else set()
@@ -902,15 +925,16 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
         history = pd.read_parquet(tune / "history.parquet")
         counts, unfinished = tune_states(history, tune_targets(tune))
         if len(counts):
-            blocks += [_table(counts)]
+            blocks += [_table(_md_frame(counts))]
         if len(unfinished):
             blocks += [_text("Suggestions that did not finish (never candidates for the best values):"),
-                       _table(unfinished)]
+                       _table(_md_frame(unfinished))]
         blocks += _figure(plot_tune_history(history, fig_dir), "tuning study history")
         searched = sorted(c[len("params_"):] for c in history.columns if str(c).startswith("params_"))
         if searched:
             arm = str(history["arm"].iloc[0]) if "arm" in history else "baseline"  # (older histories: baseline)
-            blocks.insert(0, _text(f"`ablate tune` searched the {arm} arm's {', '.join(searched)}."))
+            blocks.insert(0, _text(f"`ablate tune` searched the {md_escape(arm)} arm's "
+                                   f"{', '.join(map(md_escape, searched))}."))
     if (tune / "importances.parquet").exists():
         importances = pd.read_parquet(tune / "importances.parquet")
         blocks += _figure(plot_tune_importances(importances, fig_dir), "tuning study parameter importances")
@@ -921,11 +945,12 @@ def _tune_section(results_dir: Path, fig_dir: Path) -> list[Block]:
 
 
 def missing_importances_note(history: pd.DataFrame, importances: pd.DataFrame) -> str:
-    """The sentence naming the tuned tasks without parameter importances ("" when none)."""
+    """The sentence naming the tuned tasks without parameter importances ("" when none; Markdown: the tasks
+    :func:`md_escape`d)."""
     if "task" not in history:
         return ""
     lacking = sorted(set(history["task"].astype(str)) - set(importances.get("task", pd.Series(dtype=str)).astype(str)))
-    return (f"No parameter importances for {', '.join(lacking)}: fewer than two finished suggestions, or scores "
+    return (f"No parameter importances for {', '.join(map(md_escape, lacking))}: fewer than two finished suggestions, or scores "
             f"that do not vary with the searched values (fANOVA has nothing to attribute; `ablate tune` says "
             f"which)." if lacking else "")
 
@@ -940,7 +965,7 @@ def _failed_section(results: Results) -> list[Block]:
         _text(f"{len(failed)} trial(s) are excluded from every statistic above ({counts['failed']} failed, "
               f"{counts['diverged']} diverged{_no_metric(counts)}). 'error' is the first line of the message (for a traceback, "
               f"its final exception line)."),
-        _table(failed.astype(str)),
+        _table(_md_frame(failed)),
     ]
 
 
@@ -972,16 +997,55 @@ def build_blocks(results: Results, results_dir: Path, fig_dir: Path, *, alpha: f
 _MD_TAG_START = re.compile(r"<(?=[A-Za-z/!?])")
 
 
+#: the characters Markdown (GitHub's included) gives a meaning to inside a line: emphasis, code, links and
+#: images, HTML tags and entities, strikethrough, math, table cells, and the backslash that escapes them
+_MD_SPECIAL = frozenset("\\`*_[]<>|~&$")
+
+
+def md_escape(name: object) -> str:
+    """A name users chose (a task, arm, axis, level, parameter, study, path, error text) as Markdown shows it
+    literally: each character of :data:`_MD_SPECIAL` backslash-escaped, line breaks as spaces. Unescaped,
+    "a*b*" rendered as "a" and an italic "b", "lr=[x|y]" split its table row, and a "]" ended a figure's
+    alt text. An "_" between two letters or digits stays as it is: it cannot start or end emphasis, and
+    "gating_true" or "p_gradient" read better without a backslash. Every string the report builds (block
+    text, table cells) is Markdown with its names escaped this way; :func:`render_html` turns the escapes back
+    (:func:`_unescape`). Numbers need no escaping and the report's own text is left as it is."""
+    text = " ".join(str(name).splitlines())
+    return "".join(
+        "\\" + c if c in _MD_SPECIAL and not (c == "_" and 0 < i < len(text) - 1 and text[i - 1].isalnum()
+                                                and text[i + 1].isalnum()) else c
+        for i, c in enumerate(text))
+
+
+def _md_message(message: object) -> str:
+    """A message of another module (a warning, a note of :mod:`ablate.stats`) that names tasks, arms and files
+    in plain text, as Markdown: :func:`md_escape`d outside its `code` spans (commands to run), which stay code."""
+    parts = re.split(r"(`[^`\n]+`)", " ".join(str(message).splitlines()))
+    return "".join(part if k % 2 else md_escape(part) for k, part in enumerate(parts))
+
+
+def _md_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A table of names and plain strings (no Markdown of its own), every cell and label :func:`md_escape`d."""
+    return df.rename(columns=md_escape).astype(str).map(md_escape) if len(df.columns) else df
+
+
+def _unescape(text: object) -> str:
+    """Markdown built with :func:`md_escape` as plain text (for HTML): a backslash before ASCII punctuation
+    dropped, as a Markdown renderer drops it."""
+    return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", str(text))
+
+
 def _md_text(value: object) -> str:
-    """Text as Markdown shows it literally: such a "<" backslash-escaped, outside code spans
-    (inside them the backslash would show)."""
-    parts = re.split(r"(`[^`\n]+`)", str(value))
-    return "".join(part if part.startswith("`") and len(part) > 1 and part.endswith("`")
-                   else _MD_TAG_START.sub(r"\\<", part) for part in parts)
+    """Text as Markdown shows it literally: a "<" that would start a tag backslash-escaped, outside code
+    spans (inside them the backslash would show) and where not escaped already (:func:`md_escape`: a name's
+    escaped backtick starts no code span)."""
+    parts = re.split(r"(\\.|`[^`\n]+`)", str(value))
+    return "".join(part if k % 2 else _MD_TAG_START.sub(r"\\<", part) for k, part in enumerate(parts))
 
 
 def _md_cell(value: object) -> str:
-    return _md_text(str(value).replace("|", "\\|").replace("\n", " "))
+    # (a "|" a name brought in is escaped already: one backslash more would show, and end the cell)
+    return _md_text(re.sub(r"(?<!\\)((?:\\\\)*)\|", r"\1\\|", str(value)).replace("\n", " "))
 
 
 def df_to_markdown(df: pd.DataFrame) -> str:
@@ -1026,20 +1090,21 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
     parts = []
     for b in blocks:
         if b.kind == "heading":
-            parts.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+            parts.append(f"<h{b.level}>{html.escape(_unescape(b.text))}</h{b.level}>")
         elif b.kind == "text":
-            parts.append(f"<p>{html.escape(b.text)}</p>")
+            parts.append(f"<p>{html.escape(_unescape(b.text))}</p>")
         elif b.kind == "warning":
-            parts.append(f'<div class="warning">WARNING: {html.escape(b.text)}</div>')
+            parts.append(f'<div class="warning">WARNING: {html.escape(_unescape(b.text))}</div>')
         elif b.kind == "table":
             table = b.table.rename_axis(index=None, columns=None)  # (a pivot's names: a column of their own in HTML)
+            table = table.rename(columns=_unescape).map(_unescape)  # (its names md_escape'd: as plain text)
             parts.append(table.to_html(index=False, escape=True, border=0) if len(table) else "<p><i>(no rows)</i></p>")
         elif b.kind == "figure":
-            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.text)}">'
-                         f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+            data, caption = base64.b64encode(b.path.read_bytes()).decode("ascii"), html.escape(_unescape(b.text))
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{caption}">'
+                         f"<figcaption>{caption}</figcaption></figure>")
     body = "\n".join(parts)
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(_unescape(title))}</title>"
             f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
@@ -1077,8 +1142,8 @@ def write_report(
     if tune_only:  # `ablate tune` alone: its history and importances
         fig_dir = out / FIGURES_DIR
         fig_dir.mkdir(parents=True, exist_ok=True)
-        blocks = [_heading(f"Tuning study: {results_dir.name}", 1),
-                  _text(f"Results directory {results_dir} holds an Optuna tuning study (`ablate tune`) and no "
+        blocks = [_heading(f"Tuning study: {md_escape(results_dir.name)}", 1),
+                  _text(f"Results directory {md_escape(results_dir)} holds an Optuna tuning study (`ablate tune`) and no "
                         f"study trials (`ablate run`)."), *_tune_section(results_dir, fig_dir)]
         return _write(blocks, out, formats, progress)
     with warnings.catch_warnings(record=True) as caught:  # (trials left out, damaged parts): also in the report
@@ -1103,8 +1168,8 @@ def write_report(
     # the statistics' own warnings (duplicate seeds averaged) also in the report, once each; not
     # matplotlib's or numpy's (a missing glyph, a division by zero), which name ablate's lines too
     computed = dict.fromkeys(str(w.message) for w in computing if issubclass(w.category, stats.StatsWarning))
-    blocks[1:1] = ([Block("warning", f"Loading the results: {w.message}") for w in caught]
-                   + [Block("warning", message) for message in computed])
+    blocks[1:1] = ([Block("warning", f"Loading the results: {_md_message(w.message)}") for w in caught]  # (they name
+                   + [Block("warning", _md_message(message)) for message in computed])  # files, tasks, arms)
     return _write(blocks, out, formats, progress)
 
 

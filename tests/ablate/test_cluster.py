@@ -350,3 +350,144 @@ def test_the_cluster_check_names_gpu_nodes_whose_torch_is_built_without_cuda(tmp
     monkeypatch.setattr(cluster, "_node_view", lambda *a: {**view(*a), "gpu_build": True})
     check_cluster_nodes(study, {})  # a CUDA build: nothing to say
     assert "built without CUDA" not in capsys.readouterr().err
+
+
+def _listener(answer: bytes | None):
+    """A TCP server on a free port of 127.0.0.1 that accepts connections and sends ``answer`` to each
+    once it has read something (None: it stays silent); returns (port, stop)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+    held = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            if answer is not None:
+                conn.recv(64)
+                conn.sendall(answer)
+        for conn in held:
+            conn.close()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1], stop.set
+
+
+@pytest.mark.parametrize("answer", [None, b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_an_address_where_something_else_than_a_ray_gcs_listens_is_refused_at_once(monkeypatch, answer):
+    # (a head's other port - the dashboard's 8265, ssh's 22 -, or a silent listener: the TCP check passed and
+    # ray.init retried there for a quarter of an hour, printing Ray's warnings)
+    import time
+
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    port, stop = _listener(answer)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ConfigError) as error:
+            check_reachable(f"127.0.0.1:{port}", timeout_s=1.0)
+        assert time.monotonic() - start < 5
+        said = "no gRPC answer within 1 s" if answer is None else f"it answered {answer[:9]!r}"
+        assert str(error.value) == (
+            f"--address 127.0.0.1:{port}: something listens there, but not a Ray head's GCS ({said}): give the port "
+            f"`ray start --head` printed (the GCS's, 6379 by default; not the dashboard's 8265 nor the Ray Client's "
+            f"10001). Nothing was run.")
+        monkeypatch.setenv("RAY_USE_TLS", "1")  # (a TLS GCS answers no plain HTTP/2: not probed)
+        check_reachable(f"127.0.0.1:{port}", timeout_s=1.0)
+    finally:
+        stop()
+
+
+def test_an_address_answering_as_a_grpc_server_passes_the_check(monkeypatch, one_ray):
+    import ray
+
+    from ablate.cluster import check_reachable
+
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    port, stop = _listener(bytes([0, 0, 0x18, 4, 0, 0, 0, 0, 0]))  # (a SETTINGS frame, as a Ray 2.60 GCS answers)
+    try:
+        check_reachable(f"127.0.0.1:{port}", timeout_s=5.0)
+    finally:
+        stop()
+    check_reachable(ray.get_runtime_context().gcs_address, timeout_s=5.0)  # (a real GCS: Ray's own, started here)
+
+
+def test_address_auto_is_checked_as_the_ray_address_it_stands_for(monkeypatch):
+    # Ray reads `--address auto` as $RAY_ADDRESS: unchecked, an unreachable one hung `ablate run` for minutes, and a
+    # ray:// one ended in a traceback ("Ray Client requires pip package `ray[client]`")
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")
+    with pytest.raises(ConfigError, match=r"^--address auto, from \$RAY_ADDRESS, ray://10\.0\.0\.1:10001: Ray Client "
+                                          r"\(ray://\) is not supported"):
+        check_reachable("auto")
+    port, stop = _listener(None)
+    stop()  # (a port nothing listens on any more)
+    import time
+
+    time.sleep(0.5)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=rf"^--address auto, from \$RAY_ADDRESS, 127\.0\.0\.1:{port}: nothing answers "
+                                          rf"there \(ConnectionRefusedError"):
+        check_reachable("auto", timeout_s=1.0)
+    for unset in ("", "auto", "local"):  # (no address to check: left to Ray, as before)
+        monkeypatch.setenv("RAY_ADDRESS", unset)
+        check_reachable("auto")
+
+
+def test_a_cluster_ray_cannot_join_is_refused_in_one_line(monkeypatch):
+    # (a gRPC server that is not a GCS - the sandbox's proxy, a Ray Client port -, or `auto` finding no Ray: Ray's
+    # ConnectionError reached the user as a traceback, exit code 1)
+    import ray
+
+    from ablate.cluster import init_ray
+    from ablate.config import ConfigError
+
+    def init(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "ray.exceptions.RpcError: RPC error: Received http2 header with status: 404")
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(ConfigError) as error:
+        init_ray(load_study(tiny_study(Path(tempfile.mkdtemp()), seeds=1)), "10.0.0.1:6379")
+    assert str(error.value) == (
+        "--address 10.0.0.1:6379: Ray could not join a cluster there (Failed to connect to Ray cluster at "
+        "10.0.0.1:6379: ray.exceptions.RpcError: RPC error: Received http2 header with status: 404). Give the address "
+        "`ray start --head` printed (HEAD_IP:6379, the GCS's port), with the head running. Nothing was run.")
+    assert error.value.__cause__ is None
+
+
+def test_ray_address_in_the_environment_without_address_is_said_to_be_unused(monkeypatch, capsys):
+    # (`ray job submit` and Ray's docs set RAY_ADDRESS; ablate without --address starts its own Ray here, as it
+    # should, but said nothing: the trials ran on one machine, the cluster idle)
+    import ray
+
+    from ablate.cluster import init_ray
+
+    asked = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: asked.update(kwargs))
+    study = load_study(tiny_study(Path(tempfile.mkdtemp()), seeds=1))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert init_ray(study, num_cpus=1) and asked["address"] == "local"
+    assert capsys.readouterr().err == (
+        "ablate: note: RAY_ADDRESS=10.0.0.1:6379 is set, but without --address ablate runs its trials on a Ray it "
+        "starts on this machine; give --address auto (or --address 10.0.0.1:6379) to run them on that cluster\n")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert init_ray(study, num_cpus=1) and asked["address"] == "local"
+    assert capsys.readouterr().err == ""

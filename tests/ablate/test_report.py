@@ -784,7 +784,7 @@ def test_tasks_whose_names_differ_in_characters_a_file_name_cannot_hold_get_figu
         assert len(links) == 2 and len(set(links)) == 2, links  # (one figure per task, each its own file)
         for link in links:
             assert_png(tmp_path / "out" / link)
-    curves = {task: re.search(rf"!\[{re.escape(task)}: validation metric[^\]]*\]\((figures/[^)]+)\)", md).group(1)
+    curves = {task: re.search(rf"!\[{re.escape(report.md_escape(task))}: validation metric[^\]]*\]\((figures/[^)]+)\)", md).group(1)
               for task in tasks}
     assert (tmp_path / "out" / curves["my task|x"]).read_bytes() != (tmp_path / "out" / curves["my task/x"]).read_bytes()
     # the names of the built-in tasks and arms stay as they are; others are told apart, "_"-joined names included
@@ -793,3 +793,76 @@ def test_tasks_whose_names_differ_in_characters_a_file_name_cannot_hold_get_figu
     assert len({report._slug(name) for name in names}) == len(names)
     assert f"ablation_{report._slug('x_test')}" != f"ablation_{report._slug('x')}_test"
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", report._slug(name)) for name in names + ["../x", "ü"])
+
+
+def test_md_escape_escapes_what_markdown_would_read_and_nothing_else():
+    assert report.md_escape("a*b*") == r"a\*b\*"
+    assert report.md_escape("lr=[x|y]_*") == r"lr=\[x\|y\]\_\*"
+    assert report.md_escape("`code` <b> ~~s~~ $x$ &amp; C:\\d") == r"\`code\` \<b\> \~\~s\~\~ \$x\$ \&amp; C:\\d"
+    # an "_" inside a word cannot start or end emphasis: kept; one at either end of a word is escaped
+    assert [report.md_escape(n) for n in ("gating_true", "p_gradient", "_x_", "a__b", "x_1")] == [
+        "gating_true", "p_gradient", r"\_x\_", r"a\_\_b", "x_1"]
+    assert report.md_escape("two\nlines") == "two lines" and report.md_escape(0.0125) == "0.0125"
+    # the HTML report shows the name as it is
+    assert report._unescape(report.md_escape("lr=[x|y]_* `c` C:\\d")) == "lr=[x|y]_* `c` C:\\d"
+    # a table cell escapes a pipe once: a name's escaped pipe is not escaped again (that backslash would show)
+    assert report.df_to_markdown(pd.DataFrame({"a": [report.md_escape("x|y")], "b": ["p|q"]})).splitlines()[2] == (
+        r"| x\|y | p\|q |")
+
+
+def test_names_with_markdown_characters_are_written_literally(tmp_path, report_kit):
+    # names went into the Markdown unescaped: the task "*t_a*sk_" rendered "t" and "a" in italics, the arm
+    # "lr=[x|y]_*" split its table row after "lr=[x", and the captions' "*...*" emphasis broke apart
+    task, arm = "*t_a*sk_", "lr=[x|y]_*"
+    for seed in range(2):
+        for name, best in (("adamw", 0.010), ("baseline", 0.009), (arm, 0.0095)):
+            row = report_kit.trial_row("etth1", "adamw" if name == "adamw" else "baseline", seed, best + seed * 1e-4)
+            row.update(task=task, study="st_u_dy_", arm=name, axis=name.split("=")[0] if "=" in name else "",
+                       arms=json.dumps([name]), trial_id=f"{name}-{seed}")
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", "adamw", best),
+                        report_kit.telemetry_rows() if name == "baseline" else ())
+    report.write_report(tmp_path, tmp_path / "out")
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    t, a = r"\*t_a\*sk\_", r"lr=\[x\|y\]\_\*"
+    assert lines[0] == r"# Ablation report: st_u_dy\_"
+    assert next(ln for ln in lines if ln.startswith("This study")).endswith(f"Tasks: {t}. Arms: adamw, baseline, {a}.")
+    assert f"| {t} | lr | {a} | 0.00955 [0.008915, 0.01019] | 0.00905 | -5.53% [-5.91%, -5.14%] | 0 | 0.5 | n/a | " \
+           f"2 (0) | 0 |" in lines
+    assert f"| {t} | {a} | 2 / 0 | 3 [3, 3] | 0.00% | 36 | 16.67% |" in lines  # (cost)
+    assert f"| {a} | 2 |" in lines and f"| arm | {t} |" in lines  # (ok seeds per arm)
+    assert f"| task | adamw | baseline | {a} |" in lines  # (performance profile)
+    slug = report._slug(task)
+    assert f"![{t}: ablation arms vs baseline, 95% CI](figures/ablation_{slug}.png)" in lines
+    assert f"*{t}: ablation arms vs baseline, 95% CI*" in lines
+    assert f"*{t}: weighting sigmas (baseline arm)*" in lines
+    # the report's own text and the numbers are not escaped
+    assert "| etth1 |" not in lines and "(arms '\\<axis>=\\<level>')" in lines[2]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "\\" not in page  # (no Markdown escape shows in HTML)
+    assert "<title>Ablation report: st_u_dy_</title>" in page and f"Tasks: {task}. Arms: adamw, baseline, {arm}." in page
+    assert f"<td>{task}</td>\n      <td>lr</td>\n      <td>{arm}</td>" in page
+    assert f"<figcaption>{task}: ablation arms vs baseline, 95% CI</figcaption>" in page
+
+
+@pytest.mark.filterwarnings("ignore:Tight layout not applied")  # (the 207-character arm label of the bar chart)
+def test_a_very_long_task_or_arm_name_gets_figure_files_a_file_system_can_hold(tmp_path, report_kit):
+    # "curves_<task>.png" of a 260-character task name failed the whole report: "File name too long"
+    task, arm = "t" * 260, "gating=" + "x" * 200
+    for seed in range(2):
+        for name, best in (("adamw", 0.010), ("baseline", 0.009), (arm, 0.0095)):
+            row = report_kit.trial_row("etth1", "adamw" if name == "adamw" else "baseline", seed, best + seed * 1e-4)
+            row.update(task=task, arm=name, axis=name.split("=")[0] if "=" in name else "", arms=json.dumps([name]),
+                       trial_id=f"{name[:10]}-{seed}")
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", "adamw", best),
+                        report_kit.telemetry_rows() if name == "baseline" else ())
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    links = re.findall(r"\]\((figures/[^)]+)\)", md)
+    assert len(links) == 5 and all(len(Path(link).name) <= 255 for link in links), links
+    for link in links:
+        assert_png(tmp_path / "out" / link)
+    assert f"| {task} | gating | {arm} |" in md  # (the name itself is written whole)
+    # cut to report.SLUG_MAX characters with the hash of the whole name: names that share their first
+    # characters stay apart; a short name stays as it is
+    slugs = [report._slug(name) for name in ("a" * 150, "a" * 151, "a" * 100, "a" * 101)]
+    assert [len(s) for s in slugs] == [100, 100, 100, 100] and len(set(slugs)) == 4 and slugs[2] == "a" * 100
+    assert re.fullmatch("a{91}_[0-9a-f]{8}", slugs[0]) and re.fullmatch("a{91}_[0-9a-f]{8}", slugs[3])
