@@ -55,7 +55,9 @@ Storage
     A stored study remembers what its values mean (the trial configs, seeds, aggregate); a spec
     whose objective differs from the stored one is refused rather than mixed into it.
 
-Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation)
+Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every invocation; where no
+target has a finished suggestion, an earlier run's best-values file is set aside as ``<file>.stale``,
+not left to be read as this search's)
     ``best_priorities.yaml`` - ``{task: {priorities: [p1, p2, p3], tuned_on_seeds: [...],
     tuned_for: baseline, tuned_with: {meta_optimizer: ..., ...}}}`` (with ``meta_lr: ...`` and the
     like when other knobs are tuned; ``tuned_with``: the settings they were tuned with, see
@@ -69,7 +71,8 @@ Outputs (``OUT/<name>/tune/``, rewritten from the stored studies after every inv
     complete trials); ``targets.json`` - the run's targets, for the report.
 
 The best values are those of the best finished suggestion, except that the arm's own values (the
-first suggestion, ``baseline``) are kept when they tie with it (:func:`ablate.stats.tuning_tie`:
+first suggestion, ``baseline``; where the spec has changed them since, that of the new values, which
+the next run evaluates first) are kept when they tie with it (:func:`ablate.stats.tuning_tie`:
 within a relative 1e-6 per task): a suggestion that wins by float rounding is no better. Optuna's
 ``study.best_trial`` (and optuna-dashboard) then names the other trial; ``history.parquet``'s
 ``chosen`` column marks the one written.
@@ -127,6 +130,8 @@ NO_VALUE = sys.float_info.max
 JOURNAL_FILE = "optuna.journal"
 HEARTBEAT_S = 60.0  # a progress line about the running suggestions at most this often
 BEST_FILE = TUNED_FILES["baseline"]
+#: the suffix an earlier run's best-values file is set aside with, where a run has no best values of its own
+STALE_SUFFIX = ".stale"
 #: the arms whose settings a search can tune (``tune.arm``)
 ARMS = ("baseline", "adamw")
 CROSS_TASK = "cross_task"
@@ -149,7 +154,8 @@ TUNE_KEYS = {
     "cross_task": "true: one vector for every task, scored by the mean relative improvement over AdamW",
     "storage": f"null (OUT/<name>/tune/{JOURNAL_FILE}), a journal file path (relative to this file) or a database URL",
     "max_concurrent": "Ray trials (suggestions) running at once per target, integer >= 1",
-    "enqueue_baseline": "true: a new study first evaluates the searched arm's own values (when inside the ranges)",
+    "enqueue_baseline": "true: a new study first evaluates the searched arm's own values (when inside the ranges; "
+                        "again where that run was cut off, or the spec now gives the arm other values)",
 }
 RANGE_KEYS = {"low": "the lower bound", "high": "the upper bound (> low)",
               "log": "true: search on a log scale (low > 0); left out: true for tune.priorities (the default range's), "
@@ -1381,19 +1387,67 @@ def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_
     return refs
 
 
-def _baselines_evaluated(study) -> set[tuple[str, ...]]:
+def _baseline_vectors(target: Target, space: Mapping[str, Range]) -> list[tuple[dict[str, Any], list[str]]]:
+    """The searched arm's own values of ``target``'s members as the spec gives them now, each with
+    the tasks that have them: one vector, or (cross-task, baselines that differ) one per group of tasks."""
+    vectors: list[tuple[dict[str, Any], list[str]]] = []
+    for m in target.members:
+        params = params_from_config(m["config"], space)
+        for seen, tasks in vectors:
+            if seen == params:
+                if m["task"] not in tasks:
+                    tasks.append(m["task"])
+                break
+        else:
+            vectors.append((params, [m["task"]]))
+    return vectors
+
+
+def own_values(target: Target, spec: TuneSpec) -> dict[str, Any]:
+    """The searched arm's own values of ``target`` as the spec gives them now (the parameters of its
+    ``baseline`` suggestion); ``{}`` where its tasks' differ (cross-task starting points: no vector
+    is the arm's own)."""
+    vectors = _baseline_vectors(target, spec.settings.space())
+    return vectors[0][0] if len(vectors) == 1 else {}
+
+
+def _trial_params(trial) -> dict[str, Any]:
+    """A stored trial's parameters (a queued one's: those it was enqueued with)."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+
+
+def _same_values(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two parameter mappings hold the same values (numbers compared as floats: a config's 2 is a trial's 2.0)."""
+    return set(a) == set(b) and all(
+        float(a[k]) == float(b[k]) if is_number(a[k]) and is_number(b[k]) else a[k] == b[k] for k in a)
+
+
+def _is_own(trial, own: Mapping[str, Any] | None) -> bool:
+    """Whether ``trial`` evaluated the searched arm's own values: flagged ``baseline`` and, with
+    ``own`` (:func:`own_values`), of those values - the baseline suggestion of an earlier run,
+    whose arm had other values then (the searched keys are no part of what a stored study's values
+    mean, so a spec may change them), is not. ``own`` None: any trial flagged ``baseline``."""
+    return bool(trial.user_attrs.get("baseline")) and (own is None or _same_values(_trial_params(trial), own))
+
+
+def _baselines_evaluated(study, current: Mapping[tuple[str, ...], Mapping[str, Any]] | None = None
+                         ) -> set[tuple[str, ...]]:
     """The baseline suggestions the study holds evaluated, queued or running, by the tasks whose
     values they are (``("*",)``: a baseline recorded without them, by an older version). One
     whose run was interrupted or crashed (FAIL other than by divergence) is not among them, so
-    it is enqueued again."""
+    it is enqueued again; nor, with ``current`` (tasks -> the values their baseline has now), one
+    of other values than those tasks' now (the spec changed them: their values are not evaluated)."""
     done = set()
     for t in study.get_trials(deepcopy=False):
         if "baseline_of" not in t.user_attrs and not t.user_attrs.get("baseline"):
             continue
         evaluated = t.state.name in ("COMPLETE", "PRUNED", "WAITING", "RUNNING") or (
             t.state.name == "FAIL" and str(t.user_attrs.get("ended", "")).startswith("no finite value"))  # diverged
+        tasks = tuple(t.user_attrs.get("baseline_of", ["*"]))
+        if current is not None and tasks in current and not _same_values(_trial_params(t), current[tasks]):
+            continue
         if evaluated:
-            done.add(tuple(t.user_attrs.get("baseline_of", ["*"])))
+            done.add(tasks)
     return done
 
 
@@ -1405,16 +1459,7 @@ def _enqueue_baseline(study, target: Target, spec: TuneSpec, done: set[tuple[str
     if ("*",) in done:
         return
     space = spec.settings.space()
-    vectors: list[tuple[dict[str, Any], list[str]]] = []
-    for m in target.members:
-        params = params_from_config(m["config"], space)
-        for seen, tasks in vectors:
-            if seen == params:
-                if m["task"] not in tasks:
-                    tasks.append(m["task"])
-                break
-        else:
-            vectors.append((params, [m["task"]]))
+    vectors = _baseline_vectors(target, space)
     shared = len(vectors) == 1  # one vector for every task: the baseline itself
     vectors = [(params, tasks) for params, tasks in vectors if tuple(tasks) not in done]
     if not vectors:
@@ -1457,22 +1502,23 @@ def _error_reason(trial) -> str:
     return f"error: {last[:300]}" if last else "error"
 
 
-def _best(study):
-    """The study's best complete trial; where the searched arm's own values (the first suggestion)
-    tie with it (:func:`ablate.stats.tuning_tie`), those: a suggestion that wins by float rounding
-    is no better, and writing it to the best-values file would change a study's settings for nothing."""
+def _best(study, own: Mapping[str, Any] | None = None):
+    """The study's best complete trial; where the searched arm's own values (the first suggestion;
+    ``own``: those the spec gives now, see :func:`_is_own`) tie with it
+    (:func:`ablate.stats.tuning_tie`), those: a suggestion that wins by float rounding is no
+    better, and writing it to the best-values file would change a study's settings for nothing."""
     try:
         best = study.best_trial
     except ValueError:
         return None
     cross_task = study.study_name.endswith(f"/{CROSS_TASK}")
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if t.user_attrs.get("baseline") and tuning_tie(t.value, best.value, cross_task):
+        if _is_own(t, own) and tuning_tie(t.value, best.value, cross_task):
             return t
     return best
 
 
-def _progress_callback(target: Target, searcher, study, planned: int):
+def _progress_callback(target: Target, searcher, study, planned: int, own: Mapping[str, Any] | None = None):
     from ray import tune
 
     from ablate.sweep import _duration, _last_line, _trial_error
@@ -1503,7 +1549,7 @@ def _progress_callback(target: Target, searcher, study, planned: int):
                                + (f"{t.last_result[OBJECTIVE]:.4g})" if t.last_result.get("objective_is_finite", True)
                                   else "no value)")
                                if OBJECTIVE in (t.last_result or {}) else "starting" for t in running)
-            best = _best(study)
+            best = _best(study, own)
             best_s = f"best #{best.number} {best.value:.6g}" if best else "no complete trial yet"
             print(f"[{target.key}] {self.done}/{planned} done, {len(running)} running: {epochs or '-'} | {best_s} "
                   f"({_duration(now - self.start)} so far)", flush=True)
@@ -1522,7 +1568,7 @@ def _progress_callback(target: Target, searcher, study, planned: int):
             value_s = f"{value:.6g}" if value is not None else "-"
             if state == "FAIL" and not extra and ended:  # (a crash's error is in extra)
                 extra = f" ({ended})"
-            best = _best(study)
+            best = _best(study, own)
             best_s = f"best #{best.number} {best.value:.6g} {_format_params(best.params)}" if best else "no complete trial yet"
             elapsed = time.monotonic() - self.start
             left = planned - self.done
@@ -1616,8 +1662,9 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
           f"{target.direction} {target.description}", flush=True)
     if trials == 0:
         return 0, 0
-    if s.enqueue_baseline:
-        _enqueue_baseline(study, target, spec, _baselines_evaluated(study))
+    if s.enqueue_baseline:  # (again where the spec now gives the arm other values than those evaluated)
+        current = {tuple(tasks): params for params, tasks in _baseline_vectors(target, space)}
+        _enqueue_baseline(study, target, spec, _baselines_evaluated(study, current))
     searcher = _searcher_class()({name: r.distribution() for name, r in space.items()}, metric=OBJECTIVE,
                                  mode="min" if target.direction == "minimize" else "max", sampler=sampler,
                                  study_name=target.study_name, storage=storage)
@@ -1632,7 +1679,7 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
         "plugin_dir": str(spec.path.parent.resolve()) if spec.path is not None else None, "cwd": os.getcwd(),
         "cpus": cpus,
     }
-    progress = _progress_callback(target, searcher, study, trials)
+    progress = _progress_callback(target, searcher, study, trials, own_values(target, spec))
     run_name = f"{target.key}-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     tuner = tune.Tuner(
         tune.with_resources(tune_trainable, {"cpu": cpus, "gpu": gpus}),
@@ -1755,7 +1802,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
                     ray.shutdown()
                     rearm()  # (ray.shutdown resets the signal's handling in the kernel)
-            outcomes = [_target_outcome(t, storage, ran.get(t.key, 0)) for t in targets]
+            outcomes = [_target_outcome(t, storage, ran.get(t.key, 0), own_values(t, spec)) for t in targets]
             # one writer at a time: a process extending the study at the same time that read the stored
             # studies before this one and wrote after it would leave its older outputs (fewer trials)
             with _exclusive(out_dir, wait=True):
@@ -1764,7 +1811,8 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
                        spec.settings.space())
 
 
-def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
+def _target_outcome(target: Target, storage, ran: int, own: Mapping[str, Any] | None = None) -> TargetOutcome:
+    """The target's stored study in numbers (``own``: the searched arm's own values now, see :func:`_is_own`)."""
     study = _load_stored(target, storage)
     if study is None:  # a first run interrupted before this target's search started
         return TargetOutcome(target, ran, {}, None, None, None, None)
@@ -1772,8 +1820,8 @@ def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    best = _best(study)
-    base = [t for t in trials if t.user_attrs.get("baseline") and t.state.name == "COMPLETE"]
+    best = _best(study, own)
+    base = [t for t in trials if _is_own(t, own) and t.state.name == "COMPLETE"]
     starts = {}
     for t in trials:  # the latest evaluation of each starting point
         if "baseline_of" in t.user_attrs and not t.user_attrs.get("baseline"):
@@ -1787,14 +1835,15 @@ def _target_outcome(target: Target, storage, ran: int) -> TargetOutcome:
 # outputs
 
 
-def study_history(study, target: Target, arm: str = "baseline"):
+def study_history(study, target: Target, arm: str = "baseline", own: Mapping[str, Any] | None = None):
     """One row per trial of ``study`` (the report's ``history.parquet`` columns; ``arm``: tune.arm;
     ``chosen``: the trial whose values the best-values file holds - Optuna's best trial, unless the
-    arm's own values tie with it, see :func:`_best`)."""
+    arm's own values tie with it, see :func:`_best`; ``baseline``: the suggestion of the arm's own
+    values, ``own`` where given, see :func:`_is_own`)."""
     import pandas as pd
 
     rows = []
-    best = _best(study)
+    best = _best(study, own)
     for t in study.get_trials(deepcopy=False):
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else math.nan
         rows.append({
@@ -1803,7 +1852,7 @@ def study_history(study, target: Target, arm: str = "baseline"):
             "direction": target.direction,
             **{f"params_{k}": float(v) for k, v in t.params.items()},
             "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete, "duration_s": duration,
-            "epochs": t.user_attrs.get("epochs", math.nan), "baseline": bool(t.user_attrs.get("baseline", False)),
+            "epochs": t.user_attrs.get("epochs", math.nan), "baseline": _is_own(t, own),
             "arm": arm,
             "ended": str(t.user_attrs.get("ended", "running" if t.state.name == "RUNNING" else "")),
             "chosen": best is not None and t.number == best.number,
@@ -1843,8 +1892,8 @@ def study_importances(study, target: Target, space: Mapping[str, Range] | None =
     return pd.DataFrame([{"task": target.key, "param": k, "importance": float(v)} for k, v in imp.items()]), changed
 
 
-def best_settings(study) -> dict[str, Any] | None:
-    best = _best(study)
+def best_settings(study, own: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    best = _best(study, own)
     return settings_from_params(best.params) if best is not None else None
 
 
@@ -1853,8 +1902,10 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
     """``best_priorities.yaml``, ``history.parquet`` and ``importances.parquet`` from the stored
     studies (written atomically: concurrent invocations leave a complete file). Returns the files
     and, per target, a note on its importances where it has none (``"none - <why>"``) or they are
-    not of every complete trial. Each located real data file or folder is walked once in a call (for
-    the ``data_fingerprint`` of ``tuned_with``), however many tasks read it."""
+    not of every complete trial. Where no target has a finished suggestion, a best-values file of an
+    earlier run (other tasks, another storage) is set aside as ``<file>.stale`` (``files["best_set_aside"]``). Each located
+    real data file or folder is walked once in a call (for the ``data_fingerprint`` of
+    ``tuned_with``), however many tasks read it."""
     import pandas as pd
 
     from ablate.results import TUNE_TARGETS_FILE, atomic_write_parquet
@@ -1867,12 +1918,13 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         study = _load_stored(target, storage)
         if study is None:  # (not started yet)
             continue
-        histories.append(study_history(study, target, spec.settings.arm))
+        own = own_values(target, spec)
+        histories.append(study_history(study, target, spec.settings.arm, own))
         imp, note = study_importances(study, target, spec.settings.space())
         importances.append(imp)
         if note:  # (why there are none, or which trials they are of)
             notes[target.key] = note if len(imp) else f"none - {note}"
-        settings = best_settings(study)
+        settings = best_settings(study, own)
         if settings is None:
             continue
         tasks = spec.study.tasks if target.key == CROSS_TASK else [target.key]
@@ -1922,6 +1974,12 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
                     f"warned).\n")
         text = header + yaml.safe_dump(best, sort_keys=False, default_flow_style=None)
         files["best"] = atomic_write_bytes(out_dir / spec.settings.best_file, text.encode("utf-8"))
+    elif (out_dir / spec.settings.best_file).exists():
+        # no target has a finished suggestion (every one failed, in another storage or for other tasks than the file's
+        # run): an earlier run's file, left, would be read by `ablate run` as this search's best values, which the
+        # history written beside it does not hold. Set aside, not deleted: its values are no less an earlier result
+        best = out_dir / spec.settings.best_file
+        files["best_set_aside"] = best.replace(best.with_name(best.name + STALE_SUFFIX))
     return files, notes
 
 
@@ -1965,6 +2023,11 @@ def format_summary(outcome: TuneOutcome) -> str:
     if "best" in files:
         lines.append(f"best values: {files['best']}  (in a study file: {tuned_file_usage(outcome.arm, Path(files['best']).resolve())}"
                      f"; a relative path there is relative to the study file)")
+    elif "best_set_aside" in files:
+        best = Path(files["best_set_aside"])
+        lines.append(f"no best values: no target of this run has a finished suggestion in {outcome.storage}; the "
+                     f"earlier run's {best.name.removesuffix(STALE_SUFFIX)} (of other tasks or another study storage), "
+                     f"which `ablate run` would have read as this search's, is set aside as {best}")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
     for key, note in outcome.importance_notes.items():
         lines.append(f"  importances of {key}: {note}")

@@ -855,6 +855,46 @@ def test_trials_0_without_a_stored_study_creates_nothing(tmp_path):
     assert optuna.get_all_study_names(open_storage(location)) == []
 
 
+def test_a_run_without_a_finished_suggestion_sets_an_earlier_runs_best_values_aside(tmp_path):
+    # the best-values file was only ever (re)written, never removed: after a search in another study storage
+    # (or of other tasks) in which every suggestion failed, the earlier run's file stayed beside the new history,
+    # and `ablate run` read its values as this search's best
+    import optuna
+
+    from ablate.tune import TuneOutcome, format_summary, open_target_study
+
+    spec = _trials_0_spec(tmp_path, ["etth1"])
+    target = build_targets(spec)[0]
+    dist = {p: optuna.distributions.FloatDistribution(0.5, 10.0, log=True) for p in PRIORITY_PARAMS}
+    out = tmp_path / "out"
+    first = open_target_study(target, spec, open_storage(storage_location(spec, out)))
+    first.add_trial(optuna.trial.create_trial(params={p: 2.0 for p in PRIORITY_PARAMS}, distributions=dist, value=0.5))
+    run_tune(spec, out)
+    best_file = out / "t0" / "tune" / BEST_FILE
+    assert yaml.safe_load(best_file.read_text())["etth1"]["priorities"] == [2.0, 2.0, 2.0]
+
+    other = str(tmp_path / "other.journal")  # (--study-storage: a new study, each of whose suggestions failed)
+    failed = open_target_study(target, spec, open_storage(other))
+    failed.add_trial(optuna.trial.create_trial(params={p: 3.0 for p in PRIORITY_PARAMS}, distributions=dist,
+                                               state=optuna.trial.TrialState.FAIL, user_attrs={"ended": "error"}))
+    outcome = run_tune(spec, out, study_storage=other)
+    assert not best_file.exists(), "no best values in this run's stored study: none left from the earlier one"
+    stale = best_file.with_name(BEST_FILE + ".stale")  # (set aside, not lost)
+    assert outcome.files["best_set_aside"] == stale and "best" not in outcome.files
+    assert yaml.safe_load(stale.read_text())["etth1"]["priorities"] == [2.0, 2.0, 2.0]
+    assert list(pd.read_parquet(out / "t0" / "tune" / "history.parquet")["state"]) == ["FAIL"]
+    summary = format_summary(outcome)
+    assert (f"no best values: no target of this run has a finished suggestion in {other}; the earlier run's "
+            f"{BEST_FILE} (of other tasks or another study storage), which `ablate run` would have read as this "
+            f"search's, is set aside as {stale}") in summary
+    assert "best values: " not in summary.replace("no best values: ", "")
+    assert isinstance(outcome, TuneOutcome) and outcome.targets[0].best_number is None
+
+    again = run_tune(spec, out, study_storage=other)  # (and again: nothing left to remove, nothing said)
+    assert "best_set_aside" not in again.files and "no best values" not in format_summary(again)
+    assert yaml.safe_load(stale.read_text())["etth1"]["priorities"] == [2.0, 2.0, 2.0]
+
+
 # -- (7) interrupted, killed and failed runs leave a study that the next run continues correctly -----
 
 
@@ -1131,6 +1171,54 @@ def test_the_baseline_is_evaluated_by_the_run_after_one_that_lost_it(tmp_path, r
     assert outcome.targets[0].baseline_value == pytest.approx((synth.objective([1, 1, 1], 0) + synth.objective([1, 1, 1], 1)) / 2)
     assert list((out / "lost" / "tune" / "ray").glob("tune_synth-*")) == [foreign], \
         "this run's Ray directory is deleted once it is recorded; another process's is left alone"
+
+
+def test_a_baseline_whose_values_the_spec_changed_is_evaluated_again_and_its_old_score_is_not_its_own(tmp_path, capsys):
+    # the searched keys are no part of what a stored study's values mean, so a spec may change the baseline's
+    # priorities and extend the study; the baseline suggestion of the first run (other values) still counted as
+    # evaluated, so the new values were never tried, and its score was reported - and preferred on a tie - as
+    # "the baseline's own values"
+    import optuna
+
+    from ablate.tune import (_baselines_evaluated, _baseline_vectors, _best, _enqueue_baseline,
+                             format_summary, open_target_study, own_values)
+
+    first = load_tune_spec(_tiny_spec(tmp_path, "own"), trials=0)
+    out = tmp_path / "out"
+    storage = open_storage(storage_location(first, out))
+    study = open_target_study(build_targets(first)[0], first, storage)
+    space = {p: first.settings.priorities.distribution() for p in PRIORITY_PARAMS}  # (as Ray's OptunaSearch asks)
+    _enqueue_baseline(study, build_targets(first)[0], first)
+    study.tell(study.ask(space), 0.5)  # [1, 1, 1], the first spec's baseline
+    study.tell(study.ask(space), 0.5 - 1e-9)  # better by float rounding: a tie
+
+    path = _tiny_spec(tmp_path, "own")
+    path.write_text(path.read_text().replace("adamw: false", "adamw: false\nbaseline: {priorities: [2.0, 3.0, 4.0]}"))
+    spec = load_tune_spec(path, trials=0)
+    target = build_targets(spec)[0]
+    own = own_values(target, spec)
+    assert own == {"p_gradient": 2.0, "p_loss_decrease": 3.0, "p_gen_gap": 4.0}
+    current = {tuple(tasks): params for params, tasks in _baseline_vectors(target, spec.settings.space())}
+    assert _baselines_evaluated(study) == {("etth1",)} and _baselines_evaluated(study, current) == set()
+    assert _best(study, own).number == 1, "a tie with other values than the arm's own is no reason to keep them"
+    assert _best(study, own_values(build_targets(first)[0], first)).number == 0  # (the first spec's: kept)
+
+    outcome = run_tune(spec, out)  # (--trials 0: the summary and the outputs of the stored study)
+    text = format_summary(outcome)
+    assert outcome.targets[0].baseline_value is None and "baseline's own values" not in text
+    assert outcome.targets[0].best_number == 1
+    history = pd.read_parquet(out / "own" / "tune" / "history.parquet")
+    assert list(history["baseline"]) == [False, False] and list(history["chosen"]) == [False, True]
+
+    _enqueue_baseline(study, target, spec, _baselines_evaluated(study, current))  # (as a run with trials does)
+    assert study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0].system_attrs["fixed_params"] == own
+    trial = study.ask(space)
+    assert trial.user_attrs["baseline"] and trial.params == own
+    study.tell(trial, 0.4)
+    assert _baselines_evaluated(study, current) == {("etth1",)}
+    outcome = run_tune(spec, out)
+    assert outcome.targets[0].baseline_value == 0.4 and "the baseline's own values scored 0.4" in format_summary(outcome)
+    assert list(pd.read_parquet(out / "own" / "tune" / "history.parquet")["baseline"]) == [False, False, True]
 
 
 def test_a_finished_tune_leaves_no_empty_ray_folder(tmp_path, ray_address):
