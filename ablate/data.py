@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import shlex
 import sys
 import tarfile
 import tempfile
@@ -37,9 +38,11 @@ class DownloadError(OSError):
     a server error, a checksum mismatch, an unsafe archive): one line for the user, exit 2."""
 
 
-def verify(path: Path, item: Download, *, fetched: bool = True) -> None:
+def verify(path: Path, item: Download, *, fetched: bool = True,
+           again: str = "ablate data download TASK --force") -> None:
     """Raise :class:`DownloadError` when the file's checksum differs from the published one
-    (``fetched``: just downloaded; else a file already in the data directory)."""
+    (``fetched``: just downloaded; else a file already in the data directory, whose message names
+    ``again``, the command that replaces it)."""
     for algo in ("sha256", "md5"):
         expected = getattr(item, algo)
         if expected:
@@ -50,8 +53,8 @@ def verify(path: Path, item: Download, *, fetched: bool = True) -> None:
             if h.hexdigest() != expected.lower():
                 if not fetched:
                     raise DownloadError(f"{path} exists but its {algo} {h.hexdigest()} differs from the published "
-                                        f"{expected} (a modified or partial copy?): rerun `ablate data download` "
-                                        f"with --force to replace it, or keep it and skip the download")
+                                        f"{expected} (a modified or partial copy?): `{again}` replaces it, or "
+                                        f"keep it and skip the download")
                 raise DownloadError(f"{item.filename}: {algo} {h.hexdigest()} differs from the published {expected}; "
                                     f"the download is corrupt or the file changed upstream - nothing was unpacked")
             return
@@ -125,6 +128,8 @@ def download(task: str, data_dir: str | os.PathLike | None = None, force: bool =
     # (the dataset's own folder, .../ETT-small, which the loaders accept as data_dir: the files go into it,
     # not into a folder of that name below it, where a loader given the same directory would not look)
     root = download_root(task, default_data_dir(data_dir))
+    # (the command that replaces a file in place that is not the published one: this task, this data directory)
+    again = f"ablate data download {task} --data-dir {shlex.quote(str(default_data_dir(data_dir)))} --force"
     out = []
     for item in DOWNLOADS[task]:
         dest = root / item.subdir
@@ -135,7 +140,7 @@ def download(task: str, data_dir: str | os.PathLike | None = None, force: bool =
             raise DownloadError(f"cannot create the data directory {dest}: {exc.strerror or exc}; give --data-dir "
                                 f"a folder you can write to") from exc
         try:
-            out.append(_download_one(item, root, dest, force))
+            out.append(_download_one(item, root, dest, force, again))
         except BaseException:
             for d in created:  # innermost first; only if empty
                 try:
@@ -165,10 +170,12 @@ def _still_unpacked(marker: Path, dest: Path) -> bool:
     return all((dest / name).is_file() for name in files)  # (an archive of no files: nothing to miss)
 
 
-def _download_one(item: Download, root: Path, dest: Path, force: bool = False) -> Path:
+def _download_one(item: Download, root: Path, dest: Path, force: bool = False,
+                  again: str = "ablate data download TASK --force") -> Path:
+    """``again``: the command that fetches ``item`` over a file in place that is not the published one."""
     final = dest / item.filename
     if final.exists() and not item.extract and not force:
-        verify(final, item, fetched=False)
+        verify(final, item, fetched=False, again=again)
         return final
     marker = unpacked_marker(item, dest)
     if item.extract and marker.exists() and not force:  # (forced: the marker is rewritten once the files are)

@@ -177,11 +177,14 @@ def _damaged(path: Path, problem: str) -> DatasetNotFoundError:
     )
 
 
-def _missing_message(root: Path, what: str) -> str:
+def _missing_message(root: Path, what: str, force: bool = False) -> str:
+    """``force``: the batches are all there, cut short - a download recorded as unpacked, its files in place, is
+    fetched again only with --force."""
     return (
         f"cifar10: {what}; expected the CIFAR-10 python batches {root / 'data_batch_1'} ... "
         f"{root / 'data_batch_5'} (at least one) and {root / TEST_FILE}. Get them with "
-        f"`ablate data download cifar10`, or download {CIFAR_URL} and unpack it into the data directory"
+        f"`ablate data download cifar10{' --force' if force else ''}`, or download {CIFAR_URL} and unpack it into "
+        f"the data directory"
     )
 
 
@@ -389,8 +392,11 @@ def build_cifar10_task(config: dict) -> TaskInstance:
             short.append(f"{len(test_y):,} test images, of the {FULL_TEST_IMAGES:,} in test_batch")
         if short:  # (recorded with every result: the report's data sources say so)
             partial = "partial: " + "; ".join(short)
+            # (--force: without it, an archive recorded as unpacked with its files all in place - batches cut short
+            # or swapped for smaller ones - is not fetched again)
             warnings.warn(f"cifar10: {partial} in {root} - accuracies not comparable with the full dataset's "
-                          f"(`{download_command('cifar10', config)}` fetches it)", DataWarning, stacklevel=2)
+                          f"(`{download_command('cifar10', config, force=True)}` fetches it over this one)",
+                          DataWarning, stacklevel=2)
             source += f" ({partial})"
         if config["split"] == "paper":
             val_x, val_y, test = test_x, test_y, None
@@ -399,7 +405,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
             if not len(val_idx) or not len(train_idx):
                 raise DatasetNotFoundError(_missing_message(
                     root, f"{len(train_y)} training images are too few to hold out {HOLDOUT_FRACTION:.0%} of each "
-                          f"class for validation (or use split='paper')"))
+                          f"class for validation (or use split='paper')", force=True))
             val_x, val_y = train_x[val_idx], train_y[val_idx]
             train_x, train_y = train_x[train_idx], train_y[train_idx]
             test = ImageDataset(test_x, test_y, mean, std)

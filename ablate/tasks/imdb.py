@@ -11,7 +11,8 @@ order), one of:
   published tree: ...)"``);
 * a CSV file named by the task key ``csv_file`` (absolute, or relative to the data directory or
   its ``imdb`` folder) with a text column (``text`` or ``review``) and a label column (``label``
-  or ``sentiment``: ``1``/``0``, ``pos``/``neg`` or ``positive``/``negative``), e.g. the 5,000-review
+  or ``sentiment``: ``1``/``0``, ``pos``/``neg`` or ``positive``/``negative``; blanks around the
+  header's names are ignored, as in ``label, text``), e.g. the 5,000-review
   ``text2vec_movie_review_5000.csv`` (columns id,label,text). It is split 80/20 into train and
   validation, stratified by label and shuffled with ``split_seed``; there is no test split.
 
@@ -155,7 +156,8 @@ def read_tree(tree: Path) -> dict[str, list[Review]]:
             raise dataset_error(TASK, f"no review files {folder}/{REVIEWS}", expected, SOURCE)
         for path in files:
             try:
-                out[split].append((clean(path.read_text(encoding="utf-8")), label))
+                # (-sig: a byte-order mark of a review re-saved by a Windows editor is no token of the review)
+                out[split].append((clean(path.read_text(encoding="utf-8-sig")), label))
             except (OSError, UnicodeDecodeError) as exc:
                 raise dataset_error(TASK, f"cannot read {path} as UTF-8 text ({exc})", expected, SOURCE,
                                     damaged=True) from exc
@@ -177,8 +179,8 @@ def read_csv(path: Path) -> list[Review]:
             columns, rows, end = [], [], 0
             for fields in reader:
                 start, end = end + 1, reader.line_num  # (a review may span lines: its first line names it)
-                if not columns:
-                    columns = fields
+                if not columns:  # (blanks around the names aside: a header written "label, text", as ETT's)
+                    columns = [c.strip() for c in fields]
                 elif fields:  # (blank lines are no reviews)
                     rows.append((start, fields))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -210,7 +212,7 @@ def _has_review_columns(path: Path) -> bool:
     holds CSV files that are no reviews."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            columns = next(csv.reader([f.readline()]), [])
+            columns = [c.strip() for c in next(csv.reader([f.readline()]), [])]
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
     return any(c in columns for c in _TEXT_COLUMNS) and any(c in columns for c in _LABEL_COLUMNS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import shlex
 import tarfile
 import urllib.error
 import urllib.request
@@ -52,8 +53,14 @@ def test_an_existing_modified_file_says_to_move_it(tmp_path, capsys):
     (tmp_path / "ETT-small").mkdir()
     (tmp_path / "ETT-small" / "ETTh1.csv").write_text("date,OT\n2016-07-01 00:00:00,1.0\n")
     err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path)], capsys)
-    assert "ETTh1.csv exists but its sha256" in err and "with --force to replace it" in err
+    assert "ETTh1.csv exists but its sha256" in err
+    # the command that replaces it, with the task and the data directory (it said "rerun `ablate data download`
+    # with --force", which without them fetches nothing, or into ./data)
+    assert f"`ablate data download etth1 --data-dir {tmp_path} --force` replaces it" in err
     assert "the download is corrupt" not in err  # (nothing was downloaded)
+    # a data_dir naming the dataset's own folder is named as given (the download finds its parent itself)
+    err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path / "ETT-small")], capsys)
+    assert f"`ablate data download etth1 --data-dir {tmp_path / 'ETT-small'} --force` replaces it" in err
 
 
 def test_force_replaces_a_damaged_file_in_place(tmp_path, monkeypatch, capsys):
@@ -64,8 +71,9 @@ def test_force_replaces_a_damaged_file_in_place(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(published))
     (tmp_path / "ETT-small").mkdir()
     (tmp_path / "ETT-small" / "e.csv").write_bytes(published[:20])  # (cut off)
-    _run(["data", "download", "etth1", "--data-dir", str(tmp_path)], capsys)
-    assert main(["data", "download", "etth1", "--data-dir", str(tmp_path), "--force"]) == 0
+    err = _run(["data", "download", "etth1", "--data-dir", str(tmp_path)], capsys)
+    command = err.split("`")[1]  # (the one the error names: it replaces the file)
+    assert main(shlex.split(command)[1:]) == 0
     assert (tmp_path / "ETT-small" / "e.csv").read_bytes() == published
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import pickle
@@ -225,6 +226,55 @@ def test_resnet18_layout():
 
 
 # -- registration and the embedded variant ---------------------------------------------------------
+
+
+def test_a_partial_copy_is_fetched_again_by_the_command_its_warning_names(tmp_path, monkeypatch, capsys):
+    # the warning named `ablate data download cifar10 --data-dir D`, without --force: a copy unpacked by that command
+    # (its marker there) whose batches were later cut short has every file in place, and the command fetched nothing
+    import hashlib
+    import shlex
+    import tarfile
+    import urllib.request
+
+    from ablate import data
+    from ablate.cli import main
+    from ablate.tasks import Download
+
+    staged = tmp_path / "staged"
+    write_cifar(staged / cifar10.CIFAR_SUBDIR, cifar10.TRAIN_FILES, n=7)  # (the "published" archive: 35 images)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        t.add(staged / cifar10.CIFAR_SUBDIR, arcname=cifar10.CIFAR_SUBDIR)
+    archive = buf.getvalue()
+    item = Download(url="https://example.org/c.tar.gz", filename=cifar10.ARCHIVE, md5=hashlib.md5(archive).hexdigest(),
+                    extract=True, folder=cifar10.CIFAR_SUBDIR)
+    monkeypatch.setitem(data.DOWNLOADS, "cifar10", [item])
+    fetched = []
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda request, timeout=None: fetched.append(1) or _BytesResponse(archive))
+    root = tmp_path / "data"
+    assert main(["data", "download", "cifar10", "--data-dir", str(root)]) == 0 and len(fetched) == 1
+    write_cifar(root / cifar10.CIFAR_SUBDIR, cifar10.TRAIN_FILES, n=2)  # (cut short in place: every file there)
+    with pytest.warns(DataWarning, match="partial: 10 training images") as caught:
+        get_task("cifar10").build(real_config(root, split="paper"))
+    command = str(caught[0].message).split("`")[1]
+    assert command == f"ablate data download cifar10 --data-dir {root} --force"
+    assert main(["data", "download", "cifar10", "--data-dir", str(root)]) == 0 and len(fetched) == 1  # (no --force)
+    assert main(shlex.split(command)[1:]) == 0 and len(fetched) == 2
+    assert get_task("cifar10").build(real_config(root, split="paper")).info["n_train"] == 35  # (fetched again)
+    capsys.readouterr()
+    # the holdout split's error for batches too small to hold out a validation set names the command with --force too
+    write_cifar(root / cifar10.CIFAR_SUBDIR, cifar10.TRAIN_FILES, n=1)
+    with pytest.raises(DatasetNotFoundError, match=f"`ablate data download cifar10 --data-dir {root} --force`"):
+        get_task("cifar10").build(real_config(root))
+
+
+class _BytesResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def test_registration_and_download():

@@ -357,6 +357,27 @@ def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
     assert read_csv(path)[:2] == [("great movie", 1), ("bad movie", 0)]
 
 
+def test_a_review_file_with_a_byte_order_mark_reads(tmp_path):
+    # as read_lines and the CSV reader: a review re-saved by a Windows editor started with a "\ufeff" token
+    from ablate.tasks.imdb import read_tree
+
+    tree = write_tree(tmp_path)
+    (tree / "train" / "pos" / "0_7.txt").write_text(TREE[("train", "pos")][0], encoding="utf-8-sig")
+    assert read_tree(tree)["train"][0] == ("Great film!  Loved it.", 1)
+    assert tokenize(read_tree(tree)["train"][0][0])[:2] == ["great", "film"]
+
+
+def test_a_csv_header_with_blanks_around_its_names_reads(tmp_path):
+    # "label, text" (as a spreadsheet or a hand-written header has it; ETT's reader strips them too) was refused:
+    # its text column was " text"
+    assert read_csv_text("label, text\n1, great movie\n0,bad movie\n") == [(" great movie", 1), ("bad movie", 0)]
+    assert read_csv_text(" review ,\tsentiment\ngood,pos\n") == [("good", 1)]
+    # and a data directory holding such a file is told to pass csv_file
+    (tmp_path / "reviews.csv").write_text("label, text\n1,good\n", encoding="utf-8")
+    with pytest.raises(DatasetNotFoundError, match=r"e\.g\. csv_file=reviews\.csv\)"):
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+
+
 def test_csv_file_with_embedded_data_is_refused():
     from ablate.config import ConfigError
     from ablate.tasks import get_task as task_spec
