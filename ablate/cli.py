@@ -400,8 +400,19 @@ def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     by the subcommand's parser, with its usage and the closest option it has: argparse refused it
     with the top-level usage, which lists no option of the subcommand, and no suggestion. An option
     the subcommand has, given before it (``ablate --dry-run run SPEC``) or after ``--``, is said to
-    be misplaced, not "did you mean" itself."""
-    args, extra = parser.parse_known_args(argv)
+    be misplaced, not "did you mean" itself (``ablate --out r run SPEC`` too: there the top-level
+    parser took ``r`` for the subcommand, "invalid choice: 'r'", and said nothing of ``--out``)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    first = next((i for i, g in enumerate(given) if g in commands or g == "--"), len(given))
+    before = given[:first] if first < len(given) and given[first] in commands else []
+    if before and not {"-h", "--help"} & set(before):
+        # the top-level parser has no option but -h: what stands before the subcommand is misplaced, and parsed as the
+        # top-level's, an option's value became the subcommand: parsed from the subcommand on, and refused with it
+        args, extra = parser.parse_known_args(given[first:])
+        extra = before + extra
+    else:
+        args, extra = parser.parse_known_args(argv)
     if not extra:
         return args
     sub = parser
@@ -412,7 +423,6 @@ def _parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         sub = action.choices[getattr(args, dest)]
     options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
     unknown = [e.split("=", 1)[0] for e in extra if e.startswith("-") and e != "--"]
-    given = list(sys.argv[1:] if argv is None else argv)
     after_separator = given[given.index("--") + 1:] if "--" in given else []
     # an option of the subcommand itself is unknown only where it stands: before the subcommand (the top-level parser's
     # place: `ablate --dry-run run SPEC`) or after "--" (an argument there): "did you mean --dry-run?" for --dry-run

@@ -196,12 +196,16 @@ def init_ray(study: Study, address: str | None = None, num_cpus: int | None = No
 def _note_ray_address_unused() -> None:
     """Say so when ``RAY_ADDRESS`` names a cluster but Ray starts here (no ``--address``): Ray's own
     tools join it (and ``ray job submit`` sets it for its entrypoint), so without a word the trials
-    ran on this one machine, its cluster idle."""
+    ran on this one machine, its cluster idle. A ``ray://`` or ``http(s)://`` one (Ray Client's, or the
+    dashboard's that Ray's docs export for ``ray job submit``) is no address ``--address`` takes
+    (:func:`check_reachable` refuses it, and ``--address auto`` with it): the note says how to join."""
     given = os.environ.get("RAY_ADDRESS", "").strip()
     if given and given not in ("local", "auto"):
+        join = (f"give --address auto (or --address {given}) to run them on that cluster" if "://" not in given else
+                "to run them on that cluster, run ablate on one of its nodes with --address HEAD_IP:6379 (the head's GCS "
+                "port; a ray:// or http:// address is Ray Client's or the dashboard's, which ablate does not join)")
         print(f"ablate: note: RAY_ADDRESS={given} is set, but without --address ablate runs its trials on a Ray it "
-              f"starts on this machine; give --address auto (or --address {given}) to run them on that cluster",
-              file=sys.stderr, flush=True)
+              f"starts on this machine; {join}", file=sys.stderr, flush=True)
 
 
 def _warn_if_no_node_fits(study: Study, address: str) -> None:
@@ -541,13 +545,24 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     with connection:
         if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
             return
+        answer, closed, deadline = b"", False, time.monotonic() + timeout_s
         try:
             connection.sendall(_GRPC_HELLO)
-            answer = connection.recv(9)
-        except OSError:  # (a timeout, or the connection reset)
-            answer = b""
+            # a frame header may arrive in pieces (recv returns what has come so far): read its 9 bytes within timeout_s
+            while len(answer) < 9:
+                connection.settimeout(max(deadline - time.monotonic(), 1e-3))
+                piece = connection.recv(9 - len(answer))
+                if not piece:
+                    closed = True
+                    break
+                answer += piece
+        except TimeoutError:
+            pass
+        except OSError:  # (the connection reset)
+            closed = True
     if len(answer) < 4 or answer[3] != 4:
-        said = f"it answered {answer!r}" if answer else f"no gRPC answer within {timeout_s:g} s"
+        said = (f"it answered {answer!r}" if answer else "it closed the connection without a gRPC answer" if closed
+                else f"no gRPC answer within {timeout_s:g} s")
         raise ConfigError(
             f"{given} {address}: something listens there, but not a Ray head's GCS ({said}): give the port "
             f"`ray start --head` printed (the GCS's, 6379 by default; not the dashboard's 8265 nor the Ray Client's "

@@ -491,3 +491,81 @@ def test_ray_address_in_the_environment_without_address_is_said_to_be_unused(mon
     monkeypatch.delenv("RAY_ADDRESS")
     assert init_ray(study, num_cpus=1) and asked["address"] == "local"
     assert capsys.readouterr().err == ""
+
+
+def _piecewise_listener(pieces: list[tuple[float, bytes]]):
+    """A TCP server on a free port of 127.0.0.1 that accepts one connection, reads the client's
+    first bytes, then sends each ``(delay_s, data)`` of ``pieces`` after its delay, and closes;
+    returns (port, stop)."""
+    import socket
+    import threading
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(64)
+            for delay, data in pieces:
+                time.sleep(delay)
+                conn.sendall(data)
+            stop.wait(5)
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1], stop.set
+
+
+def test_a_grpc_answer_that_comes_in_pieces_passes_the_check_and_a_closed_connection_is_said_so(monkeypatch):
+    # (TCP may hand the GCS's SETTINGS frame over in pieces: one recv(9) read its first 2 bytes, and a real Ray head
+    # was refused as "not a Ray head's GCS (it answered b'\x00\x00')")
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    settings = bytes([0, 0, 0x18, 4, 0, 0, 0, 0, 0])
+    for pieces in ([(0, settings[:2]), (0.3, settings[2:])], [(0, settings[:4]), (0.2, settings[4:7]), (0.2, b"\0\0")],
+                   [(0.5, settings)]):
+        port, stop = _piecewise_listener(pieces)
+        try:
+            check_reachable(f"127.0.0.1:{port}", timeout_s=3.0)
+        finally:
+            stop()
+    port, stop = _piecewise_listener([(0.2, b"SSH-2.0"), (0.2, b"-OpenSSH_9.6\r\n")])  # (pieces of no gRPC answer)
+    try:
+        with pytest.raises(ConfigError, match=r"\(it answered b'SSH-2\.0-O'\)"):
+            check_reachable(f"127.0.0.1:{port}", timeout_s=3.0)
+    finally:
+        stop()
+    port, stop = _piecewise_listener([])  # (reads the preface and closes: no timeout was waited for)
+    stop()
+    with pytest.raises(ConfigError) as error:
+        check_reachable(f"127.0.0.1:{port}", timeout_s=3.0)
+    assert str(error.value) == (
+        f"--address 127.0.0.1:{port}: something listens there, but not a Ray head's GCS (it closed the connection "
+        f"without a gRPC answer): give the port `ray start --head` printed (the GCS's, 6379 by default; not the "
+        f"dashboard's 8265 nor the Ray Client's 10001). Nothing was run.")
+
+
+@pytest.mark.parametrize("given", ["http://127.0.0.1:8265", "ray://10.0.0.1:10001"])
+def test_the_ray_address_note_does_not_advise_an_address_that_is_refused(monkeypatch, capsys, given):
+    # (Ray's docs export RAY_ADDRESS=http://HEAD:8265 for `ray job submit`: the note advised --address auto or
+    # --address http://HEAD:8265, both refused by check_reachable as no HOST:PORT of a GCS)
+    import ray
+
+    from ablate.cluster import check_reachable, init_ray
+    from ablate.config import ConfigError
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setenv("RAY_ADDRESS", given)
+    assert init_ray(load_study(tiny_study(Path(tempfile.mkdtemp()), seeds=1)), num_cpus=1)
+    assert capsys.readouterr().err == (
+        f"ablate: note: RAY_ADDRESS={given} is set, but without --address ablate runs its trials on a Ray it starts on "
+        f"this machine; to run them on that cluster, run ablate on one of its nodes with --address HEAD_IP:6379 (the "
+        f"head's GCS port; a ray:// or http:// address is Ray Client's or the dashboard's, which ablate does not join)\n")
+    for refused in ("auto", given):  # (what the note said before)
+        with pytest.raises(ConfigError):
+            check_reachable(refused)

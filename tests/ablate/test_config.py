@@ -383,6 +383,14 @@ def test_extra_seeds_on_the_command_line_is_refused_as_a_flag(capsys):
     (["--out=r", "report", "results/a"], "usage: ablate report ",
      "ablate report: error: unrecognized arguments: --out=r (it is an option of `ablate report`: give it after "
      "`ablate report`) (`ablate report --help` lists its options)"),
+    # one that takes a value: the top-level parser took the value for the subcommand ("invalid choice: '2'")
+    (["--max-concurrent", "2", "run", "study.yaml"], "usage: ablate run ",
+     "ablate run: error: unrecognized arguments: --max-concurrent 2 (it is an option of `ablate run`: give it after "
+     "`ablate run`) (`ablate run --help` lists its options)"),
+    (["--data-dir", "d", "--resme", "data", "download", "etth1", "--forse"], "usage: ablate data download ",
+     "ablate data download: error: unrecognized arguments: --data-dir d --resme --forse (--data-dir: it is an option "
+     "of `ablate data download`: give it after `ablate data download`; --forse: did you mean --force?) (`ablate data "
+     "download --help` lists its options)"),
     (["run", "study.yaml", "--dry-run", "--", "--resume"], "usage: ablate run ",
      "ablate run: error: unrecognized arguments: -- --resume (after `--` it is an argument, not an option) "
      "(`ablate run --help` lists its options)"),
