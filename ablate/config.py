@@ -408,8 +408,10 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
 
 def _names_task(where: str, task: str) -> bool:
     """Whether ``where`` ends with the task it is checked for: a study file's field path
-    (``baseline.seq_len (task etth1)``) or one of its trials (``s.yaml: arm 'baseline' on task 'etth1'``)."""
-    return where.endswith((f"(task {task})", f" on task {task!r}"))
+    (``baseline.seq_len (task etth1)``), one of its trials (``s.yaml: arm 'baseline' on task 'etth1'``)
+    or a corner of its tuned ranges (``s.yaml: tune (low ends of the ranges, task etth1)``, as
+    :mod:`ablate.tune` checks them)."""
+    return where.endswith((f"(task {task})", f" on task {task!r}", f", task {task})"))
 
 
 def _said_once(message: str, task: str, where: str) -> str:

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import warnings
 from importlib import import_module, invalidate_caches
@@ -430,9 +431,9 @@ def _read_yaml(path: Path, tuned_file: str | None = None) -> Any:
                             if tuned_file is None and copy.is_file() else give)) from None
     except UnicodeDecodeError:
         raise StudyError(f"{path}: cannot read {what}: it is not a UTF-8 text file; give {give}") from None
-    except PermissionError:  # (the bare "Permission denied" named no fix)
-        raise StudyError(f"{path}: cannot read {what}: permission denied; make it readable (`chmod u+r {path}`, "
-                         f"or ask its owner) or give a readable copy") from None
+    except PermissionError:  # (the bare "Permission denied" named no fix; the path quoted for the shell, spaces and all)
+        raise StudyError(f"{path}: cannot read {what}: permission denied; make it readable "
+                         f"(`chmod u+r {shlex.quote(str(path))}`, or ask its owner) or give a readable copy") from None
     except OSError as exc:
         raise StudyError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
     empty = _empty_file(text)

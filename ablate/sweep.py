@@ -290,14 +290,14 @@ def _flat_metrics(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _json_default(value: Any) -> Any:
-    """A value of a trial's result that JSON cannot write, as the driver stores it: a NumPy scalar or a
-    one-element tensor (a task's ``reference`` computed with NumPy is a ``numpy.float32``) as the Python
-    number it holds - as a string, the ``ref_*`` column of ``ablate run`` was text ("0.080046",
-    "tensor(0.2500)": NaN to the report), where ``ablate train`` stored the number -; anything else as
-    its string."""
+    """A value of a trial's result that JSON cannot write, as the driver stores it: a NumPy scalar, a
+    one-element NumPy array (``np.asarray(0.08)``, 0-d) or a one-element tensor (a task's
+    ``reference`` computed with NumPy is a ``numpy.float32``) as the Python number it holds - as a
+    string, the ``ref_*`` column of ``ablate run`` was text ("0.080046", "tensor(0.2500)": NaN to the
+    report), where ``ablate train`` stored the number -; anything else as its string."""
     import numpy as np
 
-    if isinstance(value, np.generic):
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.size == 1):
         return value.item()
     if type(value).__module__.startswith("torch") and hasattr(value, "numel") and value.numel() == 1:
         return value.detach().cpu().item()
@@ -423,8 +423,7 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             if not keep_checkpoints:  # its results are stored: the checkpoint for --resume is no longer needed
                 (out_dir / CHECKPOINTS_DIR / f"{spec.trial_id}.pt").unlink(missing_ok=True)
             self.eta.finished(spec.task, row.get("time_total_s"))
-            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: {row['status']} "
-                                   f"{row['metric']}={row['best_metric']:.5g}")
+            self._progress(trials, f"{spec.task} seed {spec.seed} {spec.arm}: {_finished_line(row)}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             spec = by_id[trial.config["trial"]["trial_id"]]
@@ -492,6 +491,21 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
             self.last_line = time.monotonic()
 
     return Recorder()
+
+
+def _finished_line(row: dict[str, Any]) -> str:
+    """What the progress line says of a finished trial's result: ``ok mse=0.41``; for a trial that
+    diverged, that it has no result (the run's table and the report leave it out, as "not ok"), and
+    the best metric of its epochs before it diverged only as such - ``diverged mse=3.7115`` read as
+    the trial's result."""
+    metric, best = row.get("metric"), row.get("best_metric")
+    if row.get("status") != "diverged":
+        return f"{row.get('status')} {metric}={best:.5g}"
+    if not isinstance(best, (int, float)) or not math.isfinite(best):
+        return f"diverged, no result (no finite {metric} before it diverged)"
+    epoch = row.get("best_epoch")
+    at = f", epoch {int(epoch)}" if isinstance(epoch, (int, float)) and math.isfinite(epoch) else ""
+    return f"diverged, no result (its best {metric} before it diverged: {best:.5g}{at})"
 
 
 def _spec_id(trial: Any) -> str | None:

@@ -449,3 +449,41 @@ def test_a_trial_s_cross_key_problem_names_the_task_once():
     assert mapping_problems({**BASE, "ablations": {"d_model": [130]}}) == [
         "s.yaml: arm 'd_model=130' on task 'etth1': d_model=130 is not a multiple of n_heads=4: choose d_model "
         "divisible by n_heads"]
+
+
+def test_a_task_check_refusing_an_end_of_a_tuned_range_names_the_task_once():
+    # ablate tune checks each task at the low and the high ends of the ranges, under "tune (high ends of the ranges,
+    # task T)", which _names_task did not take for naming the task: a plugin task's check refusing a searched lr said
+    # "...(high ends of the ranges, task plug): plug: lr=0.5 must be <= 0.1"
+    from ablate.tasks import TASKS, register_task
+
+    def check(config: dict) -> None:
+        if config["lr"] > 0.1:
+            raise ValueError(f"plug: lr={config['lr']} must be <= 0.1")
+
+    register_task("plug", metrics=[("mse", "min")], defaults={"hidden": 16}, check=check)(lambda c: None)
+    try:
+        tune = {"arm": "adamw", "params": {"lr": {"low": 1.0e-4, "high": 0.5}}}
+        assert mapping_problems({**BASE, "tasks": ["plug"], "tune": tune}, parse_tune_spec) == [
+            "s.yaml: tune (high ends of the ranges, task plug): lr=0.5 must be <= 0.1"]
+    finally:
+        TASKS.remove("plug")
+
+
+def test_the_chmod_an_unreadable_study_file_s_message_gives_works_on_a_path_with_spaces(tmp_path, monkeypatch):
+    # it gave `chmod u+r /x/my studies/s.yaml`, which the shell splits into two paths, neither the file
+    spec = tmp_path / "my studies" / "s.yaml"
+    spec.parent.mkdir()
+    spec.write_text("name: tiny\ntasks: [etth1]\nseeds: 1\n")
+    real = Path.read_text
+
+    def refused(self, *args, **kwargs):
+        if self == spec:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(StudyError) as caught:
+        load_study(spec)
+    assert str(caught.value) == (f"{spec}: cannot read the study file: permission denied; make it readable "
+                                 f"(`chmod u+r '{spec}'`, or ask its owner) or give a readable copy")

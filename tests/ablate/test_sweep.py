@@ -1515,3 +1515,42 @@ def test_a_failed_one_line_error_with_notes_before_it_says_no_traceback_is_store
     assert lines == ["etth1 seed 0 baseline: FAILED (RuntimeError: boom)",
                      "etth1 seed 0 baseline: FAILED (RuntimeError: boom; the traceback is stored with the trial)",
                      "etth1 seed 0 baseline: FAILED (RuntimeError: boom)"]
+
+
+@pytest.mark.parametrize(("status", "best", "said"), [
+    ("diverged", 3.7115, "diverged, no result (its best mse before it diverged: 3.7115, epoch 2)"),
+    ("diverged", math.nan, "diverged, no result (no finite mse before it diverged)"),
+    ("ok", 0.5, "ok mse=0.5"),
+])
+def test_a_diverged_trial_s_progress_line_says_it_has_no_result(tmp_path, monkeypatch, capsys, status, best, said):
+    # it printed "etth1 seed 0 adamw: diverged mse=3.7115" - the best metric of the epochs before it diverged, read as
+    # the trial's result, where the table at the end and the report leave the trial out as "not ok"
+    from types import SimpleNamespace
+
+    from ablate import sweep
+
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    spec = study.trials[0]
+    monkeypatch.setattr(sweep.store, "write_trial", lambda *args: None)
+    recorder = sweep._make_callbacks(study, {spec.trial_id: spec}, tmp_path / "out", 1, 0, keep_checkpoints=True)
+    payload = {"row": {"status": status, "metric": "mse", "best_metric": best, "best_epoch": 2,
+                       "stop_reason": "diverged" if status == "diverged" else "epochs", "time_total_s": 1.0},
+               "history": [{"epoch": 1}], "telemetry": []}
+    trial = SimpleNamespace(config={"trial": {"trial_id": spec.trial_id}}, status="RUNNING")
+    recorder.on_trial_result(1, [trial], trial, {"epoch": 3, "done_trial": True, sweep.RESULT_KEY: json.dumps(payload)})
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.split("] ", 1)[1] == f"{spec.task} seed {spec.seed} {spec.arm}: {said}"
+
+
+def test_a_one_element_numpy_array_in_a_trial_s_result_reaches_the_driver_as_its_number():
+    # a one-element tensor went as its number, a 0-d or one-element NumPy array (a reference kept as np.asarray(...))
+    # as text: ref_x "0.08", NaN to the report's means
+    import numpy as np
+    import torch
+
+    from ablate.sweep import _json_default
+
+    values = {"zero_d": np.asarray(0.25, dtype=np.float32), "one": np.array([0.5]), "tensor": torch.tensor([0.75]),
+              "scalar": np.float32(0.125), "many": np.array([1.0, 2.0])}
+    assert json.loads(json.dumps(values, default=_json_default)) == {
+        "zero_d": 0.25, "one": 0.5, "tensor": 0.75, "scalar": 0.125, "many": "[1. 2.]"}
