@@ -67,8 +67,9 @@ def _figure(path: Path | None, caption: str) -> list[Block]:
 
 # -- number formatting --------------------------------------------------------------------------
 def fmt_num(x: object, digits: int = 4) -> str:
-    """A number with ``digits`` significant digits; NaN/None as "n/a" (and no "-0")."""
-    if x is None or (isinstance(x, float) and np.isnan(x)):
+    """A number with ``digits`` significant digits; NaN/None/``pd.NA`` as "n/a" (and no "-0"). NaN of any
+    float type: a numpy.float32 is no Python float (a float32 column's NaN printed "nan")."""
+    if x is None or x is pd.NA or (isinstance(x, (float, np.floating)) and np.isnan(x)):
         return MISSING
     if isinstance(x, (int, np.integer)):
         return str(int(x))
@@ -565,7 +566,7 @@ def _intro(results: Results, results_dir: Path, planned_arms: set[str]) -> list[
         blocks.append(Block("warning", f"{counts['total'] - counts['ok']} trial(s) did not finish ok "
                                        f"({counts['failed']} failed, {counts['diverged']} diverged{_no_metric(counts)}); "
                                        f"see the last section."))
-    blocks += [Block("warning", _md_message(note)) for note in stats.result_notes(results)]  # (they name tasks and arms)
+    blocks += [Block("warning", md_message(note)) for note in stats.result_notes(results)]  # (they name tasks and arms)
     if stats.uses_embedded_data(results):
         blocks.append(Block("warning", "THESE RESULTS ARE ON EMBEDDED DATA: small offline stand-ins for the "
                                        "paper's datasets, with smaller models and budgets. They exercise the "
@@ -802,7 +803,7 @@ def _ratio_cell(v: float) -> str:
 
 def _profile_section(results: Results, fig_dir: Path) -> list[Block]:
     ratios = stats.profile_ratios(results)
-    notes = [_md_message(note) for note in stats.profile_notes(results)]  # (they name tasks and arms)
+    notes = [md_message(note) for note in stats.profile_notes(results)]  # (they name tasks and arms)
     if ratios.empty:  # (every task left out: say why)
         return [_heading("Performance profiles"), _text("No task to profile: " + "; ".join(notes) + ".")] if notes else []
     shown = ratios.map(_ratio_cell)
@@ -1017,10 +1018,18 @@ def md_escape(name: object) -> str:
         for i, c in enumerate(text))
 
 
-def _md_message(message: object) -> str:
+#: a `code` span of a message (:func:`md_message`), as ablate writes them: opened at the start or after a space,
+#: "(" or a quote, closed before the end, a space or punctuation, no space just inside. A backtick in a name
+#: ("x`y", "a`") is none of these: paired with the next backtick of the message, it turned the text between
+#: into code and left that span's own closing backtick unpaired.
+_MESSAGE_CODE = re.compile(r"((?<![^\s(\"'])`[^`\s](?:[^`\n]*[^`\s])?`(?=[\s).,;:!?'\"]|$))")
+
+
+def md_message(message: object) -> str:
     """A message of another module (a warning, a note of :mod:`ablate.stats`) that names tasks, arms and files
-    in plain text, as Markdown: :func:`md_escape`d outside its `code` spans (commands to run), which stay code."""
-    parts = re.split(r"(`[^`\n]+`)", " ".join(str(message).splitlines()))
+    in plain text, as Markdown: :func:`md_escape`d outside its `code` spans (commands to run,
+    :data:`_MESSAGE_CODE`), which stay code. The report's warnings and the analysis notebook's show them so."""
+    parts = _MESSAGE_CODE.split(" ".join(str(message).splitlines()))
     return "".join(part if k % 2 else md_escape(part) for k, part in enumerate(parts))
 
 
@@ -1168,8 +1177,8 @@ def write_report(
     # the statistics' own warnings (duplicate seeds averaged) also in the report, once each; not
     # matplotlib's or numpy's (a missing glyph, a division by zero), which name ablate's lines too
     computed = dict.fromkeys(str(w.message) for w in computing if issubclass(w.category, stats.StatsWarning))
-    blocks[1:1] = ([Block("warning", f"Loading the results: {_md_message(w.message)}") for w in caught]  # (they name
-                   + [Block("warning", _md_message(message)) for message in computed])  # files, tasks, arms)
+    blocks[1:1] = ([Block("warning", f"Loading the results: {md_message(w.message)}") for w in caught]  # (they name
+                   + [Block("warning", md_message(message)) for message in computed])  # files, tasks, arms)
     return _write(blocks, out, formats, progress)
 
 

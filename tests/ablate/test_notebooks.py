@@ -315,3 +315,26 @@ def test_analysis_notebook_states_the_cost_sections_rule_for_a_seed_with_several
     assert "A seed with several ok trials of an arm" in text, text
     assert "the cost means average its trials first" in text, text
     assert "the mean of each trial's own time for both arms (reached only if every MetaAdamW trial" in text, text
+
+
+def test_analysis_notebook_writes_the_names_in_a_results_warning_literally(tmp_path, report_kit, monkeypatch, kernel):
+    # the warnings of stats.result_notes went into Markdown as they are: the task "*et*th1" showed "et" in italics
+    # (and a name's backtick could pair with one of the commands); the notebook escapes them as the report does
+    from ablate.results import write_trial
+
+    for seed in range(2):
+        for arm in ("adamw", "baseline"):
+            row = report_kit.trial_row("etth1", arm, seed, 0.010 + seed * 1e-4)
+            row.update(task="*et*th1", arms=json.dumps([arm]))
+            if arm == "baseline" and seed == 0:  # stored under the earlier best-epoch rule: a note naming the task
+                row.update(best_metric=0.0105, best_mse=0.0105)
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, 0.010 + seed * 1e-4))
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    counts = outputs_by_cell(nb)[next(i for i, c in enumerate(code) if c.startswith("counts = stats.status_counts"))]
+    assert "(\\*et\\*th1 baseline: 1)" in counts and "(*et*th1 baseline: 1)" not in counts, counts
+    assert "Run them again: `ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).**" in counts, counts
+    md = (tmp_path / "report" / "report.md").read_text()  # (the report's warning reads the same)
+    assert "(\\*et\\*th1 baseline: 1)" in md

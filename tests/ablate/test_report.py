@@ -8,6 +8,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -866,3 +867,56 @@ def test_a_very_long_task_or_arm_name_gets_figure_files_a_file_system_can_hold(t
     slugs = [report._slug(name) for name in ("a" * 150, "a" * 151, "a" * 100, "a" * 101)]
     assert [len(s) for s in slugs] == [100, 100, 100, 100] and len(set(slugs)) == 4 and slugs[2] == "a" * 100
     assert re.fullmatch("a{91}_[0-9a-f]{8}", slugs[0]) and re.fullmatch("a{91}_[0-9a-f]{8}", slugs[3])
+
+
+def test_fmt_num_says_n_a_for_a_missing_value_of_any_float_type():
+    # a numpy.float32 NaN is no Python float: it printed "nan" (and pd.NA, of a nullable column, raised TypeError)
+    assert [report.fmt_num(x) for x in (np.float32("nan"), np.float16("nan"), np.float64("nan"), pd.NA, None)] == [
+        "n/a"] * 5
+    assert report.fmt_ci(np.float32("nan"), np.float32("nan"), np.float32("nan")) == "n/a"
+    assert [report.fmt_num(x) for x in (np.float32(0.25), np.float32(-0.0), np.int64(3))] == ["0.25", "0", "3"]
+
+
+def test_a_backtick_in_a_name_does_not_pair_with_a_code_span_of_the_message():
+    # the name's backtick opened a code span up to the message's next backtick: "`y: ... again: `" showed as
+    # code, and the last command lost its closing backtick ("`--rerun all\\`")
+    note = ("2 ok trial(s) report a best metric (x`y baseline: 1, a` b: 1, `z c: 1). Run them again: "
+            "`ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).")
+    assert report.md_message(note) == (
+        "2 ok trial(s) report a best metric (x\\`y baseline: 1, a\\` b: 1, \\`z c: 1). Run them again: "
+        "`ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).")
+    # ablate's own code spans stay code wherever they stand; the text around them is escaped
+    assert report.md_message('"`ray start --head`" then `ablate tune`\'s *best*.') == (
+        '"`ray start --head`" then `ablate tune`\'s \\*best\\*.')
+
+
+def test_a_stats_note_naming_a_task_with_a_backtick_keeps_its_commands_as_code(tmp_path, report_kit):
+    task = "et`th1"
+    for seed in range(2):
+        for arm in ("adamw", "baseline"):
+            row = report_kit.trial_row("etth1", arm, seed, 0.010 + seed * 1e-4)
+            row.update(task=task)
+            if arm == "baseline" and seed == 0:  # stored under the earlier best-epoch rule: a note with commands
+                row.update(best_metric=0.0105, best_mse=0.0105)
+            write_trial(tmp_path, row, report_kit.history_rows("etth1", arm, 0.010 + seed * 1e-4))
+    md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
+    line = next(ln for ln in md.splitlines() if "earlier version of ablate" in ln)
+    assert "(et\\`th1 baseline: 1)" in line, line
+    assert line.endswith("Run them again: `ablate run STUDY --rerun TASK` (or `--rerun ARM`, `--rerun all`).**"), line
+
+
+def test_ordinary_names_and_paths_are_written_without_escapes(tmp_path, report_study, report_kit):
+    # md_escape leaves an "_" between letters or digits as it is: the report of an ordinary study - arms
+    # such as features=basic_plus and modulator_init=zero, a results path with "_" - shows no backslash
+    # but the one of its own text ("arms '\\<axis>=\\<level>'")
+    study = Path(shutil.copytree(report_study, tmp_path / "results_quick" / "my_study_1"))
+    for seed in report_kit.SEEDS:
+        for arm in ("features=basic_plus", "modulator_init=zero"):
+            row = report_kit.trial_row("etth1", arm if arm in report_kit.EPOCH_SECONDS else "baseline", seed, 0.0095)
+            row.update(arm=arm, axis=arm.split("=")[0], arms=json.dumps([arm]), trial_id=f"{arm}-{seed}")
+            write_trial(study, row, report_kit.history_rows("etth1", "baseline", 0.0095))
+    report.write_report(study, study / "report")
+    md = (study / "report" / "report.md").read_text()
+    assert f"Results directory: {study}." in md
+    assert "| etth1 | features | features=basic_plus |" in md and "| etth1 | modulator_init | modulator_init=zero |" in md
+    assert md.replace("'\\<axis>=\\<level>'", "").count("\\") == 0, [ln for ln in md.splitlines() if "\\" in ln]
