@@ -178,6 +178,39 @@ def test_hypothetical_step_of_a_float16_model_with_large_gradients_is_the_steps(
         torch.testing.assert_close(hyp.float(), real.detach().float(), rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_hypothetical_step_of_a_float16_model_takes_its_direction_in_float32_as_the_step(foreach):
+    # step() takes m / denom times the step in float32 and rounds once (AdamW's addcdiv); theta' rounded the
+    # direction to float16 first, and 70 of this layer's 1,024 weights were a float16 ulp from the step's
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 64).half(), torch.randn(32, 16).half()
+    b0, b1 = (torch.randn(32, 64).half(), torch.randn(32, 16).half()), (x, y)
+
+    def loss_fn(m, batch):
+        return ((m(batch[0]).float() - batch[1].float()) ** 2).mean()
+
+    models = [nn.Linear(64, 16).half() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MetaAdamW(m.named_parameters(), lr=1e-2, eps=1e-4, grouping="original", foreach=foreach,
+                      **small_kwargs()) for m in models]
+    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
+    for m, o in zip(models, opts):
+        for _ in range(3):
+            _step(m, o, b0, loss_fn)
+    seen = []
+    b2 = (x.clone(), y.clone())
+
+    def recording(m, batch):
+        if batch is b2:
+            seen.append([p.detach().clone() for p in m.parameters()])
+        return loss_fn(m, batch)
+
+    opts[0].meta_step(models[0], recording, b1, b2, b1)
+    _step(models[1], opts[1], b1, loss_fn)
+    for hyp, real in zip(seen[0], models[1].parameters()):
+        torch.testing.assert_close(hyp, real.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("meta_gradient", ["exact", "finite_difference"])
 def test_the_gradient_alignment_of_a_float16_model_sums_its_squares_in_float32(meta_gradient):
     # ||g'||^2 and <g, g'> came from torch.dot in float16, inf once a gradient's norm passes 256:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -1843,6 +1844,40 @@ def test_zero_ranges_match_torch_adamw_in_low_precision_with_large_gradients(for
     torch.testing.assert_close(low, ref_low, rtol=0, atol=0)
     torch.testing.assert_close(wide, ref_wide, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(single, ref_single, rtol=1e-6, atol=1e-7)
+
+
+def test_the_float16_update_widens_a_bounded_number_of_elements_at_once(monkeypatch):
+    # the float16 update took m and its denominator in float32 for the whole run at once: a bucket's (on an
+    # accelerator runs are not cut) float32 copies of every tensor together, 14 bytes per element at the peak
+    def run(chunk):
+        monkeypatch.setattr(F, "NARROW_CHUNK_NUMEL", chunk, raising=False)
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(n, dtype=torch.float16)) for n in (1000, 1000, 3000, 1000, 10)]
+        opt = MetaAdamW(params, lr=1e-2, weight_decay=0.1, grouping="original", **small_kwargs())
+        live, peak, widened = [], [0], F._widened
+
+        def tracked(t):
+            out = widened(t)
+            if out is not t:
+                live.append(weakref.ref(out))
+                peak[0] = max(peak[0], sum(r().numel() for r in live if r() is not None))
+            return out
+
+        monkeypatch.setattr(F, "_widened", tracked)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = (torch.randn(p.shape, generator=g) * 300).half()
+            opt.step()
+        monkeypatch.setattr(F, "_widened", widened)
+        return [p.detach().clone() for p in params], peak[0]
+
+    whole, whole_peak = run(10**9)
+    chunked, chunked_peak = run(1500)
+    assert whole_peak == 2 * 6010  # m and the denominator of every tensor: one run
+    assert chunked_peak <= 2 * 1500  # (the 3000-element tensor in flat views of 1500)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same update, taken in pieces
 
 
 @pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"])
