@@ -951,9 +951,12 @@ def missing_importances_note(history: pd.DataFrame, importances: pd.DataFrame) -
     if "task" not in history:
         return ""
     lacking = sorted(set(history["task"].astype(str)) - set(importances.get("task", pd.Series(dtype=str)).astype(str)))
-    return (f"No parameter importances for {', '.join(map(md_escape, lacking))}: fewer than two finished suggestions, or scores "
-            f"that do not vary with the searched values (fANOVA has nothing to attribute; `ablate tune` says "
-            f"which)." if lacking else "")
+    # (of the suggestions drawn from the search space as last run, see ablate.tune.study_importances: after a range
+    # change a task with many finished suggestions may have fewer than two of those)
+    return (f"No parameter importances for {', '.join(map(md_escape, lacking))}: fewer than two finished suggestions "
+            f"drawn from the search space as last run (where a range changed between runs, those drawn from an "
+            f"earlier one do not count), or scores that do not vary with the searched values (fANOVA has nothing to "
+            f"attribute; `ablate tune` says which)." if lacking else "")
 
 
 def _failed_section(results: Results) -> list[Block]:

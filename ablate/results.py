@@ -310,11 +310,17 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
             data = f.read_bytes()
         except OSError as exc:
             if exc.errno in _CANNOT_READ_NOW:  # (the part may be fine: not damage, which a run computes again over)
+                table, combined = f.name.rsplit(".", 2)[-2], out_dir / f"{f.name.rsplit('.', 2)[-2]}.parquet"
+                if _combined_holds(out_dir, table, f.name.split(".")[0]):  # (then its rows stand in for the part)
+                    over, lost = ("write over it with the rows of the combined table", f"delete it: the rows of "
+                                  f"{combined} stand in for it, and the next `ablate run` rewrites it from them")
+                else:
+                    over, lost = ("compute its trial again and write over it", "delete it (and the trial's other "
+                                  "parts): the next `ablate run` computes the trial again")
                 raise ResultsError(
                     f"cannot read the result part {f} ({type(exc).__name__}: {exc}): make it readable (its "
                     f"permissions, its file system) and try again; it is not taken for a damaged part, since a run "
-                    f"would then compute its trial again and write over it. If it is lost for good, delete it (and "
-                    f"the trial's other parts): the next `ablate run` computes the trial again") from None
+                    f"would then {over}. If it is lost for good, {lost}") from None
             hashes[f.name] = None
             parse(f)  # (says why it cannot be read)
             continue
@@ -484,6 +490,19 @@ def _read_tables(out_dir: Path) -> _Stored:
             if len(df) and "trial_id" in df:
                 tables[table] = df[~df["trial_id"].isin(list(damaged))].reset_index(drop=True)
     return _Stored(tables, damaged, {k: v for k, v in recovered.items() if k[1] not in damaged}, read_parts)
+
+
+def _combined_holds(out_dir: Path, table: str, trial_id: str) -> bool:
+    """Whether the combined tables stand in for the ``table`` part of ``trial_id`` once the part is
+    gone, as :func:`_read_tables` restores it: the combined trials table lists the trial, and the
+    combined ``table`` can be read (a trial's history or telemetry may have no rows in it)."""
+    if trial_id not in _ids_in(out_dir / "trials.parquet"):
+        return False
+    try:
+        _check_columns(pd.read_parquet(out_dir / f"{table}.parquet"), table)
+    except Exception:
+        return False
+    return True
 
 
 def _ids_in(path: Path) -> set[str]:

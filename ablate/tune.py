@@ -207,6 +207,8 @@ DEFAULT_PRIORITIES = Range(0.1, 10.0, True)
 @dataclasses.dataclass
 class TuneSettings:
     trials: int = 20
+    #: where ``trials`` came from, for messages: ``"--trials"`` (the command line) or ``"tune.trials"`` (the file)
+    trials_from: str = "tune.trials"
     sampler: str = "tpe"
     sampler_seed: int | None = 0
     aggregate: str = "mean"
@@ -353,6 +355,7 @@ def _parse_tune_section(section: Any, source: str, trials: int | None) -> TuneSe
         s.trials = read("trials", lambda: _int_at_least(source, "trials", given["trials"], 0))
     if trials is not None:
         s.trials = read("trials", lambda: _int_at_least(source, "trials (--trials)", trials, 0))
+        s.trials_from = "--trials"
     if "sampler" in given:
         s.sampler = read("sampler", lambda: _choice(source, "sampler", given["sampler"], SAMPLERS))
     if s.sampler == "cmaes":
@@ -1436,7 +1439,8 @@ def _baselines_evaluated(study, current: Mapping[tuple[str, ...], Mapping[str, A
     values they are (``("*",)``: a baseline recorded without them, by an older version). One
     whose run was interrupted or crashed (FAIL other than by divergence) is not among them, so
     it is enqueued again; nor, with ``current`` (tasks -> the values their baseline has now), one
-    of other values than those tasks' now (the spec changed them: their values are not evaluated)."""
+    of other values than those tasks' now (the spec changed them: their values are not evaluated),
+    or, recorded without its tasks, than any tasks' now."""
     done = set()
     for t in study.get_trials(deepcopy=False):
         if "baseline_of" not in t.user_attrs and not t.user_attrs.get("baseline"):
@@ -1446,6 +1450,9 @@ def _baselines_evaluated(study, current: Mapping[tuple[str, ...], Mapping[str, A
         tasks = tuple(t.user_attrs.get("baseline_of", ["*"]))
         if current is not None and tasks in current and not _same_values(_trial_params(t), current[tasks]):
             continue
+        if current is not None and tasks == ("*",) and not any(_same_values(_trial_params(t), v)
+                                                               for v in current.values()):
+            continue  # (an older version's baseline of other values: ("*",) would stand for every task's)
         if evaluated:
             done.add(tasks)
     return done
@@ -1753,9 +1760,11 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
             missing = [t.study_name for t in targets if t.study_name not in stored]
             if missing:
                 one = len(missing) == 1
-                raise StudyError(f"{spec.source}: --trials 0 only rewrites the outputs of stored studies, and "
-                                 f"{', '.join(map(repr, missing))} {'has' if one else 'have'} none in {location}; "
-                                 f"run with --trials N to start {'it' if one else 'them'}")
+                cli = spec.settings.trials_from == "--trials"  # (the 0 of the command line, or of the file)
+                raise StudyError(f"{spec.source}: {'--trials 0' if cli else 'tune.trials: 0'} only rewrites the outputs "
+                                 f"of stored studies, and {', '.join(map(repr, missing))} {'has' if one else 'have'} "
+                                 f"none in {location}; {'' if cli else 'set tune.trials to N, or '}run with --trials N "
+                                 f"to start {'it' if one else 'them'}")
         for target in targets:  # a stored study that scores differently is refused before anything runs
             check_target_study(target, spec, storage)
         if spec.settings.trials > 0:
@@ -1903,7 +1912,8 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
     studies (written atomically: concurrent invocations leave a complete file). Returns the files
     and, per target, a note on its importances where it has none (``"none - <why>"``) or they are
     not of every complete trial. Where no target has a finished suggestion, a best-values file of an
-    earlier run (other tasks, another storage) is set aside as ``<file>.stale`` (``files["best_set_aside"]``). Each located
+    earlier run (other tasks, another storage) is set aside as ``<file>.stale`` (``.stale.1`` and on
+    where that is taken: an earlier one set aside is kept too) (``files["best_set_aside"]``). Each located
     real data file or folder is walked once in a call (for the ``data_fingerprint`` of
     ``tuned_with``), however many tasks read it."""
     import pandas as pd
@@ -1979,8 +1989,17 @@ def write_outputs(spec: TuneSpec, storage, targets: list[Target], out_dir: Path,
         # run): an earlier run's file, left, would be read by `ablate run` as this search's best values, which the
         # history written beside it does not hold. Set aside, not deleted: its values are no less an earlier result
         best = out_dir / spec.settings.best_file
-        files["best_set_aside"] = best.replace(best.with_name(best.name + STALE_SUFFIX))
+        files["best_set_aside"] = best.replace(_unused_name(best.with_name(best.name + STALE_SUFFIX)))
     return files, notes
+
+
+def _unused_name(path: Path) -> Path:
+    """``path``, or where that exists ``path.1``, ``path.2``, ...: the first name not taken."""
+    n, free = 0, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.name}.{n}")
+    return free
 
 
 def format_summary(outcome: TuneOutcome) -> str:
@@ -2026,7 +2045,7 @@ def format_summary(outcome: TuneOutcome) -> str:
     elif "best_set_aside" in files:
         best = Path(files["best_set_aside"])
         lines.append(f"no best values: no target of this run has a finished suggestion in {outcome.storage}; the "
-                     f"earlier run's {best.name.removesuffix(STALE_SUFFIX)} (of other tasks or another study storage), "
+                     f"earlier run's {best.name.split(STALE_SUFFIX)[0]} (of other tasks or another study storage), "
                      f"which `ablate run` would have read as this search's, is set aside as {best}")
     lines.append(f"history: {files['history']}; importances: {files['importances']} (`ablate report` plots both)")
     for key, note in outcome.importance_notes.items():

@@ -249,7 +249,8 @@ def test_analysis_notebook_prints_the_notes_the_report_prints(tmp_path, report_k
              "Not in this table (no trial of the arm on that task with a result to compare): imdb gating=true.",
              "Left out of the fit, 1 cell-seed(s) without an ok result where other cells of the seed have one: "
              "grouping=original,gating=true on etth1 seed 2 (diverged).",
-             "No parameter importances for imdb: fewer than two finished suggestions"]
+             "No parameter importances for imdb: fewer than two finished suggestions drawn from the search space "
+             "as last run (where a range changed between runs, those drawn from an earlier one do not count)"]
     for note in notes:
         assert note in md, note
     assert "| cifar10 | 0 | 0 | 0 | 0 | 0 | no suggestion stored |" in md

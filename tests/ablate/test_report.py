@@ -221,7 +221,9 @@ def test_a_task_of_the_tuning_study_without_importances_is_named(tmp_path):
     history.assign(params_lr=[1e-3, 2e-3, 1e-3, 2e-3], arm="adamw", baseline=[True, False, True, False],
                    value=[0.9, 0.7, 0.5, 0.5 - 1e-9]).to_parquet(tune / "history.parquet")
     md = report.write_report(tmp_path, tmp_path / "out", formats="md").read_text()
-    assert "No parameter importances for imdb: fewer than two finished suggestions, or scores that do not vary" in md
+    assert ("No parameter importances for imdb: fewer than two finished suggestions drawn from the search space as "
+            "last run (where a range changed between runs, those drawn from an earlier one do not count), or scores "
+            "that do not vary") in md
     assert "`ablate tune` searched the adamw arm's lr." in md
     # imdb's #1 beats its own values (#0) by float rounding only: as `ablate tune` does, the table names #0
     assert "| etth1 | 2 | 2 | 0 | 0 | 0 | 0.7 (#1) |" in md and "| imdb | 2 | 2 | 0 | 0 | 0 | 0.5 (#0) |" in md

@@ -209,10 +209,46 @@ def test_a_part_that_cannot_be_read_for_now_is_an_error_not_damage_computed_agai
 
     monkeypatch.setattr(Path, "read_bytes", failing)
     for load in (finished_trial_ids, load_results, consolidate):
-        with pytest.raises(ResultsError, match=f"cannot read the result part {part}.*make it readable"):
+        with pytest.raises(ResultsError, match=f"cannot read the result part {part}.*make it readable") as raised:
             load(tmp_path)
+        assert str(raised.value).endswith("If it is lost for good, delete it (and the trial's other parts): the next "
+                                          "`ablate run` computes the trial again")
     monkeypatch.undo()
     assert finished_trial_ids(tmp_path) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}
+
+
+@pytest.mark.parametrize("table", ["trials", "history", "telemetry"])
+def test_a_part_that_cannot_be_read_for_now_beside_combined_tables_says_deleting_it_restores_it(tmp_path, monkeypatch,
+                                                                                             table):
+    # the message said that deleting the part has the trial computed again, where the combined tables
+    # hold the trial: deleting it restores it from them instead
+    import errno
+
+    from ablate.results import ResultsError
+
+    _study(tmp_path)
+    part = tmp_path / PARTS_DIR / f"aaaaaaaaaaaa.{table}.parquet"
+    read_bytes = Path.read_bytes
+
+    def failing(self):
+        if self == part:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    with pytest.raises(ResultsError, match=f"cannot read the result part {part}") as raised:
+        finished_trial_ids(tmp_path)
+    assert str(raised.value).endswith(
+        f"a run would then write over it with the rows of the combined table. If it is lost for good, delete it: the "
+        f"rows of {tmp_path / f'{table}.parquet'} stand in for it, and the next `ablate run` rewrites it from them")
+    assert "computes the trial again" not in str(raised.value)
+    monkeypatch.undo()
+    part.unlink()  # (as the message says: the trial stays finished, its rows restored)
+    with pytest.warns(UserWarning, match="rows come from"):
+        assert finished_trial_ids(tmp_path) == {"aaaaaaaaaaaa", "bbbbbbbbbbbb"}
+    with pytest.warns(UserWarning, match="rows come from"):
+        consolidate(tmp_path)
+    assert part.exists()
 
 
 def _drop_column(path: Path, column: str) -> None:

@@ -855,6 +855,34 @@ def test_trials_0_without_a_stored_study_creates_nothing(tmp_path):
     assert optuna.get_all_study_names(open_storage(location)) == []
 
 
+def test_trials_0_of_the_study_file_without_a_stored_study_is_named_as_the_files(tmp_path):
+    # `trials: 0` in the study file (no --trials) was refused as "--trials 0 only rewrites ...", naming an
+    # option the command line did not have
+    import optuna
+
+    path = _write(tmp_path, "t0.yaml", """\
+        name: t0
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 2}
+        adamw: false
+        tune:
+          trials: 0
+          priorities: {low: 0.5, high: 10.0}
+        """)
+    spec = load_tune_spec(path)
+    location = storage_location(spec, tmp_path / "out", None)
+    with pytest.raises(StudyError) as raised:
+        run_tune(spec, tmp_path / "out")
+    assert str(raised.value) == (f"{path}: tune.trials: 0 only rewrites the outputs of stored studies, and 't0/etth1' "
+                                 f"has none in {location}; set tune.trials to N, or run with --trials N to start it")
+    with pytest.raises(StudyError) as raised:  # (given on the command line: named as such)
+        run_tune(load_tune_spec(path, trials=0), tmp_path / "out")
+    assert str(raised.value).startswith(f"{path}: --trials 0 only rewrites the outputs of stored studies") and \
+        str(raised.value).endswith("; run with --trials N to start it")
+    assert optuna.get_all_study_names(open_storage(location)) == []
+
+
 def test_a_run_without_a_finished_suggestion_sets_an_earlier_runs_best_values_aside(tmp_path):
     # the best-values file was only ever (re)written, never removed: after a search in another study storage
     # (or of other tasks) in which every suggestion failed, the earlier run's file stayed beside the new history,
@@ -893,6 +921,16 @@ def test_a_run_without_a_finished_suggestion_sets_an_earlier_runs_best_values_as
     again = run_tune(spec, out, study_storage=other)  # (and again: nothing left to remove, nothing said)
     assert "best_set_aside" not in again.files and "no best values" not in format_summary(again)
     assert yaml.safe_load(stale.read_text())["etth1"]["priorities"] == [2.0, 2.0, 2.0]
+
+    # a second file set aside keeps the first: .stale.1 (Path.replace onto .stale overwrote it)
+    run_tune(spec, out)
+    assert yaml.safe_load(best_file.read_text())["etth1"]["priorities"] == [2.0, 2.0, 2.0]
+    best_file.write_text(best_file.read_text().replace("2.0", "4.0"))  # (another earlier run's values)
+    third = run_tune(spec, out, study_storage=other)
+    assert third.files["best_set_aside"] == stale.with_name(BEST_FILE + ".stale.1") and not best_file.exists()
+    assert yaml.safe_load(stale.read_text())["etth1"]["priorities"] == [2.0, 2.0, 2.0]
+    assert yaml.safe_load(third.files["best_set_aside"].read_text())["etth1"]["priorities"] == [4.0, 4.0, 4.0]
+    assert f"the earlier run's {BEST_FILE} (of" in format_summary(third)
 
 
 # -- (7) interrupted, killed and failed runs leave a study that the next run continues correctly -----
@@ -1219,6 +1257,34 @@ def test_a_baseline_whose_values_the_spec_changed_is_evaluated_again_and_its_old
     outcome = run_tune(spec, out)
     assert outcome.targets[0].baseline_value == 0.4 and "the baseline's own values scored 0.4" in format_summary(outcome)
     assert list(pd.read_parquet(out / "own" / "tune" / "history.parquet")["baseline"]) == [False, False, True]
+
+
+def test_an_older_versions_baseline_of_other_values_does_not_stand_for_the_new_values(tmp_path):
+    # a baseline recorded without its tasks (an older version: ("*",), every task's) counted as evaluated
+    # whatever its values, so after the spec changed the baseline's values they were never enqueued, while
+    # the old suggestion was no longer reported as the arm's own either
+    import optuna
+
+    from ablate.tune import _baselines_evaluated, _baseline_vectors, _enqueue_baseline, open_target_study, own_values
+
+    path = _tiny_spec(tmp_path, "legacy")
+    path.write_text(path.read_text().replace("adamw: false", "adamw: false\nbaseline: {priorities: [2.0, 3.0, 4.0]}"))
+    spec = load_tune_spec(path, trials=0)
+    target = build_targets(spec)[0]
+    study = open_target_study(target, spec, open_storage(storage_location(spec, tmp_path / "out")))
+    dist = {p: spec.settings.priorities.distribution() for p in PRIORITY_PARAMS}
+    study.add_trial(optuna.trial.create_trial(params={p: 1.0 for p in PRIORITY_PARAMS}, distributions=dist, value=0.5,
+                                              user_attrs={"baseline": True}))  # (no baseline_of)
+    current = {tuple(tasks): params for params, tasks in _baseline_vectors(target, spec.settings.space())}
+    assert _baselines_evaluated(study) == {("*",)} and _baselines_evaluated(study, current) == set()
+    _enqueue_baseline(study, target, spec, _baselines_evaluated(study, current))
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].system_attrs["fixed_params"] == own_values(target, spec) == \
+        {"p_gradient": 2.0, "p_loss_decrease": 3.0, "p_gen_gap": 4.0}
+    assert _baselines_evaluated(study, current) == {("etth1",)}  # (queued: not enqueued twice)
+    # the older baseline of the values the spec still gives: evaluated, as before
+    same = {tuple(tasks): {p: 1 for p in PRIORITY_PARAMS} for tasks in current}
+    assert _baselines_evaluated(study, same) == {("*",)}
 
 
 def test_a_finished_tune_leaves_no_empty_ray_folder(tmp_path, ray_address):
