@@ -385,9 +385,12 @@ def test_an_unreadable_study_file_says_how_to_make_it_readable(tmp_path, capsys)
                                        f"readable (`chmod u+r {spec}`, or ask its owner) or give a readable copy\n")
 
 
-def test_an_unreadable_study_file_is_refused_with_the_fix(tmp_path, monkeypatch):
-    # (as the test above, where the tests run as root, who reads any file: the read itself refused)
-    spec = tmp_path / "s.yaml"
+@pytest.mark.parametrize("folder, quoted", [("studies", False), ("my studies", True)])
+def test_an_unreadable_study_file_is_refused_with_the_fix(tmp_path, monkeypatch, folder, quoted):
+    # (as the test above, where the tests run as root, who reads any file: the read itself refused). In a folder with
+    # a space the path is quoted: `chmod u+r /x/my studies/s.yaml` the shell split into two paths, neither the file
+    spec = tmp_path / folder / "s.yaml"
+    spec.parent.mkdir()
     spec.write_text("name: tiny\ntasks: [etth1]\nseeds: 1\n")
     real = Path.read_text
 
@@ -399,8 +402,9 @@ def test_an_unreadable_study_file_is_refused_with_the_fix(tmp_path, monkeypatch)
     monkeypatch.setattr(Path, "read_text", refused)
     with pytest.raises(StudyError) as caught:
         load_study(spec)
+    shown = f"'{spec}'" if quoted else f"{spec}"
     assert str(caught.value) == (f"{spec}: cannot read the study file: permission denied; make it readable "
-                                 f"(`chmod u+r {spec}`, or ask its owner) or give a readable copy")
+                                 f"(`chmod u+r {shown}`, or ask its owner) or give a readable copy")
 
 
 @pytest.mark.parametrize("task", ["plug(a)", "plug)", "plug.x"])
@@ -468,22 +472,3 @@ def test_a_task_check_refusing_an_end_of_a_tuned_range_names_the_task_once():
             "s.yaml: tune (high ends of the ranges, task plug): lr=0.5 must be <= 0.1"]
     finally:
         TASKS.remove("plug")
-
-
-def test_the_chmod_an_unreadable_study_file_s_message_gives_works_on_a_path_with_spaces(tmp_path, monkeypatch):
-    # it gave `chmod u+r /x/my studies/s.yaml`, which the shell splits into two paths, neither the file
-    spec = tmp_path / "my studies" / "s.yaml"
-    spec.parent.mkdir()
-    spec.write_text("name: tiny\ntasks: [etth1]\nseeds: 1\n")
-    real = Path.read_text
-
-    def refused(self, *args, **kwargs):
-        if self == spec:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", refused)
-    with pytest.raises(StudyError) as caught:
-        load_study(spec)
-    assert str(caught.value) == (f"{spec}: cannot read the study file: permission denied; make it readable "
-                                 f"(`chmod u+r '{spec}'`, or ask its owner) or give a readable copy")
