@@ -210,7 +210,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Pair]], str]:
         fetch = f"{command} fetches it over these"
         if plain:  # (the download would write NAME.gz beside them, and the cut-short copy still be read)
             fetch = (f"delete the uncompressed {', '.join(map(str, plain))} first: "
-                     f"{'it is' if len(plain) == 1 else 'they are'} read before the NAME.gz files that {command} fetches")
+                     f"{'it is' if len(plain) == 1 else 'they are'} read before the .gz files that {command} fetches")
         warnings.warn(f"multi30k: {note} (in {used[0].parent.resolve()}) - perplexities and BLEU not comparable with "
                       f"the published dataset's ({fetch})", DataWarning, stacklevel=2)
         source += f" ({note})"

@@ -140,7 +140,7 @@ def test_the_advice_for_a_cut_short_uncompressed_copy_says_to_delete_it_first(tm
         f"multi30k: not the published files: val 1 pairs where it has 2; test_2016_flickr 1 pairs where it has 2 (in "
         f"{folder.resolve()}) - perplexities and BLEU not comparable with the published dataset's (delete the "
         f"uncompressed {folder / 'val.de'}, {folder / 'val.en'}, {folder / 'test_2016_flickr.en'} first: they are "
-        f"read before the NAME.gz files that `ablate data download multi30k --data-dir {tmp_path} --force` fetches)"]
+        f"read before the .gz files that `ablate data download multi30k --data-dir {tmp_path} --force` fetches)"]
     assert source.endswith(" (not the published files: val 1 pairs where it has 2; test_2016_flickr 1 pairs where it "
                            "has 2)")
     for name in ("val.de", "val.en", "test_2016_flickr.en"):  # as the warning says: the .gz files are read instead
