@@ -286,9 +286,9 @@ def _cache_index(out_dir: Path) -> dict[str, tuple[str, list[list]]]:
         return {}
 
 
-def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] | None
+def _part_rows(out_dir: Path, table: str, files: list[Path], cache: tuple[str, list[list]] | None
                ) -> tuple[pd.DataFrame, list[list], dict[str, str]]:
-    """One table's rows from its part ``files`` (in file order), the parts read (``[name, hash,
+    """The rows of ``table`` from its part ``files`` (in file order), the parts read (``[name, hash,
     rows, columns]``) and the unreadable ones (trial id -> why). The rows of the parts a cache holds
     come from it when every one of those parts is still there with the same bytes (else the cache
     is not used: rows of a rewritten or deleted part may have widened the types of its columns);
@@ -301,7 +301,7 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
 
     def parse(f: Path, data: bytes | None = None) -> None:
         try:
-            frames[f.name] = _parse_part(f, data)
+            frames[f.name] = _parse_part(f, table, data)
         except Exception as exc:  # one unreadable file must not hide every other result
             unreadable[f.name.split(".")[0]] = f"result part {f} is unreadable ({type(exc).__name__}: {exc})"
 
@@ -310,10 +310,10 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
             data = f.read_bytes()
         except OSError as exc:
             if exc.errno in _CANNOT_READ_NOW:  # (the part may be fine: not damage, which a run computes again over)
-                table, combined = f.name.rsplit(".", 2)[-2], out_dir / f"{f.name.rsplit('.', 2)[-2]}.parquet"
                 if _combined_holds(out_dir, table, f.name.split(".")[0]):  # (then its rows stand in for the part)
                     over, lost = ("write over it with the rows of the combined table", f"delete it: the rows of "
-                                  f"{combined} stand in for it, and the next `ablate run` rewrites it from them")
+                                  f"{out_dir / f'{table}.parquet'} stand in for it, and the next `ablate run` "
+                                  f"rewrites it from them")
                 else:
                     over, lost = ("compute its trial again and write over it", "delete it (and the trial's other "
                                   "parts): the next `ablate run` computes the trial again")
@@ -351,11 +351,11 @@ def _part_rows(out_dir: Path, files: list[Path], cache: tuple[str, list[list]] |
     return both.iloc[np.argsort(keys, kind="stable")].reset_index(drop=True)[columns], listed, unreadable
 
 
-def _parse_part(path: Path, data: bytes | None = None) -> pd.DataFrame:
-    """A part's rows, from its bytes when they were read already (``<trial id>.<table>.parquet``: a
-    part with rows but without its table's :data:`REQUIRED_COLUMNS` raises ValueError)."""
+def _parse_part(path: Path, table: str, data: bytes | None = None) -> pd.DataFrame:
+    """A part's rows, from its bytes when they were read already (a part of ``table`` with rows but
+    without its :data:`REQUIRED_COLUMNS` raises ValueError)."""
     df = pd.read_parquet(io.BytesIO(path.read_bytes() if data is None else data))
-    _check_columns(df, path.name.rsplit(".", 2)[-2])
+    _check_columns(df, table)
     return df
 
 
@@ -427,7 +427,7 @@ def _read_tables(out_dir: Path) -> _Stored:
     combined_trials: set[str] = set()  # trial ids of the combined trials table
     index = _cache_index(out_dir)
     for table in TABLES:
-        part_rows, listed, unreadable = _part_rows(out_dir, files[table], index.get(table))
+        part_rows, listed, unreadable = _part_rows(out_dir, table, files[table], index.get(table))
         has_parts = len(files[table]) > len(unreadable)  # (parts parsed, or standing in the cache)
         part_rows, storable = _as_stored(part_rows)
         read_parts[table] = (part_rows, listed if storable else [])

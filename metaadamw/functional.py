@@ -620,7 +620,7 @@ def single_tensor_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor) -> 
                 a, w = a.double(), w.double()
             denom = v.sqrt() / root_bc2 + b.eps
             p.mul_(1 - b.lr * a * w * b.weight_decay)
-            p.sub_(_widened(m) / _widened(denom) * (b.lr * a / b.bias_correction1))
+            p.sub_(widened(m) / widened(denom) * (b.lr * a / b.bias_correction1))
 
 
 #: ``torch._foreach_rsqrt`` (torch 2.8 and later)
@@ -744,13 +744,13 @@ def _narrow_update(b: Bucket, params: list[Tensor], exp_avgs: list[Tensor], exp_
         denom = torch._foreach_sqrt(vs[sl])
         torch._foreach_div_(denom, root_bc2)
         torch._foreach_add_(denom, b.eps)
-        update = torch._foreach_div([_widened(m) for m in ms[sl]], [_widened(d) for d in denom])  # m / denom
+        update = torch._foreach_div([widened(m) for m in ms[sl]], [widened(d) for d in denom])  # m / denom
         del denom
         torch._foreach_mul_(update, step)
         torch._foreach_mul_(ps[sl], decay)
         torch._foreach_add_(ps[sl], update)  # (in float32, rounded once to the parameter's dtype)
 
 
-def _widened(t: Tensor) -> Tensor:
+def widened(t: Tensor) -> Tensor:
     """``t`` in float32 if it is of :data:`NARROW_DTYPES` (AdamW's opmath for them), else as it is."""
     return t.float() if t.dtype in NARROW_DTYPES else t

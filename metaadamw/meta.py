@@ -784,7 +784,7 @@ def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
                 else "")
         raise ValueError(f"objective {name}: the terms {bad} are not scalar tensors (got "
                          f"{', '.join(described(terms[k]) for k in bad)}): reduce each term to one value{hint}")
-    return {k: v.reshape(()).float() if v.dtype in F.NARROW_DTYPES else v.reshape(()) for k, v in terms.items()}
+    return {k: F.widened(v.reshape(())) for k, v in terms.items()}
 
 
 def _checked_weighting(result: Any, weighting: Any) -> tuple[Tensor, dict[str, Tensor]]:

@@ -1854,7 +1854,7 @@ def test_the_float16_update_widens_a_bounded_number_of_elements_at_once(monkeypa
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(n, dtype=torch.float16)) for n in (1000, 1000, 3000, 1000, 10)]
         opt = MetaAdamW(params, lr=1e-2, weight_decay=0.1, grouping="original", **small_kwargs())
-        live, peak, widened = [], [0], F._widened
+        live, peak, widened = [], [0], F.widened
 
         def tracked(t):
             out = widened(t)
@@ -1863,13 +1863,13 @@ def test_the_float16_update_widens_a_bounded_number_of_elements_at_once(monkeypa
                 peak[0] = max(peak[0], sum(r().numel() for r in live if r() is not None))
             return out
 
-        monkeypatch.setattr(F, "_widened", tracked)
+        monkeypatch.setattr(F, "widened", tracked)
         g = torch.Generator().manual_seed(1)
         for _ in range(5):
             for p in params:
                 p.grad = (torch.randn(p.shape, generator=g) * 300).half()
             opt.step()
-        monkeypatch.setattr(F, "_widened", widened)
+        monkeypatch.setattr(F, "widened", widened)
         return [p.detach().clone() for p in params], peak[0]
 
     whole, whole_peak = run(10**9)
