@@ -74,6 +74,16 @@ def finite(x: Tensor) -> Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=FEATURE_LIMIT, neginf=-FEATURE_LIMIT)
 
 
+def bounded(x: Tensor) -> Tensor:
+    """``x`` within +-:data:`FEATURE_LIMIT`, each NaN as 0: the features the encoder reads. A finite
+    statistic can be far larger than the limit - a gradient spike of 1e10 in one tensor (its squared
+    norm in ``enhanced``'s variances), norms of float64 tensors up to float32's 3e38 - and made the
+    encoder's attention scores overflow to inf, and with them every group's multipliers NaN (all the
+    model's parameters, in one step, where AdamW trains through the spike). Past the limit the
+    encoder's first LayerNorm saw one feature dominating the token either way."""
+    return torch.nan_to_num(x.clamp(-FEATURE_LIMIT, FEATURE_LIMIT), nan=0.0)
+
+
 @dataclasses.dataclass
 class GroupLayout:
     """How the optimizer's N parameter tensors map onto G groups (the modulator's tokens)."""

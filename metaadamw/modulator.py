@@ -25,7 +25,9 @@ the group means (:meth:`FeatureExtractor.group_mean`) and in the features the en
 (:meth:`Modulator.features`, for extractors of other reductions): the encoder attends across
 groups, so one NaN token made every group's multipliers NaN, and with them every parameter of the
 model in one step, where AdamW spoils only the non-finite elements; and a group mean over every
-tensor in one matrix product (0 * inf = NaN) made the statistic NaN in every group.
+tensor in one matrix product (0 * inf = NaN) made the statistic NaN in every group. Finite
+features beyond that limit are cut to it too: a gradient spike of 1e10 in one tensor made the
+encoder's attention scores overflow, with the same result.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaadamw import functional
-from metaadamw.features import FeatureExtractor, FeatureGate, finite
+from metaadamw.features import FeatureExtractor, FeatureGate, bounded
 from metaadamw.functional import to_device
 
 
@@ -245,9 +247,9 @@ class Modulator(nn.Module):
         return self.head(x)
 
     def features(self, stats: dict[str, Tensor], time: Tensor) -> Tensor:
-        """The extractor's (groups, in_width) features, each inf as +-:data:`~metaadamw.features.FEATURE_LIMIT`
-        and each NaN as 0 (:func:`~metaadamw.features.finite`; see the module's docstring)."""
-        return finite(self.extractor(stats, time))
+        """The extractor's (groups, in_width) features within +-:data:`~metaadamw.features.FEATURE_LIMIT`
+        (an inf as the limit) and each NaN as 0 (:func:`~metaadamw.features.bounded`; see the module's docstring)."""
+        return bounded(self.extractor(stats, time))
 
     def forward(self, stats: dict[str, Tensor], time: Tensor) -> Multipliers:
         return self._multipliers(self.encode(self.features(stats, time)))

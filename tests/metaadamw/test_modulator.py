@@ -1,6 +1,7 @@
 """The modulator's encoder layer: the same function as torch's post-norm encoder layer, and its
 cached parameter tuple always the layer's current parameters."""
 
+import contextlib
 import copy
 
 import pytest
@@ -264,3 +265,36 @@ def test_group_spreads_count_a_non_finite_statistic_as_its_group_mean_does(bad):
     feats = enhanced(stats, torch.tensor(0.0))
     var = feats[:, enhanced.feature_names.index("grad_norm_var")]
     assert float(var[0]) == pytest.approx(float(expected) ** 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("features", ["basic", "basic_plus", "enhanced", "norm_basic", "norm_basic_plus"])
+@pytest.mark.parametrize("dtype,spike", [(torch.float32, 1e10), (torch.float64, 1e19)])
+def test_a_finite_gradient_spike_in_one_tensor_leaves_the_other_groups_multipliers_finite(features, dtype, spike):
+    # a finite statistic far beyond FEATURE_LIMIT (one layer's gradient 1e10 times the others': its
+    # squared norm in enhanced's variances; float64 norms up to float32's range) made the encoder's
+    # attention scores overflow and every parameter NaN in one step, where AdamW trains through it
+    from metaadamw import MetaAdamW
+    from metaadamw.features import FEATURE_LIMIT
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 10)).to(dtype)
+    b = copy.deepcopy(a)
+    adamw = torch.optim.AdamW(a.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="zero-padded") if features in ("basic_plus", "norm_basic_plus", "enhanced") \
+            else contextlib.nullcontext():
+        meta = MetaAdamW(b.named_parameters(), lr=1e-3, weight_decay=0.01, features=features, grouping="original",
+                         alpha_range=0.0, beta_range=0.0, modulator_layers=2)
+    for _ in range(2):
+        grads = [torch.randn(p.shape, dtype=dtype) for p in a.parameters()]
+        grads[0] = grads[0] * spike
+        for model, opt in ((a, adamw), (b, meta)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+        # (the step's inference: the features the encoder reads, bounded)
+        features_read = meta.modulator.features(meta._stats, torch.tensor(0.0))
+        assert features_read.isfinite().all() and features_read.abs().max() <= FEATURE_LIMIT
+    assert meta.multipliers.alpha.isfinite().all() and meta.multipliers.lambda1.isfinite().all()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert q.isfinite().all()
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6)
