@@ -395,7 +395,8 @@ def build_cifar10_task(config: dict) -> TaskInstance:
             # (--force: without it, an archive recorded as unpacked with its files all in place - batches cut short
             # or swapped for smaller ones - is not fetched again)
             warnings.warn(f"cifar10: {partial} in {root} - accuracies not comparable with the full dataset's "
-                          f"(`{download_command('cifar10', config, force=True)}` fetches it over this one)",
+                          f"(`{download_command('cifar10', config, force=True)}` fetches the published one, read in "
+                          f"its place)",
                           DataWarning, stacklevel=2)
             source += f" ({partial})"
         if config["split"] == "paper":

@@ -304,8 +304,8 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     if other:
         note = f"not the published tree: {', '.join(other)} where each folder has {PUBLISHED_PER_FOLDER:,}"
         warnings.warn(f"{TASK}: {tree.resolve()} is {note} - accuracies not comparable with the published dataset's "
-                      f"(`{download_command(TASK, config, force=True)}` fetches it over this one)", DataWarning,
-                      stacklevel=2)
+                      f"(`{download_command(TASK, config, force=True)}` fetches the published one, read in its place)",
+                      DataWarning, stacklevel=2)
         source += f" ({note})"
     return {"train": train, "val": val, "test": reviews["test"]}, source
 

@@ -156,7 +156,8 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
     if other:
         note = "not the published files: " + "; ".join(other)
         warnings.warn(f"{TASK}: {note} (in {paths['train'].parent.resolve()}) - perplexities not comparable with the "
-                      f"published dataset's (`{download_command(TASK, config, force=True)}` fetches it over these)",
+                      f"published dataset's (`{download_command(TASK, config, force=True)}` fetches the published ones, read "
+                      f"in their place)",
                       DataWarning, stacklevel=2)
         source += f" ({note})"
     return tokens, source

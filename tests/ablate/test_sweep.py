@@ -1061,7 +1061,7 @@ def test_a_warning_about_the_task_s_data_is_printed_once_per_task_and_every_tria
     said = [line for line in out.splitlines() if "is not the published file" in line]
     assert said == [f"etth1: warning: etth1: {csv} is not the published file: 600 rows where it has 17,420 - metrics "
                     f"not comparable with the published dataset's (`ablate data download etth1 --data-dir "
-                    f"{tmp_path / 'data'} --force` fetches it over this one)"], out
+                    f"{tmp_path / 'data'} --force` fetches the published one, read in its place)"], out
     trials = load_results(tmp_path / "results" / "tiny").trials
     assert sorted(trials["arm"]) == ["adamw", "baseline", "meta_every=4", "objective=loss_decrease"]
     assert set(trials["data_source"]) == {f"real:{csv} (not the published file: 600 rows where it has 17,420)"}

@@ -148,7 +148,8 @@ def test_a_file_too_short_for_the_split_says_what_fits_and_how_to_fetch_the_whol
     assert str(info.value) == (
         f"etth1 (real:{(tmp_path / 'ETTh1.csv').resolve()}): 5 steps are too few for the 80/20 split with seq_len=4. "
         f"A shorter seq_len fits a shorter series; if the file is a cut-short copy, `ablate data download etth1 "
-        f"--force` fetches the published one over it")
+        f"--data-dir {tmp_path} --force` fetches the published one, read in its place")  # (where the config looks:
+    # the command named no --data-dir, so that it fetched the file into ./data, not where this config reads it)
     with pytest.raises(DatasetNotFoundError, match=r"seq_len=4\. If the file is a cut-short copy, `ablate data "):
         etth.build_ett_task(real_config(tmp_path, split="12/4/4"), etth.VARIANTS[0])  # (20 months, whatever seq_len)
 
@@ -170,7 +171,7 @@ def test_the_download_command_named_fetches_where_the_config_looks(tmp_path):
             get_task("etth1").build(task_config("etth1", data="real", data_dir=str(data_dir)))
         assert f"`ablate data download etth1 --data-dir {expected}`" in str(info.value)
     write_ett_csv(tmp_path / "ETT-small" / "ETTh1.csv", np.arange(3000.0))  # (not the published file: a warning)
-    with pytest.warns(UserWarning, match=rf"`ablate data download etth1 --data-dir {tmp_path} --force` fetches it"):
+    with pytest.warns(UserWarning, match=rf"`ablate data download etth1 --data-dir {tmp_path} --force` fetches the published one"):
         get_task("etth1").build(task_config("etth1", data="real", data_dir=str(tmp_path / "ETT-small"), seq_len=4,
                                             d_model=8, n_heads=2, n_layers=1))
 
@@ -271,7 +272,7 @@ def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
     write_ett_csv(path, ot)
     # a file of other length than the published one (a copy cut short): said, and recorded with the results
     with pytest.warns(DataWarning, match=rf"etth1: {path} is not the published file: 30 rows where it has 17,420 - "
-                                         rf"metrics not comparable .*`ablate data download etth1 --data-dir {tmp_path} --force` fetches it"):
+                                         rf"metrics not comparable .*`ablate data download etth1 --data-dir {tmp_path} --force` fetches the published one"):
         task = get_task("etth1").build(real_config(tmp_path, scaling="standard"))
     assert task.data_source == f"real:{path} (not the published file: 30 rows where it has 17,420)"
     # 26 windows of 4 steps: 20 train (targets 4..23), 6 validate (targets 24..29)
@@ -428,3 +429,19 @@ def test_a_file_directly_in_data_dir_is_found_beside_an_ett_small_folder_of_othe
     task = etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
     assert task.data_source.startswith(f"real:{(tmp_path / 'ETTh1.csv').resolve()}")
     assert get_task("etth1").locate(real_config(tmp_path)) == [tmp_path / "ETTh1.csv"]
+
+
+def test_a_short_file_directly_in_data_dir_is_read_no_more_once_the_download_advised_has_run(tmp_path):
+    # the warning said the download "fetches it over this one", but the download writes data_dir/ETT-small/ETTh1.csv
+    # beside the copy directly in data_dir: the published file is read in its place (ETT-small is looked in first)
+    write_ett_csv(tmp_path / "ETTh1.csv", np.arange(600.0) % 24)
+    with pytest.warns(DataWarning) as caught:
+        etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+    said = [str(w.message) for w in caught if "not the published file" in str(w.message)]
+    assert len(said) == 1 and said[0].endswith(
+        f"(`ablate data download etth1 --data-dir {tmp_path} --force` fetches the published one, read in its place)")
+    published = tmp_path / "ETT-small" / "ETTh1.csv"  # where that download writes it (its 17,420 rows, here any)
+    write_ett_csv(published, np.arange(900.0) % 24)
+    assert get_task("etth1").locate(real_config(tmp_path)) == [published]
+    task = etth.build_ett_task(real_config(tmp_path), etth.VARIANTS[0])
+    assert task.data_source.startswith(f"real:{published.resolve()}")

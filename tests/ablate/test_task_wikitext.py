@@ -123,7 +123,8 @@ def test_files_of_other_token_counts_than_the_published_ones_are_warned_about_an
     with pytest.warns(DataWarning, match=r"wikitext2: not the published files: wiki\.train\.tokens 20 tokens where it "
                                          r"has 2,088,628; wiki\.valid\.tokens 10 tokens where it has 217,646; "
                                          r"wiki\.test\.tokens 10 tokens where it has 245,569 \(in .*\) - perplexities "
-                                         r"not comparable .*`ablate data download wikitext2 --data-dir .* --force`"):
+                                         r"not comparable .*`ablate data download wikitext2 --data-dir .* --force` fetches the "
+                                         r"published ones, read in their place\)$"):
         task = get_task("wikitext2").build(config)
     files = ",".join(str((folder / name).resolve()) for name in ("wiki.train.tokens", "wiki.valid.tokens",
                                                                  "wiki.test.tokens"))
