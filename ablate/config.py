@@ -290,7 +290,8 @@ def validate_value(key: str, value: Any, where: str = "trial config") -> None:
                 and not value.lstrip().startswith("[") else "")
         if field.nullable and isinstance(value, str) and value.strip().lower() == "none":
             hint = " (for none, write null: YAML and --set read None as text)"
-        raise ConfigError(f"{where}: {subject}must be {_type_name(field.type)}, got {value!r}{hint} ({field.doc})")
+        kind = "a finite number" if field.type is float and isinstance(value, float) else _type_name(field.type)
+        raise ConfigError(f"{where}: {subject}must be {kind}, got {value!r}{hint} ({field.doc})")
     allowed = field.allowed()
     if allowed is not None and value not in allowed:
         hint = did_you_mean(value, map(str, allowed)) if isinstance(value, str) else ""
@@ -366,7 +367,8 @@ def resolve_config(config: Mapping[str, Any], where: str = "trial config", *, cr
                                          f"{'the task' if task_said else f'task {spec.name}'}'s default: {own!r}; "
                                          f"leave the key out to take it)"))
             if default is not None and value is not None and not _same_kind(default, value):
-                problems.append(ConfigError(f"{where}: {subject}must be {_kind_of(default)} like {default!r}"
+                kind = "a finite number," if isinstance(default, float) and isinstance(value, float) else _kind_of(default)
+                problems.append(ConfigError(f"{where}: {subject}must be {kind} like {default!r}"
                                             f"{'' if task_said else f' (task {spec.name})'}, got {value!r}"))
             if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
                 resolved[key] = float(value)  # (dropout: 0 and dropout: 0.0 are the same trial, as for lr)

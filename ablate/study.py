@@ -1326,10 +1326,13 @@ def _check_task_key(ctx: _Context, key: str, path: str, tasks: list[str]) -> Non
             f"{', '.join(k for k in COMMON_FIELDS if k not in _RESERVED)}; {task_keys}",
         )
     if len(owners) < len(tasks):
+        # (an override sets the key on every arm of its task, the baseline and AdamW included: no ablation of it)
+        fix = (f"to ablate it, run the axis in a study of {', '.join(owners)} only (under overrides.<task> it would "
+               f"change every arm of the task, the baseline included)" if path.startswith(("ablations.", "factorial."))
+               else "set it under overrides.<task> instead")
         raise ctx.error(
             path,
-            f"{key!r} is a key of task(s) {', '.join(owners)} only, but this applies to {', '.join(tasks)}; "
-            f"set it under overrides.<task> instead",
+            f"{key!r} is a key of task(s) {', '.join(owners)} only, but this applies to {', '.join(tasks)}; {fix}",
         )
 
 

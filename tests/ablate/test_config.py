@@ -104,6 +104,10 @@ def test_every_key_that_shapes_the_result_is_in_the_trial_id_and_only_the_four_r
     ({"task": "etth1", "modulator_width": 7, "modulator_heads": 2}, "not a multiple of modulator_heads=2"),
     ({"task": "etth1", "data_dir": "/x"}, "data_dir is given but data='embedded'"),
     ({"task": "etth1", "d_model": "big"}, "d_model must be an integer, like 32 (task etth1), got 'big'"),
+    # (a number out of float range, `lr: 1e999`, reads as inf: "must be a number, got inf" said it was not one)
+    ({"task": "etth1", "lr": float("inf")}, "lr must be a finite number, got inf"),
+    ({"task": "etth1", "grad_clip": float("nan")}, "grad_clip must be a finite number, got nan"),
+    ({"task": "etth1", "dropout": float("inf")}, "dropout must be a finite number, like 0.2 (task etth1), got inf"),
 ])
 def test_bad_configs_name_the_key_and_the_fix(config, fragment):
     with pytest.raises(ConfigError) as err:

@@ -428,6 +428,10 @@ ERRORS = [
     ({"budget": {"epochs": -1}}, ["s.yaml: budget.epochs", "> 0"]),
     ({"budget": {"epoch": 3}}, ["s.yaml: budget.epoch", "did you mean 'epochs'", "Common keys: device, num_threads, epochs", "keys of task tiny_ts: d_model"]),
     ({"budget": {"d_model": 8}}, ["s.yaml: budget.d_model", "tiny_ts only", "overrides.<task>"]),
+    # (an override sets the key on every arm of its task, the baseline included: it cannot ablate the key)
+    ({"ablations": {"d_model": [8]}}, ["s.yaml: ablations.d_model[0]", "tiny_ts only", "to ablate it, run the axis in "
+                                       "a study of tiny_ts only (under overrides.<task> it would change every arm"]),
+    ({"factorial": {"axes": {"d_model": [8, 16]}}}, ["s.yaml: factorial.axes.d_model[0]", "a study of tiny_ts only"]),
     ({"budget": {"seed": 1}}, ["s.yaml: budget.seed", "seeds:"]),
     ({"budget": {"optimizer": "adamw"}}, ["s.yaml: budget.optimizer", "adamw:"]),
     ({"budget": {"meta_every": 5, "meta_per_epoch": 2}}, ["s.yaml: budget", "meta_every", "meta_per_epoch", "give only one"]),
