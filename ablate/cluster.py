@@ -536,6 +536,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")
+    if not 0 < int(port) < 65536:  # (the socket library takes a larger one modulo 65536: another port was probed)
+        raise ConfigError(f"{given} {address!r}: port {port} is no TCP port (1 to 65535): give the port "
+                          f"`ray start --head` printed (6379 by default)")
     try:
         connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as exc:

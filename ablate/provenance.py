@@ -71,6 +71,8 @@ def _component_sources(config: Any) -> list[tuple[str, Path]]:
         if not isinstance(name, str) or name not in registry:
             continue
         obj = registry.get(name)
+        while isinstance(obj, functools.partial):  # (a partial's own module is functools: its function's counts)
+            obj = obj.func
         defined = obj if isinstance(obj, type) or hasattr(obj, "__qualname__") else type(obj)  # (an instance: its class)
         out.append(_module_source(getattr(defined, "__module__", None)))
     return [source for source in out if source is not None]

@@ -569,3 +569,26 @@ def test_the_ray_address_note_does_not_advise_an_address_that_is_refused(monkeyp
     for refused in ("auto", given):  # (what the note said before)
         with pytest.raises(ConfigError):
             check_reachable(refused)
+
+
+@pytest.mark.parametrize("beyond", [0, 65536])
+def test_a_port_out_of_range_is_refused_not_probed_modulo_65536(monkeypatch, beyond):
+    # (port+65536 reached the listener on port: a GCS there passed the check, and Ray was given a port that is none)
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    port, stop = _listener(bytes([0, 0, 0x18, 4, 0, 0, 0, 0, 0]))  # (answers as a GCS)
+    try:
+        given = f"127.0.0.1:{port + beyond}"
+        if not beyond:
+            check_reachable(given, timeout_s=5.0)
+            return
+        with pytest.raises(ConfigError) as error:
+            check_reachable(given, timeout_s=5.0)
+        assert str(error.value) == (f"--address '{given}': port {port + beyond} is no TCP port (1 to 65535): give the "
+                                    f"port `ray start --head` printed (6379 by default)")
+    finally:
+        stop()
+    with pytest.raises(ConfigError, match=r"port 0 is no TCP port"):
+        check_reachable("127.0.0.1:0")

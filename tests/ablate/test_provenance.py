@@ -273,3 +273,26 @@ def test_every_component_kind_metaadamw_builds_is_fingerprinted_from_its_own_tab
     assert provenance._component_sources(config) == [(name, tmp_path / f"{name}.py")]
     assert provenance.code_fingerprint(None, config) != provenance.code_fingerprint()
     assert provenance.code_fingerprint(None, {**config, "optimizer": "adamw"}) == provenance.code_fingerprint()
+
+
+def test_a_component_registered_as_a_functools_partial_is_fingerprinted_from_its_functions_module(
+        tmp_path, monkeypatch, plugin_cleanup):
+    # (a partial's class is functools.partial: the fingerprint covered the standard library's functools.py, and a
+    # fix to the plugin's grouping function left it as it was)
+    import functools
+
+    from metaadamw import GROUPINGS
+
+    name = "fp_partial_grouping"
+    plugin_cleanup.append(name)
+    source = tmp_path / f"{name}.py"
+    source.write_text("def by_depth(tensors, depth=1):\n    return ['.'.join(t.name.split('.')[:depth]) for t in tensors]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    monkeypatch.setitem(GROUPINGS._items, name, functools.partial(module.by_depth, depth=2))
+    config = {"optimizer": "metaadamw", "grouping": name}
+    assert provenance._component_sources(config) == [(name, source)]
+    before = provenance.code_fingerprint(None, config)
+    assert before != provenance.code_fingerprint()
+    source.write_text(source.read_text() + "# a fix\n")
+    assert provenance.code_fingerprint(None, config) != before
