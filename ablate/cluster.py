@@ -534,7 +534,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. {address}:6379, the port "
                           f"`ray start --head` printed), or auto")
     host, _, port = address.rpartition(":")
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit()):  # (isdigit alone takes "²", which int() refuses)
         raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")
     if not 0 < int(port) < 65536:  # (the socket library takes a larger one modulo 65536: another port was probed)
         raise ConfigError(f"{given} {address!r}: port {port} is no TCP port (1 to 65535): give the port "

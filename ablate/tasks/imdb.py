@@ -303,9 +303,13 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
              if n != PUBLISHED_PER_FOLDER]
     if other:
         note = f"not the published tree: {', '.join(other)} where each folder has {PUBLISHED_PER_FOLDER:,}"
+        # (the download unpacks into data_dir/imdb/aclImdb, over this tree when it is that one: review files beyond
+        # the published ones stay, and the tree read is still not the published one)
+        aside = (f"move {tree} aside, then " if tree == data_dir_candidates(config, SUBDIR)[0] / TREE
+                 and any(n > PUBLISHED_PER_FOLDER for n in counts.values()) else "")
         warnings.warn(f"{TASK}: {tree.resolve()} is {note} - accuracies not comparable with the published dataset's "
-                      f"(`{download_command(TASK, config, force=True)}` fetches the published one, read in its place)",
-                      DataWarning, stacklevel=2)
+                      f"({aside}`{download_command(TASK, config, force=True)}` fetches the published one, read in its "
+                      f"place)", DataWarning, stacklevel=2)
         source += f" ({note})"
     return {"train": train, "val": val, "test": reviews["test"]}, source
 

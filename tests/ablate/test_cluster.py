@@ -592,3 +592,12 @@ def test_a_port_out_of_range_is_refused_not_probed_modulo_65536(monkeypatch, bey
         stop()
     with pytest.raises(ConfigError, match=r"port 0 is no TCP port"):
         check_reachable("127.0.0.1:0")
+
+
+def test_a_port_of_other_digits_than_ascii_ones_is_refused_as_not_host_port():
+    # ("²".isdigit() is True, int("²") raises: a raw ValueError instead of the address advice)
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'127\.0\.0\.1:²': expected HOST:PORT of the Ray head"):
+        check_reachable("127.0.0.1:²")

@@ -139,6 +139,71 @@ def test_a_tree_of_other_sizes_than_the_published_one_is_warned_about_and_record
             f"real:{tree} (not the published tree: test/neg 1 reviews where each folder has 2)")
 
 
+def test_a_tree_with_more_reviews_than_the_published_one_is_moved_aside_before_the_download_advised(
+        tmp_path, monkeypatch):
+    # the warning said the forced download "fetches the published one, read in its place", but it unpacks into
+    # data_dir/imdb/aclImdb, over this very tree: a review file beyond the archive's stays, and the warning with it
+    import hashlib
+    import io
+    import shlex
+    import shutil
+    import tarfile
+    import urllib.request
+
+    import ablate.tasks.imdb as imdb
+    from ablate import data
+    from ablate.cli import main
+    from ablate.tasks import Download
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:  # the published tree: 2 reviews in each folder
+        for (split, label), texts in TREE.items():
+            for i, text in enumerate(texts[:2]):
+                info = tarfile.TarInfo(f"aclImdb/{split}/{label}/{i}_{7 + i}.txt")
+                info.size = len(text.encode())
+                archive.addfile(info, io.BytesIO(text.encode()))
+    published = buffer.getvalue()
+    monkeypatch.setitem(data.DOWNLOADS, "imdb", [Download(url="https://example.org/a.tar.gz", filename=
+                        "aclImdb_v1.tar.gz", md5=hashlib.md5(published).hexdigest(), extract=True, subdir="imdb")])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Response(published))
+    monkeypatch.setattr(imdb, "PUBLISHED_PER_FOLDER", 2)
+    tree = write_tree(tmp_path / "imdb")  # (5, 5, 2, 2 reviews: the first two of each folder the archive's)
+    for f in sorted((tree / "train" / "neg").iterdir())[2:]:
+        f.unlink()
+    for f in sorted((tree / "train" / "pos").iterdir())[3:]:
+        f.unlink()  # train/pos: one review more than the published folder
+    config = make_config(data="real", data_dir=str(tmp_path), **TINY)
+    with pytest.warns(DataWarning) as caught:
+        get_task("imdb").build(config)
+    (said,) = [str(w.message) for w in caught if "not the published tree" in str(w.message)]
+    assert said.endswith(f"(move {tree} aside, then `ablate data download imdb --data-dir {tmp_path} --force` "
+                         f"fetches the published one, read in its place)"), said
+    command = shlex.split(said.split("`")[1])[1:]
+    assert main(command) == 0  # (not moved: the published tree is unpacked over it, and the extra review stays)
+    with pytest.warns(DataWarning, match="train/pos 3 reviews where each folder has 2"):
+        get_task("imdb").build(config)
+    shutil.move(tree, tmp_path / "mine")
+    assert main(command) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert get_task("imdb").build(config).data_source == f"real:{tree}"
+    # a tree beside the one the download makes (data_dir/aclImdb): that one is read in its place, nothing to move
+    shutil.rmtree(tmp_path / "imdb")
+    shutil.move(tmp_path / "mine", tmp_path / "aclImdb")
+    with pytest.warns(DataWarning) as caught:
+        get_task("imdb").build(config)
+    (said,) = [str(w.message) for w in caught if "not the published tree" in str(w.message)]
+    assert "aside" not in said and said.endswith(f"(`ablate data download imdb --data-dir {tmp_path} --force` "
+                                                 f"fetches the published one, read in its place)")
+
+
 def test_missing_tree_names_the_expected_folders(tmp_path):
     tree = write_tree(tmp_path / "imdb")
     for f in (tree / "test" / "neg").iterdir():
