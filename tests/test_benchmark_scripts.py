@@ -91,3 +91,31 @@ def test_memory_tracker_counts_a_storage_first_seen_empty_and_resized_in_place(m
     assert m.peak_bytes == 3 * n * 4
     assert m.end_bytes == 2 * n * 4  # (a is freed; out and grown are returned)
     assert m.new_peak_bytes == 3 * n * 4
+
+
+def test_cuda_step_sync_check_does_not_report_a_failing_meta_update_as_a_synchronisation(cuda_step, monkeypatch):
+    # check_syncs runs a meta-update between its checked steps, outside the sync debug mode; an error there was
+    # returned as "SYNC: ...", which reads as step() synchronising with the host
+    from metaadamw import MetaAdamW
+
+    real = cuda_step.Workload
+    modes = []
+    monkeypatch.setattr(cuda_step, "Workload", lambda name, device: real(name, torch.device("cpu")))
+    monkeypatch.setattr(cuda_step, "sync", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def failing_meta_step(*args, **kwargs):
+        raise RuntimeError("the meta-update failed\nsecond line")
+
+    monkeypatch.setattr(MetaAdamW, "meta_step", failing_meta_step)
+    with pytest.raises(RuntimeError, match="the meta-update failed"):
+        cuda_step.check_syncs("tiny10", torch.device("cuda"))
+    assert modes == ["error", "default"]
+
+    def syncing_step(self, closure=None):  # a step that synchronises is still reported as one
+        raise RuntimeError("called a synchronizing CUDA operation\nsecond line")
+
+    modes.clear()
+    monkeypatch.setattr(MetaAdamW, "step", syncing_step)
+    assert cuda_step.check_syncs("tiny10", torch.device("cuda")) == "SYNC: called a synchronizing CUDA operation"
+    assert modes == ["error", "default"]
