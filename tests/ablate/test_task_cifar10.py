@@ -82,7 +82,9 @@ def test_task_on_a_fixture_with_the_papers_split(tmp_path):
     written = write_cifar(root)
     with pytest.warns(DataWarning, match=r"cifar10: partial: 6 training images from data_batch_1, of the 50,000 in "
                                          r"data_batch_1..5; 6 test images, of the 10,000 in test_batch in .* - "
-                                         r"accuracies not comparable with the full dataset's"):
+                                         r"accuracies not comparable with the full dataset's \(`ablate data "
+                                         r"download cifar10 --data-dir .* --force` fetches the published one, read in "
+                                         r"its place\)$"):
         task = get_task("cifar10").build(real_config(tmp_path, split="paper"))  # data_dir is the parent folder
     # (a short test_batch too: the paper's split validates on it, and its accuracy was recorded as the full set's)
     assert task.data_source == (f"real:{root.resolve()} (partial: 6 training images from data_batch_1, of the 50,000 "
