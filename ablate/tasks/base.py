@@ -163,6 +163,14 @@ def download_command(task: str, config: Mapping[str, Any], force: bool = False) 
     return f"ablate data download {task}{where}{' --force' if force else ''}"
 
 
+def refetch_advice(task: str, config: Mapping[str, Any], plural: bool = False) -> str:
+    """The advice for a copy that is not the published one: :func:`download_command` with
+    ``--force``, which fetches the published file(s) into the dataset's own folder - the first place
+    the loaders look, or the copy's own - so that they are read in its place."""
+    which = "ones, read in their place" if plural else "one, read in its place"
+    return f"`{download_command(task, config, force=True)}` fetches the published {which}"
+
+
 def download_root(task: str, data_dir: Path) -> Path:
     """The directory a download of ``task`` is given so that its files land where a loader given
     ``data_dir`` looks: ``data_dir``, or its parent where it is the dataset's own folder

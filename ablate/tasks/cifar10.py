@@ -58,8 +58,8 @@ from ablate.tasks.base import (
     check_choice,
     check_int,
     classifier_loss,
-    download_command,
     evaluate_classifier,
+    refetch_advice,
     register_download,
     register_task,
     resolve_data_dir,
@@ -395,8 +395,7 @@ def build_cifar10_task(config: dict) -> TaskInstance:
             # (--force: without it, an archive recorded as unpacked with its files all in place - batches cut short
             # or swapped for smaller ones - is not fetched again)
             warnings.warn(f"cifar10: {partial} in {root} - accuracies not comparable with the full dataset's "
-                          f"(`{download_command('cifar10', config, force=True)}` fetches the published one, read in "
-                          f"its place)",
+                          f"({refetch_advice('cifar10', config)})",
                           DataWarning, stacklevel=2)
             source += f" ({partial})"
         if config["split"] == "paper":

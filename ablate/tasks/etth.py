@@ -61,8 +61,8 @@ from ablate.tasks.base import (
     check_multiple,
     check_probability,
     data_dir_candidates,
-    download_command,
     evaluate_sums,
+    refetch_advice,
     register_download,
     register_task,
 )
@@ -473,15 +473,13 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
             raise ConfigError(f"{variant.name} ({source}): {error}") from error
         shorter = "A shorter seq_len fits a shorter series; if" if split == "80/20" else "If"
         raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. {shorter} the file is a cut-short copy, "
-                                   f"`{download_command(variant.name, config, force=True)}` fetches the published "
-                                   f"one, read in its place") from error
+                                   f"{refetch_advice(variant.name, config)}") from error
     # (recorded with every result, as CIFAR-10's); 12/4/4 reads the first 20 months, the same in a longer or
     # shorter file that has them (a shorter one is refused above)
     if config["data"] == "real" and split == "80/20" and len(values) != variant.rows:
         other = f"not the published file: {len(values):,} rows where it has {variant.rows:,}"
         warnings.warn(f"{variant.name}: {source[len('real:'):]} is {other} - metrics not comparable with the published "
-                      f"dataset's (`{download_command(variant.name, config, force=True)}` fetches the published one, read "
-                      f"in its place)",
+                      f"dataset's ({refetch_advice(variant.name, config)})",
                       DataWarning, stacklevel=2)
         source += f" ({other})"
     model = TimeSeriesTransformer(

@@ -59,7 +59,7 @@ from ablate.tasks.base import (
     check_int,
     check_probability,
     data_dir_candidates,
-    download_command,
+    refetch_advice,
     register_download,
     register_task,
 )
@@ -308,8 +308,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
         aside = (f"move {tree} aside, then " if tree == data_dir_candidates(config, SUBDIR)[0] / TREE
                  and any(n > PUBLISHED_PER_FOLDER for n in counts.values()) else "")
         warnings.warn(f"{TASK}: {tree.resolve()} is {note} - accuracies not comparable with the published dataset's "
-                      f"({aside}`{download_command(TASK, config, force=True)}` fetches the published one, read in its "
-                      f"place)", DataWarning, stacklevel=2)
+                      f"({aside}{refetch_advice(TASK, config)})", DataWarning, stacklevel=2)
         source += f" ({note})"
     return {"train": train, "val": val, "test": reviews["test"]}, source
 

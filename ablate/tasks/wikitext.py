@@ -58,8 +58,8 @@ from ablate.tasks.base import (
     check_int,
     check_multiple,
     check_probability,
-    download_command,
     evaluate_sums,
+    refetch_advice,
     register_download,
     register_task,
     resolve_data_dir,
@@ -156,8 +156,7 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[str]], str]:
     if other:
         note = "not the published files: " + "; ".join(other)
         warnings.warn(f"{TASK}: {note} (in {paths['train'].parent.resolve()}) - perplexities not comparable with the "
-                      f"published dataset's (`{download_command(TASK, config, force=True)}` fetches the published ones, read "
-                      f"in their place)",
+                      f"published dataset's ({refetch_advice(TASK, config, plural=True)})",
                       DataWarning, stacklevel=2)
         source += f" ({note})"
     return tokens, source
