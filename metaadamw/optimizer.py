@@ -756,6 +756,9 @@ class MetaAdamW(torch.optim.Optimizer):
         multiplier is used). An optimizer that already stepped without the group (since it was made,
         loaded or unpickled) cannot be brought in line (its replicas may differ already): refused."""
         world = D.world_size(self.sync_meta)
+        if world <= 1 and self._synced_world != 1:  # synced in a process group that is gone (or unpickled from one):
+            # from here on it steps without one, as if made now (a later group refuses it once it has stepped)
+            self._synced_world, self._unsynced_from = 1, (self.global_step, self.meta_updates)
         if world <= 1 or self._synced_world == world:
             return
         # (a checkpoint loaded on every rank is fine: the counters are those of the load)

@@ -87,6 +87,8 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     "late_stepped" (made and stepped before it), "late_stepped_steps" (the same, then step()
     alone), "late_stepped_rank0" (rank 0 alone stepped before it), "late_loaded" (made and
     loaded from one checkpoint before it), "late_loaded_adamw" (the same with a torch.optim.AdamW checkpoint),
+    "pickled" (rank 0 pickles the model and optimizer made in the group to synced.pt), "late_unpickled_stepped" (each
+    rank unpickles synced.pt and steps it before the group),
     "interrupted_on_rank1" / "step_interrupted_on_rank1" (KeyboardInterrupt in rank 1's loss_fn / meta-optimizer
     step), "collective_poison" (a model with a collective of its own, rank 1's batch 2 targets NaN: its
     Hessian-vector product's ||v|| is not finite) or "collective_zero_v" (the same model, rank 1's loss on batch 2
@@ -107,8 +109,10 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
     if scenario.startswith("collective"):
         kwargs["collective"] = True
     early = _make(100 + rank, **kwargs) if scenario.startswith("late") else None
-    if scenario in ("late_stepped", "late_stepped_steps", "late_loaded") or (scenario == "late_stepped_rank0"
-                                                                            and rank == 0):
+    if scenario == "late_unpickled_stepped":  # an optimizer pickled in an earlier run's process group ("pickled")
+        early = torch.load(f"{out}/synced.pt", weights_only=False)
+    if scenario in ("late_stepped", "late_stepped_steps", "late_loaded", "late_unpickled_stepped") or (
+            scenario == "late_stepped_rank0" and rank == 0):
         stepped = early if scenario != "late_loaded" else _make(7)  # late_loaded: the same checkpoint on every rank
         mse(stepped[0], _batches(0 if scenario == "late_loaded" else rank)[0]).backward()
         stepped[1].step()
@@ -135,6 +139,11 @@ def _worker(rank: int, store: str, out: str, scenario: str) -> None:
             model, opt = early or _make(100 + rank, **kwargs)  # every rank its own seed
         except ValueError as exc:
             torch.save({"error": str(exc)}, f"{out}/rank{rank}.pt")
+            return
+        if scenario == "pickled":  # (for "late_unpickled_stepped")
+            if rank == 0:
+                torch.save((model, opt), f"{out}/synced.pt")
+            torch.save({}, f"{out}/rank{rank}.pt")
             return
         if scenario == "lr_set_on_rank1" and rank == 1:  # (as a scheduler run on one rank only would)
             opt.param_groups[0]["lr"] = 1e-3
@@ -364,6 +373,19 @@ def test_an_optimizer_that_stepped_before_the_process_group_is_refused_on_every_
         who = "the optimizer of another rank" if scenario == "late_stepped_rank0" and rank == 1 else "this optimizer"
         assert f"{who} stepped before torch.distributed's process group of 2 ranks existed" in r["error"], r["error"]
         assert "Make the optimizer after init_process_group" in r["error"]
+
+
+def test_an_optimizer_unpickled_from_a_process_group_and_stepped_before_the_next_one_is_refused(tmp_path):
+    # the pickle kept the synced world size of the run that saved it: in a new run of as many ranks, the optimizer that
+    # each rank had stepped on its own data before init_process_group was taken as synced, and the replicas drifted apart
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    _run(tmp_path / "a", "pickled")
+    (tmp_path / "a" / "synced.pt").rename(tmp_path / "b" / "synced.pt")  # (each run its own store)
+    ranks = _run(tmp_path / "b", "late_unpickled_stepped")
+    for r in ranks:
+        assert "error" in r, "not refused: the ranks' replicas drift apart"
+        assert "this optimizer stepped before torch.distributed's process group of 2 ranks existed" in r["error"], r
 
 
 def test_sharded_parameters_of_fsdp_and_zero_are_refused_when_the_optimizer_is_made(tmp_path):
