@@ -321,13 +321,6 @@ class Modulator(nn.Module):
         self.__dict__["_fused_cache"] = (args, holders, keys, values, layers._modules, len(layers._modules))
         return args
 
-    def __getstate__(self) -> dict:
-        """Without :meth:`fused_layers`' cache (deepcopy, pickling): it refers to the modules' own
-        ``__dict__``s, which ``nn.Module.__setstate__`` copies into new ones; it is made afresh."""
-        state = self.__dict__.copy()
-        state.pop("_fused_cache", None)
-        return state
-
     def _affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """(scale, shift) of :meth:`_multipliers`, made once per device and dtype."""
         cached = self.__dict__.get("_affine_cache")
