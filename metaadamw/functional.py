@@ -177,20 +177,6 @@ class Blocking:
     def _count(self, k: int, t: Tensor) -> int:
         return -(-t.numel() // self.limit) if k in self._split_set else 1
 
-    def update_runs(self, params: list[Tensor], bucket_of: list[int],
-                    buckets: list["Bucket"]) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], list[int]]] | None:
-        """The runs of :func:`foreach_update`'s merged route: per run of pieces (:attr:`runs`), their
-        parameters, moments and buckets (``bucket_of[k]``: the bucket of tensor ``k`` of ``params``,
-        the planned tensors); None where it does not apply, and the update goes bucket by bucket: off
-        the CPU routes (where foreach kernels fuse only lists of like tensors, and per-tensor scalars
-        would cost them that), and for runs of float16 second moments (AdamW's order) or others whose
-        square roots are not taken as ``1 / rsqrt``. A bucket's runs and these cover the same views
-        (:func:`is_cut`)."""
-        if not buckets or not all(run[3] and not run[4] for b in buckets for run in b.runs):
-            return None
-        owner = [bucket_of[k] for k, p in enumerate(params) for _ in range(self._count(k, p))]
-        return [(self.params[sl], self.exp_avgs[sl], self.exp_avg_sqs[sl], owner[sl]) for _, sl in self.runs]
-
     def pieces(self, tensors: list[Tensor]) -> list[Tensor]:
         if not self.split:
             return tensors
@@ -687,8 +673,7 @@ def foreach_sqrt(tensors: list[Tensor], reciprocal: bool | None = None, inplace:
 
 
 def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Tensor | None = None,
-                   scalar_dtype: torch.dtype | None = None,
-                   runs: list[tuple[list[Tensor], list[Tensor], list[Tensor], list[int]]] | None = None) -> None:
+                   scalar_dtype: torch.dtype | None = None) -> None:
     """The fast update: AdamW's foreach passes with per-bucket tensor scalars.
 
     ``denom = (sqrt(v) + eps * sqrt(bc2)) * c`` with ``c = 1 / (sqrt(bc2) * s)`` and the signed
@@ -702,13 +687,7 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     Square roots: :func:`foreach_sqrt` (on the CPU, ``1 / rsqrt``). A run with float16 second
     moments (:func:`narrow_range`) takes AdamW's order instead: ``sqrt(v) / sqrt(bc2) + eps``,
     ``m / denom``, times ``s``, added (two passes more): folded, its denominator overflows to inf
-    once ``|g| > 65504 lr`` (the update vanishes) and its eps to 0 (0 / 0 where v is 0).
-
-    ``runs`` (:meth:`Blocking.update_runs`, on the CPU routes): the passes go run by run of the
-    moment pass, across buckets, with each tensor's bucket scalars as lists (foreach ops take a
-    scalar or a 0-dim tensor per tensor), instead of bucket by bucket: the same arithmetic in
-    fewer, longer foreach calls (a 10-tensor MLP in 6 modulator groups: 6 calls for 36, ~8% of its
-    step); a run holds tensors of several buckets, and of several step counts, each with its own."""
+    once ``|g| > 65504 lr`` (the update vanishes) and its eps to 0 (0 / 0 where v is 0)."""
     if not buckets:
         return
     device, dtype = alpha.device, scalar_dtype or alpha.dtype
@@ -725,17 +704,8 @@ def foreach_update(buckets: list[Bucket], alpha: Tensor, beta: Tensor, index: Te
     a_aw = torch.stack([a, a * beta.to(dtype)]).index_select(1, index)  # (2, buckets)
     decay = torch.addcmul(torch.ones_like(a_aw[1]), host[:, 0], a_aw[1], value=-1)
     scale = host[:, 1] / a_aw[0]
-    decays, scales = decay.unbind(0), scale.unbind(0)  # 0-dim views, two ops for all the buckets
-    if runs is not None:
-        eps = [b.eps * math.sqrt(b.bias_correction2) for b in buckets]
-        for params, exp_avgs, exp_avg_sqs, owner in runs:
-            denom = foreach_sqrt(exp_avg_sqs, True)
-            torch._foreach_add_(denom, [eps[j] for j in owner])
-            torch._foreach_mul_(denom, [scales[j] for j in owner])
-            torch._foreach_mul_(params, [decays[j] for j in owner])
-            torch._foreach_addcdiv_(params, exp_avgs, denom)
-        return
-    for b, d, c in zip(buckets, decays, scales):
+    scalars = zip(decay.unbind(0), scale.unbind(0))  # 0-dim views, two ops for all the buckets
+    for b, (d, c) in zip(buckets, scalars):
         eps = b.eps * math.sqrt(b.bias_correction2)
         for params, exp_avgs, exp_avg_sqs, reciprocal, narrow in b.runs or [
                 (b.params, b.exp_avgs, b.exp_avg_sqs, reciprocal_roots(b.exp_avg_sqs), narrow_range(b.exp_avg_sqs))]:

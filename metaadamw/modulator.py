@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import warnings
 
 import torch
@@ -154,31 +153,10 @@ class EncoderLayer(nn.Module):
         return self.infer_fused(x.unsqueeze(0)).squeeze(0)
 
     def infer_fused(self, x: Tensor) -> Tensor:
-        """:meth:`infer` of a ``(1, tokens, width)`` input with the fused kernel (:meth:`infer_eager`'s
-        arithmetic where it cannot take the layer: see :meth:`fused_arguments`)."""
-        args = self.fused_arguments()
-        return FUSED_LAYER(x, *args) if args is not None else self.infer_eager(x.squeeze(0)).unsqueeze(0)
-
-    def fused_arguments(self) -> tuple | None:
-        """The fused kernel's arguments after the input: the width, heads, weights, flags and eps; None
-        when the two norms' eps differ (the kernel takes one for both; they differ only if set by hand)."""
+        """:meth:`infer` of a ``(1, tokens, width)`` input with the fused kernel."""
         w_in, b_in, w_out, b_out, n1_w, n1_b, w1, b1, w2, b2, n2_w, n2_b = self._cached_weights()
-        eps = self.norm1.eps
-        if eps != self.norm2.eps:
-            return None
-        return (w_out.shape[0], self.heads, w_in, b_in, w_out, b_out, False, False, eps,
-                n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, None, None)
-
-    def fused_sources(self) -> list[tuple[dict, str, object]]:
-        """``(dict, key, value)`` for everything :meth:`fused_arguments` reads, from the layer's own
-        ``__dict__`` down to its submodules' parameter dicts: while each dict still holds the same
-        value at its key, the arguments hold (see :meth:`Modulator.fused_layers`)."""
-        out = [(self.__dict__, "heads", self.heads), (self.__dict__, "_modules", self._modules)]
-        for module, name in _WEIGHT_SLOTS:
-            sub = self._modules[module]
-            out += [(self._modules, module, sub), (sub.__dict__, "_parameters", sub._parameters),
-                    (sub._parameters, name, sub._parameters.get(name))]
-        return out + [(norm.__dict__, "eps", norm.eps) for norm in (self.norm1, self.norm2)]
+        return FUSED_LAYER(x, x.shape[2], self.heads, w_in, b_in, w_out, b_out, False, False, self.norm1.eps,
+                           n1_w, n1_b, n2_w, n2_b, w1, b1, w2, b2, None, None)
 
     def infer_eager(self, x: Tensor) -> Tensor:
         """:meth:`infer` in a dozen eager tensor ops (no dropout; call it without autograd)."""
@@ -286,40 +264,15 @@ class Modulator(nn.Module):
             x = self.input_proj(x)
         elif self.padding:
             x = F.pad(x, (0, self.padding))
-        fused = self.fused_layers() if uses_fused_layer(x) else None
-        if fused is not None:  # the fused layers take (1, tokens, width): one unsqueeze for all of them
+        if uses_fused_layer(x):  # the fused layers take (1, tokens, width): one unsqueeze for all of them
             x = x.unsqueeze(0)
-            for args in fused:
-                x = FUSED_LAYER(x, *args)
+            for layer in self.layers:
+                x = layer.infer_fused(x)
             x = x.squeeze(0)
         else:
             for layer in self.layers:
                 x = layer.infer(x)
         return self._multipliers(F.linear(x, self.head.weight, self.head.bias))
-
-    def fused_layers(self) -> list[tuple] | None:
-        """Per encoder layer, :meth:`EncoderLayer.fused_arguments` (None if one layer has none), kept between steps: checked each
-        time in one pass of C-level look-ups over what they were read from (the layer list, each
-        layer's submodules, heads and eps, and each submodule's parameter dict), ~8 us for 8 layers,
-        where each layer's own method call, look-ups and check cost ~10 us. Anything put in the place of
-        one of them (a layer, a submodule, a parameter: ``load_state_dict(assign=True)``, ``.to()``,
-        ``torch.func.functional_call``, assignment) makes them afresh."""
-        cached = self.__dict__.get("_fused_cache")
-        if cached is not None:
-            args, holders, keys, values, listed, count = cached
-            if len(listed) == count and all(map(operator.is_, map(dict.get, holders, keys), values)):
-                return args
-        layers = self._modules["layers"]
-        sources = [(self._modules, "layers", layers), (layers.__dict__, "_modules", layers._modules)]
-        args = []
-        for key, layer in layers._modules.items():
-            sources += [(layers._modules, key, layer), *layer.fused_sources()]
-            args.append(layer.fused_arguments())
-        holders, keys, values = (list(column) for column in zip(*sources))
-        if any(a is None for a in args):
-            args = None
-        self.__dict__["_fused_cache"] = (args, holders, keys, values, layers._modules, len(layers._modules))
-        return args
 
     def _affine(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """(scale, shift) of :meth:`_multipliers`, made once per device and dtype."""

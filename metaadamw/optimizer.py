@@ -627,7 +627,7 @@ class MetaAdamW(torch.optim.Optimizer):
             self._carry_valid = False
         if self.foreach:
             F.foreach_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta, plan.bucket_groups,
-                             plan.scalar_dtype, plan.update_runs)
+                             plan.scalar_dtype)
         else:
             F.single_tensor_update(plan.buckets, self._multipliers.alpha, self._multipliers.beta)
 
@@ -852,9 +852,6 @@ class MetaAdamW(torch.optim.Optimizer):
         beta1, beta2 = self._beta_vectors(indices)
         noise, numel = F.cos_noise(exp_avgs), F.numel_vector(params)
         measure_v_sum = F.measures_v_sum(self.modulator.extractor.required_stats, exp_avg_sqs)
-        blocking = F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit)
-        buckets = list(buckets.values())
-        bucket_at = {i: j for j, b in enumerate(buckets) for i in b.indices}
         self._plan = _Plan(
             active=active,
             state=self.state,
@@ -871,10 +868,9 @@ class MetaAdamW(torch.optim.Optimizer):
             step_tensors=step_tensors,
             step_version=step_version,
             param_group_slices=slices,
-            blocking=blocking,
-            buckets=buckets,
-            update_runs=blocking.update_runs(params, [bucket_at[i] for i in indices], buckets),
-            bucket_groups=F.to_device([b.group for b in buckets], self.device),
+            blocking=F.Blocking(params, exp_avgs, exp_avg_sqs, slices, limit),
+            buckets=list(buckets.values()),
+            bucket_groups=F.to_device([b.group for b in buckets.values()], self.device),
             beta1=beta1,
             beta2=beta2,
             stat_coefs=F.stat_coefficients(beta1, beta2, noise, numel),
@@ -1505,7 +1501,6 @@ class _Plan:
     param_group_slices: list[tuple[int, slice]]
     blocking: F.Blocking  # the runs of the moment pass (cache blocking on the CPU: limit set)
     buckets: list[F.Bucket]
-    update_runs: list[tuple[list[Tensor], list[Tensor], list[Tensor], list[int]]] | None  # see Blocking.update_runs
     bucket_groups: Tensor  # the buckets' modulator groups
     beta1: Tensor
     beta2: Tensor

@@ -1700,57 +1700,6 @@ def test_cache_blocking_with_frozen_tensors_param_groups_and_skipped_refreshes(m
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.skipif(not F.FOREACH_RSQRT, reason="torch < 2.8 has no _foreach_rsqrt: the update goes bucket by bucket")
-@pytest.mark.parametrize("chunk", [None, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_update_run_by_run_equals_the_update_bucket_by_bucket(chunk, dtype, monkeypatch):
-    # on the CPU the update's passes go run by run across buckets, each tensor with its bucket's
-    # scalars (Blocking.update_runs); bucket by bucket is the route elsewhere. Buckets of several
-    # modulator groups (random multipliers), two param groups of their own lr / eps / weight decay,
-    # and step counts that differ within a run (a bias without gradient at the first steps): the
-    # same parameters, bit for bit, in fewer foreach calls
-    if chunk:
-        monkeypatch.setattr(F, "CPU_CHUNK_NUMEL", chunk)
-        monkeypatch.setattr(F, "CPU_BLOCKING_MIN_NUMEL", 0)
-    batches = regression_batches()
-    models = [mlp(0).to(dtype), mlp(0).to(dtype)]
-
-    def groups(m):
-        named = list(m.named_parameters())
-        return [{"params": [p for n, p in named if n != "4.bias"], "param_names": [n for n, _ in named if n != "4.bias"]},
-                {"params": [m[4].bias], "param_names": ["4.bias"], "lr": 3e-2, "eps": 1e-6, "weight_decay": 0.3}]
-
-    opts = [MetaAdamW(groups(m), lr=1e-2, weight_decay=0.05, grouping="fine_grained", **small_kwargs()) for m in models]
-    opts[1].modulator.load_state_dict(opts[0].modulator.state_dict())
-    randomise_head(opts[0])
-    randomise_head(opts[1])
-    bucket_by_bucket = F.Blocking.update_runs
-    addcdiv_calls = []
-    real_addcdiv = torch._foreach_addcdiv_
-    monkeypatch.setattr(torch, "_foreach_addcdiv_", lambda *a: (addcdiv_calls.append(1), real_addcdiv(*a))[1])
-    for t in range(8):
-        _same_gradients(models, (batches[t % 4][0].to(dtype), batches[t % 4][1].to(dtype)), mse)
-        if t < 3:
-            for m in models:
-                m[0].bias.grad = None
-        monkeypatch.setattr(F.Blocking, "update_runs", bucket_by_bucket)
-        del addcdiv_calls[:]
-        opts[0].step()
-        plan = opts[0]._plan
-        assert plan.update_runs is not None and len(addcdiv_calls) == len(plan.blocking.runs)
-        monkeypatch.setattr(F.Blocking, "update_runs", lambda *a: None)
-        opts[1]._plan = None
-        opts[1].step()
-        assert opts[1]._plan.update_runs is None
-        for a, b in zip(models[0].parameters(), models[1].parameters()):
-            assert torch.equal(a, b)
-    alpha = opts[0].multipliers.alpha
-    assert len(plan.buckets) >= 4 and len(alpha) >= 3 and (alpha.max() - alpha.min()) > 0.05
-    assert len({b.step for b in plan.buckets}) == 2  # the late bias's bucket counts 5 steps, the others 8
-    if chunk is None:
-        assert len(plan.blocking.runs) == 2  # one run per param group, across its buckets
-
-
 def test_betas_changed_during_training_reach_the_statistics():
     # a scheduler may change betas, also at every step (OneCycleLR's momentum cycling): the
     # carried-norm identities must use the new ones
