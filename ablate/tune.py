@@ -1209,6 +1209,15 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any], searche
                 f"{d} (now searched; the stored study's trials held it at {old[k][d]!r})" if d in searched and d in old[k]
                 else f"{d} (no longer searched, now {new[k][d]!r})" if d not in searched and d not in old[k]
                 else f"{d} (stored {old[k].get(d)!r}, now {new[k].get(d)!r})" for d in diff[:5])
+    # (cross-task: the AdamW arm the suggestions are scored against, which the members leave out)
+    old_ref = {(r["task"], r["seed"]): r["config"] for r in stored.get("reference") or []}
+    new_ref = {(r["task"], r["seed"]): r["config"] for r in wanted.get("reference") or []}
+    for k in new_ref:
+        was = old_ref.get(k, {})
+        diff = sorted(key for key in set(was) | set(new_ref[k]) if was.get(key) != new_ref[k].get(key))
+        if diff:
+            return "the AdamW reference's settings " + ", ".join(
+                f"{d} (stored {was.get(d)!r}, now {new_ref[k].get(d)!r})" for d in diff[:5])
     return "unknown"
 
 
@@ -1480,8 +1489,13 @@ def _enqueue_baseline(study, target: Target, spec: TuneSpec, done: set[tuple[str
         if outside:  # a partial enqueue would be scored as "the baseline's own values" without being them
             whose = f" of {', '.join(tasks)}" if len(vectors) > 1 else ""
             own = "the baseline's" if spec.settings.arm == "baseline" else "AdamW's"
-            print(f"[{target.key}] {own} values{whose} are not all in the search space ({', '.join(outside)} "
-                  f"outside its range): not evaluated as a first suggestion", flush=True)
+            # (a key the arm leaves null - meta_every where meta_per_epoch sets the frequency - has no value to be outside)
+            ranged = [k for k in outside if params[k] is not None]
+            said = ([f"{', '.join(ranged)} outside its range"] if ranged else []) + [
+                f"{k} is null" + (f": the arm sets {ALTERNATIVE_KEYS[k]} instead" if k in ALTERNATIVE_KEYS else "")
+                for k in outside if params[k] is None]
+            print(f"[{target.key}] {own} values{whose} are not all in the search space ({'; '.join(said)}): "
+                  f"not evaluated as a first suggestion", flush=True)
             continue
         study.enqueue_trial(params, user_attrs={"baseline": shared, "baseline_of": tasks})
 

@@ -828,6 +828,35 @@ def test_the_baseline_is_the_first_suggestion_only_when_all_its_values_are_searc
         assert waiting[0].user_attrs["baseline"] is True
 
 
+def test_a_searched_key_the_baseline_leaves_null_is_not_said_to_be_outside_its_range(tmp_path, capsys):
+    # searching meta_every on a baseline that sets meta_per_epoch (tune_priorities.yaml's): its meta_every is null,
+    # and the line said "meta_every outside its range" - the task's meta_every (18) is inside [5, 30]
+    import optuna
+
+    from ablate.tune import _enqueue_baseline
+
+    path = _write(tmp_path, "freq.yaml", """\
+        name: freq
+        tasks: [etth1]
+        seeds: 1
+        budget: {epochs: 2}
+        baseline: {meta_per_epoch: 5}
+        adamw: false
+        tune:
+          trials: 1
+          params: {meta_every: {low: 5, high: 30}, grad_clip: {low: 0.5, high: 2.0}}
+          priorities: {low: 2.0, high: 10.0}
+        """)
+    spec = load_tune_spec(path)
+    study = optuna.create_study()
+    _enqueue_baseline(study, build_targets(spec)[0], spec)
+    assert study.get_trials() == []
+    assert capsys.readouterr().out.strip() == (
+        "[etth1] the baseline's values are not all in the search space (p_gen_gap, p_gradient, p_loss_decrease "
+        "outside its range; grad_clip is null; meta_every is null: the arm sets meta_per_epoch instead): not "
+        "evaluated as a first suggestion")
+
+
 def _trials_0_spec(tmp_path: Path, tasks: list[str]):
     """A tune spec 't0' over ``tasks``, loaded with ``--trials 0`` (rewrite the outputs of stored studies)."""
     path = _write(tmp_path, "t0.yaml", f"""\
@@ -1711,6 +1740,21 @@ def test_a_refused_extension_names_a_setting_that_became_searched():
     assert _describe_difference(now, stored, set()) == "settings meta_lr (no longer searched, now 0.01)"
     assert _describe_difference(stored, {"members": [{"task": "etth1", "seed": 0, "config": {"meta_lr": 0.1, "epochs": 2}}]}) \
         == "settings meta_lr (stored 0.01, now 0.1)"
+
+
+def test_a_refused_cross_task_extension_names_the_adamw_reference_setting_that_changed():
+    # a cross-task study scores against the AdamW arm, whose settings its record holds apart from the members': a
+    # spec whose adamw: changed was refused as scoring differently "(unknown)"
+    from ablate.tune import _describe_difference, _objective_record
+
+    def record(adamw):
+        spec = parse_tune_spec({"name": "x", "tasks": ["etth1"], "seeds": 1, "budget": {"epochs": 2}, "adamw": adamw,
+                                "tune": {"cross_task": True}}, "x.yaml")
+        return _objective_record(build_targets(spec)[0], spec)
+
+    stored, now = json.loads(json.dumps(record(True))), record({"lr": 1.0e-3})
+    assert stored != json.loads(json.dumps(now))
+    assert _describe_difference(stored, now) == "the AdamW reference's settings lr (stored 0.0005, now 0.001)"
 
 
 def test_one_seed_is_described_as_one(tmp_path):
