@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     log(f"device: {name}, torch {torch.__version__}")
     if device.type == "cpu":
-        log("(a dry run: wall-clock, without optimizer_overhead.py's allocator settings and interleaving; the CPU "
-            "figures of record come from that script)")
+        log("(a dry run: wall-clock, without optimizer_overhead.py's allocator settings; the CPU figures of record "
+            "come from that script)")
     result: dict[str, Any] = {"device": name, "torch": torch.__version__}
 
     def guarded(label: str, fn: Callable[[], Any], show: Callable[[Any], str]) -> Any:

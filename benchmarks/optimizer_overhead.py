@@ -475,7 +475,7 @@ def verdict(key: str, value: float) -> str:
     return f"<= {TARGETS[key]:g}  {'PASS' if value <= TARGETS[key] else 'MISS'}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (about a minute)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler op tables")
@@ -485,7 +485,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                          "time other processes take on a shared machine; wall: wall-clock time")
     ap.add_argument("--system-malloc", action="store_true",
                     help="do not restart with GLIBC_TUNABLES keeping freed memory (see MALLOC_TUNABLES)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def restarts_with_tunables(argv: list[str]) -> bool:
+    """Whether the script restarts itself with ``GLIBC_TUNABLES=MALLOC_TUNABLES``: on Linux, unless
+    they are set already or ``--system-malloc`` (or an abbreviation argparse accepts) is given."""
+    return (sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ
+            and not parser().parse_args(argv).system_malloc)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parser().parse_args(argv)
 
     global clock
     clock = CLOCKS[args.clock]
@@ -624,8 +635,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    if (sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ
-            and "--system-malloc" not in sys.argv[1:] and not {"-h", "--help"} & set(sys.argv[1:])):
+    if restarts_with_tunables(sys.argv[1:]):  # (-h and bad arguments end here, before a restart)
         os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
                   dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES))
     main()

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         for table in ("trials", "history", "telemetry"):
             pd.testing.assert_frame_equal(getattr(parsed, table), getattr(cached, table))
         extra = [_trial(out, k) for k in range(n, n + max(1, n // 100))]
-        write_manifest(out, "bench", {t: {"study": "bench", "arm": "arm0"} for t in ids + extra})
+        write_manifest(out, "bench", {t: {"study": "bench", "arm": f"arm{k % 20}"} for k, t in enumerate(ids + extra)})
         partly_s, _ = _timed(lambda: load_results(out))
         result = {"trials": n, "write_s_per_trial": round(written / n, 4), "load_parsing_s": round(parse_s, 2),
                   "consolidate_s": round(consolidate_s, 2), "load_cached_s": round(cached_s, 3),

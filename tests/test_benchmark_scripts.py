@@ -119,3 +119,47 @@ def test_cuda_step_sync_check_does_not_report_a_failing_meta_update_as_a_synchro
     monkeypatch.setattr(MetaAdamW, "step", syncing_step)
     assert cuda_step.check_syncs("tiny10", torch.device("cuda")) == "SYNC: called a synchronizing CUDA operation"
     assert modes == ["error", "default"]
+
+
+def test_results_loading_script_keeps_the_arms_of_the_trials_after_1pct_more(monkeypatch):
+    # the "1% more trials" manifest labelled every trial arm0: the last load was not the study's
+    pytest.importorskip("ablate")
+    spec = importlib.util.spec_from_file_location("results_loading", ROOT / "benchmarks" / "results_loading.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    loads = []
+    real = module.load_results
+    monkeypatch.setattr(module, "load_results", lambda out: loads.append(real(out)) or loads[-1])
+    module.main(["--trials", "20"])
+    trials = loads[-1].trials
+    assert len(trials) == 21
+    assert list(trials["arm"]) == [f"arm{int(t, 16) % 20}" for t in trials["trial_id"]]
+    assert trials["arm"].nunique() == 20
+
+
+def test_cuda_step_dry_run_message_does_not_deny_the_interleaving(cuda_step, monkeypatch, capsys):
+    # bench_step and bench_meta interleave their rounds; the dry run's note said "without ... interleaving"
+    monkeypatch.setattr(cuda_step, "MODELS", ())
+    monkeypatch.setattr(cuda_step, "bench_encoder", lambda device, reps: {
+        "eager_us": 1.0, "eager_ops": 184, "fused_us": 0.5, "fused_ops": 10, "fused_equals_eager": True,
+        "fused_syncs": "n/a (CPU)"})
+    cuda_step.main(["--device", "cpu", "--quick"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("(a dry run")]
+    assert notes == ["(a dry run: wall-clock, without optimizer_overhead.py's allocator settings; the CPU figures of "
+                     "record come from that script)"]
+
+
+def test_optimizer_overhead_restart_follows_the_parsed_system_malloc_option(monkeypatch):
+    # the restart looked for the literal "--system-malloc" in argv: an abbreviation argparse accepts
+    # ("--system") still restarted with the allocator settings
+    pytest.importorskip("metaadamw")
+    spec = importlib.util.spec_from_file_location("optimizer_overhead", ROOT / "benchmarks" / "optimizer_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert module.restarts_with_tunables(["--quick"]) is True
+    assert module.restarts_with_tunables(["--system"]) is False
+    assert module.restarts_with_tunables(["--quick", "--system-malloc"]) is False
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
+    assert module.restarts_with_tunables(["--quick"]) is False
