@@ -24,7 +24,7 @@ import pandas as pd
 
 from ablate import stats
 from ablate.config import first_ten
-from ablate.results import TUNE_TARGETS_FILE, Results, load_results, read_manifest
+from ablate.results import TUNE_TARGETS_FILE, Results, check_statistics_columns, load_results, read_manifest
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -372,10 +372,15 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
 
 
 def _telemetry_of(results: Results, task: str, arm: str) -> pd.DataFrame:
+    """The telemetry of the arm's ok trials on ``task``, with each trial's seed (a seed may have several
+    trials, of study versions loaded with ``all_trials=True``: the figures average them first, as the
+    tables do, and count seeds, not trials)."""
     tel = results.ok().telemetry
     if tel.empty or "trial_id" not in tel:
         return pd.DataFrame()
-    return tel[tel["trial_id"].isin(_arm_trials(results, task, arm)["trial_id"])]
+    seeds = _arm_trials(results, task, arm).set_index("trial_id")["seed"]
+    tel = tel[tel["trial_id"].isin(seeds.index)]
+    return tel.assign(seed=tel["trial_id"].map(seeds))
 
 
 def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats.BASELINE) -> Path | None:
@@ -384,7 +389,8 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
     tel = _telemetry_of(results, task, arm)
     if tel.empty or "alpha" not in tel:
         return None
-    g = tel.groupby(["group", "meta_update"])[["step", "alpha", "beta"]].mean().reset_index()
+    g = (tel.groupby(["group", "meta_update", "seed"])[["step", "alpha", "beta"]].mean()
+         .groupby(["group", "meta_update"]).mean().reset_index())  # (a seed's several trials: their mean first)
     n_groups = g["group"].nunique()
     columns = -(-n_groups // 16)  # (legend columns of at most 16 entries, beside the axes)
     from matplotlib import colormaps
@@ -403,7 +409,9 @@ def plot_alpha_beta(results: Results, task: str, out_dir: Path, arm: str = stats
         ax.ticklabel_format(axis="y", useOffset=False)
     axes[1].legend(fontsize="small" if n_groups <= 16 else "x-small", title="group", loc="upper left",
                    bbox_to_anchor=(1.02, 1.0), ncol=columns)
-    fig.suptitle(f"{task} / {arm}: mean over {tel['trial_id'].nunique()} seeds")
+    n_seeds, n_trials = tel["seed"].nunique(), tel["trial_id"].nunique()
+    fig.suptitle(f"{task} / {arm}: mean over {n_seeds} seeds"
+                 + (f" ({n_trials} trials: the trials of a seed averaged first)" if n_trials > n_seeds else ""))
     return _save(fig, out_dir / f"alpha_beta_{_slug(task)}_{_slug(arm)}.png")
 
 
@@ -414,7 +422,7 @@ def plot_sigmas(results: Results, task: str, out_dir: Path, arm: str = stats.BAS
     cols = [c for c in tel.columns if c.startswith("sigma_")]
     if tel.empty or not cols or tel[cols].isna().all().all():
         return None
-    g = tel.groupby("meta_update")[cols].mean()
+    g = tel.groupby(["meta_update", "seed"])[cols].mean().groupby("meta_update").mean()  # (seeds, as plot_alpha_beta)
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _subplots(figsize=(6, 4))
@@ -1165,6 +1173,7 @@ def write_report(
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if results.trials.empty:
         raise no_trials_error(results_dir)
+    check_statistics_columns(results.trials, results_dir)
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
     progress("computing tables and drawing figures")

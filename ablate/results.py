@@ -101,6 +101,11 @@ LABEL_COLUMNS = ("study", "arm", "arms", "axis")
 #: apart from another trial's (its history would be dropped without a word), one without its status
 #: cannot be counted or reused. A part or combined table with rows that lacks them is taken for damaged
 REQUIRED_COLUMNS = {"trials": ("trial_id", "status"), "history": ("trial_id",), "telemetry": ("trial_id",)}
+#: the trial columns the statistics and the report read (every trial row ablate writes has them; a study's arm
+#: labels may come from its manifest instead), and the one an "ok" trial needs too: a trials table written by
+#: hand or by other code without them is refused, naming them (:func:`check_statistics_columns`)
+STATISTICS_COLUMNS = ("task", "seed", "arm")
+OK_COLUMNS = ("best_metric",)
 #: the version of the cache's index (:func:`_write_cache`); 5: parts are checked for
 #: :data:`REQUIRED_COLUMNS` as they are parsed, so a cache of parts parsed before is not used
 _CACHE_VERSION = 5
@@ -527,6 +532,24 @@ def load_results(out_dir: str | os.PathLike, *, all_trials: bool = False) -> Res
         raise FileNotFoundError(f"{out_dir} is a file, not a study's results directory (results/<study name>)"
                                 + (f"; {inside}" if inside else ""))
     return _results(out_dir, _read_tables(out_dir), all_trials)
+
+
+def check_statistics_columns(trials: pd.DataFrame, out_dir: str | os.PathLike) -> None:
+    """Raise :class:`ResultsError` naming the :data:`STATISTICS_COLUMNS` (and, where some trial is "ok",
+    :data:`OK_COLUMNS`) that a trials table with rows lacks (``ablate report`` checks it first): the statistics
+    would fail on the first one with a bare KeyError, or count an "ok" trial without a metric as ok in one
+    table and as not ok in another."""
+    if trials.empty:
+        return
+    missing = [c for c in STATISTICS_COLUMNS if c not in trials]
+    if (trials["status"] == "ok").any():
+        missing += [c for c in OK_COLUMNS if c not in trials]
+    if missing:
+        raise ResultsError(
+            f"the trials table of {out_dir} has no {', '.join(missing)} column{'s' if len(missing) > 1 else ''}: it was "
+            f"not written by ablate (every trial row `ablate run` writes has trial_id, status, task, seed, arm and, "
+            f"for a finished trial, best_metric; see the Columns of ablate.results), so it cannot be reported. "
+            f"Add the column{'s' if len(missing) > 1 else ''}, or run the study with `ablate run`")
 
 
 def _inside_results(path: Path) -> str:

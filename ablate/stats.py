@@ -1026,8 +1026,10 @@ def _contrast_row(kind, term, level, c, beta, cov, dof, confidence, tol: float =
     """A fitted contrast's estimate, CI and t-test p. A standard error of at most ``tol`` (the
     rounding of the fitted values: no residual, every seed shows the same cell differences) gives
     p = 0 for an estimate beyond ``tol`` and p = 1 for one within it, as the paired tests do for
-    identical differences (:func:`paired_t_pvalue`), and a CI of the estimate alone."""
+    identical differences (:func:`paired_t_pvalue`), and a CI of the estimate alone. An estimate within
+    ``tol`` is 0: rounding noise of an effect the design shows to be none (it printed as "+1.77e-15%")."""
     est = float(c @ beta)
+    est = 0.0 if abs(est) <= tol else est
     se = float(np.sqrt(max(float(c @ cov @ c), 0.0))) if dof > 0 else np.nan
     if dof > 0 and se > tol:
         half = float(_student_t().ppf(0.5 + confidence / 2, dof)) * se

@@ -922,3 +922,85 @@ def test_ordinary_names_and_paths_are_written_without_escapes(tmp_path, report_s
     assert f"Results directory: {study}." in md
     assert "| etth1 | features | features=basic_plus |" in md and "| etth1 | modulator_init | modulator_init=zero |" in md
     assert md.replace("'\\<axis>=\\<level>'", "").count("\\") == 0, [ln for ln in md.splitlines() if "\\" in ln]
+
+
+def test_a_factorial_effect_of_zero_prints_as_zero_not_as_rounding_noise(report_kit):
+    # gating changes nothing in any cell: its effects are 0 up to the rounding of the fit (1.77e-17), which
+    # printed as "+1.77e-15%" and "-1.77e-15%", a sign and a size the data do not have
+    from ablate.results import Results
+
+    cells = {("fine_grained", "false"): [1.00, 1.02, 0.98], ("fine_grained", "true"): [1.00, 1.02, 0.98],
+             ("original", "false"): [1.10, 1.12, 1.09], ("original", "true"): [1.10, 1.12, 1.09]}
+    rows = []
+    for (grouping, gating), values in cells.items():
+        arm = f"factorial:grouping={grouping},gating={gating}"
+        for seed, best in enumerate(values):
+            row = report_kit.trial_row("etth1", "baseline", seed, best)
+            rows.append({**row, "trial_id": f"f-{grouping}-{gating}-{seed}", "arm": arm, "axis": "factorial",
+                         "arms": json.dumps([arm])})
+    effects = stats.factorial_effects(Results(pd.DataFrame(rows), pd.DataFrame(), pd.DataFrame()))
+    zero = effects[(effects["term"] == "gating") | (effects["kind"] == "interaction")]
+    assert len(zero) == 3 and (zero["estimate"] == 0.0).all() and (zero["p_value"] == 1.0).all()
+    shown = report.factorial_display(effects).set_index(["term", "level"])["effect [95% CI]"]
+    assert shown[("gating", "false")] == shown[("gating", "true")] == "0.00% [-0.22%, +0.22%]"
+    assert shown[("grouping x gating", "fine_grained x false")] == "0.00% [-0.22%, +0.22%]"
+    assert shown[("grouping", "fine_grained *")] == "+4.91% [+4.69%, +5.14%]"  # (a real effect as it was)
+
+
+@pytest.mark.parametrize("drop, named", [(["task"], "no task column"), (["seed"], "no seed column"),
+                                         (["arm"], "no arm column"), (["task", "seed", "arm"], "no task, seed, arm columns"),
+                                         (["best_metric"], "no best_metric column")])
+def test_a_trials_table_without_the_columns_the_statistics_read_is_refused_up_front_naming_them(tmp_path, drop, named,
+                                                                                                capsys):
+    # a trials table written by hand or by other code failed deep in the statistics with a bare KeyError: 'task'
+    # (or, without best_metric, reported its ok trials as "6 ok" and "0 ok seeds" at once)
+    from ablate.cli import main
+    from ablate.results import ResultsError
+
+    rows = [{"trial_id": f"t{seed}{arm}", "status": "ok", "task": "etth1", "seed": seed, "arm": arm, "metric": "mse",
+             "mode": "min", "best_metric": 1.0 + seed} for seed in range(3) for arm in ("adamw", "baseline")]
+    pd.DataFrame(rows).drop(columns=drop).to_parquet(tmp_path / "trials.parquet", index=False)
+    with pytest.raises(ResultsError, match=f"trials table of .* has {named}: it was not written by ablate .*every "
+                                           f"trial row `ablate run` writes has trial_id, status, task, seed, arm and, "
+                                           f"for a finished trial, best_metric"):
+        report.write_report(tmp_path)
+    assert not (tmp_path / "report").exists()
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ablate: error: the trials table") and named in err and "KeyError" not in err
+
+
+def test_failed_trials_without_a_best_metric_column_are_still_reported(tmp_path):
+    # (only an "ok" trial needs a best_metric: a study whose every trial failed early may have written none)
+    rows = [{"trial_id": f"dead{seed}", "status": "failed", "task": "etth1", "seed": seed, "arm": "baseline",
+             "error": "boom"} for seed in range(2)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "trials.parquet", index=False)
+    assert "2 in all - 0 ok, 2 failed, 0 diverged" in report.write_report(tmp_path, formats="md").read_text()
+
+
+def test_the_telemetry_figures_of_several_trials_of_a_seed_count_and_weigh_seeds_not_trials(tmp_path, monkeypatch):
+    # results of two study versions (load_results(..., all_trials=True)): seed 0 ran twice. The figure said "mean over
+    # 3 seeds" and weighed seed 0 twice, where the tables average a seed's trials first
+    from ablate.results import Results
+
+    trials = pd.DataFrame([{"trial_id": tid, "task": "etth1", "arm": "baseline", "arms": '["baseline"]', "seed": seed,
+                            "status": "ok", "best_metric": 1.0, "metric": "mse", "mode": "min"}
+                           for tid, seed in (("a0", 0), ("b0", 0), ("a1", 1))])
+    values = {"a0": 1.0, "b0": 1.2, "a1": 2.0}
+    tel = pd.DataFrame([{"trial_id": tid, "meta_update": k, "step": 10 * (k + 1), "group": "g", "alpha": v + k,
+                         "beta": v, "sigma_gradient": v} for tid, v in values.items() for k in range(2)])
+    figures = []
+    saved = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, outside=False: (figures.append(fig), saved(fig, path, outside))[1])
+    results = Results(trials, pd.DataFrame(), tel)
+    assert_png(report.plot_alpha_beta(results, "etth1", tmp_path))
+    assert figures[0]._suptitle.get_text() == ("etth1 / baseline: mean over 2 seeds (3 trials: the trials of a seed "
+                                               "averaged first)")
+    alpha, beta = (figures[0].axes[k].lines[0].get_ydata() for k in (0, 1))
+    np.testing.assert_allclose(alpha, [1.55, 2.55])  # (seed 0: 1.1, seed 1: 2.0; not 1.4667 over the trials)
+    np.testing.assert_allclose(beta, [1.55, 1.55])
+    assert_png(report.plot_sigmas(results, "etth1", tmp_path))
+    np.testing.assert_allclose(figures[1].axes[0].lines[0].get_ydata(), [1.55, 1.55])
+    # one trial a seed: as before, no word of trials
+    assert_png(report.plot_alpha_beta(Results(trials[trials["trial_id"] != "b0"], pd.DataFrame(), tel), "etth1", tmp_path))
+    assert figures[2]._suptitle.get_text() == "etth1 / baseline: mean over 2 seeds"
