@@ -794,6 +794,10 @@ def _checked_weighting(result: Any, weighting: Any) -> tuple[Tensor, dict[str, T
     if not ok:
         raise TypeError(f"weighting {type(weighting).__name__} must return (meta-loss as a scalar tensor, dict of "
                         f"sigma per term - empty if it has none), got {described(result)}")
+    bad = [k for k, v in result[1].items() if not isinstance(v, Tensor) or v.numel() != 1]
+    if bad:
+        raise TypeError(f"weighting {type(weighting).__name__} must return its sigmas as scalar tensors (a dict of "
+                        f"sigma per term), got for {bad}: {', '.join(described(result[1][k]) for k in bad)}")
     return result[0].reshape(()), result[1]
 
 

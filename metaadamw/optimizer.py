@@ -415,6 +415,10 @@ class MetaAdamW(torch.optim.Optimizer):
         layers = _sparse_layers_of(self._params[i], model)
         return named + (f", the weight of the model's layer {', '.join(layers)}," if layers else "")
 
+    def _grouped_with_model(self) -> bool:
+        """Whether the groups were made with ``model=`` (its module types; kept by copies, which have no model)."""
+        return any(t.module_type is not None for t in self.tensor_info)
+
     def meta_parameters(self) -> list[nn.Parameter]:
         """Everything the meta-optimizer trains: the modulator (encoder, head, gates, group
         embeddings) and the weighting's log-variances."""
@@ -1036,6 +1040,8 @@ class MetaAdamW(torch.optim.Optimizer):
             "meta_skipped": self.meta_skipped,
             "config": dict(self.config),
             "meta_optimizer_class": type(self.meta_optimizer).__name__,
+            # (whether the groups were made with model=, for the error of a load into an optimizer made otherwise)
+            "grouped_with_model": self._grouped_with_model(),
         }
         sd["metaadamw"] = copy.deepcopy(extra)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -1122,9 +1128,15 @@ class MetaAdamW(torch.optim.Optimizer):
             self._load_adamw_state_dict(state_dict)
             return
         if extra["group_names"] != self.group_names:
+            saved, mine = extra.get("grouped_with_model"), self._grouped_with_model()
+            how = {True: "with model=", False: "without model= (the parameter names alone, model.named_parameters())"}
+            built = ("" if not isinstance(saved, bool) or saved == mine else
+                     f". The checkpoint's optimizer was built {how[saved]} and this one {how[mine]}: with model=, "
+                     f"the grouping takes layer types and depths from the model's modules, which changes the groups "
+                     f"- build this optimizer as the checkpoint's was")
             raise ValueError(f"the checkpoint's modulator groups {extra['group_names']} differ from this "
                              f"optimizer's {self.group_names}: same model, same param groups (also those added "
-                             f"with add_param_group, in the same order) and same grouping needed")
+                             f"with add_param_group, in the same order) and same grouping needed{built}")
         self._check_loadable(extra)  # before anything is loaded: a failed load leaves the optimizer as it was
         _check_loaded_hyperparameters(state_dict)
         adopted = self._adopt_loaded_settings(extra.get("config"))  # (warnings made errors: nothing loaded yet)

@@ -12,7 +12,9 @@ A registry is a plain dict behind a decorator (the shape of timm's ``_registry.p
     FEATURES.list("norm_*")    # wildcard filter
     FEATURES.get("my_feats")   # UnknownComponentError naming every registered feature extractor
 
-Registering a name twice is an error (pass ``override=True`` to replace on purpose).
+Registering a name that is taken is an error (pass ``override=True`` to replace on purpose), except
+for the same definition made again - the same module and qualified name, as a notebook cell run
+again or a plugin module imported again makes it -, which replaces the first.
 
 Third-party packages contribute components through package entry points: an entry point in
 the registry's group (for instance ``metaadamw.features``) names either a module, whose import
@@ -165,7 +167,7 @@ class Registry:
             pass
         # (a name that differs only in case, "ETTh1" for "etth1", alone; else the closest spellings, "fine_graned")
         close = suggestion(name, self._items) if isinstance(name, str) else ""
-        problem = self.entry_point_problem(name)
+        problem = self.entry_point_problem(name) if name is not None else None  # (None: every broken one's)
         if problem:  # exposed through an entry point that is broken: say so, not how to expose it
             raise UnknownComponentError(
                 f"unknown {self.kind} {name!r}: {problem}. Registered: {', '.join(self.list()) or '(none)'}.")

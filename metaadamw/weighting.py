@@ -2,7 +2,8 @@
 
 Registered in :data:`metaadamw.WEIGHTINGS`; each is an ``nn.Module`` built as
 ``Weighting(terms, signed_terms, priorities=..., weights=..., form=...)`` whose forward maps the
-terms to ``(loss, sigmas)``:
+terms to ``(loss, sigmas)`` - a scalar tensor, and a dict of a scalar tensor per term (empty if it
+has none):
 
 * ``sum`` - sum of the terms.
 * ``fixed`` - ``sum_i w_i L_i`` with user weights (in the order gradient, loss_decrease, gen_gap).

@@ -131,6 +131,23 @@ def test_loading_a_checkpoint_of_another_layout_is_a_clear_error():
         opt.load_state_dict(amsgrad.state_dict())
 
 
+def test_a_checkpoint_of_an_optimizer_built_with_model_or_without_it_says_so_when_its_groups_differ():
+    # the groups of fine_grained differ with and without model= (layer types from the modules): the error said
+    # "same model, same param groups and same grouping needed", all of which were the same
+    models = [TinyTransformer() for _ in range(4)]
+    named = [MetaAdamW(m.named_parameters(), **small_kwargs()) for m in models[:2]]
+    given = [MetaAdamW(m.parameters(), model=m, **small_kwargs()) for m in models[2:]]
+    for source, target, saved, mine in ((named[0], given[0], "without", "with"), (given[1], named[1], "with", "without")):
+        with pytest.raises(ValueError, match=rf"The checkpoint's optimizer was built {saved} model=.* and this one "
+                                             rf"{mine} model="):
+            target.load_state_dict(source.state_dict())
+    # the same construction, another layout: nothing said of model=
+    with pytest.raises(ValueError, match="modulator groups") as info:
+        named[0].load_state_dict(MetaAdamW(mlp(0).named_parameters(), **small_kwargs()).state_dict())
+    assert "model=" not in str(info.value)
+    assert copy.deepcopy(given[0]).state_dict()["metaadamw"]["grouped_with_model"] is True  # (a copy has no model)
+
+
 @pytest.mark.parametrize("source", ["MetaAdamW", "AdamW"])
 def test_moments_of_another_models_shapes_are_refused_before_anything_loads(source):
     # same layout (4 tensors, same groups) but other widths: torch.optim checks only the group sizes

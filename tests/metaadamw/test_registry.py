@@ -196,6 +196,14 @@ def test_broken_entry_point_warns_and_hides_nothing(tmp_path, monkeypatch):
     reg.add("fine", object())
     with pytest.warns(RuntimeWarning, match="could not load grouping strategy entry point 'bad'"):
         assert reg.list() == ["fine"]
+    # a lookup of None (grouping=None) is not one of a name that the broken entry point exposes: it said
+    # "unknown grouping strategy None: the entry point 'bad' ... could not be loaded"
+    with pytest.raises(KeyError) as err:
+        reg.get(None)
+    assert str(err.value).startswith("unknown grouping strategy None. Registered: fine. To add one, decorate it")
+    assert str(err.value).endswith("Not loaded (a module that would have registered it?): the entry point 'bad' "
+                                   "(does_not_exist_mod:thing) of group 'metaadamw.groupings' could not be loaded: "
+                                   "ModuleNotFoundError: No module named 'does_not_exist_mod'.")
 
 
 def test_an_entry_point_that_is_not_callable_is_ignored_with_the_reason(tmp_path, monkeypatch):
@@ -340,6 +348,20 @@ def test_what_a_user_weighting_or_grouping_returns_is_checked_naming_it():
             GROUPINGS.remove(name)
 
 
+def test_a_user_weighting_whose_sigmas_are_not_tensors_is_told_to_return_tensors():
+    class FloatSigmas(metaadamw.Weighting):
+        def forward(self, terms):  # sigmas as Python floats: the record crashed with "'float' has no attribute 'detach'"
+            return torch.stack([terms[t] for t in self.terms]).sum(), {t: 1.0 for t in self.terms}
+
+    WEIGHTINGS.add("test_float_sigmas", FloatSigmas)
+    try:
+        with pytest.raises(TypeError, match=r"weighting FloatSigmas must return its sigmas as scalar tensors .*"
+                                            r"got for \['loss_decrease'\]: 1.0"):
+            _meta_step_with("loss_decrease", weighting="test_float_sigmas")
+    finally:
+        WEIGHTINGS.remove("test_float_sigmas")
+
+
 def test_a_feature_extractor_whose_statistics_do_not_match_its_columns_is_named():
     @FEATURES.register("test_off_by_one")
     class OffByOne(FeatureExtractor):
@@ -441,6 +463,16 @@ def test_the_same_definition_registered_again_replaces_the_first():
     reg.register("p")(functools.partial(print, 1))
     with pytest.raises(ValueError, match="already registered"):
         reg.register("p")(functools.partial(print, 2))
+
+
+def test_the_registry_docs_say_that_the_same_definition_registered_again_replaces_the_first():
+    # the module docstring said "Registering a name twice is an error", which the test above contradicts
+    import metaadamw.registry
+
+    doc = " ".join(metaadamw.registry.__doc__.split())
+    assert "Registering a name twice is an error" not in doc
+    assert ("except for the same definition made again - the same module and qualified name, as a notebook cell "
+            "run again or a plugin module imported again makes it -, which replaces the first") in doc
 
 
 def test_an_unknown_name_exposed_by_a_broken_entry_point_names_that_entry_point(tmp_path, monkeypatch):
