@@ -34,8 +34,8 @@ import yaml
 
 def _parse_value(text: str) -> Any:
     """A --set value: YAML scalars and lists (1e-3, true, [1, 2, 5], null), else the string; read as
-    a study file is read (1e-3 is a number also inside a list: YAML 1.1 reads it as a string; a
-    quoted value, "1.5", stays a string)."""
+    a study file is read (1e-3 is a number also inside a list: YAML 1.1 reads it as a string; 010 is
+    10, not YAML 1.1's octal 8, and 1:30 a string, not its base-60 90; a quoted value, "1.5", stays a string)."""
     from ablate.study import _Loader
 
     try:

@@ -534,6 +534,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. {address}:6379, the port "
                           f"`ray start --head` printed), or auto")
     host, _, port = address.rpartition(":")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):  # (Ray refuses it: "Invalid address format")
+        raise ConfigError(f"{given} {address!r}: an IPv6 address goes in brackets before the port, as Ray reads it: "
+                          f"[ADDRESS]:PORT (e.g. [fe80::1]:6379), or auto")
     if not (port.isascii() and port.isdigit()):  # (isdigit alone takes "²", which int() refuses)
         raise ConfigError(f"{given} {address!r}: expected HOST:PORT of the Ray head (e.g. 10.0.0.1:6379), or auto")
     if not 0 < int(port) < 65536:  # (the socket library takes a larger one modulo 65536: another port was probed)

@@ -358,7 +358,21 @@ def format_trials(study: Study, every: bool = False) -> str:
 
 class _Loader(yaml.SafeLoader):
     """A safe loader that refuses duplicate keys, reads 1e-3 as a number (YAML 1.1 reads it as a
-    string), and reports every bad scalar (an impossible date, say) as a YAML error with its mark."""
+    string), an integer with leading zeros as decimal (010 is 10, as YAML 1.2 reads it: YAML 1.1
+    reads octal 8), 1:30 as a string (as YAML 1.2 reads it: YAML 1.1 reads base 60, 90), and
+    reports every bad scalar (an impossible date, say) as a YAML error with its mark."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
+        text = self.construct_scalar(node)
+        if ":" in text:
+            return text
+        digits = text.replace("_", "")
+        if digits.lstrip("+-").isdigit():  # (0x10 and 0b11 as YAML 1.1 reads them)
+            return int(digits, 10)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float | str:
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_float(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[tuple[str, str]] = set()
@@ -388,6 +402,8 @@ _Loader.add_implicit_resolver(
     re.compile(r"[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 
 
 #: a line of a YAML file that holds no content: blank, a comment, a document marker (``---``, ``...``,
@@ -575,7 +591,8 @@ def _parse(mapping: Any, ctx: _Context, base_dir: str | os.PathLike | None, extr
             "retries", f"must be an integer >= 0 (how often a failed trial is retried), got {_short(retries)}")))
     if not settings_checkable:
         ctx.gate()
-    ctx.budget = ctx.attempt(_check_settings, ctx, given.get("budget"), "budget", ctx.tasks, default={})
+    ctx.budget = ctx.attempt(_check_settings, ctx, _budget_defaults(given.get("budget"), ctx.tasks), "budget", ctx.tasks,
+                             default={})
     baseline = given.get("baseline")
     if isinstance(baseline, dict) and "priorities_from" in baseline:
         baseline = {k: v for k, v in baseline.items() if k != "priorities_from"}
@@ -1296,6 +1313,27 @@ def _check_settings(ctx: _Context, settings: Any, path: str, tasks: list[str], *
         resolve_config({"task": task, "data": ctx.data, **settings}, where=f"{ctx.where(path)} (task {task})",
                        cross_keys=False)  # (another layer may set the other key: the trials' configs check them)
     return dict(settings)
+
+
+def _budget_defaults(budget: Any, tasks: list[str]) -> Any:
+    """``budget:`` less its keys set to null that no trial takes null for (``epochs: null``): those take the task's
+    default, as a key set to null does; a null a key takes (``max_steps: null``: no step budget; a task key null
+    in a default of a task) is kept, and so is a key that is refused here whatever its value."""
+    from ablate.tasks import get_task
+
+    if not isinstance(budget, dict):
+        return budget
+
+    def default_taken(key: Any) -> bool:
+        if key in _RESERVED:
+            return False
+        if key in COMMON_FIELDS:
+            return not COMMON_FIELDS[key].nullable
+        specs = [get_task(t) for t in tasks]
+        return bool(specs) and all(key in task_fields(s.name) and all(
+            d[key] is not None for d in (s.defaults, s.embedded_defaults) if key in d) for s in specs)
+
+    return {k: v for k, v in budget.items() if v is not None or not default_taken(k)}
 
 
 def _check_value(ctx: _Context, key: str, value: Any, path: str, tasks: list[str], *, adamw: bool = False) -> None:

@@ -452,8 +452,9 @@ def _make_callbacks(study: Study, by_id: dict[str, TrialSpec], out_dir: Path, to
                 if key not in self.warned:
                     self.warned.add(key)
                     who = spec.task if shared else f"{spec.task} seed {spec.seed} {spec.arm}"
-                    # (a multi-line note's lines as the stored error has them, the continuation ones indented)
-                    first, *rest = _note_lines(message) or [""]
+                    # (a multi-line note's lines as the stored error has them, the continuation ones indented; a task's
+                    # warning that starts with its name - "etth1: ..." - not said "etth1: warning: etth1: ...")
+                    first, *rest = _note_lines(message.removeprefix(f"{spec.task}: ")) or [""]
                     print("\n".join([f"{who}: warning: {first}", *rest]), flush=True)
 
         def _record_failure(self, trials, spec: TrialSpec, error: str, note: str = "", messages=(),

@@ -308,6 +308,18 @@ def test_an_address_without_its_port_is_refused_in_one_line(address):
     check_reachable("auto")  # (left to Ray)
 
 
+@pytest.mark.parametrize("address", ["::1:6379", "fe80::1"])
+def test_an_ipv6_address_without_brackets_is_refused_with_the_brackets_to_write(address):
+    # (it was probed - "nothing answers there", or passed where something answered - and Ray refused it with a
+    # traceback, "ValueError: Invalid address format": Ray reads an IPv6 host only as [ADDRESS]:PORT)
+    from ablate.cluster import check_reachable
+    from ablate.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"--address '{address}': an IPv6 address goes in brackets before the port, "
+                                          r"as Ray reads it: \[ADDRESS\]:PORT \(e\.g\. \[fe80::1\]:6379\), or auto"):
+        check_reachable(address, timeout_s=1.0)
+
+
 def test_a_dashboard_address_is_refused_in_one_line():
     # (Ray hands any scheme to a Ray Client builder: a traceback blaming RAY_ADDRESS)
     from ablate.cluster import check_reachable

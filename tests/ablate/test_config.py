@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from ablate.config import ConfigError, identity_config, resolve_config, task_fields, trial_id
 from ablate.tasks import TASKS, get_task, register_task
@@ -341,6 +342,30 @@ def test_set_values_are_read_as_a_study_file_reads_them():
     assert _parse_sets(["priorities=[1e-3,1,2E+1]", "lr=1e-3", "name=on_time", "x=[a, 1.5]"]) == {
         "priorities": [1e-3, 1, 20.0], "lr": 1e-3, "name": "on_time", "x": ["a", 1.5]}
     assert resolve_config({"task": "etth1", **_parse_sets(["priorities=[1e-3,1,1]"])})["priorities"] == [1e-3, 1.0, 1.0]
+
+
+def test_a_set_value_with_leading_zeros_is_read_as_decimal_as_a_study_file_reads_it(tmp_path):
+    # --set epochs=010 trained 8 epochs, and seeds: [010] in a study file ran seed 8: YAML 1.1 reads a leading zero
+    # as octal; decimal, as YAML 1.2 and a reader take it
+    from ablate.cli import _parse_sets
+    from ablate.study import _Loader
+
+    assert _parse_sets(["epochs=010", "seed=-010", "x=[010, 0_10]", "lr=010.5", "k=0x10", "s='010'"]) == {
+        "epochs": 10, "seed": -10, "x": [10, 10], "lr": 10.5, "k": 16, "s": "010"}
+    assert yaml.load("seeds: [010, 011]\nbudget: {epochs: 007}", Loader=_Loader) == {"seeds": [10, 11],
+                                                                                     "budget": {"epochs": 7}}
+
+
+def test_a_set_value_with_colons_is_no_base_60_number(capsys):
+    # --set epochs=1:30 trained up to 90 epochs: YAML 1.1 reads 1:30 as base 60; a string, which the key refuses
+    from ablate.cli import _parse_sets, main
+    from ablate.study import _Loader
+
+    assert _parse_sets(["epochs=1:30", "lr=1:30.5", "x=[1:30, 2]"]) == {"epochs": "1:30", "lr": "1:30.5",
+                                                                        "x": ["1:30", 2]}
+    assert yaml.load("budget: {epochs: 1:30}", Loader=_Loader) == {"budget": {"epochs": "1:30"}}
+    assert main(["train", "--task", "etth1", "--set", "epochs=1:30"]) == 2
+    assert "ablate: error: trial config: epochs must be an integer, got '1:30'" in capsys.readouterr().err
 
 
 def test_a_quoted_set_value_that_looks_like_a_number_stays_a_string():

@@ -763,6 +763,20 @@ def test_a_resource_set_to_null_takes_its_default(resources):
     assert study.resources == {"cpus": 1, "gpus": 0}
 
 
+def test_a_budget_key_set_to_null_takes_the_task_s_default(tmp_path):
+    # budget: {epochs: null} was refused ("budget.epochs: must not be null"); a null that is a value of its key
+    # (max_train_batches: null, the whole split) is kept, and a key refused whatever its value still is
+    study = load(tmp_path, tasks=["tiny_ts"],
+                 budget={"epochs": None, "d_model": None, "max_train_batches": None, "batch_size": 8})
+    for arm in ("baseline", "adamw"):
+        config = trial(study, "tiny_ts", arm).config
+        assert (config["epochs"], config["d_model"], config["max_train_batches"], config["batch_size"]) == (4, 8, None, 8)
+    study = load(tmp_path, budget={"epochs": None})
+    assert [trial(study, task, "baseline").config["epochs"] for task in ("tiny_ts", "tiny_cls")] == [4, 10]
+    assert "s.yaml: budget.seed: seed cannot be set here" in error(tmp_path, {**BASE, "budget": {"seed": None}})
+    assert "s.yaml: budget.epoch: unknown config key 'epoch'" in error(tmp_path, {**BASE, "budget": {"epoch": None}})
+
+
 def test_keys_of_a_priorities_from_file_that_adamw_does_not_get_are_warned_about_too(tmp_path):
     """``ablate tune`` with ``params: {lr: ...}`` writes the tuned ``lr`` into best_priorities.yaml, and
     ``baseline: {priorities_from: ...}`` gives it to the MetaAdamW arms only: AdamW kept its own lr
