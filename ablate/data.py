@@ -186,7 +186,8 @@ def _download_one(item: Download, root: Path, dest: Path, force: bool = False,
         print(f"{item.filename}: files it held are missing from {dest}: fetching it again", flush=True)
         marker.unlink()
     failures = []
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    # (beside the file's place, not in ``root``: a dataset folder linked to another disk takes the file by a rename)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
         tmp_file = Path(tmp) / item.filename
         for url in (item.url, *item.mirrors):
             print(f"downloading {url} ...", flush=True)

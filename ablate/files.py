@@ -12,9 +12,14 @@ from typing import Callable
 def _new_temporary(path: Path) -> Path:
     """A new empty file ``.<name>.<random>.tmp`` beside ``path``, made as ``open()`` makes files: the
     kernel applies the umask and the folder's default ACL (``tempfile.mkstemp``'s are 0600, which made
-    results shared with colleagues unreadable to them)."""
+    results shared with colleagues unreadable to them). ``<name>`` is cut short where the whole would
+    pass the 255 bytes most file systems allow a name (a file named near that limit could be written,
+    but not its temporary)."""
+    name = path.name
+    while len(os.fsencode(name)) > 255 - 14:  # (14: the two dots, 8 random hex digits and ".tmp")
+        name = name[:-1]
     while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{name}.{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
             return tmp

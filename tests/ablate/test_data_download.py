@@ -402,3 +402,31 @@ def test_a_forced_download_whose_unpack_is_refused_keeps_the_record_of_the_files
     asked.clear()
     assert data.download("w", d) == [d] and asked == []
     assert (d / "wikitext-2" / "wiki.valid.tokens").read_bytes() == b" = A = \n"
+
+
+def test_a_dataset_folder_linked_to_another_disk_gets_its_file(tmp_path, monkeypatch):
+    # the file was fetched into a temporary folder in the data directory and renamed into the dataset's folder:
+    # across a link to another disk the rename failed (EXDEV), a traceback, and the download was lost
+    import errno
+    import os
+
+    published = b"date,OT\n2016-07-01 00:00:00,1.0\n"
+    item = Download(url="https://example.org/e.csv", filename="e.csv", sha256=hashlib.sha256(published).hexdigest(),
+                    subdir="ETT-small")
+    monkeypatch.setitem(data.DOWNLOADS, "etth1", [item])
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(published))
+    disk = tmp_path / "other disk"
+    (disk / "ETT-small").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    os.symlink(disk / "ETT-small", tmp_path / "data" / "ETT-small")
+    real = os.replace
+
+    def replace(src, dst):  # ("other disk" is another file system: no rename into it or out of it)
+        if os.path.realpath(src).startswith(str(disk)) != os.path.realpath(dst).startswith(str(disk)):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", replace)
+    assert data.download("etth1", tmp_path / "data") == [tmp_path / "data" / "ETT-small" / "e.csv"]
+    assert (disk / "ETT-small" / "e.csv").read_bytes() == published
+    assert sorted(p.name for p in disk.rglob("*")) == ["ETT-small", "e.csv"]  # (no temporary left)

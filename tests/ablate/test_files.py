@@ -108,3 +108,21 @@ def test_written_files_get_the_mode_the_umask_gives_new_files(tmp_path, umask):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"a.json": 0o666 & ~umask, "b.parquet": 0o666 & ~umask, "c.txt": 0o666 & ~umask}
+
+
+@pytest.mark.parametrize("name", ["a" * 252 + ".pt", "é" * 125 + ".pt"])  # (255 and 253 bytes)
+def test_a_file_named_near_the_name_limit_is_written(tmp_path, name):
+    # its temporary, ".<name>.<random>.tmp", was 14 bytes longer than the name: File name too long
+    path = tmp_path / name
+    temporaries = []
+
+    def write(tmp):
+        temporaries.append(os.path.basename(tmp))
+        with open(tmp, "wb") as f:
+            f.write(b"data")
+
+    assert files.atomic_write(path, write) == path
+    assert path.read_bytes() == b"data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    (temporary,) = temporaries
+    assert temporary.startswith(".") and temporary.endswith(".tmp") and len(os.fsencode(temporary)) <= 255
