@@ -124,3 +124,37 @@ def test_quick_yaml_counts_its_trials_as_the_parser_does():
     tasks, seeds, arms, total = map(int, count.groups())
     assert (tasks, seeds, arms) == (len(study.tasks), len(study.seeds), len(study.arms()))
     assert total == tasks * seeds * arms >= len(study.trials)  # "fewer where an arm equals a task's baseline"
+
+
+def test_factorial_yaml_s_commented_variants_work_when_uncommented_as_it_says(tmp_path):
+    # factorial.yaml says to uncomment either of its commented lines (not both) for the half fraction;
+    # with `fraction: null` left above them, uncommenting `# fraction: 2` made a duplicate key (invalid YAML)
+    from ablate.study import load_study
+
+    text = (DOC.parent / "factorial.yaml").read_text()
+    assert "Uncomment\n# either line below (not both)" in text, "factorial.yaml's instructions changed: update this test"
+    variants = re.findall(r"^  # ((?:fraction|generators): .*)$", text, flags=re.M)
+    assert len(variants) == 2, "factorial.yaml's commented variants changed: update this test"
+    for variant in variants:
+        path = tmp_path / "factorial.yaml"
+        path.write_text(text.replace(f"  # {variant}\n", f"  {variant}\n"))
+        cells = [a for a in load_study(path).arms() if a.startswith("factorial:")]
+        assert len(cells) == 4, (variant, cells)  # the 2^(3-1) half fraction
+    full = [a for a in load_study(DOC.parent / "factorial.yaml").arms() if a.startswith("factorial:")]
+    assert len(full) == 8  # as shipped: the full grid
+
+
+def test_the_format_reference_says_what_best_adamw_yaml_records():
+    # best_adamw.yaml's tuned_with records early stopping, the data and the task's own keys besides AdamW's
+    # settings and the budget (a study that runs the AdamW arm with another model is warned); the format
+    # reference once named AdamW's settings and the budget alone
+    from ablate.config import resolve_config
+    from ablate.study import tuning_context
+
+    recorded = tuning_context(resolve_config({"task": "etth1", "optimizer": "adamw"}), "adamw", ["lr"])
+    assert {"weight_decay", "epochs", "patience", "min_delta", "data", "d_model"} <= set(recorded)
+    assert "lr" not in recorded  # "less the searched ones"
+    said = re.search(r"`tuned_with` holds AdamW's (.*?)\),\n", DOC.read_text(), flags=re.S)
+    assert said, "search_spaces/README.md's description of best_adamw.yaml changed: update this test"
+    for words in ("the budget", "early stopping", "the data", "the task's own keys"):
+        assert words in " ".join(said[1].split()), words
