@@ -947,15 +947,15 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
             _clean_up(out_dir, study, storage, None)
         return SweepOutcome(out_dir, 0, reused, 0, store.consolidate(out_dir))
 
-    # (imported only now: Ray takes seconds to import, and a run whose every trial is stored needs none of it)
-    from ray import tune
-
     # one checkpoint per epoch makes Ray warn about frequent experiment snapshots; that is intended
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    no_result_files()
     try:
+        # (imported only now: Ray takes seconds to import, and a run whose every trial is stored needs none of it)
+        from ray import tune
+
+        no_result_files()
         started = init_ray(study, address, num_cpus)
-    except KeyboardInterrupt:  # Ctrl-C while Ray starts (init_ray shut down what it had started)
+    except KeyboardInterrupt:  # Ctrl-C while Ray is imported or starts (init_ray shut down what it had started)
         return _interrupted_or_done(out_dir, pending, set(), 0, 0, reused)
     controller_log = logging.getLogger("ray.tune.execution.tune_controller")
     controller_log.addFilter(_NO_TRIAL_TRACEBACK)  # during this sweep only (the Recorder says what failed)
@@ -1162,8 +1162,12 @@ def _dry_run_plan(study: Study, out_dir: Path, rerun: Sequence[str] | None) -> s
     check_out_folder(out_dir)
     selected = rerun_selection(study, rerun) if rerun else set()
     done = store.finished_trial_ids(out_dir) if out_dir.is_dir() else set()
-    pending = store.pending_reruns(out_dir)[0] if out_dir.is_dir() else set()  # (what an earlier --rerun left)
-    reuse = {t.trial_id for t in study.trials} & done - selected - pending
+    # (what an earlier --rerun left, and what it computed again already: not again, as in _start_reruns)
+    pending, redone = store.pending_reruns(out_dir) if out_dir.is_dir() else (set(), set())
+    study_ids = {t.trial_id for t in study.trials}
+    if pending & study_ids:
+        selected -= redone
+    reuse = study_ids & done - selected - pending
     line = (f"\nwith {out_dir}: {len(reuse)} trial(s) stored (reused), {len(study.trials) - len(reuse)} to run"
             + (f" ({len(selected & done)} of them again, selected by --rerun)" if rerun else "")
             # (real data only: an embedded trial has no data files, its data version is in its id)

@@ -241,6 +241,30 @@ def test_ctrl_c_while_ray_starts_or_a_second_ctrl_c_names_the_unfinished_trials_
     assert shut == [1]  # (Ray shut down: half started, its agents outlived the run)
 
 
+def test_ctrl_c_while_ray_is_imported_names_the_unfinished_trials_and_the_command(tmp_path, monkeypatch, capsys):
+    # Ray takes seconds to import, after the run has said what it will run: a Ctrl-C then printed only "interrupted"
+    import builtins
+
+    from ablate.cli import main
+
+    real_import = builtins.__import__
+
+    def importing(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "ray" and "tune" in (fromlist or ()) and (globals or {}).get("__name__") == "ablate.sweep":
+            raise KeyboardInterrupt
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    spec = tiny_study(tmp_path, seeds=1)
+    out = tmp_path / "results"
+    assert main(["run", str(spec), "--out", str(out)]) == 130
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    printed = capsys.readouterr()
+    n = len(load_study(spec).trials)
+    assert f"interrupted: {n} trial(s) did not finish: " in printed.out
+    assert f"ablate run {spec} --out {out} --resume" in printed.out
+
+
 def test_the_end_of_a_run_names_the_checkpoints_failed_trials_left(tmp_path, capsys):
     # a trial that failed after an epoch's checkpoint left it without a word: --resume after a fix continued
     # it from the failing code's epochs (rerun moves its checkpoints aside for that reason)
@@ -754,6 +778,33 @@ def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     big = tiny_study(tmp_path, "big", seeds=1, extra="resources: {cpus: 4096}")
     assert main(["run", str(big), "--dry-run", "--out", str(out)]) == 2
     assert "4096" in capsys.readouterr().err
+
+
+def test_dry_run_of_a_rerun_given_again_after_it_was_cut_off_counts_what_the_run_does(tmp_path, capsys, monkeypatch):
+    # the trials an incomplete --rerun computed again already are not run again by the same --rerun given again:
+    # the dry run counted them as to run (0 reused, 3 to run, where the run reuses 1 and runs 2)
+    from ablate import sweep
+    from ablate.cli import main
+    from ablate.results import write_reruns, write_trial
+
+    spec = tiny_study(tmp_path, seeds=1)
+    study = load_study(spec)
+    out = tmp_path / "results"
+    for t in study.trials:
+        write_trial(out / "tiny", {**t.config, "trial_id": t.trial_id, "status": "ok", "best_metric": 1.0,
+                                   "metric": "mse", "mode": "min", "arm": t.arm, "study": "tiny"})
+    ids = [t.trial_id for t in study.trials]
+    write_reruns(out / "tiny", {ids[1]}, {ids[0]})  # a `--rerun all` cut off: trial 0 computed again, trial 1 not yet
+    argv = ["run", str(spec), "--out", str(out), "--rerun", "all"]
+    assert main([*argv, "--dry-run"]) == 0
+    assert "1 trial(s) stored (reused), 2 to run (2 of them again, selected by --rerun)" in capsys.readouterr().out
+
+    def interrupted(*args, **kwargs):  # (the run's plan, without starting Ray)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "init_ray", interrupted)
+    assert main(argv) == 130
+    assert "study tiny: 3 trials, 1 already done (reused), 2 to run" in capsys.readouterr().out
 
 
 def test_a_run_says_once_at_its_start_when_its_seeds_cannot_reach_the_reports_alpha(tmp_path, capsys):
