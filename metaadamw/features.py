@@ -165,6 +165,9 @@ class FeatureExtractor(nn.Module):
         self.layout = layout
         self.time_step = time_step
         self.second_moment = second_moment
+        if isinstance(self.stats, str):  # (("grad_norm") is a str: its letters were named as unknown statistics)
+            raise ValueError(f"{type(self).__name__}.stats must be a tuple of statistic names, got the str "
+                             f"{self.stats!r}; a tuple of one name needs its comma: ({self.stats!r},)")
         unknown = set(self.stats) - set(TENSOR_STATS)
         if unknown:
             raise ValueError(f"{type(self).__name__}.stats names unknown statistics {sorted(unknown)}; known: {TENSOR_STATS}")

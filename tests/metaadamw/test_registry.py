@@ -381,6 +381,27 @@ def test_a_feature_extractor_whose_statistics_do_not_match_its_columns_is_named(
         FEATURES.remove("test_off_by_one")
 
 
+def test_a_feature_extractor_whose_stats_is_a_str_is_named():
+    # stats = ("grad_norm") is the str 'grad_norm': its letters were named as unknown statistics
+    class NoComma(FeatureExtractor):
+        stats = ("grad_norm")
+
+        def columns(self):
+            return ["grad_norm"]
+
+        def statistics(self, stats):
+            return self.group_mean(stats["grad_norm"].unsqueeze(1))
+
+    FEATURES.add("test_no_comma", NoComma)
+    try:
+        with pytest.raises(ValueError, match=re.escape("NoComma.stats must be a tuple of statistic names, got the "
+                                                       "str 'grad_norm'; a tuple of one name needs its comma: "
+                                                       "('grad_norm',)")):
+            MetaAdamW(mlp(0).named_parameters(), features="test_no_comma", modulator_heads=1, **small_kwargs())
+    finally:
+        FEATURES.remove("test_no_comma")
+
+
 def test_priorities_none_is_refused_naming_the_option():
     with pytest.raises(ValueError, match=r"priorities must be three finite non-negative numbers.*got None"):
         MetaAdamW(TinyTransformer().parameters(), grouping="original", priorities=None)
