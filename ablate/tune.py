@@ -80,6 +80,7 @@ within a relative 1e-6 per task): a suggestion that wins by float rounding is no
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -1368,6 +1369,20 @@ class ReferenceInterrupted(RuntimeError):
     """The AdamW reference run was interrupted (Ctrl-C): no suggestion ran."""
 
 
+class TuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C outside a search (Ray Tune's fit() catches one within): what is stored and the command that goes on."""
+
+
+@contextlib.contextmanager
+def _said_on_ctrl_c(describe: Callable[[], str]):
+    try:
+        yield
+    except TuneInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise TuneInterrupted(describe()) from None
+
+
 def adamw_references(spec: TuneSpec, out_dir: Path, *, address: str | None, ray_storage: str | None,
                      again: str | None = None) -> dict[str, float]:
     """Run (or reuse) the AdamW arm's trials once; ``"task/seed"`` -> AdamW's best value
@@ -1560,7 +1575,8 @@ def _progress_callback(target: Target, searcher, study, planned: int, own: Mappi
             for message in json.loads(result.get(WARNINGS_KEY) or "[]"):  # (every suggestion warns alike: once)
                 if message not in self.warned:
                     self.warned.add(message)
-                    print(f"[{target.key}] warning: {message}", flush=True)
+                    # (a task's warning that starts with its name - "etth1: ..." - not said "[etth1] warning: etth1: ...")
+                    print(f"[{target.key}] warning: {message.removeprefix(f'{target.key}: ')}", flush=True)
             now = time.monotonic()
             if now - self.last_beat < HEARTBEAT_S:
                 return
@@ -1804,7 +1820,8 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
         begun: list[str] = []  # the targets whose _run_target was called
         # (after ray.init, which installs Ray's handler: no word, exit 143)
-        with exit_on_sigterm(stopped, fallback=again or "the same command") as rearm, node_warnings_once():
+        with exit_on_sigterm(stopped, fallback=again or "the same command") as rearm, node_warnings_once(), \
+                _said_on_ctrl_c(stopped):  # (a Ctrl-C after the searches: not the command that adds suggestions)
             try:
                 if started and address is not None:  # a cluster: the data the trials need on the nodes that run them
                     check_cluster_nodes(spec.study, {})
@@ -2087,6 +2104,9 @@ def tune_command(args) -> int:
     except ReferenceInterrupted as exc:
         print(f"interrupted during the cross-task AdamW reference ({exc}); no suggestion ran. Continue (the "
               f"finished reference trials are kept and reused) with:\n  {command()}", flush=True)
+        return 130
+    except TuneInterrupted as exc:  # (between or after the searches, as the outputs are written)
+        print(f"interrupted; {exc}", flush=True)
         return 130
     except KeyboardInterrupt:  # (before a search, e.g. while Ray starts: a search's own Ctrl-C ends in the summary)
         print(f"interrupted; the suggestions that finished are stored in the study storage. Continue with:\n"

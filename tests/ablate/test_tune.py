@@ -2107,6 +2107,36 @@ def test_ctrl_c_while_ray_starts_shuts_ray_down_and_names_the_command_that_conti
     assert code == 130 and f"ablate tune {spec_path}" in capsys.readouterr().out
 
 
+def test_ctrl_c_as_the_outputs_are_written_names_the_command_that_rewrites_them(tmp_path, monkeypatch, capsys):
+    # after every search finished, a Ctrl-C as the outputs were written said to run the same command, which adds
+    # --trials more suggestions to every target: `--trials 0` (outputs only) is what goes on
+    import ablate.tune as tune_mod
+
+    _no_ray(monkeypatch)
+    monkeypatch.setattr(tune_mod, "_run_target", _cut_short(1, 0))
+
+    def write_outputs(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune_mod, "write_outputs", write_outputs)
+    spec_path = _tiny_spec(tmp_path)
+    assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
+    printed = capsys.readouterr().out
+    assert f"`ablate tune {spec_path} --out {tmp_path / 'out'} --trials 0` rewrites them" in printed, printed
+
+    # a Ctrl-C before the second target's search names the command that goes on and what did not run
+    def run_target(target, *args, **kwargs):
+        if target.key == "imdb":
+            raise KeyboardInterrupt  # (before its search: Ray Tune's fit() catches a Ctrl-C in one)
+        return 1, 0
+
+    monkeypatch.setattr(tune_mod, "_run_target", run_target)
+    spec_path = _tiny_spec(tmp_path, name="t2", tasks="[etth1, imdb]")
+    assert tune_mod.tune_command(_tune_args(spec_path, tmp_path / "out")) == 130
+    printed = capsys.readouterr().out
+    assert f"the search of imdb was cut off: `ablate tune {spec_path} --out {tmp_path / 'out'}` goes on" in printed, printed
+
+
 def test_asha_ranks_a_suggestion_without_a_value_last_without_nan_arithmetic(tmp_path, monkeypatch):
     # an infinite objective made ASHA's percentile cutoff compute inf - inf: numpy's RuntimeWarning reached
     # the user as a bare "ablate: warning: invalid value encountered in scalar subtract"
@@ -2244,6 +2274,26 @@ def test_a_members_warning_in_a_worker_is_shown_by_the_search(tmp_path, ray_addr
     out = capsys.readouterr().out
     said = re.findall(r"warning: meta_per_epoch=8 is more than the 4 steps", out)
     assert len(said) == 1, out  # (once for the search, not once per suggestion)
+
+
+def test_a_tasks_data_warning_is_not_prefixed_with_its_name_twice(tmp_path, capsys):
+    # a task's data warning starts with the task's name ("etth1: FILE is not the published file ..."), so the
+    # search of that task printed "[etth1] warning: etth1: ..."; the cross-task search names the task, as it must
+    import dataclasses
+
+    from ablate.tune import WARNINGS_KEY, _progress_callback
+
+    spec = load_tune_spec(_tiny_spec(tmp_path))
+    target = build_targets(spec)[0]
+    messages = ["etth1: /d/ETTh1.csv is not the published file - metrics not comparable", "meta_per_epoch=8 is more"]
+    for key in ("etth1", "cross_task"):
+        progress = _progress_callback(dataclasses.replace(target, key=key), None, None, 1)
+        progress.on_trial_result(1, [], None, {WARNINGS_KEY: json.dumps(messages)})
+    assert capsys.readouterr().out.splitlines() == [
+        "[etth1] warning: /d/ETTh1.csv is not the published file - metrics not comparable",
+        "[etth1] warning: meta_per_epoch=8 is more",
+        "[cross_task] warning: etth1: /d/ETTh1.csv is not the published file - metrics not comparable",
+        "[cross_task] warning: meta_per_epoch=8 is more"]
 
 
 # -- tuned_with: only what changes the tuned arm's run, the budget, keys searched again, null ------------
