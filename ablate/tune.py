@@ -1193,8 +1193,13 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any], searche
     for key in ("aggregate", "cross_task", "direction"):
         if stored.get(key) != wanted.get(key):
             return f"{key}: stored {stored.get(key)!r}, now {wanted.get(key)!r}"
-    old = {(m["task"], m["seed"]): m["config"] for m in stored.get("members", [])}
-    new = {(m["task"], m["seed"]): m["config"] for m in wanted["members"]}
+    def by_run(rows) -> dict[tuple[str, int], dict[str, Any]]:
+        return {(r["task"], r["seed"]): r["config"] for r in rows or []}
+
+    def changed(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+        return sorted(key for key in set(was) | set(now) if was.get(key) != now.get(key))
+
+    old, new = by_run(stored.get("members")), by_run(wanted["members"])
 
     def arm(configs) -> set[str]:
         return {"adamw" if c.get("optimizer") == "adamw" else "baseline" for c in configs}
@@ -1204,18 +1209,17 @@ def _describe_difference(stored: dict[str, Any], wanted: dict[str, Any], searche
     if set(old) != set(new):
         return (f"tasks/seeds: stored {sorted(old)}, now {sorted(new)}")
     for k in new:
-        diff = sorted(key for key in set(old[k]) | set(new[k]) if old[k].get(key) != new[k].get(key))
+        diff = changed(old[k], new[k])
         if diff:
             return "settings " + ", ".join(
                 f"{d} (now searched; the stored study's trials held it at {old[k][d]!r})" if d in searched and d in old[k]
                 else f"{d} (no longer searched, now {new[k][d]!r})" if d not in searched and d not in old[k]
                 else f"{d} (stored {old[k].get(d)!r}, now {new[k].get(d)!r})" for d in diff[:5])
     # (cross-task: the AdamW arm the suggestions are scored against, which the members leave out)
-    old_ref = {(r["task"], r["seed"]): r["config"] for r in stored.get("reference") or []}
-    new_ref = {(r["task"], r["seed"]): r["config"] for r in wanted.get("reference") or []}
+    old_ref, new_ref = by_run(stored.get("reference")), by_run(wanted.get("reference"))
     for k in new_ref:
         was = old_ref.get(k, {})
-        diff = sorted(key for key in set(was) | set(new_ref[k]) if was.get(key) != new_ref[k].get(key))
+        diff = changed(was, new_ref[k])
         if diff:
             return "the AdamW reference's settings " + ", ".join(
                 f"{d} (stored {was.get(d)!r}, now {new_ref[k].get(d)!r})" for d in diff[:5])
