@@ -280,6 +280,21 @@ def test_analysis_notebook_on_a_folder_without_trials_stops_with_the_reports_err
     assert "holds no trials yet; nothing to report" in str(err.value) and "KeyError" not in str(err.value)
 
 
+def test_analysis_notebook_refuses_a_trials_table_without_the_columns_the_statistics_read(tmp_path, monkeypatch, kernel):
+    # a trials table written by hand or by other code (no task column): `ablate report` names the missing column up
+    # front; the notebook ran on into the statistics and failed there with a bare KeyError: 'task'
+    from nbclient.exceptions import CellExecutionError
+
+    rows = [{"trial_id": f"t{seed}{arm}", "status": "ok", "seed": seed, "arm": arm, "metric": "mse", "mode": "min",
+             "best_metric": 1.0 + seed} for seed in range(3) for arm in ("adamw", "baseline")]
+    pd.DataFrame(rows).to_parquet(tmp_path / "trials.parquet", index=False)
+    monkeypatch.setenv("ABLATE_RESULTS_DIR", str(tmp_path))
+    nb = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4)
+    with pytest.raises(CellExecutionError) as err:
+        NotebookClient(nb, kernel_name=KERNEL, timeout=120, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    assert "has no task column: it was not written by ablate" in str(err.value) and "KeyError" not in str(err.value)
+
+
 def test_analysis_notebook_names_table_3_s_holm_families_as_the_report_does():
     # Table 3's factorial cells became a Holm family of their own (stats.table3, the report's legend); the notebook
     # still said "Holm over the task's arms", and it shows the factorial cells in that table too
