@@ -380,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("data", help="datasets")
-    dsub = s.add_subparsers(dest="data_command", required=True)
+    # (not required=True: argparse then said "the following arguments are required: data_command", a name of its own)
+    dsub = s.add_subparsers(dest="data_command")
+    s.set_defaults(func=lambda args, data=s: data.error(
+        f"say what to do with the datasets: {', '.join(dsub.choices)} (`ablate data download TASK` downloads TASK's "
+        f"real dataset; `ablate data --help`)"))
     d = dsub.add_parser("download", help="download and verify a task's real dataset (needs the network)")
     d.add_argument("task")
     d.add_argument("--data-dir", help="where to put it (default: $ABLATE_DATA_DIR or ./data); the dataset's own "

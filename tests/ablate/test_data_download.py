@@ -430,3 +430,12 @@ def test_a_dataset_folder_linked_to_another_disk_gets_its_file(tmp_path, monkeyp
     assert data.download("etth1", tmp_path / "data") == [tmp_path / "data" / "ETT-small" / "e.csv"]
     assert (disk / "ETT-small" / "e.csv").read_bytes() == published
     assert sorted(p.name for p in disk.rglob("*")) == ["ETT-small", "e.csv"]  # (no temporary left)
+
+
+def test_ablate_data_without_a_command_names_the_commands(capsys):
+    # argparse said "the following arguments are required: data_command", the name of its own attribute
+    with pytest.raises(SystemExit) as exit_:
+        main(["data"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "data_command" not in err
+    assert "ablate data: error: say what to do with the datasets: download (`ablate data download TASK`" in err
