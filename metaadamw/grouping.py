@@ -15,7 +15,8 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   hold names relative to a submodule, which repeat and carry no layer index: a warning says so
   when they are all there is). When a model is given, the module type decides the layer type of
   embeddings, attention and normalisation layers (``nn.Embedding``, ``nn.EmbeddingBag`` -> embedding,
-  ``nn.MultiheadAttention`` and its ``out_proj`` -> attention, normalisation layers -> norm; a
+  also a weight tied to an output Linear, whichever of the two the model registers first: the
+  embedding's type and place, under the first name; ``nn.MultiheadAttention`` and its ``out_proj`` -> attention, normalisation layers -> norm; a
   parametrized tensor, such as weight_norm's ``fc.parametrizations.weight.original0``, counts as its
   layer's, named ``fc.weight_original0``); for every other tensor, and without a model, the name
   does (common words such as ``pos``, ``token`` or ``value`` only where they name the layer:
@@ -80,6 +81,7 @@ _NAME_RULES: tuple[tuple[str, frozenset[str]], ...] = tuple(
                       "c_fc", "c_proj", "dense", "w1", "w2", "w3")),
     )
 )
+EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
 _WEAK_WORDS = frozenset(("pos", "tok", "token", "position", "query", "key", "value"))
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
                *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
@@ -89,7 +91,7 @@ def layer_type(info: TensorInfo) -> str:
     """embedding / attention / feed_forward / norm / other, from the module type or the name."""
     t = info.module_type
     if t is not None:
-        if issubclass(t, (nn.Embedding, nn.EmbeddingBag)):
+        if issubclass(t, EMBEDDING_TYPES):
             return "embedding"
         if issubclass(t, nn.MultiheadAttention):
             return "attention"

@@ -24,7 +24,7 @@ from metaadamw import FEATURES, GROUPINGS, OBJECTIVES, WEIGHTINGS
 from metaadamw import distributed as D
 from metaadamw import functional as F
 from metaadamw.features import FeatureExtractor, GroupLayout, normalised_time
-from metaadamw.grouping import TensorInfo, assign_depths, is_bias, model_depths
+from metaadamw.grouping import EMBEDDING_TYPES, TensorInfo, assign_depths, is_bias, model_depths
 from metaadamw.meta import (META_GRADIENTS, MetaRecord, _raised_on_every_rank, described, host_rng_states,
                             meta_update, project_weighting, set_host_rng_states)
 from metaadamw.modulator import HEAD_INITS, Modulator, Multipliers
@@ -375,10 +375,22 @@ class MetaAdamW(torch.optim.Optimizer):
         depths: dict[int, float] = {}
         if model is not None:
             types: dict[str, type] = {}
+            owners: dict[int, tuple[int, str, type]] = {}  # (the place in registration order, the name, the type)
+            places = itertools.count()
             for mod_name, module in model.named_modules(remove_duplicate=False):
                 types.setdefault(mod_name, type(module))
                 for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
-                    by_id.setdefault(id(p), _grouping_name(mod_name, pname, types))
+                    # a tensor two modules share keeps the name of the first that holds it (named_parameters' and
+                    # the state dict's), but an embedding's weight tied to an output Linear is of the embedding's type
+                    # and place, wherever the Linear stands (a head registered before the embedding made the tied
+                    # weight feed_forward/deep and moved the other tensors' depths)
+                    name, owner = _grouping_name(mod_name, pname, types)
+                    place, first = next(places), owners.get(id(p))
+                    if first is None:
+                        owners[id(p)] = (place, name, owner)
+                    elif issubclass(owner, EMBEDDING_TYPES) and not issubclass(first[2], EMBEDDING_TYPES):
+                        owners[id(p)] = (place, first[1], owner)
+            by_id = {k: (name, owner) for k, (_, name, owner) in sorted(owners.items(), key=lambda kv: kv[1][0])}
             if not any(id(p) in by_id for _, p, _ in held):
                 raise ValueError(
                     f"model= is a {type(model).__name__} that holds none of the optimizer's parameters (a copy of the "

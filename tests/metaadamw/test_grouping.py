@@ -59,3 +59,34 @@ def test_with_a_model_a_linear_layer_takes_the_layer_type_its_name_gives():
     assert opt.group_names[opt._group_of[-1]].startswith("other/")  # (without a model: the name alone)
     doc = " ".join(grouping.__doc__.split())
     assert "``nn.Linear`` -> feed_forward" not in doc and "an ``nn.Linear`` whose name names no layer type" in doc
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to the output Linear; ``head_first``: the head is registered before the embedding."""
+
+    def __init__(self, head_first: bool):
+        super().__init__()
+        if head_first:
+            self.head = nn.Linear(8, 20, bias=False)
+        self.emb = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        if not head_first:
+            self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_a_weight_tied_to_an_output_linear_is_the_embeddings_whichever_is_registered_first(head_first):
+    # the tied tensor took the name and type of the first module holding it: with the head registered first it was
+    # head.weight, feed_forward/deep/weight, and the layers' depths moved with it; now the embedding's either way
+    # (under the name named_parameters gives it)
+    model = _TiedLM(head_first)
+    opt = MetaAdamW(model.parameters(), model=model, grouping="fine_grained", modulator_layers=1)
+    got = [(info.name, opt.group_names[g], info.depth) for info, g in zip(opt.tensor_info, opt._group_of)]
+    assert got == [("head.weight" if head_first else "emb.weight", "embedding/shallow/weight", 0.0),
+                   ("layers.0.weight", "feed_forward/shallow/weight", 0.0),
+                   ("layers.0.bias", "feed_forward/shallow/bias", 0.0),
+                   ("layers.1.weight", "feed_forward/middle/weight", 0.5),
+                   ("layers.1.bias", "feed_forward/middle/bias", 0.5),
+                   ("layers.2.weight", "feed_forward/deep/weight", 1.0),
+                   ("layers.2.bias", "feed_forward/deep/bias", 1.0)]
