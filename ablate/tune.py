@@ -1765,6 +1765,17 @@ def _run_target(target: Target, spec: TuneSpec, storage, trials: int, out_dir: P
     return progress.done, interrupted
 
 
+def _refuse_outputs_only(spec: TuneSpec, missing: list[str], location: str) -> None:
+    """Refuse ``--trials 0`` (or ``tune.trials: 0``), which only rewrites the outputs of stored studies,
+    where the ``missing`` target studies have none in the storage at ``location``."""
+    one = len(missing) == 1
+    cli = spec.settings.trials_from == "--trials"  # (the 0 of the command line, or of the file)
+    raise StudyError(f"{spec.source}: {'--trials 0' if cli else 'tune.trials: 0'} only rewrites the outputs "
+                     f"of stored studies, and {', '.join(map(repr, missing))} {'has' if one else 'have'} "
+                     f"none in {location}; {'' if cli else 'set tune.trials to N, or '}run with --trials N "
+                     f"to start {'it' if one else 'them'}")
+
+
 def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address: str | None = None,
              ray_storage: str | None = None, study_storage: str | None = None,
              num_cpus: int | None = None, again: str | None = None, outputs_only: str | None = None) -> TuneOutcome:
@@ -1778,8 +1789,11 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
 
     ray_storage = ray_storage_path(ray_storage)
     out_dir = Path(out_root) / spec.name / "tune"
-    make_out_folder(out_dir)
     location = storage_location(spec, out_root, study_storage)
+    if spec.settings.trials == 0 and "://" not in location and not Path(location).exists():
+        # (opening the journal creates it: a first run with --trials 0 left an empty journal file and folder)
+        _refuse_outputs_only(spec, [t.study_name for t in build_targets(spec)], location)
+    make_out_folder(out_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     no_result_files()
@@ -1793,12 +1807,7 @@ def run_tune(spec: TuneSpec, out_root: str | os.PathLike = "results", *, address
             stored = set(optuna.get_all_study_names(storage))
             missing = [t.study_name for t in targets if t.study_name not in stored]
             if missing:
-                one = len(missing) == 1
-                cli = spec.settings.trials_from == "--trials"  # (the 0 of the command line, or of the file)
-                raise StudyError(f"{spec.source}: {'--trials 0' if cli else 'tune.trials: 0'} only rewrites the outputs "
-                                 f"of stored studies, and {', '.join(map(repr, missing))} {'has' if one else 'have'} "
-                                 f"none in {location}; {'' if cli else 'set tune.trials to N, or '}run with --trials N "
-                                 f"to start {'it' if one else 'them'}")
+                _refuse_outputs_only(spec, missing, location)
         for target in targets:  # a stored study that scores differently is refused before anything runs
             check_target_study(target, spec, storage)
         if spec.settings.trials > 0:

@@ -880,6 +880,8 @@ def test_trials_0_without_a_stored_study_creates_nothing(tmp_path):
     spec = _trials_0_spec(tmp_path, ["etth1"])
     with pytest.raises(StudyError, match="--trials 0 only rewrites the outputs of stored studies"):
         run_tune(spec, tmp_path / "out")
+    # nor an empty journal file in a new results folder (opening the journal created both)
+    assert not (tmp_path / "out").exists()
     location = storage_location(spec, tmp_path / "out", None)
     assert optuna.get_all_study_names(open_storage(location)) == []
 
