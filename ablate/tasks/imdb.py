@@ -281,6 +281,14 @@ def locate(config: dict) -> list[Path | FolderFiles]:
     return [FolderFiles(folder, REVIEWS) for folder in _tree_dirs(_tree(config)).values()]
 
 
+def _too_few(what: str, split: str, where: str = "of each label") -> str:
+    """The problem of a dataset whose training or validation split comes out empty (``where``: where
+    the reviews of each label lie)."""
+    least = next(n for n in range(1, 100) if 0 < round(VAL_FRACTION * n) < n)
+    return (f"{what} holds too few reviews for a {split} split (the validation split is {VAL_FRACTION:.0%} of each "
+            f"label's reviews, rounded: give at least {least} reviews {where})")
+
+
 def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
     """Train/val(/test) reviews of the real data and the data-source string (module docstring)."""
     path = _csv_path(config)
@@ -288,14 +296,14 @@ def read_real_splits(config: dict) -> tuple[dict[str, list[Review]], str]:
         train, val = stratified_split(read_csv(path), VAL_FRACTION, config["split_seed"])
         for split, part in (("training", train), ("validation", val)):
             if not part:
-                least = next(n for n in range(1, 100) if 0 < round(VAL_FRACTION * n) < n)
-                raise _csv_error(f"csv_file {path} holds too few reviews for a {split} split (the validation split "
-                                 f"is {VAL_FRACTION:.0%} of each label's reviews, rounded: give at least {least} "
-                                 f"reviews of each label)", path)
+                raise _csv_error(_too_few(f"csv_file {path}", split), path)
         return {"train": train, "val": val}, f"real:{path.resolve()}"
     tree = _tree(config)
     reviews = read_tree(tree)
     train, val = stratified_split(reviews["train"], VAL_FRACTION, config["split_seed"])
+    if not val:  # (train/pos and train/neg of at most 2 reviews each: an empty validation set, which no DataLoader takes)
+        raise dataset_error(TASK, _too_few(f"{tree / 'train'}", "validation", "in train/pos and train/neg"),
+                            [d / REVIEWS for d in _tree_dirs(tree).values()], SOURCE, damaged=True)
     source = f"real:{tree.resolve()}"
     # (as ETT's and CIFAR-10's: a copy cut short or a subset trains and scores without an error, on other data)
     counts = {(split, label): sum(y == label for _, y in reviews[split]) for split, label in _tree_dirs(tree)}

@@ -119,7 +119,13 @@ class Vocab:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines (without line breaks) of a UTF-8 text file; ``*.gz`` files are decompressed.
+    """The lines (without line breaks) of a UTF-8 text file; gzip-compressed files are decompressed.
+
+    Whether a file is compressed is read from its first bytes (the gzip magic ``1f 8b``, which no
+    UTF-8 text starts with), not from its name: a ``val.de.gz`` saved by a client that undid the
+    transfer's compression is plain text, and a ``val.de`` renamed from ``val.de.gz`` is still
+    compressed - by the name alone the first was "not a gzipped file" and the second "not UTF-8"
+    (byte 0x8b), with the advice to delete a file that holds the right sentences.
 
     Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` only (not at the other characters that
     ``str.splitlines`` breaks at, such as U+2028 or a form feed inside a sentence: parallel files
@@ -131,7 +137,9 @@ def read_lines(path: Path) -> list[str]:
     Raises ``OSError`` / ``UnicodeDecodeError`` / ``EOFError`` for unreadable, non-UTF-8 or
     truncated files (corrupt compressed data too); callers turn them into :func:`dataset_error`.
     """
-    opener = gzip.open if path.suffix == ".gz" else open
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
     try:
         with opener(path, "rt", encoding="utf-8-sig") as f:
             lines = f.read().split("\n")  # (text mode has turned \r\n and \r into \n)

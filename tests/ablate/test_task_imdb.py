@@ -130,6 +130,7 @@ def test_a_tree_of_other_sizes_than_the_published_one_is_warned_about_and_record
     for f in sorted((tree / "train" / "neg").iterdir())[2:]:
         f.unlink()
     monkeypatch.setattr(imdb, "PUBLISHED_PER_FOLDER", 2)  # the published sizes: no warning, the plain source
+    monkeypatch.setattr(imdb, "VAL_FRACTION", 0.5)  # (20 % of 2 training reviews a label, rounded, validates none)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert get_task("imdb").build(config).data_source == f"real:{tree}"
@@ -174,6 +175,7 @@ def test_a_tree_with_more_reviews_than_the_published_one_is_moved_aside_before_t
                         "aclImdb_v1.tar.gz", md5=hashlib.md5(published).hexdigest(), extract=True, subdir="imdb")])
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Response(published))
     monkeypatch.setattr(imdb, "PUBLISHED_PER_FOLDER", 2)
+    monkeypatch.setattr(imdb, "VAL_FRACTION", 0.5)  # (20 % of 2 training reviews a label, rounded, validates none)
     tree = write_tree(tmp_path / "imdb")  # (5, 5, 2, 2 reviews: the first two of each folder the archive's)
     for f in sorted((tree / "train" / "neg").iterdir())[2:]:
         f.unlink()
@@ -215,6 +217,21 @@ def test_missing_tree_names_the_expected_folders(tmp_path):
         for label in ("pos", "neg"):
             assert str(tree / split / label / "*.txt") in msg
     assert "ablate data download imdb" in msg and "csv_file" in msg
+
+
+def test_a_tree_too_small_for_a_validation_split_names_its_folders_and_the_fix(tmp_path):
+    # 2 reviews in each training folder: 20 % of 2, rounded, is none - an empty validation set, which the
+    # trial's DataLoader refused with a bare "num_samples should be a positive integer value" (a CSV said why)
+    tree = write_tree(tmp_path / "imdb")
+    for label in ("pos", "neg"):
+        for f in sorted((tree / "train" / label).iterdir())[2:]:
+            f.unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        get_task("imdb").build(make_config(data="real", data_dir=str(tmp_path), **TINY))
+    msg = str(info.value)
+    assert f"{tree / 'train'} holds too few reviews for a validation split" in msg
+    assert "give at least 3 reviews in train/pos and train/neg" in msg
+    assert f"`ablate data download imdb --data-dir {tmp_path} --force`" in msg
 
 
 def test_the_tree_beside_an_imdb_folder_is_found(tmp_path):

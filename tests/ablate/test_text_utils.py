@@ -77,6 +77,16 @@ def test_read_lines_plain_and_gzip(tmp_path):
         read_lines(tmp_path / "bad.txt")
 
 
+def test_read_lines_knows_gzip_by_its_bytes_not_its_name(tmp_path):
+    # a val.de renamed from val.de.gz was called "not UTF-8 (byte 0x8b)" with the advice to delete it, and a
+    # val.de.gz decompressed on the way by a download client was "not a gzipped file"
+    text = "erste Zeile\nzweite Zeile – ü\n"
+    (tmp_path / "plain.gz").write_text(text, encoding="utf-8")
+    with gzip.open(tmp_path / "packed.txt", "wt", encoding="utf-8") as f:
+        f.write(text)
+    assert read_lines(tmp_path / "plain.gz") == read_lines(tmp_path / "packed.txt") == ["erste Zeile", "zweite Zeile – ü"]
+
+
 def test_read_lines_drops_a_byte_order_mark(tmp_path):
     # a file re-saved by a Windows editor starts with U+FEFF: it was read as a token of its own ("\ufeff"
     # before the first word of a Multi30k sentence; one token more than the published WikiText-2 file)
