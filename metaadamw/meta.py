@@ -35,8 +35,9 @@ encoder. H v is where the two ``meta_gradient`` modes differ:
 
 The model's parameters are never written: theta' lives in separate tensors swapped into the
 modules for the forward passes. Buffers (BatchNorm running statistics) are restored afterwards,
-as are the rows an embedding with ``max_norm`` renormalises in its forward, and ``.grad`` is
-never touched, so the model is exactly as before the call. Other parameters a forward pass writes
+as are the rows an embedding with ``max_norm`` renormalises in its forward and each module's
+training mode (a loss_fn may set it), and ``.grad`` is never touched, so the model is exactly as
+before the call. Other parameters a forward pass writes
 in place (a running mean kept in a frozen parameter) are not copied: the call warns after the
 passes, naming them (such state belongs in a buffer; an in-place constraint that changes nothing
 is harmless).
@@ -205,6 +206,7 @@ class ModelState:
         renormalised = {id(w) for w, _ in self._weights}
         self._versions = [(name, p, p._version) for name, p in model.named_parameters()
                           if id(p) not in renormalised and not p.is_inference()]
+        self._modes = [(m, m.training) for m in model.modules()]
 
     @torch.no_grad()
     def restore(self, weights: bool = True) -> None:
@@ -219,6 +221,16 @@ class ModelState:
         if weights:
             self._put_back_parameters()
             self._undo_new_tensor_attributes()
+            self._put_back_modes()
+
+    def _put_back_modes(self) -> None:
+        """Each module's training mode as on entry. A loss_fn that sets it (``model.train()`` at its start,
+        as a training loop's does) left a model its caller had put in eval mode in training mode: the
+        evaluation that followed meta_step ran with dropout and updated BatchNorm's running statistics.
+        Only on the final :meth:`restore`: between the passes the mode is the loss_fn's to set."""
+        for module, training in self._modes:
+            if module.training != training:
+                module.training = training
 
     def _put_back_parameters(self) -> None:
         """Each module's parameters as on entry: one a forward pass registered (it holds a hypothetical

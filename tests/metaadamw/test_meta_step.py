@@ -2056,3 +2056,23 @@ def test_models_of_every_kind_are_left_exactly_as_they_were(make, meta_gradient)
     _assert_strictly_same(model, snap)
     assert opt.meta_step(model, mse, None, *batches[1:]).step == 1  # (g from .grad: left as it was too)
     _assert_strictly_same(model, snap)
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_loss_fn_that_sets_the_training_mode_leaves_the_callers_mode_as_it_was(meta_gradient):
+    # a loss_fn that calls model.train() (as a training loop's does) left a model its caller had put in eval
+    # mode in training mode: the evaluation after meta_step ran with dropout and moved BatchNorm's statistics
+    def loss_in_train_mode(model, batch):
+        model.train()
+        return mse(model, batch)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 1))
+    opt = MetaAdamW(model.named_parameters(), meta_gradient=meta_gradient, **small_kwargs())
+    batches = regression_batches(4)
+    _step(model, opt, batches[0], loss_in_train_mode)
+    model.eval()
+    snap = _strict_snapshot(model)
+    assert not opt.meta_step(model, loss_in_train_mode, *batches[1:]).skipped
+    _assert_strictly_same(model, snap)
+    assert not any(m.training for m in model.modules())
