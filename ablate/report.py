@@ -352,7 +352,12 @@ def plot_ablation_bars(t3: pd.DataFrame, task: str, out_dir: Path, suffix: str =
     err = 100 * np.abs(np.vstack([rows["rel_mean"] - rows["rel_lo"], rows["rel_hi"] - rows["rel_mean"]]).astype(float))
     fig, ax = _subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
     x = np.arange(len(rows))
-    ax.bar(x, mean, yerr=np.nan_to_num(err), capsize=4, color=["C2" if m >= 0 else "C3" for m in mean])
+    ax.bar(x, mean, color=["C2" if m >= 0 else "C3" for m in mean])
+    # an arm with one paired seed has no interval (the table shows its mean alone): a zero error bar with its
+    # caps read as an interval of zero width, a change known exactly
+    ci = np.isfinite(err).all(axis=0)
+    if ci.any():
+        ax.errorbar(x[ci], mean[ci], yerr=err[:, ci], fmt="none", ecolor="black", capsize=4)
     tops = mean + np.nan_to_num(err[1])  # (the error bars are >= 0; NaN for an arm without ok trials)
     withheld = rows["withheld"] if "withheld" in rows else [False] * len(rows)
     for xi, top, sig, held, m in zip(x, tops, rows["significant"], withheld, mean):

@@ -348,6 +348,25 @@ def test_an_ablation_chart_with_no_comparison_is_not_drawn():
     assert report.plot_ablation_bars(t3, "etth1", Path("/nonexistent")) is None  # (it would read as "no change")
 
 
+def test_an_ablation_arm_of_one_paired_seed_gets_no_error_bar_of_zero_width(tmp_path, monkeypatch):
+    # the table shows a one-seed arm's mean alone (no interval); the chart drew a zero error bar with its caps at the
+    # bar's top, which reads as an interval of zero width: a change known exactly
+    from matplotlib.container import ErrorbarContainer
+
+    t3 = pd.DataFrame({"task": ["etth1"] * 2, "axis": ["gating", "lr"], "arm": ["gating=true", "lr=1"],
+                       "rel_mean": [0.10, 0.045], "rel_lo": [float("nan"), 0.004], "rel_hi": [float("nan"), 0.086],
+                       "significant": [False, False]})
+    figures = []
+    saved = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, outside=False: (figures.append(fig), saved(fig, path, outside))[1])
+    assert_png(report.plot_ablation_bars(t3, "etth1", tmp_path))
+    ax = figures[0].axes[0]
+    caps = [line for c in ax.containers if isinstance(c, ErrorbarContainer) for line in c.lines[1]]
+    with_bars = sorted({round(float(x)) for line in caps for x in line.get_xdata()})
+    assert with_bars == [1], with_bars  # (the arm with an interval only)
+    assert [round(h.get_height(), 6) for h in ax.patches] == [10.0, 4.5]  # (the bars, in %, as before)
+
+
 def test_only_the_statistics_warnings_reach_the_report_and_filters_by_module_apply(tmp_path, report_kit):
     # matplotlib's (a glyph the font lacks) and numpy's warnings name ablate's lines as their source
     # too, and were copied into the report; a caller's filter by module no longer matched
