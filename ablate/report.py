@@ -472,7 +472,12 @@ def plot_factorial_effects(effects: pd.DataFrame, out_dir: Path) -> Path | None:
     est = 100 * effects["estimate"].to_numpy(dtype=float)
     err = 100 * np.abs(np.vstack([effects["estimate"] - effects["lo"], effects["hi"] - effects["estimate"]]).astype(float))
     fig, ax = _subplots(figsize=(7, 0.4 * len(effects) + 1.5))
-    ax.errorbar(est, y, xerr=np.nan_to_num(err), fmt="o", capsize=3)
+    # an effect without an interval (no residual degrees of freedom: the table shows the estimate alone) gets a
+    # marker and no error bar (one of zero width, with its caps, read as an effect known exactly)
+    ci = np.isfinite(err).all(axis=0)
+    ax.plot(est, y, "o", color="C0")
+    if ci.any():
+        ax.errorbar(est[ci], y[ci], xerr=err[:, ci], fmt="none", ecolor="C0", capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, labels)
     ax.set(xlabel="effect (% of task mean, + = better)", title="factorial effects")

@@ -367,6 +367,24 @@ def test_an_ablation_arm_of_one_paired_seed_gets_no_error_bar_of_zero_width(tmp_
     assert [round(h.get_height(), 6) for h in ax.patches] == [10.0, 4.5]  # (the bars, in %, as before)
 
 
+def test_a_factorial_effect_without_an_interval_gets_no_error_bar(tmp_path, monkeypatch):
+    # with no residual degrees of freedom the table shows an estimate alone; the figure drew an error bar of zero
+    # width (caps at the marker), as for an effect known exactly
+    from matplotlib.container import ErrorbarContainer
+
+    effects = pd.DataFrame({"term": ["grouping", "gating"], "level": ["fine_grained", "true"],
+                            "estimate": [0.05, -0.02], "lo": [float("nan"), -0.04], "hi": [float("nan"), 0.0]})
+    figures = []
+    saved = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, outside=False: (figures.append(fig), saved(fig, path, outside))[1])
+    assert_png(report.plot_factorial_effects(effects, tmp_path))
+    ax = figures[0].axes[0]
+    caps = [line for c in ax.containers if isinstance(c, ErrorbarContainer) for line in c.lines[1]]
+    assert sorted({round(float(y)) for line in caps for y in line.get_ydata()}) == [0]  # (gating's row, at y 0)
+    markers = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [list(np.round(line.get_xdata(), 6)) for line in markers] == [[5.0, -2.0]]  # (both estimates, in %)
+
+
 def test_only_the_statistics_warnings_reach_the_report_and_filters_by_module_apply(tmp_path, report_kit):
     # matplotlib's (a glyph the font lacks) and numpy's warnings name ablate's lines as their source
     # too, and were copied into the report; a caller's filter by module no longer matched
