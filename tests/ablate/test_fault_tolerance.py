@@ -245,7 +245,7 @@ def test_bad_input_is_refused_before_ray_starts(tmp_path, case, monkeypatch, cap
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}", "--trials", "0"]])
+@pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}"]])  # (refused before Ray starts)
 def test_an_output_folder_that_is_a_file_is_one_line_and_exit_code_2(tmp_path, command, monkeypatch, capsys):
     # NotADirectoryError came out as a traceback and exit code 1; then as "Not a directory: OUT/<study>" (the
     # study's folder, not the file that is in the way)
@@ -264,7 +264,7 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_exit_code_2(tmp_path, c
     assert err.rstrip().endswith("below it); give another --out") and in_the_way.read_text() == "not a folder\n"
 
 
-@pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}", "--trials", "0"]])
+@pytest.mark.parametrize("command", [["run", "{spec}"], ["tune", "{spec}"]])  # (refused before Ray starts)
 def test_an_output_folder_that_cannot_be_made_names_it_and_the_fix(tmp_path, command, monkeypatch, capsys):
     # --out /proc/x: "ablate: error: No such file or directory: /proc/x", no word of --out or what to do
     import ray
