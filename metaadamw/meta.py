@@ -796,6 +796,11 @@ def _checked_terms(terms: Any, objective: Any) -> dict[str, Tensor]:
                 else "")
         raise ValueError(f"objective {name}: the terms {bad} are not scalar tensors (got "
                          f"{', '.join(described(terms[k]) for k in bad)}): reduce each term to one value{hint}")
+    if not any(terms[t].requires_grad for t in objective.terms):  # (a bare autograd error, or the model blamed)
+        raise ValueError(f"objective {name}: none of its terms {tuple(objective.terms)} depends on the modulator "
+                         f"through autograd, so there is nothing to train it with: compute them from the "
+                         f"MetaQuantities' tensors with torch operations (no .detach(), .item(), float() or "
+                         f"torch.tensor(...))")
     return {k: F.widened(v.reshape(())) for k, v in terms.items()}
 
 
@@ -810,6 +815,10 @@ def _checked_weighting(result: Any, weighting: Any) -> tuple[Tensor, dict[str, T
     if bad:
         raise TypeError(f"weighting {type(weighting).__name__} must return its sigmas as scalar tensors (a dict of "
                         f"sigma per term), got for {bad}: {', '.join(described(result[1][k]) for k in bad)}")
+    if not result[0].requires_grad:  # (the terms do: see _checked_terms; a bare autograd error named no component)
+        raise TypeError(f"weighting {type(weighting).__name__} returned a meta-loss that does not depend on the terms "
+                        f"through autograd, so there is nothing to train the modulator with: compute it from the "
+                        f"terms' tensors with torch operations (no .detach(), .item(), float() or torch.tensor(...))")
     return result[0].reshape(()), result[1]
 
 

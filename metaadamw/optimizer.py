@@ -478,7 +478,17 @@ class MetaAdamW(torch.optim.Optimizer):
         self._check_params(params)
         model = self._model_ref() if self._model_ref is not None else None
         infos, names, group_of, layout = self._grouped(params, model)
-        self.modulator.extractor.set_layout(layout)  # the last check: it may refuse
+        extractor = self.modulator.extractor
+        width = extractor.width
+        extractor.set_layout(layout)  # the last check: it may refuse
+        new_width = extractor.width
+        if new_width != width:  # (columns that follow the groups: the next step failed, its error contradicting itself)
+            extractor.set_layout(self.layout)
+            raise ValueError(
+                f"features={self.config['features']!r} ({type(extractor).__name__}) is {width} features wide with the "
+                f"groups {self.group_names} and {new_width} with {names}, but the modulator's input width is "
+                f"fixed when the optimizer is made: keep its columns() independent of the groups, have its set_layout "
+                f"refuse the change with a ValueError, or create the optimizer with every param group")
         self._params, self.tensor_info, self.group_names, self._group_of, self.layout = (
             params, infos, names, group_of, layout)
         self._group_sizes = [len(g["params"]) for g in self.param_groups]

@@ -818,6 +818,37 @@ def test_a_param_group_that_cannot_be_added_leaves_the_optimizer_as_it_was():
     assert len(plain.param_groups) == 1
 
 
+def test_a_feature_extractor_whose_width_follows_the_groups_is_refused_when_a_group_is_added():
+    from metaadamw import FEATURES
+    from metaadamw.features import FeatureExtractor
+
+    class PerGroup(FeatureExtractor):  # a one-hot column per group: wider with every group added
+        stats = ("grad_norm",)
+
+        def columns(self):
+            return ["grad_norm"] + [f"is_{name}" for name in self.layout.names]
+
+        def statistics(self, stats):
+            return torch.cat([self.group_mean(stats["grad_norm"].unsqueeze(1)), torch.eye(self.layout.num_groups)], 1)
+
+    FEATURES.add("test_per_group", PerGroup)
+    try:
+        model = mlp(0)
+        params = list(model.parameters())
+        opt = MetaAdamW([{"params": params[:2]}], features="test_per_group", grouping="original",
+                        **small_kwargs(modulator_heads=1))
+        _train(model, opt, regression_batches(), 1)
+        # the next step failed with "returned (2, 3); expected (2, 2): ... columns() [3 names]"
+        with pytest.raises(ValueError, match=r"features='test_per_group' \(PerGroup\) is 4 features wide .* and 5 "
+                                             r"with .* keep its columns\(\) independent of the groups"):
+            opt.add_param_group({"params": params[2:]})
+        assert len(opt.param_groups) == 1 and opt.modulator.extractor.width == 4
+        assert opt.modulator.extractor.layout is opt.layout
+        _train(model, opt, regression_batches(), 1)  # and it still steps
+    finally:
+        FEATURES.remove("test_per_group")
+
+
 def test_a_copy_of_the_optimizer_holds_no_model_and_takes_named_groups():
     model = mlp(0)
     opt = MetaAdamW(list(model.parameters())[:2], model=model, **small_kwargs())

@@ -255,9 +255,9 @@ class _Extra(metaadamw.MetaObjective):
         return out if self.returned is None else self.returned(out, q)
 
 
-def _meta_step_with(objective=None, weighting="huw", grouping=None, features="basic"):
+def _meta_step_with(objective=None, weighting="huw", grouping=None, features="basic", **kwargs):
     model = TinyTransformer()
-    kwargs = {} if grouping is None else {"grouping": grouping}
+    kwargs.update({} if grouping is None else {"grouping": grouping})
     opt = MetaAdamW(model.named_parameters(), objective=objective or "combined", weighting=weighting,
                     features=features, **small_kwargs(**kwargs))
     batches = lm_batches()
@@ -360,6 +360,33 @@ def test_a_user_weighting_whose_sigmas_are_not_tensors_is_told_to_return_tensors
             _meta_step_with("loss_decrease", weighting="test_float_sigmas")
     finally:
         WEIGHTINGS.remove("test_float_sigmas")
+
+
+@pytest.mark.parametrize("meta_gradient", ["finite_difference", "exact"])
+def test_a_user_objective_or_weighting_that_cuts_the_graph_is_named(meta_gradient):
+    class Detached(metaadamw.MetaObjective):
+        terms = ("v",)
+        needs_val = True
+
+        def __call__(self, q):  # trained nothing in silence (finite differences) or blamed the model (exact)
+            return {"v": q.loss_val_prime.detach()}
+
+    class Itemised(metaadamw.Weighting):
+        def forward(self, terms):  # failed with autograd's "element 0 of tensors does not require grad"
+            return torch.tensor(sum(v.item() for v in terms.values())), {}
+
+    OBJECTIVES.add("test_detached", Detached)
+    WEIGHTINGS.add("test_itemised", Itemised)
+    try:
+        with pytest.raises(ValueError, match=r"objective Detached: none of its terms \('v',\) depends on the "
+                                             r"modulator through autograd.*no \.detach\(\)"):
+            _meta_step_with("test_detached", weighting="sum", meta_gradient=meta_gradient)
+        with pytest.raises(TypeError, match=r"weighting Itemised returned a meta-loss that does not depend on the "
+                                            r"terms through autograd.*\.item\(\)"):
+            _meta_step_with("loss_decrease", weighting="test_itemised", meta_gradient=meta_gradient)
+    finally:
+        OBJECTIVES.remove("test_detached")
+        WEIGHTINGS.remove("test_itemised")
 
 
 def test_a_feature_extractor_whose_statistics_do_not_match_its_columns_is_named():
