@@ -715,7 +715,8 @@ def _table2_section(results: Results, fig_dir: Path, alpha: float, split: str = 
                     + too_few_seeds_note(t2["n_pairs"], alpha)
                     + " Time change is MetaAdamW's summed trial time (training, meta-updates and evaluation) over "
                       "the matched seeds relative to AdamW's: positive = slower, unlike the other columns"
-                    + "; ref_* columns are trivial references (on this split)." + undefined_relative_note(t2) + left_out)]
+                    # (not "ref_*": that "*" closed an emphasis the legend's "(*)" opened, the text between in italics)
+                    + "; columns named ref_... are trivial references (on this split)." + undefined_relative_note(t2) + left_out)]
     if split == "validation":
         for task in t2["task"]:
             blocks += _figure(plot_validation_curves(results, task, fig_dir),
@@ -1204,7 +1205,15 @@ def write_report(
     return _write(blocks, out, formats, progress)
 
 
+#: the file names the ``plot_*`` functions give their figures (:func:`_write` removes those this report did not draw)
+_FIGURE_NAME = re.compile(r"(?:curves|ablation|alpha_beta|sigmas)_.+\.png"
+                          r"|(?:performance_profile|factorial_effects|tune_history|tune_importances)\.png")
+
+
 def _write(blocks: list[Block], out: Path, formats: Sequence[str], progress: Callable[[str], None]) -> Path:
+    """Write the report files, then remove the figures of an earlier report into ``out`` that this one did not
+    draw (a task or arm the study no longer has, a chart with nothing to show now): left in ``figures/``, they
+    read as this report's. Only the file names the report gives its figures (:data:`_FIGURE_NAME`) are removed."""
     written = {}
     if "md" in formats:
         written["md"] = out / "report.md"
@@ -1212,6 +1221,10 @@ def _write(blocks: list[Block], out: Path, formats: Sequence[str], progress: Cal
     if "html" in formats:
         written["html"] = out / "report.html"
         written["html"].write_text(render_html(blocks, blocks[0].text), encoding="utf-8")
+    drawn = {b.path.name for b in blocks if b.kind == "figure"}
+    for figure in sorted((out / FIGURES_DIR).glob("*.png")):
+        if figure.name not in drawn and _FIGURE_NAME.fullmatch(figure.name):
+            figure.unlink(missing_ok=True)
     for path in written.values():
         progress(f"wrote {path}")
     return written.get("md", written.get("html"))

@@ -90,6 +90,31 @@ def test_html_is_self_contained(full_report):
     assert '<div class="warning">' in page and "RuntimeError: CUDA out of memory" in page
 
 
+def test_the_table2_legend_has_no_asterisk_that_closes_the_emphasis_its_own_mark_opens(full_report):
+    # "(*)" of the significance legend can open emphasis and the bare "*" of "ref_* columns" later in the same
+    # paragraph closed it: rendered (CommonMark, GitHub), both asterisks vanished and the text between was italic
+    _, out, md = full_report
+    legend = next(para for para in md.split("\n\n") if para.startswith("The metric is the best validation metric"))
+    assert "(*): p (Holm) < 0.05" in legend and "; columns named ref_... are trivial references" in legend
+    assert legend.count("*") == legend.count("(*)") + legend.count(" * "), legend  # (no other "*" to pair with)
+    assert "; columns named ref_... are trivial references" in (out / "report.html").read_text()
+
+
+def test_a_report_written_again_removes_the_figures_it_no_longer_draws(tmp_path, report_kit):
+    # the figures of a report of two tasks stayed in figures/ when the report was written again for one of them
+    # (the study re-run with fewer tasks, or another study with --out to the same folder): they read as its own
+    report_kit.write_study(tmp_path / "two")
+    report.write_report(tmp_path / "two", tmp_path / "out")
+    assert list((tmp_path / "out" / "figures").glob("*_imdb*.png"))
+    (tmp_path / "out" / "figures" / "mine.png").write_bytes(b"not the report's")
+    report_kit.write_study(tmp_path / "one", {"etth1": report_kit.REPORT_METRICS["etth1"]}, telemetry=False)
+    md = report.write_report(tmp_path / "one", tmp_path / "out").read_text()
+    links = {Path(link).name for link in re.findall(r"\]\((figures/[^)]+)\)", md)}
+    figures = {path.name for path in (tmp_path / "out" / "figures").iterdir()}
+    assert figures == links | {"mine.png"}, figures - links  # (a file the report did not name is kept)
+    assert "curves_etth1.png" in links and not any("imdb" in name or "alpha_beta" in name for name in figures)
+
+
 def test_missing_optional_tables_do_not_crash(tmp_path, report_kit):
     metrics = {"etth1": {arm: report_kit.REPORT_METRICS["etth1"][arm] for arm in ("adamw", "baseline")}}
     report_kit.write_study(tmp_path / "s", metrics, telemetry=False)
