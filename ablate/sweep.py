@@ -1305,10 +1305,12 @@ def _clean_up(out_dir: Path, study: Study, storage: str | None, run_name: str | 
         (out_dir / STORAGE_RUNS).unlink(missing_ok=True)
     ids = {t.trial_id for t in study.trials}
     checkpoints = list((out_dir / CHECKPOINTS_DIR).glob("*.pt"))
-    others = [p for p in checkpoints if p.stem not in ids]
     # (no checkpoint to tell apart, as after most runs: the stored tables are not read again)
     stored = store.finished_trial_ids(out_dir) if checkpoints else set()
-    done = [p for p in checkpoints if p.stem in ids and p.stem in stored]
+    # (a stored trial's, also one the study as run now does not have - an extra seed's kept by --keep-checkpoints -:
+    # no run continues it, which the note on the others says)
+    others = [p for p in checkpoints if p.stem not in ids and p.stem not in stored]
+    done = [p for p in checkpoints if p.stem in stored]
     if done:  # (kept by an earlier run with --keep-checkpoints, or left by a run killed as it stored the trial)
         size = sum(p.stat().st_size for p in done) / 2**20
         print(f"note: {len(done)} checkpoint(s) of trials whose results are stored stay in {out_dir / CHECKPOINTS_DIR} "

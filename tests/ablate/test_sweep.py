@@ -285,6 +285,26 @@ def test_the_end_of_a_run_names_the_checkpoints_failed_trials_left(tmp_path, cap
     assert f"delete it first ({failed.trial_id}.pt)" in printed
 
 
+def test_the_end_of_a_run_does_not_call_a_stored_extra_seed_s_kept_checkpoint_a_cut_off_trial_s(tmp_path, capsys):
+    # `--extra-seeds 1 --keep-checkpoints`, then a run without them: the extra seed's trials are stored, but their
+    # kept checkpoints were said to be of trials "cut off", which "a run of the study that has them continues"
+    from ablate.results import write_trial
+    from ablate.sweep import CHECKPOINTS_DIR, _clean_up
+
+    extra = load_study(tiny_study(tmp_path, seeds=1), extra_seeds=1)
+    study = load_study(tiny_study(tmp_path, seeds=1))
+    out = tmp_path / "results" / "tiny"
+    (out / CHECKPOINTS_DIR).mkdir(parents=True)
+    for t in extra.trials:
+        write_trial(out, {**t.config, "trial_id": t.trial_id, "status": "ok", "best_metric": 1.0})
+        if t.seed == 1:
+            (out / CHECKPOINTS_DIR / f"{t.trial_id}.pt").write_bytes(b"x" * 10)
+    _clean_up(out, study, None, None)
+    printed = capsys.readouterr().out
+    assert f"note: 3 checkpoint(s) of trials whose results are stored stay in {out / CHECKPOINTS_DIR}" in printed
+    assert "not in the study as run now" not in printed
+
+
 def test_the_sigterm_message_counts_a_trial_stored_before_the_recorder_noted_it(tmp_path):
     # SIGTERM between writing a trial's parts and the recorder's note of it: the message said it did not finish
     # (a race seen once in a fresh clone's run of the test above, on two busy cores)
