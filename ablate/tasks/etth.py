@@ -6,8 +6,8 @@ years of one electricity transformer, hourly (ETTh*) or every 15 minutes (ETTm*)
 the previous ``seq_len`` values (univariate, as in the paper); ``multivariate: true`` feeds all
 seven columns as input and still predicts OT. The rows must be in time order: a file whose ISO 8601
 ``date`` stamps go back in time is refused (a column mostly in other formats is not checked, with a
-warning). With the 80/20 split, which reads the whole file, a file of another length than the
-published one (17,420 rows for ETTh*, 69,680 for ETTm*: a copy cut short, a subset) is warned
+warning). With the 80/20 split or ``standard_full`` scaling, which read the whole file, a file of
+another length than the published one (17,420 rows for ETTh*, 69,680 for ETTm*: a copy cut short, a subset) is warned
 about and recorded in the results' ``data_source`` (``"real:<file> (not the published file: ...)"``).
 
 Splits (task key ``split``), both chronological, in terms of the *target* index of each window
@@ -475,8 +475,8 @@ def build_ett_task(config: dict, variant: EttVariant) -> TaskInstance:
         raise DatasetNotFoundError(f"{variant.name} ({source}): {error}. {shorter} the file is a cut-short copy, "
                                    f"{refetch_advice(variant.name, config)}") from error
     # (recorded with every result, as CIFAR-10's); 12/4/4 reads the first 20 months, the same in a longer or
-    # shorter file that has them (a shorter one is refused above)
-    if config["data"] == "real" and split == "80/20" and len(values) != variant.rows:
+    # shorter file that has them (a shorter one is refused above) - unless standard_full scales by the whole file
+    if config["data"] == "real" and (split == "80/20" or scaling == "standard_full") and len(values) != variant.rows:
         other = f"not the published file: {len(values):,} rows where it has {variant.rows:,}"
         warnings.warn(f"{variant.name}: {source[len('real:'):]} is {other} - metrics not comparable with the published "
                       f"dataset's ({refetch_advice(variant.name, config)})",

@@ -25,12 +25,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:ett[hm][12]. .* is not the publi
 ETTH1_PERSISTENCE = {"standard": (0.0054353268, 0.0504869516), "standard_full": (0.0058514313, 0.0523838452)}
 
 
-def write_ett_csv(path: Path, ot: np.ndarray, header: str = HEADER) -> np.ndarray:
-    """An ETT CSV with hourly dates; the load columns are 10 * OT + column index. Returns all 7 columns."""
+def write_ett_csv(path: Path, ot: np.ndarray, header: str = HEADER, freq: str = "h") -> np.ndarray:
+    """An ETT CSV with hourly dates (``freq="15min"``: ETTm's); the load columns are 10 * OT + column index.
+    Returns all 7 columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     loads = ot[:, None] * 10 + np.arange(6)[None, :]
     values = np.column_stack([loads, ot])
-    hours = pd.date_range("2016-07-01", periods=len(ot), freq="h")
+    hours = pd.date_range("2016-07-01", periods=len(ot), freq=freq)
     lines = [header] + [f"{h:%Y-%m-%d %H:%M:%S}," + ",".join(repr(float(v)) for v in row) for h, row in zip(hours, values)]
     path.write_text("\n".join(lines) + "\n")
     return values
@@ -263,6 +264,22 @@ def test_the_12_4_4_split_reads_20_months_of_any_longer_file_without_a_warning(t
         warnings.simplefilter("error")
         task = etth.build_ett_task(real_config(tmp_path, split="12/4/4"), etth.VARIANTS[0])
     assert "not the published" not in task.data_source and len(task.test) == 2880
+
+
+def test_a_cut_short_file_scaled_by_the_whole_series_is_not_the_published_one_under_12_4_4(tmp_path):
+    # standard_full scales by every row of the file, not only the 20 months 12/4/4 reads: an ETTm1 cut to
+    # 60,000 of its 69,680 rows scored other metrics than the published file, without a warning or a mark
+    path = (tmp_path / "ETT-small" / "ETTm1.csv").resolve()
+    write_ett_csv(path, np.sin(np.arange(60_000) / 96.0), freq="15min")
+    config = task_config("ettm1", data="real", data_dir=str(tmp_path), split="12/4/4", seq_len=4, d_model=8,
+                         n_heads=2, n_layers=1)
+    with pytest.warns(DataWarning, match=r"ettm1: .* is not the published file: 60,000 rows where it has 69,680"):
+        task = get_task("ettm1").build({**config, "scaling": "standard_full"})
+    assert task.data_source == f"real:{path} (not the published file: 60,000 rows where it has 69,680)"
+    assert (len(task.train), len(task.val), len(task.test)) == (34560 - 4, 11520, 11520)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (scaled by the training months: the same as on the published file)
+        assert get_task("ettm1").build(config).data_source == f"real:{path}"
 
 
 def test_task_windows_scaling_and_reference_on_a_fixture(tmp_path):
