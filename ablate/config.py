@@ -174,7 +174,7 @@ COMMON_FIELDS: dict[str, Field] = {
         _f("alpha_range", float, 1.0, "range of the learning-rate multiplier alpha = 1 + range*(sigmoid - 0.5)", check=_multiplier_range),
         _f("beta_range", float, 1.0, "range of the weight-decay multiplier beta", check=_multiplier_range),
         _f("meta_every", int, 100, "K_meta: steps between meta-updates (null when meta_per_epoch sets it)", check=_pos, nullable=True),
-        _f("meta_per_epoch", float, None, "meta-updates per epoch (overrides meta_every): that many in every epoch, at evenly spread steps; below 1, one every 1/this epochs", check=_pos, nullable=True),
+        _f("meta_per_epoch", float, None, "meta-updates per epoch (overrides meta_every): that many in every epoch, at evenly spread steps, from 1 up rounded down to a whole number (2.5: 2 per epoch); below 1, one every 1/this epochs", check=_pos, nullable=True),
         _f("meta_lr", float, 1e-4, "learning rate of the modulator's optimizer", check=_pos),
         _f("meta_weight_decay", float, 0.0, "weight decay of the modulator's optimizer", check=_nonneg),
         _f("meta_optimizer", str, "sgd", "the modulator's optimizer", ("sgd", "adam", "adamw")),

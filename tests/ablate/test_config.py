@@ -39,6 +39,24 @@ def test_meta_per_epoch_replaces_meta_every():
         resolve_config({"task": "etth1", "meta_per_epoch": 2, "meta_every": 5})
 
 
+def test_the_keys_help_says_how_a_meta_per_epoch_that_is_not_whole_is_taken():
+    # `ablate list --keys` said "that many in every epoch": meta_per_epoch 2.5 made 2 per epoch, and a user
+    # who asked for 2.5 (or a search that suggested 2.7) could not know that 2, 2.5 and 2.7 run alike
+    import warnings
+
+    from ablate.config import COMMON_FIELDS, describe_fields
+    from ablate.trial import Trial
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trials = {per: Trial({"task": "etth1", "meta_per_epoch": per, "epochs": 3, "warmup_epochs": 0,
+                              "max_train_batches": 5, "modulator_layers": 1}) for per in (2, 2.5, 0.5)}
+    assert [trials[per].planned_meta_updates() for per in (2, 2.5, 0.5)] == [6, 6, 1]  # 2 per epoch; one in 2 epochs
+    doc = COMMON_FIELDS["meta_per_epoch"].doc
+    assert "rounded down to a whole number (2.5: 2 per epoch)" in doc and "below 1, one every 1/this epochs" in doc
+    assert doc in describe_fields()
+
+
 def test_a_callers_meta_every_drops_a_tasks_meta_per_epoch_default(monkeypatch):
     # a task whose defaults set meta_per_epoch: the caller's meta_every was silently replaced by it
     # (and its trials had the id of the default's: ablations of meta_every were merged into one)
