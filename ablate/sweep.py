@@ -930,7 +930,7 @@ def _run_study(study: Study, out_dir: Path, *, resume: bool, rerun: Sequence[str
     if study.path is not None and not (copy.exists() and os.path.samefile(study.path, copy)):
         shutil.copyfile(study.path, copy)
     store.write_manifest(out_dir, study.name, {t.trial_id: _labels(t, study) for t in study.trials})
-    stored = store.finished_trials(out_dir)
+    stored = store.finished_trials(out_dir, cache=True)  # (consolidate reads the parts again)
     finished = set(stored["trial_id"]) if len(stored) else set()
     finished -= set_aside_stale_data(study, out_dir, stored)
     reruns = _start_reruns(study, out_dir, rerun, finished)
