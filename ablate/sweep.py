@@ -882,8 +882,7 @@ def _exclusive(out_dir: Path, wait: bool = False) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = _lock_holder(f)
             if not wait:
                 raise ConfigError(f"{out_dir} is in use by another run of this study ({holder}): wait for it to finish "
                                   f"(it stores every trial it runs; a later run reuses them), or give this run "
@@ -903,6 +902,24 @@ def _exclusive(out_dir: Path, wait: bool = False) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+#: how long a run refused the folder reads its lock file again while it is empty (seconds): see :func:`_lock_holder`
+HOLDER_WAIT_S = 1.0
+
+
+def _lock_holder(f) -> str:
+    """Who holds the lock file ``f``: what that run wrote there (its command, pid, host and start). It
+    empties the file and writes that just after it took the lock, so a run refused in that instant -
+    two runs started at once - found it empty and named no one ("another process"); it reads again,
+    for up to :data:`HOLDER_WAIT_S`, until the holder has written it."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        f.seek(0)
+        holder = f.read().strip()
+        if holder or time.monotonic() >= deadline:
+            return holder or "another process"
+        time.sleep(0.02)
 
 
 def _run_again(study: Study, out_dir: Path, resume_hint: str | None) -> str:

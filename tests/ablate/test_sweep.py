@@ -756,6 +756,36 @@ def test_a_second_run_into_the_same_folder_is_refused_while_the_first_holds_it(t
     assert got.is_set()
 
 
+def test_a_run_refused_the_instant_the_first_takes_the_folder_still_names_the_first(tmp_path):
+    # two runs started at once: the second was refused between the first's lock and its writing who it is
+    # (about 1 in 6 with the two started in the same millisecond), read the lock file empty and said only
+    # "in use by another run of this study (another process)"
+    import fcntl
+    import threading
+
+    from ablate.config import ConfigError
+    from ablate.sweep import LOCK_FILE, _exclusive
+
+    folder = tmp_path / "results" / "tiny"
+    folder.mkdir(parents=True)
+    with open(folder / LOCK_FILE, "a+") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken; who holds it is written a moment later
+
+        def says_who() -> None:
+            first.write("`ablate run`, pid 123 on node7, started 2026-01-02 03:04:05")
+            first.flush()
+
+        writer = threading.Timer(0.2, says_who)
+        writer.start()
+        try:
+            with pytest.raises(ConfigError, match=r"in use by another run of this study \(`ablate run`, pid 123 on "
+                                                  r"node7, started 2026-01-02 03:04:05\): wait for it"):
+                with _exclusive(folder):
+                    pass
+        finally:
+            writer.join()
+
+
 def test_dry_run_says_what_a_run_would_reuse_and_checks_rerun(tmp_path, capsys):
     from ablate.cli import main
     from ablate.results import write_trial
