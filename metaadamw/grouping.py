@@ -16,9 +16,10 @@ Tensors with the same name form a group; groups are ordered by first appearance.
   when they are all there is). When a model is given, the module type decides the layer type of
   embeddings, attention and normalisation layers (``nn.Embedding``, ``nn.EmbeddingBag`` -> embedding,
   also a weight tied to an output Linear, whichever of the two the model registers first: the
-  embedding's type and place, under the first name; ``nn.MultiheadAttention`` and its ``out_proj`` -> attention, normalisation layers -> norm; a
-  parametrized tensor, such as weight_norm's ``fc.parametrizations.weight.original0``, counts as its
-  layer's, named ``fc.weight_original0``); for every other tensor, and without a model, the name
+  embedding's type and place, under the first name; ``nn.MultiheadAttention`` and its
+  ``out_proj`` -> attention, normalisation layers -> norm; a parametrized tensor, such as
+  weight_norm's ``fc.parametrizations.weight.original0``, counts as its layer's, named
+  ``fc.weight_original0``); for every other tensor, and without a model, the name
   does (common words such as ``pos``, ``token`` or ``value`` only where they name the layer:
   ``cls_token``, ``attention.self.query``, not ``pos_ffn``), and with a model an ``nn.Linear`` whose
   name names no layer type is feed_forward (a Linear ``self_attn.q_proj`` is attention, a Linear

@@ -7,8 +7,9 @@ the previous ``seq_len`` values (univariate, as in the paper); ``multivariate: t
 seven columns as input and still predicts OT. The rows must be in time order: a file whose ISO 8601
 ``date`` stamps go back in time is refused (a column mostly in other formats is not checked, with a
 warning). With the 80/20 split or ``standard_full`` scaling, which read the whole file, a file of
-another length than the published one (17,420 rows for ETTh*, 69,680 for ETTm*: a copy cut short, a subset) is warned
-about and recorded in the results' ``data_source`` (``"real:<file> (not the published file: ...)"``).
+another length than the published one (17,420 rows for ETTh*, 69,680 for ETTm*: a copy cut short,
+a subset) is warned about and recorded in the results' ``data_source`` (``"real:<file> (not the
+published file: ...)"``).
 
 Splits (task key ``split``), both chronological, in terms of the *target* index of each window
 (a window's input is the ``seq_len`` steps before its target, so validation inputs may reach back
