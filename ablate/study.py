@@ -425,6 +425,20 @@ def _empty_file(text: str) -> str | None:
     return f" (nothing but {', '.join(kinds[:-1])}{' and ' if len(kinds) > 1 else ''}{kinds[-1]})" if kinds else ""
 
 
+def _relative_data_dir_note(copy: Path) -> str:
+    """For the folder error's advice to run a results folder's ``study.yaml``: where that copy names a
+    relative ``data_dir``, a note that it is read relative to the copy's folder, not the original's
+    (the copy run as advised failed with "data directory ... does not exist"); else ``""``."""
+    try:
+        data_dir = yaml.safe_load(copy.read_text(encoding="utf-8")).get("data_dir")
+    except Exception:  # (an unreadable or odd copy: its own error comes when it is given)
+        return ""
+    if not isinstance(data_dir, str) or not data_dir or os.path.isabs(os.path.expanduser(data_dir)):
+        return ""
+    return (f" (its data_dir {data_dir!r} is relative to the study file's folder, which is now {copy.parent}: "
+            f"give the original study file, or make data_dir absolute in the copy)")
+
+
 def _read_yaml(path: Path, tuned_file: str | None = None) -> Any:
     """The parsed YAML document of ``path``; every failure is a StudyError naming the file and, for
     the usual mistakes (a path that does not exist, a folder - a study's results folder, say -, a
@@ -444,6 +458,7 @@ def _read_yaml(path: Path, tuned_file: str | None = None) -> Any:
         copy = path / "study.yaml"  # (a study's results folder: `ablate run` keeps the file it ran there)
         raise StudyError(f"{path}: cannot read {what}: it is a folder; give "
                          + (f"a study's YAML file, e.g. {copy}, the copy of the study file that wrote these results"
+                            + _relative_data_dir_note(copy)
                             if tuned_file is None and copy.is_file() else give)) from None
     except UnicodeDecodeError:
         raise StudyError(f"{path}: cannot read {what}: it is not a UTF-8 text file; give {give}") from None

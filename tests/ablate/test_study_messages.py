@@ -369,6 +369,22 @@ def test_a_path_that_is_not_a_study_file_says_what_to_give_instead(tmp_path, cap
     assert not (tmp_path / "out").exists()  # (nothing written for a study that was never read)
 
 
+def test_a_results_folder_whose_copy_has_a_relative_data_dir_says_it_is_relative_to_the_copy(tmp_path, capsys):
+    # the advice to give the results folder's study.yaml failed for a study with a relative data_dir:
+    # the copy reads it relative to the results folder ("data directory ... does not exist")
+    from ablate.cli import main
+
+    results = tmp_path / "results" / "tiny"
+    results.mkdir(parents=True)
+    (results / "study.yaml").write_text("name: tiny\ndata: real\ndata_dir: ../data\ntasks: [etth1]\nseeds: 1\n")
+    assert main(["run", str(results), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"ablate: error: {results}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
+        f"{results / 'study.yaml'}, the copy of the study file that wrote these results (its data_dir '../data' is "
+        f"relative to the study file's folder, which is now {results}: give the original study file, or make "
+        f"data_dir absolute in the copy)\n")
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_an_unreadable_study_file_says_how_to_make_it_readable(tmp_path, capsys):
     # the bare "Permission denied" named no fix
