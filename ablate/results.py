@@ -301,11 +301,11 @@ def _cache_index(out_dir: Path) -> dict[str, tuple[str, list[list]]]:
 def _part_rows(out_dir: Path, table: str, files: list[Path], cache: tuple[str, list[list]] | None
                ) -> tuple[pd.DataFrame, list[list], dict[str, str], int]:
     """The rows of ``table`` from its part ``files`` (in file order), the parts read (``[name, hash,
-    rows, columns]``), the unreadable ones (trial id -> why) and how many parts were parsed. The rows of the parts a cache holds
-    come from it when every one of those parts is still there with the same bytes (else the cache
-    is not used: rows of a rewritten or deleted part may have widened the types of its columns);
-    the other parts are parsed, and their rows and columns put in file order among the cached
-    ones, as if every part had been parsed and concatenated."""
+    rows, columns]``), the unreadable ones (trial id -> why) and how many parts were parsed. The
+    rows of the parts a cache holds come from it when every one of those parts is still there with
+    the same bytes (else the cache is not used: rows of a rewritten or deleted part may have widened
+    the types of its columns); the other parts are parsed, and their rows and columns put in file
+    order among the cached ones, as if every part had been parsed and concatenated."""
     in_cache = {p[0] for p in cache[1]} if cache is not None else set()
     hashes: dict[str, str | None] = {}
     frames: dict[str, pd.DataFrame] = {}
