@@ -425,18 +425,28 @@ def _empty_file(text: str) -> str | None:
     return f" (nothing but {', '.join(kinds[:-1])}{' and ' if len(kinds) > 1 else ''}{kinds[-1]})" if kinds else ""
 
 
-def _relative_data_dir_note(copy: Path) -> str:
+def _relative_paths_note(copy: Path) -> str:
     """For the folder error's advice to run a results folder's ``study.yaml``: where that copy names a
-    relative ``data_dir``, a note that it is read relative to the copy's folder, not the original's
-    (the copy run as advised failed with "data directory ... does not exist"); else ``""``."""
+    relative ``data_dir``, ``baseline.priorities_from`` or ``adamw.tuned_from``, a note that they are
+    read relative to the copy's folder, not the original's (the copy run as advised failed with "data
+    directory ... does not exist", or said the tuned file did not exist and to run `ablate tune`
+    first); else ``""``."""
     try:
-        data_dir = yaml.safe_load(copy.read_text(encoding="utf-8")).get("data_dir")
+        given = yaml.safe_load(copy.read_text(encoding="utf-8"))
+        paths = {"data_dir": given.get("data_dir")}
+        for section, key in (TUNED_FROM[arm].split(".") for arm in TUNED_FROM):
+            if isinstance(given.get(section), dict):
+                paths[f"{section}.{key}"] = given[section].get(key)
     except Exception:  # (an unreadable or odd copy: its own error comes when it is given)
         return ""
-    if not isinstance(data_dir, str) or not data_dir or os.path.isabs(os.path.expanduser(data_dir)):
+    relative = {k: v for k, v in paths.items()
+                if isinstance(v, str) and v and not os.path.isabs(os.path.expanduser(v))}
+    if not relative:
         return ""
-    return (f" (its data_dir {data_dir!r} is relative to the study file's folder, which is now {copy.parent}: "
-            f"give the original study file, or make data_dir absolute in the copy)")
+    said = " and ".join(f"{k} {v!r}" for k, v in relative.items())
+    return (f" (its {said} {'is' if len(relative) == 1 else 'are'} relative to the study file's folder, which is now "
+            f"{copy.parent}: give the original study file, or make {next(iter(relative)) if len(relative) == 1 else 'them'} "
+            f"absolute in the copy)")
 
 
 def _read_yaml(path: Path, tuned_file: str | None = None) -> Any:
@@ -458,7 +468,7 @@ def _read_yaml(path: Path, tuned_file: str | None = None) -> Any:
         copy = path / "study.yaml"  # (a study's results folder: `ablate run` keeps the file it ran there)
         raise StudyError(f"{path}: cannot read {what}: it is a folder; give "
                          + (f"a study's YAML file, e.g. {copy}, the copy of the study file that wrote these results"
-                            + _relative_data_dir_note(copy)
+                            + _relative_paths_note(copy)
                             if tuned_file is None and copy.is_file() else give)) from None
     except UnicodeDecodeError:
         raise StudyError(f"{path}: cannot read {what}: it is not a UTF-8 text file; give {give}") from None
@@ -929,9 +939,21 @@ def _parse_tuned_file(
         raise ctx.error(path_s, f"{str(path)!r} is a folder: give the file `ablate tune` wrote"
                                 + (f", {str(inside)!r}" if inside.is_file() else f" ({file_name})"))
     if not path.is_file():
+        from ablate.results import MANIFEST
+
+        tune_first = (f"`ablate tune` first{' with tune: {arm: adamw}' if adamw else ''}, which writes "
+                      f"OUT/<name>/tune/{file_name}")
+        if base_dir is not None and path != Path(os.path.expanduser(source)) and (Path(base_dir) / MANIFEST).is_file():
+            # (the copy `ablate run` keeps in its results folder: the path was written relative to the original study
+            # file, so "run `ablate tune` first" sent a user who had to a search they had run already)
+            raise ctx.error(
+                path_s, f"{str(path)!r} does not exist: this study file is the copy `ablate run` keeps in its results "
+                f"folder {str(base_dir)!r}, and a relative path is relative to the study file, so {source!r} is read "
+                f"from that folder now; give the original study file, or make the path absolute in the copy (if the "
+                f"file was never written: run {tune_first})"
+            )
         raise ctx.error(
-            path_s, f"{str(path)!r} does not exist (a relative path is relative to the study file); run "
-            f"`ablate tune` first{' with tune: {arm: adamw}' if adamw else ''}, which writes OUT/<name>/tune/{file_name}"
+            path_s, f"{str(path)!r} does not exist (a relative path is relative to the study file); run {tune_first}"
         )
     try:
         data = _read_yaml(path, file_name)

@@ -385,6 +385,38 @@ def test_a_results_folder_whose_copy_has_a_relative_data_dir_says_it_is_relative
         f"data_dir absolute in the copy)\n")
 
 
+def test_a_results_folders_copy_with_relative_tuned_files_says_they_are_read_from_the_results_folder(tmp_path, capsys):
+    # the copy `ablate run` keeps reads baseline.priorities_from / adamw.tuned_from relative to the results
+    # folder: the folder's advice to give the copy did not say so, and the copy said the tuned file did not
+    # exist and to run `ablate tune` first - a search the user had run
+    from ablate.cli import main
+
+    tune = tmp_path / "results" / "tune_priorities" / "tune"
+    tune.mkdir(parents=True)
+    (tune / "best_priorities.yaml").write_text("etth1: [1, 2, 3]\n")
+    text = ("name: tiny\ntasks: [etth1]\nseeds: 1\n"
+            "baseline: {priorities_from: ../results/tune_priorities/tune/best_priorities.yaml}\n")
+    spec = tmp_path / "studies" / "tiny.yaml"
+    spec.parent.mkdir()
+    spec.write_text(text)
+    assert main(["run", str(spec), "--dry-run", "--out", str(tmp_path / "results")]) == 0  # (the original finds it)
+    capsys.readouterr()
+    results = tmp_path / "results" / "tiny"
+    results.mkdir()
+    (results / "study.yaml").write_text(text)
+    (results / "study_trials.json").write_text('{"study": "tiny", "trials": {}}')
+    assert main(["run", str(results), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (
+        f"ablate: error: {results}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
+        f"{results / 'study.yaml'}, the copy of the study file that wrote these results (its baseline.priorities_from "
+        f"'../results/tune_priorities/tune/best_priorities.yaml' is relative to the study file's folder, which is now "
+        f"{results}: give the original study file, or make baseline.priorities_from absolute in the copy)\n")
+    assert main(["run", str(results / "study.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"this study file is the copy `ablate run` keeps in its results folder {str(results)!r}" in err, err
+    assert "give the original study file, or make the path absolute in the copy" in err, err
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_an_unreadable_study_file_says_how_to_make_it_readable(tmp_path, capsys):
     # the bare "Permission denied" named no fix
