@@ -245,7 +245,9 @@ def _train(args: argparse.Namespace, json_out: TextIO) -> int:
 
     if args.resume:
         trial.load(args.resume)
-    result = trial.run(callback=show, progress=not args.no_progress)
+    # the bar only on a terminal: elsewhere (a file, a pipe, a batch job's log) its redraws are
+    # carriage returns, one per step, and the per-epoch lines say it all
+    result = trial.run(callback=show, progress=not args.no_progress and _is_terminal(sys.stderr))
     row = result.row
     print(f"\nstatus: {row['status']} ({row['stop_reason']})  best {metric}: {row['best_metric']:.6g} at epoch "
           f"{row['best_epoch']}  epochs: {row['epochs_run']}  steps: {row['steps']}  total time: "
@@ -266,6 +268,14 @@ def _train(args: argparse.Namespace, json_out: TextIO) -> int:
         print(json.dumps({k: _json_value(v) for k, v in row.items()}, default=str, allow_nan=False), file=json_out,
               flush=True)
     return 0 if row["status"] == "ok" else 1
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` (where tqdm draws: stderr) is a terminal; a stream without ``isatty``, or closed, is not."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _json_value(value: Any) -> Any:
@@ -328,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any trial-config key (repeatable, each key once)")
     s.add_argument("--checkpoint", help="save a checkpoint to this file after every epoch")
     s.add_argument("--resume", help="resume from a checkpoint file")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is drawn only where stderr is a terminal, not into a file or a pipe)")
     s.add_argument("--json", action="store_true",
                    help="print the result row as JSON at the end, alone on stdout (the progress goes to stderr)")
     s.add_argument("--plugin", action="append", metavar="MODULE",

@@ -196,6 +196,22 @@ def test_ablate_train_says_before_training_that_the_budget_holds_no_meta_update(
            "3 steps per epoch)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("terminal", [False, True])
+def test_ablate_train_draws_its_progress_bar_only_on_a_terminal(capsys, monkeypatch, terminal):
+    # (a file, a pipe, a batch job's log: one carriage-return redraw per step, in every epoch, was written there)
+    import sys
+
+    from ablate.cli import main
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["train", "--task", "etth1", "--optimizer", "adamw", "--set", "epochs=1", "--set", "max_train_batches=3",
+                 "--set", "num_threads=1"]) == 0
+    captured = capsys.readouterr()
+    assert "epoch   1  step      3" in captured.out  # (the per-epoch line, either way)
+    assert ("\r" in captured.err and "epoch 1:" in captured.err) is terminal
+    assert "\r" not in captured.out
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     trial = Trial(FAST)
     path = trial.save(tmp_path / "a.pt")
