@@ -1,7 +1,9 @@
 """Values checked against independent references: the features against their formulas, the feature
 gates against a gate-less modulator fed gated features, the meta-gradient against a plain-autograd
 implementation of the meta-update (theta' through torch.func.functional_call, a double backward),
-and the weightings' meta-loss against the weighted sum by hand."""
+the weightings' meta-loss against the weighted sum by hand, and the meta-update's options (ranges,
+fixed weights, priorities in both forms, gates and their penalty, a term alone) against a float64
+reference of the whole meta-update that takes only the encoder from the library."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metaadamw import MetaAdamW
-from tests.metaadamw.helpers import mlp, mse, regression_batches, small_kwargs
+from tests.metaadamw.helpers import mlp, mse, randomise_head, regression_batches, small_kwargs
 
 
 def _step(model, opt, batch, loss_fn=mse):
@@ -412,3 +414,152 @@ def test_fixed_weights_follow_the_terms_of_the_objective():
     record = opt.meta_step(model, mse, b1, b2, val)
     assert set(record.terms) == {"loss_decrease"} and record.terms["loss_decrease"] != 0
     assert record.meta_loss == pytest.approx(2.0 * record.terms["loss_decrease"], rel=1e-6, abs=1e-9)
+
+
+# -- the options the tests above leave at their defaults, against a float64 reference ------------------
+
+RANGES = (0.6, 1.7)  # alpha_range, beta_range: not 1, so that a range read as 1 (or swapped) shows
+BASIC_COLUMNS = ["grad_norm", "exp_avg_norm", "param_norm", "cos", "v_norm"]  # then the time step
+META_OPTIONS = {
+    "fixed": dict(objective="combined", weighting="fixed", fixed_weights=[0.5, 2.0, 3.0]),
+    "huw_priority-regression": dict(objective="combined", weighting="huw_priority", priorities=[2.0, 5.0, 1.0]),
+    "huw_priority-classification": dict(objective="combined", weighting="huw_priority",
+                                        weighting_form="classification", priorities=[5.0, 2.0, 1.0]),
+    "gating": dict(objective="combined", weighting="sum", gating=True, gate_l1=0.05),
+    # a term alone takes its own weight / priority (the second, the third), not the first
+    "loss_decrease": dict(objective="loss_decrease", weighting="huw_priority", priorities=[2.0, 5.0, 1.0]),
+    "gen_gap": dict(objective="gen_gap", weighting="fixed", fixed_weights=[0.5, 2.0, 3.0]),
+}
+
+
+def _reference_meta_update64(model, opt, options, batch1, batch2, val_batch, steps_done):
+    """The meta-loss, its terms, the multipliers and the meta-gradient in float64, from the design's
+    formulas: the basic features (group means of the per-tensor statistics, then t / total_steps) by
+    hand, the feature gates and their L1 penalty ``gate_l1 * sum(sigmoid(logits))`` by hand, only the
+    encoder and head (``encode`` of a gate-less float64 copy) from the library; alpha and beta with
+    the ranges, theta' = one AdamW step with them, the terms of the objective and their weighting
+    (fixed weights and priorities by term name; HUW's signed terms through softplus, as above)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    group_of = [i // 2 for i in range(len(params))]
+    groups = [[i for i in range(len(params)) if group_of[i] == k] for k in range(len(GROUP_HYPER))]
+    b1, b2 = opt.defaults["betas"]
+    eps = opt.defaults["eps"]
+    t = steps_done + 1
+    modulator = copy.deepcopy(opt.modulator).double()
+    wrt = list(modulator.parameters())  # in the order of opt.meta_parameters(): gate logits first
+    logits = None
+    if modulator.gate is not None:
+        logits, modulator.gate = modulator.gate.logits, None
+    weighting = options["weighting"]
+    log_vars = None
+    if weighting.startswith("huw"):
+        log_vars = opt.weighting.log_vars.detach().double().clone().requires_grad_()
+        wrt.append(log_vars)
+
+    g = [x.detach() for x in torch.autograd.grad(mse(model, batch1), params)]
+    with torch.no_grad():
+        loss_val = mse(model, val_batch)
+    theta = [p.detach() for p in params]
+    m = [b1 * opt.state[p]["exp_avg"] + (1 - b1) * gk for p, gk in zip(params, g)]
+    v = [b2 * opt.state[p]["exp_avg_sq"] + (1 - b2) * gk * gk for p, gk in zip(params, g)]
+    stats = _per_tensor_stats(g, m, v, theta)
+    features = torch.stack([torch.stack([stats[name][idx].mean() for name in BASIC_COLUMNS]
+                                        + [torch.tensor(t / TOTAL_STEPS, dtype=torch.float64)]) for idx in groups])
+    if logits is not None:
+        features = features * torch.sigmoid(logits)
+    raw = modulator.encode(features)
+    alpha = 1 + RANGES[0] * (torch.sigmoid(raw[:, 0]) - 0.5)
+    beta = 1 + RANGES[1] * (torch.sigmoid(raw[:, 1]) - 0.5)
+    lambda1, lambda2 = torch.sigmoid(raw[:, 2]), torch.sigmoid(raw[:, 3])
+
+    theta_prime = []
+    for i, p in enumerate(theta):
+        hyper, k = GROUP_HYPER[group_of[i]], group_of[i]
+        direction = (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
+        theta_prime.append(p - hyper["lr"] * alpha[k] * (direction + beta[k] * hyper["weight_decay"] * p))
+    hypothetical = dict(zip(names, theta_prime))
+
+    def loss_at(batch):
+        x, y = batch
+        return ((functional_call(model, hypothetical, (x,)) - y) ** 2).mean()
+
+    loss_train_prime = loss_at(batch2)
+    g_prime = torch.autograd.grad(loss_train_prime, theta_prime, create_graph=True)
+    loss_val_prime = loss_at(val_batch)
+    per_group = []
+    for k, idx in enumerate(groups):
+        sq_prime = sum((g_prime[i] ** 2).sum() for i in idx)
+        sq = sum((g[i] ** 2).sum() for i in idx)
+        dot = sum((g_prime[i] * g[i]).sum() for i in idx)
+        per_group.append(lambda1[k] * sq_prime - lambda2[k] * dot / (sq.sqrt() * sq_prime.sqrt()))
+    all_terms = {"gradient": torch.stack(per_group).mean(), "loss_decrease": loss_val_prime - loss_val,
+                 "gen_gap": (loss_train_prime - loss_val_prime).abs()}
+    every = ["gradient", "loss_decrease", "gen_gap"]
+    order = every if options["objective"] == "combined" else [options["objective"]]
+    terms = [all_terms[name] for name in order]
+    if weighting == "sum":
+        loss = sum(terms)
+    elif weighting == "fixed":
+        loss = sum(options["fixed_weights"][every.index(name)] * x for name, x in zip(order, terms))
+    else:
+        p = options.get("priorities", [1.0, 1.0, 1.0]) if weighting == "huw_priority" else [1.0, 1.0, 1.0]
+        scale = 0.5 if options.get("weighting_form", "regression") == "regression" else 1.0
+        values = [F.softplus(x) if name in ("gradient", "loss_decrease") else x for name, x in zip(order, terms)]
+        loss = sum(scale * (torch.exp(-s) * x + p[every.index(name)] * s)
+                   for s, name, x in zip(log_vars, order, values))
+    if logits is not None:
+        loss = loss + options["gate_l1"] * torch.sigmoid(logits).sum()
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [torch.zeros_like(p) if d is None else d for d, p in zip(grads, wrt)]
+    multipliers = {"alpha": alpha, "beta": beta, "lambda1": lambda1, "lambda2": lambda2}
+    return (float(loss.detach()), {name: float(x.detach()) for name, x in zip(order, terms)},
+            {name: x.detach().tolist() for name, x in multipliers.items()}, grads)
+
+
+@pytest.mark.parametrize("meta_gradient", ["exact", "finite_difference"])
+@pytest.mark.parametrize("case", list(META_OPTIONS))
+def test_meta_update_options_equal_float64_reference(case, meta_gradient):
+    # A float64 model: theta', g', the losses and the finite-difference Hessian-vector product (step
+    # ~1e-8) are float64 on both sides; only the library's features, modulator and log-variances are
+    # float32 (rounding ~6e-8): the values agree to ~1e-7, the gradient to <= 2e-6 (sum weighting, whose
+    # terms' gradients partly cancel): 1e-6 on values, 1e-5 on the gradient.
+    options = META_OPTIONS[case]
+    b0, b1, b2, val = [(x.double(), y.double()) for x, y in regression_batches(4)]
+    model = mlp(0).double()
+    linears = [model[0], model[2], model[4]]
+    torch.manual_seed(1)
+    opt = MetaAdamW([{"params": [lin.weight, lin.bias], **hyper} for lin, hyper in zip(linears, GROUP_HYPER)],
+                    model=model, grouping="original", features="basic", total_steps=TOTAL_STEPS,
+                    alpha_range=RANGES[0], beta_range=RANGES[1], meta_gradient=meta_gradient, meta_lr=0.1,
+                    meta_optimizer=_RecordingSGD, **small_kwargs(modulator_heads=2), **options)
+    randomise_head(opt)  # multipliers and lambdas that differ between groups
+    with torch.no_grad():
+        if options["weighting"].startswith("huw"):
+            opt.weighting.log_vars.copy_(torch.tensor([0.4, -0.3, 0.7])[:len(opt.weighting.log_vars)])
+        if opt.modulator.gate is not None:  # gates neither closed nor open, each its own
+            opt.modulator.gate.logits.copy_(torch.linspace(-1.0, 2.0, opt.modulator.in_width))
+    _step(model, opt, b0)
+    ref_loss, ref_terms, ref_multipliers, ref_grads = _reference_meta_update64(model, opt, options, b1, b2, val,
+                                                                               steps_done=1)
+    # multipliers well away from 1, so that a range read wrongly (as 1, or alpha's for beta's) shows
+    assert min(abs(a - 1) for a in ref_multipliers["alpha"]) > 0.1
+    assert max(abs(b - 1) for b in ref_multipliers["beta"]) > 0.3
+
+    record = opt.meta_step(model, mse, b1, b2, val)
+
+    assert not record.skipped
+    assert record.terms == pytest.approx(ref_terms, rel=1e-6, abs=1e-9)
+    assert record.meta_loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-9)
+    for name, values in ref_multipliers.items():
+        assert getattr(record, name) == pytest.approx(values, rel=1e-6), name
+    (applied,) = opt.meta_optimizer.applied
+    metas = list(opt.meta_parameters())
+    assert len(applied) == len(ref_grads) == len(metas)
+    applied = [torch.zeros_like(p) if d is None else d for d, p in zip(applied, metas)]
+    flat_applied = torch.cat([d.flatten() for d in applied]).double()
+    flat_ref = torch.cat([d.flatten() for d in ref_grads])
+    rel = float((flat_applied - flat_ref).norm() / flat_ref.norm())
+    assert rel < 1e-5, f"meta-gradient relative error {rel:.2e} (reference norm {float(flat_ref.norm()):.3e})"
+    if opt.modulator.gate is not None:  # the gates' own gradient, penalty included
+        torch.testing.assert_close(applied[0].double(), ref_grads[0], rtol=1e-5, atol=1e-9)
