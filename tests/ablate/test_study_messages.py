@@ -369,6 +369,12 @@ def test_a_path_that_is_not_a_study_file_says_what_to_give_instead(tmp_path, cap
     assert not (tmp_path / "out").exists()  # (nothing written for a study that was never read)
 
 
+def _copy_advice(results, note: str) -> str:
+    """The error of `ablate run RESULTS_FOLDER`: give the folder's copy of the study file, with ``note``."""
+    return (f"ablate: error: {results}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
+            f"{results / 'study.yaml'}, the copy of the study file that wrote these results ({note})\n")
+
+
 def test_a_results_folder_whose_copy_has_a_relative_data_dir_says_it_is_relative_to_the_copy(tmp_path, capsys):
     # the advice to give the results folder's study.yaml failed for a study with a relative data_dir:
     # the copy reads it relative to the results folder ("data directory ... does not exist")
@@ -378,11 +384,9 @@ def test_a_results_folder_whose_copy_has_a_relative_data_dir_says_it_is_relative
     results.mkdir(parents=True)
     (results / "study.yaml").write_text("name: tiny\ndata: real\ndata_dir: ../data\ntasks: [etth1]\nseeds: 1\n")
     assert main(["run", str(results), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (
-        f"ablate: error: {results}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
-        f"{results / 'study.yaml'}, the copy of the study file that wrote these results (its data_dir '../data' is "
-        f"relative to the study file's folder, which is now {results}: give the original study file, or make "
-        f"data_dir absolute in the copy)\n")
+    assert capsys.readouterr().err == _copy_advice(results, (
+        f"its data_dir '../data' is relative to the study file's folder, which is now {results}: give the original "
+        f"study file, or make data_dir absolute in the copy"))
 
 
 def test_a_results_folders_copy_with_relative_tuned_files_says_they_are_read_from_the_results_folder(tmp_path, capsys):
@@ -406,11 +410,10 @@ def test_a_results_folders_copy_with_relative_tuned_files_says_they_are_read_fro
     (results / "study.yaml").write_text(text)
     (results / "study_trials.json").write_text('{"study": "tiny", "trials": {}}')
     assert main(["run", str(results), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == (
-        f"ablate: error: {results}: cannot read the study file: it is a folder; give a study's YAML file, e.g. "
-        f"{results / 'study.yaml'}, the copy of the study file that wrote these results (its baseline.priorities_from "
-        f"'../results/tune_priorities/tune/best_priorities.yaml' is relative to the study file's folder, which is now "
-        f"{results}: give the original study file, or make baseline.priorities_from absolute in the copy)\n")
+    assert capsys.readouterr().err == _copy_advice(results, (
+        f"its baseline.priorities_from '../results/tune_priorities/tune/best_priorities.yaml' is relative to the "
+        f"study file's folder, which is now {results}: give the original study file, or make "
+        f"baseline.priorities_from absolute in the copy"))
     assert main(["run", str(results / "study.yaml"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"this study file is the copy `ablate run` keeps in its results folder {str(results)!r}" in err, err

@@ -231,6 +231,31 @@ GROUP_HYPER = [dict(lr=1e-2, weight_decay=0.2), dict(lr=2e-2, weight_decay=0.05)
 TOTAL_STEPS = 10
 
 
+def _at_theta(model, opt, params, batch1, val_batch):
+    """g on batch 1, L(theta; val), theta and the AdamW moments after one more step with g (AdamW's betas
+    as the optimizer's defaults)."""
+    b1, b2 = opt.defaults["betas"]
+    g = [x.detach() for x in torch.autograd.grad(mse(model, batch1), params)]
+    with torch.no_grad():
+        loss_val = mse(model, val_batch)
+    m = [b1 * opt.state[p]["exp_avg"] + (1 - b1) * gk for p, gk in zip(params, g)]
+    v = [b2 * opt.state[p]["exp_avg_sq"] + (1 - b2) * gk * gk for p, gk in zip(params, g)]
+    return g, loss_val, [p.detach() for p in params], m, v
+
+
+def _losses_at(model, names, theta_prime, batch2, val_batch):
+    """L(theta'; batch 2), its gradient at theta' (with a graph, for the second order) and L(theta'; val),
+    the model called with theta' by ``functional_call``."""
+    hypothetical = dict(zip(names, theta_prime))
+
+    def loss_at(batch):
+        x, y = batch
+        return ((functional_call(model, hypothetical, (x,)) - y) ** 2).mean()
+
+    loss_train_prime = loss_at(batch2)
+    return loss_train_prime, torch.autograd.grad(loss_train_prime, theta_prime, create_graph=True), loss_at(val_batch)
+
+
 def _reference_meta_update(model, opt, modulator, weighting, objective, batch1, batch2, val_batch, steps_done):
     """The meta-loss, its terms and its gradient for (modulator, weighting) parameters, written
     directly: g, the hypothetical AdamW moments and step, the basic features by hand, then one
@@ -243,12 +268,7 @@ def _reference_meta_update(model, opt, modulator, weighting, objective, batch1, 
     eps = opt.defaults["eps"]
     t = steps_done + 1
 
-    g = [x.detach() for x in torch.autograd.grad(mse(model, batch1), params)]
-    with torch.no_grad():
-        loss_val = mse(model, val_batch)
-    theta = [p.detach() for p in params]
-    m = [b1 * opt.state[p]["exp_avg"] + (1 - b1) * gk for p, gk in zip(params, g)]
-    v = [b2 * opt.state[p]["exp_avg_sq"] + (1 - b2) * gk * gk for p, gk in zip(params, g)]
+    g, loss_val, theta, m, v = _at_theta(model, opt, params, batch1, val_batch)
     mult = modulator(_per_tensor_stats(g, m, v, theta), torch.tensor(t / TOTAL_STEPS))
 
     theta_prime = []
@@ -258,15 +278,7 @@ def _reference_meta_update(model, opt, modulator, weighting, objective, batch1, 
         direction = (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
         theta_prime.append(p * (1 - hyper["lr"] * hyper["weight_decay"] * alpha * beta)
                            - hyper["lr"] * alpha * direction)
-    hypothetical = dict(zip(names, theta_prime))
-
-    def loss_at(batch):
-        x, y = batch
-        return ((functional_call(model, hypothetical, (x,)) - y) ** 2).mean()
-
-    loss_train_prime = loss_at(batch2)
-    g_prime = torch.autograd.grad(loss_train_prime, theta_prime, create_graph=True)
-    loss_val_prime = loss_at(val_batch)
+    loss_train_prime, g_prime, loss_val_prime = _losses_at(model, names, theta_prime, batch2, val_batch)
     per_group = []
     for k in range(n_groups):
         idx = [i for i in range(len(params)) if group_of[i] == k]
@@ -457,12 +469,7 @@ def _reference_meta_update64(model, opt, options, batch1, batch2, val_batch, ste
         log_vars = opt.weighting.log_vars.detach().double().clone().requires_grad_()
         wrt.append(log_vars)
 
-    g = [x.detach() for x in torch.autograd.grad(mse(model, batch1), params)]
-    with torch.no_grad():
-        loss_val = mse(model, val_batch)
-    theta = [p.detach() for p in params]
-    m = [b1 * opt.state[p]["exp_avg"] + (1 - b1) * gk for p, gk in zip(params, g)]
-    v = [b2 * opt.state[p]["exp_avg_sq"] + (1 - b2) * gk * gk for p, gk in zip(params, g)]
+    g, loss_val, theta, m, v = _at_theta(model, opt, params, batch1, val_batch)
     stats = _per_tensor_stats(g, m, v, theta)
     features = torch.stack([torch.stack([stats[name][idx].mean() for name in BASIC_COLUMNS]
                                         + [torch.tensor(t / TOTAL_STEPS, dtype=torch.float64)]) for idx in groups])
@@ -478,15 +485,7 @@ def _reference_meta_update64(model, opt, options, batch1, batch2, val_batch, ste
         hyper, k = GROUP_HYPER[group_of[i]], group_of[i]
         direction = (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
         theta_prime.append(p - hyper["lr"] * alpha[k] * (direction + beta[k] * hyper["weight_decay"] * p))
-    hypothetical = dict(zip(names, theta_prime))
-
-    def loss_at(batch):
-        x, y = batch
-        return ((functional_call(model, hypothetical, (x,)) - y) ** 2).mean()
-
-    loss_train_prime = loss_at(batch2)
-    g_prime = torch.autograd.grad(loss_train_prime, theta_prime, create_graph=True)
-    loss_val_prime = loss_at(val_batch)
+    loss_train_prime, g_prime, loss_val_prime = _losses_at(model, names, theta_prime, batch2, val_batch)
     per_group = []
     for k, idx in enumerate(groups):
         sq_prime = sum((g_prime[i] ** 2).sum() for i in idx)
