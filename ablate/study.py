@@ -432,7 +432,7 @@ def _relative_paths_note(copy: Path) -> str:
     directory ... does not exist", or said the tuned file did not exist and to run `ablate tune`
     first); else ``""``."""
     try:
-        given = yaml.safe_load(copy.read_text(encoding="utf-8"))
+        given = _read_yaml(copy)  # (as the copy is read when it is given)
         paths = {"data_dir": given.get("data_dir")}
         for section, key in (TUNED_FROM[arm].split(".") for arm in TUNED_FROM):
             if isinstance(given.get(section), dict):
